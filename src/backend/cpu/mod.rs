@@ -1,0 +1,5 @@
+//! The CPU backend: plain Rust, multithreaded with rayon where it pays.
+//! Each function's doc comment gives its formula; it is the specification
+//! the CUDA kernels are tested against.
+
+pub mod nf4;

@@ -1,0 +1,20 @@
+//! liblora: LoRA and QLoRA fine-tuning with a stable C ABI.
+//!
+//! Layers (DESIGN.md section 2), each calling only those below it:
+//! `ffi` → `session` → (`lora`, `optim`, `model`) → (`quant`, `memory`, `io`)
+//! → `backend` (`cpu`, the reference, and `cuda`).
+
+#[macro_use]
+pub mod error;
+pub mod backend;
+pub mod dtype;
+pub mod io;
+#[macro_use]
+pub mod log;
+pub mod memory;
+pub mod quant;
+pub mod session;
+
+pub mod ffi;
+
+pub use error::{Error, ErrorKind, Result};

@@ -1,0 +1,1 @@
+//! Memory management (paged buffers arrive with `lora_paged_alloc`).

@@ -1,0 +1,233 @@
+//! NF4 tensors: a dense weight quantized blockwise to 4-bit NormalFloat,
+//! with the block scales kept in fp32 or double-quantized to 8 bits.
+//! Format and rounding are bitsandbytes' (`quantize_4bit(quant_type="nf4")`),
+//! see DESIGN.md section 4; the kernels are in `backend::cpu::nf4`.
+
+use crate::backend::cpu::nf4 as k;
+use crate::dtype::{checked_numel, DType, Elems, ElemsMut};
+use crate::error::Result;
+use crate::quant::dynamic_map::signed_dynamic_map;
+
+/// Smallest and largest NF4 blocksize accepted (powers of two in between),
+/// the range bitsandbytes' `quantize_4bit` supports on the CPU.
+pub(crate) const MIN_BLOCKSIZE: usize = 32;
+pub(crate) const MAX_BLOCKSIZE: usize = 4096;
+/// Blocksize of the 8-bit quantization of the absmax values
+/// (bitsandbytes: `quantize_blockwise(absmax - offset, blocksize=256)`).
+pub(crate) const NESTED_BLOCKSIZE: usize = 256;
+
+/// Parameters of [`Nf4Tensor::quantize`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Nf4Params {
+    /// Elements per block: a power of two from 32 to 4096 (default 64).
+    pub blocksize: usize,
+    /// Quantize the fp32 block scales to 8 bits (QLoRA's double
+    /// quantization; default on).
+    pub double_quant: bool,
+}
+
+impl Default for Nf4Params {
+    fn default() -> Self {
+        Nf4Params { blocksize: 64, double_quant: true }
+    }
+}
+
+/// Double-quantized block scales: `absmax_i = map[codes_i] ·
+/// nested_absmax[i / nested_blocksize] + offset`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DoubleQuant {
+    pub codes: Vec<u8>,
+    pub nested_absmax: Vec<f32>,
+    pub offset: f32,
+    pub nested_blocksize: usize,
+    /// The 8-bit code book (bitsandbytes' signed dynamic map for files we
+    /// write; whatever `nested_quant_map` a loaded file carries).
+    pub map: Box<[f32; 256]>,
+}
+
+impl DoubleQuant {
+    /// Quantizes fp32 block scales as bitsandbytes does with
+    /// `compress_statistics=True`.
+    pub fn compress(absmax: &[f32]) -> DoubleQuant {
+        // offset = absmax.mean() in fp32; torch sums fp32 with pairwise /
+        // vectorized reduction, so we accumulate in f64 and round once; the
+        // fixtures pin the exact value.
+        let offset = mean_f32(absmax);
+        let centered: Vec<f32> = absmax.iter().map(|&a| a - offset).collect();
+        let map = Box::new(signed_dynamic_map());
+        let nb = absmax.len().div_ceil(NESTED_BLOCKSIZE);
+        let mut codes = vec![0u8; absmax.len()];
+        let mut nested_absmax = vec![0f32; nb];
+        k::blockwise8_quantize(&centered, &map, NESTED_BLOCKSIZE, &mut codes, &mut nested_absmax);
+        DoubleQuant { codes, nested_absmax, offset, nested_blocksize: NESTED_BLOCKSIZE, map }
+    }
+
+    /// The fp32 block scales this encodes.
+    pub fn decode(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.codes.len()];
+        k::blockwise8_dequantize(&self.codes, &self.map, &self.nested_absmax, self.nested_blocksize, self.offset, &mut out);
+        out
+    }
+}
+
+/// Mean of fp32 values as torch's `Tensor.mean()` on the CPU computes it.
+fn mean_f32(v: &[f32]) -> f32 {
+    let s: f64 = v.iter().map(|&x| x as f64).sum();
+    (s / v.len() as f64) as f32
+}
+
+/// The block scales of an NF4 tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Absmax {
+    F32(Vec<f32>),
+    Double(DoubleQuant),
+}
+
+/// A weight in NF4: packed codes, block scales, and the shape and dtype of
+/// the dense tensor it came from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Nf4Tensor {
+    pub(crate) shape: Vec<usize>,
+    pub(crate) dtype: DType,
+    pub(crate) blocksize: usize,
+    pub(crate) packed: Vec<u8>,
+    pub(crate) absmax: Absmax,
+}
+
+/// Checks a blocksize against the supported set.
+pub fn check_blocksize(bs: usize) -> Result<()> {
+    if !bs.is_power_of_two() || !(MIN_BLOCKSIZE..=MAX_BLOCKSIZE).contains(&bs) {
+        bail!(InvalidBlocksize, "blocksize {bs} is not a power of two from {MIN_BLOCKSIZE} to {MAX_BLOCKSIZE}");
+    }
+    Ok(())
+}
+
+impl Nf4Tensor {
+    /// Quantizes a dense tensor. Refuses empty or overflowing shapes,
+    /// unsupported blocksizes, a length that disagrees with the shape, and
+    /// NaN or ±Inf (naming the first offending flat index).
+    pub fn quantize(x: Elems<'_>, shape: &[usize], params: Nf4Params) -> Result<Nf4Tensor> {
+        check_blocksize(params.blocksize)?;
+        let n = checked_numel(shape, x.dtype().size())?;
+        if n != x.len() {
+            bail!(BufferSize, "shape {shape:?} has {n} elements but the input holds {}", x.len());
+        }
+        if let Some(i) = x.first_non_finite() {
+            bail!(NonFinite, "element {i} (flat index) is {}; NF4 needs finite weights", x.get(i));
+        }
+        let bs = params.blocksize;
+        let mut packed = vec![0u8; n.div_ceil(2)];
+        let mut absmax = vec![0f32; n.div_ceil(bs)];
+        k::nf4_quantize(x, bs, &mut packed, &mut absmax);
+        let absmax = if params.double_quant { Absmax::Double(DoubleQuant::compress(&absmax)) } else { Absmax::F32(absmax) };
+        Ok(Nf4Tensor { shape: shape.to_vec(), dtype: x.dtype(), blocksize: bs, packed, absmax })
+    }
+
+    /// Assembles a tensor from parts (as read from a file), checking that
+    /// they agree with each other.
+    pub fn from_parts(shape: Vec<usize>, dtype: DType, blocksize: usize, packed: Vec<u8>, absmax: Absmax) -> Result<Nf4Tensor> {
+        check_blocksize(blocksize)?;
+        let n = checked_numel(&shape, 1)?;
+        if packed.len() != n.div_ceil(2) {
+            bail!(ShapeMismatch, "shape {shape:?} needs {} packed bytes, found {}", n.div_ceil(2), packed.len());
+        }
+        let nblocks = n.div_ceil(blocksize);
+        match &absmax {
+            Absmax::F32(a) => {
+                if a.len() != nblocks {
+                    bail!(ShapeMismatch, "shape {shape:?} with blocksize {blocksize} needs {nblocks} absmax values, found {}", a.len());
+                }
+                if let Some(i) = a.iter().position(|v| !v.is_finite() || *v < 0.0) {
+                    bail!(FileFormat, "absmax[{i}] = {} is not a finite non-negative scale", a[i]);
+                }
+            }
+            Absmax::Double(d) => {
+                if d.codes.len() != nblocks {
+                    bail!(ShapeMismatch, "shape {shape:?} with blocksize {blocksize} needs {nblocks} absmax codes, found {}", d.codes.len());
+                }
+                if d.nested_blocksize == 0 || d.nested_absmax.len() != nblocks.div_ceil(d.nested_blocksize) {
+                    bail!(
+                        ShapeMismatch,
+                        "{nblocks} absmax codes in nested blocks of {} need {} nested absmax values, found {}",
+                        d.nested_blocksize,
+                        nblocks.div_ceil(d.nested_blocksize.max(1)),
+                        d.nested_absmax.len()
+                    );
+                }
+                if !d.offset.is_finite() || d.nested_absmax.iter().any(|v| !v.is_finite()) || d.map.iter().any(|v| !v.is_finite()) {
+                    bail!(FileFormat, "double-quantization state holds a non-finite value");
+                }
+            }
+        }
+        Ok(Nf4Tensor { shape, dtype, blocksize, packed, absmax })
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn blocksize(&self) -> usize {
+        self.blocksize
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn num_blocks(&self) -> usize {
+        self.numel().div_ceil(self.blocksize)
+    }
+    pub fn packed(&self) -> &[u8] {
+        &self.packed
+    }
+    pub fn absmax(&self) -> &Absmax {
+        &self.absmax
+    }
+    pub fn is_double_quant(&self) -> bool {
+        matches!(self.absmax, Absmax::Double(_))
+    }
+
+    /// The fp32 block scales (decoded when double-quantized).
+    pub fn absmax_f32(&self) -> std::borrow::Cow<'_, [f32]> {
+        match &self.absmax {
+            Absmax::F32(a) => std::borrow::Cow::Borrowed(a),
+            Absmax::Double(d) => std::borrow::Cow::Owned(d.decode()),
+        }
+    }
+
+    /// Writes the dense tensor into `out` (same number of elements).
+    pub fn dequantize_into(&self, out: ElemsMut<'_>) -> Result<()> {
+        if out.len() != self.numel() {
+            bail!(BufferSize, "output holds {} elements, the tensor {:?} has {}", out.len(), self.shape, self.numel());
+        }
+        let absmax = self.absmax_f32();
+        k::nf4_dequantize(&self.packed, &absmax, self.blocksize, out);
+        Ok(())
+    }
+
+    /// Dequantized copy in fp32.
+    pub fn dequantize_f32(&self) -> Vec<f32> {
+        let mut v = vec![0f32; self.numel()];
+        self.dequantize_into(ElemsMut::F32(&mut v)).expect("sized to fit");
+        v
+    }
+
+    /// Bytes this tensor's quantized data occupies: packed codes, scales,
+    /// and for double quantization the nested scales and offset (the 16- and
+    /// 256-entry code books are shared constants and not counted).
+    pub fn footprint_bytes(&self) -> usize {
+        self.packed.len()
+            + match &self.absmax {
+                Absmax::F32(a) => 4 * a.len(),
+                Absmax::Double(d) => d.codes.len() + 4 * d.nested_absmax.len() + 4,
+            }
+    }
+
+    /// `8 · footprint / numel`: 4.5 for blocksize 64, ≈ 4.127 with double
+    /// quantization (DESIGN.md section 4).
+    pub fn bits_per_weight(&self) -> f64 {
+        8.0 * self.footprint_bytes() as f64 / self.numel() as f64
+    }
+
+}
+
