@@ -49,16 +49,14 @@ impl DoubleQuant {
     /// Quantizes fp32 block scales as bitsandbytes does with
     /// `compress_statistics=True`.
     pub fn compress(absmax: &[f32]) -> DoubleQuant {
-        // offset = absmax.mean() in fp32; torch sums fp32 with pairwise /
-        // vectorized reduction, so we accumulate in f64 and round once; the
-        // fixtures pin the exact value.
+        // offset = absmax.mean(), in torch's fp32 summation order.
         let offset = mean_f32(absmax);
         let centered: Vec<f32> = absmax.iter().map(|&a| a - offset).collect();
         let map = Box::new(signed_dynamic_map());
         let nb = absmax.len().div_ceil(NESTED_BLOCKSIZE);
         let mut codes = vec![0u8; absmax.len()];
         let mut nested_absmax = vec![0f32; nb];
-        k::blockwise8_quantize(&centered, &map, NESTED_BLOCKSIZE, &mut codes, &mut nested_absmax);
+        k::blockwise8_quantize(&centered, crate::quant::dynamic_map::blockwise8_signed_code, NESTED_BLOCKSIZE, &mut codes, &mut nested_absmax);
         DoubleQuant { codes, nested_absmax, offset, nested_blocksize: NESTED_BLOCKSIZE, map }
     }
 
@@ -70,10 +68,11 @@ impl DoubleQuant {
     }
 }
 
-/// Mean of fp32 values as torch's `Tensor.mean()` on the CPU computes it.
+/// Mean of fp32 values as torch's `Tensor.mean()` on the CPU computes it:
+/// the fp32 sum in PyTorch's order, divided in fp32 by the count.
 fn mean_f32(v: &[f32]) -> f32 {
-    let s: f64 = v.iter().map(|&x| x as f64).sum();
-    (s / v.len() as f64) as f32
+    use crate::backend::cpu::reduce::{torch_sum_f32, TORCH_F32_LANES};
+    torch_sum_f32(v, TORCH_F32_LANES) / v.len() as f32
 }
 
 /// The block scales of an NF4 tensor.

@@ -3,3 +3,4 @@
 //! the CUDA kernels are tested against.
 
 pub mod nf4;
+pub mod reduce;

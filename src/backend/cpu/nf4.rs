@@ -37,27 +37,24 @@ pub(crate) static NF4_CODE: [f32; 16] = [
     1.0,
 ];
 
-/// Decision thresholds between consecutive NF4 codes: the midpoints, as the
-/// fp32 literals of bitsandbytes' `dQuantizeNF4` (csrc/kernels.cu), which
-/// its CPU path shares. `code = #{t : x > t}` reproduces its decision tree:
-/// strict `>`, so a value exactly on a midpoint takes the lower code.
-pub(crate) static NF4_THRESHOLDS: [f32; 15] = [
-    -0.8480964004993439,
-    -0.6106329262256622,
-    -0.4599952697753906,
-    -0.33967943489551544,
-    -0.23460740596055984,
-    -0.13791173323988914,
-    -0.045525018125772476,
-    0.03979014977812767,
-    0.1202552504837513,
-    0.2035212516784668,
-    0.2920137718319893,
-    0.3893125355243683,
-    0.5016634166240692,
-    0.6427869200706482,
-    0.8614784181118011,
-];
+/// Decision thresholds between consecutive NF4 codes: the midpoints
+/// `(code[i] + code[i+1]) / 2` computed in fp32, as bitsandbytes' CPU path
+/// (`_get_4bit_quantize_bounds`, backends/default/ops.py) does before
+/// `torch.bucketize`. `code = #{t : x > t}` is bucketize's
+/// `right=False` rule: a value exactly on a midpoint takes the lower code.
+pub(crate) static NF4_THRESHOLDS: [f32; 15] = {
+    let mut t = [0f32; 15];
+    let mut i = 0;
+    while i < 15 {
+        t[i] = (NF4_CODE[i] + NF4_CODE[i + 1]) / 2.0;
+        i += 1;
+    }
+    t
+};
+
+/// bitsandbytes clamps block scales from below before normalizing
+/// (`absmax.clamp(min=1e-38)`), so an all-zero block maps to code 7 (0.0).
+pub(crate) const ABSMAX_FLOOR: f32 = 1e-38;
 
 /// Code of an already normalized value (in [-1, 1] unless the block is
 /// degenerate). Branch-free so loops over it vectorize.
@@ -100,29 +97,43 @@ impl Widen for bf16 {
     }
 }
 
-/// Quantizes one block `x` (length ≤ blocksize, even unless it is the
-/// tensor's last) into `out` (⌈len/2⌉ bytes); returns its absmax.
+/// Quantizes one block `x` into `out` (⌈len/2⌉ bytes); returns the block
+/// scale to store. Reproduces bitsandbytes' CPU path
+/// (`quantize_4bit` "default" kernel) to the bit:
+/// - a full block stores `absmax = max|x|` and normalizes by multiplying
+///   with the fp32 reciprocal `1 / max(absmax, 1e-38)`;
+/// - the tensor's partial last block (`partial`) stores the clamped
+///   `max(absmax, 1e-38)` and normalizes by dividing by it;
+/// - an odd element count pads the last byte's low nibble with the code of
+///   0.0 (7).
 #[inline(always)]
-fn quantize_block<T: Widen>(x: &[T], out: &mut [u8]) -> f32 {
+fn quantize_block<T: Widen>(x: &[T], out: &mut [u8], partial: bool) -> f32 {
     let mut amax = 0f32;
     for &v in x {
         let a = v.widen().abs();
         amax = if a > amax { a } else { amax };
     }
-    // An all-zero block normalizes by 1 so every element gets code 7 (0.0);
-    // bitsandbytes' torch path clamps absmax at 1e-38 to the same effect.
-    let inv = if amax > 0.0 { 1.0 / amax } else { 1.0 };
+    let clamped = if amax > ABSMAX_FLOOR { amax } else { ABSMAX_FLOOR };
     let pairs = x.len() / 2;
-    for i in 0..pairs {
-        let hi = nf4_code(x[2 * i].widen() * inv);
-        let lo = nf4_code(x[2 * i + 1].widen() * inv);
-        out[i] = (hi << 4) | lo;
+    if partial {
+        for i in 0..pairs {
+            let hi = nf4_code(x[2 * i].widen() / clamped);
+            let lo = nf4_code(x[2 * i + 1].widen() / clamped);
+            out[i] = (hi << 4) | lo;
+        }
+        if x.len() % 2 == 1 {
+            out[pairs] = (nf4_code(x[x.len() - 1].widen() / clamped) << 4) | nf4_code(0.0);
+        }
+        clamped
+    } else {
+        let inv = 1.0 / clamped;
+        for i in 0..pairs {
+            let hi = nf4_code(x[2 * i].widen() * inv);
+            let lo = nf4_code(x[2 * i + 1].widen() * inv);
+            out[i] = (hi << 4) | lo;
+        }
+        amax
     }
-    if x.len() % 2 == 1 {
-        let hi = nf4_code(x[x.len() - 1].widen() * inv);
-        out[pairs] = hi << 4;
-    }
-    amax
 }
 
 fn quantize_typed<T: Widen>(x: &[T], blocksize: usize, packed: &mut [u8], absmax: &mut [f32]) {
@@ -137,7 +148,7 @@ fn quantize_typed<T: Widen>(x: &[T], blocksize: usize, packed: &mut [u8], absmax
             for (b, a) in am.iter_mut().enumerate() {
                 let lo = start + b * blocksize;
                 let hi = (lo + blocksize).min(x.len());
-                *a = quantize_block(&x[lo..hi], &mut pk[b * half..]);
+                *a = quantize_block(&x[lo..hi], &mut pk[b * half..], hi - lo < blocksize);
             }
         });
 }
@@ -218,35 +229,27 @@ pub fn nf4_dequantize(packed: &[u8], absmax: &[f32], blocksize: usize, out: Elem
     }
 }
 
-/// Index of the entry of the sorted `map` nearest to `v`; ties go to the
-/// lower entry. (bitsandbytes' blockwise 8-bit quantization: nearest code.)
-#[inline]
-pub(crate) fn nearest_code(map: &[f32; 256], v: f32) -> u8 {
-    // Binary search for the first entry ≥ v, then compare with its neighbour.
-    let idx = map.partition_point(|&m| m < v);
-    if idx == 0 {
-        return 0;
-    }
-    if idx >= 256 {
-        return 255;
-    }
-    let (lo, hi) = (map[idx - 1], map[idx]);
-    if (v - lo) <= (hi - v) { (idx - 1) as u8 } else { idx as u8 }
-}
-
-/// Blockwise 8-bit quantization with a 256-entry `map`
-/// (bitsandbytes `quantize_blockwise`): per block, `scale = max|x|`, and
-/// `q_i = nearest(map, x_i / scale)`.
-pub fn blockwise8_quantize(x: &[f32], map: &[f32; 256], blocksize: usize, codes: &mut [u8], scales: &mut [f32]) {
+/// Blockwise 8-bit quantization as bitsandbytes' native CPU
+/// `quantize_blockwise` does it (`quantize_cpu_impl<float>` in
+/// libbitsandbytes_cpu.so, read from its machine code): per block
+/// `scale = max|x|` and `q_i = code(x_i · fp32(1/scale))`, where `code` is
+/// bitsandbytes' table lookup (`quant::dynamic_map::blockwise8_signed_code`
+/// for the signed dynamic map; not always the nearest entry near 0). A
+/// block whose scale is 0 gets code 0 everywhere.
+pub fn blockwise8_quantize(x: &[f32], code: impl Fn(f32) -> u8, blocksize: usize, codes: &mut [u8], scales: &mut [f32]) {
     for ((xb, cb), s) in x.chunks(blocksize).zip(codes.chunks_mut(blocksize)).zip(scales.iter_mut()) {
         let mut amax = 0f32;
         for &v in xb {
             amax = if v.abs() > amax { v.abs() } else { amax };
         }
         *s = amax;
-        let inv = if amax > 0.0 { 1.0 / amax } else { 1.0 };
+        if amax == 0.0 {
+            cb.fill(0);
+            continue;
+        }
+        let inv = 1.0 / amax;
         for (c, &v) in cb.iter_mut().zip(xb) {
-            *c = nearest_code(map, v * inv);
+            *c = code(v * inv);
         }
     }
 }
