@@ -12,7 +12,9 @@ pub mod io;
 #[macro_use]
 pub mod log;
 pub mod memory;
+pub mod lora;
 pub mod quant;
+pub mod rng;
 pub mod session;
 
 pub mod ffi;

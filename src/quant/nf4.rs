@@ -230,3 +230,16 @@ impl Nf4Tensor {
 
 }
 
+
+/// Dequantizes flat elements `start .. start + out.len()` of an NF4 tensor
+/// to fp32 given its decoded block scales: `out[j] = NF4_CODE[q] · absmax`
+/// for element `start + j`. Used to dequantize a weight tile by tile.
+pub fn dequantize_range_f32(packed: &[u8], absmax: &[f32], blocksize: usize, start: usize, out: &mut [f32]) {
+    use crate::backend::cpu::nf4::NF4_CODE;
+    for (j, o) in out.iter_mut().enumerate() {
+        let i = start + j;
+        let byte = packed[i / 2];
+        let q = if i % 2 == 0 { byte >> 4 } else { byte & 15 };
+        *o = NF4_CODE[q as usize] * absmax[i / blocksize];
+    }
+}

@@ -2,5 +2,6 @@
 //! Each function's doc comment gives its formula; it is the specification
 //! the CUDA kernels are tested against.
 
+pub mod matmul;
 pub mod nf4;
 pub mod reduce;
