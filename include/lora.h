@@ -60,6 +60,15 @@
 typedef struct lora_context lora_context;
 
 /**
+ * A LoRA linear layer: `y = x·Wᵀ + b + Σ_active m·s·dropout(x)·Aᵀ·Bᵀ`.
+ * The base weight is frozen and never modified (merging writes a separate
+ * merged copy derived from it). Not thread-safe: use one layer from one
+ * thread at a time (const functions may run concurrently with each other).
+ * It keeps its context's worker threads alive: it may outlive the context.
+ */
+typedef struct lora_layer lora_layer;
+
+/**
  * An NF4-quantized tensor. Immutable once made: every `const lora_nf4 *`
  * function may be called from several threads at once; `lora_nf4_free`
  * must not race with any other use. Pointers handed out by accessors stay
@@ -122,6 +131,56 @@ typedef struct lora_context_params {
 } lora_context_params;
 
 /**
+ * Element type of a dense buffer (one of the `LORA_DTYPE_*` values).
+ */
+typedef uint32_t lora_dtype;
+
+/**
+ * How a new adapter's weights are initialized (`LORA_INIT_*`).
+ */
+typedef uint32_t lora_init;
+
+/**
+ * An adapter's configuration (`lora_create`). Initialize with
+ * `lora_adapter_default_config()`.
+ */
+typedef struct lora_adapter_config {
+  /**
+   * `sizeof(lora_adapter_config)`, set by the defaults function.
+   */
+  uint32_t struct_size;
+  /**
+   * Rank, 1 to min(in, out); default 8.
+   */
+  uint32_t r;
+  /**
+   * Scale numerator: scale = alpha/r (or alpha/√r with use_rslora);
+   * must be > 0; default 8.
+   */
+  float alpha;
+  /**
+   * Dropout on the adapter's input during training, in [0, 1); default 0.
+   */
+  float dropout;
+  /**
+   * Non-zero: rsLoRA scaling alpha/√r; default 0.
+   */
+  uint32_t use_rslora;
+  /**
+   * `LORA_INIT_*`; default `LORA_INIT_KAIMING_UNIFORM`.
+   */
+  lora_init init;
+  /**
+   * With `LORA_INIT_GIVEN`: r·in floats, row-major `[r,in]`; copied.
+   */
+  const float *a;
+  /**
+   * With `LORA_INIT_GIVEN`: out·r floats, row-major `[out,r]`; copied.
+   */
+  const float *b;
+} lora_adapter_config;
+
+/**
  * Options of `lora_quantize_nf4`. Initialize with
  * `lora_nf4_default_params()`.
  */
@@ -143,9 +202,9 @@ typedef struct lora_nf4_params {
 } lora_nf4_params;
 
 /**
- * Element type of a dense buffer (one of the `LORA_DTYPE_*` values).
+ * How `lora_layer_add_weighted` combines adapters (`LORA_COMBINE_*`).
  */
-typedef uint32_t lora_dtype;
+typedef uint32_t lora_combine;
 
 /**
  * Read-only facts about an NF4 tensor, filled by `lora_nf4_get_info`.
@@ -245,6 +304,31 @@ typedef struct lora_nf4_info {
  * `LORA_ERR_CUDA_UNAVAILABLE` where there is none.
  */
 #define LORA_BACKEND_CUDA 2
+
+/**
+ * PEFT's default: A ~ kaiming_uniform(a=√5) = U(±1/√in), B = 0.
+ */
+#define LORA_INIT_KAIMING_UNIFORM 0
+
+/**
+ * PEFT's "gaussian": A ~ N(0, (1/r)²), B = 0.
+ */
+#define LORA_INIT_GAUSSIAN 1
+
+/**
+ * A and B copied from the config's `a` (`[r,in]`) and `b` (`[out,r]`).
+ */
+#define LORA_INIT_GIVEN 2
+
+/**
+ * PEFT "linear": equal ranks; A = Σ sign(wᵢsᵢ)·√|wᵢsᵢ|·Aᵢ, B = Σ √|wᵢsᵢ|·Bᵢ.
+ */
+#define LORA_COMBINE_LINEAR 0
+
+/**
+ * PEFT "cat": exact, rank Σrᵢ; A = cat(wᵢ·sᵢ·Aᵢ), B = cat(Bᵢ).
+ */
+#define LORA_COMBINE_CAT 1
 
 /**
  * Success.
@@ -424,6 +508,221 @@ lora_status lora_context_describe(const struct lora_context *ctx,
                                   char *buf,
                                   size_t len,
                                   size_t *needed);
+
+/**
+ * Creates a layer over a dense base weight: `weight` holds `out·in`
+ * elements of `dtype` in `[out,in]` order, or `[in,out]` when
+ * `fan_in_fan_out` is non-zero (GPT-2's Conv1D); it is copied (as fp32).
+ * `bias` is NULL or `out` floats (copied). Adapters get their random
+ * initialization from the context's seed. `*out` receives the layer.
+ */
+lora_status lora_layer_new(const struct lora_context *ctx,
+                           const void *weight,
+                           size_t weight_bytes,
+                           lora_dtype dtype,
+                           size_t in_features,
+                           size_t out_features,
+                           uint32_t fan_in_fan_out,
+                           const float *bias,
+                           struct lora_layer **out);
+
+/**
+ * Creates a layer over an NF4 base weight of shape `[out,in]` (the tensor
+ * is copied; the caller keeps ownership of `weight`). It stays NF4 and is
+ * dequantized tile by tile when used. `bias` is NULL or `out` floats.
+ */
+lora_status lora_layer_new_nf4(const struct lora_context *ctx,
+                               const struct lora_nf4 *weight,
+                               const float *bias,
+                               struct lora_layer **out);
+
+/**
+ * Frees a layer. NULL is a no-op.
+ */
+void lora_layer_free(struct lora_layer *layer);
+
+/**
+ * Default adapter configuration: r 8, alpha 8, dropout 0, no rsLoRA,
+ * kaiming-uniform A and zero B (PEFT's `LoraConfig` defaults).
+ */
+struct lora_adapter_config lora_adapter_default_config(void);
+
+/**
+ * Adds adapter `name` to `layer` (PEFT `add_adapter`). A fresh adapter
+ * (B = 0) changes no output. The first adapter becomes active; later ones
+ * are resident until `lora_swap_adapter` activates them.
+ *
+ * Errors: `LORA_ERR_INVALID_ARGUMENT` (empty or duplicate name, rank 0 or
+ * above min(in, out), alpha ≤ 0, dropout outside [0, 1), unknown init),
+ * `LORA_ERR_NULL_POINTER` (a or b NULL with LORA_INIT_GIVEN),
+ * `LORA_ERR_NON_FINITE`, `LORA_ERR_STRUCT_SIZE`.
+ */
+lora_status lora_create(struct lora_layer *layer,
+                        const char *name,
+                        const struct lora_adapter_config *config);
+
+/**
+ * Makes the base bias trainable (non-zero) or frozen (0, the default).
+ * `LORA_ERR_INVALID_STATE` if the layer has no bias.
+ */
+lora_status lora_layer_set_bias_trainable(struct lora_layer *layer, uint32_t trainable);
+
+/**
+ * Trainable parameters (all adapters' A and B, plus the bias if trainable)
+ * and all parameters (base counted as out·in also when NF4, as PEFT does).
+ */
+lora_status lora_layer_param_counts(const struct lora_layer *layer,
+                                    size_t *trainable,
+                                    size_t *total);
+
+/**
+ * Index of adapter `name` (for `row_adapter` of mixed batches) into `*index`.
+ */
+lora_status lora_layer_adapter_index(const struct lora_layer *layer,
+                                     const char *name,
+                                     int32_t *index);
+
+/**
+ * Forward for `n` rows: `x` holds `n·in` elements of `x_dtype`, `y`
+ * receives `n·out` elements of `y_dtype` (fp32, fp16 or bf16; computed in
+ * fp32). `row_adapter` is NULL (all active adapters) or `n` adapter
+ * indices (`lora_layer_adapter_index`), −1 for base only: a mixed-adapter
+ * batch where each row uses its own adapter, computed by grouping rows.
+ * `train` non-zero applies dropout (reproducible from the context seed)
+ * and records what `lora_layer_backward` needs. `y` is written only on
+ * success.
+ */
+lora_status lora_layer_forward(struct lora_layer *layer,
+                               const void *x,
+                               size_t x_bytes,
+                               lora_dtype x_dtype,
+                               size_t n,
+                               const int32_t *row_adapter,
+                               void *y,
+                               size_t y_bytes,
+                               lora_dtype y_dtype,
+                               uint32_t train);
+
+/**
+ * Backward of the latest `lora_layer_forward` (same `x` and `n`): writes
+ * `dx` (`n·in` elements of `dx_dtype`; may be NULL when not needed) and
+ * accumulates the gradients of the adapters that took part (and of the
+ * bias if trainable). Gradients accumulate over calls until
+ * `lora_layer_zero_grad`; swapping or merging in between fails with
+ * `LORA_ERR_INVALID_STATE`, as does backward on a merged layer. The base
+ * weight never receives a gradient.
+ */
+lora_status lora_layer_backward(struct lora_layer *layer,
+                                const void *x,
+                                size_t x_bytes,
+                                lora_dtype x_dtype,
+                                const void *dy,
+                                size_t dy_bytes,
+                                lora_dtype dy_dtype,
+                                size_t n,
+                                void *dx,
+                                size_t dx_bytes,
+                                lora_dtype dx_dtype);
+
+/**
+ * Clears the accumulated gradients.
+ */
+lora_status lora_layer_zero_grad(struct lora_layer *layer);
+
+/**
+ * Copies adapter `name`'s A (`r·in` floats, `[r,in]`) and B (`out·r`,
+ * `[out,r]`) into `a` and `b`; `a_len`/`b_len` must match exactly.
+ * With `grads` non-zero copies the accumulated dA and dB instead.
+ */
+lora_status lora_layer_get_adapter(const struct lora_layer *layer,
+                                   const char *name,
+                                   uint32_t grads,
+                                   float *a,
+                                   size_t a_len,
+                                   float *b,
+                                   size_t b_len);
+
+/**
+ * Replaces adapter `name`'s A and B (lengths as for `lora_layer_get_adapter`).
+ */
+lora_status lora_layer_set_adapter(struct lora_layer *layer,
+                                   const char *name,
+                                   const float *a,
+                                   size_t a_len,
+                                   const float *b,
+                                   size_t b_len);
+
+/**
+ * Merges the active adapters: the layer then computes with
+ * `W0 + Σ m·s·B·A` (a dense fp32 copy; an NF4 base stays as it was, so
+ * `lora_unmerge` is exact). `LORA_ERR_INVALID_STATE` if already merged or
+ * gradients are pending.
+ */
+lora_status lora_merge(struct lora_layer *layer);
+
+/**
+ * Undoes `lora_merge` exactly (the base was never modified).
+ * `LORA_ERR_INVALID_STATE` if not merged.
+ */
+lora_status lora_unmerge(struct lora_layer *layer);
+
+/**
+ * Makes the `n` adapters `names` the active set, adapter i scaled by
+ * `multipliers[i]` (NULL: all 1.0), llama.cpp-style. Unmerged: O(1).
+ * Merged: the merged weight is re-derived from the base as exactly
+ * `W0 + Σ m·s·B·A` (no drift, however many swaps). `n` = 0 leaves only
+ * the base. `LORA_ERR_INVALID_STATE` while gradients are pending.
+ */
+lora_status lora_swap_adapter(struct lora_layer *layer,
+                              const char *const *names,
+                              const float *multipliers,
+                              size_t n);
+
+/**
+ * Requantizes the merged weight to NF4 and makes it the new base — a
+ * separate, explicit, lossy step (PEFT does it silently when merging into
+ * a 4-bit base). The merged adapters become inactive. `*rel_rms` and
+ * `*max_abs` (each may be NULL) receive the error it added:
+ * ‖NF4(W) − W‖/‖W‖ and max|NF4(W) − W|. `params` NULL: defaults.
+ * `LORA_ERR_INVALID_STATE` if not merged.
+ */
+lora_status lora_layer_requantize(struct lora_layer *layer,
+                                  const struct lora_nf4_params *params,
+                                  double *rel_rms,
+                                  float *max_abs);
+
+/**
+ * The weight the layer computes with (merged if merged, else the base,
+ * dequantized if NF4) in the base's own layout (`[out,in]`, or `[in,out]`
+ * with fan_in_fan_out), as `dtype` into `out` of `out_bytes` bytes.
+ */
+lora_status lora_layer_weight(const struct lora_layer *layer,
+                              lora_dtype dtype,
+                              void *out,
+                              size_t out_bytes);
+
+/**
+ * Adds adapter `name` combining the `n` adapters `names` with `weights`
+ * (PEFT `add_weighted_adapter`): `LORA_COMBINE_LINEAR` (equal ranks) or
+ * `LORA_COMBINE_CAT` (exact, rank Σrᵢ). The new adapter has alpha = r
+ * (scale 1) and is not activated.
+ */
+lora_status lora_layer_add_weighted(struct lora_layer *layer,
+                                    const char *name,
+                                    const char *const *names,
+                                    const float *weights,
+                                    size_t n,
+                                    lora_combine how);
+
+/**
+ * Layer facts: in and out features, number of adapters, merged (1/0).
+ * Any output pointer may be NULL.
+ */
+lora_status lora_layer_get_shape(const struct lora_layer *layer,
+                                 size_t *in_features,
+                                 size_t *out_features,
+                                 size_t *n_adapters,
+                                 uint32_t *merged);
 
 /**
  * Default NF4 parameters: blocksize 64, double quantization on.

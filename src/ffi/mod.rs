@@ -7,6 +7,7 @@
 #![allow(clippy::missing_safety_doc)]
 
 pub mod context;
+pub mod layer;
 pub mod nf4;
 pub mod status;
 mod util;

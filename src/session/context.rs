@@ -30,7 +30,9 @@ impl Default for ContextParams {
 
 pub struct Context {
     pub device: Device,
-    pub pool: rayon::ThreadPool,
+    /// Shared so objects made under the context (layers, trainers) keep
+    /// their threads even if the context handle is freed first.
+    pub pool: std::sync::Arc<rayon::ThreadPool>,
     pub seed: u64,
 }
 
@@ -54,7 +56,7 @@ impl Context {
             .build()
             .map_err(|e| err!(Internal, "cannot start {threads} worker threads: {e}"))?;
         log!(Info, "context on {} with {threads} CPU threads, seed {}", device.describe(), p.seed);
-        Ok(Context { device, pool, seed: p.seed })
+        Ok(Context { device, pool: std::sync::Arc::new(pool), seed: p.seed })
     }
 
     /// Runs `f` on this context's thread pool (so rayon work inside it uses
