@@ -482,7 +482,8 @@ struct lora_context_params lora_context_default_params(void);
  * `lora_context_free`; on failure `*out` is not written.
  *
  * Errors: `LORA_ERR_NULL_POINTER` (out), `LORA_ERR_STRUCT_SIZE`,
- * `LORA_ERR_INVALID_ARGUMENT` (unknown backend), `LORA_ERR_CUDA_UNAVAILABLE`
+ * `LORA_ERR_INVALID_ARGUMENT` (unknown backend, n_threads above 4096),
+ * `LORA_ERR_CUDA_UNAVAILABLE`
  * (CUDA requested, none usable), `LORA_ERR_INTERNAL` (threads).
  */
 lora_status lora_context_new(const struct lora_context_params *params, struct lora_context **out);
@@ -500,8 +501,9 @@ void lora_context_free(struct lora_context *ctx);
 lora_status lora_context_backend(const struct lora_context *ctx, lora_backend *out);
 
 /**
- * Describes the context's device ("cpu (2 threads)" or "cuda:0 NVIDIA
- * H100 ... (sm_90)") into `buf` (NUL-terminated, truncated to `len`);
+ * Describes the context's device, e.g. "cpu (2 CPU threads)" or
+ * "cuda:0 NVIDIA H100 80GB HBM3 (sm_90) (16 CPU threads)", into `buf`
+ * (NUL-terminated, truncated to `len` at a character boundary);
  * `*needed` (if not NULL) receives the full length without the NUL.
  */
 lora_status lora_context_describe(const struct lora_context *ctx,
@@ -782,7 +784,8 @@ lora_status lora_nf4_get_info(const struct lora_nf4 *t, struct lora_nf4_info *in
 
 /**
  * The packed 4-bit codes (two per byte, the even element in the high
- * nibble; `ceil(numel/2)` bytes): `*data` points into the tensor (valid
+ * nibble; `ceil(numel/2)` bytes; with an odd element count the last low
+ * nibble holds 7, the code of 0.0, as bitsandbytes pads): `*data` points into the tensor (valid
  * until it is freed; do not write), `*len` receives the length.
  */
 lora_status lora_nf4_packed(const struct lora_nf4 *t, const uint8_t **data, size_t *len);
@@ -790,7 +793,8 @@ lora_status lora_nf4_packed(const struct lora_nf4 *t, const uint8_t **data, size
 /**
  * Copies the fp32 block scales (decoded from the 8-bit codes when double
  * quantized: `code8[q] · nested_absmax[i/256] + offset`) into `out`, which
- * must hold exactly `count == num_blocks` floats.
+ * must hold exactly `count == num_blocks` floats (else
+ * `LORA_ERR_BUFFER_SIZE`).
  */
 lora_status lora_nf4_absmax(const struct lora_nf4 *t, float *out, size_t count);
 
@@ -817,7 +821,10 @@ lora_status lora_nf4_double_quant(const struct lora_nf4 *t,
  * `P.weight.absmax`, `P.weight.quant_map`, `P.weight.nested_absmax`,
  * `P.weight.nested_quant_map`, `P.weight.quant_state.bitsandbytes__nf4`).
  * The file is written atomically (temporary file, fsync, rename): it
- * either appears complete or not at all.
+ * either appears complete or not at all, and a failed save leaves an
+ * existing file unchanged. Errors: `LORA_ERR_NULL_POINTER`,
+ * `LORA_ERR_INVALID_ARGUMENT` (n = 0, empty path or prefix, a prefix
+ * given twice), `LORA_ERR_IO` (cannot write).
  */
 lora_status lora_nf4_save(const char *path,
                           const char *const *prefixes,
@@ -831,7 +838,8 @@ lora_status lora_nf4_save(const char *path,
  *
  * Errors: `LORA_ERR_IO` (cannot open), `LORA_ERR_FILE_FORMAT` (truncated,
  * bad header, offsets out of range, bad quant state),
- * `LORA_ERR_TENSOR_NOT_FOUND`, `LORA_ERR_DTYPE_MISMATCH` (a key has the
+ * `LORA_ERR_TENSOR_NOT_FOUND`, `LORA_ERR_INVALID_ARGUMENT` (empty
+ * prefix), `LORA_ERR_DTYPE_MISMATCH` (a key has the
  * wrong dtype), `LORA_ERR_SHAPE_MISMATCH` (the quant state disagrees with
  * the tensors), `LORA_ERR_UNSUPPORTED` (FP4, other storage dtypes),
  * `LORA_ERR_INVALID_BLOCKSIZE`.
@@ -842,7 +850,7 @@ lora_status lora_nf4_load(const char *path, const char *prefix, struct lora_nf4 
  * Lists the module prefixes of the NF4 weights in the safetensors file at
  * `path`, sorted, each followed by '\n', into `buf` (NUL-terminated,
  * truncated to `len`; may be NULL); `*needed` receives the full length
- * without the NUL.
+ * without the NUL. Errors as for `lora_nf4_load`'s file checks.
  */
 lora_status lora_nf4_list(const char *path, char *buf, size_t len, size_t *needed);
 
@@ -855,12 +863,13 @@ const char *lora_status_str(lora_status status);
 
 /**
  * Last error of the calling thread: copies the message of the most recent
- * failed call made on this thread into `buf` (NUL-terminated, truncated to
- * `len` bytes) and returns its full length in bytes, without the NUL.
+ * failed call made on this thread into `buf` (UTF-8, NUL-terminated,
+ * truncated to `len` bytes at a character boundary) and returns its full length in bytes, without the NUL.
  * `buf` may be NULL (with any `len`) to ask for the length. Successful
  * calls do not clear it. Thread-safe: each thread has its own.
  */
-size_t lora_last_error(char *buf, size_t len);
+size_t lora_last_error(char *buf,
+                       size_t len);
 
 #ifdef __cplusplus
 }  // extern "C"

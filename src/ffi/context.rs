@@ -69,7 +69,8 @@ pub extern "C" fn lora_context_default_params() -> lora_context_params {
 /// `lora_context_free`; on failure `*out` is not written.
 ///
 /// Errors: `LORA_ERR_NULL_POINTER` (out), `LORA_ERR_STRUCT_SIZE`,
-/// `LORA_ERR_INVALID_ARGUMENT` (unknown backend), `LORA_ERR_CUDA_UNAVAILABLE`
+/// `LORA_ERR_INVALID_ARGUMENT` (unknown backend, n_threads above 4096),
+/// `LORA_ERR_CUDA_UNAVAILABLE`
 /// (CUDA requested, none usable), `LORA_ERR_INTERNAL` (threads).
 #[no_mangle]
 pub unsafe extern "C" fn lora_context_new(params: *const lora_context_params, out: *mut *mut lora_context) -> lora_status {
@@ -115,8 +116,9 @@ pub unsafe extern "C" fn lora_context_backend(ctx: *const lora_context, out: *mu
     })
 }
 
-/// Describes the context's device ("cpu (2 threads)" or "cuda:0 NVIDIA
-/// H100 ... (sm_90)") into `buf` (NUL-terminated, truncated to `len`);
+/// Describes the context's device, e.g. "cpu (2 CPU threads)" or
+/// "cuda:0 NVIDIA H100 80GB HBM3 (sm_90) (16 CPU threads)", into `buf`
+/// (NUL-terminated, truncated to `len` at a character boundary);
 /// `*needed` (if not NULL) receives the full length without the NUL.
 #[no_mangle]
 pub unsafe extern "C" fn lora_context_describe(ctx: *const lora_context, buf: *mut c_char, len: usize, needed: *mut usize) -> lora_status {

@@ -290,7 +290,8 @@ pub unsafe extern "C" fn lora_nf4_get_info(t: *const lora_nf4, info: *mut lora_n
 }
 
 /// The packed 4-bit codes (two per byte, the even element in the high
-/// nibble; `ceil(numel/2)` bytes): `*data` points into the tensor (valid
+/// nibble; `ceil(numel/2)` bytes; with an odd element count the last low
+/// nibble holds 7, the code of 0.0, as bitsandbytes pads): `*data` points into the tensor (valid
 /// until it is freed; do not write), `*len` receives the length.
 #[no_mangle]
 pub unsafe extern "C" fn lora_nf4_packed(t: *const lora_nf4, data: *mut *const u8, len: *mut usize) -> lora_status {
@@ -306,7 +307,8 @@ pub unsafe extern "C" fn lora_nf4_packed(t: *const lora_nf4, data: *mut *const u
 
 /// Copies the fp32 block scales (decoded from the 8-bit codes when double
 /// quantized: `code8[q] · nested_absmax[i/256] + offset`) into `out`, which
-/// must hold exactly `count == num_blocks` floats.
+/// must hold exactly `count == num_blocks` floats (else
+/// `LORA_ERR_BUFFER_SIZE`).
 #[no_mangle]
 pub unsafe extern "C" fn lora_nf4_absmax(t: *const lora_nf4, out: *mut f32, count: usize) -> lora_status {
     guard(|| {
@@ -361,7 +363,10 @@ pub unsafe extern "C" fn lora_nf4_double_quant(
 /// `P.weight.absmax`, `P.weight.quant_map`, `P.weight.nested_absmax`,
 /// `P.weight.nested_quant_map`, `P.weight.quant_state.bitsandbytes__nf4`).
 /// The file is written atomically (temporary file, fsync, rename): it
-/// either appears complete or not at all.
+/// either appears complete or not at all, and a failed save leaves an
+/// existing file unchanged. Errors: `LORA_ERR_NULL_POINTER`,
+/// `LORA_ERR_INVALID_ARGUMENT` (n = 0, empty path or prefix, a prefix
+/// given twice), `LORA_ERR_IO` (cannot write).
 #[no_mangle]
 pub unsafe extern "C" fn lora_nf4_save(path: *const c_char, prefixes: *const *const c_char, tensors: *const *const lora_nf4, n: usize) -> lora_status {
     guard(|| {
@@ -389,7 +394,8 @@ pub unsafe extern "C" fn lora_nf4_save(path: *const c_char, prefixes: *const *co
 ///
 /// Errors: `LORA_ERR_IO` (cannot open), `LORA_ERR_FILE_FORMAT` (truncated,
 /// bad header, offsets out of range, bad quant state),
-/// `LORA_ERR_TENSOR_NOT_FOUND`, `LORA_ERR_DTYPE_MISMATCH` (a key has the
+/// `LORA_ERR_TENSOR_NOT_FOUND`, `LORA_ERR_INVALID_ARGUMENT` (empty
+/// prefix), `LORA_ERR_DTYPE_MISMATCH` (a key has the
 /// wrong dtype), `LORA_ERR_SHAPE_MISMATCH` (the quant state disagrees with
 /// the tensors), `LORA_ERR_UNSUPPORTED` (FP4, other storage dtypes),
 /// `LORA_ERR_INVALID_BLOCKSIZE`.
@@ -398,6 +404,9 @@ pub unsafe extern "C" fn lora_nf4_load(path: *const c_char, prefix: *const c_cha
     guard(|| {
         let path = req_path(path, "path")?;
         let prefix = req_str(prefix, "prefix")?;
+        if prefix.is_empty() {
+            bail!(InvalidArgument, "prefix is empty");
+        }
         let out = req_out(out, "out")?;
         let f = StFile::open(&path)?;
         let t = nf4_file::load(&f, prefix)?;
@@ -409,7 +418,7 @@ pub unsafe extern "C" fn lora_nf4_load(path: *const c_char, prefix: *const c_cha
 /// Lists the module prefixes of the NF4 weights in the safetensors file at
 /// `path`, sorted, each followed by '\n', into `buf` (NUL-terminated,
 /// truncated to `len`; may be NULL); `*needed` receives the full length
-/// without the NUL.
+/// without the NUL. Errors as for `lora_nf4_load`'s file checks.
 #[no_mangle]
 pub unsafe extern "C" fn lora_nf4_list(path: *const c_char, buf: *mut c_char, len: usize, needed: *mut usize) -> lora_status {
     guard(|| {

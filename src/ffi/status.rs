@@ -118,8 +118,8 @@ pub extern "C" fn lora_status_str(status: lora_status) -> *const c_char {
 }
 
 /// Last error of the calling thread: copies the message of the most recent
-/// failed call made on this thread into `buf` (NUL-terminated, truncated to
-/// `len` bytes) and returns its full length in bytes, without the NUL.
+/// failed call made on this thread into `buf` (UTF-8, NUL-terminated,
+/// truncated to `len` bytes at a character boundary) and returns its full length in bytes, without the NUL.
 /// `buf` may be NULL (with any `len`) to ask for the length. Successful
 /// calls do not clear it. Thread-safe: each thread has its own.
 #[no_mangle]

@@ -115,10 +115,14 @@ pub(crate) fn read_params<T: Copy>(p: *const T, defaults: T, min_size: usize, wh
 }
 
 /// Copies `s` into the caller's `buf` of `len` bytes, NUL-terminated and
-/// truncated to fit; returns the untruncated length (without the NUL).
+/// truncated to fit (never inside a UTF-8 character); returns the
+/// untruncated length (without the NUL).
 pub(crate) fn write_cstr(s: &str, buf: *mut c_char, len: usize) -> usize {
     if !buf.is_null() && len > 0 {
-        let n = s.len().min(len - 1);
+        let mut n = s.len().min(len - 1);
+        while !s.is_char_boundary(n) {
+            n -= 1;
+        }
         // SAFETY: the host gives `len` writable bytes at `buf`.
         unsafe {
             std::ptr::copy_nonoverlapping(s.as_ptr(), buf as *mut u8, n);

@@ -137,6 +137,9 @@ pub fn load(f: &StFile, prefix: &str) -> Result<Nf4Tensor> {
         .and_then(|v| v.as_array())
         .and_then(|a| a.iter().map(|d| d.as_u64().map(|d| d as usize)).collect::<Option<Vec<_>>>())
         .ok_or_else(|| err!(FileFormat, "{ctx}: quant state has no integer list 'shape'"))?;
+    if shape.is_empty() || shape.contains(&0) {
+        bail!(ShapeMismatch, "{ctx}: quant state shape {shape:?} has no elements but the tensor has data");
+    }
 
     let packed_t = f.get_typed(&p, Dtype::U8)?;
     let packed = packed_t.data().to_vec();
