@@ -71,6 +71,7 @@ const PROGRAMS: &[(&str, bool)] = &[
     ("nf4_roundtrip", true),
     ("nf4_fixtures", true),
     ("bad_input", true),
+    ("lora_layer", true),
     ("double_free_noasan", false),
     ("sanitizer_canary", true),
 ];
@@ -399,6 +400,20 @@ fn c_nf4_fixtures() {
     files.sort();
     assert!(files.len() >= 10, "expected the NF4 fixtures in {}", dir.display());
     run_c_test("nf4_fixtures", &files);
+}
+
+#[test]
+fn c_lora_layer() {
+    let dir = manifest_dir().join("tests/fixtures/lora");
+    let mut files: Vec<OsString> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .map(PathBuf::into_os_string)
+        .collect();
+    files.sort();
+    assert!(files.len() >= 9, "expected the LoRA fixtures in {}", dir.display());
+    run_c_test("lora_layer", &files);
 }
 
 #[test]
