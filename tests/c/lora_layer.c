@@ -16,9 +16,10 @@
 #include "st_reader.h"
 
 /* Same bound as tests/lora_layer.rs: PyTorch's and our fp32 GEMMs sum in
- * different orders; for k <= 128 terms of O(1) the difference stays under
- * ~k·eps·Σ|terms| ≈ 1.5e-5 of the output's scale. */
-#define FP32_REORDER_TOL 2e-5f
+ * different orders; over k <= 128 terms that difference grows like
+ * sqrt(k)·eps of the terms' magnitude (measured at most 2.1e-7 of the
+ * output's scale here). */
+#define FP32_REORDER_TOL 1e-6f
 
 static lora_context *g_ctx;
 
