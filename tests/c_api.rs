@@ -390,7 +390,12 @@ fn c_nf4_roundtrip() {
 
 #[test]
 fn c_nf4_fixtures() {
-    let dir = manifest_dir().join("tests/fixtures/nf4");
+    run_c_test("nf4_fixtures", &fixture_files("nf4", 10));
+}
+
+/// The `.safetensors` fixtures in tests/fixtures/`sub`, sorted (at least `min`).
+fn fixture_files(sub: &str, min: usize) -> Vec<OsString> {
+    let dir = manifest_dir().join("tests/fixtures").join(sub);
     let mut files: Vec<OsString> = std::fs::read_dir(&dir)
         .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
         .map(|e| e.unwrap().path())
@@ -398,22 +403,13 @@ fn c_nf4_fixtures() {
         .map(PathBuf::into_os_string)
         .collect();
     files.sort();
-    assert!(files.len() >= 10, "expected the NF4 fixtures in {}", dir.display());
-    run_c_test("nf4_fixtures", &files);
+    assert!(files.len() >= min, "expected at least {min} fixtures in {}", dir.display());
+    files
 }
 
 #[test]
 fn c_lora_layer() {
-    let dir = manifest_dir().join("tests/fixtures/lora");
-    let mut files: Vec<OsString> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .map(PathBuf::into_os_string)
-        .collect();
-    files.sort();
-    assert!(files.len() >= 9, "expected the LoRA fixtures in {}", dir.display());
-    run_c_test("lora_layer", &files);
+    run_c_test("lora_layer", &fixture_files("lora", 9));
 }
 
 #[test]
