@@ -5,3 +5,9 @@
 pub mod matmul;
 pub mod nf4;
 pub mod reduce;
+pub mod attention;
+pub mod embed;
+pub mod loss;
+pub mod norm;
+pub mod rope;
+pub mod swiglu;
