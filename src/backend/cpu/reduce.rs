@@ -12,7 +12,7 @@
 /// then depends on its thread count. This function is the serial order.
 pub fn torch_sum_f32(v: &[f32], lanes: usize) -> f32 {
     let n = v.len();
-    if n < lanes {
+    if n < lanes && lanes > 1 {
         // Too short for a vector: the same cascade over scalars
         // (`scalar_inner_sum` → `row_sum` with one-element "vectors").
         return torch_sum_f32(v, 1);
