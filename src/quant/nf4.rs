@@ -118,7 +118,15 @@ impl Nf4Tensor {
         let mut packed = vec![0u8; n.div_ceil(2)];
         let mut absmax = vec![0f32; n.div_ceil(bs)];
         k::nf4_quantize(x, bs, &mut packed, &mut absmax);
-        let absmax = if params.double_quant { Absmax::Double(DoubleQuant::compress(&absmax)) } else { Absmax::F32(absmax) };
+        let absmax = if params.double_quant {
+            let d = DoubleQuant::compress(&absmax);
+            if !d.offset.is_finite() || d.nested_absmax.iter().any(|v| !v.is_finite()) || d.decode().iter().any(|v| !v.is_finite()) {
+                bail!(NonFinite, "double quantization overflows fp32 for block scales up to {:e}: quantize without double quantization", absmax.iter().fold(0f32, |m, v| m.max(*v)));
+            }
+            Absmax::Double(d)
+        } else {
+            Absmax::F32(absmax)
+        };
         Ok(Nf4Tensor { shape: shape.to_vec(), dtype: x.dtype(), blocksize: bs, packed, absmax })
     }
 

@@ -2,24 +2,185 @@
 //! without a CUDA toolkit and finds the driver at run time. cudarc panics
 //! when a library it needs is missing, so presence is checked first and
 //! every call into it runs behind `catch_unwind`.
+//!
+//! Kernels live in `cuda/*.cu` (one file per family, embedded with
+//! `include_str!`), are compiled by NVRTC at first use to a CUBIN for the
+//! device's own `sm_XY` ([`nvrtc`]), and are loaded once per device. Each
+//! family has its launcher module here (argument checks, launch shapes):
+//! [`nf4`] for `cuda/nf4.cu`, [`dense`] for `cuda/dense.cu`.
+//!
+//! Streams: a [`CudaDevice`] owns exactly one stream and all its work,
+//! copies included, is ordered on it; buffers used with a device must have
+//! been allocated on that device's stream (the launchers check).
 
-use crate::error::Result;
-use cudarc::driver::CudaContext;
+pub mod buffer;
+pub mod dense;
+pub mod nf4;
+pub mod nvrtc;
+
+pub use buffer::{DevBuffer, DevElems, DevElemsMut};
+
+use crate::error::{Error, ErrorKind, Result};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, DeviceSlice, DriverError};
+use nvrtc::KernelSource;
+use parking_lot::Mutex;
+use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-/// An opened CUDA device (its primary context).
+/// `cuda/nf4.cu`: NF4 quantize, dequantize, absmax decode, fused GEMV.
+pub static NF4_CU: KernelSource = KernelSource { name: "nf4.cu", src: include_str!("../../../cuda/nf4.cu") };
+/// `cuda/dense.cu`: dense bf16 GEMV.
+pub static DENSE_CU: KernelSource = KernelSource { name: "dense.cu", src: include_str!("../../../cuda/dense.cu") };
+/// Every kernel source of the library (tests compile each of them).
+pub static SOURCES: &[&KernelSource] = &[&NF4_CU, &DENSE_CU];
+
+/// An opened CUDA device (its primary context), its one stream, and the
+/// kernels loaded on it so far.
 pub struct CudaDevice {
     pub(crate) ctx: Arc<CudaContext>,
+    pub(crate) stream: Arc<CudaStream>,
     pub name: String,
     pub ordinal: usize,
     pub compute_capability: (i32, i32),
+    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
 }
 
 impl CudaDevice {
     pub fn describe(&self) -> String {
         let (ma, mi) = self.compute_capability;
         format!("cuda:{} {} (sm_{ma}{mi})", self.ordinal, self.name)
+    }
+
+    /// The real architecture kernels are compiled for: `sm_XY` from the
+    /// device's compute capability.
+    pub fn arch(&self) -> String {
+        let (ma, mi) = self.compute_capability;
+        format!("sm_{ma}{mi}")
+    }
+
+    /// The device's stream: all of this device's work is ordered on it.
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// Waits for all work queued on the device's stream.
+    pub fn synchronize(&self) -> Result<()> {
+        guard("cuStreamSynchronize", || self.stream.synchronize().map_err(|e| cu_err("cuStreamSynchronize", e)))
+    }
+
+    /// Copies a host slice into a new device buffer.
+    pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
+        guard("cuMemcpyHtoDAsync", || self.stream.clone_htod(host).map_err(|e| cu_err("cuMemAlloc/cuMemcpyHtoDAsync", e)))
+    }
+
+    /// Copies a device buffer (or view) back to a new host vector (waits for
+    /// the stream).
+    pub fn download<T: DeviceRepr, S: DevicePtr<T>>(&self, dev: &S) -> Result<Vec<T>> {
+        self.check_stream(dev, "download source")?;
+        guard("cuMemcpyDtoHAsync", || self.stream.clone_dtoh(dev).map_err(|e| cu_err("cuMemcpyDtoHAsync", e)))
+    }
+
+    /// A new device buffer of `n` elements whose every byte is `byte` (0xFF
+    /// gives NaN in every float type: tests poison outputs with it).
+    pub fn alloc_filled<T: DeviceRepr>(&self, n: usize, byte: u8) -> Result<CudaSlice<T>> {
+        guard("cuMemAlloc", || {
+            // SAFETY: the memory is written by the memset below before any
+            // read, in stream order.
+            let mut s = unsafe { self.stream.alloc::<T>(n) }.map_err(|e| cu_err(&format!("cuMemAlloc({} bytes)", n * std::mem::size_of::<T>()), e))?;
+            self.fill_bytes(&mut s, byte)?;
+            Ok(s)
+        })
+    }
+
+    /// Sets every byte of `s` to `byte`.
+    pub fn fill_bytes<T>(&self, s: &mut CudaSlice<T>, byte: u8) -> Result<()> {
+        self.check_stream(s, "fill target")?;
+        guard("cuMemsetD8Async", || {
+            let bytes = s.num_bytes();
+            if bytes == 0 {
+                return Ok(());
+            }
+            let (ptr, _rec) = s.device_ptr(&self.stream);
+            // SAFETY: `ptr` addresses `bytes` bytes owned by `s`, which
+            // outlives the stream-ordered memset (freeing is stream-ordered).
+            unsafe { cudarc::driver::result::memset_d8_async(ptr, byte, bytes, self.stream.cu_stream()) }.map_err(|e| cu_err("cuMemsetD8Async", e))
+        })
+    }
+
+    /// Refuses a buffer that was allocated on another stream (another device,
+    /// or another `CudaDevice` of the same one): this device orders its work
+    /// on its own stream only, so such a buffer could be used before it is
+    /// ready or freed while in use.
+    pub(crate) fn check_stream<T, S: DeviceSlice<T>>(&self, s: &S, what: &str) -> Result<()> {
+        if !Arc::ptr_eq(s.stream(), &self.stream) {
+            bail!(InvalidArgument, "{what} was allocated on another stream than {}'s; allocate it through this CudaDevice", self.describe());
+        }
+        Ok(())
+    }
+
+    /// The loaded module of `k` on this device, compiling it on first use.
+    fn module(&self, k: &'static KernelSource) -> Result<Arc<CudaModule>> {
+        let mut mods = self.modules.lock();
+        if let Some(m) = mods.get(k.name) {
+            return Ok(m.clone());
+        }
+        let arch = self.arch();
+        let cubin = nvrtc::cubin_cached(k, &arch).map_err(|e| e.context(&format!("compiling cuda/{} for {}", k.name, self.describe())))?;
+        let m = guard("cuModuleLoadData", || {
+            self.ctx
+                .load_module(cudarc::nvrtc::Ptx::from_binary(cubin.to_vec()))
+                .map_err(|e| cu_err(&format!("cuModuleLoadData(cuda/{}, {arch} CUBIN)", k.name), e))
+        })?;
+        mods.insert(k.name, m.clone());
+        Ok(m)
+    }
+
+    /// Kernel `name` of source `k`, loaded on this device (cached).
+    pub(crate) fn function(&self, k: &'static KernelSource, name: &'static str) -> Result<CudaFunction> {
+        if let Some(f) = self.functions.lock().get(&(k.name, name)) {
+            return Ok(f.clone());
+        }
+        let m = self.module(k)?;
+        let f = guard("cuModuleGetFunction", || m.load_function(name).map_err(|e| cu_err(&format!("cuModuleGetFunction({name} in cuda/{})", k.name), e)))?;
+        self.functions.lock().insert((k.name, name), f.clone());
+        Ok(f)
+    }
+
+    /// Loads every kernel family now (compiling with NVRTC where needed), so
+    /// a missing NVRTC or a compile error shows at start-up, not mid-run.
+    pub fn load_all_kernels(&self) -> Result<()> {
+        for k in SOURCES {
+            self.module(k)?;
+        }
+        Ok(())
+    }
+}
+
+/// Maps a driver error of `call` to the crate's error: out-of-memory to
+/// [`ErrorKind::OutOfMemory`] (a caller can act on it), everything else to
+/// [`ErrorKind::Cuda`], naming the call and the driver's error.
+pub(crate) fn cu_err(call: &str, e: DriverError) -> Error {
+    let name = e.error_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|_| format!("{:?}", e.0));
+    let text = e.error_string().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let kind = if e.0 == cudarc::driver::sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY { ErrorKind::OutOfMemory } else { ErrorKind::Cuda };
+    Error::new(kind, format!("{call} failed: {name} ({text})"))
+}
+
+/// Runs `f`, which calls into cudarc, turning a panic inside cudarc (a
+/// missing driver symbol, a violated cudarc assertion) into an error.
+pub(crate) fn guard<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+            bail!(Cuda, "{what}: cudarc panicked: {msg}")
+        }
     }
 }
 
@@ -29,10 +190,11 @@ pub fn driver_present() -> bool {
     catch_unwind(|| unsafe { cudarc::driver::sys::is_culib_present() }).unwrap_or(false)
 }
 
-/// True when NVRTC (`libnvrtc.so`) can be loaded.
+/// True when NVRTC (`libnvrtc.so`) can be loaded: the library named by
+/// `LORA_NVRTC_LIB` if that is set (see [`nvrtc`]), else one the dynamic
+/// loader finds. [`nvrtc::ensure`] says why not.
 pub fn nvrtc_present() -> bool {
-    // SAFETY: only attempts to dlopen the NVRTC library by its usual names.
-    catch_unwind(|| unsafe { cudarc::nvrtc::sys::is_culib_present() }).unwrap_or(false)
+    nvrtc::ensure().is_ok()
 }
 
 /// Opens CUDA device `ordinal`, or says why not (no driver, no device,
@@ -50,9 +212,16 @@ pub fn open(ordinal: usize) -> Result<CudaDevice> {
             bail!(CudaUnavailable, "CUDA device {ordinal} requested, but only {count} present");
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| err!(CudaUnavailable, "cuCtx for device {ordinal}: {e:?}"))?;
+        // SAFETY: all work of this CudaDevice goes to the one stream created
+        // below (buffers from other streams are refused by check_stream), so
+        // stream order alone keeps every use after its allocation and
+        // before its free; cudarc's per-buffer events would only add two
+        // driver calls per argument to every launch.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(|e| cu_err("cuStreamCreate", e))?;
         let name = ctx.name().map_err(|e| err!(Cuda, "cuDeviceGetName: {e:?}"))?;
         let cc = ctx.compute_capability().map_err(|e| err!(Cuda, "cuDeviceGetAttribute(compute capability): {e:?}"))?;
-        Ok(CudaDevice { ctx, name, ordinal, compute_capability: cc })
+        Ok(CudaDevice { ctx, stream, name, ordinal, compute_capability: cc, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()) })
     }));
     match r {
         Ok(r) => r,

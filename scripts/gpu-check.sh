@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# The GPU check: runs on a GPU machine, from the repository root, the
+# binaries that scripts/build-gpu-bundle.sh built into .gpu/ elsewhere (the
+# GPU machine has no Rust toolchain and no network).
+#
+#   1. describes the machine (nvidia-smi, driver, glibc, nvcc);
+#   2. finds NVRTC 13 (LORA_NVRTC_LIB if set; else the CUDA toolkit under
+#      /usr/local/cuda*, the loader cache, or a pip wheel) and exports
+#      LORA_NVRTC_LIB;
+#   3. cross-checks with nvcc that cuda/*.cu compile for the device's sm_XY;
+#   4. runs every test binary with LORA_REQUIRE_GPU=1 (a missing GPU or
+#      NVRTC is a failure, not a skip; LORA_REQUIRE_GPU=0 in the caller's
+#      environment makes them skips, to try the script without a GPU) and
+#      the benchmark.
+#
+# The whole log goes to "$OUT/gpu-check.log" ($OUT defaults to ./gpu-out).
+# Exits non-zero if anything failed. Time limits keep it well under 8 minutes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+OUT="${OUT:-./gpu-out}"
+mkdir -p "$OUT"
+LOG="$OUT/gpu-check.log"
+exec > >(tee "$LOG") 2>&1
+TEE_PID=$!
+# finish RC: flush the log (wait for tee) and exit.
+finish() {
+  exec >&- 2>&-
+  wait "$TEE_PID" 2>/dev/null
+  exit "$1"
+}
+
+BUNDLE=.gpu
+START=$(date +%s)
+failures=()
+passes=0
+
+section() { printf '\n==== %s (t=%ss)\n' "$1" "$(( $(date +%s) - START ))"; }
+
+# run NAME TIMEOUT CMD...: runs a step, records pass/fail.
+run() {
+  local name=$1 limit=$2
+  shift 2
+  section "$name"
+  echo "\$ $*"
+  local t0=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@"
+  local rc=$?
+  local dt=$(( $(date +%s) - t0 ))
+  if [ $rc -eq 0 ]; then
+    echo "---- $name: PASSED (${dt}s)"
+    passes=$((passes + 1))
+  else
+    [ $rc -eq 124 ] && echo "---- $name: TIMED OUT after ${limit}s"
+    echo "---- $name: FAILED (exit $rc, ${dt}s)"
+    failures+=("$name")
+  fi
+}
+
+section "machine"
+date -u
+uname -a
+ldd --version 2>/dev/null | head -1
+if command -v nvidia-smi >/dev/null; then
+  nvidia-smi
+  nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
+else
+  echo "nvidia-smi not found"
+fi
+command -v nvcc >/dev/null && nvcc --version | tail -2
+
+section "bundle"
+if [ ! -d "$BUNDLE/bin" ]; then
+  echo "no $BUNDLE/bin: run scripts/build-gpu-bundle.sh on the build machine and carry $BUNDLE/ here"
+  echo "gpu-check: 0 passed, 1 failed"
+  finish 2
+fi
+cat "$BUNDLE/MANIFEST" 2>/dev/null
+ls -l "$BUNDLE/bin"
+for f in "$BUNDLE"/bin/*; do
+  if ldd "$f" 2>&1 | grep -Eq 'not found|version .GLIBC'; then
+    echo "$f does not load here:"; ldd "$f"
+  fi
+done
+
+section "NVRTC"
+find_nvrtc() {
+  if [ -n "${LORA_NVRTC_LIB:-}" ] && [ -f "$LORA_NVRTC_LIB" ]; then echo "$LORA_NVRTC_LIB"; return; fi
+  local d f
+  for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/*/lib /usr/local/cuda-13*/lib64 /usr/local/cuda-13*/targets/*/lib \
+           /usr/lib/x86_64-linux-gnu /usr/lib64 /usr/lib/wsl/lib; do
+    for f in "$d/libnvrtc.so.13" "$d"/libnvrtc.so.13.*; do
+      [ -f "$f" ] && { echo "$f"; return; }
+    done
+  done
+  f="$(ldconfig -p 2>/dev/null | awk '$1 ~ /^libnvrtc\.so\.13/ {print $NF; exit}')"
+  [ -n "$f" ] && [ -f "$f" ] && { echo "$f"; return; }
+  if command -v python3 >/dev/null; then
+    f="$(python3 -c 'import site,sysconfig,os
+dirs=[sysconfig.get_paths()["purelib"]]+site.getsitepackages()
+print(next((p for p in (os.path.join(d,"nvidia/cu13/lib/libnvrtc.so.13") for d in dirs) if os.path.isfile(p)),""))' 2>/dev/null)"
+    [ -n "$f" ] && { echo "$f"; return; }
+  fi
+  f="$(timeout 30 find / -xdev -name 'libnvrtc.so.13*' -not -name '*builtins*' 2>/dev/null | head -1)"
+  [ -n "$f" ] && echo "$f"
+}
+NVRTC="$(find_nvrtc)"
+if [ -z "$NVRTC" ]; then
+  echo "no libnvrtc.so.13 on this machine: the kernel tests will fail"
+else
+  export LORA_NVRTC_LIB="$NVRTC"
+  # NVRTC opens libnvrtc-builtins by name; a toolkit copy may lack an
+  # $ORIGIN run path, so let the loader search its directory too.
+  export LD_LIBRARY_PATH="$(dirname "$NVRTC")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  echo "LORA_NVRTC_LIB=$LORA_NVRTC_LIB"
+  ls -l "$(dirname "$NVRTC")"/libnvrtc* 2>/dev/null
+fi
+
+# A missing GPU or NVRTC fails every test; LORA_REQUIRE_GPU=0 turns that
+# into skips (to try this script on a machine without a GPU).
+export LORA_REQUIRE_GPU="${LORA_REQUIRE_GPU:-1}"
+echo "LORA_REQUIRE_GPU=$LORA_REQUIRE_GPU"
+# The CPU emulation of the kernels is for machines without a GPU.
+export LORA_SKIP_CUDA_EMULATION=1
+export RUST_BACKTRACE=1
+
+if command -v nvcc >/dev/null && command -v nvidia-smi >/dev/null; then
+  CAP="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d ' .')"
+  if [ -n "$CAP" ] && ls cuda/*.cu >/dev/null 2>&1; then
+    NVCC_TMP="$(mktemp -d)"
+    nvcc_all() {
+      local f
+      for f in cuda/*.cu; do
+        echo "nvcc -cubin -arch=sm_$CAP $f"
+        nvcc -cubin -arch="sm_$CAP" --fmad=false -ftz=false -prec-div=true -prec-sqrt=true -Xptxas -v \
+          -o "$NVCC_TMP/$(basename "$f" .cu).cubin" "$f" || return 1
+      done
+    }
+    run "nvcc compiles cuda/*.cu for sm_$CAP" 120 bash -c "$(declare -f nvcc_all); CAP=$CAP NVCC_TMP=$NVCC_TMP nvcc_all"
+    rm -rf "$NVCC_TMP"
+  fi
+fi
+
+run "test cuda_compile (NVRTC here compiles every kernel)" 90 "$BUNDLE/bin/cuda_compile" --nocapture --test-threads=1
+run "test cuda_nf4 (kernels vs CPU on the GPU)" 240 "$BUNDLE/bin/cuda_nf4" --nocapture --test-threads=1
+run "bench gpu_bench_nf4" 180 "$BUNDLE/bin/gpu_bench_nf4"
+
+section "summary"
+echo "log: $LOG"
+if [ ${#failures[@]} -eq 0 ]; then
+  echo "gpu-check: $passes passed, 0 failed"
+  finish 0
+fi
+for f in "${failures[@]}"; do echo "FAILED: $f"; done
+echo "gpu-check: $passes passed, ${#failures[@]} failed"
+finish 1

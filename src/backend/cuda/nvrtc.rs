@@ -1,0 +1,243 @@
+//! NVRTC: finding the library, and compiling `cuda/*.cu` to machine code.
+//!
+//! Finding it. cudarc looks NVRTC up by its usual names (`libnvrtc.so`,
+//! `libnvrtc.so.13`, ...) through the dynamic loader, and panics when it is
+//! not there. The environment variable [`NVRTC_LIB_ENV`]
+//! (`LORA_NVRTC_LIB`) may name the library by absolute path (for example
+//! the `nvidia-cuda-nvrtc` wheel's `nvidia/cu13/lib/libnvrtc.so.13`): it is
+//! loaded first with `RTLD_GLOBAL` and kept loaded, so cudarc's later
+//! `dlopen("libnvrtc.so.13")` finds the same object by its SONAME without
+//! `LD_LIBRARY_PATH`. Its builtins library (`libnvrtc-builtins.so.13.x`) is
+//! found next to it through NVRTC's own `$ORIGIN` run path.
+//!
+//! Compiling. Kernels are compiled at first use to a CUBIN for the device's
+//! own compute capability (`--gpu-architecture=sm_XY`), not to PTX: PTX made
+//! by an NVRTC newer than the driver will not JIT on that driver, while a
+//! CUBIN is plain machine code the driver loads as is. Every CUBIN is cached
+//! for the life of the process, keyed by source and architecture (see
+//! [`cubin_cached`]); modules are cached per device in `CudaDevice`.
+//!
+//! Every call into cudarc's NVRTC bindings runs behind `catch_unwind`:
+//! cudarc panics when the library or one of its symbols is missing.
+
+use crate::error::Result;
+use cudarc::nvrtc::{result as nr, sys as ns};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, LazyLock, OnceLock};
+
+/// Environment variable naming NVRTC by absolute path
+/// (`libnvrtc.so.13`); it is preloaded before cudarc looks for NVRTC.
+pub const NVRTC_LIB_ENV: &str = "LORA_NVRTC_LIB";
+
+/// How to get NVRTC where it is missing; part of every "not found" error.
+pub const NVRTC_INSTALL_HINT: &str = "install NVRTC 13 (the CUDA 13 toolkit's libnvrtc.so.13, or \
+     `python3 -m pip install nvidia-cuda-nvrtc` which puts it in \
+     <site-packages>/nvidia/cu13/lib/libnvrtc.so.13) and either add its directory to the \
+     dynamic loader's path or set LORA_NVRTC_LIB to the library's absolute path";
+
+/// Options every kernel is compiled with. The NF4 kernels are specified bit
+/// for bit by the CPU backend, so nothing may change an fp32 rounding:
+/// - `--fmad=false`: no contraction of a multiply and an add into an FMA
+///   (kernels that want an FMA write `__fmaf_rn`);
+/// - `--ftz=false`: subnormal inputs and results are kept, as on the CPU;
+/// - `--prec-div=true` / `--prec-sqrt=true`: IEEE round-to-nearest division
+///   and square root (NVRTC's defaults, stated so no one flips them).
+pub const COMPILE_OPTIONS: &[&str] = &["--fmad=false", "--ftz=false", "--prec-div=true", "--prec-sqrt=true", "--std=c++17"];
+
+/// Result of loading the library named by [`NVRTC_LIB_ENV`], once per
+/// process: `Ok(None)` when the variable is unset or empty.
+static PRELOAD: OnceLock<std::result::Result<Option<PathBuf>, String>> = OnceLock::new();
+
+fn preload_env_library() -> std::result::Result<Option<PathBuf>, String> {
+    let Some(raw) = std::env::var_os(NVRTC_LIB_ENV).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    let path = PathBuf::from(&raw);
+    if !path.is_absolute() {
+        return Err(format!("{NVRTC_LIB_ENV}={} is not an absolute path to libnvrtc.so.13", path.display()));
+    }
+    if !path.is_file() {
+        return Err(format!("{NVRTC_LIB_ENV}={}: no such file; {NVRTC_INSTALL_HINT}", path.display()));
+    }
+    load_global(&path).map_err(|e| format!("{NVRTC_LIB_ENV}={}: cannot load: {e}", path.display()))?;
+    Ok(Some(path))
+}
+
+#[cfg(unix)]
+fn load_global(path: &Path) -> std::result::Result<(), String> {
+    use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
+    // SAFETY: loading NVRTC runs its ELF initializers, which have no
+    // preconditions. The handle is leaked on purpose: cudarc keeps function
+    // pointers into the library for the rest of the process.
+    let lib = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_GLOBAL) }.map_err(|e| e.to_string())?;
+    std::mem::forget(lib);
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn load_global(path: &Path) -> std::result::Result<(), String> {
+    // SAFETY: as above; Windows resolves a loaded DLL by name process-wide.
+    let lib = unsafe { libloading::Library::new(path) }.map_err(|e| e.to_string())?;
+    std::mem::forget(lib);
+    Ok(())
+}
+
+/// Loads the library named by `LORA_NVRTC_LIB`, if set (once per process).
+/// Fails when the variable is set but does not name a loadable library.
+pub fn preload() -> Result<Option<&'static Path>> {
+    match PRELOAD.get_or_init(preload_env_library) {
+        Ok(p) => Ok(p.as_deref()),
+        Err(m) => Err(err!(CudaUnavailable, "{m}")),
+    }
+}
+
+/// Chooses the NVRTC library at `path` (absolute) for this process, as
+/// `LORA_NVRTC_LIB` would, taking precedence over it. Must come before any
+/// other NVRTC use in the process (which fixes the choice); fails if NVRTC
+/// was already chosen otherwise, or if `path` does not load.
+pub fn use_library(path: &Path) -> Result<()> {
+    let mut mine = false;
+    let r = PRELOAD.get_or_init(|| {
+        mine = true;
+        if !path.is_absolute() || !path.is_file() {
+            return Err(format!("{}: not an absolute path to an existing libnvrtc.so.13", path.display()));
+        }
+        load_global(path).map(|_| Some(path.to_path_buf())).map_err(|e| format!("{}: cannot load: {e}", path.display()))
+    });
+    match r {
+        Ok(Some(p)) if p == path => Ok(()),
+        Err(m) if mine => Err(err!(CudaUnavailable, "{m}")),
+        _ => bail!(InvalidState, "NVRTC was already chosen for this process ({r:?}); use_library({}) must come first", path.display()),
+    }
+}
+
+/// Checks that NVRTC can be used, or says why not and how to install it.
+pub fn ensure() -> Result<()> {
+    preload()?;
+    // SAFETY: only tries to dlopen NVRTC by its usual names.
+    let present = catch_unwind(|| unsafe { ns::is_culib_present() }).unwrap_or(false);
+    if !present {
+        bail!(CudaUnavailable, "NVRTC (libnvrtc.so.13) not found by the dynamic loader and {NVRTC_LIB_ENV} is unset: {NVRTC_INSTALL_HINT}");
+    }
+    Ok(())
+}
+
+/// Runs `f` (which calls into cudarc's NVRTC bindings) after [`ensure`],
+/// turning a cudarc panic (missing symbol) into an error.
+fn with_nvrtc<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    ensure()?;
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(_) => bail!(CudaUnavailable, "{what}: the loaded NVRTC lacks a function cudarc needs (NVRTC older than 13.0?)"),
+    }
+}
+
+fn nvrtc_err(call: &str, e: nr::NvrtcError) -> crate::error::Error {
+    // SAFETY: nvrtcGetErrorString returns a static string for any code.
+    let text = unsafe { CStr::from_ptr(ns::nvrtcGetErrorString(e.0)) }.to_string_lossy().into_owned();
+    err!(Cuda, "{call} failed: {:?} ({text})", e.0)
+}
+
+/// NVRTC's version, `(major, minor)`.
+pub fn version() -> Result<(i32, i32)> {
+    with_nvrtc("nvrtcVersion", || {
+        let (mut ma, mut mi) = (0, 0);
+        // SAFETY: two valid out-pointers.
+        unsafe { ns::nvrtcVersion(&mut ma, &mut mi) }.result().map_err(|e| nvrtc_err("nvrtcVersion", e))?;
+        Ok((ma, mi))
+    })
+}
+
+/// The `sm_XY` numbers (e.g. 90) this NVRTC can compile for.
+pub fn supported_archs() -> Result<Vec<i32>> {
+    with_nvrtc("nvrtcGetSupportedArchs", || {
+        let mut n = 0;
+        // SAFETY: valid out-pointer.
+        unsafe { ns::nvrtcGetNumSupportedArchs(&mut n) }.result().map_err(|e| nvrtc_err("nvrtcGetNumSupportedArchs", e))?;
+        let mut v = vec![0i32; n.max(0) as usize];
+        // SAFETY: `v` holds the number of entries NVRTC just reported.
+        unsafe { ns::nvrtcGetSupportedArchs(v.as_mut_ptr()) }.result().map_err(|e| nvrtc_err("nvrtcGetSupportedArchs", e))?;
+        Ok(v)
+    })
+}
+
+/// An NVRTC program, destroyed on drop whatever path leaves the scope.
+struct Program(ns::nvrtcProgram);
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        // SAFETY: created by nvrtcCreateProgram and destroyed only here.
+        let _ = unsafe { nr::destroy_program(self.0) };
+    }
+}
+
+fn program_log(p: &Program) -> String {
+    // SAFETY: `p` is a live program.
+    match unsafe { nr::get_program_log(p.0) } {
+        Ok(bytes) => {
+            let b: Vec<u8> = bytes.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+            String::from_utf8_lossy(&b).trim().to_string()
+        }
+        Err(_) => String::from("(no log)"),
+    }
+}
+
+/// Compiles CUDA C++ `src` (named `name` in diagnostics) to a CUBIN for
+/// `arch` (`"sm_80"`, `"sm_90"`, ...) with [`COMPILE_OPTIONS`]. A compile
+/// error carries NVRTC's log.
+pub fn compile_cubin(src: &str, name: &str, arch: &str) -> Result<Vec<u8>> {
+    if !arch.starts_with("sm_") {
+        bail!(InvalidArgument, "CUBIN architecture '{arch}' must be a real one (sm_XY), not a virtual compute_XY");
+    }
+    let csrc = CString::new(src).map_err(|_| err!(InvalidArgument, "{name}: source holds a NUL byte"))?;
+    let cname = CString::new(name).map_err(|_| err!(InvalidArgument, "kernel source name '{name}' holds a NUL byte"))?;
+    with_nvrtc("nvrtc", || {
+        let prog = Program(nr::create_program(&csrc, Some(&cname)).map_err(|e| nvrtc_err(&format!("nvrtcCreateProgram({name})"), e))?);
+        let mut opts: Vec<String> = COMPILE_OPTIONS.iter().map(|s| s.to_string()).collect();
+        opts.push(format!("--gpu-architecture={arch}"));
+        // SAFETY: `prog` is live; the options are NUL-free ASCII.
+        if let Err(e) = unsafe { nr::compile_program(prog.0, &opts) } {
+            let (ma, mi) = version().unwrap_or((0, 0));
+            bail!(Cuda, "nvrtcCompileProgram({name}, {arch}) with NVRTC {ma}.{mi} failed: {:?}\noptions: {}\n{}", e.0, opts.join(" "), program_log(&prog));
+        }
+        let mut size = 0usize;
+        // SAFETY: `prog` compiled successfully; `size` is a valid out-pointer.
+        unsafe { ns::nvrtcGetCUBINSize(prog.0, &mut size) }.result().map_err(|e| nvrtc_err(&format!("nvrtcGetCUBINSize({name})"), e))?;
+        if size == 0 {
+            bail!(Cuda, "nvrtcGetCUBINSize({name}, {arch}) returned 0 bytes: NVRTC made no machine code");
+        }
+        let mut cubin = vec![0u8; size];
+        // SAFETY: `cubin` has the `size` bytes NVRTC asked for.
+        unsafe { ns::nvrtcGetCUBIN(prog.0, cubin.as_mut_ptr().cast()) }.result().map_err(|e| nvrtc_err(&format!("nvrtcGetCUBIN({name})"), e))?;
+        Ok(cubin)
+    })
+}
+
+/// One `cuda/*.cu` file, embedded in the library at build time so no file
+/// is looked up at run time.
+#[derive(Debug)]
+pub struct KernelSource {
+    /// File name under `cuda/` (e.g. `"nf4.cu"`).
+    pub name: &'static str,
+    pub src: &'static str,
+}
+
+/// Process-wide CUBIN cache: `(source name, architecture) → CUBIN`.
+type CubinCache = HashMap<(&'static str, String), Arc<Vec<u8>>>;
+static CUBINS: LazyLock<Mutex<CubinCache>> = LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// The CUBIN of `k` for `arch`, compiled on first request in this process.
+/// The lock is held while compiling so one source is never compiled twice.
+pub fn cubin_cached(k: &'static KernelSource, arch: &str) -> Result<Arc<Vec<u8>>> {
+    let mut cache = CUBINS.lock();
+    if let Some(c) = cache.get(&(k.name, arch.to_string())) {
+        return Ok(c.clone());
+    }
+    let c = Arc::new(compile_cubin(k.src, k.name, arch)?);
+    cache.insert((k.name, arch.to_string()), c.clone());
+    Ok(c)
+}
