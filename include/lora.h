@@ -290,7 +290,8 @@ typedef struct lora_nf4_info {
 #define LORA_LOG_DEBUG 3
 
 /**
- * CUDA when a driver loads and a device exists, else the CPU.
+ * CUDA when a driver loads, a device exists and NVRTC (the run-time
+ * kernel compiler; `LORA_NVRTC_LIB` may name it) is found, else the CPU.
  */
 #define LORA_BACKEND_AUTO 0
 

@@ -7,7 +7,8 @@ use std::ffi::c_char;
 
 /// Which compute backend a context uses (one of the `LORA_BACKEND_*` values).
 pub type lora_backend = u32;
-/// CUDA when a driver loads and a device exists, else the CPU.
+/// CUDA when a driver loads, a device exists and NVRTC (the run-time
+/// kernel compiler; `LORA_NVRTC_LIB` may name it) is found, else the CPU.
 pub const LORA_BACKEND_AUTO: lora_backend = 0;
 /// The CPU (the reference backend; always available).
 pub const LORA_BACKEND_CPU: lora_backend = 1;

@@ -41,7 +41,8 @@ impl Context {
         let device = match p.backend {
             BackendChoice::Cpu => Device::Cpu,
             BackendChoice::Cuda => Device::Cuda(std::sync::Arc::new(cuda::open(p.device_index)?)),
-            BackendChoice::Auto => match cuda::open(p.device_index) {
+            // AUTO needs the kernels too: a driver without NVRTC means CPU.
+            BackendChoice::Auto => match cuda::nvrtc::ensure().and_then(|_| cuda::open(p.device_index)) {
                 Ok(d) => Device::Cuda(std::sync::Arc::new(d)),
                 Err(e) => {
                     log!(Info, "backend AUTO chose the CPU: {}", e.message);
