@@ -20,9 +20,9 @@
 //! measured by this program; `bench/bnb_nf4.py` measures it.
 
 use half::bf16;
-use lora::backend::cpu::nf4 as kernels;
+use lora::backend::cpu::nf4::{self as kernels, Isa};
 use lora::dtype::{Elems, ElemsMut};
-use lora::quant::nf4::{Nf4Params, Nf4Tensor};
+use lora::quant::nf4::{Absmax, Nf4Params, Nf4Tensor};
 use rayon::prelude::*;
 use std::hint::black_box;
 use std::time::Instant;
@@ -211,6 +211,34 @@ fn bench_shape(rows_n: usize, cols: usize, reps: usize, copy_bw: f64) {
         black_box(&mut out16);
     });
     rows.push(Row { what: "  kernel nf4_dequantize bf16".into(), secs: t, bytes_per_elem: 2.5, bnb: None });
+    if let Absmax::Double(d) = tdq.absmax() {
+        let sc = kernels::DoubleQuantScales {
+            codes: &d.codes,
+            map: &d.map,
+            nested_absmax: &d.nested_absmax,
+            nested_blocksize: d.nested_blocksize,
+            offset: d.offset,
+        };
+        let t = median_secs(reps, || {
+            kernels::nf4_dequantize_double_quant(tdq.packed(), sc, 64, ElemsMut::BF16(&mut out16));
+            black_box(&mut out16);
+        });
+        rows.push(Row { what: "  kernel NF4+DQ→bf16, scales decoded per task".into(), secs: t, bytes_per_elem: 2.5, bnb: Some(BNB_DEQUANT_GELEMS) });
+    }
+    // The other instruction sets this CPU offers (what a machine without
+    // AVX-512, or without AVX2, would run).
+    for isa in Isa::available().into_iter().rev().skip(1) {
+        let t = median_secs(reps, || {
+            kernels::nf4_quantize_isa(isa, Elems::BF16(&x), 64, &mut packed, &mut absmax);
+            black_box(&mut packed);
+        });
+        rows.push(Row { what: format!("  kernel nf4_quantize bf16, {isa:?}"), secs: t, bytes_per_elem: 2.5, bnb: Some(BNB_QUANT_GELEMS) });
+        let t = median_secs(reps, || {
+            kernels::nf4_dequantize_isa(isa, tdq.packed(), &absmax_f32, 64, ElemsMut::BF16(&mut out16));
+            black_box(&mut out16);
+        });
+        rows.push(Row { what: format!("  kernel nf4_dequantize bf16, {isa:?}"), secs: t, bytes_per_elem: 2.5, bnb: Some(BNB_DEQUANT_GELEMS) });
+    }
     print_rows(n, copy_bw, &rows);
 }
 
@@ -220,7 +248,12 @@ fn main() {
     pool.install(|| {
         let copy_bytes = if a.quick { 64 << 20 } else { 512 << 20 };
         let copy_bw = copy_bandwidth(copy_bytes, a.threads, a.reps);
-        println!("NF4 CPU benchmark: {} rayon threads, median of {} runs (after one warm-up)", a.threads, a.reps);
+        println!(
+            "NF4 CPU benchmark: {} rayon threads, median of {} runs (after one warm-up); kernels: {:?}",
+            a.threads,
+            a.reps,
+            Isa::detect()
+        );
         println!("copy bandwidth: {:.1} GB/s (read + write, memcpy of {} MiB split over the threads)", copy_bw / 1e9, copy_bytes >> 20);
         println!(
             "bnb reference (REFERENCES.md, not measured here): quantize {BNB_QUANT_GELEMS} G elem/s, dequantize NF4+DQ→bf16 {BNB_DEQUANT_GELEMS} G elem/s"
