@@ -109,6 +109,16 @@ impl<'a> Elems<'a> {
         (0..chunks).into_par_iter().find_map_first(|c| {
             let lo = c * CHUNK;
             let hi = (lo + CHUNK).min(n);
+            // A branch-free scan of the exponent bits (vectorizes), then the
+            // exact position only in a chunk that has a non-finite value.
+            let bad = match self {
+                Elems::F32(s) => s[lo..hi].iter().fold(false, |a, v| a | (v.to_bits() & 0x7F80_0000 == 0x7F80_0000)),
+                Elems::F16(s) => s[lo..hi].iter().fold(false, |a, v| a | (v.to_bits() & 0x7C00 == 0x7C00)),
+                Elems::BF16(s) => s[lo..hi].iter().fold(false, |a, v| a | (v.to_bits() & 0x7F80 == 0x7F80)),
+            };
+            if !bad {
+                return None;
+            }
             match self {
                 Elems::F32(s) => s[lo..hi].iter().position(|v| !v.is_finite()),
                 Elems::F16(s) => s[lo..hi].iter().position(|v| !v.is_finite()),
