@@ -85,6 +85,6 @@ for nf4 in (False, True):
         try:
             f, b = run(nf4, mixed)
             name = f"{'NF4+DQ' if nf4 else 'fp32'} base, {'mixed batch of 8' if mixed else '1 adapter'}"
-            print(f"{name:<28} {f:>10.1} {b:>10.1} {f + b:>10.1}", flush=True)
+            print(f"{name:<28} {f:>10.1f} {b:>10.1f} {f + b:>10.1f}", flush=True)
         except Exception as e:  # report, keep going
             print(f"{nf4=} {mixed=}: {type(e).__name__}: {e}", flush=True)
