@@ -88,6 +88,14 @@ fn read_f32(data: *const c_void, bytes: usize, dtype: lora_dtype, n: usize, what
     })
 }
 
+/// Elements in `n` rows of `width` (refusing n = 0 and overflow).
+fn rows_elems(n: usize, width: usize) -> Result<usize> {
+    if n == 0 {
+        bail!(InvalidShape, "n is 0");
+    }
+    n.checked_mul(width).ok_or_else(|| err!(InvalidShape, "{n} rows of {width} overflow"))
+}
+
 /// Checks an output buffer and returns a writer of f32 values into it.
 fn out_check(out: *mut c_void, bytes: usize, dtype: lora_dtype, n: usize, what: &str) -> Result<DType> {
     let dt = dtype_of(dtype)?;
@@ -279,12 +287,9 @@ pub unsafe extern "C" fn lora_layer_forward(
 ) -> lora_status {
     guard(|| {
         let l = layer_mut(layer)?;
-        if n == 0 {
-            bail!(InvalidShape, "n is 0");
-        }
         let (in_f, out_f) = (l.inner.in_features(), l.inner.out_features());
-        let xv = read_f32(x, x_bytes, x_dtype, n.checked_mul(in_f).ok_or_else(|| err!(InvalidShape, "n·in overflows"))?, "x")?;
-        let ny = n.checked_mul(out_f).ok_or_else(|| err!(InvalidShape, "n·out overflows"))?;
+        let xv = read_f32(x, x_bytes, x_dtype, rows_elems(n, in_f)?, "x")?;
+        let ny = rows_elems(n, out_f)?;
         let ydt = out_check(y, y_bytes, y_dtype, ny, "y")?;
         // SAFETY: a non-null row_adapter holds n entries (header contract).
         let ra = if row_adapter.is_null() { None } else { Some(unsafe { std::slice::from_raw_parts(row_adapter, n) }.to_vec()) };
@@ -320,12 +325,9 @@ pub unsafe extern "C" fn lora_layer_backward(
 ) -> lora_status {
     guard(|| {
         let l = layer_mut(layer)?;
-        if n == 0 {
-            bail!(InvalidShape, "n is 0");
-        }
         let (in_f, out_f) = (l.inner.in_features(), l.inner.out_features());
-        let xv = read_f32(x, x_bytes, x_dtype, n.checked_mul(in_f).ok_or_else(|| err!(InvalidShape, "n·in overflows"))?, "x")?;
-        let dyv = read_f32(dy, dy_bytes, dy_dtype, n.checked_mul(out_f).ok_or_else(|| err!(InvalidShape, "n·out overflows"))?, "dy")?;
+        let xv = read_f32(x, x_bytes, x_dtype, rows_elems(n, in_f)?, "x")?;
+        let dyv = read_f32(dy, dy_bytes, dy_dtype, rows_elems(n, out_f)?, "dy")?;
         let dxdt = if dx.is_null() { None } else { Some(out_check(dx, dx_bytes, dx_dtype, n * in_f, "dx")?) };
         let mut dxv = if dxdt.is_some() { vec![0f32; n * in_f] } else { Vec::new() };
         let pool = l.pool.clone();
