@@ -141,7 +141,7 @@ typedef uint32_t lora_dtype;
 typedef uint32_t lora_init;
 
 /**
- * An adapter's configuration (`lora_create`). Initialize with
+ * An adapter's configuration (`lora_layer_add_adapter`). Initialize with
  * `lora_adapter_default_config()`.
  */
 typedef struct lora_adapter_config {
@@ -553,16 +553,16 @@ struct lora_adapter_config lora_adapter_default_config(void);
 /**
  * Adds adapter `name` to `layer` (PEFT `add_adapter`). A fresh adapter
  * (B = 0) changes no output. The first adapter becomes active; later ones
- * are resident until `lora_swap_adapter` activates them.
+ * are resident until `lora_layer_swap_adapter` activates them.
  *
  * Errors: `LORA_ERR_INVALID_ARGUMENT` (empty or duplicate name, rank 0 or
  * above min(in, out), alpha ≤ 0, dropout outside [0, 1), unknown init),
  * `LORA_ERR_NULL_POINTER` (a or b NULL with LORA_INIT_GIVEN),
  * `LORA_ERR_NON_FINITE`, `LORA_ERR_STRUCT_SIZE`.
  */
-lora_status lora_create(struct lora_layer *layer,
-                        const char *name,
-                        const struct lora_adapter_config *config);
+lora_status lora_layer_add_adapter(struct lora_layer *layer,
+                                   const char *name,
+                                   const struct lora_adapter_config *config);
 
 /**
  * Makes the base bias trainable (non-zero) or frozen (0, the default).
@@ -658,16 +658,16 @@ lora_status lora_layer_set_adapter(struct lora_layer *layer,
 /**
  * Merges the active adapters: the layer then computes with
  * `W0 + Σ m·s·B·A` (a dense fp32 copy; an NF4 base stays as it was, so
- * `lora_unmerge` is exact). `LORA_ERR_INVALID_STATE` if already merged or
+ * `lora_layer_unmerge` is exact). `LORA_ERR_INVALID_STATE` if already merged or
  * gradients are pending.
  */
-lora_status lora_merge(struct lora_layer *layer);
+lora_status lora_layer_merge(struct lora_layer *layer);
 
 /**
- * Undoes `lora_merge` exactly (the base was never modified).
+ * Undoes `lora_layer_merge` exactly (the base was never modified).
  * `LORA_ERR_INVALID_STATE` if not merged.
  */
-lora_status lora_unmerge(struct lora_layer *layer);
+lora_status lora_layer_unmerge(struct lora_layer *layer);
 
 /**
  * Makes the `n` adapters `names` the active set, adapter i scaled by
@@ -676,10 +676,10 @@ lora_status lora_unmerge(struct lora_layer *layer);
  * `W0 + Σ m·s·B·A` (no drift, however many swaps). `n` = 0 leaves only
  * the base. `LORA_ERR_INVALID_STATE` while gradients are pending.
  */
-lora_status lora_swap_adapter(struct lora_layer *layer,
-                              const char *const *names,
-                              const float *multipliers,
-                              size_t n);
+lora_status lora_layer_swap_adapter(struct lora_layer *layer,
+                                    const char *const *names,
+                                    const float *multipliers,
+                                    size_t n);
 
 /**
  * Requantizes the merged weight to NF4 and makes it the new base — a

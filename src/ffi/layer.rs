@@ -1,5 +1,5 @@
 //! `lora_layer`: one linear layer with a frozen base and named LoRA
-//! adapters (`lora_create`, `lora_merge`, `lora_swap_adapter`, ...).
+//! adapters (`lora_layer_add_adapter`, `lora_layer_merge`, `lora_layer_swap_adapter`, ...).
 
 use super::context::lora_context;
 use super::nf4::{dtype_of, lora_nf4, InputBuf};
@@ -28,7 +28,7 @@ pub const LORA_COMBINE_LINEAR: lora_combine = 0;
 /// PEFT "cat": exact, rank Σrᵢ; A = cat(wᵢ·sᵢ·Aᵢ), B = cat(Bᵢ).
 pub const LORA_COMBINE_CAT: lora_combine = 1;
 
-/// An adapter's configuration (`lora_create`). Initialize with
+/// An adapter's configuration (`lora_layer_add_adapter`). Initialize with
 /// `lora_adapter_default_config()`.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -199,14 +199,14 @@ pub extern "C" fn lora_adapter_default_config() -> lora_adapter_config {
 
 /// Adds adapter `name` to `layer` (PEFT `add_adapter`). A fresh adapter
 /// (B = 0) changes no output. The first adapter becomes active; later ones
-/// are resident until `lora_swap_adapter` activates them.
+/// are resident until `lora_layer_swap_adapter` activates them.
 ///
 /// Errors: `LORA_ERR_INVALID_ARGUMENT` (empty or duplicate name, rank 0 or
 /// above min(in, out), alpha ≤ 0, dropout outside [0, 1), unknown init),
 /// `LORA_ERR_NULL_POINTER` (a or b NULL with LORA_INIT_GIVEN),
 /// `LORA_ERR_NON_FINITE`, `LORA_ERR_STRUCT_SIZE`.
 #[no_mangle]
-pub unsafe extern "C" fn lora_create(layer: *mut lora_layer, name: *const c_char, config: *const lora_adapter_config) -> lora_status {
+pub unsafe extern "C" fn lora_layer_add_adapter(layer: *mut lora_layer, name: *const c_char, config: *const lora_adapter_config) -> lora_status {
     guard(|| {
         let l = layer_mut(layer)?;
         let name = req_str(name, "name")?;
@@ -391,10 +391,10 @@ pub unsafe extern "C" fn lora_layer_set_adapter(layer: *mut lora_layer, name: *c
 
 /// Merges the active adapters: the layer then computes with
 /// `W0 + Σ m·s·B·A` (a dense fp32 copy; an NF4 base stays as it was, so
-/// `lora_unmerge` is exact). `LORA_ERR_INVALID_STATE` if already merged or
+/// `lora_layer_unmerge` is exact). `LORA_ERR_INVALID_STATE` if already merged or
 /// gradients are pending.
 #[no_mangle]
-pub unsafe extern "C" fn lora_merge(layer: *mut lora_layer) -> lora_status {
+pub unsafe extern "C" fn lora_layer_merge(layer: *mut lora_layer) -> lora_status {
     guard(|| {
         let l = layer_mut(layer)?;
         let pool = l.pool.clone();
@@ -402,10 +402,10 @@ pub unsafe extern "C" fn lora_merge(layer: *mut lora_layer) -> lora_status {
     })
 }
 
-/// Undoes `lora_merge` exactly (the base was never modified).
+/// Undoes `lora_layer_merge` exactly (the base was never modified).
 /// `LORA_ERR_INVALID_STATE` if not merged.
 #[no_mangle]
-pub unsafe extern "C" fn lora_unmerge(layer: *mut lora_layer) -> lora_status {
+pub unsafe extern "C" fn lora_layer_unmerge(layer: *mut lora_layer) -> lora_status {
     guard(|| layer_mut(layer)?.inner.unmerge())
 }
 
@@ -415,7 +415,7 @@ pub unsafe extern "C" fn lora_unmerge(layer: *mut lora_layer) -> lora_status {
 /// `W0 + Σ m·s·B·A` (no drift, however many swaps). `n` = 0 leaves only
 /// the base. `LORA_ERR_INVALID_STATE` while gradients are pending.
 #[no_mangle]
-pub unsafe extern "C" fn lora_swap_adapter(layer: *mut lora_layer, names: *const *const c_char, multipliers: *const f32, n: usize) -> lora_status {
+pub unsafe extern "C" fn lora_layer_swap_adapter(layer: *mut lora_layer, names: *const *const c_char, multipliers: *const f32, n: usize) -> lora_status {
     guard(|| {
         let l = layer_mut(layer)?;
         if n > 0 {

@@ -103,7 +103,7 @@ static void parity(const char *path) {
         c.init = LORA_INIT_GIVEN;
         c.a = a;
         c.b = b;
-        REQUIRE_OK(lora_create(layer, names[na], &c));
+        REQUIRE_OK(lora_layer_add_adapter(layer, names[na], &c));
         free(a);
         free(b);
         na++;
@@ -111,7 +111,7 @@ static void parity(const char *path) {
     }
     {
         const char *act[4] = {names[0], names[1], names[2], names[3]};
-        REQUIRE_OK(lora_swap_adapter(layer, act, NULL, na));
+        REQUIRE_OK(lora_layer_swap_adapter(layer, act, NULL, na));
     }
     x = f32_of(need(&f, "x"));
     dy = f32_of(need(&f, "dy"));
@@ -142,10 +142,10 @@ static void parity(const char *path) {
         free(b);
     }
     /* Merging while gradients are pending is refused; then merge. */
-    EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_merge(layer));
+    EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_layer_merge(layer));
     REQUIRE_OK(lora_layer_zero_grad(layer));
-    REQUIRE_OK(lora_merge(layer));
-    EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_merge(layer));
+    REQUIRE_OK(lora_layer_merge(layer));
+    EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_layer_merge(layer));
     REQUIRE_OK(lora_layer_weight(layer, LORA_DTYPE_F32, w, in_f * out_f * 4));
     close_to(fx, "merged.weight", w, need(&f, "merged.weight"));
     {
@@ -160,8 +160,8 @@ static void parity(const char *path) {
             REQUIRE_OK(lora_layer_requantize(layer, NULL, &rel, &mx));
             CHECKF(rel > 0 && rel < 0.2 && mx > 0, "%s requantize error %g %g", fx, rel, (double)mx);
         } else {
-            REQUIRE_OK(lora_unmerge(layer));
-            EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_unmerge(layer));
+            REQUIRE_OK(lora_layer_unmerge(layer));
+            EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_layer_unmerge(layer));
             REQUIRE_OK(lora_layer_forward(layer, x, n * in_f * 4, LORA_DTYPE_F32, n, NULL, yu, n * out_f * 4, LORA_DTYPE_F32, 0));
             CHECKF(memcmp(yu, y, n * out_f * 4) == 0, "%s: unmerge did not restore the outputs exactly", fx);
         }
@@ -211,7 +211,7 @@ static void add_given(lora_layer *l, const char *name, uint32_t r, size_t in_f, 
     c.init = LORA_INIT_GIVEN;
     c.a = a;
     c.b = b;
-    REQUIRE_OK(lora_create(l, name, &c));
+    REQUIRE_OK(lora_layer_add_adapter(l, name, &c));
     free(a);
     free(b);
 }
@@ -230,11 +230,11 @@ static void swap_drift(void) {
     add_given(l, "two", 8, in_f, out_f, &s1);
     add_given(fresh, "one", 4, in_f, out_f, &s2);
     add_given(fresh, "two", 8, in_f, out_f, &s2);
-    REQUIRE_OK(lora_merge(l));
-    for (i = 0; i < 10000; i++) REQUIRE_OK(lora_swap_adapter(l, i % 2 ? &one : &two, NULL, 1));
-    REQUIRE_OK(lora_swap_adapter(l, &two, NULL, 1));
-    REQUIRE_OK(lora_swap_adapter(fresh, &two, NULL, 1));
-    REQUIRE_OK(lora_merge(fresh));
+    REQUIRE_OK(lora_layer_merge(l));
+    for (i = 0; i < 10000; i++) REQUIRE_OK(lora_layer_swap_adapter(l, i % 2 ? &one : &two, NULL, 1));
+    REQUIRE_OK(lora_layer_swap_adapter(l, &two, NULL, 1));
+    REQUIRE_OK(lora_layer_swap_adapter(fresh, &two, NULL, 1));
+    REQUIRE_OK(lora_layer_merge(fresh));
     REQUIRE_OK(lora_layer_weight(l, LORA_DTYPE_F32, wa, in_f * out_f * 4));
     REQUIRE_OK(lora_layer_weight(fresh, LORA_DTYPE_F32, wb, in_f * out_f * 4));
     CHECKF(memcmp(wa, wb, in_f * out_f * 4) == 0, "merged weight drifted after 10,000 swaps");
@@ -262,15 +262,15 @@ static void mixed_batch(void) {
     fill(x, n * in_f, &s);
     REQUIRE_OK(lora_layer_forward(l, x, sizeof x, LORA_DTYPE_F32, n, rows, y, sizeof y, LORA_DTYPE_F32, 0));
     for (r = 0; r < n; r++) {
-        REQUIRE_OK(lora_swap_adapter(l, rows[r] < 0 ? NULL : &names[rows[r]], NULL, rows[r] < 0 ? 0 : 1));
+        REQUIRE_OK(lora_layer_swap_adapter(l, rows[r] < 0 ? NULL : &names[rows[r]], NULL, rows[r] < 0 ? 0 : 1));
         REQUIRE_OK(lora_layer_forward(l, x + r * in_f, in_f * 4, LORA_DTYPE_F32, 1, NULL, yr + r * out_f, out_f * 4, LORA_DTYPE_F32, 0));
     }
     for (i = 0; i < n * out_f; i++) CHECKF(fabsf(y[i] - yr[i]) <= 1e-5f * (1 + fabsf(yr[i])), "mixed batch y[%zu]", i);
     /* Mixed batches need the layer unmerged. */
-    REQUIRE_OK(lora_merge(l));
+    REQUIRE_OK(lora_layer_merge(l));
     EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_layer_forward(l, x, sizeof x, LORA_DTYPE_F32, n, rows, y, sizeof y, LORA_DTYPE_F32, 0));
     rows[0] = 7;
-    REQUIRE_OK(lora_unmerge(l));
+    REQUIRE_OK(lora_layer_unmerge(l));
     EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_layer_forward(l, x, sizeof x, LORA_DTYPE_F32, n, rows, y, sizeof y, LORA_DTYPE_F32, 0));
     lora_layer_free(l);
 }
@@ -291,37 +291,37 @@ static void bad_input(void) {
     CHECK(out == (lora_layer *)&s);
     /* Adapter configs. */
     c.r = 0;
-    EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_create(l, "a", &c));
+    EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_layer_add_adapter(l, "a", &c));
     c.r = 7; /* > min(8, 6) */
-    EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_create(l, "a", &c));
+    EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_layer_add_adapter(l, "a", &c));
     c.r = 2;
     c.alpha = 0.0f;
-    EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_create(l, "a", &c));
+    EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_layer_add_adapter(l, "a", &c));
     c.alpha = -1.0f;
-    EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_create(l, "a", &c));
+    EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_layer_add_adapter(l, "a", &c));
     c.alpha = 4.0f;
     c.dropout = 1.0f;
-    EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_create(l, "a", &c));
+    EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_layer_add_adapter(l, "a", &c));
     c.dropout = -0.5f;
-    EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_create(l, "a", &c));
+    EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_layer_add_adapter(l, "a", &c));
     c.dropout = 0.1f;
     c.init = 17;
-    EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_create(l, "a", &c));
+    EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_layer_add_adapter(l, "a", &c));
     c.init = LORA_INIT_GIVEN;
-    EXPECT_ERR(LORA_ERR_NULL_POINTER, lora_create(l, "a", &c));
+    EXPECT_ERR(LORA_ERR_NULL_POINTER, lora_layer_add_adapter(l, "a", &c));
     c.init = LORA_INIT_GAUSSIAN;
-    EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_create(l, "", &c));
-    EXPECT_ERR(LORA_ERR_NULL_POINTER, lora_create(l, NULL, &c));
+    EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_layer_add_adapter(l, "", &c));
+    EXPECT_ERR(LORA_ERR_NULL_POINTER, lora_layer_add_adapter(l, NULL, &c));
     c.struct_size = 3;
-    EXPECT_ERR(LORA_ERR_STRUCT_SIZE, lora_create(l, "a", &c));
+    EXPECT_ERR(LORA_ERR_STRUCT_SIZE, lora_layer_add_adapter(l, "a", &c));
     c.struct_size = (uint32_t)sizeof c;
-    REQUIRE_OK(lora_create(l, "a", &c));
-    EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_create(l, "a", &c));
+    REQUIRE_OK(lora_layer_add_adapter(l, "a", &c));
+    EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_layer_add_adapter(l, "a", &c));
     REQUIRE_OK(lora_layer_param_counts(l, &t, &tot));
     CHECK(t == 2 * in_f + out_f * 2 && tot == in_f * out_f + t);
     /* Unknown and duplicate names in a swap. */
-    EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_swap_adapter(l, &nope, NULL, 1));
-    EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_swap_adapter(l, dup, NULL, 2));
+    EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_layer_swap_adapter(l, &nope, NULL, 1));
+    EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_layer_swap_adapter(l, dup, NULL, 2));
     /* Shapes: x, y and the layer must agree. */
     EXPECT_ERR(LORA_ERR_BUFFER_SIZE, lora_layer_forward(l, x, sizeof x - 4, LORA_DTYPE_F32, 2, NULL, y, sizeof y, LORA_DTYPE_F32, 1));
     EXPECT_ERR(LORA_ERR_BUFFER_SIZE, lora_layer_forward(l, x, sizeof x, LORA_DTYPE_F32, 2, NULL, y, sizeof y + 4, LORA_DTYPE_F32, 1));
@@ -333,19 +333,19 @@ static void bad_input(void) {
     REQUIRE_OK(lora_layer_backward(l, x, sizeof x, LORA_DTYPE_F32, y, sizeof y, LORA_DTYPE_F32, 2, NULL, 0, LORA_DTYPE_F32));
     {
         const char *a = "a";
-        EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_swap_adapter(l, &a, NULL, 1));
-        EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_merge(l));
+        EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_layer_swap_adapter(l, &a, NULL, 1));
+        EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_layer_merge(l));
         REQUIRE_OK(lora_layer_zero_grad(l));
-        REQUIRE_OK(lora_swap_adapter(l, &a, NULL, 1));
+        REQUIRE_OK(lora_layer_swap_adapter(l, &a, NULL, 1));
     }
     /* Merge states. */
-    EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_unmerge(l));
+    EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_layer_unmerge(l));
     EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_layer_requantize(l, NULL, NULL, NULL));
-    REQUIRE_OK(lora_merge(l));
-    EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_merge(l));
-    REQUIRE_OK(lora_unmerge(l));
+    REQUIRE_OK(lora_layer_merge(l));
+    EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_layer_merge(l));
+    REQUIRE_OK(lora_layer_unmerge(l));
     EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_layer_set_bias_trainable(l, 1));
-    EXPECT_ERR(LORA_ERR_NULL_POINTER, lora_merge(NULL));
+    EXPECT_ERR(LORA_ERR_NULL_POINTER, lora_layer_merge(NULL));
     lora_layer_free(l);
     lora_layer_free(NULL);
 }
