@@ -12,6 +12,7 @@ pub mod io;
 #[macro_use]
 pub mod log;
 pub mod memory;
+pub mod model;
 pub mod optim;
 pub mod lora;
 pub mod quant;

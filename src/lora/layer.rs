@@ -14,7 +14,7 @@
 use crate::backend::cpu::matmul::{gemm_f32, Mat};
 use crate::dtype::{Elems, ElemsMut};
 use crate::error::Result;
-use crate::quant::nf4::{dequantize_range_f32, Nf4Params, Nf4Tensor};
+use crate::quant::nf4::{dequantize_range_f32, Absmax, Nf4Params, Nf4Tensor};
 use crate::rng::{derive_seed, dropout_keep, SplitMix64};
 use rayon::prelude::*;
 
@@ -83,8 +83,10 @@ pub struct RequantReport {
 #[derive(Clone, Debug)]
 enum Base {
     Dense(Vec<f32>),
-    /// The NF4 weight `[out,in]` and its decoded fp32 block scales.
-    Nf4 { t: Nf4Tensor, absmax: Vec<f32> },
+    /// The NF4 weight `[out,in]`, as stored: double-quantized scales are
+    /// decoded tile by tile, so the base costs its NF4 footprint (≈4.127
+    /// bits per weight) and no more.
+    Nf4 { t: Nf4Tensor },
 }
 
 #[derive(Clone, Debug)]
@@ -161,8 +163,7 @@ impl LoraLayer {
             bail!(InvalidShape, "an NF4 base weight must be 2-D [out, in], got {:?}", t.shape());
         }
         let (out_f, in_f) = (t.shape()[0], t.shape()[1]);
-        let absmax = t.absmax_f32().into_owned();
-        Self::with_base(Base::Nf4 { t, absmax }, in_f, out_f, false, bias, seed)
+        Self::with_base(Base::Nf4 { t }, in_f, out_f, false, bias, seed)
     }
 
     fn with_base(base: Base, in_f: usize, out_f: usize, fan_in_fan_out: bool, bias: Option<Vec<f32>>, seed: u64) -> Result<Self> {
@@ -199,6 +200,30 @@ impl LoraLayer {
     pub fn is_nf4(&self) -> bool {
         matches!(self.base, Base::Nf4 { .. })
     }
+    /// The NF4 base weight, if the base is NF4.
+    pub fn nf4_base(&self) -> Option<&Nf4Tensor> {
+        match &self.base {
+            Base::Nf4 { t, .. } => Some(t),
+            Base::Dense(_) => None,
+        }
+    }
+
+    /// Bytes held for the frozen base: the NF4 footprint (packed codes and
+    /// scales as stored) plus its decoded fp32 block scales, or the dense
+    /// fp32 copy; plus the bias and a merged weight if present.
+    pub fn base_bytes(&self) -> usize {
+        let w = match &self.base {
+            Base::Nf4 { t } => t.footprint_bytes(),
+            Base::Dense(w) => w.len() * 4,
+        };
+        w + self.bias.as_ref().map_or(0, |b| b.len() * 4) + self.merged.as_ref().map_or(0, |m| m.len() * 4)
+    }
+
+    /// Bytes of adapter weights and their gradients.
+    pub fn adapter_bytes(&self) -> usize {
+        self.adapters.iter().map(|a| (a.a.len() + a.b.len() + a.grad_a.len() + a.grad_b.len()) * 4).sum()
+    }
+
     pub fn is_merged(&self) -> bool {
         self.merged.is_some()
     }
@@ -321,6 +346,25 @@ impl LoraLayer {
         Ok(())
     }
 
+    /// Removes adapter `name` (PEFT `delete_adapter`). Refused while it is
+    /// merged into the weight.
+    pub fn remove_adapter(&mut self, name: &str) -> Result<()> {
+        let i = self.adapter_index(name)?;
+        let pos = self.active.iter().position(|&(k, _)| k == i);
+        if self.is_merged() && pos.is_some() {
+            bail!(InvalidState, "adapter '{name}' is merged; unmerge before removing it");
+        }
+        self.check_no_pending("removing an adapter")?;
+        self.adapters.remove(i);
+        self.active.retain(|&(k, _)| k != i);
+        self.active.iter_mut().for_each(|(k, _)| {
+            if *k > i {
+                *k -= 1;
+            }
+        });
+        Ok(())
+    }
+
     /// Trainable parameters: adapters' A and B (plus the bias if trainable).
     pub fn trainable_params(&self) -> usize {
         self.adapters.iter().map(|a| a.a.len() + a.b.len()).sum::<usize>() + if self.bias_trainable { self.out_f } else { 0 }
@@ -387,10 +431,11 @@ impl LoraLayer {
     pub fn base_weight_f32(&self) -> Vec<f32> {
         match &self.base {
             Base::Dense(w) => w.clone(),
-            Base::Nf4 { t, absmax } => {
+            Base::Nf4 { t } => {
                 let mut w = vec![0f32; self.in_f * self.out_f];
+                let absmax = t.absmax_f32();
                 let bs = t.blocksize();
-                w.par_chunks_mut(TILE_ELEMS).enumerate().for_each(|(c, o)| dequantize_range_f32(t.packed(), absmax, bs, c * TILE_ELEMS, o));
+                w.par_chunks_mut(TILE_ELEMS).enumerate().for_each(|(c, o)| dequantize_range_f32(t.packed(), &absmax, bs, c * TILE_ELEMS, o));
                 w
             }
         }
@@ -470,8 +515,7 @@ impl LoraLayer {
             r2 += (*b as f64) * (*b as f64);
             mx = mx.max(d.abs());
         }
-        let absmax = t.absmax_f32().into_owned();
-        self.base = Base::Nf4 { t, absmax };
+        self.base = Base::Nf4 { t };
         self.active.clear();
         Ok(RequantReport { rel_rms: if r2 > 0.0 { (e2 / r2).sqrt() } else { e2.sqrt() }, max_abs: mx })
     }
@@ -484,13 +528,13 @@ impl LoraLayer {
             (Some(w), _) | (None, Base::Dense(w)) => {
                 gemm_f32(y, out_f, Mat::n(x, in_f), Mat::t(w, in_f), n, out_f, in_f, 1.0, false, true);
             }
-            (None, Base::Nf4 { t, absmax }) => {
+            (None, Base::Nf4 { t }) => {
                 let rows = (TILE_ELEMS / in_f).clamp(1, out_f);
                 let mut tile = vec![0f32; rows * in_f];
                 for o0 in (0..out_f).step_by(rows) {
                     let o1 = (o0 + rows).min(out_f);
                     let tw = &mut tile[..(o1 - o0) * in_f];
-                    dequant_par(t, absmax, o0 * in_f, tw);
+                    dequant_par(t, o0 * in_f, tw);
                     gemm_f32(&mut y[o0..], out_f, Mat::n(x, in_f), Mat::t(tw, in_f), n, o1 - o0, in_f, 1.0, false, true);
                 }
             }
@@ -505,13 +549,13 @@ impl LoraLayer {
         let (in_f, out_f) = (self.in_f, self.out_f);
         match &self.base {
             Base::Dense(w) => gemm_f32(dx, in_f, Mat::n(dy, out_f), Mat::n(w, in_f), n, in_f, out_f, 1.0, false, true),
-            Base::Nf4 { t, absmax } => {
+            Base::Nf4 { t } => {
                 let rows = (TILE_ELEMS / in_f).clamp(1, out_f);
                 let mut tile = vec![0f32; rows * in_f];
                 for o0 in (0..out_f).step_by(rows) {
                     let o1 = (o0 + rows).min(out_f);
                     let tw = &mut tile[..(o1 - o0) * in_f];
-                    dequant_par(t, absmax, o0 * in_f, tw);
+                    dequant_par(t, o0 * in_f, tw);
                     gemm_f32(dx, in_f, Mat::n(&dy[o0..], out_f), Mat::n(tw, in_f), n, in_f, o1 - o0, 1.0, o0 > 0, true);
                 }
             }
@@ -589,6 +633,14 @@ impl LoraLayer {
     /// mixed-adapter batch, computed per group of rows. Dropout only when
     /// `train`, driven by the layer's seed and a call counter.
     pub fn forward(&mut self, x: &[f32], n: usize, y: &mut [f32], row_adapter: Option<&[i32]>, train: bool) -> Result<()> {
+        let call = self.calls + 1;
+        self.forward_at(x, n, y, row_adapter, train, call)
+    }
+
+    /// [`forward`](Self::forward) as call number `call`, which names the
+    /// dropout mask: a model recomputing a checkpointed layer, or resuming
+    /// a run, passes the same number again to get the same mask.
+    pub fn forward_at(&mut self, x: &[f32], n: usize, y: &mut [f32], row_adapter: Option<&[i32]>, train: bool, call: u64) -> Result<()> {
         self.check_rows(x, n, y.len())?;
         check_finite(x, "x")?;
         if let Some(ra) = row_adapter {
@@ -600,8 +652,7 @@ impl LoraLayer {
             }
         }
         let groups = row_adapter.map(|ra| self.groups(ra)).transpose()?;
-        self.calls += 1;
-        let call = self.calls;
+        self.calls = self.calls.max(call);
         self.base_forward(x, n, y);
         let (in_f, out_f) = (self.in_f, self.out_f);
         match &groups {
@@ -790,16 +841,37 @@ impl LoraLayer {
     }
 }
 
+/// Block scales `[b0, b1)` of `t` as fp32: borrowed, or decoded from the
+/// double-quantized codes (from the enclosing nested block, so the
+/// arithmetic is exactly [`crate::quant::nf4::DoubleQuant::decode`]'s).
+fn scales(t: &Nf4Tensor, b0: usize, b1: usize) -> std::borrow::Cow<'_, [f32]> {
+    match t.absmax() {
+        Absmax::F32(a) => std::borrow::Cow::Borrowed(&a[b0..b1]),
+        Absmax::Double(d) => {
+            let nb = d.nested_blocksize;
+            let a0 = b0 / nb * nb;
+            let mut out = vec![0f32; b1 - a0];
+            crate::backend::cpu::nf4::blockwise8_dequantize(&d.codes[a0..b1], &d.map, &d.nested_absmax[a0 / nb..], nb, d.offset, &mut out);
+            out.drain(..b0 - a0);
+            std::borrow::Cow::Owned(out)
+        }
+    }
+}
+
 /// Dequantizes flat elements `[start, start + out.len())` on the rayon pool:
 /// with the vectorized kernel when the range starts on a block boundary
 /// (every tile of a layer whose `in` is a multiple of the blocksize).
-fn dequant_par(t: &Nf4Tensor, absmax: &[f32], start: usize, out: &mut [f32]) {
+fn dequant_par(t: &Nf4Tensor, start: usize, out: &mut [f32]) {
     let bs = t.blocksize();
+    let end = start + out.len();
+    let (b0, b1) = (start / bs, end.div_ceil(bs));
+    let absmax = scales(t, b0, b1);
     if start % bs == 0 {
-        let end = start + out.len();
-        crate::backend::cpu::nf4::nf4_dequantize(&t.packed()[start / 2..end.div_ceil(2)], &absmax[start / bs..end.div_ceil(bs)], bs, crate::dtype::ElemsMut::F32(out));
+        crate::backend::cpu::nf4::nf4_dequantize(&t.packed()[start / 2..end.div_ceil(2)], &absmax, bs, crate::dtype::ElemsMut::F32(out));
         return;
     }
+    // Unaligned start: the scalar range decoder indexes scales from block 0.
     const CH: usize = 1 << 14;
-    out.par_chunks_mut(CH).enumerate().for_each(|(c, o)| dequantize_range_f32(t.packed(), absmax, t.blocksize(), start + c * CH, o));
+    let full = t.absmax_f32();
+    out.par_chunks_mut(CH).enumerate().for_each(|(c, o)| dequantize_range_f32(t.packed(), &full, bs, start + c * CH, o));
 }

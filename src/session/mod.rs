@@ -4,3 +4,4 @@
 pub mod context;
 
 pub use context::{BackendChoice, Context, ContextParams};
+pub mod trainer;

@@ -1,0 +1,373 @@
+//! `config.json` of a Hugging Face LLaMA-family decoder.
+//!
+//! Accepted: `model_type` `llama`, `mistral`, `qwen2` (architectures
+//! `LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`). Both the
+//! transformers 4 form (`rope_theta`, `rope_scaling`) and the transformers 5
+//! form (`rope_parameters`) of the rotary settings are read. Anything that
+//! would change the function the model computes and that liblora does not
+//! implement (another activation, `pretraining_tp > 1`, a rope type other
+//! than default/linear/llama3, attention dropout, …) is refused by name:
+//! half-loading a model that then computes something else is the one
+//! outcome worse than an error.
+
+use crate::Result;
+use serde_json::{Map, Value};
+
+/// Rotary frequency scaling (`rope_type`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum RopeScaling {
+    Default,
+    Linear { factor: f32 },
+    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position_embeddings: usize },
+}
+
+/// bitsandbytes 4-bit settings of an already quantized checkpoint.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Bnb4bit {
+    pub double_quant: bool,
+    /// Module names kept in full precision (`llm_int8_skip_modules`).
+    pub skip_modules: Vec<String>,
+}
+
+/// The architecture family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Mistral,
+    Qwen2,
+}
+
+impl Arch {
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Mistral => "mistral",
+            Arch::Qwen2 => "qwen2",
+        }
+    }
+    pub fn architecture(self) -> &'static str {
+        match self {
+            Arch::Llama => "LlamaForCausalLM",
+            Arch::Mistral => "MistralForCausalLM",
+            Arch::Qwen2 => "Qwen2ForCausalLM",
+        }
+    }
+}
+
+/// What liblora needs from `config.json`, validated.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    pub arch: Arch,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f32,
+    pub rope_scaling: RopeScaling,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// Bias on q, k, v (Qwen2 always; Llama `attention_bias`).
+    pub qkv_bias: bool,
+    /// Bias on o_proj (Llama `attention_bias`).
+    pub o_bias: bool,
+    /// Bias on the MLP projections (Llama `mlp_bias`).
+    pub mlp_bias: bool,
+    /// Sliding attention window per layer (Mistral `sliding_window`; Qwen2
+    /// `layer_types` = `sliding_attention`), `None` = full causal.
+    pub windows: Vec<Option<usize>>,
+    /// The checkpoint's dtype (`dtype` / `torch_dtype`), if stated.
+    pub dtype: Option<String>,
+    pub bos_token_id: Option<i64>,
+    pub eos_token_ids: Vec<i64>,
+    pub bnb_4bit: Option<Bnb4bit>,
+    /// The parsed JSON, written back (minus quantization) on export.
+    pub raw: Map<String, Value>,
+}
+
+fn get_usize(m: &Map<String, Value>, k: &str) -> Result<Option<usize>> {
+    match m.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| err!(FileFormat, "config.json: `{k}` is {v}, not a non-negative integer")),
+    }
+}
+
+fn need_usize(m: &Map<String, Value>, k: &str) -> Result<usize> {
+    match get_usize(m, k)? {
+        Some(0) => bail!(FileFormat, "config.json: `{k}` is 0"),
+        Some(v) => Ok(v),
+        None => bail!(FileFormat, "config.json: `{k}` is missing"),
+    }
+}
+
+fn get_f64(m: &Map<String, Value>, k: &str) -> Result<Option<f64>> {
+    match m.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v.as_f64().map(Some).ok_or_else(|| err!(FileFormat, "config.json: `{k}` is {v}, not a number")),
+    }
+}
+
+fn get_bool(m: &Map<String, Value>, k: &str, default: bool) -> Result<bool> {
+    match m.get(k) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(v) => bail!(FileFormat, "config.json: `{k}` is {v}, not a boolean"),
+    }
+}
+
+fn get_str<'a>(m: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
+    m.get(k).and_then(|v| v.as_str())
+}
+
+fn token_ids(v: Option<&Value>) -> Vec<i64> {
+    match v {
+        Some(Value::Number(n)) => n.as_i64().into_iter().collect(),
+        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_i64()).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn parse_rope(m: &Map<String, Value>) -> Result<(f32, RopeScaling)> {
+    // transformers 5: rope_parameters {rope_type, rope_theta, factor, ...};
+    // transformers 4: rope_theta at top level, rope_scaling {type|rope_type, ...}.
+    let (params, theta) = match m.get("rope_parameters") {
+        Some(Value::Object(p)) => {
+            let theta = get_f64(p, "rope_theta")?.or(get_f64(m, "rope_theta")?).unwrap_or(10000.0);
+            (Some(p.clone()), theta)
+        }
+        _ => {
+            let theta = get_f64(m, "rope_theta")?.unwrap_or(10000.0);
+            match m.get("rope_scaling") {
+                Some(Value::Object(p)) => (Some(p.clone()), theta),
+                None | Some(Value::Null) => (None, theta),
+                Some(v) => bail!(FileFormat, "config.json: `rope_scaling` is {v}, not an object"),
+            }
+        }
+    };
+    if !(theta > 0.0) {
+        bail!(FileFormat, "config.json: rope_theta {theta} is not positive");
+    }
+    let Some(p) = params else { return Ok((theta as f32, RopeScaling::Default)) };
+    let ty = get_str(&p, "rope_type").or(get_str(&p, "type")).unwrap_or("default");
+    let factor = || -> Result<f32> {
+        let f = get_f64(&p, "factor")?.ok_or_else(|| err!(FileFormat, "config.json: rope type `{ty}` without `factor`"))?;
+        if !(f > 0.0) {
+            bail!(FileFormat, "config.json: rope factor {f} is not positive");
+        }
+        Ok(f as f32)
+    };
+    let scaling = match ty {
+        "default" => RopeScaling::Default,
+        "linear" => RopeScaling::Linear { factor: factor()? },
+        "llama3" => RopeScaling::Llama3 {
+            factor: factor()?,
+            low_freq_factor: get_f64(&p, "low_freq_factor")?.ok_or_else(|| err!(FileFormat, "config.json: llama3 rope without `low_freq_factor`"))? as f32,
+            high_freq_factor: get_f64(&p, "high_freq_factor")?.ok_or_else(|| err!(FileFormat, "config.json: llama3 rope without `high_freq_factor`"))? as f32,
+            original_max_position_embeddings: get_usize(&p, "original_max_position_embeddings")?
+                .ok_or_else(|| err!(FileFormat, "config.json: llama3 rope without `original_max_position_embeddings`"))?,
+        },
+        other => bail!(Unsupported, "config.json: rope type `{other}` is not supported (default, linear and llama3 are)"),
+    };
+    Ok((theta as f32, scaling))
+}
+
+impl ModelConfig {
+    /// Parses and validates `config.json` text.
+    pub fn parse(text: &str) -> Result<ModelConfig> {
+        let v: Value = serde_json::from_str(text).map_err(|e| err!(FileFormat, "config.json is not valid JSON: {e}"))?;
+        let Value::Object(m) = v else { bail!(FileFormat, "config.json is not a JSON object") };
+        let mt = get_str(&m, "model_type").ok_or_else(|| err!(FileFormat, "config.json: `model_type` is missing"))?;
+        let arch = match mt {
+            "llama" => Arch::Llama,
+            "mistral" => Arch::Mistral,
+            "qwen2" => Arch::Qwen2,
+            other => bail!(Unsupported, "model_type `{other}` is not supported (llama, mistral and qwen2 are)"),
+        };
+        if let Some(Value::Array(a)) = m.get("architectures") {
+            for x in a {
+                let name = x.as_str().unwrap_or("");
+                if name != arch.architecture() {
+                    bail!(Unsupported, "architecture `{name}` is not supported for model_type `{mt}` (only {})", arch.architecture());
+                }
+            }
+        }
+        let hidden_size = need_usize(&m, "hidden_size")?;
+        let num_heads = need_usize(&m, "num_attention_heads")?;
+        let num_kv_heads = get_usize(&m, "num_key_value_heads")?.unwrap_or(num_heads);
+        if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+            bail!(FileFormat, "config.json: num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}");
+        }
+        let head_dim = get_usize(&m, "head_dim")?.unwrap_or(hidden_size / num_heads);
+        if head_dim == 0 || head_dim % 2 != 0 {
+            bail!(FileFormat, "config.json: head_dim {head_dim} must be even and positive");
+        }
+        if get_usize(&m, "head_dim")?.is_none() && hidden_size % num_heads != 0 {
+            bail!(FileFormat, "config.json: hidden_size {hidden_size} is not a multiple of num_attention_heads {num_heads}");
+        }
+        let act = get_str(&m, "hidden_act").unwrap_or("silu");
+        if act != "silu" {
+            bail!(Unsupported, "config.json: hidden_act `{act}` is not supported (silu is)");
+        }
+        if let Some(tp) = get_usize(&m, "pretraining_tp")? {
+            if tp != 1 {
+                bail!(Unsupported, "config.json: pretraining_tp {tp} is not supported (1 is)");
+            }
+        }
+        if let Some(p) = get_f64(&m, "attention_dropout")? {
+            if p != 0.0 {
+                bail!(Unsupported, "config.json: attention_dropout {p} is not supported (0 is)");
+            }
+        }
+        let (rope_theta, rope_scaling) = parse_rope(&m)?;
+        let num_layers = need_usize(&m, "num_hidden_layers")?;
+        let (qkv_bias, o_bias, mlp_bias) = match arch {
+            Arch::Llama => {
+                let ab = get_bool(&m, "attention_bias", false)?;
+                (ab, ab, get_bool(&m, "mlp_bias", false)?)
+            }
+            Arch::Mistral => (false, false, false),
+            Arch::Qwen2 => (true, false, false),
+        };
+        let sliding = get_usize(&m, "sliding_window")?;
+        let windows = match arch {
+            Arch::Llama => vec![None; num_layers],
+            Arch::Mistral => vec![sliding; num_layers],
+            Arch::Qwen2 => match m.get("layer_types") {
+                Some(Value::Array(a)) => {
+                    if a.len() != num_layers {
+                        bail!(FileFormat, "config.json: layer_types has {} entries for {num_layers} layers", a.len());
+                    }
+                    a.iter()
+                        .map(|t| match t.as_str() {
+                            Some("full_attention") => Ok(None),
+                            Some("sliding_attention") => sliding.map(Some).ok_or_else(|| err!(FileFormat, "config.json: a sliding_attention layer but no sliding_window")),
+                            _ => Err(err!(Unsupported, "config.json: layer type {t} is not supported")),
+                        })
+                        .collect::<Result<_>>()?
+                }
+                _ => {
+                    if get_bool(&m, "use_sliding_window", false)? {
+                        let from = get_usize(&m, "max_window_layers")?.unwrap_or(num_layers);
+                        (0..num_layers).map(|i| if i >= from { sliding } else { None }).collect()
+                    } else {
+                        vec![None; num_layers]
+                    }
+                }
+            },
+        };
+        if windows.contains(&Some(0)) {
+            bail!(FileFormat, "config.json: sliding_window is 0");
+        }
+        let eps = get_f64(&m, "rms_norm_eps")?.unwrap_or(1e-6);
+        if !(eps > 0.0) {
+            bail!(FileFormat, "config.json: rms_norm_eps {eps} is not positive");
+        }
+        let bnb_4bit = match m.get("quantization_config") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(q)) => {
+                let method = get_str(q, "quant_method").unwrap_or("");
+                if method != "bitsandbytes" || !get_bool(q, "load_in_4bit", false)? {
+                    bail!(Unsupported, "config.json: quantization `{method}` is not supported (bitsandbytes 4-bit NF4 is)");
+                }
+                let qt = get_str(q, "bnb_4bit_quant_type").unwrap_or("fp4");
+                if qt != "nf4" {
+                    bail!(Unsupported, "config.json: bnb_4bit_quant_type `{qt}` is not supported (nf4 is)");
+                }
+                let skip = match q.get("llm_int8_skip_modules") {
+                    Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_str().map(String::from)).collect(),
+                    _ => Vec::new(),
+                };
+                Some(Bnb4bit { double_quant: get_bool(q, "bnb_4bit_use_double_quant", false)?, skip_modules: skip })
+            }
+            Some(v) => bail!(FileFormat, "config.json: quantization_config is {v}, not an object"),
+        };
+        let tie_default = false;
+        let cfg = ModelConfig {
+            arch,
+            vocab_size: need_usize(&m, "vocab_size")?,
+            hidden_size,
+            intermediate_size: need_usize(&m, "intermediate_size")?,
+            num_layers,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            rms_norm_eps: eps as f32,
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: get_usize(&m, "max_position_embeddings")?.unwrap_or(2048),
+            tie_word_embeddings: get_bool(&m, "tie_word_embeddings", tie_default)?,
+            qkv_bias,
+            o_bias,
+            mlp_bias,
+            windows,
+            dtype: get_str(&m, "dtype").or(get_str(&m, "torch_dtype")).map(String::from),
+            bos_token_id: m.get("bos_token_id").and_then(|v| v.as_i64()),
+            eos_token_ids: token_ids(m.get("eos_token_id")),
+            bnb_4bit,
+            raw: m,
+        };
+        Ok(cfg)
+    }
+
+    /// `inv_freq` for this config's rotary settings.
+    pub fn inv_freq(&self) -> Vec<f32> {
+        use crate::backend::cpu::rope::*;
+        match self.rope_scaling {
+            RopeScaling::Default => rope_inv_freq(self.head_dim, self.rope_theta),
+            RopeScaling::Linear { factor } => rope_inv_freq_linear(self.head_dim, self.rope_theta, factor),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                rope_inv_freq_llama3(self.head_dim, self.rope_theta, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
+            }
+        }
+    }
+
+    pub fn q_dim(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+    pub fn kv_dim(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"{"model_type":"llama","architectures":["LlamaForCausalLM"],"hidden_size":64,"intermediate_size":128,
+        "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"vocab_size":256,"rms_norm_eps":1e-6,
+        "rope_parameters":{"rope_type":"default","rope_theta":10000.0}}"#;
+
+    fn with(k: &str, v: &str) -> String {
+        let mut m: Map<String, Value> = serde_json::from_str(BASE).unwrap();
+        m.insert(k.into(), serde_json::from_str(v).unwrap());
+        Value::Object(m).to_string()
+    }
+
+    #[test]
+    fn parses_llama() {
+        let c = ModelConfig::parse(BASE).unwrap();
+        assert_eq!((c.head_dim, c.num_kv_heads, c.rope_theta), (16, 2, 10000.0));
+        assert!(!c.tie_word_embeddings && !c.qkv_bias);
+    }
+
+    #[test]
+    fn refuses_by_name() {
+        for (k, v, needle) in [
+            ("model_type", "\"gpt2\"", "gpt2"),
+            ("hidden_act", "\"gelu\"", "gelu"),
+            ("pretraining_tp", "2", "pretraining_tp"),
+            ("rope_parameters", r#"{"rope_type":"yarn","rope_theta":1e4,"factor":2}"#, "yarn"),
+            ("architectures", r#"["LlamaForSequenceClassification"]"#, "LlamaForSequenceClassification"),
+            ("quantization_config", r#"{"quant_method":"gptq"}"#, "gptq"),
+            ("attention_dropout", "0.1", "attention_dropout"),
+        ] {
+            let e = ModelConfig::parse(&with(k, v)).unwrap_err();
+            assert!(e.message.contains(needle), "{k}: {}", e.message);
+        }
+        assert!(ModelConfig::parse(&with("num_key_value_heads", "3")).is_err());
+        assert!(ModelConfig::parse("[1]").is_err());
+    }
+}

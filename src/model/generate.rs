@@ -1,0 +1,246 @@
+//! Generation with a KV cache: prefill each prompt, then decode one token
+//! per sequence per step, all sequences together, each with its own
+//! adapter if asked (a mixed-adapter batch), merged or not.
+//!
+//! Sampling follows transformers' default processor order: temperature,
+//! then top-k, then top-p (nucleus, keeping the smallest set whose
+//! probability reaches `top_p`, at least one token), then a draw from the
+//! softmax. `temperature == 0` is greedy (argmax, lowest id on ties).
+
+use super::{Model, DOWN, GATE, K, O, Q, UP, V};
+use crate::backend::cpu::attention::{attention_decode, DecodeShape};
+use crate::backend::cpu::matmul::{gemm_f32, Mat};
+use crate::backend::cpu::norm::rmsnorm_forward;
+use crate::backend::cpu::rope::{rope_forward, RopeTable};
+use crate::backend::cpu::swiglu::swiglu_forward;
+use crate::rng::SplitMix64;
+use crate::Result;
+use rayon::prelude::*;
+
+/// Sampling settings.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sampling {
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// 0 = off.
+    pub top_k: usize,
+    /// 1.0 = off.
+    pub top_p: f32,
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
+    }
+}
+
+/// Picks the next token from one row of logits.
+pub fn sample(logits: &[f32], s: &Sampling, rng: &mut SplitMix64) -> usize {
+    if s.temperature <= 0.0 {
+        let mut best = 0;
+        for (i, &v) in logits.iter().enumerate() {
+            if v > logits[best] {
+                best = i;
+            }
+        }
+        return best;
+    }
+    let mut idx: Vec<(usize, f32)> = logits.iter().map(|&v| v / s.temperature).enumerate().collect();
+    idx.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal).then(a.0.cmp(&b.0)));
+    if s.top_k > 0 && s.top_k < idx.len() {
+        // transformers keeps ties with the k-th value.
+        let kth = idx[s.top_k - 1].1;
+        let keep = idx.iter().take_while(|(_, v)| *v >= kth).count();
+        idx.truncate(keep);
+    }
+    let m = idx[0].1;
+    let mut p: Vec<f64> = idx.iter().map(|(_, v)| ((v - m) as f64).exp()).collect();
+    let z: f64 = p.iter().sum();
+    p.iter_mut().for_each(|x| *x /= z);
+    if s.top_p < 1.0 {
+        let mut acc = 0.0;
+        let mut keep = p.len();
+        for (i, &x) in p.iter().enumerate() {
+            acc += x;
+            if acc >= s.top_p as f64 {
+                keep = i + 1;
+                break;
+            }
+        }
+        idx.truncate(keep);
+        p.truncate(keep);
+        let z: f64 = p.iter().sum();
+        p.iter_mut().for_each(|x| *x /= z);
+    }
+    let u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+    let mut acc = 0.0;
+    for (i, &x) in p.iter().enumerate() {
+        acc += x;
+        if u < acc {
+            return idx[i].0;
+        }
+    }
+    idx[idx.len() - 1].0
+}
+
+/// One request of a batch.
+pub struct Request<'a> {
+    pub prompt: &'a [i32],
+    /// Model adapter index for this sequence, −1 for the base; `None`:
+    /// the model's active adapters.
+    pub adapter: Option<i32>,
+}
+
+struct Cache {
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl Model {
+    /// Generates up to `max_new` tokens for each request; stops a sequence
+    /// at any of `stop` ids (the stop token is included). Returns the new
+    /// tokens of each sequence.
+    pub fn generate(&mut self, reqs: &[Request<'_>], max_new: usize, s: &Sampling, stop: &[i32], progress: &mut dyn FnMut(usize, usize) -> bool) -> Result<Vec<Vec<i32>>> {
+        if reqs.is_empty() {
+            bail!(InvalidArgument, "no sequences to generate");
+        }
+        if !(s.temperature >= 0.0 && s.temperature.is_finite()) || !(s.top_p > 0.0 && s.top_p <= 1.0) {
+            bail!(InvalidArgument, "sampling: temperature {} must be ≥ 0 and top_p {} in (0, 1]", s.temperature, s.top_p);
+        }
+        let mixed = reqs.iter().any(|r| r.adapter.is_some());
+        if mixed && reqs.iter().any(|r| r.adapter.is_none()) {
+            bail!(InvalidArgument, "either every sequence names its adapter or none does");
+        }
+        for r in reqs {
+            if r.prompt.is_empty() {
+                bail!(InvalidArgument, "an empty prompt (give at least one token, e.g. BOS)");
+            }
+            self.check_ids(r.prompt)?;
+        }
+        let bsz = reqs.len();
+        let cap = reqs.iter().map(|r| r.prompt.len()).max().unwrap_or(0) + max_new;
+        if cap > self.cfg.max_position_embeddings {
+            crate::log!(Warn, "generating to position {cap}, past max_position_embeddings {}", self.cfg.max_position_embeddings);
+        }
+        let (nkv, hd) = (self.cfg.num_kv_heads, self.cfg.head_dim);
+        let per = bsz * cap * nkv * hd;
+        let nl = self.blocks.len();
+        let mut caches: Vec<Cache> = (0..nl).map(|_| Cache { k: vec![0f32; per], v: vec![0f32; per] }).collect();
+        self.kv_bytes = nl * per * 8;
+        self.note_peak(self.kv_bytes);
+        let seq_ad: Option<Vec<i32>> = if mixed { Some(reqs.iter().map(|r| r.adapter.unwrap_or(-1)).collect()) } else { None };
+        let mut rng = SplitMix64::new(s.seed);
+        let mut lens = vec![0usize; bsz];
+        let mut last_logits = vec![0f32; bsz * self.vocab()];
+        let v = self.vocab();
+        // Prefill, one sequence at a time (prompts may differ in length).
+        for (b, r) in reqs.iter().enumerate() {
+            let t = r.prompt.len();
+            let sa = seq_ad.as_ref().map(|x| vec![x[b]]);
+            let (logits, kvs) = self.prefill(r.prompt, sa.as_deref())?;
+            for (l, (k, vv)) in kvs.into_iter().enumerate() {
+                let row = nkv * hd;
+                caches[l].k[b * cap * row..b * cap * row + t * row].copy_from_slice(&k);
+                caches[l].v[b * cap * row..b * cap * row + t * row].copy_from_slice(&vv);
+            }
+            lens[b] = t;
+            last_logits[b * v..(b + 1) * v].copy_from_slice(&logits[(t - 1) * v..t * v]);
+        }
+        let mut out: Vec<Vec<i32>> = vec![Vec::new(); bsz];
+        let mut done = vec![false; bsz];
+        for step in 0..max_new {
+            let mut next = vec![0i32; bsz];
+            for b in 0..bsz {
+                if done[b] {
+                    continue;
+                }
+                let tok = sample(&last_logits[b * v..(b + 1) * v], s, &mut rng) as i32;
+                out[b].push(tok);
+                next[b] = tok;
+                if stop.contains(&tok) {
+                    done[b] = true;
+                }
+            }
+            if !progress(step + 1, max_new) {
+                bail!(Cancelled, "generation cancelled by the progress callback after {} tokens", step + 1);
+            }
+            if done.iter().all(|&d| d) || step + 1 == max_new {
+                break;
+            }
+            // Decode the sampled tokens (finished sequences decode a dummy
+            // token into their spare cache row; their output is final).
+            last_logits = self.decode_step(&next, &mut lens, &mut caches, cap, seq_ad.as_deref())?;
+        }
+        self.kv_bytes = 0;
+        Ok(out)
+    }
+
+    /// Full forward over one prompt: logits `[T, V]` and each layer's
+    /// rotated k and v `[T, kv_dim]`.
+    fn prefill(&mut self, prompt: &[i32], seq_ad: Option<&[i32]>) -> Result<(Vec<f32>, Vec<(Vec<f32>, Vec<f32>)>)> {
+        let t = prompt.len();
+        let rows = self.row_adapters(seq_ad, 1, t)?;
+        let table = RopeTable::new(self.inv_freq(), 0, t);
+        let mut x = self.embed_rows(prompt);
+        let mut kvs = Vec::with_capacity(self.blocks.len());
+        for l in 0..self.blocks.len() {
+            let acts = self.layer_forward(l, &mut x, 1, t, &table, rows.as_ref(), false, 0)?;
+            kvs.push((acts.k, acts.v));
+        }
+        let (logits, _, _) = self.head_forward(&x, t);
+        Ok((logits, kvs))
+    }
+
+    /// One decode step: token `next[b]` at position `lens[b]` of each
+    /// sequence; returns logits `[B, V]`.
+    fn decode_step(&mut self, next: &[i32], lens: &mut [usize], caches: &mut [Cache], cap: usize, seq_ad: Option<&[i32]>) -> Result<Vec<f32>> {
+        let bsz = next.len();
+        let cfg = self.cfg.clone();
+        let (h, hd, nh, nkv, eps) = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps);
+        let rows = self.row_adapters(seq_ad, bsz, 1)?;
+        let positions: Vec<usize> = lens.to_vec();
+        // One table row per sequence: rope as a [1, B, H, D] tensor.
+        let table = RopeTable::with_positions(self.inv_freq(), &positions);
+        let mut x = self.embed_rows(next);
+        for l in 0..self.blocks.len() {
+            let mut h1 = vec![0f32; bsz * h];
+            rmsnorm_forward(&x, &self.blocks[l].attn_norm, bsz, h, eps, &mut h1, None);
+            let mut q = self.lin_forward(l, Q, &h1, bsz, rows.as_ref(), false, 0)?;
+            let mut k = self.lin_forward(l, K, &h1, bsz, rows.as_ref(), false, 0)?;
+            let vv = self.lin_forward(l, V, &h1, bsz, rows.as_ref(), false, 0)?;
+            rope_forward(&mut q, 1, bsz, nh, hd, &table);
+            rope_forward(&mut k, 1, bsz, nkv, hd, &table);
+            let row = nkv * hd;
+            for b in 0..bsz {
+                let at = (b * cap + lens[b]) * row;
+                caches[l].k[at..at + row].copy_from_slice(&k[b * row..(b + 1) * row]);
+                caches[l].v[at..at + row].copy_from_slice(&vv[b * row..(b + 1) * row]);
+            }
+            let new_lens: Vec<usize> = lens.iter().map(|&n| n + 1).collect();
+            let shape = DecodeShape { batch: bsz, cache_cap: cap, n_heads: nh, n_kv_heads: nkv, head_dim: hd, window: cfg.windows[l] };
+            let mut att = vec![0f32; bsz * nh * hd];
+            attention_decode(&q, &caches[l].k, &caches[l].v, &new_lens, &shape, &mut att);
+            let o = self.lin_forward(l, O, &att, bsz, rows.as_ref(), false, 0)?;
+            x.par_iter_mut().zip(o.par_iter()).for_each(|(a, b)| *a += b);
+            let mut h2 = vec![0f32; bsz * h];
+            rmsnorm_forward(&x, &self.blocks[l].mlp_norm, bsz, h, eps, &mut h2, None);
+            let g = self.lin_forward(l, GATE, &h2, bsz, rows.as_ref(), false, 0)?;
+            let u = self.lin_forward(l, UP, &h2, bsz, rows.as_ref(), false, 0)?;
+            let mut a = vec![0f32; g.len()];
+            swiglu_forward(&g, &u, &mut a);
+            let d = self.lin_forward(l, DOWN, &a, bsz, rows.as_ref(), false, 0)?;
+            x.par_iter_mut().zip(d.par_iter()).for_each(|(a, b)| *a += b);
+        }
+        for n in lens.iter_mut() {
+            *n += 1;
+        }
+        let v = self.vocab();
+        let mut hf = vec![0f32; bsz * h];
+        rmsnorm_forward(&x, &self.norm, bsz, h, eps, &mut hf, None);
+        let mut logits = vec![0f32; bsz * v];
+        let head = self.lm_head.as_deref().unwrap_or(&self.embed);
+        gemm_f32(&mut logits, v, Mat::n(&hf, h), Mat::t(head, h), bsz, v, h, 1.0, false, true);
+        Ok(logits)
+    }
+}

@@ -1,0 +1,953 @@
+//! LLaMA-family causal language models (Llama, Mistral, Qwen2) with LoRA
+//! adapters on their linear layers: loading, the training forward and
+//! backward, inference and generation.
+//!
+//! The function computed is transformers' `LlamaForCausalLM` (eager
+//! attention) in fp32:
+//!
+//! ```text
+//! x = embed[ids]
+//! per layer:  h = RMSNorm₁(x);  q,k,v = h·W_{q,k,v}ᵀ (+b);  q,k = RoPE(q,k)
+//!             x = x + o_proj(causal_GQA_attention(q, k, v))
+//!             h = RMSNorm₂(x);  x = x + down(silu(gate(h)) ⊙ up(h))
+//! logits = RMSNorm_f(x) · W_headᵀ        (W_head = embed when tied)
+//! ```
+//!
+//! Every linear layer is a [`LoraLayer`] (dense fp32 or NF4 base, frozen,
+//! with adapters). Embeddings, norms and the head are frozen fp32.
+//! Gradients flow only into adapters: the backward stops at the first
+//! layer's input, so the embedding is never differentiated.
+
+pub mod checkpoint;
+pub mod config;
+pub mod generate;
+pub mod peft;
+
+use crate::backend::cpu::attention::{attention_backward, attention_forward, AttnShape};
+use crate::backend::cpu::loss::{cross_entropy_fused, IGNORE_INDEX};
+use crate::backend::cpu::matmul::{gemm_f32, Mat};
+use crate::backend::cpu::norm::{rmsnorm_backward, rmsnorm_forward};
+use crate::backend::cpu::rope::{rope_backward, rope_forward, RopeTable};
+use crate::backend::cpu::swiglu::{swiglu_backward, swiglu_forward};
+use crate::dtype::DType;
+use crate::lora::layer::{AdapterConfig, Init, LoraLayer};
+use crate::quant::nf4::{Nf4Params, Nf4Tensor};
+use crate::rng::derive_seed;
+use crate::Result;
+use checkpoint::Checkpoint;
+use config::ModelConfig;
+use rayon::prelude::*;
+use std::path::Path;
+
+/// The linear modules of a decoder layer, in PyTorch's registration order
+/// (the order of `model.parameters()`, which fixes the optimizer's and the
+/// gradient norm's order).
+pub const LINEARS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+pub const Q: usize = 0;
+pub const K: usize = 1;
+pub const V: usize = 2;
+pub const O: usize = 3;
+pub const GATE: usize = 4;
+pub const UP: usize = 5;
+pub const DOWN: usize = 6;
+
+/// `model.layers.{l}.self_attn.q_proj`, … : the module path PEFT keys use.
+pub fn module_path(layer: usize, j: usize) -> String {
+    let parent = if j < 4 { "self_attn" } else { "mlp" };
+    format!("model.layers.{layer}.{parent}.{}", LINEARS[j])
+}
+
+/// One decoder layer.
+#[derive(Clone, Debug)]
+pub struct Block {
+    pub attn_norm: Vec<f32>,
+    pub mlp_norm: Vec<f32>,
+    pub lin: Vec<LoraLayer>,
+}
+
+/// A model-level adapter: its PEFT configuration and where it lives.
+#[derive(Clone, Debug)]
+pub struct AdapterInfo {
+    pub name: String,
+    pub spec: peft::AdapterSpec,
+    /// (layer, linear index) of every module that carries it.
+    pub modules: Vec<(usize, usize)>,
+}
+
+/// Load-time options.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoadOptions {
+    /// Quantize every linear layer but the head to NF4 (QLoRA).
+    pub quantize: Option<Nf4Params>,
+    /// Seed for adapter initialization and dropout.
+    pub seed: u64,
+}
+
+/// Bytes held, by category (the C API's `lora_memory_stats`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemStats {
+    pub base_weights: usize,
+    /// Of which: NF4-quantized linear weights (footprint as stored).
+    pub base_quantized: usize,
+    /// Number of weights stored in NF4.
+    pub quantized_weights: usize,
+    pub adapters: usize,
+    pub optimizer: usize,
+    /// Activations held for the backward at the last training step's peak.
+    pub activations: usize,
+    pub kv_cache: usize,
+    /// The largest total observed (static + activations/cache) so far.
+    pub peak: usize,
+}
+
+/// A decoder-only language model with LoRA adapters.
+#[derive(Clone, Debug)]
+pub struct Model {
+    pub cfg: ModelConfig,
+    /// `[vocab, hidden]`.
+    pub embed: Vec<f32>,
+    pub blocks: Vec<Block>,
+    pub norm: Vec<f32>,
+    /// `[vocab, hidden]`; `None` when tied to the embedding.
+    pub lm_head: Option<Vec<f32>>,
+    inv_freq: Vec<f32>,
+    /// dtype of the checkpoint's dense tensors (for export).
+    pub dtype: DType,
+    /// NF4 parameters when the linear layers are NF4.
+    pub quant: Option<Nf4Params>,
+    pub adapters: Vec<AdapterInfo>,
+    /// Active adapters and multipliers (model level).
+    active: Vec<(String, f32)>,
+    merged: bool,
+    pub seed: u64,
+    /// Largest activation / KV-cache bytes seen (see [`MemStats`]).
+    pub(crate) act_peak: usize,
+    pub(crate) kv_bytes: usize,
+    pub(crate) peak: usize,
+}
+
+/// Saved activations of one layer for its backward.
+struct LayerActs {
+    h1: Vec<f32>,
+    rstd1: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    lse: Vec<f32>,
+    x_mid: Vec<f32>,
+    h2: Vec<f32>,
+    rstd2: Vec<f32>,
+    g: Vec<f32>,
+    u: Vec<f32>,
+    a: Vec<f32>,
+}
+
+impl LayerActs {
+    fn bytes(&self) -> usize {
+        4 * [&self.h1, &self.rstd1, &self.q, &self.k, &self.v, &self.att, &self.lse, &self.x_mid, &self.h2, &self.rstd2, &self.g, &self.u, &self.a]
+            .iter()
+            .map(|v| v.len())
+            .sum::<usize>()
+    }
+}
+
+/// Per-row adapter choice for a mixed batch, resolved per linear layer.
+#[derive(Clone, Debug)]
+pub struct RowAdapters {
+    /// Per token row, the model-level adapter index (−1: base only).
+    pub rows: Vec<i32>,
+}
+
+/// Result of one forward+backward over a micro-batch.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MicroResult {
+    /// Σ per-token losses over counted tokens.
+    pub loss_sum: f64,
+    pub count: usize,
+}
+
+fn to_dtype_name(d: DType) -> &'static str {
+    d.torch_name()
+}
+
+impl Model {
+    /// Loads a Hugging Face checkpoint directory. `progress(done, total)`
+    /// is called after each tensor group; returning `false` cancels.
+    pub fn load(dir: &Path, opts: LoadOptions, progress: &mut dyn FnMut(usize, usize) -> bool) -> Result<Model> {
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| err!(Io, "{}: cannot read: {e}", cfg_path.display()))?;
+        let cfg = ModelConfig::parse(&text).map_err(|e| e.context(&cfg_path.display().to_string()))?;
+        let ck = Checkpoint::open(dir)?;
+        let (h, v, it) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
+        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+        let mut expected: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let mut take = |n: &str| {
+            expected.insert(n.to_string());
+            n.to_string()
+        };
+        let embed_name = take("model.embed_tokens.weight");
+        let dtype = ck.dtype_of(&embed_name)?.ok_or_else(|| err!(DtypeMismatch, "model.embed_tokens.weight is not a float tensor"))?;
+        let embed = ck.dense(&embed_name, &[v, h])?.into_f32();
+        let norm = ck.dense(&take("model.norm.weight"), &[h])?.into_f32();
+        let lm_head = if cfg.tie_word_embeddings {
+            if ck.contains("lm_head.weight") {
+                take("lm_head.weight");
+            }
+            None
+        } else {
+            Some(ck.dense(&take("lm_head.weight"), &[v, h])?.into_f32())
+        };
+        let total = cfg.num_layers;
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        let bnb = cfg.bnb_4bit.clone();
+        for l in 0..cfg.num_layers {
+            let p = format!("model.layers.{l}");
+            let attn_norm = ck.dense(&take(&format!("{p}.input_layernorm.weight")), &[h])?.into_f32();
+            let mlp_norm = ck.dense(&take(&format!("{p}.post_attention_layernorm.weight")), &[h])?.into_f32();
+            let shapes = [(qd, h), (kvd, h), (kvd, h), (h, qd), (it, h), (it, h), (h, it)];
+            let has_bias = [cfg.qkv_bias, cfg.qkv_bias, cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias, cfg.mlp_bias, cfg.mlp_bias];
+            let mut lin = Vec::with_capacity(7);
+            for j in 0..7 {
+                let m = module_path(l, j);
+                let (out_f, in_f) = shapes[j];
+                let seed = derive_seed(opts.seed, &m);
+                let bias = if has_bias[j] { Some(ck.dense(&take(&format!("{m}.bias")), &[out_f])?.into_f32()) } else { None };
+                let layer = if ck.is_nf4(&m) {
+                    if bnb.is_none() {
+                        bail!(FileFormat, "{}: '{m}' is stored 4-bit but config.json has no bitsandbytes quantization_config", dir.display());
+                    }
+                    for suf in [".weight", ".weight.absmax", ".weight.quant_map", ".weight.nested_absmax", ".weight.nested_quant_map", ".weight.quant_state.bitsandbytes__nf4"] {
+                        take(&format!("{m}{suf}"));
+                    }
+                    let t = ck.nf4(&m, out_f, in_f).map_err(|e| e.context(&m))?;
+                    LoraLayer::new_nf4(t, bias, seed)?
+                } else {
+                    let w = ck.dense(&take(&format!("{m}.weight")), &[out_f, in_f])?;
+                    match opts.quantize {
+                        Some(qp) => {
+                            // Quantized from the checkpoint's own dtype, as
+                            // transformers + bitsandbytes do; the dense copy
+                            // is dropped before the next layer is read.
+                            let t = Nf4Tensor::quantize(w.elems(), &[out_f, in_f], qp).map_err(|e| e.context(&m))?;
+                            drop(w);
+                            LoraLayer::new_nf4(t, bias, seed)?
+                        }
+                        None => LoraLayer::new_dense(w.elems(), in_f, out_f, false, bias, seed).map_err(|e| e.context(&m))?,
+                    }
+                };
+                lin.push(layer);
+            }
+            blocks.push(Block { attn_norm, mlp_norm, lin });
+            if !progress(l + 1, total) {
+                bail!(Cancelled, "loading cancelled by the progress callback after layer {l}");
+            }
+        }
+        // Anything else in the checkpoint is a tensor this architecture
+        // does not have: refuse it rather than compute without it.
+        for n in ck.names() {
+            if !expected.contains(n) && !n.ends_with(".rotary_emb.inv_freq") {
+                bail!(Unsupported, "{}: unexpected tensor '{n}' for {}", dir.display(), cfg.arch.architecture());
+            }
+        }
+        let quant = if blocks.iter().all(|b| b.lin.iter().all(|l| l.is_nf4())) {
+            blocks.first().and_then(|b| b.lin[0].nf4_base()).map(|t| Nf4Params { blocksize: t.blocksize(), double_quant: t.is_double_quant() })
+        } else {
+            None
+        };
+        let inv_freq = cfg.inv_freq();
+        let mut m = Model {
+            cfg,
+            embed,
+            blocks,
+            norm,
+            lm_head,
+            inv_freq,
+            dtype,
+            quant,
+            adapters: Vec::new(),
+            active: Vec::new(),
+            merged: false,
+            seed: opts.seed,
+            act_peak: 0,
+            kv_bytes: 0,
+            peak: 0,
+        };
+        m.note_peak(0);
+        Ok(m)
+    }
+
+    pub fn hidden(&self) -> usize {
+        self.cfg.hidden_size
+    }
+    pub fn vocab(&self) -> usize {
+        self.cfg.vocab_size
+    }
+    pub fn is_merged(&self) -> bool {
+        self.merged
+    }
+    pub fn active(&self) -> &[(String, f32)] {
+        &self.active
+    }
+
+    fn head(&self) -> &[f32] {
+        self.lm_head.as_deref().unwrap_or(&self.embed)
+    }
+
+    pub fn adapter_index(&self, name: &str) -> Result<usize> {
+        self.adapters.iter().position(|a| a.name == name).ok_or_else(|| err!(InvalidArgument, "no adapter named '{name}'"))
+    }
+
+    /// Adds adapter `name` with `spec` (PEFT `get_peft_model` /
+    /// `add_adapter`) on the modules the spec selects. The first adapter
+    /// becomes active. `init` overrides A/B initialization for every module
+    /// (tests); normally `None` (the spec's init).
+    pub fn add_adapter(&mut self, name: &str, spec: peft::AdapterSpec) -> Result<()> {
+        if name.is_empty() || name.contains('/') || name.contains('\0') {
+            bail!(InvalidArgument, "adapter name '{name}' is empty or contains '/'");
+        }
+        if self.adapters.iter().any(|a| a.name == name) {
+            bail!(InvalidArgument, "an adapter named '{name}' already exists");
+        }
+        if self.merged {
+            bail!(InvalidState, "the model is merged; unmerge before adding adapters");
+        }
+        spec.validate()?;
+        let mut modules = Vec::new();
+        for l in 0..self.blocks.len() {
+            for j in 0..7 {
+                if spec.targets(l, LINEARS[j], &module_path(l, j)) {
+                    modules.push((l, j));
+                }
+            }
+        }
+        if modules.is_empty() {
+            bail!(InvalidArgument, "adapter '{name}': target modules {} match no module of this model (its linear layers are {})", spec.targets_display(), LINEARS.join(", "));
+        }
+        // Validate every module first so a failure leaves nothing behind.
+        for &(l, j) in &modules {
+            let path = module_path(l, j);
+            let layer = &self.blocks[l].lin[j];
+            let r = spec.rank_for(&path);
+            let max_r = layer.in_features().min(layer.out_features());
+            if r == 0 || r > max_r {
+                bail!(InvalidArgument, "adapter '{name}': rank {r} for {path} is outside 1..={max_r}");
+            }
+        }
+        let first = self.adapters.is_empty();
+        for &(l, j) in &modules {
+            let path = module_path(l, j);
+            let cfg = AdapterConfig {
+                r: spec.rank_for(&path),
+                alpha: spec.alpha_for(&path),
+                dropout: spec.dropout,
+                use_rslora: spec.use_rslora,
+                init: spec.init.clone(),
+            };
+            let layer = &mut self.blocks[l].lin[j];
+            layer.add_adapter(name, cfg)?;
+        }
+        self.adapters.push(AdapterInfo { name: name.to_string(), spec, modules });
+        if first {
+            self.active = vec![(name.to_string(), 1.0)];
+        }
+        self.sync_active()?;
+        Ok(())
+    }
+
+    /// Pushes the model-level active set to every layer (each gets the
+    /// subset of adapters it carries).
+    fn sync_active(&mut self) -> Result<()> {
+        let active = self.active.clone();
+        for b in &mut self.blocks {
+            for layer in &mut b.lin {
+                let set: Vec<(&str, f32)> = active.iter().filter(|(n, _)| layer.adapter_index(n).is_ok()).map(|(n, m)| (n.as_str(), *m)).collect();
+                layer.set_active(&set)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `set` (name, multiplier) the active adapters, merged or not
+    /// (`lora_swap_adapter`). When merged, every layer's merged weight is
+    /// re-derived from `W0`, so no error accumulates over swaps.
+    pub fn set_active(&mut self, set: &[(&str, f32)]) -> Result<()> {
+        for (i, &(n, m)) in set.iter().enumerate() {
+            self.adapter_index(n)?;
+            if !m.is_finite() {
+                bail!(InvalidArgument, "multiplier {m} for adapter '{n}' is not finite");
+            }
+            if set[..i].iter().any(|&(o, _)| o == n) {
+                bail!(InvalidArgument, "adapter '{n}' listed twice");
+            }
+        }
+        if self.blocks.iter().any(|b| b.lin.iter().any(|l| l.grads_pending())) {
+            bail!(InvalidState, "swapping adapters while gradients are accumulated but not consumed");
+        }
+        self.active = set.iter().map(|&(n, m)| (n.to_string(), m)).collect();
+        self.sync_active()
+    }
+
+    /// Merges the active adapters into every layer's weight.
+    pub fn merge(&mut self) -> Result<()> {
+        if self.merged {
+            bail!(InvalidState, "the model is already merged");
+        }
+        if self.blocks.iter().any(|b| b.lin.iter().any(|l| l.grads_pending())) {
+            bail!(InvalidState, "merging while gradients are accumulated but not consumed");
+        }
+        let res: Result<()> = self.blocks.iter_mut().try_for_each(|b| b.lin.iter_mut().filter(|l| !l.active().is_empty()).try_for_each(|l| l.merge()));
+        if let Err(e) = res {
+            for b in &mut self.blocks {
+                for l in &mut b.lin {
+                    if l.is_merged() {
+                        let _ = l.unmerge();
+                    }
+                }
+            }
+            return Err(e);
+        }
+        self.merged = true;
+        self.note_peak(0);
+        Ok(())
+    }
+
+    /// Exact unmerge (the base was never modified).
+    pub fn unmerge(&mut self) -> Result<()> {
+        if !self.merged {
+            bail!(InvalidState, "the model is not merged");
+        }
+        for b in &mut self.blocks {
+            for l in &mut b.lin {
+                if l.is_merged() {
+                    l.unmerge()?;
+                }
+            }
+        }
+        self.merged = false;
+        Ok(())
+    }
+
+    /// (trainable, total) parameters as PEFT's `print_trainable_parameters`
+    /// counts them: trainable = adapters of every adapter (PEFT counts
+    /// requires_grad params: the adapters being trained); total = all
+    /// parameters with NF4 weights counted as their element count.
+    pub fn param_counts(&self) -> (usize, usize) {
+        let mut trainable = 0;
+        let mut total = self.embed.len() + self.norm.len() + self.lm_head.as_ref().map_or(0, |h| h.len());
+        for b in &self.blocks {
+            total += b.attn_norm.len() + b.mlp_norm.len();
+            for l in &b.lin {
+                trainable += l.trainable_params();
+                total += l.total_params();
+            }
+        }
+        (trainable, total)
+    }
+
+    /// `trainable params: 1,234 || all params: 5,678 || trainable%: 21.7340`
+    /// (PEFT's format: thousands separators, four decimals).
+    pub fn trainable_summary(&self) -> String {
+        let (t, a) = self.param_counts();
+        fn sep(n: usize) -> String {
+            let s = n.to_string();
+            let mut out = String::new();
+            for (i, c) in s.chars().enumerate() {
+                if i > 0 && (s.len() - i) % 3 == 0 {
+                    out.push(',');
+                }
+                out.push(c);
+            }
+            out
+        }
+        let pct = if a == 0 { 0.0 } else { 100.0 * t as f64 / a as f64 };
+        format!("trainable params: {} || all params: {} || trainable%: {:.4}", sep(t), sep(a), pct)
+    }
+
+    /// Bytes by category; `optimizer` is filled in by the trainer.
+    pub fn memory(&self) -> MemStats {
+        let mut base = (self.embed.len() + self.norm.len() + self.lm_head.as_ref().map_or(0, |h| h.len())) * 4;
+        let (mut q, mut qn, mut ad) = (0, 0, 0);
+        for b in &self.blocks {
+            base += (b.attn_norm.len() + b.mlp_norm.len()) * 4;
+            for l in &b.lin {
+                base += l.base_bytes();
+                ad += l.adapter_bytes();
+                if let Some(t) = l.nf4_base() {
+                    q += t.footprint_bytes();
+                    qn += t.numel();
+                }
+            }
+        }
+        MemStats {
+            base_weights: base,
+            base_quantized: q,
+            quantized_weights: qn,
+            adapters: ad,
+            optimizer: 0,
+            activations: self.act_peak,
+            kv_cache: self.kv_bytes,
+            peak: self.peak.max(base + ad + self.act_peak.max(self.kv_bytes)),
+        }
+    }
+
+    /// Records a total of static memory plus `dynamic` bytes as a candidate peak.
+    pub(crate) fn note_peak(&mut self, dynamic: usize) {
+        let m = self.memory_static();
+        self.peak = self.peak.max(m + dynamic);
+    }
+
+    fn memory_static(&self) -> usize {
+        let mut s = (self.embed.len() + self.norm.len() + self.lm_head.as_ref().map_or(0, |h| h.len())) * 4;
+        for b in &self.blocks {
+            s += (b.attn_norm.len() + b.mlp_norm.len()) * 4;
+            s += b.lin.iter().map(|l| l.base_bytes() + l.adapter_bytes()).sum::<usize>();
+        }
+        s
+    }
+
+    /// Checks token ids against the vocabulary.
+    pub fn check_ids(&self, ids: &[i32]) -> Result<()> {
+        let v = self.vocab();
+        if let Some((i, &t)) = ids.iter().enumerate().find(|(_, &t)| t < 0 || t as usize >= v) {
+            bail!(InvalidArgument, "token id {t} at position {i} is outside [0, {v})");
+        }
+        Ok(())
+    }
+
+    /// `x = embed[ids]`, `[n, H]`.
+    pub(crate) fn embed_rows(&self, ids: &[i32]) -> Vec<f32> {
+        let h = self.hidden();
+        let mut x = vec![0f32; ids.len() * h];
+        x.par_chunks_mut(h).zip(ids.par_iter()).for_each(|(row, &t)| row.copy_from_slice(&self.embed[t as usize * h..(t as usize + 1) * h]));
+        x
+    }
+
+    /// Per-linear row-adapter indices for a mixed batch: the model-level
+    /// choice per row mapped to this layer's adapter index (−1 if absent).
+    fn layer_rows(&self, layer: &LoraLayer, rows: &RowAdapters) -> Vec<i32> {
+        let map: Vec<i32> = self.adapters.iter().map(|a| layer.adapter_index(&a.name).map(|i| i as i32).unwrap_or(-1)).collect();
+        rows.rows.iter().map(|&r| if r < 0 { -1 } else { map[r as usize] }).collect()
+    }
+
+    fn lin_forward(&mut self, l: usize, j: usize, x: &[f32], n: usize, rows: Option<&RowAdapters>, train: bool, call: u64) -> Result<Vec<f32>> {
+        let out_f = self.blocks[l].lin[j].out_features();
+        let mut y = vec![0f32; n * out_f];
+        let ra = rows.map(|r| self.layer_rows(&self.blocks[l].lin[j], r));
+        self.blocks[l].lin[j].forward_at(x, n, &mut y, ra.as_deref(), train, call)?;
+        Ok(y)
+    }
+
+    /// One decoder layer forward on `x: [B·T, H]` (in place, the residual
+    /// stream), returning what its backward needs.
+    fn layer_forward(&mut self, l: usize, x: &mut [f32], batch: usize, seq: usize, table: &RopeTable, rows: Option<&RowAdapters>, train: bool, call: u64) -> Result<LayerActs> {
+        let cfg = &self.cfg;
+        let (h, hd, nh, nkv, eps) = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps);
+        let window = cfg.windows[l];
+        let n = batch * seq;
+        let mut h1 = vec![0f32; n * h];
+        let mut rstd1 = vec![0f32; n];
+        rmsnorm_forward(x, &self.blocks[l].attn_norm, n, h, eps, &mut h1, Some(&mut rstd1));
+        let mut q = self.lin_forward(l, Q, &h1, n, rows, train, call)?;
+        let mut k = self.lin_forward(l, K, &h1, n, rows, train, call)?;
+        let v = self.lin_forward(l, V, &h1, n, rows, train, call)?;
+        rope_forward(&mut q, batch, seq, nh, hd, table);
+        rope_forward(&mut k, batch, seq, nkv, hd, table);
+        let shape = AttnShape { window, ..AttnShape::causal(batch, seq, nh, nkv, hd) };
+        let mut att = vec![0f32; n * nh * hd];
+        let mut lse = vec![0f32; n * nh];
+        attention_forward(&q, &k, &v, &shape, &mut att, &mut lse);
+        let o = self.lin_forward(l, O, &att, n, rows, train, call)?;
+        x.par_iter_mut().zip(o.par_iter()).for_each(|(a, b)| *a += b);
+        let x_mid = x.to_vec();
+        let mut h2 = vec![0f32; n * h];
+        let mut rstd2 = vec![0f32; n];
+        rmsnorm_forward(x, &self.blocks[l].mlp_norm, n, h, eps, &mut h2, Some(&mut rstd2));
+        let g = self.lin_forward(l, GATE, &h2, n, rows, train, call)?;
+        let u = self.lin_forward(l, UP, &h2, n, rows, train, call)?;
+        let mut a = vec![0f32; g.len()];
+        swiglu_forward(&g, &u, &mut a);
+        let d = self.lin_forward(l, DOWN, &a, n, rows, train, call)?;
+        x.par_iter_mut().zip(d.par_iter()).for_each(|(a, b)| *a += b);
+        Ok(LayerActs { h1, rstd1, q, k, v, att, lse, x_mid, h2, rstd2, g, u, a })
+    }
+
+    /// Backward of one layer: `dx` (gradient of the layer's output) is
+    /// replaced by the gradient of its input (unless `need_dx` is false,
+    /// for the first layer). Adapter gradients accumulate in the layers.
+    fn layer_backward(&mut self, l: usize, x_in: &[f32], acts: LayerActs, dx: &mut [f32], batch: usize, seq: usize, table: &RopeTable, need_dx: bool) -> Result<()> {
+        let cfg = &self.cfg;
+        let (h, hd, nh, nkv) = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
+        let window = cfg.windows[l];
+        let n = batch * seq;
+        let it = cfg.intermediate_size;
+        let LayerActs { h1, rstd1, q, k, v, att, lse, x_mid, h2, rstd2, mut g, mut u, a } = acts;
+        let blk = &mut self.blocks[l];
+        // MLP: x_out = x_mid + down(a);  a = silu(g)·u
+        let mut da = vec![0f32; n * it];
+        blk.lin[DOWN].backward(&a, dx, n, Some(&mut da))?;
+        drop(a);
+        let (mut dg, mut du) = (vec![0f32; n * it], vec![0f32; n * it]);
+        swiglu_backward(&g, &u, &da, &mut dg, &mut du);
+        drop(da);
+        g.clear();
+        u.clear();
+        let mut dh2 = vec![0f32; n * h];
+        blk.lin[GATE].backward(&h2, &dg, n, Some(&mut dh2))?;
+        let mut tmp = vec![0f32; n * h];
+        blk.lin[UP].backward(&h2, &du, n, Some(&mut tmp))?;
+        dh2.par_iter_mut().zip(tmp.par_iter()).for_each(|(a, b)| *a += b);
+        drop((dg, du));
+        // d x_mid = dx + RMSNorm₂ᵀ(dh2)
+        let mut dxm = vec![0f32; n * h];
+        rmsnorm_backward(&x_mid, &blk.mlp_norm, &rstd2, &dh2, n, h, &mut dxm, None);
+        dxm.par_iter_mut().zip(dx.par_iter()).for_each(|(a, b)| *a += b);
+        drop((x_mid, h2, rstd2, dh2));
+        // Attention: x_mid = x_in + o(att)
+        let mut datt = vec![0f32; n * nh * hd];
+        blk.lin[O].backward(&att, &dxm, n, Some(&mut datt))?;
+        let shape = AttnShape { window, ..AttnShape::causal(batch, seq, nh, nkv, hd) };
+        let (mut dq, mut dk, mut dv) = (vec![0f32; q.len()], vec![0f32; k.len()], vec![0f32; v.len()]);
+        attention_backward(&q, &k, &v, &att, &lse, &datt, &shape, &mut dq, &mut dk, &mut dv);
+        drop((att, lse, datt));
+        rope_backward(&mut dq, batch, seq, nh, hd, table);
+        rope_backward(&mut dk, batch, seq, nkv, hd, table);
+        if need_dx {
+            let mut dh1 = vec![0f32; n * h];
+            blk.lin[Q].backward(&h1, &dq, n, Some(&mut dh1))?;
+            blk.lin[K].backward(&h1, &dk, n, Some(&mut tmp))?;
+            dh1.par_iter_mut().zip(tmp.par_iter()).for_each(|(a, b)| *a += b);
+            blk.lin[V].backward(&h1, &dv, n, Some(&mut tmp))?;
+            dh1.par_iter_mut().zip(tmp.par_iter()).for_each(|(a, b)| *a += b);
+            rmsnorm_backward(x_in, &blk.attn_norm, &rstd1, &dh1, n, h, dx, None);
+            dx.par_iter_mut().zip(dxm.par_iter()).for_each(|(a, b)| *a += b);
+        } else {
+            blk.lin[Q].backward(&h1, &dq, n, None)?;
+            blk.lin[K].backward(&h1, &dk, n, None)?;
+            blk.lin[V].backward(&h1, &dv, n, None)?;
+        }
+        Ok(())
+    }
+
+    fn check_batch(&self, ids: &[i32], batch: usize, seq: usize) -> Result<()> {
+        if batch == 0 || seq == 0 {
+            bail!(InvalidShape, "batch {batch} × sequence {seq} is empty");
+        }
+        if ids.len() != batch * seq {
+            bail!(ShapeMismatch, "{} token ids for a batch of {batch} × {seq}", ids.len());
+        }
+        self.check_ids(ids)
+    }
+
+    /// Final norm and head: logits `[n, V]` from the residual stream.
+    fn head_forward(&self, x: &[f32], n: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (h, v) = (self.hidden(), self.vocab());
+        let mut hf = vec![0f32; n * h];
+        let mut rstd = vec![0f32; n];
+        rmsnorm_forward(x, &self.norm, n, h, self.cfg.rms_norm_eps, &mut hf, Some(&mut rstd));
+        let mut logits = vec![0f32; n * v];
+        gemm_f32(&mut logits, v, Mat::n(&hf, h), Mat::t(self.head(), h), n, v, h, 1.0, false, true);
+        (logits, hf, rstd)
+    }
+
+    /// Logits `[B·T, V]` for a batch (inference: no dropout), with the
+    /// active adapters, or per sequence adapters (`seq_adapters[b]` a
+    /// model adapter index, −1 for none).
+    pub fn logits(&mut self, ids: &[i32], batch: usize, seq: usize, seq_adapters: Option<&[i32]>) -> Result<Vec<f32>> {
+        self.check_batch(ids, batch, seq)?;
+        let rows = self.row_adapters(seq_adapters, batch, seq)?;
+        let n = batch * seq;
+        let table = RopeTable::new(&self.inv_freq, 0, seq);
+        let mut x = self.embed_rows(ids);
+        let mut peak = 0;
+        for l in 0..self.blocks.len() {
+            let acts = self.layer_forward(l, &mut x, batch, seq, &table, rows.as_ref(), false, 0)?;
+            peak = peak.max(acts.bytes());
+        }
+        let (logits, _, _) = self.head_forward(&x, n);
+        self.note_peak(peak + logits.len() * 4);
+        Ok(logits)
+    }
+
+    pub(crate) fn row_adapters(&self, seq_adapters: Option<&[i32]>, batch: usize, seq: usize) -> Result<Option<RowAdapters>> {
+        let Some(sa) = seq_adapters else { return Ok(None) };
+        if sa.len() != batch {
+            bail!(ShapeMismatch, "{} per-sequence adapters for a batch of {batch}", sa.len());
+        }
+        if self.merged {
+            bail!(InvalidState, "a mixed-adapter batch needs the model unmerged");
+        }
+        if let Some(&a) = sa.iter().find(|&&a| a < -1 || a >= self.adapters.len() as i32) {
+            bail!(InvalidArgument, "adapter index {a} is not −1 or one of the model's {} adapters", self.adapters.len());
+        }
+        Ok(Some(RowAdapters { rows: sa.iter().flat_map(|&a| std::iter::repeat(a).take(seq)).collect() }))
+    }
+
+    /// Forward and backward over one micro-batch with causal-LM labels
+    /// (`labels[b,t]` is the target of position `t−1`, transformers'
+    /// shift; −100 ignored). The loss gradient is scaled by `grad_scale`
+    /// (1 / the step's total counted tokens), so micro-batches accumulate
+    /// into the gradient of `Σ loss / N`. `call` names this micro-batch's
+    /// dropout masks. With `checkpointing`, each layer keeps only its input
+    /// and is recomputed during the backward.
+    pub fn forward_backward(&mut self, ids: &[i32], labels: &[i32], batch: usize, seq: usize, grad_scale: f32, call: u64, checkpointing: bool) -> Result<MicroResult> {
+        self.check_batch(ids, batch, seq)?;
+        if labels.len() != ids.len() {
+            bail!(ShapeMismatch, "{} labels for {} token ids", labels.len(), ids.len());
+        }
+        if self.merged {
+            bail!(InvalidState, "training needs the model unmerged");
+        }
+        let (h, vsz) = (self.hidden(), self.vocab());
+        if let Some((i, &y)) = labels.iter().enumerate().find(|(_, &y)| y != IGNORE_INDEX && (y < 0 || y as usize >= vsz)) {
+            bail!(InvalidArgument, "label {y} at position {i} is neither -100 nor in [0, {vsz})");
+        }
+        let n = batch * seq;
+        let table = RopeTable::new(&self.inv_freq, 0, seq);
+        let mut x = self.embed_rows(ids);
+        let nl = self.blocks.len();
+        let mut inputs: Vec<Vec<f32>> = Vec::with_capacity(nl);
+        let mut saved: Vec<Option<LayerActs>> = Vec::with_capacity(nl);
+        let mut held = 0usize;
+        for l in 0..nl {
+            inputs.push(x.clone());
+            held += x.len() * 4;
+            let acts = self.layer_forward(l, &mut x, batch, seq, &table, None, true, call)?;
+            if checkpointing {
+                saved.push(None);
+            } else {
+                held += acts.bytes();
+                saved.push(Some(acts));
+            }
+        }
+        // Targets: position t predicts labels[t+1]; the last position of
+        // each sequence predicts nothing.
+        let mut targets = vec![IGNORE_INDEX; n];
+        for b in 0..batch {
+            for t in 0..seq - 1 {
+                targets[b * seq + t] = labels[b * seq + t + 1];
+            }
+        }
+        let (mut logits, _hf, rstd) = self.head_forward(&x, n);
+        held += logits.len() * 4 * 2;
+        let ce = cross_entropy_fused(&mut logits, &targets, vsz, Some(grad_scale))?;
+        // d hf = dlogits · W_head;  dx = RMSNorm_fᵀ(d hf)
+        let mut dhf = vec![0f32; n * h];
+        gemm_f32(&mut dhf, h, Mat::n(&logits, vsz), Mat::n(self.head(), h), n, h, vsz, 1.0, false, true);
+        drop(logits);
+        let mut dx = vec![0f32; n * h];
+        rmsnorm_backward(&x, &self.norm, &rstd, &dhf, n, h, &mut dx, None);
+        drop(dhf);
+        let mut peak_extra = 0;
+        for l in (0..nl).rev() {
+            let x_in = inputs.pop().expect("one input per layer");
+            let acts = match saved.pop().expect("one slot per layer") {
+                Some(a) => a,
+                None => {
+                    let mut xr = x_in.clone();
+                    let a = self.layer_forward(l, &mut xr, batch, seq, &table, None, true, call)?;
+                    peak_extra = peak_extra.max(a.bytes());
+                    a
+                }
+            };
+            self.layer_backward(l, &x_in, acts, &mut dx, batch, seq, &table, l > 0)?;
+        }
+        self.act_peak = held + peak_extra;
+        self.note_peak(self.act_peak);
+        Ok(MicroResult { loss_sum: ce.sum, count: ce.count })
+    }
+
+    /// Mean causal-LM loss of a batch (transformers' `model(ids,
+    /// labels=labels).loss`), without gradients.
+    pub fn loss(&mut self, ids: &[i32], labels: &[i32], batch: usize, seq: usize) -> Result<f32> {
+        if labels.len() != ids.len() {
+            bail!(ShapeMismatch, "{} labels for {} token ids", labels.len(), ids.len());
+        }
+        let mut logits = self.logits(ids, batch, seq, None)?;
+        let vsz = self.vocab();
+        let mut targets = vec![IGNORE_INDEX; batch * seq];
+        for b in 0..batch {
+            for t in 0..seq - 1 {
+                targets[b * seq + t] = labels[b * seq + t + 1];
+            }
+        }
+        Ok(cross_entropy_fused(&mut logits, &targets, vsz, Some(0.0))?.loss)
+    }
+
+    /// Zeroes every adapter gradient.
+    pub fn zero_grad(&mut self) {
+        for b in &mut self.blocks {
+            for l in &mut b.lin {
+                l.zero_grad();
+            }
+        }
+    }
+
+    /// Adapter `name`'s (A, B, dA, dB) slices in the optimizer's order:
+    /// layer by layer, modules in registration order, A before B.
+    pub fn adapter_params(&mut self, name: &str) -> Result<(Vec<&mut [f32]>, Vec<&[f32]>)> {
+        let ai = self.adapter_index(name)?;
+        let modules = self.adapters[ai].modules.clone();
+        let mut params = Vec::with_capacity(modules.len() * 2);
+        let mut grads = Vec::with_capacity(modules.len() * 2);
+        // Modules are listed in (layer, linear) order, the same order this
+        // walk visits them, so each is taken once.
+        let mut want = modules.iter().peekable();
+        for (l, blk) in self.blocks.iter_mut().enumerate() {
+            for (j, layer) in blk.lin.iter_mut().enumerate() {
+                if want.peek() != Some(&&(l, j)) {
+                    continue;
+                }
+                want.next();
+                let i = layer.adapter_index(name)?;
+                let crate::lora::layer::Adapter { a, b, grad_a, grad_b, .. } = layer.adapter_mut(i);
+                params.push(a.as_mut_slice());
+                grads.push(grad_a.as_slice());
+                params.push(b.as_mut_slice());
+                grads.push(grad_b.as_slice());
+            }
+        }
+        Ok((params, grads))
+    }
+
+    /// Adapter `name`'s gradients, mutable (for clipping), in
+    /// [`adapter_params`](Self::adapter_params) order.
+    pub fn adapter_grads_mut(&mut self, name: &str) -> Result<Vec<&mut [f32]>> {
+        let ai = self.adapter_index(name)?;
+        let modules = self.adapters[ai].modules.clone();
+        let mut want = modules.iter().peekable();
+        let mut grads = Vec::with_capacity(modules.len() * 2);
+        for (l, blk) in self.blocks.iter_mut().enumerate() {
+            for (j, layer) in blk.lin.iter_mut().enumerate() {
+                if want.peek() != Some(&&(l, j)) {
+                    continue;
+                }
+                want.next();
+                let i = layer.adapter_index(name)?;
+                let crate::lora::layer::Adapter { grad_a, grad_b, .. } = layer.adapter_mut(i);
+                grads.push(grad_a.as_mut_slice());
+                grads.push(grad_b.as_mut_slice());
+            }
+        }
+        Ok(grads)
+    }
+
+    /// Copies adapter `from`'s weights into adapter `to` (same modules and
+    /// shapes).
+    pub fn copy_adapter_weights(&mut self, from: &str, to: &str) -> Result<()> {
+        let (fi, ti) = (self.adapter_index(from)?, self.adapter_index(to)?);
+        if self.adapters[fi].modules != self.adapters[ti].modules {
+            bail!(ShapeMismatch, "adapters '{from}' and '{to}' target different modules");
+        }
+        for &(l, j) in &self.adapters[fi].modules.clone() {
+            let layer = &mut self.blocks[l].lin[j];
+            let src = layer.adapter(from)?.clone();
+            layer.set_adapter_weights(to, &src.a, &src.b).map_err(|e| e.context(&module_path(l, j)))?;
+        }
+        Ok(())
+    }
+
+    /// Removes adapter `name` from the model (refused while merged).
+    pub fn remove_adapter(&mut self, name: &str) -> Result<()> {
+        let ai = self.adapter_index(name)?;
+        if self.merged && self.active.iter().any(|(n, _)| n == name) {
+            bail!(InvalidState, "adapter '{name}' is merged; unmerge before removing it");
+        }
+        for &(l, j) in &self.adapters[ai].modules.clone() {
+            self.blocks[l].lin[j].remove_adapter(name)?;
+        }
+        self.adapters.remove(ai);
+        self.active.retain(|(n, _)| n != name);
+        Ok(())
+    }
+
+    /// Sizes of adapter `name`'s tensors in [`adapter_params`] order.
+    pub fn adapter_sizes(&self, name: &str) -> Result<Vec<usize>> {
+        let ai = self.adapter_index(name)?;
+        let mut v = Vec::new();
+        for &(l, j) in &self.adapters[ai].modules {
+            let layer = &self.blocks[l].lin[j];
+            let a = layer.adapter(name)?;
+            v.push(a.a.len());
+            v.push(a.b.len());
+        }
+        Ok(v)
+    }
+
+    /// The PEFT keys of adapter `name`'s tensors in [`adapter_params`] order.
+    pub fn adapter_keys(&self, name: &str) -> Result<Vec<String>> {
+        let ai = self.adapter_index(name)?;
+        Ok(self.adapters[ai]
+            .modules
+            .iter()
+            .flat_map(|&(l, j)| {
+                let m = module_path(l, j);
+                [format!("base_model.model.{m}.lora_A.weight"), format!("base_model.model.{m}.lora_B.weight")]
+            })
+            .collect())
+    }
+
+    pub(crate) fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
+    /// Writes the model with the active adapters merged as a Hugging Face
+    /// checkpoint directory (`config.json` + `model.safetensors`) that
+    /// transformers loads as a plain model. Dense tensors keep the
+    /// checkpoint's dtype; an NF4 base is written dequantized (with the
+    /// merge) in bf16 — its quantization config is dropped.
+    pub fn export_merged(&self, dir: &Path) -> Result<()> {
+        use crate::io::safetensors::{write_atomic, OutTensor};
+        std::fs::create_dir_all(dir).map_err(|e| err!(Io, "{}: cannot create: {e}", dir.display()))?;
+        let dt = if self.quant.is_some() && self.dtype == DType::F32 { DType::F32 } else { self.dtype };
+        let enc = |shape: Vec<usize>, v: &[f32]| -> OutTensor<'static> {
+            let data: Vec<u8> = match dt {
+                DType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                DType::F16 => v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
+                DType::BF16 => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
+            };
+            OutTensor { dtype: dt.to_safetensors(), shape, data: std::borrow::Cow::Owned(data) }
+        };
+        let (h, v) = (self.hidden(), self.vocab());
+        let mut out: Vec<(String, OutTensor<'static>)> = Vec::new();
+        out.push(("model.embed_tokens.weight".into(), enc(vec![v, h], &self.embed)));
+        out.push(("model.norm.weight".into(), enc(vec![h], &self.norm)));
+        if let Some(w) = &self.lm_head {
+            out.push(("lm_head.weight".into(), enc(vec![v, h], w)));
+        }
+        for (l, b) in self.blocks.iter().enumerate() {
+            out.push((format!("model.layers.{l}.input_layernorm.weight"), enc(vec![h], &b.attn_norm)));
+            out.push((format!("model.layers.{l}.post_attention_layernorm.weight"), enc(vec![h], &b.mlp_norm)));
+            for (j, layer) in b.lin.iter().enumerate() {
+                let m = module_path(l, j);
+                let mut w = layer.base_weight_f32();
+                if !layer.is_merged() {
+                    for (name, mult) in layer.active() {
+                        let i = layer.adapter_index(&name)?;
+                        let d = layer.delta_weight(i, mult);
+                        w.iter_mut().zip(&d).for_each(|(a, b)| *a += b);
+                    }
+                } else {
+                    w = layer.effective_weight();
+                }
+                out.push((format!("{m}.weight"), enc(vec![layer.out_features(), layer.in_features()], &w)));
+                if let Some(bias) = layer.bias() {
+                    out.push((format!("{m}.bias"), enc(vec![layer.out_features()], bias)));
+                }
+            }
+        }
+        let mut cfg = self.cfg.raw.clone();
+        cfg.remove("quantization_config");
+        cfg.insert("dtype".into(), serde_json::Value::String(to_dtype_name(dt).into()));
+        cfg.insert("architectures".into(), serde_json::json!([self.cfg.arch.architecture()]));
+        let text = serde_json::to_string_pretty(&serde_json::Value::Object(cfg)).map_err(|e| err!(Internal, "config.json: {e}"))?;
+        write_atomic(&dir.join("model.safetensors"), &out, &Default::default())?;
+        crate::io::safetensors::write_file_atomic(&dir.join("config.json"), text.as_bytes())?;
+        Ok(())
+    }
+
+    /// Replaces every given-init adapter's weights (tests).
+    pub fn init_of(spec: &peft::AdapterSpec) -> Init {
+        spec.init.clone()
+    }
+}

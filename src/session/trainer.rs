@@ -1,0 +1,384 @@
+//! The trainer: a model, the adapter being trained, an optimizer and a
+//! learning-rate schedule; one [`Trainer::step`] is one optimizer step.
+//!
+//! A step takes a batch `[B, T]` of token ids and labels (−100 ignored;
+//! the labels default to the ids, transformers' causal-LM convention),
+//! splits it into micro-batches of `micro_batch` sequences, and accumulates
+//! gradients of `Σ_tokens loss / N`, where `N` is the number of counted
+//! tokens of the whole step (transformers' `num_items_in_batch`: the loss of
+//! an accumulated step equals the loss of the same batch in one piece).
+//! Then: the global gradient norm, clipping to `max_grad_norm` if set,
+//! AdamW (PyTorch's semantics, or bitsandbytes' 8-bit AdamW) with the
+//! schedule's learning rate for this step, and the gradients are cleared.
+//!
+//! Determinism: dropout masks are named by (adapter seed, micro-batch
+//! number), so a run resumed from a checkpoint continues bit for bit.
+
+use crate::model::{peft, MemStats, Model};
+use crate::optim::adamw::{AdamW, AdamWConfig};
+use crate::optim::adamw8bit::AdamW8bit;
+use crate::optim::schedule::Schedule;
+use crate::optim::state::StateTensor;
+use crate::Result;
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Which optimizer holds the state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OptimKind {
+    AdamW,
+    /// bitsandbytes `AdamW8bit` (blockwise 8-bit moments).
+    AdamW8bit,
+}
+
+#[derive(Clone, Debug)]
+pub struct TrainerConfig {
+    pub adamw: AdamWConfig,
+    pub schedule: Schedule,
+    /// Clip the global gradient norm to this (0: no clipping).
+    pub max_grad_norm: f64,
+    /// Sequences per micro-batch (0: the whole batch at once).
+    pub micro_batch: usize,
+    /// Recompute each layer during the backward instead of keeping its
+    /// activations.
+    pub checkpointing: bool,
+    pub optimizer: OptimKind,
+}
+
+impl Default for TrainerConfig {
+    fn default() -> Self {
+        TrainerConfig { adamw: AdamWConfig::default(), schedule: Schedule::Constant, max_grad_norm: 1.0, micro_batch: 0, checkpointing: false, optimizer: OptimKind::AdamW }
+    }
+}
+
+enum Opt {
+    AdamW(AdamW),
+    AdamW8bit(AdamW8bit),
+}
+
+impl Opt {
+    fn set_lr(&mut self, lr: f64) -> Result<()> {
+        match self {
+            Opt::AdamW(o) => o.set_lr(lr),
+            Opt::AdamW8bit(o) => o.set_lr(lr),
+        }
+    }
+    fn step(&mut self, p: &mut [&mut [f32]], g: &[&[f32]]) -> Result<()> {
+        match self {
+            Opt::AdamW(o) => o.step(p, g),
+            Opt::AdamW8bit(o) => o.step(p, g),
+        }
+    }
+    fn export(&self, names: &[&str]) -> Result<Vec<StateTensor>> {
+        match self {
+            Opt::AdamW(o) => o.export_state(names),
+            Opt::AdamW8bit(o) => o.export_state(names),
+        }
+    }
+    fn import(&mut self, names: &[&str], t: &[StateTensor]) -> Result<()> {
+        match self {
+            Opt::AdamW(o) => o.import_state(names, t),
+            Opt::AdamW8bit(o) => o.import_state(names, t),
+        }
+    }
+    fn bytes(&self) -> usize {
+        match self {
+            Opt::AdamW(o) => o.sizes().iter().sum::<usize>() * 8,
+            Opt::AdamW8bit(o) => o.state_bytes(),
+        }
+    }
+}
+
+/// What one step did.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct StepResult {
+    /// Mean loss over the step's counted tokens (before the update).
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Learning rate used for this step.
+    pub lr: f64,
+    /// Steps completed, this one included.
+    pub step: u64,
+    /// Tokens processed (B·T) and counted (labels ≠ −100, after the shift).
+    pub tokens: u64,
+    pub counted_tokens: u64,
+    pub seconds: f64,
+    pub tokens_per_s: f64,
+}
+
+pub struct Trainer {
+    pub model: Arc<Mutex<Model>>,
+    pub adapter: String,
+    pub cfg: TrainerConfig,
+    opt: Opt,
+    step: u64,
+    micro_calls: u64,
+}
+
+/// Counted targets of a batch: positions t ≥ 1 with labels ≠ −100.
+fn counted(labels: &[i32], batch: usize, seq: usize) -> usize {
+    (0..batch).map(|b| labels[b * seq + 1..(b + 1) * seq].iter().filter(|&&y| y != -100).count()).sum()
+}
+
+impl Trainer {
+    /// A trainer for adapter `adapter` of `model`: it becomes the only
+    /// active adapter (multiplier 1).
+    pub fn new(model: Arc<Mutex<Model>>, adapter: &str, cfg: TrainerConfig) -> Result<Trainer> {
+        cfg.adamw.validate()?;
+        if !(cfg.max_grad_norm.is_finite() && cfg.max_grad_norm >= 0.0) {
+            bail!(InvalidArgument, "max_grad_norm {} must be finite and ≥ 0", cfg.max_grad_norm);
+        }
+        let sizes = {
+            let mut m = model.lock();
+            if m.is_merged() {
+                bail!(InvalidState, "the model is merged; unmerge it before training");
+            }
+            let sizes = m.adapter_sizes(adapter)?;
+            m.set_active(&[(adapter, 1.0)])?;
+            sizes
+        };
+        let opt = match cfg.optimizer {
+            OptimKind::AdamW => Opt::AdamW(AdamW::new(cfg.adamw, &sizes)?),
+            OptimKind::AdamW8bit => Opt::AdamW8bit(AdamW8bit::new(cfg.adamw, &sizes)?),
+        };
+        Ok(Trainer { model, adapter: adapter.to_string(), cfg, opt, step: 0, micro_calls: 0 })
+    }
+
+    pub fn steps_done(&self) -> u64 {
+        self.step
+    }
+
+    /// Optimizer state bytes.
+    pub fn optimizer_bytes(&self) -> usize {
+        self.opt.bytes()
+    }
+
+    /// Memory by category, optimizer state included.
+    pub fn memory(&self) -> MemStats {
+        let mut m = self.model.lock().memory();
+        m.optimizer = self.opt.bytes();
+        m.peak += m.optimizer;
+        m
+    }
+
+    /// One optimizer step (module doc). `progress(done, total)` is called
+    /// after each micro-batch; returning false cancels the step before the
+    /// update (gradients are cleared, weights and optimizer untouched).
+    pub fn step(&mut self, ids: &[i32], labels: Option<&[i32]>, batch: usize, seq: usize, progress: &mut dyn FnMut(usize, usize) -> bool) -> Result<StepResult> {
+        let t0 = Instant::now();
+        if batch == 0 || seq < 2 {
+            bail!(InvalidShape, "a training batch needs at least 1 sequence of at least 2 tokens, got {batch} × {seq}");
+        }
+        let n = batch.checked_mul(seq).ok_or_else(|| err!(InvalidShape, "batch {batch} × {seq} overflows"))?;
+        if ids.len() != n {
+            bail!(ShapeMismatch, "{} token ids for a batch of {batch} × {seq}", ids.len());
+        }
+        let labels = labels.unwrap_or(ids);
+        if labels.len() != n {
+            bail!(ShapeMismatch, "{} labels for a batch of {batch} × {seq}", labels.len());
+        }
+        let total = counted(labels, batch, seq);
+        if total == 0 {
+            bail!(InvalidArgument, "no position of the batch has a label (all −100 after the causal shift)");
+        }
+        let mb = if self.cfg.micro_batch == 0 { batch } else { self.cfg.micro_batch.min(batch) };
+        let n_micro = batch.div_ceil(mb);
+        let lr = self.cfg.schedule.lr_at(self.cfg.adamw.lr, self.step);
+        let grad_scale = (1.0 / total as f64) as f32;
+        let mut model = self.model.lock();
+        if model.is_merged() {
+            bail!(InvalidState, "the model is merged; unmerge it before training");
+        }
+        model.check_ids(ids)?;
+        let mut loss_sum = 0f64;
+        let result = (|| -> Result<()> {
+            for (i, b0) in (0..batch).step_by(mb).enumerate() {
+                let b1 = (b0 + mb).min(batch);
+                let r = model.forward_backward(&ids[b0 * seq..b1 * seq], &labels[b0 * seq..b1 * seq], b1 - b0, seq, grad_scale, self.micro_calls + i as u64 + 1, self.cfg.checkpointing)?;
+                loss_sum += r.loss_sum;
+                if !progress(i + 1, n_micro) {
+                    bail!(Cancelled, "training step cancelled by the progress callback after micro-batch {}", i + 1);
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            model.zero_grad();
+            return Err(e);
+        }
+        let loss = loss_sum / total as f64;
+        let name = self.adapter.clone();
+        let grad_norm = {
+            let (_, grads) = model.adapter_params(&name)?;
+            if let Err(e) = crate::optim::clip::check_finite(Some(loss as f32), &grads) {
+                drop(grads);
+                model.zero_grad();
+                return Err(e);
+            }
+            drop(grads);
+            let mut gm = model.adapter_grads_mut(&name)?;
+            if self.cfg.max_grad_norm > 0.0 {
+                crate::optim::clip::clip_grad_norm(&mut gm, self.cfg.max_grad_norm)?
+            } else {
+                let g: Vec<&[f32]> = gm.iter().map(|g| &**g).collect();
+                crate::optim::clip::grad_norm(&g)
+            }
+        };
+        self.opt.set_lr(lr)?;
+        {
+            let (mut params, grads) = model.adapter_params(&name)?;
+            self.opt.step(&mut params, &grads)?;
+        }
+        model.zero_grad();
+        self.micro_calls += n_micro as u64;
+        self.step += 1;
+        let secs = t0.elapsed().as_secs_f64();
+        Ok(StepResult {
+            loss,
+            grad_norm: grad_norm as f64,
+            lr,
+            step: self.step,
+            tokens: n as u64,
+            counted_tokens: total as u64,
+            seconds: secs,
+            tokens_per_s: if secs > 0.0 { n as f64 / secs } else { 0.0 },
+        })
+    }
+
+    fn state_json(&self, seed: u64) -> Value {
+        let (sched, warm, tot, cyc) = match self.cfg.schedule {
+            Schedule::Constant => ("constant", 0, 0, 0.0),
+            Schedule::ConstantWithWarmup { warmup_steps } => ("constant_with_warmup", warmup_steps, 0, 0.0),
+            Schedule::Linear { warmup_steps, total_steps } => ("linear", warmup_steps, total_steps, 0.0),
+            Schedule::Cosine { warmup_steps, total_steps, num_cycles } => ("cosine", warmup_steps, total_steps, num_cycles),
+        };
+        let a = self.cfg.adamw;
+        json!({
+            "format": "liblora-trainer-state",
+            "version": 1,
+            "adapter": self.adapter,
+            "step": self.step,
+            "micro_calls": self.micro_calls,
+            "model_seed": seed.to_string(),
+            "optimizer": match self.cfg.optimizer { OptimKind::AdamW => "adamw", OptimKind::AdamW8bit => "adamw_8bit" },
+            "lr": a.lr, "beta1": a.beta1, "beta2": a.beta2, "eps": a.eps, "weight_decay": a.weight_decay,
+            "schedule": sched, "warmup_steps": warm, "total_steps": tot, "num_cycles": cyc,
+            "max_grad_norm": self.cfg.max_grad_norm,
+            "micro_batch": self.cfg.micro_batch,
+            "checkpointing": self.cfg.checkpointing,
+        })
+    }
+
+    /// Saves a training checkpoint to directory `dir`: the adapter in
+    /// PEFT's format, the optimizer state, and the step counters and
+    /// configuration. Written into a fresh temporary directory beside
+    /// `dir` (every file fsynced), then renamed into place: a process
+    /// killed mid-save leaves either the previous checkpoint or the new
+    /// one, never a mixture.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let model = self.model.lock();
+        let parent = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => std::path::PathBuf::from("."),
+        };
+        let fname = dir.file_name().ok_or_else(|| err!(InvalidArgument, "'{}' names no directory", dir.display()))?.to_string_lossy().to_string();
+        let tmp = parent.join(format!(".{fname}.tmp.{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| err!(Io, "{}: cannot create: {e}", tmp.display()))?;
+        let res = (|| -> Result<()> {
+            peft::save_adapter(&model, &self.adapter, &tmp)?;
+            let keys = model.adapter_keys(&self.adapter)?;
+            let names: Vec<&str> = keys.iter().map(|s| s.as_str()).collect();
+            let state = self.opt.export(&names)?;
+            crate::optim::state::save(&tmp.join("optimizer.safetensors"), &state, &Default::default())?;
+            let text = serde_json::to_string_pretty(&self.state_json(model.seed)).map_err(|e| err!(Internal, "{e}"))?;
+            crate::io::safetensors::write_file_atomic(&tmp.join("trainer_state.json"), text.as_bytes())?;
+            // Swap into place: old → aside, new → dir, old removed.
+            let old = parent.join(format!(".{fname}.old.{}", std::process::id()));
+            let had_old = dir.exists();
+            if had_old {
+                std::fs::rename(dir, &old).map_err(|e| err!(Io, "{}: cannot move aside: {e}", dir.display()))?;
+            }
+            if let Err(e) = std::fs::rename(&tmp, dir) {
+                if had_old {
+                    let _ = std::fs::rename(&old, dir);
+                }
+                bail!(Io, "{}: cannot rename into place: {e}", dir.display());
+            }
+            if let Ok(d) = std::fs::File::open(&parent) {
+                let _ = d.sync_all();
+            }
+            if had_old {
+                let _ = std::fs::remove_dir_all(&old);
+            }
+            Ok(())
+        })();
+        if res.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        res
+    }
+
+    /// Resumes from a checkpoint written by [`save`](Self::save): the
+    /// adapter is created (or its weights replaced) from the checkpoint,
+    /// the optimizer state, step counters and configuration restored.
+    pub fn resume(model: Arc<Mutex<Model>>, dir: &Path) -> Result<Trainer> {
+        let sp = dir.join("trainer_state.json");
+        let text = std::fs::read_to_string(&sp).map_err(|e| err!(Io, "{}: cannot read: {e}", sp.display()))?;
+        let j: Value = serde_json::from_str(&text).map_err(|e| err!(FileFormat, "{}: not JSON: {e}", sp.display()))?;
+        if j.get("format").and_then(|v| v.as_str()) != Some("liblora-trainer-state") || j.get("version").and_then(|v| v.as_u64()) != Some(1) {
+            bail!(FileFormat, "{}: not a liblora trainer state (version 1)", sp.display());
+        }
+        let f = |k: &str| j.get(k).and_then(|v| v.as_f64()).ok_or_else(|| err!(FileFormat, "{}: no number '{k}'", sp.display()));
+        let u = |k: &str| j.get(k).and_then(|v| v.as_u64()).ok_or_else(|| err!(FileFormat, "{}: no integer '{k}'", sp.display()));
+        let adapter = j.get("adapter").and_then(|v| v.as_str()).ok_or_else(|| err!(FileFormat, "{}: no adapter name", sp.display()))?.to_string();
+        let schedule = match j.get("schedule").and_then(|v| v.as_str()).unwrap_or("") {
+            "constant" => Schedule::Constant,
+            "constant_with_warmup" => Schedule::ConstantWithWarmup { warmup_steps: u("warmup_steps")? },
+            "linear" => Schedule::Linear { warmup_steps: u("warmup_steps")?, total_steps: u("total_steps")? },
+            "cosine" => Schedule::Cosine { warmup_steps: u("warmup_steps")?, total_steps: u("total_steps")?, num_cycles: f("num_cycles")? },
+            s => bail!(FileFormat, "{}: unknown schedule '{s}'", sp.display()),
+        };
+        let optimizer = match j.get("optimizer").and_then(|v| v.as_str()).unwrap_or("") {
+            "adamw" => OptimKind::AdamW,
+            "adamw_8bit" => OptimKind::AdamW8bit,
+            s => bail!(FileFormat, "{}: unknown optimizer '{s}'", sp.display()),
+        };
+        let cfg = TrainerConfig {
+            adamw: AdamWConfig { lr: f("lr")?, beta1: f("beta1")?, beta2: f("beta2")?, eps: f("eps")?, weight_decay: f("weight_decay")? },
+            schedule,
+            max_grad_norm: f("max_grad_norm")?,
+            micro_batch: u("micro_batch")? as usize,
+            checkpointing: j.get("checkpointing").and_then(|v| v.as_bool()).unwrap_or(false),
+            optimizer,
+        };
+        {
+            let mut m = model.lock();
+            let seed: u64 = j.get("model_seed").and_then(|v| v.as_str()).and_then(|s| s.parse().ok()).unwrap_or(m.seed);
+            if seed != m.seed {
+                crate::log!(Warn, "resuming with model seed {} but the checkpoint was trained with {seed}: dropout masks will differ", m.seed);
+            }
+            if m.adapter_index(&adapter).is_ok() {
+                let tmp = format!("{adapter}.resume");
+                peft::load_adapter(&mut m, dir, &tmp)?;
+                let res = m.copy_adapter_weights(&tmp, &adapter);
+                m.remove_adapter(&tmp)?;
+                res?;
+            } else {
+                peft::load_adapter(&mut m, dir, &adapter)?;
+            }
+        }
+        let mut tr = Trainer::new(model, &adapter, cfg)?;
+        let keys = tr.model.lock().adapter_keys(&adapter)?;
+        let names: Vec<&str> = keys.iter().map(|s| s.as_str()).collect();
+        let state = crate::optim::state::load(&dir.join("optimizer.safetensors"))?;
+        tr.opt.import(&names, &state)?;
+        tr.step = u("step")?;
+        tr.micro_calls = u("micro_calls")?;
+        Ok(tr)
+    }
+}
