@@ -8,6 +8,7 @@
 
 pub mod context;
 pub mod layer;
+pub mod model;
 pub mod nf4;
 pub mod status;
 mod util;
