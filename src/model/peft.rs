@@ -188,16 +188,21 @@ impl AdapterSpec {
         pattern_value(&self.alpha_pattern, path).unwrap_or(self.alpha)
     }
 
-    /// `adapter_config.json` as PEFT 0.21 writes it (`target_modules` as
-    /// the sorted list of matched leaf names, as PEFT stores it after
-    /// resolving `all-linear`).
-    pub fn to_config_json(&self, matched_leaves: &[&str]) -> Value {
+    /// `adapter_config.json` as PEFT 0.21 writes it: `target_modules` is
+    /// the sorted list of names for the list form, the sorted full module
+    /// paths PEFT resolves `all-linear` to, or the regex string.
+    pub fn to_config_json(&self, matched_paths: &[String]) -> Value {
         let targets: Value = match &self.targets {
             Targets::Regex(r) => Value::String(r.clone()),
-            _ => {
-                let mut v: Vec<&str> = matched_leaves.to_vec();
+            Targets::Names(n) => {
+                let mut v: Vec<&str> = n.iter().map(|s| s.as_str()).collect();
                 v.sort();
                 v.dedup();
+                json!(v)
+            }
+            Targets::AllLinear => {
+                let mut v: Vec<&str> = matched_paths.iter().map(|s| s.as_str()).collect();
+                v.sort();
                 json!(v)
             }
         };
@@ -217,7 +222,7 @@ impl AdapterSpec {
             "layers_to_transform": self.layers_to_transform,
             "lora_alpha": py_num(self.alpha),
             "lora_bias": false,
-            "lora_dropout": py_num(self.dropout),
+            "lora_dropout": f32_as_py(self.dropout),
             "megatron_config": null,
             "megatron_core": "megatron.core",
             "modules_to_save": null,
@@ -315,8 +320,14 @@ fn py_num(v: f32) -> Value {
     if v.fract() == 0.0 && v.abs() < 1e15 {
         json!(v as i64)
     } else {
-        json!(v as f64)
+        json!(f32_as_py(v))
     }
+}
+
+/// The shortest decimal that rounds to `v` (0.1f32 is written 0.1, not
+/// 0.10000000149011612), as a float.
+fn f32_as_py(v: f32) -> f64 {
+    v.to_string().parse().unwrap_or(v as f64)
 }
 
 fn check_pattern(p: &str) -> Result<()> {
@@ -342,17 +353,17 @@ pub fn save_adapter(model: &Model, name: &str, dir: &Path) -> Result<()> {
     let info = &model.adapters[ai];
     std::fs::create_dir_all(dir).map_err(|e| err!(Io, "{}: cannot create: {e}", dir.display()))?;
     let mut tensors = Vec::with_capacity(info.modules.len() * 2);
-    let mut leaves = Vec::new();
+    let mut paths = Vec::new();
     for &(l, j) in &info.modules {
         let layer = &model.blocks[l].lin[j];
         let ad = layer.adapter(name)?;
         let m = module_path(l, j);
         tensors.push((format!("base_model.model.{m}.lora_A.weight"), OutTensor::f32(vec![ad.r, layer.in_features()], &ad.a)));
         tensors.push((format!("base_model.model.{m}.lora_B.weight"), OutTensor::f32(vec![layer.out_features(), ad.r], &ad.b)));
-        leaves.push(LINEARS[j]);
+        paths.push(m);
     }
     write_atomic(&dir.join("adapter_model.safetensors"), &tensors, &HashMap::new())?;
-    let cfg = info.spec.to_config_json(&leaves);
+    let cfg = info.spec.to_config_json(&paths);
     let text = serde_json::to_string_pretty(&cfg).map_err(|e| err!(Internal, "adapter_config.json: {e}"))?;
     crate::io::safetensors::write_file_atomic(&dir.join("adapter_config.json"), text.as_bytes())
 }
