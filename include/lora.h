@@ -69,12 +69,27 @@ typedef struct lora_context lora_context;
 typedef struct lora_layer lora_layer;
 
 /**
+ * A model: frozen base weights (fp32 or NF4), adapters, and what
+ * generation and training need. Functions on one model serialize on an
+ * internal lock, so calls from several threads are safe but do not run
+ * in parallel. A trainer keeps the model's data alive: freeing the model
+ * handle while a trainer uses it is allowed.
+ */
+typedef struct lora_model lora_model;
+
+/**
  * An NF4-quantized tensor. Immutable once made: every `const lora_nf4 *`
  * function may be called from several threads at once; `lora_nf4_free`
  * must not race with any other use. Pointers handed out by accessors stay
  * valid until the tensor is freed.
  */
 typedef struct lora_nf4 lora_nf4;
+
+/**
+ * A training run: model, adapter, optimizer and schedule. Holds the model
+ * alive. Not for concurrent use from several threads.
+ */
+typedef struct lora_trainer lora_trainer;
 
 /**
  * Result of every fallible call: `LORA_OK` (0) or one of `LORA_ERR_*`.
@@ -207,6 +222,316 @@ typedef struct lora_nf4_params {
 typedef uint32_t lora_combine;
 
 /**
+ * How `lora_model_load` stores the linear layers (`LORA_QUANT_*`).
+ */
+typedef uint32_t lora_quant;
+
+/**
+ * A progress callback: `done` of `total` units of the current call are
+ * finished (layers loaded, micro-batches of a step, tokens generated).
+ * Return 0 to continue, non-zero to cancel (the call then fails with
+ * `LORA_ERR_CANCELLED`). Called on the calling thread; it must not call
+ * liblora functions on the same model.
+ */
+typedef int32_t (*lora_progress_fn)(void *user, uint64_t done, uint64_t total);
+
+/**
+ * Options of `lora_model_load`. Initialize with
+ * `lora_model_default_params()`.
+ */
+typedef struct lora_model_params {
+  /**
+   * `sizeof(lora_model_params)`, set by the defaults function.
+   */
+  uint32_t struct_size;
+  /**
+   * `LORA_QUANT_*`; default `LORA_QUANT_NONE`.
+   */
+  lora_quant quantize;
+  /**
+   * NF4 blocksize (power of two, 32…4096); default 64.
+   */
+  uint32_t blocksize;
+  /**
+   * Non-zero: double-quantize the NF4 block scales; default 1.
+   */
+  uint32_t double_quant;
+  /**
+   * Called after each decoder layer is loaded; may be NULL.
+   */
+  lora_progress_fn progress;
+  void *progress_user;
+} lora_model_params;
+
+/**
+ * Facts about a loaded model.
+ */
+typedef struct lora_model_info {
+  uint32_t n_layers;
+  uint32_t hidden_size;
+  uint32_t intermediate_size;
+  uint32_t n_heads;
+  uint32_t n_kv_heads;
+  uint32_t head_dim;
+  uint32_t vocab_size;
+  uint32_t max_position_embeddings;
+  /**
+   * 1 when the linear layers are NF4.
+   */
+  uint32_t quantized;
+  /**
+   * NF4 blocksize, or 0.
+   */
+  uint32_t blocksize;
+  /**
+   * 1 when lm_head is tied to the embedding.
+   */
+  uint32_t tied_embeddings;
+  /**
+   * 1 while adapters are merged.
+   */
+  uint32_t merged;
+  uint32_t n_adapters;
+  /**
+   * BOS / first EOS token id from config.json, or -1.
+   */
+  int64_t bos_token_id;
+  int64_t eos_token_id;
+} lora_model_info;
+
+/**
+ * Options of `lora_create`. Initialize with `lora_create_default_params()`.
+ */
+typedef struct lora_create_params {
+  /**
+   * `sizeof(lora_create_params)`, set by the defaults function.
+   */
+  uint32_t struct_size;
+  /**
+   * Rank; default 8.
+   */
+  uint32_t r;
+  /**
+   * scale = alpha / r (alpha / √r with use_rslora); default 16.
+   */
+  float alpha;
+  /**
+   * Dropout on each adapter's input while training, [0, 1); default 0.
+   */
+  float dropout;
+  /**
+   * Non-zero: rsLoRA scaling; default 0.
+   */
+  uint32_t use_rslora;
+  /**
+   * `LORA_INIT_KAIMING_UNIFORM` (default) or `LORA_INIT_GAUSSIAN`.
+   */
+  lora_init init;
+  /**
+   * Target modules: `"all-linear"` (default, also when NULL: every
+   * linear layer but lm_head, PEFT's meaning), a comma-separated list of
+   * names matched as PEFT matches a list (`"q_proj,v_proj"`: a module
+   * whose name is or ends with `.q_proj`), or `"re:<regex>"` for PEFT's
+   * string form (the full module name must match).
+   */
+  const char *target_modules;
+  /**
+   * NULL, or `n_layers_to_transform` layer indices (PEFT
+   * `layers_to_transform`; applies to the list form and all-linear).
+   */
+  const int32_t *layers_to_transform;
+  size_t n_layers_to_transform;
+  /**
+   * NULL or `"pattern=rank,..."` (PEFT `rank_pattern`: the first pattern
+   * `p` with the module name matching `(.*\.)?(p)$` gives its rank).
+   */
+  const char *rank_pattern;
+  /**
+   * NULL or `"pattern=alpha,..."` (PEFT `alpha_pattern`).
+   */
+  const char *alpha_pattern;
+} lora_create_params;
+
+/**
+ * Options of `lora_generate`. Initialize with
+ * `lora_generate_default_params()`.
+ */
+typedef struct lora_generate_params {
+  /**
+   * `sizeof(lora_generate_params)`, set by the defaults function.
+   */
+  uint32_t struct_size;
+  /**
+   * New tokens per sequence at most; default 32.
+   */
+  uint32_t max_new_tokens;
+  /**
+   * 0 (default) = greedy; else softmax temperature.
+   */
+  float temperature;
+  /**
+   * Keep the k most likely tokens (0 = off, default).
+   */
+  uint32_t top_k;
+  /**
+   * Nucleus sampling mass in (0, 1]; default 1 (off).
+   */
+  float top_p;
+  /**
+   * Sampling seed; default 0.
+   */
+  uint64_t seed;
+  /**
+   * Non-zero: stop a sequence at the config's EOS token(s); default 1.
+   */
+  uint32_t stop_at_eos;
+  /**
+   * Called after each generated position; may be NULL.
+   */
+  lora_progress_fn progress;
+  void *progress_user;
+} lora_generate_params;
+
+/**
+ * Optimizer of a trainer (`LORA_OPTIM_*`).
+ */
+typedef uint32_t lora_optim;
+
+/**
+ * Learning-rate schedule (`LORA_SCHEDULE_*`, transformers' names).
+ */
+typedef uint32_t lora_schedule;
+
+/**
+ * Options of `lora_trainer_new`. Initialize with
+ * `lora_trainer_default_params()`.
+ */
+typedef struct lora_trainer_params {
+  /**
+   * `sizeof(lora_trainer_params)`, set by the defaults function.
+   */
+  uint32_t struct_size;
+  /**
+   * `LORA_OPTIM_*`; default `LORA_OPTIM_ADAMW`.
+   */
+  lora_optim optimizer;
+  /**
+   * Peak learning rate; default 2e-4 (QLoRA's for 7B–13B models).
+   */
+  double lr;
+  /**
+   * AdamW β1, β2, ε, decoupled weight decay; defaults 0.9, 0.999,
+   * 1e-8, 0.0.
+   */
+  double beta1;
+  double beta2;
+  double eps;
+  double weight_decay;
+  /**
+   * `LORA_SCHEDULE_*`; default constant.
+   */
+  lora_schedule schedule;
+  uint64_t warmup_steps;
+  /**
+   * Steps of the whole run (for the linear and cosine decays).
+   */
+  uint64_t total_steps;
+  /**
+   * Clip the global gradient norm to this; 0 turns clipping off;
+   * default 1.0 (transformers' default).
+   */
+  double max_grad_norm;
+  /**
+   * Sequences per micro-batch; a step accumulates gradients over
+   * ceil(batch / micro_batch) of them. 0 (default): the whole batch.
+   */
+  uint32_t micro_batch;
+  /**
+   * Non-zero: activation checkpointing (recompute each layer in the
+   * backward, keeping only layer inputs); default 0.
+   */
+  uint32_t checkpointing;
+  /**
+   * Called after each micro-batch of a step; may be NULL.
+   */
+  lora_progress_fn progress;
+  void *progress_user;
+} lora_trainer_params;
+
+/**
+ * What one `lora_train_step` did.
+ */
+typedef struct lora_step_result {
+  /**
+   * Mean loss over the step's counted tokens, before the update.
+   */
+  double loss;
+  /**
+   * Global gradient norm before clipping.
+   */
+  double grad_norm;
+  /**
+   * Learning rate used by this step.
+   */
+  double lr;
+  /**
+   * Steps completed so far, this one included.
+   */
+  uint64_t step;
+  /**
+   * Tokens processed (batch · seq) and tokens counted in the loss.
+   */
+  uint64_t tokens;
+  uint64_t counted_tokens;
+  /**
+   * Wall time of the step and tokens (batch · seq) per second.
+   */
+  double seconds;
+  double tokens_per_s;
+} lora_step_result;
+
+/**
+ * Bytes held, by category (`lora_model_memory`).
+ */
+typedef struct lora_memory_stats {
+  /**
+   * Frozen base: embeddings, norms, head, linear weights (NF4 footprint
+   * or fp32), biases, merged copies.
+   */
+  uint64_t base_weights;
+  /**
+   * Of which NF4 linear weights, as stored (codes, scales, nested scales).
+   */
+  uint64_t base_quantized;
+  /**
+   * Number of weights stored in NF4 (`8·base_quantized/quantized_weights`
+   * is the bits per weight, ≈4.127 with double quantization).
+   */
+  uint64_t quantized_weights;
+  /**
+   * Adapter weights and their gradients (fp32).
+   */
+  uint64_t adapters;
+  /**
+   * Optimizer state of the trainer passed (0 without one).
+   */
+  uint64_t optimizer;
+  /**
+   * Activations kept for the backward at the last training step's peak
+   * (or the last inference call's).
+   */
+  uint64_t activations;
+  /**
+   * KV cache of a generation in progress (0 between calls).
+   */
+  uint64_t kv_cache;
+  /**
+   * The largest total of the categories observed so far.
+   */
+  uint64_t peak;
+} lora_memory_stats;
+
+/**
  * Read-only facts about an NF4 tensor, filled by `lora_nf4_get_info`.
  */
 typedef struct lora_nf4_info {
@@ -332,6 +657,46 @@ typedef struct lora_nf4_info {
 #define LORA_COMBINE_CAT 1
 
 /**
+ * Keep the checkpoint's weights (as fp32).
+ */
+#define LORA_QUANT_NONE 0
+
+/**
+ * Quantize every linear layer but `lm_head` to NF4 (QLoRA), bit-exact
+ * with bitsandbytes. A checkpoint that is already bitsandbytes 4-bit is
+ * loaded as stored, whatever this field says.
+ */
+#define LORA_QUANT_NF4 1
+
+/**
+ * torch.optim.AdamW (fp32 moments), PyTorch's exact update.
+ */
+#define LORA_OPTIM_ADAMW 0
+
+/**
+ * bitsandbytes AdamW8bit: blockwise 8-bit moments (block 256; tensors
+ * under 4,096 elements keep fp32 moments), bit for bit as its CPU path.
+ */
+#define LORA_OPTIM_ADAMW_8BIT 1
+
+#define LORA_SCHEDULE_CONSTANT 0
+
+/**
+ * Linear warmup over `warmup_steps`, then constant.
+ */
+#define LORA_SCHEDULE_CONSTANT_WITH_WARMUP 1
+
+/**
+ * Linear warmup, then linear decay to 0 at `total_steps`.
+ */
+#define LORA_SCHEDULE_LINEAR 2
+
+/**
+ * Linear warmup, then half a cosine down to 0 at `total_steps`.
+ */
+#define LORA_SCHEDULE_COSINE 3
+
+/**
  * Success.
  */
 #define LORA_OK 0
@@ -445,6 +810,13 @@ typedef struct lora_nf4_info {
  * handle that was already freed.
  */
 #define LORA_ERR_INVALID_STATE 20
+
+/**
+ * A progress callback returned non-zero: the call stopped early. What it
+ * was building is discarded; objects it was updating are left as before
+ * the call where the function's documentation says so.
+ */
+#define LORA_ERR_CANCELLED 21
 
 #ifdef __cplusplus
 extern "C" {
@@ -726,6 +1098,274 @@ lora_status lora_layer_get_shape(const struct lora_layer *layer,
                                  size_t *out_features,
                                  size_t *n_adapters,
                                  uint32_t *merged);
+
+/**
+ * Default model-loading parameters: weights as stored, NF4 settings of
+ * QLoRA (blocksize 64, double quantization) for when `quantize` is set.
+ */
+struct lora_model_params lora_model_default_params(void);
+
+/**
+ * Loads a Hugging Face checkpoint directory (`config.json` and
+ * `model.safetensors`, or shards with `model.safetensors.index.json`) of
+ * a `LlamaForCausalLM`, `MistralForCausalLM` or `Qwen2ForCausalLM`:
+ * fp32, fp16 or bf16 weights, or a bitsandbytes NF4 checkpoint saved by
+ * transformers. With `LORA_QUANT_NF4` each linear layer is quantized as it
+ * is read, so peak memory stays near the quantized model plus one layer.
+ * Files are memory-mapped. Unsupported architectures, config options or
+ * unexpected tensors are refused by name (nothing is half-loaded).
+ *
+ * Errors: `LORA_ERR_NULL_POINTER`, `LORA_ERR_IO` (missing files),
+ * `LORA_ERR_FILE_FORMAT`, `LORA_ERR_UNSUPPORTED`, `LORA_ERR_SHAPE_MISMATCH`,
+ * `LORA_ERR_TENSOR_NOT_FOUND`, `LORA_ERR_DTYPE_MISMATCH`,
+ * `LORA_ERR_NON_FINITE`, `LORA_ERR_INVALID_BLOCKSIZE`,
+ * `LORA_ERR_STRUCT_SIZE`, `LORA_ERR_CANCELLED`.
+ */
+lora_status lora_model_load(const struct lora_context *ctx,
+                            const char *dir,
+                            const struct lora_model_params *params,
+                            struct lora_model **out);
+
+/**
+ * Frees a model handle (NULL: no-op). A trainer created on it keeps the
+ * model's data alive until the trainer is freed.
+ */
+void lora_model_free(struct lora_model *model);
+
+/**
+ * Fills `*info`.
+ */
+lora_status lora_model_get_info(const struct lora_model *model, struct lora_model_info *info);
+
+/**
+ * Default adapter parameters: r 8, alpha 16, no dropout, all-linear,
+ * kaiming-uniform A and zero B (a fresh adapter changes nothing).
+ */
+struct lora_create_params lora_create_default_params(void);
+
+/**
+ * Adds adapter `name` to the model's target modules (PEFT
+ * `get_peft_model` / `add_adapter`). The first adapter becomes active;
+ * later ones are resident until `lora_swap_adapter` activates them.
+ * `params` may be NULL for the defaults. The model must be unmerged.
+ *
+ * Errors: `LORA_ERR_INVALID_ARGUMENT` (empty/duplicate name, rank 0 or
+ * above a module's min(in, out), alpha ≤ 0, dropout outside [0, 1),
+ * targets that match nothing, bad pattern or regex),
+ * `LORA_ERR_UNSUPPORTED` (targets such as lm_head or embed_tokens),
+ * `LORA_ERR_INVALID_STATE` (merged), `LORA_ERR_STRUCT_SIZE`.
+ */
+lora_status lora_create(struct lora_model *model,
+                        const char *name,
+                        const struct lora_create_params *params);
+
+/**
+ * Trainable (adapter) and total parameter counts, as PEFT counts them.
+ */
+lora_status lora_model_param_counts(const struct lora_model *model,
+                                    uint64_t *trainable,
+                                    uint64_t *total);
+
+/**
+ * PEFT's `print_trainable_parameters` line, e.g. `trainable params:
+ * 4,194,304 || all params: 1,104,242,688 || trainable%: 0.3798`, written
+ * to `buf` (NUL-terminated, truncated to `len`); `*needed` (may be NULL)
+ * receives its full length without the NUL.
+ */
+lora_status lora_model_trainable_summary(const struct lora_model *model,
+                                         char *buf,
+                                         size_t len,
+                                         size_t *needed);
+
+/**
+ * Merges the active adapters into the weights (PEFT `merge_adapter`):
+ * later forwards use `W0 + Σ m·s·B·A`. For an NF4 base the merged weight
+ * is kept dense (fp32); the NF4 base is kept for an exact unmerge.
+ *
+ * Errors: `LORA_ERR_INVALID_STATE` (already merged, gradients pending).
+ */
+lora_status lora_merge(struct lora_model *model);
+
+/**
+ * Undoes `lora_merge`, exactly (the base was never modified).
+ *
+ * Errors: `LORA_ERR_INVALID_STATE` (not merged).
+ */
+lora_status lora_unmerge(struct lora_model *model);
+
+/**
+ * Makes `names[0..n]` with `multipliers` (NULL: all 1.0) the active
+ * adapters, merged or not (PEFT `set_adapter`; llama.cpp's adapter
+ * scale). `n = 0` leaves only the base. When merged, every merged weight
+ * is re-derived from `W0`, so any number of swaps accumulates no error.
+ *
+ * Errors: `LORA_ERR_INVALID_ARGUMENT` (unknown or repeated name,
+ * non-finite multiplier), `LORA_ERR_INVALID_STATE` (gradients pending).
+ */
+lora_status lora_swap_adapter(struct lora_model *model,
+                              const char *const *names,
+                              const float *multipliers,
+                              size_t n);
+
+/**
+ * Logits `[batch, seq, vocab]` (fp32) for token ids `[batch, seq]`, with
+ * the active adapters, or — when `adapters` is non-NULL — one adapter per
+ * sequence (`adapters[b]` a name, or NULL for the base alone; the model
+ * must be unmerged). `out_len` is the number of floats at `out`.
+ *
+ * Errors: `LORA_ERR_INVALID_SHAPE`, `LORA_ERR_BUFFER_SIZE`,
+ * `LORA_ERR_INVALID_ARGUMENT` (token id outside the vocabulary, unknown
+ * adapter), `LORA_ERR_INVALID_STATE` (per-sequence adapters while merged).
+ */
+lora_status lora_model_logits(struct lora_model *model,
+                              const int32_t *ids,
+                              size_t batch,
+                              size_t seq,
+                              const char *const *adapters,
+                              float *out,
+                              size_t out_len);
+
+/**
+ * Mean causal-LM cross-entropy of a batch, as transformers'
+ * `model(ids, labels=labels).loss` (labels shifted by one inside; −100
+ * ignored; `labels` NULL means the ids). No gradients, no dropout.
+ */
+lora_status lora_model_loss(struct lora_model *model,
+                            const int32_t *ids,
+                            const int32_t *labels,
+                            size_t batch,
+                            size_t seq,
+                            float *loss);
+
+/**
+ * Saves adapter `name` to directory `dir` (created if needed) in PEFT's
+ * format: `adapter_config.json` and `adapter_model.safetensors`, loadable
+ * by `PeftModel.from_pretrained`. Each file is written atomically.
+ */
+lora_status lora_adapter_save(const struct lora_model *model, const char *name, const char *dir);
+
+/**
+ * Loads a PEFT adapter directory (as written by PEFT's `save_pretrained`
+ * or `lora_adapter_save`) as adapter `name`. Refused by name: DoRA,
+ * bias training, modules_to_save, and other options liblora does not
+ * implement. Nothing is added unless every tensor loads.
+ */
+lora_status lora_adapter_load(struct lora_model *model, const char *dir, const char *name);
+
+/**
+ * Removes adapter `name` (PEFT `delete_adapter`); refused while merged.
+ */
+lora_status lora_adapter_remove(struct lora_model *model, const char *name);
+
+/**
+ * Writes the model with its active adapters merged as a Hugging Face
+ * checkpoint directory (`config.json`, `model.safetensors`) that
+ * transformers loads as a plain model. Dense weights keep the
+ * checkpoint's dtype; an NF4 base is written dequantized.
+ */
+lora_status lora_model_export_merged(const struct lora_model *model, const char *dir);
+
+/**
+ * Default generation options: greedy, 32 tokens, stop at EOS.
+ */
+struct lora_generate_params lora_generate_default_params(void);
+
+/**
+ * Generates for `n_seqs` prompts at once with a KV cache:
+ * `prompts[i]` holds `prompt_lens[i]` ids. With `adapters` non-NULL each
+ * sequence uses its own adapter (`adapters[i]` a name, or NULL for the
+ * base alone): a mixed-adapter batch; otherwise the active adapters
+ * (merged or not). New tokens go to `out[i · max_new_tokens + j]`
+ * (`out_len ≥ n_seqs · max_new_tokens`), their count to `out_lens[i]`.
+ *
+ * Errors: `LORA_ERR_INVALID_ARGUMENT` (empty prompt, id outside the
+ * vocabulary, temperature < 0, top_p outside (0, 1]), `LORA_ERR_BUFFER_SIZE`,
+ * `LORA_ERR_INVALID_STATE`, `LORA_ERR_CANCELLED`.
+ */
+lora_status lora_generate(struct lora_model *model,
+                          const int32_t *const *prompts,
+                          const size_t *prompt_lens,
+                          const char *const *adapters,
+                          size_t n_seqs,
+                          const struct lora_generate_params *params,
+                          int32_t *out,
+                          size_t out_len,
+                          size_t *out_lens);
+
+/**
+ * Default trainer options (see each field).
+ */
+struct lora_trainer_params lora_trainer_default_params(void);
+
+/**
+ * Creates a trainer for adapter `adapter` of `model` (which becomes the
+ * only active adapter). `params` may be NULL for the defaults.
+ *
+ * Errors: `LORA_ERR_INVALID_ARGUMENT` (unknown adapter, bad
+ * hyperparameters), `LORA_ERR_INVALID_STATE` (model merged),
+ * `LORA_ERR_STRUCT_SIZE`.
+ */
+lora_status lora_trainer_new(struct lora_model *model,
+                             const char *adapter,
+                             const struct lora_trainer_params *params,
+                             struct lora_trainer **out);
+
+/**
+ * Frees a trainer (NULL: no-op).
+ */
+void lora_trainer_free(struct lora_trainer *trainer);
+
+/**
+ * One optimizer step on a batch of token ids `[batch, seq]` (seq ≥ 2):
+ * causal-LM cross-entropy averaged over the counted tokens exactly as
+ * transformers does (`labels` NULL means the ids; −100 is ignored;
+ * labels are shifted by one inside), gradient accumulation over
+ * micro-batches (the mean is over the whole step's counted tokens),
+ * global-norm clipping, AdamW with the schedule's learning rate.
+ * `*result` (may be NULL) receives loss, gradient norm, learning rate,
+ * tokens and tokens/s.
+ *
+ * On failure the adapter and optimizer are unchanged (gradients are
+ * discarded). Errors: `LORA_ERR_INVALID_SHAPE`, `LORA_ERR_INVALID_ARGUMENT`
+ * (ids or labels out of range, no counted token), `LORA_ERR_NON_FINITE`
+ * (loss or gradient not finite: the step is skipped),
+ * `LORA_ERR_INVALID_STATE` (model merged), `LORA_ERR_CANCELLED`.
+ */
+lora_status lora_train_step(struct lora_trainer *trainer,
+                            const int32_t *ids,
+                            const int32_t *labels,
+                            size_t batch,
+                            size_t seq,
+                            struct lora_step_result *result);
+
+/**
+ * Saves a training checkpoint to directory `dir`: the adapter (PEFT
+ * format), the optimizer state, step counters and configuration. Written
+ * to a temporary directory (files fsynced) and renamed into place, so a
+ * crash never leaves a checkpoint that loads wrong.
+ */
+lora_status lora_trainer_save(const struct lora_trainer *trainer, const char *dir);
+
+/**
+ * Resumes a run from a checkpoint written by `lora_trainer_save` on a
+ * freshly loaded copy of the same base model: the adapter is created (or
+ * its weights replaced), optimizer state, step and schedule restored. On
+ * the CPU the resumed run continues bit for bit. `params` may be NULL; only
+ * its progress callback is used (the hyperparameters come from the
+ * checkpoint).
+ */
+lora_status lora_trainer_resume(struct lora_model *model,
+                                const char *dir,
+                                const struct lora_trainer_params *params,
+                                struct lora_trainer **out);
+
+/**
+ * Memory by category for `model` (and the optimizer state of `trainer`,
+ * which may be NULL), with the peak observed so far.
+ */
+lora_status lora_model_memory(const struct lora_model *model,
+                              const struct lora_trainer *trainer,
+                              struct lora_memory_stats *stats);
 
 /**
  * Default NF4 parameters: blocksize 64, double quantization on.

@@ -72,6 +72,7 @@ const PROGRAMS: &[(&str, bool)] = &[
     ("nf4_fixtures", true),
     ("bad_input", true),
     ("lora_layer", true),
+    ("model", true),
     ("double_free_noasan", false),
     ("sanitizer_canary", true),
 ];
@@ -410,6 +411,13 @@ fn fixture_files(sub: &str, min: usize) -> Vec<OsString> {
 #[test]
 fn c_lora_layer() {
     run_c_test("lora_layer", &fixture_files("lora", 9));
+}
+
+#[test]
+fn c_model() {
+    let d = scratch("model");
+    run_c_test("model", &[manifest_dir().join("tests/fixtures/model/llama_nf4").into_os_string(), d.clone()]);
+    remove_scratch(&d);
 }
 
 #[test]

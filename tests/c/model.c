@@ -1,0 +1,280 @@
+/*
+ * The model, adapter and trainer API from C, against the transformers +
+ * PEFT + bitsandbytes fixture tests/fixtures/model/llama_nf4
+ * (scripts/fixtures/gen_model.py): NF4 quantization at load, the PEFT
+ * adapter's logits, five AdamW steps' losses, adapter save/load, a second
+ * adapter with lora_create, swap/merge/unmerge, mixed-adapter generation,
+ * checkpoint save/resume, memory statistics, and bad input.
+ *
+ * Usage: model CASE_DIR SCRATCH_DIR
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "check.h"
+#include "st_reader.h"
+
+#define B 2
+#define T 16
+#define V 256
+
+/* Same named bounds as tests/model.rs: fp32 forward with different
+ * summation orders (measured ≤ 6e-7). */
+#define FWD_REL 1e-5
+
+static double rel_err(const float *a, const st_tensor *t, size_t n) {
+    double e = 0, r = 0;
+    for (size_t i = 0; i < n; i++) {
+        double y = st_f32_at(t->data, i), d = a[i] - y;
+        e += d * d;
+        r += y * y;
+    }
+    return sqrt(e / (r > 0 ? r : 1));
+}
+
+static int64_t i64_at(const unsigned char *p, size_t i) {
+    int64_t v;
+    memcpy(&v, p + 8 * i, 8);
+    return v;
+}
+
+static int cancel_after_first(void *user, uint64_t done, uint64_t total) {
+    (void)total;
+    (*(int *)user)++;
+    return done >= 1;
+}
+
+int main(int argc, char **argv) {
+    REQUIRE(argc == 3);
+    char path[4096], path2[4096];
+    st_file data, exp;
+    snprintf(path, sizeof path, "%s/data.safetensors", argv[1]);
+    REQUIRE(st_open(path, &data) == NULL);
+    snprintf(path, sizeof path, "%s/expected.safetensors", argv[1]);
+    REQUIRE(st_open(path, &exp) == NULL);
+    int32_t ids[B * T], labels[B * T];
+    for (size_t i = 0; i < B * T; i++) {
+        ids[i] = (int32_t)i64_at(st_get(&data, "input_ids")->data, i);
+        labels[i] = (int32_t)i64_at(st_get(&data, "labels")->data, i);
+    }
+
+    lora_context_params cp = lora_context_default_params();
+    cp.backend = LORA_BACKEND_CPU;
+    cp.n_threads = 2;
+    lora_context *ctx = NULL;
+    REQUIRE_OK(lora_context_new(&cp, &ctx));
+
+    /* Load with NF4 quantization at load time (QLoRA). */
+    lora_model_params mp = lora_model_default_params();
+    mp.quantize = LORA_QUANT_NF4;
+    lora_model *m = NULL;
+    snprintf(path, sizeof path, "%s/model", argv[1]);
+    REQUIRE_OK(lora_model_load(ctx, path, &mp, &m));
+    lora_model_info info;
+    CHECK_OK(lora_model_get_info(m, &info));
+    CHECK(info.n_layers == 2 && info.vocab_size == V && info.quantized == 1 && info.blocksize == 64 && info.n_kv_heads == 2);
+
+    /* The PEFT adapter: logits as PEFT computes them. */
+    snprintf(path, sizeof path, "%s/adapter", argv[1]);
+    REQUIRE_OK(lora_adapter_load(m, path, "default"));
+    float *logits = malloc(sizeof(float) * B * T * V);
+    REQUIRE(logits);
+    CHECK_OK(lora_model_logits(m, ids, B, T, NULL, logits, B * T * V));
+    double e = rel_err(logits, st_get(&exp, "logits"), B * T * V);
+    CHECKF(e <= FWD_REL, "logits rel err %.3e", e);
+    float loss = 0;
+    CHECK_OK(lora_model_loss(m, ids, labels, B, T, &loss));
+    CHECKF(fabs(loss - st_f32_at(st_get(&exp, "loss")->data, 0)) <= 1e-5 * fabs(loss), "loss %f", loss);
+
+    char summary[256];
+    size_t need = 0;
+    CHECK_OK(lora_model_trainable_summary(m, summary, sizeof summary, &need));
+    CHECKF(strncmp(summary, "trainable params: 16,384 || all params: ", 40) == 0, "summary '%s'", summary);
+
+    /* Save and reload the adapter under another name: same logits. */
+    snprintf(path2, sizeof path2, "%s/adapter_copy", argv[2]);
+    CHECK_OK(lora_adapter_save(m, "default", path2));
+    CHECK_OK(lora_adapter_load(m, path2, "copy"));
+    const char *copy = "copy";
+    float *logits2 = malloc(sizeof(float) * B * T * V);
+    REQUIRE(logits2);
+    CHECK_OK(lora_swap_adapter(m, &copy, NULL, 1));
+    CHECK_OK(lora_model_logits(m, ids, B, T, NULL, logits2, B * T * V));
+    CHECK(memcmp(logits, logits2, sizeof(float) * B * T * V) == 0);
+    CHECK_OK(lora_adapter_remove(m, "copy"));
+
+    /* Five AdamW steps with clipping: the fixture's losses. */
+    lora_trainer_params tp = lora_trainer_default_params();
+    tp.lr = 1e-2;
+    tp.weight_decay = 0.01;
+    tp.max_grad_norm = 1.0;
+    lora_trainer *tr = NULL;
+    REQUIRE_OK(lora_trainer_new(m, "default", &tp, &tr));
+    const st_tensor *tl = st_get(&exp, "train_losses");
+    for (int i = 0; i < 5; i++) {
+        lora_step_result r;
+        CHECK_OK(lora_train_step(tr, ids, labels, B, T, &r));
+        double want = st_f32_at(tl->data, (size_t)i);
+        CHECKF(fabs(r.loss - want) <= 1e-5 * fabs(want), "step %d loss %f vs %f", i, r.loss, want);
+        CHECK(r.step == (uint64_t)i + 1 && r.tokens == B * T && r.counted_tokens == 25 && r.lr == 1e-2 && r.grad_norm > 0);
+    }
+
+    /* Checkpoint, resume on a fresh model, one more step each: identical. */
+    snprintf(path2, sizeof path2, "%s/ckpt", argv[2]);
+    CHECK_OK(lora_trainer_save(tr, path2));
+    lora_model *m2 = NULL;
+    snprintf(path, sizeof path, "%s/model", argv[1]);
+    REQUIRE_OK(lora_model_load(ctx, path, &mp, &m2));
+    lora_trainer *tr2 = NULL;
+    REQUIRE_OK(lora_trainer_resume(m2, path2, NULL, &tr2));
+    lora_step_result r1, r2;
+    CHECK_OK(lora_train_step(tr, ids, labels, B, T, &r1));
+    CHECK_OK(lora_train_step(tr2, ids, labels, B, T, &r2));
+    CHECK(r1.loss == r2.loss && r1.grad_norm == r2.grad_norm && r2.step == 6);
+    CHECK_OK(lora_model_logits(m, ids, B, T, NULL, logits, B * T * V));
+    CHECK_OK(lora_model_logits(m2, ids, B, T, NULL, logits2, B * T * V));
+    CHECK(memcmp(logits, logits2, sizeof(float) * B * T * V) == 0);
+
+    /* Memory: NF4 base at ≈4.13–4.2 bits per weight at these tiny sizes. */
+    lora_memory_stats ms;
+    CHECK_OK(lora_model_memory(m, tr, &ms));
+    double bits = 8.0 * (double)ms.base_quantized / (double)ms.quantized_weights;
+    CHECKF(bits > 4.12 && bits < 4.2, "bits per weight %f", bits);
+    CHECK(ms.optimizer == 16384u * 8 && ms.adapters == 16384u * 8 && ms.activations > 0 && ms.peak > ms.base_weights);
+
+    /* A second adapter by lora_create; swap, merge, mixed batch. */
+    lora_create_params cr = lora_create_default_params();
+    cr.r = 4;
+    cr.alpha = 8;
+    cr.target_modules = "q_proj,v_proj";
+    int32_t layer1 = 1;
+    cr.layers_to_transform = &layer1;
+    cr.n_layers_to_transform = 1;
+    CHECK_OK(lora_create(m, "style", &cr));
+    uint64_t trainable = 0, total = 0;
+    CHECK_OK(lora_model_param_counts(m, &trainable, &total));
+    CHECK(trainable == 16384u + 4u * (64 + 64) + 4u * (64 + 32));
+    lora_trainer *tr3 = NULL;
+    lora_trainer_free(tr);
+    tr = NULL;
+    REQUIRE_OK(lora_trainer_new(m, "style", NULL, &tr3));
+    lora_step_result r3;
+    CHECK_OK(lora_train_step(tr3, ids, NULL, B, T, &r3));
+    lora_trainer_free(tr3);
+
+    const char *both[2] = {"default", "style"};
+    float mult[2] = {1.0f, 0.5f};
+    CHECK_OK(lora_swap_adapter(m, both, mult, 2));
+    CHECK_OK(lora_model_logits(m, ids, B, T, NULL, logits, B * T * V));
+    CHECK_OK(lora_merge(m));
+    EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_merge(m));
+    CHECK_OK(lora_model_logits(m, ids, B, T, NULL, logits2, B * T * V));
+    float maxd = 0;
+    for (size_t i = 0; i < B * T * V; i++) {
+        float d = fabsf(logits[i] - logits2[i]);
+        maxd = d > maxd ? d : maxd;
+    }
+    CHECKF(maxd < 1e-4f, "merged vs unmerged max |Δ| %g", maxd);
+    lora_generate_params gp = lora_generate_default_params();
+    gp.max_new_tokens = 6;
+    gp.stop_at_eos = 0;
+    const int32_t *prompts[2] = {ids, ids + T};
+    size_t plen[2] = {5, 9};
+    int32_t out_m[12], out_u[12], out_x[12];
+    size_t lens_m[2], lens_u[2], lens_x[2];
+    CHECK_OK(lora_generate(m, prompts, plen, NULL, 2, &gp, out_m, 12, lens_m));
+    const char *per_seq[2] = {"default", NULL};
+    EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_generate(m, prompts, plen, per_seq, 2, &gp, out_x, 12, lens_x));
+    CHECK_OK(lora_unmerge(m));
+    CHECK_OK(lora_generate(m, prompts, plen, NULL, 2, &gp, out_u, 12, lens_u));
+    CHECK(lens_m[0] == 6 && lens_u[1] == 6 && memcmp(out_m, out_u, sizeof out_m) == 0);
+    /* Mixed batch: sequence 0 with "default", sequence 1 base only. */
+    CHECK_OK(lora_generate(m, prompts, plen, per_seq, 2, &gp, out_x, 12, lens_x));
+    const char *dflt = "default";
+    CHECK_OK(lora_swap_adapter(m, &dflt, NULL, 1));
+    CHECK_OK(lora_generate(m, prompts, plen, NULL, 1, &gp, out_u, 12, lens_u));
+    CHECK(memcmp(out_x, out_u, 6 * sizeof(int32_t)) == 0);
+    CHECK_OK(lora_swap_adapter(m, NULL, NULL, 0));
+    CHECK_OK(lora_generate(m, prompts + 1, plen + 1, NULL, 1, &gp, out_u, 12, lens_u));
+    CHECK(memcmp(out_x + 6, out_u, 6 * sizeof(int32_t)) == 0);
+
+    /* Export merged, reload as a plain model: same logits as merged. */
+    CHECK_OK(lora_swap_adapter(m, &dflt, NULL, 1));
+    snprintf(path2, sizeof path2, "%s/merged", argv[2]);
+    CHECK_OK(lora_model_export_merged(m, path2));
+    lora_model *m3 = NULL;
+    REQUIRE_OK(lora_model_load(ctx, path2, NULL, &m3));
+    CHECK_OK(lora_model_logits(m, ids, B, T, NULL, logits, B * T * V));
+    CHECK_OK(lora_model_logits(m3, ids, B, T, NULL, logits2, B * T * V));
+    maxd = 0;
+    for (size_t i = 0; i < B * T * V; i++) {
+        float d = fabsf(logits[i] - logits2[i]);
+        maxd = d > maxd ? d : maxd;
+    }
+    CHECKF(maxd < 1e-4f, "exported merged model max |Δ| %g", maxd);
+    lora_model_free(m3);
+
+    /* Bad input. */
+    int32_t bad[B * T];
+    memcpy(bad, ids, sizeof bad);
+    bad[3] = V;
+    EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_model_logits(m, bad, B, T, NULL, logits, B * T * V));
+    EXPECT_ERR(LORA_ERR_BUFFER_SIZE, lora_model_logits(m, ids, B, T, NULL, logits, B * T * V - 1));
+    EXPECT_ERR(LORA_ERR_NULL_POINTER, lora_model_logits(m, NULL, B, T, NULL, logits, B * T * V));
+    EXPECT_ERR(LORA_ERR_INVALID_SHAPE, lora_model_logits(m, ids, 0, T, NULL, logits, 0));
+    EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_create(m, "default", NULL));
+    cr = lora_create_default_params();
+    cr.target_modules = "lm_head";
+    EXPECT_ERR(LORA_ERR_UNSUPPORTED, lora_create(m, "head", &cr));
+    cr.target_modules = "no_such_proj";
+    EXPECT_ERR(LORA_ERR_UNSUPPORTED, lora_create(m, "none", &cr));
+    cr = lora_create_default_params();
+    cr.r = 0;
+    EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_create(m, "r0", &cr));
+    cr.struct_size = 3;
+    EXPECT_ERR(LORA_ERR_STRUCT_SIZE, lora_create(m, "s", &cr));
+    const char *ghost = "ghost";
+    EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_swap_adapter(m, &ghost, NULL, 1));
+    EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_trainer_new(m, "ghost", NULL, &tr));
+    snprintf(path2, sizeof path2, "%s/nowhere", argv[2]);
+    EXPECT_ERR(LORA_ERR_IO, lora_model_load(ctx, path2, NULL, &m3));
+    EXPECT_ERR(LORA_ERR_IO, lora_adapter_load(m, path2, "x"));
+    REQUIRE_OK(lora_trainer_new(m, "default", NULL, &tr));
+    int32_t none[B * T];
+    for (size_t i = 0; i < B * T; i++) none[i] = -100;
+    EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_train_step(tr, ids, none, B, T, NULL));
+    EXPECT_ERR(LORA_ERR_INVALID_SHAPE, lora_train_step(tr, ids, NULL, B, 1, NULL));
+    /* Cancel from the progress callback: weights unchanged. */
+    lora_trainer_free(tr);
+    int calls = 0;
+    tp = lora_trainer_default_params();
+    tp.micro_batch = 1;
+    tp.progress = cancel_after_first;
+    tp.progress_user = &calls;
+    REQUIRE_OK(lora_trainer_new(m, "default", &tp, &tr));
+    CHECK_OK(lora_model_logits(m, ids, B, T, NULL, logits, B * T * V));
+    EXPECT_ERR(LORA_ERR_CANCELLED, lora_train_step(tr, ids, NULL, B, T, NULL));
+    CHECK(calls == 1);
+    CHECK_OK(lora_model_logits(m, ids, B, T, NULL, logits2, B * T * V));
+    CHECK(memcmp(logits, logits2, sizeof(float) * B * T * V) == 0);
+    CHECK_OK(lora_merge(m));
+    EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_train_step(tr, ids, NULL, B, T, NULL));
+    lora_trainer_free(tr);
+
+    /* The model may be freed before its trainer. */
+    lora_model_free(m);
+    lora_model_free(m2);
+    lora_step_result r4;
+    CHECK_OK(lora_train_step(tr2, ids, labels, B, T, &r4));
+    CHECK(r4.step == 7);
+    lora_trainer_free(tr2);
+    free(logits);
+    free(logits2);
+    st_close(&data);
+    st_close(&exp);
+    lora_context_free(ctx);
+    return check_exit_code();
+}
