@@ -282,3 +282,65 @@ fn sampling_is_seeded_and_top_k_one_is_greedy() {
     assert!(out.len() <= 4);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+fn kill_model(dir: &Path) -> Trainer {
+    let mut m = load(dir, true);
+    let mut spec = AdapterSpec::new(4, 8.0);
+    spec.dropout = 0.05;
+    m.add_adapter("a", spec).unwrap();
+    Trainer::new(Arc::new(Mutex::new(m)), "a", TrainerConfig::default()).unwrap()
+}
+
+/// Child process of `checkpoint_survives_sigkill_mid_save`: trains and
+/// saves a checkpoint after every step until it is killed.
+#[test]
+#[ignore]
+fn kill_child() {
+    let Ok(dir) = std::env::var("LORA_KILL_CHILD_DIR") else { return };
+    let dir = PathBuf::from(dir);
+    let mut t = kill_model(&dir);
+    let ids = tokens(2 * 16, 97, 77);
+    loop {
+        t.step(&ids, None, 2, 16, &mut |_, _| true).unwrap();
+        t.save(&dir.join("ckpt")).unwrap();
+    }
+}
+
+#[test]
+fn checkpoint_survives_sigkill_mid_save() {
+    let dir = tmpdir("kill");
+    synth(&dir, 64, 128, 2, 4, 2, 97, None);
+    let ids = tokens(2 * 16, 97, 77);
+    // Reference weights after k steps, from one uninterrupted run.
+    let mut reference: Vec<Vec<Vec<f32>>> = Vec::new();
+    let mut t = kill_model(&dir);
+    for _ in 0..400 {
+        reference.push(t.model.lock().adapter_params("a").unwrap().0.iter().map(|p| p.to_vec()).collect());
+        t.step(&ids, None, 2, 16, &mut |_, _| true).unwrap();
+    }
+    let exe = std::env::current_exe().unwrap();
+    for (round, delay_ms) in [150u64, 420, 777].into_iter().enumerate() {
+        let mut child = std::process::Command::new(&exe)
+            .args(["--ignored", "--exact", "kill_child", "--nocapture", "--test-threads", "1"])
+            .env("LORA_KILL_CHILD_DIR", &dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Wait for a first checkpoint, then kill at an arbitrary moment.
+        let t0 = std::time::Instant::now();
+        while !dir.join("ckpt").exists() && t0.elapsed().as_secs() < 60 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        let r = Trainer::resume(Arc::new(Mutex::new(load(&dir, true))), &dir.join("ckpt")).unwrap();
+        let k = r.steps_done() as usize;
+        assert!(k >= 1 && k < reference.len(), "round {round}: step {k}");
+        let got: Vec<Vec<f32>> = r.model.lock().adapter_params("a").unwrap().0.iter().map(|p| p.to_vec()).collect();
+        assert_eq!(got, reference[k], "round {round}: the checkpoint at step {k} does not hold step {k}'s weights");
+        let _ = std::fs::remove_dir_all(dir.join("ckpt"));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -894,12 +894,13 @@ impl Model {
     /// Writes the model with the active adapters merged as a Hugging Face
     /// checkpoint directory (`config.json` + `model.safetensors`) that
     /// transformers loads as a plain model. Dense tensors keep the
-    /// checkpoint's dtype; an NF4 base is written dequantized (with the
-    /// merge) in bf16 — its quantization config is dropped.
+    /// checkpoint's dtype (that of its embedding); an NF4 base is written
+    /// dequantized (with the merge) in that dtype and its quantization
+    /// config is dropped.
     pub fn export_merged(&self, dir: &Path) -> Result<()> {
         use crate::io::safetensors::{write_atomic, OutTensor};
         std::fs::create_dir_all(dir).map_err(|e| err!(Io, "{}: cannot create: {e}", dir.display()))?;
-        let dt = if self.quant.is_some() && self.dtype == DType::F32 { DType::F32 } else { self.dtype };
+        let dt = self.dtype;
         let enc = |shape: Vec<usize>, v: &[f32]| -> OutTensor<'static> {
             let data: Vec<u8> = match dt {
                 DType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),

@@ -119,6 +119,19 @@ pub struct Trainer {
     micro_calls: u64,
 }
 
+/// The newest complete checkpoint set aside as `.NAME.old.PID` beside
+/// `dir` by a save that did not finish.
+fn set_aside(dir: &Path) -> Option<std::path::PathBuf> {
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let prefix = format!(".{}.old.", dir.file_name()?.to_string_lossy());
+    std::fs::read_dir(parent)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix) && e.path().join("trainer_state.json").is_file())
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
+        .map(|e| e.path())
+}
+
 /// Counted targets of a batch: positions t ≥ 1 with labels ≠ −100.
 fn counted(labels: &[i32], batch: usize, seq: usize) -> usize {
     (0..batch).map(|b| labels[b * seq + 1..(b + 1) * seq].iter().filter(|&&y| y != -100).count()).sum()
@@ -287,7 +300,14 @@ impl Trainer {
         };
         let fname = dir.file_name().ok_or_else(|| err!(InvalidArgument, "'{}' names no directory", dir.display()))?.to_string_lossy().to_string();
         let tmp = parent.join(format!(".{fname}.tmp.{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&tmp);
+        // Temporary directories of saves that were killed are incomplete
+        // and never loaded; remove them.
+        if let Ok(rd) = std::fs::read_dir(&parent) {
+            let pre = format!(".{fname}.tmp.");
+            for e in rd.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with(&pre)) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
         std::fs::create_dir_all(&tmp).map_err(|e| err!(Io, "{}: cannot create: {e}", tmp.display()))?;
         let res = (|| -> Result<()> {
             peft::save_adapter(&model, &self.adapter, &tmp)?;
@@ -315,6 +335,12 @@ impl Trainer {
             if had_old {
                 let _ = std::fs::remove_dir_all(&old);
             }
+            // Leftovers of earlier interrupted saves (any process).
+            while let Some(stale) = set_aside(dir) {
+                if std::fs::remove_dir_all(&stale).is_err() {
+                    break;
+                }
+            }
             Ok(())
         })();
         if res.is_err() {
@@ -327,6 +353,16 @@ impl Trainer {
     /// adapter is created (or its weights replaced) from the checkpoint,
     /// the optimizer state, step counters and configuration restored.
     pub fn resume(model: Arc<Mutex<Model>>, dir: &Path) -> Result<Trainer> {
+        let found;
+        let dir = if dir.join("trainer_state.json").is_file() {
+            dir
+        } else {
+            // A save killed between its two renames leaves the previous
+            // checkpoint complete under `.NAME.old.PID`: use it.
+            found = set_aside(dir).ok_or_else(|| err!(Io, "{}: no checkpoint here (no trainer_state.json)", dir.display()))?;
+            crate::log!(Warn, "{}: using the previous checkpoint {} left by an interrupted save", dir.display(), found.display());
+            found.as_path()
+        };
         let sp = dir.join("trainer_state.json");
         let text = std::fs::read_to_string(&sp).map_err(|e| err!(Io, "{}: cannot read: {e}", sp.display()))?;
         let j: Value = serde_json::from_str(&text).map_err(|e| err!(FileFormat, "{}: not JSON: {e}", sp.display()))?;
