@@ -72,6 +72,7 @@ const PROGRAMS: &[(&str, bool)] = &[
     ("nf4_fixtures", true),
     ("bad_input", true),
     ("lora_layer", true),
+    ("tokenizer", true),
     ("double_free_noasan", false),
     ("sanitizer_canary", true),
 ];
@@ -410,6 +411,14 @@ fn fixture_files(sub: &str, min: usize) -> Vec<OsString> {
 #[test]
 fn c_lora_layer() {
     run_c_test("lora_layer", &fixture_files("lora", 9));
+}
+
+#[test]
+fn c_tokenizer() {
+    let d = scratch("tokenizer");
+    let fixtures = manifest_dir().join("tests/fixtures/tokenizer").into_os_string();
+    run_c_test("tokenizer", &[fixtures, d.clone()]);
+    remove_scratch(&d);
 }
 
 #[test]

@@ -10,6 +10,7 @@ pub mod context;
 pub mod layer;
 pub mod nf4;
 pub mod status;
+pub mod tokenizer;
 mod util;
 
 use std::ffi::{c_char, c_void};
