@@ -86,6 +86,17 @@ typedef struct lora_model lora_model;
 typedef struct lora_nf4 lora_nf4;
 
 /**
+ * A tokenizer loaded from a Hugging Face `tokenizer.json`: byte-level or
+ * SentencePiece-style BPE as Llama 2/3, Mistral, TinyLlama and Qwen2 ship,
+ * giving the same ids and text as the `tokenizers` library.
+ *
+ * Thread safety: immutable once loaded; every function taking `const
+ * lora_tokenizer *` may be called on one tokenizer from several threads at
+ * once. `lora_tokenizer_free` must not race with any other use.
+ */
+typedef struct lora_tokenizer lora_tokenizer;
+
+/**
  * A training run: model, adapter, optimizer and schedule. Holds the model
  * alive. Not for concurrent use from several threads.
  */
@@ -1511,6 +1522,155 @@ const char *lora_status_str(lora_status status);
  */
 size_t lora_last_error(char *buf,
                        size_t len);
+
+/**
+ * Loads a tokenizer. `path` is a `tokenizer.json` file or a model
+ * directory holding one. BOS/EOS ids are read from `tokenizer_config.json`
+ * (`bos_token`/`eos_token`) and else `config.json`
+ * (`bos_token_id`/`eos_token_id`) in the same directory when present (see
+ * `lora_tokenizer_info`). On success `*out` receives a tokenizer the caller
+ * frees with `lora_tokenizer_free`.
+ *
+ * Supported: model BPE (merges as "a b" or ["a","b"], byte_fallback,
+ * ignore_merges, unk_token, fuse_unk); added tokens (special or not,
+ * lstrip/rstrip/single_word/normalized); normalizers Sequence, NFC,
+ * Prepend, Replace; pre-tokenizers Sequence, ByteLevel, Split (regex or
+ * string), Metaspace; post-processors TemplateProcessing, ByteLevel,
+ * Sequence; decoders Sequence, ByteLevel, Replace, ByteFallback, Fuse,
+ * Strip, Metaspace. Anything else is refused, naming it.
+ *
+ * Errors: `LORA_ERR_NULL_POINTER`, `LORA_ERR_INVALID_ARGUMENT` (empty
+ * path), `LORA_ERR_IO` (no such file, or a directory without
+ * tokenizer.json), `LORA_ERR_FILE_FORMAT` (not JSON, a field of the wrong
+ * type, a merge of tokens not in the vocabulary, a malformed
+ * tokenizer_config.json or config.json beside it), `LORA_ERR_UNSUPPORTED`
+ * (another model type such as Unigram or WordPiece, another normalizer,
+ * pre-tokenizer, post-processor or decoder, BPE dropout, a regex the engine
+ * cannot compile; the message names it).
+ */
+lora_status lora_tokenizer_load(const char *path, struct lora_tokenizer **out);
+
+/**
+ * Frees a tokenizer. NULL is a no-op; so is a second free of the same
+ * handle where it can be detected (never rely on it).
+ */
+void lora_tokenizer_free(struct lora_tokenizer *tok);
+
+/**
+ * Encodes `len` bytes of UTF-8 `text` (need not be NUL-terminated; may be
+ * NULL when `len` is 0) into token ids, as `tokenizers`'
+ * `encode(text, add_special_tokens).ids`: added tokens such as
+ * "<|im_end|>" written in the text are recognized; with `add_special`
+ * non-zero the post-processor's tokens are added too (Llama's BOS; none
+ * for Qwen2).
+ *
+ * `*n_out` receives the number of ids. When it is at most `cap`, the ids
+ * are written to `ids` (which may be NULL when `cap` is 0). Otherwise the
+ * call returns `LORA_ERR_BUFFER_SIZE`, `*n_out` still receives the number
+ * needed and `ids` is not written: call with `cap` 0 to size the buffer.
+ *
+ * Errors: `LORA_ERR_NULL_POINTER` (tok, n_out; text with len > 0; ids with
+ * cap > 0), `LORA_ERR_INVALID_STATE` (a freed tokenizer),
+ * `LORA_ERR_INVALID_ARGUMENT` (text is not valid UTF-8; the message gives
+ * the byte offset), `LORA_ERR_BUFFER_SIZE` (cap too small),
+ * `LORA_ERR_FILE_FORMAT` (the text needs the unknown token and the file's
+ * unk_token is not in its vocabulary).
+ */
+lora_status lora_tokenizer_encode(const struct lora_tokenizer *tok,
+                                  const char *text,
+                                  size_t len,
+                                  uint32_t add_special,
+                                  int32_t *ids,
+                                  size_t cap,
+                                  size_t *n_out);
+
+/**
+ * Decodes `n` token ids (`ids` may be NULL when `n` is 0) to UTF-8 text,
+ * as `tokenizers`' `decode(ids, skip_special_tokens)`: with `skip_special`
+ * non-zero, special added tokens (BOS, EOS, "<|im_end|>") are left out;
+ * ids the vocabulary does not have are skipped; bytes that do not form
+ * valid UTF-8 (a character cut between ids) become U+FFFD, as the library
+ * does for the tokenizer's decoder (ByteLevel: one per invalid sequence;
+ * ByteFallback: one per byte).
+ *
+ * `*needed` receives the text's length in bytes, without the NUL. When
+ * `len > *needed`, the text and a NUL are written to `buf`. Otherwise the
+ * call returns `LORA_ERR_BUFFER_SIZE` and `buf` is not written: call with
+ * `buf` NULL and `len` 0 to size it. The text may itself contain NUL bytes
+ * (a decoded byte 0): use `*needed` as its length.
+ *
+ * Errors: `LORA_ERR_NULL_POINTER` (tok, needed; ids with n > 0; buf with
+ * len > 0), `LORA_ERR_INVALID_STATE` (a freed tokenizer),
+ * `LORA_ERR_INVALID_ARGUMENT` (a negative id; the message gives its
+ * index), `LORA_ERR_BUFFER_SIZE` (len too small).
+ */
+lora_status lora_tokenizer_decode(const struct lora_tokenizer *tok,
+                                  const int32_t *ids,
+                                  size_t n,
+                                  uint32_t skip_special,
+                                  char *buf,
+                                  size_t len,
+                                  size_t *needed);
+
+/**
+ * Facts about a tokenizer; each output may be NULL when not wanted.
+ *
+ * - `*vocab_size`: the number of distinct tokens, model and added, as
+ *   `len(tokenizer)` in transformers (ids are below it for the usual
+ *   contiguous vocabularies).
+ * - `*bos_id`, `*eos_id`: the BOS and EOS ids, −1 when unknown. Taken from
+ *   `tokenizer_config.json` beside tokenizer.json (`bos_token` /
+ *   `eos_token`, a string or an object with "content", looked up in the
+ *   vocabulary, as transformers' `tokenizer.bos_token_id`); where that is
+ *   absent or null, from `config.json` (`bos_token_id` / `eos_token_id`;
+ *   the first of a list). Informational: `lora_tokenizer_encode` adds BOS
+ *   through the tokenizer's post-processor, not from here.
+ *
+ * Errors: `LORA_ERR_NULL_POINTER` (tok), `LORA_ERR_INVALID_STATE` (a
+ * freed tokenizer).
+ */
+lora_status lora_tokenizer_info(const struct lora_tokenizer *tok,
+                                size_t *vocab_size,
+                                int32_t *bos_id,
+                                int32_t *eos_id);
+
+/**
+ * The id of the token string `token` (NUL-terminated UTF-8, exactly as in
+ * the vocabulary: "<|im_end|>", "▁the", "Ġthe") into `*id`, or −1 when the
+ * tokenizer has no such token.
+ *
+ * Errors: `LORA_ERR_NULL_POINTER`, `LORA_ERR_INVALID_STATE` (a freed
+ * tokenizer), `LORA_ERR_INVALID_ARGUMENT` (token is not UTF-8).
+ */
+lora_status lora_tokenizer_token_to_id(const struct lora_tokenizer *tok,
+                                       const char *token,
+                                       int32_t *id);
+
+/**
+ * The token string of `id` (as in the vocabulary, not decoded: "Ġthe",
+ * "<0x0A>") into `buf`, NUL-terminated, when `len > *needed`; `*needed`
+ * receives its length in bytes. Too small a buffer: `LORA_ERR_BUFFER_SIZE`,
+ * `buf` not written (`buf` NULL and `len` 0 asks for the length).
+ *
+ * Errors: `LORA_ERR_NULL_POINTER` (tok, needed; buf with len > 0),
+ * `LORA_ERR_INVALID_STATE` (a freed tokenizer), `LORA_ERR_INVALID_ARGUMENT`
+ * (no token has this id), `LORA_ERR_BUFFER_SIZE`.
+ */
+lora_status lora_tokenizer_id_to_token(const struct lora_tokenizer *tok,
+                                       int32_t id,
+                                       char *buf,
+                                       size_t len,
+                                       size_t *needed);
+
+/**
+ * Whether `id` is a special added token (BOS, EOS, "<|im_end|>": those
+ * `skip_special` leaves out when decoding): `*out` = 1 or 0 (0 for ids the
+ * tokenizer does not have).
+ *
+ * Errors: `LORA_ERR_NULL_POINTER`, `LORA_ERR_INVALID_STATE` (a freed
+ * tokenizer).
+ */
+lora_status lora_tokenizer_is_special(const struct lora_tokenizer *tok, int32_t id, uint32_t *out);
 
 #ifdef __cplusplus
 }  // extern "C"

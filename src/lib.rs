@@ -2,7 +2,8 @@
 //!
 //! Layers (DESIGN.md section 2), each calling only those below it:
 //! `ffi` → `session` → (`lora`, `optim`, `model`) → (`quant`, `memory`, `io`)
-//! → `backend` (`cpu`, the reference, and `cuda`).
+//! → `backend` (`cpu`, the reference, and `cuda`). `tokenizer` (Hugging Face
+//! tokenizer.json: text ↔ ids) stands apart, used by `ffi` and generation.
 
 #[macro_use]
 pub mod error;
@@ -18,6 +19,7 @@ pub mod lora;
 pub mod quant;
 pub mod rng;
 pub mod session;
+pub mod tokenizer;
 
 pub mod ffi;
 

@@ -73,6 +73,7 @@ const PROGRAMS: &[(&str, bool)] = &[
     ("bad_input", true),
     ("lora_layer", true),
     ("model", true),
+    ("tokenizer", true),
     ("double_free_noasan", false),
     ("sanitizer_canary", true),
 ];
@@ -417,6 +418,14 @@ fn c_lora_layer() {
 fn c_model() {
     let d = scratch("model");
     run_c_test("model", &[manifest_dir().join("tests/fixtures/model/llama_nf4").into_os_string(), d.clone()]);
+    remove_scratch(&d);
+}
+
+#[test]
+fn c_tokenizer() {
+    let d = scratch("tokenizer");
+    let fixtures = manifest_dir().join("tests/fixtures/tokenizer").into_os_string();
+    run_c_test("tokenizer", &[fixtures, d.clone()]);
     remove_scratch(&d);
 }
 

@@ -11,6 +11,7 @@ pub mod layer;
 pub mod model;
 pub mod nf4;
 pub mod status;
+pub mod tokenizer;
 mod util;
 
 use std::ffi::{c_char, c_void};
