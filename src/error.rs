@@ -26,6 +26,7 @@ pub enum ErrorKind {
     StructSize,
     Internal,
     InvalidState,
+    DeviceMemoryExceeded,
 }
 
 /// An error with its kind and a message that names the file, tensor, shape

@@ -72,6 +72,7 @@ const PROGRAMS: &[(&str, bool)] = &[
     ("nf4_fixtures", true),
     ("bad_input", true),
     ("lora_layer", true),
+    ("paged", true),
     ("double_free_noasan", false),
     ("sanitizer_canary", true),
 ];
@@ -416,6 +417,13 @@ fn c_lora_layer() {
 fn c_bad_input() {
     let d = scratch("bad_input");
     run_c_test("bad_input", std::slice::from_ref(&d));
+    remove_scratch(&d);
+}
+
+#[test]
+fn c_paged() {
+    let d = scratch("paged");
+    run_c_test("paged", std::slice::from_ref(&d));
     remove_scratch(&d);
 }
 

@@ -9,6 +9,7 @@
 pub mod context;
 pub mod layer;
 pub mod nf4;
+pub mod paged;
 pub mod status;
 mod util;
 

@@ -60,6 +60,10 @@ pub const LORA_ERR_INTERNAL: lora_status = 19;
 /// double-quantization codes of a tensor quantized without it), or a
 /// handle that was already freed.
 pub const LORA_ERR_INVALID_STATE: lora_status = 20;
+/// A paged allocation on a CUDA context asks for more managed memory than
+/// the device has free, and the host did not allow oversubscription
+/// (`lora_paging_params.allow_oversubscription`).
+pub const LORA_ERR_DEVICE_MEMORY_EXCEEDED: lora_status = 21;
 
 pub(crate) fn status_of(kind: ErrorKind) -> lora_status {
     match kind {
@@ -82,6 +86,7 @@ pub(crate) fn status_of(kind: ErrorKind) -> lora_status {
         ErrorKind::StructSize => LORA_ERR_STRUCT_SIZE,
         ErrorKind::Internal => LORA_ERR_INTERNAL,
         ErrorKind::InvalidState => LORA_ERR_INVALID_STATE,
+        ErrorKind::DeviceMemoryExceeded => LORA_ERR_DEVICE_MEMORY_EXCEEDED,
     }
 }
 
@@ -112,6 +117,7 @@ pub extern "C" fn lora_status_str(status: lora_status) -> *const c_char {
         LORA_ERR_PANIC => "internal panic\0",
         LORA_ERR_INTERNAL => "internal error\0",
         LORA_ERR_INVALID_STATE => "invalid state for this call\0",
+        LORA_ERR_DEVICE_MEMORY_EXCEEDED => "exceeds the device's free memory\0",
         _ => "unknown status\0",
     };
     s.as_ptr() as *const c_char
