@@ -50,6 +50,18 @@
 #define LORA_MAX_DIMS 8
 
 /**
+ * Bytes per chunk, the unit in which paged memory is tracked, brought in
+ * and paged out (2 MiB). Prefetch and evict ranges are widened to whole
+ * chunks.
+ */
+#define LORA_PAGED_CHUNK_BYTES 2097152
+
+/**
+ * `lora_paged_stats.bytes_in_memory` when it cannot be measured (CUDA).
+ */
+#define LORA_PAGED_UNKNOWN 18446744073709551615ull
+
+/**
  * A context: the backend, the CPU thread pool and the seed. Create with
  * `lora_context_new`, free with `lora_context_free`.
  *
@@ -84,6 +96,25 @@ typedef struct lora_model lora_model;
  * valid until the tensor is freed.
  */
 typedef struct lora_nf4 lora_nf4;
+
+/**
+ * Paged memory: `bytes` that may exceed the fast tier (RAM on the CPU,
+ * device memory on CUDA), paged out and back in. Allocate with
+ * `lora_paged_alloc`, free with `lora_paged_free`.
+ *
+ * The memory is always valid to read and write through `lora_paged_ptr`:
+ * a paged-out byte comes back transparently on access, with the value last
+ * written, whatever the budget. `lora_paged_prefetch` (before use) and
+ * `lora_paged_evict` (after) are hints that move data ahead of time and
+ * keep the context's budget.
+ *
+ * Thread safety: every function may be called concurrently on one buffer
+ * or on buffers of one context (paging is serialized inside the context);
+ * the bytes themselves are the caller's to synchronize. `lora_paged_free`
+ * must not race with any other use of the buffer. A buffer keeps what it
+ * needs of its context alive: it may outlive the context.
+ */
+typedef struct lora_paged lora_paged;
 
 /**
  * A tokenizer loaded from a Hugging Face `tokenizer.json`: byte-level or
@@ -603,6 +634,107 @@ typedef struct lora_nf4_info {
 } lora_nf4_info;
 
 /**
+ * Paging settings of a context (`lora_context_set_paging`). Initialize
+ * with `lora_paging_default_params()`, then change fields.
+ */
+typedef struct lora_paging_params {
+  /**
+   * `sizeof(lora_paging_params)`, set by the defaults function.
+   */
+  uint32_t struct_size;
+  /**
+   * CUDA: non-zero lets `lora_paged_alloc` ask for more managed memory
+   * than the device has free (the driver then pages to the host);
+   * default 0: such a call fails with `LORA_ERR_DEVICE_MEMORY_EXCEEDED`.
+   */
+  uint32_t allow_oversubscription;
+  /**
+   * Most bytes of the context's paged buffers kept in the fast tier (RAM
+   * on the CPU, device memory on CUDA); bringing in more pages out the
+   * least recently used chunks first. 0 (default): no limit, pages move
+   * only on `lora_paged_evict` (or, on CUDA, when the driver needs room).
+   */
+  uint64_t budget_bytes;
+  /**
+   * CPU: directory of the backing files (NUL-terminated; copied). NULL
+   * (default): the system temp directory (`$TMPDIR`, else /tmp). Use a
+   * directory on a disk: on tmpfs paging out frees no memory. Files are
+   * unlinked when created, so nothing is left behind, even after a crash.
+   */
+  const char *dir;
+} lora_paging_params;
+
+/**
+ * Flag bits of `lora_paged_stats.flags` (OR over the buffers of a context).
+ */
+typedef uint32_t lora_paged_flags;
+
+/**
+ * Counters of a paged buffer (`lora_paged_get_stats`) or of all of a
+ * context's (`lora_context_paged_stats`). Set `struct_size` to
+ * `sizeof(lora_paged_stats)` before the call.
+ *
+ * Byte counts are the pager's accounting of what prefetch, evict and the
+ * budget moved: memory touched through the pointer without a prefetch is
+ * still served (and not counted). `bytes_resident + bytes_paged_out ==
+ * bytes_total` (except for buffers flagged
+ * `LORA_PAGED_FLAG_NO_CONCURRENT_MANAGED_ACCESS`, which count in neither);
+ * a fresh buffer counts as paged out (zeros on the backing store).
+ * Page-ins and page-outs count chunk moves.
+ */
+typedef struct lora_paged_stats {
+  /**
+   * In: `sizeof(lora_paged_stats)` as compiled by the caller.
+   */
+  uint32_t struct_size;
+  /**
+   * `LORA_PAGED_FLAG_*` bits.
+   */
+  lora_paged_flags flags;
+  /**
+   * Live buffers (1 for a buffer's own stats).
+   */
+  uint64_t buffers;
+  /**
+   * Bytes allocated in them.
+   */
+  uint64_t bytes_total;
+  /**
+   * Bytes in the fast tier (RAM on the CPU, device on CUDA).
+   */
+  uint64_t bytes_resident;
+  /**
+   * Bytes in the slow tier (backing file on the CPU, host on CUDA).
+   */
+  uint64_t bytes_paged_out;
+  /**
+   * Chunks brought into the fast tier so far.
+   */
+  uint64_t page_ins;
+  /**
+   * Chunks pushed out to the slow tier so far.
+   */
+  uint64_t page_outs;
+  /**
+   * Bytes of those page-ins.
+   */
+  uint64_t bytes_paged_in_total;
+  /**
+   * Bytes of those page-outs.
+   */
+  uint64_t bytes_paged_out_total;
+  /**
+   * CPU: bytes actually in memory now, measured (`mincore`);
+   * `LORA_PAGED_UNKNOWN` on CUDA.
+   */
+  uint64_t bytes_in_memory;
+  /**
+   * The context's budget (0: no limit).
+   */
+  uint64_t budget_bytes;
+} lora_paged_stats;
+
+/**
  * IEEE 754 binary32.
  */
 #define LORA_DTYPE_F32 0
@@ -706,6 +838,31 @@ typedef struct lora_nf4_info {
  * Linear warmup, then half a cosine down to 0 at `total_steps`.
  */
 #define LORA_SCHEDULE_COSINE 3
+
+/**
+ * CUDA managed memory: the fast tier is the device, the slow one the host.
+ */
+#define LORA_PAGED_FLAG_CUDA_MANAGED 1
+
+/**
+ * The device lacks concurrent managed access: prefetch and evict do
+ * nothing (the driver migrates whole buffers at kernel launch, as with
+ * bitsandbytes on such devices), the counters stay 0, and the host may
+ * touch the memory only while the device is idle.
+ */
+#define LORA_PAGED_FLAG_NO_CONCURRENT_MANAGED_ACCESS 2
+
+/**
+ * The backing directory is on a memory file system (tmpfs): paging out
+ * lowers the process's resident memory but frees no RAM. Choose a
+ * directory on a disk.
+ */
+#define LORA_PAGED_FLAG_BACKING_IN_MEMORY 4
+
+/**
+ * Allocated beyond the device's free memory (oversubscription allowed).
+ */
+#define LORA_PAGED_FLAG_OVERSUBSCRIBED 8
 
 /**
  * Success.
@@ -828,6 +985,13 @@ typedef struct lora_nf4_info {
  * the call where the function's documentation says so.
  */
 #define LORA_ERR_CANCELLED 21
+
+/**
+ * A paged allocation on a CUDA context asks for more managed memory than
+ * the device has free, and the host did not allow oversubscription
+ * (`lora_paging_params.allow_oversubscription`).
+ */
+#define LORA_ERR_DEVICE_MEMORY_EXCEEDED 22
 
 #ifdef __cplusplus
 extern "C" {
@@ -1505,6 +1669,117 @@ lora_status lora_nf4_load(const char *path, const char *prefix, struct lora_nf4 
  * without the NUL. Errors as for `lora_nf4_load`'s file checks.
  */
 lora_status lora_nf4_list(const char *path, char *buf, size_t len, size_t *needed);
+
+/**
+ * Default paging parameters: no budget, the system temp directory, no
+ * oversubscription.
+ */
+struct lora_paging_params lora_paging_default_params(void);
+
+/**
+ * Sets the paging of the context's paged buffers; `params` NULL restores
+ * the defaults. The budget applies at once to every buffer of the context
+ * (a lower one pages out the least recently used chunks now); the
+ * directory applies to later allocations and is checked now (it must
+ * exist and accept a new file). On failure nothing changes.
+ *
+ * Thread safety: may be called while other threads use the context's
+ * buffers; not concurrently with `lora_context_free`.
+ *
+ * Errors: `LORA_ERR_NULL_POINTER` (ctx), `LORA_ERR_INVALID_STATE` (freed
+ * ctx), `LORA_ERR_STRUCT_SIZE`, `LORA_ERR_INVALID_ARGUMENT` (empty dir),
+ * `LORA_ERR_IO` (dir missing, not a directory or not writable; a page-out
+ * the new budget forced failed).
+ */
+lora_status lora_context_set_paging(struct lora_context *ctx,
+                                    const struct lora_paging_params *params);
+
+/**
+ * Allocates `bytes` of paged memory under `ctx`, zero-filled; `*out`
+ * receives the buffer (free it with `lora_paged_free`), written only on
+ * success.
+ *
+ * CPU context: backed by a new unlinked file in the paging directory,
+ * mapped shared, its blocks reserved now. CUDA context: managed memory
+ * (`cuMemAllocManaged`), valid on the host and the device.
+ *
+ * Errors: `LORA_ERR_NULL_POINTER` (ctx, out), `LORA_ERR_INVALID_STATE`
+ * (freed ctx), `LORA_ERR_INVALID_ARGUMENT` (bytes is 0), `LORA_ERR_IO` (the
+ * paging directory cannot hold the file), `LORA_ERR_OUT_OF_MEMORY` (more
+ * than the backing store's free space or the address space; CUDA: the
+ * driver's out of memory), `LORA_ERR_DEVICE_MEMORY_EXCEEDED` (CUDA: more
+ * than the device's free memory, counting earlier paged buffers not yet on
+ * the device, without `allow_oversubscription`), `LORA_ERR_CUDA`.
+ */
+lora_status lora_paged_alloc(const struct lora_context *ctx, size_t bytes, struct lora_paged **out);
+
+/**
+ * Frees a buffer and its backing (the file's blocks, the managed memory).
+ * NULL is a no-op; so is a second free of the same handle where it can be
+ * detected (never rely on it). Pointers from `lora_paged_ptr` become
+ * invalid: on the CPU the range is unmapped, so a later access faults.
+ */
+void lora_paged_free(struct lora_paged *buf);
+
+/**
+ * The buffer's memory into `*out`: page-aligned, `lora_paged_size` bytes,
+ * valid until `lora_paged_free`. On CUDA the managed address, usable on
+ * the host and in kernels.
+ *
+ * Errors: `LORA_ERR_NULL_POINTER` (buf, out), `LORA_ERR_INVALID_STATE`
+ * (freed buf).
+ */
+lora_status lora_paged_ptr(const struct lora_paged *buf, void **out);
+
+/**
+ * The buffer's size in bytes (as allocated) into `*out`.
+ *
+ * Errors: `LORA_ERR_NULL_POINTER` (buf, out), `LORA_ERR_INVALID_STATE`
+ * (freed buf).
+ */
+lora_status lora_paged_size(const struct lora_paged *buf, size_t *out);
+
+/**
+ * Hint: bytes `offset .. offset+bytes` will be used soon. Starts bringing
+ * them in (widened to whole chunks of `LORA_PAGED_CHUNK_BYTES`): readahead
+ * into RAM on the CPU, an asynchronous migration to the device on CUDA
+ * (ordered before later work on the context's stream). Where the budget
+ * requires, the least recently used chunks of the context's buffers are
+ * paged out first (never those of this range). `bytes` 0 does nothing.
+ *
+ * Errors: `LORA_ERR_NULL_POINTER` (buf), `LORA_ERR_INVALID_STATE` (freed
+ * buf), `LORA_ERR_INVALID_ARGUMENT` (range past the end),
+ * `LORA_ERR_IO` / `LORA_ERR_CUDA` (moving pages failed; no data is lost).
+ */
+lora_status lora_paged_prefetch(struct lora_paged *buf, size_t offset, size_t bytes);
+
+/**
+ * Hint: bytes `offset .. offset+bytes` are not needed for a while. Pages
+ * them out (widened to whole chunks): written to the backing file and
+ * dropped from RAM on the CPU, migrated to the host on CUDA. The bytes
+ * stay valid and come back on access. `bytes` 0 does nothing.
+ *
+ * Errors: as `lora_paged_prefetch`.
+ */
+lora_status lora_paged_evict(struct lora_paged *buf, size_t offset, size_t bytes);
+
+/**
+ * The buffer's counters into `*out` (set `out->struct_size` first).
+ *
+ * Errors: `LORA_ERR_NULL_POINTER` (buf, out), `LORA_ERR_INVALID_STATE`
+ * (freed buf), `LORA_ERR_STRUCT_SIZE`.
+ */
+lora_status lora_paged_get_stats(const struct lora_paged *buf, struct lora_paged_stats *out);
+
+/**
+ * The counters of all the context's paged buffers into `*out` (set
+ * `out->struct_size` first): totals over the live buffers, cumulative
+ * page-ins and page-outs over all, freed ones included.
+ *
+ * Errors: `LORA_ERR_NULL_POINTER` (ctx, out), `LORA_ERR_INVALID_STATE`
+ * (freed ctx), `LORA_ERR_STRUCT_SIZE`.
+ */
+lora_status lora_context_paged_stats(const struct lora_context *ctx, struct lora_paged_stats *out);
 
 /**
  * A static, NUL-terminated description of `status` ("unknown status" for

@@ -143,6 +143,7 @@ fi
 
 run "test cuda_compile (NVRTC here compiles every kernel)" 90 "$BUNDLE/bin/cuda_compile" --nocapture --test-threads=1
 run "test cuda_nf4 (kernels vs CPU on the GPU)" 240 "$BUNDLE/bin/cuda_nf4" --nocapture --test-threads=1
+run "test cuda_paged (paged memory: CUDA managed memory)" 90 "$BUNDLE/bin/cuda_paged" --nocapture --test-threads=1
 run "bench gpu_bench_nf4" 180 "$BUNDLE/bin/gpu_bench_nf4"
 
 section "summary"

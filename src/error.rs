@@ -27,6 +27,7 @@ pub enum ErrorKind {
     Internal,
     InvalidState,
     Cancelled,
+    DeviceMemoryExceeded,
 }
 
 /// An error with its kind and a message that names the file, tensor, shape

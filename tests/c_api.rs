@@ -74,6 +74,7 @@ const PROGRAMS: &[(&str, bool)] = &[
     ("lora_layer", true),
     ("model", true),
     ("tokenizer", true),
+    ("paged", true),
     ("double_free_noasan", false),
     ("sanitizer_canary", true),
 ];
@@ -433,6 +434,13 @@ fn c_tokenizer() {
 fn c_bad_input() {
     let d = scratch("bad_input");
     run_c_test("bad_input", std::slice::from_ref(&d));
+    remove_scratch(&d);
+}
+
+#[test]
+fn c_paged() {
+    let d = scratch("paged");
+    run_c_test("paged", std::slice::from_ref(&d));
     remove_scratch(&d);
 }
 

@@ -10,6 +10,7 @@ pub mod context;
 pub mod layer;
 pub mod model;
 pub mod nf4;
+pub mod paged;
 pub mod status;
 pub mod tokenizer;
 mod util;

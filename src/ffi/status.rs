@@ -64,6 +64,10 @@ pub const LORA_ERR_INVALID_STATE: lora_status = 20;
 /// was building is discarded; objects it was updating are left as before
 /// the call where the function's documentation says so.
 pub const LORA_ERR_CANCELLED: lora_status = 21;
+/// A paged allocation on a CUDA context asks for more managed memory than
+/// the device has free, and the host did not allow oversubscription
+/// (`lora_paging_params.allow_oversubscription`).
+pub const LORA_ERR_DEVICE_MEMORY_EXCEEDED: lora_status = 22;
 
 pub(crate) fn status_of(kind: ErrorKind) -> lora_status {
     match kind {
@@ -87,6 +91,7 @@ pub(crate) fn status_of(kind: ErrorKind) -> lora_status {
         ErrorKind::Internal => LORA_ERR_INTERNAL,
         ErrorKind::InvalidState => LORA_ERR_INVALID_STATE,
         ErrorKind::Cancelled => LORA_ERR_CANCELLED,
+        ErrorKind::DeviceMemoryExceeded => LORA_ERR_DEVICE_MEMORY_EXCEEDED,
     }
 }
 
@@ -118,6 +123,7 @@ pub extern "C" fn lora_status_str(status: lora_status) -> *const c_char {
         LORA_ERR_INTERNAL => "internal error\0",
         LORA_ERR_INVALID_STATE => "invalid state for this call\0",
         LORA_ERR_CANCELLED => "cancelled by the progress callback\0",
+        LORA_ERR_DEVICE_MEMORY_EXCEEDED => "exceeds the device's free memory\0",
         _ => "unknown status\0",
     };
     s.as_ptr() as *const c_char

@@ -3,6 +3,7 @@
 
 use crate::backend::{cuda, Device};
 use crate::error::Result;
+use crate::memory::{Pager, PagingConfig};
 
 /// Backend requested at context creation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,6 +35,10 @@ pub struct Context {
     /// their threads even if the context handle is freed first.
     pub pool: std::sync::Arc<rayon::ThreadPool>,
     pub seed: u64,
+    /// Paged memory of this context (`lora_paged_alloc`): its budget,
+    /// directory and buffers. Shared with the buffers, which may outlive
+    /// the context.
+    pub pager: std::sync::Arc<Pager>,
 }
 
 impl Context {
@@ -57,7 +62,8 @@ impl Context {
             .build()
             .map_err(|e| err!(Internal, "cannot start {threads} worker threads: {e}"))?;
         log!(Info, "context on {} with {threads} CPU threads, seed {}", device.describe(), p.seed);
-        Ok(Context { device, pool: std::sync::Arc::new(pool), seed: p.seed })
+        let pager = Pager::new(device.clone(), PagingConfig::default())?;
+        Ok(Context { device, pool: std::sync::Arc::new(pool), seed: p.seed, pager })
     }
 
     /// Runs `f` on this context's thread pool (so rayon work inside it uses

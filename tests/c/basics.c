@@ -51,14 +51,16 @@ static void test_status_str(void) {
         LORA_ERR_PANIC,
         LORA_ERR_INTERNAL,
         LORA_ERR_INVALID_STATE,
+        LORA_ERR_CANCELLED,
+        LORA_ERR_DEVICE_MEMORY_EXCEEDED,
     };
-    static const lora_status unknown[] = {21, 22, 100, -1, INT32_MIN, INT32_MAX};
+    static const lora_status unknown[] = {23, 24, 100, -1, INT32_MIN, INT32_MAX};
     const size_t n = sizeof defined / sizeof defined[0];
     const char *unk = lora_status_str(-1);
     size_t i, j;
     REQUIRE(unk != NULL);
     CHECKF(strcmp(unk, "unknown status") == 0, "lora_status_str(-1) = \"%s\"", unk);
-    /* Values are explicit and never renumbered: 0..20 in header order. */
+    /* Values are explicit and never renumbered: 0..22 in header order. */
     for (i = 0; i < n; i++) CHECKF(defined[i] == (lora_status)i, "status #%zu has value %d", i, (int)defined[i]);
     for (i = 0; i < n; i++) {
         const char *s = lora_status_str(defined[i]);

@@ -68,6 +68,33 @@ int main(void) {
         CHECK(b == 0xdead);
     }
 
+    /* A paged buffer freed twice; a freed buffer refused by every call. */
+    {
+        lora_paged *pb = NULL, *pb2 = NULL;
+        size_t size = 4242;
+        void *ptr = NULL;
+        lora_paged_stats st;
+        REQUIRE_OK(lora_paged_alloc(ctx, 3 << 20, &pb));
+        lora_paged_free(pb);
+        lora_paged_free(pb); /* detectable: must be a no-op */
+        EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_paged_size(pb, &size));
+        CHECK(size == 4242);
+        EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_paged_ptr(pb, &ptr));
+        CHECK(ptr == NULL);
+        EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_paged_prefetch(pb, 0, 1));
+        EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_paged_evict(pb, 0, 1));
+        memset(&st, 0, sizeof st);
+        st.struct_size = sizeof st;
+        EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_paged_get_stats(pb, &st));
+        /* The context no longer counts it; a new buffer works. */
+        CHECK_OK(lora_context_paged_stats(ctx, &st));
+        CHECK(st.buffers == 0 && st.bytes_total == 0);
+        REQUIRE_OK(lora_paged_alloc(ctx, 4096, &pb2));
+        CHECK_OK(lora_paged_size(pb2, &size));
+        CHECK(size == 4096);
+        lora_paged_free(pb2);
+    }
+
     lora_context_free(ctx);
     lora_context_free(ctx);
     return check_exit_code();

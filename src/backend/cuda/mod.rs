@@ -7,7 +7,8 @@
 //! `include_str!`), are compiled by NVRTC at first use to a CUBIN for the
 //! device's own `sm_XY` ([`nvrtc`]), and are loaded once per device. Each
 //! family has its launcher module here (argument checks, launch shapes):
-//! [`nf4`] for `cuda/nf4.cu`, [`dense`] for `cuda/dense.cu`.
+//! [`nf4`] for `cuda/nf4.cu`, [`dense`] for `cuda/dense.cu`. [`paged`] holds
+//! the managed memory of paged buffers (host code only).
 //!
 //! Streams: a [`CudaDevice`] owns exactly one stream and all its work,
 //! copies included, is ordered on it; buffers used with a device must have
@@ -17,6 +18,7 @@ pub mod buffer;
 pub mod dense;
 pub mod nf4;
 pub mod nvrtc;
+pub mod paged;
 
 pub use buffer::{DevBuffer, DevElems, DevElemsMut};
 
