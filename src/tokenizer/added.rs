@@ -101,8 +101,12 @@ pub(crate) enum Split {
 pub(crate) struct AddedVocab {
     /// content → id (`added_tokens_map`).
     pub by_content: FxMap<String, u32>,
-    /// id → token (`added_tokens_map_r`): what ids decode to.
+    /// id → token (`added_tokens_map_r`).
     pub by_id: FxMap<u32, AddedToken>,
+    /// id → the string `id_to_token` gives: the content, normalized for a
+    /// `normalized` token (as `tokenizers` 0.23 returns it; "new  token"
+    /// under a whitespace-collapsing normalizer comes back "new token").
+    forms: FxMap<u32, String>,
     special: HashSet<String>,
     raw: Matcher,
     normalized: Matcher,
@@ -177,9 +181,14 @@ impl AddedVocab {
                 raw.push((t.content.clone(), id, entry));
             }
         }
+        let mut forms = FxMap::default();
+        for (&id, t) in &by_id_tok {
+            forms.insert(id, if t.normalized { normalize(&t.content)? } else { t.content.clone() });
+        }
         Ok(AddedVocab {
             by_content,
             by_id: by_id_tok,
+            forms,
             special,
             raw: Matcher::new(raw),
             normalized: Matcher::new(norm),
@@ -190,8 +199,9 @@ impl AddedVocab {
         self.special.contains(content)
     }
 
+    /// The token string of an added id (see `forms`).
     pub fn content_of(&self, id: u32) -> Option<&str> {
-        self.by_id.get(&id).map(|t| t.content.as_str())
+        self.forms.get(&id).map(String::as_str)
     }
 
     /// Splits raw input at the `normalized: false` tokens.

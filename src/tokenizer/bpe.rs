@@ -202,6 +202,10 @@ impl Bpe {
         if let Some(u) = unk {
             syms.push(u);
         }
+        if syms.len() >= NONE as usize {
+            // Symbol links are u32.
+            bail!(InvalidArgument, "a piece of {} symbols is too long to encode (at most 2^32-2)", syms.len());
+        }
         Ok(self.merge_all(syms))
     }
 
@@ -213,17 +217,17 @@ impl Bpe {
         let mut sym: Vec<Symbol> = ids
             .iter()
             .enumerate()
-            .map(|(i, &c)| Symbol { id: c, prev: i as isize - 1, next: if i + 1 < n { i as isize + 1 } else { -1 }, live: true })
+            .map(|(i, &c)| Symbol { id: c, prev: if i == 0 { NONE } else { i as u32 - 1 }, next: if i + 1 < n { i as u32 + 1 } else { NONE } })
             .collect();
-        let mut heap = BinaryHeap::with_capacity(n);
-        for i in 0..n - 1 {
-            if let Some(&(rank, new_id)) = self.merges.get(&pair(ids[i], ids[i + 1])) {
-                heap.push(Merge { pos: i, rank, new_id });
-            }
-        }
+        // Heapify the initial pairs at once (O(n)) rather than push by push.
+        let initial: Vec<Merge> = (0..n - 1)
+            .filter_map(|i| self.merges.get(&pair(ids[i], ids[i + 1])).map(|&(rank, new_id)| Merge::new(rank, i as u32, new_id)))
+            .collect();
+        let mut heap = BinaryHeap::from(initial);
         while let Some(top) = heap.pop() {
-            let cur = sym[top.pos];
-            if !cur.live || cur.next < 0 {
+            let pos = top.pos() as usize;
+            let cur = sym[pos];
+            if cur.id == DEAD || cur.next == NONE {
                 continue;
             }
             let next_pos = cur.next as usize;
@@ -233,28 +237,34 @@ impl Bpe {
                 Some(&(_, id)) if id == top.new_id => {}
                 _ => continue,
             }
-            sym[top.pos].id = top.new_id;
-            sym[top.pos].next = right.next;
-            sym[next_pos].live = false;
-            if right.next >= 0 {
-                sym[right.next as usize].prev = top.pos as isize;
+            sym[pos].id = top.new_id;
+            sym[pos].next = right.next;
+            sym[next_pos].id = DEAD;
+            if right.next != NONE {
+                sym[right.next as usize].prev = pos as u32;
             }
-            let cur = sym[top.pos];
-            if cur.prev >= 0 {
+            let cur = sym[pos];
+            if cur.prev != NONE {
                 let p = cur.prev as usize;
                 if let Some(&(rank, new_id)) = self.merges.get(&pair(sym[p].id, cur.id)) {
-                    heap.push(Merge { pos: p, rank, new_id });
+                    heap.push(Merge::new(rank, p as u32, new_id));
                 }
             }
-            if cur.next >= 0 {
+            if cur.next != NONE {
                 if let Some(&(rank, new_id)) = self.merges.get(&pair(cur.id, sym[cur.next as usize].id)) {
-                    heap.push(Merge { pos: top.pos, rank, new_id });
+                    heap.push(Merge::new(rank, pos as u32, new_id));
                 }
             }
         }
-        sym.iter().filter(|s| s.live).map(|s| s.id).collect()
+        sym.iter().filter(|s| s.id != DEAD).map(|s| s.id).collect()
     }
 }
+
+/// No neighbour (a link of [`Symbol`]).
+const NONE: u32 = u32::MAX;
+/// The id of a symbol merged into its left neighbour. Ids are below 2^31
+/// (checked at load), so this never names a token.
+const DEAD: u32 = u32::MAX;
 
 /// The key of a merge: both ids in one word (one hash step).
 #[inline]
@@ -262,26 +272,37 @@ fn pair(a: u32, b: u32) -> u64 {
     ((a as u64) << 32) | b as u64
 }
 
+/// A symbol of a word being merged, linked to its live neighbours.
 #[derive(Clone, Copy)]
 struct Symbol {
     id: u32,
-    prev: isize,
-    next: isize,
-    live: bool,
+    prev: u32,
+    next: u32,
 }
 
+/// A candidate merge in the heap: `key` = rank · 2^32 + position, so the
+/// smallest key is the lowest rank and, of equal ranks, the leftmost pair.
 #[derive(PartialEq, Eq)]
 struct Merge {
-    pos: usize,
-    rank: u32,
+    key: u64,
     new_id: u32,
 }
 
+impl Merge {
+    #[inline]
+    fn new(rank: u32, pos: u32, new_id: u32) -> Merge {
+        Merge { key: ((rank as u64) << 32) | pos as u64, new_id }
+    }
+    #[inline]
+    fn pos(&self) -> u32 {
+        self.key as u32
+    }
+}
+
 impl Ord for Merge {
-    /// Max-heap order reversed: the lowest rank, then the lowest position,
-    /// comes out first.
+    /// Reversed, so std's max-heap pops the smallest key first.
     fn cmp(&self, other: &Self) -> Ordering {
-        other.rank.cmp(&self.rank).then_with(|| other.pos.cmp(&self.pos))
+        other.key.cmp(&self.key)
     }
 }
 

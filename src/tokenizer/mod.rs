@@ -195,8 +195,9 @@ impl Tokenizer {
         }
     }
 
-    /// The token string of an id: an added token's content, else the
-    /// model's (`tokenizer.id_to_token`).
+    /// The token string of an id: an added token's content (normalized
+    /// when the token is marked `normalized`, as `tokenizers` 0.23 gives
+    /// it), else the model's (`tokenizer.id_to_token`).
     pub fn id_to_token(&self, id: u32) -> Option<&str> {
         self.added.content_of(id).or_else(|| self.model.vocab_r.get(&id).map(String::as_str))
     }
@@ -228,8 +229,9 @@ impl Tokenizer {
         self.eos_id
     }
 
-    /// Whether `id` is a special added token (skipped by
-    /// `decode(.., skip_special_tokens = true)`).
+    /// Whether `decode(.., skip_special_tokens = true)` leaves `id` out:
+    /// its token string (as [`Tokenizer::id_to_token`]) is the content of a
+    /// special added token — the test `tokenizers` makes.
     pub fn is_special(&self, id: u32) -> bool {
         self.added.content_of(id).is_some_and(|c| self.added.is_special(c))
     }
