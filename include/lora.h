@@ -445,6 +445,11 @@ typedef uint32_t lora_optim;
 typedef uint32_t lora_schedule;
 
 /**
+ * Where AdamW's moments live (`LORA_PAGED_STATE_*`).
+ */
+typedef uint32_t lora_paged_state;
+
+/**
  * Options of `lora_trainer_new`. Initialize with
  * `lora_trainer_default_params()`.
  */
@@ -498,6 +503,10 @@ typedef struct lora_trainer_params {
    */
   lora_progress_fn progress;
   void *progress_user;
+  /**
+   * `LORA_PAGED_STATE_*`; default `LORA_PAGED_STATE_AUTO`.
+   */
+  lora_paged_state paged_state;
 } lora_trainer_params;
 
 /**
@@ -838,6 +847,25 @@ typedef struct lora_paged_stats {
  * Linear warmup, then half a cosine down to 0 at `total_steps`.
  */
 #define LORA_SCHEDULE_COSINE 3
+
+/**
+ * Paged when the model's linear layers are NF4 (QLoRA's default, as
+ * qlora.py's `paged_adamw_32bit`), else resident.
+ */
+#define LORA_PAGED_STATE_AUTO 0
+
+/**
+ * Ordinary memory.
+ */
+#define LORA_PAGED_STATE_OFF 1
+
+/**
+ * Paged memory of the model's context (`lora_context_set_paging` sets
+ * its budget and directory): with a budget smaller than the state, the
+ * state pages out and back in as each step walks it; the numbers are
+ * bit-identical to resident state. 32-bit AdamW only.
+ */
+#define LORA_PAGED_STATE_ON 2
 
 /**
  * CUDA managed memory: the fast tier is the device, the slow one the host.
@@ -1478,7 +1506,9 @@ struct lora_trainer_params lora_trainer_default_params(void);
  *
  * Errors: `LORA_ERR_INVALID_ARGUMENT` (unknown adapter, bad
  * hyperparameters), `LORA_ERR_INVALID_STATE` (model merged),
- * `LORA_ERR_STRUCT_SIZE`.
+ * `LORA_ERR_UNSUPPORTED` (`LORA_PAGED_STATE_ON` with the 8-bit
+ * optimizer), `LORA_ERR_IO` / `LORA_ERR_OUT_OF_MEMORY` (paged state: the
+ * paging directory cannot hold it), `LORA_ERR_STRUCT_SIZE`.
  */
 lora_status lora_trainer_new(struct lora_model *model,
                              const char *adapter,

@@ -344,3 +344,34 @@ fn checkpoint_survives_sigkill_mid_save() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn paged_optimizer_state_several_times_the_budget_is_bit_identical() {
+    use lora::backend::Device;
+    use lora::memory::{Pager, PagingConfig, CHUNK_BYTES};
+    let dir = tmpdir("paged-train");
+    synth(&dir, 256, 768, 2, 4, 2, 61, None);
+    let ids = tokens(2 * 16, 61, 8);
+    let budget = CHUNK_BYTES as u64;
+    let pager = Pager::new(Device::Cpu, PagingConfig { budget_bytes: budget, dir: Some(dir.clone()), allow_oversubscription: false }).unwrap();
+    let run = |paged: bool| {
+        let mut m = load(&dir, true);
+        m.add_adapter("a", AdapterSpec::new(128, 128.0)).unwrap();
+        let cfg = TrainerConfig { paged, ..Default::default() };
+        let mut t = Trainer::with_pager(Arc::new(Mutex::new(m)), "a", cfg, Some(&pager)).unwrap();
+        let state = t.optimizer_bytes();
+        for _ in 0..3 {
+            t.step(&ids, None, 2, 16, &mut |_, _| true).unwrap();
+        }
+        let w: Vec<Vec<f32>> = t.model.lock().adapter_params("a").unwrap().0.iter().map(|p| p.to_vec()).collect();
+        (w, state, t.paged_stats())
+    };
+    let (resident, state, none) = run(false);
+    assert!(none.is_none());
+    let (paged, _, stats) = run(true);
+    assert!(state as u64 >= 4 * budget, "state {state} bytes vs budget {budget}");
+    assert_eq!(paged, resident, "paged optimizer state changed the numbers");
+    let (m, v) = stats.unwrap();
+    assert!(m.page_outs > 0 && m.page_ins > 0 && v.page_outs > 0 && v.page_ins > 0, "{m:?} {v:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -20,6 +20,7 @@
  * Environment: LORA_DEMO_STEPS (default 60), LORA_DEMO_THREADS (default:
  * all cores).
  */
+#define _POSIX_C_SOURCE 200809L
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>

@@ -61,6 +61,7 @@ pub struct lora_model {
     tag: u64,
     inner: Arc<Mutex<Model>>,
     pool: Arc<rayon::ThreadPool>,
+    pager: Arc<crate::memory::Pager>,
 }
 
 impl Handle for lora_model {
@@ -220,7 +221,7 @@ pub unsafe extern "C" fn lora_model_load(ctx: *const lora_context, dir: *const c
         };
         let mut prog = progress_fn(p.progress, p.progress_user);
         let m = ctx.inner.run(|| Model::load(&dir, LoadOptions { quantize, seed: ctx.inner.seed }, &mut prog))?;
-        *out = util::into_handle(lora_model { tag: lora_model::TAG, inner: Arc::new(Mutex::new(m)), pool: ctx.inner.pool.clone() });
+        *out = util::into_handle(lora_model { tag: lora_model::TAG, inner: Arc::new(Mutex::new(m)), pool: ctx.inner.pool.clone(), pager: ctx.inner.pager.clone() });
         Ok(())
     })
 }
@@ -630,6 +631,19 @@ pub const LORA_SCHEDULE_LINEAR: lora_schedule = 2;
 /// Linear warmup, then half a cosine down to 0 at `total_steps`.
 pub const LORA_SCHEDULE_COSINE: lora_schedule = 3;
 
+/// Where AdamW's moments live (`LORA_PAGED_STATE_*`).
+pub type lora_paged_state = u32;
+/// Paged when the model's linear layers are NF4 (QLoRA's default, as
+/// qlora.py's `paged_adamw_32bit`), else resident.
+pub const LORA_PAGED_STATE_AUTO: lora_paged_state = 0;
+/// Ordinary memory.
+pub const LORA_PAGED_STATE_OFF: lora_paged_state = 1;
+/// Paged memory of the model's context (`lora_context_set_paging` sets
+/// its budget and directory): with a budget smaller than the state, the
+/// state pages out and back in as each step walks it; the numbers are
+/// bit-identical to resident state. 32-bit AdamW only.
+pub const LORA_PAGED_STATE_ON: lora_paged_state = 2;
+
 /// Options of `lora_trainer_new`. Initialize with
 /// `lora_trainer_default_params()`.
 #[repr(C)]
@@ -664,6 +678,8 @@ pub struct lora_trainer_params {
     /// Called after each micro-batch of a step; may be NULL.
     pub progress: lora_progress_fn,
     pub progress_user: *mut c_void,
+    /// `LORA_PAGED_STATE_*`; default `LORA_PAGED_STATE_AUTO`.
+    pub paged_state: lora_paged_state,
 }
 
 /// A training run: model, adapter, optimizer and schedule. Holds the model
@@ -722,10 +738,11 @@ pub extern "C" fn lora_trainer_default_params() -> lora_trainer_params {
         checkpointing: 0,
         progress: None,
         progress_user: std::ptr::null_mut(),
+        paged_state: LORA_PAGED_STATE_AUTO,
     }
 }
 
-fn trainer_config(p: &lora_trainer_params) -> Result<TrainerConfig> {
+fn trainer_config(p: &lora_trainer_params, quantized: bool) -> Result<TrainerConfig> {
     let schedule = match p.schedule {
         LORA_SCHEDULE_CONSTANT => Schedule::Constant,
         LORA_SCHEDULE_CONSTANT_WITH_WARMUP => Schedule::ConstantWithWarmup { warmup_steps: p.warmup_steps },
@@ -746,7 +763,14 @@ fn trainer_config(p: &lora_trainer_params) -> Result<TrainerConfig> {
         LORA_OPTIM_ADAMW_8BIT => OptimKind::AdamW8bit,
         o => crate::bail!(InvalidArgument, "optimizer {o} is not a LORA_OPTIM_* value"),
     };
+    let paged = match p.paged_state {
+        LORA_PAGED_STATE_AUTO => quantized && optimizer == OptimKind::AdamW,
+        LORA_PAGED_STATE_OFF => false,
+        LORA_PAGED_STATE_ON => true,
+        v => crate::bail!(InvalidArgument, "paged_state {v} is not a LORA_PAGED_STATE_* value"),
+    };
     Ok(TrainerConfig {
+        paged,
         adamw: AdamWConfig { lr: p.lr, beta1: p.beta1, beta2: p.beta2, eps: p.eps, weight_decay: p.weight_decay },
         schedule,
         max_grad_norm: p.max_grad_norm,
@@ -761,7 +785,9 @@ fn trainer_config(p: &lora_trainer_params) -> Result<TrainerConfig> {
 ///
 /// Errors: `LORA_ERR_INVALID_ARGUMENT` (unknown adapter, bad
 /// hyperparameters), `LORA_ERR_INVALID_STATE` (model merged),
-/// `LORA_ERR_STRUCT_SIZE`.
+/// `LORA_ERR_UNSUPPORTED` (`LORA_PAGED_STATE_ON` with the 8-bit
+/// optimizer), `LORA_ERR_IO` / `LORA_ERR_OUT_OF_MEMORY` (paged state: the
+/// paging directory cannot hold it), `LORA_ERR_STRUCT_SIZE`.
 #[no_mangle]
 pub unsafe extern "C" fn lora_trainer_new(model: *mut lora_model, adapter: *const c_char, params: *const lora_trainer_params, out: *mut *mut lora_trainer) -> lora_status {
     guard(|| {
@@ -769,7 +795,8 @@ pub unsafe extern "C" fn lora_trainer_new(model: *mut lora_model, adapter: *cons
         let adapter = req_str(adapter, "adapter")?;
         let out = req_out(out, "out")?;
         let p = read_params(params, lora_trainer_default_params(), std::mem::size_of::<lora_trainer_params>(), "lora_trainer_params")?;
-        let tr = Trainer::new(h.inner.clone(), adapter, trainer_config(&p)?)?;
+        let quantized = h.inner.lock().quant.is_some();
+        let tr = Trainer::with_pager(h.inner.clone(), adapter, trainer_config(&p, quantized)?, Some(&h.pager))?;
         *out = util::into_handle(lora_trainer { tag: lora_trainer::TAG, inner: tr, pool: h.pool.clone(), progress: p.progress, progress_user: p.progress_user });
         Ok(())
     })
@@ -852,7 +879,9 @@ pub unsafe extern "C" fn lora_trainer_resume(model: *mut lora_model, dir: *const
         let dir = req_path(dir, "dir")?;
         let out = req_out(out, "out")?;
         let p = read_params(params, lora_trainer_default_params(), std::mem::size_of::<lora_trainer_params>(), "lora_trainer_params")?;
-        let tr = h.pool.install(|| Trainer::resume(h.inner.clone(), &dir))?;
+        let pager = h.pager.clone();
+        let inner = h.inner.clone();
+        let tr = h.pool.install(move || Trainer::resume_with_pager(inner, &dir, Some(&pager)))?;
         *out = util::into_handle(lora_trainer { tag: lora_trainer::TAG, inner: tr, pool: h.pool.clone(), progress: p.progress, progress_user: p.progress_user });
         Ok(())
     })

@@ -44,6 +44,7 @@
 use super::state::{check_names, Lookup, StateTensor};
 use super::{check_step_args, simd_dispatch, TASK_ELEMS};
 use crate::error::Result;
+use crate::memory::{PagedBuf, PagedStats, Pager, CHUNK_BYTES};
 use rayon::prelude::*;
 
 /// Hyperparameters, as Python floats. Defaults are torch.optim.AdamW's
@@ -168,16 +169,32 @@ fn adamw_update_par(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], s: &
         .for_each(|(((p, g), m), v)| adamw_update_simd(p, g, m, v, s));
 }
 
-/// AdamW over a fixed list of fp32 tensors, with its state.
-#[derive(Clone, Debug)]
+/// Where the moments live.
+enum Moments {
+    /// One `Vec` per tensor.
+    Resident { m: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
+    /// Two paged buffers (all `exp_avg`, all `exp_avg_sq`), tensor `i` at
+    /// elements `offs[i]..offs[i+1]`: QLoRA's paged optimizer state.
+    Paged { m: PagedBuf, v: PagedBuf, offs: Vec<usize>, window: usize },
+}
+
+impl std::fmt::Debug for Moments {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Moments::Resident { .. } => f.write_str("Resident"),
+            Moments::Paged { offs, window, .. } => write!(f, "Paged {{ elems: {}, window: {window} }}", offs.last().unwrap_or(&0)),
+        }
+    }
+}
+
+/// AdamW over a fixed list of fp32 tensors, with its state (resident, or
+/// in paged memory: [`AdamW::new_paged`]).
+#[derive(Debug)]
 pub struct AdamW {
     config: AdamWConfig,
     sizes: Vec<usize>,
     step: u64,
-    /// First moments (`exp_avg`), one per tensor.
-    m: Vec<Vec<f32>>,
-    /// Second moments (`exp_avg_sq`), one per tensor.
-    v: Vec<Vec<f32>>,
+    moments: Moments,
 }
 
 impl AdamW {
@@ -189,9 +206,43 @@ impl AdamW {
             config,
             sizes: sizes.to_vec(),
             step: 0,
-            m: sizes.iter().map(|&n| vec![0.0; n]).collect(),
-            v: sizes.iter().map(|&n| vec![0.0; n]).collect(),
+            moments: Moments::Resident { m: sizes.iter().map(|&n| vec![0.0; n]).collect(), v: sizes.iter().map(|&n| vec![0.0; n]).collect() },
         })
+    }
+
+    /// The same optimizer with its moments in two paged buffers of
+    /// `pager` (bitsandbytes' `PagedAdamW32bit`). A step walks the state in
+    /// windows of at most a sixteenth of the pager's budget (at least one
+    /// paging chunk), prefetching the next window while it updates the
+    /// current one, so the resident state stays within the budget; the
+    /// arithmetic is [`adamw_update`]'s, so the results are bit-identical
+    /// to resident moments whatever the budget.
+    pub fn new_paged(config: AdamWConfig, sizes: &[usize], pager: &std::sync::Arc<Pager>) -> Result<AdamW> {
+        config.validate()?;
+        let mut offs = vec![0usize];
+        for &n in sizes {
+            offs.push(offs.last().unwrap() + n);
+        }
+        let total = (*offs.last().unwrap()).max(1);
+        let bytes = total.checked_mul(4).ok_or_else(|| err!(InvalidArgument, "optimizer state of {total} floats overflows"))?;
+        let budget = pager.config().budget_bytes as usize;
+        let window = if budget == 0 { usize::MAX } else { (budget / 16).max(CHUNK_BYTES) / 4 };
+        let m = PagedBuf::new(pager, bytes)?;
+        let v = PagedBuf::new(pager, bytes)?;
+        Ok(AdamW { config, sizes: sizes.to_vec(), step: 0, moments: Moments::Paged { m, v, offs, window } })
+    }
+
+    /// True when the moments are in paged memory.
+    pub fn is_paged(&self) -> bool {
+        matches!(self.moments, Moments::Paged { .. })
+    }
+
+    /// Paging counters of the two moment buffers (None when resident).
+    pub fn paged_stats(&self) -> Option<(PagedStats, PagedStats)> {
+        match &self.moments {
+            Moments::Paged { m, v, .. } => Some((m.stats(), v.stats())),
+            Moments::Resident { .. } => None,
+        }
     }
 
     pub fn config(&self) -> &AdamWConfig {
@@ -220,22 +271,52 @@ impl AdamW {
         &self.sizes
     }
 
-    /// First and second moments of tensor `i`.
-    pub fn moments(&self, i: usize) -> (&[f32], &[f32]) {
-        (&self.m[i], &self.v[i])
+    /// First and second moments of tensor `i` (copied).
+    pub fn moments(&self, i: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        match &self.moments {
+            Moments::Resident { m, v } => Ok((m[i].clone(), v[i].clone())),
+            Moments::Paged { m, v, offs, .. } => Ok((m.as_f32(offs[i]..offs[i + 1])?.to_vec(), v.as_f32(offs[i]..offs[i + 1])?.to_vec())),
+        }
     }
 
     /// One optimizer step: `params[i] -= update(grads[i])` for every tensor.
     ///
     /// Fails, changing nothing, when the counts or lengths do not match the
     /// optimizer's tensors (`InvalidArgument`, `ShapeMismatch`) or when any
-    /// gradient element is NaN or infinite (`NonFinite`).
+    /// gradient element is NaN or infinite (`NonFinite`). With paged
+    /// moments, a paging I/O error fails the step part-way (`Io`).
     pub fn step(&mut self, params: &mut [&mut [f32]], grads: &[&[f32]]) -> Result<()> {
         check_step_args(&self.sizes, params, grads)?;
         self.step += 1;
         let s = AdamWScalars::new(&self.config, self.step);
-        for (((p, g), m), v) in params.iter_mut().zip(grads).zip(&mut self.m).zip(&mut self.v) {
-            adamw_update_par(p, g, m, v, &s);
+        match &mut self.moments {
+            Moments::Resident { m, v } => {
+                for (((p, g), m), v) in params.iter_mut().zip(grads).zip(m).zip(v) {
+                    adamw_update_par(p, g, m, v, &s);
+                }
+            }
+            Moments::Paged { m, v, offs, window } => {
+                // Windows over the concatenated state, in order; the next
+                // window is prefetched before the current one is updated.
+                let mut wins: Vec<(usize, usize, usize)> = Vec::new(); // (tensor, start, end) within the tensor
+                for (i, &n) in self.sizes.iter().enumerate() {
+                    let mut a = 0;
+                    while a < n {
+                        let b = (a + *window).min(n);
+                        wins.push((i, a, b));
+                        a = b;
+                    }
+                }
+                for (k, &(i, a, b)) in wins.iter().enumerate() {
+                    if let Some(&(j, c, d)) = wins.get(k + 1) {
+                        m.prefetch(4 * (offs[j] + c)..4 * (offs[j] + d))?;
+                        v.prefetch(4 * (offs[j] + c)..4 * (offs[j] + d))?;
+                    }
+                    let mm = m.as_f32_mut(offs[i] + a..offs[i] + b)?;
+                    let vv = v.as_f32_mut(offs[i] + a..offs[i] + b)?;
+                    adamw_update_par(&mut params[i][a..b], &grads[i][a..b], mm, vv, &s);
+                }
+            }
         }
         Ok(())
     }
@@ -246,8 +327,9 @@ impl AdamW {
         check_names(names, self.sizes.len())?;
         let mut out = Vec::with_capacity(2 * names.len() + 1);
         for (i, n) in names.iter().enumerate() {
-            out.push(StateTensor::f32(format!("{n}.exp_avg"), self.m[i].clone()));
-            out.push(StateTensor::f32(format!("{n}.exp_avg_sq"), self.v[i].clone()));
+            let (m, v) = self.moments(i)?;
+            out.push(StateTensor::f32(format!("{n}.exp_avg"), m));
+            out.push(StateTensor::f32(format!("{n}.exp_avg_sq"), v));
         }
         out.push(StateTensor::step(self.step));
         Ok(out)
@@ -259,15 +341,23 @@ impl AdamW {
         check_names(names, self.sizes.len())?;
         let look = Lookup::new(tensors)?;
         let step = look.step()?;
-        let mut m = Vec::with_capacity(names.len());
-        let mut v = Vec::with_capacity(names.len());
+        let mut mv = Vec::with_capacity(names.len());
         for (n, &len) in names.iter().zip(&self.sizes) {
-            m.push(look.f32(&format!("{n}.exp_avg"), len)?.to_vec());
-            v.push(look.f32(&format!("{n}.exp_avg_sq"), len)?.to_vec());
+            mv.push((look.f32(&format!("{n}.exp_avg"), len)?, look.f32(&format!("{n}.exp_avg_sq"), len)?));
+        }
+        match &mut self.moments {
+            Moments::Resident { m, v } => {
+                *m = mv.iter().map(|(a, _)| a.to_vec()).collect();
+                *v = mv.iter().map(|(_, b)| b.to_vec()).collect();
+            }
+            Moments::Paged { m, v, offs, .. } => {
+                for (i, (a, b)) in mv.iter().enumerate() {
+                    m.as_f32_mut(offs[i]..offs[i + 1])?.copy_from_slice(a);
+                    v.as_f32_mut(offs[i]..offs[i + 1])?.copy_from_slice(b);
+                }
+            }
         }
         self.step = step;
-        self.m = m;
-        self.v = v;
         Ok(())
     }
 }

@@ -18,6 +18,7 @@ use crate::model::{peft, MemStats, Model};
 use crate::optim::adamw::{AdamW, AdamWConfig};
 use crate::optim::adamw8bit::AdamW8bit;
 use crate::optim::schedule::Schedule;
+use crate::memory::{PagedStats, Pager};
 use crate::optim::state::StateTensor;
 use crate::Result;
 use parking_lot::Mutex;
@@ -46,11 +47,14 @@ pub struct TrainerConfig {
     /// activations.
     pub checkpointing: bool,
     pub optimizer: OptimKind,
+    /// Keep AdamW's moments in paged memory (QLoRA's paged optimizer);
+    /// needs a pager ([`Trainer::with_pager`]).
+    pub paged: bool,
 }
 
 impl Default for TrainerConfig {
     fn default() -> Self {
-        TrainerConfig { adamw: AdamWConfig::default(), schedule: Schedule::Constant, max_grad_norm: 1.0, micro_batch: 0, checkpointing: false, optimizer: OptimKind::AdamW }
+        TrainerConfig { adamw: AdamWConfig::default(), schedule: Schedule::Constant, max_grad_norm: 1.0, micro_batch: 0, checkpointing: false, optimizer: OptimKind::AdamW, paged: false }
     }
 }
 
@@ -86,6 +90,8 @@ impl Opt {
     }
     fn bytes(&self) -> usize {
         match self {
+            // Resident bytes: paged state counts as the optimizer's too
+            // (its residency is in the pager's statistics).
             Opt::AdamW(o) => o.sizes().iter().sum::<usize>() * 8,
             Opt::AdamW8bit(o) => o.state_bytes(),
         }
@@ -139,8 +145,13 @@ fn counted(labels: &[i32], batch: usize, seq: usize) -> usize {
 
 impl Trainer {
     /// A trainer for adapter `adapter` of `model`: it becomes the only
-    /// active adapter (multiplier 1).
+    /// active adapter (multiplier 1). `cfg.paged` needs [`Trainer::with_pager`].
     pub fn new(model: Arc<Mutex<Model>>, adapter: &str, cfg: TrainerConfig) -> Result<Trainer> {
+        Self::with_pager(model, adapter, cfg, None)
+    }
+
+    /// [`Trainer::new`] with the pager that holds paged optimizer state.
+    pub fn with_pager(model: Arc<Mutex<Model>>, adapter: &str, cfg: TrainerConfig, pager: Option<&Arc<Pager>>) -> Result<Trainer> {
         cfg.adamw.validate()?;
         if !(cfg.max_grad_norm.is_finite() && cfg.max_grad_norm >= 0.0) {
             bail!(InvalidArgument, "max_grad_norm {} must be finite and ≥ 0", cfg.max_grad_norm);
@@ -154,9 +165,14 @@ impl Trainer {
             m.set_active(&[(adapter, 1.0)])?;
             sizes
         };
-        let opt = match cfg.optimizer {
-            OptimKind::AdamW => Opt::AdamW(AdamW::new(cfg.adamw, &sizes)?),
-            OptimKind::AdamW8bit => Opt::AdamW8bit(AdamW8bit::new(cfg.adamw, &sizes)?),
+        let opt = match (cfg.optimizer, cfg.paged) {
+            (OptimKind::AdamW, false) => Opt::AdamW(AdamW::new(cfg.adamw, &sizes)?),
+            (OptimKind::AdamW, true) => {
+                let pager = pager.ok_or_else(|| err!(InvalidArgument, "paged optimizer state needs a pager"))?;
+                Opt::AdamW(AdamW::new_paged(cfg.adamw, &sizes, pager)?)
+            }
+            (OptimKind::AdamW8bit, false) => Opt::AdamW8bit(AdamW8bit::new(cfg.adamw, &sizes)?),
+            (OptimKind::AdamW8bit, true) => bail!(Unsupported, "paged 8-bit AdamW state is not implemented (8-bit state is a quarter of 32-bit; use it resident, or paged 32-bit AdamW)"),
         };
         Ok(Trainer { model, adapter: adapter.to_string(), cfg, opt, step: 0, micro_calls: 0 })
     }
@@ -168,6 +184,15 @@ impl Trainer {
     /// Optimizer state bytes.
     pub fn optimizer_bytes(&self) -> usize {
         self.opt.bytes()
+    }
+
+    /// Paging counters of the optimizer state (first and second moments),
+    /// when it is paged.
+    pub fn paged_stats(&self) -> Option<(PagedStats, PagedStats)> {
+        match &self.opt {
+            Opt::AdamW(o) => o.paged_stats(),
+            Opt::AdamW8bit(_) => None,
+        }
     }
 
     /// Memory by category, optimizer state included.
@@ -283,6 +308,7 @@ impl Trainer {
             "max_grad_norm": self.cfg.max_grad_norm,
             "micro_batch": self.cfg.micro_batch,
             "checkpointing": self.cfg.checkpointing,
+            "paged": self.cfg.paged,
         })
     }
 
@@ -353,6 +379,13 @@ impl Trainer {
     /// adapter is created (or its weights replaced) from the checkpoint,
     /// the optimizer state, step counters and configuration restored.
     pub fn resume(model: Arc<Mutex<Model>>, dir: &Path) -> Result<Trainer> {
+        Self::resume_with_pager(model, dir, None)
+    }
+
+    /// [`Trainer::resume`]; a checkpoint of a paged run keeps its state
+    /// paged when `pager` is given (else it is resumed resident, with the
+    /// same numbers).
+    pub fn resume_with_pager(model: Arc<Mutex<Model>>, dir: &Path, pager: Option<&Arc<Pager>>) -> Result<Trainer> {
         let found;
         let dir = if dir.join("trainer_state.json").is_file() {
             dir
@@ -391,6 +424,7 @@ impl Trainer {
             micro_batch: u("micro_batch")? as usize,
             checkpointing: j.get("checkpointing").and_then(|v| v.as_bool()).unwrap_or(false),
             optimizer,
+            paged: pager.is_some() && j.get("paged").and_then(|v| v.as_bool()).unwrap_or(false),
         };
         {
             let mut m = model.lock();
@@ -408,7 +442,7 @@ impl Trainer {
                 peft::load_adapter(&mut m, dir, &adapter)?;
             }
         }
-        let mut tr = Trainer::new(model, &adapter, cfg)?;
+        let mut tr = Trainer::with_pager(model, &adapter, cfg, pager)?;
         let keys = tr.model.lock().adapter_keys(&adapter)?;
         let names: Vec<&str> = keys.iter().map(|s| s.as_str()).collect();
         let state = crate::optim::state::load(&dir.join("optimizer.safetensors"))?;

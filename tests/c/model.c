@@ -264,6 +264,46 @@ int main(int argc, char **argv) {
     EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_train_step(tr, ids, NULL, B, T, NULL));
     lora_trainer_free(tr);
 
+    /* Paged optimizer state under a budget far below the state's size:
+     * the same adapter as with resident state, bit for bit, and the
+     * context's paging statistics show pages moving out and in. */
+    {
+        lora_paging_params pp = lora_paging_default_params();
+        pp.budget_bytes = 1;
+        pp.dir = argv[2];
+        CHECK_OK(lora_context_set_paging(ctx, &pp));
+        float *la = malloc(sizeof(float) * B * T * V), *lb = malloc(sizeof(float) * B * T * V);
+        REQUIRE(la && lb);
+        for (int paged = 0; paged < 2; paged++) {
+            lora_model *pm = NULL;
+            snprintf(path, sizeof path, "%s/model", argv[1]);
+            REQUIRE_OK(lora_model_load(ctx, path, &mp, &pm));
+            snprintf(path, sizeof path, "%s/adapter", argv[1]);
+            REQUIRE_OK(lora_adapter_load(pm, path, "default"));
+            lora_trainer_params pt = lora_trainer_default_params();
+            pt.lr = 1e-2;
+            pt.paged_state = paged ? LORA_PAGED_STATE_ON : LORA_PAGED_STATE_OFF;
+            lora_trainer *pt_tr = NULL;
+            REQUIRE_OK(lora_trainer_new(pm, "default", &pt, &pt_tr));
+            for (int i = 0; i < 3; i++) CHECK_OK(lora_train_step(pt_tr, ids, labels, B, T, NULL));
+            CHECK_OK(lora_model_logits(pm, ids, B, T, NULL, paged ? lb : la, B * T * V));
+            if (paged) {
+                lora_paged_stats ps;
+                memset(&ps, 0, sizeof ps);
+                ps.struct_size = sizeof ps;
+                CHECK_OK(lora_context_paged_stats(ctx, &ps));
+                CHECKF(ps.page_outs > 0 && ps.page_ins > 0, "page-outs %llu, page-ins %llu", (unsigned long long)ps.page_outs, (unsigned long long)ps.page_ins);
+            }
+            lora_trainer_free(pt_tr);
+            lora_model_free(pm);
+        }
+        CHECK(memcmp(la, lb, sizeof(float) * B * T * V) == 0);
+        free(la);
+        free(lb);
+        pp = lora_paging_default_params();
+        CHECK_OK(lora_context_set_paging(ctx, &pp));
+    }
+
     /* The model may be freed before its trainer. */
     lora_model_free(m);
     lora_model_free(m2);
