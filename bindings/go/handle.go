@@ -1,0 +1,20 @@
+package lora
+
+import "runtime"
+
+// closer is every handle type: Close frees the C object and is idempotent.
+type closer interface{ Close() error }
+
+// track arms the finalizer safety net of a new handle: if it becomes
+// unreachable without Close, the GC frees the C object.
+func track[T closer](h T) T {
+	runtime.SetFinalizer(h, func(h T) { h.Close() })
+	return h
+}
+
+// untrack disarms it when Close runs.
+func untrack[T closer](h T) { runtime.SetFinalizer(h, nil) }
+
+// keepAlive keeps a handle (and so its finalizer) alive until a C call
+// that uses its pointer has returned.
+func keepAlive(h any) { runtime.KeepAlive(h) }
