@@ -61,7 +61,7 @@ int main(void) {
 
 const APP_CMAKE: &str = r#"
 cmake_minimum_required(VERSION 3.16)
-project(lora_install_test LANGUAGES C CXX)
+project(lora_install_test LANGUAGES C)
 find_package(lora 0.1 REQUIRED)
 add_executable(app app.c)
 target_link_libraries(app PRIVATE lora::lora)

@@ -1,6 +1,12 @@
 package lora
 
-import "runtime"
+import (
+	"runtime"
+	"sync/atomic"
+)
+
+// finalized counts handles freed by the safety net (for the tests).
+var finalized atomic.Int64
 
 // closer is every handle type: Close frees the C object and is idempotent.
 type closer interface{ Close() error }
@@ -8,7 +14,10 @@ type closer interface{ Close() error }
 // track arms the finalizer safety net of a new handle: if it becomes
 // unreachable without Close, the GC frees the C object.
 func track[T closer](h T) T {
-	runtime.SetFinalizer(h, func(h T) { h.Close() })
+	runtime.SetFinalizer(h, func(h T) {
+		finalized.Add(1)
+		h.Close()
+	})
 	return h
 }
 

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 )
 
 func ramp(n int, scale float32) []float32 {
@@ -312,15 +313,34 @@ func TestLayer(t *testing.T) {
 	}
 }
 
-// Handles left to the GC are freed by their finalizers (a safety net):
-// this only exercises the path; leaks would show under a C leak checker.
+// Handles left to the GC are freed by their finalizers (a safety net).
 func TestFinalizers(t *testing.T) {
 	ctx := cpu(t)
+	before := finalized.Load()
 	for i := 0; i < 20; i++ {
 		if _, err := Quantize(ctx, ramp(1024, 1), []int{1024}, nil); err != nil {
 			t.Fatal(err)
 		}
 	}
+	// Finalizers run on their own goroutine after a GC finds the handles.
+	deadline := time.Now().Add(5 * time.Second)
+	for finalized.Load()-before < 20 && time.Now().Before(deadline) {
+		runtime.GC()
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := finalized.Load() - before; n < 20 {
+		t.Fatalf("%d of 20 unreachable tensors finalized", n)
+	}
+	// A closed handle's finalizer is disarmed: Close frees exactly once.
+	q, err := Quantize(ctx, ramp(64, 1), []int{64}, nil)
+	must(t, err)
+	must(t, q.Close())
+	before = finalized.Load()
+	q = nil
 	runtime.GC()
 	runtime.GC()
+	time.Sleep(20 * time.Millisecond)
+	if finalized.Load() != before {
+		t.Fatal("a closed handle was finalized")
+	}
 }

@@ -89,8 +89,14 @@ pub fn statusStr(status: c.lora_status) [:0]const u8 {
 /// to fit); empty when there is none.
 pub fn lastError(buf: []u8) []const u8 {
     if (buf.len == 0) return buf[0..0];
-    const full = c.lora_last_error(buf.ptr, buf.len);
-    return buf[0..@min(full, buf.len - 1)];
+    _ = c.lora_last_error(buf.ptr, buf.len);
+    return cString(buf);
+}
+
+/// The NUL-terminated text liblora wrote into `buf` (it truncates at a
+/// character boundary, so the text may end before buf.len - 1).
+fn cString(buf: []const u8) []const u8 {
+    return buf[0 .. std.mem.indexOfScalar(u8, buf, 0) orelse buf.len];
 }
 
 /// lora_version(): (major << 16) | (minor << 8) | patch.
@@ -176,11 +182,12 @@ pub const Context = struct {
         return b;
     }
 
-    /// The device's description, e.g. "cpu (2 CPU threads)", in `buf`.
+    /// The device's description, e.g. "cpu (2 CPU threads)", in `buf`
+    /// (truncated to fit).
     pub fn describe(self: Context, buf: []u8) Error![]const u8 {
-        var needed: usize = 0;
-        try check(c.lora_context_describe(self.handle, buf.ptr, buf.len, &needed));
-        return buf[0..@min(needed, buf.len -| 1)];
+        if (buf.len == 0) return error.BufferSize;
+        try check(c.lora_context_describe(self.handle, buf.ptr, buf.len, null));
+        return cString(buf);
     }
 };
 
