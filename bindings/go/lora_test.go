@@ -313,34 +313,46 @@ func TestLayer(t *testing.T) {
 	}
 }
 
-// Handles left to the GC are freed by their finalizers (a safety net).
-func TestFinalizers(t *testing.T) {
-	ctx := cpu(t)
-	before := finalized.Load()
-	for i := 0; i < 20; i++ {
+// dropTensors makes n tensors and drops them without Close; not inlined,
+// so no reference survives in the caller's frame.
+//
+//go:noinline
+func dropTensors(t *testing.T, ctx *Context, n int) {
+	for i := 0; i < n; i++ {
 		if _, err := Quantize(ctx, ramp(1024, 1), []int{1024}, nil); err != nil {
 			t.Fatal(err)
 		}
 	}
-	// Finalizers run on their own goroutine after a GC finds the handles.
-	deadline := time.Now().Add(5 * time.Second)
-	for finalized.Load()-before < 20 && time.Now().Before(deadline) {
-		runtime.GC()
-		time.Sleep(10 * time.Millisecond)
-	}
-	if n := finalized.Load() - before; n < 20 {
-		t.Fatalf("%d of 20 unreachable tensors finalized", n)
-	}
+}
+
+// Handles left to the GC are freed by their finalizers (a safety net).
+func TestFinalizers(t *testing.T) {
+	ctx := cpu(t)
 	// A closed handle's finalizer is disarmed: Close frees exactly once.
 	q, err := Quantize(ctx, ramp(64, 1), []int{64}, nil)
 	must(t, err)
 	must(t, q.Close())
-	before = finalized.Load()
+	before := finalized.Load()
 	q = nil
 	runtime.GC()
 	runtime.GC()
 	time.Sleep(20 * time.Millisecond)
 	if finalized.Load() != before {
 		t.Fatal("a closed handle was finalized")
+	}
+
+	before = finalized.Load()
+	dropTensors(t, ctx, 20)
+	// Finalizers run on their own goroutine after a GC finds the handles
+	// unreachable. The GC owes no promise about any one object (a stale
+	// register or stack slot may keep the last one alive for a while), so
+	// most, not all, must have been freed.
+	deadline := time.Now().Add(5 * time.Second)
+	for finalized.Load()-before < 20 && time.Now().Before(deadline) {
+		runtime.GC()
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := finalized.Load() - before; n < 15 {
+		t.Fatalf("only %d of 20 unreachable tensors finalized", n)
 	}
 }
