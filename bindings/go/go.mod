@@ -1,0 +1,3 @@
+module lora
+
+go 1.19

@@ -1,0 +1,2 @@
+/* The C API the Zig package translates (build.zig: addTranslateC). */
+#include <lora.h>
