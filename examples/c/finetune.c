@@ -17,7 +17,7 @@
  * another style (dialogue lines of the pretraining text) and hot-swaps
  * between the two, merged and in one mixed batch.
  *
- * Environment: LORA_DEMO_STEPS (default 60), LORA_DEMO_THREADS (default:
+ * Environment: LORA_DEMO_STEPS (default 200), LORA_DEMO_THREADS (default:
  * all cores).
  */
 #define _POSIX_C_SOURCE 200809L
@@ -190,7 +190,8 @@ int main(int argc, char **argv) {
     const char *model_dir = argc > 1 ? argv[1] : "models/default";
     const char *text_path = argc > 2 ? argv[2] : "data/finetune.txt";
     const char *out_dir = argc > 3 ? argv[3] : "build/demo";
-    int steps = getenv("LORA_DEMO_STEPS") ? atoi(getenv("LORA_DEMO_STEPS")) : 60;
+    int steps = getenv("LORA_DEMO_STEPS") ? atoi(getenv("LORA_DEMO_STEPS")) : 200;
+    if (steps < 1) steps = 1;
     double t_start = now();
 
     lora_context_params cp = lora_context_default_params();
@@ -215,17 +216,18 @@ int main(int argc, char **argv) {
            (unsigned long long)ms.quantized_weights, 8.0 * (double)ms.base_quantized / (double)ms.quantized_weights);
 
     lora_create_params cr = lora_create_default_params();
-    cr.r = 16;
-    cr.alpha = 32;
+    cr.r = 8;
+    cr.alpha = 16;
     cr.target_modules = "all-linear";
     TRY(lora_create(model, "verse", &cr));
     char summary[256];
     TRY(lora_model_trainable_summary(model, summary, sizeof summary, NULL));
-    printf("adapter 'verse' on all linear layers (r 16, alpha 32): %s\n", summary);
+    printf("adapter 'verse' on all linear layers (r 8, alpha 16): %s\n", summary);
 
     const char *prompt = "When I consider";
-    printf("\n== before fine-tuning (greedy)\n");
-    show("base model:", prompt, 0.0f, 0);
+    printf("\n== before fine-tuning (sampled at T=0.8, then greedy)\n");
+    show("base model, sampled:", prompt, 0.8f, 7);
+    show("base model, greedy:", prompt, 0.0f, 0);
 
     size_t text_len = 0, n_ids = 0;
     char *text = read_file(text_path, &text_len);
@@ -235,16 +237,16 @@ int main(int argc, char **argv) {
         fprintf(stderr, "error: %s is too short\n", text_path);
         return 1;
     }
-    train("verse", ids, n_ids, steps, 2e-3);
+    train("verse", ids, n_ids, steps, 3e-3);
 
     char path[4096];
     snprintf(path, sizeof path, "%s/adapter-verse", out_dir);
     TRY(lora_adapter_save(model, "verse", path));
     printf("saved the adapter in PEFT's format to %s (adapter_config.json, adapter_model.safetensors)\n", path);
 
-    printf("\n== after fine-tuning (greedy, then sampled at T=0.8)\n");
-    show("adapter 'verse':", prompt, 0.0f, 0);
+    printf("\n== after fine-tuning (sampled at T=0.8 with the same seed, then greedy)\n");
     show("adapter 'verse', sampled:", prompt, 0.8f, 7);
+    show("adapter 'verse', greedy:", prompt, 0.0f, 0);
 
     /* Merged and unmerged give the same function. */
     int32_t probe[2 * SEQ];
@@ -263,14 +265,19 @@ int main(int argc, char **argv) {
         maxa = fabsf(a[i]) > maxa ? fabsf(a[i]) : maxa;
     }
     printf("\n== merged vs unmerged: max |logit difference| %.2e (logits up to %.1f); merge took %.1f ms\n", maxd, maxa, 1e3 * t_merge);
-    show("merged, greedy (same text as unmerged above):", prompt, 0.0f, 0);
+    show("merged, sampled with the same seed (the same text as unmerged above):", prompt, 0.8f, 7);
     TRY(lora_unmerge(model));
 
     /* A second adapter in another style, then hot swaps. */
     size_t pre_len = 0, dia_len = 0, n_dia = 0;
-    char *pre = read_file(argc > 1 ? text_path : "data/pretrain.txt", &pre_len);
+    /* The default model was pretrained on data/pretrain.txt: its dialogue
+     * is the second style. With another model, the fine-tuning text again. */
+    FILE *probe_f = fopen("data/pretrain.txt", "rb");
+    int use_pre = strcmp(model_dir, "models/default") == 0 && probe_f != NULL;
+    if (probe_f) fclose(probe_f);
+    char *pre = read_file(use_pre ? "data/pretrain.txt" : text_path, &pre_len);
     char *dia = dialogue(pre, pre_len, &dia_len);
-    if (argc > 1 || dia_len < 4 * SEQ) { /* custom inputs: reuse the text */
+    if (!use_pre || dia_len < 4 * SEQ) {
         free(dia);
         dia = malloc(text_len + 1);
         memcpy(dia, text, text_len + 1);
@@ -280,19 +287,20 @@ int main(int argc, char **argv) {
     cr.r = 8;
     cr.alpha = 16;
     TRY(lora_create(model, "dialogue", &cr));
-    printf("\n== a second adapter 'dialogue' on the pretraining text's dialogue (%zu tokens), %d steps\n", n_dia, steps / 3);
-    train("dialogue", dia_ids, n_dia, steps / 3 > 0 ? steps / 3 : 1, 2e-3);
+    int dsteps = steps / 4 > 0 ? steps / 4 : 1;
+    printf("\n== a second adapter 'dialogue' on the pretraining text's dialogue (%zu tokens), %d steps\n", n_dia, dsteps);
+    train("dialogue", dia_ids, n_dia, dsteps, 3e-3);
 
     printf("\n== hot swap (merged: each swap re-derives W0 + s*B*A)\n");
     const char *names[2] = {"verse", "dialogue"};
     const char *dprompt = "\"I";
     TRY(lora_swap_adapter(model, &names[1], NULL, 1));
     TRY(lora_merge(model));
-    show("'dialogue' (merged):", dprompt, 0.0f, 0);
+    show("'dialogue' (merged):", dprompt, 0.8f, 7);
     t = now();
     TRY(lora_swap_adapter(model, &names[0], NULL, 1));
     double t_swap = now() - t;
-    show("'verse' (merged, swapped in):", prompt, 0.0f, 0);
+    show("'verse' (merged, swapped in):", prompt, 0.8f, 7);
     TRY(lora_unmerge(model));
     printf("  merged swap took %.1f ms\n", 1e3 * t_swap);
 
@@ -304,6 +312,9 @@ int main(int argc, char **argv) {
     const char *per_seq[3] = {"verse", "dialogue", NULL};
     lora_generate_params gp = lora_generate_default_params();
     gp.max_new_tokens = 96;
+    gp.temperature = 0.8f;
+    gp.top_p = 0.95f;
+    gp.seed = 7;
     int32_t *out = malloc(3 * 96 * sizeof *out);
     TRY(lora_generate(model, prompts, plens, per_seq, 3, &gp, out, 3 * 96, olens));
     const char *labels[3] = {"verse:", "dialogue:", "base:"};
