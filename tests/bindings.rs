@@ -296,6 +296,11 @@ fn go_cmd(go: &[String], dir: &Path, args: &[&str]) -> Command {
     // Offline and with the toolchain at hand: the module has no
     // dependencies, and nothing may be downloaded.
     cmd.env("GOTOOLCHAIN", "local").env("GOPROXY", "off").env("GOFLAGS", "-mod=mod").env("CGO_ENABLED", "1");
+    // The install prefix is per process, and Go reuses a cached cgo
+    // package whose link flags (from pkg-config) name an earlier prefix:
+    // CGO_LDFLAGS is part of Go's cache key, so naming the prefix there
+    // keeps the link pointed at this run's library.
+    cmd.env("CGO_LDFLAGS", format!("-L{}", prefix().join("lib").display()));
     if std::env::var_os("GOCACHE").is_none() && std::env::var_os("HOME").is_none() {
         cmd.env("GOCACHE", cache_dir("go-build"));
     }
