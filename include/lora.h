@@ -98,6 +98,11 @@ typedef struct lora_model lora_model;
 typedef struct lora_nf4 lora_nf4;
 
 /**
+ * An optimizer over a fixed list of fp32 tensors. Not for concurrent use.
+ */
+typedef struct lora_optimizer lora_optimizer;
+
+/**
  * Paged memory: `bytes` that may exceed the fast tier (RAM on the CPU,
  * device memory on CUDA), paged out and back in. Allocate with
  * `lora_paged_alloc`, free with `lora_paged_free`.
@@ -581,6 +586,34 @@ typedef struct lora_memory_stats {
    */
   uint64_t peak;
 } lora_memory_stats;
+
+/**
+ * Options of `lora_optimizer_new`. Initialize with
+ * `lora_optimizer_default_params()`.
+ */
+typedef struct lora_optimizer_params {
+  /**
+   * `sizeof(lora_optimizer_params)`, set by the defaults function.
+   */
+  uint32_t struct_size;
+  /**
+   * `LORA_OPTIM_ADAMW` (default) or `LORA_OPTIM_ADAMW_8BIT`.
+   */
+  lora_optim optimizer;
+  /**
+   * torch.optim.AdamW's defaults: lr 1e-3, betas (0.9, 0.999), eps
+   * 1e-8, weight decay 1e-2.
+   */
+  double lr;
+  double beta1;
+  double beta2;
+  double eps;
+  double weight_decay;
+  /**
+   * Non-zero: moments in the context's paged memory (AdamW only).
+   */
+  uint32_t paged;
+} lora_optimizer_params;
 
 /**
  * Read-only facts about an NF4 tensor, filled by `lora_nf4_get_info`.
@@ -1571,6 +1604,56 @@ lora_status lora_trainer_resume(struct lora_model *model,
 lora_status lora_model_memory(const struct lora_model *model,
                               const struct lora_trainer *trainer,
                               struct lora_memory_stats *stats);
+
+/**
+ * torch.optim.AdamW's defaults.
+ */
+struct lora_optimizer_params lora_optimizer_default_params(void);
+
+/**
+ * Creates an optimizer for `n` tensors of `sizes[i]` elements (zero
+ * state, step 0). `LORA_OPTIM_ADAMW` is torch.optim.AdamW bit for bit;
+ * `LORA_OPTIM_ADAMW_8BIT` is bitsandbytes' AdamW8bit (blockwise 8-bit
+ * moments for tensors of 4,096 elements or more, fp32 below). `params`
+ * may be NULL for the defaults.
+ *
+ * Errors: `LORA_ERR_INVALID_ARGUMENT` (n = 0, a zero size, bad
+ * hyperparameters), `LORA_ERR_UNSUPPORTED` (paged 8-bit), `LORA_ERR_IO`
+ * / `LORA_ERR_OUT_OF_MEMORY` (paged state), `LORA_ERR_STRUCT_SIZE`.
+ */
+lora_status lora_optimizer_new(const struct lora_context *ctx,
+                               const struct lora_optimizer_params *params,
+                               const size_t *sizes,
+                               size_t n,
+                               struct lora_optimizer **out);
+
+/**
+ * Frees an optimizer (NULL: no-op).
+ */
+void lora_optimizer_free(struct lora_optimizer *opt);
+
+/**
+ * Sets the learning rate of the next steps (a schedule's job).
+ */
+lora_status lora_optimizer_set_lr(struct lora_optimizer *opt, double lr);
+
+/**
+ * One step: `params[i]` (`sizes[i]` floats, updated in place) from
+ * `grads[i]`, for the `n` tensors given at creation, in order.
+ *
+ * Errors: `LORA_ERR_INVALID_ARGUMENT` (n differs from creation),
+ * `LORA_ERR_NULL_POINTER`, `LORA_ERR_NON_FINITE` (a gradient is NaN or
+ * infinite: nothing is updated).
+ */
+lora_status lora_optimizer_step(struct lora_optimizer *opt,
+                                float *const *params,
+                                const float *const *grads,
+                                size_t n);
+
+/**
+ * Bytes of optimizer state (moments, 8-bit codes and scales).
+ */
+lora_status lora_optimizer_state_bytes(const struct lora_optimizer *opt, uint64_t *bytes);
 
 /**
  * Default NF4 parameters: blocksize 64, double quantization on.

@@ -73,6 +73,7 @@ const PROGRAMS: &[(&str, bool)] = &[
     ("bad_input", true),
     ("lora_layer", true),
     ("model", true),
+    ("optimizer", true),
     ("tokenizer", true),
     ("paged", true),
     ("double_free_noasan", false),
@@ -419,6 +420,13 @@ fn c_lora_layer() {
 fn c_model() {
     let d = scratch("model");
     run_c_test("model", &[manifest_dir().join("tests/fixtures/model/llama_nf4").into_os_string(), d.clone()]);
+    remove_scratch(&d);
+}
+
+#[test]
+fn c_optimizer() {
+    let d = scratch("optimizer");
+    run_c_test("optimizer", &[manifest_dir().join("tests/fixtures/optim/adamw8bit.safetensors").into_os_string(), d.clone()]);
     remove_scratch(&d);
 }
 

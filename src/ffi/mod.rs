@@ -9,6 +9,7 @@
 pub mod context;
 pub mod layer;
 pub mod model;
+pub mod optim;
 pub mod nf4;
 pub mod paged;
 pub mod status;

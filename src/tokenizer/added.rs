@@ -101,8 +101,6 @@ pub(crate) enum Split {
 pub(crate) struct AddedVocab {
     /// content → id (`added_tokens_map`).
     pub by_content: FxMap<String, u32>,
-    /// id → token (`added_tokens_map_r`).
-    pub by_id: FxMap<u32, AddedToken>,
     /// id → the string `id_to_token` gives: the content, normalized for a
     /// `normalized` token (as `tokenizers` 0.23 returns it; "new  token"
     /// under a whitespace-collapsing normalizer comes back "new token").
@@ -187,7 +185,6 @@ impl AddedVocab {
         }
         Ok(AddedVocab {
             by_content,
-            by_id: by_id_tok,
             forms,
             special,
             raw: Matcher::new(raw),
