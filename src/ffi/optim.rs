@@ -7,8 +7,8 @@ use super::model::{lora_optim, LORA_OPTIM_ADAMW, LORA_OPTIM_ADAMW_8BIT};
 use super::util::{self, guard, handle, read_params, req, req_out, Handle};
 use super::*;
 use crate::error::Result;
-use crate::optim::adamw::{AdamW, AdamWConfig};
-use crate::optim::adamw8bit::AdamW8bit;
+use crate::optim::adamw::AdamWConfig;
+use crate::optim::{OptimKind, Optimizer};
 
 /// Options of `lora_optimizer_new`. Initialize with
 /// `lora_optimizer_default_params()`.
@@ -33,12 +33,7 @@ pub struct lora_optimizer_params {
 /// An optimizer over a fixed list of fp32 tensors. Not for concurrent use.
 pub struct lora_optimizer {
     tag: u64,
-    inner: Opt,
-}
-
-enum Opt {
-    AdamW(AdamW),
-    AdamW8bit(AdamW8bit),
+    inner: Optimizer,
 }
 
 impl Handle for lora_optimizer {
@@ -88,13 +83,12 @@ pub unsafe extern "C" fn lora_optimizer_new(ctx: *const lora_context, params: *c
             crate::bail!(InvalidArgument, "sizes[{i}] is 0");
         }
         let cfg = AdamWConfig { lr: p.lr, beta1: p.beta1, beta2: p.beta2, eps: p.eps, weight_decay: p.weight_decay };
-        let inner = match (p.optimizer, p.paged != 0) {
-            (LORA_OPTIM_ADAMW, false) => Opt::AdamW(AdamW::new(cfg, sizes)?),
-            (LORA_OPTIM_ADAMW, true) => Opt::AdamW(AdamW::new_paged(cfg, sizes, &ctx.inner.pager)?),
-            (LORA_OPTIM_ADAMW_8BIT, false) => Opt::AdamW8bit(AdamW8bit::new(cfg, sizes)?),
-            (LORA_OPTIM_ADAMW_8BIT, true) => crate::bail!(Unsupported, "paged 8-bit AdamW state is not implemented"),
-            (o, _) => crate::bail!(InvalidArgument, "optimizer {o} is not a LORA_OPTIM_* value"),
+        let kind = match p.optimizer {
+            LORA_OPTIM_ADAMW => OptimKind::AdamW,
+            LORA_OPTIM_ADAMW_8BIT => OptimKind::AdamW8bit,
+            o => crate::bail!(InvalidArgument, "optimizer {o} is not a LORA_OPTIM_* value"),
         };
+        let inner = Optimizer::new(kind, cfg, sizes, (p.paged != 0).then_some(&ctx.inner.pager))?;
         *out = util::into_handle(lora_optimizer { tag: lora_optimizer::TAG, inner });
         Ok(())
     })
@@ -115,10 +109,7 @@ fn opt_mut<'a>(p: *mut lora_optimizer) -> Result<&'a mut lora_optimizer> {
 /// Sets the learning rate of the next steps (a schedule's job).
 #[no_mangle]
 pub unsafe extern "C" fn lora_optimizer_set_lr(opt: *mut lora_optimizer, lr: f64) -> lora_status {
-    guard(|| match &mut opt_mut(opt)?.inner {
-        Opt::AdamW(o) => o.set_lr(lr),
-        Opt::AdamW8bit(o) => o.set_lr(lr),
-    })
+    guard(|| opt_mut(opt)?.inner.set_lr(lr))
 }
 
 /// One step: `params[i]` (`sizes[i]` floats, updated in place) from
@@ -131,10 +122,7 @@ pub unsafe extern "C" fn lora_optimizer_set_lr(opt: *mut lora_optimizer, lr: f64
 pub unsafe extern "C" fn lora_optimizer_step(opt: *mut lora_optimizer, params: *const *mut f32, grads: *const *const f32, n: usize) -> lora_status {
     guard(|| {
         let o = opt_mut(opt)?;
-        let sizes = match &o.inner {
-            Opt::AdamW(a) => a.sizes().to_vec(),
-            Opt::AdamW8bit(a) => a.sizes().to_vec(),
-        };
+        let sizes = o.inner.sizes().to_vec();
         if n != sizes.len() {
             crate::bail!(InvalidArgument, "{n} tensors given; the optimizer was created for {}", sizes.len());
         }
@@ -149,10 +137,7 @@ pub unsafe extern "C" fn lora_optimizer_step(opt: *mut lora_optimizer, params: *
             gs.push(std::slice::from_raw_parts(req(gp[i], "grads[i]")?, sizes[i]));
         }
         crate::optim::clip::check_finite(None, &gs)?;
-        match &mut o.inner {
-            Opt::AdamW(a) => a.step(&mut ps, &gs),
-            Opt::AdamW8bit(a) => a.step(&mut ps, &gs),
-        }
+        o.inner.step(&mut ps, &gs)
     })
 }
 
@@ -161,10 +146,7 @@ pub unsafe extern "C" fn lora_optimizer_step(opt: *mut lora_optimizer, params: *
 pub unsafe extern "C" fn lora_optimizer_state_bytes(opt: *const lora_optimizer, bytes: *mut u64) -> lora_status {
     guard(|| {
         let o = handle(opt, "opt")?;
-        *req_out(bytes, "bytes")? = match &o.inner {
-            Opt::AdamW(a) => a.sizes().iter().sum::<usize>() as u64 * 8,
-            Opt::AdamW8bit(a) => a.state_bytes() as u64,
-        };
+        *req_out(bytes, "bytes")? = o.inner.state_bytes() as u64;
         Ok(())
     })
 }

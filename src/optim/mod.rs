@@ -96,3 +96,85 @@ pub(crate) fn check_step_args(sizes: &[usize], params: &[&mut [f32]], grads: &[&
     }
     clip::check_finite(None, grads)
 }
+
+/// Which optimizer a trainer or a `lora_optimizer` uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OptimKind {
+    /// torch.optim.AdamW (fp32 moments).
+    AdamW,
+    /// bitsandbytes `AdamW8bit` (blockwise 8-bit moments).
+    AdamW8bit,
+}
+
+/// One of the optimizers, behind one interface.
+#[derive(Debug)]
+pub enum Optimizer {
+    AdamW(AdamW),
+    AdamW8bit(AdamW8bit),
+}
+
+impl Optimizer {
+    /// A new optimizer of `kind` for tensors of `sizes`; with `pager`, its
+    /// moments live in paged memory (32-bit AdamW only).
+    pub fn new(kind: OptimKind, config: AdamWConfig, sizes: &[usize], pager: Option<&std::sync::Arc<crate::memory::Pager>>) -> crate::Result<Optimizer> {
+        Ok(match (kind, pager) {
+            (OptimKind::AdamW, None) => Optimizer::AdamW(AdamW::new(config, sizes)?),
+            (OptimKind::AdamW, Some(p)) => Optimizer::AdamW(AdamW::new_paged(config, sizes, p)?),
+            (OptimKind::AdamW8bit, None) => Optimizer::AdamW8bit(AdamW8bit::new(config, sizes)?),
+            (OptimKind::AdamW8bit, Some(_)) => {
+                bail!(Unsupported, "paged 8-bit AdamW state is not implemented (8-bit state is a quarter of 32-bit; use it resident, or paged 32-bit AdamW)")
+            }
+        })
+    }
+
+    pub fn sizes(&self) -> &[usize] {
+        match self {
+            Optimizer::AdamW(o) => o.sizes(),
+            Optimizer::AdamW8bit(o) => o.sizes(),
+        }
+    }
+
+    pub fn set_lr(&mut self, lr: f64) -> crate::Result<()> {
+        match self {
+            Optimizer::AdamW(o) => o.set_lr(lr),
+            Optimizer::AdamW8bit(o) => o.set_lr(lr),
+        }
+    }
+
+    pub fn step(&mut self, params: &mut [&mut [f32]], grads: &[&[f32]]) -> crate::Result<()> {
+        match self {
+            Optimizer::AdamW(o) => o.step(params, grads),
+            Optimizer::AdamW8bit(o) => o.step(params, grads),
+        }
+    }
+
+    pub fn export_state(&self, names: &[&str]) -> crate::Result<Vec<StateTensor>> {
+        match self {
+            Optimizer::AdamW(o) => o.export_state(names),
+            Optimizer::AdamW8bit(o) => o.export_state(names),
+        }
+    }
+
+    pub fn import_state(&mut self, names: &[&str], tensors: &[StateTensor]) -> crate::Result<()> {
+        match self {
+            Optimizer::AdamW(o) => o.import_state(names, tensors),
+            Optimizer::AdamW8bit(o) => o.import_state(names, tensors),
+        }
+    }
+
+    /// Bytes of state (moments; 8-bit codes and scales), paged or not.
+    pub fn state_bytes(&self) -> usize {
+        match self {
+            Optimizer::AdamW(o) => o.sizes().iter().sum::<usize>() * 8,
+            Optimizer::AdamW8bit(o) => o.state_bytes(),
+        }
+    }
+
+    /// Paging counters of the moments (first, second) when paged.
+    pub fn paged_stats(&self) -> Option<(crate::memory::PagedStats, crate::memory::PagedStats)> {
+        match self {
+            Optimizer::AdamW(o) => o.paged_stats(),
+            Optimizer::AdamW8bit(_) => None,
+        }
+    }
+}

@@ -15,11 +15,10 @@
 //! number), so a run resumed from a checkpoint continues bit for bit.
 
 use crate::model::{peft, MemStats, Model};
-use crate::optim::adamw::{AdamW, AdamWConfig};
-use crate::optim::adamw8bit::AdamW8bit;
+use crate::optim::adamw::AdamWConfig;
+use crate::optim::Optimizer;
 use crate::optim::schedule::Schedule;
 use crate::memory::{PagedStats, Pager};
-use crate::optim::state::StateTensor;
 use crate::Result;
 use parking_lot::Mutex;
 use serde_json::{json, Value};
@@ -27,13 +26,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Which optimizer holds the state.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OptimKind {
-    AdamW,
-    /// bitsandbytes `AdamW8bit` (blockwise 8-bit moments).
-    AdamW8bit,
-}
+pub use crate::optim::OptimKind;
 
 #[derive(Clone, Debug)]
 pub struct TrainerConfig {
@@ -55,46 +48,6 @@ pub struct TrainerConfig {
 impl Default for TrainerConfig {
     fn default() -> Self {
         TrainerConfig { adamw: AdamWConfig::default(), schedule: Schedule::Constant, max_grad_norm: 1.0, micro_batch: 0, checkpointing: false, optimizer: OptimKind::AdamW, paged: false }
-    }
-}
-
-enum Opt {
-    AdamW(AdamW),
-    AdamW8bit(AdamW8bit),
-}
-
-impl Opt {
-    fn set_lr(&mut self, lr: f64) -> Result<()> {
-        match self {
-            Opt::AdamW(o) => o.set_lr(lr),
-            Opt::AdamW8bit(o) => o.set_lr(lr),
-        }
-    }
-    fn step(&mut self, p: &mut [&mut [f32]], g: &[&[f32]]) -> Result<()> {
-        match self {
-            Opt::AdamW(o) => o.step(p, g),
-            Opt::AdamW8bit(o) => o.step(p, g),
-        }
-    }
-    fn export(&self, names: &[&str]) -> Result<Vec<StateTensor>> {
-        match self {
-            Opt::AdamW(o) => o.export_state(names),
-            Opt::AdamW8bit(o) => o.export_state(names),
-        }
-    }
-    fn import(&mut self, names: &[&str], t: &[StateTensor]) -> Result<()> {
-        match self {
-            Opt::AdamW(o) => o.import_state(names, t),
-            Opt::AdamW8bit(o) => o.import_state(names, t),
-        }
-    }
-    fn bytes(&self) -> usize {
-        match self {
-            // Resident bytes: paged state counts as the optimizer's too
-            // (its residency is in the pager's statistics).
-            Opt::AdamW(o) => o.sizes().iter().sum::<usize>() * 8,
-            Opt::AdamW8bit(o) => o.state_bytes(),
-        }
     }
 }
 
@@ -120,7 +73,7 @@ pub struct Trainer {
     pub model: Arc<Mutex<Model>>,
     pub adapter: String,
     pub cfg: TrainerConfig,
-    opt: Opt,
+    opt: Optimizer,
     step: u64,
     micro_calls: u64,
 }
@@ -165,15 +118,8 @@ impl Trainer {
             m.set_active(&[(adapter, 1.0)])?;
             sizes
         };
-        let opt = match (cfg.optimizer, cfg.paged) {
-            (OptimKind::AdamW, false) => Opt::AdamW(AdamW::new(cfg.adamw, &sizes)?),
-            (OptimKind::AdamW, true) => {
-                let pager = pager.ok_or_else(|| err!(InvalidArgument, "paged optimizer state needs a pager"))?;
-                Opt::AdamW(AdamW::new_paged(cfg.adamw, &sizes, pager)?)
-            }
-            (OptimKind::AdamW8bit, false) => Opt::AdamW8bit(AdamW8bit::new(cfg.adamw, &sizes)?),
-            (OptimKind::AdamW8bit, true) => bail!(Unsupported, "paged 8-bit AdamW state is not implemented (8-bit state is a quarter of 32-bit; use it resident, or paged 32-bit AdamW)"),
-        };
+        let pager = if cfg.paged { Some(pager.ok_or_else(|| err!(InvalidArgument, "paged optimizer state needs a pager"))?) } else { None };
+        let opt = Optimizer::new(cfg.optimizer, cfg.adamw, &sizes, pager)?;
         Ok(Trainer { model, adapter: adapter.to_string(), cfg, opt, step: 0, micro_calls: 0 })
     }
 
@@ -183,22 +129,19 @@ impl Trainer {
 
     /// Optimizer state bytes.
     pub fn optimizer_bytes(&self) -> usize {
-        self.opt.bytes()
+        self.opt.state_bytes()
     }
 
     /// Paging counters of the optimizer state (first and second moments),
     /// when it is paged.
     pub fn paged_stats(&self) -> Option<(PagedStats, PagedStats)> {
-        match &self.opt {
-            Opt::AdamW(o) => o.paged_stats(),
-            Opt::AdamW8bit(_) => None,
-        }
+        self.opt.paged_stats()
     }
 
     /// Memory by category, optimizer state included.
     pub fn memory(&self) -> MemStats {
         let mut m = self.model.lock().memory();
-        m.optimizer = self.opt.bytes();
+        m.optimizer = self.opt.state_bytes();
         m.peak += m.optimizer;
         m
     }
@@ -339,7 +282,7 @@ impl Trainer {
             peft::save_adapter(&model, &self.adapter, &tmp)?;
             let keys = model.adapter_keys(&self.adapter)?;
             let names: Vec<&str> = keys.iter().map(|s| s.as_str()).collect();
-            let state = self.opt.export(&names)?;
+            let state = self.opt.export_state(&names)?;
             crate::optim::state::save(&tmp.join("optimizer.safetensors"), &state, &Default::default())?;
             let text = serde_json::to_string_pretty(&self.state_json(model.seed)).map_err(|e| err!(Internal, "{e}"))?;
             crate::io::safetensors::write_file_atomic(&tmp.join("trainer_state.json"), text.as_bytes())?;
@@ -446,7 +389,7 @@ impl Trainer {
         let keys = tr.model.lock().adapter_keys(&adapter)?;
         let names: Vec<&str> = keys.iter().map(|s| s.as_str()).collect();
         let state = crate::optim::state::load(&dir.join("optimizer.safetensors"))?;
-        tr.opt.import(&names, &state)?;
+        tr.opt.import_state(&names, &state)?;
         tr.step = u("step")?;
         tr.micro_calls = u("micro_calls")?;
         Ok(tr)
