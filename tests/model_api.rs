@@ -375,3 +375,43 @@ fn paged_optimizer_state_several_times_the_budget_is_bit_identical() {
     assert!(m.page_outs > 0 && m.page_ins > 0 && v.page_outs > 0 && v.page_ins > 0, "{m:?} {v:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+fn proc_status_kb(key: &str) -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap();
+    s.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(0)
+}
+
+/// Child of `quantizing_at_load_peaks_near_the_result`: loads with NF4 and
+/// prints `rss_before peak model_bytes` in bytes.
+#[test]
+#[ignore]
+fn load_peak_child() {
+    let Ok(dir) = std::env::var("LORA_LOAD_PEAK_DIR") else { return };
+    let before = proc_status_kb("VmRSS:") * 1024;
+    let m = load(Path::new(&dir), true);
+    let s = m.memory();
+    println!("PEAK {before} {} {}", proc_status_kb("VmHWM:") * 1024, s.base_weights);
+}
+
+#[test]
+fn quantizing_at_load_peaks_near_the_result() {
+    let dir = tmpdir("peak");
+    synth(&dir, 512, 2048, 4, 8, 4, 1000, None);
+    let file = std::fs::metadata(dir.join("model.safetensors")).unwrap().len();
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--ignored", "--exact", "load_peak_child", "--nocapture", "--test-threads", "1"])
+        .env("LORA_LOAD_PEAK_DIR", &dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find_map(|l| l.split_once("PEAK ").map(|(_, r)| r)).unwrap_or_else(|| panic!("child said: {text}"));
+    let v: Vec<u64> = line.split_whitespace().take(3).map(|x| x.parse().unwrap()).collect();
+    let (before, peak, model) = (v[0], v[1], v[2]);
+    // One layer's largest dense tensor (gate/up/down: 2048×512 fp32) and
+    // its quantization in flight, plus allocator slack.
+    let layer = 2048 * 512 * 4;
+    eprintln!("file {:.1} MB, model {:.1} MB, peak {:.1} MB over a {:.1} MB start", file as f64 / 1e6, model as f64 / 1e6, (peak - before) as f64 / 1e6, before as f64 / 1e6);
+    assert!(peak <= before + model + 3 * layer + (8 << 20), "peak {peak} B while the model holds {model} B (file {file} B)");
+    assert!(file > 4 * model, "the test needs a file much larger than the NF4 model");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

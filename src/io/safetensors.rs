@@ -92,6 +92,29 @@ impl StFile {
         Ok(t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
     }
 
+    /// Drops the pages of tensor `name` from this process's memory (they
+    /// are read again from the file if touched): a loader that has copied
+    /// or converted a tensor calls this so the mapped file does not pile up
+    /// in the resident set while a large checkpoint is read. Pages shared
+    /// with neighbouring tensors are dropped too, harmlessly.
+    pub fn release(&self, name: &str) {
+        let Ok(t) = self.get(name) else { return };
+        let d = t.data();
+        if d.is_empty() {
+            return;
+        }
+        let base = self.map.as_ptr() as usize;
+        let page = 4096usize;
+        let start = (d.as_ptr() as usize - base) / page * page;
+        let end = (d.as_ptr() as usize - base + d.len()).div_ceil(page) * page;
+        let end = end.min(self.map.len());
+        // SAFETY: the mapping is a private, read-only file mapping owned by
+        // `self`; no borrow of these bytes outlives this call (callers have
+        // copied the tensor), and MADV_DONTNEED on such a mapping only drops
+        // clean pages, which the kernel re-reads from the file on access.
+        let _ = unsafe { self.map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
+    }
+
     /// A U8 tensor's bytes.
     pub fn read_u8(&self, name: &str) -> Result<Vec<u8>> {
         Ok(self.get_typed(name, Dtype::U8)?.data().to_vec())

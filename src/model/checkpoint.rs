@@ -117,11 +117,20 @@ impl Checkpoint {
         let dt = DType::from_safetensors(t.dtype())
             .ok_or_else(|| err!(DtypeMismatch, "{}: '{name}' is {:?}; weights must be F32, F16 or BF16", f.path().display(), t.dtype()))?;
         let b = t.data();
-        Ok(match dt {
+        let out = match dt {
             DType::F32 => Owned::F32(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
             DType::F16 => Owned::F16(b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect()),
             DType::BF16 => Owned::BF16(b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]])).collect()),
-        })
+        };
+        f.release(name);
+        Ok(out)
+    }
+
+    /// Drops tensor `name`'s file pages from memory (after it was copied).
+    pub fn release(&self, name: &str) {
+        if let Ok(f) = self.file(name) {
+            f.release(name);
+        }
     }
 
     /// The dtype of a dense tensor.
@@ -139,6 +148,9 @@ impl Checkpoint {
     pub fn nf4(&self, prefix: &str, out_f: usize, in_f: usize) -> Result<Nf4Tensor> {
         let f = self.file(&format!("{prefix}.weight"))?;
         let t = crate::io::nf4_file::load(f, prefix)?;
+        for suf in [".weight", ".weight.absmax", ".weight.nested_absmax"] {
+            f.release(&format!("{prefix}{suf}"));
+        }
         if t.shape() != [out_f, in_f] {
             bail!(ShapeMismatch, "{}: NF4 weight '{prefix}' has shape {:?}, the config implies [{out_f}, {in_f}]", f.path().display(), t.shape());
         }
