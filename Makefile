@@ -1,5 +1,6 @@
 # liblora: the README's two commands, and the install step.
 #   make demo                   build liblora (release) and run the main demo (QLoRA fine-tune) on the CPU
+#   make demo-swap              two adapters on one NF4 base, hot-swapped (examples/c/swap.c)
 #   make test                   run every test (Rust, C under sanitizers, bindings, install)
 #   make install PREFIX=/usr/local [DESTDIR=...]
 #                               liblora.so.X.Y.Z (+ symlinks), liblora.a, include/lora.h,
@@ -30,7 +31,7 @@ SONAME := liblora.so.$(VERSION_MAJOR)
 # --print native-static-libs for the x86_64/aarch64 linux-gnu targets).
 STATIC_LIBS := -lgcc_s -lutil -lrt -lpthread -lm -ldl
 
-.PHONY: all lib demo demo-quantize test install uninstall clean
+.PHONY: all lib demo demo-quantize demo-swap test install uninstall clean
 
 all: lib
 
@@ -51,6 +52,12 @@ $(BUILD)/finetune: examples/c/finetune.c include/lora.h lib
 	$(CC) -std=c11 -O2 -Wall -Wextra -Werror -pedantic -Iinclude $< -o $@ \
 	    -L$(LIBDIR) -llora -Wl,-rpath,$(abspath $(LIBDIR)) -lm
 
+$(BUILD)/swap: examples/c/swap.c include/lora.h lib
+	@mkdir -p $(BUILD)
+	@test -e $(LIBDIR)/$(SONAME) || ln -sf liblora.so $(LIBDIR)/$(SONAME)
+	$(CC) -std=c11 -O2 -Wall -Wextra -Werror -pedantic -Iinclude $< -o $@ \
+	    -L$(LIBDIR) -llora -Wl,-rpath,$(abspath $(LIBDIR)) -lm
+
 # The main demo: QLoRA fine-tuning of the embedded default model
 # (models/default) on data/finetune.txt; MODEL=dir picks another Hugging
 # Face model directory, TEXT=file another text.
@@ -60,6 +67,10 @@ demo: $(BUILD)/finetune
 # The NF4 quantization demo (quantize a 4096x4096 matrix, save, load).
 demo-quantize: $(BUILD)/quantize
 	./$(BUILD)/quantize
+
+# Hot swap: two adapters trained briefly, saved, loaded onto one NF4 base.
+demo-swap: $(BUILD)/swap
+	./$(BUILD)/swap
 
 test:
 	$(CARGO) test

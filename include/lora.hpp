@@ -1,15 +1,20 @@
 /*
  * liblora — header-only C++17 wrapper of the C API in lora.h.
  *
- * - Every handle has one RAII owner (lora::context, lora::nf4, lora::layer):
- *   move-only, freed in its destructor, `get()` for the raw handle,
- *   `release()` to take it back, `T::adopt(raw)` to take one over.
+ * - Every handle has one RAII owner (lora::context, lora::nf4, lora::layer,
+ *   lora::model, lora::trainer, lora::tokenizer): move-only, freed in its
+ *   destructor, `get()` for the raw handle, `release()` to take it back,
+ *   `T::adopt(raw)` to take one over.
  * - Every failing call throws lora::error, which carries the lora_status
  *   (`status()`), its static name and the detail lora_last_error() gave on
  *   the calling thread right after the failure (`detail()`).
  * - Buffers are lora::span<T> (pointer + element count), made implicitly
  *   from std::vector, std::array, C arrays or (pointer, count). The element
  *   type picks the lora_dtype: float (F32), lora::f16, lora::bf16.
+ *
+ * - Parameter structs are the C ones (`lora_model_params`, ...), from each
+ *   owner's `default_params()`; a progress callback may be set in them as
+ *   in C (it must not throw).
  *
  * Thread safety is that of the C objects (see lora.h); the wrappers add no
  * state of their own. Adding a wrapper for a new handle type is mechanical:
@@ -27,6 +32,7 @@
 #include <iterator>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -217,6 +223,19 @@ public:
         std::vector<char> buf(needed + 1);
         detail::check(lora_context_describe(raw(), buf.data(), buf.size(), &needed), "lora_context_describe");
         return std::string(buf.data(), needed);
+    }
+    static lora_paging_params default_paging_params() noexcept { return lora_paging_default_params(); }
+    /// Budget and directory of the context's paged memory (a QLoRA
+    /// trainer's AdamW state lives there by default).
+    void set_paging(const lora_paging_params &params) {
+        detail::check(lora_context_set_paging(raw(), &params), "lora_context_set_paging");
+    }
+    /// Counters over the context's paged buffers.
+    lora_paged_stats paged_stats() const {
+        lora_paged_stats st{};
+        st.struct_size = sizeof st;
+        detail::check(lora_context_paged_stats(raw(), &st), "lora_context_paged_stats");
+        return st;
     }
 
 private:
@@ -524,6 +543,300 @@ private:
         return p;
     }
 };
+
+/* ---- tokenizers -------------------------------------------------------- */
+
+/// lora_tokenizer: a Hugging Face tokenizer.json (byte-level or
+/// SentencePiece-style BPE). Immutable: const calls may run concurrently.
+class tokenizer : public detail::owner<lora_tokenizer, lora_tokenizer_free> {
+public:
+    tokenizer() noexcept = default;
+    static tokenizer adopt(lora_tokenizer *t) noexcept { return tokenizer(t); }
+
+    /// Loads `path`: a tokenizer.json or a model directory holding one.
+    static tokenizer load(const std::string &path) {
+        lora_tokenizer *t = nullptr;
+        detail::check(lora_tokenizer_load(path.c_str(), &t), "lora_tokenizer_load");
+        return tokenizer(t);
+    }
+
+    /// Token ids of UTF-8 `text`; `add_special` adds the post-processor's
+    /// tokens (Llama's BOS).
+    std::vector<std::int32_t> encode(std::string_view text, bool add_special = false) const {
+        std::size_t n = 0;
+        const lora_status st = lora_tokenizer_encode(raw(), text.data(), text.size(), add_special ? 1u : 0u,
+                                                     nullptr, 0, &n);
+        if (st != LORA_ERR_BUFFER_SIZE) detail::check(st, "lora_tokenizer_encode");
+        std::vector<std::int32_t> ids(n);
+        detail::check(lora_tokenizer_encode(raw(), text.data(), text.size(), add_special ? 1u : 0u, ids.data(),
+                                            ids.size(), &n),
+                      "lora_tokenizer_encode");
+        ids.resize(n);
+        return ids;
+    }
+    /// The text of `ids` (special tokens left out with `skip_special`).
+    std::string decode(span<const std::int32_t> ids, bool skip_special = true) const {
+        std::size_t n = 0;
+        const lora_status st =
+            lora_tokenizer_decode(raw(), ids.data(), ids.size(), skip_special ? 1u : 0u, nullptr, 0, &n);
+        if (st != LORA_ERR_BUFFER_SIZE) detail::check(st, "lora_tokenizer_decode");
+        std::vector<char> buf(n + 1);
+        detail::check(
+            lora_tokenizer_decode(raw(), ids.data(), ids.size(), skip_special ? 1u : 0u, buf.data(), buf.size(), &n),
+            "lora_tokenizer_decode");
+        return std::string(buf.data(), n);
+    }
+    struct info_t {
+        std::size_t vocab_size;
+        std::int32_t bos_id, eos_id;  // -1 when unknown
+    };
+    info_t info() const {
+        info_t i{0, -1, -1};
+        detail::check(lora_tokenizer_info(raw(), &i.vocab_size, &i.bos_id, &i.eos_id), "lora_tokenizer_info");
+        return i;
+    }
+    /// The id of a vocabulary string ("<|im_end|>", "Ġthe"), or -1.
+    std::int32_t token_to_id(const std::string &token) const {
+        std::int32_t id = -1;
+        detail::check(lora_tokenizer_token_to_id(raw(), token.c_str(), &id), "lora_tokenizer_token_to_id");
+        return id;
+    }
+    /// The vocabulary string of `id` (not decoded).
+    std::string id_to_token(std::int32_t id) const {
+        std::size_t n = 0;
+        const lora_status st = lora_tokenizer_id_to_token(raw(), id, nullptr, 0, &n);
+        if (st != LORA_ERR_BUFFER_SIZE) detail::check(st, "lora_tokenizer_id_to_token");
+        std::vector<char> buf(n + 1);
+        detail::check(lora_tokenizer_id_to_token(raw(), id, buf.data(), buf.size(), &n), "lora_tokenizer_id_to_token");
+        return std::string(buf.data(), n);
+    }
+    bool is_special(std::int32_t id) const {
+        std::uint32_t s = 0;
+        detail::check(lora_tokenizer_is_special(raw(), id, &s), "lora_tokenizer_is_special");
+        return s != 0;
+    }
+
+private:
+    explicit tokenizer(lora_tokenizer *t) noexcept : owner(t) {}
+};
+
+/* ---- models ------------------------------------------------------------ */
+
+class trainer;
+
+/// lora_model: a Llama/Mistral/Qwen2 checkpoint (fp32 or NF4 base) with
+/// named LoRA adapters. Calls on one model serialize inside liblora.
+class model : public detail::owner<lora_model, lora_model_free> {
+public:
+    static lora_model_params default_params() noexcept { return lora_model_default_params(); }
+    static lora_create_params default_create_params() noexcept { return lora_create_default_params(); }
+    static lora_generate_params default_generate_params() noexcept { return lora_generate_default_params(); }
+    model() noexcept = default;
+    static model adopt(lora_model *m) noexcept { return model(m); }
+
+    /// Loads a Hugging Face checkpoint directory; `params.quantize =
+    /// LORA_QUANT_NF4` quantizes the linear layers as they are read (QLoRA).
+    static model load(const context &ctx, const std::string &dir, const lora_model_params &params = default_params()) {
+        lora_model *m = nullptr;
+        detail::check(lora_model_load(ctx.get(), dir.c_str(), &params, &m), "lora_model_load");
+        return model(m);
+    }
+
+    lora_model_info info() const {
+        lora_model_info i{};
+        detail::check(lora_model_get_info(raw(), &i), "lora_model_get_info");
+        return i;
+    }
+    /// Adds adapter `name` on the target modules (PEFT get_peft_model).
+    void create_adapter(const std::string &name, const lora_create_params &params = default_create_params()) {
+        detail::check(lora_create(raw(), name.c_str(), &params), "lora_create");
+    }
+    struct param_counts_t {
+        std::uint64_t trainable, total;
+    };
+    param_counts_t param_counts() const {
+        param_counts_t c{0, 0};
+        detail::check(lora_model_param_counts(raw(), &c.trainable, &c.total), "lora_model_param_counts");
+        return c;
+    }
+    /// PEFT's print_trainable_parameters line.
+    std::string trainable_summary() const {
+        std::size_t n = 0;
+        detail::check(lora_model_trainable_summary(raw(), nullptr, 0, &n), "lora_model_trainable_summary");
+        std::vector<char> buf(n + 1);
+        detail::check(lora_model_trainable_summary(raw(), buf.data(), buf.size(), &n), "lora_model_trainable_summary");
+        return std::string(buf.data(), n);
+    }
+
+    void merge() { detail::check(lora_merge(raw()), "lora_merge"); }
+    void unmerge() { detail::check(lora_unmerge(raw()), "lora_unmerge"); }
+    /// Makes `names` the active adapters, scaled by `multipliers` (empty:
+    /// all 1); no names leaves the base alone. Works merged or not.
+    void swap_adapter(const std::vector<std::string> &names, const std::vector<float> &multipliers = {}) {
+        if (!multipliers.empty() && multipliers.size() != names.size())
+            throw error(LORA_ERR_INVALID_ARGUMENT, "lora_swap_adapter", "one multiplier per adapter name");
+        const std::vector<const char *> p = c_strs(names);
+        detail::check(lora_swap_adapter(raw(), p.empty() ? nullptr : p.data(),
+                                        multipliers.empty() ? nullptr : multipliers.data(), p.size()),
+                      "lora_swap_adapter");
+    }
+
+    /// Logits [batch, seq, vocab] of `ids` [batch, seq] into `out`, with the
+    /// active adapters, or with `adapters` (one name per sequence; "" is the
+    /// base alone; the model must be unmerged).
+    void logits(span<const std::int32_t> ids, std::size_t batch, std::size_t seq, span<float> out,
+                const std::vector<std::string> &adapters = {}) {
+        if (!adapters.empty() && adapters.size() != batch)
+            throw error(LORA_ERR_INVALID_ARGUMENT, "lora_model_logits", "one adapter name per sequence");
+        if (ids.size() != batch * seq)
+            throw error(LORA_ERR_BUFFER_SIZE, "lora_model_logits", "ids must hold batch*seq tokens");
+        const std::vector<const char *> a = c_strs_or_null(adapters);
+        detail::check(lora_model_logits(raw(), ids.data(), batch, seq, a.empty() ? nullptr : a.data(), out.data(),
+                                        out.size()),
+                      "lora_model_logits");
+    }
+    std::vector<float> logits(span<const std::int32_t> ids, std::size_t batch, std::size_t seq,
+                              const std::vector<std::string> &adapters = {}) {
+        std::vector<float> out(batch * seq * info().vocab_size);
+        logits(ids, batch, seq, out, adapters);
+        return out;
+    }
+    /// Mean causal-LM cross-entropy of `ids` [batch, seq] (labels empty:
+    /// the ids; -100 ignored), without gradients.
+    float loss(span<const std::int32_t> ids, std::size_t batch, std::size_t seq,
+               span<const std::int32_t> labels = {}) {
+        if (ids.size() != batch * seq || (!labels.empty() && labels.size() != batch * seq))
+            throw error(LORA_ERR_BUFFER_SIZE, "lora_model_loss", "ids (and labels) must hold batch*seq tokens");
+        float l = 0;
+        detail::check(lora_model_loss(raw(), ids.data(), labels.empty() ? nullptr : labels.data(), batch, seq, &l),
+                      "lora_model_loss");
+        return l;
+    }
+
+    /// Adapter `name` to directory `dir` in PEFT's format.
+    void save_adapter(const std::string &name, const std::string &dir) const {
+        detail::check(lora_adapter_save(raw(), name.c_str(), dir.c_str()), "lora_adapter_save");
+    }
+    /// A PEFT adapter directory as adapter `name`.
+    void load_adapter(const std::string &dir, const std::string &name) {
+        detail::check(lora_adapter_load(raw(), dir.c_str(), name.c_str()), "lora_adapter_load");
+    }
+    void remove_adapter(const std::string &name) {
+        detail::check(lora_adapter_remove(raw(), name.c_str()), "lora_adapter_remove");
+    }
+    /// The model with its active adapters merged, as a Hugging Face checkpoint.
+    void export_merged(const std::string &dir) const {
+        detail::check(lora_model_export_merged(raw(), dir.c_str()), "lora_model_export_merged");
+    }
+
+    /// Generates for several prompts at once; returns the new tokens of
+    /// each. `adapters` empty: the active adapters; else one name per
+    /// prompt ("" for the base alone), a mixed-adapter batch.
+    std::vector<std::vector<std::int32_t>> generate(const std::vector<std::vector<std::int32_t>> &prompts,
+                                                    const lora_generate_params &params = default_generate_params(),
+                                                    const std::vector<std::string> &adapters = {}) {
+        if (!adapters.empty() && adapters.size() != prompts.size())
+            throw error(LORA_ERR_INVALID_ARGUMENT, "lora_generate", "one adapter name per prompt");
+        std::vector<const std::int32_t *> p;
+        std::vector<std::size_t> lens;
+        for (const auto &v : prompts) {
+            p.push_back(v.data());
+            lens.push_back(v.size());
+        }
+        const std::vector<const char *> a = c_strs_or_null(adapters);
+        const std::size_t max_new = params.max_new_tokens;
+        std::vector<std::int32_t> out(prompts.size() * max_new);
+        std::vector<std::size_t> out_lens(prompts.size());
+        detail::check(lora_generate(raw(), p.data(), lens.data(), a.empty() ? nullptr : a.data(), prompts.size(),
+                                    &params, out.data(), out.size(), out_lens.data()),
+                      "lora_generate");
+        std::vector<std::vector<std::int32_t>> res(prompts.size());
+        for (std::size_t i = 0; i < prompts.size(); i++)
+            res[i].assign(out.begin() + (std::ptrdiff_t)(i * max_new),
+                          out.begin() + (std::ptrdiff_t)(i * max_new + out_lens[i]));
+        return res;
+    }
+    /// One prompt with the active adapters.
+    std::vector<std::int32_t> generate(span<const std::int32_t> prompt,
+                                       const lora_generate_params &params = default_generate_params()) {
+        std::vector<std::int32_t> out(params.max_new_tokens);
+        const std::int32_t *p = prompt.data();
+        const std::size_t len = prompt.size();
+        std::size_t n = 0;
+        detail::check(lora_generate(raw(), &p, &len, nullptr, 1, &params, out.data(), out.size(), &n),
+                      "lora_generate");
+        out.resize(n);
+        return out;
+    }
+
+    /// Memory by category (with `tr`'s optimizer state when given).
+    inline lora_memory_stats memory(const trainer *tr = nullptr) const;
+
+private:
+    explicit model(lora_model *m) noexcept : owner(m) {}
+    static std::vector<const char *> c_strs(const std::vector<std::string> &names) {
+        std::vector<const char *> p;
+        p.reserve(names.size());
+        for (const auto &n : names) p.push_back(n.c_str());
+        return p;
+    }
+    static std::vector<const char *> c_strs_or_null(const std::vector<std::string> &names) {
+        std::vector<const char *> p;
+        p.reserve(names.size());
+        for (const auto &n : names) p.push_back(n.empty() ? nullptr : n.c_str());
+        return p;
+    }
+};
+
+/* ---- training ---------------------------------------------------------- */
+
+/// lora_trainer: optimizer, schedule and step count of one adapter's
+/// training. Keeps the model's data alive (the model owner may go first).
+/// One thread at a time.
+class trainer : public detail::owner<lora_trainer, lora_trainer_free> {
+public:
+    static lora_trainer_params default_params() noexcept { return lora_trainer_default_params(); }
+    trainer() noexcept = default;
+    static trainer adopt(lora_trainer *t) noexcept { return trainer(t); }
+
+    /// A trainer for adapter `adapter` of `m` (made the only active one).
+    static trainer create(model &m, const std::string &adapter, const lora_trainer_params &params = default_params()) {
+        lora_trainer *t = nullptr;
+        detail::check(lora_trainer_new(m.get(), adapter.c_str(), &params, &t), "lora_trainer_new");
+        return trainer(t);
+    }
+    /// Resumes a checkpoint of save() on a fresh copy of the same base
+    /// model (only `params`' progress callback is used).
+    static trainer resume(model &m, const std::string &dir, const lora_trainer_params &params = default_params()) {
+        lora_trainer *t = nullptr;
+        detail::check(lora_trainer_resume(m.get(), dir.c_str(), &params, &t), "lora_trainer_resume");
+        return trainer(t);
+    }
+
+    /// One optimizer step on `ids` [batch, seq] (labels empty: the ids).
+    lora_step_result step(span<const std::int32_t> ids, std::size_t batch, std::size_t seq,
+                          span<const std::int32_t> labels = {}) {
+        if (ids.size() != batch * seq || (!labels.empty() && labels.size() != batch * seq))
+            throw error(LORA_ERR_BUFFER_SIZE, "lora_train_step", "ids (and labels) must hold batch*seq tokens");
+        lora_step_result r{};
+        detail::check(lora_train_step(raw(), ids.data(), labels.empty() ? nullptr : labels.data(), batch, seq, &r),
+                      "lora_train_step");
+        return r;
+    }
+    /// A checkpoint (adapter, optimizer state, counters) in directory `dir`.
+    void save(const std::string &dir) const {
+        detail::check(lora_trainer_save(raw(), dir.c_str()), "lora_trainer_save");
+    }
+
+private:
+    explicit trainer(lora_trainer *t) noexcept : owner(t) {}
+};
+
+inline lora_memory_stats model::memory(const trainer *tr) const {
+    lora_memory_stats st{};
+    detail::check(lora_model_memory(raw(), tr ? tr->get() : nullptr, &st), "lora_model_memory");
+    return st;
+}
 
 }  // namespace lora
 

@@ -5,24 +5,30 @@
 //! found the way a user finds it: pkg-config (`PKG_CONFIG_PATH`) for Go and
 //! Zig, `-I`/`-L` for C++, `LD_LIBRARY_PATH` at run time.
 //!
+//! - C: the examples in examples/c (quantize.c, finetune.c, swap.c), compiled
+//!   with `-std=c11 -Wall -Wextra -Werror -pedantic` against the installed
+//!   library and run (with few steps), so they never rot.
 //! - C++ (`include/lora.hpp`): tests/cpp/lora_hpp.cpp with `-std=c++17
 //!   -Wall -Wextra -Werror -pedantic` under AddressSanitizer, LeakSanitizer
 //!   and UBSan, plus a handle ledger (`-Wl,--wrap` of every function that
 //!   makes or frees a handle; see the file) because ASan cannot see a second
 //!   `_free` of a liblora handle (liblora's uninstrumented Rust code ignores
-//!   it). Two canaries prove the set-up catches the wrapper's mistakes: a
+//!   it). It runs a short QLoRA fine-tune of models/default through the
+//!   model, trainer and tokenizer owners. Two canaries prove the set-up catches the wrapper's mistakes: a
 //!   released-and-dropped handle must be reported as a leak (LSan and the
 //!   ledger), a handle owned twice as a double free (the ledger).
 //!   examples/cpp is compiled with -Werror and run.
 //! - Go (`bindings/go`): `go test` (NF4 round trip, errors, per-call error
-//!   messages across goroutines, the layer API), `go vet`, and
-//!   `go run` of examples/go.
-//! - Zig (`bindings/zig`): `zig build test` (the same checks) and
-//!   `zig build run` of examples/zig. Zig's cache goes to
+//!   messages across goroutines, the layer API, the tokenizer, a short
+//!   QLoRA fine-tune of models/default with generation, adapter save/load,
+//!   merge/unmerge and swaps), `go vet`, and `go run` of examples/go.
+//! - Zig (`bindings/zig`): `zig build test` (the same checks, run in the
+//!   repository root for models/ and data/) and `zig build run` of
+//!   examples/zig. Zig's cache goes to
 //!   `target/<profile>/bindings-cache/zig` (.ci/run warms it while cargo
 //!   builds: a cold build runner takes minutes).
 //!
-//! Toolchains: `c++` (or `$CXX`), `go` (or `$LORA_GO`), Zig as `zig`, else
+//! Toolchains: `cc` (or `$CC`), `c++` (or `$CXX`), `go` (or `$LORA_GO`), Zig as `zig`, else
 //! `python3 -m ziglang` (or `$LORA_ZIG`, a command line). A missing one
 //! makes its tests print "SKIPPED: ..." and pass, unless
 //! `LORA_REQUIRE_BINDINGS=1` (set by .ci/run), which makes it a failure.
@@ -179,6 +185,51 @@ fn user_env(cmd: &mut Command) {
     cmd.env("LD_LIBRARY_PATH", ld);
 }
 
+/* ---- C examples --------------------------------------------------------- */
+
+fn cc() -> Option<Vec<String>> {
+    find_tool("CC", &[&["cc"], &["gcc"], &["clang"]], "--version")
+}
+
+/// examples/c: each compiled as a user would (`-I`/`-L` of the install) and
+/// run briefly: quantize.c on a small matrix, finetune.c (the main demo) and
+/// swap.c with a few steps each.
+#[test]
+fn c_examples() {
+    let Some(cc) = cc() else {
+        return skip("no C compiler (cc, gcc or clang; or set CC): examples/c needs one");
+    };
+    let p = prefix();
+    let dir = tmp_root().join("c-examples");
+    std::fs::create_dir_all(dir.join("build")).unwrap();
+    for name in ["quantize", "finetune", "swap"] {
+        let mut cmd = Command::new(&cc[0]);
+        cmd.args(&cc[1..]).args(["-std=c11", "-O2", "-Wall", "-Wextra", "-Werror", "-pedantic"]);
+        cmd.arg(format!("-I{}", p.join("include").display()));
+        cmd.arg(manifest_dir().join(format!("examples/c/{name}.c"))).arg("-o").arg(dir.join(name));
+        cmd.arg(format!("-L{}", p.join("lib").display())).arg("-llora");
+        cmd.arg(format!("-Wl,-rpath,{}", p.join("lib").display())).arg("-lm");
+        must(cmd);
+    }
+    // quantize.c writes build/demo_nf4.safetensors under its working directory.
+    let mut cmd = Command::new(dir.join("quantize"));
+    cmd.args(["1024", "1024", "64"]).current_dir(&dir);
+    let out = must(cmd);
+    assert!(out.contains("reloaded: identical"), "{out}");
+    // The other two read models/default and data/ from the repository root.
+    let mut cmd = Command::new(dir.join("finetune"));
+    cmd.arg("models/default").arg("data/finetune.txt").arg(dir.join("demo")).current_dir(manifest_dir());
+    cmd.env("LORA_DEMO_STEPS", "3").env("LORA_DEMO_THREADS", "2");
+    let out = must(cmd);
+    assert!(out.contains("saved the adapter") && out.contains("== done"), "{out}");
+    let mut cmd = Command::new(dir.join("swap"));
+    cmd.arg("models/default").arg("data/finetune.txt").arg("data/pretrain.txt").arg(dir.join("swap-out"));
+    cmd.current_dir(manifest_dir()).env("LORA_SWAP_STEPS", "5");
+    let out = must(cmd);
+    assert!(out.contains("loaded ") && out.contains("swapped to 'verse' merged") && out.contains("swap demo done"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /* ---- C++ ---------------------------------------------------------------- */
 
 fn cxx() -> Option<Vec<String>> {
@@ -197,6 +248,13 @@ const WRAPPED: &[&str] = &[
     "lora_layer_new",
     "lora_layer_new_nf4",
     "lora_layer_free",
+    "lora_model_load",
+    "lora_model_free",
+    "lora_trainer_new",
+    "lora_trainer_resume",
+    "lora_trainer_free",
+    "lora_tokenizer_load",
+    "lora_tokenizer_free",
 ];
 const SAN: &[&str] = &["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer", "-O1"];
 
@@ -239,7 +297,7 @@ fn cpp_raii_under_asan() {
     compile_cxx(&cxx, &manifest_dir().join("tests/cpp/lora_hpp.cpp"), &exe, true, WRAPPED);
 
     let mut cmd = Command::new(&exe);
-    cmd.arg(&dir);
+    cmd.arg(&dir).arg(manifest_dir());
     asan_env(&mut cmd, leaks);
     let out = must(cmd);
     assert!(out.contains("lora.hpp: all checks passed"), "{out}");
@@ -278,8 +336,11 @@ fn cpp_example() {
     std::fs::create_dir_all(&dir).unwrap();
     let exe = dir.join("quantize_lora");
     compile_cxx(&cxx, &manifest_dir().join("examples/cpp/quantize_lora.cpp"), &exe, false, &[]);
-    let out = must(Command::new(&exe));
+    let mut cmd = Command::new(&exe);
+    cmd.arg(manifest_dir().join("models/default")).arg(manifest_dir().join("data/finetune.txt"));
+    let out = must(cmd);
     assert!(out.contains("merged: yes") && out.contains("expected error"), "{out}");
+    assert!(out.contains("step 8: loss") && out.contains("generated: When I consider"), "{out}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -326,7 +387,7 @@ fn go_binding() {
     let dir = manifest_dir().join("bindings/go");
     must(go_cmd(&go, &dir, &["vet", "./..."]));
     let out = must(go_cmd(&go, &dir, &["test", "-count=1", "-v", "./..."]));
-    assert!(out.contains("--- PASS: TestQuantizeRoundTrip") && out.contains("\nok "), "{out}");
+    assert!(out.contains("--- PASS: TestQuantizeRoundTrip") && out.contains("--- PASS: TestFineTune") && out.contains("\nok "), "{out}");
 }
 
 #[test]
@@ -339,6 +400,7 @@ fn go_example() {
     }
     let out = must(go_cmd(&go, &manifest_dir().join("examples/go"), &["run", "."]));
     assert!(out.contains("merged: true") && out.contains("expected error"), "{out}");
+    assert!(out.contains("step 8: loss") && out.contains("generated: When I consider"), "{out}");
 }
 
 /* ---- Zig ---------------------------------------------------------------- */
@@ -376,4 +438,5 @@ fn zig_binding_and_example() {
     assert!(out.contains("run test") && out.contains("tests passed"), "{out}");
     let out = must(zig_build(&zig, &manifest_dir().join("examples/zig"), "run"));
     assert!(out.contains("merged: true") && out.contains("expected error: InvalidState"), "{out}");
+    assert!(out.contains("step 8: loss") && out.contains("generated: When I consider"), "{out}");
 }

@@ -334,9 +334,10 @@ fn cmake_find_package() {
     let ex_build = tmp_root().join("cmake-example-cpp");
     configure(&manifest_dir().join("examples/cpp"), &ex_build);
     let mut cmd = Command::new(ex_build.join("quantize_lora"));
+    cmd.arg(manifest_dir().join("models/default")).arg(manifest_dir().join("data/finetune.txt"));
     cmd.env_remove("LD_LIBRARY_PATH");
     let out = must(cmd, 2 * MIN);
-    assert!(out.contains("merged: yes") && out.contains("expected error"), "{out}");
+    assert!(out.contains("merged: yes") && out.contains("expected error") && out.contains("generated: "), "{out}");
     println!("{out}\ncmake builds: {:.1}s", t.elapsed().as_secs_f64());
     let _ = std::fs::remove_dir_all(&src);
     let _ = std::fs::remove_dir_all(&ex_build);

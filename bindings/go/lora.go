@@ -7,8 +7,8 @@
 // rpath) so the loader finds liblora.so.0 at run time.
 //
 // Conventions:
-//   - Every handle type (Context, NF4, Layer) has Close, which frees it and
-//     may be called more than once; a finalizer frees a handle that was
+//   - Every handle type (Context, NF4, Layer, Model, Trainer, Tokenizer) has
+//     Close, which frees it and may be called more than once; a finalizer frees a handle that was
 //     never closed, as a safety net only (close handles yourself: the GC
 //     does not see liblora's memory). A closed handle is NULL to the C API,
 //     so using it returns an error with ErrNullPointer.
@@ -19,10 +19,14 @@
 //     of the call. Element types pick the dtype: float32 (F32), F16, BF16.
 //     Views into liblora-owned memory are copied out, so no Go slice ever
 //     points into memory a finalizer could free.
+//   - Parameter structs are Go structs mirroring the C ones (without
+//     struct_size); start from Default*Params(). nil means the defaults.
+//     Progress callbacks (lora_progress_fn) are not exposed: a call runs
+//     to completion and cannot be cancelled from Go.
 //
-// Thread safety is that of the C objects (see lora.h): a Context and an NF4
-// may be used from several goroutines; a Layer from one at a time; Close
-// must not race with any other use.
+// Thread safety is that of the C objects (see lora.h): a Context, an NF4, a
+// Model and a Tokenizer may be used from several goroutines; a Layer and a
+// Trainer from one at a time; Close must not race with any other use.
 package lora
 
 /*
@@ -63,6 +67,8 @@ const (
 	ErrPanic            Status = C.LORA_ERR_PANIC
 	ErrInternal         Status = C.LORA_ERR_INTERNAL
 	ErrInvalidState     Status = C.LORA_ERR_INVALID_STATE
+	ErrCancelled        Status = C.LORA_ERR_CANCELLED
+	ErrDeviceMemory     Status = C.LORA_ERR_DEVICE_MEMORY_EXCEEDED
 )
 
 // Error returns lora_status_str: a static name of the status.
@@ -272,4 +278,54 @@ func (c *Context) Describe() (string, error) {
 		return "", err
 	}
 	return string(b[:needed]), nil
+}
+
+// PagingParams are lora_paging_params without struct_size.
+type PagingParams struct {
+	AllowOversubscription bool   // CUDA: allocate past the device's free memory
+	BudgetBytes           uint64 // most bytes of paged memory kept in RAM/device memory; 0: no limit
+	Dir                   string // CPU: directory of the backing files; "": the system temp directory
+}
+
+// PagedStats is lora_paged_stats: counters over the context's paged buffers.
+type PagedStats struct {
+	Flags                                 uint32
+	Buffers, BytesTotal, BytesResident    uint64
+	BytesPagedOut, PageIns, PageOuts      uint64
+	BytesPagedInTotal, BytesPagedOutTotal uint64
+	BytesInMemory, BudgetBytes            uint64
+}
+
+// SetPaging sets the budget and directory of the context's paged memory
+// (where a QLoRA trainer keeps AdamW's moments by default); nil restores
+// the defaults.
+func (c *Context) SetPaging(params *PagingParams) error {
+	var msg *C.char
+	var st C.lora_status
+	if params == nil {
+		st = C.go_lora_context_set_paging(c.handle(), nil, &msg)
+	} else {
+		cp := C.lora_paging_default_params()
+		cp.allow_oversubscription = C.uint32_t(b2u(params.AllowOversubscription))
+		cp.budget_bytes = C.uint64_t(params.BudgetBytes)
+		if params.Dir != "" {
+			cp.dir = C.CString(params.Dir)
+			defer C.free(unsafe.Pointer(cp.dir))
+		}
+		st = C.go_lora_context_set_paging(c.handle(), &cp, &msg)
+	}
+	keepAlive(c)
+	return check("lora_context_set_paging", st, msg)
+}
+
+// PagedStats returns the counters of the context's paged buffers.
+func (c *Context) PagedStats() (PagedStats, error) {
+	var s C.lora_paged_stats
+	s.struct_size = C.uint32_t(unsafe.Sizeof(s))
+	var msg *C.char
+	st := C.go_lora_context_paged_stats(c.handle(), &s, &msg)
+	keepAlive(c)
+	return PagedStats{uint32(s.flags), uint64(s.buffers), uint64(s.bytes_total), uint64(s.bytes_resident),
+		uint64(s.bytes_paged_out), uint64(s.page_ins), uint64(s.page_outs), uint64(s.bytes_paged_in_total),
+		uint64(s.bytes_paged_out_total), uint64(s.bytes_in_memory), uint64(s.budget_bytes)}, check("lora_context_paged_stats", st, msg)
 }

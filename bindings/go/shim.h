@@ -65,4 +65,56 @@ static inline lora_status go_lora_layer_weight(const lora_layer *l, lora_dtype d
 static inline lora_status go_lora_layer_add_weighted(lora_layer *l, const char *name, const char *const *names, const float *w, size_t n, lora_combine how, char **err) { LORA_GO(lora_layer_add_weighted(l, name, names, w, n, how)); }
 static inline lora_status go_lora_layer_get_shape(const lora_layer *l, size_t *in, size_t *out_f, size_t *na, uint32_t *merged, char **err) { LORA_GO(lora_layer_get_shape(l, in, out_f, na, merged)); }
 
+/* paging */
+static inline lora_status go_lora_context_set_paging(lora_context *c, const lora_paging_params *p, char **err) { LORA_GO(lora_context_set_paging(c, p)); }
+static inline lora_status go_lora_context_paged_stats(const lora_context *c, lora_paged_stats *out, char **err) { LORA_GO(lora_context_paged_stats(c, out)); }
+
+/* model */
+static inline lora_status go_lora_model_load(const lora_context *c, const char *dir, const lora_model_params *p, lora_model **out, char **err) { LORA_GO(lora_model_load(c, dir, p, out)); }
+static inline lora_status go_lora_model_get_info(const lora_model *m, lora_model_info *info, char **err) { LORA_GO(lora_model_get_info(m, info)); }
+static inline lora_status go_lora_create(lora_model *m, const char *name, const lora_create_params *p, char **err) { LORA_GO(lora_create(m, name, p)); }
+static inline lora_status go_lora_model_param_counts(const lora_model *m, uint64_t *tr, uint64_t *total, char **err) { LORA_GO(lora_model_param_counts(m, tr, total)); }
+static inline lora_status go_lora_model_trainable_summary(const lora_model *m, char *buf, size_t len, size_t *needed, char **err) { LORA_GO(lora_model_trainable_summary(m, buf, len, needed)); }
+static inline lora_status go_lora_merge(lora_model *m, char **err) { LORA_GO(lora_merge(m)); }
+static inline lora_status go_lora_unmerge(lora_model *m, char **err) { LORA_GO(lora_unmerge(m)); }
+static inline lora_status go_lora_swap_adapter(lora_model *m, const char *const *names, const float *mult, size_t n, char **err) { LORA_GO(lora_swap_adapter(m, names, mult, n)); }
+static inline lora_status go_lora_model_logits(lora_model *m, const int32_t *ids, size_t batch, size_t seq, const char *const *adapters, float *out, size_t out_len, char **err) { LORA_GO(lora_model_logits(m, ids, batch, seq, adapters, out, out_len)); }
+static inline lora_status go_lora_model_loss(lora_model *m, const int32_t *ids, const int32_t *labels, size_t batch, size_t seq, float *loss, char **err) { LORA_GO(lora_model_loss(m, ids, labels, batch, seq, loss)); }
+static inline lora_status go_lora_adapter_save(const lora_model *m, const char *name, const char *dir, char **err) { LORA_GO(lora_adapter_save(m, name, dir)); }
+static inline lora_status go_lora_adapter_load(lora_model *m, const char *dir, const char *name, char **err) { LORA_GO(lora_adapter_load(m, dir, name)); }
+static inline lora_status go_lora_adapter_remove(lora_model *m, const char *name, char **err) { LORA_GO(lora_adapter_remove(m, name)); }
+static inline lora_status go_lora_model_export_merged(const lora_model *m, const char *dir, char **err) { LORA_GO(lora_model_export_merged(m, dir)); }
+static inline lora_status go_lora_model_memory(const lora_model *m, const lora_trainer *t, lora_memory_stats *out, char **err) { LORA_GO(lora_model_memory(m, t, out)); }
+/* The prompts arrive as one flat array and their lengths: cgo may not pass
+ * Go memory holding Go pointers, so the pointer array is built here. */
+static inline lora_status go_lora_generate(lora_model *m, const int32_t *flat, const size_t *lens, const char *const *adapters, size_t n, const lora_generate_params *p, int32_t *out, size_t out_len, size_t *out_lens, char **err) {
+    const int32_t **ptrs = (const int32_t **)malloc((n ? n : 1) * sizeof *ptrs);
+    size_t off = 0, i;
+    lora_status st;
+    *err = NULL;
+    if (!ptrs) return LORA_ERR_OUT_OF_MEMORY;
+    for (i = 0; i < n; i++) {
+        ptrs[i] = flat ? flat + off : NULL;
+        off += lens[i];
+    }
+    st = lora_generate(m, ptrs, lens, adapters, n, p, out, out_len, out_lens);
+    free(ptrs);
+    LORA_GO(st);
+}
+
+/* trainer */
+static inline lora_status go_lora_trainer_new(lora_model *m, const char *adapter, const lora_trainer_params *p, lora_trainer **out, char **err) { LORA_GO(lora_trainer_new(m, adapter, p, out)); }
+static inline lora_status go_lora_trainer_resume(lora_model *m, const char *dir, const lora_trainer_params *p, lora_trainer **out, char **err) { LORA_GO(lora_trainer_resume(m, dir, p, out)); }
+static inline lora_status go_lora_train_step(lora_trainer *t, const int32_t *ids, const int32_t *labels, size_t batch, size_t seq, lora_step_result *r, char **err) { LORA_GO(lora_train_step(t, ids, labels, batch, seq, r)); }
+static inline lora_status go_lora_trainer_save(const lora_trainer *t, const char *dir, char **err) { LORA_GO(lora_trainer_save(t, dir)); }
+
+/* tokenizer */
+static inline lora_status go_lora_tokenizer_load(const char *path, lora_tokenizer **out, char **err) { LORA_GO(lora_tokenizer_load(path, out)); }
+static inline lora_status go_lora_tokenizer_encode(const lora_tokenizer *t, const char *text, size_t len, uint32_t add_special, int32_t *ids, size_t cap, size_t *n, char **err) { LORA_GO(lora_tokenizer_encode(t, text, len, add_special, ids, cap, n)); }
+static inline lora_status go_lora_tokenizer_decode(const lora_tokenizer *t, const int32_t *ids, size_t n, uint32_t skip_special, char *buf, size_t len, size_t *needed, char **err) { LORA_GO(lora_tokenizer_decode(t, ids, n, skip_special, buf, len, needed)); }
+static inline lora_status go_lora_tokenizer_info(const lora_tokenizer *t, size_t *vocab, int32_t *bos, int32_t *eos, char **err) { LORA_GO(lora_tokenizer_info(t, vocab, bos, eos)); }
+static inline lora_status go_lora_tokenizer_token_to_id(const lora_tokenizer *t, const char *token, int32_t *id, char **err) { LORA_GO(lora_tokenizer_token_to_id(t, token, id)); }
+static inline lora_status go_lora_tokenizer_id_to_token(const lora_tokenizer *t, int32_t id, char *buf, size_t len, size_t *needed, char **err) { LORA_GO(lora_tokenizer_id_to_token(t, id, buf, len, needed)); }
+static inline lora_status go_lora_tokenizer_is_special(const lora_tokenizer *t, int32_t id, uint32_t *out, char **err) { LORA_GO(lora_tokenizer_is_special(t, id, out)); }
+
 #endif

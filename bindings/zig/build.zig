@@ -42,6 +42,8 @@ pub fn build(b: *std.Build) void {
         .imports = &.{.{ .name = "lora", .module = mod }},
     }) });
     const run_tests = b.addRunArtifact(tests);
+    // The model tests read models/default and data/finetune.txt.
+    run_tests.setCwd(b.path("../.."));
     const test_step = b.step("test", "Run the binding's tests against liblora");
     test_step.dependOn(&run_tests.step);
 }

@@ -1,17 +1,85 @@
 // liblora from Go: quantize a weight to NF4, put a LoRA adapter on it, run
-// one forward/backward step, merge.
+// one forward/backward step, merge; then a short QLoRA fine-tune of a
+// model (NF4 at load, LoRA on all linear layers) and a generation.
 //
 //	make install PREFIX=$HOME/.local
-//	PKG_CONFIG_PATH=$HOME/.local/lib/pkgconfig LD_LIBRARY_PATH=$HOME/.local/lib go run .
+//	PKG_CONFIG_PATH=$HOME/.local/lib/pkgconfig LD_LIBRARY_PATH=$HOME/.local/lib go run . [MODEL_DIR [TEXT]]
+//
+// Defaults: the repository's models/default and data/finetune.txt.
 package main
 
 import (
 	"errors"
 	"fmt"
 	"log"
+	"os"
 
 	"lora"
 )
+
+func finetune(ctx *lora.Context, modelDir, textPath string) error {
+	mp := lora.DefaultModelParams()
+	mp.Quantize = lora.QuantNF4
+	model, err := lora.LoadModel(ctx, modelDir, &mp)
+	if err != nil {
+		return err
+	}
+	defer model.Close()
+	tok, err := lora.LoadTokenizer(modelDir)
+	if err != nil {
+		return err
+	}
+	defer tok.Close()
+	if err := model.CreateAdapter("verse", nil); err != nil { // r 8, alpha 16, all linear layers
+		return err
+	}
+	summary, _ := model.TrainableSummary()
+	fmt.Println(summary)
+
+	text, err := os.ReadFile(textPath)
+	if err != nil {
+		return err
+	}
+	ids, err := tok.EncodeBytes(text, false)
+	if err != nil {
+		return err
+	}
+	const batch, seq, steps = 4, 64, 8
+	if len(ids) < batch*seq*steps {
+		return fmt.Errorf("%s is too short", textPath)
+	}
+	tp := lora.DefaultTrainerParams()
+	tp.LR = 3e-3
+	tr, err := lora.NewTrainer(model, "verse", &tp)
+	if err != nil {
+		return err
+	}
+	defer tr.Close()
+	for s := 0; s < steps; s++ {
+		r, err := tr.Step(ids[s*batch*seq:(s+1)*batch*seq], nil, batch, seq)
+		if err != nil {
+			return err
+		}
+		fmt.Printf("step %d: loss %.4f\n", s+1, r.Loss)
+	}
+
+	prompt, err := tok.Encode("When I consider", false)
+	if err != nil {
+		return err
+	}
+	gp := lora.DefaultGenerateParams()
+	gp.MaxNewTokens = 48
+	gen, err := model.Generate([][]int32{prompt}, nil, &gp)
+	if err != nil {
+		return err
+	}
+	out, err := tok.Decode(append(prompt, gen[0]...), true)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("generated: %s\n", out)
+	return nil
+}
 
 func main() {
 	params := lora.DefaultContextParams()
@@ -78,5 +146,16 @@ func main() {
 		fmt.Printf("expected error: %v\n", err)
 	} else {
 		log.Fatalf("wanted ErrInvalidState, got %v", err)
+	}
+
+	modelDir, textPath := "../../models/default", "../../data/finetune.txt"
+	if len(os.Args) > 1 {
+		modelDir = os.Args[1]
+	}
+	if len(os.Args) > 2 {
+		textPath = os.Args[2]
+	}
+	if err := finetune(ctx, modelDir, textPath); err != nil {
+		log.Fatal(err)
 	}
 }

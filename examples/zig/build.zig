@@ -18,5 +18,8 @@ pub fn build(b: *std.Build) void {
     });
     b.installArtifact(exe);
     const run = b.addRunArtifact(exe);
+    // The fine-tune reads models/default and data/finetune.txt from the
+    // repository root (the installed binary takes MODEL_DIR TEXT).
+    run.setCwd(b.path("../.."));
     b.step("run", "Run the example").dependOn(&run.step);
 }

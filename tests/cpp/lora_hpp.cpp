@@ -1,7 +1,8 @@
 // include/lora.hpp under AddressSanitizer + UBSan (driven by tests/bindings.rs):
 // every owner frees its handle exactly once through moves, move-assignment
 // over a live handle, self-move, release/adopt, and exceptions thrown
-// mid-way; errors carry status and detail.
+// mid-way; errors carry status and detail. The model, trainer and
+// tokenizer owners run a short QLoRA fine-tune of models/default.
 //
 // Handle ledger: liblora's own objects are made by uninstrumented Rust
 // code, and its `_free` ignores a second free of a handle whose memory is
@@ -14,7 +15,8 @@
 // the checks fail with "handle ledger: leak". LeakSanitizer catches leaks
 // independently.
 //
-//   lora_hpp [TMPDIR]              the checks (must pass with no report)
+//   lora_hpp [TMPDIR [REPO]]       the checks (must pass with no report); REPO holds
+//                                  models/default and data/finetune.txt (default ".")
 //   lora_hpp --canary-leak         releases a handle and drops it: LSan and the ledger must report
 //   lora_hpp --canary-double-free  two owners of one handle: the ledger must report
 #include "lora.hpp"
@@ -29,6 +31,8 @@
 
 // WRAPPED: lora_context_new lora_context_free lora_quantize_nf4 lora_nf4_load
 //          lora_nf4_free lora_layer_new lora_layer_new_nf4 lora_layer_free
+//          lora_model_load lora_model_free lora_trainer_new lora_trainer_resume
+//          lora_trainer_free lora_tokenizer_load lora_tokenizer_free
 static std::set<const void *> &live() {
     static std::set<const void *> s;
     return s;
@@ -55,6 +59,13 @@ lora_status __real_lora_layer_new(const lora_context *, const void *, size_t, lo
                                   const float *, lora_layer **);
 lora_status __real_lora_layer_new_nf4(const lora_context *, const lora_nf4 *, const float *, lora_layer **);
 void __real_lora_layer_free(lora_layer *);
+lora_status __real_lora_model_load(const lora_context *, const char *, const lora_model_params *, lora_model **);
+void __real_lora_model_free(lora_model *);
+lora_status __real_lora_trainer_new(lora_model *, const char *, const lora_trainer_params *, lora_trainer **);
+lora_status __real_lora_trainer_resume(lora_model *, const char *, const lora_trainer_params *, lora_trainer **);
+void __real_lora_trainer_free(lora_trainer *);
+lora_status __real_lora_tokenizer_load(const char *, lora_tokenizer **);
+void __real_lora_tokenizer_free(lora_tokenizer *);
 
 lora_status __wrap_lora_context_new(const lora_context_params *p, lora_context **out) {
     lora_status st = __real_lora_context_new(p, out);
@@ -94,6 +105,38 @@ lora_status __wrap_lora_layer_new_nf4(const lora_context *c, const lora_nf4 *w, 
 void __wrap_lora_layer_free(lora_layer *l) {
     ledger_remove(l, "lora_layer_free");
     __real_lora_layer_free(l);
+}
+lora_status __wrap_lora_model_load(const lora_context *c, const char *dir, const lora_model_params *p, lora_model **out) {
+    lora_status st = __real_lora_model_load(c, dir, p, out);
+    ledger_add(st, *out);
+    return st;
+}
+void __wrap_lora_model_free(lora_model *m) {
+    ledger_remove(m, "lora_model_free");
+    __real_lora_model_free(m);
+}
+lora_status __wrap_lora_trainer_new(lora_model *m, const char *a, const lora_trainer_params *p, lora_trainer **out) {
+    lora_status st = __real_lora_trainer_new(m, a, p, out);
+    ledger_add(st, *out);
+    return st;
+}
+lora_status __wrap_lora_trainer_resume(lora_model *m, const char *d, const lora_trainer_params *p, lora_trainer **out) {
+    lora_status st = __real_lora_trainer_resume(m, d, p, out);
+    ledger_add(st, *out);
+    return st;
+}
+void __wrap_lora_trainer_free(lora_trainer *t) {
+    ledger_remove(t, "lora_trainer_free");
+    __real_lora_trainer_free(t);
+}
+lora_status __wrap_lora_tokenizer_load(const char *path, lora_tokenizer **out) {
+    lora_status st = __real_lora_tokenizer_load(path, out);
+    ledger_add(st, *out);
+    return st;
+}
+void __wrap_lora_tokenizer_free(lora_tokenizer *t) {
+    ledger_remove(t, "lora_tokenizer_free");
+    __real_lora_tokenizer_free(t);
 }
 }
 
@@ -289,6 +332,133 @@ static void test_layer() {
     CHECK(moved && !base && !qlayer);
 }
 
+
+static std::string read_text(const std::string &path) {
+    std::FILE *f = std::fopen(path.c_str(), "rb");
+    if (!f) throw lora::error(LORA_ERR_IO, "fopen", path);
+    std::string s;
+    char buf[4096];
+    std::size_t n;
+    while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) s.append(buf, n);
+    std::fclose(f);
+    return s;
+}
+
+static float max_abs_diff(const std::vector<float> &a, const std::vector<float> &b) {
+    float m = a.size() == b.size() ? 0.0f : INFINITY;
+    for (std::size_t i = 0; i < a.size() && i < b.size(); i++) m = std::fmax(m, std::fabs(a[i] - b[i]));
+    return m;
+}
+
+// QLoRA through the owners: NF4 at load, all-linear r 8, five steps on one
+// batch of 2 x 64 tokens of data/finetune.txt, generation, save/load,
+// merge/unmerge, swaps, a trainer checkpoint resumed on a fresh model.
+static void test_model(const std::string &dir, const std::string &repo) {
+    lora::context ctx = cpu();
+    const std::string model_dir = repo + "/models/default";
+    lora_model_params mp = lora::model::default_params();
+    mp.quantize = LORA_QUANT_NF4;
+    lora::model m = lora::model::load(ctx, model_dir, mp);
+    const lora_model_info info = m.info();
+    CHECK(info.quantized == 1 && info.vocab_size == 256 && info.n_adapters == 0);
+
+    lora::tokenizer tok = lora::tokenizer::load(model_dir);
+    CHECK(tok.info().vocab_size == 256);
+    CHECK(tok.decode(tok.encode("Shall I compare thee")) == "Shall I compare thee");
+    CHECK(tok.id_to_token(tok.encode("A")[0]).size() > 0);
+    const std::vector<std::int32_t> text = tok.encode(read_text(repo + "/data/finetune.txt"));
+    const std::size_t batch = 2, seq = 64;
+    CHECK(text.size() > batch * seq);
+    const std::vector<std::int32_t> ids(text.begin(), text.begin() + (std::ptrdiff_t)(batch * seq));
+
+    const std::vector<float> base = m.logits(ids, batch, seq);
+    lora_create_params cp = lora::model::default_create_params();
+    cp.r = 8;
+    cp.alpha = 16;
+    cp.target_modules = "all-linear";
+    m.create_adapter("verse", cp);
+    CHECK(m.trainable_summary().find("trainable params") != std::string::npos);
+    CHECK(m.param_counts().trainable > 0);
+    expect_error(LORA_ERR_INVALID_ARGUMENT, [&] { m.create_adapter("verse", cp); }, "duplicate adapter");
+
+    const float before = m.loss(ids, batch, seq);
+    lora_trainer_params tp = lora::trainer::default_params();
+    tp.lr = 3e-3;
+    double first = 0, last = 0;
+    {
+        lora::trainer tr = lora::trainer::create(m, "verse", tp);
+        for (int s = 0; s < 5; s++) {
+            const lora_step_result r = tr.step(ids, batch, seq);
+            CHECK(std::isfinite(r.loss) && r.step == (std::uint64_t)s + 1 && r.tokens == batch * seq);
+            if (s == 0) first = r.loss;
+            last = r.loss;
+        }
+        CHECK(m.memory(&tr).optimizer > 0);
+        tr.save(dir + "/ckpt");
+        expect_error(LORA_ERR_BUFFER_SIZE, [&] { tr.step(ids, batch, seq + 1); }, "short batch");
+    }
+    const float after = m.loss(ids, batch, seq);
+    std::printf("  fine-tune: loss %.4f -> %.4f (steps %.4f -> %.4f)\n", before, after, first, last);
+    CHECK(std::isfinite(after) && after < before && last < first);
+
+    lora_generate_params gp = lora::model::default_generate_params();
+    gp.max_new_tokens = 16;
+    const std::vector<std::int32_t> prompt = tok.encode("When I consider");
+    const std::vector<std::int32_t> gen = m.generate(prompt, gp);
+    CHECK(!gen.empty() && gen.size() <= 16);
+    CHECK(!tok.decode(gen).empty());
+    const auto both = m.generate({prompt, prompt}, gp, {"verse", ""});
+    CHECK(both.size() == 2 && both[0] == gen);
+
+    // Save, load back as a second adapter: the same function.
+    const std::vector<float> trained = m.logits(ids, batch, seq);
+    CHECK(max_abs_diff(trained, base) > 1e-3f);
+    m.save_adapter("verse", dir + "/verse");
+    m.load_adapter(dir + "/verse", "loaded");
+    CHECK(m.info().n_adapters == 2);
+    CHECK(max_abs_diff(m.logits(ids, batch, seq, {"loaded", "loaded"}), trained) < 1e-5f);
+    CHECK(max_abs_diff(m.logits(ids, batch, seq, {"", ""}), base) < 1e-5f);
+
+    // Swaps: base alone, the loaded copy, back.
+    m.swap_adapter({});
+    CHECK(max_abs_diff(m.logits(ids, batch, seq), base) < 1e-5f);
+    m.swap_adapter({"loaded"});
+    CHECK(max_abs_diff(m.logits(ids, batch, seq), trained) < 1e-5f);
+    expect_error(LORA_ERR_INVALID_ARGUMENT, [&] { m.swap_adapter({"nope"}); }, "unknown adapter");
+
+    // Merge and unmerge; a merged swap re-derives the weights.
+    m.merge();
+    CHECK(m.info().merged == 1);
+    CHECK(max_abs_diff(m.logits(ids, batch, seq), trained) < 1e-3f);
+    expect_error(LORA_ERR_INVALID_STATE, [&] { m.merge(); }, "merge twice");
+    m.swap_adapter({});
+    CHECK(max_abs_diff(m.logits(ids, batch, seq), base) < 1e-3f);
+    m.swap_adapter({"verse"});
+    m.unmerge();
+    CHECK(max_abs_diff(m.logits(ids, batch, seq), trained) < 1e-5f);
+    m.remove_adapter("loaded");
+    CHECK(m.info().n_adapters == 1);
+    m.export_merged(dir + "/merged");
+    CHECK(read_text(dir + "/merged/config.json").find("vocab_size") != std::string::npos);
+
+    // The trainer's checkpoint on a fresh copy: resumes at step 5.
+    {
+        lora::model fresh = lora::model::load(ctx, model_dir, mp);
+        lora::trainer tr = lora::trainer::resume(fresh, dir + "/ckpt");
+        lora::model gone = std::move(fresh);
+        gone.reset();  // the trainer keeps the model's data alive
+        CHECK(tr.step(ids, batch, seq).step == 6);
+    }
+    expect_error(LORA_ERR_IO, [&] { lora::model::load(ctx, dir + "/no-such-model"); }, "missing model");
+    expect_error(LORA_ERR_IO, [&] { lora::tokenizer::load(dir + "/no-such-tokenizer.json"); }, "missing tokenizer");
+    lora::model empty;
+    expect_error(LORA_ERR_NULL_POINTER, [&] { empty.info(); }, "empty model owner");
+    lora::trainer t2 = lora::trainer::create(m, "verse", tp);
+    lora::trainer t3 = std::move(t2);
+    t3 = std::move(t2);  // frees t3's trainer, owns nothing
+    CHECK(!t3 && !t2);
+}
+
 int main(int argc, char **argv) {
     CHECK(lora::abi_compatible());
     {
@@ -315,9 +485,11 @@ int main(int argc, char **argv) {
         return 0;
     }
     const std::string dir = argc > 1 ? argv[1] : ".";
+    const std::string repo = argc > 2 ? argv[2] : ".";
     try {
         test_nf4(dir);
         test_layer();
+        test_model(dir, repo);
     } catch (const lora::error &e) {
         std::fprintf(stderr, "unexpected lora::error: %s\n", e.what());
         return 1;

@@ -1,13 +1,16 @@
 //! liblora for Zig: the C API of lora.h wrapped in error unions and slices.
 //!
-//! - Every handle type (Context, Nf4, Layer) owns its C object; `deinit`
-//!   frees it. Views (`Nf4.packedCodes`, `Nf4.doubleQuant`) point into the
+//! - Every handle type (Context, Nf4, Layer, Model, Trainer, Tokenizer)
+//!   owns its C object; `deinit` frees it. Views (`Nf4.packedCodes`, `Nf4.doubleQuant`) point into the
 //!   tensor and live until its `deinit`.
 //! - Every failing call returns a `lora.Error`; the detail is the calling
 //!   thread's `lastError` (thread-local in liblora; a Zig thread never
 //!   migrates, so read it on the same thread before the next liblora call).
 //! - Buffers are slices of f32, f16 or `BF16`: the element type picks the
 //!   dtype. A slice is passed to C without copying.
+//! - Parameter structs are the C ones (`Model.Params` is
+//!   lora_model_params, ...), from each type's `default*Params()`; a
+//!   progress callback may be set in them as in C.
 //! - Adding a wrapper for a new handle type is mechanical: a struct holding
 //!   the pointer, `deinit` calling its `_free`, every status through `check`.
 const std = @import("std");
@@ -37,6 +40,8 @@ pub const Error = error{
     Panic,
     Internal,
     InvalidState,
+    Cancelled,
+    DeviceMemoryExceeded,
     Unknown,
 };
 
@@ -61,6 +66,8 @@ const status_errors = [_]struct { c_int, Error }{
     .{ c.LORA_ERR_PANIC, error.Panic },
     .{ c.LORA_ERR_INTERNAL, error.Internal },
     .{ c.LORA_ERR_INVALID_STATE, error.InvalidState },
+    .{ c.LORA_ERR_CANCELLED, error.Cancelled },
+    .{ c.LORA_ERR_DEVICE_MEMORY_EXCEEDED, error.DeviceMemoryExceeded },
 };
 
 /// The one error path: LORA_OK or the matching error.
@@ -188,6 +195,28 @@ pub const Context = struct {
         if (buf.len == 0) return error.BufferSize;
         try check(c.lora_context_describe(self.handle, buf.ptr, buf.len, null));
         return cString(buf);
+    }
+
+    pub const PagingParams = c.lora_paging_params;
+    pub const PagedStats = c.lora_paged_stats;
+
+    pub fn defaultPagingParams() PagingParams {
+        return c.lora_paging_default_params();
+    }
+
+    /// Budget and directory of the context's paged memory (where a QLoRA
+    /// trainer keeps AdamW's moments by default); null: the defaults.
+    pub fn setPaging(self: Context, params: ?PagingParams) Error!void {
+        const p: ?*const PagingParams = if (params) |*v| v else null;
+        try check(c.lora_context_set_paging(self.handle, p));
+    }
+
+    /// Counters over the context's paged buffers.
+    pub fn pagedStats(self: Context) Error!PagedStats {
+        var st = std.mem.zeroes(PagedStats);
+        st.struct_size = @sizeOf(PagedStats);
+        try check(c.lora_context_paged_stats(self.handle, &st));
+        return st;
     }
 };
 
@@ -425,5 +454,308 @@ pub const Layer = struct {
     pub fn addWeighted(self: Layer, name: [:0]const u8, names: []const [*:0]const u8, weights: []const f32, how: c.lora_combine) Error!void {
         if (weights.len != names.len) return error.InvalidArgument;
         try check(c.lora_layer_add_weighted(self.handle, name.ptr, @ptrCast(names.ptr), weights.ptr, names.len, how));
+    }
+};
+
+/// A batch of token ids is `batch * seq` long.
+fn checkBatch(ids: []const i32, labels: ?[]const i32, batch: usize, seq: usize) Error!void {
+    if (ids.len != batch * seq) return error.BufferSize;
+    if (labels) |l| if (l.len != batch * seq) return error.BufferSize;
+}
+
+/// Per-sequence adapter names for C (null entries: the base alone).
+fn adapterArray(adapters: ?[]const ?[*:0]const u8) [*c]const [*c]const u8 {
+    const a = adapters orelse return null;
+    return @ptrCast(a.ptr);
+}
+
+/// lora_tokenizer: a Hugging Face tokenizer.json (byte-level or
+/// SentencePiece-style BPE). Immutable: usable from several threads.
+pub const Tokenizer = struct {
+    handle: *c.lora_tokenizer,
+
+    /// Loads a tokenizer.json, or the one in a model directory.
+    pub fn load(path: [:0]const u8) Error!Tokenizer {
+        var out: ?*c.lora_tokenizer = null;
+        try check(c.lora_tokenizer_load(path.ptr, &out));
+        return .{ .handle = out.? };
+    }
+
+    pub fn deinit(self: *Tokenizer) void {
+        c.lora_tokenizer_free(self.handle);
+        self.* = undefined;
+    }
+
+    /// The token ids of UTF-8 `text` into `out`; returns the filled part
+    /// (error.BufferSize when `out` is too short: see `count`).
+    pub fn encode(self: Tokenizer, text: []const u8, add_special: bool, out: []i32) Error![]i32 {
+        var n: usize = 0;
+        try check(c.lora_tokenizer_encode(self.handle, text.ptr, text.len, @intFromBool(add_special), if (out.len == 0) null else out.ptr, out.len, &n));
+        return out[0..n];
+    }
+
+    /// How many ids `text` encodes to.
+    pub fn count(self: Tokenizer, text: []const u8, add_special: bool) Error!usize {
+        var n: usize = 0;
+        const st = c.lora_tokenizer_encode(self.handle, text.ptr, text.len, @intFromBool(add_special), null, 0, &n);
+        if (st != c.LORA_ERR_BUFFER_SIZE) try check(st);
+        return n;
+    }
+
+    /// The token ids of `text` in a new slice owned by the caller.
+    pub fn encodeAlloc(self: Tokenizer, gpa: std.mem.Allocator, text: []const u8, add_special: bool) (Error || std.mem.Allocator.Error)![]i32 {
+        const ids = try gpa.alloc(i32, try self.count(text, add_special));
+        errdefer gpa.free(ids);
+        return self.encode(text, add_special, ids);
+    }
+
+    /// The text of `ids` (special tokens left out with `skip_special`) in
+    /// `buf`; error.BufferSize unless buf.len > the text's length.
+    pub fn decode(self: Tokenizer, ids: []const i32, skip_special: bool, buf: []u8) Error![]u8 {
+        var n: usize = 0;
+        try check(c.lora_tokenizer_decode(self.handle, if (ids.len == 0) null else ids.ptr, ids.len, @intFromBool(skip_special), if (buf.len == 0) null else buf.ptr, buf.len, &n));
+        return buf[0..n];
+    }
+
+    /// The text of `ids` in a new slice owned by the caller.
+    pub fn decodeAlloc(self: Tokenizer, gpa: std.mem.Allocator, ids: []const i32, skip_special: bool) (Error || std.mem.Allocator.Error)![]u8 {
+        var n: usize = 0;
+        const st = c.lora_tokenizer_decode(self.handle, if (ids.len == 0) null else ids.ptr, ids.len, @intFromBool(skip_special), null, 0, &n);
+        if (st != c.LORA_ERR_BUFFER_SIZE) try check(st);
+        const buf = try gpa.alloc(u8, n + 1);
+        defer gpa.free(buf);
+        const text = try self.decode(ids, skip_special, buf);
+        return gpa.dupe(u8, text);
+    }
+
+    pub const Info = struct { vocab_size: usize, bos_id: i32, eos_id: i32 };
+
+    /// Vocabulary size, BOS and EOS ids (-1 when unknown).
+    pub fn info(self: Tokenizer) Error!Info {
+        var i: Info = .{ .vocab_size = 0, .bos_id = -1, .eos_id = -1 };
+        try check(c.lora_tokenizer_info(self.handle, &i.vocab_size, &i.bos_id, &i.eos_id));
+        return i;
+    }
+
+    /// The id of a vocabulary string ("Ġthe", "<|im_end|>"), or -1.
+    pub fn tokenToId(self: Tokenizer, token: [:0]const u8) Error!i32 {
+        var id: i32 = -1;
+        try check(c.lora_tokenizer_token_to_id(self.handle, token.ptr, &id));
+        return id;
+    }
+
+    /// The vocabulary string of `id` (not decoded) in `buf`.
+    pub fn idToToken(self: Tokenizer, id: i32, buf: []u8) Error![]u8 {
+        var n: usize = 0;
+        try check(c.lora_tokenizer_id_to_token(self.handle, id, if (buf.len == 0) null else buf.ptr, buf.len, &n));
+        return buf[0..n];
+    }
+
+    pub fn isSpecial(self: Tokenizer, id: i32) Error!bool {
+        var s: u32 = 0;
+        try check(c.lora_tokenizer_is_special(self.handle, id, &s));
+        return s != 0;
+    }
+};
+
+/// lora_model: a Llama, Mistral or Qwen2 checkpoint (fp32 or NF4 base)
+/// with named LoRA adapters. Calls on one model serialize inside liblora.
+pub const Model = struct {
+    handle: *c.lora_model,
+
+    pub const Params = c.lora_model_params;
+    pub const Info = c.lora_model_info;
+    pub const CreateParams = c.lora_create_params;
+    pub const GenerateParams = c.lora_generate_params;
+    pub const MemoryStats = c.lora_memory_stats;
+
+    pub fn defaultParams() Params {
+        return c.lora_model_default_params();
+    }
+    pub fn defaultCreateParams() CreateParams {
+        return c.lora_create_default_params();
+    }
+    pub fn defaultGenerateParams() GenerateParams {
+        return c.lora_generate_default_params();
+    }
+
+    /// Loads a Hugging Face checkpoint directory; `quantize =
+    /// LORA_QUANT_NF4` quantizes the linear layers as they are read
+    /// (QLoRA). null params: the defaults.
+    pub fn load(ctx: Context, dir: [:0]const u8, params: ?Params) Error!Model {
+        var out: ?*c.lora_model = null;
+        const p: ?*const Params = if (params) |*v| v else null;
+        try check(c.lora_model_load(ctx.handle, dir.ptr, p, &out));
+        return .{ .handle = out.? };
+    }
+
+    /// Frees the model handle (a trainer made on it keeps working).
+    pub fn deinit(self: *Model) void {
+        c.lora_model_free(self.handle);
+        self.* = undefined;
+    }
+
+    pub fn info(self: Model) Error!Info {
+        var i: Info = undefined;
+        try check(c.lora_model_get_info(self.handle, &i));
+        return i;
+    }
+
+    /// Adds adapter `name` on the target modules (PEFT get_peft_model).
+    pub fn createAdapter(self: Model, name: [:0]const u8, params: ?CreateParams) Error!void {
+        const p: ?*const CreateParams = if (params) |*v| v else null;
+        try check(c.lora_create(self.handle, name.ptr, p));
+    }
+
+    pub fn paramCounts(self: Model) Error!struct { trainable: u64, total: u64 } {
+        var t: u64 = 0;
+        var all: u64 = 0;
+        try check(c.lora_model_param_counts(self.handle, &t, &all));
+        return .{ .trainable = t, .total = all };
+    }
+
+    /// PEFT's print_trainable_parameters line in `buf` (truncated to fit).
+    pub fn trainableSummary(self: Model, buf: []u8) Error![]const u8 {
+        if (buf.len == 0) return error.BufferSize;
+        try check(c.lora_model_trainable_summary(self.handle, buf.ptr, buf.len, null));
+        return cString(buf);
+    }
+
+    pub fn merge(self: Model) Error!void {
+        try check(c.lora_merge(self.handle));
+    }
+
+    pub fn unmerge(self: Model) Error!void {
+        try check(c.lora_unmerge(self.handle));
+    }
+
+    /// Makes `names` the active adapters, scaled by `multipliers` (null:
+    /// all 1); no names leaves the base alone. Works merged or not.
+    pub fn swapAdapter(self: Model, names: []const [*:0]const u8, multipliers: ?[]const f32) Error!void {
+        if (multipliers) |m| if (m.len != names.len) return error.InvalidArgument;
+        try check(c.lora_swap_adapter(self.handle, if (names.len == 0) null else @ptrCast(names.ptr), optPtr(f32, multipliers), names.len));
+    }
+
+    /// Logits [batch, seq, vocab] of `ids` [batch, seq] into `out`, with the
+    /// active adapters, or with `adapters` (one per sequence, null for the
+    /// base alone; the model must be unmerged).
+    pub fn logits(self: Model, ids: []const i32, batch: usize, seq: usize, adapters: ?[]const ?[*:0]const u8, out: []f32) Error!void {
+        try checkBatch(ids, null, batch, seq);
+        if (adapters) |a| if (a.len != batch) return error.InvalidArgument;
+        try check(c.lora_model_logits(self.handle, ids.ptr, batch, seq, adapterArray(adapters), out.ptr, out.len));
+    }
+
+    /// Mean causal-LM cross-entropy of `ids` [batch, seq] (labels null: the
+    /// ids; -100 ignored), without gradients.
+    pub fn loss(self: Model, ids: []const i32, labels: ?[]const i32, batch: usize, seq: usize) Error!f32 {
+        try checkBatch(ids, labels, batch, seq);
+        var l: f32 = 0;
+        try check(c.lora_model_loss(self.handle, ids.ptr, optPtr(i32, labels), batch, seq, &l));
+        return l;
+    }
+
+    /// Adapter `name` to directory `dir` in PEFT's format.
+    pub fn saveAdapter(self: Model, name: [:0]const u8, dir: [:0]const u8) Error!void {
+        try check(c.lora_adapter_save(self.handle, name.ptr, dir.ptr));
+    }
+
+    /// A PEFT adapter directory as adapter `name`.
+    pub fn loadAdapter(self: Model, dir: [:0]const u8, name: [:0]const u8) Error!void {
+        try check(c.lora_adapter_load(self.handle, dir.ptr, name.ptr));
+    }
+
+    pub fn removeAdapter(self: Model, name: [:0]const u8) Error!void {
+        try check(c.lora_adapter_remove(self.handle, name.ptr));
+    }
+
+    /// The model with its active adapters merged, as a Hugging Face checkpoint.
+    pub fn exportMerged(self: Model, dir: [:0]const u8) Error!void {
+        try check(c.lora_model_export_merged(self.handle, dir.ptr));
+    }
+
+    /// Continues one prompt with the active adapters; the new tokens go to
+    /// `out` (at least max_new_tokens long) and the filled part is returned.
+    pub fn generate(self: Model, prompt: []const i32, params: ?GenerateParams, out: []i32) Error![]i32 {
+        const p: ?*const GenerateParams = if (params) |*v| v else null;
+        const prompts = [_][*c]const i32{prompt.ptr};
+        const lens = [_]usize{prompt.len};
+        var n: usize = 0;
+        try check(c.lora_generate(self.handle, &prompts, &lens, null, 1, p, out.ptr, out.len, &n));
+        return out[0..n];
+    }
+
+    /// Continues several prompts at once: sequence i's new tokens go to
+    /// out[i * max_new_tokens ..][0..out_lens[i]]. `adapters` null: the
+    /// active adapters; else one per prompt (null: the base alone).
+    pub fn generateBatch(self: Model, gpa: std.mem.Allocator, prompts: []const []const i32, adapters: ?[]const ?[*:0]const u8, params: ?GenerateParams, out: []i32, out_lens: []usize) (Error || std.mem.Allocator.Error)!void {
+        if (adapters) |a| if (a.len != prompts.len) return error.InvalidArgument;
+        if (out_lens.len != prompts.len) return error.BufferSize;
+        const ptrs = try gpa.alloc([*c]const i32, prompts.len);
+        defer gpa.free(ptrs);
+        const lens = try gpa.alloc(usize, prompts.len);
+        defer gpa.free(lens);
+        for (prompts, ptrs, lens) |pr, *ptr, *len| {
+            ptr.* = pr.ptr;
+            len.* = pr.len;
+        }
+        const p: ?*const GenerateParams = if (params) |*v| v else null;
+        try check(c.lora_generate(self.handle, ptrs.ptr, lens.ptr, adapterArray(adapters), prompts.len, p, out.ptr, out.len, out_lens.ptr));
+    }
+
+    /// Memory by category (with `trainer`'s optimizer state when given).
+    pub fn memory(self: Model, trainer: ?Trainer) Error!MemoryStats {
+        var st: MemoryStats = undefined;
+        try check(c.lora_model_memory(self.handle, if (trainer) |t| t.handle else null, &st));
+        return st;
+    }
+};
+
+/// lora_trainer: optimizer, schedule and step count of one adapter's
+/// training. Keeps the model's data alive (the Model may be deinit first).
+/// One thread at a time.
+pub const Trainer = struct {
+    handle: *c.lora_trainer,
+
+    pub const Params = c.lora_trainer_params;
+    pub const StepResult = c.lora_step_result;
+
+    pub fn defaultParams() Params {
+        return c.lora_trainer_default_params();
+    }
+
+    /// A trainer for adapter `adapter` of `model` (made the only active
+    /// one); null params: the defaults.
+    pub fn init(model: Model, adapter: [:0]const u8, params: ?Params) Error!Trainer {
+        var out: ?*c.lora_trainer = null;
+        const p: ?*const Params = if (params) |*v| v else null;
+        try check(c.lora_trainer_new(model.handle, adapter.ptr, p, &out));
+        return .{ .handle = out.? };
+    }
+
+    /// Resumes a checkpoint written by `save` on a freshly loaded copy of
+    /// the same base model (only params' progress callback is used).
+    pub fn fromCheckpoint(model: Model, dir: [:0]const u8, params: ?Params) Error!Trainer {
+        var out: ?*c.lora_trainer = null;
+        const p: ?*const Params = if (params) |*v| v else null;
+        try check(c.lora_trainer_resume(model.handle, dir.ptr, p, &out));
+        return .{ .handle = out.? };
+    }
+
+    pub fn deinit(self: *Trainer) void {
+        c.lora_trainer_free(self.handle);
+        self.* = undefined;
+    }
+
+    /// One optimizer step on `ids` [batch, seq] (labels null: the ids).
+    pub fn step(self: Trainer, ids: []const i32, labels: ?[]const i32, batch: usize, seq: usize) Error!StepResult {
+        try checkBatch(ids, labels, batch, seq);
+        var r: StepResult = undefined;
+        try check(c.lora_train_step(self.handle, ids.ptr, optPtr(i32, labels), batch, seq, &r));
+        return r;
+    }
+
+    /// A checkpoint (adapter, optimizer state, counters) in directory `dir`.
+    pub fn save(self: Trainer, dir: [:0]const u8) Error!void {
+        try check(c.lora_trainer_save(self.handle, dir.ptr));
     }
 };

@@ -1,6 +1,8 @@
 //! The Zig binding's checks, the same as the Go binding's: a real NF4
 //! round trip (quantize, info, dequantize, save, list, load), errors with
-//! their status and message, and the LoRA layer API.
+//! their status and message, the LoRA layer API, the tokenizer, and a
+//! short QLoRA fine-tune of models/default (build.zig runs the tests in
+//! the repository root, where models/ and data/ are).
 const std = @import("std");
 const lora = @import("lora");
 const testing = std.testing;
@@ -207,4 +209,186 @@ test "layer" {
     try ql.merge();
     const e = try ql.requantize(null);
     try testing.expect(e.rel_rms > 0 and e.rel_rms < 0.2 and e.max_abs > 0);
+}
+
+fn tmpPath(buf: []u8, tmp: *testing.TmpDir, name: []const u8) ![:0]const u8 {
+    var dir_buf: [std.fs.max_path_bytes]u8 = undefined;
+    const dir_len = try tmp.dir.realPath(testing.io, &dir_buf);
+    return std.mem.printSentinel(buf, "{s}/{s}", .{ dir_buf[0..dir_len], name }, 0);
+}
+
+fn maxAbsDiff(a: []const f32, b: []const f32) f32 {
+    var m: f32 = 0;
+    for (a, b) |x, y| m = @max(m, @abs(x - y));
+    return m;
+}
+
+const model_dir = "models/default";
+
+test "tokenizer" {
+    var tok = try lora.Tokenizer.load(model_dir);
+    defer tok.deinit();
+    try testing.expectEqual(@as(usize, 256), (try tok.info()).vocab_size);
+    const s = "Shall I compare thee to a summer's day?";
+    const ids = try tok.encodeAlloc(testing.allocator, s, false);
+    defer testing.allocator.free(ids);
+    try testing.expectEqual(ids.len, try tok.count(s, false));
+    const back = try tok.decodeAlloc(testing.allocator, ids, true);
+    defer testing.allocator.free(back);
+    try testing.expectEqualStrings(s, back);
+    var piece_buf: [32]u8 = undefined;
+    const piece = try tok.idToToken(ids[0], &piece_buf);
+    var z: [33]u8 = undefined;
+    try testing.expectEqual(ids[0], try tok.tokenToId(try std.mem.printSentinel(&z, "{s}", .{piece}, 0)));
+    try testing.expect(!try tok.isSpecial(ids[0]));
+    var small: [2]i32 = undefined;
+    try expectFailure(error.BufferSize, tok.encode(s, false, &small));
+    try expectFailure(error.InvalidArgument, tok.encode("\xff\xfe", false, &small));
+    var text_buf: [8]u8 = undefined;
+    try expectFailure(error.InvalidArgument, tok.decode(&.{-1}, true, &text_buf));
+    try expectFailure(error.Io, lora.Tokenizer.load("/nonexistent/tokenizer.json"));
+}
+
+// NF4 at load, LoRA r 8 on all linear layers, five steps on one batch of
+// 2 x 64 tokens of data/finetune.txt; generation, save/load, merge/unmerge,
+// swaps, a trainer checkpoint resumed on a fresh copy of the model.
+test "fine-tune" {
+    const gpa = testing.allocator;
+    var ctx = try cpu();
+    defer ctx.deinit();
+    var tmp = testing.tmpDir(.{});
+    defer tmp.cleanup();
+
+    var mp = lora.Model.defaultParams();
+    mp.quantize = lora.c.LORA_QUANT_NF4;
+    var model = try lora.Model.load(ctx, model_dir, mp);
+    defer model.deinit();
+    const info = try model.info();
+    try testing.expect(info.quantized == 1 and info.vocab_size == 256 and info.n_adapters == 0);
+    var tok = try lora.Tokenizer.load(model_dir);
+    defer tok.deinit();
+
+    const text = try std.Io.Dir.cwd().readFileAlloc(testing.io, "data/finetune.txt", gpa, .limited(1 << 20));
+    defer gpa.free(text);
+    const all = try tok.encodeAlloc(gpa, text, false);
+    defer gpa.free(all);
+    const batch = 2;
+    const seq = 64;
+    try testing.expect(all.len >= batch * seq);
+    const ids = all[0 .. batch * seq];
+    const n_logits = batch * seq * 256;
+
+    const base = try gpa.alloc(f32, n_logits);
+    defer gpa.free(base);
+    try model.logits(ids, batch, seq, null, base);
+    var cp = lora.Model.defaultCreateParams();
+    cp.r = 8;
+    cp.alpha = 16;
+    cp.target_modules = "all-linear";
+    try model.createAdapter("verse", cp);
+    try expectFailure(error.InvalidArgument, model.createAdapter("verse", cp));
+    var sbuf: [256]u8 = undefined;
+    try testing.expect(std.mem.indexOf(u8, try model.trainableSummary(&sbuf), "trainable params") != null);
+    try testing.expect((try model.paramCounts()).trainable > 0);
+
+    const before = try model.loss(ids, null, batch, seq);
+    var tp = lora.Trainer.defaultParams();
+    tp.lr = 3e-3;
+    var ckpt_buf: [std.fs.max_path_bytes]u8 = undefined;
+    const ckpt = try tmpPath(&ckpt_buf, &tmp, "ckpt");
+    var losses: [5]f64 = undefined;
+    {
+        var tr = try lora.Trainer.init(model, "verse", tp);
+        defer tr.deinit();
+        for (&losses, 0..) |*l, i| {
+            const r = try tr.step(ids, null, batch, seq);
+            try testing.expect(std.math.isFinite(r.loss) and r.step == i + 1 and r.tokens == batch * seq);
+            l.* = r.loss;
+        }
+        try testing.expect((try model.memory(tr)).optimizer > 0);
+        try tr.save(ckpt);
+        try testing.expectError(error.BufferSize, tr.step(ids, null, batch, seq + 1));
+    }
+    const after = try model.loss(ids, null, batch, seq);
+    // One fixed batch: deterministic, the loss must fall.
+    try testing.expect(after < before and losses[4] < losses[0]);
+
+    // Generation decodes to text; a mixed batch, one prompt per adapter.
+    var prompt_buf: [64]i32 = undefined;
+    const prompt = try tok.encode("When I consider", false, &prompt_buf);
+    var gp = lora.Model.defaultGenerateParams();
+    gp.max_new_tokens = 16;
+    var gen_buf: [16]i32 = undefined;
+    const gen = try model.generate(prompt, gp, &gen_buf);
+    try testing.expect(gen.len > 0);
+    var gen_text: [256]u8 = undefined;
+    try testing.expect((try tok.decode(gen, true, &gen_text)).len > 0);
+    var mixed: [32]i32 = undefined;
+    var mixed_lens: [2]usize = undefined;
+    try model.generateBatch(gpa, &.{ prompt, prompt }, &.{ "verse", null }, gp, &mixed, &mixed_lens);
+    try testing.expectEqualSlices(i32, gen, mixed[0..mixed_lens[0]]);
+
+    // Save and load back as a second adapter: the same function.
+    const trained = try gpa.alloc(f32, n_logits);
+    defer gpa.free(trained);
+    const got = try gpa.alloc(f32, n_logits);
+    defer gpa.free(got);
+    try model.logits(ids, batch, seq, null, trained);
+    try testing.expect(maxAbsDiff(trained, base) > 1e-3);
+    var adir_buf: [std.fs.max_path_bytes]u8 = undefined;
+    const adir = try tmpPath(&adir_buf, &tmp, "verse");
+    try model.saveAdapter("verse", adir);
+    try model.loadAdapter(adir, "loaded");
+    try model.logits(ids, batch, seq, &.{ "loaded", null }, got);
+    const half = n_logits / 2;
+    try testing.expect(maxAbsDiff(got[0..half], trained[0..half]) < 1e-5);
+    try testing.expect(maxAbsDiff(got[half..], base[half..]) < 1e-5);
+
+    // Swaps: the base alone, the loaded copy.
+    try model.swapAdapter(&.{}, null);
+    try model.logits(ids, batch, seq, null, got);
+    try testing.expect(maxAbsDiff(got, base) < 1e-5);
+    try model.swapAdapter(&.{"loaded"}, null);
+    try model.logits(ids, batch, seq, null, got);
+    try testing.expect(maxAbsDiff(got, trained) < 1e-5);
+    try expectFailure(error.InvalidArgument, model.swapAdapter(&.{"nope"}, null));
+
+    // Merge, a merged swap, unmerge.
+    try model.merge();
+    try model.logits(ids, batch, seq, null, got);
+    try testing.expect(maxAbsDiff(got, trained) < 1e-3);
+    try expectFailure(error.InvalidState, model.merge());
+    try model.swapAdapter(&.{}, null);
+    try model.logits(ids, batch, seq, null, got);
+    try testing.expect(maxAbsDiff(got, base) < 1e-3);
+    try model.swapAdapter(&.{"verse"}, &.{1});
+    try model.unmerge();
+    try model.logits(ids, batch, seq, null, got);
+    try testing.expect(maxAbsDiff(got, trained) < 1e-5);
+    try model.removeAdapter("loaded");
+    var mdir_buf: [std.fs.max_path_bytes]u8 = undefined;
+    try model.exportMerged(try tmpPath(&mdir_buf, &tmp, "merged"));
+
+    // The checkpoint on a fresh copy resumes at step 5; the trainer keeps
+    // the model alive after its handle is freed.
+    var fresh = try lora.Model.load(ctx, model_dir, mp);
+    var rt = try lora.Trainer.fromCheckpoint(fresh, ckpt, null);
+    defer rt.deinit();
+    fresh.deinit();
+    try testing.expectEqual(@as(u64, 6), (try rt.step(ids, null, batch, seq)).step);
+
+    try expectFailure(error.Io, lora.Model.load(ctx, "/nonexistent/model", null));
+}
+
+test "paging" {
+    var ctx = try cpu();
+    defer ctx.deinit();
+    var p = lora.Context.defaultPagingParams();
+    p.budget_bytes = 1 << 20;
+    try ctx.setPaging(p);
+    const st = try ctx.pagedStats();
+    try testing.expectEqual(@as(u64, 1 << 20), st.budget_bytes);
+    p.dir = "/nonexistent/paging";
+    try expectFailure(error.Io, ctx.setPaging(p));
+    try ctx.setPaging(null);
 }
