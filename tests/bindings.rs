@@ -357,11 +357,12 @@ fn go_cmd(go: &[String], dir: &Path, args: &[&str]) -> Command {
     // Offline and with the toolchain at hand: the module has no
     // dependencies, and nothing may be downloaded.
     cmd.env("GOTOOLCHAIN", "local").env("GOPROXY", "off").env("GOFLAGS", "-mod=mod").env("CGO_ENABLED", "1");
-    // The install prefix is per process, and Go reuses a cached cgo
-    // package whose link flags (from pkg-config) name an earlier prefix:
-    // CGO_LDFLAGS is part of Go's cache key, so naming the prefix there
-    // keeps the link pointed at this run's library.
-    cmd.env("CGO_LDFLAGS", format!("-L{}", prefix().join("lib").display()));
+    // Go's build cache does not key a cgo package on its pkg-config output
+    // (seen with Go 1.19: a package cached from an earlier run kept that
+    // run's -L, long deleted, and the link failed). CGO_CFLAGS is in the
+    // key, so naming this run's prefix there rebuilds the binding against
+    // this run's header and library ("-g -O2" is cgo's default).
+    cmd.env("CGO_CFLAGS", format!("-g -O2 -I{}", prefix().join("include").display()));
     if std::env::var_os("GOCACHE").is_none() && std::env::var_os("HOME").is_none() {
         cmd.env("GOCACHE", cache_dir("go-build"));
     }

@@ -18,10 +18,11 @@
 //! from cargo's JSON messages. `LORA_CDYLIB=/path/liblora.so` overrides
 //! both (to test another build).
 //!
-//! Linking: the cdylib, by absolute path (it has no SONAME, so the
-//! executable's DT_NEEDED is that exact file), plus an rpath and
+//! Linking: the cdylib, by absolute path, plus an rpath and
 //! LD_LIBRARY_PATH to the same directory, so no other liblora on the
-//! machine can be picked up. The shared library rather than `liblora.a`:
+//! machine can be picked up (the library's SONAME is `liblora.so.N`;
+//! build.rs links that name to the cdylib beside it, so the loader finds
+//! this build). The shared library rather than `liblora.a`:
 //! it is what C users link, its dynamic symbol table is exactly the public
 //! ABI (tests/exports.rs checks it), and a static link would drag the whole
 //! Rust std into every program and need `-lgcc_s -lpthread -ldl -lm`.
