@@ -564,7 +564,7 @@ impl LoraLayer {
 
     /// `dropout(x)` for adapter `ad` on rows `rows` (global row indices) of
     /// call `call`, gathered into a dense `[rows.len(), in]` buffer.
-    fn adapter_input(&self, ad: &Adapter, x: &[f32], rows: Option<&[usize]>, call: u64, train: bool) -> Vec<f32> {
+    fn adapter_input<'x>(&self, ad: &Adapter, x: &'x [f32], rows: Option<&[usize]>, call: u64, train: bool) -> std::borrow::Cow<'x, [f32]> {
         let in_f = self.in_f;
         let p = if train { ad.dropout } else { 0.0 };
         let keep = 1.0 / (1.0 - p);
@@ -581,16 +581,17 @@ impl LoraLayer {
         match rows {
             None => {
                 if p == 0.0 {
-                    return x.to_vec();
+                    // No dropout: the input itself, not a copy.
+                    return std::borrow::Cow::Borrowed(x);
                 }
                 let mut out = vec![0f32; x.len()];
                 out.par_chunks_mut(in_f).enumerate().for_each(|(r, o)| gather(r, o));
-                out
+                out.into()
             }
             Some(rs) => {
                 let mut out = vec![0f32; rs.len() * in_f];
                 out.par_chunks_mut(in_f).zip(rs.par_iter()).for_each(|(o, &r)| gather(r, o));
-                out
+                out.into()
             }
         }
     }

@@ -51,6 +51,10 @@ pub const GATE: usize = 4;
 pub const UP: usize = 5;
 pub const DOWN: usize = 6;
 
+fn shape_of(window: Option<usize>, batch: usize, seq: usize, nh: usize, nkv: usize, hd: usize) -> AttnShape {
+    AttnShape { window, ..AttnShape::causal(batch, seq, nh, nkv, hd) }
+}
+
 /// `model.layers.{l}.self_attn.q_proj`, … : the module path PEFT keys use.
 pub fn module_path(layer: usize, j: usize) -> String {
     let parent = if j < 4 { "self_attn" } else { "mlp" };
@@ -124,6 +128,69 @@ pub struct Model {
     pub(crate) act_peak: usize,
     pub(crate) kv_bytes: usize,
     pub(crate) peak: usize,
+    pub(crate) pool: BufPool,
+}
+
+/// Recycled fp32 buffers: a training step allocates the same activation
+/// and gradient buffers every time, and returning them to the system
+/// allocator (which unmaps large blocks) costs a page fault and a page
+/// clear per 4 KiB on the next step — about a fifth of a small model's
+/// step time. Buffers are zero-filled when handed out.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct BufPool {
+    free: Vec<Vec<f32>>,
+}
+
+impl BufPool {
+    /// Most buffers kept (a layer's forward and backward use about 30).
+    const MAX: usize = 96;
+
+    /// A zeroed buffer of `n` floats, reusing the smallest free one that fits.
+    pub(crate) fn take(&mut self, n: usize) -> Vec<f32> {
+        let mut best: Option<usize> = None;
+        for (i, v) in self.free.iter().enumerate() {
+            if v.capacity() >= n && best.is_none_or(|b| self.free[b].capacity() > v.capacity()) {
+                best = Some(i);
+            }
+        }
+        match best {
+            Some(i) => {
+                let mut v = self.free.swap_remove(i);
+                v.clear();
+                v.resize(n, 0.0);
+                v
+            }
+            None => vec![0.0; n],
+        }
+    }
+
+    /// A buffer holding a copy of `src`.
+    pub(crate) fn copy_of(&mut self, src: &[f32]) -> Vec<f32> {
+        let mut v = self.take(0);
+        v.extend_from_slice(src);
+        v
+    }
+
+    pub(crate) fn give(&mut self, v: Vec<f32>) {
+        if v.capacity() == 0 {
+            return;
+        }
+        if self.free.len() >= Self::MAX {
+            // Drop the smallest: large buffers are the expensive ones.
+            if let Some((i, _)) = self.free.iter().enumerate().min_by_key(|(_, b)| b.capacity()) {
+                if self.free[i].capacity() < v.capacity() {
+                    self.free.swap_remove(i);
+                } else {
+                    return;
+                }
+            }
+        }
+        self.free.push(v);
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        self.free.iter().map(|v| v.capacity() * 4).sum()
+    }
 }
 
 /// Saved activations of one layer for its backward.
@@ -144,6 +211,12 @@ struct LayerActs {
 }
 
 impl LayerActs {
+    fn recycle(self, pool: &mut BufPool) {
+        for v in [self.h1, self.rstd1, self.q, self.k, self.v, self.att, self.lse, self.x_mid, self.h2, self.rstd2, self.g, self.u, self.a] {
+            pool.give(v);
+        }
+    }
+
     fn bytes(&self) -> usize {
         4 * [&self.h1, &self.rstd1, &self.q, &self.k, &self.v, &self.att, &self.lse, &self.x_mid, &self.h2, &self.rstd2, &self.g, &self.u, &self.a]
             .iter()
@@ -272,6 +345,7 @@ impl Model {
             act_peak: 0,
             kv_bytes: 0,
             peak: 0,
+            pool: BufPool::default(),
         };
         m.note_peak(0);
         Ok(m)
@@ -479,15 +553,17 @@ impl Model {
                 }
             }
         }
+        let acts = self.act_peak.max(self.pool.bytes());
         MemStats {
             base_weights: base,
             base_quantized: q,
             quantized_weights: qn,
             adapters: ad,
             optimizer: 0,
-            activations: self.act_peak,
+            // Held for the backward at the peak, or kept for reuse.
+            activations: acts,
             kv_cache: self.kv_bytes,
-            peak: self.peak.max(base + ad + self.act_peak.max(self.kv_bytes)),
+            peak: self.peak.max(base + ad + acts.max(self.kv_bytes)),
         }
     }
 
@@ -532,7 +608,7 @@ impl Model {
 
     fn lin_forward(&mut self, l: usize, j: usize, x: &[f32], n: usize, rows: Option<&RowAdapters>, train: bool, call: u64) -> Result<Vec<f32>> {
         let out_f = self.blocks[l].lin[j].out_features();
-        let mut y = vec![0f32; n * out_f];
+        let mut y = self.pool.take(n * out_f);
         let ra = rows.map(|r| self.layer_rows(&self.blocks[l].lin[j], r));
         self.blocks[l].lin[j].forward_at(x, n, &mut y, ra.as_deref(), train, call)?;
         Ok(y)
@@ -545,8 +621,8 @@ impl Model {
         let (h, hd, nh, nkv, eps) = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps);
         let window = cfg.windows[l];
         let n = batch * seq;
-        let mut h1 = vec![0f32; n * h];
-        let mut rstd1 = vec![0f32; n];
+        let mut h1 = self.pool.take(n * h);
+        let mut rstd1 = self.pool.take(n);
         rmsnorm_forward(x, &self.blocks[l].attn_norm, n, h, eps, &mut h1, Some(&mut rstd1));
         let mut q = self.lin_forward(l, Q, &h1, n, rows, train, call)?;
         let mut k = self.lin_forward(l, K, &h1, n, rows, train, call)?;
@@ -554,21 +630,23 @@ impl Model {
         rope_forward(&mut q, batch, seq, nh, hd, table);
         rope_forward(&mut k, batch, seq, nkv, hd, table);
         let shape = AttnShape { window, ..AttnShape::causal(batch, seq, nh, nkv, hd) };
-        let mut att = vec![0f32; n * nh * hd];
-        let mut lse = vec![0f32; n * nh];
+        let mut att = self.pool.take(n * nh * hd);
+        let mut lse = self.pool.take(n * nh);
         attention_forward(&q, &k, &v, &shape, &mut att, &mut lse);
         let o = self.lin_forward(l, O, &att, n, rows, train, call)?;
         x.par_iter_mut().zip(o.par_iter()).for_each(|(a, b)| *a += b);
-        let x_mid = x.to_vec();
-        let mut h2 = vec![0f32; n * h];
-        let mut rstd2 = vec![0f32; n];
+        self.pool.give(o);
+        let x_mid = self.pool.copy_of(x);
+        let mut h2 = self.pool.take(n * h);
+        let mut rstd2 = self.pool.take(n);
         rmsnorm_forward(x, &self.blocks[l].mlp_norm, n, h, eps, &mut h2, Some(&mut rstd2));
         let g = self.lin_forward(l, GATE, &h2, n, rows, train, call)?;
         let u = self.lin_forward(l, UP, &h2, n, rows, train, call)?;
-        let mut a = vec![0f32; g.len()];
+        let mut a = self.pool.take(g.len());
         swiglu_forward(&g, &u, &mut a);
         let d = self.lin_forward(l, DOWN, &a, n, rows, train, call)?;
         x.par_iter_mut().zip(d.par_iter()).for_each(|(a, b)| *a += b);
+        self.pool.give(d);
         Ok(LayerActs { h1, rstd1, q, k, v, att, lse, x_mid, h2, rstd2, g, u, a })
     }
 
@@ -581,39 +659,52 @@ impl Model {
         let window = cfg.windows[l];
         let n = batch * seq;
         let it = cfg.intermediate_size;
-        let LayerActs { h1, rstd1, q, k, v, att, lse, x_mid, h2, rstd2, mut g, mut u, a } = acts;
-        let blk = &mut self.blocks[l];
+        let mut pool = std::mem::take(&mut self.pool);
+        let res = Self::layer_backward_in(&mut self.blocks[l], &mut pool, acts, x_in, dx, (n, h, it, nh, nkv, hd), shape_of(window, batch, seq, nh, nkv, hd), table, need_dx);
+        self.pool = pool;
+        res
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_backward_in(blk: &mut Block, pool: &mut BufPool, acts: LayerActs, x_in: &[f32], dx: &mut [f32], dims: (usize, usize, usize, usize, usize, usize), shape: AttnShape, table: &RopeTable, need_dx: bool) -> Result<()> {
+        let (n, h, it, nh, nkv, hd) = dims;
+        let (batch, seq) = (shape.batch, shape.q_len);
+        let LayerActs { h1, rstd1, q, k, v, att, lse, x_mid, h2, rstd2, g, u, a } = acts;
         // MLP: x_out = x_mid + down(a);  a = silu(g)·u
-        let mut da = vec![0f32; n * it];
+        let mut da = pool.take(n * it);
         blk.lin[DOWN].backward(&a, dx, n, Some(&mut da))?;
-        drop(a);
-        let (mut dg, mut du) = (vec![0f32; n * it], vec![0f32; n * it]);
+        pool.give(a);
+        let (mut dg, mut du) = (pool.take(n * it), pool.take(n * it));
         swiglu_backward(&g, &u, &da, &mut dg, &mut du);
-        drop(da);
-        g.clear();
-        u.clear();
-        let mut dh2 = vec![0f32; n * h];
+        for b in [da, g, u] {
+            pool.give(b);
+        }
+        let mut dh2 = pool.take(n * h);
         blk.lin[GATE].backward(&h2, &dg, n, Some(&mut dh2))?;
-        let mut tmp = vec![0f32; n * h];
+        let mut tmp = pool.take(n * h);
         blk.lin[UP].backward(&h2, &du, n, Some(&mut tmp))?;
         dh2.par_iter_mut().zip(tmp.par_iter()).for_each(|(a, b)| *a += b);
-        drop((dg, du));
+        pool.give(dg);
+        pool.give(du);
         // d x_mid = dx + RMSNorm₂ᵀ(dh2)
-        let mut dxm = vec![0f32; n * h];
+        let mut dxm = pool.take(n * h);
         rmsnorm_backward(&x_mid, &blk.mlp_norm, &rstd2, &dh2, n, h, &mut dxm, None);
         dxm.par_iter_mut().zip(dx.par_iter()).for_each(|(a, b)| *a += b);
-        drop((x_mid, h2, rstd2, dh2));
+        for b in [x_mid, h2, rstd2, dh2] {
+            pool.give(b);
+        }
         // Attention: x_mid = x_in + o(att)
-        let mut datt = vec![0f32; n * nh * hd];
+        let mut datt = pool.take(n * nh * hd);
         blk.lin[O].backward(&att, &dxm, n, Some(&mut datt))?;
-        let shape = AttnShape { window, ..AttnShape::causal(batch, seq, nh, nkv, hd) };
-        let (mut dq, mut dk, mut dv) = (vec![0f32; q.len()], vec![0f32; k.len()], vec![0f32; v.len()]);
+        let (mut dq, mut dk, mut dv) = (pool.take(q.len()), pool.take(k.len()), pool.take(v.len()));
         attention_backward(&q, &k, &v, &att, &lse, &datt, &shape, &mut dq, &mut dk, &mut dv);
-        drop((att, lse, datt));
+        for b in [att, lse, datt, q, k, v] {
+            pool.give(b);
+        }
         rope_backward(&mut dq, batch, seq, nh, hd, table);
         rope_backward(&mut dk, batch, seq, nkv, hd, table);
         if need_dx {
-            let mut dh1 = vec![0f32; n * h];
+            let mut dh1 = pool.take(n * h);
             blk.lin[Q].backward(&h1, &dq, n, Some(&mut dh1))?;
             blk.lin[K].backward(&h1, &dk, n, Some(&mut tmp))?;
             dh1.par_iter_mut().zip(tmp.par_iter()).for_each(|(a, b)| *a += b);
@@ -621,10 +712,14 @@ impl Model {
             dh1.par_iter_mut().zip(tmp.par_iter()).for_each(|(a, b)| *a += b);
             rmsnorm_backward(x_in, &blk.attn_norm, &rstd1, &dh1, n, h, dx, None);
             dx.par_iter_mut().zip(dxm.par_iter()).for_each(|(a, b)| *a += b);
+            pool.give(dh1);
         } else {
             blk.lin[Q].backward(&h1, &dq, n, None)?;
             blk.lin[K].backward(&h1, &dk, n, None)?;
             blk.lin[V].backward(&h1, &dv, n, None)?;
+        }
+        for b in [h1, rstd1, dq, dk, dv, dxm, tmp] {
+            pool.give(b);
         }
         Ok(())
     }
@@ -663,7 +758,9 @@ impl Model {
         for l in 0..self.blocks.len() {
             let acts = self.layer_forward(l, &mut x, batch, seq, &table, rows.as_ref(), false, 0)?;
             peak = peak.max(acts.bytes());
+            acts.recycle(&mut self.pool);
         }
+
         let (logits, _, _) = self.head_forward(&x, n);
         self.note_peak(peak + logits.len() * 4);
         Ok(logits)
@@ -710,7 +807,7 @@ impl Model {
         let mut saved: Vec<Option<LayerActs>> = Vec::with_capacity(nl);
         let mut held = 0usize;
         for l in 0..nl {
-            inputs.push(x.clone());
+            inputs.push(self.pool.copy_of(&x));
             held += x.len() * 4;
             let acts = self.layer_forward(l, &mut x, batch, seq, &table, None, true, call)?;
             if checkpointing {
@@ -732,26 +829,32 @@ impl Model {
         held += logits.len() * 4 * 2;
         let ce = cross_entropy_fused(&mut logits, &targets, vsz, Some(grad_scale))?;
         // d hf = dlogits · W_head;  dx = RMSNorm_fᵀ(d hf)
-        let mut dhf = vec![0f32; n * h];
+        let mut dhf = self.pool.take(n * h);
         gemm_f32(&mut dhf, h, Mat::n(&logits, vsz), Mat::n(self.head(), h), n, h, vsz, 1.0, false, true);
-        drop(logits);
-        let mut dx = vec![0f32; n * h];
+        self.pool.give(logits);
+        let mut dx = self.pool.take(n * h);
         rmsnorm_backward(&x, &self.norm, &rstd, &dhf, n, h, &mut dx, None);
-        drop(dhf);
+        self.pool.give(dhf);
+        self.pool.give(_hf);
+        self.pool.give(rstd);
         let mut peak_extra = 0;
         for l in (0..nl).rev() {
             let x_in = inputs.pop().expect("one input per layer");
             let acts = match saved.pop().expect("one slot per layer") {
                 Some(a) => a,
                 None => {
-                    let mut xr = x_in.clone();
+                    let mut xr = self.pool.copy_of(&x_in);
                     let a = self.layer_forward(l, &mut xr, batch, seq, &table, None, true, call)?;
+                    self.pool.give(xr);
                     peak_extra = peak_extra.max(a.bytes());
                     a
                 }
             };
             self.layer_backward(l, &x_in, acts, &mut dx, batch, seq, &table, l > 0)?;
+            self.pool.give(x_in);
         }
+        self.pool.give(dx);
+        self.pool.give(x);
         self.act_peak = held + peak_extra;
         self.note_peak(self.act_peak);
         Ok(MicroResult { loss_sum: ce.sum, count: ce.count })
