@@ -173,6 +173,8 @@ impl Model {
             last_logits = self.decode_step(&next, &mut lens, &mut caches, cap, seq_ad.as_deref())?;
         }
         self.kv_bytes = 0;
+        let keep = self.act_peak;
+        self.pool.trim(keep);
         Ok(out)
     }
 

@@ -139,12 +139,10 @@ pub struct Model {
 #[derive(Clone, Debug, Default)]
 pub(crate) struct BufPool {
     free: Vec<Vec<f32>>,
+    free_bytes: usize,
 }
 
 impl BufPool {
-    /// Most buffers kept (a layer's forward and backward use about 30).
-    const MAX: usize = 96;
-
     /// A zeroed buffer of `n` floats, reusing the smallest free one that fits.
     pub(crate) fn take(&mut self, n: usize) -> Vec<f32> {
         let mut best: Option<usize> = None;
@@ -156,6 +154,7 @@ impl BufPool {
         match best {
             Some(i) => {
                 let mut v = self.free.swap_remove(i);
+                self.free_bytes -= v.capacity() * 4;
                 v.clear();
                 v.resize(n, 0.0);
                 v
@@ -166,30 +165,34 @@ impl BufPool {
 
     /// A buffer holding a copy of `src`.
     pub(crate) fn copy_of(&mut self, src: &[f32]) -> Vec<f32> {
-        let mut v = self.take(0);
-        v.extend_from_slice(src);
+        let mut v = self.take(src.len());
+        v.copy_from_slice(src);
         v
     }
 
+    /// Returns a buffer for reuse.
     pub(crate) fn give(&mut self, v: Vec<f32>) {
-        if v.capacity() == 0 {
+        if v.capacity() > 0 {
+            self.free_bytes += v.capacity() * 4;
+            self.free.push(v);
+        }
+    }
+
+    /// Frees the smallest buffers until at most `max_bytes` are kept: the
+    /// model trims to one step's working set after each call.
+    pub(crate) fn trim(&mut self, max_bytes: usize) {
+        if self.free_bytes <= max_bytes {
             return;
         }
-        if self.free.len() >= Self::MAX {
-            // Drop the smallest: large buffers are the expensive ones.
-            if let Some((i, _)) = self.free.iter().enumerate().min_by_key(|(_, b)| b.capacity()) {
-                if self.free[i].capacity() < v.capacity() {
-                    self.free.swap_remove(i);
-                } else {
-                    return;
-                }
-            }
+        self.free.sort_by_key(|v| std::cmp::Reverse(v.capacity()));
+        while self.free_bytes > max_bytes {
+            let v = self.free.pop().expect("free_bytes counts these");
+            self.free_bytes -= v.capacity() * 4;
         }
-        self.free.push(v);
     }
 
     pub(crate) fn bytes(&self) -> usize {
-        self.free.iter().map(|v| v.capacity() * 4).sum()
+        self.free_bytes
     }
 }
 
@@ -762,6 +765,7 @@ impl Model {
         }
 
         let (logits, _, _) = self.head_forward(&x, n);
+        self.pool.trim(self.act_peak.max(peak));
         self.note_peak(peak + logits.len() * 4);
         Ok(logits)
     }
@@ -856,6 +860,9 @@ impl Model {
         self.pool.give(dx);
         self.pool.give(x);
         self.act_peak = held + peak_extra;
+        // Keep one step's working set (saved activations plus the
+        // backward's temporaries, about as much again) for the next step.
+        self.pool.trim(2 * self.act_peak);
         self.note_peak(self.act_peak);
         Ok(MicroResult { loss_sum: ce.sum, count: ce.count })
     }
