@@ -288,7 +288,7 @@ int main(int argc, char **argv) {
     cr.alpha = 16;
     TRY(lora_create(model, "dialogue", &cr));
     int dsteps = steps / 4 > 0 ? steps / 4 : 1;
-    printf("\n== a second adapter 'dialogue' on the pretraining text's dialogue (%zu tokens), %d steps\n", n_dia, dsteps);
+    printf("\n== a second adapter 'dialogue' on %s (%zu tokens), %d steps\n", use_pre ? "the pretraining text's dialogue" : "the same text (another model: no second style bundled)", n_dia, dsteps);
     train("dialogue", dia_ids, n_dia, dsteps, 3e-3);
 
     printf("\n== hot swap (merged: each swap re-derives W0 + s*B*A)\n");
