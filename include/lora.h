@@ -1567,7 +1567,9 @@ void lora_trainer_free(struct lora_trainer *trainer);
  * discarded). Errors: `LORA_ERR_INVALID_SHAPE`, `LORA_ERR_INVALID_ARGUMENT`
  * (ids or labels out of range, no counted token), `LORA_ERR_NON_FINITE`
  * (loss or gradient not finite: the step is skipped),
- * `LORA_ERR_INVALID_STATE` (model merged), `LORA_ERR_CANCELLED`.
+ * `LORA_ERR_INVALID_STATE` (model merged, or another adapter swapped in
+ * since the trainer was created: swap the trainer's adapter back in),
+ * `LORA_ERR_CANCELLED`.
  */
 lora_status lora_train_step(struct lora_trainer *trainer,
                             const int32_t *ids,

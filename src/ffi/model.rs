@@ -827,7 +827,9 @@ fn trainer_mut<'a>(p: *mut lora_trainer) -> Result<&'a mut lora_trainer> {
 /// discarded). Errors: `LORA_ERR_INVALID_SHAPE`, `LORA_ERR_INVALID_ARGUMENT`
 /// (ids or labels out of range, no counted token), `LORA_ERR_NON_FINITE`
 /// (loss or gradient not finite: the step is skipped),
-/// `LORA_ERR_INVALID_STATE` (model merged), `LORA_ERR_CANCELLED`.
+/// `LORA_ERR_INVALID_STATE` (model merged, or another adapter swapped in
+/// since the trainer was created: swap the trainer's adapter back in),
+/// `LORA_ERR_CANCELLED`.
 #[no_mangle]
 pub unsafe extern "C" fn lora_train_step(trainer: *mut lora_trainer, ids: *const i32, labels: *const i32, batch: usize, seq: usize, result: *mut lora_step_result) -> lora_status {
     guard(|| {

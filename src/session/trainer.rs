@@ -174,6 +174,9 @@ impl Trainer {
         if model.is_merged() {
             bail!(InvalidState, "the model is merged; unmerge it before training");
         }
+        if model.active().len() != 1 || model.active()[0].0 != self.adapter || model.active()[0].1 != 1.0 {
+            bail!(InvalidState, "the trainer's adapter '{}' is not the model's only active adapter (multiplier 1): swap it back in before training", self.adapter);
+        }
         model.check_ids(ids)?;
         let mut loss_sum = 0f64;
         let result = (|| -> Result<()> {

@@ -260,6 +260,9 @@ int main(int argc, char **argv) {
     CHECK(calls == 1);
     CHECK_OK(lora_model_logits(m, ids, B, T, NULL, logits2, B * T * V));
     CHECK(memcmp(logits, logits2, sizeof(float) * B * T * V) == 0);
+    CHECK_OK(lora_swap_adapter(m, NULL, NULL, 0));
+    EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_train_step(tr, ids, NULL, B, T, NULL));
+    CHECK_OK(lora_swap_adapter(m, &dflt, NULL, 1));
     CHECK_OK(lora_merge(m));
     EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_train_step(tr, ids, NULL, B, T, NULL));
     lora_trainer_free(tr);
