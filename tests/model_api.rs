@@ -415,3 +415,44 @@ fn quantizing_at_load_peaks_near_the_result() {
     assert!(file > 4 * model, "the test needs a file much larger than the NF4 model");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A checkpoint stored in fp16 or bf16 computes exactly what the same
+/// values stored in fp32 compute (weights are widened exactly at load).
+#[test]
+fn fp16_and_bf16_checkpoints_equal_their_fp32_values() {
+    use safetensors::Dtype;
+    let dir = tmpdir("halfs");
+    synth(&dir, 64, 128, 2, 4, 2, 50, None);
+    let src = StFile::open(&dir.join("model.safetensors")).unwrap();
+    let ids = tokens(2 * 7, 50, 4);
+    for (tag, dt) in [("f16", Dtype::F16), ("bf16", Dtype::BF16)] {
+        let round = |v: f32| match dt {
+            Dtype::F16 => half::f16::from_f32(v).to_f32(),
+            _ => half::bf16::from_f32(v).to_f32(),
+        };
+        let (mut half_t, mut f32_t) = (Vec::new(), Vec::new());
+        for n in src.names() {
+            let t = src.get(&n).unwrap();
+            let v: Vec<f32> = src.read_f32(&n).unwrap().into_iter().map(round).collect();
+            let bytes: Vec<u8> = match dt {
+                Dtype::F16 => v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
+                _ => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
+            };
+            half_t.push((n.clone(), OutTensor { dtype: dt, shape: t.shape().to_vec(), data: std::borrow::Cow::Owned(bytes) }));
+            f32_t.push((n.clone(), OutTensor::f32(t.shape().to_vec(), &v)));
+        }
+        let (dh, df) = (dir.join(tag), dir.join(format!("{tag}-as-f32")));
+        for (d, ts) in [(&dh, &half_t), (&df, &f32_t)] {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::copy(dir.join("config.json"), d.join("config.json")).unwrap();
+            write_atomic(&d.join("model.safetensors"), ts, &Default::default()).unwrap();
+        }
+        let (mut a, mut b) = (load(&dh, false), load(&df, false));
+        assert_eq!(a.logits(&ids, 2, 7, None).unwrap(), b.logits(&ids, 2, 7, None).unwrap(), "{tag}");
+        // NF4 at load quantizes from the stored dtype, as bitsandbytes does:
+        // for these values the same codes either way.
+        let (qa, qb) = (load(&dh, true), load(&df, true));
+        assert_eq!(qa.blocks[0].lin[0].nf4_base().unwrap().packed(), qb.blocks[0].lin[0].nf4_base().unwrap().packed(), "{tag} NF4 codes");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
