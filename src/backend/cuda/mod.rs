@@ -7,7 +7,9 @@
 //! `include_str!`), are compiled by NVRTC at first use to a CUBIN for the
 //! device's own `sm_XY` ([`nvrtc`]), and are loaded once per device. Each
 //! family has its launcher module here (argument checks, launch shapes):
-//! [`nf4`] for `cuda/nf4.cu`, [`dense`] for `cuda/dense.cu`. [`paged`] holds
+//! [`nf4`] for `cuda/nf4.cu`, [`dense`] for `cuda/dense.cu`; the training
+//! step's elementwise and reduction ops [`norm`], [`rope`], [`swiglu`],
+//! [`embed`], [`loss`] (cross-entropy, gradient norm) and [`adamw`]. [`paged`] holds
 //! the managed memory of paged buffers (host code only).
 //!
 //! Streams: a [`CudaDevice`] owns exactly one stream and all its work,
@@ -34,8 +36,20 @@ use std::sync::Arc;
 pub static NF4_CU: KernelSource = KernelSource { name: "nf4.cu", src: include_str!("../../../cuda/nf4.cu") };
 /// `cuda/dense.cu`: dense bf16 GEMV.
 pub static DENSE_CU: KernelSource = KernelSource { name: "dense.cu", src: include_str!("../../../cuda/dense.cu") };
+/// `cuda/norm.cu`: RMSNorm forward and backward.
+pub static NORM_CU: KernelSource = KernelSource { name: "norm.cu", src: include_str!("../../../cuda/norm.cu") };
+/// `cuda/rope.cu`: rotary position embeddings, forward and backward.
+pub static ROPE_CU: KernelSource = KernelSource { name: "rope.cu", src: include_str!("../../../cuda/rope.cu") };
+/// `cuda/swiglu.cu`: SwiGLU gating, forward and backward.
+pub static SWIGLU_CU: KernelSource = KernelSource { name: "swiglu.cu", src: include_str!("../../../cuda/swiglu.cu") };
+/// `cuda/embed.cu`: embedding gather.
+pub static EMBED_CU: KernelSource = KernelSource { name: "embed.cu", src: include_str!("../../../cuda/embed.cu") };
+/// `cuda/loss.cu`: fused cross-entropy, gradient norm and clipping.
+pub static LOSS_CU: KernelSource = KernelSource { name: "loss.cu", src: include_str!("../../../cuda/loss.cu") };
+/// `cuda/adamw.cu`: the AdamW update.
+pub static ADAMW_CU: KernelSource = KernelSource { name: "adamw.cu", src: include_str!("../../../cuda/adamw.cu") };
 /// Every kernel source of the library (tests compile each of them).
-pub static SOURCES: &[&KernelSource] = &[&NF4_CU, &DENSE_CU];
+pub static SOURCES: &[&KernelSource] = &[&NF4_CU, &DENSE_CU, &NORM_CU, &ROPE_CU, &SWIGLU_CU, &EMBED_CU, &LOSS_CU, &ADAMW_CU];
 
 /// An opened CUDA device (its primary context), its one stream, and the
 /// kernels loaded on it so far.
