@@ -16,11 +16,35 @@
 //! copies included, is ordered on it; buffers used with a device must have
 //! been allocated on that device's stream (the launchers check).
 
+/// Queues kernel `$f` (a `CudaFunction`) on `$dev`'s stream with
+/// `$cfg` and the arguments in order, mapping a driver error or a cudarc
+/// panic to an error naming `$name`. Launching is unsafe: each call site
+/// says, in a `// SAFETY:` comment, why the arguments match the kernel's
+/// parameters and the buffers cover what the launch shape touches.
+macro_rules! launch_kernel {
+    ($dev:expr, $f:expr, $name:expr, $cfg:expr, [$($arg:expr),* $(,)?]) => {{
+        let name: &str = $name;
+        $crate::backend::cuda::guard(name, || {
+            let mut b = $dev.stream.launch_builder(&$f);
+            $( cudarc::driver::PushKernelArg::arg(&mut b, $arg); )*
+            // SAFETY: see the call site's SAFETY comment.
+            unsafe { b.launch($cfg) }.map_err(|e| $crate::backend::cuda::cu_err(&format!("cuLaunchKernel({name})"), e))?;
+            Ok(())
+        })
+    }};
+}
+
+pub mod adamw;
 pub mod buffer;
 pub mod dense;
+pub mod embed;
+pub mod loss;
 pub mod nf4;
+pub mod norm;
 pub mod nvrtc;
 pub mod paged;
+pub mod rope;
+pub mod swiglu;
 
 pub use buffer::{DevBuffer, DevElems, DevElemsMut};
 
@@ -176,6 +200,28 @@ impl CudaDevice {
         }
         Ok(())
     }
+}
+
+/// `gridDim.x` of a grid-stride kernel over `n` items with `threads` per
+/// block: enough blocks to cover `n`, capped at 2^16 (more than any GPU runs
+/// at once; the loop covers the rest), at least 1.
+pub(crate) fn stride_grid(n: u64, threads: u32) -> u32 {
+    n.div_ceil(threads as u64).clamp(1, 1 << 16) as u32
+}
+
+/// A launch configuration without dynamic shared memory.
+pub(crate) fn launch_cfg(grid: (u32, u32), block: u32) -> cudarc::driver::LaunchConfig {
+    cudarc::driver::LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// An uninitialized device buffer of `n` elements for a kernel's scratch
+/// (the kernels write every element they later read).
+pub(crate) fn scratch<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
+    guard("cuMemAlloc", || {
+        // SAFETY: callers only hand the buffer to kernels that write each
+        // element before any read of it, in stream order.
+        unsafe { dev.stream.alloc::<T>(n.max(1)) }.map_err(|e| cu_err(&format!("cuMemAlloc({} bytes)", n.max(1) * std::mem::size_of::<T>()), e))
+    })
 }
 
 /// Maps a driver error of `call` to the crate's error: out-of-memory to
