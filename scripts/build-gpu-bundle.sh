@@ -4,6 +4,7 @@
 # into .gpu/ (git-ignored):
 #
 #   .gpu/bin/cuda_nf4        tests/cuda_nf4.rs: every NF4 kernel vs its CPU twin
+#   .gpu/bin/cuda_ops        tests/cuda_ops.rs: training-step kernels (norm, rope, swiglu, embed, loss, adamw) vs CPU
 #   .gpu/bin/cuda_compile    tests/cuda_compile.rs: NVRTC compiles cuda/*.cu (there: the device's NVRTC)
 #   .gpu/bin/cuda_paged      tests/cuda_paged.rs: paged memory as CUDA managed memory (prefetch, budget, refusal)
 #   .gpu/bin/gpu_bench_nf4   examples/gpu_bench_nf4.rs: bandwidth and GEMV benchmark
@@ -20,7 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BUNDLE=.gpu
-TESTS=(cuda_nf4 cuda_compile cuda_paged)
+TESTS=(cuda_nf4 cuda_ops cuda_compile cuda_paged)
 EXAMPLES=(gpu_bench_nf4)
 
 rm -rf "$BUNDLE"

@@ -7,18 +7,44 @@
 //! `include_str!`), are compiled by NVRTC at first use to a CUBIN for the
 //! device's own `sm_XY` ([`nvrtc`]), and are loaded once per device. Each
 //! family has its launcher module here (argument checks, launch shapes):
-//! [`nf4`] for `cuda/nf4.cu`, [`dense`] for `cuda/dense.cu`. [`paged`] holds
+//! [`nf4`] for `cuda/nf4.cu`, [`dense`] for `cuda/dense.cu`; the training
+//! step's elementwise and reduction ops [`norm`], [`rope`], [`swiglu`],
+//! [`embed`], [`loss`] (cross-entropy, gradient norm) and [`adamw`]. [`paged`] holds
 //! the managed memory of paged buffers (host code only).
 //!
 //! Streams: a [`CudaDevice`] owns exactly one stream and all its work,
 //! copies included, is ordered on it; buffers used with a device must have
 //! been allocated on that device's stream (the launchers check).
 
+/// Queues kernel `$f` (a `CudaFunction`) on `$dev`'s stream with
+/// `$cfg` and the arguments in order, mapping a driver error or a cudarc
+/// panic to an error naming `$name`. Launching is unsafe: each call site
+/// says, in a `// SAFETY:` comment, why the arguments match the kernel's
+/// parameters and the buffers cover what the launch shape touches.
+macro_rules! launch_kernel {
+    ($dev:expr, $f:expr, $name:expr, $cfg:expr, [$($arg:expr),* $(,)?]) => {{
+        let name: &str = $name;
+        $crate::backend::cuda::guard(name, || {
+            let mut b = $dev.stream.launch_builder(&$f);
+            $( cudarc::driver::PushKernelArg::arg(&mut b, $arg); )*
+            // SAFETY: see the call site's SAFETY comment.
+            unsafe { b.launch($cfg) }.map_err(|e| $crate::backend::cuda::cu_err(&format!("cuLaunchKernel({name})"), e))?;
+            Ok(())
+        })
+    }};
+}
+
+pub mod adamw;
 pub mod buffer;
 pub mod dense;
+pub mod embed;
+pub mod loss;
 pub mod nf4;
+pub mod norm;
 pub mod nvrtc;
 pub mod paged;
+pub mod rope;
+pub mod swiglu;
 
 pub use buffer::{DevBuffer, DevElems, DevElemsMut};
 
@@ -34,8 +60,20 @@ use std::sync::Arc;
 pub static NF4_CU: KernelSource = KernelSource { name: "nf4.cu", src: include_str!("../../../cuda/nf4.cu") };
 /// `cuda/dense.cu`: dense bf16 GEMV.
 pub static DENSE_CU: KernelSource = KernelSource { name: "dense.cu", src: include_str!("../../../cuda/dense.cu") };
+/// `cuda/norm.cu`: RMSNorm forward and backward.
+pub static NORM_CU: KernelSource = KernelSource { name: "norm.cu", src: include_str!("../../../cuda/norm.cu") };
+/// `cuda/rope.cu`: rotary position embeddings, forward and backward.
+pub static ROPE_CU: KernelSource = KernelSource { name: "rope.cu", src: include_str!("../../../cuda/rope.cu") };
+/// `cuda/swiglu.cu`: SwiGLU gating, forward and backward.
+pub static SWIGLU_CU: KernelSource = KernelSource { name: "swiglu.cu", src: include_str!("../../../cuda/swiglu.cu") };
+/// `cuda/embed.cu`: embedding gather.
+pub static EMBED_CU: KernelSource = KernelSource { name: "embed.cu", src: include_str!("../../../cuda/embed.cu") };
+/// `cuda/loss.cu`: fused cross-entropy, gradient norm and clipping.
+pub static LOSS_CU: KernelSource = KernelSource { name: "loss.cu", src: include_str!("../../../cuda/loss.cu") };
+/// `cuda/adamw.cu`: the AdamW update.
+pub static ADAMW_CU: KernelSource = KernelSource { name: "adamw.cu", src: include_str!("../../../cuda/adamw.cu") };
 /// Every kernel source of the library (tests compile each of them).
-pub static SOURCES: &[&KernelSource] = &[&NF4_CU, &DENSE_CU];
+pub static SOURCES: &[&KernelSource] = &[&NF4_CU, &DENSE_CU, &NORM_CU, &ROPE_CU, &SWIGLU_CU, &EMBED_CU, &LOSS_CU, &ADAMW_CU];
 
 /// An opened CUDA device (its primary context), its one stream, and the
 /// kernels loaded on it so far.
@@ -162,6 +200,28 @@ impl CudaDevice {
         }
         Ok(())
     }
+}
+
+/// `gridDim.x` of a grid-stride kernel over `n` items with `threads` per
+/// block: enough blocks to cover `n`, capped at 2^16 (more than any GPU runs
+/// at once; the loop covers the rest), at least 1.
+pub(crate) fn stride_grid(n: u64, threads: u32) -> u32 {
+    n.div_ceil(threads as u64).clamp(1, 1 << 16) as u32
+}
+
+/// A launch configuration without dynamic shared memory.
+pub(crate) fn launch_cfg(grid: (u32, u32), block: u32) -> cudarc::driver::LaunchConfig {
+    cudarc::driver::LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// An uninitialized device buffer of `n` elements for a kernel's scratch
+/// (the kernels write every element they later read).
+pub(crate) fn scratch<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
+    guard("cuMemAlloc", || {
+        // SAFETY: callers only hand the buffer to kernels that write each
+        // element before any read of it, in stream order.
+        unsafe { dev.stream.alloc::<T>(n.max(1)) }.map_err(|e| cu_err(&format!("cuMemAlloc({} bytes)", n.max(1) * std::mem::size_of::<T>()), e))
+    })
 }
 
 /// Maps a driver error of `call` to the crate's error: out-of-memory to

@@ -1,0 +1,213 @@
+// loss.cu — the end of a training step's forward and the start of its
+// update, fp32 data with f64 reductions: the twin of src/backend/cpu/loss.rs
+// (the spec): fused causal-LM cross-entropy (forward + backward in place),
+// and the global L2 gradient norm with clipping.
+//
+// Cross-entropy, per row i of logits [N, V] with label y_i (-100: ignored):
+//   m     = max_j x_j                         (f32, exact)
+//   S     = sum_j f32(exp(x_j - m))           (exp in f32, sum in f64)
+//   l_i   = log(S) - (x_y - m)                (f64)
+//   dx_j  = c * (f32(exp(x_j - m)) * f32(1/S)),  then dx_y -= c   (f32)
+//   ignored rows: dx = 0, l = 0.   loss sum = sum_i l_i (f64, fixed tree)
+//   c = grad_scale, or for the mean f32(1/count) (count = labels != -100).
+// A label outside [0, V) other than -100 is an error and nothing is
+// written: loss_ce_check_labels (one block) writes status[0] = the first bad
+// row (0xFFFFFFFF: none) and status[1] = count, before the fused kernel,
+// which does nothing unless status[0] is 0xFFFFFFFF.
+// Differences from the CPU: CUDA's expf (max 2 ulp) against libm's, and the
+// order of the f64 sums; bounds in src/backend/cuda/loss.rs.
+//
+// Gradient norm (torch.nn.utils.clip_grad_norm_, norm 2): per tensor
+// n_k = f32(sqrt(sum g^2)) (f64 sum: fixed-size per-block partials, then a
+// tree), total = f32(sqrt(sum_k f64(n_k)^2)) (in tensor order, one thread),
+// clip_coef = f32(f32(1 / (total + 1e-6)) * max_norm), and g *= clip_coef
+// when total is finite and clip_coef < 1 (decided on the device: no sync).
+//
+// Memory traffic: cross-entropy reads each row three times (max, exp-sum,
+// gradient: the row stays in L1/L2) and writes it once, in place; one block
+// per row. Norm: one read of every gradient; clipping one read and write.
+//
+// No host code and no #include (NVRTC compiles it without headers).
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define LOSS_THREADS 512
+#define LOSS_CHECK_THREADS 1024
+#define LOSS_NORM_THREADS 256
+#define LOSS_NORM_BLOCKS 128
+#define LOSS_IGNORE_INDEX (-100)
+#define LOSS_ALL_OK 0xffffffffu
+
+// Block-wide reductions, fixed order, result returned to every thread.
+// blockDim.x is a multiple of 32 (at most 1024).
+__device__ __forceinline__ double loss_block_sum(double v) {
+    __shared__ double sh[32];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v = __dadd_rn(v, __shfl_xor_sync(0xffffffffu, v, off));
+    const u32 lane = threadIdx.x & 31;
+    __syncthreads();
+    if (lane == 0) sh[threadIdx.x >> 5] = v;
+    __syncthreads();
+    v = lane < (blockDim.x >> 5) ? sh[lane] : 0.0;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v = __dadd_rn(v, __shfl_xor_sync(0xffffffffu, v, off));
+    return v;
+}
+
+__device__ __forceinline__ float loss_block_max(float v) {
+    __shared__ float sh[32];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+    const u32 lane = threadIdx.x & 31;
+    __syncthreads();
+    if (lane == 0) sh[threadIdx.x >> 5] = v;
+    __syncthreads();
+    v = lane < (blockDim.x >> 5) ? sh[lane] : -__int_as_float(0x7f800000);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+    return v;
+}
+
+__device__ __forceinline__ u32 loss_block_min_u32(u32 v) {
+    __shared__ u32 sh[32];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v = min(v, __shfl_xor_sync(0xffffffffu, v, off));
+    const u32 lane = threadIdx.x & 31;
+    __syncthreads();
+    if (lane == 0) sh[threadIdx.x >> 5] = v;
+    __syncthreads();
+    v = lane < (blockDim.x >> 5) ? sh[lane] : 0xffffffffu;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v = min(v, __shfl_xor_sync(0xffffffffu, v, off));
+    return v;
+}
+
+__device__ __forceinline__ u32 loss_block_add_u32(u32 v) {
+    __shared__ u32 sh[32];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    const u32 lane = threadIdx.x & 31;
+    __syncthreads();
+    if (lane == 0) sh[threadIdx.x >> 5] = v;
+    __syncthreads();
+    v = lane < (blockDim.x >> 5) ? sh[lane] : 0u;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    return v;
+}
+
+// status[0] = first row whose label is neither -100 nor in [0, vocab)
+// (LOSS_ALL_OK: none); status[1] = rows whose label is not -100. One block.
+extern "C" __global__ void __launch_bounds__(LOSS_CHECK_THREADS)
+    loss_ce_check_labels(const int* __restrict__ labels, u32 rows, u32 vocab, u32* __restrict__ status) {
+    u32 bad = LOSS_ALL_OK, count = 0;
+    for (u32 i = threadIdx.x; i < rows; i += blockDim.x) {
+        const int y = labels[i];
+        if (y == LOSS_IGNORE_INDEX) continue;
+        ++count;
+        if ((y < 0 || (u32)y >= vocab) && bad == LOSS_ALL_OK) bad = i;
+    }
+    bad = loss_block_min_u32(bad);
+    count = loss_block_add_u32(count);
+    if (threadIdx.x == 0) {
+        status[0] = bad;
+        status[1] = count;
+    }
+}
+
+// In place on logits [rows, vocab]: the gradient (module comment), and
+// row_loss[row] = l_row (0 for ignored rows). mean != 0: c = f32(1/count),
+// else c = grad_scale. Does nothing unless status[0] == LOSS_ALL_OK.
+// grid = rows, block = LOSS_THREADS.
+extern "C" __global__ void __launch_bounds__(LOSS_THREADS)
+    loss_ce_fused_f32(float* __restrict__ logits, const int* __restrict__ labels, u32 rows, u32 vocab,
+                      const u32* __restrict__ status, float grad_scale, u32 mean, double* __restrict__ row_loss) {
+    const u32 row = blockIdx.x;
+    if (row >= rows || status[0] != LOSS_ALL_OK) return;
+    float* x = logits + (u64)row * vocab;
+    const int y = labels[row];
+    if (y == LOSS_IGNORE_INDEX) {
+        for (u32 j = threadIdx.x; j < vocab; j += blockDim.x) x[j] = 0.0f;
+        if (threadIdx.x == 0) row_loss[row] = 0.0;
+        return;
+    }
+    const u32 count = status[1];
+    const float c = mean ? (count == 0 ? 0.0f : __double2float_rn(__ddiv_rn(1.0, (double)count))) : grad_scale;
+    float m = -__int_as_float(0x7f800000);
+    for (u32 j = threadIdx.x; j < vocab; j += blockDim.x) m = fmaxf(m, x[j]);
+    m = loss_block_max(m);
+    const float xy = x[y];  // read before any thread writes (the sum below synchronizes)
+    double s = 0.0;
+    for (u32 j = threadIdx.x; j < vocab; j += blockDim.x) s = __dadd_rn(s, (double)expf(__fsub_rn(x[j], m)));
+    s = loss_block_sum(s);
+    const float inv = __double2float_rn(__ddiv_rn(1.0, s));
+    for (u32 j = threadIdx.x; j < vocab; j += blockDim.x) x[j] = __fmul_rn(c, __fmul_rn(expf(__fsub_rn(x[j], m)), inv));
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        x[y] = __fsub_rn(x[y], c);
+        row_loss[row] = __dsub_rn(log(s), __dsub_rn((double)xy, (double)m));
+    }
+}
+
+// out[0] = sum of row_loss (0 when a label was bad), out[1] = count,
+// out[2] = first bad row (-1: none). One block of LOSS_CHECK_THREADS.
+extern "C" __global__ void __launch_bounds__(LOSS_CHECK_THREADS)
+    loss_ce_finish(const double* __restrict__ row_loss, u32 rows, const u32* __restrict__ status, double* __restrict__ out) {
+    const bool ok = status[0] == LOSS_ALL_OK;
+    double s = 0.0;
+    if (ok)
+        for (u32 i = threadIdx.x; i < rows; i += blockDim.x) s = __dadd_rn(s, row_loss[i]);
+    s = loss_block_sum(s);
+    if (threadIdx.x == 0) {
+        out[0] = s;
+        out[1] = (double)status[1];
+        out[2] = ok ? -1.0 : (double)status[0];
+    }
+}
+
+// partial[b] = sum of g^2 over elements b*T + t (grid stride), in f64, for
+// b < LOSS_NORM_BLOCKS. grid = LOSS_NORM_BLOCKS, block = LOSS_NORM_THREADS.
+extern "C" __global__ void __launch_bounds__(LOSS_NORM_THREADS)
+    loss_sumsq_partial_f32(const float* __restrict__ g, u64 n, double* __restrict__ partial) {
+    double s = 0.0;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        const double v = (double)g[i];
+        s = __dadd_rn(s, __dmul_rn(v, v));
+    }
+    s = loss_block_sum(s);
+    if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+
+// norms[k] = f32(sqrt(sum_b partial[k * LOSS_NORM_BLOCKS + b])).
+// grid = tensors, block = LOSS_NORM_BLOCKS (one partial per thread).
+extern "C" __global__ void __launch_bounds__(LOSS_NORM_BLOCKS)
+    loss_gradnorm_tensor(const double* __restrict__ partial, float* __restrict__ norms) {
+    double s = loss_block_sum(partial[(u64)blockIdx.x * LOSS_NORM_BLOCKS + threadIdx.x]);
+    if (threadIdx.x == 0) norms[blockIdx.x] = __double2float_rn(__dsqrt_rn(s));
+}
+
+// out[0] = total norm, out[1] = clip_coef, out[2] = 1 when the gradients
+// are to be scaled (total finite and clip_coef < 1), else 0. One thread:
+// the sum of the K squared norms runs in tensor order, as on the CPU.
+extern "C" __global__ void loss_gradnorm_total(const float* __restrict__ norms, u32 tensors, float max_norm, float* __restrict__ out) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    double s = 0.0;
+    for (u32 k = 0; k < tensors; ++k) {
+        const double v = (double)norms[k];
+        s = __dadd_rn(s, __dmul_rn(v, v));
+    }
+    const float total = __double2float_rn(__dsqrt_rn(s));
+    const float coef = __fmul_rn(__fdiv_rn(1.0f, __fadd_rn(total, 1e-6f)), max_norm);
+    out[0] = total;
+    out[1] = coef;
+    out[2] = (isfinite(total) && coef < 1.0f) ? 1.0f : 0.0f;
+}
+
+// g *= out[1] when out[2] != 0 (out from loss_gradnorm_total).
+extern "C" __global__ void __launch_bounds__(LOSS_NORM_THREADS)
+    loss_clip_scale_f32(float* __restrict__ g, u64 n, const float* __restrict__ out) {
+    if (out[2] == 0.0f) return;
+    const float coef = out[1];
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) g[i] = __fmul_rn(g[i], coef);
+}

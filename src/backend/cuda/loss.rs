@@ -1,0 +1,266 @@
+//! Launchers for `cuda/loss.cu`: fused cross-entropy (forward + backward in
+//! place over the logits) and the global L2 gradient norm with clipping,
+//! twins of [`crate::backend::cpu::loss`]'s `cross_entropy_fused`,
+//! `grad_norm_l2` and `clip_grad_norm`.
+//!
+//! Agreement with the CPU: cross-entropy differs by CUDA's `expf` (≤ 2 ulp
+//! against libm's < 1 ulp) and the order of its f64 sums: the loss within
+//! [`CE_LOSS_TOL`] (absolute, per counted row on average), each gradient
+//! element within [`ce_grad_tol`]. The gradient norm differs only in the
+//! order of f64 sums, then rounded to f32: within [`NORM_REL_TOL`]; the
+//! clipping decision and coefficient follow from the norm, and a clipped
+//! gradient is within one rounding of `g·coef` with the GPU's coefficient.
+//!
+//! `*_async` functions only queue work and leave their results in a small
+//! device buffer; the others wait and return host values, as the CPU ops.
+
+use super::{launch_cfg, scratch, stride_grid, CudaDevice, LOSS_CU};
+use crate::backend::cpu::loss::{ClipGradNorm, CrossEntropy};
+use crate::error::Result;
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+
+/// Threads per block of the fused cross-entropy (`LOSS_THREADS`).
+const LOSS_THREADS: u32 = 512;
+/// Threads of the one-block kernels (`LOSS_CHECK_THREADS`).
+const LOSS_CHECK_THREADS: u32 = 1024;
+/// Threads per block of the sum of squares and clipping (`LOSS_NORM_THREADS`).
+const LOSS_NORM_THREADS: u32 = 256;
+/// Partial sums per tensor (`LOSS_NORM_BLOCKS`).
+const LOSS_NORM_BLOCKS: u32 = 128;
+
+/// One f32 ulp, relative (2⁻²³).
+const ULP: f64 = 1.0 / (1u64 << 23) as f64;
+
+/// Cross-entropy loss, absolute: each `exp` may differ by 3 ulp, so the
+/// row sum by 3 ulp relative and its log by 3·2⁻²³ absolute; f64 sums add
+/// nothing visible. The mean is then rounded to f32 (one ulp of the loss).
+pub const CE_LOSS_TOL: f64 = 4.0 * ULP;
+
+/// Bound on one gradient element, `|d_gpu − d_cpu| ≤ ce_grad_tol(c, p, is_label)`
+/// with `c` the scale and `p` the softmax probability: `exp` (3 ulp), the
+/// reciprocal of the sum (1 rounding that may differ), two products and,
+/// at the label, the subtraction of `c` (1 ulp of `|c|`).
+pub fn ce_grad_tol(c: f32, p: f64, is_label: bool) -> f64 {
+    let c = c.abs() as f64;
+    8.0 * ULP * c * p + if is_label { 2.0 * ULP * c } else { 0.0 } + f64::from(f32::MIN_POSITIVE)
+}
+
+/// Gradient norm, relative: each per-tensor norm and the total are f64
+/// sums rounded to f32; their order differs from the CPU's, which may move
+/// each rounding by one ulp (twice in all, plus room).
+pub const NORM_REL_TOL: f64 = 3.0 * ULP;
+
+// ------------------------------------------------------------ cross-entropy
+
+/// Fused cross-entropy, queued without a sync: as `cpu::loss::cross_entropy_fused`,
+/// overwrites `logits` (`[rows, vocab]`) with the gradient scaled by
+/// `grad_scale` (`None`: `1/count`, the mean loss's) and writes `out` (3
+/// f64): `[Σ ℓ_i, count, first bad row or −1]`. A label neither −100 nor in
+/// `[0, vocab)` leaves `logits` untouched (`out[2] ≥ 0`). Scratch: `rows`
+/// f64 and 2 u32, freed in stream order.
+pub fn cross_entropy_fused_async(
+    dev: &CudaDevice,
+    logits: &mut CudaViewMut<'_, f32>,
+    labels: &CudaView<'_, i32>,
+    vocab: usize,
+    grad_scale: Option<f32>,
+    out: &mut CudaViewMut<'_, f64>,
+) -> Result<()> {
+    let rows = labels.len();
+    if vocab == 0 || vocab > i32::MAX as usize || rows > i32::MAX as usize {
+        bail!(InvalidShape, "cross_entropy: vocab {vocab} must be in 1..=2^31-1 and rows {rows} at most 2^31-1");
+    }
+    let n = rows.checked_mul(vocab).ok_or_else(|| err!(InvalidShape, "cross_entropy [{rows}, {vocab}] overflows"))?;
+    if logits.len() != n {
+        bail!(BufferSize, "cross_entropy: logits has {} elements, [{rows}, {vocab}] needs {n}", logits.len());
+    }
+    if out.len() != 3 {
+        bail!(BufferSize, "cross_entropy: out needs 3 elements, has {}", out.len());
+    }
+    dev.check_stream(logits, "cross_entropy logits")?;
+    dev.check_stream(labels, "cross_entropy labels")?;
+    dev.check_stream(out, "cross_entropy out")?;
+    let mut status = scratch::<u32>(dev, 2)?;
+    let mut row_loss = scratch::<f64>(dev, rows)?;
+    let (r32, v32) = (rows as u32, vocab as u32);
+    let name = "loss_ce_check_labels";
+    let f = dev.function(&LOSS_CU, name)?;
+    // SAFETY: (ptr, u32, u32, ptr) as the kernel; one block reads
+    // labels[< rows] and writes status[0..2] (2 allocated).
+    launch_kernel!(dev, f, name, launch_cfg((1, 1), LOSS_CHECK_THREADS), [labels, &r32, &v32, &mut status])?;
+    if rows > 0 {
+        let (mean, scale) = match grad_scale {
+            Some(c) => (0u32, c),
+            None => (1u32, 0.0f32),
+        };
+        let name = "loss_ce_fused_f32";
+        let f = dev.function(&LOSS_CU, name)?;
+        // SAFETY: (ptr, ptr, u32, u32, ptr, f32, u32, ptr) as the kernel;
+        // block `row` < rows touches logits row `row`, labels[row] (a valid
+        // index, else the kernel returns before touching logits: it reads
+        // status written above) and row_loss[row] (rows allocated).
+        launch_kernel!(dev, f, name, launch_cfg((r32, 1), LOSS_THREADS), [logits, labels, &r32, &v32, &status, &scale, &mean, &mut row_loss])?;
+    }
+    let name = "loss_ce_finish";
+    let f = dev.function(&LOSS_CU, name)?;
+    // SAFETY: (ptr, u32, ptr, ptr) as the kernel; reads row_loss[< rows]
+    // (all written when status says the labels are valid, else not read)
+    // and status, writes out[0..3] (length 3 checked).
+    launch_kernel!(dev, f, name, launch_cfg((1, 1), LOSS_CHECK_THREADS), [&row_loss, &r32, &status, out])
+}
+
+/// [`cross_entropy_fused_async`], then waits and returns what
+/// `cpu::loss::cross_entropy_fused` returns; an invalid label is
+/// `InvalidArgument` with `logits` untouched.
+pub fn cross_entropy_fused(dev: &CudaDevice, logits: &mut CudaViewMut<'_, f32>, labels: &CudaView<'_, i32>, vocab: usize, grad_scale: Option<f32>) -> Result<CrossEntropy> {
+    let mut out = dev.alloc_filled::<f64>(3, 0xFF)?;
+    cross_entropy_fused_async(dev, logits, labels, vocab, grad_scale, &mut out.as_view_mut())?;
+    let o = dev.download(&out)?;
+    if o[2] >= 0.0 {
+        let row = o[2] as usize;
+        let y = dev.download(&labels.slice(row..row + 1))?[0];
+        bail!(InvalidArgument, "cross_entropy: label {y} at row {row} is neither -100 nor in [0, {vocab})");
+    }
+    let (sum, count) = (o[0], o[1] as usize);
+    let loss = if count == 0 { 0.0 } else { (sum / count as f64) as f32 };
+    Ok(CrossEntropy { loss, count, sum })
+}
+
+// ---------------------------------------------------------- gradient norm
+
+/// Queues the global L2 norm of `grads` and, when `clip` is
+/// `Some(max_norm)`, the clipping of every tensor by
+/// `clip_coef = f32(1/(total + 1e-6))·max_norm` when `total` is finite and
+/// `clip_coef < 1` (decided on the device). `out` (3 f32) receives
+/// `[total_norm, clip_coef, clipped as 0/1]`.
+fn norm_and_clip_async(dev: &CudaDevice, grads: &mut [CudaViewMut<'_, f32>], clip: Option<f32>, out: &mut CudaViewMut<'_, f32>) -> Result<()> {
+    if out.len() != 3 {
+        bail!(BufferSize, "grad_norm: out needs 3 elements, has {}", out.len());
+    }
+    if grads.len() > (1 << 20) {
+        bail!(InvalidArgument, "grad_norm: {} tensors is more than 2^20", grads.len());
+    }
+    for (k, g) in grads.iter().enumerate() {
+        dev.check_stream(g, &format!("gradient tensor {k}"))?;
+    }
+    dev.check_stream(out, "grad_norm out")?;
+    let k = grads.len();
+    let nb = LOSS_NORM_BLOCKS as usize;
+    let mut partial = scratch::<f64>(dev, k * nb)?;
+    let mut norms = scratch::<f32>(dev, k)?;
+    let name = "loss_sumsq_partial_f32";
+    let f = dev.function(&LOSS_CU, name)?;
+    for (i, g) in grads.iter().enumerate() {
+        let n64 = g.len() as u64;
+        let gv = g.slice(..);
+        let mut part = partial.slice_mut(i * nb..(i + 1) * nb);
+        // SAFETY: (ptr, u64, ptr) as the kernel; LOSS_NORM_BLOCKS blocks
+        // read g[< n] and block b writes part[b] (LOSS_NORM_BLOCKS long).
+        launch_kernel!(dev, f, name, launch_cfg((LOSS_NORM_BLOCKS, 1), LOSS_NORM_THREADS), [&gv, &n64, &mut part])?;
+    }
+    if k > 0 {
+        let name = "loss_gradnorm_tensor";
+        let f = dev.function(&LOSS_CU, name)?;
+        // SAFETY: (ptr, ptr) as the kernel; block i < k reads partial[i·nb
+        // + t] for t < nb (all written above) and writes norms[i].
+        launch_kernel!(dev, f, name, launch_cfg((k as u32, 1), LOSS_NORM_BLOCKS), [&partial, &mut norms])?;
+    }
+    let (k32, max_norm) = (k as u32, clip.unwrap_or(f32::INFINITY));
+    let name = "loss_gradnorm_total";
+    let f = dev.function(&LOSS_CU, name)?;
+    // SAFETY: (ptr, u32, f32, ptr) as the kernel; one thread reads
+    // norms[< k] and writes out[0..3] (length checked).
+    launch_kernel!(dev, f, name, launch_cfg((1, 1), 32), [&norms, &k32, &max_norm, &mut *out])?;
+    if clip.is_some() {
+        let name = "loss_clip_scale_f32";
+        let f = dev.function(&LOSS_CU, name)?;
+        for g in grads.iter_mut() {
+            let n64 = g.len() as u64;
+            if n64 == 0 {
+                continue;
+            }
+            let o = out.slice(..);
+            // SAFETY: (ptr, u64, ptr) as the kernel; elements < n of g, and
+            // out[1..3].
+            launch_kernel!(dev, f, name, launch_cfg((stride_grid(n64, LOSS_NORM_THREADS), 1), LOSS_NORM_THREADS), [&mut *g, &n64, &o])?;
+        }
+    }
+    Ok(())
+}
+
+/// Queues the global L2 norm of `grads` (as `cpu::loss::grad_norm_l2`)
+/// into `out` (3 f32; `out[0]` is the norm).
+pub fn grad_norm_l2_async(dev: &CudaDevice, grads: &[CudaView<'_, f32>], out: &mut CudaViewMut<'_, f32>) -> Result<()> {
+    // The clip-less path reads the gradients only; the kernels take them as
+    // const pointers, so views are lent as they are.
+    if out.len() != 3 {
+        bail!(BufferSize, "grad_norm: out needs 3 elements, has {}", out.len());
+    }
+    for (k, g) in grads.iter().enumerate() {
+        dev.check_stream(g, &format!("gradient tensor {k}"))?;
+    }
+    dev.check_stream(out, "grad_norm out")?;
+    let k = grads.len();
+    let nb = LOSS_NORM_BLOCKS as usize;
+    let mut partial = scratch::<f64>(dev, k * nb)?;
+    let mut norms = scratch::<f32>(dev, k)?;
+    let name = "loss_sumsq_partial_f32";
+    let f = dev.function(&LOSS_CU, name)?;
+    for (i, g) in grads.iter().enumerate() {
+        let n64 = g.len() as u64;
+        let mut part = partial.slice_mut(i * nb..(i + 1) * nb);
+        // SAFETY: as in norm_and_clip_async.
+        launch_kernel!(dev, f, name, launch_cfg((LOSS_NORM_BLOCKS, 1), LOSS_NORM_THREADS), [g, &n64, &mut part])?;
+    }
+    if k > 0 {
+        let name = "loss_gradnorm_tensor";
+        let f = dev.function(&LOSS_CU, name)?;
+        // SAFETY: as in norm_and_clip_async.
+        launch_kernel!(dev, f, name, launch_cfg((k as u32, 1), LOSS_NORM_BLOCKS), [&partial, &mut norms])?;
+    }
+    let (k32, max_norm) = (k as u32, f32::INFINITY);
+    let name = "loss_gradnorm_total";
+    let f = dev.function(&LOSS_CU, name)?;
+    // SAFETY: as in norm_and_clip_async.
+    launch_kernel!(dev, f, name, launch_cfg((1, 1), 32), [&norms, &k32, &max_norm, out])
+}
+
+/// `cpu::loss::grad_norm_l2` on the device: waits and returns the norm.
+pub fn grad_norm_l2(dev: &CudaDevice, grads: &[CudaView<'_, f32>]) -> Result<f32> {
+    let mut out = dev.alloc_filled::<f32>(3, 0xFF)?;
+    grad_norm_l2_async(dev, grads, &mut out.as_view_mut())?;
+    Ok(dev.download(&out)?[0])
+}
+
+/// Queues `cpu::loss::clip_grad_norm`: the norm, then every tensor scaled
+/// when the device decides to clip; `out` (3 f32) receives
+/// `[total_norm, clip_coef, clipped as 0/1]`. No sync.
+pub fn clip_grad_norm_async(dev: &CudaDevice, grads: &mut [CudaViewMut<'_, f32>], max_norm: f32, out: &mut CudaViewMut<'_, f32>) -> Result<()> {
+    norm_and_clip_async(dev, grads, Some(max_norm), out)
+}
+
+/// `cpu::loss::clip_grad_norm` on the device: waits and returns what it did.
+pub fn clip_grad_norm(dev: &CudaDevice, grads: &mut [CudaViewMut<'_, f32>], max_norm: f32) -> Result<ClipGradNorm> {
+    let mut out: CudaSlice<f32> = dev.alloc_filled(3, 0xFF)?;
+    clip_grad_norm_async(dev, grads, max_norm, &mut out.as_view_mut())?;
+    let o = dev.download(&out)?;
+    Ok(ClipGradNorm { total_norm: o[0], clip_coef: o[1], clipped: o[2] != 0.0 })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn launch_constants_match_the_kernel() {
+        let src = include_str!("../../../cuda/loss.cu");
+        for (name, v) in [
+            ("LOSS_THREADS", super::LOSS_THREADS),
+            ("LOSS_CHECK_THREADS", super::LOSS_CHECK_THREADS),
+            ("LOSS_NORM_THREADS", super::LOSS_NORM_THREADS),
+            ("LOSS_NORM_BLOCKS", super::LOSS_NORM_BLOCKS),
+        ] {
+            let pre = format!("#define {name} ");
+            let line = src.lines().find(|l| l.starts_with(&pre)).expect("#define in loss.cu");
+            assert_eq!(line[pre.len()..].trim(), v.to_string());
+        }
+    }
+}

@@ -1,0 +1,170 @@
+//! Launchers for `cuda/norm.cu`: RMSNorm forward and backward, fp32, twins
+//! of [`crate::backend::cpu::norm`]. The kernels round every f32 step as the
+//! CPU does and differ only in the order of their f64 sums, so results are
+//! bit-exact except where an f64 sum lands within ~D·2⁻⁵³ of an f32 rounding
+//! boundary: bounds [`RSTD_REL_TOL`], [`Y_REL_TOL`], [`DX_TOL_ULPS`],
+//! [`DW_TOL_ULPS`].
+
+use super::{launch_cfg, scratch, CudaDevice, NORM_CU};
+use crate::error::Result;
+use cudarc::driver::{CudaView, CudaViewMut};
+
+/// Threads per block (`NORM_THREADS` in norm.cu).
+const NORM_THREADS: u32 = 256;
+/// Target number of blocks of the dw partial-sum kernel (enough to fill a
+/// GPU of ~130 SMs several times over).
+const DW_TARGET_BLOCKS: usize = 1024;
+
+/// `rstd`: the mean is an f64 sum rounded to f32, so at most one f32
+/// rounding of the variance can differ (1 ulp, 2⁻²³ relative), which
+/// `1/sqrt` halves, plus the two f32 roundings that then follow.
+pub const RSTD_REL_TOL: f64 = 2.0 / (1u64 << 23) as f64;
+/// `y = w·(x·r)`: `RSTD_REL_TOL` carried through two more roundings.
+pub const Y_REL_TOL: f64 = 4.0 / (1u64 << 23) as f64;
+/// `dx`, in ulps (2⁻²³) of `|r·g| + |c·x|`: `c` may differ by one f32
+/// rounding, and the final subtraction rounds once.
+pub const DX_TOL_ULPS: f64 = 3.0;
+/// `dw`, in ulps (2⁻²³) of `|dw_before| + Σ_rows |dy·x̂|`: the f64 column sum
+/// rounded to f32 may differ by one rounding, and the addition rounds once.
+pub const DW_TOL_ULPS: f64 = 3.0;
+
+fn check_shape(rows: usize, dim: usize) -> Result<()> {
+    if dim == 0 || dim > u32::MAX as usize || rows > i32::MAX as usize {
+        bail!(InvalidShape, "rmsnorm [{rows}, {dim}]: dim must be in 1..=2^32-1 and rows at most 2^31-1");
+    }
+    rows.checked_mul(dim).ok_or_else(|| err!(InvalidShape, "rmsnorm [{rows}, {dim}] overflows"))?;
+    Ok(())
+}
+
+fn check_len(len: usize, want: usize, what: &str) -> Result<()> {
+    if len != want {
+        bail!(BufferSize, "rmsnorm: {what} has {len} elements, needs {want}");
+    }
+    Ok(())
+}
+
+/// RMSNorm forward, as [`crate::backend::cpu::norm::rmsnorm_forward`]:
+/// `y[i, j] = w[j]·(x[i, j]·r_i)`, `r_i = 1/sqrt(mean_j x[i, j]² + eps)`,
+/// stored in `rstd` (`[rows]`) when given. Queues the work (no sync).
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_forward(
+    dev: &CudaDevice,
+    x: &CudaView<'_, f32>,
+    w: &CudaView<'_, f32>,
+    rows: usize,
+    dim: usize,
+    eps: f32,
+    y: &mut CudaViewMut<'_, f32>,
+    rstd: Option<&mut CudaViewMut<'_, f32>>,
+) -> Result<()> {
+    check_shape(rows, dim)?;
+    check_len(x.len(), rows * dim, "x")?;
+    check_len(y.len(), rows * dim, "y")?;
+    check_len(w.len(), dim, "w")?;
+    dev.check_stream(x, "rmsnorm x")?;
+    dev.check_stream(w, "rmsnorm w")?;
+    dev.check_stream(y, "rmsnorm y")?;
+    if let Some(r) = rstd.as_deref() {
+        check_len(r.len(), rows, "rstd")?;
+        dev.check_stream(r, "rmsnorm rstd")?;
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let name = "norm_rmsnorm_fwd_f32";
+    let f = dev.function(&NORM_CU, name)?;
+    let (r32, d32) = (rows as u32, dim as u32);
+    let cfg = launch_cfg((r32, 1), NORM_THREADS);
+    match rstd {
+        // SAFETY: (ptr, ptr, u32, u32, f32, ptr, ptr) as the kernel; one
+        // block per row touches row `blockIdx.x` of x, y and rstd[row]
+        // (lengths checked above).
+        Some(r) => launch_kernel!(dev, f, name, cfg, [x, w, &r32, &d32, &eps, y, r]),
+        // SAFETY: as above; a null rstd is never written.
+        None => launch_kernel!(dev, f, name, cfg, [x, w, &r32, &d32, &eps, y, &0u64]),
+    }
+}
+
+/// `(chunks, rows_per_chunk)` of the dw partial sums: about
+/// [`DW_TARGET_BLOCKS`] blocks in all.
+pub fn dw_chunks(rows: usize, dim: usize) -> (usize, usize) {
+    let col_blocks = dim.div_ceil(NORM_THREADS as usize);
+    let want = DW_TARGET_BLOCKS.div_ceil(col_blocks).clamp(1, rows.max(1));
+    let per = rows.max(1).div_ceil(want);
+    (rows.max(1).div_ceil(per), per)
+}
+
+/// RMSNorm backward, as [`crate::backend::cpu::norm::rmsnorm_backward`]:
+/// `dx` written; `dw` (when given) accumulated (`+=`). `rstd` from the
+/// forward. Queues the work (no sync); `dw` uses a scratch buffer of
+/// `chunks·dim` f64 ([`dw_chunks`]), freed in stream order.
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_backward(
+    dev: &CudaDevice,
+    x: &CudaView<'_, f32>,
+    w: &CudaView<'_, f32>,
+    rstd: &CudaView<'_, f32>,
+    dy: &CudaView<'_, f32>,
+    rows: usize,
+    dim: usize,
+    dx: &mut CudaViewMut<'_, f32>,
+    dw: Option<&mut CudaViewMut<'_, f32>>,
+) -> Result<()> {
+    check_shape(rows, dim)?;
+    check_len(x.len(), rows * dim, "x")?;
+    check_len(dy.len(), rows * dim, "dy")?;
+    check_len(dx.len(), rows * dim, "dx")?;
+    check_len(w.len(), dim, "w")?;
+    check_len(rstd.len(), rows, "rstd")?;
+    for (v, what) in [(x, "rmsnorm x"), (w, "rmsnorm w"), (rstd, "rmsnorm rstd"), (dy, "rmsnorm dy")] {
+        dev.check_stream(v, what)?;
+    }
+    dev.check_stream(dx, "rmsnorm dx")?;
+    if let Some(d) = dw.as_deref() {
+        check_len(d.len(), dim, "dw")?;
+        dev.check_stream(d, "rmsnorm dw")?;
+    }
+    if rows == 0 {
+        return Ok(());
+    }
+    let (r32, d32) = (rows as u32, dim as u32);
+    let name = "norm_rmsnorm_bwd_dx_f32";
+    let f = dev.function(&NORM_CU, name)?;
+    // SAFETY: (ptr, ptr, ptr, ptr, u32, u32, ptr) as the kernel; one block
+    // per row touches that row of x, dy, dx and rstd[row] (lengths checked).
+    launch_kernel!(dev, f, name, launch_cfg((r32, 1), NORM_THREADS), [x, w, rstd, dy, &r32, &d32, dx])?;
+    let Some(dw) = dw else { return Ok(()) };
+    let (chunks, per) = dw_chunks(rows, dim);
+    let mut partial = scratch::<f64>(dev, chunks * dim)?;
+    let col_blocks = dim.div_ceil(NORM_THREADS as usize) as u32;
+    let (c32, p32) = (chunks as u32, per as u32);
+    let name = "norm_rmsnorm_bwd_dw_partial_f32";
+    let f = dev.function(&NORM_CU, name)?;
+    // SAFETY: (ptr, ptr, ptr, u32, u32, u32, ptr); block (cb, chunk) reads
+    // rows chunk·per.. min(rows, +per) of x and dy, columns < dim, and
+    // writes partial[chunk·dim + j] (chunks·dim elements allocated).
+    launch_kernel!(dev, f, name, launch_cfg((col_blocks, c32), NORM_THREADS), [x, rstd, dy, &r32, &d32, &p32, &mut partial])?;
+    let name = "norm_rmsnorm_bwd_dw_finish_f32";
+    let f = dev.function(&NORM_CU, name)?;
+    // SAFETY: (ptr, u32, u32, ptr); thread j < dim reads partial[c·dim + j]
+    // for c < chunks (all written above) and updates dw[j].
+    launch_kernel!(dev, f, name, launch_cfg((col_blocks, 1), NORM_THREADS), [&partial, &d32, &c32, dw])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn launch_constant_matches_the_kernel() {
+        let src = include_str!("../../../cuda/norm.cu");
+        let line = src.lines().find(|l| l.starts_with("#define NORM_THREADS ")).expect("#define in norm.cu");
+        assert_eq!(line["#define NORM_THREADS ".len()..].trim(), super::NORM_THREADS.to_string());
+    }
+
+    #[test]
+    fn dw_chunks_cover_the_rows() {
+        for (rows, dim) in [(1, 1), (7, 4096), (4096, 4096), (100_000, 64), (3, 100_000)] {
+            let (c, per) = super::dw_chunks(rows, dim);
+            assert!(c * per >= rows && (c - 1) * per < rows.max(1) && c <= 65535, "{rows} {dim}: {c} x {per}");
+        }
+    }
+}

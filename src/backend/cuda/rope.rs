@@ -1,0 +1,85 @@
+//! Launchers for `cuda/rope.cu`: rotary position embeddings in place on
+//! `[B, T, H, D]`, twins of [`crate::backend::cpu::rope`]'s `rope_forward`
+//! and `rope_backward`. Same table, same roundings (no FMA): bit for bit.
+
+use super::{launch_cfg, stride_grid, CudaDevice, ROPE_CU};
+use crate::backend::cpu::rope::RopeTable;
+use crate::error::Result;
+use cudarc::driver::{CudaSlice, CudaViewMut};
+
+/// Threads per block (`ROPE_THREADS` in rope.cu).
+const ROPE_THREADS: u32 = 256;
+
+/// A [`RopeTable`] on the device: `cos`, `sin` `[len, half]` row-major.
+pub struct CudaRopeTable {
+    pub half: usize,
+    pub len: usize,
+    pub cos: CudaSlice<f32>,
+    pub sin: CudaSlice<f32>,
+}
+
+impl CudaRopeTable {
+    /// Copies a host table to the device.
+    pub fn upload(dev: &CudaDevice, t: &RopeTable) -> Result<CudaRopeTable> {
+        if t.cos.len() != t.half * t.len || t.sin.len() != t.half * t.len {
+            bail!(BufferSize, "rope table [{}, {}] has {} cos and {} sin values", t.len, t.half, t.cos.len(), t.sin.len());
+        }
+        Ok(CudaRopeTable { half: t.half, len: t.len, cos: dev.upload(&t.cos)?, sin: dev.upload(&t.sin)? })
+    }
+}
+
+fn rotate(dev: &CudaDevice, x: &mut CudaViewMut<'_, f32>, batch: usize, seq: usize, heads: usize, head_dim: usize, table: &CudaRopeTable, name: &'static str) -> Result<()> {
+    if head_dim == 0 || head_dim % 2 != 0 {
+        bail!(InvalidShape, "rope: head_dim {head_dim} must be even and positive");
+    }
+    if table.half * 2 != head_dim {
+        bail!(ShapeMismatch, "rope: table is for head_dim {}, x has {head_dim}", table.half * 2);
+    }
+    if table.len < seq {
+        bail!(ShapeMismatch, "rope: table has {} rows, need {seq}", table.len);
+    }
+    if seq > u32::MAX as usize || heads > u32::MAX as usize || table.half > u32::MAX as usize {
+        bail!(InvalidShape, "rope: seq {seq}, heads {heads} or head_dim {head_dim} exceeds 2^32-1");
+    }
+    let n = [batch, seq, heads, head_dim].iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| err!(InvalidShape, "rope: [{batch}, {seq}, {heads}, {head_dim}] overflows"))?;
+    if x.len() != n {
+        bail!(BufferSize, "rope: x has {} elements, [{batch}, {seq}, {heads}, {head_dim}] needs {n}", x.len());
+    }
+    if table.cos.len() != table.half * table.len || table.sin.len() != table.half * table.len {
+        bail!(BufferSize, "rope: table buffers do not hold [{}, {}] values", table.len, table.half);
+    }
+    dev.check_stream(x, "rope x")?;
+    dev.check_stream(&table.cos, "rope cos table")?;
+    dev.check_stream(&table.sin, "rope sin table")?;
+    if n == 0 {
+        return Ok(());
+    }
+    let pairs = (n / 2) as u64;
+    let (s32, h32, half32) = (seq as u32, heads as u32, table.half as u32);
+    let f = dev.function(&ROPE_CU, name)?;
+    // SAFETY: (ptr, u32, u32, u32, u64, ptr, ptr) as the kernel; pair p <
+    // pairs touches x[vec·D + i], x[vec·D + half + i] (< n) and table row
+    // t < seq ≤ len (checked above).
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(pairs, ROPE_THREADS), 1), ROPE_THREADS), [x, &s32, &h32, &half32, &pairs, &table.cos, &table.sin])
+}
+
+/// RoPE forward in place on `x: [B, T, H, D]`, as `cpu::rope::rope_forward`.
+pub fn rope_forward(dev: &CudaDevice, x: &mut CudaViewMut<'_, f32>, batch: usize, seq: usize, heads: usize, head_dim: usize, table: &CudaRopeTable) -> Result<()> {
+    rotate(dev, x, batch, seq, heads, head_dim, table, "rope_fwd_f32")
+}
+
+/// RoPE backward in place on `dy: [B, T, H, D]` (→ dx), as
+/// `cpu::rope::rope_backward`.
+pub fn rope_backward(dev: &CudaDevice, dy: &mut CudaViewMut<'_, f32>, batch: usize, seq: usize, heads: usize, head_dim: usize, table: &CudaRopeTable) -> Result<()> {
+    rotate(dev, dy, batch, seq, heads, head_dim, table, "rope_bwd_f32")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn launch_constant_matches_the_kernel() {
+        let src = include_str!("../../../cuda/rope.cu");
+        let line = src.lines().find(|l| l.starts_with("#define ROPE_THREADS ")).expect("#define in rope.cu");
+        assert_eq!(line["#define ROPE_THREADS ".len()..].trim(), super::ROPE_THREADS.to_string());
+    }
+}

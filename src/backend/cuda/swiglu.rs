@@ -1,0 +1,114 @@
+//! Launchers for `cuda/swiglu.cu`: SwiGLU forward and backward, fp32, twins
+//! of [`crate::backend::cpu::swiglu`]. Same roundings in the same order; the
+//! only difference is CUDA's `expf` (≤ 2 ulp) against the CPU libm's
+//! (< 1 ulp), so agreement is within [`H_REL_TOL`], [`DUP_REL_TOL`] and
+//! [`dgate_tol`], not bit for bit.
+
+use super::{launch_cfg, stride_grid, CudaDevice, SWIGLU_CU};
+use crate::error::Result;
+use cudarc::driver::{CudaView, CudaViewMut};
+
+/// Threads per block (`SWIGLU_THREADS` in swiglu.cu).
+const SWIGLU_THREADS: u32 = 256;
+
+/// One f32 ulp, relative (2⁻²³).
+const ULP: f64 = 1.0 / (1u64 << 23) as f64;
+
+/// `h = silu(g)·u`, relative: the two expf results differ by up to 3 ulp
+/// of `e = exp(−g)`, which moves `g/(1+e)` by at most as much relatively;
+/// the CPU and GPU each round `1+e`, the division and the product once.
+pub const H_REL_TOL: f64 = 8.0 * ULP;
+/// `dup = dh·silu(g)`: as [`H_REL_TOL`].
+pub const DUP_REL_TOL: f64 = 8.0 * ULP;
+
+/// Bound on `|dgate_gpu − dgate_cpu|` at one element: `σ` is off by a few
+/// ulp relative, and `1 + g·(1 − σ)` can cancel (g ≈ −1.28), so the bound
+/// is relative to the terms' magnitude `|dh·u|·σ·(1 + |g|)`, with 16 ulp.
+pub fn dgate_tol(g: f32, u: f32, dh: f32) -> f64 {
+    let s = 1.0 / (1.0 + (-(g as f64)).exp());
+    16.0 * ULP * (dh as f64 * u as f64).abs() * s * (1.0 + (g as f64).abs()) + f64::from(f32::MIN_POSITIVE)
+}
+
+fn check(dev: &CudaDevice, n: usize, views: &[(&CudaView<'_, f32>, &str)]) -> Result<()> {
+    for (v, what) in views {
+        if v.len() != n {
+            bail!(ShapeMismatch, "swiglu: {what} has {} elements, expected {n}", v.len());
+        }
+        dev.check_stream(*v, &format!("swiglu {what}"))?;
+    }
+    Ok(())
+}
+
+fn check_mut(dev: &CudaDevice, n: usize, v: &CudaViewMut<'_, f32>, what: &str) -> Result<()> {
+    if v.len() != n {
+        bail!(ShapeMismatch, "swiglu: {what} has {} elements, expected {n}", v.len());
+    }
+    dev.check_stream(v, &format!("swiglu {what}"))
+}
+
+/// `h = silu(gate)·up`, elementwise, as `cpu::swiglu::swiglu_forward`.
+pub fn swiglu_forward(dev: &CudaDevice, gate: &CudaView<'_, f32>, up: &CudaView<'_, f32>, h: &mut CudaViewMut<'_, f32>) -> Result<()> {
+    let n = gate.len();
+    check(dev, n, &[(gate, "gate"), (up, "up")])?;
+    check_mut(dev, n, h, "h")?;
+    if n == 0 {
+        return Ok(());
+    }
+    let n64 = n as u64;
+    let name = "swiglu_fwd_f32";
+    let f = dev.function(&SWIGLU_CU, name)?;
+    // SAFETY: (ptr, ptr, u64, ptr) as the kernel; elements < n of each
+    // buffer (lengths checked equal to n).
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(n64, SWIGLU_THREADS), 1), SWIGLU_THREADS), [gate, up, &n64, h])
+}
+
+/// `dup = dh·silu(gate)`, `dgate = (dh·up)·σ(gate)·(1 + gate·(1 − σ(gate)))`,
+/// both written, as `cpu::swiglu::swiglu_backward`.
+pub fn swiglu_backward(
+    dev: &CudaDevice,
+    gate: &CudaView<'_, f32>,
+    up: &CudaView<'_, f32>,
+    dh: &CudaView<'_, f32>,
+    dgate: &mut CudaViewMut<'_, f32>,
+    dup: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    let n = gate.len();
+    check(dev, n, &[(gate, "gate"), (up, "up"), (dh, "dh")])?;
+    check_mut(dev, n, dgate, "dgate")?;
+    check_mut(dev, n, dup, "dup")?;
+    if n == 0 {
+        return Ok(());
+    }
+    let n64 = n as u64;
+    let name = "swiglu_bwd_f32";
+    let f = dev.function(&SWIGLU_CU, name)?;
+    // SAFETY: (ptr, ptr, ptr, u64, ptr, ptr) as the kernel; elements < n.
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(n64, SWIGLU_THREADS), 1), SWIGLU_THREADS), [gate, up, dh, &n64, dgate, dup])
+}
+
+/// [`swiglu_backward`] in place, as `cpu::swiglu::swiglu_backward_inplace`:
+/// on return `gate` holds dgate and `up` holds dup.
+pub fn swiglu_backward_inplace(dev: &CudaDevice, gate: &mut CudaViewMut<'_, f32>, up: &mut CudaViewMut<'_, f32>, dh: &CudaView<'_, f32>) -> Result<()> {
+    let n = gate.len();
+    check_mut(dev, n, gate, "gate")?;
+    check_mut(dev, n, up, "up")?;
+    check(dev, n, &[(dh, "dh")])?;
+    if n == 0 {
+        return Ok(());
+    }
+    let n64 = n as u64;
+    let name = "swiglu_bwd_inplace_f32";
+    let f = dev.function(&SWIGLU_CU, name)?;
+    // SAFETY: (ptr, ptr, ptr, u64) as the kernel; elements < n.
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(n64, SWIGLU_THREADS), 1), SWIGLU_THREADS), [gate, up, dh, &n64])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn launch_constant_matches_the_kernel() {
+        let src = include_str!("../../../cuda/swiglu.cu");
+        let line = src.lines().find(|l| l.starts_with("#define SWIGLU_THREADS ")).expect("#define in swiglu.cu");
+        assert_eq!(line["#define SWIGLU_THREADS ".len()..].trim(), super::SWIGLU_THREADS.to_string());
+    }
+}

@@ -1,0 +1,418 @@
+//! The CUDA kernels of a training step's elementwise and reduction ops
+//! against their CPU twins (the spec), on a GPU, each with its stated bound:
+//! - RMSNorm forward/backward (`cuda::norm`): within `RSTD_REL_TOL`,
+//!   `Y_REL_TOL`, `DX_TOL_ULPS`, `DW_TOL_ULPS` (bit-exact but for the order
+//!   of f64 sums; the share of bit-exact elements is printed);
+//! - RoPE forward/backward (`cuda::rope`): bit for bit;
+//! - SwiGLU forward/backward, in place too (`cuda::swiglu`): within
+//!   `H_REL_TOL`, `DUP_REL_TOL`, `dgate_tol` (CUDA's expf);
+//! - embedding gather (`cuda::embed`): bit for bit; a bad id is an error
+//!   with the output untouched;
+//! - fused cross-entropy (`cuda::loss`): loss within `CE_LOSS_TOL`, count
+//!   exact, gradient within `ce_grad_tol`; ignored rows, all-ignored input,
+//!   a bad label (error, logits untouched);
+//! - gradient norm and clipping (`cuda::loss`): within `NORM_REL_TOL`,
+//!   the same clipping decision, clipped values within 4 ulp;
+//! - AdamW (`cuda::adamw`): bit for bit, both lerp branches, with and
+//!   without weight decay, first and late steps.
+//!
+//! Inputs are fresh seeded random values (never zeros), odd sizes; every
+//! output buffer is poisoned (0xFF bytes: NaN) first. Without a GPU (or
+//! without NVRTC) each test prints why it skips and passes, unless
+//! `LORA_REQUIRE_GPU=1`, where that is a failure.
+
+use lora::backend::cpu::{embed as cembed, loss as closs, norm as cnorm, rope as crope, swiglu as cswiglu};
+use lora::backend::cuda::{self, adamw as gadamw, embed as gembed, loss as gloss, norm as gnorm, rope as grope, swiglu as gswiglu, CudaDevice};
+use lora::optim::adamw::adamw_update;
+use lora::optim::{AdamWConfig, AdamWScalars};
+use lora::ErrorKind;
+use std::sync::OnceLock;
+
+// ------------------------------------------------------------------ harness
+
+fn require_gpu() -> bool {
+    std::env::var("LORA_REQUIRE_GPU").is_ok_and(|v| v == "1")
+}
+
+/// The shared device, or why there is none.
+fn device() -> &'static Result<CudaDevice, String> {
+    static DEV: OnceLock<Result<CudaDevice, String>> = OnceLock::new();
+    DEV.get_or_init(|| {
+        let d = cuda::open(0).map_err(|e| format!("no CUDA device: {}", e.message))?;
+        cuda::nvrtc::ensure().map_err(|e| format!("{} has no NVRTC to compile kernels: {}", d.describe(), e.message))?;
+        // A GPU and NVRTC are here: from now on every problem is a failure.
+        if let Err(e) = d.load_all_kernels() {
+            panic!("kernels do not compile or load on {}: {e}", d.describe());
+        }
+        let (ma, mi) = cuda::nvrtc::version().unwrap_or((0, 0));
+        eprintln!("cuda_ops: {} with NVRTC {ma}.{mi}", d.describe());
+        Ok(d)
+    })
+}
+
+/// The device, or `None` after printing why this test skips (a failure
+/// under LORA_REQUIRE_GPU=1).
+fn gpu(test: &str) -> Option<&'static CudaDevice> {
+    match device() {
+        Ok(d) => Some(d),
+        Err(why) if require_gpu() => panic!("{test}: LORA_REQUIRE_GPU=1 but {why}"),
+        Err(why) => {
+            eprintln!("SKIPPED {test}: {why} (set LORA_REQUIRE_GPU=1 to make this a failure)");
+            None
+        }
+    }
+}
+
+/// SplitMix64: small, seeded, good enough for test data.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn gauss(&mut self) -> f64 {
+        let (u, v) = (self.unit().max(1e-300), self.unit());
+        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+    }
+    /// `n` gaussian values times `scale`, none exactly zero.
+    fn vec(&mut self, n: usize, scale: f64) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let v = (self.gauss() * scale) as f32;
+                if v == 0.0 { scale as f32 } else { v }
+            })
+            .collect()
+    }
+}
+
+const ULP: f64 = 1.0 / (1u64 << 23) as f64;
+
+/// Asserts `|got − want| ≤ tol(i)` for every element (NaN fails), naming
+/// the first offender; returns how many were bit-exact.
+fn check_close(what: &str, got: &[f32], want: &[f32], tol: impl Fn(usize) -> f64) -> usize {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let mut exact = 0;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if g.to_bits() == w.to_bits() {
+            exact += 1;
+            continue;
+        }
+        let d = (g as f64 - w as f64).abs();
+        assert!(d <= tol(i), "{what}[{i}]: GPU {g:e} vs CPU {w:e}, |diff| {d:e} > bound {:e}", tol(i));
+    }
+    exact
+}
+
+fn check_bits(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(g.to_bits(), w.to_bits(), "{what}[{i}]: GPU {g:e} vs CPU {w:e}");
+    }
+}
+
+// ------------------------------------------------------------------ RMSNorm
+
+#[test]
+fn rmsnorm_forward_and_backward_match_the_cpu() {
+    let Some(dev) = gpu("rmsnorm_forward_and_backward_match_the_cpu") else { return };
+    let mut rng = Rng(11);
+    for &(rows, dim) in &[(1usize, 1usize), (3, 7), (17, 1000), (64, 4096), (5, 5120), (300, 96)] {
+        let scale = 10f64.powf(rng.unit() * 4.0 - 2.0);
+        let x = rng.vec(rows * dim, scale);
+        let w = rng.vec(dim, 1.0);
+        let dy = rng.vec(rows * dim, 0.1);
+        let dw0 = rng.vec(dim, 0.01);
+        let eps = 1e-6f32;
+        let (mut y, mut r) = (vec![0f32; rows * dim], vec![0f32; rows]);
+        cnorm::rmsnorm_forward(&x, &w, rows, dim, eps, &mut y, Some(&mut r));
+        let (mut dx, mut dw) = (vec![0f32; rows * dim], dw0.clone());
+        cnorm::rmsnorm_backward(&x, &w, &r, &dy, rows, dim, &mut dx, Some(&mut dw));
+
+        let (xd, wd, dyd) = (dev.upload(&x).unwrap(), dev.upload(&w).unwrap(), dev.upload(&dy).unwrap());
+        let mut yd = dev.alloc_filled::<f32>(rows * dim, 0xFF).unwrap();
+        let mut rd = dev.alloc_filled::<f32>(rows, 0xFF).unwrap();
+        gnorm::rmsnorm_forward(dev, &xd.as_view(), &wd.as_view(), rows, dim, eps, &mut yd.as_view_mut(), Some(&mut rd.as_view_mut())).unwrap();
+        let (gy, gr) = (dev.download(&yd).unwrap(), dev.download(&rd).unwrap());
+        let er = check_close("rstd", &gr, &r, |i| gnorm::RSTD_REL_TOL * r[i].abs() as f64);
+        let ey = check_close("y", &gy, &y, |i| gnorm::Y_REL_TOL * y[i].abs() as f64 + 1e-45);
+        // Without rstd: the same y.
+        let mut yd2 = dev.alloc_filled::<f32>(rows * dim, 0xFF).unwrap();
+        gnorm::rmsnorm_forward(dev, &xd.as_view(), &wd.as_view(), rows, dim, eps, &mut yd2.as_view_mut(), None).unwrap();
+        check_bits("y (no rstd)", &dev.download(&yd2).unwrap(), &gy);
+
+        // Backward from the CPU's rstd, so dx and dw test the backward alone.
+        let rcd = dev.upload(&r).unwrap();
+        let mut dxd = dev.alloc_filled::<f32>(rows * dim, 0xFF).unwrap();
+        let mut dwd = dev.upload(&dw0).unwrap();
+        gnorm::rmsnorm_backward(dev, &xd.as_view(), &wd.as_view(), &rcd.as_view(), &dyd.as_view(), rows, dim, &mut dxd.as_view_mut(), Some(&mut dwd.as_view_mut())).unwrap();
+        let (gdx, gdw) = (dev.download(&dxd).unwrap(), dev.download(&dwd).unwrap());
+        // c per row, from the CPU's formula in f64 (for the bound's scale).
+        let c: Vec<f64> = (0..rows)
+            .map(|i| {
+                let dot: f64 = (0..dim).map(|j| (dy[i * dim + j] * w[j]) as f64 * x[i * dim + j] as f64).sum();
+                (r[i] as f64).powi(3) * dot / dim as f64
+            })
+            .collect();
+        let edx = check_close("dx", &gdx, &dx, |k| {
+            let (i, j) = (k / dim, k % dim);
+            gnorm::DX_TOL_ULPS * ULP * ((r[i] * dy[k] * w[j]).abs() as f64 + (c[i] * x[k] as f64).abs()) + 1e-45
+        });
+        let edw = check_close("dw", &gdw, &dw, |j| {
+            let s: f64 = (0..rows).map(|i| (dy[i * dim + j] as f64 * (x[i * dim + j] * r[i]) as f64).abs()).sum();
+            gnorm::DW_TOL_ULPS * ULP * (dw0[j].abs() as f64 + s) + 1e-45
+        });
+        // dx without dw: the same dx.
+        let mut dxd2 = dev.alloc_filled::<f32>(rows * dim, 0xFF).unwrap();
+        gnorm::rmsnorm_backward(dev, &xd.as_view(), &wd.as_view(), &rcd.as_view(), &dyd.as_view(), rows, dim, &mut dxd2.as_view_mut(), None).unwrap();
+        check_bits("dx (no dw)", &dev.download(&dxd2).unwrap(), &gdx);
+        eprintln!("rmsnorm [{rows}, {dim}]: bit-exact rstd {er}/{rows}, y {ey}/{n}, dx {edx}/{n}, dw {edw}/{dim}", n = rows * dim);
+    }
+}
+
+// --------------------------------------------------------------------- RoPE
+
+#[test]
+fn rope_matches_the_cpu_bit_for_bit() {
+    let Some(dev) = gpu("rope_matches_the_cpu_bit_for_bit") else { return };
+    let mut rng = Rng(22);
+    for &(b, t, h, d) in &[(1usize, 1usize, 1usize, 2usize), (2, 5, 3, 8), (1, 17, 4, 64), (3, 33, 2, 128), (2, 100, 8, 96)] {
+        let inv = crope::rope_inv_freq(d, 10000.0);
+        let table = crope::RopeTable::new(&inv, 7 + rng.below(1000), t + rng.below(3));
+        let gt = grope::CudaRopeTable::upload(dev, &table).unwrap();
+        let x = rng.vec(b * t * h * d, 1.0);
+        let mut want = x.clone();
+        crope::rope_forward(&mut want, b, t, h, d, &table);
+        let mut xd = dev.upload(&x).unwrap();
+        grope::rope_forward(dev, &mut xd.as_view_mut(), b, t, h, d, &gt).unwrap();
+        check_bits("rope forward", &dev.download(&xd).unwrap(), &want);
+        let dy = rng.vec(b * t * h * d, 1.0);
+        let mut want = dy.clone();
+        crope::rope_backward(&mut want, b, t, h, d, &table);
+        let mut dyd = dev.upload(&dy).unwrap();
+        grope::rope_backward(dev, &mut dyd.as_view_mut(), b, t, h, d, &gt).unwrap();
+        check_bits("rope backward", &dev.download(&dyd).unwrap(), &want);
+    }
+    // A table shorter than the sequence is refused.
+    let table = crope::RopeTable::new(&crope::rope_inv_freq(8, 10000.0), 0, 3);
+    let gt = grope::CudaRopeTable::upload(dev, &table).unwrap();
+    let mut xd = dev.upload(&vec![1f32; 4 * 8]).unwrap();
+    assert_eq!(grope::rope_forward(dev, &mut xd.as_view_mut(), 1, 4, 1, 8, &gt).unwrap_err().kind, ErrorKind::ShapeMismatch);
+}
+
+// ------------------------------------------------------------------- SwiGLU
+
+#[test]
+fn swiglu_matches_the_cpu_within_bounds() {
+    let Some(dev) = gpu("swiglu_matches_the_cpu_within_bounds") else { return };
+    let mut rng = Rng(33);
+    for &n in &[1usize, 1000, 100_003] {
+        let mut gate = rng.vec(n, 4.0);
+        for _ in 0..n / 50 {
+            let i = rng.below(n);
+            gate[i] = (rng.gauss() * 60.0) as f32; // saturated sigmoid, both sides
+        }
+        let up = rng.vec(n, 1.0);
+        let dh = rng.vec(n, 1.0);
+        let mut h = vec![0f32; n];
+        cswiglu::swiglu_forward(&gate, &up, &mut h);
+        let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+        cswiglu::swiglu_backward(&gate, &up, &dh, &mut dg, &mut du);
+
+        let (gd, ud, dhd) = (dev.upload(&gate).unwrap(), dev.upload(&up).unwrap(), dev.upload(&dh).unwrap());
+        let mut hd = dev.alloc_filled::<f32>(n, 0xFF).unwrap();
+        gswiglu::swiglu_forward(dev, &gd.as_view(), &ud.as_view(), &mut hd.as_view_mut()).unwrap();
+        let eh = check_close("h", &dev.download(&hd).unwrap(), &h, |i| gswiglu::H_REL_TOL * h[i].abs() as f64 + 1e-45);
+        let mut dgd = dev.alloc_filled::<f32>(n, 0xFF).unwrap();
+        let mut dud = dev.alloc_filled::<f32>(n, 0xFF).unwrap();
+        gswiglu::swiglu_backward(dev, &gd.as_view(), &ud.as_view(), &dhd.as_view(), &mut dgd.as_view_mut(), &mut dud.as_view_mut()).unwrap();
+        let (gdg, gdu) = (dev.download(&dgd).unwrap(), dev.download(&dud).unwrap());
+        let edg = check_close("dgate", &gdg, &dg, |i| gswiglu::dgate_tol(gate[i], up[i], dh[i]));
+        let edu = check_close("dup", &gdu, &du, |i| gswiglu::DUP_REL_TOL * du[i].abs() as f64 + 1e-45);
+        // In place: the same bits as the out-of-place kernel.
+        let (mut gi, mut ui) = (dev.upload(&gate).unwrap(), dev.upload(&up).unwrap());
+        gswiglu::swiglu_backward_inplace(dev, &mut gi.as_view_mut(), &mut ui.as_view_mut(), &dhd.as_view()).unwrap();
+        check_bits("dgate (in place)", &dev.download(&gi).unwrap(), &gdg);
+        check_bits("dup (in place)", &dev.download(&ui).unwrap(), &gdu);
+        eprintln!("swiglu n={n}: bit-exact h {eh}, dgate {edg}, dup {edu} of {n}");
+    }
+}
+
+// ---------------------------------------------------------------- embedding
+
+#[test]
+fn embedding_gather_matches_the_cpu_and_refuses_bad_ids() {
+    let Some(dev) = gpu("embedding_gather_matches_the_cpu_and_refuses_bad_ids") else { return };
+    let mut rng = Rng(44);
+    for &(vocab, dim, n) in &[(1usize, 1usize, 1usize), (1000, 67, 300), (32000, 256, 2049)] {
+        let table = rng.vec(vocab * dim, 1.0);
+        let ids: Vec<u32> = (0..n).map(|_| rng.below(vocab) as u32).collect();
+        let mut want = vec![0f32; n * dim];
+        cembed::embedding_forward(&table, vocab, dim, &ids, &mut want).unwrap();
+        let (td, idd) = (dev.upload(&table).unwrap(), dev.upload(&ids).unwrap());
+        let mut od = dev.alloc_filled::<f32>(n * dim, 0xFF).unwrap();
+        gembed::embedding_forward(dev, &td.as_view(), vocab, dim, &idd.as_view(), &mut od.as_view_mut()).unwrap();
+        check_bits("embedding", &dev.download(&od).unwrap(), &want);
+    }
+    // Bad ids: an error naming the first one, output untouched.
+    let (vocab, dim) = (50, 8);
+    let table = rng.vec(vocab * dim, 1.0);
+    let ids: Vec<u32> = vec![3, 49, 50, 7, 1000];
+    let (td, idd) = (dev.upload(&table).unwrap(), dev.upload(&ids).unwrap());
+    let mut od = dev.alloc_filled::<f32>(ids.len() * dim, 0xFF).unwrap();
+    let e = gembed::embedding_forward(dev, &td.as_view(), vocab, dim, &idd.as_view(), &mut od.as_view_mut()).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidArgument);
+    assert!(e.message.contains("token id 50 at position 2"), "{}", e.message);
+    assert!(dev.download(&od).unwrap().iter().all(|v| v.to_bits() == u32::MAX), "output written despite a bad id");
+}
+
+// ------------------------------------------------------------ cross-entropy
+
+/// Runs the fused cross-entropy on both sides and compares.
+fn check_ce(dev: &CudaDevice, logits: &[f32], labels: &[i32], vocab: usize, grad_scale: Option<f32>, what: &str) {
+    let mut want = logits.to_vec();
+    let ce = closs::cross_entropy_fused(&mut want, labels, vocab, grad_scale).unwrap();
+    let mut ld = dev.upload(logits).unwrap();
+    let yd = dev.upload(labels).unwrap();
+    let got = gloss::cross_entropy_fused(dev, &mut ld.as_view_mut(), &yd.as_view(), vocab, grad_scale).unwrap();
+    let grad = dev.download(&ld).unwrap();
+    assert_eq!(got.count, ce.count, "{what}: count");
+    let dl = (got.loss as f64 - ce.loss as f64).abs();
+    assert!(dl <= gloss::CE_LOSS_TOL * (1.0 + ce.loss.abs() as f64), "{what}: loss GPU {} vs CPU {} (|diff| {dl:e})", got.loss, ce.loss);
+    let ds = (got.sum - ce.sum).abs();
+    assert!(ds <= gloss::CE_LOSS_TOL * (ce.count as f64 + ce.sum.abs()), "{what}: sum GPU {} vs CPU {}", got.sum, ce.sum);
+    let count = ce.count;
+    let c = grad_scale.unwrap_or(if count == 0 { 0.0 } else { (1.0 / count as f64) as f32 });
+    // Softmax probabilities in f64 for the bound's scale.
+    let mut p = vec![0f64; logits.len()];
+    for (i, row) in logits.chunks_exact(vocab).enumerate() {
+        let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+        let s: f64 = row.iter().map(|&v| (v as f64 - m).exp()).sum();
+        for (j, &v) in row.iter().enumerate() {
+            p[i * vocab + j] = (v as f64 - m).exp() / s;
+        }
+    }
+    let exact = check_close(&format!("{what}: dlogits"), &grad, &want, |k| {
+        let (i, j) = (k / vocab, k % vocab);
+        if labels[i] == closs::IGNORE_INDEX { 0.0 } else { gloss::ce_grad_tol(c, p[k], labels[i] as usize == j) }
+    });
+    eprintln!("{what}: loss GPU {} CPU {}, count {count}, gradient bit-exact {exact}/{}", got.loss, ce.loss, grad.len());
+}
+
+#[test]
+fn cross_entropy_fused_matches_the_cpu() {
+    let Some(dev) = gpu("cross_entropy_fused_matches_the_cpu") else { return };
+    let mut rng = Rng(55);
+    for &(rows, vocab, scale) in &[(1usize, 1usize, 1.0f64), (37, 1000, 3.0), (8, 32000, 2.0), (5, 151_936, 4.0), (64, 517, 20.0)] {
+        let logits = rng.vec(rows * vocab, scale);
+        let labels: Vec<i32> = (0..rows).map(|_| if rng.below(5) == 0 { closs::IGNORE_INDEX } else { rng.below(vocab) as i32 }).collect();
+        check_ce(dev, &logits, &labels, vocab, None, &format!("ce [{rows}, {vocab}] mean"));
+        check_ce(dev, &logits, &labels, vocab, Some(0.37), &format!("ce [{rows}, {vocab}] scale 0.37"));
+    }
+    // Every row ignored: loss 0, count 0, gradient all zeros.
+    let logits = rng.vec(3 * 100, 1.0);
+    check_ce(dev, &logits, &[-100, -100, -100], 100, None, "ce all ignored");
+    // A bad label: an error, logits untouched.
+    let mut ld = dev.upload(&logits).unwrap();
+    let yd = dev.upload(&[5i32, 100, -100]).unwrap();
+    let e = gloss::cross_entropy_fused(dev, &mut ld.as_view_mut(), &yd.as_view(), 100, None).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::InvalidArgument);
+    assert!(e.message.contains("label 100 at row 1"), "{}", e.message);
+    check_bits("logits after a bad label", &dev.download(&ld).unwrap(), &logits);
+}
+
+// ------------------------------------------------------ gradient norm, clip
+
+#[test]
+fn grad_norm_and_clipping_match_the_cpu() {
+    let Some(dev) = gpu("grad_norm_and_clipping_match_the_cpu") else { return };
+    let mut rng = Rng(66);
+    let sizes = [1usize, 1000, 300_001, 4096, 0, 77];
+    let host: Vec<Vec<f32>> = sizes
+        .iter()
+        .map(|&n| {
+            let scale = 10f64.powf(rng.unit() * 4.0 - 3.0);
+            rng.vec(n, scale)
+        })
+        .collect();
+    let views: Vec<&[f32]> = host.iter().map(|v| v.as_slice()).collect();
+    let want = closs::grad_norm_l2(&views);
+    let dbufs: Vec<_> = host.iter().map(|v| dev.upload(v).unwrap()).collect();
+    let dviews: Vec<_> = dbufs.iter().map(|b| b.as_view()).collect();
+    let got = gloss::grad_norm_l2(dev, &dviews).unwrap();
+    assert!((got as f64 - want as f64).abs() <= gloss::NORM_REL_TOL * want as f64, "norm GPU {got} vs CPU {want}");
+    assert_eq!(gloss::grad_norm_l2(dev, &[]).unwrap(), 0.0, "empty list");
+    for max_norm in [want * 0.5, want * 2.0] {
+        let mut ch = host.clone();
+        let mut cm: Vec<&mut [f32]> = ch.iter_mut().map(|v| v.as_mut_slice()).collect();
+        let cres = closs::clip_grad_norm(&mut cm, max_norm);
+        let mut gb: Vec<_> = host.iter().map(|v| dev.upload(v).unwrap()).collect();
+        let mut gv: Vec<_> = gb.iter_mut().map(|b| b.as_view_mut()).collect();
+        let gres = gloss::clip_grad_norm(dev, &mut gv, max_norm).unwrap();
+        drop(gv);
+        assert_eq!(gres.clipped, cres.clipped, "max_norm {max_norm}: clipping decision");
+        assert!((gres.clip_coef as f64 - cres.clip_coef as f64).abs() <= 2.0 * gloss::NORM_REL_TOL * cres.clip_coef as f64, "clip_coef GPU {} vs CPU {}", gres.clip_coef, cres.clip_coef);
+        for (k, (b, w)) in gb.iter().zip(&ch).enumerate() {
+            let g = dev.download(b).unwrap();
+            check_close(&format!("clipped tensor {k}"), &g, w, |i| 4.0 * ULP * w[i].abs() as f64 + 1e-45);
+        }
+    }
+    // A non-finite norm: nothing scaled.
+    let mut bad = host.clone();
+    bad[1][3] = f32::INFINITY;
+    let mut gb: Vec<_> = bad.iter().map(|v| dev.upload(v).unwrap()).collect();
+    let mut gv: Vec<_> = gb.iter_mut().map(|b| b.as_view_mut()).collect();
+    let gres = gloss::clip_grad_norm(dev, &mut gv, 1e-3).unwrap();
+    drop(gv);
+    assert!(!gres.total_norm.is_finite() && !gres.clipped, "{gres:?}");
+    check_bits("unclipped tensor 2", &dev.download(&gb[2]).unwrap(), &bad[2]);
+}
+
+// -------------------------------------------------------------------- AdamW
+
+#[test]
+fn adamw_matches_the_cpu_bit_for_bit() {
+    let Some(dev) = gpu("adamw_matches_the_cpu_bit_for_bit") else { return };
+    let mut rng = Rng(77);
+    let configs = [
+        AdamWConfig::default(),
+        AdamWConfig { weight_decay: 0.0, ..AdamWConfig::default() },
+        AdamWConfig { lr: 3e-4, beta1: 0.3, beta2: 0.95, eps: 1e-6, weight_decay: 0.1 }, // lerp weight 0.7: the other branch
+    ];
+    for cfg in &configs {
+        for &step in &[1u64, 2, 1000] {
+            for &n in &[1usize, 1000, 100_003] {
+                let p = rng.vec(n, 0.1);
+                let g = rng.vec(n, 0.01);
+                let m = rng.vec(n, 0.001);
+                let v: Vec<f32> = rng.vec(n, 1e-4).iter().map(|x| x * x).collect();
+                let s = AdamWScalars::new(cfg, step);
+                let (mut pw, mut mw, mut vw) = (p.clone(), m.clone(), v.clone());
+                adamw_update(&mut pw, &g, &mut mw, &mut vw, &s);
+                let gs = gadamw::AdamWStep {
+                    decay: s.decay,
+                    lerp_weight: s.lerp_weight,
+                    beta2: s.beta2,
+                    one_minus_beta2: s.one_minus_beta2,
+                    bias_correction2_sqrt: s.bias_correction2_sqrt,
+                    eps: s.eps,
+                    neg_step_size: s.neg_step_size,
+                };
+                let (mut pd, gd, mut md, mut vd) = (dev.upload(&p).unwrap(), dev.upload(&g).unwrap(), dev.upload(&m).unwrap(), dev.upload(&v).unwrap());
+                gadamw::adamw_update(dev, &mut pd.as_view_mut(), &gd.as_view(), &mut md.as_view_mut(), &mut vd.as_view_mut(), &gs).unwrap();
+                let what = format!("adamw {cfg:?} step {step} n {n}");
+                check_bits(&format!("{what}: p"), &dev.download(&pd).unwrap(), &pw);
+                check_bits(&format!("{what}: m"), &dev.download(&md).unwrap(), &mw);
+                check_bits(&format!("{what}: v"), &dev.download(&vd).unwrap(), &vw);
+            }
+        }
+    }
+}
