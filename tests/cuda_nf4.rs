@@ -28,61 +28,9 @@ use std::sync::OnceLock;
 
 // ------------------------------------------------------------------ harness
 
-fn require_gpu() -> bool {
-    std::env::var("LORA_REQUIRE_GPU").is_ok_and(|v| v == "1")
-}
-
-/// The shared device, or why there is none.
-fn device() -> &'static Result<CudaDevice, String> {
-    static DEV: OnceLock<Result<CudaDevice, String>> = OnceLock::new();
-    DEV.get_or_init(|| {
-        let d = cuda::open(0).map_err(|e| format!("no CUDA device: {}", e.message))?;
-        cuda::nvrtc::ensure().map_err(|e| format!("{} has no NVRTC to compile kernels: {}", d.describe(), e.message))?;
-        // A GPU and NVRTC are here: from now on every problem is a failure.
-        if let Err(e) = d.load_all_kernels() {
-            panic!("kernels do not compile or load on {}: {e}", d.describe());
-        }
-        let (ma, mi) = cuda::nvrtc::version().unwrap_or((0, 0));
-        eprintln!("cuda_nf4: {} with NVRTC {ma}.{mi}", d.describe());
-        Ok(d)
-    })
-}
-
-/// The device, or `None` after printing why this test skips (a failure
-/// under LORA_REQUIRE_GPU=1).
-fn gpu(test: &str) -> Option<&'static CudaDevice> {
-    match device() {
-        Ok(d) => Some(d),
-        Err(why) if require_gpu() => panic!("{test}: LORA_REQUIRE_GPU=1 but {why}"),
-        Err(why) => {
-            eprintln!("SKIPPED {test}: {why} (set LORA_REQUIRE_GPU=1 to make this a failure)");
-            None
-        }
-    }
-}
-
-/// SplitMix64: small, seeded, good enough for test data.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn gauss(&mut self) -> f64 {
-        let (u, v) = (self.unit().max(1e-300), self.unit());
-        (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
-    }
-}
+#[path = "common/gpu.rs"]
+mod harness;
+use harness::{gpu, Rng};
 
 /// NF4 code values and midpoint thresholds, as the spec computes them
 /// (fp32 sum, then halving), to plant exact ties in test data.
@@ -789,7 +737,9 @@ fn emu(test: &str) -> Option<&'static Emu> {
         let dir = std::env::temp_dir().join(format!("lora-cuda-emu-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut src = String::from(EMU_SHIM);
-        for k in cuda::SOURCES {
+        // The kernels these tests emulate (the other families have GPU
+        // tests of their own and intrinsics this shim does not provide).
+        for k in cuda::SOURCES.iter().filter(|k| ["nf4.cu", "dense.cu"].contains(&k.name)) {
             let mut text = k.src.to_string();
             for (ptx, host) in EMU_PTX_SUBST {
                 text = text.replace(ptx, host);
