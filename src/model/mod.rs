@@ -30,7 +30,7 @@ use crate::backend::cpu::norm::{rmsnorm_backward, rmsnorm_forward};
 use crate::backend::cpu::rope::{rope_backward, rope_forward, RopeTable};
 use crate::backend::cpu::swiglu::{swiglu_backward, swiglu_forward};
 use crate::dtype::DType;
-use crate::lora::layer::{AdapterConfig, Init, LoraLayer};
+use crate::lora::layer::{AdapterConfig, LoraLayer};
 use crate::quant::nf4::{Nf4Params, Nf4Tensor};
 use crate::rng::derive_seed;
 use crate::Result;
@@ -243,10 +243,6 @@ pub struct MicroResult {
     pub count: usize,
 }
 
-fn to_dtype_name(d: DType) -> &'static str {
-    d.torch_name()
-}
-
 impl Model {
     /// Loads a Hugging Face checkpoint directory. `progress(done, total)`
     /// is called after each tensor group; returning `false` cancels.
@@ -377,8 +373,9 @@ impl Model {
 
     /// Adds adapter `name` with `spec` (PEFT `get_peft_model` /
     /// `add_adapter`) on the modules the spec selects. The first adapter
-    /// becomes active. `init` overrides A/B initialization for every module
-    /// (tests); normally `None` (the spec's init).
+    /// becomes active. Every module's A/B are initialized by `spec.init`
+    /// from its own seed (the model seed and the module path). Nothing is
+    /// added unless every module accepts the adapter's rank.
     pub fn add_adapter(&mut self, name: &str, spec: peft::AdapterSpec) -> Result<()> {
         if name.is_empty() || name.contains('/') || name.contains('\0') {
             bail!(InvalidArgument, "adapter name '{name}' is empty or contains '/'");
@@ -1049,16 +1046,11 @@ impl Model {
         }
         let mut cfg = self.cfg.raw.clone();
         cfg.remove("quantization_config");
-        cfg.insert("dtype".into(), serde_json::Value::String(to_dtype_name(dt).into()));
+        cfg.insert("dtype".into(), serde_json::Value::String(dt.torch_name().into()));
         cfg.insert("architectures".into(), serde_json::json!([self.cfg.arch.architecture()]));
         let text = serde_json::to_string_pretty(&serde_json::Value::Object(cfg)).map_err(|e| err!(Internal, "config.json: {e}"))?;
         write_atomic(&dir.join("model.safetensors"), &out, &Default::default())?;
         crate::io::safetensors::write_file_atomic(&dir.join("config.json"), text.as_bytes())?;
         Ok(())
-    }
-
-    /// Replaces every given-init adapter's weights (tests).
-    pub fn init_of(spec: &peft::AdapterSpec) -> Init {
-        spec.init.clone()
     }
 }
