@@ -456,3 +456,14 @@ fn fp16_and_bf16_checkpoints_equal_their_fp32_values() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn an_impossible_kv_cache_is_an_error_not_an_abort() {
+    let dir = tmpdir("kvoom");
+    synth(&dir, 64, 128, 1, 4, 2, 50, None);
+    let mut m = load(&dir, false);
+    let p = tokens(3, 50, 1);
+    let e = m.generate(&[Request { prompt: &p, adapter: None }], usize::MAX / 4096, &Sampling::default(), &[], &mut |_, _| true).unwrap_err();
+    assert!(matches!(e.kind, ErrorKind::OutOfMemory | ErrorKind::InvalidArgument), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

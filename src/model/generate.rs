@@ -124,9 +124,21 @@ impl Model {
             crate::log!(Warn, "generating to position {cap}, past max_position_embeddings {}", self.cfg.max_position_embeddings);
         }
         let (nkv, hd) = (self.cfg.num_kv_heads, self.cfg.head_dim);
-        let per = bsz * cap * nkv * hd;
         let nl = self.blocks.len();
-        let mut caches: Vec<Cache> = (0..nl).map(|_| Cache { k: vec![0f32; per], v: vec![0f32; per] }).collect();
+        let per = bsz
+            .checked_mul(cap)
+            .and_then(|x| x.checked_mul(nkv * hd))
+            .filter(|&p| p.checked_mul(8 * nl).is_some())
+            .ok_or_else(|| err!(InvalidArgument, "a KV cache for {bsz} sequences of {cap} positions overflows"))?;
+        // The cache is the one allocation a request's size controls: fail
+        // with a status instead of aborting when it does not fit.
+        let zeros = |n: usize| -> Result<Vec<f32>> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(n).map_err(|_| err!(OutOfMemory, "the KV cache ({} MB for {bsz} sequences × {cap} positions × {nl} layers) does not fit in memory", (per * 8 * nl) >> 20))?;
+            v.resize(n, 0.0);
+            Ok(v)
+        };
+        let mut caches: Vec<Cache> = (0..nl).map(|_| Ok(Cache { k: zeros(per)?, v: zeros(per)? })).collect::<Result<_>>()?;
         self.kv_bytes = nl * per * 8;
         self.note_peak(self.kv_bytes);
         let seq_ad: Option<Vec<i32>> = if mixed { Some(reqs.iter().map(|r| r.adapter.unwrap_or(-1)).collect()) } else { None };
