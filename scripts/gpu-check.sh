@@ -143,10 +143,11 @@ if command -v nvcc >/dev/null && command -v nvidia-smi >/dev/null; then
 fi
 
 run "test cuda_compile (NVRTC here compiles every kernel)" 60 "$BUNDLE/bin/cuda_compile" --nocapture --test-threads=1
-run "test cuda_nf4 (kernels vs CPU on the GPU)" 120 "$BUNDLE/bin/cuda_nf4" --nocapture --test-threads=1
+run "test cuda_nf4 (kernels vs CPU on the GPU)" 90 "$BUNDLE/bin/cuda_nf4" --nocapture --test-threads=1
 run "test cuda_ops (training-step kernels vs CPU on the GPU)" 60 "$BUNDLE/bin/cuda_ops" --nocapture --test-threads=1
+run "test cuda_lora (LoRA product kernels vs CPU on the GPU)" 60 "$BUNDLE/bin/cuda_lora" --nocapture --test-threads=1
 run "test cuda_paged (paged memory: CUDA managed memory)" 60 "$BUNDLE/bin/cuda_paged" --nocapture --test-threads=1
-run "bench gpu_bench_nf4" 90 "$BUNDLE/bin/gpu_bench_nf4"
+run "bench gpu_bench_nf4" 60 "$BUNDLE/bin/gpu_bench_nf4"
 
 section "summary"
 echo "log: $LOG"

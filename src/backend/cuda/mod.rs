@@ -9,7 +9,8 @@
 //! family has its launcher module here (argument checks, launch shapes):
 //! [`nf4`] for `cuda/nf4.cu`, [`dense`] for `cuda/dense.cu`; the training
 //! step's elementwise and reduction ops [`norm`], [`rope`], [`swiglu`],
-//! [`embed`], [`loss`] (cross-entropy, gradient norm) and [`adamw`]. [`paged`] holds
+//! [`embed`], [`loss`] (cross-entropy, gradient norm) and [`adamw`]; the
+//! LoRA products [`lora`]. [`paged`] holds
 //! the managed memory of paged buffers (host code only).
 //!
 //! Streams: a [`CudaDevice`] owns exactly one stream and all its work,
@@ -38,6 +39,7 @@ pub mod adamw;
 pub mod buffer;
 pub mod dense;
 pub mod embed;
+pub mod lora;
 pub mod loss;
 pub mod nf4;
 pub mod norm;
@@ -72,8 +74,10 @@ pub static EMBED_CU: KernelSource = KernelSource { name: "embed.cu", src: includ
 pub static LOSS_CU: KernelSource = KernelSource { name: "loss.cu", src: include_str!("../../../cuda/loss.cu") };
 /// `cuda/adamw.cu`: the AdamW update.
 pub static ADAMW_CU: KernelSource = KernelSource { name: "adamw.cu", src: include_str!("../../../cuda/adamw.cu") };
+/// `cuda/lora.cu`: the LoRA products (shrink, expand, mixed-adapter BGMV, backward).
+pub static LORA_CU: KernelSource = KernelSource { name: "lora.cu", src: include_str!("../../../cuda/lora.cu") };
 /// Every kernel source of the library (tests compile each of them).
-pub static SOURCES: &[&KernelSource] = &[&NF4_CU, &DENSE_CU, &NORM_CU, &ROPE_CU, &SWIGLU_CU, &EMBED_CU, &LOSS_CU, &ADAMW_CU];
+pub static SOURCES: &[&KernelSource] = &[&NF4_CU, &DENSE_CU, &NORM_CU, &ROPE_CU, &SWIGLU_CU, &EMBED_CU, &LOSS_CU, &ADAMW_CU, &LORA_CU];
 
 /// An opened CUDA device (its primary context), its one stream, and the
 /// kernels loaded on it so far.

@@ -1,0 +1,323 @@
+//! Launchers for `cuda/lora.cu`: the LoRA products, fp32, twins of what
+//! [`crate::lora::LoraLayer`]'s `forward_at` and `backward` compute with
+//! [`crate::backend::cpu::matmul::gemm_f32`] (A `[r, in]`, B `[out, r]`,
+//! row-major):
+//! - [`shrink`] `h = x·Aᵀ`, [`expand`] `y += s·h·Bᵀ`, [`forward`] both;
+//! - [`bgmv`]: a mixed-adapter batch (Punica's BGMV), one launch per stage
+//!   for the whole batch, the adapter of each row from a device index array
+//!   (−1, or any index outside the table: no adapter, the row untouched);
+//! - backward: [`bwd_g`] `g = dy·B`, [`bwd_dx`] `dx += s·g·A`, [`grad_b`]
+//!   `dB += s·dyᵀ·h`, [`grad_a`] `dA += s·gᵀ·x`, and [`backward`] all four.
+//!
+//! Agreement with the CPU: both sum in f32 in different orders (the GPU a
+//! per-thread FMA chain then a fixed tree, the CPU gemm's blocking), so a
+//! length-`k` sum of products agrees within [`dot_tol`] of `Σ|terms|`, and
+//! an accumulated result (`y`, `dx`, `dA`, `dB`) within [`accum_tol`].
+//! Dropout is not applied here: pass the adapter input (x after the mask)
+//! and apply the mask to `dx` as the CPU does.
+//!
+//! All functions only queue work (no sync); scratch buffers are freed in
+//! stream order.
+
+use super::{launch_cfg, scratch, stride_grid, CudaDevice, LORA_CU};
+use crate::error::Result;
+use cudarc::driver::{CudaView, CudaViewMut, DevicePtr};
+
+/// Threads per block (`LORA_THREADS` in lora.cu).
+const LORA_THREADS: u32 = 256;
+
+/// The f32 unit roundoff, 2⁻²⁴.
+pub const U: f64 = 1.0 / (1u64 << 24) as f64;
+
+/// Bound on `|gpu − cpu|` of a length-`k` f32 sum of products whose
+/// absolute values sum to `abs_sum`: each side is within `(k + 16)·u·abs_sum`
+/// of the exact value (the GPU's longest chain is `k/256 + 13` roundings:
+/// FMAs, 5 shuffle levels, 8 warp sums), so twice that.
+pub fn dot_tol(k: usize, abs_sum: f64) -> f64 {
+    2.0 * (k as f64 + 16.0) * U * abs_sum + f64::from(f32::MIN_POSITIVE)
+}
+
+/// Bound on `|gpu − cpu|` of `d += s·Σ_k` (a length-`k` sum with
+/// `Σ|terms| = abs_sum`, `d` before the update `d0`): the sum's
+/// [`dot_tol`] scaled by `|s|`, plus the product with `s` and the addition
+/// rounding once on each side.
+pub fn accum_tol(k: usize, s: f32, abs_sum: f64, d0: f32) -> f64 {
+    let s = s.abs() as f64;
+    s * dot_tol(k, abs_sum) + 4.0 * U * ((d0 as f64).abs() + s * abs_sum)
+}
+
+fn dim32(v: usize, what: &str) -> Result<u32> {
+    if v == 0 || v > u32::MAX as usize {
+        bail!(InvalidShape, "lora: {what} = {v} must be in 1..=2^32-1");
+    }
+    Ok(v as u32)
+}
+
+fn rows32(n: usize) -> Result<u32> {
+    if n > i32::MAX as usize {
+        bail!(InvalidShape, "lora: {n} rows, at most 2^31-1");
+    }
+    Ok(n as u32)
+}
+
+/// `ceil(cols / LORA_THREADS)`, within CUDA's gridDim.y limit.
+fn col_blocks(cols: usize) -> Result<u32> {
+    let b = cols.div_ceil(LORA_THREADS as usize);
+    if b > 65535 {
+        bail!(InvalidShape, "lora: {cols} columns exceed the grid limit (65535·{LORA_THREADS})");
+    }
+    Ok(b as u32)
+}
+
+fn check_len(len: usize, rows: usize, cols: usize, what: &str) -> Result<()> {
+    let want = rows.checked_mul(cols).ok_or_else(|| err!(InvalidShape, "lora: {what} [{rows}, {cols}] overflows"))?;
+    if len != want {
+        bail!(BufferSize, "lora: {what} has {len} elements, [{rows}, {cols}] needs {want}");
+    }
+    Ok(())
+}
+
+/// `h[n, r] = x[n, in]·Aᵀ` (`A` `[r, in]`), overwriting `h`.
+pub fn shrink(dev: &CudaDevice, x: &CudaView<'_, f32>, a: &CudaView<'_, f32>, n: usize, in_f: usize, r: usize, h: &mut CudaViewMut<'_, f32>) -> Result<()> {
+    let (n32, i32_, r32) = (rows32(n)?, dim32(in_f, "in")?, dim32(r, "r")?);
+    check_len(x.len(), n, in_f, "x")?;
+    check_len(a.len(), r, in_f, "A")?;
+    check_len(h.len(), n, r, "h")?;
+    dev.check_stream(x, "lora x")?;
+    dev.check_stream(a, "lora A")?;
+    dev.check_stream(h, "lora h")?;
+    if n == 0 {
+        return Ok(());
+    }
+    let name = "lora_shrink_f32";
+    let f = dev.function(&LORA_CU, name)?;
+    // SAFETY: (ptr, ptr, u32, u32, u32, ptr) as the kernel; block i reads
+    // row i of x and all of A, writes row i of h (lengths checked above).
+    launch_kernel!(dev, f, name, launch_cfg((n32, 1), LORA_THREADS), [x, a, &n32, &i32_, &r32, h])
+}
+
+/// `y[n, out] += s·h[n, r]·Bᵀ` (`B` `[out, r]`).
+#[allow(clippy::too_many_arguments)]
+pub fn expand(dev: &CudaDevice, h: &CudaView<'_, f32>, b: &CudaView<'_, f32>, n: usize, r: usize, out_f: usize, s: f32, y: &mut CudaViewMut<'_, f32>) -> Result<()> {
+    let (n32, r32, o32) = (rows32(n)?, dim32(r, "r")?, dim32(out_f, "out")?);
+    let cb = col_blocks(out_f)?;
+    check_len(h.len(), n, r, "h")?;
+    check_len(b.len(), out_f, r, "B")?;
+    check_len(y.len(), n, out_f, "y")?;
+    dev.check_stream(h, "lora h")?;
+    dev.check_stream(b, "lora B")?;
+    dev.check_stream(y, "lora y")?;
+    if n == 0 {
+        return Ok(());
+    }
+    let name = "lora_expand_f32";
+    let f = dev.function(&LORA_CU, name)?;
+    // SAFETY: (ptr, ptr, u32, u32, u32, f32, ptr); block (i, c) reads row i
+    // of h and rows < out of B, updates y[i, c·256..] below out (checked).
+    launch_kernel!(dev, f, name, launch_cfg((n32, cb), LORA_THREADS), [h, b, &n32, &r32, &o32, &s, y])
+}
+
+/// `y += s·(x·Aᵀ)·Bᵀ`: [`shrink`] into scratch (`n·r` f32), then [`expand`].
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    dev: &CudaDevice,
+    x: &CudaView<'_, f32>,
+    a: &CudaView<'_, f32>,
+    b: &CudaView<'_, f32>,
+    n: usize,
+    in_f: usize,
+    out_f: usize,
+    r: usize,
+    s: f32,
+    y: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    dim32(r, "r")?;
+    let mut h = scratch::<f32>(dev, n * r)?;
+    shrink(dev, x, a, n, in_f, r, &mut h.slice_mut(0..n * r))?;
+    expand(dev, &h.slice(0..n * r), b, n, r, out_f, s, y)
+}
+
+/// One adapter of a mixed batch: `a` `[rank, in]`, `b` `[out, rank]`, the
+/// scale applied to its rows.
+pub struct BgmvAdapter<'a> {
+    pub a: CudaView<'a, f32>,
+    pub b: CudaView<'a, f32>,
+    pub rank: usize,
+    pub scale: f32,
+}
+
+/// Mixed-adapter batch: `y[i] += s_a·(x[i]·A_aᵀ)·B_aᵀ` with `a =
+/// row_adapter[i]` indexing `adapters`; a row whose index is −1 (or outside
+/// the table) is untouched. Two launches for the whole batch (shrink into
+/// scratch `[n, max rank]`, then expand), after uploading the adapters'
+/// pointer, rank and scale tables.
+#[allow(clippy::too_many_arguments)]
+pub fn bgmv(
+    dev: &CudaDevice,
+    x: &CudaView<'_, f32>,
+    row_adapter: &CudaView<'_, i32>,
+    adapters: &[BgmvAdapter<'_>],
+    n: usize,
+    in_f: usize,
+    out_f: usize,
+    y: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    let (n32, i32_, o32) = (rows32(n)?, dim32(in_f, "in")?, dim32(out_f, "out")?);
+    let cb = col_blocks(out_f)?;
+    check_len(x.len(), n, in_f, "x")?;
+    check_len(y.len(), n, out_f, "y")?;
+    check_len(row_adapter.len(), n, 1, "row_adapter")?;
+    dev.check_stream(x, "lora x")?;
+    dev.check_stream(y, "lora y")?;
+    dev.check_stream(row_adapter, "lora row_adapter")?;
+    if adapters.is_empty() || adapters.len() > i32::MAX as usize {
+        bail!(InvalidArgument, "lora bgmv: {} adapters, needs 1..=2^31-1", adapters.len());
+    }
+    let (mut pa, mut pb, mut ranks, mut scales) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (k, ad) in adapters.iter().enumerate() {
+        let r32 = dim32(ad.rank, "adapter rank")?;
+        check_len(ad.a.len(), ad.rank, in_f, &format!("adapter {k} A"))?;
+        check_len(ad.b.len(), out_f, ad.rank, &format!("adapter {k} B"))?;
+        dev.check_stream(&ad.a, "lora bgmv A")?;
+        dev.check_stream(&ad.b, "lora bgmv B")?;
+        pa.push(ad.a.device_ptr(&dev.stream).0);
+        pb.push(ad.b.device_ptr(&dev.stream).0);
+        ranks.push(r32);
+        scales.push(ad.scale);
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let r_max = *ranks.iter().max().expect("non-empty");
+    let count = adapters.len() as u32;
+    let (pa, pb, ranks, scales) = (dev.upload(&pa)?, dev.upload(&pb)?, dev.upload(&ranks)?, dev.upload(&scales)?);
+    let mut h = scratch::<f32>(dev, n * r_max as usize)?;
+    let name = "lora_bgmv_shrink_f32";
+    let f = dev.function(&LORA_CU, name)?;
+    // SAFETY: (ptr, ptr, ptr, ptr, u32, u32, u32, u32, ptr); block i reads
+    // row i of x and idx[i]; for an index a < count it reads the adapter's
+    // A (rank·in elements, checked) through the table; writes h[i, :r_max]
+    // (n·r_max allocated). The tables and views outlive the queued work
+    // (frees are stream-ordered; the views borrow live buffers).
+    launch_kernel!(dev, f, name, launch_cfg((n32, 1), LORA_THREADS), [x, row_adapter, &pa, &ranks, &count, &n32, &i32_, &r_max, &mut h])?;
+    let name = "lora_bgmv_expand_f32";
+    let f = dev.function(&LORA_CU, name)?;
+    // SAFETY: (ptr, ptr, ptr, ptr, ptr, u32, u32, u32, u32, ptr); block
+    // (i, c) reads h[i, :rank_a], B_a (out·rank elements, checked) and
+    // updates y[i, c·256..] below out.
+    launch_kernel!(dev, f, name, launch_cfg((n32, cb), LORA_THREADS), [&h, row_adapter, &pb, &ranks, &scales, &count, &n32, &r_max, &o32, y])
+}
+
+/// `g[n, r] = dy[n, out]·B` (`B` `[out, r]`), overwriting `g`.
+pub fn bwd_g(dev: &CudaDevice, dy: &CudaView<'_, f32>, b: &CudaView<'_, f32>, n: usize, out_f: usize, r: usize, g: &mut CudaViewMut<'_, f32>) -> Result<()> {
+    let (n32, o32, r32) = (rows32(n)?, dim32(out_f, "out")?, dim32(r, "r")?);
+    check_len(dy.len(), n, out_f, "dy")?;
+    check_len(b.len(), out_f, r, "B")?;
+    check_len(g.len(), n, r, "g")?;
+    dev.check_stream(dy, "lora dy")?;
+    dev.check_stream(b, "lora B")?;
+    dev.check_stream(g, "lora g")?;
+    if n == 0 {
+        return Ok(());
+    }
+    let name = "lora_bwd_g_f32";
+    let f = dev.function(&LORA_CU, name)?;
+    // SAFETY: (ptr, ptr, u32, u32, u32, ptr); block i reads row i of dy and
+    // all of B, writes row i of g (lengths checked).
+    launch_kernel!(dev, f, name, launch_cfg((n32, 1), LORA_THREADS), [dy, b, &n32, &o32, &r32, g])
+}
+
+/// `dx[n, in] += s·g[n, r]·A` (`A` `[r, in]`).
+#[allow(clippy::too_many_arguments)]
+pub fn bwd_dx(dev: &CudaDevice, g: &CudaView<'_, f32>, a: &CudaView<'_, f32>, n: usize, r: usize, in_f: usize, s: f32, dx: &mut CudaViewMut<'_, f32>) -> Result<()> {
+    let (n32, r32, i32_) = (rows32(n)?, dim32(r, "r")?, dim32(in_f, "in")?);
+    let cb = col_blocks(in_f)?;
+    check_len(g.len(), n, r, "g")?;
+    check_len(a.len(), r, in_f, "A")?;
+    check_len(dx.len(), n, in_f, "dx")?;
+    dev.check_stream(g, "lora g")?;
+    dev.check_stream(a, "lora A")?;
+    dev.check_stream(dx, "lora dx")?;
+    if n == 0 {
+        return Ok(());
+    }
+    let name = "lora_bwd_dx_f32";
+    let f = dev.function(&LORA_CU, name)?;
+    // SAFETY: (ptr, ptr, u32, u32, u32, f32, ptr); block (i, c) reads row i
+    // of g and columns < in of A, updates dx[i, c·256..] below in.
+    launch_kernel!(dev, f, name, launch_cfg((n32, cb), LORA_THREADS), [g, a, &n32, &r32, &i32_, &s, dx])
+}
+
+/// `D[P, Q] += s·Uᵀ·V` with `U` `[n, P]`, `V` `[n, Q]`.
+#[allow(clippy::too_many_arguments)]
+fn outer(dev: &CudaDevice, u: &CudaView<'_, f32>, v: &CudaView<'_, f32>, n: usize, p: usize, q: usize, s: f32, d: &mut CudaViewMut<'_, f32>, what: &str) -> Result<()> {
+    let (n32, p32, q32) = (rows32(n)?, dim32(p, "P")?, dim32(q, "Q")?);
+    check_len(u.len(), n, p, &format!("{what}: left factor"))?;
+    check_len(v.len(), n, q, &format!("{what}: right factor"))?;
+    check_len(d.len(), p, q, what)?;
+    dev.check_stream(u, "lora bwd factor")?;
+    dev.check_stream(v, "lora bwd factor")?;
+    dev.check_stream(d, "lora bwd gradient")?;
+    let name = "lora_bwd_outer_f32";
+    let f = dev.function(&LORA_CU, name)?;
+    let grid = stride_grid(p as u64 * q as u64, LORA_THREADS);
+    // SAFETY: (ptr, u32, ptr, u32, u32, u32, u32, f32, ptr); thread t < P·Q
+    // reads U[i·P + t/Q] and V[i·Q + t%Q] for i < n (n·P, n·Q checked) and
+    // updates D[t] (P·Q checked).
+    launch_kernel!(dev, f, name, launch_cfg((grid, 1), LORA_THREADS), [u, &p32, v, &q32, &n32, &p32, &q32, &s, d])
+}
+
+/// `dB[out, r] += s·dyᵀ·h` (`dy` `[n, out]`, `h` `[n, r]`).
+#[allow(clippy::too_many_arguments)]
+pub fn grad_b(dev: &CudaDevice, dy: &CudaView<'_, f32>, h: &CudaView<'_, f32>, n: usize, out_f: usize, r: usize, s: f32, db: &mut CudaViewMut<'_, f32>) -> Result<()> {
+    outer(dev, dy, h, n, out_f, r, s, db, "dB")
+}
+
+/// `dA[r, in] += s·gᵀ·x` (`g` `[n, r]`, `x` `[n, in]`).
+#[allow(clippy::too_many_arguments)]
+pub fn grad_a(dev: &CudaDevice, g: &CudaView<'_, f32>, x: &CudaView<'_, f32>, n: usize, r: usize, in_f: usize, s: f32, da: &mut CudaViewMut<'_, f32>) -> Result<()> {
+    outer(dev, g, x, n, r, in_f, s, da, "dA")
+}
+
+/// The adapter's whole backward, as `LoraLayer::backward` (no dropout):
+/// `h = x·Aᵀ`, `g = dy·B` (scratch, `2·n·r` f32), `dB += s·dyᵀ·h`, `dA +=
+/// s·gᵀ·x`, and `dx += s·g·A` when `dx` is given.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    dev: &CudaDevice,
+    x: &CudaView<'_, f32>,
+    dy: &CudaView<'_, f32>,
+    a: &CudaView<'_, f32>,
+    b: &CudaView<'_, f32>,
+    n: usize,
+    in_f: usize,
+    out_f: usize,
+    r: usize,
+    s: f32,
+    da: &mut CudaViewMut<'_, f32>,
+    db: &mut CudaViewMut<'_, f32>,
+    dx: Option<&mut CudaViewMut<'_, f32>>,
+) -> Result<()> {
+    dim32(r, "r")?;
+    let nr = n.checked_mul(r).ok_or_else(|| err!(InvalidShape, "lora: [{n}, {r}] overflows"))?;
+    let mut h = scratch::<f32>(dev, nr)?;
+    let mut g = scratch::<f32>(dev, nr)?;
+    shrink(dev, x, a, n, in_f, r, &mut h.slice_mut(0..nr))?;
+    bwd_g(dev, dy, b, n, out_f, r, &mut g.slice_mut(0..nr))?;
+    grad_b(dev, dy, &h.slice(0..nr), n, out_f, r, s, db)?;
+    grad_a(dev, &g.slice(0..nr), x, n, r, in_f, s, da)?;
+    match dx {
+        Some(dx) => bwd_dx(dev, &g.slice(0..nr), a, n, r, in_f, s, dx),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn launch_constant_matches_the_kernel() {
+        let src = include_str!("../../../cuda/lora.cu");
+        let line = src.lines().find(|l| l.starts_with("#define LORA_THREADS ")).expect("#define in lora.cu");
+        assert_eq!(line["#define LORA_THREADS ".len()..].trim(), super::LORA_THREADS.to_string());
+    }
+}
