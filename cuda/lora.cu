@@ -18,7 +18,7 @@
 // per-thread FMA chain then a fixed-order tree over the block; the rank sum
 // of expand/dx and the n-sum of bwd_outer are one sequential FMA chain.
 // Results differ from the CPU's gemm only by rounding: |gpu − exact| and
-// |cpu − exact| are each within (k + 2)·2⁻²⁴·sum|terms| for a length-k sum
+// |cpu − exact| are each within (k + 16)·2⁻²⁴·sum|terms| for a length-k sum
 // (the launchers state the bounds).
 //
 // Memory traffic: shrink and bwd_g read their row of x (dy) once per
