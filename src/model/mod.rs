@@ -893,26 +893,14 @@ impl Model {
     /// Adapter `name`'s (A, B, dA, dB) slices in the optimizer's order:
     /// layer by layer, modules in registration order, A before B.
     pub fn adapter_params(&mut self, name: &str) -> Result<(Vec<&mut [f32]>, Vec<&[f32]>)> {
-        let ai = self.adapter_index(name)?;
-        let modules = self.adapters[ai].modules.clone();
-        let mut params = Vec::with_capacity(modules.len() * 2);
-        let mut grads = Vec::with_capacity(modules.len() * 2);
-        // Modules are listed in (layer, linear) order, the same order this
-        // walk visits them, so each is taken once.
-        let mut want = modules.iter().peekable();
-        for (l, blk) in self.blocks.iter_mut().enumerate() {
-            for (j, layer) in blk.lin.iter_mut().enumerate() {
-                if want.peek() != Some(&&(l, j)) {
-                    continue;
-                }
-                want.next();
-                let i = layer.adapter_index(name)?;
-                let crate::lora::layer::Adapter { a, b, grad_a, grad_b, .. } = layer.adapter_mut(i);
-                params.push(a.as_mut_slice());
-                grads.push(grad_a.as_slice());
-                params.push(b.as_mut_slice());
-                grads.push(grad_b.as_slice());
-            }
+        let slots = self.adapter_slots(name)?;
+        let mut params = Vec::with_capacity(slots.len() * 2);
+        let mut grads = Vec::with_capacity(slots.len() * 2);
+        for crate::lora::layer::Adapter { a, b, grad_a, grad_b, .. } in slots {
+            params.push(a.as_mut_slice());
+            grads.push(grad_a.as_slice());
+            params.push(b.as_mut_slice());
+            grads.push(grad_b.as_slice());
         }
         Ok((params, grads))
     }
@@ -920,10 +908,18 @@ impl Model {
     /// Adapter `name`'s gradients, mutable (for clipping), in
     /// [`adapter_params`](Self::adapter_params) order.
     pub fn adapter_grads_mut(&mut self, name: &str) -> Result<Vec<&mut [f32]>> {
+        Ok(self.adapter_slots(name)?.into_iter().flat_map(|ad| [ad.grad_a.as_mut_slice(), ad.grad_b.as_mut_slice()]).collect())
+    }
+
+    /// Adapter `name` in every module that carries it, in (layer, linear)
+    /// order: the optimizer's and the gradient norm's order.
+    fn adapter_slots(&mut self, name: &str) -> Result<Vec<&mut crate::lora::layer::Adapter>> {
         let ai = self.adapter_index(name)?;
         let modules = self.adapters[ai].modules.clone();
+        // Modules are listed in the order this walk visits them, so each
+        // is taken once.
         let mut want = modules.iter().peekable();
-        let mut grads = Vec::with_capacity(modules.len() * 2);
+        let mut out = Vec::with_capacity(modules.len());
         for (l, blk) in self.blocks.iter_mut().enumerate() {
             for (j, layer) in blk.lin.iter_mut().enumerate() {
                 if want.peek() != Some(&&(l, j)) {
@@ -931,12 +927,10 @@ impl Model {
                 }
                 want.next();
                 let i = layer.adapter_index(name)?;
-                let crate::lora::layer::Adapter { grad_a, grad_b, .. } = layer.adapter_mut(i);
-                grads.push(grad_a.as_mut_slice());
-                grads.push(grad_b.as_mut_slice());
+                out.push(layer.adapter_mut(i));
             }
         }
-        Ok(grads)
+        Ok(out)
     }
 
     /// Copies adapter `from`'s weights into adapter `to` (same modules and
