@@ -21,7 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BUNDLE=.gpu
-TESTS=(cuda_nf4 cuda_ops cuda_lora cuda_compile cuda_paged)
+TESTS=(cuda_nf4 cuda_ops cuda_lora cuda_attention cuda_compile cuda_paged)
 EXAMPLES=(gpu_bench_nf4)
 
 rm -rf "$BUNDLE"

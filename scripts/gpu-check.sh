@@ -137,17 +137,18 @@ if command -v nvcc >/dev/null && command -v nvidia-smi >/dev/null; then
           -o "$NVCC_TMP/$(basename "$f" .cu).cubin" "$f" || return 1
       done
     }
-    run "nvcc compiles cuda/*.cu for sm_$CAP" 60 bash -c "$(declare -f nvcc_all); CAP=$CAP NVCC_TMP=$NVCC_TMP nvcc_all"
+    run "nvcc compiles cuda/*.cu for sm_$CAP" 45 bash -c "$(declare -f nvcc_all); CAP=$CAP NVCC_TMP=$NVCC_TMP nvcc_all"
     rm -rf "$NVCC_TMP"
   fi
 fi
 
 run "test cuda_compile (NVRTC here compiles every kernel)" 60 "$BUNDLE/bin/cuda_compile" --nocapture --test-threads=1
-run "test cuda_nf4 (kernels vs CPU on the GPU)" 90 "$BUNDLE/bin/cuda_nf4" --nocapture --test-threads=1
+run "test cuda_nf4 (kernels vs CPU on the GPU)" 75 "$BUNDLE/bin/cuda_nf4" --nocapture --test-threads=1
 run "test cuda_ops (training-step kernels vs CPU on the GPU)" 60 "$BUNDLE/bin/cuda_ops" --nocapture --test-threads=1
 run "test cuda_lora (LoRA product kernels vs CPU on the GPU)" 60 "$BUNDLE/bin/cuda_lora" --nocapture --test-threads=1
+run "test cuda_attention (attention kernels vs CPU on the GPU)" 45 "$BUNDLE/bin/cuda_attention" --nocapture --test-threads=1
 run "test cuda_paged (paged memory: CUDA managed memory)" 60 "$BUNDLE/bin/cuda_paged" --nocapture --test-threads=1
-run "bench gpu_bench_nf4" 60 "$BUNDLE/bin/gpu_bench_nf4"
+run "bench gpu_bench_nf4" 45 "$BUNDLE/bin/gpu_bench_nf4"
 
 section "summary"
 echo "log: $LOG"

@@ -10,7 +10,8 @@
 //! [`nf4`] for `cuda/nf4.cu`, [`dense`] for `cuda/dense.cu`; the training
 //! step's elementwise and reduction ops [`norm`], [`rope`], [`swiglu`],
 //! [`embed`], [`loss`] (cross-entropy, gradient norm) and [`adamw`]; the
-//! LoRA products [`lora`]. [`paged`] holds
+//! LoRA products [`lora`]; causal grouped-query attention [`attention`]
+//! (forward, backward, decode). [`paged`] holds
 //! the managed memory of paged buffers (host code only).
 //!
 //! Streams: a [`CudaDevice`] owns exactly one stream and all its work,
@@ -36,6 +37,7 @@ macro_rules! launch_kernel {
 }
 
 pub mod adamw;
+pub mod attention;
 pub mod buffer;
 pub mod dense;
 pub mod embed;
@@ -76,8 +78,10 @@ pub static LOSS_CU: KernelSource = KernelSource { name: "loss.cu", src: include_
 pub static ADAMW_CU: KernelSource = KernelSource { name: "adamw.cu", src: include_str!("../../../cuda/adamw.cu") };
 /// `cuda/lora.cu`: the LoRA products (shrink, expand, mixed-adapter BGMV, backward).
 pub static LORA_CU: KernelSource = KernelSource { name: "lora.cu", src: include_str!("../../../cuda/lora.cu") };
+/// `cuda/attention.cu`: causal grouped-query attention (forward, backward, decode).
+pub static ATTENTION_CU: KernelSource = KernelSource { name: "attention.cu", src: include_str!("../../../cuda/attention.cu") };
 /// Every kernel source of the library (tests compile each of them).
-pub static SOURCES: &[&KernelSource] = &[&NF4_CU, &DENSE_CU, &NORM_CU, &ROPE_CU, &SWIGLU_CU, &EMBED_CU, &LOSS_CU, &ADAMW_CU, &LORA_CU];
+pub static SOURCES: &[&KernelSource] = &[&NF4_CU, &DENSE_CU, &NORM_CU, &ROPE_CU, &SWIGLU_CU, &EMBED_CU, &LOSS_CU, &ADAMW_CU, &LORA_CU, &ATTENTION_CU];
 
 /// An opened CUDA device (its primary context), its one stream, and the
 /// kernels loaded on it so far.

@@ -1,0 +1,308 @@
+//! Launchers for `cuda/attention.cu`: causal grouped-query attention, fp32,
+//! twins of [`crate::backend::cpu::attention`]'s [`attention_forward`],
+//! [`attention_backward`] and [`attention_decode`] (same shapes
+//! [`AttnShape`], [`DecodeShape`], same layouts, same `scale`):
+//! - [`forward`]: flash-style, one block per (batch, head, 16 query rows),
+//!   K/V tiles of 32 keys through shared memory, online softmax; writes `o`
+//!   and `lse`;
+//! - [`backward`]: `δ = rowsum(do∘o)` (scratch), then `dk`, `dv` (one block
+//!   per (batch, KV head, 16 keys), summing the group's query heads) and `dq`
+//!   (one block per (batch, head, 16 query rows), recomputing `P` and `dS`),
+//!   no atomics: deterministic;
+//! - [`decode`]: one query row per sequence against its KV cache (lengths
+//!   from the host, checked and uploaded).
+//!
+//! `head_dim` is limited to [`MAX_HEAD_DIM`] (the kernels' register tile).
+//!
+//! Agreement with the CPU: both sum in f32 in different orders and both use
+//! f32 `exp`/`log` (≤ 2 ulp on the GPU, Rust's libm on the CPU), so results
+//! agree within bounds proportional to the sums' lengths and magnitudes;
+//! `tests/cuda_attention.rs` states them: a score `s = scale·q·k` within
+//! [`score_tol`], `o` (and decode) within [`out_tol`] of `Σ_j P_ij |v_j|`,
+//! `lse` within [`lse_tol`]. All functions only queue work (no sync).
+//!
+//! [`attention_forward`]: crate::backend::cpu::attention::attention_forward
+//! [`attention_backward`]: crate::backend::cpu::attention::attention_backward
+//! [`attention_decode`]: crate::backend::cpu::attention::attention_decode
+
+use super::{launch_cfg, scratch, stride_grid, CudaDevice, ATTENTION_CU};
+use crate::backend::cpu::attention::{softmax_scale, AttnShape, DecodeShape};
+use crate::error::Result;
+use cudarc::driver::{CudaView, CudaViewMut};
+
+/// Threads per block (`ATT_THREADS` in attention.cu).
+const ATT_THREADS: u32 = 128;
+/// Largest head_dim (`ATT_DMAX` in attention.cu).
+pub const MAX_HEAD_DIM: usize = 128;
+/// Query rows per forward block (`ATT_FQ`).
+const ATT_FQ: usize = 16;
+/// Keys per dkdv block (`ATT_BK`).
+const ATT_BK: usize = 16;
+/// Query rows per dq block (`ATT_BQ`).
+const ATT_BQ: usize = 16;
+
+/// The f32 unit roundoff, 2⁻²⁴.
+pub const U: f64 = 1.0 / (1u64 << 24) as f64;
+
+/// Bound on `|gpu − cpu|` of a score `scale·(q·k)` over `d` products whose
+/// absolute values sum to `abs_dot`: each side's dot is within
+/// `(d + 8)·u·abs_dot` of exact (a length-d chain; the CPU's 8 partial sums
+/// are shorter), times `scale`, plus the product's rounding on each side.
+pub fn score_tol(d: usize, scale: f32, abs_dot: f64) -> f64 {
+    let s = scale as f64;
+    2.0 * (d as f64 + 9.0) * U * s * abs_dot
+}
+
+/// Bound on `|gpu − cpu|` of an output element `o_ic = Σ_j P_ij v_jc` over
+/// `n` visible keys, where every score differs by at most `ds` (from
+/// [`score_tol`]) and `pv = Σ_j P_ij |v_jc|`: the weights `e^(s−m)/l` are
+/// then within a relative `2·ds + (n + 8)·u` (the exponent's shift, the
+/// exp's 2 ulp, the sum l of n terms) on each side, and the weighted sum
+/// adds `(n + 4)·u` on each side.
+pub fn out_tol(n: usize, ds: f64, pv: f64) -> f64 {
+    let rel = 2.0 * ds + 2.0 * (2.0 * n as f64 + 16.0) * U;
+    rel * pv + f64::from(f32::MIN_POSITIVE)
+}
+
+/// Bound on `|gpu − cpu|` of `lse = m + log l` over `n` visible keys with
+/// scores within `ds`: `ds` from the scores, a relative `(n + 4)·u` in `l`,
+/// and the log and the addition (`4·u·(|m| + |log l|)`) on each side.
+pub fn lse_tol(n: usize, ds: f64, lse: f64) -> f64 {
+    ds + 2.0 * (n as f64 + 4.0) * U + 8.0 * U * (lse.abs() + 1.0)
+}
+
+fn dim32(v: usize, what: &str) -> Result<u32> {
+    if v > i32::MAX as usize {
+        bail!(InvalidShape, "attention: {what} = {v} exceeds 2^31-1");
+    }
+    Ok(v as u32)
+}
+
+fn check_len(len: usize, dims: &[usize], what: &str) -> Result<()> {
+    let want = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| err!(InvalidShape, "attention: {what} {dims:?} overflows"))?;
+    if len != want {
+        bail!(BufferSize, "attention: {what} has {len} elements, {dims:?} needs {want}");
+    }
+    Ok(())
+}
+
+fn check_heads(n_heads: usize, n_kv_heads: usize, head_dim: usize, window: Option<usize>) -> Result<()> {
+    if n_kv_heads == 0 || n_heads == 0 || n_heads % n_kv_heads != 0 {
+        bail!(InvalidShape, "attention: n_heads {n_heads} is not a positive multiple of n_kv_heads {n_kv_heads}");
+    }
+    if n_heads > 65535 {
+        bail!(InvalidShape, "attention: {n_heads} heads exceed the grid limit 65535");
+    }
+    if head_dim == 0 || head_dim > MAX_HEAD_DIM {
+        bail!(InvalidShape, "attention: head_dim {head_dim} must be in 1..={MAX_HEAD_DIM}");
+    }
+    if window == Some(0) {
+        bail!(InvalidArgument, "attention: window must be ≥ 1");
+    }
+    Ok(())
+}
+
+/// Checks a training/prefill shape: heads, `S ≥ T`, grid limits. Returns
+/// `(T, S, H, Hkv, D, window)` as the kernels take them (window 0: none).
+fn check_shape(s: &AttnShape) -> Result<(u32, u32, u32, u32, u32, u32)> {
+    check_heads(s.n_heads, s.n_kv_heads, s.head_dim, s.window)?;
+    if s.kv_len < s.q_len {
+        bail!(InvalidShape, "attention: kv_len {} < q_len {}", s.kv_len, s.q_len);
+    }
+    if s.batch > 65535 {
+        bail!(InvalidShape, "attention: batch {} exceeds the grid limit 65535", s.batch);
+    }
+    let w = s.window.map_or(Ok(0), |w| dim32(w.min(i32::MAX as usize), "window"))?;
+    Ok((dim32(s.q_len, "q_len")?, dim32(s.kv_len, "kv_len")?, s.n_heads as u32, s.n_kv_heads as u32, s.head_dim as u32, w))
+}
+
+fn q_dims(s: &AttnShape) -> [usize; 4] {
+    [s.batch, s.q_len, s.n_heads, s.head_dim]
+}
+
+fn kv_dims(s: &AttnShape) -> [usize; 4] {
+    [s.batch, s.kv_len, s.n_kv_heads, s.head_dim]
+}
+
+/// Causal GQA forward: `o[b,i,h,:] = Σ_j softmax_j(scale·q·k_j)·v_j` over
+/// the keys visible from row `i`, and `lse[b,i,h] = log Σ_j exp(scale·q·k_j)`
+/// (as [`crate::backend::cpu::attention::attention_forward`]). `q`, `o`
+/// `[B, T, H, D]`, `k`, `v` `[B, S, Hkv, D]`, `lse` `[B, T, H]`; both
+/// outputs overwritten.
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    dev: &CudaDevice,
+    q: &CudaView<'_, f32>,
+    k: &CudaView<'_, f32>,
+    v: &CudaView<'_, f32>,
+    s: &AttnShape,
+    o: &mut CudaViewMut<'_, f32>,
+    lse: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    let (t, sl, h, hkv, d, w) = check_shape(s)?;
+    check_len(q.len(), &q_dims(s), "q")?;
+    check_len(k.len(), &kv_dims(s), "k")?;
+    check_len(v.len(), &kv_dims(s), "v")?;
+    check_len(o.len(), &q_dims(s), "o")?;
+    check_len(lse.len(), &[s.batch, s.q_len, s.n_heads], "lse")?;
+    dev.check_stream(q, "attention q")?;
+    dev.check_stream(k, "attention k")?;
+    dev.check_stream(v, "attention v")?;
+    dev.check_stream(o, "attention o")?;
+    dev.check_stream(lse, "attention lse")?;
+    if s.batch == 0 || s.q_len == 0 {
+        return Ok(());
+    }
+    let scale = softmax_scale(s.head_dim);
+    let name = "attention_forward_f32";
+    let f = dev.function(&ATTENTION_CU, name)?;
+    let mut cfg = launch_cfg((s.q_len.div_ceil(ATT_FQ) as u32, h), ATT_THREADS);
+    cfg.grid_dim.2 = s.batch as u32;
+    // SAFETY: (ptr ×3, u32 ×7, f32, ptr ×2) as the kernel. Block (x, h, b)
+    // reads rows < T of q (head h), rows < S of k, v (head h/(H/Hkv) < Hkv)
+    // and writes rows < T of o and lse: all lengths checked above.
+    launch_kernel!(dev, f, name, cfg, [q, k, v, &t, &sl, &h, &hkv, &d, &w, &scale, o, lse])
+}
+
+/// Causal GQA backward (FlashAttention-2, as
+/// [`crate::backend::cpu::attention::attention_backward`]): from the
+/// forward's inputs, its `o` and `lse`, and the upstream `dout`, writes
+/// `dq` `[B, T, H, D]` and `dk`, `dv` `[B, S, Hkv, D]` (overwritten); `dk`,
+/// `dv` of a KV head sum its query heads. Three launches plus a `B·T·H`
+/// scratch for `δ`; deterministic (no atomics).
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    dev: &CudaDevice,
+    q: &CudaView<'_, f32>,
+    k: &CudaView<'_, f32>,
+    v: &CudaView<'_, f32>,
+    o: &CudaView<'_, f32>,
+    lse: &CudaView<'_, f32>,
+    dout: &CudaView<'_, f32>,
+    s: &AttnShape,
+    dq: &mut CudaViewMut<'_, f32>,
+    dk: &mut CudaViewMut<'_, f32>,
+    dv: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    let (t, sl, h, hkv, d, w) = check_shape(s)?;
+    for (len, what) in [(q.len(), "q"), (o.len(), "o"), (dout.len(), "dout"), (dq.len(), "dq")] {
+        check_len(len, &q_dims(s), what)?;
+    }
+    for (len, what) in [(k.len(), "k"), (v.len(), "v"), (dk.len(), "dk"), (dv.len(), "dv")] {
+        check_len(len, &kv_dims(s), what)?;
+    }
+    check_len(lse.len(), &[s.batch, s.q_len, s.n_heads], "lse")?;
+    dev.check_stream(q, "attention q")?;
+    dev.check_stream(k, "attention k")?;
+    dev.check_stream(v, "attention v")?;
+    dev.check_stream(o, "attention o")?;
+    dev.check_stream(lse, "attention lse")?;
+    dev.check_stream(dout, "attention dout")?;
+    dev.check_stream(dq, "attention dq")?;
+    dev.check_stream(dk, "attention dk")?;
+    dev.check_stream(dv, "attention dv")?;
+    if s.batch == 0 || s.kv_len == 0 {
+        return Ok(());
+    }
+    let scale = softmax_scale(s.head_dim);
+    let rows = (s.batch * s.q_len * s.n_heads) as u64;
+    let mut delta = scratch::<f32>(dev, rows as usize)?;
+    if rows > 0 {
+        let name = "attention_delta_f32";
+        let f = dev.function(&ATTENTION_CU, name)?;
+        let grid = stride_grid(rows, ATT_THREADS / 32);
+        // SAFETY: (ptr, ptr, u64, u32, ptr); warp r < rows reads D floats of
+        // row r of dout and o (rows·D each, checked) and writes delta[r]
+        // (rows allocated).
+        launch_kernel!(dev, f, name, launch_cfg((grid, 1), ATT_THREADS), [dout, o, &rows, &d, &mut delta])?;
+    }
+    let name = "attention_dkdv_f32";
+    let f = dev.function(&ATTENTION_CU, name)?;
+    let mut cfg = launch_cfg((s.kv_len.div_ceil(ATT_BK) as u32, hkv), ATT_THREADS);
+    cfg.grid_dim.2 = s.batch as u32;
+    // SAFETY: (ptr ×6, u32 ×7, f32, ptr ×2). Block (x, g, b) reads keys
+    // < S of k, v (head g < Hkv), rows < T of q, dout (heads of group g < H),
+    // lse and delta at those rows, and writes its keys' rows of dk, dv:
+    // lengths checked above, delta has B·T·H elements.
+    launch_kernel!(dev, f, name, cfg, [q, k, v, dout, lse, &delta, &t, &sl, &h, &hkv, &d, &w, &scale, dk, dv])?;
+    if s.q_len == 0 {
+        return Ok(());
+    }
+    let name = "attention_dq_f32";
+    let f = dev.function(&ATTENTION_CU, name)?;
+    let mut cfg = launch_cfg((s.q_len.div_ceil(ATT_BQ) as u32, h), ATT_THREADS);
+    cfg.grid_dim.2 = s.batch as u32;
+    // SAFETY: (ptr ×6, u32 ×7, f32, ptr). Block (x, h, b) reads rows < T
+    // of q, dout, lse, delta (head h), keys < S of k, v (head h/(H/Hkv)),
+    // and writes its rows of dq: lengths checked above.
+    launch_kernel!(dev, f, name, cfg, [q, k, v, dout, lse, &delta, &t, &sl, &h, &hkv, &d, &w, &scale, dq])
+}
+
+/// Decode attention (as [`crate::backend::cpu::attention::attention_decode`]):
+/// `o[b,h,:] = Σ_j softmax_j(scale·q[b,h,:]·k[b,j,g,:])·v[b,j,g,:]` over keys
+/// `lo..lens[b]` of sequence b's cache (`lo = lens[b] − W` with a window).
+/// `q`, `o` `[B, H, D]`; caches `[B, cap, Hkv, D]`; `lens` (host) each in
+/// `1..=cap`, uploaded as u32.
+#[allow(clippy::too_many_arguments)]
+pub fn decode(
+    dev: &CudaDevice,
+    q: &CudaView<'_, f32>,
+    k_cache: &CudaView<'_, f32>,
+    v_cache: &CudaView<'_, f32>,
+    lens: &[usize],
+    s: &DecodeShape,
+    o: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    check_heads(s.n_heads, s.n_kv_heads, s.head_dim, s.window)?;
+    if s.batch > 65535 {
+        bail!(InvalidShape, "attention decode: batch {} exceeds the grid limit 65535", s.batch);
+    }
+    let cap = dim32(s.cache_cap, "cache_cap")?;
+    let w = s.window.map_or(Ok(0), |w| dim32(w.min(i32::MAX as usize), "window"))?;
+    let (h, hkv, d) = (s.n_heads as u32, s.n_kv_heads as u32, s.head_dim as u32);
+    check_len(q.len(), &[s.batch, s.n_heads, s.head_dim], "q")?;
+    check_len(o.len(), &[s.batch, s.n_heads, s.head_dim], "o")?;
+    check_len(k_cache.len(), &[s.batch, s.cache_cap, s.n_kv_heads, s.head_dim], "k_cache")?;
+    check_len(v_cache.len(), &[s.batch, s.cache_cap, s.n_kv_heads, s.head_dim], "v_cache")?;
+    if lens.len() != s.batch {
+        bail!(BufferSize, "attention decode: {} lengths for batch {}", lens.len(), s.batch);
+    }
+    if let Some((b, &n)) = lens.iter().enumerate().find(|&(_, &n)| n == 0 || n > s.cache_cap) {
+        bail!(InvalidArgument, "attention decode: lens[{b}] = {n} is not in 1..={}", s.cache_cap);
+    }
+    dev.check_stream(q, "attention q")?;
+    dev.check_stream(k_cache, "attention k_cache")?;
+    dev.check_stream(v_cache, "attention v_cache")?;
+    dev.check_stream(o, "attention o")?;
+    if s.batch == 0 {
+        return Ok(());
+    }
+    let lens32: Vec<u32> = lens.iter().map(|&n| n as u32).collect();
+    let lens_d = dev.upload(&lens32)?;
+    let scale = softmax_scale(s.head_dim);
+    let name = "attention_decode_f32";
+    let f = dev.function(&ATTENTION_CU, name)?;
+    // SAFETY: (ptr ×4, u32 ×5, f32, ptr). Block (h, b) reads q[b, h], lens[b]
+    // (B uploaded), cache rows < lens[b] ≤ cap of head h/(H/Hkv) < Hkv, and
+    // writes o[b, h]: lengths and lens checked above.
+    launch_kernel!(dev, f, name, launch_cfg((h, s.batch as u32), ATT_THREADS), [q, k_cache, v_cache, &lens_d, &cap, &h, &hkv, &d, &w, &scale, o])
+}
+
+#[cfg(test)]
+mod tests {
+    /// The launcher's tile constants are the kernel's.
+    #[test]
+    fn launch_constants_match_the_kernel() {
+        let src = include_str!("../../../cuda/attention.cu");
+        let def = |name: &str| -> String {
+            let pre = format!("#define {name} ");
+            let line = src.lines().find(|l| l.starts_with(&pre)).unwrap_or_else(|| panic!("#define {name} in attention.cu"));
+            line[pre.len()..].split_whitespace().next().unwrap().to_string()
+        };
+        assert_eq!(def("ATT_THREADS"), super::ATT_THREADS.to_string());
+        assert_eq!(def("ATT_DMAX"), super::MAX_HEAD_DIM.to_string());
+        assert_eq!(def("ATT_FQ"), super::ATT_FQ.to_string());
+        assert_eq!(def("ATT_BK"), super::ATT_BK.to_string());
+        assert_eq!(def("ATT_BQ"), super::ATT_BQ.to_string());
+    }
+}

@@ -1,0 +1,347 @@
+//! The attention kernels (`cuda::attention`) against the CPU ops
+//! (`attention_forward`, `attention_backward`, `attention_decode`), on a GPU.
+//!
+//! Bounds (per element, first order in the f32 unit roundoff u, magnitudes
+//! from an f64 recomputation): a score `scale·q·k` differs by at most
+//! `ds = score_tol(D, scale, Σ|q∘k|)`;
+//! - `o` (forward and decode) within `out_tol(n, ds_row, Σ_j P_ij|v_jc|)`,
+//!   `lse` within `lse_tol(n, ds_row, lse)` (n: the row's visible keys);
+//! - backward (given the CPU's `o` and `lse`): `P` within a relative
+//!   `2·ds + 8u`; `dP`, `δ` within `2(D+8)u·Σ|terms|`; so `dS` within
+//!   `εP·|dP−δ| + P·(εdP + εδ) + 4u|dS|`; `dv`, `dk`, `dq` within the
+//!   propagated `Σ ε·|factor|` plus `2(n+10)u·Σ|terms|` for their own sums
+//!   (n: the sum's length).
+//!
+//! Each bound is multiplied by [`SLACK`]. Shapes: odd T and S (37/37, 5/70
+//! with a window, 70/70), GQA groups 1, 2, 4, head_dim 32, 48, 64, 128;
+//! random seeded inputs; every output poisoned (0xFF: NaN) first. Without a
+//! GPU each test prints why it skips and passes, unless `LORA_REQUIRE_GPU=1`.
+
+use lora::backend::cpu::attention::{attention_backward, attention_decode, attention_forward, softmax_scale, AttnShape, DecodeShape};
+use lora::backend::cuda::attention as gatt;
+use lora::backend::cuda::CudaDevice;
+
+#[path = "common/gpu.rs"]
+mod harness;
+use harness::{gpu, Rng};
+
+/// The bounds are first order in u and take magnitudes from f64 values
+/// that stand in for the f32 ones each side computed; 1.5 covers both.
+const SLACK: f64 = 1.5;
+const U: f64 = gatt::U;
+
+impl Rng {
+    /// `n` gaussian values times `scale`, none exactly zero.
+    fn vec(&mut self, n: usize, scale: f64) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let v = (self.gauss() * scale) as f32;
+                if v == 0.0 { scale as f32 } else { v }
+            })
+            .collect()
+    }
+}
+
+/// Asserts `|got − want| ≤ tol[i]` (NaN fails); returns how many were bit-exact.
+fn check_close(what: &str, got: &[f32], want: &[f32], tol: impl Fn(usize) -> f64) -> usize {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let mut exact = 0;
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        if g.to_bits() == w.to_bits() {
+            exact += 1;
+            continue;
+        }
+        let d = (g as f64 - w as f64).abs();
+        let t = SLACK * tol(i);
+        assert!(d <= t, "{what}[{i}]: GPU {g:e} vs CPU {w:e}, |diff| {d:e} > bound {t:e}");
+    }
+    exact
+}
+
+/// `‖got − want‖ / ‖want‖` (for the log).
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        num += (g as f64 - w as f64).powi(2);
+        den += (w as f64).powi(2);
+    }
+    (num / den.max(f64::MIN_POSITIVE)).sqrt()
+}
+
+fn poisoned(dev: &CudaDevice, n: usize) -> cudarc::driver::CudaSlice<f32> {
+    dev.alloc_filled::<f32>(n, 0xFF).unwrap()
+}
+
+/// (B, T, S, H, Hkv, D, window).
+type Case = (usize, usize, usize, usize, usize, usize, Option<usize>);
+const CASES: &[Case] = &[
+    (2, 37, 37, 4, 4, 64, None),       // group 1
+    (1, 37, 37, 8, 4, 32, None),       // group 2
+    (2, 5, 70, 8, 2, 128, Some(16)),   // group 4, prefill continuing a cache, window
+    (1, 37, 37, 6, 3, 48, Some(7)),    // odd-but-even D, window
+    (1, 70, 70, 4, 1, 128, None),      // group 4, several key tiles
+];
+
+fn shape(c: &Case) -> AttnShape {
+    let &(batch, q_len, kv_len, n_heads, n_kv_heads, head_dim, window) = c;
+    AttnShape { batch, q_len, kv_len, n_heads, n_kv_heads, head_dim, window }
+}
+
+/// f64 magnitudes of the forward: per row (b, i, h) the score bound `ds`,
+/// the visible count `n`, exact `P` over the visible keys (j, P_ij), and
+/// per element `Σ_j P_ij |v_jc|`.
+struct Fwd {
+    ds: Vec<f64>,
+    n: Vec<usize>,
+    pv: Vec<f64>,
+    /// per row: (first visible key, exact P of each visible key, per-key ds)
+    p: Vec<(usize, Vec<f64>, Vec<f64>)>,
+}
+
+fn fwd_magnitudes(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> Fwd {
+    let (t, sl, hq, hkv, d) = (s.q_len, s.kv_len, s.n_heads, s.n_kv_heads, s.head_dim);
+    let scale = softmax_scale(d);
+    let rows = s.batch * t * hq;
+    let mut f = Fwd { ds: vec![0.0; rows], n: vec![0; rows], pv: vec![0.0; rows * d], p: Vec::with_capacity(rows) };
+    for b in 0..s.batch {
+        for i in 0..t {
+            for h in 0..hq {
+                let row = (b * t + i) * hq + h;
+                let g = h / s.group();
+                let qi = &q[row * d..(row + 1) * d];
+                let (lo, hi) = s.visible(i);
+                let kj = |j: usize| ((b * sl + j) * hkv + g) * d;
+                let mut sc = Vec::new();
+                let mut dsj = Vec::new();
+                for j in lo..hi {
+                    let kr = &k[kj(j)..kj(j) + d];
+                    let dot: f64 = qi.iter().zip(kr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let ad: f64 = qi.iter().zip(kr).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+                    sc.push(scale as f64 * dot);
+                    dsj.push(gatt::score_tol(d, scale, ad));
+                }
+                let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let l: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+                let p: Vec<f64> = sc.iter().map(|x| (x - m).exp() / l).collect();
+                for (jj, &pj) in p.iter().enumerate() {
+                    let vr = &v[kj(lo + jj)..kj(lo + jj) + d];
+                    for c in 0..d {
+                        f.pv[row * d + c] += pj * (vr[c] as f64).abs();
+                    }
+                }
+                f.ds[row] = dsj.iter().cloned().fold(0.0, f64::max);
+                f.n[row] = hi - lo;
+                f.p.push((lo, p, dsj));
+            }
+        }
+    }
+    f
+}
+
+#[test]
+fn forward_matches_the_cpu() {
+    let Some(dev) = gpu("forward_matches_the_cpu") else { return };
+    let mut rng = Rng(71);
+    for c in CASES {
+        let s = shape(c);
+        let (nq, nk) = (s.batch * s.q_len * s.n_heads * s.head_dim, s.batch * s.kv_len * s.n_kv_heads * s.head_dim);
+        let (q, k, v) = (rng.vec(nq, 1.5), rng.vec(nk, 1.0), rng.vec(nk, 1.0));
+        let mut o = vec![0f32; nq];
+        let mut lse = vec![0f32; nq / s.head_dim];
+        attention_forward(&q, &k, &v, &s, &mut o, &mut lse);
+        let f = fwd_magnitudes(&q, &k, &v, &s);
+        let d = s.head_dim;
+
+        let (qd, kd, vd) = (dev.upload(&q).unwrap(), dev.upload(&k).unwrap(), dev.upload(&v).unwrap());
+        let (mut od, mut ld) = (poisoned(dev, nq), poisoned(dev, nq / d));
+        gatt::forward(dev, &qd.as_view(), &kd.as_view(), &vd.as_view(), &s, &mut od.as_view_mut(), &mut ld.as_view_mut()).unwrap();
+        let (go, gl) = (dev.download(&od).unwrap(), dev.download(&ld).unwrap());
+        let eo = check_close("o", &go, &o, |e| gatt::out_tol(f.n[e / d], f.ds[e / d], f.pv[e]));
+        let el = check_close("lse", &gl, &lse, |r| gatt::lse_tol(f.n[r], f.ds[r], lse[r] as f64));
+        eprintln!("attention fwd {c:?}: o rel err {:.2e} ({eo}/{nq} bit-exact), lse rel err {:.2e} ({el}/{} bit-exact)", rel_err(&go, &o), rel_err(&gl, &lse), nq / d);
+    }
+}
+
+#[test]
+fn backward_matches_the_cpu() {
+    let Some(dev) = gpu("backward_matches_the_cpu") else { return };
+    let mut rng = Rng(72);
+    for c in CASES {
+        let s = shape(c);
+        let (t, sl, hq, hkv, d) = (s.q_len, s.kv_len, s.n_heads, s.n_kv_heads, s.head_dim);
+        let scale = softmax_scale(d) as f64;
+        let (nq, nk) = (s.batch * t * hq * d, s.batch * sl * hkv * d);
+        let (q, k, v, dout) = (rng.vec(nq, 1.5), rng.vec(nk, 1.0), rng.vec(nk, 1.0), rng.vec(nq, 1.0));
+        let mut o = vec![0f32; nq];
+        let mut lse = vec![0f32; nq / d];
+        attention_forward(&q, &k, &v, &s, &mut o, &mut lse);
+        let (mut dq, mut dk, mut dv) = (vec![0f32; nq], vec![0f32; nk], vec![0f32; nk]);
+        attention_backward(&q, &k, &v, &o, &lse, &dout, &s, &mut dq, &mut dk, &mut dv);
+
+        // Bounds (module doc), accumulated pair by pair.
+        let f = fwd_magnitudes(&q, &k, &v, &s);
+        let (mut tq, mut tk, mut tv) = (vec![0f64; nq], vec![0f64; nk], vec![0f64; nk]);
+        // Per element the sum's Σ|terms| and length, for the own-sum term.
+        let (mut aq, mut ak, mut av) = (vec![0f64; nq], vec![0f64; nk], vec![0f64; nk]);
+        let mut nkey = vec![0usize; s.batch * sl]; // (row, head of a group) pairs seeing key j, per (b, j)
+        for b in 0..s.batch {
+            for i in 0..t {
+                for h in 0..hq {
+                    let row = (b * t + i) * hq + h;
+                    let g = h / s.group();
+                    let qi = &q[row * d..(row + 1) * d];
+                    let di = &dout[row * d..(row + 1) * d];
+                    let oi = &o[row * d..(row + 1) * d];
+                    let delta: f64 = di.iter().zip(oi).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let adelta: f64 = di.iter().zip(oi).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+                    let (lo, p, dsj) = &f.p[row];
+                    for (jj, &pj) in p.iter().enumerate() {
+                        let j = lo + jj;
+                        if h == 0 {
+                            nkey[b * sl + j] += s.group();
+                        }
+                        let kr0 = ((b * sl + j) * hkv + g) * d;
+                        let (kj, vj) = (&k[kr0..kr0 + d], &v[kr0..kr0 + d]);
+                        let dp: f64 = di.iter().zip(vj).map(|(&a, &b)| a as f64 * b as f64).sum();
+                        let adp: f64 = di.iter().zip(vj).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+                        let ds = pj * (dp - delta);
+                        let e_p = pj * (2.0 * dsj[jj] + 8.0 * U);
+                        let e_ds = e_p * (dp - delta).abs() + pj * 2.0 * (d as f64 + 8.0) * U * (adp + adelta) + 4.0 * U * ds.abs();
+                        for cc in 0..d {
+                            let (qc, kc, dc) = (qi[cc].abs() as f64, kj[cc].abs() as f64, di[cc].abs() as f64);
+                            tv[kr0 + cc] += e_p * dc;
+                            av[kr0 + cc] += pj * dc;
+                            tk[kr0 + cc] += scale * e_ds * qc;
+                            ak[kr0 + cc] += scale * ds.abs() * qc;
+                            tq[row * d + cc] += scale * e_ds * kc;
+                            aq[row * d + cc] += scale * ds.abs() * kc;
+                        }
+                    }
+                }
+            }
+        }
+        let own = |n: usize| 2.0 * (n as f64 + 10.0) * U;
+        let fl = f64::from(f32::MIN_POSITIVE);
+        let tol_q = |e: usize| tq[e] + own(f.n[e / d]) * aq[e] + fl;
+        let key_n = |e: usize| nkey[e / d / hkv];
+        let tol_k = |e: usize| tk[e] + own(key_n(e)) * ak[e] + fl;
+        let tol_v = |e: usize| tv[e] + own(key_n(e)) * av[e] + fl;
+
+        let up = |x: &[f32]| dev.upload(x).unwrap();
+        let (qd, kd, vd, od, ld, dd) = (up(&q), up(&k), up(&v), up(&o), up(&lse), up(&dout));
+        let (mut dqd, mut dkd, mut dvd) = (poisoned(dev, nq), poisoned(dev, nk), poisoned(dev, nk));
+        gatt::backward(
+            dev,
+            &qd.as_view(),
+            &kd.as_view(),
+            &vd.as_view(),
+            &od.as_view(),
+            &ld.as_view(),
+            &dd.as_view(),
+            &s,
+            &mut dqd.as_view_mut(),
+            &mut dkd.as_view_mut(),
+            &mut dvd.as_view_mut(),
+        )
+        .unwrap();
+        let (gq, gk, gv) = (dev.download(&dqd).unwrap(), dev.download(&dkd).unwrap(), dev.download(&dvd).unwrap());
+        let eq = check_close("dq", &gq, &dq, tol_q);
+        let ek = check_close("dk", &gk, &dk, tol_k);
+        let ev = check_close("dv", &gv, &dv, tol_v);
+        eprintln!(
+            "attention bwd {c:?}: rel err dq {:.2e} ({eq}/{nq} exact), dk {:.2e} ({ek}/{nk}), dv {:.2e} ({ev}/{nk})",
+            rel_err(&gq, &dq),
+            rel_err(&gk, &dk),
+            rel_err(&gv, &dv)
+        );
+        // Determinism: a second run is bit-identical.
+        let (mut dq2, mut dk2, mut dv2) = (poisoned(dev, nq), poisoned(dev, nk), poisoned(dev, nk));
+        gatt::backward(
+            dev,
+            &qd.as_view(),
+            &kd.as_view(),
+            &vd.as_view(),
+            &od.as_view(),
+            &ld.as_view(),
+            &dd.as_view(),
+            &s,
+            &mut dq2.as_view_mut(),
+            &mut dk2.as_view_mut(),
+            &mut dv2.as_view_mut(),
+        )
+        .unwrap();
+        assert!(dev.download(&dq2).unwrap().iter().zip(&gq).all(|(a, b)| a.to_bits() == b.to_bits()), "dq is not deterministic");
+        assert!(dev.download(&dk2).unwrap().iter().zip(&gk).all(|(a, b)| a.to_bits() == b.to_bits()), "dk is not deterministic");
+        assert!(dev.download(&dv2).unwrap().iter().zip(&gv).all(|(a, b)| a.to_bits() == b.to_bits()), "dv is not deterministic");
+    }
+}
+
+#[test]
+fn decode_matches_the_cpu() {
+    let Some(dev) = gpu("decode_matches_the_cpu") else { return };
+    let mut rng = Rng(73);
+    // (H, Hkv, D, window); B = 4 sequences with lengths 1, 37, cap and a random one.
+    let cases: &[(usize, usize, usize, Option<usize>)] = &[(4, 4, 64, None), (8, 4, 32, Some(16)), (8, 2, 128, None), (6, 3, 48, Some(7)), (4, 1, 128, Some(40))];
+    let (bsz, cap) = (4, 150);
+    for &(hq, hkv, d, window) in cases {
+        let lens = [1usize, 37, cap, 1 + rng.below(cap)];
+        let s = DecodeShape { batch: bsz, cache_cap: cap, n_heads: hq, n_kv_heads: hkv, head_dim: d, window };
+        let scale = softmax_scale(d);
+        let (q, kc, vc) = (rng.vec(bsz * hq * d, 1.5), rng.vec(bsz * cap * hkv * d, 1.0), rng.vec(bsz * cap * hkv * d, 1.0));
+        let mut o = vec![0f32; q.len()];
+        attention_decode(&q, &kc, &vc, &lens, &s, &mut o);
+        // Bound: as the forward's row over keys lo..len.
+        let mut tol = vec![0f64; q.len()];
+        for b in 0..bsz {
+            let lo = window.map_or(0, |w| lens[b].saturating_sub(w));
+            for h in 0..hq {
+                let g = h / (hq / hkv);
+                let qi = &q[(b * hq + h) * d..][..d];
+                let at = |j: usize| ((b * cap + j) * hkv + g) * d;
+                let (mut sc, mut ds) = (Vec::new(), 0f64);
+                for j in lo..lens[b] {
+                    let kr = &kc[at(j)..at(j) + d];
+                    sc.push(scale as f64 * qi.iter().zip(kr).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>());
+                    ds = ds.max(gatt::score_tol(d, scale, qi.iter().zip(kr).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum()));
+                }
+                let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let l: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+                for cc in 0..d {
+                    let pv: f64 = (lo..lens[b]).zip(&sc).map(|(j, x)| (x - m).exp() / l * (vc[at(j) + cc] as f64).abs()).sum();
+                    tol[(b * hq + h) * d + cc] = gatt::out_tol(lens[b] - lo, ds, pv);
+                }
+            }
+        }
+        let (qd, kd, vd) = (dev.upload(&q).unwrap(), dev.upload(&kc).unwrap(), dev.upload(&vc).unwrap());
+        let mut od = poisoned(dev, q.len());
+        gatt::decode(dev, &qd.as_view(), &kd.as_view(), &vd.as_view(), &lens, &s, &mut od.as_view_mut()).unwrap();
+        let go = dev.download(&od).unwrap();
+        let e = check_close("decode o", &go, &o, |i| tol[i]);
+        eprintln!("attention decode H={hq} Hkv={hkv} D={d} window={window:?}: rel err {:.2e} ({e}/{} bit-exact)", rel_err(&go, &o), q.len());
+    }
+}
+
+#[test]
+fn launchers_reject_bad_arguments() {
+    let Some(dev) = gpu("launchers_reject_bad_arguments") else { return };
+    let ok = AttnShape { batch: 1, q_len: 3, kv_len: 4, n_heads: 2, n_kv_heads: 1, head_dim: 8, window: None };
+    let try_fwd = |s: AttnShape, nq: usize, nk: usize| {
+        let (q, k, v) = (poisoned(dev, nq), poisoned(dev, nk), poisoned(dev, nk));
+        let (mut o, mut l) = (poisoned(dev, nq), poisoned(dev, nq / s.head_dim.max(1)));
+        gatt::forward(dev, &q.as_view(), &k.as_view(), &v.as_view(), &s, &mut o.as_view_mut(), &mut l.as_view_mut()).map(|_| ()).map_err(|e| e.kind)
+    };
+    use lora::ErrorKind::*;
+    assert_eq!(try_fwd(ok, 48, 32), Ok(()));
+    assert_eq!(try_fwd(AttnShape { window: Some(0), ..ok }, 48, 32), Err(InvalidArgument));
+    assert_eq!(try_fwd(AttnShape { q_len: 5, ..ok }, 80, 32), Err(InvalidShape)); // S < T
+    assert_eq!(try_fwd(AttnShape { n_kv_heads: 3, ..ok }, 48, 96), Err(InvalidShape)); // 2 % 3
+    assert_eq!(try_fwd(AttnShape { head_dim: 130, ..ok }, 3 * 2 * 130, 4 * 130), Err(InvalidShape));
+    assert_eq!(try_fwd(ok, 48, 31), Err(BufferSize));
+    let s = DecodeShape { batch: 2, cache_cap: 4, n_heads: 2, n_kv_heads: 1, head_dim: 8, window: None };
+    let (q, kc) = (poisoned(dev, 32), poisoned(dev, 64));
+    let mut o = poisoned(dev, 32);
+    let e = gatt::decode(dev, &q.as_view(), &kc.as_view(), &kc.as_view(), &[1, 5], &s, &mut o.as_view_mut()).unwrap_err();
+    assert_eq!(e.kind, InvalidArgument, "{e}");
+    let e = gatt::decode(dev, &q.as_view(), &kc.as_view(), &kc.as_view(), &[0, 4], &s, &mut o.as_view_mut()).unwrap_err();
+    assert_eq!(e.kind, InvalidArgument, "{e}");
+}
