@@ -7,7 +7,7 @@
 //! - `o` (forward and decode) within `out_tol(n, ds_row, Σ_j P_ij|v_jc|)`,
 //!   `lse` within `lse_tol(n, ds_row, lse)` (n: the row's visible keys);
 //! - backward (given the CPU's `o` and `lse`): `P` within a relative
-//!   `2·ds + 8u`; `dP`, `δ` within `2(D+8)u·Σ|terms|`; so `dS` within
+//!   `2·ds + 8u + 2u·|s − lse|`; `dP`, `δ` within `2(D+8)u·Σ|terms|`; so `dS` within
 //!   `εP·|dP−δ| + P·(εdP + εδ) + 4u|dS|`; `dv`, `dk`, `dq` within the
 //!   propagated `Σ ε·|factor|` plus `2(n+10)u·Σ|terms|` for their own sums
 //!   (n: the sum's length).
@@ -125,8 +125,8 @@ fn fwd_magnitudes(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> Fwd {
                 let p: Vec<f64> = sc.iter().map(|x| (x - m).exp() / l).collect();
                 for (jj, &pj) in p.iter().enumerate() {
                     let vr = &v[kj(lo + jj)..kj(lo + jj) + d];
-                    for c in 0..d {
-                        f.pv[row * d + c] += pj * (vr[c] as f64).abs();
+                    for (acc, &vc) in f.pv[row * d..(row + 1) * d].iter_mut().zip(vr) {
+                        *acc += pj * (vc as f64).abs();
                     }
                 }
                 f.ds[row] = dsj.iter().cloned().fold(0.0, f64::max);
@@ -205,7 +205,7 @@ fn backward_matches_the_cpu() {
                         let dp: f64 = di.iter().zip(vj).map(|(&a, &b)| a as f64 * b as f64).sum();
                         let adp: f64 = di.iter().zip(vj).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
                         let ds = pj * (dp - delta);
-                        let e_p = pj * (2.0 * dsj[jj] + 8.0 * U);
+                        let e_p = pj * (2.0 * dsj[jj] + 8.0 * U + 2.0 * U * pj.max(f64::MIN_POSITIVE).ln().abs()); // + rounding of s − lse
                         let e_ds = e_p * (dp - delta).abs() + pj * 2.0 * (d as f64 + 8.0) * U * (adp + adelta) + 4.0 * U * ds.abs();
                         for cc in 0..d {
                             let (qc, kc, dc) = (qi[cc].abs() as f64, kj[cc].abs() as f64, di[cc].abs() as f64);
