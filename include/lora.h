@@ -1349,7 +1349,12 @@ struct lora_model_params lora_model_default_params(void);
  * transformers. With `LORA_QUANT_NF4` each linear layer is quantized as it
  * is read, so peak memory stays near the quantized model plus one layer.
  * Files are memory-mapped. Unsupported architectures, config options or
- * unexpected tensors are refused by name (nothing is half-loaded).
+ * unexpected tensors are refused by name (nothing is half-loaded). On
+ * success `*out` receives a model the caller frees with
+ * `lora_model_free`; on failure `*out` is not written. The model keeps
+ * the context's worker threads and pager alive, so it may outlive `ctx`.
+ * Thread-safe with respect to other contexts and models; calls on one
+ * model serialize (see `lora_model`).
  *
  * Errors: `LORA_ERR_NULL_POINTER`, `LORA_ERR_IO` (missing files),
  * `LORA_ERR_FILE_FORMAT`, `LORA_ERR_UNSUPPORTED`, `LORA_ERR_SHAPE_MISMATCH`,
@@ -1535,7 +1540,10 @@ struct lora_trainer_params lora_trainer_default_params(void);
 
 /**
  * Creates a trainer for adapter `adapter` of `model` (which becomes the
- * only active adapter). `params` may be NULL for the defaults.
+ * only active adapter). `params` may be NULL for the defaults. `*out`
+ * receives a trainer the caller frees with `lora_trainer_free` (it holds
+ * the model's data alive; the model handle may be freed first). One
+ * trainer must not be used from two threads at once.
  *
  * Errors: `LORA_ERR_INVALID_ARGUMENT` (unknown adapter, bad
  * hyperparameters), `LORA_ERR_INVALID_STATE` (model merged),
@@ -1592,7 +1600,12 @@ lora_status lora_trainer_save(const struct lora_trainer *trainer, const char *di
  * its weights replaced), optimizer state, step and schedule restored. On
  * the CPU the resumed run continues bit for bit. `params` may be NULL; only
  * its progress callback is used (the hyperparameters come from the
- * checkpoint).
+ * checkpoint). `*out` receives a trainer the caller frees with
+ * `lora_trainer_free`.
+ *
+ * Errors: `LORA_ERR_IO` (no checkpoint in `dir`), `LORA_ERR_FILE_FORMAT`,
+ * `LORA_ERR_SHAPE_MISMATCH` (the checkpoint's adapter does not fit this
+ * model), the errors of `lora_adapter_load`.
  */
 lora_status lora_trainer_resume(struct lora_model *model,
                                 const char *dir,
@@ -1617,7 +1630,9 @@ struct lora_optimizer_params lora_optimizer_default_params(void);
  * state, step 0). `LORA_OPTIM_ADAMW` is torch.optim.AdamW bit for bit;
  * `LORA_OPTIM_ADAMW_8BIT` is bitsandbytes' AdamW8bit (blockwise 8-bit
  * moments for tensors of 4,096 elements or more, fp32 below). `params`
- * may be NULL for the defaults.
+ * may be NULL for the defaults. `*out` receives an optimizer the caller
+ * frees with `lora_optimizer_free`; it keeps the context's pager alive
+ * (paged state), so it may outlive `ctx`. Sizes are element counts.
  *
  * Errors: `LORA_ERR_INVALID_ARGUMENT` (n = 0, a zero size, bad
  * hyperparameters), `LORA_ERR_UNSUPPORTED` (paged 8-bit), `LORA_ERR_IO`

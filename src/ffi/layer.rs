@@ -70,13 +70,6 @@ impl Handle for lora_layer {
     }
 }
 
-fn layer_mut<'a>(p: *mut lora_layer) -> Result<&'a mut lora_layer> {
-    handle(p as *const lora_layer, "layer")?;
-    // SAFETY: validated non-null live handle; the header forbids concurrent
-    // mutation of one layer.
-    Ok(unsafe { &mut *p })
-}
-
 /// Reads `n` elements of `dtype` from a caller buffer as f32.
 fn read_f32(data: *const c_void, bytes: usize, dtype: lora_dtype, n: usize, what: &str) -> Result<Vec<f32>> {
     let dt = dtype_of(dtype)?;
@@ -208,7 +201,7 @@ pub extern "C" fn lora_adapter_default_config() -> lora_adapter_config {
 #[no_mangle]
 pub unsafe extern "C" fn lora_layer_add_adapter(layer: *mut lora_layer, name: *const c_char, config: *const lora_adapter_config) -> lora_status {
     guard(|| {
-        let l = layer_mut(layer)?;
+        let l = util::handle_mut(layer, "layer")?;
         let name = req_str(name, "name")?;
         let c = read_params(config, lora_adapter_default_config(), std::mem::size_of::<lora_adapter_config>(), "lora_adapter_config")?;
         let (in_f, out_f, r) = (l.inner.in_features(), l.inner.out_features(), c.r as usize);
@@ -235,7 +228,7 @@ pub unsafe extern "C" fn lora_layer_add_adapter(layer: *mut lora_layer, name: *c
 /// `LORA_ERR_INVALID_STATE` if the layer has no bias.
 #[no_mangle]
 pub unsafe extern "C" fn lora_layer_set_bias_trainable(layer: *mut lora_layer, trainable: u32) -> lora_status {
-    guard(|| layer_mut(layer)?.inner.set_bias_trainable(trainable != 0))
+    guard(|| util::handle_mut(layer, "layer")?.inner.set_bias_trainable(trainable != 0))
 }
 
 /// Trainable parameters (all adapters' A and B, plus the bias if trainable)
@@ -286,7 +279,7 @@ pub unsafe extern "C" fn lora_layer_forward(
     train: u32,
 ) -> lora_status {
     guard(|| {
-        let l = layer_mut(layer)?;
+        let l = util::handle_mut(layer, "layer")?;
         let (in_f, out_f) = (l.inner.in_features(), l.inner.out_features());
         let xv = read_f32(x, x_bytes, x_dtype, rows_elems(n, in_f)?, "x")?;
         let ny = rows_elems(n, out_f)?;
@@ -324,7 +317,7 @@ pub unsafe extern "C" fn lora_layer_backward(
     dx_dtype: lora_dtype,
 ) -> lora_status {
     guard(|| {
-        let l = layer_mut(layer)?;
+        let l = util::handle_mut(layer, "layer")?;
         let (in_f, out_f) = (l.inner.in_features(), l.inner.out_features());
         let xv = read_f32(x, x_bytes, x_dtype, rows_elems(n, in_f)?, "x")?;
         let dyv = read_f32(dy, dy_bytes, dy_dtype, rows_elems(n, out_f)?, "dy")?;
@@ -343,7 +336,7 @@ pub unsafe extern "C" fn lora_layer_backward(
 #[no_mangle]
 pub unsafe extern "C" fn lora_layer_zero_grad(layer: *mut lora_layer) -> lora_status {
     guard(|| {
-        layer_mut(layer)?.inner.zero_grad();
+        util::handle_mut(layer, "layer")?.inner.zero_grad();
         Ok(())
     })
 }
@@ -379,7 +372,7 @@ pub unsafe extern "C" fn lora_layer_get_adapter(layer: *const lora_layer, name: 
 #[no_mangle]
 pub unsafe extern "C" fn lora_layer_set_adapter(layer: *mut lora_layer, name: *const c_char, a: *const f32, a_len: usize, b: *const f32, b_len: usize) -> lora_status {
     guard(|| {
-        let l = layer_mut(layer)?;
+        let l = util::handle_mut(layer, "layer")?;
         let name = req_str(name, "name")?;
         req(a, "a")?;
         req(b, "b")?;
@@ -396,7 +389,7 @@ pub unsafe extern "C" fn lora_layer_set_adapter(layer: *mut lora_layer, name: *c
 #[no_mangle]
 pub unsafe extern "C" fn lora_layer_merge(layer: *mut lora_layer) -> lora_status {
     guard(|| {
-        let l = layer_mut(layer)?;
+        let l = util::handle_mut(layer, "layer")?;
         let pool = l.pool.clone();
         pool.install(|| l.inner.merge())
     })
@@ -406,7 +399,7 @@ pub unsafe extern "C" fn lora_layer_merge(layer: *mut lora_layer) -> lora_status
 /// `LORA_ERR_INVALID_STATE` if not merged.
 #[no_mangle]
 pub unsafe extern "C" fn lora_layer_unmerge(layer: *mut lora_layer) -> lora_status {
-    guard(|| layer_mut(layer)?.inner.unmerge())
+    guard(|| util::handle_mut(layer, "layer")?.inner.unmerge())
 }
 
 /// Makes the `n` adapters `names` the active set, adapter i scaled by
@@ -417,7 +410,7 @@ pub unsafe extern "C" fn lora_layer_unmerge(layer: *mut lora_layer) -> lora_stat
 #[no_mangle]
 pub unsafe extern "C" fn lora_layer_swap_adapter(layer: *mut lora_layer, names: *const *const c_char, multipliers: *const f32, n: usize) -> lora_status {
     guard(|| {
-        let l = layer_mut(layer)?;
+        let l = util::handle_mut(layer, "layer")?;
         if n > 0 {
             req(names, "names")?;
         }
@@ -442,7 +435,7 @@ pub unsafe extern "C" fn lora_layer_swap_adapter(layer: *mut lora_layer, names: 
 #[no_mangle]
 pub unsafe extern "C" fn lora_layer_requantize(layer: *mut lora_layer, params: *const super::nf4::lora_nf4_params, rel_rms: *mut f64, max_abs: *mut f32) -> lora_status {
     guard(|| {
-        let l = layer_mut(layer)?;
+        let l = util::handle_mut(layer, "layer")?;
         let p = read_params(params, super::nf4::lora_nf4_default_params(), std::mem::size_of::<super::nf4::lora_nf4_params>(), "lora_nf4_params")?;
         let pool = l.pool.clone();
         let rep = pool.install(|| l.inner.requantize_merged(Nf4Params { blocksize: p.blocksize as usize, double_quant: p.double_quant != 0 }))?;
@@ -478,7 +471,7 @@ pub unsafe extern "C" fn lora_layer_weight(layer: *const lora_layer, dtype: lora
 #[no_mangle]
 pub unsafe extern "C" fn lora_layer_add_weighted(layer: *mut lora_layer, name: *const c_char, names: *const *const c_char, weights: *const f32, n: usize, how: lora_combine) -> lora_status {
     guard(|| {
-        let l = layer_mut(layer)?;
+        let l = util::handle_mut(layer, "layer")?;
         let name = req_str(name, "name")?;
         req(names, "names")?;
         req(weights, "weights")?;

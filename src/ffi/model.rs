@@ -197,7 +197,12 @@ pub extern "C" fn lora_model_default_params() -> lora_model_params {
 /// transformers. With `LORA_QUANT_NF4` each linear layer is quantized as it
 /// is read, so peak memory stays near the quantized model plus one layer.
 /// Files are memory-mapped. Unsupported architectures, config options or
-/// unexpected tensors are refused by name (nothing is half-loaded).
+/// unexpected tensors are refused by name (nothing is half-loaded). On
+/// success `*out` receives a model the caller frees with
+/// `lora_model_free`; on failure `*out` is not written. The model keeps
+/// the context's worker threads and pager alive, so it may outlive `ctx`.
+/// Thread-safe with respect to other contexts and models; calls on one
+/// model serialize (see `lora_model`).
 ///
 /// Errors: `LORA_ERR_NULL_POINTER`, `LORA_ERR_IO` (missing files),
 /// `LORA_ERR_FILE_FORMAT`, `LORA_ERR_UNSUPPORTED`, `LORA_ERR_SHAPE_MISMATCH`,
@@ -742,6 +747,15 @@ pub extern "C" fn lora_trainer_default_params() -> lora_trainer_params {
     }
 }
 
+/// A `LORA_OPTIM_*` value as the optimizer it names.
+pub(crate) fn optim_kind(o: lora_optim) -> Result<OptimKind> {
+    match o {
+        LORA_OPTIM_ADAMW => Ok(OptimKind::AdamW),
+        LORA_OPTIM_ADAMW_8BIT => Ok(OptimKind::AdamW8bit),
+        o => crate::bail!(InvalidArgument, "optimizer {o} is not a LORA_OPTIM_* value"),
+    }
+}
+
 fn trainer_config(p: &lora_trainer_params, quantized: bool) -> Result<TrainerConfig> {
     let schedule = match p.schedule {
         LORA_SCHEDULE_CONSTANT => Schedule::Constant,
@@ -758,11 +772,7 @@ fn trainer_config(p: &lora_trainer_params, quantized: bool) -> Result<TrainerCon
         }
         s => crate::bail!(InvalidArgument, "schedule {s} is not a LORA_SCHEDULE_* value"),
     };
-    let optimizer = match p.optimizer {
-        LORA_OPTIM_ADAMW => OptimKind::AdamW,
-        LORA_OPTIM_ADAMW_8BIT => OptimKind::AdamW8bit,
-        o => crate::bail!(InvalidArgument, "optimizer {o} is not a LORA_OPTIM_* value"),
-    };
+    let optimizer = optim_kind(p.optimizer)?;
     let paged = match p.paged_state {
         LORA_PAGED_STATE_AUTO => quantized && optimizer == OptimKind::AdamW,
         LORA_PAGED_STATE_OFF => false,
@@ -781,7 +791,10 @@ fn trainer_config(p: &lora_trainer_params, quantized: bool) -> Result<TrainerCon
 }
 
 /// Creates a trainer for adapter `adapter` of `model` (which becomes the
-/// only active adapter). `params` may be NULL for the defaults.
+/// only active adapter). `params` may be NULL for the defaults. `*out`
+/// receives a trainer the caller frees with `lora_trainer_free` (it holds
+/// the model's data alive; the model handle may be freed first). One
+/// trainer must not be used from two threads at once.
 ///
 /// Errors: `LORA_ERR_INVALID_ARGUMENT` (unknown adapter, bad
 /// hyperparameters), `LORA_ERR_INVALID_STATE` (model merged),
@@ -808,12 +821,6 @@ pub unsafe extern "C" fn lora_trainer_free(trainer: *mut lora_trainer) {
     util::free_handle(trainer, |t| t.tag = 0);
 }
 
-fn trainer_mut<'a>(p: *mut lora_trainer) -> Result<&'a mut lora_trainer> {
-    handle(p as *const lora_trainer, "trainer")?;
-    // SAFETY: validated live handle; the header forbids concurrent use.
-    Ok(unsafe { &mut *p })
-}
-
 /// One optimizer step on a batch of token ids `[batch, seq]` (seq ≥ 2):
 /// causal-LM cross-entropy averaged over the counted tokens exactly as
 /// transformers does (`labels` NULL means the ids; −100 is ignored;
@@ -833,7 +840,7 @@ fn trainer_mut<'a>(p: *mut lora_trainer) -> Result<&'a mut lora_trainer> {
 #[no_mangle]
 pub unsafe extern "C" fn lora_train_step(trainer: *mut lora_trainer, ids: *const i32, labels: *const i32, batch: usize, seq: usize, result: *mut lora_step_result) -> lora_status {
     guard(|| {
-        let t = trainer_mut(trainer)?;
+        let t = util::handle_mut(trainer, "trainer")?;
         let n = batch.checked_mul(seq).filter(|&n| n > 0).ok_or_else(|| crate::err!(InvalidShape, "batch {batch} × seq {seq} is empty or overflows"))?;
         let ids = std::slice::from_raw_parts(req(ids, "ids")?, n);
         let labels = if labels.is_null() { None } else { Some(std::slice::from_raw_parts(labels, n)) };
@@ -873,7 +880,12 @@ pub unsafe extern "C" fn lora_trainer_save(trainer: *const lora_trainer, dir: *c
 /// its weights replaced), optimizer state, step and schedule restored. On
 /// the CPU the resumed run continues bit for bit. `params` may be NULL; only
 /// its progress callback is used (the hyperparameters come from the
-/// checkpoint).
+/// checkpoint). `*out` receives a trainer the caller frees with
+/// `lora_trainer_free`.
+///
+/// Errors: `LORA_ERR_IO` (no checkpoint in `dir`), `LORA_ERR_FILE_FORMAT`,
+/// `LORA_ERR_SHAPE_MISMATCH` (the checkpoint's adapter does not fit this
+/// model), the errors of `lora_adapter_load`.
 #[no_mangle]
 pub unsafe extern "C" fn lora_trainer_resume(model: *mut lora_model, dir: *const c_char, params: *const lora_trainer_params, out: *mut *mut lora_trainer) -> lora_status {
     guard(|| {

@@ -3,12 +3,11 @@
 //! trainer (`lora_train_step`) uses the same optimizers internally.
 
 use super::context::lora_context;
-use super::model::{lora_optim, LORA_OPTIM_ADAMW, LORA_OPTIM_ADAMW_8BIT};
+use super::model::{lora_optim, LORA_OPTIM_ADAMW};
 use super::util::{self, guard, handle, read_params, req, req_out, Handle};
 use super::*;
-use crate::error::Result;
 use crate::optim::adamw::AdamWConfig;
-use crate::optim::{OptimKind, Optimizer};
+use crate::optim::Optimizer;
 
 /// Options of `lora_optimizer_new`. Initialize with
 /// `lora_optimizer_default_params()`.
@@ -63,7 +62,9 @@ pub extern "C" fn lora_optimizer_default_params() -> lora_optimizer_params {
 /// state, step 0). `LORA_OPTIM_ADAMW` is torch.optim.AdamW bit for bit;
 /// `LORA_OPTIM_ADAMW_8BIT` is bitsandbytes' AdamW8bit (blockwise 8-bit
 /// moments for tensors of 4,096 elements or more, fp32 below). `params`
-/// may be NULL for the defaults.
+/// may be NULL for the defaults. `*out` receives an optimizer the caller
+/// frees with `lora_optimizer_free`; it keeps the context's pager alive
+/// (paged state), so it may outlive `ctx`. Sizes are element counts.
 ///
 /// Errors: `LORA_ERR_INVALID_ARGUMENT` (n = 0, a zero size, bad
 /// hyperparameters), `LORA_ERR_UNSUPPORTED` (paged 8-bit), `LORA_ERR_IO`
@@ -83,11 +84,7 @@ pub unsafe extern "C" fn lora_optimizer_new(ctx: *const lora_context, params: *c
             crate::bail!(InvalidArgument, "sizes[{i}] is 0");
         }
         let cfg = AdamWConfig { lr: p.lr, beta1: p.beta1, beta2: p.beta2, eps: p.eps, weight_decay: p.weight_decay };
-        let kind = match p.optimizer {
-            LORA_OPTIM_ADAMW => OptimKind::AdamW,
-            LORA_OPTIM_ADAMW_8BIT => OptimKind::AdamW8bit,
-            o => crate::bail!(InvalidArgument, "optimizer {o} is not a LORA_OPTIM_* value"),
-        };
+        let kind = super::model::optim_kind(p.optimizer)?;
         let inner = Optimizer::new(kind, cfg, sizes, (p.paged != 0).then_some(&ctx.inner.pager))?;
         *out = util::into_handle(lora_optimizer { tag: lora_optimizer::TAG, inner });
         Ok(())
@@ -100,16 +97,10 @@ pub unsafe extern "C" fn lora_optimizer_free(opt: *mut lora_optimizer) {
     util::free_handle(opt, |o| o.tag = 0);
 }
 
-fn opt_mut<'a>(p: *mut lora_optimizer) -> Result<&'a mut lora_optimizer> {
-    handle(p as *const lora_optimizer, "opt")?;
-    // SAFETY: validated live handle; the header forbids concurrent use.
-    Ok(unsafe { &mut *p })
-}
-
 /// Sets the learning rate of the next steps (a schedule's job).
 #[no_mangle]
 pub unsafe extern "C" fn lora_optimizer_set_lr(opt: *mut lora_optimizer, lr: f64) -> lora_status {
-    guard(|| opt_mut(opt)?.inner.set_lr(lr))
+    guard(|| util::handle_mut(opt, "opt")?.inner.set_lr(lr))
 }
 
 /// One step: `params[i]` (`sizes[i]` floats, updated in place) from
@@ -121,7 +112,7 @@ pub unsafe extern "C" fn lora_optimizer_set_lr(opt: *mut lora_optimizer, lr: f64
 #[no_mangle]
 pub unsafe extern "C" fn lora_optimizer_step(opt: *mut lora_optimizer, params: *const *mut f32, grads: *const *const f32, n: usize) -> lora_status {
     guard(|| {
-        let o = opt_mut(opt)?;
+        let o = util::handle_mut(opt, "opt")?;
         let sizes = o.inner.sizes().to_vec();
         if n != sizes.len() {
             crate::bail!(InvalidArgument, "{n} tensors given; the optimizer was created for {}", sizes.len());

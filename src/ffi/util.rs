@@ -148,6 +148,15 @@ pub(crate) fn handle<'a, H: Handle>(p: *const H, what: &str) -> Result<&'a H> {
     Ok(h)
 }
 
+/// A live handle for mutation. The header forbids using one handle from
+/// two threads at once, which makes the `&mut` exclusive.
+pub(crate) fn handle_mut<'a, H: Handle>(p: *mut H, what: &str) -> Result<&'a mut H> {
+    handle(p as *const H, what)?;
+    // SAFETY: validated non-null live handle of type H; exclusive by the
+    // header's contract.
+    Ok(unsafe { &mut *p })
+}
+
 /// `Box::into_raw` for a new handle.
 pub(crate) fn into_handle<H>(h: H) -> *mut H {
     Box::into_raw(Box::new(h))

@@ -210,8 +210,8 @@ impl Model {
     /// sequence; returns logits `[B, V]`.
     fn decode_step(&mut self, next: &[i32], lens: &mut [usize], caches: &mut [Cache], cap: usize, seq_ad: Option<&[i32]>) -> Result<Vec<f32>> {
         let bsz = next.len();
-        let cfg = self.cfg.clone();
-        let (h, hd, nh, nkv, eps) = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps);
+        let c = &self.cfg;
+        let (h, hd, nh, nkv, eps) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.rms_norm_eps);
         let rows = self.row_adapters(seq_ad, bsz, 1)?;
         let positions: Vec<usize> = lens.to_vec();
         // One table row per sequence: rope as a [1, B, H, D] tensor.
@@ -232,7 +232,7 @@ impl Model {
                 caches[l].v[at..at + row].copy_from_slice(&vv[b * row..(b + 1) * row]);
             }
             let new_lens: Vec<usize> = lens.iter().map(|&n| n + 1).collect();
-            let shape = DecodeShape { batch: bsz, cache_cap: cap, n_heads: nh, n_kv_heads: nkv, head_dim: hd, window: cfg.windows[l] };
+            let shape = DecodeShape { batch: bsz, cache_cap: cap, n_heads: nh, n_kv_heads: nkv, head_dim: hd, window: self.cfg.windows[l] };
             let mut att = vec![0f32; bsz * nh * hd];
             attention_decode(&q, &caches[l].k, &caches[l].v, &new_lens, &shape, &mut att);
             let o = self.lin_forward(l, O, &att, bsz, rows.as_ref(), false, 0)?;

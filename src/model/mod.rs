@@ -51,6 +51,16 @@ pub const GATE: usize = 4;
 pub const UP: usize = 5;
 pub const DOWN: usize = 6;
 
+/// transformers' causal shift: position `t` of each sequence predicts
+/// `labels[t+1]`; the last position predicts nothing (−100).
+pub fn shifted_targets(labels: &[i32], batch: usize, seq: usize) -> Vec<i32> {
+    let mut targets = vec![IGNORE_INDEX; batch * seq];
+    for b in 0..batch {
+        targets[b * seq..(b + 1) * seq - 1].copy_from_slice(&labels[b * seq + 1..(b + 1) * seq]);
+    }
+    targets
+}
+
 fn shape_of(window: Option<usize>, batch: usize, seq: usize, nh: usize, nkv: usize, hd: usize) -> AttnShape {
     AttnShape { window, ..AttnShape::causal(batch, seq, nh, nkv, hd) }
 }
@@ -540,19 +550,7 @@ impl Model {
 
     /// Bytes by category; `optimizer` is filled in by the trainer.
     pub fn memory(&self) -> MemStats {
-        let mut base = (self.embed.len() + self.norm.len() + self.lm_head.as_ref().map_or(0, |h| h.len())) * 4;
-        let (mut q, mut qn, mut ad) = (0, 0, 0);
-        for b in &self.blocks {
-            base += (b.attn_norm.len() + b.mlp_norm.len()) * 4;
-            for l in &b.lin {
-                base += l.base_bytes();
-                ad += l.adapter_bytes();
-                if let Some(t) = l.nf4_base() {
-                    q += t.footprint_bytes();
-                    qn += t.numel();
-                }
-            }
-        }
+        let (base, q, qn, ad) = self.weight_bytes();
         let acts = self.act_peak.max(self.pool.bytes());
         MemStats {
             base_weights: base,
@@ -569,17 +567,27 @@ impl Model {
 
     /// Records a total of static memory plus `dynamic` bytes as a candidate peak.
     pub(crate) fn note_peak(&mut self, dynamic: usize) {
-        let m = self.memory_static();
-        self.peak = self.peak.max(m + dynamic);
+        let (base, _, _, adapters) = self.weight_bytes();
+        self.peak = self.peak.max(base + adapters + dynamic);
     }
 
-    fn memory_static(&self) -> usize {
-        let mut s = (self.embed.len() + self.norm.len() + self.lm_head.as_ref().map_or(0, |h| h.len())) * 4;
+    /// (base weights, of which NF4 as stored, NF4 weight count, adapters
+    /// with their gradients), in bytes.
+    fn weight_bytes(&self) -> (usize, usize, usize, usize) {
+        let mut base = (self.embed.len() + self.norm.len() + self.lm_head.as_ref().map_or(0, |h| h.len())) * 4;
+        let (mut q, mut qn, mut ad) = (0, 0, 0);
         for b in &self.blocks {
-            s += (b.attn_norm.len() + b.mlp_norm.len()) * 4;
-            s += b.lin.iter().map(|l| l.base_bytes() + l.adapter_bytes()).sum::<usize>();
+            base += (b.attn_norm.len() + b.mlp_norm.len()) * 4;
+            for l in &b.lin {
+                base += l.base_bytes();
+                ad += l.adapter_bytes();
+                if let Some(t) = l.nf4_base() {
+                    q += t.footprint_bytes();
+                    qn += t.numel();
+                }
+            }
         }
-        s
+        (base, q, qn, ad)
     }
 
     /// Checks token ids against the vocabulary.
@@ -818,14 +826,7 @@ impl Model {
                 saved.push(Some(acts));
             }
         }
-        // Targets: position t predicts labels[t+1]; the last position of
-        // each sequence predicts nothing.
-        let mut targets = vec![IGNORE_INDEX; n];
-        for b in 0..batch {
-            for t in 0..seq - 1 {
-                targets[b * seq + t] = labels[b * seq + t + 1];
-            }
-        }
+        let targets = shifted_targets(labels, batch, seq);
         let (mut logits, _hf, rstd) = self.head_forward(&x, n);
         held += logits.len() * 4 * 2;
         let ce = cross_entropy_fused(&mut logits, &targets, vsz, Some(grad_scale))?;
@@ -872,12 +873,7 @@ impl Model {
         }
         let mut logits = self.logits(ids, batch, seq, None)?;
         let vsz = self.vocab();
-        let mut targets = vec![IGNORE_INDEX; batch * seq];
-        for b in 0..batch {
-            for t in 0..seq - 1 {
-                targets[b * seq + t] = labels[b * seq + t + 1];
-            }
-        }
+        let targets = shifted_targets(labels, batch, seq);
         Ok(cross_entropy_fused(&mut logits, &targets, vsz, Some(0.0))?.loss)
     }
 

@@ -91,11 +91,6 @@ fn set_aside(dir: &Path) -> Option<std::path::PathBuf> {
         .map(|e| e.path())
 }
 
-/// Counted targets of a batch: positions t ≥ 1 with labels ≠ −100.
-fn counted(labels: &[i32], batch: usize, seq: usize) -> usize {
-    (0..batch).map(|b| labels[b * seq + 1..(b + 1) * seq].iter().filter(|&&y| y != -100).count()).sum()
-}
-
 impl Trainer {
     /// A trainer for adapter `adapter` of `model`: it becomes the only
     /// active adapter (multiplier 1). `cfg.paged` needs [`Trainer::with_pager`].
@@ -162,7 +157,7 @@ impl Trainer {
         if labels.len() != n {
             bail!(ShapeMismatch, "{} labels for a batch of {batch} × {seq}", labels.len());
         }
-        let total = counted(labels, batch, seq);
+        let total = crate::backend::cpu::loss::count_labels(&crate::model::shifted_targets(labels, batch, seq));
         if total == 0 {
             bail!(InvalidArgument, "no position of the batch has a label (all −100 after the causal shift)");
         }
