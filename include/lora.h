@@ -547,6 +547,11 @@ typedef struct lora_step_result {
 } lora_step_result;
 
 /**
+ * Operand precision of a GPU training step's frozen products.
+ */
+typedef uint32_t lora_compute;
+
+/**
  * Bytes held, by category (`lora_model_memory`).
  */
 typedef struct lora_memory_stats {
@@ -899,6 +904,18 @@ typedef struct lora_paged_stats {
  * bit-identical to resident state. 32-bit AdamW only.
  */
 #define LORA_PAGED_STATE_ON 2
+
+/**
+ * bf16 operands on tensor cores, fp32 accumulation (bitsandbytes'
+ * `compute_dtype=bfloat16`); adapters, norms, attention, loss and AdamW
+ * stay fp32. The fast mode.
+ */
+#define LORA_COMPUTE_BF16 0
+
+/**
+ * Every product in fp32: the CPU backend's numbers up to summation order.
+ */
+#define LORA_COMPUTE_F32 1
 
 /**
  * CUDA managed memory: the fast tier is the device, the slow one the host.
@@ -1585,6 +1602,25 @@ lora_status lora_train_step(struct lora_trainer *trainer,
                             size_t batch,
                             size_t seq,
                             struct lora_step_result *result);
+
+/**
+ * Moves `trainer`'s steps to CUDA device `device` (0, 1, …) with
+ * `compute` precision (`LORA_COMPUTE_*`), or back to the CPU with
+ * `device = -1`. The base weights (NF4 stays NF4), the adapter and the
+ * AdamW state are copied to device memory; each `lora_train_step` then
+ * runs forward, backward, clipping and AdamW there, and copies the
+ * updated adapter back to the model, so saving, merging and generation
+ * see it. Works after `lora_trainer_new` or `lora_trainer_resume`.
+ *
+ * Errors: `LORA_ERR_CUDA_UNAVAILABLE` (no driver, no such device, no
+ * NVRTC or cuBLAS), `LORA_ERR_UNSUPPORTED` (8-bit AdamW, paged optimizer
+ * state, LoRA dropout, head_dim above 128), `LORA_ERR_INVALID_ARGUMENT`
+ * (unknown `compute`), `LORA_ERR_OUT_OF_MEMORY` (device memory),
+ * `LORA_ERR_CUDA`.
+ */
+lora_status lora_trainer_use_device(struct lora_trainer *trainer,
+                                    int32_t device,
+                                    lora_compute compute);
 
 /**
  * Saves a training checkpoint to directory `dir`: the adapter (PEFT

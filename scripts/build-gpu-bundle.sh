@@ -6,8 +6,13 @@
 #   .gpu/bin/cuda_nf4        tests/cuda_nf4.rs: every NF4 kernel vs its CPU twin
 #   .gpu/bin/cuda_ops        tests/cuda_ops.rs: training-step kernels (norm, rope, swiglu, embed, loss, adamw) vs CPU
 #   .gpu/bin/cuda_compile    tests/cuda_compile.rs: NVRTC compiles cuda/*.cu (there: the device's NVRTC)
+#   .gpu/bin/cuda_blas       tests/cuda_blas.rs: cuBLAS products and elementwise kernels vs CPU
+#   .gpu/bin/cuda_lora       tests/cuda_lora.rs: LoRA product kernels vs CPU
+#   .gpu/bin/cuda_attention  tests/cuda_attention.rs: attention kernels vs CPU
+#   .gpu/bin/cuda_train      tests/cuda_train.rs: whole training steps on the GPU vs the CPU trainer
 #   .gpu/bin/cuda_paged      tests/cuda_paged.rs: paged memory as CUDA managed memory (prefetch, budget, refusal)
 #   .gpu/bin/gpu_bench_nf4   examples/gpu_bench_nf4.rs: bandwidth and GEMV benchmark
+#   .gpu/bin/gpu_bench_train examples/gpu_bench_train.rs: 1B-parameter training-step benchmark
 #   .gpu/MANIFEST            git revision, toolchain, sizes, glibc symbol versions needed
 #
 # Release builds (`cargo test --release --no-run`), debug info stripped to
@@ -21,8 +26,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BUNDLE=.gpu
-TESTS=(cuda_nf4 cuda_ops cuda_lora cuda_attention cuda_compile cuda_paged)
-EXAMPLES=(gpu_bench_nf4)
+TESTS=(cuda_nf4 cuda_ops cuda_blas cuda_lora cuda_attention cuda_train cuda_compile cuda_paged)
+EXAMPLES=(gpu_bench_nf4 gpu_bench_train)
 
 rm -rf "$BUNDLE"
 mkdir -p "$BUNDLE/bin"

@@ -14,8 +14,14 @@
 #      the benchmark.
 #
 # The whole log goes to "$OUT/gpu-check.log" ($OUT defaults to ./gpu-out).
-# Exits non-zero if anything failed. The steps' time limits add up to 7.5
-# minutes (a full run took 11 s on an H200), so the check ends within 8.
+# Exits non-zero if anything failed. Each step has its own time limit and
+# all of them share one deadline (DEADLINE_S, 430 s after the start; a step
+# gets what is left of it), so the check ends within 8 minutes.
+#
+#   5. the training-step benchmark (examples/gpu_bench_train.rs) on a
+#      1B-parameter LLaMA, and beside it on the same card PyTorch + PEFT
+#      (bench/peft_train_gpu.py; bitsandbytes from .whl/site when carried,
+#      for the QLoRA rows).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +39,7 @@ finish() {
 
 BUNDLE=.gpu
 START=$(date +%s)
+DEADLINE_S="${DEADLINE_S:-430}"
 failures=()
 passes=0
 
@@ -42,7 +49,14 @@ section() { printf '\n==== %s (t=%ss)\n' "$1" "$(( $(date +%s) - START ))"; }
 run() {
   local name=$1 limit=$2
   shift 2
+  local left=$(( START + DEADLINE_S - $(date +%s) ))
+  [ "$left" -lt "$limit" ] && limit=$left
   section "$name"
+  if [ "$limit" -le 0 ]; then
+    echo "---- $name: SKIPPED (the check's deadline of ${DEADLINE_S}s has passed)"
+    failures+=("$name (no time left)")
+    return
+  fi
   echo "\$ $*"
   local t0=$(date +%s)
   timeout --kill-after=10 "$limit" "$@"
@@ -117,6 +131,18 @@ else
   ls -l "$(dirname "$NVRTC")"/libnvrtc* 2>/dev/null
 fi
 
+# cuBLAS (the device training step's matrix products): the toolkit's or
+# the nvidia-cublas wheel's, found the same way.
+if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so\.13' && ! ls "$(dirname "${NVRTC:-/nonexistent}")"/libcublas.so.13 >/dev/null 2>&1; then
+  CUBLAS="$(timeout 30 find / -xdev -name 'libcublas.so.13*' 2>/dev/null | head -1)"
+  if [ -n "$CUBLAS" ]; then
+    export LD_LIBRARY_PATH="$(dirname "$CUBLAS")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    echo "cuBLAS: $CUBLAS"
+  else
+    echo "no libcublas.so.13 on this machine: the training-step tests will fail"
+  fi
+fi
+
 # A missing GPU or NVRTC fails every test; LORA_REQUIRE_GPU=0 turns that
 # into skips (to try this script on a machine without a GPU).
 export LORA_REQUIRE_GPU="${LORA_REQUIRE_GPU:-1}"
@@ -145,10 +171,31 @@ fi
 run "test cuda_compile (NVRTC here compiles every kernel)" 60 "$BUNDLE/bin/cuda_compile" --nocapture --test-threads=1
 run "test cuda_nf4 (kernels vs CPU on the GPU)" 75 "$BUNDLE/bin/cuda_nf4" --nocapture --test-threads=1
 run "test cuda_ops (training-step kernels vs CPU on the GPU)" 60 "$BUNDLE/bin/cuda_ops" --nocapture --test-threads=1
+run "test cuda_blas (cuBLAS products and elementwise kernels vs CPU on the GPU)" 45 "$BUNDLE/bin/cuda_blas" --nocapture --test-threads=1
 run "test cuda_lora (LoRA product kernels vs CPU on the GPU)" 60 "$BUNDLE/bin/cuda_lora" --nocapture --test-threads=1
 run "test cuda_attention (attention kernels vs CPU on the GPU)" 45 "$BUNDLE/bin/cuda_attention" --nocapture --test-threads=1
 run "test cuda_paged (paged memory: CUDA managed memory)" 60 "$BUNDLE/bin/cuda_paged" --nocapture --test-threads=1
+run "test cuda_train (training steps on the GPU vs the CPU trainer)" 120 "$BUNDLE/bin/cuda_train" --nocapture --test-threads=1
 run "bench gpu_bench_nf4" 45 "$BUNDLE/bin/gpu_bench_nf4"
+
+# The training-step benchmark, ours then PyTorch + PEFT on the same card.
+# Batch 4 x 1024 tokens, LoRA r 16 on every linear layer, bf16 compute.
+run "bench gpu_bench_train nf4 (QLoRA)" 60 "$BUNDLE/bin/gpu_bench_train" nf4 4 1024 5 16
+run "bench gpu_bench_train bf16" 60 "$BUNDLE/bin/gpu_bench_train" bf16 4 1024 5 16
+run "bench gpu_bench_train nf4 + checkpointing" 60 "$BUNDLE/bin/gpu_bench_train" nf4 4 1024 5 16 ckpt
+if command -v python3 >/dev/null && python3 -c 'import torch, peft' 2>/dev/null; then
+  [ -d .whl/site ] && export PYTHONPATH="$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONUNBUFFERED=1
+  run "baseline PyTorch + PEFT bf16" 60 python3 bench/peft_train_gpu.py bf16 4 1024 5 16
+  if python3 -c 'import bitsandbytes' 2>/dev/null; then
+    run "baseline PyTorch + PEFT + bitsandbytes nf4 (QLoRA)" 60 python3 bench/peft_train_gpu.py nf4 4 1024 5 16
+    run "baseline PyTorch + PEFT + bitsandbytes nf4 + checkpointing" 60 python3 bench/peft_train_gpu.py nf4 4 1024 5 16 ckpt
+  else
+    echo "bitsandbytes not importable here: no QLoRA baseline (carry .whl/site, see bench/RESULTS.md)"
+  fi
+else
+  echo "python3 with torch and peft not found: no PyTorch baseline"
+fi
 
 section "summary"
 echo "log: $LOG"

@@ -114,7 +114,8 @@ fn shrink_expand_and_forward_match_the_cpu() {
     // Shape checks.
     let xd = dev.upload(&[1f32; 6]).unwrap();
     let ad = dev.upload(&[1f32; 6]).unwrap();
-    let mut hd = poisoned(dev, 4);
+    // h of 3 elements where n·r = 2·2 = 4 are needed.
+    let mut hd = poisoned(dev, 3);
     let e = glora::shrink(dev, &xd.as_view(), &ad.as_view(), 2, 3, 2, &mut hd.as_view_mut()).unwrap_err();
     assert_eq!(e.kind, lora::ErrorKind::BufferSize, "{e}");
     let e = glora::shrink(dev, &xd.as_view(), &ad.as_view(), 2, 3, 0, &mut hd.as_view_mut()).unwrap_err();

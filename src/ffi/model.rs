@@ -863,6 +863,45 @@ pub unsafe extern "C" fn lora_train_step(trainer: *mut lora_trainer, ids: *const
     })
 }
 
+/// Operand precision of a GPU training step's frozen products.
+pub type lora_compute = u32;
+/// bf16 operands on tensor cores, fp32 accumulation (bitsandbytes'
+/// `compute_dtype=bfloat16`); adapters, norms, attention, loss and AdamW
+/// stay fp32. The fast mode.
+pub const LORA_COMPUTE_BF16: lora_compute = 0;
+/// Every product in fp32: the CPU backend's numbers up to summation order.
+pub const LORA_COMPUTE_F32: lora_compute = 1;
+
+/// Moves `trainer`'s steps to CUDA device `device` (0, 1, …) with
+/// `compute` precision (`LORA_COMPUTE_*`), or back to the CPU with
+/// `device = -1`. The base weights (NF4 stays NF4), the adapter and the
+/// AdamW state are copied to device memory; each `lora_train_step` then
+/// runs forward, backward, clipping and AdamW there, and copies the
+/// updated adapter back to the model, so saving, merging and generation
+/// see it. Works after `lora_trainer_new` or `lora_trainer_resume`.
+///
+/// Errors: `LORA_ERR_CUDA_UNAVAILABLE` (no driver, no such device, no
+/// NVRTC or cuBLAS), `LORA_ERR_UNSUPPORTED` (8-bit AdamW, paged optimizer
+/// state, LoRA dropout, head_dim above 128), `LORA_ERR_INVALID_ARGUMENT`
+/// (unknown `compute`), `LORA_ERR_OUT_OF_MEMORY` (device memory),
+/// `LORA_ERR_CUDA`.
+#[no_mangle]
+pub unsafe extern "C" fn lora_trainer_use_device(trainer: *mut lora_trainer, device: i32, compute: lora_compute) -> lora_status {
+    guard(|| {
+        let t = util::handle_mut(trainer, "trainer")?;
+        let c = match compute {
+            LORA_COMPUTE_BF16 => crate::model::gpu::Compute::BF16,
+            LORA_COMPUTE_F32 => crate::model::gpu::Compute::F32,
+            _ => crate::bail!(InvalidArgument, "compute {compute} is not a LORA_COMPUTE_* value"),
+        };
+        match device {
+            -1 => t.inner.use_device(None),
+            d if d >= 0 => t.inner.use_device(Some((d as usize, c))),
+            d => crate::bail!(InvalidArgument, "device {d} is neither -1 (CPU) nor a CUDA device index"),
+        }
+    })
+}
+
 /// Saves a training checkpoint to directory `dir`: the adapter (PEFT
 /// format), the optimizer state, step counters and configuration. Written
 /// to a temporary directory (files fsynced) and renamed into place, so a

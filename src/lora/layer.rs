@@ -201,6 +201,14 @@ impl LoraLayer {
         matches!(self.base, Base::Nf4 { .. })
     }
     /// The NF4 base weight, if the base is NF4.
+    /// The dense fp32 base `[out,in]`, when the base is not NF4.
+    pub fn base_dense(&self) -> Option<&[f32]> {
+        match &self.base {
+            Base::Dense(w) => Some(w),
+            Base::Nf4 { .. } => None,
+        }
+    }
+
     pub fn nf4_base(&self) -> Option<&Nf4Tensor> {
         match &self.base {
             Base::Nf4 { t, .. } => Some(t),

@@ -21,6 +21,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod generate;
+pub mod gpu;
 pub mod peft;
 
 use crate::backend::cpu::attention::{attention_backward, attention_forward, AttnShape};
@@ -347,6 +348,71 @@ impl Model {
             inv_freq,
             dtype,
             quant,
+            adapters: Vec::new(),
+            active: Vec::new(),
+            merged: false,
+            seed: opts.seed,
+            act_peak: 0,
+            kv_bytes: 0,
+            peak: 0,
+            pool: BufPool::default(),
+        };
+        m.note_peak(0);
+        Ok(m)
+    }
+
+    /// A model of the architecture in `config_json` (config.json text)
+    /// with random weights, as transformers initializes one (normal, std
+    /// `std` for matrices and the embedding, ones for norms, zero biases),
+    /// quantized to NF4 when `opts.quantize` says so. For benchmarks and
+    /// tests of sizes no fixture has; deterministic in `opts.seed`.
+    pub fn random(config_json: &str, std: f32, opts: LoadOptions) -> Result<Model> {
+        let cfg = ModelConfig::parse(config_json)?;
+        if cfg.bnb_4bit.is_some() {
+            bail!(Unsupported, "a random model takes a config without quantization_config (use LoadOptions::quantize)");
+        }
+        let (h, v, it) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
+        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+        let rand = |name: &str, n: usize| -> Vec<f32> {
+            const CHUNK: usize = 1 << 20;
+            let mut w = vec![0f32; n];
+            let base = derive_seed(opts.seed, name);
+            w.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| {
+                let mut r = crate::rng::SplitMix64::new(derive_seed(base, &c.to_string()));
+                o.iter_mut().for_each(|x| *x = r.normal() * std);
+            });
+            w
+        };
+        let embed = rand("model.embed_tokens.weight", v * h);
+        let lm_head = (!cfg.tie_word_embeddings).then(|| rand("lm_head.weight", v * h));
+        let shapes = [(qd, h), (kvd, h), (kvd, h), (h, qd), (it, h), (it, h), (h, it)];
+        let has_bias = [cfg.qkv_bias, cfg.qkv_bias, cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias, cfg.mlp_bias, cfg.mlp_bias];
+        let mut blocks = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let mut lin = Vec::with_capacity(7);
+            for j in 0..7 {
+                let m = module_path(l, j);
+                let (out_f, in_f) = shapes[j];
+                let w = rand(&m, out_f * in_f);
+                let bias = has_bias[j].then(|| vec![0f32; out_f]);
+                let seed = derive_seed(opts.seed, &m);
+                lin.push(match opts.quantize {
+                    Some(qp) => LoraLayer::new_nf4(Nf4Tensor::quantize(crate::dtype::Elems::F32(&w), &[out_f, in_f], qp)?, bias, seed)?,
+                    None => LoraLayer::new_dense(crate::dtype::Elems::F32(&w), in_f, out_f, false, bias, seed)?,
+                });
+            }
+            blocks.push(Block { attn_norm: vec![1.0; h], mlp_norm: vec![1.0; h], lin });
+        }
+        let inv_freq = cfg.inv_freq();
+        let mut m = Model {
+            cfg,
+            embed,
+            blocks,
+            norm: vec![1.0; h],
+            lm_head,
+            inv_freq,
+            dtype: DType::F32,
+            quant: opts.quantize,
             adapters: Vec::new(),
             active: Vec::new(),
             merged: false,

@@ -279,6 +279,28 @@ impl AdamW {
         }
     }
 
+    /// Replaces the state: `step` steps taken, and `moments[i]` the first
+    /// and second moments of tensor `i` (a device trainer hands its state
+    /// back this way). Resident state only.
+    pub fn set_state(&mut self, step: u64, moments: Vec<(Vec<f32>, Vec<f32>)>) -> Result<()> {
+        if moments.len() != self.sizes.len() {
+            bail!(ShapeMismatch, "{} moment pairs for {} tensors", moments.len(), self.sizes.len());
+        }
+        for (i, ((m, v), &n)) in moments.iter().zip(&self.sizes).enumerate() {
+            if m.len() != n || v.len() != n {
+                bail!(ShapeMismatch, "moments of tensor {i} have {} and {} values, the tensor {n}", m.len(), v.len());
+            }
+        }
+        match &mut self.moments {
+            Moments::Resident { m, v } => {
+                (*m, *v) = moments.into_iter().unzip();
+            }
+            Moments::Paged { .. } => bail!(Unsupported, "replacing paged optimizer state is not supported"),
+        }
+        self.step = step;
+        Ok(())
+    }
+
     /// One optimizer step: `params[i] -= update(grads[i])` for every tensor.
     ///
     /// Fails, changing nothing, when the counts or lengths do not match the

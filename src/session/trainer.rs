@@ -15,6 +15,7 @@
 //! number), so a run resumed from a checkpoint continues bit for bit.
 
 use crate::model::{peft, MemStats, Model};
+use crate::model::gpu::{Compute, DeviceModel};
 use crate::optim::adamw::AdamWConfig;
 use crate::optim::Optimizer;
 use crate::optim::schedule::Schedule;
@@ -76,6 +77,8 @@ pub struct Trainer {
     opt: Optimizer,
     step: u64,
     micro_calls: u64,
+    /// The device copy when training runs on a GPU ([`Trainer::use_device`]).
+    gpu: Option<DeviceModel>,
 }
 
 /// The newest complete checkpoint set aside as `.NAME.old.PID` beside
@@ -115,7 +118,7 @@ impl Trainer {
         };
         let pager = if cfg.paged { Some(pager.ok_or_else(|| err!(InvalidArgument, "paged optimizer state needs a pager"))?) } else { None };
         let opt = Optimizer::new(cfg.optimizer, cfg.adamw, &sizes, pager)?;
-        Ok(Trainer { model, adapter: adapter.to_string(), cfg, opt, step: 0, micro_calls: 0 })
+        Ok(Trainer { model, adapter: adapter.to_string(), cfg, opt, step: 0, micro_calls: 0, gpu: None })
     }
 
     pub fn steps_done(&self) -> u64 {
@@ -173,6 +176,42 @@ impl Trainer {
             bail!(InvalidState, "the trainer's adapter '{}' is not the model's only active adapter (multiplier 1): swap it back in before training", self.adapter);
         }
         model.check_ids(ids)?;
+        if let Some(g) = self.gpu.as_mut() {
+            let vsz = model.vocab();
+            if let Some((i, &y)) = labels.iter().enumerate().find(|(_, &y)| y != crate::backend::cpu::loss::IGNORE_INDEX && (y < 0 || y as usize >= vsz)) {
+                bail!(InvalidArgument, "label {y} at position {i} is neither -100 nor in [0, {vsz})");
+            }
+            let mut outs = Vec::with_capacity(n_micro);
+            let run = (|| -> Result<()> {
+                for (i, b0) in (0..batch).step_by(mb).enumerate() {
+                    let b1 = (b0 + mb).min(batch);
+                    outs.push(g.forward_backward(&ids[b0 * seq..b1 * seq], &labels[b0 * seq..b1 * seq], b1 - b0, seq, grad_scale, self.cfg.checkpointing)?);
+                    if !progress(i + 1, n_micro) {
+                        bail!(Cancelled, "training step cancelled by the progress callback after micro-batch {}", i + 1);
+                    }
+                }
+                Ok(())
+            })();
+            if let Err(e) = run {
+                let _ = g.zero_grad();
+                return Err(e);
+            }
+            let r = g.finish_step(&outs, self.cfg.max_grad_norm, &self.cfg.adamw, lr)?;
+            g.push_adapter_to(&mut model)?;
+            self.micro_calls += n_micro as u64;
+            self.step += 1;
+            let secs = t0.elapsed().as_secs_f64();
+            return Ok(StepResult {
+                loss: r.loss_sum / total as f64,
+                grad_norm: r.grad_norm as f64,
+                lr,
+                step: self.step,
+                tokens: n as u64,
+                counted_tokens: total as u64,
+                seconds: secs,
+                tokens_per_s: if secs > 0.0 { n as f64 / secs } else { 0.0 },
+            });
+        }
         let mut loss_sum = 0f64;
         let result = (|| -> Result<()> {
             for (i, b0) in (0..batch).step_by(mb).enumerate() {
@@ -253,6 +292,48 @@ impl Trainer {
         })
     }
 
+    /// Moves training to CUDA device `ordinal` with `compute` precision
+    /// (`Some`), or back to the CPU (`None`). The adapter's weights and the
+    /// AdamW state move with it, so steps continue where they were. A device
+    /// needs fp32 AdamW with resident state (8-bit and paged state are CPU
+    /// features for now: `Unsupported`) and an adapter without dropout.
+    pub fn use_device(&mut self, device: Option<(usize, Compute)>) -> Result<()> {
+        let model = self.model.lock();
+        match device {
+            Some((ordinal, compute)) => {
+                // Already on a device: its state comes back first (the host
+                // model's adapter is current after every step).
+                if let (Some(g), Optimizer::AdamW(opt)) = (&self.gpu, &mut self.opt) {
+                    opt.set_state(g.steps(), g.moments()?)?;
+                }
+                let Optimizer::AdamW(opt) = &self.opt else {
+                    bail!(Unsupported, "training on a GPU needs the fp32 AdamW optimizer; 8-bit AdamW runs on the CPU only");
+                };
+                if opt.is_paged() {
+                    bail!(Unsupported, "training on a GPU keeps AdamW's state in device memory; paged optimizer state is a CPU feature (set paged_state OFF)");
+                }
+                let dev = Arc::new(crate::backend::cuda::open(ordinal)?);
+                let mut g = DeviceModel::upload(dev, &model, &self.adapter, compute)?;
+                let moments = (0..opt.sizes().len()).map(|i| opt.moments(i)).collect::<Result<Vec<_>>>()?;
+                g.set_state(&model, opt.step_count(), &moments)?;
+                self.gpu = Some(g);
+            }
+            None => {
+                if let Some(g) = self.gpu.take() {
+                    if let Optimizer::AdamW(opt) = &mut self.opt {
+                        opt.set_state(g.steps(), g.moments()?)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The device training runs on, if any.
+    pub fn device(&self) -> Option<String> {
+        self.gpu.as_ref().map(|g| g.device().describe())
+    }
+
     /// Saves a training checkpoint to directory `dir`: the adapter in
     /// PEFT's format, the optimizer state, and the step counters and
     /// configuration. Written into a fresh temporary directory beside
@@ -280,7 +361,14 @@ impl Trainer {
             peft::save_adapter(&model, &self.adapter, &tmp)?;
             let keys = model.adapter_keys(&self.adapter)?;
             let names: Vec<&str> = keys.iter().map(|s| s.as_str()).collect();
-            let state = self.opt.export_state(&names)?;
+            let state = match &self.gpu {
+                Some(g) => {
+                    let mut a = crate::optim::AdamW::new(self.cfg.adamw, self.opt.sizes())?;
+                    a.set_state(g.steps(), g.moments()?)?;
+                    a.export_state(&names)?
+                }
+                None => self.opt.export_state(&names)?,
+            };
             crate::optim::state::save(&tmp.join("optimizer.safetensors"), &state, &Default::default())?;
             let text = serde_json::to_string_pretty(&self.state_json(model.seed)).map_err(|e| err!(Internal, "{e}"))?;
             crate::io::safetensors::write_file_atomic(&tmp.join("trainer_state.json"), text.as_bytes())?;

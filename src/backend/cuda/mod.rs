@@ -11,7 +11,9 @@
 //! step's elementwise and reduction ops [`norm`], [`rope`], [`swiglu`],
 //! [`embed`], [`loss`] (cross-entropy, gradient norm) and [`adamw`]; the
 //! LoRA products [`lora`]; causal grouped-query attention [`attention`]
-//! (forward, backward, decode). [`paged`] holds
+//! (forward, backward, decode); [`elementwise`] (sums, bias, bf16
+//! conversion). Dense matrix products go through cuBLAS ([`blas`]).
+//! [`paged`] holds
 //! the managed memory of paged buffers (host code only).
 //!
 //! Streams: a [`CudaDevice`] owns exactly one stream and all its work,
@@ -38,8 +40,10 @@ macro_rules! launch_kernel {
 
 pub mod adamw;
 pub mod attention;
+pub mod blas;
 pub mod buffer;
 pub mod dense;
+pub mod elementwise;
 pub mod embed;
 pub mod lora;
 pub mod loss;
@@ -80,8 +84,10 @@ pub static ADAMW_CU: KernelSource = KernelSource { name: "adamw.cu", src: includ
 pub static LORA_CU: KernelSource = KernelSource { name: "lora.cu", src: include_str!("../../../cuda/lora.cu") };
 /// `cuda/attention.cu`: causal grouped-query attention (forward, backward, decode).
 pub static ATTENTION_CU: KernelSource = KernelSource { name: "attention.cu", src: include_str!("../../../cuda/attention.cu") };
+/// `cuda/elementwise.cu`: sums, bias add, fp32 → bf16 conversion.
+pub static ELEMENTWISE_CU: KernelSource = KernelSource { name: "elementwise.cu", src: include_str!("../../../cuda/elementwise.cu") };
 /// Every kernel source of the library (tests compile each of them).
-pub static SOURCES: &[&KernelSource] = &[&NF4_CU, &DENSE_CU, &NORM_CU, &ROPE_CU, &SWIGLU_CU, &EMBED_CU, &LOSS_CU, &ADAMW_CU, &LORA_CU, &ATTENTION_CU];
+pub static SOURCES: &[&KernelSource] = &[&NF4_CU, &DENSE_CU, &NORM_CU, &ROPE_CU, &SWIGLU_CU, &EMBED_CU, &LOSS_CU, &ADAMW_CU, &LORA_CU, &ATTENTION_CU, &ELEMENTWISE_CU];
 
 /// An opened CUDA device (its primary context), its one stream, and the
 /// kernels loaded on it so far.

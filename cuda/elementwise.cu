@@ -1,0 +1,45 @@
+// elementwise.cu — the small elementwise kernels the device training step
+// needs around the matrix products: residual and gradient sums, the bias
+// add, and the fp32 -> bf16 conversion of a matrix product's operand.
+//
+// Each is the twin of a one-line CPU loop: the sum `y += x` and the bias
+// add are one IEEE fp32 addition per element (bit for bit the CPU's), the
+// conversion rounds to nearest even as half::bf16::from_f32 (NaN kept
+// quiet), bit for bit.
+//
+// Grid-stride loops over u64 counts; launch: blockDim.x = EW_THREADS,
+// any grid (the host caps it).
+//
+// No host code and no #include (NVRTC compiles it without headers).
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define EW_THREADS 256
+
+// f32 -> bf16, round to nearest even (bit for bit half::bf16::from_f32).
+__device__ __forceinline__ u16 ew_f32_to_bf16_bits(float f) {
+    u32 x = __float_as_uint(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return (u16)((x >> 16) | 0x40u);
+    return (u16)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
+// y[i] += x[i], i < n.
+extern "C" __global__ void __launch_bounds__(EW_THREADS) elementwise_add_f32(float* __restrict__ y, const float* __restrict__ x, u64 n) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        y[i] = __fadd_rn(y[i], x[i]);
+}
+
+// y[r, c] += b[c] for r < rows, c < cols (y row-major).
+extern "C" __global__ void __launch_bounds__(EW_THREADS) elementwise_add_bias_f32(float* __restrict__ y, const float* __restrict__ b, u64 rows, u32 cols) {
+    const u64 n = rows * cols;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        y[i] = __fadd_rn(y[i], b[i % cols]);
+}
+
+// y[i] = bf16(x[i]), i < n.
+extern "C" __global__ void __launch_bounds__(EW_THREADS) elementwise_f32_to_bf16(const float* __restrict__ x, u16* __restrict__ y, u64 n) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        y[i] = ew_f32_to_bf16_bits(x[i]);
+}

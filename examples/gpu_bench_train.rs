@@ -1,0 +1,106 @@
+//! GPU training-step benchmark: `Trainer::step` (what `lora_train_step`
+//! runs) on a CUDA device, on a LLaMA of about 1B parameters with random
+//! weights (Llama 3.2 1B's shape: hidden 2048, 16 layers, 32 heads / 8 KV
+//! heads, MLP 8192, vocab 128256, tied embeddings), LoRA r 16 / alpha 32
+//! on every linear layer, AdamW, clipping 1.0, bf16 compute.
+//! `bench/peft_train_gpu.py` is the PyTorch + PEFT baseline on the same
+//! shape; scripts/gpu-check.sh runs both in one session.
+//!
+//!     gpu_bench_train [nf4|bf16] [BATCH] [SEQ] [STEPS] [RANK] [ckpt] [f32]
+//!
+//! nf4: the base quantized to NF4 + double quantization (QLoRA); bf16: the
+//! base in bf16. Prints the median step time, tokens/s, and the peak bytes
+//! in use in the device's memory pool during the timed steps (every
+//! buffer of the device path; the analogue of
+//! torch.cuda.max_memory_allocated), after 2 warm-up steps.
+
+use lora::model::gpu::{peak_memory, reset_peak_memory, Compute};
+use lora::model::peft::AdapterSpec;
+use lora::model::{LoadOptions, Model};
+use lora::quant::nf4::Nf4Params;
+use lora::session::trainer::{Trainer, TrainerConfig};
+use parking_lot::Mutex;
+use std::sync::Arc;
+use std::time::Instant;
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("gpu_bench_train: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> lora::Result<()> {
+    let a: Vec<String> = std::env::args().skip(1).collect();
+    let mode = a.first().map(String::as_str).unwrap_or("nf4").to_string();
+    let num = |i: usize, d: usize| a.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
+    let (batch, seq, steps, rank) = (num(1, 4), num(2, 1024), num(3, 5), num(4, 16));
+    let ckpt = a.iter().any(|s| s == "ckpt");
+    let compute = if a.iter().any(|s| s == "f32") { Compute::F32 } else { Compute::BF16 };
+    let cfg = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192,
+        "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 4096, "tie_word_embeddings": true,
+        "head_dim": 64
+    });
+    // Fail fast without a GPU, before building a 1B model.
+    let dev = lora::backend::cuda::open(0)?;
+    lora::backend::cuda::nvrtc::ensure()?;
+    let t0 = Instant::now();
+    let quant = match mode.as_str() {
+        "nf4" => Some(Nf4Params::default()),
+        "bf16" => None,
+        m => lora::bail!(InvalidArgument, "mode {m}: nf4 or bf16"),
+    };
+    let mut m = Model::random(&cfg.to_string(), 0.02, LoadOptions { quantize: quant, seed: 1 })?;
+    m.add_adapter("a", AdapterSpec::new(rank, 2.0 * rank as f32))?;
+    let (trainable, total) = m.param_counts();
+    let build_s = t0.elapsed().as_secs_f64();
+    let mut tc = TrainerConfig { checkpointing: ckpt, ..Default::default() };
+    tc.adamw.lr = 1e-4;
+    tc.adamw.weight_decay = 0.0;
+    let mut t = Trainer::new(Arc::new(Mutex::new(m)), "a", tc)?;
+    let t1 = Instant::now();
+    t.use_device(Some((0, compute)))?;
+    let upload_s = t1.elapsed().as_secs_f64();
+    let vocab = 128256u64;
+    let mut s = 0x1234_5678u64;
+    let ids: Vec<i32> = (0..batch * seq)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 33) % vocab) as i32
+        })
+        .collect();
+    let mut times = Vec::new();
+    let mut losses = Vec::new();
+    for i in 0..steps + 2 {
+        if i == 2 {
+            reset_peak_memory(&dev)?;
+        }
+        let r = t.step(&ids, None, batch, seq, &mut |_, _| true)?;
+        losses.push(r.loss);
+        if i >= 2 {
+            times.push(r.seconds);
+        }
+    }
+    let peak = peak_memory(&dev)?;
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let med = times[times.len() / 2];
+    println!(
+        "liblora {mode}{} {:?} | {} | {:.3}B params ({trainable} trainable) | build {build_s:.1} s, upload {upload_s:.1} s",
+        if ckpt { " +ckpt" } else { "" },
+        compute,
+        t.device().unwrap_or_default(),
+        total as f64 / 1e9
+    );
+    println!(
+        "  batch {batch} x seq {seq}, r {rank}: median step {:.1} ms = {:.0} tokens/s (min {:.1}) | peak pool {:.2} GiB | losses {:.4} .. {:.4}",
+        med * 1e3,
+        (batch * seq) as f64 / med,
+        times[0] * 1e3,
+        peak as f64 / (1u64 << 30) as f64,
+        losses[0],
+        losses[losses.len() - 1]
+    );
+    Ok(())
+}

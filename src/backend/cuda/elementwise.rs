@@ -1,0 +1,76 @@
+//! Launchers for `cuda/elementwise.cu`: `y += x`, the bias add, and the
+//! fp32 → bf16 operand conversion, twins of one-line CPU loops, bit for bit
+//! (one IEEE addition per element; round to nearest even as
+//! `half::bf16::from_f32`).
+
+use super::{launch_cfg, stride_grid, CudaDevice, ELEMENTWISE_CU};
+use crate::error::Result;
+use cudarc::driver::{CudaView, CudaViewMut};
+
+/// Threads per block (`EW_THREADS` in elementwise.cu).
+const EW_THREADS: u32 = 256;
+
+/// `y[i] += x[i]` (queued).
+pub fn add(dev: &CudaDevice, y: &mut CudaViewMut<'_, f32>, x: &CudaView<'_, f32>) -> Result<()> {
+    if y.len() != x.len() {
+        bail!(ShapeMismatch, "add: y has {} elements, x {}", y.len(), x.len());
+    }
+    dev.check_stream(y, "add y")?;
+    dev.check_stream(x, "add x")?;
+    let n = y.len() as u64;
+    if n == 0 {
+        return Ok(());
+    }
+    let name = "elementwise_add_f32";
+    let f = dev.function(&ELEMENTWISE_CU, name)?;
+    // SAFETY: (ptr, ptr, u64) as the kernel; elements < n of both (equal
+    // lengths checked).
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(n, EW_THREADS), 1), EW_THREADS), [y, x, &n])
+}
+
+/// `y[r, c] += b[c]` over `y: [rows, b.len()]` (queued).
+pub fn add_bias(dev: &CudaDevice, y: &mut CudaViewMut<'_, f32>, b: &CudaView<'_, f32>) -> Result<()> {
+    let cols = b.len();
+    if cols == 0 || cols > u32::MAX as usize || y.len() % cols != 0 {
+        bail!(ShapeMismatch, "add_bias: y of {} elements is not rows × {cols}", y.len());
+    }
+    dev.check_stream(y, "bias y")?;
+    dev.check_stream(b, "bias b")?;
+    let rows = (y.len() / cols) as u64;
+    if rows == 0 {
+        return Ok(());
+    }
+    let c32 = cols as u32;
+    let name = "elementwise_add_bias_f32";
+    let f = dev.function(&ELEMENTWISE_CU, name)?;
+    // SAFETY: (ptr, ptr, u64, u32) as the kernel; y has rows·cols elements,
+    // b has cols (checked).
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(rows * cols as u64, EW_THREADS), 1), EW_THREADS), [y, b, &rows, &c32])
+}
+
+/// `y[i] = bf16(x[i])` (bits in `u16`; queued).
+pub fn to_bf16(dev: &CudaDevice, x: &CudaView<'_, f32>, y: &mut CudaViewMut<'_, u16>) -> Result<()> {
+    if y.len() != x.len() {
+        bail!(ShapeMismatch, "to_bf16: x has {} elements, y {}", x.len(), y.len());
+    }
+    dev.check_stream(x, "to_bf16 x")?;
+    dev.check_stream(y, "to_bf16 y")?;
+    let n = x.len() as u64;
+    if n == 0 {
+        return Ok(());
+    }
+    let name = "elementwise_f32_to_bf16";
+    let f = dev.function(&ELEMENTWISE_CU, name)?;
+    // SAFETY: (ptr, ptr, u64) as the kernel; elements < n of both.
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(n, EW_THREADS), 1), EW_THREADS), [x, y, &n])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn launch_constant_matches_the_kernel() {
+        let src = include_str!("../../../cuda/elementwise.cu");
+        let line = src.lines().find(|l| l.starts_with("#define EW_THREADS ")).expect("#define in elementwise.cu");
+        assert_eq!(line["#define EW_THREADS ".len()..].trim(), super::EW_THREADS.to_string());
+    }
+}

@@ -1,0 +1,808 @@
+//! The training step on a CUDA device: the same function as
+//! [`Model::forward_backward`] plus clipping and AdamW, run with the
+//! crate's kernels (`cuda/*.cu`) around cuBLAS matrix products, with the
+//! base weights, activations, adapters, their gradients and AdamW moments
+//! all in device memory.
+//!
+//! [`DeviceModel::upload`] copies a [`Model`]'s frozen weights (NF4 bases
+//! stay NF4 on the device, 4.127 bits per weight with double
+//! quantization) and one adapter (fp32 masters) to the device. A step
+//! (ids and labels in, loss and gradient norm out) then runs without host
+//! round trips except one: after the gradients are clipped the host reads
+//! the loss and the norm (24 bytes) to refuse a non-finite step before
+//! AdamW touches the weights, as the CPU trainer does.
+//!
+//! Precision ([`Compute`]):
+//! - [`Compute::F32`]: every product in fp32 (NF4 dequantized to fp32,
+//!   `CUBLAS_COMPUTE_32F`): the CPU backend's numbers up to summation
+//!   order — the mode the GPU check compares losses in.
+//! - [`Compute::BF16`]: the frozen products (base weights, head) take bf16
+//!   operands (NF4 dequantized to bf16, activations rounded to bf16 as the
+//!   operand is formed) on tensor cores with fp32 accumulation and fp32
+//!   results, as bitsandbytes' `compute_dtype=bfloat16`; the adapter
+//!   products, norms, attention, softmax/loss and AdamW stay fp32.
+//!
+//! Memory: per layer the step keeps the layer input, q, k, v, the
+//! attention output and log-sum-exp, the mid-layer residual, gate and up,
+//! the two RMS scales and the adapters' `x·Aᵀ`; the normalized inputs and
+//! the SwiGLU product are recomputed in the backward (cheap elementwise
+//! passes). With checkpointing only each layer's input is kept and the
+//! layer is recomputed. The head and the loss run over row chunks of at
+//! most [`HEAD_CHUNK_ELEMS`] logits, so the `[tokens, vocab]` matrix never
+//! exists whole.
+//!
+//! Not yet on the device: LoRA dropout (refused), several adapters at once,
+//! 8-bit AdamW and paged optimizer state (the trainer refuses them with a
+//! device), generation (the host model is kept current after each step, so
+//! generation, merge and save run on the CPU).
+
+use super::{shifted_targets, Model, DOWN, GATE, K, O, Q, UP, V};
+use crate::backend::cpu::attention::AttnShape;
+use crate::backend::cpu::rope::RopeTable;
+use crate::backend::cuda::blas::{gemm, Blas, MatRef};
+use crate::backend::cuda::nf4::CudaNf4;
+use crate::backend::cuda::rope::CudaRopeTable;
+use crate::backend::cuda::{self as cu, attention as catt, elementwise as ew, loss as closs, norm as cnorm, rope as crope, swiglu as cswiglu, CudaDevice, DevElemsMut};
+use crate::error::Result;
+use crate::model::config::ModelConfig;
+use crate::optim::{AdamWConfig, AdamWScalars};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+use half::bf16;
+use std::sync::Arc;
+
+/// Most logits the head materializes at once (512 MiB of fp32).
+pub const HEAD_CHUNK_ELEMS: usize = 1 << 27;
+
+/// Operand precision of the frozen products (module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compute {
+    F32,
+    BF16,
+}
+
+/// A frozen weight `[out, in]` on the device.
+enum Weight {
+    Nf4(CudaNf4),
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<u16>),
+}
+
+/// A weight ready for a product: borrowed, or dequantized into scratch.
+enum WView<'a> {
+    F32(CudaView<'a, f32>),
+    Bf16(CudaView<'a, u16>),
+    OwnF32(CudaSlice<f32>),
+    OwnBf16(CudaSlice<u16>),
+}
+
+impl WView<'_> {
+    fn mat(&self, dev: &CudaDevice, rows: usize, cols: usize) -> Result<MatRef<'_>> {
+        match self {
+            WView::F32(v) => MatRef::f32(dev, v, rows, cols),
+            WView::Bf16(v) => MatRef::bf16(dev, v, rows, cols),
+            WView::OwnF32(s) => MatRef::f32(dev, &s.as_view(), rows, cols),
+            WView::OwnBf16(s) => MatRef::bf16(dev, &s.as_view(), rows, cols),
+        }
+    }
+}
+
+struct DevAdapter {
+    r: usize,
+    scale: f32,
+    a: CudaSlice<f32>,
+    b: CudaSlice<f32>,
+    ga: CudaSlice<f32>,
+    gb: CudaSlice<f32>,
+    ma: CudaSlice<f32>,
+    va: CudaSlice<f32>,
+    mb: CudaSlice<f32>,
+    vb: CudaSlice<f32>,
+}
+
+struct DevLinear {
+    in_f: usize,
+    out_f: usize,
+    w: Weight,
+    bias: Option<CudaSlice<f32>>,
+    ad: Option<DevAdapter>,
+}
+
+struct DevLayer {
+    attn_norm: CudaSlice<f32>,
+    mlp_norm: CudaSlice<f32>,
+    lin: Vec<DevLinear>,
+}
+
+/// What one layer's backward needs (module docs).
+struct Acts {
+    rstd1: CudaSlice<f32>,
+    q: CudaSlice<f32>,
+    k: CudaSlice<f32>,
+    v: CudaSlice<f32>,
+    att: CudaSlice<f32>,
+    lse: CudaSlice<f32>,
+    x_mid: CudaSlice<f32>,
+    rstd2: CudaSlice<f32>,
+    g: CudaSlice<f32>,
+    u: CudaSlice<f32>,
+    /// Each linear's `x·Aᵀ` (empty where the linear has no adapter).
+    hs: Vec<Option<CudaSlice<f32>>>,
+}
+
+/// One step's outcome on the device.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DeviceStep {
+    pub loss_sum: f64,
+    pub count: usize,
+    pub grad_norm: f32,
+}
+
+/// A model's frozen weights and one trainable adapter in device memory.
+pub struct DeviceModel {
+    dev: Arc<CudaDevice>,
+    blas: Blas,
+    compute: Compute,
+    cfg: ModelConfig,
+    adapter: String,
+    inv_freq: Vec<f32>,
+    embed: CudaSlice<f32>,
+    /// The head `[vocab, hidden]` in the compute dtype; `None` in F32 mode
+    /// with tied embeddings (the embedding is the head).
+    head: Option<Weight>,
+    norm: CudaSlice<f32>,
+    layers: Vec<DevLayer>,
+    rope: Option<CudaRopeTable>,
+    /// AdamW steps taken on the device.
+    steps: u64,
+    grads_pending: bool,
+}
+
+fn alloc(dev: &CudaDevice, n: usize) -> Result<CudaSlice<f32>> {
+    dev.alloc_filled::<f32>(n, 0)
+}
+
+/// Uninitialized device memory for outputs a kernel or product writes in
+/// full before any read.
+fn out_buf<T: cudarc::driver::DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
+    cu::scratch::<T>(dev, n)
+}
+
+fn to_bf16_host(v: &[f32]) -> Vec<u16> {
+    v.iter().map(|&x| bf16::from_f32(x).to_bits()).collect()
+}
+
+fn dense_weight(dev: &CudaDevice, compute: Compute, w: &[f32]) -> Result<Weight> {
+    Ok(match compute {
+        Compute::F32 => Weight::F32(dev.upload(w)?),
+        Compute::BF16 => Weight::Bf16(dev.upload(&to_bf16_host(w))?),
+    })
+}
+
+/// Sets the device's default memory pool to keep freed memory (the step
+/// allocates and frees the same buffers every time) and returns the pool.
+fn keep_pool_memory(dev: &CudaDevice) -> Result<cudarc::driver::sys::CUmemoryPool> {
+    use cudarc::driver::sys;
+    cu::guard("cuDeviceGetDefaultMemPool", || {
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: out-pointer to a local; device ordinal of an open device.
+        unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, dev.ordinal as i32) }.result().map_err(|e| cu::cu_err("cuDeviceGetDefaultMemPool", e))?;
+        let mut thr: u64 = u64::MAX;
+        // SAFETY: the attribute takes a cuuint64_t.
+        unsafe { sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut thr as *mut u64 as *mut std::ffi::c_void) }
+            .result()
+            .map_err(|e| cu::cu_err("cuMemPoolSetAttribute(RELEASE_THRESHOLD)", e))?;
+        Ok(pool)
+    })
+}
+
+/// Peak bytes in use in the device's default memory pool (every buffer of
+/// the device path) since the last [`reset_peak_memory`].
+pub fn peak_memory(dev: &CudaDevice) -> Result<u64> {
+    use cudarc::driver::sys;
+    let pool = keep_pool_memory(dev)?;
+    cu::guard("cuMemPoolGetAttribute", || {
+        let mut v: u64 = 0;
+        // SAFETY: the attribute is a cuuint64_t.
+        unsafe { sys::cuMemPoolGetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut v as *mut u64 as *mut std::ffi::c_void) }
+            .result()
+            .map_err(|e| cu::cu_err("cuMemPoolGetAttribute(USED_MEM_HIGH)", e))?;
+        Ok(v)
+    })
+}
+
+/// Resets the peak of [`peak_memory`] to the bytes in use now.
+pub fn reset_peak_memory(dev: &CudaDevice) -> Result<()> {
+    use cudarc::driver::sys;
+    let pool = keep_pool_memory(dev)?;
+    cu::guard("cuMemPoolSetAttribute", || {
+        let mut z: u64 = 0;
+        // SAFETY: the attribute takes a cuuint64_t (only 0 is allowed).
+        unsafe { sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut z as *mut u64 as *mut std::ffi::c_void) }
+            .result()
+            .map_err(|e| cu::cu_err("cuMemPoolSetAttribute(USED_MEM_HIGH)", e))
+    })
+}
+
+impl DeviceModel {
+    /// Copies `model`'s frozen weights and adapter `adapter` (which must be
+    /// the model's only active adapter, multiplier 1, without dropout) to
+    /// `dev`. Adam moments start at zero (step 0).
+    pub fn upload(dev: Arc<CudaDevice>, model: &Model, adapter: &str, compute: Compute) -> Result<DeviceModel> {
+        if model.is_merged() {
+            bail!(InvalidState, "the model is merged; unmerge it before training on the device");
+        }
+        let cfg = model.cfg.clone();
+        if cfg.head_dim > catt::MAX_HEAD_DIM {
+            bail!(Unsupported, "head_dim {} exceeds the device attention kernels' {}", cfg.head_dim, catt::MAX_HEAD_DIM);
+        }
+        model.adapter_index(adapter)?;
+        keep_pool_memory(&dev)?;
+        dev.load_all_kernels()?;
+        let blas = Blas::new(&dev)?;
+        let d = &*dev;
+        let embed = d.upload(&model.embed)?;
+        let head = match (&model.lm_head, compute) {
+            (Some(w), _) => Some(dense_weight(d, compute, w)?),
+            (None, Compute::BF16) => Some(dense_weight(d, compute, &model.embed)?),
+            (None, Compute::F32) => None,
+        };
+        let mut layers = Vec::with_capacity(model.blocks.len());
+        for blk in &model.blocks {
+            let mut lin = Vec::with_capacity(7);
+            for l in &blk.lin {
+                let w = match l.nf4_base() {
+                    Some(t) => Weight::Nf4(CudaNf4::upload(d, t)?),
+                    None => dense_weight(d, compute, l.base_dense().ok_or_else(|| err!(Internal, "a linear layer with neither a dense nor an NF4 base"))?)?,
+                };
+                let ad = match l.adapter_index(adapter) {
+                    Ok(i) => {
+                        let a = &l.adapters()[i];
+                        if a.dropout != 0.0 {
+                            bail!(Unsupported, "adapter '{adapter}' has LoRA dropout {}; the device path does not implement dropout yet (use 0, or the CPU)", a.dropout);
+                        }
+                        Some(DevAdapter {
+                            r: a.r,
+                            scale: a.scale,
+                            a: d.upload(&a.a)?,
+                            b: d.upload(&a.b)?,
+                            ga: alloc(d, a.a.len())?,
+                            gb: alloc(d, a.b.len())?,
+                            ma: alloc(d, a.a.len())?,
+                            va: alloc(d, a.a.len())?,
+                            mb: alloc(d, a.b.len())?,
+                            vb: alloc(d, a.b.len())?,
+                        })
+                    }
+                    Err(_) => None,
+                };
+                let bias = l.bias().map(|b| d.upload(b)).transpose()?;
+                lin.push(DevLinear { in_f: l.in_features(), out_f: l.out_features(), w, bias, ad });
+            }
+            layers.push(DevLayer { attn_norm: d.upload(&blk.attn_norm)?, mlp_norm: d.upload(&blk.mlp_norm)?, lin });
+        }
+        let norm = d.upload(&model.norm)?;
+        let inv_freq = cfg.inv_freq();
+        Ok(DeviceModel { dev, blas, compute, cfg, adapter: adapter.to_string(), inv_freq, embed, head, norm, layers, rope: None, steps: 0, grads_pending: false })
+    }
+
+    pub fn device(&self) -> &Arc<CudaDevice> {
+        &self.dev
+    }
+
+    pub fn compute(&self) -> Compute {
+        self.compute
+    }
+
+    pub fn adapter(&self) -> &str {
+        &self.adapter
+    }
+
+    /// AdamW steps taken on the device.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// Continues from `steps` optimizer steps with these moments (one
+    /// `(m, v)` pair per adapter tensor, in [`Model::adapter_params`]'s
+    /// order) and these adapter weights (from the host model).
+    pub fn set_state(&mut self, model: &Model, steps: u64, moments: &[(Vec<f32>, Vec<f32>)]) -> Result<()> {
+        self.pull_adapter_from(model)?;
+        let dev = self.dev.clone();
+        let mut i = 0;
+        for l in self.layers.iter_mut() {
+            for lin in l.lin.iter_mut() {
+                if let Some(ad) = lin.ad.as_mut() {
+                    for (m, v) in [(&mut ad.ma, &mut ad.va), (&mut ad.mb, &mut ad.vb)] {
+                        let (hm, hv) = moments.get(i).ok_or_else(|| err!(ShapeMismatch, "optimizer state has {} tensors, the adapter more", moments.len()))?;
+                        if hm.len() != m.len() || hv.len() != v.len() {
+                            bail!(ShapeMismatch, "optimizer state tensor {i} has {} values, the adapter tensor {}", hm.len(), m.len());
+                        }
+                        cu::guard("cuMemcpyHtoDAsync", || dev.stream.memcpy_htod(hm, m).map_err(|e| cu::cu_err("cuMemcpyHtoDAsync", e)))?;
+                        cu::guard("cuMemcpyHtoDAsync", || dev.stream.memcpy_htod(hv, v).map_err(|e| cu::cu_err("cuMemcpyHtoDAsync", e)))?;
+                        i += 1;
+                    }
+                }
+            }
+        }
+        if i != moments.len() {
+            bail!(ShapeMismatch, "optimizer state has {} tensors, the adapter {i}", moments.len());
+        }
+        self.steps = steps;
+        Ok(())
+    }
+
+    /// The AdamW moments, one `(m, v)` per adapter tensor (A then B of each
+    /// module, in model order).
+    pub fn moments(&self) -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
+        let mut out = Vec::new();
+        for l in &self.layers {
+            for lin in &l.lin {
+                if let Some(ad) = &lin.ad {
+                    out.push((self.dev.download(&ad.ma)?, self.dev.download(&ad.va)?));
+                    out.push((self.dev.download(&ad.mb)?, self.dev.download(&ad.vb)?));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Copies the host model's weights of this adapter to the device.
+    pub fn pull_adapter_from(&mut self, model: &Model) -> Result<()> {
+        let dev = self.dev.clone();
+        for (dl, blk) in self.layers.iter_mut().zip(&model.blocks) {
+            for (lin, l) in dl.lin.iter_mut().zip(&blk.lin) {
+                if let Some(ad) = lin.ad.as_mut() {
+                    let a = l.adapter(&self.adapter)?;
+                    cu::guard("cuMemcpyHtoDAsync", || dev.stream.memcpy_htod(&a.a, &mut ad.a).map_err(|e| cu::cu_err("cuMemcpyHtoDAsync", e)))?;
+                    cu::guard("cuMemcpyHtoDAsync", || dev.stream.memcpy_htod(&a.b, &mut ad.b).map_err(|e| cu::cu_err("cuMemcpyHtoDAsync", e)))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the device's adapter weights into the host model.
+    pub fn push_adapter_to(&self, model: &mut Model) -> Result<()> {
+        let name = self.adapter.clone();
+        let mut host: Vec<Vec<f32>> = Vec::new();
+        for l in &self.layers {
+            for lin in &l.lin {
+                if let Some(ad) = &lin.ad {
+                    host.push(self.dev.download(&ad.a)?);
+                    host.push(self.dev.download(&ad.b)?);
+                }
+            }
+        }
+        let (mut params, _) = model.adapter_params(&name)?;
+        if params.len() != host.len() {
+            bail!(Internal, "device adapter has {} tensors, the host model {}", host.len(), params.len());
+        }
+        for (p, h) in params.iter_mut().zip(&host) {
+            p.copy_from_slice(h);
+        }
+        Ok(())
+    }
+
+    fn rope_table(&mut self, seq: usize) -> Result<()> {
+        if self.rope.as_ref().is_none_or(|t| t.len < seq) {
+            self.rope = Some(CudaRopeTable::upload(&self.dev, &RopeTable::new(&self.inv_freq, 0, seq))?);
+        }
+        Ok(())
+    }
+
+    /// Queues one micro-batch's forward and backward (gradients accumulate
+    /// into the adapter's; the loss gradient is scaled by `grad_scale`).
+    /// Returns the device buffer of per-chunk `[Σ loss, count, −1]`
+    /// triples (read it after the step's sync). Labels must be checked by
+    /// the caller (ids in range, labels −100 or in the vocabulary).
+    pub fn forward_backward(&mut self, ids: &[i32], labels: &[i32], batch: usize, seq: usize, grad_scale: f32, checkpointing: bool) -> Result<CudaSlice<f64>> {
+        let n = batch * seq;
+        if ids.len() != n || labels.len() != n || n == 0 {
+            bail!(ShapeMismatch, "{} ids and {} labels for a batch of {batch} × {seq}", ids.len(), labels.len());
+        }
+        self.rope_table(seq)?;
+        let dev = self.dev.clone();
+        let d = &*dev;
+        let h = self.cfg.hidden_size;
+        let ids_u: Vec<u32> = ids.iter().map(|&t| t as u32).collect();
+        let ids_d = d.upload(&ids_u)?;
+        let targets = d.upload(&shifted_targets(labels, batch, seq))?;
+        let mut x = out_buf::<f32>(d, n * h)?;
+        // Ids were checked on the host: the status word is not read back.
+        let mut status = out_buf::<u32>(d, 1)?;
+        cu::embed::embedding_forward_async(d, &self.embed.as_view(), self.cfg.vocab_size, h, &ids_d.as_view(), &mut x.as_view_mut(), &mut status)?;
+        let nl = self.layers.len();
+        let mut inputs: Vec<CudaSlice<f32>> = Vec::with_capacity(nl);
+        let mut saved: Vec<Option<Acts>> = Vec::with_capacity(nl);
+        for l in 0..nl {
+            let (acts, x_out) = self.layer_forward(l, &x, batch, seq)?;
+            inputs.push(x);
+            saved.push(if checkpointing { None } else { Some(acts) });
+            x = x_out;
+        }
+        let (mut dx, outs) = self.head_loss_backward(&x, n, &targets, grad_scale)?;
+        drop(x);
+        for l in (0..nl).rev() {
+            let x_in = inputs.pop().expect("one input per layer");
+            let acts = match saved.pop().expect("one slot per layer") {
+                Some(a) => a,
+                None => self.layer_forward(l, &x_in, batch, seq)?.0,
+            };
+            dx = self.layer_backward(l, &x_in, acts, dx, batch, seq, l > 0)?;
+        }
+        self.grads_pending = true;
+        Ok(outs)
+    }
+
+    fn shape(&self, l: usize, batch: usize, seq: usize) -> AttnShape {
+        let c = &self.cfg;
+        AttnShape { window: c.windows[l], ..AttnShape::causal(batch, seq, c.num_heads, c.num_kv_heads, c.head_dim) }
+    }
+
+    /// The fp32 → bf16 copy of an activation in BF16 mode.
+    fn operand(&self, x: &CudaSlice<f32>) -> Result<Option<CudaSlice<u16>>> {
+        match self.compute {
+            Compute::F32 => Ok(None),
+            Compute::BF16 => {
+                let mut b = out_buf::<u16>(&self.dev, x.len())?;
+                ew::to_bf16(&self.dev, &x.as_view(), &mut b.as_view_mut())?;
+                Ok(Some(b))
+            }
+        }
+    }
+
+    fn layer_forward(&mut self, l: usize, x: &CudaSlice<f32>, batch: usize, seq: usize) -> Result<(Acts, CudaSlice<f32>)> {
+        let dev = self.dev.clone();
+        let d = &*dev;
+        let c = &self.cfg;
+        let (h, it, qd, kvd, eps) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim(), c.rms_norm_eps);
+        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let n = batch * seq;
+        let shape = self.shape(l, batch, seq);
+        let mut hs: Vec<Option<CudaSlice<f32>>> = (0..7).map(|_| None).collect();
+        // Attention block.
+        let mut h1 = out_buf::<f32>(d, n * h)?;
+        let mut rstd1 = out_buf::<f32>(d, n)?;
+        cnorm::rmsnorm_forward(d, &x.as_view(), &self.layers[l].attn_norm.as_view(), n, h, eps, &mut h1.as_view_mut(), Some(&mut rstd1.as_view_mut()))?;
+        let h1b = self.operand(&h1)?;
+        let mut q = out_buf::<f32>(d, n * qd)?;
+        let mut k = out_buf::<f32>(d, n * kvd)?;
+        let mut v = out_buf::<f32>(d, n * kvd)?;
+        hs[Q] = self.lin_forward(l, Q, &h1, h1b.as_ref(), n, &mut q, 0.0)?;
+        hs[K] = self.lin_forward(l, K, &h1, h1b.as_ref(), n, &mut k, 0.0)?;
+        hs[V] = self.lin_forward(l, V, &h1, h1b.as_ref(), n, &mut v, 0.0)?;
+        drop((h1, h1b));
+        let table = self.rope.as_ref().expect("rope table made for this sequence length");
+        crope::rope_forward(d, &mut q.as_view_mut(), batch, seq, nh, hd, table)?;
+        crope::rope_forward(d, &mut k.as_view_mut(), batch, seq, nkv, hd, table)?;
+        let mut att = out_buf::<f32>(d, n * qd)?;
+        let mut lse = out_buf::<f32>(d, n * nh)?;
+        catt::forward(d, &q.as_view(), &k.as_view(), &v.as_view(), &shape, &mut att.as_view_mut(), &mut lse.as_view_mut())?;
+        let mut x_mid = cu::guard("cuMemcpyDtoDAsync", || d.stream.clone_dtod(x).map_err(|e| cu::cu_err("cuMemcpyDtoDAsync", e)))?;
+        let attb = self.operand(&att)?;
+        hs[O] = self.lin_forward(l, O, &att, attb.as_ref(), n, &mut x_mid, 1.0)?;
+        drop(attb);
+        // MLP block.
+        let mut h2 = out_buf::<f32>(d, n * h)?;
+        let mut rstd2 = out_buf::<f32>(d, n)?;
+        cnorm::rmsnorm_forward(d, &x_mid.as_view(), &self.layers[l].mlp_norm.as_view(), n, h, eps, &mut h2.as_view_mut(), Some(&mut rstd2.as_view_mut()))?;
+        let h2b = self.operand(&h2)?;
+        let mut g = out_buf::<f32>(d, n * it)?;
+        let mut u = out_buf::<f32>(d, n * it)?;
+        hs[GATE] = self.lin_forward(l, GATE, &h2, h2b.as_ref(), n, &mut g, 0.0)?;
+        hs[UP] = self.lin_forward(l, UP, &h2, h2b.as_ref(), n, &mut u, 0.0)?;
+        drop((h2, h2b));
+        let mut a = out_buf::<f32>(d, n * it)?;
+        cswiglu::swiglu_forward(d, &g.as_view(), &u.as_view(), &mut a.as_view_mut())?;
+        let ab = self.operand(&a)?;
+        let mut x_out = cu::guard("cuMemcpyDtoDAsync", || d.stream.clone_dtod(&x_mid).map_err(|e| cu::cu_err("cuMemcpyDtoDAsync", e)))?;
+        hs[DOWN] = self.lin_forward(l, DOWN, &a, ab.as_ref(), n, &mut x_out, 1.0)?;
+        Ok((Acts { rstd1, q, k, v, att, lse, x_mid, rstd2, g, u, hs }, x_out))
+    }
+
+    /// The weight of linear `(l, j)` in the compute dtype.
+    fn weight<'w>(&self, w: &'w Weight) -> Result<WView<'w>> {
+        let d = &*self.dev;
+        Ok(match w {
+            Weight::F32(s) => WView::F32(s.as_view()),
+            Weight::Bf16(s) => WView::Bf16(s.as_view()),
+            Weight::Nf4(t) => match self.compute {
+                Compute::F32 => {
+                    let mut s = out_buf::<f32>(d, t.numel())?;
+                    t.dequantize_into(d, &mut DevElemsMut::F32(s.as_view_mut()))?;
+                    WView::OwnF32(s)
+                }
+                Compute::BF16 => {
+                    let mut s = out_buf::<u16>(d, t.numel())?;
+                    t.dequantize_into(d, &mut DevElemsMut::BF16(s.as_view_mut()))?;
+                    WView::OwnBf16(s)
+                }
+            },
+        })
+    }
+
+    /// `y = β·y + x·Wᵀ (+ bias) + s·(x·Aᵀ)·Bᵀ`; returns `x·Aᵀ` for the
+    /// backward. `xb` is the bf16 copy of `x` in BF16 mode.
+    #[allow(clippy::too_many_arguments)]
+    fn lin_forward(&self, l: usize, j: usize, x: &CudaSlice<f32>, xb: Option<&CudaSlice<u16>>, n: usize, y: &mut CudaSlice<f32>, beta: f32) -> Result<Option<CudaSlice<f32>>> {
+        let d = &*self.dev;
+        let lin = &self.layers[l].lin[j];
+        let (in_f, out_f) = (lin.in_f, lin.out_f);
+        let w = self.weight(&lin.w)?;
+        let xv = x.as_view();
+        let xbv = xb.map(|b| b.as_view());
+        let xa = match &xbv {
+            Some(b) => MatRef::bf16(d, b, n, in_f)?,
+            None => MatRef::f32(d, &xv, n, in_f)?,
+        };
+        gemm(d, &self.blas, xa, false, w.mat(d, out_f, in_f)?, true, &mut y.as_view_mut(), 1.0, beta)?;
+        if let Some(b) = &lin.bias {
+            ew::add_bias(d, &mut y.as_view_mut(), &b.as_view())?;
+        }
+        let Some(ad) = &lin.ad else { return Ok(None) };
+        let mut hbuf = out_buf::<f32>(d, n * ad.r)?;
+        let (av, bv) = (ad.a.as_view(), ad.b.as_view());
+        gemm(d, &self.blas, MatRef::f32(d, &xv, n, in_f)?, false, MatRef::f32(d, &av, ad.r, in_f)?, true, &mut hbuf.as_view_mut(), 1.0, 0.0)?;
+        let hv = hbuf.as_view();
+        gemm(d, &self.blas, MatRef::f32(d, &hv, n, ad.r)?, false, MatRef::f32(d, &bv, out_f, ad.r)?, true, &mut y.as_view_mut(), ad.scale, 1.0)?;
+        Ok(Some(hbuf))
+    }
+
+    /// Backward of linear `(l, j)` given its input `x`, saved `h = x·Aᵀ` and
+    /// the output gradient `dy` (`dyb` its bf16 copy in BF16 mode):
+    /// accumulates `dA`, `dB`; with `dx`, `dx = β·dx + dy·W + s·(dy·B)·A`.
+    #[allow(clippy::too_many_arguments)]
+    fn lin_backward(&mut self, l: usize, j: usize, x: &CudaSlice<f32>, h: Option<&CudaSlice<f32>>, dy: &CudaSlice<f32>, dyb: Option<&CudaSlice<u16>>, n: usize, dx: Option<(&mut CudaSlice<f32>, f32)>) -> Result<()> {
+        let dev = self.dev.clone();
+        let d = &*dev;
+        let (in_f, out_f) = (self.layers[l].lin[j].in_f, self.layers[l].lin[j].out_f);
+        let dyv = dy.as_view();
+        let mut dx = dx;
+        if let Some((dxs, beta)) = dx.as_mut() {
+            let w = self.weight(&self.layers[l].lin[j].w)?;
+            let dybv = dyb.map(|b| b.as_view());
+            let dya = match &dybv {
+                Some(b) => MatRef::bf16(d, b, n, out_f)?,
+                None => MatRef::f32(d, &dyv, n, out_f)?,
+            };
+            gemm(d, &self.blas, dya, false, w.mat(d, out_f, in_f)?, false, &mut dxs.as_view_mut(), 1.0, *beta)?;
+        }
+        let blas = &self.blas;
+        let Some(ad) = self.layers[l].lin[j].ad.as_mut() else { return Ok(()) };
+        let h = h.ok_or_else(|| err!(Internal, "linear ({l}, {j}) has an adapter but no saved x·Aᵀ"))?;
+        let (r, s) = (ad.r, ad.scale);
+        let mut g = out_buf::<f32>(d, n * r)?;
+        let (av, bv, hv, xv) = (ad.a.as_view(), ad.b.as_view(), h.as_view(), x.as_view());
+        gemm(d, blas, MatRef::f32(d, &dyv, n, out_f)?, false, MatRef::f32(d, &bv, out_f, r)?, false, &mut g.as_view_mut(), 1.0, 0.0)?;
+        gemm(d, blas, MatRef::f32(d, &dyv, n, out_f)?, true, MatRef::f32(d, &hv, n, r)?, false, &mut ad.gb.as_view_mut(), s, 1.0)?;
+        let gv = g.as_view();
+        gemm(d, blas, MatRef::f32(d, &gv, n, r)?, true, MatRef::f32(d, &xv, n, in_f)?, false, &mut ad.ga.as_view_mut(), s, 1.0)?;
+        if let Some((dxs, _)) = dx {
+            gemm(d, blas, MatRef::f32(d, &gv, n, r)?, false, MatRef::f32(d, &av, r, in_f)?, false, &mut dxs.as_view_mut(), s, 1.0)?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_backward(&mut self, l: usize, x_in: &CudaSlice<f32>, acts: Acts, dx: CudaSlice<f32>, batch: usize, seq: usize, need_dx: bool) -> Result<CudaSlice<f32>> {
+        let dev = self.dev.clone();
+        let d = &*dev;
+        let c = &self.cfg;
+        let (h, it, qd, kvd, eps) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim(), c.rms_norm_eps);
+        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let n = batch * seq;
+        let shape = self.shape(l, batch, seq);
+        let Acts { rstd1, q, k, v, att, lse, x_mid, rstd2, mut g, mut u, hs } = acts;
+        // MLP: x_out = x_mid + down(a), a = silu(g)·u, recomputed.
+        let mut a = out_buf::<f32>(d, n * it)?;
+        cswiglu::swiglu_forward(d, &g.as_view(), &u.as_view(), &mut a.as_view_mut())?;
+        let dxb = self.operand(&dx)?;
+        let mut da = out_buf::<f32>(d, n * it)?;
+        self.lin_backward(l, DOWN, &a, hs[DOWN].as_ref(), &dx, dxb.as_ref(), n, Some((&mut da, 0.0)))?;
+        drop((a, dxb));
+        cswiglu::swiglu_backward_inplace(d, &mut g.as_view_mut(), &mut u.as_view_mut(), &da.as_view())?;
+        drop(da);
+        let (dg, du) = (g, u);
+        let mut h2 = out_buf::<f32>(d, n * h)?;
+        cnorm::rmsnorm_forward(d, &x_mid.as_view(), &self.layers[l].mlp_norm.as_view(), n, h, eps, &mut h2.as_view_mut(), None)?;
+        let mut dh2 = out_buf::<f32>(d, n * h)?;
+        let dgb = self.operand(&dg)?;
+        self.lin_backward(l, GATE, &h2, hs[GATE].as_ref(), &dg, dgb.as_ref(), n, Some((&mut dh2, 0.0)))?;
+        drop((dg, dgb));
+        let dub = self.operand(&du)?;
+        self.lin_backward(l, UP, &h2, hs[UP].as_ref(), &du, dub.as_ref(), n, Some((&mut dh2, 1.0)))?;
+        drop((du, dub, h2));
+        let mut dxm = out_buf::<f32>(d, n * h)?;
+        cnorm::rmsnorm_backward(d, &x_mid.as_view(), &self.layers[l].mlp_norm.as_view(), &rstd2.as_view(), &dh2.as_view(), n, h, &mut dxm.as_view_mut(), None)?;
+        ew::add(d, &mut dxm.as_view_mut(), &dx.as_view())?;
+        drop((dh2, dx, x_mid, rstd2));
+        // Attention: x_mid = x_in + o_proj(att).
+        let dxmb = self.operand(&dxm)?;
+        let mut datt = out_buf::<f32>(d, n * qd)?;
+        self.lin_backward(l, O, &att, hs[O].as_ref(), &dxm, dxmb.as_ref(), n, Some((&mut datt, 0.0)))?;
+        drop(dxmb);
+        let mut dq = out_buf::<f32>(d, n * qd)?;
+        let mut dk = out_buf::<f32>(d, n * kvd)?;
+        let mut dv = out_buf::<f32>(d, n * kvd)?;
+        catt::backward(d, &q.as_view(), &k.as_view(), &v.as_view(), &att.as_view(), &lse.as_view(), &datt.as_view(), &shape, &mut dq.as_view_mut(), &mut dk.as_view_mut(), &mut dv.as_view_mut())?;
+        drop((q, k, v, att, lse, datt));
+        let table = self.rope.as_ref().expect("rope table made for this sequence length");
+        crope::rope_backward(d, &mut dq.as_view_mut(), batch, seq, nh, hd, table)?;
+        crope::rope_backward(d, &mut dk.as_view_mut(), batch, seq, nkv, hd, table)?;
+        let mut h1 = out_buf::<f32>(d, n * h)?;
+        cnorm::rmsnorm_forward(d, &x_in.as_view(), &self.layers[l].attn_norm.as_view(), n, h, eps, &mut h1.as_view_mut(), None)?;
+        let (dqb, dkb, dvb) = (self.operand(&dq)?, self.operand(&dk)?, self.operand(&dv)?);
+        if need_dx {
+            let mut dh1 = out_buf::<f32>(d, n * h)?;
+            self.lin_backward(l, Q, &h1, hs[Q].as_ref(), &dq, dqb.as_ref(), n, Some((&mut dh1, 0.0)))?;
+            self.lin_backward(l, K, &h1, hs[K].as_ref(), &dk, dkb.as_ref(), n, Some((&mut dh1, 1.0)))?;
+            self.lin_backward(l, V, &h1, hs[V].as_ref(), &dv, dvb.as_ref(), n, Some((&mut dh1, 1.0)))?;
+            let mut dx_in = out_buf::<f32>(d, n * h)?;
+            cnorm::rmsnorm_backward(d, &x_in.as_view(), &self.layers[l].attn_norm.as_view(), &rstd1.as_view(), &dh1.as_view(), n, h, &mut dx_in.as_view_mut(), None)?;
+            ew::add(d, &mut dx_in.as_view_mut(), &dxm.as_view())?;
+            Ok(dx_in)
+        } else {
+            self.lin_backward(l, Q, &h1, hs[Q].as_ref(), &dq, None, n, None)?;
+            self.lin_backward(l, K, &h1, hs[K].as_ref(), &dk, None, n, None)?;
+            self.lin_backward(l, V, &h1, hs[V].as_ref(), &dv, None, n, None)?;
+            Ok(dxm)
+        }
+    }
+
+    /// Final norm, head and fused cross-entropy over row chunks, and their
+    /// backward: returns the gradient of the last layer's output and the
+    /// per-chunk loss triples.
+    fn head_loss_backward(&mut self, x: &CudaSlice<f32>, n: usize, targets: &CudaSlice<i32>, grad_scale: f32) -> Result<(CudaSlice<f32>, CudaSlice<f64>)> {
+        let dev = self.dev.clone();
+        let d = &*dev;
+        let (h, vsz, eps) = (self.cfg.hidden_size, self.cfg.vocab_size, self.cfg.rms_norm_eps);
+        let mut hf = out_buf::<f32>(d, n * h)?;
+        let mut rstd = out_buf::<f32>(d, n)?;
+        cnorm::rmsnorm_forward(d, &x.as_view(), &self.norm.as_view(), n, h, eps, &mut hf.as_view_mut(), Some(&mut rstd.as_view_mut()))?;
+        let hfb = self.operand(&hf)?;
+        let rows = (HEAD_CHUNK_ELEMS / vsz).clamp(1, n);
+        let chunks = n.div_ceil(rows);
+        let mut outs = d.alloc_filled::<f64>(3 * chunks, 0)?;
+        let mut dhf = out_buf::<f32>(d, n * h)?;
+        let head_w = match &self.head {
+            Some(w) => self.weight(w)?,
+            None => WView::F32(self.embed.as_view()),
+        };
+        let wm = head_w.mat(d, vsz, h)?;
+        for c in 0..chunks {
+            let (r0, r1) = (c * rows, ((c + 1) * rows).min(n));
+            let rc = r1 - r0;
+            let mut logits = out_buf::<f32>(d, rc * vsz)?;
+            let hfv = hf.slice(r0 * h..r1 * h);
+            let hfbv = hfb.as_ref().map(|b| b.slice(r0 * h..r1 * h));
+            let xa = match &hfbv {
+                Some(b) => MatRef::bf16(d, b, rc, h)?,
+                None => MatRef::f32(d, &hfv, rc, h)?,
+            };
+            gemm(d, &self.blas, xa, false, wm, true, &mut logits.as_view_mut(), 1.0, 0.0)?;
+            let tv = targets.slice(r0..r1);
+            let mut ov = outs.slice_mut(3 * c..3 * c + 3);
+            closs::cross_entropy_fused_async(d, &mut logits.as_view_mut(), &tv, vsz, Some(grad_scale), &mut ov)?;
+            let lb = self.operand(&logits)?;
+            let lv = logits.as_view();
+            let lbv = lb.as_ref().map(|b| b.as_view());
+            let la = match &lbv {
+                Some(b) => MatRef::bf16(d, b, rc, vsz)?,
+                None => MatRef::f32(d, &lv, rc, vsz)?,
+            };
+            let mut dv = dhf.slice_mut(r0 * h..r1 * h);
+            gemm(d, &self.blas, la, false, wm, false, &mut dv, 1.0, 0.0)?;
+        }
+        drop((hf, hfb));
+        let mut dx = out_buf::<f32>(d, n * h)?;
+        cnorm::rmsnorm_backward(d, &x.as_view(), &self.norm.as_view(), &rstd.as_view(), &dhf.as_view(), n, h, &mut dx.as_view_mut(), None)?;
+        Ok((dx, outs))
+    }
+
+    /// Every adapter gradient tensor (A then B of each module).
+    fn grads_mut(&mut self) -> Vec<CudaViewMut<'_, f32>> {
+        let mut v = Vec::new();
+        for l in self.layers.iter_mut() {
+            for lin in l.lin.iter_mut() {
+                if let Some(ad) = lin.ad.as_mut() {
+                    v.push(ad.ga.as_view_mut());
+                    v.push(ad.gb.as_view_mut());
+                }
+            }
+        }
+        v
+    }
+
+    /// Zeroes the adapter gradients.
+    pub fn zero_grad(&mut self) -> Result<()> {
+        let dev = self.dev.clone();
+        for l in self.layers.iter_mut() {
+            for lin in l.lin.iter_mut() {
+                if let Some(ad) = lin.ad.as_mut() {
+                    dev.fill_bytes(&mut ad.ga, 0)?;
+                    dev.fill_bytes(&mut ad.gb, 0)?;
+                }
+            }
+        }
+        self.grads_pending = false;
+        Ok(())
+    }
+
+    /// Ends a step: reads the micro-batches' loss triples, clips the
+    /// gradients to `max_grad_norm` (0: no clipping, norm still computed),
+    /// refuses a non-finite loss or norm (gradients cleared, weights
+    /// untouched: `NonFinite`), then AdamW with `lr` and zeroes the
+    /// gradients.
+    pub fn finish_step(&mut self, outs: &[CudaSlice<f64>], max_grad_norm: f64, adamw: &AdamWConfig, lr: f64) -> Result<DeviceStep> {
+        let dev = self.dev.clone();
+        let mut o3 = dev.alloc_filled::<f32>(3, 0xFF)?;
+        {
+            let mut grads = self.grads_mut();
+            let max = if max_grad_norm > 0.0 { max_grad_norm as f32 } else { f32::INFINITY };
+            closs::clip_grad_norm_async(&dev, &mut grads, max, &mut o3.as_view_mut())?;
+        }
+        let (mut loss_sum, mut count) = (0f64, 0usize);
+        for o in outs {
+            let h = dev.download(o)?;
+            for t in h.chunks(3) {
+                loss_sum += t[0];
+                count += t[1] as usize;
+            }
+        }
+        let norm = dev.download(&o3)?[0];
+        if !loss_sum.is_finite() || !norm.is_finite() {
+            self.zero_grad()?;
+            bail!(NonFinite, "the device step's loss ({loss_sum}) or gradient norm ({norm}) is not finite; the step was refused");
+        }
+        let mut cfg = *adamw;
+        cfg.lr = lr;
+        let s = AdamWScalars::new(&cfg, self.steps + 1);
+        let st = cu::adamw::AdamWStep {
+            decay: s.decay,
+            lerp_weight: s.lerp_weight,
+            beta2: s.beta2,
+            one_minus_beta2: s.one_minus_beta2,
+            bias_correction2_sqrt: s.bias_correction2_sqrt,
+            eps: s.eps,
+            neg_step_size: s.neg_step_size,
+        };
+        for l in self.layers.iter_mut() {
+            for lin in l.lin.iter_mut() {
+                if let Some(ad) = lin.ad.as_mut() {
+                    cu::adamw::adamw_update(&dev, &mut ad.a.as_view_mut(), &ad.ga.as_view(), &mut ad.ma.as_view_mut(), &mut ad.va.as_view_mut(), &st)?;
+                    cu::adamw::adamw_update(&dev, &mut ad.b.as_view_mut(), &ad.gb.as_view(), &mut ad.mb.as_view_mut(), &mut ad.vb.as_view_mut(), &st)?;
+                }
+            }
+        }
+        self.steps += 1;
+        self.zero_grad()?;
+        Ok(DeviceStep { loss_sum, count, grad_norm: norm })
+    }
+
+    /// Bytes of device memory the model's weights, adapter, gradients and
+    /// moments take.
+    pub fn static_bytes(&self) -> usize {
+        let wb = |w: &Weight| match w {
+            Weight::F32(s) => s.len() * 4,
+            Weight::Bf16(s) => s.len() * 2,
+            Weight::Nf4(t) => {
+                t.packed.len()
+                    + match &t.absmax {
+                        cu::nf4::CudaAbsmax::F32(a) => a.len() * 4,
+                        cu::nf4::CudaAbsmax::Double(dq) => dq.codes.len() + dq.nested_absmax.len() * 4 + 1024,
+                    }
+            }
+        };
+        let mut b = self.embed.len() * 4 + self.norm.len() * 4 + self.head.as_ref().map_or(0, wb);
+        for l in &self.layers {
+            b += (l.attn_norm.len() + l.mlp_norm.len()) * 4;
+            for lin in &l.lin {
+                b += wb(&lin.w) + lin.bias.as_ref().map_or(0, |x| x.len() * 4);
+                if let Some(ad) = &lin.ad {
+                    b += 4 * 4 * (ad.a.len() + ad.b.len());
+                }
+            }
+        }
+        b
+    }
+}

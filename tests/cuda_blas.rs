@@ -1,0 +1,124 @@
+//! The device step's dense products and elementwise kernels against the
+//! CPU on a GPU:
+//! - `cuda::blas::gemm` (cuBLAS, row-major, every transpose combination,
+//!   α/β, fp32 and bf16 operands) against an f64 product of the same
+//!   operands (bf16 operands rounded first, as the device reads them):
+//!   `|c − ref| ≤ (k + 2)·2⁻²⁴·Σ_k |α·a·b| + 2⁻²⁴·|β·c₀| + 2⁻²³·|ref|`
+//!   (fp32 accumulation in any order, the β term and the final rounding);
+//! - `cuda::elementwise` add, bias add and the bf16 conversion: bit for bit
+//!   with the CPU's one-line loops (`half::bf16::from_f32`).
+//! Outputs are poisoned (NaN) first; odd sizes. Skips without a GPU.
+
+#[path = "common/gpu.rs"]
+#[allow(dead_code)]
+mod harness;
+use half::bf16;
+use harness::{gpu, Rng};
+use lora::backend::cuda::blas::{gemm, Blas, MatRef};
+use lora::backend::cuda::elementwise as ew;
+
+fn vecr(r: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| (r.gauss() as f32) + 1e-3).collect()
+}
+
+#[test]
+fn gemm_matches_an_f64_product() {
+    let Some(dev) = gpu("gemm_matches_an_f64_product") else { return };
+    let blas = Blas::new(dev).unwrap();
+    let mut r = Rng(11);
+    let u = f64::powi(2.0, -24);
+    for &(m, n, k) in &[(1, 1, 1), (37, 19, 65), (128, 96, 2048), (5, 1000, 7), (300, 17, 513)] {
+        for (ta, tb) in [(false, false), (false, true), (true, false), (true, true)] {
+            for bf in [false, true] {
+                let a = vecr(&mut r, m * k);
+                let b = vecr(&mut r, k * n);
+                let c0 = vecr(&mut r, m * n);
+                let (alpha, beta) = (0.75f32, if ta { 1.0f32 } else { 0.0 });
+                let round = |v: &[f32]| -> Vec<f32> { if bf { v.iter().map(|&x| bf16::from_f32(x).to_f32()).collect() } else { v.to_vec() } };
+                let (ar, br) = (round(&a), round(&b));
+                let at = |i: usize, p: usize| if ta { ar[p * m + i] } else { ar[i * k + p] } as f64;
+                let bt = |p: usize, j: usize| if tb { br[j * k + p] } else { br[p * n + j] } as f64;
+                let mut want = vec![0f64; m * n];
+                let mut tol = vec![0f64; m * n];
+                for i in 0..m {
+                    for j in 0..n {
+                        let (mut s, mut sa) = (0f64, 0f64);
+                        for p in 0..k {
+                            s += at(i, p) * bt(p, j);
+                            sa += (at(i, p) * bt(p, j)).abs();
+                        }
+                        let v = alpha as f64 * s + beta as f64 * c0[i * n + j] as f64;
+                        want[i * n + j] = v;
+                        tol[i * n + j] = (k as f64 + 2.0) * u * alpha.abs() as f64 * sa + u * (beta as f64 * c0[i * n + j] as f64).abs() + 2.0 * u * v.abs();
+                    }
+                }
+                let (ad, bd) = (dev.upload(&a).unwrap(), dev.upload(&b).unwrap());
+                let (ab, bb) = (dev.upload(&a.iter().map(|&x| bf16::from_f32(x).to_bits()).collect::<Vec<u16>>()).unwrap(), dev.upload(&b.iter().map(|&x| bf16::from_f32(x).to_bits()).collect::<Vec<u16>>()).unwrap());
+                let mut cd = if beta == 0.0 { dev.alloc_filled::<f32>(m * n, 0xFF).unwrap() } else { dev.upload(&c0).unwrap() };
+                let (sa, sb) = if ta { (k, m) } else { (m, k) };
+                let (sbr, sbc) = if tb { (n, k) } else { (k, n) };
+                let (av, bv, abv, bbv) = (ad.as_view(), bd.as_view(), ab.as_view(), bb.as_view());
+                let (am, bm) = if bf {
+                    (MatRef::bf16(dev, &abv, sa, sb).unwrap(), MatRef::bf16(dev, &bbv, sbr, sbc).unwrap())
+                } else {
+                    (MatRef::f32(dev, &av, sa, sb).unwrap(), MatRef::f32(dev, &bv, sbr, sbc).unwrap())
+                };
+                gemm(dev, &blas, am, ta, bm, tb, &mut cd.as_view_mut(), alpha, beta).unwrap();
+                let got = dev.download(&cd).unwrap();
+                let mut worst = 0f64;
+                for i in 0..m * n {
+                    let e = (got[i] as f64 - want[i]).abs();
+                    assert!(e <= tol[i], "gemm {m}x{n}x{k} ta={ta} tb={tb} bf16={bf}: c[{i}] = {} vs {} (bound {:.3e})", got[i], want[i], tol[i]);
+                    worst = worst.max(e / tol[i].max(1e-300));
+                }
+                eprintln!("gemm {m}x{n}x{k} ta={ta} tb={tb} bf16={bf}: worst error {worst:.3} of the bound");
+            }
+        }
+    }
+    // Shape mistakes are errors, not launches.
+    let a = dev.upload(&[1f32; 6]).unwrap();
+    let av = a.as_view();
+    let mut c = dev.alloc_filled::<f32>(4, 0xFF).unwrap();
+    let e = gemm(dev, &blas, MatRef::f32(dev, &av, 2, 3).unwrap(), false, MatRef::f32(dev, &av, 2, 3).unwrap(), false, &mut c.as_view_mut(), 1.0, 0.0).unwrap_err();
+    assert_eq!(e.kind, lora::ErrorKind::ShapeMismatch, "{e}");
+    assert_eq!(MatRef::f32(dev, &av, 4, 2).unwrap_err().kind, lora::ErrorKind::BufferSize);
+}
+
+#[test]
+fn elementwise_kernels_are_bit_exact() {
+    let Some(dev) = gpu("elementwise_kernels_are_bit_exact") else { return };
+    let mut r = Rng(12);
+    for &n in &[1usize, 33, 4099, 1 << 20] {
+        let (x, y0) = (vecr(&mut r, n), vecr(&mut r, n));
+        let mut yd = dev.upload(&y0).unwrap();
+        ew::add(dev, &mut yd.as_view_mut(), &dev.upload(&x).unwrap().as_view()).unwrap();
+        let want: Vec<u32> = y0.iter().zip(&x).map(|(a, b)| (a + b).to_bits()).collect();
+        assert_eq!(dev.download(&yd).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want, "add n={n}");
+        let mut special = x.clone();
+        special[0] = f32::NAN;
+        if n > 3 {
+            special[1] = f32::INFINITY;
+            special[2] = -0.0;
+            special[3] = 3.0e38;
+        }
+        let mut bd = dev.alloc_filled::<u16>(n, 0xFF).unwrap();
+        ew::to_bf16(dev, &dev.upload(&special).unwrap().as_view(), &mut bd.as_view_mut()).unwrap();
+        let want: Vec<u16> = special.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+        assert_eq!(dev.download(&bd).unwrap(), want, "to_bf16 n={n}");
+        for cols in [1usize, 7, 64] {
+            if n % cols != 0 {
+                continue;
+            }
+            let b = vecr(&mut r, cols);
+            let mut yd = dev.upload(&y0).unwrap();
+            ew::add_bias(dev, &mut yd.as_view_mut(), &dev.upload(&b).unwrap().as_view()).unwrap();
+            let want: Vec<u32> = y0.iter().enumerate().map(|(i, a)| (a + b[i % cols]).to_bits()).collect();
+            assert_eq!(dev.download(&yd).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want, "add_bias n={n} cols={cols}");
+        }
+    }
+    let mut y = dev.alloc_filled::<f32>(4, 0).unwrap();
+    let x = dev.alloc_filled::<f32>(5, 0).unwrap();
+    assert_eq!(ew::add(dev, &mut y.as_view_mut(), &x.as_view()).unwrap_err().kind, lora::ErrorKind::ShapeMismatch);
+    assert_eq!(ew::add_bias(dev, &mut y.as_view_mut(), &x.as_view()).unwrap_err().kind, lora::ErrorKind::ShapeMismatch);
+    eprintln!("elementwise add, bias add, bf16 conversion: bit for bit");
+}
