@@ -84,6 +84,11 @@ fn run() -> lora::Result<()> {
         }
     }
     let peak = peak_memory(&dev)?;
+    // One more step with the per-category profile (each op waits for the
+    // device, so this step is slower; the shares are what it shows).
+    t.device_profile(Some(true));
+    let r = t.step(&ids, None, batch, seq, &mut |_, _| true)?;
+    let prof = t.device_profile(Some(false)).unwrap_or_default();
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let med = times[times.len() / 2];
     println!(
@@ -102,5 +107,17 @@ fn run() -> lora::Result<()> {
         losses[0],
         losses[losses.len() - 1]
     );
+    let total = prof.iter().find(|e| e.0.ends_with("(total)")).map_or(0.0, |e| e.1);
+    println!("  profile of one synchronized step ({:.1} ms; forward+backward {:.1} ms):", r.seconds * 1e3, total * 1e3);
+    let mut named = 0.0;
+    for (what, secs, calls) in &prof {
+        if !what.ends_with("(total)") {
+            println!("    {what:<32} {:>8.1} ms  {calls:>5} calls", secs * 1e3);
+            if !what.starts_with("clip") && !what.starts_with("adapter") {
+                named += secs;
+            }
+        }
+    }
+    println!("    {:<32} {:>8.1} ms  (norms, rope, SwiGLU, bf16 casts, copies, launches)", "rest of forward+backward", (total - named) * 1e3);
     Ok(())
 }

@@ -155,6 +155,8 @@ pub struct DeviceModel {
     /// AdamW steps taken on the device.
     steps: u64,
     grads_pending: bool,
+    /// Per-category time when profiling ([`DeviceModel::set_profiling`]).
+    prof: parking_lot::Mutex<Option<Vec<(&'static str, f64, u64)>>>,
 }
 
 fn alloc(dev: &CudaDevice, n: usize) -> Result<CudaSlice<f32>> {
@@ -282,7 +284,45 @@ impl DeviceModel {
         }
         let norm = d.upload(&model.norm)?;
         let inv_freq = cfg.inv_freq();
-        Ok(DeviceModel { dev, blas, compute, cfg, adapter: adapter.to_string(), inv_freq, embed, head, norm, layers, rope: None, steps: 0, grads_pending: false })
+        Ok(DeviceModel { dev, blas, compute, cfg, adapter: adapter.to_string(), inv_freq, embed, head, norm, layers, rope: None, steps: 0, grads_pending: false, prof: parking_lot::Mutex::new(None) })
+    }
+
+    /// Turns the per-category profile on (cleared) or off. While on, every
+    /// timed operation waits for the device before and after it, so steps
+    /// run slower; the categories' shares are what it is for.
+    pub fn set_profiling(&self, on: bool) {
+        *self.prof.lock() = on.then(Vec::new);
+    }
+
+    /// The profile so far: (category, seconds, calls).
+    pub fn profile(&self) -> Option<Vec<(&'static str, f64, u64)>> {
+        self.prof.lock().clone()
+    }
+
+    /// Starts timing (waits for the device) when profiling.
+    fn tick(&self) -> Result<Option<std::time::Instant>> {
+        if self.prof.lock().is_none() {
+            return Ok(None);
+        }
+        self.dev.synchronize()?;
+        Ok(Some(std::time::Instant::now()))
+    }
+
+    /// Ends timing `what` (waits for the device) when profiling.
+    fn tock(&self, t: Option<std::time::Instant>, what: &'static str) -> Result<()> {
+        let Some(t) = t else { return Ok(()) };
+        self.dev.synchronize()?;
+        let dt = t.elapsed().as_secs_f64();
+        if let Some(p) = self.prof.lock().as_mut() {
+            match p.iter_mut().find(|e| e.0 == what) {
+                Some(e) => {
+                    e.1 += dt;
+                    e.2 += 1;
+                }
+                None => p.push((what, dt, 1)),
+            }
+        }
+        Ok(())
     }
 
     pub fn device(&self) -> &Arc<CudaDevice> {
@@ -363,6 +403,7 @@ impl DeviceModel {
 
     /// Copies the device's adapter weights into the host model.
     pub fn push_adapter_to(&self, model: &mut Model) -> Result<()> {
+        let t = self.tick()?;
         let name = self.adapter.clone();
         let mut host: Vec<Vec<f32>> = Vec::new();
         for l in &self.layers {
@@ -380,6 +421,7 @@ impl DeviceModel {
         for (p, h) in params.iter_mut().zip(&host) {
             p.copy_from_slice(h);
         }
+        self.tock(t, "adapter copy to the host")?;
         Ok(())
     }
 
@@ -401,6 +443,7 @@ impl DeviceModel {
             bail!(ShapeMismatch, "{} ids and {} labels for a batch of {batch} × {seq}", ids.len(), labels.len());
         }
         self.rope_table(seq)?;
+        let t_all = self.tick()?;
         let dev = self.dev.clone();
         let d = &*dev;
         let h = self.cfg.hidden_size;
@@ -431,6 +474,7 @@ impl DeviceModel {
             dx = self.layer_backward(l, &x_in, acts, dx, batch, seq, l > 0)?;
         }
         self.grads_pending = true;
+        self.tock(t_all, "forward+backward (total)")?;
         Ok(outs)
     }
 
@@ -477,7 +521,9 @@ impl DeviceModel {
         crope::rope_forward(d, &mut k.as_view_mut(), batch, seq, nkv, hd, table)?;
         let mut att = out_buf::<f32>(d, n * qd)?;
         let mut lse = out_buf::<f32>(d, n * nh)?;
+        let t = self.tick()?;
         catt::forward(d, &q.as_view(), &k.as_view(), &v.as_view(), &shape, &mut att.as_view_mut(), &mut lse.as_view_mut())?;
+        self.tock(t, "attention forward")?;
         let mut x_mid = cu::guard("cuMemcpyDtoDAsync", || d.stream.clone_dtod(x).map_err(|e| cu::cu_err("cuMemcpyDtoDAsync", e)))?;
         let attb = self.operand(&att)?;
         hs[O] = self.lin_forward(l, O, &att, attb.as_ref(), n, &mut x_mid, 1.0)?;
@@ -502,22 +548,32 @@ impl DeviceModel {
 
     /// The weight of linear `(l, j)` in the compute dtype.
     fn weight<'w>(&self, w: &'w Weight) -> Result<WView<'w>> {
-        let d = &*self.dev;
         Ok(match w {
             Weight::F32(s) => WView::F32(s.as_view()),
             Weight::Bf16(s) => WView::Bf16(s.as_view()),
-            Weight::Nf4(t) => match self.compute {
-                Compute::F32 => {
-                    let mut s = out_buf::<f32>(d, t.numel())?;
-                    t.dequantize_into(d, &mut DevElemsMut::F32(s.as_view_mut()))?;
-                    WView::OwnF32(s)
-                }
-                Compute::BF16 => {
-                    let mut s = out_buf::<u16>(d, t.numel())?;
-                    t.dequantize_into(d, &mut DevElemsMut::BF16(s.as_view_mut()))?;
-                    WView::OwnBf16(s)
-                }
-            },
+            Weight::Nf4(t) => {
+                let tk = self.tick()?;
+                let w = self.dequantized(t)?;
+                self.tock(tk, "NF4 dequantize")?;
+                w
+            }
+        })
+    }
+
+    /// An NF4 weight dequantized to the compute dtype, in scratch.
+    fn dequantized<'w>(&self, t: &'w CudaNf4) -> Result<WView<'w>> {
+        let d = &*self.dev;
+        Ok(match self.compute {
+            Compute::F32 => {
+                let mut s = out_buf::<f32>(d, t.numel())?;
+                t.dequantize_into(d, &mut DevElemsMut::F32(s.as_view_mut()))?;
+                WView::OwnF32(s)
+            }
+            Compute::BF16 => {
+                let mut s = out_buf::<u16>(d, t.numel())?;
+                t.dequantize_into(d, &mut DevElemsMut::BF16(s.as_view_mut()))?;
+                WView::OwnBf16(s)
+            }
         })
     }
 
@@ -535,16 +591,20 @@ impl DeviceModel {
             Some(b) => MatRef::bf16(d, b, n, in_f)?,
             None => MatRef::f32(d, &xv, n, in_f)?,
         };
+        let t = self.tick()?;
         gemm(d, &self.blas, xa, false, w.mat(d, out_f, in_f)?, true, &mut y.as_view_mut(), 1.0, beta)?;
+        self.tock(t, "base GEMM forward")?;
         if let Some(b) = &lin.bias {
             ew::add_bias(d, &mut y.as_view_mut(), &b.as_view())?;
         }
         let Some(ad) = &lin.ad else { return Ok(None) };
+        let t = self.tick()?;
         let mut hbuf = out_buf::<f32>(d, n * ad.r)?;
         let (av, bv) = (ad.a.as_view(), ad.b.as_view());
         gemm(d, &self.blas, MatRef::f32(d, &xv, n, in_f)?, false, MatRef::f32(d, &av, ad.r, in_f)?, true, &mut hbuf.as_view_mut(), 1.0, 0.0)?;
         let hv = hbuf.as_view();
         gemm(d, &self.blas, MatRef::f32(d, &hv, n, ad.r)?, false, MatRef::f32(d, &bv, out_f, ad.r)?, true, &mut y.as_view_mut(), ad.scale, 1.0)?;
+        self.tock(t, "LoRA GEMMs forward")?;
         Ok(Some(hbuf))
     }
 
@@ -565,8 +625,11 @@ impl DeviceModel {
                 Some(b) => MatRef::bf16(d, b, n, out_f)?,
                 None => MatRef::f32(d, &dyv, n, out_f)?,
             };
+            let t = self.tick()?;
             gemm(d, &self.blas, dya, false, w.mat(d, out_f, in_f)?, false, &mut dxs.as_view_mut(), 1.0, *beta)?;
+            self.tock(t, "base GEMM backward")?;
         }
+        let t = self.tick()?;
         let blas = &self.blas;
         let Some(ad) = self.layers[l].lin[j].ad.as_mut() else { return Ok(()) };
         let h = h.ok_or_else(|| err!(Internal, "linear ({l}, {j}) has an adapter but no saved x·Aᵀ"))?;
@@ -580,6 +643,7 @@ impl DeviceModel {
         if let Some((dxs, _)) = dx {
             gemm(d, blas, MatRef::f32(d, &gv, n, r)?, false, MatRef::f32(d, &av, r, in_f)?, false, &mut dxs.as_view_mut(), s, 1.0)?;
         }
+        self.tock(t, "LoRA GEMMs backward")?;
         Ok(())
     }
 
@@ -624,7 +688,9 @@ impl DeviceModel {
         let mut dq = out_buf::<f32>(d, n * qd)?;
         let mut dk = out_buf::<f32>(d, n * kvd)?;
         let mut dv = out_buf::<f32>(d, n * kvd)?;
+        let t = self.tick()?;
         catt::backward(d, &q.as_view(), &k.as_view(), &v.as_view(), &att.as_view(), &lse.as_view(), &datt.as_view(), &shape, &mut dq.as_view_mut(), &mut dk.as_view_mut(), &mut dv.as_view_mut())?;
+        self.tock(t, "attention backward")?;
         drop((q, k, v, att, lse, datt));
         let table = self.rope.as_ref().expect("rope table made for this sequence length");
         crope::rope_backward(d, &mut dq.as_view_mut(), batch, seq, nh, hd, table)?;
@@ -660,6 +726,7 @@ impl DeviceModel {
         let mut rstd = out_buf::<f32>(d, n)?;
         cnorm::rmsnorm_forward(d, &x.as_view(), &self.norm.as_view(), n, h, eps, &mut hf.as_view_mut(), Some(&mut rstd.as_view_mut()))?;
         let hfb = self.operand(&hf)?;
+        let t = self.tick()?;
         let rows = (HEAD_CHUNK_ELEMS / vsz).clamp(1, n);
         let chunks = n.div_ceil(rows);
         let mut outs = d.alloc_filled::<f64>(3 * chunks, 0)?;
@@ -693,6 +760,7 @@ impl DeviceModel {
             let mut dv = dhf.slice_mut(r0 * h..r1 * h);
             gemm(d, &self.blas, la, false, wm, false, &mut dv, 1.0, 0.0)?;
         }
+        self.tock(t, "head GEMMs + cross-entropy")?;
         drop((hf, hfb));
         let mut dx = out_buf::<f32>(d, n * h)?;
         cnorm::rmsnorm_backward(d, &x.as_view(), &self.norm.as_view(), &rstd.as_view(), &dhf.as_view(), n, h, &mut dx.as_view_mut(), None)?;
@@ -735,6 +803,7 @@ impl DeviceModel {
     /// gradients.
     pub fn finish_step(&mut self, outs: &[CudaSlice<f64>], max_grad_norm: f64, adamw: &AdamWConfig, lr: f64) -> Result<DeviceStep> {
         let dev = self.dev.clone();
+        let t = self.tick()?;
         let mut o3 = dev.alloc_filled::<f32>(3, 0xFF)?;
         {
             let mut grads = self.grads_mut();
@@ -776,6 +845,7 @@ impl DeviceModel {
         }
         self.steps += 1;
         self.zero_grad()?;
+        self.tock(t, "clip + AdamW (+ loss readback)")?;
         Ok(DeviceStep { loss_sum, count, grad_norm: norm })
     }
 

@@ -329,6 +329,18 @@ impl Trainer {
         Ok(())
     }
 
+    /// The per-category device time of the steps since profiling was last
+    /// turned on (see [`DeviceModel::set_profiling`]), then turns profiling
+    /// on or off as `on` says (`None`: unchanged); `None` on the CPU.
+    pub fn device_profile(&self, on: Option<bool>) -> Option<Vec<(&'static str, f64, u64)>> {
+        let g = self.gpu.as_ref()?;
+        let p = g.profile();
+        if let Some(on) = on {
+            g.set_profiling(on);
+        }
+        p
+    }
+
     /// The device training runs on, if any.
     pub fn device(&self) -> Option<String> {
         self.gpu.as_ref().map(|g| g.device().describe())
