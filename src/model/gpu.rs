@@ -46,7 +46,7 @@ use crate::backend::cuda::{self as cu, attention as catt, elementwise as ew, los
 use crate::error::Result;
 use crate::model::config::ModelConfig;
 use crate::optim::{AdamWConfig, AdamWScalars};
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
+use cudarc::driver::{CudaSlice, CudaView};
 use half::bf16;
 use std::sync::Arc;
 
@@ -86,17 +86,13 @@ impl WView<'_> {
     }
 }
 
+/// One module's adapter: where its A `[r, in]` and B `[out, r]` sit in the
+/// model's flat adapter buffers (params, grads, m, v).
 struct DevAdapter {
     r: usize,
     scale: f32,
-    a: CudaSlice<f32>,
-    b: CudaSlice<f32>,
-    ga: CudaSlice<f32>,
-    gb: CudaSlice<f32>,
-    ma: CudaSlice<f32>,
-    va: CudaSlice<f32>,
-    mb: CudaSlice<f32>,
-    vb: CudaSlice<f32>,
+    a: std::ops::Range<usize>,
+    b: std::ops::Range<usize>,
 }
 
 struct DevLinear {
@@ -151,6 +147,16 @@ pub struct DeviceModel {
     head: Option<Weight>,
     norm: CudaSlice<f32>,
     layers: Vec<DevLayer>,
+    /// Every adapter tensor (A then B of each module, in model order: the
+    /// order of [`Model::adapter_params`]) in one buffer each for the
+    /// weights, gradients and AdamW moments: one copy to the host, one
+    /// AdamW launch, one memset per step.
+    params: CudaSlice<f32>,
+    grads: CudaSlice<f32>,
+    m: CudaSlice<f32>,
+    v: CudaSlice<f32>,
+    /// Each tensor's range in those buffers.
+    spans: Vec<std::ops::Range<usize>>,
     rope: Option<CudaRopeTable>,
     /// AdamW steps taken on the device.
     steps: u64,
@@ -249,6 +255,8 @@ impl DeviceModel {
             (None, Compute::F32) => None,
         };
         let mut layers = Vec::with_capacity(model.blocks.len());
+        let mut spans: Vec<std::ops::Range<usize>> = Vec::new();
+        let mut host_params: Vec<f32> = Vec::new();
         for blk in &model.blocks {
             let mut lin = Vec::with_capacity(7);
             for l in &blk.lin {
@@ -262,18 +270,14 @@ impl DeviceModel {
                         if a.dropout != 0.0 {
                             bail!(Unsupported, "adapter '{adapter}' has LoRA dropout {}; the device path does not implement dropout yet (use 0, or the CPU)", a.dropout);
                         }
-                        Some(DevAdapter {
-                            r: a.r,
-                            scale: a.scale,
-                            a: d.upload(&a.a)?,
-                            b: d.upload(&a.b)?,
-                            ga: alloc(d, a.a.len())?,
-                            gb: alloc(d, a.b.len())?,
-                            ma: alloc(d, a.a.len())?,
-                            va: alloc(d, a.a.len())?,
-                            mb: alloc(d, a.b.len())?,
-                            vb: alloc(d, a.b.len())?,
-                        })
+                        let mut span = |x: &[f32]| {
+                            let r = host_params.len()..host_params.len() + x.len();
+                            host_params.extend_from_slice(x);
+                            spans.push(r.clone());
+                            r
+                        };
+                        let (ra, rb) = (span(&a.a), span(&a.b));
+                        Some(DevAdapter { r: a.r, scale: a.scale, a: ra, b: rb })
                     }
                     Err(_) => None,
                 };
@@ -284,7 +288,30 @@ impl DeviceModel {
         }
         let norm = d.upload(&model.norm)?;
         let inv_freq = cfg.inv_freq();
-        Ok(DeviceModel { dev, blas, compute, cfg, adapter: adapter.to_string(), inv_freq, embed, head, norm, layers, rope: None, steps: 0, grads_pending: false, prof: parking_lot::Mutex::new(None) })
+        let total = host_params.len();
+        let params = d.upload(&host_params)?;
+        let (grads, m, v) = (alloc(d, total)?, alloc(d, total)?, alloc(d, total)?);
+        Ok(DeviceModel {
+            dev,
+            blas,
+            compute,
+            cfg,
+            adapter: adapter.to_string(),
+            inv_freq,
+            embed,
+            head,
+            norm,
+            layers,
+            params,
+            grads,
+            m,
+            v,
+            spans,
+            rope: None,
+            steps: 0,
+            grads_pending: false,
+            prof: parking_lot::Mutex::new(None),
+        })
     }
 
     /// Turns the per-category profile on (cleared) or off. While on, every
@@ -346,27 +373,21 @@ impl DeviceModel {
     /// `(m, v)` pair per adapter tensor, in [`Model::adapter_params`]'s
     /// order) and these adapter weights (from the host model).
     pub fn set_state(&mut self, model: &Model, steps: u64, moments: &[(Vec<f32>, Vec<f32>)]) -> Result<()> {
+        if moments.len() != self.spans.len() {
+            bail!(ShapeMismatch, "optimizer state has {} tensors, the adapter {}", moments.len(), self.spans.len());
+        }
+        let (mut hm, mut hv) = (Vec::with_capacity(self.params.len()), Vec::with_capacity(self.params.len()));
+        for (i, ((m, v), r)) in moments.iter().zip(&self.spans).enumerate() {
+            if m.len() != r.len() || v.len() != r.len() {
+                bail!(ShapeMismatch, "optimizer state tensor {i} has {} values, the adapter tensor {}", m.len(), r.len());
+            }
+            hm.extend_from_slice(m);
+            hv.extend_from_slice(v);
+        }
         self.pull_adapter_from(model)?;
         let dev = self.dev.clone();
-        let mut i = 0;
-        for l in self.layers.iter_mut() {
-            for lin in l.lin.iter_mut() {
-                if let Some(ad) = lin.ad.as_mut() {
-                    for (m, v) in [(&mut ad.ma, &mut ad.va), (&mut ad.mb, &mut ad.vb)] {
-                        let (hm, hv) = moments.get(i).ok_or_else(|| err!(ShapeMismatch, "optimizer state has {} tensors, the adapter more", moments.len()))?;
-                        if hm.len() != m.len() || hv.len() != v.len() {
-                            bail!(ShapeMismatch, "optimizer state tensor {i} has {} values, the adapter tensor {}", hm.len(), m.len());
-                        }
-                        cu::guard("cuMemcpyHtoDAsync", || dev.stream.memcpy_htod(hm, m).map_err(|e| cu::cu_err("cuMemcpyHtoDAsync", e)))?;
-                        cu::guard("cuMemcpyHtoDAsync", || dev.stream.memcpy_htod(hv, v).map_err(|e| cu::cu_err("cuMemcpyHtoDAsync", e)))?;
-                        i += 1;
-                    }
-                }
-            }
-        }
-        if i != moments.len() {
-            bail!(ShapeMismatch, "optimizer state has {} tensors, the adapter {i}", moments.len());
-        }
+        cu::guard("cuMemcpyHtoDAsync", || dev.stream.memcpy_htod(&hm, &mut self.m).map_err(|e| cu::cu_err("cuMemcpyHtoDAsync", e)))?;
+        cu::guard("cuMemcpyHtoDAsync", || dev.stream.memcpy_htod(&hv, &mut self.v).map_err(|e| cu::cu_err("cuMemcpyHtoDAsync", e)))?;
         self.steps = steps;
         Ok(())
     }
@@ -374,52 +395,39 @@ impl DeviceModel {
     /// The AdamW moments, one `(m, v)` per adapter tensor (A then B of each
     /// module, in model order).
     pub fn moments(&self) -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
-        let mut out = Vec::new();
-        for l in &self.layers {
-            for lin in &l.lin {
-                if let Some(ad) = &lin.ad {
-                    out.push((self.dev.download(&ad.ma)?, self.dev.download(&ad.va)?));
-                    out.push((self.dev.download(&ad.mb)?, self.dev.download(&ad.vb)?));
-                }
-            }
-        }
-        Ok(out)
+        let (m, v) = (self.dev.download(&self.m)?, self.dev.download(&self.v)?);
+        Ok(self.spans.iter().map(|r| (m[r.clone()].to_vec(), v[r.clone()].to_vec())).collect())
     }
 
     /// Copies the host model's weights of this adapter to the device.
     pub fn pull_adapter_from(&mut self, model: &Model) -> Result<()> {
-        let dev = self.dev.clone();
-        for (dl, blk) in self.layers.iter_mut().zip(&model.blocks) {
-            for (lin, l) in dl.lin.iter_mut().zip(&blk.lin) {
-                if let Some(ad) = lin.ad.as_mut() {
+        let mut host = Vec::with_capacity(self.params.len());
+        for (dl, blk) in self.layers.iter().zip(&model.blocks) {
+            for (lin, l) in dl.lin.iter().zip(&blk.lin) {
+                if lin.ad.is_some() {
                     let a = l.adapter(&self.adapter)?;
-                    cu::guard("cuMemcpyHtoDAsync", || dev.stream.memcpy_htod(&a.a, &mut ad.a).map_err(|e| cu::cu_err("cuMemcpyHtoDAsync", e)))?;
-                    cu::guard("cuMemcpyHtoDAsync", || dev.stream.memcpy_htod(&a.b, &mut ad.b).map_err(|e| cu::cu_err("cuMemcpyHtoDAsync", e)))?;
+                    host.extend_from_slice(&a.a);
+                    host.extend_from_slice(&a.b);
                 }
             }
         }
-        Ok(())
+        if host.len() != self.params.len() {
+            bail!(ShapeMismatch, "the host adapter has {} values, the device copy {}", host.len(), self.params.len());
+        }
+        let dev = self.dev.clone();
+        cu::guard("cuMemcpyHtoDAsync", || dev.stream.memcpy_htod(&host, &mut self.params).map_err(|e| cu::cu_err("cuMemcpyHtoDAsync", e)))
     }
 
-    /// Copies the device's adapter weights into the host model.
+    /// Copies the device's adapter weights into the host model (one copy).
     pub fn push_adapter_to(&self, model: &mut Model) -> Result<()> {
         let t = self.tick()?;
-        let name = self.adapter.clone();
-        let mut host: Vec<Vec<f32>> = Vec::new();
-        for l in &self.layers {
-            for lin in &l.lin {
-                if let Some(ad) = &lin.ad {
-                    host.push(self.dev.download(&ad.a)?);
-                    host.push(self.dev.download(&ad.b)?);
-                }
-            }
+        let host = self.dev.download(&self.params)?;
+        let (mut params, _) = model.adapter_params(&self.adapter)?;
+        if params.len() != self.spans.len() {
+            bail!(Internal, "device adapter has {} tensors, the host model {}", self.spans.len(), params.len());
         }
-        let (mut params, _) = model.adapter_params(&name)?;
-        if params.len() != host.len() {
-            bail!(Internal, "device adapter has {} tensors, the host model {}", host.len(), params.len());
-        }
-        for (p, h) in params.iter_mut().zip(&host) {
-            p.copy_from_slice(h);
+        for (p, r) in params.iter_mut().zip(&self.spans) {
+            p.copy_from_slice(&host[r.clone()]);
         }
         self.tock(t, "adapter copy to the host")?;
         Ok(())
@@ -600,7 +608,7 @@ impl DeviceModel {
         let Some(ad) = &lin.ad else { return Ok(None) };
         let t = self.tick()?;
         let mut hbuf = out_buf::<f32>(d, n * ad.r)?;
-        let (av, bv) = (ad.a.as_view(), ad.b.as_view());
+        let (av, bv) = (self.params.slice(ad.a.clone()), self.params.slice(ad.b.clone()));
         gemm(d, &self.blas, MatRef::f32(d, &xv, n, in_f)?, false, MatRef::f32(d, &av, ad.r, in_f)?, true, &mut hbuf.as_view_mut(), 1.0, 0.0)?;
         let hv = hbuf.as_view();
         gemm(d, &self.blas, MatRef::f32(d, &hv, n, ad.r)?, false, MatRef::f32(d, &bv, out_f, ad.r)?, true, &mut y.as_view_mut(), ad.scale, 1.0)?;
@@ -631,15 +639,16 @@ impl DeviceModel {
         }
         let t = self.tick()?;
         let blas = &self.blas;
-        let Some(ad) = self.layers[l].lin[j].ad.as_mut() else { return Ok(()) };
+        let Some(ad) = self.layers[l].lin[j].ad.as_ref() else { return Ok(()) };
         let h = h.ok_or_else(|| err!(Internal, "linear ({l}, {j}) has an adapter but no saved x·Aᵀ"))?;
         let (r, s) = (ad.r, ad.scale);
         let mut g = out_buf::<f32>(d, n * r)?;
-        let (av, bv, hv, xv) = (ad.a.as_view(), ad.b.as_view(), h.as_view(), x.as_view());
+        let (av, bv, hv, xv) = (self.params.slice(ad.a.clone()), self.params.slice(ad.b.clone()), h.as_view(), x.as_view());
+        let (ra, rb) = (ad.a.clone(), ad.b.clone());
         gemm(d, blas, MatRef::f32(d, &dyv, n, out_f)?, false, MatRef::f32(d, &bv, out_f, r)?, false, &mut g.as_view_mut(), 1.0, 0.0)?;
-        gemm(d, blas, MatRef::f32(d, &dyv, n, out_f)?, true, MatRef::f32(d, &hv, n, r)?, false, &mut ad.gb.as_view_mut(), s, 1.0)?;
+        gemm(d, blas, MatRef::f32(d, &dyv, n, out_f)?, true, MatRef::f32(d, &hv, n, r)?, false, &mut self.grads.slice_mut(rb), s, 1.0)?;
         let gv = g.as_view();
-        gemm(d, blas, MatRef::f32(d, &gv, n, r)?, true, MatRef::f32(d, &xv, n, in_f)?, false, &mut ad.ga.as_view_mut(), s, 1.0)?;
+        gemm(d, blas, MatRef::f32(d, &gv, n, r)?, true, MatRef::f32(d, &xv, n, in_f)?, false, &mut self.grads.slice_mut(ra), s, 1.0)?;
         if let Some((dxs, _)) = dx {
             gemm(d, blas, MatRef::f32(d, &gv, n, r)?, false, MatRef::f32(d, &av, r, in_f)?, false, &mut dxs.as_view_mut(), s, 1.0)?;
         }
@@ -767,31 +776,10 @@ impl DeviceModel {
         Ok((dx, outs))
     }
 
-    /// Every adapter gradient tensor (A then B of each module).
-    fn grads_mut(&mut self) -> Vec<CudaViewMut<'_, f32>> {
-        let mut v = Vec::new();
-        for l in self.layers.iter_mut() {
-            for lin in l.lin.iter_mut() {
-                if let Some(ad) = lin.ad.as_mut() {
-                    v.push(ad.ga.as_view_mut());
-                    v.push(ad.gb.as_view_mut());
-                }
-            }
-        }
-        v
-    }
-
     /// Zeroes the adapter gradients.
     pub fn zero_grad(&mut self) -> Result<()> {
         let dev = self.dev.clone();
-        for l in self.layers.iter_mut() {
-            for lin in l.lin.iter_mut() {
-                if let Some(ad) = lin.ad.as_mut() {
-                    dev.fill_bytes(&mut ad.ga, 0)?;
-                    dev.fill_bytes(&mut ad.gb, 0)?;
-                }
-            }
-        }
+        dev.fill_bytes(&mut self.grads, 0)?;
         self.grads_pending = false;
         Ok(())
     }
@@ -805,11 +793,8 @@ impl DeviceModel {
         let dev = self.dev.clone();
         let t = self.tick()?;
         let mut o3 = dev.alloc_filled::<f32>(3, 0xFF)?;
-        {
-            let mut grads = self.grads_mut();
-            let max = if max_grad_norm > 0.0 { max_grad_norm as f32 } else { f32::INFINITY };
-            closs::clip_grad_norm_async(&dev, &mut grads, max, &mut o3.as_view_mut())?;
-        }
+        let max = (max_grad_norm > 0.0).then_some(max_grad_norm as f32);
+        closs::clip_grad_norm_flat_async(&dev, &mut self.grads.as_view_mut(), &self.spans, max, &mut o3.as_view_mut())?;
         let (mut loss_sum, mut count) = (0f64, 0usize);
         for o in outs {
             let h = dev.download(o)?;
@@ -835,14 +820,9 @@ impl DeviceModel {
             eps: s.eps,
             neg_step_size: s.neg_step_size,
         };
-        for l in self.layers.iter_mut() {
-            for lin in l.lin.iter_mut() {
-                if let Some(ad) = lin.ad.as_mut() {
-                    cu::adamw::adamw_update(&dev, &mut ad.a.as_view_mut(), &ad.ga.as_view(), &mut ad.ma.as_view_mut(), &mut ad.va.as_view_mut(), &st)?;
-                    cu::adamw::adamw_update(&dev, &mut ad.b.as_view_mut(), &ad.gb.as_view(), &mut ad.mb.as_view_mut(), &mut ad.vb.as_view_mut(), &st)?;
-                }
-            }
-        }
+        // One launch over every tensor: the update is elementwise with the
+        // same constants for all of them.
+        cu::adamw::adamw_update(&dev, &mut self.params.as_view_mut(), &self.grads.as_view(), &mut self.m.as_view_mut(), &mut self.v.as_view_mut(), &st)?;
         self.steps += 1;
         self.zero_grad()?;
         self.tock(t, "clip + AdamW (+ loss readback)")?;
@@ -863,14 +843,11 @@ impl DeviceModel {
                     }
             }
         };
-        let mut b = self.embed.len() * 4 + self.norm.len() * 4 + self.head.as_ref().map_or(0, wb);
+        let mut b = self.embed.len() * 4 + self.norm.len() * 4 + self.head.as_ref().map_or(0, wb) + 4 * 4 * self.params.len();
         for l in &self.layers {
             b += (l.attn_norm.len() + l.mlp_norm.len()) * 4;
             for lin in &l.lin {
                 b += wb(&lin.w) + lin.bias.as_ref().map_or(0, |x| x.len() * 4);
-                if let Some(ad) = &lin.ad {
-                    b += 4 * 4 * (ad.a.len() + ad.b.len());
-                }
             }
         }
         b

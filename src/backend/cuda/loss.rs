@@ -134,6 +134,41 @@ pub fn cross_entropy_fused(dev: &CudaDevice, logits: &mut CudaViewMut<'_, f32>, 
 /// `clip_coef < 1` (decided on the device). `out` (3 f32) receives
 /// `[total_norm, clip_coef, clipped as 0/1]`.
 fn norm_and_clip_async(dev: &CudaDevice, grads: &mut [CudaViewMut<'_, f32>], clip: Option<f32>, out: &mut CudaViewMut<'_, f32>) -> Result<()> {
+    {
+        let views: Vec<CudaView<'_, f32>> = grads.iter().map(|g| g.slice(..)).collect();
+        norm_total_async(dev, &views, clip, out)?;
+    }
+    if clip.is_some() {
+        for g in grads.iter_mut() {
+            clip_scale_async(dev, g, out)?;
+        }
+    }
+    Ok(())
+}
+
+/// The clipping of [`clip_grad_norm_async`] for gradient tensors that sit
+/// in one buffer: `spans` name each tensor's range in `flat` (the norm is
+/// the norm of the per-tensor norms, as for separate tensors), and the
+/// scaling is one launch over the whole buffer (the same coefficient for
+/// every element, so the same values as per tensor). Elements of `flat`
+/// outside every span are scaled too.
+pub fn clip_grad_norm_flat_async(dev: &CudaDevice, flat: &mut CudaViewMut<'_, f32>, spans: &[std::ops::Range<usize>], max_norm: Option<f32>, out: &mut CudaViewMut<'_, f32>) -> Result<()> {
+    if let Some(r) = spans.iter().find(|r| r.start > r.end || r.end > flat.len()) {
+        bail!(BufferSize, "grad_norm: span {r:?} is outside a buffer of {} elements", flat.len());
+    }
+    {
+        let views: Vec<CudaView<'_, f32>> = spans.iter().map(|r| flat.slice(r.clone())).collect();
+        norm_total_async(dev, &views, max_norm, out)?;
+    }
+    if max_norm.is_some() {
+        clip_scale_async(dev, flat, out)?;
+    }
+    Ok(())
+}
+
+/// Per-tensor norms and their total into `out` = `[norm, clip_coef,
+/// clipped]` (`clip` None: no clipping decided).
+fn norm_total_async(dev: &CudaDevice, grads: &[CudaView<'_, f32>], clip: Option<f32>, out: &mut CudaViewMut<'_, f32>) -> Result<()> {
     if out.len() != 3 {
         bail!(BufferSize, "grad_norm: out needs 3 elements, has {}", out.len());
     }
@@ -150,13 +185,12 @@ fn norm_and_clip_async(dev: &CudaDevice, grads: &mut [CudaViewMut<'_, f32>], cli
     let mut norms = scratch::<f32>(dev, k)?;
     let name = "loss_sumsq_partial_f32";
     let f = dev.function(&LOSS_CU, name)?;
-    for (i, g) in grads.iter().enumerate() {
-        let n64 = g.len() as u64;
-        let gv = g.slice(..);
+    for (i, gv) in grads.iter().enumerate() {
+        let n64 = gv.len() as u64;
         let mut part = partial.slice_mut(i * nb..(i + 1) * nb);
         // SAFETY: (ptr, u64, ptr) as the kernel; LOSS_NORM_BLOCKS blocks
         // read g[< n] and block b writes part[b] (LOSS_NORM_BLOCKS long).
-        launch_kernel!(dev, f, name, launch_cfg((LOSS_NORM_BLOCKS, 1), LOSS_NORM_THREADS), [&gv, &n64, &mut part])?;
+        launch_kernel!(dev, f, name, launch_cfg((LOSS_NORM_BLOCKS, 1), LOSS_NORM_THREADS), [gv, &n64, &mut part])?;
     }
     if k > 0 {
         let name = "loss_gradnorm_tensor";
@@ -170,59 +204,28 @@ fn norm_and_clip_async(dev: &CudaDevice, grads: &mut [CudaViewMut<'_, f32>], cli
     let f = dev.function(&LOSS_CU, name)?;
     // SAFETY: (ptr, u32, f32, ptr) as the kernel; one thread reads
     // norms[< k] and writes out[0..3] (length checked).
-    launch_kernel!(dev, f, name, launch_cfg((1, 1), 32), [&norms, &k32, &max_norm, &mut *out])?;
-    if clip.is_some() {
-        let name = "loss_clip_scale_f32";
-        let f = dev.function(&LOSS_CU, name)?;
-        for g in grads.iter_mut() {
-            let n64 = g.len() as u64;
-            if n64 == 0 {
-                continue;
-            }
-            let o = out.slice(..);
-            // SAFETY: (ptr, u64, ptr) as the kernel; elements < n of g, and
-            // out[1..3].
-            launch_kernel!(dev, f, name, launch_cfg((stride_grid(n64, LOSS_NORM_THREADS), 1), LOSS_NORM_THREADS), [&mut *g, &n64, &o])?;
-        }
+    launch_kernel!(dev, f, name, launch_cfg((1, 1), 32), [&norms, &k32, &max_norm, &mut *out])
+}
+
+/// Scales `g` by the clip coefficient the device decided in `out`.
+fn clip_scale_async(dev: &CudaDevice, g: &mut CudaViewMut<'_, f32>, out: &CudaViewMut<'_, f32>) -> Result<()> {
+    dev.check_stream(g, "gradient tensor")?;
+    let n64 = g.len() as u64;
+    if n64 == 0 {
+        return Ok(());
     }
-    Ok(())
+    let name = "loss_clip_scale_f32";
+    let f = dev.function(&LOSS_CU, name)?;
+    let o = out.slice(..);
+    // SAFETY: (ptr, u64, ptr) as the kernel; elements < n of g, and
+    // out[1..3].
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(n64, LOSS_NORM_THREADS), 1), LOSS_NORM_THREADS), [&mut *g, &n64, &o])
 }
 
 /// Queues the global L2 norm of `grads` (as `cpu::loss::grad_norm_l2`)
 /// into `out` (3 f32; `out[0]` is the norm).
 pub fn grad_norm_l2_async(dev: &CudaDevice, grads: &[CudaView<'_, f32>], out: &mut CudaViewMut<'_, f32>) -> Result<()> {
-    // The clip-less path reads the gradients only; the kernels take them as
-    // const pointers, so views are lent as they are.
-    if out.len() != 3 {
-        bail!(BufferSize, "grad_norm: out needs 3 elements, has {}", out.len());
-    }
-    for (k, g) in grads.iter().enumerate() {
-        dev.check_stream(g, &format!("gradient tensor {k}"))?;
-    }
-    dev.check_stream(out, "grad_norm out")?;
-    let k = grads.len();
-    let nb = LOSS_NORM_BLOCKS as usize;
-    let mut partial = scratch::<f64>(dev, k * nb)?;
-    let mut norms = scratch::<f32>(dev, k)?;
-    let name = "loss_sumsq_partial_f32";
-    let f = dev.function(&LOSS_CU, name)?;
-    for (i, g) in grads.iter().enumerate() {
-        let n64 = g.len() as u64;
-        let mut part = partial.slice_mut(i * nb..(i + 1) * nb);
-        // SAFETY: as in norm_and_clip_async.
-        launch_kernel!(dev, f, name, launch_cfg((LOSS_NORM_BLOCKS, 1), LOSS_NORM_THREADS), [g, &n64, &mut part])?;
-    }
-    if k > 0 {
-        let name = "loss_gradnorm_tensor";
-        let f = dev.function(&LOSS_CU, name)?;
-        // SAFETY: as in norm_and_clip_async.
-        launch_kernel!(dev, f, name, launch_cfg((k as u32, 1), LOSS_NORM_BLOCKS), [&partial, &mut norms])?;
-    }
-    let (k32, max_norm) = (k as u32, f32::INFINITY);
-    let name = "loss_gradnorm_total";
-    let f = dev.function(&LOSS_CU, name)?;
-    // SAFETY: as in norm_and_clip_async.
-    launch_kernel!(dev, f, name, launch_cfg((1, 1), 32), [&norms, &k32, &max_norm, out])
+    norm_total_async(dev, grads, None, out)
 }
 
 /// `cpu::loss::grad_norm_l2` on the device: waits and returns the norm.
