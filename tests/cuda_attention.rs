@@ -276,6 +276,103 @@ fn backward_matches_the_cpu() {
     }
 }
 
+/// (B, T, H, Hkv, D, window) for the tensor-core kernels (self-attention).
+const TC_CASES: &[(usize, usize, usize, usize, usize, Option<usize>)] = &[
+    (2, 37, 4, 4, 64, None),       // one partial tile, group 1
+    (1, 130, 8, 2, 64, None),      // three query tiles, group 4
+    (2, 70, 8, 2, 128, Some(16)),  // window, two tiles
+    (1, 200, 4, 1, 128, None),     // four tiles, one KV head
+    (1, 65, 6, 3, 64, Some(7)),    // a tile and one row, small window
+];
+
+/// Per-row check of a bf16-operand result against the fp32 CPU result:
+/// `‖Δ_row‖ ≤ 0.1·‖ref_row‖ + 0.02·rms_row(ref)` for every row (a wrong
+/// index or mask moves whole rows by O(1)), and `‖Δ‖/‖ref‖ ≤ 8·2⁻⁹`
+/// overall (about six roundings to bf16 feed each product: q, k, v, dO,
+/// P and dS). Returns the overall relative error.
+fn check_rows(what: &str, got: &[f32], want: &[f32], d: usize) -> f64 {
+    assert_eq!(got.len(), want.len());
+    assert!(got.iter().all(|x| x.is_finite()), "{what}: non-finite output");
+    let rows = want.len() / d;
+    let norm = |v: &[f32]| v.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+    let rms_row = (want.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / rows as f64).sqrt();
+    for r in 0..rows {
+        let (g, w) = (&got[r * d..(r + 1) * d], &want[r * d..(r + 1) * d]);
+        let diff: f64 = g.iter().zip(w).map(|(&a, &b)| (a as f64 - b as f64).powi(2)).sum::<f64>().sqrt();
+        let bound = 0.1 * norm(w) + 0.02 * rms_row;
+        assert!(diff <= bound, "{what}: row {r} differs by {diff:e} (bound {bound:e}); GPU {:?}… CPU {:?}…", &g[..4.min(d)], &w[..4.min(d)]);
+    }
+    let e = rel_err(got, want);
+    assert!(e <= 8.0 * gatt::BF16_U, "{what}: relative error {e:e} > 8·2⁻⁹");
+    e
+}
+
+#[test]
+fn tensor_core_kernels_match_the_cpu() {
+    let Some(dev) = gpu("tensor_core_kernels_match_the_cpu") else { return };
+    let mut rng = Rng(74);
+    for &(batch, t, hq, hkv, d, window) in TC_CASES {
+        let s = AttnShape { batch, q_len: t, kv_len: t, n_heads: hq, n_kv_heads: hkv, head_dim: d, window };
+        assert!(gatt::tc_supported(dev, &s));
+        let (nq, nk) = (batch * t * hq * d, batch * t * hkv * d);
+        let (q, k, v, dout) = (rng.vec(nq, 1.5), rng.vec(nk, 1.0), rng.vec(nk, 1.0), rng.vec(nq, 1.0));
+        let mut o = vec![0f32; nq];
+        let mut lse = vec![0f32; nq / d];
+        attention_forward(&q, &k, &v, &s, &mut o, &mut lse);
+        let (mut dq, mut dk, mut dv) = (vec![0f32; nq], vec![0f32; nk], vec![0f32; nk]);
+        attention_backward(&q, &k, &v, &o, &lse, &dout, &s, &mut dq, &mut dk, &mut dv);
+        // Forward, element by element: scores within ds (q and k rounded to
+        // bf16: 2·2⁻⁹ of scale·Σ|q∘k|), weights within 2·ds, P and v
+        // rounded (2·2⁻⁹): o within (2·ds + 3·2⁻⁹)·Σ_j P|v| (SLACK covers
+        // the f32 terms); lse within ds and the fast exp/log.
+        let f = fwd_magnitudes(&q, &k, &v, &s);
+        let scale = softmax_scale(d) as f64;
+        let mut ds = vec![0f64; nq / d];
+        for b in 0..batch {
+            for i in 0..t {
+                for h in 0..hq {
+                    let row = (b * t + i) * hq + h;
+                    let (lo, hi) = s.visible(i);
+                    let g = h / s.group();
+                    let qi = &q[row * d..(row + 1) * d];
+                    ds[row] = (lo..hi)
+                        .map(|j| {
+                            let kr = &k[((b * t + j) * hkv + g) * d..((b * t + j) * hkv + g + 1) * d];
+                            2.0 * gatt::BF16_U * scale * qi.iter().zip(kr).map(|(&a, &c)| (a as f64 * c as f64).abs()).sum::<f64>()
+                        })
+                        .fold(0.0, f64::max)
+                        + f.ds[row];
+                }
+            }
+        }
+        let (qd, kd, vd, dod) = (dev.upload(&q).unwrap(), dev.upload(&k).unwrap(), dev.upload(&v).unwrap(), dev.upload(&dout).unwrap());
+        let (mut od, mut ld) = (poisoned(dev, nq), poisoned(dev, nq / d));
+        gatt::forward_tc(dev, &qd.as_view(), &kd.as_view(), &vd.as_view(), &s, &mut od.as_view_mut(), &mut ld.as_view_mut()).unwrap();
+        let (go, gl) = (dev.download(&od).unwrap(), dev.download(&ld).unwrap());
+        check_close("tc o", &go, &o, |e| (2.0 * ds[e / d] + 3.0 * gatt::BF16_U) * f.pv[e] + 1e-6);
+        check_close("tc lse", &gl, &lse, |r| ds[r] + 1e-5 * (1.0 + lse[r].abs() as f64));
+        // Backward from the GPU's own o and lse.
+        let (mut dqd, mut dkd, mut dvd) = (poisoned(dev, nq), poisoned(dev, nk), poisoned(dev, nk));
+        gatt::backward_tc(dev, &qd.as_view(), &kd.as_view(), &vd.as_view(), &od.as_view(), &ld.as_view(), &dod.as_view(), &s, &mut dqd.as_view_mut(), &mut dkd.as_view_mut(), &mut dvd.as_view_mut()).unwrap();
+        let eq = check_rows("tc dq", &dev.download(&dqd).unwrap(), &dq, d);
+        let ek = check_rows("tc dk", &dev.download(&dkd).unwrap(), &dk, d);
+        let ev = check_rows("tc dv", &dev.download(&dvd).unwrap(), &dv, d);
+        eprintln!(
+            "attention tc (B {batch}, T {t}, H {hq}/{hkv}, D {d}, window {window:?}): o rel err {:.2e}, lse {:.2e}, dq {eq:.2e}, dk {ek:.2e}, dv {ev:.2e}",
+            rel_err(&go, &o),
+            rel_err(&gl, &lse)
+        );
+    }
+    // Shapes the tensor-core kernels do not take are refused, not run.
+    let s = AttnShape { batch: 1, q_len: 5, kv_len: 9, n_heads: 2, n_kv_heads: 2, head_dim: 64, window: None };
+    let x = poisoned(dev, 5 * 2 * 64);
+    let kx = poisoned(dev, 9 * 2 * 64);
+    let (mut o, mut l) = (poisoned(dev, 5 * 2 * 64), poisoned(dev, 10));
+    assert!(!gatt::tc_supported(dev, &s));
+    let e = gatt::forward_tc(dev, &x.as_view(), &kx.as_view(), &kx.as_view(), &s, &mut o.as_view_mut(), &mut l.as_view_mut()).unwrap_err();
+    assert_eq!(e.kind, lora::ErrorKind::Unsupported, "{e}");
+}
+
 #[test]
 fn decode_matches_the_cpu() {
     let Some(dev) = gpu("decode_matches_the_cpu") else { return };

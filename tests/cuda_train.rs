@@ -1,8 +1,10 @@
 //! The training step on a GPU against the CPU backend: 20 steps of AdamW
 //! on the PEFT fixtures (Llama NF4 quantized at load, Qwen2 with qkv bias,
 //! tied head, rsLoRA and layers_to_transform, Mistral bf16 with a sliding
-//! window and rank/alpha patterns) and a random Llama with head_dim 128,
-//! through `Trainer` exactly as `lora_train_step` runs it.
+//! window and rank/alpha patterns), a random Llama with head_dim 128 and a
+//! random Mistral with head_dim 64 and a 48-token window (the two whose
+//! attention runs on tensor cores in bf16 mode), through `Trainer` exactly
+//! as `lora_train_step` runs it.
 //!
 //! Bounds, per step:
 //! - fp32 compute: the GPU computes the CPU's function with another
@@ -77,11 +79,23 @@ fn cases() -> Vec<Case> {
         m.add_adapter("a", AdapterSpec::new(16, 32.0)).unwrap();
         m
     }) as Box<dyn Fn() -> Model>;
+    let window = Box::new(|| {
+        let cfg = serde_json::json!({
+            "architectures": ["MistralForCausalLM"], "model_type": "mistral", "hidden_size": 256, "intermediate_size": 512,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 777,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 512, "tie_word_embeddings": false,
+            "sliding_window": 48
+        });
+        let mut m = Model::random(&cfg.to_string(), 0.02, LoadOptions { quantize: None, seed: 10 }).unwrap();
+        m.add_adapter("a", AdapterSpec::new(8, 16.0)).unwrap();
+        m
+    }) as Box<dyn Fn() -> Model>;
     vec![
         Case { name: "llama_nf4", model: fx("llama_nf4", true), batch: 3, seq: 33 },
         Case { name: "qwen2_fp32", model: fx("qwen2_fp32", false), batch: 2, seq: 40 },
         Case { name: "mistral_bf16", model: fx("mistral_bf16", false), batch: 2, seq: 37 },
         Case { name: "random_hd128_nf4", model: random, batch: 2, seq: 130 },
+        Case { name: "random_mistral_hd64_window48", model: window, batch: 2, seq: 100 },
     ]
 }
 

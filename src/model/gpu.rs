@@ -19,8 +19,11 @@
 //! - [`Compute::BF16`]: the frozen products (base weights, head) take bf16
 //!   operands (NF4 dequantized to bf16, activations rounded to bf16 as the
 //!   operand is formed) on tensor cores with fp32 accumulation and fp32
-//!   results, as bitsandbytes' `compute_dtype=bfloat16`; the adapter
-//!   products, norms, attention, softmax/loss and AdamW stay fp32.
+//!   results, as bitsandbytes' `compute_dtype=bfloat16`; attention runs on
+//!   tensor cores too (`cuda/attention_tc.cu`: bf16 q, k, v, P, dO, dS,
+//!   fp32 accumulation and softmax) for head_dim 64 or 128
+//!   (`LORA_CUDA_ATTENTION=fp32` keeps the fp32 kernels); the adapter
+//!   products, norms, softmax/loss and AdamW stay fp32.
 //!
 //! Memory: per layer the step keeps the layer input, q, k, v, the
 //! attention output and log-sum-exp, the mid-layer residual, gate and up,
@@ -161,6 +164,10 @@ pub struct DeviceModel {
     /// AdamW steps taken on the device.
     steps: u64,
     grads_pending: bool,
+    /// Attention on tensor cores (`cuda/attention_tc.cu`) where the shape
+    /// allows: BF16 mode, unless `LORA_CUDA_ATTENTION=fp32` was set at
+    /// upload (the fp32 kernels then run in both modes).
+    attn_tc: bool,
     /// Per-category time when profiling ([`DeviceModel::set_profiling`]).
     prof: parking_lot::Mutex<Option<Vec<(&'static str, f64, u64)>>>,
 }
@@ -310,6 +317,7 @@ impl DeviceModel {
             rope: None,
             steps: 0,
             grads_pending: false,
+            attn_tc: compute == Compute::BF16 && std::env::var("LORA_CUDA_ATTENTION").map_or(true, |v| v != "fp32"),
             prof: parking_lot::Mutex::new(None),
         })
     }
@@ -530,7 +538,11 @@ impl DeviceModel {
         let mut att = out_buf::<f32>(d, n * qd)?;
         let mut lse = out_buf::<f32>(d, n * nh)?;
         let t = self.tick()?;
-        catt::forward(d, &q.as_view(), &k.as_view(), &v.as_view(), &shape, &mut att.as_view_mut(), &mut lse.as_view_mut())?;
+        if self.attn_tc && catt::tc_supported(d, &shape) {
+            catt::forward_tc(d, &q.as_view(), &k.as_view(), &v.as_view(), &shape, &mut att.as_view_mut(), &mut lse.as_view_mut())?;
+        } else {
+            catt::forward(d, &q.as_view(), &k.as_view(), &v.as_view(), &shape, &mut att.as_view_mut(), &mut lse.as_view_mut())?;
+        }
         self.tock(t, "attention forward")?;
         let mut x_mid = cu::guard("cuMemcpyDtoDAsync", || d.stream.clone_dtod(x).map_err(|e| cu::cu_err("cuMemcpyDtoDAsync", e)))?;
         let attb = self.operand(&att)?;
@@ -698,7 +710,11 @@ impl DeviceModel {
         let mut dk = out_buf::<f32>(d, n * kvd)?;
         let mut dv = out_buf::<f32>(d, n * kvd)?;
         let t = self.tick()?;
-        catt::backward(d, &q.as_view(), &k.as_view(), &v.as_view(), &att.as_view(), &lse.as_view(), &datt.as_view(), &shape, &mut dq.as_view_mut(), &mut dk.as_view_mut(), &mut dv.as_view_mut())?;
+        if self.attn_tc && catt::tc_supported(d, &shape) {
+            catt::backward_tc(d, &q.as_view(), &k.as_view(), &v.as_view(), &att.as_view(), &lse.as_view(), &datt.as_view(), &shape, &mut dq.as_view_mut(), &mut dk.as_view_mut(), &mut dv.as_view_mut())?;
+        } else {
+            catt::backward(d, &q.as_view(), &k.as_view(), &v.as_view(), &att.as_view(), &lse.as_view(), &datt.as_view(), &shape, &mut dq.as_view_mut(), &mut dk.as_view_mut(), &mut dv.as_view_mut())?;
+        }
         self.tock(t, "attention backward")?;
         drop((q, k, v, att, lse, datt));
         let table = self.rope.as_ref().expect("rope table made for this sequence length");

@@ -25,7 +25,7 @@
 //! [`attention_backward`]: crate::backend::cpu::attention::attention_backward
 //! [`attention_decode`]: crate::backend::cpu::attention::attention_decode
 
-use super::{launch_cfg, scratch, stride_grid, CudaDevice, ATTENTION_CU};
+use super::{launch_cfg, scratch, stride_grid, CudaDevice, ATTENTION_CU, ATTENTION_TC_CU};
 use crate::backend::cpu::attention::{softmax_scale, AttnShape, DecodeShape};
 use crate::error::Result;
 use cudarc::driver::{CudaView, CudaViewMut};
@@ -205,17 +205,7 @@ pub fn backward(
         return Ok(());
     }
     let scale = softmax_scale(s.head_dim);
-    let rows = (s.batch * s.q_len * s.n_heads) as u64;
-    let mut delta = scratch::<f32>(dev, rows as usize)?;
-    if rows > 0 {
-        let name = "attention_delta_f32";
-        let f = dev.function(&ATTENTION_CU, name)?;
-        let grid = stride_grid(rows, ATT_THREADS / 32);
-        // SAFETY: (ptr, ptr, u64, u32, ptr); warp r < rows reads D floats of
-        // row r of dout and o (rows·D each, checked) and writes delta[r]
-        // (rows allocated).
-        launch_kernel!(dev, f, name, launch_cfg((grid, 1), ATT_THREADS), [dout, o, &rows, &d, &mut delta])?;
-    }
+    let delta = delta_async(dev, o, dout, s, d)?;
     let name = "attention_dkdv_f32";
     let f = dev.function(&ATTENTION_CU, name)?;
     let mut cfg = launch_cfg((s.kv_len.div_ceil(ATT_BK) as u32, hkv), ATT_THREADS);
@@ -236,6 +226,149 @@ pub fn backward(
     // of q, dout, lse, delta (head h), keys < S of k, v (head h/(H/Hkv)),
     // and writes its rows of dq: lengths checked above.
     launch_kernel!(dev, f, name, cfg, [q, k, v, dout, lse, &delta, &t, &sl, &h, &hkv, &d, &w, &scale, dq])
+}
+
+/// `δ = rowsum(dout ∘ o)` per (batch, row, head), `[B, T, H]` (scratch,
+/// freed in stream order). Lengths checked by the callers.
+fn delta_async(dev: &CudaDevice, o: &CudaView<'_, f32>, dout: &CudaView<'_, f32>, s: &AttnShape, d: u32) -> Result<cudarc::driver::CudaSlice<f32>> {
+    let rows = (s.batch * s.q_len * s.n_heads) as u64;
+    let mut delta = scratch::<f32>(dev, rows as usize)?;
+    if rows > 0 {
+        let name = "attention_delta_f32";
+        let f = dev.function(&ATTENTION_CU, name)?;
+        let grid = stride_grid(rows, ATT_THREADS / 32);
+        // SAFETY: (ptr, ptr, u64, u32, ptr); warp r < rows reads D floats of
+        // row r of dout and o (rows·D each, checked) and writes delta[r]
+        // (rows allocated).
+        launch_kernel!(dev, f, name, launch_cfg((grid, 1), ATT_THREADS), [dout, o, &rows, &d, &mut delta])?;
+    }
+    Ok(delta)
+}
+
+// ------------------------------------------------- tensor cores (bf16 mode)
+
+/// Threads per block of `cuda/attention_tc.cu` (`ATC_THREADS`).
+const ATC_THREADS: u32 = 128;
+/// Query rows per forward / dq block, keys per dkdv block (`ATC_FWD_BQ`,
+/// `ATC_DQ_BQ`, `ATC_KV_BK`).
+const ATC_ROWS: usize = 64;
+/// Query rows per dkdv tile (`ATC_KV_BQ`) and shared-row padding (`ATC_PAD`).
+const ATC_KV_BQ: usize = 32;
+const ATC_PAD: usize = 8;
+
+/// Relative rounding of a bf16 operand, 2⁻⁹.
+pub const BF16_U: f64 = 1.0 / 512.0;
+
+/// True when the tensor-core kernels take this shape: self-attention
+/// (`S = T`) with head_dim 64 or 128 on an sm_80+ device.
+pub fn tc_supported(dev: &CudaDevice, s: &AttnShape) -> bool {
+    s.q_len == s.kv_len && (s.head_dim == 64 || s.head_dim == 128) && dev.compute_capability.0 >= 8
+}
+
+/// Dynamic shared memory of the dkdv kernel for head_dim `d`.
+fn atc_dkdv_smem(d: usize) -> u32 {
+    let ldk = d + ATC_PAD;
+    let ldt = ATC_KV_BQ + ATC_PAD;
+    (2 * (2 * ATC_ROWS * ldk + 2 * ATC_KV_BQ * ldk + 2 * d * ldt) + 2 * ATC_KV_BQ * 4) as u32
+}
+
+fn tc_check(dev: &CudaDevice, s: &AttnShape) -> Result<(u32, u32, u32, u32, u32)> {
+    let (t, _, h, hkv, d, w) = check_shape(s)?;
+    if !tc_supported(dev, s) {
+        bail!(Unsupported, "tensor-core attention needs S = T and head_dim 64 or 128 on sm_80+, got S {} T {} head_dim {} on {}", s.kv_len, s.q_len, s.head_dim, dev.describe());
+    }
+    Ok((t, h, hkv, d, w))
+}
+
+/// [`forward`] on tensor cores: the same outputs from bf16-rounded q, k, v
+/// (and P), fp32 accumulation (`cuda/attention_tc.cu`).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_tc(dev: &CudaDevice, q: &CudaView<'_, f32>, k: &CudaView<'_, f32>, v: &CudaView<'_, f32>, s: &AttnShape, o: &mut CudaViewMut<'_, f32>, lse: &mut CudaViewMut<'_, f32>) -> Result<()> {
+    let (t, h, hkv, d, w) = tc_check(dev, s)?;
+    check_len(q.len(), &q_dims(s), "q")?;
+    check_len(k.len(), &kv_dims(s), "k")?;
+    check_len(v.len(), &kv_dims(s), "v")?;
+    check_len(o.len(), &q_dims(s), "o")?;
+    check_len(lse.len(), &[s.batch, s.q_len, s.n_heads], "lse")?;
+    for (x, what) in [(q, "q"), (k, "k"), (v, "v")] {
+        dev.check_stream(x, &format!("attention {what}"))?;
+    }
+    dev.check_stream(o, "attention o")?;
+    dev.check_stream(lse, "attention lse")?;
+    if s.batch == 0 || s.q_len == 0 {
+        return Ok(());
+    }
+    let scale = softmax_scale(s.head_dim);
+    let name = if d == 64 { "attention_tc_forward_d64_bf16" } else { "attention_tc_forward_d128_bf16" };
+    let f = dev.function(&ATTENTION_TC_CU, name)?;
+    let mut cfg = launch_cfg((s.q_len.div_ceil(ATC_ROWS) as u32, h), ATC_THREADS);
+    cfg.grid_dim.2 = s.batch as u32;
+    // SAFETY: (ptr ×3, u32 ×5, f32, ptr ×2) as the kernel. Block (x, h, b)
+    // reads rows < T of q (head h) and of k, v (head h/(H/Hkv)), writes its
+    // rows < T of o and lse: lengths checked above; float2 accesses are
+    // 8-byte aligned (D even, buffers from the allocator).
+    launch_kernel!(dev, f, name, cfg, [q, k, v, &t, &h, &hkv, &w, &scale, o, lse])
+}
+
+/// [`backward`] on tensor cores (FlashAttention-2 with bf16 operands; `P`
+/// and `dS` rounded to bf16 before their products), from the outputs of
+/// [`forward_tc`]. Deterministic (no atomics).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_tc(
+    dev: &CudaDevice,
+    q: &CudaView<'_, f32>,
+    k: &CudaView<'_, f32>,
+    v: &CudaView<'_, f32>,
+    o: &CudaView<'_, f32>,
+    lse: &CudaView<'_, f32>,
+    dout: &CudaView<'_, f32>,
+    s: &AttnShape,
+    dq: &mut CudaViewMut<'_, f32>,
+    dk: &mut CudaViewMut<'_, f32>,
+    dv: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    let (t, h, hkv, d, w) = tc_check(dev, s)?;
+    for (len, what) in [(q.len(), "q"), (o.len(), "o"), (dout.len(), "dout"), (dq.len(), "dq")] {
+        check_len(len, &q_dims(s), what)?;
+    }
+    for (len, what) in [(k.len(), "k"), (v.len(), "v"), (dk.len(), "dk"), (dv.len(), "dv")] {
+        check_len(len, &kv_dims(s), what)?;
+    }
+    check_len(lse.len(), &[s.batch, s.q_len, s.n_heads], "lse")?;
+    for (x, what) in [(q, "q"), (k, "k"), (v, "v"), (o, "o"), (lse, "lse"), (dout, "dout")] {
+        dev.check_stream(x, &format!("attention {what}"))?;
+    }
+    dev.check_stream(dq, "attention dq")?;
+    dev.check_stream(dk, "attention dk")?;
+    dev.check_stream(dv, "attention dv")?;
+    if s.batch == 0 || s.q_len == 0 {
+        return Ok(());
+    }
+    let scale = softmax_scale(s.head_dim);
+    let delta = delta_async(dev, o, dout, s, d)?;
+    let name = if d == 64 { "attention_tc_dkdv_d64_bf16" } else { "attention_tc_dkdv_d128_bf16" };
+    let f = dev.function(&ATTENTION_TC_CU, name)?;
+    let smem = atc_dkdv_smem(s.head_dim);
+    super::guard("cuFuncSetAttribute", || {
+        f.set_attribute(cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+            .map_err(|e| super::cu_err(&format!("cuFuncSetAttribute({name}, MAX_DYNAMIC_SHARED_SIZE_BYTES = {smem})"), e))
+    })?;
+    let mut cfg = launch_cfg((s.kv_len.div_ceil(ATC_ROWS) as u32, hkv), ATC_THREADS);
+    cfg.grid_dim.2 = s.batch as u32;
+    cfg.shared_mem_bytes = smem;
+    // SAFETY: (ptr ×6, u32 ×4, f32, ptr ×2). Block (x, g, b) reads keys < T
+    // of k, v (head g), rows < T of q, dout, lse, delta (heads of group g),
+    // writes its keys' rows of dk, dv; dynamic shared memory as the kernel
+    // lays it out (atc_dkdv_smem).
+    launch_kernel!(dev, f, name, cfg, [q, k, v, dout, lse, &delta, &t, &h, &hkv, &w, &scale, dk, dv])?;
+    let name = if d == 64 { "attention_tc_dq_d64_bf16" } else { "attention_tc_dq_d128_bf16" };
+    let f = dev.function(&ATTENTION_TC_CU, name)?;
+    let mut cfg = launch_cfg((s.q_len.div_ceil(ATC_ROWS) as u32, h), ATC_THREADS);
+    cfg.grid_dim.2 = s.batch as u32;
+    // SAFETY: (ptr ×6, u32 ×4, f32, ptr). Block (x, h, b) reads rows < T of
+    // q, dout, lse, delta (head h) and keys < T of k, v, writes its rows of
+    // dq: lengths checked above.
+    launch_kernel!(dev, f, name, cfg, [q, k, v, dout, lse, &delta, &t, &h, &hkv, &w, &scale, dq])
 }
 
 /// Decode attention (as [`crate::backend::cpu::attention::attention_decode`]):
@@ -304,5 +437,17 @@ mod tests {
         assert_eq!(def("ATT_FQ"), super::ATT_FQ.to_string());
         assert_eq!(def("ATT_BK"), super::ATT_BK.to_string());
         assert_eq!(def("ATT_BQ"), super::ATT_BQ.to_string());
+        let tc = include_str!("../../../cuda/attention_tc.cu");
+        let tdef = |name: &str| -> String {
+            let pre = format!("#define {name} ");
+            let line = tc.lines().find(|l| l.starts_with(&pre)).unwrap_or_else(|| panic!("#define {name} in attention_tc.cu"));
+            line[pre.len()..].split_whitespace().next().unwrap().to_string()
+        };
+        assert_eq!(tdef("ATC_THREADS"), super::ATC_THREADS.to_string());
+        for n in ["ATC_FWD_BQ", "ATC_DQ_BQ", "ATC_KV_BK"] {
+            assert_eq!(tdef(n), super::ATC_ROWS.to_string(), "{n}");
+        }
+        assert_eq!(tdef("ATC_KV_BQ"), super::ATC_KV_BQ.to_string());
+        assert_eq!(tdef("ATC_PAD"), super::ATC_PAD.to_string());
     }
 }

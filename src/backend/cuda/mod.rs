@@ -84,10 +84,13 @@ pub static ADAMW_CU: KernelSource = KernelSource { name: "adamw.cu", src: includ
 pub static LORA_CU: KernelSource = KernelSource { name: "lora.cu", src: include_str!("../../../cuda/lora.cu") };
 /// `cuda/attention.cu`: causal grouped-query attention (forward, backward, decode).
 pub static ATTENTION_CU: KernelSource = KernelSource { name: "attention.cu", src: include_str!("../../../cuda/attention.cu") };
+/// `cuda/attention_tc.cu`: causal GQA attention on tensor cores (bf16
+/// operands, fp32 accumulation), forward and backward.
+pub static ATTENTION_TC_CU: KernelSource = KernelSource { name: "attention_tc.cu", src: include_str!("../../../cuda/attention_tc.cu") };
 /// `cuda/elementwise.cu`: sums, bias add, fp32 → bf16 conversion.
 pub static ELEMENTWISE_CU: KernelSource = KernelSource { name: "elementwise.cu", src: include_str!("../../../cuda/elementwise.cu") };
 /// Every kernel source of the library (tests compile each of them).
-pub static SOURCES: &[&KernelSource] = &[&NF4_CU, &DENSE_CU, &NORM_CU, &ROPE_CU, &SWIGLU_CU, &EMBED_CU, &LOSS_CU, &ADAMW_CU, &LORA_CU, &ATTENTION_CU, &ELEMENTWISE_CU];
+pub static SOURCES: &[&KernelSource] = &[&NF4_CU, &DENSE_CU, &NORM_CU, &ROPE_CU, &SWIGLU_CU, &EMBED_CU, &LOSS_CU, &ADAMW_CU, &LORA_CU, &ATTENTION_CU, &ATTENTION_TC_CU, &ELEMENTWISE_CU];
 
 /// An opened CUDA device (its primary context), its one stream, and the
 /// kernels loaded on it so far.

@@ -1,0 +1,490 @@
+// attention_tc.cu — causal grouped-query attention on tensor cores (bf16
+// operands, fp32 accumulation): the training step's attention in its bf16
+// compute mode. The same function as attention.cu (and the CPU's
+// attention_forward / attention_backward), FlashAttention-2's algorithm,
+// with every matrix product an mma.sync.m16n8k16 bf16 -> fp32:
+//   forward   S = Q·Kᵀ, online softmax, O += P·V         (P rounded to bf16)
+//   backward  Sᵀ = K·Qᵀ, Pᵀ = exp(scale·Sᵀ − lse), dV += Pᵀ·dO, dPᵀ = V·dOᵀ,
+//             dSᵀ = Pᵀ∘(dPᵀ − δ), dK += dSᵀ·Q            (dkdv kernel)
+//             S = Q·Kᵀ, P, dP = dO·Vᵀ, dS, dQ += dS·K     (dq kernel)
+// δ_i = dO_i·O_i comes from attention.cu's attention_delta_f32.
+// Inputs and outputs are fp32 in the layouts of attention.cu (q, o, do, dq
+// [B, T, H, D]; k, v, dk, dv [B, T, Hkv, D]; lse [B, T, H]); operands are
+// rounded to bf16 (nearest even) as they are staged, so no bf16 copies of
+// the activations exist. Self-attention only (S = T), D ∈ {64, 128},
+// optional sliding window W (row i sees keys max(0, i−W+1) ≤ j ≤ i).
+//
+// Error (the bound the tests state): each operand carries a relative
+// rounding of 2⁻⁹; P and dS are rounded to bf16 before their products;
+// sums are fp32 (tensor-core accumulation). exp/log are __expf/__logf.
+//
+// Memory traffic per (batch, head): forward reads Q once, K and V once per
+// 64-row query tile (from L2 for the group's other heads) and writes O and
+// lse once; dkdv reads its 64 keys of K, V once and Q, dO, lse, δ of every
+// query row (and head of the group) that sees them, writes dK, dV once; dq
+// reads K, V once per 64-row query tile and writes dQ once. No T×T matrix.
+// Deterministic: every output element is summed by one thread in a fixed
+// order (no atomics).
+//
+// Fragment layouts of mma.m16n8k16 (PTX ISA), lane = 4·g + t:
+//   A (16×16, row-major, 4 regs of 2 bf16): {(g, 2t..2t+1), (g+8, 2t..),
+//     (g, 2t+8..), (g+8, 2t+8..)};  B (16×8, 2 regs): {(2t..2t+1, g),
+//     (2t+8.., g)} as (k, n);  C (16×8 fp32): {(g, 2t), (g, 2t+1),
+//     (g+8, 2t), (g+8, 2t+1)}.
+// A C fragment of a 16×16 product pair is the A fragment of the next
+// product (FlashAttention-2's register reuse of P).
+//
+// No host code and no #include (NVRTC compiles it without headers).
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define ATC_THREADS 128     // 4 warps, every kernel
+#define ATC_PAD 8           // bf16 padding of shared rows
+#define ATC_FWD_BQ 64       // forward: query rows per block (16 per warp)
+#define ATC_FWD_BK 64       // forward: keys per tile
+#define ATC_DQ_BQ 64        // dq: query rows per block
+#define ATC_DQ_BK 32        // dq: keys per tile
+#define ATC_KV_BK 64        // dkdv: keys per block (16 per warp)
+#define ATC_KV_BQ 32        // dkdv: query rows per tile
+
+#define ATC_NEG_INF (-__int_as_float(0x7f800000))
+
+// Two floats to a bf16 pair (round to nearest even): lo in the low half.
+__device__ __forceinline__ u32 atc_pack(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+__device__ __forceinline__ u16 atc_bf16(float x) { return (u16)(atc_pack(x, 0.0f) & 0xffffu); }
+
+__device__ __forceinline__ u32 atc_ld32(const u16* p) { return *(const u32*)p; }
+
+// c += a·b, m16n8k16, bf16 operands, fp32 accumulators.
+__device__ __forceinline__ void atc_mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float atc_quad_max(float x) {
+    x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+    return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+
+__device__ __forceinline__ float atc_quad_sum(float x) {
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// First key row i sees (window 0: no window).
+__device__ __forceinline__ long long atc_lo(long long i, u32 window) {
+    if (window == 0) return 0;
+    const long long lo = i + 1 - (long long)window;
+    return lo > 0 ? lo : 0;
+}
+
+// Key j visible from query row i (i < T, j < T checked by the caller).
+__device__ __forceinline__ bool atc_sees(long long i, long long j, u32 window) {
+    return j <= i && (window == 0 || i - j < (long long)window);
+}
+
+// rows×D fp32 rows r0.. of a [.., ld]-strided matrix into bf16 sh[r·lds + c];
+// rows ≥ n are zero.
+template <int D>
+__device__ __forceinline__ void atc_stage_rows(u16* sh, int lds, const float* __restrict__ base, u64 ld, long long r0, int n, int rows) {
+    for (int e = threadIdx.x; e < rows * (D / 2); e += ATC_THREADS) {
+        const int r = e / (D / 2), c = (e - r * (D / 2)) * 2;
+        float2 x = make_float2(0.0f, 0.0f);
+        if (r < n) x = *(const float2*)(base + (u64)(r0 + r) * ld + c);
+        *(u32*)(sh + r * lds + c) = atc_pack(x.x, x.y);
+    }
+}
+
+// The same rows transposed: sh[c·lds + r].
+template <int D>
+__device__ __forceinline__ void atc_stage_cols(u16* sh, int lds, const float* __restrict__ base, u64 ld, long long r0, int n, int rows) {
+    for (int e = threadIdx.x; e < rows * D; e += ATC_THREADS) {
+        const int r = e / D, c = e - r * D;
+        const float x = r < n ? base[(u64)(r0 + r) * ld + c] : 0.0f;
+        sh[c * lds + r] = atc_bf16(x);
+    }
+}
+
+// A fragments (16 rows × D) of rows r, r+8 of a [.., ld] fp32 matrix read
+// straight from global memory (rows ≥ T read as zero).
+template <int D>
+__device__ __forceinline__ void atc_frag_rows(u32 (*fa)[4], const float* __restrict__ base, u64 ld, long long r, u32 T, int t) {
+    const bool v0 = r < (long long)T, v1 = r + 8 < (long long)T;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+        const int c = kk * 16 + 2 * t;
+        float2 x0 = make_float2(0.0f, 0.0f), x1 = x0, x2 = x0, x3 = x0;
+        if (v0) {
+            x0 = *(const float2*)(base + (u64)r * ld + c);
+            x2 = *(const float2*)(base + (u64)r * ld + c + 8);
+        }
+        if (v1) {
+            x1 = *(const float2*)(base + (u64)(r + 8) * ld + c);
+            x3 = *(const float2*)(base + (u64)(r + 8) * ld + c + 8);
+        }
+        fa[kk][0] = atc_pack(x0.x, x0.y);
+        fa[kk][1] = atc_pack(x1.x, x1.y);
+        fa[kk][2] = atc_pack(x2.x, x2.y);
+        fa[kk][3] = atc_pack(x3.x, x3.y);
+    }
+}
+
+// ------------------------------------------------------------------ forward
+// grid = (⌈T/64⌉, H, B), block = 128. Warp w owns query rows i0+16w .. +15.
+template <int D>
+__device__ __forceinline__ void atc_forward(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, u32 T, u32 H, u32 Hkv,
+                                            u32 window, float scale, float* __restrict__ o, float* __restrict__ lse) {
+    constexpr int LDK = D + ATC_PAD, LDV = ATC_FWD_BK + ATC_PAD;
+    __shared__ __align__(16) u16 sK[ATC_FWD_BK * LDK];
+    __shared__ __align__(16) u16 sVt[D * LDV];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const u32 b = blockIdx.z, h = blockIdx.y, i0 = blockIdx.x * ATC_FWD_BQ;
+    if (i0 >= T) return;
+    const u32 grp = h / (H / Hkv);
+    const u64 ldq = (u64)H * D, ldk = (u64)Hkv * D;
+    const float* qb = q + ((u64)b * T * H + h) * D;
+    const float* kb = k + ((u64)b * T * Hkv + grp) * D;
+    const float* vb = v + ((u64)b * T * Hkv + grp) * D;
+    const int nq = (int)min((u32)ATC_FWD_BQ, T - i0);
+    const long long wr = (long long)i0 + warp * 16;  // the warp's first row
+    const long long row0 = wr + g, row1 = row0 + 8;
+    u32 qa[D / 16][4];
+    atc_frag_rows<D>(qa, qb, ldq, row0, T, t);
+    float acc[D / 8][4];
+#pragma unroll
+    for (int nd = 0; nd < D / 8; nd++) acc[nd][0] = acc[nd][1] = acc[nd][2] = acc[nd][3] = 0.0f;
+    float m0 = ATC_NEG_INF, m1 = ATC_NEG_INF, l0 = 0.0f, l1 = 0.0f;
+    const long long klo = atc_lo(i0, window), khi = (long long)i0 + nq;
+    for (long long j0 = klo; j0 < khi; j0 += ATC_FWD_BK) {
+        const int nk = (int)min((long long)ATC_FWD_BK, khi - j0);
+        __syncthreads();  // the previous tile is consumed
+        atc_stage_rows<D>(sK, LDK, kb, ldk, j0, nk, ATC_FWD_BK);
+        atc_stage_cols<D>(sVt, LDV, vb, ldk, j0, nk, ATC_FWD_BK);
+        __syncthreads();
+        if (wr >= (long long)T || j0 > wr + 15 || j0 + ATC_FWD_BK <= atc_lo(wr, window)) continue;  // nothing visible to this warp
+        float s[ATC_FWD_BK / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < ATC_FWD_BK / 8; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+#pragma unroll
+            for (int nt = 0; nt < ATC_FWD_BK / 8; nt++) {
+                const u16* pb = sK + (nt * 8 + g) * LDK + kk * 16 + 2 * t;
+                atc_mma(s[nt], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], atc_ld32(pb), atc_ld32(pb + 8));
+            }
+        }
+        float mx0 = ATC_NEG_INF, mx1 = ATC_NEG_INF;
+#pragma unroll
+        for (int nt = 0; nt < ATC_FWD_BK / 8; nt++) {
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                const long long j = j0 + nt * 8 + 2 * t + (c & 1);
+                const long long i = c < 2 ? row0 : row1;
+                const float x = (j < khi && atc_sees(i, j, window)) ? s[nt][c] * scale : ATC_NEG_INF;
+                s[nt][c] = x;
+                if (c < 2) mx0 = fmaxf(mx0, x); else mx1 = fmaxf(mx1, x);
+            }
+        }
+        mx0 = atc_quad_max(mx0);
+        mx1 = atc_quad_max(mx1);
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        const float mu0 = mn0 == ATC_NEG_INF ? 0.0f : mn0, mu1 = mn1 == ATC_NEG_INF ? 0.0f : mn1;
+        const float al0 = __expf(m0 - mu0), al1 = __expf(m1 - mu1);
+        float ps0 = 0.0f, ps1 = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < ATC_FWD_BK / 8; nt++) {
+            s[nt][0] = __expf(s[nt][0] - mu0);
+            s[nt][1] = __expf(s[nt][1] - mu0);
+            s[nt][2] = __expf(s[nt][2] - mu1);
+            s[nt][3] = __expf(s[nt][3] - mu1);
+            ps0 += s[nt][0] + s[nt][1];
+            ps1 += s[nt][2] + s[nt][3];
+        }
+        l0 = l0 * al0 + atc_quad_sum(ps0);
+        l1 = l1 * al1 + atc_quad_sum(ps1);
+        m0 = mn0;
+        m1 = mn1;
+#pragma unroll
+        for (int nd = 0; nd < D / 8; nd++) {
+            acc[nd][0] *= al0;
+            acc[nd][1] *= al0;
+            acc[nd][2] *= al1;
+            acc[nd][3] *= al1;
+        }
+#pragma unroll
+        for (int kk = 0; kk < ATC_FWD_BK / 16; kk++) {
+            const u32 a0 = atc_pack(s[2 * kk][0], s[2 * kk][1]), a1 = atc_pack(s[2 * kk][2], s[2 * kk][3]);
+            const u32 a2 = atc_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]), a3 = atc_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+            for (int nd = 0; nd < D / 8; nd++) {
+                const u16* pb = sVt + (nd * 8 + g) * LDV + kk * 16 + 2 * t;
+                atc_mma(acc[nd], a0, a1, a2, a3, atc_ld32(pb), atc_ld32(pb + 8));
+            }
+        }
+    }
+    const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
+    if (row0 < (long long)T) {
+        float* ob = o + ((u64)b * T + row0) * ldq + (u64)h * D;
+#pragma unroll
+        for (int nd = 0; nd < D / 8; nd++) *(float2*)(ob + nd * 8 + 2 * t) = make_float2(acc[nd][0] * inv0, acc[nd][1] * inv0);
+        if (t == 0) lse[((u64)b * T + row0) * H + h] = m0 + __logf(l0);
+    }
+    if (row1 < (long long)T) {
+        float* ob = o + ((u64)b * T + row1) * ldq + (u64)h * D;
+#pragma unroll
+        for (int nd = 0; nd < D / 8; nd++) *(float2*)(ob + nd * 8 + 2 * t) = make_float2(acc[nd][2] * inv1, acc[nd][3] * inv1);
+        if (t == 0) lse[((u64)b * T + row1) * H + h] = m1 + __logf(l1);
+    }
+}
+
+// ----------------------------------------------------------------------- dq
+// grid = (⌈T/64⌉, H, B), block = 128. Warp w owns query rows i0+16w .. +15.
+template <int D>
+__device__ __forceinline__ void atc_dq(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ dout,
+                                       const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale,
+                                       float* __restrict__ dq) {
+    constexpr int LDK = D + ATC_PAD, LDT = ATC_DQ_BK + ATC_PAD;
+    __shared__ __align__(16) u16 sK[ATC_DQ_BK * LDK];
+    __shared__ __align__(16) u16 sV[ATC_DQ_BK * LDK];
+    __shared__ __align__(16) u16 sKt[D * LDT];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const u32 b = blockIdx.z, h = blockIdx.y, i0 = blockIdx.x * ATC_DQ_BQ;
+    if (i0 >= T) return;
+    const u32 grp = h / (H / Hkv);
+    const u64 ldq = (u64)H * D, ldk = (u64)Hkv * D;
+    const float* qb = q + ((u64)b * T * H + h) * D;
+    const float* ob = dout + ((u64)b * T * H + h) * D;
+    const float* kb = k + ((u64)b * T * Hkv + grp) * D;
+    const float* vb = v + ((u64)b * T * Hkv + grp) * D;
+    const int nq = (int)min((u32)ATC_DQ_BQ, T - i0);
+    const long long wr = (long long)i0 + warp * 16;
+    const long long row0 = wr + g, row1 = row0 + 8;
+    u32 qa[D / 16][4], da[D / 16][4];
+    atc_frag_rows<D>(qa, qb, ldq, row0, T, t);
+    atc_frag_rows<D>(da, ob, ldq, row0, T, t);
+    const bool v0 = row0 < (long long)T, v1 = row1 < (long long)T;
+    const float lse0 = v0 ? lse[((u64)b * T + row0) * H + h] : 0.0f, lse1 = v1 ? lse[((u64)b * T + row1) * H + h] : 0.0f;
+    const float del0 = v0 ? delta[((u64)b * T + row0) * H + h] : 0.0f, del1 = v1 ? delta[((u64)b * T + row1) * H + h] : 0.0f;
+    float acc[D / 8][4];
+#pragma unroll
+    for (int nd = 0; nd < D / 8; nd++) acc[nd][0] = acc[nd][1] = acc[nd][2] = acc[nd][3] = 0.0f;
+    const long long klo = atc_lo(i0, window), khi = (long long)i0 + nq;
+    for (long long j0 = klo; j0 < khi; j0 += ATC_DQ_BK) {
+        const int nk = (int)min((long long)ATC_DQ_BK, khi - j0);
+        __syncthreads();
+        atc_stage_rows<D>(sK, LDK, kb, ldk, j0, nk, ATC_DQ_BK);
+        atc_stage_rows<D>(sV, LDK, vb, ldk, j0, nk, ATC_DQ_BK);
+        atc_stage_cols<D>(sKt, LDT, kb, ldk, j0, nk, ATC_DQ_BK);
+        __syncthreads();
+        if (wr >= (long long)T || j0 > wr + 15 || j0 + ATC_DQ_BK <= atc_lo(wr, window)) continue;
+        float s[ATC_DQ_BK / 8][4], dp[ATC_DQ_BK / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < ATC_DQ_BK / 8; nt++) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+            dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
+        }
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+#pragma unroll
+            for (int nt = 0; nt < ATC_DQ_BK / 8; nt++) {
+                const u16* pk = sK + (nt * 8 + g) * LDK + kk * 16 + 2 * t;
+                const u16* pv = sV + (nt * 8 + g) * LDK + kk * 16 + 2 * t;
+                atc_mma(s[nt], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], atc_ld32(pk), atc_ld32(pk + 8));
+                atc_mma(dp[nt], da[kk][0], da[kk][1], da[kk][2], da[kk][3], atc_ld32(pv), atc_ld32(pv + 8));
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < ATC_DQ_BK / 8; nt++) {
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                const long long j = j0 + nt * 8 + 2 * t + (c & 1);
+                const long long i = c < 2 ? row0 : row1;
+                const bool ok = j < khi && i < (long long)T && atc_sees(i, j, window);
+                const float p = ok ? __expf(s[nt][c] * scale - (c < 2 ? lse0 : lse1)) : 0.0f;
+                s[nt][c] = p * (dp[nt][c] - (c < 2 ? del0 : del1));  // dS
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < ATC_DQ_BK / 16; kk++) {
+            const u32 a0 = atc_pack(s[2 * kk][0], s[2 * kk][1]), a1 = atc_pack(s[2 * kk][2], s[2 * kk][3]);
+            const u32 a2 = atc_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]), a3 = atc_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+            for (int nd = 0; nd < D / 8; nd++) {
+                const u16* pb = sKt + (nd * 8 + g) * LDT + kk * 16 + 2 * t;
+                atc_mma(acc[nd], a0, a1, a2, a3, atc_ld32(pb), atc_ld32(pb + 8));
+            }
+        }
+    }
+    if (v0) {
+        float* out = dq + ((u64)b * T + row0) * ldq + (u64)h * D;
+#pragma unroll
+        for (int nd = 0; nd < D / 8; nd++) *(float2*)(out + nd * 8 + 2 * t) = make_float2(acc[nd][0] * scale, acc[nd][1] * scale);
+    }
+    if (v1) {
+        float* out = dq + ((u64)b * T + row1) * ldq + (u64)h * D;
+#pragma unroll
+        for (int nd = 0; nd < D / 8; nd++) *(float2*)(out + nd * 8 + 2 * t) = make_float2(acc[nd][2] * scale, acc[nd][3] * scale);
+    }
+}
+
+// --------------------------------------------------------------------- dkdv
+// grid = (⌈T/64⌉, Hkv, B), block = 128, dynamic shared memory
+// atc_kv_smem(D) bytes. Warp w owns keys j0+16w .. +15; the block walks the
+// query rows of every head of its KV group that see its keys, 32 at a time.
+template <int D>
+__device__ __forceinline__ void atc_dkdv(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ dout,
+                                         const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale,
+                                         float* __restrict__ dk, float* __restrict__ dv) {
+    constexpr int LDK = D + ATC_PAD, LDT = ATC_KV_BQ + ATC_PAD;
+    extern __shared__ __align__(16) unsigned char atc_smem[];
+    u16* sK = (u16*)atc_smem;               // [64][LDK]
+    u16* sV = sK + ATC_KV_BK * LDK;         // [64][LDK]
+    u16* sQ = sV + ATC_KV_BK * LDK;         // [32][LDK]
+    u16* sO = sQ + ATC_KV_BQ * LDK;         // [32][LDK]   dO
+    u16* sQt = sO + ATC_KV_BQ * LDK;        // [D][LDT]
+    u16* sOt = sQt + D * LDT;               // [D][LDT]    dOᵀ
+    float* sl = (float*)(sOt + D * LDT);    // [32] lse
+    float* sd = sl + ATC_KV_BQ;             // [32] δ
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    const u32 b = blockIdx.z, grp = blockIdx.y, j0 = blockIdx.x * ATC_KV_BK;
+    if (j0 >= T) return;
+    const u32 per = H / Hkv;
+    const u64 ldq = (u64)H * D, ldk = (u64)Hkv * D;
+    const float* kb = k + ((u64)b * T * Hkv + grp) * D;
+    const float* vb = v + ((u64)b * T * Hkv + grp) * D;
+    const int nk = (int)min((u32)ATC_KV_BK, T - j0);
+    atc_stage_rows<D>(sK, LDK, kb, ldk, j0, nk, ATC_KV_BK);
+    atc_stage_rows<D>(sV, LDK, vb, ldk, j0, nk, ATC_KV_BK);
+    const int kw = warp * 16;  // the warp's first key within the block
+    const long long key0 = (long long)j0 + kw + g, key1 = key0 + 8;
+    float ak[D / 8][4], av[D / 8][4];
+#pragma unroll
+    for (int nd = 0; nd < D / 8; nd++) {
+        ak[nd][0] = ak[nd][1] = ak[nd][2] = ak[nd][3] = 0.0f;
+        av[nd][0] = av[nd][1] = av[nd][2] = av[nd][3] = 0.0f;
+    }
+    // Rows that see a key of the block: j0 ≤ i < j0 + nk − 1 + W.
+    const long long qhi = window == 0 ? (long long)T : min((long long)T, (long long)j0 + nk - 1 + (long long)window);
+    const long long wk0 = (long long)j0 + kw;  // the warp's first key
+    for (u32 hh = 0; hh < per; hh++) {
+        const u32 h = grp * per + hh;
+        const float* qb = q + ((u64)b * T * H + h) * D;
+        const float* ob = dout + ((u64)b * T * H + h) * D;
+        for (long long i0 = j0; i0 < qhi; i0 += ATC_KV_BQ) {
+            const int nq = (int)min((long long)ATC_KV_BQ, qhi - i0);
+            __syncthreads();
+            atc_stage_rows<D>(sQ, LDK, qb, ldq, i0, nq, ATC_KV_BQ);
+            atc_stage_rows<D>(sO, LDK, ob, ldq, i0, nq, ATC_KV_BQ);
+            atc_stage_cols<D>(sQt, LDT, qb, ldq, i0, nq, ATC_KV_BQ);
+            atc_stage_cols<D>(sOt, LDT, ob, ldq, i0, nq, ATC_KV_BQ);
+            if (threadIdx.x < ATC_KV_BQ) {
+                const bool ok = (int)threadIdx.x < nq;
+                const u64 r = ((u64)b * T + (u64)(i0 + threadIdx.x)) * H + h;
+                sl[threadIdx.x] = ok ? lse[r] : 0.0f;
+                sd[threadIdx.x] = ok ? delta[r] : 0.0f;
+            }
+            __syncthreads();
+            // Nothing of this tile sees the warp's keys: all rows before the
+            // first key, or (window) all rows past the last key's window.
+            if (wk0 >= (long long)T || i0 + nq - 1 < wk0 || (window != 0 && i0 >= wk0 + 15 + (long long)window)) continue;
+            float st[ATC_KV_BQ / 8][4], dp[ATC_KV_BQ / 8][4];
+#pragma unroll
+            for (int nt = 0; nt < ATC_KV_BQ / 8; nt++) {
+                st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.0f;
+                dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
+            }
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                const u16* pk0 = sK + (kw + g) * LDK + kk * 16 + 2 * t;
+                const u16* pk1 = pk0 + 8 * LDK;
+                const u16* pv0 = sV + (kw + g) * LDK + kk * 16 + 2 * t;
+                const u16* pv1 = pv0 + 8 * LDK;
+                const u32 k0 = atc_ld32(pk0), k1 = atc_ld32(pk1), k2 = atc_ld32(pk0 + 8), k3 = atc_ld32(pk1 + 8);
+                const u32 w0 = atc_ld32(pv0), w1 = atc_ld32(pv1), w2 = atc_ld32(pv0 + 8), w3 = atc_ld32(pv1 + 8);
+#pragma unroll
+                for (int nt = 0; nt < ATC_KV_BQ / 8; nt++) {
+                    const u16* pq = sQ + (nt * 8 + g) * LDK + kk * 16 + 2 * t;
+                    const u16* po = sO + (nt * 8 + g) * LDK + kk * 16 + 2 * t;
+                    atc_mma(st[nt], k0, k1, k2, k3, atc_ld32(pq), atc_ld32(pq + 8));
+                    atc_mma(dp[nt], w0, w1, w2, w3, atc_ld32(po), atc_ld32(po + 8));
+                }
+            }
+            // Pᵀ and dSᵀ: rows are keys (key0: c < 2, key1: c ≥ 2), columns queries.
+#pragma unroll
+            for (int nt = 0; nt < ATC_KV_BQ / 8; nt++) {
+#pragma unroll
+                for (int c = 0; c < 4; c++) {
+                    const int il = nt * 8 + 2 * t + (c & 1);
+                    const long long i = i0 + il, j = c < 2 ? key0 : key1;
+                    const bool ok = il < nq && j < (long long)T && atc_sees(i, j, window);
+                    const float p = ok ? __expf(st[nt][c] * scale - sl[il]) : 0.0f;
+                    st[nt][c] = p;
+                    dp[nt][c] = p * (dp[nt][c] - sd[il]);
+                }
+            }
+#pragma unroll
+            for (int kk = 0; kk < ATC_KV_BQ / 16; kk++) {
+                const u32 p0 = atc_pack(st[2 * kk][0], st[2 * kk][1]), p1 = atc_pack(st[2 * kk][2], st[2 * kk][3]);
+                const u32 p2 = atc_pack(st[2 * kk + 1][0], st[2 * kk + 1][1]), p3 = atc_pack(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+                const u32 d0 = atc_pack(dp[2 * kk][0], dp[2 * kk][1]), d1 = atc_pack(dp[2 * kk][2], dp[2 * kk][3]);
+                const u32 d2 = atc_pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]), d3 = atc_pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
+#pragma unroll
+                for (int nd = 0; nd < D / 8; nd++) {
+                    const u16* po = sOt + (nd * 8 + g) * LDT + kk * 16 + 2 * t;
+                    const u16* pq = sQt + (nd * 8 + g) * LDT + kk * 16 + 2 * t;
+                    atc_mma(av[nd], p0, p1, p2, p3, atc_ld32(po), atc_ld32(po + 8));
+                    atc_mma(ak[nd], d0, d1, d2, d3, atc_ld32(pq), atc_ld32(pq + 8));
+                }
+            }
+        }
+    }
+    if (key0 < (long long)T) {
+        const u64 r = (((u64)b * T + key0) * Hkv + grp) * D;
+#pragma unroll
+        for (int nd = 0; nd < D / 8; nd++) {
+            *(float2*)(dk + r + nd * 8 + 2 * t) = make_float2(ak[nd][0] * scale, ak[nd][1] * scale);
+            *(float2*)(dv + r + nd * 8 + 2 * t) = make_float2(av[nd][0], av[nd][1]);
+        }
+    }
+    if (key1 < (long long)T) {
+        const u64 r = (((u64)b * T + key1) * Hkv + grp) * D;
+#pragma unroll
+        for (int nd = 0; nd < D / 8; nd++) {
+            *(float2*)(dk + r + nd * 8 + 2 * t) = make_float2(ak[nd][2] * scale, ak[nd][3] * scale);
+            *(float2*)(dv + r + nd * 8 + 2 * t) = make_float2(av[nd][2], av[nd][3]);
+        }
+    }
+}
+
+// Entry points, one per head_dim.
+extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_forward_d64_bf16(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, u32 T, u32 H, u32 Hkv, u32 window, float scale, float* __restrict__ o, float* __restrict__ lse) {
+    atc_forward<64>(q, k, v, T, H, Hkv, window, scale, o, lse);
+}
+
+extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dq_d64_bf16(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float* __restrict__ dq) {
+    atc_dq<64>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, dq);
+}
+
+extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dkdv_d64_bf16(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float* __restrict__ dk, float* __restrict__ dv) {
+    atc_dkdv<64>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, dk, dv);
+}
+
+extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_forward_d128_bf16(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, u32 T, u32 H, u32 Hkv, u32 window, float scale, float* __restrict__ o, float* __restrict__ lse) {
+    atc_forward<128>(q, k, v, T, H, Hkv, window, scale, o, lse);
+}
+
+extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dq_d128_bf16(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float* __restrict__ dq) {
+    atc_dq<128>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, dq);
+}
+
+extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dkdv_d128_bf16(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float* __restrict__ dk, float* __restrict__ dv) {
+    atc_dkdv<128>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, dk, dv);
+}
