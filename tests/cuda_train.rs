@@ -15,7 +15,8 @@
 //!   within 2e-3 relative L2.
 //! - bf16 compute: the frozen products take bf16 operands (2⁻⁹ relative
 //!   rounding each): loss within 2e-2 relative of the CPU's fp32 loss, and
-//!   the loss falls as on the CPU.
+//!   the loss falls as on the CPU; the same with tensor-core attention
+//!   (bf16 q, k, v, P, dO, dS) switched on.
 //! Activation checkpointing changes nothing (bit for bit: the same kernels
 //! and products run on the same inputs); a run moved from the GPU back to
 //! the CPU, or saved on the GPU and resumed on the CPU, continues with the
@@ -159,8 +160,19 @@ fn twenty_steps_match_the_cpu() {
             e16 = e16.max(dl);
         }
         assert!(got16[STEPS - 1].0 < got16[0].0, "{}: bf16 loss did not fall: {:?}", c.name, got16);
+        // The same with attention on tensor cores (where head_dim allows).
+        let mut tc = trainer((c.model)(), cfg(), Some(Compute::BF16));
+        tc.set_tensor_core_attention(true).unwrap();
+        let gottc = run(&mut tc, &ids, c.batch, c.seq, STEPS);
+        let mut etc = 0f64;
+        for (i, ((lc, _), (lg, _))) in want.iter().zip(&gottc).enumerate() {
+            let dl = (lg - lc).abs() / lc.abs();
+            assert!(dl <= 2e-2, "{}: step {i} loss {lg} on the GPU (bf16, tensor-core attention), {lc} on the CPU: rel {dl:.2e}", c.name);
+            etc = etc.max(dl);
+        }
+        assert!(gottc[STEPS - 1].0 < gottc[0].0, "{}: loss with tensor-core attention did not fall: {:?}", c.name, gottc);
         eprintln!(
-            "{} ({}×{}): CPU loss {:.5} → {:.5}; GPU fp32 max rel loss {el:.2e}, grad norm {eg:.2e}, adapter {ew:.2e}; GPU bf16 max rel loss {e16:.2e} ({:.5} → {:.5})",
+            "{} ({}×{}): CPU loss {:.5} → {:.5}; GPU fp32 max rel loss {el:.2e}, grad norm {eg:.2e}, adapter {ew:.2e}; GPU bf16 max rel loss {e16:.2e} ({:.5} → {:.5}), with tensor-core attention {etc:.2e}",
             c.name,
             c.batch,
             c.seq,

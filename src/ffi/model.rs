@@ -879,6 +879,9 @@ pub const LORA_COMPUTE_F32: lora_compute = 1;
 /// runs forward, backward, clipping and AdamW there, and copies the
 /// updated adapter back to the model, so saving, merging and generation
 /// see it. Works after `lora_trainer_new` or `lora_trainer_resume`.
+/// Attention runs on the fp32 kernels; `LORA_CUDA_ATTENTION=tc` in the
+/// environment (read here) switches bf16 mode to the tensor-core kernels
+/// (`cuda/attention_tc.cu`), which have not yet run on a GPU.
 ///
 /// Errors: `LORA_ERR_CUDA_UNAVAILABLE` (no driver, no such device, no
 /// NVRTC or cuBLAS), `LORA_ERR_UNSUPPORTED` (8-bit AdamW, paged optimizer

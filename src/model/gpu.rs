@@ -19,11 +19,16 @@
 //! - [`Compute::BF16`]: the frozen products (base weights, head) take bf16
 //!   operands (NF4 dequantized to bf16, activations rounded to bf16 as the
 //!   operand is formed) on tensor cores with fp32 accumulation and fp32
-//!   results, as bitsandbytes' `compute_dtype=bfloat16`; attention runs on
-//!   tensor cores too (`cuda/attention_tc.cu`: bf16 q, k, v, P, dO, dS,
-//!   fp32 accumulation and softmax) for head_dim 64 or 128
-//!   (`LORA_CUDA_ATTENTION=fp32` keeps the fp32 kernels); the adapter
-//!   products, norms, softmax/loss and AdamW stay fp32.
+//!   results, as bitsandbytes' `compute_dtype=bfloat16`; the adapter
+//!   products, norms, attention, softmax/loss and AdamW stay fp32.
+//!   Attention can run on tensor cores instead (`cuda/attention_tc.cu`:
+//!   bf16 q, k, v, P, dO, dS, fp32 accumulation and softmax; head_dim 64
+//!   or 128): [`DeviceModel::set_tensor_core_attention`] or
+//!   `LORA_CUDA_ATTENTION=tc` at upload. It is off by default because those
+//!   kernels have compiled (CI, NVRTC for sm_80/sm_90) but not yet run on a
+//!   GPU; `tests/cuda_attention.rs` and `tests/cuda_train.rs` check them
+//!   against the CPU when one is there. The fp32 kernels ran on an H100
+//!   (bench/gpu/2026-11-28-h100-gpu-check.log) and dominate the step time.
 //!
 //! Memory: per layer the step keeps the layer input, q, k, v, the
 //! attention output and log-sum-exp, the mid-layer residual, gate and up,
@@ -165,8 +170,8 @@ pub struct DeviceModel {
     steps: u64,
     grads_pending: bool,
     /// Attention on tensor cores (`cuda/attention_tc.cu`) where the shape
-    /// allows: BF16 mode, unless `LORA_CUDA_ATTENTION=fp32` was set at
-    /// upload (the fp32 kernels then run in both modes).
+    /// allows ([`DeviceModel::set_tensor_core_attention`]; off by default
+    /// until the kernels have run on a GPU, see the module docs).
     attn_tc: bool,
     /// Per-category time when profiling ([`DeviceModel::set_profiling`]).
     prof: parking_lot::Mutex<Option<Vec<(&'static str, f64, u64)>>>,
@@ -317,7 +322,7 @@ impl DeviceModel {
             rope: None,
             steps: 0,
             grads_pending: false,
-            attn_tc: compute == Compute::BF16 && std::env::var("LORA_CUDA_ATTENTION").map_or(true, |v| v != "fp32"),
+            attn_tc: compute == Compute::BF16 && std::env::var("LORA_CUDA_ATTENTION").is_ok_and(|v| v == "tc"),
             prof: parking_lot::Mutex::new(None),
         })
     }
@@ -358,6 +363,21 @@ impl DeviceModel {
             }
         }
         Ok(())
+    }
+
+    /// Runs attention on tensor cores (bf16 operands) where the shape
+    /// allows (head_dim 64 or 128), or on the fp32 kernels. BF16 mode only.
+    pub fn set_tensor_core_attention(&mut self, on: bool) -> Result<()> {
+        if on && self.compute != Compute::BF16 {
+            bail!(InvalidArgument, "tensor-core attention rounds q, k, v to bf16: it needs the BF16 compute mode");
+        }
+        self.attn_tc = on;
+        Ok(())
+    }
+
+    /// True when attention runs on tensor cores where the shape allows.
+    pub fn tensor_core_attention(&self) -> bool {
+        self.attn_tc
     }
 
     pub fn device(&self) -> &Arc<CudaDevice> {

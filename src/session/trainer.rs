@@ -341,6 +341,15 @@ impl Trainer {
         p
     }
 
+    /// Tensor-core attention on the device (see
+    /// [`DeviceModel::set_tensor_core_attention`]); `InvalidState` on the CPU.
+    pub fn set_tensor_core_attention(&mut self, on: bool) -> Result<()> {
+        match self.gpu.as_mut() {
+            Some(g) => g.set_tensor_core_attention(on),
+            None => bail!(InvalidState, "the trainer runs on the CPU; tensor-core attention is a device option"),
+        }
+    }
+
     /// The device training runs on, if any.
     pub fn device(&self) -> Option<String> {
         self.gpu.as_ref().map(|g| g.device().describe())
