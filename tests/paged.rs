@@ -424,3 +424,30 @@ fn c_constants_match_the_core() {
     assert_eq!(LORA_PAGED_FLAG_BACKING_IN_MEMORY, flags::BACKING_IN_MEMORY);
     assert_eq!(LORA_PAGED_FLAG_OVERSUBSCRIBED, flags::OVERSUBSCRIBED);
 }
+
+/// `AdamW::set_state` (how a device trainer hands its state back) writes
+/// paged moments through their pages as it writes resident ones, with a
+/// budget far below the state, and refuses wrong shapes.
+#[test]
+fn adamw_state_handed_back_into_paged_moments() {
+    let dir = TempDir::new("setstate");
+    let p = pager(&dir, CHUNK_BYTES);
+    let sizes = [3 * CHUNK_BYTES / 4 + 5, 17, CHUNK_BYTES / 2];
+    let mut paged = AdamW::new_paged(AdamWConfig::default(), &sizes, &p).unwrap();
+    let mut resident = AdamW::new(AdamWConfig::default(), &sizes).unwrap();
+    let mut r = Rng(9);
+    let moments: Vec<(Vec<f32>, Vec<f32>)> = sizes.iter().map(|&n| ((0..n).map(|_| r.normal_f32()).collect(), (0..n).map(|_| r.normal_f32().abs()).collect())).collect();
+    paged.set_state(7, moments.clone()).unwrap();
+    resident.set_state(7, moments.clone()).unwrap();
+    for (i, (m, v)) in moments.iter().enumerate() {
+        assert_eq!(paged.moments(i).unwrap(), (m.clone(), v.clone()), "paged tensor {i}");
+        assert_eq!(resident.moments(i).unwrap(), (m.clone(), v.clone()), "resident tensor {i}");
+    }
+    assert_eq!((paged.step_count(), resident.step_count()), (7, 7));
+    let mut short = moments.clone();
+    short.pop();
+    assert_eq!(paged.set_state(1, short).unwrap_err().kind, ErrorKind::ShapeMismatch);
+    let mut wrong = moments;
+    wrong[1].1.push(0.0);
+    assert_eq!(resident.set_state(1, wrong).unwrap_err().kind, ErrorKind::ShapeMismatch);
+}

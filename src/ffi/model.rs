@@ -883,9 +883,12 @@ pub const LORA_COMPUTE_F32: lora_compute = 1;
 /// environment (read here) switches bf16 mode to the tensor-core kernels
 /// (`cuda/attention_tc.cu`), which have not yet run on a GPU.
 ///
+/// Paged optimizer state (`paged_state`) is copied into device memory and
+/// back to its pages when the trainer returns to the CPU.
+///
 /// Errors: `LORA_ERR_CUDA_UNAVAILABLE` (no driver, no such device, no
-/// NVRTC or cuBLAS), `LORA_ERR_UNSUPPORTED` (8-bit AdamW, paged optimizer
-/// state, LoRA dropout, head_dim above 128), `LORA_ERR_INVALID_ARGUMENT`
+/// NVRTC or cuBLAS), `LORA_ERR_UNSUPPORTED` (8-bit AdamW, LoRA dropout,
+/// head_dim above 128), `LORA_ERR_INVALID_ARGUMENT`
 /// (unknown `compute`), `LORA_ERR_OUT_OF_MEMORY` (device memory),
 /// `LORA_ERR_CUDA`.
 #[no_mangle]

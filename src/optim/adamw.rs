@@ -281,7 +281,7 @@ impl AdamW {
 
     /// Replaces the state: `step` steps taken, and `moments[i]` the first
     /// and second moments of tensor `i` (a device trainer hands its state
-    /// back this way). Resident state only.
+    /// back this way); paged state is written through its pages.
     pub fn set_state(&mut self, step: u64, moments: Vec<(Vec<f32>, Vec<f32>)>) -> Result<()> {
         if moments.len() != self.sizes.len() {
             bail!(ShapeMismatch, "{} moment pairs for {} tensors", moments.len(), self.sizes.len());
@@ -295,7 +295,12 @@ impl AdamW {
             Moments::Resident { m, v } => {
                 (*m, *v) = moments.into_iter().unzip();
             }
-            Moments::Paged { .. } => bail!(Unsupported, "replacing paged optimizer state is not supported"),
+            Moments::Paged { m, v, offs, .. } => {
+                for (i, (hm, hv)) in moments.iter().enumerate() {
+                    m.as_f32_mut(offs[i]..offs[i + 1])?.copy_from_slice(hm);
+                    v.as_f32_mut(offs[i]..offs[i + 1])?.copy_from_slice(hv);
+                }
+            }
         }
         self.step = step;
         Ok(())

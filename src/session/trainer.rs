@@ -294,9 +294,10 @@ impl Trainer {
 
     /// Moves training to CUDA device `ordinal` with `compute` precision
     /// (`Some`), or back to the CPU (`None`). The adapter's weights and the
-    /// AdamW state move with it, so steps continue where they were. A device
-    /// needs fp32 AdamW with resident state (8-bit and paged state are CPU
-    /// features for now: `Unsupported`) and an adapter without dropout.
+    /// AdamW state move with it, so steps continue where they were (on the
+    /// device the state lives in device memory; paged host state is copied
+    /// there and back). A device needs fp32 AdamW (8-bit AdamW is a CPU
+    /// feature for now: `Unsupported`) and an adapter without dropout.
     pub fn use_device(&mut self, device: Option<(usize, Compute)>) -> Result<()> {
         let model = self.model.lock();
         match device {
@@ -309,9 +310,6 @@ impl Trainer {
                 let Optimizer::AdamW(opt) = &self.opt else {
                     bail!(Unsupported, "training on a GPU needs the fp32 AdamW optimizer; 8-bit AdamW runs on the CPU only");
                 };
-                if opt.is_paged() {
-                    bail!(Unsupported, "training on a GPU keeps AdamW's state in device memory; paged optimizer state is a CPU feature (set paged_state OFF)");
-                }
                 let dev = Arc::new(crate::backend::cuda::open(ordinal)?);
                 let mut g = DeviceModel::upload(dev, &model, &self.adapter, compute)?;
                 let moments = (0..opt.sizes().len()).map(|i| opt.moments(i)).collect::<Result<Vec<_>>>()?;

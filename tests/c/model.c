@@ -161,6 +161,17 @@ int main(int argc, char **argv) {
     lora_trainer_free(tr);
     tr = NULL;
     REQUIRE_OK(lora_trainer_new(m, "style", NULL, &tr3));
+    /* Devices: -1 (the CPU) is always there; device 0 is a GPU or
+       LORA_ERR_CUDA_UNAVAILABLE; bad arguments are refused by status. */
+    CHECK_OK(lora_trainer_use_device(tr3, -1, LORA_COMPUTE_BF16));
+    {
+        lora_status s0 = lora_trainer_use_device(tr3, 0, LORA_COMPUTE_F32);
+        CHECK(s0 == LORA_OK || s0 == LORA_ERR_CUDA_UNAVAILABLE);
+        if (s0 == LORA_OK) CHECK_OK(lora_trainer_use_device(tr3, -1, LORA_COMPUTE_F32));
+    }
+    EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_trainer_use_device(tr3, 0, 7));
+    EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_trainer_use_device(tr3, -2, LORA_COMPUTE_BF16));
+    EXPECT_ERR(LORA_ERR_NULL_POINTER, lora_trainer_use_device(NULL, -1, LORA_COMPUTE_BF16));
     lora_step_result r3;
     CHECK_OK(lora_train_step(tr3, ids, NULL, B, T, &r3));
     lora_trainer_free(tr3);
