@@ -162,6 +162,31 @@ fn forward_matches_the_cpu() {
     }
 }
 
+/// Random inputs (q ×1.5, k, v, dout gaussian) and the CPU's forward and
+/// backward of them.
+struct Reference {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    dout: Vec<f32>,
+    o: Vec<f32>,
+    lse: Vec<f32>,
+    dq: Vec<f32>,
+    dk: Vec<f32>,
+    dv: Vec<f32>,
+}
+
+fn reference(rng: &mut Rng, s: &AttnShape) -> Reference {
+    let (nq, nk) = (s.batch * s.q_len * s.n_heads * s.head_dim, s.batch * s.kv_len * s.n_kv_heads * s.head_dim);
+    let (q, k, v, dout) = (rng.vec(nq, 1.5), rng.vec(nk, 1.0), rng.vec(nk, 1.0), rng.vec(nq, 1.0));
+    let mut o = vec![0f32; nq];
+    let mut lse = vec![0f32; nq / s.head_dim];
+    attention_forward(&q, &k, &v, s, &mut o, &mut lse);
+    let (mut dq, mut dk, mut dv) = (vec![0f32; nq], vec![0f32; nk], vec![0f32; nk]);
+    attention_backward(&q, &k, &v, &o, &lse, &dout, s, &mut dq, &mut dk, &mut dv);
+    Reference { q, k, v, dout, o, lse, dq, dk, dv }
+}
+
 #[test]
 fn backward_matches_the_cpu() {
     let Some(dev) = gpu("backward_matches_the_cpu") else { return };
@@ -171,12 +196,7 @@ fn backward_matches_the_cpu() {
         let (t, sl, hq, hkv, d) = (s.q_len, s.kv_len, s.n_heads, s.n_kv_heads, s.head_dim);
         let scale = softmax_scale(d) as f64;
         let (nq, nk) = (s.batch * t * hq * d, s.batch * sl * hkv * d);
-        let (q, k, v, dout) = (rng.vec(nq, 1.5), rng.vec(nk, 1.0), rng.vec(nk, 1.0), rng.vec(nq, 1.0));
-        let mut o = vec![0f32; nq];
-        let mut lse = vec![0f32; nq / d];
-        attention_forward(&q, &k, &v, &s, &mut o, &mut lse);
-        let (mut dq, mut dk, mut dv) = (vec![0f32; nq], vec![0f32; nk], vec![0f32; nk]);
-        attention_backward(&q, &k, &v, &o, &lse, &dout, &s, &mut dq, &mut dk, &mut dv);
+        let Reference { q, k, v, dout, o, lse, dq, dk, dv } = reference(&mut rng, &s);
 
         // Bounds (module doc), accumulated pair by pair.
         let f = fwd_magnitudes(&q, &k, &v, &s);
@@ -315,12 +335,7 @@ fn tensor_core_kernels_match_the_cpu() {
         let s = AttnShape { batch, q_len: t, kv_len: t, n_heads: hq, n_kv_heads: hkv, head_dim: d, window };
         assert!(gatt::tc_supported(dev, &s));
         let (nq, nk) = (batch * t * hq * d, batch * t * hkv * d);
-        let (q, k, v, dout) = (rng.vec(nq, 1.5), rng.vec(nk, 1.0), rng.vec(nk, 1.0), rng.vec(nq, 1.0));
-        let mut o = vec![0f32; nq];
-        let mut lse = vec![0f32; nq / d];
-        attention_forward(&q, &k, &v, &s, &mut o, &mut lse);
-        let (mut dq, mut dk, mut dv) = (vec![0f32; nq], vec![0f32; nk], vec![0f32; nk]);
-        attention_backward(&q, &k, &v, &o, &lse, &dout, &s, &mut dq, &mut dk, &mut dv);
+        let Reference { q, k, v, dout, o, lse, dq, dk, dv } = reference(&mut rng, &s);
         // Forward, element by element: scores within ds (q and k rounded to
         // bf16: 2·2⁻⁹ of scale·Σ|q∘k|), weights within 2·ds, P and v
         // rounded (2·2⁻⁹): o within (2·ds + 3·2⁻⁹)·Σ_j P|v| (SLACK covers

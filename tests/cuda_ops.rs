@@ -348,15 +348,7 @@ fn adamw_matches_the_cpu_bit_for_bit() {
                 let s = AdamWScalars::new(cfg, step);
                 let (mut pw, mut mw, mut vw) = (p.clone(), m.clone(), v.clone());
                 adamw_update(&mut pw, &g, &mut mw, &mut vw, &s);
-                let gs = gadamw::AdamWStep {
-                    decay: s.decay,
-                    lerp_weight: s.lerp_weight,
-                    beta2: s.beta2,
-                    one_minus_beta2: s.one_minus_beta2,
-                    bias_correction2_sqrt: s.bias_correction2_sqrt,
-                    eps: s.eps,
-                    neg_step_size: s.neg_step_size,
-                };
+                let gs = gadamw::AdamWStep::from(&s);
                 let (mut pd, gd, mut md, mut vd) = (dev.upload(&p).unwrap(), dev.upload(&g).unwrap(), dev.upload(&m).unwrap(), dev.upload(&v).unwrap());
                 gadamw::adamw_update(dev, &mut pd.as_view_mut(), &gd.as_view(), &mut md.as_view_mut(), &mut vd.as_view_mut(), &gs).unwrap();
                 let what = format!("adamw {cfg:?} step {step} n {n}");

@@ -133,6 +133,24 @@ struct Acts {
     hs: Vec<Option<CudaSlice<f32>>>,
 }
 
+/// The sizes a layer's forward and backward use.
+struct Dims {
+    h: usize,
+    it: usize,
+    qd: usize,
+    kvd: usize,
+    eps: f32,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+}
+
+impl Dims {
+    fn of(c: &ModelConfig) -> Dims {
+        Dims { h: c.hidden_size, it: c.intermediate_size, qd: c.q_dim(), kvd: c.kv_dim(), eps: c.rms_norm_eps, nh: c.num_heads, nkv: c.num_kv_heads, hd: c.head_dim }
+    }
+}
+
 /// One step's outcome on the device.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DeviceStep {
@@ -534,9 +552,7 @@ impl DeviceModel {
     fn layer_forward(&mut self, l: usize, x: &CudaSlice<f32>, batch: usize, seq: usize) -> Result<(Acts, CudaSlice<f32>)> {
         let dev = self.dev.clone();
         let d = &*dev;
-        let c = &self.cfg;
-        let (h, it, qd, kvd, eps) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim(), c.rms_norm_eps);
-        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let Dims { h, it, qd, kvd, eps, nh, nkv, hd } = Dims::of(&self.cfg);
         let n = batch * seq;
         let shape = self.shape(l, batch, seq);
         let mut hs: Vec<Option<CudaSlice<f32>>> = (0..7).map(|_| None).collect();
@@ -692,9 +708,7 @@ impl DeviceModel {
     fn layer_backward(&mut self, l: usize, x_in: &CudaSlice<f32>, acts: Acts, dx: CudaSlice<f32>, batch: usize, seq: usize, need_dx: bool) -> Result<CudaSlice<f32>> {
         let dev = self.dev.clone();
         let d = &*dev;
-        let c = &self.cfg;
-        let (h, it, qd, kvd, eps) = (c.hidden_size, c.intermediate_size, c.q_dim(), c.kv_dim(), c.rms_norm_eps);
-        let (nh, nkv, hd) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let Dims { h, it, qd, kvd, eps, nh, nkv, hd } = Dims::of(&self.cfg);
         let n = batch * seq;
         let shape = self.shape(l, batch, seq);
         let Acts { rstd1, q, k, v, att, lse, x_mid, rstd2, mut g, mut u, hs } = acts;
@@ -847,15 +861,7 @@ impl DeviceModel {
         let mut cfg = *adamw;
         cfg.lr = lr;
         let s = AdamWScalars::new(&cfg, self.steps + 1);
-        let st = cu::adamw::AdamWStep {
-            decay: s.decay,
-            lerp_weight: s.lerp_weight,
-            beta2: s.beta2,
-            one_minus_beta2: s.one_minus_beta2,
-            bias_correction2_sqrt: s.bias_correction2_sqrt,
-            eps: s.eps,
-            neg_step_size: s.neg_step_size,
-        };
+        let st = cu::adamw::AdamWStep::from(&s);
         // One launch over every tensor: the update is elementwise with the
         // same constants for all of them.
         cu::adamw::adamw_update(&dev, &mut self.params.as_view_mut(), &self.grads.as_view(), &mut self.m.as_view_mut(), &mut self.v.as_view_mut(), &st)?;

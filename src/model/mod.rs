@@ -338,6 +338,12 @@ impl Model {
         } else {
             None
         };
+        Ok(Model::assemble(cfg, embed, blocks, norm, lm_head, dtype, quant, opts.seed))
+    }
+
+    /// A model from its parts, without adapters.
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(cfg: ModelConfig, embed: Vec<f32>, blocks: Vec<Block>, norm: Vec<f32>, lm_head: Option<Vec<f32>>, dtype: DType, quant: Option<Nf4Params>, seed: u64) -> Model {
         let inv_freq = cfg.inv_freq();
         let mut m = Model {
             cfg,
@@ -351,14 +357,14 @@ impl Model {
             adapters: Vec::new(),
             active: Vec::new(),
             merged: false,
-            seed: opts.seed,
+            seed,
             act_peak: 0,
             kv_bytes: 0,
             peak: 0,
             pool: BufPool::default(),
         };
         m.note_peak(0);
-        Ok(m)
+        m
     }
 
     /// A model of the architecture in `config_json` (config.json text)
@@ -403,27 +409,7 @@ impl Model {
             }
             blocks.push(Block { attn_norm: vec![1.0; h], mlp_norm: vec![1.0; h], lin });
         }
-        let inv_freq = cfg.inv_freq();
-        let mut m = Model {
-            cfg,
-            embed,
-            blocks,
-            norm: vec![1.0; h],
-            lm_head,
-            inv_freq,
-            dtype: DType::F32,
-            quant: opts.quantize,
-            adapters: Vec::new(),
-            active: Vec::new(),
-            merged: false,
-            seed: opts.seed,
-            act_peak: 0,
-            kv_bytes: 0,
-            peak: 0,
-            pool: BufPool::default(),
-        };
-        m.note_peak(0);
-        Ok(m)
+        Ok(Model::assemble(cfg, embed, blocks, vec![1.0; h], lm_head, DType::F32, opts.quantize, opts.seed))
     }
 
     pub fn hidden(&self) -> usize {

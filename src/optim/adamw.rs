@@ -122,6 +122,22 @@ impl AdamWScalars {
     }
 }
 
+/// The same constants as the CUDA AdamW kernel takes them (the backend
+/// sits below `optim` and has its own copy of the struct).
+impl From<&AdamWScalars> for crate::backend::cuda::adamw::AdamWStep {
+    fn from(s: &AdamWScalars) -> Self {
+        crate::backend::cuda::adamw::AdamWStep {
+            decay: s.decay,
+            lerp_weight: s.lerp_weight,
+            beta2: s.beta2,
+            one_minus_beta2: s.one_minus_beta2,
+            bias_correction2_sqrt: s.bias_correction2_sqrt,
+            eps: s.eps,
+            neg_step_size: s.neg_step_size,
+        }
+    }
+}
+
 /// ATen's `lerp(self, end, weight)` for fp32 (ATen/native/Lerp.h): both
 /// the scalar and the vectorized CPU kernels compute it with one FMA.
 #[inline(always)]

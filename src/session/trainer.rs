@@ -198,19 +198,8 @@ impl Trainer {
             }
             let r = g.finish_step(&outs, self.cfg.max_grad_norm, &self.cfg.adamw, lr)?;
             g.push_adapter_to(&mut model)?;
-            self.micro_calls += n_micro as u64;
-            self.step += 1;
-            let secs = t0.elapsed().as_secs_f64();
-            return Ok(StepResult {
-                loss: r.loss_sum / total as f64,
-                grad_norm: r.grad_norm as f64,
-                lr,
-                step: self.step,
-                tokens: n as u64,
-                counted_tokens: total as u64,
-                seconds: secs,
-                tokens_per_s: if secs > 0.0 { n as f64 / secs } else { 0.0 },
-            });
+            drop(model);
+            return Ok(self.finish(n_micro, r.loss_sum / total as f64, r.grad_norm as f64, lr, n, total, t0));
         }
         let mut loss_sum = 0f64;
         let result = (|| -> Result<()> {
@@ -252,19 +241,26 @@ impl Trainer {
             self.opt.step(&mut params, &grads)?;
         }
         model.zero_grad();
+        drop(model);
+        Ok(self.finish(n_micro, loss, grad_norm as f64, lr, n, total, t0))
+    }
+
+    /// Counts a finished step and describes it.
+    #[allow(clippy::too_many_arguments)]
+    fn finish(&mut self, n_micro: usize, loss: f64, grad_norm: f64, lr: f64, n: usize, total: usize, t0: Instant) -> StepResult {
         self.micro_calls += n_micro as u64;
         self.step += 1;
         let secs = t0.elapsed().as_secs_f64();
-        Ok(StepResult {
+        StepResult {
             loss,
-            grad_norm: grad_norm as f64,
+            grad_norm,
             lr,
             step: self.step,
             tokens: n as u64,
             counted_tokens: total as u64,
             seconds: secs,
             tokens_per_s: if secs > 0.0 { n as f64 / secs } else { 0.0 },
-        })
+        }
     }
 
     fn state_json(&self, seed: u64) -> Value {

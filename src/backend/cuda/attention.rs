@@ -116,6 +116,41 @@ fn check_shape(s: &AttnShape) -> Result<(u32, u32, u32, u32, u32, u32)> {
     Ok((dim32(s.q_len, "q_len")?, dim32(s.kv_len, "kv_len")?, s.n_heads as u32, s.n_kv_heads as u32, s.head_dim as u32, w))
 }
 
+/// Lengths and streams of a forward's buffers.
+fn check_forward_args(dev: &CudaDevice, q: &CudaView<'_, f32>, k: &CudaView<'_, f32>, v: &CudaView<'_, f32>, s: &AttnShape, o: &CudaViewMut<'_, f32>, lse: &CudaViewMut<'_, f32>) -> Result<()> {
+    check_len(q.len(), &q_dims(s), "q")?;
+    check_len(k.len(), &kv_dims(s), "k")?;
+    check_len(v.len(), &kv_dims(s), "v")?;
+    check_len(o.len(), &q_dims(s), "o")?;
+    check_len(lse.len(), &[s.batch, s.q_len, s.n_heads], "lse")?;
+    for (x, what) in [(q, "q"), (k, "k"), (v, "v")] {
+        dev.check_stream(x, &format!("attention {what}"))?;
+    }
+    dev.check_stream(o, "attention o")?;
+    dev.check_stream(lse, "attention lse")
+}
+
+/// Lengths and streams of a backward's buffers: inputs q, k, v, o, lse,
+/// dout; outputs dq, dk, dv.
+fn check_backward_args(dev: &CudaDevice, inp: [&CudaView<'_, f32>; 6], s: &AttnShape, out: [&CudaViewMut<'_, f32>; 3]) -> Result<()> {
+    let [q, k, v, o, lse, dout] = inp;
+    let [dq, dk, dv] = out;
+    for (len, what) in [(q.len(), "q"), (o.len(), "o"), (dout.len(), "dout"), (dq.len(), "dq")] {
+        check_len(len, &q_dims(s), what)?;
+    }
+    for (len, what) in [(k.len(), "k"), (v.len(), "v"), (dk.len(), "dk"), (dv.len(), "dv")] {
+        check_len(len, &kv_dims(s), what)?;
+    }
+    check_len(lse.len(), &[s.batch, s.q_len, s.n_heads], "lse")?;
+    for (x, what) in [(q, "q"), (k, "k"), (v, "v"), (o, "o"), (lse, "lse"), (dout, "dout")] {
+        dev.check_stream(x, &format!("attention {what}"))?;
+    }
+    for (x, what) in [(dq, "dq"), (dk, "dk"), (dv, "dv")] {
+        dev.check_stream(x, &format!("attention {what}"))?;
+    }
+    Ok(())
+}
+
 fn q_dims(s: &AttnShape) -> [usize; 4] {
     [s.batch, s.q_len, s.n_heads, s.head_dim]
 }
@@ -140,16 +175,7 @@ pub fn forward(
     lse: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     let (t, sl, h, hkv, d, w) = check_shape(s)?;
-    check_len(q.len(), &q_dims(s), "q")?;
-    check_len(k.len(), &kv_dims(s), "k")?;
-    check_len(v.len(), &kv_dims(s), "v")?;
-    check_len(o.len(), &q_dims(s), "o")?;
-    check_len(lse.len(), &[s.batch, s.q_len, s.n_heads], "lse")?;
-    dev.check_stream(q, "attention q")?;
-    dev.check_stream(k, "attention k")?;
-    dev.check_stream(v, "attention v")?;
-    dev.check_stream(o, "attention o")?;
-    dev.check_stream(lse, "attention lse")?;
+    check_forward_args(dev, q, k, v, s, o, lse)?;
     if s.batch == 0 || s.q_len == 0 {
         return Ok(());
     }
@@ -185,22 +211,7 @@ pub fn backward(
     dv: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     let (t, sl, h, hkv, d, w) = check_shape(s)?;
-    for (len, what) in [(q.len(), "q"), (o.len(), "o"), (dout.len(), "dout"), (dq.len(), "dq")] {
-        check_len(len, &q_dims(s), what)?;
-    }
-    for (len, what) in [(k.len(), "k"), (v.len(), "v"), (dk.len(), "dk"), (dv.len(), "dv")] {
-        check_len(len, &kv_dims(s), what)?;
-    }
-    check_len(lse.len(), &[s.batch, s.q_len, s.n_heads], "lse")?;
-    dev.check_stream(q, "attention q")?;
-    dev.check_stream(k, "attention k")?;
-    dev.check_stream(v, "attention v")?;
-    dev.check_stream(o, "attention o")?;
-    dev.check_stream(lse, "attention lse")?;
-    dev.check_stream(dout, "attention dout")?;
-    dev.check_stream(dq, "attention dq")?;
-    dev.check_stream(dk, "attention dk")?;
-    dev.check_stream(dv, "attention dv")?;
+    check_backward_args(dev, [q, k, v, o, lse, dout], s, [&*dq, &*dk, &*dv])?;
     if s.batch == 0 || s.kv_len == 0 {
         return Ok(());
     }
@@ -285,16 +296,7 @@ fn tc_check(dev: &CudaDevice, s: &AttnShape) -> Result<(u32, u32, u32, u32, u32)
 #[allow(clippy::too_many_arguments)]
 pub fn forward_tc(dev: &CudaDevice, q: &CudaView<'_, f32>, k: &CudaView<'_, f32>, v: &CudaView<'_, f32>, s: &AttnShape, o: &mut CudaViewMut<'_, f32>, lse: &mut CudaViewMut<'_, f32>) -> Result<()> {
     let (t, h, hkv, d, w) = tc_check(dev, s)?;
-    check_len(q.len(), &q_dims(s), "q")?;
-    check_len(k.len(), &kv_dims(s), "k")?;
-    check_len(v.len(), &kv_dims(s), "v")?;
-    check_len(o.len(), &q_dims(s), "o")?;
-    check_len(lse.len(), &[s.batch, s.q_len, s.n_heads], "lse")?;
-    for (x, what) in [(q, "q"), (k, "k"), (v, "v")] {
-        dev.check_stream(x, &format!("attention {what}"))?;
-    }
-    dev.check_stream(o, "attention o")?;
-    dev.check_stream(lse, "attention lse")?;
+    check_forward_args(dev, q, k, v, s, o, lse)?;
     if s.batch == 0 || s.q_len == 0 {
         return Ok(());
     }
@@ -328,19 +330,7 @@ pub fn backward_tc(
     dv: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     let (t, h, hkv, d, w) = tc_check(dev, s)?;
-    for (len, what) in [(q.len(), "q"), (o.len(), "o"), (dout.len(), "dout"), (dq.len(), "dq")] {
-        check_len(len, &q_dims(s), what)?;
-    }
-    for (len, what) in [(k.len(), "k"), (v.len(), "v"), (dk.len(), "dk"), (dv.len(), "dv")] {
-        check_len(len, &kv_dims(s), what)?;
-    }
-    check_len(lse.len(), &[s.batch, s.q_len, s.n_heads], "lse")?;
-    for (x, what) in [(q, "q"), (k, "k"), (v, "v"), (o, "o"), (lse, "lse"), (dout, "dout")] {
-        dev.check_stream(x, &format!("attention {what}"))?;
-    }
-    dev.check_stream(dq, "attention dq")?;
-    dev.check_stream(dk, "attention dk")?;
-    dev.check_stream(dv, "attention dv")?;
+    check_backward_args(dev, [q, k, v, o, lse, dout], s, [&*dq, &*dk, &*dv])?;
     if s.batch == 0 || s.q_len == 0 {
         return Ok(());
     }
