@@ -60,9 +60,10 @@ $(BUILD)/swap: examples/c/swap.c include/lora.h lib
 
 # The main demo: QLoRA fine-tuning of the embedded default model
 # (models/default) on data/finetune.txt; MODEL=dir picks another Hugging
-# Face model directory, TEXT=file another text.
+# Face model directory, TEXT=file another text, DEVICE=n trains on CUDA
+# device n (the CPU when there is none).
 demo: $(BUILD)/finetune
-	./$(BUILD)/finetune $(or $(MODEL),models/default) $(or $(TEXT),data/finetune.txt)
+	$(if $(DEVICE),LORA_DEMO_DEVICE=$(DEVICE) )./$(BUILD)/finetune $(or $(MODEL),models/default) $(or $(TEXT),data/finetune.txt)
 
 # The NF4 quantization demo (quantize a 4096x4096 matrix, save, load).
 demo-quantize: $(BUILD)/quantize

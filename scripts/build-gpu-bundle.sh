@@ -13,6 +13,7 @@
 #   .gpu/bin/cuda_paged      tests/cuda_paged.rs: paged memory as CUDA managed memory (prefetch, budget, refusal)
 #   .gpu/bin/gpu_bench_nf4   examples/gpu_bench_nf4.rs: bandwidth and GEMV benchmark
 #   .gpu/bin/gpu_bench_train examples/gpu_bench_train.rs: 1B-parameter training-step benchmark
+#   .gpu/bin/finetune        examples/c/finetune.c (make demo), with .gpu/lib/liblora.so.0
 #   .gpu/MANIFEST            git revision, toolchain, sizes, glibc symbol versions needed
 #
 # Release builds (`cargo test --release --no-run`), debug info stripped to
@@ -70,6 +71,15 @@ for name, exe in sorted(found.items()):
     print(f"{name}: {exe}")
 PY
 rm -f "$BUNDLE/cargo-messages.json"
+
+# The C demo (make demo's examples/c/finetune.c) and the library it links,
+# to run the main job through the C API on the GPU (LORA_DEMO_DEVICE).
+echo "== make build/finetune"
+make build/finetune >/dev/null
+mkdir -p "$BUNDLE/lib"
+cp build/finetune "$BUNDLE/bin/finetune"
+cp -L target/release/liblora.so "$BUNDLE/lib/liblora.so.0"
+command -v objcopy >/dev/null && objcopy --strip-debug "$BUNDLE/lib/liblora.so.0"
 
 for f in "$BUNDLE"/bin/*; do
   if command -v objcopy >/dev/null; then objcopy --strip-debug "$f"; fi

@@ -178,6 +178,18 @@ run "test cuda_paged (paged memory: CUDA managed memory)" 60 "$BUNDLE/bin/cuda_p
 run "test cuda_train (training steps on the GPU vs the CPU trainer)" 120 "$BUNDLE/bin/cuda_train" --nocapture --test-threads=1
 run "bench gpu_bench_nf4" 45 "$BUNDLE/bin/gpu_bench_nf4"
 
+# The main job through the C API on the GPU: make demo's QLoRA fine-tune
+# of models/default with LORA_DEMO_DEVICE=0 (it must say it trained there).
+demo_on_gpu() {
+  LD_LIBRARY_PATH="$BUNDLE/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" LORA_DEMO_DEVICE=0 \
+    "$BUNDLE/bin/finetune" models/default data/finetune.txt "$(mktemp -d)" > "$OUT/demo.log" 2>&1
+  local rc=$?
+  grep -E "training on|loss .* -> |step +(1|50|100|150|200)/" "$OUT/demo.log"
+  tail -3 "$OUT/demo.log"
+  [ $rc -eq 0 ] && grep -q "training on CUDA device" "$OUT/demo.log"
+}
+run "demo: make demo's fine-tune through the C API on the GPU" 90 bash -c "$(declare -f demo_on_gpu); BUNDLE=$BUNDLE OUT=$OUT demo_on_gpu"
+
 # The training-step benchmark, ours then PyTorch + PEFT on the same card.
 # Batch 4 x 1024 tokens, LoRA r 16 on every linear layer, bf16 compute.
 run "bench gpu_bench_train nf4 (QLoRA)" 60 "$BUNDLE/bin/gpu_bench_train" nf4 4 1024 5 16

@@ -18,7 +18,9 @@
  * between the two, merged and in one mixed batch.
  *
  * Environment: LORA_DEMO_STEPS (default 200), LORA_DEMO_THREADS (default:
- * all cores).
+ * all cores), LORA_DEMO_DEVICE (a CUDA device index: train on that GPU with
+ * lora_trainer_use_device, bf16 compute; without a usable GPU the demo
+ * says so and trains on the CPU).
  */
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
@@ -141,6 +143,19 @@ static void train(const char *adapter, const int32_t *ids, size_t n_ids, int ste
     tp.max_grad_norm = 1.0;
     lora_trainer *tr = NULL;
     TRY(lora_trainer_new(model, adapter, &tp, &tr));
+    const char *dev = getenv("LORA_DEMO_DEVICE");
+    if (dev && *dev) {
+        lora_status st = lora_trainer_use_device(tr, atoi(dev), LORA_COMPUTE_BF16);
+        if (st == LORA_OK) {
+            printf("  [%s] training on CUDA device %d (bf16 compute)\n", adapter, atoi(dev));
+        } else if (st == LORA_ERR_CUDA_UNAVAILABLE) {
+            char why[256];
+            lora_last_error(why, sizeof why);
+            printf("  [%s] no usable GPU (%s): training on the CPU\n", adapter, why);
+        } else {
+            TRY(st);
+        }
+    }
     int32_t batch[BATCH * SEQ];
     double t0 = now(), first = 0, last = 0;
     for (int s = 0; s < steps; s++) {
