@@ -24,6 +24,8 @@ use lora::backend::cuda::CudaDevice;
 #[path = "common/gpu.rs"]
 mod harness;
 use harness::{gpu, Rng};
+#[path = "common/emu.rs"]
+mod emu;
 
 /// The bounds are first order in u and take magnitudes from f64 values
 /// that stand in for the f32 ones each side computed; 1.5 covers both.
@@ -327,56 +329,76 @@ fn check_rows(what: &str, got: &[f32], want: &[f32], d: usize) -> f64 {
     e
 }
 
+/// The outputs of a tensor-core run: forward `o`, `lse`, then the backward
+/// from those: `dq`, `dk`, `dv`.
+type TcOut = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
+
+/// Checks one tensor-core run (GPU or emulated) of a case against the CPU:
+/// forward element by element — scores within ds (q and k rounded to bf16:
+/// 2·2⁻⁹ of scale·Σ|q∘k|), weights within 2·ds, P and v rounded (2·2⁻⁹): o
+/// within (2·ds + 3·2⁻⁹)·Σ_j P|v| (SLACK covers the f32 terms), lse within
+/// ds and the fast exp/log — and the backward by rows ([`check_rows`]).
+fn check_tc_case(what: &str, rng: &mut Rng, s: &AttnShape, run: impl FnOnce(&Reference) -> TcOut) {
+    let (batch, t, hq, hkv, d) = (s.batch, s.q_len, s.n_heads, s.n_kv_heads, s.head_dim);
+    let r = reference(rng, s);
+    let nq = batch * t * hq * d;
+    let f = fwd_magnitudes(&r.q, &r.k, &r.v, s);
+    let scale = softmax_scale(d) as f64;
+    let mut ds = vec![0f64; nq / d];
+    for b in 0..batch {
+        for i in 0..t {
+            for h in 0..hq {
+                let row = (b * t + i) * hq + h;
+                let (lo, hi) = s.visible(i);
+                let g = h / s.group();
+                let qi = &r.q[row * d..(row + 1) * d];
+                ds[row] = (lo..hi)
+                    .map(|j| {
+                        let kr = &r.k[((b * t + j) * hkv + g) * d..((b * t + j) * hkv + g + 1) * d];
+                        2.0 * gatt::BF16_U * scale * qi.iter().zip(kr).map(|(&a, &c)| (a as f64 * c as f64).abs()).sum::<f64>()
+                    })
+                    .fold(0.0, f64::max)
+                    + f.ds[row];
+            }
+        }
+    }
+    let (go, gl, gdq, gdk, gdv) = run(&r);
+    check_close(&format!("{what} o"), &go, &r.o, |e| (2.0 * ds[e / d] + 3.0 * gatt::BF16_U) * f.pv[e] + 1e-6);
+    check_close(&format!("{what} lse"), &gl, &r.lse, |i| ds[i] + 1e-5 * (1.0 + r.lse[i].abs() as f64));
+    let eq = check_rows(&format!("{what} dq"), &gdq, &r.dq, d);
+    let ek = check_rows(&format!("{what} dk"), &gdk, &r.dk, d);
+    let ev = check_rows(&format!("{what} dv"), &gdv, &r.dv, d);
+    eprintln!(
+        "{what} (B {batch}, T {t}, H {hq}/{hkv}, D {d}, window {:?}): o rel err {:.2e}, lse {:.2e}, dq {eq:.2e}, dk {ek:.2e}, dv {ev:.2e}",
+        s.window,
+        rel_err(&go, &r.o),
+        rel_err(&gl, &r.lse)
+    );
+}
+
+fn tc_shape(c: &(usize, usize, usize, usize, usize, Option<usize>)) -> AttnShape {
+    let &(batch, t, n_heads, n_kv_heads, head_dim, window) = c;
+    AttnShape { batch, q_len: t, kv_len: t, n_heads, n_kv_heads, head_dim, window }
+}
+
 #[test]
 fn tensor_core_kernels_match_the_cpu() {
     let Some(dev) = gpu("tensor_core_kernels_match_the_cpu") else { return };
     let mut rng = Rng(74);
-    for &(batch, t, hq, hkv, d, window) in TC_CASES {
-        let s = AttnShape { batch, q_len: t, kv_len: t, n_heads: hq, n_kv_heads: hkv, head_dim: d, window };
+    for c in TC_CASES {
+        let s = tc_shape(c);
         assert!(gatt::tc_supported(dev, &s));
-        let (nq, nk) = (batch * t * hq * d, batch * t * hkv * d);
-        let Reference { q, k, v, dout, o, lse, dq, dk, dv } = reference(&mut rng, &s);
-        // Forward, element by element: scores within ds (q and k rounded to
-        // bf16: 2·2⁻⁹ of scale·Σ|q∘k|), weights within 2·ds, P and v
-        // rounded (2·2⁻⁹): o within (2·ds + 3·2⁻⁹)·Σ_j P|v| (SLACK covers
-        // the f32 terms); lse within ds and the fast exp/log.
-        let f = fwd_magnitudes(&q, &k, &v, &s);
-        let scale = softmax_scale(d) as f64;
-        let mut ds = vec![0f64; nq / d];
-        for b in 0..batch {
-            for i in 0..t {
-                for h in 0..hq {
-                    let row = (b * t + i) * hq + h;
-                    let (lo, hi) = s.visible(i);
-                    let g = h / s.group();
-                    let qi = &q[row * d..(row + 1) * d];
-                    ds[row] = (lo..hi)
-                        .map(|j| {
-                            let kr = &k[((b * t + j) * hkv + g) * d..((b * t + j) * hkv + g + 1) * d];
-                            2.0 * gatt::BF16_U * scale * qi.iter().zip(kr).map(|(&a, &c)| (a as f64 * c as f64).abs()).sum::<f64>()
-                        })
-                        .fold(0.0, f64::max)
-                        + f.ds[row];
-                }
-            }
-        }
-        let (qd, kd, vd, dod) = (dev.upload(&q).unwrap(), dev.upload(&k).unwrap(), dev.upload(&v).unwrap(), dev.upload(&dout).unwrap());
-        let (mut od, mut ld) = (poisoned(dev, nq), poisoned(dev, nq / d));
-        gatt::forward_tc(dev, &qd.as_view(), &kd.as_view(), &vd.as_view(), &s, &mut od.as_view_mut(), &mut ld.as_view_mut()).unwrap();
-        let (go, gl) = (dev.download(&od).unwrap(), dev.download(&ld).unwrap());
-        check_close("tc o", &go, &o, |e| (2.0 * ds[e / d] + 3.0 * gatt::BF16_U) * f.pv[e] + 1e-6);
-        check_close("tc lse", &gl, &lse, |r| ds[r] + 1e-5 * (1.0 + lse[r].abs() as f64));
-        // Backward from the GPU's own o and lse.
-        let (mut dqd, mut dkd, mut dvd) = (poisoned(dev, nq), poisoned(dev, nk), poisoned(dev, nk));
-        gatt::backward_tc(dev, &qd.as_view(), &kd.as_view(), &vd.as_view(), &od.as_view(), &ld.as_view(), &dod.as_view(), &s, &mut dqd.as_view_mut(), &mut dkd.as_view_mut(), &mut dvd.as_view_mut()).unwrap();
-        let eq = check_rows("tc dq", &dev.download(&dqd).unwrap(), &dq, d);
-        let ek = check_rows("tc dk", &dev.download(&dkd).unwrap(), &dk, d);
-        let ev = check_rows("tc dv", &dev.download(&dvd).unwrap(), &dv, d);
-        eprintln!(
-            "attention tc (B {batch}, T {t}, H {hq}/{hkv}, D {d}, window {window:?}): o rel err {:.2e}, lse {:.2e}, dq {eq:.2e}, dk {ek:.2e}, dv {ev:.2e}",
-            rel_err(&go, &o),
-            rel_err(&gl, &lse)
-        );
+        check_tc_case("attention tc", &mut rng, &s, |r| {
+            let (nq, nk, d) = (r.q.len(), r.k.len(), s.head_dim);
+            let (qd, kd, vd, dod) = (dev.upload(&r.q).unwrap(), dev.upload(&r.k).unwrap(), dev.upload(&r.v).unwrap(), dev.upload(&r.dout).unwrap());
+            let (mut od, mut ld) = (poisoned(dev, nq), poisoned(dev, nq / d));
+            gatt::forward_tc(dev, &qd.as_view(), &kd.as_view(), &vd.as_view(), &s, &mut od.as_view_mut(), &mut ld.as_view_mut()).unwrap();
+            // The backward from the GPU's own o and lse.
+            let (mut dqd, mut dkd, mut dvd) = (poisoned(dev, nq), poisoned(dev, nk), poisoned(dev, nk));
+            gatt::backward_tc(dev, &qd.as_view(), &kd.as_view(), &vd.as_view(), &od.as_view(), &ld.as_view(), &dod.as_view(), &s, &mut dqd.as_view_mut(), &mut dkd.as_view_mut(), &mut dvd.as_view_mut()).unwrap();
+            let dl = |x: &cudarc::driver::CudaSlice<f32>| dev.download(x).unwrap();
+            (dl(&od), dl(&ld), dl(&dqd), dl(&dkd), dl(&dvd))
+        });
     }
     // Shapes the tensor-core kernels do not take are refused, not run.
     let s = AttnShape { batch: 1, q_len: 5, kv_len: 9, n_heads: 2, n_kv_heads: 2, head_dim: 64, window: None };
@@ -386,6 +408,92 @@ fn tensor_core_kernels_match_the_cpu() {
     assert!(!gatt::tc_supported(dev, &s));
     let e = gatt::forward_tc(dev, &x.as_view(), &kx.as_view(), &kx.as_view(), &s, &mut o.as_view_mut(), &mut l.as_view_mut()).unwrap_err();
     assert_eq!(e.kind, lora::ErrorKind::Unsupported, "{e}");
+}
+
+// ------------------------------------------ tensor cores, CPU emulation
+
+const TC_EMU_SUBST: [(&str, &str); 3] = [
+    (r#"asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));"#, "r = emu_cvt_bf16x2(hi, lo);"),
+    (
+        r#"asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));"#,
+        "emu_mma(c, a0, a1, a2, a3, b0, b1);",
+    ),
+    ("extern __shared__ __align__(16) unsigned char atc_smem[];", "unsigned char* atc_smem = emu_dyn_smem;"),
+];
+
+/// CUDA's device `min` for the operand types the kernels use.
+const TC_EMU_EXTRA: &str = "template <class T> inline T min(T a, T b) { return a < b ? a : b; }\n";
+
+const TC_EMU_ENTRY: &str = r#"
+extern "C" {
+void emu_atc_forward(unsigned d, unsigned gx, unsigned gy, unsigned gz, const float* q, const float* k, const float* v, u32 T, u32 H, u32 Hkv, u32 w, float scale, float* o, float* lse) {
+    emu_launch3(dim3{gx, gy, gz}, ATC_THREADS, [&] {
+        if (d == 64) attention_tc_forward_d64_bf16(q, k, v, T, H, Hkv, w, scale, o, lse);
+        else attention_tc_forward_d128_bf16(q, k, v, T, H, Hkv, w, scale, o, lse);
+    });
+}
+void emu_atc_dkdv(unsigned d, unsigned gx, unsigned gy, unsigned gz, const float* q, const float* k, const float* v, const float* dout, const float* lse, const float* delta, u32 T, u32 H, u32 Hkv, u32 w, float scale, float* dk, float* dv) {
+    emu_launch3(dim3{gx, gy, gz}, ATC_THREADS, [&] {
+        if (d == 64) attention_tc_dkdv_d64_bf16(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, dk, dv);
+        else attention_tc_dkdv_d128_bf16(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, dk, dv);
+    });
+}
+void emu_atc_dq(unsigned d, unsigned gx, unsigned gy, unsigned gz, const float* q, const float* k, const float* v, const float* dout, const float* lse, const float* delta, u32 T, u32 H, u32 Hkv, u32 w, float scale, float* dq) {
+    emu_launch3(dim3{gx, gy, gz}, ATC_THREADS, [&] {
+        if (d == 64) attention_tc_dq_d64_bf16(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, dq);
+        else attention_tc_dq_d128_bf16(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, dq);
+    });
+}
+}
+"#;
+
+type EmuFwd = unsafe extern "C" fn(u32, u32, u32, u32, *const f32, *const f32, *const f32, u32, u32, u32, u32, f32, *mut f32, *mut f32);
+type EmuDkdv = unsafe extern "C" fn(u32, u32, u32, u32, *const f32, *const f32, *const f32, *const f32, *const f32, *const f32, u32, u32, u32, u32, f32, *mut f32, *mut f32);
+type EmuDq = unsafe extern "C" fn(u32, u32, u32, u32, *const f32, *const f32, *const f32, *const f32, *const f32, *const f32, u32, u32, u32, u32, f32, *mut f32);
+
+/// The tensor-core kernels compiled for the host (tests/common/emu.rs),
+/// launched with the launchers' grid shapes (64 query rows or keys per
+/// block, 128 threads).
+#[test]
+fn emulated_tensor_core_kernels_match_the_cpu() {
+    let lib = match emu::build("attention_tc", &["attention_tc.cu"], &TC_EMU_SUBST, TC_EMU_EXTRA, TC_EMU_ENTRY) {
+        Ok(l) => l,
+        Err(why) => {
+            eprintln!("SKIPPED emulated_tensor_core_kernels_match_the_cpu: kernel emulation unavailable: {why}");
+            return;
+        }
+    };
+    // SAFETY: entry points built just above with these signatures.
+    let (fwd, dkdv, dq): (EmuFwd, EmuDkdv, EmuDq) = unsafe { (*lib.get(b"emu_atc_forward").unwrap(), *lib.get(b"emu_atc_dkdv").unwrap(), *lib.get(b"emu_atc_dq").unwrap()) };
+    // Small shapes (every CUDA thread is an OS thread here): partial and
+    // whole tiles, groups 1 and 2, both head dims, windows.
+    let cases: &[(usize, usize, usize, usize, usize, Option<usize>)] = &[(1, 70, 2, 1, 64, None), (2, 19, 2, 2, 128, Some(7)), (1, 66, 4, 2, 64, Some(40))];
+    let mut rng = Rng(75);
+    for c in cases {
+        let s = tc_shape(c);
+        check_tc_case("emulated attention tc", &mut rng, &s, |r| {
+            let (t, h, hkv, d) = (s.q_len as u32, s.n_heads as u32, s.n_kv_heads as u32, s.head_dim as u32);
+            let w = s.window.unwrap_or(0) as u32;
+            let scale = softmax_scale(s.head_dim);
+            let (nq, nk) = (r.q.len(), r.k.len());
+            let tiles = s.q_len.div_ceil(64) as u32;
+            let (mut o, mut lse) = (vec![f32::NAN; nq], vec![f32::NAN; nq / s.head_dim]);
+            // SAFETY: buffers sized as the kernels index them ([B,T,H,D] and
+            // [B,T,Hkv,D], lse [B,T,H]); grid as forward_tc launches.
+            unsafe { fwd(d, tiles, h, s.batch as u32, r.q.as_ptr(), r.k.as_ptr(), r.v.as_ptr(), t, h, hkv, w, scale, o.as_mut_ptr(), lse.as_mut_ptr()) };
+            // δ = rowsum(dO∘O) as attention_delta_f32 computes it (f32).
+            let delta: Vec<f32> = r.dout.chunks(s.head_dim).zip(o.chunks(s.head_dim)).map(|(a, b)| a.iter().zip(b).map(|(x, y)| x * y).sum()).collect();
+            let (mut gdq, mut gdk, mut gdv) = (vec![f32::NAN; nq], vec![f32::NAN; nk], vec![f32::NAN; nk]);
+            // SAFETY: as above; grids as backward_tc launches them.
+            unsafe {
+                dkdv(d, tiles, hkv, s.batch as u32, r.q.as_ptr(), r.k.as_ptr(), r.v.as_ptr(), r.dout.as_ptr(), lse.as_ptr(), delta.as_ptr(), t, h, hkv, w, scale, gdk.as_mut_ptr(), gdv.as_mut_ptr());
+                dq(d, tiles, h, s.batch as u32, r.q.as_ptr(), r.k.as_ptr(), r.v.as_ptr(), r.dout.as_ptr(), lse.as_ptr(), delta.as_ptr(), t, h, hkv, w, scale, gdq.as_mut_ptr());
+            }
+            (o, lse, gdq, gdk, gdv)
+        });
+    }
 }
 
 #[test]

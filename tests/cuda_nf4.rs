@@ -31,6 +31,8 @@ use std::sync::OnceLock;
 #[path = "common/gpu.rs"]
 mod harness;
 use harness::{gpu, Rng};
+#[path = "common/emu.rs"]
+mod emu;
 
 /// NF4 code values and midpoint thresholds, as the spec computes them
 /// (fp32 sum, then halving), to plant exact ties in test data.
@@ -611,77 +613,6 @@ fn fixtures_match_bitsandbytes_on_gpu() {
 // is none or when LORA_SKIP_CUDA_EMULATION=1 (the GPU check sets it: the GPU
 // runs the real kernels).
 
-const EMU_SHIM: &str = r#"
-#include <barrier>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <memory>
-#include <mutex>
-#include <thread>
-#include <vector>
-struct dim3 { unsigned x, y, z; };
-static thread_local dim3 threadIdx, blockIdx;
-static dim3 blockDim, gridDim;
-static std::barrier<>* emu_block_bar;
-static std::vector<std::unique_ptr<std::barrier<>>> emu_warp_bars;
-static unsigned long long emu_slots[1024];
-#define __global__
-#define __device__
-#define __forceinline__ inline
-#define __constant__ static const
-#define __shared__ static
-#define __launch_bounds__(x)
-inline void __syncthreads() { emu_block_bar->arrive_and_wait(); }
-inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
-inline float __fmul_rn(float a, float b) { return a * b; }
-inline float __fadd_rn(float a, float b) { return a + b; }
-inline float __fdiv_rn(float a, float b) { return a / b; }
-inline float __fmaf_rn(float a, float b, float c) { return std::fmaf(a, b, c); }
-template <class T> T __shfl_xor_sync(unsigned, T v, int lane_mask) {
-    static_assert(sizeof(T) <= 8, "shuffle of a wide type");
-    unsigned t = threadIdx.x, w = t / 32;
-    unsigned long long raw = 0;
-    std::memcpy(&raw, &v, sizeof(T));
-    emu_slots[t] = raw;
-    emu_warp_bars[w]->arrive_and_wait();
-    raw = emu_slots[(t & ~31u) | ((t & 31u) ^ (unsigned)lane_mask)];
-    emu_warp_bars[w]->arrive_and_wait();
-    T r;
-    std::memcpy(&r, &raw, sizeof(T));
-    return r;
-}
-struct float4 { float x, y, z, w; };
-struct uint4 { unsigned x, y, z, w; };
-inline float4 make_float4(float a, float b, float c, float d) { return float4{a, b, c, d}; }
-inline uint4 make_uint4(unsigned a, unsigned b, unsigned c, unsigned d) { return uint4{a, b, c, d}; }
-inline float emu_f16_to_f32(unsigned short h) { _Float16 x; std::memcpy(&x, &h, 2); return (float)x; }
-inline unsigned short emu_f32_to_f16(float f) { _Float16 x = (_Float16)f; unsigned short h; std::memcpy(&h, &x, 2); return h; }
-static std::mutex emu_launch_lock;  // one launch at a time: the state above is global
-template <class F> void emu_launch(unsigned grid, unsigned block, F f) {
-    if (block == 0 || block > 1024 || block % 32 != 0) std::abort();
-    std::lock_guard<std::mutex> guard(emu_launch_lock);
-    blockDim = dim3{block, 1, 1};
-    gridDim = dim3{grid, 1, 1};
-    std::barrier<> bar(block);
-    emu_block_bar = &bar;
-    emu_warp_bars.clear();
-    for (unsigned w = 0; w < block / 32; ++w) emu_warp_bars.push_back(std::make_unique<std::barrier<>>(32));
-    std::vector<std::thread> ts;
-    for (unsigned t = 0; t < block; ++t)
-        ts.emplace_back([&, t] {
-            threadIdx = dim3{t, 0, 0};
-            for (unsigned b = 0; b < grid; ++b) {
-                blockIdx = dim3{b, 0, 0};
-                f();
-                bar.arrive_and_wait();  // static __shared__ arrays are reused by the next block
-            }
-        });
-    for (auto& t : ts) t.join();
-}
-"#;
-
 const EMU_ENTRY: &str = r#"
 extern "C" {
 void emu_nf4_quantize(int dt, unsigned g, unsigned b, const void* x, u64 n, u32 bs, u8* packed, float* absmax) {
@@ -730,53 +661,20 @@ struct Emu {
 fn emu(test: &str) -> Option<&'static Emu> {
     static EMU: OnceLock<Result<Emu, String>> = OnceLock::new();
     let r = EMU.get_or_init(|| {
-        if std::env::var("LORA_SKIP_CUDA_EMULATION").is_ok_and(|v| v == "1") {
-            return Err("LORA_SKIP_CUDA_EMULATION=1".into());
-        }
-        let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-        let dir = std::env::temp_dir().join(format!("lora-cuda-emu-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut src = String::from(EMU_SHIM);
         // The kernels these tests emulate (the other families have GPU
-        // tests of their own and intrinsics this shim does not provide).
-        for k in cuda::SOURCES.iter().filter(|k| ["nf4.cu", "dense.cu"].contains(&k.name)) {
-            let mut text = k.src.to_string();
-            for (ptx, host) in EMU_PTX_SUBST {
-                text = text.replace(ptx, host);
-            }
-            assert!(!text.contains("asm("), "cuda/{} has inline PTX the emulation does not know: extend EMU_PTX_SUBST", k.name);
-            src.push_str(&format!("\n// ---- cuda/{}\n{text}\n", k.name));
-        }
-        src.push_str(EMU_ENTRY);
-        let cpp = dir.join("emu.cpp");
-        let so = dir.join("libemu.so");
-        std::fs::write(&cpp, &src).unwrap();
-        let out = std::process::Command::new(&cxx)
-            .args(["-std=c++20", "-O1", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-pthread", "-Wno-unknown-pragmas", "-o"])
-            .arg(&so)
-            .arg(&cpp)
-            .output()
-            .map_err(|e| format!("no C++ compiler ({cxx}: {e})"))?;
-        if !out.status.success() {
-            let log = String::from_utf8_lossy(&out.stderr);
-            if log.contains("barrier: No such file") || log.contains("unrecognized command-line option '-std=c++20'") {
-                return Err(format!("{cxx} lacks C++20 <barrier>"));
-            }
-            panic!("the kernels do not compile as host C++ ({cxx}); {}:\n{log}", cpp.display());
-        }
+        // tests of their own; attention_tc.cu has its own emulated test).
+        let lib = emu::build("nf4", &["nf4.cu", "dense.cu"], &EMU_PTX_SUBST, "", EMU_ENTRY)?;
         // SAFETY: the library was just built from the sources above; its
         // entry points have the signatures declared in `Emu`.
         unsafe {
-            let lib = libloading::Library::new(&so).map_err(|e| format!("cannot load {}: {e}", so.display()))?;
-            let emu = Emu {
+            Ok(Emu {
                 quantize: *lib.get(b"emu_nf4_quantize").unwrap(),
                 dequantize: *lib.get(b"emu_nf4_dequantize").unwrap(),
                 decode: *lib.get(b"emu_nf4_absmax_decode").unwrap(),
                 gemv: *lib.get(b"emu_nf4_gemv_bf16").unwrap(),
                 dense: *lib.get(b"emu_dense_gemv_bf16").unwrap(),
                 _lib: lib,
-            };
-            Ok(emu)
+            })
         }
     });
     match r {
