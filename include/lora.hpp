@@ -827,6 +827,12 @@ public:
     void save(const std::string &dir) const {
         detail::check(lora_trainer_save(raw(), dir.c_str()), "lora_trainer_save");
     }
+    /// Moves the steps to CUDA device `device` (-1: back to the CPU) with
+    /// `compute` precision (`LORA_COMPUTE_*`); see `lora_trainer_use_device`.
+    /// Throws `lora::error` with `LORA_ERR_CUDA_UNAVAILABLE` without a GPU.
+    void use_device(int device, lora_compute compute = LORA_COMPUTE_BF16) {
+        detail::check(lora_trainer_use_device(raw(), device, compute), "lora_trainer_use_device");
+    }
 
 private:
     explicit trainer(lora_trainer *t) noexcept : owner(t) {}

@@ -136,6 +136,12 @@ func TestFineTune(t *testing.T) {
 		t.Errorf("memory %+v", mem)
 	}
 	must(t, tr.Save(filepath.Join(dir, "ckpt")))
+	// A GPU or its absence, stated; the CPU is always there.
+	if err := tr.UseDevice(0, ComputeBF16); err != nil {
+		wantStatus(t, err, ErrCudaUnavailable, "UseDevice(0) without a GPU")
+	}
+	must(t, tr.UseDevice(-1, ComputeBF16))
+	wantStatus(t, tr.UseDevice(0, 9), ErrInvalidArgument, "unknown compute")
 	_, err = tr.Step(ids, nil, batch, seq+1)
 	wantStatus(t, err, ErrBufferSize, "short batch")
 	must(t, tr.Close())

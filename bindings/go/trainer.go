@@ -157,6 +157,22 @@ func (t *Trainer) Step(ids, labels []int32, batch, seq int) (StepResult, error) 
 		uint64(r.counted_tokens), float64(r.seconds), float64(r.tokens_per_s)}, nil
 }
 
+// Compute precisions of a GPU step (lora_compute).
+const (
+	ComputeBF16 = C.LORA_COMPUTE_BF16
+	ComputeF32  = C.LORA_COMPUTE_F32
+)
+
+// UseDevice moves the steps to CUDA device `device` (-1: back to the CPU)
+// with `compute` precision (ComputeBF16 or ComputeF32); without a GPU the
+// error's Status is ErrCudaUnavailable and the trainer stays on the CPU.
+func (t *Trainer) UseDevice(device int, compute int) error {
+	var msg *C.char
+	st := C.go_lora_trainer_use_device(t.handle(), C.int32_t(device), C.lora_compute(compute), &msg)
+	keepAlive(t)
+	return check("lora_trainer_use_device", st, msg)
+}
+
 // Save writes a checkpoint (adapter, optimizer state, counters) to dir.
 func (t *Trainer) Save(dir string) error {
 	cdir := C.CString(dir)

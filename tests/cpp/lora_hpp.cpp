@@ -395,6 +395,13 @@ static void test_model(const std::string &dir, const std::string &repo) {
         }
         CHECK(m.memory(&tr).optimizer > 0);
         tr.save(dir + "/ckpt");
+        try {
+            tr.use_device(0);  // a GPU, or its absence stated
+        } catch (const lora::error &e) {
+            CHECK(e.status() == LORA_ERR_CUDA_UNAVAILABLE);
+        }
+        tr.use_device(-1);
+        expect_error(LORA_ERR_INVALID_ARGUMENT, [&] { tr.use_device(0, 9); }, "unknown compute");
         expect_error(LORA_ERR_BUFFER_SIZE, [&] { tr.step(ids, batch, seq + 1); }, "short batch");
     }
     const float after = m.loss(ids, batch, seq);

@@ -758,4 +758,11 @@ pub const Trainer = struct {
     pub fn save(self: Trainer, dir: [:0]const u8) Error!void {
         try check(c.lora_trainer_save(self.handle, dir.ptr));
     }
+
+    /// Moves the steps to CUDA device `device` (-1: back to the CPU) with
+    /// `compute` precision (`c.LORA_COMPUTE_BF16` or `c.LORA_COMPUTE_F32`);
+    /// `error.CudaUnavailable` without a GPU (the trainer stays on the CPU).
+    pub fn useDevice(self: Trainer, device: i32, compute: c.lora_compute) Error!void {
+        try check(c.lora_trainer_use_device(self.handle, device, compute));
+    }
 };

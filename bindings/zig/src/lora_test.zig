@@ -307,6 +307,10 @@ test "fine-tune" {
         }
         try testing.expect((try model.memory(tr)).optimizer > 0);
         try tr.save(ckpt);
+        // A GPU, or its absence stated; the CPU is always there.
+        tr.useDevice(0, lora.c.LORA_COMPUTE_BF16) catch |e| try testing.expectEqual(error.CudaUnavailable, e);
+        try tr.useDevice(-1, lora.c.LORA_COMPUTE_BF16);
+        try testing.expectError(error.InvalidArgument, tr.useDevice(0, 9));
         try testing.expectError(error.BufferSize, tr.step(ids, null, batch, seq + 1));
     }
     const after = try model.loss(ids, null, batch, seq);
