@@ -1,5 +1,7 @@
-// embed.cu — token embedding lookup (gather), fp32: the twin of
-// embedding_forward in src/backend/cpu/embed.rs (the spec).
+// embed.cu — token embedding lookup (gather) into fp32 rows: the twin of
+// embedding_forward in src/backend/cpu/embed.rs (the spec), from an fp32
+// table (a copy) or a bf16 one (each element widened to fp32, exactly: the
+// CPU op on the table widened first).
 //
 // Math: out[n, :] = table[ids[n], :], table [vocab, dim], out [N, dim].
 // An id >= vocab is an error and nothing is written: embed_check_ids (one
@@ -13,6 +15,7 @@
 //
 // No host code and no #include (NVRTC compiles it without headers).
 
+typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
@@ -48,5 +51,17 @@ extern "C" __global__ void __launch_bounds__(EMBED_THREADS)
         const u64 tok = k / dim;
         const u32 j = (u32)(k - tok * dim);
         out[k] = table[(u64)ids[tok] * dim + j];
+    }
+}
+
+// The same from a bf16 table (bits in u16), widened to fp32.
+extern "C" __global__ void __launch_bounds__(EMBED_THREADS)
+    embed_gather_bf16(const u16* __restrict__ table, u32 dim, const u32* __restrict__ ids, u64 total,
+                      const u32* __restrict__ status, float* __restrict__ out) {
+    if (status[0] != 0xffffffffu) return;
+    for (u64 k = (u64)blockIdx.x * blockDim.x + threadIdx.x; k < total; k += (u64)gridDim.x * blockDim.x) {
+        const u64 tok = k / dim;
+        const u32 j = (u32)(k - tok * dim);
+        out[k] = __uint_as_float(((u32)table[(u64)ids[tok] * dim + j]) << 16);
     }
 }

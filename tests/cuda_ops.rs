@@ -213,6 +213,20 @@ fn embedding_gather_matches_the_cpu_and_refuses_bad_ids() {
         gembed::embedding_forward(dev, &td.as_view(), vocab, dim, &idd.as_view(), &mut od.as_view_mut()).unwrap();
         check_bits("embedding", &dev.download(&od).unwrap(), &want);
     }
+    // A bf16 table: each element widened exactly (the CPU op on the widened table).
+    for &(vocab, dim, n) in &[(7usize, 3usize, 5usize), (1000, 64, 300)] {
+        let bits: Vec<u16> = rng.vec(vocab * dim, 1.0).iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
+        let wide: Vec<f32> = bits.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect();
+        let ids: Vec<u32> = (0..n).map(|_| rng.below(vocab) as u32).collect();
+        let mut want = vec![0f32; n * dim];
+        cembed::embedding_forward(&wide, vocab, dim, &ids, &mut want).unwrap();
+        let (td, idd) = (dev.upload(&bits).unwrap(), dev.upload(&ids).unwrap());
+        let mut od = dev.alloc_filled::<f32>(n * dim, 0xFF).unwrap();
+        let mut st = dev.alloc_filled::<u32>(1, 0xFF).unwrap();
+        gembed::gather_async(dev, gembed::Table::Bf16(&td.as_view()), vocab, dim, &idd.as_view(), &mut od.as_view_mut(), &mut st).unwrap();
+        assert_eq!(dev.download(&st).unwrap()[0], gembed::ALL_IDS_VALID);
+        check_bits("embedding (bf16 table)", &dev.download(&od).unwrap(), &want);
+    }
     // Bad ids: an error naming the first one, output untouched.
     let (vocab, dim) = (50, 8);
     let table = rng.vec(vocab * dim, 1.0);
@@ -357,5 +371,101 @@ fn adamw_matches_the_cpu_bit_for_bit() {
                 check_bits(&format!("{what}: v"), &dev.download(&vd).unwrap(), &vw);
             }
         }
+    }
+}
+
+// ------------------------------------------------------- CPU emulation
+//
+// The embedding gathers (fp32 and bf16 tables, the id check) and the
+// elementwise kernels compiled for the host (tests/common/emu.rs), launched
+// with the launchers' shapes, against the CPU: bit for bit.
+
+const EMU_EXTRA: &str = "template <class T> inline T min(T a, T b) { return a < b ? a : b; }\n";
+
+const EMU_ENTRY: &str = r#"
+extern "C" {
+void emu_embed(int bf, unsigned grid, const void* table, u32 vocab, u32 dim, const u32* ids, u32 n, u32* status, float* out) {
+    emu_launch(1, EMBED_CHECK_THREADS, [&] { embed_check_ids(ids, n, vocab, status); });
+    const u64 total = (u64)n * dim;
+    emu_launch(grid, EMBED_THREADS, [&] {
+        if (bf) embed_gather_bf16((const u16*)table, dim, ids, total, status, out);
+        else embed_gather_f32((const float*)table, dim, ids, total, status, out);
+    });
+}
+void emu_ew(int op, unsigned grid, float* y, const float* x, u64 n, u32 cols, u16* yb) {
+    emu_launch(grid, EW_THREADS, [&] {
+        if (op == 0) elementwise_add_f32(y, x, n);
+        else if (op == 1) elementwise_add_bias_f32(y, x, n / cols, cols);
+        else elementwise_f32_to_bf16(x, yb, n);
+    });
+}
+}
+"#;
+
+type EmuEmbed = unsafe extern "C" fn(i32, u32, *const u8, u32, u32, *const u32, u32, *mut u32, *mut f32);
+type EmuEw = unsafe extern "C" fn(i32, u32, *mut f32, *const f32, u64, u32, *mut u16);
+
+#[path = "common/emu.rs"]
+mod emu;
+
+#[test]
+fn emulated_embedding_and_elementwise_match_the_cpu_bit_for_bit() {
+    let lib = match emu::build("ops", &["embed.cu", "elementwise.cu"], &[], EMU_EXTRA, EMU_ENTRY) {
+        Ok(l) => l,
+        Err(why) => {
+            eprintln!("SKIPPED emulated_embedding_and_elementwise_match_the_cpu_bit_for_bit: kernel emulation unavailable: {why}");
+            return;
+        }
+    };
+    // SAFETY: entry points built just above with these signatures.
+    let (embed, ew): (EmuEmbed, EmuEw) = unsafe { (*lib.get(b"emu_embed").unwrap(), *lib.get(b"emu_ew").unwrap()) };
+    let mut rng = Rng(46);
+    for &(vocab, dim, n) in &[(1usize, 1usize, 1usize), (97, 13, 40), (300, 64, 33)] {
+        let table = rng.vec(vocab * dim, 1.0);
+        let bits: Vec<u16> = table.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
+        let wide: Vec<f32> = bits.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect();
+        let ids: Vec<u32> = (0..n).map(|_| rng.below(vocab) as u32).collect();
+        let grid = ((n * dim).div_ceil(256)).clamp(1, 3) as u32; // fewer blocks than elements: the grid-stride loop
+        for (bf, src, tab) in [(0, table.as_ptr() as *const u8, &table), (1, bits.as_ptr() as *const u8, &wide)] {
+            let mut want = vec![0f32; n * dim];
+            cembed::embedding_forward(tab, vocab, dim, &ids, &mut want).unwrap();
+            let (mut out, mut st) = (vec![f32::NAN; n * dim], [0u32]);
+            // SAFETY: table vocab·dim elements, ids n, out n·dim, status 1.
+            unsafe { embed(bf, grid, src, vocab as u32, dim as u32, ids.as_ptr(), n as u32, st.as_mut_ptr(), out.as_mut_ptr()) };
+            assert_eq!(st[0], gembed::ALL_IDS_VALID);
+            check_bits(if bf == 1 { "emulated embedding (bf16)" } else { "emulated embedding" }, &out, &want);
+        }
+    }
+    // A bad id: status names its position, nothing written.
+    let table = rng.vec(8 * 4, 1.0);
+    let ids = [1u32, 7, 8, 2];
+    let (mut out, mut st) = (vec![f32::NAN; 16], [0u32]);
+    // SAFETY: as above.
+    unsafe { embed(0, 1, table.as_ptr() as *const u8, 8, 4, ids.as_ptr(), 4, st.as_mut_ptr(), out.as_mut_ptr()) };
+    assert_eq!(st[0], 2);
+    assert!(out.iter().all(|v| v.is_nan()));
+    // Elementwise: y += x, the bias add, the bf16 conversion (specials too).
+    for &(n, cols) in &[(1usize, 1usize), (7 * 586, 7), (3 * 64, 64)] {
+        let (x, y0) = (rng.vec(n, 1.0), rng.vec(n, 1.0));
+        let mut y = y0.clone();
+        // SAFETY: y, x hold n; yb unused.
+        unsafe { ew(0, 2, y.as_mut_ptr(), x.as_ptr(), n as u64, 1, std::ptr::null_mut()) };
+        check_bits("emulated add", &y, &y0.iter().zip(&x).map(|(a, b)| a + b).collect::<Vec<_>>());
+        let b = rng.vec(cols, 1.0);
+        let mut y = y0.clone();
+        // SAFETY: y holds n = rows·cols, b holds cols.
+        unsafe { ew(1, 2, y.as_mut_ptr(), b.as_ptr(), n as u64, cols as u32, std::ptr::null_mut()) };
+        check_bits("emulated bias add", &y, &y0.iter().enumerate().map(|(i, a)| a + b[i % cols]).collect::<Vec<_>>());
+        let mut xs = x.clone();
+        xs[0] = f32::NAN;
+        if n > 3 {
+            xs[1] = f32::INFINITY;
+            xs[2] = -0.0;
+            xs[3] = 3.0e38;
+        }
+        let mut yb = vec![0u16; n];
+        // SAFETY: x and yb hold n.
+        unsafe { ew(2, 2, std::ptr::null_mut(), xs.as_ptr(), n as u64, 1, yb.as_mut_ptr()) };
+        assert_eq!(yb, xs.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect::<Vec<_>>(), "emulated bf16 conversion n={n}");
     }
 }

@@ -19,8 +19,10 @@
 //! - [`Compute::BF16`]: the frozen products (base weights, head) take bf16
 //!   operands (NF4 dequantized to bf16, activations rounded to bf16 as the
 //!   operand is formed) on tensor cores with fp32 accumulation and fp32
-//!   results, as bitsandbytes' `compute_dtype=bfloat16`; the adapter
-//!   products, norms, attention, softmax/loss and AdamW stay fp32.
+//!   results, as bitsandbytes' `compute_dtype=bfloat16`; the embedding
+//!   table is held in bf16 too (a tied head shares it), widened to fp32 as
+//!   rows are gathered; the adapter products, norms, attention,
+//!   softmax/loss and AdamW stay fp32.
 //!   Attention can run on tensor cores instead (`cuda/attention_tc.cu`:
 //!   bf16 q, k, v, P, dO, dS, fp32 accumulation and softmax; head_dim 64
 //!   or 128): [`DeviceModel::set_tensor_core_attention`] or
@@ -167,9 +169,10 @@ pub struct DeviceModel {
     cfg: ModelConfig,
     adapter: String,
     inv_freq: Vec<f32>,
-    embed: CudaSlice<f32>,
-    /// The head `[vocab, hidden]` in the compute dtype; `None` in F32 mode
-    /// with tied embeddings (the embedding is the head).
+    /// The embedding `[vocab, hidden]` in the compute dtype (fp32 or bf16).
+    embed: Weight,
+    /// The head `[vocab, hidden]` in the compute dtype; `None` when tied
+    /// (the embedding table is the head).
     head: Option<Weight>,
     norm: CudaSlice<f32>,
     layers: Vec<DevLayer>,
@@ -278,11 +281,13 @@ impl DeviceModel {
         dev.load_all_kernels()?;
         let blas = Blas::new(&dev)?;
         let d = &*dev;
-        let embed = d.upload(&model.embed)?;
-        let head = match (&model.lm_head, compute) {
-            (Some(w), _) => Some(dense_weight(d, compute, w)?),
-            (None, Compute::BF16) => Some(dense_weight(d, compute, &model.embed)?),
-            (None, Compute::F32) => None,
+        // The embedding is looked up in the compute dtype's table: fp32, or
+        // bf16 (widened per element as it is gathered); a tied head in BF16
+        // mode is that same bf16 table.
+        let embed = dense_weight(d, compute, &model.embed)?;
+        let head = match &model.lm_head {
+            Some(w) => Some(dense_weight(d, compute, w)?),
+            None => None,
         };
         let mut layers = Vec::with_capacity(model.blocks.len());
         let mut spans: Vec<std::ops::Range<usize>> = Vec::new();
@@ -507,7 +512,12 @@ impl DeviceModel {
         let mut x = out_buf::<f32>(d, n * h)?;
         // Ids were checked on the host: the status word is not read back.
         let mut status = out_buf::<u32>(d, 1)?;
-        cu::embed::embedding_forward_async(d, &self.embed.as_view(), self.cfg.vocab_size, h, &ids_d.as_view(), &mut x.as_view_mut(), &mut status)?;
+        let table = match &self.embed {
+            Weight::F32(t) => cu::embed::gather_async(d, cu::embed::Table::F32(&t.as_view()), self.cfg.vocab_size, h, &ids_d.as_view(), &mut x.as_view_mut(), &mut status),
+            Weight::Bf16(t) => cu::embed::gather_async(d, cu::embed::Table::Bf16(&t.as_view()), self.cfg.vocab_size, h, &ids_d.as_view(), &mut x.as_view_mut(), &mut status),
+            Weight::Nf4(_) => bail!(Internal, "an NF4 embedding table"),
+        };
+        table?;
         let nl = self.layers.len();
         let mut inputs: Vec<CudaSlice<f32>> = Vec::with_capacity(nl);
         let mut saved: Vec<Option<Acts>> = Vec::with_capacity(nl);
@@ -792,7 +802,7 @@ impl DeviceModel {
         let mut dhf = out_buf::<f32>(d, n * h)?;
         let head_w = match &self.head {
             Some(w) => self.weight(w)?,
-            None => WView::F32(self.embed.as_view()),
+            None => self.weight(&self.embed)?,
         };
         let wm = head_w.mat(d, vsz, h)?;
         for c in 0..chunks {
@@ -885,7 +895,7 @@ impl DeviceModel {
                     }
             }
         };
-        let mut b = self.embed.len() * 4 + self.norm.len() * 4 + self.head.as_ref().map_or(0, wb) + 4 * 4 * self.params.len();
+        let mut b = wb(&self.embed) + self.norm.len() * 4 + self.head.as_ref().map_or(0, wb) + 4 * 4 * self.params.len();
         for l in &self.layers {
             b += (l.attn_norm.len() + l.mlp_norm.len()) * 4;
             for lin in &l.lin {

@@ -15,6 +15,22 @@ const EMBED_CHECK_THREADS: u32 = 1024;
 /// Status word when every id is valid.
 pub const ALL_IDS_VALID: u32 = u32::MAX;
 
+/// An embedding table on the device: fp32, or bf16 (bits in `u16`).
+#[derive(Clone, Copy)]
+pub enum Table<'a, 'b> {
+    F32(&'a CudaView<'b, f32>),
+    Bf16(&'a CudaView<'b, u16>),
+}
+
+impl Table<'_, '_> {
+    fn len(&self) -> usize {
+        match self {
+            Table::F32(t) => t.len(),
+            Table::Bf16(t) => t.len(),
+        }
+    }
+}
+
 /// `out[n, :] = table[ids[n], :]`, queued without a sync. `status[0]` is
 /// written with the first position whose id is `≥ vocab`, or
 /// [`ALL_IDS_VALID`]; when it is not, `out` is left untouched. Read it back
@@ -23,6 +39,21 @@ pub const ALL_IDS_VALID: u32 = u32::MAX;
 pub fn embedding_forward_async(
     dev: &CudaDevice,
     table: &CudaView<'_, f32>,
+    vocab: usize,
+    dim: usize,
+    ids: &CudaView<'_, u32>,
+    out: &mut CudaViewMut<'_, f32>,
+    status: &mut CudaSlice<u32>,
+) -> Result<()> {
+    gather_async(dev, Table::F32(table), vocab, dim, ids, out, status)
+}
+
+/// [`embedding_forward_async`] from a table of either dtype (a bf16 table's
+/// elements are widened to fp32 exactly).
+#[allow(clippy::too_many_arguments)]
+pub fn gather_async(
+    dev: &CudaDevice,
+    table: Table<'_, '_>,
     vocab: usize,
     dim: usize,
     ids: &CudaView<'_, u32>,
@@ -44,7 +75,10 @@ pub fn embedding_forward_async(
     if status.is_empty() {
         bail!(BufferSize, "embedding: status needs 1 element");
     }
-    dev.check_stream(table, "embedding table")?;
+    match table {
+        Table::F32(t) => dev.check_stream(t, "embedding table")?,
+        Table::Bf16(t) => dev.check_stream(t, "embedding table")?,
+    }
     dev.check_stream(ids, "embedding ids")?;
     dev.check_stream(out, "embedding out")?;
     dev.check_stream(status, "embedding status")?;
@@ -58,12 +92,22 @@ pub fn embedding_forward_async(
         return Ok(());
     }
     let t64 = total as u64;
-    let name = "embed_gather_f32";
-    let f = dev.function(&EMBED_CU, name)?;
-    // SAFETY: (ptr, u32, ptr, u64, ptr, ptr) as the kernel; element k < n·dim
-    // of out, ids[k / dim], and table row ids[·] < vocab (the kernel runs
-    // only when the check found every id valid).
-    launch_kernel!(dev, f, name, launch_cfg((stride_grid(t64, EMBED_THREADS), 1), EMBED_THREADS), [table, &d32, ids, &t64, &*status, out])
+    let cfg = launch_cfg((stride_grid(t64, EMBED_THREADS), 1), EMBED_THREADS);
+    // SAFETY (both): (ptr, u32, ptr, u64, ptr, ptr) as the kernel; element
+    // k < n·dim of out, ids[k / dim], and table row ids[·] < vocab (the
+    // kernel runs only when the check found every id valid).
+    match table {
+        Table::F32(t) => {
+            let name = "embed_gather_f32";
+            let f = dev.function(&EMBED_CU, name)?;
+            launch_kernel!(dev, f, name, cfg, [t, &d32, ids, &t64, &*status, out])
+        }
+        Table::Bf16(t) => {
+            let name = "embed_gather_bf16";
+            let f = dev.function(&EMBED_CU, name)?;
+            launch_kernel!(dev, f, name, cfg, [t, &d32, ids, &t64, &*status, out])
+        }
+    }
 }
 
 /// [`embedding_forward_async`], then waits and reports an invalid id as
