@@ -1629,6 +1629,26 @@ lora_status lora_trainer_use_device(struct lora_trainer *trainer,
                                     lora_compute compute);
 
 /**
+ * Generates with `trainer`'s adapter (multiplier 1) for `n_seqs` prompts:
+ * on the trainer's GPU when `lora_trainer_use_device` put it on one (KV
+ * cache in device memory, one logits copy per step for sampling), else on
+ * the CPU as `lora_generate` with that adapter for every sequence.
+ * Arguments and output as `lora_generate` (without per-sequence adapters);
+ * the model must be unmerged.
+ *
+ * Errors: those of `lora_generate`, and on a GPU `LORA_ERR_OUT_OF_MEMORY`
+ * (the KV cache) and `LORA_ERR_CUDA`.
+ */
+lora_status lora_trainer_generate(struct lora_trainer *trainer,
+                                  const int32_t *const *prompts,
+                                  const size_t *prompt_lens,
+                                  size_t n_seqs,
+                                  const struct lora_generate_params *params,
+                                  int32_t *out,
+                                  size_t out_len,
+                                  size_t *out_lens);
+
+/**
  * Saves a training checkpoint to directory `dir`: the adapter (PEFT
  * format), the optimizer state, step counters and configuration. Written
  * to a temporary directory (files fsynced) and renamed into place, so a

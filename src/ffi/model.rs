@@ -579,41 +579,65 @@ pub unsafe extern "C" fn lora_generate(
 ) -> lora_status {
     guard(|| {
         let h = model_ref(model)?;
-        if n_seqs == 0 {
-            crate::bail!(InvalidArgument, "n_seqs is 0");
-        }
-        let p = read_params(params, lora_generate_default_params(), std::mem::size_of::<lora_generate_params>(), "lora_generate_params")?;
-        let maxn = p.max_new_tokens as usize;
-        let need = n_seqs.checked_mul(maxn).ok_or_else(|| crate::err!(InvalidShape, "n_seqs × max_new_tokens overflows"))?;
-        if out_len < need {
-            crate::bail!(BufferSize, "out holds {out_len} ids; {n_seqs} × {maxn} needed");
-        }
-        req(out as *const i32, "out")?;
-        req(out_lens as *const usize, "out_lens")?;
-        let prompts = std::slice::from_raw_parts(req(prompts, "prompts")?, n_seqs);
-        let lens = std::slice::from_raw_parts(req(prompt_lens, "prompt_lens")?, n_seqs);
+        let (p, maxn) = generate_args(n_seqs, params, out, out_len, out_lens)?;
         let (sa, eos) = {
             let m = h.inner.lock();
             (seq_adapters(&m, adapters, n_seqs)?, m.cfg.eos_token_ids.clone())
         };
-        let mut reqs = Vec::with_capacity(n_seqs);
-        for i in 0..n_seqs {
-            if lens[i] == 0 {
-                crate::bail!(InvalidArgument, "prompt {i} is empty");
-            }
-            let pr = std::slice::from_raw_parts(req(prompts[i], "prompts[i]")?, lens[i]);
-            reqs.push(Request { prompt: pr, adapter: sa.as_ref().map(|v| v[i]) });
-        }
-        let s = Sampling { temperature: p.temperature, top_k: p.top_k as usize, top_p: p.top_p, seed: p.seed };
-        let stop: Vec<i32> = if p.stop_at_eos != 0 { eos.iter().map(|&e| e as i32).collect() } else { Vec::new() };
+        let prs = prompt_slices(prompts, prompt_lens, n_seqs)?;
+        let reqs: Vec<Request<'_>> = prs.iter().enumerate().map(|(i, pr)| Request { prompt: pr, adapter: sa.as_ref().map(|v| v[i]) }).collect();
+        let (s, stop) = sampling_of(&p, &eos);
         let mut prog = progress_fn(p.progress, p.progress_user);
         let res = with_model(h, |m| m.generate(&reqs, maxn, &s, &stop, &mut prog))?;
-        for (i, toks) in res.iter().enumerate() {
-            std::ptr::copy_nonoverlapping(toks.as_ptr(), out.add(i * maxn), toks.len());
-            *out_lens.add(i) = toks.len();
-        }
+        write_generated(&res, maxn, out, out_lens);
         Ok(())
     })
+}
+
+/// Checks a generate call's counts and output buffers; its params (or the
+/// defaults) and `max_new_tokens`.
+unsafe fn generate_args(n_seqs: usize, params: *const lora_generate_params, out: *mut i32, out_len: usize, out_lens: *mut usize) -> crate::Result<(lora_generate_params, usize)> {
+    if n_seqs == 0 {
+        crate::bail!(InvalidArgument, "n_seqs is 0");
+    }
+    let p = read_params(params, lora_generate_default_params(), std::mem::size_of::<lora_generate_params>(), "lora_generate_params")?;
+    let maxn = p.max_new_tokens as usize;
+    let need = n_seqs.checked_mul(maxn).ok_or_else(|| crate::err!(InvalidShape, "n_seqs × max_new_tokens overflows"))?;
+    if out_len < need {
+        crate::bail!(BufferSize, "out holds {out_len} ids; {n_seqs} × {maxn} needed");
+    }
+    req(out as *const i32, "out")?;
+    req(out_lens as *const usize, "out_lens")?;
+    Ok((p, maxn))
+}
+
+/// The prompts of a generate call as slices (each non-empty).
+unsafe fn prompt_slices<'a>(prompts: *const *const i32, prompt_lens: *const usize, n_seqs: usize) -> crate::Result<Vec<&'a [i32]>> {
+    let prompts = std::slice::from_raw_parts(req(prompts, "prompts")?, n_seqs);
+    let lens = std::slice::from_raw_parts(req(prompt_lens, "prompt_lens")?, n_seqs);
+    let mut out = Vec::with_capacity(n_seqs);
+    for i in 0..n_seqs {
+        if lens[i] == 0 {
+            crate::bail!(InvalidArgument, "prompt {i} is empty");
+        }
+        out.push(std::slice::from_raw_parts(req(prompts[i], "prompts[i]")?, lens[i]));
+    }
+    Ok(out)
+}
+
+/// Sampling settings and stop ids of generate params.
+fn sampling_of(p: &lora_generate_params, eos: &[i64]) -> (Sampling, Vec<i32>) {
+    let s = Sampling { temperature: p.temperature, top_k: p.top_k as usize, top_p: p.top_p, seed: p.seed };
+    let stop: Vec<i32> = if p.stop_at_eos != 0 { eos.iter().map(|&e| e as i32).collect() } else { Vec::new() };
+    (s, stop)
+}
+
+/// Copies generated sequences to `out[i · maxn ..]` and their lengths.
+unsafe fn write_generated(res: &[Vec<i32>], maxn: usize, out: *mut i32, out_lens: *mut usize) {
+    for (i, toks) in res.iter().enumerate() {
+        std::ptr::copy_nonoverlapping(toks.as_ptr(), out.add(i * maxn), toks.len());
+        *out_lens.add(i) = toks.len();
+    }
 }
 
 // ---------------------------------------------------------------- trainer
@@ -905,6 +929,40 @@ pub unsafe extern "C" fn lora_trainer_use_device(trainer: *mut lora_trainer, dev
             d if d >= 0 => t.inner.use_device(Some((d as usize, c))),
             d => crate::bail!(InvalidArgument, "device {d} is neither -1 (CPU) nor a CUDA device index"),
         }
+    })
+}
+
+/// Generates with `trainer`'s adapter (multiplier 1) for `n_seqs` prompts:
+/// on the trainer's GPU when `lora_trainer_use_device` put it on one (KV
+/// cache in device memory, one logits copy per step for sampling), else on
+/// the CPU as `lora_generate` with that adapter for every sequence.
+/// Arguments and output as `lora_generate` (without per-sequence adapters);
+/// the model must be unmerged.
+///
+/// Errors: those of `lora_generate`, and on a GPU `LORA_ERR_OUT_OF_MEMORY`
+/// (the KV cache) and `LORA_ERR_CUDA`.
+#[no_mangle]
+pub unsafe extern "C" fn lora_trainer_generate(
+    trainer: *mut lora_trainer,
+    prompts: *const *const i32,
+    prompt_lens: *const usize,
+    n_seqs: usize,
+    params: *const lora_generate_params,
+    out: *mut i32,
+    out_len: usize,
+    out_lens: *mut usize,
+) -> lora_status {
+    guard(|| {
+        let t = util::handle_mut(trainer, "trainer")?;
+        let (p, maxn) = generate_args(n_seqs, params, out, out_len, out_lens)?;
+        let prs = prompt_slices(prompts, prompt_lens, n_seqs)?;
+        let eos = t.inner.model.lock().cfg.eos_token_ids.clone();
+        let (s, stop) = sampling_of(&p, &eos);
+        let mut prog = progress_fn(p.progress, p.progress_user);
+        let pool = t.pool.clone();
+        let res = pool.install(|| t.inner.generate(&prs, maxn, &s, &stop, &mut prog))?;
+        write_generated(&res, maxn, out, out_lens);
+        Ok(())
     })
 }
 

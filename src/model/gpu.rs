@@ -41,13 +41,20 @@
 //! most [`HEAD_CHUNK_ELEMS`] logits, so the `[tokens, vocab]` matrix never
 //! exists whole.
 //!
-//! Not yet on the device: LoRA dropout (refused), several adapters at once,
-//! 8-bit AdamW and paged optimizer state (the trainer refuses them with a
-//! device), generation (the host model is kept current after each step, so
-//! generation, merge and save run on the CPU).
+//! Generation ([`DeviceModel::generate`], `lora_trainer_generate`) runs on
+//! the device too: prefill through the same forward kernels, a KV cache per
+//! layer in device memory, decode attention, logits copied to the host once
+//! per step for sampling.
+//!
+//! Not yet on the device: LoRA dropout (refused), several adapters at once
+//! (mixed-adapter batches, swaps), merging, 8-bit AdamW (refused); paged
+//! AdamW state is copied into device memory. The host model is kept current
+//! after each step, so `lora_generate`, merge, swap and save see the
+//! trained adapter and run on the CPU.
 
+use super::generate::{sample, Sampling};
 use super::{shifted_targets, Model, DOWN, GATE, K, O, Q, UP, V};
-use crate::backend::cpu::attention::AttnShape;
+use crate::backend::cpu::attention::{AttnShape, DecodeShape};
 use crate::backend::cpu::rope::RopeTable;
 use crate::backend::cuda::blas::{gemm, Blas, MatRef};
 use crate::backend::cuda::nf4::CudaNf4;
@@ -505,19 +512,8 @@ impl DeviceModel {
         let t_all = self.tick()?;
         let dev = self.dev.clone();
         let d = &*dev;
-        let h = self.cfg.hidden_size;
-        let ids_u: Vec<u32> = ids.iter().map(|&t| t as u32).collect();
-        let ids_d = d.upload(&ids_u)?;
         let targets = d.upload(&shifted_targets(labels, batch, seq))?;
-        let mut x = out_buf::<f32>(d, n * h)?;
-        // Ids were checked on the host: the status word is not read back.
-        let mut status = out_buf::<u32>(d, 1)?;
-        let table = match &self.embed {
-            Weight::F32(t) => cu::embed::gather_async(d, cu::embed::Table::F32(&t.as_view()), self.cfg.vocab_size, h, &ids_d.as_view(), &mut x.as_view_mut(), &mut status),
-            Weight::Bf16(t) => cu::embed::gather_async(d, cu::embed::Table::Bf16(&t.as_view()), self.cfg.vocab_size, h, &ids_d.as_view(), &mut x.as_view_mut(), &mut status),
-            Weight::Nf4(_) => bail!(Internal, "an NF4 embedding table"),
-        };
-        table?;
+        let mut x = self.embed_ids(ids)?;
         let nl = self.layers.len();
         let mut inputs: Vec<CudaSlice<f32>> = Vec::with_capacity(nl);
         let mut saved: Vec<Option<Acts>> = Vec::with_capacity(nl);
@@ -540,6 +536,23 @@ impl DeviceModel {
         self.grads_pending = true;
         self.tock(t_all, "forward+backward (total)")?;
         Ok(outs)
+    }
+
+    /// `x = embed[ids]`, `[n, hidden]` fp32. Ids were checked on the host
+    /// (the kernel's status word is not read back).
+    fn embed_ids(&self, ids: &[i32]) -> Result<CudaSlice<f32>> {
+        let d = &*self.dev;
+        let h = self.cfg.hidden_size;
+        let ids_u: Vec<u32> = ids.iter().map(|&t| t as u32).collect();
+        let ids_d = d.upload(&ids_u)?;
+        let mut x = out_buf::<f32>(d, ids.len() * h)?;
+        let mut status = out_buf::<u32>(d, 1)?;
+        match &self.embed {
+            Weight::F32(t) => cu::embed::gather_async(d, cu::embed::Table::F32(&t.as_view()), self.cfg.vocab_size, h, &ids_d.as_view(), &mut x.as_view_mut(), &mut status)?,
+            Weight::Bf16(t) => cu::embed::gather_async(d, cu::embed::Table::Bf16(&t.as_view()), self.cfg.vocab_size, h, &ids_d.as_view(), &mut x.as_view_mut(), &mut status)?,
+            Weight::Nf4(_) => bail!(Internal, "an NF4 embedding table"),
+        }
+        Ok(x)
     }
 
     fn shape(&self, l: usize, batch: usize, seq: usize) -> AttnShape {
@@ -903,5 +916,158 @@ impl DeviceModel {
             }
         }
         b
+    }
+
+    // ------------------------------------------------------------ generation
+
+    /// Generates up to `max_new` tokens for each prompt on the device, with
+    /// this model's adapter (as [`Model::generate`] with the trainer's
+    /// adapter active, no per-sequence adapters): each prompt is prefilled
+    /// through the training forward's kernels, its rotated keys and values
+    /// go to a KV cache `[B, cap, Hkv, D]` per layer in device memory, and
+    /// every step decodes one token per sequence (rotary tables for the
+    /// sequences' own positions, `attention_decode`). Logits `[B, V]` come
+    /// back to the host once per step for sampling ([`sample`]); a sequence
+    /// stops at a `stop` id (included).
+    pub fn generate(&mut self, prompts: &[&[i32]], max_new: usize, s: &Sampling, stop: &[i32], progress: &mut dyn FnMut(usize, usize) -> bool) -> Result<Vec<Vec<i32>>> {
+        if prompts.is_empty() {
+            bail!(InvalidArgument, "no sequences to generate");
+        }
+        if !(s.temperature >= 0.0 && s.temperature.is_finite()) || !(s.top_p > 0.0 && s.top_p <= 1.0) {
+            bail!(InvalidArgument, "sampling: temperature {} must be ≥ 0 and top_p {} in (0, 1]", s.temperature, s.top_p);
+        }
+        let vsz = self.cfg.vocab_size;
+        for p in prompts {
+            if p.is_empty() {
+                bail!(InvalidArgument, "an empty prompt (give at least one token, e.g. BOS)");
+            }
+            if let Some((i, &t)) = p.iter().enumerate().find(|(_, &t)| t < 0 || t as usize >= vsz) {
+                bail!(InvalidArgument, "token id {t} at position {i} is outside [0, {vsz})");
+            }
+        }
+        let dev = self.dev.clone();
+        let d = &*dev;
+        let bsz = prompts.len();
+        let cap = prompts.iter().map(|p| p.len()).max().unwrap_or(0) + max_new;
+        let (h, row) = (self.cfg.hidden_size, self.cfg.kv_dim());
+        let per = bsz.checked_mul(cap).and_then(|x| x.checked_mul(row)).ok_or_else(|| err!(InvalidArgument, "a KV cache for {bsz} sequences of {cap} positions overflows"))?;
+        let mut caches: Vec<(CudaSlice<f32>, CudaSlice<f32>)> = (0..self.layers.len()).map(|_| Ok((alloc(d, per)?, alloc(d, per)?))).collect::<Result<_>>()?;
+        let mut lens = vec![0usize; bsz];
+        let mut last = vec![0f32; bsz * vsz];
+        // Prefill, one prompt at a time (prompts may differ in length).
+        for (b, p) in prompts.iter().enumerate() {
+            let t = p.len();
+            self.rope_table(t)?;
+            let mut x = self.embed_ids(p)?;
+            for (l, cache) in caches.iter_mut().enumerate() {
+                let (acts, x_out) = self.layer_forward(l, &x, 1, t)?;
+                let at = b * cap * row;
+                for (src, dst) in [(&acts.k, &mut cache.0), (&acts.v, &mut cache.1)] {
+                    let mut dv = dst.slice_mut(at..at + t * row);
+                    cu::guard("cuMemcpyDtoDAsync", || d.stream.memcpy_dtod(&src.slice(..t * row), &mut dv).map_err(|e| cu::cu_err("cuMemcpyDtoDAsync", e)))?;
+                }
+                x = x_out;
+            }
+            let xl = cu::guard("cuMemcpyDtoDAsync", || d.stream.clone_dtod(&x.slice((t - 1) * h..t * h)).map_err(|e| cu::cu_err("cuMemcpyDtoDAsync", e)))?;
+            last[b * vsz..(b + 1) * vsz].copy_from_slice(&self.head_logits(&xl, 1)?);
+            lens[b] = t;
+        }
+        let mut rng = crate::rng::SplitMix64::new(s.seed);
+        let mut out: Vec<Vec<i32>> = vec![Vec::new(); bsz];
+        let mut done = vec![false; bsz];
+        for step in 0..max_new {
+            let mut next = vec![0i32; bsz];
+            for b in 0..bsz {
+                if done[b] {
+                    continue;
+                }
+                let tok = sample(&last[b * vsz..(b + 1) * vsz], s, &mut rng) as i32;
+                out[b].push(tok);
+                next[b] = tok;
+                if stop.contains(&tok) {
+                    done[b] = true;
+                }
+            }
+            if !progress(step + 1, max_new) {
+                bail!(Cancelled, "generation cancelled by the progress callback after {} tokens", step + 1);
+            }
+            if done.iter().all(|&x| x) || step + 1 == max_new {
+                break;
+            }
+            // Finished sequences decode a dummy token into their spare cache
+            // row; their output is final.
+            last = self.decode_step(&next, &mut lens, &mut caches, cap)?;
+        }
+        Ok(out)
+    }
+
+    /// Final norm and head for `n` rows of the residual stream: logits
+    /// `[n, V]` on the host.
+    fn head_logits(&self, x: &CudaSlice<f32>, n: usize) -> Result<Vec<f32>> {
+        let d = &*self.dev;
+        let (h, vsz, eps) = (self.cfg.hidden_size, self.cfg.vocab_size, self.cfg.rms_norm_eps);
+        let mut hf = out_buf::<f32>(d, n * h)?;
+        cnorm::rmsnorm_forward(d, &x.as_view(), &self.norm.as_view(), n, h, eps, &mut hf.as_view_mut(), None)?;
+        let hfb = self.operand(&hf)?;
+        let head_w = match &self.head {
+            Some(w) => self.weight(w)?,
+            None => self.weight(&self.embed)?,
+        };
+        let mut logits = out_buf::<f32>(d, n * vsz)?;
+        let (hv, hbv) = (hf.as_view(), hfb.as_ref().map(|b| b.as_view()));
+        let xa = match &hbv {
+            Some(b) => MatRef::bf16(d, b, n, h)?,
+            None => MatRef::f32(d, &hv, n, h)?,
+        };
+        gemm(d, &self.blas, xa, false, head_w.mat(d, vsz, h)?, true, &mut logits.as_view_mut(), 1.0, 0.0)?;
+        d.download(&logits)
+    }
+
+    /// One decode step: token `next[b]` at position `lens[b]` of each
+    /// sequence (its k and v appended to the caches); returns logits `[B, V]`.
+    fn decode_step(&mut self, next: &[i32], lens: &mut [usize], caches: &mut [(CudaSlice<f32>, CudaSlice<f32>)], cap: usize) -> Result<Vec<f32>> {
+        let dev = self.dev.clone();
+        let d = &*dev;
+        let Dims { h, it, qd, kvd, eps, nh, nkv, hd } = Dims::of(&self.cfg);
+        let bsz = next.len();
+        // One table row per sequence: rope as a [1, B, H, D] tensor.
+        let table = CudaRopeTable::upload(d, &RopeTable::with_positions(&self.inv_freq, lens))?;
+        let new_lens: Vec<usize> = lens.iter().map(|&n| n + 1).collect();
+        let mut x = self.embed_ids(next)?;
+        for (l, cache) in caches.iter_mut().enumerate() {
+            let mut h1 = out_buf::<f32>(d, bsz * h)?;
+            cnorm::rmsnorm_forward(d, &x.as_view(), &self.layers[l].attn_norm.as_view(), bsz, h, eps, &mut h1.as_view_mut(), None)?;
+            let h1b = self.operand(&h1)?;
+            let (mut q, mut k, mut v) = (out_buf::<f32>(d, bsz * qd)?, out_buf::<f32>(d, bsz * kvd)?, out_buf::<f32>(d, bsz * kvd)?);
+            self.lin_forward(l, Q, &h1, h1b.as_ref(), bsz, &mut q, 0.0)?;
+            self.lin_forward(l, K, &h1, h1b.as_ref(), bsz, &mut k, 0.0)?;
+            self.lin_forward(l, V, &h1, h1b.as_ref(), bsz, &mut v, 0.0)?;
+            crope::rope_forward(d, &mut q.as_view_mut(), 1, bsz, nh, hd, &table)?;
+            crope::rope_forward(d, &mut k.as_view_mut(), 1, bsz, nkv, hd, &table)?;
+            for (b, &pos) in lens.iter().enumerate() {
+                let at = (b * cap + pos) * kvd;
+                for (src, dst) in [(&k, &mut cache.0), (&v, &mut cache.1)] {
+                    let mut dv = dst.slice_mut(at..at + kvd);
+                    cu::guard("cuMemcpyDtoDAsync", || d.stream.memcpy_dtod(&src.slice(b * kvd..(b + 1) * kvd), &mut dv).map_err(|e| cu::cu_err("cuMemcpyDtoDAsync", e)))?;
+                }
+            }
+            let shape = DecodeShape { batch: bsz, cache_cap: cap, n_heads: nh, n_kv_heads: nkv, head_dim: hd, window: self.cfg.windows[l] };
+            let mut att = out_buf::<f32>(d, bsz * qd)?;
+            catt::decode(d, &q.as_view(), &cache.0.as_view(), &cache.1.as_view(), &new_lens, &shape, &mut att.as_view_mut())?;
+            let attb = self.operand(&att)?;
+            self.lin_forward(l, O, &att, attb.as_ref(), bsz, &mut x, 1.0)?;
+            let mut h2 = out_buf::<f32>(d, bsz * h)?;
+            cnorm::rmsnorm_forward(d, &x.as_view(), &self.layers[l].mlp_norm.as_view(), bsz, h, eps, &mut h2.as_view_mut(), None)?;
+            let h2b = self.operand(&h2)?;
+            let (mut g, mut u) = (out_buf::<f32>(d, bsz * it)?, out_buf::<f32>(d, bsz * it)?);
+            self.lin_forward(l, GATE, &h2, h2b.as_ref(), bsz, &mut g, 0.0)?;
+            self.lin_forward(l, UP, &h2, h2b.as_ref(), bsz, &mut u, 0.0)?;
+            let mut a = out_buf::<f32>(d, bsz * it)?;
+            cswiglu::swiglu_forward(d, &g.as_view(), &u.as_view(), &mut a.as_view_mut())?;
+            let ab = self.operand(&a)?;
+            self.lin_forward(l, DOWN, &a, ab.as_ref(), bsz, &mut x, 1.0)?;
+        }
+        lens.iter_mut().for_each(|n| *n += 1);
+        self.head_logits(&x, bsz)
     }
 }

@@ -15,6 +15,7 @@
 //! number), so a run resumed from a checkpoint continues bit for bit.
 
 use crate::model::{peft, MemStats, Model};
+use crate::model::generate::{Request, Sampling};
 use crate::model::gpu::{Compute, DeviceModel};
 use crate::optim::adamw::AdamWConfig;
 use crate::optim::Optimizer;
@@ -341,6 +342,23 @@ impl Trainer {
         match self.gpu.as_mut() {
             Some(g) => g.set_tensor_core_attention(on),
             None => bail!(InvalidState, "the trainer runs on the CPU; tensor-core attention is a device option"),
+        }
+    }
+
+    /// Generates up to `max_new` tokens for each prompt with this trainer's
+    /// adapter (multiplier 1, no per-sequence adapters; the model must be
+    /// unmerged): on the trainer's device when it has one
+    /// ([`DeviceModel::generate`]), else with [`Model::generate`]. A
+    /// sequence stops at a `stop` id (included).
+    pub fn generate(&mut self, prompts: &[&[i32]], max_new: usize, s: &Sampling, stop: &[i32], progress: &mut dyn FnMut(usize, usize) -> bool) -> Result<Vec<Vec<i32>>> {
+        match self.gpu.as_mut() {
+            Some(g) => g.generate(prompts, max_new, s, stop, progress),
+            None => {
+                let mut m = self.model.lock();
+                let ai = m.adapter_index(&self.adapter)? as i32;
+                let reqs: Vec<Request<'_>> = prompts.iter().map(|p| Request { prompt: p, adapter: Some(ai) }).collect();
+                m.generate(&reqs, max_new, s, stop, progress)
+            }
         }
     }
 

@@ -174,6 +174,28 @@ int main(int argc, char **argv) {
     EXPECT_ERR(LORA_ERR_NULL_POINTER, lora_trainer_use_device(NULL, -1, LORA_COMPUTE_BF16));
     lora_step_result r3;
     CHECK_OK(lora_train_step(tr3, ids, NULL, B, T, &r3));
+    {
+        /* The trainer's generation (its adapter for every sequence) is
+           lora_generate with that adapter named per sequence. */
+        lora_generate_params tg = lora_generate_default_params();
+        tg.max_new_tokens = 5;
+        tg.stop_at_eos = 0;
+        const int32_t *tp_[2] = {ids, ids + T};
+        size_t tl[2] = {4, 7};
+        const char *style2[2] = {"style", "style"};
+        int32_t ot[10], og[10];
+        size_t lt[2], lg[2];
+        CHECK_OK(lora_trainer_generate(tr3, tp_, tl, 2, &tg, ot, 10, lt));
+        CHECK_OK(lora_generate(m, tp_, tl, style2, 2, &tg, og, 10, lg));
+        CHECK(lt[0] == 5 && lt[1] == 5 && lg[0] == 5 && lg[1] == 5);
+        CHECK(memcmp(ot, og, sizeof ot) == 0);
+        EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_trainer_generate(tr3, tp_, tl, 0, &tg, ot, 10, lt));
+        EXPECT_ERR(LORA_ERR_BUFFER_SIZE, lora_trainer_generate(tr3, tp_, tl, 2, &tg, ot, 9, lt));
+        EXPECT_ERR(LORA_ERR_NULL_POINTER, lora_trainer_generate(tr3, tp_, tl, 2, &tg, NULL, 10, lt));
+        EXPECT_ERR(LORA_ERR_NULL_POINTER, lora_trainer_generate(NULL, tp_, tl, 2, &tg, ot, 10, lt));
+        size_t zero[2] = {0, 3};
+        EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_trainer_generate(tr3, tp_, zero, 2, &tg, ot, 10, lt));
+    }
     lora_trainer_free(tr3);
 
     const char *both[2] = {"default", "style"};
