@@ -376,9 +376,12 @@ fn adamw_matches_the_cpu_bit_for_bit() {
 
 // ------------------------------------------------------- CPU emulation
 //
-// The embedding gathers (fp32 and bf16 tables, the id check) and the
-// elementwise kernels compiled for the host (tests/common/emu.rs), launched
-// with the launchers' shapes, against the CPU: bit for bit.
+// The training-step kernel families compiled for the host
+// (tests/common/emu.rs), launched with the launchers' shapes, against the
+// CPU twins: the embedding gathers (fp32 and bf16 tables, the id check),
+// the elementwise kernels, RoPE and AdamW bit for bit; RMSNorm, SwiGLU,
+// the fused cross-entropy and the clipped gradient norm within 1e-6
+// relative (host exp and the kernels' tree sums against the CPU's order).
 
 const EMU_EXTRA: &str = "template <class T> inline T min(T a, T b) { return a < b ? a : b; }\n";
 
@@ -392,6 +395,37 @@ void emu_embed(int bf, unsigned grid, const void* table, u32 vocab, u32 dim, con
         else embed_gather_f32((const float*)table, dim, ids, total, status, out);
     });
 }
+void emu_norm_fwd(u32 rows, u32 dim, const float* x, const float* w, float eps, float* y, float* rstd) {
+    emu_launch(rows, NORM_THREADS, [&] { norm_rmsnorm_fwd_f32(x, w, rows, dim, eps, y, rstd); });
+}
+void emu_norm_bwd(u32 rows, u32 dim, const float* x, const float* w, const float* rstd, const float* dy, float* dx,
+                  u32 col_blocks, u32 chunks, u32 per, double* partial, float* dw) {
+    emu_launch(rows, NORM_THREADS, [&] { norm_rmsnorm_bwd_dx_f32(x, w, rstd, dy, rows, dim, dx); });
+    emu_launch3(dim3{col_blocks, chunks, 1}, NORM_THREADS, [&] { norm_rmsnorm_bwd_dw_partial_f32(x, rstd, dy, rows, dim, per, partial); });
+    emu_launch(col_blocks, NORM_THREADS, [&] { norm_rmsnorm_bwd_dw_finish_f32(partial, dim, chunks, dw); });
+}
+void emu_rope(int bwd, unsigned grid, float* x, u32 seq, u32 heads, u32 half, u64 pairs, const float* c, const float* s) {
+    emu_launch(grid, ROPE_THREADS, [&] { if (bwd) rope_bwd_f32(x, seq, heads, half, pairs, c, s); else rope_fwd_f32(x, seq, heads, half, pairs, c, s); });
+}
+void emu_swiglu(unsigned grid, const float* g, const float* u, const float* dh, u64 n, float* h, float* dg, float* du, float* gi, float* ui) {
+    emu_launch(grid, SWIGLU_THREADS, [&] { swiglu_fwd_f32(g, u, n, h); });
+    emu_launch(grid, SWIGLU_THREADS, [&] { swiglu_bwd_f32(g, u, dh, n, dg, du); });
+    emu_launch(grid, SWIGLU_THREADS, [&] { swiglu_bwd_inplace_f32(gi, ui, dh, n); });
+}
+void emu_adamw(unsigned grid, float* p, const float* g, float* m, float* v, u64 n, u32 has_decay, const float* k7) {
+    emu_launch(grid, ADAMW_THREADS, [&] { adamw_update_f32(p, g, m, v, n, has_decay, k7[0], k7[1], k7[2], k7[3], k7[4], k7[5], k7[6]); });
+}
+void emu_ce(float* logits, const int* labels, u32 rows, u32 vocab, float scale, u32 mean, u32* status, double* row_loss, double* out) {
+    emu_launch(1, LOSS_CHECK_THREADS, [&] { loss_ce_check_labels(labels, rows, vocab, status); });
+    emu_launch(rows, LOSS_THREADS, [&] { loss_ce_fused_f32(logits, labels, rows, vocab, status, scale, mean, row_loss); });
+    emu_launch(1, LOSS_CHECK_THREADS, [&] { loss_ce_finish(row_loss, rows, status, out); });
+}
+void emu_clip(u32 k, float* const* g, const u64* n, float max_norm, double* partial, float* norms, float* out, const unsigned* grids) {
+    for (u32 i = 0; i < k; i++) emu_launch(LOSS_NORM_BLOCKS, LOSS_NORM_THREADS, [&] { loss_sumsq_partial_f32(g[i], n[i], partial + (u64)i * LOSS_NORM_BLOCKS); });
+    emu_launch(k, LOSS_NORM_BLOCKS, [&] { loss_gradnorm_tensor(partial, norms); });
+    emu_launch(1, 32, [&] { loss_gradnorm_total(norms, k, max_norm, out); });
+    for (u32 i = 0; i < k; i++) emu_launch(grids[i], LOSS_NORM_THREADS, [&] { loss_clip_scale_f32(g[i], n[i], out); });
+}
 void emu_ew(int op, unsigned grid, float* y, const float* x, u64 n, u32 cols, u16* yb) {
     emu_launch(grid, EW_THREADS, [&] {
         if (op == 0) elementwise_add_f32(y, x, n);
@@ -403,20 +437,178 @@ void emu_ew(int op, unsigned grid, float* y, const float* x, u64 n, u32 cols, u1
 "#;
 
 type EmuEmbed = unsafe extern "C" fn(i32, u32, *const u8, u32, u32, *const u32, u32, *mut u32, *mut f32);
+type EmuNormFwd = unsafe extern "C" fn(u32, u32, *const f32, *const f32, f32, *mut f32, *mut f32);
+type EmuNormBwd = unsafe extern "C" fn(u32, u32, *const f32, *const f32, *const f32, *const f32, *mut f32, u32, u32, u32, *mut f64, *mut f32);
+type EmuRope = unsafe extern "C" fn(i32, u32, *mut f32, u32, u32, u32, u64, *const f32, *const f32);
+type EmuSwiglu = unsafe extern "C" fn(u32, *const f32, *const f32, *const f32, u64, *mut f32, *mut f32, *mut f32, *mut f32, *mut f32);
+type EmuAdamw = unsafe extern "C" fn(u32, *mut f32, *const f32, *mut f32, *mut f32, u64, u32, *const f32);
+type EmuCe = unsafe extern "C" fn(*mut f32, *const i32, u32, u32, f32, u32, *mut u32, *mut f64, *mut f64);
+type EmuClip = unsafe extern "C" fn(u32, *const *mut f32, *const u64, f32, *mut f64, *mut f32, *mut f32, *const u32);
+
+/// `‖got − want‖/‖want‖ ≤ tol` and no NaN.
+fn check_rel(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    assert!(got.iter().all(|x| x.is_finite()), "{what}: non-finite output");
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        num += (g as f64 - w as f64).powi(2);
+        den += (w as f64).powi(2);
+    }
+    let e = (num / den.max(f64::MIN_POSITIVE)).sqrt();
+    assert!(e <= tol, "{what}: relative error {e:e} > {tol:e}");
+}
+
+/// The grid of a grid-stride kernel, as the launchers compute it.
+fn stride(n: usize, threads: usize) -> u32 {
+    n.div_ceil(threads).clamp(1, 1 << 16) as u32
+}
+
+#[test]
+fn emulated_training_step_kernels_match_the_cpu() {
+    let Some(lib) = ops_emu("emulated_training_step_kernels_match_the_cpu") else { return };
+    // SAFETY: entry points built just above with these signatures.
+    let (nf, nb, rope, sw, adam, ce, clip): (EmuNormFwd, EmuNormBwd, EmuRope, EmuSwiglu, EmuAdamw, EmuCe, EmuClip) = unsafe {
+        (
+            *lib.get(b"emu_norm_fwd").unwrap(),
+            *lib.get(b"emu_norm_bwd").unwrap(),
+            *lib.get(b"emu_rope").unwrap(),
+            *lib.get(b"emu_swiglu").unwrap(),
+            *lib.get(b"emu_adamw").unwrap(),
+            *lib.get(b"emu_ce").unwrap(),
+            *lib.get(b"emu_clip").unwrap(),
+        )
+    };
+    let mut rng = Rng(47);
+    // RMSNorm forward and backward (dw accumulated into a prior value).
+    for &(rows, dim) in &[(1usize, 1usize), (5, 300), (33, 64)] {
+        let (x, w, dy) = (rng.vec(rows * dim, 1.0), rng.vec(dim, 1.0), rng.vec(rows * dim, 1.0));
+        let (mut y, mut r) = (vec![0f32; rows * dim], vec![0f32; rows]);
+        cnorm::rmsnorm_forward(&x, &w, rows, dim, 1e-5, &mut y, Some(&mut r));
+        let (mut gy, mut gr) = (vec![f32::NAN; rows * dim], vec![f32::NAN; rows]);
+        // SAFETY: buffers of rows·dim, dim and rows elements.
+        unsafe { nf(rows as u32, dim as u32, x.as_ptr(), w.as_ptr(), 1e-5, gy.as_mut_ptr(), gr.as_mut_ptr()) };
+        check_rel("emulated rmsnorm y", &gy, &y, 1e-6);
+        check_rel("emulated rmsnorm rstd", &gr, &r, 1e-6);
+        let dw0 = rng.vec(dim, 1.0);
+        let (mut dx, mut dw) = (vec![0f32; rows * dim], dw0.clone());
+        cnorm::rmsnorm_backward(&x, &w, &r, &dy, rows, dim, &mut dx, Some(&mut dw));
+        let (chunks, per) = gnorm::dw_chunks(rows, dim);
+        let col_blocks = dim.div_ceil(256) as u32;
+        let (mut gdx, mut gdw, mut part) = (vec![f32::NAN; rows * dim], dw0.clone(), vec![f64::NAN; chunks * dim]);
+        // SAFETY: as the launcher sizes them (partial chunks·dim).
+        unsafe { nb(rows as u32, dim as u32, x.as_ptr(), w.as_ptr(), r.as_ptr(), dy.as_ptr(), gdx.as_mut_ptr(), col_blocks, chunks as u32, per as u32, part.as_mut_ptr(), gdw.as_mut_ptr()) };
+        check_rel("emulated rmsnorm dx", &gdx, &dx, 1e-6);
+        check_rel("emulated rmsnorm dw", &gdw, &dw, 1e-6);
+    }
+    // RoPE forward and backward: bit for bit.
+    for &(batch, seq, heads, hd) in &[(1usize, 1usize, 1usize, 2usize), (2, 7, 3, 16), (1, 33, 2, 64)] {
+        let table = crope::RopeTable::new(&(0..hd / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32)).collect::<Vec<_>>(), 0, seq + 3);
+        let x = rng.vec(batch * seq * heads * hd, 1.0);
+        for bwd in [0, 1] {
+            let mut want = x.clone();
+            if bwd == 0 {
+                crope::rope_forward(&mut want, batch, seq, heads, hd, &table);
+            } else {
+                crope::rope_backward(&mut want, batch, seq, heads, hd, &table);
+            }
+            let mut got = x.clone();
+            let pairs = (x.len() / 2) as u64;
+            // SAFETY: x holds batch·seq·heads·hd, the table (len ≥ seq)·half.
+            unsafe { rope(bwd, stride(pairs as usize, 256), got.as_mut_ptr(), seq as u32, heads as u32, (hd / 2) as u32, pairs, table.cos.as_ptr(), table.sin.as_ptr()) };
+            check_bits(if bwd == 0 { "emulated rope" } else { "emulated rope backward" }, &got, &want);
+        }
+    }
+    // SwiGLU forward, backward, backward in place.
+    for &n in &[1usize, 1000, 4099] {
+        let (g, u, dh) = (rng.vec(n, 3.0), rng.vec(n, 1.0), rng.vec(n, 1.0));
+        let mut h = vec![0f32; n];
+        cswiglu::swiglu_forward(&g, &u, &mut h);
+        let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
+        cswiglu::swiglu_backward(&g, &u, &dh, &mut dg, &mut du);
+        let (mut gh, mut gdg, mut gdu, mut gi, mut ui) = (vec![f32::NAN; n], vec![f32::NAN; n], vec![f32::NAN; n], g.clone(), u.clone());
+        // SAFETY: every buffer holds n.
+        unsafe { sw(stride(n, 256), g.as_ptr(), u.as_ptr(), dh.as_ptr(), n as u64, gh.as_mut_ptr(), gdg.as_mut_ptr(), gdu.as_mut_ptr(), gi.as_mut_ptr(), ui.as_mut_ptr()) };
+        check_rel("emulated swiglu h", &gh, &h, 1e-6);
+        check_rel("emulated swiglu dgate", &gdg, &dg, 1e-6);
+        check_rel("emulated swiglu dup", &gdu, &du, 1e-6);
+        check_bits("emulated swiglu in place (dgate)", &gi, &gdg);
+        check_bits("emulated swiglu in place (dup)", &ui, &gdu);
+    }
+    // AdamW: bit for bit, with and without weight decay.
+    for (wd, step) in [(0.0, 1u64), (0.01, 7)] {
+        let cfg = AdamWConfig { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: wd };
+        let n = 1001;
+        let (p, g, m) = (rng.vec(n, 1.0), rng.vec(n, 0.01), rng.vec(n, 0.001));
+        let v: Vec<f32> = rng.vec(n, 1e-4).iter().map(|x| x * x).collect();
+        let s = AdamWScalars::new(&cfg, step);
+        let (mut pw, mut mw, mut vw) = (p.clone(), m.clone(), v.clone());
+        adamw_update(&mut pw, &g, &mut mw, &mut vw, &s);
+        let k7 = [s.decay.unwrap_or(1.0), s.lerp_weight, s.beta2, s.one_minus_beta2, s.bias_correction2_sqrt, s.eps, s.neg_step_size];
+        let (mut pg, mut mg, mut vg) = (p.clone(), m.clone(), v.clone());
+        // SAFETY: four buffers of n, seven constants.
+        unsafe { adam(stride(n, 256), pg.as_mut_ptr(), g.as_ptr(), mg.as_mut_ptr(), vg.as_mut_ptr(), n as u64, s.decay.is_some() as u32, k7.as_ptr()) };
+        check_bits("emulated adamw p", &pg, &pw);
+        check_bits("emulated adamw m", &mg, &mw);
+        check_bits("emulated adamw v", &vg, &vw);
+    }
+    // Fused cross-entropy (ignored rows, mean and given scales).
+    for &(rows, vocab, scale) in &[(1usize, 5usize, None), (9, 1000, Some(0.25f32)), (4, 32001, None)] {
+        let logits = rng.vec(rows * vocab, 3.0);
+        let labels: Vec<i32> = (0..rows).map(|i| if i % 4 == 3 { closs::IGNORE_INDEX } else { rng.below(vocab) as i32 }).collect();
+        let mut want = logits.clone();
+        let r = closs::cross_entropy_fused(&mut want, &labels, vocab, scale).unwrap();
+        let (mut got, mut st, mut rl, mut out) = (logits.clone(), [0u32; 2], vec![f64::NAN; rows], [f64::NAN; 3]);
+        let (sc, mean) = match scale {
+            Some(c) => (c, 0),
+            None => (0.0, 1),
+        };
+        // SAFETY: logits rows·vocab, labels rows, status 2, row_loss rows, out 3.
+        unsafe { ce(got.as_mut_ptr(), labels.as_ptr(), rows as u32, vocab as u32, sc, mean, st.as_mut_ptr(), rl.as_mut_ptr(), out.as_mut_ptr()) };
+        assert_eq!(out[1] as usize, r.count, "emulated cross-entropy count");
+        assert!((out[0] - r.sum).abs() <= 1e-6 * (r.sum.abs() + r.count as f64), "emulated cross-entropy sum {} vs {}", out[0], r.sum);
+        assert!(out[2] < 0.0, "valid labels flagged: {}", out[2]);
+        check_rel("emulated cross-entropy gradient", &got, &want, 1e-6);
+    }
+    // Gradient norm and clipping over several tensors.
+    let mut ts: Vec<Vec<f32>> = [1usize, 300, 4097].iter().map(|&n| rng.vec(n, 0.5)).collect();
+    let mut want = ts.clone();
+    let cpu = {
+        let mut refs: Vec<&mut [f32]> = want.iter_mut().map(|t| t.as_mut_slice()).collect();
+        closs::clip_grad_norm(&mut refs, 1.0)
+    };
+    let ptrs: Vec<*mut f32> = ts.iter_mut().map(|t| t.as_mut_ptr()).collect();
+    let ns: Vec<u64> = ts.iter().map(|t| t.len() as u64).collect();
+    let grids: Vec<u32> = ts.iter().map(|t| stride(t.len(), 256)).collect();
+    let (mut part, mut norms, mut out) = (vec![f64::NAN; 3 * 128], vec![f32::NAN; 3], [f32::NAN; 3]);
+    // SAFETY: k = 3 tensors of ns[i] elements, partial 3·128, norms 3, out 3.
+    unsafe { clip(3, ptrs.as_ptr(), ns.as_ptr(), 1.0, part.as_mut_ptr(), norms.as_mut_ptr(), out.as_mut_ptr(), grids.as_ptr()) };
+    assert!(((out[0] - cpu.total_norm) / cpu.total_norm).abs() <= 1e-6, "emulated grad norm {} vs {}", out[0], cpu.total_norm);
+    assert_eq!(out[2] != 0.0, cpu.clipped, "clipping decision");
+    for (i, (g, w)) in ts.iter().zip(&want).enumerate() {
+        check_rel(&format!("emulated clipped tensor {i}"), g, w, 1e-6);
+    }
+}
 type EmuEw = unsafe extern "C" fn(i32, u32, *mut f32, *const f32, u64, u32, *mut u16);
 
 #[path = "common/emu.rs"]
 mod emu;
 
+/// The emulation library of these kernel families, built once per process
+/// (or why the tests skip).
+fn ops_emu(test: &str) -> Option<&'static libloading::Library> {
+    static LIB: std::sync::OnceLock<Result<libloading::Library, String>> = std::sync::OnceLock::new();
+    match LIB.get_or_init(|| emu::build("ops", &["embed.cu", "elementwise.cu", "norm.cu", "rope.cu", "swiglu.cu", "adamw.cu", "loss.cu"], &[], EMU_EXTRA, EMU_ENTRY)) {
+        Ok(l) => Some(l),
+        Err(why) => {
+            eprintln!("SKIPPED {test}: kernel emulation unavailable: {why}");
+            None
+        }
+    }
+}
+
 #[test]
 fn emulated_embedding_and_elementwise_match_the_cpu_bit_for_bit() {
-    let lib = match emu::build("ops", &["embed.cu", "elementwise.cu"], &[], EMU_EXTRA, EMU_ENTRY) {
-        Ok(l) => l,
-        Err(why) => {
-            eprintln!("SKIPPED emulated_embedding_and_elementwise_match_the_cpu_bit_for_bit: kernel emulation unavailable: {why}");
-            return;
-        }
-    };
+    let Some(lib) = ops_emu("emulated_embedding_and_elementwise_match_the_cpu_bit_for_bit") else { return };
     // SAFETY: entry points built just above with these signatures.
     let (embed, ew): (EmuEmbed, EmuEw) = unsafe { (*lib.get(b"emu_embed").unwrap(), *lib.get(b"emu_ew").unwrap()) };
     let mut rng = Rng(46);

@@ -53,6 +53,15 @@ inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __fmaf_rn(float a, float b, float c) { return std::fmaf(a, b, c); }
+using std::isfinite;
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
+inline double __dadd_rn(double a, double b) { return a + b; }
+inline double __dsub_rn(double a, double b) { return a - b; }
+inline double __dmul_rn(double a, double b) { return a * b; }
+inline double __ddiv_rn(double a, double b) { return a / b; }
+inline double __dsqrt_rn(double a) { return std::sqrt(a); }
+inline float __double2float_rn(double a) { return (float)a; }
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
 template <class T> T __shfl_xor_sync(unsigned, T v, int lane_mask) {
@@ -63,6 +72,19 @@ template <class T> T __shfl_xor_sync(unsigned, T v, int lane_mask) {
     emu_slots[t] = raw;
     emu_warp_bars[w]->arrive_and_wait();
     raw = emu_slots[(t & ~31u) | ((t & 31u) ^ (unsigned)lane_mask)];
+    emu_warp_bars[w]->arrive_and_wait();
+    T r;
+    std::memcpy(&r, &raw, sizeof(T));
+    return r;
+}
+template <class T> T __shfl_sync(unsigned, T v, int src_lane) {
+    static_assert(sizeof(T) <= 8, "shuffle of a wide type");
+    unsigned t = threadIdx.x, w = t / 32;
+    unsigned long long raw = 0;
+    std::memcpy(&raw, &v, sizeof(T));
+    emu_slots[t] = raw;
+    emu_warp_bars[w]->arrive_and_wait();
+    raw = emu_slots[(t & ~31u) | ((unsigned)src_lane & 31u)];
     emu_warp_bars[w]->arrive_and_wait();
     T r;
     std::memcpy(&r, &raw, sizeof(T));
