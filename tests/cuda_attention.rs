@@ -496,6 +496,84 @@ fn emulated_tensor_core_kernels_match_the_cpu() {
     }
 }
 
+// ------------------------------------------------ fp32 kernels, CPU emulation
+
+const F32_EMU_ENTRY: &str = r#"
+extern "C" {
+void emu_att_fwd(unsigned gx, unsigned gy, unsigned gz, const float* q, const float* k, const float* v, u32 T, u32 S, u32 H, u32 Hkv, u32 D, u32 w, float scale, float* o, float* lse) {
+    emu_launch3(dim3{gx, gy, gz}, ATT_THREADS, [&] { attention_forward_f32(q, k, v, T, S, H, Hkv, D, w, scale, o, lse); });
+}
+void emu_att_bwd(unsigned dgrid, unsigned kx, unsigned qx, unsigned H, unsigned Hkv, unsigned B, const float* q, const float* k, const float* v, const float* o, const float* dout, const float* lse,
+                 float* delta, u64 rows, u32 T, u32 S, u32 D, u32 w, float scale, float* dq, float* dk, float* dv) {
+    emu_launch(dgrid, ATT_THREADS, [&] { attention_delta_f32(dout, o, rows, D, delta); });
+    emu_launch3(dim3{kx, Hkv, B}, ATT_THREADS, [&] { attention_dkdv_f32(q, k, v, dout, lse, delta, T, S, H, Hkv, D, w, scale, dk, dv); });
+    emu_launch3(dim3{qx, H, B}, ATT_THREADS, [&] { attention_dq_f32(q, k, v, dout, lse, delta, T, S, H, Hkv, D, w, scale, dq); });
+}
+void emu_att_decode(unsigned H, unsigned B, const float* q, const float* kc, const float* vc, const u32* lens, u32 cap, u32 Hkv, u32 D, u32 w, float scale, float* o) {
+    emu_launch3(dim3{H, B, 1}, ATT_THREADS, [&] { attention_decode_f32(q, kc, vc, lens, cap, H, Hkv, D, w, scale, o); });
+}
+}
+"#;
+
+type EmuAttFwd = unsafe extern "C" fn(u32, u32, u32, *const f32, *const f32, *const f32, u32, u32, u32, u32, u32, u32, f32, *mut f32, *mut f32);
+type EmuAttBwd = unsafe extern "C" fn(u32, u32, u32, u32, u32, u32, *const f32, *const f32, *const f32, *const f32, *const f32, *const f32, *mut f32, u64, u32, u32, u32, u32, f32, *mut f32, *mut f32, *mut f32);
+type EmuAttDecode = unsafe extern "C" fn(u32, u32, *const f32, *const f32, *const f32, *const u32, u32, u32, u32, u32, f32, *mut f32);
+
+/// The fp32 attention kernels (forward, δ + dK/dV + dQ, decode) compiled for
+/// the host and launched with the launchers' grids (16 query rows or keys
+/// per block, 128 threads), against the CPU ops: relative error ≤ 1e-5
+/// (the same f32 function with other summation orders and host exp/log).
+#[test]
+fn emulated_fp32_kernels_match_the_cpu() {
+    let lib = match emu::build("attention", &["attention.cu"], &[], "template <class T> inline T min(T a, T b) { return a < b ? a : b; }\ntemplate <class T> inline T max(T a, T b) { return a < b ? b : a; }\n", F32_EMU_ENTRY) {
+        Ok(l) => l,
+        Err(why) => {
+            eprintln!("SKIPPED emulated_fp32_kernels_match_the_cpu: kernel emulation unavailable: {why}");
+            return;
+        }
+    };
+    // SAFETY: entry points built just above with these signatures.
+    let (fwd, bwd, dec): (EmuAttFwd, EmuAttBwd, EmuAttDecode) = unsafe { (*lib.get(b"emu_att_fwd").unwrap(), *lib.get(b"emu_att_bwd").unwrap(), *lib.get(b"emu_att_decode").unwrap()) };
+    let mut rng = Rng(76);
+    for c in &[(1usize, 21usize, 21usize, 4usize, 2usize, 32usize, None), (1, 5, 40, 2, 1, 64, Some(9)), (2, 17, 17, 2, 2, 48, Some(5))] {
+        let s = shape(c);
+        let r = reference(&mut rng, &s);
+        let (t, sl, h, hkv, d) = (s.q_len as u32, s.kv_len as u32, s.n_heads as u32, s.n_kv_heads as u32, s.head_dim as u32);
+        let w = s.window.unwrap_or(0) as u32;
+        let scale = softmax_scale(s.head_dim);
+        let (nq, nk) = (r.q.len(), r.k.len());
+        let (mut o, mut lse) = (vec![f32::NAN; nq], vec![f32::NAN; nq / s.head_dim]);
+        // SAFETY: buffers as the kernels index them; grid as forward launches.
+        unsafe { fwd(s.q_len.div_ceil(16) as u32, h, s.batch as u32, r.q.as_ptr(), r.k.as_ptr(), r.v.as_ptr(), t, sl, h, hkv, d, w, scale, o.as_mut_ptr(), lse.as_mut_ptr()) };
+        check_rows("emulated attention o", &o, &r.o, s.head_dim);
+        assert!(rel_err(&o, &r.o) <= 1e-5 && rel_err(&lse, &r.lse) <= 1e-5, "emulated fp32 forward: o {:e}, lse {:e}", rel_err(&o, &r.o), rel_err(&lse, &r.lse));
+        let rows = (s.batch * s.q_len * s.n_heads) as u64;
+        let (mut delta, mut dq, mut dk, mut dv) = (vec![f32::NAN; rows as usize], vec![f32::NAN; nq], vec![f32::NAN; nk], vec![f32::NAN; nk]);
+        // SAFETY: as above, with the CPU's o and lse as the GPU test uses.
+        unsafe {
+            bwd((rows.div_ceil(4)).clamp(1, 1 << 16) as u32, s.kv_len.div_ceil(16) as u32, s.q_len.div_ceil(16) as u32, h, hkv, s.batch as u32,
+                r.q.as_ptr(), r.k.as_ptr(), r.v.as_ptr(), r.o.as_ptr(), r.dout.as_ptr(), r.lse.as_ptr(), delta.as_mut_ptr(), rows, t, sl, d, w, scale,
+                dq.as_mut_ptr(), dk.as_mut_ptr(), dv.as_mut_ptr())
+        };
+        for (what, got, want) in [("dq", &dq, &r.dq), ("dk", &dk, &r.dk), ("dv", &dv, &r.dv)] {
+            assert!(rel_err(got, want) <= 1e-5, "emulated fp32 {what}: relative error {:e}", rel_err(got, want));
+        }
+        eprintln!("emulated fp32 attention {c:?}: o {:.1e}, lse {:.1e}, dq {:.1e}, dk {:.1e}, dv {:.1e}", rel_err(&o, &r.o), rel_err(&lse, &r.lse), rel_err(&dq, &r.dq), rel_err(&dk, &r.dk), rel_err(&dv, &r.dv));
+    }
+    // Decode: B sequences with their own lengths against the CPU op.
+    let (bsz, cap, hq, hkv, d, window) = (3usize, 40usize, 4usize, 2usize, 64usize, Some(17usize));
+    let s = DecodeShape { batch: bsz, cache_cap: cap, n_heads: hq, n_kv_heads: hkv, head_dim: d, window };
+    let lens = [1usize, 23, cap];
+    let (q, kc, vc) = (rng.vec(bsz * hq * d, 1.5), rng.vec(bsz * cap * hkv * d, 1.0), rng.vec(bsz * cap * hkv * d, 1.0));
+    let mut want = vec![0f32; q.len()];
+    attention_decode(&q, &kc, &vc, &lens, &s, &mut want);
+    let lens32: Vec<u32> = lens.iter().map(|&n| n as u32).collect();
+    let mut got = vec![f32::NAN; q.len()];
+    // SAFETY: q, o [B, H, D]; caches [B, cap, Hkv, D]; lens B.
+    unsafe { dec(hq as u32, bsz as u32, q.as_ptr(), kc.as_ptr(), vc.as_ptr(), lens32.as_ptr(), cap as u32, hkv as u32, d as u32, 17, softmax_scale(d), got.as_mut_ptr()) };
+    assert!(rel_err(&got, &want) <= 1e-5, "emulated decode: relative error {:e}", rel_err(&got, &want));
+}
+
 #[test]
 fn decode_matches_the_cpu() {
     let Some(dev) = gpu("decode_matches_the_cpu") else { return };
