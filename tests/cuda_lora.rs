@@ -264,3 +264,120 @@ fn backward_matches_the_cpu() {
         }
     }
 }
+
+// ------------------------------------------------------- CPU emulation
+//
+// The LoRA kernels compiled for the host (tests/common/emu.rs), launched
+// with the launchers' grids, against f64 products: shrink, expand into a
+// base output, the backward's g, dx, dA, dB, and the mixed-adapter BGMV
+// (rows without an adapter untouched), within the bounds of the GPU tests
+// above (`dot_tol`, `accum_tol` times SLACK).
+
+#[path = "common/emu.rs"]
+mod emu;
+
+const EMU_ENTRY: &str = r#"
+extern "C" {
+void emu_lora_fwd(u32 n, u32 in_f, u32 r, u32 out_f, float s, const float* x, const float* A, const float* B, float* h, float* y) {
+    emu_launch(n, LORA_THREADS, [&] { lora_shrink_f32(x, A, n, in_f, r, h); });
+    emu_launch3(dim3{n, (out_f + LORA_THREADS - 1) / LORA_THREADS, 1}, LORA_THREADS, [&] { lora_expand_f32(h, B, n, r, out_f, s, y); });
+}
+void emu_lora_bwd(u32 n, u32 in_f, u32 r, u32 out_f, float s, const float* x, const float* dy, const float* A, const float* B, const float* h,
+                  float* g, float* dx, float* dA, float* dB, unsigned ga, unsigned gb) {
+    emu_launch(n, LORA_THREADS, [&] { lora_bwd_g_f32(dy, B, n, out_f, r, g); });
+    emu_launch3(dim3{n, (in_f + LORA_THREADS - 1) / LORA_THREADS, 1}, LORA_THREADS, [&] { lora_bwd_dx_f32(g, A, n, r, in_f, s, dx); });
+    emu_launch(gb, LORA_THREADS, [&] { lora_bwd_outer_f32(dy, out_f, h, r, n, out_f, r, s, dB); });
+    emu_launch(ga, LORA_THREADS, [&] { lora_bwd_outer_f32(g, r, x, in_f, n, r, in_f, s, dA); });
+}
+void emu_lora_bgmv(u32 n, u32 in_f, u32 out_f, u32 count, const float* x, const int* idx, const u64* A, const u64* B, const u32* ranks, const float* scales,
+                   u32 r_max, float* h, float* y) {
+    emu_launch(n, LORA_THREADS, [&] { lora_bgmv_shrink_f32(x, idx, A, ranks, count, n, in_f, r_max, h); });
+    emu_launch3(dim3{n, (out_f + LORA_THREADS - 1) / LORA_THREADS, 1}, LORA_THREADS, [&] { lora_bgmv_expand_f32(h, idx, B, ranks, scales, count, n, r_max, out_f, y); });
+}
+}
+"#;
+
+type EmuFwd = unsafe extern "C" fn(u32, u32, u32, u32, f32, *const f32, *const f32, *const f32, *mut f32, *mut f32);
+type EmuBwd = unsafe extern "C" fn(u32, u32, u32, u32, f32, *const f32, *const f32, *const f32, *const f32, *const f32, *mut f32, *mut f32, *mut f32, *mut f32, u32, u32);
+type EmuBgmv = unsafe extern "C" fn(u32, u32, u32, u32, *const f32, *const i32, *const u64, *const u64, *const u32, *const f32, u32, *mut f32, *mut f32);
+
+#[test]
+fn emulated_kernels_match_the_cpu() {
+    let lib = match emu::build("lora", &["lora.cu"], &[], "", EMU_ENTRY) {
+        Ok(l) => l,
+        Err(why) => {
+            eprintln!("SKIPPED emulated_kernels_match_the_cpu: kernel emulation unavailable: {why}");
+            return;
+        }
+    };
+    // SAFETY: entry points built just above with these signatures.
+    let (fwd, bwd, bgmv): (EmuFwd, EmuBwd, EmuBgmv) = unsafe { (*lib.get(b"emu_lora_fwd").unwrap(), *lib.get(b"emu_lora_bwd").unwrap(), *lib.get(b"emu_lora_bgmv").unwrap()) };
+    let mut rng = Rng(81);
+    let grid = |p: usize| (p.div_ceil(256)).clamp(1, 1 << 16) as u32;
+    for &(n, in_f, out_f, r) in &[(1usize, 3usize, 5usize, 1usize), (7, 300, 70, 8), (3, 64, 600, 16)] {
+        let s = 0.5f32;
+        let (x, a, b, y0, dy) = (rng.vec(n * in_f, 1.0), rng.vec(r * in_f, 0.3), rng.vec(out_f * r, 0.3), rng.vec(n * out_f, 1.0), rng.vec(n * out_f, 1.0));
+        // f64 references.
+        let h: Vec<f32> = (0..n * r).map(|e| (0..in_f).map(|k| x[e / r * in_f + k] as f64 * a[e % r * in_f + k] as f64).sum::<f64>() as f32).collect();
+        let y: Vec<f64> = (0..n * out_f).map(|e| y0[e] as f64 + s as f64 * (0..r).map(|k| h[e / out_f * r + k] as f64 * b[e % out_f * r + k] as f64).sum::<f64>()).collect();
+        let (mut gh, mut gy) = (vec![f32::NAN; n * r], y0.clone());
+        // SAFETY: buffers as the kernels index them.
+        unsafe { fwd(n as u32, in_f as u32, r as u32, out_f as u32, s, x.as_ptr(), a.as_ptr(), b.as_ptr(), gh.as_mut_ptr(), gy.as_mut_ptr()) };
+        for e in 0..n * r {
+            let sa: f64 = (0..in_f).map(|k| (x[e / r * in_f + k] as f64 * a[e % r * in_f + k] as f64).abs()).sum();
+            assert!((gh[e] as f64 - h[e] as f64).abs() <= SLACK * glora::dot_tol(in_f, sa) + 1e-30, "emulated shrink h[{e}] {} vs {}", gh[e], h[e]);
+        }
+        for e in 0..n * out_f {
+            let sa: f64 = (0..r).map(|k| (h[e / out_f * r + k] as f64 * b[e % out_f * r + k] as f64).abs()).sum();
+            assert!((gy[e] as f64 - y[e]).abs() <= SLACK * glora::accum_tol(r, s, sa, y0[e]) + 1e-6 * sa, "emulated expand y[{e}] {} vs {}", gy[e], y[e]);
+        }
+        // Backward from the emulated h.
+        let g: Vec<f64> = (0..n * r).map(|e| (0..out_f).map(|k| dy[e / r * out_f + k] as f64 * b[k * r + e % r] as f64).sum()).collect();
+        let (mut gg, mut gdx, mut gda, mut gdb) = (vec![f32::NAN; n * r], vec![0f32; n * in_f], vec![0f32; r * in_f], vec![0f32; out_f * r]);
+        // SAFETY: as above; dx, dA, dB accumulate into zeros.
+        unsafe {
+            bwd(n as u32, in_f as u32, r as u32, out_f as u32, s, x.as_ptr(), dy.as_ptr(), a.as_ptr(), b.as_ptr(), gh.as_ptr(), gg.as_mut_ptr(), gdx.as_mut_ptr(), gda.as_mut_ptr(), gdb.as_mut_ptr(), grid(r * in_f), grid(out_f * r))
+        };
+        let rel = |got: &[f32], want: &[f64]| -> f64 {
+            let num: f64 = got.iter().zip(want).map(|(&a, &b)| (a as f64 - b).powi(2)).sum();
+            let den: f64 = want.iter().map(|b| b * b).sum();
+            (num / den.max(1e-300)).sqrt()
+        };
+        let dx: Vec<f64> = (0..n * in_f).map(|e| s as f64 * (0..r).map(|k| gg[e / in_f * r + k] as f64 * a[k * in_f + e % in_f] as f64).sum::<f64>()).collect();
+        let da: Vec<f64> = (0..r * in_f).map(|e| s as f64 * (0..n).map(|i| gg[i * r + e / in_f] as f64 * x[i * in_f + e % in_f] as f64).sum::<f64>()).collect();
+        let db: Vec<f64> = (0..out_f * r).map(|e| s as f64 * (0..n).map(|i| dy[i * out_f + e / r] as f64 * gh[i * r + e % r] as f64).sum::<f64>()).collect();
+        for (what, got, want) in [("g", &gg[..], &g[..]), ("dx", &gdx[..], &dx[..]), ("dA", &gda[..], &da[..]), ("dB", &gdb[..], &db[..])] {
+            let e = rel(got, want);
+            assert!(e <= 1e-6, "emulated lora backward {what} (n {n}, in {in_f}, out {out_f}, r {r}): relative error {e:e}");
+        }
+    }
+    // Mixed batch: two adapters of ranks 4 and 7, rows with −1 untouched.
+    let (n, in_f, out_f) = (6usize, 50usize, 300usize);
+    let ranks = [4u32, 7];
+    let scales = [0.5f32, 2.0];
+    let x = rng.vec(n * in_f, 1.0);
+    let ad: Vec<(Vec<f32>, Vec<f32>)> = ranks.iter().map(|&r| (rng.vec(r as usize * in_f, 0.3), rng.vec(out_f * r as usize, 0.3))).collect();
+    let idx = [0i32, -1, 1, 1, 0, -1];
+    let y0 = rng.vec(n * out_f, 1.0);
+    let (pa, pb): (Vec<u64>, Vec<u64>) = ad.iter().map(|(a, b)| (a.as_ptr() as u64, b.as_ptr() as u64)).unzip();
+    let r_max = 7u32;
+    let (mut h, mut y) = (vec![f32::NAN; n * r_max as usize], y0.clone());
+    // SAFETY: host pointers stand in for the device pointer tables; every
+    // buffer outlives the call.
+    unsafe { bgmv(n as u32, in_f as u32, out_f as u32, 2, x.as_ptr(), idx.as_ptr(), pa.as_ptr(), pb.as_ptr(), ranks.as_ptr(), scales.as_ptr(), r_max, h.as_mut_ptr(), y.as_mut_ptr()) };
+    for i in 0..n {
+        for o in 0..out_f {
+            let e = i * out_f + o;
+            if idx[i] < 0 {
+                assert_eq!(y[e].to_bits(), y0[e].to_bits(), "row {i} without an adapter was written");
+                continue;
+            }
+            let (a, b) = &ad[idx[i] as usize];
+            let r = ranks[idx[i] as usize] as usize;
+            let want: f64 = y0[e] as f64
+                + scales[idx[i] as usize] as f64
+                    * (0..r).map(|k| (0..in_f).map(|c| x[i * in_f + c] as f64 * a[k * in_f + c] as f64).sum::<f64>() * b[o * r + k] as f64).sum::<f64>();
+            assert!((y[e] as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()), "emulated bgmv y[{i}, {o}] {} vs {want}", y[e]);
+        }
+    }
+}
