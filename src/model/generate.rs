@@ -84,6 +84,48 @@ pub fn sample(logits: &[f32], s: &Sampling, rng: &mut SplitMix64) -> usize {
     idx[idx.len() - 1].0
 }
 
+/// The sampling loop of a generation: from the prompts' last logits
+/// (`[B, V]`), samples a token per unfinished sequence, stops a sequence at
+/// a `stop` id (included), reports progress, and asks `decode` for the next
+/// logits given the sampled tokens (finished sequences decode a dummy token
+/// into their spare cache row; their output is final).
+pub(crate) fn sample_loop(
+    mut last: Vec<f32>,
+    vocab: usize,
+    max_new: usize,
+    s: &Sampling,
+    stop: &[i32],
+    progress: &mut dyn FnMut(usize, usize) -> bool,
+    mut decode: impl FnMut(&[i32]) -> Result<Vec<f32>>,
+) -> Result<Vec<Vec<i32>>> {
+    let bsz = last.len() / vocab;
+    let mut rng = SplitMix64::new(s.seed);
+    let mut out: Vec<Vec<i32>> = vec![Vec::new(); bsz];
+    let mut done = vec![false; bsz];
+    for step in 0..max_new {
+        let mut next = vec![0i32; bsz];
+        for b in 0..bsz {
+            if done[b] {
+                continue;
+            }
+            let tok = sample(&last[b * vocab..(b + 1) * vocab], s, &mut rng) as i32;
+            out[b].push(tok);
+            next[b] = tok;
+            if stop.contains(&tok) {
+                done[b] = true;
+            }
+        }
+        if !progress(step + 1, max_new) {
+            bail!(Cancelled, "generation cancelled by the progress callback after {} tokens", step + 1);
+        }
+        if done.iter().all(|&d| d) || step + 1 == max_new {
+            break;
+        }
+        last = decode(&next)?;
+    }
+    Ok(out)
+}
+
 /// One request of a batch.
 pub struct Request<'a> {
     pub prompt: &'a [i32],
@@ -142,7 +184,6 @@ impl Model {
         self.kv_bytes = nl * per * 8;
         self.note_peak(self.kv_bytes);
         let seq_ad: Option<Vec<i32>> = if mixed { Some(reqs.iter().map(|r| r.adapter.unwrap_or(-1)).collect()) } else { None };
-        let mut rng = SplitMix64::new(s.seed);
         let mut lens = vec![0usize; bsz];
         let mut last_logits = vec![0f32; bsz * self.vocab()];
         let v = self.vocab();
@@ -159,32 +200,9 @@ impl Model {
             lens[b] = t;
             last_logits[b * v..(b + 1) * v].copy_from_slice(&logits[(t - 1) * v..t * v]);
         }
-        let mut out: Vec<Vec<i32>> = vec![Vec::new(); bsz];
-        let mut done = vec![false; bsz];
-        for step in 0..max_new {
-            let mut next = vec![0i32; bsz];
-            for b in 0..bsz {
-                if done[b] {
-                    continue;
-                }
-                let tok = sample(&last_logits[b * v..(b + 1) * v], s, &mut rng) as i32;
-                out[b].push(tok);
-                next[b] = tok;
-                if stop.contains(&tok) {
-                    done[b] = true;
-                }
-            }
-            if !progress(step + 1, max_new) {
-                bail!(Cancelled, "generation cancelled by the progress callback after {} tokens", step + 1);
-            }
-            if done.iter().all(|&d| d) || step + 1 == max_new {
-                break;
-            }
-            // Decode the sampled tokens (finished sequences decode a dummy
-            // token into their spare cache row; their output is final).
-            last_logits = self.decode_step(&next, &mut lens, &mut caches, cap, seq_ad.as_deref())?;
-        }
+        let out = sample_loop(last_logits, v, max_new, s, stop, progress, |next| self.decode_step(next, &mut lens, &mut caches, cap, seq_ad.as_deref()));
         self.kv_bytes = 0;
+        let out = out?;
         let keep = self.act_peak;
         self.pool.trim(keep);
         Ok(out)

@@ -52,7 +52,7 @@
 //! after each step, so `lora_generate`, merge, swap and save see the
 //! trained adapter and run on the CPU.
 
-use super::generate::{sample, Sampling};
+use super::generate::{sample_loop, Sampling};
 use super::{shifted_targets, Model, DOWN, GATE, K, O, Q, UP, V};
 use crate::backend::cpu::attention::{AttnShape, DecodeShape};
 use crate::backend::cpu::rope::RopeTable;
@@ -972,33 +972,7 @@ impl DeviceModel {
             last[b * vsz..(b + 1) * vsz].copy_from_slice(&self.head_logits(&xl, 1)?);
             lens[b] = t;
         }
-        let mut rng = crate::rng::SplitMix64::new(s.seed);
-        let mut out: Vec<Vec<i32>> = vec![Vec::new(); bsz];
-        let mut done = vec![false; bsz];
-        for step in 0..max_new {
-            let mut next = vec![0i32; bsz];
-            for b in 0..bsz {
-                if done[b] {
-                    continue;
-                }
-                let tok = sample(&last[b * vsz..(b + 1) * vsz], s, &mut rng) as i32;
-                out[b].push(tok);
-                next[b] = tok;
-                if stop.contains(&tok) {
-                    done[b] = true;
-                }
-            }
-            if !progress(step + 1, max_new) {
-                bail!(Cancelled, "generation cancelled by the progress callback after {} tokens", step + 1);
-            }
-            if done.iter().all(|&x| x) || step + 1 == max_new {
-                break;
-            }
-            // Finished sequences decode a dummy token into their spare cache
-            // row; their output is final.
-            last = self.decode_step(&next, &mut lens, &mut caches, cap)?;
-        }
-        Ok(out)
+        sample_loop(last, vsz, max_new, s, stop, progress, |next| self.decode_step(next, &mut lens, &mut caches, cap))
     }
 
     /// Final norm and head for `n` rows of the residual stream: logits

@@ -64,32 +64,22 @@ inline double __dsqrt_rn(double a) { return std::sqrt(a); }
 inline float __double2float_rn(double a) { return (float)a; }
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
-template <class T> T __shfl_xor_sync(unsigned, T v, int lane_mask) {
+// A warp shuffle: every lane publishes v, then reads lane `src` (0..31).
+template <class T> T emu_shfl(T v, unsigned src) {
     static_assert(sizeof(T) <= 8, "shuffle of a wide type");
     unsigned t = threadIdx.x, w = t / 32;
     unsigned long long raw = 0;
     std::memcpy(&raw, &v, sizeof(T));
     emu_slots[t] = raw;
     emu_warp_bars[w]->arrive_and_wait();
-    raw = emu_slots[(t & ~31u) | ((t & 31u) ^ (unsigned)lane_mask)];
+    raw = emu_slots[(t & ~31u) | (src & 31u)];
     emu_warp_bars[w]->arrive_and_wait();
     T r;
     std::memcpy(&r, &raw, sizeof(T));
     return r;
 }
-template <class T> T __shfl_sync(unsigned, T v, int src_lane) {
-    static_assert(sizeof(T) <= 8, "shuffle of a wide type");
-    unsigned t = threadIdx.x, w = t / 32;
-    unsigned long long raw = 0;
-    std::memcpy(&raw, &v, sizeof(T));
-    emu_slots[t] = raw;
-    emu_warp_bars[w]->arrive_and_wait();
-    raw = emu_slots[(t & ~31u) | ((unsigned)src_lane & 31u)];
-    emu_warp_bars[w]->arrive_and_wait();
-    T r;
-    std::memcpy(&r, &raw, sizeof(T));
-    return r;
-}
+template <class T> T __shfl_xor_sync(unsigned, T v, int lane_mask) { return emu_shfl(v, (threadIdx.x & 31u) ^ (unsigned)lane_mask); }
+template <class T> T __shfl_sync(unsigned, T v, int src_lane) { return emu_shfl(v, (unsigned)src_lane); }
 struct float2 { float x, y; };
 struct float4 { float x, y, z, w; };
 struct uint4 { unsigned x, y, z, w; };
