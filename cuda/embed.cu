@@ -41,27 +41,31 @@ extern "C" __global__ void __launch_bounds__(EMBED_CHECK_THREADS)
     }
 }
 
-// out[k] = table[ids[k / dim] * dim + k % dim] for k < n*dim, when status[0]
-// is 0xFFFFFFFF (every id valid).
-extern "C" __global__ void __launch_bounds__(EMBED_THREADS)
-    embed_gather_f32(const float* __restrict__ table, u32 dim, const u32* __restrict__ ids, u64 total,
-                     const u32* __restrict__ status, float* __restrict__ out) {
+__device__ __forceinline__ float embed_widen(float x) { return x; }
+__device__ __forceinline__ float embed_widen(u16 x) { return __uint_as_float(((u32)x) << 16); }
+
+// out[k] = table[ids[k / dim] * dim + k % dim] for k < n*dim (widened to
+// fp32), when status[0] is 0xFFFFFFFF (every id valid).
+template <class T>
+__device__ __forceinline__ void embed_gather(const T* __restrict__ table, u32 dim, const u32* __restrict__ ids, u64 total,
+                                             const u32* __restrict__ status, float* __restrict__ out) {
     if (status[0] != 0xffffffffu) return;
     for (u64 k = (u64)blockIdx.x * blockDim.x + threadIdx.x; k < total; k += (u64)gridDim.x * blockDim.x) {
         const u64 tok = k / dim;
         const u32 j = (u32)(k - tok * dim);
-        out[k] = table[(u64)ids[tok] * dim + j];
+        out[k] = embed_widen(table[(u64)ids[tok] * dim + j]);
     }
 }
 
-// The same from a bf16 table (bits in u16), widened to fp32.
+extern "C" __global__ void __launch_bounds__(EMBED_THREADS)
+    embed_gather_f32(const float* __restrict__ table, u32 dim, const u32* __restrict__ ids, u64 total,
+                     const u32* __restrict__ status, float* __restrict__ out) {
+    embed_gather(table, dim, ids, total, status, out);
+}
+
+// The same from a bf16 table (bits in u16).
 extern "C" __global__ void __launch_bounds__(EMBED_THREADS)
     embed_gather_bf16(const u16* __restrict__ table, u32 dim, const u32* __restrict__ ids, u64 total,
                       const u32* __restrict__ status, float* __restrict__ out) {
-    if (status[0] != 0xffffffffu) return;
-    for (u64 k = (u64)blockIdx.x * blockDim.x + threadIdx.x; k < total; k += (u64)gridDim.x * blockDim.x) {
-        const u64 tok = k / dim;
-        const u32 j = (u32)(k - tok * dim);
-        out[k] = __uint_as_float(((u32)table[(u64)ids[tok] * dim + j]) << 16);
-    }
+    embed_gather(table, dim, ids, total, status, out);
 }
