@@ -1616,7 +1616,10 @@ lora_status lora_train_step(struct lora_trainer *trainer,
  * (`cuda/attention_tc.cu`), which have not yet run on a GPU.
  *
  * Paged optimizer state (`paged_state`) is copied into device memory and
- * back to its pages when the trainer returns to the CPU.
+ * back to its pages when the trainer returns to the CPU. While the trainer
+ * is on a device its adapter's master weights live there: changing them
+ * through the model (say `lora_adapter_load` into the same name) takes
+ * effect for the trainer after another `lora_trainer_use_device` call.
  *
  * Errors: `LORA_ERR_CUDA_UNAVAILABLE` (no driver, no such device, no
  * NVRTC or cuBLAS), `LORA_ERR_UNSUPPORTED` (8-bit AdamW, LoRA dropout,
