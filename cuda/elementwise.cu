@@ -1,6 +1,7 @@
 // elementwise.cu — the small elementwise kernels the device training step
 // needs around the matrix products: residual and gradient sums, the bias
-// add, and the fp32 -> bf16 conversion of a matrix product's operand.
+// add, the fp32 -> bf16 conversion of a matrix product's operand, and the
+// bf16 -> fp32 widening (set or add) of a bf16 GEMV's output.
 //
 // Each is the twin of a one-line CPU loop: the sum `y += x` and the bias
 // add are one IEEE fp32 addition per element (bit for bit the CPU's), the
@@ -42,4 +43,13 @@ extern "C" __global__ void __launch_bounds__(EW_THREADS) elementwise_add_bias_f3
 extern "C" __global__ void __launch_bounds__(EW_THREADS) elementwise_f32_to_bf16(const float* __restrict__ x, u16* __restrict__ y, u64 n) {
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
         y[i] = ew_f32_to_bf16_bits(x[i]);
+}
+
+// y[i] = widen(x[i]) (accumulate 0) or y[i] += widen(x[i]) (accumulate 1),
+// x bf16 bits; i < n. Widening is exact.
+extern "C" __global__ void __launch_bounds__(EW_THREADS) elementwise_bf16_to_f32(const u16* __restrict__ x, float* __restrict__ y, u64 n, u32 accumulate) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        const float v = __uint_as_float(((u32)x[i]) << 16);
+        y[i] = accumulate ? __fadd_rn(y[i], v) : v;
+    }
 }

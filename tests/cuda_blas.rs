@@ -5,8 +5,8 @@
 //!   operands (bf16 operands rounded first, as the device reads them):
 //!   `|c − ref| ≤ (k + 2)·2⁻²⁴·Σ_k |α·a·b| + 2⁻²⁴·|β·c₀| + 2⁻²³·|ref|`
 //!   (fp32 accumulation in any order, the β term and the final rounding);
-//! - `cuda::elementwise` add, bias add and the bf16 conversion: bit for bit
-//!   with the CPU's one-line loops (`half::bf16::from_f32`).
+//! - `cuda::elementwise` add, bias add, the bf16 conversion and widening:
+//!   bit for bit with the CPU's one-line loops (`half::bf16`).
 //! Outputs are poisoned (NaN) first; odd sizes. Skips without a GPU.
 
 #[path = "common/gpu.rs"]
@@ -105,6 +105,14 @@ fn elementwise_kernels_are_bit_exact() {
         ew::to_bf16(dev, &dev.upload(&special).unwrap().as_view(), &mut bd.as_view_mut()).unwrap();
         let want: Vec<u16> = special.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
         assert_eq!(dev.download(&bd).unwrap(), want, "to_bf16 n={n}");
+        let wide: Vec<f32> = want.iter().map(|&b| bf16::from_bits(b).to_f32()).collect();
+        let mut wd = dev.alloc_filled::<f32>(n, 0xFF).unwrap();
+        ew::from_bf16(dev, &bd.as_view(), &mut wd.as_view_mut(), false).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&dev.download(&wd).unwrap()), bits(&wide), "from_bf16 n={n}");
+        let mut yd = dev.upload(&y0).unwrap();
+        ew::from_bf16(dev, &bd.as_view(), &mut yd.as_view_mut(), true).unwrap();
+        assert_eq!(bits(&dev.download(&yd).unwrap()), bits(&y0.iter().zip(&wide).map(|(a, b)| a + b).collect::<Vec<_>>()), "from_bf16 (add) n={n}");
         for cols in [1usize, 7, 64] {
             if n % cols != 0 {
                 continue;

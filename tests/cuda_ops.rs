@@ -430,7 +430,8 @@ void emu_ew(int op, unsigned grid, float* y, const float* x, u64 n, u32 cols, u1
     emu_launch(grid, EW_THREADS, [&] {
         if (op == 0) elementwise_add_f32(y, x, n);
         else if (op == 1) elementwise_add_bias_f32(y, x, n / cols, cols);
-        else elementwise_f32_to_bf16(x, yb, n);
+        else if (op == 2) elementwise_f32_to_bf16(x, yb, n);
+        else elementwise_bf16_to_f32(yb, y, n, op == 4);
     });
 }
 }
@@ -659,5 +660,15 @@ fn emulated_embedding_and_elementwise_match_the_cpu_bit_for_bit() {
         // SAFETY: x and yb hold n.
         unsafe { ew(2, 2, std::ptr::null_mut(), xs.as_ptr(), n as u64, 1, yb.as_mut_ptr()) };
         assert_eq!(yb, xs.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect::<Vec<_>>(), "emulated bf16 conversion n={n}");
+        // Widening back: set, then add into y0.
+        let wide: Vec<f32> = yb.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect();
+        let mut y = vec![f32::NAN; n];
+        // SAFETY: yb and y hold n.
+        unsafe { ew(3, 2, y.as_mut_ptr(), std::ptr::null(), n as u64, 1, yb.as_mut_ptr()) };
+        check_bits("emulated bf16 widening", &y, &wide);
+        let mut y = y0.clone();
+        // SAFETY: as above.
+        unsafe { ew(4, 2, y.as_mut_ptr(), std::ptr::null(), n as u64, 1, yb.as_mut_ptr()) };
+        check_bits("emulated bf16 widening (add)", &y, &y0.iter().zip(&wide).map(|(a, b)| a + b).collect::<Vec<_>>());
     }
 }

@@ -67,6 +67,10 @@ use cudarc::driver::{CudaSlice, CudaView};
 use half::bf16;
 use std::sync::Arc;
 
+/// Rows up to which a decode step's NF4 products run as fused GEMVs (one
+/// per row) rather than dequantize-then-GEMM.
+pub const DECODE_GEMV_ROWS: usize = 8;
+
 /// Most logits the head materializes at once (512 MiB of fp32).
 pub const HEAD_CHUNK_ELEMS: usize = 1 << 27;
 
@@ -673,6 +677,40 @@ impl DeviceModel {
         let t = self.tick()?;
         gemm(d, &self.blas, xa, false, w.mat(d, out_f, in_f)?, true, &mut y.as_view_mut(), 1.0, beta)?;
         self.tock(t, "base GEMM forward")?;
+        self.lin_bias_lora(l, j, x, n, y)
+    }
+
+    /// The base product of a decode step's few rows: for an NF4 weight in
+    /// BF16 mode, the fused NF4 GEMV per row (`nf4_gemv_bf16`: the weight
+    /// read once as 4-bit codes, never dequantized to memory), widened into
+    /// `y` (`β` 0 or 1); otherwise as [`lin_forward`](Self::lin_forward).
+    /// Then bias and adapter as there.
+    #[allow(clippy::too_many_arguments)]
+    fn lin_decode(&self, l: usize, j: usize, x: &CudaSlice<f32>, xb: Option<&CudaSlice<u16>>, n: usize, y: &mut CudaSlice<f32>, beta: f32) -> Result<()> {
+        let d = &*self.dev;
+        let lin = &self.layers[l].lin[j];
+        let (in_f, out_f) = (lin.in_f, lin.out_f);
+        match (&lin.w, xb) {
+            (Weight::Nf4(t), Some(xb)) if n <= DECODE_GEMV_ROWS && (beta == 0.0 || beta == 1.0) => {
+                let absmax = t.absmax_f32(d)?;
+                let mut yb = out_buf::<u16>(d, out_f)?;
+                for r in 0..n {
+                    cu::nf4::gemv_bf16(d, &t.packed.as_view(), &absmax.as_view(), t.blocksize, out_f, in_f, &xb.slice(r * in_f..(r + 1) * in_f), &mut yb.as_view_mut())?;
+                    ew::from_bf16(d, &yb.as_view(), &mut y.slice_mut(r * out_f..(r + 1) * out_f), beta == 1.0)?;
+                }
+                self.lin_bias_lora(l, j, x, n, y).map(|_| ())
+            }
+            _ => self.lin_forward(l, j, x, xb, n, y, beta).map(|_| ()),
+        }
+    }
+
+    /// Adds linear `(l, j)`'s bias and `s·(x·Aᵀ)·Bᵀ` into `y`; returns
+    /// `x·Aᵀ` (None without an adapter).
+    fn lin_bias_lora(&self, l: usize, j: usize, x: &CudaSlice<f32>, n: usize, y: &mut CudaSlice<f32>) -> Result<Option<CudaSlice<f32>>> {
+        let d = &*self.dev;
+        let lin = &self.layers[l].lin[j];
+        let (in_f, out_f) = (lin.in_f, lin.out_f);
+        let xv = x.as_view();
         if let Some(b) = &lin.bias {
             ew::add_bias(d, &mut y.as_view_mut(), &b.as_view())?;
         }
@@ -926,7 +964,9 @@ impl DeviceModel {
     /// through the training forward's kernels, its rotated keys and values
     /// go to a KV cache `[B, cap, Hkv, D]` per layer in device memory, and
     /// every step decodes one token per sequence (rotary tables for the
-    /// sequences' own positions, `attention_decode`). Logits `[B, V]` come
+    /// sequences' own positions, `attention_decode`; in BF16 mode an NF4
+    /// weight's product is the fused NF4 GEMV, one per sequence up to
+    /// [`DECODE_GEMV_ROWS`] sequences). Logits `[B, V]` come
     /// back to the host once per step for sampling ([`sample`]); a sequence
     /// stops at a `stop` id (included).
     pub fn generate(&mut self, prompts: &[&[i32]], max_new: usize, s: &Sampling, stop: &[i32], progress: &mut dyn FnMut(usize, usize) -> bool) -> Result<Vec<Vec<i32>>> {
@@ -949,30 +989,55 @@ impl DeviceModel {
         let d = &*dev;
         let bsz = prompts.len();
         let cap = prompts.iter().map(|p| p.len()).max().unwrap_or(0) + max_new;
-        let (h, row) = (self.cfg.hidden_size, self.cfg.kv_dim());
+        let row = self.cfg.kv_dim();
         let per = bsz.checked_mul(cap).and_then(|x| x.checked_mul(row)).ok_or_else(|| err!(InvalidArgument, "a KV cache for {bsz} sequences of {cap} positions overflows"))?;
         let mut caches: Vec<(CudaSlice<f32>, CudaSlice<f32>)> = (0..self.layers.len()).map(|_| Ok((alloc(d, per)?, alloc(d, per)?))).collect::<Result<_>>()?;
         let mut lens = vec![0usize; bsz];
         let mut last = vec![0f32; bsz * vsz];
         // Prefill, one prompt at a time (prompts may differ in length).
         for (b, p) in prompts.iter().enumerate() {
-            let t = p.len();
-            self.rope_table(t)?;
-            let mut x = self.embed_ids(p)?;
-            for (l, cache) in caches.iter_mut().enumerate() {
-                let (acts, x_out) = self.layer_forward(l, &x, 1, t)?;
-                let at = b * cap * row;
-                for (src, dst) in [(&acts.k, &mut cache.0), (&acts.v, &mut cache.1)] {
-                    let mut dv = dst.slice_mut(at..at + t * row);
-                    cu::guard("cuMemcpyDtoDAsync", || d.stream.memcpy_dtod(&src.slice(..t * row), &mut dv).map_err(|e| cu::cu_err("cuMemcpyDtoDAsync", e)))?;
-                }
-                x = x_out;
-            }
-            let xl = cu::guard("cuMemcpyDtoDAsync", || d.stream.clone_dtod(&x.slice((t - 1) * h..t * h)).map_err(|e| cu::cu_err("cuMemcpyDtoDAsync", e)))?;
-            last[b * vsz..(b + 1) * vsz].copy_from_slice(&self.head_logits(&xl, 1)?);
-            lens[b] = t;
+            last[b * vsz..(b + 1) * vsz].copy_from_slice(&self.prefill(p, Some((&mut caches, b * cap * row)))?);
+            lens[b] = p.len();
         }
         sample_loop(last, vsz, max_new, s, stop, progress, |next| self.decode_step(next, &mut lens, &mut caches, cap))
+    }
+
+    /// The logits `[V]` after the last token of `ids` (a full forward,
+    /// inference), with this model's adapter.
+    pub fn last_logits(&mut self, ids: &[i32]) -> Result<Vec<f32>> {
+        let vsz = self.cfg.vocab_size;
+        if ids.is_empty() {
+            bail!(InvalidArgument, "no tokens");
+        }
+        if let Some((i, &t)) = ids.iter().enumerate().find(|(_, &t)| t < 0 || t as usize >= vsz) {
+            bail!(InvalidArgument, "token id {t} at position {i} is outside [0, {vsz})");
+        }
+        self.prefill(ids, None)
+    }
+
+    /// Forward over one prompt (checked by the caller): the last row's
+    /// logits; with `cache`, each layer's rotated k and v go to the KV
+    /// caches at element offset `at`.
+    fn prefill(&mut self, p: &[i32], cache: Option<(&mut [(CudaSlice<f32>, CudaSlice<f32>)], usize)>) -> Result<Vec<f32>> {
+        let dev = self.dev.clone();
+        let d = &*dev;
+        let (t, h, row) = (p.len(), self.cfg.hidden_size, self.cfg.kv_dim());
+        self.rope_table(t)?;
+        let mut x = self.embed_ids(p)?;
+        let mut cache = cache;
+        for l in 0..self.layers.len() {
+            let (acts, x_out) = self.layer_forward(l, &x, 1, t)?;
+            if let Some((caches, at)) = cache.as_mut() {
+                let c = &mut caches[l];
+                for (src, dst) in [(&acts.k, &mut c.0), (&acts.v, &mut c.1)] {
+                    let mut dv = dst.slice_mut(*at..*at + t * row);
+                    cu::guard("cuMemcpyDtoDAsync", || d.stream.memcpy_dtod(&src.slice(..t * row), &mut dv).map_err(|e| cu::cu_err("cuMemcpyDtoDAsync", e)))?;
+                }
+            }
+            x = x_out;
+        }
+        let xl = cu::guard("cuMemcpyDtoDAsync", || d.stream.clone_dtod(&x.slice((t - 1) * h..t * h)).map_err(|e| cu::cu_err("cuMemcpyDtoDAsync", e)))?;
+        self.head_logits(&xl, 1)
     }
 
     /// Final norm and head for `n` rows of the residual stream: logits
@@ -1013,9 +1078,9 @@ impl DeviceModel {
             cnorm::rmsnorm_forward(d, &x.as_view(), &self.layers[l].attn_norm.as_view(), bsz, h, eps, &mut h1.as_view_mut(), None)?;
             let h1b = self.operand(&h1)?;
             let (mut q, mut k, mut v) = (out_buf::<f32>(d, bsz * qd)?, out_buf::<f32>(d, bsz * kvd)?, out_buf::<f32>(d, bsz * kvd)?);
-            self.lin_forward(l, Q, &h1, h1b.as_ref(), bsz, &mut q, 0.0)?;
-            self.lin_forward(l, K, &h1, h1b.as_ref(), bsz, &mut k, 0.0)?;
-            self.lin_forward(l, V, &h1, h1b.as_ref(), bsz, &mut v, 0.0)?;
+            self.lin_decode(l, Q, &h1, h1b.as_ref(), bsz, &mut q, 0.0)?;
+            self.lin_decode(l, K, &h1, h1b.as_ref(), bsz, &mut k, 0.0)?;
+            self.lin_decode(l, V, &h1, h1b.as_ref(), bsz, &mut v, 0.0)?;
             crope::rope_forward(d, &mut q.as_view_mut(), 1, bsz, nh, hd, &table)?;
             crope::rope_forward(d, &mut k.as_view_mut(), 1, bsz, nkv, hd, &table)?;
             for (b, &pos) in lens.iter().enumerate() {
@@ -1029,17 +1094,17 @@ impl DeviceModel {
             let mut att = out_buf::<f32>(d, bsz * qd)?;
             catt::decode(d, &q.as_view(), &cache.0.as_view(), &cache.1.as_view(), &new_lens, &shape, &mut att.as_view_mut())?;
             let attb = self.operand(&att)?;
-            self.lin_forward(l, O, &att, attb.as_ref(), bsz, &mut x, 1.0)?;
+            self.lin_decode(l, O, &att, attb.as_ref(), bsz, &mut x, 1.0)?;
             let mut h2 = out_buf::<f32>(d, bsz * h)?;
             cnorm::rmsnorm_forward(d, &x.as_view(), &self.layers[l].mlp_norm.as_view(), bsz, h, eps, &mut h2.as_view_mut(), None)?;
             let h2b = self.operand(&h2)?;
             let (mut g, mut u) = (out_buf::<f32>(d, bsz * it)?, out_buf::<f32>(d, bsz * it)?);
-            self.lin_forward(l, GATE, &h2, h2b.as_ref(), bsz, &mut g, 0.0)?;
-            self.lin_forward(l, UP, &h2, h2b.as_ref(), bsz, &mut u, 0.0)?;
+            self.lin_decode(l, GATE, &h2, h2b.as_ref(), bsz, &mut g, 0.0)?;
+            self.lin_decode(l, UP, &h2, h2b.as_ref(), bsz, &mut u, 0.0)?;
             let mut a = out_buf::<f32>(d, bsz * it)?;
             cswiglu::swiglu_forward(d, &g.as_view(), &u.as_view(), &mut a.as_view_mut())?;
             let ab = self.operand(&a)?;
-            self.lin_forward(l, DOWN, &a, ab.as_ref(), bsz, &mut x, 1.0)?;
+            self.lin_decode(l, DOWN, &a, ab.as_ref(), bsz, &mut x, 1.0)?;
         }
         lens.iter_mut().for_each(|n| *n += 1);
         self.head_logits(&x, bsz)

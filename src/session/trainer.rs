@@ -362,6 +362,21 @@ impl Trainer {
         }
     }
 
+    /// The logits after the last token of `ids` with this trainer's adapter
+    /// (on its device when it has one).
+    pub fn last_logits(&mut self, ids: &[i32]) -> Result<Vec<f32>> {
+        match self.gpu.as_mut() {
+            Some(g) => g.last_logits(ids),
+            None => {
+                let mut m = self.model.lock();
+                let ai = m.adapter_index(&self.adapter)? as i32;
+                let v = m.vocab();
+                let all = m.logits(ids, 1, ids.len(), Some(&[ai]))?;
+                Ok(all[all.len() - v..].to_vec())
+            }
+        }
+    }
+
     /// The device training runs on, if any.
     pub fn device(&self) -> Option<String> {
         self.gpu.as_ref().map(|g| g.device().describe())

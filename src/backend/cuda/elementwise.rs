@@ -1,7 +1,7 @@
-//! Launchers for `cuda/elementwise.cu`: `y += x`, the bias add, and the
-//! fp32 → bf16 operand conversion, twins of one-line CPU loops, bit for bit
-//! (one IEEE addition per element; round to nearest even as
-//! `half::bf16::from_f32`).
+//! Launchers for `cuda/elementwise.cu`: `y += x`, the bias add, the fp32 →
+//! bf16 operand conversion and the bf16 → fp32 widening, twins of one-line
+//! CPU loops, bit for bit (one IEEE addition per element; round to nearest
+//! even as `half::bf16::from_f32`; widening exact).
 
 use super::{launch_cfg, stride_grid, CudaDevice, ELEMENTWISE_CU};
 use crate::error::Result;
@@ -63,6 +63,25 @@ pub fn to_bf16(dev: &CudaDevice, x: &CudaView<'_, f32>, y: &mut CudaViewMut<'_, 
     let f = dev.function(&ELEMENTWISE_CU, name)?;
     // SAFETY: (ptr, ptr, u64) as the kernel; elements < n of both.
     launch_kernel!(dev, f, name, launch_cfg((stride_grid(n, EW_THREADS), 1), EW_THREADS), [x, y, &n])
+}
+
+/// `y[i] = widen(x[i])`, or `y[i] += widen(x[i])` with `accumulate`
+/// (`x` bf16 bits; queued).
+pub fn from_bf16(dev: &CudaDevice, x: &CudaView<'_, u16>, y: &mut CudaViewMut<'_, f32>, accumulate: bool) -> Result<()> {
+    if y.len() != x.len() {
+        bail!(ShapeMismatch, "from_bf16: x has {} elements, y {}", x.len(), y.len());
+    }
+    dev.check_stream(x, "from_bf16 x")?;
+    dev.check_stream(y, "from_bf16 y")?;
+    let n = x.len() as u64;
+    if n == 0 {
+        return Ok(());
+    }
+    let acc = accumulate as u32;
+    let name = "elementwise_bf16_to_f32";
+    let f = dev.function(&ELEMENTWISE_CU, name)?;
+    // SAFETY: (ptr, ptr, u64, u32) as the kernel; elements < n of both.
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(n, EW_THREADS), 1), EW_THREADS), [x, y, &n, &acc])
 }
 
 #[cfg(test)]
