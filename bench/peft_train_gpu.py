@@ -14,7 +14,9 @@ nf4: the base as bitsandbytes NF4 + double quantization, compute bf16
 checkpointing (as qlora.py does). Attention is PyTorch's SDPA (flash).
 
 Prints one line per configuration: median step ms, tokens/s, peak device
-memory (torch.cuda.max_memory_allocated, and reserved), after 2 warm-ups.
+memory (torch.cuda.max_memory_allocated, and reserved), after 2 warm-ups;
+then the time to generate 64 greedy tokens after a 128-token prompt with
+the trained adapter (transformers' generate, KV cache).
 """
 import statistics
 import sys
@@ -110,6 +112,29 @@ def main():
     print(f"  batch {batch} x seq {seq}, r {rank}: median step {med * 1e3:.1f} ms = {batch * seq / med:.0f} tokens/s "
           f"(min {min(times) * 1e3:.1f}) | peak allocated {peak:.2f} GiB, reserved {res:.2f} GiB | "
           f"losses {losses[0]:.4f} .. {losses[-1]:.4f}")
+    try:
+        generate(m, ids, ckpt)
+    except Exception as e:  # the training figures above stand on their own
+        print(f"  generate: failed: {type(e).__name__}: {e}")
+
+
+def generate(m, ids, ckpt):
+    # Generation with the trained adapter: one sequence, a 128-token prompt,
+    # 64 greedy tokens (KV cache; prefill included), as gpu_bench_train.
+    m.eval()
+    if ckpt:
+        m.gradient_checkpointing_disable()
+    m.config.use_cache = True
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        prompt = ids[:1, :128]
+        m.generate(input_ids=prompt, max_new_tokens=4, do_sample=False, min_new_tokens=4)  # warm-up
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = m.generate(input_ids=prompt, max_new_tokens=64, do_sample=False, min_new_tokens=64)
+        torch.cuda.synchronize()
+        gen_s = time.perf_counter() - t
+    new = out.shape[1] - prompt.shape[1]
+    print(f"  generate: 1 x {prompt.shape[1]} prompt + {new} new tokens in {gen_s * 1e3:.1f} ms = {new / gen_s:.1f} tokens/s (prefill included)")
 
 
 if __name__ == "__main__":

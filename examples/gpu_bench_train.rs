@@ -12,7 +12,9 @@
 //! base in bf16. Prints the median step time, tokens/s, and the peak bytes
 //! in use in the device's memory pool during the timed steps (every
 //! buffer of the device path; the analogue of
-//! torch.cuda.max_memory_allocated), after 2 warm-up steps.
+//! torch.cuda.max_memory_allocated), after 2 warm-up steps; then one
+//! synchronized step's per-category profile and the time to generate 64
+//! greedy tokens after a 128-token prompt on the device.
 
 use lora::model::gpu::{peak_memory, reset_peak_memory, Compute};
 use lora::model::peft::AdapterSpec;
@@ -107,6 +109,12 @@ fn run() -> lora::Result<()> {
         losses[0],
         losses[losses.len() - 1]
     );
+    // Generation on the device with the trained adapter: one sequence, a
+    // 128-token prompt, 64 greedy tokens (prefill included in the time).
+    let prompt = &ids[..128.min(ids.len())];
+    let t2 = Instant::now();
+    let gen = t.generate(&[prompt], 64, &Default::default(), &[], &mut |_, _| true)?;
+    let gen_s = t2.elapsed().as_secs_f64();
     let total = prof.iter().find(|e| e.0.ends_with("(total)")).map_or(0.0, |e| e.1);
     println!("  profile of one synchronized step ({:.1} ms; forward+backward {:.1} ms):", r.seconds * 1e3, total * 1e3);
     let mut named = 0.0;
@@ -119,5 +127,6 @@ fn run() -> lora::Result<()> {
         }
     }
     println!("    {:<32} {:>8.1} ms  (norms, rope, SwiGLU, bf16 casts, copies, launches)", "rest of forward+backward", (total - named) * 1e3);
+    println!("  generate: 1 × {} prompt + {} new tokens in {:.1} ms = {:.1} tokens/s (prefill included)", prompt.len(), gen[0].len(), gen_s * 1e3, gen[0].len() as f64 / gen_s);
     Ok(())
 }
