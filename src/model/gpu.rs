@@ -33,8 +33,9 @@
 //!   (bench/gpu/2026-11-28-h100-gpu-check.log) and dominate the step time.
 //!
 //! Memory: per layer the step keeps the layer input, q, k, v, the
-//! attention output and log-sum-exp, the mid-layer residual, gate and up,
-//! the two RMS scales and the adapters' `x·Aᵀ`; the normalized inputs and
+//! attention output and log-sum-exp, the mid-layer residual, gate and up
+//! (in bf16 in BF16 mode), the two RMS scales and the adapters' `x·Aᵀ`;
+//! the normalized inputs and
 //! the SwiGLU product are recomputed in the backward (cheap elementwise
 //! passes). With checkpointing only each layer's input is kept and the
 //! layer is recomputed. The head and the loss run over row chunks of at
@@ -140,8 +141,11 @@ struct Acts {
     lse: CudaSlice<f32>,
     x_mid: CudaSlice<f32>,
     rstd2: CudaSlice<f32>,
-    g: CudaSlice<f32>,
-    u: CudaSlice<f32>,
+    /// Gate and up projections (the MLP's two widest activations): fp32,
+    /// or bf16 in BF16 mode (half the bytes; widened again for the
+    /// backward).
+    g: Saved,
+    u: Saved,
     /// Each linear's `x·Aᵀ` (empty where the linear has no adapter).
     hs: Vec<Option<CudaSlice<f32>>>,
 }
@@ -161,6 +165,38 @@ struct Dims {
 impl Dims {
     fn of(c: &ModelConfig) -> Dims {
         Dims { h: c.hidden_size, it: c.intermediate_size, qd: c.q_dim(), kvd: c.kv_dim(), eps: c.rms_norm_eps, nh: c.num_heads, nkv: c.num_kv_heads, hd: c.head_dim }
+    }
+}
+
+/// An activation kept for the backward: fp32, or rounded to bf16.
+enum Saved {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<u16>),
+}
+
+impl Saved {
+    /// Keeps `x` as the compute mode keeps wide activations.
+    fn keep(dev: &CudaDevice, compute: Compute, x: CudaSlice<f32>) -> Result<Saved> {
+        Ok(match compute {
+            Compute::F32 => Saved::F32(x),
+            Compute::BF16 => {
+                let mut b = out_buf::<u16>(dev, x.len())?;
+                ew::to_bf16(dev, &x.as_view(), &mut b.as_view_mut())?;
+                Saved::Bf16(b)
+            }
+        })
+    }
+
+    /// The activation as fp32 (widened from bf16 into a new buffer).
+    fn into_f32(self, dev: &CudaDevice) -> Result<CudaSlice<f32>> {
+        match self {
+            Saved::F32(x) => Ok(x),
+            Saved::Bf16(b) => {
+                let mut x = out_buf::<f32>(dev, b.len())?;
+                ew::from_bf16(dev, &b.as_view(), &mut x.as_view_mut(), false)?;
+                Ok(x)
+            }
+        }
     }
 }
 
@@ -626,6 +662,7 @@ impl DeviceModel {
         let ab = self.operand(&a)?;
         let mut x_out = cu::guard("cuMemcpyDtoDAsync", || d.stream.clone_dtod(&x_mid).map_err(|e| cu::cu_err("cuMemcpyDtoDAsync", e)))?;
         hs[DOWN] = self.lin_forward(l, DOWN, &a, ab.as_ref(), n, &mut x_out, 1.0)?;
+        let (g, u) = (Saved::keep(d, self.compute, g)?, Saved::keep(d, self.compute, u)?);
         Ok((Acts { rstd1, q, k, v, att, lse, x_mid, rstd2, g, u, hs }, x_out))
     }
 
@@ -772,7 +809,8 @@ impl DeviceModel {
         let Dims { h, it, qd, kvd, eps, nh, nkv, hd } = Dims::of(&self.cfg);
         let n = batch * seq;
         let shape = self.shape(l, batch, seq);
-        let Acts { rstd1, q, k, v, att, lse, x_mid, rstd2, mut g, mut u, hs } = acts;
+        let Acts { rstd1, q, k, v, att, lse, x_mid, rstd2, g, u, hs } = acts;
+        let (mut g, mut u) = (g.into_f32(d)?, u.into_f32(d)?);
         // MLP: x_out = x_mid + down(a), a = silu(g)·u, recomputed.
         let mut a = out_buf::<f32>(d, n * it)?;
         cswiglu::swiglu_forward(d, &g.as_view(), &u.as_view(), &mut a.as_view_mut())?;
