@@ -21,7 +21,7 @@
 #   5. the training-step benchmark (examples/gpu_bench_train.rs) on a
 #      1B-parameter LLaMA, and beside it on the same card PyTorch + PEFT
 #      (bench/peft_train_gpu.py; bitsandbytes from .whl/site when carried,
-#      for the QLoRA rows).
+#      for the QLoRA rows: scripts/fetch-gpu-wheels.sh prepares it).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
