@@ -7,7 +7,8 @@
 //! as `lora_train_step` runs it.
 //!
 //! Bounds, per step:
-//! - fp32 compute: the GPU computes the CPU's function with another
+//! - fp32 compute (adapter products on cuBLAS, and on the crate's LoRA
+//!   kernels): the GPU computes the CPU's function with another
 //!   summation order (cuBLAS splits and orders k as it likes, the
 //!   reductions are trees): each product differs by about k·2⁻²⁴ relative
 //!   and the differences pass through 20 AdamW updates. Loss within 1e-4
@@ -151,6 +152,14 @@ fn twenty_steps_match_the_cpu() {
         }
         let ew = rel_l2(&weights(&g32), &weights(&cpu));
         assert!(ew <= 2e-3, "{}: adapter after {STEPS} steps differs by {ew:.2e} (rel L2)", c.name);
+        // The same with the adapter products on the crate's LoRA kernels.
+        let mut gk = trainer((c.model)(), cfg(), Some(Compute::F32));
+        gk.set_lora_kernels(true).unwrap();
+        let gotk = run(&mut gk, &ids, c.batch, c.seq, STEPS);
+        for (i, ((lc, _), (lg, _))) in want.iter().zip(&gotk).enumerate() {
+            let dl = (lg - lc).abs() / lc.abs();
+            assert!(dl <= 1e-4, "{}: step {i} loss {lg} on the GPU (fp32, LoRA kernels), {lc} on the CPU: rel {dl:.2e}", c.name);
+        }
         let mut g16 = trainer((c.model)(), cfg(), Some(Compute::BF16));
         let got16 = run(&mut g16, &ids, c.batch, c.seq, STEPS);
         let mut e16 = 0f64;

@@ -60,7 +60,7 @@ use crate::backend::cpu::rope::RopeTable;
 use crate::backend::cuda::blas::{gemm, Blas, MatRef};
 use crate::backend::cuda::nf4::CudaNf4;
 use crate::backend::cuda::rope::CudaRopeTable;
-use crate::backend::cuda::{self as cu, attention as catt, elementwise as ew, loss as closs, norm as cnorm, rope as crope, swiglu as cswiglu, CudaDevice, DevElemsMut};
+use crate::backend::cuda::{self as cu, attention as catt, elementwise as ew, lora as glora, loss as closs, norm as cnorm, rope as crope, swiglu as cswiglu, CudaDevice, DevElemsMut};
 use crate::error::Result;
 use crate::model::config::ModelConfig;
 use crate::optim::{AdamWConfig, AdamWScalars};
@@ -241,6 +241,11 @@ pub struct DeviceModel {
     /// allows ([`DeviceModel::set_tensor_core_attention`]; off by default
     /// until the kernels have run on a GPU, see the module docs).
     attn_tc: bool,
+    /// The adapter products on the crate's LoRA kernels (`cuda/lora.cu`:
+    /// one block per row, no split of the long dimension) rather than
+    /// cuBLAS ([`DeviceModel::set_lora_kernels`], `LORA_CUDA_LORA=kernels`
+    /// at upload); off by default until a benchmark says which is faster.
+    lora_kernels: bool,
     /// Per-category time when profiling ([`DeviceModel::set_profiling`]).
     prof: parking_lot::Mutex<Option<Vec<(&'static str, f64, u64)>>>,
 }
@@ -393,6 +398,7 @@ impl DeviceModel {
             steps: 0,
             grads_pending: false,
             attn_tc: compute == Compute::BF16 && std::env::var("LORA_CUDA_ATTENTION").is_ok_and(|v| v == "tc"),
+            lora_kernels: std::env::var("LORA_CUDA_LORA").is_ok_and(|v| v == "kernels"),
             prof: parking_lot::Mutex::new(None),
         })
     }
@@ -443,6 +449,13 @@ impl DeviceModel {
         }
         self.attn_tc = on;
         Ok(())
+    }
+
+    /// Runs the adapter products on the crate's LoRA kernels (`true`) or on
+    /// cuBLAS (`false`, the default); both are fp32 and agree within
+    /// summation order.
+    pub fn set_lora_kernels(&mut self, on: bool) {
+        self.lora_kernels = on;
     }
 
     /// True when attention runs on tensor cores where the shape allows.
@@ -755,9 +768,14 @@ impl DeviceModel {
         let t = self.tick()?;
         let mut hbuf = out_buf::<f32>(d, n * ad.r)?;
         let (av, bv) = (self.params.slice(ad.a.clone()), self.params.slice(ad.b.clone()));
-        gemm(d, &self.blas, MatRef::f32(d, &xv, n, in_f)?, false, MatRef::f32(d, &av, ad.r, in_f)?, true, &mut hbuf.as_view_mut(), 1.0, 0.0)?;
-        let hv = hbuf.as_view();
-        gemm(d, &self.blas, MatRef::f32(d, &hv, n, ad.r)?, false, MatRef::f32(d, &bv, out_f, ad.r)?, true, &mut y.as_view_mut(), ad.scale, 1.0)?;
+        if self.lora_kernels {
+            glora::shrink(d, &xv, &av, n, in_f, ad.r, &mut hbuf.as_view_mut())?;
+            glora::expand(d, &hbuf.as_view(), &bv, n, ad.r, out_f, ad.scale, &mut y.as_view_mut())?;
+        } else {
+            gemm(d, &self.blas, MatRef::f32(d, &xv, n, in_f)?, false, MatRef::f32(d, &av, ad.r, in_f)?, true, &mut hbuf.as_view_mut(), 1.0, 0.0)?;
+            let hv = hbuf.as_view();
+            gemm(d, &self.blas, MatRef::f32(d, &hv, n, ad.r)?, false, MatRef::f32(d, &bv, out_f, ad.r)?, true, &mut y.as_view_mut(), ad.scale, 1.0)?;
+        }
         self.tock(t, "LoRA GEMMs forward")?;
         Ok(Some(hbuf))
     }
@@ -791,6 +809,16 @@ impl DeviceModel {
         let mut g = out_buf::<f32>(d, n * r)?;
         let (av, bv, hv, xv) = (self.params.slice(ad.a.clone()), self.params.slice(ad.b.clone()), h.as_view(), x.as_view());
         let (ra, rb) = (ad.a.clone(), ad.b.clone());
+        if self.lora_kernels {
+            glora::bwd_g(d, &dyv, &bv, n, out_f, r, &mut g.as_view_mut())?;
+            glora::grad_b(d, &dyv, &hv, n, out_f, r, s, &mut self.grads.slice_mut(rb))?;
+            glora::grad_a(d, &g.as_view(), &xv, n, r, in_f, s, &mut self.grads.slice_mut(ra))?;
+            if let Some((dxs, _)) = dx {
+                glora::bwd_dx(d, &g.as_view(), &av, n, r, in_f, s, &mut dxs.as_view_mut())?;
+            }
+            self.tock(t, "LoRA GEMMs backward")?;
+            return Ok(());
+        }
         gemm(d, blas, MatRef::f32(d, &dyv, n, out_f)?, false, MatRef::f32(d, &bv, out_f, r)?, false, &mut g.as_view_mut(), 1.0, 0.0)?;
         gemm(d, blas, MatRef::f32(d, &dyv, n, out_f)?, true, MatRef::f32(d, &hv, n, r)?, false, &mut self.grads.slice_mut(rb), s, 1.0)?;
         let gv = g.as_view();

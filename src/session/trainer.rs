@@ -377,6 +377,18 @@ impl Trainer {
         }
     }
 
+    /// The adapter products on the crate's LoRA kernels instead of cuBLAS
+    /// (see [`DeviceModel::set_lora_kernels`]); `InvalidState` on the CPU.
+    pub fn set_lora_kernels(&mut self, on: bool) -> Result<()> {
+        match self.gpu.as_mut() {
+            Some(g) => {
+                g.set_lora_kernels(on);
+                Ok(())
+            }
+            None => bail!(InvalidState, "the trainer runs on the CPU; the LoRA kernels are a device option"),
+        }
+    }
+
     /// The device training runs on, if any.
     pub fn device(&self) -> Option<String> {
         self.gpu.as_ref().map(|g| g.device().describe())
