@@ -72,8 +72,10 @@ use std::sync::Arc;
 /// per row) rather than dequantize-then-GEMM.
 pub const DECODE_GEMV_ROWS: usize = 8;
 
-/// Most logits the head materializes at once (512 MiB of fp32).
-pub const HEAD_CHUNK_ELEMS: usize = 1 << 27;
+/// Most logits the head materializes at once (128 MiB of fp32, plus their
+/// 64 MiB bf16 copy in BF16 mode): for a 128k vocabulary, 261 rows per
+/// chunk, products still large enough for full tensor-core tiles.
+pub const HEAD_CHUNK_ELEMS: usize = 1 << 25;
 
 /// Operand precision of the frozen products (module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
