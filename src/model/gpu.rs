@@ -248,6 +248,8 @@ pub struct DeviceModel {
     /// cuBLAS ([`DeviceModel::set_lora_kernels`], `LORA_CUDA_LORA=kernels`
     /// at upload); off by default until a benchmark says which is faster.
     lora_kernels: bool,
+    /// Most logits materialized at once ([`HEAD_CHUNK_ELEMS`] unless set).
+    head_chunk: usize,
     /// Per-category time when profiling ([`DeviceModel::set_profiling`]).
     prof: parking_lot::Mutex<Option<Vec<(&'static str, f64, u64)>>>,
 }
@@ -401,6 +403,7 @@ impl DeviceModel {
             grads_pending: false,
             attn_tc: compute == Compute::BF16 && std::env::var("LORA_CUDA_ATTENTION").is_ok_and(|v| v == "tc"),
             lora_kernels: std::env::var("LORA_CUDA_LORA").is_ok_and(|v| v == "kernels"),
+            head_chunk: HEAD_CHUNK_ELEMS,
             prof: parking_lot::Mutex::new(None),
         })
     }
@@ -458,6 +461,13 @@ impl DeviceModel {
     /// summation order.
     pub fn set_lora_kernels(&mut self, on: bool) {
         self.lora_kernels = on;
+    }
+
+    /// Caps the logits the head and loss materialize at once (at least one
+    /// row's worth is always taken): a smaller cap trades peak memory for
+    /// more, smaller products.
+    pub fn set_head_chunk_elems(&mut self, elems: usize) {
+        self.head_chunk = elems.max(1);
     }
 
     /// True when attention runs on tensor cores where the shape allows.
@@ -915,7 +925,7 @@ impl DeviceModel {
         cnorm::rmsnorm_forward(d, &x.as_view(), &self.norm.as_view(), n, h, eps, &mut hf.as_view_mut(), Some(&mut rstd.as_view_mut()))?;
         let hfb = self.operand(&hf)?;
         let t = self.tick()?;
-        let rows = (HEAD_CHUNK_ELEMS / vsz).clamp(1, n);
+        let rows = (self.head_chunk / vsz).clamp(1, n);
         let chunks = n.div_ceil(rows);
         let mut outs = d.alloc_filled::<f64>(3 * chunks, 0)?;
         let mut dhf = out_buf::<f32>(d, n * h)?;

@@ -389,6 +389,12 @@ impl Trainer {
         }
     }
 
+    /// The device copy of the model, when training runs on a GPU (for its
+    /// options: [`DeviceModel::set_head_chunk_elems`] and the like).
+    pub fn device_model_mut(&mut self) -> Option<&mut DeviceModel> {
+        self.gpu.as_mut()
+    }
+
     /// The device training runs on, if any.
     pub fn device(&self) -> Option<String> {
         self.gpu.as_ref().map(|g| g.device().describe())
