@@ -907,8 +907,9 @@ typedef struct lora_paged_stats {
 
 /**
  * bf16 operands on tensor cores, fp32 accumulation (bitsandbytes'
- * `compute_dtype=bfloat16`); adapters, norms, attention, loss and AdamW
- * stay fp32. The fast mode.
+ * `compute_dtype=bfloat16`); the embedding table and the MLP's gate/up
+ * activations kept for the backward are held in bf16 too; adapter
+ * masters, norms, attention, loss and AdamW stay fp32. The fast mode.
  */
 #define LORA_COMPUTE_BF16 0
 
@@ -1615,6 +1616,12 @@ lora_status lora_train_step(struct lora_trainer *trainer,
  * environment (read here) switches bf16 mode to the tensor-core kernels
  * (`cuda/attention_tc.cu`), which have not yet run on a GPU.
  *
+ * Ownership: the device copy belongs to the trainer and is freed with it
+ * (or when it returns to the CPU); the model is not copied away from the
+ * host. Thread safety: as every trainer call, not concurrently with other
+ * calls on the same trainer or its model. `device` is a CUDA ordinal as
+ * the driver numbers devices.
+ *
  * Paged optimizer state (`paged_state`) is copied into device memory and
  * back to its pages when the trainer returns to the CPU. While the trainer
  * is on a device its adapter's master weights live there: changing them
@@ -1636,8 +1643,12 @@ lora_status lora_trainer_use_device(struct lora_trainer *trainer,
  * on the trainer's GPU when `lora_trainer_use_device` put it on one (KV
  * cache in device memory, one logits copy per step for sampling), else on
  * the CPU as `lora_generate` with that adapter for every sequence.
- * Arguments and output as `lora_generate` (without per-sequence adapters);
- * the model must be unmerged.
+ * Arguments and output as `lora_generate` (without per-sequence adapters):
+ * `prompts[i]` holds `prompt_lens[i]` token ids; new ids go to the
+ * caller's `out[i · max_new_tokens + j]` (`out_len` counts ids), their
+ * count to `out_lens[i]`; nothing is kept by the library. The model must
+ * be unmerged. Thread safety: not concurrently with other calls on the
+ * same trainer or its model (the KV cache is per call).
  *
  * Errors: those of `lora_generate`, and on a GPU `LORA_ERR_OUT_OF_MEMORY`
  * (the KV cache) and `LORA_ERR_CUDA`.

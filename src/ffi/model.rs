@@ -890,8 +890,9 @@ pub unsafe extern "C" fn lora_train_step(trainer: *mut lora_trainer, ids: *const
 /// Operand precision of a GPU training step's frozen products.
 pub type lora_compute = u32;
 /// bf16 operands on tensor cores, fp32 accumulation (bitsandbytes'
-/// `compute_dtype=bfloat16`); adapters, norms, attention, loss and AdamW
-/// stay fp32. The fast mode.
+/// `compute_dtype=bfloat16`); the embedding table and the MLP's gate/up
+/// activations kept for the backward are held in bf16 too; adapter
+/// masters, norms, attention, loss and AdamW stay fp32. The fast mode.
 pub const LORA_COMPUTE_BF16: lora_compute = 0;
 /// Every product in fp32: the CPU backend's numbers up to summation order.
 pub const LORA_COMPUTE_F32: lora_compute = 1;
@@ -906,6 +907,12 @@ pub const LORA_COMPUTE_F32: lora_compute = 1;
 /// Attention runs on the fp32 kernels; `LORA_CUDA_ATTENTION=tc` in the
 /// environment (read here) switches bf16 mode to the tensor-core kernels
 /// (`cuda/attention_tc.cu`), which have not yet run on a GPU.
+///
+/// Ownership: the device copy belongs to the trainer and is freed with it
+/// (or when it returns to the CPU); the model is not copied away from the
+/// host. Thread safety: as every trainer call, not concurrently with other
+/// calls on the same trainer or its model. `device` is a CUDA ordinal as
+/// the driver numbers devices.
 ///
 /// Paged optimizer state (`paged_state`) is copied into device memory and
 /// back to its pages when the trainer returns to the CPU. While the trainer
@@ -939,8 +946,12 @@ pub unsafe extern "C" fn lora_trainer_use_device(trainer: *mut lora_trainer, dev
 /// on the trainer's GPU when `lora_trainer_use_device` put it on one (KV
 /// cache in device memory, one logits copy per step for sampling), else on
 /// the CPU as `lora_generate` with that adapter for every sequence.
-/// Arguments and output as `lora_generate` (without per-sequence adapters);
-/// the model must be unmerged.
+/// Arguments and output as `lora_generate` (without per-sequence adapters):
+/// `prompts[i]` holds `prompt_lens[i]` token ids; new ids go to the
+/// caller's `out[i · max_new_tokens + j]` (`out_len` counts ids), their
+/// count to `out_lens[i]`; nothing is kept by the library. The model must
+/// be unmerged. Thread safety: not concurrently with other calls on the
+/// same trainer or its model (the KV cache is per call).
 ///
 /// Errors: those of `lora_generate`, and on a GPU `LORA_ERR_OUT_OF_MEMORY`
 /// (the KV cache) and `LORA_ERR_CUDA`.
