@@ -77,44 +77,63 @@ fn check_len(len: usize, rows: usize, cols: usize, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// `h[n, r] = x[n, in]·Aᵀ` (`A` `[r, in]`), overwriting `h`.
-pub fn shrink(dev: &CudaDevice, x: &CudaView<'_, f32>, a: &CudaView<'_, f32>, n: usize, in_f: usize, r: usize, h: &mut CudaViewMut<'_, f32>) -> Result<()> {
-    let (n32, i32_, r32) = (rows32(n)?, dim32(in_f, "in")?, dim32(r, "r")?);
-    check_len(x.len(), n, in_f, "x")?;
-    check_len(a.len(), r, in_f, "A")?;
-    check_len(h.len(), n, r, "h")?;
-    dev.check_stream(x, "lora x")?;
-    dev.check_stream(a, "lora A")?;
-    dev.check_stream(h, "lora h")?;
+/// Launches a one-block-per-row product kernel `name(x, m, n, k, q, out)`:
+/// block i reads row i of `x` `[n, k]` and all of `m` (`m_shape` elements
+/// named `m_what`), writes row i of `out` `[n, q]`.
+#[allow(clippy::too_many_arguments)]
+fn row_product(dev: &CudaDevice, name: &'static str, x: (&CudaView<'_, f32>, &str), m: (&CudaView<'_, f32>, usize, usize, &str), n: usize, k: (usize, &str), q: usize, out: (&mut CudaViewMut<'_, f32>, &str)) -> Result<()> {
+    let (n32, k32, q32) = (rows32(n)?, dim32(k.0, k.1)?, dim32(q, "r")?);
+    let k = k.0;
+    check_len(x.0.len(), n, k, x.1)?;
+    check_len(m.0.len(), m.1, m.2, m.3)?;
+    check_len(out.0.len(), n, q, out.1)?;
+    dev.check_stream(x.0, &format!("lora {}", x.1))?;
+    dev.check_stream(m.0, &format!("lora {}", m.3))?;
+    dev.check_stream(out.0, &format!("lora {}", out.1))?;
     if n == 0 {
         return Ok(());
     }
-    let name = "lora_shrink_f32";
     let f = dev.function(&LORA_CU, name)?;
-    // SAFETY: (ptr, ptr, u32, u32, u32, ptr) as the kernel; block i reads
-    // row i of x and all of A, writes row i of h (lengths checked above).
-    launch_kernel!(dev, f, name, launch_cfg((n32, 1), LORA_THREADS), [x, a, &n32, &i32_, &r32, h])
+    let (xv, mv, o) = (x.0, m.0, out.0);
+    // SAFETY: (ptr, ptr, u32, u32, u32, ptr) as the row kernels; block i
+    // reads row i of x and all of m, writes row i of out (lengths checked).
+    launch_kernel!(dev, f, name, launch_cfg((n32, 1), LORA_THREADS), [xv, mv, &n32, &k32, &q32, o])
+}
+
+/// Launches a (row, column block) accumulation kernel
+/// `name(h, m, n, r, cols, s, y)`: block (i, c) reads row i of `h` `[n, r]`
+/// and `m` (`[cols, r]` or `[r, cols]`, `m_shape`), updates `y[i, c·256..]`.
+#[allow(clippy::too_many_arguments)]
+fn row_accumulate(dev: &CudaDevice, name: &'static str, h: (&CudaView<'_, f32>, &str), m: (&CudaView<'_, f32>, usize, usize, &str), n: usize, r: usize, cols: (usize, &str), s: f32, y: (&mut CudaViewMut<'_, f32>, &str)) -> Result<()> {
+    let (n32, r32, c32) = (rows32(n)?, dim32(r, "r")?, dim32(cols.0, cols.1)?);
+    let cols = cols.0;
+    let cb = col_blocks(cols)?;
+    check_len(h.0.len(), n, r, h.1)?;
+    check_len(m.0.len(), m.1, m.2, m.3)?;
+    check_len(y.0.len(), n, cols, y.1)?;
+    dev.check_stream(h.0, &format!("lora {}", h.1))?;
+    dev.check_stream(m.0, &format!("lora {}", m.3))?;
+    dev.check_stream(y.0, &format!("lora {}", y.1))?;
+    if n == 0 {
+        return Ok(());
+    }
+    let f = dev.function(&LORA_CU, name)?;
+    let (hv, mv, o) = (h.0, m.0, y.0);
+    // SAFETY: (ptr, ptr, u32, u32, u32, f32, ptr) as the accumulation
+    // kernels; block (i, c) reads row i of h and m (lengths checked),
+    // updates y[i, c·256..] below cols.
+    launch_kernel!(dev, f, name, launch_cfg((n32, cb), LORA_THREADS), [hv, mv, &n32, &r32, &c32, &s, o])
+}
+
+/// `h[n, r] = x[n, in]·Aᵀ` (`A` `[r, in]`), overwriting `h`.
+pub fn shrink(dev: &CudaDevice, x: &CudaView<'_, f32>, a: &CudaView<'_, f32>, n: usize, in_f: usize, r: usize, h: &mut CudaViewMut<'_, f32>) -> Result<()> {
+    row_product(dev, "lora_shrink_f32", (x, "x"), (a, r, in_f, "A"), n, (in_f, "in"), r, (h, "h"))
 }
 
 /// `y[n, out] += s·h[n, r]·Bᵀ` (`B` `[out, r]`).
 #[allow(clippy::too_many_arguments)]
 pub fn expand(dev: &CudaDevice, h: &CudaView<'_, f32>, b: &CudaView<'_, f32>, n: usize, r: usize, out_f: usize, s: f32, y: &mut CudaViewMut<'_, f32>) -> Result<()> {
-    let (n32, r32, o32) = (rows32(n)?, dim32(r, "r")?, dim32(out_f, "out")?);
-    let cb = col_blocks(out_f)?;
-    check_len(h.len(), n, r, "h")?;
-    check_len(b.len(), out_f, r, "B")?;
-    check_len(y.len(), n, out_f, "y")?;
-    dev.check_stream(h, "lora h")?;
-    dev.check_stream(b, "lora B")?;
-    dev.check_stream(y, "lora y")?;
-    if n == 0 {
-        return Ok(());
-    }
-    let name = "lora_expand_f32";
-    let f = dev.function(&LORA_CU, name)?;
-    // SAFETY: (ptr, ptr, u32, u32, u32, f32, ptr); block (i, c) reads row i
-    // of h and rows < out of B, updates y[i, c·256..] below out (checked).
-    launch_kernel!(dev, f, name, launch_cfg((n32, cb), LORA_THREADS), [h, b, &n32, &r32, &o32, &s, y])
+    row_accumulate(dev, "lora_expand_f32", (h, "h"), (b, out_f, r, "B"), n, r, (out_f, "out"), s, (y, "y"))
 }
 
 /// `y += s·(x·Aᵀ)·Bᵀ`: [`shrink`] into scratch (`n·r` f32), then [`expand`].
@@ -210,42 +229,13 @@ pub fn bgmv(
 
 /// `g[n, r] = dy[n, out]·B` (`B` `[out, r]`), overwriting `g`.
 pub fn bwd_g(dev: &CudaDevice, dy: &CudaView<'_, f32>, b: &CudaView<'_, f32>, n: usize, out_f: usize, r: usize, g: &mut CudaViewMut<'_, f32>) -> Result<()> {
-    let (n32, o32, r32) = (rows32(n)?, dim32(out_f, "out")?, dim32(r, "r")?);
-    check_len(dy.len(), n, out_f, "dy")?;
-    check_len(b.len(), out_f, r, "B")?;
-    check_len(g.len(), n, r, "g")?;
-    dev.check_stream(dy, "lora dy")?;
-    dev.check_stream(b, "lora B")?;
-    dev.check_stream(g, "lora g")?;
-    if n == 0 {
-        return Ok(());
-    }
-    let name = "lora_bwd_g_f32";
-    let f = dev.function(&LORA_CU, name)?;
-    // SAFETY: (ptr, ptr, u32, u32, u32, ptr); block i reads row i of dy and
-    // all of B, writes row i of g (lengths checked).
-    launch_kernel!(dev, f, name, launch_cfg((n32, 1), LORA_THREADS), [dy, b, &n32, &o32, &r32, g])
+    row_product(dev, "lora_bwd_g_f32", (dy, "dy"), (b, out_f, r, "B"), n, (out_f, "out"), r, (g, "g"))
 }
 
 /// `dx[n, in] += s·g[n, r]·A` (`A` `[r, in]`).
 #[allow(clippy::too_many_arguments)]
 pub fn bwd_dx(dev: &CudaDevice, g: &CudaView<'_, f32>, a: &CudaView<'_, f32>, n: usize, r: usize, in_f: usize, s: f32, dx: &mut CudaViewMut<'_, f32>) -> Result<()> {
-    let (n32, r32, i32_) = (rows32(n)?, dim32(r, "r")?, dim32(in_f, "in")?);
-    let cb = col_blocks(in_f)?;
-    check_len(g.len(), n, r, "g")?;
-    check_len(a.len(), r, in_f, "A")?;
-    check_len(dx.len(), n, in_f, "dx")?;
-    dev.check_stream(g, "lora g")?;
-    dev.check_stream(a, "lora A")?;
-    dev.check_stream(dx, "lora dx")?;
-    if n == 0 {
-        return Ok(());
-    }
-    let name = "lora_bwd_dx_f32";
-    let f = dev.function(&LORA_CU, name)?;
-    // SAFETY: (ptr, ptr, u32, u32, u32, f32, ptr); block (i, c) reads row i
-    // of g and columns < in of A, updates dx[i, c·256..] below in.
-    launch_kernel!(dev, f, name, launch_cfg((n32, cb), LORA_THREADS), [g, a, &n32, &r32, &i32_, &s, dx])
+    row_accumulate(dev, "lora_bwd_dx_f32", (g, "g"), (a, r, in_f, "A"), n, r, (in_f, "in"), s, (dx, "dx"))
 }
 
 /// `D[P, Q] += s·Uᵀ·V` with `U` `[n, P]`, `V` `[n, Q]`.
