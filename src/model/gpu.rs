@@ -238,7 +238,6 @@ pub struct DeviceModel {
     rope: Option<CudaRopeTable>,
     /// AdamW steps taken on the device.
     steps: u64,
-    grads_pending: bool,
     /// Attention on tensor cores (`cuda/attention_tc.cu`) where the shape
     /// allows ([`DeviceModel::set_tensor_core_attention`]; off by default
     /// until the kernels have run on a GPU, see the module docs).
@@ -400,7 +399,6 @@ impl DeviceModel {
             spans,
             rope: None,
             steps: 0,
-            grads_pending: false,
             attn_tc: compute == Compute::BF16 && std::env::var("LORA_CUDA_ATTENTION").is_ok_and(|v| v == "tc"),
             lora_kernels: std::env::var("LORA_CUDA_LORA").is_ok_and(|v| v == "kernels"),
             head_chunk: HEAD_CHUNK_ELEMS,
@@ -598,7 +596,6 @@ impl DeviceModel {
             };
             dx = self.layer_backward(l, &x_in, acts, dx, batch, seq, l > 0)?;
         }
-        self.grads_pending = true;
         self.tock(t_all, "forward+backward (total)")?;
         Ok(outs)
     }
@@ -969,7 +966,6 @@ impl DeviceModel {
     pub fn zero_grad(&mut self) -> Result<()> {
         let dev = self.dev.clone();
         dev.fill_bytes(&mut self.grads, 0)?;
-        self.grads_pending = false;
         Ok(())
     }
 
