@@ -132,6 +132,18 @@ fn run(t: &mut Trainer, ids: &[i32], batch: usize, seq: usize, steps: usize) -> 
     (0..steps).map(|_| t.step(ids, None, batch, seq, &mut |_, _| true).map(|r| (r.loss, r.grad_norm)).unwrap()).collect()
 }
 
+/// Asserts each step's GPU loss within `tol` relative of the CPU's; returns
+/// the largest relative difference.
+fn check_losses(what: &str, want: &[(f64, f64)], got: &[(f64, f64)], tol: f64) -> f64 {
+    let mut worst = 0f64;
+    for (i, ((lc, _), (lg, _))) in want.iter().zip(got).enumerate() {
+        let dl = (lg - lc).abs() / lc.abs();
+        assert!(dl <= tol, "{what}: step {i} loss {lg} on the GPU, {lc} on the CPU: rel {dl:.2e}");
+        worst = worst.max(dl);
+    }
+    worst
+}
+
 #[test]
 fn twenty_steps_match_the_cpu() {
     let Some(_) = common::gpu("twenty_steps_match_the_cpu") else { return };
@@ -158,29 +170,16 @@ fn twenty_steps_match_the_cpu() {
         gk.set_lora_kernels(true).unwrap();
         gk.device_model_mut().unwrap().set_head_chunk_elems(7 * vocab);
         let gotk = run(&mut gk, &ids, c.batch, c.seq, STEPS);
-        for (i, ((lc, _), (lg, _))) in want.iter().zip(&gotk).enumerate() {
-            let dl = (lg - lc).abs() / lc.abs();
-            assert!(dl <= 1e-4, "{}: step {i} loss {lg} on the GPU (fp32, LoRA kernels, 7-row head chunks), {lc} on the CPU: rel {dl:.2e}", c.name);
-        }
+        check_losses(&format!("{} fp32, LoRA kernels, 7-row head chunks", c.name), &want, &gotk, 1e-4);
         let mut g16 = trainer((c.model)(), cfg(), Some(Compute::BF16));
         let got16 = run(&mut g16, &ids, c.batch, c.seq, STEPS);
-        let mut e16 = 0f64;
-        for (i, ((lc, _), (lg, _))) in want.iter().zip(&got16).enumerate() {
-            let dl = (lg - lc).abs() / lc.abs();
-            assert!(dl <= 2e-2, "{}: step {i} loss {lg} on the GPU (bf16), {lc} on the CPU: rel {dl:.2e}", c.name);
-            e16 = e16.max(dl);
-        }
+        let e16 = check_losses(&format!("{} bf16", c.name), &want, &got16, 2e-2);
         assert!(got16[STEPS - 1].0 < got16[0].0, "{}: bf16 loss did not fall: {:?}", c.name, got16);
         // The same with attention on tensor cores (where head_dim allows).
         let mut tc = trainer((c.model)(), cfg(), Some(Compute::BF16));
         tc.set_tensor_core_attention(true).unwrap();
         let gottc = run(&mut tc, &ids, c.batch, c.seq, STEPS);
-        let mut etc = 0f64;
-        for (i, ((lc, _), (lg, _))) in want.iter().zip(&gottc).enumerate() {
-            let dl = (lg - lc).abs() / lc.abs();
-            assert!(dl <= 2e-2, "{}: step {i} loss {lg} on the GPU (bf16, tensor-core attention), {lc} on the CPU: rel {dl:.2e}", c.name);
-            etc = etc.max(dl);
-        }
+        let etc = check_losses(&format!("{} bf16, tensor-core attention", c.name), &want, &gottc, 2e-2);
         assert!(gottc[STEPS - 1].0 < gottc[0].0, "{}: loss with tensor-core attention did not fall: {:?}", c.name, gottc);
         eprintln!(
             "{} ({}×{}): CPU loss {:.5} → {:.5}; GPU fp32 max rel loss {el:.2e}, grad norm {eg:.2e}, adapter {ew:.2e}; GPU bf16 max rel loss {e16:.2e} ({:.5} → {:.5}), with tensor-core attention {etc:.2e}",
@@ -214,16 +213,12 @@ fn checkpointing_micro_batches_and_handoffs() {
     let whole = run(&mut cpu, &ids, c.batch, c.seq, 6);
     let mut mb = trainer((c.model)(), TrainerConfig { micro_batch: 1, ..cfg() }, Some(Compute::F32));
     let got = run(&mut mb, &ids, c.batch, c.seq, 3);
-    for (i, (a, b)) in whole.iter().zip(&got).enumerate() {
-        assert!((a.0 - b.0).abs() <= 1e-4 * a.0.abs(), "micro-batches on the GPU: step {i} loss {} vs the CPU's {}", b.0, a.0);
-    }
+    check_losses("micro-batches on the GPU", &whole, &got, 1e-4);
     // Back to the CPU: the adapter and AdamW state come along.
     mb.use_device(None).unwrap();
     assert!(mb.device().is_none());
     let rest = run(&mut mb, &ids, c.batch, c.seq, 3);
-    for (i, (a, b)) in whole[3..].iter().zip(&rest).enumerate() {
-        assert!((a.0 - b.0).abs() <= 1e-4 * a.0.abs(), "after moving back to the CPU: step {} loss {} vs {}", i + 3, b.0, a.0);
-    }
+    check_losses("after moving back to the CPU (steps 3..)", &whole[3..], &rest, 1e-4);
     // Saved on the GPU, resumed on the CPU.
     let mut g = trainer((c.model)(), cfg(), Some(Compute::F32));
     run(&mut g, &ids, c.batch, c.seq, 3);
@@ -232,9 +227,7 @@ fn checkpointing_micro_batches_and_handoffs() {
     let mut r = Trainer::resume(Arc::new(Mutex::new((c.model)())), &dir).unwrap();
     assert_eq!(r.steps_done(), 3);
     let rest = run(&mut r, &ids, c.batch, c.seq, 3);
-    for (i, (a, b)) in whole[3..].iter().zip(&rest).enumerate() {
-        assert!((a.0 - b.0).abs() <= 1e-4 * a.0.abs(), "resumed on the CPU from a GPU checkpoint: step {} loss {} vs {}", i + 3, b.0, a.0);
-    }
+    check_losses("resumed on the CPU from a GPU checkpoint (steps 3..)", &whole[3..], &rest, 1e-4);
     let _ = std::fs::remove_dir_all(&dir);
     eprintln!("checkpointing bit-identical over 4 steps; micro-batches, GPU→CPU handoff and GPU save → CPU resume within 1e-4");
 }
