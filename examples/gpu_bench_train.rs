@@ -16,7 +16,7 @@
 //! synchronized step's per-category profile and the time to generate 64
 //! greedy tokens after a 128-token prompt on the device.
 
-use lora::model::gpu::{peak_memory, reset_peak_memory, Compute};
+use lora::model::gpu::Compute;
 use lora::model::peft::AdapterSpec;
 use lora::model::{LoadOptions, Model};
 use lora::quant::nf4::Nf4Params;
@@ -77,7 +77,7 @@ fn run() -> lora::Result<()> {
     let mut losses = Vec::new();
     for i in 0..steps + 2 {
         if i == 2 {
-            reset_peak_memory(&dev)?;
+            dev.reset_pool_peak()?;
         }
         let r = t.step(&ids, None, batch, seq, &mut |_, _| true)?;
         losses.push(r.loss);
@@ -85,7 +85,7 @@ fn run() -> lora::Result<()> {
             times.push(r.seconds);
         }
     }
-    let peak = peak_memory(&dev)?;
+    let peak = dev.pool_peak_bytes()?;
     // One more step with the per-category profile (each op waits for the
     // device, so this step is slower; the shares are what it shows).
     t.device_profile(Some(true));

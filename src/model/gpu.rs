@@ -274,51 +274,6 @@ fn dense_weight(dev: &CudaDevice, compute: Compute, w: &[f32]) -> Result<Weight>
     })
 }
 
-/// Sets the device's default memory pool to keep freed memory (the step
-/// allocates and frees the same buffers every time) and returns the pool.
-fn keep_pool_memory(dev: &CudaDevice) -> Result<cudarc::driver::sys::CUmemoryPool> {
-    use cudarc::driver::sys;
-    cu::guard("cuDeviceGetDefaultMemPool", || {
-        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-        // SAFETY: out-pointer to a local; device ordinal of an open device.
-        unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, dev.ordinal as i32) }.result().map_err(|e| cu::cu_err("cuDeviceGetDefaultMemPool", e))?;
-        let mut thr: u64 = u64::MAX;
-        // SAFETY: the attribute takes a cuuint64_t.
-        unsafe { sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut thr as *mut u64 as *mut std::ffi::c_void) }
-            .result()
-            .map_err(|e| cu::cu_err("cuMemPoolSetAttribute(RELEASE_THRESHOLD)", e))?;
-        Ok(pool)
-    })
-}
-
-/// Peak bytes in use in the device's default memory pool (every buffer of
-/// the device path) since the last [`reset_peak_memory`].
-pub fn peak_memory(dev: &CudaDevice) -> Result<u64> {
-    use cudarc::driver::sys;
-    let pool = keep_pool_memory(dev)?;
-    cu::guard("cuMemPoolGetAttribute", || {
-        let mut v: u64 = 0;
-        // SAFETY: the attribute is a cuuint64_t.
-        unsafe { sys::cuMemPoolGetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut v as *mut u64 as *mut std::ffi::c_void) }
-            .result()
-            .map_err(|e| cu::cu_err("cuMemPoolGetAttribute(USED_MEM_HIGH)", e))?;
-        Ok(v)
-    })
-}
-
-/// Resets the peak of [`peak_memory`] to the bytes in use now.
-pub fn reset_peak_memory(dev: &CudaDevice) -> Result<()> {
-    use cudarc::driver::sys;
-    let pool = keep_pool_memory(dev)?;
-    cu::guard("cuMemPoolSetAttribute", || {
-        let mut z: u64 = 0;
-        // SAFETY: the attribute takes a cuuint64_t (only 0 is allowed).
-        unsafe { sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut z as *mut u64 as *mut std::ffi::c_void) }
-            .result()
-            .map_err(|e| cu::cu_err("cuMemPoolSetAttribute(USED_MEM_HIGH)", e))
-    })
-}
-
 impl DeviceModel {
     /// Copies `model`'s frozen weights and adapter `adapter` (which must be
     /// the model's only active adapter, multiplier 1, without dropout) to
@@ -332,7 +287,7 @@ impl DeviceModel {
             bail!(Unsupported, "head_dim {} exceeds the device attention kernels' {}", cfg.head_dim, catt::MAX_HEAD_DIM);
         }
         model.adapter_index(adapter)?;
-        keep_pool_memory(&dev)?;
+        dev.keep_freed_memory()?;
         dev.load_all_kernels()?;
         let blas = Blas::new(&dev)?;
         let d = &*dev;

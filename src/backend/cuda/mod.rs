@@ -209,6 +209,42 @@ impl CudaDevice {
         Ok(f)
     }
 
+    /// Reads (`set` None) or sets an attribute of the device's default
+    /// memory pool, the pool every stream-ordered buffer of this crate
+    /// comes from; returns the value read (or set).
+    fn pool_attribute(&self, attr: cudarc::driver::sys::CUmemPool_attribute, set: Option<u64>) -> Result<u64> {
+        use cudarc::driver::sys;
+        guard("cuMemPool attribute", || {
+            let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+            // SAFETY: out-pointer to a local; ordinal of an open device.
+            unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, self.ordinal as i32) }.result().map_err(|e| cu_err("cuDeviceGetDefaultMemPool", e))?;
+            let mut v: u64 = set.unwrap_or(0);
+            let p = &mut v as *mut u64 as *mut std::ffi::c_void;
+            // SAFETY: the attributes used here are cuuint64_t values.
+            let r = unsafe { if set.is_some() { sys::cuMemPoolSetAttribute(pool, attr, p) } else { sys::cuMemPoolGetAttribute(pool, attr, p) } };
+            r.result().map_err(|e| cu_err(&format!("cuMemPool{}Attribute({attr:?})", if set.is_some() { "Set" } else { "Get" }), e))?;
+            Ok(v)
+        })
+    }
+
+    /// Lets the memory pool keep freed memory instead of returning it to
+    /// the driver at every synchronization (a training step frees and
+    /// allocates the same buffers every time).
+    pub fn keep_freed_memory(&self) -> Result<()> {
+        self.pool_attribute(cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, Some(u64::MAX)).map(|_| ())
+    }
+
+    /// Peak bytes in use in the memory pool (every stream-ordered buffer of
+    /// the crate on this device) since the last [`reset_pool_peak`](Self::reset_pool_peak).
+    pub fn pool_peak_bytes(&self) -> Result<u64> {
+        self.pool_attribute(cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, None)
+    }
+
+    /// Resets [`pool_peak_bytes`](Self::pool_peak_bytes) to the bytes in use now.
+    pub fn reset_pool_peak(&self) -> Result<()> {
+        self.pool_attribute(cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, Some(0)).map(|_| ())
+    }
+
     /// Loads every kernel family now (compiling with NVRTC where needed), so
     /// a missing NVRTC or a compile error shows at start-up, not mid-run.
     pub fn load_all_kernels(&self) -> Result<()> {
