@@ -42,12 +42,12 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+#[path = "common/scratch.rs"]
+mod scratch;
+use scratch::exe_dir;
+
 fn manifest_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn exe_dir() -> PathBuf {
-    std::env::current_exe().unwrap().parent().unwrap().to_path_buf()
 }
 
 fn require_bindings() -> bool {
@@ -86,21 +86,7 @@ fn timeout() -> Duration {
 /// those of processes that are gone are removed.
 fn tmp_root() -> PathBuf {
     static ROOT: OnceLock<PathBuf> = OnceLock::new();
-    ROOT.get_or_init(|| {
-        let base = exe_dir().parent().unwrap().join("bindings-tests");
-        if let Ok(entries) = std::fs::read_dir(&base) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().to_string();
-                if name.parse::<u32>().is_ok() && !Path::new("/proc").join(&name).exists() {
-                    let _ = std::fs::remove_dir_all(e.path());
-                }
-            }
-        }
-        let d = base.join(std::process::id().to_string());
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    })
-    .clone()
+    ROOT.get_or_init(|| scratch::scratch_root("bindings-tests")).clone()
 }
 
 /// Caches shared by runs (Go's and Zig's compiled std), next to the

@@ -69,12 +69,12 @@ add_executable(app_static app.c)
 target_link_libraries(app_static PRIVATE lora::lora_static)
 "#;
 
+#[path = "common/scratch.rs"]
+mod scratch;
+use scratch::exe_dir;
+
 fn manifest_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn exe_dir() -> PathBuf {
-    std::env::current_exe().unwrap().parent().unwrap().to_path_buf()
 }
 
 /// The directory with the liblora.so and liblora.a under test.
@@ -162,21 +162,7 @@ const MIN: Duration = Duration::from_secs(60);
 /// those of processes that are gone (an install is ~200 MB) are removed.
 fn tmp_root() -> PathBuf {
     static ROOT: OnceLock<PathBuf> = OnceLock::new();
-    ROOT.get_or_init(|| {
-        let base = exe_dir().parent().unwrap().join("install-tests");
-        if let Ok(entries) = std::fs::read_dir(&base) {
-            for e in entries.flatten() {
-                let name = e.file_name().to_string_lossy().to_string();
-                if name.parse::<u32>().is_ok() && !Path::new("/proc").join(&name).exists() {
-                    let _ = std::fs::remove_dir_all(e.path());
-                }
-            }
-        }
-        let d = base.join(std::process::id().to_string());
-        std::fs::create_dir_all(&d).unwrap();
-        d
-    })
-    .clone()
+    ROOT.get_or_init(|| scratch::scratch_root("install-tests")).clone()
 }
 
 /// `make install` into a fresh prefix, once per test process.
