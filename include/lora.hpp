@@ -670,6 +670,13 @@ public:
 
     void merge() { detail::check(lora_merge(raw()), "lora_merge"); }
     void unmerge() { detail::check(lora_unmerge(raw()), "lora_unmerge"); }
+    /// Puts the model on CUDA device `device` (-1: back to the CPU) with
+    /// `compute` precision; logits, generation, merge and swaps then run
+    /// there (see `lora_model_use_device`). Throws `lora::error` with
+    /// `LORA_ERR_CUDA_UNAVAILABLE` without a GPU.
+    void use_device(int device, lora_compute compute = LORA_COMPUTE_BF16) {
+        detail::check(lora_model_use_device(raw(), device, compute), "lora_model_use_device");
+    }
     /// Makes `names` the active adapters, scaled by `multipliers` (empty:
     /// all 1); no names leaves the base alone. Works merged or not.
     void swap_adapter(const std::vector<std::string> &names, const std::vector<float> &multipliers = {}) {

@@ -247,6 +247,16 @@ func (m *Model) Unmerge() error {
 	return m.call("lora_unmerge", func(p *C.lora_model, msg **C.char) C.lora_status { return C.go_lora_unmerge(p, msg) })
 }
 
+// UseDevice puts the model on CUDA device `device` (-1: back to the CPU)
+// with `compute` precision (ComputeBF16 or ComputeF32): logits,
+// generation, Merge, Unmerge and SwapAdapter then run there. Without a GPU
+// the error's Status is ErrCudaUnavailable and the model stays on the CPU.
+func (m *Model) UseDevice(device int, compute int) error {
+	return m.call("lora_model_use_device", func(p *C.lora_model, msg **C.char) C.lora_status {
+		return C.go_lora_model_use_device(p, C.int32_t(device), C.lora_compute(compute), msg)
+	})
+}
+
 // SwapAdapter makes names the active adapters, scaled by multipliers (nil:
 // all 1); no names leaves the base alone. Works merged or not.
 func (m *Model) SwapAdapter(names []string, multipliers []float32) error {

@@ -142,6 +142,12 @@ func TestFineTune(t *testing.T) {
 	}
 	must(t, tr.UseDevice(-1, ComputeBF16))
 	wantStatus(t, tr.UseDevice(0, 9), ErrInvalidArgument, "unknown compute")
+	if err := m.UseDevice(0, ComputeF32); err != nil {
+		wantStatus(t, err, ErrCudaUnavailable, "Model.UseDevice(0) without a GPU")
+	} else {
+		must(t, m.UseDevice(-1, ComputeF32))
+	}
+	wantStatus(t, m.UseDevice(0, 9), ErrInvalidArgument, "unknown compute (model)")
 	_, err = tr.Step(ids, nil, batch, seq+1)
 	wantStatus(t, err, ErrBufferSize, "short batch")
 	must(t, tr.Close())

@@ -369,9 +369,14 @@ pub unsafe extern "C" fn lora_model_trainable_summary(model: *const lora_model, 
 
 /// Merges the active adapters into the weights (PEFT `merge_adapter`):
 /// later forwards use `W0 + Σ m·s·B·A`. For an NF4 base the merged weight
-/// is kept dense (fp32); the NF4 base is kept for an exact unmerge.
+/// is kept dense (fp32, derived at its first use on the host); the NF4
+/// base is kept for an exact unmerge. On a model on a device
+/// (`lora_model_use_device`) the merged weights are derived there, in the
+/// compute dtype.
 ///
-/// Errors: `LORA_ERR_INVALID_STATE` (already merged, gradients pending).
+/// Errors: `LORA_ERR_INVALID_STATE` (already merged, gradients pending),
+/// on a device `LORA_ERR_OUT_OF_MEMORY` and `LORA_ERR_CUDA` (the model is
+/// then left unmerged).
 #[no_mangle]
 pub unsafe extern "C" fn lora_merge(model: *mut lora_model) -> lora_status {
     guard(|| {
@@ -431,7 +436,8 @@ fn seq_adapters(m: &Model, adapters: *const *const c_char, batch: usize) -> Resu
 /// Logits `[batch, seq, vocab]` (fp32) for token ids `[batch, seq]`, with
 /// the active adapters, or — when `adapters` is non-NULL — one adapter per
 /// sequence (`adapters[b]` a name, or NULL for the base alone; the model
-/// must be unmerged). `out_len` is the number of floats at `out`.
+/// must be unmerged). `out_len` is the number of floats at `out`. On the
+/// device when the model is on one (`lora_model_use_device`).
 ///
 /// Errors: `LORA_ERR_INVALID_SHAPE`, `LORA_ERR_BUFFER_SIZE`,
 /// `LORA_ERR_INVALID_ARGUMENT` (token id outside the vocabulary, unknown
@@ -560,6 +566,7 @@ pub extern "C" fn lora_generate_default_params() -> lora_generate_params {
 /// base alone): a mixed-adapter batch; otherwise the active adapters
 /// (merged or not). New tokens go to `out[i · max_new_tokens + j]`
 /// (`out_len ≥ n_seqs · max_new_tokens`), their count to `out_lens[i]`.
+/// On the device when the model is on one (`lora_model_use_device`).
 ///
 /// Errors: `LORA_ERR_INVALID_ARGUMENT` (empty prompt, id outside the
 /// vocabulary, temperature < 0, top_p outside (0, 1]), `LORA_ERR_BUFFER_SIZE`,
@@ -887,7 +894,7 @@ pub unsafe extern "C" fn lora_train_step(trainer: *mut lora_trainer, ids: *const
     })
 }
 
-/// Operand precision of a GPU training step's frozen products.
+/// Operand precision of the frozen products of a model on a GPU.
 pub type lora_compute = u32;
 /// bf16 operands on tensor cores, fp32 accumulation (bitsandbytes'
 /// `compute_dtype=bfloat16`); the embedding table and the MLP's gate/up
@@ -897,55 +904,98 @@ pub const LORA_COMPUTE_BF16: lora_compute = 0;
 /// Every product in fp32: the CPU backend's numbers up to summation order.
 pub const LORA_COMPUTE_F32: lora_compute = 1;
 
+/// `LORA_COMPUTE_*` → the device precision; `device` −1 → `None`.
+fn device_of(device: i32, compute: lora_compute) -> Result<Option<(usize, crate::model::gpu::Compute)>> {
+    let c = match compute {
+        LORA_COMPUTE_BF16 => crate::model::gpu::Compute::BF16,
+        LORA_COMPUTE_F32 => crate::model::gpu::Compute::F32,
+        _ => crate::bail!(InvalidArgument, "compute {compute} is not a LORA_COMPUTE_* value"),
+    };
+    match device {
+        -1 => Ok(None),
+        d if d >= 0 => Ok(Some((d as usize, c))),
+        d => crate::bail!(InvalidArgument, "device {d} is neither -1 (CPU) nor a CUDA device index"),
+    }
+}
+
+/// Puts `model` on CUDA device `device` (0, 1, …) with `compute`
+/// precision (`LORA_COMPUTE_*`), or takes it off with `device = -1`. The
+/// base weights (NF4 stays NF4) and every adapter are copied to device
+/// memory once; then `lora_model_logits`, `lora_model_loss`,
+/// `lora_generate` (mixed-adapter batches too: BGMV kernels, KV cache in
+/// device memory), `lora_merge` (the merged weights `W0 + Σ m·s·B·A` are
+/// derived on the device and kept beside `W0`, so `lora_unmerge` is exact),
+/// `lora_unmerge` and `lora_swap_adapter` run there. The host copy stays
+/// the master: adapters created, loaded, removed or changed through the
+/// model are copied to the device before its next operation there.
+/// Training runs on the device for trainers that ask
+/// (`lora_trainer_use_device`). Calling it again with the same device and
+/// precision does nothing.
+///
+/// Ownership: the device copy belongs to the model and is freed with it
+/// or by `device = -1`. Thread safety: as every model call. Memory: the
+/// frozen weights once (NF4: 4.127 bits per weight), adapters in fp32, and
+/// while merged a dense copy of every merged module in the compute dtype.
+///
+/// Errors: `LORA_ERR_CUDA_UNAVAILABLE` (no driver, no such device, no
+/// NVRTC or cuBLAS), `LORA_ERR_UNSUPPORTED` (head_dim above 128),
+/// `LORA_ERR_INVALID_ARGUMENT` (unknown `compute`), `LORA_ERR_INVALID_STATE`
+/// (moving or removing the device copy while a trainer trains on it),
+/// `LORA_ERR_OUT_OF_MEMORY` (device memory), `LORA_ERR_CUDA`.
+#[no_mangle]
+pub unsafe extern "C" fn lora_model_use_device(model: *mut lora_model, device: i32, compute: lora_compute) -> lora_status {
+    guard(|| {
+        let h = model_ref(model)?;
+        let d = device_of(device, compute)?;
+        with_model(h, |m| m.use_device(d))
+    })
+}
+
 /// Moves `trainer`'s steps to CUDA device `device` (0, 1, …) with
 /// `compute` precision (`LORA_COMPUTE_*`), or back to the CPU with
-/// `device = -1`. The base weights (NF4 stays NF4), the adapter and the
-/// AdamW state are copied to device memory; each `lora_train_step` then
-/// runs forward, backward, clipping and AdamW there, and copies the
-/// updated adapter back to the model, so saving, merging and generation
-/// see it. Works after `lora_trainer_new` or `lora_trainer_resume`.
-/// Attention runs on the fp32 kernels; `LORA_CUDA_ATTENTION=tc` in the
-/// environment (read here) switches bf16 mode to the tensor-core kernels
+/// `device = -1`. The model goes to that device first if it is not there
+/// (as `lora_model_use_device`; the trainer takes it off again when it
+/// returns to the CPU or is freed, unless another trainer still trains
+/// there). The adapter's AdamW state moves to device memory; each
+/// `lora_train_step` then runs forward, backward, clipping and AdamW
+/// there, and copies the updated adapter back to the model, so saving
+/// sees it (generation, merging and swaps run on the device copy, which
+/// holds it already). Works after `lora_trainer_new` or
+/// `lora_trainer_resume`. Attention runs on the fp32 kernels;
+/// `LORA_CUDA_ATTENTION=tc` in the environment (read when the model goes
+/// to the device) switches bf16 mode to the tensor-core kernels
 /// (`cuda/attention_tc.cu`), which have not yet run on a GPU.
 ///
-/// Ownership: the device copy belongs to the trainer and is freed with it
-/// (or when it returns to the CPU); the model is not copied away from the
-/// host. Thread safety: as every trainer call, not concurrently with other
-/// calls on the same trainer or its model. `device` is a CUDA ordinal as
-/// the driver numbers devices.
+/// Ownership: the gradients and moments on the device belong to the
+/// trainer and are freed with it (or when it returns to the CPU). Thread
+/// safety: as every trainer call, not concurrently with other calls on the
+/// same trainer or its model. `device` is a CUDA ordinal as the driver
+/// numbers devices.
 ///
 /// Paged optimizer state (`paged_state`) is copied into device memory and
-/// back to its pages when the trainer returns to the CPU. While the trainer
-/// is on a device its adapter's master weights live there: changing them
-/// through the model (say `lora_adapter_load` into the same name) takes
-/// effect for the trainer after another `lora_trainer_use_device` call.
+/// back to its pages when the trainer returns to the CPU. Changing the
+/// adapter's weights through the model (say `lora_adapter_load` into the
+/// same name) reaches the device before the next step.
 ///
 /// Errors: `LORA_ERR_CUDA_UNAVAILABLE` (no driver, no such device, no
 /// NVRTC or cuBLAS), `LORA_ERR_UNSUPPORTED` (8-bit AdamW, LoRA dropout,
 /// head_dim above 128), `LORA_ERR_INVALID_ARGUMENT`
-/// (unknown `compute`), `LORA_ERR_OUT_OF_MEMORY` (device memory),
-/// `LORA_ERR_CUDA`.
+/// (unknown `compute`), `LORA_ERR_INVALID_STATE` (the model is on another
+/// device or precision where another trainer trains),
+/// `LORA_ERR_OUT_OF_MEMORY` (device memory), `LORA_ERR_CUDA`.
 #[no_mangle]
 pub unsafe extern "C" fn lora_trainer_use_device(trainer: *mut lora_trainer, device: i32, compute: lora_compute) -> lora_status {
     guard(|| {
         let t = util::handle_mut(trainer, "trainer")?;
-        let c = match compute {
-            LORA_COMPUTE_BF16 => crate::model::gpu::Compute::BF16,
-            LORA_COMPUTE_F32 => crate::model::gpu::Compute::F32,
-            _ => crate::bail!(InvalidArgument, "compute {compute} is not a LORA_COMPUTE_* value"),
-        };
-        match device {
-            -1 => t.inner.use_device(None),
-            d if d >= 0 => t.inner.use_device(Some((d as usize, c))),
-            d => crate::bail!(InvalidArgument, "device {d} is neither -1 (CPU) nor a CUDA device index"),
-        }
+        t.inner.use_device(device_of(device, compute)?)
     })
 }
 
-/// Generates with `trainer`'s adapter (multiplier 1) for `n_seqs` prompts:
-/// on the trainer's GPU when `lora_trainer_use_device` put it on one (KV
-/// cache in device memory, one logits copy per step for sampling), else on
-/// the CPU as `lora_generate` with that adapter for every sequence.
+/// Generates with `trainer`'s adapter (multiplier 1) for `n_seqs` prompts,
+/// as `lora_generate` with that adapter for every sequence: on the GPU when
+/// the model is on one (`lora_trainer_use_device`, `lora_model_use_device`;
+/// KV cache in device memory, one logits copy per step for sampling),
+/// else on the CPU.
 /// Arguments and output as `lora_generate` (without per-sequence adapters):
 /// `prompts[i]` holds `prompt_lens[i]` token ids; new ids go to the
 /// caller's `out[i · max_new_tokens + j]` (`out_len` counts ids), their

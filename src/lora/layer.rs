@@ -17,6 +17,7 @@ use crate::error::Result;
 use crate::quant::nf4::{dequantize_range_f32, Absmax, Nf4Params, Nf4Tensor};
 use crate::rng::{derive_seed, dropout_keep, SplitMix64};
 use rayon::prelude::*;
+use std::sync::OnceLock;
 
 /// Elements of the NF4 base dequantized at once: 8 MiB of fp32, large
 /// enough that each tile's GEMM runs at full speed, a small fraction of a
@@ -110,8 +111,10 @@ pub struct LoraLayer {
     adapters: Vec<Adapter>,
     /// Active adapters (index, multiplier), in activation order.
     active: Vec<(usize, f32)>,
-    /// `W0 + Σ_active m·s·B·A` when merged.
-    merged: Option<Vec<f32>>,
+    /// `W0 + Σ_active m·s·B·A` when merged, derived at its first use (a
+    /// model merged on a GPU never needs the host copy unless a host
+    /// forward or an export asks for it).
+    merged: Option<OnceLock<Vec<f32>>>,
     grads_pending: bool,
     seed: u64,
     calls: u64,
@@ -224,7 +227,7 @@ impl LoraLayer {
             Base::Nf4 { t } => t.footprint_bytes(),
             Base::Dense(w) => w.len() * 4,
         };
-        w + self.bias.as_ref().map_or(0, |b| b.len() * 4) + self.merged.as_ref().map_or(0, |m| m.len() * 4)
+        w + self.bias.as_ref().map_or(0, |b| b.len() * 4) + self.merged.as_ref().and_then(|m| m.get()).map_or(0, |m| m.len() * 4)
     }
 
     /// Bytes of adapter weights and their gradients.
@@ -410,7 +413,7 @@ impl LoraLayer {
         }
         self.active = new;
         if self.is_merged() {
-            self.merged = Some(self.derive_merged());
+            self.merged = Some(OnceLock::new());
         }
         Ok(())
     }
@@ -421,7 +424,7 @@ impl LoraLayer {
             bail!(InvalidState, "the layer is already merged");
         }
         self.check_no_pending("merging")?;
-        self.merged = Some(self.derive_merged());
+        self.merged = Some(OnceLock::new());
         Ok(())
     }
 
@@ -459,6 +462,11 @@ impl LoraLayer {
         d
     }
 
+    /// The merged weight, derived now if this is its first use.
+    fn merged_weight<'a>(&self, m: &'a OnceLock<Vec<f32>>) -> &'a Vec<f32> {
+        m.get_or_init(|| self.derive_merged())
+    }
+
     fn derive_merged(&self) -> Vec<f32> {
         let mut w = self.base_weight_f32();
         for &(i, m) in &self.active {
@@ -471,7 +479,10 @@ impl LoraLayer {
     /// The weight the layer currently computes with, in the base's own
     /// layout (`[in,out]` for fan_in_fan_out): merged if merged, else `W0`.
     pub fn effective_weight(&self) -> Vec<f32> {
-        let w = self.merged.clone().unwrap_or_else(|| self.base_weight_f32());
+        let w = match &self.merged {
+            Some(m) => self.merged_weight(m).clone(),
+            None => self.base_weight_f32(),
+        };
         if self.fan_in_fan_out {
             let mut t = vec![0f32; w.len()];
             for o in 0..self.out_f {
@@ -505,13 +516,14 @@ impl LoraLayer {
     /// adapters become inactive (their effect is now in the base). Returns
     /// the error the requantization added.
     pub fn requantize_merged(&mut self, params: Nf4Params) -> Result<RequantReport> {
-        let Some(w) = self.merged.take() else {
+        let Some(cell) = self.merged.take() else {
             bail!(InvalidState, "the layer is not merged: nothing to requantize");
         };
+        let w = cell.into_inner().unwrap_or_else(|| self.derive_merged());
         let t = match Nf4Tensor::quantize(Elems::F32(&w), &[self.out_f, self.in_f], params) {
             Ok(t) => t,
             Err(e) => {
-                self.merged = Some(w);
+                self.merged = Some(OnceLock::from(w));
                 return Err(e);
             }
         };
@@ -532,7 +544,8 @@ impl LoraLayer {
     /// `y: [n,out]` overwritten.
     fn base_forward(&self, x: &[f32], n: usize, y: &mut [f32]) {
         let (in_f, out_f) = (self.in_f, self.out_f);
-        match (&self.merged, &self.base) {
+        let merged = self.merged.as_ref().map(|m| self.merged_weight(m));
+        match (merged, &self.base) {
             (Some(w), _) | (None, Base::Dense(w)) => {
                 gemm_f32(y, out_f, Mat::n(x, in_f), Mat::t(w, in_f), n, out_f, in_f, 1.0, false, true);
             }

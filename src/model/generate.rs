@@ -165,6 +165,11 @@ impl Model {
         if cap > self.cfg.max_position_embeddings {
             crate::log!(Warn, "generating to position {cap}, past max_position_embeddings {}", self.cfg.max_position_embeddings);
         }
+        if self.gpu.0.is_some() {
+            let seq_ad: Option<Vec<i32>> = mixed.then(|| reqs.iter().map(|r| r.adapter.unwrap_or(-1)).collect());
+            let prompts: Vec<&[i32]> = reqs.iter().map(|r| r.prompt).collect();
+            return self.with_device(|g, _| g.generate(&prompts, seq_ad.as_deref(), max_new, s, stop, progress));
+        }
         let (nkv, hd) = (self.cfg.num_kv_heads, self.cfg.head_dim);
         let nl = self.blocks.len();
         let per = bsz

@@ -1,12 +1,14 @@
-//! The training step on a CUDA device: the same function as
-//! [`Model::forward_backward`] plus clipping and AdamW, run with the
-//! crate's kernels (`cuda/*.cu`) around cuBLAS matrix products, with the
-//! base weights, activations, adapters, their gradients and AdamW moments
-//! all in device memory.
+//! A model on a CUDA device ([`Model::use_device`],
+//! `lora_model_use_device`): the same functions as the host model — the
+//! training step ([`Model::forward_backward`] plus clipping and AdamW),
+//! logits, generation, merging and swapping — run with the crate's kernels
+//! (`cuda/*.cu`) around cuBLAS matrix products, with the base weights,
+//! activations, adapters, their gradients and AdamW moments all in device
+//! memory.
 //!
 //! [`DeviceModel::upload`] copies a [`Model`]'s frozen weights (NF4 bases
 //! stay NF4 on the device, 4.127 bits per weight with double
-//! quantization) and one adapter (fp32 masters) to the device. A step
+//! quantization) and its adapters (fp32) to the device. A training step
 //! (ids and labels in, loss and gradient norm out) then runs without host
 //! round trips except one: after the gradients are clipped the host reads
 //! the loss and the norm (24 bytes) to refuse a non-finite step before
@@ -42,16 +44,28 @@
 //! most [`HEAD_CHUNK_ELEMS`] logits, so the `[tokens, vocab]` matrix never
 //! exists whole.
 //!
-//! Generation ([`DeviceModel::generate`], `lora_trainer_generate`) runs on
-//! the device too: prefill through the same forward kernels, a KV cache per
-//! layer in device memory, decode attention, logits copied to the host once
-//! per step for sampling.
+//! Adapters: every adapter of the model is on the device (one buffer of
+//! weights each), kept in step with the host by [`DeviceModel::sync`]
+//! (the host model counts its adapter changes,
+//! [`Model::adapters_version`]); swaps mirror the host's active set (O(1):
+//! the forward reads the active list), merging derives `W0 + Σ m·s·B·A`
+//! per module on the device (NF4 dequantized, one GEMM per adapter,
+//! stored in the compute dtype; `W0` is kept, so unmerging is exact and a
+//! swap while merged re-derives from `W0`), and a mixed-adapter batch
+//! (one adapter per sequence) runs the BGMV kernels. An adapter being
+//! trained ([`DeviceModel::train_begin`]) also has its gradients and AdamW
+//! moments here.
 //!
-//! Not yet on the device: LoRA dropout (refused), several adapters at once
-//! (mixed-adapter batches, swaps), merging, 8-bit AdamW (refused); paged
-//! AdamW state is copied into device memory. The host model is kept current
-//! after each step, so `lora_generate`, merge, swap and save see the
-//! trained adapter and run on the CPU.
+//! Generation ([`DeviceModel::generate`], `lora_generate` and
+//! `lora_trainer_generate` on a model on a device) runs on the device too:
+//! prefill through the same forward kernels, a KV cache per layer in
+//! device memory, decode attention, logits copied to the host once per
+//! step for sampling; [`DeviceModel::logits`] serves `lora_model_logits`
+//! and `lora_model_loss`.
+//!
+//! Not yet on the device: LoRA dropout (refused for training), 8-bit
+//! AdamW (refused). The host model is kept current after each step, so
+//! saving reads it.
 
 use super::generate::{sample_loop, Sampling};
 use super::{shifted_targets, Model, DOWN, GATE, K, O, Q, UP, V};
@@ -67,6 +81,7 @@ use crate::optim::{AdamWConfig, AdamWScalars};
 use cudarc::driver::{CudaSlice, CudaView};
 use half::bf16;
 use std::sync::Arc;
+use std::ops::Range;
 
 /// Rows up to which a decode step's NF4 products run as fused GEMVs (one
 /// per row) rather than dequantize-then-GEMM.
@@ -110,13 +125,14 @@ impl WView<'_> {
     }
 }
 
-/// One module's adapter: where its A `[r, in]` and B `[out, r]` sit in the
-/// model's flat adapter buffers (params, grads, m, v).
+/// One module's share of an adapter: where its A `[r, in]` and B `[out, r]`
+/// sit in the adapter's flat buffers (params, and grads, m, v when trained).
+#[derive(Clone, Debug, PartialEq)]
 struct DevAdapter {
     r: usize,
     scale: f32,
-    a: std::ops::Range<usize>,
-    b: std::ops::Range<usize>,
+    a: Range<usize>,
+    b: Range<usize>,
 }
 
 struct DevLinear {
@@ -124,7 +140,83 @@ struct DevLinear {
     out_f: usize,
     w: Weight,
     bias: Option<CudaSlice<f32>>,
-    ad: Option<DevAdapter>,
+    /// This module's share of each adapter (indexed like
+    /// [`DeviceModel::sets`], which is the model's adapter order).
+    ads: Vec<Option<DevAdapter>>,
+    /// `W0 + Σ_active m·s·B·A` in the compute dtype while the model is
+    /// merged and an active adapter touches this module.
+    merged: Option<Weight>,
+}
+
+/// One of the model's adapters on the device: every tensor (A then B of
+/// each module that carries it, in model order: [`Model::adapter_params`]'s
+/// order) in one buffer.
+struct DevSet {
+    name: String,
+    params: CudaSlice<f32>,
+    spans: Vec<Range<usize>>,
+    /// Gradients, AdamW moments and step count while a trainer trains this
+    /// adapter on the device: one buffer each (one AdamW launch, one memset
+    /// per step).
+    train: Option<TrainState>,
+}
+
+struct TrainState {
+    grads: CudaSlice<f32>,
+    m: CudaSlice<f32>,
+    v: CudaSlice<f32>,
+    steps: u64,
+}
+
+/// Which adapters a forward applies to which rows.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    /// The model's active adapters with their multipliers (through the
+    /// merged weights when merged).
+    Active,
+    /// Adapter `s` at multiplier 1 on every row (training; one prompt of a
+    /// mixed batch), or none (the base alone).
+    One(Option<usize>),
+    /// Per row an adapter index or −1 (a mixed-adapter batch: BGMV).
+    PerRow(&'a [i32]),
+}
+
+/// Adapter `name` of the host model flattened for the device: its weights
+/// (A then B per module, in model order), their spans, and each module's
+/// share (`[layer][linear]`).
+struct Flat {
+    data: Vec<f32>,
+    spans: Vec<Range<usize>>,
+    per: Vec<Vec<Option<DevAdapter>>>,
+}
+
+fn flatten(model: &Model, name: &str) -> Result<Flat> {
+    let mut f = Flat { data: Vec::new(), spans: Vec::new(), per: Vec::with_capacity(model.blocks.len()) };
+    for blk in &model.blocks {
+        let mut row = Vec::with_capacity(blk.lin.len());
+        for l in &blk.lin {
+            row.push(match l.adapter_index(name) {
+                Ok(i) => {
+                    let a = &l.adapters()[i];
+                    let mut span = |x: &[f32]| {
+                        let r = f.data.len()..f.data.len() + x.len();
+                        f.data.extend_from_slice(x);
+                        f.spans.push(r.clone());
+                        r
+                    };
+                    let (ra, rb) = (span(&a.a), span(&a.b));
+                    Some(DevAdapter { r: a.r, scale: a.scale, a: ra, b: rb })
+                }
+                Err(_) => None,
+            });
+        }
+        f.per.push(row);
+    }
+    Ok(f)
+}
+
+fn htod<T: cudarc::driver::DeviceRepr>(dev: &CudaDevice, src: &[T], dst: &mut CudaSlice<T>) -> Result<()> {
+    cu::guard("cuMemcpyHtoDAsync", || dev.stream.memcpy_htod(src, dst).map_err(|e| cu::cu_err("cuMemcpyHtoDAsync", e)))
 }
 
 struct DevLayer {
@@ -202,6 +294,9 @@ impl Saved {
     }
 }
 
+/// AdamW moments, one `(m, v)` per adapter tensor.
+pub type Moments = Vec<(Vec<f32>, Vec<f32>)>;
+
 /// One step's outcome on the device.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DeviceStep {
@@ -210,13 +305,14 @@ pub struct DeviceStep {
     pub grad_norm: f32,
 }
 
-/// A model's frozen weights and one trainable adapter in device memory.
+/// A model's frozen weights and its adapters in device memory (see the
+/// module docs); the host [`Model`] owns it ([`Model::use_device`]).
 pub struct DeviceModel {
     dev: Arc<CudaDevice>,
+    ordinal: usize,
     blas: Blas,
     compute: Compute,
     cfg: ModelConfig,
-    adapter: String,
     inv_freq: Vec<f32>,
     /// The embedding `[vocab, hidden]` in the compute dtype (fp32 or bf16).
     embed: Weight,
@@ -225,19 +321,18 @@ pub struct DeviceModel {
     head: Option<Weight>,
     norm: CudaSlice<f32>,
     layers: Vec<DevLayer>,
-    /// Every adapter tensor (A then B of each module, in model order: the
-    /// order of [`Model::adapter_params`]) in one buffer each for the
-    /// weights, gradients and AdamW moments: one copy to the host, one
-    /// AdamW launch, one memset per step.
-    params: CudaSlice<f32>,
-    grads: CudaSlice<f32>,
-    m: CudaSlice<f32>,
-    v: CudaSlice<f32>,
-    /// Each tensor's range in those buffers.
-    spans: Vec<std::ops::Range<usize>>,
+    /// The model's adapters, in its order (so a model adapter index is a
+    /// set index).
+    sets: Vec<DevSet>,
+    /// The active adapters (set index, multiplier), as the host's.
+    active: Vec<(usize, f32)>,
+    /// The active set the merged weights were derived for (`None`:
+    /// unmerged).
+    merged_for: Option<Vec<(usize, f32)>>,
+    /// The host's adapter version ([`Model::adapters_version`]) the sets
+    /// were last copied from.
+    synced: Option<u64>,
     rope: Option<CudaRopeTable>,
-    /// AdamW steps taken on the device.
-    steps: u64,
     /// Attention on tensor cores (`cuda/attention_tc.cu`) where the shape
     /// allows ([`DeviceModel::set_tensor_core_attention`]; off by default
     /// until the kernels have run on a GPU, see the module docs).
@@ -251,6 +346,26 @@ pub struct DeviceModel {
     head_chunk: usize,
     /// Per-category time when profiling ([`DeviceModel::set_profiling`]).
     prof: parking_lot::Mutex<Option<Vec<(&'static str, f64, u64)>>>,
+}
+
+/// A host model's device copy ([`Model::use_device`]). A clone of the
+/// model is a host model: the copy is not cloned with it.
+#[derive(Default)]
+pub struct DeviceCopy(pub(crate) Option<Box<DeviceModel>>);
+
+impl Clone for DeviceCopy {
+    fn clone(&self) -> Self {
+        DeviceCopy(None)
+    }
+}
+
+impl std::fmt::Debug for DeviceCopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(g) => write!(f, "DeviceCopy(cuda:{}, {:?})", g.ordinal, g.compute),
+            None => write!(f, "DeviceCopy(None)"),
+        }
+    }
 }
 
 fn alloc(dev: &CudaDevice, n: usize) -> Result<CudaSlice<f32>> {
@@ -275,18 +390,14 @@ fn dense_weight(dev: &CudaDevice, compute: Compute, w: &[f32]) -> Result<Weight>
 }
 
 impl DeviceModel {
-    /// Copies `model`'s frozen weights and adapter `adapter` (which must be
-    /// the model's only active adapter, multiplier 1, without dropout) to
-    /// `dev`. Adam moments start at zero (step 0).
-    pub fn upload(dev: Arc<CudaDevice>, model: &Model, adapter: &str, compute: Compute) -> Result<DeviceModel> {
-        if model.is_merged() {
-            bail!(InvalidState, "the model is merged; unmerge it before training on the device");
-        }
+    /// Copies `model`'s frozen weights and every adapter to CUDA device
+    /// `ordinal` (opened here), mirroring its active set and merge state.
+    pub fn upload(ordinal: usize, model: &Model, compute: Compute) -> Result<DeviceModel> {
         let cfg = model.cfg.clone();
         if cfg.head_dim > catt::MAX_HEAD_DIM {
             bail!(Unsupported, "head_dim {} exceeds the device attention kernels' {}", cfg.head_dim, catt::MAX_HEAD_DIM);
         }
-        model.adapter_index(adapter)?;
+        let dev = Arc::new(cu::open(ordinal)?);
         dev.keep_freed_memory()?;
         dev.load_all_kernels()?;
         let blas = Blas::new(&dev)?;
@@ -300,8 +411,6 @@ impl DeviceModel {
             None => None,
         };
         let mut layers = Vec::with_capacity(model.blocks.len());
-        let mut spans: Vec<std::ops::Range<usize>> = Vec::new();
-        let mut host_params: Vec<f32> = Vec::new();
         for blk in &model.blocks {
             let mut lin = Vec::with_capacity(7);
             for l in &blk.lin {
@@ -309,56 +418,147 @@ impl DeviceModel {
                     Some(t) => Weight::Nf4(CudaNf4::upload(d, t)?),
                     None => dense_weight(d, compute, l.base_dense().ok_or_else(|| err!(Internal, "a linear layer with neither a dense nor an NF4 base"))?)?,
                 };
-                let ad = match l.adapter_index(adapter) {
-                    Ok(i) => {
-                        let a = &l.adapters()[i];
-                        if a.dropout != 0.0 {
-                            bail!(Unsupported, "adapter '{adapter}' has LoRA dropout {}; the device path does not implement dropout yet (use 0, or the CPU)", a.dropout);
-                        }
-                        let mut span = |x: &[f32]| {
-                            let r = host_params.len()..host_params.len() + x.len();
-                            host_params.extend_from_slice(x);
-                            spans.push(r.clone());
-                            r
-                        };
-                        let (ra, rb) = (span(&a.a), span(&a.b));
-                        Some(DevAdapter { r: a.r, scale: a.scale, a: ra, b: rb })
-                    }
-                    Err(_) => None,
-                };
                 let bias = l.bias().map(|b| d.upload(b)).transpose()?;
-                lin.push(DevLinear { in_f: l.in_features(), out_f: l.out_features(), w, bias, ad });
+                lin.push(DevLinear { in_f: l.in_features(), out_f: l.out_features(), w, bias, ads: Vec::new(), merged: None });
             }
             layers.push(DevLayer { attn_norm: d.upload(&blk.attn_norm)?, mlp_norm: d.upload(&blk.mlp_norm)?, lin });
         }
         let norm = d.upload(&model.norm)?;
         let inv_freq = cfg.inv_freq();
-        let total = host_params.len();
-        let params = d.upload(&host_params)?;
-        let (grads, m, v) = (alloc(d, total)?, alloc(d, total)?, alloc(d, total)?);
-        Ok(DeviceModel {
+        let mut g = DeviceModel {
             dev,
+            ordinal,
             blas,
             compute,
             cfg,
-            adapter: adapter.to_string(),
             inv_freq,
             embed,
             head,
             norm,
             layers,
-            params,
-            grads,
-            m,
-            v,
-            spans,
+            sets: Vec::new(),
+            active: Vec::new(),
+            merged_for: None,
+            synced: None,
             rope: None,
-            steps: 0,
             attn_tc: compute == Compute::BF16 && std::env::var("LORA_CUDA_ATTENTION").is_ok_and(|v| v == "tc"),
             lora_kernels: std::env::var("LORA_CUDA_LORA").is_ok_and(|v| v == "kernels"),
             head_chunk: HEAD_CHUNK_ELEMS,
             prof: parking_lot::Mutex::new(None),
-        })
+        };
+        g.sync(model)?;
+        Ok(g)
+    }
+
+    /// Brings the device copy in line with the host model: adapters added,
+    /// removed or changed since the last sync are copied (a trained
+    /// adapter keeps its gradients and moments when its shape is
+    /// unchanged), the active set is mirrored, and the merged weights are
+    /// derived (on the device: `W0 + Σ m·s·B·A` per module) or dropped as
+    /// the host is merged or not. Cheap when nothing changed.
+    pub fn sync(&mut self, model: &Model) -> Result<()> {
+        let version = model.adapters_version();
+        let changed = self.synced != Some(version);
+        if changed {
+            self.synced = None;
+            let flats = model.adapters.iter().map(|a| flatten(model, &a.name)).collect::<Result<Vec<_>>>()?;
+            let dev = self.dev.clone();
+            let mut old = std::mem::take(&mut self.sets);
+            let mut sets = Vec::with_capacity(flats.len());
+            for (info, f) in model.adapters.iter().zip(&flats) {
+                let set = match old.iter().position(|s| s.name == info.name && s.spans == f.spans) {
+                    Some(i) => {
+                        let mut s = old.swap_remove(i);
+                        htod(&dev, &f.data, &mut s.params)?;
+                        s
+                    }
+                    None => DevSet { name: info.name.clone(), params: dev.upload(&f.data)?, spans: f.spans.clone(), train: None },
+                };
+                sets.push(set);
+            }
+            for (l, dl) in self.layers.iter_mut().enumerate() {
+                for (j, lin) in dl.lin.iter_mut().enumerate() {
+                    lin.ads = flats.iter().map(|f| f.per[l][j].clone()).collect();
+                }
+            }
+            self.sets = sets;
+            self.synced = Some(version);
+        }
+        self.active = model.active().iter().map(|(n, m)| Ok((self.set_index(n)?, *m))).collect::<Result<Vec<_>>>()?;
+        if !model.is_merged() {
+            if self.merged_for.take().is_some() {
+                self.layers.iter_mut().flat_map(|l| l.lin.iter_mut()).for_each(|lin| lin.merged = None);
+            }
+        } else if changed || self.merged_for.as_ref() != Some(&self.active) {
+            self.derive_merged()?;
+        }
+        Ok(())
+    }
+
+    fn set_index(&self, name: &str) -> Result<usize> {
+        self.sets.iter().position(|s| s.name == name).ok_or_else(|| err!(Internal, "adapter '{name}' is not on the device"))
+    }
+
+    /// Every module's merged weight for the active set, derived into new
+    /// buffers first so a failure (out of memory) leaves the old ones.
+    fn derive_merged(&mut self) -> Result<()> {
+        let t = self.tick()?;
+        let mut all = Vec::with_capacity(self.layers.len());
+        for dl in &self.layers {
+            all.push(dl.lin.iter().map(|lin| self.merged_weight(lin)).collect::<Result<Vec<_>>>()?);
+        }
+        for (dl, ws) in self.layers.iter_mut().zip(all) {
+            for (lin, w) in dl.lin.iter_mut().zip(ws) {
+                lin.merged = w;
+            }
+        }
+        self.merged_for = Some(self.active.clone());
+        self.tock(t, "merge")
+    }
+
+    /// `W0 + Σ_active m·s·B·A` of one module in the compute dtype (fp32
+    /// sums, one GEMM per adapter), or `None` when no active adapter
+    /// touches it.
+    fn merged_weight(&self, lin: &DevLinear) -> Result<Option<Weight>> {
+        let terms: Vec<(&DevAdapter, &DevSet, f32)> = self.active.iter().filter_map(|&(s, m)| lin.ads[s].as_ref().map(|ad| (ad, &self.sets[s], m))).collect();
+        if terms.is_empty() {
+            return Ok(None);
+        }
+        let d = &*self.dev;
+        let (in_f, out_f) = (lin.in_f, lin.out_f);
+        let mut w = out_buf::<f32>(d, in_f * out_f)?;
+        match &lin.w {
+            Weight::Nf4(t) => t.dequantize_into(d, &mut DevElemsMut::F32(w.as_view_mut()))?,
+            Weight::F32(s) => cu::guard("cuMemcpyDtoDAsync", || d.stream.memcpy_dtod(s, &mut w).map_err(|e| cu::cu_err("cuMemcpyDtoDAsync", e)))?,
+            Weight::Bf16(b) => ew::from_bf16(d, &b.as_view(), &mut w.as_view_mut(), false)?,
+        }
+        for (ad, set, m) in terms {
+            let (av, bv) = (set.params.slice(ad.a.clone()), set.params.slice(ad.b.clone()));
+            gemm(d, &self.blas, MatRef::f32(d, &bv, out_f, ad.r)?, false, MatRef::f32(d, &av, ad.r, in_f)?, false, &mut w.as_view_mut(), ad.scale * m, 1.0)?;
+        }
+        Ok(Some(match self.compute {
+            Compute::F32 => Weight::F32(w),
+            Compute::BF16 => {
+                let mut b = out_buf::<u16>(d, w.len())?;
+                ew::to_bf16(d, &w.as_view(), &mut b.as_view_mut())?;
+                Weight::Bf16(b)
+            }
+        }))
+    }
+
+    /// The CUDA device ordinal this copy lives on.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// True while the merged weights are in use.
+    pub fn is_merged(&self) -> bool {
+        self.merged_for.is_some()
+    }
+
+    /// Adapters being trained on the device.
+    pub fn training(&self) -> Vec<&str> {
+        self.sets.iter().filter(|s| s.train.is_some()).map(|s| s.name.as_str()).collect()
     }
 
     /// Turns the per-category profile on (cleared) or off. While on, every
@@ -436,74 +636,84 @@ impl DeviceModel {
         self.compute
     }
 
-    pub fn adapter(&self) -> &str {
-        &self.adapter
-    }
-
-    /// AdamW steps taken on the device.
-    pub fn steps(&self) -> u64 {
-        self.steps
-    }
-
-    /// Continues from `steps` optimizer steps with these moments (one
-    /// `(m, v)` pair per adapter tensor, in [`Model::adapter_params`]'s
-    /// order) and these adapter weights (from the host model).
-    pub fn set_state(&mut self, model: &Model, steps: u64, moments: &[(Vec<f32>, Vec<f32>)]) -> Result<()> {
-        if moments.len() != self.spans.len() {
-            bail!(ShapeMismatch, "optimizer state has {} tensors, the adapter {}", moments.len(), self.spans.len());
+    /// Starts training adapter `adapter` here: gradients and AdamW moments
+    /// in device memory, continuing from `steps` optimizer steps with
+    /// these moments (one `(m, v)` pair per adapter tensor, in
+    /// [`Model::adapter_params`]'s order). The adapter's weights are the
+    /// host's (the copy is synced first by the caller).
+    pub fn train_begin(&mut self, model: &Model, adapter: &str, steps: u64, moments: &[(Vec<f32>, Vec<f32>)]) -> Result<()> {
+        for blk in &model.blocks {
+            for l in &blk.lin {
+                if let Ok(a) = l.adapter(adapter) {
+                    if a.dropout != 0.0 {
+                        bail!(Unsupported, "adapter '{adapter}' has LoRA dropout {}; the device path does not implement dropout yet (use 0, or the CPU)", a.dropout);
+                    }
+                }
+            }
         }
-        let (mut hm, mut hv) = (Vec::with_capacity(self.params.len()), Vec::with_capacity(self.params.len()));
-        for (i, ((m, v), r)) in moments.iter().zip(&self.spans).enumerate() {
+        let s = self.set_index(adapter)?;
+        let set = &self.sets[s];
+        if moments.len() != set.spans.len() {
+            bail!(ShapeMismatch, "optimizer state has {} tensors, the adapter {}", moments.len(), set.spans.len());
+        }
+        let total = set.params.len();
+        let (mut hm, mut hv) = (Vec::with_capacity(total), Vec::with_capacity(total));
+        for (i, ((m, v), r)) in moments.iter().zip(&set.spans).enumerate() {
             if m.len() != r.len() || v.len() != r.len() {
                 bail!(ShapeMismatch, "optimizer state tensor {i} has {} values, the adapter tensor {}", m.len(), r.len());
             }
             hm.extend_from_slice(m);
             hv.extend_from_slice(v);
         }
-        self.pull_adapter_from(model)?;
-        let dev = self.dev.clone();
-        cu::guard("cuMemcpyHtoDAsync", || dev.stream.memcpy_htod(&hm, &mut self.m).map_err(|e| cu::cu_err("cuMemcpyHtoDAsync", e)))?;
-        cu::guard("cuMemcpyHtoDAsync", || dev.stream.memcpy_htod(&hv, &mut self.v).map_err(|e| cu::cu_err("cuMemcpyHtoDAsync", e)))?;
-        self.steps = steps;
+        let d = &*self.dev;
+        let st = TrainState { grads: alloc(d, total)?, m: d.upload(&hm)?, v: d.upload(&hv)?, steps };
+        self.sets[s].train = Some(st);
         Ok(())
     }
 
-    /// The AdamW moments, one `(m, v)` per adapter tensor (A then B of each
-    /// module, in model order).
-    pub fn moments(&self) -> Result<Vec<(Vec<f32>, Vec<f32>)>> {
-        let (m, v) = (self.dev.download(&self.m)?, self.dev.download(&self.v)?);
-        Ok(self.spans.iter().map(|r| (m[r.clone()].to_vec(), v[r.clone()].to_vec())).collect())
+    /// Stops training `adapter` here: its step count and moments (as
+    /// [`train_begin`](Self::train_begin) takes them); the gradients and
+    /// moments are freed.
+    pub fn train_end(&mut self, adapter: &str) -> Result<(u64, Moments)> {
+        let r = self.moments(adapter)?;
+        let s = self.set_index(adapter)?;
+        self.sets[s].train = None;
+        Ok(r)
     }
 
-    /// Copies the host model's weights of this adapter to the device.
-    pub fn pull_adapter_from(&mut self, model: &Model) -> Result<()> {
-        let mut host = Vec::with_capacity(self.params.len());
-        for (dl, blk) in self.layers.iter().zip(&model.blocks) {
-            for (lin, l) in dl.lin.iter().zip(&blk.lin) {
-                if lin.ad.is_some() {
-                    let a = l.adapter(&self.adapter)?;
-                    host.extend_from_slice(&a.a);
-                    host.extend_from_slice(&a.b);
-                }
-            }
-        }
-        if host.len() != self.params.len() {
-            bail!(ShapeMismatch, "the host adapter has {} values, the device copy {}", host.len(), self.params.len());
-        }
-        let dev = self.dev.clone();
-        cu::guard("cuMemcpyHtoDAsync", || dev.stream.memcpy_htod(&host, &mut self.params).map_err(|e| cu::cu_err("cuMemcpyHtoDAsync", e)))
+    /// The set index of `adapter` and its training state.
+    fn trained(&self, adapter: &str) -> Result<(usize, &TrainState)> {
+        let s = self.sets.iter().position(|x| x.name == adapter).ok_or_else(|| err!(InvalidState, "adapter '{adapter}' is not on the device"))?;
+        let t = self.sets[s].train.as_ref().ok_or_else(|| err!(InvalidState, "adapter '{adapter}' is not being trained on the device"))?;
+        Ok((s, t))
     }
 
-    /// Copies the device's adapter weights into the host model (one copy).
-    pub fn push_adapter_to(&self, model: &mut Model) -> Result<()> {
+    /// `adapter`'s AdamW step count and moments, one `(m, v)` per adapter
+    /// tensor (A then B of each module, in model order).
+    pub fn moments(&self, adapter: &str) -> Result<(u64, Moments)> {
+        let (s, t) = self.trained(adapter)?;
+        let (m, v) = (self.dev.download(&t.m)?, self.dev.download(&t.v)?);
+        Ok((t.steps, self.sets[s].spans.iter().map(|r| (m[r.clone()].to_vec(), v[r.clone()].to_vec())).collect()))
+    }
+
+    /// Copies the device's weights of `adapter` into the host model (one
+    /// copy); the two are then in sync.
+    pub fn push_adapter_to(&mut self, adapter: &str, model: &mut Model) -> Result<()> {
         let t = self.tick()?;
-        let host = self.dev.download(&self.params)?;
-        let (mut params, _) = model.adapter_params(&self.adapter)?;
-        if params.len() != self.spans.len() {
-            bail!(Internal, "device adapter has {} tensors, the host model {}", self.spans.len(), params.len());
+        let s = self.set_index(adapter)?;
+        let before = model.adapters_version();
+        let host = self.dev.download(&self.sets[s].params)?;
+        let spans = &self.sets[s].spans;
+        let (mut params, _) = model.adapter_params(adapter)?;
+        if params.len() != spans.len() {
+            bail!(Internal, "device adapter has {} tensors, the host model {}", spans.len(), params.len());
         }
-        for (p, r) in params.iter_mut().zip(&self.spans) {
+        for (p, r) in params.iter_mut().zip(spans) {
             p.copy_from_slice(&host[r.clone()]);
+        }
+        drop(params);
+        if self.synced == Some(before) {
+            self.synced = Some(model.adapters_version());
         }
         self.tock(t, "adapter copy to the host")?;
         Ok(())
@@ -516,12 +726,21 @@ impl DeviceModel {
         Ok(())
     }
 
-    /// Queues one micro-batch's forward and backward (gradients accumulate
-    /// into the adapter's; the loss gradient is scaled by `grad_scale`).
+    /// Queues one micro-batch's forward and backward of adapter `adapter`
+    /// (being trained here, [`train_begin`](Self::train_begin); applied
+    /// alone at multiplier 1, as the trainer requires of the host) —
+    /// gradients accumulate into its own; the loss gradient is scaled by
+    /// `grad_scale`.
     /// Returns the device buffer of per-chunk `[Σ loss, count, −1]`
     /// triples (read it after the step's sync). Labels must be checked by
     /// the caller (ids in range, labels −100 or in the vocabulary).
-    pub fn forward_backward(&mut self, ids: &[i32], labels: &[i32], batch: usize, seq: usize, grad_scale: f32, checkpointing: bool) -> Result<CudaSlice<f64>> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_backward(&mut self, adapter: &str, ids: &[i32], labels: &[i32], batch: usize, seq: usize, grad_scale: f32, checkpointing: bool) -> Result<CudaSlice<f64>> {
+        let (set, _) = self.trained(adapter)?;
+        if self.merged_for.is_some() {
+            bail!(InvalidState, "training needs the model unmerged");
+        }
+        let rows = Rows::One(Some(set));
         let n = batch * seq;
         if ids.len() != n || labels.len() != n || n == 0 {
             bail!(ShapeMismatch, "{} ids and {} labels for a batch of {batch} × {seq}", ids.len(), labels.len());
@@ -536,7 +755,7 @@ impl DeviceModel {
         let mut inputs: Vec<CudaSlice<f32>> = Vec::with_capacity(nl);
         let mut saved: Vec<Option<Acts>> = Vec::with_capacity(nl);
         for l in 0..nl {
-            let (acts, x_out) = self.layer_forward(l, &x, batch, seq)?;
+            let (acts, x_out) = self.layer_forward(l, &x, batch, seq, rows)?;
             inputs.push(x);
             saved.push(if checkpointing { None } else { Some(acts) });
             x = x_out;
@@ -547,9 +766,9 @@ impl DeviceModel {
             let x_in = inputs.pop().expect("one input per layer");
             let acts = match saved.pop().expect("one slot per layer") {
                 Some(a) => a,
-                None => self.layer_forward(l, &x_in, batch, seq)?.0,
+                None => self.layer_forward(l, &x_in, batch, seq, rows)?.0,
             };
-            dx = self.layer_backward(l, &x_in, acts, dx, batch, seq, l > 0)?;
+            dx = self.layer_backward(set, l, &x_in, acts, dx, batch, seq, l > 0)?;
         }
         self.tock(t_all, "forward+backward (total)")?;
         Ok(outs)
@@ -589,7 +808,7 @@ impl DeviceModel {
         }
     }
 
-    fn layer_forward(&mut self, l: usize, x: &CudaSlice<f32>, batch: usize, seq: usize) -> Result<(Acts, CudaSlice<f32>)> {
+    fn layer_forward(&mut self, l: usize, x: &CudaSlice<f32>, batch: usize, seq: usize, rows: Rows<'_>) -> Result<(Acts, CudaSlice<f32>)> {
         let dev = self.dev.clone();
         let d = &*dev;
         let Dims { h, it, qd, kvd, eps, nh, nkv, hd } = Dims::of(&self.cfg);
@@ -604,9 +823,9 @@ impl DeviceModel {
         let mut q = out_buf::<f32>(d, n * qd)?;
         let mut k = out_buf::<f32>(d, n * kvd)?;
         let mut v = out_buf::<f32>(d, n * kvd)?;
-        hs[Q] = self.lin_forward(l, Q, &h1, h1b.as_ref(), n, &mut q, 0.0)?;
-        hs[K] = self.lin_forward(l, K, &h1, h1b.as_ref(), n, &mut k, 0.0)?;
-        hs[V] = self.lin_forward(l, V, &h1, h1b.as_ref(), n, &mut v, 0.0)?;
+        hs[Q] = self.lin_forward(l, Q, rows, &h1, h1b.as_ref(), n, &mut q, 0.0)?;
+        hs[K] = self.lin_forward(l, K, rows, &h1, h1b.as_ref(), n, &mut k, 0.0)?;
+        hs[V] = self.lin_forward(l, V, rows, &h1, h1b.as_ref(), n, &mut v, 0.0)?;
         drop((h1, h1b));
         let table = self.rope.as_ref().expect("rope table made for this sequence length");
         crope::rope_forward(d, &mut q.as_view_mut(), batch, seq, nh, hd, table)?;
@@ -622,7 +841,7 @@ impl DeviceModel {
         self.tock(t, "attention forward")?;
         let mut x_mid = cu::guard("cuMemcpyDtoDAsync", || d.stream.clone_dtod(x).map_err(|e| cu::cu_err("cuMemcpyDtoDAsync", e)))?;
         let attb = self.operand(&att)?;
-        hs[O] = self.lin_forward(l, O, &att, attb.as_ref(), n, &mut x_mid, 1.0)?;
+        hs[O] = self.lin_forward(l, O, rows, &att, attb.as_ref(), n, &mut x_mid, 1.0)?;
         drop(attb);
         // MLP block.
         let mut h2 = out_buf::<f32>(d, n * h)?;
@@ -631,14 +850,14 @@ impl DeviceModel {
         let h2b = self.operand(&h2)?;
         let mut g = out_buf::<f32>(d, n * it)?;
         let mut u = out_buf::<f32>(d, n * it)?;
-        hs[GATE] = self.lin_forward(l, GATE, &h2, h2b.as_ref(), n, &mut g, 0.0)?;
-        hs[UP] = self.lin_forward(l, UP, &h2, h2b.as_ref(), n, &mut u, 0.0)?;
+        hs[GATE] = self.lin_forward(l, GATE, rows, &h2, h2b.as_ref(), n, &mut g, 0.0)?;
+        hs[UP] = self.lin_forward(l, UP, rows, &h2, h2b.as_ref(), n, &mut u, 0.0)?;
         drop((h2, h2b));
         let mut a = out_buf::<f32>(d, n * it)?;
         cswiglu::swiglu_forward(d, &g.as_view(), &u.as_view(), &mut a.as_view_mut())?;
         let ab = self.operand(&a)?;
         let mut x_out = cu::guard("cuMemcpyDtoDAsync", || d.stream.clone_dtod(&x_mid).map_err(|e| cu::cu_err("cuMemcpyDtoDAsync", e)))?;
-        hs[DOWN] = self.lin_forward(l, DOWN, &a, ab.as_ref(), n, &mut x_out, 1.0)?;
+        hs[DOWN] = self.lin_forward(l, DOWN, rows, &a, ab.as_ref(), n, &mut x_out, 1.0)?;
         let (g, u) = (Saved::keep(d, self.compute, g)?, Saved::keep(d, self.compute, u)?);
         Ok((Acts { rstd1, q, k, v, att, lse, x_mid, rstd2, g, u, hs }, x_out))
     }
@@ -674,14 +893,17 @@ impl DeviceModel {
         })
     }
 
-    /// `y = β·y + x·Wᵀ (+ bias) + s·(x·Aᵀ)·Bᵀ`; returns `x·Aᵀ` for the
-    /// backward. `xb` is the bf16 copy of `x` in BF16 mode.
+    /// `y = β·y + x·Wᵀ (+ bias) + Σ m·s·(x·Aᵀ)·Bᵀ` over the adapters `rows`
+    /// names (through the merged weight instead for the active set of a
+    /// merged model); returns the first adapter's `x·Aᵀ` for the backward.
+    /// `xb` is the bf16 copy of `x` in BF16 mode.
     #[allow(clippy::too_many_arguments)]
-    fn lin_forward(&self, l: usize, j: usize, x: &CudaSlice<f32>, xb: Option<&CudaSlice<u16>>, n: usize, y: &mut CudaSlice<f32>, beta: f32) -> Result<Option<CudaSlice<f32>>> {
+    fn lin_forward(&self, l: usize, j: usize, rows: Rows<'_>, x: &CudaSlice<f32>, xb: Option<&CudaSlice<u16>>, n: usize, y: &mut CudaSlice<f32>, beta: f32) -> Result<Option<CudaSlice<f32>>> {
         let d = &*self.dev;
         let lin = &self.layers[l].lin[j];
         let (in_f, out_f) = (lin.in_f, lin.out_f);
-        let w = self.weight(&lin.w)?;
+        let merged = lin.merged.as_ref().filter(|_| matches!(rows, Rows::Active));
+        let w = self.weight(merged.unwrap_or(&lin.w))?;
         let xv = x.as_view();
         let xbv = xb.map(|b| b.as_view());
         let xa = match &xbv {
@@ -691,36 +913,38 @@ impl DeviceModel {
         let t = self.tick()?;
         gemm(d, &self.blas, xa, false, w.mat(d, out_f, in_f)?, true, &mut y.as_view_mut(), 1.0, beta)?;
         self.tock(t, "base GEMM forward")?;
-        self.lin_bias_lora(l, j, x, n, y)
+        self.lin_bias_lora(l, j, rows, x, n, y)
     }
 
     /// The base product of a decode step's few rows: for an NF4 weight in
     /// BF16 mode, the fused NF4 GEMV per row (`nf4_gemv_bf16`: the weight
     /// read once as 4-bit codes, never dequantized to memory), widened into
-    /// `y` (`β` 0 or 1); otherwise as [`lin_forward`](Self::lin_forward).
-    /// Then bias and adapter as there.
+    /// `y` (`β` 0 or 1); otherwise (a merged module too) as
+    /// [`lin_forward`](Self::lin_forward). Then bias and adapters as there.
     #[allow(clippy::too_many_arguments)]
-    fn lin_decode(&self, l: usize, j: usize, x: &CudaSlice<f32>, xb: Option<&CudaSlice<u16>>, n: usize, y: &mut CudaSlice<f32>, beta: f32) -> Result<()> {
+    fn lin_decode(&self, l: usize, j: usize, rows: Rows<'_>, x: &CudaSlice<f32>, xb: Option<&CudaSlice<u16>>, n: usize, y: &mut CudaSlice<f32>, beta: f32) -> Result<()> {
         let d = &*self.dev;
         let lin = &self.layers[l].lin[j];
         let (in_f, out_f) = (lin.in_f, lin.out_f);
+        let merged = lin.merged.is_some() && matches!(rows, Rows::Active);
         match (&lin.w, xb) {
-            (Weight::Nf4(t), Some(xb)) if n <= DECODE_GEMV_ROWS && (beta == 0.0 || beta == 1.0) => {
+            (Weight::Nf4(t), Some(xb)) if !merged && n <= DECODE_GEMV_ROWS && (beta == 0.0 || beta == 1.0) => {
                 let absmax = t.absmax_f32(d)?;
                 let mut yb = out_buf::<u16>(d, out_f)?;
                 for r in 0..n {
                     cu::nf4::gemv_bf16(d, &t.packed.as_view(), &absmax.as_view(), t.blocksize, out_f, in_f, &xb.slice(r * in_f..(r + 1) * in_f), &mut yb.as_view_mut())?;
                     ew::from_bf16(d, &yb.as_view(), &mut y.slice_mut(r * out_f..(r + 1) * out_f), beta == 1.0)?;
                 }
-                self.lin_bias_lora(l, j, x, n, y).map(|_| ())
+                self.lin_bias_lora(l, j, rows, x, n, y).map(|_| ())
             }
-            _ => self.lin_forward(l, j, x, xb, n, y, beta).map(|_| ()),
+            _ => self.lin_forward(l, j, rows, x, xb, n, y, beta).map(|_| ()),
         }
     }
 
-    /// Adds linear `(l, j)`'s bias and `s·(x·Aᵀ)·Bᵀ` into `y`; returns
-    /// `x·Aᵀ` (None without an adapter).
-    fn lin_bias_lora(&self, l: usize, j: usize, x: &CudaSlice<f32>, n: usize, y: &mut CudaSlice<f32>) -> Result<Option<CudaSlice<f32>>> {
+    /// Adds linear `(l, j)`'s bias and the adapters `rows` names into `y`;
+    /// returns the first applied adapter's `x·Aᵀ` (None without one, and
+    /// for a mixed batch).
+    fn lin_bias_lora(&self, l: usize, j: usize, rows: Rows<'_>, x: &CudaSlice<f32>, n: usize, y: &mut CudaSlice<f32>) -> Result<Option<CudaSlice<f32>>> {
         let d = &*self.dev;
         let lin = &self.layers[l].lin[j];
         let (in_f, out_f) = (lin.in_f, lin.out_f);
@@ -728,27 +952,79 @@ impl DeviceModel {
         if let Some(b) = &lin.bias {
             ew::add_bias(d, &mut y.as_view_mut(), &b.as_view())?;
         }
-        let Some(ad) = &lin.ad else { return Ok(None) };
-        let t = self.tick()?;
-        let mut hbuf = out_buf::<f32>(d, n * ad.r)?;
-        let (av, bv) = (self.params.slice(ad.a.clone()), self.params.slice(ad.b.clone()));
-        if self.lora_kernels {
-            glora::shrink(d, &xv, &av, n, in_f, ad.r, &mut hbuf.as_view_mut())?;
-            glora::expand(d, &hbuf.as_view(), &bv, n, ad.r, out_f, ad.scale, &mut y.as_view_mut())?;
-        } else {
-            gemm(d, &self.blas, MatRef::f32(d, &xv, n, in_f)?, false, MatRef::f32(d, &av, ad.r, in_f)?, true, &mut hbuf.as_view_mut(), 1.0, 0.0)?;
-            let hv = hbuf.as_view();
-            gemm(d, &self.blas, MatRef::f32(d, &hv, n, ad.r)?, false, MatRef::f32(d, &bv, out_f, ad.r)?, true, &mut y.as_view_mut(), ad.scale, 1.0)?;
+        // Rows that all name one adapter take the product path.
+        let rows = match rows {
+            Rows::PerRow(r) if r.first().is_some_and(|&r0| r.iter().all(|&x| x == r0)) => Rows::One(usize::try_from(r[0]).ok()),
+            other => other,
+        };
+        let terms: Vec<(usize, f32)> = match rows {
+            Rows::Active if lin.merged.is_some() => Vec::new(),
+            Rows::Active => self.active.clone(),
+            Rows::One(set) => set.into_iter().map(|s| (s, 1.0)).collect(),
+            Rows::PerRow(r) => {
+                self.lora_per_row(lin, r, x, n, y)?;
+                return Ok(None);
+            }
+        };
+        let mut first = None;
+        for (s, mult) in terms {
+            let Some(ad) = lin.ads[s].as_ref() else { continue };
+            let scale = ad.scale * mult;
+            let t = self.tick()?;
+            let mut hbuf = out_buf::<f32>(d, n * ad.r)?;
+            let params = &self.sets[s].params;
+            let (av, bv) = (params.slice(ad.a.clone()), params.slice(ad.b.clone()));
+            if self.lora_kernels {
+                glora::shrink(d, &xv, &av, n, in_f, ad.r, &mut hbuf.as_view_mut())?;
+                glora::expand(d, &hbuf.as_view(), &bv, n, ad.r, out_f, scale, &mut y.as_view_mut())?;
+            } else {
+                gemm(d, &self.blas, MatRef::f32(d, &xv, n, in_f)?, false, MatRef::f32(d, &av, ad.r, in_f)?, true, &mut hbuf.as_view_mut(), 1.0, 0.0)?;
+                let hv = hbuf.as_view();
+                gemm(d, &self.blas, MatRef::f32(d, &hv, n, ad.r)?, false, MatRef::f32(d, &bv, out_f, ad.r)?, true, &mut y.as_view_mut(), scale, 1.0)?;
+            }
+            self.tock(t, "LoRA GEMMs forward")?;
+            if first.is_none() {
+                first = Some(hbuf);
+            }
         }
-        self.tock(t, "LoRA GEMMs forward")?;
-        Ok(Some(hbuf))
+        Ok(first)
+    }
+
+    /// A mixed-adapter batch through one module: row `i` gets adapter
+    /// `rows[i]` (−1: none) at multiplier 1, two BGMV launches for all rows
+    /// (`cuda/lora.cu`).
+    fn lora_per_row(&self, lin: &DevLinear, rows: &[i32], x: &CudaSlice<f32>, n: usize, y: &mut CudaSlice<f32>) -> Result<()> {
+        if rows.len() != n {
+            bail!(Internal, "{} row adapters for {n} rows", rows.len());
+        }
+        let d = &*self.dev;
+        // The table holds the adapters this module carries; rows of the
+        // others map to −1.
+        let mut table = Vec::new();
+        let mut slot = vec![-1i32; self.sets.len()];
+        for (s, ad) in lin.ads.iter().enumerate() {
+            if let Some(ad) = ad {
+                let p = &self.sets[s].params;
+                slot[s] = table.len() as i32;
+                table.push(glora::BgmvAdapter { a: p.slice(ad.a.clone()), b: p.slice(ad.b.clone()), rank: ad.r, scale: ad.scale });
+            }
+        }
+        let idx: Vec<i32> = rows.iter().map(|&r| if r >= 0 && (r as usize) < slot.len() { slot[r as usize] } else { -1 }).collect();
+        if table.is_empty() || idx.iter().all(|&i| i < 0) {
+            return Ok(());
+        }
+        let t = self.tick()?;
+        let idx_d = d.upload(&idx)?;
+        glora::bgmv(d, &x.as_view(), &idx_d.as_view(), &table, n, lin.in_f, lin.out_f, &mut y.as_view_mut())?;
+        self.tock(t, "LoRA BGMV (mixed batch)")
     }
 
     /// Backward of linear `(l, j)` given its input `x`, saved `h = x·Aᵀ` and
     /// the output gradient `dy` (`dyb` its bf16 copy in BF16 mode):
-    /// accumulates `dA`, `dB`; with `dx`, `dx = β·dx + dy·W + s·(dy·B)·A`.
+    /// accumulates `dA`, `dB` of adapter `set` (being trained); with `dx`,
+    /// `dx = β·dx + dy·W + s·(dy·B)·A`.
     #[allow(clippy::too_many_arguments)]
-    fn lin_backward(&mut self, l: usize, j: usize, x: &CudaSlice<f32>, h: Option<&CudaSlice<f32>>, dy: &CudaSlice<f32>, dyb: Option<&CudaSlice<u16>>, n: usize, dx: Option<(&mut CudaSlice<f32>, f32)>) -> Result<()> {
+    fn lin_backward(&mut self, set: usize, l: usize, j: usize, x: &CudaSlice<f32>, h: Option<&CudaSlice<f32>>, dy: &CudaSlice<f32>, dyb: Option<&CudaSlice<u16>>, n: usize, dx: Option<(&mut CudaSlice<f32>, f32)>) -> Result<()> {
         let dev = self.dev.clone();
         let d = &*dev;
         let (in_f, out_f) = (self.layers[l].lin[j].in_f, self.layers[l].lin[j].out_f);
@@ -767,16 +1043,18 @@ impl DeviceModel {
         }
         let t = self.tick()?;
         let blas = &self.blas;
-        let Some(ad) = self.layers[l].lin[j].ad.as_ref() else { return Ok(()) };
+        let Some(ad) = self.layers[l].lin[j].ads[set].as_ref() else { return Ok(()) };
         let h = h.ok_or_else(|| err!(Internal, "linear ({l}, {j}) has an adapter but no saved x·Aᵀ"))?;
         let (r, s) = (ad.r, ad.scale);
         let mut g = out_buf::<f32>(d, n * r)?;
-        let (av, bv, hv, xv) = (self.params.slice(ad.a.clone()), self.params.slice(ad.b.clone()), h.as_view(), x.as_view());
+        let DevSet { params, train, .. } = &mut self.sets[set];
+        let grads = &mut train.as_mut().ok_or_else(|| err!(Internal, "the backward of an adapter not being trained"))?.grads;
+        let (av, bv, hv, xv) = (params.slice(ad.a.clone()), params.slice(ad.b.clone()), h.as_view(), x.as_view());
         let (ra, rb) = (ad.a.clone(), ad.b.clone());
         if self.lora_kernels {
             glora::bwd_g(d, &dyv, &bv, n, out_f, r, &mut g.as_view_mut())?;
-            glora::grad_b(d, &dyv, &hv, n, out_f, r, s, &mut self.grads.slice_mut(rb))?;
-            glora::grad_a(d, &g.as_view(), &xv, n, r, in_f, s, &mut self.grads.slice_mut(ra))?;
+            glora::grad_b(d, &dyv, &hv, n, out_f, r, s, &mut grads.slice_mut(rb))?;
+            glora::grad_a(d, &g.as_view(), &xv, n, r, in_f, s, &mut grads.slice_mut(ra))?;
             if let Some((dxs, _)) = dx {
                 glora::bwd_dx(d, &g.as_view(), &av, n, r, in_f, s, &mut dxs.as_view_mut())?;
             }
@@ -784,9 +1062,9 @@ impl DeviceModel {
             return Ok(());
         }
         gemm(d, blas, MatRef::f32(d, &dyv, n, out_f)?, false, MatRef::f32(d, &bv, out_f, r)?, false, &mut g.as_view_mut(), 1.0, 0.0)?;
-        gemm(d, blas, MatRef::f32(d, &dyv, n, out_f)?, true, MatRef::f32(d, &hv, n, r)?, false, &mut self.grads.slice_mut(rb), s, 1.0)?;
+        gemm(d, blas, MatRef::f32(d, &dyv, n, out_f)?, true, MatRef::f32(d, &hv, n, r)?, false, &mut grads.slice_mut(rb), s, 1.0)?;
         let gv = g.as_view();
-        gemm(d, blas, MatRef::f32(d, &gv, n, r)?, true, MatRef::f32(d, &xv, n, in_f)?, false, &mut self.grads.slice_mut(ra), s, 1.0)?;
+        gemm(d, blas, MatRef::f32(d, &gv, n, r)?, true, MatRef::f32(d, &xv, n, in_f)?, false, &mut grads.slice_mut(ra), s, 1.0)?;
         if let Some((dxs, _)) = dx {
             gemm(d, blas, MatRef::f32(d, &gv, n, r)?, false, MatRef::f32(d, &av, r, in_f)?, false, &mut dxs.as_view_mut(), s, 1.0)?;
         }
@@ -795,7 +1073,7 @@ impl DeviceModel {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn layer_backward(&mut self, l: usize, x_in: &CudaSlice<f32>, acts: Acts, dx: CudaSlice<f32>, batch: usize, seq: usize, need_dx: bool) -> Result<CudaSlice<f32>> {
+    fn layer_backward(&mut self, set: usize, l: usize, x_in: &CudaSlice<f32>, acts: Acts, dx: CudaSlice<f32>, batch: usize, seq: usize, need_dx: bool) -> Result<CudaSlice<f32>> {
         let dev = self.dev.clone();
         let d = &*dev;
         let Dims { h, it, qd, kvd, eps, nh, nkv, hd } = Dims::of(&self.cfg);
@@ -808,7 +1086,7 @@ impl DeviceModel {
         cswiglu::swiglu_forward(d, &g.as_view(), &u.as_view(), &mut a.as_view_mut())?;
         let dxb = self.operand(&dx)?;
         let mut da = out_buf::<f32>(d, n * it)?;
-        self.lin_backward(l, DOWN, &a, hs[DOWN].as_ref(), &dx, dxb.as_ref(), n, Some((&mut da, 0.0)))?;
+        self.lin_backward(set, l, DOWN, &a, hs[DOWN].as_ref(), &dx, dxb.as_ref(), n, Some((&mut da, 0.0)))?;
         drop((a, dxb));
         cswiglu::swiglu_backward_inplace(d, &mut g.as_view_mut(), &mut u.as_view_mut(), &da.as_view())?;
         drop(da);
@@ -817,10 +1095,10 @@ impl DeviceModel {
         cnorm::rmsnorm_forward(d, &x_mid.as_view(), &self.layers[l].mlp_norm.as_view(), n, h, eps, &mut h2.as_view_mut(), None)?;
         let mut dh2 = out_buf::<f32>(d, n * h)?;
         let dgb = self.operand(&dg)?;
-        self.lin_backward(l, GATE, &h2, hs[GATE].as_ref(), &dg, dgb.as_ref(), n, Some((&mut dh2, 0.0)))?;
+        self.lin_backward(set, l, GATE, &h2, hs[GATE].as_ref(), &dg, dgb.as_ref(), n, Some((&mut dh2, 0.0)))?;
         drop((dg, dgb));
         let dub = self.operand(&du)?;
-        self.lin_backward(l, UP, &h2, hs[UP].as_ref(), &du, dub.as_ref(), n, Some((&mut dh2, 1.0)))?;
+        self.lin_backward(set, l, UP, &h2, hs[UP].as_ref(), &du, dub.as_ref(), n, Some((&mut dh2, 1.0)))?;
         drop((du, dub, h2));
         let mut dxm = out_buf::<f32>(d, n * h)?;
         cnorm::rmsnorm_backward(d, &x_mid.as_view(), &self.layers[l].mlp_norm.as_view(), &rstd2.as_view(), &dh2.as_view(), n, h, &mut dxm.as_view_mut(), None)?;
@@ -829,7 +1107,7 @@ impl DeviceModel {
         // Attention: x_mid = x_in + o_proj(att).
         let dxmb = self.operand(&dxm)?;
         let mut datt = out_buf::<f32>(d, n * qd)?;
-        self.lin_backward(l, O, &att, hs[O].as_ref(), &dxm, dxmb.as_ref(), n, Some((&mut datt, 0.0)))?;
+        self.lin_backward(set, l, O, &att, hs[O].as_ref(), &dxm, dxmb.as_ref(), n, Some((&mut datt, 0.0)))?;
         drop(dxmb);
         let mut dq = out_buf::<f32>(d, n * qd)?;
         let mut dk = out_buf::<f32>(d, n * kvd)?;
@@ -850,17 +1128,17 @@ impl DeviceModel {
         let (dqb, dkb, dvb) = (self.operand(&dq)?, self.operand(&dk)?, self.operand(&dv)?);
         if need_dx {
             let mut dh1 = out_buf::<f32>(d, n * h)?;
-            self.lin_backward(l, Q, &h1, hs[Q].as_ref(), &dq, dqb.as_ref(), n, Some((&mut dh1, 0.0)))?;
-            self.lin_backward(l, K, &h1, hs[K].as_ref(), &dk, dkb.as_ref(), n, Some((&mut dh1, 1.0)))?;
-            self.lin_backward(l, V, &h1, hs[V].as_ref(), &dv, dvb.as_ref(), n, Some((&mut dh1, 1.0)))?;
+            self.lin_backward(set, l, Q, &h1, hs[Q].as_ref(), &dq, dqb.as_ref(), n, Some((&mut dh1, 0.0)))?;
+            self.lin_backward(set, l, K, &h1, hs[K].as_ref(), &dk, dkb.as_ref(), n, Some((&mut dh1, 1.0)))?;
+            self.lin_backward(set, l, V, &h1, hs[V].as_ref(), &dv, dvb.as_ref(), n, Some((&mut dh1, 1.0)))?;
             let mut dx_in = out_buf::<f32>(d, n * h)?;
             cnorm::rmsnorm_backward(d, &x_in.as_view(), &self.layers[l].attn_norm.as_view(), &rstd1.as_view(), &dh1.as_view(), n, h, &mut dx_in.as_view_mut(), None)?;
             ew::add(d, &mut dx_in.as_view_mut(), &dxm.as_view())?;
             Ok(dx_in)
         } else {
-            self.lin_backward(l, Q, &h1, hs[Q].as_ref(), &dq, None, n, None)?;
-            self.lin_backward(l, K, &h1, hs[K].as_ref(), &dk, None, n, None)?;
-            self.lin_backward(l, V, &h1, hs[V].as_ref(), &dv, None, n, None)?;
+            self.lin_backward(set, l, Q, &h1, hs[Q].as_ref(), &dq, None, n, None)?;
+            self.lin_backward(set, l, K, &h1, hs[K].as_ref(), &dk, None, n, None)?;
+            self.lin_backward(set, l, V, &h1, hs[V].as_ref(), &dv, None, n, None)?;
             Ok(dxm)
         }
     }
@@ -917,24 +1195,31 @@ impl DeviceModel {
         Ok((dx, outs))
     }
 
-    /// Zeroes the adapter gradients.
-    pub fn zero_grad(&mut self) -> Result<()> {
+    /// Zeroes the gradients of `adapter` (being trained here).
+    pub fn zero_grad(&mut self, adapter: &str) -> Result<()> {
+        let (s, _) = self.trained(adapter)?;
         let dev = self.dev.clone();
-        dev.fill_bytes(&mut self.grads, 0)?;
+        let t = self.sets[s].train.as_mut().expect("checked by trained()");
+        dev.fill_bytes(&mut t.grads, 0)?;
         Ok(())
     }
 
-    /// Ends a step: reads the micro-batches' loss triples, clips the
-    /// gradients to `max_grad_norm` (0: no clipping, norm still computed),
-    /// refuses a non-finite loss or norm (gradients cleared, weights
-    /// untouched: `NonFinite`), then AdamW with `lr` and zeroes the
+    /// Ends a step of `adapter`: reads the micro-batches' loss triples,
+    /// clips the gradients to `max_grad_norm` (0: no clipping, norm still
+    /// computed), refuses a non-finite loss or norm (gradients cleared,
+    /// weights untouched: `NonFinite`), then AdamW with `lr` and zeroes the
     /// gradients.
-    pub fn finish_step(&mut self, outs: &[CudaSlice<f64>], max_grad_norm: f64, adamw: &AdamWConfig, lr: f64) -> Result<DeviceStep> {
+    pub fn finish_step(&mut self, adapter: &str, outs: &[CudaSlice<f64>], max_grad_norm: f64, adamw: &AdamWConfig, lr: f64) -> Result<DeviceStep> {
+        let (s, _) = self.trained(adapter)?;
         let dev = self.dev.clone();
         let t = self.tick()?;
         let mut o3 = dev.alloc_filled::<f32>(3, 0xFF)?;
         let max = (max_grad_norm > 0.0).then_some(max_grad_norm as f32);
-        closs::clip_grad_norm_flat_async(&dev, &mut self.grads.as_view_mut(), &self.spans, max, &mut o3.as_view_mut())?;
+        {
+            let DevSet { spans, train, .. } = &mut self.sets[s];
+            let ts = train.as_mut().expect("checked by trained()");
+            closs::clip_grad_norm_flat_async(&dev, &mut ts.grads.as_view_mut(), spans, max, &mut o3.as_view_mut())?;
+        }
         let (mut loss_sum, mut count) = (0f64, 0usize);
         for o in outs {
             let h = dev.download(o)?;
@@ -945,24 +1230,26 @@ impl DeviceModel {
         }
         let norm = dev.download(&o3)?[0];
         if !loss_sum.is_finite() || !norm.is_finite() {
-            self.zero_grad()?;
+            self.zero_grad(adapter)?;
             bail!(NonFinite, "the device step's loss ({loss_sum}) or gradient norm ({norm}) is not finite; the step was refused");
         }
         let mut cfg = *adamw;
         cfg.lr = lr;
-        let s = AdamWScalars::new(&cfg, self.steps + 1);
-        let st = cu::adamw::AdamWStep::from(&s);
+        let DevSet { params, train, .. } = &mut self.sets[s];
+        let ts = train.as_mut().expect("checked by trained()");
+        let sc = AdamWScalars::new(&cfg, ts.steps + 1);
+        let st = cu::adamw::AdamWStep::from(&sc);
         // One launch over every tensor: the update is elementwise with the
         // same constants for all of them.
-        cu::adamw::adamw_update(&dev, &mut self.params.as_view_mut(), &self.grads.as_view(), &mut self.m.as_view_mut(), &mut self.v.as_view_mut(), &st)?;
-        self.steps += 1;
-        self.zero_grad()?;
+        cu::adamw::adamw_update(&dev, &mut params.as_view_mut(), &ts.grads.as_view(), &mut ts.m.as_view_mut(), &mut ts.v.as_view_mut(), &st)?;
+        ts.steps += 1;
+        dev.fill_bytes(&mut ts.grads, 0)?;
         self.tock(t, "clip + AdamW (+ loss readback)")?;
         Ok(DeviceStep { loss_sum, count, grad_norm: norm })
     }
 
-    /// Bytes of device memory the model's weights, adapter, gradients and
-    /// moments take.
+    /// Bytes of device memory the model's weights (merged ones included),
+    /// adapters and training state take.
     pub fn static_bytes(&self) -> usize {
         let wb = |w: &Weight| match w {
             Weight::F32(s) => s.len() * 4,
@@ -975,11 +1262,12 @@ impl DeviceModel {
                     }
             }
         };
-        let mut b = wb(&self.embed) + self.norm.len() * 4 + self.head.as_ref().map_or(0, wb) + 4 * 4 * self.params.len();
+        let mut b = wb(&self.embed) + self.norm.len() * 4 + self.head.as_ref().map_or(0, wb);
+        b += self.sets.iter().map(|s| s.params.len() * if s.train.is_some() { 16 } else { 4 }).sum::<usize>();
         for l in &self.layers {
             b += (l.attn_norm.len() + l.mlp_norm.len()) * 4;
             for lin in &l.lin {
-                b += wb(&lin.w) + lin.bias.as_ref().map_or(0, |x| x.len() * 4);
+                b += wb(&lin.w) + lin.bias.as_ref().map_or(0, |x| x.len() * 4) + lin.merged.as_ref().map_or(0, wb);
             }
         }
         b
@@ -987,18 +1275,22 @@ impl DeviceModel {
 
     // ------------------------------------------------------------ generation
 
-    /// Generates up to `max_new` tokens for each prompt on the device, with
-    /// this model's adapter (as [`Model::generate`] with the trainer's
-    /// adapter active, no per-sequence adapters): each prompt is prefilled
-    /// through the training forward's kernels, its rotated keys and values
-    /// go to a KV cache `[B, cap, Hkv, D]` per layer in device memory, and
-    /// every step decodes one token per sequence (rotary tables for the
-    /// sequences' own positions, `attention_decode`; in BF16 mode an NF4
-    /// weight's product is the fused NF4 GEMV, one per sequence up to
-    /// [`DECODE_GEMV_ROWS`] sequences). Logits `[B, V]` come
-    /// back to the host once per step for sampling ([`sample`]); a sequence
-    /// stops at a `stop` id (included).
-    pub fn generate(&mut self, prompts: &[&[i32]], max_new: usize, s: &Sampling, stop: &[i32], progress: &mut dyn FnMut(usize, usize) -> bool) -> Result<Vec<Vec<i32>>> {
+    /// Generates up to `max_new` tokens for each prompt on the device, as
+    /// [`Model::generate`] does on the host (which routes here and checks
+    /// the arguments): the active adapters (merged or not) or, with
+    /// `seq_adapters`, adapter `seq_adapters[b]` (a model adapter index,
+    /// −1 for the base) for sequence `b` — a mixed-adapter batch, whose
+    /// decode steps apply every sequence's adapter in two BGMV launches per
+    /// module. Each prompt is prefilled through the training forward's
+    /// kernels, its rotated keys and values go to a KV cache `[B, cap, Hkv,
+    /// D]` per layer in device memory, and every step decodes one token per
+    /// sequence (rotary tables for the sequences' own positions,
+    /// `attention_decode`; in BF16 mode an unmerged NF4 weight's product is
+    /// the fused NF4 GEMV, one per sequence up to [`DECODE_GEMV_ROWS`]
+    /// sequences). Logits `[B, V]` come back to the host once per step for
+    /// sampling; a sequence stops at a `stop` id (included).
+    #[allow(clippy::too_many_arguments)]
+    pub fn generate(&mut self, prompts: &[&[i32]], seq_adapters: Option<&[i32]>, max_new: usize, s: &Sampling, stop: &[i32], progress: &mut dyn FnMut(usize, usize) -> bool) -> Result<Vec<Vec<i32>>> {
         if prompts.is_empty() {
             bail!(InvalidArgument, "no sequences to generate");
         }
@@ -1014,6 +1306,7 @@ impl DeviceModel {
                 bail!(InvalidArgument, "token id {t} at position {i} is outside [0, {vsz})");
             }
         }
+        self.check_seq_adapters(seq_adapters, prompts.len())?;
         let dev = self.dev.clone();
         let d = &*dev;
         let bsz = prompts.len();
@@ -1025,29 +1318,81 @@ impl DeviceModel {
         let mut last = vec![0f32; bsz * vsz];
         // Prefill, one prompt at a time (prompts may differ in length).
         for (b, p) in prompts.iter().enumerate() {
-            last[b * vsz..(b + 1) * vsz].copy_from_slice(&self.prefill(p, Some((&mut caches, b * cap * row)))?);
+            let rows = match seq_adapters {
+                Some(sa) => Rows::One(usize::try_from(sa[b]).ok()),
+                None => Rows::Active,
+            };
+            last[b * vsz..(b + 1) * vsz].copy_from_slice(&self.prefill(p, rows, Some((&mut caches, b * cap * row)))?);
             lens[b] = p.len();
         }
-        sample_loop(last, vsz, max_new, s, stop, progress, |next| self.decode_step(next, &mut lens, &mut caches, cap))
+        let rows = match seq_adapters {
+            Some(sa) => Rows::PerRow(sa),
+            None => Rows::Active,
+        };
+        sample_loop(last, vsz, max_new, s, stop, progress, |next| self.decode_step(next, rows, &mut lens, &mut caches, cap))
     }
 
-    /// The logits `[V]` after the last token of `ids` (a full forward,
-    /// inference), with this model's adapter.
-    pub fn last_logits(&mut self, ids: &[i32]) -> Result<Vec<f32>> {
-        let vsz = self.cfg.vocab_size;
-        if ids.is_empty() {
-            bail!(InvalidArgument, "no tokens");
+    /// Per-sequence adapters must be −1 or adapters of the model, and need
+    /// it unmerged.
+    fn check_seq_adapters(&self, seq_adapters: Option<&[i32]>, batch: usize) -> Result<()> {
+        let Some(sa) = seq_adapters else { return Ok(()) };
+        if sa.len() != batch {
+            bail!(ShapeMismatch, "{} per-sequence adapters for a batch of {batch}", sa.len());
         }
+        if self.merged_for.is_some() {
+            bail!(InvalidState, "a mixed-adapter batch needs the model unmerged");
+        }
+        if let Some(&a) = sa.iter().find(|&&a| a < -1 || a >= self.sets.len() as i32) {
+            bail!(InvalidArgument, "adapter index {a} is not −1 or one of the model's {} adapters", self.sets.len());
+        }
+        Ok(())
+    }
+
+    /// Logits `[B·T, V]` of a batch on the device (inference), as
+    /// [`Model::logits`]: the active adapters, or per sequence adapters
+    /// (`seq_adapters[b]` a model adapter index, −1 for none). The head
+    /// runs over row chunks; the logits come to the host chunk by chunk.
+    pub fn logits(&mut self, ids: &[i32], batch: usize, seq: usize, seq_adapters: Option<&[i32]>) -> Result<Vec<f32>> {
+        let n = batch * seq;
+        if ids.len() != n || n == 0 {
+            bail!(ShapeMismatch, "{} ids for a batch of {batch} × {seq}", ids.len());
+        }
+        let vsz = self.cfg.vocab_size;
         if let Some((i, &t)) = ids.iter().enumerate().find(|(_, &t)| t < 0 || t as usize >= vsz) {
             bail!(InvalidArgument, "token id {t} at position {i} is outside [0, {vsz})");
         }
-        self.prefill(ids, None)
+        self.check_seq_adapters(seq_adapters, batch)?;
+        let per_row: Option<Vec<i32>> = seq_adapters.map(|sa| sa.iter().flat_map(|&a| std::iter::repeat_n(a, seq)).collect());
+        let rows = match &per_row {
+            Some(r) => Rows::PerRow(r),
+            None => Rows::Active,
+        };
+        let x = self.forward_rows(ids, batch, seq, rows)?;
+        let h = self.cfg.hidden_size;
+        let chunk = (self.head_chunk / vsz).clamp(1, n);
+        let mut out = Vec::with_capacity(n * vsz);
+        for r0 in (0..n).step_by(chunk) {
+            let r1 = (r0 + chunk).min(n);
+            let xr = cu::guard("cuMemcpyDtoDAsync", || self.dev.stream.clone_dtod(&x.slice(r0 * h..r1 * h)).map_err(|e| cu::cu_err("cuMemcpyDtoDAsync", e)))?;
+            out.extend_from_slice(&self.head_logits(&xr, r1 - r0)?);
+        }
+        Ok(out)
+    }
+
+    /// The residual stream after the last layer for a batch (inference).
+    fn forward_rows(&mut self, ids: &[i32], batch: usize, seq: usize, rows: Rows<'_>) -> Result<CudaSlice<f32>> {
+        self.rope_table(seq)?;
+        let mut x = self.embed_ids(ids)?;
+        for l in 0..self.layers.len() {
+            x = self.layer_forward(l, &x, batch, seq, rows)?.1;
+        }
+        Ok(x)
     }
 
     /// Forward over one prompt (checked by the caller): the last row's
     /// logits; with `cache`, each layer's rotated k and v go to the KV
     /// caches at element offset `at`.
-    fn prefill(&mut self, p: &[i32], cache: Option<(&mut [(CudaSlice<f32>, CudaSlice<f32>)], usize)>) -> Result<Vec<f32>> {
+    fn prefill(&mut self, p: &[i32], rows: Rows<'_>, cache: Option<(&mut [(CudaSlice<f32>, CudaSlice<f32>)], usize)>) -> Result<Vec<f32>> {
         let dev = self.dev.clone();
         let d = &*dev;
         let (t, h, row) = (p.len(), self.cfg.hidden_size, self.cfg.kv_dim());
@@ -1055,7 +1400,7 @@ impl DeviceModel {
         let mut x = self.embed_ids(p)?;
         let mut cache = cache;
         for l in 0..self.layers.len() {
-            let (acts, x_out) = self.layer_forward(l, &x, 1, t)?;
+            let (acts, x_out) = self.layer_forward(l, &x, 1, t, rows)?;
             if let Some((caches, at)) = cache.as_mut() {
                 let c = &mut caches[l];
                 for (src, dst) in [(&acts.k, &mut c.0), (&acts.v, &mut c.1)] {
@@ -1093,7 +1438,7 @@ impl DeviceModel {
 
     /// One decode step: token `next[b]` at position `lens[b]` of each
     /// sequence (its k and v appended to the caches); returns logits `[B, V]`.
-    fn decode_step(&mut self, next: &[i32], lens: &mut [usize], caches: &mut [(CudaSlice<f32>, CudaSlice<f32>)], cap: usize) -> Result<Vec<f32>> {
+    fn decode_step(&mut self, next: &[i32], rows: Rows<'_>, lens: &mut [usize], caches: &mut [(CudaSlice<f32>, CudaSlice<f32>)], cap: usize) -> Result<Vec<f32>> {
         let dev = self.dev.clone();
         let d = &*dev;
         let Dims { h, it, qd, kvd, eps, nh, nkv, hd } = Dims::of(&self.cfg);
@@ -1107,9 +1452,9 @@ impl DeviceModel {
             cnorm::rmsnorm_forward(d, &x.as_view(), &self.layers[l].attn_norm.as_view(), bsz, h, eps, &mut h1.as_view_mut(), None)?;
             let h1b = self.operand(&h1)?;
             let (mut q, mut k, mut v) = (out_buf::<f32>(d, bsz * qd)?, out_buf::<f32>(d, bsz * kvd)?, out_buf::<f32>(d, bsz * kvd)?);
-            self.lin_decode(l, Q, &h1, h1b.as_ref(), bsz, &mut q, 0.0)?;
-            self.lin_decode(l, K, &h1, h1b.as_ref(), bsz, &mut k, 0.0)?;
-            self.lin_decode(l, V, &h1, h1b.as_ref(), bsz, &mut v, 0.0)?;
+            self.lin_decode(l, Q, rows, &h1, h1b.as_ref(), bsz, &mut q, 0.0)?;
+            self.lin_decode(l, K, rows, &h1, h1b.as_ref(), bsz, &mut k, 0.0)?;
+            self.lin_decode(l, V, rows, &h1, h1b.as_ref(), bsz, &mut v, 0.0)?;
             crope::rope_forward(d, &mut q.as_view_mut(), 1, bsz, nh, hd, &table)?;
             crope::rope_forward(d, &mut k.as_view_mut(), 1, bsz, nkv, hd, &table)?;
             for (b, &pos) in lens.iter().enumerate() {
@@ -1123,17 +1468,17 @@ impl DeviceModel {
             let mut att = out_buf::<f32>(d, bsz * qd)?;
             catt::decode(d, &q.as_view(), &cache.0.as_view(), &cache.1.as_view(), &new_lens, &shape, &mut att.as_view_mut())?;
             let attb = self.operand(&att)?;
-            self.lin_decode(l, O, &att, attb.as_ref(), bsz, &mut x, 1.0)?;
+            self.lin_decode(l, O, rows, &att, attb.as_ref(), bsz, &mut x, 1.0)?;
             let mut h2 = out_buf::<f32>(d, bsz * h)?;
             cnorm::rmsnorm_forward(d, &x.as_view(), &self.layers[l].mlp_norm.as_view(), bsz, h, eps, &mut h2.as_view_mut(), None)?;
             let h2b = self.operand(&h2)?;
             let (mut g, mut u) = (out_buf::<f32>(d, bsz * it)?, out_buf::<f32>(d, bsz * it)?);
-            self.lin_decode(l, GATE, &h2, h2b.as_ref(), bsz, &mut g, 0.0)?;
-            self.lin_decode(l, UP, &h2, h2b.as_ref(), bsz, &mut u, 0.0)?;
+            self.lin_decode(l, GATE, rows, &h2, h2b.as_ref(), bsz, &mut g, 0.0)?;
+            self.lin_decode(l, UP, rows, &h2, h2b.as_ref(), bsz, &mut u, 0.0)?;
             let mut a = out_buf::<f32>(d, bsz * it)?;
             cswiglu::swiglu_forward(d, &g.as_view(), &u.as_view(), &mut a.as_view_mut())?;
             let ab = self.operand(&a)?;
-            self.lin_decode(l, DOWN, &a, ab.as_ref(), bsz, &mut x, 1.0)?;
+            self.lin_decode(l, DOWN, rows, &a, ab.as_ref(), bsz, &mut x, 1.0)?;
         }
         lens.iter_mut().for_each(|n| *n += 1);
         self.head_logits(&x, bsz)

@@ -140,6 +140,12 @@ pub struct Model {
     pub(crate) kv_bytes: usize,
     pub(crate) peak: usize,
     pub(crate) pool: BufPool,
+    /// The copy on a CUDA device, when the model is on one
+    /// ([`Model::use_device`]).
+    pub(crate) gpu: gpu::DeviceCopy,
+    /// Counts changes to the adapters (added, removed, weights written):
+    /// the device copy re-syncs when it differs from the last one it saw.
+    adapters_version: u64,
 }
 
 /// Recycled fp32 buffers: a training step allocates the same activation
@@ -362,6 +368,8 @@ impl Model {
             kv_bytes: 0,
             peak: 0,
             pool: BufPool::default(),
+            gpu: gpu::DeviceCopy::default(),
+            adapters_version: 0,
         };
         m.note_peak(0);
         m
@@ -421,6 +429,60 @@ impl Model {
     pub fn is_merged(&self) -> bool {
         self.merged
     }
+
+    /// The adapter change counter (see the field).
+    pub fn adapters_version(&self) -> u64 {
+        self.adapters_version
+    }
+
+    /// Notes that adapter weights or the adapter list changed.
+    pub(crate) fn touch_adapters(&mut self) {
+        self.adapters_version += 1;
+    }
+
+    /// Puts the model on CUDA device `ordinal` with `compute` precision
+    /// (`Some`), or takes it off (`None`). On a device the frozen weights
+    /// and every adapter are copied there once; logits, loss, generation
+    /// (mixed-adapter batches too), merge, unmerge and swaps then run
+    /// there, and trainers that asked for the device
+    /// ([`crate::session::Trainer::use_device`]) train there. The host
+    /// copy stays the master: adapters added, loaded, removed or written
+    /// on the host are copied over before the next device operation. A
+    /// model already on that device with that precision is left as it is;
+    /// moving it (or taking it off) is refused while a trainer trains on
+    /// it (`InvalidState`).
+    pub fn use_device(&mut self, device: Option<(usize, gpu::Compute)>) -> Result<()> {
+        if let Some(g) = self.gpu.0.as_deref() {
+            if device == Some((g.ordinal(), g.compute())) {
+                return Ok(());
+            }
+            let t = g.training();
+            if !t.is_empty() {
+                bail!(InvalidState, "adapter '{}' is being trained on the device; move its trainer off first (lora_trainer_use_device with device -1)", t[0]);
+            }
+        }
+        self.gpu.0 = None;
+        if let Some((ordinal, compute)) = device {
+            self.gpu.0 = Some(Box::new(gpu::DeviceModel::upload(ordinal, self, compute)?));
+        }
+        Ok(())
+    }
+
+    /// The device copy, when the model is on a device.
+    pub fn device(&self) -> Option<&gpu::DeviceModel> {
+        self.gpu.0.as_deref()
+    }
+
+    /// Runs `f` on the device copy, synced with the host first
+    /// ([`gpu::DeviceModel::sync`]); `InvalidState` when the model is not
+    /// on a device.
+    pub fn with_device<R>(&mut self, f: impl FnOnce(&mut gpu::DeviceModel, &mut Model) -> Result<R>) -> Result<R> {
+        let mut g = self.gpu.0.take().ok_or_else(|| err!(InvalidState, "the model is not on a device (lora_model_use_device)"))?;
+        let r = g.sync(self).and_then(|_| f(&mut g, self));
+        self.gpu.0 = Some(g);
+        r
+    }
+
     pub fn active(&self) -> &[(String, f32)] {
         &self.active
     }
@@ -484,6 +546,7 @@ impl Model {
             layer.add_adapter(name, cfg)?;
         }
         self.adapters.push(AdapterInfo { name: name.to_string(), spec, modules });
+        self.touch_adapters();
         if first {
             self.active = vec![(name.to_string(), 1.0)];
         }
@@ -520,8 +583,16 @@ impl Model {
         if self.blocks.iter().any(|b| b.lin.iter().any(|l| l.grads_pending())) {
             bail!(InvalidState, "swapping adapters while gradients are accumulated but not consumed");
         }
-        self.active = set.iter().map(|&(n, m)| (n.to_string(), m)).collect();
-        self.sync_active()
+        let old = std::mem::replace(&mut self.active, set.iter().map(|&(n, m)| (n.to_string(), m)).collect());
+        self.sync_active()?;
+        if self.gpu.0.is_some() {
+            if let Err(e) = self.with_device(|_, _| Ok(())) {
+                self.active = old;
+                self.sync_active()?;
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     /// Merges the active adapters into every layer's weight.
@@ -544,6 +615,12 @@ impl Model {
             return Err(e);
         }
         self.merged = true;
+        if self.gpu.0.is_some() {
+            if let Err(e) = self.with_device(|_, _| Ok(())) {
+                let _ = self.unmerge();
+                return Err(e);
+            }
+        }
         self.note_peak(0);
         Ok(())
     }
@@ -561,6 +638,9 @@ impl Model {
             }
         }
         self.merged = false;
+        if self.gpu.0.is_some() {
+            self.with_device(|_, _| Ok(()))?;
+        }
         Ok(())
     }
 
@@ -807,9 +887,13 @@ impl Model {
 
     /// Logits `[B·T, V]` for a batch (inference: no dropout), with the
     /// active adapters, or per sequence adapters (`seq_adapters[b]` a
-    /// model adapter index, −1 for none).
+    /// model adapter index, −1 for none); on the device when the model is
+    /// on one ([`Model::use_device`]).
     pub fn logits(&mut self, ids: &[i32], batch: usize, seq: usize, seq_adapters: Option<&[i32]>) -> Result<Vec<f32>> {
         self.check_batch(ids, batch, seq)?;
+        if self.gpu.0.is_some() {
+            return self.with_device(|g, _| g.logits(ids, batch, seq, seq_adapters));
+        }
         let rows = self.row_adapters(seq_adapters, batch, seq)?;
         let n = batch * seq;
         let table = RopeTable::new(&self.inv_freq, 0, seq);
@@ -941,6 +1025,8 @@ impl Model {
     /// Adapter `name`'s (A, B, dA, dB) slices in the optimizer's order:
     /// layer by layer, modules in registration order, A before B.
     pub fn adapter_params(&mut self, name: &str) -> Result<(Vec<&mut [f32]>, Vec<&[f32]>)> {
+        self.adapter_index(name)?;
+        self.touch_adapters();
         let slots = self.adapter_slots(name)?;
         let mut params = Vec::with_capacity(slots.len() * 2);
         let mut grads = Vec::with_capacity(slots.len() * 2);
@@ -988,6 +1074,7 @@ impl Model {
         if self.adapters[fi].modules != self.adapters[ti].modules {
             bail!(ShapeMismatch, "adapters '{from}' and '{to}' target different modules");
         }
+        self.touch_adapters();
         for &(l, j) in &self.adapters[fi].modules.clone() {
             let layer = &mut self.blocks[l].lin[j];
             let src = layer.adapter(from)?.clone();
@@ -1002,6 +1089,10 @@ impl Model {
         if self.merged && self.active.iter().any(|(n, _)| n == name) {
             bail!(InvalidState, "adapter '{name}' is merged; unmerge before removing it");
         }
+        if self.device().is_some_and(|g| g.training().contains(&name)) {
+            bail!(InvalidState, "adapter '{name}' is being trained on the device; free or move its trainer first");
+        }
+        self.touch_adapters();
         for &(l, j) in &self.adapters[ai].modules.clone() {
             self.blocks[l].lin[j].remove_adapter(name)?;
         }

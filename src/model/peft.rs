@@ -428,5 +428,6 @@ pub fn load_adapter(model: &mut Model, dir: &Path, name: &str) -> Result<()> {
     for ((l, j), (a, b)) in given {
         model.blocks[l].lin[j].set_adapter_weights(name, &a, &b)?;
     }
+    model.touch_adapters();
     Ok(())
 }

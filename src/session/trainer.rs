@@ -17,6 +17,7 @@
 use crate::model::{peft, MemStats, Model};
 use crate::model::generate::{Request, Sampling};
 use crate::model::gpu::{Compute, DeviceModel};
+
 use crate::optim::adamw::AdamWConfig;
 use crate::optim::Optimizer;
 use crate::optim::schedule::Schedule;
@@ -78,8 +79,11 @@ pub struct Trainer {
     opt: Optimizer,
     step: u64,
     micro_calls: u64,
-    /// The device copy when training runs on a GPU ([`Trainer::use_device`]).
-    gpu: Option<DeviceModel>,
+    /// Steps run on the model's device copy ([`Trainer::use_device`]),
+    /// which holds this adapter's gradients and AdamW state meanwhile.
+    on_device: bool,
+    /// This trainer put the model on its device (and takes it off again).
+    attached: bool,
 }
 
 /// The newest complete checkpoint set aside as `.NAME.old.PID` beside
@@ -119,7 +123,7 @@ impl Trainer {
         };
         let pager = if cfg.paged { Some(pager.ok_or_else(|| err!(InvalidArgument, "paged optimizer state needs a pager"))?) } else { None };
         let opt = Optimizer::new(cfg.optimizer, cfg.adamw, &sizes, pager)?;
-        Ok(Trainer { model, adapter: adapter.to_string(), cfg, opt, step: 0, micro_calls: 0, gpu: None })
+        Ok(Trainer { model, adapter: adapter.to_string(), cfg, opt, step: 0, micro_calls: 0, on_device: false, attached: false })
     }
 
     pub fn steps_done(&self) -> u64 {
@@ -177,28 +181,35 @@ impl Trainer {
             bail!(InvalidState, "the trainer's adapter '{}' is not the model's only active adapter (multiplier 1): swap it back in before training", self.adapter);
         }
         model.check_ids(ids)?;
-        if let Some(g) = self.gpu.as_mut() {
+        if self.on_device {
             let vsz = model.vocab();
             if let Some((i, &y)) = labels.iter().enumerate().find(|(_, &y)| y != crate::backend::cpu::loss::IGNORE_INDEX && (y < 0 || y as usize >= vsz)) {
                 bail!(InvalidArgument, "label {y} at position {i} is neither -100 nor in [0, {vsz})");
             }
-            let mut outs = Vec::with_capacity(n_micro);
-            let run = (|| -> Result<()> {
-                for (i, b0) in (0..batch).step_by(mb).enumerate() {
-                    let b1 = (b0 + mb).min(batch);
-                    outs.push(g.forward_backward(&ids[b0 * seq..b1 * seq], &labels[b0 * seq..b1 * seq], b1 - b0, seq, grad_scale, self.cfg.checkpointing)?);
-                    if !progress(i + 1, n_micro) {
-                        bail!(Cancelled, "training step cancelled by the progress callback after micro-batch {}", i + 1);
-                    }
-                }
-                Ok(())
-            })();
-            if let Err(e) = run {
-                let _ = g.zero_grad();
-                return Err(e);
+            if model.device().is_none() {
+                bail!(InvalidState, "the trainer trains on a device but the model is no longer on one");
             }
-            let r = g.finish_step(&outs, self.cfg.max_grad_norm, &self.cfg.adamw, lr)?;
-            g.push_adapter_to(&mut model)?;
+            let (adapter, cfg) = (self.adapter.clone(), self.cfg.clone());
+            let r = model.with_device(|g, m| {
+                let mut outs = Vec::with_capacity(n_micro);
+                let run = (|| -> Result<()> {
+                    for (i, b0) in (0..batch).step_by(mb).enumerate() {
+                        let b1 = (b0 + mb).min(batch);
+                        outs.push(g.forward_backward(&adapter, &ids[b0 * seq..b1 * seq], &labels[b0 * seq..b1 * seq], b1 - b0, seq, grad_scale, cfg.checkpointing)?);
+                        if !progress(i + 1, n_micro) {
+                            bail!(Cancelled, "training step cancelled by the progress callback after micro-batch {}", i + 1);
+                        }
+                    }
+                    Ok(())
+                })();
+                if let Err(e) = run {
+                    let _ = g.zero_grad(&adapter);
+                    return Err(e);
+                }
+                let r = g.finish_step(&adapter, &outs, cfg.max_grad_norm, &cfg.adamw, lr)?;
+                g.push_adapter_to(&adapter, m)?;
+                Ok(r)
+            })?;
             drop(model);
             return Ok(self.finish(n_micro, r.loss_sum / total as f64, r.grad_norm as f64, lr, n, total, t0));
         }
@@ -290,114 +301,120 @@ impl Trainer {
     }
 
     /// Moves training to CUDA device `ordinal` with `compute` precision
-    /// (`Some`), or back to the CPU (`None`). The adapter's weights and the
-    /// AdamW state move with it, so steps continue where they were (on the
-    /// device the state lives in device memory; paged host state is copied
-    /// there and back). A device needs fp32 AdamW (8-bit AdamW is a CPU
-    /// feature for now: `Unsupported`) and an adapter without dropout.
+    /// (`Some`), or back to the CPU (`None`). The model goes to that
+    /// device first if it is not there ([`Model::use_device`]; the trainer
+    /// then takes it off again when it leaves the device or is dropped).
+    /// The adapter's AdamW state moves with the trainer, so steps continue
+    /// where they were (on the device it lives in device memory; paged
+    /// host state is copied there and back). A device needs fp32 AdamW
+    /// (8-bit AdamW is a CPU feature for now: `Unsupported`) and an adapter
+    /// without dropout.
     pub fn use_device(&mut self, device: Option<(usize, Compute)>) -> Result<()> {
-        let model = self.model.lock();
+        let mut model = self.model.lock();
+        if self.on_device {
+            // The state comes back first (the host model's adapter is
+            // current after every step).
+            if model.device().is_some() {
+                let (steps, moments) = model.with_device(|g, _| g.train_end(&self.adapter))?;
+                if let Optimizer::AdamW(opt) = &mut self.opt {
+                    opt.set_state(steps, moments)?;
+                }
+            }
+            self.on_device = false;
+        }
         match device {
             Some((ordinal, compute)) => {
-                // Already on a device: its state comes back first (the host
-                // model's adapter is current after every step).
-                if let (Some(g), Optimizer::AdamW(opt)) = (&self.gpu, &mut self.opt) {
-                    opt.set_state(g.steps(), g.moments()?)?;
-                }
                 let Optimizer::AdamW(opt) = &self.opt else {
                     bail!(Unsupported, "training on a GPU needs the fp32 AdamW optimizer; 8-bit AdamW runs on the CPU only");
                 };
-                let dev = Arc::new(crate::backend::cuda::open(ordinal)?);
-                let mut g = DeviceModel::upload(dev, &model, &self.adapter, compute)?;
+                let had = model.device().is_some();
+                model.use_device(Some((ordinal, compute)))?;
+                self.attached |= !had;
                 let moments = (0..opt.sizes().len()).map(|i| opt.moments(i)).collect::<Result<Vec<_>>>()?;
-                g.set_state(&model, opt.step_count(), &moments)?;
-                self.gpu = Some(g);
+                let (adapter, steps) = (self.adapter.clone(), opt.step_count());
+                if let Err(e) = model.with_device(|g, m| g.train_begin(m, &adapter, steps, &moments)) {
+                    if std::mem::take(&mut self.attached) {
+                        let _ = model.use_device(None);
+                    }
+                    return Err(e);
+                }
+                self.on_device = true;
             }
             None => {
-                if let Some(g) = self.gpu.take() {
-                    if let Optimizer::AdamW(opt) = &mut self.opt {
-                        opt.set_state(g.steps(), g.moments()?)?;
-                    }
+                // Another trainer may still train there: then the model stays.
+                if std::mem::take(&mut self.attached) {
+                    let _ = model.use_device(None);
                 }
             }
         }
         Ok(())
     }
 
+    /// Runs `f` on the model's device copy, when training runs on a device.
+    fn on_device_model<R>(&self, f: impl FnOnce(&mut DeviceModel) -> R) -> Option<R> {
+        if !self.on_device {
+            return None;
+        }
+        let mut m = self.model.lock();
+        m.gpu.0.as_deref_mut().map(f)
+    }
+
     /// The per-category device time of the steps since profiling was last
     /// turned on (see [`DeviceModel::set_profiling`]), then turns profiling
     /// on or off as `on` says (`None`: unchanged); `None` on the CPU.
     pub fn device_profile(&self, on: Option<bool>) -> Option<Vec<(&'static str, f64, u64)>> {
-        let g = self.gpu.as_ref()?;
-        let p = g.profile();
-        if let Some(on) = on {
-            g.set_profiling(on);
-        }
-        p
+        self.on_device_model(|g| {
+            let p = g.profile();
+            if let Some(on) = on {
+                g.set_profiling(on);
+            }
+            p
+        })?
     }
 
     /// Tensor-core attention on the device (see
     /// [`DeviceModel::set_tensor_core_attention`]); `InvalidState` on the CPU.
     pub fn set_tensor_core_attention(&mut self, on: bool) -> Result<()> {
-        match self.gpu.as_mut() {
-            Some(g) => g.set_tensor_core_attention(on),
-            None => bail!(InvalidState, "the trainer runs on the CPU; tensor-core attention is a device option"),
-        }
+        self.on_device_model(|g| g.set_tensor_core_attention(on)).unwrap_or_else(|| Err(err!(InvalidState, "the trainer runs on the CPU; tensor-core attention is a device option")))
     }
 
     /// Generates up to `max_new` tokens for each prompt with this trainer's
     /// adapter (multiplier 1, no per-sequence adapters; the model must be
-    /// unmerged): on the trainer's device when it has one
-    /// ([`DeviceModel::generate`]), else with [`Model::generate`]. A
-    /// sequence stops at a `stop` id (included).
+    /// unmerged), with [`Model::generate`]: on the device when the model
+    /// is on one. A sequence stops at a `stop` id (included).
     pub fn generate(&mut self, prompts: &[&[i32]], max_new: usize, s: &Sampling, stop: &[i32], progress: &mut dyn FnMut(usize, usize) -> bool) -> Result<Vec<Vec<i32>>> {
-        match self.gpu.as_mut() {
-            Some(g) => g.generate(prompts, max_new, s, stop, progress),
-            None => {
-                let mut m = self.model.lock();
-                let ai = m.adapter_index(&self.adapter)? as i32;
-                let reqs: Vec<Request<'_>> = prompts.iter().map(|p| Request { prompt: p, adapter: Some(ai) }).collect();
-                m.generate(&reqs, max_new, s, stop, progress)
-            }
-        }
+        let mut m = self.model.lock();
+        let ai = m.adapter_index(&self.adapter)? as i32;
+        let reqs: Vec<Request<'_>> = prompts.iter().map(|p| Request { prompt: p, adapter: Some(ai) }).collect();
+        m.generate(&reqs, max_new, s, stop, progress)
     }
 
     /// The logits after the last token of `ids` with this trainer's adapter
-    /// (on its device when it has one).
+    /// (on the device when the model is on one).
     pub fn last_logits(&mut self, ids: &[i32]) -> Result<Vec<f32>> {
-        match self.gpu.as_mut() {
-            Some(g) => g.last_logits(ids),
-            None => {
-                let mut m = self.model.lock();
-                let ai = m.adapter_index(&self.adapter)? as i32;
-                let v = m.vocab();
-                let all = m.logits(ids, 1, ids.len(), Some(&[ai]))?;
-                Ok(all[all.len() - v..].to_vec())
-            }
-        }
+        let mut m = self.model.lock();
+        let ai = m.adapter_index(&self.adapter)? as i32;
+        let v = m.vocab();
+        let all = m.logits(ids, 1, ids.len(), Some(&[ai]))?;
+        Ok(all[all.len() - v..].to_vec())
     }
 
     /// The adapter products on the crate's LoRA kernels instead of cuBLAS
     /// (see [`DeviceModel::set_lora_kernels`]); `InvalidState` on the CPU.
     pub fn set_lora_kernels(&mut self, on: bool) -> Result<()> {
-        match self.gpu.as_mut() {
-            Some(g) => {
-                g.set_lora_kernels(on);
-                Ok(())
-            }
-            None => bail!(InvalidState, "the trainer runs on the CPU; the LoRA kernels are a device option"),
-        }
+        self.on_device_model(|g| g.set_lora_kernels(on)).ok_or_else(|| err!(InvalidState, "the trainer runs on the CPU; the LoRA kernels are a device option"))
     }
 
-    /// The device copy of the model, when training runs on a GPU (for its
-    /// options: [`DeviceModel::set_head_chunk_elems`] and the like).
-    pub fn device_model_mut(&mut self) -> Option<&mut DeviceModel> {
-        self.gpu.as_mut()
+    /// Runs `f` on the model's device copy (for its options:
+    /// [`DeviceModel::set_head_chunk_elems`] and the like) when training
+    /// runs on a device.
+    pub fn with_device_model<R>(&mut self, f: impl FnOnce(&mut DeviceModel) -> R) -> Option<R> {
+        self.on_device_model(f)
     }
 
     /// The device training runs on, if any.
     pub fn device(&self) -> Option<String> {
-        self.gpu.as_ref().map(|g| g.device().describe())
+        self.on_device_model(|g| g.device().describe())
     }
 
     /// Saves a training checkpoint to directory `dir`: the adapter in
@@ -427,10 +444,11 @@ impl Trainer {
             peft::save_adapter(&model, &self.adapter, &tmp)?;
             let keys = model.adapter_keys(&self.adapter)?;
             let names: Vec<&str> = keys.iter().map(|s| s.as_str()).collect();
-            let state = match &self.gpu {
+            let state = match model.device().filter(|_| self.on_device) {
                 Some(g) => {
+                    let (steps, moments) = g.moments(&self.adapter)?;
                     let mut a = crate::optim::AdamW::new(self.cfg.adamw, self.opt.sizes())?;
-                    a.set_state(g.steps(), g.moments()?)?;
+                    a.set_state(steps, moments)?;
                     a.export_state(&names)?
                 }
                 None => self.opt.export_state(&names)?,
@@ -545,5 +563,15 @@ impl Trainer {
         tr.step = u("step")?;
         tr.micro_calls = u("micro_calls")?;
         Ok(tr)
+    }
+}
+
+impl Drop for Trainer {
+    /// A trainer on a device leaves it (its gradients and moments there are
+    /// freed; the model leaves too if this trainer put it there).
+    fn drop(&mut self) {
+        if self.on_device || self.attached {
+            let _ = self.use_device(None);
+        }
     }
 }

@@ -172,6 +172,16 @@ int main(int argc, char **argv) {
     EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_trainer_use_device(tr3, 0, 7));
     EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_trainer_use_device(tr3, -2, LORA_COMPUTE_BF16));
     EXPECT_ERR(LORA_ERR_NULL_POINTER, lora_trainer_use_device(NULL, -1, LORA_COMPUTE_BF16));
+    /* The model itself on a device (or the CPU, where there is none). */
+    CHECK_OK(lora_model_use_device(m, -1, LORA_COMPUTE_BF16));
+    {
+        lora_status s1 = lora_model_use_device(m, 0, LORA_COMPUTE_F32);
+        CHECK(s1 == LORA_OK || s1 == LORA_ERR_CUDA_UNAVAILABLE);
+        if (s1 == LORA_OK) CHECK_OK(lora_model_use_device(m, -1, LORA_COMPUTE_F32));
+    }
+    EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_model_use_device(m, 0, 7));
+    EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_model_use_device(m, -5, LORA_COMPUTE_BF16));
+    EXPECT_ERR(LORA_ERR_NULL_POINTER, lora_model_use_device(NULL, -1, LORA_COMPUTE_BF16));
     lora_step_result r3;
     CHECK_OK(lora_train_step(tr3, ids, NULL, B, T, &r3));
     {

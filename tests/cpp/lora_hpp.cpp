@@ -402,6 +402,13 @@ static void test_model(const std::string &dir, const std::string &repo) {
         }
         tr.use_device(-1);
         expect_error(LORA_ERR_INVALID_ARGUMENT, [&] { tr.use_device(0, 9); }, "unknown compute");
+        try {
+            m.use_device(0, LORA_COMPUTE_F32);  // the model itself: a GPU, or its absence stated
+            m.use_device(-1);
+        } catch (const lora::error &e) {
+            CHECK(e.status() == LORA_ERR_CUDA_UNAVAILABLE);
+        }
+        expect_error(LORA_ERR_INVALID_ARGUMENT, [&] { m.use_device(0, 9); }, "unknown compute (model)");
         expect_error(LORA_ERR_BUFFER_SIZE, [&] { tr.step(ids, batch, seq + 1); }, "short batch");
     }
     const float after = m.loss(ids, batch, seq);

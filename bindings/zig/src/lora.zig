@@ -625,6 +625,13 @@ pub const Model = struct {
         try check(c.lora_merge(self.handle));
     }
 
+    /// Puts the model on CUDA device `device` (-1: back to the CPU) with
+    /// `compute` precision: logits, generation, merge, unmerge and swaps
+    /// then run there; `error.CudaUnavailable` without a GPU.
+    pub fn useDevice(self: Model, device: i32, compute: c.lora_compute) Error!void {
+        try check(c.lora_model_use_device(self.handle, device, compute));
+    }
+
     pub fn unmerge(self: Model) Error!void {
         try check(c.lora_unmerge(self.handle));
     }

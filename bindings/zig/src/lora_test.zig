@@ -311,6 +311,10 @@ test "fine-tune" {
         tr.useDevice(0, lora.c.LORA_COMPUTE_BF16) catch |e| try testing.expectEqual(error.CudaUnavailable, e);
         try tr.useDevice(-1, lora.c.LORA_COMPUTE_BF16);
         try testing.expectError(error.InvalidArgument, tr.useDevice(0, 9));
+        if (model.useDevice(0, lora.c.LORA_COMPUTE_F32)) |_| {
+            try model.useDevice(-1, lora.c.LORA_COMPUTE_F32);
+        } else |e| try testing.expectEqual(error.CudaUnavailable, e);
+        try testing.expectError(error.InvalidArgument, model.useDevice(0, 9));
         try testing.expectError(error.BufferSize, tr.step(ids, null, batch, seq + 1));
     }
     const after = try model.loss(ids, null, batch, seq);
