@@ -140,6 +140,9 @@ pub fn gemm(dev: &CudaDevice, blas: &Blas, a: MatRef<'_>, ta: bool, b: MatRef<'_
     let op = |tr: bool| if tr { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
     let cptr = c.device_ptr(&dev.stream).0;
     guard("cublasGemmEx", || {
+        // cuBLAS runs in the calling thread's current context, and a model
+        // on a device is driven from whichever thread calls into it.
+        dev.ctx.bind_to_thread().map_err(|e| cu_err("cuCtxSetCurrent", e))?;
         // Column-major view: Cᵀ[n, m] = op(B)ᵀ·op(A)ᵀ, each row-major
         // buffer read as its transpose with ld = its stored column count.
         // SAFETY: the operand buffers hold rows·cols elements each (checked
