@@ -1661,6 +1661,9 @@ lora_status lora_model_use_device(struct lora_model *model, int32_t device, lora
  * same trainer or its model. `device` is a CUDA ordinal as the driver
  * numbers devices.
  *
+ * If the move fails (status below) the trainer is left on the CPU, its
+ * state intact.
+ *
  * Paged optimizer state (`paged_state`) is copied into device memory and
  * back to its pages when the trainer returns to the CPU. Changing the
  * adapter's weights through the model (say `lora_adapter_load` into the

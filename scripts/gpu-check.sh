@@ -179,14 +179,16 @@ run "test cuda_train (training steps on the GPU vs the CPU trainer)" 120 "$BUNDL
 run "bench gpu_bench_nf4" 45 "$BUNDLE/bin/gpu_bench_nf4"
 
 # The main job through the C API on the GPU: make demo's QLoRA fine-tune
-# of models/default with LORA_DEMO_DEVICE=0 (it must say it trained there).
+# of models/default with LORA_DEMO_DEVICE=0 (it must say the model went
+# there and trained there; generation, merges, swaps and the mixed batch
+# then run there too).
 demo_on_gpu() {
   LD_LIBRARY_PATH="$BUNDLE/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" LORA_DEMO_DEVICE=0 \
     "$BUNDLE/bin/finetune" models/default data/finetune.txt "$(mktemp -d)" > "$OUT/demo.log" 2>&1
   local rc=$?
-  grep -E "training on|loss .* -> |step +(1|50|100|150|200)/" "$OUT/demo.log"
+  grep -E "model on|training on|loss .* -> |step +(1|50|100|150|200)/|merge took|swap took" "$OUT/demo.log"
   tail -3 "$OUT/demo.log"
-  [ $rc -eq 0 ] && grep -q "training on CUDA device" "$OUT/demo.log"
+  [ $rc -eq 0 ] && grep -q "model on CUDA device" "$OUT/demo.log" && grep -q "training on CUDA device" "$OUT/demo.log"
 }
 run "demo: make demo's fine-tune through the C API on the GPU" 90 bash -c "$(declare -f demo_on_gpu); BUNDLE=$BUNDLE OUT=$OUT demo_on_gpu"
 

@@ -18,9 +18,11 @@
  * between the two, merged and in one mixed batch.
  *
  * Environment: LORA_DEMO_STEPS (default 200), LORA_DEMO_THREADS (default:
- * all cores), LORA_DEMO_DEVICE (a CUDA device index: train on that GPU with
- * lora_trainer_use_device, bf16 compute; without a usable GPU the demo
- * says so and trains on the CPU).
+ * all cores), LORA_DEMO_DEVICE (a CUDA device index: the model goes to
+ * that GPU with lora_model_use_device, bf16 compute, so generation, merges,
+ * swaps and the mixed batch run there, and each trainer trains there with
+ * lora_trainer_use_device; without a usable GPU the demo says so and runs
+ * on the CPU).
  */
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
@@ -133,6 +135,9 @@ static uint64_t rnd(void) {
     return rng_state * 2685821657736338717ull;
 }
 
+/* The CUDA device the model is on (LORA_DEMO_DEVICE), or -1. */
+static int gpu = -1;
+
 /* Trains `adapter` for `steps` steps on random windows of `ids`. */
 static void train(const char *adapter, const int32_t *ids, size_t n_ids, int steps, double lr) {
     lora_trainer_params tp = lora_trainer_default_params();
@@ -143,18 +148,9 @@ static void train(const char *adapter, const int32_t *ids, size_t n_ids, int ste
     tp.max_grad_norm = 1.0;
     lora_trainer *tr = NULL;
     TRY(lora_trainer_new(model, adapter, &tp, &tr));
-    const char *dev = getenv("LORA_DEMO_DEVICE");
-    if (dev && *dev) {
-        lora_status st = lora_trainer_use_device(tr, atoi(dev), LORA_COMPUTE_BF16);
-        if (st == LORA_OK) {
-            printf("  [%s] training on CUDA device %d (bf16 compute)\n", adapter, atoi(dev));
-        } else if (st == LORA_ERR_CUDA_UNAVAILABLE) {
-            char why[256];
-            lora_last_error(why, sizeof why);
-            printf("  [%s] no usable GPU (%s): training on the CPU\n", adapter, why);
-        } else {
-            TRY(st);
-        }
+    if (gpu >= 0) {
+        TRY(lora_trainer_use_device(tr, gpu, LORA_COMPUTE_BF16));
+        printf("  [%s] training on CUDA device %d (bf16 compute)\n", adapter, gpu);
     }
     int32_t batch[BATCH * SEQ];
     double t0 = now(), first = 0, last = 0;
@@ -238,6 +234,20 @@ int main(int argc, char **argv) {
     char summary[256];
     TRY(lora_model_trainable_summary(model, summary, sizeof summary, NULL));
     printf("adapter 'verse' on all linear layers (r 8, alpha 16): %s\n", summary);
+    const char *dev = getenv("LORA_DEMO_DEVICE");
+    if (dev && *dev) {
+        lora_status st = lora_model_use_device(model, atoi(dev), LORA_COMPUTE_BF16);
+        if (st == LORA_OK) {
+            gpu = atoi(dev);
+            printf("model on CUDA device %d (bf16 compute): generation, training, merges and swaps run there\n", gpu);
+        } else if (st == LORA_ERR_CUDA_UNAVAILABLE) {
+            char why[256];
+            lora_last_error(why, sizeof why);
+            printf("no usable GPU (%s): everything runs on the CPU\n", why);
+        } else {
+            TRY(st);
+        }
+    }
 
     const char *prompt = "When I consider";
     printf("\n== before fine-tuning (sampled at T=0.8, then greedy)\n");

@@ -462,6 +462,15 @@ impl LoraLayer {
         d
     }
 
+    /// Derives the merged weight now if the layer is merged and it has not
+    /// been yet (a host model merges eagerly; one on a device never needs
+    /// the host copy unless a host forward or an export asks for it).
+    pub fn materialize_merged(&self) {
+        if let Some(m) = &self.merged {
+            self.merged_weight(m);
+        }
+    }
+
     /// The merged weight, derived now if this is its first use.
     fn merged_weight<'a>(&self, m: &'a OnceLock<Vec<f32>>) -> &'a Vec<f32> {
         m.get_or_init(|| self.derive_merged())

@@ -591,8 +591,17 @@ impl Model {
                 self.sync_active()?;
                 return Err(e);
             }
+        } else {
+            self.materialize_merged();
         }
         Ok(())
+    }
+
+    /// On the host, a merge (or a swap while merged) derives the merged
+    /// weights at once; on a device only the device's are derived, the
+    /// host's wait for a host forward or an export to ask for them.
+    fn materialize_merged(&self) {
+        self.blocks.iter().flat_map(|b| b.lin.iter()).for_each(|l| l.materialize_merged());
     }
 
     /// Merges the active adapters into every layer's weight.
@@ -620,6 +629,8 @@ impl Model {
                 let _ = self.unmerge();
                 return Err(e);
             }
+        } else {
+            self.materialize_merged();
         }
         self.note_peak(0);
         Ok(())
