@@ -975,8 +975,10 @@ pub unsafe extern "C" fn lora_model_use_device(model: *mut lora_model, device: i
 /// If the move fails (status below) the trainer is left on the CPU, its
 /// state intact.
 ///
-/// Paged optimizer state (`paged_state`) is copied into device memory and
-/// back to its pages when the trainer returns to the CPU. Changing the
+/// Paged optimizer state (`paged_state`) goes to CUDA managed memory
+/// (bitsandbytes' paged AdamW: the driver may evict its pages to the host
+/// under memory pressure; they are prefetched before each update) and
+/// back to its host pages when the trainer returns to the CPU. Changing the
 /// adapter's weights through the model (say `lora_adapter_load` into the
 /// same name) reaches the device before the next step.
 ///

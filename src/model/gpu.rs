@@ -73,6 +73,7 @@ use crate::backend::cpu::attention::{AttnShape, DecodeShape};
 use crate::backend::cpu::rope::RopeTable;
 use crate::backend::cuda::blas::{gemm, Blas, MatRef};
 use crate::backend::cuda::nf4::CudaNf4;
+use crate::backend::cuda::paged::ManagedAlloc;
 use crate::backend::cuda::rope::CudaRopeTable;
 use crate::backend::cuda::{self as cu, attention as catt, elementwise as ew, lora as glora, loss as closs, norm as cnorm, rope as crope, swiglu as cswiglu, CudaDevice, DevElemsMut};
 use crate::error::Result;
@@ -163,9 +164,54 @@ struct DevSet {
 
 struct TrainState {
     grads: CudaSlice<f32>,
-    m: CudaSlice<f32>,
-    v: CudaSlice<f32>,
+    m: MomentBuf,
+    v: MomentBuf,
     steps: u64,
+}
+
+/// An AdamW moment: device memory, or CUDA managed memory (paged
+/// optimizer state, as bitsandbytes' paged AdamW: the driver may evict its
+/// pages to the host under memory pressure; it is prefetched to the device
+/// before each update).
+enum MomentBuf {
+    Dev(CudaSlice<f32>),
+    Paged(ManagedAlloc),
+}
+
+impl MomentBuf {
+    fn new(dev: &Arc<CudaDevice>, host: &[f32], paged: bool) -> Result<MomentBuf> {
+        if !paged || host.is_empty() {
+            return Ok(MomentBuf::Dev(dev.upload(host)?));
+        }
+        let a = ManagedAlloc::new(dev, host.len() * 4, 0, true)?;
+        a.synchronize()?;
+        // SAFETY: a fresh managed allocation of host.len() f32s, which the
+        // host may write while the device is idle (synchronized above).
+        unsafe { std::slice::from_raw_parts_mut(a.ptr() as *mut f32, host.len()) }.copy_from_slice(host);
+        a.prefetch_to_device(0, a.len())?;
+        Ok(MomentBuf::Paged(a))
+    }
+
+    fn download(&self, dev: &CudaDevice) -> Result<Vec<f32>> {
+        match self {
+            MomentBuf::Dev(s) => dev.download(s),
+            MomentBuf::Paged(a) => {
+                a.synchronize()?;
+                // SAFETY: len/4 f32s of our allocation, read while the
+                // device is idle (synchronized above).
+                Ok(unsafe { std::slice::from_raw_parts(a.ptr() as *const f32, a.len() / 4) }.to_vec())
+            }
+        }
+    }
+
+    /// Bytes of device memory (managed pages are counted where they are
+    /// not: they migrate on demand).
+    fn device_bytes(&self) -> usize {
+        match self {
+            MomentBuf::Dev(s) => s.len() * 4,
+            MomentBuf::Paged(_) => 0,
+        }
+    }
 }
 
 /// Which adapters a forward applies to which rows.
@@ -639,9 +685,11 @@ impl DeviceModel {
     /// Starts training adapter `adapter` here: gradients and AdamW moments
     /// in device memory, continuing from `steps` optimizer steps with
     /// these moments (one `(m, v)` pair per adapter tensor, in
-    /// [`Model::adapter_params`]'s order). The adapter's weights are the
-    /// host's (the copy is synced first by the caller).
-    pub fn train_begin(&mut self, model: &Model, adapter: &str, steps: u64, moments: &[(Vec<f32>, Vec<f32>)]) -> Result<()> {
+    /// [`Model::adapter_params`]'s order), in device memory or, with
+    /// `paged`, in CUDA managed memory (paged optimizer state). The
+    /// adapter's weights are the host's (the copy is synced first by the
+    /// caller).
+    pub fn train_begin(&mut self, model: &Model, adapter: &str, steps: u64, moments: &[(Vec<f32>, Vec<f32>)], paged: bool) -> Result<()> {
         for blk in &model.blocks {
             for l in &blk.lin {
                 if let Ok(a) = l.adapter(adapter) {
@@ -665,8 +713,7 @@ impl DeviceModel {
             hm.extend_from_slice(m);
             hv.extend_from_slice(v);
         }
-        let d = &*self.dev;
-        let st = TrainState { grads: alloc(d, total)?, m: d.upload(&hm)?, v: d.upload(&hv)?, steps };
+        let st = TrainState { grads: alloc(&self.dev, total)?, m: MomentBuf::new(&self.dev, &hm, paged)?, v: MomentBuf::new(&self.dev, &hv, paged)?, steps };
         self.sets[s].train = Some(st);
         Ok(())
     }
@@ -692,7 +739,7 @@ impl DeviceModel {
     /// tensor (A then B of each module, in model order).
     pub fn moments(&self, adapter: &str) -> Result<(u64, Moments)> {
         let (s, t) = self.trained(adapter)?;
-        let (m, v) = (self.dev.download(&t.m)?, self.dev.download(&t.v)?);
+        let (m, v) = (t.m.download(&self.dev)?, t.v.download(&self.dev)?);
         Ok((t.steps, self.sets[s].spans.iter().map(|r| (m[r.clone()].to_vec(), v[r.clone()].to_vec())).collect()))
     }
 
@@ -1241,7 +1288,15 @@ impl DeviceModel {
         let st = cu::adamw::AdamWStep::from(&sc);
         // One launch over every tensor: the update is elementwise with the
         // same constants for all of them.
-        cu::adamw::adamw_update(&dev, &mut params.as_view_mut(), &ts.grads.as_view(), &mut ts.m.as_view_mut(), &mut ts.v.as_view_mut(), &st)?;
+        match (&mut ts.m, &mut ts.v) {
+            (MomentBuf::Dev(m), MomentBuf::Dev(v)) => cu::adamw::adamw_update(&dev, &mut params.as_view_mut(), &ts.grads.as_view(), &mut m.as_view_mut(), &mut v.as_view_mut(), &st)?,
+            (MomentBuf::Paged(m), MomentBuf::Paged(v)) => {
+                m.prefetch_to_device(0, m.len())?;
+                v.prefetch_to_device(0, v.len())?;
+                cu::adamw::adamw_update_managed(&dev, &mut params.as_view_mut(), &ts.grads.as_view(), m, v, &st)?
+            }
+            _ => bail!(Internal, "AdamW moments split between device and managed memory"),
+        }
         ts.steps += 1;
         dev.fill_bytes(&mut ts.grads, 0)?;
         self.tock(t, "clip + AdamW (+ loss readback)")?;
@@ -1249,7 +1304,7 @@ impl DeviceModel {
     }
 
     /// Bytes of device memory the model's weights (merged ones included),
-    /// adapters and training state take.
+    /// adapters and training state take (paged AdamW moments not counted).
     pub fn static_bytes(&self) -> usize {
         let wb = |w: &Weight| match w {
             Weight::F32(s) => s.len() * 4,
@@ -1263,7 +1318,7 @@ impl DeviceModel {
             }
         };
         let mut b = wb(&self.embed) + self.norm.len() * 4 + self.head.as_ref().map_or(0, wb);
-        b += self.sets.iter().map(|s| s.params.len() * if s.train.is_some() { 16 } else { 4 }).sum::<usize>();
+        b += self.sets.iter().map(|s| s.params.len() * 4 + s.train.as_ref().map_or(0, |t| t.grads.len() * 4 + t.m.device_bytes() + t.v.device_bytes())).sum::<usize>();
         for l in &self.layers {
             b += (l.attn_norm.len() + l.mlp_norm.len()) * 4;
             for lin in &l.lin {

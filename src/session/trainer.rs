@@ -305,8 +305,8 @@ impl Trainer {
     /// device first if it is not there ([`Model::use_device`]; the trainer
     /// then takes it off again when it leaves the device or is dropped).
     /// The adapter's AdamW state moves with the trainer, so steps continue
-    /// where they were (on the device it lives in device memory; paged
-    /// host state is copied there and back). A device needs fp32 AdamW
+    /// where they were (on the device it lives in device memory, or in CUDA
+    /// managed memory when the trainer's state is paged). A device needs fp32 AdamW
     /// (8-bit AdamW is a CPU feature for now: `Unsupported`) and an adapter
     /// without dropout.
     pub fn use_device(&mut self, device: Option<(usize, Compute)>) -> Result<()> {
@@ -331,8 +331,8 @@ impl Trainer {
                 model.use_device(Some((ordinal, compute)))?;
                 self.attached |= !had;
                 let moments = (0..opt.sizes().len()).map(|i| opt.moments(i)).collect::<Result<Vec<_>>>()?;
-                let (adapter, steps) = (self.adapter.clone(), opt.step_count());
-                if let Err(e) = model.with_device(|g, m| g.train_begin(m, &adapter, steps, &moments)) {
+                let (adapter, steps, paged) = (self.adapter.clone(), opt.step_count(), self.cfg.paged);
+                if let Err(e) = model.with_device(|g, m| g.train_begin(m, &adapter, steps, &moments, paged)) {
                     if std::mem::take(&mut self.attached) {
                         let _ = model.use_device(None);
                     }

@@ -8,6 +8,7 @@
 use super::{launch_cfg, stride_grid, CudaDevice, ADAMW_CU};
 use crate::error::Result;
 use cudarc::driver::{CudaView, CudaViewMut};
+use std::sync::Arc;
 
 /// Threads per block (`ADAMW_THREADS` in adamw.cu).
 const ADAMW_THREADS: u32 = 256;
@@ -59,6 +60,40 @@ pub fn adamw_update(dev: &CudaDevice, p: &mut CudaViewMut<'_, f32>, g: &CudaView
         name,
         launch_cfg((stride_grid(n64, ADAMW_THREADS), 1), ADAMW_THREADS),
         [p, g, m, v, &n64, &has_decay, &decay, &s.lerp_weight, &s.beta2, &s.one_minus_beta2, &s.bias_correction2_sqrt, &s.eps, &s.neg_step_size]
+    )
+}
+
+/// [`adamw_update`] with the moments in CUDA managed memory (paged
+/// optimizer state, [`super::paged::ManagedAlloc`]): `m` and `v` hold
+/// `p.len()` fp32 values each; the same kernel, so the same bits.
+pub fn adamw_update_managed(dev: &CudaDevice, p: &mut CudaViewMut<'_, f32>, g: &CudaView<'_, f32>, m: &super::paged::ManagedAlloc, v: &super::paged::ManagedAlloc, s: &AdamWStep) -> Result<()> {
+    let n = p.len();
+    if g.len() != n || m.len() != 4 * n || v.len() != 4 * n {
+        bail!(ShapeMismatch, "adamw: p and g have {n} and {} elements, the managed m and v {} and {} bytes", g.len(), m.len(), v.len());
+    }
+    dev.check_stream(p, "adamw p")?;
+    dev.check_stream(g, "adamw g")?;
+    if !Arc::ptr_eq(m.device(), v.device()) || m.device().ordinal != dev.ordinal {
+        bail!(InvalidArgument, "adamw: the managed moments belong to another device");
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let (mp, vp) = (m.ptr(), v.ptr());
+    let n64 = n as u64;
+    let has_decay = s.decay.is_some() as u32;
+    let decay = s.decay.unwrap_or(1.0);
+    let name = "adamw_update_f32";
+    let f = dev.function(&ADAMW_CU, name)?;
+    // SAFETY: as adamw_update, with m and v passed as the managed
+    // addresses (valid on the device, 4·n bytes each, checked); the
+    // allocations outlive the queued launch (their Drop synchronizes).
+    launch_kernel!(
+        dev,
+        f,
+        name,
+        launch_cfg((stride_grid(n64, ADAMW_THREADS), 1), ADAMW_THREADS),
+        [p, g, &mp, &vp, &n64, &has_decay, &decay, &s.lerp_weight, &s.beta2, &s.one_minus_beta2, &s.bias_correction2_sqrt, &s.eps, &s.neg_step_size]
     )
 }
 
