@@ -1643,9 +1643,9 @@ lora_status lora_model_use_device(struct lora_model *model, int32_t device, lora
  * Moves `trainer`'s steps to CUDA device `device` (0, 1, …) with
  * `compute` precision (`LORA_COMPUTE_*`), or back to the CPU with
  * `device = -1`. The model goes to that device first if it is not there
- * (as `lora_model_use_device`; the trainer takes it off again when it
- * returns to the CPU or is freed, unless another trainer still trains
- * there). The adapter's AdamW state moves to device memory; each
+ * (as `lora_model_use_device`; a copy made this way is taken off again
+ * when the last trainer on it returns to the CPU or is freed, one made by
+ * `lora_model_use_device` stays). One trainer per adapter on a device. The adapter's AdamW state moves to device memory; each
  * `lora_train_step` then runs forward, backward, clipping and AdamW
  * there, and copies the updated adapter back to the model, so saving
  * sees it (generation, merging and swaps run on the device copy, which
@@ -1664,8 +1664,10 @@ lora_status lora_model_use_device(struct lora_model *model, int32_t device, lora
  * If the move fails (status below) the trainer is left on the CPU, its
  * state intact.
  *
- * Paged optimizer state (`paged_state`) is copied into device memory and
- * back to its pages when the trainer returns to the CPU. Changing the
+ * Paged optimizer state (`paged_state`) goes to CUDA managed memory
+ * (bitsandbytes' paged AdamW: the driver may evict its pages to the host
+ * under memory pressure; they are prefetched before each update) and
+ * back to its host pages when the trainer returns to the CPU. Changing the
  * adapter's weights through the model (say `lora_adapter_load` into the
  * same name) reaches the device before the next step.
  *
@@ -1673,7 +1675,8 @@ lora_status lora_model_use_device(struct lora_model *model, int32_t device, lora
  * NVRTC or cuBLAS), `LORA_ERR_UNSUPPORTED` (8-bit AdamW, LoRA dropout,
  * head_dim above 128), `LORA_ERR_INVALID_ARGUMENT`
  * (unknown `compute`), `LORA_ERR_INVALID_STATE` (the model is on another
- * device or precision where another trainer trains),
+ * device or precision where another trainer trains, or another trainer
+ * trains this adapter there),
  * `LORA_ERR_OUT_OF_MEMORY` (device memory), `LORA_ERR_CUDA`.
  */
 lora_status lora_trainer_use_device(struct lora_trainer *trainer,

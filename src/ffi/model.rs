@@ -954,9 +954,9 @@ pub unsafe extern "C" fn lora_model_use_device(model: *mut lora_model, device: i
 /// Moves `trainer`'s steps to CUDA device `device` (0, 1, …) with
 /// `compute` precision (`LORA_COMPUTE_*`), or back to the CPU with
 /// `device = -1`. The model goes to that device first if it is not there
-/// (as `lora_model_use_device`; the trainer takes it off again when it
-/// returns to the CPU or is freed, unless another trainer still trains
-/// there). The adapter's AdamW state moves to device memory; each
+/// (as `lora_model_use_device`; a copy made this way is taken off again
+/// when the last trainer on it returns to the CPU or is freed, one made by
+/// `lora_model_use_device` stays). One trainer per adapter on a device. The adapter's AdamW state moves to device memory; each
 /// `lora_train_step` then runs forward, backward, clipping and AdamW
 /// there, and copies the updated adapter back to the model, so saving
 /// sees it (generation, merging and swaps run on the device copy, which
@@ -986,7 +986,8 @@ pub unsafe extern "C" fn lora_model_use_device(model: *mut lora_model, device: i
 /// NVRTC or cuBLAS), `LORA_ERR_UNSUPPORTED` (8-bit AdamW, LoRA dropout,
 /// head_dim above 128), `LORA_ERR_INVALID_ARGUMENT`
 /// (unknown `compute`), `LORA_ERR_INVALID_STATE` (the model is on another
-/// device or precision where another trainer trains),
+/// device or precision where another trainer trains, or another trainer
+/// trains this adapter there),
 /// `LORA_ERR_OUT_OF_MEMORY` (device memory), `LORA_ERR_CUDA`.
 #[no_mangle]
 pub unsafe extern "C" fn lora_trainer_use_device(trainer: *mut lora_trainer, device: i32, compute: lora_compute) -> lora_status {

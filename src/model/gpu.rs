@@ -378,6 +378,10 @@ pub struct DeviceModel {
     /// The host's adapter version ([`Model::adapters_version`]) the sets
     /// were last copied from.
     synced: Option<u64>,
+    /// A trainer put the model here ([`crate::session::Trainer::use_device`]):
+    /// the last trainer to leave takes it off again. False once the owner
+    /// asks for the device itself ([`Model::use_device`]).
+    pub(crate) by_trainer: bool,
     rope: Option<CudaRopeTable>,
     /// Attention on tensor cores (`cuda/attention_tc.cu`) where the shape
     /// allows ([`DeviceModel::set_tensor_core_attention`]; off by default
@@ -486,6 +490,7 @@ impl DeviceModel {
             active: Vec::new(),
             merged_for: None,
             synced: None,
+            by_trainer: false,
             rope: None,
             attn_tc: compute == Compute::BF16 && std::env::var("LORA_CUDA_ATTENTION").is_ok_and(|v| v == "tc"),
             lora_kernels: std::env::var("LORA_CUDA_LORA").is_ok_and(|v| v == "kernels"),
@@ -509,36 +514,56 @@ impl DeviceModel {
             self.synced = None;
             let flats = model.adapters.iter().map(|a| flatten(model, &a.name)).collect::<Result<Vec<_>>>()?;
             let dev = self.dev.clone();
-            let mut old = std::mem::take(&mut self.sets);
-            let mut sets = Vec::with_capacity(flats.len());
+            // Every copy first (an adapter of unchanged shape in place,
+            // keeping its training state; others into new buffers); the
+            // list is rebuilt only when all succeeded, so a failure loses
+            // no trainer's gradients or moments.
+            enum Src {
+                Old(usize),
+                New(CudaSlice<f32>),
+            }
+            let mut srcs = Vec::with_capacity(flats.len());
             for (info, f) in model.adapters.iter().zip(&flats) {
-                let set = match old.iter().position(|s| s.name == info.name && s.spans == f.spans) {
+                srcs.push(match self.sets.iter().position(|s| s.name == info.name && s.spans == f.spans) {
                     Some(i) => {
-                        let mut s = old.swap_remove(i);
-                        htod(&dev, &f.data, &mut s.params)?;
-                        s
+                        htod(&dev, &f.data, &mut self.sets[i].params)?;
+                        Src::Old(i)
                     }
-                    None => DevSet { name: info.name.clone(), params: dev.upload(&f.data)?, spans: f.spans.clone(), train: None },
-                };
-                sets.push(set);
+                    None => Src::New(dev.upload(&f.data)?),
+                });
+            }
+            let mut old: Vec<Option<DevSet>> = std::mem::take(&mut self.sets).into_iter().map(Some).collect();
+            for ((src, info), f) in srcs.into_iter().zip(&model.adapters).zip(&flats) {
+                self.sets.push(match src {
+                    // Names are unique: each old set is taken once.
+                    Src::Old(i) => old[i].take().expect("one host adapter per device set"),
+                    Src::New(params) => DevSet { name: info.name.clone(), params, spans: f.spans.clone(), train: None },
+                });
             }
             for (l, dl) in self.layers.iter_mut().enumerate() {
                 for (j, lin) in dl.lin.iter_mut().enumerate() {
                     lin.ads = flats.iter().map(|f| f.per[l][j].clone()).collect();
                 }
             }
-            self.sets = sets;
-            self.synced = Some(version);
         }
         self.active = model.active().iter().map(|(n, m)| Ok((self.set_index(n)?, *m))).collect::<Result<Vec<_>>>()?;
         if !model.is_merged() {
-            if self.merged_for.take().is_some() {
-                self.layers.iter_mut().flat_map(|l| l.lin.iter_mut()).for_each(|lin| lin.merged = None);
-            }
+            self.drop_merged();
         } else if changed || self.merged_for.as_ref() != Some(&self.active) {
             self.derive_merged()?;
         }
+        // Only now: a failed derive is retried by the next sync.
+        self.synced = Some(version);
         Ok(())
+    }
+
+    /// Drops the merged weights (the host was unmerged); cannot fail, so
+    /// the host's unmerge needs no rollback. The next sync finds the
+    /// device unmerged as the host.
+    pub(crate) fn drop_merged(&mut self) {
+        if self.merged_for.take().is_some() {
+            self.layers.iter_mut().flat_map(|l| l.lin.iter_mut()).for_each(|lin| lin.merged = None);
+        }
     }
 
     fn set_index(&self, name: &str) -> Result<usize> {
@@ -701,6 +726,9 @@ impl DeviceModel {
         }
         let s = self.set_index(adapter)?;
         let set = &self.sets[s];
+        if set.train.is_some() {
+            bail!(InvalidState, "adapter '{adapter}' is already being trained on the device (by another trainer): one trainer per adapter on a device");
+        }
         if moments.len() != set.spans.len() {
             bail!(ShapeMismatch, "optimizer state has {} tensors, the adapter {}", moments.len(), set.spans.len());
         }
@@ -722,10 +750,13 @@ impl DeviceModel {
     /// [`train_begin`](Self::train_begin) takes them); the gradients and
     /// moments are freed.
     pub fn train_end(&mut self, adapter: &str) -> Result<(u64, Moments)> {
-        let r = self.moments(adapter)?;
-        let s = self.set_index(adapter)?;
-        self.sets[s].train = None;
-        Ok(r)
+        let r = self.moments(adapter);
+        // Freed even when the copy back failed: the device never keeps a
+        // trainer that has left.
+        if let Some(s) = self.sets.iter_mut().find(|s| s.name == adapter) {
+            s.train = None;
+        }
+        r
     }
 
     /// The set index of `adapter` and its training state.

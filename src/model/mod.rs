@@ -452,6 +452,20 @@ impl Model {
     /// moving it (or taking it off) is refused while a trainer trains on
     /// it (`InvalidState`).
     pub fn use_device(&mut self, device: Option<(usize, gpu::Compute)>) -> Result<()> {
+        self.place_on(device)?;
+        // Asked for by the owner: it stays when trainers come and go.
+        if let Some(g) = self.gpu.0.as_deref_mut() {
+            g.by_trainer = false;
+        }
+        Ok(())
+    }
+
+    /// [`use_device`](Self::use_device) without claiming the copy for the
+    /// owner (trainers use it). A move to another device uploads there
+    /// before the old copy is freed, so a failed move leaves the model
+    /// where it was; a change of precision on the same device frees first
+    /// (two copies may not fit).
+    pub(crate) fn place_on(&mut self, device: Option<(usize, gpu::Compute)>) -> Result<()> {
         if let Some(g) = self.gpu.0.as_deref() {
             if device == Some((g.ordinal(), g.compute())) {
                 return Ok(());
@@ -460,10 +474,13 @@ impl Model {
             if !t.is_empty() {
                 bail!(InvalidState, "adapter '{}' is being trained on the device; move its trainer off first (lora_trainer_use_device with device -1)", t[0]);
             }
+            if device.is_none_or(|(o, _)| o == g.ordinal()) {
+                self.gpu.0 = None;
+            }
         }
-        self.gpu.0 = None;
         if let Some((ordinal, compute)) = device {
-            self.gpu.0 = Some(Box::new(gpu::DeviceModel::upload(ordinal, self, compute)?));
+            let g = gpu::DeviceModel::upload(ordinal, self, compute)?;
+            self.gpu.0 = Some(Box::new(g));
         }
         Ok(())
     }
@@ -649,8 +666,8 @@ impl Model {
             }
         }
         self.merged = false;
-        if self.gpu.0.is_some() {
-            self.with_device(|_, _| Ok(()))?;
+        if let Some(g) = self.gpu.0.as_deref_mut() {
+            g.drop_merged();
         }
         Ok(())
     }

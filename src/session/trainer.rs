@@ -82,8 +82,6 @@ pub struct Trainer {
     /// Steps run on the model's device copy ([`Trainer::use_device`]),
     /// which holds this adapter's gradients and AdamW state meanwhile.
     on_device: bool,
-    /// This trainer put the model on its device (and takes it off again).
-    attached: bool,
 }
 
 /// The newest complete checkpoint set aside as `.NAME.old.PID` beside
@@ -123,7 +121,7 @@ impl Trainer {
         };
         let pager = if cfg.paged { Some(pager.ok_or_else(|| err!(InvalidArgument, "paged optimizer state needs a pager"))?) } else { None };
         let opt = Optimizer::new(cfg.optimizer, cfg.adamw, &sizes, pager)?;
-        Ok(Trainer { model, adapter: adapter.to_string(), cfg, opt, step: 0, micro_calls: 0, on_device: false, attached: false })
+        Ok(Trainer { model, adapter: adapter.to_string(), cfg, opt, step: 0, micro_calls: 0, on_device: false })
     }
 
     pub fn steps_done(&self) -> u64 {
@@ -302,8 +300,9 @@ impl Trainer {
 
     /// Moves training to CUDA device `ordinal` with `compute` precision
     /// (`Some`), or back to the CPU (`None`). The model goes to that
-    /// device first if it is not there ([`Model::use_device`]; the trainer
-    /// then takes it off again when it leaves the device or is dropped).
+    /// device first if it is not there ([`Model::use_device`]; a copy made
+    /// this way is taken off again when the last trainer on it leaves or
+    /// is dropped). On failure the trainer is on the CPU, its state intact.
     /// The adapter's AdamW state moves with the trainer, so steps continue
     /// where they were (on the device it lives in device memory, or in CUDA
     /// managed memory when the trainer's state is paged). A device needs fp32 AdamW
@@ -311,42 +310,46 @@ impl Trainer {
     /// without dropout.
     pub fn use_device(&mut self, device: Option<(usize, Compute)>) -> Result<()> {
         let mut model = self.model.lock();
-        if self.on_device {
+        if std::mem::take(&mut self.on_device) {
             // The state comes back first (the host model's adapter is
-            // current after every step).
-            if model.device().is_some() {
-                let (steps, moments) = model.with_device(|g, _| g.train_end(&self.adapter))?;
+            // current after every step). No sync needed: the device frees
+            // this trainer's state even when the copy back fails.
+            if let Some(g) = model.gpu.0.as_deref_mut() {
+                let (steps, moments) = g.train_end(&self.adapter)?;
                 if let Optimizer::AdamW(opt) = &mut self.opt {
                     opt.set_state(steps, moments)?;
                 }
             }
-            self.on_device = false;
         }
-        match device {
-            Some((ordinal, compute)) => {
-                let Optimizer::AdamW(opt) = &self.opt else {
-                    bail!(Unsupported, "training on a GPU needs the fp32 AdamW optimizer; 8-bit AdamW runs on the CPU only");
-                };
-                let had = model.device().is_some();
-                model.use_device(Some((ordinal, compute)))?;
-                self.attached |= !had;
-                let moments = (0..opt.sizes().len()).map(|i| opt.moments(i)).collect::<Result<Vec<_>>>()?;
-                let (adapter, steps, paged) = (self.adapter.clone(), opt.step_count(), self.cfg.paged);
-                if let Err(e) = model.with_device(|g, m| g.train_begin(m, &adapter, steps, &moments, paged)) {
-                    if std::mem::take(&mut self.attached) {
-                        let _ = model.use_device(None);
-                    }
-                    return Err(e);
-                }
-                self.on_device = true;
+        let leave = |model: &mut Model| {
+            // The last trainer to leave takes off a copy trainers made.
+            if model.device().is_some_and(|g| g.by_trainer && g.training().is_empty()) {
+                let _ = model.place_on(None);
             }
-            None => {
-                // Another trainer may still train there: then the model stays.
-                if std::mem::take(&mut self.attached) {
-                    let _ = model.use_device(None);
-                }
-            }
+        };
+        let Some((ordinal, compute)) = device else {
+            leave(&mut model);
+            return Ok(());
+        };
+        let Optimizer::AdamW(opt) = &self.opt else {
+            leave(&mut model);
+            bail!(Unsupported, "training on a GPU needs the fp32 AdamW optimizer; 8-bit AdamW runs on the CPU only");
+        };
+        let had = model.device().is_some();
+        if let Err(e) = model.place_on(Some((ordinal, compute))) {
+            leave(&mut model);
+            return Err(e);
         }
+        if let Some(g) = model.gpu.0.as_deref_mut() {
+            g.by_trainer |= !had;
+        }
+        let moments = (0..opt.sizes().len()).map(|i| opt.moments(i)).collect::<Result<Vec<_>>>()?;
+        let (adapter, steps, paged) = (self.adapter.clone(), opt.step_count(), self.cfg.paged);
+        if let Err(e) = model.with_device(|g, m| g.train_begin(m, &adapter, steps, &moments, paged)) {
+            leave(&mut model);
+            return Err(e);
+        }
+        self.on_device = true;
         Ok(())
     }
 
@@ -568,9 +571,11 @@ impl Trainer {
 
 impl Drop for Trainer {
     /// A trainer on a device leaves it (its gradients and moments there are
-    /// freed; the model leaves too if this trainer put it there).
+    /// freed; the model leaves too if trainers put it there and none is
+    /// left). This locks the model: do not drop a trainer while holding its
+    /// model's lock.
     fn drop(&mut self) {
-        if self.on_device || self.attached {
+        if self.on_device {
             let _ = self.use_device(None);
         }
     }
