@@ -289,15 +289,20 @@ extern "C" __global__ void __launch_bounds__(256)
 
 // ---------------------------------------------------------------------- gemv
 
-// y[r] = sum_k W[r,k] x[k] for W NF4 [rows, in] (row-major, so row r is the
-// flat range [r*in, (r+1)*in)), x and y bf16, fp32 accumulation.
+// y[b, r] = sum_k W[r,k] x[b, k] for W NF4 [rows, in] (row-major, so row r
+// is the flat range [r*in, (r+1)*in)) and nb <= GEMV_MAX_BATCH vectors x
+// [nb, in] (a few decode rows), x and y bf16, fp32 accumulation. The weight
+// is read once for all nb vectors; each vector's sum runs in exactly the
+// order of the nb = 1 case, so a batch gives the bits of nb separate calls.
 // Launch: blockDim.x = 32 * GEMV_ROWS (one warp per row), grid = ceil(rows /
 // GEMV_ROWS). Fast path when in % 32 == 0 (every row starts on a 16-byte code
 // boundary and every 32-element chunk lies in one NF4 block): lane l takes
-// chunks l, l+32, ...; per chunk one uint4 of codes, one absmax, four uint4 of
-// x. Otherwise an element-wise path (same math, dequantize then multiply).
-// `packed` and `x` must be 16-byte aligned (checked by the host).
+// chunks l, l+32, ...; per chunk one uint4 of codes, one absmax, and per
+// vector four uint4 of x. Otherwise an element-wise path (same math,
+// dequantize then multiply). `packed` and `x` must be 16-byte aligned
+// (checked by the host).
 #define GEMV_ROWS 4
+#define GEMV_MAX_BATCH 8
 
 __device__ __forceinline__ float chunk_word_dot(u32 w, uint4 xv, const float* lut, float acc) {
     // 8 codes of word w against 8 bf16 of x (xv.x holds elements 0,1, ...).
@@ -313,7 +318,7 @@ __device__ __forceinline__ float chunk_word_dot(u32 w, uint4 xv, const float* lu
 
 extern "C" __global__ void __launch_bounds__(32 * GEMV_ROWS)
     nf4_gemv_bf16(const u8* __restrict__ packed, const float* __restrict__ absmax, u32 bs_shift, u32 rows, u32 in,
-                  const u16* __restrict__ x, u16* __restrict__ y) {
+                  u32 nb, const u16* __restrict__ x, u16* __restrict__ y) {
     __shared__ float lut[16];
     if (threadIdx.x < 16) lut[threadIdx.x] = NF4_CODE[threadIdx.x];
     __syncthreads();
@@ -321,33 +326,48 @@ extern "C" __global__ void __launch_bounds__(32 * GEMV_ROWS)
     const u32 r = blockIdx.x * GEMV_ROWS + (threadIdx.x >> 5);
     if (r >= rows) return;
     const u64 row0 = (u64)r * in;
-    float acc = 0.0f;
+    float acc[GEMV_MAX_BATCH];
+#pragma unroll
+    for (u32 b = 0; b < GEMV_MAX_BATCH; ++b) acc[b] = 0.0f;
     if ((in & 31u) == 0) {
         const u32 nchunks = in >> 5;
         const uint4* __restrict__ wq = (const uint4*)(packed + (row0 >> 1));
-        const uint4* __restrict__ xq = (const uint4*)x;
 #pragma unroll 2
         for (u32 c = lane; c < nchunks; c += 32) {
             const uint4 q = wq[c];
             const float a = absmax[(row0 + 32ull * c) >> bs_shift];
-            const uint4 x0 = xq[4 * c], x1 = xq[4 * c + 1], x2 = xq[4 * c + 2], x3 = xq[4 * c + 3];
-            float part = 0.0f;
-            part = chunk_word_dot(q.x, x0, lut, part);
-            part = chunk_word_dot(q.y, x1, lut, part);
-            part = chunk_word_dot(q.z, x2, lut, part);
-            part = chunk_word_dot(q.w, x3, lut, part);
-            acc = __fmaf_rn(part, a, acc);
+#pragma unroll
+            for (u32 b = 0; b < GEMV_MAX_BATCH; ++b) {
+                if (b < nb) {
+                    const uint4* __restrict__ xq = (const uint4*)(x + (u64)b * in);
+                    const uint4 x0 = xq[4 * c], x1 = xq[4 * c + 1], x2 = xq[4 * c + 2], x3 = xq[4 * c + 3];
+                    float part = 0.0f;
+                    part = chunk_word_dot(q.x, x0, lut, part);
+                    part = chunk_word_dot(q.y, x1, lut, part);
+                    part = chunk_word_dot(q.z, x2, lut, part);
+                    part = chunk_word_dot(q.w, x3, lut, part);
+                    acc[b] = __fmaf_rn(part, a, acc[b]);
+                }
+            }
         }
     } else {
         for (u32 k = lane; k < in; k += 32) {
             const u64 e = row0 + k;
-            const u32 b = packed[e >> 1];
-            const u32 q = (e & 1) ? (b & 15u) : (b >> 4);
+            const u32 bt = packed[e >> 1];
+            const u32 q = (e & 1) ? (bt & 15u) : (bt >> 4);
             const float w = __fmul_rn(lut[q], absmax[e >> bs_shift]);
-            acc = __fmaf_rn(w, bf16_to_f32(x[k]), acc);
+#pragma unroll
+            for (u32 b = 0; b < GEMV_MAX_BATCH; ++b)
+                if (b < nb) acc[b] = __fmaf_rn(w, bf16_to_f32(x[(u64)b * in + k]), acc[b]);
         }
     }
 #pragma unroll
-    for (u32 off = 16; off > 0; off >>= 1) acc = __fadd_rn(acc, __shfl_xor_sync(0xffffffffu, acc, off));
-    if (lane == 0) y[r] = f32_to_bf16(acc);
+    for (u32 b = 0; b < GEMV_MAX_BATCH; ++b) {
+        if (b < nb) {
+            float s = acc[b];
+#pragma unroll
+            for (u32 off = 16; off > 0; off >>= 1) s = __fadd_rn(s, __shfl_xor_sync(0xffffffffu, s, off));
+            if (lane == 0) y[(u64)b * rows + r] = f32_to_bf16(s);
+        }
+    }
 }

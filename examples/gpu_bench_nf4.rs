@@ -9,6 +9,8 @@
 //! 3. Batch-1 GEMV y = W·x for 4096×4096, 4096×11008 and 11008×4096: fused
 //!    NF4 (fp32 scales ready; and with the double-quant decode per call),
 //!    dequantize-to-bf16-then-GEMV, and plain bf16 GEMV.
+//! 4. A decode step's 2 and 8 rows: the fused GEMV of all rows in one
+//!    launch (the weight read once) against one launch per row.
 //!
 //! Timing: CUDA events around batches of launches (each batch ≥ ~2 ms),
 //! after warm-up; the median of 7 batches. Inputs rotate over enough copies
@@ -302,6 +304,33 @@ fn main() -> R<()> {
         );
     }
     println!("(times are medians of CUDA-graph replays; a '*' marks a direct-launch fallback, which the host's launch rate may bound)");
+
+    // 4. A decode step's few rows: nb vectors through one fused launch
+    // (the weight read once) against nb batch-1 launches.
+    println!();
+    println!("## {} decode rows: fused NF4 GEMV of all rows in one launch vs one launch per row (blocksize 64)", gnf4::GEMV_MAX_BATCH);
+    println!("{:>12} {:>4} {:>12} {:>14} {:>9}", "out x in", "rows", "one launch", "per-row launches", "speedup");
+    for (r, c) in [(4096usize, 4096usize), (4096, 11008), (11008, 4096)] {
+        let n = r * c;
+        let kq = copies(l2, n / 2 + 4 * n / bs);
+        let ws: Vec<Weight> = (0..kq).map(|_| random_weight(&dev, &mut rng, n, bs)).collect::<R<_>>()?;
+        for nb in [2usize, gnf4::GEMV_MAX_BATCH] {
+            let x = dev.upload(&rng.bf16_bits(nb * c))?;
+            let mut y = dev.alloc_filled::<u16>(nb * r, 0)?;
+            let t_one = time_ms(&dev, |i| {
+                let w = &ws[i % kq];
+                Ok(gnf4::gemv_bf16_batch(&dev, &w.packed.as_view(), &w.absmax.as_view(), bs, r, c, nb, &x.as_view(), &mut y.as_view_mut())?)
+            })?;
+            let t_rows = time_ms(&dev, |i| {
+                let w = &ws[i % kq];
+                for k in 0..nb {
+                    gnf4::gemv_bf16(&dev, &w.packed.as_view(), &w.absmax.as_view(), bs, r, c, &x.slice(k * c..(k + 1) * c), &mut y.slice_mut(k * r..(k + 1) * r))?;
+                }
+                Ok(())
+            })?;
+            println!("{:>12} {:>4} {:>12} {:>14} {:>9.2}", format!("{r}x{c}"), nb, us(&t_one), us(&t_rows), t_rows.ms / t_one.ms);
+        }
+    }
     println!();
     let worst = dq_rows.iter().cloned().fold(f64::INFINITY, f64::min);
     println!(

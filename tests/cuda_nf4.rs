@@ -446,6 +446,20 @@ fn nf4_gemv_matches_cpu_within_bound() {
                 let mut y = vec![bf16::from_bits(0xFFFF); rows];
                 gnf4::gemv_bf16_host(dev, &t, &xb, &mut y).unwrap();
                 check_gemv(&what, &y, &w, &xf, rows, cols, gnf4::GEMV_REL_TOL, gnf4::gemv_sum_tol(cols));
+                // A batch of decode rows in one launch: each vector the bits
+                // of its own launch (the first one is x above).
+                let nb = [2usize, 5, gnf4::GEMV_MAX_BATCH][rng.below(3)];
+                let mut xs = xb.clone();
+                for _ in 1..nb {
+                    xs.extend(random_x(&mut rng, cols).0);
+                }
+                let mut yb = vec![bf16::from_bits(0xFFFF); nb * rows];
+                gnf4::gemv_bf16_host(dev, &t, &xs, &mut yb).unwrap();
+                for k in 0..nb {
+                    let mut yk = vec![bf16::from_bits(0xFFFF); rows];
+                    gnf4::gemv_bf16_host(dev, &t, &xs[k * cols..(k + 1) * cols], &mut yk).unwrap();
+                    assert_eq!(yk, yb[k * rows..(k + 1) * rows], "{what}: vector {k} of a batch of {nb} differs from its own launch");
+                }
                 cases += 1;
             }
         }
@@ -632,8 +646,8 @@ void emu_nf4_dequantize(int dt, unsigned g, unsigned b, const u8* packed, const 
 void emu_nf4_absmax_decode(unsigned g, unsigned b, const u8* codes, const float* map, const float* nested, u64 nbs, float offset, u64 n, float* out) {
     emu_launch(g, b, [&] { nf4_absmax_decode(codes, map, nested, nbs, offset, n, out); });
 }
-void emu_nf4_gemv_bf16(unsigned g, unsigned b, const u8* packed, const float* absmax, u32 shift, u32 rows, u32 in, const u16* x, u16* y) {
-    emu_launch(g, b, [&] { nf4_gemv_bf16(packed, absmax, shift, rows, in, x, y); });
+void emu_nf4_gemv_bf16(unsigned g, unsigned b, const u8* packed, const float* absmax, u32 shift, u32 rows, u32 in, u32 nb, const u16* x, u16* y) {
+    emu_launch(g, b, [&] { nf4_gemv_bf16(packed, absmax, shift, rows, in, nb, x, y); });
 }
 void emu_dense_gemv_bf16(unsigned g, unsigned b, const u16* w, u32 rows, u32 in, const u16* x, u16* y) {
     emu_launch(g, b, [&] { dense_gemv_bf16(w, rows, in, x, y); });
@@ -652,7 +666,7 @@ struct Emu {
     quantize: unsafe extern "C" fn(i32, u32, u32, *const u8, u64, u32, *mut u8, *mut f32),
     dequantize: unsafe extern "C" fn(i32, u32, u32, *const u8, *const f32, u32, u64, *mut u8),
     decode: unsafe extern "C" fn(u32, u32, *const u8, *const f32, *const f32, u64, f32, u64, *mut f32),
-    gemv: unsafe extern "C" fn(u32, u32, *const u8, *const f32, u32, u32, u32, *const u16, *mut u16),
+    gemv: unsafe extern "C" fn(u32, u32, *const u8, *const f32, u32, u32, u32, u32, *const u16, *mut u16),
     dense: unsafe extern "C" fn(u32, u32, *const u16, u32, u32, *const u16, *mut u16),
 }
 
@@ -776,14 +790,24 @@ fn emulated_gemvs_match_cpu_within_bound() {
             let host = Host::from_f32(&random_values(&mut rng, rows * cols, DType::F16), DType::BF16);
             let t = Nf4Tensor::quantize(host.elems(), &[rows, cols], Nf4Params { blocksize: bs, double_quant: false }).unwrap();
             let Absmax::F32(am) = t.absmax() else { unreachable!() };
-            let (xb, xf) = random_x(&mut rng, cols);
-            let xu: Vec<u16> = xb.iter().map(|v| v.to_bits()).collect();
-            let mut y = vec![0xFFFFu16; rows];
+            // nb vectors in one launch: each within the bound, and each the
+            // bits of its own nb = 1 launch.
+            let nb = [1usize, 3, gnf4::GEMV_MAX_BATCH][rng.below(3)];
+            let xs: Vec<(Vec<bf16>, Vec<f32>)> = (0..nb).map(|_| random_x(&mut rng, cols)).collect();
+            let xu: Vec<u16> = xs.iter().flat_map(|(xb, _)| xb.iter().map(|v| v.to_bits())).collect();
             let (g, b) = gnf4::gemv_shape(rows).unwrap();
-            // SAFETY: weight [rows, cols] in blocks of bs; x cols; y rows.
-            unsafe { (emu.gemv)(g, b, t.packed().as_ptr(), am.as_ptr(), bs.trailing_zeros(), rows as u32, cols as u32, xu.as_ptr(), y.as_mut_ptr()) };
-            let y: Vec<bf16> = y.into_iter().map(bf16::from_bits).collect();
-            check_gemv(&what, &y, &t.dequantize_f32(), &xf, rows, cols, gnf4::GEMV_REL_TOL, gnf4::gemv_sum_tol(cols));
+            let gemv = |x: &[u16], nb: usize| -> Vec<u16> {
+                let mut y = vec![0xFFFFu16; nb * rows];
+                // SAFETY: weight [rows, cols] in blocks of bs; x nb·cols; y nb·rows.
+                unsafe { (emu.gemv)(g, b, t.packed().as_ptr(), am.as_ptr(), bs.trailing_zeros(), rows as u32, cols as u32, nb as u32, x.as_ptr(), y.as_mut_ptr()) };
+                y
+            };
+            let y = gemv(&xu, nb);
+            for (k, (_, xf)) in xs.iter().enumerate() {
+                let yk: Vec<bf16> = y[k * rows..(k + 1) * rows].iter().map(|&v| bf16::from_bits(v)).collect();
+                check_gemv(&format!("{what} vector {k}/{nb}"), &yk, &t.dequantize_f32(), xf, rows, cols, gnf4::GEMV_REL_TOL, gnf4::gemv_sum_tol(cols));
+                assert_eq!(gemv(&xu[k * cols..(k + 1) * cols], 1), y[k * rows..(k + 1) * rows], "{what}: vector {k} of a batch of {nb} differs from its own launch");
+            }
         }
         let what = format!("emulated dense gemv [{rows}, {cols}]");
         let wb: Vec<bf16> = random_values(&mut rng, rows * cols, DType::F16).iter().map(|&v| bf16::from_f32(v)).collect();

@@ -84,9 +84,10 @@ use half::bf16;
 use std::sync::Arc;
 use std::ops::Range;
 
-/// Rows up to which a decode step's NF4 products run as fused GEMVs (one
-/// per row) rather than dequantize-then-GEMM.
-pub const DECODE_GEMV_ROWS: usize = 8;
+/// Rows up to which a decode step's NF4 products run as the fused GEMV (one
+/// launch reading the weight once for all rows) rather than
+/// dequantize-then-GEMM.
+pub const DECODE_GEMV_ROWS: usize = cu::nf4::GEMV_MAX_BATCH;
 
 /// Most logits the head materializes at once (128 MiB of fp32, plus their
 /// 64 MiB bf16 copy in BF16 mode): for a 128k vocabulary, 261 rows per
@@ -995,8 +996,9 @@ impl DeviceModel {
     }
 
     /// The base product of a decode step's few rows: for an NF4 weight in
-    /// BF16 mode, the fused NF4 GEMV per row (`nf4_gemv_bf16`: the weight
-    /// read once as 4-bit codes, never dequantized to memory), widened into
+    /// BF16 mode, the fused NF4 GEMV over all rows at once (`nf4_gemv_bf16`:
+    /// the weight read once as 4-bit codes for every row, never dequantized
+    /// to memory), widened into
     /// `y` (`β` 0 or 1); otherwise (a merged module too) as
     /// [`lin_forward`](Self::lin_forward). Then bias and adapters as there.
     #[allow(clippy::too_many_arguments)]
@@ -1008,11 +1010,9 @@ impl DeviceModel {
         match (&lin.w, xb) {
             (Weight::Nf4(t), Some(xb)) if !merged && n <= DECODE_GEMV_ROWS && (beta == 0.0 || beta == 1.0) => {
                 let absmax = t.absmax_f32(d)?;
-                let mut yb = out_buf::<u16>(d, out_f)?;
-                for r in 0..n {
-                    cu::nf4::gemv_bf16(d, &t.packed.as_view(), &absmax.as_view(), t.blocksize, out_f, in_f, &xb.slice(r * in_f..(r + 1) * in_f), &mut yb.as_view_mut())?;
-                    ew::from_bf16(d, &yb.as_view(), &mut y.slice_mut(r * out_f..(r + 1) * out_f), beta == 1.0)?;
-                }
+                let mut yb = out_buf::<u16>(d, n * out_f)?;
+                cu::nf4::gemv_bf16_batch(d, &t.packed.as_view(), &absmax.as_view(), t.blocksize, out_f, in_f, n, &xb.as_view(), &mut yb.as_view_mut())?;
+                ew::from_bf16(d, &yb.as_view(), &mut y.as_view_mut(), beta == 1.0)?;
                 self.lin_bias_lora(l, j, rows, x, n, y).map(|_| ())
             }
             _ => self.lin_forward(l, j, rows, x, xb, n, y, beta).map(|_| ()),
@@ -1372,7 +1372,7 @@ impl DeviceModel {
     /// D]` per layer in device memory, and every step decodes one token per
     /// sequence (rotary tables for the sequences' own positions,
     /// `attention_decode`; in BF16 mode an unmerged NF4 weight's product is
-    /// the fused NF4 GEMV, one per sequence up to [`DECODE_GEMV_ROWS`]
+    /// the fused NF4 GEMV, one launch for up to [`DECODE_GEMV_ROWS`]
     /// sequences). Logits `[B, V]` come back to the host once per step for
     /// sampling; a sequence stops at a `stop` id (included).
     #[allow(clippy::too_many_arguments)]

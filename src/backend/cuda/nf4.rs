@@ -40,6 +40,8 @@ const DQ_CHUNK: usize = 32;
 const DECODE_THREADS: u32 = 256;
 /// Rows per thread block of `nf4_gemv_bf16`, one warp each (`GEMV_ROWS`).
 const GEMV_ROWS: u32 = 4;
+/// Most vectors one `nf4_gemv_bf16` launch multiplies (`GEMV_MAX_BATCH`).
+pub const GEMV_MAX_BATCH: usize = 8;
 /// Alignment the vectorized kernels need for codes and dense data (uint4).
 const VEC_ALIGN: u64 = 16;
 /// The CUDA limit on `gridDim.x`.
@@ -262,7 +264,29 @@ pub fn gemv_bf16(
     x: &CudaView<'_, u16>,
     y: &mut CudaViewMut<'_, u16>,
 ) -> Result<()> {
+    gemv_bf16_batch(dev, packed, absmax, blocksize, rows, cols, 1, x, y)
+}
+
+/// [`gemv_bf16`] for `nb` vectors at once (1..=[`GEMV_MAX_BATCH`]: a
+/// decode step's few rows): `x` `[nb, cols]`, `y` `[nb, rows]`. The weight
+/// is read once; each vector's result has the bits of its own
+/// [`gemv_bf16`] call.
+#[allow(clippy::too_many_arguments)]
+pub fn gemv_bf16_batch(
+    dev: &CudaDevice,
+    packed: &CudaView<'_, u8>,
+    absmax: &CudaView<'_, f32>,
+    blocksize: usize,
+    rows: usize,
+    cols: usize,
+    nb: usize,
+    x: &CudaView<'_, u16>,
+    y: &mut CudaViewMut<'_, u16>,
+) -> Result<()> {
     check_blocksize(blocksize)?;
+    if nb == 0 || nb > GEMV_MAX_BATCH {
+        bail!(InvalidArgument, "GEMV batch of {nb} vectors: 1..={GEMV_MAX_BATCH}");
+    }
     if rows == 0 || cols == 0 || rows > u32::MAX as usize || cols > u32::MAX as usize {
         bail!(InvalidShape, "GEMV shape [{rows}, {cols}]: each dimension must be in 1..=2^32-1");
     }
@@ -277,11 +301,11 @@ pub fn gemv_bf16(
             absmax.len()
         );
     }
-    if x.len() != cols {
-        bail!(ShapeMismatch, "x has {} elements, the weight [{rows}, {cols}] needs {cols}", x.len());
+    if x.len() != nb * cols {
+        bail!(ShapeMismatch, "x has {} elements, {nb} vectors for the weight [{rows}, {cols}] need {}", x.len(), nb * cols);
     }
-    if y.len() != rows {
-        bail!(ShapeMismatch, "y has {} elements, the weight [{rows}, {cols}] gives {rows}", y.len());
+    if y.len() != nb * rows {
+        bail!(ShapeMismatch, "y has {} elements, the weight [{rows}, {cols}] gives {} for {nb} vectors", y.len(), nb * rows);
     }
     dev.check_stream(packed, "GEMV weight codes")?;
     dev.check_stream(absmax, "GEMV weight absmax")?;
@@ -292,12 +316,12 @@ pub fn gemv_bf16(
     let (grid, block) = gemv_shape(rows)?;
     let name = "nf4_gemv_bf16";
     let f = dev.function(&NF4_CU, name)?;
-    let (shift, r32, c32) = (blocksize.trailing_zeros(), rows as u32, cols as u32);
+    let (shift, r32, c32, nb32) = (blocksize.trailing_zeros(), rows as u32, cols as u32, nb as u32);
     guard(name, || {
         let mut b = dev.stream.launch_builder(&f);
-        b.arg(packed).arg(absmax).arg(&shift).arg(&r32).arg(&c32).arg(x).arg(y);
-        // SAFETY: arguments match (ptr, ptr, u32, u32, u32, ptr, ptr); sizes
-        // and alignment checked above.
+        b.arg(packed).arg(absmax).arg(&shift).arg(&r32).arg(&c32).arg(&nb32).arg(x).arg(y);
+        // SAFETY: arguments match (ptr, ptr, u32, u32, u32, u32, ptr, ptr);
+        // sizes (x: nb·cols, y: nb·rows) and alignment checked above.
         unsafe { b.launch(cfg(grid, block)) }.map_err(|e| cu_err(&format!("cuLaunchKernel({name})"), e))?;
         Ok(())
     })
@@ -434,17 +458,21 @@ impl CudaNf4 {
     }
 
     /// `y = W·x` for this tensor as a 2-D weight `[rows, cols]`, x and y bf16
-    /// on the device. Decodes double-quantized scales per call (see
-    /// [`CudaNf4::absmax_f32`] to keep them).
+    /// on the device; `x` `[nb, cols]` and `y` `[nb, rows]` for nb vectors
+    /// (1..=[`GEMV_MAX_BATCH`], [`gemv_bf16_batch`]). Decodes
+    /// double-quantized scales per call (see [`CudaNf4::absmax_f32`] to keep
+    /// them).
     pub fn gemv_bf16(&self, dev: &CudaDevice, x: &CudaView<'_, u16>, y: &mut CudaViewMut<'_, u16>) -> Result<()> {
         let [rows, cols] = self.shape[..] else {
             bail!(InvalidShape, "GEMV needs a 2-D weight [out, in], this one has shape {:?}", self.shape);
         };
+        // x [nb, cols] for nb vectors (gemv_bf16_batch checks nb and y).
+        let nb = if cols > 0 && x.len() % cols == 0 { x.len() / cols } else { 0 };
         match &self.absmax {
-            CudaAbsmax::F32(a) => gemv_bf16(dev, &self.packed.as_view(), &a.as_view(), self.blocksize, rows, cols, x, y),
+            CudaAbsmax::F32(a) => gemv_bf16_batch(dev, &self.packed.as_view(), &a.as_view(), self.blocksize, rows, cols, nb, x, y),
             CudaAbsmax::Double(_) => {
                 let a = self.absmax_f32(dev)?;
-                gemv_bf16(dev, &self.packed.as_view(), &a.as_view(), self.blocksize, rows, cols, x, y)
+                gemv_bf16_batch(dev, &self.packed.as_view(), &a.as_view(), self.blocksize, rows, cols, nb, x, y)
             }
         }
     }
@@ -495,17 +523,18 @@ pub fn absmax_decode_host(dev: &CudaDevice, d: &DoubleQuant) -> Result<Vec<f32>>
 }
 
 /// `y = W·x` on the GPU for a 2-D NF4 weight `t` `[rows, cols]`, x and y
-/// bf16 on the host.
+/// bf16 on the host (`x` `[nb, cols]`, `y` `[nb, rows]` for nb vectors).
 pub fn gemv_bf16_host(dev: &CudaDevice, t: &Nf4Tensor, x: &[bf16], y: &mut [bf16]) -> Result<()> {
     let [rows, cols] = t.shape()[..] else {
         bail!(InvalidShape, "GEMV needs a 2-D weight [out, in], this one has shape {:?}", t.shape());
     };
-    if x.len() != cols || y.len() != rows {
-        bail!(ShapeMismatch, "weight [{rows}, {cols}] needs x of {cols} and y of {rows} elements, got {} and {}", x.len(), y.len());
+    let nb = x.len() / cols.max(1);
+    if x.len() != nb * cols || y.len() != nb * rows || nb == 0 {
+        bail!(ShapeMismatch, "weight [{rows}, {cols}] needs x of nb·{cols} and y of nb·{rows} elements, got {} and {}", x.len(), y.len());
     }
     let w = CudaNf4::upload(dev, t)?;
     let xd = dev.upload(x.reinterpret_cast())?;
-    let mut yd = dev.alloc_filled::<u16>(rows, 0xFF)?;
+    let mut yd = dev.alloc_filled::<u16>(nb * rows, 0xFF)?;
     w.gemv_bf16(dev, &xd.as_view(), &mut yd.as_view_mut())?;
     guard("cuMemcpyDtoHAsync", || dev.stream.memcpy_dtoh(&yd, y.reinterpret_cast_mut()).map_err(|e| cu_err("cuMemcpyDtoHAsync", e)))
 }
@@ -557,6 +586,7 @@ mod tests {
         assert_eq!(define("Q_THREADS"), super::Q_THREADS.to_string());
         assert_eq!(define("DQ_THREADS"), super::DQ_THREADS.to_string());
         assert_eq!(define("GEMV_ROWS"), super::GEMV_ROWS.to_string());
+        assert_eq!(define("GEMV_MAX_BATCH"), super::GEMV_MAX_BATCH.to_string());
     }
 
     /// The kernels' f32→bf16 (`(x + 0x7fff + bit16) >> 16`, NaN quietened)
