@@ -192,11 +192,16 @@ extern "C" __global__ void __launch_bounds__(Q_THREADS)
 
 // ---------------------------------------------------------------- dequantize
 
-// Launch: blockDim.x = 256, one thread per 32-element chunk,
-// grid = ceil(ceil(n/32) / 256). `packed` and `out` must be 16-byte aligned
+// Launch: blockDim.x = 256, DQ_CHUNKS_PER_THREAD 32-element chunks per
+// thread (thread t of block b takes chunks b*256*K + t + j*256, j < K: each
+// load and store instruction of a warp covers consecutive chunks), grid =
+// ceil(ceil(n/32) / (256*K)). Every load of a thread is issued before its
+// first store, so K loads are in flight per thread, and a 4096x4096 weight
+// fits one wave of an H100. `packed` and `out` must be 16-byte aligned
 // (checked by the host). A chunk never straddles two NF4 blocks (bs >= 32 is
 // a power of two), so one absmax load serves all 32 outputs.
 #define DQ_THREADS 256
+#define DQ_CHUNKS_PER_THREAD 2
 
 template <int DT> __device__ __forceinline__ void store_word(void* __restrict__ out, u64 chunk, u32 i, u32 w,
                                                              const float* lut, float a) {
@@ -234,22 +239,33 @@ __device__ __forceinline__ void nf4_dequantize_impl(const u8* __restrict__ packe
     __shared__ float lut[16];
     if (threadIdx.x < 16) lut[threadIdx.x] = NF4_CODE[threadIdx.x];
     __syncthreads();
-    const u64 chunk = (u64)blockIdx.x * DQ_THREADS + threadIdx.x;
-    const u64 e0 = chunk * 32;
-    if (e0 >= n) return;
-    const float a = absmax[e0 >> bs_shift];
-    if (e0 + 32 <= n) {
-        const uint4 q = ((const uint4*)packed)[chunk];
-        store_word<DT>(out, chunk, 0, q.x, lut, a);
-        store_word<DT>(out, chunk, 1, q.y, lut, a);
-        store_word<DT>(out, chunk, 2, q.z, lut, a);
-        store_word<DT>(out, chunk, 3, q.w, lut, a);
-    } else {
-        // The tensor's last, short chunk: element by element.
-        for (u64 e = e0; e < n; ++e) {
-            const u32 b = packed[e >> 1];
-            const u32 q = (e & 1) ? (b & 15u) : (b >> 4);
-            store_elem<DT>(out, e, __fmul_rn(lut[q], a));
+    const u64 first = (u64)blockIdx.x * (DQ_THREADS * DQ_CHUNKS_PER_THREAD) + threadIdx.x;
+    uint4 q[DQ_CHUNKS_PER_THREAD];
+    float a[DQ_CHUNKS_PER_THREAD];
+    // Loads first (full chunks), then the stores.
+#pragma unroll
+    for (u32 j = 0; j < DQ_CHUNKS_PER_THREAD; ++j) {
+        const u64 chunk = first + (u64)j * DQ_THREADS;
+        const u64 e0 = chunk * 32;
+        if (e0 < n) a[j] = absmax[e0 >> bs_shift];
+        if (e0 + 32 <= n) q[j] = ((const uint4*)packed)[chunk];
+    }
+#pragma unroll
+    for (u32 j = 0; j < DQ_CHUNKS_PER_THREAD; ++j) {
+        const u64 chunk = first + (u64)j * DQ_THREADS;
+        const u64 e0 = chunk * 32;
+        if (e0 + 32 <= n) {
+            store_word<DT>(out, chunk, 0, q[j].x, lut, a[j]);
+            store_word<DT>(out, chunk, 1, q[j].y, lut, a[j]);
+            store_word<DT>(out, chunk, 2, q[j].z, lut, a[j]);
+            store_word<DT>(out, chunk, 3, q[j].w, lut, a[j]);
+        } else if (e0 < n) {
+            // The tensor's last, short chunk: element by element.
+            for (u64 e = e0; e < n; ++e) {
+                const u32 b = packed[e >> 1];
+                const u32 c = (e & 1) ? (b & 15u) : (b >> 4);
+                store_elem<DT>(out, e, __fmul_rn(lut[c], a[j]));
+            }
         }
     }
 }

@@ -36,6 +36,8 @@ const Q_THREADS: u32 = 256;
 const DQ_THREADS: u32 = 256;
 /// Elements one dequantize thread writes: 16 bytes of codes.
 const DQ_CHUNK: usize = 32;
+/// Chunks each `nf4_dequantize_*` thread converts (`DQ_CHUNKS_PER_THREAD`).
+const DQ_CHUNKS_PER_THREAD: u32 = 2;
 /// Threads per thread block of `nf4_absmax_decode`.
 const DECODE_THREADS: u32 = 256;
 /// Rows per thread block of `nf4_gemv_bf16`, one warp each (`GEMV_ROWS`).
@@ -102,7 +104,7 @@ pub fn quantize_shape(n: usize, blocksize: usize) -> Result<(u32, u32)> {
 
 /// `nf4_dequantize_*`: one thread per 32 elements, 256 per block.
 pub fn dequantize_shape(n: usize) -> Result<(u32, u32)> {
-    Ok((grid_x((n.div_ceil(DQ_CHUNK) as u64).div_ceil(DQ_THREADS as u64), "nf4_dequantize")?, DQ_THREADS))
+    Ok((grid_x((n.div_ceil(DQ_CHUNK) as u64).div_ceil((DQ_THREADS * DQ_CHUNKS_PER_THREAD) as u64), "nf4_dequantize")?, DQ_THREADS))
 }
 
 /// `nf4_absmax_decode`: grid-stride, enough blocks to fill any GPU, no more.
@@ -585,6 +587,7 @@ mod tests {
     fn launch_constants_match_the_kernels() {
         assert_eq!(define("Q_THREADS"), super::Q_THREADS.to_string());
         assert_eq!(define("DQ_THREADS"), super::DQ_THREADS.to_string());
+        assert_eq!(define("DQ_CHUNKS_PER_THREAD"), super::DQ_CHUNKS_PER_THREAD.to_string());
         assert_eq!(define("GEMV_ROWS"), super::GEMV_ROWS.to_string());
         assert_eq!(define("GEMV_MAX_BATCH"), super::GEMV_MAX_BATCH.to_string());
     }
