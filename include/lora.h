@@ -1735,6 +1735,23 @@ lora_status lora_trainer_resume(struct lora_model *model,
                                 struct lora_trainer **out);
 
 /**
+ * Device memory of a model on a device (`lora_model_use_device`):
+ * `*copy` the bytes its device copy holds (frozen weights, adapters,
+ * trainers' gradients and moments in device memory, merged weights);
+ * `*in_use` and `*peak` the bytes of the device's memory pool in use now
+ * and at most so far (the copy plus activations, KV caches and scratch of
+ * the calls; every stream-ordered buffer of the library on that device).
+ * Any pointer may be NULL. `lora_model_memory` reports host memory.
+ *
+ * Errors: `LORA_ERR_INVALID_STATE` (the model is not on a device),
+ * `LORA_ERR_CUDA`.
+ */
+lora_status lora_model_device_memory(const struct lora_model *model,
+                                     uint64_t *copy,
+                                     uint64_t *in_use,
+                                     uint64_t *peak);
+
+/**
  * Memory by category for `model` (and the optimizer state of `trainer`,
  * which may be NULL), with the peak observed so far.
  */

@@ -677,6 +677,13 @@ public:
     void use_device(int device, lora_compute compute = LORA_COMPUTE_BF16) {
         detail::check(lora_model_use_device(raw(), device, compute), "lora_model_use_device");
     }
+    /// Device memory of the model on a device: {copy, pool in use, pool
+    /// peak} bytes (see `lora_model_device_memory`).
+    std::array<std::uint64_t, 3> device_memory() const {
+        std::array<std::uint64_t, 3> v{};
+        detail::check(lora_model_device_memory(raw(), &v[0], &v[1], &v[2]), "lora_model_device_memory");
+        return v;
+    }
     /// Makes `names` the active adapters, scaled by `multipliers` (empty:
     /// all 1); no names leaves the base alone. Works merged or not.
     void swap_adapter(const std::vector<std::string> &names, const std::vector<float> &multipliers = {}) {

@@ -356,6 +356,8 @@ fn merge_swap_and_mixed_batches_on_the_device() {
         let vocab = host.vocab();
         let (b, t) = (2, c.seq.min(48));
         let ids = tokens(3 * t, vocab, 12);
+        let probe = lora::backend::cuda::open(0).unwrap();
+        let reserved0 = probe.pool_reserved_bytes().unwrap();
         let mut dev = host.clone();
         dev.use_device(Some((0, Compute::F32))).unwrap();
         let mut worst = 0f64;
@@ -419,6 +421,9 @@ fn merge_swap_and_mixed_batches_on_the_device() {
         assert!(e16 <= 2e-2, "{}: bf16 merged logits differ from unmerged by {e16:.2e}", c.name);
         dev.use_device(None).unwrap();
         assert!(dev.device().is_none());
+        // The copy's memory went back to the driver, not just to the pool.
+        let reserved = probe.pool_reserved_bytes().unwrap();
+        assert!(reserved <= reserved0, "{}: the memory pool holds {reserved} bytes after the model left the device, {reserved0} before", c.name);
         eprintln!("{}: device vs CPU logits (one/two adapters, merged, swapped while merged, unmerged, mixed batches, added/removed adapters) within {worst:.2e}; mixed greedy generation equal; bf16 merged vs unmerged {e16:.2e}", c.name);
     }
 }

@@ -174,6 +174,11 @@ static void train(const char *adapter, const int32_t *ids, size_t n_ids, int ste
     printf("  memory: base %.2f MB (NF4 %.3f bits/weight), adapters %.2f MB, optimizer %.2f MB, activations %.2f MB, peak %.2f MB\n", ms.base_weights / 1e6,
            ms.quantized_weights ? 8.0 * (double)ms.base_quantized / (double)ms.quantized_weights : 0.0, ms.adapters / 1e6, ms.optimizer / 1e6,
            ms.activations / 1e6, ms.peak / 1e6);
+    if (gpu >= 0) {
+        uint64_t copy = 0, in_use = 0, peak = 0;
+        TRY(lora_model_device_memory(model, &copy, &in_use, &peak));
+        printf("  device memory: model copy %.2f MB, in use %.2f MB, peak %.2f MB\n", copy / 1e6, in_use / 1e6, peak / 1e6);
+    }
     lora_trainer_free(tr);
 }
 

@@ -1074,6 +1074,32 @@ pub unsafe extern "C" fn lora_trainer_resume(model: *mut lora_model, dir: *const
     })
 }
 
+/// Device memory of a model on a device (`lora_model_use_device`):
+/// `*copy` the bytes its device copy holds (frozen weights, adapters,
+/// trainers' gradients and moments in device memory, merged weights);
+/// `*in_use` and `*peak` the bytes of the device's memory pool in use now
+/// and at most so far (the copy plus activations, KV caches and scratch of
+/// the calls; every stream-ordered buffer of the library on that device).
+/// Any pointer may be NULL. `lora_model_memory` reports host memory.
+///
+/// Errors: `LORA_ERR_INVALID_STATE` (the model is not on a device),
+/// `LORA_ERR_CUDA`.
+#[no_mangle]
+pub unsafe extern "C" fn lora_model_device_memory(model: *const lora_model, copy: *mut u64, in_use: *mut u64, peak: *mut u64) -> lora_status {
+    guard(|| {
+        let h = model_ref(model)?;
+        let m = h.inner.lock();
+        let g = m.device().ok_or_else(|| crate::err!(InvalidState, "the model is not on a device (lora_model_use_device)"))?;
+        let vals = [(copy, g.static_bytes() as u64), (in_use, g.device().pool_used_bytes()?), (peak, g.device().pool_peak_bytes()?)];
+        for (p, v) in vals {
+            if !p.is_null() {
+                *p = v;
+            }
+        }
+        Ok(())
+    })
+}
+
 /// Memory by category for `model` (and the optimizer state of `trainer`,
 /// which may be NULL), with the peak observed so far.
 #[no_mangle]

@@ -404,6 +404,26 @@ pub struct DeviceModel {
 #[derive(Default)]
 pub struct DeviceCopy(pub(crate) Option<Box<DeviceModel>>);
 
+impl DeviceCopy {
+    /// Frees the copy and hands its memory back to the driver (the pool
+    /// keeps freed memory otherwise: [`CudaDevice::keep_freed_memory`]).
+    pub(crate) fn clear(&mut self) {
+        if let Some(old) = self.0.take() {
+            let dev = old.dev.clone();
+            drop(old);
+            if let Err(e) = dev.trim_pool() {
+                crate::log!(Warn, "returning a device copy's memory to the driver: {}", e.message);
+            }
+        }
+    }
+}
+
+impl Drop for DeviceCopy {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
 impl Clone for DeviceCopy {
     fn clone(&self) -> Self {
         DeviceCopy(None)

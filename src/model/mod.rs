@@ -475,14 +475,20 @@ impl Model {
                 bail!(InvalidState, "adapter '{}' is being trained on the device; move its trainer off first (lora_trainer_use_device with device -1)", t[0]);
             }
             if device.is_none_or(|(o, _)| o == g.ordinal()) {
-                self.gpu.0 = None;
+                self.drop_device();
             }
         }
         if let Some((ordinal, compute)) = device {
             let g = gpu::DeviceModel::upload(ordinal, self, compute)?;
+            self.drop_device();
             self.gpu.0 = Some(Box::new(g));
         }
         Ok(())
+    }
+
+    /// Frees the device copy and hands its memory back to the driver.
+    fn drop_device(&mut self) {
+        self.gpu.clear();
     }
 
     /// The device copy, when the model is on a device.

@@ -182,6 +182,16 @@ int main(int argc, char **argv) {
     EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_model_use_device(m, 0, 7));
     EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_model_use_device(m, -5, LORA_COMPUTE_BF16));
     EXPECT_ERR(LORA_ERR_NULL_POINTER, lora_model_use_device(NULL, -1, LORA_COMPUTE_BF16));
+    {
+        uint64_t copy = 0, in_use = 0, peak = 0;
+        EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_model_device_memory(m, &copy, &in_use, &peak));
+        EXPECT_ERR(LORA_ERR_NULL_POINTER, lora_model_device_memory(NULL, &copy, NULL, NULL));
+        if (lora_model_use_device(m, 0, LORA_COMPUTE_BF16) == LORA_OK) {
+            CHECK_OK(lora_model_device_memory(m, &copy, &in_use, &peak));
+            CHECK(copy > 0 && in_use >= copy && peak >= in_use);
+            CHECK_OK(lora_model_use_device(m, -1, LORA_COMPUTE_BF16));
+        }
+    }
     lora_step_result r3;
     CHECK_OK(lora_train_step(tr3, ids, NULL, B, T, &r3));
     {

@@ -240,6 +240,32 @@ impl CudaDevice {
         self.pool_attribute(cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, None)
     }
 
+    /// Bytes the memory pool holds from the driver now (in use or kept).
+    pub fn pool_reserved_bytes(&self) -> Result<u64> {
+        self.pool_attribute(cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT, None)
+    }
+
+    /// Bytes in use in the memory pool now.
+    pub fn pool_used_bytes(&self) -> Result<u64> {
+        self.pool_attribute(cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT, None)
+    }
+
+    /// Waits for the stream, then returns the pool's unused memory to the
+    /// driver ([`keep_freed_memory`](Self::keep_freed_memory) keeps it
+    /// otherwise): after a model leaves the device, its memory is free for
+    /// other programs again.
+    pub fn trim_pool(&self) -> Result<()> {
+        use cudarc::driver::sys;
+        self.synchronize()?;
+        guard("cuMemPoolTrimTo", || {
+            let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+            // SAFETY: out-pointer to a local; ordinal of an open device.
+            unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, self.ordinal as i32) }.result().map_err(|e| cu_err("cuDeviceGetDefaultMemPool", e))?;
+            // SAFETY: the device's default pool; trimming frees only unused memory.
+            unsafe { sys::cuMemPoolTrimTo(pool, 0) }.result().map_err(|e| cu_err("cuMemPoolTrimTo", e))
+        })
+    }
+
     /// Resets [`pool_peak_bytes`](Self::pool_peak_bytes) to the bytes in use now.
     pub fn reset_pool_peak(&self) -> Result<()> {
         self.pool_attribute(cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, Some(0)).map(|_| ())
