@@ -7,7 +7,7 @@
 
 use super::{launch_cfg, stride_grid, CudaDevice, ADAMW_CU};
 use crate::error::Result;
-use cudarc::driver::{CudaView, CudaViewMut};
+use cudarc::driver::{CudaView, CudaViewMut, DevicePtrMut};
 use std::sync::Arc;
 
 /// Threads per block (`ADAMW_THREADS` in adamw.cu).
@@ -40,27 +40,12 @@ pub fn adamw_update(dev: &CudaDevice, p: &mut CudaViewMut<'_, f32>, g: &CudaView
     if g.len() != n || m.len() != n || v.len() != n {
         bail!(ShapeMismatch, "adamw: p, g, m, v have {n}, {}, {}, {} elements", g.len(), m.len(), v.len());
     }
-    dev.check_stream(p, "adamw p")?;
-    dev.check_stream(g, "adamw g")?;
     dev.check_stream(m, "adamw m")?;
     dev.check_stream(v, "adamw v")?;
-    if n == 0 {
-        return Ok(());
-    }
-    let n64 = n as u64;
-    let has_decay = s.decay.is_some() as u32;
-    let decay = s.decay.unwrap_or(1.0);
-    let name = "adamw_update_f32";
-    let f = dev.function(&ADAMW_CU, name)?;
-    // SAFETY: (ptr, ptr, ptr, ptr, u64, u32, f32 × 7) as the kernel; elements
-    // < n of each buffer (lengths checked equal).
-    launch_kernel!(
-        dev,
-        f,
-        name,
-        launch_cfg((stride_grid(n64, ADAMW_THREADS), 1), ADAMW_THREADS),
-        [p, g, m, v, &n64, &has_decay, &decay, &s.lerp_weight, &s.beta2, &s.one_minus_beta2, &s.bias_correction2_sqrt, &s.eps, &s.neg_step_size]
-    )
+    // The guards record the moments' use by the launch when dropped.
+    let (mp, _m_used) = m.device_ptr_mut(&dev.stream);
+    let (vp, _v_used) = v.device_ptr_mut(&dev.stream);
+    launch(dev, p, g, mp, vp, s)
 }
 
 /// [`adamw_update`] with the moments in CUDA managed memory (paged
@@ -71,29 +56,35 @@ pub fn adamw_update_managed(dev: &CudaDevice, p: &mut CudaViewMut<'_, f32>, g: &
     if g.len() != n || m.len() != 4 * n || v.len() != 4 * n {
         bail!(ShapeMismatch, "adamw: p and g have {n} and {} elements, the managed m and v {} and {} bytes", g.len(), m.len(), v.len());
     }
-    dev.check_stream(p, "adamw p")?;
-    dev.check_stream(g, "adamw g")?;
     if !Arc::ptr_eq(m.device(), v.device()) || m.device().ordinal != dev.ordinal {
         bail!(InvalidArgument, "adamw: the managed moments belong to another device");
     }
+    // The allocations outlive the queued launch (their Drop synchronizes).
+    launch(dev, p, g, m.ptr(), v.ptr(), s)
+}
+
+/// The launch: `m` and `v` are device addresses of `p.len()` fp32 values
+/// each (checked by the callers).
+fn launch(dev: &CudaDevice, p: &mut CudaViewMut<'_, f32>, g: &CudaView<'_, f32>, m: u64, v: u64, s: &AdamWStep) -> Result<()> {
+    dev.check_stream(p, "adamw p")?;
+    dev.check_stream(g, "adamw g")?;
+    let n = p.len();
     if n == 0 {
         return Ok(());
     }
-    let (mp, vp) = (m.ptr(), v.ptr());
     let n64 = n as u64;
     let has_decay = s.decay.is_some() as u32;
     let decay = s.decay.unwrap_or(1.0);
     let name = "adamw_update_f32";
     let f = dev.function(&ADAMW_CU, name)?;
-    // SAFETY: as adamw_update, with m and v passed as the managed
-    // addresses (valid on the device, 4·n bytes each, checked); the
-    // allocations outlive the queued launch (their Drop synchronizes).
+    // SAFETY: (ptr, ptr, ptr, ptr, u64, u32, f32 × 7) as the kernel; elements
+    // < n of each buffer (p and g checked here, m and v by the callers).
     launch_kernel!(
         dev,
         f,
         name,
         launch_cfg((stride_grid(n64, ADAMW_THREADS), 1), ADAMW_THREADS),
-        [p, g, &mp, &vp, &n64, &has_decay, &decay, &s.lerp_weight, &s.beta2, &s.one_minus_beta2, &s.bias_correction2_sqrt, &s.eps, &s.neg_step_size]
+        [p, g, &m, &v, &n64, &has_decay, &decay, &s.lerp_weight, &s.beta2, &s.one_minus_beta2, &s.bias_correction2_sqrt, &s.eps, &s.neg_step_size]
     )
 }
 
