@@ -9,6 +9,9 @@
 //! (`nvidia/cu13/lib/libnvrtc.so.13`). Without one the tests FAIL, saying
 //! how to install it, unless `LORA_SKIP_CUDA_COMPILE=1` opts out.
 
+#[path = "common/scratch.rs"]
+mod scratch;
+
 use lora::backend::cuda::{nvrtc, SOURCES};
 use lora::ErrorKind;
 use std::path::{Path, PathBuf};
@@ -140,6 +143,43 @@ fn cached_cubin_is_reused() {
     let a = nvrtc::cubin_cached(k, "sm_90").expect("compile");
     let b = nvrtc::cubin_cached(k, "sm_90").expect("cache");
     assert!(std::sync::Arc::ptr_eq(&a, &b), "second request compiled again");
+}
+
+/// The on-disk CUBIN cache: a second process (here: a second call that
+/// bypasses the in-process cache) reads the file instead of compiling; a
+/// damaged file is detected by its checksum, recompiled and rewritten;
+/// another architecture or source text is another file.
+#[test]
+fn disk_cache_reuses_and_repairs() {
+    if !need_nvrtc("disk_cache_reuses_and_repairs") {
+        return;
+    }
+    let dir = scratch::scratch_root("cubin-cache");
+    let k = SOURCES[0];
+    let (a, from_disk) = nvrtc::cubin_disk_cached(&dir, k.src, k.name, "sm_80").expect("compile");
+    assert!(!from_disk, "an empty cache directory served a CUBIN");
+    let files: Vec<PathBuf> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1, "one file per (source, architecture): {files:?}");
+    let t = Instant::now();
+    let (b, from_disk) = nvrtc::cubin_disk_cached(&dir, k.src, k.name, "sm_80").expect("cache");
+    assert!(from_disk, "the second request compiled again");
+    assert_eq!(a, b);
+    eprintln!("cuda/{} sm_80 from the disk cache in {:.1} ms ({} bytes)", k.name, t.elapsed().as_secs_f64() * 1e3, b.len());
+    // One flipped byte of the CUBIN: detected, recompiled, rewritten.
+    let mut bytes = std::fs::read(&files[0]).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x5a;
+    std::fs::write(&files[0], &bytes).unwrap();
+    let (c, from_disk) = nvrtc::cubin_disk_cached(&dir, k.src, k.name, "sm_80").expect("repair");
+    assert!(!from_disk, "a damaged cache file was used");
+    assert_eq!(c, a);
+    assert!(nvrtc::cubin_disk_cached(&dir, k.src, k.name, "sm_80").unwrap().1, "the repaired file was not rewritten");
+    // Another architecture, or another source text: other files.
+    nvrtc::cubin_disk_cached(&dir, k.src, k.name, "sm_90").unwrap();
+    let edited = format!("{}\n// edited\n", k.src);
+    assert!(!nvrtc::cubin_disk_cached(&dir, &edited, k.name, "sm_80").unwrap().1, "an edited source was served the old CUBIN");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 3);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

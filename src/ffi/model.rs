@@ -930,7 +930,11 @@ fn device_of(device: i32, compute: lora_compute) -> Result<Option<(usize, crate:
 /// model are copied to the device before its next operation there.
 /// Training runs on the device for trainers that ask
 /// (`lora_trainer_use_device`). Calling it again with the same device and
-/// precision does nothing.
+/// precision does nothing. The kernels are compiled by NVRTC for the
+/// device's architecture at first use and cached on disk
+/// (`LORA_CUDA_CACHE_DIR`, default `$XDG_CACHE_HOME/liblora/cubin` or
+/// `~/.cache/liblora/cubin`; `off` disables), so later processes skip the
+/// compile.
 ///
 /// Ownership: the device copy belongs to the model and is freed with it
 /// or by `device = -1`. Thread safety: as every model call. Memory: the

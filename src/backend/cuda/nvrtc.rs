@@ -17,6 +17,16 @@
 //! for the life of the process, keyed by source and architecture (see
 //! [`cubin_cached`]); modules are cached per device in `CudaDevice`.
 //!
+//! On disk too (so a new process skips the seconds NVRTC takes): the
+//! directory [`CACHE_DIR_ENV`] (`LORA_CUDA_CACHE_DIR`) names, else
+//! `$XDG_CACHE_HOME/liblora/cubin` or `~/.cache/liblora/cubin`;
+//! `LORA_CUDA_CACHE_DIR=off` (or empty) turns it off. A file is named by
+//! the source, the architecture and a hash of everything that shapes the
+//! machine code (source text, options, NVRTC version), written atomically
+//! (temporary file, then rename), and carries a checksum of its CUBIN: a
+//! damaged or foreign file is ignored and rewritten. Cache failures never
+//! fail a compile; they are logged.
+//!
 //! Every call into cudarc's NVRTC bindings runs behind `catch_unwind`:
 //! cudarc panics when the library or one of its symbols is missing.
 
@@ -230,14 +240,98 @@ pub struct KernelSource {
 type CubinCache = HashMap<(&'static str, String), Arc<Vec<u8>>>;
 static CUBINS: LazyLock<Mutex<CubinCache>> = LazyLock::new(|| Mutex::new(HashMap::new()));
 
-/// The CUBIN of `k` for `arch`, compiled on first request in this process.
-/// The lock is held while compiling so one source is never compiled twice.
+/// The CUBIN of `k` for `arch`, compiled on first request in this process
+/// (or read from the disk cache, [`cubin_disk_cached`]). The lock is held
+/// while compiling so one source is never compiled twice.
 pub fn cubin_cached(k: &'static KernelSource, arch: &str) -> Result<Arc<Vec<u8>>> {
     let mut cache = CUBINS.lock();
     if let Some(c) = cache.get(&(k.name, arch.to_string())) {
         return Ok(c.clone());
     }
-    let c = Arc::new(compile_cubin(k.src, k.name, arch)?);
+    let c = Arc::new(match cache_dir() {
+        Some(dir) => cubin_disk_cached(&dir, k.src, k.name, arch)?.0,
+        None => compile_cubin(k.src, k.name, arch)?,
+    });
     cache.insert((k.name, arch.to_string()), c.clone());
     Ok(c)
+}
+
+/// Environment variable naming the on-disk CUBIN cache directory (`off`
+/// or empty: no disk cache).
+pub const CACHE_DIR_ENV: &str = "LORA_CUDA_CACHE_DIR";
+
+/// The disk cache's directory, if any (module docs).
+pub fn cache_dir() -> Option<PathBuf> {
+    match std::env::var_os(CACHE_DIR_ENV) {
+        Some(v) if v.is_empty() || v == "off" => None,
+        Some(v) => Some(PathBuf::from(v)),
+        None => {
+            let base = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()).map(PathBuf::from).or_else(|| std::env::var_os("HOME").filter(|v| !v.is_empty()).map(|h| PathBuf::from(h).join(".cache")))?;
+            Some(base.join("liblora").join("cubin"))
+        }
+    }
+}
+
+/// FNV-1a, 64 bits: a stable hash (the standard library's may change
+/// between Rust releases, which would only miss the cache, but a fixed one
+/// keeps file names meaningful across builds).
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for &b in *p {
+            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        // Separate the parts, so ("ab", "c") and ("a", "bc") differ.
+        h = (h ^ 0xff).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Magic of a cache file: `LORACUBIN1`, the CUBIN's length (u64 LE) and
+/// FNV-1a hash (u64 LE), then the CUBIN.
+const CACHE_MAGIC: &[u8; 10] = b"LORACUBIN1";
+
+/// The CUBIN of `src` (named `name`) for `arch` through the disk cache in
+/// `dir`: read when a valid file is there, else compiled and written.
+/// Returns the CUBIN and whether it came from the disk.
+pub fn cubin_disk_cached(dir: &Path, src: &str, name: &str, arch: &str) -> Result<(Vec<u8>, bool)> {
+    let (ma, mi) = version()?;
+    let nv = format!("{ma}.{mi}");
+    let opts = COMPILE_OPTIONS.join(" ");
+    let key = fnv1a(&[src.as_bytes(), arch.as_bytes(), opts.as_bytes(), nv.as_bytes()]);
+    let stem = name.trim_end_matches(".cu").replace(|c: char| !c.is_ascii_alphanumeric() && c != '_', "_");
+    let path = dir.join(format!("{stem}-{arch}-{key:016x}.cubin"));
+    if let Ok(bytes) = std::fs::read(&path) {
+        let h = CACHE_MAGIC.len();
+        if bytes.len() >= h + 16 && &bytes[..h] == CACHE_MAGIC {
+            let len = u64::from_le_bytes(bytes[h..h + 8].try_into().expect("8 bytes")) as usize;
+            let sum = u64::from_le_bytes(bytes[h + 8..h + 16].try_into().expect("8 bytes"));
+            let body = &bytes[h + 16..];
+            if body.len() == len && fnv1a(&[body]) == sum {
+                return Ok((body.to_vec(), true));
+            }
+        }
+        crate::log!(Warn, "CUBIN cache: {} is damaged or not a cache file; recompiling", path.display());
+    }
+    let cubin = compile_cubin(src, name, arch)?;
+    if let Err(e) = write_cache_file(dir, &path, &cubin) {
+        crate::log!(Warn, "CUBIN cache: cannot write {}: {e}", path.display());
+    }
+    Ok((cubin, false))
+}
+
+fn write_cache_file(dir: &Path, path: &Path, cubin: &[u8]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut data = Vec::with_capacity(CACHE_MAGIC.len() + 16 + cubin.len());
+    data.extend_from_slice(CACHE_MAGIC);
+    data.extend_from_slice(&(cubin.len() as u64).to_le_bytes());
+    data.extend_from_slice(&fnv1a(&[cubin]).to_le_bytes());
+    data.extend_from_slice(cubin);
+    // A temporary name unique to this process and thread, then a rename:
+    // readers see the old file, no file, or the whole new one.
+    let tmp = path.with_extension(format!("tmp.{}.{:?}", std::process::id(), std::thread::current().id()).replace(|c: char| !c.is_ascii_alphanumeric() && c != '.', ""));
+    std::fs::write(&tmp, &data)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }
