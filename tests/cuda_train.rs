@@ -338,7 +338,8 @@ fn rel_l2_f32(a: &[f32], b: &[f32]) -> f64 {
 /// against the same model on the CPU through the same calls: logits with
 /// one and with two active adapters (multipliers), merged (derived on the
 /// device), swapped while merged, unmerged, mixed-adapter batches (BGMV;
-/// a base-only row too), mixed-adapter greedy generation, and adapters
+/// a base-only row too), greedy generation merged and with mixed
+/// adapters, and adapters
 /// added and removed on the host after the copy was made. fp32 compute:
 /// within 1e-5 relative L2 (summation order only) and equal greedy
 /// tokens; bf16 compute: unmerging restores the unmerged logits bit for
@@ -383,6 +384,12 @@ fn merge_swap_and_mixed_batches_on_the_device() {
             m.set_active(&[("b", 1.0)]).unwrap();
         }
         cmp("merged, swapped to b", &mut host, &mut dev, None);
+        // Generation through the merged weights (the decode path's dense
+        // products, no adapter kernels): greedy tokens equal.
+        let merged_reqs = [Request { prompt: &ids[..7], adapter: None }, Request { prompt: &ids[t..t + 3], adapter: None }];
+        let want = host.generate(&merged_reqs, 8, &Sampling::default(), &[], &mut |_, _| true).unwrap();
+        let got = dev.generate(&merged_reqs, 8, &Sampling::default(), &[], &mut |_, _| true).unwrap();
+        assert_eq!(got, want, "{}: greedy generation of the merged model on the device differs from the CPU's", c.name);
         for m in [&mut host, &mut dev] {
             m.unmerge().unwrap();
         }
