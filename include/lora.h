@@ -1493,7 +1493,8 @@ lora_status lora_model_logits(struct lora_model *model,
 /**
  * Mean causal-LM cross-entropy of a batch, as transformers'
  * `model(ids, labels=labels).loss` (labels shifted by one inside; −100
- * ignored; `labels` NULL means the ids). No gradients, no dropout.
+ * ignored; `labels` NULL means the ids). No gradients, no dropout. On the
+ * device when the model is on one (the logits stay there).
  */
 lora_status lora_model_loss(struct lora_model *model,
                             const int32_t *ids,

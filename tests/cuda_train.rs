@@ -371,6 +371,12 @@ fn merge_swap_and_mixed_batches_on_the_device() {
             worst = worst.max(e);
         };
         cmp("adapter a", &mut host, &mut dev, None);
+        // The loss on the device (head and cross-entropy in chunks, only the
+        // sums come back), with some labels ignored.
+        let mut labels = ids[..b * t].to_vec();
+        labels[3] = -100;
+        let (lh, ld) = (host.loss(&ids[..b * t], &labels, b, t).unwrap(), dev.loss(&ids[..b * t], &labels, b, t).unwrap());
+        assert!(((ld - lh) / lh).abs() <= 1e-5, "{}: device loss {ld}, CPU {lh}", c.name);
         for m in [&mut host, &mut dev] {
             m.set_active(&[("a", 0.5), ("b", 1.5)]).unwrap();
         }

@@ -463,7 +463,8 @@ pub unsafe extern "C" fn lora_model_logits(model: *mut lora_model, ids: *const i
 
 /// Mean causal-LM cross-entropy of a batch, as transformers'
 /// `model(ids, labels=labels).loss` (labels shifted by one inside; −100
-/// ignored; `labels` NULL means the ids). No gradients, no dropout.
+/// ignored; `labels` NULL means the ids). No gradients, no dropout. On the
+/// device when the model is on one (the logits stay there).
 #[no_mangle]
 pub unsafe extern "C" fn lora_model_loss(model: *mut lora_model, ids: *const i32, labels: *const i32, batch: usize, seq: usize, loss: *mut f32) -> lora_status {
     guard(|| {

@@ -61,7 +61,8 @@
 //! prefill through the same forward kernels, a KV cache per layer in
 //! device memory, decode attention, logits copied to the host once per
 //! step for sampling; [`DeviceModel::logits`] serves `lora_model_logits`
-//! and `lora_model_loss`.
+//! and [`DeviceModel::loss`] `lora_model_loss` (only the loss sums come
+//! back, never the logits).
 //!
 //! Not yet on the device: LoRA dropout (refused for training), 8-bit
 //! AdamW (refused). The host model is kept current after each step, so
@@ -1241,29 +1242,26 @@ impl DeviceModel {
         }
     }
 
-    /// Final norm, head and fused cross-entropy over row chunks, and their
-    /// backward: returns the gradient of the last layer's output and the
-    /// per-chunk loss triples.
-    fn head_loss_backward(&mut self, x: &CudaSlice<f32>, n: usize, targets: &CudaSlice<i32>, grad_scale: f32) -> Result<(CudaSlice<f32>, CudaSlice<f64>)> {
-        let dev = self.dev.clone();
-        let d = &*dev;
+    /// Final norm, then the head's logits over row chunks of at most
+    /// [`HEAD_CHUNK_ELEMS`] logits (`set_head_chunk_elems`), so the `[n, V]`
+    /// matrix never exists whole: `f(chunk, r0, r1, logits, head)` per
+    /// chunk with its logits `[r1 − r0, V]` and the head weight. Returns the
+    /// normalized rows' rstd (for the norm's backward).
+    fn head_chunks(&self, x: &CudaSlice<f32>, n: usize, mut f: impl FnMut(usize, usize, usize, &mut CudaSlice<f32>, MatRef<'_>) -> Result<()>) -> Result<CudaSlice<f32>> {
+        let d = &*self.dev;
         let (h, vsz, eps) = (self.cfg.hidden_size, self.cfg.vocab_size, self.cfg.rms_norm_eps);
         let mut hf = out_buf::<f32>(d, n * h)?;
         let mut rstd = out_buf::<f32>(d, n)?;
         cnorm::rmsnorm_forward(d, &x.as_view(), &self.norm.as_view(), n, h, eps, &mut hf.as_view_mut(), Some(&mut rstd.as_view_mut()))?;
         let hfb = self.operand(&hf)?;
-        let t = self.tick()?;
-        let rows = (self.head_chunk / vsz).clamp(1, n);
-        let chunks = n.div_ceil(rows);
-        let mut outs = d.alloc_filled::<f64>(3 * chunks, 0)?;
-        let mut dhf = out_buf::<f32>(d, n * h)?;
         let head_w = match &self.head {
             Some(w) => self.weight(w)?,
             None => self.weight(&self.embed)?,
         };
         let wm = head_w.mat(d, vsz, h)?;
-        for c in 0..chunks {
-            let (r0, r1) = (c * rows, ((c + 1) * rows).min(n));
+        let rows = self.head_rows(n);
+        for (c, r0) in (0..n).step_by(rows).enumerate() {
+            let r1 = (r0 + rows).min(n);
             let rc = r1 - r0;
             let mut logits = out_buf::<f32>(d, rc * vsz)?;
             let hfv = hf.slice(r0 * h..r1 * h);
@@ -1273,24 +1271,78 @@ impl DeviceModel {
                 None => MatRef::f32(d, &hfv, rc, h)?,
             };
             gemm(d, &self.blas, xa, false, wm, true, &mut logits.as_view_mut(), 1.0, 0.0)?;
+            f(c, r0, r1, &mut logits, wm)?;
+        }
+        Ok(rstd)
+    }
+
+    /// Rows per head chunk.
+    fn head_rows(&self, n: usize) -> usize {
+        (self.head_chunk / self.cfg.vocab_size).clamp(1, n.max(1))
+    }
+
+    /// Final norm, head and fused cross-entropy over row chunks, and their
+    /// backward: returns the gradient of the last layer's output and the
+    /// per-chunk loss triples.
+    fn head_loss_backward(&mut self, x: &CudaSlice<f32>, n: usize, targets: &CudaSlice<i32>, grad_scale: f32) -> Result<(CudaSlice<f32>, CudaSlice<f64>)> {
+        let dev = self.dev.clone();
+        let d = &*dev;
+        let (h, vsz) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        let t = self.tick()?;
+        let mut outs = d.alloc_filled::<f64>(3 * n.div_ceil(self.head_rows(n)), 0)?;
+        let mut dhf = out_buf::<f32>(d, n * h)?;
+        let rstd = self.head_chunks(x, n, |c, r0, r1, logits, wm| {
             let tv = targets.slice(r0..r1);
             let mut ov = outs.slice_mut(3 * c..3 * c + 3);
             closs::cross_entropy_fused_async(d, &mut logits.as_view_mut(), &tv, vsz, Some(grad_scale), &mut ov)?;
-            let lb = self.operand(&logits)?;
+            let lb = self.operand(logits)?;
             let lv = logits.as_view();
             let lbv = lb.as_ref().map(|b| b.as_view());
             let la = match &lbv {
-                Some(b) => MatRef::bf16(d, b, rc, vsz)?,
-                None => MatRef::f32(d, &lv, rc, vsz)?,
+                Some(b) => MatRef::bf16(d, b, r1 - r0, vsz)?,
+                None => MatRef::f32(d, &lv, r1 - r0, vsz)?,
             };
             let mut dv = dhf.slice_mut(r0 * h..r1 * h);
-            gemm(d, &self.blas, la, false, wm, false, &mut dv, 1.0, 0.0)?;
-        }
+            gemm(d, &self.blas, la, false, wm, false, &mut dv, 1.0, 0.0)
+        })?;
         self.tock(t, "head GEMMs + cross-entropy")?;
-        drop((hf, hfb));
         let mut dx = out_buf::<f32>(d, n * h)?;
         cnorm::rmsnorm_backward(d, &x.as_view(), &self.norm.as_view(), &rstd.as_view(), &dhf.as_view(), n, h, &mut dx.as_view_mut(), None)?;
         Ok((dx, outs))
+    }
+
+    /// Mean causal-LM loss of a batch on the device, as [`Model::loss`]
+    /// (labels shifted as transformers does, −100 ignored; 0 when no
+    /// position counts) with the active adapters: the head and fused
+    /// cross-entropy over row chunks, only the sums come back (never the
+    /// `[B·T, V]` logits). Labels must be −100 or in the vocabulary.
+    pub fn loss(&mut self, ids: &[i32], labels: &[i32], batch: usize, seq: usize) -> Result<f32> {
+        let n = batch * seq;
+        if ids.len() != n || labels.len() != n || n == 0 {
+            bail!(ShapeMismatch, "{} ids and {} labels for a batch of {batch} × {seq}", ids.len(), labels.len());
+        }
+        let vsz = self.cfg.vocab_size;
+        if let Some((i, &t)) = ids.iter().enumerate().find(|(_, &t)| t < 0 || t as usize >= vsz) {
+            bail!(InvalidArgument, "token id {t} at position {i} is outside [0, {vsz})");
+        }
+        if let Some((i, &y)) = labels.iter().enumerate().find(|(_, &y)| y != crate::backend::cpu::loss::IGNORE_INDEX && (y < 0 || y as usize >= vsz)) {
+            bail!(InvalidArgument, "label {y} at position {i} is neither -100 nor in [0, {vsz})");
+        }
+        let dev = self.dev.clone();
+        let d = &*dev;
+        let targets = d.upload(&shifted_targets(labels, batch, seq))?;
+        let x = self.forward_rows(ids, batch, seq, Rows::Active)?;
+        let mut outs = d.alloc_filled::<f64>(3 * n.div_ceil(self.head_rows(n)), 0)?;
+        self.head_chunks(&x, n, |c, r0, r1, logits, _| {
+            let mut ov = outs.slice_mut(3 * c..3 * c + 3);
+            closs::cross_entropy_fused_async(d, &mut logits.as_view_mut(), &targets.slice(r0..r1), vsz, Some(0.0), &mut ov)
+        })?;
+        let (mut sum, mut count) = (0f64, 0f64);
+        for t in d.download(&outs)?.chunks(3) {
+            sum += t[0];
+            count += t[1];
+        }
+        Ok(if count == 0.0 { 0.0 } else { (sum / count) as f32 })
     }
 
     /// Zeroes the gradients of `adapter` (being trained here).
@@ -1474,15 +1526,7 @@ impl DeviceModel {
             None => Rows::Active,
         };
         let x = self.forward_rows(ids, batch, seq, rows)?;
-        let h = self.cfg.hidden_size;
-        let chunk = (self.head_chunk / vsz).clamp(1, n);
-        let mut out = Vec::with_capacity(n * vsz);
-        for r0 in (0..n).step_by(chunk) {
-            let r1 = (r0 + chunk).min(n);
-            let xr = cu::guard("cuMemcpyDtoDAsync", || self.dev.stream.clone_dtod(&x.slice(r0 * h..r1 * h)).map_err(|e| cu::cu_err("cuMemcpyDtoDAsync", e)))?;
-            out.extend_from_slice(&self.head_logits(&xr, r1 - r0)?);
-        }
-        Ok(out)
+        self.head_logits(&x, n)
     }
 
     /// The residual stream after the last layer for a batch (inference).
@@ -1521,25 +1565,14 @@ impl DeviceModel {
     }
 
     /// Final norm and head for `n` rows of the residual stream: logits
-    /// `[n, V]` on the host.
+    /// `[n, V]` on the host (computed and copied chunk by chunk).
     fn head_logits(&self, x: &CudaSlice<f32>, n: usize) -> Result<Vec<f32>> {
-        let d = &*self.dev;
-        let (h, vsz, eps) = (self.cfg.hidden_size, self.cfg.vocab_size, self.cfg.rms_norm_eps);
-        let mut hf = out_buf::<f32>(d, n * h)?;
-        cnorm::rmsnorm_forward(d, &x.as_view(), &self.norm.as_view(), n, h, eps, &mut hf.as_view_mut(), None)?;
-        let hfb = self.operand(&hf)?;
-        let head_w = match &self.head {
-            Some(w) => self.weight(w)?,
-            None => self.weight(&self.embed)?,
-        };
-        let mut logits = out_buf::<f32>(d, n * vsz)?;
-        let (hv, hbv) = (hf.as_view(), hfb.as_ref().map(|b| b.as_view()));
-        let xa = match &hbv {
-            Some(b) => MatRef::bf16(d, b, n, h)?,
-            None => MatRef::f32(d, &hv, n, h)?,
-        };
-        gemm(d, &self.blas, xa, false, head_w.mat(d, vsz, h)?, true, &mut logits.as_view_mut(), 1.0, 0.0)?;
-        d.download(&logits)
+        let mut out = Vec::with_capacity(n * self.cfg.vocab_size);
+        self.head_chunks(x, n, |_, _, _, logits, _| {
+            out.extend_from_slice(&self.dev.download(logits)?);
+            Ok(())
+        })?;
+        Ok(out)
     }
 
     /// One decode step: token `next[b]` at position `lens[b]` of each

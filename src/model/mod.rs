@@ -1041,6 +1041,10 @@ impl Model {
         if labels.len() != ids.len() {
             bail!(ShapeMismatch, "{} labels for {} token ids", labels.len(), ids.len());
         }
+        if self.gpu.0.is_some() {
+            self.check_batch(ids, batch, seq)?;
+            return self.with_device(|g, _| g.loss(ids, labels, batch, seq));
+        }
         let mut logits = self.logits(ids, batch, seq, None)?;
         let vsz = self.vocab();
         let targets = shifted_targets(labels, batch, seq);
