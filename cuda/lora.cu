@@ -13,6 +13,10 @@
 //   bwd_dx    dx[i, c] += s * sum_j g[i, j] * A[j, c]          (dx += s·g·A)
 //   bwd_outer  D[p, q] += s * sum_i U[i, p] * V[i, q]          dB (U=dy, V=h)
 //                                                              dA (U=g, V=x)
+//   dropout    x' = x ⊙ mask · 1/(1−p) (the adapter input when training
+//              with LoRA dropout) and dx += s·(g·A) ⊙ mask · 1/(1−p), the
+//              mask a counter-based hash of (seed, call, element), bit for
+//              bit the CPU's
 // All sums in f32 with explicit fused multiply-adds (the module compiles
 // with --fmad=false, so nothing else is contracted): row sums are a strided
 // per-thread FMA chain then a fixed-order tree over the block; the rank sum
@@ -163,5 +167,41 @@ extern "C" __global__ void __launch_bounds__(LORA_THREADS)
         float acc = 0.0f;
         for (u32 i = 0; i < n; i++) acc = __fmaf_rn(U[(u64)i * ldu + p], V[(u64)i * ldv + q], acc);
         D[t] = __fadd_rn(D[t], __fmul_rn(s, acc));
+    }
+}
+
+// ---------------------------------------------------------------- dropout
+
+// Inverted dropout of the adapter input, the twin of
+// LoraLayer::adapter_input with rng::dropout_keep: element i of a call's
+// [n, in] input is kept with probability 1 − p by a counter-based hash of
+// (seed, call, i), so the forward, a recomputed (checkpointed) layer and
+// the backward draw the same mask, and the CPU draws it too.
+__device__ __forceinline__ u64 lora_mix64(u64 z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+__device__ __forceinline__ bool lora_keep(u64 seed, u64 call, u64 i, float p) {
+    const u64 h = lora_mix64(seed ^ lora_mix64((call * 0xD6E8FEB86659FD93ull) ^ i));
+    // (h >> 40) < 2^24: exact in f32, and so is the scaling by 2^-24.
+    return __fmul_rn((float)(h >> 40), 5.9604644775390625e-08f) >= p;
+}
+
+// out[i] = keep_i ? x[i] * scale : 0 (scale = f32(1 / (1 − p))). Grid-stride.
+extern "C" __global__ void __launch_bounds__(LORA_THREADS)
+    lora_dropout_f32(const float* __restrict__ x, u64 n, u64 seed, u64 call, float p, float scale, float* __restrict__ out) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        out[i] = lora_keep(seed, call, i, p) ? __fmul_rn(x[i], scale) : 0.0f;
+}
+
+// dx[i] += (s * m_i) * v[i], m_i = scale if kept else 0: the gradient
+// through the mask, in LoraLayer::backward's order. Grid-stride.
+extern "C" __global__ void __launch_bounds__(LORA_THREADS)
+    lora_dropout_accum_f32(const float* __restrict__ v, u64 n, u64 seed, u64 call, float p, float scale, float s,
+                           float* __restrict__ dx) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        const float m = lora_keep(seed, call, i, p) ? scale : 0.0f;
+        dx[i] = __fadd_rn(dx[i], __fmul_rn(__fmul_rn(s, m), v[i]));
     }
 }

@@ -289,6 +289,10 @@ void emu_lora_bwd(u32 n, u32 in_f, u32 r, u32 out_f, float s, const float* x, co
     emu_launch(gb, LORA_THREADS, [&] { lora_bwd_outer_f32(dy, out_f, h, r, n, out_f, r, s, dB); });
     emu_launch(ga, LORA_THREADS, [&] { lora_bwd_outer_f32(g, r, x, in_f, n, r, in_f, s, dA); });
 }
+void emu_lora_dropout(u64 n, u64 seed, u64 call, float p, float scale, float s, const float* x, float* out, const float* v, float* dx, unsigned grid) {
+    emu_launch(grid, LORA_THREADS, [&] { lora_dropout_f32(x, n, seed, call, p, scale, out); });
+    emu_launch(grid, LORA_THREADS, [&] { lora_dropout_accum_f32(v, n, seed, call, p, scale, s, dx); });
+}
 void emu_lora_bgmv(u32 n, u32 in_f, u32 out_f, u32 count, const float* x, const int* idx, const u64* A, const u64* B, const u32* ranks, const float* scales,
                    u32 r_max, float* h, float* y) {
     emu_launch(n, LORA_THREADS, [&] { lora_bgmv_shrink_f32(x, idx, A, ranks, count, n, in_f, r_max, h); });
@@ -299,6 +303,7 @@ void emu_lora_bgmv(u32 n, u32 in_f, u32 out_f, u32 count, const float* x, const 
 
 type EmuFwd = unsafe extern "C" fn(u32, u32, u32, u32, f32, *const f32, *const f32, *const f32, *mut f32, *mut f32);
 type EmuBwd = unsafe extern "C" fn(u32, u32, u32, u32, f32, *const f32, *const f32, *const f32, *const f32, *const f32, *mut f32, *mut f32, *mut f32, *mut f32, u32, u32);
+type EmuDropout = unsafe extern "C" fn(u64, u64, u64, f32, f32, f32, *const f32, *mut f32, *const f32, *mut f32, u32);
 type EmuBgmv = unsafe extern "C" fn(u32, u32, u32, u32, *const f32, *const i32, *const u64, *const u64, *const u32, *const f32, u32, *mut f32, *mut f32);
 
 #[test]
@@ -380,4 +385,80 @@ fn emulated_kernels_match_the_cpu() {
             assert!((y[e] as f64 - want).abs() <= 1e-4 * (1.0 + want.abs()), "emulated bgmv y[{i}, {o}] {} vs {want}", y[e]);
         }
     }
+}
+
+/// The CPU's dropout (LoraLayer::adapter_input and the dx update of
+/// LoraLayer::backward) for `n` elements of call `call`.
+fn cpu_dropout(x: &[f32], v: &[f32], dx0: &[f32], seed: u64, call: u64, p: f32, s: f32) -> (Vec<f32>, Vec<f32>) {
+    let keep = glora::dropout_scale(p);
+    let out = x.iter().enumerate().map(|(i, &xv)| if lora::rng::dropout_keep(seed, call, i as u64, p) { xv * keep } else { 0.0 }).collect();
+    let dx = dx0
+        .iter()
+        .zip(v)
+        .enumerate()
+        .map(|(i, (&d, &vv))| {
+            let m = if lora::rng::dropout_keep(seed, call, i as u64, p) { keep } else { 0.0 };
+            d + s * m * vv
+        })
+        .collect();
+    (out, dx)
+}
+
+const DROPOUT_CASES: &[(usize, u64, u64, f32)] = &[(1, 7, 1, 0.1), (1000, 0x5eed, 3, 0.05), (70_001, u64::MAX - 3, 1 << 40, 0.5), (4096, 11, 2, 0.0)];
+
+/// The dropout kernels draw the CPU's mask and give its bits: the
+/// adapter input and the dx update, for several seeds, calls and rates.
+#[test]
+fn emulated_dropout_is_the_cpus_bit_for_bit() {
+    let lib = match emu::build("lora", &["lora.cu"], &[], "", EMU_ENTRY) {
+        Ok(l) => l,
+        Err(why) => {
+            eprintln!("SKIPPED emulated_dropout_is_the_cpus_bit_for_bit: kernel emulation unavailable: {why}");
+            return;
+        }
+    };
+    // SAFETY: entry point built just above with this signature.
+    let drop: EmuDropout = unsafe { *lib.get(b"emu_lora_dropout").unwrap() };
+    let mut rng = Rng(91);
+    for &(n, seed, call, p) in DROPOUT_CASES {
+        let (x, v, dx0) = (rng.vec(n, 1.0), rng.vec(n, 1.0), rng.vec(n, 1.0));
+        let s = 0.75f32;
+        let (want_out, want_dx) = cpu_dropout(&x, &v, &dx0, seed, call, p, s);
+        let (mut out, mut dx) = (vec![f32::NAN; n], dx0.clone());
+        let grid = (n.div_ceil(256)).clamp(1, 1 << 16) as u32;
+        // SAFETY: buffers of n floats each.
+        unsafe { drop(n as u64, seed, call, p, glora::dropout_scale(p), s, x.as_ptr(), out.as_mut_ptr(), v.as_ptr(), dx.as_mut_ptr(), grid) };
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&out), bits(&want_out), "emulated dropout n {n} p {p}: the adapter input differs from the CPU's");
+        assert_eq!(bits(&dx), bits(&want_dx), "emulated dropout n {n} p {p}: the dx update differs from the CPU's");
+        let kept = want_out.iter().filter(|&&o| o != 0.0).count() as f64 / n as f64;
+        if n >= 1000 {
+            assert!((kept - (1.0 - p as f64)).abs() < 0.05, "kept fraction {kept} for p {p}");
+        }
+    }
+}
+
+/// The same on the GPU.
+#[test]
+fn dropout_is_the_cpus_bit_for_bit() {
+    let Some(dev) = gpu("dropout_is_the_cpus_bit_for_bit") else { return };
+    let mut rng = Rng(92);
+    for &(n, seed, call, p) in DROPOUT_CASES {
+        let (x, v, dx0) = (rng.vec(n, 1.0), rng.vec(n, 1.0), rng.vec(n, 1.0));
+        let s = 0.75f32;
+        let (want_out, want_dx) = cpu_dropout(&x, &v, &dx0, seed, call, p, s);
+        let (xd, vd) = (dev.upload(&x).unwrap(), dev.upload(&v).unwrap());
+        let mut out = poisoned(dev, n);
+        let mut dx = dev.upload(&dx0).unwrap();
+        glora::dropout(dev, &xd.as_view(), seed, call, p, &mut out.as_view_mut()).unwrap();
+        glora::dropout_accum(dev, &vd.as_view(), seed, call, p, s, &mut dx.as_view_mut()).unwrap();
+        let (out, dx) = (dev.download(&out).unwrap(), dev.download(&dx).unwrap());
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&out), bits(&want_out), "dropout n {n} p {p}: the adapter input differs from the CPU's");
+        assert_eq!(bits(&dx), bits(&want_dx), "dropout n {n} p {p}: the dx update differs from the CPU's");
+    }
+    let x = dev.upload(&[1f32; 4]).unwrap();
+    let mut o = poisoned(dev, 4);
+    assert!(glora::dropout(dev, &x.as_view(), 1, 1, 1.0, &mut o.as_view_mut()).is_err(), "p = 1 accepted");
+    eprintln!("dropout: {} cases bit-exact", DROPOUT_CASES.len());
 }

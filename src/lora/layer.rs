@@ -63,6 +63,14 @@ pub struct Adapter {
     seed: u64,
 }
 
+impl Adapter {
+    /// The seed of this adapter's dropout masks in this layer (with the
+    /// call number and the element index: [`crate::rng::dropout_keep`]).
+    pub fn dropout_seed(&self) -> u64 {
+        self.seed
+    }
+}
+
 /// How [`LoraLayer::add_weighted`] combines adapters (PEFT
 /// `add_weighted_adapter`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

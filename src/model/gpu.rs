@@ -64,8 +64,10 @@
 //! and [`DeviceModel::loss`] `lora_model_loss` (only the loss sums come
 //! back, never the logits).
 //!
-//! Not yet on the device: LoRA dropout (refused for training), 8-bit
-//! AdamW (refused). The host model is kept current after each step, so
+//! LoRA dropout trains on the device with the CPU's masks (counter-based:
+//! the adapter's seed, the micro-batch number, the element), so a run
+//! moved between the CPU and a GPU continues alike. Not yet on the device:
+//! 8-bit AdamW (refused). The host model is kept current after each step, so
 //! saving reads it.
 
 use super::generate::{sample_loop, Sampling};
@@ -136,6 +138,18 @@ struct DevAdapter {
     scale: f32,
     a: Range<usize>,
     b: Range<usize>,
+    /// LoRA dropout on the adapter input when training, and the seed of
+    /// its masks in this module.
+    dropout: f32,
+    seed: u64,
+}
+
+/// The adapter a training step trains (its set) and the step's micro-batch
+/// number, which names the dropout masks (as on the CPU).
+#[derive(Clone, Copy, Debug)]
+struct Train {
+    set: usize,
+    call: u64,
 }
 
 struct DevLinear {
@@ -227,6 +241,9 @@ enum Rows<'a> {
     One(Option<usize>),
     /// Per row an adapter index or −1 (a mixed-adapter batch: BGMV).
     PerRow(&'a [i32]),
+    /// A training step's adapter at multiplier 1 on every row, with its
+    /// LoRA dropout.
+    Train(Train),
 }
 
 /// Adapter `name` of the host model flattened for the device: its weights
@@ -253,7 +270,7 @@ fn flatten(model: &Model, name: &str) -> Result<Flat> {
                         r
                     };
                     let (ra, rb) = (span(&a.a), span(&a.b));
-                    Some(DevAdapter { r: a.r, scale: a.scale, a: ra, b: rb })
+                    Some(DevAdapter { r: a.r, scale: a.scale, a: ra, b: rb, dropout: a.dropout, seed: a.dropout_seed() })
                 }
                 Err(_) => None,
             });
@@ -737,15 +754,7 @@ impl DeviceModel {
     /// adapter's weights are the host's (the copy is synced first by the
     /// caller).
     pub fn train_begin(&mut self, model: &Model, adapter: &str, steps: u64, moments: &[(Vec<f32>, Vec<f32>)], paged: bool) -> Result<()> {
-        for blk in &model.blocks {
-            for l in &blk.lin {
-                if let Ok(a) = l.adapter(adapter) {
-                    if a.dropout != 0.0 {
-                        bail!(Unsupported, "adapter '{adapter}' has LoRA dropout {}; the device path does not implement dropout yet (use 0, or the CPU)", a.dropout);
-                    }
-                }
-            }
-        }
+        model.adapter_index(adapter)?;
         let s = self.set_index(adapter)?;
         let set = &self.sets[s];
         if set.train.is_some() {
@@ -835,12 +844,13 @@ impl DeviceModel {
     /// triples (read it after the step's sync). Labels must be checked by
     /// the caller (ids in range, labels −100 or in the vocabulary).
     #[allow(clippy::too_many_arguments)]
-    pub fn forward_backward(&mut self, adapter: &str, ids: &[i32], labels: &[i32], batch: usize, seq: usize, grad_scale: f32, checkpointing: bool) -> Result<CudaSlice<f64>> {
+    pub fn forward_backward(&mut self, adapter: &str, ids: &[i32], labels: &[i32], batch: usize, seq: usize, grad_scale: f32, checkpointing: bool, call: u64) -> Result<CudaSlice<f64>> {
         let (set, _) = self.trained(adapter)?;
         if self.merged_for.is_some() {
             bail!(InvalidState, "training needs the model unmerged");
         }
-        let rows = Rows::One(Some(set));
+        let tr = Train { set, call };
+        let rows = Rows::Train(tr);
         let n = batch * seq;
         if ids.len() != n || labels.len() != n || n == 0 {
             bail!(ShapeMismatch, "{} ids and {} labels for a batch of {batch} × {seq}", ids.len(), labels.len());
@@ -868,7 +878,7 @@ impl DeviceModel {
                 Some(a) => a,
                 None => self.layer_forward(l, &x_in, batch, seq, rows)?.0,
             };
-            dx = self.layer_backward(set, l, &x_in, acts, dx, batch, seq, l > 0)?;
+            dx = self.layer_backward(tr, l, &x_in, acts, dx, batch, seq, l > 0)?;
         }
         self.tock(t_all, "forward+backward (total)")?;
         Ok(outs)
@@ -1047,7 +1057,6 @@ impl DeviceModel {
         let d = &*self.dev;
         let lin = &self.layers[l].lin[j];
         let (in_f, out_f) = (lin.in_f, lin.out_f);
-        let xv = x.as_view();
         if let Some(b) = &lin.bias {
             ew::add_bias(d, &mut y.as_view_mut(), &b.as_view())?;
         }
@@ -1056,10 +1065,11 @@ impl DeviceModel {
             Rows::PerRow(r) if r.first().is_some_and(|&r0| r.iter().all(|&x| x == r0)) => Rows::One(usize::try_from(r[0]).ok()),
             other => other,
         };
-        let terms: Vec<(usize, f32)> = match rows {
-            Rows::Active if lin.merged.is_some() => Vec::new(),
-            Rows::Active => self.active.clone(),
-            Rows::One(set) => set.into_iter().map(|s| (s, 1.0)).collect(),
+        let (terms, call): (Vec<(usize, f32)>, Option<u64>) = match rows {
+            Rows::Active if lin.merged.is_some() => (Vec::new(), None),
+            Rows::Active => (self.active.clone(), None),
+            Rows::One(set) => (set.into_iter().map(|s| (s, 1.0)).collect(), None),
+            Rows::Train(tr) => (vec![(tr.set, 1.0)], Some(tr.call)),
             Rows::PerRow(r) => {
                 self.lora_per_row(lin, r, x, n, y)?;
                 return Ok(None);
@@ -1070,6 +1080,12 @@ impl DeviceModel {
             let Some(ad) = lin.ads[s].as_ref() else { continue };
             let scale = ad.scale * mult;
             let t = self.tick()?;
+            // Training with LoRA dropout: the adapter sees x after the mask.
+            let dropped = match call {
+                Some(c) if ad.dropout > 0.0 => Some(self.dropped_input(ad, x, c)?),
+                _ => None,
+            };
+            let xv = dropped.as_ref().map_or_else(|| x.as_view(), |b| b.as_view());
             let mut hbuf = out_buf::<f32>(d, n * ad.r)?;
             let params = &self.sets[s].params;
             let (av, bv) = (params.slice(ad.a.clone()), params.slice(ad.b.clone()));
@@ -1087,6 +1103,15 @@ impl DeviceModel {
             }
         }
         Ok(first)
+    }
+
+    /// The adapter input of a training step with LoRA dropout: `x` after
+    /// the module's mask for micro-batch `call` (the CPU's mask, bit for
+    /// bit), in new scratch; recomputed in the backward, never kept.
+    fn dropped_input(&self, ad: &DevAdapter, x: &CudaSlice<f32>, call: u64) -> Result<CudaSlice<f32>> {
+        let mut out = out_buf::<f32>(&self.dev, x.len())?;
+        glora::dropout(&self.dev, &x.as_view(), ad.seed, call, ad.dropout, &mut out.as_view_mut())?;
+        Ok(out)
     }
 
     /// A mixed-adapter batch through one module: row `i` gets adapter
@@ -1123,7 +1148,7 @@ impl DeviceModel {
     /// accumulates `dA`, `dB` of adapter `set` (being trained); with `dx`,
     /// `dx = β·dx + dy·W + s·(dy·B)·A`.
     #[allow(clippy::too_many_arguments)]
-    fn lin_backward(&mut self, set: usize, l: usize, j: usize, x: &CudaSlice<f32>, h: Option<&CudaSlice<f32>>, dy: &CudaSlice<f32>, dyb: Option<&CudaSlice<u16>>, n: usize, dx: Option<(&mut CudaSlice<f32>, f32)>) -> Result<()> {
+    fn lin_backward(&mut self, tr: Train, l: usize, j: usize, x: &CudaSlice<f32>, h: Option<&CudaSlice<f32>>, dy: &CudaSlice<f32>, dyb: Option<&CudaSlice<u16>>, n: usize, dx: Option<(&mut CudaSlice<f32>, f32)>) -> Result<()> {
         let dev = self.dev.clone();
         let d = &*dev;
         let (in_f, out_f) = (self.layers[l].lin[j].in_f, self.layers[l].lin[j].out_f);
@@ -1141,38 +1166,55 @@ impl DeviceModel {
             self.tock(t, "base GEMM backward")?;
         }
         let t = self.tick()?;
-        let blas = &self.blas;
-        let Some(ad) = self.layers[l].lin[j].ads[set].as_ref() else { return Ok(()) };
+        let Some(ad) = self.layers[l].lin[j].ads[tr.set].clone() else { return Ok(()) };
         let h = h.ok_or_else(|| err!(Internal, "linear ({l}, {j}) has an adapter but no saved x·Aᵀ"))?;
         let (r, s) = (ad.r, ad.scale);
+        // With LoRA dropout the adapter saw x after the mask (regenerated
+        // here, the same mask), and dx gets g·A through the mask
+        // (`dropout_accum`, the CPU's order) instead of s·g·A directly.
+        let dropped = if ad.dropout > 0.0 { Some(self.dropped_input(&ad, x, tr.call)?) } else { None };
+        let mut gdx = match (&dropped, &dx) {
+            (Some(_), Some(_)) => Some(alloc(d, n * in_f)?),
+            _ => None,
+        };
         let mut g = out_buf::<f32>(d, n * r)?;
-        let DevSet { params, train, .. } = &mut self.sets[set];
+        let (blas, lora_kernels) = (&self.blas, self.lora_kernels);
+        let DevSet { params, train, .. } = &mut self.sets[tr.set];
         let grads = &mut train.as_mut().ok_or_else(|| err!(Internal, "the backward of an adapter not being trained"))?.grads;
-        let (av, bv, hv, xv) = (params.slice(ad.a.clone()), params.slice(ad.b.clone()), h.as_view(), x.as_view());
+        let (av, bv, hv, xv) = (params.slice(ad.a.clone()), params.slice(ad.b.clone()), h.as_view(), dropped.as_ref().unwrap_or(x).as_view());
         let (ra, rb) = (ad.a.clone(), ad.b.clone());
-        if self.lora_kernels {
+        // dx's adapter term goes to gdx (unscaled) or into dx (scaled by s).
+        let mut dx_term = match (&mut gdx, dx.as_mut()) {
+            (Some(gx), _) => Some((gx.as_view_mut(), 1.0f32, 0.0f32)),
+            (None, Some((dxs, _))) => Some((dxs.as_view_mut(), s, 1.0f32)),
+            (None, None) => None,
+        };
+        if lora_kernels {
             glora::bwd_g(d, &dyv, &bv, n, out_f, r, &mut g.as_view_mut())?;
             glora::grad_b(d, &dyv, &hv, n, out_f, r, s, &mut grads.slice_mut(rb))?;
             glora::grad_a(d, &g.as_view(), &xv, n, r, in_f, s, &mut grads.slice_mut(ra))?;
-            if let Some((dxs, _)) = dx {
-                glora::bwd_dx(d, &g.as_view(), &av, n, r, in_f, s, &mut dxs.as_view_mut())?;
+            if let Some((o, scale, _)) = dx_term.as_mut() {
+                // Accumulates: gdx starts zeroed, so scale 1 writes g·A.
+                glora::bwd_dx(d, &g.as_view(), &av, n, r, in_f, *scale, o)?;
             }
-            self.tock(t, "LoRA GEMMs backward")?;
-            return Ok(());
+        } else {
+            gemm(d, blas, MatRef::f32(d, &dyv, n, out_f)?, false, MatRef::f32(d, &bv, out_f, r)?, false, &mut g.as_view_mut(), 1.0, 0.0)?;
+            gemm(d, blas, MatRef::f32(d, &dyv, n, out_f)?, true, MatRef::f32(d, &hv, n, r)?, false, &mut grads.slice_mut(rb), s, 1.0)?;
+            let gv = g.as_view();
+            gemm(d, blas, MatRef::f32(d, &gv, n, r)?, true, MatRef::f32(d, &xv, n, in_f)?, false, &mut grads.slice_mut(ra), s, 1.0)?;
+            if let Some((o, scale, beta)) = dx_term.as_mut() {
+                gemm(d, blas, MatRef::f32(d, &gv, n, r)?, false, MatRef::f32(d, &av, r, in_f)?, false, o, *scale, *beta)?;
+            }
         }
-        gemm(d, blas, MatRef::f32(d, &dyv, n, out_f)?, false, MatRef::f32(d, &bv, out_f, r)?, false, &mut g.as_view_mut(), 1.0, 0.0)?;
-        gemm(d, blas, MatRef::f32(d, &dyv, n, out_f)?, true, MatRef::f32(d, &hv, n, r)?, false, &mut grads.slice_mut(rb), s, 1.0)?;
-        let gv = g.as_view();
-        gemm(d, blas, MatRef::f32(d, &gv, n, r)?, true, MatRef::f32(d, &xv, n, in_f)?, false, &mut grads.slice_mut(ra), s, 1.0)?;
-        if let Some((dxs, _)) = dx {
-            gemm(d, blas, MatRef::f32(d, &gv, n, r)?, false, MatRef::f32(d, &av, r, in_f)?, false, &mut dxs.as_view_mut(), s, 1.0)?;
+        if let (Some(gx), Some((dxs, _))) = (gdx, dx) {
+            glora::dropout_accum(d, &gx.as_view(), ad.seed, tr.call, ad.dropout, s, &mut dxs.as_view_mut())?;
         }
         self.tock(t, "LoRA GEMMs backward")?;
         Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn layer_backward(&mut self, set: usize, l: usize, x_in: &CudaSlice<f32>, acts: Acts, dx: CudaSlice<f32>, batch: usize, seq: usize, need_dx: bool) -> Result<CudaSlice<f32>> {
+    fn layer_backward(&mut self, tr: Train, l: usize, x_in: &CudaSlice<f32>, acts: Acts, dx: CudaSlice<f32>, batch: usize, seq: usize, need_dx: bool) -> Result<CudaSlice<f32>> {
         let dev = self.dev.clone();
         let d = &*dev;
         let Dims { h, it, qd, kvd, eps, nh, nkv, hd } = Dims::of(&self.cfg);
@@ -1185,7 +1227,7 @@ impl DeviceModel {
         cswiglu::swiglu_forward(d, &g.as_view(), &u.as_view(), &mut a.as_view_mut())?;
         let dxb = self.operand(&dx)?;
         let mut da = out_buf::<f32>(d, n * it)?;
-        self.lin_backward(set, l, DOWN, &a, hs[DOWN].as_ref(), &dx, dxb.as_ref(), n, Some((&mut da, 0.0)))?;
+        self.lin_backward(tr, l, DOWN, &a, hs[DOWN].as_ref(), &dx, dxb.as_ref(), n, Some((&mut da, 0.0)))?;
         drop((a, dxb));
         cswiglu::swiglu_backward_inplace(d, &mut g.as_view_mut(), &mut u.as_view_mut(), &da.as_view())?;
         drop(da);
@@ -1194,10 +1236,10 @@ impl DeviceModel {
         cnorm::rmsnorm_forward(d, &x_mid.as_view(), &self.layers[l].mlp_norm.as_view(), n, h, eps, &mut h2.as_view_mut(), None)?;
         let mut dh2 = out_buf::<f32>(d, n * h)?;
         let dgb = self.operand(&dg)?;
-        self.lin_backward(set, l, GATE, &h2, hs[GATE].as_ref(), &dg, dgb.as_ref(), n, Some((&mut dh2, 0.0)))?;
+        self.lin_backward(tr, l, GATE, &h2, hs[GATE].as_ref(), &dg, dgb.as_ref(), n, Some((&mut dh2, 0.0)))?;
         drop((dg, dgb));
         let dub = self.operand(&du)?;
-        self.lin_backward(set, l, UP, &h2, hs[UP].as_ref(), &du, dub.as_ref(), n, Some((&mut dh2, 1.0)))?;
+        self.lin_backward(tr, l, UP, &h2, hs[UP].as_ref(), &du, dub.as_ref(), n, Some((&mut dh2, 1.0)))?;
         drop((du, dub, h2));
         let mut dxm = out_buf::<f32>(d, n * h)?;
         cnorm::rmsnorm_backward(d, &x_mid.as_view(), &self.layers[l].mlp_norm.as_view(), &rstd2.as_view(), &dh2.as_view(), n, h, &mut dxm.as_view_mut(), None)?;
@@ -1206,7 +1248,7 @@ impl DeviceModel {
         // Attention: x_mid = x_in + o_proj(att).
         let dxmb = self.operand(&dxm)?;
         let mut datt = out_buf::<f32>(d, n * qd)?;
-        self.lin_backward(set, l, O, &att, hs[O].as_ref(), &dxm, dxmb.as_ref(), n, Some((&mut datt, 0.0)))?;
+        self.lin_backward(tr, l, O, &att, hs[O].as_ref(), &dxm, dxmb.as_ref(), n, Some((&mut datt, 0.0)))?;
         drop(dxmb);
         let mut dq = out_buf::<f32>(d, n * qd)?;
         let mut dk = out_buf::<f32>(d, n * kvd)?;
@@ -1227,17 +1269,17 @@ impl DeviceModel {
         let (dqb, dkb, dvb) = (self.operand(&dq)?, self.operand(&dk)?, self.operand(&dv)?);
         if need_dx {
             let mut dh1 = out_buf::<f32>(d, n * h)?;
-            self.lin_backward(set, l, Q, &h1, hs[Q].as_ref(), &dq, dqb.as_ref(), n, Some((&mut dh1, 0.0)))?;
-            self.lin_backward(set, l, K, &h1, hs[K].as_ref(), &dk, dkb.as_ref(), n, Some((&mut dh1, 1.0)))?;
-            self.lin_backward(set, l, V, &h1, hs[V].as_ref(), &dv, dvb.as_ref(), n, Some((&mut dh1, 1.0)))?;
+            self.lin_backward(tr, l, Q, &h1, hs[Q].as_ref(), &dq, dqb.as_ref(), n, Some((&mut dh1, 0.0)))?;
+            self.lin_backward(tr, l, K, &h1, hs[K].as_ref(), &dk, dkb.as_ref(), n, Some((&mut dh1, 1.0)))?;
+            self.lin_backward(tr, l, V, &h1, hs[V].as_ref(), &dv, dvb.as_ref(), n, Some((&mut dh1, 1.0)))?;
             let mut dx_in = out_buf::<f32>(d, n * h)?;
             cnorm::rmsnorm_backward(d, &x_in.as_view(), &self.layers[l].attn_norm.as_view(), &rstd1.as_view(), &dh1.as_view(), n, h, &mut dx_in.as_view_mut(), None)?;
             ew::add(d, &mut dx_in.as_view_mut(), &dxm.as_view())?;
             Ok(dx_in)
         } else {
-            self.lin_backward(set, l, Q, &h1, hs[Q].as_ref(), &dq, None, n, None)?;
-            self.lin_backward(set, l, K, &h1, hs[K].as_ref(), &dk, None, n, None)?;
-            self.lin_backward(set, l, V, &h1, hs[V].as_ref(), &dv, None, n, None)?;
+            self.lin_backward(tr, l, Q, &h1, hs[Q].as_ref(), &dq, None, n, None)?;
+            self.lin_backward(tr, l, K, &h1, hs[K].as_ref(), &dk, None, n, None)?;
+            self.lin_backward(tr, l, V, &h1, hs[V].as_ref(), &dv, None, n, None)?;
             Ok(dxm)
         }
     }

@@ -187,13 +187,14 @@ impl Trainer {
             if model.device().is_none() {
                 bail!(InvalidState, "the trainer trains on a device but the model is no longer on one");
             }
-            let (adapter, cfg) = (self.adapter.clone(), self.cfg.clone());
+            let (adapter, cfg, calls) = (self.adapter.clone(), self.cfg.clone(), self.micro_calls);
             let r = model.with_device(|g, m| {
                 let mut outs = Vec::with_capacity(n_micro);
                 let run = (|| -> Result<()> {
                     for (i, b0) in (0..batch).step_by(mb).enumerate() {
                         let b1 = (b0 + mb).min(batch);
-                        outs.push(g.forward_backward(&adapter, &ids[b0 * seq..b1 * seq], &labels[b0 * seq..b1 * seq], b1 - b0, seq, grad_scale, cfg.checkpointing)?);
+                        // Micro-batch numbers name the dropout masks, as on the CPU.
+                        outs.push(g.forward_backward(&adapter, &ids[b0 * seq..b1 * seq], &labels[b0 * seq..b1 * seq], b1 - b0, seq, grad_scale, cfg.checkpointing, calls + i as u64 + 1)?);
                         if !progress(i + 1, n_micro) {
                             bail!(Cancelled, "training step cancelled by the progress callback after micro-batch {}", i + 1);
                         }
@@ -305,9 +306,10 @@ impl Trainer {
     /// is dropped). On failure the trainer is on the CPU, its state intact.
     /// The adapter's AdamW state moves with the trainer, so steps continue
     /// where they were (on the device it lives in device memory, or in CUDA
-    /// managed memory when the trainer's state is paged). A device needs fp32 AdamW
-    /// (8-bit AdamW is a CPU feature for now: `Unsupported`) and an adapter
-    /// without dropout.
+    /// managed memory when the trainer's state is paged). A device needs
+    /// fp32 AdamW (8-bit AdamW is a CPU feature for now: `Unsupported`);
+    /// LoRA dropout draws the CPU's masks there, so a run continues alike on
+    /// either.
     pub fn use_device(&mut self, device: Option<(usize, Compute)>) -> Result<()> {
         let mut model = self.model.lock();
         if std::mem::take(&mut self.on_device) {

@@ -13,8 +13,9 @@
 //! per-thread FMA chain then a fixed tree, the CPU gemm's blocking), so a
 //! length-`k` sum of products agrees within [`dot_tol`] of `Σ|terms|`, and
 //! an accumulated result (`y`, `dx`, `dA`, `dB`) within [`accum_tol`].
-//! Dropout is not applied here: pass the adapter input (x after the mask)
-//! and apply the mask to `dx` as the CPU does.
+//! Dropout: [`dropout`] makes the adapter input (x after the mask) and
+//! [`dropout_accum`] applies the mask to the `dx` contribution, bit for bit
+//! as the CPU does (the same counter-based mask, [`crate::rng::dropout_keep`]).
 //!
 //! All functions only queue work (no sync); scratch buffers are freed in
 //! stream order.
@@ -300,6 +301,68 @@ pub fn backward(
         Some(dx) => bwd_dx(dev, &g.slice(0..nr), a, n, r, in_f, s, dx),
         None => Ok(()),
     }
+}
+
+
+/// The f32 scale of inverted dropout with probability `p` (kept elements
+/// are multiplied by it), as the CPU computes it.
+pub fn dropout_scale(p: f32) -> f32 {
+    1.0 / (1.0 - p)
+}
+
+fn check_dropout(n: usize, p: f32) -> Result<()> {
+    if !(0.0..1.0).contains(&p) {
+        bail!(InvalidArgument, "lora dropout: p = {p} must be in [0, 1)");
+    }
+    if n > i64::MAX as usize {
+        bail!(InvalidShape, "lora dropout: {n} elements");
+    }
+    Ok(())
+}
+
+/// `out[i] = x[i]·1/(1−p)` if element `i` of call `call` is kept (`seed`,
+/// the adapter's), else 0: [`crate::lora::LoraLayer`]'s adapter input when
+/// training with dropout `p`, bit for bit.
+pub fn dropout(dev: &CudaDevice, x: &CudaView<'_, f32>, seed: u64, call: u64, p: f32, out: &mut CudaViewMut<'_, f32>) -> Result<()> {
+    let n = x.len();
+    check_dropout(n, p)?;
+    if out.len() != n {
+        bail!(BufferSize, "lora dropout: x has {n} elements, out {}", out.len());
+    }
+    dev.check_stream(x, "lora dropout x")?;
+    dev.check_stream(out, "lora dropout out")?;
+    if n == 0 {
+        return Ok(());
+    }
+    let (n64, scale) = (n as u64, dropout_scale(p));
+    let name = "lora_dropout_f32";
+    let f = dev.function(&LORA_CU, name)?;
+    // SAFETY: (ptr, u64, u64, u64, f32, f32, ptr) as the kernel; elements < n
+    // of x and out (lengths checked equal).
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(n64, LORA_THREADS), 1), LORA_THREADS), [x, &n64, &seed, &call, &p, &scale, out])
+}
+
+/// `dx[i] += (s·m_i)·v[i]` with `m_i = 1/(1−p)` where element `i` of call
+/// `call` is kept, else 0: the `dx` contribution through the dropout mask
+/// (`v = g·A`), in the CPU's order, bit for bit.
+#[allow(clippy::too_many_arguments)]
+pub fn dropout_accum(dev: &CudaDevice, v: &CudaView<'_, f32>, seed: u64, call: u64, p: f32, s: f32, dx: &mut CudaViewMut<'_, f32>) -> Result<()> {
+    let n = v.len();
+    check_dropout(n, p)?;
+    if dx.len() != n {
+        bail!(BufferSize, "lora dropout: v has {n} elements, dx {}", dx.len());
+    }
+    dev.check_stream(v, "lora dropout v")?;
+    dev.check_stream(dx, "lora dropout dx")?;
+    if n == 0 {
+        return Ok(());
+    }
+    let (n64, scale) = (n as u64, dropout_scale(p));
+    let name = "lora_dropout_accum_f32";
+    let f = dev.function(&LORA_CU, name)?;
+    // SAFETY: (ptr, u64, u64, u64, f32, f32, f32, ptr) as the kernel;
+    // elements < n of v and dx (lengths checked equal).
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(n64, LORA_THREADS), 1), LORA_THREADS), [v, &n64, &seed, &call, &p, &scale, &s, dx])
 }
 
 #[cfg(test)]
