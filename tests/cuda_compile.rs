@@ -179,6 +179,19 @@ fn disk_cache_reuses_and_repairs() {
     let edited = format!("{}\n// edited\n", k.src);
     assert!(!nvrtc::cubin_disk_cached(&dir, &edited, k.name, "sm_80").unwrap().1, "an edited source was served the old CUBIN");
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 3);
+    // A directory others may write to is not trusted (a planted CUBIN
+    // would pass the checksum): compiled every time, nothing written.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let shared = dir.join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+        for _ in 0..2 {
+            assert!(!nvrtc::cubin_disk_cached(&shared, k.src, k.name, "sm_80").unwrap().1, "a world-writable cache directory was used");
+        }
+        assert_eq!(std::fs::read_dir(&shared).unwrap().count(), 0);
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

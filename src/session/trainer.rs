@@ -303,7 +303,8 @@ impl Trainer {
     /// (`Some`), or back to the CPU (`None`). The model goes to that
     /// device first if it is not there ([`Model::use_device`]; a copy made
     /// this way is taken off again when the last trainer on it leaves or
-    /// is dropped). On failure the trainer is on the CPU, its state intact.
+    /// is dropped). On failure the trainer is on the CPU, its state intact
+    /// (unless the copy back from the device failed: the error says so).
     /// The adapter's AdamW state moves with the trainer, so steps continue
     /// where they were (on the device it lives in device memory, or in CUDA
     /// managed memory when the trainer's state is paged). A device needs
@@ -312,23 +313,30 @@ impl Trainer {
     /// either.
     pub fn use_device(&mut self, device: Option<(usize, Compute)>) -> Result<()> {
         let mut model = self.model.lock();
-        if std::mem::take(&mut self.on_device) {
-            // The state comes back first (the host model's adapter is
-            // current after every step). No sync needed: the device frees
-            // this trainer's state even when the copy back fails.
-            if let Some(g) = model.gpu.0.as_deref_mut() {
-                let (steps, moments) = g.train_end(&self.adapter)?;
-                if let Optimizer::AdamW(opt) = &mut self.opt {
-                    opt.set_state(steps, moments)?;
-                }
-            }
-        }
         let leave = |model: &mut Model| {
             // The last trainer to leave takes off a copy trainers made.
             if model.device().is_some_and(|g| g.by_trainer && g.training().is_empty()) {
                 let _ = model.place_on(None);
             }
         };
+        if std::mem::take(&mut self.on_device) {
+            // The state comes back first (the host model's adapter is
+            // current after every step). No sync needed: the device frees
+            // this trainer's state even when the copy back fails.
+            if let Some(g) = model.gpu.0.as_deref_mut() {
+                match g.train_end(&self.adapter) {
+                    Ok((steps, moments)) => {
+                        if let Optimizer::AdamW(opt) = &mut self.opt {
+                            opt.set_state(steps, moments)?;
+                        }
+                    }
+                    Err(e) => {
+                        leave(&mut model);
+                        return Err(e.context("copying the trainer's AdamW state back from the device failed: the trainer is on the CPU with the state it had before it went there"));
+                    }
+                }
+            }
+        }
         let Some((ordinal, compute)) = device else {
             leave(&mut model);
             return Ok(());

@@ -469,7 +469,10 @@ impl CudaNf4 {
             bail!(InvalidShape, "GEMV needs a 2-D weight [out, in], this one has shape {:?}", self.shape);
         };
         // x [nb, cols] for nb vectors (gemv_bf16_batch checks nb and y).
-        let nb = if cols > 0 && x.len() % cols == 0 { x.len() / cols } else { 0 };
+        if cols == 0 || x.len() % cols != 0 {
+            bail!(ShapeMismatch, "x has {} elements, not a whole number of vectors of {cols} for the weight [{rows}, {cols}]", x.len());
+        }
+        let nb = x.len() / cols;
         match &self.absmax {
             CudaAbsmax::F32(a) => gemv_bf16_batch(dev, &self.packed.as_view(), &a.as_view(), self.blocksize, rows, cols, nb, x, y),
             CudaAbsmax::Double(_) => {

@@ -23,9 +23,11 @@
 //! `LORA_CUDA_CACHE_DIR=off` (or empty) turns it off. A file is named by
 //! the source, the architecture and a hash of everything that shapes the
 //! machine code (source text, options, NVRTC version), written atomically
-//! (temporary file, then rename), and carries a checksum of its CUBIN: a
-//! damaged or foreign file is ignored and rewritten. Cache failures never
-//! fail a compile; they are logged.
+//! (a temporary file created exclusively, then a rename), and carries a
+//! checksum of its CUBIN: a damaged file is ignored and rewritten. A
+//! directory another user owns or may write to is not used (a planted
+//! file would pass the checksum); a new one is created private (0700).
+//! Cache failures never fail a compile; they are logged.
 //!
 //! Every call into cudarc's NVRTC bindings runs behind `catch_unwind`:
 //! cudarc panics when the library or one of its symbols is missing.
@@ -263,7 +265,7 @@ pub const CACHE_DIR_ENV: &str = "LORA_CUDA_CACHE_DIR";
 /// The disk cache's directory, if any (module docs).
 pub fn cache_dir() -> Option<PathBuf> {
     match std::env::var_os(CACHE_DIR_ENV) {
-        Some(v) if v.is_empty() || v == "off" => None,
+        Some(v) if v.is_empty() || v.eq_ignore_ascii_case("off") => None,
         Some(v) => Some(PathBuf::from(v)),
         None => {
             let base = std::env::var_os("XDG_CACHE_HOME").filter(|v| !v.is_empty()).map(PathBuf::from).or_else(|| std::env::var_os("HOME").filter(|v| !v.is_empty()).map(|h| PathBuf::from(h).join(".cache")))?;
@@ -295,6 +297,10 @@ const CACHE_MAGIC: &[u8; 10] = b"LORACUBIN1";
 /// `dir`: read when a valid file is there, else compiled and written.
 /// Returns the CUBIN and whether it came from the disk.
 pub fn cubin_disk_cached(dir: &Path, src: &str, name: &str, arch: &str) -> Result<(Vec<u8>, bool)> {
+    if let Some(why) = unsafe_cache_dir(dir) {
+        crate::log!(Warn, "CUBIN cache: not using {}: {why}", dir.display());
+        return Ok((compile_cubin(src, name, arch)?, false));
+    }
     let (ma, mi) = version()?;
     let nv = format!("{ma}.{mi}");
     let opts = COMPILE_OPTIONS.join(" ");
@@ -320,18 +326,53 @@ pub fn cubin_disk_cached(dir: &Path, src: &str, name: &str, arch: &str) -> Resul
     Ok((cubin, false))
 }
 
+/// Why `dir` must not hold cached machine code, if it must not: a
+/// directory other users may write to (or one owned by another user)
+/// could hand this process a planted CUBIN, which the checksum would not
+/// catch. A directory that does not exist yet is fine (it is created
+/// private).
+#[cfg(unix)]
+fn unsafe_cache_dir(dir: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(dir).ok()?;
+    // SAFETY: getuid has no preconditions.
+    let me = unsafe { libc::getuid() };
+    if m.uid() != me {
+        return Some(format!("owned by uid {}, not this user ({me})", m.uid()));
+    }
+    if m.mode() & 0o022 != 0 {
+        return Some(format!("writable by others (mode {:o})", m.mode() & 0o777));
+    }
+    None
+}
+
+#[cfg(not(unix))]
+fn unsafe_cache_dir(_dir: &Path) -> Option<String> {
+    None
+}
+
 fn write_cache_file(dir: &Path, path: &Path, cubin: &[u8]) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    }
+    #[cfg(not(unix))]
     std::fs::create_dir_all(dir)?;
     let mut data = Vec::with_capacity(CACHE_MAGIC.len() + 16 + cubin.len());
     data.extend_from_slice(CACHE_MAGIC);
     data.extend_from_slice(&(cubin.len() as u64).to_le_bytes());
     data.extend_from_slice(&fnv1a(&[cubin]).to_le_bytes());
     data.extend_from_slice(cubin);
-    // A temporary name unique to this process and thread, then a rename:
-    // readers see the old file, no file, or the whole new one.
-    let tmp = path.with_extension(format!("tmp.{}.{:?}", std::process::id(), std::thread::current().id()).replace(|c: char| !c.is_ascii_alphanumeric() && c != '.', ""));
-    std::fs::write(&tmp, &data)?;
-    std::fs::rename(&tmp, path).inspect_err(|_| {
+    // A fresh temporary file (created exclusively: never an existing file
+    // or a link), then a rename: readers see the old file, no file, or the
+    // whole new one.
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let tmp = path.with_extension(format!("tmp{}x{nanos}", std::process::id()));
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+    let r = std::io::Write::write_all(&mut f, &data).and_then(|_| std::fs::rename(&tmp, path));
+    if r.is_err() {
         let _ = std::fs::remove_file(&tmp);
-    })
+    }
+    r
 }
