@@ -17,7 +17,8 @@
 //! - bf16 compute: the frozen products take bf16 operands (2⁻⁹ relative
 //!   rounding each): loss within 2e-2 relative of the CPU's fp32 loss, and
 //!   the loss falls as on the CPU; the same with tensor-core attention
-//!   (bf16 q, k, v, P, dO, dS) switched on.
+//!   (bf16 q, k, v, P, dO, dS) switched on, and with the adapter products
+//!   on bf16 operands as well (`LoraPath::BlasBf16`).
 //! Activation checkpointing changes nothing (bit for bit: the same kernels
 //! and products run on the same inputs); a run moved from the GPU back to
 //! the CPU, or saved on the GPU and resumed on the CPU, continues with the
@@ -29,7 +30,7 @@
 #[allow(dead_code)]
 mod common;
 
-use lora::model::gpu::Compute;
+use lora::model::gpu::{Compute, LoraPath};
 use lora::model::peft::{self, AdapterSpec};
 use lora::model::{LoadOptions, Model};
 use lora::quant::nf4::Nf4Params;
@@ -181,8 +182,16 @@ fn twenty_steps_match_the_cpu() {
         let gottc = run(&mut tc, &ids, c.batch, c.seq, STEPS);
         let etc = check_losses(&format!("{} bf16, tensor-core attention", c.name), &want, &gottc, 2e-2);
         assert!(gottc[STEPS - 1].0 < gottc[0].0, "{}: loss with tensor-core attention did not fall: {:?}", c.name, gottc);
+        // The same with the adapter products on bf16 operands too (PyTorch
+        // autocast's precision).
+        let mut tb = trainer((c.model)(), cfg(), Some(Compute::BF16));
+        tb.set_tensor_core_attention(true).unwrap();
+        tb.with_device_model(|g| g.set_lora_path(LoraPath::BlasBf16)).unwrap().unwrap();
+        let gottb = run(&mut tb, &ids, c.batch, c.seq, STEPS);
+        let etb = check_losses(&format!("{} bf16, tensor-core attention, bf16 adapter products", c.name), &want, &gottb, 2e-2);
+        assert!(gottb[STEPS - 1].0 < gottb[0].0, "{}: loss with bf16 adapter products did not fall: {:?}", c.name, gottb);
         eprintln!(
-            "{} ({}×{}): CPU loss {:.5} → {:.5}; GPU fp32 max rel loss {el:.2e}, grad norm {eg:.2e}, adapter {ew:.2e}; GPU bf16 max rel loss {e16:.2e} ({:.5} → {:.5}), with tensor-core attention {etc:.2e}",
+            "{} ({}×{}): CPU loss {:.5} → {:.5}; GPU fp32 max rel loss {el:.2e}, grad norm {eg:.2e}, adapter {ew:.2e}; GPU bf16 max rel loss {e16:.2e} ({:.5} → {:.5}), with tensor-core attention {etc:.2e}, and bf16 adapter products {etb:.2e}",
             c.name,
             c.batch,
             c.seq,

@@ -24,7 +24,10 @@
 //!   results, as bitsandbytes' `compute_dtype=bfloat16`; the embedding
 //!   table is held in bf16 too (a tied head shares it), widened to fp32 as
 //!   rows are gathered; the adapter products, norms, attention,
-//!   softmax/loss and AdamW stay fp32.
+//!   softmax/loss and AdamW stay fp32. The adapter products can take bf16
+//!   operands too ([`LoraPath::BlasBf16`], `LORA_CUDA_LORA=bf16`: what
+//!   PyTorch + PEFT compute under bf16 autocast; opt-in until a GPU has run
+//!   it).
 //!   Attention can run on tensor cores instead (`cuda/attention_tc.cu`:
 //!   bf16 q, k, v, P, dO, dS, fp32 accumulation and softmax; head_dim 64
 //!   or 128): [`DeviceModel::set_tensor_core_attention`] or
@@ -96,6 +99,23 @@ pub const DECODE_GEMV_ROWS: usize = cu::nf4::GEMV_MAX_BATCH;
 /// 64 MiB bf16 copy in BF16 mode): for a 128k vocabulary, 261 rows per
 /// chunk, products still large enough for full tensor-core tiles.
 pub const HEAD_CHUNK_ELEMS: usize = 1 << 25;
+
+/// How the adapter products run ([`DeviceModel::set_lora_path`];
+/// `LORA_CUDA_LORA=kernels|bf16` at upload).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoraPath {
+    /// cuBLAS, fp32 operands (the default).
+    Blas,
+    /// The crate's LoRA kernels (`cuda/lora.cu`: one block per row, no
+    /// split of the long dimension), fp32.
+    Kernels,
+    /// cuBLAS with bf16 operands and fp32 accumulation (BF16 mode only):
+    /// activations, `x·Aᵀ`, the output gradient and bf16 copies of the
+    /// adapter weights (refreshed after every update) — what PyTorch +
+    /// PEFT compute under bf16 autocast. The masters, gradients and AdamW
+    /// stay fp32.
+    BlasBf16,
+}
 
 /// Operand precision of the frozen products (module docs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,6 +191,8 @@ struct DevLinear {
 struct DevSet {
     name: String,
     params: CudaSlice<f32>,
+    /// `params` in bf16 for [`LoraPath::BlasBf16`] (else `None`).
+    params_b: Option<CudaSlice<u16>>,
     spans: Vec<Range<usize>>,
     /// Gradients, AdamW moments and step count while a trainer trains this
     /// adapter on the device: one buffer each (one AdamW launch, one memset
@@ -338,11 +360,7 @@ impl Saved {
     fn keep(dev: &CudaDevice, compute: Compute, x: CudaSlice<f32>) -> Result<Saved> {
         Ok(match compute {
             Compute::F32 => Saved::F32(x),
-            Compute::BF16 => {
-                let mut b = out_buf::<u16>(dev, x.len())?;
-                ew::to_bf16(dev, &x.as_view(), &mut b.as_view_mut())?;
-                Saved::Bf16(b)
-            }
+            Compute::BF16 => Saved::Bf16(bf16_copy(dev, &x)?),
         })
     }
 
@@ -406,11 +424,9 @@ pub struct DeviceModel {
     /// allows ([`DeviceModel::set_tensor_core_attention`]; off by default
     /// until the kernels have run on a GPU, see the module docs).
     attn_tc: bool,
-    /// The adapter products on the crate's LoRA kernels (`cuda/lora.cu`:
-    /// one block per row, no split of the long dimension) rather than
-    /// cuBLAS ([`DeviceModel::set_lora_kernels`], `LORA_CUDA_LORA=kernels`
-    /// at upload); off by default until a benchmark says which is faster.
-    lora_kernels: bool,
+    /// How the adapter products run ([`LoraPath`]; cuBLAS fp32 until a
+    /// benchmark says another is faster).
+    lora_path: LoraPath,
     /// Most logits materialized at once ([`HEAD_CHUNK_ELEMS`] unless set).
     head_chunk: usize,
     /// Per-category time when profiling ([`DeviceModel::set_profiling`]).
@@ -465,6 +481,13 @@ fn alloc(dev: &CudaDevice, n: usize) -> Result<CudaSlice<f32>> {
 /// full before any read.
 fn out_buf<T: cudarc::driver::DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {
     cu::scratch::<T>(dev, n)
+}
+
+/// `x` rounded to bf16 in a new buffer.
+fn bf16_copy(dev: &CudaDevice, x: &CudaSlice<f32>) -> Result<CudaSlice<u16>> {
+    let mut b = out_buf::<u16>(dev, x.len())?;
+    ew::to_bf16(dev, &x.as_view(), &mut b.as_view_mut())?;
+    Ok(b)
 }
 
 fn to_bf16_host(v: &[f32]) -> Vec<u16> {
@@ -532,7 +555,11 @@ impl DeviceModel {
             by_trainer: false,
             rope: None,
             attn_tc: compute == Compute::BF16 && std::env::var("LORA_CUDA_ATTENTION").is_ok_and(|v| v == "tc"),
-            lora_kernels: std::env::var("LORA_CUDA_LORA").is_ok_and(|v| v == "kernels"),
+            lora_path: match std::env::var("LORA_CUDA_LORA").as_deref() {
+                Ok("kernels") => LoraPath::Kernels,
+                Ok("bf16") if compute == Compute::BF16 => LoraPath::BlasBf16,
+                _ => LoraPath::Blas,
+            },
             head_chunk: HEAD_CHUNK_ELEMS,
             prof: parking_lot::Mutex::new(None),
         };
@@ -576,8 +603,11 @@ impl DeviceModel {
                 self.sets.push(match src {
                     // Names are unique: each old set is taken once.
                     Src::Old(i) => old[i].take().expect("one host adapter per device set"),
-                    Src::New(params) => DevSet { name: info.name.clone(), params, spans: f.spans.clone(), train: None },
+                    Src::New(params) => DevSet { name: info.name.clone(), params, params_b: None, spans: f.spans.clone(), train: None },
                 });
+            }
+            for s in 0..self.sets.len() {
+                self.refresh_bf16(s)?;
             }
             for (l, dl) in self.layers.iter_mut().enumerate() {
                 for (j, lin) in dl.lin.iter_mut().enumerate() {
@@ -723,7 +753,41 @@ impl DeviceModel {
     /// cuBLAS (`false`, the default); both are fp32 and agree within
     /// summation order.
     pub fn set_lora_kernels(&mut self, on: bool) {
-        self.lora_kernels = on;
+        self.lora_path = if on { LoraPath::Kernels } else { LoraPath::Blas };
+    }
+
+    /// Chooses how the adapter products run ([`LoraPath`]); `BlasBf16`
+    /// needs the BF16 compute mode.
+    pub fn set_lora_path(&mut self, path: LoraPath) -> Result<()> {
+        if path == LoraPath::BlasBf16 && self.compute != Compute::BF16 {
+            bail!(InvalidArgument, "bf16 adapter products need the BF16 compute mode");
+        }
+        self.lora_path = path;
+        for s in 0..self.sets.len() {
+            self.refresh_bf16(s)?;
+        }
+        Ok(())
+    }
+
+    /// The bf16 copy of adapter set `s`'s weights, when the products take
+    /// bf16 operands (after every write of the fp32 masters); dropped
+    /// otherwise.
+    fn refresh_bf16(&mut self, s: usize) -> Result<()> {
+        let dev = self.dev.clone();
+        let set = &mut self.sets[s];
+        if self.lora_path != LoraPath::BlasBf16 {
+            set.params_b = None;
+            return Ok(());
+        }
+        let mut b = match set.params_b.take() {
+            Some(b) if b.len() == set.params.len() => b,
+            _ => out_buf::<u16>(&dev, set.params.len())?,
+        };
+        if !set.params.is_empty() {
+            ew::to_bf16(&dev, &set.params.as_view(), &mut b.as_view_mut())?;
+        }
+        set.params_b = Some(b);
+        Ok(())
     }
 
     /// Caps the logits the head and loss materialize at once (at least one
@@ -910,11 +974,7 @@ impl DeviceModel {
     fn operand(&self, x: &CudaSlice<f32>) -> Result<Option<CudaSlice<u16>>> {
         match self.compute {
             Compute::F32 => Ok(None),
-            Compute::BF16 => {
-                let mut b = out_buf::<u16>(&self.dev, x.len())?;
-                ew::to_bf16(&self.dev, &x.as_view(), &mut b.as_view_mut())?;
-                Ok(Some(b))
-            }
+            Compute::BF16 => bf16_copy(&self.dev, x).map(Some),
         }
     }
 
@@ -1023,7 +1083,7 @@ impl DeviceModel {
         let t = self.tick()?;
         gemm(d, &self.blas, xa, false, w.mat(d, out_f, in_f)?, true, &mut y.as_view_mut(), 1.0, beta)?;
         self.tock(t, "base GEMM forward")?;
-        self.lin_bias_lora(l, j, rows, x, n, y)
+        self.lin_bias_lora(l, j, rows, x, xb, n, y)
     }
 
     /// The base product of a decode step's few rows: for an NF4 weight in
@@ -1044,7 +1104,7 @@ impl DeviceModel {
                 let mut yb = out_buf::<u16>(d, n * out_f)?;
                 cu::nf4::gemv_bf16_batch(d, &t.packed.as_view(), &absmax.as_view(), t.blocksize, out_f, in_f, n, &xb.as_view(), &mut yb.as_view_mut())?;
                 ew::from_bf16(d, &yb.as_view(), &mut y.as_view_mut(), beta == 1.0)?;
-                self.lin_bias_lora(l, j, rows, x, n, y).map(|_| ())
+                self.lin_bias_lora(l, j, rows, x, Some(xb), n, y).map(|_| ())
             }
             _ => self.lin_forward(l, j, rows, x, xb, n, y, beta).map(|_| ()),
         }
@@ -1053,7 +1113,8 @@ impl DeviceModel {
     /// Adds linear `(l, j)`'s bias and the adapters `rows` names into `y`;
     /// returns the first applied adapter's `x·Aᵀ` (None without one, and
     /// for a mixed batch).
-    fn lin_bias_lora(&self, l: usize, j: usize, rows: Rows<'_>, x: &CudaSlice<f32>, n: usize, y: &mut CudaSlice<f32>) -> Result<Option<CudaSlice<f32>>> {
+    #[allow(clippy::too_many_arguments)]
+    fn lin_bias_lora(&self, l: usize, j: usize, rows: Rows<'_>, x: &CudaSlice<f32>, xb: Option<&CudaSlice<u16>>, n: usize, y: &mut CudaSlice<f32>) -> Result<Option<CudaSlice<f32>>> {
         let d = &*self.dev;
         let lin = &self.layers[l].lin[j];
         let (in_f, out_f) = (lin.in_f, lin.out_f);
@@ -1085,17 +1146,36 @@ impl DeviceModel {
                 Some(c) if ad.dropout > 0.0 => Some(self.dropped_input(ad, x, c)?),
                 _ => None,
             };
-            let xv = dropped.as_ref().map_or_else(|| x.as_view(), |b| b.as_view());
+            let xin = dropped.as_ref().unwrap_or(x);
+            let xv = xin.as_view();
             let mut hbuf = out_buf::<f32>(d, n * ad.r)?;
-            let params = &self.sets[s].params;
-            let (av, bv) = (params.slice(ad.a.clone()), params.slice(ad.b.clone()));
-            if self.lora_kernels {
-                glora::shrink(d, &xv, &av, n, in_f, ad.r, &mut hbuf.as_view_mut())?;
-                glora::expand(d, &hbuf.as_view(), &bv, n, ad.r, out_f, scale, &mut y.as_view_mut())?;
-            } else {
-                gemm(d, &self.blas, MatRef::f32(d, &xv, n, in_f)?, false, MatRef::f32(d, &av, ad.r, in_f)?, true, &mut hbuf.as_view_mut(), 1.0, 0.0)?;
-                let hv = hbuf.as_view();
-                gemm(d, &self.blas, MatRef::f32(d, &hv, n, ad.r)?, false, MatRef::f32(d, &bv, out_f, ad.r)?, true, &mut y.as_view_mut(), scale, 1.0)?;
+            let set = &self.sets[s];
+            let (av, bv) = (set.params.slice(ad.a.clone()), set.params.slice(ad.b.clone()));
+            match self.lora_path {
+                LoraPath::Kernels => {
+                    glora::shrink(d, &xv, &av, n, in_f, ad.r, &mut hbuf.as_view_mut())?;
+                    glora::expand(d, &hbuf.as_view(), &bv, n, ad.r, out_f, scale, &mut y.as_view_mut())?;
+                }
+                LoraPath::Blas => {
+                    gemm(d, &self.blas, MatRef::f32(d, &xv, n, in_f)?, false, MatRef::f32(d, &av, ad.r, in_f)?, true, &mut hbuf.as_view_mut(), 1.0, 0.0)?;
+                    let hv = hbuf.as_view();
+                    gemm(d, &self.blas, MatRef::f32(d, &hv, n, ad.r)?, false, MatRef::f32(d, &bv, out_f, ad.r)?, true, &mut y.as_view_mut(), scale, 1.0)?;
+                }
+                LoraPath::BlasBf16 => {
+                    // The activation's bf16 copy made for the base product,
+                    // or (dropout, or none given) one made here.
+                    let own = match (&dropped, xb) {
+                        (None, Some(_)) => None,
+                        _ => self.operand(xin)?,
+                    };
+                    let xbv = own.as_ref().or(xb).ok_or_else(|| err!(Internal, "bf16 adapter products without a bf16 activation"))?.as_view();
+                    let pb = set.params_b.as_ref().ok_or_else(|| err!(Internal, "bf16 adapter products without the weights' bf16 copy"))?;
+                    let (ab, bb) = (pb.slice(ad.a.clone()), pb.slice(ad.b.clone()));
+                    gemm(d, &self.blas, MatRef::bf16(d, &xbv, n, in_f)?, false, MatRef::bf16(d, &ab, ad.r, in_f)?, true, &mut hbuf.as_view_mut(), 1.0, 0.0)?;
+                    let hb = self.operand(&hbuf)?.ok_or_else(|| err!(Internal, "bf16 adapter products outside BF16 mode"))?;
+                    let hbv = hb.as_view();
+                    gemm(d, &self.blas, MatRef::bf16(d, &hbv, n, ad.r)?, false, MatRef::bf16(d, &bb, out_f, ad.r)?, true, &mut y.as_view_mut(), scale, 1.0)?;
+                }
             }
             self.tock(t, "LoRA GEMMs forward")?;
             if first.is_none() {
@@ -1178,8 +1258,16 @@ impl DeviceModel {
             _ => None,
         };
         let mut g = out_buf::<f32>(d, n * r)?;
-        let (blas, lora_kernels) = (&self.blas, self.lora_kernels);
-        let DevSet { params, train, .. } = &mut self.sets[tr.set];
+        // bf16 operands (LoraPath::BlasBf16): the output gradient's copy
+        // (given, or made here), x·Aᵀ's and the adapter input's.
+        let bf = if self.lora_path == LoraPath::BlasBf16 {
+            let dy_own = if dyb.is_none() { Some(bf16_copy(d, dy)?) } else { None };
+            Some((dy_own, bf16_copy(d, h)?, bf16_copy(d, dropped.as_ref().unwrap_or(x))?))
+        } else {
+            None
+        };
+        let (blas, lora_path) = (&self.blas, self.lora_path);
+        let DevSet { params, params_b, train, .. } = &mut self.sets[tr.set];
         let grads = &mut train.as_mut().ok_or_else(|| err!(Internal, "the backward of an adapter not being trained"))?.grads;
         let (av, bv, hv, xv) = (params.slice(ad.a.clone()), params.slice(ad.b.clone()), h.as_view(), dropped.as_ref().unwrap_or(x).as_view());
         let (ra, rb) = (ad.a.clone(), ad.b.clone());
@@ -1189,7 +1277,20 @@ impl DeviceModel {
             (None, Some((dxs, _))) => Some((dxs.as_view_mut(), s, 1.0f32)),
             (None, None) => None,
         };
-        if lora_kernels {
+        if let Some((dy_own, hb, xb)) = &bf {
+            let pb = params_b.as_ref().ok_or_else(|| err!(Internal, "bf16 adapter products without the weights' bf16 copy"))?;
+            let (ab, bb) = (pb.slice(ad.a.clone()), pb.slice(ad.b.clone()));
+            let dybv = dy_own.as_ref().or(dyb).expect("given or made above").as_view();
+            let (hbv, xbv) = (hb.as_view(), xb.as_view());
+            gemm(d, blas, MatRef::bf16(d, &dybv, n, out_f)?, false, MatRef::bf16(d, &bb, out_f, r)?, false, &mut g.as_view_mut(), 1.0, 0.0)?;
+            gemm(d, blas, MatRef::bf16(d, &dybv, n, out_f)?, true, MatRef::bf16(d, &hbv, n, r)?, false, &mut grads.slice_mut(rb), s, 1.0)?;
+            let gb = bf16_copy(d, &g)?;
+            let gbv = gb.as_view();
+            gemm(d, blas, MatRef::bf16(d, &gbv, n, r)?, true, MatRef::bf16(d, &xbv, n, in_f)?, false, &mut grads.slice_mut(ra), s, 1.0)?;
+            if let Some((o, scale, beta)) = dx_term.as_mut() {
+                gemm(d, blas, MatRef::bf16(d, &gbv, n, r)?, false, MatRef::bf16(d, &ab, r, in_f)?, false, o, *scale, *beta)?;
+            }
+        } else if lora_path == LoraPath::Kernels {
             glora::bwd_g(d, &dyv, &bv, n, out_f, r, &mut g.as_view_mut())?;
             glora::grad_b(d, &dyv, &hv, n, out_f, r, s, &mut grads.slice_mut(rb))?;
             glora::grad_a(d, &g.as_view(), &xv, n, r, in_f, s, &mut grads.slice_mut(ra))?;
@@ -1444,6 +1545,7 @@ impl DeviceModel {
         }
         ts.steps += 1;
         dev.fill_bytes(&mut ts.grads, 0)?;
+        self.refresh_bf16(s)?;
         self.tock(t, "clip + AdamW (+ loss readback)")?;
         Ok(DeviceStep { loss_sum, count, grad_norm: norm })
     }
