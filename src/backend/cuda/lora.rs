@@ -310,31 +310,27 @@ pub fn dropout_scale(p: f32) -> f32 {
     1.0 / (1.0 - p)
 }
 
-fn check_dropout(n: usize, p: f32) -> Result<()> {
+/// Checks a dropout launch's rate, lengths and streams (`src` and `dst` of
+/// one length): `None` when there is nothing to do, else the element count
+/// and the keep scale.
+fn dropout_args(dev: &CudaDevice, src: (&CudaView<'_, f32>, &str), dst: (&CudaViewMut<'_, f32>, &str), p: f32) -> Result<Option<(u64, f32)>> {
+    let n = src.0.len();
     if !(0.0..1.0).contains(&p) {
         bail!(InvalidArgument, "lora dropout: p = {p} must be in [0, 1)");
     }
-    if n > i64::MAX as usize {
-        bail!(InvalidShape, "lora dropout: {n} elements");
+    if dst.0.len() != n {
+        bail!(BufferSize, "lora dropout: {} has {n} elements, {} {}", src.1, dst.1, dst.0.len());
     }
-    Ok(())
+    dev.check_stream(src.0, &format!("lora dropout {}", src.1))?;
+    dev.check_stream(dst.0, &format!("lora dropout {}", dst.1))?;
+    Ok((n > 0).then(|| (n as u64, dropout_scale(p))))
 }
 
 /// `out[i] = x[i]·1/(1−p)` if element `i` of call `call` is kept (`seed`,
 /// the adapter's), else 0: [`crate::lora::LoraLayer`]'s adapter input when
 /// training with dropout `p`, bit for bit.
 pub fn dropout(dev: &CudaDevice, x: &CudaView<'_, f32>, seed: u64, call: u64, p: f32, out: &mut CudaViewMut<'_, f32>) -> Result<()> {
-    let n = x.len();
-    check_dropout(n, p)?;
-    if out.len() != n {
-        bail!(BufferSize, "lora dropout: x has {n} elements, out {}", out.len());
-    }
-    dev.check_stream(x, "lora dropout x")?;
-    dev.check_stream(out, "lora dropout out")?;
-    if n == 0 {
-        return Ok(());
-    }
-    let (n64, scale) = (n as u64, dropout_scale(p));
+    let Some((n64, scale)) = dropout_args(dev, (x, "x"), (out, "out"), p)? else { return Ok(()) };
     let name = "lora_dropout_f32";
     let f = dev.function(&LORA_CU, name)?;
     // SAFETY: (ptr, u64, u64, u64, f32, f32, ptr) as the kernel; elements < n
@@ -347,17 +343,7 @@ pub fn dropout(dev: &CudaDevice, x: &CudaView<'_, f32>, seed: u64, call: u64, p:
 /// (`v = g·A`), in the CPU's order, bit for bit.
 #[allow(clippy::too_many_arguments)]
 pub fn dropout_accum(dev: &CudaDevice, v: &CudaView<'_, f32>, seed: u64, call: u64, p: f32, s: f32, dx: &mut CudaViewMut<'_, f32>) -> Result<()> {
-    let n = v.len();
-    check_dropout(n, p)?;
-    if dx.len() != n {
-        bail!(BufferSize, "lora dropout: v has {n} elements, dx {}", dx.len());
-    }
-    dev.check_stream(v, "lora dropout v")?;
-    dev.check_stream(dx, "lora dropout dx")?;
-    if n == 0 {
-        return Ok(());
-    }
-    let (n64, scale) = (n as u64, dropout_scale(p));
+    let Some((n64, scale)) = dropout_args(dev, (v, "v"), (dx, "dx"), p)? else { return Ok(()) };
     let name = "lora_dropout_accum_f32";
     let f = dev.function(&LORA_CU, name)?;
     // SAFETY: (ptr, u64, u64, u64, f32, f32, f32, ptr) as the kernel;
