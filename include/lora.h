@@ -1677,7 +1677,7 @@ lora_status lora_model_use_device(struct lora_model *model, int32_t device, lora
  * same name) reaches the device before the next step.
  *
  * Errors: `LORA_ERR_CUDA_UNAVAILABLE` (no driver, no such device, no
- * NVRTC or cuBLAS), `LORA_ERR_UNSUPPORTED` (8-bit AdamW, LoRA dropout,
+ * NVRTC or cuBLAS), `LORA_ERR_UNSUPPORTED` (8-bit AdamW,
  * head_dim above 128), `LORA_ERR_INVALID_ARGUMENT`
  * (unknown `compute`), `LORA_ERR_INVALID_STATE` (the model is on another
  * device or precision where another trainer trains, or another trainer
