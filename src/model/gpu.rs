@@ -89,6 +89,7 @@ use cudarc::driver::{CudaSlice, CudaView};
 use half::bf16;
 use std::sync::Arc;
 use std::ops::Range;
+use rayon::prelude::*;
 
 /// Rows up to which a decode step's NF4 products run as the fused GEMV (one
 /// launch reading the weight once for all rows) rather than
@@ -193,6 +194,8 @@ struct DevSet {
     params: CudaSlice<f32>,
     /// `params` in bf16 for [`LoraPath::BlasBf16`] (else `None`).
     params_b: Option<CudaSlice<u16>>,
+    /// Page-locked host memory the trained weights come back through.
+    staging: Option<cudarc::driver::PinnedHostSlice<f32>>,
     spans: Vec<Range<usize>>,
     /// Gradients, AdamW moments and step count while a trainer trains this
     /// adapter on the device: one buffer each (one AdamW launch, one memset
@@ -603,7 +606,7 @@ impl DeviceModel {
                 self.sets.push(match src {
                     // Names are unique: each old set is taken once.
                     Src::Old(i) => old[i].take().expect("one host adapter per device set"),
-                    Src::New(params) => DevSet { name: info.name.clone(), params, params_b: None, spans: f.spans.clone(), train: None },
+                    Src::New(params) => DevSet { name: info.name.clone(), params, params_b: None, staging: None, spans: f.spans.clone(), train: None },
                 });
             }
             for s in 0..self.sets.len() {
@@ -875,15 +878,28 @@ impl DeviceModel {
         let t = self.tick()?;
         let s = self.set_index(adapter)?;
         let before = model.adapters_version();
-        let host = self.dev.download(&self.sets[s].params)?;
-        let spans = &self.sets[s].spans;
+        // Through a page-locked staging buffer kept with the set (a
+        // pageable copy goes through the driver's own bounce buffers at a
+        // fraction of the bus's speed), then into the host tensors in
+        // parallel.
+        let dev = self.dev.clone();
+        let set = &mut self.sets[s];
+        if set.staging.as_ref().is_none_or(|p| p.len() != set.params.len()) {
+            set.staging = None;
+            // SAFETY: written in full by the copy below before it is read.
+            // Flags 0: cached memory (the default write-combined kind is
+            // slow for the host to read).
+            set.staging = Some(cu::guard("cuMemHostAlloc", || unsafe { dev.ctx.alloc_pinned_with_flags::<f32>(set.params.len(), 0) }.map_err(|e| cu::cu_err("cuMemHostAlloc", e)))?);
+        }
+        let pin = set.staging.as_mut().expect("allocated above");
+        cu::guard("cuMemcpyDtoHAsync", || dev.stream.memcpy_dtoh(&set.params, pin).map_err(|e| cu::cu_err("cuMemcpyDtoHAsync", e)))?;
+        let host = cu::guard("cuEventSynchronize", || pin.as_slice().map_err(|e| cu::cu_err("cuEventSynchronize", e)))?;
+        let spans = &set.spans;
         let (mut params, _) = model.adapter_params(adapter)?;
         if params.len() != spans.len() {
             bail!(Internal, "device adapter has {} tensors, the host model {}", spans.len(), params.len());
         }
-        for (p, r) in params.iter_mut().zip(spans) {
-            p.copy_from_slice(&host[r.clone()]);
-        }
+        params.par_iter_mut().zip(spans.par_iter()).for_each(|(p, r)| p.copy_from_slice(&host[r.clone()]));
         drop(params);
         if self.synced == Some(before) {
             self.synced = Some(model.adapters_version());
