@@ -418,7 +418,7 @@ pub struct DeviceModel {
     /// The host's adapter version ([`Model::adapters_version`]) the sets
     /// were last copied from.
     synced: Option<u64>,
-    /// A trainer put the model here ([`crate::session::Trainer::use_device`]):
+    /// A trainer put the model here ([`crate::session::trainer::Trainer::use_device`]):
     /// the last trainer to leave takes it off again. False once the owner
     /// asks for the device itself ([`Model::use_device`]).
     pub(crate) by_trainer: bool,

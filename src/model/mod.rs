@@ -445,7 +445,7 @@ impl Model {
     /// and every adapter are copied there once; logits, loss, generation
     /// (mixed-adapter batches too), merge, unmerge and swaps then run
     /// there, and trainers that asked for the device
-    /// ([`crate::session::Trainer::use_device`]) train there. The host
+    /// ([`crate::session::trainer::Trainer::use_device`]) train there. The host
     /// copy stays the master: adapters added, loaded, removed or written
     /// on the host are copied over before the next device operation. A
     /// model already on that device with that precision is left as it is;
