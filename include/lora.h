@@ -1746,7 +1746,10 @@ lora_status lora_trainer_resume(struct lora_model *model,
  * `*in_use` and `*peak` the bytes of the device's memory pool in use now
  * and at most so far (the copy plus activations, KV caches and scratch of
  * the calls; every stream-ordered buffer of the library on that device).
- * Any pointer may be NULL. `lora_model_memory` reports host memory.
+ * Any pointer may be NULL. All figures in bytes, written to the caller's
+ * variables (nothing is allocated or kept). `lora_model_memory` reports
+ * host memory. Thread safety: as every model call, not concurrently with
+ * other calls on the same model.
  *
  * Errors: `LORA_ERR_INVALID_STATE` (the model is not on a device),
  * `LORA_ERR_CUDA`.

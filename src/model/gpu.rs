@@ -74,7 +74,7 @@
 //! saving reads it.
 
 use super::generate::{sample_loop, Sampling};
-use super::{shifted_targets, Model, DOWN, GATE, K, O, Q, UP, V};
+use super::{check_labels, check_token_ids, shifted_targets, Model, DOWN, GATE, K, O, Q, UP, V};
 use crate::backend::cpu::attention::{AttnShape, DecodeShape};
 use crate::backend::cpu::rope::RopeTable;
 use crate::backend::cuda::blas::{gemm, Blas, MatRef};
@@ -305,9 +305,6 @@ fn flatten(model: &Model, name: &str) -> Result<Flat> {
     Ok(f)
 }
 
-fn htod<T: cudarc::driver::DeviceRepr>(dev: &CudaDevice, src: &[T], dst: &mut CudaSlice<T>) -> Result<()> {
-    cu::guard("cuMemcpyHtoDAsync", || dev.stream.memcpy_htod(src, dst).map_err(|e| cu::cu_err("cuMemcpyHtoDAsync", e)))
-}
 
 struct DevLayer {
     attn_norm: CudaSlice<f32>,
@@ -434,6 +431,9 @@ pub struct DeviceModel {
     head_chunk: usize,
     /// Per-category time when profiling ([`DeviceModel::set_profiling`]).
     prof: parking_lot::Mutex<Option<Vec<(&'static str, f64, u64)>>>,
+    /// The last mixed batch's per-row adapter slots, on the host and the
+    /// device ([`DeviceModel::lora_per_row`]).
+    bgmv_rows: parking_lot::Mutex<Option<(Vec<i32>, CudaSlice<i32>)>>,
 }
 
 /// A host model's device copy ([`Model::use_device`]). A clone of the
@@ -565,6 +565,7 @@ impl DeviceModel {
             },
             head_chunk: HEAD_CHUNK_ELEMS,
             prof: parking_lot::Mutex::new(None),
+            bgmv_rows: parking_lot::Mutex::new(None),
         };
         g.sync(model)?;
         Ok(g)
@@ -595,7 +596,7 @@ impl DeviceModel {
             for (info, f) in model.adapters.iter().zip(&flats) {
                 srcs.push(match self.sets.iter().position(|s| s.name == info.name && s.spans == f.spans) {
                     Some(i) => {
-                        htod(&dev, &f.data, &mut self.sets[i].params)?;
+                        dev.upload_into(&f.data, &mut self.sets[i].params)?;
                         Src::Old(i)
                     }
                     None => Src::New(dev.upload(&f.data)?),
@@ -672,7 +673,7 @@ impl DeviceModel {
         let mut w = out_buf::<f32>(d, in_f * out_f)?;
         match &lin.w {
             Weight::Nf4(t) => t.dequantize_into(d, &mut DevElemsMut::F32(w.as_view_mut()))?,
-            Weight::F32(s) => cu::guard("cuMemcpyDtoDAsync", || d.stream.memcpy_dtod(s, &mut w).map_err(|e| cu::cu_err("cuMemcpyDtoDAsync", e)))?,
+            Weight::F32(s) => d.copy(s, &mut w)?,
             Weight::Bf16(b) => ew::from_bf16(d, &b.as_view(), &mut w.as_view_mut(), false)?,
         }
         for (ad, set, m) in terms {
@@ -1025,7 +1026,7 @@ impl DeviceModel {
             catt::forward(d, &q.as_view(), &k.as_view(), &v.as_view(), &shape, &mut att.as_view_mut(), &mut lse.as_view_mut())?;
         }
         self.tock(t, "attention forward")?;
-        let mut x_mid = cu::guard("cuMemcpyDtoDAsync", || d.stream.clone_dtod(x).map_err(|e| cu::cu_err("cuMemcpyDtoDAsync", e)))?;
+        let mut x_mid = d.duplicate(x)?;
         let attb = self.operand(&att)?;
         hs[O] = self.lin_forward(l, O, rows, &att, attb.as_ref(), n, &mut x_mid, 1.0)?;
         drop(attb);
@@ -1042,7 +1043,7 @@ impl DeviceModel {
         let mut a = out_buf::<f32>(d, n * it)?;
         cswiglu::swiglu_forward(d, &g.as_view(), &u.as_view(), &mut a.as_view_mut())?;
         let ab = self.operand(&a)?;
-        let mut x_out = cu::guard("cuMemcpyDtoDAsync", || d.stream.clone_dtod(&x_mid).map_err(|e| cu::cu_err("cuMemcpyDtoDAsync", e)))?;
+        let mut x_out = d.duplicate(&x_mid)?;
         hs[DOWN] = self.lin_forward(l, DOWN, rows, &a, ab.as_ref(), n, &mut x_out, 1.0)?;
         let (g, u) = (Saved::keep(d, self.compute, g)?, Saved::keep(d, self.compute, u)?);
         Ok((Acts { rstd1, q, k, v, att, lse, x_mid, rstd2, g, u, hs }, x_out))
@@ -1234,8 +1235,16 @@ impl DeviceModel {
             return Ok(());
         }
         let t = self.tick()?;
-        let idx_d = d.upload(&idx)?;
+        // The row table is the same for every module the same adapters
+        // cover, and across a generation's decode steps: uploaded when it
+        // changes, not once per module.
+        let mut cached = self.bgmv_rows.lock();
+        if cached.as_ref().is_none_or(|(h, _)| *h != idx) {
+            *cached = Some((idx.clone(), d.upload(&idx)?));
+        }
+        let idx_d = &cached.as_ref().expect("set above").1;
         glora::bgmv(d, &x.as_view(), &idx_d.as_view(), &table, n, lin.in_f, lin.out_f, &mut y.as_view_mut())?;
+        drop(cached);
         self.tock(t, "LoRA BGMV (mixed batch)")
     }
 
@@ -1481,12 +1490,8 @@ impl DeviceModel {
             bail!(ShapeMismatch, "{} ids and {} labels for a batch of {batch} × {seq}", ids.len(), labels.len());
         }
         let vsz = self.cfg.vocab_size;
-        if let Some((i, &t)) = ids.iter().enumerate().find(|(_, &t)| t < 0 || t as usize >= vsz) {
-            bail!(InvalidArgument, "token id {t} at position {i} is outside [0, {vsz})");
-        }
-        if let Some((i, &y)) = labels.iter().enumerate().find(|(_, &y)| y != crate::backend::cpu::loss::IGNORE_INDEX && (y < 0 || y as usize >= vsz)) {
-            bail!(InvalidArgument, "label {y} at position {i} is neither -100 nor in [0, {vsz})");
-        }
+        check_token_ids(ids, vsz)?;
+        check_labels(labels, vsz)?;
         let dev = self.dev.clone();
         let d = &*dev;
         let targets = d.upload(&shifted_targets(labels, batch, seq))?;
@@ -1620,9 +1625,7 @@ impl DeviceModel {
             if p.is_empty() {
                 bail!(InvalidArgument, "an empty prompt (give at least one token, e.g. BOS)");
             }
-            if let Some((i, &t)) = p.iter().enumerate().find(|(_, &t)| t < 0 || t as usize >= vsz) {
-                bail!(InvalidArgument, "token id {t} at position {i} is outside [0, {vsz})");
-            }
+            check_token_ids(p, vsz)?;
         }
         self.check_seq_adapters(seq_adapters, prompts.len())?;
         let dev = self.dev.clone();
@@ -1675,10 +1678,7 @@ impl DeviceModel {
         if ids.len() != n || n == 0 {
             bail!(ShapeMismatch, "{} ids for a batch of {batch} × {seq}", ids.len());
         }
-        let vsz = self.cfg.vocab_size;
-        if let Some((i, &t)) = ids.iter().enumerate().find(|(_, &t)| t < 0 || t as usize >= vsz) {
-            bail!(InvalidArgument, "token id {t} at position {i} is outside [0, {vsz})");
-        }
+        check_token_ids(ids, self.cfg.vocab_size)?;
         self.check_seq_adapters(seq_adapters, batch)?;
         let per_row: Option<Vec<i32>> = seq_adapters.map(|sa| sa.iter().flat_map(|&a| std::iter::repeat_n(a, seq)).collect());
         let rows = match &per_row {
@@ -1715,12 +1715,12 @@ impl DeviceModel {
                 let c = &mut caches[l];
                 for (src, dst) in [(&acts.k, &mut c.0), (&acts.v, &mut c.1)] {
                     let mut dv = dst.slice_mut(*at..*at + t * row);
-                    cu::guard("cuMemcpyDtoDAsync", || d.stream.memcpy_dtod(&src.slice(..t * row), &mut dv).map_err(|e| cu::cu_err("cuMemcpyDtoDAsync", e)))?;
+                    d.copy(&src.slice(..t * row), &mut dv)?;
                 }
             }
             x = x_out;
         }
-        let xl = cu::guard("cuMemcpyDtoDAsync", || d.stream.clone_dtod(&x.slice((t - 1) * h..t * h)).map_err(|e| cu::cu_err("cuMemcpyDtoDAsync", e)))?;
+        let xl = d.duplicate(&x.slice((t - 1) * h..t * h))?;
         self.head_logits(&xl, 1)
     }
 
@@ -1760,7 +1760,7 @@ impl DeviceModel {
                 let at = (b * cap + pos) * kvd;
                 for (src, dst) in [(&k, &mut cache.0), (&v, &mut cache.1)] {
                     let mut dv = dst.slice_mut(at..at + kvd);
-                    cu::guard("cuMemcpyDtoDAsync", || d.stream.memcpy_dtod(&src.slice(b * kvd..(b + 1) * kvd), &mut dv).map_err(|e| cu::cu_err("cuMemcpyDtoDAsync", e)))?;
+                    d.copy(&src.slice(b * kvd..(b + 1) * kvd), &mut dv)?;
                 }
             }
             let shape = DecodeShape { batch: bsz, cache_cap: cap, n_heads: nh, n_kv_heads: nkv, head_dim: hd, window: self.cfg.windows[l] };

@@ -54,6 +54,22 @@ pub const DOWN: usize = 6;
 
 /// transformers' causal shift: position `t` of each sequence predicts
 /// `labels[t+1]`; the last position predicts nothing (−100).
+/// Token ids must lie in `[0, vocab)`.
+pub(crate) fn check_token_ids(ids: &[i32], vocab: usize) -> Result<()> {
+    if let Some((i, &t)) = ids.iter().enumerate().find(|(_, &t)| t < 0 || t as usize >= vocab) {
+        bail!(InvalidArgument, "token id {t} at position {i} is outside [0, {vocab})");
+    }
+    Ok(())
+}
+
+/// Labels must be −100 (ignored) or in `[0, vocab)`.
+pub(crate) fn check_labels(labels: &[i32], vocab: usize) -> Result<()> {
+    if let Some((i, &y)) = labels.iter().enumerate().find(|(_, &y)| y != IGNORE_INDEX && (y < 0 || y as usize >= vocab)) {
+        bail!(InvalidArgument, "label {y} at position {i} is neither -100 nor in [0, {vocab})");
+    }
+    Ok(())
+}
+
 pub fn shifted_targets(labels: &[i32], batch: usize, seq: usize) -> Vec<i32> {
     let mut targets = vec![IGNORE_INDEX; batch * seq];
     for b in 0..batch {
@@ -475,21 +491,17 @@ impl Model {
                 bail!(InvalidState, "adapter '{}' is being trained on the device; move its trainer off first (lora_trainer_use_device with device -1)", t[0]);
             }
             if device.is_none_or(|(o, _)| o == g.ordinal()) {
-                self.drop_device();
+                self.gpu.clear();
             }
         }
         if let Some((ordinal, compute)) = device {
             let g = gpu::DeviceModel::upload(ordinal, self, compute)?;
-            self.drop_device();
+            self.gpu.clear();
             self.gpu.0 = Some(Box::new(g));
         }
         Ok(())
     }
 
-    /// Frees the device copy and hands its memory back to the driver.
-    fn drop_device(&mut self) {
-        self.gpu.clear();
-    }
 
     /// The device copy, when the model is on a device.
     pub fn device(&self) -> Option<&gpu::DeviceModel> {
@@ -758,11 +770,7 @@ impl Model {
 
     /// Checks token ids against the vocabulary.
     pub fn check_ids(&self, ids: &[i32]) -> Result<()> {
-        let v = self.vocab();
-        if let Some((i, &t)) = ids.iter().enumerate().find(|(_, &t)| t < 0 || t as usize >= v) {
-            bail!(InvalidArgument, "token id {t} at position {i} is outside [0, {v})");
-        }
-        Ok(())
+        check_token_ids(ids, self.vocab())
     }
 
     /// `x = embed[ids]`, `[n, H]`.
@@ -975,9 +983,7 @@ impl Model {
             bail!(InvalidState, "training needs the model unmerged");
         }
         let (h, vsz) = (self.hidden(), self.vocab());
-        if let Some((i, &y)) = labels.iter().enumerate().find(|(_, &y)| y != IGNORE_INDEX && (y < 0 || y as usize >= vsz)) {
-            bail!(InvalidArgument, "label {y} at position {i} is neither -100 nor in [0, {vsz})");
-        }
+        check_labels(labels, vsz)?;
         let n = batch * seq;
         let table = RopeTable::new(&self.inv_freq, 0, seq);
         let mut x = self.embed_rows(ids);

@@ -180,10 +180,7 @@ impl Trainer {
         }
         model.check_ids(ids)?;
         if self.on_device {
-            let vsz = model.vocab();
-            if let Some((i, &y)) = labels.iter().enumerate().find(|(_, &y)| y != crate::backend::cpu::loss::IGNORE_INDEX && (y < 0 || y as usize >= vsz)) {
-                bail!(InvalidArgument, "label {y} at position {i} is neither -100 nor in [0, {vsz})");
-            }
+            crate::model::check_labels(labels, model.vocab())?;
             if model.device().is_none() {
                 bail!(InvalidState, "the trainer trains on a device but the model is no longer on one");
             }

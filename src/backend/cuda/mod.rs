@@ -57,7 +57,7 @@ pub mod swiglu;
 pub use buffer::{DevBuffer, DevElems, DevElemsMut};
 
 use crate::error::{Error, ErrorKind, Result};
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, DeviceSlice, DriverError};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DeviceSlice, DriverError};
 use nvrtc::KernelSource;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -134,6 +134,22 @@ impl CudaDevice {
     /// Copies a host slice into a new device buffer.
     pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
         guard("cuMemcpyHtoDAsync", || self.stream.clone_htod(host).map_err(|e| cu_err("cuMemAlloc/cuMemcpyHtoDAsync", e)))
+    }
+
+    /// Copies a host slice into an existing device buffer (`dst.len() ≥
+    /// host.len()`).
+    pub fn upload_into<T: DeviceRepr, D: DevicePtrMut<T>>(&self, host: &[T], dst: &mut D) -> Result<()> {
+        guard("cuMemcpyHtoDAsync", || self.stream.memcpy_htod(host, dst).map_err(|e| cu_err("cuMemcpyHtoDAsync", e)))
+    }
+
+    /// Copies device memory into another device buffer, queued on the stream.
+    pub fn copy<T: DeviceRepr, S: DevicePtr<T>, D: DevicePtrMut<T>>(&self, src: &S, dst: &mut D) -> Result<()> {
+        guard("cuMemcpyDtoDAsync", || self.stream.memcpy_dtod(src, dst).map_err(|e| cu_err("cuMemcpyDtoDAsync", e)))
+    }
+
+    /// Copies device memory (a buffer or view) into a new device buffer.
+    pub fn duplicate<T: DeviceRepr, S: DevicePtr<T>>(&self, src: &S) -> Result<CudaSlice<T>> {
+        guard("cuMemcpyDtoDAsync", || self.stream.clone_dtod(src).map_err(|e| cu_err("cuMemAlloc/cuMemcpyDtoDAsync", e)))
     }
 
     /// Copies a device buffer (or view) back to a new host vector (waits for

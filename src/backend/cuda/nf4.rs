@@ -435,7 +435,7 @@ impl CudaNf4 {
         match &self.absmax {
             CudaAbsmax::F32(a) => {
                 dev.check_stream(a, "absmax")?;
-                guard("cuMemcpyDtoDAsync", || dev.stream.clone_dtod(a).map_err(|e| cu_err("cuMemAlloc/cuMemcpyDtoDAsync", e)))
+                dev.duplicate(a)
             }
             CudaAbsmax::Double(d) => {
                 let mut out = dev.alloc_filled::<f32>(d.codes.len(), 0xFF)?;
