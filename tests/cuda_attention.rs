@@ -32,18 +32,6 @@ mod emu;
 const SLACK: f64 = 1.5;
 const U: f64 = gatt::U;
 
-impl Rng {
-    /// `n` gaussian values times `scale`, none exactly zero.
-    fn vec(&mut self, n: usize, scale: f64) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                let v = (self.gauss() * scale) as f32;
-                if v == 0.0 { scale as f32 } else { v }
-            })
-            .collect()
-    }
-}
-
 /// Asserts `|got − want| ≤ tol[i]` (NaN fails); returns how many were bit-exact.
 fn check_close(what: &str, got: &[f32], want: &[f32], tol: impl Fn(usize) -> f64) -> usize {
     assert_eq!(got.len(), want.len(), "{what}: lengths");

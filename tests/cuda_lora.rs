@@ -23,18 +23,6 @@ use lora::backend::cuda::CudaDevice;
 mod harness;
 use harness::{gpu, Rng};
 
-impl Rng {
-    /// `n` gaussian values times `scale`, none exactly zero.
-    fn vec(&mut self, n: usize, scale: f64) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                let v = (self.gauss() * scale) as f32;
-                if v == 0.0 { scale as f32 } else { v }
-            })
-            .collect()
-    }
-}
-
 /// `op(a)[m×k]·op(b)[k×n]` into a fresh `[m, n]`.
 #[allow(clippy::too_many_arguments)]
 fn mm(a: Mat<'_>, b: Mat<'_>, m: usize, n: usize, k: usize, alpha: f32) -> Vec<f32> {

@@ -33,18 +33,6 @@ use lora::ErrorKind;
 mod harness;
 use harness::{gpu, Rng};
 
-impl Rng {
-    /// `n` gaussian values times `scale`, none exactly zero.
-    fn vec(&mut self, n: usize, scale: f64) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                let v = (self.gauss() * scale) as f32;
-                if v == 0.0 { scale as f32 } else { v }
-            })
-            .collect()
-    }
-}
-
 const ULP: f64 = 1.0 / (1u64 << 23) as f64;
 
 /// Asserts `|got − want| ≤ tol(i)` for every element (NaN fails), naming

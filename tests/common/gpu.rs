@@ -59,5 +59,15 @@ impl Rng {
         let (u, v) = (self.unit().max(1e-300), self.unit());
         (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
     }
+    /// `n` gaussian values times `scale`, none exactly zero.
+    #[allow(dead_code)]
+    pub fn vec(&mut self, n: usize, scale: f64) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let v = (self.gauss() * scale) as f32;
+                if v == 0.0 { scale as f32 } else { v }
+            })
+            .collect()
+    }
 }
 
