@@ -27,10 +27,19 @@
 //
 // No host code and no #include (NVRTC compiles it without headers).
 
+typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
 #define NORM_THREADS 256
+
+// f32 -> bf16 bits, round to nearest even (NaN kept quiet): bit for bit
+// elementwise.cu's conversion and half::bf16::from_f32.
+__device__ __forceinline__ u16 norm_bf16(float f) {
+    u32 x = __float_as_uint(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return (u16)((x >> 16) | 0x40u);
+    return (u16)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
 
 // Sum of v over the block, the same value returned to every thread. Fixed
 // order (xor butterfly in each warp, then over the warps' sums), so the
@@ -49,14 +58,14 @@ __device__ __forceinline__ double norm_block_sum(double v) {
     return v;
 }
 
-// y = w * (x * r); rstd[row] = r when rstd is not null. grid = rows.
-extern "C" __global__ void __launch_bounds__(NORM_THREADS)
-    norm_rmsnorm_fwd_f32(const float* __restrict__ x, const float* __restrict__ w, u32 rows, u32 dim, float eps,
-                         float* __restrict__ y, float* __restrict__ rstd) {
+// The forward of one row: y = w * (x * r) into y (fp32) and/or yb (its
+// bf16 rounding), either pointer null to skip it; rstd[row] = r when rstd is
+// not null.
+__device__ __forceinline__ void norm_fwd_row(const float* __restrict__ x, const float* __restrict__ w, u32 rows, u32 dim, float eps,
+                                             float* __restrict__ y, u16* __restrict__ yb, float* __restrict__ rstd) {
     const u32 row = blockIdx.x;
     if (row >= rows) return;
     const float* xr = x + (u64)row * dim;
-    float* yr = y + (u64)row * dim;
     double acc = 0.0;
     for (u32 j = threadIdx.x; j < dim; j += blockDim.x) {
         const double v = (double)xr[j];
@@ -65,8 +74,28 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS)
     acc = norm_block_sum(acc);
     const float var = __double2float_rn(__ddiv_rn(acc, (double)dim));
     const float r = __fdiv_rn(1.0f, __fsqrt_rn(__fadd_rn(var, eps)));
-    for (u32 j = threadIdx.x; j < dim; j += blockDim.x) yr[j] = __fmul_rn(w[j], __fmul_rn(xr[j], r));
+    for (u32 j = threadIdx.x; j < dim; j += blockDim.x) {
+        const float v = __fmul_rn(w[j], __fmul_rn(xr[j], r));
+        if (y) y[(u64)row * dim + j] = v;
+        if (yb) yb[(u64)row * dim + j] = norm_bf16(v);
+    }
     if (rstd != 0 && threadIdx.x == 0) rstd[row] = r;
+}
+
+// y = w * (x * r); rstd[row] = r when rstd is not null. grid = rows.
+extern "C" __global__ void __launch_bounds__(NORM_THREADS)
+    norm_rmsnorm_fwd_f32(const float* __restrict__ x, const float* __restrict__ w, u32 rows, u32 dim, float eps,
+                         float* __restrict__ y, float* __restrict__ rstd) {
+    norm_fwd_row(x, w, rows, dim, eps, y, 0, rstd);
+}
+
+// The same with y's bf16 rounding written to yb too (the bf16 compute
+// mode's matrix-product operand, no separate conversion pass); y may be
+// null where only the bf16 copy is used. grid = rows.
+extern "C" __global__ void __launch_bounds__(NORM_THREADS)
+    norm_rmsnorm_fwd_out_f32(const float* __restrict__ x, const float* __restrict__ w, u32 rows, u32 dim, float eps,
+                             float* __restrict__ y, u16* __restrict__ yb, float* __restrict__ rstd) {
+    norm_fwd_row(x, w, rows, dim, eps, y, yb, rstd);
 }
 
 // dx = r * (dy * w) - c * x, c = f32(r^3 * sum(dy*w*x) / D). grid = rows.

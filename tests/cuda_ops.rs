@@ -87,6 +87,21 @@ fn rmsnorm_forward_and_backward_match_the_cpu() {
         let mut yd2 = dev.alloc_filled::<f32>(rows * dim, 0xFF).unwrap();
         gnorm::rmsnorm_forward(dev, &xd.as_view(), &wd.as_view(), rows, dim, eps, &mut yd2.as_view_mut(), None).unwrap();
         check_bits("y (no rstd)", &dev.download(&yd2).unwrap(), &gy);
+        // The bf16 output in the same pass: y's bits, and y's rounding.
+        let want_b: Vec<u16> = gy.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+        for with_y in [true, false] {
+            let mut yb = dev.alloc_filled::<u16>(rows * dim, 0xFF).unwrap();
+            let mut y3 = dev.alloc_filled::<f32>(rows * dim, 0xFF).unwrap();
+            let mut r3 = dev.alloc_filled::<f32>(rows, 0xFF).unwrap();
+            gnorm::rmsnorm_forward_bf16(dev, &xd.as_view(), &wd.as_view(), rows, dim, eps, with_y.then(|| y3.as_view_mut()).as_mut(), &mut yb.as_view_mut(), Some(&mut r3.as_view_mut())).unwrap();
+            assert_eq!(dev.download(&yb).unwrap(), want_b, "rmsnorm bf16 output (with y: {with_y})");
+            check_bits("rstd (bf16 output)", &dev.download(&r3).unwrap(), &gr);
+            if with_y {
+                check_bits("y (bf16 output)", &dev.download(&y3).unwrap(), &gy);
+            } else {
+                assert!(dev.download(&y3).unwrap().iter().all(|v| v.to_bits() == u32::MAX), "y written though not asked for");
+            }
+        }
 
         // Backward from the CPU's rstd, so dx and dw test the backward alone.
         let rcd = dev.upload(&r).unwrap();
@@ -182,7 +197,69 @@ fn swiglu_matches_the_cpu_within_bounds() {
         check_bits("dgate (in place)", &dev.download(&gi).unwrap(), &gdg);
         check_bits("dup (in place)", &dev.download(&ui).unwrap(), &gdu);
         eprintln!("swiglu n={n}: bit-exact h {eh}, dgate {edg}, dup {edu} of {n}");
+        fused_swiglu_matches_the_unfused(dev, &gate, &up, &dh);
     }
+}
+
+fn bf16_bits(x: &[f32]) -> Vec<u16> {
+    x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect()
+}
+
+fn widen(b: &[u16]) -> Vec<f32> {
+    b.iter().map(|&v| half::bf16::from_bits(v).to_f32()).collect()
+}
+
+/// The bf16 step's fused SwiGLU kernels give the bits of the fp32 kernels
+/// (on the same, bf16-rounded where the kernel takes bf16, inputs) and of
+/// their conversions; an output not asked for is not written.
+fn fused_swiglu_matches_the_unfused(dev: &CudaDevice, gate: &[f32], up: &[f32], dh: &[f32]) {
+    let n = gate.len();
+    let f32_of = |d: &cudarc::driver::CudaSlice<f32>| dev.download(d).unwrap();
+    let run_fwd = |g: &[f32], u: &[f32]| {
+        let (gd, ud) = (dev.upload(g).unwrap(), dev.upload(u).unwrap());
+        let mut h = dev.alloc_filled::<f32>(n, 0xFF).unwrap();
+        gswiglu::swiglu_forward(dev, &gd.as_view(), &ud.as_view(), &mut h.as_view_mut()).unwrap();
+        f32_of(&h)
+    };
+    // From fp32 gate and up: h, its bf16, and gate's and up's bf16.
+    let h = run_fwd(gate, up);
+    let (gd, ud) = (dev.upload(gate).unwrap(), dev.upload(up).unwrap());
+    for all in [true, false] {
+        let mut hf = dev.alloc_filled::<f32>(n, 0xFF).unwrap();
+        let (mut hb, mut gb, mut ub) = (dev.alloc_filled::<u16>(n, 0xFF).unwrap(), dev.alloc_filled::<u16>(n, 0xFF).unwrap(), dev.alloc_filled::<u16>(n, 0xFF).unwrap());
+        gswiglu::swiglu_forward_out(dev, &gd.as_view(), &ud.as_view(), all.then(|| hf.as_view_mut()).as_mut(), Some(&mut hb.as_view_mut()), all.then(|| gb.as_view_mut()).as_mut(), Some(&mut ub.as_view_mut())).unwrap();
+        assert_eq!(dev.download(&hb).unwrap(), bf16_bits(&h), "fused swiglu: bf16 h");
+        assert_eq!(dev.download(&ub).unwrap(), bf16_bits(up), "fused swiglu: bf16 up");
+        if all {
+            check_bits("fused swiglu: h", &f32_of(&hf), &h);
+            assert_eq!(dev.download(&gb).unwrap(), bf16_bits(gate), "fused swiglu: bf16 gate");
+        } else {
+            assert!(f32_of(&hf).iter().all(|v| v.to_bits() == u32::MAX), "fused swiglu wrote h unasked");
+            assert!(dev.download(&gb).unwrap().iter().all(|&v| v == u16::MAX), "fused swiglu wrote gate unasked");
+        }
+    }
+    // From bf16 gate and up: the fp32 kernels on the widened values.
+    let (gb, ub) = (bf16_bits(gate), bf16_bits(up));
+    let (gw, uw) = (widen(&gb), widen(&ub));
+    let hw = run_fwd(&gw, &uw);
+    let (gbd, ubd, dhd) = (dev.upload(&gb).unwrap(), dev.upload(&ub).unwrap(), dev.upload(dh).unwrap());
+    let mut hf = dev.alloc_filled::<f32>(n, 0xFF).unwrap();
+    let mut hb = dev.alloc_filled::<u16>(n, 0xFF).unwrap();
+    gswiglu::swiglu_forward_bf16(dev, &gbd.as_view(), &ubd.as_view(), Some(&mut hf.as_view_mut()), Some(&mut hb.as_view_mut())).unwrap();
+    check_bits("swiglu from bf16: h", &f32_of(&hf), &hw);
+    assert_eq!(dev.download(&hb).unwrap(), bf16_bits(&hw), "swiglu from bf16: bf16 h");
+    let (gwd, uwd) = (dev.upload(&gw).unwrap(), dev.upload(&uw).unwrap());
+    let (mut dg, mut du) = (dev.alloc_filled::<f32>(n, 0xFF).unwrap(), dev.alloc_filled::<f32>(n, 0xFF).unwrap());
+    gswiglu::swiglu_backward(dev, &gwd.as_view(), &uwd.as_view(), &dhd.as_view(), &mut dg.as_view_mut(), &mut du.as_view_mut()).unwrap();
+    let (dg, du) = (f32_of(&dg), f32_of(&du));
+    let (mut dgf, mut duf) = (dev.alloc_filled::<f32>(n, 0xFF).unwrap(), dev.alloc_filled::<f32>(n, 0xFF).unwrap());
+    let (mut dgb, mut dub) = (dev.alloc_filled::<u16>(n, 0xFF).unwrap(), dev.alloc_filled::<u16>(n, 0xFF).unwrap());
+    let out = gswiglu::SwigluGrads { dgate: Some(&mut dgf.as_view_mut()), dup: Some(&mut duf.as_view_mut()), dgate_bf16: Some(&mut dgb.as_view_mut()), dup_bf16: Some(&mut dub.as_view_mut()) };
+    gswiglu::swiglu_backward_bf16(dev, &gbd.as_view(), &ubd.as_view(), &dhd.as_view(), out).unwrap();
+    check_bits("swiglu backward from bf16: dgate", &f32_of(&dgf), &dg);
+    check_bits("swiglu backward from bf16: dup", &f32_of(&duf), &du);
+    assert_eq!(dev.download(&dgb).unwrap(), bf16_bits(&dg), "swiglu backward from bf16: bf16 dgate");
+    assert_eq!(dev.download(&dub).unwrap(), bf16_bits(&du), "swiglu backward from bf16: bf16 dup");
 }
 
 // ---------------------------------------------------------------- embedding
@@ -400,6 +477,15 @@ void emu_swiglu(unsigned grid, const float* g, const float* u, const float* dh, 
     emu_launch(grid, SWIGLU_THREADS, [&] { swiglu_bwd_f32(g, u, dh, n, dg, du); });
     emu_launch(grid, SWIGLU_THREADS, [&] { swiglu_bwd_inplace_f32(gi, ui, dh, n); });
 }
+void emu_norm_fwd_out(u32 rows, u32 dim, const float* x, const float* w, float eps, float* y, u16* yb, float* rstd) {
+    emu_launch(rows, NORM_THREADS, [&] { norm_rmsnorm_fwd_out_f32(x, w, rows, dim, eps, y, yb, rstd); });
+}
+void emu_swiglu_out(unsigned grid, const float* g, const float* u, const u16* g16, const u16* u16_, const float* dh, u64 n,
+                    float* h, u16* hb, u16* gb, u16* ub, float* h2, u16* hb2, float* dg, float* du, u16* dgb, u16* dub) {
+    emu_launch(grid, SWIGLU_THREADS, [&] { swiglu_fwd_out_f32(g, u, n, h, hb, gb, ub); });
+    emu_launch(grid, SWIGLU_THREADS, [&] { swiglu_fwd_out_bf16(g16, u16_, n, h2, hb2); });
+    emu_launch(grid, SWIGLU_THREADS, [&] { swiglu_bwd_out_bf16(g16, u16_, dh, n, dg, du, dgb, dub); });
+}
 void emu_adamw(unsigned grid, float* p, const float* g, float* m, float* v, u64 n, u32 has_decay, const float* k7) {
     emu_launch(grid, ADAMW_THREADS, [&] { adamw_update_f32(p, g, m, v, n, has_decay, k7[0], k7[1], k7[2], k7[3], k7[4], k7[5], k7[6]); });
 }
@@ -430,6 +516,8 @@ type EmuNormFwd = unsafe extern "C" fn(u32, u32, *const f32, *const f32, f32, *m
 type EmuNormBwd = unsafe extern "C" fn(u32, u32, *const f32, *const f32, *const f32, *const f32, *mut f32, u32, u32, u32, *mut f64, *mut f32);
 type EmuRope = unsafe extern "C" fn(i32, u32, *mut f32, u32, u32, u32, u64, *const f32, *const f32);
 type EmuSwiglu = unsafe extern "C" fn(u32, *const f32, *const f32, *const f32, u64, *mut f32, *mut f32, *mut f32, *mut f32, *mut f32);
+type EmuNormFwdOut = unsafe extern "C" fn(u32, u32, *const f32, *const f32, f32, *mut f32, *mut u16, *mut f32);
+type EmuSwigluOut = unsafe extern "C" fn(u32, *const f32, *const f32, *const u16, *const u16, *const f32, u64, *mut f32, *mut u16, *mut u16, *mut u16, *mut f32, *mut u16, *mut f32, *mut f32, *mut u16, *mut u16);
 type EmuAdamw = unsafe extern "C" fn(u32, *mut f32, *const f32, *mut f32, *mut f32, u64, u32, *const f32);
 type EmuCe = unsafe extern "C" fn(*mut f32, *const i32, u32, u32, f32, u32, *mut u32, *mut f64, *mut f64);
 type EmuClip = unsafe extern "C" fn(u32, *const *mut f32, *const u64, f32, *mut f64, *mut f32, *mut f32, *const u32);
@@ -591,6 +679,85 @@ fn ops_emu(test: &str) -> Option<&'static libloading::Library> {
         Err(why) => {
             eprintln!("SKIPPED {test}: kernel emulation unavailable: {why}");
             None
+        }
+    }
+}
+
+/// The bf16 step's fused kernels (RMSNorm with its bf16 output, SwiGLU with
+/// its conversions) give, in emulation, the bits of the fp32 kernels and
+/// the conversions they replace; null outputs are skipped.
+#[test]
+fn emulated_fused_bf16_outputs_match_the_unfused_kernels() {
+    let Some(lib) = ops_emu("emulated_fused_bf16_outputs_match_the_unfused_kernels") else { return };
+    // SAFETY: entry points built above with these signatures.
+    let (nf, nfo, sw, swo): (EmuNormFwd, EmuNormFwdOut, EmuSwiglu, EmuSwigluOut) =
+        unsafe { (*lib.get(b"emu_norm_fwd").unwrap(), *lib.get(b"emu_norm_fwd_out").unwrap(), *lib.get(b"emu_swiglu").unwrap(), *lib.get(b"emu_swiglu_out").unwrap()) };
+    let bits = |x: &[f32]| x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect::<Vec<u16>>();
+    let widen = |b: &[u16]| b.iter().map(|&v| half::bf16::from_bits(v).to_f32()).collect::<Vec<f32>>();
+    let mut rng = Rng(48);
+    for &(rows, dim) in &[(1usize, 1usize), (5, 300), (33, 64)] {
+        let (x, w) = (rng.vec(rows * dim, 1.0), rng.vec(dim, 1.0));
+        let (mut y, mut r) = (vec![f32::NAN; rows * dim], vec![f32::NAN; rows]);
+        // SAFETY: buffers of rows·dim, dim and rows elements.
+        unsafe { nf(rows as u32, dim as u32, x.as_ptr(), w.as_ptr(), 1e-5, y.as_mut_ptr(), r.as_mut_ptr()) };
+        for with_y in [true, false] {
+            let (mut y2, mut yb, mut r2) = (vec![f32::NAN; rows * dim], vec![0xFFFFu16; rows * dim], vec![f32::NAN; rows]);
+            let yp = if with_y { y2.as_mut_ptr() } else { std::ptr::null_mut() };
+            // SAFETY: as above; a null y is skipped by the kernel.
+            unsafe { nfo(rows as u32, dim as u32, x.as_ptr(), w.as_ptr(), 1e-5, yp, yb.as_mut_ptr(), r2.as_mut_ptr()) };
+            assert_eq!(yb, bits(&y), "emulated rmsnorm bf16 output");
+            check_bits("emulated rmsnorm rstd (bf16 output)", &r2, &r);
+            if with_y {
+                check_bits("emulated rmsnorm y (bf16 output)", &y2, &y);
+            } else {
+                assert!(y2.iter().all(|v| v.is_nan()), "y written unasked");
+            }
+        }
+    }
+    for &n in &[1usize, 1000, 4099] {
+        let (g, u, dh) = (rng.vec(n, 3.0), rng.vec(n, 1.0), rng.vec(n, 1.0));
+        let (gb, ub) = (bits(&g), bits(&u));
+        let (gw, uw) = (widen(&gb), widen(&ub));
+        // The unfused kernels: on fp32 g, u (forward) and on the widened
+        // bf16 values (forward and backward).
+        let unfused = |g: &[f32], u: &[f32]| {
+            let (mut h, mut dg, mut du, mut gi, mut ui) = (vec![f32::NAN; n], vec![f32::NAN; n], vec![f32::NAN; n], g.to_vec(), u.to_vec());
+            // SAFETY: every buffer holds n.
+            unsafe { sw(stride(n, 256), g.as_ptr(), u.as_ptr(), dh.as_ptr(), n as u64, h.as_mut_ptr(), dg.as_mut_ptr(), du.as_mut_ptr(), gi.as_mut_ptr(), ui.as_mut_ptr()) };
+            (h, dg, du)
+        };
+        let (h, _, _) = unfused(&g, &u);
+        let (hw, dgw, duw) = unfused(&gw, &uw);
+        for all in [true, false] {
+            let mut o = [vec![f32::NAN; n], vec![f32::NAN; n], vec![f32::NAN; n], vec![f32::NAN; n]];
+            let mut ob = [vec![0xFFFFu16; n], vec![0xFFFFu16; n], vec![0xFFFFu16; n], vec![0xFFFFu16; n], vec![0xFFFFu16; n], vec![0xFFFFu16; n]];
+            let [h1, h2, dg, du] = &mut o;
+            let [hb, gbo, ubo, hb2, dgb, dub] = &mut ob;
+            let opt = |p: *mut f32| if all { p } else { std::ptr::null_mut() };
+            let optb = |p: *mut u16| if all { p } else { std::ptr::null_mut() };
+            // SAFETY: every buffer holds n; null outputs are skipped.
+            unsafe {
+                swo(
+                    stride(n, 256), g.as_ptr(), u.as_ptr(), gb.as_ptr(), ub.as_ptr(), dh.as_ptr(), n as u64,
+                    opt(h1.as_mut_ptr()), hb.as_mut_ptr(), optb(gbo.as_mut_ptr()), ubo.as_mut_ptr(), opt(h2.as_mut_ptr()), hb2.as_mut_ptr(),
+                    opt(dg.as_mut_ptr()), du.as_mut_ptr(), optb(dgb.as_mut_ptr()), dub.as_mut_ptr(),
+                )
+            };
+            assert_eq!(*hb, bits(&h), "emulated fused swiglu: bf16 h");
+            assert_eq!(*ubo, ub, "emulated fused swiglu: bf16 up");
+            assert_eq!(*hb2, bits(&hw), "emulated swiglu from bf16: bf16 h");
+            check_bits("emulated swiglu backward from bf16: dup", du, &duw);
+            assert_eq!(*dub, bits(&duw), "emulated swiglu backward from bf16: bf16 dup");
+            if all {
+                check_bits("emulated fused swiglu: h", h1, &h);
+                assert_eq!(*gbo, gb, "emulated fused swiglu: bf16 gate");
+                check_bits("emulated swiglu from bf16: h", h2, &hw);
+                check_bits("emulated swiglu backward from bf16: dgate", dg, &dgw);
+                assert_eq!(*dgb, bits(&dgw), "emulated swiglu backward from bf16: bf16 dgate");
+            } else {
+                assert!(h1.iter().chain(h2.iter()).chain(dg.iter()).all(|v| v.is_nan()), "fp32 outputs written unasked");
+                assert!(gbo.iter().chain(dgb.iter()).all(|&v| v == 0xFFFF), "bf16 outputs written unasked");
+            }
         }
     }
 }

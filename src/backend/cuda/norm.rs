@@ -7,7 +7,7 @@
 
 use super::{launch_cfg, scratch, CudaDevice, NORM_CU};
 use crate::error::Result;
-use cudarc::driver::{CudaView, CudaViewMut};
+use cudarc::driver::{CudaView, CudaViewMut, DevicePtr};
 
 /// Threads per block (`NORM_THREADS` in norm.cu).
 const NORM_THREADS: u32 = 256;
@@ -83,6 +83,56 @@ pub fn rmsnorm_forward(
         // SAFETY: as above; a null rstd is never written.
         None => launch_kernel!(dev, f, name, cfg, [x, w, &r32, &d32, &eps, y, &0u64]),
     }
+}
+
+/// [`rmsnorm_forward`] writing `y`'s bf16 rounding to `yb` in the same
+/// pass (the bf16 step's product operand; bit for bit `y` followed by
+/// `elementwise::to_bf16`), and `y` itself only when given.
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_forward_bf16(
+    dev: &CudaDevice,
+    x: &CudaView<'_, f32>,
+    w: &CudaView<'_, f32>,
+    rows: usize,
+    dim: usize,
+    eps: f32,
+    y: Option<&mut CudaViewMut<'_, f32>>,
+    yb: &mut CudaViewMut<'_, u16>,
+    rstd: Option<&mut CudaViewMut<'_, f32>>,
+) -> Result<()> {
+    check_shape(rows, dim)?;
+    check_len(x.len(), rows * dim, "x")?;
+    check_len(yb.len(), rows * dim, "bf16 y")?;
+    check_len(w.len(), dim, "w")?;
+    dev.check_stream(x, "rmsnorm x")?;
+    dev.check_stream(w, "rmsnorm w")?;
+    dev.check_stream(yb, "rmsnorm bf16 y")?;
+    let yp = match y {
+        Some(y) => {
+            check_len(y.len(), rows * dim, "y")?;
+            dev.check_stream(y, "rmsnorm y")?;
+            y.device_ptr(&dev.stream).0
+        }
+        None => 0u64,
+    };
+    let rp = match rstd {
+        Some(r) => {
+            check_len(r.len(), rows, "rstd")?;
+            dev.check_stream(r, "rmsnorm rstd")?;
+            r.device_ptr(&dev.stream).0
+        }
+        None => 0u64,
+    };
+    if rows == 0 {
+        return Ok(());
+    }
+    let name = "norm_rmsnorm_fwd_out_f32";
+    let f = dev.function(&NORM_CU, name)?;
+    let (r32, d32) = (rows as u32, dim as u32);
+    // SAFETY: (ptr, ptr, u32, u32, f32, ptr, ptr, ptr) as the kernel; one
+    // block per row touches row `blockIdx.x` of x, y, yb and rstd[row]
+    // (lengths checked above); a 0 pointer is never written.
+    launch_kernel!(dev, f, name, launch_cfg((r32, 1), NORM_THREADS), [x, w, &r32, &d32, &eps, &yp, yb, &rp])
 }
 
 /// `(chunks, rows_per_chunk)` of the dw partial sums: about

@@ -6,7 +6,7 @@
 
 use super::{launch_cfg, stride_grid, CudaDevice, SWIGLU_CU};
 use crate::error::Result;
-use cudarc::driver::{CudaView, CudaViewMut};
+use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DeviceRepr};
 
 /// Threads per block (`SWIGLU_THREADS` in swiglu.cu).
 const SWIGLU_THREADS: u32 = 256;
@@ -44,6 +44,101 @@ fn check_mut(dev: &CudaDevice, n: usize, v: &CudaViewMut<'_, f32>, what: &str) -
         bail!(ShapeMismatch, "swiglu: {what} has {} elements, expected {n}", v.len());
     }
     dev.check_stream(v, &format!("swiglu {what}"))
+}
+
+/// The device address of an optional output of `n` elements (0 for none:
+/// the kernel skips it), after the length and stream checks.
+fn out_ptr<T: DeviceRepr>(dev: &CudaDevice, n: usize, v: Option<&mut CudaViewMut<'_, T>>, what: &str) -> Result<u64> {
+    let Some(v) = v else { return Ok(0) };
+    if v.len() != n {
+        bail!(ShapeMismatch, "swiglu: {what} has {} elements, expected {n}", v.len());
+    }
+    dev.check_stream(v, &format!("swiglu {what}"))?;
+    Ok(v.device_ptr(&dev.stream).0)
+}
+
+/// The device address of a bf16 input of `n` elements, after the checks.
+fn in_ptr_bf16(dev: &CudaDevice, n: usize, v: &CudaView<'_, u16>, what: &str) -> Result<u64> {
+    if v.len() != n {
+        bail!(ShapeMismatch, "swiglu: {what} has {} elements, expected {n}", v.len());
+    }
+    dev.check_stream(v, &format!("swiglu {what}"))?;
+    Ok(v.device_ptr(&dev.stream).0)
+}
+
+/// `h = silu(gate)·up` from fp32 `gate`, `up` in one pass, writing only the
+/// outputs given: `h` (fp32), `hb` (its bf16 rounding) and `gb`, `ub` (the
+/// bf16 roundings of gate and up, which the bf16 step keeps for the
+/// backward). Every value is bit for bit [`swiglu_forward`]'s, and each
+/// bf16 output bit for bit `elementwise::to_bf16` of the fp32 one.
+pub fn swiglu_forward_out(
+    dev: &CudaDevice,
+    gate: &CudaView<'_, f32>,
+    up: &CudaView<'_, f32>,
+    h: Option<&mut CudaViewMut<'_, f32>>,
+    hb: Option<&mut CudaViewMut<'_, u16>>,
+    gb: Option<&mut CudaViewMut<'_, u16>>,
+    ub: Option<&mut CudaViewMut<'_, u16>>,
+) -> Result<()> {
+    let n = gate.len();
+    check(dev, n, &[(gate, "gate"), (up, "up")])?;
+    let (hp, hbp, gbp, ubp) = (out_ptr(dev, n, h, "h")?, out_ptr(dev, n, hb, "bf16 h")?, out_ptr(dev, n, gb, "bf16 gate")?, out_ptr(dev, n, ub, "bf16 up")?);
+    if n == 0 {
+        return Ok(());
+    }
+    let n64 = n as u64;
+    let name = "swiglu_fwd_out_f32";
+    let f = dev.function(&SWIGLU_CU, name)?;
+    // SAFETY: (ptr, ptr, u64, ptr, ptr, ptr, ptr) as the kernel; elements < n
+    // of each buffer (lengths checked equal to n); a 0 output is skipped.
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(n64, SWIGLU_THREADS), 1), SWIGLU_THREADS), [gate, up, &n64, &hp, &hbp, &gbp, &ubp])
+}
+
+/// `h = silu(gate)·up` from bf16 `gate`, `up` (widened exactly), into `h`
+/// (fp32) and/or `hb` (bf16): [`swiglu_forward_out`] on the widened
+/// values.
+pub fn swiglu_forward_bf16(dev: &CudaDevice, gate: &CudaView<'_, u16>, up: &CudaView<'_, u16>, h: Option<&mut CudaViewMut<'_, f32>>, hb: Option<&mut CudaViewMut<'_, u16>>) -> Result<()> {
+    let n = gate.len();
+    let (gp, up_) = (in_ptr_bf16(dev, n, gate, "gate")?, in_ptr_bf16(dev, n, up, "up")?);
+    let (hp, hbp) = (out_ptr(dev, n, h, "h")?, out_ptr(dev, n, hb, "bf16 h")?);
+    if n == 0 {
+        return Ok(());
+    }
+    let n64 = n as u64;
+    let name = "swiglu_fwd_out_bf16";
+    let f = dev.function(&SWIGLU_CU, name)?;
+    // SAFETY: (ptr, ptr, u64, ptr, ptr) as the kernel; elements < n of each
+    // buffer (lengths checked); a 0 output is skipped.
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(n64, SWIGLU_THREADS), 1), SWIGLU_THREADS), [&gp, &up_, &n64, &hp, &hbp])
+}
+
+/// The outputs of [`swiglu_backward_bf16`], each optional.
+#[derive(Default)]
+pub struct SwigluGrads<'a, 'b> {
+    pub dgate: Option<&'a mut CudaViewMut<'b, f32>>,
+    pub dup: Option<&'a mut CudaViewMut<'b, f32>>,
+    pub dgate_bf16: Option<&'a mut CudaViewMut<'b, u16>>,
+    pub dup_bf16: Option<&'a mut CudaViewMut<'b, u16>>,
+}
+
+/// [`swiglu_backward`] from bf16 `gate`, `up` (widened exactly) and fp32
+/// `dh`, writing the gradients given in `out` (fp32 and/or their bf16
+/// roundings, for the products that take bf16 operands).
+pub fn swiglu_backward_bf16(dev: &CudaDevice, gate: &CudaView<'_, u16>, up: &CudaView<'_, u16>, dh: &CudaView<'_, f32>, out: SwigluGrads<'_, '_>) -> Result<()> {
+    let n = gate.len();
+    let (gp, up_) = (in_ptr_bf16(dev, n, gate, "gate")?, in_ptr_bf16(dev, n, up, "up")?);
+    check(dev, n, &[(dh, "dh")])?;
+    let (dgp, dup_) = (out_ptr(dev, n, out.dgate, "dgate")?, out_ptr(dev, n, out.dup, "dup")?);
+    let (dgbp, dubp) = (out_ptr(dev, n, out.dgate_bf16, "bf16 dgate")?, out_ptr(dev, n, out.dup_bf16, "bf16 dup")?);
+    if n == 0 {
+        return Ok(());
+    }
+    let n64 = n as u64;
+    let name = "swiglu_bwd_out_bf16";
+    let f = dev.function(&SWIGLU_CU, name)?;
+    // SAFETY: (ptr, ptr, ptr, u64, ptr, ptr, ptr, ptr) as the kernel;
+    // elements < n of each buffer (lengths checked); a 0 output is skipped.
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(n64, SWIGLU_THREADS), 1), SWIGLU_THREADS), [&gp, &up_, dh, &n64, &dgp, &dup_, &dgbp, &dubp])
 }
 
 /// `h = silu(gate)·up`, elementwise, as `cpu::swiglu::swiglu_forward`.
