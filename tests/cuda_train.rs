@@ -217,6 +217,21 @@ fn checkpointing_micro_batches_and_handoffs() {
         assert_eq!(a.0.to_bits(), b.0.to_bits(), "checkpointing changed the loss: {a:?} vs {b:?}");
     }
     assert_eq!(weights(&ck), weights(&plain));
+    // The same in the lean bf16 step (bf16 adapter products: activations
+    // held in bf16 alone, fused conversions), which must recompute the
+    // same bits too.
+    let lean = |checkpointing: bool| {
+        let mut t = trainer((c.model)(), TrainerConfig { checkpointing, ..cfg() }, Some(Compute::BF16));
+        t.with_device_model(|g| g.set_lora_path(LoraPath::BlasBf16)).unwrap().unwrap();
+        let losses = run(&mut t, &ids, c.batch, c.seq, 4);
+        (losses, weights(&t))
+    };
+    let ((lw, ww), (lc, wc)) = (lean(false), lean(true));
+    for (a, b) in lw.iter().zip(&lc) {
+        assert_eq!(a.0.to_bits(), b.0.to_bits(), "checkpointing changed the lean step's loss: {a:?} vs {b:?}");
+    }
+    assert_eq!(ww, wc, "checkpointing changed the lean step's adapter");
+    check_losses("lean bf16 step", &want, &lw, 2e-2);
     // Micro-batches of one sequence accumulate the whole batch's gradient.
     let mut cpu = trainer((c.model)(), cfg(), None);
     let whole = run(&mut cpu, &ids, c.batch, c.seq, 6);

@@ -37,6 +37,12 @@
 //!   against the CPU when one is there. The fp32 kernels ran on an H100
 //!   (bench/gpu/2026-11-28-h100-gpu-check.log) and dominate the step time.
 //!
+//! The bf16 operands are written by the kernels that compute the values
+//! (RMSNorm and SwiGLU write their bf16 roundings in the same pass), and
+//! with bf16 adapter products the step is lean ([`DeviceModel::lean`]):
+//! the normalized inputs, the SwiGLU product and the gradients of gate and
+//! up exist only in bf16, since no consumer reads them in fp32.
+//!
 //! Memory: per layer the step keeps the layer input, q, k, v, the
 //! attention output and log-sum-exp, the mid-layer residual, gate and up
 //! (in bf16 in BF16 mode), the two RMS scales and the adapters' `x·Aᵀ`;
@@ -337,7 +343,6 @@ struct Dims {
     it: usize,
     qd: usize,
     kvd: usize,
-    eps: f32,
     nh: usize,
     nkv: usize,
     hd: usize,
@@ -345,7 +350,7 @@ struct Dims {
 
 impl Dims {
     fn of(c: &ModelConfig) -> Dims {
-        Dims { h: c.hidden_size, it: c.intermediate_size, qd: c.q_dim(), kvd: c.kv_dim(), eps: c.rms_norm_eps, nh: c.num_heads, nkv: c.num_kv_heads, hd: c.head_dim }
+        Dims { h: c.hidden_size, it: c.intermediate_size, qd: c.q_dim(), kvd: c.kv_dim(), nh: c.num_heads, nkv: c.num_kv_heads, hd: c.head_dim }
     }
 }
 
@@ -355,24 +360,87 @@ enum Saved {
     Bf16(CudaSlice<u16>),
 }
 
-impl Saved {
-    /// Keeps `x` as the compute mode keeps wide activations.
-    fn keep(dev: &CudaDevice, compute: Compute, x: CudaSlice<f32>) -> Result<Saved> {
-        Ok(match compute {
-            Compute::F32 => Saved::F32(x),
-            Compute::BF16 => Saved::Bf16(bf16_copy(dev, &x)?),
-        })
+/// A matrix product's input as the step holds it: fp32, its bf16 rounding
+/// (the bf16 step's operand), or both. Each consumer takes the form it
+/// needs ([`Act::f32`], [`Act::bf16`]); a missing form is made on demand.
+/// Widening a bf16-only input is exact but is not the fp32 value it was
+/// rounded from, so the step holds bf16 alone only where no consumer
+/// needs fp32 ([`DeviceModel::lean`]).
+#[derive(Clone, Copy)]
+enum Act<'a> {
+    F32(&'a CudaSlice<f32>),
+    Bf16(&'a CudaSlice<u16>),
+    Both(&'a CudaSlice<f32>, &'a CudaSlice<u16>),
+}
+
+/// The [`Act`] of what [`DeviceModel::normed`] made.
+fn act_of<'a>(f: &'a Option<CudaSlice<f32>>, b: &'a Option<CudaSlice<u16>>) -> Result<Act<'a>> {
+    match (f, b) {
+        (Some(f), Some(b)) => Ok(Act::Both(f, b)),
+        (Some(f), None) => Ok(Act::F32(f)),
+        (None, Some(b)) => Ok(Act::Bf16(b)),
+        (None, None) => bail!(Internal, "an activation held in neither form"),
+    }
+}
+
+/// A borrowed buffer, or one made for the occasion.
+enum Held<'a, T> {
+    Ref(&'a CudaSlice<T>),
+    Own(CudaSlice<T>),
+}
+
+impl<T> std::ops::Deref for Held<'_, T> {
+    type Target = CudaSlice<T>;
+    fn deref(&self) -> &CudaSlice<T> {
+        match self {
+            Held::Ref(r) => r,
+            Held::Own(o) => o,
+        }
+    }
+}
+
+impl<'a> Act<'a> {
+    /// fp32 `x` with its bf16 copy when there is one.
+    fn new(x: &'a CudaSlice<f32>, xb: Option<&'a CudaSlice<u16>>) -> Act<'a> {
+        match xb {
+            Some(b) => Act::Both(x, b),
+            None => Act::F32(x),
+        }
     }
 
-    /// The activation as fp32 (widened from bf16 into a new buffer).
-    fn into_f32(self, dev: &CudaDevice) -> Result<CudaSlice<f32>> {
+    /// The fp32 form (widened from bf16 into new scratch if that is all).
+    fn f32(self, d: &CudaDevice) -> Result<Held<'a, f32>> {
         match self {
-            Saved::F32(x) => Ok(x),
-            Saved::Bf16(b) => {
-                let mut x = out_buf::<f32>(dev, b.len())?;
-                ew::from_bf16(dev, &b.as_view(), &mut x.as_view_mut(), false)?;
-                Ok(x)
+            Act::F32(x) | Act::Both(x, _) => Ok(Held::Ref(x)),
+            Act::Bf16(b) => {
+                let mut x = out_buf::<f32>(d, b.len())?;
+                ew::from_bf16(d, &b.as_view(), &mut x.as_view_mut(), false)?;
+                Ok(Held::Own(x))
             }
+        }
+    }
+
+    /// The bf16 form (rounded into new scratch if there is none).
+    fn bf16(self, d: &CudaDevice) -> Result<Held<'a, u16>> {
+        match self {
+            Act::Bf16(b) | Act::Both(_, b) => Ok(Held::Ref(b)),
+            Act::F32(x) => bf16_copy(d, x).map(Held::Own),
+        }
+    }
+
+    /// The bf16 form when there is one.
+    fn given_bf16(self) -> Option<&'a CudaSlice<u16>> {
+        match self {
+            Act::Bf16(b) | Act::Both(_, b) => Some(b),
+            Act::F32(_) => None,
+        }
+    }
+
+    /// The operand of a frozen product: bf16 when held, else fp32.
+    fn operand(&self, d: &CudaDevice, rows: usize, cols: usize) -> Result<MatRef<'_>> {
+        match self {
+            Act::Bf16(b) | Act::Both(_, b) => MatRef::bf16(d, &b.as_view(), rows, cols),
+            Act::F32(x) => MatRef::f32(d, &x.as_view(), rows, cols),
         }
     }
 }
@@ -998,21 +1066,20 @@ impl DeviceModel {
     fn layer_forward(&mut self, l: usize, x: &CudaSlice<f32>, batch: usize, seq: usize, rows: Rows<'_>) -> Result<(Acts, CudaSlice<f32>)> {
         let dev = self.dev.clone();
         let d = &*dev;
-        let Dims { h, it, qd, kvd, eps, nh, nkv, hd } = Dims::of(&self.cfg);
+        let Dims { it, qd, kvd, nh, nkv, hd, .. } = Dims::of(&self.cfg);
         let n = batch * seq;
         let shape = self.shape(l, batch, seq);
         let mut hs: Vec<Option<CudaSlice<f32>>> = (0..7).map(|_| None).collect();
         // Attention block.
-        let mut h1 = out_buf::<f32>(d, n * h)?;
         let mut rstd1 = out_buf::<f32>(d, n)?;
-        cnorm::rmsnorm_forward(d, &x.as_view(), &self.layers[l].attn_norm.as_view(), n, h, eps, &mut h1.as_view_mut(), Some(&mut rstd1.as_view_mut()))?;
-        let h1b = self.operand(&h1)?;
+        let (h1, h1b) = self.normed(&x, &self.layers[l].attn_norm, n, Some(&mut rstd1))?;
+        let h1a = act_of(&h1, &h1b)?;
         let mut q = out_buf::<f32>(d, n * qd)?;
         let mut k = out_buf::<f32>(d, n * kvd)?;
         let mut v = out_buf::<f32>(d, n * kvd)?;
-        hs[Q] = self.lin_forward(l, Q, rows, &h1, h1b.as_ref(), n, &mut q, 0.0)?;
-        hs[K] = self.lin_forward(l, K, rows, &h1, h1b.as_ref(), n, &mut k, 0.0)?;
-        hs[V] = self.lin_forward(l, V, rows, &h1, h1b.as_ref(), n, &mut v, 0.0)?;
+        hs[Q] = self.lin_forward(l, Q, rows, h1a, n, &mut q, 0.0)?;
+        hs[K] = self.lin_forward(l, K, rows, h1a, n, &mut k, 0.0)?;
+        hs[V] = self.lin_forward(l, V, rows, h1a, n, &mut v, 0.0)?;
         drop((h1, h1b));
         let table = self.rope.as_ref().expect("rope table made for this sequence length");
         crope::rope_forward(d, &mut q.as_view_mut(), batch, seq, nh, hd, table)?;
@@ -1028,25 +1095,95 @@ impl DeviceModel {
         self.tock(t, "attention forward")?;
         let mut x_mid = d.duplicate(x)?;
         let attb = self.operand(&att)?;
-        hs[O] = self.lin_forward(l, O, rows, &att, attb.as_ref(), n, &mut x_mid, 1.0)?;
+        hs[O] = self.lin_forward(l, O, rows, Act::new(&att, attb.as_ref()), n, &mut x_mid, 1.0)?;
         drop(attb);
         // MLP block.
-        let mut h2 = out_buf::<f32>(d, n * h)?;
         let mut rstd2 = out_buf::<f32>(d, n)?;
-        cnorm::rmsnorm_forward(d, &x_mid.as_view(), &self.layers[l].mlp_norm.as_view(), n, h, eps, &mut h2.as_view_mut(), Some(&mut rstd2.as_view_mut()))?;
-        let h2b = self.operand(&h2)?;
+        let (h2, h2b) = self.normed(&x_mid, &self.layers[l].mlp_norm, n, Some(&mut rstd2))?;
+        let h2a = act_of(&h2, &h2b)?;
         let mut g = out_buf::<f32>(d, n * it)?;
         let mut u = out_buf::<f32>(d, n * it)?;
-        hs[GATE] = self.lin_forward(l, GATE, rows, &h2, h2b.as_ref(), n, &mut g, 0.0)?;
-        hs[UP] = self.lin_forward(l, UP, rows, &h2, h2b.as_ref(), n, &mut u, 0.0)?;
+        hs[GATE] = self.lin_forward(l, GATE, rows, h2a, n, &mut g, 0.0)?;
+        hs[UP] = self.lin_forward(l, UP, rows, h2a, n, &mut u, 0.0)?;
         drop((h2, h2b));
-        let mut a = out_buf::<f32>(d, n * it)?;
-        cswiglu::swiglu_forward(d, &g.as_view(), &u.as_view(), &mut a.as_view_mut())?;
-        let ab = self.operand(&a)?;
         let mut x_out = d.duplicate(&x_mid)?;
-        hs[DOWN] = self.lin_forward(l, DOWN, rows, &a, ab.as_ref(), n, &mut x_out, 1.0)?;
-        let (g, u) = (Saved::keep(d, self.compute, g)?, Saved::keep(d, self.compute, u)?);
+        // Gate and up are kept for the backward: in BF16 mode as the bf16
+        // roundings the gating pass writes (the fp32 ones dropped here).
+        let (a, ab, kept) = self.gated(&g, &u, true)?;
+        let (g, u) = match kept {
+            Some((gb, ub)) => {
+                drop((g, u));
+                (Saved::Bf16(gb), Saved::Bf16(ub))
+            }
+            None => (Saved::F32(g), Saved::F32(u)),
+        };
+        hs[DOWN] = self.lin_forward(l, DOWN, rows, act_of(&a, &ab)?, n, &mut x_out, 1.0)?;
         Ok((Acts { rstd1, q, k, v, att, lse, x_mid, rstd2, g, u, hs }, x_out))
+    }
+
+    /// Whether the step holds activations in bf16 alone where every
+    /// consumer takes bf16 (BF16 mode with bf16 adapter products): the
+    /// normalized inputs, the SwiGLU product and its gradients exist only
+    /// as the products' bf16 operands, each written by the kernel that
+    /// computes it (no conversion passes, no fp32 copies). The numbers are
+    /// those of the same mode holding both forms, except that LoRA dropout
+    /// and a mixed-adapter batch (fp32 consumers) read the bf16 values
+    /// widened.
+    fn lean(&self) -> bool {
+        self.compute == Compute::BF16 && self.lora_path == LoraPath::BlasBf16
+    }
+
+    /// `silu(g)·u` in the forms the products take (as
+    /// [`normed`](Self::normed)), from one pass; in BF16 mode with `keep`,
+    /// the same pass also writes `g` and `u` rounded to bf16 (returned).
+    #[allow(clippy::type_complexity)]
+    fn gated(&self, g: &CudaSlice<f32>, u: &CudaSlice<f32>, keep: bool) -> Result<(Option<CudaSlice<f32>>, Option<CudaSlice<u16>>, Option<(CudaSlice<u16>, CudaSlice<u16>)>)> {
+        let d = &*self.dev;
+        let n = g.len();
+        match self.compute {
+            Compute::F32 => {
+                let mut a = out_buf::<f32>(d, n)?;
+                cswiglu::swiglu_forward(d, &g.as_view(), &u.as_view(), &mut a.as_view_mut())?;
+                Ok((Some(a), None, None))
+            }
+            Compute::BF16 => {
+                let mut a = if self.lean() { None } else { Some(out_buf::<f32>(d, n)?) };
+                let mut ab = out_buf::<u16>(d, n)?;
+                let mut kept = if keep { Some((out_buf::<u16>(d, n)?, out_buf::<u16>(d, n)?)) } else { None };
+                let mut av = a.as_mut().map(|a| a.as_view_mut());
+                let (mut gv, mut uv) = match kept.as_mut() {
+                    Some((gb, ub)) => (Some(gb.as_view_mut()), Some(ub.as_view_mut())),
+                    None => (None, None),
+                };
+                cswiglu::swiglu_forward_out(d, &g.as_view(), &u.as_view(), av.as_mut(), Some(&mut ab.as_view_mut()), gv.as_mut(), uv.as_mut())?;
+                drop((av, gv, uv));
+                Ok((a, Some(ab), kept))
+            }
+        }
+    }
+
+    /// `w·rmsnorm(x)` of `n` rows in the forms the products take: fp32 (F32
+    /// mode, or BF16 mode unless [`lean`](Self::lean)) and bf16 (BF16
+    /// mode), both from one pass; `rstd` gets the rows' scales when given.
+    fn normed(&self, x: &CudaSlice<f32>, w: &CudaSlice<f32>, n: usize, rstd: Option<&mut CudaSlice<f32>>) -> Result<(Option<CudaSlice<f32>>, Option<CudaSlice<u16>>)> {
+        let d = &*self.dev;
+        let (h, eps) = (self.cfg.hidden_size, self.cfg.rms_norm_eps);
+        let mut rv = rstd.map(|r| r.as_view_mut());
+        match self.compute {
+            Compute::F32 => {
+                let mut y = out_buf::<f32>(d, n * h)?;
+                cnorm::rmsnorm_forward(d, &x.as_view(), &w.as_view(), n, h, eps, &mut y.as_view_mut(), rv.as_mut())?;
+                Ok((Some(y), None))
+            }
+            Compute::BF16 => {
+                let mut y = if self.lean() { None } else { Some(out_buf::<f32>(d, n * h)?) };
+                let mut yb = out_buf::<u16>(d, n * h)?;
+                let mut yv = y.as_mut().map(|y| y.as_view_mut());
+                cnorm::rmsnorm_forward_bf16(d, &x.as_view(), &w.as_view(), n, h, eps, yv.as_mut(), &mut yb.as_view_mut(), rv.as_mut())?;
+                drop(yv);
+                Ok((y, Some(yb)))
+            }
+        }
     }
 
     /// The weight of linear `(l, j)` in the compute dtype.
@@ -1083,24 +1220,18 @@ impl DeviceModel {
     /// `y = β·y + x·Wᵀ (+ bias) + Σ m·s·(x·Aᵀ)·Bᵀ` over the adapters `rows`
     /// names (through the merged weight instead for the active set of a
     /// merged model); returns the first adapter's `x·Aᵀ` for the backward.
-    /// `xb` is the bf16 copy of `x` in BF16 mode.
+    /// The product takes `x`'s bf16 form when it is held (BF16 mode).
     #[allow(clippy::too_many_arguments)]
-    fn lin_forward(&self, l: usize, j: usize, rows: Rows<'_>, x: &CudaSlice<f32>, xb: Option<&CudaSlice<u16>>, n: usize, y: &mut CudaSlice<f32>, beta: f32) -> Result<Option<CudaSlice<f32>>> {
+    fn lin_forward(&self, l: usize, j: usize, rows: Rows<'_>, x: Act<'_>, n: usize, y: &mut CudaSlice<f32>, beta: f32) -> Result<Option<CudaSlice<f32>>> {
         let d = &*self.dev;
         let lin = &self.layers[l].lin[j];
         let (in_f, out_f) = (lin.in_f, lin.out_f);
         let merged = lin.merged.as_ref().filter(|_| matches!(rows, Rows::Active));
         let w = self.weight(merged.unwrap_or(&lin.w))?;
-        let xv = x.as_view();
-        let xbv = xb.map(|b| b.as_view());
-        let xa = match &xbv {
-            Some(b) => MatRef::bf16(d, b, n, in_f)?,
-            None => MatRef::f32(d, &xv, n, in_f)?,
-        };
         let t = self.tick()?;
-        gemm(d, &self.blas, xa, false, w.mat(d, out_f, in_f)?, true, &mut y.as_view_mut(), 1.0, beta)?;
+        gemm(d, &self.blas, x.operand(d, n, in_f)?, false, w.mat(d, out_f, in_f)?, true, &mut y.as_view_mut(), 1.0, beta)?;
         self.tock(t, "base GEMM forward")?;
-        self.lin_bias_lora(l, j, rows, x, xb, n, y)
+        self.lin_bias_lora(l, j, rows, x, n, y)
     }
 
     /// The base product of a decode step's few rows: for an NF4 weight in
@@ -1110,20 +1241,20 @@ impl DeviceModel {
     /// `y` (`β` 0 or 1); otherwise (a merged module too) as
     /// [`lin_forward`](Self::lin_forward). Then bias and adapters as there.
     #[allow(clippy::too_many_arguments)]
-    fn lin_decode(&self, l: usize, j: usize, rows: Rows<'_>, x: &CudaSlice<f32>, xb: Option<&CudaSlice<u16>>, n: usize, y: &mut CudaSlice<f32>, beta: f32) -> Result<()> {
+    fn lin_decode(&self, l: usize, j: usize, rows: Rows<'_>, x: Act<'_>, n: usize, y: &mut CudaSlice<f32>, beta: f32) -> Result<()> {
         let d = &*self.dev;
         let lin = &self.layers[l].lin[j];
         let (in_f, out_f) = (lin.in_f, lin.out_f);
         let merged = lin.merged.is_some() && matches!(rows, Rows::Active);
-        match (&lin.w, xb) {
+        match (&lin.w, x.given_bf16()) {
             (Weight::Nf4(t), Some(xb)) if !merged && n <= DECODE_GEMV_ROWS && (beta == 0.0 || beta == 1.0) => {
                 let absmax = t.absmax_f32(d)?;
                 let mut yb = out_buf::<u16>(d, n * out_f)?;
                 cu::nf4::gemv_bf16_batch(d, &t.packed.as_view(), &absmax.as_view(), t.blocksize, out_f, in_f, n, &xb.as_view(), &mut yb.as_view_mut())?;
                 ew::from_bf16(d, &yb.as_view(), &mut y.as_view_mut(), beta == 1.0)?;
-                self.lin_bias_lora(l, j, rows, x, Some(xb), n, y).map(|_| ())
+                self.lin_bias_lora(l, j, rows, x, n, y).map(|_| ())
             }
-            _ => self.lin_forward(l, j, rows, x, xb, n, y, beta).map(|_| ()),
+            _ => self.lin_forward(l, j, rows, x, n, y, beta).map(|_| ()),
         }
     }
 
@@ -1131,7 +1262,7 @@ impl DeviceModel {
     /// returns the first applied adapter's `x·Aᵀ` (None without one, and
     /// for a mixed batch).
     #[allow(clippy::too_many_arguments)]
-    fn lin_bias_lora(&self, l: usize, j: usize, rows: Rows<'_>, x: &CudaSlice<f32>, xb: Option<&CudaSlice<u16>>, n: usize, y: &mut CudaSlice<f32>) -> Result<Option<CudaSlice<f32>>> {
+    fn lin_bias_lora(&self, l: usize, j: usize, rows: Rows<'_>, x: Act<'_>, n: usize, y: &mut CudaSlice<f32>) -> Result<Option<CudaSlice<f32>>> {
         let d = &*self.dev;
         let lin = &self.layers[l].lin[j];
         let (in_f, out_f) = (lin.in_f, lin.out_f);
@@ -1149,7 +1280,7 @@ impl DeviceModel {
             Rows::One(set) => (set.into_iter().map(|s| (s, 1.0)).collect(), None),
             Rows::Train(tr) => (vec![(tr.set, 1.0)], Some(tr.call)),
             Rows::PerRow(r) => {
-                self.lora_per_row(lin, r, x, n, y)?;
+                self.lora_per_row(lin, r, &*(x.f32(d)?), n, y)?;
                 return Ok(None);
             }
         };
@@ -1160,32 +1291,35 @@ impl DeviceModel {
             let t = self.tick()?;
             // Training with LoRA dropout: the adapter sees x after the mask.
             let dropped = match call {
-                Some(c) if ad.dropout > 0.0 => Some(self.dropped_input(ad, x, c)?),
+                Some(c) if ad.dropout > 0.0 => Some(self.dropped_input(ad, &*(x.f32(d)?), c)?),
                 _ => None,
             };
-            let xin = dropped.as_ref().unwrap_or(x);
-            let xv = xin.as_view();
+            // The adapter's input: the masked x, or x itself.
+            let xin = match &dropped {
+                Some(m) => Act::F32(m),
+                None => x,
+            };
             let mut hbuf = out_buf::<f32>(d, n * ad.r)?;
             let set = &self.sets[s];
             let (av, bv) = (set.params.slice(ad.a.clone()), set.params.slice(ad.b.clone()));
             match self.lora_path {
                 LoraPath::Kernels => {
-                    glora::shrink(d, &xv, &av, n, in_f, ad.r, &mut hbuf.as_view_mut())?;
+                    let xf = xin.f32(d)?;
+                    glora::shrink(d, &xf.as_view(), &av, n, in_f, ad.r, &mut hbuf.as_view_mut())?;
                     glora::expand(d, &hbuf.as_view(), &bv, n, ad.r, out_f, scale, &mut y.as_view_mut())?;
                 }
                 LoraPath::Blas => {
+                    let xf = xin.f32(d)?;
+                    let xv = xf.as_view();
                     gemm(d, &self.blas, MatRef::f32(d, &xv, n, in_f)?, false, MatRef::f32(d, &av, ad.r, in_f)?, true, &mut hbuf.as_view_mut(), 1.0, 0.0)?;
                     let hv = hbuf.as_view();
                     gemm(d, &self.blas, MatRef::f32(d, &hv, n, ad.r)?, false, MatRef::f32(d, &bv, out_f, ad.r)?, true, &mut y.as_view_mut(), scale, 1.0)?;
                 }
                 LoraPath::BlasBf16 => {
-                    // The activation's bf16 copy made for the base product,
-                    // or (dropout, or none given) one made here.
-                    let own = match (&dropped, xb) {
-                        (None, Some(_)) => None,
-                        _ => self.operand(xin)?,
-                    };
-                    let xbv = own.as_ref().or(xb).ok_or_else(|| err!(Internal, "bf16 adapter products without a bf16 activation"))?.as_view();
+                    // The activation's bf16 form made for the base product,
+                    // or (dropout, or none held) one made here.
+                    let xb = xin.bf16(d)?;
+                    let xbv = xb.as_view();
                     let pb = set.params_b.as_ref().ok_or_else(|| err!(Internal, "bf16 adapter products without the weights' bf16 copy"))?;
                     let (ab, bb) = (pb.slice(ad.a.clone()), pb.slice(ad.b.clone()));
                     gemm(d, &self.blas, MatRef::bf16(d, &xbv, n, in_f)?, false, MatRef::bf16(d, &ab, ad.r, in_f)?, true, &mut hbuf.as_view_mut(), 1.0, 0.0)?;
@@ -1249,25 +1383,19 @@ impl DeviceModel {
     }
 
     /// Backward of linear `(l, j)` given its input `x`, saved `h = x·Aᵀ` and
-    /// the output gradient `dy` (`dyb` its bf16 copy in BF16 mode):
+    /// the output gradient `dy` (each in the forms held, [`Act`]):
     /// accumulates `dA`, `dB` of adapter `set` (being trained); with `dx`,
     /// `dx = β·dx + dy·W + s·(dy·B)·A`.
     #[allow(clippy::too_many_arguments)]
-    fn lin_backward(&mut self, tr: Train, l: usize, j: usize, x: &CudaSlice<f32>, h: Option<&CudaSlice<f32>>, dy: &CudaSlice<f32>, dyb: Option<&CudaSlice<u16>>, n: usize, dx: Option<(&mut CudaSlice<f32>, f32)>) -> Result<()> {
+    fn lin_backward(&mut self, tr: Train, l: usize, j: usize, x: Act<'_>, h: Option<&CudaSlice<f32>>, dy: Act<'_>, n: usize, dx: Option<(&mut CudaSlice<f32>, f32)>) -> Result<()> {
         let dev = self.dev.clone();
         let d = &*dev;
         let (in_f, out_f) = (self.layers[l].lin[j].in_f, self.layers[l].lin[j].out_f);
-        let dyv = dy.as_view();
         let mut dx = dx;
         if let Some((dxs, beta)) = dx.as_mut() {
             let w = self.weight(&self.layers[l].lin[j].w)?;
-            let dybv = dyb.map(|b| b.as_view());
-            let dya = match &dybv {
-                Some(b) => MatRef::bf16(d, b, n, out_f)?,
-                None => MatRef::f32(d, &dyv, n, out_f)?,
-            };
             let t = self.tick()?;
-            gemm(d, &self.blas, dya, false, w.mat(d, out_f, in_f)?, false, &mut dxs.as_view_mut(), 1.0, *beta)?;
+            gemm(d, &self.blas, dy.operand(d, n, out_f)?, false, w.mat(d, out_f, in_f)?, false, &mut dxs.as_view_mut(), 1.0, *beta)?;
             self.tock(t, "base GEMM backward")?;
         }
         let t = self.tick()?;
@@ -1277,24 +1405,30 @@ impl DeviceModel {
         // With LoRA dropout the adapter saw x after the mask (regenerated
         // here, the same mask), and dx gets g·A through the mask
         // (`dropout_accum`, the CPU's order) instead of s·g·A directly.
-        let dropped = if ad.dropout > 0.0 { Some(self.dropped_input(&ad, x, tr.call)?) } else { None };
+        let dropped = if ad.dropout > 0.0 { Some(self.dropped_input(&ad, &*(x.f32(d)?), tr.call)?) } else { None };
+        let xin = match &dropped {
+            Some(m) => Act::F32(m),
+            None => x,
+        };
         let mut gdx = match (&dropped, &dx) {
             (Some(_), Some(_)) => Some(alloc(d, n * in_f)?),
             _ => None,
         };
         let mut g = out_buf::<f32>(d, n * r)?;
-        // bf16 operands (LoraPath::BlasBf16): the output gradient's copy
-        // (given, or made here), x·Aᵀ's and the adapter input's.
-        let bf = if self.lora_path == LoraPath::BlasBf16 {
-            let dy_own = if dyb.is_none() { Some(bf16_copy(d, dy)?) } else { None };
-            Some((dy_own, bf16_copy(d, h)?, bf16_copy(d, dropped.as_ref().unwrap_or(x))?))
-        } else {
-            None
+        // The operands in the form the adapter products take: bf16
+        // (LoraPath::BlasBf16: dy's, x·Aᵀ's and the adapter input's) or fp32.
+        enum Ops<'a> {
+            Bf16(Held<'a, u16>, CudaSlice<u16>, Held<'a, u16>),
+            F32(Held<'a, f32>, Held<'a, f32>),
+        }
+        let ops = match self.lora_path {
+            LoraPath::BlasBf16 => Ops::Bf16(dy.bf16(d)?, bf16_copy(d, h)?, xin.bf16(d)?),
+            _ => Ops::F32(dy.f32(d)?, xin.f32(d)?),
         };
         let (blas, lora_path) = (&self.blas, self.lora_path);
         let DevSet { params, params_b, train, .. } = &mut self.sets[tr.set];
         let grads = &mut train.as_mut().ok_or_else(|| err!(Internal, "the backward of an adapter not being trained"))?.grads;
-        let (av, bv, hv, xv) = (params.slice(ad.a.clone()), params.slice(ad.b.clone()), h.as_view(), dropped.as_ref().unwrap_or(x).as_view());
+        let (av, bv, hv) = (params.slice(ad.a.clone()), params.slice(ad.b.clone()), h.as_view());
         let (ra, rb) = (ad.a.clone(), ad.b.clone());
         // dx's adapter term goes to gdx (unscaled) or into dx (scaled by s).
         let mut dx_term = match (&mut gdx, dx.as_mut()) {
@@ -1302,34 +1436,39 @@ impl DeviceModel {
             (None, Some((dxs, _))) => Some((dxs.as_view_mut(), s, 1.0f32)),
             (None, None) => None,
         };
-        if let Some((dy_own, hb, xb)) = &bf {
-            let pb = params_b.as_ref().ok_or_else(|| err!(Internal, "bf16 adapter products without the weights' bf16 copy"))?;
-            let (ab, bb) = (pb.slice(ad.a.clone()), pb.slice(ad.b.clone()));
-            let dybv = dy_own.as_ref().or(dyb).expect("given or made above").as_view();
-            let (hbv, xbv) = (hb.as_view(), xb.as_view());
-            gemm(d, blas, MatRef::bf16(d, &dybv, n, out_f)?, false, MatRef::bf16(d, &bb, out_f, r)?, false, &mut g.as_view_mut(), 1.0, 0.0)?;
-            gemm(d, blas, MatRef::bf16(d, &dybv, n, out_f)?, true, MatRef::bf16(d, &hbv, n, r)?, false, &mut grads.slice_mut(rb), s, 1.0)?;
-            let gb = bf16_copy(d, &g)?;
-            let gbv = gb.as_view();
-            gemm(d, blas, MatRef::bf16(d, &gbv, n, r)?, true, MatRef::bf16(d, &xbv, n, in_f)?, false, &mut grads.slice_mut(ra), s, 1.0)?;
-            if let Some((o, scale, beta)) = dx_term.as_mut() {
-                gemm(d, blas, MatRef::bf16(d, &gbv, n, r)?, false, MatRef::bf16(d, &ab, r, in_f)?, false, o, *scale, *beta)?;
+        match &ops {
+            Ops::Bf16(dyb, hb, xb) => {
+                let pb = params_b.as_ref().ok_or_else(|| err!(Internal, "bf16 adapter products without the weights' bf16 copy"))?;
+                let (ab, bb) = (pb.slice(ad.a.clone()), pb.slice(ad.b.clone()));
+                let (dybv, hbv, xbv) = (dyb.as_view(), hb.as_view(), xb.as_view());
+                gemm(d, blas, MatRef::bf16(d, &dybv, n, out_f)?, false, MatRef::bf16(d, &bb, out_f, r)?, false, &mut g.as_view_mut(), 1.0, 0.0)?;
+                gemm(d, blas, MatRef::bf16(d, &dybv, n, out_f)?, true, MatRef::bf16(d, &hbv, n, r)?, false, &mut grads.slice_mut(rb), s, 1.0)?;
+                let gb = bf16_copy(d, &g)?;
+                let gbv = gb.as_view();
+                gemm(d, blas, MatRef::bf16(d, &gbv, n, r)?, true, MatRef::bf16(d, &xbv, n, in_f)?, false, &mut grads.slice_mut(ra), s, 1.0)?;
+                if let Some((o, scale, beta)) = dx_term.as_mut() {
+                    gemm(d, blas, MatRef::bf16(d, &gbv, n, r)?, false, MatRef::bf16(d, &ab, r, in_f)?, false, o, *scale, *beta)?;
+                }
             }
-        } else if lora_path == LoraPath::Kernels {
-            glora::bwd_g(d, &dyv, &bv, n, out_f, r, &mut g.as_view_mut())?;
-            glora::grad_b(d, &dyv, &hv, n, out_f, r, s, &mut grads.slice_mut(rb))?;
-            glora::grad_a(d, &g.as_view(), &xv, n, r, in_f, s, &mut grads.slice_mut(ra))?;
-            if let Some((o, scale, _)) = dx_term.as_mut() {
-                // Accumulates: gdx starts zeroed, so scale 1 writes g·A.
-                glora::bwd_dx(d, &g.as_view(), &av, n, r, in_f, *scale, o)?;
+            Ops::F32(dyf, xf) if lora_path == LoraPath::Kernels => {
+                let (dyv, xv) = (dyf.as_view(), xf.as_view());
+                glora::bwd_g(d, &dyv, &bv, n, out_f, r, &mut g.as_view_mut())?;
+                glora::grad_b(d, &dyv, &hv, n, out_f, r, s, &mut grads.slice_mut(rb))?;
+                glora::grad_a(d, &g.as_view(), &xv, n, r, in_f, s, &mut grads.slice_mut(ra))?;
+                if let Some((o, scale, _)) = dx_term.as_mut() {
+                    // Accumulates: gdx starts zeroed, so scale 1 writes g·A.
+                    glora::bwd_dx(d, &g.as_view(), &av, n, r, in_f, *scale, o)?;
+                }
             }
-        } else {
-            gemm(d, blas, MatRef::f32(d, &dyv, n, out_f)?, false, MatRef::f32(d, &bv, out_f, r)?, false, &mut g.as_view_mut(), 1.0, 0.0)?;
-            gemm(d, blas, MatRef::f32(d, &dyv, n, out_f)?, true, MatRef::f32(d, &hv, n, r)?, false, &mut grads.slice_mut(rb), s, 1.0)?;
-            let gv = g.as_view();
-            gemm(d, blas, MatRef::f32(d, &gv, n, r)?, true, MatRef::f32(d, &xv, n, in_f)?, false, &mut grads.slice_mut(ra), s, 1.0)?;
-            if let Some((o, scale, beta)) = dx_term.as_mut() {
-                gemm(d, blas, MatRef::f32(d, &gv, n, r)?, false, MatRef::f32(d, &av, r, in_f)?, false, o, *scale, *beta)?;
+            Ops::F32(dyf, xf) => {
+                let (dyv, xv) = (dyf.as_view(), xf.as_view());
+                gemm(d, blas, MatRef::f32(d, &dyv, n, out_f)?, false, MatRef::f32(d, &bv, out_f, r)?, false, &mut g.as_view_mut(), 1.0, 0.0)?;
+                gemm(d, blas, MatRef::f32(d, &dyv, n, out_f)?, true, MatRef::f32(d, &hv, n, r)?, false, &mut grads.slice_mut(rb), s, 1.0)?;
+                let gv = g.as_view();
+                gemm(d, blas, MatRef::f32(d, &gv, n, r)?, true, MatRef::f32(d, &xv, n, in_f)?, false, &mut grads.slice_mut(ra), s, 1.0)?;
+                if let Some((o, scale, beta)) = dx_term.as_mut() {
+                    gemm(d, blas, MatRef::f32(d, &gv, n, r)?, false, MatRef::f32(d, &av, r, in_f)?, false, o, *scale, *beta)?;
+                }
             }
         }
         if let (Some(gx), Some((dxs, _))) = (gdx, dx) {
@@ -1343,30 +1482,58 @@ impl DeviceModel {
     fn layer_backward(&mut self, tr: Train, l: usize, x_in: &CudaSlice<f32>, acts: Acts, dx: CudaSlice<f32>, batch: usize, seq: usize, need_dx: bool) -> Result<CudaSlice<f32>> {
         let dev = self.dev.clone();
         let d = &*dev;
-        let Dims { h, it, qd, kvd, eps, nh, nkv, hd } = Dims::of(&self.cfg);
+        let Dims { h, it, qd, kvd, nh, nkv, hd, .. } = Dims::of(&self.cfg);
         let n = batch * seq;
         let shape = self.shape(l, batch, seq);
         let Acts { rstd1, q, k, v, att, lse, x_mid, rstd2, g, u, hs } = acts;
-        let (mut g, mut u) = (g.into_f32(d)?, u.into_f32(d)?);
-        // MLP: x_out = x_mid + down(a), a = silu(g)·u, recomputed.
-        let mut a = out_buf::<f32>(d, n * it)?;
-        cswiglu::swiglu_forward(d, &g.as_view(), &u.as_view(), &mut a.as_view_mut())?;
+        let lean = self.lean();
         let dxb = self.operand(&dx)?;
         let mut da = out_buf::<f32>(d, n * it)?;
-        self.lin_backward(tr, l, DOWN, &a, hs[DOWN].as_ref(), &dx, dxb.as_ref(), n, Some((&mut da, 0.0)))?;
-        drop((a, dxb));
-        cswiglu::swiglu_backward_inplace(d, &mut g.as_view_mut(), &mut u.as_view_mut(), &da.as_view())?;
-        drop(da);
-        let (dg, du) = (g, u);
-        let mut h2 = out_buf::<f32>(d, n * h)?;
-        cnorm::rmsnorm_forward(d, &x_mid.as_view(), &self.layers[l].mlp_norm.as_view(), n, h, eps, &mut h2.as_view_mut(), None)?;
+        // MLP: x_out = x_mid + down(a), a = silu(g)·u, recomputed; then the
+        // gradients of gate and up.
+        let (dg, du, dgb, dub) = match (g, u) {
+            (Saved::F32(mut g), Saved::F32(mut u)) => {
+                let mut a = out_buf::<f32>(d, n * it)?;
+                cswiglu::swiglu_forward(d, &g.as_view(), &u.as_view(), &mut a.as_view_mut())?;
+                self.lin_backward(tr, l, DOWN, Act::F32(&a), hs[DOWN].as_ref(), Act::new(&dx, dxb.as_ref()), n, Some((&mut da, 0.0)))?;
+                drop(a);
+                cswiglu::swiglu_backward_inplace(d, &mut g.as_view_mut(), &mut u.as_view_mut(), &da.as_view())?;
+                let (dgb, dub) = (self.operand(&g)?, self.operand(&u)?);
+                (Some(g), Some(u), dgb, dub)
+            }
+            (Saved::Bf16(gb), Saved::Bf16(ub)) => {
+                // From the bf16 gate and up, one pass each: a (its bf16
+                // operand, and fp32 unless lean), then the gradients (bf16
+                // operands, and fp32 unless lean).
+                let mut a = if lean { None } else { Some(out_buf::<f32>(d, n * it)?) };
+                let mut ab = out_buf::<u16>(d, n * it)?;
+                let mut av = a.as_mut().map(|a| a.as_view_mut());
+                cswiglu::swiglu_forward_bf16(d, &gb.as_view(), &ub.as_view(), av.as_mut(), Some(&mut ab.as_view_mut()))?;
+                drop(av);
+                let aa = match &a {
+                    Some(a) => Act::Both(a, &ab),
+                    None => Act::Bf16(&ab),
+                };
+                self.lin_backward(tr, l, DOWN, aa, hs[DOWN].as_ref(), Act::new(&dx, dxb.as_ref()), n, Some((&mut da, 0.0)))?;
+                drop((a, ab));
+                let (mut dg, mut du) = if lean { (None, None) } else { (Some(out_buf::<f32>(d, n * it)?), Some(out_buf::<f32>(d, n * it)?)) };
+                let (mut dgb, mut dub) = (out_buf::<u16>(d, n * it)?, out_buf::<u16>(d, n * it)?);
+                let (mut dgv, mut duv) = (dg.as_mut().map(|x| x.as_view_mut()), du.as_mut().map(|x| x.as_view_mut()));
+                let out = cswiglu::SwigluGrads { dgate: dgv.as_mut(), dup: duv.as_mut(), dgate_bf16: Some(&mut dgb.as_view_mut()), dup_bf16: Some(&mut dub.as_view_mut()) };
+                cswiglu::swiglu_backward_bf16(d, &gb.as_view(), &ub.as_view(), &da.as_view(), out)?;
+                drop((dgv, duv));
+                (dg, du, Some(dgb), Some(dub))
+            }
+            _ => bail!(Internal, "gate and up kept in different dtypes"),
+        };
+        drop((da, dxb));
+        let (h2, h2b) = self.normed(&x_mid, &self.layers[l].mlp_norm, n, None)?;
+        let h2a = act_of(&h2, &h2b)?;
         let mut dh2 = out_buf::<f32>(d, n * h)?;
-        let dgb = self.operand(&dg)?;
-        self.lin_backward(tr, l, GATE, &h2, hs[GATE].as_ref(), &dg, dgb.as_ref(), n, Some((&mut dh2, 0.0)))?;
+        self.lin_backward(tr, l, GATE, h2a, hs[GATE].as_ref(), act_of(&dg, &dgb)?, n, Some((&mut dh2, 0.0)))?;
         drop((dg, dgb));
-        let dub = self.operand(&du)?;
-        self.lin_backward(tr, l, UP, &h2, hs[UP].as_ref(), &du, dub.as_ref(), n, Some((&mut dh2, 1.0)))?;
-        drop((du, dub, h2));
+        self.lin_backward(tr, l, UP, h2a, hs[UP].as_ref(), act_of(&du, &dub)?, n, Some((&mut dh2, 1.0)))?;
+        drop((du, dub, h2, h2b));
         let mut dxm = out_buf::<f32>(d, n * h)?;
         cnorm::rmsnorm_backward(d, &x_mid.as_view(), &self.layers[l].mlp_norm.as_view(), &rstd2.as_view(), &dh2.as_view(), n, h, &mut dxm.as_view_mut(), None)?;
         ew::add(d, &mut dxm.as_view_mut(), &dx.as_view())?;
@@ -1374,7 +1541,7 @@ impl DeviceModel {
         // Attention: x_mid = x_in + o_proj(att).
         let dxmb = self.operand(&dxm)?;
         let mut datt = out_buf::<f32>(d, n * qd)?;
-        self.lin_backward(tr, l, O, &att, hs[O].as_ref(), &dxm, dxmb.as_ref(), n, Some((&mut datt, 0.0)))?;
+        self.lin_backward(tr, l, O, Act::F32(&att), hs[O].as_ref(), Act::new(&dxm, dxmb.as_ref()), n, Some((&mut datt, 0.0)))?;
         drop(dxmb);
         let mut dq = out_buf::<f32>(d, n * qd)?;
         let mut dk = out_buf::<f32>(d, n * kvd)?;
@@ -1390,22 +1557,22 @@ impl DeviceModel {
         let table = self.rope.as_ref().expect("rope table made for this sequence length");
         crope::rope_backward(d, &mut dq.as_view_mut(), batch, seq, nh, hd, table)?;
         crope::rope_backward(d, &mut dk.as_view_mut(), batch, seq, nkv, hd, table)?;
-        let mut h1 = out_buf::<f32>(d, n * h)?;
-        cnorm::rmsnorm_forward(d, &x_in.as_view(), &self.layers[l].attn_norm.as_view(), n, h, eps, &mut h1.as_view_mut(), None)?;
-        let (dqb, dkb, dvb) = (self.operand(&dq)?, self.operand(&dk)?, self.operand(&dv)?);
+        let (h1, h1b) = self.normed(x_in, &self.layers[l].attn_norm, n, None)?;
+        let h1a = act_of(&h1, &h1b)?;
         if need_dx {
+            let (dqb, dkb, dvb) = (self.operand(&dq)?, self.operand(&dk)?, self.operand(&dv)?);
             let mut dh1 = out_buf::<f32>(d, n * h)?;
-            self.lin_backward(tr, l, Q, &h1, hs[Q].as_ref(), &dq, dqb.as_ref(), n, Some((&mut dh1, 0.0)))?;
-            self.lin_backward(tr, l, K, &h1, hs[K].as_ref(), &dk, dkb.as_ref(), n, Some((&mut dh1, 1.0)))?;
-            self.lin_backward(tr, l, V, &h1, hs[V].as_ref(), &dv, dvb.as_ref(), n, Some((&mut dh1, 1.0)))?;
+            self.lin_backward(tr, l, Q, h1a, hs[Q].as_ref(), Act::new(&dq, dqb.as_ref()), n, Some((&mut dh1, 0.0)))?;
+            self.lin_backward(tr, l, K, h1a, hs[K].as_ref(), Act::new(&dk, dkb.as_ref()), n, Some((&mut dh1, 1.0)))?;
+            self.lin_backward(tr, l, V, h1a, hs[V].as_ref(), Act::new(&dv, dvb.as_ref()), n, Some((&mut dh1, 1.0)))?;
             let mut dx_in = out_buf::<f32>(d, n * h)?;
             cnorm::rmsnorm_backward(d, &x_in.as_view(), &self.layers[l].attn_norm.as_view(), &rstd1.as_view(), &dh1.as_view(), n, h, &mut dx_in.as_view_mut(), None)?;
             ew::add(d, &mut dx_in.as_view_mut(), &dxm.as_view())?;
             Ok(dx_in)
         } else {
-            self.lin_backward(tr, l, Q, &h1, hs[Q].as_ref(), &dq, None, n, None)?;
-            self.lin_backward(tr, l, K, &h1, hs[K].as_ref(), &dk, None, n, None)?;
-            self.lin_backward(tr, l, V, &h1, hs[V].as_ref(), &dv, None, n, None)?;
+            self.lin_backward(tr, l, Q, h1a, hs[Q].as_ref(), Act::F32(&dq), n, None)?;
+            self.lin_backward(tr, l, K, h1a, hs[K].as_ref(), Act::F32(&dk), n, None)?;
+            self.lin_backward(tr, l, V, h1a, hs[V].as_ref(), Act::F32(&dv), n, None)?;
             Ok(dxm)
         }
     }
@@ -1740,20 +1907,19 @@ impl DeviceModel {
     fn decode_step(&mut self, next: &[i32], rows: Rows<'_>, lens: &mut [usize], caches: &mut [(CudaSlice<f32>, CudaSlice<f32>)], cap: usize) -> Result<Vec<f32>> {
         let dev = self.dev.clone();
         let d = &*dev;
-        let Dims { h, it, qd, kvd, eps, nh, nkv, hd } = Dims::of(&self.cfg);
+        let Dims { it, qd, kvd, nh, nkv, hd, .. } = Dims::of(&self.cfg);
         let bsz = next.len();
         // One table row per sequence: rope as a [1, B, H, D] tensor.
         let table = CudaRopeTable::upload(d, &RopeTable::with_positions(&self.inv_freq, lens))?;
         let new_lens: Vec<usize> = lens.iter().map(|&n| n + 1).collect();
         let mut x = self.embed_ids(next)?;
         for (l, cache) in caches.iter_mut().enumerate() {
-            let mut h1 = out_buf::<f32>(d, bsz * h)?;
-            cnorm::rmsnorm_forward(d, &x.as_view(), &self.layers[l].attn_norm.as_view(), bsz, h, eps, &mut h1.as_view_mut(), None)?;
-            let h1b = self.operand(&h1)?;
+            let (h1, h1b) = self.normed(&x, &self.layers[l].attn_norm, bsz, None)?;
+            let h1a = act_of(&h1, &h1b)?;
             let (mut q, mut k, mut v) = (out_buf::<f32>(d, bsz * qd)?, out_buf::<f32>(d, bsz * kvd)?, out_buf::<f32>(d, bsz * kvd)?);
-            self.lin_decode(l, Q, rows, &h1, h1b.as_ref(), bsz, &mut q, 0.0)?;
-            self.lin_decode(l, K, rows, &h1, h1b.as_ref(), bsz, &mut k, 0.0)?;
-            self.lin_decode(l, V, rows, &h1, h1b.as_ref(), bsz, &mut v, 0.0)?;
+            self.lin_decode(l, Q, rows, h1a, bsz, &mut q, 0.0)?;
+            self.lin_decode(l, K, rows, h1a, bsz, &mut k, 0.0)?;
+            self.lin_decode(l, V, rows, h1a, bsz, &mut v, 0.0)?;
             crope::rope_forward(d, &mut q.as_view_mut(), 1, bsz, nh, hd, &table)?;
             crope::rope_forward(d, &mut k.as_view_mut(), 1, bsz, nkv, hd, &table)?;
             for (b, &pos) in lens.iter().enumerate() {
@@ -1767,17 +1933,14 @@ impl DeviceModel {
             let mut att = out_buf::<f32>(d, bsz * qd)?;
             catt::decode(d, &q.as_view(), &cache.0.as_view(), &cache.1.as_view(), &new_lens, &shape, &mut att.as_view_mut())?;
             let attb = self.operand(&att)?;
-            self.lin_decode(l, O, rows, &att, attb.as_ref(), bsz, &mut x, 1.0)?;
-            let mut h2 = out_buf::<f32>(d, bsz * h)?;
-            cnorm::rmsnorm_forward(d, &x.as_view(), &self.layers[l].mlp_norm.as_view(), bsz, h, eps, &mut h2.as_view_mut(), None)?;
-            let h2b = self.operand(&h2)?;
+            self.lin_decode(l, O, rows, Act::new(&att, attb.as_ref()), bsz, &mut x, 1.0)?;
+            let (h2, h2b) = self.normed(&x, &self.layers[l].mlp_norm, bsz, None)?;
+            let h2a = act_of(&h2, &h2b)?;
             let (mut g, mut u) = (out_buf::<f32>(d, bsz * it)?, out_buf::<f32>(d, bsz * it)?);
-            self.lin_decode(l, GATE, rows, &h2, h2b.as_ref(), bsz, &mut g, 0.0)?;
-            self.lin_decode(l, UP, rows, &h2, h2b.as_ref(), bsz, &mut u, 0.0)?;
-            let mut a = out_buf::<f32>(d, bsz * it)?;
-            cswiglu::swiglu_forward(d, &g.as_view(), &u.as_view(), &mut a.as_view_mut())?;
-            let ab = self.operand(&a)?;
-            self.lin_decode(l, DOWN, rows, &a, ab.as_ref(), bsz, &mut x, 1.0)?;
+            self.lin_decode(l, GATE, rows, h2a, bsz, &mut g, 0.0)?;
+            self.lin_decode(l, UP, rows, h2a, bsz, &mut u, 0.0)?;
+            let (a, ab, _) = self.gated(&g, &u, false)?;
+            self.lin_decode(l, DOWN, rows, act_of(&a, &ab)?, bsz, &mut x, 1.0)?;
         }
         lens.iter_mut().for_each(|n| *n += 1);
         self.head_logits(&x, bsz)
