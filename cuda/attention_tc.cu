@@ -8,10 +8,17 @@
 //             dSᵀ = Pᵀ∘(dPᵀ − δ), dK += dSᵀ·Q            (dkdv kernel)
 //             S = Q·Kᵀ, P, dP = dO·Vᵀ, dS, dQ += dS·K     (dq kernel)
 // δ_i = dO_i·O_i comes from attention.cu's attention_delta_f32.
-// Inputs and outputs are fp32 in the layouts of attention.cu (q, o, do, dq
-// [B, T, H, D]; k, v, dk, dv [B, T, Hkv, D]; lse [B, T, H]); operands are
-// rounded to bf16 (nearest even) as they are staged, so no bf16 copies of
-// the activations exist. Self-attention only (S = T), D ∈ {64, 128},
+// Inputs and outputs are in the layouts of attention.cu (q, o, do, dq
+// [B, T, H, D]; k, v, dk, dv [B, T, Hkv, D]; lse [B, T, H]). Two forms:
+//   *_bf16    q, k, v, o fp32; operands rounded to bf16 (nearest even) as
+//             they are staged, so no bf16 copies of the activations exist;
+//   *_bf16io  q, k, v, o bf16 (what the bf16 training step keeps for the
+//             backward: half the bytes held and read); dO, lse, δ and the
+//             gradients fp32 as above.
+// On bf16 inputs that are the roundings of fp32 ones, the two forms compute
+// the same bits (the rounding happens before the first product either
+// way), and the bf16 o is the rounding of the fp32 o.
+// Self-attention only (S = T), D ∈ {64, 128},
 // optional sliding window W (row i sees keys max(0, i−W+1) ≤ j ≤ i).
 //
 // Error (the bound the tests state): each operand carries a relative
@@ -62,6 +69,21 @@ __device__ __forceinline__ u16 atc_bf16(float x) { return (u16)(atc_pack(x, 0.0f
 
 __device__ __forceinline__ u32 atc_ld32(const u16* p) { return *(const u32*)p; }
 
+// Two consecutive elements (the first at an even index) as a bf16 pair, and
+// one element as bf16: fp32 inputs are rounded, bf16 inputs read as they are.
+__device__ __forceinline__ u32 atc_ld_pair(const float* p) {
+    const float2 x = *(const float2*)p;
+    return atc_pack(x.x, x.y);
+}
+__device__ __forceinline__ u32 atc_ld_pair(const u16* p) { return *(const u32*)p; }
+__device__ __forceinline__ u16 atc_ld_one(const float* p) { return atc_bf16(*p); }
+__device__ __forceinline__ u16 atc_ld_one(const u16* p) { return *p; }
+
+// Stores two consecutive outputs (the first at an even index): fp32, or
+// rounded to a bf16 pair.
+__device__ __forceinline__ void atc_st_pair(float* p, float a, float b) { *(float2*)p = make_float2(a, b); }
+__device__ __forceinline__ void atc_st_pair(u16* p, float a, float b) { *(u32*)p = atc_pack(a, b); }
+
 // c += a·b, m16n8k16, bf16 operands, fp32 accumulators.
 __device__ __forceinline__ void atc_mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
@@ -91,57 +113,45 @@ __device__ __forceinline__ bool atc_sees(long long i, long long j, u32 window) {
     return j <= i && (window == 0 || i - j < (long long)window);
 }
 
-// rows×D fp32 rows r0.. of a [.., ld]-strided matrix into bf16 sh[r·lds + c];
-// rows ≥ n are zero.
-template <int D>
-__device__ __forceinline__ void atc_stage_rows(u16* sh, int lds, const float* __restrict__ base, u64 ld, long long r0, int n, int rows) {
+// rows×D rows r0.. of a [.., ld]-strided matrix (fp32 or bf16) into bf16
+// sh[r·lds + c]; rows ≥ n are zero.
+template <int D, typename T>
+__device__ __forceinline__ void atc_stage_rows(u16* sh, int lds, const T* __restrict__ base, u64 ld, long long r0, int n, int rows) {
     for (int e = threadIdx.x; e < rows * (D / 2); e += ATC_THREADS) {
         const int r = e / (D / 2), c = (e - r * (D / 2)) * 2;
-        float2 x = make_float2(0.0f, 0.0f);
-        if (r < n) x = *(const float2*)(base + (u64)(r0 + r) * ld + c);
-        *(u32*)(sh + r * lds + c) = atc_pack(x.x, x.y);
+        *(u32*)(sh + r * lds + c) = r < n ? atc_ld_pair(base + (u64)(r0 + r) * ld + c) : 0u;
     }
 }
 
 // The same rows transposed: sh[c·lds + r].
-template <int D>
-__device__ __forceinline__ void atc_stage_cols(u16* sh, int lds, const float* __restrict__ base, u64 ld, long long r0, int n, int rows) {
+template <int D, typename T>
+__device__ __forceinline__ void atc_stage_cols(u16* sh, int lds, const T* __restrict__ base, u64 ld, long long r0, int n, int rows) {
     for (int e = threadIdx.x; e < rows * D; e += ATC_THREADS) {
         const int r = e / D, c = e - r * D;
-        const float x = r < n ? base[(u64)(r0 + r) * ld + c] : 0.0f;
-        sh[c * lds + r] = atc_bf16(x);
+        sh[c * lds + r] = r < n ? atc_ld_one(base + (u64)(r0 + r) * ld + c) : (u16)0;
     }
 }
 
-// A fragments (16 rows × D) of rows r, r+8 of a [.., ld] fp32 matrix read
-// straight from global memory (rows ≥ T read as zero).
-template <int D>
-__device__ __forceinline__ void atc_frag_rows(u32 (*fa)[4], const float* __restrict__ base, u64 ld, long long r, u32 T, int t) {
-    const bool v0 = r < (long long)T, v1 = r + 8 < (long long)T;
+// A fragments (16 rows × D) of rows r, r+8 of a [.., ld] matrix (fp32 or
+// bf16) read straight from global memory (rows ≥ T read as zero).
+template <int D, typename T>
+__device__ __forceinline__ void atc_frag_rows(u32 (*fa)[4], const T* __restrict__ base, u64 ld, long long r, u32 T_, int t) {
+    const bool v0 = r < (long long)T_, v1 = r + 8 < (long long)T_;
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++) {
         const int c = kk * 16 + 2 * t;
-        float2 x0 = make_float2(0.0f, 0.0f), x1 = x0, x2 = x0, x3 = x0;
-        if (v0) {
-            x0 = *(const float2*)(base + (u64)r * ld + c);
-            x2 = *(const float2*)(base + (u64)r * ld + c + 8);
-        }
-        if (v1) {
-            x1 = *(const float2*)(base + (u64)(r + 8) * ld + c);
-            x3 = *(const float2*)(base + (u64)(r + 8) * ld + c + 8);
-        }
-        fa[kk][0] = atc_pack(x0.x, x0.y);
-        fa[kk][1] = atc_pack(x1.x, x1.y);
-        fa[kk][2] = atc_pack(x2.x, x2.y);
-        fa[kk][3] = atc_pack(x3.x, x3.y);
+        fa[kk][0] = v0 ? atc_ld_pair(base + (u64)r * ld + c) : 0u;
+        fa[kk][1] = v1 ? atc_ld_pair(base + (u64)(r + 8) * ld + c) : 0u;
+        fa[kk][2] = v0 ? atc_ld_pair(base + (u64)r * ld + c + 8) : 0u;
+        fa[kk][3] = v1 ? atc_ld_pair(base + (u64)(r + 8) * ld + c + 8) : 0u;
     }
 }
 
 // ------------------------------------------------------------------ forward
 // grid = (⌈T/64⌉, H, B), block = 128. Warp w owns query rows i0+16w .. +15.
-template <int D>
-__device__ __forceinline__ void atc_forward(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, u32 T, u32 H, u32 Hkv,
-                                            u32 window, float scale, float* __restrict__ o, float* __restrict__ lse) {
+template <int D, typename TI, typename TO>
+__device__ __forceinline__ void atc_forward(const TI* __restrict__ q, const TI* __restrict__ k, const TI* __restrict__ v, u32 T, u32 H, u32 Hkv,
+                                            u32 window, float scale, TO* __restrict__ o, float* __restrict__ lse) {
     constexpr int LDK = D + ATC_PAD, LDV = ATC_FWD_BK + ATC_PAD;
     __shared__ __align__(16) u16 sK[ATC_FWD_BK * LDK];
     __shared__ __align__(16) u16 sVt[D * LDV];
@@ -150,9 +160,9 @@ __device__ __forceinline__ void atc_forward(const float* __restrict__ q, const f
     if (i0 >= T) return;
     const u32 grp = h / (H / Hkv);
     const u64 ldq = (u64)H * D, ldk = (u64)Hkv * D;
-    const float* qb = q + ((u64)b * T * H + h) * D;
-    const float* kb = k + ((u64)b * T * Hkv + grp) * D;
-    const float* vb = v + ((u64)b * T * Hkv + grp) * D;
+    const TI* qb = q + ((u64)b * T * H + h) * D;
+    const TI* kb = k + ((u64)b * T * Hkv + grp) * D;
+    const TI* vb = v + ((u64)b * T * Hkv + grp) * D;
     const int nq = (int)min((u32)ATC_FWD_BQ, T - i0);
     const long long wr = (long long)i0 + warp * 16;  // the warp's first row
     const long long row0 = wr + g, row1 = row0 + 8;
@@ -232,23 +242,23 @@ __device__ __forceinline__ void atc_forward(const float* __restrict__ q, const f
     }
     const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
     if (row0 < (long long)T) {
-        float* ob = o + ((u64)b * T + row0) * ldq + (u64)h * D;
+        TO* ob = o + ((u64)b * T + row0) * ldq + (u64)h * D;
 #pragma unroll
-        for (int nd = 0; nd < D / 8; nd++) *(float2*)(ob + nd * 8 + 2 * t) = make_float2(acc[nd][0] * inv0, acc[nd][1] * inv0);
+        for (int nd = 0; nd < D / 8; nd++) atc_st_pair(ob + nd * 8 + 2 * t, acc[nd][0] * inv0, acc[nd][1] * inv0);
         if (t == 0) lse[((u64)b * T + row0) * H + h] = m0 + __logf(l0);
     }
     if (row1 < (long long)T) {
-        float* ob = o + ((u64)b * T + row1) * ldq + (u64)h * D;
+        TO* ob = o + ((u64)b * T + row1) * ldq + (u64)h * D;
 #pragma unroll
-        for (int nd = 0; nd < D / 8; nd++) *(float2*)(ob + nd * 8 + 2 * t) = make_float2(acc[nd][2] * inv1, acc[nd][3] * inv1);
+        for (int nd = 0; nd < D / 8; nd++) atc_st_pair(ob + nd * 8 + 2 * t, acc[nd][2] * inv1, acc[nd][3] * inv1);
         if (t == 0) lse[((u64)b * T + row1) * H + h] = m1 + __logf(l1);
     }
 }
 
 // ----------------------------------------------------------------------- dq
 // grid = (⌈T/64⌉, H, B), block = 128. Warp w owns query rows i0+16w .. +15.
-template <int D>
-__device__ __forceinline__ void atc_dq(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ dout,
+template <int D, typename TI>
+__device__ __forceinline__ void atc_dq(const TI* __restrict__ q, const TI* __restrict__ k, const TI* __restrict__ v, const float* __restrict__ dout,
                                        const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale,
                                        float* __restrict__ dq) {
     constexpr int LDK = D + ATC_PAD, LDT = ATC_DQ_BK + ATC_PAD;
@@ -260,10 +270,10 @@ __device__ __forceinline__ void atc_dq(const float* __restrict__ q, const float*
     if (i0 >= T) return;
     const u32 grp = h / (H / Hkv);
     const u64 ldq = (u64)H * D, ldk = (u64)Hkv * D;
-    const float* qb = q + ((u64)b * T * H + h) * D;
+    const TI* qb = q + ((u64)b * T * H + h) * D;
     const float* ob = dout + ((u64)b * T * H + h) * D;
-    const float* kb = k + ((u64)b * T * Hkv + grp) * D;
-    const float* vb = v + ((u64)b * T * Hkv + grp) * D;
+    const TI* kb = k + ((u64)b * T * Hkv + grp) * D;
+    const TI* vb = v + ((u64)b * T * Hkv + grp) * D;
     const int nq = (int)min((u32)ATC_DQ_BQ, T - i0);
     const long long wr = (long long)i0 + warp * 16;
     const long long row0 = wr + g, row1 = row0 + 8;
@@ -339,8 +349,8 @@ __device__ __forceinline__ void atc_dq(const float* __restrict__ q, const float*
 // grid = (⌈T/64⌉, Hkv, B), block = 128, dynamic shared memory
 // atc_kv_smem(D) bytes. Warp w owns keys j0+16w .. +15; the block walks the
 // query rows of every head of its KV group that see its keys, 32 at a time.
-template <int D>
-__device__ __forceinline__ void atc_dkdv(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ dout,
+template <int D, typename TI>
+__device__ __forceinline__ void atc_dkdv(const TI* __restrict__ q, const TI* __restrict__ k, const TI* __restrict__ v, const float* __restrict__ dout,
                                          const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale,
                                          float* __restrict__ dk, float* __restrict__ dv) {
     constexpr int LDK = D + ATC_PAD, LDT = ATC_KV_BQ + ATC_PAD;
@@ -358,8 +368,8 @@ __device__ __forceinline__ void atc_dkdv(const float* __restrict__ q, const floa
     if (j0 >= T) return;
     const u32 per = H / Hkv;
     const u64 ldq = (u64)H * D, ldk = (u64)Hkv * D;
-    const float* kb = k + ((u64)b * T * Hkv + grp) * D;
-    const float* vb = v + ((u64)b * T * Hkv + grp) * D;
+    const TI* kb = k + ((u64)b * T * Hkv + grp) * D;
+    const TI* vb = v + ((u64)b * T * Hkv + grp) * D;
     const int nk = (int)min((u32)ATC_KV_BK, T - j0);
     atc_stage_rows<D>(sK, LDK, kb, ldk, j0, nk, ATC_KV_BK);
     atc_stage_rows<D>(sV, LDK, vb, ldk, j0, nk, ATC_KV_BK);
@@ -376,7 +386,7 @@ __device__ __forceinline__ void atc_dkdv(const float* __restrict__ q, const floa
     const long long wk0 = (long long)j0 + kw;  // the warp's first key
     for (u32 hh = 0; hh < per; hh++) {
         const u32 h = grp * per + hh;
-        const float* qb = q + ((u64)b * T * H + h) * D;
+        const TI* qb = q + ((u64)b * T * H + h) * D;
         const float* ob = dout + ((u64)b * T * H + h) * D;
         for (long long i0 = j0; i0 < qhi; i0 += ATC_KV_BQ) {
             const int nq = (int)min((long long)ATC_KV_BQ, qhi - i0);
@@ -464,27 +474,69 @@ __device__ __forceinline__ void atc_dkdv(const float* __restrict__ q, const floa
     }
 }
 
-// Entry points, one per head_dim.
+// δ[r] = dO[r]·O[r] for the n = B·T·H rows of D values with O in bf16
+// (widened exactly): bit for bit attention.cu's attention_delta_f32 on the
+// widened O (the same fmaf chain per lane, the same butterfly). One warp per
+// row, grid-stride; blockDim.x = ATC_THREADS.
+extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_delta_bf16o(const float* __restrict__ dout, const u16* __restrict__ o, u64 n, u32 D, float* __restrict__ delta) {
+    const u32 lane = threadIdx.x & 31, warps = ATC_THREADS / 32;
+    const u64 nw = (u64)gridDim.x * warps;
+    for (u64 r = (u64)blockIdx.x * warps + (threadIdx.x >> 5); r < n; r += nw) {
+        float a = 0.0f;
+        for (u32 c = lane; c < D; c += 32) a = __fmaf_rn(dout[r * D + c], __uint_as_float(((u32)o[r * D + c]) << 16), a);
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) a = __fadd_rn(a, __shfl_xor_sync(0xffffffffu, a, off));
+        if (lane == 0) delta[r] = a;
+    }
+}
+
+// Entry points, one per head_dim and input form (written out: the tests read
+// the kernel names from the source).
+
 extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_forward_d64_bf16(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, u32 T, u32 H, u32 Hkv, u32 window, float scale, float* __restrict__ o, float* __restrict__ lse) {
-    atc_forward<64>(q, k, v, T, H, Hkv, window, scale, o, lse);
+    atc_forward<64, float, float>(q, k, v, T, H, Hkv, window, scale, o, lse);
 }
 
 extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dq_d64_bf16(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float* __restrict__ dq) {
-    atc_dq<64>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, dq);
+    atc_dq<64, float>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, dq);
 }
 
 extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dkdv_d64_bf16(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float* __restrict__ dk, float* __restrict__ dv) {
-    atc_dkdv<64>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, dk, dv);
+    atc_dkdv<64, float>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, dk, dv);
 }
 
 extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_forward_d128_bf16(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, u32 T, u32 H, u32 Hkv, u32 window, float scale, float* __restrict__ o, float* __restrict__ lse) {
-    atc_forward<128>(q, k, v, T, H, Hkv, window, scale, o, lse);
+    atc_forward<128, float, float>(q, k, v, T, H, Hkv, window, scale, o, lse);
 }
 
 extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dq_d128_bf16(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float* __restrict__ dq) {
-    atc_dq<128>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, dq);
+    atc_dq<128, float>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, dq);
 }
 
 extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dkdv_d128_bf16(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float* __restrict__ dk, float* __restrict__ dv) {
-    atc_dkdv<128>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, dk, dv);
+    atc_dkdv<128, float>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, dk, dv);
+}
+
+extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_forward_d64_bf16io(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, u32 T, u32 H, u32 Hkv, u32 window, float scale, u16* __restrict__ o, float* __restrict__ lse) {
+    atc_forward<64, u16, u16>(q, k, v, T, H, Hkv, window, scale, o, lse);
+}
+
+extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dq_d64_bf16io(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float* __restrict__ dq) {
+    atc_dq<64, u16>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, dq);
+}
+
+extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dkdv_d64_bf16io(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float* __restrict__ dk, float* __restrict__ dv) {
+    atc_dkdv<64, u16>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, dk, dv);
+}
+
+extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_forward_d128_bf16io(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, u32 T, u32 H, u32 Hkv, u32 window, float scale, u16* __restrict__ o, float* __restrict__ lse) {
+    atc_forward<128, u16, u16>(q, k, v, T, H, Hkv, window, scale, o, lse);
+}
+
+extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dq_d128_bf16io(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float* __restrict__ dq) {
+    atc_dq<128, u16>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, dq);
+}
+
+extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dkdv_d128_bf16io(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float* __restrict__ dk, float* __restrict__ dv) {
+    atc_dkdv<128, u16>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, dk, dv);
 }

@@ -365,6 +365,38 @@ fn tensor_core_kernels_match_the_cpu() {
             (dl(&od), dl(&ld), dl(&dqd), dl(&dkd), dl(&dvd))
         });
     }
+    // The bf16 form (q, k, v, o in bf16, as the bf16 step keeps them): the
+    // fp32 form's bits on the same, bf16-rounded, values; o is the fp32 o
+    // rounded; δ from the bf16 o as from its widening.
+    for c in TC_CASES {
+        let s = tc_shape(c);
+        let r = reference(&mut rng, &s);
+        let (nq, nk, d) = (r.q.len(), r.k.len(), s.head_dim);
+        let bits = |x: &[f32]| x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect::<Vec<u16>>();
+        let widen = |b: &[u16]| b.iter().map(|&v| half::bf16::from_bits(v).to_f32()).collect::<Vec<f32>>();
+        let (qb, kb, vb) = (bits(&r.q), bits(&r.k), bits(&r.v));
+        let (qw, kw, vw) = (dev.upload(&widen(&qb)).unwrap(), dev.upload(&widen(&kb)).unwrap(), dev.upload(&widen(&vb)).unwrap());
+        let (qbd, kbd, vbd, dod) = (dev.upload(&qb).unwrap(), dev.upload(&kb).unwrap(), dev.upload(&vb).unwrap(), dev.upload(&r.dout).unwrap());
+        let (mut of, mut lf) = (poisoned(dev, nq), poisoned(dev, nq / d));
+        gatt::forward_tc(dev, &qw.as_view(), &kw.as_view(), &vw.as_view(), &s, &mut of.as_view_mut(), &mut lf.as_view_mut()).unwrap();
+        let (mut ob, mut lb) = (dev.alloc_filled::<u16>(nq, 0xFF).unwrap(), poisoned(dev, nq / d));
+        gatt::forward_tc(dev, &qbd.as_view(), &kbd.as_view(), &vbd.as_view(), &s, &mut ob.as_view_mut(), &mut lb.as_view_mut()).unwrap();
+        let obh = dev.download(&ob).unwrap();
+        assert_eq!(obh, bits(&dev.download(&of).unwrap()), "tc bf16 form: o is not the fp32 form's o rounded");
+        assert_eq!(dev.download(&lb).unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>(), dev.download(&lf).unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "tc bf16 form: lse");
+        let ow = dev.upload(&widen(&obh)).unwrap();
+        let grads = |bf: bool| {
+            let (mut dq, mut dk, mut dv) = (poisoned(dev, nq), poisoned(dev, nk), poisoned(dev, nk));
+            if bf {
+                gatt::backward_tc(dev, &qbd.as_view(), &kbd.as_view(), &vbd.as_view(), &ob.as_view(), &lb.as_view(), &dod.as_view(), &s, &mut dq.as_view_mut(), &mut dk.as_view_mut(), &mut dv.as_view_mut()).unwrap();
+            } else {
+                gatt::backward_tc(dev, &qw.as_view(), &kw.as_view(), &vw.as_view(), &ow.as_view(), &lf.as_view(), &dod.as_view(), &s, &mut dq.as_view_mut(), &mut dk.as_view_mut(), &mut dv.as_view_mut()).unwrap();
+            }
+            [dq, dk, dv].map(|x| dev.download(&x).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<u32>>())
+        };
+        assert_eq!(grads(true), grads(false), "tc bf16 form: dq, dk, dv differ from the fp32 form's on the same values");
+        eprintln!("attention tc, bf16 form (B {}, T {}, H {}/{}, D {d}): bit for bit the fp32 form on bf16 values", s.batch, s.q_len, s.n_heads, s.n_kv_heads);
+    }
     // Shapes the tensor-core kernels do not take are refused, not run.
     let s = AttnShape { batch: 1, q_len: 5, kv_len: 9, n_heads: 2, n_kv_heads: 2, head_dim: 64, window: None };
     let x = poisoned(dev, 5 * 2 * 64);
@@ -411,12 +443,30 @@ void emu_atc_dq(unsigned d, unsigned gx, unsigned gy, unsigned gz, const float* 
         else attention_tc_dq_d128_bf16(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, dq);
     });
 }
+// The bf16 form: forward, then δ from the bf16 o, then dk/dv and dq.
+void emu_atc_bf16io(unsigned d, unsigned gx, unsigned gy, unsigned gkv, unsigned gz, const u16* q, const u16* k, const u16* v, const float* dout, u32 T, u32 H, u32 Hkv, u32 w, float scale,
+                    u16* o, float* lse, float* delta, unsigned dgrid, float* dq, float* dk, float* dv) {
+    emu_launch3(dim3{gx, gy, gz}, ATC_THREADS, [&] {
+        if (d == 64) attention_tc_forward_d64_bf16io(q, k, v, T, H, Hkv, w, scale, o, lse);
+        else attention_tc_forward_d128_bf16io(q, k, v, T, H, Hkv, w, scale, o, lse);
+    });
+    emu_launch3(dim3{dgrid, 1, 1}, ATC_THREADS, [&] { attention_tc_delta_bf16o(dout, o, (u64)gz * T * H, d, delta); });
+    emu_launch3(dim3{gx, gkv, gz}, ATC_THREADS, [&] {
+        if (d == 64) attention_tc_dkdv_d64_bf16io(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, dk, dv);
+        else attention_tc_dkdv_d128_bf16io(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, dk, dv);
+    });
+    emu_launch3(dim3{gx, gy, gz}, ATC_THREADS, [&] {
+        if (d == 64) attention_tc_dq_d64_bf16io(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, dq);
+        else attention_tc_dq_d128_bf16io(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, dq);
+    });
+}
 }
 "#;
 
 type EmuFwd = unsafe extern "C" fn(u32, u32, u32, u32, *const f32, *const f32, *const f32, u32, u32, u32, u32, f32, *mut f32, *mut f32);
 type EmuDkdv = unsafe extern "C" fn(u32, u32, u32, u32, *const f32, *const f32, *const f32, *const f32, *const f32, *const f32, u32, u32, u32, u32, f32, *mut f32, *mut f32);
 type EmuDq = unsafe extern "C" fn(u32, u32, u32, u32, *const f32, *const f32, *const f32, *const f32, *const f32, *const f32, u32, u32, u32, u32, f32, *mut f32);
+type EmuBf16io = unsafe extern "C" fn(u32, u32, u32, u32, u32, *const u16, *const u16, *const u16, *const f32, u32, u32, u32, u32, f32, *mut u16, *mut f32, *mut f32, u32, *mut f32, *mut f32, *mut f32);
 
 /// The tensor-core kernels compiled for the host (tests/common/emu.rs),
 /// launched with the launchers' grid shapes (64 query rows or keys per
@@ -458,6 +508,66 @@ fn emulated_tensor_core_kernels_match_the_cpu() {
             }
             (o, lse, gdq, gdk, gdv)
         });
+    }
+}
+
+/// The bf16 form of the tensor-core kernels (q, k, v, o in bf16) in
+/// emulation: the fp32 form's bits on the same bf16 values, o rounded, δ
+/// from the bf16 o.
+#[test]
+fn emulated_tensor_core_bf16_form_matches_the_fp32_form() {
+    let lib = match emu::build("attention_tc", &["attention_tc.cu"], &TC_EMU_SUBST, TC_EMU_EXTRA, TC_EMU_ENTRY) {
+        Ok(l) => l,
+        Err(why) => {
+            eprintln!("SKIPPED emulated_tensor_core_bf16_form_matches_the_fp32_form: kernel emulation unavailable: {why}");
+            return;
+        }
+    };
+    // SAFETY: entry points built just above with these signatures.
+    let (fwd, dkdv, dq, io): (EmuFwd, EmuDkdv, EmuDq, EmuBf16io) =
+        unsafe { (*lib.get(b"emu_atc_forward").unwrap(), *lib.get(b"emu_atc_dkdv").unwrap(), *lib.get(b"emu_atc_dq").unwrap(), *lib.get(b"emu_atc_bf16io").unwrap()) };
+    let bits = |x: &[f32]| x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect::<Vec<u16>>();
+    let widen = |b: &[u16]| b.iter().map(|&v| half::bf16::from_bits(v).to_f32()).collect::<Vec<f32>>();
+    let fbits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+    let mut rng = Rng(76);
+    for c in &[(1usize, 70usize, 2usize, 1usize, 64usize, None), (2, 19, 2, 2, 128, Some(7))] {
+        let s = tc_shape(c);
+        let (t, h, hkv, d) = (s.q_len as u32, s.n_heads as u32, s.n_kv_heads as u32, s.head_dim as u32);
+        let w = s.window.unwrap_or(0) as u32;
+        let scale = softmax_scale(s.head_dim);
+        let (nq, nk) = (s.batch * s.q_len * s.n_heads * s.head_dim, s.batch * s.kv_len * s.n_kv_heads * s.head_dim);
+        let (qb, kb, vb) = (bits(&rng.vec(nq, 1.5)), bits(&rng.vec(nk, 1.0)), bits(&rng.vec(nk, 1.0)));
+        let dout = rng.vec(nq, 1.0);
+        let (qw, kw, vw) = (widen(&qb), widen(&kb), widen(&vb));
+        let tiles = s.q_len.div_ceil(64) as u32;
+        let rows = nq / s.head_dim;
+        // The bf16 form, whole: forward, δ, dk/dv, dq.
+        let (mut ob, mut lb, mut delta) = (vec![0xFFFFu16; nq], vec![f32::NAN; rows], vec![f32::NAN; rows]);
+        let (mut bdq, mut bdk, mut bdv) = (vec![f32::NAN; nq], vec![f32::NAN; nk], vec![f32::NAN; nk]);
+        let dgrid = rows.div_ceil(4).min(3) as u32; // fewer warps than rows: the grid-stride loop
+        // SAFETY: buffers sized as the kernels index them; grids as the launchers'.
+        unsafe {
+            io(d, tiles, h, hkv, s.batch as u32, qb.as_ptr(), kb.as_ptr(), vb.as_ptr(), dout.as_ptr(), t, h, hkv, w, scale, ob.as_mut_ptr(), lb.as_mut_ptr(), delta.as_mut_ptr(), dgrid, bdq.as_mut_ptr(), bdk.as_mut_ptr(), bdv.as_mut_ptr())
+        };
+        // The fp32 form on the widened values, with the same δ.
+        let (mut of, mut lf) = (vec![f32::NAN; nq], vec![f32::NAN; rows]);
+        let (mut fdq, mut fdk, mut fdv) = (vec![f32::NAN; nq], vec![f32::NAN; nk], vec![f32::NAN; nk]);
+        // SAFETY: as above.
+        unsafe {
+            fwd(d, tiles, h, s.batch as u32, qw.as_ptr(), kw.as_ptr(), vw.as_ptr(), t, h, hkv, w, scale, of.as_mut_ptr(), lf.as_mut_ptr());
+            dkdv(d, tiles, hkv, s.batch as u32, qw.as_ptr(), kw.as_ptr(), vw.as_ptr(), dout.as_ptr(), lf.as_ptr(), delta.as_ptr(), t, h, hkv, w, scale, fdk.as_mut_ptr(), fdv.as_mut_ptr());
+            dq(d, tiles, h, s.batch as u32, qw.as_ptr(), kw.as_ptr(), vw.as_ptr(), dout.as_ptr(), lf.as_ptr(), delta.as_ptr(), t, h, hkv, w, scale, fdq.as_mut_ptr());
+        }
+        assert_eq!(ob, bits(&of), "emulated tc bf16 form: o is not the fp32 o rounded");
+        assert_eq!(fbits(&lb), fbits(&lf), "emulated tc bf16 form: lse");
+        assert_eq!((fbits(&bdq), fbits(&bdk), fbits(&bdv)), (fbits(&fdq), fbits(&fdk), fbits(&fdv)), "emulated tc bf16 form: dq, dk, dv");
+        // δ = rowsum(dO ∘ widen(o)), each row an f32 fma chain.
+        let ow = widen(&ob);
+        for r in 0..rows {
+            let want: f64 = (0..s.head_dim).map(|c| dout[r * s.head_dim + c] as f64 * ow[r * s.head_dim + c] as f64).sum();
+            let mag: f64 = (0..s.head_dim).map(|c| (dout[r * s.head_dim + c] as f64 * ow[r * s.head_dim + c] as f64).abs()).sum();
+            assert!((delta[r] as f64 - want).abs() <= 1e-6 * mag + 1e-30, "emulated δ row {r}: {} vs {want}", delta[r]);
+        }
     }
 }
 

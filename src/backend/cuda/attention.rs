@@ -28,7 +28,7 @@
 use super::{launch_cfg, scratch, stride_grid, CudaDevice, ATTENTION_CU, ATTENTION_TC_CU};
 use crate::backend::cpu::attention::{softmax_scale, AttnShape, DecodeShape};
 use crate::error::Result;
-use cudarc::driver::{CudaView, CudaViewMut};
+use cudarc::driver::{CudaView, CudaViewMut, DeviceRepr};
 
 /// Threads per block (`ATT_THREADS` in attention.cu).
 const ATT_THREADS: u32 = 128;
@@ -117,7 +117,7 @@ fn check_shape(s: &AttnShape) -> Result<(u32, u32, u32, u32, u32, u32)> {
 }
 
 /// Lengths and streams of a forward's buffers.
-fn check_forward_args(dev: &CudaDevice, q: &CudaView<'_, f32>, k: &CudaView<'_, f32>, v: &CudaView<'_, f32>, s: &AttnShape, o: &CudaViewMut<'_, f32>, lse: &CudaViewMut<'_, f32>) -> Result<()> {
+fn check_forward_args<T>(dev: &CudaDevice, q: &CudaView<'_, T>, k: &CudaView<'_, T>, v: &CudaView<'_, T>, s: &AttnShape, o: &CudaViewMut<'_, T>, lse: &CudaViewMut<'_, f32>) -> Result<()> {
     check_len(q.len(), &q_dims(s), "q")?;
     check_len(k.len(), &kv_dims(s), "k")?;
     check_len(v.len(), &kv_dims(s), "v")?;
@@ -130,10 +130,11 @@ fn check_forward_args(dev: &CudaDevice, q: &CudaView<'_, f32>, k: &CudaView<'_, 
     dev.check_stream(lse, "attention lse")
 }
 
-/// Lengths and streams of a backward's buffers: inputs q, k, v, o, lse,
-/// dout; outputs dq, dk, dv.
-fn check_backward_args(dev: &CudaDevice, inp: [&CudaView<'_, f32>; 6], s: &AttnShape, out: [&CudaViewMut<'_, f32>; 3]) -> Result<()> {
-    let [q, k, v, o, lse, dout] = inp;
+/// Lengths and streams of a backward's buffers: inputs q, k, v, o (fp32,
+/// or bf16 for the tensor-core kernels' bf16 form), lse, dout; outputs dq,
+/// dk, dv.
+fn check_backward_args<T>(dev: &CudaDevice, inp: [&CudaView<'_, T>; 4], lse: &CudaView<'_, f32>, dout: &CudaView<'_, f32>, s: &AttnShape, out: [&CudaViewMut<'_, f32>; 3]) -> Result<()> {
+    let [q, k, v, o] = inp;
     let [dq, dk, dv] = out;
     for (len, what) in [(q.len(), "q"), (o.len(), "o"), (dout.len(), "dout"), (dq.len(), "dq")] {
         check_len(len, &q_dims(s), what)?;
@@ -142,9 +143,11 @@ fn check_backward_args(dev: &CudaDevice, inp: [&CudaView<'_, f32>; 6], s: &AttnS
         check_len(len, &kv_dims(s), what)?;
     }
     check_len(lse.len(), &[s.batch, s.q_len, s.n_heads], "lse")?;
-    for (x, what) in [(q, "q"), (k, "k"), (v, "v"), (o, "o"), (lse, "lse"), (dout, "dout")] {
+    for (x, what) in [(q, "q"), (k, "k"), (v, "v"), (o, "o")] {
         dev.check_stream(x, &format!("attention {what}"))?;
     }
+    dev.check_stream(lse, "attention lse")?;
+    dev.check_stream(dout, "attention dout")?;
     for (x, what) in [(dq, "dq"), (dk, "dk"), (dv, "dv")] {
         dev.check_stream(x, &format!("attention {what}"))?;
     }
@@ -211,7 +214,7 @@ pub fn backward(
     dv: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     let (t, sl, h, hkv, d, w) = check_shape(s)?;
-    check_backward_args(dev, [q, k, v, o, lse, dout], s, [&*dq, &*dk, &*dv])?;
+    check_backward_args(dev, [q, k, v, o], lse, dout, s, [&*dq, &*dk, &*dv])?;
     if s.batch == 0 || s.kv_len == 0 {
         return Ok(());
     }
@@ -240,18 +243,20 @@ pub fn backward(
 }
 
 /// `δ = rowsum(dout ∘ o)` per (batch, row, head), `[B, T, H]` (scratch,
-/// freed in stream order). Lengths checked by the callers.
-fn delta_async(dev: &CudaDevice, o: &CudaView<'_, f32>, dout: &CudaView<'_, f32>, s: &AttnShape, d: u32) -> Result<cudarc::driver::CudaSlice<f32>> {
+/// freed in stream order), `o` fp32 or bf16 ([`TcElem`]; the bf16 kernel
+/// gives the fp32 kernel's bits on the widened `o`). Lengths checked by the
+/// callers.
+fn delta_async<T: TcElem>(dev: &CudaDevice, o: &CudaView<'_, T>, dout: &CudaView<'_, f32>, s: &AttnShape, d: u32) -> Result<cudarc::driver::CudaSlice<f32>> {
     let rows = (s.batch * s.q_len * s.n_heads) as u64;
     let mut delta = scratch::<f32>(dev, rows as usize)?;
     if rows > 0 {
-        let name = "attention_delta_f32";
-        let f = dev.function(&ATTENTION_CU, name)?;
-        let grid = stride_grid(rows, ATT_THREADS / 32);
-        // SAFETY: (ptr, ptr, u64, u32, ptr); warp r < rows reads D floats of
+        let (src, name, threads) = T::DELTA;
+        let f = dev.function(src, name)?;
+        let grid = stride_grid(rows, threads / 32);
+        // SAFETY: (ptr, ptr, u64, u32, ptr); warp r < rows reads D values of
         // row r of dout and o (rows·D each, checked) and writes delta[r]
-        // (rows allocated).
-        launch_kernel!(dev, f, name, launch_cfg((grid, 1), ATT_THREADS), [dout, o, &rows, &d, &mut delta])?;
+        // (rows allocated); `threads` is the kernel's block size.
+        launch_kernel!(dev, f, name, launch_cfg((grid, 1), threads), [dout, o, &rows, &d, &mut delta])?;
     }
     Ok(delta)
 }
@@ -266,6 +271,35 @@ const ATC_ROWS: usize = 64;
 /// Query rows per dkdv tile (`ATC_KV_BQ`) and shared-row padding (`ATC_PAD`).
 const ATC_KV_BQ: usize = 32;
 const ATC_PAD: usize = 8;
+
+/// The element type of the tensor-core kernels' q, k, v and o: fp32
+/// (rounded to bf16 as the kernels stage it; kernels `*_bf16`) or bf16 bits
+/// (`u16`, kernels `*_bf16io`: what the bf16 step keeps, half the bytes).
+/// On bf16 inputs that round fp32 ones, both give the same bits, and the
+/// bf16 `o` is the fp32 `o` rounded.
+pub trait TcElem: DeviceRepr {
+    /// The kernels' names, `[forward, dkdv, dq]` for head_dim 64 then 128.
+    const KERNELS: [[&'static str; 3]; 2];
+    /// The `δ = rowsum(dout ∘ o)` kernel for this `o`: source, name,
+    /// threads per block.
+    const DELTA: (&'static super::KernelSource, &'static str, u32);
+}
+
+impl TcElem for f32 {
+    const KERNELS: [[&'static str; 3]; 2] = [
+        ["attention_tc_forward_d64_bf16", "attention_tc_dkdv_d64_bf16", "attention_tc_dq_d64_bf16"],
+        ["attention_tc_forward_d128_bf16", "attention_tc_dkdv_d128_bf16", "attention_tc_dq_d128_bf16"],
+    ];
+    const DELTA: (&'static super::KernelSource, &'static str, u32) = (&ATTENTION_CU, "attention_delta_f32", ATT_THREADS);
+}
+
+impl TcElem for u16 {
+    const KERNELS: [[&'static str; 3]; 2] = [
+        ["attention_tc_forward_d64_bf16io", "attention_tc_dkdv_d64_bf16io", "attention_tc_dq_d64_bf16io"],
+        ["attention_tc_forward_d128_bf16io", "attention_tc_dkdv_d128_bf16io", "attention_tc_dq_d128_bf16io"],
+    ];
+    const DELTA: (&'static super::KernelSource, &'static str, u32) = (&ATTENTION_TC_CU, "attention_tc_delta_bf16o", ATC_THREADS);
+}
 
 /// Relative rounding of a bf16 operand, 2⁻⁹.
 pub const BF16_U: f64 = 1.0 / 512.0;
@@ -292,36 +326,39 @@ fn tc_check(dev: &CudaDevice, s: &AttnShape) -> Result<(u32, u32, u32, u32, u32)
 }
 
 /// [`forward`] on tensor cores: the same outputs from bf16-rounded q, k, v
-/// (and P), fp32 accumulation (`cuda/attention_tc.cu`).
+/// (and P), fp32 accumulation (`cuda/attention_tc.cu`); q, k, v and o fp32
+/// or bf16 ([`TcElem`]).
 #[allow(clippy::too_many_arguments)]
-pub fn forward_tc(dev: &CudaDevice, q: &CudaView<'_, f32>, k: &CudaView<'_, f32>, v: &CudaView<'_, f32>, s: &AttnShape, o: &mut CudaViewMut<'_, f32>, lse: &mut CudaViewMut<'_, f32>) -> Result<()> {
+pub fn forward_tc<T: TcElem>(dev: &CudaDevice, q: &CudaView<'_, T>, k: &CudaView<'_, T>, v: &CudaView<'_, T>, s: &AttnShape, o: &mut CudaViewMut<'_, T>, lse: &mut CudaViewMut<'_, f32>) -> Result<()> {
     let (t, h, hkv, d, w) = tc_check(dev, s)?;
     check_forward_args(dev, q, k, v, s, o, lse)?;
     if s.batch == 0 || s.q_len == 0 {
         return Ok(());
     }
     let scale = softmax_scale(s.head_dim);
-    let name = if d == 64 { "attention_tc_forward_d64_bf16" } else { "attention_tc_forward_d128_bf16" };
+    let name = T::KERNELS[usize::from(d == 128)][0];
     let f = dev.function(&ATTENTION_TC_CU, name)?;
     let mut cfg = launch_cfg((s.q_len.div_ceil(ATC_ROWS) as u32, h), ATC_THREADS);
     cfg.grid_dim.2 = s.batch as u32;
     // SAFETY: (ptr ×3, u32 ×5, f32, ptr ×2) as the kernel. Block (x, h, b)
     // reads rows < T of q (head h) and of k, v (head h/(H/Hkv)), writes its
-    // rows < T of o and lse: lengths checked above; float2 accesses are
-    // 8-byte aligned (D even, buffers from the allocator).
+    // rows < T of o and lse: lengths checked above; pair accesses (float2,
+    // or two bf16 as one u32) are aligned (D even, buffers from the
+    // allocator).
     launch_kernel!(dev, f, name, cfg, [q, k, v, &t, &h, &hkv, &w, &scale, o, lse])
 }
 
 /// [`backward`] on tensor cores (FlashAttention-2 with bf16 operands; `P`
 /// and `dS` rounded to bf16 before their products), from the outputs of
-/// [`forward_tc`]. Deterministic (no atomics).
+/// [`forward_tc`] (q, k, v, o in its element type; lse, dout and the
+/// gradients fp32). Deterministic (no atomics).
 #[allow(clippy::too_many_arguments)]
-pub fn backward_tc(
+pub fn backward_tc<T: TcElem>(
     dev: &CudaDevice,
-    q: &CudaView<'_, f32>,
-    k: &CudaView<'_, f32>,
-    v: &CudaView<'_, f32>,
-    o: &CudaView<'_, f32>,
+    q: &CudaView<'_, T>,
+    k: &CudaView<'_, T>,
+    v: &CudaView<'_, T>,
+    o: &CudaView<'_, T>,
     lse: &CudaView<'_, f32>,
     dout: &CudaView<'_, f32>,
     s: &AttnShape,
@@ -330,13 +367,13 @@ pub fn backward_tc(
     dv: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     let (t, h, hkv, d, w) = tc_check(dev, s)?;
-    check_backward_args(dev, [q, k, v, o, lse, dout], s, [&*dq, &*dk, &*dv])?;
+    check_backward_args(dev, [q, k, v, o], lse, dout, s, [&*dq, &*dk, &*dv])?;
     if s.batch == 0 || s.q_len == 0 {
         return Ok(());
     }
     let scale = softmax_scale(s.head_dim);
     let delta = delta_async(dev, o, dout, s, d)?;
-    let name = if d == 64 { "attention_tc_dkdv_d64_bf16" } else { "attention_tc_dkdv_d128_bf16" };
+    let name = T::KERNELS[usize::from(d == 128)][1];
     let f = dev.function(&ATTENTION_TC_CU, name)?;
     let smem = atc_dkdv_smem(s.head_dim);
     super::guard("cuFuncSetAttribute", || {
@@ -351,7 +388,7 @@ pub fn backward_tc(
     // writes its keys' rows of dk, dv; dynamic shared memory as the kernel
     // lays it out (atc_dkdv_smem).
     launch_kernel!(dev, f, name, cfg, [q, k, v, dout, lse, &delta, &t, &h, &hkv, &w, &scale, dk, dv])?;
-    let name = if d == 64 { "attention_tc_dq_d64_bf16" } else { "attention_tc_dq_d128_bf16" };
+    let name = T::KERNELS[usize::from(d == 128)][2];
     let f = dev.function(&ATTENTION_TC_CU, name)?;
     let mut cfg = launch_cfg((s.q_len.div_ceil(ATC_ROWS) as u32, h), ATC_THREADS);
     cfg.grid_dim.2 = s.batch as u32;
