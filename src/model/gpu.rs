@@ -41,7 +41,9 @@
 //! (RMSNorm and SwiGLU write their bf16 roundings in the same pass), and
 //! with bf16 adapter products the step is lean ([`DeviceModel::lean`]):
 //! the normalized inputs, the SwiGLU product and the gradients of gate and
-//! up exist only in bf16, since no consumer reads them in fp32.
+//! up exist only in bf16, since no consumer reads them in fp32; with
+//! tensor-core attention the training step keeps q, k, v and the attention
+//! output in bf16 too.
 //!
 //! Memory: per layer the step keeps the layer input, q, k, v, the
 //! attention output and log-sum-exp, the mid-layer residual, gate and up
@@ -321,10 +323,12 @@ struct DevLayer {
 /// What one layer's backward needs (module docs).
 struct Acts {
     rstd1: CudaSlice<f32>,
-    q: CudaSlice<f32>,
-    k: CudaSlice<f32>,
-    v: CudaSlice<f32>,
-    att: CudaSlice<f32>,
+    /// q, k (rotated), v and the attention output: fp32, or bf16 in the
+    /// lean training step with tensor-core attention.
+    q: Saved,
+    k: Saved,
+    v: Saved,
+    att: Saved,
     lse: CudaSlice<f32>,
     x_mid: CudaSlice<f32>,
     rstd2: CudaSlice<f32>,
@@ -358,6 +362,24 @@ impl Dims {
 enum Saved {
     F32(CudaSlice<f32>),
     Bf16(CudaSlice<u16>),
+}
+
+impl Saved {
+    /// As a product's input (with `xb`, a bf16 copy of an fp32 one).
+    fn act<'a>(&'a self, xb: Option<&'a CudaSlice<u16>>) -> Act<'a> {
+        match self {
+            Saved::F32(x) => Act::new(x, xb),
+            Saved::Bf16(b) => Act::Bf16(b),
+        }
+    }
+
+    /// The fp32 form (for a consumer that reads only fp32).
+    fn f32(&self) -> Result<&CudaSlice<f32>> {
+        match self {
+            Saved::F32(x) => Ok(x),
+            Saved::Bf16(_) => bail!(Internal, "an fp32 read of an activation kept in bf16"),
+        }
+    }
 }
 
 /// A matrix product's input as the step holds it: fp32, its bf16 rounding
@@ -1084,18 +1106,35 @@ impl DeviceModel {
         let table = self.rope.as_ref().expect("rope table made for this sequence length");
         crope::rope_forward(d, &mut q.as_view_mut(), batch, seq, nh, hd, table)?;
         crope::rope_forward(d, &mut k.as_view_mut(), batch, seq, nkv, hd, table)?;
-        let mut att = out_buf::<f32>(d, n * qd)?;
         let mut lse = out_buf::<f32>(d, n * nh)?;
+        let tc = self.attn_tc && catt::tc_supported(d, &shape);
         let t = self.tick()?;
-        if self.attn_tc && catt::tc_supported(d, &shape) {
-            catt::forward_tc(d, &q.as_view(), &k.as_view(), &v.as_view(), &shape, &mut att.as_view_mut(), &mut lse.as_view_mut())?;
+        let (q, k, v, att) = if tc && self.lean() && matches!(rows, Rows::Train(_)) {
+            // The lean training step keeps q, k, v and the attention output
+            // for the backward in bf16: the tensor-core kernels round them
+            // to bf16 anyway, so the numbers are the same; half the bytes
+            // held, and read by the kernels.
+            let (qb, kb, vb) = (bf16_copy(d, &q)?, bf16_copy(d, &k)?, bf16_copy(d, &v)?);
+            drop((q, k, v));
+            let mut ob = out_buf::<u16>(d, n * qd)?;
+            catt::forward_tc(d, &qb.as_view(), &kb.as_view(), &vb.as_view(), &shape, &mut ob.as_view_mut(), &mut lse.as_view_mut())?;
+            (Saved::Bf16(qb), Saved::Bf16(kb), Saved::Bf16(vb), Saved::Bf16(ob))
         } else {
-            catt::forward(d, &q.as_view(), &k.as_view(), &v.as_view(), &shape, &mut att.as_view_mut(), &mut lse.as_view_mut())?;
-        }
+            let mut att = out_buf::<f32>(d, n * qd)?;
+            if tc {
+                catt::forward_tc(d, &q.as_view(), &k.as_view(), &v.as_view(), &shape, &mut att.as_view_mut(), &mut lse.as_view_mut())?;
+            } else {
+                catt::forward(d, &q.as_view(), &k.as_view(), &v.as_view(), &shape, &mut att.as_view_mut(), &mut lse.as_view_mut())?;
+            }
+            (Saved::F32(q), Saved::F32(k), Saved::F32(v), Saved::F32(att))
+        };
         self.tock(t, "attention forward")?;
         let mut x_mid = d.duplicate(x)?;
-        let attb = self.operand(&att)?;
-        hs[O] = self.lin_forward(l, O, rows, Act::new(&att, attb.as_ref()), n, &mut x_mid, 1.0)?;
+        let attb = match &att {
+            Saved::F32(a) => self.operand(a)?,
+            Saved::Bf16(_) => None,
+        };
+        hs[O] = self.lin_forward(l, O, rows, att.act(attb.as_ref()), n, &mut x_mid, 1.0)?;
         drop(attb);
         // MLP block.
         let mut rstd2 = out_buf::<f32>(d, n)?;
@@ -1125,10 +1164,13 @@ impl DeviceModel {
     /// consumer takes bf16 (BF16 mode with bf16 adapter products): the
     /// normalized inputs, the SwiGLU product and its gradients exist only
     /// as the products' bf16 operands, each written by the kernel that
-    /// computes it (no conversion passes, no fp32 copies). The numbers are
-    /// those of the same mode holding both forms, except that LoRA dropout
-    /// and a mixed-adapter batch (fp32 consumers) read the bf16 values
-    /// widened.
+    /// computes it (no conversion passes, no fp32 copies). With
+    /// tensor-core attention a training step also keeps q, k, v and the
+    /// attention output for the backward in bf16 (the kernels' bf16 form).
+    /// The numbers are those of the same mode holding both forms, except
+    /// that LoRA dropout and a mixed-adapter batch (fp32 consumers) read the
+    /// bf16 values widened, and the attention backward's `δ = rowsum(dO∘O)`
+    /// reads the bf16 `O`.
     fn lean(&self) -> bool {
         self.compute == Compute::BF16 && self.lora_path == LoraPath::BlasBf16
     }
@@ -1541,16 +1583,26 @@ impl DeviceModel {
         // Attention: x_mid = x_in + o_proj(att).
         let dxmb = self.operand(&dxm)?;
         let mut datt = out_buf::<f32>(d, n * qd)?;
-        self.lin_backward(tr, l, O, Act::F32(&att), hs[O].as_ref(), Act::new(&dxm, dxmb.as_ref()), n, Some((&mut datt, 0.0)))?;
+        self.lin_backward(tr, l, O, att.act(None), hs[O].as_ref(), Act::new(&dxm, dxmb.as_ref()), n, Some((&mut datt, 0.0)))?;
         drop(dxmb);
         let mut dq = out_buf::<f32>(d, n * qd)?;
         let mut dk = out_buf::<f32>(d, n * kvd)?;
         let mut dv = out_buf::<f32>(d, n * kvd)?;
         let t = self.tick()?;
-        if self.attn_tc && catt::tc_supported(d, &shape) {
-            catt::backward_tc(d, &q.as_view(), &k.as_view(), &v.as_view(), &att.as_view(), &lse.as_view(), &datt.as_view(), &shape, &mut dq.as_view_mut(), &mut dk.as_view_mut(), &mut dv.as_view_mut())?;
-        } else {
-            catt::backward(d, &q.as_view(), &k.as_view(), &v.as_view(), &att.as_view(), &lse.as_view(), &datt.as_view(), &shape, &mut dq.as_view_mut(), &mut dk.as_view_mut(), &mut dv.as_view_mut())?;
+        let (dqv, dkv, dvv) = (&mut dq.as_view_mut(), &mut dk.as_view_mut(), &mut dv.as_view_mut());
+        match (&q, &k, &v, &att) {
+            // Kept in bf16: the forward ran the tensor-core kernels' bf16 form.
+            (Saved::Bf16(q), Saved::Bf16(k), Saved::Bf16(v), Saved::Bf16(o)) => {
+                catt::backward_tc(d, &q.as_view(), &k.as_view(), &v.as_view(), &o.as_view(), &lse.as_view(), &datt.as_view(), &shape, dqv, dkv, dvv)?
+            }
+            (Saved::F32(q), Saved::F32(k), Saved::F32(v), Saved::F32(o)) => {
+                if self.attn_tc && catt::tc_supported(d, &shape) {
+                    catt::backward_tc(d, &q.as_view(), &k.as_view(), &v.as_view(), &o.as_view(), &lse.as_view(), &datt.as_view(), &shape, dqv, dkv, dvv)?;
+                } else {
+                    catt::backward(d, &q.as_view(), &k.as_view(), &v.as_view(), &o.as_view(), &lse.as_view(), &datt.as_view(), &shape, dqv, dkv, dvv)?;
+                }
+            }
+            _ => bail!(Internal, "attention activations kept in mixed dtypes"),
         }
         self.tock(t, "attention backward")?;
         drop((q, k, v, att, lse, datt));
@@ -1880,7 +1932,7 @@ impl DeviceModel {
             let (acts, x_out) = self.layer_forward(l, &x, 1, t, rows)?;
             if let Some((caches, at)) = cache.as_mut() {
                 let c = &mut caches[l];
-                for (src, dst) in [(&acts.k, &mut c.0), (&acts.v, &mut c.1)] {
+                for (src, dst) in [(acts.k.f32()?, &mut c.0), (acts.v.f32()?, &mut c.1)] {
                     let mut dv = dst.slice_mut(*at..*at + t * row);
                     d.copy(&src.slice(..t * row), &mut dv)?;
                 }
