@@ -200,7 +200,8 @@ run "bench gpu_bench_train nf4 + checkpointing" 60 "$BUNDLE/bin/gpu_bench_train"
 run "bench gpu_bench_train nf4, tensor-core attention" 60 env LORA_CUDA_ATTENTION=tc "$BUNDLE/bin/gpu_bench_train" nf4 4 1024 5 16
 run "bench gpu_bench_train nf4, LoRA kernels" 60 env LORA_CUDA_LORA=kernels "$BUNDLE/bin/gpu_bench_train" nf4 4 1024 5 16
 run "bench gpu_bench_train nf4, tensor-core attention + LoRA kernels" 60 env LORA_CUDA_ATTENTION=tc LORA_CUDA_LORA=kernels "$BUNDLE/bin/gpu_bench_train" nf4 4 1024 5 16
-run "bench gpu_bench_train nf4, tensor-core attention + bf16 adapter products" 60 env LORA_CUDA_ATTENTION=tc LORA_CUDA_LORA=bf16 "$BUNDLE/bin/gpu_bench_train" nf4 4 1024 5 16
+run "bench gpu_bench_train nf4, tensor-core attention + bf16 adapter products (the lean bf16 step)" 60 env LORA_CUDA_ATTENTION=tc LORA_CUDA_LORA=bf16 "$BUNDLE/bin/gpu_bench_train" nf4 4 1024 5 16
+run "bench gpu_bench_train nf4 + checkpointing, the lean bf16 step" 60 env LORA_CUDA_ATTENTION=tc LORA_CUDA_LORA=bf16 "$BUNDLE/bin/gpu_bench_train" nf4 4 1024 5 16 ckpt
 if command -v python3 >/dev/null && python3 -c 'import torch, peft' 2>/dev/null; then
   [ -d .whl/site ] && export PYTHONPATH="$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}"
   export PYTHONUNBUFFERED=1
