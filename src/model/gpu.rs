@@ -395,6 +395,9 @@ enum Act<'a> {
     Both(&'a CudaSlice<f32>, &'a CudaSlice<u16>),
 }
 
+/// An activation as [`DeviceModel::normed`] makes it: fp32 and/or bf16.
+type Forms = (Option<CudaSlice<f32>>, Option<CudaSlice<u16>>);
+
 /// The [`Act`] of what [`DeviceModel::normed`] made.
 fn act_of<'a>(f: &'a Option<CudaSlice<f32>>, b: &'a Option<CudaSlice<u16>>) -> Result<Act<'a>> {
     match (f, b) {
@@ -1094,7 +1097,7 @@ impl DeviceModel {
         let mut hs: Vec<Option<CudaSlice<f32>>> = (0..7).map(|_| None).collect();
         // Attention block.
         let mut rstd1 = out_buf::<f32>(d, n)?;
-        let (h1, h1b) = self.normed(&x, &self.layers[l].attn_norm, n, Some(&mut rstd1))?;
+        let (h1, h1b) = self.normed(x, &self.layers[l].attn_norm, n, Some(&mut rstd1))?;
         let h1a = act_of(&h1, &h1b)?;
         let mut q = out_buf::<f32>(d, n * qd)?;
         let mut k = out_buf::<f32>(d, n * kvd)?;
@@ -1198,7 +1201,6 @@ impl DeviceModel {
                     None => (None, None),
                 };
                 cswiglu::swiglu_forward_out(d, &g.as_view(), &u.as_view(), av.as_mut(), Some(&mut ab.as_view_mut()), gv.as_mut(), uv.as_mut())?;
-                drop((av, gv, uv));
                 Ok((a, Some(ab), kept))
             }
         }
@@ -1207,7 +1209,7 @@ impl DeviceModel {
     /// `w·rmsnorm(x)` of `n` rows in the forms the products take: fp32 (F32
     /// mode, or BF16 mode unless [`lean`](Self::lean)) and bf16 (BF16
     /// mode), both from one pass; `rstd` gets the rows' scales when given.
-    fn normed(&self, x: &CudaSlice<f32>, w: &CudaSlice<f32>, n: usize, rstd: Option<&mut CudaSlice<f32>>) -> Result<(Option<CudaSlice<f32>>, Option<CudaSlice<u16>>)> {
+    fn normed(&self, x: &CudaSlice<f32>, w: &CudaSlice<f32>, n: usize, rstd: Option<&mut CudaSlice<f32>>) -> Result<Forms> {
         let d = &*self.dev;
         let (h, eps) = (self.cfg.hidden_size, self.cfg.rms_norm_eps);
         let mut rv = rstd.map(|r| r.as_view_mut());
@@ -1222,7 +1224,6 @@ impl DeviceModel {
                 let mut yb = out_buf::<u16>(d, n * h)?;
                 let mut yv = y.as_mut().map(|y| y.as_view_mut());
                 cnorm::rmsnorm_forward_bf16(d, &x.as_view(), &w.as_view(), n, h, eps, yv.as_mut(), &mut yb.as_view_mut(), rv.as_mut())?;
-                drop(yv);
                 Ok((y, Some(yb)))
             }
         }
@@ -1551,7 +1552,6 @@ impl DeviceModel {
                 let mut ab = out_buf::<u16>(d, n * it)?;
                 let mut av = a.as_mut().map(|a| a.as_view_mut());
                 cswiglu::swiglu_forward_bf16(d, &gb.as_view(), &ub.as_view(), av.as_mut(), Some(&mut ab.as_view_mut()))?;
-                drop(av);
                 let aa = match &a {
                     Some(a) => Act::Both(a, &ab),
                     None => Act::Bf16(&ab),
@@ -1563,7 +1563,6 @@ impl DeviceModel {
                 let (mut dgv, mut duv) = (dg.as_mut().map(|x| x.as_view_mut()), du.as_mut().map(|x| x.as_view_mut()));
                 let out = cswiglu::SwigluGrads { dgate: dgv.as_mut(), dup: duv.as_mut(), dgate_bf16: Some(&mut dgb.as_view_mut()), dup_bf16: Some(&mut dub.as_view_mut()) };
                 cswiglu::swiglu_backward_bf16(d, &gb.as_view(), &ub.as_view(), &da.as_view(), out)?;
-                drop((dgv, duv));
                 (dg, du, Some(dgb), Some(dub))
             }
             _ => bail!(Internal, "gate and up kept in different dtypes"),
