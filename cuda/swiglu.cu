@@ -24,7 +24,7 @@
 //   swiglu_fwd_out_f32    g, u fp32     -> h fp32 / bf16, g and u as bf16
 //                         (the forward keeps gate and up for the backward in
 //                         bf16): 8 bytes read, up to 10 written per element
-//                         where the unfused chain moved 28.
+//                         where the unfused chain moved 30.
 //   swiglu_fwd_out_bf16   g, u bf16     -> h fp32 / bf16 (the backward's
 //                         recomputation of the down projection's input).
 //   swiglu_bwd_out_bf16   g, u bf16, dh -> dgate, dup fp32 / bf16.

@@ -214,6 +214,13 @@ fn widen(b: &[u16]) -> Vec<f32> {
 /// their conversions; an output not asked for is not written.
 fn fused_swiglu_matches_the_unfused(dev: &CudaDevice, gate: &[f32], up: &[f32], dh: &[f32]) {
     let n = gate.len();
+    // The conversions' edges too (SPECIAL_F32_BITS).
+    let (mut gate, mut up) = (gate.to_vec(), up.to_vec());
+    for (i, &b) in SPECIAL_F32_BITS.iter().enumerate().filter(|&(i, _)| i < n) {
+        gate[(i * 7) % n] = f32::from_bits(b);
+        up[(i * 13 + 1) % n] = f32::from_bits(b);
+    }
+    let (gate, up) = (&gate[..], &up[..]);
     let f32_of = |d: &cudarc::driver::CudaSlice<f32>| dev.download(d).unwrap();
     let run_fwd = |g: &[f32], u: &[f32]| {
         let (gd, ud) = (dev.upload(g).unwrap(), dev.upload(u).unwrap());
@@ -683,6 +690,30 @@ fn ops_emu(test: &str) -> Option<&'static libloading::Library> {
     }
 }
 
+/// The kernels that round fp32 to bf16 in passing (RMSNorm's and SwiGLU's
+/// fused outputs) carry their own copy of the conversion (NVRTC compiles
+/// each source alone); each copy is the tested one of elementwise.cu,
+/// character for character, so the edges its tests cover hold for all.
+#[test]
+fn bf16_conversions_are_one_function() {
+    let body = |src: &str, name: &str| -> String {
+        let at = src.find(&format!("u16 {name}(float f) {{")).unwrap_or_else(|| panic!("{name} not found"));
+        let rest = &src[at..];
+        let open = rest.find('{').unwrap();
+        let close = rest.find("\n}").unwrap_or_else(|| panic!("{name}: no closing brace"));
+        rest[open..close].to_string()
+    };
+    let want = body(include_str!("../cuda/elementwise.cu"), "ew_f32_to_bf16_bits");
+    assert!(want.contains("0x7fffu") && want.contains("0x40u"), "elementwise.cu's conversion changed: {want}");
+    assert_eq!(body(include_str!("../cuda/norm.cu"), "norm_bf16"), want, "norm.cu's bf16 conversion differs from elementwise.cu's");
+    assert_eq!(body(include_str!("../cuda/swiglu.cu"), "swiglu_bf16"), want, "swiglu.cu's bf16 conversion differs from elementwise.cu's");
+}
+
+/// fp32 values where the rounding to bf16 has edges: ties to even (up and
+/// down), NaN (signalling and quiet), ±∞, −0, subnormals, the largest
+/// finite values.
+const SPECIAL_F32_BITS: [u32; 12] = [0x3F80_8000, 0x3F81_8000, 0x3F80_7FFF, 0x7FA0_0001, 0xFFC0_0000, 0x7F80_0000, 0xFF80_0000, 0x8000_0000, 0x0000_8000, 0x0001_8000, 0x7F7F_FFFF, 0xFF7F_8000];
+
 /// The bf16 step's fused kernels (RMSNorm with its bf16 output, SwiGLU with
 /// its conversions) give, in emulation, the bits of the fp32 kernels and
 /// the conversions they replace; null outputs are skipped.
@@ -715,7 +746,14 @@ fn emulated_fused_bf16_outputs_match_the_unfused_kernels() {
         }
     }
     for &n in &[1usize, 1000, 4099] {
-        let (g, u, dh) = (rng.vec(n, 3.0), rng.vec(n, 1.0), rng.vec(n, 1.0));
+        let (mut g, mut u, dh) = (rng.vec(n, 3.0), rng.vec(n, 1.0), rng.vec(n, 1.0));
+        // The conversions on the values where rounding has edges: ties
+        // (even and odd), NaN (kept quiet), ±∞, −0, subnormals, the largest
+        // finite value (rounds to ∞).
+        for (i, &b) in SPECIAL_F32_BITS.iter().enumerate().filter(|&(i, _)| i < n) {
+            g[(i * 7) % n] = f32::from_bits(b);
+            u[(i * 13 + 1) % n] = f32::from_bits(b);
+        }
         let (gb, ub) = (bits(&g), bits(&u));
         let (gw, uw) = (widen(&gb), widen(&ub));
         // The unfused kernels: on fp32 g, u (forward) and on the widened

@@ -583,6 +583,19 @@ fn dropout_matches_the_cpu() {
         let want_mb = run(&mut mk(mb.clone(), false), &ids, c.batch, c.seq, 4);
         let got_mb = run(&mut mk(mb, true), &ids, c.batch, c.seq, 4);
         check_losses(&format!("{} with dropout, micro-batches of 1 and checkpointing", c.name), &want_mb, &got_mb, 1e-4);
+        // The lean bf16 step (bf16 adapter products, tensor-core
+        // attention): the mask is drawn on the widened bf16 input; bf16
+        // precision, and checkpointing redraws the same masks (bit for bit).
+        let lean = |checkpointing: bool| {
+            let mut t = Trainer::new(Arc::new(Mutex::new(model())), "d", TrainerConfig { checkpointing, ..cfg() }).unwrap();
+            t.use_device(Some((0, Compute::BF16))).unwrap();
+            t.set_tensor_core_attention(true).unwrap();
+            t.with_device_model(|g| g.set_lora_path(LoraPath::BlasBf16)).unwrap().unwrap();
+            run(&mut t, &ids, c.batch, c.seq, 6)
+        };
+        let (gl, glc) = (lean(false), lean(true));
+        check_losses(&format!("{} with dropout, lean bf16 step", c.name), &want[..6], &gl, 2e-2);
+        assert_eq!(gl, glc, "{}: checkpointing changed the lean step with dropout", c.name);
         eprintln!("{}: LoRA dropout 0.1 on the GPU within {e:.2e} of the CPU's losses; hand-off and micro-batches + checkpointing alike", c.name);
     }
 }

@@ -1097,7 +1097,7 @@ impl DeviceModel {
         let mut hs: Vec<Option<CudaSlice<f32>>> = (0..7).map(|_| None).collect();
         // Attention block.
         let mut rstd1 = out_buf::<f32>(d, n)?;
-        let (h1, h1b) = self.normed(x, &self.layers[l].attn_norm, n, Some(&mut rstd1))?;
+        let (h1, h1b) = self.normed(x, &self.layers[l].attn_norm, n, Some(&mut rstd1), false)?;
         let h1a = act_of(&h1, &h1b)?;
         let mut q = out_buf::<f32>(d, n * qd)?;
         let mut k = out_buf::<f32>(d, n * kvd)?;
@@ -1141,7 +1141,7 @@ impl DeviceModel {
         drop(attb);
         // MLP block.
         let mut rstd2 = out_buf::<f32>(d, n)?;
-        let (h2, h2b) = self.normed(&x_mid, &self.layers[l].mlp_norm, n, Some(&mut rstd2))?;
+        let (h2, h2b) = self.normed(&x_mid, &self.layers[l].mlp_norm, n, Some(&mut rstd2), false)?;
         let h2a = act_of(&h2, &h2b)?;
         let mut g = out_buf::<f32>(d, n * it)?;
         let mut u = out_buf::<f32>(d, n * it)?;
@@ -1149,12 +1149,19 @@ impl DeviceModel {
         hs[UP] = self.lin_forward(l, UP, rows, h2a, n, &mut u, 0.0)?;
         drop((h2, h2b));
         let mut x_out = d.duplicate(&x_mid)?;
-        // Gate and up are kept for the backward: in BF16 mode as the bf16
-        // roundings the gating pass writes (the fp32 ones dropped here).
-        let (a, ab, kept) = self.gated(&g, &u, true)?;
+        // A training step keeps gate and up for the backward: in BF16 mode
+        // as their bf16 roundings (written by the gating pass; outside the
+        // lean step up's is made after gate's fp32 is freed, so the peak
+        // stays that of the unfused chain), the fp32 ones dropped here.
+        let (a, ab, kept) = self.gated(&g, &u, matches!(rows, Rows::Train(_)))?;
         let (g, u) = match kept {
             Some((gb, ub)) => {
-                drop((g, u));
+                drop(g);
+                let ub = match ub {
+                    Some(ub) => ub,
+                    None => bf16_copy(d, &u)?,
+                };
+                drop(u);
                 (Saved::Bf16(gb), Saved::Bf16(ub))
             }
             None => (Saved::F32(g), Saved::F32(u)),
@@ -1180,9 +1187,10 @@ impl DeviceModel {
 
     /// `silu(g)·u` in the forms the products take (as
     /// [`normed`](Self::normed)), from one pass; in BF16 mode with `keep`,
-    /// the same pass also writes `g` and `u` rounded to bf16 (returned).
+    /// the same pass also writes `g` rounded to bf16, and `u`'s rounding
+    /// too when the step is lean (returned; else the caller makes it).
     #[allow(clippy::type_complexity)]
-    fn gated(&self, g: &CudaSlice<f32>, u: &CudaSlice<f32>, keep: bool) -> Result<(Option<CudaSlice<f32>>, Option<CudaSlice<u16>>, Option<(CudaSlice<u16>, CudaSlice<u16>)>)> {
+    fn gated(&self, g: &CudaSlice<f32>, u: &CudaSlice<f32>, keep: bool) -> Result<(Option<CudaSlice<f32>>, Option<CudaSlice<u16>>, Option<(CudaSlice<u16>, Option<CudaSlice<u16>>)>)> {
         let d = &*self.dev;
         let n = g.len();
         match self.compute {
@@ -1194,10 +1202,10 @@ impl DeviceModel {
             Compute::BF16 => {
                 let mut a = if self.lean() { None } else { Some(out_buf::<f32>(d, n)?) };
                 let mut ab = out_buf::<u16>(d, n)?;
-                let mut kept = if keep { Some((out_buf::<u16>(d, n)?, out_buf::<u16>(d, n)?)) } else { None };
+                let mut kept = if keep { Some((out_buf::<u16>(d, n)?, if self.lean() { Some(out_buf::<u16>(d, n)?) } else { None })) } else { None };
                 let mut av = a.as_mut().map(|a| a.as_view_mut());
                 let (mut gv, mut uv) = match kept.as_mut() {
-                    Some((gb, ub)) => (Some(gb.as_view_mut()), Some(ub.as_view_mut())),
+                    Some((gb, ub)) => (Some(gb.as_view_mut()), ub.as_mut().map(|u| u.as_view_mut())),
                     None => (None, None),
                 };
                 cswiglu::swiglu_forward_out(d, &g.as_view(), &u.as_view(), av.as_mut(), Some(&mut ab.as_view_mut()), gv.as_mut(), uv.as_mut())?;
@@ -1206,27 +1214,26 @@ impl DeviceModel {
         }
     }
 
-    /// `w·rmsnorm(x)` of `n` rows in the forms the products take: fp32 (F32
-    /// mode, or BF16 mode unless [`lean`](Self::lean)) and bf16 (BF16
-    /// mode), both from one pass; `rstd` gets the rows' scales when given.
-    fn normed(&self, x: &CudaSlice<f32>, w: &CudaSlice<f32>, n: usize, rstd: Option<&mut CudaSlice<f32>>) -> Result<Forms> {
+    /// `w·rmsnorm(x)` of `n` rows in the forms the products take: for a
+    /// forward fp32 (F32 mode, or BF16 mode unless [`lean`](Self::lean))
+    /// and bf16 (BF16 mode), both from one pass; for a backward
+    /// (`backward`: the adapters' input, recomputed) only the form the
+    /// adapter products read, bf16 when lean, else fp32. `rstd` gets the
+    /// rows' scales when given.
+    fn normed(&self, x: &CudaSlice<f32>, w: &CudaSlice<f32>, n: usize, rstd: Option<&mut CudaSlice<f32>>, backward: bool) -> Result<Forms> {
         let d = &*self.dev;
         let (h, eps) = (self.cfg.hidden_size, self.cfg.rms_norm_eps);
         let mut rv = rstd.map(|r| r.as_view_mut());
-        match self.compute {
-            Compute::F32 => {
-                let mut y = out_buf::<f32>(d, n * h)?;
-                cnorm::rmsnorm_forward(d, &x.as_view(), &w.as_view(), n, h, eps, &mut y.as_view_mut(), rv.as_mut())?;
-                Ok((Some(y), None))
-            }
-            Compute::BF16 => {
-                let mut y = if self.lean() { None } else { Some(out_buf::<f32>(d, n * h)?) };
-                let mut yb = out_buf::<u16>(d, n * h)?;
-                let mut yv = y.as_mut().map(|y| y.as_view_mut());
-                cnorm::rmsnorm_forward_bf16(d, &x.as_view(), &w.as_view(), n, h, eps, yv.as_mut(), &mut yb.as_view_mut(), rv.as_mut())?;
-                Ok((y, Some(yb)))
-            }
+        if self.compute == Compute::F32 || (backward && !self.lean()) {
+            let mut y = out_buf::<f32>(d, n * h)?;
+            cnorm::rmsnorm_forward(d, &x.as_view(), &w.as_view(), n, h, eps, &mut y.as_view_mut(), rv.as_mut())?;
+            return Ok((Some(y), None));
         }
+        let mut y = if self.lean() { None } else { Some(out_buf::<f32>(d, n * h)?) };
+        let mut yb = out_buf::<u16>(d, n * h)?;
+        let mut yv = y.as_mut().map(|y| y.as_view_mut());
+        cnorm::rmsnorm_forward_bf16(d, &x.as_view(), &w.as_view(), n, h, eps, yv.as_mut(), &mut yb.as_view_mut(), rv.as_mut())?;
+        Ok((y, Some(yb)))
     }
 
     /// The weight of linear `(l, j)` in the compute dtype.
@@ -1541,38 +1548,51 @@ impl DeviceModel {
                 self.lin_backward(tr, l, DOWN, Act::F32(&a), hs[DOWN].as_ref(), Act::new(&dx, dxb.as_ref()), n, Some((&mut da, 0.0)))?;
                 drop(a);
                 cswiglu::swiglu_backward_inplace(d, &mut g.as_view_mut(), &mut u.as_view_mut(), &da.as_view())?;
-                let (dgb, dub) = (self.operand(&g)?, self.operand(&u)?);
-                (Some(g), Some(u), dgb, dub)
+                (Some(g), Some(u), None, None)
+            }
+            (Saved::Bf16(gb), Saved::Bf16(ub)) if lean => {
+                // From the bf16 gate and up, one pass each, only the bf16
+                // operands: a (the adapters' input), then the gradients.
+                let mut ab = out_buf::<u16>(d, n * it)?;
+                cswiglu::swiglu_forward_bf16(d, &gb.as_view(), &ub.as_view(), None, Some(&mut ab.as_view_mut()))?;
+                self.lin_backward(tr, l, DOWN, Act::Bf16(&ab), hs[DOWN].as_ref(), Act::new(&dx, dxb.as_ref()), n, Some((&mut da, 0.0)))?;
+                drop(ab);
+                let (mut dgb, mut dub) = (out_buf::<u16>(d, n * it)?, out_buf::<u16>(d, n * it)?);
+                let out = cswiglu::SwigluGrads { dgate_bf16: Some(&mut dgb.as_view_mut()), dup_bf16: Some(&mut dub.as_view_mut()), ..Default::default() };
+                cswiglu::swiglu_backward_bf16(d, &gb.as_view(), &ub.as_view(), &da.as_view(), out)?;
+                (None, None, Some(dgb), Some(dub))
             }
             (Saved::Bf16(gb), Saved::Bf16(ub)) => {
-                // From the bf16 gate and up, one pass each: a (its bf16
-                // operand, and fp32 unless lean), then the gradients (bf16
-                // operands, and fp32 unless lean).
-                let mut a = if lean { None } else { Some(out_buf::<f32>(d, n * it)?) };
-                let mut ab = out_buf::<u16>(d, n * it)?;
-                let mut av = a.as_mut().map(|a| a.as_view_mut());
-                cswiglu::swiglu_forward_bf16(d, &gb.as_view(), &ub.as_view(), av.as_mut(), Some(&mut ab.as_view_mut()))?;
-                let aa = match &a {
-                    Some(a) => Act::Both(a, &ab),
-                    None => Act::Bf16(&ab),
-                };
-                self.lin_backward(tr, l, DOWN, aa, hs[DOWN].as_ref(), Act::new(&dx, dxb.as_ref()), n, Some((&mut da, 0.0)))?;
-                drop((a, ab));
-                let (mut dg, mut du) = if lean { (None, None) } else { (Some(out_buf::<f32>(d, n * it)?), Some(out_buf::<f32>(d, n * it)?)) };
-                let (mut dgb, mut dub) = (out_buf::<u16>(d, n * it)?, out_buf::<u16>(d, n * it)?);
-                let (mut dgv, mut duv) = (dg.as_mut().map(|x| x.as_view_mut()), du.as_mut().map(|x| x.as_view_mut()));
-                let out = cswiglu::SwigluGrads { dgate: dgv.as_mut(), dup: duv.as_mut(), dgate_bf16: Some(&mut dgb.as_view_mut()), dup_bf16: Some(&mut dub.as_view_mut()) };
+                // From the bf16 gate and up, in fp32 (what the fp32 adapter
+                // products read); the gradients' bf16 operands are made one
+                // at a time below, as the products need them.
+                let mut a = out_buf::<f32>(d, n * it)?;
+                cswiglu::swiglu_forward_bf16(d, &gb.as_view(), &ub.as_view(), Some(&mut a.as_view_mut()), None)?;
+                self.lin_backward(tr, l, DOWN, Act::F32(&a), hs[DOWN].as_ref(), Act::new(&dx, dxb.as_ref()), n, Some((&mut da, 0.0)))?;
+                drop(a);
+                let (mut dg, mut du) = (out_buf::<f32>(d, n * it)?, out_buf::<f32>(d, n * it)?);
+                let out = cswiglu::SwigluGrads { dgate: Some(&mut dg.as_view_mut()), dup: Some(&mut du.as_view_mut()), ..Default::default() };
                 cswiglu::swiglu_backward_bf16(d, &gb.as_view(), &ub.as_view(), &da.as_view(), out)?;
-                (dg, du, Some(dgb), Some(dub))
+                (Some(dg), Some(du), None, None)
             }
             _ => bail!(Internal, "gate and up kept in different dtypes"),
         };
         drop((da, dxb));
-        let (h2, h2b) = self.normed(&x_mid, &self.layers[l].mlp_norm, n, None)?;
+        // The gradients' bf16 operands where the products take them but
+        // they were not made above (BF16 mode outside the lean step).
+        let dgb = match dgb {
+            None if !lean => dg.as_ref().map(|g| self.operand(g)).transpose()?.flatten(),
+            other => other,
+        };
+        let (h2, h2b) = self.normed(&x_mid, &self.layers[l].mlp_norm, n, None, true)?;
         let h2a = act_of(&h2, &h2b)?;
         let mut dh2 = out_buf::<f32>(d, n * h)?;
         self.lin_backward(tr, l, GATE, h2a, hs[GATE].as_ref(), act_of(&dg, &dgb)?, n, Some((&mut dh2, 0.0)))?;
         drop((dg, dgb));
+        let dub = match dub {
+            None if !lean => du.as_ref().map(|u| self.operand(u)).transpose()?.flatten(),
+            other => other,
+        };
         self.lin_backward(tr, l, UP, h2a, hs[UP].as_ref(), act_of(&du, &dub)?, n, Some((&mut dh2, 1.0)))?;
         drop((du, dub, h2, h2b));
         let mut dxm = out_buf::<f32>(d, n * h)?;
@@ -1608,7 +1628,7 @@ impl DeviceModel {
         let table = self.rope.as_ref().expect("rope table made for this sequence length");
         crope::rope_backward(d, &mut dq.as_view_mut(), batch, seq, nh, hd, table)?;
         crope::rope_backward(d, &mut dk.as_view_mut(), batch, seq, nkv, hd, table)?;
-        let (h1, h1b) = self.normed(x_in, &self.layers[l].attn_norm, n, None)?;
+        let (h1, h1b) = self.normed(x_in, &self.layers[l].attn_norm, n, None, true)?;
         let h1a = act_of(&h1, &h1b)?;
         if need_dx {
             let (dqb, dkb, dvb) = (self.operand(&dq)?, self.operand(&dk)?, self.operand(&dv)?);
@@ -1965,7 +1985,7 @@ impl DeviceModel {
         let new_lens: Vec<usize> = lens.iter().map(|&n| n + 1).collect();
         let mut x = self.embed_ids(next)?;
         for (l, cache) in caches.iter_mut().enumerate() {
-            let (h1, h1b) = self.normed(&x, &self.layers[l].attn_norm, bsz, None)?;
+            let (h1, h1b) = self.normed(&x, &self.layers[l].attn_norm, bsz, None, false)?;
             let h1a = act_of(&h1, &h1b)?;
             let (mut q, mut k, mut v) = (out_buf::<f32>(d, bsz * qd)?, out_buf::<f32>(d, bsz * kvd)?, out_buf::<f32>(d, bsz * kvd)?);
             self.lin_decode(l, Q, rows, h1a, bsz, &mut q, 0.0)?;
@@ -1985,7 +2005,7 @@ impl DeviceModel {
             catt::decode(d, &q.as_view(), &cache.0.as_view(), &cache.1.as_view(), &new_lens, &shape, &mut att.as_view_mut())?;
             let attb = self.operand(&att)?;
             self.lin_decode(l, O, rows, Act::new(&att, attb.as_ref()), bsz, &mut x, 1.0)?;
-            let (h2, h2b) = self.normed(&x, &self.layers[l].mlp_norm, bsz, None)?;
+            let (h2, h2b) = self.normed(&x, &self.layers[l].mlp_norm, bsz, None, false)?;
             let h2a = act_of(&h2, &h2b)?;
             let (mut g, mut u) = (out_buf::<f32>(d, bsz * it)?, out_buf::<f32>(d, bsz * it)?);
             self.lin_decode(l, GATE, rows, h2a, bsz, &mut g, 0.0)?;
