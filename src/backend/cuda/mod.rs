@@ -309,6 +309,18 @@ pub(crate) fn launch_cfg(grid: (u32, u32), block: u32) -> cudarc::driver::Launch
     cudarc::driver::LaunchConfig { grid_dim: (grid.0, grid.1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
 }
 
+/// The device address of a kernel's optional output of `n` elements (0 for
+/// none: the kernels skip a null output), after the length and stream
+/// checks; `what` names it in errors.
+pub(crate) fn out_ptr<T>(dev: &CudaDevice, n: usize, v: Option<&mut cudarc::driver::CudaViewMut<'_, T>>, what: &str) -> Result<u64> {
+    let Some(v) = v else { return Ok(0) };
+    if v.len() != n {
+        bail!(BufferSize, "{what} has {} elements, needs {n}", v.len());
+    }
+    dev.check_stream(v, what)?;
+    Ok(v.device_ptr(&dev.stream).0)
+}
+
 /// An uninitialized device buffer of `n` elements for a kernel's scratch
 /// (the kernels write every element they later read).
 pub(crate) fn scratch<T: DeviceRepr>(dev: &CudaDevice, n: usize) -> Result<CudaSlice<T>> {

@@ -5,9 +5,9 @@
 //! boundary: bounds [`RSTD_REL_TOL`], [`Y_REL_TOL`], [`DX_TOL_ULPS`],
 //! [`DW_TOL_ULPS`].
 
-use super::{launch_cfg, scratch, CudaDevice, NORM_CU};
+use super::{launch_cfg, out_ptr, scratch, CudaDevice, NORM_CU};
 use crate::error::Result;
-use cudarc::driver::{CudaView, CudaViewMut, DevicePtr};
+use cudarc::driver::{CudaView, CudaViewMut};
 
 /// Threads per block (`NORM_THREADS` in norm.cu).
 const NORM_THREADS: u32 = 256;
@@ -43,6 +43,15 @@ fn check_len(len: usize, want: usize, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// A forward's shape, input lengths and streams.
+fn check_forward(dev: &CudaDevice, x: &CudaView<'_, f32>, w: &CudaView<'_, f32>, rows: usize, dim: usize) -> Result<()> {
+    check_shape(rows, dim)?;
+    check_len(x.len(), rows * dim, "x")?;
+    check_len(w.len(), dim, "w")?;
+    dev.check_stream(x, "rmsnorm x")?;
+    dev.check_stream(w, "rmsnorm w")
+}
+
 /// RMSNorm forward, as [`crate::backend::cpu::norm::rmsnorm_forward`]:
 /// `y[i, j] = w[j]·(x[i, j]·r_i)`, `r_i = 1/sqrt(mean_j x[i, j]² + eps)`,
 /// stored in `rstd` (`[rows]`) when given. Queues the work (no sync).
@@ -57,12 +66,8 @@ pub fn rmsnorm_forward(
     y: &mut CudaViewMut<'_, f32>,
     rstd: Option<&mut CudaViewMut<'_, f32>>,
 ) -> Result<()> {
-    check_shape(rows, dim)?;
-    check_len(x.len(), rows * dim, "x")?;
+    check_forward(dev, x, w, rows, dim)?;
     check_len(y.len(), rows * dim, "y")?;
-    check_len(w.len(), dim, "w")?;
-    dev.check_stream(x, "rmsnorm x")?;
-    dev.check_stream(w, "rmsnorm w")?;
     dev.check_stream(y, "rmsnorm y")?;
     if let Some(r) = rstd.as_deref() {
         check_len(r.len(), rows, "rstd")?;
@@ -100,29 +105,10 @@ pub fn rmsnorm_forward_bf16(
     yb: &mut CudaViewMut<'_, u16>,
     rstd: Option<&mut CudaViewMut<'_, f32>>,
 ) -> Result<()> {
-    check_shape(rows, dim)?;
-    check_len(x.len(), rows * dim, "x")?;
+    check_forward(dev, x, w, rows, dim)?;
     check_len(yb.len(), rows * dim, "bf16 y")?;
-    check_len(w.len(), dim, "w")?;
-    dev.check_stream(x, "rmsnorm x")?;
-    dev.check_stream(w, "rmsnorm w")?;
     dev.check_stream(yb, "rmsnorm bf16 y")?;
-    let yp = match y {
-        Some(y) => {
-            check_len(y.len(), rows * dim, "y")?;
-            dev.check_stream(y, "rmsnorm y")?;
-            y.device_ptr(&dev.stream).0
-        }
-        None => 0u64,
-    };
-    let rp = match rstd {
-        Some(r) => {
-            check_len(r.len(), rows, "rstd")?;
-            dev.check_stream(r, "rmsnorm rstd")?;
-            r.device_ptr(&dev.stream).0
-        }
-        None => 0u64,
-    };
+    let (yp, rp) = (out_ptr(dev, rows * dim, y, "rmsnorm y")?, out_ptr(dev, rows, rstd, "rmsnorm rstd")?);
     if rows == 0 {
         return Ok(());
     }

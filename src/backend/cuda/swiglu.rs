@@ -4,9 +4,9 @@
 //! (< 1 ulp), so agreement is within [`H_REL_TOL`], [`DUP_REL_TOL`] and
 //! [`dgate_tol`], not bit for bit.
 
-use super::{launch_cfg, stride_grid, CudaDevice, SWIGLU_CU};
+use super::{launch_cfg, out_ptr, stride_grid, CudaDevice, SWIGLU_CU};
 use crate::error::Result;
-use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DeviceRepr};
+use cudarc::driver::{CudaView, CudaViewMut, DevicePtr};
 
 /// Threads per block (`SWIGLU_THREADS` in swiglu.cu).
 const SWIGLU_THREADS: u32 = 256;
@@ -46,17 +46,6 @@ fn check_mut(dev: &CudaDevice, n: usize, v: &CudaViewMut<'_, f32>, what: &str) -
     dev.check_stream(v, &format!("swiglu {what}"))
 }
 
-/// The device address of an optional output of `n` elements (0 for none:
-/// the kernel skips it), after the length and stream checks.
-fn out_ptr<T: DeviceRepr>(dev: &CudaDevice, n: usize, v: Option<&mut CudaViewMut<'_, T>>, what: &str) -> Result<u64> {
-    let Some(v) = v else { return Ok(0) };
-    if v.len() != n {
-        bail!(ShapeMismatch, "swiglu: {what} has {} elements, expected {n}", v.len());
-    }
-    dev.check_stream(v, &format!("swiglu {what}"))?;
-    Ok(v.device_ptr(&dev.stream).0)
-}
-
 /// The device address of a bf16 input of `n` elements, after the checks.
 fn in_ptr_bf16(dev: &CudaDevice, n: usize, v: &CudaView<'_, u16>, what: &str) -> Result<u64> {
     if v.len() != n {
@@ -82,7 +71,7 @@ pub fn swiglu_forward_out(
 ) -> Result<()> {
     let n = gate.len();
     check(dev, n, &[(gate, "gate"), (up, "up")])?;
-    let (hp, hbp, gbp, ubp) = (out_ptr(dev, n, h, "h")?, out_ptr(dev, n, hb, "bf16 h")?, out_ptr(dev, n, gb, "bf16 gate")?, out_ptr(dev, n, ub, "bf16 up")?);
+    let (hp, hbp, gbp, ubp) = (out_ptr(dev, n, h, "swiglu h")?, out_ptr(dev, n, hb, "swiglu bf16 h")?, out_ptr(dev, n, gb, "swiglu bf16 gate")?, out_ptr(dev, n, ub, "swiglu bf16 up")?);
     if n == 0 {
         return Ok(());
     }
@@ -100,7 +89,7 @@ pub fn swiglu_forward_out(
 pub fn swiglu_forward_bf16(dev: &CudaDevice, gate: &CudaView<'_, u16>, up: &CudaView<'_, u16>, h: Option<&mut CudaViewMut<'_, f32>>, hb: Option<&mut CudaViewMut<'_, u16>>) -> Result<()> {
     let n = gate.len();
     let (gp, up_) = (in_ptr_bf16(dev, n, gate, "gate")?, in_ptr_bf16(dev, n, up, "up")?);
-    let (hp, hbp) = (out_ptr(dev, n, h, "h")?, out_ptr(dev, n, hb, "bf16 h")?);
+    let (hp, hbp) = (out_ptr(dev, n, h, "swiglu h")?, out_ptr(dev, n, hb, "swiglu bf16 h")?);
     if n == 0 {
         return Ok(());
     }
@@ -128,8 +117,8 @@ pub fn swiglu_backward_bf16(dev: &CudaDevice, gate: &CudaView<'_, u16>, up: &Cud
     let n = gate.len();
     let (gp, up_) = (in_ptr_bf16(dev, n, gate, "gate")?, in_ptr_bf16(dev, n, up, "up")?);
     check(dev, n, &[(dh, "dh")])?;
-    let (dgp, dup_) = (out_ptr(dev, n, out.dgate, "dgate")?, out_ptr(dev, n, out.dup, "dup")?);
-    let (dgbp, dubp) = (out_ptr(dev, n, out.dgate_bf16, "bf16 dgate")?, out_ptr(dev, n, out.dup_bf16, "bf16 dup")?);
+    let (dgp, dup_) = (out_ptr(dev, n, out.dgate, "swiglu dgate")?, out_ptr(dev, n, out.dup, "swiglu dup")?);
+    let (dgbp, dubp) = (out_ptr(dev, n, out.dgate_bf16, "swiglu bf16 dgate")?, out_ptr(dev, n, out.dup_bf16, "swiglu bf16 dup")?);
     if n == 0 {
         return Ok(());
     }
