@@ -69,25 +69,17 @@ pub fn rmsnorm_forward(
     check_forward(dev, x, w, rows, dim)?;
     check_len(y.len(), rows * dim, "y")?;
     dev.check_stream(y, "rmsnorm y")?;
-    if let Some(r) = rstd.as_deref() {
-        check_len(r.len(), rows, "rstd")?;
-        dev.check_stream(r, "rmsnorm rstd")?;
-    }
+    let rp = out_ptr(dev, rows, rstd, "rmsnorm rstd")?;
     if rows == 0 {
         return Ok(());
     }
     let name = "norm_rmsnorm_fwd_f32";
     let f = dev.function(&NORM_CU, name)?;
     let (r32, d32) = (rows as u32, dim as u32);
-    let cfg = launch_cfg((r32, 1), NORM_THREADS);
-    match rstd {
-        // SAFETY: (ptr, ptr, u32, u32, f32, ptr, ptr) as the kernel; one
-        // block per row touches row `blockIdx.x` of x, y and rstd[row]
-        // (lengths checked above).
-        Some(r) => launch_kernel!(dev, f, name, cfg, [x, w, &r32, &d32, &eps, y, r]),
-        // SAFETY: as above; a null rstd is never written.
-        None => launch_kernel!(dev, f, name, cfg, [x, w, &r32, &d32, &eps, y, &0u64]),
-    }
+    // SAFETY: (ptr, ptr, u32, u32, f32, ptr, ptr) as the kernel; one block
+    // per row touches row `blockIdx.x` of x, y and rstd[row] (lengths
+    // checked above); a 0 rstd is never written.
+    launch_kernel!(dev, f, name, launch_cfg((r32, 1), NORM_THREADS), [x, w, &r32, &d32, &eps, y, &rp])
 }
 
 /// [`rmsnorm_forward`] writing `y`'s bf16 rounding to `yb` in the same
