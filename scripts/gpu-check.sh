@@ -217,6 +217,8 @@ else
 fi
 
 section "summary"
+# The training-step rows against PyTorch + PEFT (speed ratio, memory saved).
+command -v python3 >/dev/null && python3 scripts/bench-summary.py "$LOG"
 echo "log: $LOG"
 if [ ${#failures[@]} -eq 0 ]; then
   echo "gpu-check: $passes passed, 0 failed"
