@@ -22,8 +22,9 @@
 // optional sliding window W (row i sees keys max(0, i−W+1) ≤ j ≤ i).
 //
 // Error (the bound the tests state): each operand carries a relative
-// rounding of 2⁻⁹; P and dS are rounded to bf16 before their products;
-// sums are fp32 (tensor-core accumulation). exp/log are __expf/__logf.
+// rounding of 2⁻⁸ (the bf16 unit roundoff); P and dS are rounded to bf16
+// before their products; sums are fp32 (tensor-core accumulation). exp/log
+// are __expf/__logf.
 //
 // Memory traffic per (batch, head): forward reads Q once, K and V once per
 // 64-row query tile (from L2 for the group's other heads) and writes O and

@@ -14,7 +14,7 @@
 //!   and the differences pass through 20 AdamW updates. Loss within 1e-4
 //!   relative, gradient norm within 1e-3, adapter weights after 20 steps
 //!   within 2e-3 relative L2.
-//! - bf16 compute: the frozen products take bf16 operands (2⁻⁹ relative
+//! - bf16 compute: the frozen products take bf16 operands (2⁻⁸ relative
 //!   rounding each): loss within 2e-2 relative of the CPU's fp32 loss, and
 //!   the loss falls as on the CPU; the same with tensor-core attention
 //!   (bf16 q, k, v, P, dO, dS) switched on, and with the adapter products

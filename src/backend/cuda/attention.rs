@@ -301,8 +301,9 @@ impl TcElem for u16 {
     const DELTA: (&'static super::KernelSource, &'static str, u32) = (&ATTENTION_TC_CU, "attention_tc_delta_bf16o", ATC_THREADS);
 }
 
-/// Relative rounding of a bf16 operand, 2⁻⁹.
-pub const BF16_U: f64 = 1.0 / 512.0;
+/// The unit roundoff of bf16 (8 significant bits, round to nearest):
+/// `|bf16(x) − x| ≤ 2⁻⁸·|x|`.
+pub const BF16_U: f64 = 1.0 / 256.0;
 
 /// True when the tensor-core kernels take this shape: self-attention
 /// (`S = T`) with head_dim 64 or 128 on an sm_80+ device.
