@@ -72,6 +72,21 @@ fn gemm_matches_an_f64_product() {
                     worst = worst.max(e / tol[i].max(1e-300));
                 }
                 eprintln!("gemm {m}x{n}x{k} ta={ta} tb={tb} bf16={bf}: worst error {worst:.3} of the bound");
+                if bf {
+                    // A bf16 output: the same sums (β·C from the bf16 C
+                    // widened) rounded once more, to bf16 (2⁻⁸ relative).
+                    let c0b: Vec<u16> = c0.iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
+                    let mut cb = if beta == 0.0 { dev.alloc_filled::<u16>(m * n, 0xFF).unwrap() } else { dev.upload(&c0b).unwrap() };
+                    let (am, bm) = (MatRef::bf16(dev, &abv, sa, sb).unwrap(), MatRef::bf16(dev, &bbv, sbr, sbc).unwrap());
+                    gemm(dev, &blas, am, ta, bm, tb, &mut cb.as_view_mut(), alpha, beta).unwrap();
+                    let got = dev.download(&cb).unwrap();
+                    for i in 0..m * n {
+                        let w = want[i] + beta as f64 * (bf16::from_bits(c0b[i]).to_f32() as f64 - c0[i] as f64);
+                        let g = bf16::from_bits(got[i]).to_f32() as f64;
+                        let bound = tol[i] + f64::powi(2.0, -8) * w.abs();
+                        assert!((g - w).abs() <= bound, "gemm {m}x{n}x{k} ta={ta} tb={tb} bf16 output: c[{i}] = {g} vs {w} (bound {bound:.3e})");
+                    }
+                }
             }
         }
     }
@@ -82,6 +97,10 @@ fn gemm_matches_an_f64_product() {
     let e = gemm(dev, &blas, MatRef::f32(dev, &av, 2, 3).unwrap(), false, MatRef::f32(dev, &av, 2, 3).unwrap(), false, &mut c.as_view_mut(), 1.0, 0.0).unwrap_err();
     assert_eq!(e.kind, lora::ErrorKind::ShapeMismatch, "{e}");
     assert_eq!(MatRef::f32(dev, &av, 4, 2).unwrap_err().kind, lora::ErrorKind::BufferSize);
+    // A bf16 output from fp32 operands is refused.
+    let mut cb = dev.alloc_filled::<u16>(4, 0xFF).unwrap();
+    let e = gemm(dev, &blas, MatRef::f32(dev, &av, 2, 3).unwrap(), false, MatRef::f32(dev, &av, 2, 3).unwrap(), true, &mut cb.as_view_mut(), 1.0, 0.0).unwrap_err();
+    assert_eq!(e.kind, lora::ErrorKind::Unsupported, "{e}");
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! Dense matrix products through cuBLAS (`cublasGemmEx`), row-major, fp32
-//! output and fp32 accumulation, with fp32 or bf16 operands. cuBLAS is
+//! accumulation, with fp32 or bf16 operands and an fp32 output (or, from
+//! bf16 operands, a bf16 one: [`GemmOut`]). cuBLAS is
 //! loaded at run time like the driver (cudarc's dynamic loading):
 //! `libcublas.so.13` from the CUDA toolkit, the loader's path, or the
 //! `nvidia-cublas` wheel's directory on `LD_LIBRARY_PATH`. A missing
@@ -117,12 +118,28 @@ fn cuda_type(d: DType) -> Result<cudaDataType> {
     })
 }
 
+/// The element type of a product's output `C`: fp32, or bf16 bits (`u16`;
+/// from bf16 operands only): `α·op(A)·op(B) + β·C` is accumulated in fp32
+/// (a bf16 `C` widened for the `β` term) and rounded to nearest even once.
+pub trait GemmOut: cudarc::driver::DeviceRepr {
+    const DTYPE: DType;
+}
+
+impl GemmOut for f32 {
+    const DTYPE: DType = DType::F32;
+}
+
+impl GemmOut for u16 {
+    const DTYPE: DType = DType::BF16;
+}
+
 /// Row-major `C[m, n] = α·op(A)·op(B) + β·C`, `op(A)` `[m, k]` (`A` stored
 /// `[m, k]`, or `[k, m]` with `ta`), `op(B)` `[k, n]` (`B` stored `[k, n]`,
-/// or `[n, k]` with `tb`). `A` and `B` of one dtype; `C` fp32. Queued on
-/// the device's stream. With `β = 0`, `C` need not be initialized.
+/// or `[n, k]` with `tb`). `A` and `B` of one dtype; `C` fp32, or bf16
+/// with bf16 operands ([`GemmOut`]). Queued on the device's stream. With
+/// `β = 0`, `C` need not be initialized.
 #[allow(clippy::too_many_arguments)]
-pub fn gemm(dev: &CudaDevice, blas: &Blas, a: MatRef<'_>, ta: bool, b: MatRef<'_>, tb: bool, c: &mut CudaViewMut<'_, f32>, alpha: f32, beta: f32) -> Result<()> {
+pub fn gemm<C: GemmOut>(dev: &CudaDevice, blas: &Blas, a: MatRef<'_>, ta: bool, b: MatRef<'_>, tb: bool, c: &mut CudaViewMut<'_, C>, alpha: f32, beta: f32) -> Result<()> {
     let (m, k) = if ta { (a.cols, a.rows) } else { (a.rows, a.cols) };
     let (kb, n) = if tb { (b.cols, b.rows) } else { (b.rows, b.cols) };
     if k != kb {
@@ -130,6 +147,9 @@ pub fn gemm(dev: &CudaDevice, blas: &Blas, a: MatRef<'_>, ta: bool, b: MatRef<'_
     }
     if a.dtype != b.dtype {
         bail!(DtypeMismatch, "gemm: A is {:?}, B is {:?}; both must be one dtype", a.dtype, b.dtype);
+    }
+    if C::DTYPE == DType::BF16 && a.dtype != DType::BF16 {
+        bail!(Unsupported, "gemm: a bf16 output needs bf16 operands, not {:?}", a.dtype);
     }
     check_dims(c.len(), m, n, "gemm C")?;
     dev.check_stream(c, "gemm C")?;
@@ -165,7 +185,7 @@ pub fn gemm(dev: &CudaDevice, blas: &Blas, a: MatRef<'_>, ta: bool, b: MatRef<'_
                 a.cols.max(1) as i32,
                 &beta as *const f32 as *const c_void,
                 cptr as *mut c_void,
-                cudaDataType::CUDA_R_32F,
+                cuda_type(C::DTYPE)?,
                 n as i32,
                 cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
