@@ -7,7 +7,8 @@
 //   backward  Sᵀ = K·Qᵀ, Pᵀ = exp(scale·Sᵀ − lse), dV += Pᵀ·dO, dPᵀ = V·dOᵀ,
 //             dSᵀ = Pᵀ∘(dPᵀ − δ), dK += dSᵀ·Q            (dkdv kernel)
 //             S = Q·Kᵀ, P, dP = dO·Vᵀ, dS, dQ += dS·K     (dq kernel)
-// δ_i = dO_i·O_i comes from attention.cu's attention_delta_f32.
+// δ_i = dO_i·O_i comes from attention.cu's attention_delta_f32 (fp32 O) or
+// attention_tc_delta_bf16o below (bf16 O).
 // Inputs and outputs are in the layouts of attention.cu (q, o, do, dq
 // [B, T, H, D]; k, v, dk, dv [B, T, Hkv, D]; lse [B, T, H]). Two forms:
 //   *_bf16    q, k, v, o fp32; operands rounded to bf16 (nearest even) as
@@ -15,9 +16,11 @@
 //   *_bf16io  q, k, v, o bf16 (what the bf16 training step keeps for the
 //             backward: half the bytes held and read); dO, lse, δ and the
 //             gradients fp32 as above.
-// On bf16 inputs that are the roundings of fp32 ones, the two forms compute
-// the same bits (the rounding happens before the first product either
-// way), and the bf16 o is the rounding of the fp32 o.
+// Given the roundings of the fp32 form's q, k, v, the bf16 form's forward
+// computes the same lse and the fp32 o rounded to bf16 (the rounding
+// happens before the first product either way); its backward, given that
+// bf16 o, the gradients the fp32 form computes from the widened o (δ is
+// computed from o, attention_tc_delta_bf16o for the bf16 one).
 // Self-attention only (S = T), D ∈ {64, 128},
 // optional sliding window W (row i sees keys max(0, i−W+1) ≤ j ≤ i).
 //

@@ -375,7 +375,9 @@ fn tensor_core_kernels_match_the_cpu() {
         let bits = |x: &[f32]| x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect::<Vec<u16>>();
         let widen = |b: &[u16]| b.iter().map(|&v| half::bf16::from_bits(v).to_f32()).collect::<Vec<f32>>();
         let (qb, kb, vb) = (bits(&r.q), bits(&r.k), bits(&r.v));
-        let (qw, kw, vw) = (dev.upload(&widen(&qb)).unwrap(), dev.upload(&widen(&kb)).unwrap(), dev.upload(&widen(&vb)).unwrap());
+        // The fp32 form reads the unrounded values, the bf16 form their
+        // roundings (as the lean step); o and lse must agree bit for bit.
+        let (qw, kw, vw) = (dev.upload(&r.q).unwrap(), dev.upload(&r.k).unwrap(), dev.upload(&r.v).unwrap());
         let (qbd, kbd, vbd, dod) = (dev.upload(&qb).unwrap(), dev.upload(&kb).unwrap(), dev.upload(&vb).unwrap(), dev.upload(&r.dout).unwrap());
         let (mut of, mut lf) = (poisoned(dev, nq), poisoned(dev, nq / d));
         gatt::forward_tc(dev, &qw.as_view(), &kw.as_view(), &vw.as_view(), &s, &mut of.as_view_mut(), &mut lf.as_view_mut()).unwrap();
@@ -529,6 +531,9 @@ fn emulated_tensor_core_bf16_form_matches_the_fp32_form() {
     let bits = |x: &[f32]| x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect::<Vec<u16>>();
     let widen = |b: &[u16]| b.iter().map(|&v| half::bf16::from_bits(v).to_f32()).collect::<Vec<f32>>();
     let fbits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+    // attention.cu too, for its δ kernel (the emulation is available: the
+    // build above succeeded).
+    let fp32 = emu::build("attention-delta", &["attention.cu"], &[], F32_EMU_EXTRA, F32_EMU_ENTRY).unwrap_or_else(|e| panic!("emulating attention.cu: {e}"));
     let mut rng = Rng(76);
     for c in &[(1usize, 70usize, 2usize, 1usize, 64usize, None), (2, 19, 2, 2, 128, Some(7))] {
         let s = tc_shape(c);
@@ -536,9 +541,12 @@ fn emulated_tensor_core_bf16_form_matches_the_fp32_form() {
         let w = s.window.unwrap_or(0) as u32;
         let scale = softmax_scale(s.head_dim);
         let (nq, nk) = (s.batch * s.q_len * s.n_heads * s.head_dim, s.batch * s.kv_len * s.n_kv_heads * s.head_dim);
-        let (qb, kb, vb) = (bits(&rng.vec(nq, 1.5)), bits(&rng.vec(nk, 1.0)), bits(&rng.vec(nk, 1.0)));
+        // The fp32 form reads the unrounded values (and rounds them as it
+        // stages them); the bf16 form their roundings, as the lean step.
+        let (qf, kf, vf) = (rng.vec(nq, 1.5), rng.vec(nk, 1.0), rng.vec(nk, 1.0));
+        let (qb, kb, vb) = (bits(&qf), bits(&kf), bits(&vf));
         let dout = rng.vec(nq, 1.0);
-        let (qw, kw, vw) = (widen(&qb), widen(&kb), widen(&vb));
+        let (qw, kw, vw) = (qf, kf, vf);
         let tiles = s.q_len.div_ceil(64) as u32;
         let rows = nq / s.head_dim;
         // The bf16 form, whole: forward, δ, dk/dv, dq.
@@ -561,8 +569,15 @@ fn emulated_tensor_core_bf16_form_matches_the_fp32_form() {
         assert_eq!(ob, bits(&of), "emulated tc bf16 form: o is not the fp32 o rounded");
         assert_eq!(fbits(&lb), fbits(&lf), "emulated tc bf16 form: lse");
         assert_eq!((fbits(&bdq), fbits(&bdk), fbits(&bdv)), (fbits(&fdq), fbits(&fdk), fbits(&fdv)), "emulated tc bf16 form: dq, dk, dv");
-        // δ = rowsum(dO ∘ widen(o)), each row an f32 fma chain.
+        // δ from the bf16 o: bit for bit attention.cu's fp32 δ kernel on
+        // the widened o (emulated too), and near rowsum(dO ∘ widen(o)).
         let ow = widen(&ob);
+        // SAFETY: an entry point of the fp32 emulation library built above.
+        let delta_f32: EmuAttDelta = unsafe { *fp32.get(b"emu_att_delta").unwrap() };
+        let mut want = vec![f32::NAN; rows];
+        // SAFETY: dout and o hold rows·D, delta rows.
+        unsafe { delta_f32(dgrid, dout.as_ptr(), ow.as_ptr(), rows as u64, d, want.as_mut_ptr()) };
+        assert_eq!(fbits(&delta), fbits(&want), "emulated δ from the bf16 o differs from attention_delta_f32 on the widened o");
         for r in 0..rows {
             let want: f64 = (0..s.head_dim).map(|c| dout[r * s.head_dim + c] as f64 * ow[r * s.head_dim + c] as f64).sum();
             let mag: f64 = (0..s.head_dim).map(|c| (dout[r * s.head_dim + c] as f64 * ow[r * s.head_dim + c] as f64).abs()).sum();
@@ -572,6 +587,9 @@ fn emulated_tensor_core_bf16_form_matches_the_fp32_form() {
 }
 
 // ------------------------------------------------ fp32 kernels, CPU emulation
+
+/// CUDA's device `min` and `max` for attention.cu's operand types.
+const F32_EMU_EXTRA: &str = "template <class T> inline T min(T a, T b) { return a < b ? a : b; }\ntemplate <class T> inline T max(T a, T b) { return a < b ? b : a; }\n";
 
 const F32_EMU_ENTRY: &str = r#"
 extern "C" {
@@ -584,6 +602,9 @@ void emu_att_bwd(unsigned dgrid, unsigned kx, unsigned qx, unsigned H, unsigned 
     emu_launch3(dim3{kx, Hkv, B}, ATT_THREADS, [&] { attention_dkdv_f32(q, k, v, dout, lse, delta, T, S, H, Hkv, D, w, scale, dk, dv); });
     emu_launch3(dim3{qx, H, B}, ATT_THREADS, [&] { attention_dq_f32(q, k, v, dout, lse, delta, T, S, H, Hkv, D, w, scale, dq); });
 }
+void emu_att_delta(unsigned dgrid, const float* dout, const float* o, u64 rows, u32 D, float* delta) {
+    emu_launch(dgrid, ATT_THREADS, [&] { attention_delta_f32(dout, o, rows, D, delta); });
+}
 void emu_att_decode(unsigned H, unsigned B, const float* q, const float* kc, const float* vc, const u32* lens, u32 cap, u32 Hkv, u32 D, u32 w, float scale, float* o) {
     emu_launch3(dim3{H, B, 1}, ATT_THREADS, [&] { attention_decode_f32(q, kc, vc, lens, cap, H, Hkv, D, w, scale, o); });
 }
@@ -592,6 +613,7 @@ void emu_att_decode(unsigned H, unsigned B, const float* q, const float* kc, con
 
 type EmuAttFwd = unsafe extern "C" fn(u32, u32, u32, *const f32, *const f32, *const f32, u32, u32, u32, u32, u32, u32, f32, *mut f32, *mut f32);
 type EmuAttBwd = unsafe extern "C" fn(u32, u32, u32, u32, u32, u32, *const f32, *const f32, *const f32, *const f32, *const f32, *const f32, *mut f32, u64, u32, u32, u32, u32, f32, *mut f32, *mut f32, *mut f32);
+type EmuAttDelta = unsafe extern "C" fn(u32, *const f32, *const f32, u64, u32, *mut f32);
 type EmuAttDecode = unsafe extern "C" fn(u32, u32, *const f32, *const f32, *const f32, *const u32, u32, u32, u32, u32, f32, *mut f32);
 
 /// The fp32 attention kernels (forward, δ + dK/dV + dQ, decode) compiled for
@@ -600,7 +622,7 @@ type EmuAttDecode = unsafe extern "C" fn(u32, u32, *const f32, *const f32, *cons
 /// (the same f32 function with other summation orders and host exp/log).
 #[test]
 fn emulated_fp32_kernels_match_the_cpu() {
-    let lib = match emu::build("attention", &["attention.cu"], &[], "template <class T> inline T min(T a, T b) { return a < b ? a : b; }\ntemplate <class T> inline T max(T a, T b) { return a < b ? b : a; }\n", F32_EMU_ENTRY) {
+    let lib = match emu::build("attention", &["attention.cu"], &[], F32_EMU_EXTRA, F32_EMU_ENTRY) {
         Ok(l) => l,
         Err(why) => {
             eprintln!("SKIPPED emulated_fp32_kernels_match_the_cpu: kernel emulation unavailable: {why}");

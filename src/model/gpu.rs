@@ -85,7 +85,7 @@ use super::generate::{sample_loop, Sampling};
 use super::{check_labels, check_token_ids, shifted_targets, Model, DOWN, GATE, K, O, Q, UP, V};
 use crate::backend::cpu::attention::{AttnShape, DecodeShape};
 use crate::backend::cpu::rope::RopeTable;
-use crate::backend::cuda::blas::{gemm, Blas, MatRef};
+use crate::backend::cuda::blas::{gemm, Blas, GemmOut, MatRef};
 use crate::backend::cuda::nf4::CudaNf4;
 use crate::backend::cuda::paged::ManagedAlloc;
 use crate::backend::cuda::rope::CudaRopeTable;
@@ -397,6 +397,12 @@ enum Act<'a> {
 
 /// An activation as [`DeviceModel::normed`] makes it: fp32 and/or bf16.
 type Forms = (Option<CudaSlice<f32>>, Option<CudaSlice<u16>>);
+
+/// A product's output as fp32, for the steps that write only fp32 (bias,
+/// BGMV, the LoRA kernels); a bf16 output there is a caller's mistake.
+fn f32_out<'a, C: 'static>(y: &'a mut CudaSlice<C>, what: &str) -> Result<&'a mut CudaSlice<f32>> {
+    (y as &mut dyn std::any::Any).downcast_mut::<CudaSlice<f32>>().ok_or_else(|| err!(Internal, "{what} needs an fp32 output"))
+}
 
 /// The [`Act`] of what [`DeviceModel::normed`] made.
 fn act_of<'a>(f: &'a Option<CudaSlice<f32>>, b: &'a Option<CudaSlice<u16>>) -> Result<Act<'a>> {
@@ -1111,27 +1117,34 @@ impl DeviceModel {
         crope::rope_forward(d, &mut k.as_view_mut(), batch, seq, nkv, hd, table)?;
         let mut lse = out_buf::<f32>(d, n * nh)?;
         let tc = self.attn_tc && catt::tc_supported(d, &shape);
-        let t = self.tick()?;
         let (q, k, v, att) = if tc && self.lean() && matches!(rows, Rows::Train(_)) {
             // The lean training step keeps q, k, v and the attention output
-            // for the backward in bf16: the tensor-core kernels round them
-            // to bf16 anyway, so the numbers are the same; half the bytes
-            // held, and read by the kernels.
-            let (qb, kb, vb) = (bf16_copy(d, &q)?, bf16_copy(d, &k)?, bf16_copy(d, &v)?);
-            drop((q, k, v));
+            // for the backward in bf16: the tensor-core kernels round q, k,
+            // v to bf16 anyway, so the forward's numbers are the same (the
+            // backward's δ reads the bf16 o); half the bytes held, and read
+            // by the kernels. Each fp32 buffer is freed as its copy is made.
+            let qb = bf16_copy(d, &q)?;
+            drop(q);
+            let kb = bf16_copy(d, &k)?;
+            drop(k);
+            let vb = bf16_copy(d, &v)?;
+            drop(v);
+            let t = self.tick()?;
             let mut ob = out_buf::<u16>(d, n * qd)?;
             catt::forward_tc(d, &qb.as_view(), &kb.as_view(), &vb.as_view(), &shape, &mut ob.as_view_mut(), &mut lse.as_view_mut())?;
+            self.tock(t, "attention forward")?;
             (Saved::Bf16(qb), Saved::Bf16(kb), Saved::Bf16(vb), Saved::Bf16(ob))
         } else {
+            let t = self.tick()?;
             let mut att = out_buf::<f32>(d, n * qd)?;
             if tc {
                 catt::forward_tc(d, &q.as_view(), &k.as_view(), &v.as_view(), &shape, &mut att.as_view_mut(), &mut lse.as_view_mut())?;
             } else {
                 catt::forward(d, &q.as_view(), &k.as_view(), &v.as_view(), &shape, &mut att.as_view_mut(), &mut lse.as_view_mut())?;
             }
+            self.tock(t, "attention forward")?;
             (Saved::F32(q), Saved::F32(k), Saved::F32(v), Saved::F32(att))
         };
-        self.tock(t, "attention forward")?;
         let mut x_mid = d.duplicate(x)?;
         let attb = match &att {
             Saved::F32(a) => self.operand(a)?,
@@ -1143,6 +1156,22 @@ impl DeviceModel {
         let mut rstd2 = out_buf::<f32>(d, n)?;
         let (h2, h2b) = self.normed(&x_mid, &self.layers[l].mlp_norm, n, Some(&mut rstd2), false)?;
         let h2a = act_of(&h2, &h2b)?;
+        if self.lean() && !matches!(rows, Rows::PerRow(_)) && self.layers[l].lin[GATE].bias.is_none() && self.layers[l].lin[UP].bias.is_none() {
+            // The lean step's gate and up products write bf16 (the base
+            // product and the adapter's added into it, each rounded once,
+            // as PyTorch autocast does): the operands the gating pass and
+            // the backward read, kept as they are; no fp32 gate or up.
+            let (mut gb, mut ub) = (out_buf::<u16>(d, n * it)?, out_buf::<u16>(d, n * it)?);
+            hs[GATE] = self.lin_forward(l, GATE, rows, h2a, n, &mut gb, 0.0)?;
+            hs[UP] = self.lin_forward(l, UP, rows, h2a, n, &mut ub, 0.0)?;
+            drop((h2, h2b));
+            let mut x_out = d.duplicate(&x_mid)?;
+            let mut ab = out_buf::<u16>(d, n * it)?;
+            cswiglu::swiglu_forward_bf16(d, &gb.as_view(), &ub.as_view(), None, Some(&mut ab.as_view_mut()))?;
+            hs[DOWN] = self.lin_forward(l, DOWN, rows, Act::Bf16(&ab), n, &mut x_out, 1.0)?;
+            let (g, u) = (Saved::Bf16(gb), Saved::Bf16(ub));
+            return Ok((Acts { rstd1, q, k, v, att, lse, x_mid, rstd2, g, u, hs }, x_out));
+        }
         let mut g = out_buf::<f32>(d, n * it)?;
         let mut u = out_buf::<f32>(d, n * it)?;
         hs[GATE] = self.lin_forward(l, GATE, rows, h2a, n, &mut g, 0.0)?;
@@ -1272,7 +1301,7 @@ impl DeviceModel {
     /// merged model); returns the first adapter's `x·Aᵀ` for the backward.
     /// The product takes `x`'s bf16 form when it is held (BF16 mode).
     #[allow(clippy::too_many_arguments)]
-    fn lin_forward(&self, l: usize, j: usize, rows: Rows<'_>, x: Act<'_>, n: usize, y: &mut CudaSlice<f32>, beta: f32) -> Result<Option<CudaSlice<f32>>> {
+    fn lin_forward<C: GemmOut + 'static>(&self, l: usize, j: usize, rows: Rows<'_>, x: Act<'_>, n: usize, y: &mut CudaSlice<C>, beta: f32) -> Result<Option<CudaSlice<f32>>> {
         let d = &*self.dev;
         let lin = &self.layers[l].lin[j];
         let (in_f, out_f) = (lin.in_f, lin.out_f);
@@ -1312,12 +1341,12 @@ impl DeviceModel {
     /// returns the first applied adapter's `x·Aᵀ` (None without one, and
     /// for a mixed batch).
     #[allow(clippy::too_many_arguments)]
-    fn lin_bias_lora(&self, l: usize, j: usize, rows: Rows<'_>, x: Act<'_>, n: usize, y: &mut CudaSlice<f32>) -> Result<Option<CudaSlice<f32>>> {
+    fn lin_bias_lora<C: GemmOut + 'static>(&self, l: usize, j: usize, rows: Rows<'_>, x: Act<'_>, n: usize, y: &mut CudaSlice<C>) -> Result<Option<CudaSlice<f32>>> {
         let d = &*self.dev;
         let lin = &self.layers[l].lin[j];
         let (in_f, out_f) = (lin.in_f, lin.out_f);
         if let Some(b) = &lin.bias {
-            ew::add_bias(d, &mut y.as_view_mut(), &b.as_view())?;
+            ew::add_bias(d, &mut f32_out(y, "a bias")?.as_view_mut(), &b.as_view())?;
         }
         // Rows that all name one adapter take the product path.
         let rows = match rows {
@@ -1330,7 +1359,7 @@ impl DeviceModel {
             Rows::One(set) => (set.into_iter().map(|s| (s, 1.0)).collect(), None),
             Rows::Train(tr) => (vec![(tr.set, 1.0)], Some(tr.call)),
             Rows::PerRow(r) => {
-                self.lora_per_row(lin, r, &*(x.f32(d)?), n, y)?;
+                self.lora_per_row(lin, r, &*(x.f32(d)?), n, f32_out(y, "a mixed-adapter batch")?)?;
                 return Ok(None);
             }
         };
@@ -1356,7 +1385,7 @@ impl DeviceModel {
                 LoraPath::Kernels => {
                     let xf = xin.f32(d)?;
                     glora::shrink(d, &xf.as_view(), &av, n, in_f, ad.r, &mut hbuf.as_view_mut())?;
-                    glora::expand(d, &hbuf.as_view(), &bv, n, ad.r, out_f, scale, &mut y.as_view_mut())?;
+                    glora::expand(d, &hbuf.as_view(), &bv, n, ad.r, out_f, scale, &mut f32_out(y, "the LoRA kernels")?.as_view_mut())?;
                 }
                 LoraPath::Blas => {
                     let xf = xin.f32(d)?;

@@ -28,7 +28,7 @@
 use super::{launch_cfg, scratch, stride_grid, CudaDevice, ATTENTION_CU, ATTENTION_TC_CU};
 use crate::backend::cpu::attention::{softmax_scale, AttnShape, DecodeShape};
 use crate::error::Result;
-use cudarc::driver::{CudaView, CudaViewMut, DeviceRepr};
+use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DeviceRepr};
 
 /// Threads per block (`ATT_THREADS` in attention.cu).
 const ATT_THREADS: u32 = 128;
@@ -272,12 +272,21 @@ const ATC_ROWS: usize = 64;
 const ATC_KV_BQ: usize = 32;
 const ATC_PAD: usize = 8;
 
+mod sealed {
+    /// Only this module's element types name kernels ([`super::TcElem`]).
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for u16 {}
+}
+
 /// The element type of the tensor-core kernels' q, k, v and o: fp32
 /// (rounded to bf16 as the kernels stage it; kernels `*_bf16`) or bf16 bits
 /// (`u16`, kernels `*_bf16io`: what the bf16 step keeps, half the bytes).
-/// On bf16 inputs that round fp32 ones, both give the same bits, and the
-/// bf16 `o` is the fp32 `o` rounded.
-pub trait TcElem: DeviceRepr {
+/// Given the roundings of the fp32 form's q, k, v, the bf16 form computes
+/// the same lse and o rounded to bf16; its backward, given that o, the
+/// gradients the fp32 form computes from the widened o. Sealed: the
+/// launchers trust its kernel names and element size.
+pub trait TcElem: DeviceRepr + sealed::Sealed {
     /// The kernels' names, `[forward, dkdv, dq]` for head_dim 64 then 128.
     const KERNELS: [[&'static str; 3]; 2];
     /// The `δ = rowsum(dout ∘ o)` kernel for this `o`: source, name,
@@ -318,6 +327,17 @@ fn atc_dkdv_smem(d: usize) -> u32 {
     (2 * (2 * ATC_ROWS * ldk + 2 * ATC_KV_BQ * ldk + 2 * d * ldt) + 2 * ATC_KV_BQ * 4) as u32
 }
 
+/// The kernels read and write pairs of elements as one 8-byte (fp32) or
+/// 4-byte (bf16) access at even indices: each buffer must start at such
+/// an address (a whole allocation does; a view at an odd offset does not).
+fn check_pairs_aligned<T>(dev: &CudaDevice, v: &CudaView<'_, T>, what: &str) -> Result<()> {
+    let (a, align) = (v.device_ptr(&dev.stream).0, 2 * std::mem::size_of::<T>() as u64);
+    if a % align != 0 {
+        bail!(InvalidArgument, "attention {what} at device address {a:#x} is not {align}-byte aligned (the tensor-core kernels access element pairs)");
+    }
+    Ok(())
+}
+
 fn tc_check(dev: &CudaDevice, s: &AttnShape) -> Result<(u32, u32, u32, u32, u32)> {
     let (t, _, h, hkv, d, w) = check_shape(s)?;
     if !tc_supported(dev, s) {
@@ -333,6 +353,9 @@ fn tc_check(dev: &CudaDevice, s: &AttnShape) -> Result<(u32, u32, u32, u32, u32)
 pub fn forward_tc<T: TcElem>(dev: &CudaDevice, q: &CudaView<'_, T>, k: &CudaView<'_, T>, v: &CudaView<'_, T>, s: &AttnShape, o: &mut CudaViewMut<'_, T>, lse: &mut CudaViewMut<'_, f32>) -> Result<()> {
     let (t, h, hkv, d, w) = tc_check(dev, s)?;
     check_forward_args(dev, q, k, v, s, o, lse)?;
+    for (x, what) in [(q, "q"), (k, "k"), (v, "v"), (&o.as_view(), "o")] {
+        check_pairs_aligned(dev, x, what)?;
+    }
     if s.batch == 0 || s.q_len == 0 {
         return Ok(());
     }
@@ -344,8 +367,7 @@ pub fn forward_tc<T: TcElem>(dev: &CudaDevice, q: &CudaView<'_, T>, k: &CudaView
     // SAFETY: (ptr ×3, u32 ×5, f32, ptr ×2) as the kernel. Block (x, h, b)
     // reads rows < T of q (head h) and of k, v (head h/(H/Hkv)), writes its
     // rows < T of o and lse: lengths checked above; pair accesses (float2,
-    // or two bf16 as one u32) are aligned (D even, buffers from the
-    // allocator).
+    // or two bf16 as one u32) are aligned (D even, buffers checked above).
     launch_kernel!(dev, f, name, cfg, [q, k, v, &t, &h, &hkv, &w, &scale, o, lse])
 }
 
@@ -369,6 +391,12 @@ pub fn backward_tc<T: TcElem>(
 ) -> Result<()> {
     let (t, h, hkv, d, w) = tc_check(dev, s)?;
     check_backward_args(dev, [q, k, v, o], lse, dout, s, [&*dq, &*dk, &*dv])?;
+    for (x, what) in [(q, "q"), (k, "k"), (v, "v"), (o, "o")] {
+        check_pairs_aligned(dev, x, what)?;
+    }
+    for (x, what) in [(dout, "dout"), (&dq.as_view(), "dq"), (&dk.as_view(), "dk"), (&dv.as_view(), "dv")] {
+        check_pairs_aligned(dev, x, what)?;
+    }
     if s.batch == 0 || s.q_len == 0 {
         return Ok(());
     }

@@ -121,7 +121,14 @@ fn cuda_type(d: DType) -> Result<cudaDataType> {
 /// The element type of a product's output `C`: fp32, or bf16 bits (`u16`;
 /// from bf16 operands only): `α·op(A)·op(B) + β·C` is accumulated in fp32
 /// (a bf16 `C` widened for the `β` term) and rounded to nearest even once.
-pub trait GemmOut: cudarc::driver::DeviceRepr {
+mod sealed {
+    /// Only fp32 and bf16 outputs ([`super::GemmOut`]).
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for u16 {}
+}
+
+pub trait GemmOut: cudarc::driver::DeviceRepr + sealed::Sealed {
     const DTYPE: DType;
 }
 
