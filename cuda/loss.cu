@@ -23,12 +23,19 @@
 // clip_coef = f32(f32(1 / (total + 1e-6)) * max_norm), and g *= clip_coef
 // when total is finite and clip_coef < 1 (decided on the device: no sync).
 //
+// loss_ce_fused_bf16 is the same in place on bf16 logits (the bf16 step's
+// head writes them so): each logit widened exactly, the same fp32/f64
+// arithmetic, each gradient rounded to bf16 (nearest even) as it is stored
+// — bit for bit loss_ce_fused_f32 on the widened logits followed by
+// elementwise_f32_to_bf16, at half the bytes.
+//
 // Memory traffic: cross-entropy reads each row three times (max, exp-sum,
 // gradient: the row stays in L1/L2) and writes it once, in place; one block
 // per row. Norm: one read of every gradient; clipping one read and write.
 //
 // No host code and no #include (NVRTC compiles it without headers).
 
+typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
@@ -116,38 +123,65 @@ extern "C" __global__ void __launch_bounds__(LOSS_CHECK_THREADS)
     }
 }
 
+// A logit as fp32 (bf16 widened exactly), and a gradient stored (bf16:
+// rounded to nearest even, NaN kept quiet, as elementwise_f32_to_bf16).
+__device__ __forceinline__ float loss_ld(const float* p) { return *p; }
+__device__ __forceinline__ float loss_ld(const u16* p) { return __uint_as_float(((u32)*p) << 16); }
+__device__ __forceinline__ void loss_st(float* p, float v) { *p = v; }
+__device__ __forceinline__ u16 loss_bf16(float f) {
+    u32 x = __float_as_uint(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return (u16)((x >> 16) | 0x40u);
+    return (u16)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+__device__ __forceinline__ void loss_st(u16* p, float v) { *p = loss_bf16(v); }
+
 // In place on logits [rows, vocab]: the gradient (module comment), and
 // row_loss[row] = l_row (0 for ignored rows). mean != 0: c = f32(1/count),
 // else c = grad_scale. Does nothing unless status[0] == LOSS_ALL_OK.
 // grid = rows, block = LOSS_THREADS.
-extern "C" __global__ void __launch_bounds__(LOSS_THREADS)
-    loss_ce_fused_f32(float* __restrict__ logits, const int* __restrict__ labels, u32 rows, u32 vocab,
-                      const u32* __restrict__ status, float grad_scale, u32 mean, double* __restrict__ row_loss) {
+template <typename T>
+__device__ __forceinline__ void loss_ce_fused(T* __restrict__ logits, const int* __restrict__ labels, u32 rows, u32 vocab,
+                                              const u32* __restrict__ status, float grad_scale, u32 mean, double* __restrict__ row_loss) {
     const u32 row = blockIdx.x;
     if (row >= rows || status[0] != LOSS_ALL_OK) return;
-    float* x = logits + (u64)row * vocab;
+    T* x = logits + (u64)row * vocab;
     const int y = labels[row];
     if (y == LOSS_IGNORE_INDEX) {
-        for (u32 j = threadIdx.x; j < vocab; j += blockDim.x) x[j] = 0.0f;
+        for (u32 j = threadIdx.x; j < vocab; j += blockDim.x) loss_st(x + j, 0.0f);
         if (threadIdx.x == 0) row_loss[row] = 0.0;
         return;
     }
     const u32 count = status[1];
     const float c = mean ? (count == 0 ? 0.0f : __double2float_rn(__ddiv_rn(1.0, (double)count))) : grad_scale;
     float m = -__int_as_float(0x7f800000);
-    for (u32 j = threadIdx.x; j < vocab; j += blockDim.x) m = fmaxf(m, x[j]);
+    for (u32 j = threadIdx.x; j < vocab; j += blockDim.x) m = fmaxf(m, loss_ld(x + j));
     m = loss_block_max(m);
-    const float xy = x[y];  // read before any thread writes (the sum below synchronizes)
+    const float xy = loss_ld(x + y);  // read before any thread writes (the sum below synchronizes)
     double s = 0.0;
-    for (u32 j = threadIdx.x; j < vocab; j += blockDim.x) s = __dadd_rn(s, (double)expf(__fsub_rn(x[j], m)));
+    for (u32 j = threadIdx.x; j < vocab; j += blockDim.x) s = __dadd_rn(s, (double)expf(__fsub_rn(loss_ld(x + j), m)));
     s = loss_block_sum(s);
     const float inv = __double2float_rn(__ddiv_rn(1.0, s));
-    for (u32 j = threadIdx.x; j < vocab; j += blockDim.x) x[j] = __fmul_rn(c, __fmul_rn(expf(__fsub_rn(x[j], m)), inv));
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        x[y] = __fsub_rn(x[y], c);
-        row_loss[row] = __dsub_rn(log(s), __dsub_rn((double)xy, (double)m));
+    // The label's element gets −c too, in fp32 before it is stored (the
+    // same value the fp32 kernel's separate subtraction gave).
+    for (u32 j = threadIdx.x; j < vocab; j += blockDim.x) {
+        float g = __fmul_rn(c, __fmul_rn(expf(__fsub_rn(loss_ld(x + j), m)), inv));
+        if (j == (u32)y) g = __fsub_rn(g, c);
+        loss_st(x + j, g);
     }
+    if (threadIdx.x == 0) row_loss[row] = __dsub_rn(log(s), __dsub_rn((double)xy, (double)m));
+}
+
+extern "C" __global__ void __launch_bounds__(LOSS_THREADS)
+    loss_ce_fused_f32(float* __restrict__ logits, const int* __restrict__ labels, u32 rows, u32 vocab,
+                      const u32* __restrict__ status, float grad_scale, u32 mean, double* __restrict__ row_loss) {
+    loss_ce_fused(logits, labels, rows, vocab, status, grad_scale, mean, row_loss);
+}
+
+// The same on bf16 logits, in place (module comment).
+extern "C" __global__ void __launch_bounds__(LOSS_THREADS)
+    loss_ce_fused_bf16(u16* __restrict__ logits, const int* __restrict__ labels, u32 rows, u32 vocab,
+                       const u32* __restrict__ status, float grad_scale, u32 mean, double* __restrict__ row_loss) {
+    loss_ce_fused(logits, labels, rows, vocab, status, grad_scale, mean, row_loss);
 }
 
 // out[0] = sum of row_loss (0 when a label was bad), out[1] = count,

@@ -353,6 +353,19 @@ fn cross_entropy_fused_matches_the_cpu() {
         let labels: Vec<i32> = (0..rows).map(|_| if rng.below(5) == 0 { closs::IGNORE_INDEX } else { rng.below(vocab) as i32 }).collect();
         check_ce(dev, &logits, &labels, vocab, None, &format!("ce [{rows}, {vocab}] mean"));
         check_ce(dev, &logits, &labels, vocab, Some(0.37), &format!("ce [{rows}, {vocab}] scale 0.37"));
+        // bf16 logits in place: the fp32 kernel's bits on the widened
+        // logits, each gradient rounded.
+        for scale in [None, Some(0.37f32)] {
+            let lb = bf16_bits(&logits);
+            let yd = dev.upload(&labels).unwrap();
+            let (mut l32, mut lbd) = (dev.upload(&widen(&lb)).unwrap(), dev.upload(&lb).unwrap());
+            let (mut o32, mut ob) = (dev.alloc_filled::<f64>(3, 0xFF).unwrap(), dev.alloc_filled::<f64>(3, 0xFF).unwrap());
+            gloss::cross_entropy_fused_async(dev, &mut l32.as_view_mut(), &yd.as_view(), vocab, scale, &mut o32.as_view_mut()).unwrap();
+            gloss::cross_entropy_fused_async(dev, &mut lbd.as_view_mut(), &yd.as_view(), vocab, scale, &mut ob.as_view_mut()).unwrap();
+            assert_eq!(dev.download(&lbd).unwrap(), bf16_bits(&dev.download(&l32).unwrap()), "ce [{rows}, {vocab}] bf16: gradient");
+            let bitsf = |v: Vec<f64>| v.iter().map(|x| x.to_bits()).collect::<Vec<u64>>();
+            assert_eq!(bitsf(dev.download(&ob).unwrap()), bitsf(dev.download(&o32).unwrap()), "ce [{rows}, {vocab}] bf16: loss sums");
+        }
     }
     // Every row ignored: loss 0, count 0, gradient all zeros.
     let logits = rng.vec(3 * 100, 1.0);
@@ -496,6 +509,11 @@ void emu_swiglu_out(unsigned grid, const float* g, const float* u, const u16* g1
 void emu_adamw(unsigned grid, float* p, const float* g, float* m, float* v, u64 n, u32 has_decay, const float* k7) {
     emu_launch(grid, ADAMW_THREADS, [&] { adamw_update_f32(p, g, m, v, n, has_decay, k7[0], k7[1], k7[2], k7[3], k7[4], k7[5], k7[6]); });
 }
+void emu_ce_bf16(u16* logits, const int* labels, u32 rows, u32 vocab, float scale, u32 mean, u32* status, double* row_loss, double* out) {
+    emu_launch(1, LOSS_CHECK_THREADS, [&] { loss_ce_check_labels(labels, rows, vocab, status); });
+    emu_launch(rows, LOSS_THREADS, [&] { loss_ce_fused_bf16(logits, labels, rows, vocab, status, scale, mean, row_loss); });
+    emu_launch(1, LOSS_CHECK_THREADS, [&] { loss_ce_finish(row_loss, rows, status, out); });
+}
 void emu_ce(float* logits, const int* labels, u32 rows, u32 vocab, float scale, u32 mean, u32* status, double* row_loss, double* out) {
     emu_launch(1, LOSS_CHECK_THREADS, [&] { loss_ce_check_labels(labels, rows, vocab, status); });
     emu_launch(rows, LOSS_THREADS, [&] { loss_ce_fused_f32(logits, labels, rows, vocab, status, scale, mean, row_loss); });
@@ -527,6 +545,7 @@ type EmuNormFwdOut = unsafe extern "C" fn(u32, u32, *const f32, *const f32, f32,
 type EmuSwigluOut = unsafe extern "C" fn(u32, *const f32, *const f32, *const u16, *const u16, *const f32, u64, *mut f32, *mut u16, *mut u16, *mut u16, *mut f32, *mut u16, *mut f32, *mut f32, *mut u16, *mut u16);
 type EmuAdamw = unsafe extern "C" fn(u32, *mut f32, *const f32, *mut f32, *mut f32, u64, u32, *const f32);
 type EmuCe = unsafe extern "C" fn(*mut f32, *const i32, u32, u32, f32, u32, *mut u32, *mut f64, *mut f64);
+type EmuCeBf16 = unsafe extern "C" fn(*mut u16, *const i32, u32, u32, f32, u32, *mut u32, *mut f64, *mut f64);
 type EmuClip = unsafe extern "C" fn(u32, *const *mut f32, *const u64, f32, *mut f64, *mut f32, *mut f32, *const u32);
 
 /// `‖got − want‖/‖want‖ ≤ tol` and no NaN.
@@ -562,6 +581,8 @@ fn emulated_training_step_kernels_match_the_cpu() {
             *lib.get(b"emu_clip").unwrap(),
         )
     };
+    // SAFETY: an entry point built above with this signature.
+    let ceb: EmuCeBf16 = unsafe { *lib.get(b"emu_ce_bf16").unwrap() };
     let mut rng = Rng(47);
     // RMSNorm forward and backward (dw accumulated into a prior value).
     for &(rows, dim) in &[(1usize, 1usize), (5, 300), (33, 64)] {
@@ -652,6 +673,18 @@ fn emulated_training_step_kernels_match_the_cpu() {
         assert!((out[0] - r.sum).abs() <= 1e-6 * (r.sum.abs() + r.count as f64), "emulated cross-entropy sum {} vs {}", out[0], r.sum);
         assert!(out[2] < 0.0, "valid labels flagged: {}", out[2]);
         check_rel("emulated cross-entropy gradient", &got, &want, 1e-6);
+        // bf16 logits: the fp32 kernel's bits on the widened logits, each
+        // gradient rounded; the same loss sums.
+        let lb: Vec<u16> = logits.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+        let mut wide: Vec<f32> = lb.iter().map(|&v| half::bf16::from_bits(v).to_f32()).collect();
+        let (mut st2, mut rl2, mut out2) = ([0u32; 2], vec![f64::NAN; rows], [f64::NAN; 3]);
+        // SAFETY: as above.
+        unsafe { ce(wide.as_mut_ptr(), labels.as_ptr(), rows as u32, vocab as u32, sc, mean, st2.as_mut_ptr(), rl2.as_mut_ptr(), out2.as_mut_ptr()) };
+        let (mut gb, mut st3, mut rl3, mut out3) = (lb.clone(), [0u32; 2], vec![f64::NAN; rows], [f64::NAN; 3]);
+        // SAFETY: as above, bf16 logits rows·vocab.
+        unsafe { ceb(gb.as_mut_ptr(), labels.as_ptr(), rows as u32, vocab as u32, sc, mean, st3.as_mut_ptr(), rl3.as_mut_ptr(), out3.as_mut_ptr()) };
+        assert_eq!(gb, wide.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect::<Vec<u16>>(), "emulated bf16 cross-entropy gradient");
+        assert_eq!(out3.map(f64::to_bits), out2.map(f64::to_bits), "emulated bf16 cross-entropy sums");
     }
     // Gradient norm and clipping over several tensors.
     let mut ts: Vec<Vec<f32>> = [1usize, 300, 4097].iter().map(|&n| rng.vec(n, 0.5)).collect();
@@ -690,8 +723,8 @@ fn ops_emu(test: &str) -> Option<&'static libloading::Library> {
     }
 }
 
-/// The kernels that round fp32 to bf16 in passing (RMSNorm's and SwiGLU's
-/// fused outputs) carry their own copy of the conversion (NVRTC compiles
+/// The kernels that round fp32 to bf16 in passing (RMSNorm's, SwiGLU's
+/// and cross-entropy's fused outputs) carry their own copy of the conversion (NVRTC compiles
 /// each source alone); each copy is the tested one of elementwise.cu,
 /// character for character, so the edges its tests cover hold for all.
 #[test]
@@ -707,6 +740,7 @@ fn bf16_conversions_are_one_function() {
     assert!(want.contains("0x7fffu") && want.contains("0x40u"), "elementwise.cu's conversion changed: {want}");
     assert_eq!(body(include_str!("../cuda/norm.cu"), "norm_bf16"), want, "norm.cu's bf16 conversion differs from elementwise.cu's");
     assert_eq!(body(include_str!("../cuda/swiglu.cu"), "swiglu_bf16"), want, "swiglu.cu's bf16 conversion differs from elementwise.cu's");
+    assert_eq!(body(include_str!("../cuda/loss.cu"), "loss_bf16"), want, "loss.cu's bf16 conversion differs from elementwise.cu's");
 }
 
 /// fp32 values where the rounding to bf16 has edges: ties to even (up and

@@ -52,15 +52,39 @@ pub const NORM_REL_TOL: f64 = 3.0 * ULP;
 
 // ------------------------------------------------------------ cross-entropy
 
+mod sealed {
+    /// Only fp32 and bf16 logits ([`super::LogitElem`]).
+    pub trait Sealed {}
+    impl Sealed for f32 {}
+    impl Sealed for u16 {}
+}
+
+/// The element type of the logits [`cross_entropy_fused_async`] works on in
+/// place: fp32, or bf16 bits (`u16`: each logit widened exactly, the same
+/// arithmetic, each gradient rounded to bf16 as it is stored — the fp32
+/// kernel's bits on the widened logits, rounded). Sealed: the launcher
+/// trusts its kernel name and element size.
+pub trait LogitElem: cudarc::driver::DeviceRepr + sealed::Sealed {
+    const KERNEL: &'static str;
+}
+
+impl LogitElem for f32 {
+    const KERNEL: &'static str = "loss_ce_fused_f32";
+}
+
+impl LogitElem for u16 {
+    const KERNEL: &'static str = "loss_ce_fused_bf16";
+}
+
 /// Fused cross-entropy, queued without a sync: as `cpu::loss::cross_entropy_fused`,
 /// overwrites `logits` (`[rows, vocab]`) with the gradient scaled by
 /// `grad_scale` (`None`: `1/count`, the mean loss's) and writes `out` (3
 /// f64): `[Σ ℓ_i, count, first bad row or −1]`. A label neither −100 nor in
 /// `[0, vocab)` leaves `logits` untouched (`out[2] ≥ 0`). Scratch: `rows`
 /// f64 and 2 u32, freed in stream order.
-pub fn cross_entropy_fused_async(
+pub fn cross_entropy_fused_async<T: LogitElem>(
     dev: &CudaDevice,
-    logits: &mut CudaViewMut<'_, f32>,
+    logits: &mut CudaViewMut<'_, T>,
     labels: &CudaView<'_, i32>,
     vocab: usize,
     grad_scale: Option<f32>,
@@ -93,7 +117,7 @@ pub fn cross_entropy_fused_async(
             Some(c) => (0u32, c),
             None => (1u32, 0.0f32),
         };
-        let name = "loss_ce_fused_f32";
+        let name = T::KERNEL;
         let f = dev.function(&LOSS_CU, name)?;
         // SAFETY: (ptr, ptr, u32, u32, ptr, f32, u32, ptr) as the kernel;
         // block `row` < rows touches logits row `row`, labels[row] (a valid
