@@ -1682,13 +1682,12 @@ impl DeviceModel {
     /// matrix never exists whole: `f(chunk, r0, r1, logits, head)` per
     /// chunk with its logits `[r1 − r0, V]` and the head weight. Returns the
     /// normalized rows' rstd (for the norm's backward).
-    fn head_chunks(&self, x: &CudaSlice<f32>, n: usize, mut f: impl FnMut(usize, usize, usize, &mut CudaSlice<f32>, MatRef<'_>) -> Result<()>) -> Result<CudaSlice<f32>> {
+    fn head_chunks<C: GemmOut>(&self, x: &CudaSlice<f32>, n: usize, mut f: impl FnMut(usize, usize, usize, &mut CudaSlice<C>, MatRef<'_>) -> Result<()>) -> Result<CudaSlice<f32>> {
         let d = &*self.dev;
-        let (h, vsz, eps) = (self.cfg.hidden_size, self.cfg.vocab_size, self.cfg.rms_norm_eps);
-        let mut hf = out_buf::<f32>(d, n * h)?;
+        let (h, vsz) = (self.cfg.hidden_size, self.cfg.vocab_size);
         let mut rstd = out_buf::<f32>(d, n)?;
-        cnorm::rmsnorm_forward(d, &x.as_view(), &self.norm.as_view(), n, h, eps, &mut hf.as_view_mut(), Some(&mut rstd.as_view_mut()))?;
-        let hfb = self.operand(&hf)?;
+        let (hf, hfb) = self.normed(x, &self.norm, n, Some(&mut rstd), false)?;
+        let hfa = act_of(&hf, &hfb)?;
         let head_w = match &self.head {
             Some(w) => self.weight(w)?,
             None => self.weight(&self.embed)?,
@@ -1698,12 +1697,10 @@ impl DeviceModel {
         for (c, r0) in (0..n).step_by(rows).enumerate() {
             let r1 = (r0 + rows).min(n);
             let rc = r1 - r0;
-            let mut logits = out_buf::<f32>(d, rc * vsz)?;
-            let hfv = hf.slice(r0 * h..r1 * h);
-            let hfbv = hfb.as_ref().map(|b| b.slice(r0 * h..r1 * h));
-            let xa = match &hfbv {
-                Some(b) => MatRef::bf16(d, b, rc, h)?,
-                None => MatRef::f32(d, &hfv, rc, h)?,
+            let mut logits = out_buf::<C>(d, rc * vsz)?;
+            let xa = match hfa {
+                Act::Bf16(b) | Act::Both(_, b) => MatRef::bf16(d, &b.slice(r0 * h..r1 * h), rc, h)?,
+                Act::F32(f) => MatRef::f32(d, &f.slice(r0 * h..r1 * h), rc, h)?,
             };
             gemm(d, &self.blas, xa, false, wm, true, &mut logits.as_view_mut(), 1.0, 0.0)?;
             f(c, r0, r1, &mut logits, wm)?;
@@ -1718,7 +1715,9 @@ impl DeviceModel {
 
     /// Final norm, head and fused cross-entropy over row chunks, and their
     /// backward: returns the gradient of the last layer's output and the
-    /// per-chunk loss triples.
+    /// per-chunk loss triples. The lean step's head writes bf16 logits
+    /// (PyTorch autocast's), and the cross-entropy turns them into their
+    /// bf16 gradient in place: the next product's operand, no fp32 logits.
     fn head_loss_backward(&mut self, x: &CudaSlice<f32>, n: usize, targets: &CudaSlice<i32>, grad_scale: f32) -> Result<(CudaSlice<f32>, CudaSlice<f64>)> {
         let dev = self.dev.clone();
         let d = &*dev;
@@ -1726,20 +1725,21 @@ impl DeviceModel {
         let t = self.tick()?;
         let mut outs = d.alloc_filled::<f64>(3 * n.div_ceil(self.head_rows(n)), 0)?;
         let mut dhf = out_buf::<f32>(d, n * h)?;
-        let rstd = self.head_chunks(x, n, |c, r0, r1, logits, wm| {
-            let tv = targets.slice(r0..r1);
-            let mut ov = outs.slice_mut(3 * c..3 * c + 3);
-            closs::cross_entropy_fused_async(d, &mut logits.as_view_mut(), &tv, vsz, Some(grad_scale), &mut ov)?;
-            let lb = self.operand(logits)?;
-            let lv = logits.as_view();
-            let lbv = lb.as_ref().map(|b| b.as_view());
-            let la = match &lbv {
-                Some(b) => MatRef::bf16(d, b, r1 - r0, vsz)?,
-                None => MatRef::f32(d, &lv, r1 - r0, vsz)?,
-            };
-            let mut dv = dhf.slice_mut(r0 * h..r1 * h);
-            gemm(d, &self.blas, la, false, wm, false, &mut dv, 1.0, 0.0)
-        })?;
+        let rstd = if self.lean() {
+            self.head_chunks::<u16>(x, n, |c, r0, r1, logits, wm| {
+                let mut ov = outs.slice_mut(3 * c..3 * c + 3);
+                closs::cross_entropy_fused_async(d, &mut logits.as_view_mut(), &targets.slice(r0..r1), vsz, Some(grad_scale), &mut ov)?;
+                let lv = logits.as_view();
+                gemm(d, &self.blas, MatRef::bf16(d, &lv, r1 - r0, vsz)?, false, wm, false, &mut dhf.slice_mut(r0 * h..r1 * h), 1.0, 0.0)
+            })?
+        } else {
+            self.head_chunks::<f32>(x, n, |c, r0, r1, logits, wm| {
+                let mut ov = outs.slice_mut(3 * c..3 * c + 3);
+                closs::cross_entropy_fused_async(d, &mut logits.as_view_mut(), &targets.slice(r0..r1), vsz, Some(grad_scale), &mut ov)?;
+                let lb = self.operand(logits)?;
+                gemm(d, &self.blas, Act::new(logits, lb.as_ref()).operand(d, r1 - r0, vsz)?, false, wm, false, &mut dhf.slice_mut(r0 * h..r1 * h), 1.0, 0.0)
+            })?
+        };
         self.tock(t, "head GEMMs + cross-entropy")?;
         let mut dx = out_buf::<f32>(d, n * h)?;
         cnorm::rmsnorm_backward(d, &x.as_view(), &self.norm.as_view(), &rstd.as_view(), &dhf.as_view(), n, h, &mut dx.as_view_mut(), None)?;
@@ -1764,7 +1764,7 @@ impl DeviceModel {
         let targets = d.upload(&shifted_targets(labels, batch, seq))?;
         let x = self.forward_rows(ids, batch, seq, Rows::Active)?;
         let mut outs = d.alloc_filled::<f64>(3 * n.div_ceil(self.head_rows(n)), 0)?;
-        self.head_chunks(&x, n, |c, r0, r1, logits, _| {
+        self.head_chunks::<f32>(&x, n, |c, r0, r1, logits, _| {
             let mut ov = outs.slice_mut(3 * c..3 * c + 3);
             closs::cross_entropy_fused_async(d, &mut logits.as_view_mut(), &targets.slice(r0..r1), vsz, Some(0.0), &mut ov)
         })?;
