@@ -98,10 +98,13 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS)
     norm_fwd_row(x, w, rows, dim, eps, y, yb, rstd);
 }
 
-// dx = r * (dy * w) - c * x, c = f32(r^3 * sum(dy*w*x) / D). grid = rows.
-extern "C" __global__ void __launch_bounds__(NORM_THREADS)
-    norm_rmsnorm_bwd_dx_f32(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ rstd,
-                            const float* __restrict__ dy, u32 rows, u32 dim, float* __restrict__ dx) {
+// dx = r * (dy * w) - c * x, c = f32(r^3 * sum(dy*w*x) / D); with res
+// not null, dx += res (one more f32 addition: the residual stream's
+// gradient, bit for bit elementwise_add_f32 after the norm's); with dxb not
+// null, dx's bf16 rounding goes there too (the next product's operand).
+__device__ __forceinline__ void norm_bwd_dx_row(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ rstd,
+                                                const float* __restrict__ dy, u32 rows, u32 dim, const float* __restrict__ res,
+                                                float* __restrict__ dx, u16* __restrict__ dxb) {
     const u32 row = blockIdx.x;
     if (row >= rows) return;
     const u64 o = (u64)row * dim;
@@ -113,8 +116,28 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS)
     const double rd = (double)r;
     // CPU: r as f64 * r as f64 * r as f64 * dot / dim as f64, left to right.
     const float c = __double2float_rn(__ddiv_rn(__dmul_rn(__dmul_rn(__dmul_rn(rd, rd), rd), dot), (double)dim));
-    for (u32 j = threadIdx.x; j < dim; j += blockDim.x)
-        dx[o + j] = __fsub_rn(__fmul_rn(r, __fmul_rn(dy[o + j], w[j])), __fmul_rn(c, x[o + j]));
+    for (u32 j = threadIdx.x; j < dim; j += blockDim.x) {
+        float v = __fsub_rn(__fmul_rn(r, __fmul_rn(dy[o + j], w[j])), __fmul_rn(c, x[o + j]));
+        if (res) v = __fadd_rn(v, res[o + j]);
+        dx[o + j] = v;
+        if (dxb) dxb[o + j] = norm_bf16(v);
+    }
+}
+
+// dx = r * (dy * w) - c * x, c = f32(r^3 * sum(dy*w*x) / D). grid = rows.
+extern "C" __global__ void __launch_bounds__(NORM_THREADS)
+    norm_rmsnorm_bwd_dx_f32(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ rstd,
+                            const float* __restrict__ dy, u32 rows, u32 dim, float* __restrict__ dx) {
+    norm_bwd_dx_row(x, w, rstd, dy, rows, dim, 0, dx, 0);
+}
+
+// The same plus the residual res (dx = norm's dx + res) and, with dxb not
+// null, dx's bf16 rounding. grid = rows.
+extern "C" __global__ void __launch_bounds__(NORM_THREADS)
+    norm_rmsnorm_bwd_dx_out_f32(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ rstd,
+                                const float* __restrict__ dy, u32 rows, u32 dim, const float* __restrict__ res,
+                                float* __restrict__ dx, u16* __restrict__ dxb) {
+    norm_bwd_dx_row(x, w, rstd, dy, rows, dim, res, dx, dxb);
 }
 
 // partial[chunk, j] = sum over rows [chunk*rows_per, min(rows, +rows_per))

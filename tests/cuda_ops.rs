@@ -128,6 +128,23 @@ fn rmsnorm_forward_and_backward_match_the_cpu() {
         let mut dxd2 = dev.alloc_filled::<f32>(rows * dim, 0xFF).unwrap();
         gnorm::rmsnorm_backward(dev, &xd.as_view(), &wd.as_view(), &rcd.as_view(), &dyd.as_view(), rows, dim, &mut dxd2.as_view_mut(), None).unwrap();
         check_bits("dx (no dw)", &dev.download(&dxd2).unwrap(), &gdx);
+        // With the residual added and dx's bf16 rounding in the same pass:
+        // the bits of dx + res (one f32 addition) and their rounding.
+        let res = rng.vec(rows * dim, 0.1);
+        let want_r: Vec<f32> = gdx.iter().zip(&res).map(|(a, b)| a + b).collect();
+        let resd = dev.upload(&res).unwrap();
+        for with_b in [true, false] {
+            let mut dx3 = dev.alloc_filled::<f32>(rows * dim, 0xFF).unwrap();
+            let mut dxb = dev.alloc_filled::<u16>(rows * dim, 0xFF).unwrap();
+            gnorm::rmsnorm_backward_residual(dev, &xd.as_view(), &wd.as_view(), &rcd.as_view(), &dyd.as_view(), rows, dim, Some(&resd.as_view()), &mut dx3.as_view_mut(), with_b.then(|| dxb.as_view_mut()).as_mut()).unwrap();
+            check_bits("dx + residual", &dev.download(&dx3).unwrap(), &want_r);
+            let b = dev.download(&dxb).unwrap();
+            if with_b {
+                assert_eq!(b, want_r.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect::<Vec<u16>>(), "bf16 dx + residual");
+            } else {
+                assert!(b.iter().all(|&v| v == u16::MAX), "bf16 dx written unasked");
+            }
+        }
         eprintln!("rmsnorm [{rows}, {dim}]: bit-exact rstd {er}/{rows}, y {ey}/{n}, dx {edx}/{n}, dw {edw}/{dim}", n = rows * dim);
     }
 }
@@ -497,6 +514,9 @@ void emu_swiglu(unsigned grid, const float* g, const float* u, const float* dh, 
     emu_launch(grid, SWIGLU_THREADS, [&] { swiglu_bwd_f32(g, u, dh, n, dg, du); });
     emu_launch(grid, SWIGLU_THREADS, [&] { swiglu_bwd_inplace_f32(gi, ui, dh, n); });
 }
+void emu_norm_bwd_res(u32 rows, u32 dim, const float* x, const float* w, const float* rstd, const float* dy, const float* res, float* dx, u16* dxb) {
+    emu_launch(rows, NORM_THREADS, [&] { norm_rmsnorm_bwd_dx_out_f32(x, w, rstd, dy, rows, dim, res, dx, dxb); });
+}
 void emu_norm_fwd_out(u32 rows, u32 dim, const float* x, const float* w, float eps, float* y, u16* yb, float* rstd) {
     emu_launch(rows, NORM_THREADS, [&] { norm_rmsnorm_fwd_out_f32(x, w, rows, dim, eps, y, yb, rstd); });
 }
@@ -541,6 +561,7 @@ type EmuNormFwd = unsafe extern "C" fn(u32, u32, *const f32, *const f32, f32, *m
 type EmuNormBwd = unsafe extern "C" fn(u32, u32, *const f32, *const f32, *const f32, *const f32, *mut f32, u32, u32, u32, *mut f64, *mut f32);
 type EmuRope = unsafe extern "C" fn(i32, u32, *mut f32, u32, u32, u32, u64, *const f32, *const f32);
 type EmuSwiglu = unsafe extern "C" fn(u32, *const f32, *const f32, *const f32, u64, *mut f32, *mut f32, *mut f32, *mut f32, *mut f32);
+type EmuNormBwdRes = unsafe extern "C" fn(u32, u32, *const f32, *const f32, *const f32, *const f32, *const f32, *mut f32, *mut u16);
 type EmuNormFwdOut = unsafe extern "C" fn(u32, u32, *const f32, *const f32, f32, *mut f32, *mut u16, *mut f32);
 type EmuSwigluOut = unsafe extern "C" fn(u32, *const f32, *const f32, *const u16, *const u16, *const f32, u64, *mut f32, *mut u16, *mut u16, *mut u16, *mut f32, *mut u16, *mut f32, *mut f32, *mut u16, *mut u16);
 type EmuAdamw = unsafe extern "C" fn(u32, *mut f32, *const f32, *mut f32, *mut f32, u64, u32, *const f32);
@@ -757,6 +778,8 @@ fn emulated_fused_bf16_outputs_match_the_unfused_kernels() {
     // SAFETY: entry points built above with these signatures.
     let (nf, nfo, sw, swo): (EmuNormFwd, EmuNormFwdOut, EmuSwiglu, EmuSwigluOut) =
         unsafe { (*lib.get(b"emu_norm_fwd").unwrap(), *lib.get(b"emu_norm_fwd_out").unwrap(), *lib.get(b"emu_swiglu").unwrap(), *lib.get(b"emu_swiglu_out").unwrap()) };
+    // SAFETY: as above.
+    let (nb, nbr): (EmuNormBwd, EmuNormBwdRes) = unsafe { (*lib.get(b"emu_norm_bwd").unwrap(), *lib.get(b"emu_norm_bwd_res").unwrap()) };
     let bits = |x: &[f32]| x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect::<Vec<u16>>();
     let widen = |b: &[u16]| b.iter().map(|&v| half::bf16::from_bits(v).to_f32()).collect::<Vec<f32>>();
     let mut rng = Rng(48);
@@ -776,6 +799,25 @@ fn emulated_fused_bf16_outputs_match_the_unfused_kernels() {
                 check_bits("emulated rmsnorm y (bf16 output)", &y2, &y);
             } else {
                 assert!(y2.iter().all(|v| v.is_nan()), "y written unasked");
+            }
+        }
+        // The backward with the residual added and dx's bf16 rounding.
+        let (dy, res) = (rng.vec(rows * dim, 1.0), rng.vec(rows * dim, 1.0));
+        let (chunks, per) = gnorm::dw_chunks(rows, dim);
+        let (mut dx, mut part, mut dw) = (vec![f32::NAN; rows * dim], vec![f64::NAN; chunks * dim], vec![0f32; dim]);
+        // SAFETY: as the launcher sizes them.
+        unsafe { nb(rows as u32, dim as u32, x.as_ptr(), w.as_ptr(), r.as_ptr(), dy.as_ptr(), dx.as_mut_ptr(), dim.div_ceil(256) as u32, chunks as u32, per as u32, part.as_mut_ptr(), dw.as_mut_ptr()) };
+        let want: Vec<f32> = dx.iter().zip(&res).map(|(a, b)| a + b).collect();
+        for with_b in [true, false] {
+            let (mut dx2, mut dxb) = (vec![f32::NAN; rows * dim], vec![0xFFFFu16; rows * dim]);
+            let bp = if with_b { dxb.as_mut_ptr() } else { std::ptr::null_mut() };
+            // SAFETY: rows·dim buffers, rstd rows; a null dxb is skipped.
+            unsafe { nbr(rows as u32, dim as u32, x.as_ptr(), w.as_ptr(), r.as_ptr(), dy.as_ptr(), res.as_ptr(), dx2.as_mut_ptr(), bp) };
+            check_bits("emulated rmsnorm dx + residual", &dx2, &want);
+            if with_b {
+                assert_eq!(dxb, bits(&want), "emulated rmsnorm bf16 dx + residual");
+            } else {
+                assert!(dxb.iter().all(|&v| v == 0xFFFF), "bf16 dx written unasked");
             }
         }
     }

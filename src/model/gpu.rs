@@ -1050,7 +1050,7 @@ impl DeviceModel {
             saved.push(if checkpointing { None } else { Some(acts) });
             x = x_out;
         }
-        let (mut dx, outs) = self.head_loss_backward(&x, n, &targets, grad_scale)?;
+        let (mut dx, mut dxb, outs) = self.head_loss_backward(&x, n, &targets, grad_scale)?;
         drop(x);
         for l in (0..nl).rev() {
             let x_in = inputs.pop().expect("one input per layer");
@@ -1058,7 +1058,7 @@ impl DeviceModel {
                 Some(a) => a,
                 None => self.layer_forward(l, &x_in, batch, seq, rows)?.0,
             };
-            dx = self.layer_backward(tr, l, &x_in, acts, dx, batch, seq, l > 0)?;
+            (dx, dxb) = self.layer_backward(tr, l, &x_in, acts, dx, dxb, batch, seq, l > 0)?;
         }
         self.tock(t_all, "forward+backward (total)")?;
         Ok(outs)
@@ -1558,7 +1558,11 @@ impl DeviceModel {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn layer_backward(&mut self, tr: Train, l: usize, x_in: &CudaSlice<f32>, acts: Acts, dx: CudaSlice<f32>, batch: usize, seq: usize, need_dx: bool) -> Result<CudaSlice<f32>> {
+    /// The backward of layer `l` from its output's gradient `dx` (with its
+    /// bf16 copy `dxb` in BF16 mode, as [`norm_backward`](Self::norm_backward)
+    /// makes it): its input's gradient (and bf16 copy), when `need_dx`.
+    #[allow(clippy::type_complexity)]
+    fn layer_backward(&mut self, tr: Train, l: usize, x_in: &CudaSlice<f32>, acts: Acts, dx: CudaSlice<f32>, dxb: Option<CudaSlice<u16>>, batch: usize, seq: usize, need_dx: bool) -> Result<(CudaSlice<f32>, Option<CudaSlice<u16>>)> {
         let dev = self.dev.clone();
         let d = &*dev;
         let Dims { h, it, qd, kvd, nh, nkv, hd, .. } = Dims::of(&self.cfg);
@@ -1566,7 +1570,10 @@ impl DeviceModel {
         let shape = self.shape(l, batch, seq);
         let Acts { rstd1, q, k, v, att, lse, x_mid, rstd2, g, u, hs } = acts;
         let lean = self.lean();
-        let dxb = self.operand(&dx)?;
+        let dxb = match dxb {
+            Some(b) => Some(b),
+            None => self.operand(&dx)?,
+        };
         let mut da = out_buf::<f32>(d, n * it)?;
         // MLP: x_out = x_mid + down(a), a = silu(g)·u, recomputed; then the
         // gradients of gate and up.
@@ -1624,12 +1631,11 @@ impl DeviceModel {
         };
         self.lin_backward(tr, l, UP, h2a, hs[UP].as_ref(), act_of(&du, &dub)?, n, Some((&mut dh2, 1.0)))?;
         drop((du, dub, h2, h2b));
-        let mut dxm = out_buf::<f32>(d, n * h)?;
-        cnorm::rmsnorm_backward(d, &x_mid.as_view(), &self.layers[l].mlp_norm.as_view(), &rstd2.as_view(), &dh2.as_view(), n, h, &mut dxm.as_view_mut(), None)?;
-        ew::add(d, &mut dxm.as_view_mut(), &dx.as_view())?;
+        // The residual's gradient (and its bf16 copy in BF16 mode) in the
+        // norm's backward pass.
+        let (dxm, dxmb) = self.norm_backward(&x_mid, &self.layers[l].mlp_norm, &rstd2, &dh2, Some(&dx), n)?;
         drop((dh2, dx, x_mid, rstd2));
         // Attention: x_mid = x_in + o_proj(att).
-        let dxmb = self.operand(&dxm)?;
         let mut datt = out_buf::<f32>(d, n * qd)?;
         self.lin_backward(tr, l, O, att.act(None), hs[O].as_ref(), Act::new(&dxm, dxmb.as_ref()), n, Some((&mut datt, 0.0)))?;
         drop(dxmb);
@@ -1665,16 +1671,28 @@ impl DeviceModel {
             self.lin_backward(tr, l, Q, h1a, hs[Q].as_ref(), Act::new(&dq, dqb.as_ref()), n, Some((&mut dh1, 0.0)))?;
             self.lin_backward(tr, l, K, h1a, hs[K].as_ref(), Act::new(&dk, dkb.as_ref()), n, Some((&mut dh1, 1.0)))?;
             self.lin_backward(tr, l, V, h1a, hs[V].as_ref(), Act::new(&dv, dvb.as_ref()), n, Some((&mut dh1, 1.0)))?;
-            let mut dx_in = out_buf::<f32>(d, n * h)?;
-            cnorm::rmsnorm_backward(d, &x_in.as_view(), &self.layers[l].attn_norm.as_view(), &rstd1.as_view(), &dh1.as_view(), n, h, &mut dx_in.as_view_mut(), None)?;
-            ew::add(d, &mut dx_in.as_view_mut(), &dxm.as_view())?;
-            Ok(dx_in)
+            self.norm_backward(x_in, &self.layers[l].attn_norm, &rstd1, &dh1, Some(&dxm), n)
         } else {
             self.lin_backward(tr, l, Q, h1a, hs[Q].as_ref(), Act::F32(&dq), n, None)?;
             self.lin_backward(tr, l, K, h1a, hs[K].as_ref(), Act::F32(&dk), n, None)?;
             self.lin_backward(tr, l, V, h1a, hs[V].as_ref(), Act::F32(&dv), n, None)?;
-            Ok(dxm)
+            Ok((dxm, None))
         }
+    }
+
+    /// The backward of `w·rmsnorm(x)` of `n` rows given the output's
+    /// gradient `dy`: `dx` (plus `res`, the residual stream's gradient, when
+    /// given) and, in BF16 mode, its bf16 copy (the next products'
+    /// operand), from one pass.
+    fn norm_backward(&self, x: &CudaSlice<f32>, w: &CudaSlice<f32>, rstd: &CudaSlice<f32>, dy: &CudaSlice<f32>, res: Option<&CudaSlice<f32>>, n: usize) -> Result<(CudaSlice<f32>, Option<CudaSlice<u16>>)> {
+        let d = &*self.dev;
+        let h = self.cfg.hidden_size;
+        let mut dx = out_buf::<f32>(d, n * h)?;
+        let mut dxb = if self.compute == Compute::BF16 { Some(out_buf::<u16>(d, n * h)?) } else { None };
+        let resv = res.map(|r| r.as_view());
+        let mut dxbv = dxb.as_mut().map(|b| b.as_view_mut());
+        cnorm::rmsnorm_backward_residual(d, &x.as_view(), &w.as_view(), &rstd.as_view(), &dy.as_view(), n, h, resv.as_ref(), &mut dx.as_view_mut(), dxbv.as_mut())?;
+        Ok((dx, dxb))
     }
 
     /// Final norm, then the head's logits over row chunks of at most
@@ -1715,10 +1733,12 @@ impl DeviceModel {
 
     /// Final norm, head and fused cross-entropy over row chunks, and their
     /// backward: returns the gradient of the last layer's output and the
-    /// per-chunk loss triples. The lean step's head writes bf16 logits
+    /// per-chunk loss triples (and, in BF16 mode, that gradient's bf16 copy
+    /// for the last layer's products). The lean step's head writes bf16 logits
     /// (PyTorch autocast's), and the cross-entropy turns them into their
     /// bf16 gradient in place: the next product's operand, no fp32 logits.
-    fn head_loss_backward(&mut self, x: &CudaSlice<f32>, n: usize, targets: &CudaSlice<i32>, grad_scale: f32) -> Result<(CudaSlice<f32>, CudaSlice<f64>)> {
+    #[allow(clippy::type_complexity)]
+    fn head_loss_backward(&mut self, x: &CudaSlice<f32>, n: usize, targets: &CudaSlice<i32>, grad_scale: f32) -> Result<(CudaSlice<f32>, Option<CudaSlice<u16>>, CudaSlice<f64>)> {
         let dev = self.dev.clone();
         let d = &*dev;
         let (h, vsz) = (self.cfg.hidden_size, self.cfg.vocab_size);
@@ -1741,9 +1761,8 @@ impl DeviceModel {
             })?
         };
         self.tock(t, "head GEMMs + cross-entropy")?;
-        let mut dx = out_buf::<f32>(d, n * h)?;
-        cnorm::rmsnorm_backward(d, &x.as_view(), &self.norm.as_view(), &rstd.as_view(), &dhf.as_view(), n, h, &mut dx.as_view_mut(), None)?;
-        Ok((dx, outs))
+        let (dx, dxb) = self.norm_backward(x, &self.norm, &rstd, &dhf, None, n)?;
+        Ok((dx, dxb, outs))
     }
 
     /// Mean causal-LM loss of a batch on the device, as [`Model::loss`]

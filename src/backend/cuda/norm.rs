@@ -7,7 +7,7 @@
 
 use super::{launch_cfg, out_ptr, scratch, CudaDevice, NORM_CU};
 use crate::error::Result;
-use cudarc::driver::{CudaView, CudaViewMut};
+use cudarc::driver::{CudaView, CudaViewMut, DevicePtr};
 
 /// Threads per block (`NORM_THREADS` in norm.cu).
 const NORM_THREADS: u32 = 256;
@@ -111,6 +111,55 @@ pub fn rmsnorm_forward_bf16(
     // block per row touches row `blockIdx.x` of x, y, yb and rstd[row]
     // (lengths checked above); a 0 pointer is never written.
     launch_kernel!(dev, f, name, launch_cfg((r32, 1), NORM_THREADS), [x, w, &r32, &d32, &eps, &yp, yb, &rp])
+}
+
+/// [`rmsnorm_backward`]'s `dx` (no `dw`: a frozen norm) with, given `res`,
+/// the residual stream's gradient added (`dx = norm's dx + res`, bit for
+/// bit `elementwise::add` after it) and, with `dxb`, its bf16 rounding
+/// written in the same pass (the next product's operand; bit for bit
+/// `elementwise::to_bf16`).
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_backward_residual(
+    dev: &CudaDevice,
+    x: &CudaView<'_, f32>,
+    w: &CudaView<'_, f32>,
+    rstd: &CudaView<'_, f32>,
+    dy: &CudaView<'_, f32>,
+    rows: usize,
+    dim: usize,
+    res: Option<&CudaView<'_, f32>>,
+    dx: &mut CudaViewMut<'_, f32>,
+    dxb: Option<&mut CudaViewMut<'_, u16>>,
+) -> Result<()> {
+    check_shape(rows, dim)?;
+    check_len(x.len(), rows * dim, "x")?;
+    check_len(dy.len(), rows * dim, "dy")?;
+    check_len(dx.len(), rows * dim, "dx")?;
+    check_len(w.len(), dim, "w")?;
+    check_len(rstd.len(), rows, "rstd")?;
+    for (v, what) in [(x, "rmsnorm x"), (w, "rmsnorm w"), (rstd, "rmsnorm rstd"), (dy, "rmsnorm dy")] {
+        dev.check_stream(v, what)?;
+    }
+    let resp = match res {
+        Some(r) => {
+            check_len(r.len(), rows * dim, "residual")?;
+            dev.check_stream(r, "rmsnorm residual")?;
+            r.device_ptr(&dev.stream).0
+        }
+        None => 0u64,
+    };
+    dev.check_stream(dx, "rmsnorm dx")?;
+    let dxbp = out_ptr(dev, rows * dim, dxb, "rmsnorm bf16 dx")?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let (r32, d32) = (rows as u32, dim as u32);
+    let name = "norm_rmsnorm_bwd_dx_out_f32";
+    let f = dev.function(&NORM_CU, name)?;
+    // SAFETY: (ptr ×4, u32, u32, ptr ×3) as the kernel; one block per row
+    // touches that row of x, dy, dx (and res, dxb unless 0) and rstd[row]
+    // (lengths checked above).
+    launch_kernel!(dev, f, name, launch_cfg((r32, 1), NORM_THREADS), [x, w, rstd, dy, &r32, &d32, &resp, dx, &dxbp])
 }
 
 /// `(chunks, rows_per_chunk)` of the dw partial sums: about
