@@ -190,6 +190,22 @@ fn twenty_steps_match_the_cpu() {
         let gottb = run(&mut tb, &ids, c.batch, c.seq, STEPS);
         let etb = check_losses(&format!("{} bf16, tensor-core attention, bf16 adapter products", c.name), &want, &gottb, 2e-2);
         assert!(gottb[STEPS - 1].0 < gottb[0].0, "{}: loss with bf16 adapter products did not fall: {:?}", c.name, gottb);
+        // The same without the lean step (every activation also in fp32):
+        // the lean step's extra roundings (gate/up, logits, δ from the bf16
+        // o) stay well inside the bf16 bound.
+        let mut tf = trainer((c.model)(), cfg(), Some(Compute::BF16));
+        tf.set_tensor_core_attention(true).unwrap();
+        tf.with_device_model(|g| {
+            g.set_lora_path(LoraPath::BlasBf16)?;
+            g.set_lean(false);
+            assert!(!g.lean());
+            Ok::<_, lora::Error>(())
+        })
+        .unwrap()
+        .unwrap();
+        let gottf = run(&mut tf, &ids, c.batch, c.seq, STEPS);
+        let elean = check_losses(&format!("{} lean bf16 step against the full one", c.name), &gottf, &gottb, 1e-2);
+        eprintln!("{}: lean bf16 step within {elean:.2e} (max rel loss) of the full bf16 step over {STEPS} steps", c.name);
         eprintln!(
             "{} ({}×{}): CPU loss {:.5} → {:.5}; GPU fp32 max rel loss {el:.2e}, grad norm {eg:.2e}, adapter {ew:.2e}; GPU bf16 max rel loss {e16:.2e} ({:.5} → {:.5}), with tensor-core attention {etc:.2e}, and bf16 adapter products {etb:.2e}",
             c.name,

@@ -27,7 +27,8 @@
 //!   softmax/loss and AdamW stay fp32. The adapter products can take bf16
 //!   operands too ([`LoraPath::BlasBf16`], `LORA_CUDA_LORA=bf16`: what
 //!   PyTorch + PEFT compute under bf16 autocast; opt-in until a GPU has run
-//!   it).
+//!   it), and the training step is then *lean* ([`DeviceModel::lean`]):
+//!   more of it in bf16, as autocast has it.
 //!   Attention can run on tensor cores instead (`cuda/attention_tc.cu`:
 //!   bf16 q, k, v, P, dO, dS, fp32 accumulation and softmax; head_dim 64
 //!   or 128): [`DeviceModel::set_tensor_core_attention`] or
@@ -333,8 +334,8 @@ struct Acts {
     x_mid: CudaSlice<f32>,
     rstd2: CudaSlice<f32>,
     /// Gate and up projections (the MLP's two widest activations): fp32,
-    /// or bf16 in BF16 mode (half the bytes; widened again for the
-    /// backward).
+    /// or bf16 in BF16 mode (half the bytes; the backward widens them as
+    /// its kernels read them).
     g: Saved,
     u: Saved,
     /// Each linear's `x·Aᵀ` (empty where the linear has no adapter).
@@ -526,6 +527,9 @@ pub struct DeviceModel {
     /// How the adapter products run ([`LoraPath`]; cuBLAS fp32 until a
     /// benchmark says another is faster).
     lora_path: LoraPath,
+    /// Whether bf16 adapter products make the step lean
+    /// ([`DeviceModel::lean`]; on unless `set_lean(false)`).
+    lean_on: bool,
     /// Most logits materialized at once ([`HEAD_CHUNK_ELEMS`] unless set).
     head_chunk: usize,
     /// Per-category time when profiling ([`DeviceModel::set_profiling`]).
@@ -657,6 +661,7 @@ impl DeviceModel {
             by_trainer: false,
             rope: None,
             attn_tc: compute == Compute::BF16 && std::env::var("LORA_CUDA_ATTENTION").is_ok_and(|v| v == "tc"),
+            lean_on: true,
             lora_path: match std::env::var("LORA_CUDA_LORA").as_deref() {
                 Ok("kernels") => LoraPath::Kernels,
                 Ok("bf16") if compute == Compute::BF16 => LoraPath::BlasBf16,
@@ -1156,9 +1161,9 @@ impl DeviceModel {
         let mut rstd2 = out_buf::<f32>(d, n)?;
         let (h2, h2b) = self.normed(&x_mid, &self.layers[l].mlp_norm, n, Some(&mut rstd2), false)?;
         let h2a = act_of(&h2, &h2b)?;
-        if self.lean() && !matches!(rows, Rows::PerRow(_)) && self.layers[l].lin[GATE].bias.is_none() && self.layers[l].lin[UP].bias.is_none() {
-            // The lean step's gate and up products write bf16 (the base
-            // product and the adapter's added into it, each rounded once,
+        if self.lean() && matches!(rows, Rows::Train(_)) && self.layers[l].lin[GATE].bias.is_none() && self.layers[l].lin[UP].bias.is_none() {
+            // The lean training step's gate and up products write bf16 (the
+            // base product and the adapter's added into it, each rounded,
             // as PyTorch autocast does): the operands the gating pass and
             // the backward read, kept as they are; no fp32 gate or up.
             let (mut gb, mut ub) = (out_buf::<u16>(d, n * it)?, out_buf::<u16>(d, n * it)?);
@@ -1199,19 +1204,32 @@ impl DeviceModel {
         Ok((Acts { rstd1, q, k, v, att, lse, x_mid, rstd2, g, u, hs }, x_out))
     }
 
-    /// Whether the step holds activations in bf16 alone where every
-    /// consumer takes bf16 (BF16 mode with bf16 adapter products): the
-    /// normalized inputs, the SwiGLU product and its gradients exist only
-    /// as the products' bf16 operands, each written by the kernel that
-    /// computes it (no conversion passes, no fp32 copies). With
-    /// tensor-core attention a training step also keeps q, k, v and the
-    /// attention output for the backward in bf16 (the kernels' bf16 form).
-    /// The numbers are those of the same mode holding both forms, except
-    /// that LoRA dropout and a mixed-adapter batch (fp32 consumers) read the
-    /// bf16 values widened, and the attention backward's `δ = rowsum(dO∘O)`
-    /// reads the bf16 `O`.
-    fn lean(&self) -> bool {
-        self.compute == Compute::BF16 && self.lora_path == LoraPath::BlasBf16
+    /// Whether the step is lean (BF16 mode with bf16 adapter products,
+    /// unless [`set_lean`](Self::set_lean) turned it off): activations are
+    /// held in bf16 alone where every consumer takes bf16 — the normalized
+    /// inputs, the SwiGLU product and its gradients exist only as the
+    /// products' bf16 operands, each written by the kernel that computes it
+    /// (no conversion passes, no fp32 copies) — and a training step goes
+    /// further, as PyTorch autocast does: the gate and up products write
+    /// bf16 (the base product and the adapter's added into it, each
+    /// rounded), the head writes bf16 logits and the cross-entropy works on
+    /// them in place, and with tensor-core attention q, k, v and the
+    /// attention output are kept in bf16 (the kernels' bf16 form). So a
+    /// lean training step rounds more than the same mode holding both forms
+    /// (gate/up, logits, and the attention backward's `δ = rowsum(dO∘O)`
+    /// from the bf16 `O`), while inference forwards compute the same
+    /// numbers except that LoRA dropout and a mixed-adapter batch (fp32
+    /// consumers) read the bf16 values widened.
+    pub fn lean(&self) -> bool {
+        self.compute == Compute::BF16 && self.lora_path == LoraPath::BlasBf16 && self.lean_on
+    }
+
+    /// Turns the lean step ([`lean`](Self::lean)) off or back on (on by
+    /// default): off, the bf16-adapter-product mode holds both forms as the
+    /// other modes do — for checks that the lean step computes what the
+    /// full one does, and for benchmarks.
+    pub fn set_lean(&mut self, on: bool) {
+        self.lean_on = on;
     }
 
     /// `silu(g)·u` in the forms the products take (as

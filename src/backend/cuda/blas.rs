@@ -118,9 +118,6 @@ fn cuda_type(d: DType) -> Result<cudaDataType> {
     })
 }
 
-/// The element type of a product's output `C`: fp32, or bf16 bits (`u16`;
-/// from bf16 operands only): `α·op(A)·op(B) + β·C` is accumulated in fp32
-/// (a bf16 `C` widened for the `β` term) and rounded to nearest even once.
 mod sealed {
     /// Only fp32 and bf16 outputs ([`super::GemmOut`]).
     pub trait Sealed {}
@@ -128,6 +125,10 @@ mod sealed {
     impl Sealed for u16 {}
 }
 
+/// The element type of a product's output `C`: fp32, or bf16 bits (`u16`;
+/// from bf16 operands only): `α·op(A)·op(B) + β·C` is accumulated in fp32
+/// (a bf16 `C` widened for the `β` term) and rounded to bf16 (nearest
+/// even) as it is stored. Sealed.
 pub trait GemmOut: cudarc::driver::DeviceRepr + sealed::Sealed {
     const DTYPE: DType;
 }
