@@ -52,6 +52,20 @@ fn check_forward(dev: &CudaDevice, x: &CudaView<'_, f32>, w: &CudaView<'_, f32>,
     dev.check_stream(w, "rmsnorm w")
 }
 
+/// A backward's shape, the lengths and streams of x, w, rstd, dy and dx.
+fn check_backward(dev: &CudaDevice, [x, w, rstd, dy]: [&CudaView<'_, f32>; 4], rows: usize, dim: usize, dx: &CudaViewMut<'_, f32>) -> Result<()> {
+    check_shape(rows, dim)?;
+    check_len(x.len(), rows * dim, "x")?;
+    check_len(dy.len(), rows * dim, "dy")?;
+    check_len(dx.len(), rows * dim, "dx")?;
+    check_len(w.len(), dim, "w")?;
+    check_len(rstd.len(), rows, "rstd")?;
+    for (v, what) in [(x, "rmsnorm x"), (w, "rmsnorm w"), (rstd, "rmsnorm rstd"), (dy, "rmsnorm dy")] {
+        dev.check_stream(v, what)?;
+    }
+    dev.check_stream(dx, "rmsnorm dx")
+}
+
 /// RMSNorm forward, as [`crate::backend::cpu::norm::rmsnorm_forward`]:
 /// `y[i, j] = w[j]·(x[i, j]·r_i)`, `r_i = 1/sqrt(mean_j x[i, j]² + eps)`,
 /// stored in `rstd` (`[rows]`) when given. Queues the work (no sync).
@@ -131,15 +145,7 @@ pub fn rmsnorm_backward_residual(
     dx: &mut CudaViewMut<'_, f32>,
     dxb: Option<&mut CudaViewMut<'_, u16>>,
 ) -> Result<()> {
-    check_shape(rows, dim)?;
-    check_len(x.len(), rows * dim, "x")?;
-    check_len(dy.len(), rows * dim, "dy")?;
-    check_len(dx.len(), rows * dim, "dx")?;
-    check_len(w.len(), dim, "w")?;
-    check_len(rstd.len(), rows, "rstd")?;
-    for (v, what) in [(x, "rmsnorm x"), (w, "rmsnorm w"), (rstd, "rmsnorm rstd"), (dy, "rmsnorm dy")] {
-        dev.check_stream(v, what)?;
-    }
+    check_backward(dev, [x, w, rstd, dy], rows, dim, dx)?;
     let resp = match res {
         Some(r) => {
             check_len(r.len(), rows * dim, "residual")?;
@@ -148,7 +154,6 @@ pub fn rmsnorm_backward_residual(
         }
         None => 0u64,
     };
-    dev.check_stream(dx, "rmsnorm dx")?;
     let dxbp = out_ptr(dev, rows * dim, dxb, "rmsnorm bf16 dx")?;
     if rows == 0 {
         return Ok(());
@@ -187,16 +192,7 @@ pub fn rmsnorm_backward(
     dx: &mut CudaViewMut<'_, f32>,
     dw: Option<&mut CudaViewMut<'_, f32>>,
 ) -> Result<()> {
-    check_shape(rows, dim)?;
-    check_len(x.len(), rows * dim, "x")?;
-    check_len(dy.len(), rows * dim, "dy")?;
-    check_len(dx.len(), rows * dim, "dx")?;
-    check_len(w.len(), dim, "w")?;
-    check_len(rstd.len(), rows, "rstd")?;
-    for (v, what) in [(x, "rmsnorm x"), (w, "rmsnorm w"), (rstd, "rmsnorm rstd"), (dy, "rmsnorm dy")] {
-        dev.check_stream(v, what)?;
-    }
-    dev.check_stream(dx, "rmsnorm dx")?;
+    check_backward(dev, [x, w, rstd, dy], rows, dim, dx)?;
     if let Some(d) = dw.as_deref() {
         check_len(d.len(), dim, "dw")?;
         dev.check_stream(d, "rmsnorm dw")?;
