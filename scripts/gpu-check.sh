@@ -202,6 +202,7 @@ run "bench gpu_bench_train nf4, LoRA kernels" 60 env LORA_CUDA_LORA=kernels "$BU
 run "bench gpu_bench_train nf4, tensor-core attention + LoRA kernels" 60 env LORA_CUDA_ATTENTION=tc LORA_CUDA_LORA=kernels "$BUNDLE/bin/gpu_bench_train" nf4 4 1024 5 16
 run "bench gpu_bench_train nf4, tensor-core attention + bf16 adapter products (the lean bf16 step)" 60 env LORA_CUDA_ATTENTION=tc LORA_CUDA_LORA=bf16 "$BUNDLE/bin/gpu_bench_train" nf4 4 1024 5 16
 run "bench gpu_bench_train nf4 + checkpointing, the lean bf16 step" 60 env LORA_CUDA_ATTENTION=tc LORA_CUDA_LORA=bf16 "$BUNDLE/bin/gpu_bench_train" nf4 4 1024 5 16 ckpt
+run "bench gpu_bench_train nf4, tensor-core attention + bf16 adapter products, lean step off" 60 env LORA_CUDA_ATTENTION=tc LORA_CUDA_LORA=bf16 LORA_CUDA_LEAN=0 "$BUNDLE/bin/gpu_bench_train" nf4 4 1024 5 16
 if command -v python3 >/dev/null && python3 -c 'import torch, peft' 2>/dev/null; then
   [ -d .whl/site ] && export PYTHONPATH="$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}"
   export PYTHONUNBUFFERED=1

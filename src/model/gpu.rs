@@ -528,7 +528,8 @@ pub struct DeviceModel {
     /// benchmark says another is faster).
     lora_path: LoraPath,
     /// Whether bf16 adapter products make the step lean
-    /// ([`DeviceModel::lean`]; on unless `set_lean(false)`).
+    /// ([`DeviceModel::lean`]; on unless `set_lean(false)` or
+    /// `LORA_CUDA_LEAN=0` at upload).
     lean_on: bool,
     /// Most logits materialized at once ([`HEAD_CHUNK_ELEMS`] unless set).
     head_chunk: usize,
@@ -661,7 +662,7 @@ impl DeviceModel {
             by_trainer: false,
             rope: None,
             attn_tc: compute == Compute::BF16 && std::env::var("LORA_CUDA_ATTENTION").is_ok_and(|v| v == "tc"),
-            lean_on: true,
+            lean_on: std::env::var("LORA_CUDA_LEAN").map_or(true, |v| v != "0"),
             lora_path: match std::env::var("LORA_CUDA_LORA").as_deref() {
                 Ok("kernels") => LoraPath::Kernels,
                 Ok("bf16") if compute == Compute::BF16 => LoraPath::BlasBf16,
@@ -1225,7 +1226,7 @@ impl DeviceModel {
     }
 
     /// Turns the lean step ([`lean`](Self::lean)) off or back on (on by
-    /// default): off, the bf16-adapter-product mode holds both forms as the
+    /// default; `LORA_CUDA_LEAN=0` at upload starts it off): off, the bf16-adapter-product mode holds both forms as the
     /// other modes do — for checks that the lean step computes what the
     /// full one does, and for benchmarks.
     pub fn set_lean(&mut self, on: bool) {
