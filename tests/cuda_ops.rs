@@ -138,6 +138,10 @@ fn rmsnorm_forward_and_backward_match_the_cpu() {
             let mut dxb = dev.alloc_filled::<u16>(rows * dim, 0xFF).unwrap();
             gnorm::rmsnorm_backward_residual(dev, &xd.as_view(), &wd.as_view(), &rcd.as_view(), &dyd.as_view(), rows, dim, Some(&resd.as_view()), &mut dx3.as_view_mut(), with_b.then(|| dxb.as_view_mut()).as_mut()).unwrap();
             check_bits("dx + residual", &dev.download(&dx3).unwrap(), &want_r);
+            // Without a residual (the head's norm): dx itself.
+            let mut dx4 = dev.alloc_filled::<f32>(rows * dim, 0xFF).unwrap();
+            gnorm::rmsnorm_backward_residual(dev, &xd.as_view(), &wd.as_view(), &rcd.as_view(), &dyd.as_view(), rows, dim, None, &mut dx4.as_view_mut(), None).unwrap();
+            check_bits("dx (residual kernel, no residual)", &dev.download(&dx4).unwrap(), &gdx);
             let b = dev.download(&dxb).unwrap();
             if with_b {
                 assert_eq!(b, want_r.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect::<Vec<u16>>(), "bf16 dx + residual");
@@ -814,6 +818,11 @@ fn emulated_fused_bf16_outputs_match_the_unfused_kernels() {
             // SAFETY: rows·dim buffers, rstd rows; a null dxb is skipped.
             unsafe { nbr(rows as u32, dim as u32, x.as_ptr(), w.as_ptr(), r.as_ptr(), dy.as_ptr(), res.as_ptr(), dx2.as_mut_ptr(), bp) };
             check_bits("emulated rmsnorm dx + residual", &dx2, &want);
+            // Without a residual (the head's norm): dx itself.
+            let mut dx3 = vec![f32::NAN; rows * dim];
+            // SAFETY: as above; null res and dxb are skipped.
+            unsafe { nbr(rows as u32, dim as u32, x.as_ptr(), w.as_ptr(), r.as_ptr(), dy.as_ptr(), std::ptr::null(), dx3.as_mut_ptr(), std::ptr::null_mut()) };
+            check_bits("emulated rmsnorm dx (no residual)", &dx3, &dx);
             if with_b {
                 assert_eq!(dxb, bits(&want), "emulated rmsnorm bf16 dx + residual");
             } else {

@@ -135,6 +135,14 @@ fn run(t: &mut Trainer, ids: &[i32], batch: usize, seq: usize, steps: usize) -> 
 
 /// Asserts each step's GPU loss within `tol` relative of the CPU's; returns
 /// the largest relative difference.
+/// Bf16 adapter products with the lean step on (whatever LORA_CUDA_LEAN
+/// says), checked.
+fn lean_step(g: &mut lora::model::gpu::DeviceModel) {
+    g.set_lora_path(LoraPath::BlasBf16).unwrap();
+    g.set_lean(true);
+    assert!(g.lean(), "bf16 adapter products in BF16 mode did not make the step lean");
+}
+
 fn check_losses(what: &str, want: &[(f64, f64)], got: &[(f64, f64)], tol: f64) -> f64 {
     let mut worst = 0f64;
     for (i, ((lc, _), (lg, _))) in want.iter().zip(got).enumerate() {
@@ -186,7 +194,7 @@ fn twenty_steps_match_the_cpu() {
         // autocast's precision).
         let mut tb = trainer((c.model)(), cfg(), Some(Compute::BF16));
         tb.set_tensor_core_attention(true).unwrap();
-        tb.with_device_model(|g| g.set_lora_path(LoraPath::BlasBf16)).unwrap().unwrap();
+        tb.with_device_model(lean_step).unwrap();
         let gottb = run(&mut tb, &ids, c.batch, c.seq, STEPS);
         let etb = check_losses(&format!("{} bf16, tensor-core attention, bf16 adapter products", c.name), &want, &gottb, 2e-2);
         assert!(gottb[STEPS - 1].0 < gottb[0].0, "{}: loss with bf16 adapter products did not fall: {:?}", c.name, gottb);
@@ -205,6 +213,9 @@ fn twenty_steps_match_the_cpu() {
         .unwrap();
         let gottf = run(&mut tf, &ids, c.batch, c.seq, STEPS);
         let elean = check_losses(&format!("{} lean bf16 step against the full one", c.name), &gottf, &gottb, 1e-2);
+        // ... and it is a different computation (gate/up and the logits
+        // rounded to bf16): the switch reaches the step.
+        assert_ne!(gottf, gottb, "{}: the lean and the full bf16 step gave the same bits: set_lean did nothing", c.name);
         eprintln!("{}: lean bf16 step within {elean:.2e} (max rel loss) of the full bf16 step over {STEPS} steps", c.name);
         eprintln!(
             "{} ({}×{}): CPU loss {:.5} → {:.5}; GPU fp32 max rel loss {el:.2e}, grad norm {eg:.2e}, adapter {ew:.2e}; GPU bf16 max rel loss {e16:.2e} ({:.5} → {:.5}), with tensor-core attention {etc:.2e}, and bf16 adapter products {etb:.2e}",
@@ -243,7 +254,7 @@ fn checkpointing_micro_batches_and_handoffs() {
         let lean = |checkpointing: bool| {
             let mut t = trainer((lc.model)(), TrainerConfig { checkpointing, ..cfg() }, Some(Compute::BF16));
             t.set_tensor_core_attention(true).unwrap();
-            t.with_device_model(|g| g.set_lora_path(LoraPath::BlasBf16)).unwrap().unwrap();
+            t.with_device_model(lean_step).unwrap();
             let losses = run(&mut t, &lids, lc.batch, lc.seq, 4);
             (losses, weights(&t))
         };
@@ -613,7 +624,7 @@ fn dropout_matches_the_cpu() {
             let mut t = Trainer::new(Arc::new(Mutex::new(model())), "d", TrainerConfig { checkpointing, ..cfg() }).unwrap();
             t.use_device(Some((0, Compute::BF16))).unwrap();
             t.set_tensor_core_attention(true).unwrap();
-            t.with_device_model(|g| g.set_lora_path(LoraPath::BlasBf16)).unwrap().unwrap();
+            t.with_device_model(lean_step).unwrap();
             run(&mut t, &ids, c.batch, c.seq, 6)
         };
         let (gl, glc) = (lean(false), lean(true));

@@ -1218,9 +1218,10 @@ impl DeviceModel {
     /// attention output are kept in bf16 (the kernels' bf16 form). So a
     /// lean training step rounds more than the same mode holding both forms
     /// (gate/up, logits, and the attention backward's `δ = rowsum(dO∘O)`
-    /// from the bf16 `O`), while inference forwards compute the same
-    /// numbers except that LoRA dropout and a mixed-adapter batch (fp32
-    /// consumers) read the bf16 values widened.
+    /// from the bf16 `O`), and its LoRA dropout masks the bf16 inputs
+    /// widened; inference forwards compute the same numbers, except that a
+    /// mixed-adapter batch (an fp32 consumer) reads the bf16 values
+    /// widened.
     pub fn lean(&self) -> bool {
         self.compute == Compute::BF16 && self.lora_path == LoraPath::BlasBf16 && self.lean_on
     }
@@ -1579,7 +1580,8 @@ impl DeviceModel {
     #[allow(clippy::too_many_arguments)]
     /// The backward of layer `l` from its output's gradient `dx` (with its
     /// bf16 copy `dxb` in BF16 mode, as [`norm_backward`](Self::norm_backward)
-    /// makes it): its input's gradient (and bf16 copy), when `need_dx`.
+    /// makes it): its input's gradient (and bf16 copy); without `need_dx`
+    /// (the first layer) the mid-layer residual's, which nothing reads.
     #[allow(clippy::type_complexity)]
     fn layer_backward(&mut self, tr: Train, l: usize, x_in: &CudaSlice<f32>, acts: Acts, dx: CudaSlice<f32>, dxb: Option<CudaSlice<u16>>, batch: usize, seq: usize, need_dx: bool) -> Result<(CudaSlice<f32>, Option<CudaSlice<u16>>)> {
         let dev = self.dev.clone();
