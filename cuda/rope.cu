@@ -17,10 +17,19 @@
 //
 // No host code and no #include (NVRTC compiles it without headers).
 
+typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
 #define ROPE_THREADS 256
+
+// f32 -> bf16 bits, round to nearest even (NaN kept quiet): bit for bit
+// elementwise.cu's conversion and half::bf16::from_f32.
+__device__ __forceinline__ u16 rope_bf16(float f) {
+    u32 x = __float_as_uint(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return (u16)((x >> 16) | 0x40u);
+    return (u16)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
 
 __device__ __forceinline__ void rope_rotate(float* x, u32 seq, u32 heads, u32 half, u64 pairs,
                                             const float* __restrict__ cos_t, const float* __restrict__ sin_t, float sign) {
@@ -47,4 +56,42 @@ extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
 extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
     rope_bwd_f32(float* dy, u32 seq, u32 heads, u32 half, u64 pairs, const float* __restrict__ cos_t, const float* __restrict__ sin_t) {
     rope_rotate(dy, seq, heads, half, pairs, cos_t, sin_t, -1.0f);
+}
+
+// Out of place for the bf16 step: x [B, T, H, 2*half] rotated by +theta
+// (sign 1) or -theta (sign -1) into y (fp32, skipped when null) and yb (its
+// bf16 rounding, the tensor-core attention's or a product's operand): bit
+// for bit the in-place kernels followed by elementwise_f32_to_bf16.
+__device__ __forceinline__ void rope_rotate_out(const float* __restrict__ x, float* __restrict__ y, u16* __restrict__ yb, u32 seq, u32 heads, u32 half,
+                                                u64 pairs, const float* __restrict__ cos_t, const float* __restrict__ sin_t, float sign) {
+    for (u64 p = (u64)blockIdx.x * blockDim.x + threadIdx.x; p < pairs; p += (u64)gridDim.x * blockDim.x) {
+        const u64 vec = p / half;
+        const u32 i = (u32)(p - vec * half);
+        const u32 t = (u32)((vec / heads) % seq);
+        const u64 base = vec * 2 * half;
+        const float c = cos_t[(u64)t * half + i];
+        const float s = sign * sin_t[(u64)t * half + i];
+        const float a = x[base + i], b = x[base + half + i];
+        const float y1 = __fadd_rn(__fmul_rn(a, c), __fmul_rn(-b, s)), y2 = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+        if (y) {
+            y[base + i] = y1;
+            y[base + half + i] = y2;
+        }
+        yb[base + i] = rope_bf16(y1);
+        yb[base + half + i] = rope_bf16(y2);
+    }
+}
+
+// Forward (+theta) out of place: y (optional) and its bf16 rounding yb.
+extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
+    rope_fwd_out_f32(const float* __restrict__ x, float* __restrict__ y, u16* __restrict__ yb, u32 seq, u32 heads, u32 half, u64 pairs,
+                     const float* __restrict__ cos_t, const float* __restrict__ sin_t) {
+    rope_rotate_out(x, y, yb, seq, heads, half, pairs, cos_t, sin_t, 1.0f);
+}
+
+// Backward (-theta) out of place: dx (optional) and its bf16 rounding.
+extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
+    rope_bwd_out_f32(const float* __restrict__ dy, float* __restrict__ dx, u16* __restrict__ dxb, u32 seq, u32 heads, u32 half, u64 pairs,
+                     const float* __restrict__ cos_t, const float* __restrict__ sin_t) {
+    rope_rotate_out(dy, dx, dxb, seq, heads, half, pairs, cos_t, sin_t, -1.0f);
 }

@@ -175,6 +175,23 @@ fn rope_matches_the_cpu_bit_for_bit() {
         let mut dyd = dev.upload(&dy).unwrap();
         grope::rope_backward(dev, &mut dyd.as_view_mut(), b, t, h, d, &gt).unwrap();
         check_bits("rope backward", &dev.download(&dyd).unwrap(), &want);
+        // Out of place with the bf16 rounding (the bf16 step): the same
+        // bits, rounded; the fp32 output only when asked for; x untouched.
+        for (backward, src, want) in [(false, &x, { let mut w = x.clone(); crope::rope_forward(&mut w, b, t, h, d, &table); w }), (true, &dy, want.clone())] {
+            let xd = dev.upload(src).unwrap();
+            for with_y in [true, false] {
+                let mut y = dev.alloc_filled::<f32>(src.len(), 0xFF).unwrap();
+                let mut yb = dev.alloc_filled::<u16>(src.len(), 0xFF).unwrap();
+                grope::rope_bf16(dev, &xd.as_view(), with_y.then(|| y.as_view_mut()).as_mut(), &mut yb.as_view_mut(), b, t, h, d, &gt, backward).unwrap();
+                assert_eq!(dev.download(&yb).unwrap(), bf16_bits(&want), "rope out of place (backward {backward}): bf16");
+                if with_y {
+                    check_bits("rope out of place: fp32", &dev.download(&y).unwrap(), &want);
+                } else {
+                    assert!(dev.download(&y).unwrap().iter().all(|v| v.to_bits() == u32::MAX), "rope wrote y unasked");
+                }
+                check_bits("rope out of place: x untouched", &dev.download(&xd).unwrap(), src);
+            }
+        }
     }
     // A table shorter than the sequence is refused.
     let table = crope::RopeTable::new(&crope::rope_inv_freq(8, 10000.0), 0, 3);
@@ -518,6 +535,9 @@ void emu_swiglu(unsigned grid, const float* g, const float* u, const float* dh, 
     emu_launch(grid, SWIGLU_THREADS, [&] { swiglu_bwd_f32(g, u, dh, n, dg, du); });
     emu_launch(grid, SWIGLU_THREADS, [&] { swiglu_bwd_inplace_f32(gi, ui, dh, n); });
 }
+void emu_rope_out(int bwd, unsigned grid, const float* x, float* y, u16* yb, u32 seq, u32 heads, u32 half, u64 pairs, const float* c, const float* s) {
+    emu_launch(grid, ROPE_THREADS, [&] { if (bwd) rope_bwd_out_f32(x, y, yb, seq, heads, half, pairs, c, s); else rope_fwd_out_f32(x, y, yb, seq, heads, half, pairs, c, s); });
+}
 void emu_norm_bwd_res(u32 rows, u32 dim, const float* x, const float* w, const float* rstd, const float* dy, const float* res, float* dx, u16* dxb) {
     emu_launch(rows, NORM_THREADS, [&] { norm_rmsnorm_bwd_dx_out_f32(x, w, rstd, dy, rows, dim, res, dx, dxb); });
 }
@@ -565,6 +585,7 @@ type EmuNormFwd = unsafe extern "C" fn(u32, u32, *const f32, *const f32, f32, *m
 type EmuNormBwd = unsafe extern "C" fn(u32, u32, *const f32, *const f32, *const f32, *const f32, *mut f32, u32, u32, u32, *mut f64, *mut f32);
 type EmuRope = unsafe extern "C" fn(i32, u32, *mut f32, u32, u32, u32, u64, *const f32, *const f32);
 type EmuSwiglu = unsafe extern "C" fn(u32, *const f32, *const f32, *const f32, u64, *mut f32, *mut f32, *mut f32, *mut f32, *mut f32);
+type EmuRopeOut = unsafe extern "C" fn(i32, u32, *const f32, *mut f32, *mut u16, u32, u32, u32, u64, *const f32, *const f32);
 type EmuNormBwdRes = unsafe extern "C" fn(u32, u32, *const f32, *const f32, *const f32, *const f32, *const f32, *mut f32, *mut u16);
 type EmuNormFwdOut = unsafe extern "C" fn(u32, u32, *const f32, *const f32, f32, *mut f32, *mut u16, *mut f32);
 type EmuSwigluOut = unsafe extern "C" fn(u32, *const f32, *const f32, *const u16, *const u16, *const f32, u64, *mut f32, *mut u16, *mut u16, *mut u16, *mut f32, *mut u16, *mut f32, *mut f32, *mut u16, *mut u16);
@@ -606,8 +627,8 @@ fn emulated_training_step_kernels_match_the_cpu() {
             *lib.get(b"emu_clip").unwrap(),
         )
     };
-    // SAFETY: an entry point built above with this signature.
-    let ceb: EmuCeBf16 = unsafe { *lib.get(b"emu_ce_bf16").unwrap() };
+    // SAFETY: entry points built above with these signatures.
+    let (ceb, rope_out): (EmuCeBf16, EmuRopeOut) = unsafe { (*lib.get(b"emu_ce_bf16").unwrap(), *lib.get(b"emu_rope_out").unwrap()) };
     let mut rng = Rng(47);
     // RMSNorm forward and backward (dw accumulated into a prior value).
     for &(rows, dim) in &[(1usize, 1usize), (5, 300), (33, 64)] {
@@ -646,6 +667,19 @@ fn emulated_training_step_kernels_match_the_cpu() {
             // SAFETY: x holds batch·seq·heads·hd, the table (len ≥ seq)·half.
             unsafe { rope(bwd, stride(pairs as usize, 256), got.as_mut_ptr(), seq as u32, heads as u32, (hd / 2) as u32, pairs, table.cos.as_ptr(), table.sin.as_ptr()) };
             check_bits(if bwd == 0 { "emulated rope" } else { "emulated rope backward" }, &got, &want);
+            // Out of place with the bf16 rounding: the same bits, rounded.
+            for with_y in [true, false] {
+                let (mut y, mut yb) = (vec![f32::NAN; x.len()], vec![0xFFFFu16; x.len()]);
+                let yp = if with_y { y.as_mut_ptr() } else { std::ptr::null_mut() };
+                // SAFETY: as above; y (or null) and yb hold as many as x.
+                unsafe { rope_out(bwd, stride(pairs as usize, 256), x.as_ptr(), yp, yb.as_mut_ptr(), seq as u32, heads as u32, (hd / 2) as u32, pairs, table.cos.as_ptr(), table.sin.as_ptr()) };
+                assert_eq!(yb, want.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect::<Vec<u16>>(), "emulated rope out of place: bf16");
+                if with_y {
+                    check_bits("emulated rope out of place: fp32", &y, &want);
+                } else {
+                    assert!(y.iter().all(|v| v.is_nan()), "emulated rope wrote y unasked");
+                }
+            }
         }
     }
     // SwiGLU forward, backward, backward in place.
@@ -766,6 +800,7 @@ fn bf16_conversions_are_one_function() {
     assert_eq!(body(include_str!("../cuda/norm.cu"), "norm_bf16"), want, "norm.cu's bf16 conversion differs from elementwise.cu's");
     assert_eq!(body(include_str!("../cuda/swiglu.cu"), "swiglu_bf16"), want, "swiglu.cu's bf16 conversion differs from elementwise.cu's");
     assert_eq!(body(include_str!("../cuda/loss.cu"), "loss_bf16"), want, "loss.cu's bf16 conversion differs from elementwise.cu's");
+    assert_eq!(body(include_str!("../cuda/rope.cu"), "rope_bf16"), want, "rope.cu's bf16 conversion differs from elementwise.cu's");
 }
 
 /// fp32 values where the rounding to bf16 has edges: ties to even (up and

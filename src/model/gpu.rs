@@ -1119,8 +1119,6 @@ impl DeviceModel {
         hs[V] = self.lin_forward(l, V, rows, h1a, n, &mut v, 0.0)?;
         drop((h1, h1b));
         let table = self.rope.as_ref().expect("rope table made for this sequence length");
-        crope::rope_forward(d, &mut q.as_view_mut(), batch, seq, nh, hd, table)?;
-        crope::rope_forward(d, &mut k.as_view_mut(), batch, seq, nkv, hd, table)?;
         let mut lse = out_buf::<f32>(d, n * nh)?;
         let tc = self.attn_tc && catt::tc_supported(d, &shape);
         let (q, k, v, att) = if tc && self.lean() && matches!(rows, Rows::Train(_)) {
@@ -1128,10 +1126,13 @@ impl DeviceModel {
             // for the backward in bf16: the tensor-core kernels round q, k,
             // v to bf16 anyway, so the forward's numbers are the same (the
             // backward's δ reads the bf16 o); half the bytes held, and read
-            // by the kernels. Each fp32 buffer is freed as its copy is made.
-            let qb = bf16_copy(d, &q)?;
+            // by the kernels. q and k are rotated straight into their bf16
+            // copies; each fp32 buffer is freed as its copy is made.
+            let mut qb = out_buf::<u16>(d, n * qd)?;
+            crope::rope_bf16(d, &q.as_view(), None, &mut qb.as_view_mut(), batch, seq, nh, hd, table, false)?;
             drop(q);
-            let kb = bf16_copy(d, &k)?;
+            let mut kb = out_buf::<u16>(d, n * kvd)?;
+            crope::rope_bf16(d, &k.as_view(), None, &mut kb.as_view_mut(), batch, seq, nkv, hd, table, false)?;
             drop(k);
             let vb = bf16_copy(d, &v)?;
             drop(v);
@@ -1141,6 +1142,9 @@ impl DeviceModel {
             self.tock(t, "attention forward")?;
             (Saved::Bf16(qb), Saved::Bf16(kb), Saved::Bf16(vb), Saved::Bf16(ob))
         } else {
+            let (mut q, mut k) = (q, k);
+            crope::rope_forward(d, &mut q.as_view_mut(), batch, seq, nh, hd, table)?;
+            crope::rope_forward(d, &mut k.as_view_mut(), batch, seq, nkv, hd, table)?;
             let t = self.tick()?;
             let mut att = out_buf::<f32>(d, n * qd)?;
             if tc {
@@ -1682,21 +1686,39 @@ impl DeviceModel {
         self.tock(t, "attention backward")?;
         drop((q, k, v, att, lse, datt));
         let table = self.rope.as_ref().expect("rope table made for this sequence length");
-        crope::rope_backward(d, &mut dq.as_view_mut(), batch, seq, nh, hd, table)?;
-        crope::rope_backward(d, &mut dk.as_view_mut(), batch, seq, nkv, hd, table)?;
+        // The gradients of q, k (rotated back) and v in the forms the
+        // products take: lean, straight into bf16 (one pass each, the fp32
+        // ones freed); otherwise fp32 rotated in place, and bf16 copies in
+        // BF16 mode.
+        let ((dq, dqb), (dk, dkb), (dv, dvb)) = if self.lean() {
+            let mut dqb = out_buf::<u16>(d, n * qd)?;
+            crope::rope_bf16(d, &dq.as_view(), None, &mut dqb.as_view_mut(), batch, seq, nh, hd, table, true)?;
+            drop(dq);
+            let mut dkb = out_buf::<u16>(d, n * kvd)?;
+            crope::rope_bf16(d, &dk.as_view(), None, &mut dkb.as_view_mut(), batch, seq, nkv, hd, table, true)?;
+            drop(dk);
+            let dvb = bf16_copy(d, &dv)?;
+            drop(dv);
+            ((None, Some(dqb)), (None, Some(dkb)), (None, Some(dvb)))
+        } else {
+            crope::rope_backward(d, &mut dq.as_view_mut(), batch, seq, nh, hd, table)?;
+            crope::rope_backward(d, &mut dk.as_view_mut(), batch, seq, nkv, hd, table)?;
+            let (dqb, dkb, dvb) = if need_dx { (self.operand(&dq)?, self.operand(&dk)?, self.operand(&dv)?) } else { (None, None, None) };
+            ((Some(dq), dqb), (Some(dk), dkb), (Some(dv), dvb))
+        };
+        let (dqa, dka, dva) = (act_of(&dq, &dqb)?, act_of(&dk, &dkb)?, act_of(&dv, &dvb)?);
         let (h1, h1b) = self.normed(x_in, &self.layers[l].attn_norm, n, None, true)?;
         let h1a = act_of(&h1, &h1b)?;
         if need_dx {
-            let (dqb, dkb, dvb) = (self.operand(&dq)?, self.operand(&dk)?, self.operand(&dv)?);
             let mut dh1 = out_buf::<f32>(d, n * h)?;
-            self.lin_backward(tr, l, Q, h1a, hs[Q].as_ref(), Act::new(&dq, dqb.as_ref()), n, Some((&mut dh1, 0.0)))?;
-            self.lin_backward(tr, l, K, h1a, hs[K].as_ref(), Act::new(&dk, dkb.as_ref()), n, Some((&mut dh1, 1.0)))?;
-            self.lin_backward(tr, l, V, h1a, hs[V].as_ref(), Act::new(&dv, dvb.as_ref()), n, Some((&mut dh1, 1.0)))?;
+            self.lin_backward(tr, l, Q, h1a, hs[Q].as_ref(), dqa, n, Some((&mut dh1, 0.0)))?;
+            self.lin_backward(tr, l, K, h1a, hs[K].as_ref(), dka, n, Some((&mut dh1, 1.0)))?;
+            self.lin_backward(tr, l, V, h1a, hs[V].as_ref(), dva, n, Some((&mut dh1, 1.0)))?;
             self.norm_backward(x_in, &self.layers[l].attn_norm, &rstd1, &dh1, Some(&dxm), n)
         } else {
-            self.lin_backward(tr, l, Q, h1a, hs[Q].as_ref(), Act::F32(&dq), n, None)?;
-            self.lin_backward(tr, l, K, h1a, hs[K].as_ref(), Act::F32(&dk), n, None)?;
-            self.lin_backward(tr, l, V, h1a, hs[V].as_ref(), Act::F32(&dv), n, None)?;
+            self.lin_backward(tr, l, Q, h1a, hs[Q].as_ref(), dqa, n, None)?;
+            self.lin_backward(tr, l, K, h1a, hs[K].as_ref(), dka, n, None)?;
+            self.lin_backward(tr, l, V, h1a, hs[V].as_ref(), dva, n, None)?;
             Ok((dxm, None))
         }
     }

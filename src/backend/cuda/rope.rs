@@ -2,10 +2,10 @@
 //! `[B, T, H, D]`, twins of [`crate::backend::cpu::rope`]'s `rope_forward`
 //! and `rope_backward`. Same table, same roundings (no FMA): bit for bit.
 
-use super::{launch_cfg, stride_grid, CudaDevice, ROPE_CU};
+use super::{launch_cfg, out_ptr, stride_grid, CudaDevice, ROPE_CU};
 use crate::backend::cpu::rope::RopeTable;
 use crate::error::Result;
-use cudarc::driver::{CudaSlice, CudaViewMut};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 
 /// Threads per block (`ROPE_THREADS` in rope.cu).
 const ROPE_THREADS: u32 = 256;
@@ -28,7 +28,10 @@ impl CudaRopeTable {
     }
 }
 
-fn rotate(dev: &CudaDevice, x: &mut CudaViewMut<'_, f32>, batch: usize, seq: usize, heads: usize, head_dim: usize, table: &CudaRopeTable, name: &'static str) -> Result<()> {
+/// Checks a rotation of `n = x_len` elements `[B, T, H, D]` against the
+/// table; returns the pair count and `(seq, heads, half)` as the kernels
+/// take them (pairs 0: nothing to launch).
+fn check(dev: &CudaDevice, x_len: usize, batch: usize, seq: usize, heads: usize, head_dim: usize, table: &CudaRopeTable) -> Result<(u64, u32, u32, u32)> {
     if head_dim == 0 || head_dim % 2 != 0 {
         bail!(InvalidShape, "rope: head_dim {head_dim} must be even and positive");
     }
@@ -42,25 +45,63 @@ fn rotate(dev: &CudaDevice, x: &mut CudaViewMut<'_, f32>, batch: usize, seq: usi
         bail!(InvalidShape, "rope: seq {seq}, heads {heads} or head_dim {head_dim} exceeds 2^32-1");
     }
     let n = [batch, seq, heads, head_dim].iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| err!(InvalidShape, "rope: [{batch}, {seq}, {heads}, {head_dim}] overflows"))?;
-    if x.len() != n {
-        bail!(BufferSize, "rope: x has {} elements, [{batch}, {seq}, {heads}, {head_dim}] needs {n}", x.len());
+    if x_len != n {
+        bail!(BufferSize, "rope: x has {x_len} elements, [{batch}, {seq}, {heads}, {head_dim}] needs {n}");
     }
     if table.cos.len() != table.half * table.len || table.sin.len() != table.half * table.len {
         bail!(BufferSize, "rope: table buffers do not hold [{}, {}] values", table.len, table.half);
     }
-    dev.check_stream(x, "rope x")?;
     dev.check_stream(&table.cos, "rope cos table")?;
     dev.check_stream(&table.sin, "rope sin table")?;
-    if n == 0 {
+    Ok(((n / 2) as u64, seq as u32, heads as u32, table.half as u32))
+}
+
+fn rotate(dev: &CudaDevice, x: &mut CudaViewMut<'_, f32>, batch: usize, seq: usize, heads: usize, head_dim: usize, table: &CudaRopeTable, name: &'static str) -> Result<()> {
+    let (pairs, s32, h32, half32) = check(dev, x.len(), batch, seq, heads, head_dim, table)?;
+    dev.check_stream(x, "rope x")?;
+    if pairs == 0 {
         return Ok(());
     }
-    let pairs = (n / 2) as u64;
-    let (s32, h32, half32) = (seq as u32, heads as u32, table.half as u32);
     let f = dev.function(&ROPE_CU, name)?;
     // SAFETY: (ptr, u32, u32, u32, u64, ptr, ptr) as the kernel; pair p <
     // pairs touches x[vec·D + i], x[vec·D + half + i] (< n) and table row
     // t < seq ≤ len (checked above).
     launch_kernel!(dev, f, name, launch_cfg((stride_grid(pairs, ROPE_THREADS), 1), ROPE_THREADS), [x, &s32, &h32, &half32, &pairs, &table.cos, &table.sin])
+}
+
+/// RoPE out of place for the bf16 step: `x` rotated forward (or, with
+/// `backward`, by −θ) into `yb` as bf16 and, when given, into `y` as fp32:
+/// bit for bit [`rope_forward`] / [`rope_backward`] followed by
+/// `elementwise::to_bf16`, in one pass.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_bf16(
+    dev: &CudaDevice,
+    x: &CudaView<'_, f32>,
+    y: Option<&mut CudaViewMut<'_, f32>>,
+    yb: &mut CudaViewMut<'_, u16>,
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    head_dim: usize,
+    table: &CudaRopeTable,
+    backward: bool,
+) -> Result<()> {
+    let (pairs, s32, h32, half32) = check(dev, x.len(), batch, seq, heads, head_dim, table)?;
+    dev.check_stream(x, "rope x")?;
+    if yb.len() != x.len() {
+        bail!(BufferSize, "rope: bf16 y has {} elements, x has {}", yb.len(), x.len());
+    }
+    dev.check_stream(yb, "rope bf16 y")?;
+    let yp = out_ptr(dev, x.len(), y, "rope y")?;
+    if pairs == 0 {
+        return Ok(());
+    }
+    let name = if backward { "rope_bwd_out_f32" } else { "rope_fwd_out_f32" };
+    let f = dev.function(&ROPE_CU, name)?;
+    // SAFETY: (ptr ×3, u32 ×3, u64, ptr ×2) as the kernel; pair p < pairs
+    // reads x and writes y (unless 0) and yb at vec·D + i and vec·D + half
+    // + i (< n, all lengths n), table row t < seq ≤ len (checked).
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(pairs, ROPE_THREADS), 1), ROPE_THREADS), [x, &yp, yb, &s32, &h32, &half32, &pairs, &table.cos, &table.sin])
 }
 
 /// RoPE forward in place on `x: [B, T, H, D]`, as `cpu::rope::rope_forward`.
