@@ -27,7 +27,8 @@
 //                         where the unfused chain moved 30.
 //   swiglu_fwd_out_bf16   g, u bf16     -> h fp32 / bf16 (the backward's
 //                         recomputation of the down projection's input).
-//   swiglu_bwd_out_bf16   g, u bf16, dh -> dgate, dup fp32 / bf16.
+//   swiglu_bwd_out_bf16   g, u bf16, dh -> dgate, dup fp32 / bf16
+//                         (swiglu_bwd_out_bf16dh: dh in bf16 too).
 //
 // No host code and no #include (NVRTC compiles it without headers).
 
@@ -113,17 +114,34 @@ extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
     }
 }
 
-// dgate, dup from bf16 gate, up (widened exactly) and fp32 dh; each of the
-// fp32 and bf16 outputs optional.
-extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
-    swiglu_bwd_out_bf16(const u16* __restrict__ gate, const u16* __restrict__ up, const float* __restrict__ dh, u64 n,
-                        float* __restrict__ dgate, float* __restrict__ dup, u16* __restrict__ dgate_b, u16* __restrict__ dup_b) {
+__device__ __forceinline__ float swiglu_ld(const float* p) { return *p; }
+__device__ __forceinline__ float swiglu_ld(const u16* p) { return swiglu_widen(*p); }
+
+template <typename TD>
+__device__ __forceinline__ void swiglu_bwd_out(const u16* __restrict__ gate, const u16* __restrict__ up, const TD* __restrict__ dh, u64 n,
+                                               float* __restrict__ dgate, float* __restrict__ dup, u16* __restrict__ dgate_b, u16* __restrict__ dup_b) {
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         float dg, du;
-        swiglu_grad(swiglu_widen(gate[i]), swiglu_widen(up[i]), dh[i], &dg, &du);
+        swiglu_grad(swiglu_widen(gate[i]), swiglu_widen(up[i]), swiglu_ld(dh + i), &dg, &du);
         if (dgate) dgate[i] = dg;
         if (dup) dup[i] = du;
         if (dgate_b) dgate_b[i] = swiglu_bf16(dg);
         if (dup_b) dup_b[i] = swiglu_bf16(du);
     }
+}
+
+// dgate, dup from bf16 gate, up (widened exactly) and fp32 dh; each of the
+// fp32 and bf16 outputs optional.
+extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
+    swiglu_bwd_out_bf16(const u16* __restrict__ gate, const u16* __restrict__ up, const float* __restrict__ dh, u64 n,
+                        float* __restrict__ dgate, float* __restrict__ dup, u16* __restrict__ dgate_b, u16* __restrict__ dup_b) {
+    swiglu_bwd_out(gate, up, dh, n, dgate, dup, dgate_b, dup_b);
+}
+
+// The same with dh in bf16 too (widened exactly: the fp32-dh kernel's bits
+// on the widened dh).
+extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
+    swiglu_bwd_out_bf16dh(const u16* __restrict__ gate, const u16* __restrict__ up, const u16* __restrict__ dh, u64 n,
+                          float* __restrict__ dgate, float* __restrict__ dup, u16* __restrict__ dgate_b, u16* __restrict__ dup_b) {
+    swiglu_bwd_out(gate, up, dh, n, dgate, dup, dgate_b, dup_b);
 }

@@ -305,6 +305,21 @@ fn fused_swiglu_matches_the_unfused(dev: &CudaDevice, gate: &[f32], up: &[f32], 
     check_bits("swiglu backward from bf16: dup", &f32_of(&duf), &du);
     assert_eq!(dev.download(&dgb).unwrap(), bf16_bits(&dg), "swiglu backward from bf16: bf16 dgate");
     assert_eq!(dev.download(&dub).unwrap(), bf16_bits(&du), "swiglu backward from bf16: bf16 dup");
+    // With dh in bf16 too: the fp32-dh kernel's bits on the widened dh.
+    let dhb = bf16_bits(dh);
+    let (dhbd, dhwd) = (dev.upload(&dhb).unwrap(), dev.upload(&widen(&dhb)).unwrap());
+    let run_bwd = |bf_dh: bool| {
+        let (mut dg, mut du) = (dev.alloc_filled::<f32>(n, 0xFF).unwrap(), dev.alloc_filled::<f32>(n, 0xFF).unwrap());
+        let (mut dgb, mut dub) = (dev.alloc_filled::<u16>(n, 0xFF).unwrap(), dev.alloc_filled::<u16>(n, 0xFF).unwrap());
+        let out = gswiglu::SwigluGrads { dgate: Some(&mut dg.as_view_mut()), dup: Some(&mut du.as_view_mut()), dgate_bf16: Some(&mut dgb.as_view_mut()), dup_bf16: Some(&mut dub.as_view_mut()) };
+        if bf_dh {
+            gswiglu::swiglu_backward_bf16_dh(dev, &gbd.as_view(), &ubd.as_view(), &dhbd.as_view(), out).unwrap();
+        } else {
+            gswiglu::swiglu_backward_bf16(dev, &gbd.as_view(), &ubd.as_view(), &dhwd.as_view(), out).unwrap();
+        }
+        (f32_of(&dg).iter().map(|v| v.to_bits()).collect::<Vec<u32>>(), f32_of(&du).iter().map(|v| v.to_bits()).collect::<Vec<u32>>(), dev.download(&dgb).unwrap(), dev.download(&dub).unwrap())
+    };
+    assert_eq!(run_bwd(true), run_bwd(false), "swiglu backward with bf16 dh: not the fp32-dh kernel's bits on the widened dh");
 }
 
 // ---------------------------------------------------------------- embedding
@@ -535,6 +550,9 @@ void emu_swiglu(unsigned grid, const float* g, const float* u, const float* dh, 
     emu_launch(grid, SWIGLU_THREADS, [&] { swiglu_bwd_f32(g, u, dh, n, dg, du); });
     emu_launch(grid, SWIGLU_THREADS, [&] { swiglu_bwd_inplace_f32(gi, ui, dh, n); });
 }
+void emu_swiglu_bwd_dh(unsigned grid, const u16* g16, const u16* u16_, const u16* dh, u64 n, float* dg, float* du, u16* dgb, u16* dub) {
+    emu_launch(grid, SWIGLU_THREADS, [&] { swiglu_bwd_out_bf16dh(g16, u16_, dh, n, dg, du, dgb, dub); });
+}
 void emu_rope_out(int bwd, unsigned grid, const float* x, float* y, u16* yb, u32 seq, u32 heads, u32 half, u64 pairs, const float* c, const float* s) {
     emu_launch(grid, ROPE_THREADS, [&] { if (bwd) rope_bwd_out_f32(x, y, yb, seq, heads, half, pairs, c, s); else rope_fwd_out_f32(x, y, yb, seq, heads, half, pairs, c, s); });
 }
@@ -585,6 +603,7 @@ type EmuNormFwd = unsafe extern "C" fn(u32, u32, *const f32, *const f32, f32, *m
 type EmuNormBwd = unsafe extern "C" fn(u32, u32, *const f32, *const f32, *const f32, *const f32, *mut f32, u32, u32, u32, *mut f64, *mut f32);
 type EmuRope = unsafe extern "C" fn(i32, u32, *mut f32, u32, u32, u32, u64, *const f32, *const f32);
 type EmuSwiglu = unsafe extern "C" fn(u32, *const f32, *const f32, *const f32, u64, *mut f32, *mut f32, *mut f32, *mut f32, *mut f32);
+type EmuSwigluBwdDh = unsafe extern "C" fn(u32, *const u16, *const u16, *const u16, u64, *mut f32, *mut f32, *mut u16, *mut u16);
 type EmuRopeOut = unsafe extern "C" fn(i32, u32, *const f32, *mut f32, *mut u16, u32, u32, u32, u64, *const f32, *const f32);
 type EmuNormBwdRes = unsafe extern "C" fn(u32, u32, *const f32, *const f32, *const f32, *const f32, *const f32, *mut f32, *mut u16);
 type EmuNormFwdOut = unsafe extern "C" fn(u32, u32, *const f32, *const f32, f32, *mut f32, *mut u16, *mut f32);
@@ -818,7 +837,8 @@ fn emulated_fused_bf16_outputs_match_the_unfused_kernels() {
     let (nf, nfo, sw, swo): (EmuNormFwd, EmuNormFwdOut, EmuSwiglu, EmuSwigluOut) =
         unsafe { (*lib.get(b"emu_norm_fwd").unwrap(), *lib.get(b"emu_norm_fwd_out").unwrap(), *lib.get(b"emu_swiglu").unwrap(), *lib.get(b"emu_swiglu_out").unwrap()) };
     // SAFETY: as above.
-    let (nb, nbr): (EmuNormBwd, EmuNormBwdRes) = unsafe { (*lib.get(b"emu_norm_bwd").unwrap(), *lib.get(b"emu_norm_bwd_res").unwrap()) };
+    let (nb, nbr, swdh): (EmuNormBwd, EmuNormBwdRes, EmuSwigluBwdDh) =
+        unsafe { (*lib.get(b"emu_norm_bwd").unwrap(), *lib.get(b"emu_norm_bwd_res").unwrap(), *lib.get(b"emu_swiglu_bwd_dh").unwrap()) };
     let bits = |x: &[f32]| x.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect::<Vec<u16>>();
     let widen = |b: &[u16]| b.iter().map(|&v| half::bf16::from_bits(v).to_f32()).collect::<Vec<f32>>();
     let mut rng = Rng(48);
@@ -906,6 +926,22 @@ fn emulated_fused_bf16_outputs_match_the_unfused_kernels() {
             assert_eq!(*hb2, bits(&hw), "emulated swiglu from bf16: bf16 h");
             check_bits("emulated swiglu backward from bf16: dup", du, &duw);
             assert_eq!(*dub, bits(&duw), "emulated swiglu backward from bf16: bf16 dup");
+            // dh in bf16 too: the unfused kernel's bits on the widened gate,
+            // up and dh, and their roundings.
+            if all {
+                let dhb = bits(&dh);
+                let dhw = widen(&dhb);
+                let (mut h0, mut dg0, mut du0, mut gi, mut ui) = (vec![f32::NAN; n], vec![f32::NAN; n], vec![f32::NAN; n], gw.clone(), uw.clone());
+                let (mut dg1, mut du1, mut dgb1, mut dub1) = (vec![f32::NAN; n], vec![f32::NAN; n], vec![0xFFFFu16; n], vec![0xFFFFu16; n]);
+                // SAFETY: every buffer holds n.
+                unsafe {
+                    sw(stride(n, 256), gw.as_ptr(), uw.as_ptr(), dhw.as_ptr(), n as u64, h0.as_mut_ptr(), dg0.as_mut_ptr(), du0.as_mut_ptr(), gi.as_mut_ptr(), ui.as_mut_ptr());
+                    swdh(stride(n, 256), gb.as_ptr(), ub.as_ptr(), dhb.as_ptr(), n as u64, dg1.as_mut_ptr(), du1.as_mut_ptr(), dgb1.as_mut_ptr(), dub1.as_mut_ptr());
+                }
+                check_bits("emulated swiglu backward, bf16 dh: dgate", &dg1, &dg0);
+                check_bits("emulated swiglu backward, bf16 dh: dup", &du1, &du0);
+                assert_eq!((dgb1, dub1), (bits(&dg0), bits(&du0)), "emulated swiglu backward, bf16 dh: bf16 outputs");
+            }
             if all {
                 check_bits("emulated fused swiglu: h", h1, &h);
                 assert_eq!(*gbo, gb, "emulated fused swiglu: bf16 gate");

@@ -114,20 +114,33 @@ pub struct SwigluGrads<'a, 'b> {
 /// `dh`, writing the gradients given in `out` (fp32 and/or their bf16
 /// roundings, for the products that take bf16 operands).
 pub fn swiglu_backward_bf16(dev: &CudaDevice, gate: &CudaView<'_, u16>, up: &CudaView<'_, u16>, dh: &CudaView<'_, f32>, out: SwigluGrads<'_, '_>) -> Result<()> {
+    check(dev, gate.len(), &[(dh, "dh")])?;
+    backward_bf16(dev, gate, up, dh.device_ptr(&dev.stream).0, out, "swiglu_bwd_out_bf16")
+}
+
+/// [`swiglu_backward_bf16`] with `dh` in bf16 too (widened exactly: the
+/// bits of the fp32-`dh` form on the widened `dh`).
+pub fn swiglu_backward_bf16_dh(dev: &CudaDevice, gate: &CudaView<'_, u16>, up: &CudaView<'_, u16>, dh: &CudaView<'_, u16>, out: SwigluGrads<'_, '_>) -> Result<()> {
+    let dhp = in_ptr_bf16(dev, gate.len(), dh, "dh")?;
+    backward_bf16(dev, gate, up, dhp, out, "swiglu_bwd_out_bf16dh")
+}
+
+/// The bf16 backward kernels' launch, `dh` (checked by the caller) at
+/// device address `dhp`.
+fn backward_bf16(dev: &CudaDevice, gate: &CudaView<'_, u16>, up: &CudaView<'_, u16>, dhp: u64, out: SwigluGrads<'_, '_>, name: &'static str) -> Result<()> {
     let n = gate.len();
     let (gp, up_) = (in_ptr_bf16(dev, n, gate, "gate")?, in_ptr_bf16(dev, n, up, "up")?);
-    check(dev, n, &[(dh, "dh")])?;
     let (dgp, dup_) = (out_ptr(dev, n, out.dgate, "swiglu dgate")?, out_ptr(dev, n, out.dup, "swiglu dup")?);
     let (dgbp, dubp) = (out_ptr(dev, n, out.dgate_bf16, "swiglu bf16 dgate")?, out_ptr(dev, n, out.dup_bf16, "swiglu bf16 dup")?);
     if n == 0 {
         return Ok(());
     }
     let n64 = n as u64;
-    let name = "swiglu_bwd_out_bf16";
     let f = dev.function(&SWIGLU_CU, name)?;
-    // SAFETY: (ptr, ptr, ptr, u64, ptr, ptr, ptr, ptr) as the kernel;
-    // elements < n of each buffer (lengths checked); a 0 output is skipped.
-    launch_kernel!(dev, f, name, launch_cfg((stride_grid(n64, SWIGLU_THREADS), 1), SWIGLU_THREADS), [&gp, &up_, dh, &n64, &dgp, &dup_, &dgbp, &dubp])
+    // SAFETY: (ptr, ptr, ptr, u64, ptr, ptr, ptr, ptr) as the kernels;
+    // elements < n of each buffer (lengths checked, dh's by the caller); a 0
+    // output is skipped.
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(n64, SWIGLU_THREADS), 1), SWIGLU_THREADS), [&gp, &up_, &dhp, &n64, &dgp, &dup_, &dgbp, &dubp])
 }
 
 /// `h = silu(gate)·up`, elementwise, as `cpu::swiglu::swiglu_forward`.
