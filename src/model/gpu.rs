@@ -1217,11 +1217,13 @@ impl DeviceModel {
     /// (no conversion passes, no fp32 copies) — and a training step goes
     /// further, as PyTorch autocast does: the gate and up products write
     /// bf16 (the base product and the adapter's added into it, each
-    /// rounded), the head writes bf16 logits and the cross-entropy works on
+    /// rounded), so does the down projection's input gradient (unless its
+    /// adapter has dropout), the head writes bf16 logits and the cross-entropy works on
     /// them in place, and with tensor-core attention q, k, v and the
     /// attention output are kept in bf16 (the kernels' bf16 form). So a
     /// lean training step rounds more than the same mode holding both forms
-    /// (gate/up, logits, and the attention backward's `δ = rowsum(dO∘O)`
+    /// (gate/up, the SwiGLU product's gradient, logits, and the attention
+    /// backward's `δ = rowsum(dO∘O)`
     /// from the bf16 `O`), and its LoRA dropout masks the bf16 inputs
     /// widened; inference forwards compute the same numbers, except that a
     /// mixed-adapter batch (an fp32 consumer) reads the bf16 values
@@ -1490,7 +1492,7 @@ impl DeviceModel {
     /// accumulates `dA`, `dB` of adapter `set` (being trained); with `dx`,
     /// `dx = β·dx + dy·W + s·(dy·B)·A`.
     #[allow(clippy::too_many_arguments)]
-    fn lin_backward(&mut self, tr: Train, l: usize, j: usize, x: Act<'_>, h: Option<&CudaSlice<f32>>, dy: Act<'_>, n: usize, dx: Option<(&mut CudaSlice<f32>, f32)>) -> Result<()> {
+    fn lin_backward<C: GemmOut + 'static>(&mut self, tr: Train, l: usize, j: usize, x: Act<'_>, h: Option<&CudaSlice<f32>>, dy: Act<'_>, n: usize, dx: Option<(&mut CudaSlice<C>, f32)>) -> Result<()> {
         let dev = self.dev.clone();
         let d = &*dev;
         let (in_f, out_f) = (self.layers[l].lin[j].in_f, self.layers[l].lin[j].out_f);
@@ -1534,9 +1536,20 @@ impl DeviceModel {
         let (av, bv, hv) = (params.slice(ad.a.clone()), params.slice(ad.b.clone()), h.as_view());
         let (ra, rb) = (ad.a.clone(), ad.b.clone());
         // dx's adapter term goes to gdx (unscaled) or into dx (scaled by s).
-        let mut dx_term = match (&mut gdx, dx.as_mut()) {
+        // A bf16 dx (the lean step's) takes it from the bf16 products, and
+        // only without dropout (whose mask is applied to an fp32 dx).
+        let (dx32, mut dxc): (Option<&mut CudaSlice<f32>>, Option<&mut CudaSlice<C>>) = match dx {
+            Some((dxs, _)) if C::DTYPE == crate::dtype::DType::F32 => (Some(f32_out(dxs, "an fp32 dx")?), None),
+            Some((dxs, _)) => (None, Some(dxs)),
+            None => (None, None),
+        };
+        if dxc.is_some() && (gdx.is_some() || !matches!(ops, Ops::Bf16(..))) {
+            bail!(Internal, "a bf16 dx needs bf16 adapter products without dropout");
+        }
+        let mut dx32 = dx32;
+        let mut dx_term = match (&mut gdx, dx32.as_deref_mut()) {
             (Some(gx), _) => Some((gx.as_view_mut(), 1.0f32, 0.0f32)),
-            (None, Some((dxs, _))) => Some((dxs.as_view_mut(), s, 1.0f32)),
+            (None, Some(dxs)) => Some((dxs.as_view_mut(), s, 1.0f32)),
             (None, None) => None,
         };
         match &ops {
@@ -1551,6 +1564,9 @@ impl DeviceModel {
                 gemm(d, blas, MatRef::bf16(d, &gbv, n, r)?, true, MatRef::bf16(d, &xbv, n, in_f)?, false, &mut grads.slice_mut(ra), s, 1.0)?;
                 if let Some((o, scale, beta)) = dx_term.as_mut() {
                     gemm(d, blas, MatRef::bf16(d, &gbv, n, r)?, false, MatRef::bf16(d, &ab, r, in_f)?, false, o, *scale, *beta)?;
+                }
+                if let Some(o) = dxc.as_mut() {
+                    gemm(d, blas, MatRef::bf16(d, &gbv, n, r)?, false, MatRef::bf16(d, &ab, r, in_f)?, false, &mut o.as_view_mut(), s, 1.0)?;
                 }
             }
             Ops::F32(dyf, xf) if lora_path == LoraPath::Kernels => {
@@ -1574,7 +1590,7 @@ impl DeviceModel {
                 }
             }
         }
-        if let (Some(gx), Some((dxs, _))) = (gdx, dx) {
+        if let (Some(gx), Some(dxs)) = (gdx, dx32) {
             glora::dropout_accum(d, &gx.as_view(), ad.seed, tr.call, ad.dropout, s, &mut dxs.as_view_mut())?;
         }
         self.tock(t, "LoRA GEMMs backward")?;
@@ -1599,11 +1615,11 @@ impl DeviceModel {
             Some(b) => Some(b),
             None => self.operand(&dx)?,
         };
-        let mut da = out_buf::<f32>(d, n * it)?;
         // MLP: x_out = x_mid + down(a), a = silu(g)·u, recomputed; then the
         // gradients of gate and up.
         let (dg, du, dgb, dub) = match (g, u) {
             (Saved::F32(mut g), Saved::F32(mut u)) => {
+                let mut da = out_buf::<f32>(d, n * it)?;
                 let mut a = out_buf::<f32>(d, n * it)?;
                 cswiglu::swiglu_forward(d, &g.as_view(), &u.as_view(), &mut a.as_view_mut())?;
                 self.lin_backward(tr, l, DOWN, Act::F32(&a), hs[DOWN].as_ref(), Act::new(&dx, dxb.as_ref()), n, Some((&mut da, 0.0)))?;
@@ -1614,19 +1630,34 @@ impl DeviceModel {
             (Saved::Bf16(gb), Saved::Bf16(ub)) if lean => {
                 // From the bf16 gate and up, one pass each, only the bf16
                 // operands: a (the adapters' input), then the gradients.
+                // The down projection's dx (the gradient of a) is bf16 too,
+                // as PyTorch autocast's product writes it, unless the
+                // adapter's dropout needs it in fp32.
                 let mut ab = out_buf::<u16>(d, n * it)?;
                 cswiglu::swiglu_forward_bf16(d, &gb.as_view(), &ub.as_view(), None, Some(&mut ab.as_view_mut()))?;
-                self.lin_backward(tr, l, DOWN, Act::Bf16(&ab), hs[DOWN].as_ref(), Act::new(&dx, dxb.as_ref()), n, Some((&mut da, 0.0)))?;
+                let da = if self.layers[l].lin[DOWN].ads[tr.set].as_ref().is_some_and(|a| a.dropout > 0.0) {
+                    let mut da = out_buf::<f32>(d, n * it)?;
+                    self.lin_backward(tr, l, DOWN, Act::Bf16(&ab), hs[DOWN].as_ref(), Act::new(&dx, dxb.as_ref()), n, Some((&mut da, 0.0)))?;
+                    Saved::F32(da)
+                } else {
+                    let mut dab = out_buf::<u16>(d, n * it)?;
+                    self.lin_backward(tr, l, DOWN, Act::Bf16(&ab), hs[DOWN].as_ref(), Act::new(&dx, dxb.as_ref()), n, Some((&mut dab, 0.0)))?;
+                    Saved::Bf16(dab)
+                };
                 drop(ab);
                 let (mut dgb, mut dub) = (out_buf::<u16>(d, n * it)?, out_buf::<u16>(d, n * it)?);
                 let out = cswiglu::SwigluGrads { dgate_bf16: Some(&mut dgb.as_view_mut()), dup_bf16: Some(&mut dub.as_view_mut()), ..Default::default() };
-                cswiglu::swiglu_backward_bf16(d, &gb.as_view(), &ub.as_view(), &da.as_view(), out)?;
+                match &da {
+                    Saved::F32(da) => cswiglu::swiglu_backward_bf16(d, &gb.as_view(), &ub.as_view(), &da.as_view(), out)?,
+                    Saved::Bf16(dab) => cswiglu::swiglu_backward_bf16_dh(d, &gb.as_view(), &ub.as_view(), &dab.as_view(), out)?,
+                }
                 (None, None, Some(dgb), Some(dub))
             }
             (Saved::Bf16(gb), Saved::Bf16(ub)) => {
                 // From the bf16 gate and up, in fp32 (what the fp32 adapter
                 // products read); the gradients' bf16 operands are made one
                 // at a time below, as the products need them.
+                let mut da = out_buf::<f32>(d, n * it)?;
                 let mut a = out_buf::<f32>(d, n * it)?;
                 cswiglu::swiglu_forward_bf16(d, &gb.as_view(), &ub.as_view(), Some(&mut a.as_view_mut()), None)?;
                 self.lin_backward(tr, l, DOWN, Act::F32(&a), hs[DOWN].as_ref(), Act::new(&dx, dxb.as_ref()), n, Some((&mut da, 0.0)))?;
@@ -1638,7 +1669,7 @@ impl DeviceModel {
             }
             _ => bail!(Internal, "gate and up kept in different dtypes"),
         };
-        drop((da, dxb));
+        drop(dxb);
         // The gradients' bf16 operands where the products take them but
         // they were not made above (BF16 mode outside the lean step).
         let dgb = match dgb {
@@ -1716,9 +1747,9 @@ impl DeviceModel {
             self.lin_backward(tr, l, V, h1a, hs[V].as_ref(), dva, n, Some((&mut dh1, 1.0)))?;
             self.norm_backward(x_in, &self.layers[l].attn_norm, &rstd1, &dh1, Some(&dxm), n)
         } else {
-            self.lin_backward(tr, l, Q, h1a, hs[Q].as_ref(), dqa, n, None)?;
-            self.lin_backward(tr, l, K, h1a, hs[K].as_ref(), dka, n, None)?;
-            self.lin_backward(tr, l, V, h1a, hs[V].as_ref(), dva, n, None)?;
+            self.lin_backward::<f32>(tr, l, Q, h1a, hs[Q].as_ref(), dqa, n, None)?;
+            self.lin_backward::<f32>(tr, l, K, h1a, hs[K].as_ref(), dka, n, None)?;
+            self.lin_backward::<f32>(tr, l, V, h1a, hs[V].as_ref(), dva, n, None)?;
             Ok((dxm, None))
         }
     }
