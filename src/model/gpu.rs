@@ -1218,16 +1218,15 @@ impl DeviceModel {
     /// further, as PyTorch autocast does: the gate and up products write
     /// bf16 (the base product and the adapter's added into it, each
     /// rounded), so does the down projection's input gradient (unless its
-    /// adapter has dropout), the head writes bf16 logits and the cross-entropy works on
-    /// them in place, and with tensor-core attention q, k, v and the
-    /// attention output are kept in bf16 (the kernels' bf16 form). So a
-    /// lean training step rounds more than the same mode holding both forms
-    /// (gate/up, the SwiGLU product's gradient, logits, and the attention
-    /// backward's `δ = rowsum(dO∘O)`
-    /// from the bf16 `O`), and its LoRA dropout masks the bf16 inputs
-    /// widened; inference forwards compute the same numbers, except that a
-    /// mixed-adapter batch (an fp32 consumer) reads the bf16 values
-    /// widened.
+    /// adapter has dropout), the head writes bf16 logits and the
+    /// cross-entropy works on them in place, and with tensor-core attention
+    /// q, k, v and the attention output are kept in bf16 (the kernels' bf16
+    /// form). So a lean training step rounds more than the same mode
+    /// holding both forms (gate/up, the SwiGLU product's gradient, logits,
+    /// and the attention backward's `δ = rowsum(dO∘O)` from the bf16 `O`),
+    /// and its LoRA dropout masks the bf16 inputs widened; inference
+    /// forwards compute the same numbers, except that a mixed-adapter batch
+    /// (an fp32 consumer) reads the bf16 values widened.
     pub fn lean(&self) -> bool {
         self.compute == Compute::BF16 && self.lora_path == LoraPath::BlasBf16 && self.lean_on
     }
