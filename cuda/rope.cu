@@ -1,5 +1,6 @@
 // rope.cu — rotary position embeddings (HF "rotate_half" convention), forward
-// and backward in place, fp32: the twin of src/backend/cpu/rope.rs (the spec).
+// and backward, fp32: the twin of src/backend/cpu/rope.rs (the spec); in place,
+// or out of place into a bf16 copy (and optionally fp32) for the bf16 step.
 //
 // Math: x is [B, T, H, D] row-major, D = 2*half. The head vector at (b, t, h)
 // is split into halves x1 = x[..half], x2 = x[half..] (not interleaved pairs),
@@ -10,7 +11,8 @@
 // (a*s), each product and the sum rounded once (no FMA: --fmad=false and _rn
 // intrinsics). With the same table the result is bit for bit the CPU's.
 //
-// Memory traffic: one read and one write of x, in place; the table row
+// Memory traffic: one read and one write of x (in place; out of place the
+// write is the bf16 copy, plus fp32 when asked for); the table row
 // (2*half floats) is read per token and stays in L1/L2 across heads and
 // batch rows. One thread per (head vector, pair): consecutive threads touch
 // consecutive x1 and x2 elements (two coalesced streams). Grid-stride loop.

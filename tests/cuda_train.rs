@@ -199,8 +199,9 @@ fn twenty_steps_match_the_cpu() {
         let etb = check_losses(&format!("{} bf16, tensor-core attention, bf16 adapter products", c.name), &want, &gottb, 2e-2);
         assert!(gottb[STEPS - 1].0 < gottb[0].0, "{}: loss with bf16 adapter products did not fall: {:?}", c.name, gottb);
         // The same without the lean step (every activation also in fp32):
-        // the lean step's extra roundings (gate/up, logits, δ from the bf16
-        // o) stay well inside the bf16 bound.
+        // the lean step's extra roundings (gate/up, the SwiGLU product's
+        // gradient, logits, δ from the bf16 o) stay well inside the bf16
+        // bound.
         let mut tf = trainer((c.model)(), cfg(), Some(Compute::BF16));
         tf.set_tensor_core_attention(true).unwrap();
         tf.with_device_model(|g| {

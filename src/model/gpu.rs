@@ -42,9 +42,10 @@
 //! (RMSNorm and SwiGLU write their bf16 roundings in the same pass), and
 //! with bf16 adapter products the step is lean ([`DeviceModel::lean`]):
 //! the normalized inputs, the SwiGLU product and the gradients of gate and
-//! up exist only in bf16, since no consumer reads them in fp32; with
-//! tensor-core attention the training step keeps q, k, v and the attention
-//! output in bf16 too.
+//! up exist only in bf16, since no consumer reads them in fp32; a lean
+//! training step also rounds as PyTorch autocast does (gate/up outputs, the
+//! SwiGLU product's gradient, logits and their gradient in bf16), and with
+//! tensor-core attention keeps q, k, v and the attention output in bf16.
 //!
 //! Memory: per layer the step keeps the layer input, q, k, v, the
 //! attention output and log-sum-exp, the mid-layer residual, gate and up
@@ -1489,7 +1490,9 @@ impl DeviceModel {
     /// Backward of linear `(l, j)` given its input `x`, saved `h = x·Aᵀ` and
     /// the output gradient `dy` (each in the forms held, [`Act`]):
     /// accumulates `dA`, `dB` of adapter `set` (being trained); with `dx`,
-    /// `dx = β·dx + dy·W + s·(dy·B)·A`.
+    /// `dx = β·dx + dy·W + s·(dy·B)·A` — fp32, or bf16 (the lean step's: the
+    /// base term rounded, the adapter's added and rounded again; only from
+    /// bf16 adapter products without dropout, else an error).
     #[allow(clippy::too_many_arguments)]
     fn lin_backward<C: GemmOut + 'static>(&mut self, tr: Train, l: usize, j: usize, x: Act<'_>, h: Option<&CudaSlice<f32>>, dy: Act<'_>, n: usize, dx: Option<(&mut CudaSlice<C>, f32)>) -> Result<()> {
         let dev = self.dev.clone();
@@ -1537,7 +1540,7 @@ impl DeviceModel {
         // dx's adapter term goes to gdx (unscaled) or into dx (scaled by s).
         // A bf16 dx (the lean step's) takes it from the bf16 products, and
         // only without dropout (whose mask is applied to an fp32 dx).
-        let (dx32, mut dxc): (Option<&mut CudaSlice<f32>>, Option<&mut CudaSlice<C>>) = match dx {
+        let (mut dx32, mut dxc): (Option<&mut CudaSlice<f32>>, Option<&mut CudaSlice<C>>) = match dx {
             Some((dxs, _)) if C::DTYPE == crate::dtype::DType::F32 => (Some(f32_out(dxs, "an fp32 dx")?), None),
             Some((dxs, _)) => (None, Some(dxs)),
             None => (None, None),
@@ -1545,7 +1548,6 @@ impl DeviceModel {
         if dxc.is_some() && (gdx.is_some() || !matches!(ops, Ops::Bf16(..))) {
             bail!(Internal, "a bf16 dx needs bf16 adapter products without dropout");
         }
-        let mut dx32 = dx32;
         let mut dx_term = match (&mut gdx, dx32.as_deref_mut()) {
             (Some(gx), _) => Some((gx.as_view_mut(), 1.0f32, 0.0f32)),
             (None, Some(dxs)) => Some((dxs.as_view_mut(), s, 1.0f32)),
@@ -1720,7 +1722,7 @@ impl DeviceModel {
         // products take: lean, straight into bf16 (one pass each, the fp32
         // ones freed); otherwise fp32 rotated in place, and bf16 copies in
         // BF16 mode.
-        let ((dq, dqb), (dk, dkb), (dv, dvb)) = if self.lean() {
+        let ((dq, dqb), (dk, dkb), (dv, dvb)) = if lean {
             let mut dqb = out_buf::<u16>(d, n * qd)?;
             crope::rope_bf16(d, &dq.as_view(), None, &mut dqb.as_view_mut(), batch, seq, nh, hd, table, true)?;
             drop(dq);
@@ -1744,6 +1746,7 @@ impl DeviceModel {
             self.lin_backward(tr, l, Q, h1a, hs[Q].as_ref(), dqa, n, Some((&mut dh1, 0.0)))?;
             self.lin_backward(tr, l, K, h1a, hs[K].as_ref(), dka, n, Some((&mut dh1, 1.0)))?;
             self.lin_backward(tr, l, V, h1a, hs[V].as_ref(), dva, n, Some((&mut dh1, 1.0)))?;
+            drop((dq, dqb, dk, dkb, dv, dvb, h1, h1b));
             self.norm_backward(x_in, &self.layers[l].attn_norm, &rstd1, &dh1, Some(&dxm), n)
         } else {
             self.lin_backward::<f32>(tr, l, Q, h1a, hs[Q].as_ref(), dqa, n, None)?;

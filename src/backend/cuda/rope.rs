@@ -1,6 +1,8 @@
-//! Launchers for `cuda/rope.cu`: rotary position embeddings in place on
+//! Launchers for `cuda/rope.cu`: rotary position embeddings on
 //! `[B, T, H, D]`, twins of [`crate::backend::cpu::rope`]'s `rope_forward`
-//! and `rope_backward`. Same table, same roundings (no FMA): bit for bit.
+//! and `rope_backward`, in place or (for the bf16 step, [`rope_bf16`]) out
+//! of place into a bf16 copy. Same table, same roundings (no FMA): bit for
+//! bit.
 
 use super::{launch_cfg, out_ptr, stride_grid, CudaDevice, ROPE_CU};
 use crate::backend::cpu::rope::RopeTable;

@@ -101,7 +101,8 @@ pub fn swiglu_forward_bf16(dev: &CudaDevice, gate: &CudaView<'_, u16>, up: &Cuda
     launch_kernel!(dev, f, name, launch_cfg((stride_grid(n64, SWIGLU_THREADS), 1), SWIGLU_THREADS), [&gp, &up_, &n64, &hp, &hbp])
 }
 
-/// The outputs of [`swiglu_backward_bf16`], each optional.
+/// The outputs of [`swiglu_backward_bf16`] and [`swiglu_backward_bf16_dh`],
+/// each optional.
 #[derive(Default)]
 pub struct SwigluGrads<'a, 'b> {
     pub dgate: Option<&'a mut CudaViewMut<'b, f32>>,
