@@ -1129,12 +1129,8 @@ impl DeviceModel {
             // backward's δ reads the bf16 o); half the bytes held, and read
             // by the kernels. q and k are rotated straight into their bf16
             // copies; each fp32 buffer is freed as its copy is made.
-            let mut qb = out_buf::<u16>(d, n * qd)?;
-            crope::rope_bf16(d, &q.as_view(), None, &mut qb.as_view_mut(), batch, seq, nh, hd, table, false)?;
-            drop(q);
-            let mut kb = out_buf::<u16>(d, n * kvd)?;
-            crope::rope_bf16(d, &k.as_view(), None, &mut kb.as_view_mut(), batch, seq, nkv, hd, table, false)?;
-            drop(k);
+            let qb = self.rotated_bf16(q, batch, seq, nh, false)?;
+            let kb = self.rotated_bf16(k, batch, seq, nkv, false)?;
             let vb = bf16_copy(d, &v)?;
             drop(v);
             let t = self.tick()?;
@@ -1238,6 +1234,16 @@ impl DeviceModel {
     /// full one does, and for benchmarks.
     pub fn set_lean(&mut self, on: bool) {
         self.lean_on = on;
+    }
+
+    /// `x` `[batch, seq, heads, head_dim]` rotated by the step's RoPE table
+    /// (by −θ with `backward`) straight into a new bf16 buffer; `x` is freed.
+    fn rotated_bf16(&self, x: CudaSlice<f32>, batch: usize, seq: usize, heads: usize, backward: bool) -> Result<CudaSlice<u16>> {
+        let d = &*self.dev;
+        let table = self.rope.as_ref().ok_or_else(|| err!(Internal, "no RoPE table for this sequence length"))?;
+        let mut xb = out_buf::<u16>(d, x.len())?;
+        crope::rope_bf16(d, &x.as_view(), None, &mut xb.as_view_mut(), batch, seq, heads, self.cfg.head_dim, table, backward)?;
+        Ok(xb)
     }
 
     /// `silu(g)·u` in the forms the products take (as
@@ -1723,12 +1729,8 @@ impl DeviceModel {
         // ones freed); otherwise fp32 rotated in place, and bf16 copies in
         // BF16 mode.
         let ((dq, dqb), (dk, dkb), (dv, dvb)) = if lean {
-            let mut dqb = out_buf::<u16>(d, n * qd)?;
-            crope::rope_bf16(d, &dq.as_view(), None, &mut dqb.as_view_mut(), batch, seq, nh, hd, table, true)?;
-            drop(dq);
-            let mut dkb = out_buf::<u16>(d, n * kvd)?;
-            crope::rope_bf16(d, &dk.as_view(), None, &mut dkb.as_view_mut(), batch, seq, nkv, hd, table, true)?;
-            drop(dk);
+            let dqb = self.rotated_bf16(dq, batch, seq, nh, true)?;
+            let dkb = self.rotated_bf16(dk, batch, seq, nkv, true)?;
             let dvb = bf16_copy(d, &dv)?;
             drop(dv);
             ((None, Some(dqb)), (None, Some(dkb)), (None, Some(dvb)))
