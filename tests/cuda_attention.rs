@@ -411,20 +411,6 @@ fn tensor_core_kernels_match_the_cpu() {
 
 // ------------------------------------------ tensor cores, CPU emulation
 
-const TC_EMU_SUBST: [(&str, &str); 3] = [
-    (r#"asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));"#, "r = emu_cvt_bf16x2(hi, lo);"),
-    (
-        r#"asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));"#,
-        "emu_mma(c, a0, a1, a2, a3, b0, b1);",
-    ),
-    ("extern __shared__ __align__(16) unsigned char atc_smem[];", "unsigned char* atc_smem = emu_dyn_smem;"),
-];
-
-/// CUDA's device `min` for the operand types the kernels use.
-const TC_EMU_EXTRA: &str = "template <class T> inline T min(T a, T b) { return a < b ? a : b; }\n";
-
 const TC_EMU_ENTRY: &str = r#"
 extern "C" {
 void emu_atc_forward(unsigned d, unsigned gx, unsigned gy, unsigned gz, const float* q, const float* k, const float* v, u32 T, u32 H, u32 Hkv, u32 w, float scale, float* o, float* lse) {
@@ -475,7 +461,7 @@ type EmuBf16io = unsafe extern "C" fn(u32, u32, u32, u32, u32, *const u16, *cons
 /// block, 128 threads).
 #[test]
 fn emulated_tensor_core_kernels_match_the_cpu() {
-    let lib = match emu::build("attention_tc", &["attention_tc.cu"], &TC_EMU_SUBST, TC_EMU_EXTRA, TC_EMU_ENTRY) {
+    let lib = match emu::build("attention_tc", &["attention_tc.cu"], &emu::SUBST, emu::MIN_MAX, TC_EMU_ENTRY) {
         Ok(l) => l,
         Err(why) => {
             eprintln!("SKIPPED emulated_tensor_core_kernels_match_the_cpu: kernel emulation unavailable: {why}");
@@ -518,7 +504,7 @@ fn emulated_tensor_core_kernels_match_the_cpu() {
 /// from the bf16 o.
 #[test]
 fn emulated_tensor_core_bf16_form_matches_the_fp32_form() {
-    let lib = match emu::build("attention_tc", &["attention_tc.cu"], &TC_EMU_SUBST, TC_EMU_EXTRA, TC_EMU_ENTRY) {
+    let lib = match emu::build("attention_tc", &["attention_tc.cu"], &emu::SUBST, emu::MIN_MAX, TC_EMU_ENTRY) {
         Ok(l) => l,
         Err(why) => {
             eprintln!("SKIPPED emulated_tensor_core_bf16_form_matches_the_fp32_form: kernel emulation unavailable: {why}");
@@ -533,7 +519,7 @@ fn emulated_tensor_core_bf16_form_matches_the_fp32_form() {
     let fbits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
     // attention.cu too, for its δ kernel (the emulation is available: the
     // build above succeeded).
-    let fp32 = emu::build("attention-delta", &["attention.cu"], &[], F32_EMU_EXTRA, F32_EMU_ENTRY).unwrap_or_else(|e| panic!("emulating attention.cu: {e}"));
+    let fp32 = emu::build("attention-delta", &["attention.cu"], &[], emu::MIN_MAX, F32_EMU_ENTRY).unwrap_or_else(|e| panic!("emulating attention.cu: {e}"));
     let mut rng = Rng(76);
     for c in &[(1usize, 70usize, 2usize, 1usize, 64usize, None), (2, 19, 2, 2, 128, Some(7))] {
         let s = tc_shape(c);
@@ -588,9 +574,6 @@ fn emulated_tensor_core_bf16_form_matches_the_fp32_form() {
 
 // ------------------------------------------------ fp32 kernels, CPU emulation
 
-/// CUDA's device `min` and `max` for attention.cu's operand types.
-const F32_EMU_EXTRA: &str = "template <class T> inline T min(T a, T b) { return a < b ? a : b; }\ntemplate <class T> inline T max(T a, T b) { return a < b ? b : a; }\n";
-
 const F32_EMU_ENTRY: &str = r#"
 extern "C" {
 void emu_att_fwd(unsigned gx, unsigned gy, unsigned gz, const float* q, const float* k, const float* v, u32 T, u32 S, u32 H, u32 Hkv, u32 D, u32 w, float scale, float* o, float* lse) {
@@ -622,7 +605,7 @@ type EmuAttDecode = unsafe extern "C" fn(u32, u32, *const f32, *const f32, *cons
 /// (the same f32 function with other summation orders and host exp/log).
 #[test]
 fn emulated_fp32_kernels_match_the_cpu() {
-    let lib = match emu::build("attention", &["attention.cu"], &[], F32_EMU_EXTRA, F32_EMU_ENTRY) {
+    let lib = match emu::build("attention", &["attention.cu"], &[], emu::MIN_MAX, F32_EMU_ENTRY) {
         Ok(l) => l,
         Err(why) => {
             eprintln!("SKIPPED emulated_fp32_kernels_match_the_cpu: kernel emulation unavailable: {why}");

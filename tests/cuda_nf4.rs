@@ -655,12 +655,6 @@ void emu_dense_gemv_bf16(unsigned g, unsigned b, const u16* w, u32 rows, u32 in,
 }
 "#;
 
-/// The kernels' inline PTX, and what the emulation uses instead.
-const EMU_PTX_SUBST: [(&str, &str); 2] = [
-    (r#"asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));"#, "f = emu_f16_to_f32(h);"),
-    (r#"asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));"#, "h = emu_f32_to_f16(f);"),
-];
-
 struct Emu {
     _lib: libloading::Library,
     quantize: unsafe extern "C" fn(i32, u32, u32, *const u8, u64, u32, *mut u8, *mut f32),
@@ -677,7 +671,7 @@ fn emu(test: &str) -> Option<&'static Emu> {
     let r = EMU.get_or_init(|| {
         // The kernels these tests emulate (the other families have GPU
         // tests of their own; attention_tc.cu has its own emulated test).
-        let lib = emu::build("nf4", &["nf4.cu", "dense.cu"], &EMU_PTX_SUBST, "", EMU_ENTRY)?;
+        let lib = emu::build("nf4", &["nf4.cu", "dense.cu"], &emu::SUBST, "", EMU_ENTRY)?;
         // SAFETY: the library was just built from the sources above; its
         // entry points have the signatures declared in `Emu`.
         unsafe {

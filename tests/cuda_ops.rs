@@ -521,8 +521,6 @@ fn adamw_matches_the_cpu_bit_for_bit() {
 // the fused cross-entropy and the clipped gradient norm within 1e-6
 // relative (host exp and the kernels' tree sums against the CPU's order).
 
-const EMU_EXTRA: &str = "template <class T> inline T min(T a, T b) { return a < b ? a : b; }\n";
-
 const EMU_ENTRY: &str = r#"
 extern "C" {
 void emu_embed(int bf, unsigned grid, const void* table, u32 vocab, u32 dim, const u32* ids, u32 n, u32* status, float* out) {
@@ -792,7 +790,7 @@ mod emu;
 /// (or why the tests skip).
 fn ops_emu(test: &str) -> Option<&'static libloading::Library> {
     static LIB: std::sync::OnceLock<Result<libloading::Library, String>> = std::sync::OnceLock::new();
-    match LIB.get_or_init(|| emu::build("ops", &["embed.cu", "elementwise.cu", "norm.cu", "rope.cu", "swiglu.cu", "adamw.cu", "loss.cu"], &[], EMU_EXTRA, EMU_ENTRY)) {
+    match LIB.get_or_init(|| emu::build("ops", &["embed.cu", "elementwise.cu", "norm.cu", "rope.cu", "swiglu.cu", "adamw.cu", "loss.cu"], &[], emu::MIN_MAX, EMU_ENTRY)) {
         Ok(l) => Some(l),
         Err(why) => {
             eprintln!("SKIPPED {test}: kernel emulation unavailable: {why}");

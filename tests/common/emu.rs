@@ -3,8 +3,9 @@
 //! Without a GPU the kernels' logic (indexing, packing, tiles, masks,
 //! reductions, partial blocks, tails) is still checked: the .cu sources are
 //! compiled as C++ for the host against a small shim that runs every CUDA
-//! thread of a block as an OS thread (`__syncthreads` and the warp
-//! shuffles are barriers), launched with the very launch shapes the GPU
+//! thread of a block as a fiber (a `ucontext` coroutine on the launching
+//! OS thread; `__syncthreads` and the warp shuffles are barriers at which
+//! the fibers take turns), launched with the very launch shapes the GPU
 //! launchers use, and compared with the CPU spec like the GPU results.
 //! Host fp32 arithmetic is IEEE round-to-nearest without FMA contraction
 //! (-ffp-contract=off), as the kernels' explicit `_rn` intrinsics are on the
@@ -23,21 +24,50 @@
 
 use lora::backend::cuda;
 
-const EMU_SHIM: &str = r#"
-#include <barrier>
+pub const EMU_SHIM: &str = r#"
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
-#include <memory>
 #include <mutex>
-#include <thread>
+#include <sys/mman.h>
+#include <ucontext.h>
 #include <vector>
 struct dim3 { unsigned x, y, z; };
+// The fibers of a block run on the launching OS thread, one at a time;
+// the scheduler sets threadIdx before resuming each.
 static thread_local dim3 threadIdx, blockIdx;
 static dim3 blockDim, gridDim;
-static std::barrier<>* emu_block_bar;
-static std::vector<std::unique_ptr<std::barrier<>>> emu_warp_bars;
 static unsigned long long emu_slots[1024];
+static ucontext_t emu_sched;                    // the scheduler's context
+static std::vector<ucontext_t> emu_ctx;         // one per CUDA thread
+static std::vector<char> emu_done;
+static unsigned emu_cur;                        // the fiber running now
+// Barriers: arrivals and a generation per block and per warp; a thread
+// that has returned counts as arrived (as on the GPU).
+static unsigned emu_live, emu_bar_count, emu_bar_gen;
+static unsigned emu_warp_live[32], emu_warp_count[32], emu_warp_gen[32];
+static unsigned long long emu_progress;
+inline void emu_yield() { swapcontext(&emu_ctx[emu_cur], &emu_sched); }
+inline void emu_block_arrive_check() {
+    if (emu_bar_count != 0 && emu_bar_count >= emu_live) { emu_bar_count = 0; emu_bar_gen++; emu_progress++; }
+}
+inline void emu_warp_arrive_check(unsigned w) {
+    if (emu_warp_count[w] != 0 && emu_warp_count[w] >= emu_warp_live[w]) { emu_warp_count[w] = 0; emu_warp_gen[w]++; emu_progress++; }
+}
+inline void __syncthreads() {
+    unsigned gen = emu_bar_gen;
+    emu_bar_count++;
+    emu_block_arrive_check();
+    while (emu_bar_gen == gen) emu_yield();
+}
+inline void emu_warp_sync() {
+    unsigned w = threadIdx.x / 32, gen = emu_warp_gen[w];
+    emu_warp_count[w]++;
+    emu_warp_arrive_check(w);
+    while (emu_warp_gen[w] == gen) emu_yield();
+}
 #define __global__
 #define __device__
 #define __forceinline__ inline
@@ -45,7 +75,6 @@ static unsigned long long emu_slots[1024];
 #define __shared__ static
 #define __launch_bounds__(x)
 #define __align__(x) __attribute__((aligned(x)))
-inline void __syncthreads() { emu_block_bar->arrive_and_wait(); }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 inline float __int_as_float(int i) { float f; std::memcpy(&f, &i, 4); return f; }
@@ -71,9 +100,9 @@ template <class T> T emu_shfl(T v, unsigned src) {
     unsigned long long raw = 0;
     std::memcpy(&raw, &v, sizeof(T));
     emu_slots[t] = raw;
-    emu_warp_bars[w]->arrive_and_wait();
+    emu_warp_sync();
     raw = emu_slots[(t & ~31u) | (src & 31u)];
-    emu_warp_bars[w]->arrive_and_wait();
+    emu_warp_sync();
     T r;
     std::memcpy(&r, &raw, sizeof(T));
     return r;
@@ -106,7 +135,7 @@ static EmuFrag emu_frags[1024];
 inline void emu_mma(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3, unsigned b0, unsigned b1) {
     const unsigned t = threadIdx.x, w = t / 32, lane = t & 31u;
     emu_frags[t] = EmuFrag{{a0, a1, a2, a3}, {b0, b1}};
-    emu_warp_bars[w]->arrive_and_wait();
+    emu_warp_sync();
     float A[16][16], B[16][8];
     for (unsigned l = 0; l < 32; l++) {
         const EmuFrag& f = emu_frags[w * 32 + l];
@@ -121,7 +150,7 @@ inline void emu_mma(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3
         B[2 * q + 8][g] = emu_bf16_f32(f.b[1]);
         B[2 * q + 9][g] = emu_bf16_f32(f.b[1] >> 16);
     }
-    emu_warp_bars[w]->arrive_and_wait();
+    emu_warp_sync();
     const unsigned g = lane >> 2, q = lane & 3u;
     for (int i = 0; i < 4; i++) {
         const unsigned r = g + (i >= 2 ? 8 : 0), col = 2 * q + (i & 1);
@@ -133,32 +162,91 @@ inline void emu_mma(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3
 // Dynamic shared memory (extern __shared__), one block at a time.
 alignas(16) static unsigned char emu_dyn_smem[1 << 18];
 static std::mutex emu_launch_lock;  // one launch at a time: the state above is global
+constexpr size_t EMU_STACK = 256 << 10;  // per fiber (mapped once, touched as used)
+static char* emu_stacks;
+static void (*emu_body)(void*);
+static void* emu_body_arg;
+static void emu_fiber_main() {
+    emu_body(emu_body_arg);
+    const unsigned w = threadIdx.x / 32;
+    emu_done[emu_cur] = 1;
+    emu_live--;
+    emu_warp_live[w]--;
+    emu_block_arrive_check();
+    emu_warp_arrive_check(w);
+    emu_progress++;
+}  // returns to emu_sched (uc_link)
 // Runs f for every block of grid (x fastest), `block` threads each.
 template <class F> void emu_launch3(dim3 grid, unsigned block, F f) {
     if (block == 0 || block > 1024 || block % 32 != 0) std::abort();
     std::lock_guard<std::mutex> guard(emu_launch_lock);
+    if (!emu_stacks) {
+        void* m = mmap(nullptr, EMU_STACK * 1024, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (m == MAP_FAILED) std::abort();
+        emu_stacks = static_cast<char*>(m);
+    }
     blockDim = dim3{block, 1, 1};
     gridDim = grid;
-    std::barrier<> bar(block);
-    emu_block_bar = &bar;
-    emu_warp_bars.clear();
-    for (unsigned w = 0; w < block / 32; ++w) emu_warp_bars.push_back(std::make_unique<std::barrier<>>(32));
-    std::vector<std::thread> ts;
-    for (unsigned t = 0; t < block; ++t)
-        ts.emplace_back([&, t] {
-            threadIdx = dim3{t, 0, 0};
-            for (unsigned z = 0; z < grid.z; ++z)
-                for (unsigned y = 0; y < grid.y; ++y)
-                    for (unsigned x = 0; x < grid.x; ++x) {
-                        blockIdx = dim3{x, y, z};
-                        f();
-                        bar.arrive_and_wait();  // static __shared__ arrays are reused by the next block
+    emu_ctx.assign(block, ucontext_t{});
+    emu_done.assign(block, 0);
+    emu_body = [](void* p) { (*static_cast<F*>(p))(); };
+    emu_body_arg = &f;
+    for (unsigned z = 0; z < grid.z; ++z)
+        for (unsigned y = 0; y < grid.y; ++y)
+            for (unsigned x = 0; x < grid.x; ++x) {
+                blockIdx = dim3{x, y, z};
+                emu_live = block;
+                emu_bar_count = 0;
+                for (unsigned w = 0; w < block / 32; ++w) { emu_warp_live[w] = 32; emu_warp_count[w] = 0; }
+                for (unsigned t = 0; t < block; ++t) {
+                    emu_done[t] = 0;
+                    getcontext(&emu_ctx[t]);
+                    emu_ctx[t].uc_stack.ss_sp = emu_stacks + size_t(t) * EMU_STACK;
+                    emu_ctx[t].uc_stack.ss_size = EMU_STACK;
+                    emu_ctx[t].uc_link = &emu_sched;
+                    makecontext(&emu_ctx[t], emu_fiber_main, 0);
+                }
+                // Round robin until every thread of the block has returned;
+                // a whole round without progress is a deadlock (threads of
+                // one warp or block waiting at different barriers).
+                for (unsigned left = block; left > 0;) {
+                    const unsigned long long before = emu_progress;
+                    left = 0;
+                    for (unsigned t = 0; t < block; ++t) {
+                        if (emu_done[t]) continue;
+                        emu_cur = t;
+                        threadIdx = dim3{t, 0, 0};
+                        swapcontext(&emu_sched, &emu_ctx[t]);
+                        left += !emu_done[t];
                     }
-        });
-    for (auto& t : ts) t.join();
+                    if (left > 0 && emu_progress == before) {
+                        std::fprintf(stderr, "kernel emulation: block (%u, %u, %u) deadlocked at mismatched barriers\n", x, y, z);
+                        std::abort();
+                    }
+                }
+            }
 }
 template <class F> void emu_launch(unsigned grid, unsigned block, F f) { emu_launch3(dim3{grid, 1, 1}, block, f); }
 "#;
+
+/// The kernels' inline PTX and dynamic shared memory, and what the
+/// emulation uses instead (every source gets all of them; each matches
+/// one file's text exactly).
+pub const SUBST: [(&str, &str); 5] = [
+    (r#"asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));"#, "f = emu_f16_to_f32(h);"),
+    (r#"asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));"#, "h = emu_f32_to_f16(f);"),
+    (r#"asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));"#, "r = emu_cvt_bf16x2(hi, lo);"),
+    (
+        r#"asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));"#,
+        "emu_mma(c, a0, a1, a2, a3, b0, b1);",
+    ),
+    ("extern __shared__ __align__(16) unsigned char atc_smem[];", "unsigned char* atc_smem = emu_dyn_smem;"),
+];
+
+/// CUDA's device `min` and `max`, for the operand types the kernels use.
+pub const MIN_MAX: &str = "template <class T> inline T min(T a, T b) { return a < b ? a : b; }\ntemplate <class T> inline T max(T a, T b) { return a < b ? b : a; }\n";
 
 /// Why the emulation is skipped here, if it is.
 pub fn skip_reason() -> Option<String> {
@@ -170,7 +258,7 @@ pub fn skip_reason() -> Option<String> {
 /// emulation; every `asm(` must be replaced) after `extra` C++ (helpers a
 /// family needs), followed by `entry` (the `extern "C"` entry points), into
 /// a shared library, and loads it. `Err` says why it skips (no compiler,
-/// no C++20 `<barrier>`, LORA_SKIP_CUDA_EMULATION=1); a source that does
+/// no C++20, LORA_SKIP_CUDA_EMULATION=1); a source that does
 /// not compile panics.
 pub fn build(tag: &str, sources: &[&str], subst: &[(&str, &str)], extra: &str, entry: &str) -> Result<libloading::Library, String> {
     if let Some(why) = skip_reason() {
@@ -201,8 +289,8 @@ pub fn build(tag: &str, sources: &[&str], subst: &[(&str, &str)], extra: &str, e
         .map_err(|e| format!("no C++ compiler ({cxx}: {e})"))?;
     if !out.status.success() {
         let log = String::from_utf8_lossy(&out.stderr);
-        if log.contains("barrier: No such file") || log.contains("unrecognized command-line option '-std=c++20'") {
-            return Err(format!("{cxx} lacks C++20 <barrier>"));
+        if log.contains("unrecognized command-line option '-std=c++20'") {
+            return Err(format!("{cxx} lacks C++20"));
         }
         panic!("the kernels do not compile as host C++ ({cxx}); {}:\n{log}", cpp.display());
     }

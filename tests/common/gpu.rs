@@ -9,11 +9,35 @@ pub fn require_gpu() -> bool {
     std::env::var("LORA_REQUIRE_GPU").is_ok_and(|v| v == "1")
 }
 
-/// The shared device, or why there is none.
-pub fn device() -> &'static Result<CudaDevice, String> {
+#[path = "emu.rs"]
+#[allow(dead_code)]
+mod emu;
+#[path = "fakecuda.rs"]
+#[allow(dead_code)]
+pub mod fakecuda;
+
+/// The shared device, or why there is none: the GPU, else (no CUDA driver
+/// here, LORA_REQUIRE_GPU unset) the emulated device of
+/// tests/common/fakecuda.rs when LORA_CUDA_EMULATE=1, or when unset and
+/// the first caller asked for it (`emulate`). One per process.
+fn shared(emulate: bool) -> &'static Result<CudaDevice, String> {
     static DEV: OnceLock<Result<CudaDevice, String>> = OnceLock::new();
     DEV.get_or_init(|| {
-        let d = cuda::open(0).map_err(|e| format!("no CUDA device: {}", e.message))?;
+        let d = match cuda::open(0) {
+            Ok(d) => d,
+            Err(e) => {
+                let want = match std::env::var("LORA_CUDA_EMULATE").as_deref() {
+                    Ok("1") => true,
+                    Ok("0") => false,
+                    _ => emulate,
+                };
+                if !want || require_gpu() || cuda::driver_present() {
+                    return Err(format!("no CUDA device: {}", e.message));
+                }
+                fakecuda::install().map_err(|why| format!("no CUDA device ({}), and no emulated one: {why}", e.message))?;
+                cuda::open(0).map_err(|e| format!("the emulated CUDA device does not open: {}", e.message))?
+            }
+        };
         cuda::nvrtc::ensure().map_err(|e| format!("{} has no NVRTC to compile kernels: {}", d.describe(), e.message))?;
         // A GPU and NVRTC are here: from now on every problem is a failure.
         if let Err(e) = d.load_all_kernels() {
@@ -25,10 +49,34 @@ pub fn device() -> &'static Result<CudaDevice, String> {
     })
 }
 
+/// The shared device, or why there is none (no emulation unless
+/// LORA_CUDA_EMULATE=1).
+pub fn device() -> &'static Result<CudaDevice, String> {
+    shared(false)
+}
+
+/// True when the shared device is the emulated one.
+#[allow(dead_code)]
+pub fn emulated(d: &CudaDevice) -> bool {
+    d.name.contains("emulated")
+}
+
 /// The device, or `None` after printing why this test skips (a failure
 /// under LORA_REQUIRE_GPU=1).
 pub fn gpu(test: &str) -> Option<&'static CudaDevice> {
-    match device() {
+    pick(test, device())
+}
+
+#[allow(dead_code)]
+/// As [`gpu`], but without a GPU the emulated device stands in (unless
+/// LORA_CUDA_EMULATE=0): for tests of the orchestration, which the kernel
+/// emulation alone does not reach.
+pub fn gpu_or_emulated(test: &str) -> Option<&'static CudaDevice> {
+    pick(test, shared(true))
+}
+
+fn pick(test: &str, d: &'static Result<CudaDevice, String>) -> Option<&'static CudaDevice> {
+    match d {
         Ok(d) => Some(d),
         Err(why) if require_gpu() => panic!("{test}: LORA_REQUIRE_GPU=1 but {why}"),
         Err(why) => {

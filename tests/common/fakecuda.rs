@@ -1,0 +1,224 @@
+//! The emulated CUDA device: the GPU tests' device path without a GPU.
+//!
+//! Three small libraries stand in for NVIDIA's (tests/fakecuda/*.cpp):
+//! `libcuda.so` (device memory is host memory, every call synchronous,
+//! guard bytes around each allocation checked when it is freed),
+//! `libcublas.so` (GemmEx as a host loop, fp32 accumulation) and
+//! `libnvrtc.so` (a program's "CUBIN" names its source). A module is the
+//! source compiled as host C++ by tests/common/emu.rs, with one generated
+//! wrapper per `extern "C" __global__` kernel that unpacks cuLaunchKernel's
+//! parameter array by the kernel's declared parameter types and runs the
+//! grid with the emulation's threads. They are loaded under the real
+//! libraries' SONAMEs before cudarc looks for them, so the crate itself,
+//! unchanged, drives them: this checks the Rust orchestration (the device
+//! training step, generation, merges, swaps), launch shapes, argument
+//! marshalling and buffer bounds on the kernels' real logic. It does not
+//! check the GPU's instructions, memory model or speed; a GPU does
+//! (scripts/gpu-check.sh, which never uses this: LORA_REQUIRE_GPU=1).
+//!
+//! Used by the GPU tests when there is no GPU (tests/common/gpu.rs):
+//! `LORA_CUDA_EMULATE=1` forces it for any test binary, `=0` turns it off;
+//! otherwise a binary's `EMULATED_DEVICE` constant decides.
+
+use lora::backend::cuda;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const FAKE_CUDA: &str = include_str!("../fakecuda/fake_cuda.cpp");
+const FAKE_CUBLAS: &str = include_str!("../fakecuda/fake_cublas.cpp");
+const FAKE_NVRTC: &str = include_str!("../fakecuda/fake_nvrtc.cpp");
+
+/// FNV-1a, 64 bits: names a build by its text (the cache below).
+fn fnv(parts: &[&str]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for p in parts {
+        for b in p.bytes().chain([0u8]) {
+            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// Compiles `src` (C++) into the shared library `out`, unless a library
+/// built from the same text and arguments is already there (a cache shared
+/// by test processes: the name carries the hash; written under a temporary
+/// name, then renamed).
+fn compile(cache: &Path, stem: &str, src: &str, args: &[&str]) -> Result<PathBuf, String> {
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let mut key = vec![cxx.as_str(), src];
+    key.extend_from_slice(args);
+    let out = cache.join(format!("{stem}-{:016x}.so", fnv(&key)));
+    if out.is_file() {
+        return Ok(out);
+    }
+    let tmp = cache.join(format!("{stem}-{}-{:?}.tmp", std::process::id(), std::thread::current().id()));
+    let cpp = tmp.with_extension("cpp");
+    std::fs::write(&cpp, src).map_err(|e| format!("writing {}: {e}", cpp.display()))?;
+    let r = Command::new(&cxx)
+        .args(["-std=c++20", "-O1", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-pthread", "-Wno-unknown-pragmas"])
+        .args(args)
+        .arg("-o")
+        .arg(&tmp)
+        .arg(&cpp)
+        .output()
+        .map_err(|e| format!("no C++ compiler ({cxx}: {e})"))?;
+    if !r.status.success() {
+        let log = String::from_utf8_lossy(&r.stderr);
+        if log.contains("unrecognized command-line option '-std=c++20'") {
+            return Err(format!("{cxx} lacks C++20"));
+        }
+        panic!("the emulated device's {stem} does not compile ({cxx}); {}:\n{log}", cpp.display());
+    }
+    let _ = std::fs::remove_file(&cpp);
+    std::fs::rename(&tmp, &out).map_err(|e| format!("renaming {}: {e}", tmp.display()))?;
+    Ok(out)
+}
+
+/// One kernel's name and parameter types, read from its declaration
+/// `extern "C" __global__ void [__launch_bounds__(..)] name(type p, ...)`.
+fn kernels(src: &str) -> Vec<(String, Vec<String>)> {
+    let mut out = Vec::new();
+    let mut rest = src;
+    while let Some(i) = rest.find("extern \"C\" __global__") {
+        rest = &rest[i + "extern \"C\" __global__".len()..];
+        let mut s = rest.trim_start().strip_prefix("void").unwrap_or_else(|| panic!("a kernel that does not return void: {}", &rest[..80.min(rest.len())])).trim_start();
+        if let Some(t) = s.strip_prefix("__launch_bounds__") {
+            let close = t.find(')').expect("__launch_bounds__(...)");
+            s = t[close + 1..].trim_start();
+        }
+        let open = s.find('(').expect("a kernel's parameter list");
+        let name = s[..open].trim().to_string();
+        assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') && !name.is_empty(), "kernel name {name:?}");
+        let body = &s[open + 1..];
+        let (mut depth, mut end) = (0i32, None);
+        for (j, c) in body.char_indices() {
+            match c {
+                '(' => depth += 1,
+                ')' if depth == 0 => {
+                    end = Some(j);
+                    break;
+                }
+                ')' => depth -= 1,
+                _ => {}
+            }
+        }
+        let params = &body[..end.expect("the end of a kernel's parameter list")];
+        let types = params
+            .split(',')
+            .map(|p| p.replace("__restrict__", " "))
+            .filter(|p| !p.trim().is_empty())
+            .map(|p| {
+                let p = p.trim();
+                // The type is everything before the parameter's name.
+                let cut = p.rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or_else(|| panic!("parameter {p:?} of {name} has no type"));
+                p[..=cut].split_whitespace().collect::<Vec<_>>().join(" ")
+            })
+            .collect();
+        out.push((name, types));
+    }
+    out
+}
+
+/// The host C++ of one kernel source: the emulation shim, the source with
+/// its substitutions, and a wrapper per kernel.
+fn module_source(k: &cuda::nvrtc::KernelSource) -> String {
+    let mut text = k.src.to_string();
+    for (from, to) in super::emu::SUBST {
+        text = text.replace(from, to);
+    }
+    assert!(!text.contains("asm(") && !text.contains("asm volatile("), "cuda/{} has inline PTX the emulation does not know: extend emu::SUBST", k.name);
+    let mut src = format!("{}{}\n// ---- cuda/{}\n{text}\n", super::emu::EMU_SHIM, super::emu::MIN_MAX, k.name);
+    let ks = kernels(&text);
+    assert!(!ks.is_empty(), "cuda/{} declares no kernels", k.name);
+    for (name, types) in ks {
+        src.push_str(&format!("extern \"C\" void emuw_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned, void** p) {{\n"));
+        let mut args = Vec::new();
+        for (i, t) in types.iter().enumerate() {
+            src.push_str(&format!("    using T{i} = {t};\n    T{i} a{i} = *static_cast<T{i}*>(p[{i}]);\n"));
+            args.push(format!("a{i}"));
+        }
+        src.push_str(&format!("    emu_launch3(dim3{{gx, gy, gz}}, bx, [&] {{ {name}({}); }});\n}}\n", args.join(", ")));
+    }
+    src
+}
+
+/// Builds the emulated device's libraries (cached in the system's temporary
+/// directory), loads them in place of NVIDIA's and points the crate at
+/// them. Once per process, before any other CUDA or NVRTC use (the caller,
+/// tests/common/gpu.rs, runs it first). `Err` says why it cannot.
+pub fn install() -> Result<(), String> {
+    if let Some(why) = super::emu::skip_reason() {
+        return Err(why);
+    }
+    let cache = std::env::temp_dir().join("lora-fakecuda");
+    std::fs::create_dir_all(&cache).map_err(|e| format!("creating {}: {e}", cache.display()))?;
+    let t0 = std::time::Instant::now();
+    // Modules under "<source name>.so" in a directory of this process's own
+    // (copies of the cached builds).
+    let dir = cache.join(format!("run-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let jobs: Vec<(String, String, Vec<&str>)> = cuda::SOURCES
+        .iter()
+        .map(|k| (k.name.to_string(), module_source(k), vec![]))
+        .chain([
+            ("libcuda".to_string(), FAKE_CUDA.to_string(), vec!["-O2", "-Wl,-soname,libcuda.so", "-ldl"]),
+            ("libcublas".to_string(), FAKE_CUBLAS.to_string(), vec!["-O2", "-Wl,-soname,libcublas.so"]),
+            ("libnvrtc".to_string(), FAKE_NVRTC.to_string(), vec!["-O2", "-Wl,-soname,libnvrtc.so"]),
+        ])
+        .collect();
+    // Two compilers at a time (CI has two cores).
+    let queue = std::sync::Mutex::new(jobs.iter());
+    let built: Vec<Result<(String, PathBuf), String>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let Some((name, src, args)) = queue.lock().unwrap().next() else { break };
+                        done.push(compile(&cache, name, src, args).map(|p| (name.clone(), p)));
+                    }
+                    done
+                })
+            })
+            .collect();
+        workers.into_iter().flat_map(|w| w.join().unwrap()).collect()
+    });
+    let mut libs = std::collections::HashMap::new();
+    for b in built {
+        let (name, path) = b?;
+        libs.insert(name, path);
+    }
+    for k in cuda::SOURCES {
+        let link = dir.join(format!("{}.so", k.name));
+        let _ = std::fs::remove_file(&link);
+        std::fs::copy(&libs[k.name], &link).map_err(|e| format!("copying {}: {e}", link.display()))?;
+    }
+    // No on-disk CUBIN cache: the fake's "CUBINs" must not land in the
+    // user's cache (its NVRTC version, 0.1, keeps them apart anyway).
+    std::env::set_var(cuda::nvrtc::CACHE_DIR_ENV, "off");
+    for lib in ["libcuda", "libcublas"] {
+        use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
+        // SAFETY: the libraries just built; their initializers do nothing.
+        let l = unsafe { Library::open(Some(&libs[lib]), RTLD_NOW | RTLD_GLOBAL) }.map_err(|e| format!("loading the fake {lib}: {e}"))?;
+        if lib == "libcuda" {
+            let d = std::ffi::CString::new(dir.to_str().ok_or("a non-UTF-8 temporary directory")?).unwrap();
+            // SAFETY: the test hook's signature in tests/fakecuda/fake_cuda.cpp.
+            unsafe { l.get::<unsafe extern "C" fn(*const std::ffi::c_char)>(b"lora_fakecuda_set_module_dir").map_err(|e| e.to_string())?(d.as_ptr()) };
+        }
+        std::mem::forget(l);
+    }
+    cuda::nvrtc::use_library(&libs["libnvrtc"]).map_err(|e| format!("the fake NVRTC: {}", e.message))?;
+    eprintln!("emulated CUDA device ready in {:.1} s ({})", t0.elapsed().as_secs_f64(), dir.display());
+    Ok(())
+}
+
+/// Bytes the emulated device has allocated and not freed.
+#[allow(dead_code)]
+pub fn live_bytes() -> usize {
+    // SAFETY: the fake libcuda is loaded (install succeeded) under its SONAME.
+    unsafe {
+        let l = libloading::Library::new("libcuda.so").expect("the emulated libcuda");
+        let f = l.get::<unsafe extern "C" fn() -> usize>(b"lora_fakecuda_live_bytes").expect("an emulated libcuda");
+        f()
+    }
+}

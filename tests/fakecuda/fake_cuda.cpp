@@ -1,0 +1,295 @@
+// An emulated CUDA driver (libcuda.so) for machines without a GPU, built
+// and loaded by tests/common/fakecuda.rs. Device memory is host memory
+// (a CUdeviceptr is the host address), every call runs synchronously (one
+// stream does everything in order, so "asynchronous" copies, frees and
+// launches simply happen at once), and a module is a shared library of
+// the kernels compiled as host C++ (tests/common/emu.rs) with one wrapper
+// per kernel, `emuw_<name>(grid x, y, z, block x, dynamic smem, params)`,
+// which unpacks cuLaunchKernel's parameter array by the kernel's declared
+// parameter types. What it checks: the Rust side's orchestration (which
+// kernels run in which order on which buffers, launch shapes, argument
+// marshalling against the kernels' signatures, buffer sizes: every
+// allocation is guarded and poisoned) on the kernels' real logic. What it
+// cannot: the GPU's instructions, timing, races between streams.
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <dlfcn.h>
+#include <map>
+#include <mutex>
+#include <string>
+
+typedef int CUresult;
+typedef unsigned long long CUdeviceptr;
+typedef int CUdevice;
+struct CUmemLocation { int type; int id; };
+enum {
+    OK = 0, INVALID_VALUE = 1, OUT_OF_MEMORY = 2, NOT_INITIALIZED = 3, INVALID_IMAGE = 200,
+    INVALID_HANDLE = 400, NOT_FOUND = 500, LAUNCH_FAILED = 719, NOT_SUPPORTED = 801,
+};
+
+namespace {
+std::mutex mu;
+// Live allocations: address -> bytes (stream-ordered pool, plain, managed,
+// and page-locked host memory all come from here).
+std::map<uintptr_t, size_t> live;
+size_t used = 0, used_high = 0, reserved_high = 0;
+std::string module_dir;
+int ctx_token, stream_token, pool_token, event_token;
+size_t launches = 0;
+
+// Guard bytes before and after each allocation, checked when it is freed:
+// a kernel or copy that writes outside its buffer is reported there.
+constexpr size_t GUARD = 256;
+constexpr unsigned char GUARD_BYTE = 0xA5;
+
+CUresult alloc(CUdeviceptr* p, size_t n) {
+    if (!p) return INVALID_VALUE;
+    unsigned char* raw = static_cast<unsigned char*>(std::aligned_alloc(256, GUARD + ((n + 255) / 256) * 256 + GUARD));
+    if (!raw) return OUT_OF_MEMORY;
+    size_t body = ((n + 255) / 256) * 256;
+    std::memset(raw, GUARD_BYTE, GUARD);
+    std::memset(raw + GUARD, 0xFF, body);  // fresh memory is NaN in every float type
+    std::memset(raw + GUARD + body, GUARD_BYTE, GUARD);
+    std::lock_guard<std::mutex> g(mu);
+    uintptr_t a = reinterpret_cast<uintptr_t>(raw + GUARD);
+    live[a] = n;
+    used += n;
+    if (used > used_high) used_high = used;
+    if (used > reserved_high) reserved_high = used;
+    *p = a;
+    return OK;
+}
+
+CUresult release(uintptr_t a) {
+    if (a == 0) return OK;
+    size_t n;
+    {
+        std::lock_guard<std::mutex> g(mu);
+        auto it = live.find(a);
+        if (it == live.end()) {
+            std::fprintf(stderr, "fake CUDA: free of %#lx, which is not a live allocation\n", (unsigned long)a);
+            return INVALID_VALUE;
+        }
+        n = it->second;
+        live.erase(it);
+        used -= n;
+    }
+    unsigned char* body = reinterpret_cast<unsigned char*>(a);
+    size_t padded = ((n + 255) / 256) * 256;
+    for (size_t i = 0; i < GUARD; i++)
+        if (body[-(long)GUARD + (long)i] != GUARD_BYTE || body[padded + i] != GUARD_BYTE) {
+            std::fprintf(stderr, "fake CUDA: the guard bytes around the %zu-byte allocation at %#lx were overwritten (a write out of bounds)\n", n, (unsigned long)a);
+            std::abort();
+        }
+    // Bytes between n and the padded end belong to no one: check them too.
+    for (size_t i = n; i < padded; i++)
+        if (body[i] != 0xFF) {
+            std::fprintf(stderr, "fake CUDA: byte %zu past the end of the %zu-byte allocation at %#lx was written (a write out of bounds)\n", i - n, n, (unsigned long)a);
+            std::abort();
+        }
+    std::free(body - GUARD);
+    return OK;
+}
+
+// True when [p, p + n) lies inside one live allocation (or is empty).
+bool inside(uintptr_t p, size_t n) {
+    if (n == 0) return true;
+    std::lock_guard<std::mutex> g(mu);
+    auto it = live.upper_bound(p);
+    if (it == live.begin()) return false;
+    --it;
+    return p >= it->first && p + n <= it->first + it->second;
+}
+
+CUresult copy(uintptr_t dst, uintptr_t src, size_t n, bool dst_dev, bool src_dev) {
+    if ((dst_dev && !inside(dst, n)) || (src_dev && !inside(src, n))) {
+        std::fprintf(stderr, "fake CUDA: a %zu-byte copy outside its device buffers (dst %#lx%s, src %#lx%s)\n", n, (unsigned long)dst,
+                     dst_dev ? " on the device" : "", (unsigned long)src, src_dev ? " on the device" : "");
+        return INVALID_VALUE;
+    }
+    std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
+    return OK;
+}
+
+struct Module { void* so; };
+typedef void (*Wrapper)(unsigned, unsigned, unsigned, unsigned, unsigned, void**);
+struct Function { Wrapper w; std::string name; };
+}  // namespace
+
+extern "C" {
+// Test hooks (not CUDA API).
+void lora_fakecuda_set_module_dir(const char* dir) { std::lock_guard<std::mutex> g(mu); module_dir = dir; }
+size_t lora_fakecuda_live_bytes() { std::lock_guard<std::mutex> g(mu); return used; }
+size_t lora_fakecuda_launches() { std::lock_guard<std::mutex> g(mu); return launches; }
+
+CUresult cuInit(unsigned) { return OK; }
+CUresult cuDriverGetVersion(int* v) { *v = 13000; return OK; }
+CUresult cuDeviceGetCount(int* n) { *n = 1; return OK; }
+CUresult cuDeviceGet(CUdevice* d, int ordinal) { if (ordinal != 0) return INVALID_VALUE; *d = 0; return OK; }
+CUresult cuDeviceGetName(char* name, int len, CUdevice) {
+    std::snprintf(name, (size_t)len, "liblora emulated CUDA device (host threads)");
+    return OK;
+}
+CUresult cuDeviceTotalMem_v2(size_t* b, CUdevice) { *b = size_t(80) << 30; return OK; }
+CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice) {
+    switch (attr) {
+        case 75: *v = 9; break;             // compute capability major
+        case 76: *v = 0; break;             // minor
+        case 16: *v = 4; break;             // multiprocessors
+        case 1: *v = 1024; break;           // max threads per block
+        case 8: *v = 48 << 10; break;       // shared memory per block
+        case 97: *v = 227 << 10; break;     // opt-in shared memory per block
+        case 10: *v = 32; break;            // warp size
+        case 89: *v = 1; break;             // concurrent managed access
+        case 115: *v = 1; break;            // memory pools
+        default: *v = 0;
+    }
+    return OK;
+}
+CUresult cuDevicePrimaryCtxRetain(void** ctx, CUdevice) { *ctx = &ctx_token; return OK; }
+CUresult cuDevicePrimaryCtxRelease_v2(CUdevice) { return OK; }
+CUresult cuDevicePrimaryCtxReset_v2(CUdevice) { return OK; }
+CUresult cuCtxSetCurrent(void*) { return OK; }
+CUresult cuCtxGetCurrent(void** ctx) { *ctx = &ctx_token; return OK; }
+CUresult cuCtxPushCurrent_v2(void*) { return OK; }
+CUresult cuCtxPopCurrent_v2(void** ctx) { if (ctx) *ctx = &ctx_token; return OK; }
+CUresult cuCtxSynchronize() { return OK; }
+CUresult cuCtxGetDevice(CUdevice* d) { *d = 0; return OK; }
+
+CUresult cuStreamCreate(void** s, unsigned) { *s = &stream_token; return OK; }
+CUresult cuStreamCreateWithPriority(void** s, unsigned, int) { *s = &stream_token; return OK; }
+CUresult cuStreamDestroy_v2(void*) { return OK; }
+CUresult cuStreamSynchronize(void*) { return OK; }
+CUresult cuStreamQuery(void*) { return OK; }
+CUresult cuStreamWaitEvent(void*, void*, unsigned) { return OK; }
+typedef void (*HostFn)(void*);
+CUresult cuLaunchHostFunc(void*, HostFn f, void* data) { f(data); return OK; }
+
+CUresult cuEventCreate(void** e, unsigned) { *e = &event_token; return OK; }
+CUresult cuEventRecord(void*, void*) { return OK; }
+CUresult cuEventSynchronize(void*) { return OK; }
+CUresult cuEventQuery(void*) { return OK; }
+CUresult cuEventDestroy_v2(void*) { return OK; }
+CUresult cuEventElapsedTime_v2(float* ms, void*, void*) { *ms = 0.0f; return OK; }
+CUresult cuEventElapsedTime(float* ms, void*, void*) { *ms = 0.0f; return OK; }
+
+CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) { return alloc(p, n); }
+CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, void*) { return alloc(p, n); }
+CUresult cuMemAllocManaged(CUdeviceptr* p, size_t n, unsigned) { return alloc(p, n); }
+CUresult cuMemFree_v2(CUdeviceptr p) { return release(p); }
+CUresult cuMemFreeAsync(CUdeviceptr p, void*) { return release(p); }
+CUresult cuMemAllocHost_v2(void** p, size_t n) { CUdeviceptr a; CUresult r = alloc(&a, n); *p = reinterpret_cast<void*>(a); return r; }
+CUresult cuMemHostAlloc(void** p, size_t n, unsigned) { return cuMemAllocHost_v2(p, n); }
+CUresult cuMemFreeHost(void* p) { return release(reinterpret_cast<uintptr_t>(p)); }
+CUresult cuMemHostGetDevicePointer_v2(CUdeviceptr* d, void* p, unsigned) { *d = reinterpret_cast<uintptr_t>(p); return OK; }
+CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
+    std::lock_guard<std::mutex> g(mu);
+    *total = size_t(80) << 30;
+    *free_b = *total - used;
+    return OK;
+}
+CUresult cuMemPrefetchAsync_v2(CUdeviceptr p, size_t n, CUmemLocation, unsigned, void*) { return inside(p, n) ? OK : INVALID_VALUE; }
+CUresult cuMemAdvise_v2(CUdeviceptr p, size_t n, int, CUmemLocation) { return inside(p, n) ? OK : INVALID_VALUE; }
+
+CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* h, size_t n) { return copy(d, reinterpret_cast<uintptr_t>(h), n, true, false); }
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* h, size_t n, void*) { return cuMemcpyHtoD_v2(d, h, n); }
+CUresult cuMemcpyDtoH_v2(void* h, CUdeviceptr d, size_t n) { return copy(reinterpret_cast<uintptr_t>(h), d, n, false, true); }
+CUresult cuMemcpyDtoHAsync_v2(void* h, CUdeviceptr d, size_t n, void*) { return cuMemcpyDtoH_v2(h, d, n); }
+CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) { return copy(d, s, n, true, true); }
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, void*) { return cuMemcpyDtoD_v2(d, s, n); }
+CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char b, size_t n) {
+    if (!inside(d, n)) return INVALID_VALUE;
+    std::memset(reinterpret_cast<void*>(d), b, n);
+    return OK;
+}
+CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char b, size_t n, void*) { return cuMemsetD8_v2(d, b, n); }
+CUresult cuMemsetD32Async(CUdeviceptr d, unsigned v, size_t n, void*) {
+    if (!inside(d, n * 4)) return INVALID_VALUE;
+    for (size_t i = 0; i < n; i++) std::memcpy(reinterpret_cast<unsigned char*>(d) + 4 * i, &v, 4);
+    return OK;
+}
+
+CUresult cuDeviceGetDefaultMemPool(void** pool, CUdevice) { *pool = &pool_token; return OK; }
+CUresult cuMemPoolSetAttribute(void*, int attr, void* v) {
+    std::lock_guard<std::mutex> g(mu);
+    if (attr == 8) used_high = used;        // USED_MEM_HIGH: reset
+    if (attr == 6) reserved_high = used;    // RESERVED_MEM_HIGH: reset
+    (void)v;
+    return OK;
+}
+CUresult cuMemPoolGetAttribute(void*, int attr, void* v) {
+    std::lock_guard<std::mutex> g(mu);
+    unsigned long long x = 0;
+    switch (attr) {
+        case 4: x = ~0ull; break;
+        case 5: case 7: x = used; break;
+        case 6: x = reserved_high; break;
+        case 8: x = used_high; break;
+        default: std::memcpy(v, &x, 4); return OK;  // the int-valued reuse flags
+    }
+    std::memcpy(v, &x, 8);
+    return OK;
+}
+CUresult cuMemPoolTrimTo(void*, size_t) { return OK; }
+
+// A module image is what the fake NVRTC returned: "LORAEMU:<source name>".
+CUresult cuModuleLoadData(void** m, const void* image) {
+    const char* s = static_cast<const char*>(image);
+    if (std::strncmp(s, "LORAEMU:", 8) != 0) {
+        std::fprintf(stderr, "fake CUDA: cuModuleLoadData got an image the fake NVRTC did not make\n");
+        return INVALID_IMAGE;
+    }
+    std::string path;
+    {
+        std::lock_guard<std::mutex> g(mu);
+        path = module_dir + "/" + (s + 8) + ".so";
+    }
+    void* so = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (!so) {
+        std::fprintf(stderr, "fake CUDA: cannot load %s: %s\n", path.c_str(), dlerror());
+        return INVALID_IMAGE;
+    }
+    *m = new Module{so};
+    return OK;
+}
+CUresult cuModuleLoadDataEx(void** m, const void* image, unsigned, void*, void*) { return cuModuleLoadData(m, image); }
+CUresult cuModuleUnload(void* m) { delete static_cast<Module*>(m); return OK; }  // the library stays loaded
+CUresult cuModuleGetFunction(void** f, void* m, const char* name) {
+    std::string sym = std::string("emuw_") + name;
+    void* w = dlsym(static_cast<Module*>(m)->so, sym.c_str());
+    if (!w) return NOT_FOUND;
+    *f = new Function{reinterpret_cast<Wrapper>(w), name};
+    return OK;
+}
+CUresult cuFuncSetAttribute(void*, int, int) { return OK; }
+CUresult cuFuncGetAttribute(int* v, int, void*) { *v = 0; return OK; }
+CUresult cuFuncSetCacheConfig(void*, int) { return OK; }
+CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, unsigned smem, void*, void** params, void** extra) {
+    Function* fn = static_cast<Function*>(f);
+    if (by != 1 || bz != 1 || extra != nullptr || bx == 0 || bx > 1024 || bx % 32 != 0 || gx == 0 || gy == 0 || gz == 0 || smem > (227u << 10)) {
+        std::fprintf(stderr, "fake CUDA: launch of %s with grid (%u, %u, %u), block (%u, %u, %u), %u bytes of shared memory: not emulated\n",
+                     fn->name.c_str(), gx, gy, gz, bx, by, bz, smem);
+        return INVALID_VALUE;
+    }
+    if (gy > 65535 || gz > 65535) return INVALID_VALUE;
+    fn->w(gx, gy, gz, bx, smem, params);
+    std::lock_guard<std::mutex> g(mu);
+    launches++;
+    return OK;
+}
+
+CUresult cuGetErrorName(CUresult e, const char** s) {
+    switch (e) {
+        case OK: *s = "CUDA_SUCCESS"; break;
+        case INVALID_VALUE: *s = "CUDA_ERROR_INVALID_VALUE"; break;
+        case OUT_OF_MEMORY: *s = "CUDA_ERROR_OUT_OF_MEMORY"; break;
+        case INVALID_IMAGE: *s = "CUDA_ERROR_INVALID_IMAGE"; break;
+        case NOT_FOUND: *s = "CUDA_ERROR_NOT_FOUND"; break;
+        default: *s = "CUDA_ERROR_UNKNOWN";
+    }
+    return OK;
+}
+CUresult cuGetErrorString(CUresult e, const char** s) { return cuGetErrorName(e, s); }
+}
