@@ -232,6 +232,7 @@ template <class F> void emu_launch(unsigned grid, unsigned block, F f) { emu_lau
 /// The kernels' inline PTX and dynamic shared memory, and what the
 /// emulation uses instead (every source gets all of them; each matches
 /// one file's text exactly).
+#[allow(dead_code)]
 pub const SUBST: [(&str, &str); 5] = [
     (r#"asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));"#, "f = emu_f16_to_f32(h);"),
     (r#"asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));"#, "h = emu_f32_to_f16(f);"),
@@ -246,6 +247,7 @@ pub const SUBST: [(&str, &str); 5] = [
 ];
 
 /// CUDA's device `min` and `max`, for the operand types the kernels use.
+#[allow(dead_code)]
 pub const MIN_MAX: &str = "template <class T> inline T min(T a, T b) { return a < b ? a : b; }\ntemplate <class T> inline T max(T a, T b) { return a < b ? b : a; }\n";
 
 /// Why the emulation is skipped here, if it is.
@@ -264,7 +266,6 @@ pub fn build(tag: &str, sources: &[&str], subst: &[(&str, &str)], extra: &str, e
     if let Some(why) = skip_reason() {
         return Err(why);
     }
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let dir = std::env::temp_dir().join(format!("lora-cuda-emu-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut src = String::from(EMU_SHIM);
@@ -281,10 +282,23 @@ pub fn build(tag: &str, sources: &[&str], subst: &[(&str, &str)], extra: &str, e
     let cpp = dir.join("emu.cpp");
     let so = dir.join("libemu.so");
     std::fs::write(&cpp, &src).unwrap();
+    compile_cpp(&cpp, &so, &[])?;
+    // SAFETY: loads the library just built; callers look up the entry
+    // points they declared in `entry`.
+    unsafe { libloading::Library::new(&so) }.map_err(|e| format!("cannot load {}: {e}", so.display()))
+}
+
+/// Compiles the C++ file `cpp` into the shared library `so` with the
+/// emulation's options (IEEE fp32, no contraction) and `args`. `Err` when
+/// there is no C++20 compiler; a source that does not compile panics.
+pub fn compile_cpp(cpp: &std::path::Path, so: &std::path::Path, args: &[&str]) -> Result<(), String> {
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let out = std::process::Command::new(&cxx)
-        .args(["-std=c++20", "-O1", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-pthread", "-Wno-unknown-pragmas", "-o"])
-        .arg(&so)
-        .arg(&cpp)
+        .args(["-std=c++20", "-O1", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-pthread", "-Wno-unknown-pragmas"])
+        .args(args)
+        .arg("-o")
+        .arg(so)
+        .arg(cpp)
         .output()
         .map_err(|e| format!("no C++ compiler ({cxx}: {e})"))?;
     if !out.status.success() {
@@ -292,9 +306,7 @@ pub fn build(tag: &str, sources: &[&str], subst: &[(&str, &str)], extra: &str, e
         if log.contains("unrecognized command-line option '-std=c++20'") {
             return Err(format!("{cxx} lacks C++20"));
         }
-        panic!("the kernels do not compile as host C++ ({cxx}); {}:\n{log}", cpp.display());
+        panic!("{} does not compile as host C++ ({cxx}):\n{log}", cpp.display());
     }
-    // SAFETY: loads the library just built; callers look up the entry
-    // points they declared in `entry`.
-    unsafe { libloading::Library::new(&so) }.map_err(|e| format!("cannot load {}: {e}", so.display()))
+    Ok(())
 }

@@ -22,7 +22,6 @@
 
 use lora::backend::cuda;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 const FAKE_CUDA: &str = include_str!("../fakecuda/fake_cuda.cpp");
 const FAKE_CUBLAS: &str = include_str!("../fakecuda/fake_cublas.cpp");
@@ -54,21 +53,7 @@ fn compile(cache: &Path, stem: &str, src: &str, args: &[&str]) -> Result<PathBuf
     let tmp = cache.join(format!("{stem}-{}-{:?}.tmp", std::process::id(), std::thread::current().id()));
     let cpp = tmp.with_extension("cpp");
     std::fs::write(&cpp, src).map_err(|e| format!("writing {}: {e}", cpp.display()))?;
-    let r = Command::new(&cxx)
-        .args(["-std=c++20", "-O1", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-pthread", "-Wno-unknown-pragmas"])
-        .args(args)
-        .arg("-o")
-        .arg(&tmp)
-        .arg(&cpp)
-        .output()
-        .map_err(|e| format!("no C++ compiler ({cxx}: {e})"))?;
-    if !r.status.success() {
-        let log = String::from_utf8_lossy(&r.stderr);
-        if log.contains("unrecognized command-line option '-std=c++20'") {
-            return Err(format!("{cxx} lacks C++20"));
-        }
-        panic!("the emulated device's {stem} does not compile ({cxx}); {}:\n{log}", cpp.display());
-    }
+    super::emu::compile_cpp(&cpp, &tmp, args)?;
     let _ = std::fs::remove_file(&cpp);
     std::fs::rename(&tmp, &out).map_err(|e| format!("renaming {}: {e}", tmp.display()))?;
     Ok(out)
