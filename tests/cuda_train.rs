@@ -133,8 +133,6 @@ fn run(t: &mut Trainer, ids: &[i32], batch: usize, seq: usize, steps: usize) -> 
     (0..steps).map(|_| t.step(ids, None, batch, seq, &mut |_, _| true).map(|r| (r.loss, r.grad_norm)).unwrap()).collect()
 }
 
-/// Asserts each step's GPU loss within `tol` relative of the CPU's; returns
-/// the largest relative difference.
 /// Bf16 adapter products with the lean step on (whatever LORA_CUDA_LEAN
 /// says), checked.
 fn lean_step(g: &mut lora::model::gpu::DeviceModel) {
@@ -143,6 +141,16 @@ fn lean_step(g: &mut lora::model::gpu::DeviceModel) {
     assert!(g.lean(), "bf16 adapter products in BF16 mode did not make the step lean");
 }
 
+/// Bf16 adapter products with the lean step off (every activation also in
+/// fp32), checked.
+fn full_step(g: &mut lora::model::gpu::DeviceModel) {
+    g.set_lora_path(LoraPath::BlasBf16).unwrap();
+    g.set_lean(false);
+    assert!(!g.lean(), "set_lean(false) left the step lean");
+}
+
+/// Asserts each step's GPU loss within `tol` relative of the CPU's; returns
+/// the largest relative difference.
 fn check_losses(what: &str, want: &[(f64, f64)], got: &[(f64, f64)], tol: f64) -> f64 {
     let mut worst = 0f64;
     for (i, ((lc, _), (lg, _))) in want.iter().zip(got).enumerate() {
@@ -204,14 +212,7 @@ fn twenty_steps_match_the_cpu() {
         // bound.
         let mut tf = trainer((c.model)(), cfg(), Some(Compute::BF16));
         tf.set_tensor_core_attention(true).unwrap();
-        tf.with_device_model(|g| {
-            g.set_lora_path(LoraPath::BlasBf16)?;
-            g.set_lean(false);
-            assert!(!g.lean());
-            Ok::<_, lora::Error>(())
-        })
-        .unwrap()
-        .unwrap();
+        tf.with_device_model(full_step).unwrap();
         let gottf = run(&mut tf, &ids, c.batch, c.seq, STEPS);
         let elean = check_losses(&format!("{} lean bf16 step against the full one", c.name), &gottf, &gottb, 1e-2);
         // ... and it is a different computation (gate/up and the logits
@@ -258,13 +259,7 @@ fn device_steps_match_the_cpu_on_any_machine() {
     let el = check_losses(&format!("{} lean bf16 step on {}", c.name, d.describe()), &want, &gotl, 2e-2);
     let mut full = trainer((c.model)(), cfg(), Some(Compute::BF16));
     full.set_tensor_core_attention(true).unwrap();
-    full.with_device_model(|g| {
-        g.set_lora_path(LoraPath::BlasBf16)?;
-        g.set_lean(false);
-        Ok::<_, lora::Error>(())
-    })
-    .unwrap()
-    .unwrap();
+    full.with_device_model(full_step).unwrap();
     let gotf = run(&mut full, &ids, c.batch, c.seq, steps);
     let ef = check_losses(&format!("{} lean against full bf16 step", c.name), &gotf, &gotl, 1e-2);
     assert_ne!(gotf, gotl, "the lean and the full bf16 step gave the same bits");

@@ -38,25 +38,19 @@ fn fnv(parts: &[&str]) -> u64 {
     h
 }
 
-/// Compiles `src` (C++) into the shared library `out`, unless a library
-/// built from the same text and arguments is already there (a cache shared
-/// by test processes: the name carries the hash; written under a temporary
-/// name, then renamed).
-fn compile(cache: &Path, stem: &str, src: &str, args: &[&str]) -> Result<PathBuf, String> {
-    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
-    let mut key = vec![cxx.as_str(), src];
-    key.extend_from_slice(args);
-    let out = cache.join(format!("{stem}-{:016x}.so", fnv(&key)));
+/// Compiles `src` (C++) into the shared library `out` unless it is there
+/// already (`out`'s name carries a hash of what built it: a cache shared by
+/// test processes; written under a temporary name, then renamed).
+fn compile(out: &Path, src: &str, args: &[&str]) -> Result<(), String> {
     if out.is_file() {
-        return Ok(out);
+        return Ok(());
     }
-    let tmp = cache.join(format!("{stem}-{}-{:?}.tmp", std::process::id(), std::thread::current().id()));
+    let tmp = out.with_extension(format!("{}-{:?}.tmp", std::process::id(), std::thread::current().id()));
     let cpp = tmp.with_extension("cpp");
     std::fs::write(&cpp, src).map_err(|e| format!("writing {}: {e}", cpp.display()))?;
     super::emu::compile_cpp(&cpp, &tmp, args)?;
     let _ = std::fs::remove_file(&cpp);
-    std::fs::rename(&tmp, &out).map_err(|e| format!("renaming {}: {e}", tmp.display()))?;
-    Ok(out)
+    std::fs::rename(&tmp, out).map_err(|e| format!("renaming {}: {e}", tmp.display()))
 }
 
 /// One kernel's name and parameter types, read from its declaration
@@ -138,72 +132,51 @@ pub fn install() -> Result<(), String> {
     let cache = std::env::temp_dir().join("lora-fakecuda");
     std::fs::create_dir_all(&cache).map_err(|e| format!("creating {}: {e}", cache.display()))?;
     let t0 = std::time::Instant::now();
-    // Modules under "<source name>.so" in a directory of this process's own
-    // (copies of the cached builds).
-    let dir = cache.join(format!("run-{}", std::process::id()));
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    // The modules under "<source name>.so" (the name the fake NVRTC gives
+    // the fake driver) in a directory named by everything that built them;
+    // the stand-in libraries beside it, named the same way.
+    let modules: Vec<(&str, String)> = cuda::SOURCES.iter().map(|k| (k.name, module_source(k))).collect();
+    let dir = cache.join(format!("modules-{:016x}", fnv(&[&[cxx.as_str()][..], &modules.iter().map(|m| m.1.as_str()).collect::<Vec<_>>()].concat())));
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    let jobs: Vec<(String, String, Vec<&str>)> = cuda::SOURCES
+    let stand_in = |stem: &str, src: &str, args: &[&str]| cache.join(format!("{stem}-{:016x}.so", fnv(&[&[cxx.as_str(), src][..], args].concat())));
+    const CUDA_ARGS: &[&str] = &["-O2", "-Wl,-soname,libcuda.so", "-ldl"];
+    const CUBLAS_ARGS: &[&str] = &["-O2", "-Wl,-soname,libcublas.so"];
+    const NVRTC_ARGS: &[&str] = &["-O2", "-Wl,-soname,libnvrtc.so"];
+    let (libcuda, libcublas, libnvrtc) = (stand_in("libcuda", FAKE_CUDA, CUDA_ARGS), stand_in("libcublas", FAKE_CUBLAS, CUBLAS_ARGS), stand_in("libnvrtc", FAKE_NVRTC, NVRTC_ARGS));
+    let jobs: Vec<(PathBuf, &str, &[&str])> = modules
         .iter()
-        .map(|k| (k.name.to_string(), module_source(k), vec![]))
-        .chain([
-            ("libcuda".to_string(), FAKE_CUDA.to_string(), vec!["-O2", "-Wl,-soname,libcuda.so", "-ldl"]),
-            ("libcublas".to_string(), FAKE_CUBLAS.to_string(), vec!["-O2", "-Wl,-soname,libcublas.so"]),
-            ("libnvrtc".to_string(), FAKE_NVRTC.to_string(), vec!["-O2", "-Wl,-soname,libnvrtc.so"]),
-        ])
+        .map(|(name, src)| (dir.join(format!("{name}.so")), src.as_str(), &[][..]))
+        .chain([(libcuda.clone(), FAKE_CUDA, CUDA_ARGS), (libcublas.clone(), FAKE_CUBLAS, CUBLAS_ARGS), (libnvrtc.clone(), FAKE_NVRTC, NVRTC_ARGS)])
         .collect();
     // Two compilers at a time (CI has two cores).
     let queue = std::sync::Mutex::new(jobs.iter());
-    let built: Vec<Result<(String, PathBuf), String>> = std::thread::scope(|s| {
+    std::thread::scope(|s| {
         let workers: Vec<_> = (0..2)
             .map(|_| {
-                s.spawn(|| {
-                    let mut done = Vec::new();
-                    loop {
-                        let Some((name, src, args)) = queue.lock().unwrap().next() else { break };
-                        done.push(compile(&cache, name, src, args).map(|p| (name.clone(), p)));
-                    }
-                    done
+                s.spawn(|| loop {
+                    let Some((out, src, args)) = queue.lock().unwrap().next() else { return Ok::<(), String>(()) };
+                    compile(out, src, args)?;
                 })
             })
             .collect();
-        workers.into_iter().flat_map(|w| w.join().unwrap()).collect()
-    });
-    let mut libs = std::collections::HashMap::new();
-    for b in built {
-        let (name, path) = b?;
-        libs.insert(name, path);
-    }
-    for k in cuda::SOURCES {
-        let link = dir.join(format!("{}.so", k.name));
-        let _ = std::fs::remove_file(&link);
-        std::fs::copy(&libs[k.name], &link).map_err(|e| format!("copying {}: {e}", link.display()))?;
-    }
+        workers.into_iter().try_for_each(|w| w.join().unwrap())
+    })?;
     // No on-disk CUBIN cache: the fake's "CUBINs" must not land in the
     // user's cache (its NVRTC version, 0.1, keeps them apart anyway).
     std::env::set_var(cuda::nvrtc::CACHE_DIR_ENV, "off");
-    for lib in ["libcuda", "libcublas"] {
+    for lib in [&libcuda, &libcublas] {
         use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
         // SAFETY: the libraries just built; their initializers do nothing.
-        let l = unsafe { Library::open(Some(&libs[lib]), RTLD_NOW | RTLD_GLOBAL) }.map_err(|e| format!("loading the fake {lib}: {e}"))?;
-        if lib == "libcuda" {
+        let l = unsafe { Library::open(Some(lib), RTLD_NOW | RTLD_GLOBAL) }.map_err(|e| format!("loading {}: {e}", lib.display()))?;
+        if lib == &libcuda {
             let d = std::ffi::CString::new(dir.to_str().ok_or("a non-UTF-8 temporary directory")?).unwrap();
             // SAFETY: the test hook's signature in tests/fakecuda/fake_cuda.cpp.
             unsafe { l.get::<unsafe extern "C" fn(*const std::ffi::c_char)>(b"lora_fakecuda_set_module_dir").map_err(|e| e.to_string())?(d.as_ptr()) };
         }
         std::mem::forget(l);
     }
-    cuda::nvrtc::use_library(&libs["libnvrtc"]).map_err(|e| format!("the fake NVRTC: {}", e.message))?;
+    cuda::nvrtc::use_library(&libnvrtc).map_err(|e| format!("the fake NVRTC: {}", e.message))?;
     eprintln!("emulated CUDA device ready in {:.1} s ({})", t0.elapsed().as_secs_f64(), dir.display());
     Ok(())
-}
-
-/// Bytes the emulated device has allocated and not freed.
-#[allow(dead_code)]
-pub fn live_bytes() -> usize {
-    // SAFETY: the fake libcuda is loaded (install succeeded) under its SONAME.
-    unsafe {
-        let l = libloading::Library::new("libcuda.so").expect("the emulated libcuda");
-        let f = l.get::<unsafe extern "C" fn() -> usize>(b"lora_fakecuda_live_bytes").expect("an emulated libcuda");
-        f()
-    }
 }

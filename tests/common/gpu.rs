@@ -55,22 +55,16 @@ pub fn device() -> &'static Result<CudaDevice, String> {
     shared(false)
 }
 
-/// True when the shared device is the emulated one.
-#[allow(dead_code)]
-pub fn emulated(d: &CudaDevice) -> bool {
-    d.name.contains("emulated")
-}
-
 /// The device, or `None` after printing why this test skips (a failure
 /// under LORA_REQUIRE_GPU=1).
 pub fn gpu(test: &str) -> Option<&'static CudaDevice> {
     pick(test, device())
 }
 
-#[allow(dead_code)]
 /// As [`gpu`], but without a GPU the emulated device stands in (unless
 /// LORA_CUDA_EMULATE=0): for tests of the orchestration, which the kernel
 /// emulation alone does not reach.
+#[allow(dead_code)]
 pub fn gpu_or_emulated(test: &str) -> Option<&'static CudaDevice> {
     pick(test, shared(true))
 }
