@@ -14,11 +14,11 @@
 //! Where the device lacks concurrent managed access the fallback is checked
 //! instead (flag set, prefetch a no-op, data still right).
 //!
-//! Without a GPU each test prints why it skips and passes, unless
-//! `LORA_REQUIRE_GPU=1`, where that is a failure (tests/cuda_nf4.rs's
-//! convention). No kernel is compiled: NVRTC is not needed.
+//! Without a GPU the tests run on the emulated device (tests/common/gpu.rs;
+//! managed memory is host memory there, so they check the bookkeeping, not
+//! the migration), or print why they skip.
 
-use lora::backend::cuda::{self, paged as cpaged, CudaDevice};
+use lora::backend::cuda::{paged as cpaged, CudaDevice};
 use lora::backend::Device;
 use lora::memory::{flags, PagedBuf, Pager, PagingConfig, CHUNK_BYTES};
 use lora::optim::adamw::adamw_update;
@@ -28,30 +28,20 @@ use std::sync::{Arc, OnceLock};
 
 const MIB: usize = 1 << 20;
 
-fn require_gpu() -> bool {
-    std::env::var("LORA_REQUIRE_GPU").is_ok_and(|v| v == "1")
-}
+#[path = "common/gpu.rs"]
+mod harness;
 
-fn device() -> &'static Result<Arc<CudaDevice>, String> {
-    static DEV: OnceLock<Result<Arc<CudaDevice>, String>> = OnceLock::new();
-    DEV.get_or_init(|| {
-        let d = cuda::open(0).map_err(|e| format!("no CUDA device: {}", e.message))?;
-        let c = cpaged::concurrent_managed_access(&d).expect("cuDeviceGetAttribute");
-        let (free, total) = cpaged::mem_info(&d).expect("cuMemGetInfo");
-        eprintln!("cuda_paged: {}, concurrent managed access {c}, {free} of {total} bytes free", d.describe());
-        Ok(Arc::new(d))
-    })
-}
-
+/// The device (tests/common/gpu.rs: the GPU, or the emulated one), with
+/// its managed-memory facts printed once.
 fn gpu(test: &str) -> Option<Arc<CudaDevice>> {
-    match device() {
-        Ok(d) => Some(d.clone()),
-        Err(why) if require_gpu() => panic!("{test}: LORA_REQUIRE_GPU=1 but {why}"),
-        Err(why) => {
-            eprintln!("SKIPPED {test}: {why} (set LORA_REQUIRE_GPU=1 to make this a failure)");
-            None
-        }
-    }
+    let d = harness::gpu(test)?;
+    static SHOWN: OnceLock<()> = OnceLock::new();
+    SHOWN.get_or_init(|| {
+        let c = cpaged::concurrent_managed_access(d).expect("cuDeviceGetAttribute");
+        let (free, total) = cpaged::mem_info(d).expect("cuMemGetInfo");
+        eprintln!("cuda_paged: {}, concurrent managed access {c}, {free} of {total} bytes free", d.describe());
+    });
+    Some(d.clone())
 }
 
 fn pager(dev: &Arc<CudaDevice>, budget: usize, allow: bool) -> Arc<Pager> {

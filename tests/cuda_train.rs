@@ -163,7 +163,7 @@ fn check_losses(what: &str, want: &[(f64, f64)], got: &[(f64, f64)], tol: f64) -
 
 #[test]
 fn twenty_steps_match_the_cpu() {
-    let Some(_) = common::gpu("twenty_steps_match_the_cpu") else { return };
+    let Some(_) = common::gpu_only("twenty_steps_match_the_cpu") else { return };
     for c in cases() {
         let vocab = (c.model)().vocab();
         let ids = tokens(c.batch * c.seq, vocab, 7);
@@ -240,7 +240,7 @@ fn twenty_steps_match_the_cpu() {
 /// the CPU (2e-2) and against the full bf16 step (1e-2, not the same bits).
 #[test]
 fn device_steps_match_the_cpu_on_any_machine() {
-    let Some(d) = common::gpu_or_emulated("device_steps_match_the_cpu_on_any_machine") else { return };
+    let Some(d) = common::gpu("device_steps_match_the_cpu_on_any_machine") else { return };
     let c = cases().remove(0);
     let steps = 2;
     let vocab = (c.model)().vocab();

@@ -334,13 +334,28 @@ pub fn build(tag: &str, sources: &[&str], subst: &[(&str, &str)], extra: &str, e
     unsafe { libloading::Library::new(&so) }.map_err(|e| format!("cannot load {}: {e}", so.display()))
 }
 
+/// The emulation's compiler options for the compiler `cxx`.
+pub fn cxx_flags(cxx: &str) -> Vec<&'static str> {
+    let mut f = vec!["-std=c++20", "-O1", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-pthread", "-Wno-unknown-pragmas"];
+    // GCC makes the static locals of template functions (a templated
+    // kernel's `__shared__` arrays) process-wide unique symbols, one copy
+    // for every library that defines them: two libraries with the same
+    // kernel source (a test's build and the emulated device's module)
+    // running at once would share their shared memory. Clang does not.
+    static GCC: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *GCC.get_or_init(|| std::process::Command::new(cxx).arg("--version").output().is_ok_and(|o| !String::from_utf8_lossy(&o.stdout).contains("clang"))) {
+        f.push("-fno-gnu-unique");
+    }
+    f
+}
+
 /// Compiles the C++ file `cpp` into the shared library `so` with the
 /// emulation's options (IEEE fp32, no contraction) and `args`. `Err` when
 /// there is no C++20 compiler; a source that does not compile panics.
 pub fn compile_cpp(cpp: &std::path::Path, so: &std::path::Path, args: &[&str]) -> Result<(), String> {
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let out = std::process::Command::new(&cxx)
-        .args(["-std=c++20", "-O1", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared", "-pthread", "-Wno-unknown-pragmas"])
+        .args(cxx_flags(&cxx))
         .args(args)
         .arg("-o")
         .arg(so)

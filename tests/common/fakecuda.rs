@@ -16,9 +16,10 @@
 //! check the GPU's instructions, memory model or speed; a GPU does
 //! (scripts/gpu-check.sh, which never uses this: LORA_REQUIRE_GPU=1).
 //!
-//! Used by the GPU tests when there is no GPU (tests/common/gpu.rs):
-//! `LORA_CUDA_EMULATE=1` forces it for any test binary, `=0` turns it off;
-//! otherwise a binary's `EMULATED_DEVICE` constant decides.
+//! Used by the GPU tests when there is no GPU (tests/common/gpu.rs) unless
+//! `LORA_CUDA_EMULATE=0`. With `LORA_FAKECUDA_COUNT_ONLY=1` nothing runs
+//! (kernels, products) and fresh memory is left untouched: the allocations
+//! alone, to count a big model's device memory (examples/device_memory.rs).
 
 use lora::backend::cuda;
 use std::path::{Path, PathBuf};
@@ -137,9 +138,10 @@ pub fn install() -> Result<(), String> {
     // the fake driver) in a directory named by everything that built them;
     // the stand-in libraries beside it, named the same way.
     let modules: Vec<(&str, String)> = cuda::SOURCES.iter().map(|k| (k.name, module_source(k))).collect();
-    let dir = cache.join(format!("modules-{:016x}", fnv(&[&[cxx.as_str()][..], &modules.iter().map(|m| m.1.as_str()).collect::<Vec<_>>()].concat())));
+    let flags = super::emu::cxx_flags(&cxx).join(" ");
+    let dir = cache.join(format!("modules-{:016x}", fnv(&[&[cxx.as_str(), flags.as_str()][..], &modules.iter().map(|m| m.1.as_str()).collect::<Vec<_>>()].concat())));
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    let stand_in = |stem: &str, src: &str, args: &[&str]| cache.join(format!("{stem}-{:016x}.so", fnv(&[&[cxx.as_str(), src][..], args].concat())));
+    let stand_in = |stem: &str, src: &str, args: &[&str]| cache.join(format!("{stem}-{:016x}.so", fnv(&[&[cxx.as_str(), flags.as_str(), src][..], args].concat())));
     const CUDA_ARGS: &[&str] = &["-O2", "-Wl,-soname,libcuda.so", "-ldl"];
     const CUBLAS_ARGS: &[&str] = &["-O2", "-Wl,-soname,libcublas.so"];
     const NVRTC_ARGS: &[&str] = &["-O2", "-Wl,-soname,libnvrtc.so"];

@@ -1,9 +1,10 @@
-//! The GPU tests' shared harness: the device (or why there is none), the
-//! skip-or-fail rule of `LORA_REQUIRE_GPU=1`, and a seeded generator.
+//! The GPU tests' shared harness: the device (the GPU; without one, the
+//! emulated device of fakecuda.rs; or why there is none), the skip-or-fail
+//! rule of `LORA_REQUIRE_GPU=1`, and a seeded generator.
 //! Included by `#[path]` in each `tests/cuda_*.rs`.
 
 use lora::backend::cuda::{self, CudaDevice};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 pub fn require_gpu() -> bool {
     std::env::var("LORA_REQUIRE_GPU").is_ok_and(|v| v == "1")
@@ -16,25 +17,24 @@ mod emu;
 #[allow(dead_code)]
 pub mod fakecuda;
 
+/// Whether the shared device is the emulated one.
+static EMULATED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// The shared device, or why there is none: the GPU, else (no CUDA driver
 /// here, LORA_REQUIRE_GPU unset) the emulated device of
-/// tests/common/fakecuda.rs when LORA_CUDA_EMULATE=1, or when unset and
-/// the first caller asked for it (`emulate`). One per process.
-fn shared(emulate: bool) -> &'static Result<CudaDevice, String> {
-    static DEV: OnceLock<Result<CudaDevice, String>> = OnceLock::new();
+/// tests/common/fakecuda.rs, unless LORA_CUDA_EMULATE=0. One per process.
+pub fn device() -> &'static Result<Arc<CudaDevice>, String> {
+    static DEV: OnceLock<Result<Arc<CudaDevice>, String>> = OnceLock::new();
     DEV.get_or_init(|| {
         let d = match cuda::open(0) {
             Ok(d) => d,
             Err(e) => {
-                let want = match std::env::var("LORA_CUDA_EMULATE").as_deref() {
-                    Ok("1") => true,
-                    Ok("0") => false,
-                    _ => emulate,
-                };
+                let want = std::env::var("LORA_CUDA_EMULATE").map_or(true, |v| v != "0");
                 if !want || require_gpu() || cuda::driver_present() {
                     return Err(format!("no CUDA device: {}", e.message));
                 }
                 fakecuda::install().map_err(|why| format!("no CUDA device ({}), and no emulated one: {why}", e.message))?;
+                EMULATED.store(true, std::sync::atomic::Ordering::Relaxed);
                 cuda::open(0).map_err(|e| format!("the emulated CUDA device does not open: {}", e.message))?
             }
         };
@@ -45,32 +45,15 @@ fn shared(emulate: bool) -> &'static Result<CudaDevice, String> {
         }
         let (ma, mi) = cuda::nvrtc::version().unwrap_or((0, 0));
         eprintln!("{}: {} with NVRTC {ma}.{mi}", env!("CARGO_CRATE_NAME"), d.describe());
-        Ok(d)
+        Ok(Arc::new(d))
     })
 }
 
-/// The shared device, or why there is none (no emulation unless
-/// LORA_CUDA_EMULATE=1).
-pub fn device() -> &'static Result<CudaDevice, String> {
-    shared(false)
-}
-
-/// The device, or `None` after printing why this test skips (a failure
-/// under LORA_REQUIRE_GPU=1).
-pub fn gpu(test: &str) -> Option<&'static CudaDevice> {
-    pick(test, device())
-}
-
-/// As [`gpu`], but without a GPU the emulated device stands in (unless
-/// LORA_CUDA_EMULATE=0): for tests of the orchestration, which the kernel
-/// emulation alone does not reach.
-#[allow(dead_code)]
-pub fn gpu_or_emulated(test: &str) -> Option<&'static CudaDevice> {
-    pick(test, shared(true))
-}
-
-fn pick(test: &str, d: &'static Result<CudaDevice, String>) -> Option<&'static CudaDevice> {
-    match d {
+/// The device (the GPU, or without one the emulated device), or `None`
+/// after printing why this test skips (a failure under
+/// LORA_REQUIRE_GPU=1).
+pub fn gpu(test: &str) -> Option<&'static Arc<CudaDevice>> {
+    match device() {
         Ok(d) => Some(d),
         Err(why) if require_gpu() => panic!("{test}: LORA_REQUIRE_GPU=1 but {why}"),
         Err(why) => {
@@ -78,6 +61,18 @@ fn pick(test: &str, d: &'static Result<CudaDevice, String>) -> Option<&'static C
             None
         }
     }
+}
+
+/// As [`gpu`], for the tests too long for the emulated device: they skip
+/// there unless LORA_CUDA_EMULATE=1.
+#[allow(dead_code)]
+pub fn gpu_only(test: &str) -> Option<&'static Arc<CudaDevice>> {
+    let d = gpu(test)?;
+    if EMULATED.load(std::sync::atomic::Ordering::Relaxed) && std::env::var("LORA_CUDA_EMULATE").map_or(true, |v| v != "1") {
+        eprintln!("SKIPPED {test}: too long for the emulated CUDA device (no GPU here; LORA_CUDA_EMULATE=1 runs it there)");
+        return None;
+    }
+    Some(d)
 }
 
 /// SplitMix64: small, seeded, good enough for test data.
@@ -94,6 +89,7 @@ impl Rng {
     pub fn unit(&mut self) -> f64 {
         (self.next() >> 11) as f64 / (1u64 << 53) as f64
     }
+    #[allow(dead_code)]
     pub fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize
     }

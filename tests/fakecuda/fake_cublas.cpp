@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 typedef int cublasStatus_t;
@@ -39,6 +40,8 @@ cublasStatus_t cublasGemmEx(void*, int ta, int tb, int m, int n, int k, const vo
     if ((ta != 0 && ta != 1) || (tb != 0 && tb != 1)) return INVALID_VALUE;
     // Leading dimensions as cuBLAS checks them.
     if (lda < (ta ? (k > 1 ? k : 1) : (m > 1 ? m : 1)) || ldb < (tb ? (n > 1 ? n : 1) : (k > 1 ? k : 1)) || ldc < (m > 1 ? m : 1)) return INVALID_VALUE;
+    static const bool count_only = [] { const char* v = std::getenv("LORA_FAKECUDA_COUNT_ONLY"); return v && std::strcmp(v, "1") == 0; }();
+    if (count_only) return OK;  // fake_cuda.cpp: nothing runs
     const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
     for (int j = 0; j < n; j++)
         for (int i = 0; i < m; i++) {

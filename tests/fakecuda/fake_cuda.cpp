@@ -19,6 +19,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <sys/mman.h>
 
 typedef int CUresult;
 typedef unsigned long long CUdeviceptr;
@@ -32,8 +33,10 @@ enum {
 namespace {
 std::mutex mu;
 // Live allocations: address -> bytes (stream-ordered pool, plain, managed,
-// and page-locked host memory all come from here).
+// and page-locked host memory all come from here); managed ones also in
+// `mapped`.
 std::map<uintptr_t, size_t> live;
+std::map<uintptr_t, size_t> mapped;
 size_t used = 0, used_high = 0, reserved_high = 0;
 std::string module_dir;
 int ctx_token, stream_token, pool_token, event_token;
@@ -43,13 +46,21 @@ int ctx_token, stream_token, pool_token, event_token;
 constexpr size_t GUARD = 256;
 constexpr unsigned char GUARD_BYTE = 0xA5;
 
+// LORA_FAKECUDA_COUNT_ONLY=1: no kernel and no product runs and fresh
+// memory is not poisoned (so not touched): the allocations of a model too
+// big to emulate, counted (the pool's peak) in seconds.
+bool count_only() {
+    static const bool on = [] { const char* v = std::getenv("LORA_FAKECUDA_COUNT_ONLY"); return v && std::strcmp(v, "1") == 0; }();
+    return on;
+}
+
 CUresult alloc(CUdeviceptr* p, size_t n) {
     if (!p) return INVALID_VALUE;
     unsigned char* raw = static_cast<unsigned char*>(std::aligned_alloc(256, GUARD + ((n + 255) / 256) * 256 + GUARD));
     if (!raw) return OUT_OF_MEMORY;
     size_t body = ((n + 255) / 256) * 256;
     std::memset(raw, GUARD_BYTE, GUARD);
-    std::memset(raw + GUARD, 0xFF, body);  // fresh memory is NaN in every float type
+    if (!count_only()) std::memset(raw + GUARD, 0xFF, body);  // fresh memory is NaN in every float type
     std::memset(raw + GUARD + body, GUARD_BYTE, GUARD);
     std::lock_guard<std::mutex> g(mu);
     uintptr_t a = reinterpret_cast<uintptr_t>(raw + GUARD);
@@ -57,6 +68,24 @@ CUresult alloc(CUdeviceptr* p, size_t n) {
     used += n;
     if (used > used_high) used_high = used;
     if (used > reserved_high) reserved_high = used;
+    *p = a;
+    return OK;
+}
+
+// Managed memory: pages mapped as they are first touched, and zero then,
+// as the driver's are (cuMemAllocManaged does not promise cleared memory,
+// but a page a process has not touched cannot hold another's data: the
+// GPU check's cuda_paged tests read fresh managed memory on the device);
+// no guards, so that a buffer larger than the host's memory works as far
+// as it is touched.
+CUresult alloc_managed(CUdeviceptr* p, size_t n) {
+    if (!p || n == 0) return INVALID_VALUE;
+    void* m = mmap(nullptr, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) return OUT_OF_MEMORY;
+    std::lock_guard<std::mutex> g(mu);
+    uintptr_t a = reinterpret_cast<uintptr_t>(m);
+    live[a] = n;
+    mapped[a] = n;
     *p = a;
     return OK;
 }
@@ -73,6 +102,10 @@ CUresult release(uintptr_t a) {
         }
         n = it->second;
         live.erase(it);
+        if (mapped.erase(a)) {
+            munmap(reinterpret_cast<void*>(a), n);
+            return OK;
+        }
         used -= n;
     }
     unsigned char* body = reinterpret_cast<unsigned char*>(a);
@@ -83,7 +116,7 @@ CUresult release(uintptr_t a) {
             std::abort();
         }
     // Bytes between n and the padded end belong to no one: check them too.
-    for (size_t i = n; i < padded; i++)
+    for (size_t i = n; i < padded && !count_only(); i++)
         if (body[i] != 0xFF) {
             std::fprintf(stderr, "fake CUDA: byte %zu past the end of the %zu-byte allocation at %#lx was written (a write out of bounds)\n", i - n, n, (unsigned long)a);
             std::abort();
@@ -174,7 +207,7 @@ CUresult cuEventElapsedTime(float* ms, void*, void*) { *ms = 0.0f; return OK; }
 
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) { return alloc(p, n); }
 CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, void*) { return alloc(p, n); }
-CUresult cuMemAllocManaged(CUdeviceptr* p, size_t n, unsigned) { return alloc(p, n); }
+CUresult cuMemAllocManaged(CUdeviceptr* p, size_t n, unsigned) { return alloc_managed(p, n); }
 CUresult cuMemFree_v2(CUdeviceptr p) { return release(p); }
 CUresult cuMemFreeAsync(CUdeviceptr p, void*) { return release(p); }
 CUresult cuMemAllocHost_v2(void** p, size_t n) { CUdeviceptr a; CUresult r = alloc(&a, n); *p = reinterpret_cast<void*>(a); return r; }
@@ -271,7 +304,7 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
         return INVALID_VALUE;
     }
     if (gy > 65535 || gz > 65535) return INVALID_VALUE;
-    fn->w(gx, gy, gz, bx, smem, params);
+    if (!count_only()) fn->w(gx, gy, gz, bx, smem, params);
     return OK;
 }
 

@@ -88,6 +88,12 @@ impl ManagedAlloc {
             dev.ctx.bind_to_thread().map_err(|e| cu_err("cuCtxSetCurrent", e))?;
             // SAFETY: a fresh allocation; its bytes are only read through
             // slices of u8/f32, for which every bit pattern is valid.
+            // Zero-filled (lora_paged_alloc's promise) without a pass over
+            // it: cuMemAllocManaged maps no page until first touched, and a
+            // page the driver or the kernel maps for a process is cleared
+            // (tests/cuda_paged.rs checks fresh buffers read as zeros on
+            // the GPU). Clearing explicitly would touch every page, a cost
+            // that defeats an oversubscribed buffer.
             unsafe { result::malloc_managed(bytes, sys::CUmemAttach_flags::CU_MEM_ATTACH_GLOBAL) }
                 .map_err(|e| cu_err(&format!("cuMemAllocManaged({bytes} bytes)"), e))
         })?;

@@ -1,0 +1,112 @@
+//! Device memory of a training step, counted without a GPU: the peak bytes
+//! in use in the device's memory pool during `Trainer::step`, for the
+//! 1B-parameter LLaMA of examples/gpu_bench_train.rs, on the emulated CUDA
+//! device (tests/common/fakecuda.rs) in its count-only mode: every
+//! allocation the device path makes happens, in the same order and sizes
+//! as on a GPU, but no kernel or product runs. So this counts the pool's
+//! peak exactly as the crate asks for memory (the figure gpu_bench_train
+//! reads from the driver, `CU_MEMPOOL_ATTR_USED_MEM_HIGH`), in seconds on
+//! any machine; what it cannot see is the driver's own overhead (the
+//! context, cuBLAS's workspace, the pool's rounding), which a GPU run adds.
+//! The losses are meaningless (nothing computes).
+//!
+//!     cargo run --release --example device_memory -- [nf4|bf16] [BATCH] [SEQ] [RANK]
+//!
+//! Prints one line per step variant: the default bf16 step; the lean bf16
+//! step (bf16 adapter products, tensor-core attention); each with
+//! activation checkpointing; and the fp32 step.
+
+#[path = "../tests/common/gpu.rs"]
+#[allow(dead_code)]
+mod common;
+
+use lora::model::gpu::{Compute, DeviceModel, LoraPath};
+use lora::model::peft::AdapterSpec;
+use lora::model::{LoadOptions, Model};
+use lora::quant::nf4::Nf4Params;
+use lora::session::trainer::{Trainer, TrainerConfig};
+use parking_lot::Mutex;
+use std::sync::Arc;
+use std::time::Instant;
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("device_memory: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> lora::Result<()> {
+    let a: Vec<String> = std::env::args().skip(1).collect();
+    let mode = a.first().map(String::as_str).unwrap_or("nf4").to_string();
+    let num = |i: usize, d: usize| a.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
+    let (batch, seq, rank) = (num(1, 4), num(2, 1024), num(3, 16));
+    if lora::backend::cuda::driver_present() {
+        lora::bail!(InvalidState, "a CUDA driver is here: measure on the GPU (examples/gpu_bench_train.rs) instead");
+    }
+    // SAFETY: before any other thread runs; read by the fake libraries.
+    unsafe { std::env::set_var("LORA_FAKECUDA_COUNT_ONLY", "1") };
+    let dev = match common::device() {
+        Ok(d) => d.clone(),
+        Err(why) => lora::bail!(CudaUnavailable, "{why}"),
+    };
+    let cfg = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192,
+        "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 4096, "tie_word_embeddings": true,
+        "head_dim": 64
+    });
+    let quant = match mode.as_str() {
+        "nf4" => Some(Nf4Params::default()),
+        "bf16" => None,
+        m => lora::bail!(InvalidArgument, "mode {m}: nf4 or bf16"),
+    };
+    let t0 = Instant::now();
+    let mut m = Model::random(&cfg.to_string(), 0.02, LoadOptions { quantize: quant, seed: 1 })?;
+    m.add_adapter("a", AdapterSpec::new(rank, 2.0 * rank as f32))?;
+    let (trainable, total) = m.param_counts();
+    let model = Arc::new(Mutex::new(m));
+    println!(
+        "device memory of one training step, counted on the emulated CUDA device (count-only): {mode}, {:.3}B params ({trainable} trainable), batch {batch} x seq {seq}, r {rank} (model built in {:.0} s)",
+        total as f64 / 1e9,
+        t0.elapsed().as_secs_f64()
+    );
+    let ids: Vec<i32> = (0..batch * seq).map(|i| ((i as u64 * 2654435761) % 128256) as i32).collect();
+    let lean = |g: &mut DeviceModel| -> lora::Result<()> {
+        g.set_lora_path(LoraPath::BlasBf16)?;
+        g.set_lean(true);
+        g.set_tensor_core_attention(true)
+    };
+    let variants: [(&str, Compute, bool, bool); 5] = [
+        ("bf16 step (default)", Compute::BF16, false, false),
+        ("lean bf16 step", Compute::BF16, false, true),
+        ("bf16 step + checkpointing", Compute::BF16, true, false),
+        ("lean bf16 step + checkpointing", Compute::BF16, true, true),
+        ("fp32 step", Compute::F32, false, false),
+    ];
+    for (name, compute, ckpt, is_lean) in variants {
+        let mut t = Trainer::new(model.clone(), "a", TrainerConfig { checkpointing: ckpt, ..Default::default() })?;
+        t.use_device(Some((0, compute)))?;
+        if is_lean {
+            t.with_device_model(lean).expect("on the device")?;
+        }
+        let fixed = dev.pool_used_bytes()?;
+        dev.reset_pool_peak()?;
+        for _ in 0..2 {
+            // Nothing computes: a refused step (a non-finite loss read
+            // from untouched memory) has made every allocation all the same.
+            let _ = t.step(&ids, None, batch, seq, &mut |_, _| true);
+        }
+        let peak = dev.pool_peak_bytes()?;
+        println!(
+            "  {name:<32} peak pool {:6.2} GiB = {:5.2} GiB resident (weights, adapter, AdamW state) + {:5.2} GiB for the step",
+            peak as f64 / GIB,
+            fixed as f64 / GIB,
+            (peak - fixed) as f64 / GIB
+        );
+        t.use_device(None)?;
+    }
+    Ok(())
+}
