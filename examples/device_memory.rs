@@ -12,6 +12,7 @@
 //!
 //!     cargo run --release --example device_memory -- [nf4|bf16] [BATCH] [SEQ] [RANK]
 //!
+//! LORA_DEVICE_MEMORY_DETAIL=1 lists the allocations live at each peak.
 //! Prints one line per step variant: the default bf16 step; the lean bf16
 //! step (bf16 adapter products, tensor-core attention); each with
 //! activation checkpointing; and the fp32 step.
@@ -106,6 +107,16 @@ fn run() -> lora::Result<()> {
             fixed as f64 / GIB,
             (peak - fixed) as f64 / GIB
         );
+        if std::env::var("LORA_DEVICE_MEMORY_DETAIL").is_ok_and(|v| v == "1") {
+            // SAFETY: the fake driver's hook (tests/fakecuda/fake_cuda.cpp),
+            // loaded process-wide by common::device().
+            unsafe {
+                let this = libloading::os::unix::Library::this();
+                if let Ok(f) = this.get::<unsafe extern "C" fn()>(b"lora_fakecuda_peak_report") {
+                    f();
+                }
+            }
+        }
         t.use_device(None)?;
     }
     Ok(())

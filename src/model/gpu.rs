@@ -332,7 +332,10 @@ struct Acts {
     v: Saved,
     att: Saved,
     lse: CudaSlice<f32>,
-    x_mid: CudaSlice<f32>,
+    /// The residual after attention, `x_in + o_proj(att)`; `None` in the
+    /// lean training step, which recomputes it in the backward from the
+    /// layer's input and `att` (the same product: the same bits).
+    x_mid: Option<CudaSlice<f32>>,
     rstd2: CudaSlice<f32>,
     /// Gate and up projections (the MLP's two widest activations): fp32,
     /// or bf16 in BF16 mode (half the bytes; the backward widens them as
@@ -1152,13 +1155,8 @@ impl DeviceModel {
             self.tock(t, "attention forward")?;
             (Saved::F32(q), Saved::F32(k), Saved::F32(v), Saved::F32(att))
         };
-        let mut x_mid = d.duplicate(x)?;
-        let attb = match &att {
-            Saved::F32(a) => self.operand(a)?,
-            Saved::Bf16(_) => None,
-        };
-        hs[O] = self.lin_forward(l, O, rows, att.act(attb.as_ref()), n, &mut x_mid, 1.0)?;
-        drop(attb);
+        let (x_mid, h_o) = self.attn_residual(l, rows, x, &att)?;
+        hs[O] = h_o;
         // MLP block.
         let mut rstd2 = out_buf::<f32>(d, n)?;
         let (h2, h2b) = self.normed(&x_mid, &self.layers[l].mlp_norm, n, Some(&mut rstd2), false)?;
@@ -1172,12 +1170,13 @@ impl DeviceModel {
             hs[GATE] = self.lin_forward(l, GATE, rows, h2a, n, &mut gb, 0.0)?;
             hs[UP] = self.lin_forward(l, UP, rows, h2a, n, &mut ub, 0.0)?;
             drop((h2, h2b));
-            let mut x_out = d.duplicate(&x_mid)?;
+            // x_mid becomes x_out (no copy): the backward recomputes it.
+            let mut x_out = x_mid;
             let mut ab = out_buf::<u16>(d, n * it)?;
             cswiglu::swiglu_forward_bf16(d, &gb.as_view(), &ub.as_view(), None, Some(&mut ab.as_view_mut()))?;
             hs[DOWN] = self.lin_forward(l, DOWN, rows, Act::Bf16(&ab), n, &mut x_out, 1.0)?;
             let (g, u) = (Saved::Bf16(gb), Saved::Bf16(ub));
-            return Ok((Acts { rstd1, q, k, v, att, lse, x_mid, rstd2, g, u, hs }, x_out));
+            return Ok((Acts { rstd1, q, k, v, att, lse, x_mid: None, rstd2, g, u, hs }, x_out));
         }
         let mut g = out_buf::<f32>(d, n * it)?;
         let mut u = out_buf::<f32>(d, n * it)?;
@@ -1203,7 +1202,21 @@ impl DeviceModel {
             None => (Saved::F32(g), Saved::F32(u)),
         };
         hs[DOWN] = self.lin_forward(l, DOWN, rows, act_of(&a, &ab)?, n, &mut x_out, 1.0)?;
-        Ok((Acts { rstd1, q, k, v, att, lse, x_mid, rstd2, g, u, hs }, x_out))
+        Ok((Acts { rstd1, q, k, v, att, lse, x_mid: Some(x_mid), rstd2, g, u, hs }, x_out))
+    }
+
+    /// `x_mid = x + o_proj(att)` (with the adapter's `att·Aᵀ` for the
+    /// backward): the forward's, and the lean backward's recomputation of
+    /// it, one code path so that both give the same bits.
+    fn attn_residual(&self, l: usize, rows: Rows<'_>, x: &CudaSlice<f32>, att: &Saved) -> Result<(CudaSlice<f32>, Option<CudaSlice<f32>>)> {
+        let n = x.len() / self.cfg.hidden_size;
+        let mut x_mid = self.dev.duplicate(x)?;
+        let attb = match att {
+            Saved::F32(a) => self.operand(a)?,
+            Saved::Bf16(_) => None,
+        };
+        let h = self.lin_forward(l, O, rows, att.act(attb.as_ref()), n, &mut x_mid, 1.0)?;
+        Ok((x_mid, h))
     }
 
     /// Whether the step is lean (BF16 mode with bf16 adapter products,
@@ -1218,7 +1231,10 @@ impl DeviceModel {
     /// adapter has dropout), the head writes bf16 logits and the
     /// cross-entropy works on them in place, and with tensor-core attention
     /// q, k, v and the attention output are kept in bf16 (the kernels' bf16
-    /// form). So a lean training step rounds more than the same mode
+    /// form); the residual after attention is not kept but recomputed in
+    /// the backward from the layer's input and the attention output (the
+    /// output projection again: same bits, half a layer's fp32 residuals
+    /// less memory). So a lean training step rounds more than the same mode
     /// holding both forms (gate/up, the SwiGLU product's gradient, logits,
     /// and the attention backward's `δ = rowsum(dO∘O)` from the bf16 `O`),
     /// and its LoRA dropout masks the bf16 inputs widened; inference
@@ -1682,6 +1698,10 @@ impl DeviceModel {
         let dgb = match dgb {
             None if !lean => dg.as_ref().map(|g| self.operand(g)).transpose()?.flatten(),
             other => other,
+        };
+        let x_mid = match x_mid {
+            Some(x) => x,
+            None => self.attn_residual(l, Rows::Train(tr), x_in, &att)?.0,
         };
         let (h2, h2b) = self.normed(&x_mid, &self.layers[l].mlp_norm, n, None, true)?;
         let h2a = act_of(&h2, &h2b)?;

@@ -11,6 +11,7 @@
 // marshalling against the kernels' signatures, buffer sizes: every
 // allocation is guarded and poisoned) on the kernels' real logic. What it
 // cannot: the GPU's instructions, timing, races between streams.
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -19,6 +20,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <vector>
 #include <sys/mman.h>
 
 typedef int CUresult;
@@ -37,6 +39,11 @@ std::mutex mu;
 // `mapped`.
 std::map<uintptr_t, size_t> live;
 std::map<uintptr_t, size_t> mapped;
+// In count-only mode, the live allocations at the pool's peak, and when
+// each was made (a count of allocations).
+std::map<uintptr_t, size_t> peak_live;
+std::map<uintptr_t, unsigned long> born, peak_born;
+unsigned long allocs;
 size_t used = 0, used_high = 0, reserved_high = 0;
 std::string module_dir;
 int ctx_token, stream_token, pool_token, event_token;
@@ -66,7 +73,11 @@ CUresult alloc(CUdeviceptr* p, size_t n) {
     uintptr_t a = reinterpret_cast<uintptr_t>(raw + GUARD);
     live[a] = n;
     used += n;
-    if (used > used_high) used_high = used;
+    if (count_only()) born[a] = allocs++;
+    if (used > used_high) {
+        used_high = used;
+        if (count_only()) peak_live = live, peak_born = born;
+    }
     if (used > reserved_high) reserved_high = used;
     *p = a;
     return OK;
@@ -102,6 +113,7 @@ CUresult release(uintptr_t a) {
         }
         n = it->second;
         live.erase(it);
+        born.erase(a);
         if (mapped.erase(a)) {
             munmap(reinterpret_cast<void*>(a), n);
             return OK;
@@ -151,6 +163,29 @@ struct Function { Wrapper w; std::string name; };
 }  // namespace
 
 extern "C" {
+// Test hook (not CUDA API), count-only mode: the live pool allocations at
+// the pool's peak, by size (largest total first), to stderr.
+void lora_fakecuda_peak_report() {
+    std::lock_guard<std::mutex> g(mu);
+    std::map<size_t, size_t> by;
+    for (auto& [a, n] : peak_live)
+        if (!mapped.count(a)) by[n]++;
+    std::vector<std::pair<size_t, size_t>> v(by.begin(), by.end());
+    std::sort(v.begin(), v.end(), [](auto& x, auto& y) { return x.first * x.second > y.first * y.second; });
+    size_t total = 0;
+    for (auto& [n, c] : v) total += n * c;
+    std::fprintf(stderr, "    at the peak: %zu allocations, %.1f MiB\n", peak_live.size(), total / 1048576.0);
+    for (auto& [n, c] : v)
+        if (n * c >= (1u << 20)) std::fprintf(stderr, "      %4zu x %10.2f MiB = %8.1f MiB\n", c, n / 1048576.0, n * c / 1048576.0);
+    // The youngest: what the step was doing at the peak.
+    std::vector<std::pair<unsigned long, size_t>> young;
+    for (auto& [a, n] : peak_live) young.push_back({peak_born[a], n});
+    std::sort(young.rbegin(), young.rend());
+    std::fprintf(stderr, "      youngest (MiB, newest first):");
+    for (size_t i = 0; i < young.size() && i < 12; i++) std::fprintf(stderr, " %.2f", young[i].second / 1048576.0);
+    std::fprintf(stderr, "\n");
+}
+
 // The test hook (not CUDA API): where the modules are.
 void lora_fakecuda_set_module_dir(const char* dir) { std::lock_guard<std::mutex> g(mu); module_dir = dir; }
 
@@ -244,7 +279,11 @@ CUresult cuMemsetD32Async(CUdeviceptr d, unsigned v, size_t n, void*) {
 CUresult cuDeviceGetDefaultMemPool(void** pool, CUdevice) { *pool = &pool_token; return OK; }
 CUresult cuMemPoolSetAttribute(void*, int attr, void* v) {
     std::lock_guard<std::mutex> g(mu);
-    if (attr == 8) used_high = used;        // USED_MEM_HIGH: reset
+    if (attr == 8) {                        // USED_MEM_HIGH: reset
+        used_high = used;
+        peak_live = live;
+        peak_born = born;
+    }
     if (attr == 6) reserved_high = used;    // RESERVED_MEM_HIGH: reset
     (void)v;
     return OK;
