@@ -145,3 +145,26 @@ extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
                           float* __restrict__ dgate, float* __restrict__ dup, u16* __restrict__ dgate_b, u16* __restrict__ dup_b) {
     swiglu_bwd_out(gate, up, dh, n, dgate, dup, dgate_b, dup_b);
 }
+
+// In place from bf16 gate and up: gate <- bf16(dgate), up <- bf16(dup), the
+// bf16 outputs of swiglu_bwd_out_bf16 / _bf16dh (each element read before
+// it is written, by the one thread that writes it).
+template <typename TD>
+__device__ __forceinline__ void swiglu_bwd_inplace_b(u16* gate, u16* up, const TD* __restrict__ dh, u64 n) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        float dg, du;
+        swiglu_grad(swiglu_widen(gate[i]), swiglu_widen(up[i]), swiglu_ld(dh + i), &dg, &du);
+        gate[i] = swiglu_bf16(dg);
+        up[i] = swiglu_bf16(du);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
+    swiglu_bwd_inplace_bf16(u16* __restrict__ gate, u16* __restrict__ up, const float* __restrict__ dh, u64 n) {
+    swiglu_bwd_inplace_b(gate, up, dh, n);
+}
+
+extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
+    swiglu_bwd_inplace_bf16dh(u16* __restrict__ gate, u16* __restrict__ up, const u16* __restrict__ dh, u64 n) {
+    swiglu_bwd_inplace_b(gate, up, dh, n);
+}

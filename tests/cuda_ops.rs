@@ -319,7 +319,18 @@ fn fused_swiglu_matches_the_unfused(dev: &CudaDevice, gate: &[f32], up: &[f32], 
         }
         (f32_of(&dg).iter().map(|v| v.to_bits()).collect::<Vec<u32>>(), f32_of(&du).iter().map(|v| v.to_bits()).collect::<Vec<u32>>(), dev.download(&dgb).unwrap(), dev.download(&dub).unwrap())
     };
-    assert_eq!(run_bwd(true), run_bwd(false), "swiglu backward with bf16 dh: not the fp32-dh kernel's bits on the widened dh");
+    let want = run_bwd(true);
+    assert_eq!(want, run_bwd(false), "swiglu backward with bf16 dh: not the fp32-dh kernel's bits on the widened dh");
+    // In place over the bf16 gate and up: their bf16 outputs' bits.
+    for bf_dh in [false, true] {
+        let (mut g, mut u) = (dev.upload(&gb).unwrap(), dev.upload(&ub).unwrap());
+        let dh = if bf_dh { gswiglu::Dh::Bf16(&dhbd.as_view()) } else { gswiglu::Dh::F32(&dhwd.as_view()) };
+        gswiglu::swiglu_backward_bf16_inplace(dev, &mut g.as_view_mut(), &mut u.as_view_mut(), dh).unwrap();
+        assert_eq!(dev.download(&g).unwrap(), want.2, "swiglu backward in place (bf16 dh: {bf_dh}): dgate");
+        assert_eq!(dev.download(&u).unwrap(), want.3, "swiglu backward in place (bf16 dh: {bf_dh}): dup");
+    }
+    let (mut g, mut u) = (dev.upload(&gb).unwrap(), dev.upload(&ub[1..].to_vec()).unwrap());
+    assert!(gswiglu::swiglu_backward_bf16_inplace(dev, &mut g.as_view_mut(), &mut u.as_view_mut(), gswiglu::Dh::Bf16(&dhbd.as_view())).is_err(), "a short up was taken");
 }
 
 // ---------------------------------------------------------------- embedding

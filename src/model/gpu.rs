@@ -1668,12 +1668,14 @@ impl DeviceModel {
                     Saved::Bf16(dab)
                 };
                 drop(ab);
-                let (mut dgb, mut dub) = (out_buf::<u16>(d, n * it)?, out_buf::<u16>(d, n * it)?);
-                let out = cswiglu::SwigluGrads { dgate_bf16: Some(&mut dgb.as_view_mut()), dup_bf16: Some(&mut dub.as_view_mut()), ..Default::default() };
-                match &da {
-                    Saved::F32(da) => cswiglu::swiglu_backward_bf16(d, &gb.as_view(), &ub.as_view(), &da.as_view(), out)?,
-                    Saved::Bf16(dab) => cswiglu::swiglu_backward_bf16_dh(d, &gb.as_view(), &ub.as_view(), &dab.as_view(), out)?,
-                }
+                // The gradients over gate and up themselves (not needed
+                // after this pass): no second pair of buffers.
+                let (mut dgb, mut dub) = (gb, ub);
+                let dh = match &da {
+                    Saved::F32(da) => cswiglu::Dh::F32(&da.as_view()),
+                    Saved::Bf16(dab) => cswiglu::Dh::Bf16(&dab.as_view()),
+                };
+                cswiglu::swiglu_backward_bf16_inplace(d, &mut dgb.as_view_mut(), &mut dub.as_view_mut(), dh)?;
                 (None, None, Some(dgb), Some(dub))
             }
             (Saved::Bf16(gb), Saved::Bf16(ub)) => {

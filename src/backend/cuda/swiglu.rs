@@ -201,6 +201,37 @@ pub fn swiglu_backward_inplace(dev: &CudaDevice, gate: &mut CudaViewMut<'_, f32>
     launch_kernel!(dev, f, name, launch_cfg((stride_grid(n64, SWIGLU_THREADS), 1), SWIGLU_THREADS), [gate, up, dh, &n64])
 }
 
+/// `dh` of [`swiglu_backward_bf16_inplace`]: fp32, or bf16 (widened
+/// exactly).
+pub enum Dh<'a, 'b> {
+    F32(&'a CudaView<'b, f32>),
+    Bf16(&'a CudaView<'b, u16>),
+}
+
+/// [`swiglu_backward_bf16`] (or `_dh`) in place, bf16 outputs only: on
+/// return `gate` holds the bf16 dgate and `up` the bf16 dup, the bits those
+/// kernels write to `dgate_bf16`, `dup_bf16` (no second pair of buffers).
+pub fn swiglu_backward_bf16_inplace(dev: &CudaDevice, gate: &mut CudaViewMut<'_, u16>, up: &mut CudaViewMut<'_, u16>, dh: Dh<'_, '_>) -> Result<()> {
+    let n = gate.len();
+    let gp = out_ptr(dev, n, Some(gate), "swiglu gate (in place)")?;
+    let up_ = out_ptr(dev, n, Some(up), "swiglu up (in place)")?;
+    let (dhp, name) = match dh {
+        Dh::F32(v) => {
+            check(dev, n, &[(v, "dh")])?;
+            (v.device_ptr(&dev.stream).0, "swiglu_bwd_inplace_bf16")
+        }
+        Dh::Bf16(v) => (in_ptr_bf16(dev, n, v, "dh")?, "swiglu_bwd_inplace_bf16dh"),
+    };
+    if n == 0 {
+        return Ok(());
+    }
+    let n64 = n as u64;
+    let f = dev.function(&SWIGLU_CU, name)?;
+    // SAFETY: (ptr, ptr, ptr, u64) as the kernels; elements < n of each
+    // buffer (lengths checked).
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(n64, SWIGLU_THREADS), 1), SWIGLU_THREADS), [&gp, &up_, &dhp, &n64])
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
