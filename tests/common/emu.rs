@@ -224,6 +224,13 @@ static void emu_fiber_start(unsigned t, char* stack_top) {
     makecontext(&emu_ctx[t], emu_fiber_main, 0);
 }
 #endif
+// The order the fibers take turns in: thread 0 first, or with
+// LORA_EMU_ORDER=reverse the last first (and the blocks likewise). Between two barriers each fiber
+// runs alone to its next one, so a missing barrier (a thread reading what
+// another writes in the same phase) goes unseen in one of the two orders
+// when the writer happens to run first; running the tests in both catches
+// it either way.
+static const bool emu_reverse = [] { const char* v = std::getenv("LORA_EMU_ORDER"); return v && std::strcmp(v, "reverse") == 0; }();
 // Runs f for every block of grid (x fastest), `block` threads each.
 template <class F> void emu_launch3(dim3 grid, unsigned block, F f) {
     if (block == 0 || block > 1024 || block % 32 != 0) std::abort();
@@ -241,9 +248,12 @@ template <class F> void emu_launch3(dim3 grid, unsigned block, F f) {
     emu_done.assign(block, 0);
     emu_body = [](void* p) { (*static_cast<F*>(p))(); };
     emu_body_arg = &f;
-    for (unsigned z = 0; z < grid.z; ++z)
-        for (unsigned y = 0; y < grid.y; ++y)
-            for (unsigned x = 0; x < grid.x; ++x) {
+    for (unsigned zi = 0; zi < grid.z; ++zi)
+        for (unsigned yi = 0; yi < grid.y; ++yi)
+            for (unsigned xi = 0; xi < grid.x; ++xi) {
+                // Blocks too run in reverse with LORA_EMU_ORDER=reverse (a
+                // block that reads another's output is the same mistake).
+                const unsigned x = emu_reverse ? grid.x - 1 - xi : xi, y = emu_reverse ? grid.y - 1 - yi : yi, z = emu_reverse ? grid.z - 1 - zi : zi;
                 blockIdx = dim3{x, y, z};
                 emu_live = block;
                 emu_bar_count = 0;
@@ -258,7 +268,8 @@ template <class F> void emu_launch3(dim3 grid, unsigned block, F f) {
                 for (unsigned left = block; left > 0;) {
                     const unsigned long long before = emu_progress;
                     left = 0;
-                    for (unsigned t = 0; t < block; ++t) {
+                    for (unsigned i = 0; i < block; ++i) {
+                        const unsigned t = emu_reverse ? block - 1 - i : i;
                         if (emu_done[t]) continue;
                         emu_cur = t;
                         threadIdx = dim3{t, 0, 0};
