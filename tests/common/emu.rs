@@ -179,8 +179,25 @@ inline void emu_mma(float* c, unsigned a0, unsigned a1, unsigned a2, unsigned a3
         c[i] = s;
     }
 }
-// Dynamic shared memory (extern __shared__), one block at a time.
-alignas(16) static unsigned char emu_dyn_smem[1 << 18];
+// Dynamic shared memory (extern __shared__), one block at a time: the
+// last `emu_dyn_bytes` (the launch's request, rounded up to 16; set by the
+// emulated device's launch wrapper) of a 256 KiB region followed by an
+// inaccessible page, so that a kernel using more than its launch asked for
+// faults here as it would corrupt on the GPU. Unset (the kernel tests'
+// direct launches): the whole region.
+static unsigned emu_dyn_bytes = ~0u;
+inline unsigned char* emu_dyn_smem() {
+    constexpr size_t REGION = 1 << 18;
+    static unsigned char* region = [] {
+        void* m = mmap(nullptr, REGION + 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED || mprotect(static_cast<unsigned char*>(m) + REGION, 4096, PROT_NONE) != 0) std::abort();
+        return static_cast<unsigned char*>(m);
+    }();
+    if (emu_dyn_bytes == ~0u) return region;
+    const size_t n = (size_t(emu_dyn_bytes) + 15) / 16 * 16;
+    if (n > REGION) std::abort();
+    return region + REGION - n;
+}
 static std::mutex emu_launch_lock;  // one launch at a time: the state above is global
 constexpr size_t EMU_STACK = 256 << 10;  // per fiber (mapped once, touched as used)
 static char* emu_stacks;
@@ -300,7 +317,7 @@ pub const SUBST: [(&str, &str); 5] = [
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));"#,
         "emu_mma(c, a0, a1, a2, a3, b0, b1);",
     ),
-    ("extern __shared__ __align__(16) unsigned char atc_smem[];", "unsigned char* atc_smem = emu_dyn_smem;"),
+    ("extern __shared__ __align__(16) unsigned char atc_smem[];", "unsigned char* atc_smem = emu_dyn_smem();"),
 ];
 
 /// CUDA's device `min` and `max`, for the operand types the kernels use.

@@ -111,7 +111,7 @@ fn module_source(k: &cuda::nvrtc::KernelSource) -> String {
     let ks = kernels(&text);
     assert!(!ks.is_empty(), "cuda/{} declares no kernels", k.name);
     for (name, types) in ks {
-        src.push_str(&format!("extern \"C\" void emuw_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned, void** p) {{\n"));
+        src.push_str(&format!("extern \"C\" void emuw_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned smem, void** p) {{\n    emu_dyn_bytes = smem;\n"));
         let mut args = Vec::new();
         for (i, t) in types.iter().enumerate() {
             src.push_str(&format!("    using T{i} = {t};\n    T{i} a{i} = *static_cast<T{i}*>(p[{i}]);\n"));

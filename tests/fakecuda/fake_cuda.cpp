@@ -159,7 +159,9 @@ CUresult copy(uintptr_t dst, uintptr_t src, size_t n, bool dst_dev, bool src_dev
 
 struct Module { void* so; };
 typedef void (*Wrapper)(unsigned, unsigned, unsigned, unsigned, unsigned, void**);
-struct Function { Wrapper w; std::string name; };
+// max_dyn: CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (48 KiB unless
+// raised, as on the GPU, where a launch asking for more fails).
+struct Function { Wrapper w; std::string name; int max_dyn = 48 << 10; };
 }  // namespace
 
 extern "C" {
@@ -332,7 +334,13 @@ CUresult cuModuleGetFunction(void** f, void* m, const char* name) {
     *f = new Function{reinterpret_cast<Wrapper>(w), name};
     return OK;
 }
-CUresult cuFuncSetAttribute(void*, int, int) { return OK; }
+CUresult cuFuncSetAttribute(void* f, int attr, int v) {
+    if (attr == 8) {  // MAX_DYNAMIC_SHARED_SIZE_BYTES
+        if (v < 0 || v > (227 << 10)) return INVALID_VALUE;
+        static_cast<Function*>(f)->max_dyn = v;
+    }
+    return OK;
+}
 CUresult cuFuncGetAttribute(int* v, int, void*) { *v = 0; return OK; }
 CUresult cuFuncSetCacheConfig(void*, int) { return OK; }
 CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, unsigned smem, void*, void** params, void** extra) {
@@ -343,6 +351,10 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
         return INVALID_VALUE;
     }
     if (gy > 65535 || gz > 65535) return INVALID_VALUE;
+    if (smem > (unsigned)fn->max_dyn) {
+        std::fprintf(stderr, "fake CUDA: launch of %s with %u bytes of dynamic shared memory, above its %d (cuFuncSetAttribute MAX_DYNAMIC_SHARED_SIZE_BYTES)\n", fn->name.c_str(), smem, fn->max_dyn);
+        return INVALID_VALUE;
+    }
     if (!count_only()) fn->w(gx, gy, gz, bx, smem, params);
     return OK;
 }
