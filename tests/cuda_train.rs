@@ -24,7 +24,10 @@
 //! the CPU, or saved on the GPU and resumed on the CPU, continues with the
 //! CPU's numbers (fp32 bounds).
 //!
-//! Skips without a GPU (a failure under LORA_REQUIRE_GPU=1).
+//! Without a GPU every test runs on the emulated device
+//! (tests/common/fakecuda.rs), the 20-step comparison with 2 steps there;
+//! it skips where there is no C++ compiler (a failure under
+//! LORA_REQUIRE_GPU=1).
 
 #[path = "common/gpu.rs"]
 #[allow(dead_code)]
@@ -163,14 +166,16 @@ fn check_losses(what: &str, want: &[(f64, f64)], got: &[(f64, f64)], tol: f64) -
 
 #[test]
 fn twenty_steps_match_the_cpu() {
-    let Some(_) = common::gpu_only("twenty_steps_match_the_cpu") else { return };
+    let Some(_) = common::gpu("twenty_steps_match_the_cpu") else { return };
+    // Two steps on the emulated device (twenty take it ten minutes).
+    let steps = if common::emulated() { 2 } else { STEPS };
     for c in cases() {
         let vocab = (c.model)().vocab();
         let ids = tokens(c.batch * c.seq, vocab, 7);
         let mut cpu = trainer((c.model)(), cfg(), None);
-        let want = run(&mut cpu, &ids, c.batch, c.seq, STEPS);
+        let want = run(&mut cpu, &ids, c.batch, c.seq, steps);
         let mut g32 = trainer((c.model)(), cfg(), Some(Compute::F32));
-        let got = run(&mut g32, &ids, c.batch, c.seq, STEPS);
+        let got = run(&mut g32, &ids, c.batch, c.seq, steps);
         let (mut el, mut eg) = (0f64, 0f64);
         for (i, ((lc, nc), (lg, ng))) in want.iter().zip(&got).enumerate() {
             let (dl, dn) = ((lg - lc).abs() / lc.abs(), (ng - nc).abs() / nc.abs().max(1e-12));
@@ -180,32 +185,32 @@ fn twenty_steps_match_the_cpu() {
             eg = eg.max(dn);
         }
         let ew = rel_l2(&weights(&g32), &weights(&cpu));
-        assert!(ew <= 2e-3, "{}: adapter after {STEPS} steps differs by {ew:.2e} (rel L2)", c.name);
+        assert!(ew <= 2e-3, "{}: adapter after {steps} steps differs by {ew:.2e} (rel L2)", c.name);
         // The same with the adapter products on the crate's LoRA kernels,
         // and the head and loss over chunks of 7 rows.
         let mut gk = trainer((c.model)(), cfg(), Some(Compute::F32));
         gk.set_lora_kernels(true).unwrap();
         gk.with_device_model(|g| g.set_head_chunk_elems(7 * vocab)).unwrap();
-        let gotk = run(&mut gk, &ids, c.batch, c.seq, STEPS);
+        let gotk = run(&mut gk, &ids, c.batch, c.seq, steps);
         check_losses(&format!("{} fp32, LoRA kernels, 7-row head chunks", c.name), &want, &gotk, 1e-4);
         let mut g16 = trainer((c.model)(), cfg(), Some(Compute::BF16));
-        let got16 = run(&mut g16, &ids, c.batch, c.seq, STEPS);
+        let got16 = run(&mut g16, &ids, c.batch, c.seq, steps);
         let e16 = check_losses(&format!("{} bf16", c.name), &want, &got16, 2e-2);
-        assert!(got16[STEPS - 1].0 < got16[0].0, "{}: bf16 loss did not fall: {:?}", c.name, got16);
+        assert!(got16[steps - 1].0 < got16[0].0, "{}: bf16 loss did not fall: {:?}", c.name, got16);
         // The same with attention on tensor cores (where head_dim allows).
         let mut tc = trainer((c.model)(), cfg(), Some(Compute::BF16));
         tc.set_tensor_core_attention(true).unwrap();
-        let gottc = run(&mut tc, &ids, c.batch, c.seq, STEPS);
+        let gottc = run(&mut tc, &ids, c.batch, c.seq, steps);
         let etc = check_losses(&format!("{} bf16, tensor-core attention", c.name), &want, &gottc, 2e-2);
-        assert!(gottc[STEPS - 1].0 < gottc[0].0, "{}: loss with tensor-core attention did not fall: {:?}", c.name, gottc);
+        assert!(gottc[steps - 1].0 < gottc[0].0, "{}: loss with tensor-core attention did not fall: {:?}", c.name, gottc);
         // The same with the adapter products on bf16 operands too (PyTorch
         // autocast's precision).
         let mut tb = trainer((c.model)(), cfg(), Some(Compute::BF16));
         tb.set_tensor_core_attention(true).unwrap();
         tb.with_device_model(lean_step).unwrap();
-        let gottb = run(&mut tb, &ids, c.batch, c.seq, STEPS);
+        let gottb = run(&mut tb, &ids, c.batch, c.seq, steps);
         let etb = check_losses(&format!("{} bf16, tensor-core attention, bf16 adapter products", c.name), &want, &gottb, 2e-2);
-        assert!(gottb[STEPS - 1].0 < gottb[0].0, "{}: loss with bf16 adapter products did not fall: {:?}", c.name, gottb);
+        assert!(gottb[steps - 1].0 < gottb[0].0, "{}: loss with bf16 adapter products did not fall: {:?}", c.name, gottb);
         // The same without the lean step (every activation also in fp32):
         // the lean step's extra roundings (gate/up, the SwiGLU product's
         // gradient, logits, δ from the bf16 o) stay well inside the bf16
@@ -213,21 +218,21 @@ fn twenty_steps_match_the_cpu() {
         let mut tf = trainer((c.model)(), cfg(), Some(Compute::BF16));
         tf.set_tensor_core_attention(true).unwrap();
         tf.with_device_model(full_step).unwrap();
-        let gottf = run(&mut tf, &ids, c.batch, c.seq, STEPS);
+        let gottf = run(&mut tf, &ids, c.batch, c.seq, steps);
         let elean = check_losses(&format!("{} lean bf16 step against the full one", c.name), &gottf, &gottb, 1e-2);
         // ... and it is a different computation (gate/up and the logits
         // rounded to bf16): the switch reaches the step.
         assert_ne!(gottf, gottb, "{}: the lean and the full bf16 step gave the same bits: set_lean did nothing", c.name);
-        eprintln!("{}: lean bf16 step within {elean:.2e} (max rel loss) of the full bf16 step over {STEPS} steps", c.name);
+        eprintln!("{}: lean bf16 step within {elean:.2e} (max rel loss) of the full bf16 step over {steps} steps", c.name);
         eprintln!(
             "{} ({}×{}): CPU loss {:.5} → {:.5}; GPU fp32 max rel loss {el:.2e}, grad norm {eg:.2e}, adapter {ew:.2e}; GPU bf16 max rel loss {e16:.2e} ({:.5} → {:.5}), with tensor-core attention {etc:.2e}, and bf16 adapter products {etb:.2e}",
             c.name,
             c.batch,
             c.seq,
             want[0].0,
-            want[STEPS - 1].0,
+            want[steps - 1].0,
             got16[0].0,
-            got16[STEPS - 1].0
+            got16[steps - 1].0
         );
     }
 }

@@ -37,10 +37,17 @@ pub const EMU_SHIM: &str = r#"
 #include <vector>
 struct dim3 { unsigned x, y, z; };
 // The fibers of a block run on the launching OS thread, one at a time;
-// the scheduler sets threadIdx before resuming each.
-static thread_local dim3 threadIdx, blockIdx;
+// the scheduler sets threadIdx before resuming each. Not thread_local: one
+// launch at a time per library (emu_launch_lock), and a thread-local
+// variable in a shared library costs a call at every use.
+static dim3 threadIdx, blockIdx;
 static dim3 blockDim, gridDim;
-static unsigned long long emu_slots[1024];
+// A shuffle's published values, two sets used in turn (so one barrier per
+// shuffle: a lane that reaches the next shuffle writes the other set, and
+// one two shuffles on has passed a barrier every lane reaches only after
+// its read), and each thread's count of shuffles.
+static unsigned long long emu_slots[2][1024];
+static unsigned emu_shfl_count[1024];
 static std::vector<char> emu_done;
 static unsigned emu_cur;                        // the fiber running now
 // Switching fibers. On x86-64 a few instructions that keep the registers
@@ -116,13 +123,13 @@ inline float __logf(float x) { return std::log(x); }
 // A warp shuffle: every lane publishes v, then reads lane `src` (0..31).
 template <class T> T emu_shfl(T v, unsigned src) {
     static_assert(sizeof(T) <= 8, "shuffle of a wide type");
-    unsigned t = threadIdx.x, w = t / 32;
+    const unsigned t = threadIdx.x;
     unsigned long long raw = 0;
     std::memcpy(&raw, &v, sizeof(T));
-    emu_slots[t] = raw;
+    unsigned long long* slots = emu_slots[emu_shfl_count[t]++ & 1u];
+    slots[t] = raw;
     emu_warp_sync();
-    raw = emu_slots[(t & ~31u) | (src & 31u)];
-    emu_warp_sync();
+    raw = slots[(t & ~31u) | (src & 31u)];
     T r;
     std::memcpy(&r, &raw, sizeof(T));
     return r;
@@ -277,6 +284,7 @@ template <class F> void emu_launch3(dim3 grid, unsigned block, F f) {
                 for (unsigned w = 0; w < block / 32; ++w) { emu_warp_live[w] = 32; emu_warp_count[w] = 0; }
                 for (unsigned t = 0; t < block; ++t) {
                     emu_done[t] = 0;
+                    emu_shfl_count[t] = 0;
                     emu_fiber_start(t, emu_stacks + size_t(t + 1) * EMU_STACK);
                 }
                 // Round robin until every thread of the block has returned;

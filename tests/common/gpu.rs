@@ -63,16 +63,11 @@ pub fn gpu(test: &str) -> Option<&'static Arc<CudaDevice>> {
     }
 }
 
-/// As [`gpu`], for the tests too long for the emulated device: they skip
-/// there unless LORA_CUDA_EMULATE=1.
+/// Whether the device is the emulated one (slow: a test may shrink its
+/// work there).
 #[allow(dead_code)]
-pub fn gpu_only(test: &str) -> Option<&'static Arc<CudaDevice>> {
-    let d = gpu(test)?;
-    if EMULATED.load(std::sync::atomic::Ordering::Relaxed) && std::env::var("LORA_CUDA_EMULATE").map_or(true, |v| v != "1") {
-        eprintln!("SKIPPED {test}: too long for the emulated CUDA device (no GPU here; LORA_CUDA_EMULATE=1 runs it there)");
-        return None;
-    }
-    Some(d)
+pub fn emulated() -> bool {
+    EMULATED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// SplitMix64: small, seeded, good enough for test data.
