@@ -329,7 +329,7 @@ fn fused_swiglu_matches_the_unfused(dev: &CudaDevice, gate: &[f32], up: &[f32], 
         assert_eq!(dev.download(&g).unwrap(), want.2, "swiglu backward in place (bf16 dh: {bf_dh}): dgate");
         assert_eq!(dev.download(&u).unwrap(), want.3, "swiglu backward in place (bf16 dh: {bf_dh}): dup");
     }
-    let (mut g, mut u) = (dev.upload(&gb).unwrap(), dev.upload(&ub[1..].to_vec()).unwrap());
+    let (mut g, mut u) = (dev.upload(&gb).unwrap(), dev.upload(&ub[1..]).unwrap());
     assert!(gswiglu::swiglu_backward_bf16_inplace(dev, &mut g.as_view_mut(), &mut u.as_view_mut(), gswiglu::Dh::Bf16(&dhbd.as_view())).is_err(), "a short up was taken");
 }
 
