@@ -24,8 +24,7 @@ use lora::backend::cuda::CudaDevice;
 #[path = "common/gpu.rs"]
 mod harness;
 use harness::{gpu, Rng};
-#[path = "common/emu.rs"]
-mod emu;
+use harness::emu;
 
 /// The bounds are first order in u and take magnitudes from f64 values
 /// that stand in for the f32 ones each side computed; 1.5 covers both.

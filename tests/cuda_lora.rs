@@ -261,8 +261,7 @@ fn backward_matches_the_cpu() {
 // (rows without an adapter untouched), within the bounds of the GPU tests
 // above (`dot_tol`, `accum_tol` times SLACK).
 
-#[path = "common/emu.rs"]
-mod emu;
+use harness::emu;
 
 const EMU_ENTRY: &str = r#"
 extern "C" {

@@ -31,8 +31,7 @@ use std::sync::OnceLock;
 #[path = "common/gpu.rs"]
 mod harness;
 use harness::{gpu, Rng};
-#[path = "common/emu.rs"]
-mod emu;
+use harness::emu;
 
 /// NF4 code values and midpoint thresholds, as the spec computes them
 /// (fp32 sum, then halving), to plant exact ties in test data.

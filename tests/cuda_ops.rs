@@ -794,8 +794,7 @@ fn emulated_training_step_kernels_match_the_cpu() {
 }
 type EmuEw = unsafe extern "C" fn(i32, u32, *mut f32, *const f32, u64, u32, *mut u16);
 
-#[path = "common/emu.rs"]
-mod emu;
+use harness::emu;
 
 /// The emulation library of these kernel families, built once per process
 /// (or why the tests skip).

@@ -12,7 +12,7 @@ pub fn require_gpu() -> bool {
 
 #[path = "emu.rs"]
 #[allow(dead_code)]
-mod emu;
+pub mod emu;
 #[path = "fakecuda.rs"]
 #[allow(dead_code)]
 pub mod fakecuda;
@@ -29,7 +29,7 @@ pub fn device() -> &'static Result<Arc<CudaDevice>, String> {
         let d = match cuda::open(0) {
             Ok(d) => d,
             Err(e) => {
-                let want = std::env::var("LORA_CUDA_EMULATE").map_or(true, |v| v != "0");
+                let want = std::env::var("LORA_CUDA_EMULATE").as_deref() != Ok("0");
                 if !want || require_gpu() || cuda::driver_present() {
                     return Err(format!("no CUDA device: {}", e.message));
                 }
