@@ -14,8 +14,9 @@
 //!
 //! LORA_DEVICE_MEMORY_DETAIL=1 lists the allocations live at each peak.
 //! Prints one line per step variant: the default bf16 step; the lean bf16
-//! step (bf16 adapter products, tensor-core attention); each with
-//! activation checkpointing; and the fp32 step.
+//! step (bf16 adapter products, tensor-core attention), and the same
+//! keeping q, k and v instead of recomputing them; the default and lean
+//! steps with activation checkpointing; and the fp32 step.
 
 #[path = "../tests/common/gpu.rs"]
 #[allow(dead_code)]
@@ -80,18 +81,24 @@ fn run() -> lora::Result<()> {
         g.set_lean(true);
         g.set_tensor_core_attention(true)
     };
-    let variants: [(&str, Compute, bool, bool); 5] = [
-        ("bf16 step (default)", Compute::BF16, false, false),
-        ("lean bf16 step", Compute::BF16, false, true),
-        ("bf16 step + checkpointing", Compute::BF16, true, false),
-        ("lean bf16 step + checkpointing", Compute::BF16, true, true),
-        ("fp32 step", Compute::F32, false, false),
+    // (name, compute, checkpointing, lean: None, or Some(recompute q, k, v))
+    let variants: [(&str, Compute, bool, Option<bool>); 6] = [
+        ("bf16 step (default)", Compute::BF16, false, None),
+        ("lean bf16 step", Compute::BF16, false, Some(true)),
+        ("lean bf16 step keeping q, k, v", Compute::BF16, false, Some(false)),
+        ("bf16 step + checkpointing", Compute::BF16, true, None),
+        ("lean bf16 step + checkpointing", Compute::BF16, true, Some(true)),
+        ("fp32 step", Compute::F32, false, None),
     ];
-    for (name, compute, ckpt, is_lean) in variants {
+    for (name, compute, ckpt, lean_qkv) in variants {
         let mut t = Trainer::new(model.clone(), "a", TrainerConfig { checkpointing: ckpt, ..Default::default() })?;
         t.use_device(Some((0, compute)))?;
-        if is_lean {
-            t.with_device_model(lean).expect("on the device")?;
+        if let Some(recompute) = lean_qkv {
+            t.with_device_model(|g| {
+                g.set_recompute_qkv(recompute);
+                lean(g)
+            })
+            .expect("on the device")?;
         }
         let fixed = dev.pool_used_bytes()?;
         dev.reset_pool_peak()?;
@@ -102,7 +109,7 @@ fn run() -> lora::Result<()> {
         }
         let peak = dev.pool_peak_bytes()?;
         println!(
-            "  {name:<32} peak pool {:6.2} GiB = {:5.2} GiB resident (weights, adapter, AdamW state) + {:5.2} GiB for the step",
+            "  {name:<34} peak pool {:6.2} GiB = {:5.2} GiB resident (weights, adapter, AdamW state) + {:5.2} GiB for the step",
             peak as f64 / GIB,
             fixed as f64 / GIB,
             (peak - fixed) as f64 / GIB

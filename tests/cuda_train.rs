@@ -254,6 +254,10 @@ fn checkpointing_micro_batches_and_handoffs() {
     // The same in the lean bf16 step (bf16 adapter products: activations
     // held in bf16 alone, fused conversions; with tensor-core attention q,
     // k, v and o in bf16 too), which must recompute the same bits too.
+    // Without checkpointing it recomputes q, k, v and the mid-layer residual
+    // in the backward; a checkpointed layer's recomputation keeps them for
+    // its backward: so this also checks that those recomputations give the
+    // forward's bits.
     // On this fixture (head_dim below 64: fp32 attention) and on the two
     // cases whose head_dim the tensor-core kernels take.
     for lc in std::iter::once(cases().remove(0)).chain(cases().into_iter().skip(3)) {

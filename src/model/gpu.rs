@@ -52,7 +52,15 @@
 //! (in bf16 in BF16 mode), the two RMS scales and the adapters' `x·Aᵀ`;
 //! the normalized inputs and
 //! the SwiGLU product are recomputed in the backward (cheap elementwise
-//! passes). With checkpointing only each layer's input is kept and the
+//! passes). The lean step also recomputes the mid-layer residual (one
+//! o_proj product) and q, k and v (the three smallest products of the
+//! layer, about 5% of the step's matrix work) from the layer input in the
+//! backward, on the forward's code path, so with the same bits: per layer
+//! it keeps the layer input, the attention output, gate and up
+//! ([`DeviceModel::set_recompute_qkv`] keeps q, k and v instead). Each
+//! linear's backward frees its input before the input gradient is
+//! allocated where it can (the SwiGLU product under the down projection).
+//! With checkpointing only each layer's input is kept and the
 //! layer is recomputed. The head and the loss run over row chunks of at
 //! most [`HEAD_CHUNK_ELEMS`] logits, so the `[tokens, vocab]` matrix never
 //! exists whole.
@@ -325,11 +333,13 @@ struct DevLayer {
 /// What one layer's backward needs (module docs).
 struct Acts {
     rstd1: CudaSlice<f32>,
-    /// q, k (rotated), v and the attention output: fp32, or bf16 in the
-    /// lean training step with tensor-core attention.
-    q: Saved,
-    k: Saved,
-    v: Saved,
+    /// q, k (rotated) and v: fp32, or bf16 in the lean training step with
+    /// tensor-core attention; `None` in the lean training step without
+    /// checkpointing, which recomputes them in the backward from the
+    /// layer's input ([`DeviceModel::qkv`]: the same products, the same
+    /// bits).
+    qkv: Option<[Saved; 3]>,
+    /// The attention output: fp32, or bf16 as q, k and v.
     att: Saved,
     lse: CudaSlice<f32>,
     /// The residual after attention, `x_in + o_proj(att)`; `None` in the
@@ -344,6 +354,14 @@ struct Acts {
     u: Saved,
     /// Each linear's `x·Aᵀ` (empty where the linear has no adapter).
     hs: Vec<Option<CudaSlice<f32>>>,
+}
+
+/// An adapter's `g = dy·B` from [`DeviceModel::lin_grads`] (and its bf16
+/// copy with bf16 adapter products), for its term of the input gradient.
+struct LoraG {
+    ad: DevAdapter,
+    g: CudaSlice<f32>,
+    gb: Option<CudaSlice<u16>>,
 }
 
 /// The sizes a layer's forward and backward use.
@@ -535,6 +553,9 @@ pub struct DeviceModel {
     /// ([`DeviceModel::lean`]; on unless `set_lean(false)` or
     /// `LORA_CUDA_LEAN=0` at upload).
     lean_on: bool,
+    /// Whether the lean step recomputes q, k and v in the backward instead
+    /// of keeping them ([`DeviceModel::set_recompute_qkv`]).
+    recompute_qkv: bool,
     /// Most logits materialized at once ([`HEAD_CHUNK_ELEMS`] unless set).
     head_chunk: usize,
     /// Per-category time when profiling ([`DeviceModel::set_profiling`]).
@@ -667,6 +688,7 @@ impl DeviceModel {
             rope: None,
             attn_tc: compute == Compute::BF16 && std::env::var("LORA_CUDA_ATTENTION").is_ok_and(|v| v == "tc"),
             lean_on: std::env::var("LORA_CUDA_LEAN").map_or(true, |v| v != "0"),
+            recompute_qkv: std::env::var("LORA_CUDA_RECOMPUTE_QKV").map_or(true, |v| v != "0"),
             lora_path: match std::env::var("LORA_CUDA_LORA").as_deref() {
                 Ok("kernels") => LoraPath::Kernels,
                 Ok("bf16") if compute == Compute::BF16 => LoraPath::BlasBf16,
@@ -1055,7 +1077,7 @@ impl DeviceModel {
         let mut inputs: Vec<CudaSlice<f32>> = Vec::with_capacity(nl);
         let mut saved: Vec<Option<Acts>> = Vec::with_capacity(nl);
         for l in 0..nl {
-            let (acts, x_out) = self.layer_forward(l, &x, batch, seq, rows)?;
+            let (acts, x_out) = self.layer_forward(l, &x, batch, seq, rows, false)?;
             inputs.push(x);
             saved.push(if checkpointing { None } else { Some(acts) });
             x = x_out;
@@ -1066,7 +1088,7 @@ impl DeviceModel {
             let x_in = inputs.pop().expect("one input per layer");
             let acts = match saved.pop().expect("one slot per layer") {
                 Some(a) => a,
-                None => self.layer_forward(l, &x_in, batch, seq, rows)?.0,
+                None => self.layer_forward(l, &x_in, batch, seq, rows, true)?.0,
             };
             (dx, dxb) = self.layer_backward(tr, l, &x_in, acts, dx, dxb, batch, seq, l > 0)?;
         }
@@ -1104,56 +1126,52 @@ impl DeviceModel {
         }
     }
 
-    fn layer_forward(&mut self, l: usize, x: &CudaSlice<f32>, batch: usize, seq: usize, rows: Rows<'_>) -> Result<(Acts, CudaSlice<f32>)> {
+    /// Layer `l`'s forward: what its backward needs (for a training step)
+    /// and its output. `keep_qkv` keeps q, k and v even in the lean
+    /// training step (which otherwise recomputes them in the backward).
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(&mut self, l: usize, x: &CudaSlice<f32>, batch: usize, seq: usize, rows: Rows<'_>, keep_qkv: bool) -> Result<(Acts, CudaSlice<f32>)> {
         let dev = self.dev.clone();
         let d = &*dev;
-        let Dims { it, qd, kvd, nh, nkv, hd, .. } = Dims::of(&self.cfg);
+        let Dims { it, qd, nh, .. } = Dims::of(&self.cfg);
         let n = batch * seq;
         let shape = self.shape(l, batch, seq);
         let mut hs: Vec<Option<CudaSlice<f32>>> = (0..7).map(|_| None).collect();
         // Attention block.
         let mut rstd1 = out_buf::<f32>(d, n)?;
         let (h1, h1b) = self.normed(x, &self.layers[l].attn_norm, n, Some(&mut rstd1), false)?;
-        let h1a = act_of(&h1, &h1b)?;
-        let mut q = out_buf::<f32>(d, n * qd)?;
-        let mut k = out_buf::<f32>(d, n * kvd)?;
-        let mut v = out_buf::<f32>(d, n * kvd)?;
-        hs[Q] = self.lin_forward(l, Q, rows, h1a, n, &mut q, 0.0)?;
-        hs[K] = self.lin_forward(l, K, rows, h1a, n, &mut k, 0.0)?;
-        hs[V] = self.lin_forward(l, V, rows, h1a, n, &mut v, 0.0)?;
+        let (qkv, [hq, hk, hv]) = self.qkv(l, rows, act_of(&h1, &h1b)?, batch, seq)?;
         drop((h1, h1b));
-        let table = self.rope.as_ref().expect("rope table made for this sequence length");
         let mut lse = out_buf::<f32>(d, n * nh)?;
-        let tc = self.attn_tc && catt::tc_supported(d, &shape);
-        let (q, k, v, att) = if tc && self.lean() && matches!(rows, Rows::Train(_)) {
-            // The lean training step keeps q, k, v and the attention output
-            // for the backward in bf16: the tensor-core kernels round q, k,
-            // v to bf16 anyway, so the forward's numbers are the same (the
-            // backward's δ reads the bf16 o); half the bytes held, and read
-            // by the kernels. q and k are rotated straight into their bf16
-            // copies; each fp32 buffer is freed as its copy is made.
-            let qb = self.rotated_bf16(q, batch, seq, nh, false)?;
-            let kb = self.rotated_bf16(k, batch, seq, nkv, false)?;
-            let vb = bf16_copy(d, &v)?;
-            drop(v);
-            let t = self.tick()?;
-            let mut ob = out_buf::<u16>(d, n * qd)?;
-            catt::forward_tc(d, &qb.as_view(), &kb.as_view(), &vb.as_view(), &shape, &mut ob.as_view_mut(), &mut lse.as_view_mut())?;
-            self.tock(t, "attention forward")?;
-            (Saved::Bf16(qb), Saved::Bf16(kb), Saved::Bf16(vb), Saved::Bf16(ob))
-        } else {
-            let (mut q, mut k) = (q, k);
-            crope::rope_forward(d, &mut q.as_view_mut(), batch, seq, nh, hd, table)?;
-            crope::rope_forward(d, &mut k.as_view_mut(), batch, seq, nkv, hd, table)?;
-            let t = self.tick()?;
-            let mut att = out_buf::<f32>(d, n * qd)?;
-            if tc {
-                catt::forward_tc(d, &q.as_view(), &k.as_view(), &v.as_view(), &shape, &mut att.as_view_mut(), &mut lse.as_view_mut())?;
-            } else {
-                catt::forward(d, &q.as_view(), &k.as_view(), &v.as_view(), &shape, &mut att.as_view_mut(), &mut lse.as_view_mut())?;
+        let t = self.tick()?;
+        let att = match &qkv {
+            // The lean training step: the tensor-core kernels' bf16 form,
+            // the output kept in bf16 too (the backward's δ reads it).
+            [Saved::Bf16(q), Saved::Bf16(k), Saved::Bf16(v)] => {
+                let mut ob = out_buf::<u16>(d, n * qd)?;
+                catt::forward_tc(d, &q.as_view(), &k.as_view(), &v.as_view(), &shape, &mut ob.as_view_mut(), &mut lse.as_view_mut())?;
+                Saved::Bf16(ob)
             }
-            self.tock(t, "attention forward")?;
-            (Saved::F32(q), Saved::F32(k), Saved::F32(v), Saved::F32(att))
+            [Saved::F32(q), Saved::F32(k), Saved::F32(v)] => {
+                let mut att = out_buf::<f32>(d, n * qd)?;
+                if self.attn_tc && catt::tc_supported(d, &shape) {
+                    catt::forward_tc(d, &q.as_view(), &k.as_view(), &v.as_view(), &shape, &mut att.as_view_mut(), &mut lse.as_view_mut())?;
+                } else {
+                    catt::forward(d, &q.as_view(), &k.as_view(), &v.as_view(), &shape, &mut att.as_view_mut(), &mut lse.as_view_mut())?;
+                }
+                Saved::F32(att)
+            }
+            _ => bail!(Internal, "q, k and v in mixed dtypes"),
+        };
+        self.tock(t, "attention forward")?;
+        // The lean training step recomputes q, k and v in the backward
+        // (unless `keep_qkv`: a checkpointed layer's recomputation, whose
+        // activations go straight to its backward); so do their x·Aᵀ.
+        let qkv = if keep_qkv || !(self.recompute_qkv && self.lean() && matches!(rows, Rows::Train(_))) {
+            (hs[Q], hs[K], hs[V]) = (hq, hk, hv);
+            Some(qkv)
+        } else {
+            None
         };
         let (x_mid, h_o) = self.attn_residual(l, rows, x, &att)?;
         hs[O] = h_o;
@@ -1176,7 +1194,7 @@ impl DeviceModel {
             cswiglu::swiglu_forward_bf16(d, &gb.as_view(), &ub.as_view(), None, Some(&mut ab.as_view_mut()))?;
             hs[DOWN] = self.lin_forward(l, DOWN, rows, Act::Bf16(&ab), n, &mut x_out, 1.0)?;
             let (g, u) = (Saved::Bf16(gb), Saved::Bf16(ub));
-            return Ok((Acts { rstd1, q, k, v, att, lse, x_mid: None, rstd2, g, u, hs }, x_out));
+            return Ok((Acts { rstd1, qkv, att, lse, x_mid: None, rstd2, g, u, hs }, x_out));
         }
         let mut g = out_buf::<f32>(d, n * it)?;
         let mut u = out_buf::<f32>(d, n * it)?;
@@ -1202,7 +1220,38 @@ impl DeviceModel {
             None => (Saved::F32(g), Saved::F32(u)),
         };
         hs[DOWN] = self.lin_forward(l, DOWN, rows, act_of(&a, &ab)?, n, &mut x_out, 1.0)?;
-        Ok((Acts { rstd1, q, k, v, att, lse, x_mid: Some(x_mid), rstd2, g, u, hs }, x_out))
+        Ok((Acts { rstd1, qkv, att, lse, x_mid: Some(x_mid), rstd2, g, u, hs }, x_out))
+    }
+
+    /// Layer `l`'s q, k (rotated) and v from its normed input `h1`, with
+    /// their adapters' `x·Aᵀ`: in bf16 for the lean training step with
+    /// tensor-core attention (whose kernels round q, k and v to bf16
+    /// anyway: q and k are rotated straight into their bf16 copies, each
+    /// fp32 buffer freed as its copy is made), else fp32. The forward's,
+    /// and the lean backward's recomputation: one code path, the same bits.
+    #[allow(clippy::type_complexity)]
+    fn qkv(&self, l: usize, rows: Rows<'_>, h1: Act<'_>, batch: usize, seq: usize) -> Result<([Saved; 3], [Option<CudaSlice<f32>>; 3])> {
+        let d = &*self.dev;
+        let Dims { qd, kvd, nh, nkv, hd, .. } = Dims::of(&self.cfg);
+        let n = batch * seq;
+        let mut q = out_buf::<f32>(d, n * qd)?;
+        let mut k = out_buf::<f32>(d, n * kvd)?;
+        let mut v = out_buf::<f32>(d, n * kvd)?;
+        let hq = self.lin_forward(l, Q, rows, h1, n, &mut q, 0.0)?;
+        let hk = self.lin_forward(l, K, rows, h1, n, &mut k, 0.0)?;
+        let hv = self.lin_forward(l, V, rows, h1, n, &mut v, 0.0)?;
+        let tc = self.attn_tc && catt::tc_supported(d, &self.shape(l, batch, seq));
+        if tc && self.lean() && matches!(rows, Rows::Train(_)) {
+            let qb = self.rotated_bf16(q, batch, seq, nh, false)?;
+            let kb = self.rotated_bf16(k, batch, seq, nkv, false)?;
+            let vb = bf16_copy(d, &v)?;
+            drop(v);
+            return Ok(([Saved::Bf16(qb), Saved::Bf16(kb), Saved::Bf16(vb)], [hq, hk, hv]));
+        }
+        let table = self.rope.as_ref().ok_or_else(|| err!(Internal, "no RoPE table for this sequence length"))?;
+        crope::rope_forward(d, &mut q.as_view_mut(), batch, seq, nh, hd, table)?;
+        crope::rope_forward(d, &mut k.as_view_mut(), batch, seq, nkv, hd, table)?;
+        Ok(([Saved::F32(q), Saved::F32(k), Saved::F32(v)], [hq, hk, hv]))
     }
 
     /// `x_mid = x + o_proj(att)` (with the adapter's `att·Aᵀ` for the
@@ -1250,6 +1299,16 @@ impl DeviceModel {
     /// full one does, and for benchmarks.
     pub fn set_lean(&mut self, on: bool) {
         self.lean_on = on;
+    }
+
+    /// Whether the lean step ([`lean`](Self::lean)) recomputes each layer's
+    /// q, k and v in the backward (on by default; `LORA_CUDA_RECOMPUTE_QKV=0`
+    /// at upload starts it off) or keeps them from the forward: the same
+    /// bits either way; recomputing holds 24 MiB less per layer of the 1B
+    /// benchmark model for three more products (about 5% of the step's
+    /// matrix work). Without checkpointing only.
+    pub fn set_recompute_qkv(&mut self, on: bool) {
+        self.recompute_qkv = on;
     }
 
     /// `x` `[batch, seq, heads, head_dim]` rotated by the step's RoPE table
@@ -1514,107 +1573,130 @@ impl DeviceModel {
     /// accumulates `dA`, `dB` of adapter `set` (being trained); with `dx`,
     /// `dx = β·dx + dy·W + s·(dy·B)·A` — fp32, or bf16 (the lean step's: the
     /// base term rounded, the adapter's added and rounded again; only from
-    /// bf16 adapter products without dropout, else an error).
+    /// bf16 adapter products without dropout, else an error). The two
+    /// halves, [`lin_grads`](Self::lin_grads) and
+    /// [`lin_dx`](Self::lin_dx), can run apart, to free `x` between them.
     #[allow(clippy::too_many_arguments)]
     fn lin_backward<C: GemmOut + 'static>(&mut self, tr: Train, l: usize, j: usize, x: Act<'_>, h: Option<&CudaSlice<f32>>, dy: Act<'_>, n: usize, dx: Option<(&mut CudaSlice<C>, f32)>) -> Result<()> {
+        let g = self.lin_grads(tr, l, j, x, h, dy, n, dx.is_some())?;
+        self.lin_dx(tr, l, j, dy, g, n, dx)
+    }
+
+    /// The adapter half of [`lin_backward`](Self::lin_backward): accumulates
+    /// `dA` and `dB`; with `for_dx`, returns `g = dy·B` (in the form the
+    /// adapter products take) for [`lin_dx`](Self::lin_dx). `None` when the
+    /// linear has no adapter in the trained set.
+    #[allow(clippy::too_many_arguments)]
+    fn lin_grads(&mut self, tr: Train, l: usize, j: usize, x: Act<'_>, h: Option<&CudaSlice<f32>>, dy: Act<'_>, n: usize, for_dx: bool) -> Result<Option<LoraG>> {
         let dev = self.dev.clone();
         let d = &*dev;
         let (in_f, out_f) = (self.layers[l].lin[j].in_f, self.layers[l].lin[j].out_f);
-        let mut dx = dx;
-        if let Some((dxs, beta)) = dx.as_mut() {
-            let w = self.weight(&self.layers[l].lin[j].w)?;
-            let t = self.tick()?;
-            gemm(d, &self.blas, dy.operand(d, n, out_f)?, false, w.mat(d, out_f, in_f)?, false, &mut dxs.as_view_mut(), 1.0, *beta)?;
-            self.tock(t, "base GEMM backward")?;
-        }
         let t = self.tick()?;
-        let Some(ad) = self.layers[l].lin[j].ads[tr.set].clone() else { return Ok(()) };
+        let Some(ad) = self.layers[l].lin[j].ads[tr.set].clone() else { return Ok(None) };
         let h = h.ok_or_else(|| err!(Internal, "linear ({l}, {j}) has an adapter but no saved x·Aᵀ"))?;
         let (r, s) = (ad.r, ad.scale);
         // With LoRA dropout the adapter saw x after the mask (regenerated
-        // here, the same mask), and dx gets g·A through the mask
-        // (`dropout_accum`, the CPU's order) instead of s·g·A directly.
+        // here, the same mask).
         let dropped = if ad.dropout > 0.0 { Some(self.dropped_input(&ad, &*(x.f32(d)?), tr.call)?) } else { None };
         let xin = match &dropped {
             Some(m) => Act::F32(m),
             None => x,
         };
-        let mut gdx = match (&dropped, &dx) {
-            (Some(_), Some(_)) => Some(alloc(d, n * in_f)?),
-            _ => None,
-        };
         let mut g = out_buf::<f32>(d, n * r)?;
-        // The operands in the form the adapter products take: bf16
-        // (LoraPath::BlasBf16: dy's, x·Aᵀ's and the adapter input's) or fp32.
-        enum Ops<'a> {
-            Bf16(Held<'a, u16>, CudaSlice<u16>, Held<'a, u16>),
-            F32(Held<'a, f32>, Held<'a, f32>),
-        }
-        let ops = match self.lora_path {
-            LoraPath::BlasBf16 => Ops::Bf16(dy.bf16(d)?, bf16_copy(d, h)?, xin.bf16(d)?),
-            _ => Ops::F32(dy.f32(d)?, xin.f32(d)?),
-        };
         let (blas, lora_path) = (&self.blas, self.lora_path);
         let DevSet { params, params_b, train, .. } = &mut self.sets[tr.set];
         let grads = &mut train.as_mut().ok_or_else(|| err!(Internal, "the backward of an adapter not being trained"))?.grads;
-        let (av, bv, hv) = (params.slice(ad.a.clone()), params.slice(ad.b.clone()), h.as_view());
+        let (bv, hv) = (params.slice(ad.b.clone()), h.as_view());
         let (ra, rb) = (ad.a.clone(), ad.b.clone());
-        // dx's adapter term goes to gdx (unscaled) or into dx (scaled by s).
-        // A bf16 dx (the lean step's) takes it from the bf16 products, and
-        // only without dropout (whose mask is applied to an fp32 dx).
-        let (mut dx32, mut dxc): (Option<&mut CudaSlice<f32>>, Option<&mut CudaSlice<C>>) = match dx {
-            Some((dxs, _)) if C::DTYPE == crate::dtype::DType::F32 => (Some(f32_out(dxs, "an fp32 dx")?), None),
-            Some((dxs, _)) => (None, Some(dxs)),
-            None => (None, None),
-        };
-        if dxc.is_some() && (gdx.is_some() || !matches!(ops, Ops::Bf16(..))) {
-            bail!(Internal, "a bf16 dx needs bf16 adapter products without dropout");
-        }
-        let mut dx_term = match (&mut gdx, dx32.as_deref_mut()) {
-            (Some(gx), _) => Some((gx.as_view_mut(), 1.0f32, 0.0f32)),
-            (None, Some(dxs)) => Some((dxs.as_view_mut(), s, 1.0f32)),
-            (None, None) => None,
-        };
-        match &ops {
-            Ops::Bf16(dyb, hb, xb) => {
+        // The operands in the form the adapter products take: bf16
+        // (LoraPath::BlasBf16: dy's, x·Aᵀ's and the adapter input's) or fp32.
+        let gb = match lora_path {
+            LoraPath::BlasBf16 => {
+                let (dyb, hb, xb) = (dy.bf16(d)?, bf16_copy(d, h)?, xin.bf16(d)?);
                 let pb = params_b.as_ref().ok_or_else(|| err!(Internal, "bf16 adapter products without the weights' bf16 copy"))?;
-                let (ab, bb) = (pb.slice(ad.a.clone()), pb.slice(ad.b.clone()));
+                let bb = pb.slice(ad.b.clone());
                 let (dybv, hbv, xbv) = (dyb.as_view(), hb.as_view(), xb.as_view());
                 gemm(d, blas, MatRef::bf16(d, &dybv, n, out_f)?, false, MatRef::bf16(d, &bb, out_f, r)?, false, &mut g.as_view_mut(), 1.0, 0.0)?;
                 gemm(d, blas, MatRef::bf16(d, &dybv, n, out_f)?, true, MatRef::bf16(d, &hbv, n, r)?, false, &mut grads.slice_mut(rb), s, 1.0)?;
                 let gb = bf16_copy(d, &g)?;
                 let gbv = gb.as_view();
                 gemm(d, blas, MatRef::bf16(d, &gbv, n, r)?, true, MatRef::bf16(d, &xbv, n, in_f)?, false, &mut grads.slice_mut(ra), s, 1.0)?;
-                if let Some((o, scale, beta)) = dx_term.as_mut() {
-                    gemm(d, blas, MatRef::bf16(d, &gbv, n, r)?, false, MatRef::bf16(d, &ab, r, in_f)?, false, o, *scale, *beta)?;
-                }
-                if let Some(o) = dxc.as_mut() {
-                    gemm(d, blas, MatRef::bf16(d, &gbv, n, r)?, false, MatRef::bf16(d, &ab, r, in_f)?, false, &mut o.as_view_mut(), s, 1.0)?;
-                }
+                Some(gb)
             }
-            Ops::F32(dyf, xf) if lora_path == LoraPath::Kernels => {
+            LoraPath::Kernels => {
+                let (dyf, xf) = (dy.f32(d)?, xin.f32(d)?);
                 let (dyv, xv) = (dyf.as_view(), xf.as_view());
                 glora::bwd_g(d, &dyv, &bv, n, out_f, r, &mut g.as_view_mut())?;
                 glora::grad_b(d, &dyv, &hv, n, out_f, r, s, &mut grads.slice_mut(rb))?;
                 glora::grad_a(d, &g.as_view(), &xv, n, r, in_f, s, &mut grads.slice_mut(ra))?;
-                if let Some((o, scale, _)) = dx_term.as_mut() {
-                    // Accumulates: gdx starts zeroed, so scale 1 writes g·A.
-                    glora::bwd_dx(d, &g.as_view(), &av, n, r, in_f, *scale, o)?;
-                }
+                None
             }
-            Ops::F32(dyf, xf) => {
+            LoraPath::Blas => {
+                let (dyf, xf) = (dy.f32(d)?, xin.f32(d)?);
                 let (dyv, xv) = (dyf.as_view(), xf.as_view());
                 gemm(d, blas, MatRef::f32(d, &dyv, n, out_f)?, false, MatRef::f32(d, &bv, out_f, r)?, false, &mut g.as_view_mut(), 1.0, 0.0)?;
                 gemm(d, blas, MatRef::f32(d, &dyv, n, out_f)?, true, MatRef::f32(d, &hv, n, r)?, false, &mut grads.slice_mut(rb), s, 1.0)?;
                 let gv = g.as_view();
                 gemm(d, blas, MatRef::f32(d, &gv, n, r)?, true, MatRef::f32(d, &xv, n, in_f)?, false, &mut grads.slice_mut(ra), s, 1.0)?;
-                if let Some((o, scale, beta)) = dx_term.as_mut() {
-                    gemm(d, blas, MatRef::f32(d, &gv, n, r)?, false, MatRef::f32(d, &av, r, in_f)?, false, o, *scale, *beta)?;
-                }
+                None
             }
+        };
+        self.tock(t, "LoRA GEMMs backward")?;
+        Ok(for_dx.then_some(LoraG { ad, g, gb }))
+    }
+
+    /// The input-gradient half of [`lin_backward`](Self::lin_backward):
+    /// `dx = β·dx + dy·W`, then the adapter's term from `g`
+    /// ([`lin_grads`](Self::lin_grads)): `s·g·A` added, or with LoRA dropout
+    /// `g·A` through the module's mask (`dropout_accum`, the CPU's order).
+    #[allow(clippy::too_many_arguments)]
+    fn lin_dx<C: GemmOut + 'static>(&self, tr: Train, l: usize, j: usize, dy: Act<'_>, g: Option<LoraG>, n: usize, dx: Option<(&mut CudaSlice<C>, f32)>) -> Result<()> {
+        let d = &*self.dev;
+        let (in_f, out_f) = (self.layers[l].lin[j].in_f, self.layers[l].lin[j].out_f);
+        let Some((dxs, beta)) = dx else { return Ok(()) };
+        {
+            let w = self.weight(&self.layers[l].lin[j].w)?;
+            let t = self.tick()?;
+            gemm(d, &self.blas, dy.operand(d, n, out_f)?, false, w.mat(d, out_f, in_f)?, false, &mut dxs.as_view_mut(), 1.0, beta)?;
+            self.tock(t, "base GEMM backward")?;
         }
-        if let (Some(gx), Some(dxs)) = (gdx, dx32) {
-            glora::dropout_accum(d, &gx.as_view(), ad.seed, tr.call, ad.dropout, s, &mut dxs.as_view_mut())?;
+        let Some(LoraG { ad, g, gb }) = g else { return Ok(()) };
+        let t = self.tick()?;
+        let (r, s) = (ad.r, ad.scale);
+        let set = &self.sets[tr.set];
+        let av = set.params.slice(ad.a.clone());
+        // A bf16 dx (the lean step's) takes the term from the bf16 products,
+        // and only without dropout (whose mask is applied to an fp32 dx).
+        if C::DTYPE != crate::dtype::DType::F32 {
+            let (Some(gb), 0.0) = (&gb, ad.dropout) else {
+                bail!(Internal, "a bf16 dx needs bf16 adapter products without dropout");
+            };
+            let pb = set.params_b.as_ref().ok_or_else(|| err!(Internal, "bf16 adapter products without the weights' bf16 copy"))?;
+            let ab = pb.slice(ad.a.clone());
+            gemm(d, &self.blas, MatRef::bf16(d, &gb.as_view(), n, r)?, false, MatRef::bf16(d, &ab, r, in_f)?, false, &mut dxs.as_view_mut(), s, 1.0)?;
+            self.tock(t, "LoRA GEMMs backward")?;
+            return Ok(());
+        }
+        let dx32 = f32_out(dxs, "an fp32 dx")?;
+        // The term goes to gdx (unscaled, then through the mask) or straight
+        // into dx (scaled by s).
+        let mut gdx = if ad.dropout > 0.0 { Some(alloc(d, n * in_f)?) } else { None };
+        let (mut o, scale, beta) = match &mut gdx {
+            Some(gx) => (gx.as_view_mut(), 1.0f32, 0.0f32),
+            None => (dx32.as_view_mut(), s, 1.0f32),
+        };
+        match (&gb, self.lora_path) {
+            (Some(gb), _) => {
+                let pb = set.params_b.as_ref().ok_or_else(|| err!(Internal, "bf16 adapter products without the weights' bf16 copy"))?;
+                let ab = pb.slice(ad.a.clone());
+                gemm(d, &self.blas, MatRef::bf16(d, &gb.as_view(), n, r)?, false, MatRef::bf16(d, &ab, r, in_f)?, false, &mut o, scale, beta)?;
+            }
+            // Accumulates: gdx starts zeroed, so scale 1 writes g·A.
+            (None, LoraPath::Kernels) => glora::bwd_dx(d, &g.as_view(), &av, n, r, in_f, scale, &mut o)?,
+            (None, _) => gemm(d, &self.blas, MatRef::f32(d, &g.as_view(), n, r)?, false, MatRef::f32(d, &av, r, in_f)?, false, &mut o, scale, beta)?,
+        }
+        if let Some(gx) = gdx {
+            glora::dropout_accum(d, &gx.as_view(), ad.seed, tr.call, ad.dropout, s, &mut dx32.as_view_mut())?;
         }
         self.tock(t, "LoRA GEMMs backward")?;
         Ok(())
@@ -1632,7 +1714,7 @@ impl DeviceModel {
         let Dims { h, it, qd, kvd, nh, nkv, hd, .. } = Dims::of(&self.cfg);
         let n = batch * seq;
         let shape = self.shape(l, batch, seq);
-        let Acts { rstd1, q, k, v, att, lse, x_mid, rstd2, g, u, hs } = acts;
+        let Acts { rstd1, qkv, att, lse, x_mid, rstd2, g, u, mut hs } = acts;
         let lean = self.lean();
         let dxb = match dxb {
             Some(b) => Some(b),
@@ -1642,11 +1724,14 @@ impl DeviceModel {
         // gradients of gate and up.
         let (dg, du, dgb, dub) = match (g, u) {
             (Saved::F32(mut g), Saved::F32(mut u)) => {
-                let mut da = out_buf::<f32>(d, n * it)?;
+                // a (the adapter's input) is freed before its gradient is made.
                 let mut a = out_buf::<f32>(d, n * it)?;
                 cswiglu::swiglu_forward(d, &g.as_view(), &u.as_view(), &mut a.as_view_mut())?;
-                self.lin_backward(tr, l, DOWN, Act::F32(&a), hs[DOWN].as_ref(), Act::new(&dx, dxb.as_ref()), n, Some((&mut da, 0.0)))?;
+                let dy = Act::new(&dx, dxb.as_ref());
+                let gd = self.lin_grads(tr, l, DOWN, Act::F32(&a), hs[DOWN].as_ref(), dy, n, true)?;
                 drop(a);
+                let mut da = out_buf::<f32>(d, n * it)?;
+                self.lin_dx(tr, l, DOWN, dy, gd, n, Some((&mut da, 0.0)))?;
                 cswiglu::swiglu_backward_inplace(d, &mut g.as_view_mut(), &mut u.as_view_mut(), &da.as_view())?;
                 (Some(g), Some(u), None, None)
             }
@@ -1656,18 +1741,22 @@ impl DeviceModel {
                 // The down projection's dx (the gradient of a) is bf16 too,
                 // as PyTorch autocast's product writes it, unless the
                 // adapter's dropout needs it in fp32.
+                // a is the adapter's input only: freed after its
+                // gradients, before a's own gradient is made.
                 let mut ab = out_buf::<u16>(d, n * it)?;
                 cswiglu::swiglu_forward_bf16(d, &gb.as_view(), &ub.as_view(), None, Some(&mut ab.as_view_mut()))?;
+                let dy = Act::new(&dx, dxb.as_ref());
+                let gd = self.lin_grads(tr, l, DOWN, Act::Bf16(&ab), hs[DOWN].as_ref(), dy, n, true)?;
+                drop(ab);
                 let da = if self.layers[l].lin[DOWN].ads[tr.set].as_ref().is_some_and(|a| a.dropout > 0.0) {
                     let mut da = out_buf::<f32>(d, n * it)?;
-                    self.lin_backward(tr, l, DOWN, Act::Bf16(&ab), hs[DOWN].as_ref(), Act::new(&dx, dxb.as_ref()), n, Some((&mut da, 0.0)))?;
+                    self.lin_dx(tr, l, DOWN, dy, gd, n, Some((&mut da, 0.0)))?;
                     Saved::F32(da)
                 } else {
                     let mut dab = out_buf::<u16>(d, n * it)?;
-                    self.lin_backward(tr, l, DOWN, Act::Bf16(&ab), hs[DOWN].as_ref(), Act::new(&dx, dxb.as_ref()), n, Some((&mut dab, 0.0)))?;
+                    self.lin_dx(tr, l, DOWN, dy, gd, n, Some((&mut dab, 0.0)))?;
                     Saved::Bf16(dab)
                 };
-                drop(ab);
                 // The gradients over gate and up themselves (not needed
                 // after this pass): no second pair of buffers.
                 let (mut dgb, mut dub) = (gb, ub);
@@ -1682,11 +1771,13 @@ impl DeviceModel {
                 // From the bf16 gate and up, in fp32 (what the fp32 adapter
                 // products read); the gradients' bf16 operands are made one
                 // at a time below, as the products need them.
-                let mut da = out_buf::<f32>(d, n * it)?;
                 let mut a = out_buf::<f32>(d, n * it)?;
                 cswiglu::swiglu_forward_bf16(d, &gb.as_view(), &ub.as_view(), Some(&mut a.as_view_mut()), None)?;
-                self.lin_backward(tr, l, DOWN, Act::F32(&a), hs[DOWN].as_ref(), Act::new(&dx, dxb.as_ref()), n, Some((&mut da, 0.0)))?;
+                let dy = Act::new(&dx, dxb.as_ref());
+                let gd = self.lin_grads(tr, l, DOWN, Act::F32(&a), hs[DOWN].as_ref(), dy, n, true)?;
                 drop(a);
+                let mut da = out_buf::<f32>(d, n * it)?;
+                self.lin_dx(tr, l, DOWN, dy, gd, n, Some((&mut da, 0.0)))?;
                 let (mut dg, mut du) = (out_buf::<f32>(d, n * it)?, out_buf::<f32>(d, n * it)?);
                 let out = cswiglu::SwigluGrads { dgate: Some(&mut dg.as_view_mut()), dup: Some(&mut du.as_view_mut()), ..Default::default() };
                 cswiglu::swiglu_backward_bf16(d, &gb.as_view(), &ub.as_view(), &da.as_view(), out)?;
@@ -1724,6 +1815,20 @@ impl DeviceModel {
         let mut datt = out_buf::<f32>(d, n * qd)?;
         self.lin_backward(tr, l, O, att.act(None), hs[O].as_ref(), Act::new(&dxm, dxmb.as_ref()), n, Some((&mut datt, 0.0)))?;
         drop(dxmb);
+        // q, k and v as kept, or (the lean step) recomputed from the
+        // layer's input as the forward made them, with the normed input the
+        // adapters' backward takes below.
+        let mut h1f = None;
+        let [q, k, v] = match qkv {
+            Some(s) => s,
+            None => {
+                let f = self.normed(x_in, &self.layers[l].attn_norm, n, None, true)?;
+                let (s, [hq, hk, hv]) = self.qkv(l, Rows::Train(tr), act_of(&f.0, &f.1)?, batch, seq)?;
+                (hs[Q], hs[K], hs[V]) = (hq, hk, hv);
+                h1f = Some(f);
+                s
+            }
+        };
         let mut dq = out_buf::<f32>(d, n * qd)?;
         let mut dk = out_buf::<f32>(d, n * kvd)?;
         let mut dv = out_buf::<f32>(d, n * kvd)?;
@@ -1763,7 +1868,10 @@ impl DeviceModel {
             ((Some(dq), dqb), (Some(dk), dkb), (Some(dv), dvb))
         };
         let (dqa, dka, dva) = (act_of(&dq, &dqb)?, act_of(&dk, &dkb)?, act_of(&dv, &dvb)?);
-        let (h1, h1b) = self.normed(x_in, &self.layers[l].attn_norm, n, None, true)?;
+        let (h1, h1b) = match h1f {
+            Some(f) => f,
+            None => self.normed(x_in, &self.layers[l].attn_norm, n, None, true)?,
+        };
         let h1a = act_of(&h1, &h1b)?;
         if need_dx {
             let mut dh1 = out_buf::<f32>(d, n * h)?;
@@ -2080,7 +2188,7 @@ impl DeviceModel {
         self.rope_table(seq)?;
         let mut x = self.embed_ids(ids)?;
         for l in 0..self.layers.len() {
-            x = self.layer_forward(l, &x, batch, seq, rows)?.1;
+            x = self.layer_forward(l, &x, batch, seq, rows, true)?.1;
         }
         Ok(x)
     }
@@ -2096,10 +2204,11 @@ impl DeviceModel {
         let mut x = self.embed_ids(p)?;
         let mut cache = cache;
         for l in 0..self.layers.len() {
-            let (acts, x_out) = self.layer_forward(l, &x, 1, t, rows)?;
+            let (acts, x_out) = self.layer_forward(l, &x, 1, t, rows, true)?;
             if let Some((caches, at)) = cache.as_mut() {
                 let c = &mut caches[l];
-                for (src, dst) in [(acts.k.f32()?, &mut c.0), (acts.v.f32()?, &mut c.1)] {
+                let [_, k, v] = acts.qkv.as_ref().ok_or_else(|| err!(Internal, "an inference forward without k and v"))?;
+                for (src, dst) in [(k.f32()?, &mut c.0), (v.f32()?, &mut c.1)] {
                     let mut dv = dst.slice_mut(*at..*at + t * row);
                     d.copy(&src.slice(..t * row), &mut dv)?;
                 }
