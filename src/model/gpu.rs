@@ -54,7 +54,7 @@
 //! the SwiGLU product are recomputed in the backward (cheap elementwise
 //! passes). The lean step also recomputes the mid-layer residual (one
 //! o_proj product) and q, k and v (the three smallest products of the
-//! layer, about 5% of the step's matrix work) from the layer input in the
+//! layer, about 4% of the 1B step's matrix work) from the layer input in the
 //! backward, on the forward's code path, so with the same bits: per layer
 //! it keeps the layer input, the attention output, gate and up
 //! ([`DeviceModel::set_recompute_qkv`] keeps q, k and v instead). Each
@@ -1305,7 +1305,7 @@ impl DeviceModel {
     /// q, k and v in the backward (on by default; `LORA_CUDA_RECOMPUTE_QKV=0`
     /// at upload starts it off) or keeps them from the forward: the same
     /// bits either way; recomputing holds 24 MiB less per layer of the 1B
-    /// benchmark model for three more products (about 5% of the step's
+    /// benchmark model for three more products (about 4% of the step's
     /// matrix work). Without checkpointing only.
     pub fn set_recompute_qkv(&mut self, on: bool) {
         self.recompute_qkv = on;
