@@ -1,8 +1,12 @@
 //! The emulated CUDA device: the GPU tests' device path without a GPU.
 //!
 //! Three small libraries stand in for NVIDIA's (tests/fakecuda/*.cpp):
-//! `libcuda.so` (device memory is host memory, every call synchronous,
-//! guard bytes around each allocation checked when it is freed),
+//! `libcuda.so` (device memory is host memory; launches, products,
+//! asynchronous copies, memsets and frees queued in stream order until
+//! something synchronizes, so a host read that misses its synchronization
+//! reads stale memory, as on a busy GPU — `LORA_FAKECUDA_DEFER=0` runs
+//! every call at once; guard bytes around each allocation checked when it
+//! is freed),
 //! `libcublas.so` (GemmEx as a host loop, fp32 accumulation) and
 //! `libnvrtc.so` (a program's "CUBIN" names its source). A module is the
 //! source compiled as host C++ by tests/common/emu.rs, with one generated
@@ -111,13 +115,17 @@ fn module_source(k: &cuda::nvrtc::KernelSource) -> String {
     let ks = kernels(&text);
     assert!(!ks.is_empty(), "cuda/{} declares no kernels", k.name);
     for (name, types) in ks {
-        src.push_str(&format!("extern \"C\" void emuw_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned smem, void** p) {{\n    emu_dyn_bytes = smem;\n"));
+        // The arguments are copied out of the parameter array at the call,
+        // as the driver does; the grid runs when the fake driver's queue
+        // reaches it (`defer`), or now without one.
+        src.push_str(&format!("extern \"C\" void emuw_{name}(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned smem, void** p, void (*defer)(void (*)(void*), void*)) {{\n"));
         let mut args = Vec::new();
         for (i, t) in types.iter().enumerate() {
             src.push_str(&format!("    using T{i} = {t};\n    T{i} a{i} = *static_cast<T{i}*>(p[{i}]);\n"));
             args.push(format!("a{i}"));
         }
-        src.push_str(&format!("    emu_launch3(dim3{{gx, gy, gz}}, bx, [&] {{ {name}({}); }});\n}}\n", args.join(", ")));
+        src.push_str(&format!("    auto run = [=] {{ emu_dyn_bytes = smem; emu_launch3(dim3{{gx, gy, gz}}, bx, [&] {{ {name}({}); }}); }};\n", args.join(", ")));
+        src.push_str("    if (!defer) { run(); return; }\n    using R = decltype(run);\n    defer([](void* j) { R* r = static_cast<R*>(j); (*r)(); delete r; }, new R(run));\n}\n");
     }
     src
 }
@@ -143,7 +151,7 @@ pub fn install() -> Result<(), String> {
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let stand_in = |stem: &str, src: &str, args: &[&str]| cache.join(format!("{stem}-{:016x}.so", fnv(&[&[cxx.as_str(), flags.as_str(), src][..], args].concat())));
     const CUDA_ARGS: &[&str] = &["-O2", "-Wl,-soname,libcuda.so", "-ldl"];
-    const CUBLAS_ARGS: &[&str] = &["-O2", "-Wl,-soname,libcublas.so"];
+    const CUBLAS_ARGS: &[&str] = &["-O2", "-Wl,-soname,libcublas.so", "-ldl"];
     const NVRTC_ARGS: &[&str] = &["-O2", "-Wl,-soname,libnvrtc.so"];
     let (libcuda, libcublas, libnvrtc) = (stand_in("libcuda", FAKE_CUDA, CUDA_ARGS), stand_in("libcublas", FAKE_CUBLAS, CUBLAS_ARGS), stand_in("libnvrtc", FAKE_NVRTC, NVRTC_ARGS));
     let jobs: Vec<(PathBuf, &str, &[&str])> = modules

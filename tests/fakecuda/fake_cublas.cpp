@@ -3,7 +3,11 @@
 // cublasGemmEx is a host loop. Column-major, as cuBLAS: C = α·op(A)·op(B)
 // + β·C, operands fp32 or bf16 (both one type), C fp32 or bf16, fp32
 // accumulation in k order; β = 0 never reads C (it may hold NaN poison).
+// The product runs in the fake driver's stream order
+// (`lora_fakecuda_enqueue`: queued until a synchronization); α and β are read
+// at the call (host pointers, as cuBLAS's default pointer mode).
 #include <cmath>
+#include <dlfcn.h>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -24,6 +28,35 @@ static float load(const void* p, int type, long i) {
     return type == R_32F ? static_cast<const float*>(p)[i] : bf16_to_f32(static_cast<const uint16_t*>(p)[i]);
 }
 
+// One product, its operands' addresses and α, β read at the call.
+struct Gemm {
+    int ta, tb, m, n, k;
+    float al, be;
+    const void* A;
+    int at, lda;
+    const void* B;
+    int bt, ldb;
+    void* C;
+    int ct, ldc;
+};
+
+static void run(const Gemm& g) {
+    for (int j = 0; j < g.n; j++)
+        for (int i = 0; i < g.m; i++) {
+            float s = 0.0f;
+            for (int l = 0; l < g.k; l++) {
+                float a = load(g.A, g.at, g.ta ? long(i) * g.lda + l : long(l) * g.lda + i);
+                float b = load(g.B, g.bt, g.tb ? long(l) * g.ldb + j : long(j) * g.ldb + l);
+                s += a * b;
+            }
+            long c = long(j) * g.ldc + i;
+            float v = g.al * s;
+            if (g.be != 0.0f) v += g.be * load(g.C, g.ct, c);
+            if (g.ct == R_32F) static_cast<float*>(g.C)[c] = v;
+            else static_cast<uint16_t*>(g.C)[c] = f32_to_bf16(v);
+        }
+}
+
 extern "C" {
 cublasStatus_t cublasCreate_v2(void** h) { *h = &handle_token; return OK; }
 cublasStatus_t cublasDestroy_v2(void*) { return OK; }
@@ -42,21 +75,16 @@ cublasStatus_t cublasGemmEx(void*, int ta, int tb, int m, int n, int k, const vo
     if (lda < (ta ? (k > 1 ? k : 1) : (m > 1 ? m : 1)) || ldb < (tb ? (n > 1 ? n : 1) : (k > 1 ? k : 1)) || ldc < (m > 1 ? m : 1)) return INVALID_VALUE;
     static const bool count_only = [] { const char* v = std::getenv("LORA_FAKECUDA_COUNT_ONLY"); return v && std::strcmp(v, "1") == 0; }();
     if (count_only) return OK;  // fake_cuda.cpp: nothing runs
-    const float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
-    for (int j = 0; j < n; j++)
-        for (int i = 0; i < m; i++) {
-            float s = 0.0f;
-            for (int l = 0; l < k; l++) {
-                float a = load(A, at, ta ? long(i) * lda + l : long(l) * lda + i);
-                float b = load(B, bt, tb ? long(l) * ldb + j : long(j) * ldb + l);
-                s += a * b;
-            }
-            long c = long(j) * ldc + i;
-            float v = al * s;
-            if (be != 0.0f) v += be * load(C, ct, c);
-            if (ct == R_32F) static_cast<float*>(C)[c] = v;
-            else static_cast<uint16_t*>(C)[c] = f32_to_bf16(v);
-        }
+    typedef void (*Enqueue)(void (*)(void*), void*);
+    static const Enqueue enqueue = reinterpret_cast<Enqueue>(dlsym(RTLD_DEFAULT, "lora_fakecuda_enqueue"));
+    Gemm* g = new Gemm{ta, tb, m, n, k, *static_cast<const float*>(alpha), *static_cast<const float*>(beta), A, at, lda, B, bt, ldb, C, ct, ldc};
+    auto job = [](void* p) {
+        Gemm* g = static_cast<Gemm*>(p);
+        run(*g);
+        delete g;
+    };
+    if (enqueue) enqueue(job, g);
+    else job(g);
     return OK;
 }
 }

@@ -1,8 +1,13 @@
 // An emulated CUDA driver (libcuda.so) for machines without a GPU, built
 // and loaded by tests/common/fakecuda.rs. Device memory is host memory
-// (a CUdeviceptr is the host address), every call runs synchronously (one
-// stream does everything in order, so "asynchronous" copies, frees and
-// launches simply happen at once), and a module is a shared library of
+// (a CUdeviceptr is the host address), and the stream-ordered work
+// (launches, cuBLAS products, asynchronous copies, memsets and frees)
+// waits in one queue, in order, until something synchronizes (a stream,
+// event or context synchronization, a query, a synchronous copy or free, a
+// copy to pageable host memory), as a busy GPU's would: so a host read of
+// managed or page-locked memory that misses its synchronization reads what
+// was there before the work (LORA_FAKECUDA_DEFER=0: every call runs at
+// once instead). A module is a shared library of
 // the kernels compiled as host C++ (tests/common/emu.rs) with one wrapper
 // per kernel, `emuw_<name>(grid x, y, z, block x, dynamic smem, params)`,
 // which unpacks cuLaunchKernel's parameter array by the kernel's declared
@@ -16,8 +21,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <dlfcn.h>
+#include <functional>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -39,6 +47,9 @@ std::mutex mu;
 // `mapped`.
 std::map<uintptr_t, size_t> live;
 std::map<uintptr_t, size_t> mapped;
+// Page-locked host allocations (cuMemAllocHost, cuMemHostAlloc), also in
+// `live`: asynchronous copies to and from them run in stream order.
+std::map<uintptr_t, size_t> pinned;
 // In count-only mode, the live allocations at the pool's peak, and when
 // each was made (a count of allocations).
 std::map<uintptr_t, size_t> peak_live;
@@ -59,6 +70,42 @@ constexpr unsigned char GUARD_BYTE = 0xA5;
 bool count_only() {
     static const bool on = [] { const char* v = std::getenv("LORA_FAKECUDA_COUNT_ONLY"); return v && std::strcmp(v, "1") == 0; }();
     return on;
+}
+
+// Stream-ordered work waits in `queue` until a synchronization runs it
+// (`flush`), in order (one queue for every stream: the crate uses one per
+// context); unless LORA_FAKECUDA_DEFER=0, or count-only (nothing runs).
+bool defer_mode() {
+    static const bool on = [] { const char* v = std::getenv("LORA_FAKECUDA_DEFER"); return !(v && std::strcmp(v, "0") == 0) && !count_only(); }();
+    return on;
+}
+std::mutex queue_mu;  // the queue
+std::mutex run_mu;    // one flush at a time: the work runs in order
+std::deque<std::function<void()>> queue;
+
+void submit(std::function<void()> f) {
+    if (!defer_mode()) {
+        f();
+        return;
+    }
+    std::lock_guard<std::mutex> g(queue_mu);
+    queue.push_back(std::move(f));
+}
+
+// Runs everything queued (a synchronization).
+void flush() {
+    if (!defer_mode()) return;
+    std::lock_guard<std::mutex> r(run_mu);
+    for (;;) {
+        std::function<void()> f;
+        {
+            std::lock_guard<std::mutex> g(queue_mu);
+            if (queue.empty()) return;
+            f = std::move(queue.front());
+            queue.pop_front();
+        }
+        f();
+    }
 }
 
 CUresult alloc(CUdeviceptr* p, size_t n) {
@@ -114,6 +161,7 @@ CUresult release(uintptr_t a) {
         n = it->second;
         live.erase(it);
         born.erase(a);
+        pinned.erase(a);
         if (mapped.erase(a)) {
             munmap(reinterpret_cast<void*>(a), n);
             return OK;
@@ -157,8 +205,38 @@ CUresult copy(uintptr_t dst, uintptr_t src, size_t n, bool dst_dev, bool src_dev
     return OK;
 }
 
+// Whether [p, p + n) is page-locked host memory.
+bool is_pinned(uintptr_t p, size_t n) {
+    std::lock_guard<std::mutex> g(mu);
+    auto it = pinned.upper_bound(p);
+    if (it == pinned.begin()) return false;
+    --it;
+    return p >= it->first && p + n <= it->first + it->second;
+}
+
+// An asynchronous copy, in stream order. Device to pageable host memory
+// completes before it returns (the driver's rule: it waits for the stream);
+// pageable host memory to the device is read at the call (staged, as the
+// driver does) and written in stream order; page-locked memory is read and
+// written in stream order.
+CUresult copy_async(uintptr_t dst, uintptr_t src, size_t n, bool dst_dev, bool src_dev) {
+    if ((dst_dev && !inside(dst, n)) || (src_dev && !inside(src, n))) return copy(dst, src, n, dst_dev, src_dev);  // reports it
+    if (!dst_dev && !is_pinned(dst, n)) {
+        flush();
+        return copy(dst, src, n, dst_dev, src_dev);
+    }
+    if (!src_dev && !is_pinned(src, n)) {
+        auto staged = std::make_shared<std::vector<unsigned char>>(reinterpret_cast<const unsigned char*>(src), reinterpret_cast<const unsigned char*>(src) + n);
+        submit([=] { std::memcpy(reinterpret_cast<void*>(dst), staged->data(), n); });
+        return OK;
+    }
+    submit([=] { std::memmove(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n); });
+    return OK;
+}
+
 struct Module { void* so; };
-typedef void (*Wrapper)(unsigned, unsigned, unsigned, unsigned, unsigned, void**);
+typedef void (*Defer)(void (*)(void*), void*);
+typedef void (*Wrapper)(unsigned, unsigned, unsigned, unsigned, unsigned, void**, Defer);
 // max_dyn: CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES (48 KiB unless
 // raised, as on the GPU, where a launch asking for more fails).
 struct Function { Wrapper w; std::string name; int max_dyn = 48 << 10; };
@@ -187,6 +265,10 @@ void lora_fakecuda_peak_report() {
     for (size_t i = 0; i < young.size() && i < 12; i++) std::fprintf(stderr, " %.2f", young[i].second / 1048576.0);
     std::fprintf(stderr, "\n");
 }
+
+// For the fake cuBLAS and the kernel wrappers (not CUDA API): runs
+// `run(data)` in stream order (queued; now with LORA_FAKECUDA_DEFER=0).
+void lora_fakecuda_enqueue(void (*run)(void*), void* data) { submit([run, data] { run(data); }); }
 
 // The test hook (not CUDA API): where the modules are.
 void lora_fakecuda_set_module_dir(const char* dir) { std::lock_guard<std::mutex> g(mu); module_dir = dir; }
@@ -222,34 +304,53 @@ CUresult cuCtxSetCurrent(void*) { return OK; }
 CUresult cuCtxGetCurrent(void** ctx) { *ctx = &ctx_token; return OK; }
 CUresult cuCtxPushCurrent_v2(void*) { return OK; }
 CUresult cuCtxPopCurrent_v2(void** ctx) { if (ctx) *ctx = &ctx_token; return OK; }
-CUresult cuCtxSynchronize() { return OK; }
+CUresult cuCtxSynchronize() { flush(); return OK; }
 CUresult cuCtxGetDevice(CUdevice* d) { *d = 0; return OK; }
 
 CUresult cuStreamCreate(void** s, unsigned) { *s = &stream_token; return OK; }
 CUresult cuStreamCreateWithPriority(void** s, unsigned, int) { *s = &stream_token; return OK; }
-CUresult cuStreamDestroy_v2(void*) { return OK; }
-CUresult cuStreamSynchronize(void*) { return OK; }
-CUresult cuStreamQuery(void*) { return OK; }
+CUresult cuStreamDestroy_v2(void*) { flush(); return OK; }
+CUresult cuStreamSynchronize(void*) { flush(); return OK; }
+CUresult cuStreamQuery(void*) { flush(); return OK; }  // done once asked: the work runs now
 CUresult cuStreamWaitEvent(void*, void*, unsigned) { return OK; }
 typedef void (*HostFn)(void*);
-CUresult cuLaunchHostFunc(void*, HostFn f, void* data) { f(data); return OK; }
+CUresult cuLaunchHostFunc(void*, HostFn f, void* data) { submit([f, data] { f(data); }); return OK; }
 
 CUresult cuEventCreate(void** e, unsigned) { *e = &event_token; return OK; }
 CUresult cuEventRecord(void*, void*) { return OK; }
-CUresult cuEventSynchronize(void*) { return OK; }
-CUresult cuEventQuery(void*) { return OK; }
+CUresult cuEventSynchronize(void*) { flush(); return OK; }
+CUresult cuEventQuery(void*) { flush(); return OK; }
 CUresult cuEventDestroy_v2(void*) { return OK; }
-CUresult cuEventElapsedTime_v2(float* ms, void*, void*) { *ms = 0.0f; return OK; }
-CUresult cuEventElapsedTime(float* ms, void*, void*) { *ms = 0.0f; return OK; }
+CUresult cuEventElapsedTime_v2(float* ms, void*, void*) { flush(); *ms = 0.0f; return OK; }
+CUresult cuEventElapsedTime(float* ms, void*, void*) { flush(); *ms = 0.0f; return OK; }
 
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) { return alloc(p, n); }
 CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, void*) { return alloc(p, n); }
 CUresult cuMemAllocManaged(CUdeviceptr* p, size_t n, unsigned) { return alloc_managed(p, n); }
-CUresult cuMemFree_v2(CUdeviceptr p) { return release(p); }
-CUresult cuMemFreeAsync(CUdeviceptr p, void*) { return release(p); }
-CUresult cuMemAllocHost_v2(void** p, size_t n) { CUdeviceptr a; CUresult r = alloc(&a, n); *p = reinterpret_cast<void*>(a); return r; }
+CUresult cuMemFree_v2(CUdeviceptr p) { flush(); return release(p); }
+CUresult cuMemFreeAsync(CUdeviceptr p, void*) {
+    if (!defer_mode()) return release(p);
+    {
+        std::lock_guard<std::mutex> g(mu);
+        if (!live.count(p)) {
+            std::fprintf(stderr, "fake CUDA: free of %#lx, which is not a live allocation\n", (unsigned long)p);
+            return INVALID_VALUE;
+        }
+    }
+    submit([p] { release(p); });
+    return OK;
+}
+CUresult cuMemAllocHost_v2(void** p, size_t n) {
+    CUdeviceptr a;
+    CUresult r = alloc(&a, n);
+    if (r != OK) return r;
+    *p = reinterpret_cast<void*>(a);
+    std::lock_guard<std::mutex> g(mu);
+    pinned[a] = n;
+    return OK;
+}
 CUresult cuMemHostAlloc(void** p, size_t n, unsigned) { return cuMemAllocHost_v2(p, n); }
-CUresult cuMemFreeHost(void* p) { return release(reinterpret_cast<uintptr_t>(p)); }
+CUresult cuMemFreeHost(void* p) { flush(); return release(reinterpret_cast<uintptr_t>(p)); }
 CUresult cuMemHostGetDevicePointer_v2(CUdeviceptr* d, void* p, unsigned) { *d = reinterpret_cast<uintptr_t>(p); return OK; }
 CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
     std::lock_guard<std::mutex> g(mu);
@@ -260,21 +361,25 @@ CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
 CUresult cuMemPrefetchAsync_v2(CUdeviceptr p, size_t n, CUmemLocation, unsigned, void*) { return inside(p, n) ? OK : INVALID_VALUE; }
 CUresult cuMemAdvise_v2(CUdeviceptr p, size_t n, int, CUmemLocation) { return inside(p, n) ? OK : INVALID_VALUE; }
 
-CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* h, size_t n) { return copy(d, reinterpret_cast<uintptr_t>(h), n, true, false); }
-CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* h, size_t n, void*) { return cuMemcpyHtoD_v2(d, h, n); }
-CUresult cuMemcpyDtoH_v2(void* h, CUdeviceptr d, size_t n) { return copy(reinterpret_cast<uintptr_t>(h), d, n, false, true); }
-CUresult cuMemcpyDtoHAsync_v2(void* h, CUdeviceptr d, size_t n, void*) { return cuMemcpyDtoH_v2(h, d, n); }
-CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) { return copy(d, s, n, true, true); }
-CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, void*) { return cuMemcpyDtoD_v2(d, s, n); }
-CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char b, size_t n) {
+CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* h, size_t n) { flush(); return copy(d, reinterpret_cast<uintptr_t>(h), n, true, false); }
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* h, size_t n, void*) { return copy_async(d, reinterpret_cast<uintptr_t>(h), n, true, false); }
+CUresult cuMemcpyDtoH_v2(void* h, CUdeviceptr d, size_t n) { flush(); return copy(reinterpret_cast<uintptr_t>(h), d, n, false, true); }
+CUresult cuMemcpyDtoHAsync_v2(void* h, CUdeviceptr d, size_t n, void*) { return copy_async(reinterpret_cast<uintptr_t>(h), d, n, false, true); }
+CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) { flush(); return copy(d, s, n, true, true); }
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, void*) { return copy_async(d, s, n, true, true); }
+CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char b, size_t n, void*) {
     if (!inside(d, n)) return INVALID_VALUE;
-    std::memset(reinterpret_cast<void*>(d), b, n);
+    submit([=] { std::memset(reinterpret_cast<void*>(d), b, n); });
     return OK;
 }
-CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char b, size_t n, void*) { return cuMemsetD8_v2(d, b, n); }
+CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char b, size_t n) {
+    CUresult r = cuMemsetD8Async(d, b, n, nullptr);
+    flush();
+    return r;
+}
 CUresult cuMemsetD32Async(CUdeviceptr d, unsigned v, size_t n, void*) {
     if (!inside(d, n * 4)) return INVALID_VALUE;
-    for (size_t i = 0; i < n; i++) std::memcpy(reinterpret_cast<unsigned char*>(d) + 4 * i, &v, 4);
+    submit([=] { for (size_t i = 0; i < n; i++) std::memcpy(reinterpret_cast<unsigned char*>(d) + 4 * i, &v, 4); });
     return OK;
 }
 
@@ -326,7 +431,7 @@ CUresult cuModuleLoadData(void** m, const void* image) {
     return OK;
 }
 CUresult cuModuleLoadDataEx(void** m, const void* image, unsigned, void*, void*) { return cuModuleLoadData(m, image); }
-CUresult cuModuleUnload(void* m) { delete static_cast<Module*>(m); return OK; }  // the library stays loaded
+CUresult cuModuleUnload(void* m) { flush(); delete static_cast<Module*>(m); return OK; }  // the library stays loaded
 CUresult cuModuleGetFunction(void** f, void* m, const char* name) {
     std::string sym = std::string("emuw_") + name;
     void* w = dlsym(static_cast<Module*>(m)->so, sym.c_str());
@@ -355,7 +460,7 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
         std::fprintf(stderr, "fake CUDA: launch of %s with %u bytes of dynamic shared memory, above its %d (cuFuncSetAttribute MAX_DYNAMIC_SHARED_SIZE_BYTES)\n", fn->name.c_str(), smem, fn->max_dyn);
         return INVALID_VALUE;
     }
-    if (!count_only()) fn->w(gx, gy, gz, bx, smem, params);
+    if (!count_only()) fn->w(gx, gy, gz, bx, smem, params, defer_mode() ? lora_fakecuda_enqueue : nullptr);
     return OK;
 }
 
