@@ -13,10 +13,11 @@
 //!     cargo run --release --example device_memory -- [nf4|bf16] [BATCH] [SEQ] [RANK]
 //!
 //! LORA_DEVICE_MEMORY_DETAIL=1 lists the allocations live at each peak.
-//! Prints one line per step variant: the default bf16 step; the lean bf16
-//! step (bf16 adapter products, tensor-core attention), and the same
-//! keeping q, k and v instead of recomputing them; the default and lean
-//! steps with activation checkpointing; and the fp32 step.
+//! Prints one line per step variant: the default bf16 step and the lean
+//! bf16 step (bf16 adapter products, tensor-core attention), each also
+//! without recomputation (q, k, v and the mid-layer residual kept, not
+//! recomputed in the backward: `DeviceModel::set_recompute`) and with
+//! activation checkpointing; and the fp32 step.
 
 #[path = "../tests/common/gpu.rs"]
 #[allow(dead_code)]
@@ -81,31 +82,37 @@ fn run() -> lora::Result<()> {
         g.set_lean(true);
         g.set_tensor_core_attention(true)
     };
-    // (name, compute, checkpointing, lean: None, or Some(recompute q, k, v))
-    let variants: [(&str, Compute, bool, Option<bool>); 6] = [
-        ("bf16 step (default)", Compute::BF16, false, None),
-        ("lean bf16 step", Compute::BF16, false, Some(true)),
-        ("lean bf16 step keeping q, k, v", Compute::BF16, false, Some(false)),
-        ("bf16 step + checkpointing", Compute::BF16, true, None),
-        ("lean bf16 step + checkpointing", Compute::BF16, true, Some(true)),
-        ("fp32 step", Compute::F32, false, None),
+    // (name, compute, checkpointing, lean, recomputation)
+    let variants: [(&str, Compute, bool, bool, bool); 7] = [
+        ("bf16 step (default)", Compute::BF16, false, false, true),
+        ("bf16 step, no recomputation", Compute::BF16, false, false, false),
+        ("lean bf16 step", Compute::BF16, false, true, true),
+        ("lean bf16 step, no recomputation", Compute::BF16, false, true, false),
+        ("bf16 step + checkpointing", Compute::BF16, true, false, true),
+        ("lean bf16 step + checkpointing", Compute::BF16, true, true, true),
+        ("fp32 step", Compute::F32, false, false, true),
     ];
-    for (name, compute, ckpt, lean_qkv) in variants {
+    for (name, compute, ckpt, is_lean, recompute) in variants {
         let mut t = Trainer::new(model.clone(), "a", TrainerConfig { checkpointing: ckpt, ..Default::default() })?;
         t.use_device(Some((0, compute)))?;
-        if let Some(recompute) = lean_qkv {
-            t.with_device_model(|g| {
-                g.set_recompute_qkv(recompute);
-                lean(g)
-            })
-            .expect("on the device")?;
-        }
+        t.with_device_model(|g| {
+            g.set_recompute(recompute);
+            if is_lean {
+                lean(g)?;
+            }
+            Ok::<(), lora::Error>(())
+        })
+        .expect("on the device")?;
         let fixed = dev.pool_used_bytes()?;
         dev.reset_pool_peak()?;
         for _ in 0..2 {
-            // Nothing computes: a refused step (a non-finite loss read
-            // from untouched memory) has made every allocation all the same.
-            let _ = t.step(&ids, None, batch, seq, &mut |_, _| true);
+            // Nothing computes: a step refused for a non-finite loss or
+            // gradient (read from untouched memory) has made every
+            // allocation all the same; any other error is real.
+            match t.step(&ids, None, batch, seq, &mut |_, _| true) {
+                Err(e) if e.kind != lora::ErrorKind::NonFinite => return Err(e.context(&format!("the {name}"))),
+                _ => {}
+            }
         }
         let peak = dev.pool_peak_bytes()?;
         println!(

@@ -196,12 +196,13 @@ run "demo: make demo's fine-tune through the C API on the GPU" 90 bash -c "$(dec
 # Batch 4 x 1024 tokens, LoRA r 16 on every linear layer, bf16 compute.
 run "bench gpu_bench_train nf4 (QLoRA)" 60 "$BUNDLE/bin/gpu_bench_train" nf4 4 1024 5 16
 run "bench gpu_bench_train bf16" 60 "$BUNDLE/bin/gpu_bench_train" bf16 4 1024 5 16
+run "bench gpu_bench_train nf4 without recomputation" 60 env LORA_CUDA_RECOMPUTE=0 "$BUNDLE/bin/gpu_bench_train" nf4 4 1024 5 16
 run "bench gpu_bench_train nf4 + checkpointing" 60 "$BUNDLE/bin/gpu_bench_train" nf4 4 1024 5 16 ckpt
 run "bench gpu_bench_train nf4, tensor-core attention" 60 env LORA_CUDA_ATTENTION=tc "$BUNDLE/bin/gpu_bench_train" nf4 4 1024 5 16
 run "bench gpu_bench_train nf4, LoRA kernels" 60 env LORA_CUDA_LORA=kernels "$BUNDLE/bin/gpu_bench_train" nf4 4 1024 5 16
 run "bench gpu_bench_train nf4, tensor-core attention + LoRA kernels" 60 env LORA_CUDA_ATTENTION=tc LORA_CUDA_LORA=kernels "$BUNDLE/bin/gpu_bench_train" nf4 4 1024 5 16
 run "bench gpu_bench_train nf4, tensor-core attention + bf16 adapter products (the lean bf16 step)" 60 env LORA_CUDA_ATTENTION=tc LORA_CUDA_LORA=bf16 "$BUNDLE/bin/gpu_bench_train" nf4 4 1024 5 16
-run "bench gpu_bench_train nf4, the lean bf16 step keeping q, k, v" 60 env LORA_CUDA_ATTENTION=tc LORA_CUDA_LORA=bf16 LORA_CUDA_RECOMPUTE_QKV=0 "$BUNDLE/bin/gpu_bench_train" nf4 4 1024 5 16
+run "bench gpu_bench_train nf4, the lean bf16 step without recomputation" 60 env LORA_CUDA_ATTENTION=tc LORA_CUDA_LORA=bf16 LORA_CUDA_RECOMPUTE=0 "$BUNDLE/bin/gpu_bench_train" nf4 4 1024 5 16
 run "bench gpu_bench_train nf4 + checkpointing, the lean bf16 step" 60 env LORA_CUDA_ATTENTION=tc LORA_CUDA_LORA=bf16 "$BUNDLE/bin/gpu_bench_train" nf4 4 1024 5 16 ckpt
 run "bench gpu_bench_train nf4, tensor-core attention + bf16 adapter products, lean step off" 60 env LORA_CUDA_ATTENTION=tc LORA_CUDA_LORA=bf16 LORA_CUDA_LEAN=0 "$BUNDLE/bin/gpu_bench_train" nf4 4 1024 5 16
 if command -v python3 >/dev/null && python3 -c 'import torch, peft' 2>/dev/null; then

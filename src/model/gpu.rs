@@ -47,19 +47,17 @@
 //! SwiGLU product's gradient, logits and their gradient in bf16), and with
 //! tensor-core attention keeps q, k, v and the attention output in bf16.
 //!
-//! Memory: per layer the step keeps the layer input, q, k, v, the
-//! attention output and log-sum-exp, the mid-layer residual, gate and up
-//! (in bf16 in BF16 mode), the two RMS scales and the adapters' `x·Aᵀ`;
-//! the normalized inputs and
-//! the SwiGLU product are recomputed in the backward (cheap elementwise
-//! passes). The lean step also recomputes the mid-layer residual (one
-//! o_proj product) and q, k and v (the three smallest products of the
-//! layer, about 4% of the 1B step's matrix work) from the layer input in the
-//! backward, on the forward's code path, so with the same bits: per layer
-//! it keeps the layer input, the attention output, gate and up
-//! ([`DeviceModel::set_recompute_qkv`] keeps q, k and v instead). Each
-//! linear's backward frees its input before the input gradient is
-//! allocated where it can (the SwiGLU product under the down projection).
+//! Memory: per layer a training step keeps the layer input, the attention
+//! output and its log-sum-exp, gate and up (in bf16 in BF16 mode), the two
+//! RMS scales and the adapters' `x·Aᵀ`. The backward recomputes the rest
+//! from those: the normalized inputs and the SwiGLU product (elementwise
+//! passes), and q, k, v and the mid-layer residual (the four smallest
+//! products of the layer, about 6% of the 1B step's matrix work), on the
+//! forward's code path, so with the same bits
+//! ([`DeviceModel::set_recompute`] keeps q, k, v and the residual
+//! instead). Each linear's backward frees its input before the input
+//! gradient is allocated where it can (the SwiGLU product under the down
+//! projection).
 //! With checkpointing only each layer's input is kept and the
 //! layer is recomputed. The head and the loss run over row chunks of at
 //! most [`HEAD_CHUNK_ELEMS`] logits, so the `[tokens, vocab]` matrix never
@@ -334,17 +332,16 @@ struct DevLayer {
 struct Acts {
     rstd1: CudaSlice<f32>,
     /// q, k (rotated) and v: fp32, or bf16 in the lean training step with
-    /// tensor-core attention; `None` in the lean training step without
-    /// checkpointing, which recomputes them in the backward from the
-    /// layer's input ([`DeviceModel::qkv`]: the same products, the same
-    /// bits).
+    /// tensor-core attention; `None` when the training step recomputes them
+    /// in the backward from the layer's input ([`DeviceModel::qkv`]: the
+    /// same products, the same bits).
     qkv: Option<[Saved; 3]>,
     /// The attention output: fp32, or bf16 as q, k and v.
     att: Saved,
     lse: CudaSlice<f32>,
-    /// The residual after attention, `x_in + o_proj(att)`; `None` in the
-    /// lean training step, which recomputes it in the backward from the
-    /// layer's input and `att` (the same product: the same bits).
+    /// The residual after attention, `x_in + o_proj(att)`; `None` when the
+    /// training step recomputes it in the backward from the layer's input
+    /// and `att` (the same product: the same bits), and outside training.
     x_mid: Option<CudaSlice<f32>>,
     rstd2: CudaSlice<f32>,
     /// Gate and up projections (the MLP's two widest activations): fp32,
@@ -553,9 +550,10 @@ pub struct DeviceModel {
     /// ([`DeviceModel::lean`]; on unless `set_lean(false)` or
     /// `LORA_CUDA_LEAN=0` at upload).
     lean_on: bool,
-    /// Whether the lean step recomputes q, k and v in the backward instead
-    /// of keeping them ([`DeviceModel::set_recompute_qkv`]).
-    recompute_qkv: bool,
+    /// Whether a training step without checkpointing recomputes q, k, v and
+    /// the mid-layer residual in the backward instead of keeping them
+    /// ([`DeviceModel::set_recompute`]).
+    recompute: bool,
     /// Most logits materialized at once ([`HEAD_CHUNK_ELEMS`] unless set).
     head_chunk: usize,
     /// Per-category time when profiling ([`DeviceModel::set_profiling`]).
@@ -688,7 +686,7 @@ impl DeviceModel {
             rope: None,
             attn_tc: compute == Compute::BF16 && std::env::var("LORA_CUDA_ATTENTION").is_ok_and(|v| v == "tc"),
             lean_on: std::env::var("LORA_CUDA_LEAN").map_or(true, |v| v != "0"),
-            recompute_qkv: std::env::var("LORA_CUDA_RECOMPUTE_QKV").map_or(true, |v| v != "0"),
+            recompute: std::env::var("LORA_CUDA_RECOMPUTE").map_or(true, |v| v != "0"),
             lora_path: match std::env::var("LORA_CUDA_LORA").as_deref() {
                 Ok("kernels") => LoraPath::Kernels,
                 Ok("bf16") if compute == Compute::BF16 => LoraPath::BlasBf16,
@@ -1127,10 +1125,13 @@ impl DeviceModel {
     }
 
     /// Layer `l`'s forward: what its backward needs (for a training step)
-    /// and its output. `keep_qkv` keeps q, k and v even in the lean
-    /// training step (which otherwise recomputes them in the backward).
+    /// and its output. `keep` keeps q, k, v and the mid-layer residual even
+    /// when the step recomputes them ([`set_recompute`](Self::set_recompute)):
+    /// for a checkpointed layer's recomputation, whose activations go
+    /// straight to its backward. Outside training the residual is not kept
+    /// (nothing reads it) and q, k, v are (the prefill reads k and v).
     #[allow(clippy::too_many_arguments)]
-    fn layer_forward(&mut self, l: usize, x: &CudaSlice<f32>, batch: usize, seq: usize, rows: Rows<'_>, keep_qkv: bool) -> Result<(Acts, CudaSlice<f32>)> {
+    fn layer_forward(&mut self, l: usize, x: &CudaSlice<f32>, batch: usize, seq: usize, rows: Rows<'_>, keep: bool) -> Result<(Acts, CudaSlice<f32>)> {
         let dev = self.dev.clone();
         let d = &*dev;
         let Dims { it, qd, nh, .. } = Dims::of(&self.cfg);
@@ -1164,10 +1165,11 @@ impl DeviceModel {
             _ => bail!(Internal, "q, k and v in mixed dtypes"),
         };
         self.tock(t, "attention forward")?;
-        // The lean training step recomputes q, k and v in the backward
-        // (unless `keep_qkv`: a checkpointed layer's recomputation, whose
-        // activations go straight to its backward); so do their x·Aᵀ.
-        let qkv = if keep_qkv || !(self.recompute_qkv && self.lean() && matches!(rows, Rows::Train(_))) {
+        // A training step recomputes q, k, v (and their x·Aᵀ) and the
+        // mid-layer residual in the backward, unless told to keep them.
+        let train = matches!(rows, Rows::Train(_));
+        let recompute = train && self.recompute && !keep;
+        let qkv = if !recompute {
             (hs[Q], hs[K], hs[V]) = (hq, hk, hv);
             Some(qkv)
         } else {
@@ -1188,20 +1190,20 @@ impl DeviceModel {
             hs[GATE] = self.lin_forward(l, GATE, rows, h2a, n, &mut gb, 0.0)?;
             hs[UP] = self.lin_forward(l, UP, rows, h2a, n, &mut ub, 0.0)?;
             drop((h2, h2b));
-            // x_mid becomes x_out (no copy): the backward recomputes it.
-            let mut x_out = x_mid;
+            // x_mid becomes x_out (no copy) unless it is kept.
+            let (mut x_out, x_mid) = if train && !recompute { (d.duplicate(&x_mid)?, Some(x_mid)) } else { (x_mid, None) };
             let mut ab = out_buf::<u16>(d, n * it)?;
             cswiglu::swiglu_forward_bf16(d, &gb.as_view(), &ub.as_view(), None, Some(&mut ab.as_view_mut()))?;
             hs[DOWN] = self.lin_forward(l, DOWN, rows, Act::Bf16(&ab), n, &mut x_out, 1.0)?;
             let (g, u) = (Saved::Bf16(gb), Saved::Bf16(ub));
-            return Ok((Acts { rstd1, qkv, att, lse, x_mid: None, rstd2, g, u, hs }, x_out));
+            return Ok((Acts { rstd1, qkv, att, lse, x_mid, rstd2, g, u, hs }, x_out));
         }
         let mut g = out_buf::<f32>(d, n * it)?;
         let mut u = out_buf::<f32>(d, n * it)?;
         hs[GATE] = self.lin_forward(l, GATE, rows, h2a, n, &mut g, 0.0)?;
         hs[UP] = self.lin_forward(l, UP, rows, h2a, n, &mut u, 0.0)?;
         drop((h2, h2b));
-        let mut x_out = d.duplicate(&x_mid)?;
+        let (mut x_out, x_mid) = if train && !recompute { (d.duplicate(&x_mid)?, Some(x_mid)) } else { (x_mid, None) };
         // A training step keeps gate and up for the backward: in BF16 mode
         // as their bf16 roundings (written by the gating pass; outside the
         // lean step up's is made after gate's fp32 is freed, so the peak
@@ -1220,7 +1222,7 @@ impl DeviceModel {
             None => (Saved::F32(g), Saved::F32(u)),
         };
         hs[DOWN] = self.lin_forward(l, DOWN, rows, act_of(&a, &ab)?, n, &mut x_out, 1.0)?;
-        Ok((Acts { rstd1, qkv, att, lse, x_mid: Some(x_mid), rstd2, g, u, hs }, x_out))
+        Ok((Acts { rstd1, qkv, att, lse, x_mid, rstd2, g, u, hs }, x_out))
     }
 
     /// Layer `l`'s q, k (rotated) and v from its normed input `h1`, with
@@ -1228,7 +1230,7 @@ impl DeviceModel {
     /// tensor-core attention (whose kernels round q, k and v to bf16
     /// anyway: q and k are rotated straight into their bf16 copies, each
     /// fp32 buffer freed as its copy is made), else fp32. The forward's,
-    /// and the lean backward's recomputation: one code path, the same bits.
+    /// and the backward's recomputation: one code path, the same bits.
     #[allow(clippy::type_complexity)]
     fn qkv(&self, l: usize, rows: Rows<'_>, h1: Act<'_>, batch: usize, seq: usize) -> Result<([Saved; 3], [Option<CudaSlice<f32>>; 3])> {
         let d = &*self.dev;
@@ -1255,8 +1257,8 @@ impl DeviceModel {
     }
 
     /// `x_mid = x + o_proj(att)` (with the adapter's `att·Aᵀ` for the
-    /// backward): the forward's, and the lean backward's recomputation of
-    /// it, one code path so that both give the same bits.
+    /// backward): the forward's, and the backward's recomputation of it,
+    /// one code path so that both give the same bits.
     fn attn_residual(&self, l: usize, rows: Rows<'_>, x: &CudaSlice<f32>, att: &Saved) -> Result<(CudaSlice<f32>, Option<CudaSlice<f32>>)> {
         let n = x.len() / self.cfg.hidden_size;
         let mut x_mid = self.dev.duplicate(x)?;
@@ -1280,10 +1282,7 @@ impl DeviceModel {
     /// adapter has dropout), the head writes bf16 logits and the
     /// cross-entropy works on them in place, and with tensor-core attention
     /// q, k, v and the attention output are kept in bf16 (the kernels' bf16
-    /// form); the residual after attention is not kept but recomputed in
-    /// the backward from the layer's input and the attention output (the
-    /// output projection again: same bits, half a layer's fp32 residuals
-    /// less memory). So a lean training step rounds more than the same mode
+    /// form). So a lean training step rounds more than the same mode
     /// holding both forms (gate/up, the SwiGLU product's gradient, logits,
     /// and the attention backward's `δ = rowsum(dO∘O)` from the bf16 `O`),
     /// and its LoRA dropout masks the bf16 inputs widened; inference
@@ -1301,14 +1300,18 @@ impl DeviceModel {
         self.lean_on = on;
     }
 
-    /// Whether the lean step ([`lean`](Self::lean)) recomputes each layer's
-    /// q, k and v in the backward (on by default; `LORA_CUDA_RECOMPUTE_QKV=0`
-    /// at upload starts it off) or keeps them from the forward: the same
-    /// bits either way; recomputing holds 24 MiB less per layer of the 1B
-    /// benchmark model for three more products (about 4% of the step's
-    /// matrix work). Without checkpointing only.
-    pub fn set_recompute_qkv(&mut self, on: bool) {
-        self.recompute_qkv = on;
+    /// Whether a training step recomputes each layer's q, k, v and
+    /// mid-layer residual in the backward (on by default;
+    /// `LORA_CUDA_RECOMPUTE=0` at upload starts it off) or keeps them from
+    /// the forward: the same bits either way (the forward's code path);
+    /// recomputing holds less — per layer of the 1B benchmark model 24 MiB
+    /// in the lean step, 80 MiB in the default bf16 step (fp32 q, k, v and
+    /// residual) — for four more products (q, k, v and o, the layer's
+    /// smallest: about 6% of the step's matrix work). Without
+    /// checkpointing only (a checkpointed layer's recomputation keeps them
+    /// for its backward).
+    pub fn set_recompute(&mut self, on: bool) {
+        self.recompute = on;
     }
 
     /// `x` `[batch, seq, heads, head_dim]` rotated by the step's RoPE table
@@ -1815,14 +1818,15 @@ impl DeviceModel {
         let mut datt = out_buf::<f32>(d, n * qd)?;
         self.lin_backward(tr, l, O, att.act(None), hs[O].as_ref(), Act::new(&dxm, dxmb.as_ref()), n, Some((&mut datt, 0.0)))?;
         drop(dxmb);
-        // q, k and v as kept, or (the lean step) recomputed from the
-        // layer's input as the forward made them, with the normed input the
-        // adapters' backward takes below.
+        // q, k and v as kept, or recomputed from the layer's input as the
+        // forward made them, with the normed input the adapters' backward
+        // takes below.
         let mut h1f = None;
         let [q, k, v] = match qkv {
             Some(s) => s,
             None => {
-                let f = self.normed(x_in, &self.layers[l].attn_norm, n, None, true)?;
+                // As the forward normed it (both forms where it made both).
+                let f = self.normed(x_in, &self.layers[l].attn_norm, n, None, false)?;
                 let (s, [hq, hk, hv]) = self.qkv(l, Rows::Train(tr), act_of(&f.0, &f.1)?, batch, seq)?;
                 (hs[Q], hs[K], hs[V]) = (hq, hk, hv);
                 h1f = Some(f);
