@@ -12,7 +12,9 @@
 //!
 //!     cargo run --release --example device_memory -- [nf4|bf16] [BATCH] [SEQ] [RANK]
 //!
-//! LORA_DEVICE_MEMORY_DETAIL=1 lists the allocations live at each peak.
+//! Each line also gives the second step's matrix products (cuBLAS calls
+//! and FLOPs). LORA_DEVICE_MEMORY_DETAIL=1 lists the allocations live at
+//! each peak and the step's kernel launches by kernel.
 //! Prints one line per step variant: the default bf16 step and the lean
 //! bf16 step (bf16 adapter products, tensor-core attention), each also
 //! without recomputation (q, k, v and the mid-layer residual kept, not
@@ -82,6 +84,7 @@ fn run() -> lora::Result<()> {
         g.set_lean(true);
         g.set_tensor_core_attention(true)
     };
+    let hooks = Hooks::find();
     // (name, compute, checkpointing, lean, recomputation)
     let variants: [(&str, Compute, bool, bool, bool); 7] = [
         ("bf16 step (default)", Compute::BF16, false, false, true),
@@ -105,7 +108,12 @@ fn run() -> lora::Result<()> {
         .expect("on the device")?;
         let fixed = dev.pool_used_bytes()?;
         dev.reset_pool_peak()?;
-        for _ in 0..2 {
+        let detail = std::env::var("LORA_DEVICE_MEMORY_DETAIL").is_ok_and(|v| v == "1");
+        for i in 0..2 {
+            if i == 1 {
+                // The second step's work alone (the first also uploads).
+                hooks.reset();
+            }
             // Nothing computes: a step refused for a non-finite loss or
             // gradient (read from untouched memory) has made every
             // allocation all the same; any other error is real.
@@ -115,23 +123,69 @@ fn run() -> lora::Result<()> {
             }
         }
         let peak = dev.pool_peak_bytes()?;
+        let (gemms, flops) = hooks.work();
         println!(
-            "  {name:<34} peak pool {:6.2} GiB = {:5.2} GiB resident (weights, adapter, AdamW state) + {:5.2} GiB for the step",
+            "  {name:<34} peak pool {:6.2} GiB = {:5.2} GiB resident (weights, adapter, AdamW state) + {:5.2} GiB for the step; {gemms} products, {:.2} TFLOP",
             peak as f64 / GIB,
             fixed as f64 / GIB,
-            (peak - fixed) as f64 / GIB
+            (peak - fixed) as f64 / GIB,
+            flops as f64 / 1e12
         );
-        if std::env::var("LORA_DEVICE_MEMORY_DETAIL").is_ok_and(|v| v == "1") {
-            // SAFETY: the fake driver's hook (tests/fakecuda/fake_cuda.cpp),
-            // loaded process-wide by common::device().
-            unsafe {
-                let this = libloading::os::unix::Library::this();
-                if let Ok(f) = this.get::<unsafe extern "C" fn()>(b"lora_fakecuda_peak_report") {
-                    f();
-                }
-            }
+        if detail {
+            hooks.peak_report();
         }
+        hooks.launches(detail);
         t.use_device(None)?;
     }
     Ok(())
+}
+
+/// The emulated device's counters (tests/fakecuda/*.cpp; loaded
+/// process-wide by common::device()).
+struct Hooks {
+    peak: unsafe extern "C" fn(),
+    launches: unsafe extern "C" fn(i32, i32),
+    gemms: unsafe extern "C" fn(*mut u64, *mut u64, i32),
+}
+
+impl Hooks {
+    fn find() -> Hooks {
+        let this = libloading::os::unix::Library::this();
+        // SAFETY: the hooks' signatures in tests/fakecuda/fake_cuda.cpp and
+        // fake_cublas.cpp, whose libraries stay loaded for the process.
+        unsafe {
+            Hooks {
+                peak: *this.get(b"lora_fakecuda_peak_report").expect("the emulated driver's peak report"),
+                launches: *this.get(b"lora_fakecuda_launch_report").expect("the emulated driver's launch report"),
+                gemms: *this.get(b"lora_fakecublas_work").expect("the emulated cuBLAS's product count"),
+            }
+        }
+    }
+
+    fn peak_report(&self) {
+        // SAFETY: see find.
+        unsafe { (self.peak)() }
+    }
+
+    /// Starts the product and launch counts again.
+    fn reset(&self) {
+        self.work();
+        self.launches(false);
+    }
+
+    /// The products (count, FLOPs) since the last call; the count starts
+    /// again.
+    fn work(&self) -> (u64, u64) {
+        let (mut calls, mut flops) = (0u64, 0u64);
+        // SAFETY: see find; the pointers are to live locals.
+        unsafe { (self.gemms)(&mut calls, &mut flops, 1) };
+        (calls, flops)
+    }
+
+    /// With `print`, the kernel launches since the last reset by kernel
+    /// (to stderr); the count starts again.
+    fn launches(&self, print: bool) {
+        // SAFETY: see find.
+        unsafe { (self.launches)(print as i32, 1) }
+    }
 }

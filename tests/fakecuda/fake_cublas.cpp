@@ -17,6 +17,9 @@ typedef int cublasStatus_t;
 enum { OK = 0, NOT_INITIALIZED = 1, INVALID_VALUE = 7, NOT_SUPPORTED = 15 };
 enum { R_32F = 0, R_16BF = 14 };
 static int handle_token;
+// Products asked for and their multiply-adds ×2 (FLOPs), counted in every
+// mode (lora_fakecublas_work; examples/device_memory.rs reads them).
+static unsigned long long gemm_calls, gemm_flops;
 
 static float bf16_to_f32(uint16_t b) { uint32_t u = uint32_t(b) << 16; float f; std::memcpy(&f, &u, 4); return f; }
 static uint16_t f32_to_bf16(float f) {
@@ -58,6 +61,16 @@ static void run(const Gemm& g) {
 }
 
 extern "C" {
+// Test hook (not cuBLAS API): the products counted since the last call
+// with `reset`.
+void lora_fakecublas_work(unsigned long long* calls, unsigned long long* flops, int reset) {
+    *calls = __atomic_load_n(&gemm_calls, __ATOMIC_RELAXED);
+    *flops = __atomic_load_n(&gemm_flops, __ATOMIC_RELAXED);
+    if (reset) {
+        __atomic_store_n(&gemm_calls, 0ull, __ATOMIC_RELAXED);
+        __atomic_store_n(&gemm_flops, 0ull, __ATOMIC_RELAXED);
+    }
+}
 cublasStatus_t cublasCreate_v2(void** h) { *h = &handle_token; return OK; }
 cublasStatus_t cublasDestroy_v2(void*) { return OK; }
 cublasStatus_t cublasSetStream_v2(void*, void*) { return OK; }
@@ -73,6 +86,8 @@ cublasStatus_t cublasGemmEx(void*, int ta, int tb, int m, int n, int k, const vo
     if ((ta != 0 && ta != 1) || (tb != 0 && tb != 1)) return INVALID_VALUE;
     // Leading dimensions as cuBLAS checks them.
     if (lda < (ta ? (k > 1 ? k : 1) : (m > 1 ? m : 1)) || ldb < (tb ? (n > 1 ? n : 1) : (k > 1 ? k : 1)) || ldc < (m > 1 ? m : 1)) return INVALID_VALUE;
+    __atomic_add_fetch(&gemm_calls, 1ull, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&gemm_flops, 2ull * (unsigned long long)m * (unsigned long long)n * (unsigned long long)k, __ATOMIC_RELAXED);
     static const bool count_only = [] { const char* v = std::getenv("LORA_FAKECUDA_COUNT_ONLY"); return v && std::strcmp(v, "1") == 0; }();
     if (count_only) return OK;  // fake_cuda.cpp: nothing runs
     typedef void (*Enqueue)(void (*)(void*), void*);

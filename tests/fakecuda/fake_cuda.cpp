@@ -55,6 +55,9 @@ std::map<uintptr_t, size_t> pinned;
 std::map<uintptr_t, size_t> peak_live;
 std::map<uintptr_t, unsigned long> born, peak_born;
 unsigned long allocs;
+// Kernel launches by kernel name, and their threads, counted in every mode
+// (lora_fakecuda_launch_report).
+std::map<std::string, std::pair<unsigned long long, unsigned long long>> launches;
 size_t used = 0, used_high = 0, reserved_high = 0;
 std::string module_dir;
 int ctx_token, stream_token, pool_token, event_token;
@@ -270,6 +273,21 @@ void lora_fakecuda_peak_report() {
 // `run(data)` in stream order (queued; now with LORA_FAKECUDA_DEFER=0).
 void lora_fakecuda_enqueue(void (*run)(void*), void* data) { submit([run, data] { run(data); }); }
 
+// Test hook (not CUDA API): the kernel launches since the last reset, by
+// kernel (most launched first), to stderr; `reset` clears them.
+void lora_fakecuda_launch_report(int print, int reset) {
+    std::lock_guard<std::mutex> g(mu);
+    if (print) {
+        std::vector<std::pair<std::string, std::pair<unsigned long long, unsigned long long>>> v(launches.begin(), launches.end());
+        std::sort(v.begin(), v.end(), [](auto& x, auto& y) { return x.second.first > y.second.first; });
+        unsigned long long total = 0;
+        for (auto& e : v) total += e.second.first;
+        std::fprintf(stderr, "    kernel launches: %llu (%zu kernels)\n", total, v.size());
+        for (auto& [name, c] : v) std::fprintf(stderr, "      %8llu x %-40s %14llu threads\n", c.first, name.c_str(), c.second);
+    }
+    if (reset) launches.clear();
+}
+
 // The test hook (not CUDA API): where the modules are.
 void lora_fakecuda_set_module_dir(const char* dir) { std::lock_guard<std::mutex> g(mu); module_dir = dir; }
 
@@ -459,6 +477,12 @@ CUresult cuLaunchKernel(void* f, unsigned gx, unsigned gy, unsigned gz, unsigned
     if (smem > (unsigned)fn->max_dyn) {
         std::fprintf(stderr, "fake CUDA: launch of %s with %u bytes of dynamic shared memory, above its %d (cuFuncSetAttribute MAX_DYNAMIC_SHARED_SIZE_BYTES)\n", fn->name.c_str(), smem, fn->max_dyn);
         return INVALID_VALUE;
+    }
+    {
+        std::lock_guard<std::mutex> g(mu);
+        auto& c = launches[fn->name];
+        c.first++;
+        c.second += (unsigned long long)gx * gy * gz * bx;
     }
     if (!count_only()) fn->w(gx, gy, gz, bx, smem, params, defer_mode() ? lora_fakecuda_enqueue : nullptr);
     return OK;
