@@ -129,8 +129,10 @@ pub enum LoraPath {
     /// cuBLAS with bf16 operands and fp32 accumulation (BF16 mode only):
     /// activations, `x·Aᵀ`, the output gradient and bf16 copies of the
     /// adapter weights (refreshed after every update) — what PyTorch +
-    /// PEFT compute under bf16 autocast. The masters, gradients and AdamW
-    /// stay fp32.
+    /// PEFT compute under bf16 autocast. `x·Aᵀ` and `dy·B` are written in
+    /// bf16 by their products (the fp32 accumulation rounded once, as
+    /// autocast's outputs are), the next products' operands as they are.
+    /// The masters, gradients and AdamW stay fp32.
     BlasBf16,
 }
 
@@ -349,16 +351,16 @@ struct Acts {
     /// its kernels read them).
     g: Saved,
     u: Saved,
-    /// Each linear's `x·Aᵀ` (empty where the linear has no adapter).
-    hs: Vec<Option<CudaSlice<f32>>>,
+    /// Each linear's `x·Aᵀ` (empty where the linear has no adapter): bf16
+    /// with bf16 adapter products (which write it so), else fp32.
+    hs: Vec<Option<Saved>>,
 }
 
-/// An adapter's `g = dy·B` from [`DeviceModel::lin_grads`] (and its bf16
-/// copy with bf16 adapter products), for its term of the input gradient.
+/// An adapter's `g = dy·B` from [`DeviceModel::lin_grads`] (bf16 with
+/// bf16 adapter products, else fp32), for its term of the input gradient.
 struct LoraG {
     ad: DevAdapter,
-    g: CudaSlice<f32>,
-    gb: Option<CudaSlice<u16>>,
+    g: Saved,
 }
 
 /// The sizes a layer's forward and backward use.
@@ -1137,7 +1139,7 @@ impl DeviceModel {
         let Dims { it, qd, nh, .. } = Dims::of(&self.cfg);
         let n = batch * seq;
         let shape = self.shape(l, batch, seq);
-        let mut hs: Vec<Option<CudaSlice<f32>>> = (0..7).map(|_| None).collect();
+        let mut hs: Vec<Option<Saved>> = (0..7).map(|_| None).collect();
         // Attention block.
         let mut rstd1 = out_buf::<f32>(d, n)?;
         let (h1, h1b) = self.normed(x, &self.layers[l].attn_norm, n, Some(&mut rstd1), false)?;
@@ -1232,7 +1234,7 @@ impl DeviceModel {
     /// fp32 buffer freed as its copy is made), else fp32. The forward's,
     /// and the backward's recomputation: one code path, the same bits.
     #[allow(clippy::type_complexity)]
-    fn qkv(&self, l: usize, rows: Rows<'_>, h1: Act<'_>, batch: usize, seq: usize) -> Result<([Saved; 3], [Option<CudaSlice<f32>>; 3])> {
+    fn qkv(&self, l: usize, rows: Rows<'_>, h1: Act<'_>, batch: usize, seq: usize) -> Result<([Saved; 3], [Option<Saved>; 3])> {
         let d = &*self.dev;
         let Dims { qd, kvd, nh, nkv, hd, .. } = Dims::of(&self.cfg);
         let n = batch * seq;
@@ -1259,7 +1261,7 @@ impl DeviceModel {
     /// `x_mid = x + o_proj(att)` (with the adapter's `att·Aᵀ` for the
     /// backward): the forward's, and the backward's recomputation of it,
     /// one code path so that both give the same bits.
-    fn attn_residual(&self, l: usize, rows: Rows<'_>, x: &CudaSlice<f32>, att: &Saved) -> Result<(CudaSlice<f32>, Option<CudaSlice<f32>>)> {
+    fn attn_residual(&self, l: usize, rows: Rows<'_>, x: &CudaSlice<f32>, att: &Saved) -> Result<(CudaSlice<f32>, Option<Saved>)> {
         let n = x.len() / self.cfg.hidden_size;
         let mut x_mid = self.dev.duplicate(x)?;
         let attb = match att {
@@ -1411,7 +1413,7 @@ impl DeviceModel {
     /// merged model); returns the first adapter's `x·Aᵀ` for the backward.
     /// The product takes `x`'s bf16 form when it is held (BF16 mode).
     #[allow(clippy::too_many_arguments)]
-    fn lin_forward<C: GemmOut + 'static>(&self, l: usize, j: usize, rows: Rows<'_>, x: Act<'_>, n: usize, y: &mut CudaSlice<C>, beta: f32) -> Result<Option<CudaSlice<f32>>> {
+    fn lin_forward<C: GemmOut + 'static>(&self, l: usize, j: usize, rows: Rows<'_>, x: Act<'_>, n: usize, y: &mut CudaSlice<C>, beta: f32) -> Result<Option<Saved>> {
         let d = &*self.dev;
         let lin = &self.layers[l].lin[j];
         let (in_f, out_f) = (lin.in_f, lin.out_f);
@@ -1451,7 +1453,7 @@ impl DeviceModel {
     /// returns the first applied adapter's `x·Aᵀ` (None without one, and
     /// for a mixed batch).
     #[allow(clippy::too_many_arguments)]
-    fn lin_bias_lora<C: GemmOut + 'static>(&self, l: usize, j: usize, rows: Rows<'_>, x: Act<'_>, n: usize, y: &mut CudaSlice<C>) -> Result<Option<CudaSlice<f32>>> {
+    fn lin_bias_lora<C: GemmOut + 'static>(&self, l: usize, j: usize, rows: Rows<'_>, x: Act<'_>, n: usize, y: &mut CudaSlice<C>) -> Result<Option<Saved>> {
         let d = &*self.dev;
         let lin = &self.layers[l].lin[j];
         let (in_f, out_f) = (lin.in_f, lin.out_f);
@@ -1488,21 +1490,24 @@ impl DeviceModel {
                 Some(m) => Act::F32(m),
                 None => x,
             };
-            let mut hbuf = out_buf::<f32>(d, n * ad.r)?;
             let set = &self.sets[s];
             let (av, bv) = (set.params.slice(ad.a.clone()), set.params.slice(ad.b.clone()));
-            match self.lora_path {
+            let h = match self.lora_path {
                 LoraPath::Kernels => {
+                    let mut hbuf = out_buf::<f32>(d, n * ad.r)?;
                     let xf = xin.f32(d)?;
                     glora::shrink(d, &xf.as_view(), &av, n, in_f, ad.r, &mut hbuf.as_view_mut())?;
                     glora::expand(d, &hbuf.as_view(), &bv, n, ad.r, out_f, scale, &mut f32_out(y, "the LoRA kernels")?.as_view_mut())?;
+                    Saved::F32(hbuf)
                 }
                 LoraPath::Blas => {
+                    let mut hbuf = out_buf::<f32>(d, n * ad.r)?;
                     let xf = xin.f32(d)?;
                     let xv = xf.as_view();
                     gemm(d, &self.blas, MatRef::f32(d, &xv, n, in_f)?, false, MatRef::f32(d, &av, ad.r, in_f)?, true, &mut hbuf.as_view_mut(), 1.0, 0.0)?;
                     let hv = hbuf.as_view();
                     gemm(d, &self.blas, MatRef::f32(d, &hv, n, ad.r)?, false, MatRef::f32(d, &bv, out_f, ad.r)?, true, &mut y.as_view_mut(), scale, 1.0)?;
+                    Saved::F32(hbuf)
                 }
                 LoraPath::BlasBf16 => {
                     // The activation's bf16 form made for the base product,
@@ -1511,15 +1516,19 @@ impl DeviceModel {
                     let xbv = xb.as_view();
                     let pb = set.params_b.as_ref().ok_or_else(|| err!(Internal, "bf16 adapter products without the weights' bf16 copy"))?;
                     let (ab, bb) = (pb.slice(ad.a.clone()), pb.slice(ad.b.clone()));
-                    gemm(d, &self.blas, MatRef::bf16(d, &xbv, n, in_f)?, false, MatRef::bf16(d, &ab, ad.r, in_f)?, true, &mut hbuf.as_view_mut(), 1.0, 0.0)?;
-                    let hb = self.operand(&hbuf)?.ok_or_else(|| err!(Internal, "bf16 adapter products outside BF16 mode"))?;
+                    // x·Aᵀ written in bf16 by the product (its fp32
+                    // accumulation rounded once): the next product's
+                    // operand, and the backward's.
+                    let mut hb = out_buf::<u16>(d, n * ad.r)?;
+                    gemm(d, &self.blas, MatRef::bf16(d, &xbv, n, in_f)?, false, MatRef::bf16(d, &ab, ad.r, in_f)?, true, &mut hb.as_view_mut(), 1.0, 0.0)?;
                     let hbv = hb.as_view();
                     gemm(d, &self.blas, MatRef::bf16(d, &hbv, n, ad.r)?, false, MatRef::bf16(d, &bb, out_f, ad.r)?, true, &mut y.as_view_mut(), scale, 1.0)?;
+                    Saved::Bf16(hb)
                 }
-            }
+            };
             self.tock(t, "LoRA GEMMs forward")?;
             if first.is_none() {
-                first = Some(hbuf);
+                first = Some(h);
             }
         }
         Ok(first)
@@ -1580,7 +1589,7 @@ impl DeviceModel {
     /// halves, [`lin_grads`](Self::lin_grads) and
     /// [`lin_dx`](Self::lin_dx), can run apart, to free `x` between them.
     #[allow(clippy::too_many_arguments)]
-    fn lin_backward<C: GemmOut + 'static>(&mut self, tr: Train, l: usize, j: usize, x: Act<'_>, h: Option<&CudaSlice<f32>>, dy: Act<'_>, n: usize, dx: Option<(&mut CudaSlice<C>, f32)>) -> Result<()> {
+    fn lin_backward<C: GemmOut + 'static>(&mut self, tr: Train, l: usize, j: usize, x: Act<'_>, h: Option<&Saved>, dy: Act<'_>, n: usize, dx: Option<(&mut CudaSlice<C>, f32)>) -> Result<()> {
         let g = self.lin_grads(tr, l, j, x, h, dy, n, dx.is_some())?;
         self.lin_dx(tr, l, j, dy, g, n, dx)
     }
@@ -1590,7 +1599,7 @@ impl DeviceModel {
     /// adapter products take) for [`lin_dx`](Self::lin_dx). `None` when the
     /// linear has no adapter in the trained set.
     #[allow(clippy::too_many_arguments)]
-    fn lin_grads(&mut self, tr: Train, l: usize, j: usize, x: Act<'_>, h: Option<&CudaSlice<f32>>, dy: Act<'_>, n: usize, for_dx: bool) -> Result<Option<LoraG>> {
+    fn lin_grads(&mut self, tr: Train, l: usize, j: usize, x: Act<'_>, h: Option<&Saved>, dy: Act<'_>, n: usize, for_dx: bool) -> Result<Option<LoraG>> {
         let dev = self.dev.clone();
         let d = &*dev;
         let (in_f, out_f) = (self.layers[l].lin[j].in_f, self.layers[l].lin[j].out_f);
@@ -1605,47 +1614,57 @@ impl DeviceModel {
             Some(m) => Act::F32(m),
             None => x,
         };
-        let mut g = out_buf::<f32>(d, n * r)?;
         let (blas, lora_path) = (&self.blas, self.lora_path);
         let DevSet { params, params_b, train, .. } = &mut self.sets[tr.set];
         let grads = &mut train.as_mut().ok_or_else(|| err!(Internal, "the backward of an adapter not being trained"))?.grads;
-        let (bv, hv) = (params.slice(ad.b.clone()), h.as_view());
+        let bv = params.slice(ad.b.clone());
         let (ra, rb) = (ad.a.clone(), ad.b.clone());
         // The operands in the form the adapter products take: bf16
-        // (LoraPath::BlasBf16: dy's, x·Aᵀ's and the adapter input's) or fp32.
-        let gb = match lora_path {
+        // (LoraPath::BlasBf16: dy's, x·Aᵀ's and the adapter input's; g
+        // written in bf16 by its product) or fp32.
+        let g = match lora_path {
             LoraPath::BlasBf16 => {
-                let (dyb, hb, xb) = (dy.bf16(d)?, bf16_copy(d, h)?, xin.bf16(d)?);
+                let hcopy;
+                let hb = match h {
+                    Saved::Bf16(b) => b,
+                    Saved::F32(h) => {
+                        hcopy = bf16_copy(d, h)?;
+                        &hcopy
+                    }
+                };
+                let (dyb, xb) = (dy.bf16(d)?, xin.bf16(d)?);
                 let pb = params_b.as_ref().ok_or_else(|| err!(Internal, "bf16 adapter products without the weights' bf16 copy"))?;
                 let bb = pb.slice(ad.b.clone());
                 let (dybv, hbv, xbv) = (dyb.as_view(), hb.as_view(), xb.as_view());
-                gemm(d, blas, MatRef::bf16(d, &dybv, n, out_f)?, false, MatRef::bf16(d, &bb, out_f, r)?, false, &mut g.as_view_mut(), 1.0, 0.0)?;
+                let mut gb = out_buf::<u16>(d, n * r)?;
+                gemm(d, blas, MatRef::bf16(d, &dybv, n, out_f)?, false, MatRef::bf16(d, &bb, out_f, r)?, false, &mut gb.as_view_mut(), 1.0, 0.0)?;
                 gemm(d, blas, MatRef::bf16(d, &dybv, n, out_f)?, true, MatRef::bf16(d, &hbv, n, r)?, false, &mut grads.slice_mut(rb), s, 1.0)?;
-                let gb = bf16_copy(d, &g)?;
                 let gbv = gb.as_view();
                 gemm(d, blas, MatRef::bf16(d, &gbv, n, r)?, true, MatRef::bf16(d, &xbv, n, in_f)?, false, &mut grads.slice_mut(ra), s, 1.0)?;
-                Some(gb)
+                Saved::Bf16(gb)
             }
             LoraPath::Kernels => {
-                let (dyf, xf) = (dy.f32(d)?, xin.f32(d)?);
+                let mut g = out_buf::<f32>(d, n * r)?;
+                let (dyf, xf, hv) = (dy.f32(d)?, xin.f32(d)?, h.f32()?.as_view());
                 let (dyv, xv) = (dyf.as_view(), xf.as_view());
                 glora::bwd_g(d, &dyv, &bv, n, out_f, r, &mut g.as_view_mut())?;
                 glora::grad_b(d, &dyv, &hv, n, out_f, r, s, &mut grads.slice_mut(rb))?;
                 glora::grad_a(d, &g.as_view(), &xv, n, r, in_f, s, &mut grads.slice_mut(ra))?;
-                None
+                Saved::F32(g)
             }
             LoraPath::Blas => {
-                let (dyf, xf) = (dy.f32(d)?, xin.f32(d)?);
+                let mut g = out_buf::<f32>(d, n * r)?;
+                let (dyf, xf, hv) = (dy.f32(d)?, xin.f32(d)?, h.f32()?.as_view());
                 let (dyv, xv) = (dyf.as_view(), xf.as_view());
                 gemm(d, blas, MatRef::f32(d, &dyv, n, out_f)?, false, MatRef::f32(d, &bv, out_f, r)?, false, &mut g.as_view_mut(), 1.0, 0.0)?;
                 gemm(d, blas, MatRef::f32(d, &dyv, n, out_f)?, true, MatRef::f32(d, &hv, n, r)?, false, &mut grads.slice_mut(rb), s, 1.0)?;
                 let gv = g.as_view();
                 gemm(d, blas, MatRef::f32(d, &gv, n, r)?, true, MatRef::f32(d, &xv, n, in_f)?, false, &mut grads.slice_mut(ra), s, 1.0)?;
-                None
+                Saved::F32(g)
             }
         };
         self.tock(t, "LoRA GEMMs backward")?;
-        Ok(for_dx.then_some(LoraG { ad, g, gb }))
+        Ok(for_dx.then_some(LoraG { ad, g }))
     }
 
     /// The input-gradient half of [`lin_backward`](Self::lin_backward):
@@ -1663,7 +1682,7 @@ impl DeviceModel {
             gemm(d, &self.blas, dy.operand(d, n, out_f)?, false, w.mat(d, out_f, in_f)?, false, &mut dxs.as_view_mut(), 1.0, beta)?;
             self.tock(t, "base GEMM backward")?;
         }
-        let Some(LoraG { ad, g, gb }) = g else { return Ok(()) };
+        let Some(LoraG { ad, g }) = g else { return Ok(()) };
         let t = self.tick()?;
         let (r, s) = (ad.r, ad.scale);
         let set = &self.sets[tr.set];
@@ -1671,7 +1690,7 @@ impl DeviceModel {
         // A bf16 dx (the lean step's) takes the term from the bf16 products,
         // and only without dropout (whose mask is applied to an fp32 dx).
         if C::DTYPE != crate::dtype::DType::F32 {
-            let (Some(gb), 0.0) = (&gb, ad.dropout) else {
+            let (Saved::Bf16(gb), 0.0) = (&g, ad.dropout) else {
                 bail!(Internal, "a bf16 dx needs bf16 adapter products without dropout");
             };
             let pb = set.params_b.as_ref().ok_or_else(|| err!(Internal, "bf16 adapter products without the weights' bf16 copy"))?;
@@ -1688,15 +1707,15 @@ impl DeviceModel {
             Some(gx) => (gx.as_view_mut(), 1.0f32, 0.0f32),
             None => (dx32.as_view_mut(), s, 1.0f32),
         };
-        match (&gb, self.lora_path) {
-            (Some(gb), _) => {
+        match (&g, self.lora_path) {
+            (Saved::Bf16(gb), _) => {
                 let pb = set.params_b.as_ref().ok_or_else(|| err!(Internal, "bf16 adapter products without the weights' bf16 copy"))?;
                 let ab = pb.slice(ad.a.clone());
                 gemm(d, &self.blas, MatRef::bf16(d, &gb.as_view(), n, r)?, false, MatRef::bf16(d, &ab, r, in_f)?, false, &mut o, scale, beta)?;
             }
             // Accumulates: gdx starts zeroed, so scale 1 writes g·A.
-            (None, LoraPath::Kernels) => glora::bwd_dx(d, &g.as_view(), &av, n, r, in_f, scale, &mut o)?,
-            (None, _) => gemm(d, &self.blas, MatRef::f32(d, &g.as_view(), n, r)?, false, MatRef::f32(d, &av, r, in_f)?, false, &mut o, scale, beta)?,
+            (Saved::F32(g), LoraPath::Kernels) => glora::bwd_dx(d, &g.as_view(), &av, n, r, in_f, scale, &mut o)?,
+            (Saved::F32(g), _) => gemm(d, &self.blas, MatRef::f32(d, &g.as_view(), n, r)?, false, MatRef::f32(d, &av, r, in_f)?, false, &mut o, scale, beta)?,
         }
         if let Some(gx) = gdx {
             glora::dropout_accum(d, &gx.as_view(), ad.seed, tr.call, ad.dropout, s, &mut dx32.as_view_mut())?;
