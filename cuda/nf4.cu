@@ -233,8 +233,28 @@ template <int DT> __device__ __forceinline__ void store_elem(void* __restrict__ 
     else ((u16*)out)[i] = f32_to_bf16(v);
 }
 
-template <int DT>
-__device__ __forceinline__ void nf4_dequantize_impl(const u8* __restrict__ packed, const float* __restrict__ absmax,
+// Where a block's scale comes from: the fp32 absmax, or (double
+// quantization) decoded on the fly exactly as nf4_absmax_decode does it,
+// map[code] * nested[block / nested_bs] + offset (an fp32 multiply and an
+// fp32 add, never fused): the same value, without that kernel's pass and
+// buffer.
+struct AbsmaxF32 {
+    const float* __restrict__ a;
+    __device__ __forceinline__ float get(u64 blk) const { return a[blk]; }
+};
+struct AbsmaxDouble {
+    const u8* __restrict__ codes;
+    const float* __restrict__ map;
+    const float* __restrict__ nested;
+    u64 nested_bs;
+    float offset;
+    __device__ __forceinline__ float get(u64 blk) const {
+        return __fadd_rn(__fmul_rn(map[codes[blk]], nested[blk / nested_bs]), offset);
+    }
+};
+
+template <int DT, class A>
+__device__ __forceinline__ void nf4_dequantize_impl(const u8* __restrict__ packed, const A absmax,
                                                     u32 bs_shift, u64 n, void* __restrict__ out) {
     __shared__ float lut[16];
     if (threadIdx.x < 16) lut[threadIdx.x] = NF4_CODE[threadIdx.x];
@@ -247,7 +267,7 @@ __device__ __forceinline__ void nf4_dequantize_impl(const u8* __restrict__ packe
     for (u32 j = 0; j < DQ_CHUNKS_PER_THREAD; ++j) {
         const u64 chunk = first + (u64)j * DQ_THREADS;
         const u64 e0 = chunk * 32;
-        if (e0 < n) a[j] = absmax[e0 >> bs_shift];
+        if (e0 < n) a[j] = absmax.get(e0 >> bs_shift);
         if (e0 + 32 <= n) q[j] = ((const uint4*)packed)[chunk];
     }
 #pragma unroll
@@ -273,17 +293,37 @@ __device__ __forceinline__ void nf4_dequantize_impl(const u8* __restrict__ packe
 extern "C" __global__ void __launch_bounds__(DQ_THREADS)
     nf4_dequantize_f32(const u8* __restrict__ packed, const float* __restrict__ absmax, u32 bs_shift, u64 n,
                        float* __restrict__ out) {
-    nf4_dequantize_impl<DT_F32>(packed, absmax, bs_shift, n, out);
+    nf4_dequantize_impl<DT_F32>(packed, AbsmaxF32{absmax}, bs_shift, n, out);
 }
 extern "C" __global__ void __launch_bounds__(DQ_THREADS)
     nf4_dequantize_f16(const u8* __restrict__ packed, const float* __restrict__ absmax, u32 bs_shift, u64 n,
                        u16* __restrict__ out) {
-    nf4_dequantize_impl<DT_F16>(packed, absmax, bs_shift, n, out);
+    nf4_dequantize_impl<DT_F16>(packed, AbsmaxF32{absmax}, bs_shift, n, out);
 }
 extern "C" __global__ void __launch_bounds__(DQ_THREADS)
     nf4_dequantize_bf16(const u8* __restrict__ packed, const float* __restrict__ absmax, u32 bs_shift, u64 n,
                         u16* __restrict__ out) {
-    nf4_dequantize_impl<DT_BF16>(packed, absmax, bs_shift, n, out);
+    nf4_dequantize_impl<DT_BF16>(packed, AbsmaxF32{absmax}, bs_shift, n, out);
+}
+// The same from a double-quantized state (codes, 256-entry map, nested
+// absmax per nested_bs blocks, offset), the scales decoded in the pass.
+extern "C" __global__ void __launch_bounds__(DQ_THREADS)
+    nf4_dequantize_dq_f32(const u8* __restrict__ packed, const u8* __restrict__ codes, const float* __restrict__ map,
+                          const float* __restrict__ nested, u64 nested_bs, float offset, u32 bs_shift, u64 n,
+                          float* __restrict__ out) {
+    nf4_dequantize_impl<DT_F32>(packed, AbsmaxDouble{codes, map, nested, nested_bs, offset}, bs_shift, n, out);
+}
+extern "C" __global__ void __launch_bounds__(DQ_THREADS)
+    nf4_dequantize_dq_f16(const u8* __restrict__ packed, const u8* __restrict__ codes, const float* __restrict__ map,
+                          const float* __restrict__ nested, u64 nested_bs, float offset, u32 bs_shift, u64 n,
+                          u16* __restrict__ out) {
+    nf4_dequantize_impl<DT_F16>(packed, AbsmaxDouble{codes, map, nested, nested_bs, offset}, bs_shift, n, out);
+}
+extern "C" __global__ void __launch_bounds__(DQ_THREADS)
+    nf4_dequantize_dq_bf16(const u8* __restrict__ packed, const u8* __restrict__ codes, const float* __restrict__ map,
+                           const float* __restrict__ nested, u64 nested_bs, float offset, u32 bs_shift, u64 n,
+                           u16* __restrict__ out) {
+    nf4_dequantize_impl<DT_BF16>(packed, AbsmaxDouble{codes, map, nested, nested_bs, offset}, bs_shift, n, out);
 }
 
 // ------------------------------------------------------------- absmax decode

@@ -2,7 +2,8 @@
 //! - quantize: bit for bit (packed bytes, fp32 absmax, and the whole
 //!   double-quantized state) with `Nf4Tensor::quantize`;
 //! - dequantize: bit for bit with `Nf4Tensor::dequantize_into`, into f32,
-//!   f16 and bf16, from plain and double-quantized tensors;
+//!   f16 and bf16, from plain and double-quantized tensors (these through
+//!   the kernels that decode each block's scale in the same pass);
 //! - absmax decode: bit for bit with `DoubleQuant::decode`;
 //! - GEMV (NF4 fused, and the dense bf16 one): within a stated bound of the
 //!   exact product of the CPU-dequantized weight with x;

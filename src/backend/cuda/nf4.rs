@@ -165,6 +165,23 @@ pub fn quantize(dev: &CudaDevice, x: &DevElems<'_>, blocksize: usize, packed: &m
 /// the output's dtype, bit for bit as `cpu::nf4::nf4_dequantize`. `packed`
 /// and `out` must start 16-byte aligned (whole allocations always do).
 pub fn dequantize(dev: &CudaDevice, packed: &CudaView<'_, u8>, absmax: &CudaView<'_, f32>, blocksize: usize, out: &mut DevElemsMut<'_>) -> Result<()> {
+    dequantize_from(dev, packed, Scales::F32(absmax), blocksize, out)
+}
+
+/// [`dequantize`] from a double-quantized state: each block's scale decoded
+/// in the same pass, as [`absmax_decode`] decodes it (the same value; no
+/// pass and no buffer for the decoded scales).
+pub fn dequantize_double(dev: &CudaDevice, packed: &CudaView<'_, u8>, dq: &CudaDoubleQuant, blocksize: usize, out: &mut DevElemsMut<'_>) -> Result<()> {
+    dequantize_from(dev, packed, Scales::Double(dq), blocksize, out)
+}
+
+/// Where [`dequantize_from`] takes the block scales.
+enum Scales<'a> {
+    F32(&'a CudaView<'a, f32>),
+    Double(&'a CudaDoubleQuant),
+}
+
+fn dequantize_from(dev: &CudaDevice, packed: &CudaView<'_, u8>, scales: Scales<'_>, blocksize: usize, out: &mut DevElemsMut<'_>) -> Result<()> {
     check_blocksize(blocksize)?;
     let n = out.len();
     if n == 0 {
@@ -173,31 +190,65 @@ pub fn dequantize(dev: &CudaDevice, packed: &CudaView<'_, u8>, absmax: &CudaView
     if packed.len() != n.div_ceil(2) {
         bail!(BufferSize, "an output of {n} elements needs {} packed bytes, found {}", n.div_ceil(2), packed.len());
     }
-    if absmax.len() != n.div_ceil(blocksize) {
-        bail!(BufferSize, "an output of {n} elements in blocks of {blocksize} needs {} absmax values, found {}", n.div_ceil(blocksize), absmax.len());
+    let nblocks = n.div_ceil(blocksize);
+    match &scales {
+        Scales::F32(a) => {
+            if a.len() != nblocks {
+                bail!(BufferSize, "an output of {n} elements in blocks of {blocksize} needs {nblocks} absmax values, found {}", a.len());
+            }
+            dev.check_stream(*a, "dequantize input (absmax)")?;
+        }
+        Scales::Double(dq) => {
+            if dq.codes.len() != nblocks {
+                bail!(BufferSize, "an output of {n} elements in blocks of {blocksize} needs {nblocks} absmax codes, found {}", dq.codes.len());
+            }
+            if dq.map.len() != 256 {
+                bail!(BufferSize, "the 8-bit code map has {} entries, expected 256", dq.map.len());
+            }
+            if dq.nested_blocksize == 0 || dq.nested_absmax.len() != nblocks.div_ceil(dq.nested_blocksize) {
+                bail!(BufferSize, "{nblocks} absmax codes in nested blocks of {} need {} nested absmax values, found {}", dq.nested_blocksize, nblocks.div_ceil(dq.nested_blocksize.max(1)), dq.nested_absmax.len());
+            }
+            dev.check_stream(&dq.codes, "absmax codes")?;
+            dev.check_stream(&dq.map, "absmax code map")?;
+            dev.check_stream(&dq.nested_absmax, "nested absmax")?;
+        }
     }
     dev.check_stream(packed, "dequantize input (packed)")?;
-    dev.check_stream(absmax, "dequantize input (absmax)")?;
     out.check_stream(dev, "dequantize output")?;
     check_aligned(addr(dev, packed), "packed codes")?;
     check_aligned(out.device_addr(dev), "dequantize output")?;
     let (grid, block) = dequantize_shape(n)?;
-    let name = match out.dtype() {
-        DType::F32 => "nf4_dequantize_f32",
-        DType::F16 => "nf4_dequantize_f16",
-        DType::BF16 => "nf4_dequantize_bf16",
+    let name = match (out.dtype(), &scales) {
+        (DType::F32, Scales::F32(_)) => "nf4_dequantize_f32",
+        (DType::F16, Scales::F32(_)) => "nf4_dequantize_f16",
+        (DType::BF16, Scales::F32(_)) => "nf4_dequantize_bf16",
+        (DType::F32, Scales::Double(_)) => "nf4_dequantize_dq_f32",
+        (DType::F16, Scales::Double(_)) => "nf4_dequantize_dq_f16",
+        (DType::BF16, Scales::Double(_)) => "nf4_dequantize_dq_bf16",
     };
     let f = dev.function(&NF4_CU, name)?;
     let (shift, n64) = (blocksize.trailing_zeros(), n as u64);
     guard(name, || {
         let mut b = dev.stream.launch_builder(&f);
-        b.arg(packed).arg(absmax).arg(&shift).arg(&n64);
+        b.arg(packed);
+        let nbs;
+        match &scales {
+            Scales::F32(a) => {
+                b.arg(*a);
+            }
+            Scales::Double(dq) => {
+                nbs = dq.nested_blocksize as u64;
+                b.arg(&dq.codes).arg(&dq.map).arg(&dq.nested_absmax).arg(&nbs).arg(&dq.offset);
+            }
+        }
+        b.arg(&shift).arg(&n64);
         match out {
             DevElemsMut::F32(v) => b.arg(v),
             DevElemsMut::F16(v) | DevElemsMut::BF16(v) => b.arg(v),
         };
-        // SAFETY: arguments match (pointer, pointer, u32, u64, pointer);
-        // sizes and alignment checked above.
+        // SAFETY: arguments match the kernel's (packed, then absmax — or
+        // codes, map, nested, u64 nested blocksize, f32 offset — then u32,
+        // u64, out); sizes and alignment checked above.
         unsafe { b.launch(cfg(grid, block)) }.map_err(|e| cu_err(&format!("cuLaunchKernel({name})"), e))?;
         Ok(())
     })
@@ -452,10 +503,7 @@ impl CudaNf4 {
         }
         match &self.absmax {
             CudaAbsmax::F32(a) => dequantize(dev, &self.packed.as_view(), &a.as_view(), self.blocksize, out),
-            CudaAbsmax::Double(_) => {
-                let a = self.absmax_f32(dev)?;
-                dequantize(dev, &self.packed.as_view(), &a.as_view(), self.blocksize, out)
-            }
+            CudaAbsmax::Double(dq) => dequantize_double(dev, &self.packed.as_view(), dq, self.blocksize, out),
         }
     }
 
