@@ -231,6 +231,45 @@ fn main() -> R<()> {
         println!("{:>14} {:>10} {:>12} {:>10} {:>10.1} {:>8.1}%", format!("{r}x{c}"), n, bytes, us(&t), bw, 100.0 * bw / copy_bw);
         dq_rows.push(100.0 * bw / copy_bw);
     }
+    // 2b. The same from double-quantized scales (the step's weights): the
+    // dequantize that decodes each block's scale in its pass, against the
+    // decode pass into a buffer, then the fp32-scale dequantize.
+    println!();
+    println!("## NF4 with double-quantized scales (blocksize 64, nested 256) -> bf16; bytes = n/2 + 2n + n/64");
+    println!("{:>14} {:>28} {:>10} {:>10} {:>9}", "shape", "path", "us", "GB/s", "of copy");
+    {
+        let (r, c) = (4096usize, 11008usize);
+        let n = r * c;
+        let nb = n / bs;
+        let bytes = n / 2 + 2 * n + nb;
+        let k = copies(l2, bytes);
+        let map: Vec<f32> = (0..256).map(|i| (i as f32 - 127.5) / 127.5).collect();
+        let mut ws = Vec::with_capacity(k);
+        for _ in 0..k {
+            let nested: Vec<f32> = (0..nb.div_ceil(256)).map(|_| rng.uniform(0.01, 0.1)).collect();
+            let dq = gnf4::CudaDoubleQuant { codes: dev.upload(&rng.bytes(nb))?, nested_absmax: dev.upload(&nested)?, map: dev.upload(&map)?, offset: 0.05, nested_blocksize: 256 };
+            ws.push((dev.upload(&rng.bytes(n / 2))?, dq));
+        }
+        let mut outs: Vec<CudaSlice<u16>> = (0..k).map(|_| dev.alloc_filled::<u16>(n, 0)).collect::<lora::Result<_>>()?;
+        let fused = time_ms(&dev, |i| {
+            let j = i % k;
+            let mut o = cuda::DevElemsMut::BF16(outs[j].as_view_mut());
+            Ok(gnf4::dequantize_double(&dev, &ws[j].0.as_view(), &ws[j].1, bs, &mut o)?)
+        })?;
+        let mut scales = dev.alloc_filled::<f32>(nb, 0)?;
+        let two = time_ms(&dev, |i| {
+            let j = i % k;
+            let d = &ws[j].1;
+            gnf4::absmax_decode(&dev, &d.codes.as_view(), &d.map.as_view(), &d.nested_absmax.as_view(), d.nested_blocksize, d.offset, &mut scales.as_view_mut())?;
+            let mut o = cuda::DevElemsMut::BF16(outs[j].as_view_mut());
+            Ok(gnf4::dequantize(&dev, &ws[j].0.as_view(), &scales.as_view(), bs, &mut o)?)
+        })?;
+        for (path, t) in [("scales decoded in the pass", &fused), ("decode pass, then dequantize", &two)] {
+            let bw = gbs(bytes as f64, t.ms);
+            println!("{:>14} {:>28} {:>10} {:>10.1} {:>8.1}%", format!("{r}x{c}"), path, us(t), bw, 100.0 * bw / copy_bw);
+        }
+        println!("fused / two passes: {:.2}x the speed", two.ms / fused.ms);
+    }
     println!();
     println!("## bf16 -> NF4 quantize (blocksize 64, no double quant); bytes = 2n + n/2 + 4n/64");
     println!("{:>14} {:>10} {:>12} {:>10} {:>10} {:>9}", "shape", "elements", "bytes", "us", "GB/s", "of copy");
