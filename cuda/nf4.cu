@@ -372,9 +372,9 @@ __device__ __forceinline__ float chunk_word_dot(u32 w, uint4 xv, const float* lu
     return acc;
 }
 
-extern "C" __global__ void __launch_bounds__(32 * GEMV_ROWS)
-    nf4_gemv_bf16(const u8* __restrict__ packed, const float* __restrict__ absmax, u32 bs_shift, u32 rows, u32 in,
-                  u32 nb, const u16* __restrict__ x, u16* __restrict__ y) {
+template <class A>
+__device__ __forceinline__ void nf4_gemv_impl(const u8* __restrict__ packed, const A absmax, u32 bs_shift, u32 rows,
+                                              u32 in, u32 nb, const u16* __restrict__ x, u16* __restrict__ y) {
     __shared__ float lut[16];
     if (threadIdx.x < 16) lut[threadIdx.x] = NF4_CODE[threadIdx.x];
     __syncthreads();
@@ -391,7 +391,7 @@ extern "C" __global__ void __launch_bounds__(32 * GEMV_ROWS)
 #pragma unroll 2
         for (u32 c = lane; c < nchunks; c += 32) {
             const uint4 q = wq[c];
-            const float a = absmax[(row0 + 32ull * c) >> bs_shift];
+            const float a = absmax.get((row0 + 32ull * c) >> bs_shift);
 #pragma unroll
             for (u32 b = 0; b < GEMV_MAX_BATCH; ++b) {
                 if (b < nb) {
@@ -411,7 +411,7 @@ extern "C" __global__ void __launch_bounds__(32 * GEMV_ROWS)
             const u64 e = row0 + k;
             const u32 bt = packed[e >> 1];
             const u32 q = (e & 1) ? (bt & 15u) : (bt >> 4);
-            const float w = __fmul_rn(lut[q], absmax[e >> bs_shift]);
+            const float w = __fmul_rn(lut[q], absmax.get(e >> bs_shift));
 #pragma unroll
             for (u32 b = 0; b < GEMV_MAX_BATCH; ++b)
                 if (b < nb) acc[b] = __fmaf_rn(w, bf16_to_f32(x[(u64)b * in + k]), acc[b]);
@@ -426,4 +426,18 @@ extern "C" __global__ void __launch_bounds__(32 * GEMV_ROWS)
             if (lane == 0) y[(u64)b * rows + r] = f32_to_bf16(s);
         }
     }
+}
+
+extern "C" __global__ void __launch_bounds__(32 * GEMV_ROWS)
+    nf4_gemv_bf16(const u8* __restrict__ packed, const float* __restrict__ absmax, u32 bs_shift, u32 rows, u32 in,
+                  u32 nb, const u16* __restrict__ x, u16* __restrict__ y) {
+    nf4_gemv_impl(packed, AbsmaxF32{absmax}, bs_shift, rows, in, nb, x, y);
+}
+// The same from a double-quantized state, each block's scale decoded where
+// it is read (the decode's value: the same bits as decode, then GEMV).
+extern "C" __global__ void __launch_bounds__(32 * GEMV_ROWS)
+    nf4_gemv_dq_bf16(const u8* __restrict__ packed, const u8* __restrict__ codes, const float* __restrict__ map,
+                     const float* __restrict__ nested, u64 nested_bs, float offset, u32 bs_shift, u32 rows, u32 in,
+                     u32 nb, const u16* __restrict__ x, u16* __restrict__ y) {
+    nf4_gemv_impl(packed, AbsmaxDouble{codes, map, nested, nested_bs, offset}, bs_shift, rows, in, nb, x, y);
 }

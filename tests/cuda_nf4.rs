@@ -5,6 +5,9 @@
 //!   f16 and bf16, from plain and double-quantized tensors (these through
 //!   the kernels that decode each block's scale in the same pass);
 //! - absmax decode: bit for bit with `DoubleQuant::decode`;
+//! - the kernels that decode double-quantized scales where they read them
+//!   (dequantize, GEMV): the bits of the decode pass followed by the
+//!   fp32-scale kernel;
 //! - GEMV (NF4 fused, and the dense bf16 one): within a stated bound of the
 //!   exact product of the CPU-dequantized weight with x;
 //! - the bitsandbytes fixtures of tests/fixtures/nf4 (embedded in this
@@ -459,6 +462,17 @@ fn nf4_gemv_matches_cpu_within_bound() {
                     let mut yk = vec![bf16::from_bits(0xFFFF); rows];
                     gnf4::gemv_bf16_host(dev, &t, &xs[k * cols..(k + 1) * cols], &mut yk).unwrap();
                     assert_eq!(yk, yb[k * rows..(k + 1) * rows], "{what}: vector {k} of a batch of {nb} differs from its own launch");
+                }
+                if dq {
+                    // Scales decoded where the kernel reads them: the bits
+                    // of the decode pass, then the fp32-scale kernel.
+                    let wd = gnf4::CudaNf4::upload(dev, &t).unwrap();
+                    let a = wd.absmax_f32(dev).unwrap();
+                    let xd = dev.upload(&xs.iter().map(|v| v.to_bits()).collect::<Vec<u16>>()).unwrap();
+                    let mut yd = dev.alloc_filled::<u16>(nb * rows, 0xFF).unwrap();
+                    gnf4::gemv_bf16_batch(dev, &wd.packed.as_view(), &a.as_view(), bs, rows, cols, nb, &xd.as_view(), &mut yd.as_view_mut()).unwrap();
+                    let two: Vec<u16> = dev.download(&yd).unwrap();
+                    assert_eq!(two, yb.iter().map(|v| v.to_bits()).collect::<Vec<u16>>(), "{what}: the fused scale decode differs from decode, then GEMV");
                 }
                 cases += 1;
             }

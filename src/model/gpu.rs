@@ -1435,13 +1435,12 @@ impl DeviceModel {
     fn lin_decode(&self, l: usize, j: usize, rows: Rows<'_>, x: Act<'_>, n: usize, y: &mut CudaSlice<f32>, beta: f32) -> Result<()> {
         let d = &*self.dev;
         let lin = &self.layers[l].lin[j];
-        let (in_f, out_f) = (lin.in_f, lin.out_f);
+        let out_f = lin.out_f;
         let merged = lin.merged.is_some() && matches!(rows, Rows::Active);
         match (&lin.w, x.given_bf16()) {
             (Weight::Nf4(t), Some(xb)) if !merged && n <= DECODE_GEMV_ROWS && (beta == 0.0 || beta == 1.0) => {
-                let absmax = t.absmax_f32(d)?;
                 let mut yb = out_buf::<u16>(d, n * out_f)?;
-                cu::nf4::gemv_bf16_batch(d, &t.packed.as_view(), &absmax.as_view(), t.blocksize, out_f, in_f, n, &xb.as_view(), &mut yb.as_view_mut())?;
+                t.gemv_bf16(d, &xb.as_view(), &mut yb.as_view_mut())?;
                 ew::from_bf16(d, &yb.as_view(), &mut y.as_view_mut(), beta == 1.0)?;
                 self.lin_bias_lora(l, j, rows, x, n, y).map(|_| ())
             }

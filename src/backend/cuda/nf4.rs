@@ -190,29 +190,7 @@ fn dequantize_from(dev: &CudaDevice, packed: &CudaView<'_, u8>, scales: Scales<'
     if packed.len() != n.div_ceil(2) {
         bail!(BufferSize, "an output of {n} elements needs {} packed bytes, found {}", n.div_ceil(2), packed.len());
     }
-    let nblocks = n.div_ceil(blocksize);
-    match &scales {
-        Scales::F32(a) => {
-            if a.len() != nblocks {
-                bail!(BufferSize, "an output of {n} elements in blocks of {blocksize} needs {nblocks} absmax values, found {}", a.len());
-            }
-            dev.check_stream(*a, "dequantize input (absmax)")?;
-        }
-        Scales::Double(dq) => {
-            if dq.codes.len() != nblocks {
-                bail!(BufferSize, "an output of {n} elements in blocks of {blocksize} needs {nblocks} absmax codes, found {}", dq.codes.len());
-            }
-            if dq.map.len() != 256 {
-                bail!(BufferSize, "the 8-bit code map has {} entries, expected 256", dq.map.len());
-            }
-            if dq.nested_blocksize == 0 || dq.nested_absmax.len() != nblocks.div_ceil(dq.nested_blocksize) {
-                bail!(BufferSize, "{nblocks} absmax codes in nested blocks of {} need {} nested absmax values, found {}", dq.nested_blocksize, nblocks.div_ceil(dq.nested_blocksize.max(1)), dq.nested_absmax.len());
-            }
-            dev.check_stream(&dq.codes, "absmax codes")?;
-            dev.check_stream(&dq.map, "absmax code map")?;
-            dev.check_stream(&dq.nested_absmax, "nested absmax")?;
-        }
-    }
+    check_scales(dev, &scales, n, blocksize).map_err(|e| e.context("dequantize"))?;
     dev.check_stream(packed, "dequantize input (packed)")?;
     out.check_stream(dev, "dequantize output")?;
     check_aligned(addr(dev, packed), "packed codes")?;
@@ -228,19 +206,14 @@ fn dequantize_from(dev: &CudaDevice, packed: &CudaView<'_, u8>, scales: Scales<'
     };
     let f = dev.function(&NF4_CU, name)?;
     let (shift, n64) = (blocksize.trailing_zeros(), n as u64);
+    let nbs = match &scales {
+        Scales::Double(dq) => dq.nested_blocksize as u64,
+        Scales::F32(_) => 0,
+    };
     guard(name, || {
         let mut b = dev.stream.launch_builder(&f);
         b.arg(packed);
-        let nbs;
-        match &scales {
-            Scales::F32(a) => {
-                b.arg(*a);
-            }
-            Scales::Double(dq) => {
-                nbs = dq.nested_blocksize as u64;
-                b.arg(&dq.codes).arg(&dq.map).arg(&dq.nested_absmax).arg(&nbs).arg(&dq.offset);
-            }
-        }
+        push_scales(&mut b, &scales, &nbs);
         b.arg(&shift).arg(&n64);
         match out {
             DevElemsMut::F32(v) => b.arg(v),
@@ -336,6 +309,70 @@ pub fn gemv_bf16_batch(
     x: &CudaView<'_, u16>,
     y: &mut CudaViewMut<'_, u16>,
 ) -> Result<()> {
+    gemv_from(dev, packed, Scales::F32(absmax), blocksize, rows, cols, nb, x, y)
+}
+
+/// [`gemv_bf16_batch`] from a double-quantized state: each block's scale
+/// decoded where the kernel reads it (the bits of [`absmax_decode`] then
+/// [`gemv_bf16_batch`], without that pass and its buffer).
+#[allow(clippy::too_many_arguments)]
+pub fn gemv_bf16_batch_double(
+    dev: &CudaDevice,
+    packed: &CudaView<'_, u8>,
+    dq: &CudaDoubleQuant,
+    blocksize: usize,
+    rows: usize,
+    cols: usize,
+    nb: usize,
+    x: &CudaView<'_, u16>,
+    y: &mut CudaViewMut<'_, u16>,
+) -> Result<()> {
+    gemv_from(dev, packed, Scales::Double(dq), blocksize, rows, cols, nb, x, y)
+}
+
+/// Checks a block-scale source for `n` elements in blocks of `blocksize`.
+fn check_scales(dev: &CudaDevice, scales: &Scales<'_>, n: usize, blocksize: usize) -> Result<()> {
+    let nblocks = n.div_ceil(blocksize);
+    match scales {
+        Scales::F32(a) => {
+            if a.len() != nblocks {
+                bail!(BufferSize, "{n} elements in blocks of {blocksize} need {nblocks} absmax values, found {}", a.len());
+            }
+            dev.check_stream(*a, "absmax")
+        }
+        Scales::Double(dq) => {
+            if dq.codes.len() != nblocks {
+                bail!(BufferSize, "{n} elements in blocks of {blocksize} need {nblocks} absmax codes, found {}", dq.codes.len());
+            }
+            if dq.map.len() != 256 {
+                bail!(BufferSize, "the 8-bit code map has {} entries, expected 256", dq.map.len());
+            }
+            if dq.nested_blocksize == 0 || dq.nested_absmax.len() != nblocks.div_ceil(dq.nested_blocksize) {
+                bail!(BufferSize, "{nblocks} absmax codes in nested blocks of {} need {} nested absmax values, found {}", dq.nested_blocksize, nblocks.div_ceil(dq.nested_blocksize.max(1)), dq.nested_absmax.len());
+            }
+            dev.check_stream(&dq.codes, "absmax codes")?;
+            dev.check_stream(&dq.map, "absmax code map")?;
+            dev.check_stream(&dq.nested_absmax, "nested absmax")
+        }
+    }
+}
+
+/// The kernel arguments of a block-scale source: the fp32 absmax, or the
+/// double-quantized state's codes, map, nested absmax, nested blocksize
+/// and offset (`nbs` holds the blocksize as the kernel's u64).
+fn push_scales<'a>(b: &mut cudarc::driver::LaunchArgs<'a>, scales: &'a Scales<'a>, nbs: &'a u64) {
+    match scales {
+        Scales::F32(a) => {
+            b.arg(*a);
+        }
+        Scales::Double(dq) => {
+            b.arg(&dq.codes).arg(&dq.map).arg(&dq.nested_absmax).arg(nbs).arg(&dq.offset);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemv_from(dev: &CudaDevice, packed: &CudaView<'_, u8>, scales: Scales<'_>, blocksize: usize, rows: usize, cols: usize, nb: usize, x: &CudaView<'_, u16>, y: &mut CudaViewMut<'_, u16>) -> Result<()> {
     check_blocksize(blocksize)?;
     if nb == 0 || nb > GEMV_MAX_BATCH {
         bail!(InvalidArgument, "GEMV batch of {nb} vectors: 1..={GEMV_MAX_BATCH}");
@@ -344,16 +381,10 @@ pub fn gemv_bf16_batch(
         bail!(InvalidShape, "GEMV shape [{rows}, {cols}]: each dimension must be in 1..=2^32-1");
     }
     let n = rows.checked_mul(cols).ok_or_else(|| err!(InvalidShape, "GEMV shape [{rows}, {cols}] overflows"))?;
-    if packed.len() != n.div_ceil(2) || absmax.len() != n.div_ceil(blocksize) {
-        bail!(
-            BufferSize,
-            "weight [{rows}, {cols}] in blocks of {blocksize} needs {} packed bytes and {} absmax values, found {} and {}",
-            n.div_ceil(2),
-            n.div_ceil(blocksize),
-            packed.len(),
-            absmax.len()
-        );
+    if packed.len() != n.div_ceil(2) {
+        bail!(BufferSize, "weight [{rows}, {cols}] needs {} packed bytes, found {}", n.div_ceil(2), packed.len());
     }
+    check_scales(dev, &scales, n, blocksize).map_err(|e| e.context(&format!("GEMV weight [{rows}, {cols}]")))?;
     if x.len() != nb * cols {
         bail!(ShapeMismatch, "x has {} elements, {nb} vectors for the weight [{rows}, {cols}] need {}", x.len(), nb * cols);
     }
@@ -361,20 +392,29 @@ pub fn gemv_bf16_batch(
         bail!(ShapeMismatch, "y has {} elements, the weight [{rows}, {cols}] gives {} for {nb} vectors", y.len(), nb * rows);
     }
     dev.check_stream(packed, "GEMV weight codes")?;
-    dev.check_stream(absmax, "GEMV weight absmax")?;
     dev.check_stream(x, "GEMV x")?;
     dev.check_stream(y, "GEMV y")?;
     check_aligned(addr(dev, packed), "GEMV weight codes")?;
     check_aligned(addr(dev, x), "GEMV x")?;
     let (grid, block) = gemv_shape(rows)?;
-    let name = "nf4_gemv_bf16";
+    let name = match scales {
+        Scales::F32(_) => "nf4_gemv_bf16",
+        Scales::Double(_) => "nf4_gemv_dq_bf16",
+    };
     let f = dev.function(&NF4_CU, name)?;
     let (shift, r32, c32, nb32) = (blocksize.trailing_zeros(), rows as u32, cols as u32, nb as u32);
+    let nbs = match &scales {
+        Scales::Double(dq) => dq.nested_blocksize as u64,
+        Scales::F32(_) => 0,
+    };
     guard(name, || {
         let mut b = dev.stream.launch_builder(&f);
-        b.arg(packed).arg(absmax).arg(&shift).arg(&r32).arg(&c32).arg(&nb32).arg(x).arg(y);
-        // SAFETY: arguments match (ptr, ptr, u32, u32, u32, u32, ptr, ptr);
-        // sizes (x: nb·cols, y: nb·rows) and alignment checked above.
+        b.arg(packed);
+        push_scales(&mut b, &scales, &nbs);
+        b.arg(&shift).arg(&r32).arg(&c32).arg(&nb32).arg(x).arg(y);
+        // SAFETY: arguments match the kernel's (packed, the scales as
+        // push_scales gives them, u32, u32, u32, u32, ptr, ptr); sizes (x:
+        // nb·cols, y: nb·rows) and alignment checked above.
         unsafe { b.launch(cfg(grid, block)) }.map_err(|e| cu_err(&format!("cuLaunchKernel({name})"), e))?;
         Ok(())
     })
@@ -509,9 +549,9 @@ impl CudaNf4 {
 
     /// `y = W·x` for this tensor as a 2-D weight `[rows, cols]`, x and y bf16
     /// on the device; `x` `[nb, cols]` and `y` `[nb, rows]` for nb vectors
-    /// (1..=[`GEMV_MAX_BATCH`], [`gemv_bf16_batch`]). Decodes
-    /// double-quantized scales per call (see [`CudaNf4::absmax_f32`] to keep
-    /// them).
+    /// (1..=[`GEMV_MAX_BATCH`], [`gemv_bf16_batch`]). Double-quantized
+    /// scales are decoded where the kernel reads them
+    /// ([`gemv_bf16_batch_double`]).
     pub fn gemv_bf16(&self, dev: &CudaDevice, x: &CudaView<'_, u16>, y: &mut CudaViewMut<'_, u16>) -> Result<()> {
         let [rows, cols] = self.shape[..] else {
             bail!(InvalidShape, "GEMV needs a 2-D weight [out, in], this one has shape {:?}", self.shape);
@@ -523,10 +563,7 @@ impl CudaNf4 {
         let nb = x.len() / cols;
         match &self.absmax {
             CudaAbsmax::F32(a) => gemv_bf16_batch(dev, &self.packed.as_view(), &a.as_view(), self.blocksize, rows, cols, nb, x, y),
-            CudaAbsmax::Double(_) => {
-                let a = self.absmax_f32(dev)?;
-                gemv_bf16_batch(dev, &self.packed.as_view(), &a.as_view(), self.blocksize, rows, cols, nb, x, y)
-            }
+            CudaAbsmax::Double(dq) => gemv_bf16_batch_double(dev, &self.packed.as_view(), dq, self.blocksize, rows, cols, nb, x, y),
         }
     }
 }
