@@ -202,8 +202,7 @@ extern "C" __global__ void __launch_bounds__(LOSS_CHECK_THREADS)
 
 // partial[b] = sum of g^2 over elements b*T + t (grid stride), in f64, for
 // b < LOSS_NORM_BLOCKS. grid = LOSS_NORM_BLOCKS, block = LOSS_NORM_THREADS.
-extern "C" __global__ void __launch_bounds__(LOSS_NORM_THREADS)
-    loss_sumsq_partial_f32(const float* __restrict__ g, u64 n, double* __restrict__ partial) {
+__device__ __forceinline__ void loss_sumsq_block(const float* __restrict__ g, u64 n, double* __restrict__ partial) {
     double s = 0.0;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         const double v = (double)g[i];
@@ -211,6 +210,21 @@ extern "C" __global__ void __launch_bounds__(LOSS_NORM_THREADS)
     }
     s = loss_block_sum(s);
     if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+extern "C" __global__ void __launch_bounds__(LOSS_NORM_THREADS)
+    loss_sumsq_partial_f32(const float* __restrict__ g, u64 n, double* __restrict__ partial) {
+    loss_sumsq_block(g, n, partial);
+}
+
+// The same for k tensors of one buffer in one launch: spans[2t], spans[2t +
+// 1] = start and length of tensor t in g; block (b, t) computes what block
+// b of loss_sumsq_partial_f32 over tensor t does, into partial[t *
+// LOSS_NORM_BLOCKS + b]. grid = (LOSS_NORM_BLOCKS, k), block =
+// LOSS_NORM_THREADS.
+extern "C" __global__ void __launch_bounds__(LOSS_NORM_THREADS)
+    loss_sumsq_partial_spans_f32(const float* __restrict__ g, const u64* __restrict__ spans, double* __restrict__ partial) {
+    const u64 t = blockIdx.y;
+    loss_sumsq_block(g + spans[2 * t], spans[2 * t + 1], partial + t * LOSS_NORM_BLOCKS);
 }
 
 // norms[k] = f32(sqrt(sum_b partial[k * LOSS_NORM_BLOCKS + b])).

@@ -479,6 +479,34 @@ fn grad_norm_and_clipping_match_the_cpu() {
             check_close(&format!("clipped tensor {k}"), &g, w, |i| 4.0 * ULP * w[i].abs() as f64 + 1e-45);
         }
     }
+    // Tensors that sit in one buffer (a gap between them, outside every
+    // span): the one-launch partial sums over the spans give the bits of
+    // the per-tensor path, norm, decision and scaled values alike.
+    let mut flat_host = Vec::new();
+    let mut spans = Vec::new();
+    for v in &host {
+        flat_host.extend(rng.vec(3, 1.0));
+        spans.push(flat_host.len()..flat_host.len() + v.len());
+        flat_host.extend_from_slice(v);
+    }
+    for max_norm in [None, Some(want * 0.5)] {
+        let mut flat = dev.upload(&flat_host).unwrap();
+        let mut out = dev.alloc_filled::<f32>(3, 0xFF).unwrap();
+        gloss::clip_grad_norm_flat_async(dev, &mut flat.as_view_mut(), &spans, max_norm, &mut out.as_view_mut()).unwrap();
+        let out = dev.download(&out).unwrap();
+        assert_eq!(out[0].to_bits(), got.to_bits(), "flat spans: norm {} vs the per-tensor path's {got}", out[0]);
+        if let Some(m) = max_norm {
+            let mut gb: Vec<_> = host.iter().map(|v| dev.upload(v).unwrap()).collect();
+            let mut gv: Vec<_> = gb.iter_mut().map(|b| b.as_view_mut()).collect();
+            let gres = gloss::clip_grad_norm(dev, &mut gv, m).unwrap();
+            drop(gv);
+            assert_eq!((out[1].to_bits(), out[2] != 0.0), (gres.clip_coef.to_bits(), gres.clipped), "flat spans: clip decision");
+            let fl = dev.download(&flat).unwrap();
+            for (k, (r, b)) in spans.iter().zip(&gb).enumerate() {
+                check_bits(&format!("flat spans: clipped tensor {k}"), &fl[r.clone()], &dev.download(b).unwrap());
+            }
+        }
+    }
     // A non-finite norm: nothing scaled.
     let mut bad = host.clone();
     bad[1][3] = f32::INFINITY;

@@ -180,7 +180,23 @@ pub fn clip_grad_norm_flat_async(dev: &CudaDevice, flat: &mut CudaViewMut<'_, f3
     if let Some(r) = spans.iter().find(|r| r.start > r.end || r.end > flat.len()) {
         bail!(BufferSize, "grad_norm: span {r:?} is outside a buffer of {} elements", flat.len());
     }
-    {
+    if (1..=65535).contains(&spans.len()) {
+        // Every tensor's partial sums in one launch (grid.y: the tensor).
+        check_norm_out(out, spans.len())?;
+        dev.check_stream(flat, "gradient buffer")?;
+        let table: Vec<u64> = spans.iter().flat_map(|r| [r.start as u64, (r.end - r.start) as u64]).collect();
+        let table = dev.upload(&table)?;
+        let nb = LOSS_NORM_BLOCKS as usize;
+        let mut partial = scratch::<f64>(dev, spans.len() * nb)?;
+        let name = "loss_sumsq_partial_spans_f32";
+        let f = dev.function(&LOSS_CU, name)?;
+        let g = flat.slice(..);
+        // SAFETY: (ptr, ptr, ptr) as the kernel; block (b, t) reads
+        // g[start_t .. start_t + len_t] (inside flat: checked above) and
+        // writes partial[t·nb + b].
+        launch_kernel!(dev, f, name, launch_cfg((LOSS_NORM_BLOCKS, spans.len() as u32), LOSS_NORM_THREADS), [&g, &table, &mut partial])?;
+        norm_finish_async(dev, &partial, spans.len(), max_norm, out)?;
+    } else {
         let views: Vec<CudaView<'_, f32>> = spans.iter().map(|r| flat.slice(r.clone())).collect();
         norm_total_async(dev, &views, max_norm, out)?;
     }
@@ -193,20 +209,13 @@ pub fn clip_grad_norm_flat_async(dev: &CudaDevice, flat: &mut CudaViewMut<'_, f3
 /// Per-tensor norms and their total into `out` = `[norm, clip_coef,
 /// clipped]` (`clip` None: no clipping decided).
 fn norm_total_async(dev: &CudaDevice, grads: &[CudaView<'_, f32>], clip: Option<f32>, out: &mut CudaViewMut<'_, f32>) -> Result<()> {
-    if out.len() != 3 {
-        bail!(BufferSize, "grad_norm: out needs 3 elements, has {}", out.len());
-    }
-    if grads.len() > (1 << 20) {
-        bail!(InvalidArgument, "grad_norm: {} tensors is more than 2^20", grads.len());
-    }
+    check_norm_out(out, grads.len())?;
     for (k, g) in grads.iter().enumerate() {
         dev.check_stream(g, &format!("gradient tensor {k}"))?;
     }
-    dev.check_stream(out, "grad_norm out")?;
     let k = grads.len();
     let nb = LOSS_NORM_BLOCKS as usize;
     let mut partial = scratch::<f64>(dev, k * nb)?;
-    let mut norms = scratch::<f32>(dev, k)?;
     let name = "loss_sumsq_partial_f32";
     let f = dev.function(&LOSS_CU, name)?;
     for (i, gv) in grads.iter().enumerate() {
@@ -216,12 +225,32 @@ fn norm_total_async(dev: &CudaDevice, grads: &[CudaView<'_, f32>], clip: Option<
         // read g[< n] and block b writes part[b] (LOSS_NORM_BLOCKS long).
         launch_kernel!(dev, f, name, launch_cfg((LOSS_NORM_BLOCKS, 1), LOSS_NORM_THREADS), [gv, &n64, &mut part])?;
     }
+    norm_finish_async(dev, &partial, k, clip, out)
+}
+
+/// `out` holds the norm's triple, and `tensors` is within the kernels' reach.
+fn check_norm_out(out: &CudaViewMut<'_, f32>, tensors: usize) -> Result<()> {
+    if out.len() != 3 {
+        bail!(BufferSize, "grad_norm: out needs 3 elements, has {}", out.len());
+    }
+    if tensors > (1 << 20) {
+        bail!(InvalidArgument, "grad_norm: {tensors} tensors is more than 2^20");
+    }
+    Ok(())
+}
+
+/// From the `k` tensors' partial sums (LOSS_NORM_BLOCKS each, in tensor
+/// order): the per-tensor norms, then the total and the clip decision in
+/// `out`.
+fn norm_finish_async(dev: &CudaDevice, partial: &CudaSlice<f64>, k: usize, clip: Option<f32>, out: &mut CudaViewMut<'_, f32>) -> Result<()> {
+    dev.check_stream(out, "grad_norm out")?;
+    let mut norms = scratch::<f32>(dev, k)?;
     if k > 0 {
         let name = "loss_gradnorm_tensor";
         let f = dev.function(&LOSS_CU, name)?;
         // SAFETY: (ptr, ptr) as the kernel; block i < k reads partial[i·nb
         // + t] for t < nb (all written above) and writes norms[i].
-        launch_kernel!(dev, f, name, launch_cfg((k as u32, 1), LOSS_NORM_BLOCKS), [&partial, &mut norms])?;
+        launch_kernel!(dev, f, name, launch_cfg((k as u32, 1), LOSS_NORM_BLOCKS), [partial, &mut norms])?;
     }
     let (k32, max_norm) = (k as u32, clip.unwrap_or(f32::INFINITY));
     let name = "loss_gradnorm_total";
