@@ -25,10 +25,10 @@
 #[allow(dead_code)]
 mod common;
 
+#[path = "common/llama_1b.rs"]
+mod llama_1b;
+
 use lora::model::gpu::{Compute, DeviceModel, LoraPath};
-use lora::model::peft::AdapterSpec;
-use lora::model::{LoadOptions, Model};
-use lora::quant::nf4::Nf4Params;
 use lora::session::trainer::{Trainer, TrainerConfig};
 use parking_lot::Mutex;
 use std::sync::Arc;
@@ -57,20 +57,8 @@ fn run() -> lora::Result<()> {
         Ok(d) => d.clone(),
         Err(why) => lora::bail!(CudaUnavailable, "{why}"),
     };
-    let cfg = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192,
-        "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
-        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 4096, "tie_word_embeddings": true,
-        "head_dim": 64
-    });
-    let quant = match mode.as_str() {
-        "nf4" => Some(Nf4Params::default()),
-        "bf16" => None,
-        m => lora::bail!(InvalidArgument, "mode {m}: nf4 or bf16"),
-    };
     let t0 = Instant::now();
-    let mut m = Model::random(&cfg.to_string(), 0.02, LoadOptions { quantize: quant, seed: 1 })?;
-    m.add_adapter("a", AdapterSpec::new(rank, 2.0 * rank as f32))?;
+    let m = llama_1b::build(&mode, rank)?;
     let (trainable, total) = m.param_counts();
     let model = Arc::new(Mutex::new(m));
     println!(
@@ -78,7 +66,7 @@ fn run() -> lora::Result<()> {
         total as f64 / 1e9,
         t0.elapsed().as_secs_f64()
     );
-    let ids: Vec<i32> = (0..batch * seq).map(|i| ((i as u64 * 2654435761) % 128256) as i32).collect();
+    let ids: Vec<i32> = (0..batch * seq).map(|i| ((i as u64 * 2654435761) % llama_1b::VOCAB as u64) as i32).collect();
     let lean = |g: &mut DeviceModel| -> lora::Result<()> {
         g.set_lora_path(LoraPath::BlasBf16)?;
         g.set_lean(true);

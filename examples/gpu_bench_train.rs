@@ -18,11 +18,12 @@
 //! the device and generating through the merged weights, and 8 sequences
 //! with one adapter against a mixed batch of two adapters.
 
+#[path = "common/llama_1b.rs"]
+mod llama_1b;
+
 use lora::model::generate::Request;
 use lora::model::gpu::Compute;
 use lora::model::peft::AdapterSpec;
-use lora::model::{LoadOptions, Model};
-use lora::quant::nf4::Nf4Params;
 use lora::session::trainer::{Trainer, TrainerConfig};
 use parking_lot::Mutex;
 use std::sync::Arc;
@@ -42,23 +43,11 @@ fn run() -> lora::Result<()> {
     let (batch, seq, steps, rank) = (num(1, 4), num(2, 1024), num(3, 5), num(4, 16));
     let ckpt = a.iter().any(|s| s == "ckpt");
     let compute = if a.iter().any(|s| s == "f32") { Compute::F32 } else { Compute::BF16 };
-    let cfg = serde_json::json!({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192,
-        "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
-        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 4096, "tie_word_embeddings": true,
-        "head_dim": 64
-    });
     // Fail fast without a GPU, before building a 1B model.
     let dev = lora::backend::cuda::open(0)?;
     lora::backend::cuda::nvrtc::ensure()?;
     let t0 = Instant::now();
-    let quant = match mode.as_str() {
-        "nf4" => Some(Nf4Params::default()),
-        "bf16" => None,
-        m => lora::bail!(InvalidArgument, "mode {m}: nf4 or bf16"),
-    };
-    let mut m = Model::random(&cfg.to_string(), 0.02, LoadOptions { quantize: quant, seed: 1 })?;
-    m.add_adapter("a", AdapterSpec::new(rank, 2.0 * rank as f32))?;
+    let m = llama_1b::build(&mode, rank)?;
     let (trainable, total) = m.param_counts();
     let build_s = t0.elapsed().as_secs_f64();
     let mut tc = TrainerConfig { checkpointing: ckpt, ..Default::default() };
@@ -68,7 +57,7 @@ fn run() -> lora::Result<()> {
     let t1 = Instant::now();
     t.use_device(Some((0, compute)))?;
     let upload_s = t1.elapsed().as_secs_f64();
-    let vocab = 128256u64;
+    let vocab = llama_1b::VOCAB as u64;
     let mut s = 0x1234_5678u64;
     let ids: Vec<i32> = (0..batch * seq)
         .map(|_| {

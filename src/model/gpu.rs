@@ -1171,6 +1171,11 @@ impl DeviceModel {
         // mid-layer residual in the backward, unless told to keep them.
         let train = matches!(rows, Rows::Train(_));
         let recompute = train && self.recompute && !keep;
+        // x_mid becomes the layer's output (no copy) unless the backward
+        // gets it kept: (output, kept x_mid).
+        let split_mid = |x_mid: CudaSlice<f32>| -> Result<(CudaSlice<f32>, Option<CudaSlice<f32>>)> {
+            Ok(if train && !recompute { (d.duplicate(&x_mid)?, Some(x_mid)) } else { (x_mid, None) })
+        };
         let qkv = if !recompute {
             (hs[Q], hs[K], hs[V]) = (hq, hk, hv);
             Some(qkv)
@@ -1192,8 +1197,7 @@ impl DeviceModel {
             hs[GATE] = self.lin_forward(l, GATE, rows, h2a, n, &mut gb, 0.0)?;
             hs[UP] = self.lin_forward(l, UP, rows, h2a, n, &mut ub, 0.0)?;
             drop((h2, h2b));
-            // x_mid becomes x_out (no copy) unless it is kept.
-            let (mut x_out, x_mid) = if train && !recompute { (d.duplicate(&x_mid)?, Some(x_mid)) } else { (x_mid, None) };
+            let (mut x_out, x_mid) = split_mid(x_mid)?;
             let mut ab = out_buf::<u16>(d, n * it)?;
             cswiglu::swiglu_forward_bf16(d, &gb.as_view(), &ub.as_view(), None, Some(&mut ab.as_view_mut()))?;
             hs[DOWN] = self.lin_forward(l, DOWN, rows, Act::Bf16(&ab), n, &mut x_out, 1.0)?;
@@ -1205,7 +1209,7 @@ impl DeviceModel {
         hs[GATE] = self.lin_forward(l, GATE, rows, h2a, n, &mut g, 0.0)?;
         hs[UP] = self.lin_forward(l, UP, rows, h2a, n, &mut u, 0.0)?;
         drop((h2, h2b));
-        let (mut x_out, x_mid) = if train && !recompute { (d.duplicate(&x_mid)?, Some(x_mid)) } else { (x_mid, None) };
+        let (mut x_out, x_mid) = split_mid(x_mid)?;
         // A training step keeps gate and up for the backward: in BF16 mode
         // as their bf16 roundings (written by the gating pass; outside the
         // lean step up's is made after gate's fp32 is freed, so the peak
@@ -1686,15 +1690,15 @@ impl DeviceModel {
         let (r, s) = (ad.r, ad.scale);
         let set = &self.sets[tr.set];
         let av = set.params.slice(ad.a.clone());
+        // A for a bf16 g: the weights' bf16 copy.
+        let a_bf16 = || set.params_b.as_ref().map(|pb| pb.slice(ad.a.clone())).ok_or_else(|| err!(Internal, "bf16 adapter products without the weights' bf16 copy"));
         // A bf16 dx (the lean step's) takes the term from the bf16 products,
         // and only without dropout (whose mask is applied to an fp32 dx).
         if C::DTYPE != crate::dtype::DType::F32 {
             let (Saved::Bf16(gb), 0.0) = (&g, ad.dropout) else {
                 bail!(Internal, "a bf16 dx needs bf16 adapter products without dropout");
             };
-            let pb = set.params_b.as_ref().ok_or_else(|| err!(Internal, "bf16 adapter products without the weights' bf16 copy"))?;
-            let ab = pb.slice(ad.a.clone());
-            gemm(d, &self.blas, MatRef::bf16(d, &gb.as_view(), n, r)?, false, MatRef::bf16(d, &ab, r, in_f)?, false, &mut dxs.as_view_mut(), s, 1.0)?;
+            gemm(d, &self.blas, MatRef::bf16(d, &gb.as_view(), n, r)?, false, MatRef::bf16(d, &a_bf16()?, r, in_f)?, false, &mut dxs.as_view_mut(), s, 1.0)?;
             self.tock(t, "LoRA GEMMs backward")?;
             return Ok(());
         }
@@ -1707,11 +1711,7 @@ impl DeviceModel {
             None => (dx32.as_view_mut(), s, 1.0f32),
         };
         match (&g, self.lora_path) {
-            (Saved::Bf16(gb), _) => {
-                let pb = set.params_b.as_ref().ok_or_else(|| err!(Internal, "bf16 adapter products without the weights' bf16 copy"))?;
-                let ab = pb.slice(ad.a.clone());
-                gemm(d, &self.blas, MatRef::bf16(d, &gb.as_view(), n, r)?, false, MatRef::bf16(d, &ab, r, in_f)?, false, &mut o, scale, beta)?;
-            }
+            (Saved::Bf16(gb), _) => gemm(d, &self.blas, MatRef::bf16(d, &gb.as_view(), n, r)?, false, MatRef::bf16(d, &a_bf16()?, r, in_f)?, false, &mut o, scale, beta)?,
             // Accumulates: gdx starts zeroed, so scale 1 writes g·A.
             (Saved::F32(g), LoraPath::Kernels) => glora::bwd_dx(d, &g.as_view(), &av, n, r, in_f, scale, &mut o)?,
             (Saved::F32(g), _) => gemm(d, &self.blas, MatRef::f32(d, &g.as_view(), n, r)?, false, MatRef::f32(d, &av, r, in_f)?, false, &mut o, scale, beta)?,

@@ -188,15 +188,17 @@ CUresult release(uintptr_t a) {
     return OK;
 }
 
-// True when [p, p + n) lies inside one live allocation (or is empty).
-bool inside(uintptr_t p, size_t n) {
-    if (n == 0) return true;
+// True when [p, p + n) lies inside one of `allocs` (address -> bytes).
+bool within(const std::map<uintptr_t, size_t>& allocs, uintptr_t p, size_t n) {
     std::lock_guard<std::mutex> g(mu);
-    auto it = live.upper_bound(p);
-    if (it == live.begin()) return false;
+    auto it = allocs.upper_bound(p);
+    if (it == allocs.begin()) return false;
     --it;
     return p >= it->first && p + n <= it->first + it->second;
 }
+
+// True when [p, p + n) lies inside one live allocation (or is empty).
+bool inside(uintptr_t p, size_t n) { return n == 0 || within(live, p, n); }
 
 CUresult copy(uintptr_t dst, uintptr_t src, size_t n, bool dst_dev, bool src_dev) {
     if ((dst_dev && !inside(dst, n)) || (src_dev && !inside(src, n))) {
@@ -209,13 +211,7 @@ CUresult copy(uintptr_t dst, uintptr_t src, size_t n, bool dst_dev, bool src_dev
 }
 
 // Whether [p, p + n) is page-locked host memory.
-bool is_pinned(uintptr_t p, size_t n) {
-    std::lock_guard<std::mutex> g(mu);
-    auto it = pinned.upper_bound(p);
-    if (it == pinned.begin()) return false;
-    --it;
-    return p >= it->first && p + n <= it->first + it->second;
-}
+bool is_pinned(uintptr_t p, size_t n) { return within(pinned, p, n); }
 
 // An asynchronous copy, in stream order. Device to pageable host memory
 // completes before it returns (the driver's rule: it waits for the stream);

@@ -246,18 +246,7 @@ pub fn absmax_decode(
     if out.len() != n {
         bail!(BufferSize, "{n} absmax codes decode into {n} values, the output holds {}", out.len());
     }
-    if map.len() != 256 {
-        bail!(BufferSize, "the 8-bit code map has {} entries, expected 256", map.len());
-    }
-    if nested_blocksize == 0 {
-        bail!(InvalidArgument, "nested blocksize is 0");
-    }
-    if nested.len() != n.div_ceil(nested_blocksize) {
-        bail!(BufferSize, "{n} codes in nested blocks of {nested_blocksize} need {} nested absmax values, found {}", n.div_ceil(nested_blocksize), nested.len());
-    }
-    dev.check_stream(codes, "absmax codes")?;
-    dev.check_stream(map, "absmax code map")?;
-    dev.check_stream(nested, "nested absmax")?;
+    check_double(dev, codes, map, nested, nested_blocksize)?;
     dev.check_stream(out, "decoded absmax")?;
     let (grid, block) = absmax_decode_shape(n);
     let name = "nf4_absmax_decode";
@@ -344,17 +333,27 @@ fn check_scales(dev: &CudaDevice, scales: &Scales<'_>, n: usize, blocksize: usiz
             if dq.codes.len() != nblocks {
                 bail!(BufferSize, "{n} elements in blocks of {blocksize} need {nblocks} absmax codes, found {}", dq.codes.len());
             }
-            if dq.map.len() != 256 {
-                bail!(BufferSize, "the 8-bit code map has {} entries, expected 256", dq.map.len());
-            }
-            if dq.nested_blocksize == 0 || dq.nested_absmax.len() != nblocks.div_ceil(dq.nested_blocksize) {
-                bail!(BufferSize, "{nblocks} absmax codes in nested blocks of {} need {} nested absmax values, found {}", dq.nested_blocksize, nblocks.div_ceil(dq.nested_blocksize.max(1)), dq.nested_absmax.len());
-            }
-            dev.check_stream(&dq.codes, "absmax codes")?;
-            dev.check_stream(&dq.map, "absmax code map")?;
-            dev.check_stream(&dq.nested_absmax, "nested absmax")
+            check_double(dev, &dq.codes.as_view(), &dq.map.as_view(), &dq.nested_absmax.as_view(), dq.nested_blocksize)
         }
     }
+}
+
+/// A double-quantized state's parts agree: a 256-entry map, one nested
+/// absmax per `nested_blocksize` codes; all on the device's stream.
+fn check_double(dev: &CudaDevice, codes: &CudaView<'_, u8>, map: &CudaView<'_, f32>, nested: &CudaView<'_, f32>, nested_blocksize: usize) -> Result<()> {
+    let n = codes.len();
+    if map.len() != 256 {
+        bail!(BufferSize, "the 8-bit code map has {} entries, expected 256", map.len());
+    }
+    if nested_blocksize == 0 {
+        bail!(InvalidArgument, "nested blocksize is 0");
+    }
+    if nested.len() != n.div_ceil(nested_blocksize) {
+        bail!(BufferSize, "{n} codes in nested blocks of {nested_blocksize} need {} nested absmax values, found {}", n.div_ceil(nested_blocksize), nested.len());
+    }
+    dev.check_stream(codes, "absmax codes")?;
+    dev.check_stream(map, "absmax code map")?;
+    dev.check_stream(nested, "nested absmax")
 }
 
 /// The kernel arguments of a block-scale source: the fp32 absmax, or the
