@@ -25,10 +25,13 @@
 //                         (the forward keeps gate and up for the backward in
 //                         bf16): 8 bytes read, up to 10 written per element
 //                         where the unfused chain moved 30.
+//   swiglu_fwd_inplace_out_f32  the same with h written over g.
 //   swiglu_fwd_out_bf16   g, u bf16     -> h fp32 / bf16 (the backward's
 //                         recomputation of the down projection's input).
 //   swiglu_bwd_out_bf16   g, u bf16, dh -> dgate, dup fp32 / bf16
-//                         (swiglu_bwd_out_bf16dh: dh in bf16 too).
+//                         (swiglu_bwd_out_bf16dh: dh in bf16 too;
+//                         swiglu_bwd_inplace_bf16all: every output in
+//                         place but the fp32 dup).
 //
 // No host code and no #include (NVRTC compiles it without headers).
 
@@ -103,6 +106,23 @@ extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
     }
 }
 
+// swiglu_fwd_out_f32 in place: h (fp32) written over gate, the bf16
+// outputs each optional (the bf16 step's forward: no third fp32 buffer
+// beside gate and up). Each element is read before it is written, by the
+// one thread that writes it.
+extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
+    swiglu_fwd_inplace_out_f32(float* __restrict__ gate, const float* __restrict__ up, u64 n, u16* __restrict__ hb,
+                               u16* __restrict__ gb, u16* __restrict__ ub) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        const float g = gate[i], u = up[i];
+        const float y = __fmul_rn(swiglu_silu(g), u);
+        gate[i] = y;
+        if (hb) hb[i] = swiglu_bf16(y);
+        if (gb) gb[i] = swiglu_bf16(g);
+        if (ub) ub[i] = swiglu_bf16(u);
+    }
+}
+
 // h = silu(gate) * up from bf16 gate, up (widened exactly); h fp32 and/or
 // bf16, each optional.
 extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
@@ -167,4 +187,23 @@ extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
 extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
     swiglu_bwd_inplace_bf16dh(u16* __restrict__ gate, u16* __restrict__ up, const u16* __restrict__ dh, u64 n) {
     swiglu_bwd_inplace_b(gate, up, dh, n);
+}
+
+// In place, every output: from bf16 gate and up and fp32 dh, dh <- the fp32
+// dgate, dup <- the fp32 dup, gate <- bf16(dgate), up <- bf16(dup) — the
+// four outputs of swiglu_bwd_out_bf16, bit for bit, with one fp32 buffer
+// (dup) made instead of two fp32 and two bf16 (the default bf16 step's
+// MLP backward, whose fp32 adapter products read the fp32 gradients and
+// whose base products the bf16 ones). Each element is read before it is
+// written, by the one thread that writes it.
+extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
+    swiglu_bwd_inplace_bf16all(u16* __restrict__ gate, u16* __restrict__ up, float* __restrict__ dh, u64 n, float* __restrict__ dup) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        float dg, du;
+        swiglu_grad(swiglu_widen(gate[i]), swiglu_widen(up[i]), dh[i], &dg, &du);
+        dh[i] = dg;
+        dup[i] = du;
+        gate[i] = swiglu_bf16(dg);
+        up[i] = swiglu_bf16(du);
+    }
 }

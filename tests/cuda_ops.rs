@@ -283,6 +283,21 @@ fn fused_swiglu_matches_the_unfused(dev: &CudaDevice, gate: &[f32], up: &[f32], 
             assert!(dev.download(&gb).unwrap().iter().all(|&v| v == u16::MAX), "fused swiglu wrote gate unasked");
         }
     }
+    // In place (h over gate): the same bits for h and every bf16 output.
+    {
+        let mut gi = dev.upload(gate).unwrap();
+        let (mut hb, mut gb, mut ub) = (dev.alloc_filled::<u16>(n, 0xFF).unwrap(), dev.alloc_filled::<u16>(n, 0xFF).unwrap(), dev.alloc_filled::<u16>(n, 0xFF).unwrap());
+        gswiglu::swiglu_forward_inplace_out(dev, &mut gi.as_view_mut(), &ud.as_view(), Some(&mut hb.as_view_mut()), Some(&mut gb.as_view_mut()), Some(&mut ub.as_view_mut())).unwrap();
+        check_bits("fused swiglu in place: h", &f32_of(&gi), &h);
+        assert_eq!(dev.download(&hb).unwrap(), bf16_bits(&h), "fused swiglu in place: bf16 h");
+        assert_eq!(dev.download(&gb).unwrap(), bf16_bits(gate), "fused swiglu in place: bf16 gate");
+        assert_eq!(dev.download(&ub).unwrap(), bf16_bits(up), "fused swiglu in place: bf16 up");
+        let mut gi = dev.upload(gate).unwrap();
+        gswiglu::swiglu_forward_inplace_out(dev, &mut gi.as_view_mut(), &ud.as_view(), None, None, None).unwrap();
+        check_bits("fused swiglu in place, h alone", &f32_of(&gi), &h);
+        let mut short = dev.alloc_filled::<u16>(n + 1, 0).unwrap();
+        assert!(gswiglu::swiglu_forward_inplace_out(dev, &mut gi.as_view_mut(), &ud.as_view(), None, Some(&mut short.as_view_mut()), None).is_err(), "a long bf16 gate was taken");
+    }
     // From bf16 gate and up: the fp32 kernels on the widened values.
     let (gb, ub) = (bf16_bits(gate), bf16_bits(up));
     let (gw, uw) = (widen(&gb), widen(&ub));
@@ -328,6 +343,20 @@ fn fused_swiglu_matches_the_unfused(dev: &CudaDevice, gate: &[f32], up: &[f32], 
         gswiglu::swiglu_backward_bf16_inplace(dev, &mut g.as_view_mut(), &mut u.as_view_mut(), dh).unwrap();
         assert_eq!(dev.download(&g).unwrap(), want.2, "swiglu backward in place (bf16 dh: {bf_dh}): dgate");
         assert_eq!(dev.download(&u).unwrap(), want.3, "swiglu backward in place (bf16 dh: {bf_dh}): dup");
+    }
+    // In place with every output (dh <- fp32 dgate, a new fp32 dup, gate and
+    // up <- the bf16 roundings): all four outputs' bits.
+    {
+        let (mut g, mut u, mut dh) = (dev.upload(&gb).unwrap(), dev.upload(&ub).unwrap(), dev.upload(&widen(&dhb)).unwrap());
+        let mut du = dev.alloc_filled::<f32>(n, 0xFF).unwrap();
+        gswiglu::swiglu_backward_bf16_inplace_all(dev, &mut g.as_view_mut(), &mut u.as_view_mut(), &mut dh.as_view_mut(), &mut du.as_view_mut()).unwrap();
+        let bits = |v: Vec<f32>| v.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+        assert_eq!(bits(f32_of(&dh)), want.0, "swiglu backward in place, all outputs: fp32 dgate");
+        assert_eq!(bits(f32_of(&du)), want.1, "swiglu backward in place, all outputs: fp32 dup");
+        assert_eq!(dev.download(&g).unwrap(), want.2, "swiglu backward in place, all outputs: bf16 dgate");
+        assert_eq!(dev.download(&u).unwrap(), want.3, "swiglu backward in place, all outputs: bf16 dup");
+        let mut short = dev.alloc_filled::<f32>(n + 1, 0).unwrap();
+        assert!(gswiglu::swiglu_backward_bf16_inplace_all(dev, &mut g.as_view_mut(), &mut u.as_view_mut(), &mut dh.as_view_mut(), &mut short.as_view_mut()).is_err(), "a short dup was taken");
     }
     let (mut g, mut u) = (dev.upload(&gb).unwrap(), dev.upload(&ub[1..]).unwrap());
     assert!(gswiglu::swiglu_backward_bf16_inplace(dev, &mut g.as_view_mut(), &mut u.as_view_mut(), gswiglu::Dh::Bf16(&dhbd.as_view())).is_err(), "a short up was taken");

@@ -348,9 +348,8 @@ struct Acts {
     rstd2: CudaSlice<f32>,
     /// Gate and up projections (the MLP's two widest activations): fp32,
     /// or bf16 in BF16 mode (half the bytes; the backward widens them as
-    /// its kernels read them).
-    g: Saved,
-    u: Saved,
+    /// its kernels read them); `None` outside training.
+    gu: Option<(Saved, Saved)>,
     /// Each linear's `x·Aᵀ` (empty where the linear has no adapter): bf16
     /// with bf16 adapter products (which write it so), else fp32.
     hs: Vec<Option<Saved>>,
@@ -1201,8 +1200,8 @@ impl DeviceModel {
             let mut ab = out_buf::<u16>(d, n * it)?;
             cswiglu::swiglu_forward_bf16(d, &gb.as_view(), &ub.as_view(), None, Some(&mut ab.as_view_mut()))?;
             hs[DOWN] = self.lin_forward(l, DOWN, rows, Act::Bf16(&ab), n, &mut x_out, 1.0)?;
-            let (g, u) = (Saved::Bf16(gb), Saved::Bf16(ub));
-            return Ok((Acts { rstd1, qkv, att, lse, x_mid, rstd2, g, u, hs }, x_out));
+            let gu = Some((Saved::Bf16(gb), Saved::Bf16(ub)));
+            return Ok((Acts { rstd1, qkv, att, lse, x_mid, rstd2, gu, hs }, x_out));
         }
         let mut g = out_buf::<f32>(d, n * it)?;
         let mut u = out_buf::<f32>(d, n * it)?;
@@ -1210,25 +1209,11 @@ impl DeviceModel {
         hs[UP] = self.lin_forward(l, UP, rows, h2a, n, &mut u, 0.0)?;
         drop((h2, h2b));
         let (mut x_out, x_mid) = split_mid(x_mid)?;
-        // A training step keeps gate and up for the backward: in BF16 mode
-        // as their bf16 roundings (written by the gating pass; outside the
-        // lean step up's is made after gate's fp32 is freed, so the peak
-        // stays that of the unfused chain), the fp32 ones dropped here.
-        let (a, ab, kept) = self.gated(&g, &u, matches!(rows, Rows::Train(_)))?;
-        let (g, u) = match kept {
-            Some((gb, ub)) => {
-                drop(g);
-                let ub = match ub {
-                    Some(ub) => ub,
-                    None => bf16_copy(d, &u)?,
-                };
-                drop(u);
-                (Saved::Bf16(gb), Saved::Bf16(ub))
-            }
-            None => (Saved::F32(g), Saved::F32(u)),
-        };
+        // A training step keeps gate and up for the backward (in BF16 mode
+        // their bf16 roundings, written by the gating pass).
+        let (a, ab, gu) = self.gated(g, u, matches!(rows, Rows::Train(_)))?;
         hs[DOWN] = self.lin_forward(l, DOWN, rows, act_of(&a, &ab)?, n, &mut x_out, 1.0)?;
-        Ok((Acts { rstd1, qkv, att, lse, x_mid, rstd2, g, u, hs }, x_out))
+        Ok((Acts { rstd1, qkv, att, lse, x_mid, rstd2, gu, hs }, x_out))
     }
 
     /// Layer `l`'s q, k (rotated) and v from its normed input `h1`, with
@@ -1331,30 +1316,37 @@ impl DeviceModel {
     }
 
     /// `silu(g)·u` in the forms the products take (as
-    /// [`normed`](Self::normed)), from one pass; in BF16 mode with `keep`,
-    /// the same pass also writes `g` rounded to bf16, and `u`'s rounding
-    /// too when the step is lean (returned; else the caller makes it).
+    /// [`normed`](Self::normed)), from one pass that consumes `g` and `u`,
+    /// and with `keep` (a training step) `g` and `u` for the backward: in
+    /// F32 mode as they are; in BF16 mode their bf16 roundings, written by
+    /// the same pass, whose fp32 `silu(g)·u` (not made when the step is
+    /// lean) goes over `g` (no third fp32 buffer).
     #[allow(clippy::type_complexity)]
-    fn gated(&self, g: &CudaSlice<f32>, u: &CudaSlice<f32>, keep: bool) -> Result<(Option<CudaSlice<f32>>, Option<CudaSlice<u16>>, Option<(CudaSlice<u16>, Option<CudaSlice<u16>>)>)> {
+    fn gated(&self, g: CudaSlice<f32>, u: CudaSlice<f32>, keep: bool) -> Result<(Option<CudaSlice<f32>>, Option<CudaSlice<u16>>, Option<(Saved, Saved)>)> {
         let d = &*self.dev;
         let n = g.len();
         match self.compute {
             Compute::F32 => {
                 let mut a = out_buf::<f32>(d, n)?;
                 cswiglu::swiglu_forward(d, &g.as_view(), &u.as_view(), &mut a.as_view_mut())?;
-                Ok((Some(a), None, None))
+                Ok((Some(a), None, keep.then(|| (Saved::F32(g), Saved::F32(u)))))
             }
             Compute::BF16 => {
-                let mut a = if self.lean() { None } else { Some(out_buf::<f32>(d, n)?) };
                 let mut ab = out_buf::<u16>(d, n)?;
-                let mut kept = if keep { Some((out_buf::<u16>(d, n)?, if self.lean() { Some(out_buf::<u16>(d, n)?) } else { None })) } else { None };
-                let mut av = a.as_mut().map(|a| a.as_view_mut());
+                let mut kept = if keep { Some((out_buf::<u16>(d, n)?, out_buf::<u16>(d, n)?)) } else { None };
                 let (mut gv, mut uv) = match kept.as_mut() {
-                    Some((gb, ub)) => (Some(gb.as_view_mut()), ub.as_mut().map(|u| u.as_view_mut())),
+                    Some((gb, ub)) => (Some(gb.as_view_mut()), Some(ub.as_view_mut())),
                     None => (None, None),
                 };
-                cswiglu::swiglu_forward_out(d, &g.as_view(), &u.as_view(), av.as_mut(), Some(&mut ab.as_view_mut()), gv.as_mut(), uv.as_mut())?;
-                Ok((a, Some(ab), kept))
+                let a = if self.lean() {
+                    cswiglu::swiglu_forward_out(d, &g.as_view(), &u.as_view(), None, Some(&mut ab.as_view_mut()), gv.as_mut(), uv.as_mut())?;
+                    None
+                } else {
+                    let mut a = g;
+                    cswiglu::swiglu_forward_inplace_out(d, &mut a.as_view_mut(), &u.as_view(), Some(&mut ab.as_view_mut()), gv.as_mut(), uv.as_mut())?;
+                    Some(a)
+                };
+                Ok((a, Some(ab), kept.map(|(gb, ub)| (Saved::Bf16(gb), Saved::Bf16(ub)))))
             }
         }
     }
@@ -1735,7 +1727,8 @@ impl DeviceModel {
         let Dims { h, it, qd, kvd, nh, nkv, hd, .. } = Dims::of(&self.cfg);
         let n = batch * seq;
         let shape = self.shape(l, batch, seq);
-        let Acts { rstd1, qkv, att, lse, x_mid, rstd2, g, u, mut hs } = acts;
+        let Acts { rstd1, qkv, att, lse, x_mid, rstd2, gu, mut hs } = acts;
+        let (g, u) = gu.ok_or_else(|| err!(Internal, "gate and up not kept for the backward"))?;
         let lean = self.lean();
         let dxb = match dxb {
             Some(b) => Some(b),
@@ -1799,20 +1792,17 @@ impl DeviceModel {
                 drop(a);
                 let mut da = out_buf::<f32>(d, n * it)?;
                 self.lin_dx(tr, l, DOWN, dy, gd, n, Some((&mut da, 0.0)))?;
-                let (mut dg, mut du) = (out_buf::<f32>(d, n * it)?, out_buf::<f32>(d, n * it)?);
-                let out = cswiglu::SwigluGrads { dgate: Some(&mut dg.as_view_mut()), dup: Some(&mut du.as_view_mut()), ..Default::default() };
-                cswiglu::swiglu_backward_bf16(d, &gb.as_view(), &ub.as_view(), &da.as_view(), out)?;
-                (Some(dg), Some(du), None, None)
+                // In place: da becomes the fp32 gradient of gate, gate and
+                // up their bf16 gradients (the base products' operands);
+                // one new buffer, the fp32 gradient of up.
+                let (mut dgb, mut dub, mut dg) = (gb, ub, da);
+                let mut du = out_buf::<f32>(d, n * it)?;
+                cswiglu::swiglu_backward_bf16_inplace_all(d, &mut dgb.as_view_mut(), &mut dub.as_view_mut(), &mut dg.as_view_mut(), &mut du.as_view_mut())?;
+                (Some(dg), Some(du), Some(dgb), Some(dub))
             }
             _ => bail!(Internal, "gate and up kept in different dtypes"),
         };
         drop(dxb);
-        // The gradients' bf16 operands where the products take them but
-        // they were not made above (BF16 mode outside the lean step).
-        let dgb = match dgb {
-            None if !lean => dg.as_ref().map(|g| self.operand(g)).transpose()?.flatten(),
-            other => other,
-        };
         let x_mid = match x_mid {
             Some(x) => x,
             None => self.attn_residual(l, Rows::Train(tr), x_in, &att)?.0,
@@ -1822,10 +1812,6 @@ impl DeviceModel {
         let mut dh2 = out_buf::<f32>(d, n * h)?;
         self.lin_backward(tr, l, GATE, h2a, hs[GATE].as_ref(), act_of(&dg, &dgb)?, n, Some((&mut dh2, 0.0)))?;
         drop((dg, dgb));
-        let dub = match dub {
-            None if !lean => du.as_ref().map(|u| self.operand(u)).transpose()?.flatten(),
-            other => other,
-        };
         self.lin_backward(tr, l, UP, h2a, hs[UP].as_ref(), act_of(&du, &dub)?, n, Some((&mut dh2, 1.0)))?;
         drop((du, dub, h2, h2b));
         // The residual's gradient (and its bf16 copy in BF16 mode) in the
@@ -2289,7 +2275,7 @@ impl DeviceModel {
             let (mut g, mut u) = (out_buf::<f32>(d, bsz * it)?, out_buf::<f32>(d, bsz * it)?);
             self.lin_decode(l, GATE, rows, h2a, bsz, &mut g, 0.0)?;
             self.lin_decode(l, UP, rows, h2a, bsz, &mut u, 0.0)?;
-            let (a, ab, _) = self.gated(&g, &u, false)?;
+            let (a, ab, _) = self.gated(g, u, false)?;
             self.lin_decode(l, DOWN, rows, act_of(&a, &ab)?, bsz, &mut x, 1.0)?;
         }
         lens.iter_mut().for_each(|n| *n += 1);

@@ -261,7 +261,10 @@ void lora_fakecuda_peak_report() {
     for (auto& [a, n] : peak_live) young.push_back({peak_born[a], n});
     std::sort(young.rbegin(), young.rend());
     std::fprintf(stderr, "      youngest (MiB, newest first):");
-    for (size_t i = 0; i < young.size() && i < 12; i++) std::fprintf(stderr, " %.2f", young[i].second / 1048576.0);
+    // LORA_FAKECUDA_PEAK_ALL=1: every one, not only the 12 youngest.
+    const char* all = std::getenv("LORA_FAKECUDA_PEAK_ALL");
+    const size_t shown = all && all[0] == '1' ? young.size() : 12;
+    for (size_t i = 0; i < young.size() && i < shown; i++) std::fprintf(stderr, " %.2f", young[i].second / 1048576.0);
     std::fprintf(stderr, "\n");
 }
 

@@ -83,6 +83,32 @@ pub fn swiglu_forward_out(
     launch_kernel!(dev, f, name, launch_cfg((stride_grid(n64, SWIGLU_THREADS), 1), SWIGLU_THREADS), [gate, up, &n64, &hp, &hbp, &gbp, &ubp])
 }
 
+/// [`swiglu_forward_out`] with `h` (fp32) written over `gate`: on return
+/// `gate` holds `silu(gate)·up`, and the bf16 outputs given are written
+/// from the same values (bit for bit the out-of-place kernel's).
+pub fn swiglu_forward_inplace_out(
+    dev: &CudaDevice,
+    gate: &mut CudaViewMut<'_, f32>,
+    up: &CudaView<'_, f32>,
+    hb: Option<&mut CudaViewMut<'_, u16>>,
+    gb: Option<&mut CudaViewMut<'_, u16>>,
+    ub: Option<&mut CudaViewMut<'_, u16>>,
+) -> Result<()> {
+    let n = gate.len();
+    let gp = out_ptr(dev, n, Some(gate), "swiglu gate (in place)")?;
+    check(dev, n, &[(up, "up")])?;
+    let (hbp, gbp, ubp) = (out_ptr(dev, n, hb, "swiglu bf16 h")?, out_ptr(dev, n, gb, "swiglu bf16 gate")?, out_ptr(dev, n, ub, "swiglu bf16 up")?);
+    if n == 0 {
+        return Ok(());
+    }
+    let n64 = n as u64;
+    let name = "swiglu_fwd_inplace_out_f32";
+    let f = dev.function(&SWIGLU_CU, name)?;
+    // SAFETY: (ptr, ptr, u64, ptr, ptr, ptr) as the kernel; elements < n of
+    // each buffer (lengths checked equal to n); a 0 output is skipped.
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(n64, SWIGLU_THREADS), 1), SWIGLU_THREADS), [&gp, up, &n64, &hbp, &gbp, &ubp])
+}
+
 /// `h = silu(gate)·up` from bf16 `gate`, `up` (widened exactly), into `h`
 /// (fp32) and/or `hb` (bf16): [`swiglu_forward_out`] on the widened
 /// values.
@@ -230,6 +256,27 @@ pub fn swiglu_backward_bf16_inplace(dev: &CudaDevice, gate: &mut CudaViewMut<'_,
     // SAFETY: (ptr, ptr, ptr, u64) as the kernels; elements < n of each
     // buffer (lengths checked).
     launch_kernel!(dev, f, name, launch_cfg((stride_grid(n64, SWIGLU_THREADS), 1), SWIGLU_THREADS), [&gp, &up_, &dhp, &n64])
+}
+
+/// [`swiglu_backward_bf16`] in place with every output: on return `dh`
+/// holds the fp32 dgate, `dup` the fp32 dup, and `gate` and `up` their bf16
+/// roundings — the bits of `swiglu_backward_bf16` with all four outputs,
+/// from one new fp32 buffer instead of four.
+pub fn swiglu_backward_bf16_inplace_all(dev: &CudaDevice, gate: &mut CudaViewMut<'_, u16>, up: &mut CudaViewMut<'_, u16>, dh: &mut CudaViewMut<'_, f32>, dup: &mut CudaViewMut<'_, f32>) -> Result<()> {
+    let n = gate.len();
+    let gp = out_ptr(dev, n, Some(gate), "swiglu gate (in place)")?;
+    let up_ = out_ptr(dev, n, Some(up), "swiglu up (in place)")?;
+    let dhp = out_ptr(dev, n, Some(dh), "swiglu dh (in place)")?;
+    let dup_ = out_ptr(dev, n, Some(dup), "swiglu dup")?;
+    if n == 0 {
+        return Ok(());
+    }
+    let n64 = n as u64;
+    let name = "swiglu_bwd_inplace_bf16all";
+    let f = dev.function(&SWIGLU_CU, name)?;
+    // SAFETY: (ptr, ptr, ptr, u64, ptr) as the kernel; elements < n of each
+    // buffer (lengths checked).
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(n64, SWIGLU_THREADS), 1), SWIGLU_THREADS), [&gp, &up_, &dhp, &n64, &dup_])
 }
 
 #[cfg(test)]
