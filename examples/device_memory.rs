@@ -16,7 +16,8 @@
 //! and FLOPs). LORA_DEVICE_MEMORY_DETAIL=1 lists the allocations live at
 //! each peak and the step's kernel launches by kernel.
 //! Prints one line per step variant: the default bf16 step and the lean
-//! bf16 step (bf16 adapter products, tensor-core attention), each also
+//! bf16 step (bf16 adapter products, tensor-core attention; also with the
+//! fp32 attention kernels), each also
 //! without recomputation (q, k, v and the mid-layer residual kept, not
 //! recomputed in the backward: `DeviceModel::set_recompute`) and with
 //! activation checkpointing; and the fp32 step.
@@ -67,29 +68,32 @@ fn run() -> lora::Result<()> {
         t0.elapsed().as_secs_f64()
     );
     let ids: Vec<i32> = (0..batch * seq).map(|i| ((i as u64 * 2654435761) % llama_1b::VOCAB as u64) as i32).collect();
-    let lean = |g: &mut DeviceModel| -> lora::Result<()> {
+    // The lean step: bf16 adapter products, with tensor-core attention
+    // (`tc`) or the fp32 attention kernels.
+    let lean = |g: &mut DeviceModel, tc: bool| -> lora::Result<()> {
         g.set_lora_path(LoraPath::BlasBf16)?;
         g.set_lean(true);
-        g.set_tensor_core_attention(true)
+        g.set_tensor_core_attention(tc)
     };
     let hooks = Hooks::find();
-    // (name, compute, checkpointing, lean, recomputation)
-    let variants: [(&str, Compute, bool, bool, bool); 7] = [
-        ("bf16 step (default)", Compute::BF16, false, false, true),
-        ("bf16 step, no recomputation", Compute::BF16, false, false, false),
-        ("lean bf16 step", Compute::BF16, false, true, true),
-        ("lean bf16 step, no recomputation", Compute::BF16, false, true, false),
-        ("bf16 step + checkpointing", Compute::BF16, true, false, true),
-        ("lean bf16 step + checkpointing", Compute::BF16, true, true, true),
-        ("fp32 step", Compute::F32, false, false, true),
+    // (name, compute, checkpointing, lean (Some(tensor-core attention)), recomputation)
+    let variants: [(&str, Compute, bool, Option<bool>, bool); 8] = [
+        ("bf16 step (default)", Compute::BF16, false, None, true),
+        ("bf16 step, no recomputation", Compute::BF16, false, None, false),
+        ("lean bf16 step", Compute::BF16, false, Some(true), true),
+        ("lean bf16 step, fp32 attention", Compute::BF16, false, Some(false), true),
+        ("lean bf16 step, no recomputation", Compute::BF16, false, Some(true), false),
+        ("bf16 step + checkpointing", Compute::BF16, true, None, true),
+        ("lean bf16 step + checkpointing", Compute::BF16, true, Some(true), true),
+        ("fp32 step", Compute::F32, false, None, true),
     ];
     for (name, compute, ckpt, is_lean, recompute) in variants {
         let mut t = Trainer::new(model.clone(), "a", TrainerConfig { checkpointing: ckpt, ..Default::default() })?;
         t.use_device(Some((0, compute)))?;
         t.with_device_model(|g| {
             g.set_recompute(recompute);
-            if is_lean {
-                lean(g)?;
+            if let Some(tc) = is_lean {
+                lean(g, tc)?;
             }
             Ok::<(), lora::Error>(())
         })

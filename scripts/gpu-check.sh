@@ -203,6 +203,7 @@ run "bench gpu_bench_train nf4 (QLoRA)" 60 "$B" nf4 4 1024 5 16
 run "bench gpu_bench_train nf4, tensor-core attention + bf16 adapter products (the lean bf16 step)" 60 env $LEAN "$B" nf4 4 1024 5 16
 run "bench gpu_bench_train nf4 + checkpointing, the lean bf16 step" 60 env $LEAN "$B" nf4 4 1024 5 16 ckpt
 run "bench gpu_bench_train nf4 + checkpointing" 60 "$B" nf4 4 1024 5 16 ckpt
+run "bench gpu_bench_train nf4, bf16 adapter products (the lean bf16 step with the fp32 attention kernels)" 60 env LORA_CUDA_LORA=bf16 "$B" nf4 4 1024 5 16
 if command -v python3 >/dev/null && python3 -c 'import torch, peft' 2>/dev/null; then
   [ -d .whl/site ] && export PYTHONPATH="$PWD/.whl/site${PYTHONPATH:+:$PYTHONPATH}"
   export PYTHONUNBUFFERED=1

@@ -259,6 +259,26 @@ fn backward_matches_the_cpu() {
         assert!(dq2.iter().zip(&gq).all(|(a, b)| a.to_bits() == b.to_bits()), "dq is not deterministic");
         assert!(dk2.iter().zip(&gk).all(|(a, b)| a.to_bits() == b.to_bits()), "dk is not deterministic");
         assert!(dv2.iter().zip(&gv).all(|(a, b)| a.to_bits() == b.to_bits()), "dv is not deterministic");
+        // With o in bf16 (the lean step's kept output): the fp32 form's
+        // bits given the widened o.
+        let ob: Vec<u16> = o.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
+        let ow: Vec<f32> = ob.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect();
+        let (obd, owd) = (dev.upload(&ob).unwrap(), up(&ow));
+        let run_o = |bf16_o: bool| {
+            let (mut dqd, mut dkd, mut dvd) = (poisoned(dev, nq), poisoned(dev, nk), poisoned(dev, nk));
+            let (qv, kv, vv, lv, dv_) = (qd.as_view(), kd.as_view(), vd.as_view(), ld.as_view(), dd.as_view());
+            if bf16_o {
+                gatt::backward(dev, &qv, &kv, &vv, &obd.as_view(), &lv, &dv_, &s, &mut dqd.as_view_mut(), &mut dkd.as_view_mut(), &mut dvd.as_view_mut()).unwrap();
+            } else {
+                gatt::backward(dev, &qv, &kv, &vv, &owd.as_view(), &lv, &dv_, &s, &mut dqd.as_view_mut(), &mut dkd.as_view_mut(), &mut dvd.as_view_mut()).unwrap();
+            }
+            let bits = |d: &cudarc::driver::CudaSlice<f32>| dev.download(d).unwrap().iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+            (bits(&dqd), bits(&dkd), bits(&dvd))
+        };
+        assert!(run_o(true) == run_o(false), "attention backward {c:?} with bf16 o: not the fp32 form's bits on the widened o");
+        let short = dev.upload(&ob[1..]).unwrap();
+        let (mut dqd, mut dkd, mut dvd) = (poisoned(dev, nq), poisoned(dev, nk), poisoned(dev, nk));
+        assert!(gatt::backward(dev, &qd.as_view(), &kd.as_view(), &vd.as_view(), &short.as_view(), &ld.as_view(), &dd.as_view(), &s, &mut dqd.as_view_mut(), &mut dkd.as_view_mut(), &mut dvd.as_view_mut()).is_err(), "a short bf16 o was taken");
     }
 }
 

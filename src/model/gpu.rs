@@ -44,8 +44,9 @@
 //! the normalized inputs, the SwiGLU product and the gradients of gate and
 //! up exist only in bf16, since no consumer reads them in fp32; a lean
 //! training step also rounds as PyTorch autocast does (gate/up outputs, the
-//! SwiGLU product's gradient, logits and their gradient in bf16), and with
-//! tensor-core attention keeps q, k, v and the attention output in bf16.
+//! SwiGLU product's gradient, logits and their gradient, the attention
+//! output in bf16), and with tensor-core attention keeps q, k and v in bf16
+//! too.
 //!
 //! Memory: per layer a training step keeps the layer input, the attention
 //! output and its log-sum-exp, gate and up (in bf16 in BF16 mode), the two
@@ -1161,7 +1162,17 @@ impl DeviceModel {
                 } else {
                     catt::forward(d, &q.as_view(), &k.as_view(), &v.as_view(), &shape, &mut att.as_view_mut(), &mut lse.as_view_mut())?;
                 }
-                Saved::F32(att)
+                if self.lean() && matches!(rows, Rows::Train(_)) {
+                    // The lean training step keeps the output in bf16 alone,
+                    // as autocast's attention writes it: its one consumer
+                    // here, o_proj (base and adapter), takes that operand
+                    // anyway; the backward's δ reads it widened.
+                    let ob = bf16_copy(d, &att)?;
+                    drop(att);
+                    Saved::Bf16(ob)
+                } else {
+                    Saved::F32(att)
+                }
             }
             _ => bail!(Internal, "q, k and v in mixed dtypes"),
         };
@@ -1271,9 +1282,10 @@ impl DeviceModel {
     /// bf16 (the base product and the adapter's added into it, each
     /// rounded), so does the down projection's input gradient (unless its
     /// adapter has dropout), the head writes bf16 logits and the
-    /// cross-entropy works on them in place, and with tensor-core attention
-    /// q, k, v and the attention output are kept in bf16 (the kernels' bf16
-    /// form). So a lean training step rounds more than the same mode
+    /// cross-entropy works on them in place, the attention output is kept in
+    /// bf16 (o_proj's operand, as autocast's attention writes it), and with
+    /// tensor-core attention q, k and v too (the kernels' bf16 form). So a
+    /// lean training step rounds more than the same mode
     /// holding both forms (gate/up, the SwiGLU product's gradient, logits,
     /// and the attention backward's `δ = rowsum(dO∘O)` from the bf16 `O`),
     /// and its LoRA dropout masks the bf16 inputs widened; inference
@@ -1853,6 +1865,10 @@ impl DeviceModel {
                 } else {
                     catt::backward(d, &q.as_view(), &k.as_view(), &v.as_view(), &o.as_view(), &lse.as_view(), &datt.as_view(), &shape, dqv, dkv, dvv)?;
                 }
+            }
+            // The lean step with the fp32 kernels: o kept in bf16.
+            (Saved::F32(q), Saved::F32(k), Saved::F32(v), Saved::Bf16(o)) => {
+                catt::backward(d, &q.as_view(), &k.as_view(), &v.as_view(), &o.as_view(), &lse.as_view(), &datt.as_view(), &shape, dqv, dkv, dvv)?;
             }
             _ => bail!(Internal, "attention activations kept in mixed dtypes"),
         }

@@ -133,8 +133,8 @@ fn check_forward_args<T>(dev: &CudaDevice, q: &CudaView<'_, T>, k: &CudaView<'_,
 /// Lengths and streams of a backward's buffers: inputs q, k, v, o (fp32,
 /// or bf16 for the tensor-core kernels' bf16 form), lse, dout; outputs dq,
 /// dk, dv.
-fn check_backward_args<T>(dev: &CudaDevice, inp: [&CudaView<'_, T>; 4], lse: &CudaView<'_, f32>, dout: &CudaView<'_, f32>, s: &AttnShape, out: [&CudaViewMut<'_, f32>; 3]) -> Result<()> {
-    let [q, k, v, o] = inp;
+fn check_backward_args<T, O>(dev: &CudaDevice, qkv: [&CudaView<'_, T>; 3], o: &CudaView<'_, O>, lse: &CudaView<'_, f32>, dout: &CudaView<'_, f32>, s: &AttnShape, out: [&CudaViewMut<'_, f32>; 3]) -> Result<()> {
+    let [q, k, v] = qkv;
     let [dq, dk, dv] = out;
     for (len, what) in [(q.len(), "q"), (o.len(), "o"), (dout.len(), "dout"), (dq.len(), "dq")] {
         check_len(len, &q_dims(s), what)?;
@@ -143,9 +143,10 @@ fn check_backward_args<T>(dev: &CudaDevice, inp: [&CudaView<'_, T>; 4], lse: &Cu
         check_len(len, &kv_dims(s), what)?;
     }
     check_len(lse.len(), &[s.batch, s.q_len, s.n_heads], "lse")?;
-    for (x, what) in [(q, "q"), (k, "k"), (v, "v"), (o, "o")] {
+    for (x, what) in [(q, "q"), (k, "k"), (v, "v")] {
         dev.check_stream(x, &format!("attention {what}"))?;
     }
+    dev.check_stream(o, "attention o")?;
     dev.check_stream(lse, "attention lse")?;
     dev.check_stream(dout, "attention dout")?;
     for (x, what) in [(dq, "dq"), (dk, "dk"), (dv, "dv")] {
@@ -198,14 +199,16 @@ pub fn forward(
 /// forward's inputs, its `o` and `lse`, and the upstream `dout`, writes
 /// `dq` `[B, T, H, D]` and `dk`, `dv` `[B, S, Hkv, D]` (overwritten); `dk`,
 /// `dv` of a KV head sum its query heads. Three launches plus a `B·T·H`
-/// scratch for `δ`; deterministic (no atomics).
+/// scratch for `δ`; deterministic (no atomics). `o` is fp32, or bf16 (what
+/// the lean bf16 step keeps: `δ = rowsum(dout ∘ o)` from the widened `o`,
+/// bit for bit the fp32 form given that widened `o`).
 #[allow(clippy::too_many_arguments)]
-pub fn backward(
+pub fn backward<O: TcElem>(
     dev: &CudaDevice,
     q: &CudaView<'_, f32>,
     k: &CudaView<'_, f32>,
     v: &CudaView<'_, f32>,
-    o: &CudaView<'_, f32>,
+    o: &CudaView<'_, O>,
     lse: &CudaView<'_, f32>,
     dout: &CudaView<'_, f32>,
     s: &AttnShape,
@@ -214,7 +217,7 @@ pub fn backward(
     dv: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     let (t, sl, h, hkv, d, w) = check_shape(s)?;
-    check_backward_args(dev, [q, k, v, o], lse, dout, s, [&*dq, &*dk, &*dv])?;
+    check_backward_args(dev, [q, k, v], o, lse, dout, s, [&*dq, &*dk, &*dv])?;
     if s.batch == 0 || s.kv_len == 0 {
         return Ok(());
     }
@@ -390,7 +393,7 @@ pub fn backward_tc<T: TcElem>(
     dv: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
     let (t, h, hkv, d, w) = tc_check(dev, s)?;
-    check_backward_args(dev, [q, k, v, o], lse, dout, s, [&*dq, &*dk, &*dv])?;
+    check_backward_args(dev, [q, k, v], o, lse, dout, s, [&*dq, &*dk, &*dv])?;
     for (x, what) in [(q, "q"), (k, "k"), (v, "v"), (o, "o")] {
         check_pairs_aligned(dev, x, what)?;
     }
