@@ -33,7 +33,8 @@ __device__ __forceinline__ u16 rope_bf16(float f) {
     return (u16)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
 }
 
-__device__ __forceinline__ void rope_rotate(float* x, u32 seq, u32 heads, u32 half, u64 pairs,
+// In place on x; with yb (not null) the result's bf16 rounding too.
+__device__ __forceinline__ void rope_rotate(float* x, u16* __restrict__ yb, u32 seq, u32 heads, u32 half, u64 pairs,
                                             const float* __restrict__ cos_t, const float* __restrict__ sin_t, float sign) {
     for (u64 p = (u64)blockIdx.x * blockDim.x + threadIdx.x; p < pairs; p += (u64)gridDim.x * blockDim.x) {
         const u64 vec = p / half;            // head vector index (b, t, h)
@@ -43,21 +44,41 @@ __device__ __forceinline__ void rope_rotate(float* x, u32 seq, u32 heads, u32 ha
         const float c = cos_t[(u64)t * half + i];
         const float s = sign * sin_t[(u64)t * half + i];  // exact (sign is +-1)
         const float a = x[base + i], b = x[base + half + i];
-        x[base + i] = __fadd_rn(__fmul_rn(a, c), __fmul_rn(-b, s));
-        x[base + half + i] = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+        const float y1 = __fadd_rn(__fmul_rn(a, c), __fmul_rn(-b, s)), y2 = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+        x[base + i] = y1;
+        x[base + half + i] = y2;
+        if (yb) {
+            yb[base + i] = rope_bf16(y1);
+            yb[base + half + i] = rope_bf16(y2);
+        }
     }
 }
 
 // In place on x [B, T, H, 2*half]: rotate by +theta. pairs = B*T*H*half.
 extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
     rope_fwd_f32(float* x, u32 seq, u32 heads, u32 half, u64 pairs, const float* __restrict__ cos_t, const float* __restrict__ sin_t) {
-    rope_rotate(x, seq, heads, half, pairs, cos_t, sin_t, 1.0f);
+    rope_rotate(x, nullptr, seq, heads, half, pairs, cos_t, sin_t, 1.0f);
 }
 
 // In place on dy [B, T, H, 2*half]: rotate by -theta (dy -> dx).
 extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
     rope_bwd_f32(float* dy, u32 seq, u32 heads, u32 half, u64 pairs, const float* __restrict__ cos_t, const float* __restrict__ sin_t) {
-    rope_rotate(dy, seq, heads, half, pairs, cos_t, sin_t, -1.0f);
+    rope_rotate(dy, nullptr, seq, heads, half, pairs, cos_t, sin_t, -1.0f);
+}
+
+// In place with the bf16 rounding too (the bf16 step's products take it;
+// the fp32 result stays for the fp32 consumers): bit for bit rope_fwd_f32 /
+// rope_bwd_f32 followed by elementwise_f32_to_bf16, in one pass.
+extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
+    rope_fwd_inplace_out_f32(float* x, u16* __restrict__ yb, u32 seq, u32 heads, u32 half, u64 pairs, const float* __restrict__ cos_t,
+                             const float* __restrict__ sin_t) {
+    rope_rotate(x, yb, seq, heads, half, pairs, cos_t, sin_t, 1.0f);
+}
+
+extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
+    rope_bwd_inplace_out_f32(float* dy, u16* __restrict__ dxb, u32 seq, u32 heads, u32 half, u64 pairs, const float* __restrict__ cos_t,
+                             const float* __restrict__ sin_t) {
+    rope_rotate(dy, dxb, seq, heads, half, pairs, cos_t, sin_t, -1.0f);
 }
 
 // Out of place for the bf16 step: x [B, T, H, 2*half] rotated by +theta

@@ -191,6 +191,14 @@ fn rope_matches_the_cpu_bit_for_bit() {
                 }
                 check_bits("rope out of place: x untouched", &dev.download(&xd).unwrap(), src);
             }
+            // In place with the bf16 rounding too: both the same bits.
+            let mut xi = dev.upload(src).unwrap();
+            let mut yb = dev.alloc_filled::<u16>(src.len(), 0xFF).unwrap();
+            grope::rope_inplace_bf16(dev, &mut xi.as_view_mut(), &mut yb.as_view_mut(), b, t, h, d, &gt, backward).unwrap();
+            check_bits("rope in place with bf16: fp32", &dev.download(&xi).unwrap(), &want);
+            assert_eq!(dev.download(&yb).unwrap(), bf16_bits(&want), "rope in place (backward {backward}): bf16");
+            let mut long = dev.alloc_filled::<u16>(src.len() + 1, 0).unwrap();
+            assert!(grope::rope_inplace_bf16(dev, &mut xi.as_view_mut(), &mut long.as_view_mut(), b, t, h, d, &gt, backward).is_err(), "a long bf16 y was taken");
         }
     }
     // A table shorter than the sequence is refused.

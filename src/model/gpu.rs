@@ -1885,11 +1885,19 @@ impl DeviceModel {
             let dvb = bf16_copy(d, &dv)?;
             drop(dv);
             ((None, Some(dqb)), (None, Some(dkb)), (None, Some(dvb)))
+        } else if need_dx && self.compute == Compute::BF16 {
+            // Rotated back in place, each with its bf16 rounding from the
+            // same pass (the base products' operands).
+            let (mut dqb, mut dkb) = (out_buf::<u16>(d, dq.len())?, out_buf::<u16>(d, dk.len())?);
+            crope::rope_inplace_bf16(d, &mut dq.as_view_mut(), &mut dqb.as_view_mut(), batch, seq, nh, hd, table, true)?;
+            crope::rope_inplace_bf16(d, &mut dk.as_view_mut(), &mut dkb.as_view_mut(), batch, seq, nkv, hd, table, true)?;
+            let dvb = self.operand(&dv)?;
+            ((Some(dq), Some(dqb)), (Some(dk), Some(dkb)), (Some(dv), dvb))
         } else {
             crope::rope_backward(d, &mut dq.as_view_mut(), batch, seq, nh, hd, table)?;
             crope::rope_backward(d, &mut dk.as_view_mut(), batch, seq, nkv, hd, table)?;
-            let (dqb, dkb, dvb) = if need_dx { (self.operand(&dq)?, self.operand(&dk)?, self.operand(&dv)?) } else { (None, None, None) };
-            ((Some(dq), dqb), (Some(dk), dkb), (Some(dv), dvb))
+            // No bf16 operands: F32 mode, or no input gradient to make.
+            ((Some(dq), None), (Some(dk), None), (Some(dv), None))
         };
         let (dqa, dka, dva) = (act_of(&dq, &dqb)?, act_of(&dk, &dkb)?, act_of(&dv, &dvb)?);
         let (h1, h1b) = match h1f {

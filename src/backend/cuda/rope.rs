@@ -117,6 +117,37 @@ pub fn rope_backward(dev: &CudaDevice, dy: &mut CudaViewMut<'_, f32>, batch: usi
     rotate(dev, dy, batch, seq, heads, head_dim, table, "rope_bwd_f32")
 }
 
+/// RoPE in place on `x` (forward, or with `backward` by −θ) that also
+/// writes the result's bf16 rounding into `yb`: bit for bit
+/// [`rope_forward`] / [`rope_backward`] followed by `elementwise::to_bf16`,
+/// in one pass (the bf16 step's gradients of q and k, which its fp32
+/// adapter products read in fp32 and its base products in bf16).
+#[allow(clippy::too_many_arguments)]
+pub fn rope_inplace_bf16(
+    dev: &CudaDevice,
+    x: &mut CudaViewMut<'_, f32>,
+    yb: &mut CudaViewMut<'_, u16>,
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    head_dim: usize,
+    table: &CudaRopeTable,
+    backward: bool,
+) -> Result<()> {
+    let (pairs, s32, h32, half32) = check(dev, x.len(), batch, seq, heads, head_dim, table)?;
+    dev.check_stream(x, "rope x")?;
+    let ybp = out_ptr(dev, x.len(), Some(yb), "rope bf16 y")?;
+    if pairs == 0 {
+        return Ok(());
+    }
+    let name = if backward { "rope_bwd_inplace_out_f32" } else { "rope_fwd_inplace_out_f32" };
+    let f = dev.function(&ROPE_CU, name)?;
+    // SAFETY: (ptr ×2, u32 ×3, u64, ptr ×2) as the kernel; pair p < pairs
+    // reads and writes x and writes yb at vec·D + i and vec·D + half + i
+    // (< n, both lengths n), table row t < seq ≤ len (checked).
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(pairs, ROPE_THREADS), 1), ROPE_THREADS), [x, &ybp, &s32, &h32, &half32, &pairs, &table.cos, &table.sin])
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
