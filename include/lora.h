@@ -552,6 +552,11 @@ typedef struct lora_step_result {
 typedef uint32_t lora_compute;
 
 /**
+ * A switch of a model's device copy (`lora_model_set_device_option`).
+ */
+typedef uint32_t lora_device_option;
+
+/**
  * Bytes held, by category (`lora_model_memory`).
  */
 typedef struct lora_memory_stats {
@@ -917,6 +922,36 @@ typedef struct lora_paged_stats {
  * Every product in fp32: the CPU backend's numbers up to summation order.
  */
 #define LORA_COMPUTE_F32 1
+
+/**
+ * 1: attention on tensor cores (`cuda/attention_tc.cu`: bf16 q, k, v,
+ * P, dO and dS, fp32 accumulation and softmax) where the shape allows
+ * (head_dim 64 or 128, self-attention, sm_80+; the fp32 kernels
+ * elsewhere). `LORA_COMPUTE_BF16` only. Off by default
+ * (`LORA_CUDA_ATTENTION=tc` in the environment at `lora_model_use_device`
+ * starts it on). These kernels have not yet run on a GPU.
+ */
+#define LORA_DEVICE_TENSOR_CORE_ATTENTION 0
+
+/**
+ * 1: adapter products on bf16 operands with fp32 accumulation (what
+ * PyTorch + PEFT compute under bf16 autocast), and with them the lean
+ * training step: activations nothing reads in fp32 held in bf16 alone
+ * (less memory: the 1B benchmark step's 4.1 GiB against 4.6 by count).
+ * `LORA_COMPUTE_BF16` only; the adapter masters, gradients and AdamW
+ * stay fp32. Off by default (`LORA_CUDA_LORA=bf16` starts it on); not
+ * yet run on a GPU.
+ */
+#define LORA_DEVICE_BF16_ADAPTER_PRODUCTS 1
+
+/**
+ * 1 (the default): a training step's backward recomputes each layer's
+ * q, k, v and mid-layer residual from the layer input (the forward's
+ * bits; about 6% more matrix work, 80 MiB less per layer of the 1B
+ * benchmark model); 0 keeps them from the forward
+ * (`LORA_CUDA_RECOMPUTE=0` starts it off).
+ */
+#define LORA_DEVICE_RECOMPUTE 2
 
 /**
  * CUDA managed memory: the fast tier is the device, the slow one the host.
@@ -1656,9 +1691,10 @@ lora_status lora_model_use_device(struct lora_model *model, int32_t device, lora
  * sees it (generation, merging and swaps run on the device copy, which
  * holds it already). Works after `lora_trainer_new` or
  * `lora_trainer_resume`. Attention runs on the fp32 kernels;
- * `LORA_CUDA_ATTENTION=tc` in the environment (read when the model goes
- * to the device) switches bf16 mode to the tensor-core kernels
- * (`cuda/attention_tc.cu`), which have not yet run on a GPU.
+ * `lora_model_set_device_option` (or `LORA_CUDA_ATTENTION=tc` in the
+ * environment, read when the model goes to the device) switches bf16
+ * mode to the tensor-core kernels (`cuda/attention_tc.cu`), which have
+ * not yet run on a GPU.
  *
  * Ownership: the gradients and moments on the device belong to the
  * trainer and are freed with it (or when it returns to the CPU). Thread
@@ -1758,6 +1794,38 @@ lora_status lora_model_device_memory(const struct lora_model *model,
                                      uint64_t *copy,
                                      uint64_t *in_use,
                                      uint64_t *peak);
+
+/**
+ * Sets switch `option` (`LORA_DEVICE_*`) of `model`'s device copy to
+ * `value`, 1 (on) or 0 (off); the next training step, forward or
+ * generation on the device uses it (a trainer on the device included).
+ * The switches start from their environment variables each time the
+ * model goes to a device (`lora_model_use_device`,
+ * `lora_trainer_use_device`), so set them after that. Thread safety: as
+ * every model call, not concurrently with other calls on the same model
+ * or its trainers.
+ *
+ * Errors: `LORA_ERR_INVALID_ARGUMENT` (unknown `option`, `value` not 0 or
+ * 1, or a bf16-only switch turned on in `LORA_COMPUTE_F32`: nothing
+ * changes), `LORA_ERR_INVALID_STATE` (the model is not on a device),
+ * `LORA_ERR_OUT_OF_MEMORY` and `LORA_ERR_CUDA` (the adapters' bf16
+ * copies, made when bf16 adapter products are turned on).
+ */
+lora_status lora_model_set_device_option(struct lora_model *model,
+                                         lora_device_option option,
+                                         int32_t value);
+
+/**
+ * The value of switch `option` (`LORA_DEVICE_*`) of `model`'s device
+ * copy, 1 (on) or 0 (off), into `*value`.
+ *
+ * Errors: `LORA_ERR_INVALID_ARGUMENT` (unknown `option`),
+ * `LORA_ERR_INVALID_STATE` (the model is not on a device),
+ * `LORA_ERR_NULL_POINTER` (`value`).
+ */
+lora_status lora_model_device_option(const struct lora_model *model,
+                                     lora_device_option option,
+                                     int32_t *value);
 
 /**
  * Memory by category for `model` (and the optimizer state of `trainer`,

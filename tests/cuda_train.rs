@@ -644,3 +644,67 @@ fn dropout_matches_the_cpu() {
         eprintln!("{}: LoRA dropout 0.1 on the GPU within {e:.2e} of the CPU's losses; hand-off and micro-batches + checkpointing alike", c.name);
     }
 }
+
+/// The device switches through the C API (`lora_model_set_device_option`,
+/// `lora_model_device_option`): starting values, round trips that reach
+/// the device copy, refusals (the settings themselves are trained with in
+/// the tests above).
+#[test]
+fn device_options_through_the_c_api() {
+    use lora::ffi::context::*;
+    use lora::ffi::model::*;
+    use lora::ffi::*;
+    let Some(_) = common::gpu("device_options_through_the_c_api") else { return };
+    let dir = std::ffi::CString::new(fixture("llama_nf4").join("model").to_str().unwrap()).unwrap();
+    let opts = [LORA_DEVICE_TENSOR_CORE_ATTENTION, LORA_DEVICE_BF16_ADAPTER_PRODUCTS, LORA_DEVICE_RECOMPUTE];
+    // SAFETY: valid pointers to locals; handles freed below.
+    unsafe {
+        let cp = lora_context_default_params();
+        let mut ctx = std::ptr::null_mut();
+        assert_eq!(lora_context_new(&cp, &mut ctx), LORA_OK);
+        let mut m = std::ptr::null_mut();
+        assert_eq!(lora_model_load(ctx, dir.as_ptr(), std::ptr::null(), &mut m), LORA_OK);
+        let mut v = -1;
+        // Not on a device: refused, *value untouched.
+        assert_eq!(lora_model_set_device_option(m, LORA_DEVICE_RECOMPUTE, 0), LORA_ERR_INVALID_STATE);
+        assert_eq!(lora_model_device_option(m, LORA_DEVICE_RECOMPUTE, &mut v), LORA_ERR_INVALID_STATE);
+        assert_eq!(v, -1);
+        assert_eq!(lora_model_use_device(m, 0, LORA_COMPUTE_BF16), LORA_OK);
+        // The starting values (the environment's, as the default mode has them).
+        let get = |o| {
+            let mut v = -1;
+            assert_eq!(lora_model_device_option(m, o, &mut v), LORA_OK);
+            v
+        };
+        let env_is = |k: &str, val: &str| std::env::var(k).is_ok_and(|v| v == val);
+        assert_eq!(get(LORA_DEVICE_TENSOR_CORE_ATTENTION), i32::from(env_is("LORA_CUDA_ATTENTION", "tc")));
+        assert_eq!(get(LORA_DEVICE_BF16_ADAPTER_PRODUCTS), i32::from(env_is("LORA_CUDA_LORA", "bf16")));
+        assert_eq!(get(LORA_DEVICE_RECOMPUTE), i32::from(!env_is("LORA_CUDA_RECOMPUTE", "0")));
+        // Round trips (the getter reads the device copy's own state).
+        for o in opts {
+            for val in [1, 0, 1] {
+                assert_eq!(lora_model_set_device_option(m, o, val), LORA_OK, "option {o} = {val}");
+                assert_eq!(get(o), val, "option {o}");
+            }
+        }
+        // Refusals: unknown option, a value other than 0 or 1, NULL out.
+        assert_eq!(lora_model_set_device_option(m, 3, 1), LORA_ERR_INVALID_ARGUMENT);
+        assert_eq!(lora_model_set_device_option(m, LORA_DEVICE_RECOMPUTE, 2), LORA_ERR_INVALID_ARGUMENT);
+        assert_eq!(lora_model_set_device_option(m, LORA_DEVICE_RECOMPUTE, -1), LORA_ERR_INVALID_ARGUMENT);
+        assert_eq!(lora_model_device_option(m, 7, &mut v), LORA_ERR_INVALID_ARGUMENT);
+        assert_eq!(lora_model_device_option(m, LORA_DEVICE_RECOMPUTE, std::ptr::null_mut()), LORA_ERR_NULL_POINTER);
+        assert_eq!(lora_model_set_device_option(std::ptr::null_mut(), LORA_DEVICE_RECOMPUTE, 1), LORA_ERR_NULL_POINTER);
+        // F32 mode: the bf16-only switches are refused on, allowed off.
+        assert_eq!(lora_model_use_device(m, 0, LORA_COMPUTE_F32), LORA_OK);
+        for o in [LORA_DEVICE_TENSOR_CORE_ATTENTION, LORA_DEVICE_BF16_ADAPTER_PRODUCTS] {
+            assert_eq!(get(o), 0);
+            assert_eq!(lora_model_set_device_option(m, o, 1), LORA_ERR_INVALID_ARGUMENT, "option {o} on in F32 mode");
+            assert_eq!(get(o), 0, "a refused switch changed");
+            assert_eq!(lora_model_set_device_option(m, o, 0), LORA_OK);
+        }
+        assert_eq!(lora_model_use_device(m, -1, LORA_COMPUTE_F32), LORA_OK);
+        assert_eq!(lora_model_device_option(m, LORA_DEVICE_RECOMPUTE, &mut v), LORA_ERR_INVALID_STATE);
+        lora_model_free(m);
+        lora_context_free(ctx);
+    }
+}

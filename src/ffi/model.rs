@@ -967,9 +967,10 @@ pub unsafe extern "C" fn lora_model_use_device(model: *mut lora_model, device: i
 /// sees it (generation, merging and swaps run on the device copy, which
 /// holds it already). Works after `lora_trainer_new` or
 /// `lora_trainer_resume`. Attention runs on the fp32 kernels;
-/// `LORA_CUDA_ATTENTION=tc` in the environment (read when the model goes
-/// to the device) switches bf16 mode to the tensor-core kernels
-/// (`cuda/attention_tc.cu`), which have not yet run on a GPU.
+/// `lora_model_set_device_option` (or `LORA_CUDA_ATTENTION=tc` in the
+/// environment, read when the model goes to the device) switches bf16
+/// mode to the tensor-core kernels (`cuda/attention_tc.cu`), which have
+/// not yet run on a GPU.
 ///
 /// Ownership: the gradients and moments on the device belong to the
 /// trainer and are freed with it (or when it returns to the CPU). Thread
@@ -1104,6 +1105,87 @@ pub unsafe extern "C" fn lora_model_device_memory(model: *const lora_model, copy
                 *p = v;
             }
         }
+        Ok(())
+    })
+}
+
+/// A switch of a model's device copy (`lora_model_set_device_option`).
+pub type lora_device_option = u32;
+/// 1: attention on tensor cores (`cuda/attention_tc.cu`: bf16 q, k, v,
+/// P, dO and dS, fp32 accumulation and softmax) where the shape allows
+/// (head_dim 64 or 128, self-attention, sm_80+; the fp32 kernels
+/// elsewhere). `LORA_COMPUTE_BF16` only. Off by default
+/// (`LORA_CUDA_ATTENTION=tc` in the environment at `lora_model_use_device`
+/// starts it on). These kernels have not yet run on a GPU.
+pub const LORA_DEVICE_TENSOR_CORE_ATTENTION: lora_device_option = 0;
+/// 1: adapter products on bf16 operands with fp32 accumulation (what
+/// PyTorch + PEFT compute under bf16 autocast), and with them the lean
+/// training step: activations nothing reads in fp32 held in bf16 alone
+/// (less memory: the 1B benchmark step's 4.1 GiB against 4.6 by count).
+/// `LORA_COMPUTE_BF16` only; the adapter masters, gradients and AdamW
+/// stay fp32. Off by default (`LORA_CUDA_LORA=bf16` starts it on); not
+/// yet run on a GPU.
+pub const LORA_DEVICE_BF16_ADAPTER_PRODUCTS: lora_device_option = 1;
+/// 1 (the default): a training step's backward recomputes each layer's
+/// q, k, v and mid-layer residual from the layer input (the forward's
+/// bits; about 6% more matrix work, 80 MiB less per layer of the 1B
+/// benchmark model); 0 keeps them from the forward
+/// (`LORA_CUDA_RECOMPUTE=0` starts it off).
+pub const LORA_DEVICE_RECOMPUTE: lora_device_option = 2;
+
+fn device_option(option: lora_device_option) -> Result<crate::model::gpu::DeviceOption> {
+    use crate::model::gpu::DeviceOption as O;
+    Ok(match option {
+        LORA_DEVICE_TENSOR_CORE_ATTENTION => O::TensorCoreAttention,
+        LORA_DEVICE_BF16_ADAPTER_PRODUCTS => O::Bf16AdapterProducts,
+        LORA_DEVICE_RECOMPUTE => O::Recompute,
+        _ => crate::bail!(InvalidArgument, "option {option} is not a LORA_DEVICE_* value"),
+    })
+}
+
+/// Sets switch `option` (`LORA_DEVICE_*`) of `model`'s device copy to
+/// `value`, 1 (on) or 0 (off); the next training step, forward or
+/// generation on the device uses it (a trainer on the device included).
+/// The switches start from their environment variables each time the
+/// model goes to a device (`lora_model_use_device`,
+/// `lora_trainer_use_device`), so set them after that. Thread safety: as
+/// every model call, not concurrently with other calls on the same model
+/// or its trainers.
+///
+/// Errors: `LORA_ERR_INVALID_ARGUMENT` (unknown `option`, `value` not 0 or
+/// 1, or a bf16-only switch turned on in `LORA_COMPUTE_F32`: nothing
+/// changes), `LORA_ERR_INVALID_STATE` (the model is not on a device),
+/// `LORA_ERR_OUT_OF_MEMORY` and `LORA_ERR_CUDA` (the adapters' bf16
+/// copies, made when bf16 adapter products are turned on).
+#[no_mangle]
+pub unsafe extern "C" fn lora_model_set_device_option(model: *mut lora_model, option: lora_device_option, value: i32) -> lora_status {
+    guard(|| {
+        let h = model_ref(model)?;
+        let o = device_option(option)?;
+        let on = match value {
+            0 => false,
+            1 => true,
+            v => crate::bail!(InvalidArgument, "value {v} for option {option}: 0 (off) or 1 (on)"),
+        };
+        with_model(h, |m| m.with_device(|g, _| g.set_option(o, on)))
+    })
+}
+
+/// The value of switch `option` (`LORA_DEVICE_*`) of `model`'s device
+/// copy, 1 (on) or 0 (off), into `*value`.
+///
+/// Errors: `LORA_ERR_INVALID_ARGUMENT` (unknown `option`),
+/// `LORA_ERR_INVALID_STATE` (the model is not on a device),
+/// `LORA_ERR_NULL_POINTER` (`value`).
+#[no_mangle]
+pub unsafe extern "C" fn lora_model_device_option(model: *const lora_model, option: lora_device_option, value: *mut i32) -> lora_status {
+    guard(|| {
+        let h = model_ref(model)?;
+        let o = device_option(option)?;
+        let out = req_out(value, "value")?;
+        let m = h.inner.lock();
+        let g = m.device().ok_or_else(|| crate::err!(InvalidState, "the model is not on a device (lora_model_use_device)"))?;
+        *out = i32::from(g.option(o));
         Ok(())
     })
 }

@@ -118,6 +118,27 @@ pub const DECODE_GEMV_ROWS: usize = cu::nf4::GEMV_MAX_BATCH;
 /// chunk, products still large enough for full tensor-core tiles.
 pub const HEAD_CHUNK_ELEMS: usize = 1 << 25;
 
+/// The switches of a device copy that a C program sets
+/// (`lora_model_set_device_option`; [`DeviceModel::set_option`]), each on
+/// or off. Each also has an environment variable read at upload, which
+/// sets its starting value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceOption {
+    /// Attention on tensor cores where the shape allows
+    /// ([`DeviceModel::set_tensor_core_attention`]; BF16 mode only; off by
+    /// default, `LORA_CUDA_ATTENTION=tc`).
+    TensorCoreAttention,
+    /// Adapter products on bf16 operands, which makes the step lean
+    /// ([`LoraPath::BlasBf16`], [`DeviceModel::lean`]; BF16 mode only; off
+    /// by default, `LORA_CUDA_LORA=bf16`). Off goes back to fp32 cuBLAS
+    /// products (from the crate's LoRA kernels it stays there).
+    Bf16AdapterProducts,
+    /// The backward recomputes q, k, v and the mid-layer residual
+    /// ([`DeviceModel::set_recompute`]; on by default,
+    /// `LORA_CUDA_RECOMPUTE=0`).
+    Recompute,
+}
+
 /// How the adapter products run ([`DeviceModel::set_lora_path`];
 /// `LORA_CUDA_LORA=kernels|bf16` at upload).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -935,6 +956,42 @@ impl DeviceModel {
     /// True when attention runs on tensor cores where the shape allows.
     pub fn tensor_core_attention(&self) -> bool {
         self.attn_tc
+    }
+
+    /// How the adapter products run.
+    pub fn lora_path(&self) -> LoraPath {
+        self.lora_path
+    }
+
+    /// Whether the backward recomputes q, k, v and the mid-layer residual
+    /// ([`set_recompute`](Self::set_recompute)).
+    pub fn recompute(&self) -> bool {
+        self.recompute
+    }
+
+    /// Sets one of the switches a C program reaches ([`DeviceOption`]); the
+    /// next step, forward or generation uses it. `InvalidArgument` for a
+    /// bf16-only switch turned on in F32 mode (nothing changes).
+    pub fn set_option(&mut self, option: DeviceOption, on: bool) -> Result<()> {
+        match option {
+            DeviceOption::TensorCoreAttention => self.set_tensor_core_attention(on),
+            DeviceOption::Bf16AdapterProducts if on => self.set_lora_path(LoraPath::BlasBf16),
+            DeviceOption::Bf16AdapterProducts if self.lora_path == LoraPath::BlasBf16 => self.set_lora_path(LoraPath::Blas),
+            DeviceOption::Bf16AdapterProducts => Ok(()),
+            DeviceOption::Recompute => {
+                self.set_recompute(on);
+                Ok(())
+            }
+        }
+    }
+
+    /// The value of a switch ([`set_option`](Self::set_option)).
+    pub fn option(&self, option: DeviceOption) -> bool {
+        match option {
+            DeviceOption::TensorCoreAttention => self.attn_tc,
+            DeviceOption::Bf16AdapterProducts => self.lora_path == LoraPath::BlasBf16,
+            DeviceOption::Recompute => self.recompute,
+        }
     }
 
     pub fn device(&self) -> &Arc<CudaDevice> {

@@ -192,6 +192,23 @@ int main(int argc, char **argv) {
             CHECK_OK(lora_model_use_device(m, -1, LORA_COMPUTE_BF16));
         }
     }
+    {
+        /* The device copy's switches: refused off a device; on one, they
+           round-trip (tests/cuda_train.rs covers them on a device). */
+        int32_t v = -7;
+        EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_model_set_device_option(m, LORA_DEVICE_RECOMPUTE, 0));
+        EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_model_device_option(m, LORA_DEVICE_TENSOR_CORE_ATTENTION, &v));
+        CHECK(v == -7);
+        EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_model_set_device_option(m, 99, 1));
+        EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_model_set_device_option(m, LORA_DEVICE_BF16_ADAPTER_PRODUCTS, 2));
+        EXPECT_ERR(LORA_ERR_NULL_POINTER, lora_model_device_option(NULL, LORA_DEVICE_RECOMPUTE, &v));
+        if (lora_model_use_device(m, 0, LORA_COMPUTE_BF16) == LORA_OK) {
+            CHECK_OK(lora_model_set_device_option(m, LORA_DEVICE_RECOMPUTE, 0));
+            CHECK_OK(lora_model_device_option(m, LORA_DEVICE_RECOMPUTE, &v));
+            CHECK(v == 0);
+            CHECK_OK(lora_model_use_device(m, -1, LORA_COMPUTE_BF16));
+        }
+    }
     lora_step_result r3;
     CHECK_OK(lora_train_step(tr3, ids, NULL, B, T, &r3));
     {
