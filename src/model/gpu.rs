@@ -918,11 +918,17 @@ impl DeviceModel {
         if path == LoraPath::BlasBf16 && self.compute != Compute::BF16 {
             bail!(InvalidArgument, "bf16 adapter products need the BF16 compute mode");
         }
-        self.lora_path = path;
-        for s in 0..self.sets.len() {
-            self.refresh_bf16(s)?;
+        let before = std::mem::replace(&mut self.lora_path, path);
+        let made = (0..self.sets.len()).try_for_each(|s| self.refresh_bf16(s));
+        if made.is_err() {
+            // Out of device memory for the bf16 copies, say: back to the
+            // path it was on (whose copies, if any, are still current).
+            self.lora_path = before;
+            if before != LoraPath::BlasBf16 {
+                self.sets.iter_mut().for_each(|set| set.params_b = None);
+            }
         }
-        Ok(())
+        made
     }
 
     /// The bf16 copy of adapter set `s`'s weights, when the products take
