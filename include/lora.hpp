@@ -684,6 +684,19 @@ public:
         detail::check(lora_model_device_memory(raw(), &v[0], &v[1], &v[2]), "lora_model_device_memory");
         return v;
     }
+    /// Turns switch `option` (`LORA_DEVICE_*`) of the device copy on or
+    /// off (see `lora_model_set_device_option`); the model must be on a
+    /// device.
+    void set_device_option(lora_device_option option, bool on) {
+        detail::check(lora_model_set_device_option(raw(), option, on ? 1 : 0), "lora_model_set_device_option");
+    }
+    /// Whether switch `option` of the device copy is on (see
+    /// `lora_model_device_option`).
+    bool device_option(lora_device_option option) const {
+        std::int32_t v = 0;
+        detail::check(lora_model_device_option(raw(), option, &v), "lora_model_device_option");
+        return v != 0;
+    }
     /// Makes `names` the active adapters, scaled by `multipliers` (empty:
     /// all 1); no names leaves the base alone. Works merged or not.
     void swap_adapter(const std::vector<std::string> &names, const std::vector<float> &multipliers = {}) {

@@ -410,6 +410,8 @@ static void test_model(const std::string &dir, const std::string &repo) {
         }
         expect_error(LORA_ERR_INVALID_ARGUMENT, [&] { m.use_device(0, 9); }, "unknown compute (model)");
         expect_error(LORA_ERR_INVALID_STATE, [&] { (void)m.device_memory(); }, "device memory of a host model");
+        expect_error(LORA_ERR_INVALID_STATE, [&] { m.set_device_option(LORA_DEVICE_RECOMPUTE, false); }, "a device switch of a host model");
+        expect_error(LORA_ERR_INVALID_STATE, [&] { (void)m.device_option(LORA_DEVICE_RECOMPUTE); }, "a device switch of a host model (read)");
         expect_error(LORA_ERR_BUFFER_SIZE, [&] { tr.step(ids, batch, seq + 1); }, "short batch");
     }
     const float after = m.loss(ids, batch, seq);
