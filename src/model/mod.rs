@@ -1145,7 +1145,7 @@ impl Model {
         Ok(())
     }
 
-    /// Sizes of adapter `name`'s tensors in [`adapter_params`] order.
+    /// Sizes of adapter `name`'s tensors in [`adapter_params`](Self::adapter_params) order.
     pub fn adapter_sizes(&self, name: &str) -> Result<Vec<usize>> {
         let ai = self.adapter_index(name)?;
         let mut v = Vec::new();
@@ -1158,7 +1158,7 @@ impl Model {
         Ok(v)
     }
 
-    /// The PEFT keys of adapter `name`'s tensors in [`adapter_params`] order.
+    /// The PEFT keys of adapter `name`'s tensors in [`adapter_params`](Self::adapter_params) order.
     pub fn adapter_keys(&self, name: &str) -> Result<Vec<String>> {
         let ai = self.adapter_index(name)?;
         Ok(self.adapters[ai]

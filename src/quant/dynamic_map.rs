@@ -44,7 +44,7 @@ static SIGNED_DYNAMIC_MAP_BITS: [u32; 256] = [
     0x3f68999a, 0x3f6c3333, 0x3f6fcccd, 0x3f736666, 0x3f770000, 0x3f7a999a, 0x3f7e3333, 0x3f800000,
 ];
 
-/// The signed dynamic map (see [`SIGNED_DYNAMIC_MAP_BITS`]).
+/// The signed dynamic map (see `SIGNED_DYNAMIC_MAP_BITS`).
 pub fn signed_dynamic_map() -> [f32; 256] {
     SIGNED_DYNAMIC_MAP_BITS.map(f32::from_bits)
 }
@@ -142,7 +142,7 @@ static BLOCKWISE8_SIGNED_THRESHOLD_BITS: [u32; 255] = [
 
 /// The code bitsandbytes' CPU `quantize_blockwise` assigns to the
 /// normalized value `z` with the signed dynamic map (see
-/// [`BLOCKWISE8_SIGNED_THRESHOLD_BITS`]).
+/// `BLOCKWISE8_SIGNED_THRESHOLD_BITS`).
 #[inline]
 pub fn blockwise8_signed_code(z: f32) -> u8 {
     BLOCKWISE8_SIGNED_THRESHOLD_BITS.partition_point(|&t| f32::from_bits(t) <= z) as u8

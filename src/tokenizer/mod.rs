@@ -6,7 +6,7 @@
 //!
 //! Encoding, as `TokenizerImpl::encode`:
 //! 1. added tokens with `normalized: false` are cut out of the raw text
-//!    (leftmost-longest; see [`added`]);
+//!    (leftmost-longest; see `added`);
 //! 2. each stretch in between is normalized, then the `normalized: true`
 //!    added tokens are cut out of it;
 //! 3. the pre-tokenizer cuts the rest into pieces;

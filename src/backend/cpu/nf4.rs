@@ -284,7 +284,7 @@ pub(crate) fn nf4_dequantize_reference(packed: &[u8], absmax: &[f32], blocksize:
 
 /// NF4-quantizes `x` in blocks of `blocksize` (even), writing
 /// `packed` (⌈n/2⌉ bytes) and `absmax` (⌈n/blocksize⌉ floats), exactly as
-/// [`nf4_quantize_reference`] does. Inputs must be finite (checked by the
+/// `nf4_quantize_reference` does. Inputs must be finite (checked by the
 /// caller; NaN and ±Inf give the reference's bits anyway). Uses the best
 /// instruction set of this CPU and the caller's rayon pool.
 pub fn nf4_quantize(x: Elems<'_>, blocksize: usize, packed: &mut [u8], absmax: &mut [f32]) {
@@ -370,7 +370,7 @@ fn quantize_full_blocks_portable<T: Widen>(x: &[T], blocksize: usize, packed: &m
 }
 
 /// Inverse of [`nf4_quantize`]: `out[i] = narrow(NF4_CODE[q_i] ·
-/// absmax[i / bs])`, exactly as [`nf4_dequantize_reference`]. Uses the best
+/// absmax[i / bs])`, exactly as `nf4_dequantize_reference`. Uses the best
 /// instruction set of this CPU and the caller's rayon pool.
 pub fn nf4_dequantize(packed: &[u8], absmax: &[f32], blocksize: usize, out: ElemsMut<'_>) {
     nf4_dequantize_isa(Isa::detect(), packed, absmax, blocksize, out)

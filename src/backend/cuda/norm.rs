@@ -168,7 +168,7 @@ pub fn rmsnorm_backward_residual(
 }
 
 /// `(chunks, rows_per_chunk)` of the dw partial sums: about
-/// [`DW_TARGET_BLOCKS`] blocks in all.
+/// `DW_TARGET_BLOCKS` blocks in all.
 pub fn dw_chunks(rows: usize, dim: usize) -> (usize, usize) {
     let col_blocks = dim.div_ceil(NORM_THREADS as usize);
     let want = DW_TARGET_BLOCKS.div_ceil(col_blocks).clamp(1, rows.max(1));
