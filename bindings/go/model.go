@@ -257,6 +257,36 @@ func (m *Model) UseDevice(device int, compute int) error {
 	})
 }
 
+// Switches of a model's device copy (lora_device_option).
+const (
+	DeviceTensorCoreAttention = C.LORA_DEVICE_TENSOR_CORE_ATTENTION
+	DeviceBF16AdapterProducts = C.LORA_DEVICE_BF16_ADAPTER_PRODUCTS
+	DeviceRecompute           = C.LORA_DEVICE_RECOMPUTE
+)
+
+// SetDeviceOption turns switch `option` (Device*) of the model's device
+// copy on or off (see lora_model_set_device_option); off a device the
+// error's Status is ErrInvalidState.
+func (m *Model) SetDeviceOption(option int, on bool) error {
+	v := C.int32_t(0)
+	if on {
+		v = 1
+	}
+	return m.call("lora_model_set_device_option", func(p *C.lora_model, msg **C.char) C.lora_status {
+		return C.go_lora_model_set_device_option(p, C.lora_device_option(option), v, msg)
+	})
+}
+
+// DeviceOption reports whether switch `option` of the model's device copy
+// is on (see lora_model_device_option).
+func (m *Model) DeviceOption(option int) (bool, error) {
+	var v C.int32_t
+	err := m.call("lora_model_device_option", func(p *C.lora_model, msg **C.char) C.lora_status {
+		return C.go_lora_model_device_option(p, C.lora_device_option(option), &v, msg)
+	})
+	return v != 0, err
+}
+
 // SwapAdapter makes names the active adapters, scaled by multipliers (nil:
 // all 1); no names leaves the base alone. Works merged or not.
 func (m *Model) SwapAdapter(names []string, multipliers []float32) error {

@@ -148,6 +148,12 @@ func TestFineTune(t *testing.T) {
 		must(t, m.UseDevice(-1, ComputeF32))
 	}
 	wantStatus(t, m.UseDevice(0, 9), ErrInvalidArgument, "unknown compute (model)")
+	wantStatus(t, m.SetDeviceOption(DeviceRecompute, false), ErrInvalidState, "a device switch of a host model")
+	if _, err := m.DeviceOption(DeviceTensorCoreAttention); err == nil {
+		t.Fatal("DeviceOption of a host model: no error")
+	} else {
+		wantStatus(t, err, ErrInvalidState, "a device switch of a host model (read)")
+	}
 	_, err = tr.Step(ids, nil, batch, seq+1)
 	wantStatus(t, err, ErrBufferSize, "short batch")
 	must(t, tr.Close())

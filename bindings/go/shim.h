@@ -78,6 +78,8 @@ static inline lora_status go_lora_model_trainable_summary(const lora_model *m, c
 static inline lora_status go_lora_merge(lora_model *m, char **err) { LORA_GO(lora_merge(m)); }
 static inline lora_status go_lora_unmerge(lora_model *m, char **err) { LORA_GO(lora_unmerge(m)); }
 static inline lora_status go_lora_model_use_device(lora_model *m, int32_t device, lora_compute compute, char **err) { LORA_GO(lora_model_use_device(m, device, compute)); }
+static inline lora_status go_lora_model_set_device_option(lora_model *m, lora_device_option o, int32_t v, char **err) { LORA_GO(lora_model_set_device_option(m, o, v)); }
+static inline lora_status go_lora_model_device_option(const lora_model *m, lora_device_option o, int32_t *v, char **err) { LORA_GO(lora_model_device_option(m, o, v)); }
 static inline lora_status go_lora_swap_adapter(lora_model *m, const char *const *names, const float *mult, size_t n, char **err) { LORA_GO(lora_swap_adapter(m, names, mult, n)); }
 static inline lora_status go_lora_model_logits(lora_model *m, const int32_t *ids, size_t batch, size_t seq, const char *const *adapters, float *out, size_t out_len, char **err) { LORA_GO(lora_model_logits(m, ids, batch, seq, adapters, out, out_len)); }
 static inline lora_status go_lora_model_loss(lora_model *m, const int32_t *ids, const int32_t *labels, size_t batch, size_t seq, float *loss, char **err) { LORA_GO(lora_model_loss(m, ids, labels, batch, seq, loss)); }

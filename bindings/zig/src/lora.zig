@@ -632,6 +632,21 @@ pub const Model = struct {
         try check(c.lora_model_use_device(self.handle, device, compute));
     }
 
+    /// Turns switch `option` (`c.LORA_DEVICE_*`) of the device copy on or
+    /// off (see `lora_model_set_device_option`); `error.InvalidState` off a
+    /// device.
+    pub fn setDeviceOption(self: Model, option: c.lora_device_option, on: bool) Error!void {
+        try check(c.lora_model_set_device_option(self.handle, option, @intFromBool(on)));
+    }
+
+    /// Whether switch `option` of the device copy is on (see
+    /// `lora_model_device_option`).
+    pub fn deviceOption(self: Model, option: c.lora_device_option) Error!bool {
+        var v: i32 = 0;
+        try check(c.lora_model_device_option(self.handle, option, &v));
+        return v != 0;
+    }
+
     pub fn unmerge(self: Model) Error!void {
         try check(c.lora_unmerge(self.handle));
     }

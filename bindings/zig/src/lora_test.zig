@@ -315,6 +315,8 @@ test "fine-tune" {
             try model.useDevice(-1, lora.c.LORA_COMPUTE_F32);
         } else |e| try testing.expectEqual(error.CudaUnavailable, e);
         try testing.expectError(error.InvalidArgument, model.useDevice(0, 9));
+        try testing.expectError(error.InvalidState, model.setDeviceOption(lora.c.LORA_DEVICE_RECOMPUTE, false));
+        try testing.expectError(error.InvalidState, model.deviceOption(lora.c.LORA_DEVICE_TENSOR_CORE_ATTENTION));
         try testing.expectError(error.BufferSize, tr.step(ids, null, batch, seq + 1));
     }
     const after = try model.loss(ids, null, batch, seq);
