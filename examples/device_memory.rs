@@ -13,7 +13,8 @@
 //!     cargo run --release --example device_memory -- [nf4|bf16] [BATCH] [SEQ] [RANK]
 //!
 //! Each line also gives the second step's matrix products (cuBLAS calls
-//! and FLOPs). LORA_DEVICE_MEMORY_DETAIL=1 lists the allocations live at
+//! and FLOPs) and their roofline time on an H100 (a lower bound:
+//! bench/RESULTS.md). LORA_DEVICE_MEMORY_DETAIL=1 lists the allocations live at
 //! each peak and the step's kernel launches by kernel.
 //! Prints one line per step variant: the default bf16 step and the lean
 //! bf16 step (bf16 adapter products, tensor-core attention; also with the
@@ -36,6 +37,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 const GIB: f64 = (1u64 << 30) as f64;
+/// H100 SXM, dense bf16 tensor-core FLOP/s (spec sheet).
+const H100_BF16_FLOPS: f64 = 989.4e12;
+/// H100 SXM, fp32 FLOP/s without tensor cores (spec sheet; the crate keeps
+/// TF32 off).
+const H100_F32_FLOPS: f64 = 66.9e12;
+/// Device-to-device copy on the H100 of 2026-11-28 (bench/gpu/), bytes/s
+/// read + written.
+const H100_COPY_BYTES_PER_S: f64 = 2427.2e9;
 
 fn main() {
     if let Err(e) = run() {
@@ -76,6 +85,11 @@ fn run() -> lora::Result<()> {
         g.set_tensor_core_attention(tc)
     };
     let hooks = Hooks::find();
+    // The roofline of the products on an H100 SXM: the spec sheet's dense
+    // bf16 tensor-core and fp32 rates, and the device-to-device copy
+    // bandwidth gpu_bench_nf4 measured on the H100 of 2026-11-28.
+    // SAFETY: see Hooks::find.
+    unsafe { (hooks.set_roofline)(H100_BF16_FLOPS, H100_F32_FLOPS, H100_COPY_BYTES_PER_S) };
     // (name, compute, checkpointing, lean (Some(tensor-core attention)), recomputation)
     let variants: [(&str, Compute, bool, Option<bool>, bool); 8] = [
         ("bf16 step (default)", Compute::BF16, false, None, true),
@@ -116,12 +130,21 @@ fn run() -> lora::Result<()> {
         }
         let peak = dev.pool_peak_bytes()?;
         let (gemms, flops) = hooks.work();
+        let (big_s, small_s, big_b, small_b) = hooks.roofline();
         println!(
             "  {name:<34} peak pool {:6.2} GiB = {:5.2} GiB resident (weights, adapter, AdamW state) + {:5.2} GiB for the step; {gemms} products, {:.2} TFLOP",
             peak as f64 / GIB,
             fixed as f64 / GIB,
             (peak - fixed) as f64 / GIB,
             flops as f64 / 1e12
+        );
+        println!(
+            "    products' H100 roofline: >= {:.1} ms (large {:.1} ms, {:.1} GB; rank-sized {:.1} ms, {:.1} GB)",
+            (big_s + small_s) * 1e3,
+            big_s * 1e3,
+            big_b / 1e9,
+            small_s * 1e3,
+            small_b / 1e9
         );
         if detail {
             hooks.peak_report();
@@ -138,6 +161,8 @@ struct Hooks {
     peak: unsafe extern "C" fn(),
     launches: unsafe extern "C" fn(i32, i32),
     gemms: unsafe extern "C" fn(*mut u64, *mut u64, i32),
+    set_roofline: unsafe extern "C" fn(f64, f64, f64),
+    roofline: unsafe extern "C" fn(*mut f64, *mut f64, *mut f64, *mut f64, i32),
 }
 
 impl Hooks {
@@ -150,6 +175,8 @@ impl Hooks {
                 peak: *this.get(b"lora_fakecuda_peak_report").expect("the emulated driver's peak report"),
                 launches: *this.get(b"lora_fakecuda_launch_report").expect("the emulated driver's launch report"),
                 gemms: *this.get(b"lora_fakecublas_work").expect("the emulated cuBLAS's product count"),
+                set_roofline: *this.get(b"lora_fakecublas_set_roofline").expect("the emulated cuBLAS's roofline"),
+                roofline: *this.get(b"lora_fakecublas_roofline").expect("the emulated cuBLAS's roofline"),
             }
         }
     }
@@ -162,7 +189,18 @@ impl Hooks {
     /// Starts the product and launch counts again.
     fn reset(&self) {
         self.work();
+        self.roofline();
         self.launches(false);
+    }
+
+    /// The roofline estimate of the products since the last call
+    /// (seconds of the large and of the rank-sized products, bytes of
+    /// each); it starts again.
+    fn roofline(&self) -> (f64, f64, f64, f64) {
+        let (mut big, mut small, mut bb, mut sb) = (0f64, 0f64, 0f64, 0f64);
+        // SAFETY: see find; the pointers are to live locals.
+        unsafe { (self.roofline)(&mut big, &mut small, &mut bb, &mut sb, 1) };
+        (big, small, bb, sb)
     }
 
     /// The products (count, FLOPs) since the last call; the count starts

@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 
 typedef int cublasStatus_t;
 enum { OK = 0, NOT_INITIALIZED = 1, INVALID_VALUE = 7, NOT_SUPPORTED = 15 };
@@ -20,6 +21,16 @@ static int handle_token;
 // Products asked for and their multiply-adds ×2 (FLOPs), counted in every
 // mode (lora_fakecublas_work; examples/device_memory.rs reads them).
 static unsigned long long gemm_calls, gemm_flops;
+// A roofline estimate of the products' time on a given card
+// (lora_fakecublas_set_roofline, lora_fakecublas_roofline): each product
+// takes at least the larger of its FLOPs at the peak rate of its operand
+// type and its bytes at the memory bandwidth (A and B read once, C
+// written, and read too when beta != 0). Rank-sized products (a dimension
+// of at most 128: the adapters') are summed apart from the rest. A lower
+// bound, not a timing: no tile quantization, launch or tail effects.
+static std::mutex rf_mu;
+static double rf_peak_bf16, rf_peak_f32, rf_bw;
+static double rf_big_s, rf_small_s, rf_small_bytes, rf_bytes;
 
 static float bf16_to_f32(uint16_t b) { uint32_t u = uint32_t(b) << 16; float f; std::memcpy(&f, &u, 4); return f; }
 static uint16_t f32_to_bf16(float f) {
@@ -71,6 +82,20 @@ void lora_fakecublas_work(unsigned long long* calls, unsigned long long* flops, 
         __atomic_store_n(&gemm_flops, 0ull, __ATOMIC_RELAXED);
     }
 }
+// Test hook (not cuBLAS API): the card the roofline estimate assumes
+// (FLOP/s with bf16 and with fp32 operands, bytes/s); 0 turns it off.
+void lora_fakecublas_set_roofline(double peak_bf16, double peak_f32, double bytes_per_s) {
+    std::lock_guard<std::mutex> g(rf_mu);
+    rf_peak_bf16 = peak_bf16, rf_peak_f32 = peak_f32, rf_bw = bytes_per_s;
+}
+// Test hook (not cuBLAS API): the estimate since the last call with
+// `reset`: seconds of the large and of the rank-sized products, and the
+// bytes each group moves.
+void lora_fakecublas_roofline(double* big_s, double* small_s, double* big_bytes, double* small_bytes, int reset) {
+    std::lock_guard<std::mutex> g(rf_mu);
+    *big_s = rf_big_s, *small_s = rf_small_s, *big_bytes = rf_bytes, *small_bytes = rf_small_bytes;
+    if (reset) rf_big_s = rf_small_s = rf_bytes = rf_small_bytes = 0;
+}
 cublasStatus_t cublasCreate_v2(void** h) { *h = &handle_token; return OK; }
 cublasStatus_t cublasDestroy_v2(void*) { return OK; }
 cublasStatus_t cublasSetStream_v2(void*, void*) { return OK; }
@@ -88,6 +113,18 @@ cublasStatus_t cublasGemmEx(void*, int ta, int tb, int m, int n, int k, const vo
     if (lda < (ta ? (k > 1 ? k : 1) : (m > 1 ? m : 1)) || ldb < (tb ? (n > 1 ? n : 1) : (k > 1 ? k : 1)) || ldc < (m > 1 ? m : 1)) return INVALID_VALUE;
     __atomic_add_fetch(&gemm_calls, 1ull, __ATOMIC_RELAXED);
     __atomic_add_fetch(&gemm_flops, 2ull * (unsigned long long)m * (unsigned long long)n * (unsigned long long)k, __ATOMIC_RELAXED);
+    {
+        std::lock_guard<std::mutex> g(rf_mu);
+        if (rf_bw > 0) {
+            const double op = at == R_16BF ? 2.0 : 4.0, cb = ct == R_16BF ? 2.0 : 4.0;
+            const bool reads_c = *static_cast<const float*>(beta) != 0.0f;
+            const double bytes = op * ((double)m * k + (double)k * n) + cb * (double)m * n * (reads_c ? 2 : 1);
+            const double flops = 2.0 * m * n * k, peak = at == R_16BF ? rf_peak_bf16 : rf_peak_f32;
+            const double t = std::fmax(peak > 0 ? flops / peak : 0.0, bytes / rf_bw);
+            if (m <= 128 || n <= 128 || k <= 128) rf_small_s += t, rf_small_bytes += bytes;
+            else rf_big_s += t, rf_bytes += bytes;
+        }
+    }
     static const bool count_only = [] { const char* v = std::getenv("LORA_FAKECUDA_COUNT_ONLY"); return v && std::strcmp(v, "1") == 0; }();
     if (count_only) return OK;  // fake_cuda.cpp: nothing runs
     typedef void (*Enqueue)(void (*)(void*), void*);
