@@ -1801,9 +1801,11 @@ lora_status lora_model_device_memory(const struct lora_model *model,
  * generation on the device uses it (a trainer on the device included).
  * The switches start from their environment variables each time the
  * model goes to a device (`lora_model_use_device`,
- * `lora_trainer_use_device`), so set them after that. Thread safety: as
- * every model call, not concurrently with other calls on the same model
- * or its trainers.
+ * `lora_trainer_use_device`), so set them after that. Nothing is
+ * allocated for the caller (turning bf16 adapter products on makes the
+ * adapters' bf16 copies in device memory, owned by the device copy).
+ * Thread safety: as every model call, not concurrently with other calls
+ * on the same model or its trainers.
  *
  * Errors: `LORA_ERR_INVALID_ARGUMENT` (unknown `option`, `value` not 0 or
  * 1, or a bf16-only switch turned on in `LORA_COMPUTE_F32`: nothing
@@ -1817,7 +1819,9 @@ lora_status lora_model_set_device_option(struct lora_model *model,
 
 /**
  * The value of switch `option` (`LORA_DEVICE_*`) of `model`'s device
- * copy, 1 (on) or 0 (off), into `*value`.
+ * copy, 1 (on) or 0 (off), written to the caller's `*value` (nothing is
+ * allocated or kept). Thread safety: as every model call, not
+ * concurrently with other calls on the same model or its trainers.
  *
  * Errors: `LORA_ERR_INVALID_ARGUMENT` (unknown `option`),
  * `LORA_ERR_INVALID_STATE` (the model is not on a device),

@@ -1098,7 +1098,7 @@ pub unsafe extern "C" fn lora_model_device_memory(model: *const lora_model, copy
     guard(|| {
         let h = model_ref(model)?;
         let m = h.inner.lock();
-        let g = m.device().ok_or_else(|| crate::err!(InvalidState, "the model is not on a device (lora_model_use_device)"))?;
+        let g = m.on_device()?;
         let vals = [(copy, g.static_bytes() as u64), (in_use, g.device().pool_used_bytes()?), (peak, g.device().pool_peak_bytes()?)];
         for (p, v) in vals {
             if !p.is_null() {
@@ -1148,9 +1148,11 @@ fn device_option(option: lora_device_option) -> Result<crate::model::gpu::Device
 /// generation on the device uses it (a trainer on the device included).
 /// The switches start from their environment variables each time the
 /// model goes to a device (`lora_model_use_device`,
-/// `lora_trainer_use_device`), so set them after that. Thread safety: as
-/// every model call, not concurrently with other calls on the same model
-/// or its trainers.
+/// `lora_trainer_use_device`), so set them after that. Nothing is
+/// allocated for the caller (turning bf16 adapter products on makes the
+/// adapters' bf16 copies in device memory, owned by the device copy).
+/// Thread safety: as every model call, not concurrently with other calls
+/// on the same model or its trainers.
 ///
 /// Errors: `LORA_ERR_INVALID_ARGUMENT` (unknown `option`, `value` not 0 or
 /// 1, or a bf16-only switch turned on in `LORA_COMPUTE_F32`: nothing
@@ -1172,7 +1174,9 @@ pub unsafe extern "C" fn lora_model_set_device_option(model: *mut lora_model, op
 }
 
 /// The value of switch `option` (`LORA_DEVICE_*`) of `model`'s device
-/// copy, 1 (on) or 0 (off), into `*value`.
+/// copy, 1 (on) or 0 (off), written to the caller's `*value` (nothing is
+/// allocated or kept). Thread safety: as every model call, not
+/// concurrently with other calls on the same model or its trainers.
 ///
 /// Errors: `LORA_ERR_INVALID_ARGUMENT` (unknown `option`),
 /// `LORA_ERR_INVALID_STATE` (the model is not on a device),
@@ -1184,7 +1188,7 @@ pub unsafe extern "C" fn lora_model_device_option(model: *const lora_model, opti
         let o = device_option(option)?;
         let out = req_out(value, "value")?;
         let m = h.inner.lock();
-        let g = m.device().ok_or_else(|| crate::err!(InvalidState, "the model is not on a device (lora_model_use_device)"))?;
+        let g = m.on_device()?;
         *out = i32::from(g.option(o));
         Ok(())
     })

@@ -276,6 +276,11 @@ pub struct MicroResult {
     pub count: usize,
 }
 
+/// The error of a device operation on a model that is not on one.
+fn not_on_device() -> crate::Error {
+    err!(InvalidState, "the model is not on a device (lora_model_use_device)")
+}
+
 impl Model {
     /// Loads a Hugging Face checkpoint directory. `progress(done, total)`
     /// is called after each tensor group; returning `false` cancels.
@@ -508,11 +513,16 @@ impl Model {
         self.gpu.0.as_deref()
     }
 
+    /// The device copy; `InvalidState` when the model is not on a device.
+    pub fn on_device(&self) -> Result<&gpu::DeviceModel> {
+        self.device().ok_or_else(not_on_device)
+    }
+
     /// Runs `f` on the device copy, synced with the host first
     /// ([`gpu::DeviceModel::sync`]); `InvalidState` when the model is not
     /// on a device.
     pub fn with_device<R>(&mut self, f: impl FnOnce(&mut gpu::DeviceModel, &mut Model) -> Result<R>) -> Result<R> {
-        let mut g = self.gpu.0.take().ok_or_else(|| err!(InvalidState, "the model is not on a device (lora_model_use_device)"))?;
+        let mut g = self.gpu.0.take().ok_or_else(not_on_device)?;
         let r = g.sync(self).and_then(|_| f(&mut g, self));
         self.gpu.0 = Some(g);
         r

@@ -90,10 +90,7 @@ pub fn rope_bf16(
 ) -> Result<()> {
     let (pairs, s32, h32, half32) = check(dev, x.len(), batch, seq, heads, head_dim, table)?;
     dev.check_stream(x, "rope x")?;
-    if yb.len() != x.len() {
-        bail!(BufferSize, "rope: bf16 y has {} elements, x has {}", yb.len(), x.len());
-    }
-    dev.check_stream(yb, "rope bf16 y")?;
+    let ybp = out_ptr(dev, x.len(), Some(yb), "rope bf16 y")?;
     let yp = out_ptr(dev, x.len(), y, "rope y")?;
     if pairs == 0 {
         return Ok(());
@@ -103,7 +100,7 @@ pub fn rope_bf16(
     // SAFETY: (ptr ×3, u32 ×3, u64, ptr ×2) as the kernel; pair p < pairs
     // reads x and writes y (unless 0) and yb at vec·D + i and vec·D + half
     // + i (< n, all lengths n), table row t < seq ≤ len (checked).
-    launch_kernel!(dev, f, name, launch_cfg((stride_grid(pairs, ROPE_THREADS), 1), ROPE_THREADS), [x, &yp, yb, &s32, &h32, &half32, &pairs, &table.cos, &table.sin])
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(pairs, ROPE_THREADS), 1), ROPE_THREADS), [x, &yp, &ybp, &s32, &h32, &half32, &pairs, &table.cos, &table.sin])
 }
 
 /// RoPE forward in place on `x: [B, T, H, D]`, as `cpu::rope::rope_forward`.
