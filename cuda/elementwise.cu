@@ -53,3 +53,14 @@ extern "C" __global__ void __launch_bounds__(EW_THREADS) elementwise_bf16_to_f32
         y[i] = accumulate ? __fadd_rn(y[i], v) : v;
     }
 }
+
+// dst[i * ld + off + j] = src[i * cols + j] for i < rows, j < cols: a
+// contiguous [rows, cols] matrix (16-bit elements) copied into columns
+// off..off+cols of a wider one [rows, ld] (the folded adapter products'
+// x·A^T columns). Grid-stride over rows * cols.
+extern "C" __global__ void __launch_bounds__(EW_THREADS)
+    elementwise_copy_cols_u16(const u16* __restrict__ src, u64 rows, u32 cols, u64 ld, u64 off, u16* __restrict__ dst) {
+    const u64 n = rows * cols;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        dst[(i / cols) * ld + off + i % cols] = src[i];
+}

@@ -38,6 +38,7 @@
 //
 // No host code and no #include (NVRTC compiles it without headers).
 
+typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
@@ -203,5 +204,28 @@ extern "C" __global__ void __launch_bounds__(LORA_THREADS)
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         const float m = lora_keep(seed, call, i, p) ? scale : 0.0f;
         dx[i] = __fadd_rn(dx[i], __fmul_rn(__fmul_rn(s, m), v[i]));
+    }
+}
+
+// f32 -> bf16 bits, round to nearest even (NaN kept quiet): bit for bit
+// elementwise.cu's conversion and half::bf16::from_f32.
+__device__ __forceinline__ u16 lora_bf16(float f) {
+    u32 x = __float_as_uint(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return (u16)((x >> 16) | 0x40u);
+    return (u16)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
+// The adapter's columns of a folded product's wide weight W' [out, ld]
+// (W in columns 0..in, written by the dequantization): for t in 0..ld-in,
+// W'[o, in + t] = bf16(s * B[o, t - off]) when off <= t < off + r, else 0 —
+// so that [x | x·A^T ...]·W'^T = x·W^T + s·(x·A^T)·B^T in one product.
+// Grid-stride over out * (ld - in).
+extern "C" __global__ void __launch_bounds__(LORA_THREADS)
+    lora_fold_tail_bf16(const float* __restrict__ b, u32 out_f, u32 r, float s, u32 in_f, u32 off, u64 ld,
+                        u16* __restrict__ w) {
+    const u64 tail = ld - in_f, n = (u64)out_f * tail;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        const u64 o = i / tail, t = i % tail;
+        w[o * ld + in_f + t] = (t >= off && t < (u64)off + r) ? lora_bf16(__fmul_rn(s, b[o * r + (t - off)])) : (u16)0;
     }
 }

@@ -203,7 +203,7 @@ extern "C" __global__ void __launch_bounds__(Q_THREADS)
 #define DQ_THREADS 256
 #define DQ_CHUNKS_PER_THREAD 2
 
-template <int DT> __device__ __forceinline__ void store_word(void* __restrict__ out, u64 chunk, u32 i, u32 w,
+template <int DT> __device__ __forceinline__ void store_word(void* __restrict__ out, u64 base, u32 i, u32 w,
                                                              const float* lut, float a) {
     // Word i of the chunk's 16 code bytes: bytes k = 0..3 hold elements
     // 8i+2k (high nibble) and 8i+2k+1 (low nibble).
@@ -215,14 +215,14 @@ template <int DT> __device__ __forceinline__ void store_word(void* __restrict__ 
         v[2 * k + 1] = __fmul_rn(lut[b & 15u], a);
     }
     if (DT == DT_F32) {
-        float4* o = (float4*)((float*)out + chunk * 32 + 8 * i);
+        float4* o = (float4*)((float*)out + base + 8 * i);
         o[0] = make_float4(v[0], v[1], v[2], v[3]);
         o[1] = make_float4(v[4], v[5], v[6], v[7]);
     } else {
         u32 h[8];
 #pragma unroll
         for (u32 k = 0; k < 8; ++k) h[k] = (DT == DT_F16) ? f32_to_f16(v[k]) : f32_to_bf16(v[k]);
-        uint4* o = (uint4*)((u16*)out + chunk * 32 + 8 * i);
+        uint4* o = (uint4*)((u16*)out + base + 8 * i);
         *o = make_uint4(h[0] | (h[1] << 16), h[2] | (h[3] << 16), h[4] | (h[5] << 16), h[6] | (h[7] << 16));
     }
 }
@@ -253,9 +253,18 @@ struct AbsmaxDouble {
     }
 };
 
-template <int DT, class A>
+// Where element e of the flattened tensor goes: e itself, or (STRIDED: a
+// 2-D tensor [rows, cols] written into rows of ld elements) row * ld + col.
+template <bool STRIDED> __device__ __forceinline__ u64 out_index(u64 e, u32 cols, u64 ld) {
+    return STRIDED ? (e / cols) * ld + e % cols : e;
+}
+
+// STRIDED: cols % 32 == 0 (a chunk never straddles two rows) and ld % 8 == 0
+// (each row starts 16-byte aligned), both checked by the host.
+template <int DT, class A, bool STRIDED = false>
 __device__ __forceinline__ void nf4_dequantize_impl(const u8* __restrict__ packed, const A absmax,
-                                                    u32 bs_shift, u64 n, void* __restrict__ out) {
+                                                    u32 bs_shift, u64 n, void* __restrict__ out,
+                                                    u32 cols = 0, u64 ld = 0) {
     __shared__ float lut[16];
     if (threadIdx.x < 16) lut[threadIdx.x] = NF4_CODE[threadIdx.x];
     __syncthreads();
@@ -275,16 +284,17 @@ __device__ __forceinline__ void nf4_dequantize_impl(const u8* __restrict__ packe
         const u64 chunk = first + (u64)j * DQ_THREADS;
         const u64 e0 = chunk * 32;
         if (e0 + 32 <= n) {
-            store_word<DT>(out, chunk, 0, q[j].x, lut, a[j]);
-            store_word<DT>(out, chunk, 1, q[j].y, lut, a[j]);
-            store_word<DT>(out, chunk, 2, q[j].z, lut, a[j]);
-            store_word<DT>(out, chunk, 3, q[j].w, lut, a[j]);
+            const u64 base = out_index<STRIDED>(e0, cols, ld);
+            store_word<DT>(out, base, 0, q[j].x, lut, a[j]);
+            store_word<DT>(out, base, 1, q[j].y, lut, a[j]);
+            store_word<DT>(out, base, 2, q[j].z, lut, a[j]);
+            store_word<DT>(out, base, 3, q[j].w, lut, a[j]);
         } else if (e0 < n) {
             // The tensor's last, short chunk: element by element.
             for (u64 e = e0; e < n; ++e) {
                 const u32 b = packed[e >> 1];
                 const u32 c = (e & 1) ? (b & 15u) : (b >> 4);
-                store_elem<DT>(out, e, __fmul_rn(lut[c], a[j]));
+                store_elem<DT>(out, out_index<STRIDED>(e, cols, ld), __fmul_rn(lut[c], a[j]));
             }
         }
     }
@@ -324,6 +334,23 @@ extern "C" __global__ void __launch_bounds__(DQ_THREADS)
                            const float* __restrict__ nested, u64 nested_bs, float offset, u32 bs_shift, u64 n,
                            u16* __restrict__ out) {
     nf4_dequantize_impl<DT_BF16>(packed, AbsmaxDouble{codes, map, nested, nested_bs, offset}, bs_shift, n, out);
+}
+
+// The bf16 forms written into the rows of a wider matrix: a 2-D weight
+// [rows, cols] (n = rows * cols) into out [rows, ld], columns cols..ld left
+// as they are (the folded adapter products' B columns go there). The same
+// values as nf4_dequantize_bf16 / nf4_dequantize_dq_bf16.
+extern "C" __global__ void __launch_bounds__(DQ_THREADS)
+    nf4_dequantize_ld_bf16(const u8* __restrict__ packed, const float* __restrict__ absmax, u32 bs_shift, u64 n,
+                           u32 cols, u64 ld, u16* __restrict__ out) {
+    nf4_dequantize_impl<DT_BF16, AbsmaxF32, true>(packed, AbsmaxF32{absmax}, bs_shift, n, out, cols, ld);
+}
+extern "C" __global__ void __launch_bounds__(DQ_THREADS)
+    nf4_dequantize_dq_ld_bf16(const u8* __restrict__ packed, const u8* __restrict__ codes, const float* __restrict__ map,
+                              const float* __restrict__ nested, u64 nested_bs, float offset, u32 bs_shift, u64 n,
+                              u32 cols, u64 ld, u16* __restrict__ out) {
+    nf4_dequantize_impl<DT_BF16, AbsmaxDouble, true>(packed, AbsmaxDouble{codes, map, nested, nested_bs, offset}, bs_shift, n,
+                                                     out, cols, ld);
 }
 
 // ------------------------------------------------------------- absmax decode

@@ -61,8 +61,9 @@ __device__ __forceinline__ double norm_block_sum(double v) {
 // The forward of one row: y = w * (x * r) into y (fp32) and/or yb (its
 // bf16 rounding), either pointer null to skip it; rstd[row] = r when rstd is
 // not null.
+// yb's rows are ld elements apart (dim, or more for a wide operand).
 __device__ __forceinline__ void norm_fwd_row(const float* __restrict__ x, const float* __restrict__ w, u32 rows, u32 dim, float eps,
-                                             float* __restrict__ y, u16* __restrict__ yb, float* __restrict__ rstd) {
+                                             float* __restrict__ y, u16* __restrict__ yb, float* __restrict__ rstd, u64 ld) {
     const u32 row = blockIdx.x;
     if (row >= rows) return;
     const float* xr = x + (u64)row * dim;
@@ -77,7 +78,7 @@ __device__ __forceinline__ void norm_fwd_row(const float* __restrict__ x, const 
     for (u32 j = threadIdx.x; j < dim; j += blockDim.x) {
         const float v = __fmul_rn(w[j], __fmul_rn(xr[j], r));
         if (y) y[(u64)row * dim + j] = v;
-        if (yb) yb[(u64)row * dim + j] = norm_bf16(v);
+        if (yb) yb[(u64)row * ld + j] = norm_bf16(v);
     }
     if (rstd != 0 && threadIdx.x == 0) rstd[row] = r;
 }
@@ -86,7 +87,7 @@ __device__ __forceinline__ void norm_fwd_row(const float* __restrict__ x, const 
 extern "C" __global__ void __launch_bounds__(NORM_THREADS)
     norm_rmsnorm_fwd_f32(const float* __restrict__ x, const float* __restrict__ w, u32 rows, u32 dim, float eps,
                          float* __restrict__ y, float* __restrict__ rstd) {
-    norm_fwd_row(x, w, rows, dim, eps, y, 0, rstd);
+    norm_fwd_row(x, w, rows, dim, eps, y, 0, rstd, dim);
 }
 
 // The same with y's bf16 rounding written to yb too (the bf16 compute
@@ -95,7 +96,18 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS)
 extern "C" __global__ void __launch_bounds__(NORM_THREADS)
     norm_rmsnorm_fwd_out_f32(const float* __restrict__ x, const float* __restrict__ w, u32 rows, u32 dim, float eps,
                              float* __restrict__ y, u16* __restrict__ yb, float* __restrict__ rstd) {
-    norm_fwd_row(x, w, rows, dim, eps, y, yb, rstd);
+    norm_fwd_row(x, w, rows, dim, eps, y, yb, rstd, dim);
+}
+
+// The bf16 form alone into rows of ld >= dim elements (a wide operand: the
+// folded adapter products' x·A^T columns go beside it), columns dim..ld
+// zeroed; the same bf16 values as norm_rmsnorm_fwd_out_f32. grid = rows.
+extern "C" __global__ void __launch_bounds__(NORM_THREADS)
+    norm_rmsnorm_fwd_wide_bf16(const float* __restrict__ x, const float* __restrict__ w, u32 rows, u32 dim, float eps,
+                               u64 ld, u16* __restrict__ yb, float* __restrict__ rstd) {
+    norm_fwd_row(x, w, rows, dim, eps, 0, yb, rstd, ld);
+    if (blockIdx.x < rows)
+        for (u64 j = dim + threadIdx.x; j < ld; j += blockDim.x) yb[(u64)blockIdx.x * ld + j] = 0;
 }
 
 // dx = r * (dy * w) - c * x, c = f32(r^3 * sum(dy*w*x) / D); with res

@@ -21,7 +21,8 @@
 //! fp32 attention kernels), each also
 //! without recomputation (q, k, v and the mid-layer residual kept, not
 //! recomputed in the backward: `DeviceModel::set_recompute`) and with
-//! activation checkpointing; and the fp32 step.
+//! activation checkpointing, and the lean step without its adapters folded
+//! into the base products (`DeviceModel::set_fold`); and the fp32 step.
 
 #[path = "../tests/common/gpu.rs"]
 #[allow(dead_code)]
@@ -90,22 +91,25 @@ fn run() -> lora::Result<()> {
     // bandwidth gpu_bench_nf4 measured on the H100 of 2026-11-28.
     // SAFETY: see Hooks::find.
     unsafe { (hooks.set_roofline)(H100_BF16_FLOPS, H100_F32_FLOPS, H100_COPY_BYTES_PER_S) };
-    // (name, compute, checkpointing, lean (Some(tensor-core attention)), recomputation)
-    let variants: [(&str, Compute, bool, Option<bool>, bool); 8] = [
-        ("bf16 step (default)", Compute::BF16, false, None, true),
-        ("bf16 step, no recomputation", Compute::BF16, false, None, false),
-        ("lean bf16 step", Compute::BF16, false, Some(true), true),
-        ("lean bf16 step, fp32 attention", Compute::BF16, false, Some(false), true),
-        ("lean bf16 step, no recomputation", Compute::BF16, false, Some(true), false),
-        ("bf16 step + checkpointing", Compute::BF16, true, None, true),
-        ("lean bf16 step + checkpointing", Compute::BF16, true, Some(true), true),
-        ("fp32 step", Compute::F32, false, None, true),
+    // (name, compute, checkpointing, lean (Some(tensor-core attention)),
+    // recomputation, adapters folded into the base products (lean only))
+    let variants: [(&str, Compute, bool, Option<bool>, bool, bool); 9] = [
+        ("bf16 step (default)", Compute::BF16, false, None, true, true),
+        ("bf16 step, no recomputation", Compute::BF16, false, None, false, true),
+        ("lean bf16 step", Compute::BF16, false, Some(true), true, true),
+        ("lean bf16 step, not folded", Compute::BF16, false, Some(true), true, false),
+        ("lean bf16 step, fp32 attention", Compute::BF16, false, Some(false), true, true),
+        ("lean bf16 step, no recomputation", Compute::BF16, false, Some(true), false, true),
+        ("bf16 step + checkpointing", Compute::BF16, true, None, true, true),
+        ("lean bf16 step + checkpointing", Compute::BF16, true, Some(true), true, true),
+        ("fp32 step", Compute::F32, false, None, true, true),
     ];
-    for (name, compute, ckpt, is_lean, recompute) in variants {
+    for (name, compute, ckpt, is_lean, recompute, fold) in variants {
         let mut t = Trainer::new(model.clone(), "a", TrainerConfig { checkpointing: ckpt, ..Default::default() })?;
         t.use_device(Some((0, compute)))?;
         t.with_device_model(|g| {
             g.set_recompute(recompute);
+            g.set_fold(fold);
             if let Some(tc) = is_lean {
                 lean(g, tc)?;
             }

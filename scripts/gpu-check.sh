@@ -217,6 +217,7 @@ if command -v python3 >/dev/null && python3 -c 'import torch, peft' 2>/dev/null;
 else
   echo "python3 with torch and peft not found: no PyTorch baseline"
 fi
+run "bench gpu_bench_train nf4, the lean bf16 step without folded adapter products" 60 env $LEAN LORA_CUDA_FOLD=0 "$B" nf4 4 1024 5 16
 run "bench gpu_bench_train bf16" 60 "$B" bf16 4 1024 5 16
 run "bench gpu_bench_train nf4, tensor-core attention" 60 env LORA_CUDA_ATTENTION=tc "$B" nf4 4 1024 5 16
 run "bench gpu_bench_train nf4, the lean bf16 step without recomputation" 60 env $LEAN LORA_CUDA_RECOMPUTE=0 "$B" nf4 4 1024 5 16

@@ -149,3 +149,102 @@ fn elementwise_kernels_are_bit_exact() {
     assert_eq!(ew::add_bias(dev, &mut y.as_view_mut(), &x.as_view()).unwrap_err().kind, lora::ErrorKind::ShapeMismatch);
     eprintln!("elementwise add, bias add, bf16 conversion: bit for bit");
 }
+
+/// The folded adapter product, kernel by kernel: the normed input written
+/// wide (its bf16 values in the first columns, the rest zero), x·Aᵀ beside
+/// it (`copy_cols_bf16`), the wide weight's adapter columns
+/// (`fold_tail_bf16`: `bf16(s·B)` in the module's block, zero elsewhere),
+/// and one product over the wide operands (`MatRef::bf16_ld`) giving
+/// `x·Wᵀ + s·h·Bᵀ` within the product bound of those bf16 operands.
+#[test]
+fn wide_operands_fold_an_adapter_into_one_product() {
+    use lora::backend::cuda::{lora as glora, norm as gnorm};
+    let Some(dev) = gpu("wide_operands_fold_an_adapter_into_one_product") else { return };
+    let blas = Blas::new(dev).unwrap();
+    let mut rng = Rng(23);
+    let u = f64::powi(2.0, -24);
+    let b16 = |v: f32| bf16::from_f32(v).to_bits();
+    let w16 = |v: u16| bf16::from_bits(v).to_f32();
+    // (rows n, in, out, rank, the block's offset in the tail, tail width).
+    for &(n, inf, outf, r, off, tail) in &[(5usize, 64usize, 24usize, 4usize, 0usize, 8usize), (33, 96, 40, 16, 16, 48), (17, 128, 7, 3, 8, 24)] {
+        let ld = inf + tail;
+        let (x, nw) = (vecr(&mut rng, n * inf), vecr(&mut rng, inf));
+        let xd = dev.upload(&x).unwrap();
+        let nwd = dev.upload(&nw).unwrap();
+        // The wide norm: the bf16 output's bits in each row, zeros after.
+        let mut narrow = dev.alloc_filled::<u16>(n * inf, 0xFF).unwrap();
+        gnorm::rmsnorm_forward_bf16(dev, &xd.as_view(), &nwd.as_view(), n, inf, 1e-5, None, &mut narrow.as_view_mut(), None).unwrap();
+        let mut wide = dev.alloc_filled::<u16>(n * ld, 0xFF).unwrap();
+        gnorm::rmsnorm_forward_wide_bf16(dev, &xd.as_view(), &nwd.as_view(), n, inf, 1e-5, &mut wide.as_view_mut(), ld, None).unwrap();
+        let (xn, xw) = (dev.download(&narrow).unwrap(), dev.download(&wide).unwrap());
+        for i in 0..n {
+            assert_eq!(&xw[i * ld..i * ld + inf], &xn[i * inf..(i + 1) * inf], "wide norm row {i}");
+            assert!(xw[i * ld + inf..(i + 1) * ld].iter().all(|&v| v == 0), "wide norm row {i}: tail not zeroed");
+        }
+        // h (any bf16 values) into the block at off.
+        let h: Vec<u16> = vecr(&mut rng, n * r).iter().map(|&v| b16(v)).collect();
+        let hd = dev.upload(&h).unwrap();
+        ew::copy_cols_bf16(dev, &hd.as_view(), n, r, &mut wide.as_view_mut(), ld, inf + off).unwrap();
+        let xw = dev.download(&wide).unwrap();
+        for i in 0..n {
+            for c in 0..ld {
+                let want = if c < inf { xn[i * inf + c] } else if (inf + off..inf + off + r).contains(&c) { h[i * r + c - inf - off] } else { 0 };
+                assert_eq!(xw[i * ld + c], want, "wide operand [{i}, {c}] after copy_cols");
+            }
+        }
+        // The wide weight: W (bf16) in the first columns, the tail by the
+        // fold kernel; K runs to the end of the block (padded to 8).
+        let kw = inf + off + r.next_multiple_of(8);
+        let (w, b) = (vecr(&mut rng, outf * inf), vecr(&mut rng, outf * r));
+        let s = 0.625f32;
+        let mut wwide = vec![0xFFFFu16; outf * kw];
+        for o in 0..outf {
+            for c in 0..inf {
+                wwide[o * kw + c] = b16(w[o * inf + c]);
+            }
+        }
+        let mut wd = dev.upload(&wwide).unwrap();
+        let bd = dev.upload(&b).unwrap();
+        glora::fold_tail_bf16(dev, &bd.as_view(), outf, r, s, inf, off, &mut wd.as_view_mut(), kw).unwrap();
+        let wg = dev.download(&wd).unwrap();
+        for o in 0..outf {
+            for c in 0..kw {
+                let want = if c < inf { wwide[o * kw + c] } else if (inf + off..inf + off + r).contains(&c) { b16(s * b[o * r + c - inf - off]) } else { 0 };
+                assert_eq!(wg[o * kw + c], want, "wide weight [{o}, {c}]");
+            }
+        }
+        // One product: y = x·Wᵀ + h·bf16(s·B)ᵀ over the bf16 operands.
+        let mut yd = dev.alloc_filled::<f32>(n * outf, 0xFF).unwrap();
+        let (xv, wv) = (wide.as_view(), wd.as_view());
+        gemm(dev, &blas, MatRef::bf16_ld(dev, &xv, n, kw, ld).unwrap(), false, MatRef::bf16(dev, &wv, outf, kw).unwrap(), true, &mut yd.as_view_mut(), 1.0, 0.0).unwrap();
+        let y = dev.download(&yd).unwrap();
+        for i in 0..n {
+            for o in 0..outf {
+                let (mut sum, mut abs) = (0f64, 0f64);
+                for c in 0..inf {
+                    let t = w16(xn[i * inf + c]) as f64 * w16(wwide[o * kw + c]) as f64;
+                    sum += t;
+                    abs += t.abs();
+                }
+                for k in 0..r {
+                    let t = w16(h[i * r + k]) as f64 * w16(b16(s * b[o * r + k])) as f64;
+                    sum += t;
+                    abs += t.abs();
+                }
+                let tol = (kw as f64 + 2.0) * u * abs + 2.0 * u * sum.abs();
+                let g = y[i * outf + o] as f64;
+                assert!((g - sum).abs() <= tol, "folded product n={n} in={inf} r={r}: y[{i}, {o}] = {g} vs {sum} (bound {tol:.3e})");
+            }
+        }
+    }
+    // Refusals: a wide operand whose rows do not fit, a block past the row,
+    // columns that do not fit the destination.
+    let buf = dev.alloc_filled::<u16>(4 * 40, 0).unwrap();
+    assert_eq!(MatRef::bf16_ld(dev, &buf.as_view(), 4, 48, 40).unwrap_err().kind, lora::ErrorKind::InvalidShape);
+    assert_eq!(MatRef::bf16_ld(dev, &buf.as_view(), 5, 32, 40).unwrap_err().kind, lora::ErrorKind::BufferSize);
+    let bsmall = dev.alloc_filled::<f32>(4 * 8, 0).unwrap();
+    let mut wb = dev.alloc_filled::<u16>(4 * 40, 0).unwrap();
+    assert!(glora::fold_tail_bf16(dev, &bsmall.as_view(), 4, 8, 1.0, 32, 4, &mut wb.as_view_mut(), 40).is_err());
+    let src = dev.alloc_filled::<u16>(4 * 8, 0).unwrap();
+    assert!(ew::copy_cols_bf16(dev, &src.as_view(), 4, 8, &mut wb.as_view_mut(), 40, 33).is_err());
+}

@@ -331,6 +331,52 @@ fn dequantize_matches_cpu_bit_for_bit() {
     eprintln!("dequantize: {} tensors x 3 dtypes bit-exact", tensors.len());
 }
 
+/// The strided bf16 dequantization (a 2-D weight written into the first
+/// columns of wider rows, for the folded adapter products) writes each row
+/// as the contiguous one does, bit for bit, and leaves the other columns as
+/// they were; from plain and double-quantized scales, with blocks that
+/// straddle rows.
+#[test]
+fn strided_dequantize_writes_the_contiguous_rows() {
+    let Some(dev) = gpu("strided_dequantize_writes_the_contiguous_rows") else { return };
+    let mut rng = Rng(0x5eed_0007);
+    for &(rows, cols, bs) in &[(1usize, 32usize, 64usize), (3, 96, 64), (7, 160, 128), (5, 2048, 64), (9, 64, 4096)] {
+        for dq in [false, true] {
+            let host = Host::from_f32(&random_values(&mut rng, rows * cols, DType::BF16), DType::BF16);
+            let t = Nf4Tensor::quantize(host.elems(), &[rows, cols], Nf4Params { blocksize: bs, double_quant: dq }).unwrap();
+            let want = cpu_dequant_bytes(&t, DType::BF16);
+            let w = gnf4::CudaNf4::upload(dev, &t).unwrap();
+            for ld in [cols, cols + 8, cols + 40] {
+                let mut out = dev.alloc_filled::<u16>(rows * ld, 0xFF).unwrap();
+                w.dequantize_bf16_ld(dev, &mut out.as_view_mut(), ld).unwrap();
+                let got = dev.download(&out).unwrap();
+                for r in 0..rows {
+                    let row: Vec<u8> = got[r * ld..r * ld + cols].iter().flat_map(|x| x.to_le_bytes()).collect();
+                    assert_same_bytes(&format!("strided dequantize [{rows}, {cols}] bs={bs} dq={dq} ld={ld} row {r}"), &row, &want[r * cols * 2..(r + 1) * cols * 2], 2);
+                    assert!(got[r * ld + cols..(r + 1) * ld].iter().all(|&v| v == 0xFFFF), "strided dequantize ld={ld}: row {r}'s other columns written");
+                }
+            }
+        }
+    }
+    // Refusals: a width not a multiple of 32, a row stride not a multiple
+    // of 8 or below the width, a buffer of another size, a 1-D tensor.
+    let host = Host::from_f32(&random_values(&mut rng, 4 * 48, DType::BF16), DType::BF16);
+    let t48 = gnf4::CudaNf4::upload(dev, &Nf4Tensor::quantize(host.elems(), &[4, 48], Nf4Params::default()).unwrap()).unwrap();
+    let mut o = dev.alloc_filled::<u16>(4 * 64, 0xFF).unwrap();
+    assert_eq!(t48.dequantize_bf16_ld(dev, &mut o.as_view_mut(), 64).unwrap_err().kind, ErrorKind::InvalidShape);
+    let host = Host::from_f32(&random_values(&mut rng, 4 * 64, DType::BF16), DType::BF16);
+    let t64 = gnf4::CudaNf4::upload(dev, &Nf4Tensor::quantize(host.elems(), &[4, 64], Nf4Params::default()).unwrap()).unwrap();
+    let mut o = dev.alloc_filled::<u16>(4 * 68, 0xFF).unwrap();
+    assert_eq!(t64.dequantize_bf16_ld(dev, &mut o.as_view_mut(), 68).unwrap_err().kind, ErrorKind::InvalidShape);
+    let mut o = dev.alloc_filled::<u16>(4 * 56, 0xFF).unwrap();
+    assert_eq!(t64.dequantize_bf16_ld(dev, &mut o.as_view_mut(), 56).unwrap_err().kind, ErrorKind::InvalidShape);
+    let mut o = dev.alloc_filled::<u16>(4 * 72 + 1, 0xFF).unwrap();
+    assert_eq!(t64.dequantize_bf16_ld(dev, &mut o.as_view_mut(), 72).unwrap_err().kind, ErrorKind::BufferSize);
+    let flat = gnf4::CudaNf4::upload(dev, &Nf4Tensor::quantize(host.elems(), &[256], Nf4Params::default()).unwrap()).unwrap();
+    let mut o = dev.alloc_filled::<u16>(256, 0xFF).unwrap();
+    assert_eq!(flat.dequantize_bf16_ld(dev, &mut o.as_view_mut(), 256).unwrap_err().kind, ErrorKind::InvalidShape);
+}
+
 #[test]
 fn dequantize_checks_sizes_and_alignment() {
     let Some(dev) = gpu("dequantize_checks_sizes_and_alignment") else { return };

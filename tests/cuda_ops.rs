@@ -874,8 +874,8 @@ fn ops_emu(test: &str) -> Option<&'static libloading::Library> {
     }
 }
 
-/// The kernels that round fp32 to bf16 in passing (RMSNorm's, SwiGLU's
-/// and cross-entropy's fused outputs) carry their own copy of the conversion (NVRTC compiles
+/// The kernels that round fp32 to bf16 in passing (RMSNorm's, SwiGLU's,
+/// cross-entropy's and RoPE's fused outputs, the folded adapter columns) carry their own copy of the conversion (NVRTC compiles
 /// each source alone); each copy is the tested one of elementwise.cu,
 /// character for character, so the edges its tests cover hold for all.
 #[test]
@@ -893,6 +893,7 @@ fn bf16_conversions_are_one_function() {
     assert_eq!(body(include_str!("../cuda/swiglu.cu"), "swiglu_bf16"), want, "swiglu.cu's bf16 conversion differs from elementwise.cu's");
     assert_eq!(body(include_str!("../cuda/loss.cu"), "loss_bf16"), want, "loss.cu's bf16 conversion differs from elementwise.cu's");
     assert_eq!(body(include_str!("../cuda/rope.cu"), "rope_bf16"), want, "rope.cu's bf16 conversion differs from elementwise.cu's");
+    assert_eq!(body(include_str!("../cuda/lora.cu"), "lora_bf16"), want, "lora.cu's bf16 conversion differs from elementwise.cu's");
 }
 
 /// fp32 values where the rounding to bf16 has edges: ties to even (up and

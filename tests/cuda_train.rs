@@ -708,3 +708,65 @@ fn device_options_through_the_c_api() {
         lora_context_free(ctx);
     }
 }
+
+/// Folding adapters into their base products (the lean step's default:
+/// q, k, v, gate and up take `[x | x·Aᵀ]·[W | s·B]ᵀ` as one product) against
+/// the unfolded lean step and the CPU: the same sums of the same bf16
+/// operands but for one rounding less of gate and up, so the losses agree
+/// far inside the bf16 bound; the folded products run (profile), and the
+/// switch reaches the step (other bits). On NF4 models: the llama fixture,
+/// the qwen2 fixture quantized (biases on q, k and v, added after the
+/// folded product; its adapter has q and v in layer 1 only), and the
+/// random head_dim-128 model; adapters randomized so that B is not zero
+/// from the first step.
+#[test]
+fn folded_adapter_products_match_the_unfolded() {
+    let Some(_) = common::gpu("folded_adapter_products_match_the_unfolded") else { return };
+    let steps = if common::emulated() { 2 } else { 6 };
+    let qwen = || {
+        let mut m = Model::load(&fixture("qwen2_fp32").join("model"), LoadOptions { quantize: Some(Nf4Params::default()), seed: 3 }, &mut |_, _| true).unwrap();
+        peft::load_adapter(&mut m, &fixture("qwen2_fp32").join("adapter"), "a").unwrap();
+        m
+    };
+    let mut all = cases();
+    let random = all.remove(3);
+    let llama = all.remove(0);
+    let runs: Vec<(&str, Box<dyn Fn() -> Model>, usize, usize)> = vec![("llama_nf4", llama.model, llama.batch, llama.seq), ("qwen2 quantized (biases)", Box::new(qwen), 2, 40), ("random_hd128_nf4", random.model, random.batch, random.seq)];
+    for (name, model, batch, seq) in runs {
+        let mk = || {
+            let mut m = model();
+            randomize_adapters(&mut m, 77);
+            m
+        };
+        let ids = tokens(batch * seq, mk().vocab(), 21);
+        let want = run(&mut trainer(mk(), cfg(), None), &ids, batch, seq, steps);
+        let go = |fold: bool| {
+            let mut t = trainer(mk(), cfg(), Some(Compute::BF16));
+            t.with_device_model(|g| {
+                lean_step(g);
+                g.set_fold(fold);
+                g.set_profiling(true);
+            })
+            .unwrap();
+            let losses = run(&mut t, &ids, batch, seq, steps);
+            let folded = t.with_device_model(|g| g.profile().unwrap_or_default().iter().filter(|p| p.0.contains("adapter folded")).map(|p| p.2).sum::<u64>()).unwrap();
+            (losses, weights(&t), folded)
+        };
+        let ((lf, wf, nf), (lu, wu, nu)) = (go(true), go(false));
+        // Per step and layer: q, k, v, gate and up forward, and q, k, v
+        // recomputed in the backward.
+        assert!(nf > 0, "{name}: no folded product ran with folding on");
+        assert_eq!(nu, 0, "{name}: a folded product ran with folding off");
+        let e = check_losses(&format!("{name}: folded against unfolded lean step"), &lu, &lf, 2e-3);
+        let eg = lf.iter().zip(&lu).map(|(a, b)| (a.1 - b.1).abs() / b.1.abs()).fold(0f64, f64::max);
+        assert!(eg <= 1e-2, "{name}: gradient norms folded {lf:?} vs unfolded {lu:?}");
+        // AdamW's first steps move each weight by about lr whatever its
+        // gradient's size, so rounding-level gradient differences show in
+        // the weights far more than in the losses.
+        let ew = rel_l2(&wf, &wu);
+        assert!(ew <= 2e-2, "{name}: adapters after {steps} steps differ by {ew:.2e} (rel L2) folded vs unfolded");
+        assert_ne!(lf, lu, "{name}: folding changed no bits: set_fold did not reach the step");
+        let ec = check_losses(&format!("{name}: folded lean step against the CPU"), &want, &lf, 2e-2);
+        eprintln!("{name}: {nf} folded products over {steps} steps; losses within {e:.2e} of the unfolded lean step (gradient norms {eg:.2e}), {ec:.2e} of the CPU; adapters {ew:.2e} apart");
+    }
+}

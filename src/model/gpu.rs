@@ -46,7 +46,12 @@
 //! training step also rounds as PyTorch autocast does (gate/up outputs, the
 //! SwiGLU product's gradient, logits and their gradient, the attention
 //! output in bf16), and with tensor-core attention keeps q, k and v in bf16
-//! too.
+//! too. A lean training step also folds each adapter on an NF4 module that
+//! reads a normed input (q, k, v; gate, up) into its base product: the
+//! input is written wide, `[x | x·Aᵀ …]`, the weight dequantized into the
+//! rows of `[W | s·B]`, and one product gives `x·Wᵀ + s·(x·Aᵀ)·Bᵀ` without
+//! the adapter's expand, which read and wrote the whole output again
+//! ([`DeviceModel::set_fold`]; not with LoRA dropout).
 //!
 //! Memory: per layer a training step keeps the layer input, the attention
 //! output and its log-sum-exp, gate and up (in bf16 in BF16 mode), the two
@@ -436,7 +441,52 @@ enum Act<'a> {
     F32(&'a CudaSlice<f32>),
     Bf16(&'a CudaSlice<u16>),
     Both(&'a CudaSlice<f32>, &'a CudaSlice<u16>),
+    /// bf16 in the first columns of a wide buffer ([`Wide`]): only matrix
+    /// products read it (no fp32 form, no contiguous bf16 form).
+    Wide(&'a Wide),
 }
+
+/// How a lean training step folds adapters into the base products of the
+/// modules that read one normed input (q, k, v; gate, up): the input is
+/// held wide, `[x | x·A₁ᵀ | x·A₂ᵀ …]` (each block padded to a multiple of
+/// 8 columns, the padding zero), and a folded module's one product takes
+/// it against `[W | 0 … s·B …]`, whose K runs up to the end of its own
+/// block: `x·Wᵀ + s·(x·Aᵀ)·Bᵀ` without the adapter's expand product, which
+/// read and wrote the whole output again.
+#[derive(Clone, Debug)]
+struct Fold {
+    /// The adapter set trained.
+    set: usize,
+    /// Row stride of the wide input: the input's columns, then the tail.
+    ld: usize,
+    /// Per module (Q..=DOWN): its block's offset in the tail and its rank.
+    slots: [Option<(usize, usize)>; 7],
+}
+
+/// A normed input `[n, cols]` held wide for folded products ([`Fold`]).
+struct Wide {
+    buf: CudaSlice<u16>,
+    cols: usize,
+    fold: Fold,
+}
+
+/// A normed input as a forward makes it: its forms, or wide.
+enum Normed {
+    Forms(Forms),
+    Wide(Wide),
+}
+
+impl Normed {
+    fn act(&self) -> Result<Act<'_>> {
+        match self {
+            Normed::Forms((f, b)) => act_of(f, b),
+            Normed::Wide(w) => Ok(Act::Wide(w)),
+        }
+    }
+}
+
+/// The folded modules' `x·Aᵀ` from [`DeviceModel::normed_for`], by module.
+type Folded = [Option<Saved>; 7];
 
 /// An activation as [`DeviceModel::normed`] makes it: fp32 and/or bf16.
 type Forms = (Option<CudaSlice<f32>>, Option<CudaSlice<u16>>);
@@ -491,6 +541,7 @@ impl<'a> Act<'a> {
                 ew::from_bf16(d, &b.as_view(), &mut x.as_view_mut(), false)?;
                 Ok(Held::Own(x))
             }
+            Act::Wide(_) => bail!(Internal, "an fp32 read of a wide operand"),
         }
     }
 
@@ -499,14 +550,15 @@ impl<'a> Act<'a> {
         match self {
             Act::Bf16(b) | Act::Both(_, b) => Ok(Held::Ref(b)),
             Act::F32(x) => bf16_copy(d, x).map(Held::Own),
+            Act::Wide(_) => bail!(Internal, "a contiguous read of a wide operand"),
         }
     }
 
-    /// The bf16 form when there is one.
+    /// The bf16 form when there is one (contiguous).
     fn given_bf16(self) -> Option<&'a CudaSlice<u16>> {
         match self {
             Act::Bf16(b) | Act::Both(_, b) => Some(b),
-            Act::F32(_) => None,
+            Act::F32(_) | Act::Wide(_) => None,
         }
     }
 
@@ -515,7 +567,27 @@ impl<'a> Act<'a> {
         match self {
             Act::Bf16(b) | Act::Both(_, b) => MatRef::bf16(d, &b.as_view(), rows, cols),
             Act::F32(x) => MatRef::f32(d, &x.as_view(), rows, cols),
+            Act::Wide(w) => w.operand(d, rows, cols),
         }
+    }
+
+    /// The bf16 operand `[rows, cols]`: the one held, or a rounding made
+    /// into `keep` when only fp32 is held.
+    fn bf16_operand<'s>(&'s self, d: &CudaDevice, rows: usize, cols: usize, keep: &'s mut Option<CudaSlice<u16>>) -> Result<MatRef<'s>> {
+        match self {
+            Act::F32(x) => MatRef::bf16(d, &keep.insert(bf16_copy(d, x)?).as_view(), rows, cols),
+            other => other.operand(d, rows, cols),
+        }
+    }
+}
+
+impl Wide {
+    /// The input itself (its first `cols` columns) as a product's operand.
+    fn operand(&self, d: &CudaDevice, rows: usize, cols: usize) -> Result<MatRef<'_>> {
+        if cols != self.cols {
+            bail!(Internal, "a wide operand of {} columns read as {cols}", self.cols);
+        }
+        MatRef::bf16_ld(d, &self.buf.as_view(), rows, cols, self.fold.ld)
     }
 }
 
@@ -577,6 +649,9 @@ pub struct DeviceModel {
     /// the mid-layer residual in the backward instead of keeping them
     /// ([`DeviceModel::set_recompute`]).
     recompute: bool,
+    /// Whether the lean step folds adapters into their base products
+    /// ([`DeviceModel::set_fold`]).
+    fold_on: bool,
     /// Most logits materialized at once ([`HEAD_CHUNK_ELEMS`] unless set).
     head_chunk: usize,
     /// Per-category time when profiling ([`DeviceModel::set_profiling`]).
@@ -710,6 +785,7 @@ impl DeviceModel {
             attn_tc: compute == Compute::BF16 && std::env::var("LORA_CUDA_ATTENTION").is_ok_and(|v| v == "tc"),
             lean_on: std::env::var("LORA_CUDA_LEAN").map_or(true, |v| v != "0"),
             recompute: std::env::var("LORA_CUDA_RECOMPUTE").map_or(true, |v| v != "0"),
+            fold_on: std::env::var("LORA_CUDA_FOLD").map_or(true, |v| v != "0"),
             lora_path: match std::env::var("LORA_CUDA_LORA").as_deref() {
                 Ok("kernels") => LoraPath::Kernels,
                 Ok("bf16") if compute == Compute::BF16 => LoraPath::BlasBf16,
@@ -1205,9 +1281,9 @@ impl DeviceModel {
         let mut hs: Vec<Option<Saved>> = (0..7).map(|_| None).collect();
         // Attention block.
         let mut rstd1 = out_buf::<f32>(d, n)?;
-        let (h1, h1b) = self.normed(x, &self.layers[l].attn_norm, n, Some(&mut rstd1), false)?;
-        let (qkv, [hq, hk, hv]) = self.qkv(l, rows, act_of(&h1, &h1b)?, batch, seq)?;
-        drop((h1, h1b));
+        let (h1, mut folded) = self.normed_for(l, &[Q, K, V], x, &self.layers[l].attn_norm, n, Some(&mut rstd1), rows)?;
+        let (qkv, [hq, hk, hv]) = self.qkv(l, rows, h1.act()?, &mut folded, batch, seq)?;
+        drop(h1);
         let mut lse = out_buf::<f32>(d, n * nh)?;
         let t = self.tick()?;
         let att = match &qkv {
@@ -1259,17 +1335,17 @@ impl DeviceModel {
         hs[O] = h_o;
         // MLP block.
         let mut rstd2 = out_buf::<f32>(d, n)?;
-        let (h2, h2b) = self.normed(&x_mid, &self.layers[l].mlp_norm, n, Some(&mut rstd2), false)?;
-        let h2a = act_of(&h2, &h2b)?;
+        let (h2, mut folded) = self.normed_for(l, &[GATE, UP], &x_mid, &self.layers[l].mlp_norm, n, Some(&mut rstd2), rows)?;
+        let h2a = h2.act()?;
         if self.lean() && matches!(rows, Rows::Train(_)) && self.layers[l].lin[GATE].bias.is_none() && self.layers[l].lin[UP].bias.is_none() {
             // The lean training step's gate and up products write bf16 (the
             // base product and the adapter's added into it, each rounded,
             // as PyTorch autocast does): the operands the gating pass and
             // the backward read, kept as they are; no fp32 gate or up.
             let (mut gb, mut ub) = (out_buf::<u16>(d, n * it)?, out_buf::<u16>(d, n * it)?);
-            hs[GATE] = self.lin_forward(l, GATE, rows, h2a, n, &mut gb, 0.0)?;
-            hs[UP] = self.lin_forward(l, UP, rows, h2a, n, &mut ub, 0.0)?;
-            drop((h2, h2b));
+            hs[GATE] = self.lin_forward(l, GATE, rows, h2a, n, &mut gb, 0.0)?.or(folded[GATE].take());
+            hs[UP] = self.lin_forward(l, UP, rows, h2a, n, &mut ub, 0.0)?.or(folded[UP].take());
+            drop(h2);
             let (mut x_out, x_mid) = split_mid(x_mid)?;
             let mut ab = out_buf::<u16>(d, n * it)?;
             cswiglu::swiglu_forward_bf16(d, &gb.as_view(), &ub.as_view(), None, Some(&mut ab.as_view_mut()))?;
@@ -1279,9 +1355,9 @@ impl DeviceModel {
         }
         let mut g = out_buf::<f32>(d, n * it)?;
         let mut u = out_buf::<f32>(d, n * it)?;
-        hs[GATE] = self.lin_forward(l, GATE, rows, h2a, n, &mut g, 0.0)?;
-        hs[UP] = self.lin_forward(l, UP, rows, h2a, n, &mut u, 0.0)?;
-        drop((h2, h2b));
+        hs[GATE] = self.lin_forward(l, GATE, rows, h2a, n, &mut g, 0.0)?.or(folded[GATE].take());
+        hs[UP] = self.lin_forward(l, UP, rows, h2a, n, &mut u, 0.0)?.or(folded[UP].take());
+        drop(h2);
         let (mut x_out, x_mid) = split_mid(x_mid)?;
         // A training step keeps gate and up for the backward (in BF16 mode
         // their bf16 roundings, written by the gating pass).
@@ -1297,16 +1373,17 @@ impl DeviceModel {
     /// fp32 buffer freed as its copy is made), else fp32. The forward's,
     /// and the backward's recomputation: one code path, the same bits.
     #[allow(clippy::type_complexity)]
-    fn qkv(&self, l: usize, rows: Rows<'_>, h1: Act<'_>, batch: usize, seq: usize) -> Result<([Saved; 3], [Option<Saved>; 3])> {
+    fn qkv(&self, l: usize, rows: Rows<'_>, h1: Act<'_>, folded: &mut Folded, batch: usize, seq: usize) -> Result<([Saved; 3], [Option<Saved>; 3])> {
         let d = &*self.dev;
         let Dims { qd, kvd, nh, nkv, hd, .. } = Dims::of(&self.cfg);
         let n = batch * seq;
         let mut q = out_buf::<f32>(d, n * qd)?;
         let mut k = out_buf::<f32>(d, n * kvd)?;
         let mut v = out_buf::<f32>(d, n * kvd)?;
-        let hq = self.lin_forward(l, Q, rows, h1, n, &mut q, 0.0)?;
-        let hk = self.lin_forward(l, K, rows, h1, n, &mut k, 0.0)?;
-        let hv = self.lin_forward(l, V, rows, h1, n, &mut v, 0.0)?;
+        // The folded modules' x·Aᵀ came with the wide input.
+        let hq = self.lin_forward(l, Q, rows, h1, n, &mut q, 0.0)?.or(folded[Q].take());
+        let hk = self.lin_forward(l, K, rows, h1, n, &mut k, 0.0)?.or(folded[K].take());
+        let hv = self.lin_forward(l, V, rows, h1, n, &mut v, 0.0)?.or(folded[V].take());
         let tc = self.attn_tc && catt::tc_supported(d, &self.shape(l, batch, seq));
         if tc && self.lean() && matches!(rows, Rows::Train(_)) {
             let qb = self.rotated_bf16(q, batch, seq, nh, false)?;
@@ -1378,6 +1455,25 @@ impl DeviceModel {
     /// for its backward).
     pub fn set_recompute(&mut self, on: bool) {
         self.recompute = on;
+    }
+
+    /// Turns off (or back on) folding adapters into their base products in
+    /// the lean training step (on by default; `LORA_CUDA_FOLD=0` at upload
+    /// starts it off): the modules reading a normed input (q, k, v; gate,
+    /// up) with an NF4 weight take `[x | x·Aᵀ]·[W | s·B]ᵀ` as one product
+    /// instead of the base product and the adapter's expand, which reads
+    /// and writes the whole output a second time ([`Fold`]). The sums are
+    /// the same products of the same bf16 operands, except `s·B` rounded
+    /// to bf16 once (for a power-of-two scale the same value as `B`'s bf16
+    /// copy times `s`), accumulated in one pass: a bf16 output (gate, up)
+    /// is rounded once instead of twice. Off, for checks and benchmarks.
+    pub fn set_fold(&mut self, on: bool) {
+        self.fold_on = on;
+    }
+
+    /// Whether folding is on ([`set_fold`](Self::set_fold)).
+    pub fn fold(&self) -> bool {
+        self.fold_on
     }
 
     /// `x` `[batch, seq, heads, head_dim]` rotated by the step's RoPE table
@@ -1485,6 +1581,12 @@ impl DeviceModel {
     /// The product takes `x`'s bf16 form when it is held (BF16 mode).
     #[allow(clippy::too_many_arguments)]
     fn lin_forward<C: GemmOut + 'static>(&self, l: usize, j: usize, rows: Rows<'_>, x: Act<'_>, n: usize, y: &mut CudaSlice<C>, beta: f32) -> Result<Option<Saved>> {
+        if let Act::Wide(w) = x {
+            if let Some((off, _)) = w.fold.slots[j] {
+                self.lin_folded(l, j, w, off, n, y, beta)?;
+                return Ok(None);
+            }
+        }
         let d = &*self.dev;
         let lin = &self.layers[l].lin[j];
         let (in_f, out_f) = (lin.in_f, lin.out_f);
@@ -1494,6 +1596,99 @@ impl DeviceModel {
         gemm(d, &self.blas, x.operand(d, n, in_f)?, false, w.mat(d, out_f, in_f)?, true, &mut y.as_view_mut(), 1.0, beta)?;
         self.tock(t, "base GEMM forward")?;
         self.lin_bias_lora(l, j, rows, x, n, y)
+    }
+
+    /// Linear `(l, j)`'s product folded with its adapter ([`Fold`]):
+    /// `y = β·y + [x | … x·Aᵀ]·[W | 0 … s·B]ᵀ` (+ bias), one product over
+    /// the wide input `x`, whose block at `off` of the tail holds this
+    /// module's `x·Aᵀ` ([`normed_for`](Self::normed_for) wrote it); the
+    /// weight dequantized straight into the wide weight's rows.
+    #[allow(clippy::too_many_arguments)]
+    fn lin_folded<C: GemmOut + 'static>(&self, l: usize, j: usize, x: &Wide, off: usize, n: usize, y: &mut CudaSlice<C>, beta: f32) -> Result<()> {
+        let d = &*self.dev;
+        let lin = &self.layers[l].lin[j];
+        let (in_f, out_f) = (lin.in_f, lin.out_f);
+        let (Weight::Nf4(t), Some(ad)) = (&lin.w, lin.ads[x.fold.set].as_ref()) else {
+            bail!(Internal, "linear ({l}, {j}) folded without an NF4 weight and an adapter");
+        };
+        // K runs to the end of this module's (padded) block.
+        let kw = in_f + off + ad.r.next_multiple_of(8);
+        let mut wb = out_buf::<u16>(d, out_f * kw)?;
+        let tk = self.tick()?;
+        t.dequantize_bf16_ld(d, &mut wb.as_view_mut(), kw)?;
+        let b = self.sets[x.fold.set].params.slice(ad.b.clone());
+        glora::fold_tail_bf16(d, &b, out_f, ad.r, ad.scale, in_f, off, &mut wb.as_view_mut(), kw)?;
+        self.tock(tk, "NF4 dequantize")?;
+        let tg = self.tick()?;
+        let xm = MatRef::bf16_ld(d, &x.buf.as_view(), n, kw, x.fold.ld)?;
+        gemm(d, &self.blas, xm, false, MatRef::bf16(d, &wb.as_view(), out_f, kw)?, true, &mut y.as_view_mut(), 1.0, beta)?;
+        self.tock(tg, "base GEMM forward (adapter folded)")?;
+        if let Some(b) = &lin.bias {
+            ew::add_bias(d, &mut f32_out(y, "a bias")?.as_view_mut(), &b.as_view())?;
+        }
+        Ok(())
+    }
+
+    /// Which of the modules `js` (reading one normed input) fold their
+    /// adapter into the base product in this forward ([`Fold`]): in a lean
+    /// training step, each whose weight is NF4 with the trained adapter —
+    /// unless one of `js` has LoRA dropout (its adapter input is an fp32
+    /// masked copy, read apart) or the input's width is not a multiple of
+    /// 32 (the strided dequantization's); `None` when none folds or when
+    /// turned off ([`set_fold`](Self::set_fold)).
+    fn fold_plan(&self, l: usize, js: &[usize], rows: Rows<'_>) -> Option<Fold> {
+        let Rows::Train(tr) = rows else { return None };
+        if !self.fold_on || !self.lean() {
+            return None;
+        }
+        let lins = &self.layers[l].lin;
+        let in_f = lins[*js.first()?].in_f;
+        if in_f % 32 != 0 || js.iter().any(|&j| lins[j].ads[tr.set].as_ref().is_some_and(|a| a.dropout > 0.0)) {
+            return None;
+        }
+        let mut slots = [None; 7];
+        let mut tail = 0;
+        for &j in js {
+            let lin = &lins[j];
+            match (&lin.w, lin.ads[tr.set].as_ref()) {
+                (Weight::Nf4(t), Some(ad)) if t.shape.len() == 2 && lin.in_f == in_f => {
+                    slots[j] = Some((tail, ad.r));
+                    tail += ad.r.next_multiple_of(8);
+                }
+                _ => {}
+            }
+        }
+        (tail > 0).then_some(Fold { set: tr.set, ld: in_f + tail, slots })
+    }
+
+    /// The normed input of the modules `js` for their forward products:
+    /// as [`normed`](Self::normed) makes it for a forward, or — when their
+    /// adapters fold ([`fold_plan`](Self::fold_plan)) — wide, with each
+    /// folded module's `x·Aᵀ` written beside it (bf16, by its product, as
+    /// the unfolded lean step writes it) and returned for the backward.
+    #[allow(clippy::too_many_arguments)]
+    fn normed_for(&self, l: usize, js: &[usize], x: &CudaSlice<f32>, w: &CudaSlice<f32>, n: usize, rstd: Option<&mut CudaSlice<f32>>, rows: Rows<'_>) -> Result<(Normed, Folded)> {
+        let mut folded: Folded = Default::default();
+        let Some(fold) = self.fold_plan(l, js, rows) else {
+            return Ok((Normed::Forms(self.normed(x, w, n, rstd, false)?), folded));
+        };
+        let d = &*self.dev;
+        let (h, eps) = (self.cfg.hidden_size, self.cfg.rms_norm_eps);
+        let mut buf = out_buf::<u16>(d, n * fold.ld)?;
+        let mut rv = rstd.map(|r| r.as_view_mut());
+        cnorm::rmsnorm_forward_wide_bf16(d, &x.as_view(), &w.as_view(), n, h, eps, &mut buf.as_view_mut(), fold.ld, rv.as_mut())?;
+        let set = &self.sets[fold.set];
+        let pb = set.params_b.as_ref().ok_or_else(|| err!(Internal, "bf16 adapter products without the weights' bf16 copy"))?;
+        for (j, slot) in fold.slots.iter().enumerate() {
+            let (Some((off, r)), Some(ad)) = (slot, self.layers[l].lin[j].ads[fold.set].as_ref()) else { continue };
+            let t = self.tick()?;
+            let mut hb = out_buf::<u16>(d, n * r)?;
+            gemm(d, &self.blas, MatRef::bf16_ld(d, &buf.as_view(), n, h, fold.ld)?, false, MatRef::bf16(d, &pb.slice(ad.a.clone()), *r, h)?, true, &mut hb.as_view_mut(), 1.0, 0.0)?;
+            ew::copy_cols_bf16(d, &hb.as_view(), n, *r, &mut buf.as_view_mut(), fold.ld, h + off)?;
+            folded[j] = Some(Saved::Bf16(hb));
+            self.tock(t, "LoRA GEMMs forward")?;
+        }
+        Ok((Normed::Wide(Wide { buf, cols: h, fold }), folded))
     }
 
     /// The base product of a decode step's few rows: for an NF4 weight in
@@ -1580,17 +1775,18 @@ impl DeviceModel {
                     Saved::F32(hbuf)
                 }
                 LoraPath::BlasBf16 => {
-                    // The activation's bf16 form made for the base product,
-                    // or (dropout, or none held) one made here.
-                    let xb = xin.bf16(d)?;
-                    let xbv = xb.as_view();
+                    // The activation's bf16 form made for the base product
+                    // (or a wide operand's), or (dropout, or none held) one
+                    // made here.
+                    let mut xkeep = None;
+                    let xm = xin.bf16_operand(d, n, in_f, &mut xkeep)?;
                     let pb = set.params_b.as_ref().ok_or_else(|| err!(Internal, "bf16 adapter products without the weights' bf16 copy"))?;
                     let (ab, bb) = (pb.slice(ad.a.clone()), pb.slice(ad.b.clone()));
                     // x·Aᵀ written in bf16 by the product (its fp32
                     // accumulation rounded once): the next product's
                     // operand, and the backward's.
                     let mut hb = out_buf::<u16>(d, n * ad.r)?;
-                    gemm(d, &self.blas, MatRef::bf16(d, &xbv, n, in_f)?, false, MatRef::bf16(d, &ab, ad.r, in_f)?, true, &mut hb.as_view_mut(), 1.0, 0.0)?;
+                    gemm(d, &self.blas, xm, false, MatRef::bf16(d, &ab, ad.r, in_f)?, true, &mut hb.as_view_mut(), 1.0, 0.0)?;
                     let hbv = hb.as_view();
                     gemm(d, &self.blas, MatRef::bf16(d, &hbv, n, ad.r)?, false, MatRef::bf16(d, &bb, out_f, ad.r)?, true, &mut y.as_view_mut(), scale, 1.0)?;
                     Saved::Bf16(hb)
@@ -1702,15 +1898,17 @@ impl DeviceModel {
                         &hcopy
                     }
                 };
-                let (dyb, xb) = (dy.bf16(d)?, xin.bf16(d)?);
+                let dyb = dy.bf16(d)?;
+                let mut xkeep = None;
+                let xm = xin.bf16_operand(d, n, in_f, &mut xkeep)?;
                 let pb = params_b.as_ref().ok_or_else(|| err!(Internal, "bf16 adapter products without the weights' bf16 copy"))?;
                 let bb = pb.slice(ad.b.clone());
-                let (dybv, hbv, xbv) = (dyb.as_view(), hb.as_view(), xb.as_view());
+                let (dybv, hbv) = (dyb.as_view(), hb.as_view());
                 let mut gb = out_buf::<u16>(d, n * r)?;
                 gemm(d, blas, MatRef::bf16(d, &dybv, n, out_f)?, false, MatRef::bf16(d, &bb, out_f, r)?, false, &mut gb.as_view_mut(), 1.0, 0.0)?;
                 gemm(d, blas, MatRef::bf16(d, &dybv, n, out_f)?, true, MatRef::bf16(d, &hbv, n, r)?, false, &mut grads.slice_mut(rb), s, 1.0)?;
                 let gbv = gb.as_view();
-                gemm(d, blas, MatRef::bf16(d, &gbv, n, r)?, true, MatRef::bf16(d, &xbv, n, in_f)?, false, &mut grads.slice_mut(ra), s, 1.0)?;
+                gemm(d, blas, MatRef::bf16(d, &gbv, n, r)?, true, xm, false, &mut grads.slice_mut(ra), s, 1.0)?;
                 Saved::Bf16(gb)
             }
             LoraPath::Kernels => {
@@ -1904,9 +2102,10 @@ impl DeviceModel {
         let [q, k, v] = match qkv {
             Some(s) => s,
             None => {
-                // As the forward normed it (both forms where it made both).
-                let f = self.normed(x_in, &self.layers[l].attn_norm, n, None, false)?;
-                let (s, [hq, hk, hv]) = self.qkv(l, Rows::Train(tr), act_of(&f.0, &f.1)?, batch, seq)?;
+                // As the forward normed it (both forms where it made both,
+                // or wide).
+                let (f, mut folded) = self.normed_for(l, &[Q, K, V], x_in, &self.layers[l].attn_norm, n, None, Rows::Train(tr))?;
+                let (s, [hq, hk, hv]) = self.qkv(l, Rows::Train(tr), f.act()?, &mut folded, batch, seq)?;
                 (hs[Q], hs[K], hs[V]) = (hq, hk, hv);
                 h1f = Some(f);
                 s
@@ -1963,17 +2162,17 @@ impl DeviceModel {
             ((Some(dq), None), (Some(dk), None), (Some(dv), None))
         };
         let (dqa, dka, dva) = (act_of(&dq, &dqb)?, act_of(&dk, &dkb)?, act_of(&dv, &dvb)?);
-        let (h1, h1b) = match h1f {
+        let h1 = match h1f {
             Some(f) => f,
-            None => self.normed(x_in, &self.layers[l].attn_norm, n, None, true)?,
+            None => Normed::Forms(self.normed(x_in, &self.layers[l].attn_norm, n, None, true)?),
         };
-        let h1a = act_of(&h1, &h1b)?;
+        let h1a = h1.act()?;
         if need_dx {
             let mut dh1 = out_buf::<f32>(d, n * h)?;
             self.lin_backward(tr, l, Q, h1a, hs[Q].as_ref(), dqa, n, Some((&mut dh1, 0.0)))?;
             self.lin_backward(tr, l, K, h1a, hs[K].as_ref(), dka, n, Some((&mut dh1, 1.0)))?;
             self.lin_backward(tr, l, V, h1a, hs[V].as_ref(), dva, n, Some((&mut dh1, 1.0)))?;
-            drop((dq, dqb, dk, dkb, dv, dvb, h1, h1b));
+            drop((dq, dqb, dk, dkb, dv, dvb, h1));
             self.norm_backward(x_in, &self.layers[l].attn_norm, &rstd1, &dh1, Some(&dxm), n)
         } else {
             self.lin_backward::<f32>(tr, l, Q, h1a, hs[Q].as_ref(), dqa, n, None)?;
@@ -2022,6 +2221,7 @@ impl DeviceModel {
             let xa = match hfa {
                 Act::Bf16(b) | Act::Both(_, b) => MatRef::bf16(d, &b.slice(r0 * h..r1 * h), rc, h)?,
                 Act::F32(f) => MatRef::f32(d, &f.slice(r0 * h..r1 * h), rc, h)?,
+                Act::Wide(_) => bail!(Internal, "the head's input held wide"),
             };
             gemm(d, &self.blas, xa, false, wm, true, &mut logits.as_view_mut(), 1.0, 0.0)?;
             f(c, r0, r1, &mut logits, wm)?;

@@ -73,14 +73,16 @@ impl Drop for Blas {
 }
 
 /// A row-major matrix `[rows, cols]` on the device, fp32 or bf16 (bits in
-/// `u16`): the address of a view's memory, valid while that memory is
-/// borrowed (`'a`).
+/// `u16`), its rows `ld ≥ cols` elements apart (`cols` unless made by
+/// [`MatRef::bf16_ld`]): the address of a view's memory, valid while that
+/// memory is borrowed (`'a`).
 #[derive(Clone, Copy, Debug)]
 pub struct MatRef<'a> {
     ptr: u64,
     dtype: DType,
     pub rows: usize,
     pub cols: usize,
+    ld: usize,
     _b: PhantomData<&'a ()>,
 }
 
@@ -98,12 +100,22 @@ impl<'a> MatRef<'a> {
     pub fn f32(dev: &CudaDevice, v: &CudaView<'a, f32>, rows: usize, cols: usize) -> Result<MatRef<'a>> {
         check_dims(v.len(), rows, cols, "fp32 matrix")?;
         dev.check_stream(v, "matrix operand")?;
-        Ok(MatRef { ptr: v.device_ptr(&dev.stream).0, dtype: DType::F32, rows, cols, _b: PhantomData })
+        Ok(MatRef { ptr: v.device_ptr(&dev.stream).0, dtype: DType::F32, rows, cols, ld: cols, _b: PhantomData })
     }
     pub fn bf16(dev: &CudaDevice, v: &CudaView<'a, u16>, rows: usize, cols: usize) -> Result<MatRef<'a>> {
         check_dims(v.len(), rows, cols, "bf16 matrix")?;
         dev.check_stream(v, "matrix operand")?;
-        Ok(MatRef { ptr: v.device_ptr(&dev.stream).0, dtype: DType::BF16, rows, cols, _b: PhantomData })
+        Ok(MatRef { ptr: v.device_ptr(&dev.stream).0, dtype: DType::BF16, rows, cols, ld: cols, _b: PhantomData })
+    }
+    /// The first `cols` columns of a bf16 matrix stored `[rows, ld]` in `v`
+    /// (a wide operand's leading block: `v` holds `rows·ld` elements).
+    pub fn bf16_ld(dev: &CudaDevice, v: &CudaView<'a, u16>, rows: usize, cols: usize, ld: usize) -> Result<MatRef<'a>> {
+        check_dims(v.len(), rows, ld, "wide bf16 matrix")?;
+        if cols == 0 || cols > ld {
+            bail!(InvalidShape, "wide bf16 matrix: {cols} columns of rows {ld} apart");
+        }
+        dev.check_stream(v, "matrix operand")?;
+        Ok(MatRef { ptr: v.device_ptr(&dev.stream).0, dtype: DType::BF16, rows, cols, ld, _b: PhantomData })
     }
     pub fn dtype(&self) -> DType {
         self.dtype
@@ -172,8 +184,8 @@ pub fn gemm<C: GemmOut>(dev: &CudaDevice, blas: &Blas, a: MatRef<'_>, ta: bool, 
         // on a device is driven from whichever thread calls into it.
         dev.ctx.bind_to_thread().map_err(|e| cu_err("cuCtxSetCurrent", e))?;
         // Column-major view: Cᵀ[n, m] = op(B)ᵀ·op(A)ᵀ, each row-major
-        // buffer read as its transpose with ld = its stored column count.
-        // SAFETY: the operand buffers hold rows·cols elements each (checked
+        // buffer read as its transpose with ld = its row stride.
+        // SAFETY: the operand buffers hold rows·ld elements each (checked
         // when the MatRefs were made, and borrowed for the call), C holds
         // m·n; alpha and beta are host scalars (the default pointer mode).
         unsafe {
@@ -187,10 +199,10 @@ pub fn gemm<C: GemmOut>(dev: &CudaDevice, blas: &Blas, a: MatRef<'_>, ta: bool, 
                 &alpha as *const f32 as *const c_void,
                 b.ptr as *const c_void,
                 t,
-                b.cols.max(1) as i32,
+                b.ld.max(1) as i32,
                 a.ptr as *const c_void,
                 t,
-                a.cols.max(1) as i32,
+                a.ld.max(1) as i32,
                 &beta as *const f32 as *const c_void,
                 cptr as *mut c_void,
                 cuda_type(C::DTYPE)?,

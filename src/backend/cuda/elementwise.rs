@@ -84,6 +84,30 @@ pub fn from_bf16(dev: &CudaDevice, x: &CudaView<'_, u16>, y: &mut CudaViewMut<'_
     launch_kernel!(dev, f, name, launch_cfg((stride_grid(n, EW_THREADS), 1), EW_THREADS), [x, y, &n, &acc])
 }
 
+/// Copies `src` `[rows, cols]` (bf16 bits) into columns `off..off + cols`
+/// of `dst` `[rows, ld]`; the other columns are not touched (queued).
+pub fn copy_cols_bf16(dev: &CudaDevice, src: &CudaView<'_, u16>, rows: usize, cols: usize, dst: &mut CudaViewMut<'_, u16>, ld: usize, off: usize) -> Result<()> {
+    if rows.checked_mul(cols) != Some(src.len()) || cols > u32::MAX as usize {
+        bail!(ShapeMismatch, "copy_cols: src of {} elements is not [{rows}, {cols}]", src.len());
+    }
+    if off.checked_add(cols).is_none_or(|e| e > ld) || rows.checked_mul(ld) != Some(dst.len()) {
+        bail!(ShapeMismatch, "copy_cols: columns {off}..{} do not fit dst [{rows}, {ld}] of {} elements", off.saturating_add(cols), dst.len());
+    }
+    dev.check_stream(src, "copy_cols src")?;
+    dev.check_stream(dst, "copy_cols dst")?;
+    let n = src.len() as u64;
+    if n == 0 {
+        return Ok(());
+    }
+    let (r64, c32, ld64, off64) = (rows as u64, cols as u32, ld as u64, off as u64);
+    let name = "elementwise_copy_cols_u16";
+    let f = dev.function(&ELEMENTWISE_CU, name)?;
+    // SAFETY: (ptr, u64, u32, u64, u64, ptr) as the kernel; it reads the
+    // rows·cols elements of src and writes row i's columns off..off+cols of
+    // dst, all below rows·ld (checked).
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(n, EW_THREADS), 1), EW_THREADS), [src, &r64, &c32, &ld64, &off64, dst])
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -351,6 +351,35 @@ pub fn dropout_accum(dev: &CudaDevice, v: &CudaView<'_, f32>, seed: u64, call: u
     launch_kernel!(dev, f, name, launch_cfg((stride_grid(n64, LORA_THREADS), 1), LORA_THREADS), [v, &n64, &seed, &call, &p, &scale, &s, dx])
 }
 
+/// The adapter's columns of a folded product's wide weight `w` `[out_f,
+/// ld]` (its first `in_f` columns hold the frozen weight, not touched): for
+/// `t` in `0..ld − in_f`, `w[o, in_f + t] = bf16(s·B[o, t − off])` where
+/// `off ≤ t < off + r`, else 0. With the adapter's `x·Aᵀ` in columns
+/// `in_f + off..` of the input, one product then gives `x·Wᵀ + s·(x·Aᵀ)·Bᵀ`.
+#[allow(clippy::too_many_arguments)]
+pub fn fold_tail_bf16(dev: &CudaDevice, b: &CudaView<'_, f32>, out_f: usize, r: usize, s: f32, in_f: usize, off: usize, w: &mut CudaViewMut<'_, u16>, ld: usize) -> Result<()> {
+    let (o32, r32, in32, off32) = (dim32(out_f, "out")?, dim32(r, "rank")?, dim32(in_f, "in")?, off as u32);
+    if b.len() != out_f * r {
+        bail!(BufferSize, "lora fold: B has {} elements, [{out_f}, {r}] needs {}", b.len(), out_f * r);
+    }
+    if off > u32::MAX as usize || in_f.checked_add(off).and_then(|v| v.checked_add(r)).is_none_or(|e| e > ld) {
+        bail!(InvalidShape, "lora fold: columns {in_f} + {off}..+{r} do not fit a row of {ld}");
+    }
+    if out_f.checked_mul(ld) != Some(w.len()) {
+        bail!(BufferSize, "lora fold: the wide weight has {} elements, [{out_f}, {ld}] needs {}", w.len(), out_f.saturating_mul(ld));
+    }
+    dev.check_stream(b, "lora fold B")?;
+    dev.check_stream(w, "lora fold W")?;
+    let n = (out_f * (ld - in_f)) as u64;
+    let ld64 = ld as u64;
+    let name = "lora_fold_tail_bf16";
+    let f = dev.function(&LORA_CU, name)?;
+    // SAFETY: (ptr, u32, u32, f32, u32, u32, u64, ptr) as the kernel; it
+    // reads B [out_f, r] and writes columns in_f..ld of each of w's out_f
+    // rows of ld (all checked above).
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(n, LORA_THREADS), 1), LORA_THREADS), [b, &o32, &r32, &s, &in32, &off32, &ld64, w])
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -181,9 +181,34 @@ enum Scales<'a> {
     Double(&'a CudaDoubleQuant),
 }
 
+/// Rows written into a wider matrix: `[rows, cols]` into rows of `ld`
+/// elements ([`CudaNf4::dequantize_bf16_ld`]).
+#[derive(Clone, Copy)]
+struct Strided {
+    cols: usize,
+    ld: usize,
+}
+
 fn dequantize_from(dev: &CudaDevice, packed: &CudaView<'_, u8>, scales: Scales<'_>, blocksize: usize, out: &mut DevElemsMut<'_>) -> Result<()> {
+    dequantize_rows(dev, packed, scales, blocksize, out, None)
+}
+
+fn dequantize_rows(dev: &CudaDevice, packed: &CudaView<'_, u8>, scales: Scales<'_>, blocksize: usize, out: &mut DevElemsMut<'_>, strided: Option<Strided>) -> Result<()> {
     check_blocksize(blocksize)?;
-    let n = out.len();
+    // The element count: the output's, or for rows written into a wider
+    // matrix rows·cols of its rows·ld.
+    let n = match strided {
+        None => out.len(),
+        Some(Strided { cols, ld }) => {
+            if out.dtype() != DType::BF16 {
+                bail!(Unsupported, "strided dequantization writes bf16 only, not {:?}", out.dtype());
+            }
+            if cols == 0 || cols % 32 != 0 || ld < cols || ld % 8 != 0 || out.len() % ld != 0 {
+                bail!(InvalidShape, "strided dequantization needs cols a multiple of 32 and ld >= cols a multiple of 8 dividing the output ({} elements); got cols {cols}, ld {ld}", out.len());
+            }
+            out.len() / ld * cols
+        }
+    };
     if n == 0 {
         bail!(InvalidShape, "cannot dequantize into an empty output");
     }
@@ -197,6 +222,8 @@ fn dequantize_from(dev: &CudaDevice, packed: &CudaView<'_, u8>, scales: Scales<'
     check_aligned(out.device_addr(dev), "dequantize output")?;
     let (grid, block) = dequantize_shape(n)?;
     let name = match (out.dtype(), &scales) {
+        (DType::BF16, Scales::F32(_)) if strided.is_some() => "nf4_dequantize_ld_bf16",
+        (DType::BF16, Scales::Double(_)) if strided.is_some() => "nf4_dequantize_dq_ld_bf16",
         (DType::F32, Scales::F32(_)) => "nf4_dequantize_f32",
         (DType::F16, Scales::F32(_)) => "nf4_dequantize_f16",
         (DType::BF16, Scales::F32(_)) => "nf4_dequantize_bf16",
@@ -215,13 +242,18 @@ fn dequantize_from(dev: &CudaDevice, packed: &CudaView<'_, u8>, scales: Scales<'
         b.arg(packed);
         push_scales(&mut b, &scales, &nbs);
         b.arg(&shift).arg(&n64);
+        let (cols32, ld64) = strided.map_or((0u32, 0u64), |s| (s.cols as u32, s.ld as u64));
+        if strided.is_some() {
+            b.arg(&cols32).arg(&ld64);
+        }
         match out {
             DevElemsMut::F32(v) => b.arg(v),
             DevElemsMut::F16(v) | DevElemsMut::BF16(v) => b.arg(v),
         };
         // SAFETY: arguments match the kernel's (packed, then absmax — or
         // codes, map, nested, u64 nested blocksize, f32 offset — then u32,
-        // u64, out); sizes and alignment checked above.
+        // u64, (strided: u32 cols, u64 ld,) out); sizes and alignment
+        // checked above (strided: the output holds n / cols rows of ld).
         unsafe { b.launch(cfg(grid, block)) }.map_err(|e| cu_err(&format!("cuLaunchKernel({name})"), e))?;
         Ok(())
     })
@@ -543,6 +575,26 @@ impl CudaNf4 {
         match &self.absmax {
             CudaAbsmax::F32(a) => dequantize(dev, &self.packed.as_view(), &a.as_view(), self.blocksize, out),
             CudaAbsmax::Double(dq) => dequantize_double(dev, &self.packed.as_view(), dq, self.blocksize, out),
+        }
+    }
+
+    /// Dequantizes this 2-D weight `[rows, cols]` to bf16 into the first
+    /// `cols` columns of `out` `[rows, ld]` (the same values as
+    /// [`dequantize_into`](Self::dequantize_into)); columns `cols..ld` are
+    /// not written. `cols` must be a multiple of 32 and `ld ≥ cols` a
+    /// multiple of 8 (each row 16-byte aligned).
+    pub fn dequantize_bf16_ld(&self, dev: &CudaDevice, out: &mut CudaViewMut<'_, u16>, ld: usize) -> Result<()> {
+        let [rows, cols] = self.shape[..] else {
+            bail!(InvalidShape, "strided dequantization needs a 2-D weight, this one has shape {:?}", self.shape);
+        };
+        if rows.checked_mul(ld) != Some(out.len()) {
+            bail!(BufferSize, "output holds {} elements, [{rows}, {ld}] needs {}", out.len(), rows.saturating_mul(ld));
+        }
+        let mut o = DevElemsMut::BF16(out.slice_mut(..));
+        let s = Some(Strided { cols, ld });
+        match &self.absmax {
+            CudaAbsmax::F32(a) => dequantize_rows(dev, &self.packed.as_view(), Scales::F32(&a.as_view()), self.blocksize, &mut o, s),
+            CudaAbsmax::Double(dq) => dequantize_rows(dev, &self.packed.as_view(), Scales::Double(dq), self.blocksize, &mut o, s),
         }
     }
 

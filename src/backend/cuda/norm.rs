@@ -127,6 +127,40 @@ pub fn rmsnorm_forward_bf16(
     launch_kernel!(dev, f, name, launch_cfg((r32, 1), NORM_THREADS), [x, w, &r32, &d32, &eps, &yp, yb, &rp])
 }
 
+/// [`rmsnorm_forward_bf16`]'s bf16 `y` alone written into the first `dim`
+/// columns of `yb` `[rows, ld]` (a wide operand, `ld ≥ dim`), columns
+/// `dim..ld` zeroed: the same bf16 values.
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_forward_wide_bf16(
+    dev: &CudaDevice,
+    x: &CudaView<'_, f32>,
+    w: &CudaView<'_, f32>,
+    rows: usize,
+    dim: usize,
+    eps: f32,
+    yb: &mut CudaViewMut<'_, u16>,
+    ld: usize,
+    rstd: Option<&mut CudaViewMut<'_, f32>>,
+) -> Result<()> {
+    check_forward(dev, x, w, rows, dim)?;
+    if ld < dim {
+        bail!(InvalidShape, "rmsnorm: a wide output's row stride {ld} is below its {dim} columns");
+    }
+    check_len(yb.len(), rows * ld, "wide bf16 y")?;
+    dev.check_stream(yb, "rmsnorm wide bf16 y")?;
+    let rp = out_ptr(dev, rows, rstd, "rmsnorm rstd")?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let name = "norm_rmsnorm_fwd_wide_bf16";
+    let f = dev.function(&NORM_CU, name)?;
+    let (r32, d32, ld64) = (rows as u32, dim as u32, ld as u64);
+    // SAFETY: (ptr, ptr, u32, u32, f32, u64, ptr, ptr) as the kernel; one
+    // block per row touches row `blockIdx.x` of x and of yb (ld elements)
+    // and rstd[row] (lengths checked above); a 0 rstd is never written.
+    launch_kernel!(dev, f, name, launch_cfg((r32, 1), NORM_THREADS), [x, w, &r32, &d32, &eps, &ld64, yb, &rp])
+}
+
 /// [`rmsnorm_backward`]'s `dx` (no `dw`: a frozen norm) with, given `res`,
 /// the residual stream's gradient added (`dx = norm's dx + res`, bit for
 /// bit `elementwise::add` after it) and, with `dxb`, its bf16 rounding
