@@ -64,3 +64,13 @@ extern "C" __global__ void __launch_bounds__(EW_THREADS)
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
         dst[(i / cols) * ld + off + i % cols] = src[i];
 }
+
+// y[i * ld + off + j] = bf16(x[i * cols + j]) for i < rows, j < cols: the
+// conversion of a contiguous [rows, cols] matrix into columns off..off+cols
+// of a wider bf16 one [rows, ld]. Grid-stride over rows * cols.
+extern "C" __global__ void __launch_bounds__(EW_THREADS)
+    elementwise_f32_to_bf16_cols(const float* __restrict__ x, u64 rows, u32 cols, u64 ld, u64 off, u16* __restrict__ y) {
+    const u64 n = rows * cols;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        y[(i / cols) * ld + off + i % cols] = ew_f32_to_bf16_bits(x[i]);
+}

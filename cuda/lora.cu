@@ -229,3 +229,13 @@ extern "C" __global__ void __launch_bounds__(LORA_THREADS)
         w[o * ld + in_f + t] = (t >= off && t < (u64)off + r) ? lora_bf16(__fmul_rn(s, b[o * r + (t - off)])) : (u16)0;
     }
 }
+
+// The adapter's rows of a stacked input-gradient product's weight:
+// out[k, c] = bf16(s * A[k, c]) for k < r, 0 for r <= k < rows (padding), so
+// that [.. | g]·[..; s·A] adds s·g·A. Grid-stride over rows * in.
+extern "C" __global__ void __launch_bounds__(LORA_THREADS)
+    lora_scaled_rows_bf16(const float* __restrict__ a, u32 r, u32 in_f, float s, u32 rows, u16* __restrict__ out) {
+    const u64 n = (u64)rows * in_f;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        out[i] = (i / in_f < r) ? lora_bf16(__fmul_rn(s, a[i])) : (u16)0;
+}

@@ -85,8 +85,11 @@ extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
 // (sign 1) or -theta (sign -1) into y (fp32, skipped when null) and yb (its
 // bf16 rounding, the tensor-core attention's or a product's operand): bit
 // for bit the in-place kernels followed by elementwise_f32_to_bf16.
+// yb's rows (one per token, heads * 2 * half values) start ld elements
+// apart, at column off (ld = heads * 2 * half and off = 0: contiguous).
 __device__ __forceinline__ void rope_rotate_out(const float* __restrict__ x, float* __restrict__ y, u16* __restrict__ yb, u32 seq, u32 heads, u32 half,
-                                                u64 pairs, const float* __restrict__ cos_t, const float* __restrict__ sin_t, float sign) {
+                                                u64 pairs, const float* __restrict__ cos_t, const float* __restrict__ sin_t, float sign,
+                                                u64 ld, u64 off) {
     for (u64 p = (u64)blockIdx.x * blockDim.x + threadIdx.x; p < pairs; p += (u64)gridDim.x * blockDim.x) {
         const u64 vec = p / half;
         const u32 i = (u32)(p - vec * half);
@@ -100,8 +103,9 @@ __device__ __forceinline__ void rope_rotate_out(const float* __restrict__ x, flo
             y[base + i] = y1;
             y[base + half + i] = y2;
         }
-        yb[base + i] = rope_bf16(y1);
-        yb[base + half + i] = rope_bf16(y2);
+        const u64 bb = (vec / heads) * ld + off + (vec % heads) * 2 * half;
+        yb[bb + i] = rope_bf16(y1);
+        yb[bb + half + i] = rope_bf16(y2);
     }
 }
 
@@ -109,12 +113,21 @@ __device__ __forceinline__ void rope_rotate_out(const float* __restrict__ x, flo
 extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
     rope_fwd_out_f32(const float* __restrict__ x, float* __restrict__ y, u16* __restrict__ yb, u32 seq, u32 heads, u32 half, u64 pairs,
                      const float* __restrict__ cos_t, const float* __restrict__ sin_t) {
-    rope_rotate_out(x, y, yb, seq, heads, half, pairs, cos_t, sin_t, 1.0f);
+    rope_rotate_out(x, y, yb, seq, heads, half, pairs, cos_t, sin_t, 1.0f, (u64)heads * 2 * half, 0);
 }
 
 // Backward (-theta) out of place: dx (optional) and its bf16 rounding.
 extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
     rope_bwd_out_f32(const float* __restrict__ dy, float* __restrict__ dx, u16* __restrict__ dxb, u32 seq, u32 heads, u32 half, u64 pairs,
                      const float* __restrict__ cos_t, const float* __restrict__ sin_t) {
-    rope_rotate_out(dy, dx, dxb, seq, heads, half, pairs, cos_t, sin_t, -1.0f);
+    rope_rotate_out(dy, dx, dxb, seq, heads, half, pairs, cos_t, sin_t, -1.0f, (u64)heads * 2 * half, 0);
+}
+
+// Backward (-theta) into bf16 alone, each token's row written at column off
+// of rows ld apart (a wide operand: the stacked input-gradient product's
+// [dq | dk | dv | ...]); the same bits as rope_bwd_out_f32's dxb.
+extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
+    rope_bwd_wide_bf16(const float* __restrict__ dy, u16* __restrict__ dxb, u32 seq, u32 heads, u32 half, u64 pairs,
+                       const float* __restrict__ cos_t, const float* __restrict__ sin_t, u64 ld, u64 off) {
+    rope_rotate_out(dy, 0, dxb, seq, heads, half, pairs, cos_t, sin_t, -1.0f, ld, off);
 }

@@ -248,3 +248,62 @@ fn wide_operands_fold_an_adapter_into_one_product() {
     let src = dev.alloc_filled::<u16>(4 * 8, 0).unwrap();
     assert!(ew::copy_cols_bf16(dev, &src.as_view(), 4, 8, &mut wb.as_view_mut(), 40, 33).is_err());
 }
+
+/// The kernels that write the lean step's stacked input-gradient operand
+/// `[dq | dk | dv | g…]` and weight rows `[…; s·A]`: RoPE's backward into
+/// a block of wide rows (the bits of `rope_bf16` with `backward`), the fp32
+/// → bf16 conversion into a block (the bits of `to_bf16`), each leaving the
+/// other columns as they were; and `bf16(s·A)` rows with zero padding.
+#[test]
+fn stacked_gradient_operand_kernels_write_their_blocks() {
+    use lora::backend::cpu::rope as crope;
+    use lora::backend::cuda::{lora as glora, rope as grope};
+    let Some(dev) = gpu("stacked_gradient_operand_kernels_write_their_blocks") else { return };
+    let mut rng = Rng(29);
+    for &(b, t, h, d, extra, off) in &[(1usize, 3usize, 2usize, 8usize, 0usize, 0usize), (2, 5, 3, 16, 40, 24), (1, 9, 4, 64, 8, 8)] {
+        let (tokens, w) = (b * t, h * d);
+        let ld = w + extra + off;
+        let table = crope::RopeTable::new(&crope::rope_inv_freq(d, 10000.0), 3, t);
+        let gt = grope::CudaRopeTable::upload(dev, &table).unwrap();
+        let x = vecr(&mut rng, tokens * w);
+        let xd = dev.upload(&x).unwrap();
+        let mut want = dev.alloc_filled::<u16>(tokens * w, 0xFF).unwrap();
+        grope::rope_bf16(dev, &xd.as_view(), None, &mut want.as_view_mut(), b, t, h, d, &gt, true).unwrap();
+        let want = dev.download(&want).unwrap();
+        let mut wide = dev.alloc_filled::<u16>(tokens * ld, 0xFF).unwrap();
+        grope::rope_bwd_wide_bf16(dev, &xd.as_view(), &mut wide.as_view_mut(), ld, off, b, t, h, d, &gt).unwrap();
+        let got = dev.download(&wide).unwrap();
+        let mut conv = dev.alloc_filled::<u16>(tokens * ld, 0xFF).unwrap();
+        ew::to_bf16_cols(dev, &xd.as_view(), tokens, w, &mut conv.as_view_mut(), ld, off).unwrap();
+        let conv = dev.download(&conv).unwrap();
+        for i in 0..tokens {
+            for c in 0..ld {
+                let inside = (off..off + w).contains(&c);
+                let (wr, wc) = if inside { (want[i * w + c - off], bf16::from_f32(x[i * w + c - off]).to_bits()) } else { (0xFFFF, 0xFFFF) };
+                assert_eq!(got[i * ld + c], wr, "rope into a wide block [{b}, {t}, {h}, {d}] ld {ld} off {off}: [{i}, {c}]");
+                assert_eq!(conv[i * ld + c], wc, "to_bf16_cols ld {ld} off {off}: [{i}, {c}]");
+            }
+        }
+    }
+    for &(r, inf, rows, s) in &[(1usize, 8usize, 8usize, 2.0f32), (4, 64, 8, 0.75), (16, 40, 16, 1.0)] {
+        let a = vecr(&mut rng, r * inf);
+        let ad = dev.upload(&a).unwrap();
+        let mut out = dev.alloc_filled::<u16>(rows * inf, 0xFF).unwrap();
+        glora::scaled_rows_bf16(dev, &ad.as_view(), r, inf, s, &mut out.as_view_mut(), rows).unwrap();
+        let got = dev.download(&out).unwrap();
+        for (i, &g) in got.iter().enumerate() {
+            let want = if i / inf < r { bf16::from_f32(s * a[i]).to_bits() } else { 0 };
+            assert_eq!(g, want, "scaled rows r {r} rows {rows}: element {i}");
+        }
+    }
+    // Refusals: a block past the row, padding rows fewer than the rank.
+    let table = crope::RopeTable::new(&crope::rope_inv_freq(8, 10000.0), 0, 2);
+    let gt = grope::CudaRopeTable::upload(dev, &table).unwrap();
+    let x = dev.alloc_filled::<f32>(2 * 16, 0).unwrap();
+    let mut y = dev.alloc_filled::<u16>(2 * 20, 0).unwrap();
+    assert!(grope::rope_bwd_wide_bf16(dev, &x.as_view(), &mut y.as_view_mut(), 20, 8, 1, 2, 2, 8, &gt).is_err());
+    assert!(ew::to_bf16_cols(dev, &x.as_view(), 2, 16, &mut y.as_view_mut(), 20, 5).is_err());
+    let a = dev.alloc_filled::<f32>(4 * 8, 0).unwrap();
+    let mut o = dev.alloc_filled::<u16>(2 * 8, 0).unwrap();
+    assert!(glora::scaled_rows_bf16(dev, &a.as_view(), 4, 8, 1.0, &mut o.as_view_mut(), 2).is_err());
+}

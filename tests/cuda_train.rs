@@ -710,7 +710,9 @@ fn device_options_through_the_c_api() {
 }
 
 /// Folding adapters into their base products (the lean step's default:
-/// q, k, v, gate and up take `[x | x·Aᵀ]·[W | s·B]ᵀ` as one product) against
+/// q, k, v, gate and up take `[x | x·Aᵀ]·[W | s·B]ᵀ` as one product, and
+/// q, k and v's input gradient is one product over `[dq | dk | dv | g…]`
+/// and `[W_q; W_k; W_v; s·A…]`) against
 /// the unfolded lean step and the CPU: the same sums of the same bf16
 /// operands but for one rounding less of gate and up, so the losses agree
 /// far inside the bf16 bound; the folded products run (profile), and the
@@ -749,14 +751,18 @@ fn folded_adapter_products_match_the_unfolded() {
             })
             .unwrap();
             let losses = run(&mut t, &ids, batch, seq, steps);
-            let folded = t.with_device_model(|g| g.profile().unwrap_or_default().iter().filter(|p| p.0.contains("adapter folded")).map(|p| p.2).sum::<u64>()).unwrap();
-            (losses, weights(&t), folded)
+            let mut count = |what: &str| t.with_device_model(|g| g.profile().unwrap_or_default().iter().filter(|p| p.0.contains(what)).map(|p| p.2).sum::<u64>()).unwrap();
+            let (folded, stacked) = (count("adapter folded"), count("stacked"));
+            (losses, weights(&t), folded, stacked)
         };
-        let ((lf, wf, nf), (lu, wu, nu)) = (go(true), go(false));
+        let ((lf, wf, nf, sf), (lu, wu, nu, su)) = (go(true), go(false));
         // Per step and layer: q, k, v, gate and up forward, and q, k, v
-        // recomputed in the backward.
+        // recomputed in the backward; q, k and v's input gradient stacked
+        // (every layer but the first, whose input gradient is not made).
         assert!(nf > 0, "{name}: no folded product ran with folding on");
         assert_eq!(nu, 0, "{name}: a folded product ran with folding off");
+        assert!(sf > 0, "{name}: no stacked input-gradient product ran with folding on");
+        assert_eq!(su, 0, "{name}: a stacked input-gradient product ran with folding off");
         let e = check_losses(&format!("{name}: folded against unfolded lean step"), &lu, &lf, 2e-3);
         let eg = lf.iter().zip(&lu).map(|(a, b)| (a.1 - b.1).abs() / b.1.abs()).fold(0f64, f64::max);
         assert!(eg <= 1e-2, "{name}: gradient norms folded {lf:?} vs unfolded {lu:?}");
@@ -767,6 +773,6 @@ fn folded_adapter_products_match_the_unfolded() {
         assert!(ew <= 2e-2, "{name}: adapters after {steps} steps differ by {ew:.2e} (rel L2) folded vs unfolded");
         assert_ne!(lf, lu, "{name}: folding changed no bits: set_fold did not reach the step");
         let ec = check_losses(&format!("{name}: folded lean step against the CPU"), &want, &lf, 2e-2);
-        eprintln!("{name}: {nf} folded products over {steps} steps; losses within {e:.2e} of the unfolded lean step (gradient norms {eg:.2e}), {ec:.2e} of the CPU; adapters {ew:.2e} apart");
+        eprintln!("{name}: {nf} folded products and {sf} stacked input-gradient products over {steps} steps; losses within {e:.2e} of the unfolded lean step (gradient norms {eg:.2e}), {ec:.2e} of the CPU; adapters {ew:.2e} apart");
     }
 }

@@ -50,7 +50,9 @@
 //! reads a normed input (q, k, v; gate, up) into its base product: the
 //! input is written wide, `[x | x·Aᵀ …]`, the weight dequantized into the
 //! rows of `[W | s·B]`, and one product gives `x·Wᵀ + s·(x·Aᵀ)·Bᵀ` without
-//! the adapter's expand, which read and wrote the whole output again
+//! the adapter's expand, which read and wrote the whole output again; and
+//! its backward makes q, k and v's input gradient as one product over
+//! `[dq | dk | dv | g…]` and `[W_q; W_k; W_v; s·A…]`
 //! ([`DeviceModel::set_fold`]; not with LoRA dropout).
 //!
 //! Memory: per layer a training step keeps the layer input, the attention
@@ -444,6 +446,17 @@ enum Act<'a> {
     /// bf16 in the first columns of a wide buffer ([`Wide`]): only matrix
     /// products read it (no fp32 form, no contiguous bf16 form).
     Wide(&'a Wide),
+    /// bf16 in a block of columns of a wide buffer ([`Cols`]), as `Wide`.
+    Cols(Cols<'a>),
+}
+
+/// Columns `off..off + cols` of a bf16 buffer of rows `ld` apart.
+#[derive(Clone, Copy)]
+struct Cols<'a> {
+    buf: &'a CudaSlice<u16>,
+    off: usize,
+    cols: usize,
+    ld: usize,
 }
 
 /// How a lean training step folds adapters into the base products of the
@@ -483,6 +496,17 @@ impl Normed {
             Normed::Wide(w) => Ok(Act::Wide(w)),
         }
     }
+}
+
+/// The lean step's input gradient of q, k and v as one product
+/// ([`DeviceModel::qkv_backward_stacked`]): the bf16 operand
+/// `[dq | dk | dv | g_q | g_k | g_v]` of rows `ld` apart (each adapter's
+/// block padded to a multiple of 8 columns) against the rows
+/// `[W_q; W_k; W_v; s·A_q; s·A_k; s·A_v]`.
+struct DxStack {
+    ld: usize,
+    /// Each of q, k, v's adapter block's first column (`None`: no adapter).
+    tails: [Option<usize>; 3],
 }
 
 /// The folded modules' `x·Aᵀ` from [`DeviceModel::normed_for`], by module.
@@ -541,16 +565,7 @@ impl<'a> Act<'a> {
                 ew::from_bf16(d, &b.as_view(), &mut x.as_view_mut(), false)?;
                 Ok(Held::Own(x))
             }
-            Act::Wide(_) => bail!(Internal, "an fp32 read of a wide operand"),
-        }
-    }
-
-    /// The bf16 form (rounded into new scratch if there is none).
-    fn bf16(self, d: &CudaDevice) -> Result<Held<'a, u16>> {
-        match self {
-            Act::Bf16(b) | Act::Both(_, b) => Ok(Held::Ref(b)),
-            Act::F32(x) => bf16_copy(d, x).map(Held::Own),
-            Act::Wide(_) => bail!(Internal, "a contiguous read of a wide operand"),
+            Act::Wide(_) | Act::Cols(_) => bail!(Internal, "an fp32 read of a wide operand"),
         }
     }
 
@@ -558,7 +573,7 @@ impl<'a> Act<'a> {
     fn given_bf16(self) -> Option<&'a CudaSlice<u16>> {
         match self {
             Act::Bf16(b) | Act::Both(_, b) => Some(b),
-            Act::F32(_) | Act::Wide(_) => None,
+            Act::F32(_) | Act::Wide(_) | Act::Cols(_) => None,
         }
     }
 
@@ -568,6 +583,12 @@ impl<'a> Act<'a> {
             Act::Bf16(b) | Act::Both(_, b) => MatRef::bf16(d, &b.as_view(), rows, cols),
             Act::F32(x) => MatRef::f32(d, &x.as_view(), rows, cols),
             Act::Wide(w) => w.operand(d, rows, cols),
+            Act::Cols(c) => {
+                if cols != c.cols {
+                    bail!(Internal, "a block of {} wide columns read as {cols}", c.cols);
+                }
+                MatRef::bf16_ld(d, &c.buf.slice(c.off..), rows, cols, c.ld)
+            }
         }
     }
 
@@ -1466,7 +1487,11 @@ impl DeviceModel {
     /// the same products of the same bf16 operands, except `s·B` rounded
     /// to bf16 once (for a power-of-two scale the same value as `B`'s bf16
     /// copy times `s`), accumulated in one pass: a bf16 output (gate, up)
-    /// is rounded once instead of twice. Off, for checks and benchmarks.
+    /// is rounded once instead of twice. The same switch makes q, k and
+    /// v's input gradient one product in the backward
+    /// ([`qkv_backward_stacked`](Self::qkv_backward_stacked)): `[dq | dk |
+    /// dv | g…]·[W_q; W_k; W_v; s·A…]` instead of six products into one
+    /// buffer. Off, for checks and benchmarks.
     pub fn set_fold(&mut self, on: bool) {
         self.fold_on = on;
     }
@@ -1898,15 +1923,15 @@ impl DeviceModel {
                         &hcopy
                     }
                 };
-                let dyb = dy.bf16(d)?;
-                let mut xkeep = None;
+                let (mut xkeep, mut dykeep) = (None, None);
                 let xm = xin.bf16_operand(d, n, in_f, &mut xkeep)?;
+                let dym = dy.bf16_operand(d, n, out_f, &mut dykeep)?;
                 let pb = params_b.as_ref().ok_or_else(|| err!(Internal, "bf16 adapter products without the weights' bf16 copy"))?;
                 let bb = pb.slice(ad.b.clone());
-                let (dybv, hbv) = (dyb.as_view(), hb.as_view());
+                let hbv = hb.as_view();
                 let mut gb = out_buf::<u16>(d, n * r)?;
-                gemm(d, blas, MatRef::bf16(d, &dybv, n, out_f)?, false, MatRef::bf16(d, &bb, out_f, r)?, false, &mut gb.as_view_mut(), 1.0, 0.0)?;
-                gemm(d, blas, MatRef::bf16(d, &dybv, n, out_f)?, true, MatRef::bf16(d, &hbv, n, r)?, false, &mut grads.slice_mut(rb), s, 1.0)?;
+                gemm(d, blas, dym, false, MatRef::bf16(d, &bb, out_f, r)?, false, &mut gb.as_view_mut(), 1.0, 0.0)?;
+                gemm(d, blas, dym, true, MatRef::bf16(d, &hbv, n, r)?, false, &mut grads.slice_mut(rb), s, 1.0)?;
                 let gbv = gb.as_view();
                 gemm(d, blas, MatRef::bf16(d, &gbv, n, r)?, true, xm, false, &mut grads.slice_mut(ra), s, 1.0)?;
                 Saved::Bf16(gb)
@@ -2136,6 +2161,11 @@ impl DeviceModel {
         }
         self.tock(t, "attention backward")?;
         drop((q, k, v, att, lse, datt));
+        if lean && need_dx {
+            if let Some(plan) = self.dx_stack_plan(l, tr) {
+                return self.qkv_backward_stacked(tr, l, x_in, h1f, &hs, [dq, dk, dv], &plan, (&rstd1, &dxm), batch, seq);
+            }
+        }
         let table = self.rope.as_ref().expect("rope table made for this sequence length");
         // The gradients of q, k (rotated back) and v in the forms the
         // products take: lean, straight into bf16 (one pass each, the fp32
@@ -2182,6 +2212,111 @@ impl DeviceModel {
         }
     }
 
+    /// Whether the lean step's backward of layer `l`'s q, k and v makes
+    /// their input gradient as one product, and how ([`DxStack`]): folding
+    /// on, each of the three weights NF4 (2-D) or bf16, no LoRA dropout on
+    /// them (its gradient goes through the mask in fp32), and a hidden size
+    /// that is a multiple of 8 (each weight's rows start 16-byte aligned).
+    fn dx_stack_plan(&self, l: usize, tr: Train) -> Option<DxStack> {
+        if !self.fold_on || !self.lean() || self.cfg.hidden_size % 8 != 0 {
+            return None;
+        }
+        let Dims { qd, kvd, .. } = Dims::of(&self.cfg);
+        let mut col = qd + 2 * kvd;
+        let mut tails = [None; 3];
+        for (i, j) in [Q, K, V].into_iter().enumerate() {
+            let lin = &self.layers[l].lin[j];
+            let weight_ok = match &lin.w {
+                Weight::Nf4(t) => t.shape.len() == 2,
+                Weight::Bf16(_) => true,
+                Weight::F32(_) => false,
+            };
+            if !weight_ok {
+                return None;
+            }
+            if let Some(ad) = lin.ads[tr.set].as_ref() {
+                if ad.dropout > 0.0 {
+                    return None;
+                }
+                tails[i] = Some(col);
+                col += ad.r.next_multiple_of(8);
+            }
+        }
+        Some(DxStack { ld: col, tails })
+    }
+
+    /// The lean step's backward of layer `l`'s q, k and v with their input
+    /// gradient as one product ([`DxStack`]): the gradients of q and k
+    /// rotated back and v's rounded straight into the wide bf16 buffer
+    /// `[dq | dk | dv | g_q | g_k | g_v]`, each adapter's gradients from its
+    /// block (`g = dy·B` then placed in the tail), and
+    /// `dh1 = [dq | dk | dv | g…]·[W_q; W_k; W_v; s·A…]` over the weights
+    /// dequantized (or copied) into consecutive rows: one product instead
+    /// of three base products and three adapter ones, five of which read
+    /// and wrote `dh1` again. Then the norm's backward, as the unstacked
+    /// path ends.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn qkv_backward_stacked(&mut self, tr: Train, l: usize, x_in: &CudaSlice<f32>, h1f: Option<Normed>, hs: &[Option<Saved>], [dq, dk, dv]: [CudaSlice<f32>; 3], plan: &DxStack, (rstd1, dxm): (&CudaSlice<f32>, &CudaSlice<f32>), batch: usize, seq: usize) -> Result<(CudaSlice<f32>, Option<CudaSlice<u16>>)> {
+        let dev = self.dev.clone();
+        let d = &*dev;
+        let Dims { h, qd, kvd, nh, nkv, hd, .. } = Dims::of(&self.cfg);
+        let (n, ld) = (batch * seq, plan.ld);
+        let blocks = [(Q, 0, qd), (K, qd, kvd), (V, qd + kvd, kvd)];
+        let mut st = out_buf::<u16>(d, n * ld)?;
+        {
+            let table = self.rope.as_ref().ok_or_else(|| err!(Internal, "no RoPE table for this sequence length"))?;
+            crope::rope_bwd_wide_bf16(d, &dq.as_view(), &mut st.as_view_mut(), ld, 0, batch, seq, nh, hd, table)?;
+            crope::rope_bwd_wide_bf16(d, &dk.as_view(), &mut st.as_view_mut(), ld, qd, batch, seq, nkv, hd, table)?;
+        }
+        ew::to_bf16_cols(d, &dv.as_view(), n, kvd, &mut st.as_view_mut(), ld, qd + kvd)?;
+        drop((dq, dk, dv));
+        let h1 = match h1f {
+            Some(f) => f,
+            None => Normed::Forms(self.normed(x_in, &self.layers[l].attn_norm, n, None, true)?),
+        };
+        let h1a = h1.act()?;
+        for (i, (j, off, cols)) in blocks.into_iter().enumerate() {
+            let dy = Act::Cols(Cols { buf: &st, off, cols, ld });
+            match (self.lin_grads(tr, l, j, h1a, hs[j].as_ref(), dy, n, true)?, plan.tails[i]) {
+                (None, None) => {}
+                (Some(LoraG { ad, g: Saved::Bf16(gb) }), Some(t0)) => {
+                    ew::copy_cols_bf16(d, &gb.as_view(), n, ad.r, &mut st.as_view_mut(), ld, t0)?;
+                    // The block's padding: zeros (its weight rows are zero,
+                    // and 0·NaN would not be).
+                    let pad = ad.r.next_multiple_of(8) - ad.r;
+                    if pad > 0 {
+                        let z = d.alloc_filled::<u16>(n * pad, 0)?;
+                        ew::copy_cols_bf16(d, &z.as_view(), n, pad, &mut st.as_view_mut(), ld, t0 + ad.r)?;
+                    }
+                }
+                _ => bail!(Internal, "linear ({l}, {j}): its adapter's gradient does not fit the stacked product"),
+            }
+        }
+        drop(h1);
+        let tk = self.tick()?;
+        let mut ws = out_buf::<u16>(d, ld * h)?;
+        for (i, (j, r0, rows)) in blocks.into_iter().enumerate() {
+            let lin = &self.layers[l].lin[j];
+            let mut dst = ws.slice_mut(r0 * h..(r0 + rows) * h);
+            match &lin.w {
+                Weight::Nf4(t) => t.dequantize_into(d, &mut DevElemsMut::BF16(dst))?,
+                Weight::Bf16(w) => d.copy(w, &mut dst)?,
+                Weight::F32(_) => bail!(Internal, "an fp32 weight in the stacked bf16 product"),
+            }
+            if let (Some(t0), Some(ad)) = (plan.tails[i], lin.ads[tr.set].as_ref()) {
+                let r8 = ad.r.next_multiple_of(8);
+                glora::scaled_rows_bf16(d, &self.sets[tr.set].params.slice(ad.a.clone()), ad.r, h, ad.scale, &mut ws.slice_mut(t0 * h..(t0 + r8) * h), r8)?;
+            }
+        }
+        self.tock(tk, "NF4 dequantize")?;
+        let tg = self.tick()?;
+        let mut dh1 = out_buf::<f32>(d, n * h)?;
+        gemm(d, &self.blas, MatRef::bf16(d, &st.as_view(), n, ld)?, false, MatRef::bf16(d, &ws.as_view(), ld, h)?, false, &mut dh1.as_view_mut(), 1.0, 0.0)?;
+        self.tock(tg, "base GEMM backward (q, k, v stacked)")?;
+        drop((st, ws));
+        self.norm_backward(x_in, &self.layers[l].attn_norm, rstd1, &dh1, Some(dxm), n)
+    }
+
     /// The backward of `w·rmsnorm(x)` of `n` rows given the output's
     /// gradient `dy`: `dx` (plus `res`, the residual stream's gradient, when
     /// given) and, in BF16 mode, its bf16 copy (the next products'
@@ -2221,7 +2356,7 @@ impl DeviceModel {
             let xa = match hfa {
                 Act::Bf16(b) | Act::Both(_, b) => MatRef::bf16(d, &b.slice(r0 * h..r1 * h), rc, h)?,
                 Act::F32(f) => MatRef::f32(d, &f.slice(r0 * h..r1 * h), rc, h)?,
-                Act::Wide(_) => bail!(Internal, "the head's input held wide"),
+                Act::Wide(_) | Act::Cols(_) => bail!(Internal, "the head's input held wide"),
             };
             gemm(d, &self.blas, xa, false, wm, true, &mut logits.as_view_mut(), 1.0, 0.0)?;
             f(c, r0, r1, &mut logits, wm)?;

@@ -107,12 +107,16 @@ impl<'a> MatRef<'a> {
         dev.check_stream(v, "matrix operand")?;
         Ok(MatRef { ptr: v.device_ptr(&dev.stream).0, dtype: DType::BF16, rows, cols, ld: cols, _b: PhantomData })
     }
-    /// The first `cols` columns of a bf16 matrix stored `[rows, ld]` in `v`
-    /// (a wide operand's leading block: `v` holds `rows·ld` elements).
+    /// `cols` columns of a bf16 matrix whose `rows` rows start `ld`
+    /// elements apart in `v` (a block of a wide operand: `v` starts at the
+    /// block's first element and holds at least `(rows − 1)·ld + cols`).
     pub fn bf16_ld(dev: &CudaDevice, v: &CudaView<'a, u16>, rows: usize, cols: usize, ld: usize) -> Result<MatRef<'a>> {
-        check_dims(v.len(), rows, ld, "wide bf16 matrix")?;
-        if cols == 0 || cols > ld {
-            bail!(InvalidShape, "wide bf16 matrix: {cols} columns of rows {ld} apart");
+        if cols == 0 || cols > ld || rows > i32::MAX as usize || ld > i32::MAX as usize {
+            bail!(InvalidShape, "wide bf16 matrix: [{rows}, {cols}] of rows {ld} apart");
+        }
+        let need = rows.saturating_sub(1) * ld + cols;
+        if rows > 0 && v.len() < need {
+            bail!(BufferSize, "wide bf16 matrix: [{rows}, {cols}] of rows {ld} apart needs {need} elements, the buffer has {}", v.len());
         }
         dev.check_stream(v, "matrix operand")?;
         Ok(MatRef { ptr: v.device_ptr(&dev.stream).0, dtype: DType::BF16, rows, cols, ld, _b: PhantomData })

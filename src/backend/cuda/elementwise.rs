@@ -84,15 +84,42 @@ pub fn from_bf16(dev: &CudaDevice, x: &CudaView<'_, u16>, y: &mut CudaViewMut<'_
     launch_kernel!(dev, f, name, launch_cfg((stride_grid(n, EW_THREADS), 1), EW_THREADS), [x, y, &n, &acc])
 }
 
+/// Checks a `[rows, cols]` source of `src_len` elements going into columns
+/// `off..off + cols` of a `[rows, ld]` destination of `dst_len`.
+fn check_cols(what: &str, src_len: usize, rows: usize, cols: usize, dst_len: usize, ld: usize, off: usize) -> Result<()> {
+    if rows.checked_mul(cols) != Some(src_len) || cols > u32::MAX as usize {
+        bail!(ShapeMismatch, "{what}: src of {src_len} elements is not [{rows}, {cols}]");
+    }
+    if off.checked_add(cols).is_none_or(|e| e > ld) || rows.checked_mul(ld) != Some(dst_len) {
+        bail!(ShapeMismatch, "{what}: columns {off}..{} do not fit dst [{rows}, {ld}] of {dst_len} elements", off.saturating_add(cols));
+    }
+    Ok(())
+}
+
+/// `y[i, off + j] = bf16(x[i, j])`: `x` `[rows, cols]` rounded into columns
+/// `off..off + cols` of `y` `[rows, ld]` (bits as [`to_bf16`]); the other
+/// columns are not touched (queued).
+pub fn to_bf16_cols(dev: &CudaDevice, x: &CudaView<'_, f32>, rows: usize, cols: usize, y: &mut CudaViewMut<'_, u16>, ld: usize, off: usize) -> Result<()> {
+    check_cols("to_bf16_cols", x.len(), rows, cols, y.len(), ld, off)?;
+    dev.check_stream(x, "to_bf16_cols x")?;
+    dev.check_stream(y, "to_bf16_cols y")?;
+    let n = x.len() as u64;
+    if n == 0 {
+        return Ok(());
+    }
+    let (r64, c32, ld64, off64) = (rows as u64, cols as u32, ld as u64, off as u64);
+    let name = "elementwise_f32_to_bf16_cols";
+    let f = dev.function(&ELEMENTWISE_CU, name)?;
+    // SAFETY: (ptr, u64, u32, u64, u64, ptr) as the kernel; it reads the
+    // rows·cols elements of x and writes row i's columns off..off+cols of
+    // y, all below rows·ld (checked).
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(n, EW_THREADS), 1), EW_THREADS), [x, &r64, &c32, &ld64, &off64, y])
+}
+
 /// Copies `src` `[rows, cols]` (bf16 bits) into columns `off..off + cols`
 /// of `dst` `[rows, ld]`; the other columns are not touched (queued).
 pub fn copy_cols_bf16(dev: &CudaDevice, src: &CudaView<'_, u16>, rows: usize, cols: usize, dst: &mut CudaViewMut<'_, u16>, ld: usize, off: usize) -> Result<()> {
-    if rows.checked_mul(cols) != Some(src.len()) || cols > u32::MAX as usize {
-        bail!(ShapeMismatch, "copy_cols: src of {} elements is not [{rows}, {cols}]", src.len());
-    }
-    if off.checked_add(cols).is_none_or(|e| e > ld) || rows.checked_mul(ld) != Some(dst.len()) {
-        bail!(ShapeMismatch, "copy_cols: columns {off}..{} do not fit dst [{rows}, {ld}] of {} elements", off.saturating_add(cols), dst.len());
-    }
+    check_cols("copy_cols", src.len(), rows, cols, dst.len(), ld, off)?;
     dev.check_stream(src, "copy_cols src")?;
     dev.check_stream(dst, "copy_cols dst")?;
     let n = src.len() as u64;

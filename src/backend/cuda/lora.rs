@@ -380,6 +380,27 @@ pub fn fold_tail_bf16(dev: &CudaDevice, b: &CudaView<'_, f32>, out_f: usize, r: 
     launch_kernel!(dev, f, name, launch_cfg((stride_grid(n, LORA_THREADS), 1), LORA_THREADS), [b, &o32, &r32, &s, &in32, &off32, &ld64, w])
 }
 
+/// The adapter's rows of a stacked input-gradient product's weight: `out`
+/// `[rows, in_f]` gets `bf16(s·A)` (A `[r, in_f]`) in its first `r` rows
+/// and zeros in the rest (`rows ≥ r`, padding).
+pub fn scaled_rows_bf16(dev: &CudaDevice, a: &CudaView<'_, f32>, r: usize, in_f: usize, s: f32, out: &mut CudaViewMut<'_, u16>, rows: usize) -> Result<()> {
+    let (r32, in32, rows32) = (dim32(r, "rank")?, dim32(in_f, "in")?, dim32(rows, "rows")?);
+    if a.len() != r * in_f {
+        bail!(BufferSize, "lora scaled rows: A has {} elements, [{r}, {in_f}] needs {}", a.len(), r * in_f);
+    }
+    if rows < r || rows.checked_mul(in_f) != Some(out.len()) {
+        bail!(BufferSize, "lora scaled rows: out has {} elements, not [{rows} >= {r}, {in_f}]", out.len());
+    }
+    dev.check_stream(a, "lora scaled rows A")?;
+    dev.check_stream(out, "lora scaled rows out")?;
+    let n = out.len() as u64;
+    let name = "lora_scaled_rows_bf16";
+    let f = dev.function(&LORA_CU, name)?;
+    // SAFETY: (ptr, u32, u32, f32, u32, ptr) as the kernel; it reads A's
+    // r·in_f elements (rows below r) and writes out's rows·in_f (checked).
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(n, LORA_THREADS), 1), LORA_THREADS), [a, &r32, &in32, &s, &rows32, out])
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

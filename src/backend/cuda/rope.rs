@@ -103,6 +103,31 @@ pub fn rope_bf16(
     launch_kernel!(dev, f, name, launch_cfg((stride_grid(pairs, ROPE_THREADS), 1), ROPE_THREADS), [x, &yp, &ybp, &s32, &h32, &half32, &pairs, &table.cos, &table.sin])
 }
 
+/// RoPE backward (by −θ) of `dy: [B, T, H, D]` into bf16 alone, each
+/// token's `H·D` values written at column `off` of `dxb`'s rows of `ld`
+/// (`[B·T, ld]`, a wide operand): the bits [`rope_bf16`] writes with
+/// `backward`; the other columns are not touched.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_bwd_wide_bf16(dev: &CudaDevice, dy: &CudaView<'_, f32>, dxb: &mut CudaViewMut<'_, u16>, ld: usize, off: usize, batch: usize, seq: usize, heads: usize, head_dim: usize, table: &CudaRopeTable) -> Result<()> {
+    let (pairs, s32, h32, half32) = check(dev, dy.len(), batch, seq, heads, head_dim, table)?;
+    dev.check_stream(dy, "rope dy")?;
+    dev.check_stream(dxb, "rope wide bf16 dx")?;
+    let tokens = batch * seq;
+    if off.checked_add(heads * head_dim).is_none_or(|e| e > ld) || tokens.checked_mul(ld) != Some(dxb.len()) {
+        bail!(ShapeMismatch, "rope: columns {off}..+{} do not fit a wide output [{tokens}, {ld}] of {} elements", heads * head_dim, dxb.len());
+    }
+    if pairs == 0 {
+        return Ok(());
+    }
+    let (ld64, off64) = (ld as u64, off as u64);
+    let name = "rope_bwd_wide_bf16";
+    let f = dev.function(&ROPE_CU, name)?;
+    // SAFETY: (ptr ×2, u32 ×3, u64, ptr ×2, u64 ×2) as the kernel; pair p <
+    // pairs reads dy (n elements) and writes dxb at token·ld + off + h·D +
+    // i and + half (< tokens·ld, checked), table row t < seq ≤ len.
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(pairs, ROPE_THREADS), 1), ROPE_THREADS), [dy, dxb, &s32, &h32, &half32, &pairs, &table.cos, &table.sin, &ld64, &off64])
+}
+
 /// RoPE forward in place on `x: [B, T, H, D]`, as `cpu::rope::rope_forward`.
 pub fn rope_forward(dev: &CudaDevice, x: &mut CudaViewMut<'_, f32>, batch: usize, seq: usize, heads: usize, head_dim: usize, table: &CudaRopeTable) -> Result<()> {
     rotate(dev, x, batch, seq, heads, head_dim, table, "rope_fwd_f32")
