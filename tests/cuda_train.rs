@@ -34,7 +34,7 @@
 mod common;
 
 use lora::model::gpu::{Compute, LoraPath};
-use lora::model::peft::{self, AdapterSpec};
+use lora::model::peft::{self, AdapterSpec, Targets};
 use lora::model::{LoadOptions, Model};
 use lora::quant::nf4::Nf4Params;
 use lora::rng::SplitMix64;
@@ -733,8 +733,34 @@ fn folded_adapter_products_match_the_unfolded() {
     let mut all = cases();
     let random = all.remove(3);
     let llama = all.remove(0);
-    let runs: Vec<(&str, Box<dyn Fn() -> Model>, usize, usize)> = vec![("llama_nf4", llama.model, llama.batch, llama.seq), ("qwen2 quantized (biases)", Box::new(qwen), 2, 40), ("random_hd128_nf4", random.model, random.batch, random.seq)];
-    for (name, model, batch, seq) in runs {
+    // Widths the folds do not take: hidden 200 (not a multiple of 32: no
+    // forward fold; a multiple of 8: the stacked gradient), hidden 100
+    // (neither: the unfolded step, bit for bit); adapters on q, v, up and
+    // down only, rank 12 but 4 on v (both padded to 16 columns), alpha 24.
+    let odd = |hidden: usize, heads: usize| -> Box<dyn Fn() -> Model> {
+        Box::new(move || {
+            let cfg = serde_json::json!({
+                "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden, "intermediate_size": 352,
+                "num_hidden_layers": 2, "num_attention_heads": heads, "num_key_value_heads": heads / 2, "vocab_size": 500,
+                "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256, "tie_word_embeddings": true
+            });
+            let mut m = Model::random(&cfg.to_string(), 0.02, LoadOptions { quantize: Some(Nf4Params::default()), seed: 5 }).unwrap();
+            let mut spec = AdapterSpec::new(12, 24.0);
+            spec.targets = Targets::Names(vec!["q_proj".into(), "v_proj".into(), "up_proj".into(), "down_proj".into()]);
+            spec.rank_pattern = vec![("v_proj".into(), 4)];
+            m.add_adapter("a", spec).unwrap();
+            m
+        })
+    };
+    // (name, model, batch, seq, forward folds expected, stacked gradients expected)
+    let runs: Vec<(&str, Box<dyn Fn() -> Model>, usize, usize, bool, bool)> = vec![
+        ("llama_nf4", llama.model, llama.batch, llama.seq, true, true),
+        ("qwen2 quantized (biases)", Box::new(qwen), 2, 40, true, true),
+        ("random_hd128_nf4", random.model, random.batch, random.seq, true, true),
+        ("random hidden 200", odd(200, 4), 2, 24, false, true),
+        ("random hidden 100", odd(100, 2), 2, 24, false, false),
+    ];
+    for (name, model, batch, seq, want_fold, want_stack) in runs {
         let mk = || {
             let mut m = model();
             randomize_adapters(&mut m, 77);
@@ -759,10 +785,15 @@ fn folded_adapter_products_match_the_unfolded() {
         // Per step and layer: q, k, v, gate and up forward, and q, k, v
         // recomputed in the backward; q, k and v's input gradient stacked
         // (every layer but the first, whose input gradient is not made).
-        assert!(nf > 0, "{name}: no folded product ran with folding on");
+        assert_eq!(nf > 0, want_fold, "{name}: {nf} folded products with folding on");
         assert_eq!(nu, 0, "{name}: a folded product ran with folding off");
-        assert!(sf > 0, "{name}: no stacked input-gradient product ran with folding on");
+        assert_eq!(sf > 0, want_stack, "{name}: {sf} stacked input-gradient products with folding on");
         assert_eq!(su, 0, "{name}: a stacked input-gradient product ran with folding off");
+        if !want_fold && !want_stack {
+            assert_eq!(lf, lu, "{name}: nothing folds at this width, yet the bits changed");
+            assert_eq!(wf, wu, "{name}: nothing folds at this width, yet the adapter changed");
+            continue;
+        }
         let e = check_losses(&format!("{name}: folded against unfolded lean step"), &lu, &lf, 2e-3);
         let eg = lf.iter().zip(&lu).map(|(a, b)| (a.1 - b.1).abs() / b.1.abs()).fold(0f64, f64::max);
         assert!(eg <= 1e-2, "{name}: gradient norms folded {lf:?} vs unfolded {lu:?}");
