@@ -134,6 +134,24 @@ extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
     }
 }
 
+// h = silu(gate) * up from bf16 gate, up [rows, cols] into bf16 rows of ld
+// >= cols (a wide operand: the folded down projection's x·A^T columns go
+// after), columns cols..ld zeroed; the values of swiglu_fwd_out_bf16's hb.
+// Grid-stride over rows * ld.
+extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
+    swiglu_fwd_wide_bf16(const u16* __restrict__ gate, const u16* __restrict__ up, u64 rows, u32 cols, u64 ld, u16* __restrict__ hb) {
+    const u64 n = rows * ld;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        const u64 r = i / ld, c = i % ld;
+        if (c < cols) {
+            const u64 j = r * cols + c;
+            hb[i] = swiglu_bf16(__fmul_rn(swiglu_silu(swiglu_widen(gate[j])), swiglu_widen(up[j])));
+        } else {
+            hb[i] = 0;
+        }
+    }
+}
+
 __device__ __forceinline__ float swiglu_ld(const float* p) { return *p; }
 __device__ __forceinline__ float swiglu_ld(const u16* p) { return swiglu_widen(*p); }
 

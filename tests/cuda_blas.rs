@@ -253,7 +253,8 @@ fn wide_operands_fold_an_adapter_into_one_product() {
 /// `[dq | dk | dv | g…]` and weight rows `[…; s·A]`: RoPE's backward into
 /// a block of wide rows (the bits of `rope_bf16` with `backward`), the fp32
 /// → bf16 conversion into a block (the bits of `to_bf16`), each leaving the
-/// other columns as they were; and `bf16(s·A)` rows with zero padding.
+/// other columns as they were; `bf16(s·A)` rows with zero padding; and
+/// SwiGLU's product written wide (the folded down projection's input).
 #[test]
 fn stacked_gradient_operand_kernels_write_their_blocks() {
     use lora::backend::cpu::rope as crope;
@@ -295,6 +296,26 @@ fn stacked_gradient_operand_kernels_write_their_blocks() {
             let want = if i / inf < r { bf16::from_f32(s * a[i]).to_bits() } else { 0 };
             assert_eq!(g, want, "scaled rows r {r} rows {rows}: element {i}");
         }
+    }
+    // SwiGLU's bf16 product written wide: the bits of the contiguous
+    // kernel's, then zeros.
+    {
+        use lora::backend::cuda::swiglu as gswiglu;
+        let (rows, cols, ld) = (7usize, 40usize, 56usize);
+        let g: Vec<u16> = vecr(&mut rng, rows * cols).iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+        let u: Vec<u16> = vecr(&mut rng, rows * cols).iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+        let (gd, ud) = (dev.upload(&g).unwrap(), dev.upload(&u).unwrap());
+        let mut want = dev.alloc_filled::<u16>(rows * cols, 0xFF).unwrap();
+        gswiglu::swiglu_forward_bf16(dev, &gd.as_view(), &ud.as_view(), None, Some(&mut want.as_view_mut())).unwrap();
+        let want = dev.download(&want).unwrap();
+        let mut wide = dev.alloc_filled::<u16>(rows * ld, 0xFF).unwrap();
+        gswiglu::swiglu_forward_wide_bf16(dev, &gd.as_view(), &ud.as_view(), rows, cols, &mut wide.as_view_mut(), ld).unwrap();
+        let got = dev.download(&wide).unwrap();
+        for i in 0..rows {
+            assert_eq!(&got[i * ld..i * ld + cols], &want[i * cols..(i + 1) * cols], "swiglu wide row {i}");
+            assert!(got[i * ld + cols..(i + 1) * ld].iter().all(|&v| v == 0), "swiglu wide row {i}: tail not zeroed");
+        }
+        assert!(gswiglu::swiglu_forward_wide_bf16(dev, &gd.as_view(), &ud.as_view(), rows, cols, &mut wide.as_view_mut(), cols - 1).is_err());
     }
     // Refusals: a block past the row, padding rows fewer than the rank.
     let table = crope::RopeTable::new(&crope::rope_inv_freq(8, 10000.0), 0, 2);

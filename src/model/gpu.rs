@@ -47,8 +47,8 @@
 //! SwiGLU product's gradient, logits and their gradient, the attention
 //! output in bf16), and with tensor-core attention keeps q, k and v in bf16
 //! too. A lean training step also folds each adapter on an NF4 module that
-//! reads a normed input (q, k, v; gate, up) into its base product: the
-//! input is written wide, `[x | x·Aᵀ …]`, the weight dequantized into the
+//! reads a normed input (q, k, v; gate, up) or the SwiGLU product (down)
+//! into its base product: the input is written wide, `[x | x·Aᵀ …]`, the weight dequantized into the
 //! rows of `[W | s·B]`, and one product gives `x·Wᵀ + s·(x·Aᵀ)·Bᵀ` without
 //! the adapter's expand, which read and wrote the whole output again; and
 //! its backward makes q, k and v's input gradient as one product over
@@ -460,8 +460,8 @@ struct Cols<'a> {
 }
 
 /// How a lean training step folds adapters into the base products of the
-/// modules that read one normed input (q, k, v; gate, up): the input is
-/// held wide, `[x | x·A₁ᵀ | x·A₂ᵀ …]` (each block padded to a multiple of
+/// modules that read one input (q, k, v and gate, up: a normed input; down:
+/// the SwiGLU product): the input is held wide, `[x | x·A₁ᵀ | x·A₂ᵀ …]` (each block padded to a multiple of
 /// 8 columns, the padding zero), and a folded module's one product takes
 /// it against `[W | 0 … s·B …]`, whose K runs up to the end of its own
 /// block: `x·Wᵀ + s·(x·Aᵀ)·Bᵀ` without the adapter's expand product, which
@@ -476,7 +476,7 @@ struct Fold {
     slots: [Option<(usize, usize)>; 7],
 }
 
-/// A normed input `[n, cols]` held wide for folded products ([`Fold`]).
+/// An input `[n, cols]` held wide for folded products ([`Fold`]).
 struct Wide {
     buf: CudaSlice<u16>,
     cols: usize,
@@ -1300,6 +1300,7 @@ impl DeviceModel {
         let n = batch * seq;
         let shape = self.shape(l, batch, seq);
         let mut hs: Vec<Option<Saved>> = (0..7).map(|_| None).collect();
+        debug_assert_eq!(hs.len(), DOWN + 1);
         // Attention block.
         let mut rstd1 = out_buf::<f32>(d, n)?;
         let (h1, mut folded) = self.normed_for(l, &[Q, K, V], x, &self.layers[l].attn_norm, n, Some(&mut rstd1), rows)?;
@@ -1368,9 +1369,9 @@ impl DeviceModel {
             hs[UP] = self.lin_forward(l, UP, rows, h2a, n, &mut ub, 0.0)?.or(folded[UP].take());
             drop(h2);
             let (mut x_out, x_mid) = split_mid(x_mid)?;
-            let mut ab = out_buf::<u16>(d, n * it)?;
-            cswiglu::swiglu_forward_bf16(d, &gb.as_view(), &ub.as_view(), None, Some(&mut ab.as_view_mut()))?;
-            hs[DOWN] = self.lin_forward(l, DOWN, rows, Act::Bf16(&ab), n, &mut x_out, 1.0)?;
+            let (a, mut folded) = self.gated_for_down(l, &gb, &ub, n, rows)?;
+            hs[DOWN] = self.lin_forward(l, DOWN, rows, a.act()?, n, &mut x_out, 1.0)?.or(folded[DOWN].take());
+            drop(a);
             let gu = Some((Saved::Bf16(gb), Saved::Bf16(ub)));
             return Ok((Acts { rstd1, qkv, att, lse, x_mid, rstd2, gu, hs }, x_out));
         }
@@ -1481,7 +1482,8 @@ impl DeviceModel {
     /// Turns off (or back on) folding adapters into their base products in
     /// the lean training step (on by default; `LORA_CUDA_FOLD=0` at upload
     /// starts it off): the modules reading a normed input (q, k, v; gate,
-    /// up) with an NF4 weight take `[x | x·Aᵀ]·[W | s·B]ᵀ` as one product
+    /// up) or the SwiGLU product (down, in the lean step's bf16 MLP) with an
+    /// NF4 weight take `[x | x·Aᵀ]·[W | s·B]ᵀ` as one product
     /// instead of the base product and the adapter's expand, which reads
     /// and writes the whole output a second time ([`Fold`]). The sums are
     /// the same products of the same bf16 operands, except `s·B` rounded
@@ -1654,7 +1656,7 @@ impl DeviceModel {
         Ok(())
     }
 
-    /// Which of the modules `js` (reading one normed input) fold their
+    /// Which of the modules `js` (reading one input) fold their
     /// adapter into the base product in this forward ([`Fold`]): in a lean
     /// training step, each whose weight is NF4 with the trained adapter —
     /// unless one of `js` has LoRA dropout (its adapter input is an fp32
@@ -1689,19 +1691,43 @@ impl DeviceModel {
     /// The normed input of the modules `js` for their forward products:
     /// as [`normed`](Self::normed) makes it for a forward, or — when their
     /// adapters fold ([`fold_plan`](Self::fold_plan)) — wide, with each
-    /// folded module's `x·Aᵀ` written beside it (bf16, by its product, as
-    /// the unfolded lean step writes it) and returned for the backward.
+    /// folded module's `x·Aᵀ` beside it ([`widened`](Self::widened)).
     #[allow(clippy::too_many_arguments)]
     fn normed_for(&self, l: usize, js: &[usize], x: &CudaSlice<f32>, w: &CudaSlice<f32>, n: usize, rstd: Option<&mut CudaSlice<f32>>, rows: Rows<'_>) -> Result<(Normed, Folded)> {
-        let mut folded: Folded = Default::default();
         let Some(fold) = self.fold_plan(l, js, rows) else {
-            return Ok((Normed::Forms(self.normed(x, w, n, rstd, false)?), folded));
+            return Ok((Normed::Forms(self.normed(x, w, n, rstd, false)?), Default::default()));
         };
         let d = &*self.dev;
         let (h, eps) = (self.cfg.hidden_size, self.cfg.rms_norm_eps);
         let mut buf = out_buf::<u16>(d, n * fold.ld)?;
         let mut rv = rstd.map(|r| r.as_view_mut());
         cnorm::rmsnorm_forward_wide_bf16(d, &x.as_view(), &w.as_view(), n, h, eps, &mut buf.as_view_mut(), fold.ld, rv.as_mut())?;
+        self.widened(l, fold, buf, h, n)
+    }
+
+    /// The lean training step's SwiGLU product of the bf16 gate and up (the
+    /// down projection's input), wide when its adapter folds
+    /// ([`fold_plan`](Self::fold_plan)), with its `x·Aᵀ` beside it.
+    fn gated_for_down(&self, l: usize, gb: &CudaSlice<u16>, ub: &CudaSlice<u16>, n: usize, rows: Rows<'_>) -> Result<(Normed, Folded)> {
+        let d = &*self.dev;
+        let it = self.cfg.intermediate_size;
+        let Some(fold) = self.fold_plan(l, &[DOWN], rows) else {
+            let mut ab = out_buf::<u16>(d, n * it)?;
+            cswiglu::swiglu_forward_bf16(d, &gb.as_view(), &ub.as_view(), None, Some(&mut ab.as_view_mut()))?;
+            return Ok((Normed::Forms((None, Some(ab))), Default::default()));
+        };
+        let mut buf = out_buf::<u16>(d, n * fold.ld)?;
+        cswiglu::swiglu_forward_wide_bf16(d, &gb.as_view(), &ub.as_view(), n, it, &mut buf.as_view_mut(), fold.ld)?;
+        self.widened(l, fold, buf, it, n)
+    }
+
+    /// A wide input `buf` `[n, fold.ld]` whose first `h` columns hold the
+    /// input and the rest zeros: each folded module's `x·Aᵀ` (bf16,
+    /// written by its product, as the unfolded lean step writes it) placed
+    /// in its block, and returned for the backward.
+    fn widened(&self, l: usize, fold: Fold, mut buf: CudaSlice<u16>, h: usize, n: usize) -> Result<(Normed, Folded)> {
+        let d = &*self.dev;
+        let mut folded: Folded = Default::default();
         let set = &self.sets[fold.set];
         let pb = set.params_b.as_ref().ok_or_else(|| err!(Internal, "bf16 adapter products without the weights' bf16 copy"))?;
         for (j, slot) in fold.slots.iter().enumerate() {

@@ -127,6 +127,27 @@ pub fn swiglu_forward_bf16(dev: &CudaDevice, gate: &CudaView<'_, u16>, up: &Cuda
     launch_kernel!(dev, f, name, launch_cfg((stride_grid(n64, SWIGLU_THREADS), 1), SWIGLU_THREADS), [&gp, &up_, &n64, &hp, &hbp])
 }
 
+/// [`swiglu_forward_bf16`]'s bf16 `h` of `gate`, `up` `[rows, cols]`
+/// written into the first `cols` columns of `hb` `[rows, ld]` (a wide
+/// operand), columns `cols..ld` zeroed: the same bf16 values.
+pub fn swiglu_forward_wide_bf16(dev: &CudaDevice, gate: &CudaView<'_, u16>, up: &CudaView<'_, u16>, rows: usize, cols: usize, hb: &mut CudaViewMut<'_, u16>, ld: usize) -> Result<()> {
+    let n = gate.len();
+    if rows.checked_mul(cols) != Some(n) || cols > u32::MAX as usize || ld < cols || rows.checked_mul(ld) != Some(hb.len()) {
+        bail!(ShapeMismatch, "swiglu wide: gate of {n} elements as [{rows}, {cols}] into [{rows}, {ld}] of {} elements", hb.len());
+    }
+    let (gp, up_) = (in_ptr_bf16(dev, n, gate, "gate")?, in_ptr_bf16(dev, n, up, "up")?);
+    dev.check_stream(hb, "swiglu wide bf16 h")?;
+    if n == 0 {
+        return Ok(());
+    }
+    let (r64, c32, ld64, total) = (rows as u64, cols as u32, ld as u64, hb.len() as u64);
+    let name = "swiglu_fwd_wide_bf16";
+    let f = dev.function(&SWIGLU_CU, name)?;
+    // SAFETY: (ptr, ptr, u64, u32, u64, ptr) as the kernel; it reads
+    // rows·cols elements of gate and up and writes rows·ld of hb (checked).
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(total, SWIGLU_THREADS), 1), SWIGLU_THREADS), [&gp, &up_, &r64, &c32, &ld64, hb])
+}
+
 /// The outputs of [`swiglu_backward_bf16`] and [`swiglu_backward_bf16_dh`],
 /// each optional.
 #[derive(Default)]
