@@ -134,17 +134,20 @@ extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
     }
 }
 
-// h = silu(gate) * up from bf16 gate, up [rows, cols] into bf16 rows of ld
-// >= cols (a wide operand: the folded down projection's x·A^T columns go
+// h = silu(gate) * up from bf16 gate, up [rows, cols] whose rows start
+// in_ld elements apart (cols: separate buffers; more: gate and up side by
+// side in one wide buffer, up = gate + cols) into bf16 rows of ld >= cols
+// (ld > cols: a wide operand, the folded down projection's x·A^T columns go
 // after), columns cols..ld zeroed; the values of swiglu_fwd_out_bf16's hb.
 // Grid-stride over rows * ld.
 extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
-    swiglu_fwd_wide_bf16(const u16* __restrict__ gate, const u16* __restrict__ up, u64 rows, u32 cols, u64 ld, u16* __restrict__ hb) {
+    swiglu_fwd_wide_bf16(const u16* __restrict__ gate, const u16* __restrict__ up, u64 rows, u32 cols, u64 in_ld, u64 ld,
+                         u16* __restrict__ hb) {
     const u64 n = rows * ld;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         const u64 r = i / ld, c = i % ld;
         if (c < cols) {
-            const u64 j = r * cols + c;
+            const u64 j = r * in_ld + c;
             hb[i] = swiglu_bf16(__fmul_rn(swiglu_silu(swiglu_widen(gate[j])), swiglu_widen(up[j])));
         } else {
             hb[i] = 0;
@@ -224,4 +227,31 @@ extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
         gate[i] = swiglu_bf16(dg);
         up[i] = swiglu_bf16(du);
     }
+}
+
+// In place on gate and up side by side in one wide buffer gu [rows, ld]
+// (gate in columns 0..cols, up in up_off..up_off+cols) from dh [rows, cols]:
+// gate <- bf16(dgate), up <- bf16(dup), the bits of swiglu_bwd_inplace_bf16
+// (fp32 dh) / _bf16dh (bf16 dh) on separate buffers. Grid-stride over
+// rows * cols.
+template <typename TD>
+__device__ __forceinline__ void swiglu_bwd_pair_b(u16* gu, u64 rows, u32 cols, u64 ld, u64 up_off, const TD* __restrict__ dh) {
+    const u64 n = rows * cols;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        const u64 g = (i / cols) * ld + i % cols, u = g + up_off;
+        float dg, du;
+        swiglu_grad(swiglu_widen(gu[g]), swiglu_widen(gu[u]), swiglu_ld(dh + i), &dg, &du);
+        gu[g] = swiglu_bf16(dg);
+        gu[u] = swiglu_bf16(du);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
+    swiglu_bwd_pair_bf16(u16* __restrict__ gu, u64 rows, u32 cols, u64 ld, u64 up_off, const float* __restrict__ dh) {
+    swiglu_bwd_pair_b(gu, rows, cols, ld, up_off, dh);
+}
+
+extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
+    swiglu_bwd_pair_bf16dh(u16* __restrict__ gu, u64 rows, u32 cols, u64 ld, u64 up_off, const u16* __restrict__ dh) {
+    swiglu_bwd_pair_b(gu, rows, cols, ld, up_off, dh);
 }

@@ -954,6 +954,19 @@ typedef struct lora_paged_stats {
 #define LORA_DEVICE_RECOMPUTE 2
 
 /**
+ * 1 (the default): with bf16 adapter products
+ * (`LORA_DEVICE_BF16_ADAPTER_PRODUCTS`), a training step folds each
+ * adapter into its module's base product where it can: the forward takes
+ * `[x | x·Aᵀ]·[W | s·B]ᵀ` as one product for NF4 weights (q, k, v, gate,
+ * up, down), and the backward makes q, k and v's input gradient as one
+ * product (gate and up's as one per module). The same sums up to bf16
+ * rounding, less memory traffic; not with LoRA dropout. 0 keeps each
+ * adapter's products apart (`LORA_CUDA_FOLD=0` starts it off). Not yet
+ * run on a GPU.
+ */
+#define LORA_DEVICE_FOLD_ADAPTERS 3
+
+/**
  * CUDA managed memory: the fast tier is the device, the slow one the host.
  */
 #define LORA_PAGED_FLAG_CUDA_MANAGED 1

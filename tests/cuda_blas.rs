@@ -253,8 +253,10 @@ fn wide_operands_fold_an_adapter_into_one_product() {
 /// `[dq | dk | dv | g…]` and weight rows `[…; s·A]`: RoPE's backward into
 /// a block of wide rows (the bits of `rope_bf16` with `backward`), the fp32
 /// → bf16 conversion into a block (the bits of `to_bf16`), each leaving the
-/// other columns as they were; `bf16(s·A)` rows with zero padding; and
-/// SwiGLU's product written wide (the folded down projection's input).
+/// other columns as they were; `bf16(s·A)` rows with zero padding;
+/// SwiGLU's product written wide (the folded down projection's input) and
+/// its kernels on gate and up side by side in one wide buffer; and a
+/// product into a block of a wide output.
 #[test]
 fn stacked_gradient_operand_kernels_write_their_blocks() {
     use lora::backend::cpu::rope as crope;
@@ -309,13 +311,81 @@ fn stacked_gradient_operand_kernels_write_their_blocks() {
         gswiglu::swiglu_forward_bf16(dev, &gd.as_view(), &ud.as_view(), None, Some(&mut want.as_view_mut())).unwrap();
         let want = dev.download(&want).unwrap();
         let mut wide = dev.alloc_filled::<u16>(rows * ld, 0xFF).unwrap();
-        gswiglu::swiglu_forward_wide_bf16(dev, &gd.as_view(), &ud.as_view(), rows, cols, &mut wide.as_view_mut(), ld).unwrap();
+        gswiglu::swiglu_forward_wide_bf16(dev, &gd.as_view(), &ud.as_view(), rows, cols, cols, &mut wide.as_view_mut(), ld).unwrap();
         let got = dev.download(&wide).unwrap();
         for i in 0..rows {
             assert_eq!(&got[i * ld..i * ld + cols], &want[i * cols..(i + 1) * cols], "swiglu wide row {i}");
             assert!(got[i * ld + cols..(i + 1) * ld].iter().all(|&v| v == 0), "swiglu wide row {i}: tail not zeroed");
         }
-        assert!(gswiglu::swiglu_forward_wide_bf16(dev, &gd.as_view(), &ud.as_view(), rows, cols, &mut wide.as_view_mut(), cols - 1).is_err());
+        assert!(gswiglu::swiglu_forward_wide_bf16(dev, &gd.as_view(), &ud.as_view(), rows, cols, cols, &mut wide.as_view_mut(), cols - 1).is_err());
+        // Gate and up side by side in one wide buffer (rows pld apart): the
+        // product read from there, and the backward in place there, with
+        // fp32 and bf16 dh, give the bits of the kernels on separate
+        // buffers; the rest of each row is not touched.
+        let (pld, uoff) = (2 * cols + 24, cols + 8);
+        let mut pair = vec![0x7777u16; rows * pld];
+        for i in 0..rows {
+            pair[i * pld..i * pld + cols].copy_from_slice(&g[i * cols..(i + 1) * cols]);
+            pair[i * pld + uoff..i * pld + uoff + cols].copy_from_slice(&u[i * cols..(i + 1) * cols]);
+        }
+        let pd = dev.upload(&pair).unwrap();
+        let mut hb = dev.alloc_filled::<u16>(rows * cols, 0xFF).unwrap();
+        gswiglu::swiglu_forward_wide_bf16(dev, &pd.slice(..), &pd.slice(uoff..), rows, cols, pld, &mut hb.as_view_mut(), cols).unwrap();
+        assert_eq!(dev.download(&hb).unwrap(), want, "swiglu from gate and up side by side");
+        let dh = vecr(&mut rng, rows * cols);
+        let dhb: Vec<u16> = dh.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+        let (dhd, dhbd) = (dev.upload(&dh).unwrap(), dev.upload(&dhb).unwrap());
+        for bf in [false, true] {
+            let (mut g2, mut u2) = (dev.upload(&g).unwrap(), dev.upload(&u).unwrap());
+            let (dhv, dhbv) = (dhd.as_view(), dhbd.as_view());
+            let mk = || if bf { gswiglu::Dh::Bf16(&dhbv) } else { gswiglu::Dh::F32(&dhv) };
+            gswiglu::swiglu_backward_bf16_inplace(dev, &mut g2.as_view_mut(), &mut u2.as_view_mut(), mk()).unwrap();
+            let mut p2 = dev.upload(&pair).unwrap();
+            gswiglu::swiglu_backward_pair_inplace(dev, &mut p2.as_view_mut(), rows, cols, pld, uoff, mk()).unwrap();
+            let (g2, u2, p2) = (dev.download(&g2).unwrap(), dev.download(&u2).unwrap(), dev.download(&p2).unwrap());
+            for i in 0..rows {
+                assert_eq!(&p2[i * pld..i * pld + cols], &g2[i * cols..(i + 1) * cols], "swiglu pair backward (bf16 dh {bf}): gate row {i}");
+                assert_eq!(&p2[i * pld + uoff..i * pld + uoff + cols], &u2[i * cols..(i + 1) * cols], "swiglu pair backward (bf16 dh {bf}): up row {i}");
+                let other = p2[i * pld + cols..i * pld + uoff].iter().chain(&p2[i * pld + uoff + cols..(i + 1) * pld]);
+                assert!(other.into_iter().all(|&v| v == 0x7777), "swiglu pair backward: row {i}'s other columns written");
+            }
+        }
+        let mut p3 = dev.upload(&pair).unwrap();
+        assert!(gswiglu::swiglu_backward_pair_inplace(dev, &mut p3.as_view_mut(), rows, cols, 2 * cols - 1, cols, gswiglu::Dh::F32(&dhd.as_view())).is_err());
+        assert!(gswiglu::swiglu_backward_pair_inplace(dev, &mut p3.as_view_mut(), rows, cols, pld, cols - 1, gswiglu::Dh::F32(&dhd.as_view())).is_err());
+    }
+    // A product into a block of a wide output (gemm_ld): the values of the
+    // contiguous product, the rest of each row untouched.
+    {
+        use lora::backend::cuda::blas::gemm_ld;
+        let blas = Blas::new(dev).unwrap();
+        let (m, n, k, ldc, off) = (9usize, 12usize, 40usize, 30usize, 5usize);
+        let a: Vec<u16> = vecr(&mut rng, m * k).iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+        let b: Vec<u16> = vecr(&mut rng, n * k).iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
+        let (ad, bd) = (dev.upload(&a).unwrap(), dev.upload(&b).unwrap());
+        let (av, bv) = (ad.as_view(), bd.as_view());
+        let mut c = dev.alloc_filled::<u16>(m * n, 0xFF).unwrap();
+        gemm(dev, &blas, MatRef::bf16(dev, &av, m, k).unwrap(), false, MatRef::bf16(dev, &bv, n, k).unwrap(), true, &mut c.as_view_mut(), 1.0, 0.0).unwrap();
+        let want = dev.download(&c).unwrap();
+        let mut wide = dev.alloc_filled::<u16>(m * ldc, 0x55).unwrap();
+        gemm_ld(dev, &blas, MatRef::bf16(dev, &av, m, k).unwrap(), false, MatRef::bf16(dev, &bv, n, k).unwrap(), true, &mut wide.slice_mut(off..), ldc, 1.0, 0.0).unwrap();
+        let got = dev.download(&wide).unwrap();
+        for i in 0..m {
+            for j in 0..ldc {
+                if (off..off + n).contains(&j) {
+                    // The same sums; on a GPU cuBLAS may pick another kernel
+                    // for another ldc, so within a bf16 rounding.
+                    let (gv, wv) = (bf16::from_bits(got[i * ldc + j]).to_f32(), bf16::from_bits(want[i * n + j - off]).to_f32());
+                    assert!((gv - wv).abs() <= wv.abs() * 2f32.powi(-7) + 1e-6, "gemm_ld [{i}, {j}]: {gv} vs {wv}");
+                } else {
+                    assert_eq!(got[i * ldc + j], 0x5555, "gemm_ld wrote [{i}, {j}] outside its block");
+                }
+            }
+        }
+        let mut small = dev.alloc_filled::<u16>(m * ldc - off - 1, 0).unwrap();
+        assert!(gemm_ld(dev, &blas, MatRef::bf16(dev, &av, m, k).unwrap(), false, MatRef::bf16(dev, &bv, n, k).unwrap(), true, &mut small.as_view_mut(), ldc, 1.0, 0.0).is_ok());
+        let mut tiny = dev.alloc_filled::<u16>((m - 1) * ldc + n - 1, 0).unwrap();
+        assert!(gemm_ld(dev, &blas, MatRef::bf16(dev, &av, m, k).unwrap(), false, MatRef::bf16(dev, &bv, n, k).unwrap(), true, &mut tiny.as_view_mut(), ldc, 1.0, 0.0).is_err());
     }
     // Refusals: a block past the row, padding rows fewer than the rank.
     let table = crope::RopeTable::new(&crope::rope_inv_freq(8, 10000.0), 0, 2);

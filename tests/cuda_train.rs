@@ -656,7 +656,7 @@ fn device_options_through_the_c_api() {
     use lora::ffi::*;
     let Some(_) = common::gpu("device_options_through_the_c_api") else { return };
     let dir = std::ffi::CString::new(fixture("llama_nf4").join("model").to_str().unwrap()).unwrap();
-    let opts = [LORA_DEVICE_TENSOR_CORE_ATTENTION, LORA_DEVICE_BF16_ADAPTER_PRODUCTS, LORA_DEVICE_RECOMPUTE];
+    let opts = [LORA_DEVICE_TENSOR_CORE_ATTENTION, LORA_DEVICE_BF16_ADAPTER_PRODUCTS, LORA_DEVICE_RECOMPUTE, LORA_DEVICE_FOLD_ADAPTERS];
     // SAFETY: valid pointers to locals; handles freed below.
     unsafe {
         let cp = lora_context_default_params();
@@ -680,6 +680,7 @@ fn device_options_through_the_c_api() {
         assert_eq!(get(LORA_DEVICE_TENSOR_CORE_ATTENTION), i32::from(env_is("LORA_CUDA_ATTENTION", "tc")));
         assert_eq!(get(LORA_DEVICE_BF16_ADAPTER_PRODUCTS), i32::from(env_is("LORA_CUDA_LORA", "bf16")));
         assert_eq!(get(LORA_DEVICE_RECOMPUTE), i32::from(!env_is("LORA_CUDA_RECOMPUTE", "0")));
+        assert_eq!(get(LORA_DEVICE_FOLD_ADAPTERS), i32::from(!env_is("LORA_CUDA_FOLD", "0")));
         // Round trips (the getter reads the device copy's own state).
         for o in opts {
             for val in [1, 0, 1] {
@@ -688,7 +689,7 @@ fn device_options_through_the_c_api() {
             }
         }
         // Refusals: unknown option, a value other than 0 or 1, NULL out.
-        assert_eq!(lora_model_set_device_option(m, 3, 1), LORA_ERR_INVALID_ARGUMENT);
+        assert_eq!(lora_model_set_device_option(m, 4, 1), LORA_ERR_INVALID_ARGUMENT);
         assert_eq!(lora_model_set_device_option(m, LORA_DEVICE_RECOMPUTE, 2), LORA_ERR_INVALID_ARGUMENT);
         assert_eq!(lora_model_set_device_option(m, LORA_DEVICE_RECOMPUTE, -1), LORA_ERR_INVALID_ARGUMENT);
         assert_eq!(lora_model_device_option(m, 7, &mut v), LORA_ERR_INVALID_ARGUMENT);

@@ -262,6 +262,7 @@ const (
 	DeviceTensorCoreAttention = C.LORA_DEVICE_TENSOR_CORE_ATTENTION
 	DeviceBF16AdapterProducts = C.LORA_DEVICE_BF16_ADAPTER_PRODUCTS
 	DeviceRecompute           = C.LORA_DEVICE_RECOMPUTE
+	DeviceFoldAdapters        = C.LORA_DEVICE_FOLD_ADAPTERS
 )
 
 // SetDeviceOption turns switch `option` (Device*) of the model's device

@@ -149,6 +149,7 @@ func TestFineTune(t *testing.T) {
 	}
 	wantStatus(t, m.UseDevice(0, 9), ErrInvalidArgument, "unknown compute (model)")
 	wantStatus(t, m.SetDeviceOption(DeviceRecompute, false), ErrInvalidState, "a device switch of a host model")
+	wantStatus(t, m.SetDeviceOption(DeviceFoldAdapters, false), ErrInvalidState, "a device switch of a host model (folding)")
 	if _, err := m.DeviceOption(DeviceTensorCoreAttention); err == nil {
 		t.Fatal("DeviceOption of a host model: no error")
 	} else {

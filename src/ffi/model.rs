@@ -1132,6 +1132,16 @@ pub const LORA_DEVICE_BF16_ADAPTER_PRODUCTS: lora_device_option = 1;
 /// benchmark model); 0 keeps them from the forward
 /// (`LORA_CUDA_RECOMPUTE=0` starts it off).
 pub const LORA_DEVICE_RECOMPUTE: lora_device_option = 2;
+/// 1 (the default): with bf16 adapter products
+/// (`LORA_DEVICE_BF16_ADAPTER_PRODUCTS`), a training step folds each
+/// adapter into its module's base product where it can: the forward takes
+/// `[x | x·Aᵀ]·[W | s·B]ᵀ` as one product for NF4 weights (q, k, v, gate,
+/// up, down), and the backward makes q, k and v's input gradient as one
+/// product (gate and up's as one per module). The same sums up to bf16
+/// rounding, less memory traffic; not with LoRA dropout. 0 keeps each
+/// adapter's products apart (`LORA_CUDA_FOLD=0` starts it off). Not yet
+/// run on a GPU.
+pub const LORA_DEVICE_FOLD_ADAPTERS: lora_device_option = 3;
 
 fn device_option(option: lora_device_option) -> Result<crate::model::gpu::DeviceOption> {
     use crate::model::gpu::DeviceOption as O;
@@ -1139,6 +1149,7 @@ fn device_option(option: lora_device_option) -> Result<crate::model::gpu::Device
         LORA_DEVICE_TENSOR_CORE_ATTENTION => O::TensorCoreAttention,
         LORA_DEVICE_BF16_ADAPTER_PRODUCTS => O::Bf16AdapterProducts,
         LORA_DEVICE_RECOMPUTE => O::Recompute,
+        LORA_DEVICE_FOLD_ADAPTERS => O::FoldAdapters,
         _ => crate::bail!(InvalidArgument, "option {option} is not a LORA_DEVICE_* value"),
     })
 }

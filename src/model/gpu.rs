@@ -101,7 +101,7 @@ use super::generate::{sample_loop, Sampling};
 use super::{check_labels, check_token_ids, shifted_targets, Model, DOWN, GATE, K, O, Q, UP, V};
 use crate::backend::cpu::attention::{AttnShape, DecodeShape};
 use crate::backend::cpu::rope::RopeTable;
-use crate::backend::cuda::blas::{gemm, Blas, GemmOut, MatRef};
+use crate::backend::cuda::blas::{gemm, gemm_ld, Blas, GemmOut, MatRef};
 use crate::backend::cuda::nf4::CudaNf4;
 use crate::backend::cuda::paged::ManagedAlloc;
 use crate::backend::cuda::rope::CudaRopeTable;
@@ -109,7 +109,7 @@ use crate::backend::cuda::{self as cu, attention as catt, elementwise as ew, lor
 use crate::error::Result;
 use crate::model::config::ModelConfig;
 use crate::optim::{AdamWConfig, AdamWScalars};
-use cudarc::driver::{CudaSlice, CudaView};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 use half::bf16;
 use std::sync::Arc;
 use std::ops::Range;
@@ -144,6 +144,9 @@ pub enum DeviceOption {
     /// ([`DeviceModel::set_recompute`]; on by default,
     /// `LORA_CUDA_RECOMPUTE=0`).
     Recompute,
+    /// The lean step folds adapters into their base products
+    /// ([`DeviceModel::set_fold`]; on by default, `LORA_CUDA_FOLD=0`).
+    FoldAdapters,
 }
 
 /// How the adapter products run ([`DeviceModel::set_lora_path`];
@@ -378,10 +381,28 @@ struct Acts {
     /// Gate and up projections (the MLP's two widest activations): fp32,
     /// or bf16 in BF16 mode (half the bytes; the backward widens them as
     /// its kernels read them); `None` outside training.
-    gu: Option<(Saved, Saved)>,
+    gu: Option<GateUp>,
     /// Each linear's `x·Aᵀ` (empty where the linear has no adapter): bf16
     /// with bf16 adapter products (which write it so), else fp32.
     hs: Vec<Option<Saved>>,
+}
+
+/// Gate and up as a training step keeps them for the backward.
+enum GateUp {
+    /// Apart: fp32, or bf16 in BF16 mode.
+    Pair(Saved, Saved),
+    /// bf16, side by side in one wide buffer (the lean step when its MLP
+    /// input gradient is stacked, [`DxStack`], split layout): gate, room
+    /// for its adapter's gradient block, up, room for its.
+    Wide(CudaSlice<u16>, DxStack),
+}
+
+/// The gradients of gate and up in a layer's backward: apart (fp32 and/or
+/// bf16: `dg`, `du`, `dg_b`, `du_b`), or in place in the wide buffer of the
+/// stacked input gradient.
+enum MlpGrads {
+    Apart(Option<CudaSlice<f32>>, Option<CudaSlice<f32>>, Option<CudaSlice<u16>>, Option<CudaSlice<u16>>),
+    Stacked(CudaSlice<u16>, DxStack),
 }
 
 /// An adapter's `g = dy·B` from [`DeviceModel::lin_grads`] (bf16 with
@@ -498,15 +519,22 @@ impl Normed {
     }
 }
 
-/// The lean step's input gradient of q, k and v as one product
-/// ([`DeviceModel::qkv_backward_stacked`]): the bf16 operand
-/// `[dq | dk | dv | g_q | g_k | g_v]` of rows `ld` apart (each adapter's
+/// The lean step's input gradient of modules that read one input (q, k,
+/// v; gate, up) as one product ([`DeviceModel::stacked_dx`]): the bf16
+/// operand `[dy₁ | dy₂ … | g₁ | g₂ …]` of rows `ld` apart (each adapter's
 /// block padded to a multiple of 8 columns) against the rows
-/// `[W_q; W_k; W_v; s·A_q; s·A_k; s·A_v]`.
+/// `[W₁; W₂ …; s·A₁; s·A₂ …]`.
 struct DxStack {
+    /// The adapter set trained.
+    set: usize,
     ld: usize,
-    /// Each of q, k, v's adapter block's first column (`None`: no adapter).
-    tails: [Option<usize>; 3],
+    /// Per module: its index, its output gradient's first column and width,
+    /// and its adapter block's first column (`None`: no adapter).
+    blocks: Vec<(usize, usize, usize, Option<usize>)>,
+    /// The products, each over a range of columns (one for all, or one per
+    /// module when each module's block is followed by its adapter's: the
+    /// split layout, whose weight scratch is one module's at a time).
+    groups: Vec<Range<usize>>,
 }
 
 /// The folded modules' `x·Aᵀ` from [`DeviceModel::normed_for`], by module.
@@ -1085,6 +1113,10 @@ impl DeviceModel {
                 self.set_recompute(on);
                 Ok(())
             }
+            DeviceOption::FoldAdapters => {
+                self.set_fold(on);
+                Ok(())
+            }
         }
     }
 
@@ -1094,6 +1126,7 @@ impl DeviceModel {
             DeviceOption::TensorCoreAttention => self.attn_tc,
             DeviceOption::Bf16AdapterProducts => self.lora_path == LoraPath::BlasBf16,
             DeviceOption::Recompute => self.recompute,
+            DeviceOption::FoldAdapters => self.fold_on,
         }
     }
 
@@ -1359,6 +1392,27 @@ impl DeviceModel {
         let mut rstd2 = out_buf::<f32>(d, n)?;
         let (h2, mut folded) = self.normed_for(l, &[GATE, UP], &x_mid, &self.layers[l].mlp_norm, n, Some(&mut rstd2), rows)?;
         let h2a = h2.act()?;
+        let h2fold = match &h2 {
+            Normed::Wide(w) => Some(&w.fold),
+            Normed::Forms(_) => None,
+        };
+        if let Some(plan) = self.gu_plan(l, rows, h2fold) {
+            // Gate and up side by side in one wide buffer (their input
+            // gradient is one product in the backward), each written by its
+            // (folded) product: the lean step's bf16 gate and up.
+            let mut gu = out_buf::<u16>(d, n * plan.ld)?;
+            for &(j, off, _, _) in &plan.blocks {
+                self.lin_forward_into(l, j, plan.set, h2a, n, &mut gu.slice_mut(off..), plan.ld)?;
+                hs[j] = folded[j].take();
+            }
+            drop(h2);
+            let (mut x_out, x_mid) = split_mid(x_mid)?;
+            let (a, mut folded) = self.gated_for_down(l, &gu.slice(..), &gu.slice(plan.blocks[1].1..), plan.ld, n, rows)?;
+            hs[DOWN] = self.lin_forward(l, DOWN, rows, a.act()?, n, &mut x_out, 1.0)?.or(folded[DOWN].take());
+            drop(a);
+            let gu = Some(GateUp::Wide(gu, plan));
+            return Ok((Acts { rstd1, qkv, att, lse, x_mid, rstd2, gu, hs }, x_out));
+        }
         if self.lean() && matches!(rows, Rows::Train(_)) && self.layers[l].lin[GATE].bias.is_none() && self.layers[l].lin[UP].bias.is_none() {
             // The lean training step's gate and up products write bf16 (the
             // base product and the adapter's added into it, each rounded,
@@ -1369,10 +1423,10 @@ impl DeviceModel {
             hs[UP] = self.lin_forward(l, UP, rows, h2a, n, &mut ub, 0.0)?.or(folded[UP].take());
             drop(h2);
             let (mut x_out, x_mid) = split_mid(x_mid)?;
-            let (a, mut folded) = self.gated_for_down(l, &gb, &ub, n, rows)?;
+            let (a, mut folded) = self.gated_for_down(l, &gb.slice(..), &ub.slice(..), it, n, rows)?;
             hs[DOWN] = self.lin_forward(l, DOWN, rows, a.act()?, n, &mut x_out, 1.0)?.or(folded[DOWN].take());
             drop(a);
-            let gu = Some((Saved::Bf16(gb), Saved::Bf16(ub)));
+            let gu = Some(GateUp::Pair(Saved::Bf16(gb), Saved::Bf16(ub)));
             return Ok((Acts { rstd1, qkv, att, lse, x_mid, rstd2, gu, hs }, x_out));
         }
         let mut g = out_buf::<f32>(d, n * it)?;
@@ -1384,6 +1438,7 @@ impl DeviceModel {
         // A training step keeps gate and up for the backward (in BF16 mode
         // their bf16 roundings, written by the gating pass).
         let (a, ab, gu) = self.gated(g, u, matches!(rows, Rows::Train(_)))?;
+        let gu = gu.map(|(g, u)| GateUp::Pair(g, u));
         hs[DOWN] = self.lin_forward(l, DOWN, rows, act_of(&a, &ab)?, n, &mut x_out, 1.0)?;
         Ok((Acts { rstd1, qkv, att, lse, x_mid, rstd2, gu, hs }, x_out))
     }
@@ -1610,7 +1665,11 @@ impl DeviceModel {
     fn lin_forward<C: GemmOut + 'static>(&self, l: usize, j: usize, rows: Rows<'_>, x: Act<'_>, n: usize, y: &mut CudaSlice<C>, beta: f32) -> Result<Option<Saved>> {
         if let Act::Wide(w) = x {
             if let Some((off, _)) = w.fold.slots[j] {
-                self.lin_folded(l, j, w, off, n, y, beta)?;
+                let lin = &self.layers[l].lin[j];
+                self.lin_folded(l, j, w, off, n, &mut y.as_view_mut(), lin.out_f, beta)?;
+                if let Some(b) = &lin.bias {
+                    ew::add_bias(&self.dev, &mut f32_out(y, "a bias")?.as_view_mut(), &b.as_view())?;
+                }
                 return Ok(None);
             }
         }
@@ -1626,12 +1685,14 @@ impl DeviceModel {
     }
 
     /// Linear `(l, j)`'s product folded with its adapter ([`Fold`]):
-    /// `y = β·y + [x | … x·Aᵀ]·[W | 0 … s·B]ᵀ` (+ bias), one product over
+    /// `y = β·y + [x | … x·Aᵀ]·[W | 0 … s·B]ᵀ` (the caller adds a bias), one product over
     /// the wide input `x`, whose block at `off` of the tail holds this
     /// module's `x·Aᵀ` ([`normed_for`](Self::normed_for) wrote it); the
     /// weight dequantized straight into the wide weight's rows.
+    /// `y` is `[n, out]` with rows `ldy` apart (a block of a wide output
+    /// when `ldy > out`).
     #[allow(clippy::too_many_arguments)]
-    fn lin_folded<C: GemmOut + 'static>(&self, l: usize, j: usize, x: &Wide, off: usize, n: usize, y: &mut CudaSlice<C>, beta: f32) -> Result<()> {
+    fn lin_folded<C: GemmOut + 'static>(&self, l: usize, j: usize, x: &Wide, off: usize, n: usize, y: &mut CudaViewMut<'_, C>, ldy: usize, beta: f32) -> Result<()> {
         let d = &*self.dev;
         let lin = &self.layers[l].lin[j];
         let (in_f, out_f) = (lin.in_f, lin.out_f);
@@ -1648,12 +1709,34 @@ impl DeviceModel {
         self.tock(tk, "NF4 dequantize")?;
         let tg = self.tick()?;
         let xm = MatRef::bf16_ld(d, &x.buf.as_view(), n, kw, x.fold.ld)?;
-        gemm(d, &self.blas, xm, false, MatRef::bf16(d, &wb.as_view(), out_f, kw)?, true, &mut y.as_view_mut(), 1.0, beta)?;
-        self.tock(tg, "base GEMM forward (adapter folded)")?;
-        if let Some(b) = &lin.bias {
-            ew::add_bias(d, &mut f32_out(y, "a bias")?.as_view_mut(), &b.as_view())?;
+        gemm_ld(d, &self.blas, xm, false, MatRef::bf16(d, &wb.as_view(), out_f, kw)?, true, y, ldy, 1.0, beta)?;
+        self.tock(tg, "base GEMM forward (adapter folded)")
+    }
+
+    /// Linear `(l, j)`'s forward into a block of a wide output `y` (rows
+    /// `ldy` apart; [`gu_plan`](Self::gu_plan)): its folded product
+    /// ([`lin_folded`](Self::lin_folded)), or for a module without adapter
+    /// (and without bias) its base product alone; the trained adapter set
+    /// is `set`.
+    #[allow(clippy::too_many_arguments)]
+    fn lin_forward_into(&self, l: usize, j: usize, set: usize, x: Act<'_>, n: usize, y: &mut CudaViewMut<'_, u16>, ldy: usize) -> Result<()> {
+        let lin = &self.layers[l].lin[j];
+        if lin.bias.is_some() {
+            bail!(Internal, "linear ({l}, {j}): a bias into a wide output");
         }
-        Ok(())
+        if let Act::Wide(w) = x {
+            if let Some((off, _)) = w.fold.slots[j] {
+                return self.lin_folded(l, j, w, off, n, y, ldy, 0.0);
+            }
+        }
+        if lin.ads[set].is_some() {
+            bail!(Internal, "linear ({l}, {j}): an unfolded adapter into a wide output");
+        }
+        let d = &*self.dev;
+        let w = self.weight(&lin.w)?;
+        let t = self.tick()?;
+        gemm_ld(d, &self.blas, x.operand(d, n, lin.in_f)?, false, w.mat(d, lin.out_f, lin.in_f)?, true, y, ldy, 1.0, 0.0)?;
+        self.tock(t, "base GEMM forward")
     }
 
     /// Which of the modules `js` (reading one input) fold their
@@ -1705,19 +1788,24 @@ impl DeviceModel {
         self.widened(l, fold, buf, h, n)
     }
 
-    /// The lean training step's SwiGLU product of the bf16 gate and up (the
-    /// down projection's input), wide when its adapter folds
+    /// The lean training step's SwiGLU product of the bf16 gate and up (rows
+    /// `in_ld` apart: apart, or side by side in one wide buffer) — the down
+    /// projection's input — wide when its adapter folds
     /// ([`fold_plan`](Self::fold_plan)), with its `x·Aᵀ` beside it.
-    fn gated_for_down(&self, l: usize, gb: &CudaSlice<u16>, ub: &CudaSlice<u16>, n: usize, rows: Rows<'_>) -> Result<(Normed, Folded)> {
+    fn gated_for_down(&self, l: usize, gb: &CudaView<'_, u16>, ub: &CudaView<'_, u16>, in_ld: usize, n: usize, rows: Rows<'_>) -> Result<(Normed, Folded)> {
         let d = &*self.dev;
         let it = self.cfg.intermediate_size;
         let Some(fold) = self.fold_plan(l, &[DOWN], rows) else {
             let mut ab = out_buf::<u16>(d, n * it)?;
-            cswiglu::swiglu_forward_bf16(d, &gb.as_view(), &ub.as_view(), None, Some(&mut ab.as_view_mut()))?;
+            if in_ld == it {
+                cswiglu::swiglu_forward_bf16(d, gb, ub, None, Some(&mut ab.as_view_mut()))?;
+            } else {
+                cswiglu::swiglu_forward_wide_bf16(d, gb, ub, n, it, in_ld, &mut ab.as_view_mut(), it)?;
+            }
             return Ok((Normed::Forms((None, Some(ab))), Default::default()));
         };
         let mut buf = out_buf::<u16>(d, n * fold.ld)?;
-        cswiglu::swiglu_forward_wide_bf16(d, &gb.as_view(), &ub.as_view(), n, it, &mut buf.as_view_mut(), fold.ld)?;
+        cswiglu::swiglu_forward_wide_bf16(d, gb, ub, n, it, in_ld, &mut buf.as_view_mut(), fold.ld)?;
         self.widened(l, fold, buf, it, n)
     }
 
@@ -2052,16 +2140,31 @@ impl DeviceModel {
         let n = batch * seq;
         let shape = self.shape(l, batch, seq);
         let Acts { rstd1, qkv, att, lse, x_mid, rstd2, gu, mut hs } = acts;
-        let (g, u) = gu.ok_or_else(|| err!(Internal, "gate and up not kept for the backward"))?;
+        let gu = gu.ok_or_else(|| err!(Internal, "gate and up not kept for the backward"))?;
         let lean = self.lean();
         let dxb = match dxb {
             Some(b) => Some(b),
             None => self.operand(&dx)?,
         };
         // MLP: x_out = x_mid + down(a), a = silu(g)·u, recomputed; then the
-        // gradients of gate and up.
-        let (dg, du, dgb, dub) = match (g, u) {
-            (Saved::F32(mut g), Saved::F32(mut u)) => {
+        // gradients of gate and up: apart (fp32 and/or bf16), or in place in
+        // the wide buffer of the stacked input gradient.
+        let grads = match gu {
+            GateUp::Wide(mut gub, plan) => {
+                // a (the adapter's input) from the side-by-side gate and up,
+                // then their gradients in place.
+                let up = plan.blocks[1].1;
+                let mut ab = out_buf::<u16>(d, n * it)?;
+                cswiglu::swiglu_forward_wide_bf16(d, &gub.slice(..), &gub.slice(up..), n, it, plan.ld, &mut ab.as_view_mut(), it)?;
+                let da = self.down_backward_bf16(tr, l, ab, hs[DOWN].as_ref(), Act::new(&dx, dxb.as_ref()), n)?;
+                let dh = match &da {
+                    Saved::F32(da) => cswiglu::Dh::F32(&da.as_view()),
+                    Saved::Bf16(dab) => cswiglu::Dh::Bf16(&dab.as_view()),
+                };
+                cswiglu::swiglu_backward_pair_inplace(d, &mut gub.as_view_mut(), n, it, plan.ld, up, dh)?;
+                MlpGrads::Stacked(gub, plan)
+            }
+            GateUp::Pair(Saved::F32(mut g), Saved::F32(mut u)) => {
                 // a (the adapter's input) is freed before its gradient is made.
                 let mut a = out_buf::<f32>(d, n * it)?;
                 cswiglu::swiglu_forward(d, &g.as_view(), &u.as_view(), &mut a.as_view_mut())?;
@@ -2071,30 +2174,14 @@ impl DeviceModel {
                 let mut da = out_buf::<f32>(d, n * it)?;
                 self.lin_dx(tr, l, DOWN, dy, gd, n, Some((&mut da, 0.0)))?;
                 cswiglu::swiglu_backward_inplace(d, &mut g.as_view_mut(), &mut u.as_view_mut(), &da.as_view())?;
-                (Some(g), Some(u), None, None)
+                MlpGrads::Apart(Some(g), Some(u), None, None)
             }
-            (Saved::Bf16(gb), Saved::Bf16(ub)) if lean => {
+            GateUp::Pair(Saved::Bf16(gb), Saved::Bf16(ub)) if lean => {
                 // From the bf16 gate and up, one pass each, only the bf16
                 // operands: a (the adapters' input), then the gradients.
-                // The down projection's dx (the gradient of a) is bf16 too,
-                // as PyTorch autocast's product writes it, unless the
-                // adapter's dropout needs it in fp32.
-                // a is the adapter's input only: freed after its
-                // gradients, before a's own gradient is made.
                 let mut ab = out_buf::<u16>(d, n * it)?;
                 cswiglu::swiglu_forward_bf16(d, &gb.as_view(), &ub.as_view(), None, Some(&mut ab.as_view_mut()))?;
-                let dy = Act::new(&dx, dxb.as_ref());
-                let gd = self.lin_grads(tr, l, DOWN, Act::Bf16(&ab), hs[DOWN].as_ref(), dy, n, true)?;
-                drop(ab);
-                let da = if self.layers[l].lin[DOWN].ads[tr.set].as_ref().is_some_and(|a| a.dropout > 0.0) {
-                    let mut da = out_buf::<f32>(d, n * it)?;
-                    self.lin_dx(tr, l, DOWN, dy, gd, n, Some((&mut da, 0.0)))?;
-                    Saved::F32(da)
-                } else {
-                    let mut dab = out_buf::<u16>(d, n * it)?;
-                    self.lin_dx(tr, l, DOWN, dy, gd, n, Some((&mut dab, 0.0)))?;
-                    Saved::Bf16(dab)
-                };
+                let da = self.down_backward_bf16(tr, l, ab, hs[DOWN].as_ref(), Act::new(&dx, dxb.as_ref()), n)?;
                 // The gradients over gate and up themselves (not needed
                 // after this pass): no second pair of buffers.
                 let (mut dgb, mut dub) = (gb, ub);
@@ -2103,9 +2190,9 @@ impl DeviceModel {
                     Saved::Bf16(dab) => cswiglu::Dh::Bf16(&dab.as_view()),
                 };
                 cswiglu::swiglu_backward_bf16_inplace(d, &mut dgb.as_view_mut(), &mut dub.as_view_mut(), dh)?;
-                (None, None, Some(dgb), Some(dub))
+                MlpGrads::Apart(None, None, Some(dgb), Some(dub))
             }
-            (Saved::Bf16(gb), Saved::Bf16(ub)) => {
+            GateUp::Pair(Saved::Bf16(gb), Saved::Bf16(ub)) => {
                 // From the bf16 gate and up, in fp32 (what the fp32 adapter
                 // products read); the gradients' bf16 operands are made one
                 // at a time below, as the products need them.
@@ -2122,9 +2209,9 @@ impl DeviceModel {
                 let (mut dgb, mut dub, mut dg) = (gb, ub, da);
                 let mut du = out_buf::<f32>(d, n * it)?;
                 cswiglu::swiglu_backward_bf16_inplace_all(d, &mut dgb.as_view_mut(), &mut dub.as_view_mut(), &mut dg.as_view_mut(), &mut du.as_view_mut())?;
-                (Some(dg), Some(du), Some(dgb), Some(dub))
+                MlpGrads::Apart(Some(dg), Some(du), Some(dgb), Some(dub))
             }
-            _ => bail!(Internal, "gate and up kept in different dtypes"),
+            GateUp::Pair(..) => bail!(Internal, "gate and up kept in different dtypes"),
         };
         drop(dxb);
         let x_mid = match x_mid {
@@ -2133,11 +2220,17 @@ impl DeviceModel {
         };
         let (h2, h2b) = self.normed(&x_mid, &self.layers[l].mlp_norm, n, None, true)?;
         let h2a = act_of(&h2, &h2b)?;
-        let mut dh2 = out_buf::<f32>(d, n * h)?;
-        self.lin_backward(tr, l, GATE, h2a, hs[GATE].as_ref(), act_of(&dg, &dgb)?, n, Some((&mut dh2, 0.0)))?;
-        drop((dg, dgb));
-        self.lin_backward(tr, l, UP, h2a, hs[UP].as_ref(), act_of(&du, &dub)?, n, Some((&mut dh2, 1.0)))?;
-        drop((du, dub, h2, h2b));
+        let dh2 = match grads {
+            MlpGrads::Stacked(gub, plan) => self.stacked_dx(tr, l, h2a, &hs, gub, &plan, n)?,
+            MlpGrads::Apart(dg, du, dgb, dub) => {
+                let mut dh2 = out_buf::<f32>(d, n * h)?;
+                self.lin_backward(tr, l, GATE, h2a, hs[GATE].as_ref(), act_of(&dg, &dgb)?, n, Some((&mut dh2, 0.0)))?;
+                drop((dg, dgb));
+                self.lin_backward(tr, l, UP, h2a, hs[UP].as_ref(), act_of(&du, &dub)?, n, Some((&mut dh2, 1.0)))?;
+                dh2
+            }
+        };
+        drop((h2, h2b));
         // The residual's gradient (and its bf16 copy in BF16 mode) in the
         // norm's backward pass.
         let (dxm, dxmb) = self.norm_backward(&x_mid, &self.layers[l].mlp_norm, &rstd2, &dh2, Some(&dx), n)?;
@@ -2188,7 +2281,7 @@ impl DeviceModel {
         self.tock(t, "attention backward")?;
         drop((q, k, v, att, lse, datt));
         if lean && need_dx {
-            if let Some(plan) = self.dx_stack_plan(l, tr) {
+            if let Some(plan) = self.dx_stack_plan(l, tr, &[Q, K, V], false) {
                 return self.qkv_backward_stacked(tr, l, x_in, h1f, &hs, [dq, dk, dv], &plan, (&rstd1, &dxm), batch, seq);
             }
         }
@@ -2238,56 +2331,104 @@ impl DeviceModel {
         }
     }
 
-    /// Whether the lean step's backward of layer `l`'s q, k and v makes
-    /// their input gradient as one product, and how ([`DxStack`]): folding
-    /// on, each of the three weights NF4 (2-D) or bf16, no LoRA dropout on
-    /// them (its gradient goes through the mask in fp32), and a hidden size
-    /// that is a multiple of 8 (each weight's rows start 16-byte aligned).
-    fn dx_stack_plan(&self, l: usize, tr: Train) -> Option<DxStack> {
+    /// The lean step's down projection backward from its bf16 input `ab`
+    /// (the adapter's; freed after its gradients, before `a`'s own gradient
+    /// is made) and output gradient `dy`: accumulates the adapter's
+    /// gradients and returns `da`, in bf16 as PyTorch autocast's product
+    /// writes it, or fp32 when the adapter's dropout needs it so.
+    fn down_backward_bf16(&mut self, tr: Train, l: usize, ab: CudaSlice<u16>, h: Option<&Saved>, dy: Act<'_>, n: usize) -> Result<Saved> {
+        let it = self.cfg.intermediate_size;
+        let gd = self.lin_grads(tr, l, DOWN, Act::Bf16(&ab), h, dy, n, true)?;
+        drop(ab);
+        Ok(if self.layers[l].lin[DOWN].ads[tr.set].as_ref().is_some_and(|a| a.dropout > 0.0) {
+            let mut da = out_buf::<f32>(&self.dev, n * it)?;
+            self.lin_dx(tr, l, DOWN, dy, gd, n, Some((&mut da, 0.0)))?;
+            Saved::F32(da)
+        } else {
+            let mut dab = out_buf::<u16>(&self.dev, n * it)?;
+            self.lin_dx(tr, l, DOWN, dy, gd, n, Some((&mut dab, 0.0)))?;
+            Saved::Bf16(dab)
+        })
+    }
+
+    /// Whether the lean step's backward makes the input gradient of layer
+    /// `l`'s modules `js` (reading one input) as one product (or, `split`,
+    /// one per module with fewer reads and writes of it than apart), and
+    /// how ([`DxStack`]): folding on, each weight NF4 (2-D) or bf16, no LoRA
+    /// dropout on them (its gradient goes through the mask in fp32), and a
+    /// hidden size that is a multiple of 8 (each weight's rows start
+    /// 16-byte aligned).
+    fn dx_stack_plan(&self, l: usize, tr: Train, js: &[usize], split: bool) -> Option<DxStack> {
         if !self.fold_on || !self.lean() || self.cfg.hidden_size % 8 != 0 {
             return None;
         }
-        let Dims { qd, kvd, .. } = Dims::of(&self.cfg);
-        let mut col = qd + 2 * kvd;
-        let mut tails = [None; 3];
-        for (i, j) in [Q, K, V].into_iter().enumerate() {
+        let mut blocks = Vec::with_capacity(js.len());
+        let mut groups = Vec::new();
+        let mut col = 0;
+        let tail = |j: usize| self.layers[l].lin[j].ads[tr.set].as_ref().map(|ad| ad.r.next_multiple_of(8));
+        for &j in js {
             let lin = &self.layers[l].lin[j];
             let weight_ok = match &lin.w {
                 Weight::Nf4(t) => t.shape.len() == 2,
                 Weight::Bf16(_) => true,
                 Weight::F32(_) => false,
             };
-            if !weight_ok {
+            if !weight_ok || lin.in_f != self.cfg.hidden_size || lin.ads[tr.set].as_ref().is_some_and(|a| a.dropout > 0.0) {
                 return None;
             }
-            if let Some(ad) = lin.ads[tr.set].as_ref() {
-                if ad.dropout > 0.0 {
-                    return None;
+            let start = col;
+            blocks.push((j, col, lin.out_f, None));
+            col += lin.out_f;
+            if split {
+                if let Some(w) = tail(j) {
+                    blocks.last_mut().expect("pushed").3 = Some(col);
+                    col += w;
                 }
-                tails[i] = Some(col);
-                col += ad.r.next_multiple_of(8);
+                groups.push(start..col);
             }
         }
-        Some(DxStack { ld: col, tails })
+        if !split {
+            for b in &mut blocks {
+                if let Some(w) = tail(b.0) {
+                    b.3 = Some(col);
+                    col += w;
+                }
+            }
+            groups.push(0..col);
+        }
+        Some(DxStack { set: tr.set, ld: col, blocks, groups })
+    }
+
+    /// The lean training step's gate and up written side by side into one
+    /// wide buffer, whose backward then stacks their input gradient
+    /// ([`DxStack`]): when [`dx_stack_plan`](Self::dx_stack_plan) allows it
+    /// and every adapter on them folds into its product (`fold`, the MLP
+    /// input's; a module without adapter writes its base product alone).
+    fn gu_plan(&self, l: usize, rows: Rows<'_>, fold: Option<&Fold>) -> Option<DxStack> {
+        let Rows::Train(tr) = rows else { return None };
+        let lins = &self.layers[l].lin;
+        let folds = |j: usize| lins[j].ads[tr.set].is_none() || fold.is_some_and(|f| f.slots[j].is_some());
+        if lins[GATE].bias.is_some() || lins[UP].bias.is_some() || !folds(GATE) || !folds(UP) {
+            return None;
+        }
+        // One product per module: the two weights are the layer's largest,
+        // so one at a time in scratch (as apart), for one more read and
+        // write of the input gradient than a single product.
+        self.dx_stack_plan(l, tr, &[GATE, UP], true)
     }
 
     /// The lean step's backward of layer `l`'s q, k and v with their input
     /// gradient as one product ([`DxStack`]): the gradients of q and k
     /// rotated back and v's rounded straight into the wide bf16 buffer
-    /// `[dq | dk | dv | g_q | g_k | g_v]`, each adapter's gradients from its
-    /// block (`g = dy·B` then placed in the tail), and
-    /// `dh1 = [dq | dk | dv | g…]·[W_q; W_k; W_v; s·A…]` over the weights
-    /// dequantized (or copied) into consecutive rows: one product instead
-    /// of three base products and three adapter ones, five of which read
-    /// and wrote `dh1` again. Then the norm's backward, as the unstacked
-    /// path ends.
+    /// `[dq | dk | dv | g_q | g_k | g_v]`, then
+    /// [`stacked_dx`](Self::stacked_dx), then the norm's backward, as the
+    /// unstacked path ends.
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
     fn qkv_backward_stacked(&mut self, tr: Train, l: usize, x_in: &CudaSlice<f32>, h1f: Option<Normed>, hs: &[Option<Saved>], [dq, dk, dv]: [CudaSlice<f32>; 3], plan: &DxStack, (rstd1, dxm): (&CudaSlice<f32>, &CudaSlice<f32>), batch: usize, seq: usize) -> Result<(CudaSlice<f32>, Option<CudaSlice<u16>>)> {
         let dev = self.dev.clone();
         let d = &*dev;
-        let Dims { h, qd, kvd, nh, nkv, hd, .. } = Dims::of(&self.cfg);
+        let Dims { qd, kvd, nh, nkv, hd, .. } = Dims::of(&self.cfg);
         let (n, ld) = (batch * seq, plan.ld);
-        let blocks = [(Q, 0, qd), (K, qd, kvd), (V, qd + kvd, kvd)];
         let mut st = out_buf::<u16>(d, n * ld)?;
         {
             let table = self.rope.as_ref().ok_or_else(|| err!(Internal, "no RoPE table for this sequence length"))?;
@@ -2300,10 +2441,28 @@ impl DeviceModel {
             Some(f) => f,
             None => Normed::Forms(self.normed(x_in, &self.layers[l].attn_norm, n, None, true)?),
         };
-        let h1a = h1.act()?;
-        for (i, (j, off, cols)) in blocks.into_iter().enumerate() {
+        let dh1 = self.stacked_dx(tr, l, h1.act()?, hs, st, plan, n)?;
+        drop(h1);
+        self.norm_backward(x_in, &self.layers[l].attn_norm, rstd1, &dh1, Some(dxm), n)
+    }
+
+    /// The input gradient `dx` `[n, hidden]` of the modules of `plan`
+    /// (reading the input `x`) as one product, given their output gradients
+    /// in the wide buffer `st` (each module's in its columns): each
+    /// adapter's gradients from its block (`g = dy·B`, placed in the tail
+    /// for the product; `dA`, `dB` accumulated), then
+    /// `dx = [dy₁ | dy₂ … | g…]·[W₁; W₂ …; s·A…]` over the weights
+    /// dequantized (or copied) into consecutive rows: one product instead of
+    /// one base and one adapter product per module, all but the first of
+    /// which read and wrote `dx` again.
+    #[allow(clippy::too_many_arguments)]
+    fn stacked_dx(&mut self, tr: Train, l: usize, x: Act<'_>, hs: &[Option<Saved>], mut st: CudaSlice<u16>, plan: &DxStack, n: usize) -> Result<CudaSlice<f32>> {
+        let dev = self.dev.clone();
+        let d = &*dev;
+        let (h, ld) = (self.cfg.hidden_size, plan.ld);
+        for &(j, off, cols, tail) in &plan.blocks {
             let dy = Act::Cols(Cols { buf: &st, off, cols, ld });
-            match (self.lin_grads(tr, l, j, h1a, hs[j].as_ref(), dy, n, true)?, plan.tails[i]) {
+            match (self.lin_grads(tr, l, j, x, hs[j].as_ref(), dy, n, true)?, tail) {
                 (None, None) => {}
                 (Some(LoraG { ad, g: Saved::Bf16(gb) }), Some(t0)) => {
                     ew::copy_cols_bf16(d, &gb.as_view(), n, ad.r, &mut st.as_view_mut(), ld, t0)?;
@@ -2318,29 +2477,33 @@ impl DeviceModel {
                 _ => bail!(Internal, "linear ({l}, {j}): its adapter's gradient does not fit the stacked product"),
             }
         }
-        drop(h1);
-        let tk = self.tick()?;
-        let mut ws = out_buf::<u16>(d, ld * h)?;
-        for (i, (j, r0, rows)) in blocks.into_iter().enumerate() {
-            let lin = &self.layers[l].lin[j];
-            let mut dst = ws.slice_mut(r0 * h..(r0 + rows) * h);
-            match &lin.w {
-                Weight::Nf4(t) => t.dequantize_into(d, &mut DevElemsMut::BF16(dst))?,
-                Weight::Bf16(w) => d.copy(w, &mut dst)?,
-                Weight::F32(_) => bail!(Internal, "an fp32 weight in the stacked bf16 product"),
+        let mut dx = out_buf::<f32>(d, n * h)?;
+        for (gi, g) in plan.groups.iter().enumerate() {
+            // The group's weight rows: each module's weight, its adapter's
+            // bf16(s·A) rows, at their columns' places.
+            let tk = self.tick()?;
+            let mut ws = out_buf::<u16>(d, g.len() * h)?;
+            for &(j, r0, rows, tail) in plan.blocks.iter().filter(|b| g.contains(&b.1)) {
+                let lin = &self.layers[l].lin[j];
+                let r0 = r0 - g.start;
+                let mut dst = ws.slice_mut(r0 * h..(r0 + rows) * h);
+                match &lin.w {
+                    Weight::Nf4(t) => t.dequantize_into(d, &mut DevElemsMut::BF16(dst))?,
+                    Weight::Bf16(w) => d.copy(w, &mut dst)?,
+                    Weight::F32(_) => bail!(Internal, "an fp32 weight in the stacked bf16 product"),
+                }
+                if let (Some(t0), Some(ad)) = (tail, lin.ads[tr.set].as_ref()) {
+                    let (r8, t0) = (ad.r.next_multiple_of(8), t0 - g.start);
+                    glora::scaled_rows_bf16(d, &self.sets[tr.set].params.slice(ad.a.clone()), ad.r, h, ad.scale, &mut ws.slice_mut(t0 * h..(t0 + r8) * h), r8)?;
+                }
             }
-            if let (Some(t0), Some(ad)) = (plan.tails[i], lin.ads[tr.set].as_ref()) {
-                let r8 = ad.r.next_multiple_of(8);
-                glora::scaled_rows_bf16(d, &self.sets[tr.set].params.slice(ad.a.clone()), ad.r, h, ad.scale, &mut ws.slice_mut(t0 * h..(t0 + r8) * h), r8)?;
-            }
+            self.tock(tk, "NF4 dequantize")?;
+            let tg = self.tick()?;
+            let xm = MatRef::bf16_ld(d, &st.slice(g.start..), n, g.len(), ld)?;
+            gemm(d, &self.blas, xm, false, MatRef::bf16(d, &ws.as_view(), g.len(), h)?, false, &mut dx.as_view_mut(), 1.0, if gi == 0 { 0.0 } else { 1.0 })?;
+            self.tock(tg, "base GEMM backward (stacked)")?;
         }
-        self.tock(tk, "NF4 dequantize")?;
-        let tg = self.tick()?;
-        let mut dh1 = out_buf::<f32>(d, n * h)?;
-        gemm(d, &self.blas, MatRef::bf16(d, &st.as_view(), n, ld)?, false, MatRef::bf16(d, &ws.as_view(), ld, h)?, false, &mut dh1.as_view_mut(), 1.0, 0.0)?;
-        self.tock(tg, "base GEMM backward (q, k, v stacked)")?;
-        drop((st, ws));
-        self.norm_backward(x_in, &self.layers[l].attn_norm, rstd1, &dh1, Some(dxm), n)
+        Ok(dx)
     }
 
     /// The backward of `w·rmsnorm(x)` of `n` rows given the output's

@@ -197,6 +197,7 @@ int main(int argc, char **argv) {
            round-trip (tests/cuda_train.rs covers them on a device). */
         int32_t v = -7;
         EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_model_set_device_option(m, LORA_DEVICE_RECOMPUTE, 0));
+        EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_model_set_device_option(m, LORA_DEVICE_FOLD_ADAPTERS, 0));
         EXPECT_ERR(LORA_ERR_INVALID_STATE, lora_model_device_option(m, LORA_DEVICE_TENSOR_CORE_ATTENTION, &v));
         CHECK(v == -7);
         EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_model_set_device_option(m, 99, 1));

@@ -169,13 +169,33 @@ pub fn gemm<C: GemmOut>(dev: &CudaDevice, blas: &Blas, a: MatRef<'_>, ta: bool, 
     if k != kb {
         bail!(ShapeMismatch, "gemm: op(A) is [{m}, {k}] but op(B) is [{kb}, {n}]");
     }
+    check_dims(c.len(), m, n, "gemm C")?;
+    gemm_ld(dev, blas, a, ta, b, tb, c, n, alpha, beta)
+}
+
+/// [`gemm`] into `C` `[m, n]` whose rows start `ldc ≥ n` elements apart in
+/// `c` (a block of a wide output: `c` starts at the block's first element
+/// and holds at least `(m − 1)·ldc + n`); the other elements of `c` are not
+/// touched.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_ld<C: GemmOut>(dev: &CudaDevice, blas: &Blas, a: MatRef<'_>, ta: bool, b: MatRef<'_>, tb: bool, c: &mut CudaViewMut<'_, C>, ldc: usize, alpha: f32, beta: f32) -> Result<()> {
+    let (m, k) = if ta { (a.cols, a.rows) } else { (a.rows, a.cols) };
+    let (kb, n) = if tb { (b.cols, b.rows) } else { (b.rows, b.cols) };
+    if k != kb {
+        bail!(ShapeMismatch, "gemm: op(A) is [{m}, {k}] but op(B) is [{kb}, {n}]");
+    }
     if a.dtype != b.dtype {
         bail!(DtypeMismatch, "gemm: A is {:?}, B is {:?}; both must be one dtype", a.dtype, b.dtype);
     }
     if C::DTYPE == DType::BF16 && a.dtype != DType::BF16 {
         bail!(Unsupported, "gemm: a bf16 output needs bf16 operands, not {:?}", a.dtype);
     }
-    check_dims(c.len(), m, n, "gemm C")?;
+    if ldc < n || m > i32::MAX as usize || n > i32::MAX as usize || ldc > i32::MAX as usize {
+        bail!(InvalidShape, "gemm: C [{m}, {n}] with rows {ldc} apart");
+    }
+    if m > 0 && c.len() < (m - 1) * ldc + n {
+        bail!(BufferSize, "gemm C: [{m}, {n}] with rows {ldc} apart needs {} elements, the buffer has {}", (m - 1) * ldc + n, c.len());
+    }
     dev.check_stream(c, "gemm C")?;
     if m == 0 || n == 0 {
         return Ok(());
@@ -191,7 +211,7 @@ pub fn gemm<C: GemmOut>(dev: &CudaDevice, blas: &Blas, a: MatRef<'_>, ta: bool, 
         // buffer read as its transpose with ld = its row stride.
         // SAFETY: the operand buffers hold rows·ld elements each (checked
         // when the MatRefs were made, and borrowed for the call), C holds
-        // m·n; alpha and beta are host scalars (the default pointer mode).
+        // (m − 1)·ldc + n; alpha and beta are host scalars (the default pointer mode).
         unsafe {
             cudarc::cublas::result::gemm_ex(
                 blas.handle,
@@ -210,7 +230,7 @@ pub fn gemm<C: GemmOut>(dev: &CudaDevice, blas: &Blas, a: MatRef<'_>, ta: bool, 
                 &beta as *const f32 as *const c_void,
                 cptr as *mut c_void,
                 cuda_type(C::DTYPE)?,
-                n as i32,
+                ldc.max(1) as i32,
                 cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 cb::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )

@@ -128,24 +128,58 @@ pub fn swiglu_forward_bf16(dev: &CudaDevice, gate: &CudaView<'_, u16>, up: &Cuda
 }
 
 /// [`swiglu_forward_bf16`]'s bf16 `h` of `gate`, `up` `[rows, cols]`
-/// written into the first `cols` columns of `hb` `[rows, ld]` (a wide
+/// (rows `in_ld` apart: `cols` for separate buffers, or gate and up side by
+/// side in one wide buffer, `up` starting `cols` after `gate`) written into
+/// the first `cols` columns of `hb` `[rows, ld]` (`ld > cols`: a wide
 /// operand), columns `cols..ld` zeroed: the same bf16 values.
-pub fn swiglu_forward_wide_bf16(dev: &CudaDevice, gate: &CudaView<'_, u16>, up: &CudaView<'_, u16>, rows: usize, cols: usize, hb: &mut CudaViewMut<'_, u16>, ld: usize) -> Result<()> {
-    let n = gate.len();
-    if rows.checked_mul(cols) != Some(n) || cols > u32::MAX as usize || ld < cols || rows.checked_mul(ld) != Some(hb.len()) {
-        bail!(ShapeMismatch, "swiglu wide: gate of {n} elements as [{rows}, {cols}] into [{rows}, {ld}] of {} elements", hb.len());
+#[allow(clippy::too_many_arguments)]
+pub fn swiglu_forward_wide_bf16(dev: &CudaDevice, gate: &CudaView<'_, u16>, up: &CudaView<'_, u16>, rows: usize, cols: usize, in_ld: usize, hb: &mut CudaViewMut<'_, u16>, ld: usize) -> Result<()> {
+    let need = rows.saturating_sub(1).saturating_mul(in_ld).saturating_add(cols);
+    if cols == 0 || cols > u32::MAX as usize || in_ld < cols || ld < cols || rows.checked_mul(ld) != Some(hb.len()) || (rows > 0 && (gate.len() < need || up.len() < need)) {
+        bail!(ShapeMismatch, "swiglu wide: gate {} and up {} elements as [{rows}, {cols}] rows {in_ld} apart, into [{rows}, {ld}] of {} elements", gate.len(), up.len(), hb.len());
     }
-    let (gp, up_) = (in_ptr_bf16(dev, n, gate, "gate")?, in_ptr_bf16(dev, n, up, "up")?);
+    dev.check_stream(gate, "swiglu gate")?;
+    dev.check_stream(up, "swiglu up")?;
     dev.check_stream(hb, "swiglu wide bf16 h")?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let (r64, c32, in64, ld64, total) = (rows as u64, cols as u32, in_ld as u64, ld as u64, hb.len() as u64);
+    let name = "swiglu_fwd_wide_bf16";
+    let f = dev.function(&SWIGLU_CU, name)?;
+    // SAFETY: (ptr, ptr, u64, u32, u64, u64, ptr) as the kernel; it reads
+    // gate and up at r·in_ld + c (c < cols, below the lengths checked) and
+    // writes rows·ld of hb (checked).
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(total, SWIGLU_THREADS), 1), SWIGLU_THREADS), [gate, up, &r64, &c32, &in64, &ld64, hb])
+}
+
+/// [`swiglu_backward_bf16_inplace`] on gate and up side by side in one wide
+/// buffer `gu` `[rows, ld]` (gate in columns `0..cols`, up in
+/// `up_off..up_off + cols`, `up_off ≥ cols`; the rest not touched), from
+/// `dh` `[rows, cols]`: the same bits.
+#[allow(clippy::too_many_arguments)]
+pub fn swiglu_backward_pair_inplace(dev: &CudaDevice, gu: &mut CudaViewMut<'_, u16>, rows: usize, cols: usize, ld: usize, up_off: usize, dh: Dh<'_, '_>) -> Result<()> {
+    if cols == 0 || cols > u32::MAX as usize || up_off < cols || up_off.checked_add(cols).is_none_or(|w| w > ld) || rows.checked_mul(ld) != Some(gu.len()) {
+        bail!(ShapeMismatch, "swiglu pair: gate and up [{rows}, {cols}] (up at column {up_off}) do not fit [{rows}, {ld}] of {} elements", gu.len());
+    }
+    dev.check_stream(gu, "swiglu gate and up (in place)")?;
+    let n = rows * cols;
+    let (dhp, name) = match dh {
+        Dh::F32(v) => {
+            check(dev, n, &[(v, "dh")])?;
+            (v.device_ptr(&dev.stream).0, "swiglu_bwd_pair_bf16")
+        }
+        Dh::Bf16(v) => (in_ptr_bf16(dev, n, v, "dh")?, "swiglu_bwd_pair_bf16dh"),
+    };
     if n == 0 {
         return Ok(());
     }
-    let (r64, c32, ld64, total) = (rows as u64, cols as u32, ld as u64, hb.len() as u64);
-    let name = "swiglu_fwd_wide_bf16";
+    let (r64, c32, ld64, up64) = (rows as u64, cols as u32, ld as u64, up_off as u64);
     let f = dev.function(&SWIGLU_CU, name)?;
-    // SAFETY: (ptr, ptr, u64, u32, u64, ptr) as the kernel; it reads
-    // rows·cols elements of gate and up and writes rows·ld of hb (checked).
-    launch_kernel!(dev, f, name, launch_cfg((stride_grid(total, SWIGLU_THREADS), 1), SWIGLU_THREADS), [&gp, &up_, &r64, &c32, &ld64, hb])
+    // SAFETY: (ptr, u64, u32, u64, u64, ptr) as the kernels; element i < n
+    // reads dh[i] and reads and writes gu at row·ld + col and + up_off
+    // (< rows·ld, checked).
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(n as u64, SWIGLU_THREADS), 1), SWIGLU_THREADS), [gu, &r64, &c32, &ld64, &up64, &dhp])
 }
 
 /// The outputs of [`swiglu_backward_bf16`] and [`swiglu_backward_bf16_dh`],
