@@ -5,7 +5,7 @@
 
 use super::{launch_cfg, stride_grid, CudaDevice, ELEMENTWISE_CU};
 use crate::error::Result;
-use cudarc::driver::{CudaView, CudaViewMut};
+use cudarc::driver::{CudaView, CudaViewMut, DeviceRepr};
 
 /// Threads per block (`EW_THREADS` in elementwise.cu).
 const EW_THREADS: u32 = 256;
@@ -100,37 +100,31 @@ fn check_cols(what: &str, src_len: usize, rows: usize, cols: usize, dst_len: usi
 /// `off..off + cols` of `y` `[rows, ld]` (bits as [`to_bf16`]); the other
 /// columns are not touched (queued).
 pub fn to_bf16_cols(dev: &CudaDevice, x: &CudaView<'_, f32>, rows: usize, cols: usize, y: &mut CudaViewMut<'_, u16>, ld: usize, off: usize) -> Result<()> {
-    check_cols("to_bf16_cols", x.len(), rows, cols, y.len(), ld, off)?;
-    dev.check_stream(x, "to_bf16_cols x")?;
-    dev.check_stream(y, "to_bf16_cols y")?;
-    let n = x.len() as u64;
-    if n == 0 {
-        return Ok(());
-    }
-    let (r64, c32, ld64, off64) = (rows as u64, cols as u32, ld as u64, off as u64);
-    let name = "elementwise_f32_to_bf16_cols";
-    let f = dev.function(&ELEMENTWISE_CU, name)?;
-    // SAFETY: (ptr, u64, u32, u64, u64, ptr) as the kernel; it reads the
-    // rows·cols elements of x and writes row i's columns off..off+cols of
-    // y, all below rows·ld (checked).
-    launch_kernel!(dev, f, name, launch_cfg((stride_grid(n, EW_THREADS), 1), EW_THREADS), [x, &r64, &c32, &ld64, &off64, y])
+    into_cols(dev, "elementwise_f32_to_bf16_cols", x, rows, cols, y, ld, off)
 }
 
 /// Copies `src` `[rows, cols]` (bf16 bits) into columns `off..off + cols`
 /// of `dst` `[rows, ld]`; the other columns are not touched (queued).
 pub fn copy_cols_bf16(dev: &CudaDevice, src: &CudaView<'_, u16>, rows: usize, cols: usize, dst: &mut CudaViewMut<'_, u16>, ld: usize, off: usize) -> Result<()> {
-    check_cols("copy_cols", src.len(), rows, cols, dst.len(), ld, off)?;
-    dev.check_stream(src, "copy_cols src")?;
-    dev.check_stream(dst, "copy_cols dst")?;
+    into_cols(dev, "elementwise_copy_cols_u16", src, rows, cols, dst, ld, off)
+}
+
+/// Launches kernel `name` (`(src, u64 rows, u32 cols, u64 ld, u64 off,
+/// dst)`, one source element per output, grid-stride) writing `src`
+/// `[rows, cols]` into columns `off..off + cols` of `dst` `[rows, ld]`.
+#[allow(clippy::too_many_arguments)]
+fn into_cols<T: DeviceRepr>(dev: &CudaDevice, name: &'static str, src: &CudaView<'_, T>, rows: usize, cols: usize, dst: &mut CudaViewMut<'_, u16>, ld: usize, off: usize) -> Result<()> {
+    check_cols(name, src.len(), rows, cols, dst.len(), ld, off)?;
+    dev.check_stream(src, "wide columns: source")?;
+    dev.check_stream(dst, "wide columns: destination")?;
     let n = src.len() as u64;
     if n == 0 {
         return Ok(());
     }
     let (r64, c32, ld64, off64) = (rows as u64, cols as u32, ld as u64, off as u64);
-    let name = "elementwise_copy_cols_u16";
     let f = dev.function(&ELEMENTWISE_CU, name)?;
-    // SAFETY: (ptr, u64, u32, u64, u64, ptr) as the kernel; it reads the
-    // rows·cols elements of src and writes row i's columns off..off+cols of
+    // SAFETY: (ptr, u64, u32, u64, u64, ptr) as both kernels; they read the
+    // rows·cols elements of src and write row i's columns off..off+cols of
     // dst, all below rows·ld (checked).
     launch_kernel!(dev, f, name, launch_cfg((stride_grid(n, EW_THREADS), 1), EW_THREADS), [src, &r64, &c32, &ld64, &off64, dst])
 }
