@@ -114,9 +114,10 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS)
 // not null, dx += res (one more f32 addition: the residual stream's
 // gradient, bit for bit elementwise_add_f32 after the norm's); with dxb not
 // null, dx's bf16 rounding goes there too (the next product's operand).
+// dxb's rows are ld elements apart (dim, or more for a wide operand).
 __device__ __forceinline__ void norm_bwd_dx_row(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ rstd,
                                                 const float* __restrict__ dy, u32 rows, u32 dim, const float* __restrict__ res,
-                                                float* __restrict__ dx, u16* __restrict__ dxb) {
+                                                float* __restrict__ dx, u16* __restrict__ dxb, u64 ld) {
     const u32 row = blockIdx.x;
     if (row >= rows) return;
     const u64 o = (u64)row * dim;
@@ -132,7 +133,7 @@ __device__ __forceinline__ void norm_bwd_dx_row(const float* __restrict__ x, con
         float v = __fsub_rn(__fmul_rn(r, __fmul_rn(dy[o + j], w[j])), __fmul_rn(c, x[o + j]));
         if (res) v = __fadd_rn(v, res[o + j]);
         dx[o + j] = v;
-        if (dxb) dxb[o + j] = norm_bf16(v);
+        if (dxb) dxb[(u64)row * ld + j] = norm_bf16(v);
     }
 }
 
@@ -140,7 +141,7 @@ __device__ __forceinline__ void norm_bwd_dx_row(const float* __restrict__ x, con
 extern "C" __global__ void __launch_bounds__(NORM_THREADS)
     norm_rmsnorm_bwd_dx_f32(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ rstd,
                             const float* __restrict__ dy, u32 rows, u32 dim, float* __restrict__ dx) {
-    norm_bwd_dx_row(x, w, rstd, dy, rows, dim, 0, dx, 0);
+    norm_bwd_dx_row(x, w, rstd, dy, rows, dim, 0, dx, 0, dim);
 }
 
 // The same plus the residual res (dx = norm's dx + res) and, with dxb not
@@ -149,7 +150,18 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS)
     norm_rmsnorm_bwd_dx_out_f32(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ rstd,
                                 const float* __restrict__ dy, u32 rows, u32 dim, const float* __restrict__ res,
                                 float* __restrict__ dx, u16* __restrict__ dxb) {
-    norm_bwd_dx_row(x, w, rstd, dy, rows, dim, res, dx, dxb);
+    norm_bwd_dx_row(x, w, rstd, dy, rows, dim, res, dx, dxb, dim);
+}
+
+// The same with dxb a wide operand: rows ld >= dim apart, columns dim..ld
+// zeroed (an adapter's gradient block goes there). grid = rows.
+extern "C" __global__ void __launch_bounds__(NORM_THREADS)
+    norm_rmsnorm_bwd_dx_wide_f32(const float* __restrict__ x, const float* __restrict__ w, const float* __restrict__ rstd,
+                                 const float* __restrict__ dy, u32 rows, u32 dim, const float* __restrict__ res,
+                                 float* __restrict__ dx, u64 ld, u16* __restrict__ dxb) {
+    norm_bwd_dx_row(x, w, rstd, dy, rows, dim, res, dx, dxb, ld);
+    if (blockIdx.x < rows)
+        for (u64 j = dim + threadIdx.x; j < ld; j += blockDim.x) dxb[(u64)blockIdx.x * ld + j] = 0;
 }
 
 // partial[chunk, j] = sum over rows [chunk*rows_per, min(rows, +rows_per))

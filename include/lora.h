@@ -959,7 +959,8 @@ typedef struct lora_paged_stats {
  * adapter into its module's base product where it can: the forward takes
  * `[x | x·Aᵀ]·[W | s·B]ᵀ` as one product for NF4 weights (q, k, v, gate,
  * up, down), and the backward makes q, k and v's input gradient as one
- * product (gate and up's as one per module). The same sums up to bf16
+ * product (gate and up's as one per module, o_proj's with its adapter's
+ * term). The same sums up to bf16
  * rounding, less memory traffic; not with LoRA dropout. 0 keeps each
  * adapter's products apart (`LORA_CUDA_FOLD=0` starts it off). Not yet
  * run on a GPU.

@@ -151,7 +151,8 @@ fn elementwise_kernels_are_bit_exact() {
 }
 
 /// The folded adapter product, kernel by kernel: the normed input written
-/// wide (its bf16 values in the first columns, the rest zero), x·Aᵀ beside
+/// wide (its bf16 values in the first columns, the rest zero; the norm's
+/// backward likewise for its bf16 dx), x·Aᵀ beside
 /// it (`copy_cols_bf16`), the wide weight's adapter columns
 /// (`fold_tail_bf16`: `bf16(s·B)` in the module's block, zero elsewhere),
 /// and one product over the wide operands (`MatRef::bf16_ld`) giving
@@ -180,6 +181,24 @@ fn wide_operands_fold_an_adapter_into_one_product() {
         for i in 0..n {
             assert_eq!(&xw[i * ld..i * ld + inf], &xn[i * inf..(i + 1) * inf], "wide norm row {i}");
             assert!(xw[i * ld + inf..(i + 1) * ld].iter().all(|&v| v == 0), "wide norm row {i}: tail not zeroed");
+        }
+        // The norm's backward with its bf16 dx written wide: the same dx,
+        // the bf16 bits in each row, zeros after.
+        {
+            let (dy, res) = (vecr(&mut rng, n * inf), vecr(&mut rng, n * inf));
+            let rstd = dev.upload(&(0..n).map(|i| 0.5 + i as f32 / n as f32).collect::<Vec<f32>>()).unwrap();
+            let (dyd, resd) = (dev.upload(&dy).unwrap(), dev.upload(&res).unwrap());
+            let (mut dx1, mut dxb1) = (dev.alloc_filled::<f32>(n * inf, 0xFF).unwrap(), dev.alloc_filled::<u16>(n * inf, 0xFF).unwrap());
+            gnorm::rmsnorm_backward_residual(dev, &xd.as_view(), &nwd.as_view(), &rstd.as_view(), &dyd.as_view(), n, inf, Some(&resd.as_view()), &mut dx1.as_view_mut(), Some(&mut dxb1.as_view_mut())).unwrap();
+            let (mut dx2, mut dxb2) = (dev.alloc_filled::<f32>(n * inf, 0xFF).unwrap(), dev.alloc_filled::<u16>(n * ld, 0xFF).unwrap());
+            gnorm::rmsnorm_backward_residual_wide(dev, &xd.as_view(), &nwd.as_view(), &rstd.as_view(), &dyd.as_view(), n, inf, Some(&resd.as_view()), &mut dx2.as_view_mut(), &mut dxb2.as_view_mut(), ld).unwrap();
+            let (a, b) = (dev.download(&dx1).unwrap(), dev.download(&dx2).unwrap());
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "wide norm backward: dx differs");
+            let (nb, wb) = (dev.download(&dxb1).unwrap(), dev.download(&dxb2).unwrap());
+            for i in 0..n {
+                assert_eq!(&wb[i * ld..i * ld + inf], &nb[i * inf..(i + 1) * inf], "wide norm backward row {i}");
+                assert!(wb[i * ld + inf..(i + 1) * ld].iter().all(|&v| v == 0), "wide norm backward row {i}: tail not zeroed");
+            }
         }
         // h (any bf16 values) into the block at off.
         let h: Vec<u16> = vecr(&mut rng, n * r).iter().map(|&v| b16(v)).collect();

@@ -52,7 +52,8 @@
 //! rows of `[W | s·B]`, and one product gives `x·Wᵀ + s·(x·Aᵀ)·Bᵀ` without
 //! the adapter's expand, which read and wrote the whole output again; and
 //! its backward makes q, k and v's input gradient as one product over
-//! `[dq | dk | dv | g…]` and `[W_q; W_k; W_v; s·A…]`
+//! `[dq | dk | dv | g…]` and `[W_q; W_k; W_v; s·A…]` (gate and up's one
+//! per module, o_proj's with its adapter's term)
 //! ([`DeviceModel::set_fold`]; not with LoRA dropout).
 //!
 //! Memory: per layer a training step keeps the layer input, the attention
@@ -1539,15 +1540,16 @@ impl DeviceModel {
     /// up) or the SwiGLU product (down, in the lean step's bf16 MLP) with an
     /// NF4 weight take `[x | x·Aᵀ]·[W | s·B]ᵀ` as one product
     /// instead of the base product and the adapter's expand, which reads
-    /// and writes the whole output a second time ([`Fold`]). The sums are
+    /// and writes the whole output a second time (see `Fold`). The sums are
     /// the same products of the same bf16 operands, except `s·B` rounded
     /// to bf16 once (for a power-of-two scale the same value as `B`'s bf16
     /// copy times `s`), accumulated in one pass: a bf16 output (gate, up)
     /// is rounded once instead of twice. The same switch makes q, k and
     /// v's input gradient one product in the backward
-    /// ([`qkv_backward_stacked`](Self::qkv_backward_stacked)): `[dq | dk |
+    /// (`qkv_backward_stacked`): `[dq | dk |
     /// dv | g…]·[W_q; W_k; W_v; s·A…]` instead of six products into one
-    /// buffer. Off, for checks and benchmarks.
+    /// buffer (gate and up's one per module, o_proj's with its adapter's
+    /// term). Off, for checks and benchmarks.
     pub fn set_fold(&mut self, on: bool) {
         self.fold_on = on;
     }
@@ -2231,13 +2233,27 @@ impl DeviceModel {
         };
         drop((h2, h2b));
         // The residual's gradient (and its bf16 copy in BF16 mode) in the
-        // norm's backward pass.
-        let (dxm, dxmb) = self.norm_backward(&x_mid, &self.layers[l].mlp_norm, &rstd2, &dh2, Some(&dx), n)?;
-        drop((dh2, dx, x_mid, rstd2));
-        // Attention: x_mid = x_in + o_proj(att).
-        let mut datt = out_buf::<f32>(d, n * qd)?;
-        self.lin_backward(tr, l, O, att.act(None), hs[O].as_ref(), Act::new(&dxm, dxmb.as_ref()), n, Some((&mut datt, 0.0)))?;
-        drop(dxmb);
+        // norm's backward pass; then attention: x_mid = x_in + o_proj(att).
+        // In the lean step o_proj's input gradient is one product with its
+        // adapter's term: the bf16 copy written wide, [dxm | g_o].
+        let o_plan = self.dx_stack_plan(l, tr, &[O], false).filter(|p| p.blocks[0].3.is_some());
+        let (dxm, datt) = match o_plan {
+            Some(plan) => {
+                let mut dxm = out_buf::<f32>(d, n * h)?;
+                let mut st = out_buf::<u16>(d, n * plan.ld)?;
+                cnorm::rmsnorm_backward_residual_wide(d, &x_mid.as_view(), &self.layers[l].mlp_norm.as_view(), &rstd2.as_view(), &dh2.as_view(), n, h, Some(&dx.as_view()), &mut dxm.as_view_mut(), &mut st.as_view_mut(), plan.ld)?;
+                drop((dh2, dx, x_mid, rstd2));
+                let datt = self.stacked_dx(tr, l, att.act(None), &hs, st, &plan, n)?;
+                (dxm, datt)
+            }
+            None => {
+                let (dxm, dxmb) = self.norm_backward(&x_mid, &self.layers[l].mlp_norm, &rstd2, &dh2, Some(&dx), n)?;
+                drop((dh2, dx, x_mid, rstd2));
+                let mut datt = out_buf::<f32>(d, n * qd)?;
+                self.lin_backward(tr, l, O, att.act(None), hs[O].as_ref(), Act::new(&dxm, dxmb.as_ref()), n, Some((&mut datt, 0.0)))?;
+                (dxm, datt)
+            }
+        };
         // q, k and v as kept, or recomputed from the layer's input as the
         // forward made them, with the normed input the adapters' backward
         // takes below.
@@ -2354,11 +2370,12 @@ impl DeviceModel {
     /// `l`'s modules `js` (reading one input) as one product (or, `split`,
     /// one per module with fewer reads and writes of it than apart), and
     /// how ([`DxStack`]): folding on, each weight NF4 (2-D) or bf16, no LoRA
-    /// dropout on them (its gradient goes through the mask in fp32), and a
-    /// hidden size that is a multiple of 8 (each weight's rows start
+    /// dropout on them (its gradient goes through the mask in fp32), and an
+    /// input width that is a multiple of 8 (each weight's rows start
     /// 16-byte aligned).
     fn dx_stack_plan(&self, l: usize, tr: Train, js: &[usize], split: bool) -> Option<DxStack> {
-        if !self.fold_on || !self.lean() || self.cfg.hidden_size % 8 != 0 {
+        let in_f = self.layers[l].lin[*js.first()?].in_f;
+        if !self.fold_on || !self.lean() || in_f % 8 != 0 {
             return None;
         }
         let mut blocks = Vec::with_capacity(js.len());
@@ -2372,7 +2389,7 @@ impl DeviceModel {
                 Weight::Bf16(_) => true,
                 Weight::F32(_) => false,
             };
-            if !weight_ok || lin.in_f != self.cfg.hidden_size || lin.ads[tr.set].as_ref().is_some_and(|a| a.dropout > 0.0) {
+            if !weight_ok || lin.in_f != in_f || lin.ads[tr.set].as_ref().is_some_and(|a| a.dropout > 0.0) {
                 return None;
             }
             let start = col;
@@ -2445,7 +2462,7 @@ impl DeviceModel {
         self.norm_backward(x_in, &self.layers[l].attn_norm, rstd1, &dh1, Some(dxm), n)
     }
 
-    /// The input gradient `dx` `[n, hidden]` of the modules of `plan`
+    /// The input gradient `dx` `[n, in]` of the modules of `plan`
     /// (reading the input `x`) as one product, given their output gradients
     /// in the wide buffer `st` (each module's in its columns): each
     /// adapter's gradients from its block (`g = dy·B`, placed in the tail
@@ -2458,7 +2475,9 @@ impl DeviceModel {
     fn stacked_dx(&mut self, tr: Train, l: usize, x: Act<'_>, hs: &[Option<Saved>], mut st: CudaSlice<u16>, plan: &DxStack, n: usize) -> Result<CudaSlice<f32>> {
         let dev = self.dev.clone();
         let d = &*dev;
-        let (h, ld) = (self.cfg.hidden_size, plan.ld);
+        let j0 = plan.blocks.first().ok_or_else(|| err!(Internal, "an empty stacked product"))?.0;
+        // The modules' input width (the weights' rows, dx's columns).
+        let (h, ld) = (self.layers[l].lin[j0].in_f, plan.ld);
         for &(j, off, cols, tail) in &plan.blocks {
             let dy = Act::Cols(Cols { buf: &st, off, cols, ld });
             match (self.lin_grads(tr, l, j, x, hs[j].as_ref(), dy, n, true)?, tail) {

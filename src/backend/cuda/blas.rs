@@ -173,7 +173,7 @@ pub fn gemm<C: GemmOut>(dev: &CudaDevice, blas: &Blas, a: MatRef<'_>, ta: bool, 
     gemm_ld(dev, blas, a, ta, b, tb, c, n, alpha, beta)
 }
 
-/// [`gemm`] into `C` `[m, n]` whose rows start `ldc ≥ n` elements apart in
+/// [`gemm()`] into `C` `[m, n]` whose rows start `ldc ≥ n` elements apart in
 /// `c` (a block of a wide output: `c` starts at the block's first element
 /// and holds at least `(m − 1)·ldc + n`); the other elements of `c` are not
 /// touched.

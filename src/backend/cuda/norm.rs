@@ -201,6 +201,49 @@ pub fn rmsnorm_backward_residual(
     launch_kernel!(dev, f, name, launch_cfg((r32, 1), NORM_THREADS), [x, w, rstd, dy, &r32, &d32, &resp, dx, &dxbp])
 }
 
+/// [`rmsnorm_backward_residual`] with the bf16 rounding of `dx` written
+/// into the first `dim` columns of `dxb` `[rows, ld]` (a wide operand,
+/// `ld ≥ dim`), columns `dim..ld` zeroed: the same values.
+#[allow(clippy::too_many_arguments)]
+pub fn rmsnorm_backward_residual_wide(
+    dev: &CudaDevice,
+    x: &CudaView<'_, f32>,
+    w: &CudaView<'_, f32>,
+    rstd: &CudaView<'_, f32>,
+    dy: &CudaView<'_, f32>,
+    rows: usize,
+    dim: usize,
+    res: Option<&CudaView<'_, f32>>,
+    dx: &mut CudaViewMut<'_, f32>,
+    dxb: &mut CudaViewMut<'_, u16>,
+    ld: usize,
+) -> Result<()> {
+    check_backward(dev, [x, w, rstd, dy], rows, dim, dx)?;
+    let resp = match res {
+        Some(r) => {
+            check_len(r.len(), rows * dim, "residual")?;
+            dev.check_stream(r, "rmsnorm residual")?;
+            r.device_ptr(&dev.stream).0
+        }
+        None => 0u64,
+    };
+    if ld < dim {
+        bail!(InvalidShape, "rmsnorm: a wide dx's row stride {ld} is below its {dim} columns");
+    }
+    check_len(dxb.len(), rows * ld, "wide bf16 dx")?;
+    dev.check_stream(dxb, "rmsnorm wide bf16 dx")?;
+    if rows == 0 {
+        return Ok(());
+    }
+    let (r32, d32, ld64) = (rows as u32, dim as u32, ld as u64);
+    let name = "norm_rmsnorm_bwd_dx_wide_f32";
+    let f = dev.function(&NORM_CU, name)?;
+    // SAFETY: (ptr ×4, u32, u32, ptr ×2, u64, ptr) as the kernel; one block
+    // per row touches that row of x, dy, dx (and res unless 0), dxb's row
+    // of ld and rstd[row] (lengths checked above).
+    launch_kernel!(dev, f, name, launch_cfg((r32, 1), NORM_THREADS), [x, w, rstd, dy, &r32, &d32, &resp, dx, &ld64, dxb])
+}
+
 /// `(chunks, rows_per_chunk)` of the dw partial sums: about
 /// `DW_TARGET_BLOCKS` blocks in all.
 pub fn dw_chunks(rows: usize, dim: usize) -> (usize, usize) {
