@@ -93,7 +93,8 @@ fn run() -> lora::Result<()> {
     unsafe { (hooks.set_roofline)(H100_BF16_FLOPS, H100_F32_FLOPS, H100_COPY_BYTES_PER_S) };
     // (name, compute, checkpointing, lean (Some(tensor-core attention)),
     // recomputation, adapters folded into the base products (lean only))
-    let variants: [(&str, Compute, bool, Option<bool>, bool, bool); 9] = [
+    type Variant = (&'static str, Compute, bool, Option<bool>, bool, bool);
+    let variants: [Variant; 9] = [
         ("bf16 step (default)", Compute::BF16, false, None, true, true),
         ("bf16 step, no recomputation", Compute::BF16, false, None, false, true),
         ("lean bf16 step", Compute::BF16, false, Some(true), true, true),

@@ -755,7 +755,8 @@ fn folded_adapter_products_match_the_unfolded() {
         })
     };
     // (name, model, batch, seq, forward folds expected, stacked gradients expected)
-    let runs: Vec<(&str, Box<dyn Fn() -> Model>, usize, usize, bool, bool)> = vec![
+    type Run = (&'static str, Box<dyn Fn() -> Model>, usize, usize, bool, bool);
+    let runs: Vec<Run> = vec![
         ("llama_nf4", llama.model, llama.batch, llama.seq, true, true),
         ("qwen2 quantized (biases)", Box::new(qwen), 2, 40, true, true),
         ("random_hd128_nf4", random.model, random.batch, random.seq, true, true),

@@ -1754,7 +1754,7 @@ impl DeviceModel {
         }
         let lins = &self.layers[l].lin;
         let in_f = lins[*js.first()?].in_f;
-        if in_f % 32 != 0 || js.iter().any(|&j| lins[j].ads[tr.set].as_ref().is_some_and(|a| a.dropout > 0.0)) {
+        if !in_f.is_multiple_of(32) || js.iter().any(|&j| lins[j].ads[tr.set].as_ref().is_some_and(|a| a.dropout > 0.0)) {
             return None;
         }
         let mut slots = [None; 7];
@@ -2375,7 +2375,7 @@ impl DeviceModel {
     /// 16-byte aligned).
     fn dx_stack_plan(&self, l: usize, tr: Train, js: &[usize], split: bool) -> Option<DxStack> {
         let in_f = self.layers[l].lin[*js.first()?].in_f;
-        if !self.fold_on || !self.lean() || in_f % 8 != 0 {
+        if !self.fold_on || !self.lean() || !in_f.is_multiple_of(8) {
             return None;
         }
         let mut blocks = Vec::with_capacity(js.len());

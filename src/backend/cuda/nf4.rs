@@ -203,7 +203,7 @@ fn dequantize_rows(dev: &CudaDevice, packed: &CudaView<'_, u8>, scales: Scales<'
             if out.dtype() != DType::BF16 {
                 bail!(Unsupported, "strided dequantization writes bf16 only, not {:?}", out.dtype());
             }
-            if cols == 0 || cols % 32 != 0 || ld < cols || ld % 8 != 0 || out.len() % ld != 0 {
+            if cols == 0 || !cols.is_multiple_of(32) || ld < cols || !ld.is_multiple_of(8) || !out.len().is_multiple_of(ld) {
                 bail!(InvalidShape, "strided dequantization needs cols a multiple of 32 and ld >= cols a multiple of 8 dividing the output ({} elements); got cols {cols}, ld {ld}", out.len());
             }
             out.len() / ld * cols
