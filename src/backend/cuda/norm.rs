@@ -179,26 +179,7 @@ pub fn rmsnorm_backward_residual(
     dx: &mut CudaViewMut<'_, f32>,
     dxb: Option<&mut CudaViewMut<'_, u16>>,
 ) -> Result<()> {
-    check_backward(dev, [x, w, rstd, dy], rows, dim, dx)?;
-    let resp = match res {
-        Some(r) => {
-            check_len(r.len(), rows * dim, "residual")?;
-            dev.check_stream(r, "rmsnorm residual")?;
-            r.device_ptr(&dev.stream).0
-        }
-        None => 0u64,
-    };
-    let dxbp = out_ptr(dev, rows * dim, dxb, "rmsnorm bf16 dx")?;
-    if rows == 0 {
-        return Ok(());
-    }
-    let (r32, d32) = (rows as u32, dim as u32);
-    let name = "norm_rmsnorm_bwd_dx_out_f32";
-    let f = dev.function(&NORM_CU, name)?;
-    // SAFETY: (ptr ×4, u32, u32, ptr ×3) as the kernel; one block per row
-    // touches that row of x, dy, dx (and res, dxb unless 0) and rstd[row]
-    // (lengths checked above).
-    launch_kernel!(dev, f, name, launch_cfg((r32, 1), NORM_THREADS), [x, w, rstd, dy, &r32, &d32, &resp, dx, &dxbp])
+    backward_residual(dev, [x, w, rstd, dy], rows, dim, res, dx, dxb.map(|b| (b, dim)), false)
 }
 
 /// [`rmsnorm_backward_residual`] with the bf16 rounding of `dx` written
@@ -218,7 +199,15 @@ pub fn rmsnorm_backward_residual_wide(
     dxb: &mut CudaViewMut<'_, u16>,
     ld: usize,
 ) -> Result<()> {
-    check_backward(dev, [x, w, rstd, dy], rows, dim, dx)?;
+    backward_residual(dev, [x, w, rstd, dy], rows, dim, res, dx, Some((dxb, ld)), true)
+}
+
+/// The two launchers above: `dxb` with its row stride; `wide` picks the
+/// kernel that zeroes the columns past `dim`.
+#[allow(clippy::too_many_arguments)]
+fn backward_residual(dev: &CudaDevice, inputs: [&CudaView<'_, f32>; 4], rows: usize, dim: usize, res: Option<&CudaView<'_, f32>>, dx: &mut CudaViewMut<'_, f32>, dxb: Option<(&mut CudaViewMut<'_, u16>, usize)>, wide: bool) -> Result<()> {
+    check_backward(dev, inputs, rows, dim, dx)?;
+    let [x, w, rstd, dy] = inputs;
     let resp = match res {
         Some(r) => {
             check_len(r.len(), rows * dim, "residual")?;
@@ -227,21 +216,32 @@ pub fn rmsnorm_backward_residual_wide(
         }
         None => 0u64,
     };
-    if ld < dim {
-        bail!(InvalidShape, "rmsnorm: a wide dx's row stride {ld} is below its {dim} columns");
-    }
-    check_len(dxb.len(), rows * ld, "wide bf16 dx")?;
-    dev.check_stream(dxb, "rmsnorm wide bf16 dx")?;
+    let (dxbp, ld) = match dxb {
+        Some((b, ld)) => {
+            if ld < dim {
+                bail!(InvalidShape, "rmsnorm: a bf16 dx's row stride {ld} is below its {dim} columns");
+            }
+            (out_ptr(dev, rows * ld, Some(b), "rmsnorm bf16 dx")?, ld)
+        }
+        None => (0u64, dim),
+    };
     if rows == 0 {
         return Ok(());
     }
     let (r32, d32, ld64) = (rows as u32, dim as u32, ld as u64);
-    let name = "norm_rmsnorm_bwd_dx_wide_f32";
+    let name = if wide { "norm_rmsnorm_bwd_dx_wide_f32" } else { "norm_rmsnorm_bwd_dx_out_f32" };
     let f = dev.function(&NORM_CU, name)?;
-    // SAFETY: (ptr ×4, u32, u32, ptr ×2, u64, ptr) as the kernel; one block
-    // per row touches that row of x, dy, dx (and res unless 0), dxb's row
-    // of ld and rstd[row] (lengths checked above).
-    launch_kernel!(dev, f, name, launch_cfg((r32, 1), NORM_THREADS), [x, w, rstd, dy, &r32, &d32, &resp, dx, &ld64, dxb])
+    if wide {
+        // SAFETY: (ptr ×4, u32, u32, ptr ×2, u64, ptr) as the kernel; one
+        // block per row touches that row of x, dy, dx (and res unless 0),
+        // dxb's row of ld and rstd[row] (lengths checked above).
+        launch_kernel!(dev, f, name, launch_cfg((r32, 1), NORM_THREADS), [x, w, rstd, dy, &r32, &d32, &resp, dx, &ld64, &dxbp])
+    } else {
+        // SAFETY: (ptr ×4, u32, u32, ptr ×3) as the kernel; one block per row
+        // touches that row of x, dy, dx (and res, dxb unless 0) and
+        // rstd[row] (lengths checked above).
+        launch_kernel!(dev, f, name, launch_cfg((r32, 1), NORM_THREADS), [x, w, rstd, dy, &r32, &d32, &resp, dx, &dxbp])
+    }
 }
 
 /// `(chunks, rows_per_chunk)` of the dw partial sums: about
