@@ -109,25 +109,20 @@ __device__ __forceinline__ void rope_rotate_out(const float* __restrict__ x, flo
     }
 }
 
-// Forward (+theta) out of place: y (optional) and its bf16 rounding yb.
+// Forward (+theta) out of place: y (optional) and its bf16 rounding yb,
+// whose token rows start ld elements apart at column off (ld = heads *
+// 2 * half and off = 0: contiguous; more: a block of a wide operand, such
+// as the stacked input-gradient product's [dq | dk | dv | ...]).
 extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
     rope_fwd_out_f32(const float* __restrict__ x, float* __restrict__ y, u16* __restrict__ yb, u32 seq, u32 heads, u32 half, u64 pairs,
-                     const float* __restrict__ cos_t, const float* __restrict__ sin_t) {
-    rope_rotate_out(x, y, yb, seq, heads, half, pairs, cos_t, sin_t, 1.0f, (u64)heads * 2 * half, 0);
+                     const float* __restrict__ cos_t, const float* __restrict__ sin_t, u64 ld, u64 off) {
+    rope_rotate_out(x, y, yb, seq, heads, half, pairs, cos_t, sin_t, 1.0f, ld, off);
 }
 
-// Backward (-theta) out of place: dx (optional) and its bf16 rounding.
+// Backward (-theta) out of place: dx (optional) and its bf16 rounding, laid
+// out as the forward's.
 extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
     rope_bwd_out_f32(const float* __restrict__ dy, float* __restrict__ dx, u16* __restrict__ dxb, u32 seq, u32 heads, u32 half, u64 pairs,
-                     const float* __restrict__ cos_t, const float* __restrict__ sin_t) {
-    rope_rotate_out(dy, dx, dxb, seq, heads, half, pairs, cos_t, sin_t, -1.0f, (u64)heads * 2 * half, 0);
-}
-
-// Backward (-theta) into bf16 alone, each token's row written at column off
-// of rows ld apart (a wide operand: the stacked input-gradient product's
-// [dq | dk | dv | ...]); the same bits as rope_bwd_out_f32's dxb.
-extern "C" __global__ void __launch_bounds__(ROPE_THREADS)
-    rope_bwd_wide_bf16(const float* __restrict__ dy, u16* __restrict__ dxb, u32 seq, u32 heads, u32 half, u64 pairs,
-                       const float* __restrict__ cos_t, const float* __restrict__ sin_t, u64 ld, u64 off) {
-    rope_rotate_out(dy, 0, dxb, seq, heads, half, pairs, cos_t, sin_t, -1.0f, ld, off);
+                     const float* __restrict__ cos_t, const float* __restrict__ sin_t, u64 ld, u64 off) {
+    rope_rotate_out(dy, dx, dxb, seq, heads, half, pairs, cos_t, sin_t, -1.0f, ld, off);
 }

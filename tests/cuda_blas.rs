@@ -293,7 +293,7 @@ fn stacked_gradient_operand_kernels_write_their_blocks() {
         grope::rope_bf16(dev, &xd.as_view(), None, &mut want.as_view_mut(), b, t, h, d, &gt, true).unwrap();
         let want = dev.download(&want).unwrap();
         let mut wide = dev.alloc_filled::<u16>(tokens * ld, 0xFF).unwrap();
-        grope::rope_bwd_wide_bf16(dev, &xd.as_view(), &mut wide.as_view_mut(), ld, off, b, t, h, d, &gt).unwrap();
+        grope::rope_bf16_into(dev, &xd.as_view(), None, &mut wide.as_view_mut(), ld, off, b, t, h, d, &gt, true).unwrap();
         let got = dev.download(&wide).unwrap();
         let mut conv = dev.alloc_filled::<u16>(tokens * ld, 0xFF).unwrap();
         ew::to_bf16_cols(dev, &xd.as_view(), tokens, w, &mut conv.as_view_mut(), ld, off).unwrap();
@@ -411,7 +411,7 @@ fn stacked_gradient_operand_kernels_write_their_blocks() {
     let gt = grope::CudaRopeTable::upload(dev, &table).unwrap();
     let x = dev.alloc_filled::<f32>(2 * 16, 0).unwrap();
     let mut y = dev.alloc_filled::<u16>(2 * 20, 0).unwrap();
-    assert!(grope::rope_bwd_wide_bf16(dev, &x.as_view(), &mut y.as_view_mut(), 20, 8, 1, 2, 2, 8, &gt).is_err());
+    assert!(grope::rope_bf16_into(dev, &x.as_view(), None, &mut y.as_view_mut(), 20, 8, 1, 2, 2, 8, &gt, true).is_err());
     assert!(ew::to_bf16_cols(dev, &x.as_view(), 2, 16, &mut y.as_view_mut(), 20, 5).is_err());
     let a = dev.alloc_filled::<f32>(4 * 8, 0).unwrap();
     let mut o = dev.alloc_filled::<u16>(2 * 8, 0).unwrap();

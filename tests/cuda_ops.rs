@@ -628,7 +628,7 @@ void emu_swiglu_bwd_dh(unsigned grid, const u16* g16, const u16* u16_, const u16
     emu_launch(grid, SWIGLU_THREADS, [&] { swiglu_bwd_out_bf16dh(g16, u16_, dh, n, dg, du, dgb, dub); });
 }
 void emu_rope_out(int bwd, unsigned grid, const float* x, float* y, u16* yb, u32 seq, u32 heads, u32 half, u64 pairs, const float* c, const float* s) {
-    emu_launch(grid, ROPE_THREADS, [&] { if (bwd) rope_bwd_out_f32(x, y, yb, seq, heads, half, pairs, c, s); else rope_fwd_out_f32(x, y, yb, seq, heads, half, pairs, c, s); });
+    emu_launch(grid, ROPE_THREADS, [&] { const u64 ld = (u64)heads * 2 * half; if (bwd) rope_bwd_out_f32(x, y, yb, seq, heads, half, pairs, c, s, ld, 0); else rope_fwd_out_f32(x, y, yb, seq, heads, half, pairs, c, s, ld, 0); });
 }
 void emu_norm_bwd_res(u32 rows, u32 dim, const float* x, const float* w, const float* rstd, const float* dy, const float* res, float* dx, u16* dxb) {
     emu_launch(rows, NORM_THREADS, [&] { norm_rmsnorm_bwd_dx_out_f32(x, w, rstd, dy, rows, dim, res, dx, dxb); });

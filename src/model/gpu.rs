@@ -1762,7 +1762,7 @@ impl DeviceModel {
         for &j in js {
             let lin = &lins[j];
             match (&lin.w, lin.ads[tr.set].as_ref()) {
-                (Weight::Nf4(t), Some(ad)) if t.shape.len() == 2 && lin.in_f == in_f => {
+                (Weight::Nf4(t), Some(ad)) if t.shape.len() == 2 => {
                     slots[j] = Some((tail, ad.r));
                     tail += ad.r.next_multiple_of(8);
                 }
@@ -1798,11 +1798,7 @@ impl DeviceModel {
         let it = self.cfg.intermediate_size;
         let Some(fold) = self.fold_plan(l, &[DOWN], rows) else {
             let mut ab = out_buf::<u16>(d, n * it)?;
-            if in_ld == it {
-                cswiglu::swiglu_forward_bf16(d, gb, ub, None, Some(&mut ab.as_view_mut()))?;
-            } else {
-                cswiglu::swiglu_forward_wide_bf16(d, gb, ub, n, it, in_ld, &mut ab.as_view_mut(), it)?;
-            }
+            cswiglu::swiglu_forward_wide_bf16(d, gb, ub, n, it, in_ld, &mut ab.as_view_mut(), it)?;
             return Ok((Normed::Forms((None, Some(ab))), Default::default()));
         };
         let mut buf = out_buf::<u16>(d, n * fold.ld)?;
@@ -2448,8 +2444,8 @@ impl DeviceModel {
         let mut st = out_buf::<u16>(d, n * ld)?;
         {
             let table = self.rope.as_ref().ok_or_else(|| err!(Internal, "no RoPE table for this sequence length"))?;
-            crope::rope_bwd_wide_bf16(d, &dq.as_view(), &mut st.as_view_mut(), ld, 0, batch, seq, nh, hd, table)?;
-            crope::rope_bwd_wide_bf16(d, &dk.as_view(), &mut st.as_view_mut(), ld, qd, batch, seq, nkv, hd, table)?;
+            crope::rope_bf16_into(d, &dq.as_view(), None, &mut st.as_view_mut(), ld, 0, batch, seq, nh, hd, table, true)?;
+            crope::rope_bf16_into(d, &dk.as_view(), None, &mut st.as_view_mut(), ld, qd, batch, seq, nkv, hd, table, true)?;
         }
         ew::to_bf16_cols(d, &dv.as_view(), n, kvd, &mut st.as_view_mut(), ld, qd + kvd)?;
         drop((dq, dk, dv));

@@ -88,44 +88,47 @@ pub fn rope_bf16(
     table: &CudaRopeTable,
     backward: bool,
 ) -> Result<()> {
+    rope_bf16_into(dev, x, y, yb, heads * head_dim, 0, batch, seq, heads, head_dim, table, backward)
+}
+
+/// [`rope_bf16`] with each token's `H·D` bf16 values written at column
+/// `off` of `yb`'s rows of `ld` (`[B·T, ld]`; `ld = H·D`, `off = 0`:
+/// contiguous; more: a block of a wide operand, the other columns not
+/// touched): the same bits.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_bf16_into(
+    dev: &CudaDevice,
+    x: &CudaView<'_, f32>,
+    y: Option<&mut CudaViewMut<'_, f32>>,
+    yb: &mut CudaViewMut<'_, u16>,
+    ld: usize,
+    off: usize,
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    head_dim: usize,
+    table: &CudaRopeTable,
+    backward: bool,
+) -> Result<()> {
     let (pairs, s32, h32, half32) = check(dev, x.len(), batch, seq, heads, head_dim, table)?;
     dev.check_stream(x, "rope x")?;
-    let ybp = out_ptr(dev, x.len(), Some(yb), "rope bf16 y")?;
+    let tokens = batch * seq;
+    if off.checked_add(heads * head_dim).is_none_or(|e| e > ld) || tokens.checked_mul(ld) != Some(yb.len()) {
+        bail!(ShapeMismatch, "rope: columns {off}..+{} do not fit a bf16 output [{tokens}, {ld}] of {} elements", heads * head_dim, yb.len());
+    }
+    let ybp = out_ptr(dev, yb.len(), Some(yb), "rope bf16 y")?;
     let yp = out_ptr(dev, x.len(), y, "rope y")?;
     if pairs == 0 {
         return Ok(());
     }
+    let (ld64, off64) = (ld as u64, off as u64);
     let name = if backward { "rope_bwd_out_f32" } else { "rope_fwd_out_f32" };
     let f = dev.function(&ROPE_CU, name)?;
-    // SAFETY: (ptr ×3, u32 ×3, u64, ptr ×2) as the kernel; pair p < pairs
-    // reads x and writes y (unless 0) and yb at vec·D + i and vec·D + half
-    // + i (< n, all lengths n), table row t < seq ≤ len (checked).
-    launch_kernel!(dev, f, name, launch_cfg((stride_grid(pairs, ROPE_THREADS), 1), ROPE_THREADS), [x, &yp, &ybp, &s32, &h32, &half32, &pairs, &table.cos, &table.sin])
-}
-
-/// RoPE backward (by −θ) of `dy: [B, T, H, D]` into bf16 alone, each
-/// token's `H·D` values written at column `off` of `dxb`'s rows of `ld`
-/// (`[B·T, ld]`, a wide operand): the bits [`rope_bf16`] writes with
-/// `backward`; the other columns are not touched.
-#[allow(clippy::too_many_arguments)]
-pub fn rope_bwd_wide_bf16(dev: &CudaDevice, dy: &CudaView<'_, f32>, dxb: &mut CudaViewMut<'_, u16>, ld: usize, off: usize, batch: usize, seq: usize, heads: usize, head_dim: usize, table: &CudaRopeTable) -> Result<()> {
-    let (pairs, s32, h32, half32) = check(dev, dy.len(), batch, seq, heads, head_dim, table)?;
-    dev.check_stream(dy, "rope dy")?;
-    dev.check_stream(dxb, "rope wide bf16 dx")?;
-    let tokens = batch * seq;
-    if off.checked_add(heads * head_dim).is_none_or(|e| e > ld) || tokens.checked_mul(ld) != Some(dxb.len()) {
-        bail!(ShapeMismatch, "rope: columns {off}..+{} do not fit a wide output [{tokens}, {ld}] of {} elements", heads * head_dim, dxb.len());
-    }
-    if pairs == 0 {
-        return Ok(());
-    }
-    let (ld64, off64) = (ld as u64, off as u64);
-    let name = "rope_bwd_wide_bf16";
-    let f = dev.function(&ROPE_CU, name)?;
-    // SAFETY: (ptr ×2, u32 ×3, u64, ptr ×2, u64 ×2) as the kernel; pair p <
-    // pairs reads dy (n elements) and writes dxb at token·ld + off + h·D +
-    // i and + half (< tokens·ld, checked), table row t < seq ≤ len.
-    launch_kernel!(dev, f, name, launch_cfg((stride_grid(pairs, ROPE_THREADS), 1), ROPE_THREADS), [dy, dxb, &s32, &h32, &half32, &pairs, &table.cos, &table.sin, &ld64, &off64])
+    // SAFETY: (ptr ×3, u32 ×3, u64, ptr ×2, u64 ×2) as the kernel; pair p <
+    // pairs reads x and writes y (unless 0) at vec·D + i and + half (< n)
+    // and yb at token·ld + off + h·D + i and + half (< tokens·ld, checked),
+    // table row t < seq ≤ len (checked).
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(pairs, ROPE_THREADS), 1), ROPE_THREADS), [x, &yp, &ybp, &s32, &h32, &half32, &pairs, &table.cos, &table.sin, &ld64, &off64])
 }
 
 /// RoPE forward in place on `x: [B, T, H, D]`, as `cpu::rope::rope_forward`.
