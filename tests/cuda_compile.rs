@@ -1,7 +1,9 @@
 //! Every kernel source (`cuda/*.cu`, embedded in the library) compiles with
 //! NVRTC to machine code (CUBIN) for sm_80 (A100) and sm_90 (H100/H200), on
 //! a machine without a GPU, so a syntax or type error never waits for a GPU
-//! (DESIGN.md section 5).
+//! (DESIGN.md section 5); ptxas's report of each kernel's registers and
+//! spills is printed, and a kernel that spills its working set to local
+//! memory fails.
 //!
 //! NVRTC is found, in this order: `LORA_NVRTC_LIB` (absolute path of
 //! libnvrtc.so.13); a libnvrtc the dynamic loader finds; the
@@ -124,15 +126,37 @@ fn every_kernel_source_compiles_to_cubin_for_sm80_and_sm90() {
         assert!(!names.is_empty(), "cuda/{} defines no extern \"C\" __global__ kernel", k.name);
         for arch in ARCHS {
             let t = Instant::now();
-            let cubin = nvrtc::compile_cubin(k.src, k.name, arch).unwrap_or_else(|e| panic!("cuda/{} for {arch}: {e}", k.name));
+            let (cubin, report) = nvrtc::compile_cubin_report(k.src, k.name, arch).unwrap_or_else(|e| panic!("cuda/{} for {arch}: {e}", k.name));
             eprintln!("cuda/{} -> {arch} CUBIN: {} bytes, {} kernels, {:.0} ms", k.name, cubin.len(), names.len(), t.elapsed().as_secs_f64() * 1e3);
             assert_eq!(&cubin[..4], b"\x7fELF", "cuda/{} for {arch}: NVRTC did not return an ELF CUBIN", k.name);
             for n in &names {
                 assert!(contains(&cubin, n.as_bytes()), "cuda/{} for {arch}: kernel {n} missing from the CUBIN", k.name);
+                let r = report.iter().find(|r| &r.kernel == n).unwrap_or_else(|| panic!("cuda/{} for {arch}: no ptxas report for kernel {n}", k.name));
+                eprintln!(
+                    "  {n}: {} registers, {} B stack, {}/{} B spilled (stores/loads), {} B static shared",
+                    r.registers, r.stack_bytes, r.spill_store_bytes, r.spill_load_bytes, r.shared_bytes
+                );
+                // A few bytes is ptxas keeping one value in local memory
+                // (4 B in the head_dim-64 tensor-core forward); a kernel
+                // whose working set no longer fits its registers spills
+                // hundreds, and on a GPU that is a slowdown no emulated
+                // test sees.
+                assert!(
+                    r.spill_store_bytes <= MAX_SPILL_BYTES && r.spill_load_bytes <= MAX_SPILL_BYTES,
+                    "cuda/{} for {arch}: kernel {n} spills {}/{} bytes per thread to local memory (stores/loads; at most {MAX_SPILL_BYTES} allowed): \
+                     its registers ({}) no longer hold its working set",
+                    k.name,
+                    r.spill_store_bytes,
+                    r.spill_load_bytes,
+                    r.registers
+                );
             }
         }
     }
 }
+
+/// Register spills (bytes per thread, stores or loads) a kernel may have.
+const MAX_SPILL_BYTES: u32 = 16;
 
 #[test]
 fn cached_cubin_is_reused() {

@@ -202,6 +202,66 @@ fn program_log(p: &Program) -> String {
 /// `arch` (`"sm_80"`, `"sm_90"`, ...) with [`COMPILE_OPTIONS`]. A compile
 /// error carries NVRTC's log.
 pub fn compile_cubin(src: &str, name: &str, arch: &str) -> Result<Vec<u8>> {
+    compile_with(src, name, arch, &[]).map(|(cubin, _)| cubin)
+}
+
+/// What ptxas reports of one kernel's resources (`--ptxas-options=-v`):
+/// registers per thread, stack frame and spills (bytes per thread), and
+/// static shared memory (bytes per block; dynamic shared memory is the
+/// launch's and not counted).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelResources {
+    pub kernel: String,
+    pub registers: u32,
+    pub stack_bytes: u32,
+    pub spill_store_bytes: u32,
+    pub spill_load_bytes: u32,
+    pub shared_bytes: u32,
+}
+
+/// [`compile_cubin`] with ptxas's resource report (the same machine code:
+/// the report is a log, not an option that changes code generation): the
+/// CUBIN and one [`KernelResources`] per kernel, in ptxas's order.
+pub fn compile_cubin_report(src: &str, name: &str, arch: &str) -> Result<(Vec<u8>, Vec<KernelResources>)> {
+    let (cubin, log) = compile_with(src, name, arch, &["--ptxas-options=-v"])?;
+    let report = parse_ptxas_report(&log);
+    if report.is_empty() {
+        bail!(Cuda, "{name} for {arch}: NVRTC's log has no ptxas resource report:\n{log}");
+    }
+    Ok((cubin, report))
+}
+
+/// The kernels' resource lines of a `ptxas -v` log: each kernel's
+/// "Compiling entry function 'NAME'" line, then its "N bytes stack frame,
+/// N bytes spill stores, N bytes spill loads" and "Used N registers, ...,
+/// N bytes smem" lines.
+pub fn parse_ptxas_report(log: &str) -> Vec<KernelResources> {
+    // The number before `unit` in `line` ("..., 27648 bytes smem"), or 0.
+    fn before(line: &str, unit: &str) -> u32 {
+        line.split(',').find_map(|part| part.trim().strip_suffix(unit).and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())).unwrap_or(0)
+    }
+    let mut out: Vec<KernelResources> = Vec::new();
+    for line in log.lines() {
+        if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+            let kernel = rest.split('\'').next().unwrap_or_default().to_string();
+            out.push(KernelResources { kernel, ..Default::default() });
+        } else if let Some(k) = out.last_mut() {
+            if line.contains("bytes stack frame") {
+                k.stack_bytes = before(line, "bytes stack frame");
+                k.spill_store_bytes = before(line, "bytes spill stores");
+                k.spill_load_bytes = before(line, "bytes spill loads");
+            } else if line.contains("Used ") && line.contains(" registers") {
+                k.registers = line.split("Used ").nth(1).and_then(|r| r.split(' ').next()?.parse().ok()).unwrap_or(0);
+                k.shared_bytes = before(line, "bytes smem");
+            }
+        }
+    }
+    out
+}
+
+/// Compiles with [`COMPILE_OPTIONS`], the architecture and `extra`
+/// options: the CUBIN and NVRTC's log.
+fn compile_with(src: &str, name: &str, arch: &str, extra: &[&str]) -> Result<(Vec<u8>, String)> {
     if !arch.starts_with("sm_") {
         bail!(InvalidArgument, "CUBIN architecture '{arch}' must be a real one (sm_XY), not a virtual compute_XY");
     }
@@ -211,6 +271,7 @@ pub fn compile_cubin(src: &str, name: &str, arch: &str) -> Result<Vec<u8>> {
         let prog = Program(nr::create_program(&csrc, Some(&cname)).map_err(|e| nvrtc_err(&format!("nvrtcCreateProgram({name})"), e))?);
         let mut opts: Vec<String> = COMPILE_OPTIONS.iter().map(|s| s.to_string()).collect();
         opts.push(format!("--gpu-architecture={arch}"));
+        opts.extend(extra.iter().map(|s| s.to_string()));
         // SAFETY: `prog` is live; the options are NUL-free ASCII.
         if let Err(e) = unsafe { nr::compile_program(prog.0, &opts) } {
             let (ma, mi) = version().unwrap_or((0, 0));
@@ -225,7 +286,7 @@ pub fn compile_cubin(src: &str, name: &str, arch: &str) -> Result<Vec<u8>> {
         let mut cubin = vec![0u8; size];
         // SAFETY: `cubin` has the `size` bytes NVRTC asked for.
         unsafe { ns::nvrtcGetCUBIN(prog.0, cubin.as_mut_ptr().cast()) }.result().map_err(|e| nvrtc_err(&format!("nvrtcGetCUBIN({name})"), e))?;
-        Ok(cubin)
+        Ok((cubin, program_log(&prog)))
     })
 }
 
@@ -375,4 +436,31 @@ fn write_cache_file(dir: &Path, path: &Path, cubin: &[u8]) -> std::io::Result<()
         let _ = std::fs::remove_file(&tmp);
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ptxas_report_is_read_per_kernel() {
+        let log = "ptxas info    : 0 bytes gmem\n\
+            ptxas info    : Compiling entry function 'attention_tc_dq_d64_bf16' for 'sm_90'\n\
+            ptxas info    : Function properties for attention_tc_dq_d64_bf16\n\
+            ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+            ptxas info    : Used 160 registers, used 1 barriers, 14336 bytes smem\n\
+            ptxas info    : Compile time = 98.818 ms\n\
+            ptxas info    : Compiling entry function 'fwd' for 'sm_80'\n\
+            ptxas info    : Function properties for fwd\n\
+            ptxas         .     8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n\
+            ptxas info    : Used 128 registers, used 1 barriers, 8 bytes cumulative stack size, 18432 bytes smem\n\
+            ptxas info    : Compiling entry function 'plain' for 'sm_90'\n\
+            ptxas info    : Function properties for plain\n\
+            ptxas         .     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+            ptxas info    : Used 31 registers, used 0 barriers\n";
+        let r = parse_ptxas_report(log);
+        let k = |kernel: &str, registers, stack_bytes, spill_store_bytes, spill_load_bytes, shared_bytes| KernelResources { kernel: kernel.into(), registers, stack_bytes, spill_store_bytes, spill_load_bytes, shared_bytes };
+        assert_eq!(r, vec![k("attention_tc_dq_d64_bf16", 160, 0, 0, 0, 14336), k("fwd", 128, 8, 4, 12, 18432), k("plain", 31, 0, 0, 0, 0)]);
+        assert!(parse_ptxas_report("").is_empty());
+    }
 }
