@@ -754,12 +754,29 @@ fn folded_adapter_products_match_the_unfolded() {
             m
         })
     };
+    // Widths that fold, with ranks that are not the fixtures': 64 (a tail
+    // wider than the rank-16 blocks), 1 on gate (padded to 8 columns), 20
+    // on v (padded to 24), at alpha 48 (scale 0.75: s·B is not an exact
+    // scaling of B's bf16 copy).
+    let ranks = Box::new(|| {
+        let cfg = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128, "intermediate_size": 256,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 300,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256, "tie_word_embeddings": false
+        });
+        let mut m = Model::random(&cfg.to_string(), 0.02, LoadOptions { quantize: Some(Nf4Params::default()), seed: 6 }).unwrap();
+        let mut spec = AdapterSpec::new(64, 48.0);
+        spec.rank_pattern = vec![("gate_proj".into(), 1), ("v_proj".into(), 20)];
+        m.add_adapter("a", spec).unwrap();
+        m
+    }) as Box<dyn Fn() -> Model>;
     // (name, model, batch, seq, forward folds expected, stacked gradients expected)
     type Run = (&'static str, Box<dyn Fn() -> Model>, usize, usize, bool, bool);
     let runs: Vec<Run> = vec![
         ("llama_nf4", llama.model, llama.batch, llama.seq, true, true),
         ("qwen2 quantized (biases)", Box::new(qwen), 2, 40, true, true),
         ("random_hd128_nf4", random.model, random.batch, random.seq, true, true),
+        ("random r 64, 20 on v, 1 on gate", ranks, 2, 24, true, true),
         ("random hidden 200", odd(200, 4), 2, 24, false, true),
         ("random hidden 100", odd(100, 2), 2, 24, false, false),
     ];
