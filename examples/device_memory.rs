@@ -14,8 +14,10 @@
 //!
 //! Each line also gives the second step's matrix products (cuBLAS calls
 //! and FLOPs) and their roofline time on an H100 (a lower bound:
-//! bench/RESULTS.md). LORA_DEVICE_MEMORY_DETAIL=1 lists the allocations live at
-//! each peak and the step's kernel launches by kernel.
+//! bench/RESULTS.md), and how many times the host waited for the device
+//! during it (synchronizations, blocking copies and frees).
+//! LORA_DEVICE_MEMORY_DETAIL=1 lists the allocations live at each peak, the
+//! step's kernel launches by kernel and its waits by call.
 //! Prints one line per step variant: the default bf16 step and the lean
 //! bf16 step (bf16 adapter products, tensor-core attention; also with the
 //! fp32 attention kernels), each also
@@ -136,6 +138,7 @@ fn run() -> lora::Result<()> {
         let peak = dev.pool_peak_bytes()?;
         let (gemms, flops) = hooks.work();
         let (big_s, small_s, big_b, small_b) = hooks.roofline();
+        let syncs = hooks.syncs(detail);
         println!(
             "  {name:<34} peak pool {:6.2} GiB = {:5.2} GiB resident (weights, adapter, AdamW state) + {:5.2} GiB for the step; {gemms} products, {:.2} TFLOP",
             peak as f64 / GIB,
@@ -144,7 +147,7 @@ fn run() -> lora::Result<()> {
             flops as f64 / 1e12
         );
         println!(
-            "    products' H100 roofline: >= {:.1} ms (large {:.1} ms, {:.1} GB; rank-sized {:.1} ms, {:.1} GB)",
+            "    products' H100 roofline: >= {:.1} ms (large {:.1} ms, {:.1} GB; rank-sized {:.1} ms, {:.1} GB); the host waited for the device {syncs} times",
             (big_s + small_s) * 1e3,
             big_s * 1e3,
             big_b / 1e9,
@@ -168,6 +171,7 @@ struct Hooks {
     gemms: unsafe extern "C" fn(*mut u64, *mut u64, i32),
     set_roofline: unsafe extern "C" fn(f64, f64, f64),
     roofline: unsafe extern "C" fn(*mut f64, *mut f64, *mut f64, *mut f64, i32),
+    syncs: unsafe extern "C" fn(i32, i32) -> u64,
 }
 
 impl Hooks {
@@ -182,6 +186,7 @@ impl Hooks {
                 gemms: *this.get(b"lora_fakecublas_work").expect("the emulated cuBLAS's product count"),
                 set_roofline: *this.get(b"lora_fakecublas_set_roofline").expect("the emulated cuBLAS's roofline"),
                 roofline: *this.get(b"lora_fakecublas_roofline").expect("the emulated cuBLAS's roofline"),
+                syncs: *this.get(b"lora_fakecuda_sync_report").expect("the emulated driver's synchronization count"),
             }
         }
     }
@@ -196,6 +201,14 @@ impl Hooks {
         self.work();
         self.roofline();
         self.launches(false);
+        self.syncs(false);
+    }
+
+    /// The calls that made the host wait for the device since the last
+    /// reset (with `print`, by call, to stderr); the count starts again.
+    fn syncs(&self, print: bool) -> u64 {
+        // SAFETY: see find.
+        unsafe { (self.syncs)(print as i32, 1) }
     }
 
     /// The roofline estimate of the products since the last call

@@ -827,3 +827,55 @@ fn folded_adapter_products_match_the_unfolded() {
         eprintln!("{name}: {nf} folded products and {sf} stacked input-gradient products over {steps} steps; losses within {e:.2e} of the unfolded lean step (gradient norms {eg:.2e}), {ec:.2e} of the CPU; adapters {ew:.2e} apart");
     }
 }
+
+/// The host never waits for the device inside a step's forward and
+/// backward (a wait there empties the GPU's queue: every kernel after it
+/// waits for the host to enqueue it), only at its end: the loss and the
+/// gradient norm, then the adapter's copy to the host. Counted by the
+/// emulated driver (every synchronization, blocking copy and free), so on
+/// a GPU this test has nothing to count and skips.
+#[test]
+fn a_step_waits_for_the_device_only_at_its_end() {
+    let Some(_) = common::gpu("a_step_waits_for_the_device_only_at_its_end") else { return };
+    if !common::emulated() {
+        eprintln!("SKIPPED a_step_waits_for_the_device_only_at_its_end: the emulated driver counts the waits; a GPU's does not");
+        return;
+    }
+    let this = libloading::os::unix::Library::this();
+    // SAFETY: the hook's signature in tests/fakecuda/fake_cuda.cpp, whose
+    // library stays loaded for the process.
+    let waits: unsafe extern "C" fn(i32, i32) -> u64 = unsafe { *this.get(b"lora_fakecuda_sync_report").expect("the emulated driver's wait count") };
+    // SAFETY: as above.
+    let waits = move |print: bool| unsafe { waits(print as i32, 1) };
+    let c = cases().remove(0);
+    let ids = tokens(c.batch * c.seq, (c.model)().vocab(), 5);
+    // (what, compute, lean, checkpointing, micro-batch)
+    let runs: [(&str, Compute, bool, bool, usize); 4] = [
+        ("bf16 step", Compute::BF16, false, false, 0),
+        ("lean bf16 step, micro-batches of 1", Compute::BF16, true, false, 1),
+        ("lean bf16 step + checkpointing", Compute::BF16, true, true, 0),
+        ("fp32 step + checkpointing, micro-batches of 2", Compute::F32, false, true, 2),
+    ];
+    for (what, compute, lean, ckpt, micro) in runs {
+        let mut t = trainer((c.model)(), TrainerConfig { checkpointing: ckpt, micro_batch: micro, ..cfg() }, Some(compute));
+        if lean {
+            t.with_device_model(lean_step).unwrap();
+        }
+        let n_micro = if micro == 0 { 1 } else { c.batch.div_ceil(micro) };
+        for step in 0..2 {
+            waits(false);
+            let mut inside = Vec::new();
+            t.step(&ids, None, c.batch, c.seq, &mut |_, _| {
+                inside.push(waits(true));
+                true
+            })
+            .unwrap();
+            let total: u64 = inside.iter().sum::<u64>() + waits(true);
+            assert_eq!(inside, vec![0; n_micro], "{what}, step {step}: the host waited for the device inside the micro-batches' forward and backward");
+            // Each micro-batch's loss, the gradient norm, the adapter.
+            assert!(total <= n_micro as u64 + 2, "{what}, step {step}: the host waited {total} times for {n_micro} micro-batches (at most one per micro-batch's loss, the gradient norm and the adapter's copy)");
+            assert!(total >= 1, "{what}, step {step}: no wait at all: the step returned figures it never read back");
+            eprintln!("{what}, step {step}: {n_micro} micro-batches, {total} waits, all after the last");
+        }
+    }
+}

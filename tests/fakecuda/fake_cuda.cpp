@@ -95,8 +95,18 @@ void submit(std::function<void()> f) {
     queue.push_back(std::move(f));
 }
 
-// Runs everything queued (a synchronization).
-void flush() {
+// The calls that made the host wait for the device, by call, counted in
+// every mode (lora_fakecuda_sync_report).
+std::mutex sync_mu;
+std::map<std::string, unsigned long long> syncs;
+
+// Runs everything queued (a synchronization), counted under `why` (the
+// call that waits).
+void flush(const char* why) {
+    {
+        std::lock_guard<std::mutex> g(sync_mu);
+        syncs[why]++;
+    }
     if (!defer_mode()) return;
     std::lock_guard<std::mutex> r(run_mu);
     for (;;) {
@@ -221,7 +231,7 @@ bool is_pinned(uintptr_t p, size_t n) { return within(pinned, p, n); }
 CUresult copy_async(uintptr_t dst, uintptr_t src, size_t n, bool dst_dev, bool src_dev) {
     if ((dst_dev && !inside(dst, n)) || (src_dev && !inside(src, n))) return copy(dst, src, n, dst_dev, src_dev);  // reports it
     if (!dst_dev && !is_pinned(dst, n)) {
-        flush();
+        flush("cuMemcpyDtoHAsync (pageable host memory)");
         return copy(dst, src, n, dst_dev, src_dev);
     }
     if (!src_dev && !is_pinned(src, n)) {
@@ -287,6 +297,22 @@ void lora_fakecuda_launch_report(int print, int reset) {
     if (reset) launches.clear();
 }
 
+// Test hook (not CUDA API): the calls that made the host wait for the
+// device since the last reset (synchronizations, blocking copies and
+// frees), by call, to stderr with `print`; returns their total. `reset`
+// clears them.
+unsigned long long lora_fakecuda_sync_report(int print, int reset) {
+    std::lock_guard<std::mutex> g(sync_mu);
+    unsigned long long total = 0;
+    for (auto& e : syncs) total += e.second;
+    if (print) {
+        std::fprintf(stderr, "    host waits for the device: %llu\n", total);
+        for (auto& [name, c] : syncs) std::fprintf(stderr, "      %8llu x %s\n", c, name.c_str());
+    }
+    if (reset) syncs.clear();
+    return total;
+}
+
 // The test hook (not CUDA API): where the modules are.
 void lora_fakecuda_set_module_dir(const char* dir) { std::lock_guard<std::mutex> g(mu); module_dir = dir; }
 
@@ -321,30 +347,30 @@ CUresult cuCtxSetCurrent(void*) { return OK; }
 CUresult cuCtxGetCurrent(void** ctx) { *ctx = &ctx_token; return OK; }
 CUresult cuCtxPushCurrent_v2(void*) { return OK; }
 CUresult cuCtxPopCurrent_v2(void** ctx) { if (ctx) *ctx = &ctx_token; return OK; }
-CUresult cuCtxSynchronize() { flush(); return OK; }
+CUresult cuCtxSynchronize() { flush("cuCtxSynchronize"); return OK; }
 CUresult cuCtxGetDevice(CUdevice* d) { *d = 0; return OK; }
 
 CUresult cuStreamCreate(void** s, unsigned) { *s = &stream_token; return OK; }
 CUresult cuStreamCreateWithPriority(void** s, unsigned, int) { *s = &stream_token; return OK; }
-CUresult cuStreamDestroy_v2(void*) { flush(); return OK; }
-CUresult cuStreamSynchronize(void*) { flush(); return OK; }
-CUresult cuStreamQuery(void*) { flush(); return OK; }  // done once asked: the work runs now
+CUresult cuStreamDestroy_v2(void*) { flush("cuStreamDestroy_v2"); return OK; }
+CUresult cuStreamSynchronize(void*) { flush("cuStreamSynchronize"); return OK; }
+CUresult cuStreamQuery(void*) { flush("cuStreamQuery"); return OK; }  // done once asked: the work runs now
 CUresult cuStreamWaitEvent(void*, void*, unsigned) { return OK; }
 typedef void (*HostFn)(void*);
 CUresult cuLaunchHostFunc(void*, HostFn f, void* data) { submit([f, data] { f(data); }); return OK; }
 
 CUresult cuEventCreate(void** e, unsigned) { *e = &event_token; return OK; }
 CUresult cuEventRecord(void*, void*) { return OK; }
-CUresult cuEventSynchronize(void*) { flush(); return OK; }
-CUresult cuEventQuery(void*) { flush(); return OK; }
+CUresult cuEventSynchronize(void*) { flush("cuEventSynchronize"); return OK; }
+CUresult cuEventQuery(void*) { flush("cuEventQuery"); return OK; }
 CUresult cuEventDestroy_v2(void*) { return OK; }
-CUresult cuEventElapsedTime_v2(float* ms, void*, void*) { flush(); *ms = 0.0f; return OK; }
-CUresult cuEventElapsedTime(float* ms, void*, void*) { flush(); *ms = 0.0f; return OK; }
+CUresult cuEventElapsedTime_v2(float* ms, void*, void*) { flush("cuEventElapsedTime_v2"); *ms = 0.0f; return OK; }
+CUresult cuEventElapsedTime(float* ms, void*, void*) { flush("cuEventElapsedTime"); *ms = 0.0f; return OK; }
 
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t n) { return alloc(p, n); }
 CUresult cuMemAllocAsync(CUdeviceptr* p, size_t n, void*) { return alloc(p, n); }
 CUresult cuMemAllocManaged(CUdeviceptr* p, size_t n, unsigned) { return alloc_managed(p, n); }
-CUresult cuMemFree_v2(CUdeviceptr p) { flush(); return release(p); }
+CUresult cuMemFree_v2(CUdeviceptr p) { flush("cuMemFree_v2"); return release(p); }
 CUresult cuMemFreeAsync(CUdeviceptr p, void*) {
     if (!defer_mode()) return release(p);
     {
@@ -367,7 +393,7 @@ CUresult cuMemAllocHost_v2(void** p, size_t n) {
     return OK;
 }
 CUresult cuMemHostAlloc(void** p, size_t n, unsigned) { return cuMemAllocHost_v2(p, n); }
-CUresult cuMemFreeHost(void* p) { flush(); return release(reinterpret_cast<uintptr_t>(p)); }
+CUresult cuMemFreeHost(void* p) { flush("cuMemFreeHost"); return release(reinterpret_cast<uintptr_t>(p)); }
 CUresult cuMemHostGetDevicePointer_v2(CUdeviceptr* d, void* p, unsigned) { *d = reinterpret_cast<uintptr_t>(p); return OK; }
 CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
     std::lock_guard<std::mutex> g(mu);
@@ -378,11 +404,11 @@ CUresult cuMemGetInfo_v2(size_t* free_b, size_t* total) {
 CUresult cuMemPrefetchAsync_v2(CUdeviceptr p, size_t n, CUmemLocation, unsigned, void*) { return inside(p, n) ? OK : INVALID_VALUE; }
 CUresult cuMemAdvise_v2(CUdeviceptr p, size_t n, int, CUmemLocation) { return inside(p, n) ? OK : INVALID_VALUE; }
 
-CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* h, size_t n) { flush(); return copy(d, reinterpret_cast<uintptr_t>(h), n, true, false); }
+CUresult cuMemcpyHtoD_v2(CUdeviceptr d, const void* h, size_t n) { flush("cuMemcpyHtoD_v2"); return copy(d, reinterpret_cast<uintptr_t>(h), n, true, false); }
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr d, const void* h, size_t n, void*) { return copy_async(d, reinterpret_cast<uintptr_t>(h), n, true, false); }
-CUresult cuMemcpyDtoH_v2(void* h, CUdeviceptr d, size_t n) { flush(); return copy(reinterpret_cast<uintptr_t>(h), d, n, false, true); }
+CUresult cuMemcpyDtoH_v2(void* h, CUdeviceptr d, size_t n) { flush("cuMemcpyDtoH_v2"); return copy(reinterpret_cast<uintptr_t>(h), d, n, false, true); }
 CUresult cuMemcpyDtoHAsync_v2(void* h, CUdeviceptr d, size_t n, void*) { return copy_async(reinterpret_cast<uintptr_t>(h), d, n, false, true); }
-CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) { flush(); return copy(d, s, n, true, true); }
+CUresult cuMemcpyDtoD_v2(CUdeviceptr d, CUdeviceptr s, size_t n) { flush("cuMemcpyDtoD_v2"); return copy(d, s, n, true, true); }
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr d, CUdeviceptr s, size_t n, void*) { return copy_async(d, s, n, true, true); }
 CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char b, size_t n, void*) {
     if (!inside(d, n)) return INVALID_VALUE;
@@ -391,7 +417,7 @@ CUresult cuMemsetD8Async(CUdeviceptr d, unsigned char b, size_t n, void*) {
 }
 CUresult cuMemsetD8_v2(CUdeviceptr d, unsigned char b, size_t n) {
     CUresult r = cuMemsetD8Async(d, b, n, nullptr);
-    flush();
+    flush("cuMemsetD8_v2");
     return r;
 }
 CUresult cuMemsetD32Async(CUdeviceptr d, unsigned v, size_t n, void*) {
@@ -448,7 +474,7 @@ CUresult cuModuleLoadData(void** m, const void* image) {
     return OK;
 }
 CUresult cuModuleLoadDataEx(void** m, const void* image, unsigned, void*, void*) { return cuModuleLoadData(m, image); }
-CUresult cuModuleUnload(void* m) { flush(); delete static_cast<Module*>(m); return OK; }  // the library stays loaded
+CUresult cuModuleUnload(void* m) { flush("cuModuleUnload"); delete static_cast<Module*>(m); return OK; }  // the library stays loaded
 CUresult cuModuleGetFunction(void** f, void* m, const char* name) {
     std::string sym = std::string("emuw_") + name;
     void* w = dlsym(static_cast<Module*>(m)->so, sym.c_str());
