@@ -22,7 +22,7 @@ use std::time::Instant;
 fn main() {
     let a: Vec<String> = std::env::args().collect();
     let dir = a.get(1).cloned().unwrap_or_else(|| "models/default".into());
-    let quant = a.get(2).map_or(true, |s| s == "nf4");
+    let quant = a.get(2).is_none_or(|s| s == "nf4");
     let batch: usize = a.get(3).and_then(|s| s.parse().ok()).unwrap_or(8);
     let seq: usize = a.get(4).and_then(|s| s.parse().ok()).unwrap_or(128);
     let steps: usize = a.get(5).and_then(|s| s.parse().ok()).unwrap_or(10);

@@ -12,7 +12,7 @@ fn status(key: &str) -> u64 {
 
 fn main() {
     let a: Vec<String> = std::env::args().collect();
-    let quant = a.get(2).map_or(true, |s| s == "nf4");
+    let quant = a.get(2).is_none_or(|s| s == "nf4");
     let before = status("VmRSS:");
     let m = Model::load(std::path::Path::new(&a[1]), LoadOptions { quantize: quant.then(Nf4Params::default), seed: 0 }, &mut |_, _| true).unwrap();
     let mem = m.memory();

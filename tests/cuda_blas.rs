@@ -7,6 +7,7 @@
 //!   (fp32 accumulation in any order, the β term and the final rounding);
 //! - `cuda::elementwise` add, bias add, the bf16 conversion and widening:
 //!   bit for bit with the CPU's one-line loops (`half::bf16`).
+//!
 //! Outputs are poisoned (NaN) first; odd sizes. Skips without a GPU.
 
 #[path = "common/gpu.rs"]

@@ -204,7 +204,7 @@ fn rope_matches_the_cpu_bit_for_bit() {
     // A table shorter than the sequence is refused.
     let table = crope::RopeTable::new(&crope::rope_inv_freq(8, 10000.0), 0, 3);
     let gt = grope::CudaRopeTable::upload(dev, &table).unwrap();
-    let mut xd = dev.upload(&vec![1f32; 4 * 8]).unwrap();
+    let mut xd = dev.upload(&[1f32; 4 * 8]).unwrap();
     assert_eq!(grope::rope_forward(dev, &mut xd.as_view_mut(), 1, 4, 1, 8, &gt).unwrap_err().kind, ErrorKind::ShapeMismatch);
 }
 

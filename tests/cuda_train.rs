@@ -19,6 +19,7 @@
 //!   the loss falls as on the CPU; the same with tensor-core attention
 //!   (bf16 q, k, v, P, dO, dS) switched on, and with the adapter products
 //!   on bf16 operands as well (`LoraPath::BlasBf16`).
+//!
 //! Activation checkpointing changes nothing (bit for bit: the same kernels
 //! and products run on the same inputs); a run moved from the GPU back to
 //! the CPU, or saved on the GPU and resumed on the CPU, continues with the

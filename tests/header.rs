@@ -25,7 +25,7 @@ fn header_names_are_prefixed() {
             assert!(name.starts_with("LORA_"), "macro {name} is not LORA_-prefixed");
         }
         if let Some(rest) = l.strip_prefix("typedef ") {
-            let name = rest.trim_end_matches(';').split(|c: char| !c.is_alphanumeric() && c != '_').filter(|s| !s.is_empty()).last().unwrap_or("");
+            let name = rest.trim_end_matches(';').split(|c: char| !c.is_alphanumeric() && c != '_').rfind(|s| !s.is_empty()).unwrap_or("");
             if !rest.contains('(') && !rest.ends_with('{') {
                 assert!(name.starts_with("lora_"), "typedef {name} is not lora_-prefixed: {line}");
             }

@@ -125,7 +125,7 @@ impl<'a> InputBuf<'a> {
         if bytes != need {
             bail!(BufferSize, "data_bytes is {bytes}; {n} elements of {dtype:?} need {need}");
         }
-        let aligned = (data as usize) % dtype.size() == 0;
+        let aligned = (data as usize).is_multiple_of(dtype.size());
         // SAFETY: the host passes `bytes` readable bytes at `data`, not
         // modified during the call; typed slices are made only when aligned.
         unsafe {
@@ -227,7 +227,7 @@ pub unsafe extern "C" fn lora_nf4_dequantize(
         if out_bytes != n * dtype.size() {
             bail!(BufferSize, "out_bytes is {out_bytes}; {n} elements of {dtype:?} need {}", n * dtype.size());
         }
-        let aligned = (out as usize) % dtype.size() == 0;
+        let aligned = (out as usize).is_multiple_of(dtype.size());
         let out = out as usize; // a plain address can cross into the pool
         ctx.inner.run(|| -> Result<()> {
             let out = out as *mut std::ffi::c_void;

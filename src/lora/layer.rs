@@ -905,7 +905,7 @@ fn dequant_par(t: &Nf4Tensor, start: usize, out: &mut [f32]) {
     let end = start + out.len();
     let (b0, b1) = (start / bs, end.div_ceil(bs));
     let absmax = scales(t, b0, b1);
-    if start % bs == 0 {
+    if start.is_multiple_of(bs) {
         crate::backend::cpu::nf4::nf4_dequantize(&t.packed()[start / 2..end.div_ceil(2)], &absmax, bs, crate::dtype::ElemsMut::F32(out));
         return;
     }

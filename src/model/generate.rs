@@ -29,6 +29,19 @@ pub struct Sampling {
     pub seed: u64,
 }
 
+impl Sampling {
+    /// `InvalidArgument` unless the temperature is finite and ≥ 0 and
+    /// top_p is in (0, 1] (NaN fails both).
+    pub fn check(&self) -> Result<()> {
+        let temperature_ok = self.temperature >= 0.0 && self.temperature.is_finite();
+        let top_p_ok = self.top_p > 0.0 && self.top_p <= 1.0;
+        if !temperature_ok || !top_p_ok {
+            bail!(InvalidArgument, "sampling: temperature {} must be ≥ 0 and top_p {} in (0, 1]", self.temperature, self.top_p);
+        }
+        Ok(())
+    }
+}
+
 impl Default for Sampling {
     fn default() -> Self {
         Sampling { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
@@ -147,9 +160,7 @@ impl Model {
         if reqs.is_empty() {
             bail!(InvalidArgument, "no sequences to generate");
         }
-        if !(s.temperature >= 0.0 && s.temperature.is_finite()) || !(s.top_p > 0.0 && s.top_p <= 1.0) {
-            bail!(InvalidArgument, "sampling: temperature {} must be ≥ 0 and top_p {} in (0, 1]", s.temperature, s.top_p);
-        }
+        s.check()?;
         let mixed = reqs.iter().any(|r| r.adapter.is_some());
         if mixed && reqs.iter().any(|r| r.adapter.is_none()) {
             bail!(InvalidArgument, "either every sequence names its adapter or none does");

@@ -2744,9 +2744,7 @@ impl DeviceModel {
         if prompts.is_empty() {
             bail!(InvalidArgument, "no sequences to generate");
         }
-        if !(s.temperature >= 0.0 && s.temperature.is_finite()) || !(s.top_p > 0.0 && s.top_p <= 1.0) {
-            bail!(InvalidArgument, "sampling: temperature {} must be ≥ 0 and top_p {} in (0, 1]", s.temperature, s.top_p);
-        }
+        s.check()?;
         let vsz = self.cfg.vocab_size;
         for p in prompts {
             if p.is_empty() {

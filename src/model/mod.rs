@@ -725,7 +725,7 @@ impl Model {
             let s = n.to_string();
             let mut out = String::new();
             for (i, c) in s.chars().enumerate() {
-                if i > 0 && (s.len() - i) % 3 == 0 {
+                if i > 0 && (s.len() - i).is_multiple_of(3) {
                     out.push(',');
                 }
                 out.push(c);
@@ -974,7 +974,7 @@ impl Model {
         if let Some(&a) = sa.iter().find(|&&a| a < -1 || a >= self.adapters.len() as i32) {
             bail!(InvalidArgument, "adapter index {a} is not −1 or one of the model's {} adapters", self.adapters.len());
         }
-        Ok(Some(RowAdapters { rows: sa.iter().flat_map(|&a| std::iter::repeat(a).take(seq)).collect() }))
+        Ok(Some(RowAdapters { rows: sa.iter().flat_map(|&a| std::iter::repeat_n(a, seq)).collect() }))
     }
 
     /// Forward and backward over one micro-batch with causal-LM labels

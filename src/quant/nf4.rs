@@ -253,7 +253,7 @@ pub fn dequantize_range_f32(packed: &[u8], absmax: &[f32], blocksize: usize, sta
     for (j, o) in out.iter_mut().enumerate() {
         let i = start + j;
         let byte = packed[i / 2];
-        let q = if i % 2 == 0 { byte >> 4 } else { byte & 15 };
+        let q = if i.is_multiple_of(2) { byte >> 4 } else { byte & 15 };
         *o = NF4_CODE[q as usize] * absmax[i / blocksize];
     }
 }

@@ -121,7 +121,7 @@ impl AttnShape {
     }
 
     fn check(&self) {
-        assert!(self.n_kv_heads > 0 && self.n_heads % self.n_kv_heads == 0, "attention: n_heads {} is not a multiple of n_kv_heads {}", self.n_heads, self.n_kv_heads);
+        assert!(self.n_kv_heads > 0 && self.n_heads.is_multiple_of(self.n_kv_heads), "attention: n_heads {} is not a multiple of n_kv_heads {}", self.n_heads, self.n_kv_heads);
         assert!(self.head_dim > 0, "attention: head_dim must be positive");
         assert!(self.kv_len >= self.q_len, "attention: kv_len {} < q_len {}", self.kv_len, self.q_len);
         assert!(self.window != Some(0), "attention: window must be ≥ 1");

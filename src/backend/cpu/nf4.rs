@@ -30,6 +30,9 @@ use simd::{DT_BF16, DT_F16, DT_F32};
 
 /// The 16 NF4 values (bitsandbytes `get_4bit_type("nf4")`, also
 /// `QuantState.code` and the `quant_map` tensor of checkpoints).
+// bitsandbytes' float64 text kept as it is printed there (each rounds to
+// the f32 it stores).
+#[allow(clippy::excessive_precision)]
 pub(crate) static NF4_CODE: [f32; 16] = [
     -1.0,
     -0.6961928009986877,
@@ -190,7 +193,7 @@ fn quantize_reference_typed<T: Widen>(x: &[T], blocksize: usize, packed: &mut [u
 /// (⌈n/blocksize⌉ floats), one scalar block at a time.
 #[cfg_attr(not(test), allow(dead_code))] // the spec; only the tests call it
 pub(crate) fn nf4_quantize_reference(x: Elems<'_>, blocksize: usize, packed: &mut [u8], absmax: &mut [f32]) {
-    debug_assert!(blocksize % 2 == 0);
+    debug_assert!(blocksize.is_multiple_of(2));
     debug_assert_eq!(packed.len(), x.len().div_ceil(2));
     debug_assert_eq!(absmax.len(), x.len().div_ceil(blocksize));
     match x {
@@ -304,10 +307,10 @@ pub fn nf4_quantize_isa(isa: Isa, x: Elems<'_>, blocksize: usize, packed: &mut [
 
 fn quantize_fast<T: Widen>(isa: Isa, x: &[T], blocksize: usize, packed: &mut [u8], absmax: &mut [f32]) {
     let n = x.len();
-    assert!(blocksize >= 2 && blocksize % 2 == 0, "NF4 blocksize {blocksize} must be even");
+    assert!(blocksize >= 2 && blocksize.is_multiple_of(2), "NF4 blocksize {blocksize} must be even");
     assert_eq!(packed.len(), n.div_ceil(2), "packed output size");
     assert_eq!(absmax.len(), n.div_ceil(blocksize), "absmax output size");
-    let isa = if blocksize % 32 == 0 { isa } else { Isa::Portable };
+    let isa = if blocksize.is_multiple_of(32) { isa } else { Isa::Portable };
     let bpt = fast_blocks_per_task(blocksize);
     let half = blocksize / 2;
     packed.par_chunks_mut(bpt * half).zip(absmax.par_chunks_mut(bpt)).enumerate().for_each(|(task, (pk, am))| {
@@ -495,10 +498,10 @@ pub(crate) const STREAM_MIN_BYTES: usize = 32 << 20;
 
 fn dequantize_fast<T: Narrow>(isa: Isa, stream: bool, packed: &[u8], scales: Scales<'_>, blocksize: usize, out: &mut [T]) {
     let n = out.len();
-    assert!(blocksize >= 2 && blocksize % 2 == 0, "NF4 blocksize {blocksize} must be even");
+    assert!(blocksize >= 2 && blocksize.is_multiple_of(2), "NF4 blocksize {blocksize} must be even");
     assert!(packed.len() >= n.div_ceil(2), "packed input holds {} bytes, {n} elements need {}", packed.len(), n.div_ceil(2));
     assert!(scales.len() >= n.div_ceil(blocksize), "{} block scales, {n} elements need {}", scales.len(), n.div_ceil(blocksize));
-    let isa = if blocksize % 32 == 0 { isa } else { Isa::Portable };
+    let isa = if blocksize.is_multiple_of(32) { isa } else { Isa::Portable };
     let bpt = fast_blocks_per_task(blocksize);
     let half = blocksize / 2;
     out.par_chunks_mut(bpt * blocksize).enumerate().for_each(|(task, o)| {

@@ -257,7 +257,7 @@ mod x86 {
     /// The CPU must support AVX-512 F, BW and VL, AVX2, F16C and FMA.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c,fma")]
     pub(crate) unsafe fn quantize_avx512<T: Widen>(x: &[T], bs: usize, packed: &mut [u8], absmax: &mut [f32]) {
-        assert!(bs % 32 == 0 && x.len() == absmax.len() * bs && packed.len() == x.len() / 2);
+        assert!(bs.is_multiple_of(32) && x.len() == absmax.len() * bs && packed.len() == x.len() / 2);
         let g = grid();
         let abs_mask = _mm512_set1_epi32(0x7FFF_FFFF);
         // Groups of 16 blocks: all maxima first, then their 16 reciprocals
@@ -386,7 +386,7 @@ mod x86 {
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c,fma")]
         unsafe fn new(dst: *mut u8) -> Self {
             let shift = dst as usize % 64;
-            debug_assert!(shift % WORD == 0);
+            debug_assert!(shift.is_multiple_of(WORD));
             // Element i of an assembled line is element E - s + i of the
             // pair (previous, current), E = 64/WORD, s = shift/WORD.
             let first = (64 - shift) / WORD;
@@ -462,7 +462,7 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c,fma")]
     pub(crate) unsafe fn dequantize16_avx512<T: Narrow, const STREAM: bool>(packed: &[u8], absmax: &[f32], bs: usize, out: &mut [T]) {
         assert!(T::DT != DT_F32 && std::mem::size_of::<T>() == 2);
-        assert!(bs % 32 == 0 && out.len() == absmax.len() * bs && packed.len() == out.len() / 2);
+        assert!(bs.is_multiple_of(32) && out.len() == absmax.len() * bs && packed.len() == out.len() / 2);
         let code = _mm512_loadu_ps(NF4_CODE.as_ptr());
         let low4 = _mm512_set1_epi32(15);
         // SAFETY: the sink writes out[..] in order, 32 outputs (64 bytes)
@@ -492,7 +492,7 @@ mod x86 {
     /// The CPU must support AVX-512 F, BW and VL, AVX2, F16C and FMA.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c,fma")]
     pub(crate) unsafe fn dequantize32_avx512<const STREAM: bool>(packed: &[u8], absmax: &[f32], bs: usize, out: &mut [f32]) {
-        assert!(bs % 32 == 0 && out.len() == absmax.len() * bs && packed.len() == out.len() / 2);
+        assert!(bs.is_multiple_of(32) && out.len() == absmax.len() * bs && packed.len() == out.len() / 2);
         let code = _mm512_loadu_ps(NF4_CODE.as_ptr());
         let low4 = _mm_set1_epi8(15);
         // SAFETY: as in dequantize16_avx512, 16 outputs per put.
@@ -560,7 +560,7 @@ mod x86 {
     /// The CPU must support AVX2 and F16C.
     #[target_feature(enable = "avx2,f16c")]
     pub(crate) unsafe fn quantize_avx2<T: Widen>(x: &[T], bs: usize, packed: &mut [u8], absmax: &mut [f32]) {
-        assert!(bs % 32 == 0 && x.len() == absmax.len() * bs && packed.len() == x.len() / 2);
+        assert!(bs.is_multiple_of(32) && x.len() == absmax.len() * bs && packed.len() == x.len() / 2);
         let mut thr = [_mm256_setzero_ps(); 15];
         for (t, &v) in thr.iter_mut().zip(NF4_THRESHOLDS.iter()) {
             *t = _mm256_set1_ps(v);
@@ -662,7 +662,7 @@ mod x86 {
     #[target_feature(enable = "avx2,f16c")]
     pub(crate) unsafe fn dequantize16_avx2<T: Narrow>(packed: &[u8], absmax: &[f32], bs: usize, out: &mut [T]) {
         assert!(T::DT != DT_F32 && std::mem::size_of::<T>() == 2);
-        assert!(bs % 32 == 0 && out.len() == absmax.len() * bs && packed.len() == out.len() / 2);
+        assert!(bs.is_multiple_of(32) && out.len() == absmax.len() * bs && packed.len() == out.len() / 2);
         for (blk, &a) in absmax.iter().enumerate() {
             let (lut_lo, lut_hi) = lut16_avx2::<T>(a);
             // SAFETY: as in dequantize16_avx512.
@@ -691,7 +691,7 @@ mod x86 {
     /// The CPU must support AVX2 and F16C.
     #[target_feature(enable = "avx2,f16c")]
     pub(crate) unsafe fn dequantize32_avx2(packed: &[u8], absmax: &[f32], bs: usize, out: &mut [f32]) {
-        assert!(bs % 32 == 0 && out.len() == absmax.len() * bs && packed.len() == out.len() / 2);
+        assert!(bs.is_multiple_of(32) && out.len() == absmax.len() * bs && packed.len() == out.len() / 2);
         let c0 = _mm256_loadu_ps(NF4_CODE.as_ptr());
         let c1 = _mm256_loadu_ps(NF4_CODE.as_ptr().add(8));
         for (blk, &a) in absmax.iter().enumerate() {

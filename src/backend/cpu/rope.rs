@@ -41,7 +41,7 @@ use rayon::prelude::*;
 /// in f64 here: PyTorch's fp32 `pow` is within 1 ulp of that), then
 /// `1.0 / power` in f32.
 pub fn rope_inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
-    assert!(head_dim > 0 && head_dim % 2 == 0, "rope: head_dim must be even and positive");
+    assert!(head_dim > 0 && head_dim.is_multiple_of(2), "rope: head_dim must be even and positive");
     (0..head_dim / 2)
         .map(|i| {
             let e = (2 * i) as f32 / head_dim as f32;
@@ -128,7 +128,7 @@ impl RopeTable {
 /// Shared driver: rotates every `[D]` head vector of `x: [B, T, H, D]` by
 /// the table row of its position `t`, by +θ (`sign = 1`) or −θ (`sign = −1`).
 fn rotate(x: &mut [f32], batch: usize, seq: usize, heads: usize, head_dim: usize, table: &RopeTable, sign: f32) {
-    assert!(head_dim > 0 && head_dim % 2 == 0, "rope: head_dim must be even and positive");
+    assert!(head_dim > 0 && head_dim.is_multiple_of(2), "rope: head_dim must be even and positive");
     assert_eq!(table.half * 2, head_dim, "rope: table is for another head_dim");
     assert!(table.len >= seq, "rope: table has {} rows, need {seq}", table.len);
     assert_eq!(x.len(), batch * seq * heads * head_dim, "rope: x is not [B, T, H, D]");

@@ -87,7 +87,7 @@ fn check_len(len: usize, dims: &[usize], what: &str) -> Result<()> {
 }
 
 fn check_heads(n_heads: usize, n_kv_heads: usize, head_dim: usize, window: Option<usize>) -> Result<()> {
-    if n_kv_heads == 0 || n_heads == 0 || n_heads % n_kv_heads != 0 {
+    if n_kv_heads == 0 || n_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
         bail!(InvalidShape, "attention: n_heads {n_heads} is not a positive multiple of n_kv_heads {n_kv_heads}");
     }
     if n_heads > 65535 {

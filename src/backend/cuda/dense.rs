@@ -48,7 +48,7 @@ pub fn gemv_bf16(dev: &CudaDevice, w: &CudaView<'_, u16>, rows: usize, cols: usi
     dev.check_stream(x, "GEMV x")?;
     dev.check_stream(y, "GEMV y")?;
     for (a, what) in [(w.device_ptr(&dev.stream).0, "GEMV weight"), (x.device_ptr(&dev.stream).0, "GEMV x")] {
-        if cols % 8 == 0 && a % 16 != 0 {
+        if cols.is_multiple_of(8) && a % 16 != 0 {
             bail!(InvalidArgument, "{what} at device address {a:#x} is not 16-byte aligned (the kernel uses 16-byte loads)");
         }
     }

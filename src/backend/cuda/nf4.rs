@@ -79,7 +79,7 @@ fn cfg(grid: u32, block: u32) -> LaunchConfig {
 }
 
 fn check_aligned(addr: u64, what: &str) -> Result<()> {
-    if addr % VEC_ALIGN != 0 {
+    if !addr.is_multiple_of(VEC_ALIGN) {
         bail!(InvalidArgument, "{what} at device address {addr:#x} is not {VEC_ALIGN}-byte aligned (the kernel uses 16-byte loads and stores)");
     }
     Ok(())

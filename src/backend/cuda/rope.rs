@@ -34,7 +34,7 @@ impl CudaRopeTable {
 /// table; returns the pair count and `(seq, heads, half)` as the kernels
 /// take them (pairs 0: nothing to launch).
 fn check(dev: &CudaDevice, x_len: usize, batch: usize, seq: usize, heads: usize, head_dim: usize, table: &CudaRopeTable) -> Result<(u64, u32, u32, u32)> {
-    if head_dim == 0 || head_dim % 2 != 0 {
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
         bail!(InvalidShape, "rope: head_dim {head_dim} must be even and positive");
     }
     if table.half * 2 != head_dim {
