@@ -833,8 +833,9 @@ fn folded_adapter_products_match_the_unfolded() {
 /// backward (a wait there empties the GPU's queue: every kernel after it
 /// waits for the host to enqueue it), only at its end: the loss and the
 /// gradient norm, then the adapter's copy to the host. Counted by the
-/// emulated driver (every synchronization, blocking copy and free), so on
-/// a GPU this test has nothing to count and skips.
+/// emulated driver (every synchronization, blocking copy and free, by the
+/// calling thread: other tests run beside this one), so on a GPU this test
+/// has nothing to count and skips.
 #[test]
 fn a_step_waits_for_the_device_only_at_its_end() {
     let Some(_) = common::gpu("a_step_waits_for_the_device_only_at_its_end") else { return };
@@ -842,11 +843,8 @@ fn a_step_waits_for_the_device_only_at_its_end() {
         eprintln!("SKIPPED a_step_waits_for_the_device_only_at_its_end: the emulated driver counts the waits; a GPU's does not");
         return;
     }
-    let this = libloading::os::unix::Library::this();
-    // SAFETY: the hook's signature in tests/fakecuda/fake_cuda.cpp, whose
-    // library stays loaded for the process.
-    let waits: unsafe extern "C" fn(i32, i32) -> u64 = unsafe { *this.get(b"lora_fakecuda_sync_report").expect("the emulated driver's wait count") };
-    // SAFETY: as above.
+    let waits: unsafe extern "C" fn(i32, i32) -> u64 = emu_hook(b"lora_fakecuda_sync_report");
+    // SAFETY: the hook's signature.
     let waits = move |print: bool| unsafe { waits(print as i32, 1) };
     let c = cases().remove(0);
     let ids = tokens(c.batch * c.seq, (c.model)().vocab(), 5);
@@ -877,6 +875,100 @@ fn a_step_waits_for_the_device_only_at_its_end() {
             assert!(total <= n_micro as u64 + 2, "{what}, step {step}: the host waited {total} times for {n_micro} micro-batches (at most one per micro-batch's loss, the gradient norm and the adapter's copy)");
             assert!(total >= 1, "{what}, step {step}: no wait at all: the step returned figures it never read back");
             eprintln!("{what}, step {step}: {n_micro} micro-batches, {total} waits, all after the last");
+        }
+    }
+}
+
+/// A test hook of the emulated driver (tests/fakecuda/fake_cuda.cpp, whose
+/// library stays loaded for the process); `T` must be its signature.
+fn emu_hook<T: Copy>(name: &[u8]) -> T {
+    let this = libloading::os::unix::Library::this();
+    // SAFETY: the caller names the hook's signature.
+    unsafe { *this.get::<T>(name).unwrap_or_else(|e| panic!("the emulated driver's {}: {e}", String::from_utf8_lossy(name))) }
+}
+
+/// A model that does not fit the device stays on the host. A step that
+/// runs out of device memory — early in the forward, mid-way, late in the
+/// backward, in a later micro-batch — fails with
+/// `OutOfMemory`, says what to change, and leaves nothing behind: the
+/// adapter and the step count as they were, no gradient kept, and the
+/// next steps (with the memory back) give the bits an untouched trainer
+/// gives. The emulated driver refuses this test thread's allocations past
+/// a limit (a GPU's memory cannot be limited per test), so on a GPU this
+/// test skips.
+#[test]
+fn running_out_of_device_memory_applies_nothing() {
+    let Some(_) = common::gpu("running_out_of_device_memory_applies_nothing") else { return };
+    if !common::emulated() {
+        eprintln!("SKIPPED running_out_of_device_memory_applies_nothing: the emulated driver limits a test's memory; a GPU's does not");
+        return;
+    }
+    let limit: unsafe extern "C" fn(usize) = emu_hook(b"lora_fakecuda_set_memory_limit");
+    let memory: unsafe extern "C" fn(*mut usize, *mut usize, i32) = emu_hook(b"lora_fakecuda_thread_memory");
+    // This thread's live device memory, and its high-water mark since the
+    // last call (SAFETY: the hooks' signatures; pointers to live locals).
+    let mem = || {
+        let (mut live, mut high) = (0usize, 0usize);
+        unsafe { memory(&mut live, &mut high, 1) };
+        (live, high)
+    };
+    let c = cases().remove(0);
+    let ids = tokens(c.batch * c.seq, (c.model)().vocab(), 9);
+    // Moving the model to a device too small for it: refused, the model
+    // stays on the host and trains there; with the memory back it moves.
+    {
+        let mut t = Trainer::new(Arc::new(Mutex::new((c.model)())), "a", cfg()).unwrap();
+        let base = mem().0;
+        // SAFETY: the hook's signature.
+        unsafe { limit(base + 4096) };
+        let e = t.use_device(Some((0, Compute::BF16)));
+        // SAFETY: as above (0: no limit).
+        unsafe { limit(0) };
+        assert_eq!(e.expect_err("the model went to a device with 4 KiB free").kind, ErrorKind::OutOfMemory);
+        assert!(t.model.lock().device().is_none(), "a refused move left a device copy");
+        assert_eq!(mem().0, base, "a refused move kept device memory");
+        t.step(&ids, None, c.batch, c.seq, &mut |_, _| true).expect("a CPU step after the refused move");
+        t.use_device(Some((0, Compute::BF16))).expect("the move with the memory back");
+        t.step(&ids, None, c.batch, c.seq, &mut |_, _| true).expect("a device step after the move");
+    }
+    for (what, lean, micro) in [("bf16 step", false, 0), ("lean bf16 step, micro-batches of 1", true, 1)] {
+        let mk = || {
+            let mut t = trainer((c.model)(), TrainerConfig { micro_batch: micro, ..cfg() }, Some(Compute::BF16));
+            if lean {
+                t.with_device_model(lean_step).unwrap();
+            }
+            t
+        };
+        // The first step's memory on top of what the trainer holds.
+        let mut r = mk();
+        let w0 = weights(&r);
+        let base = mem().0;
+        let mut want = run(&mut r, &ids, c.batch, c.seq, 1);
+        let need = mem().1 - base;
+        want.extend(run(&mut r, &ids, c.batch, c.seq, 1));
+        let w2 = weights(&r);
+        drop(r);
+        assert!(need > 0, "{what}: the step allocated no device memory");
+        for frac in [0.02, 0.3, 0.6, 0.95] {
+            let mut t = mk();
+            let at = base + (need as f64 * frac) as usize;
+            assert_eq!(mem().0, base, "{what}: a fresh trainer holds other memory than the first");
+            // SAFETY: the hook's signature.
+            unsafe { limit(at) };
+            let e = t.step(&ids, None, c.batch, c.seq, &mut |_, _| true);
+            // SAFETY: as above (0: no limit).
+            unsafe { limit(0) };
+            let e = e.expect_err(&format!("{what}: the step ran within {frac} of its memory"));
+            assert_eq!(e.kind, ErrorKind::OutOfMemory, "{what}, {frac} of the memory: {e}");
+            for says in ["ran out of memory", "not applied", "micro-batches", "checkpointing"] {
+                assert!(e.message.contains(says), "{what}, {frac} of the memory: the error does not say \"{says}\": {}", e.message);
+            }
+            assert_eq!(weights(&t), w0, "{what}, {frac} of the memory: the failed step changed the adapter");
+            assert_eq!(t.steps_done(), 0, "{what}, {frac} of the memory: the failed step was counted");
+            let got = run(&mut t, &ids, c.batch, c.seq, 2);
+            assert_eq!(got, want, "{what}, {frac} of the memory: the steps after the failed one differ from an untouched trainer's");
+            assert_eq!(weights(&t), w2, "{what}, {frac} of the memory: the adapter after two steps differs from an untouched trainer's");
+            eprintln!("{what}: out of memory at {frac} of the step's {need} bytes: refused, nothing applied, the next steps bit for bit; {}", e.message);
         }
     }
 }

@@ -185,9 +185,20 @@ impl Trainer {
                 bail!(InvalidState, "the trainer trains on a device but the model is no longer on one");
             }
             let (adapter, cfg, calls) = (self.adapter.clone(), self.cfg.clone(), self.micro_calls);
+            // An error before the update leaves nothing applied (the
+            // gradients so far are cleared); out of device memory, it says
+            // so and what the caller can change.
+            let not_applied = |e: crate::Error| match e.kind {
+                crate::ErrorKind::OutOfMemory => e.context(&format!(
+                    "the device ran out of memory in a training step of {batch} x {seq} tokens (micro-batches of {mb}{}); the step was not applied \
+                     (adapter, optimizer state and step count unchanged): smaller micro-batches, activation checkpointing or shorter sequences need less",
+                    if cfg.checkpointing { ", checkpointing on" } else { "" }
+                )),
+                _ => e,
+            };
             let r = model.with_device(|g, m| {
                 let mut outs = Vec::with_capacity(n_micro);
-                let run = (|| -> Result<()> {
+                let run = (|| -> Result<crate::model::gpu::DeviceStep> {
                     for (i, b0) in (0..batch).step_by(mb).enumerate() {
                         let b1 = (b0 + mb).min(batch);
                         // Micro-batch numbers name the dropout masks, as on the CPU.
@@ -196,13 +207,18 @@ impl Trainer {
                             bail!(Cancelled, "training step cancelled by the progress callback after micro-batch {}", i + 1);
                         }
                     }
-                    Ok(())
+                    // Out of memory only before the update: after it, a
+                    // memset and the bf16 copy's refresh in its own buffer
+                    // allocate nothing.
+                    g.finish_step(&adapter, &outs, cfg.max_grad_norm, &cfg.adamw, lr)
                 })();
-                if let Err(e) = run {
-                    let _ = g.zero_grad(&adapter);
-                    return Err(e);
-                }
-                let r = g.finish_step(&adapter, &outs, cfg.max_grad_norm, &cfg.adamw, lr)?;
+                let r = match run {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = g.zero_grad(&adapter);
+                        return Err(not_applied(e));
+                    }
+                };
                 g.push_adapter_to(&adapter, m)?;
                 Ok(r)
             })?;

@@ -28,6 +28,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 #include <sys/mman.h>
 
@@ -59,6 +60,14 @@ unsigned long allocs;
 // (lora_fakecuda_launch_report).
 std::map<std::string, std::pair<unsigned long long, unsigned long long>> launches;
 size_t used = 0, used_high = 0, reserved_high = 0;
+// Device memory by the thread that allocated it (live bytes and their
+// high-water mark), and each allocation's thread: tests run concurrently
+// in one process, so a test limits and reads its own thread's
+// (lora_fakecuda_set_memory_limit, lora_fakecuda_thread_memory).
+std::map<std::thread::id, std::pair<size_t, size_t>> thread_used;
+std::map<uintptr_t, std::thread::id> owner;
+// The calling thread's limit on its live device memory.
+thread_local size_t mem_limit = ~size_t(0);
 std::string module_dir;
 int ctx_token, stream_token, pool_token, event_token;
 
@@ -95,17 +104,17 @@ void submit(std::function<void()> f) {
     queue.push_back(std::move(f));
 }
 
-// The calls that made the host wait for the device, by call, counted in
-// every mode (lora_fakecuda_sync_report).
+// The calls that made the host wait for the device, by calling thread and
+// call, counted in every mode (lora_fakecuda_sync_report).
 std::mutex sync_mu;
-std::map<std::string, unsigned long long> syncs;
+std::map<std::thread::id, std::map<std::string, unsigned long long>> syncs;
 
 // Runs everything queued (a synchronization), counted under `why` (the
 // call that waits).
 void flush(const char* why) {
     {
         std::lock_guard<std::mutex> g(sync_mu);
-        syncs[why]++;
+        syncs[std::this_thread::get_id()][why]++;
     }
     if (!defer_mode()) return;
     std::lock_guard<std::mutex> r(run_mu);
@@ -121,8 +130,15 @@ void flush(const char* why) {
     }
 }
 
-CUresult alloc(CUdeviceptr* p, size_t n) {
+// `device`: device memory, refused past mem_limit (page-locked host
+// memory is not).
+CUresult alloc(CUdeviceptr* p, size_t n, bool device = true) {
     if (!p) return INVALID_VALUE;
+    if (device) {
+        std::lock_guard<std::mutex> g(mu);
+        const size_t mine = thread_used[std::this_thread::get_id()].first;
+        if (n > mem_limit || mine > mem_limit - n) return OUT_OF_MEMORY;  // as the driver's pool: refused at the call
+    }
     unsigned char* raw = static_cast<unsigned char*>(std::aligned_alloc(256, GUARD + ((n + 255) / 256) * 256 + GUARD));
     if (!raw) return OUT_OF_MEMORY;
     size_t body = ((n + 255) / 256) * 256;
@@ -133,6 +149,12 @@ CUresult alloc(CUdeviceptr* p, size_t n) {
     uintptr_t a = reinterpret_cast<uintptr_t>(raw + GUARD);
     live[a] = n;
     used += n;
+    if (device) {
+        auto& t = thread_used[std::this_thread::get_id()];
+        t.first += n;
+        t.second = std::max(t.second, t.first);
+        owner[a] = std::this_thread::get_id();
+    }
     if (count_only()) born[a] = allocs++;
     if (used > used_high) {
         used_high = used;
@@ -180,6 +202,11 @@ CUresult release(uintptr_t a) {
             return OK;
         }
         used -= n;
+        auto o = owner.find(a);
+        if (o != owner.end()) {
+            thread_used[o->second].first -= n;
+            owner.erase(o);
+        }
     }
     unsigned char* body = reinterpret_cast<unsigned char*>(a);
     size_t padded = ((n + 255) / 256) * 256;
@@ -297,20 +324,39 @@ void lora_fakecuda_launch_report(int print, int reset) {
     if (reset) launches.clear();
 }
 
-// Test hook (not CUDA API): the calls that made the host wait for the
-// device since the last reset (synchronizations, blocking copies and
-// frees), by call, to stderr with `print`; returns their total. `reset`
-// clears them.
+// Test hook (not CUDA API): the calls by which the calling thread waited
+// for the device since its last reset (synchronizations, blocking copies
+// and frees), by call, to stderr with `print`; returns their total.
+// `reset` clears them.
 unsigned long long lora_fakecuda_sync_report(int print, int reset) {
     std::lock_guard<std::mutex> g(sync_mu);
+    auto& mine = syncs[std::this_thread::get_id()];
     unsigned long long total = 0;
-    for (auto& e : syncs) total += e.second;
+    for (auto& e : mine) total += e.second;
     if (print) {
         std::fprintf(stderr, "    host waits for the device: %llu\n", total);
-        for (auto& [name, c] : syncs) std::fprintf(stderr, "      %8llu x %s\n", c, name.c_str());
+        for (auto& [name, c] : mine) std::fprintf(stderr, "      %8llu x %s\n", c, name.c_str());
     }
-    if (reset) syncs.clear();
+    if (reset) mine.clear();
     return total;
+}
+
+// Test hook (not CUDA API): the calling thread's device allocations
+// (plain and stream-ordered; managed memory may oversubscribe, as on the
+// GPU) fail with CUDA_ERROR_OUT_OF_MEMORY, as the driver's do when the
+// device is full, once they would take the thread's live device memory
+// past `bytes` (0: no limit).
+void lora_fakecuda_set_memory_limit(size_t bytes) { mem_limit = bytes ? bytes : ~size_t(0); }
+
+// Test hook (not CUDA API): the calling thread's live device memory and
+// its high-water mark (which `reset_high` then sets to the live bytes).
+// A stream-ordered free counts when it runs (at the next synchronization).
+void lora_fakecuda_thread_memory(size_t* live_bytes, size_t* high, int reset_high) {
+    std::lock_guard<std::mutex> g(mu);
+    auto& t = thread_used[std::this_thread::get_id()];
+    *live_bytes = t.first;
+    *high = t.second;
+    if (reset_high) t.second = t.first;
 }
 
 // The test hook (not CUDA API): where the modules are.
@@ -385,7 +431,7 @@ CUresult cuMemFreeAsync(CUdeviceptr p, void*) {
 }
 CUresult cuMemAllocHost_v2(void** p, size_t n) {
     CUdeviceptr a;
-    CUresult r = alloc(&a, n);
+    CUresult r = alloc(&a, n, false);
     if (r != OK) return r;
     *p = reinterpret_cast<void*>(a);
     std::lock_guard<std::mutex> g(mu);
