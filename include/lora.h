@@ -1652,7 +1652,10 @@ void lora_trainer_free(struct lora_trainer *trainer);
  * (loss or gradient not finite: the step is skipped),
  * `LORA_ERR_INVALID_STATE` (model merged, or another adapter swapped in
  * since the trainer was created: swap the trainer's adapter back in),
- * `LORA_ERR_CANCELLED`.
+ * `LORA_ERR_CANCELLED`; training on a device, `LORA_ERR_OUT_OF_MEMORY`
+ * (the step needs more device memory than is free: nothing applied, so
+ * the same batch can be retried with smaller micro-batches or activation
+ * checkpointing) and `LORA_ERR_CUDA`.
  */
 lora_status lora_train_step(struct lora_trainer *trainer,
                             const int32_t *ids,
@@ -1737,6 +1740,24 @@ lora_status lora_model_use_device(struct lora_model *model, int32_t device, lora
 lora_status lora_trainer_use_device(struct lora_trainer *trainer,
                                     int32_t device,
                                     lora_compute compute);
+
+/**
+ * Sets `trainer`'s micro-batch size (`micro_batch`, 0: the whole batch)
+ * and activation checkpointing (`checkpointing` non-zero: on) from the
+ * next step on, as `lora_trainer_params` sets them at creation. They
+ * change the memory a step needs, not what it computes (the gradient is
+ * the same mean over the step's counted tokens). The way on after a step
+ * on a device failed with `LORA_ERR_OUT_OF_MEMORY` (which applied
+ * nothing): retry the batch with smaller micro-batches or checkpointing.
+ * `lora_trainer_save` records them. Thread safety: not concurrently with
+ * other calls on the same trainer.
+ *
+ * Errors: `LORA_ERR_NULL_POINTER`, `LORA_ERR_INVALID_STATE` (not a live
+ * trainer).
+ */
+lora_status lora_trainer_set_batching(struct lora_trainer *trainer,
+                                      uint32_t micro_batch,
+                                      uint32_t checkpointing);
 
 /**
  * Generates with `trainer`'s adapter (multiplier 1) for `n_seqs` prompts,

@@ -970,5 +970,23 @@ fn running_out_of_device_memory_applies_nothing() {
             assert_eq!(weights(&t), w2, "{what}, {frac} of the memory: the adapter after two steps differs from an untouched trainer's");
             eprintln!("{what}: out of memory at {frac} of the step's {need} bytes: refused, nothing applied, the next steps bit for bit; {}", e.message);
         }
+        // The way on: the same batch in micro-batches of one sequence with
+        // checkpointing fits where the whole batch did not (the same mean:
+        // the loss within summation order of the untouched trainer's).
+        if micro == 0 {
+            let mut t = mk();
+            // SAFETY: the hook's signature.
+            unsafe { limit(base + need / 2) };
+            let refused = t.step(&ids, None, c.batch, c.seq, &mut |_, _| true).map(|_| ());
+            t.set_batching(1, true);
+            let r = t.step(&ids, None, c.batch, c.seq, &mut |_, _| true);
+            // SAFETY: as above (0: no limit).
+            unsafe { limit(0) };
+            assert_eq!(refused.expect_err("the whole batch in half its memory").kind, ErrorKind::OutOfMemory);
+            let r = r.expect("micro-batches of one with checkpointing in half the whole batch's memory");
+            let e = (r.loss - want[0].0).abs() / want[0].0.abs();
+            assert!(e <= 1e-4, "{what}: the micro-batched retry's loss {} vs {} ({e:.1e})", r.loss, want[0].0);
+            eprintln!("{what}: refused in half its memory, then trained in micro-batches of one with checkpointing within it (loss {e:.1e} from the whole batch's)");
+        }
     }
 }

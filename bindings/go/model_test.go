@@ -130,6 +130,16 @@ func TestFineTune(t *testing.T) {
 		}
 		losses = append(losses, r.Loss)
 	}
+	// Micro-batches of one with checkpointing: the same batch trains on.
+	must(t, tr.SetBatching(1, true))
+	r, err := tr.Step(ids, nil, batch, seq)
+	must(t, err)
+	if r.Step != 6 || !(r.Loss < losses[4]) {
+		t.Errorf("micro-batched step %+v after losses %v", r, losses)
+	}
+	if err := tr.SetBatching(-1, false); err == nil {
+		t.Errorf("SetBatching(-1) accepted")
+	}
 	mem, err := m.Memory(tr)
 	must(t, err)
 	if mem.Optimizer == 0 || mem.BaseQuantized == 0 {

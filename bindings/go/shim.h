@@ -111,6 +111,7 @@ static inline lora_status go_lora_trainer_resume(lora_model *m, const char *dir,
 static inline lora_status go_lora_train_step(lora_trainer *t, const int32_t *ids, const int32_t *labels, size_t batch, size_t seq, lora_step_result *r, char **err) { LORA_GO(lora_train_step(t, ids, labels, batch, seq, r)); }
 static inline lora_status go_lora_trainer_save(const lora_trainer *t, const char *dir, char **err) { LORA_GO(lora_trainer_save(t, dir)); }
 static inline lora_status go_lora_trainer_use_device(lora_trainer *t, int32_t device, lora_compute compute, char **err) { LORA_GO(lora_trainer_use_device(t, device, compute)); }
+static inline lora_status go_lora_trainer_set_batching(lora_trainer *t, uint32_t micro_batch, uint32_t checkpointing, char **err) { LORA_GO(lora_trainer_set_batching(t, micro_batch, checkpointing)); }
 
 /* tokenizer */
 static inline lora_status go_lora_tokenizer_load(const char *path, lora_tokenizer **out, char **err) { LORA_GO(lora_tokenizer_load(path, out)); }

@@ -5,7 +5,11 @@ package lora
 */
 import "C"
 
-import "unsafe"
+import (
+	"fmt"
+	"math"
+	"unsafe"
+)
 
 // Trainer is a lora_trainer: the optimizer, schedule and step count of
 // one adapter's training. It keeps the model's data alive (the Model may
@@ -171,6 +175,24 @@ func (t *Trainer) UseDevice(device int, compute int) error {
 	st := C.go_lora_trainer_use_device(t.handle(), C.int32_t(device), C.lora_compute(compute), &msg)
 	keepAlive(t)
 	return check("lora_trainer_use_device", st, msg)
+}
+
+// SetBatching sets the micro-batch size (0: the whole batch) and
+// activation checkpointing from the next step on: the memory a step needs,
+// not what it computes. A step on a GPU that failed with ErrOutOfMemory
+// applied nothing; retry it with smaller micro-batches or checkpointing.
+func (t *Trainer) SetBatching(microBatch int, checkpointing bool) error {
+	if microBatch < 0 || microBatch > math.MaxUint32 {
+		return fmt.Errorf("lora: micro-batch size %d out of range", microBatch)
+	}
+	var ck C.uint32_t
+	if checkpointing {
+		ck = 1
+	}
+	var msg *C.char
+	st := C.go_lora_trainer_set_batching(t.handle(), C.uint32_t(microBatch), ck, &msg)
+	keepAlive(t)
+	return check("lora_trainer_set_batching", st, msg)
 }
 
 // Save writes a checkpoint (adapter, optimizer state, counters) to dir.

@@ -868,7 +868,10 @@ pub unsafe extern "C" fn lora_trainer_free(trainer: *mut lora_trainer) {
 /// (loss or gradient not finite: the step is skipped),
 /// `LORA_ERR_INVALID_STATE` (model merged, or another adapter swapped in
 /// since the trainer was created: swap the trainer's adapter back in),
-/// `LORA_ERR_CANCELLED`.
+/// `LORA_ERR_CANCELLED`; training on a device, `LORA_ERR_OUT_OF_MEMORY`
+/// (the step needs more device memory than is free: nothing applied, so
+/// the same batch can be retried with smaller micro-batches or activation
+/// checkpointing) and `LORA_ERR_CUDA`.
 #[no_mangle]
 pub unsafe extern "C" fn lora_train_step(trainer: *mut lora_trainer, ids: *const i32, labels: *const i32, batch: usize, seq: usize, result: *mut lora_step_result) -> lora_status {
     guard(|| {
@@ -1000,6 +1003,27 @@ pub unsafe extern "C" fn lora_trainer_use_device(trainer: *mut lora_trainer, dev
     guard(|| {
         let t = util::handle_mut(trainer, "trainer")?;
         t.inner.use_device(device_of(device, compute)?)
+    })
+}
+
+/// Sets `trainer`'s micro-batch size (`micro_batch`, 0: the whole batch)
+/// and activation checkpointing (`checkpointing` non-zero: on) from the
+/// next step on, as `lora_trainer_params` sets them at creation. They
+/// change the memory a step needs, not what it computes (the gradient is
+/// the same mean over the step's counted tokens). The way on after a step
+/// on a device failed with `LORA_ERR_OUT_OF_MEMORY` (which applied
+/// nothing): retry the batch with smaller micro-batches or checkpointing.
+/// `lora_trainer_save` records them. Thread safety: not concurrently with
+/// other calls on the same trainer.
+///
+/// Errors: `LORA_ERR_NULL_POINTER`, `LORA_ERR_INVALID_STATE` (not a live
+/// trainer).
+#[no_mangle]
+pub unsafe extern "C" fn lora_trainer_set_batching(trainer: *mut lora_trainer, micro_batch: u32, checkpointing: u32) -> lora_status {
+    guard(|| {
+        let t = util::handle_mut(trainer, "trainer")?;
+        t.inner.set_batching(micro_batch as usize, checkpointing != 0);
+        Ok(())
     })
 }
 

@@ -128,6 +128,22 @@ impl Trainer {
         self.step
     }
 
+    /// Sets the micro-batch size (0: the whole batch) and activation
+    /// checkpointing from the next step on: the memory a step needs, not
+    /// what it computes (the gradient is the same mean over the step's
+    /// tokens; checkpointing recomputes the same values). Say after a step
+    /// failed with `OutOfMemory` on a device, which applied nothing.
+    pub fn set_batching(&mut self, micro_batch: usize, checkpointing: bool) {
+        self.cfg.micro_batch = micro_batch;
+        self.cfg.checkpointing = checkpointing;
+    }
+
+    /// The micro-batch size (0: the whole batch) and whether activation
+    /// checkpointing is on.
+    pub fn batching(&self) -> (usize, bool) {
+        (self.cfg.micro_batch, self.cfg.checkpointing)
+    }
+
     /// Optimizer state bytes.
     pub fn optimizer_bytes(&self) -> usize {
         self.opt.state_bytes()

@@ -66,6 +66,10 @@ size_t used = 0, used_high = 0, reserved_high = 0;
 // (lora_fakecuda_set_memory_limit, lora_fakecuda_thread_memory).
 std::map<std::thread::id, std::pair<size_t, size_t>> thread_used;
 std::map<uintptr_t, std::thread::id> owner;
+// Stream-ordered frees queued but not yet run: their bytes are already
+// out of the counts above (the driver's pool hands them to the stream's
+// next allocations at once), the buffers still live for the queued work.
+std::map<uintptr_t, bool> free_queued;
 // The calling thread's limit on its live device memory.
 thread_local size_t mem_limit = ~size_t(0);
 std::string module_dir;
@@ -183,6 +187,16 @@ CUresult alloc_managed(CUdeviceptr* p, size_t n) {
     return OK;
 }
 
+// Takes allocation `a` of `n` bytes out of the memory in use (mu held).
+void uncount(uintptr_t a, size_t n) {
+    used -= n;
+    auto o = owner.find(a);
+    if (o != owner.end()) {
+        thread_used[o->second].first -= n;
+        owner.erase(o);
+    }
+}
+
 CUresult release(uintptr_t a) {
     if (a == 0) return OK;
     size_t n;
@@ -201,12 +215,7 @@ CUresult release(uintptr_t a) {
             munmap(reinterpret_cast<void*>(a), n);
             return OK;
         }
-        used -= n;
-        auto o = owner.find(a);
-        if (o != owner.end()) {
-            thread_used[o->second].first -= n;
-            owner.erase(o);
-        }
+        if (!free_queued.erase(a)) uncount(a, n);
     }
     unsigned char* body = reinterpret_cast<unsigned char*>(a);
     size_t padded = ((n + 255) / 256) * 256;
@@ -350,7 +359,7 @@ void lora_fakecuda_set_memory_limit(size_t bytes) { mem_limit = bytes ? bytes : 
 
 // Test hook (not CUDA API): the calling thread's live device memory and
 // its high-water mark (which `reset_high` then sets to the live bytes).
-// A stream-ordered free counts when it runs (at the next synchronization).
+// A stream-ordered free counts at the call, as the driver's pool does.
 void lora_fakecuda_thread_memory(size_t* live_bytes, size_t* high, int reset_high) {
     std::lock_guard<std::mutex> g(mu);
     auto& t = thread_used[std::this_thread::get_id()];
@@ -421,9 +430,16 @@ CUresult cuMemFreeAsync(CUdeviceptr p, void*) {
     if (!defer_mode()) return release(p);
     {
         std::lock_guard<std::mutex> g(mu);
-        if (!live.count(p)) {
+        auto it = live.find(p);
+        if (it == live.end() || free_queued.count(p)) {
             std::fprintf(stderr, "fake CUDA: free of %#lx, which is not a live allocation\n", (unsigned long)p);
             return INVALID_VALUE;
+        }
+        // Out of the memory in use now, as the pool counts it; the buffer
+        // itself goes when the queued work before the free has run.
+        if (!mapped.count(p)) {
+            uncount(p, it->second);
+            free_queued[p] = true;
         }
     }
     submit([p] { release(p); });
