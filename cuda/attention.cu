@@ -92,7 +92,10 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS)
     __shared__ float sk[ATT_FK * ATT_PAD];
     __shared__ float sv[ATT_FK * ATT_PAD];
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const u32 b = blockIdx.z, h = blockIdx.y, i0 = blockIdx.x * ATT_FQ;
+    // Query tiles last to first: under the causal mask the last rows see
+    // the most keys, so the longest blocks start first and the grid's tail
+    // is its shortest blocks (the scheduler starts blocks in index order).
+    const u32 b = blockIdx.z, h = blockIdx.y, i0 = (gridDim.x - 1 - blockIdx.x) * ATT_FQ;
     if (i0 >= T) return;
     const u32 g = h / (H / Hkv);
     const u32 nrows = min((u32)ATT_FQ, T - i0);
@@ -370,7 +373,8 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS)
     __shared__ float sds[ATT_BQ][ATT_BK + 1];
     const u32 EPT = ATT_BQ * ATT_DMAX / ATT_THREADS;
     const u32 PPT = ATT_BQ * ATT_BK / ATT_THREADS;
-    const u32 b = blockIdx.z, h = blockIdx.y, i0 = blockIdx.x * ATT_BQ;
+    // Query tiles last to first (the longest first, as the forward).
+    const u32 b = blockIdx.z, h = blockIdx.y, i0 = (gridDim.x - 1 - blockIdx.x) * ATT_BQ;
     if (i0 >= T) return;
     const u32 g = h / (H / Hkv);
     const u32 nrows = min((u32)ATT_BQ, T - i0);

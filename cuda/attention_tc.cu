@@ -160,7 +160,10 @@ __device__ __forceinline__ void atc_forward(const TI* __restrict__ q, const TI* 
     __shared__ __align__(16) u16 sK[ATC_FWD_BK * LDK];
     __shared__ __align__(16) u16 sVt[D * LDV];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const u32 b = blockIdx.z, h = blockIdx.y, i0 = blockIdx.x * ATC_FWD_BQ;
+    // Query tiles last to first: under the causal mask the last rows see
+    // the most keys, so the longest blocks start first and the grid's tail
+    // is its shortest blocks (the scheduler starts blocks in index order).
+    const u32 b = blockIdx.z, h = blockIdx.y, i0 = (gridDim.x - 1 - blockIdx.x) * ATC_FWD_BQ;
     if (i0 >= T) return;
     const u32 grp = h / (H / Hkv);
     const u64 ldq = (u64)H * D, ldk = (u64)Hkv * D;
@@ -270,7 +273,8 @@ __device__ __forceinline__ void atc_dq(const TI* __restrict__ q, const TI* __res
     __shared__ __align__(16) u16 sV[ATC_DQ_BK * LDK];
     __shared__ __align__(16) u16 sKt[D * LDT];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const u32 b = blockIdx.z, h = blockIdx.y, i0 = blockIdx.x * ATC_DQ_BQ;
+    // Query tiles last to first (the longest first, as the forward).
+    const u32 b = blockIdx.z, h = blockIdx.y, i0 = (gridDim.x - 1 - blockIdx.x) * ATC_DQ_BQ;
     if (i0 >= T) return;
     const u32 grp = h / (H / Hkv);
     const u64 ldq = (u64)H * D, ldk = (u64)Hkv * D;
