@@ -54,6 +54,17 @@ typedef unsigned long long u64;
 
 #define ATT_NEG_INF (-__int_as_float(0x7f800000))
 
+// The sequence `b`, head `hd` (of `pairs` per sequence) and tile of this
+// block under the launchers' grid (attention.rs causal_grid): x = a
+// chunk's (sequence, head) pairs, y = tile, z = chunk of gridDim.x / pairs
+// sequences; blocks start in index order, so a chunk's blocks run tile by
+// tile.
+__device__ __forceinline__ void att_block(u32 pairs, u32& b, u32& hd, u32& tile) {
+    b = blockIdx.z * (gridDim.x / pairs) + blockIdx.x / pairs;
+    hd = blockIdx.x % pairs;
+    tile = blockIdx.y;
+}
+
 __device__ __forceinline__ float att_warp_max(float x) {
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, off));
@@ -82,7 +93,7 @@ __device__ __forceinline__ void att_stage(float* sh, const float* __restrict__ b
     }
 }
 
-// Forward. grid = (⌈T/ATT_FQ⌉, H, B), block = ATT_THREADS. Warp w owns rows
+// Forward. grid = causal_grid over ⌈T/ATT_FQ⌉ tiles of H heads, block = ATT_THREADS. Warp w owns rows
 // i0 + 4w .. i0 + 4w + 3; in a key tile lane j scores key j0 + j, and lane
 // c holds acc columns c, c + 32, ... (ATT_DCH of them).
 extern "C" __global__ void __launch_bounds__(ATT_THREADS)
@@ -93,9 +104,10 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS)
     __shared__ float sv[ATT_FK * ATT_PAD];
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     // Query tiles last to first: under the causal mask the last rows see
-    // the most keys, so the longest blocks start first and the grid's tail
-    // is its shortest blocks (the scheduler starts blocks in index order).
-    const u32 b = blockIdx.z, h = blockIdx.y, i0 = (gridDim.x - 1 - blockIdx.x) * ATT_FQ;
+    // the most keys, so a chunk's longest blocks start first.
+    u32 b, h, tile;
+    att_block(H, b, h, tile);
+    const u32 i0 = (gridDim.y - 1 - tile) * ATT_FQ;
     if (i0 >= T) return;
     const u32 g = h / (H / Hkv);
     const u32 nrows = min((u32)ATT_FQ, T - i0);
@@ -259,7 +271,7 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS)
     }
 }
 
-// Backward, stage 2: dk, dv. grid = (⌈S/ATT_BK⌉, Hkv, B), block =
+// Backward, stage 2: dk, dv. grid = causal_grid over ⌈S/ATT_BK⌉ key tiles of Hkv heads, block =
 // ATT_THREADS. The block owns keys j0 .. j0+ATT_BK−1 of KV head g; it walks
 // the group's query heads in order and, per head, chunks of ATT_BR query rows
 // that see some key of the tile: thread t = r·ATT_BK + j scores pair (r, j)
@@ -276,7 +288,11 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS)
     __shared__ float sdo[ATT_BR * ATT_PAD];
     __shared__ float sp[ATT_BR][ATT_BK], sds[ATT_BR][ATT_BK];
     const u32 EPT = ATT_BK * ATT_DMAX / ATT_THREADS;
-    const u32 b = blockIdx.z, g = blockIdx.y, j0 = blockIdx.x * ATT_BK;
+    // Key tiles first to last: the first keys are seen by the most query
+    // rows, so a chunk's longest blocks start first.
+    u32 b, g, tile;
+    att_block(Hkv, b, g, tile);
+    const u32 j0 = tile * ATT_BK;
     if (j0 >= S) return;
     const u32 nk = min((u32)ATT_BK, S - j0);
     const u32 group = H / Hkv;
@@ -357,7 +373,7 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS)
     }
 }
 
-// Backward, stage 3: dq. grid = (⌈T/ATT_BQ⌉, H, B), block = ATT_THREADS.
+// Backward, stage 3: dq. grid = causal_grid over ⌈T/ATT_BQ⌉ tiles of H heads, block = ATT_THREADS.
 // Per key tile of ATT_BK keys: thread t scores pairs t and t + 128 of the
 // ATT_BQ × ATT_BK tile into shared dS (P and dS recomputed as in dkdv), then
 // each thread updates its ATT_BQ·ATT_DMAX / ATT_THREADS elements of dq in
@@ -374,7 +390,9 @@ extern "C" __global__ void __launch_bounds__(ATT_THREADS)
     const u32 EPT = ATT_BQ * ATT_DMAX / ATT_THREADS;
     const u32 PPT = ATT_BQ * ATT_BK / ATT_THREADS;
     // Query tiles last to first (the longest first, as the forward).
-    const u32 b = blockIdx.z, h = blockIdx.y, i0 = (gridDim.x - 1 - blockIdx.x) * ATT_BQ;
+    u32 b, h, tile;
+    att_block(H, b, h, tile);
+    const u32 i0 = (gridDim.y - 1 - tile) * ATT_BQ;
     if (i0 >= T) return;
     const u32 g = h / (H / Hkv);
     const u32 nrows = min((u32)ATT_BQ, T - i0);

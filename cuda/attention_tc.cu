@@ -95,6 +95,17 @@ __device__ __forceinline__ void atc_mma(float* c, u32 a0, u32 a1, u32 a2, u32 a3
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// The sequence `b`, head `hd` (of `pairs` per sequence) and tile of this
+// block under the launchers' grid (attention.rs causal_grid): x = a
+// chunk's (sequence, head) pairs, y = tile, z = chunk of gridDim.x / pairs
+// sequences; blocks start in index order, so a chunk's blocks run tile by
+// tile.
+__device__ __forceinline__ void atc_block(u32 pairs, u32& b, u32& hd, u32& tile) {
+    b = blockIdx.z * (gridDim.x / pairs) + blockIdx.x / pairs;
+    hd = blockIdx.x % pairs;
+    tile = blockIdx.y;
+}
+
 __device__ __forceinline__ float atc_quad_max(float x) {
     x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
     return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
@@ -152,7 +163,7 @@ __device__ __forceinline__ void atc_frag_rows(u32 (*fa)[4], const T* __restrict_
 }
 
 // ------------------------------------------------------------------ forward
-// grid = (⌈T/64⌉, H, B), block = 128. Warp w owns query rows i0+16w .. +15.
+// grid = causal_grid over ⌈T/64⌉ tiles of H heads, block = 128. Warp w owns query rows i0+16w .. +15.
 template <int D, typename TI, typename TO>
 __device__ __forceinline__ void atc_forward(const TI* __restrict__ q, const TI* __restrict__ k, const TI* __restrict__ v, u32 T, u32 H, u32 Hkv,
                                             u32 window, float scale, TO* __restrict__ o, float* __restrict__ lse) {
@@ -161,9 +172,10 @@ __device__ __forceinline__ void atc_forward(const TI* __restrict__ q, const TI* 
     __shared__ __align__(16) u16 sVt[D * LDV];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     // Query tiles last to first: under the causal mask the last rows see
-    // the most keys, so the longest blocks start first and the grid's tail
-    // is its shortest blocks (the scheduler starts blocks in index order).
-    const u32 b = blockIdx.z, h = blockIdx.y, i0 = (gridDim.x - 1 - blockIdx.x) * ATC_FWD_BQ;
+    // the most keys, so a chunk's longest blocks start first.
+    u32 b, h, tile;
+    atc_block(H, b, h, tile);
+    const u32 i0 = (gridDim.y - 1 - tile) * ATC_FWD_BQ;
     if (i0 >= T) return;
     const u32 grp = h / (H / Hkv);
     const u64 ldq = (u64)H * D, ldk = (u64)Hkv * D;
@@ -263,7 +275,7 @@ __device__ __forceinline__ void atc_forward(const TI* __restrict__ q, const TI* 
 }
 
 // ----------------------------------------------------------------------- dq
-// grid = (⌈T/64⌉, H, B), block = 128. Warp w owns query rows i0+16w .. +15.
+// grid = causal_grid over ⌈T/64⌉ tiles of H heads, block = 128. Warp w owns query rows i0+16w .. +15.
 template <int D, typename TI>
 __device__ __forceinline__ void atc_dq(const TI* __restrict__ q, const TI* __restrict__ k, const TI* __restrict__ v, const float* __restrict__ dout,
                                        const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale,
@@ -274,7 +286,9 @@ __device__ __forceinline__ void atc_dq(const TI* __restrict__ q, const TI* __res
     __shared__ __align__(16) u16 sKt[D * LDT];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
     // Query tiles last to first (the longest first, as the forward).
-    const u32 b = blockIdx.z, h = blockIdx.y, i0 = (gridDim.x - 1 - blockIdx.x) * ATC_DQ_BQ;
+    u32 b, h, tile;
+    atc_block(H, b, h, tile);
+    const u32 i0 = (gridDim.y - 1 - tile) * ATC_DQ_BQ;
     if (i0 >= T) return;
     const u32 grp = h / (H / Hkv);
     const u64 ldq = (u64)H * D, ldk = (u64)Hkv * D;
@@ -354,7 +368,7 @@ __device__ __forceinline__ void atc_dq(const TI* __restrict__ q, const TI* __res
 }
 
 // --------------------------------------------------------------------- dkdv
-// grid = (⌈T/64⌉, Hkv, B), block = 128, dynamic shared memory
+// grid = causal_grid over ⌈T/64⌉ key tiles of Hkv heads, block = 128, dynamic shared memory
 // atc_kv_smem(D) bytes. Warp w owns keys j0+16w .. +15; the block walks the
 // query rows of every head of its KV group that see its keys, 32 at a time.
 template <int D, typename TI>
@@ -372,7 +386,11 @@ __device__ __forceinline__ void atc_dkdv(const TI* __restrict__ q, const TI* __r
     float* sl = (float*)(sOt + D * LDT);    // [32] lse
     float* sd = sl + ATC_KV_BQ;             // [32] δ
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
-    const u32 b = blockIdx.z, grp = blockIdx.y, j0 = blockIdx.x * ATC_KV_BK;
+    // Key tiles first to last: the first keys are seen by the most query
+    // rows, so a chunk's longest blocks start first.
+    u32 b, grp, tile;
+    atc_block(Hkv, b, grp, tile);
+    const u32 j0 = tile * ATC_KV_BK;
     if (j0 >= T) return;
     const u32 per = H / Hkv;
     const u64 ldq = (u64)H * D, ldk = (u64)Hkv * D;

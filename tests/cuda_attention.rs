@@ -428,6 +428,14 @@ fn tensor_core_kernels_match_the_cpu() {
     assert_eq!(e.kind, lora::ErrorKind::Unsupported, "{e}");
 }
 
+/// The launchers' grids (`gatt::causal_grid`) of the query-tile kernels
+/// (forward, dq) and the key-tile kernels (dkdv), for a device of one
+/// multiprocessor: a chunk of as few sequences as fill two of its waves,
+/// so batches of several sequences take several chunks here.
+fn emu_grids(q_tiles: usize, k_tiles: usize, h: u32, hkv: u32, batch: usize) -> ((u32, u32, u32), (u32, u32, u32)) {
+    (gatt::causal_grid(1, q_tiles, h, batch).unwrap(), gatt::causal_grid(1, k_tiles, hkv, batch).unwrap())
+}
+
 // ------------------------------------------ tensor cores, CPU emulation
 
 const TC_EMU_ENTRY: &str = r#"
@@ -451,14 +459,14 @@ void emu_atc_dq(unsigned d, unsigned gx, unsigned gy, unsigned gz, const float* 
     });
 }
 // The bf16 form: forward, then δ from the bf16 o, then dk/dv and dq.
-void emu_atc_bf16io(unsigned d, unsigned gx, unsigned gy, unsigned gkv, unsigned gz, const u16* q, const u16* k, const u16* v, const float* dout, u32 T, u32 H, u32 Hkv, u32 w, float scale,
+void emu_atc_bf16io(unsigned d, unsigned gx, unsigned gy, unsigned gz, unsigned kx, unsigned ky, unsigned kz, u64 rows, const u16* q, const u16* k, const u16* v, const float* dout, u32 T, u32 H, u32 Hkv, u32 w, float scale,
                     u16* o, float* lse, float* delta, unsigned dgrid, float* dq, float* dk, float* dv) {
     emu_launch3(dim3{gx, gy, gz}, ATC_THREADS, [&] {
         if (d == 64) attention_tc_forward_d64_bf16io(q, k, v, T, H, Hkv, w, scale, o, lse);
         else attention_tc_forward_d128_bf16io(q, k, v, T, H, Hkv, w, scale, o, lse);
     });
-    emu_launch3(dim3{dgrid, 1, 1}, ATC_THREADS, [&] { attention_tc_delta_bf16o(dout, o, (u64)gz * T * H, d, delta); });
-    emu_launch3(dim3{gx, gkv, gz}, ATC_THREADS, [&] {
+    emu_launch3(dim3{dgrid, 1, 1}, ATC_THREADS, [&] { attention_tc_delta_bf16o(dout, o, rows, d, delta); });
+    emu_launch3(dim3{kx, ky, kz}, ATC_THREADS, [&] {
         if (d == 64) attention_tc_dkdv_d64_bf16io(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, dk, dv);
         else attention_tc_dkdv_d128_bf16io(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, dk, dv);
     });
@@ -473,7 +481,7 @@ void emu_atc_bf16io(unsigned d, unsigned gx, unsigned gy, unsigned gkv, unsigned
 type EmuFwd = unsafe extern "C" fn(u32, u32, u32, u32, *const f32, *const f32, *const f32, u32, u32, u32, u32, f32, *mut f32, *mut f32);
 type EmuDkdv = unsafe extern "C" fn(u32, u32, u32, u32, *const f32, *const f32, *const f32, *const f32, *const f32, *const f32, u32, u32, u32, u32, f32, *mut f32, *mut f32);
 type EmuDq = unsafe extern "C" fn(u32, u32, u32, u32, *const f32, *const f32, *const f32, *const f32, *const f32, *const f32, u32, u32, u32, u32, f32, *mut f32);
-type EmuBf16io = unsafe extern "C" fn(u32, u32, u32, u32, u32, *const u16, *const u16, *const u16, *const f32, u32, u32, u32, u32, f32, *mut u16, *mut f32, *mut f32, u32, *mut f32, *mut f32, *mut f32);
+type EmuBf16io = unsafe extern "C" fn(u32, u32, u32, u32, u32, u32, u32, u64, *const u16, *const u16, *const u16, *const f32, u32, u32, u32, u32, f32, *mut u16, *mut f32, *mut f32, u32, *mut f32, *mut f32, *mut f32);
 
 /// The tensor-core kernels compiled for the host (tests/common/emu.rs),
 /// launched with the launchers' grid shapes (64 query rows or keys per
@@ -491,7 +499,9 @@ fn emulated_tensor_core_kernels_match_the_cpu() {
     let (fwd, dkdv, dq): (EmuFwd, EmuDkdv, EmuDq) = unsafe { (*lib.get(b"emu_atc_forward").unwrap(), *lib.get(b"emu_atc_dkdv").unwrap(), *lib.get(b"emu_atc_dq").unwrap()) };
     // Small shapes (every CUDA thread is an OS thread here): partial and
     // whole tiles, groups 1 and 2, both head dims, windows.
-    let cases: &[(usize, usize, usize, usize, usize, Option<usize>)] = &[(1, 70, 2, 1, 64, None), (2, 19, 2, 2, 128, Some(7)), (1, 66, 4, 2, 64, Some(40))];
+    let cases: &[(usize, usize, usize, usize, usize, Option<usize>)] = &[(1, 70, 2, 1, 64, None), (2, 19, 2, 2, 128, Some(7)), (1, 66, 4, 2, 64, Some(40)), (3, 130, 2, 1, 64, None)];
+    // (the last: three chunks of one sequence each for the query-tile
+    // kernels, one of three for dkdv: emu_grids)
     let mut rng = Rng(75);
     for c in cases {
         let s = tc_shape(c);
@@ -500,18 +510,18 @@ fn emulated_tensor_core_kernels_match_the_cpu() {
             let w = s.window.unwrap_or(0) as u32;
             let scale = softmax_scale(s.head_dim);
             let (nq, nk) = (r.q.len(), r.k.len());
-            let tiles = s.q_len.div_ceil(64) as u32;
+            let (qg, kg) = emu_grids(s.q_len.div_ceil(64), s.kv_len.div_ceil(64), h, hkv, s.batch);
             let (mut o, mut lse) = (vec![f32::NAN; nq], vec![f32::NAN; nq / s.head_dim]);
             // SAFETY: buffers sized as the kernels index them ([B,T,H,D] and
             // [B,T,Hkv,D], lse [B,T,H]); grid as forward_tc launches.
-            unsafe { fwd(d, tiles, h, s.batch as u32, r.q.as_ptr(), r.k.as_ptr(), r.v.as_ptr(), t, h, hkv, w, scale, o.as_mut_ptr(), lse.as_mut_ptr()) };
+            unsafe { fwd(d, qg.0, qg.1, qg.2, r.q.as_ptr(), r.k.as_ptr(), r.v.as_ptr(), t, h, hkv, w, scale, o.as_mut_ptr(), lse.as_mut_ptr()) };
             // δ = rowsum(dO∘O) as attention_delta_f32 computes it (f32).
             let delta: Vec<f32> = r.dout.chunks(s.head_dim).zip(o.chunks(s.head_dim)).map(|(a, b)| a.iter().zip(b).map(|(x, y)| x * y).sum()).collect();
             let (mut gdq, mut gdk, mut gdv) = (vec![f32::NAN; nq], vec![f32::NAN; nk], vec![f32::NAN; nk]);
             // SAFETY: as above; grids as backward_tc launches them.
             unsafe {
-                dkdv(d, tiles, hkv, s.batch as u32, r.q.as_ptr(), r.k.as_ptr(), r.v.as_ptr(), r.dout.as_ptr(), lse.as_ptr(), delta.as_ptr(), t, h, hkv, w, scale, gdk.as_mut_ptr(), gdv.as_mut_ptr());
-                dq(d, tiles, h, s.batch as u32, r.q.as_ptr(), r.k.as_ptr(), r.v.as_ptr(), r.dout.as_ptr(), lse.as_ptr(), delta.as_ptr(), t, h, hkv, w, scale, gdq.as_mut_ptr());
+                dkdv(d, kg.0, kg.1, kg.2, r.q.as_ptr(), r.k.as_ptr(), r.v.as_ptr(), r.dout.as_ptr(), lse.as_ptr(), delta.as_ptr(), t, h, hkv, w, scale, gdk.as_mut_ptr(), gdv.as_mut_ptr());
+                dq(d, qg.0, qg.1, qg.2, r.q.as_ptr(), r.k.as_ptr(), r.v.as_ptr(), r.dout.as_ptr(), lse.as_ptr(), delta.as_ptr(), t, h, hkv, w, scale, gdq.as_mut_ptr());
             }
             (o, lse, gdq, gdk, gdv)
         });
@@ -552,7 +562,7 @@ fn emulated_tensor_core_bf16_form_matches_the_fp32_form() {
         let (qb, kb, vb) = (bits(&qf), bits(&kf), bits(&vf));
         let dout = rng.vec(nq, 1.0);
         let (qw, kw, vw) = (qf, kf, vf);
-        let tiles = s.q_len.div_ceil(64) as u32;
+        let (qg, kg) = emu_grids(s.q_len.div_ceil(64), s.kv_len.div_ceil(64), h, hkv, s.batch);
         let rows = nq / s.head_dim;
         // The bf16 form, whole: forward, δ, dk/dv, dq.
         let (mut ob, mut lb, mut delta) = (vec![0xFFFFu16; nq], vec![f32::NAN; rows], vec![f32::NAN; rows]);
@@ -560,16 +570,16 @@ fn emulated_tensor_core_bf16_form_matches_the_fp32_form() {
         let dgrid = rows.div_ceil(4).min(3) as u32; // fewer warps than rows: the grid-stride loop
         // SAFETY: buffers sized as the kernels index them; grids as the launchers'.
         unsafe {
-            io(d, tiles, h, hkv, s.batch as u32, qb.as_ptr(), kb.as_ptr(), vb.as_ptr(), dout.as_ptr(), t, h, hkv, w, scale, ob.as_mut_ptr(), lb.as_mut_ptr(), delta.as_mut_ptr(), dgrid, bdq.as_mut_ptr(), bdk.as_mut_ptr(), bdv.as_mut_ptr())
+            io(d, qg.0, qg.1, qg.2, kg.0, kg.1, kg.2, rows as u64, qb.as_ptr(), kb.as_ptr(), vb.as_ptr(), dout.as_ptr(), t, h, hkv, w, scale, ob.as_mut_ptr(), lb.as_mut_ptr(), delta.as_mut_ptr(), dgrid, bdq.as_mut_ptr(), bdk.as_mut_ptr(), bdv.as_mut_ptr())
         };
         // The fp32 form on the widened values, with the same δ.
         let (mut of, mut lf) = (vec![f32::NAN; nq], vec![f32::NAN; rows]);
         let (mut fdq, mut fdk, mut fdv) = (vec![f32::NAN; nq], vec![f32::NAN; nk], vec![f32::NAN; nk]);
         // SAFETY: as above.
         unsafe {
-            fwd(d, tiles, h, s.batch as u32, qw.as_ptr(), kw.as_ptr(), vw.as_ptr(), t, h, hkv, w, scale, of.as_mut_ptr(), lf.as_mut_ptr());
-            dkdv(d, tiles, hkv, s.batch as u32, qw.as_ptr(), kw.as_ptr(), vw.as_ptr(), dout.as_ptr(), lf.as_ptr(), delta.as_ptr(), t, h, hkv, w, scale, fdk.as_mut_ptr(), fdv.as_mut_ptr());
-            dq(d, tiles, h, s.batch as u32, qw.as_ptr(), kw.as_ptr(), vw.as_ptr(), dout.as_ptr(), lf.as_ptr(), delta.as_ptr(), t, h, hkv, w, scale, fdq.as_mut_ptr());
+            fwd(d, qg.0, qg.1, qg.2, qw.as_ptr(), kw.as_ptr(), vw.as_ptr(), t, h, hkv, w, scale, of.as_mut_ptr(), lf.as_mut_ptr());
+            dkdv(d, kg.0, kg.1, kg.2, qw.as_ptr(), kw.as_ptr(), vw.as_ptr(), dout.as_ptr(), lf.as_ptr(), delta.as_ptr(), t, h, hkv, w, scale, fdk.as_mut_ptr(), fdv.as_mut_ptr());
+            dq(d, qg.0, qg.1, qg.2, qw.as_ptr(), kw.as_ptr(), vw.as_ptr(), dout.as_ptr(), lf.as_ptr(), delta.as_ptr(), t, h, hkv, w, scale, fdq.as_mut_ptr());
         }
         assert_eq!(ob, bits(&of), "emulated tc bf16 form: o is not the fp32 o rounded");
         assert_eq!(fbits(&lb), fbits(&lf), "emulated tc bf16 form: lse");
@@ -598,11 +608,11 @@ extern "C" {
 void emu_att_fwd(unsigned gx, unsigned gy, unsigned gz, const float* q, const float* k, const float* v, u32 T, u32 S, u32 H, u32 Hkv, u32 D, u32 w, float scale, float* o, float* lse) {
     emu_launch3(dim3{gx, gy, gz}, ATT_THREADS, [&] { attention_forward_f32(q, k, v, T, S, H, Hkv, D, w, scale, o, lse); });
 }
-void emu_att_bwd(unsigned dgrid, unsigned kx, unsigned qx, unsigned H, unsigned Hkv, unsigned B, const float* q, const float* k, const float* v, const float* o, const float* dout, const float* lse,
-                 float* delta, u64 rows, u32 T, u32 S, u32 D, u32 w, float scale, float* dq, float* dk, float* dv) {
+void emu_att_bwd(unsigned dgrid, unsigned kx, unsigned ky, unsigned kz, unsigned qx, unsigned qy, unsigned qz, const float* q, const float* k, const float* v, const float* o, const float* dout, const float* lse,
+                 float* delta, u64 rows, u32 T, u32 S, u32 H, u32 Hkv, u32 D, u32 w, float scale, float* dq, float* dk, float* dv) {
     emu_launch(dgrid, ATT_THREADS, [&] { attention_delta_f32(dout, o, rows, D, delta); });
-    emu_launch3(dim3{kx, Hkv, B}, ATT_THREADS, [&] { attention_dkdv_f32(q, k, v, dout, lse, delta, T, S, H, Hkv, D, w, scale, dk, dv); });
-    emu_launch3(dim3{qx, H, B}, ATT_THREADS, [&] { attention_dq_f32(q, k, v, dout, lse, delta, T, S, H, Hkv, D, w, scale, dq); });
+    emu_launch3(dim3{kx, ky, kz}, ATT_THREADS, [&] { attention_dkdv_f32(q, k, v, dout, lse, delta, T, S, H, Hkv, D, w, scale, dk, dv); });
+    emu_launch3(dim3{qx, qy, qz}, ATT_THREADS, [&] { attention_dq_f32(q, k, v, dout, lse, delta, T, S, H, Hkv, D, w, scale, dq); });
 }
 void emu_att_delta(unsigned dgrid, const float* dout, const float* o, u64 rows, u32 D, float* delta) {
     emu_launch(dgrid, ATT_THREADS, [&] { attention_delta_f32(dout, o, rows, D, delta); });
@@ -614,7 +624,7 @@ void emu_att_decode(unsigned H, unsigned B, const float* q, const float* kc, con
 "#;
 
 type EmuAttFwd = unsafe extern "C" fn(u32, u32, u32, *const f32, *const f32, *const f32, u32, u32, u32, u32, u32, u32, f32, *mut f32, *mut f32);
-type EmuAttBwd = unsafe extern "C" fn(u32, u32, u32, u32, u32, u32, *const f32, *const f32, *const f32, *const f32, *const f32, *const f32, *mut f32, u64, u32, u32, u32, u32, f32, *mut f32, *mut f32, *mut f32);
+type EmuAttBwd = unsafe extern "C" fn(u32, u32, u32, u32, u32, u32, u32, *const f32, *const f32, *const f32, *const f32, *const f32, *const f32, *mut f32, u64, u32, u32, u32, u32, u32, u32, f32, *mut f32, *mut f32, *mut f32);
 type EmuAttDelta = unsafe extern "C" fn(u32, *const f32, *const f32, u64, u32, *mut f32);
 type EmuAttDecode = unsafe extern "C" fn(u32, u32, *const f32, *const f32, *const f32, *const u32, u32, u32, u32, u32, f32, *mut f32);
 
@@ -634,7 +644,7 @@ fn emulated_fp32_kernels_match_the_cpu() {
     // SAFETY: entry points built just above with these signatures.
     let (fwd, bwd, dec): (EmuAttFwd, EmuAttBwd, EmuAttDecode) = unsafe { (*lib.get(b"emu_att_fwd").unwrap(), *lib.get(b"emu_att_bwd").unwrap(), *lib.get(b"emu_att_decode").unwrap()) };
     let mut rng = Rng(76);
-    for c in &[(1usize, 21usize, 21usize, 4usize, 2usize, 32usize, None), (1, 5, 40, 2, 1, 64, Some(9)), (2, 17, 17, 2, 2, 48, Some(5))] {
+    for c in &[(1usize, 21usize, 21usize, 4usize, 2usize, 32usize, None), (1, 5, 40, 2, 1, 64, Some(9)), (2, 17, 17, 2, 2, 48, Some(5)), (3, 40, 40, 2, 1, 32, None)] {
         let s = shape(c);
         let r = reference(&mut rng, &s);
         let (t, sl, h, hkv, d) = (s.q_len as u32, s.kv_len as u32, s.n_heads as u32, s.n_kv_heads as u32, s.head_dim as u32);
@@ -642,16 +652,17 @@ fn emulated_fp32_kernels_match_the_cpu() {
         let scale = softmax_scale(s.head_dim);
         let (nq, nk) = (r.q.len(), r.k.len());
         let (mut o, mut lse) = (vec![f32::NAN; nq], vec![f32::NAN; nq / s.head_dim]);
+        let (qg, kg) = emu_grids(s.q_len.div_ceil(16), s.kv_len.div_ceil(16), h, hkv, s.batch);
         // SAFETY: buffers as the kernels index them; grid as forward launches.
-        unsafe { fwd(s.q_len.div_ceil(16) as u32, h, s.batch as u32, r.q.as_ptr(), r.k.as_ptr(), r.v.as_ptr(), t, sl, h, hkv, d, w, scale, o.as_mut_ptr(), lse.as_mut_ptr()) };
+        unsafe { fwd(qg.0, qg.1, qg.2, r.q.as_ptr(), r.k.as_ptr(), r.v.as_ptr(), t, sl, h, hkv, d, w, scale, o.as_mut_ptr(), lse.as_mut_ptr()) };
         check_rows("emulated attention o", &o, &r.o, s.head_dim);
         assert!(rel_err(&o, &r.o) <= 1e-5 && rel_err(&lse, &r.lse) <= 1e-5, "emulated fp32 forward: o {:e}, lse {:e}", rel_err(&o, &r.o), rel_err(&lse, &r.lse));
         let rows = (s.batch * s.q_len * s.n_heads) as u64;
         let (mut delta, mut dq, mut dk, mut dv) = (vec![f32::NAN; rows as usize], vec![f32::NAN; nq], vec![f32::NAN; nk], vec![f32::NAN; nk]);
         // SAFETY: as above, with the CPU's o and lse as the GPU test uses.
         unsafe {
-            bwd((rows.div_ceil(4)).clamp(1, 1 << 16) as u32, s.kv_len.div_ceil(16) as u32, s.q_len.div_ceil(16) as u32, h, hkv, s.batch as u32,
-                r.q.as_ptr(), r.k.as_ptr(), r.v.as_ptr(), r.o.as_ptr(), r.dout.as_ptr(), r.lse.as_ptr(), delta.as_mut_ptr(), rows, t, sl, d, w, scale,
+            bwd((rows.div_ceil(4)).clamp(1, 1 << 16) as u32, kg.0, kg.1, kg.2, qg.0, qg.1, qg.2,
+                r.q.as_ptr(), r.k.as_ptr(), r.v.as_ptr(), r.o.as_ptr(), r.dout.as_ptr(), r.lse.as_ptr(), delta.as_mut_ptr(), rows, t, sl, h, hkv, d, w, scale,
                 dq.as_mut_ptr(), dk.as_mut_ptr(), dv.as_mut_ptr())
         };
         for (what, got, want) in [("dq", &dq, &r.dq), ("dk", &dk, &r.dk), ("dv", &dv, &r.dv)] {

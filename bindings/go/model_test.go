@@ -130,22 +130,22 @@ func TestFineTune(t *testing.T) {
 		}
 		losses = append(losses, r.Loss)
 	}
-	// Micro-batches of one with checkpointing: the same batch trains on.
-	must(t, tr.SetBatching(1, true))
-	r, err := tr.Step(ids, nil, batch, seq)
-	must(t, err)
-	if r.Step != 6 || !(r.Loss < losses[4]) {
-		t.Errorf("micro-batched step %+v after losses %v", r, losses)
-	}
-	if err := tr.SetBatching(-1, false); err == nil {
-		t.Errorf("SetBatching(-1) accepted")
-	}
 	mem, err := m.Memory(tr)
 	must(t, err)
 	if mem.Optimizer == 0 || mem.BaseQuantized == 0 {
 		t.Errorf("memory %+v", mem)
 	}
 	must(t, tr.Save(filepath.Join(dir, "ckpt")))
+	// Micro-batches of one with checkpointing: the same batch trains on.
+	must(t, tr.SetBatching(1, true))
+	mr, err := tr.Step(ids, nil, batch, seq)
+	must(t, err)
+	if mr.Step != 6 || !(mr.Loss < losses[4]) {
+		t.Errorf("micro-batched step %+v after losses %v", mr, losses)
+	}
+	if err := tr.SetBatching(-1, false); err == nil {
+		t.Errorf("SetBatching(-1) accepted")
+	}
 	// A GPU or its absence, stated; the CPU is always there.
 	if err := tr.UseDevice(0, ComputeBF16); err != nil {
 		wantStatus(t, err, ErrCudaUnavailable, "UseDevice(0) without a GPU")

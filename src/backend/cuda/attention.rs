@@ -116,6 +116,44 @@ fn check_shape(s: &AttnShape) -> Result<(u32, u32, u32, u32, u32, u32)> {
     Ok((dim32(s.q_len, "q_len")?, dim32(s.kv_len, "kv_len")?, s.n_heads as u32, s.n_kv_heads as u32, s.head_dim as u32, w))
 }
 
+/// The launch grid of a causal attention kernel over `tiles` tiles (of
+/// query rows or keys) of each of `pairs` heads (query heads, or KV heads
+/// for the dkdv kernels) of `batch` sequences: `(bc·pairs, tiles,
+/// batch / bc)`, `bc` sequences per chunk (a divisor of `batch`). The
+/// kernels read block `(x, y, z)` as sequence `z·bc + x / pairs`, head
+/// `x mod pairs` and tile `y` (the dkdv kernels: key tile `y`, the
+/// longest first) or `tiles − 1 − y` (forward and dq: the last query
+/// rows, which see the most keys, first). The scheduler starts blocks in
+/// index order, so a chunk runs its longest blocks first and the grid ends
+/// on short ones, not on whichever (sequence, head) came last; a chunk
+/// holds about two waves of blocks of the device (`bc` from its
+/// multiprocessors, at 4 blocks each), so the keys and values it reads
+/// stay those of a few sequences.
+pub fn causal_grid(multiprocessors: u32, tiles: usize, pairs: u32, batch: usize) -> Result<(u32, u32, u32)> {
+    if tiles > 65535 {
+        bail!(InvalidShape, "attention: {tiles} tiles per head exceed the grid limit 65535 (sequence too long)");
+    }
+    if batch == 0 || tiles == 0 || pairs == 0 {
+        return Ok((pairs.max(1), tiles.max(1) as u32, batch.max(1) as u32));
+    }
+    let per_seq = pairs as usize * tiles;
+    let want = (2 * 4 * multiprocessors as usize).div_ceil(per_seq).clamp(1, batch);
+    let bc = (1..=want).rev().find(|&d| batch.is_multiple_of(d)).unwrap_or(1);
+    let x = bc * pairs as usize;
+    if x > i32::MAX as usize || batch / bc > 65535 {
+        bail!(InvalidShape, "attention: batch {batch} × {pairs} heads exceed the grid limits");
+    }
+    Ok((x as u32, tiles as u32, (batch / bc) as u32))
+}
+
+/// A launch configuration of `grid` (x, y, z) without dynamic shared
+/// memory.
+fn grid_cfg((x, y, z): (u32, u32, u32), threads: u32) -> cudarc::driver::LaunchConfig {
+    let mut cfg = launch_cfg((x, y), threads);
+    cfg.grid_dim.2 = z;
+    cfg
+}
+
 /// Lengths and streams of a forward's buffers.
 fn check_forward_args<T>(dev: &CudaDevice, q: &CudaView<'_, T>, k: &CudaView<'_, T>, v: &CudaView<'_, T>, s: &AttnShape, o: &CudaViewMut<'_, T>, lse: &CudaViewMut<'_, f32>) -> Result<()> {
     check_len(q.len(), &q_dims(s), "q")?;
@@ -186,10 +224,9 @@ pub fn forward(
     let scale = softmax_scale(s.head_dim);
     let name = "attention_forward_f32";
     let f = dev.function(&ATTENTION_CU, name)?;
-    let mut cfg = launch_cfg((s.q_len.div_ceil(ATT_FQ) as u32, h), ATT_THREADS);
-    cfg.grid_dim.2 = s.batch as u32;
-    // SAFETY: (ptr ×3, u32 ×7, f32, ptr ×2) as the kernel. Block (x, h, b)
-    // reads rows < T of q (head h), rows < S of k, v (head h/(H/Hkv) < Hkv)
+    let cfg = grid_cfg(causal_grid(dev.multiprocessors, s.q_len.div_ceil(ATT_FQ), h, s.batch)?, ATT_THREADS);
+    // SAFETY: (ptr ×3, u32 ×7, f32, ptr ×2) as the kernel. The block of
+    // (b, h, tile) (causal_grid) reads rows < T of q (head h), rows < S of k, v (head h/(H/Hkv) < Hkv)
     // and writes rows < T of o and lse: all lengths checked above.
     launch_kernel!(dev, f, name, cfg, [q, k, v, &t, &sl, &h, &hkv, &d, &w, &scale, o, lse])
 }
@@ -225,9 +262,9 @@ pub fn backward<O: TcElem>(
     let delta = delta_async(dev, o, dout, s, d)?;
     let name = "attention_dkdv_f32";
     let f = dev.function(&ATTENTION_CU, name)?;
-    let mut cfg = launch_cfg((s.kv_len.div_ceil(ATT_BK) as u32, hkv), ATT_THREADS);
-    cfg.grid_dim.2 = s.batch as u32;
-    // SAFETY: (ptr ×6, u32 ×7, f32, ptr ×2). Block (x, g, b) reads keys
+    let cfg = grid_cfg(causal_grid(dev.multiprocessors, s.kv_len.div_ceil(ATT_BK), hkv, s.batch)?, ATT_THREADS);
+    // SAFETY: (ptr ×6, u32 ×7, f32, ptr ×2). The block of (b, g, key tile)
+    // (causal_grid) reads keys
     // < S of k, v (head g < Hkv), rows < T of q, dout (heads of group g < H),
     // lse and delta at those rows, and writes its keys' rows of dk, dv:
     // lengths checked above, delta has B·T·H elements.
@@ -237,9 +274,9 @@ pub fn backward<O: TcElem>(
     }
     let name = "attention_dq_f32";
     let f = dev.function(&ATTENTION_CU, name)?;
-    let mut cfg = launch_cfg((s.q_len.div_ceil(ATT_BQ) as u32, h), ATT_THREADS);
-    cfg.grid_dim.2 = s.batch as u32;
-    // SAFETY: (ptr ×6, u32 ×7, f32, ptr). Block (x, h, b) reads rows < T
+    let cfg = grid_cfg(causal_grid(dev.multiprocessors, s.q_len.div_ceil(ATT_BQ), h, s.batch)?, ATT_THREADS);
+    // SAFETY: (ptr ×6, u32 ×7, f32, ptr). The block of (b, h, tile)
+    // (causal_grid) reads rows < T
     // of q, dout, lse, delta (head h), keys < S of k, v (head h/(H/Hkv)),
     // and writes its rows of dq: lengths checked above.
     launch_kernel!(dev, f, name, cfg, [q, k, v, dout, lse, &delta, &t, &sl, &h, &hkv, &d, &w, &scale, dq])
@@ -365,10 +402,9 @@ pub fn forward_tc<T: TcElem>(dev: &CudaDevice, q: &CudaView<'_, T>, k: &CudaView
     let scale = softmax_scale(s.head_dim);
     let name = T::KERNELS[usize::from(d == 128)][0];
     let f = dev.function(&ATTENTION_TC_CU, name)?;
-    let mut cfg = launch_cfg((s.q_len.div_ceil(ATC_ROWS) as u32, h), ATC_THREADS);
-    cfg.grid_dim.2 = s.batch as u32;
-    // SAFETY: (ptr ×3, u32 ×5, f32, ptr ×2) as the kernel. Block (x, h, b)
-    // reads rows < T of q (head h) and of k, v (head h/(H/Hkv)), writes its
+    let cfg = grid_cfg(causal_grid(dev.multiprocessors, s.q_len.div_ceil(ATC_ROWS), h, s.batch)?, ATC_THREADS);
+    // SAFETY: (ptr ×3, u32 ×5, f32, ptr ×2) as the kernel. The block of
+    // (b, h, tile) (causal_grid) reads rows < T of q (head h) and of k, v (head h/(H/Hkv)), writes its
     // rows < T of o and lse: lengths checked above; pair accesses (float2,
     // or two bf16 as one u32) are aligned (D even, buffers checked above).
     launch_kernel!(dev, f, name, cfg, [q, k, v, &t, &h, &hkv, &w, &scale, o, lse])
@@ -412,19 +448,19 @@ pub fn backward_tc<T: TcElem>(
         f.set_attribute(cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
             .map_err(|e| super::cu_err(&format!("cuFuncSetAttribute({name}, MAX_DYNAMIC_SHARED_SIZE_BYTES = {smem})"), e))
     })?;
-    let mut cfg = launch_cfg((s.kv_len.div_ceil(ATC_ROWS) as u32, hkv), ATC_THREADS);
-    cfg.grid_dim.2 = s.batch as u32;
+    let mut cfg = grid_cfg(causal_grid(dev.multiprocessors, s.kv_len.div_ceil(ATC_ROWS), hkv, s.batch)?, ATC_THREADS);
     cfg.shared_mem_bytes = smem;
-    // SAFETY: (ptr ×6, u32 ×4, f32, ptr ×2). Block (x, g, b) reads keys < T
+    // SAFETY: (ptr ×6, u32 ×4, f32, ptr ×2). The block of (b, g, key tile)
+    // (causal_grid) reads keys < T
     // of k, v (head g), rows < T of q, dout, lse, delta (heads of group g),
     // writes its keys' rows of dk, dv; dynamic shared memory as the kernel
     // lays it out (atc_dkdv_smem).
     launch_kernel!(dev, f, name, cfg, [q, k, v, dout, lse, &delta, &t, &h, &hkv, &w, &scale, dk, dv])?;
     let name = T::KERNELS[usize::from(d == 128)][2];
     let f = dev.function(&ATTENTION_TC_CU, name)?;
-    let mut cfg = launch_cfg((s.q_len.div_ceil(ATC_ROWS) as u32, h), ATC_THREADS);
-    cfg.grid_dim.2 = s.batch as u32;
-    // SAFETY: (ptr ×6, u32 ×4, f32, ptr). Block (x, h, b) reads rows < T of
+    let cfg = grid_cfg(causal_grid(dev.multiprocessors, s.q_len.div_ceil(ATC_ROWS), h, s.batch)?, ATC_THREADS);
+    // SAFETY: (ptr ×6, u32 ×4, f32, ptr). The block of (b, h, tile)
+    // (causal_grid) reads rows < T of
     // q, dout, lse, delta (head h) and keys < T of k, v, writes its rows of
     // dq: lengths checked above.
     launch_kernel!(dev, f, name, cfg, [q, k, v, dout, lse, &delta, &t, &h, &hkv, &w, &scale, dq])
@@ -482,6 +518,23 @@ pub fn decode(
 
 #[cfg(test)]
 mod tests {
+    /// Every (sequence, head, tile) has exactly one block: chunks of whole
+    /// sequences (a divisor of the batch), about two waves of a device's
+    /// blocks each; too many tiles are refused.
+    #[test]
+    fn causal_grid_covers_each_block_once() {
+        for (sms, tiles, pairs, batch) in [(132, 16, 32, 4), (132, 64, 32, 4), (132, 16, 8, 4), (4, 3, 2, 3), (1, 1, 2, 2), (132, 1, 1, 7), (108, 5, 12, 6)] {
+            let (x, y, z) = super::causal_grid(sms, tiles, pairs, batch).unwrap();
+            let bc = x as usize / pairs as usize;
+            assert_eq!((x as usize % pairs as usize, y as usize, z as usize * bc), (0, tiles, batch), "{sms} SMs, {tiles} tiles, {pairs} heads, batch {batch}: grid ({x}, {y}, {z})");
+            // A chunk fills two waves of 4 blocks per multiprocessor, unless
+            // the batch (or its divisors) is too small for it.
+            let want = (8 * sms as usize).div_ceil(pairs as usize * tiles).min(batch);
+            assert!(bc <= want && (bc == want || batch % want != 0), "{sms} SMs, {tiles} tiles, {pairs} heads, batch {batch}: {bc} sequences per chunk");
+        }
+        assert_eq!(super::causal_grid(132, 65536, 32, 1).unwrap_err().kind, crate::ErrorKind::InvalidShape);
+    }
+
     /// The launcher's tile constants are the kernel's.
     #[test]
     fn launch_constants_match_the_kernel() {

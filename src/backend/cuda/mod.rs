@@ -100,6 +100,8 @@ pub struct CudaDevice {
     pub name: String,
     pub ordinal: usize,
     pub compute_capability: (i32, i32),
+    /// Streaming multiprocessors (launch grids are sized by them).
+    pub multiprocessors: u32,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
 }
@@ -390,7 +392,19 @@ pub fn open(ordinal: usize) -> Result<CudaDevice> {
         let stream = ctx.new_stream().map_err(|e| cu_err("cuStreamCreate", e))?;
         let name = ctx.name().map_err(|e| err!(Cuda, "cuDeviceGetName: {e:?}"))?;
         let cc = ctx.compute_capability().map_err(|e| err!(Cuda, "cuDeviceGetAttribute(compute capability): {e:?}"))?;
-        Ok(CudaDevice { ctx, stream, name, ordinal, compute_capability: cc, modules: Mutex::new(HashMap::new()), functions: Mutex::new(HashMap::new()) })
+        let sms = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| err!(Cuda, "cuDeviceGetAttribute(multiprocessor count): {e:?}"))?;
+        Ok(CudaDevice {
+            ctx,
+            stream,
+            name,
+            ordinal,
+            compute_capability: cc,
+            multiprocessors: sms.max(1) as u32,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+        })
     }));
     match r {
         Ok(r) => r,
