@@ -139,6 +139,7 @@ fn run() -> lora::Result<()> {
         let (gemms, flops) = hooks.work();
         let (big_s, small_s, big_b, small_b) = hooks.roofline();
         let syncs = hooks.syncs(detail);
+        let tiled = hooks.shapes(detail);
         println!(
             "  {name:<34} peak pool {:6.2} GiB = {:5.2} GiB resident (weights, adapter, AdamW state) + {:5.2} GiB for the step; {gemms} products, {:.2} TFLOP",
             peak as f64 / GIB,
@@ -147,12 +148,13 @@ fn run() -> lora::Result<()> {
             flops as f64 / 1e12
         );
         println!(
-            "    products' H100 roofline: >= {:.1} ms (large {:.1} ms, {:.1} GB; rank-sized {:.1} ms, {:.1} GB); the host waited for the device {syncs} times",
+            "    products' H100 roofline: >= {:.1} ms (large {:.1} ms, {:.1} GB; rank-sized {:.1} ms, {:.1} GB; {:.1} ms with 128x128 tiles in whole waves); the host waited for the device {syncs} times",
             (big_s + small_s) * 1e3,
             big_s * 1e3,
             big_b / 1e9,
             small_s * 1e3,
-            small_b / 1e9
+            small_b / 1e9,
+            tiled * 1e3
         );
         if detail {
             hooks.peak_report();
@@ -172,6 +174,7 @@ struct Hooks {
     set_roofline: unsafe extern "C" fn(f64, f64, f64),
     roofline: unsafe extern "C" fn(*mut f64, *mut f64, *mut f64, *mut f64, i32),
     syncs: unsafe extern "C" fn(i32, i32) -> u64,
+    shapes: unsafe extern "C" fn(i32, i32) -> f64,
 }
 
 impl Hooks {
@@ -187,6 +190,7 @@ impl Hooks {
                 set_roofline: *this.get(b"lora_fakecublas_set_roofline").expect("the emulated cuBLAS's roofline"),
                 roofline: *this.get(b"lora_fakecublas_roofline").expect("the emulated cuBLAS's roofline"),
                 syncs: *this.get(b"lora_fakecuda_sync_report").expect("the emulated driver's synchronization count"),
+                shapes: *this.get(b"lora_fakecublas_shape_report").expect("the emulated cuBLAS's products by shape"),
             }
         }
     }
@@ -202,6 +206,14 @@ impl Hooks {
         self.roofline();
         self.launches(false);
         self.syncs(false);
+        self.shapes(false);
+    }
+
+    /// The products' roofline time with tile quantization since the last
+    /// reset (with `print`, by shape, to stderr); it starts again.
+    fn shapes(&self, print: bool) -> f64 {
+        // SAFETY: see find.
+        unsafe { (self.shapes)(print as i32, 1) }
     }
 
     /// The calls that made the host wait for the device since the last

@@ -13,6 +13,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <algorithm>
+#include <map>
+#include <tuple>
+#include <vector>
 
 typedef int cublasStatus_t;
 enum { OK = 0, NOT_INITIALIZED = 1, INVALID_VALUE = 7, NOT_SUPPORTED = 15 };
@@ -31,6 +35,19 @@ static unsigned long long gemm_calls, gemm_flops;
 static std::mutex rf_mu;
 static double rf_peak_bf16, rf_peak_f32, rf_bw;
 static double rf_big_s, rf_small_s, rf_small_bytes, rf_bytes;
+// The same by product shape (m, n, k, operand and output bytes, reads C):
+// calls, roofline seconds, and seconds with tile quantization (a
+// product's 128x128 output tiles in whole waves over the card's RF_SMS
+// multiprocessors, K split when the tiles are fewer than them: a product
+// whose tiles just miss a whole wave leaves multiprocessors idle).
+struct Shape {
+    int m, n, k, op, cb, reads_c;
+    bool operator<(const Shape& o) const { return std::tie(m, n, k, op, cb, reads_c) < std::tie(o.m, o.n, o.k, o.op, o.cb, o.reads_c); }
+};
+struct ShapeCost { unsigned long long calls = 0; double s = 0, tiled_s = 0; };
+static std::map<Shape, ShapeCost> rf_shapes;
+static double rf_tiled_s;
+static constexpr int RF_SMS = 132, RF_TILE = 128;
 
 static float bf16_to_f32(uint16_t b) { uint32_t u = uint32_t(b) << 16; float f; std::memcpy(&f, &u, 4); return f; }
 static uint16_t f32_to_bf16(float f) {
@@ -91,6 +108,29 @@ void lora_fakecublas_set_roofline(double peak_bf16, double peak_f32, double byte
 // Test hook (not cuBLAS API): the estimate since the last call with
 // `reset`: seconds of the large and of the rank-sized products, and the
 // bytes each group moves.
+// (The tile model: a lower bound too, but with the waves' idle
+// multiprocessors; split-K's reduction is not counted.)
+// Test hook (not cuBLAS API): the products since the last reset by shape
+// (cuBLAS's column-major m, n, k), the costliest with tile quantization
+// first, to stderr with `print`; returns the sum with tile quantization
+// (seconds). `reset` clears them.
+double lora_fakecublas_shape_report(int print, int reset) {
+    std::lock_guard<std::mutex> g(rf_mu);
+    if (print) {
+        std::vector<std::pair<Shape, ShapeCost>> v(rf_shapes.begin(), rf_shapes.end());
+        std::sort(v.begin(), v.end(), [](auto& a, auto& b) { return a.second.tiled_s > b.second.tiled_s; });
+        std::fprintf(stderr, "    products by shape (roofline; with %dx%d tiles in waves over %d SMs), costliest first:\n", RF_TILE, RF_TILE, RF_SMS);
+        for (size_t i = 0; i < v.size() && i < 24; i++) {
+            auto& [sh, c] = v[i];
+            std::fprintf(stderr, "      %5llu x m %6d n %6d k %6d  %s->%s%s  %7.2f ms  tiled %7.2f ms\n", c.calls, sh.m, sh.n, sh.k, sh.op == 2 ? "bf16" : "f32", sh.cb == 2 ? "bf16" : "f32",
+                         sh.reads_c ? " +C" : "   ", c.s * 1e3, c.tiled_s * 1e3);
+        }
+    }
+    const double t = rf_tiled_s;
+    if (reset) rf_shapes.clear(), rf_tiled_s = 0;
+    return t;
+}
+
 void lora_fakecublas_roofline(double* big_s, double* small_s, double* big_bytes, double* small_bytes, int reset) {
     std::lock_guard<std::mutex> g(rf_mu);
     *big_s = rf_big_s, *small_s = rf_small_s, *big_bytes = rf_bytes, *small_bytes = rf_small_bytes;
@@ -120,9 +160,20 @@ cublasStatus_t cublasGemmEx(void*, int ta, int tb, int m, int n, int k, const vo
             const bool reads_c = *static_cast<const float*>(beta) != 0.0f;
             const double bytes = op * ((double)m * k + (double)k * n) + cb * (double)m * n * (reads_c ? 2 : 1);
             const double flops = 2.0 * m * n * k, peak = at == R_16BF ? rf_peak_bf16 : rf_peak_f32;
-            const double t = std::fmax(peak > 0 ? flops / peak : 0.0, bytes / rf_bw);
+            const double tc = peak > 0 ? flops / peak : 0.0, t = std::fmax(tc, bytes / rf_bw);
             if (m <= 128 || n <= 128 || k <= 128) rf_small_s += t, rf_small_bytes += bytes;
             else rf_big_s += t, rf_bytes += bytes;
+            const double tiles = std::ceil(m / double(RF_TILE)) * std::ceil(n / double(RF_TILE));
+            // Fewer tiles than multiprocessors: K split over them (as
+            // cuBLAS's split-K does, in parts of at least 128).
+            const double split = tiles >= RF_SMS ? 1.0 : std::fmax(1.0, std::fmin(std::floor(RF_SMS / tiles), std::floor(k / 128.0)));
+            const double waves = std::ceil(tiles * split / RF_SMS);
+            // Each wave: one tile (of K / split) per multiprocessor, at its
+            // share of the peak.
+            const double tiled = std::fmax(waves * 2.0 * RF_TILE * RF_TILE * (k / split) / (peak / RF_SMS), t);
+            rf_tiled_s += tiled;
+            ShapeCost& c = rf_shapes[Shape{m, n, k, int(op), int(cb), reads_c}];
+            c.calls++, c.s += t, c.tiled_s += tiled;
         }
     }
     static const bool count_only = [] { const char* v = std::getenv("LORA_FAKECUDA_COUNT_ONLY"); return v && std::strcmp(v, "1") == 0; }();
