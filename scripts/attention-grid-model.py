@@ -60,7 +60,7 @@ def main():
     # (name, rows per tile, heads, blocks per SM, work of tile t, query tiles?)
     t64, t16 = seq // 64, seq // 16
     for name, rows, pairs, per_sm, work, q in [
-        ("tensor-core forward", 64, heads, 4, lambda t: t + 1, True),
+        ("tensor-core forward", 64, heads, 3, lambda t: t + 1, True),
         ("tensor-core dq", 64, heads, 3, lambda t: t + 1, True),
         ("tensor-core dkdv", 64, kv, 3, lambda t: group * (t64 - t), False),
         ("fp32 forward", 16, heads, 5, lambda t: (t * 16 + 16 + 31) // 32, True),
