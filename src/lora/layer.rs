@@ -130,10 +130,11 @@ pub struct LoraLayer {
 }
 
 fn check_finite(v: &[f32], what: &str) -> Result<()> {
-    if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-        bail!(NonFinite, "{what}[{i}] is {}", v[i]);
+    if crate::backend::cpu::reduce::all_finite(v) {
+        return Ok(());
     }
-    Ok(())
+    let i = v.iter().position(|x| !x.is_finite()).expect("all_finite found one");
+    bail!(NonFinite, "{what}[{i}] is {}", v[i])
 }
 
 /// `m·s` for an adapter and its multiplier.
@@ -582,11 +583,12 @@ impl LoraLayer {
         }
     }
 
-    /// `dx (+)= dy·W` through the base weight; `dy: [n,out]`, `dx: [n,in]`.
-    fn base_backward(&self, dy: &[f32], n: usize, dx: &mut [f32]) {
+    /// `dx = dy·W` (`+=` when `accumulate`) through the base weight;
+    /// `dy: [n,out]`, `dx: [n,in]`.
+    fn base_backward(&self, dy: &[f32], n: usize, dx: &mut [f32], accumulate: bool) {
         let (in_f, out_f) = (self.in_f, self.out_f);
         match &self.base {
-            Base::Dense(w) => gemm_f32(dx, in_f, Mat::n(dy, out_f), Mat::n(w, in_f), n, in_f, out_f, 1.0, false, true),
+            Base::Dense(w) => gemm_f32(dx, in_f, Mat::n(dy, out_f), Mat::n(w, in_f), n, in_f, out_f, 1.0, accumulate, true),
             Base::Nf4 { t } => {
                 let rows = (TILE_ELEMS / in_f).clamp(1, out_f);
                 let mut tile = vec![0f32; rows * in_f];
@@ -594,7 +596,7 @@ impl LoraLayer {
                     let o1 = (o0 + rows).min(out_f);
                     let tw = &mut tile[..(o1 - o0) * in_f];
                     dequant_par(t, o0 * in_f, tw);
-                    gemm_f32(dx, in_f, Mat::n(&dy[o0..], out_f), Mat::n(tw, in_f), n, in_f, o1 - o0, 1.0, o0 > 0, true);
+                    gemm_f32(dx, in_f, Mat::n(&dy[o0..], out_f), Mat::n(tw, in_f), n, in_f, o1 - o0, 1.0, accumulate || o0 > 0, true);
                 }
             }
         }
@@ -730,6 +732,13 @@ impl LoraLayer {
     /// adapters that took part (and the bias gradient if trainable). The
     /// base is never modified. Needs the layer unmerged.
     pub fn backward(&mut self, x: &[f32], dy: &[f32], n: usize, dx: Option<&mut [f32]>) -> Result<()> {
+        self.backward_into(x, dy, n, dx, false)
+    }
+
+    /// [`backward`](Self::backward), adding the input gradient into `dx`
+    /// when `accumulate` (a model summing the gradients of the modules that
+    /// read one input: q, k and v; gate and up) instead of overwriting it.
+    pub fn backward_into(&mut self, x: &[f32], dy: &[f32], n: usize, dx: Option<&mut [f32]>, accumulate: bool) -> Result<()> {
         self.check_rows(x, n, dy.len())?;
         check_finite(dy, "dy")?;
         if self.is_merged() {
@@ -749,7 +758,7 @@ impl LoraLayer {
         let (in_f, out_f) = (self.in_f, self.out_f);
         let mut dx = dx;
         if let Some(d) = dx.as_deref_mut() {
-            self.base_backward(dy, n, d);
+            self.base_backward(dy, n, d, accumulate);
         }
         if let Some(gb) = self.grad_bias.as_mut() {
             for row in dy.chunks(out_f) {
@@ -774,15 +783,22 @@ impl LoraLayer {
             gemm_f32(&mut h, r, Mat::n(&xin, in_f), Mat::t(&ad.a, in_f), k, r, in_f, 1.0, false, true);
             let mut g = vec![0f32; k * r];
             gemm_f32(&mut g, r, Mat::n(&dyg, out_f), Mat::n(&ad.b, r), k, r, out_f, 1.0, false, true);
-            let mut gdx = if dx.is_some() { vec![0f32; k * in_f] } else { Vec::new() };
-            if dx.is_some() {
+            let (p, seed, call, train) = (ad.dropout, ad.seed, rec.call, rec.train);
+            // All rows, no dropout mask: dx += s·(g·A) in the product itself.
+            let direct = rows.is_none() && !(train && p > 0.0);
+            if direct {
+                if let Some(d) = dx.as_deref_mut() {
+                    gemm_f32(d, in_f, Mat::n(&g, r), Mat::n(&ad.a, in_f), k, in_f, r, s, true, true);
+                }
+            }
+            let mut gdx = if dx.is_some() && !direct { vec![0f32; k * in_f] } else { Vec::new() };
+            if dx.is_some() && !direct {
                 gemm_f32(&mut gdx, in_f, Mat::n(&g, r), Mat::n(&ad.a, in_f), k, in_f, r, 1.0, false, true);
             }
-            let (p, seed, call, train) = (ad.dropout, ad.seed, rec.call, rec.train);
             let ad = &mut self.adapters[i];
             gemm_f32(&mut ad.grad_b, r, Mat::t(&dyg, out_f), Mat::n(&h, r), out_f, r, k, s, true, true);
             gemm_f32(&mut ad.grad_a, in_f, Mat::t(&g, r), Mat::n(&xin, in_f), r, in_f, k, s, true, true);
-            if let Some(d) = dx.as_deref_mut() {
+            if let (Some(d), false) = (dx.as_deref_mut(), direct) {
                 let keep = if train && p > 0.0 { 1.0 / (1.0 - p) } else { 1.0 };
                 for j in 0..k {
                     let row = rows.as_ref().map_or(j, |v| v[j]);

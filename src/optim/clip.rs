@@ -29,6 +29,7 @@
 
 use super::TASK_ELEMS;
 use crate::backend::cpu::loss::{clip_grad_norm as backend_clip, grad_norm_l2};
+use crate::backend::cpu::reduce::all_finite;
 use crate::error::Result;
 use rayon::prelude::*;
 
@@ -67,9 +68,9 @@ pub fn check_finite(loss: Option<f32>, grads: &[&[f32]]) -> Result<()> {
     }
     for (i, g) in grads.iter().enumerate() {
         let bad = if g.len() <= TASK_ELEMS {
-            !g.iter().all(|x| x.is_finite())
+            !all_finite(g)
         } else {
-            !g.par_chunks(TASK_ELEMS).all(|c| c.iter().all(|x| x.is_finite()))
+            !g.par_chunks(TASK_ELEMS).all(all_finite)
         };
         if bad {
             let (j, x) = g.iter().enumerate().find(|(_, x)| !x.is_finite()).expect("found above");

@@ -11,3 +11,4 @@ pub mod loss;
 pub mod norm;
 pub mod rope;
 pub mod swiglu;
+pub mod vexp;

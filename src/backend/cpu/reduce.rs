@@ -112,3 +112,52 @@ mod tests {
         }
     }
 }
+
+#[inline(always)]
+fn all_finite_body(v: &[f32]) -> bool {
+    // Per lane, whether an element with an all-ones exponent (±∞, NaN)
+    // was seen: a compare and an or per element, no early exit, so it
+    // vectorizes (a scan with `position` did not, and was ~4% of a
+    // training step of the default model, checking each linear's input).
+    const EXP: u32 = 0x7f80_0000;
+    let mut bad = [0u32; 8];
+    let mut chunks = v.chunks_exact(8);
+    for c in &mut chunks {
+        for (b, x) in bad.iter_mut().zip(c) {
+            *b |= ((x.to_bits() & EXP) == EXP) as u32;
+        }
+    }
+    for (b, x) in bad.iter_mut().zip(chunks.remainder()) {
+        *b |= ((x.to_bits() & EXP) == EXP) as u32;
+    }
+    bad.iter().fold(0, |a, &b| a | b) == 0
+}
+
+super::vexp::simd_dispatch! {
+    /// Whether every element of `v` is finite (no NaN, no ±∞).
+    pub fn all_finite(v: &[f32]) -> bool = all_finite_body
+}
+
+#[cfg(test)]
+mod finite_tests {
+    use super::all_finite;
+
+    #[test]
+    fn all_finite_finds_every_non_finite_value_anywhere() {
+        for n in [0usize, 1, 7, 8, 9, 33, 1000] {
+            let v: Vec<f32> = (0..n).map(|i| i as f32 * 3e35 - 3.0).collect();
+            assert!(all_finite(&v), "n {n}");
+            for at in [0, n / 2, n.saturating_sub(1)] {
+                for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -f32::NAN] {
+                    if n == 0 {
+                        continue;
+                    }
+                    let mut w = v.clone();
+                    w[at] = bad;
+                    assert!(!all_finite(&w), "n {n}, {bad} at {at}");
+                }
+            }
+        }
+        assert!(all_finite(&[f32::MAX, f32::MIN, f32::MIN_POSITIVE, f32::from_bits(1), -0.0]));
+    }
+}
