@@ -682,8 +682,23 @@ impl LoraLayer {
     /// dropout mask: a model recomputing a checkpointed layer, or resuming
     /// a run, passes the same number again to get the same mask.
     pub fn forward_at(&mut self, x: &[f32], n: usize, y: &mut [f32], row_adapter: Option<&[i32]>, train: bool, call: u64) -> Result<()> {
+        self.forward_impl(x, n, y, row_adapter, train, call, true)
+    }
+
+    /// [`forward_at`](Self::forward_at) for a model's training step: `x`
+    /// is not scanned for NaN or ±∞ (a scan of every linear's input was
+    /// ~3% of a step; a non-finite activation reaches the loss, which the
+    /// trainer checks with the gradients before any optimizer step).
+    pub(crate) fn forward_unchecked(&mut self, x: &[f32], n: usize, y: &mut [f32], row_adapter: Option<&[i32]>, train: bool, call: u64) -> Result<()> {
+        self.forward_impl(x, n, y, row_adapter, train, call, false)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward_impl(&mut self, x: &[f32], n: usize, y: &mut [f32], row_adapter: Option<&[i32]>, train: bool, call: u64, check: bool) -> Result<()> {
         self.check_rows(x, n, y.len())?;
-        check_finite(x, "x")?;
+        if check {
+            check_finite(x, "x")?;
+        }
         if let Some(ra) = row_adapter {
             if ra.len() != n {
                 bail!(ShapeMismatch, "row_adapter has {} entries for {n} rows", ra.len());
@@ -732,15 +747,23 @@ impl LoraLayer {
     /// adapters that took part (and the bias gradient if trainable). The
     /// base is never modified. Needs the layer unmerged.
     pub fn backward(&mut self, x: &[f32], dy: &[f32], n: usize, dx: Option<&mut [f32]>) -> Result<()> {
-        self.backward_into(x, dy, n, dx, false)
+        self.backward_impl(x, dy, n, dx, false, true)
     }
 
-    /// [`backward`](Self::backward), adding the input gradient into `dx`
-    /// when `accumulate` (a model summing the gradients of the modules that
-    /// read one input: q, k and v; gate and up) instead of overwriting it.
-    pub fn backward_into(&mut self, x: &[f32], dy: &[f32], n: usize, dx: Option<&mut [f32]>, accumulate: bool) -> Result<()> {
+    /// [`backward`](Self::backward) for a model's training step: the input
+    /// gradient is added into `dx` when `accumulate` (the modules that
+    /// read one input: q, k and v; gate and up) instead of overwriting it,
+    /// and `dy` is not scanned for NaN or ±∞ (as
+    /// [`forward_unchecked`](Self::forward_unchecked)).
+    pub(crate) fn backward_into(&mut self, x: &[f32], dy: &[f32], n: usize, dx: Option<&mut [f32]>, accumulate: bool) -> Result<()> {
+        self.backward_impl(x, dy, n, dx, accumulate, false)
+    }
+
+    fn backward_impl(&mut self, x: &[f32], dy: &[f32], n: usize, dx: Option<&mut [f32]>, accumulate: bool, check: bool) -> Result<()> {
         self.check_rows(x, n, dy.len())?;
-        check_finite(dy, "dy")?;
+        if check {
+            check_finite(dy, "dy")?;
+        }
         if self.is_merged() {
             bail!(InvalidState, "backward needs the layer unmerged (a merged weight has no adapter gradients)");
         }

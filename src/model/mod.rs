@@ -805,7 +805,14 @@ impl Model {
         let out_f = self.blocks[l].lin[j].out_features();
         let mut y = self.pool.take(n * out_f);
         let ra = rows.map(|r| self.layer_rows(&self.blocks[l].lin[j], r));
-        self.blocks[l].lin[j].forward_at(x, n, &mut y, ra.as_deref(), train, call)?;
+        // Training: the trainer checks the loss and gradients, not each
+        // linear's input; inference (logits, generation) keeps the check.
+        let lin = &mut self.blocks[l].lin[j];
+        if train {
+            lin.forward_unchecked(x, n, &mut y, ra.as_deref(), train, call)?;
+        } else {
+            lin.forward_at(x, n, &mut y, ra.as_deref(), train, call)?;
+        }
         Ok(y)
     }
 
@@ -867,7 +874,7 @@ impl Model {
         let LayerActs { h1, rstd1, q, k, v, att, lse, x_mid, h2, rstd2, g, u, a } = acts;
         // MLP: x_out = x_mid + down(a);  a = silu(g)·u
         let mut da = pool.take(n * it);
-        blk.lin[DOWN].backward(&a, dx, n, Some(&mut da))?;
+        blk.lin[DOWN].backward_into(&a, dx, n, Some(&mut da), false)?;
         pool.give(a);
         let (mut dg, mut du) = (pool.take(n * it), pool.take(n * it));
         swiglu_backward(&g, &u, &da, &mut dg, &mut du);
@@ -875,7 +882,7 @@ impl Model {
             pool.give(b);
         }
         let mut dh2 = pool.take(n * h);
-        blk.lin[GATE].backward(&h2, &dg, n, Some(&mut dh2))?;
+        blk.lin[GATE].backward_into(&h2, &dg, n, Some(&mut dh2), false)?;
         blk.lin[UP].backward_into(&h2, &du, n, Some(&mut dh2), true)?;
         pool.give(dg);
         pool.give(du);
@@ -888,7 +895,7 @@ impl Model {
         }
         // Attention: x_mid = x_in + o(att)
         let mut datt = pool.take(n * nh * hd);
-        blk.lin[O].backward(&att, &dxm, n, Some(&mut datt))?;
+        blk.lin[O].backward_into(&att, &dxm, n, Some(&mut datt), false)?;
         let (mut dq, mut dk, mut dv) = (pool.take(q.len()), pool.take(k.len()), pool.take(v.len()));
         attention_backward(&q, &k, &v, &att, &lse, &datt, &shape, &mut dq, &mut dk, &mut dv);
         for b in [att, lse, datt, q, k, v] {
@@ -898,16 +905,16 @@ impl Model {
         rope_backward(&mut dk, batch, seq, nkv, hd, table);
         if need_dx {
             let mut dh1 = pool.take(n * h);
-            blk.lin[Q].backward(&h1, &dq, n, Some(&mut dh1))?;
+            blk.lin[Q].backward_into(&h1, &dq, n, Some(&mut dh1), false)?;
             blk.lin[K].backward_into(&h1, &dk, n, Some(&mut dh1), true)?;
             blk.lin[V].backward_into(&h1, &dv, n, Some(&mut dh1), true)?;
             rmsnorm_backward(x_in, &blk.attn_norm, &rstd1, &dh1, n, h, dx, None);
             dx.par_iter_mut().zip(dxm.par_iter()).for_each(|(a, b)| *a += b);
             pool.give(dh1);
         } else {
-            blk.lin[Q].backward(&h1, &dq, n, None)?;
-            blk.lin[K].backward(&h1, &dk, n, None)?;
-            blk.lin[V].backward(&h1, &dv, n, None)?;
+            blk.lin[Q].backward_into(&h1, &dq, n, None, false)?;
+            blk.lin[K].backward_into(&h1, &dk, n, None, false)?;
+            blk.lin[V].backward_into(&h1, &dv, n, None, false)?;
         }
         for b in [h1, rstd1, dq, dk, dv, dxm] {
             pool.give(b);

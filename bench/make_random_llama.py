@@ -1,0 +1,31 @@
+"""A random Llama checkpoint for the CPU step benchmarks (examples/bench_train.rs
+beside bench/peft_train.py): transformers' LlamaForCausalLM with its own
+initialization, seed 0, saved in bf16 with save_pretrained.
+
+    python bench/make_random_llama.py OUT_DIR [HIDDEN] [INTER] [LAYERS] [HEADS] [KV_HEADS] [VOCAB]
+
+Defaults: the "random Llama 50M" of bench/RESULTS.md (768, 2048, 6, 12, 4,
+8000; untied head).
+"""
+import sys
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def main():
+    a = sys.argv[1:]
+    if not a:
+        sys.exit(__doc__)
+    out = a[0]
+    hidden, inter, layers, heads, kv, vocab = (int(x) for x in (a[1:] + ["768", "2048", "6", "12", "4", "8000"][len(a) - 1:]))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=512, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(out)
+    print(f"{out}: {sum(p.numel() for p in model.parameters()):,} parameters")
+
+
+if __name__ == "__main__":
+    main()
