@@ -28,8 +28,9 @@
 //! the caller has already shifted them). Memory traffic: forward reads the
 //! logits once (row max, then exp-sum, with the row in cache); backward
 //! reads them once and writes the gradient once; the fused version does
-//! both in one read and one in-place write. Rows are split over the rayon
-//! pool.
+//! both in one read and one in-place write, and one exponential per logit
+//! (`exp` is [`vexp::exp`], within 1 ulp, so the rows vectorize). Rows are
+//! split over the rayon pool.
 //!
 //! Gradient clipping (`torch.nn.utils.clip_grad_norm_`, norm_type 2):
 //!
@@ -49,6 +50,7 @@
 
 use crate::Result;
 use rayon::prelude::*;
+use super::vexp::{self, simd_dispatch};
 
 /// The label value that marks a row as not counted (PyTorch's default
 /// `ignore_index`, and what HF data collators put on padding/prompt tokens).
@@ -86,22 +88,83 @@ fn check_labels(labels: &[i32], vocab: usize) -> Result<()> {
     Ok(())
 }
 
-/// Row max and `Σ_j exp(x_j − max)` (exp in f32, sum in f64).
-#[inline]
-fn row_stats(x: &[f32]) -> (f32, f64) {
-    let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+/// Row max, in eight lanes (the same maximum as a left-to-right fold, for
+/// finite values; vectorizes).
+#[inline(always)]
+fn row_max(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut it = x.chunks_exact(8);
+    for c in &mut it {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = l.max(v);
+        }
+    }
+    it.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |a, &b| a.max(b))
+}
+
+/// `Σ_j e_j` in f64, four lanes (element `j` into lane `j mod 4`, the
+/// lanes added pairwise, then the tail in order).
+#[inline(always)]
+fn sum4_f64(e: &[f32]) -> f64 {
     let mut acc = [0f64; 4];
-    let mut it = x.chunks_exact(4);
+    let mut it = e.chunks_exact(4);
     for c in &mut it {
         for k in 0..4 {
-            acc[k] += (c[k] - m).exp() as f64;
+            acc[k] += c[k] as f64;
         }
     }
     let mut s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
     for &v in it.remainder() {
-        s += (v - m).exp() as f64;
+        s += v as f64;
+    }
+    s
+}
+
+#[inline(always)]
+fn row_stats_body(x: &[f32]) -> (f32, f64) {
+    let m = row_max(x);
+    let mut acc = [0f64; 4];
+    let mut it = x.chunks_exact(4);
+    for c in &mut it {
+        for k in 0..4 {
+            acc[k] += vexp::exp(c[k] - m) as f64;
+        }
+    }
+    let mut s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    for &v in it.remainder() {
+        s += vexp::exp(v - m) as f64;
     }
     (m, s)
+}
+
+simd_dispatch! {
+    /// Row max and `Σ_j exp(x_j − max)` (exp in f32, [`vexp::exp`]; sum in
+    /// f64 as [`sum4_f64`]).
+    fn row_stats(x: &[f32]) -> (f32, f64) = row_stats_body
+}
+
+/// The fused row: `x_j ← exp(x_j − m)` once (the sum's terms and the
+/// gradient's), then `x_j ← c·(x_j/Σ) − c·[j = y]`; returns the row's loss.
+/// The same values as [`row_stats`], [`row_loss`] and [`row_grad`] in
+/// turn, with half the exponentials.
+#[inline(always)]
+fn row_fused_body(x: &mut [f32], y: usize, c: f32) -> f64 {
+    let m = row_max(x);
+    let xy = x[y];
+    for v in x.iter_mut() {
+        *v = vexp::exp(*v - m);
+    }
+    let sum = sum4_f64(x);
+    let inv = (1.0 / sum) as f32;
+    for v in x.iter_mut() {
+        *v = c * (*v * inv);
+    }
+    x[y] -= c;
+    sum.ln() - (xy as f64 - m as f64)
+}
+
+simd_dispatch! {
+    fn row_fused(x: &mut [f32], y: usize, c: f32) -> f64 = row_fused_body
 }
 
 /// `ℓ = log Σ_j exp(x_j − m) − (x_y − m)` in f64.
@@ -110,14 +173,18 @@ fn row_loss(x: &[f32], y: usize, m: f32, sum: f64) -> f64 {
     sum.ln() - (x[y] as f64 - m as f64)
 }
 
-/// `d_j = c · (exp(x_j − m)/sum − [j = y])`, written over `d`.
-#[inline]
-fn row_grad(x: &[f32], y: usize, m: f32, sum: f64, c: f32, d: &mut [f32]) {
+#[inline(always)]
+fn row_grad_body(x: &[f32], y: usize, m: f32, sum: f64, c: f32, d: &mut [f32]) {
     let inv = (1.0 / sum) as f32;
     for (dv, &xv) in d.iter_mut().zip(x) {
-        *dv = c * ((xv - m).exp() * inv);
+        *dv = c * (vexp::exp(xv - m) * inv);
     }
     d[y] -= c;
+}
+
+simd_dispatch! {
+    /// `d_j = c · (exp(x_j − m)/sum − [j = y])`, written over `d`.
+    fn row_grad(x: &[f32], y: usize, m: f32, sum: f64, c: f32, d: &mut [f32]) = row_grad_body
 }
 
 /// Cross-entropy forward (module doc): mean over counted rows of
@@ -205,14 +272,7 @@ pub fn cross_entropy_fused(logits: &mut [f32], labels: &[i32], vocab: usize, gra
                     x.fill(0.0);
                     continue;
                 }
-                let y = y as usize;
-                let (m, sum) = row_stats(x);
-                s += row_loss(x, y, m, sum);
-                let inv = (1.0 / sum) as f32;
-                for v in x.iter_mut() {
-                    *v = c * ((*v - m).exp() * inv);
-                }
-                x[y] -= c;
+                s += row_fused(x, y as usize, c);
             }
             s
         })
