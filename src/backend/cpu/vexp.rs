@@ -38,7 +38,7 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 8.333_452e-3;
     p = p * r + 4.166_579_6e-2;
     p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
+    p = p * r + 0.5; // Cephes: 5.0000001e-1, which is 0.5 in f32
     let e = (p * (r * r) + r) + 1.0;
     // n ∈ [−150, 128] from the low bits of nr; 2^n as 2^n1·2^n2, both
     // normal, so e·2^n1 is exact and the last product rounds once.
