@@ -13,6 +13,7 @@ use crate::backend::cpu::matmul::{gemm_f32, Mat};
 use crate::backend::cpu::norm::rmsnorm_forward;
 use crate::backend::cpu::rope::{rope_forward, RopeTable};
 use crate::backend::cpu::swiglu::swiglu_forward;
+use crate::backend::cpu::on_pool;
 use crate::rng::SplitMix64;
 use crate::Result;
 use rayon::prelude::*;
@@ -207,7 +208,7 @@ impl Model {
         for (b, r) in reqs.iter().enumerate() {
             let t = r.prompt.len();
             let sa = seq_ad.as_ref().map(|x| vec![x[b]]);
-            let (logits, kvs) = self.prefill(r.prompt, sa.as_deref())?;
+            let (logits, kvs) = on_pool(|| self.prefill(r.prompt, sa.as_deref()))?;
             for (l, (k, vv)) in kvs.into_iter().enumerate() {
                 let row = nkv * hd;
                 caches[l].k[b * cap * row..b * cap * row + t * row].copy_from_slice(&k);
@@ -216,7 +217,7 @@ impl Model {
             lens[b] = t;
             last_logits[b * v..(b + 1) * v].copy_from_slice(&logits[(t - 1) * v..t * v]);
         }
-        let out = sample_loop(last_logits, v, max_new, s, stop, progress, |next| self.decode_step(next, &mut lens, &mut caches, cap, seq_ad.as_deref()));
+        let out = sample_loop(last_logits, v, max_new, s, stop, progress, |next| on_pool(|| self.decode_step(next, &mut lens, &mut caches, cap, seq_ad.as_deref())));
         self.kv_bytes = 0;
         let out = out?;
         let keep = self.act_peak;

@@ -952,6 +952,10 @@ impl Model {
         if self.gpu.0.is_some() {
             return self.with_device(|g, _| g.logits(ids, batch, seq, seq_adapters));
         }
+        crate::backend::cpu::on_pool(|| self.logits_cpu(ids, batch, seq, seq_adapters))
+    }
+
+    fn logits_cpu(&mut self, ids: &[i32], batch: usize, seq: usize, seq_adapters: Option<&[i32]>) -> Result<Vec<f32>> {
         let rows = self.row_adapters(seq_adapters, batch, seq)?;
         let n = batch * seq;
         let table = RopeTable::new(&self.inv_freq, 0, seq);

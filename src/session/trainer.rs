@@ -23,6 +23,7 @@ use crate::optim::Optimizer;
 use crate::optim::schedule::Schedule;
 use crate::memory::{PagedStats, Pager};
 use crate::Result;
+use crate::backend::cpu::on_pool;
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -245,7 +246,8 @@ impl Trainer {
         let result = (|| -> Result<()> {
             for (i, b0) in (0..batch).step_by(mb).enumerate() {
                 let b1 = (b0 + mb).min(batch);
-                let r = model.forward_backward(&ids[b0 * seq..b1 * seq], &labels[b0 * seq..b1 * seq], b1 - b0, seq, grad_scale, self.micro_calls + i as u64 + 1, self.cfg.checkpointing)?;
+                let (m, call, ckpt) = (&mut *model, self.micro_calls + i as u64 + 1, self.cfg.checkpointing);
+                let r = on_pool(|| m.forward_backward(&ids[b0 * seq..b1 * seq], &labels[b0 * seq..b1 * seq], b1 - b0, seq, grad_scale, call, ckpt))?;
                 loss_sum += r.loss_sum;
                 if !progress(i + 1, n_micro) {
                     bail!(Cancelled, "training step cancelled by the progress callback after micro-batch {}", i + 1);
@@ -259,30 +261,38 @@ impl Trainer {
         }
         let loss = loss_sum / total as f64;
         let name = self.adapter.clone();
+        let (max_norm, opt, m) = (self.cfg.max_grad_norm, &mut self.opt, &mut *model);
+        let grad_norm = on_pool(|| Self::clip_and_update(m, opt, &name, loss, max_norm, lr))?;
+        drop(model);
+        Ok(self.finish(n_micro, loss, grad_norm as f64, lr, n, total, t0))
+    }
+
+    /// The CPU step's end: refuses non-finite gradients (clearing them),
+    /// clips, and applies the optimizer; returns the gradient norm.
+    fn clip_and_update(model: &mut Model, opt: &mut Optimizer, name: &str, loss: f64, max_norm: f64, lr: f64) -> Result<f32> {
         let grad_norm = {
-            let (_, grads) = model.adapter_params(&name)?;
+            let (_, grads) = model.adapter_params(name)?;
             if let Err(e) = crate::optim::clip::check_finite(Some(loss as f32), &grads) {
                 drop(grads);
                 model.zero_grad();
                 return Err(e);
             }
             drop(grads);
-            let mut gm = model.adapter_grads_mut(&name)?;
-            if self.cfg.max_grad_norm > 0.0 {
-                crate::optim::clip::clip_grad_norm(&mut gm, self.cfg.max_grad_norm)?
+            let mut gm = model.adapter_grads_mut(name)?;
+            if max_norm > 0.0 {
+                crate::optim::clip::clip_grad_norm(&mut gm, max_norm)?
             } else {
                 let g: Vec<&[f32]> = gm.iter().map(|g| &**g).collect();
                 crate::optim::clip::grad_norm(&g)
             }
         };
-        self.opt.set_lr(lr)?;
+        opt.set_lr(lr)?;
         {
-            let (mut params, grads) = model.adapter_params(&name)?;
-            self.opt.step(&mut params, &grads)?;
+            let (mut params, grads) = model.adapter_params(name)?;
+            opt.step(&mut params, &grads)?;
         }
         model.zero_grad();
-        drop(model);
-        Ok(self.finish(n_micro, loss, grad_norm as f64, lr, n, total, t0))
+        Ok(grad_norm)
     }
 
     /// Counts a finished step and describes it.
