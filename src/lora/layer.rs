@@ -682,19 +682,15 @@ impl LoraLayer {
     /// dropout mask: a model recomputing a checkpointed layer, or resuming
     /// a run, passes the same number again to get the same mask.
     pub fn forward_at(&mut self, x: &[f32], n: usize, y: &mut [f32], row_adapter: Option<&[i32]>, train: bool, call: u64) -> Result<()> {
-        self.forward_impl(x, n, y, row_adapter, train, call, true)
+        self.forward_checked(x, n, y, row_adapter, train, call, true)
     }
 
-    /// [`forward_at`](Self::forward_at) for a model's training step: `x`
-    /// is not scanned for NaN or ±∞ (a scan of every linear's input was
-    /// ~3% of a step; a non-finite activation reaches the loss, which the
-    /// trainer checks with the gradients before any optimizer step).
-    pub(crate) fn forward_unchecked(&mut self, x: &[f32], n: usize, y: &mut [f32], row_adapter: Option<&[i32]>, train: bool, call: u64) -> Result<()> {
-        self.forward_impl(x, n, y, row_adapter, train, call, false)
-    }
-
+    /// [`forward_at`](Self::forward_at), scanning `x` for NaN or ±∞ only
+    /// with `check`: a model's training step skips the scan (it was ~3% of
+    /// a step; a non-finite activation reaches the loss, which the trainer
+    /// checks with the gradients before any optimizer step).
     #[allow(clippy::too_many_arguments)]
-    fn forward_impl(&mut self, x: &[f32], n: usize, y: &mut [f32], row_adapter: Option<&[i32]>, train: bool, call: u64, check: bool) -> Result<()> {
+    pub(crate) fn forward_checked(&mut self, x: &[f32], n: usize, y: &mut [f32], row_adapter: Option<&[i32]>, train: bool, call: u64, check: bool) -> Result<()> {
         self.check_rows(x, n, y.len())?;
         if check {
             check_finite(x, "x")?;
@@ -754,7 +750,7 @@ impl LoraLayer {
     /// gradient is added into `dx` when `accumulate` (the modules that
     /// read one input: q, k and v; gate and up) instead of overwriting it,
     /// and `dy` is not scanned for NaN or ±∞ (as
-    /// [`forward_unchecked`](Self::forward_unchecked)).
+    /// [`forward_checked`](Self::forward_checked) without `check`).
     pub(crate) fn backward_into(&mut self, x: &[f32], dy: &[f32], n: usize, dx: Option<&mut [f32]>, accumulate: bool) -> Result<()> {
         self.backward_impl(x, dy, n, dx, accumulate, false)
     }

@@ -807,12 +807,7 @@ impl Model {
         let ra = rows.map(|r| self.layer_rows(&self.blocks[l].lin[j], r));
         // Training: the trainer checks the loss and gradients, not each
         // linear's input; inference (logits, generation) keeps the check.
-        let lin = &mut self.blocks[l].lin[j];
-        if train {
-            lin.forward_unchecked(x, n, &mut y, ra.as_deref(), train, call)?;
-        } else {
-            lin.forward_at(x, n, &mut y, ra.as_deref(), train, call)?;
-        }
+        self.blocks[l].lin[j].forward_checked(x, n, &mut y, ra.as_deref(), train, call, !train)?;
         Ok(y)
     }
 

@@ -102,20 +102,20 @@ fn row_max(x: &[f32]) -> f32 {
     it.remainder().iter().chain(&lanes).fold(f32::NEG_INFINITY, |a, &b| a.max(b))
 }
 
-/// `Σ_j e_j` in f64, four lanes (element `j` into lane `j mod 4`, the
+/// `Σ_j f(x_j)` in f64, four lanes (element `j` into lane `j mod 4`, the
 /// lanes added pairwise, then the tail in order).
 #[inline(always)]
-fn sum4_f64(e: &[f32]) -> f64 {
+fn sum4_f64(x: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     let mut acc = [0f64; 4];
-    let mut it = e.chunks_exact(4);
+    let mut it = x.chunks_exact(4);
     for c in &mut it {
         for k in 0..4 {
-            acc[k] += c[k] as f64;
+            acc[k] += f(c[k]) as f64;
         }
     }
     let mut s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
     for &v in it.remainder() {
-        s += v as f64;
+        s += f(v) as f64;
     }
     s
 }
@@ -123,18 +123,7 @@ fn sum4_f64(e: &[f32]) -> f64 {
 #[inline(always)]
 fn row_stats_body(x: &[f32]) -> (f32, f64) {
     let m = row_max(x);
-    let mut acc = [0f64; 4];
-    let mut it = x.chunks_exact(4);
-    for c in &mut it {
-        for k in 0..4 {
-            acc[k] += vexp::exp(c[k] - m) as f64;
-        }
-    }
-    let mut s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
-    for &v in it.remainder() {
-        s += vexp::exp(v - m) as f64;
-    }
-    (m, s)
+    (m, sum4_f64(x, |v| vexp::exp(v - m)))
 }
 
 simd_dispatch! {
@@ -154,7 +143,7 @@ fn row_fused_body(x: &mut [f32], y: usize, c: f32) -> f64 {
     for v in x.iter_mut() {
         *v = vexp::exp(*v - m);
     }
-    let sum = sum4_f64(x);
+    let sum = sum4_f64(x, |v| v);
     let inv = (1.0 / sum) as f32;
     for v in x.iter_mut() {
         *v = c * (*v * inv);
