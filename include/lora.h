@@ -1411,7 +1411,8 @@ struct lora_model_params lora_model_default_params(void);
 /**
  * Loads a Hugging Face checkpoint directory (`config.json` and
  * `model.safetensors`, or shards with `model.safetensors.index.json`) of
- * a `LlamaForCausalLM`, `MistralForCausalLM` or `Qwen2ForCausalLM`:
+ * a `LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM` or
+ * `Qwen3ForCausalLM` (dense Qwen3, with its per-head q/k norms):
  * fp32, fp16 or bf16 weights, or a bitsandbytes NF4 checkpoint saved by
  * transformers. With `LORA_QUANT_NF4` each linear layer is quantized as it
  * is read, so peak memory stays near the quantized model plus one layer.

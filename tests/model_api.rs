@@ -75,7 +75,7 @@ fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<i32> {
 
 #[test]
 fn peft_adapter_roundtrip_is_byte_identical() {
-    for case in ["llama_fp32", "qwen2_fp32", "mistral_bf16"] {
+    for case in ["llama_fp32", "qwen2_fp32", "mistral_bf16", "qwen3_fp32"] {
         let mut m = load(&fixture(case).join("model"), false);
         let src = fixture(case).join("adapter");
         peft::load_adapter(&mut m, &src, "x").unwrap();

@@ -1,7 +1,8 @@
 //! `config.json` of a Hugging Face LLaMA-family decoder.
 //!
-//! Accepted: `model_type` `llama`, `mistral`, `qwen2` (architectures
-//! `LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`). Both the
+//! Accepted: `model_type` `llama`, `mistral`, `qwen2`, `qwen3` (architectures
+//! `LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`,
+//! `Qwen3ForCausalLM`). Both the
 //! transformers 4 form (`rope_theta`, `rope_scaling`) and the transformers 5
 //! form (`rope_parameters`) of the rotary settings are read. Anything that
 //! would change the function the model computes and that liblora does not
@@ -35,6 +36,10 @@ pub enum Arch {
     Llama,
     Mistral,
     Qwen2,
+    /// Qwen2's layout with RMSNorm on each query and key head before the
+    /// rotation (`q_norm`, `k_norm`), `attention_bias` on all four
+    /// attention projections, and an explicit `head_dim`.
+    Qwen3,
 }
 
 impl Arch {
@@ -43,6 +48,7 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Mistral => "mistral",
             Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
         }
     }
     pub fn architecture(self) -> &'static str {
@@ -50,6 +56,7 @@ impl Arch {
             Arch::Llama => "LlamaForCausalLM",
             Arch::Mistral => "MistralForCausalLM",
             Arch::Qwen2 => "Qwen2ForCausalLM",
+            Arch::Qwen3 => "Qwen3ForCausalLM",
         }
     }
 }
@@ -76,6 +83,10 @@ pub struct ModelConfig {
     pub o_bias: bool,
     /// Bias on the MLP projections (Llama `mlp_bias`).
     pub mlp_bias: bool,
+    /// RMSNorm over each query and key head (weights `[head_dim]`, the
+    /// model's `rms_norm_eps`) between the projection and the rotation
+    /// (Qwen3 `q_norm`, `k_norm`).
+    pub qk_norm: bool,
     /// Sliding attention window per layer (Mistral `sliding_window`; Qwen2
     /// `layer_types` = `sliding_attention`), `None` = full causal.
     pub windows: Vec<Option<usize>>,
@@ -184,7 +195,8 @@ impl ModelConfig {
             "llama" => Arch::Llama,
             "mistral" => Arch::Mistral,
             "qwen2" => Arch::Qwen2,
-            other => bail!(Unsupported, "model_type `{other}` is not supported (llama, mistral and qwen2 are)"),
+            "qwen3" => Arch::Qwen3,
+            other => bail!(Unsupported, "model_type `{other}` is not supported (llama, mistral, qwen2 and qwen3 are)"),
         };
         if let Some(Value::Array(a)) = m.get("architectures") {
             for x in a {
@@ -230,12 +242,16 @@ impl ModelConfig {
             }
             Arch::Mistral => (false, false, false),
             Arch::Qwen2 => (true, false, false),
+            Arch::Qwen3 => {
+                let ab = get_bool(&m, "attention_bias", false)?;
+                (ab, ab, false)
+            }
         };
         let sliding = get_usize(&m, "sliding_window")?;
         let windows = match arch {
             Arch::Llama => vec![None; num_layers],
             Arch::Mistral => vec![sliding; num_layers],
-            Arch::Qwen2 => match m.get("layer_types") {
+            Arch::Qwen2 | Arch::Qwen3 => match m.get("layer_types") {
                 Some(Value::Array(a)) => {
                     if a.len() != num_layers {
                         bail!(FileFormat, "config.json: layer_types has {} entries for {num_layers} layers", a.len());
@@ -302,6 +318,7 @@ impl ModelConfig {
             qkv_bias,
             o_bias,
             mlp_bias,
+            qk_norm: arch == Arch::Qwen3,
             windows,
             dtype: get_str(&m, "dtype").or(get_str(&m, "torch_dtype")).map(String::from),
             bos_token_id: m.get("bos_token_id").and_then(|v| v.as_i64()),
@@ -369,5 +386,27 @@ mod tests {
         }
         assert!(ModelConfig::parse(&with("num_key_value_heads", "3")).is_err());
         assert!(ModelConfig::parse("[1]").is_err());
+    }
+
+    #[test]
+    fn parses_qwen3() {
+        let q3 = |extra: &str| {
+            let t = format!(
+                r#"{{"model_type":"qwen3","architectures":["Qwen3ForCausalLM"],"hidden_size":64,"intermediate_size":128,
+                "num_hidden_layers":3,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":32,"vocab_size":256{extra}}}"#
+            );
+            ModelConfig::parse(&t)
+        };
+        let c = q3("").unwrap();
+        assert_eq!((c.arch, c.head_dim, c.q_dim(), c.kv_dim()), (Arch::Qwen3, 32, 128, 64));
+        assert!(c.qk_norm && !c.qkv_bias && !c.o_bias && !c.mlp_bias);
+        assert_eq!(c.windows, vec![None; 3]);
+        let c = q3(r#","attention_bias":true"#).unwrap();
+        assert!(c.qkv_bias && c.o_bias && !c.mlp_bias);
+        let c = q3(r#","use_sliding_window":true,"sliding_window":8,"max_window_layers":1"#).unwrap();
+        assert_eq!(c.windows, vec![None, Some(8), Some(8)]);
+        assert!(!ModelConfig::parse(BASE).unwrap().qk_norm);
+        let e = q3(r#","architectures":["Qwen2ForCausalLM"]"#).unwrap_err();
+        assert!(e.message.contains("Qwen2ForCausalLM"), "{}", e.message);
     }
 }

@@ -258,6 +258,9 @@ impl Model {
             let mut q = self.lin_forward(l, Q, &h1, bsz, rows.as_ref(), false, 0)?;
             let mut k = self.lin_forward(l, K, &h1, bsz, rows.as_ref(), false, 0)?;
             let vv = self.lin_forward(l, V, &h1, bsz, rows.as_ref(), false, 0)?;
+            if let Some(w) = &self.blocks[l].qk_norm {
+                super::qk_norm_forward(&mut self.pool, w, &mut q, &mut k, hd, eps, false);
+            }
             rope_forward(&mut q, 1, bsz, nh, hd, &table);
             rope_forward(&mut k, 1, bsz, nkv, hd, &table);
             let row = nkv * hd;

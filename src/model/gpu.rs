@@ -787,6 +787,9 @@ impl DeviceModel {
         if cfg.head_dim > catt::MAX_HEAD_DIM {
             bail!(Unsupported, "head_dim {} exceeds the device attention kernels' {}", cfg.head_dim, catt::MAX_HEAD_DIM);
         }
+        if cfg.qk_norm {
+            bail!(Unsupported, "{} (per-head q/k norms) runs on the CPU only for now", cfg.arch.architecture());
+        }
         let dev = Arc::new(cu::open(ordinal)?);
         dev.keep_freed_memory()?;
         dev.load_all_kernels()?;

@@ -94,6 +94,9 @@ pub struct Block {
     pub attn_norm: Vec<f32>,
     pub mlp_norm: Vec<f32>,
     pub lin: Vec<LoraLayer>,
+    /// Per-head RMSNorm weights `[head_dim]` of the queries and keys
+    /// (`q_norm`, `k_norm`) when the architecture has them (Qwen3).
+    pub qk_norm: Option<[Vec<f32>; 2]>,
 }
 
 /// A model-level adapter: its PEFT configuration and where it lives.
@@ -247,6 +250,22 @@ struct LayerActs {
     g: Vec<f32>,
     u: Vec<f32>,
     a: Vec<f32>,
+    /// With per-head q/k norms: q and k before them, and their rstds.
+    qk: Option<QkActs>,
+}
+
+/// What the backward of the per-head q/k RMSNorm needs.
+struct QkActs {
+    q_raw: Vec<f32>,
+    k_raw: Vec<f32>,
+    rq: Vec<f32>,
+    rk: Vec<f32>,
+}
+
+impl QkActs {
+    fn bufs(self) -> [Vec<f32>; 4] {
+        [self.q_raw, self.k_raw, self.rq, self.rk]
+    }
 }
 
 impl LayerActs {
@@ -254,13 +273,52 @@ impl LayerActs {
         for v in [self.h1, self.rstd1, self.q, self.k, self.v, self.att, self.lse, self.x_mid, self.h2, self.rstd2, self.g, self.u, self.a] {
             pool.give(v);
         }
+        for v in self.qk.into_iter().flat_map(QkActs::bufs) {
+            pool.give(v);
+        }
     }
 
     fn bytes(&self) -> usize {
-        4 * [&self.h1, &self.rstd1, &self.q, &self.k, &self.v, &self.att, &self.lse, &self.x_mid, &self.h2, &self.rstd2, &self.g, &self.u, &self.a]
+        let qk = self.qk.as_ref().map_or(0, |a| a.q_raw.len() + a.k_raw.len() + a.rq.len() + a.rk.len());
+        4 * ([&self.h1, &self.rstd1, &self.q, &self.k, &self.v, &self.att, &self.lse, &self.x_mid, &self.h2, &self.rstd2, &self.g, &self.u, &self.a]
             .iter()
             .map(|v| v.len())
             .sum::<usize>()
+            + qk)
+    }
+}
+
+/// The per-head RMSNorm of queries and keys (`[rows·heads, head_dim]`
+/// each), in place: `q`, `k` become the normed values; with `keep`, the
+/// inputs and rstds are returned for the backward.
+fn qk_norm_forward(pool: &mut BufPool, w: &[Vec<f32>; 2], q: &mut Vec<f32>, k: &mut Vec<f32>, hd: usize, eps: f32, keep: bool) -> Option<QkActs> {
+    let (nq, nk) = (q.len() / hd, k.len() / hd);
+    let q_raw = std::mem::replace(q, pool.take(nq * hd));
+    let k_raw = std::mem::replace(k, pool.take(nk * hd));
+    let (mut rq, mut rk) = (pool.take(nq), pool.take(nk));
+    rmsnorm_forward(&q_raw, &w[0], nq, hd, eps, q, Some(&mut rq));
+    rmsnorm_forward(&k_raw, &w[1], nk, hd, eps, k, Some(&mut rk));
+    let acts = QkActs { q_raw, k_raw, rq, rk };
+    if keep {
+        Some(acts)
+    } else {
+        for v in acts.bufs() {
+            pool.give(v);
+        }
+        None
+    }
+}
+
+/// Backward of [`qk_norm_forward`]: `dq`, `dk` (gradients of the normed
+/// values) become those of its inputs.
+fn qk_norm_backward(pool: &mut BufPool, w: &[Vec<f32>; 2], acts: QkActs, dq: &mut Vec<f32>, dk: &mut Vec<f32>, hd: usize) {
+    for (i, (raw, r, d)) in [(&acts.q_raw, &acts.rq, &mut *dq), (&acts.k_raw, &acts.rk, &mut *dk)].into_iter().enumerate() {
+        let mut dr = pool.take(raw.len());
+        rmsnorm_backward(raw, &w[i], r, d, r.len(), hd, &mut dr, None);
+        pool.give(std::mem::replace(d, dr));
+    }
+    for v in acts.bufs() {
+        pool.give(v);
     }
 }
 
@@ -351,7 +409,15 @@ impl Model {
                 };
                 lin.push(layer);
             }
-            blocks.push(Block { attn_norm, mlp_norm, lin });
+            let qk_norm = if cfg.qk_norm {
+                let hd = cfg.head_dim;
+                let qn = ck.dense(&take(&format!("{p}.self_attn.q_norm.weight")), &[hd])?.into_f32();
+                let kn = ck.dense(&take(&format!("{p}.self_attn.k_norm.weight")), &[hd])?.into_f32();
+                Some([qn, kn])
+            } else {
+                None
+            };
+            blocks.push(Block { attn_norm, mlp_norm, lin, qk_norm });
             if !progress(l + 1, total) {
                 bail!(Cancelled, "loading cancelled by the progress callback after layer {l}");
             }
@@ -439,7 +505,8 @@ impl Model {
                     None => LoraLayer::new_dense(crate::dtype::Elems::F32(&w), in_f, out_f, false, bias, seed)?,
                 });
             }
-            blocks.push(Block { attn_norm: vec![1.0; h], mlp_norm: vec![1.0; h], lin });
+            let qk_norm = cfg.qk_norm.then(|| [vec![1.0; cfg.head_dim], vec![1.0; cfg.head_dim]]);
+            blocks.push(Block { attn_norm: vec![1.0; h], mlp_norm: vec![1.0; h], lin, qk_norm });
         }
         Ok(Model::assemble(cfg, embed, blocks, vec![1.0; h], lm_head, DType::F32, opts.quantize, opts.seed))
     }
@@ -711,7 +778,7 @@ impl Model {
         let mut trainable = 0;
         let mut total = self.embed.len() + self.norm.len() + self.lm_head.as_ref().map_or(0, |h| h.len());
         for b in &self.blocks {
-            total += b.attn_norm.len() + b.mlp_norm.len();
+            total += b.attn_norm.len() + b.mlp_norm.len() + b.qk_norm.as_ref().map_or(0, |w| w[0].len() + w[1].len());
             for l in &b.lin {
                 trainable += l.trainable_params();
                 total += l.total_params();
@@ -768,7 +835,7 @@ impl Model {
         let mut base = (self.embed.len() + self.norm.len() + self.lm_head.as_ref().map_or(0, |h| h.len())) * 4;
         let (mut q, mut qn, mut ad) = (0, 0, 0);
         for b in &self.blocks {
-            base += (b.attn_norm.len() + b.mlp_norm.len()) * 4;
+            base += (b.attn_norm.len() + b.mlp_norm.len() + b.qk_norm.as_ref().map_or(0, |w| w[0].len() + w[1].len())) * 4;
             for l in &b.lin {
                 base += l.base_bytes();
                 ad += l.adapter_bytes();
@@ -824,6 +891,10 @@ impl Model {
         let mut q = self.lin_forward(l, Q, &h1, n, rows, train, call)?;
         let mut k = self.lin_forward(l, K, &h1, n, rows, train, call)?;
         let v = self.lin_forward(l, V, &h1, n, rows, train, call)?;
+        let qk = match &self.blocks[l].qk_norm {
+            Some(w) => qk_norm_forward(&mut self.pool, w, &mut q, &mut k, hd, eps, train),
+            None => None,
+        };
         rope_forward(&mut q, batch, seq, nh, hd, table);
         rope_forward(&mut k, batch, seq, nkv, hd, table);
         let shape = AttnShape { window, ..AttnShape::causal(batch, seq, nh, nkv, hd) };
@@ -844,7 +915,7 @@ impl Model {
         let d = self.lin_forward(l, DOWN, &a, n, rows, train, call)?;
         x.par_iter_mut().zip(d.par_iter()).for_each(|(a, b)| *a += b);
         self.pool.give(d);
-        Ok(LayerActs { h1, rstd1, q, k, v, att, lse, x_mid, h2, rstd2, g, u, a })
+        Ok(LayerActs { h1, rstd1, q, k, v, att, lse, x_mid, h2, rstd2, g, u, a, qk })
     }
 
     /// Backward of one layer: `dx` (gradient of the layer's output) is
@@ -866,7 +937,7 @@ impl Model {
     fn layer_backward_in(blk: &mut Block, pool: &mut BufPool, acts: LayerActs, x_in: &[f32], dx: &mut [f32], dims: (usize, usize, usize, usize, usize, usize), shape: AttnShape, table: &RopeTable, need_dx: bool) -> Result<()> {
         let (n, h, it, nh, nkv, hd) = dims;
         let (batch, seq) = (shape.batch, shape.q_len);
-        let LayerActs { h1, rstd1, q, k, v, att, lse, x_mid, h2, rstd2, g, u, a } = acts;
+        let LayerActs { h1, rstd1, q, k, v, att, lse, x_mid, h2, rstd2, g, u, a, qk } = acts;
         // MLP: x_out = x_mid + down(a);  a = silu(g)·u
         let mut da = pool.take(n * it);
         blk.lin[DOWN].backward_into(&a, dx, n, Some(&mut da), false)?;
@@ -898,6 +969,11 @@ impl Model {
         }
         rope_backward(&mut dq, batch, seq, nh, hd, table);
         rope_backward(&mut dk, batch, seq, nkv, hd, table);
+        match (&blk.qk_norm, qk) {
+            (Some(w), Some(acts)) => qk_norm_backward(pool, w, acts, &mut dq, &mut dk, hd),
+            (None, None) => {}
+            _ => bail!(Internal, "layer activations without the q/k norm inputs"),
+        }
         if need_dx {
             let mut dh1 = pool.take(n * h);
             blk.lin[Q].backward_into(&h1, &dq, n, Some(&mut dh1), false)?;
@@ -1218,6 +1294,10 @@ impl Model {
         for (l, b) in self.blocks.iter().enumerate() {
             out.push((format!("model.layers.{l}.input_layernorm.weight"), enc(vec![h], &b.attn_norm)));
             out.push((format!("model.layers.{l}.post_attention_layernorm.weight"), enc(vec![h], &b.mlp_norm)));
+            if let Some([qn, kn]) = &b.qk_norm {
+                out.push((format!("model.layers.{l}.self_attn.q_norm.weight"), enc(vec![qn.len()], qn)));
+                out.push((format!("model.layers.{l}.self_attn.k_norm.weight"), enc(vec![kn.len()], kn)));
+            }
             for (j, layer) in b.lin.iter().enumerate() {
                 let m = module_path(l, j);
                 let mut w = layer.base_weight_f32();
