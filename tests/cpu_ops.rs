@@ -794,7 +794,8 @@ mod torch_parity {
     /// GEMM vs our f64 or 8-lane f32 sums), the online softmax, and libm vs
     /// SLEEF exp/cos/sin — each a few ulps. Measured ≤ 4.9e-7 (attention
     /// dk with a cache prefix), ≤ 2.2e-7 for every other op; inv_freq
-    /// (default and llama3) is bit-identical and cos/sin are within 1 ulp
+    /// (default and llama3) is bit-identical (yarn: one element 1 ulp off,
+    /// PyTorch's f32 pow against a correctly rounded one) and cos/sin are within 1 ulp
     /// at positions up to 4004. 3e-6 is ~6× the worst; a wrong formula
     /// (mask, scale, rotate_half convention, head mapping, label shift) is
     /// off by O(1).
@@ -843,28 +844,30 @@ mod torch_parity {
 
     #[test]
     fn rope_matches_llama_rotary_embedding() {
-        for case in ["rope_default_theta1e4_d16_pos3", "rope_default_theta1e6_d32_pos4000", "rope_llama3_d64_pos100"] {
+        for case in [
+            "rope_default_theta1e4_d16_pos3",
+            "rope_default_theta1e6_d32_pos4000",
+            "rope_llama3_d64_pos100",
+            "rope_yarn_d128_pos3000",
+            "rope_yarn_mscale_notrunc_d64_pos50",
+        ] {
             let (f, m) = open(case);
             let (b, t, hq, hkv, d, pos0): (usize, usize, usize, usize, usize, usize) =
                 (num(&m, "batch"), num(&m, "seq"), num(&m, "n_heads"), num(&m, "n_kv_heads"), num(&m, "head_dim"), num(&m, "pos0"));
-            assert_eq!(m["attention_scaling"], "1.0");
+            // The rope parameters through the model's own config parser.
             let rp: serde_json::Value = serde_json::from_str(&m["rope_parameters"]).unwrap();
-            let theta = rp["rope_theta"].as_f64().unwrap() as f32;
-            let inv = match rp["rope_type"].as_str().unwrap() {
-                "default" => rope::rope_inv_freq(d, theta),
-                "llama3" => rope::rope_inv_freq_llama3(
-                    d,
-                    theta,
-                    rp["factor"].as_f64().unwrap() as f32,
-                    rp["low_freq_factor"].as_f64().unwrap() as f32,
-                    rp["high_freq_factor"].as_f64().unwrap() as f32,
-                    rp["original_max_position_embeddings"].as_u64().unwrap() as usize,
-                ),
-                other => panic!("{other}"),
-            };
+            let cfg = serde_json::json!({
+                "model_type": "llama", "hidden_size": hq * d, "intermediate_size": 8, "num_hidden_layers": 1,
+                "num_attention_heads": hq, "num_key_value_heads": hkv, "head_dim": d, "vocab_size": 8,
+                "rope_parameters": rp
+            });
+            let cfg = lora::model::config::ModelConfig::parse(&cfg.to_string()).unwrap();
+            let scaling: f64 = num(&m, "attention_scaling");
+            assert_eq!(cfg.rope_attention_scaling(), scaling as f32, "{case}: attention scaling");
+            let inv = cfg.inv_freq();
             same(case, "inv_freq", &inv, &f, "inv_freq");
             // HF's table is [T, D] = cat(cos θ, cos θ); ours is one half.
-            let table = rope::RopeTable::new(&inv, pos0, t);
+            let table = rope::RopeTable::new(&inv, pos0, t).scaled(cfg.rope_attention_scaling());
             let (hc, hs) = (rd(&f, "cos"), rd(&f, "sin"));
             let widen = |half: &[f32]| -> Vec<f32> { half.chunks(d / 2).flat_map(|r| r.iter().chain(r.iter()).copied()).collect() };
             assert_close(&format!("torch {case} cos"), &widen(&table.cos), &f64s(&hc), TORCH_TOL, TORCH_TOL);

@@ -97,12 +97,35 @@ fn cases() -> Vec<Case> {
         m.add_adapter("a", AdapterSpec::new(8, 16.0)).unwrap();
         m
     }) as Box<dyn Fn() -> Model>;
+    // Qwen3: per-head q/k norms, head_dim 128 with q_dim 512 ≠ hidden 256,
+    // YaRN (cos and sin scaled), NF4 (folds and stacked gradients in the
+    // lean step).
+    let qwen3 = Box::new(|| {
+        let cfg = serde_json::json!({
+            "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 256, "intermediate_size": 512,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 128, "vocab_size": 640,
+            "rms_norm_eps": 1e-6, "max_position_embeddings": 512, "tie_word_embeddings": true,
+            "rope_parameters": {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0, "original_max_position_embeddings": 128}
+        });
+        let mut m = Model::random(&cfg.to_string(), 0.02, LoadOptions { quantize: Some(Nf4Params::default()), seed: 11 }).unwrap();
+        // Norm weights other than ones, so a missing or transposed one shows.
+        let mut r = SplitMix64::new(12);
+        for b in &mut m.blocks {
+            for w in b.qk_norm.as_mut().unwrap().iter_mut() {
+                w.iter_mut().for_each(|x| *x = 1.0 + 0.2 * r.normal());
+            }
+        }
+        m.add_adapter("a", AdapterSpec::new(16, 32.0)).unwrap();
+        m
+    }) as Box<dyn Fn() -> Model>;
     vec![
         Case { name: "llama_nf4", model: fx("llama_nf4", true), batch: 3, seq: 33 },
         Case { name: "qwen2_fp32", model: fx("qwen2_fp32", false), batch: 2, seq: 40 },
         Case { name: "mistral_bf16", model: fx("mistral_bf16", false), batch: 2, seq: 37 },
         Case { name: "random_hd128_nf4", model: random, batch: 2, seq: 130 },
         Case { name: "random_mistral_hd64_window48", model: window, batch: 2, seq: 100 },
+        Case { name: "qwen3_fp32", model: fx("qwen3_fp32", false), batch: 2, seq: 40 },
+        Case { name: "random_qwen3_hd128_nf4", model: qwen3, batch: 2, seq: 70 },
     ]
 }
 
@@ -733,6 +756,7 @@ fn folded_adapter_products_match_the_unfolded() {
         m
     };
     let mut all = cases();
+    let qwen3 = all.remove(6);
     let random = all.remove(3);
     let llama = all.remove(0);
     // Widths the folds do not take: hidden 200 and intermediate 344 (not
@@ -780,6 +804,7 @@ fn folded_adapter_products_match_the_unfolded() {
         ("random r 64, 20 on v, 1 on gate", ranks, 2, 24, true, true),
         ("random hidden 200", odd(200, 4), 2, 24, false, true),
         ("random hidden 100", odd(100, 2), 2, 24, false, false),
+        ("random qwen3 (q/k norms)", qwen3.model, qwen3.batch, qwen3.seq, true, true),
     ];
     for (name, model, batch, seq, want_fold, want_stack) in runs {
         let mk = || {

@@ -20,6 +20,9 @@ pub enum RopeScaling {
     Default,
     Linear { factor: f32 },
     Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position_embeddings: usize },
+    /// YaRN (transformers `_compute_yarn_parameters`): `attention_factor`
+    /// multiplies cos and sin; the rest shape `inv_freq`.
+    Yarn { factor: f64, attention_factor: f64, beta_fast: f64, beta_slow: f64, original_max_position_embeddings: usize, truncate: bool },
 }
 
 /// bitsandbytes 4-bit settings of an already quantized checkpoint.
@@ -180,8 +183,55 @@ fn parse_rope(m: &Map<String, Value>) -> Result<(f32, RopeScaling)> {
             original_max_position_embeddings: get_usize(&p, "original_max_position_embeddings")?
                 .ok_or_else(|| err!(FileFormat, "config.json: llama3 rope without `original_max_position_embeddings`"))?,
         },
-        other => bail!(Unsupported, "config.json: rope type `{other}` is not supported (default, linear and llama3 are)"),
+        "yarn" => {
+            // transformers: a top-level original_max_position_embeddings
+            // wins (Phi-3's layout), else the rope parameters', else
+            // max_position_embeddings; no factor means their ratio.
+            let orig = match get_usize(m, "original_max_position_embeddings")? {
+                Some(o) => Some(o),
+                None => get_usize(&p, "original_max_position_embeddings")?,
+            }
+            .or(get_usize(m, "max_position_embeddings")?)
+            .ok_or_else(|| err!(FileFormat, "config.json: yarn rope without `original_max_position_embeddings` or `max_position_embeddings`"))?;
+            if orig == 0 {
+                bail!(FileFormat, "config.json: yarn original_max_position_embeddings is 0");
+            }
+            let factor = match get_f64(&p, "factor")? {
+                Some(f) => f,
+                None => get_usize(m, "max_position_embeddings")?.ok_or_else(|| err!(FileFormat, "config.json: yarn rope without `factor` or `max_position_embeddings`"))? as f64 / orig as f64,
+            };
+            if !(factor > 0.0) {
+                bail!(FileFormat, "config.json: rope factor {factor} is not positive");
+            }
+            // yarn_get_mscale: 0.1·m·ln(s) + 1 for s > 1, else 1.
+            let mscale = |s: f64, m: f64| if s <= 1.0 { 1.0 } else { 0.1 * m * s.ln() + 1.0 };
+            let attention_factor = match get_f64(&p, "attention_factor")? {
+                Some(a) => a,
+                None => match (get_f64(&p, "mscale")?.filter(|&x| x != 0.0), get_f64(&p, "mscale_all_dim")?.filter(|&x| x != 0.0)) {
+                    (Some(a), Some(b)) => mscale(factor, a) / mscale(factor, b),
+                    _ => mscale(factor, 1.0),
+                },
+            };
+            // `or 32` / `or 1` in transformers: 0 and null take the default.
+            let beta = |k: &str, d: f64| -> Result<f64> { Ok(get_f64(&p, k)?.filter(|&x| x != 0.0).unwrap_or(d)) };
+            RopeScaling::Yarn {
+                factor,
+                attention_factor,
+                beta_fast: beta("beta_fast", 32.0)?,
+                beta_slow: beta("beta_slow", 1.0)?,
+                original_max_position_embeddings: orig,
+                truncate: get_bool(&p, "truncate", true)?,
+            }
+        }
+        other => bail!(Unsupported, "config.json: rope type `{other}` is not supported (default, linear, llama3 and yarn are)"),
     };
+    for src in [m, &p] {
+        if let Some(f) = get_f64(src, "partial_rotary_factor")? {
+            if f != 1.0 {
+                bail!(Unsupported, "config.json: partial_rotary_factor {f} is not supported (1 is)");
+            }
+        }
+    }
     Ok((theta as f32, scaling))
 }
 
@@ -338,7 +388,30 @@ impl ModelConfig {
             RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
                 rope_inv_freq_llama3(self.head_dim, self.rope_theta, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
             }
+            RopeScaling::Yarn { factor, beta_fast, beta_slow, original_max_position_embeddings, truncate, .. } => {
+                rope_inv_freq_yarn(self.head_dim, self.rope_theta_f64(), factor, beta_fast, beta_slow, original_max_position_embeddings, truncate)
+            }
         }
+    }
+
+    /// The factor on cos and sin (transformers' `attention_scaling`): YaRN's
+    /// `attention_factor`, else 1.
+    pub fn rope_attention_scaling(&self) -> f32 {
+        match self.rope_scaling {
+            RopeScaling::Yarn { attention_factor, .. } => attention_factor as f32,
+            _ => 1.0,
+        }
+    }
+
+    /// `rope_theta` as config.json states it (YaRN's correction range takes
+    /// logarithms of the unrounded value, as transformers' Python floats).
+    fn rope_theta_f64(&self) -> f64 {
+        let text = |m: &Map<String, Value>| get_f64(m, "rope_theta").ok().flatten();
+        match self.raw.get("rope_parameters") {
+            Some(Value::Object(p)) => text(p).or(text(&self.raw)),
+            _ => text(&self.raw),
+        }
+        .unwrap_or(self.rope_theta as f64)
     }
 
     pub fn q_dim(&self) -> usize {
@@ -376,7 +449,8 @@ mod tests {
             ("model_type", "\"gpt2\"", "gpt2"),
             ("hidden_act", "\"gelu\"", "gelu"),
             ("pretraining_tp", "2", "pretraining_tp"),
-            ("rope_parameters", r#"{"rope_type":"yarn","rope_theta":1e4,"factor":2}"#, "yarn"),
+            ("rope_parameters", r#"{"rope_type":"dynamic","rope_theta":1e4,"factor":2}"#, "dynamic"),
+            ("partial_rotary_factor", "0.5", "partial_rotary_factor"),
             ("architectures", r#"["LlamaForSequenceClassification"]"#, "LlamaForSequenceClassification"),
             ("quantization_config", r#"{"quant_method":"gptq"}"#, "gptq"),
             ("attention_dropout", "0.1", "attention_dropout"),
@@ -386,6 +460,26 @@ mod tests {
         }
         assert!(ModelConfig::parse(&with("num_key_value_heads", "3")).is_err());
         assert!(ModelConfig::parse("[1]").is_err());
+    }
+
+    #[test]
+    fn parses_yarn_as_transformers_defaults_it() {
+        let y = |rp: &str, top: &str| ModelConfig::parse(&with("rope_parameters", rp).replacen('{', &format!("{{{top}"), 1)).map(|c| c.rope_scaling);
+        // Factor 4 → attention factor 0.1·ln 4 + 1; betas 32 / 1, truncated.
+        let r = y(r#"{"rope_type":"yarn","rope_theta":1e6,"factor":4.0,"original_max_position_embeddings":32768}"#, "").unwrap();
+        assert_eq!(r, RopeScaling::Yarn { factor: 4.0, attention_factor: 0.1 * 4f64.ln() + 1.0, beta_fast: 32.0, beta_slow: 1.0, original_max_position_embeddings: 32768, truncate: true });
+        // No factor: max_position_embeddings / original; mscale ratio.
+        let r = y(r#"{"rope_type":"yarn","rope_theta":1e4,"original_max_position_embeddings":1024,"mscale":1.0,"mscale_all_dim":0.5}"#, r#""max_position_embeddings":8192,"#).unwrap();
+        let ms = |m: f64| 0.1 * m * 8f64.ln() + 1.0;
+        assert_eq!(r, RopeScaling::Yarn { factor: 8.0, attention_factor: ms(1.0) / ms(0.5), beta_fast: 32.0, beta_slow: 1.0, original_max_position_embeddings: 1024, truncate: true });
+        // A top-level original_max_position_embeddings wins (Phi-3's layout); an explicit attention factor is taken as is.
+        let r = y(r#"{"rope_type":"yarn","rope_theta":1e4,"factor":2.0,"attention_factor":1.5,"original_max_position_embeddings":100,"truncate":false}"#, r#""original_max_position_embeddings":4096,"#).unwrap();
+        assert_eq!(r, RopeScaling::Yarn { factor: 2.0, attention_factor: 1.5, beta_fast: 32.0, beta_slow: 1.0, original_max_position_embeddings: 4096, truncate: false });
+        let c = ModelConfig::parse(&with("rope_parameters", r#"{"rope_type":"yarn","rope_theta":1e4,"factor":2.0,"attention_factor":1.5,"original_max_position_embeddings":64}"#)).unwrap();
+        assert_eq!(c.rope_attention_scaling(), 1.5);
+        assert_eq!(ModelConfig::parse(BASE).unwrap().rope_attention_scaling(), 1.0);
+        // Neither factor nor max_position_embeddings: an error, not a guess.
+        assert!(y(r#"{"rope_type":"yarn","rope_theta":1e4,"original_max_position_embeddings":64}"#, "").is_err());
     }
 
     #[test]

@@ -230,7 +230,7 @@ impl Model {
     fn prefill(&mut self, prompt: &[i32], seq_ad: Option<&[i32]>) -> Result<(Vec<f32>, Vec<(Vec<f32>, Vec<f32>)>)> {
         let t = prompt.len();
         let rows = self.row_adapters(seq_ad, 1, t)?;
-        let table = RopeTable::new(self.inv_freq(), 0, t);
+        let table = RopeTable::new(self.inv_freq(), 0, t).scaled(self.cfg.rope_attention_scaling());
         let mut x = self.embed_rows(prompt);
         let mut kvs = Vec::with_capacity(self.blocks.len());
         for l in 0..self.blocks.len() {
@@ -250,7 +250,7 @@ impl Model {
         let rows = self.row_adapters(seq_ad, bsz, 1)?;
         let positions: Vec<usize> = lens.to_vec();
         // One table row per sequence: rope as a [1, B, H, D] tensor.
-        let table = RopeTable::with_positions(self.inv_freq(), &positions);
+        let table = RopeTable::with_positions(self.inv_freq(), &positions).scaled(self.cfg.rope_attention_scaling());
         let mut x = self.embed_rows(next);
         for l in 0..self.blocks.len() {
             let mut h1 = vec![0f32; bsz * h];

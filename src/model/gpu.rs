@@ -361,6 +361,17 @@ struct DevLayer {
     attn_norm: CudaSlice<f32>,
     mlp_norm: CudaSlice<f32>,
     lin: Vec<DevLinear>,
+    /// Per-head RMSNorm weights of q and k (Qwen3), `[head_dim]` each.
+    qk_norm: Option<[CudaSlice<f32>; 2]>,
+}
+
+/// What the backward of the per-head q/k RMSNorm needs: q and k as their
+/// products wrote them (fp32) and each head row's rstd.
+struct QkSaved {
+    q_raw: CudaSlice<f32>,
+    k_raw: CudaSlice<f32>,
+    rq: CudaSlice<f32>,
+    rk: CudaSlice<f32>,
 }
 
 /// What one layer's backward needs (module docs).
@@ -371,6 +382,9 @@ struct Acts {
     /// in the backward from the layer's input ([`DeviceModel::qkv`]: the
     /// same products, the same bits).
     qkv: Option<[Saved; 3]>,
+    /// With per-head q/k norms, their inputs and rstds, kept and recomputed
+    /// as `qkv` is.
+    qkn: Option<QkSaved>,
     /// The attention output: fp32, or bf16 as q, k and v.
     att: Saved,
     lse: CudaSlice<f32>,
@@ -787,9 +801,6 @@ impl DeviceModel {
         if cfg.head_dim > catt::MAX_HEAD_DIM {
             bail!(Unsupported, "head_dim {} exceeds the device attention kernels' {}", cfg.head_dim, catt::MAX_HEAD_DIM);
         }
-        if cfg.qk_norm {
-            bail!(Unsupported, "{} (per-head q/k norms) runs on the CPU only for now", cfg.arch.architecture());
-        }
         let dev = Arc::new(cu::open(ordinal)?);
         dev.keep_freed_memory()?;
         dev.load_all_kernels()?;
@@ -814,7 +825,11 @@ impl DeviceModel {
                 let bias = l.bias().map(|b| d.upload(b)).transpose()?;
                 lin.push(DevLinear { in_f: l.in_features(), out_f: l.out_features(), w, bias, ads: Vec::new(), merged: None });
             }
-            layers.push(DevLayer { attn_norm: d.upload(&blk.attn_norm)?, mlp_norm: d.upload(&blk.mlp_norm)?, lin });
+            let qk_norm = match &blk.qk_norm {
+                Some([qn, kn]) => Some([d.upload(qn)?, d.upload(kn)?]),
+                None => None,
+            };
+            layers.push(DevLayer { attn_norm: d.upload(&blk.attn_norm)?, mlp_norm: d.upload(&blk.mlp_norm)?, lin, qk_norm });
         }
         let norm = d.upload(&model.norm)?;
         let inv_freq = cfg.inv_freq();
@@ -1239,7 +1254,7 @@ impl DeviceModel {
 
     fn rope_table(&mut self, seq: usize) -> Result<()> {
         if self.rope.as_ref().is_none_or(|t| t.len < seq) {
-            self.rope = Some(CudaRopeTable::upload(&self.dev, &RopeTable::new(&self.inv_freq, 0, seq))?);
+            self.rope = Some(CudaRopeTable::upload(&self.dev, &RopeTable::new(&self.inv_freq, 0, seq).scaled(self.cfg.rope_attention_scaling()))?);
         }
         Ok(())
     }
@@ -1340,7 +1355,7 @@ impl DeviceModel {
         // Attention block.
         let mut rstd1 = out_buf::<f32>(d, n)?;
         let (h1, mut folded) = self.normed_for(l, &[Q, K, V], x, &self.layers[l].attn_norm, n, Some(&mut rstd1), rows)?;
-        let (qkv, [hq, hk, hv]) = self.qkv(l, rows, h1.act()?, &mut folded, batch, seq)?;
+        let (qkv, [hq, hk, hv], qkn) = self.qkv(l, rows, h1.act()?, &mut folded, batch, seq)?;
         drop(h1);
         let mut lse = out_buf::<f32>(d, n * nh)?;
         let t = self.tick()?;
@@ -1383,11 +1398,11 @@ impl DeviceModel {
         let split_mid = |x_mid: CudaSlice<f32>| -> Result<(CudaSlice<f32>, Option<CudaSlice<f32>>)> {
             Ok(if train && !recompute { (d.duplicate(&x_mid)?, Some(x_mid)) } else { (x_mid, None) })
         };
-        let qkv = if !recompute {
+        let (qkv, qkn) = if !recompute {
             (hs[Q], hs[K], hs[V]) = (hq, hk, hv);
-            Some(qkv)
+            (Some(qkv), qkn)
         } else {
-            None
+            (None, None)
         };
         let (x_mid, h_o) = self.attn_residual(l, rows, x, &att)?;
         hs[O] = h_o;
@@ -1414,7 +1429,7 @@ impl DeviceModel {
             hs[DOWN] = self.lin_forward(l, DOWN, rows, a.act()?, n, &mut x_out, 1.0)?.or(folded[DOWN].take());
             drop(a);
             let gu = Some(GateUp::Wide(gu, plan));
-            return Ok((Acts { rstd1, qkv, att, lse, x_mid, rstd2, gu, hs }, x_out));
+            return Ok((Acts { rstd1, qkv, qkn, att, lse, x_mid, rstd2, gu, hs }, x_out));
         }
         if self.lean() && matches!(rows, Rows::Train(_)) && self.layers[l].lin[GATE].bias.is_none() && self.layers[l].lin[UP].bias.is_none() {
             // The lean training step's gate and up products write bf16 (the
@@ -1430,7 +1445,7 @@ impl DeviceModel {
             hs[DOWN] = self.lin_forward(l, DOWN, rows, a.act()?, n, &mut x_out, 1.0)?.or(folded[DOWN].take());
             drop(a);
             let gu = Some(GateUp::Pair(Saved::Bf16(gb), Saved::Bf16(ub)));
-            return Ok((Acts { rstd1, qkv, att, lse, x_mid, rstd2, gu, hs }, x_out));
+            return Ok((Acts { rstd1, qkv, qkn, att, lse, x_mid, rstd2, gu, hs }, x_out));
         }
         let mut g = out_buf::<f32>(d, n * it)?;
         let mut u = out_buf::<f32>(d, n * it)?;
@@ -1443,7 +1458,7 @@ impl DeviceModel {
         let (a, ab, gu) = self.gated(g, u, matches!(rows, Rows::Train(_)))?;
         let gu = gu.map(|(g, u)| GateUp::Pair(g, u));
         hs[DOWN] = self.lin_forward(l, DOWN, rows, act_of(&a, &ab)?, n, &mut x_out, 1.0)?;
-        Ok((Acts { rstd1, qkv, att, lse, x_mid, rstd2, gu, hs }, x_out))
+        Ok((Acts { rstd1, qkv, qkn, att, lse, x_mid, rstd2, gu, hs }, x_out))
     }
 
     /// Layer `l`'s q, k (rotated) and v from its normed input `h1`, with
@@ -1452,8 +1467,10 @@ impl DeviceModel {
     /// anyway: q and k are rotated straight into their bf16 copies, each
     /// fp32 buffer freed as its copy is made), else fp32. The forward's,
     /// and the backward's recomputation: one code path, the same bits.
+    /// With per-head q/k norms (Qwen3) q and k are normed before the
+    /// rotation; a training step gets the norms' inputs and rstds back.
     #[allow(clippy::type_complexity)]
-    fn qkv(&self, l: usize, rows: Rows<'_>, h1: Act<'_>, folded: &mut Folded, batch: usize, seq: usize) -> Result<([Saved; 3], [Option<Saved>; 3])> {
+    fn qkv(&self, l: usize, rows: Rows<'_>, h1: Act<'_>, folded: &mut Folded, batch: usize, seq: usize) -> Result<([Saved; 3], [Option<Saved>; 3], Option<QkSaved>)> {
         let d = &*self.dev;
         let Dims { qd, kvd, nh, nkv, hd, .. } = Dims::of(&self.cfg);
         let n = batch * seq;
@@ -1464,18 +1481,58 @@ impl DeviceModel {
         let hq = self.lin_forward(l, Q, rows, h1, n, &mut q, 0.0)?.or(folded[Q].take());
         let hk = self.lin_forward(l, K, rows, h1, n, &mut k, 0.0)?.or(folded[K].take());
         let hv = self.lin_forward(l, V, rows, h1, n, &mut v, 0.0)?.or(folded[V].take());
+        let qkn = match &self.layers[l].qk_norm {
+            Some(w) => {
+                let s = self.qk_normed(w, &mut q, &mut k, n)?;
+                matches!(rows, Rows::Train(_)).then_some(s)
+            }
+            None => None,
+        };
         let tc = self.attn_tc && catt::tc_supported(d, &self.shape(l, batch, seq));
         if tc && self.lean() && matches!(rows, Rows::Train(_)) {
             let qb = self.rotated_bf16(q, batch, seq, nh, false)?;
             let kb = self.rotated_bf16(k, batch, seq, nkv, false)?;
             let vb = bf16_copy(d, &v)?;
             drop(v);
-            return Ok(([Saved::Bf16(qb), Saved::Bf16(kb), Saved::Bf16(vb)], [hq, hk, hv]));
+            return Ok(([Saved::Bf16(qb), Saved::Bf16(kb), Saved::Bf16(vb)], [hq, hk, hv], qkn));
         }
         let table = self.rope.as_ref().ok_or_else(|| err!(Internal, "no RoPE table for this sequence length"))?;
         crope::rope_forward(d, &mut q.as_view_mut(), batch, seq, nh, hd, table)?;
         crope::rope_forward(d, &mut k.as_view_mut(), batch, seq, nkv, hd, table)?;
-        Ok(([Saved::F32(q), Saved::F32(k), Saved::F32(v)], [hq, hk, hv]))
+        Ok(([Saved::F32(q), Saved::F32(k), Saved::F32(v)], [hq, hk, hv], qkn))
+    }
+
+    /// The per-head RMSNorm of `q` `[n, heads·head_dim]` and `k` (weights
+    /// `w` = [q_norm, k_norm]): each replaced by its normed values; returns
+    /// their inputs and rstds (the backward's).
+    fn qk_normed(&self, w: &[CudaSlice<f32>; 2], q: &mut CudaSlice<f32>, k: &mut CudaSlice<f32>, n: usize) -> Result<QkSaved> {
+        let d = &*self.dev;
+        let Dims { nh, nkv, hd, .. } = Dims::of(&self.cfg);
+        let eps = self.cfg.rms_norm_eps;
+        let (mut qn, mut kn) = (out_buf::<f32>(d, q.len())?, out_buf::<f32>(d, k.len())?);
+        let (mut rq, mut rk) = (out_buf::<f32>(d, n * nh)?, out_buf::<f32>(d, n * nkv)?);
+        cnorm::rmsnorm_forward(d, &q.as_view(), &w[0].as_view(), n * nh, hd, eps, &mut qn.as_view_mut(), Some(&mut rq.as_view_mut()))?;
+        cnorm::rmsnorm_forward(d, &k.as_view(), &w[1].as_view(), n * nkv, hd, eps, &mut kn.as_view_mut(), Some(&mut rk.as_view_mut()))?;
+        let q_raw = std::mem::replace(q, qn);
+        let k_raw = std::mem::replace(k, kn);
+        Ok(QkSaved { q_raw, k_raw, rq, rk })
+    }
+
+    /// The gradients of q and k before the rotation and the per-head norms
+    /// from those after (the attention backward's), `dq` and `dk` replaced.
+    fn qk_norm_backward(&self, l: usize, s: QkSaved, dq: &mut CudaSlice<f32>, dk: &mut CudaSlice<f32>, batch: usize, seq: usize) -> Result<()> {
+        let d = &*self.dev;
+        let Dims { nh, nkv, hd, .. } = Dims::of(&self.cfg);
+        let w = self.layers[l].qk_norm.as_ref().ok_or_else(|| err!(Internal, "q/k norm activations for a layer without q/k norms"))?;
+        let table = self.rope.as_ref().ok_or_else(|| err!(Internal, "no RoPE table for this sequence length"))?;
+        crope::rope_backward(d, &mut dq.as_view_mut(), batch, seq, nh, hd, table)?;
+        crope::rope_backward(d, &mut dk.as_view_mut(), batch, seq, nkv, hd, table)?;
+        for (raw, r, wi, g) in [(&s.q_raw, &s.rq, &w[0], &mut *dq), (&s.k_raw, &s.rk, &w[1], &mut *dk)] {
+            let mut dr = out_buf::<f32>(d, raw.len())?;
+            cnorm::rmsnorm_backward(d, &raw.as_view(), &wi.as_view(), &r.as_view(), &g.as_view(), r.len(), hd, &mut dr.as_view_mut(), None)?;
+            *g = dr;
+        }
+        Ok(())
     }
 
     /// `x_mid = x + o_proj(att)` (with the adapter's `att·Aᵀ` for the
@@ -2139,7 +2196,7 @@ impl DeviceModel {
         let Dims { h, it, qd, kvd, nh, nkv, hd, .. } = Dims::of(&self.cfg);
         let n = batch * seq;
         let shape = self.shape(l, batch, seq);
-        let Acts { rstd1, qkv, att, lse, x_mid, rstd2, gu, mut hs } = acts;
+        let Acts { rstd1, qkv, mut qkn, att, lse, x_mid, rstd2, gu, mut hs } = acts;
         let gu = gu.ok_or_else(|| err!(Internal, "gate and up not kept for the backward"))?;
         let lean = self.lean();
         let dxb = match dxb {
@@ -2263,8 +2320,9 @@ impl DeviceModel {
                 // As the forward normed it (both forms where it made both,
                 // or wide).
                 let (f, mut folded) = self.normed_for(l, &[Q, K, V], x_in, &self.layers[l].attn_norm, n, None, Rows::Train(tr))?;
-                let (s, [hq, hk, hv]) = self.qkv(l, Rows::Train(tr), f.act()?, &mut folded, batch, seq)?;
+                let (s, [hq, hk, hv], sn) = self.qkv(l, Rows::Train(tr), f.act()?, &mut folded, batch, seq)?;
                 (hs[Q], hs[K], hs[V]) = (hq, hk, hv);
+                qkn = sn;
                 h1f = Some(f);
                 s
             }
@@ -2294,9 +2352,20 @@ impl DeviceModel {
         }
         self.tock(t, "attention backward")?;
         drop((q, k, v, att, lse, datt));
+        // With per-head q/k norms, dq and dk are rotated back and taken
+        // through the norms' backward here (fp32); the paths below then
+        // only convert them.
+        let rotated = match qkn {
+            Some(s) => {
+                self.qk_norm_backward(l, s, &mut dq, &mut dk, batch, seq)?;
+                false
+            }
+            None if self.layers[l].qk_norm.is_some() => bail!(Internal, "q/k norm activations not kept for the backward"),
+            None => true,
+        };
         if lean && need_dx {
             if let Some(plan) = self.dx_stack_plan(l, tr, &[Q, K, V], false) {
-                return self.qkv_backward_stacked(tr, l, x_in, h1f, &hs, [dq, dk, dv], &plan, (&rstd1, &dxm), batch, seq);
+                return self.qkv_backward_stacked(tr, l, x_in, h1f, &hs, [dq, dk, dv], rotated, &plan, (&rstd1, &dxm), batch, seq);
             }
         }
         let table = self.rope.as_ref().expect("rope table made for this sequence length");
@@ -2305,11 +2374,18 @@ impl DeviceModel {
         // ones freed); otherwise fp32 rotated in place, and bf16 copies in
         // BF16 mode.
         let ((dq, dqb), (dk, dkb), (dv, dvb)) = if lean {
-            let dqb = self.rotated_bf16(dq, batch, seq, nh, true)?;
-            let dkb = self.rotated_bf16(dk, batch, seq, nkv, true)?;
+            let (dqb, dkb) = if rotated {
+                (self.rotated_bf16(dq, batch, seq, nh, true)?, self.rotated_bf16(dk, batch, seq, nkv, true)?)
+            } else {
+                (bf16_copy(d, &dq)?, bf16_copy(d, &dk)?)
+            };
             let dvb = bf16_copy(d, &dv)?;
             drop(dv);
             ((None, Some(dqb)), (None, Some(dkb)), (None, Some(dvb)))
+        } else if !rotated {
+            // Already rotated back (the q/k norms' backward above).
+            let (dqb, dkb, dvb) = if need_dx { (self.operand(&dq)?, self.operand(&dk)?, self.operand(&dv)?) } else { (None, None, None) };
+            ((Some(dq), dqb), (Some(dk), dkb), (Some(dv), dvb))
         } else if need_dx && self.compute == Compute::BF16 {
             // Rotated back in place, each with its bf16 rounding from the
             // same pass (the base products' operands).
@@ -2439,16 +2515,19 @@ impl DeviceModel {
     /// [`stacked_dx`](Self::stacked_dx), then the norm's backward, as the
     /// unstacked path ends.
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
-    fn qkv_backward_stacked(&mut self, tr: Train, l: usize, x_in: &CudaSlice<f32>, h1f: Option<Normed>, hs: &[Option<Saved>], [dq, dk, dv]: [CudaSlice<f32>; 3], plan: &DxStack, (rstd1, dxm): (&CudaSlice<f32>, &CudaSlice<f32>), batch: usize, seq: usize) -> Result<(CudaSlice<f32>, Option<CudaSlice<u16>>)> {
+    fn qkv_backward_stacked(&mut self, tr: Train, l: usize, x_in: &CudaSlice<f32>, h1f: Option<Normed>, hs: &[Option<Saved>], [dq, dk, dv]: [CudaSlice<f32>; 3], rotated: bool, plan: &DxStack, (rstd1, dxm): (&CudaSlice<f32>, &CudaSlice<f32>), batch: usize, seq: usize) -> Result<(CudaSlice<f32>, Option<CudaSlice<u16>>)> {
         let dev = self.dev.clone();
         let d = &*dev;
         let Dims { qd, kvd, nh, nkv, hd, .. } = Dims::of(&self.cfg);
         let (n, ld) = (batch * seq, plan.ld);
         let mut st = out_buf::<u16>(d, n * ld)?;
-        {
+        if rotated {
             let table = self.rope.as_ref().ok_or_else(|| err!(Internal, "no RoPE table for this sequence length"))?;
             crope::rope_bf16_into(d, &dq.as_view(), None, &mut st.as_view_mut(), ld, 0, batch, seq, nh, hd, table, true)?;
             crope::rope_bf16_into(d, &dk.as_view(), None, &mut st.as_view_mut(), ld, qd, batch, seq, nkv, hd, table, true)?;
+        } else {
+            ew::to_bf16_cols(d, &dq.as_view(), n, qd, &mut st.as_view_mut(), ld, 0)?;
+            ew::to_bf16_cols(d, &dk.as_view(), n, kvd, &mut st.as_view_mut(), ld, qd)?;
         }
         ew::to_bf16_cols(d, &dv.as_view(), n, kvd, &mut st.as_view_mut(), ld, qd + kvd)?;
         drop((dq, dk, dv));
@@ -2718,7 +2797,7 @@ impl DeviceModel {
         let mut b = wb(&self.embed) + self.norm.len() * 4 + self.head.as_ref().map_or(0, wb);
         b += self.sets.iter().map(|s| s.params.len() * 4 + s.train.as_ref().map_or(0, |t| t.grads.len() * 4 + t.m.device_bytes() + t.v.device_bytes())).sum::<usize>();
         for l in &self.layers {
-            b += (l.attn_norm.len() + l.mlp_norm.len()) * 4;
+            b += (l.attn_norm.len() + l.mlp_norm.len() + l.qk_norm.as_ref().map_or(0, |w| w[0].len() + w[1].len())) * 4;
             for lin in &l.lin {
                 b += wb(&lin.w) + lin.bias.as_ref().map_or(0, |x| x.len() * 4) + lin.merged.as_ref().map_or(0, wb);
             }
@@ -2872,7 +2951,7 @@ impl DeviceModel {
         let Dims { it, qd, kvd, nh, nkv, hd, .. } = Dims::of(&self.cfg);
         let bsz = next.len();
         // One table row per sequence: rope as a [1, B, H, D] tensor.
-        let table = CudaRopeTable::upload(d, &RopeTable::with_positions(&self.inv_freq, lens))?;
+        let table = CudaRopeTable::upload(d, &RopeTable::with_positions(&self.inv_freq, lens).scaled(self.cfg.rope_attention_scaling()))?;
         let new_lens: Vec<usize> = lens.iter().map(|&n| n + 1).collect();
         let mut x = self.embed_ids(next)?;
         for (l, cache) in caches.iter_mut().enumerate() {
@@ -2882,6 +2961,9 @@ impl DeviceModel {
             self.lin_decode(l, Q, rows, h1a, bsz, &mut q, 0.0)?;
             self.lin_decode(l, K, rows, h1a, bsz, &mut k, 0.0)?;
             self.lin_decode(l, V, rows, h1a, bsz, &mut v, 0.0)?;
+            if let Some(w) = &self.layers[l].qk_norm {
+                self.qk_normed(w, &mut q, &mut k, bsz)?;
+            }
             crope::rope_forward(d, &mut q.as_view_mut(), 1, bsz, nh, hd, &table)?;
             crope::rope_forward(d, &mut k.as_view_mut(), 1, bsz, nkv, hd, &table)?;
             for (b, &pos) in lens.iter().enumerate() {

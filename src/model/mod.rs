@@ -1029,7 +1029,7 @@ impl Model {
     fn logits_cpu(&mut self, ids: &[i32], batch: usize, seq: usize, seq_adapters: Option<&[i32]>) -> Result<Vec<f32>> {
         let rows = self.row_adapters(seq_adapters, batch, seq)?;
         let n = batch * seq;
-        let table = RopeTable::new(&self.inv_freq, 0, seq);
+        let table = RopeTable::new(&self.inv_freq, 0, seq).scaled(self.cfg.rope_attention_scaling());
         let mut x = self.embed_rows(ids);
         let mut peak = 0;
         for l in 0..self.blocks.len() {
@@ -1076,7 +1076,7 @@ impl Model {
         let (h, vsz) = (self.hidden(), self.vocab());
         check_labels(labels, vsz)?;
         let n = batch * seq;
-        let table = RopeTable::new(&self.inv_freq, 0, seq);
+        let table = RopeTable::new(&self.inv_freq, 0, seq).scaled(self.cfg.rope_attention_scaling());
         let mut x = self.embed_rows(ids);
         let nl = self.blocks.len();
         let mut inputs: Vec<Vec<f32>> = Vec::with_capacity(nl);

@@ -87,6 +87,51 @@ pub fn rope_inv_freq_llama3(head_dim: usize, theta: f32, factor: f32, low_freq_f
         .collect()
 }
 
+/// YaRN frequency scaling ("yarn" rope_type), transformers
+/// `_compute_yarn_parameters` with f32 tensors where it has them:
+///
+/// ```text
+///   p_i  = theta^(2i/D)                 (as rope_inv_freq)
+///   extrapolation_i = 1 / p_i,  interpolation_i = 1 / (factor·p_i)
+///   c(r) = D·ln(orig / (2π·r)) / (2·ln theta)           (f64)
+///   lo, hi = c(beta_fast), c(beta_slow)  (floor / ceil with truncate),
+///            clamped to [0, D−1]; hi += 0.001 when equal
+///   ramp_i = clamp((i − lo) / (hi − lo), 0, 1),  e_i = 1 − ramp_i
+///   inv_freq_i = interpolation_i·(1 − e_i) + extrapolation_i·e_i
+/// ```
+///
+/// (`theta` in f64 as config.json states it: the correction range takes
+/// its logarithm in Python floats; the powers use its f32 rounding, as
+/// transformers' f32 tensors do.) The attention factor multiplies cos and
+/// sin ([`RopeTable::scaled`]).
+pub fn rope_inv_freq_yarn(head_dim: usize, theta: f64, factor: f64, beta_fast: f64, beta_slow: f64, original_max_position_embeddings: usize, truncate: bool) -> Vec<f32> {
+    let d = head_dim as f64;
+    let orig = original_max_position_embeddings as f64;
+    let corr = |rot: f64| d * (orig / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * theta.ln());
+    let (mut lo, mut hi) = (corr(beta_fast), corr(beta_slow));
+    if truncate {
+        lo = lo.floor();
+        hi = hi.ceil();
+    }
+    let (lo, mut hi) = (lo.max(0.0), hi.min(d - 1.0));
+    if lo == hi {
+        hi += 0.001;
+    }
+    // Python scalars meet f32 tensors: each rounded to f32 for the op.
+    let (lo32, span32, f32f) = (lo as f32, (hi - lo) as f32, factor as f32);
+    (0..head_dim / 2)
+        .map(|i| {
+            let e = (2 * i) as f32 / head_dim as f32;
+            let pw = ((theta as f32) as f64).powf(e as f64) as f32;
+            let extrap = 1.0 / pw;
+            let interp = 1.0 / (f32f * pw);
+            let ramp = ((i as f32 - lo32) / span32).clamp(0.0, 1.0);
+            let ext = 1.0 - ramp;
+            interp * (1.0 - ext) + extrap * ext
+        })
+        .collect()
+}
+
 /// cos/sin of `θ[t, i] = positions[t] · inv_freq[i]` for a list of positions;
 /// `cos`, `sin` are `[len, D/2]` row-major (the second half of HF's
 /// `cat(freqs, freqs)` table is the same numbers, so only one half is kept).
@@ -122,6 +167,15 @@ impl RopeTable {
             }
         }
         RopeTable { half, len: positions.len(), cos, sin }
+    }
+
+    /// cos and sin each multiplied by `s` in f32 (transformers'
+    /// `attention_scaling`, YaRN's attention factor; 1 changes nothing).
+    pub fn scaled(mut self, s: f32) -> Self {
+        if s != 1.0 {
+            self.cos.iter_mut().chain(self.sin.iter_mut()).for_each(|v| *v *= s);
+        }
+        self
     }
 }
 
