@@ -502,5 +502,19 @@ mod tests {
         assert!(!ModelConfig::parse(BASE).unwrap().qk_norm);
         let e = q3(r#","architectures":["Qwen2ForCausalLM"]"#).unwrap_err();
         assert!(e.message.contains("Qwen2ForCausalLM"), "{}", e.message);
+        // Qwen3-0.6B's config.json as published (transformers 4 form,
+        // integer rope_theta, null rope_scaling and sliding_window).
+        let c = ModelConfig::parse(
+            r#"{"architectures":["Qwen3ForCausalLM"],"attention_bias":false,"attention_dropout":0.0,"bos_token_id":151643,
+            "eos_token_id":151645,"head_dim":128,"hidden_act":"silu","hidden_size":1024,"initializer_range":0.02,
+            "intermediate_size":3072,"max_position_embeddings":40960,"max_window_layers":28,"model_type":"qwen3",
+            "num_attention_heads":16,"num_hidden_layers":28,"num_key_value_heads":8,"rms_norm_eps":1e-06,"rope_scaling":null,
+            "rope_theta":1000000,"sliding_window":null,"tie_word_embeddings":true,"torch_dtype":"bfloat16",
+            "transformers_version":"4.51.0","use_cache":true,"use_sliding_window":false,"vocab_size":151936}"#,
+        )
+        .unwrap();
+        assert_eq!((c.q_dim(), c.kv_dim(), c.hidden_size, c.rope_theta, c.rope_scaling.clone()), (2048, 1024, 1024, 1e6, RopeScaling::Default));
+        assert!(c.qk_norm && c.tie_word_embeddings && c.windows.iter().all(|w| w.is_none()));
+        assert_eq!((c.dtype.as_deref(), c.eos_token_ids.as_slice()), (Some("bfloat16"), &[151645][..]));
     }
 }
