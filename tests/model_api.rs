@@ -264,6 +264,39 @@ fn malformed_checkpoints_are_refused_by_name() {
 }
 
 #[test]
+fn a_qwen3_checkpoint_without_a_k_norm_is_refused_by_name() {
+    let src = fixture("qwen3_fp32").join("model");
+    let f = StFile::open(&src.join("model.safetensors")).unwrap();
+    let gone = "model.layers.1.self_attn.k_norm.weight";
+    let kept: Vec<(String, OutTensor<'static>)> = f
+        .names()
+        .into_iter()
+        .filter(|n| n != gone)
+        .map(|n| {
+            let t = f.get(&n).unwrap();
+            let o = OutTensor { dtype: t.dtype(), shape: t.shape().to_vec(), data: std::borrow::Cow::Owned(t.data().to_vec()) };
+            (n, o)
+        })
+        .collect();
+    let dir = tmpdir("qwen3-no-k-norm");
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    write_atomic(&dir.join("model.safetensors"), &kept, &Default::default()).unwrap();
+    let e = Model::load(&dir, LoadOptions::default(), &mut |_, _| true).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::TensorNotFound, "{e}");
+    assert!(e.message.contains(gone), "{}", e.message);
+    // The same file read as a Qwen2: Qwen2's q/k/v biases are missing.
+    let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    c["model_type"] = "qwen2".into();
+    c["architectures"] = serde_json::json!(["Qwen2ForCausalLM"]);
+    std::fs::write(dir.join("config.json"), c.to_string()).unwrap();
+    std::fs::copy(src.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+    let e = Model::load(&dir, LoadOptions::default(), &mut |_, _| true).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::TensorNotFound, "{e}");
+    assert!(e.message.contains("model.layers.0.self_attn.q_proj.bias"), "{}", e.message);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
 fn sampling_is_seeded_and_top_k_one_is_greedy() {
     let dir = tmpdir("sample");
     synth(&dir, 64, 128, 1, 4, 2, 61, None);
