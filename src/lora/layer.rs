@@ -24,6 +24,36 @@ use std::sync::OnceLock;
 /// dense copy of a real layer.
 const TILE_ELEMS: usize = 1 << 21;
 
+/// Dequantized-tile buffers kept between calls: a fresh 8 MiB buffer per
+/// product was a fresh mapping to fault in and clear, page by page, every
+/// time (each NF4 linear dequantizes its whole weight twice a step). At
+/// most `KEPT_TILES` are kept (one per linear running at once: models on
+/// several threads); the rest are freed.
+static TILES: parking_lot::Mutex<Vec<Vec<f32>>> = parking_lot::Mutex::new(Vec::new());
+const KEPT_TILES: usize = 4;
+
+/// Runs `f` on a tile buffer of `n` floats (contents unspecified: every
+/// caller overwrites what it reads).
+fn with_tile<R>(n: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut buf = {
+        let mut kept = TILES.lock();
+        match kept.iter().position(|b| b.len() >= n) {
+            Some(i) => kept.swap_remove(i),
+            None => kept.pop().unwrap_or_default(),
+        }
+    };
+    if buf.len() < n {
+        buf = Vec::with_capacity(n);
+        buf.resize(n, 0.0);
+    }
+    let r = f(&mut buf[..n]);
+    let mut kept = TILES.lock();
+    if kept.len() < KEPT_TILES {
+        kept.push(buf);
+    }
+    r
+}
+
 /// How a new adapter's A and B are initialized.
 #[derive(Clone, Debug)]
 pub enum Init {
@@ -569,13 +599,14 @@ impl LoraLayer {
             }
             (None, Base::Nf4 { t }) => {
                 let rows = (TILE_ELEMS / in_f).clamp(1, out_f);
-                let mut tile = vec![0f32; rows * in_f];
-                for o0 in (0..out_f).step_by(rows) {
-                    let o1 = (o0 + rows).min(out_f);
-                    let tw = &mut tile[..(o1 - o0) * in_f];
-                    dequant_par(t, o0 * in_f, tw);
-                    gemm_f32(&mut y[o0..], out_f, Mat::n(x, in_f), Mat::t(tw, in_f), n, o1 - o0, in_f, 1.0, false, true);
-                }
+                with_tile(rows * in_f, |tile| {
+                    for o0 in (0..out_f).step_by(rows) {
+                        let o1 = (o0 + rows).min(out_f);
+                        let tw = &mut tile[..(o1 - o0) * in_f];
+                        dequant_par(t, o0 * in_f, tw);
+                        gemm_f32(&mut y[o0..], out_f, Mat::n(x, in_f), Mat::t(tw, in_f), n, o1 - o0, in_f, 1.0, false, true);
+                    }
+                });
             }
         }
         if let Some(b) = &self.bias {
@@ -591,13 +622,14 @@ impl LoraLayer {
             Base::Dense(w) => gemm_f32(dx, in_f, Mat::n(dy, out_f), Mat::n(w, in_f), n, in_f, out_f, 1.0, accumulate, true),
             Base::Nf4 { t } => {
                 let rows = (TILE_ELEMS / in_f).clamp(1, out_f);
-                let mut tile = vec![0f32; rows * in_f];
-                for o0 in (0..out_f).step_by(rows) {
-                    let o1 = (o0 + rows).min(out_f);
-                    let tw = &mut tile[..(o1 - o0) * in_f];
-                    dequant_par(t, o0 * in_f, tw);
-                    gemm_f32(dx, in_f, Mat::n(&dy[o0..], out_f), Mat::n(tw, in_f), n, in_f, o1 - o0, 1.0, accumulate || o0 > 0, true);
-                }
+                with_tile(rows * in_f, |tile| {
+                    for o0 in (0..out_f).step_by(rows) {
+                        let o1 = (o0 + rows).min(out_f);
+                        let tw = &mut tile[..(o1 - o0) * in_f];
+                        dequant_par(t, o0 * in_f, tw);
+                        gemm_f32(dx, in_f, Mat::n(&dy[o0..], out_f), Mat::n(tw, in_f), n, in_f, o1 - o0, 1.0, accumulate || o0 > 0, true);
+                    }
+                });
             }
         }
     }
