@@ -200,7 +200,7 @@ fn parse_rope(m: &Map<String, Value>) -> Result<(f32, RopeScaling)> {
                 Some(f) => f,
                 None => get_usize(m, "max_position_embeddings")?.ok_or_else(|| err!(FileFormat, "config.json: yarn rope without `factor` or `max_position_embeddings`"))? as f64 / orig as f64,
             };
-            if !(factor > 0.0) {
+            if factor.is_nan() || factor <= 0.0 {
                 bail!(FileFormat, "config.json: rope factor {factor} is not positive");
             }
             // yarn_get_mscale: 0.1·m·ln(s) + 1 for s > 1, else 1.
@@ -212,6 +212,9 @@ fn parse_rope(m: &Map<String, Value>) -> Result<(f32, RopeScaling)> {
                     _ => mscale(factor, 1.0),
                 },
             };
+            if !attention_factor.is_finite() || attention_factor <= 0.0 {
+                bail!(FileFormat, "config.json: yarn attention factor {attention_factor} is not positive");
+            }
             // `or 32` / `or 1` in transformers: 0 and null take the default.
             let beta = |k: &str, d: f64| -> Result<f64> { Ok(get_f64(&p, k)?.filter(|&x| x != 0.0).unwrap_or(d)) };
             RopeScaling::Yarn {
