@@ -125,6 +125,7 @@ fn cases() -> Vec<Case> {
         Case { name: "random_hd128_nf4", model: random, batch: 2, seq: 130 },
         Case { name: "random_mistral_hd64_window48", model: window, batch: 2, seq: 100 },
         Case { name: "qwen3_fp32", model: fx("qwen3_fp32", false), batch: 2, seq: 40 },
+        Case { name: "llama_bias_nf4", model: fx("llama_bias_fp32", true), batch: 2, seq: 29 },
         Case { name: "random_qwen3_hd128_nf4", model: qwen3, batch: 2, seq: 70 },
     ]
 }
@@ -756,7 +757,9 @@ fn folded_adapter_products_match_the_unfolded() {
         m
     };
     let mut all = cases();
-    let qwen3 = all.remove(6);
+    let qwen3 = all.remove(7);
+    let bias = all.remove(6);
+    assert_eq!((qwen3.name, bias.name), ("random_qwen3_hd128_nf4", "llama_bias_nf4"));
     let random = all.remove(3);
     let llama = all.remove(0);
     // Widths the folds do not take: hidden 200 and intermediate 344 (not
@@ -805,6 +808,8 @@ fn folded_adapter_products_match_the_unfolded() {
         ("random hidden 200", odd(200, 4), 2, 24, false, true),
         ("random hidden 100", odd(100, 2), 2, 24, false, false),
         ("random qwen3 (q/k norms)", qwen3.model, qwen3.batch, qwen3.seq, true, true),
+        // Biases on all seven linears, adapters on o, up and down only.
+        ("llama every bias, quantized", bias.model, bias.batch, bias.seq, true, true),
     ];
     for (name, model, batch, seq, want_fold, want_stack) in runs {
         let mk = || {

@@ -156,6 +156,11 @@ fn qwen2_tied_bias_rslora_layers_to_transform() {
 }
 
 #[test]
+fn llama_every_bias_linear_rope() {
+    parity("llama_bias_fp32", "model", false, true);
+}
+
+#[test]
 fn qwen3_qk_norm_head_dim_tied() {
     parity("qwen3_fp32", "model", false, true);
 }
