@@ -161,6 +161,16 @@ fn llama_every_bias_linear_rope() {
 }
 
 #[test]
+fn mistral_sliding_window_shorter_than_the_sequence() {
+    parity("mistral_win5_fp32", "model", false, true);
+}
+
+#[test]
+fn qwen2_sliding_window_from_max_window_layers() {
+    parity("qwen2_window6_fp32", "model", false, true);
+}
+
+#[test]
 fn qwen3_qk_norm_head_dim_tied() {
     parity("qwen3_fp32", "model", false, true);
 }
