@@ -296,6 +296,42 @@ fn a_qwen3_checkpoint_without_a_k_norm_is_refused_by_name() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// PEFT's resolution of adapter_config.json options (regex target_modules,
+/// exclude_modules, layers_to_transform / layers_pattern, overlapping
+/// rank / alpha patterns, rslora): the modules, ranks and scalings PEFT
+/// gives after loading each file (scripts/fixtures/gen_peft_configs.py)
+/// are the ones liblora gives.
+#[test]
+fn adapter_configs_resolve_as_peft_resolves_them() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/peft_configs");
+    let mut model_cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("model_config.json")).unwrap()).unwrap();
+    model_cfg["model_type"] = "llama".into();
+    model_cfg["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(&root).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_dir()).collect();
+    cases.sort();
+    assert!(cases.len() >= 8, "{} cases", cases.len());
+    for dir in cases {
+        let case = dir.file_name().unwrap().to_string_lossy().to_string();
+        let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
+        let want: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("resolved.json")).unwrap()).unwrap();
+        let spec = AdapterSpec::from_config_json(&cfg).unwrap_or_else(|e| panic!("{case}: {e}"));
+        let mut m = Model::random(&model_cfg.to_string(), 0.02, LoadOptions::default()).unwrap();
+        m.add_adapter("x", spec).unwrap_or_else(|e| panic!("{case}: {e}"));
+        let mut got = std::collections::BTreeMap::new();
+        for &(l, j) in &m.adapters[0].modules {
+            let ad = m.blocks[l].lin[j].adapter("x").unwrap();
+            got.insert(lora::model::module_path(l, j), (ad.r, ad.scale));
+        }
+        let want: std::collections::BTreeMap<String, (usize, f32)> = want["modules"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), (v[0].as_u64().unwrap() as usize, v[1].as_f64().unwrap() as f32)))
+            .collect();
+        assert_eq!(got, want, "{case}: modules, ranks and scalings (ours, then PEFT's)");
+    }
+}
+
 #[test]
 fn sampling_is_seeded_and_top_k_one_is_greedy() {
     let dir = tmpdir("sample");

@@ -12,8 +12,13 @@
 //!   `layers_to_transform` is set, the layer index (the first number after
 //!   `layers_pattern`, or after any segment) must be listed;
 //! - `exclude_modules` (string regex or list) removes matches;
-//! - `rank_pattern` / `alpha_pattern`: the first key `p` (in file order)
-//!   with `re.match(r"(.*\.)?(p)$", key)` gives the module's rank / alpha.
+//! - `rank_pattern` / `alpha_pattern`: the first key `p` (in sorted order,
+//!   which is the file's order for every file PEFT writes: it writes with
+//!   `sort_keys=True`) with `re.match(r"(.*\.)?(p)$", key)` gives the
+//!   module's rank / alpha.
+//!
+//! `tests/fixtures/peft_configs` holds PEFT's own resolution of files using
+//! each of these options; `tests/model_api.rs` compares.
 
 use super::{module_path, Model, LINEARS};
 use crate::io::safetensors::{write_atomic, OutTensor, StFile};
