@@ -213,6 +213,36 @@ fn llama_nf4_from_transformers_4bit_checkpoint() {
     }
 }
 
+/// Other 4-bit checkpoints transformers + bitsandbytes write
+/// (scripts/fixtures/gen_bnb_variants.py): without double quantization,
+/// with down_proj skipped (kept fp32), with the packed bytes stored as a
+/// bf16 tensor (FSDP-QLoRA's `bnb_4bit_quant_storage`). Each loads as
+/// written and computes transformers' logits; where the weights are NF4 they
+/// are bit for bit what quantizing the fp32 model gives.
+#[test]
+fn bitsandbytes_checkpoint_variants_load_as_transformers_reads_them() {
+    let root = fixture("llama_nf4_variants");
+    let exp = StFile::open(&root.join("expected.safetensors")).unwrap();
+    let (ids, _) = data("llama_nf4");
+    let fp32 = load("llama_nf4", "model", false);
+    for (variant, double_quant, skipped) in [("no_double_quant", false, None), ("skip_down", true, Some(6)), ("storage_bf16", true, None)] {
+        let mut m = Model::load(&root.join(variant), LoadOptions { quantize: None, seed: 7 }, &mut |_, _| true).unwrap_or_else(|e| panic!("{variant}: {e}"));
+        check(&format!("{variant} logits"), &m.logits(&ids, 2, 16, None).unwrap(), &exp.read_f32(&format!("logits.{variant}")).unwrap(), FWD_REL);
+        let ours = Nf4Params { blocksize: 64, double_quant };
+        for (bq, bf) in m.blocks.iter().zip(&fp32.blocks) {
+            for (j, (lq, lf)) in bq.lin.iter().zip(&bf.lin).enumerate() {
+                if Some(j) == skipped {
+                    assert!(!lq.is_nf4(), "{variant}: linear {j} is skipped in the file but loaded as NF4");
+                    assert_eq!(lq.base_dense(), lf.base_dense(), "{variant}: skipped linear {j}'s fp32 weight");
+                    continue;
+                }
+                let want = lora::quant::nf4::Nf4Tensor::quantize(lora::dtype::Elems::F32(lf.base_dense().unwrap()), &[lf.out_features(), lf.in_features()], ours).unwrap();
+                assert_eq!(lq.nf4_base(), Some(&want), "{variant}: linear {j}: the file's NF4 weight is not ours");
+            }
+        }
+    }
+}
+
 #[test]
 fn gradient_accumulation_matches_trainer_num_items_in_batch() {
     let exp = StFile::open(&fixture("accum").join("expected.safetensors")).unwrap();

@@ -4,7 +4,7 @@
 //!
 //! | key | dtype | shape |
 //! |---|---|---|
-//! | `P.weight` | U8 | `[(n+1)/2, 1]` packed codes |
+//! | `P.weight` | U8 | `[(n+1)/2, 1]` packed codes (any `quant_storage` dtype read as its bytes) |
 //! | `P.weight.absmax` | F32 `[blocks]`, or U8 `[blocks]` with double quant |
 //! | `P.weight.quant_map` | F32 | `[16]` the NF4 table |
 //! | `P.weight.nested_absmax` | F32 | `[⌈blocks/256⌉]` (double quant) |
@@ -141,7 +141,13 @@ pub fn load(f: &StFile, prefix: &str) -> Result<Nf4Tensor> {
         bail!(ShapeMismatch, "{ctx}: quant state shape {shape:?} has no elements but the tensor has data");
     }
 
-    let packed_t = f.get_typed(&p, Dtype::U8)?;
+    // bitsandbytes' `quant_storage` (uint8 by default; bfloat16, float16 or
+    // float32 for FSDP-QLoRA) is a view of the same packed bytes: read
+    // them as they are.
+    let packed_t = f.get(&p)?;
+    if !matches!(packed_t.dtype(), Dtype::U8 | Dtype::I8 | Dtype::BF16 | Dtype::F16 | Dtype::F32) {
+        bail!(DtypeMismatch, "{ctx}: packed NF4 codes stored as {:?} (bitsandbytes stores uint8, int8, float16, bfloat16 or float32)", packed_t.dtype());
+    }
     let packed = packed_t.data().to_vec();
     let qmap = f.read_f32(&format!("{p}.quant_map"))?;
     if qmap.len() != 16 || qmap.iter().zip(NF4_CODE.iter()).any(|(a, b)| a.to_bits() != b.to_bits()) {
