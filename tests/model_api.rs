@@ -113,6 +113,14 @@ fn peft_config_refusals_name_the_option() {
         assert!(e.message.contains(k), "{k}: {}", e.message);
         assert!(m.adapters.is_empty(), "nothing added after a refusal");
     }
+    // A pickled adapter_model.bin is named, not reported as a missing file.
+    let d = tmpdir("refuse-bin");
+    std::fs::copy(src.join("adapter_config.json"), d.join("adapter_config.json")).unwrap();
+    std::fs::write(d.join("adapter_model.bin"), b"PK").unwrap();
+    let e = peft::load_adapter(&mut m, &d, "y").unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Unsupported, "{e}");
+    assert!(e.message.contains("adapter_model.bin"), "{}", e.message);
+    std::fs::remove_dir_all(&d).unwrap();
 }
 
 #[test]

@@ -383,6 +383,9 @@ pub fn load_adapter(model: &mut Model, dir: &Path, name: &str) -> Result<()> {
     let v: Value = serde_json::from_str(&text).map_err(|e| err!(FileFormat, "{}: not JSON: {e}", cpath.display()))?;
     let spec = AdapterSpec::from_config_json(&v).map_err(|e| e.context(&cpath.display().to_string()))?;
     let wpath = dir.join("adapter_model.safetensors");
+    if !wpath.exists() && dir.join("adapter_model.bin").exists() {
+        bail!(Unsupported, "{}: the adapter is in adapter_model.bin (a PyTorch pickle, PEFT's format before safetensors); only adapter_model.safetensors is read (save it again with safe_serialization=True)", dir.display());
+    }
     let f = StFile::open(&wpath)?;
     // PEFT may save keys with the adapter name for non-default names in
     // some versions (`lora_A.<name>.weight`); accept the plain form only.
