@@ -264,6 +264,12 @@ fn malformed_checkpoints_are_refused_by_name() {
     // Missing weights file.
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
     assert_eq!(Model::load(&dir, LoadOptions::default(), &mut |_, _| true).unwrap_err().kind, ErrorKind::Io);
+    // Pickled weights are named.
+    std::fs::write(dir.join("pytorch_model.bin"), b"PK").unwrap();
+    let e = Model::load(&dir, LoadOptions::default(), &mut |_, _| true).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Unsupported, "{e}");
+    assert!(e.message.contains("pytorch_model.bin"), "{}", e.message);
+    std::fs::remove_file(dir.join("pytorch_model.bin")).unwrap();
     // Cancel from the progress callback.
     synth(&dir, 64, 128, 2, 4, 2, 50, None);
     let e = Model::load(&dir, LoadOptions::default(), &mut |d, _| d < 1).unwrap_err();

@@ -88,6 +88,8 @@ impl Checkpoint {
                 map.insert(n, 0);
             }
             files.push(f);
+        } else if dir.join("pytorch_model.bin").is_file() || dir.join("pytorch_model.bin.index.json").is_file() {
+            bail!(Unsupported, "{}: the weights are in pytorch_model.bin (PyTorch pickles); only safetensors checkpoints are read (save_pretrained(..., safe_serialization=True) writes them)", dir.display());
         } else {
             bail!(Io, "{}: neither model.safetensors nor model.safetensors.index.json", dir.display());
         }
