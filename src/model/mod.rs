@@ -99,6 +99,13 @@ pub struct Block {
     pub qk_norm: Option<[Vec<f32>; 2]>,
 }
 
+impl Block {
+    /// Elements of the layer's norm weights (attention, MLP, q/k).
+    fn norm_elems(&self) -> usize {
+        self.attn_norm.len() + self.mlp_norm.len() + self.qk_norm.as_ref().map_or(0, |w| w[0].len() + w[1].len())
+    }
+}
+
 /// A model-level adapter: its PEFT configuration and where it lives.
 #[derive(Clone, Debug)]
 pub struct AdapterInfo {
@@ -778,7 +785,7 @@ impl Model {
         let mut trainable = 0;
         let mut total = self.embed.len() + self.norm.len() + self.lm_head.as_ref().map_or(0, |h| h.len());
         for b in &self.blocks {
-            total += b.attn_norm.len() + b.mlp_norm.len() + b.qk_norm.as_ref().map_or(0, |w| w[0].len() + w[1].len());
+            total += b.norm_elems();
             for l in &b.lin {
                 trainable += l.trainable_params();
                 total += l.total_params();
@@ -835,7 +842,7 @@ impl Model {
         let mut base = (self.embed.len() + self.norm.len() + self.lm_head.as_ref().map_or(0, |h| h.len())) * 4;
         let (mut q, mut qn, mut ad) = (0, 0, 0);
         for b in &self.blocks {
-            base += (b.attn_norm.len() + b.mlp_norm.len() + b.qk_norm.as_ref().map_or(0, |w| w[0].len() + w[1].len())) * 4;
+            base += b.norm_elems() * 4;
             for l in &b.lin {
                 base += l.base_bytes();
                 ad += l.adapter_bytes();
