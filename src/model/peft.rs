@@ -280,8 +280,11 @@ impl AdapterSpec {
                 o => bail!(FileFormat, "adapter_config.json: `{what}` is {o}"),
             })
         };
+        // No target_modules: PEFT takes the architecture's default
+        // (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING), q_proj and
+        // v_proj for llama, mistral, qwen2 and qwen3 alike.
         let targets = to_targets(m.get("target_modules").unwrap_or(&Value::Null), "target_modules")?
-            .ok_or_else(|| err!(Unsupported, "adapter_config.json: no target_modules (architecture defaults are not supported; list them)"))?;
+            .unwrap_or_else(|| Targets::Names(vec!["q_proj".into(), "v_proj".into()]));
         let exclude = to_targets(m.get("exclude_modules").unwrap_or(&Value::Null), "exclude_modules")?;
         let layers_to_transform = match m.get("layers_to_transform") {
             None | Some(Value::Null) => None,
