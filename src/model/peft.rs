@@ -175,12 +175,18 @@ impl AdapterSpec {
         if ls.is_empty() {
             return true;
         }
-        // Our keys are `model.layers.{i}.…`: the index PEFT's regexes find is
-        // `layer` whenever the pattern is absent or names "layers".
+        // Without a pattern PEFT takes the first number after two segments
+        // (`.*?\.[^.]*\.(\d+)\.`): `layer` for our `model.layers.{i}.…`
+        // keys. With patterns, the first one whose regex
+        // `(?:^|.*?\.){p}\.(?P<idx>\d+)\.` matches at the start decides
+        // (no index in that match: not targeted).
         let idx = match &self.layers_pattern {
             None => Some(layer),
             Some(ps) if ps.is_empty() => Some(layer),
-            Some(ps) => ps.iter().any(|p| path.starts_with(&format!("model.{p}.")) || path.starts_with(&format!("{p}."))).then_some(layer),
+            Some(ps) => ps
+                .iter()
+                .find_map(|p| Regex::new(&format!(r"^(?:^|.*?\.){p}\.(?P<idx>\d+)\.")).ok().and_then(|re| re.captures(path)))
+                .and_then(|c| c.name("idx").and_then(|m| m.as_str().parse::<usize>().ok())),
         };
         idx.is_some_and(|i| ls.contains(&i))
     }
