@@ -481,6 +481,17 @@ mod tests {
         let c = ModelConfig::parse(&with("rope_parameters", r#"{"rope_type":"yarn","rope_theta":1e4,"factor":2.0,"attention_factor":1.5,"original_max_position_embeddings":64}"#)).unwrap();
         assert_eq!(c.rope_attention_scaling(), 1.5);
         assert_eq!(ModelConfig::parse(BASE).unwrap().rope_attention_scaling(), 1.0);
+        // The transformers 4 form Qwen's model cards give: rope_theta at the
+        // top, rope_scaling with `rope_type` (or the older `type`).
+        for ty in ["rope_type", "type"] {
+            let t = format!(
+                r#"{{"model_type":"qwen3","hidden_size":64,"intermediate_size":128,"num_hidden_layers":1,"num_attention_heads":4,"head_dim":32,
+                "vocab_size":256,"rope_theta":1000000,"rope_scaling":{{"{ty}":"yarn","factor":4.0,"original_max_position_embeddings":32768}}}}"#
+            );
+            let c = ModelConfig::parse(&t).unwrap();
+            assert_eq!(c.rope_theta_f64(), 1e6);
+            assert_eq!(c.rope_scaling, RopeScaling::Yarn { factor: 4.0, attention_factor: 0.1 * 4f64.ln() + 1.0, beta_fast: 32.0, beta_slow: 1.0, original_max_position_embeddings: 32768, truncate: true });
+        }
         // Neither factor nor max_position_embeddings: an error, not a guess.
         assert!(y(r#"{"rope_type":"yarn","rope_theta":1e4,"original_max_position_embeddings":64}"#, "").is_err());
     }
