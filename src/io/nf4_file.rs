@@ -141,12 +141,13 @@ pub fn load(f: &StFile, prefix: &str) -> Result<Nf4Tensor> {
         bail!(ShapeMismatch, "{ctx}: quant state shape {shape:?} has no elements but the tensor has data");
     }
 
-    // bitsandbytes' `quant_storage` (uint8 by default; bfloat16, float16 or
-    // float32 for FSDP-QLoRA) is a view of the same packed bytes: read
-    // them as they are.
+    // bitsandbytes' `quant_storage` (uint8 by default; bfloat16 for
+    // FSDP-QLoRA; transformers allows uint8, int8, float16, bfloat16,
+    // float32, float64) is a view of the same packed bytes: read them as
+    // they are.
     let packed_t = f.get(&p)?;
-    if !matches!(packed_t.dtype(), Dtype::U8 | Dtype::I8 | Dtype::BF16 | Dtype::F16 | Dtype::F32) {
-        bail!(DtypeMismatch, "{ctx}: packed NF4 codes stored as {:?} (bitsandbytes stores uint8, int8, float16, bfloat16 or float32)", packed_t.dtype());
+    if !matches!(packed_t.dtype(), Dtype::U8 | Dtype::I8 | Dtype::BF16 | Dtype::F16 | Dtype::F32 | Dtype::F64) {
+        bail!(DtypeMismatch, "{ctx}: packed NF4 codes stored as {:?} (bitsandbytes stores uint8, int8, float16, bfloat16, float32 or float64)", packed_t.dtype());
     }
     let packed = packed_t.data().to_vec();
     let qmap = f.read_f32(&format!("{p}.quant_map"))?;
