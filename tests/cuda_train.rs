@@ -127,6 +127,8 @@ fn cases() -> Vec<Case> {
         Case { name: "qwen3_fp32", model: fx("qwen3_fp32", false), batch: 2, seq: 40 },
         Case { name: "llama_bias_nf4", model: fx("llama_bias_fp32", true), batch: 2, seq: 29 },
         Case { name: "random_qwen3_hd128_nf4", model: qwen3, batch: 2, seq: 70 },
+        // Per-layer windows: layer 0 full, layer 1 a window of 6.
+        Case { name: "qwen2_window6_fp32", model: fx("qwen2_window6_fp32", false), batch: 2, seq: 30 },
     ]
 }
 
