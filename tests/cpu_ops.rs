@@ -864,10 +864,10 @@ mod torch_parity {
             let cfg = lora::model::config::ModelConfig::parse(&cfg.to_string()).unwrap();
             let scaling: f64 = num(&m, "attention_scaling");
             assert_eq!(cfg.rope_attention_scaling(), scaling as f32, "{case}: attention scaling");
-            let inv = cfg.inv_freq();
-            same(case, "inv_freq", &inv, &f, "inv_freq");
+            let freqs = cfg.rope_freqs();
+            same(case, "inv_freq", &freqs.inv_freq, &f, "inv_freq");
             // HF's table is [T, D] = cat(cos θ, cos θ); ours is one half.
-            let table = rope::RopeTable::new(&inv, pos0, t).scaled(cfg.rope_attention_scaling());
+            let table = freqs.table(pos0, t);
             let (hc, hs) = (rd(&f, "cos"), rd(&f, "sin"));
             let widen = |half: &[f32]| -> Vec<f32> { half.chunks(d / 2).flat_map(|r| r.iter().chain(r.iter()).copied()).collect() };
             assert_close(&format!("torch {case} cos"), &widen(&table.cos), &f64s(&hc), TORCH_TOL, TORCH_TOL);

@@ -22,7 +22,9 @@ pub enum RopeScaling {
     Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_max_position_embeddings: usize },
     /// YaRN (transformers `_compute_yarn_parameters`): `attention_factor`
     /// multiplies cos and sin; the rest shape `inv_freq`.
-    Yarn { factor: f64, attention_factor: f64, beta_fast: f64, beta_slow: f64, original_max_position_embeddings: usize, truncate: bool },
+    /// `theta` is `rope_theta` as config.json states it: the correction
+    /// range takes its logarithm in Python floats.
+    Yarn { theta: f64, factor: f64, attention_factor: f64, beta_fast: f64, beta_slow: f64, original_max_position_embeddings: usize, truncate: bool },
 }
 
 /// bitsandbytes 4-bit settings of an already quantized checkpoint.
@@ -218,6 +220,7 @@ fn parse_rope(m: &Map<String, Value>) -> Result<(f32, RopeScaling)> {
             // `or 32` / `or 1` in transformers: 0 and null take the default.
             let beta = |k: &str, d: f64| -> Result<f64> { Ok(get_f64(&p, k)?.filter(|&x| x != 0.0).unwrap_or(d)) };
             RopeScaling::Yarn {
+                theta,
                 factor,
                 attention_factor,
                 beta_fast: beta("beta_fast", 32.0)?,
@@ -391,8 +394,8 @@ impl ModelConfig {
             RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
                 rope_inv_freq_llama3(self.head_dim, self.rope_theta, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
             }
-            RopeScaling::Yarn { factor, beta_fast, beta_slow, original_max_position_embeddings, truncate, .. } => {
-                rope_inv_freq_yarn(self.head_dim, self.rope_theta_f64(), factor, beta_fast, beta_slow, original_max_position_embeddings, truncate)
+            RopeScaling::Yarn { theta, factor, beta_fast, beta_slow, original_max_position_embeddings, truncate, .. } => {
+                rope_inv_freq_yarn(self.head_dim, theta, factor, beta_fast, beta_slow, original_max_position_embeddings, truncate)
             }
         }
     }
@@ -406,15 +409,10 @@ impl ModelConfig {
         }
     }
 
-    /// `rope_theta` as config.json states it (YaRN's correction range takes
-    /// logarithms of the unrounded value, as transformers' Python floats).
-    fn rope_theta_f64(&self) -> f64 {
-        let text = |m: &Map<String, Value>| get_f64(m, "rope_theta").ok().flatten();
-        match self.raw.get("rope_parameters") {
-            Some(Value::Object(p)) => text(p).or(text(&self.raw)),
-            _ => text(&self.raw),
-        }
-        .unwrap_or(self.rope_theta as f64)
+    /// What every rotary table of this model is made from: `inv_freq`
+    /// and the factor on cos and sin.
+    pub fn rope_freqs(&self) -> crate::backend::cpu::rope::RopeFreqs {
+        crate::backend::cpu::rope::RopeFreqs { inv_freq: self.inv_freq(), scale: self.rope_attention_scaling() }
     }
 
     pub fn q_dim(&self) -> usize {
@@ -470,14 +468,14 @@ mod tests {
         let y = |rp: &str, top: &str| ModelConfig::parse(&with("rope_parameters", rp).replacen('{', &format!("{{{top}"), 1)).map(|c| c.rope_scaling);
         // Factor 4 → attention factor 0.1·ln 4 + 1; betas 32 / 1, truncated.
         let r = y(r#"{"rope_type":"yarn","rope_theta":1e6,"factor":4.0,"original_max_position_embeddings":32768}"#, "").unwrap();
-        assert_eq!(r, RopeScaling::Yarn { factor: 4.0, attention_factor: 0.1 * 4f64.ln() + 1.0, beta_fast: 32.0, beta_slow: 1.0, original_max_position_embeddings: 32768, truncate: true });
+        assert_eq!(r, RopeScaling::Yarn { theta: 1e6, factor: 4.0, attention_factor: 0.1 * 4f64.ln() + 1.0, beta_fast: 32.0, beta_slow: 1.0, original_max_position_embeddings: 32768, truncate: true });
         // No factor: max_position_embeddings / original; mscale ratio.
         let r = y(r#"{"rope_type":"yarn","rope_theta":1e4,"original_max_position_embeddings":1024,"mscale":1.0,"mscale_all_dim":0.5}"#, r#""max_position_embeddings":8192,"#).unwrap();
         let ms = |m: f64| 0.1 * m * 8f64.ln() + 1.0;
-        assert_eq!(r, RopeScaling::Yarn { factor: 8.0, attention_factor: ms(1.0) / ms(0.5), beta_fast: 32.0, beta_slow: 1.0, original_max_position_embeddings: 1024, truncate: true });
+        assert_eq!(r, RopeScaling::Yarn { theta: 1e4, factor: 8.0, attention_factor: ms(1.0) / ms(0.5), beta_fast: 32.0, beta_slow: 1.0, original_max_position_embeddings: 1024, truncate: true });
         // A top-level original_max_position_embeddings wins (Phi-3's layout); an explicit attention factor is taken as is.
         let r = y(r#"{"rope_type":"yarn","rope_theta":1e4,"factor":2.0,"attention_factor":1.5,"original_max_position_embeddings":100,"truncate":false}"#, r#""original_max_position_embeddings":4096,"#).unwrap();
-        assert_eq!(r, RopeScaling::Yarn { factor: 2.0, attention_factor: 1.5, beta_fast: 32.0, beta_slow: 1.0, original_max_position_embeddings: 4096, truncate: false });
+        assert_eq!(r, RopeScaling::Yarn { theta: 1e4, factor: 2.0, attention_factor: 1.5, beta_fast: 32.0, beta_slow: 1.0, original_max_position_embeddings: 4096, truncate: false });
         let c = ModelConfig::parse(&with("rope_parameters", r#"{"rope_type":"yarn","rope_theta":1e4,"factor":2.0,"attention_factor":1.5,"original_max_position_embeddings":64}"#)).unwrap();
         assert_eq!(c.rope_attention_scaling(), 1.5);
         assert_eq!(ModelConfig::parse(BASE).unwrap().rope_attention_scaling(), 1.0);
@@ -489,8 +487,7 @@ mod tests {
                 "vocab_size":256,"rope_theta":1000000,"rope_scaling":{{"{ty}":"yarn","factor":4.0,"original_max_position_embeddings":32768}}}}"#
             );
             let c = ModelConfig::parse(&t).unwrap();
-            assert_eq!(c.rope_theta_f64(), 1e6);
-            assert_eq!(c.rope_scaling, RopeScaling::Yarn { factor: 4.0, attention_factor: 0.1 * 4f64.ln() + 1.0, beta_fast: 32.0, beta_slow: 1.0, original_max_position_embeddings: 32768, truncate: true });
+            assert_eq!(c.rope_scaling, RopeScaling::Yarn { theta: 1e6, factor: 4.0, attention_factor: 0.1 * 4f64.ln() + 1.0, beta_fast: 32.0, beta_slow: 1.0, original_max_position_embeddings: 32768, truncate: true });
         }
         // Neither factor nor max_position_embeddings: an error, not a guess.
         assert!(y(r#"{"rope_type":"yarn","rope_theta":1e4,"original_max_position_embeddings":64}"#, "").is_err());

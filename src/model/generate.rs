@@ -11,7 +11,7 @@ use super::{Model, DOWN, GATE, K, O, Q, UP, V};
 use crate::backend::cpu::attention::{attention_decode, DecodeShape};
 use crate::backend::cpu::matmul::{gemm_f32, Mat};
 use crate::backend::cpu::norm::rmsnorm_forward;
-use crate::backend::cpu::rope::{rope_forward, RopeTable};
+use crate::backend::cpu::rope::rope_forward;
 use crate::backend::cpu::swiglu::swiglu_forward;
 use crate::backend::cpu::on_pool;
 use crate::rng::SplitMix64;
@@ -230,7 +230,7 @@ impl Model {
     fn prefill(&mut self, prompt: &[i32], seq_ad: Option<&[i32]>) -> Result<(Vec<f32>, Vec<(Vec<f32>, Vec<f32>)>)> {
         let t = prompt.len();
         let rows = self.row_adapters(seq_ad, 1, t)?;
-        let table = RopeTable::new(self.inv_freq(), 0, t).scaled(self.cfg.rope_attention_scaling());
+        let table = self.rope_freqs().table(0, t);
         let mut x = self.embed_rows(prompt);
         let mut kvs = Vec::with_capacity(self.blocks.len());
         for l in 0..self.blocks.len() {
@@ -250,7 +250,7 @@ impl Model {
         let rows = self.row_adapters(seq_ad, bsz, 1)?;
         let positions: Vec<usize> = lens.to_vec();
         // One table row per sequence: rope as a [1, B, H, D] tensor.
-        let table = RopeTable::with_positions(self.inv_freq(), &positions).scaled(self.cfg.rope_attention_scaling());
+        let table = self.rope_freqs().table_at(&positions);
         let mut x = self.embed_rows(next);
         for l in 0..self.blocks.len() {
             let mut h1 = vec![0f32; bsz * h];

@@ -101,7 +101,6 @@
 use super::generate::{sample_loop, Sampling};
 use super::{check_labels, check_token_ids, shifted_targets, Model, DOWN, GATE, K, O, Q, UP, V};
 use crate::backend::cpu::attention::{AttnShape, DecodeShape};
-use crate::backend::cpu::rope::RopeTable;
 use crate::backend::cuda::blas::{gemm, gemm_ld, Blas, GemmOut, MatRef};
 use crate::backend::cuda::nf4::CudaNf4;
 use crate::backend::cuda::paged::ManagedAlloc;
@@ -674,7 +673,7 @@ pub struct DeviceModel {
     blas: Blas,
     compute: Compute,
     cfg: ModelConfig,
-    inv_freq: Vec<f32>,
+    freqs: crate::backend::cpu::rope::RopeFreqs,
     /// The embedding `[vocab, hidden]` in the compute dtype (fp32 or bf16).
     embed: Weight,
     /// The head `[vocab, hidden]` in the compute dtype; `None` when tied
@@ -832,14 +831,14 @@ impl DeviceModel {
             layers.push(DevLayer { attn_norm: d.upload(&blk.attn_norm)?, mlp_norm: d.upload(&blk.mlp_norm)?, lin, qk_norm });
         }
         let norm = d.upload(&model.norm)?;
-        let inv_freq = cfg.inv_freq();
+        let freqs = cfg.rope_freqs();
         let mut g = DeviceModel {
             dev,
             ordinal,
             blas,
             compute,
             cfg,
-            inv_freq,
+            freqs,
             embed,
             head,
             norm,
@@ -1254,7 +1253,7 @@ impl DeviceModel {
 
     fn rope_table(&mut self, seq: usize) -> Result<()> {
         if self.rope.as_ref().is_none_or(|t| t.len < seq) {
-            self.rope = Some(CudaRopeTable::upload(&self.dev, &RopeTable::new(&self.inv_freq, 0, seq).scaled(self.cfg.rope_attention_scaling()))?);
+            self.rope = Some(CudaRopeTable::upload(&self.dev, &self.freqs.table(0, seq))?);
         }
         Ok(())
     }
@@ -2951,7 +2950,7 @@ impl DeviceModel {
         let Dims { it, qd, kvd, nh, nkv, hd, .. } = Dims::of(&self.cfg);
         let bsz = next.len();
         // One table row per sequence: rope as a [1, B, H, D] tensor.
-        let table = CudaRopeTable::upload(d, &RopeTable::with_positions(&self.inv_freq, lens).scaled(self.cfg.rope_attention_scaling()))?;
+        let table = CudaRopeTable::upload(d, &self.freqs.table_at(lens))?;
         let new_lens: Vec<usize> = lens.iter().map(|&n| n + 1).collect();
         let mut x = self.embed_ids(next)?;
         for (l, cache) in caches.iter_mut().enumerate() {

@@ -151,7 +151,8 @@ pub struct Model {
     pub norm: Vec<f32>,
     /// `[vocab, hidden]`; `None` when tied to the embedding.
     pub lm_head: Option<Vec<f32>>,
-    inv_freq: Vec<f32>,
+    /// The rotary frequencies every forward's table is made from.
+    freqs: crate::backend::cpu::rope::RopeFreqs,
     /// dtype of the checkpoint's dense tensors (for export).
     pub dtype: DType,
     /// NF4 parameters when the linear layers are NF4.
@@ -447,14 +448,14 @@ impl Model {
     /// A model from its parts, without adapters.
     #[allow(clippy::too_many_arguments)]
     fn assemble(cfg: ModelConfig, embed: Vec<f32>, blocks: Vec<Block>, norm: Vec<f32>, lm_head: Option<Vec<f32>>, dtype: DType, quant: Option<Nf4Params>, seed: u64) -> Model {
-        let inv_freq = cfg.inv_freq();
+        let freqs = cfg.rope_freqs();
         let mut m = Model {
             cfg,
             embed,
             blocks,
             norm,
             lm_head,
-            inv_freq,
+            freqs,
             dtype,
             quant,
             adapters: Vec::new(),
@@ -1036,7 +1037,7 @@ impl Model {
     fn logits_cpu(&mut self, ids: &[i32], batch: usize, seq: usize, seq_adapters: Option<&[i32]>) -> Result<Vec<f32>> {
         let rows = self.row_adapters(seq_adapters, batch, seq)?;
         let n = batch * seq;
-        let table = RopeTable::new(&self.inv_freq, 0, seq).scaled(self.cfg.rope_attention_scaling());
+        let table = self.freqs.table(0, seq);
         let mut x = self.embed_rows(ids);
         let mut peak = 0;
         for l in 0..self.blocks.len() {
@@ -1083,7 +1084,7 @@ impl Model {
         let (h, vsz) = (self.hidden(), self.vocab());
         check_labels(labels, vsz)?;
         let n = batch * seq;
-        let table = RopeTable::new(&self.inv_freq, 0, seq).scaled(self.cfg.rope_attention_scaling());
+        let table = self.freqs.table(0, seq);
         let mut x = self.embed_rows(ids);
         let nl = self.blocks.len();
         let mut inputs: Vec<Vec<f32>> = Vec::with_capacity(nl);
@@ -1269,8 +1270,8 @@ impl Model {
             .collect())
     }
 
-    pub(crate) fn inv_freq(&self) -> &[f32] {
-        &self.inv_freq
+    pub(crate) fn rope_freqs(&self) -> &crate::backend::cpu::rope::RopeFreqs {
+        &self.freqs
     }
 
     /// Writes the model with the active adapters merged as a Hugging Face

@@ -42,13 +42,14 @@ use rayon::prelude::*;
 /// `1.0 / power` in f32.
 pub fn rope_inv_freq(head_dim: usize, theta: f32) -> Vec<f32> {
     assert!(head_dim > 0 && head_dim.is_multiple_of(2), "rope: head_dim must be even and positive");
-    (0..head_dim / 2)
-        .map(|i| {
-            let e = (2 * i) as f32 / head_dim as f32;
-            let pw = (theta as f64).powf(e as f64) as f32;
-            1.0 / pw
-        })
-        .collect()
+    (0..head_dim / 2).map(|i| 1.0 / rope_power(head_dim, theta, i)).collect()
+}
+
+/// `theta^(2i/D)` as transformers' fp32 `base ** (arange(0, D, 2) / D)`:
+/// the exponent in f32, the power rounded to f32.
+fn rope_power(head_dim: usize, theta: f32, i: usize) -> f32 {
+    let e = (2 * i) as f32 / head_dim as f32;
+    (theta as f64).powf(e as f64) as f32
 }
 
 /// Linear scaling ("linear" rope_type): `inv_freq / factor`.
@@ -121,8 +122,7 @@ pub fn rope_inv_freq_yarn(head_dim: usize, theta: f64, factor: f64, beta_fast: f
     let (lo32, span32, f32f) = (lo as f32, (hi - lo) as f32, factor as f32);
     (0..head_dim / 2)
         .map(|i| {
-            let e = (2 * i) as f32 / head_dim as f32;
-            let pw = ((theta as f32) as f64).powf(e as f64) as f32;
+            let pw = rope_power(head_dim, theta as f32, i);
             let extrap = 1.0 / pw;
             let interp = 1.0 / (f32f * pw);
             let ramp = ((i as f32 - lo32) / span32).clamp(0.0, 1.0);
@@ -130,6 +130,26 @@ pub fn rope_inv_freq_yarn(head_dim: usize, theta: f64, factor: f64, beta_fast: f
             interp * (1.0 - ext) + extrap * ext
         })
         .collect()
+}
+
+/// A model's rotary frequencies and the factor on cos and sin (1 but for
+/// YaRN): what every table of its forwards is made from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RopeFreqs {
+    pub inv_freq: Vec<f32>,
+    pub scale: f32,
+}
+
+impl RopeFreqs {
+    /// The table of positions `pos0..pos0 + len` ([`RopeTable::new`], scaled).
+    pub fn table(&self, pos0: usize, len: usize) -> RopeTable {
+        RopeTable::new(&self.inv_freq, pos0, len).scaled(self.scale)
+    }
+
+    /// The table of arbitrary positions ([`RopeTable::with_positions`], scaled).
+    pub fn table_at(&self, positions: &[usize]) -> RopeTable {
+        RopeTable::with_positions(&self.inv_freq, positions).scaled(self.scale)
+    }
 }
 
 /// cos/sin of `θ[t, i] = positions[t] · inv_freq[i]` for a list of positions;
