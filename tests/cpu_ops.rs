@@ -402,7 +402,7 @@ struct AttnCase {
 }
 
 fn attn_cases() -> Vec<AttnCase> {
-    let sh = |batch, q_len, kv_len, n_heads, n_kv_heads, head_dim, window| AttnShape { batch, q_len, kv_len, n_heads, n_kv_heads, head_dim, window };
+    let sh = |batch, q_len, kv_len, n_heads, n_kv_heads, head_dim, window| AttnShape { batch, q_len, kv_len, n_heads, n_kv_heads, head_dim, window, scale: None, softcap: None };
     let tl = |q_block, kv_block| AttnTiles { q_block, kv_block };
     vec![
         // GQA 4/2, T = 13 not a multiple of either tile.
@@ -563,14 +563,14 @@ fn attention_decode_matches_forward_last_row() {
     let (hq, hkv, d, cap) = (4, 2, 8, 12);
     let lens = [1usize, 6, 9];
     for window in [None, Some(4)] {
-        let ds = DecodeShape { batch: 3, cache_cap: cap, n_heads: hq, n_kv_heads: hkv, head_dim: d, window };
+        let ds = DecodeShape { batch: 3, cache_cap: cap, n_heads: hq, n_kv_heads: hkv, head_dim: d, window, scale: None, softcap: None };
         let kc = randn(&mut rng, 3 * cap * hkv * d, 1.0);
         let vc = randn(&mut rng, 3 * cap * hkv * d, 1.0);
         let q = randn(&mut rng, 3 * hq * d, 1.0);
         let mut o = vec![f32::NAN; q.len()];
         attention::attention_decode(&q, &kc, &vc, &lens, &ds, &mut o);
         for (b, &len) in lens.iter().enumerate() {
-            let s = AttnShape { batch: 1, q_len: 1, kv_len: len, n_heads: hq, n_kv_heads: hkv, head_dim: d, window };
+            let s = AttnShape { batch: 1, q_len: 1, kv_len: len, n_heads: hq, n_kv_heads: hkv, head_dim: d, window, scale: None, softcap: None };
             let ks = &kc[b * cap * hkv * d..][..len * hkv * d];
             let vs = &vc[b * cap * hkv * d..][..len * hkv * d];
             let qs = &q[b * hq * d..(b + 1) * hq * d];
@@ -896,6 +896,8 @@ mod torch_parity {
                 n_kv_heads: num(&m, "n_kv_heads"),
                 head_dim: num(&m, "head_dim"),
                 window,
+                scale: None,
+                softcap: None,
             };
             assert_eq!(s.scale(), num::<f64>(&m, "scaling") as f32);
             let (q, k, v, dout) = (rd(&f, "q"), rd(&f, "k"), rd(&f, "v"), rd(&f, "dout"));

@@ -73,7 +73,7 @@ const CASES: &[Case] = &[
 
 fn shape(c: &Case) -> AttnShape {
     let &(batch, q_len, kv_len, n_heads, n_kv_heads, head_dim, window) = c;
-    AttnShape { batch, q_len, kv_len, n_heads, n_kv_heads, head_dim, window }
+    AttnShape { batch, q_len, kv_len, n_heads, n_kv_heads, head_dim, window, scale: None, softcap: None }
 }
 
 /// f64 magnitudes of the forward: per row (b, i, h) the score bound `ds`,
@@ -362,7 +362,7 @@ fn check_tc_case(what: &str, rng: &mut Rng, s: &AttnShape, run: impl FnOnce(&Ref
 
 fn tc_shape(c: &(usize, usize, usize, usize, usize, Option<usize>)) -> AttnShape {
     let &(batch, t, n_heads, n_kv_heads, head_dim, window) = c;
-    AttnShape { batch, q_len: t, kv_len: t, n_heads, n_kv_heads, head_dim, window }
+    AttnShape { batch, q_len: t, kv_len: t, n_heads, n_kv_heads, head_dim, window, scale: None, softcap: None }
 }
 
 #[test]
@@ -419,7 +419,7 @@ fn tensor_core_kernels_match_the_cpu() {
         eprintln!("attention tc, bf16 form (B {}, T {}, H {}/{}, D {d}): bit for bit the fp32 form on bf16 values", s.batch, s.q_len, s.n_heads, s.n_kv_heads);
     }
     // Shapes the tensor-core kernels do not take are refused, not run.
-    let s = AttnShape { batch: 1, q_len: 5, kv_len: 9, n_heads: 2, n_kv_heads: 2, head_dim: 64, window: None };
+    let s = AttnShape { batch: 1, q_len: 5, kv_len: 9, n_heads: 2, n_kv_heads: 2, head_dim: 64, window: None, scale: None, softcap: None };
     let x = poisoned(dev, 5 * 2 * 64);
     let kx = poisoned(dev, 9 * 2 * 64);
     let (mut o, mut l) = (poisoned(dev, 5 * 2 * 64), poisoned(dev, 10));
@@ -672,7 +672,7 @@ fn emulated_fp32_kernels_match_the_cpu() {
     }
     // Decode: B sequences with their own lengths against the CPU op.
     let (bsz, cap, hq, hkv, d, window) = (3usize, 40usize, 4usize, 2usize, 64usize, Some(17usize));
-    let s = DecodeShape { batch: bsz, cache_cap: cap, n_heads: hq, n_kv_heads: hkv, head_dim: d, window };
+    let s = DecodeShape { batch: bsz, cache_cap: cap, n_heads: hq, n_kv_heads: hkv, head_dim: d, window, scale: None, softcap: None };
     let lens = [1usize, 23, cap];
     let (q, kc, vc) = (rng.vec(bsz * hq * d, 1.5), rng.vec(bsz * cap * hkv * d, 1.0), rng.vec(bsz * cap * hkv * d, 1.0));
     let mut want = vec![0f32; q.len()];
@@ -693,7 +693,7 @@ fn decode_matches_the_cpu() {
     let (bsz, cap) = (4, 150);
     for &(hq, hkv, d, window) in cases {
         let lens = [1usize, 37, cap, 1 + rng.below(cap)];
-        let s = DecodeShape { batch: bsz, cache_cap: cap, n_heads: hq, n_kv_heads: hkv, head_dim: d, window };
+        let s = DecodeShape { batch: bsz, cache_cap: cap, n_heads: hq, n_kv_heads: hkv, head_dim: d, window, scale: None, softcap: None };
         let scale = softmax_scale(d);
         let (q, kc, vc) = (rng.vec(bsz * hq * d, 1.5), rng.vec(bsz * cap * hkv * d, 1.0), rng.vec(bsz * cap * hkv * d, 1.0));
         let mut o = vec![0f32; q.len()];
@@ -732,7 +732,7 @@ fn decode_matches_the_cpu() {
 #[test]
 fn launchers_reject_bad_arguments() {
     let Some(dev) = gpu("launchers_reject_bad_arguments") else { return };
-    let ok = AttnShape { batch: 1, q_len: 3, kv_len: 4, n_heads: 2, n_kv_heads: 1, head_dim: 8, window: None };
+    let ok = AttnShape { batch: 1, q_len: 3, kv_len: 4, n_heads: 2, n_kv_heads: 1, head_dim: 8, window: None, scale: None, softcap: None };
     let try_fwd = |s: AttnShape, nq: usize, nk: usize| {
         let (q, k, v) = (poisoned(dev, nq), poisoned(dev, nk), poisoned(dev, nk));
         let (mut o, mut l) = (poisoned(dev, nq), poisoned(dev, nq / s.head_dim.max(1)));
@@ -745,7 +745,7 @@ fn launchers_reject_bad_arguments() {
     assert_eq!(try_fwd(AttnShape { n_kv_heads: 3, ..ok }, 48, 96), Err(InvalidShape)); // 2 % 3
     assert_eq!(try_fwd(AttnShape { head_dim: 130, ..ok }, 3 * 2 * 130, 4 * 130), Err(InvalidShape));
     assert_eq!(try_fwd(ok, 48, 31), Err(BufferSize));
-    let s = DecodeShape { batch: 2, cache_cap: 4, n_heads: 2, n_kv_heads: 1, head_dim: 8, window: None };
+    let s = DecodeShape { batch: 2, cache_cap: 4, n_heads: 2, n_kv_heads: 1, head_dim: 8, window: None, scale: None, softcap: None };
     let (q, kc) = (poisoned(dev, 32), poisoned(dev, 64));
     let mut o = poisoned(dev, 32);
     let e = gatt::decode(dev, &q.as_view(), &kc.as_view(), &kc.as_view(), &[1, 5], &s, &mut o.as_view_mut()).unwrap_err();

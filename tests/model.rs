@@ -191,6 +191,47 @@ fn qwen3_merged_export_reloads_to_the_same_logits() {
 }
 
 #[test]
+fn gemma_offset_norms_geglu_scaled_embedding_multi_query() {
+    parity("gemma_fp32", "model", false, true);
+}
+
+#[test]
+fn gemma2_output_norms_soft_caps_query_scalar_alternating_windows() {
+    parity("gemma2_fp32", "model", false, true);
+}
+
+#[test]
+fn gemma3_qk_norms_local_and_global_rope() {
+    parity("gemma3_fp32", "model", false, true);
+}
+
+#[test]
+fn gemma_merged_exports_reload_to_the_same_logits() {
+    // Gemma's norms are written back as stored (w of 1 + w), the output
+    // norms of Gemma 2/3 under their own names; a reload computes what the
+    // merged model computes, and the norms come back bit for bit.
+    for case in ["gemma_fp32", "gemma2_fp32", "gemma3_fp32"] {
+        let (ids, _) = data(case);
+        let mut m = load(case, "model", false);
+        peft::load_adapter(&mut m, &fixture(case).join("adapter"), adapter_name()).unwrap();
+        let want = m.logits(&ids, 2, 16, None).unwrap();
+        let dir = std::env::temp_dir().join(format!("liblora-{case}-export-{}", std::process::id()));
+        m.export_merged(&dir).unwrap();
+        let mut back = Model::load(&dir, LoadOptions::default(), &mut |_, _| true).unwrap();
+        check(&format!("{case} exported logits"), &back.logits(&ids, 2, 16, None).unwrap(), &want, FWD_REL);
+        let src = StFile::open(&fixture(case).join("model/model.safetensors")).unwrap();
+        let out = StFile::open(&dir.join("model.safetensors")).unwrap();
+        let mut norms = 0;
+        for name in src.names().into_iter().filter(|n| n.contains("norm")) {
+            assert_eq!(out.read_f32(&name).unwrap(), src.read_f32(&name).unwrap(), "{case}: {name}");
+            norms += 1;
+        }
+        assert!(norms >= 5, "{case}: only {norms} norms");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
+#[test]
 fn mistral_bf16_rank_and_alpha_patterns() {
     parity("mistral_bf16", "model", false, true);
 }

@@ -1,8 +1,9 @@
 //! `config.json` of a Hugging Face LLaMA-family decoder.
 //!
-//! Accepted: `model_type` `llama`, `mistral`, `qwen2`, `qwen3` (architectures
-//! `LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`,
-//! `Qwen3ForCausalLM`). Both the
+//! Accepted: `model_type` `llama`, `mistral`, `qwen2`, `qwen3`, `gemma`,
+//! `gemma2`, `gemma3_text` (architectures `LlamaForCausalLM`,
+//! `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`,
+//! `GemmaForCausalLM`, `Gemma2ForCausalLM`, `Gemma3ForCausalLM`). Both the
 //! transformers 4 form (`rope_theta`, `rope_scaling`) and the transformers 5
 //! form (`rope_parameters`) of the rotary settings are read. Anything that
 //! would change the function the model computes and that liblora does not
@@ -45,15 +46,42 @@ pub enum Arch {
     /// rotation (`q_norm`, `k_norm`), `attention_bias` on all four
     /// attention projections, and an explicit `head_dim`.
     Qwen3,
+    /// Gemma: RMSNorm `x̂·(1 + w)`, a tanh-GELU gated MLP, embeddings
+    /// scaled by √hidden, tied head, explicit `head_dim`.
+    Gemma,
+    /// Gemma's layout plus a norm on the attention and MLP outputs before
+    /// each residual add, `query_pre_attn_scalar`, tanh soft-capping of
+    /// the attention scores and the logits, alternating sliding windows.
+    Gemma2,
+    /// Gemma 2's layout (capping optional) with Qwen3's per-head q/k
+    /// norms (Gemma's `1 + w`) and a separate rope for sliding layers
+    /// (`gemma3_text`, the text-only `Gemma3ForCausalLM`).
+    Gemma3,
+}
+
+/// The gated MLP's activation on the gate: `act(gate)·up`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// `x·σ(x)` (`silu`).
+    Silu,
+    /// PyTorch's `gelu(x, approximate="tanh")` (`gelu_pytorch_tanh`).
+    GeluTanh,
 }
 
 impl Arch {
+    /// Gemma 1, 2 or 3.
+    pub fn is_gemma(self) -> bool {
+        matches!(self, Arch::Gemma | Arch::Gemma2 | Arch::Gemma3)
+    }
     pub fn model_type(self) -> &'static str {
         match self {
             Arch::Llama => "llama",
             Arch::Mistral => "mistral",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Gemma => "gemma",
+            Arch::Gemma2 => "gemma2",
+            Arch::Gemma3 => "gemma3_text",
         }
     }
     pub fn architecture(self) -> &'static str {
@@ -62,6 +90,9 @@ impl Arch {
             Arch::Mistral => "MistralForCausalLM",
             Arch::Qwen2 => "Qwen2ForCausalLM",
             Arch::Qwen3 => "Qwen3ForCausalLM",
+            Arch::Gemma => "GemmaForCausalLM",
+            Arch::Gemma2 => "Gemma2ForCausalLM",
+            Arch::Gemma3 => "Gemma3ForCausalLM",
         }
     }
 }
@@ -95,6 +126,30 @@ pub struct ModelConfig {
     /// Sliding attention window per layer (Mistral `sliding_window`; Qwen2
     /// `layer_types` = `sliding_attention`), `None` = full causal.
     pub windows: Vec<Option<usize>>,
+    /// The gated MLP's activation (`hidden_act` / Gemma's `hidden_activation`).
+    pub act: Activation,
+    /// Gemma's RMSNorm: `x̂·(1 + w)` with `w` as stored (every norm of the
+    /// model, the q/k norms included).
+    pub norm_offset: bool,
+    /// Factor on the embedding rows (Gemma: `√hidden` rounded to f32).
+    pub embed_scale: Option<f32>,
+    /// Gemma 2/3: RMSNorm on the attention output and on the MLP output
+    /// before each residual add (`post_attention_layernorm`,
+    /// `post_feedforward_layernorm`; the MLP's input norm is then
+    /// `pre_feedforward_layernorm`).
+    pub sandwich_norm: bool,
+    /// The softmax scale of the attention scores: `head_dim^−½`, or
+    /// `query_pre_attn_scalar^−½` (Gemma 2/3), as transformers'
+    /// `self.scaling` rounded to f32.
+    pub attn_scale: f32,
+    /// `c·tanh(s/c)` on the scaled attention scores (`attn_logit_softcapping`).
+    pub attn_softcap: Option<f32>,
+    /// `c·tanh(z/c)` on the logits (`final_logit_softcapping`).
+    pub final_softcap: Option<f32>,
+    /// Gemma 3: the rotary settings of the sliding-window layers
+    /// (`rope_parameters.sliding_attention`, or `rope_local_base_freq`),
+    /// when they differ from the full layers'.
+    pub local_rope: Option<(f32, RopeScaling)>,
     /// The checkpoint's dtype (`dtype` / `torch_dtype`), if stated.
     pub dtype: Option<String>,
     pub bos_token_id: Option<i64>,
@@ -241,6 +296,70 @@ fn parse_rope(m: &Map<String, Value>) -> Result<(f32, RopeScaling)> {
     Ok((theta as f32, scaling))
 }
 
+fn inv_freq_of(head_dim: usize, theta: f32, scaling: &RopeScaling) -> Vec<f32> {
+    use crate::backend::cpu::rope::*;
+    match *scaling {
+        RopeScaling::Default => rope_inv_freq(head_dim, theta),
+        RopeScaling::Linear { factor } => rope_inv_freq_linear(head_dim, theta, factor),
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            rope_inv_freq_llama3(head_dim, theta, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
+        }
+        RopeScaling::Yarn { theta, factor, beta_fast, beta_slow, original_max_position_embeddings, truncate, .. } => {
+            rope_inv_freq_yarn(head_dim, theta, factor, beta_fast, beta_slow, original_max_position_embeddings, truncate)
+        }
+    }
+}
+
+fn attention_scaling_of(scaling: &RopeScaling) -> f32 {
+    match scaling {
+        RopeScaling::Yarn { attention_factor, .. } => *attention_factor as f32,
+        _ => 1.0,
+    }
+}
+
+/// Gemma 3's two rotary settings: (full layers, sliding layers when they
+/// differ). transformers 5 writes `rope_parameters` as
+/// `{"full_attention": {...}, "sliding_attention": {...}}`; older files
+/// give `rope_theta` (default 10⁶) and `rope_scaling` for the full layers
+/// and `rope_local_base_freq` (default 10⁴) for the sliding ones.
+fn parse_gemma3_rope(m: &Map<String, Value>) -> Result<((f32, RopeScaling), Option<(f32, RopeScaling)>)> {
+    let sub = |p: Option<&Value>, default_theta: f64| -> Result<(f32, RopeScaling)> {
+        let mut one = Map::new();
+        for k in ["max_position_embeddings", "original_max_position_embeddings"] {
+            if let Some(v) = m.get(k) {
+                one.insert(k.into(), v.clone());
+            }
+        }
+        let mut p = match p {
+            None | Some(Value::Null) => Map::new(),
+            Some(Value::Object(p)) => p.clone(),
+            Some(v) => bail!(FileFormat, "config.json: rope parameters {v} are not an object"),
+        };
+        p.entry("rope_theta").or_insert(default_theta.into());
+        one.insert("rope_parameters".into(), Value::Object(p));
+        parse_rope(&one)
+    };
+    let (full, local) = match m.get("rope_parameters") {
+        Some(Value::Object(p)) if p.contains_key("full_attention") || p.contains_key("sliding_attention") => {
+            (sub(p.get("full_attention"), 1e6)?, sub(p.get("sliding_attention"), 1e4)?)
+        }
+        _ => {
+            let mut full = match m.get("rope_parameters").or(m.get("rope_scaling")) {
+                Some(Value::Object(p)) => p.clone(),
+                None | Some(Value::Null) => Map::new(),
+                Some(v) => bail!(FileFormat, "config.json: rope parameters {v} are not an object"),
+            };
+            if let Some(t) = m.get("rope_theta") {
+                full.entry("rope_theta").or_insert(t.clone());
+            }
+            let local_theta = get_f64(m, "rope_local_base_freq")?.unwrap_or(1e4);
+            (sub(Some(&Value::Object(full)), 1e6)?, sub(None, local_theta)?)
+        }
+    };
+    let local = (local != full).then_some(local);
+    Ok((full, local))
+}
+
 impl ModelConfig {
     /// Parses and validates `config.json` text.
     pub fn parse(text: &str) -> Result<ModelConfig> {
@@ -252,7 +371,11 @@ impl ModelConfig {
             "mistral" => Arch::Mistral,
             "qwen2" => Arch::Qwen2,
             "qwen3" => Arch::Qwen3,
-            other => bail!(Unsupported, "model_type `{other}` is not supported (llama, mistral, qwen2 and qwen3 are)"),
+            "gemma" => Arch::Gemma,
+            "gemma2" => Arch::Gemma2,
+            "gemma3_text" => Arch::Gemma3,
+            "gemma3" => bail!(Unsupported, "model_type `gemma3` is the multimodal Gemma 3 (Gemma3ForConditionalGeneration); liblora reads the text-only `gemma3_text` (Gemma3ForCausalLM)"),
+            other => bail!(Unsupported, "model_type `{other}` is not supported (llama, mistral, qwen2, qwen3, gemma, gemma2 and gemma3_text are)"),
         };
         if let Some(Value::Array(a)) = m.get("architectures") {
             for x in a {
@@ -268,16 +391,32 @@ impl ModelConfig {
         if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
             bail!(FileFormat, "config.json: num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}");
         }
-        let head_dim = get_usize(&m, "head_dim")?.unwrap_or(hidden_size / num_heads);
+        // transformers' Gemma configs default head_dim to 256.
+        let head_dim = get_usize(&m, "head_dim")?.unwrap_or(if arch.is_gemma() { 256 } else { hidden_size / num_heads });
         if head_dim == 0 || head_dim % 2 != 0 {
             bail!(FileFormat, "config.json: head_dim {head_dim} must be even and positive");
         }
-        if get_usize(&m, "head_dim")?.is_none() && hidden_size % num_heads != 0 {
+        if get_usize(&m, "head_dim")?.is_none() && !arch.is_gemma() && hidden_size % num_heads != 0 {
             bail!(FileFormat, "config.json: hidden_size {hidden_size} is not a multiple of num_attention_heads {num_heads}");
         }
-        let act = get_str(&m, "hidden_act").unwrap_or("silu");
-        if act != "silu" {
-            bail!(Unsupported, "config.json: hidden_act `{act}` is not supported (silu is)");
+        let act = match arch {
+            // Gemma reads `hidden_act`, and takes the legacy "gelu" of the
+            // official configs as the tanh approximation it was meant to be.
+            Arch::Gemma => match get_str(&m, "hidden_act").unwrap_or("gelu_pytorch_tanh") {
+                "gelu" | "gelu_pytorch_tanh" => Activation::GeluTanh,
+                a => bail!(Unsupported, "config.json: hidden_act `{a}` is not supported for gemma (gelu_pytorch_tanh is)"),
+            },
+            Arch::Gemma2 | Arch::Gemma3 => match get_str(&m, "hidden_activation").unwrap_or("gelu_pytorch_tanh") {
+                "gelu_pytorch_tanh" => Activation::GeluTanh,
+                a => bail!(Unsupported, "config.json: hidden_activation `{a}` is not supported (gelu_pytorch_tanh is)"),
+            },
+            _ => match get_str(&m, "hidden_act").unwrap_or("silu") {
+                "silu" => Activation::Silu,
+                a => bail!(Unsupported, "config.json: hidden_act `{a}` is not supported (silu is)"),
+            },
+        };
+        if arch.is_gemma() && get_bool(&m, "use_bidirectional_attention", false)? {
+            bail!(Unsupported, "config.json: use_bidirectional_attention is not supported (causal attention is)");
         }
         if let Some(tp) = get_usize(&m, "pretraining_tp")? {
             if tp != 1 {
@@ -289,7 +428,7 @@ impl ModelConfig {
                 bail!(Unsupported, "config.json: attention_dropout {p} is not supported (0 is)");
             }
         }
-        let (rope_theta, rope_scaling) = parse_rope(&m)?;
+        let ((rope_theta, rope_scaling), local_rope) = if arch == Arch::Gemma3 { parse_gemma3_rope(&m)? } else { (parse_rope(&m)?, None) };
         let num_layers = need_usize(&m, "num_hidden_layers")?;
         let (qkv_bias, o_bias, mlp_bias) = match arch {
             Arch::Llama => {
@@ -298,16 +437,31 @@ impl ModelConfig {
             }
             Arch::Mistral => (false, false, false),
             Arch::Qwen2 => (true, false, false),
-            Arch::Qwen3 => {
+            Arch::Qwen3 | Arch::Gemma | Arch::Gemma2 | Arch::Gemma3 => {
                 let ab = get_bool(&m, "attention_bias", false)?;
                 (ab, ab, false)
             }
         };
-        let sliding = get_usize(&m, "sliding_window")?;
+        // Gemma 2/3 default to a 4096 window when the key is absent.
+        let sliding = match (arch, m.get("sliding_window")) {
+            (Arch::Gemma2 | Arch::Gemma3, None) => Some(4096),
+            _ => get_usize(&m, "sliding_window")?,
+        };
         let windows = match arch {
-            Arch::Llama => vec![None; num_layers],
+            Arch::Llama | Arch::Gemma => vec![None; num_layers],
             Arch::Mistral => vec![sliding; num_layers],
-            Arch::Qwen2 | Arch::Qwen3 => match m.get("layer_types") {
+            Arch::Gemma2 | Arch::Gemma3 if !matches!(m.get("layer_types"), Some(Value::Array(_))) => {
+                // transformers' default layer_types: every `pattern`-th layer
+                // full, the rest sliding (Gemma 2: pattern 2; Gemma 3:
+                // `sliding_window_pattern`, 6).
+                let pattern = if arch == Arch::Gemma2 { 2 } else { get_usize(&m, "sliding_window_pattern")?.unwrap_or(6) };
+                if pattern == 0 {
+                    bail!(FileFormat, "config.json: sliding_window_pattern is 0");
+                }
+                let sw = sliding.ok_or_else(|| err!(FileFormat, "config.json: sliding layers but no sliding_window"))?;
+                (0..num_layers).map(|i| ((i + 1) % pattern != 0).then_some(sw)).collect()
+            }
+            Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma2 | Arch::Gemma3 => match m.get("layer_types") {
                 Some(Value::Array(a)) => {
                     if a.len() != num_layers {
                         bail!(FileFormat, "config.json: layer_types has {} entries for {num_layers} layers", a.len());
@@ -356,7 +510,35 @@ impl ModelConfig {
             }
             Some(v) => bail!(FileFormat, "config.json: quantization_config is {v}, not an object"),
         };
-        let tie_default = false;
+        let tie_default = arch.is_gemma();
+        // transformers' Gemma 2 defaults cap the scores at 50 and the logits
+        // at 30 when the keys are absent; null turns a cap off.
+        let cap = |k: &str, default: Option<f64>| -> Result<Option<f32>> {
+            let c = match m.get(k) {
+                None => default,
+                Some(Value::Null) => None,
+                Some(_) => get_f64(&m, k)?,
+            };
+            match c {
+                Some(c) if !(c > 0.0 && c.is_finite()) => bail!(FileFormat, "config.json: `{k}` {c} is not positive"),
+                c => Ok(c.map(|c| c as f32)),
+            }
+        };
+        let (attn_softcap, final_softcap) = match arch {
+            Arch::Gemma2 => (cap("attn_logit_softcapping", Some(50.0))?, cap("final_logit_softcapping", Some(30.0))?),
+            Arch::Gemma3 => (cap("attn_logit_softcapping", None)?, cap("final_logit_softcapping", None)?),
+            _ => (None, None),
+        };
+        let attn_scale = match arch {
+            Arch::Gemma2 | Arch::Gemma3 => {
+                let s = get_f64(&m, "query_pre_attn_scalar")?.unwrap_or(256.0);
+                if !(s > 0.0 && s.is_finite()) {
+                    bail!(FileFormat, "config.json: query_pre_attn_scalar {s} is not positive");
+                }
+                s.powf(-0.5) as f32
+            }
+            _ => crate::backend::cpu::attention::softmax_scale(head_dim),
+        };
         let cfg = ModelConfig {
             arch,
             vocab_size: need_usize(&m, "vocab_size")?,
@@ -374,8 +556,16 @@ impl ModelConfig {
             qkv_bias,
             o_bias,
             mlp_bias,
-            qk_norm: arch == Arch::Qwen3,
+            qk_norm: matches!(arch, Arch::Qwen3 | Arch::Gemma3),
             windows,
+            act,
+            norm_offset: arch.is_gemma(),
+            embed_scale: arch.is_gemma().then(|| (hidden_size as f64).sqrt() as f32),
+            sandwich_norm: matches!(arch, Arch::Gemma2 | Arch::Gemma3),
+            attn_scale,
+            attn_softcap,
+            final_softcap,
+            local_rope,
             dtype: get_str(&m, "dtype").or(get_str(&m, "torch_dtype")).map(String::from),
             bos_token_id: m.get("bos_token_id").and_then(|v| v.as_i64()),
             eos_token_ids: token_ids(m.get("eos_token_id")),
@@ -385,34 +575,53 @@ impl ModelConfig {
         Ok(cfg)
     }
 
-    /// `inv_freq` for this config's rotary settings.
+    /// `inv_freq` for this config's rotary settings (of the full layers).
     pub fn inv_freq(&self) -> Vec<f32> {
-        use crate::backend::cpu::rope::*;
-        match self.rope_scaling {
-            RopeScaling::Default => rope_inv_freq(self.head_dim, self.rope_theta),
-            RopeScaling::Linear { factor } => rope_inv_freq_linear(self.head_dim, self.rope_theta, factor),
-            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
-                rope_inv_freq_llama3(self.head_dim, self.rope_theta, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings)
-            }
-            RopeScaling::Yarn { theta, factor, beta_fast, beta_slow, original_max_position_embeddings, truncate, .. } => {
-                rope_inv_freq_yarn(self.head_dim, theta, factor, beta_fast, beta_slow, original_max_position_embeddings, truncate)
-            }
-        }
+        inv_freq_of(self.head_dim, self.rope_theta, &self.rope_scaling)
     }
 
     /// The factor on cos and sin (transformers' `attention_scaling`): YaRN's
     /// `attention_factor`, else 1.
     pub fn rope_attention_scaling(&self) -> f32 {
-        match self.rope_scaling {
-            RopeScaling::Yarn { attention_factor, .. } => attention_factor as f32,
-            _ => 1.0,
-        }
+        attention_scaling_of(&self.rope_scaling)
     }
 
     /// What every rotary table of this model is made from: `inv_freq`
-    /// and the factor on cos and sin.
+    /// and the factor on cos and sin (of the full layers).
     pub fn rope_freqs(&self) -> crate::backend::cpu::rope::RopeFreqs {
         crate::backend::cpu::rope::RopeFreqs { inv_freq: self.inv_freq(), scale: self.rope_attention_scaling() }
+    }
+
+    /// The sliding layers' rotary frequencies when they have their own
+    /// (Gemma 3), else `None`.
+    pub fn local_rope_freqs(&self) -> Option<crate::backend::cpu::rope::RopeFreqs> {
+        self.local_rope.as_ref().map(|(theta, sc)| crate::backend::cpu::rope::RopeFreqs { inv_freq: inv_freq_of(self.head_dim, *theta, sc), scale: attention_scaling_of(sc) })
+    }
+
+    /// Whether layer `l` rotates with the sliding layers' frequencies.
+    pub fn local_rope_at(&self, l: usize) -> bool {
+        self.local_rope.is_some() && self.windows[l].is_some()
+    }
+
+    /// Layer `l`'s attention over a batch of `seq` tokens: heads, window,
+    /// score scale and cap.
+    pub fn attn_shape(&self, l: usize, batch: usize, seq: usize) -> crate::backend::cpu::attention::AttnShape {
+        use crate::backend::cpu::attention::AttnShape;
+        AttnShape { window: self.windows[l], scale: Some(self.attn_scale), softcap: self.attn_softcap, ..AttnShape::causal(batch, seq, self.num_heads, self.num_kv_heads, self.head_dim) }
+    }
+
+    /// Layer `l`'s decode attention over caches of `cap` rows.
+    pub fn decode_shape(&self, l: usize, batch: usize, cap: usize) -> crate::backend::cpu::attention::DecodeShape {
+        crate::backend::cpu::attention::DecodeShape {
+            batch,
+            cache_cap: cap,
+            n_heads: self.num_heads,
+            n_kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+            window: self.windows[l],
+            scale: Some(self.attn_scale),
+            softcap: self.attn_softcap,
+        }
     }
 
     pub fn q_dim(&self) -> usize {

@@ -8,15 +8,13 @@
 //! softmax. `temperature == 0` is greedy (argmax, lowest id on ties).
 
 use super::{Model, DOWN, GATE, K, O, Q, UP, V};
-use crate::backend::cpu::attention::{attention_decode, DecodeShape};
-use crate::backend::cpu::matmul::{gemm_f32, Mat};
+use crate::backend::cpu::attention::attention_decode;
 use crate::backend::cpu::norm::rmsnorm_forward;
 use crate::backend::cpu::rope::rope_forward;
-use crate::backend::cpu::swiglu::swiglu_forward;
+use crate::backend::cpu::swiglu::glu_forward;
 use crate::backend::cpu::on_pool;
 use crate::rng::SplitMix64;
 use crate::Result;
-use rayon::prelude::*;
 
 /// Sampling settings.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -230,14 +228,14 @@ impl Model {
     fn prefill(&mut self, prompt: &[i32], seq_ad: Option<&[i32]>) -> Result<(Vec<f32>, Vec<(Vec<f32>, Vec<f32>)>)> {
         let t = prompt.len();
         let rows = self.row_adapters(seq_ad, 1, t)?;
-        let table = self.rope_freqs().table(0, t);
+        let tables = self.tables(0, t);
         let mut x = self.embed_rows(prompt);
         let mut kvs = Vec::with_capacity(self.blocks.len());
         for l in 0..self.blocks.len() {
-            let acts = self.layer_forward(l, &mut x, 1, t, &table, rows.as_ref(), false, 0)?;
+            let acts = self.layer_forward(l, &mut x, 1, t, &tables, rows.as_ref(), false, 0)?;
             kvs.push((acts.k, acts.v));
         }
-        let (logits, _, _) = self.head_forward(&x, t);
+        let (logits, _, _) = self.head_forward(&x, t, true);
         Ok((logits, kvs))
     }
 
@@ -250,9 +248,11 @@ impl Model {
         let rows = self.row_adapters(seq_ad, bsz, 1)?;
         let positions: Vec<usize> = lens.to_vec();
         // One table row per sequence: rope as a [1, B, H, D] tensor.
-        let table = self.rope_freqs().table_at(&positions);
+        let tables = self.tables_at(&positions);
         let mut x = self.embed_rows(next);
+        let new_lens: Vec<usize> = lens.iter().map(|&n| n + 1).collect();
         for l in 0..self.blocks.len() {
+            let table = tables.layer(&self.cfg, l);
             let mut h1 = vec![0f32; bsz * h];
             rmsnorm_forward(&x, &self.blocks[l].attn_norm, bsz, h, eps, &mut h1, None);
             let mut q = self.lin_forward(l, Q, &h1, bsz, rows.as_ref(), false, 0)?;
@@ -261,38 +261,32 @@ impl Model {
             if let Some(w) = &self.blocks[l].qk_norm {
                 super::qk_norm_forward(&mut self.pool, w, &mut q, &mut k, hd, eps, false);
             }
-            rope_forward(&mut q, 1, bsz, nh, hd, &table);
-            rope_forward(&mut k, 1, bsz, nkv, hd, &table);
+            rope_forward(&mut q, 1, bsz, nh, hd, table);
+            rope_forward(&mut k, 1, bsz, nkv, hd, table);
             let row = nkv * hd;
             for b in 0..bsz {
                 let at = (b * cap + lens[b]) * row;
                 caches[l].k[at..at + row].copy_from_slice(&k[b * row..(b + 1) * row]);
                 caches[l].v[at..at + row].copy_from_slice(&vv[b * row..(b + 1) * row]);
             }
-            let new_lens: Vec<usize> = lens.iter().map(|&n| n + 1).collect();
-            let shape = DecodeShape { batch: bsz, cache_cap: cap, n_heads: nh, n_kv_heads: nkv, head_dim: hd, window: self.cfg.windows[l] };
+            let shape = self.cfg.decode_shape(l, bsz, cap);
             let mut att = vec![0f32; bsz * nh * hd];
             attention_decode(&q, &caches[l].k, &caches[l].v, &new_lens, &shape, &mut att);
             let o = self.lin_forward(l, O, &att, bsz, rows.as_ref(), false, 0)?;
-            x.par_iter_mut().zip(o.par_iter()).for_each(|(a, b)| *a += b);
+            super::residual_add(&mut self.pool, self.blocks[l].post_norms.as_ref().map(|w| &w[0]), o, &mut x, bsz, h, eps, false);
             let mut h2 = vec![0f32; bsz * h];
             rmsnorm_forward(&x, &self.blocks[l].mlp_norm, bsz, h, eps, &mut h2, None);
             let g = self.lin_forward(l, GATE, &h2, bsz, rows.as_ref(), false, 0)?;
             let u = self.lin_forward(l, UP, &h2, bsz, rows.as_ref(), false, 0)?;
             let mut a = vec![0f32; g.len()];
-            swiglu_forward(&g, &u, &mut a);
+            glu_forward(self.cfg.act, &g, &u, &mut a);
             let d = self.lin_forward(l, DOWN, &a, bsz, rows.as_ref(), false, 0)?;
-            x.par_iter_mut().zip(d.par_iter()).for_each(|(a, b)| *a += b);
+            super::residual_add(&mut self.pool, self.blocks[l].post_norms.as_ref().map(|w| &w[1]), d, &mut x, bsz, h, eps, false);
         }
         for n in lens.iter_mut() {
             *n += 1;
         }
-        let v = self.vocab();
-        let mut hf = vec![0f32; bsz * h];
-        rmsnorm_forward(&x, &self.norm, bsz, h, eps, &mut hf, None);
-        let mut logits = vec![0f32; bsz * v];
-        let head = self.lm_head.as_deref().unwrap_or(&self.embed);
-        gemm_f32(&mut logits, v, Mat::n(&hf, h), Mat::t(head, h), bsz, v, h, 1.0, false, true);
+        let (logits, _, _) = self.head_forward(&x, bsz, true);
         Ok(logits)
     }
 }

@@ -100,7 +100,7 @@
 
 use super::generate::{sample_loop, Sampling};
 use super::{check_labels, check_token_ids, shifted_targets, Model, DOWN, GATE, K, O, Q, UP, V};
-use crate::backend::cpu::attention::{AttnShape, DecodeShape};
+use crate::backend::cpu::attention::AttnShape;
 use crate::backend::cuda::blas::{gemm, gemm_ld, Blas, GemmOut, MatRef};
 use crate::backend::cuda::nf4::CudaNf4;
 use crate::backend::cuda::paged::ManagedAlloc;
@@ -797,6 +797,9 @@ impl DeviceModel {
     /// `ordinal` (opened here), mirroring its active set and merge state.
     pub fn upload(ordinal: usize, model: &Model, compute: Compute) -> Result<DeviceModel> {
         let cfg = model.cfg.clone();
+        if cfg.arch.is_gemma() {
+            bail!(Unsupported, "{} runs on the CPU backend only: the device kernels have no Gemma norm, GELU or soft-capping yet", cfg.arch.architecture());
+        }
         if cfg.head_dim > catt::MAX_HEAD_DIM {
             bail!(Unsupported, "head_dim {} exceeds the device attention kernels' {}", cfg.head_dim, catt::MAX_HEAD_DIM);
         }
@@ -1325,8 +1328,7 @@ impl DeviceModel {
     }
 
     fn shape(&self, l: usize, batch: usize, seq: usize) -> AttnShape {
-        let c = &self.cfg;
-        AttnShape { window: c.windows[l], ..AttnShape::causal(batch, seq, c.num_heads, c.num_kv_heads, c.head_dim) }
+        self.cfg.attn_shape(l, batch, seq)
     }
 
     /// The fp32 → bf16 copy of an activation in BF16 mode.
@@ -2972,7 +2974,7 @@ impl DeviceModel {
                     d.copy(&src.slice(b * kvd..(b + 1) * kvd), &mut dv)?;
                 }
             }
-            let shape = DecodeShape { batch: bsz, cache_cap: cap, n_heads: nh, n_kv_heads: nkv, head_dim: hd, window: self.cfg.windows[l] };
+            let shape = self.cfg.decode_shape(l, bsz, cap);
             let mut att = out_buf::<f32>(d, bsz * qd)?;
             catt::decode(d, &q.as_view(), &cache.0.as_view(), &cache.1.as_view(), &new_lens, &shape, &mut att.as_view_mut())?;
             let attb = self.operand(&att)?;

@@ -29,7 +29,7 @@ use crate::backend::cpu::loss::{cross_entropy_fused, IGNORE_INDEX};
 use crate::backend::cpu::matmul::{gemm_f32, Mat};
 use crate::backend::cpu::norm::{rmsnorm_backward, rmsnorm_forward};
 use crate::backend::cpu::rope::{rope_backward, rope_forward, RopeTable};
-use crate::backend::cpu::swiglu::{swiglu_backward, swiglu_forward};
+use crate::backend::cpu::swiglu::{glu_backward, glu_forward};
 use crate::dtype::DType;
 use crate::lora::layer::{AdapterConfig, LoraLayer};
 use crate::quant::nf4::{Nf4Params, Nf4Tensor};
@@ -78,8 +78,21 @@ pub fn shifted_targets(labels: &[i32], batch: usize, seq: usize) -> Vec<i32> {
     targets
 }
 
-fn shape_of(window: Option<usize>, batch: usize, seq: usize, nh: usize, nkv: usize, hd: usize) -> AttnShape {
-    AttnShape { window, ..AttnShape::causal(batch, seq, nh, nkv, hd) }
+/// The rotary tables of one forward: the full layers', and the sliding
+/// layers' when they rotate with their own frequencies (Gemma 3).
+pub(crate) struct Tables {
+    full: RopeTable,
+    local: Option<RopeTable>,
+}
+
+impl Tables {
+    /// Layer `l`'s table.
+    pub(crate) fn layer(&self, cfg: &ModelConfig, l: usize) -> &RopeTable {
+        match &self.local {
+            Some(t) if cfg.local_rope_at(l) => t,
+            _ => &self.full,
+        }
+    }
 }
 
 /// `model.layers.{l}.self_attn.q_proj`, … : the module path PEFT keys use.
@@ -95,14 +108,31 @@ pub struct Block {
     pub mlp_norm: Vec<f32>,
     pub lin: Vec<LoraLayer>,
     /// Per-head RMSNorm weights `[head_dim]` of the queries and keys
-    /// (`q_norm`, `k_norm`) when the architecture has them (Qwen3).
+    /// (`q_norm`, `k_norm`) when the architecture has them (Qwen3, Gemma 3).
     pub qk_norm: Option<[Vec<f32>; 2]>,
+    /// Gemma 2/3: the norms on the attention output and on the MLP output
+    /// (`post_attention_layernorm`, `post_feedforward_layernorm`); the
+    /// MLP's input norm (`mlp_norm`) is then `pre_feedforward_layernorm`.
+    pub post_norms: Option<[Vec<f32>; 2]>,
 }
 
 impl Block {
+    /// Checkpoint names of layer `l`'s attention-input and MLP-input
+    /// norms, and of its output norms when it has them (Gemma 2/3).
+    fn norm_names(cfg: &ModelConfig, l: usize) -> (String, String, Option<[String; 2]>) {
+        let p = format!("model.layers.{l}");
+        let attn = format!("{p}.input_layernorm.weight");
+        if cfg.sandwich_norm {
+            (attn, format!("{p}.pre_feedforward_layernorm.weight"), Some([format!("{p}.post_attention_layernorm.weight"), format!("{p}.post_feedforward_layernorm.weight")]))
+        } else {
+            (attn, format!("{p}.post_attention_layernorm.weight"), None)
+        }
+    }
+
     /// Elements of the layer's norm weights (attention, MLP, q/k).
     fn norm_elems(&self) -> usize {
-        self.attn_norm.len() + self.mlp_norm.len() + self.qk_norm.as_ref().map_or(0, |w| w[0].len() + w[1].len())
+        let pair = |w: &Option<[Vec<f32>; 2]>| w.as_ref().map_or(0, |w| w[0].len() + w[1].len());
+        self.attn_norm.len() + self.mlp_norm.len() + pair(&self.qk_norm) + pair(&self.post_norms)
     }
 }
 
@@ -153,6 +183,12 @@ pub struct Model {
     pub lm_head: Option<Vec<f32>>,
     /// The rotary frequencies every forward's table is made from.
     freqs: crate::backend::cpu::rope::RopeFreqs,
+    /// The sliding layers' own frequencies (Gemma 3), if any.
+    local_freqs: Option<crate::backend::cpu::rope::RopeFreqs>,
+    /// Norm weights as the checkpoint stores them, by tensor name, where
+    /// the model multiplies by `1 + w` (Gemma): the blocks hold `1 + w`,
+    /// the export writes these back bit for bit.
+    raw_norms: std::collections::HashMap<String, Vec<f32>>,
     /// dtype of the checkpoint's dense tensors (for export).
     pub dtype: DType,
     /// NF4 parameters when the linear layers are NF4.
@@ -260,6 +296,9 @@ struct LayerActs {
     a: Vec<f32>,
     /// With per-head q/k norms: q and k before them, and their rstds.
     qk: Option<QkActs>,
+    /// With Gemma 2/3's output norms: the attention output (o_proj's) and
+    /// the MLP output (down_proj's) before them, with their rstds.
+    post: [Option<(Vec<f32>, Vec<f32>)>; 2],
 }
 
 /// What the backward of the per-head q/k RMSNorm needs.
@@ -284,10 +323,15 @@ impl LayerActs {
         for v in self.qk.into_iter().flat_map(QkActs::bufs) {
             pool.give(v);
         }
+        for (y, r) in self.post.into_iter().flatten() {
+            pool.give(y);
+            pool.give(r);
+        }
     }
 
     fn bytes(&self) -> usize {
-        let qk = self.qk.as_ref().map_or(0, |a| a.q_raw.len() + a.k_raw.len() + a.rq.len() + a.rk.len());
+        let qk = self.qk.as_ref().map_or(0, |a| a.q_raw.len() + a.k_raw.len() + a.rq.len() + a.rk.len())
+            + self.post.iter().flatten().map(|(y, r)| y.len() + r.len()).sum::<usize>();
         4 * ([&self.h1, &self.rstd1, &self.q, &self.k, &self.v, &self.att, &self.lse, &self.x_mid, &self.h2, &self.rstd2, &self.g, &self.u, &self.a]
             .iter()
             .map(|v| v.len())
@@ -330,6 +374,47 @@ fn qk_norm_backward(pool: &mut BufPool, w: &[Vec<f32>; 2], acts: QkActs, dq: &mu
     }
 }
 
+/// `x += y`, or with an output norm (Gemma 2/3) `x += RMSNorm(y)·w`;
+/// `y` goes back to the pool, or with `keep` (and a norm) is returned with
+/// its rstd for [`residual_backward`].
+#[allow(clippy::too_many_arguments)]
+fn residual_add(pool: &mut BufPool, w: Option<&Vec<f32>>, y: Vec<f32>, x: &mut [f32], rows: usize, dim: usize, eps: f32, keep: bool) -> Option<(Vec<f32>, Vec<f32>)> {
+    let Some(w) = w else {
+        x.par_iter_mut().zip(y.par_iter()).for_each(|(a, b)| *a += b);
+        pool.give(y);
+        return None;
+    };
+    let mut yn = pool.take(rows * dim);
+    let mut r = pool.take(rows);
+    rmsnorm_forward(&y, w, rows, dim, eps, &mut yn, Some(&mut r));
+    x.par_iter_mut().zip(yn.par_iter()).for_each(|(a, b)| *a += b);
+    pool.give(yn);
+    if keep {
+        Some((y, r))
+    } else {
+        pool.give(y);
+        pool.give(r);
+        None
+    }
+}
+
+/// The gradient of a branch output `y` from that of the residual stream
+/// `dx` ([`residual_add`]): `None` without a norm (it is `dx` itself), else
+/// through the norm.
+fn residual_backward(pool: &mut BufPool, w: Option<&Vec<f32>>, saved: Option<(Vec<f32>, Vec<f32>)>, dx: &[f32], dim: usize) -> Result<Option<Vec<f32>>> {
+    match (w, saved) {
+        (None, None) => Ok(None),
+        (Some(w), Some((y, r))) => {
+            let mut dy = pool.take(dx.len());
+            rmsnorm_backward(&y, w, &r, dx, r.len(), dim, &mut dy, None);
+            pool.give(y);
+            pool.give(r);
+            Ok(Some(dy))
+        }
+        _ => bail!(Internal, "layer activations without the output norm inputs"),
+    }
+}
+
 /// Per-row adapter choice for a mixed batch, resolved per linear layer.
 #[derive(Clone, Debug)]
 pub struct RowAdapters {
@@ -368,7 +453,19 @@ impl Model {
         let embed_name = take("model.embed_tokens.weight");
         let dtype = ck.dtype_of(&embed_name)?.ok_or_else(|| err!(DtypeMismatch, "model.embed_tokens.weight is not a float tensor"))?;
         let embed = ck.dense(&embed_name, &[v, h])?.into_f32();
-        let norm = ck.dense(&take("model.norm.weight"), &[h])?.into_f32();
+        // Norm weights; Gemma multiplies by 1 + w, kept as such, with the
+        // stored w set aside for the export.
+        let mut raw_norms = std::collections::HashMap::new();
+        let mut read_norm = |name: String, len: usize| -> Result<Vec<f32>> {
+            let w = ck.dense(&name, &[len])?.into_f32();
+            if !cfg.norm_offset {
+                return Ok(w);
+            }
+            let eff = w.iter().map(|x| 1.0 + x).collect();
+            raw_norms.insert(name, w);
+            Ok(eff)
+        };
+        let norm = read_norm(take("model.norm.weight"), h)?;
         let lm_head = if cfg.tie_word_embeddings {
             if ck.contains("lm_head.weight") {
                 take("lm_head.weight");
@@ -382,8 +479,13 @@ impl Model {
         let bnb = cfg.bnb_4bit.clone();
         for l in 0..cfg.num_layers {
             let p = format!("model.layers.{l}");
-            let attn_norm = ck.dense(&take(&format!("{p}.input_layernorm.weight")), &[h])?.into_f32();
-            let mlp_norm = ck.dense(&take(&format!("{p}.post_attention_layernorm.weight")), &[h])?.into_f32();
+            let (attn_name, mlp_name, post_names) = Block::norm_names(&cfg, l);
+            let attn_norm = read_norm(take(&attn_name), h)?;
+            let mlp_norm = read_norm(take(&mlp_name), h)?;
+            let post_norms = match post_names {
+                Some([a, b]) => Some([read_norm(take(&a), h)?, read_norm(take(&b), h)?]),
+                None => None,
+            };
             let shapes = [(qd, h), (kvd, h), (kvd, h), (h, qd), (it, h), (it, h), (h, it)];
             let has_bias = [cfg.qkv_bias, cfg.qkv_bias, cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias, cfg.mlp_bias, cfg.mlp_bias];
             let mut lin = Vec::with_capacity(7);
@@ -419,13 +521,13 @@ impl Model {
             }
             let qk_norm = if cfg.qk_norm {
                 let hd = cfg.head_dim;
-                let qn = ck.dense(&take(&format!("{p}.self_attn.q_norm.weight")), &[hd])?.into_f32();
-                let kn = ck.dense(&take(&format!("{p}.self_attn.k_norm.weight")), &[hd])?.into_f32();
+                let qn = read_norm(take(&format!("{p}.self_attn.q_norm.weight")), hd)?;
+                let kn = read_norm(take(&format!("{p}.self_attn.k_norm.weight")), hd)?;
                 Some([qn, kn])
             } else {
                 None
             };
-            blocks.push(Block { attn_norm, mlp_norm, lin, qk_norm });
+            blocks.push(Block { attn_norm, mlp_norm, lin, qk_norm, post_norms });
             if !progress(l + 1, total) {
                 bail!(Cancelled, "loading cancelled by the progress callback after layer {l}");
             }
@@ -442,13 +544,16 @@ impl Model {
         } else {
             None
         };
-        Ok(Model::assemble(cfg, embed, blocks, norm, lm_head, dtype, quant, opts.seed))
+        let mut m = Model::assemble(cfg, embed, blocks, norm, lm_head, dtype, quant, opts.seed);
+        m.raw_norms = raw_norms;
+        Ok(m)
     }
 
     /// A model from its parts, without adapters.
     #[allow(clippy::too_many_arguments)]
     fn assemble(cfg: ModelConfig, embed: Vec<f32>, blocks: Vec<Block>, norm: Vec<f32>, lm_head: Option<Vec<f32>>, dtype: DType, quant: Option<Nf4Params>, seed: u64) -> Model {
         let freqs = cfg.rope_freqs();
+        let local_freqs = cfg.local_rope_freqs();
         let mut m = Model {
             cfg,
             embed,
@@ -456,6 +561,8 @@ impl Model {
             norm,
             lm_head,
             freqs,
+            local_freqs,
+            raw_norms: Default::default(),
             dtype,
             quant,
             adapters: Vec::new(),
@@ -513,8 +620,10 @@ impl Model {
                     None => LoraLayer::new_dense(crate::dtype::Elems::F32(&w), in_f, out_f, false, bias, seed)?,
                 });
             }
+            // Multiplying by one: ones, or Gemma's zeros (1 + w).
             let qk_norm = cfg.qk_norm.then(|| [vec![1.0; cfg.head_dim], vec![1.0; cfg.head_dim]]);
-            blocks.push(Block { attn_norm: vec![1.0; h], mlp_norm: vec![1.0; h], lin, qk_norm });
+            let post_norms = cfg.sandwich_norm.then(|| [vec![1.0; h], vec![1.0; h]]);
+            blocks.push(Block { attn_norm: vec![1.0; h], mlp_norm: vec![1.0; h], lin, qk_norm, post_norms });
         }
         Ok(Model::assemble(cfg, embed, blocks, vec![1.0; h], lm_head, DType::F32, opts.quantize, opts.seed))
     }
@@ -866,6 +975,9 @@ impl Model {
         let h = self.hidden();
         let mut x = vec![0f32; ids.len() * h];
         x.par_chunks_mut(h).zip(ids.par_iter()).for_each(|(row, &t)| row.copy_from_slice(&self.embed[t as usize * h..(t as usize + 1) * h]));
+        if let Some(s) = self.cfg.embed_scale {
+            x.par_iter_mut().for_each(|v| *v *= s);
+        }
         x
     }
 
@@ -888,10 +1000,12 @@ impl Model {
 
     /// One decoder layer forward on `x: [B·T, H]` (in place, the residual
     /// stream), returning what its backward needs.
-    fn layer_forward(&mut self, l: usize, x: &mut [f32], batch: usize, seq: usize, table: &RopeTable, rows: Option<&RowAdapters>, train: bool, call: u64) -> Result<LayerActs> {
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(&mut self, l: usize, x: &mut [f32], batch: usize, seq: usize, tables: &Tables, rows: Option<&RowAdapters>, train: bool, call: u64) -> Result<LayerActs> {
         let cfg = &self.cfg;
         let (h, hd, nh, nkv, eps) = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps);
-        let window = cfg.windows[l];
+        let shape = cfg.attn_shape(l, batch, seq);
+        let table = tables.layer(cfg, l);
         let n = batch * seq;
         let mut h1 = self.pool.take(n * h);
         let mut rstd1 = self.pool.take(n);
@@ -905,13 +1019,11 @@ impl Model {
         };
         rope_forward(&mut q, batch, seq, nh, hd, table);
         rope_forward(&mut k, batch, seq, nkv, hd, table);
-        let shape = AttnShape { window, ..AttnShape::causal(batch, seq, nh, nkv, hd) };
         let mut att = self.pool.take(n * nh * hd);
         let mut lse = self.pool.take(n * nh);
         attention_forward(&q, &k, &v, &shape, &mut att, &mut lse);
         let o = self.lin_forward(l, O, &att, n, rows, train, call)?;
-        x.par_iter_mut().zip(o.par_iter()).for_each(|(a, b)| *a += b);
-        self.pool.give(o);
+        let post_o = residual_add(&mut self.pool, self.blocks[l].post_norms.as_ref().map(|w| &w[0]), o, x, n, h, eps, train);
         let x_mid = self.pool.copy_of(x);
         let mut h2 = self.pool.take(n * h);
         let mut rstd2 = self.pool.take(n);
@@ -919,39 +1031,53 @@ impl Model {
         let g = self.lin_forward(l, GATE, &h2, n, rows, train, call)?;
         let u = self.lin_forward(l, UP, &h2, n, rows, train, call)?;
         let mut a = self.pool.take(g.len());
-        swiglu_forward(&g, &u, &mut a);
+        glu_forward(self.cfg.act, &g, &u, &mut a);
         let d = self.lin_forward(l, DOWN, &a, n, rows, train, call)?;
-        x.par_iter_mut().zip(d.par_iter()).for_each(|(a, b)| *a += b);
-        self.pool.give(d);
-        Ok(LayerActs { h1, rstd1, q, k, v, att, lse, x_mid, h2, rstd2, g, u, a, qk })
+        let post_d = residual_add(&mut self.pool, self.blocks[l].post_norms.as_ref().map(|w| &w[1]), d, x, n, h, eps, train);
+        Ok(LayerActs { h1, rstd1, q, k, v, att, lse, x_mid, h2, rstd2, g, u, a, qk, post: [post_o, post_d] })
     }
 
     /// Backward of one layer: `dx` (gradient of the layer's output) is
     /// replaced by the gradient of its input (unless `need_dx` is false,
     /// for the first layer). Adapter gradients accumulate in the layers.
-    fn layer_backward(&mut self, l: usize, x_in: &[f32], acts: LayerActs, dx: &mut [f32], batch: usize, seq: usize, table: &RopeTable, need_dx: bool) -> Result<()> {
+    #[allow(clippy::too_many_arguments)]
+    fn layer_backward(&mut self, l: usize, x_in: &[f32], acts: LayerActs, dx: &mut [f32], batch: usize, seq: usize, tables: &Tables, need_dx: bool) -> Result<()> {
         let cfg = &self.cfg;
         let (h, hd, nh, nkv) = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
-        let window = cfg.windows[l];
         let n = batch * seq;
         let it = cfg.intermediate_size;
         let mut pool = std::mem::take(&mut self.pool);
-        let res = Self::layer_backward_in(&mut self.blocks[l], &mut pool, acts, x_in, dx, (n, h, it, nh, nkv, hd), shape_of(window, batch, seq, nh, nkv, hd), table, need_dx);
+        let res = Self::layer_backward_in(&mut self.blocks[l], &mut pool, acts, x_in, dx, (n, h, it, nh, nkv, hd), cfg.attn_shape(l, batch, seq), cfg.act, tables.layer(cfg, l), need_dx);
         self.pool = pool;
         res
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn layer_backward_in(blk: &mut Block, pool: &mut BufPool, acts: LayerActs, x_in: &[f32], dx: &mut [f32], dims: (usize, usize, usize, usize, usize, usize), shape: AttnShape, table: &RopeTable, need_dx: bool) -> Result<()> {
+    fn layer_backward_in(
+        blk: &mut Block,
+        pool: &mut BufPool,
+        acts: LayerActs,
+        x_in: &[f32],
+        dx: &mut [f32],
+        dims: (usize, usize, usize, usize, usize, usize),
+        shape: AttnShape,
+        act: config::Activation,
+        table: &RopeTable,
+        need_dx: bool,
+    ) -> Result<()> {
         let (n, h, it, nh, nkv, hd) = dims;
         let (batch, seq) = (shape.batch, shape.q_len);
-        let LayerActs { h1, rstd1, q, k, v, att, lse, x_mid, h2, rstd2, g, u, a, qk } = acts;
-        // MLP: x_out = x_mid + down(a);  a = silu(g)·u
+        let LayerActs { h1, rstd1, q, k, v, att, lse, x_mid, h2, rstd2, g, u, a, qk, post: [post_o, post_d] } = acts;
+        // MLP: x_out = x_mid + [norm](down(a));  a = act(g)·u
         let mut da = pool.take(n * it);
-        blk.lin[DOWN].backward_into(&a, dx, n, Some(&mut da), false)?;
+        let dd = residual_backward(pool, blk.post_norms.as_ref().map(|w| &w[1]), post_d, dx, h)?;
+        blk.lin[DOWN].backward_into(&a, dd.as_deref().unwrap_or(dx), n, Some(&mut da), false)?;
         pool.give(a);
+        if let Some(b) = dd {
+            pool.give(b);
+        }
         let (mut dg, mut du) = (pool.take(n * it), pool.take(n * it));
-        swiglu_backward(&g, &u, &da, &mut dg, &mut du);
+        glu_backward(act, &g, &u, &da, &mut dg, &mut du);
         for b in [da, g, u] {
             pool.give(b);
         }
@@ -967,9 +1093,13 @@ impl Model {
         for b in [x_mid, h2, rstd2, dh2] {
             pool.give(b);
         }
-        // Attention: x_mid = x_in + o(att)
+        // Attention: x_mid = x_in + [norm](o(att))
         let mut datt = pool.take(n * nh * hd);
-        blk.lin[O].backward_into(&att, &dxm, n, Some(&mut datt), false)?;
+        let d_o = residual_backward(pool, blk.post_norms.as_ref().map(|w| &w[0]), post_o, &dxm, h)?;
+        blk.lin[O].backward_into(&att, d_o.as_deref().unwrap_or(&dxm), n, Some(&mut datt), false)?;
+        if let Some(b) = d_o {
+            pool.give(b);
+        }
         let (mut dq, mut dk, mut dv) = (pool.take(q.len()), pool.take(k.len()), pool.take(v.len()));
         attention_backward(&q, &k, &v, &att, &lse, &datt, &shape, &mut dq, &mut dk, &mut dv);
         for b in [att, lse, datt, q, k, v] {
@@ -1012,13 +1142,18 @@ impl Model {
     }
 
     /// Final norm and head: logits `[n, V]` from the residual stream.
-    fn head_forward(&self, x: &[f32], n: usize) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    /// With `cap`, the logits are soft-capped (`final_logit_softcapping`)
+    /// when the model caps them; without, they are the head's raw output.
+    fn head_forward(&self, x: &[f32], n: usize, cap: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let (h, v) = (self.hidden(), self.vocab());
         let mut hf = vec![0f32; n * h];
         let mut rstd = vec![0f32; n];
         rmsnorm_forward(x, &self.norm, n, h, self.cfg.rms_norm_eps, &mut hf, Some(&mut rstd));
         let mut logits = vec![0f32; n * v];
         gemm_f32(&mut logits, v, Mat::n(&hf, h), Mat::t(self.head(), h), n, v, h, 1.0, false, true);
+        if let (true, Some(c)) = (cap, self.cfg.final_softcap) {
+            logits.par_iter_mut().for_each(|z| *z = (*z / c).tanh() * c);
+        }
         (logits, hf, rstd)
     }
 
@@ -1037,16 +1172,16 @@ impl Model {
     fn logits_cpu(&mut self, ids: &[i32], batch: usize, seq: usize, seq_adapters: Option<&[i32]>) -> Result<Vec<f32>> {
         let rows = self.row_adapters(seq_adapters, batch, seq)?;
         let n = batch * seq;
-        let table = self.freqs.table(0, seq);
+        let tables = self.tables(0, seq);
         let mut x = self.embed_rows(ids);
         let mut peak = 0;
         for l in 0..self.blocks.len() {
-            let acts = self.layer_forward(l, &mut x, batch, seq, &table, rows.as_ref(), false, 0)?;
+            let acts = self.layer_forward(l, &mut x, batch, seq, &tables, rows.as_ref(), false, 0)?;
             peak = peak.max(acts.bytes());
             acts.recycle(&mut self.pool);
         }
 
-        let (logits, _, _) = self.head_forward(&x, n);
+        let (logits, _, _) = self.head_forward(&x, n, true);
         self.pool.trim(self.act_peak.max(peak));
         self.note_peak(peak + logits.len() * 4);
         Ok(logits)
@@ -1084,7 +1219,7 @@ impl Model {
         let (h, vsz) = (self.hidden(), self.vocab());
         check_labels(labels, vsz)?;
         let n = batch * seq;
-        let table = self.freqs.table(0, seq);
+        let tables = self.tables(0, seq);
         let mut x = self.embed_rows(ids);
         let nl = self.blocks.len();
         let mut inputs: Vec<Vec<f32>> = Vec::with_capacity(nl);
@@ -1093,7 +1228,7 @@ impl Model {
         for l in 0..nl {
             inputs.push(self.pool.copy_of(&x));
             held += x.len() * 4;
-            let acts = self.layer_forward(l, &mut x, batch, seq, &table, None, true, call)?;
+            let acts = self.layer_forward(l, &mut x, batch, seq, &tables, None, true, call)?;
             if checkpointing {
                 saved.push(None);
             } else {
@@ -1102,9 +1237,12 @@ impl Model {
             }
         }
         let targets = shifted_targets(labels, batch, seq);
-        let (mut logits, _hf, rstd) = self.head_forward(&x, n);
+        let (mut logits, _hf, rstd) = self.head_forward(&x, n, false);
         held += logits.len() * 4 * 2;
-        let ce = cross_entropy_fused(&mut logits, &targets, vsz, Some(grad_scale))?;
+        let ce = match self.cfg.final_softcap {
+            None => cross_entropy_fused(&mut logits, &targets, vsz, Some(grad_scale))?,
+            Some(c) => crate::backend::cpu::loss::cross_entropy_fused_softcap(&mut logits, &targets, vsz, Some(grad_scale), c)?,
+        };
         // d hf = dlogits · W_head;  dx = RMSNorm_fᵀ(d hf)
         let mut dhf = self.pool.take(n * h);
         gemm_f32(&mut dhf, h, Mat::n(&logits, vsz), Mat::n(self.head(), h), n, h, vsz, 1.0, false, true);
@@ -1121,13 +1259,13 @@ impl Model {
                 Some(a) => a,
                 None => {
                     let mut xr = self.pool.copy_of(&x_in);
-                    let a = self.layer_forward(l, &mut xr, batch, seq, &table, None, true, call)?;
+                    let a = self.layer_forward(l, &mut xr, batch, seq, &tables, None, true, call)?;
                     self.pool.give(xr);
                     peak_extra = peak_extra.max(a.bytes());
                     a
                 }
             };
-            self.layer_backward(l, &x_in, acts, &mut dx, batch, seq, &table, l > 0)?;
+            self.layer_backward(l, &x_in, acts, &mut dx, batch, seq, &tables, l > 0)?;
             self.pool.give(x_in);
         }
         self.pool.give(dx);
@@ -1270,8 +1408,14 @@ impl Model {
             .collect())
     }
 
-    pub(crate) fn rope_freqs(&self) -> &crate::backend::cpu::rope::RopeFreqs {
-        &self.freqs
+    /// The rotary tables of positions `pos0..pos0 + len`.
+    pub(crate) fn tables(&self, pos0: usize, len: usize) -> Tables {
+        Tables { full: self.freqs.table(pos0, len), local: self.local_freqs.as_ref().map(|f| f.table(pos0, len)) }
+    }
+
+    /// The rotary tables of arbitrary positions.
+    pub(crate) fn tables_at(&self, positions: &[usize]) -> Tables {
+        Tables { full: self.freqs.table_at(positions), local: self.local_freqs.as_ref().map(|f| f.table_at(positions)) }
     }
 
     /// Writes the model with the active adapters merged as a Hugging Face
@@ -1294,17 +1438,32 @@ impl Model {
         };
         let (h, v) = (self.hidden(), self.vocab());
         let mut out: Vec<(String, OutTensor<'static>)> = Vec::new();
+        // A norm as the checkpoint stores it: Gemma's w of `1 + w` (as read,
+        // or from the weight multiplied for a model that was not read).
+        let norm = |name: String, eff: &[f32]| -> (String, OutTensor<'static>) {
+            let t = match (self.raw_norms.get(&name), self.cfg.norm_offset) {
+                (Some(raw), _) => enc(vec![raw.len()], raw),
+                (None, true) => enc(vec![eff.len()], &eff.iter().map(|x| x - 1.0).collect::<Vec<f32>>()),
+                (None, false) => enc(vec![eff.len()], eff),
+            };
+            (name, t)
+        };
         out.push(("model.embed_tokens.weight".into(), enc(vec![v, h], &self.embed)));
-        out.push(("model.norm.weight".into(), enc(vec![h], &self.norm)));
+        out.push(norm("model.norm.weight".into(), &self.norm));
         if let Some(w) = &self.lm_head {
             out.push(("lm_head.weight".into(), enc(vec![v, h], w)));
         }
         for (l, b) in self.blocks.iter().enumerate() {
-            out.push((format!("model.layers.{l}.input_layernorm.weight"), enc(vec![h], &b.attn_norm)));
-            out.push((format!("model.layers.{l}.post_attention_layernorm.weight"), enc(vec![h], &b.mlp_norm)));
+            let (attn_name, mlp_name, post_names) = Block::norm_names(&self.cfg, l);
+            out.push(norm(attn_name, &b.attn_norm));
+            out.push(norm(mlp_name, &b.mlp_norm));
+            if let (Some([pa, pf]), Some([wa, wf])) = (post_names, &b.post_norms) {
+                out.push(norm(pa, wa));
+                out.push(norm(pf, wf));
+            }
             if let Some([qn, kn]) = &b.qk_norm {
-                out.push((format!("model.layers.{l}.self_attn.q_norm.weight"), enc(vec![qn.len()], qn)));
-                out.push((format!("model.layers.{l}.self_attn.k_norm.weight"), enc(vec![kn.len()], kn)));
+                out.push(norm(format!("model.layers.{l}.self_attn.q_norm.weight"), qn));
+                out.push(norm(format!("model.layers.{l}.self_attn.k_norm.weight"), kn));
             }
             for (j, layer) in b.lin.iter().enumerate() {
                 let m = module_path(l, j);

@@ -4,10 +4,12 @@
 //!
 //! Math (transformers `eager_attention_forward` with `repeat_kv`, mask
 //! added before an fp32 softmax): query head `h` uses KV head
-//! `g = h / (n_heads / n_kv_heads)`; with `scale = head_dim^−½`,
+//! `g = h / (n_heads / n_kv_heads)`; with `scale = head_dim^−½` (or the
+//! shape's own scale, Gemma's `query_pre_attn_scalar^−½`),
 //!
 //! ```text
 //!   s_ij   = scale · q_i · k_j                 for keys j visible from row i
+//!            (then c·tanh(s_ij/c) with a soft cap c, Gemma 2)
 //!   lse_i  = log Σ_j exp(s_ij)                 (natural log; saved)
 //!   P_ij   = exp(s_ij − lse_i)
 //!   o_i    = Σ_j P_ij v_j
@@ -25,7 +27,7 @@
 //!   δ_i   = do_i · o_i
 //!   dv_j += Σ_i P_ij do_i
 //!   dP_ij = do_i · v_j
-//!   dS_ij = P_ij (dP_ij − δ_i)
+//!   dS_ij = P_ij (dP_ij − δ_i)                (× (1 − tanh²(s_ij/c)) with a cap)
 //!   dq_i  = scale Σ_j dS_ij k_j
 //!   dk_j += scale Σ_i dS_ij q_i                (summed over the query heads of the group)
 //! ```
@@ -84,7 +86,7 @@ impl Default for AttnTiles {
 /// Shape of one attention call. `n_heads` must be a multiple of
 /// `n_kv_heads`; `kv_len ≥ q_len`; `window` (Mistral `sliding_window`), if
 /// set, is ≥ 1.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttnShape {
     pub batch: usize,
     /// T: query rows per sequence.
@@ -96,18 +98,23 @@ pub struct AttnShape {
     pub head_dim: usize,
     /// Sliding window W: row at position p sees keys `p−W < j ≤ p`.
     pub window: Option<usize>,
+    /// The scores' scale; `None` is `head_dim^−½`.
+    pub scale: Option<f32>,
+    /// Soft cap `c` of the scaled scores: `c·tanh(s/c)` (Gemma 2).
+    pub softcap: Option<f32>,
 }
 
 impl AttnShape {
     /// Plain causal self-attention over `seq` tokens (`S = T`, no window).
     pub fn causal(batch: usize, seq: usize, n_heads: usize, n_kv_heads: usize, head_dim: usize) -> Self {
-        AttnShape { batch, q_len: seq, kv_len: seq, n_heads, n_kv_heads, head_dim, window: None }
+        AttnShape { batch, q_len: seq, kv_len: seq, n_heads, n_kv_heads, head_dim, window: None, scale: None, softcap: None }
     }
 
-    /// `head_dim^−½`, as transformers' `self.scaling = head_dim**-0.5` (a
-    /// Python float, rounded to f32 when it scales an fp32 tensor).
+    /// The scores' scale: the shape's own, else `head_dim^−½`, as
+    /// transformers' `self.scaling = head_dim**-0.5` (a Python float,
+    /// rounded to f32 when it scales an fp32 tensor).
     pub fn scale(&self) -> f32 {
-        softmax_scale(self.head_dim)
+        self.scale.unwrap_or_else(|| softmax_scale(self.head_dim))
     }
 
     /// Query heads per KV head.
@@ -126,7 +133,14 @@ impl AttnShape {
         assert!(self.head_dim > 0, "attention: head_dim must be positive");
         assert!(self.kv_len >= self.q_len, "attention: kv_len {} < q_len {}", self.kv_len, self.q_len);
         assert!(self.window != Some(0), "attention: window must be ≥ 1");
+        assert!(self.softcap.is_none_or(|c| c > 0.0), "attention: softcap must be positive");
     }
+}
+
+/// `c·tanh(x/c)` in place (transformers' order: divide, tanh, multiply).
+#[inline]
+fn cap_scores(x: &mut [f32], c: f32) {
+    x.iter_mut().for_each(|v| *v = (*v / c).tanh() * c);
 }
 
 /// `head_dim^−½` rounded to f32 (computed as Python's `head_dim**-0.5`).
@@ -253,6 +267,9 @@ fn forward_block(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape, kv_block: usize
                     pr.fill(0.0); // sees nothing here: contributes nothing, state unchanged
                     continue;
                 }
+                if let Some(c) = s.softcap {
+                    cap_scores(&mut pr[a..e], c);
+                }
                 let mt = pr[a..e].iter().fold(f32::NEG_INFINITY, |x, &y| x.max(y));
                 let m_new = m[r].max(mt);
                 // exp(−∞) = 0 on the row's first tile, where acc and l are 0.
@@ -350,6 +367,7 @@ pub fn attention_backward_tiled(
             let mut dv_l = vec![0f32; sl * d];
             let mut p = vec![0f32; qb * kvb];
             let mut ds = vec![0f32; qb * kvb];
+            let mut tb = if s.softcap.is_some() { vec![0f32; kvb] } else { Vec::new() };
             let mut j0 = 0;
             while j0 < sl {
                 let nk = (j0 + kvb).min(sl) - j0;
@@ -386,9 +404,25 @@ pub fn attention_backward_tiled(
                                 buf[..a].fill(0.0);
                                 buf[e..].fill(0.0);
                             }
-                            vexp::exp_sub(&mut pr[a..e], lse_i);
-                            for (&pj, dj) in pr[a..e].iter().zip(&mut dr[a..e]) {
-                                *dj = pj * (*dj - delta_i) * scale;
+                            match s.softcap {
+                                None => {
+                                    vexp::exp_sub(&mut pr[a..e], lse_i);
+                                    for (&pj, dj) in pr[a..e].iter().zip(&mut dr[a..e]) {
+                                        *dj = pj * (*dj - delta_i) * scale;
+                                    }
+                                }
+                                Some(c) => {
+                                    // t = tanh(s/c): P = exp(c·t − lse), dS = P(dP − δ)(1 − t²)·scale.
+                                    let tr = &mut tb[..e - a];
+                                    for (t, x) in tr.iter_mut().zip(pr[a..e].iter_mut()) {
+                                        *t = (*x / c).tanh();
+                                        *x = *t * c;
+                                    }
+                                    vexp::exp_sub(&mut pr[a..e], lse_i);
+                                    for ((&pj, dj), &t) in pr[a..e].iter().zip(&mut dr[a..e]).zip(tr.iter()) {
+                                        *dj = pj * (*dj - delta_i) * (1.0 - t * t) * scale;
+                                    }
+                                }
                             }
                         }
                         // dV[nk × D] += Pᵀ[nk × rows] · dO[rows × D]
@@ -425,7 +459,7 @@ pub fn attention_backward_tiled(
 
 /// Shape of a decode step: one new query row per sequence against its KV
 /// cache. `window` as in [`AttnShape`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DecodeShape {
     pub batch: usize,
     /// Rows allocated per sequence in the caches (`cap ≥ lens[b]`).
@@ -434,6 +468,17 @@ pub struct DecodeShape {
     pub n_kv_heads: usize,
     pub head_dim: usize,
     pub window: Option<usize>,
+    /// As in [`AttnShape`].
+    pub scale: Option<f32>,
+    /// As in [`AttnShape`].
+    pub softcap: Option<f32>,
+}
+
+impl DecodeShape {
+    /// The scores' scale: the shape's own, else `head_dim^−½`.
+    pub fn scale(&self) -> f32 {
+        self.scale.unwrap_or_else(|| softmax_scale(self.head_dim))
+    }
 }
 
 /// Decode attention (no backward): for each sequence `b` the query
@@ -458,14 +503,17 @@ pub fn attention_decode(q: &[f32], k_cache: &[f32], v_cache: &[f32], lens: &[usi
     assert_eq!(lens.len(), bsz, "attention_decode: lens is not [B]");
     assert!(lens.iter().all(|&n| n >= 1 && n <= cap), "attention_decode: every length must be in 1..=cache_cap");
     let group = hq / hkv;
-    let scale = softmax_scale(d);
+    let scale = s.scale();
     out.par_chunks_mut(d).enumerate().for_each(|(bh, o)| {
         let (b, h) = (bh / hq, bh % hq);
         let g = h / group;
         let qv = &q[bh * d..(bh + 1) * d];
         let (lo, hi) = visible_keys(lens[b] - 1, s.window);
         let at = |j: usize| ((b * cap + j) * hkv + g) * d;
-        let sc: Vec<f32> = (lo..hi).map(|j| dot(qv, &k_cache[at(j)..at(j) + d]) * scale).collect();
+        let mut sc: Vec<f32> = (lo..hi).map(|j| dot(qv, &k_cache[at(j)..at(j) + d]) * scale).collect();
+        if let Some(c) = s.softcap {
+            cap_scores(&mut sc, c);
+        }
         let m = sc.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
         o.fill(0.0);
         let mut l = 0f32;

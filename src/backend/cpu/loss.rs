@@ -269,6 +269,44 @@ pub fn cross_entropy_fused(logits: &mut [f32], labels: &[i32], vocab: usize, gra
     Ok(finish(partial.iter().sum(), count))
 }
 
+/// [`cross_entropy_fused`] of soft-capped logits (Gemma 2's
+/// `final_logit_softcapping`): the loss of `z' = c·tanh(z/c)` for the raw
+/// logits `z` given, whose gradient (with respect to `z`) is written over
+/// them: `dz = dz'·(1 − tanh²(z/c))`. One row of scratch per task.
+pub fn cross_entropy_fused_softcap(logits: &mut [f32], labels: &[i32], vocab: usize, grad_scale: Option<f32>, cap: f32) -> Result<CrossEntropy> {
+    assert!(vocab > 0, "cross_entropy: vocab must be positive");
+    assert!(cap > 0.0, "cross_entropy: the soft cap must be positive");
+    assert_eq!(logits.len(), labels.len() * vocab, "cross_entropy: logits is not [N, V]");
+    check_labels(labels, vocab)?;
+    let count = count_labels(labels);
+    let c = grad_scale.unwrap_or(if count == 0 { 0.0 } else { (1.0 / count as f64) as f32 });
+    let per = rows_per_task(vocab);
+    let partial: Vec<f64> = logits
+        .par_chunks_mut(per * vocab)
+        .zip(labels.par_chunks(per))
+        .map(|(xc, yc)| {
+            let mut s = 0f64;
+            let mut t = vec![0f32; vocab];
+            for (x, &y) in xc.chunks_exact_mut(vocab).zip(yc) {
+                if y == IGNORE_INDEX {
+                    x.fill(0.0);
+                    continue;
+                }
+                for (tv, xv) in t.iter_mut().zip(x.iter_mut()) {
+                    *tv = (*xv / cap).tanh();
+                    *xv = *tv * cap;
+                }
+                s += row_fused(x, y as usize, c);
+                for (xv, &tv) in x.iter_mut().zip(&t) {
+                    *xv *= 1.0 - tv * tv;
+                }
+            }
+            s
+        })
+        .collect();
+    Ok(finish(partial.iter().sum(), count))
+}
+
 /// Elements per task of the sum of squares; fixed so the partial sums (and
 /// so the result) do not depend on the number of threads.
 const NORM_CHUNK: usize = 1 << 16;

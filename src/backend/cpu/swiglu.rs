@@ -102,3 +102,79 @@ pub fn swiglu_backward_inplace(gate: &mut [f32], up: &mut [f32], dh: &[f32]) {
         .zip(dh.par_chunks(TASK_ELEMS))
         .for_each(|((gc, uc), dhc)| backward_inplace_chunk(gc, uc, dhc));
 }
+
+// ---------------------------------------------------------------------------
+// GeGLU (Gemma): `h = gelu_tanh(g) · u`.
+//
+// PyTorch's `gelu(x, approximate="tanh")` on the CPU, fp32:
+//   inner = β·(x + κ·x³),  β = √2·(2/√π)·½ = √(2/π),  κ = 0.044715
+//   gelu  = ½·x·(1 + tanh(inner))
+//   gelu' = ½·(1 + tanh(inner)) + ½·x·(1 − tanh²(inner))·β·(1 + 3κ·x²)
+// ---------------------------------------------------------------------------
+
+const GELU_BETA: f32 = (std::f64::consts::SQRT_2 * std::f64::consts::FRAC_2_SQRT_PI * 0.5) as f32;
+const GELU_KAPPA: f32 = 0.044715;
+
+/// PyTorch's tanh-approximated GELU of one value.
+#[inline(always)]
+pub fn gelu_tanh(x: f32) -> f32 {
+    let inner = GELU_BETA * (x + GELU_KAPPA * (x * x * x));
+    0.5 * x * (1.0 + inner.tanh())
+}
+
+/// Its derivative, in PyTorch's `GeluBackward` order.
+#[inline(always)]
+fn gelu_tanh_grad(x: f32) -> f32 {
+    let x_sq = x * x;
+    let inner = GELU_BETA * (x + GELU_KAPPA * (x_sq * x));
+    let t = inner.tanh();
+    let left = 0.5 * x;
+    let right = 1.0 + t;
+    let left_derivative = 0.5 * right;
+    let right_derivative = left * (1.0 - t * t) * (GELU_BETA * (1.0 + 3.0 * GELU_KAPPA * x_sq));
+    left_derivative + right_derivative
+}
+
+/// GeGLU forward: `h = gelu_tanh(gate) · up`, elementwise.
+pub fn geglu_forward(gate: &[f32], up: &[f32], h: &mut [f32]) {
+    assert!(gate.len() == up.len() && gate.len() == h.len(), "geglu: lengths differ");
+    h.par_chunks_mut(TASK_ELEMS).zip(gate.par_chunks(TASK_ELEMS)).zip(up.par_chunks(TASK_ELEMS)).for_each(|((hc, gc), uc)| {
+        for ((hv, &g), &u) in hc.iter_mut().zip(gc).zip(uc) {
+            *hv = gelu_tanh(g) * u;
+        }
+    });
+}
+
+/// GeGLU backward: `dup = dh · gelu_tanh(gate)`,
+/// `dgate = gelu_tanh'(gate) · (dh · up)`. Both written.
+pub fn geglu_backward(gate: &[f32], up: &[f32], dh: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
+    let n = gate.len();
+    assert!(up.len() == n && dh.len() == n && dgate.len() == n && dup.len() == n, "geglu: lengths differ");
+    dgate
+        .par_chunks_mut(TASK_ELEMS)
+        .zip(dup.par_chunks_mut(TASK_ELEMS))
+        .zip(gate.par_chunks(TASK_ELEMS).zip(up.par_chunks(TASK_ELEMS)).zip(dh.par_chunks(TASK_ELEMS)))
+        .for_each(|((dgc, duc), ((gc, uc), dhc))| {
+            for i in 0..gc.len() {
+                let (g, u, d) = (gc[i], uc[i], dhc[i]);
+                dgc[i] = (d * u) * gelu_tanh_grad(g);
+                duc[i] = d * gelu_tanh(g);
+            }
+        });
+}
+
+/// The gated MLP's middle for either activation: `h = act(gate) · up`.
+pub fn glu_forward(act: crate::model::config::Activation, gate: &[f32], up: &[f32], h: &mut [f32]) {
+    match act {
+        crate::model::config::Activation::Silu => swiglu_forward(gate, up, h),
+        crate::model::config::Activation::GeluTanh => geglu_forward(gate, up, h),
+    }
+}
+
+/// Backward of [`glu_forward`].
+pub fn glu_backward(act: crate::model::config::Activation, gate: &[f32], up: &[f32], dh: &[f32], dgate: &mut [f32], dup: &mut [f32]) {
+    match act {
+        crate::model::config::Activation::Silu => swiglu_backward(gate, up, dh, dgate, dup),
+        crate::model::config::Activation::GeluTanh => geglu_backward(gate, up, dh, dgate, dup),
+    }
+}

@@ -27,7 +27,7 @@
 //! [`attention_decode`]: crate::backend::cpu::attention::attention_decode
 
 use super::{launch_cfg, scratch, stride_grid, CudaDevice, ATTENTION_CU, ATTENTION_TC_CU};
-use crate::backend::cpu::attention::{softmax_scale, AttnShape, DecodeShape};
+use crate::backend::cpu::attention::{AttnShape, DecodeShape};
 use crate::error::Result;
 use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DeviceRepr};
 
@@ -87,7 +87,10 @@ fn check_len(len: usize, dims: &[usize], what: &str) -> Result<()> {
     Ok(())
 }
 
-fn check_heads(n_heads: usize, n_kv_heads: usize, head_dim: usize, window: Option<usize>) -> Result<()> {
+fn check_heads(n_heads: usize, n_kv_heads: usize, head_dim: usize, window: Option<usize>, softcap: Option<f32>) -> Result<()> {
+    if softcap.is_some() {
+        bail!(Unsupported, "attention: soft-capped scores (Gemma 2) are not implemented in the device kernels");
+    }
     if n_kv_heads == 0 || n_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
         bail!(InvalidShape, "attention: n_heads {n_heads} is not a positive multiple of n_kv_heads {n_kv_heads}");
     }
@@ -106,7 +109,7 @@ fn check_heads(n_heads: usize, n_kv_heads: usize, head_dim: usize, window: Optio
 /// Checks a training/prefill shape: heads, `S ≥ T`, grid limits. Returns
 /// `(T, S, H, Hkv, D, window)` as the kernels take them (window 0: none).
 fn check_shape(s: &AttnShape) -> Result<(u32, u32, u32, u32, u32, u32)> {
-    check_heads(s.n_heads, s.n_kv_heads, s.head_dim, s.window)?;
+    check_heads(s.n_heads, s.n_kv_heads, s.head_dim, s.window, s.softcap)?;
     if s.kv_len < s.q_len {
         bail!(InvalidShape, "attention: kv_len {} < q_len {}", s.kv_len, s.q_len);
     }
@@ -222,7 +225,7 @@ pub fn forward(
     if s.batch == 0 || s.q_len == 0 {
         return Ok(());
     }
-    let scale = softmax_scale(s.head_dim);
+    let scale = s.scale();
     let name = "attention_forward_f32";
     let f = dev.function(&ATTENTION_CU, name)?;
     let cfg = grid_cfg(causal_grid(dev.multiprocessors, s.q_len.div_ceil(ATT_FQ), h, s.batch)?, ATT_THREADS);
@@ -259,7 +262,7 @@ pub fn backward<O: TcElem>(
     if s.batch == 0 || s.kv_len == 0 {
         return Ok(());
     }
-    let scale = softmax_scale(s.head_dim);
+    let scale = s.scale();
     let delta = delta_async(dev, o, dout, s, d)?;
     let name = "attention_dkdv_f32";
     let f = dev.function(&ATTENTION_CU, name)?;
@@ -400,7 +403,7 @@ pub fn forward_tc<T: TcElem>(dev: &CudaDevice, q: &CudaView<'_, T>, k: &CudaView
     if s.batch == 0 || s.q_len == 0 {
         return Ok(());
     }
-    let scale = softmax_scale(s.head_dim);
+    let scale = s.scale();
     let name = T::KERNELS[usize::from(d == 128)][0];
     let f = dev.function(&ATTENTION_TC_CU, name)?;
     let cfg = grid_cfg(causal_grid(dev.multiprocessors, s.q_len.div_ceil(ATC_ROWS), h, s.batch)?, ATC_THREADS);
@@ -440,7 +443,7 @@ pub fn backward_tc<T: TcElem>(
     if s.batch == 0 || s.q_len == 0 {
         return Ok(());
     }
-    let scale = softmax_scale(s.head_dim);
+    let scale = s.scale();
     let delta = delta_async(dev, o, dout, s, d)?;
     let name = T::KERNELS[usize::from(d == 128)][1];
     let f = dev.function(&ATTENTION_TC_CU, name)?;
@@ -482,7 +485,7 @@ pub fn decode(
     s: &DecodeShape,
     o: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    check_heads(s.n_heads, s.n_kv_heads, s.head_dim, s.window)?;
+    check_heads(s.n_heads, s.n_kv_heads, s.head_dim, s.window, s.softcap)?;
     if s.batch > 65535 {
         bail!(InvalidShape, "attention decode: batch {} exceeds the grid limit 65535", s.batch);
     }
@@ -508,7 +511,7 @@ pub fn decode(
     }
     let lens32: Vec<u32> = lens.iter().map(|&n| n as u32).collect();
     let lens_d = dev.upload(&lens32)?;
-    let scale = softmax_scale(s.head_dim);
+    let scale = s.scale();
     let name = "attention_decode_f32";
     let f = dev.function(&ATTENTION_CU, name)?;
     // SAFETY: (ptr ×4, u32 ×5, f32, ptr). Block (h, b) reads q[b, h], lens[b]
