@@ -145,7 +145,8 @@ fn swiglu_ref(g: &[f64], u: &[f64]) -> Vec<f64> {
 fn attn_ref(q: &[f64], k: &[f64], v: &[f64], s: &AttnShape) -> (Vec<f64>, Vec<f64>) {
     let (bsz, t, sl, hq, hkv, d) = (s.batch, s.q_len, s.kv_len, s.n_heads, s.n_kv_heads, s.head_dim);
     let rep = hq / hkv;
-    let scale = 1.0 / (d as f64).sqrt();
+    let scale = s.scale.map_or(1.0 / (d as f64).sqrt(), |x| x as f64);
+    let cap = |x: f64| s.softcap.map_or(x, |c| c as f64 * (x / c as f64).tanh());
     let mut o = vec![0.0; bsz * t * hq * d];
     let mut lse = vec![0.0; bsz * t * hq];
     for b in 0..bsz {
@@ -162,7 +163,7 @@ fn attn_ref(q: &[f64], k: &[f64], v: &[f64], s: &AttnShape) -> (Vec<f64>, Vec<f6
                     };
                     let allowed = j <= p && in_window;
                     if allowed {
-                        *x = scale * dotf(qi, &k[((b * sl + j) * hkv + g) * d..][..d]);
+                        *x = cap(scale * dotf(qi, &k[((b * sl + j) * hkv + g) * d..][..d]));
                     }
                 }
                 let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -392,6 +393,31 @@ fn swiglu_forward_and_finite_differences() {
     assert_eq!((g2, u2), (dg, du));
 }
 
+fn geglu_ref(g: &[f64], u: &[f64]) -> Vec<f64> {
+    let beta = (2.0 / std::f64::consts::PI).sqrt();
+    g.iter().zip(u).map(|(&x, &u)| 0.5 * x * (1.0 + (beta * (x + 0.044715 * x * x * x)).tanh()) * u).collect()
+}
+
+#[test]
+fn geglu_forward_and_finite_differences() {
+    // Gemma's tanh-approximated GELU gate, PyTorch's `gelu(approximate="tanh")`.
+    let mut rng = SplitMix64::new(32);
+    let n = 203;
+    let mut g = randn(&mut rng, n, 3.0);
+    g[0] = -30.0; // saturated: gelu → −0, gelu' → 0
+    g[1] = 25.0; // gelu → x, gelu' → 1
+    let u = randn(&mut rng, n, 1.0);
+    let dh = randn(&mut rng, n, 1.0);
+    let mut h = vec![f32::NAN; n];
+    swiglu::geglu_forward(&g, &u, &mut h);
+    let (gd, ud, dhd) = (f64s(&g), f64s(&u), f64s(&dh));
+    assert_close("geglu h", &h, &geglu_ref(&gd, &ud), FWD_TOL, FWD_TOL);
+    let (mut dg, mut du) = (vec![f32::NAN; n], vec![f32::NAN; n]);
+    swiglu::geglu_backward(&g, &u, &dh, &mut dg, &mut du);
+    assert_close("geglu dgate", &dg, &fd_grad(&gd, |g| dotf(&dhd, &geglu_ref(g, &ud))), GRAD_TOL, GRAD_TOL);
+    assert_close("geglu dup", &du, &fd_grad(&ud, |u| dotf(&dhd, &geglu_ref(&gd, u))), GRAD_TOL, GRAD_TOL);
+}
+
 // ---------------------------------------------------------------------------
 // Attention
 // ---------------------------------------------------------------------------
@@ -417,6 +443,11 @@ fn attn_cases() -> Vec<AttnCase> {
         // Mistral sliding window of 5 keys, with and without a cache prefix.
         AttnCase { s: sh(1, 12, 12, 4, 2, 8, Some(5)), tiles: tl(4, 3) },
         AttnCase { s: sh(1, 7, 10, 2, 1, 4, Some(4)), tiles: tl(2, 3) },
+        // Gemma 2: its own scale (query_pre_attn_scalar 24) and scores
+        // soft-capped at 1.5 (q scaled up below so the cap bends them), with
+        // a window and a cache prefix; Gemma 3's scale without a cap.
+        AttnCase { s: AttnShape { scale: Some(24f64.powf(-0.5) as f32), softcap: Some(1.5), ..sh(2, 9, 12, 4, 2, 8, Some(6)) }, tiles: tl(4, 5) },
+        AttnCase { s: AttnShape { scale: Some(0.3), ..sh(1, 8, 8, 2, 1, 8, None) }, tiles: tl(3, 3) },
     ]
 }
 
@@ -429,7 +460,7 @@ fn run_forward(q: &[f32], k: &[f32], v: &[f32], c: &AttnCase) -> (Vec<f32>, Vec<
 }
 
 fn attn_inputs(rng: &mut SplitMix64, s: &AttnShape) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let q = randn(rng, s.batch * s.q_len * s.n_heads * s.head_dim, 1.0);
+    let q = randn(rng, s.batch * s.q_len * s.n_heads * s.head_dim, if s.softcap.is_some() { 3.0 } else { 1.0 });
     let k = randn(rng, s.batch * s.kv_len * s.n_kv_heads * s.head_dim, 1.0);
     let v = randn(rng, s.batch * s.kv_len * s.n_kv_heads * s.head_dim, 1.0);
     (q, k, v)
@@ -562,15 +593,15 @@ fn attention_decode_matches_forward_last_row() {
     let mut rng = SplitMix64::new(45);
     let (hq, hkv, d, cap) = (4, 2, 8, 12);
     let lens = [1usize, 6, 9];
-    for window in [None, Some(4)] {
-        let ds = DecodeShape { batch: 3, cache_cap: cap, n_heads: hq, n_kv_heads: hkv, head_dim: d, window, scale: None, softcap: None };
+    for (window, scale, softcap) in [(None, None, None), (Some(4), None, None), (Some(5), Some(0.7), Some(1.5))] {
+        let ds = DecodeShape { batch: 3, cache_cap: cap, n_heads: hq, n_kv_heads: hkv, head_dim: d, window, scale, softcap };
         let kc = randn(&mut rng, 3 * cap * hkv * d, 1.0);
         let vc = randn(&mut rng, 3 * cap * hkv * d, 1.0);
         let q = randn(&mut rng, 3 * hq * d, 1.0);
         let mut o = vec![f32::NAN; q.len()];
         attention::attention_decode(&q, &kc, &vc, &lens, &ds, &mut o);
         for (b, &len) in lens.iter().enumerate() {
-            let s = AttnShape { batch: 1, q_len: 1, kv_len: len, n_heads: hq, n_kv_heads: hkv, head_dim: d, window, scale: None, softcap: None };
+            let s = AttnShape { batch: 1, q_len: 1, kv_len: len, n_heads: hq, n_kv_heads: hkv, head_dim: d, window, scale, softcap };
             let ks = &kc[b * cap * hkv * d..][..len * hkv * d];
             let vs = &vc[b * cap * hkv * d..][..len * hkv * d];
             let qs = &q[b * hq * d..(b + 1) * hq * d];
@@ -623,6 +654,28 @@ fn cross_entropy_ignored_labels_and_finite_differences() {
     let mut d2 = vec![0f32; x.len()];
     loss::cross_entropy_backward(&x, &labels, vocab, 0.125, &mut d2).unwrap();
     assert_eq!(xs, d2);
+}
+
+#[test]
+fn cross_entropy_of_soft_capped_logits_and_finite_differences() {
+    // Gemma 2's final_logit_softcapping: the loss of c·tanh(z/c), its
+    // gradient with respect to the raw z; logits large enough to saturate.
+    let mut rng = SplitMix64::new(52);
+    let (n, vocab, c) = (7, 29, 3.0f32);
+    let z = randn(&mut rng, n * vocab, 4.0);
+    let labels = [3, -100, 0, 28, 11, -100, 5];
+    let capped = |z: &[f64]| -> Vec<f64> { z.iter().map(|&x| c as f64 * (x / c as f64).tanh()).collect() };
+    let zd = f64s(&z);
+    let (sum, count) = ce_ref(&capped(&zd), &labels, vocab);
+    let mut g = z.clone();
+    let ce = loss::cross_entropy_fused_softcap(&mut g, &labels, vocab, None, c).unwrap();
+    assert_eq!(ce.count, count);
+    assert!((ce.sum - sum).abs() <= 1e-6 * sum.abs(), "sum {} vs {sum}", ce.sum);
+    let fd = fd_grad(&zd, |z| {
+        let (s, c) = ce_ref(&capped(z), &labels, vocab);
+        s / c as f64
+    });
+    assert_close("capped ce dz", &g, &fd, GRAD_TOL, GRAD_TOL);
 }
 
 #[test]

@@ -737,4 +737,73 @@ mod tests {
         assert!(c.qk_norm && c.tie_word_embeddings && c.windows.iter().all(|w| w.is_none()));
         assert_eq!((c.dtype.as_deref(), c.eos_token_ids.as_slice()), (Some("bfloat16"), &[151645][..]));
     }
+
+    // The published config.json of gemma-3-1b-it, gemma-2-2b and gemma-2b
+    // (transformers 4 form). The expected values are what transformers
+    // 5.25's Gemma3TextConfig / Gemma2Config / GemmaConfig make of them.
+    const GEMMA3_1B: &str = r#"{"architectures":["Gemma3ForCausalLM"],"attention_bias":false,"attention_dropout":0.0,"attn_logit_softcapping":null,"bos_token_id":2,"cache_implementation":"hybrid","eos_token_id":[1,106],"final_logit_softcapping":null,"head_dim":256,"hidden_activation":"gelu_pytorch_tanh","hidden_size":1152,"initializer_range":0.02,"intermediate_size":6912,"max_position_embeddings":32768,"model_type":"gemma3_text","num_attention_heads":4,"num_hidden_layers":26,"num_key_value_heads":1,"pad_token_id":0,"query_pre_attn_scalar":256,"rms_norm_eps":1e-06,"rope_local_base_freq":10000,"rope_scaling":null,"rope_theta":1000000,"sliding_window":512,"sliding_window_pattern":6,"torch_dtype":"bfloat16","transformers_version":"4.50.0.dev0","use_cache":true,"vocab_size":262144}"#;
+    const GEMMA2_2B: &str = r#"{"architectures":["Gemma2ForCausalLM"],"attention_bias":false,"attention_dropout":0.0,"attn_logit_softcapping":50.0,"bos_token_id":2,"cache_implementation":"hybrid","eos_token_id":[1,107],"final_logit_softcapping":30.0,"head_dim":256,"hidden_act":"gelu_pytorch_tanh","hidden_activation":"gelu_pytorch_tanh","hidden_size":2304,"initializer_range":0.02,"intermediate_size":9216,"max_position_embeddings":8192,"model_type":"gemma2","num_attention_heads":8,"num_hidden_layers":26,"num_key_value_heads":4,"pad_token_id":0,"query_pre_attn_scalar":256,"rms_norm_eps":1e-06,"rope_theta":10000.0,"sliding_window":4096,"torch_dtype":"float32","transformers_version":"4.42.4","use_cache":true,"vocab_size":256000}"#;
+    const GEMMA_2B: &str = r#"{"architectures":["GemmaForCausalLM"],"attention_bias":false,"attention_dropout":0.0,"bos_token_id":2,"eos_token_id":1,"head_dim":256,"hidden_act":"gelu","hidden_activation":null,"hidden_size":2048,"initializer_range":0.02,"intermediate_size":16384,"max_position_embeddings":8192,"model_type":"gemma","num_attention_heads":8,"num_hidden_layers":18,"num_key_value_heads":1,"pad_token_id":0,"rms_norm_eps":1e-06,"rope_scaling":null,"rope_theta":10000.0,"torch_dtype":"bfloat16","transformers_version":"4.38.0.dev0","use_cache":true,"vocab_size":256000}"#;
+
+    #[test]
+    fn gemma3_1b_published_config() {
+        let c = ModelConfig::parse(GEMMA3_1B).unwrap();
+        assert_eq!(c.arch, Arch::Gemma3);
+        let full: Vec<usize> = (0..c.num_layers).filter(|&l| c.windows[l].is_none()).collect();
+        assert_eq!(full, [5, 11, 17, 23]); // sliding_window_pattern 6
+        assert!(c.windows.iter().flatten().all(|&w| w == 512));
+        assert_eq!((c.rope_theta, &c.rope_scaling), (1e6, &RopeScaling::Default));
+        assert_eq!(c.local_rope, Some((1e4, RopeScaling::Default)));
+        assert!(c.local_rope_at(0) && !c.local_rope_at(5));
+        assert_eq!((c.q_dim(), c.kv_dim(), c.attn_scale), (1024, 256, 0.0625));
+        assert_eq!((c.attn_softcap, c.final_softcap), (None, None));
+        assert!(c.qk_norm && c.norm_offset && c.sandwich_norm && c.tie_word_embeddings && c.act == Activation::GeluTanh);
+        assert_eq!(c.embed_scale, Some((1152f64).sqrt() as f32));
+        assert_eq!(c.eos_token_ids, [1, 106]);
+        // rope_scaling applies to the full layers only (Gemma 3 4B+).
+        let mut m: Map<String, Value> = serde_json::from_str(GEMMA3_1B).unwrap();
+        m.insert("rope_scaling".into(), serde_json::json!({"rope_type": "linear", "factor": 8.0}));
+        let c = ModelConfig::parse(&Value::Object(m).to_string()).unwrap();
+        assert_eq!((c.rope_theta, &c.rope_scaling), (1e6, &RopeScaling::Linear { factor: 8.0 }));
+        assert_eq!(c.local_rope, Some((1e4, RopeScaling::Default)));
+    }
+
+    #[test]
+    fn gemma2_and_gemma_published_configs() {
+        let c = ModelConfig::parse(GEMMA2_2B).unwrap();
+        assert_eq!(c.arch, Arch::Gemma2);
+        assert_eq!(&c.windows[..4], &[Some(4096), None, Some(4096), None]);
+        assert_eq!((c.attn_softcap, c.final_softcap, c.attn_scale), (Some(50.0), Some(30.0), 0.0625));
+        assert!(!c.qk_norm && c.sandwich_norm && c.norm_offset && c.local_rope.is_none() && c.tie_word_embeddings);
+        // Absent caps take transformers' defaults; null turns them off.
+        let mut m: Map<String, Value> = serde_json::from_str(GEMMA2_2B).unwrap();
+        m.remove("attn_logit_softcapping");
+        m.insert("final_logit_softcapping".into(), Value::Null);
+        let c = ModelConfig::parse(&Value::Object(m).to_string()).unwrap();
+        assert_eq!((c.attn_softcap, c.final_softcap), (Some(50.0), None));
+
+        let c = ModelConfig::parse(GEMMA_2B).unwrap();
+        assert_eq!(c.arch, Arch::Gemma);
+        // The legacy "gelu" is the tanh approximation, as transformers says.
+        assert_eq!(c.act, Activation::GeluTanh);
+        assert_eq!((c.q_dim(), c.kv_dim(), c.attn_scale, c.embed_scale), (2048, 256, 0.0625, Some((2048f64).sqrt() as f32)));
+        assert!(c.norm_offset && !c.sandwich_norm && !c.qk_norm && c.tie_word_embeddings && c.windows.iter().all(|w| w.is_none()));
+        assert_eq!((c.attn_softcap, c.final_softcap), (None, None));
+    }
+
+    #[test]
+    fn gemma_variants_it_cannot_compute_are_refused_by_name() {
+        let with_g = |base: &str, k: &str, v: Value| {
+            let mut m: Map<String, Value> = serde_json::from_str(base).unwrap();
+            m.insert(k.into(), v);
+            ModelConfig::parse(&Value::Object(m).to_string()).unwrap_err().to_string()
+        };
+        assert!(with_g(GEMMA3_1B, "model_type", "gemma3".into()).contains("gemma3_text"));
+        assert!(with_g(GEMMA3_1B, "use_bidirectional_attention", true.into()).contains("use_bidirectional_attention"));
+        assert!(with_g(GEMMA2_2B, "hidden_activation", "gelu".into()).contains("hidden_activation `gelu`"));
+        assert!(with_g(GEMMA2_2B, "attn_logit_softcapping", (-1.0).into()).contains("attn_logit_softcapping"));
+        assert!(with_g(GEMMA3_1B, "query_pre_attn_scalar", 0.into()).contains("query_pre_attn_scalar"));
+        assert!(with_g(GEMMA3_1B, "sliding_window_pattern", 0.into()).contains("sliding_window_pattern"));
+        assert!(with_g(GEMMA_2B, "hidden_act", "relu".into()).contains("hidden_act `relu`"));
+    }
 }
