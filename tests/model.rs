@@ -206,6 +206,11 @@ fn gemma3_qk_norms_local_and_global_rope() {
 }
 
 #[test]
+fn granite_multipliers_and_logits_scaling() {
+    parity("granite_fp32", "model", false, true);
+}
+
+#[test]
 fn gemma_merged_exports_reload_to_the_same_logits() {
     // Gemma's norms are written back as stored (w of 1 + w), the output
     // norms of Gemma 2/3 under their own names; a reload computes what the

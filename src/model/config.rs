@@ -1,9 +1,10 @@
 //! `config.json` of a Hugging Face LLaMA-family decoder.
 //!
 //! Accepted: `model_type` `llama`, `mistral`, `qwen2`, `qwen3`, `gemma`,
-//! `gemma2`, `gemma3_text` (architectures `LlamaForCausalLM`,
+//! `gemma2`, `gemma3_text`, `granite` (architectures `LlamaForCausalLM`,
 //! `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`,
-//! `GemmaForCausalLM`, `Gemma2ForCausalLM`, `Gemma3ForCausalLM`). Both the
+//! `GemmaForCausalLM`, `Gemma2ForCausalLM`, `Gemma3ForCausalLM`,
+//! `GraniteForCausalLM`). Both the
 //! transformers 4 form (`rope_theta`, `rope_scaling`) and the transformers 5
 //! form (`rope_parameters`) of the rotary settings are read. Anything that
 //! would change the function the model computes and that liblora does not
@@ -57,6 +58,11 @@ pub enum Arch {
     /// norms (Gemma's `1 + w`) and a separate rope for sliding layers
     /// (`gemma3_text`, the text-only `Gemma3ForCausalLM`).
     Gemma3,
+    /// Llama's layout with four scalars: `embedding_multiplier` on the
+    /// embeddings, `attention_multiplier` as the scores' scale,
+    /// `residual_multiplier` on each branch output before its residual
+    /// add, and the logits divided by `logits_scaling`.
+    Granite,
 }
 
 /// The gated MLP's activation on the gate: `act(gate)·up`.
@@ -73,6 +79,12 @@ impl Arch {
     pub fn is_gemma(self) -> bool {
         matches!(self, Arch::Gemma | Arch::Gemma2 | Arch::Gemma3)
     }
+
+    /// Whether the device backend runs this architecture (Gemma's and
+    /// Granite's extra terms have no device kernels yet).
+    pub fn on_device(self) -> bool {
+        !self.is_gemma() && self != Arch::Granite
+    }
     pub fn model_type(self) -> &'static str {
         match self {
             Arch::Llama => "llama",
@@ -82,6 +94,7 @@ impl Arch {
             Arch::Gemma => "gemma",
             Arch::Gemma2 => "gemma2",
             Arch::Gemma3 => "gemma3_text",
+            Arch::Granite => "granite",
         }
     }
     pub fn architecture(self) -> &'static str {
@@ -93,6 +106,7 @@ impl Arch {
             Arch::Gemma => "GemmaForCausalLM",
             Arch::Gemma2 => "Gemma2ForCausalLM",
             Arch::Gemma3 => "Gemma3ForCausalLM",
+            Arch::Granite => "GraniteForCausalLM",
         }
     }
 }
@@ -131,8 +145,14 @@ pub struct ModelConfig {
     /// Gemma's RMSNorm: `x̂·(1 + w)` with `w` as stored (every norm of the
     /// model, the q/k norms included).
     pub norm_offset: bool,
-    /// Factor on the embedding rows (Gemma: `√hidden` rounded to f32).
+    /// Factor on the embedding rows (Gemma: `√hidden` rounded to f32;
+    /// Granite: `embedding_multiplier`).
     pub embed_scale: Option<f32>,
+    /// Factor on each branch output before its residual add (Granite
+    /// `residual_multiplier`).
+    pub residual_scale: Option<f32>,
+    /// The logits are divided by this (Granite `logits_scaling`).
+    pub logits_divisor: Option<f32>,
     /// Gemma 2/3: RMSNorm on the attention output and on the MLP output
     /// before each residual add (`post_attention_layernorm`,
     /// `post_feedforward_layernorm`; the MLP's input norm is then
@@ -374,8 +394,9 @@ impl ModelConfig {
             "gemma" => Arch::Gemma,
             "gemma2" => Arch::Gemma2,
             "gemma3_text" => Arch::Gemma3,
+            "granite" => Arch::Granite,
             "gemma3" => bail!(Unsupported, "model_type `gemma3` is the multimodal Gemma 3 (Gemma3ForConditionalGeneration); liblora reads the text-only `gemma3_text` (Gemma3ForCausalLM)"),
-            other => bail!(Unsupported, "model_type `{other}` is not supported (llama, mistral, qwen2, qwen3, gemma, gemma2 and gemma3_text are)"),
+            other => bail!(Unsupported, "model_type `{other}` is not supported (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text and granite are)"),
         };
         if let Some(Value::Array(a)) = m.get("architectures") {
             for x in a {
@@ -431,7 +452,7 @@ impl ModelConfig {
         let ((rope_theta, rope_scaling), local_rope) = if arch == Arch::Gemma3 { parse_gemma3_rope(&m)? } else { (parse_rope(&m)?, None) };
         let num_layers = need_usize(&m, "num_hidden_layers")?;
         let (qkv_bias, o_bias, mlp_bias) = match arch {
-            Arch::Llama => {
+            Arch::Llama | Arch::Granite => {
                 let ab = get_bool(&m, "attention_bias", false)?;
                 (ab, ab, get_bool(&m, "mlp_bias", false)?)
             }
@@ -448,7 +469,7 @@ impl ModelConfig {
             _ => get_usize(&m, "sliding_window")?,
         };
         let windows = match arch {
-            Arch::Llama | Arch::Gemma => vec![None; num_layers],
+            Arch::Llama | Arch::Gemma | Arch::Granite => vec![None; num_layers],
             Arch::Mistral => vec![sliding; num_layers],
             Arch::Gemma2 | Arch::Gemma3 if !matches!(m.get("layer_types"), Some(Value::Array(_))) => {
                 // transformers' default layer_types: every `pattern`-th layer
@@ -529,7 +550,21 @@ impl ModelConfig {
             Arch::Gemma3 => (cap("attn_logit_softcapping", None)?, cap("final_logit_softcapping", None)?),
             _ => (None, None),
         };
+        // Granite's multipliers (transformers' defaults: 1).
+        let multiplier = |k: &str| -> Result<f32> {
+            let x = get_f64(&m, k)?.unwrap_or(1.0);
+            if !(x > 0.0 && x.is_finite()) {
+                bail!(FileFormat, "config.json: `{k}` {x} is not positive");
+            }
+            Ok(x as f32)
+        };
+        let granite = if arch == Arch::Granite {
+            Some((multiplier("embedding_multiplier")?, multiplier("attention_multiplier")?, multiplier("residual_multiplier")?, multiplier("logits_scaling")?))
+        } else {
+            None
+        };
         let attn_scale = match arch {
+            Arch::Granite => granite.map_or(1.0, |g| g.1),
             Arch::Gemma2 | Arch::Gemma3 => {
                 let s = get_f64(&m, "query_pre_attn_scalar")?.unwrap_or(256.0);
                 if !(s > 0.0 && s.is_finite()) {
@@ -560,7 +595,12 @@ impl ModelConfig {
             windows,
             act,
             norm_offset: arch.is_gemma(),
-            embed_scale: arch.is_gemma().then(|| (hidden_size as f64).sqrt() as f32),
+            embed_scale: match granite {
+                Some(g) => Some(g.0),
+                None => arch.is_gemma().then(|| (hidden_size as f64).sqrt() as f32),
+            },
+            residual_scale: granite.map(|g| g.2),
+            logits_divisor: granite.map(|g| g.3),
             sandwich_norm: matches!(arch, Arch::Gemma2 | Arch::Gemma3),
             attn_scale,
             attn_softcap,
@@ -805,5 +845,27 @@ mod tests {
         assert!(with_g(GEMMA3_1B, "query_pre_attn_scalar", 0.into()).contains("query_pre_attn_scalar"));
         assert!(with_g(GEMMA3_1B, "sliding_window_pattern", 0.into()).contains("sliding_window_pattern"));
         assert!(with_g(GEMMA_2B, "hidden_act", "relu".into()).contains("hidden_act `relu`"));
+    }
+
+    #[test]
+    fn granite_multipliers() {
+        let g = r#"{"architectures":["GraniteForCausalLM"],"attention_bias":false,"attention_dropout":0.0,"attention_multiplier":0.015625,
+            "embedding_multiplier":12.0,"hidden_act":"silu","hidden_size":2048,"intermediate_size":8192,"logits_scaling":8.0,
+            "max_position_embeddings":131072,"mlp_bias":false,"model_type":"granite","num_attention_heads":32,"num_hidden_layers":40,
+            "num_key_value_heads":8,"residual_multiplier":0.22,"rms_norm_eps":1e-05,"rope_scaling":null,"rope_theta":5000000.0,
+            "tie_word_embeddings":true,"torch_dtype":"bfloat16","vocab_size":49155}"#;
+        let c = ModelConfig::parse(g).unwrap();
+        assert_eq!(c.arch, Arch::Granite);
+        assert_eq!((c.embed_scale, c.attn_scale, c.residual_scale, c.logits_divisor), (Some(12.0), 0.015625, Some(0.22), Some(8.0)));
+        assert!(c.tie_word_embeddings && !c.norm_offset && c.act == Activation::Silu && !c.arch.on_device());
+        // transformers' defaults: every multiplier 1 (the scores unscaled).
+        let mut m: Map<String, Value> = serde_json::from_str(g).unwrap();
+        for k in ["attention_multiplier", "embedding_multiplier", "logits_scaling", "residual_multiplier"] {
+            m.remove(k);
+        }
+        let c = ModelConfig::parse(&Value::Object(m.clone()).to_string()).unwrap();
+        assert_eq!((c.embed_scale, c.attn_scale, c.residual_scale, c.logits_divisor), (Some(1.0), 1.0, Some(1.0), Some(1.0)));
+        m.insert("logits_scaling".into(), 0.into());
+        assert!(ModelConfig::parse(&Value::Object(m).to_string()).unwrap_err().to_string().contains("logits_scaling"));
     }
 }

@@ -273,7 +273,8 @@ impl Model {
             let mut att = vec![0f32; bsz * nh * hd];
             attention_decode(&q, &caches[l].k, &caches[l].v, &new_lens, &shape, &mut att);
             let o = self.lin_forward(l, O, &att, bsz, rows.as_ref(), false, 0)?;
-            super::residual_add(&mut self.pool, self.blocks[l].post_norms.as_ref().map(|w| &w[0]), o, &mut x, bsz, h, eps, false);
+            let rs = self.cfg.residual_scale;
+            super::residual_add(&mut self.pool, self.blocks[l].post_norms.as_ref().map(|w| &w[0]), rs, o, &mut x, bsz, h, eps, false);
             let mut h2 = vec![0f32; bsz * h];
             rmsnorm_forward(&x, &self.blocks[l].mlp_norm, bsz, h, eps, &mut h2, None);
             let g = self.lin_forward(l, GATE, &h2, bsz, rows.as_ref(), false, 0)?;
@@ -281,7 +282,7 @@ impl Model {
             let mut a = vec![0f32; g.len()];
             glu_forward(self.cfg.act, &g, &u, &mut a);
             let d = self.lin_forward(l, DOWN, &a, bsz, rows.as_ref(), false, 0)?;
-            super::residual_add(&mut self.pool, self.blocks[l].post_norms.as_ref().map(|w| &w[1]), d, &mut x, bsz, h, eps, false);
+            super::residual_add(&mut self.pool, self.blocks[l].post_norms.as_ref().map(|w| &w[1]), rs, d, &mut x, bsz, h, eps, false);
         }
         for n in lens.iter_mut() {
             *n += 1;

@@ -374,16 +374,21 @@ fn qk_norm_backward(pool: &mut BufPool, w: &[Vec<f32>; 2], acts: QkActs, dq: &mu
     }
 }
 
-/// `x += y`, or with an output norm (Gemma 2/3) `x += RMSNorm(y)·w`;
-/// `y` goes back to the pool, or with `keep` (and a norm) is returned with
-/// its rstd for [`residual_backward`].
+/// `x += y`, or with an output norm (Gemma 2/3) `x += RMSNorm(y)·w`, or
+/// with a residual multiplier (Granite) `x += y·m`; `y` goes back to the
+/// pool, or with `keep` (and a norm) is returned with its rstd for
+/// [`residual_backward`].
 #[allow(clippy::too_many_arguments)]
-fn residual_add(pool: &mut BufPool, w: Option<&Vec<f32>>, y: Vec<f32>, x: &mut [f32], rows: usize, dim: usize, eps: f32, keep: bool) -> Option<(Vec<f32>, Vec<f32>)> {
+fn residual_add(pool: &mut BufPool, w: Option<&Vec<f32>>, scale: Option<f32>, y: Vec<f32>, x: &mut [f32], rows: usize, dim: usize, eps: f32, keep: bool) -> Option<(Vec<f32>, Vec<f32>)> {
     let Some(w) = w else {
-        x.par_iter_mut().zip(y.par_iter()).for_each(|(a, b)| *a += b);
+        match scale {
+            None => x.par_iter_mut().zip(y.par_iter()).for_each(|(a, b)| *a += b),
+            Some(m) => x.par_iter_mut().zip(y.par_iter()).for_each(|(a, b)| *a += b * m),
+        }
         pool.give(y);
         return None;
     };
+    debug_assert!(scale.is_none(), "an output norm and a residual multiplier");
     let mut yn = pool.take(rows * dim);
     let mut r = pool.take(rows);
     rmsnorm_forward(&y, w, rows, dim, eps, &mut yn, Some(&mut r));
@@ -399,11 +404,15 @@ fn residual_add(pool: &mut BufPool, w: Option<&Vec<f32>>, y: Vec<f32>, x: &mut [
 }
 
 /// The gradient of a branch output `y` from that of the residual stream
-/// `dx` ([`residual_add`]): `None` without a norm (it is `dx` itself), else
-/// through the norm.
-fn residual_backward(pool: &mut BufPool, w: Option<&Vec<f32>>, saved: Option<(Vec<f32>, Vec<f32>)>, dx: &[f32], dim: usize) -> Result<Option<Vec<f32>>> {
+/// `dx` ([`residual_add`]): `None` without a norm or multiplier (it is `dx`
+/// itself), else through the norm or times the multiplier.
+fn residual_backward(pool: &mut BufPool, w: Option<&Vec<f32>>, scale: Option<f32>, saved: Option<(Vec<f32>, Vec<f32>)>, dx: &[f32], dim: usize) -> Result<Option<Vec<f32>>> {
     match (w, saved) {
-        (None, None) => Ok(None),
+        (None, None) => Ok(scale.map(|m| {
+            let mut dy = pool.take(dx.len());
+            dy.par_iter_mut().zip(dx.par_iter()).for_each(|(d, g)| *d = g * m);
+            dy
+        })),
         (Some(w), Some((y, r))) => {
             let mut dy = pool.take(dx.len());
             rmsnorm_backward(&y, w, &r, dx, r.len(), dim, &mut dy, None);
@@ -1023,7 +1032,8 @@ impl Model {
         let mut lse = self.pool.take(n * nh);
         attention_forward(&q, &k, &v, &shape, &mut att, &mut lse);
         let o = self.lin_forward(l, O, &att, n, rows, train, call)?;
-        let post_o = residual_add(&mut self.pool, self.blocks[l].post_norms.as_ref().map(|w| &w[0]), o, x, n, h, eps, train);
+        let rs = self.cfg.residual_scale;
+        let post_o = residual_add(&mut self.pool, self.blocks[l].post_norms.as_ref().map(|w| &w[0]), rs, o, x, n, h, eps, train);
         let x_mid = self.pool.copy_of(x);
         let mut h2 = self.pool.take(n * h);
         let mut rstd2 = self.pool.take(n);
@@ -1033,7 +1043,7 @@ impl Model {
         let mut a = self.pool.take(g.len());
         glu_forward(self.cfg.act, &g, &u, &mut a);
         let d = self.lin_forward(l, DOWN, &a, n, rows, train, call)?;
-        let post_d = residual_add(&mut self.pool, self.blocks[l].post_norms.as_ref().map(|w| &w[1]), d, x, n, h, eps, train);
+        let post_d = residual_add(&mut self.pool, self.blocks[l].post_norms.as_ref().map(|w| &w[1]), rs, d, x, n, h, eps, train);
         Ok(LayerActs { h1, rstd1, q, k, v, att, lse, x_mid, h2, rstd2, g, u, a, qk, post: [post_o, post_d] })
     }
 
@@ -1047,7 +1057,7 @@ impl Model {
         let n = batch * seq;
         let it = cfg.intermediate_size;
         let mut pool = std::mem::take(&mut self.pool);
-        let res = Self::layer_backward_in(&mut self.blocks[l], &mut pool, acts, x_in, dx, (n, h, it, nh, nkv, hd), cfg.attn_shape(l, batch, seq), cfg.act, tables.layer(cfg, l), need_dx);
+        let res = Self::layer_backward_in(&mut self.blocks[l], &mut pool, acts, x_in, dx, (n, h, it, nh, nkv, hd), cfg.attn_shape(l, batch, seq), (cfg.act, cfg.residual_scale), tables.layer(cfg, l), need_dx);
         self.pool = pool;
         res
     }
@@ -1061,7 +1071,7 @@ impl Model {
         dx: &mut [f32],
         dims: (usize, usize, usize, usize, usize, usize),
         shape: AttnShape,
-        act: config::Activation,
+        (act, rs): (config::Activation, Option<f32>),
         table: &RopeTable,
         need_dx: bool,
     ) -> Result<()> {
@@ -1070,7 +1080,7 @@ impl Model {
         let LayerActs { h1, rstd1, q, k, v, att, lse, x_mid, h2, rstd2, g, u, a, qk, post: [post_o, post_d] } = acts;
         // MLP: x_out = x_mid + [norm](down(a));  a = act(g)·u
         let mut da = pool.take(n * it);
-        let dd = residual_backward(pool, blk.post_norms.as_ref().map(|w| &w[1]), post_d, dx, h)?;
+        let dd = residual_backward(pool, blk.post_norms.as_ref().map(|w| &w[1]), rs, post_d, dx, h)?;
         blk.lin[DOWN].backward_into(&a, dd.as_deref().unwrap_or(dx), n, Some(&mut da), false)?;
         pool.give(a);
         if let Some(b) = dd {
@@ -1095,7 +1105,7 @@ impl Model {
         }
         // Attention: x_mid = x_in + [norm](o(att))
         let mut datt = pool.take(n * nh * hd);
-        let d_o = residual_backward(pool, blk.post_norms.as_ref().map(|w| &w[0]), post_o, &dxm, h)?;
+        let d_o = residual_backward(pool, blk.post_norms.as_ref().map(|w| &w[0]), rs, post_o, &dxm, h)?;
         blk.lin[O].backward_into(&att, d_o.as_deref().unwrap_or(&dxm), n, Some(&mut datt), false)?;
         if let Some(b) = d_o {
             pool.give(b);
@@ -1142,8 +1152,9 @@ impl Model {
     }
 
     /// Final norm and head: logits `[n, V]` from the residual stream.
-    /// With `cap`, the logits are soft-capped (`final_logit_softcapping`)
-    /// when the model caps them; without, they are the head's raw output.
+    /// The logits are divided by `logits_scaling` where the model does
+    /// (Granite); with `cap`, they are also soft-capped
+    /// (`final_logit_softcapping`) where the model caps them.
     fn head_forward(&self, x: &[f32], n: usize, cap: bool) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let (h, v) = (self.hidden(), self.vocab());
         let mut hf = vec![0f32; n * h];
@@ -1151,6 +1162,9 @@ impl Model {
         rmsnorm_forward(x, &self.norm, n, h, self.cfg.rms_norm_eps, &mut hf, Some(&mut rstd));
         let mut logits = vec![0f32; n * v];
         gemm_f32(&mut logits, v, Mat::n(&hf, h), Mat::t(self.head(), h), n, v, h, 1.0, false, true);
+        if let Some(s) = self.cfg.logits_divisor {
+            logits.par_iter_mut().for_each(|z| *z /= s);
+        }
         if let (true, Some(c)) = (cap, self.cfg.final_softcap) {
             logits.par_iter_mut().for_each(|z| *z = (*z / c).tanh() * c);
         }
@@ -1243,6 +1257,9 @@ impl Model {
             None => cross_entropy_fused(&mut logits, &targets, vsz, Some(grad_scale))?,
             Some(c) => crate::backend::cpu::loss::cross_entropy_fused_softcap(&mut logits, &targets, vsz, Some(grad_scale), c)?,
         };
+        if let Some(s) = self.cfg.logits_divisor {
+            logits.par_iter_mut().for_each(|g| *g /= s);
+        }
         // d hf = dlogits · W_head;  dx = RMSNorm_fᵀ(d hf)
         let mut dhf = self.pool.take(n * h);
         gemm_f32(&mut dhf, h, Mat::n(&logits, vsz), Mat::n(self.head(), h), n, h, vsz, 1.0, false, true);
