@@ -245,28 +245,7 @@ pub fn cross_entropy_backward(logits: &[f32], labels: &[i32], vocab: usize, grad
 ///
 /// Errors (`InvalidArgument`, logits untouched) on an out-of-range label.
 pub fn cross_entropy_fused(logits: &mut [f32], labels: &[i32], vocab: usize, grad_scale: Option<f32>) -> Result<CrossEntropy> {
-    assert!(vocab > 0, "cross_entropy: vocab must be positive");
-    assert_eq!(logits.len(), labels.len() * vocab, "cross_entropy: logits is not [N, V]");
-    check_labels(labels, vocab)?;
-    let count = count_labels(labels);
-    let c = grad_scale.unwrap_or(if count == 0 { 0.0 } else { (1.0 / count as f64) as f32 });
-    let per = rows_per_task(vocab);
-    let partial: Vec<f64> = logits
-        .par_chunks_mut(per * vocab)
-        .zip(labels.par_chunks(per))
-        .map(|(xc, yc)| {
-            let mut s = 0f64;
-            for (x, &y) in xc.chunks_exact_mut(vocab).zip(yc) {
-                if y == IGNORE_INDEX {
-                    x.fill(0.0);
-                    continue;
-                }
-                s += row_fused(x, y as usize, c);
-            }
-            s
-        })
-        .collect();
-    Ok(finish(partial.iter().sum(), count))
+    fused(logits, labels, vocab, grad_scale, None)
 }
 
 /// [`cross_entropy_fused`] of soft-capped logits (Gemma 2's
@@ -274,8 +253,12 @@ pub fn cross_entropy_fused(logits: &mut [f32], labels: &[i32], vocab: usize, gra
 /// logits `z` given, whose gradient (with respect to `z`) is written over
 /// them: `dz = dz'·(1 − tanh²(z/c))`. One row of scratch per task.
 pub fn cross_entropy_fused_softcap(logits: &mut [f32], labels: &[i32], vocab: usize, grad_scale: Option<f32>, cap: f32) -> Result<CrossEntropy> {
-    assert!(vocab > 0, "cross_entropy: vocab must be positive");
     assert!(cap > 0.0, "cross_entropy: the soft cap must be positive");
+    fused(logits, labels, vocab, grad_scale, Some(cap))
+}
+
+fn fused(logits: &mut [f32], labels: &[i32], vocab: usize, grad_scale: Option<f32>, cap: Option<f32>) -> Result<CrossEntropy> {
+    assert!(vocab > 0, "cross_entropy: vocab must be positive");
     assert_eq!(logits.len(), labels.len() * vocab, "cross_entropy: logits is not [N, V]");
     check_labels(labels, vocab)?;
     let count = count_labels(labels);
@@ -286,12 +269,16 @@ pub fn cross_entropy_fused_softcap(logits: &mut [f32], labels: &[i32], vocab: us
         .zip(labels.par_chunks(per))
         .map(|(xc, yc)| {
             let mut s = 0f64;
-            let mut t = vec![0f32; vocab];
+            let mut t = if cap.is_some() { vec![0f32; vocab] } else { Vec::new() };
             for (x, &y) in xc.chunks_exact_mut(vocab).zip(yc) {
                 if y == IGNORE_INDEX {
                     x.fill(0.0);
                     continue;
                 }
+                let Some(cap) = cap else {
+                    s += row_fused(x, y as usize, c);
+                    continue;
+                };
                 for (tv, xv) in t.iter_mut().zip(x.iter_mut()) {
                     *tv = (*xv / cap).tanh();
                     *xv = *tv * cap;
