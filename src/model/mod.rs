@@ -1166,7 +1166,7 @@ impl Model {
             logits.par_iter_mut().for_each(|z| *z /= s);
         }
         if let (true, Some(c)) = (cap, self.cfg.final_softcap) {
-            logits.par_iter_mut().for_each(|z| *z = (*z / c).tanh() * c);
+            logits.par_iter_mut().for_each(|z| *z = crate::backend::cpu::vexp::tanh(*z / c) * c);
         }
         (logits, hf, rstd)
     }

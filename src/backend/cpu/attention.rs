@@ -140,7 +140,7 @@ impl AttnShape {
 /// `c·tanh(x/c)` in place (transformers' order: divide, tanh, multiply).
 #[inline]
 fn cap_scores(x: &mut [f32], c: f32) {
-    x.iter_mut().for_each(|v| *v = (*v / c).tanh() * c);
+    x.iter_mut().for_each(|v| *v = vexp::tanh(*v / c) * c);
 }
 
 /// `head_dim^−½` rounded to f32 (computed as Python's `head_dim**-0.5`).
@@ -415,7 +415,7 @@ pub fn attention_backward_tiled(
                                     // t = tanh(s/c): P = exp(c·t − lse), dS = P(dP − δ)(1 − t²)·scale.
                                     let tr = &mut tb[..e - a];
                                     for (t, x) in tr.iter_mut().zip(pr[a..e].iter_mut()) {
-                                        *t = (*x / c).tanh();
+                                        *t = vexp::tanh(*x / c);
                                         *x = *t * c;
                                     }
                                     vexp::exp_sub(&mut pr[a..e], lse_i);

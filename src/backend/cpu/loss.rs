@@ -280,7 +280,7 @@ fn fused(logits: &mut [f32], labels: &[i32], vocab: usize, grad_scale: Option<f3
                     continue;
                 };
                 for (tv, xv) in t.iter_mut().zip(x.iter_mut()) {
-                    *tv = (*xv / cap).tanh();
+                    *tv = vexp::tanh(*xv / cap);
                     *xv = *tv * cap;
                 }
                 s += row_fused(x, y as usize, c);

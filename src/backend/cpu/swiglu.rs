@@ -119,7 +119,7 @@ const GELU_KAPPA: f32 = 0.044715;
 #[inline(always)]
 pub fn gelu_tanh(x: f32) -> f32 {
     let inner = GELU_BETA * (x + GELU_KAPPA * (x * x * x));
-    0.5 * x * (1.0 + inner.tanh())
+    0.5 * x * (1.0 + vexp::tanh(inner))
 }
 
 /// Its derivative, in PyTorch's `GeluBackward` order.
@@ -127,7 +127,7 @@ pub fn gelu_tanh(x: f32) -> f32 {
 fn gelu_tanh_grad(x: f32) -> f32 {
     let x_sq = x * x;
     let inner = GELU_BETA * (x + GELU_KAPPA * (x_sq * x));
-    let t = inner.tanh();
+    let t = vexp::tanh(inner);
     let left = 0.5 * x;
     let right = 1.0 + t;
     let left_derivative = 0.5 * right;
@@ -135,14 +135,33 @@ fn gelu_tanh_grad(x: f32) -> f32 {
     left_derivative + right_derivative
 }
 
+#[inline(always)]
+fn geglu_forward_body(g: &[f32], u: &[f32], h: &mut [f32]) {
+    for ((hv, &g), &u) in h.iter_mut().zip(g).zip(u) {
+        *hv = gelu_tanh(g) * u;
+    }
+}
+
+simd_dispatch! {
+    fn geglu_forward_chunk(g: &[f32], u: &[f32], h: &mut [f32]) = geglu_forward_body
+}
+
+#[inline(always)]
+fn geglu_backward_body(g: &[f32], u: &[f32], dh: &[f32], dg: &mut [f32], du: &mut [f32]) {
+    for i in 0..g.len().min(u.len()).min(dh.len()).min(dg.len()).min(du.len()) {
+        dg[i] = (dh[i] * u[i]) * gelu_tanh_grad(g[i]);
+        du[i] = dh[i] * gelu_tanh(g[i]);
+    }
+}
+
+simd_dispatch! {
+    fn geglu_backward_chunk(g: &[f32], u: &[f32], dh: &[f32], dg: &mut [f32], du: &mut [f32]) = geglu_backward_body
+}
+
 /// GeGLU forward: `h = gelu_tanh(gate) · up`, elementwise.
 pub fn geglu_forward(gate: &[f32], up: &[f32], h: &mut [f32]) {
     assert!(gate.len() == up.len() && gate.len() == h.len(), "geglu: lengths differ");
-    h.par_chunks_mut(TASK_ELEMS).zip(gate.par_chunks(TASK_ELEMS)).zip(up.par_chunks(TASK_ELEMS)).for_each(|((hc, gc), uc)| {
-        for ((hv, &g), &u) in hc.iter_mut().zip(gc).zip(uc) {
-            *hv = gelu_tanh(g) * u;
-        }
-    });
+    h.par_chunks_mut(TASK_ELEMS).zip(gate.par_chunks(TASK_ELEMS)).zip(up.par_chunks(TASK_ELEMS)).for_each(|((hc, gc), uc)| geglu_forward_chunk(gc, uc, hc));
 }
 
 /// GeGLU backward: `dup = dh · gelu_tanh(gate)`,
@@ -154,13 +173,7 @@ pub fn geglu_backward(gate: &[f32], up: &[f32], dh: &[f32], dgate: &mut [f32], d
         .par_chunks_mut(TASK_ELEMS)
         .zip(dup.par_chunks_mut(TASK_ELEMS))
         .zip(gate.par_chunks(TASK_ELEMS).zip(up.par_chunks(TASK_ELEMS)).zip(dh.par_chunks(TASK_ELEMS)))
-        .for_each(|((dgc, duc), ((gc, uc), dhc))| {
-            for i in 0..gc.len() {
-                let (g, u, d) = (gc[i], uc[i], dhc[i]);
-                dgc[i] = (d * u) * gelu_tanh_grad(g);
-                duc[i] = d * gelu_tanh(g);
-            }
-        });
+        .for_each(|((dgc, duc), ((gc, uc), dhc))| geglu_backward_chunk(gc, uc, dhc, dgc, duc));
 }
 
 /// The gated MLP's middle for either activation: `h = act(gate) · up`.

@@ -50,6 +50,32 @@ pub fn exp(x: f32) -> f32 {
     (e * s1) * s2
 }
 
+/// `tanh x` in f32 that vectorizes (Gemma's GELU gate and soft caps; glibc's
+/// scalar `tanhf` is a call per element). `|x| < 0.55`: `x + x³·P(x²)`,
+/// `P` a degree-4 least-squares fit of `(tanh x − x)/x³`; above:
+/// `1 − 2/(e^{2|x|} + 1)` with [`exp`], the sign restored; `|x| ≥ 9.1`
+/// is ±1 (as in f32). Error ≤ 2 ulp over every f32 (the test below
+/// sweeps them); PyTorch's Sleef `tanhf_u10` is within 1. NaN stays NaN.
+#[inline(always)]
+pub fn tanh(x: f32) -> f32 {
+    let a = x.abs();
+    let u = x * x;
+    let mut p = -6.297_997_7e-3f32;
+    p = p * u + 2.108_372_9e-2;
+    p = p * u - 5.385_376_1e-2;
+    p = p * u + 1.333_258e-1;
+    p = p * u - 3.333_331_6e-1;
+    // copysign keeps tanh(−0) = −0; the clamp passes NaN on (min would not).
+    let small = (x + (x * u) * p).copysign(x);
+    let e = exp(2.0 * if a > 9.1 { 9.1 } else { a });
+    let big = (1.0 - 2.0 / (e + 1.0)).copysign(x);
+    if a < 0.55 {
+        small
+    } else {
+        big
+    }
+}
+
 /// Whether the AVX2 forms run (x86-64 with AVX2; detected once by std).
 #[inline]
 pub(crate) fn avx2() -> bool {
@@ -179,6 +205,40 @@ mod tests {
         // The smallest subnormal, and a value rounding to it.
         assert_eq!(exp(-103.28), f32::from_bits(1));
         assert!(exp(-100.0) > 0.0 && exp(-100.0) < f32::MIN_POSITIVE);
+    }
+
+    /// tanh: every f32 of [−10, 10] (bit patterns up to 0x41200000 and
+    /// their negatives) with `step` 1; the fast test takes every 31st.
+    fn tanh_worst(step: usize) -> (f64, f32) {
+        let mut worst = (0f64, 0f32);
+        for bits in (0u32..0x4120_0000).step_by(step).chain((0x8000_0000u32..0xc120_0000).step_by(step)) {
+            let x = f32::from_bits(bits);
+            let u = ulps(tanh(x), (x as f64).tanh());
+            if u > worst.0 {
+                worst = (u, x);
+            }
+        }
+        worst
+    }
+
+    #[test]
+    fn tanh_within_two_ulp_and_saturates() {
+        let worst = tanh_worst(31);
+        assert!(worst.0 <= 2.0, "tanh({:e}) is {} ulp off", worst.1, worst.0);
+        for (x, want) in [(0.0f32, 0.0f32), (-0.0, -0.0), (30.0, 1.0), (-30.0, -1.0), (f32::INFINITY, 1.0), (f32::NEG_INFINITY, -1.0)] {
+            assert_eq!(tanh(x).to_bits(), want.to_bits(), "tanh({x})");
+        }
+        assert!(tanh(f32::NAN).is_nan());
+        assert_eq!(tanh(1e-30), 1e-30);
+    }
+
+    /// `cargo test --release --lib vexp -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn tanh_within_two_ulp_everywhere() {
+        let worst = tanh_worst(1);
+        eprintln!("tanh: worst {} ulp at {:e}", worst.0, worst.1);
+        assert!(worst.0 <= 2.0, "tanh({:e}) is {} ulp off", worst.1, worst.0);
     }
 
     #[test]
