@@ -351,12 +351,15 @@ fn refusals() {
     assert_eq!(t.use_device(Some((4096, Compute::BF16))).unwrap_err().kind, ErrorKind::CudaUnavailable);
     assert!(t.device().is_none());
     run(&mut t, &ids, c.batch, c.seq, 1);
-    // Gemma runs on the CPU only: refused by name, still usable there.
-    let mut g = Model::load(&fixture("gemma2_fp32").join("model"), LoadOptions::default(), &mut |_, _| true).unwrap();
-    let e = g.use_device(Some((0, Compute::F32))).unwrap_err();
-    assert!(e.kind == ErrorKind::Unsupported && e.to_string().contains("Gemma2ForCausalLM"), "{e}");
-    assert!(g.device().is_none());
-    g.logits(&tokens(16, 256, 3), 1, 16, None).unwrap();
+    // Gemma, Granite and Phi-3 run on the CPU only: refused by name, still
+    // usable there.
+    for (case, arch) in [("gemma2_fp32", "Gemma2ForCausalLM"), ("granite_fp32", "GraniteForCausalLM"), ("phi3_fp32", "Phi3ForCausalLM")] {
+        let mut g = Model::load(&fixture(case).join("model"), LoadOptions::default(), &mut |_, _| true).unwrap();
+        let e = g.use_device(Some((0, Compute::F32))).unwrap_err();
+        assert!(e.kind == ErrorKind::Unsupported && e.to_string().contains(arch), "{e}");
+        assert!(g.device().is_none());
+        g.logits(&tokens(16, 256, 3), 1, 16, None).unwrap();
+    }
 }
 
 /// Generation on the device (KV cache in device memory, decode attention)

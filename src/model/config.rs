@@ -1,10 +1,10 @@
 //! `config.json` of a Hugging Face LLaMA-family decoder.
 //!
 //! Accepted: `model_type` `llama`, `mistral`, `qwen2`, `qwen3`, `gemma`,
-//! `gemma2`, `gemma3_text`, `granite` (architectures `LlamaForCausalLM`,
-//! `MistralForCausalLM`, `Qwen2ForCausalLM`, `Qwen3ForCausalLM`,
-//! `GemmaForCausalLM`, `Gemma2ForCausalLM`, `Gemma3ForCausalLM`,
-//! `GraniteForCausalLM`). Both the
+//! `gemma2`, `gemma3_text`, `granite`, `phi3` (architectures
+//! `LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`,
+//! `Qwen3ForCausalLM`, `GemmaForCausalLM`, `Gemma2ForCausalLM`,
+//! `Gemma3ForCausalLM`, `GraniteForCausalLM`, `Phi3ForCausalLM`). Both the
 //! transformers 4 form (`rope_theta`, `rope_scaling`) and the transformers 5
 //! form (`rope_parameters`) of the rotary settings are read. Anything that
 //! would change the function the model computes and that liblora does not
@@ -63,6 +63,11 @@ pub enum Arch {
     /// `residual_multiplier` on each branch output before its residual
     /// add, and the logits divided by `logits_scaling`.
     Granite,
+    /// Llama's computation with q, k and v in one projection (`qkv_proj`,
+    /// `[q_dim + 2·kv_dim, hidden]`) and gate and up in one
+    /// (`gate_up_proj`, `[2·intermediate, hidden]`, gate first), a sliding
+    /// window on every layer when set (Phi-3, Phi-4).
+    Phi3,
 }
 
 /// The gated MLP's activation on the gate: `act(gate)·up`.
@@ -83,7 +88,12 @@ impl Arch {
     /// Whether the device backend runs this architecture (Gemma's and
     /// Granite's extra terms have no device kernels yet).
     pub fn on_device(self) -> bool {
-        !self.is_gemma() && self != Arch::Granite
+        !self.is_gemma() && !matches!(self, Arch::Granite | Arch::Phi3)
+    }
+
+    /// Whether q/k/v and gate/up are single fused projections (Phi-3).
+    pub fn fused(self) -> bool {
+        self == Arch::Phi3
     }
     pub fn model_type(self) -> &'static str {
         match self {
@@ -95,6 +105,7 @@ impl Arch {
             Arch::Gemma2 => "gemma2",
             Arch::Gemma3 => "gemma3_text",
             Arch::Granite => "granite",
+            Arch::Phi3 => "phi3",
         }
     }
     pub fn architecture(self) -> &'static str {
@@ -107,6 +118,7 @@ impl Arch {
             Arch::Gemma2 => "Gemma2ForCausalLM",
             Arch::Gemma3 => "Gemma3ForCausalLM",
             Arch::Granite => "GraniteForCausalLM",
+            Arch::Phi3 => "Phi3ForCausalLM",
         }
     }
 }
@@ -241,6 +253,15 @@ fn parse_rope(m: &Map<String, Value>) -> Result<(f32, RopeScaling)> {
     if !(theta > 0.0) {
         bail!(FileFormat, "config.json: rope_theta {theta} is not positive");
     }
+    // A partial rotation (Phi-4-mini's 0.75, top level or in the rope
+    // parameters) is refused whatever the rope type.
+    for src in [Some(m), params.as_ref()].into_iter().flatten() {
+        if let Some(f) = get_f64(src, "partial_rotary_factor")? {
+            if f != 1.0 {
+                bail!(Unsupported, "config.json: partial_rotary_factor {f} is not supported (1 is)");
+            }
+        }
+    }
     let Some(p) = params else { return Ok((theta as f32, RopeScaling::Default)) };
     let ty = get_str(&p, "rope_type").or(get_str(&p, "type")).unwrap_or("default");
     let factor = || -> Result<f32> {
@@ -306,13 +327,6 @@ fn parse_rope(m: &Map<String, Value>) -> Result<(f32, RopeScaling)> {
         }
         other => bail!(Unsupported, "config.json: rope type `{other}` is not supported (default, linear, llama3 and yarn are)"),
     };
-    for src in [m, &p] {
-        if let Some(f) = get_f64(src, "partial_rotary_factor")? {
-            if f != 1.0 {
-                bail!(Unsupported, "config.json: partial_rotary_factor {f} is not supported (1 is)");
-            }
-        }
-    }
     Ok((theta as f32, scaling))
 }
 
@@ -395,8 +409,9 @@ impl ModelConfig {
             "gemma2" => Arch::Gemma2,
             "gemma3_text" => Arch::Gemma3,
             "granite" => Arch::Granite,
+            "phi3" => Arch::Phi3,
             "gemma3" => bail!(Unsupported, "model_type `gemma3` is the multimodal Gemma 3 (Gemma3ForConditionalGeneration); liblora reads the text-only `gemma3_text` (Gemma3ForCausalLM)"),
-            other => bail!(Unsupported, "model_type `{other}` is not supported (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text and granite are)"),
+            other => bail!(Unsupported, "model_type `{other}` is not supported (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, granite and phi3 are)"),
         };
         if let Some(Value::Array(a)) = m.get("architectures") {
             for x in a {
@@ -444,9 +459,13 @@ impl ModelConfig {
                 bail!(Unsupported, "config.json: pretraining_tp {tp} is not supported (1 is)");
             }
         }
-        if let Some(p) = get_f64(&m, "attention_dropout")? {
-            if p != 0.0 {
-                bail!(Unsupported, "config.json: attention_dropout {p} is not supported (0 is)");
+        // Dropout inside the model (Phi-3's residual and embedding dropout
+        // too) would make training a different function.
+        for k in ["attention_dropout", "resid_pdrop", "embd_pdrop"] {
+            if let Some(p) = get_f64(&m, k)? {
+                if p != 0.0 && (k == "attention_dropout" || arch == Arch::Phi3) {
+                    bail!(Unsupported, "config.json: {k} {p} is not supported (0 is)");
+                }
             }
         }
         let ((rope_theta, rope_scaling), local_rope) = if arch == Arch::Gemma3 { parse_gemma3_rope(&m)? } else { (parse_rope(&m)?, None) };
@@ -456,7 +475,7 @@ impl ModelConfig {
                 let ab = get_bool(&m, "attention_bias", false)?;
                 (ab, ab, get_bool(&m, "mlp_bias", false)?)
             }
-            Arch::Mistral => (false, false, false),
+            Arch::Mistral | Arch::Phi3 => (false, false, false),
             Arch::Qwen2 => (true, false, false),
             Arch::Qwen3 | Arch::Gemma | Arch::Gemma2 | Arch::Gemma3 => {
                 let ab = get_bool(&m, "attention_bias", false)?;
@@ -470,7 +489,7 @@ impl ModelConfig {
         };
         let windows = match arch {
             Arch::Llama | Arch::Gemma | Arch::Granite => vec![None; num_layers],
-            Arch::Mistral => vec![sliding; num_layers],
+            Arch::Mistral | Arch::Phi3 => vec![sliding; num_layers],
             Arch::Gemma2 | Arch::Gemma3 if !matches!(m.get("layer_types"), Some(Value::Array(_))) => {
                 // transformers' default layer_types: every `pattern`-th layer
                 // full, the rest sliding (Gemma 2: pattern 2; Gemma 3:
@@ -867,5 +886,33 @@ mod tests {
         assert_eq!((c.embed_scale, c.attn_scale, c.residual_scale, c.logits_divisor), (Some(1.0), 1.0, Some(1.0), Some(1.0)));
         m.insert("logits_scaling".into(), 0.into());
         assert!(ModelConfig::parse(&Value::Object(m).to_string()).unwrap_err().to_string().contains("logits_scaling"));
+    }
+
+    #[test]
+    fn phi3_config() {
+        // Phi-3-mini-4k-instruct's layout (transformers 4 form); transformers
+        // 5.25's Phi3Config reads it as sliding window 2047, default rope
+        // 10⁴ with partial_rotary_factor 1, untied.
+        let p = r#"{"architectures":["Phi3ForCausalLM"],"attention_bias":false,"attention_dropout":0.0,"bos_token_id":1,"embd_pdrop":0.0,
+            "eos_token_id":32000,"hidden_act":"silu","hidden_size":3072,"initializer_range":0.02,"intermediate_size":8192,
+            "max_position_embeddings":4096,"model_type":"phi3","num_attention_heads":32,"num_hidden_layers":32,"num_key_value_heads":32,
+            "original_max_position_embeddings":4096,"pad_token_id":32000,"resid_pdrop":0.0,"rms_norm_eps":1e-05,"rope_scaling":null,
+            "rope_theta":10000.0,"sliding_window":2047,"tie_word_embeddings":false,"torch_dtype":"bfloat16","use_cache":true,"vocab_size":32064}"#;
+        let c = ModelConfig::parse(p).unwrap();
+        assert!(c.arch == Arch::Phi3 && c.arch.fused() && !c.arch.on_device());
+        assert!(c.windows.iter().all(|&w| w == Some(2047)));
+        assert_eq!((c.rope_theta, &c.rope_scaling, c.tie_word_embeddings, c.head_dim), (1e4, &RopeScaling::Default, false, 96));
+        let with_p = |k: &str, v: Value| {
+            let mut m: Map<String, Value> = serde_json::from_str(p).unwrap();
+            m.insert(k.into(), v);
+            ModelConfig::parse(&Value::Object(m).to_string())
+        };
+        // Dropout inside the model, longrope and a partial rotary are refused by name.
+        assert!(with_p("resid_pdrop", 0.1.into()).unwrap_err().to_string().contains("resid_pdrop"));
+        assert!(with_p("embd_pdrop", 0.1.into()).unwrap_err().to_string().contains("embd_pdrop"));
+        assert!(with_p("rope_scaling", serde_json::json!({"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]})).unwrap_err().to_string().contains("longrope"));
+        assert!(with_p("partial_rotary_factor", 0.75.into()).unwrap_err().to_string().contains("partial_rotary_factor"));
+        // Llama's resid_pdrop-like keys mean nothing there.
+        assert!(ModelConfig::parse(&with("resid_pdrop", "0.1")).is_ok());
     }
 }

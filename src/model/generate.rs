@@ -7,7 +7,7 @@
 //! probability reaches `top_p`, at least one token), then a draw from the
 //! softmax. `temperature == 0` is greedy (argmax, lowest id on ties).
 
-use super::{Model, DOWN, GATE, K, O, Q, UP, V};
+use super::{Group, Model};
 use crate::backend::cpu::attention::attention_decode;
 use crate::backend::cpu::norm::rmsnorm_forward;
 use crate::backend::cpu::rope::rope_forward;
@@ -251,13 +251,12 @@ impl Model {
         let tables = self.tables_at(&positions);
         let mut x = self.embed_rows(next);
         let new_lens: Vec<usize> = lens.iter().map(|&n| n + 1).collect();
+        let (o_j, down_j) = super::o_down(&self.cfg);
         for l in 0..self.blocks.len() {
             let table = tables.layer(&self.cfg, l);
             let mut h1 = vec![0f32; bsz * h];
             rmsnorm_forward(&x, &self.blocks[l].attn_norm, bsz, h, eps, &mut h1, None);
-            let mut q = self.lin_forward(l, Q, &h1, bsz, rows.as_ref(), false, 0)?;
-            let mut k = self.lin_forward(l, K, &h1, bsz, rows.as_ref(), false, 0)?;
-            let vv = self.lin_forward(l, V, &h1, bsz, rows.as_ref(), false, 0)?;
+            let [mut q, mut k, vv]: [Vec<f32>; 3] = self.group_forward(l, Group::Qkv, &h1, bsz, &[nh * hd, nkv * hd, nkv * hd], rows.as_ref(), false, 0)?.try_into().map_err(|_| err!(Internal, "q, k, v"))?;
             if let Some(w) = &self.blocks[l].qk_norm {
                 super::qk_norm_forward(&mut self.pool, w, &mut q, &mut k, hd, eps, false);
             }
@@ -272,16 +271,16 @@ impl Model {
             let shape = self.cfg.decode_shape(l, bsz, cap);
             let mut att = vec![0f32; bsz * nh * hd];
             attention_decode(&q, &caches[l].k, &caches[l].v, &new_lens, &shape, &mut att);
-            let o = self.lin_forward(l, O, &att, bsz, rows.as_ref(), false, 0)?;
+            let o = self.lin_forward(l, o_j, &att, bsz, rows.as_ref(), false, 0)?;
             let rs = self.cfg.residual_scale;
             super::residual_add(&mut self.pool, self.blocks[l].post_norms.as_ref().map(|w| &w[0]), rs, o, &mut x, bsz, h, eps, false);
             let mut h2 = vec![0f32; bsz * h];
             rmsnorm_forward(&x, &self.blocks[l].mlp_norm, bsz, h, eps, &mut h2, None);
-            let g = self.lin_forward(l, GATE, &h2, bsz, rows.as_ref(), false, 0)?;
-            let u = self.lin_forward(l, UP, &h2, bsz, rows.as_ref(), false, 0)?;
+            let it = self.cfg.intermediate_size;
+            let [g, u]: [Vec<f32>; 2] = self.group_forward(l, Group::GateUp, &h2, bsz, &[it, it], rows.as_ref(), false, 0)?.try_into().map_err(|_| err!(Internal, "gate, up"))?;
             let mut a = vec![0f32; g.len()];
             glu_forward(self.cfg.act, &g, &u, &mut a);
-            let d = self.lin_forward(l, DOWN, &a, bsz, rows.as_ref(), false, 0)?;
+            let d = self.lin_forward(l, down_j, &a, bsz, rows.as_ref(), false, 0)?;
             super::residual_add(&mut self.pool, self.blocks[l].post_norms.as_ref().map(|w| &w[1]), rs, d, &mut x, bsz, h, eps, false);
         }
         for n in lens.iter_mut() {

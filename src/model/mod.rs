@@ -95,10 +95,103 @@ impl Tables {
     }
 }
 
-/// `model.layers.{l}.self_attn.q_proj`, … : the module path PEFT keys use.
+/// `model.layers.{l}.self_attn.q_proj`, … : the module path PEFT keys use
+/// (of the seven separate projections; [`module_path_in`] for any layout).
 pub fn module_path(layer: usize, j: usize) -> String {
     let parent = if j < 4 { "self_attn" } else { "mlp" };
     format!("model.layers.{layer}.{parent}.{}", LINEARS[j])
+}
+
+/// Phi-3's linear modules: q/k/v and gate/up fused, in registration order.
+pub const FUSED_LINEARS: [&str; 4] = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"];
+const QKV: usize = 0;
+const F_O: usize = 1;
+const GATE_UP: usize = 2;
+const F_DOWN: usize = 3;
+
+/// The projections reading one input: q, k, v (or Phi-3's `qkv_proj`) and
+/// gate, up (or `gate_up_proj`).
+#[derive(Clone, Copy)]
+enum Group {
+    Qkv,
+    GateUp,
+}
+
+impl Group {
+    /// `Block::lin` indices: the separate ones, and the fused one.
+    fn linears(self) -> (&'static [usize], usize) {
+        match self {
+            Group::Qkv => (&[Q, K, V], QKV),
+            Group::GateUp => (&[GATE, UP], GATE_UP),
+        }
+    }
+}
+
+/// `Block::lin` index of o_proj and down_proj in `cfg`'s layout.
+fn o_down(cfg: &ModelConfig) -> (usize, usize) {
+    if cfg.arch.fused() {
+        (F_O, F_DOWN)
+    } else {
+        (O, DOWN)
+    }
+}
+
+/// The linear modules of one of `cfg`'s decoder layers, in [`Block::lin`] order.
+pub fn linears(cfg: &ModelConfig) -> &'static [&'static str] {
+    if cfg.arch.fused() {
+        &FUSED_LINEARS
+    } else {
+        &LINEARS
+    }
+}
+
+/// `(out_features, in_features, bias)` of each of [`linears`].
+fn linear_shapes(cfg: &ModelConfig) -> Vec<(usize, usize, bool)> {
+    let (h, it, qd, kvd) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim());
+    if cfg.arch.fused() {
+        vec![(qd + 2 * kvd, h, cfg.qkv_bias), (h, qd, cfg.o_bias), (2 * it, h, cfg.mlp_bias), (h, it, cfg.mlp_bias)]
+    } else {
+        let (qb, ob, mb) = (cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias);
+        vec![(qd, h, qb), (kvd, h, qb), (kvd, h, qb), (h, qd, ob), (it, h, mb), (it, h, mb), (h, it, mb)]
+    }
+}
+
+/// The module path of linear `j` of layer `layer` in `cfg`'s layout.
+pub fn module_path_in(cfg: &ModelConfig, layer: usize, j: usize) -> String {
+    let names = linears(cfg);
+    let attn = if cfg.arch.fused() { 2 } else { 4 };
+    let parent = if j < attn { "self_attn" } else { "mlp" };
+    format!("model.layers.{layer}.{parent}.{}", names[j])
+}
+
+/// Splits the rows of `[rows, Σ widths]` into one `[rows, width]` buffer
+/// per width (a fused projection's outputs).
+fn split_cols(pool: &mut BufPool, y: Vec<f32>, rows: usize, widths: &[usize]) -> Vec<Vec<f32>> {
+    let total: usize = widths.iter().sum();
+    let mut out: Vec<Vec<f32>> = widths.iter().map(|&w| pool.take(rows * w)).collect();
+    let mut at = 0;
+    for (o, &w) in out.iter_mut().zip(widths) {
+        o.par_chunks_mut(w).zip(y.par_chunks(total)).for_each(|(d, s)| d.copy_from_slice(&s[at..at + w]));
+        at += w;
+    }
+    pool.give(y);
+    out
+}
+
+/// The inverse of [`split_cols`]: `[rows, Σ widths]` from the parts
+/// (a fused projection's output gradient).
+fn concat_cols(pool: &mut BufPool, parts: &[&[f32]], rows: usize) -> Vec<f32> {
+    let widths: Vec<usize> = parts.iter().map(|p| p.len() / rows.max(1)).collect();
+    let total: usize = widths.iter().sum();
+    let mut y = pool.take(rows * total);
+    y.par_chunks_mut(total).enumerate().for_each(|(r, d)| {
+        let mut at = 0;
+        for (p, &w) in parts.iter().zip(&widths) {
+            d[at..at + w].copy_from_slice(&p[r * w..(r + 1) * w]);
+            at += w;
+        }
+    });
+    y
 }
 
 /// One decoder layer.
@@ -117,6 +210,23 @@ pub struct Block {
 }
 
 impl Block {
+    /// Backward of a projection group on input `x`: `dys` the outputs'
+    /// gradients (concatenated for a fused projection); the input's
+    /// gradient goes to (overwrites) `dx` when given.
+    fn group_backward(&mut self, pool: &mut BufPool, group: Group, fused: bool, x: &[f32], dys: &[&[f32]], n: usize, mut dx: Option<&mut [f32]>) -> Result<()> {
+        let (js, fj) = group.linears();
+        if fused {
+            let dy = concat_cols(pool, dys, n);
+            self.lin[fj].backward_into(x, &dy, n, dx, false)?;
+            pool.give(dy);
+            return Ok(());
+        }
+        for (i, (&j, dy)) in js.iter().zip(dys).enumerate() {
+            self.lin[j].backward_into(x, dy, n, dx.as_deref_mut(), i > 0)?;
+        }
+        Ok(())
+    }
+
     /// Checkpoint names of layer `l`'s attention-input and MLP-input
     /// norms, and of its output norms when it has them (Gemma 2/3).
     fn norm_names(cfg: &ModelConfig, l: usize) -> (String, String, Option<[String; 2]>) {
@@ -452,8 +562,7 @@ impl Model {
         let text = std::fs::read_to_string(&cfg_path).map_err(|e| err!(Io, "{}: cannot read: {e}", cfg_path.display()))?;
         let cfg = ModelConfig::parse(&text).map_err(|e| e.context(&cfg_path.display().to_string()))?;
         let ck = Checkpoint::open(dir)?;
-        let (h, v, it) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
-        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
         let mut expected: std::collections::HashSet<String> = std::collections::HashSet::new();
         let mut take = |n: &str| {
             expected.insert(n.to_string());
@@ -495,14 +604,12 @@ impl Model {
                 Some([a, b]) => Some([read_norm(take(&a), h)?, read_norm(take(&b), h)?]),
                 None => None,
             };
-            let shapes = [(qd, h), (kvd, h), (kvd, h), (h, qd), (it, h), (it, h), (h, it)];
-            let has_bias = [cfg.qkv_bias, cfg.qkv_bias, cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias, cfg.mlp_bias, cfg.mlp_bias];
-            let mut lin = Vec::with_capacity(7);
-            for j in 0..7 {
-                let m = module_path(l, j);
-                let (out_f, in_f) = shapes[j];
+            let shapes = linear_shapes(&cfg);
+            let mut lin = Vec::with_capacity(shapes.len());
+            for (j, &(out_f, in_f, has_bias)) in shapes.iter().enumerate() {
+                let m = module_path_in(&cfg, l, j);
                 let seed = derive_seed(opts.seed, &m);
-                let bias = if has_bias[j] { Some(ck.dense(&take(&format!("{m}.bias")), &[out_f])?.into_f32()) } else { None };
+                let bias = if has_bias { Some(ck.dense(&take(&format!("{m}.bias")), &[out_f])?.into_f32()) } else { None };
                 let layer = if ck.is_nf4(&m) {
                     if bnb.is_none() {
                         bail!(FileFormat, "{}: '{m}' is stored 4-bit but config.json has no bitsandbytes quantization_config", dir.display());
@@ -599,8 +706,7 @@ impl Model {
         if cfg.bnb_4bit.is_some() {
             bail!(Unsupported, "a random model takes a config without quantization_config (use LoadOptions::quantize)");
         }
-        let (h, v, it) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
-        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+        let (h, v) = (cfg.hidden_size, cfg.vocab_size);
         let rand = |name: &str, n: usize| -> Vec<f32> {
             const CHUNK: usize = 1 << 20;
             let mut w = vec![0f32; n];
@@ -613,16 +719,14 @@ impl Model {
         };
         let embed = rand("model.embed_tokens.weight", v * h);
         let lm_head = (!cfg.tie_word_embeddings).then(|| rand("lm_head.weight", v * h));
-        let shapes = [(qd, h), (kvd, h), (kvd, h), (h, qd), (it, h), (it, h), (h, it)];
-        let has_bias = [cfg.qkv_bias, cfg.qkv_bias, cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias, cfg.mlp_bias, cfg.mlp_bias];
+        let shapes = linear_shapes(&cfg);
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         for l in 0..cfg.num_layers {
-            let mut lin = Vec::with_capacity(7);
-            for j in 0..7 {
-                let m = module_path(l, j);
-                let (out_f, in_f) = shapes[j];
+            let mut lin = Vec::with_capacity(shapes.len());
+            for (j, &(out_f, in_f, has_bias)) in shapes.iter().enumerate() {
+                let m = module_path_in(&cfg, l, j);
                 let w = rand(&m, out_f * in_f);
-                let bias = has_bias[j].then(|| vec![0f32; out_f]);
+                let bias = has_bias.then(|| vec![0f32; out_f]);
                 let seed = derive_seed(opts.seed, &m);
                 lin.push(match opts.quantize {
                     Some(qp) => LoraLayer::new_nf4(Nf4Tensor::quantize(crate::dtype::Elems::F32(&w), &[out_f, in_f], qp)?, bias, seed)?,
@@ -754,18 +858,18 @@ impl Model {
         spec.validate()?;
         let mut modules = Vec::new();
         for l in 0..self.blocks.len() {
-            for j in 0..7 {
-                if spec.targets(l, LINEARS[j], &module_path(l, j)) {
+            for (j, leaf) in linears(&self.cfg).iter().enumerate() {
+                if spec.targets(l, leaf, &self.module(l, j)) {
                     modules.push((l, j));
                 }
             }
         }
         if modules.is_empty() {
-            bail!(InvalidArgument, "adapter '{name}': target modules {} match no module of this model (its linear layers are {})", spec.targets_display(), LINEARS.join(", "));
+            bail!(InvalidArgument, "adapter '{name}': target modules {} match no module of this model (its linear layers are {})", spec.targets_display(), linears(&self.cfg).join(", "));
         }
         // Validate every module first so a failure leaves nothing behind.
         for &(l, j) in &modules {
-            let path = module_path(l, j);
+            let path = self.module(l, j);
             let layer = &self.blocks[l].lin[j];
             let r = spec.rank_for(&path);
             let max_r = layer.in_features().min(layer.out_features());
@@ -775,7 +879,7 @@ impl Model {
         }
         let first = self.adapters.is_empty();
         for &(l, j) in &modules {
-            let path = module_path(l, j);
+            let path = self.module(l, j);
             let cfg = AdapterConfig {
                 r: spec.rank_for(&path),
                 alpha: spec.alpha_for(&path),
@@ -1007,6 +1111,18 @@ impl Model {
         Ok(y)
     }
 
+    /// Forward of a projection group on `x` (`n` rows): one output per
+    /// projection, `widths` wide (a fused projection's output split).
+    #[allow(clippy::too_many_arguments)]
+    fn group_forward(&mut self, l: usize, group: Group, x: &[f32], n: usize, widths: &[usize], rows: Option<&RowAdapters>, train: bool, call: u64) -> Result<Vec<Vec<f32>>> {
+        let (js, fj) = group.linears();
+        if self.cfg.arch.fused() {
+            let y = self.lin_forward(l, fj, x, n, rows, train, call)?;
+            return Ok(split_cols(&mut self.pool, y, n, widths));
+        }
+        js.iter().map(|&j| self.lin_forward(l, j, x, n, rows, train, call)).collect()
+    }
+
     /// One decoder layer forward on `x: [B·T, H]` (in place, the residual
     /// stream), returning what its backward needs.
     #[allow(clippy::too_many_arguments)]
@@ -1019,9 +1135,9 @@ impl Model {
         let mut h1 = self.pool.take(n * h);
         let mut rstd1 = self.pool.take(n);
         rmsnorm_forward(x, &self.blocks[l].attn_norm, n, h, eps, &mut h1, Some(&mut rstd1));
-        let mut q = self.lin_forward(l, Q, &h1, n, rows, train, call)?;
-        let mut k = self.lin_forward(l, K, &h1, n, rows, train, call)?;
-        let v = self.lin_forward(l, V, &h1, n, rows, train, call)?;
+        let (o_j, down_j) = o_down(cfg);
+        let it = cfg.intermediate_size;
+        let [mut q, mut k, v]: [Vec<f32>; 3] = self.group_forward(l, Group::Qkv, &h1, n, &[nh * hd, nkv * hd, nkv * hd], rows, train, call)?.try_into().map_err(|_| err!(Internal, "q, k, v"))?;
         let qk = match &self.blocks[l].qk_norm {
             Some(w) => qk_norm_forward(&mut self.pool, w, &mut q, &mut k, hd, eps, train),
             None => None,
@@ -1031,18 +1147,17 @@ impl Model {
         let mut att = self.pool.take(n * nh * hd);
         let mut lse = self.pool.take(n * nh);
         attention_forward(&q, &k, &v, &shape, &mut att, &mut lse);
-        let o = self.lin_forward(l, O, &att, n, rows, train, call)?;
+        let o = self.lin_forward(l, o_j, &att, n, rows, train, call)?;
         let rs = self.cfg.residual_scale;
         let post_o = residual_add(&mut self.pool, self.blocks[l].post_norms.as_ref().map(|w| &w[0]), rs, o, x, n, h, eps, train);
         let x_mid = self.pool.copy_of(x);
         let mut h2 = self.pool.take(n * h);
         let mut rstd2 = self.pool.take(n);
         rmsnorm_forward(x, &self.blocks[l].mlp_norm, n, h, eps, &mut h2, Some(&mut rstd2));
-        let g = self.lin_forward(l, GATE, &h2, n, rows, train, call)?;
-        let u = self.lin_forward(l, UP, &h2, n, rows, train, call)?;
+        let [g, u]: [Vec<f32>; 2] = self.group_forward(l, Group::GateUp, &h2, n, &[it, it], rows, train, call)?.try_into().map_err(|_| err!(Internal, "gate, up"))?;
         let mut a = self.pool.take(g.len());
         glu_forward(self.cfg.act, &g, &u, &mut a);
-        let d = self.lin_forward(l, DOWN, &a, n, rows, train, call)?;
+        let d = self.lin_forward(l, down_j, &a, n, rows, train, call)?;
         let post_d = residual_add(&mut self.pool, self.blocks[l].post_norms.as_ref().map(|w| &w[1]), rs, d, x, n, h, eps, train);
         Ok(LayerActs { h1, rstd1, q, k, v, att, lse, x_mid, h2, rstd2, g, u, a, qk, post: [post_o, post_d] })
     }
@@ -1057,7 +1172,7 @@ impl Model {
         let n = batch * seq;
         let it = cfg.intermediate_size;
         let mut pool = std::mem::take(&mut self.pool);
-        let res = Self::layer_backward_in(&mut self.blocks[l], &mut pool, acts, x_in, dx, (n, h, it, nh, nkv, hd), cfg.attn_shape(l, batch, seq), (cfg.act, cfg.residual_scale), tables.layer(cfg, l), need_dx);
+        let res = Self::layer_backward_in(&mut self.blocks[l], &mut pool, acts, x_in, dx, (n, h, it, nh, nkv, hd), cfg.attn_shape(l, batch, seq), (cfg.act, cfg.residual_scale, cfg.arch.fused()), tables.layer(cfg, l), need_dx);
         self.pool = pool;
         res
     }
@@ -1071,17 +1186,18 @@ impl Model {
         dx: &mut [f32],
         dims: (usize, usize, usize, usize, usize, usize),
         shape: AttnShape,
-        (act, rs): (config::Activation, Option<f32>),
+        (act, rs, fused): (config::Activation, Option<f32>, bool),
         table: &RopeTable,
         need_dx: bool,
     ) -> Result<()> {
         let (n, h, it, nh, nkv, hd) = dims;
         let (batch, seq) = (shape.batch, shape.q_len);
         let LayerActs { h1, rstd1, q, k, v, att, lse, x_mid, h2, rstd2, g, u, a, qk, post: [post_o, post_d] } = acts;
+        let (o_j, down_j) = if fused { (F_O, F_DOWN) } else { (O, DOWN) };
         // MLP: x_out = x_mid + [norm](down(a));  a = act(g)·u
         let mut da = pool.take(n * it);
         let dd = residual_backward(pool, blk.post_norms.as_ref().map(|w| &w[1]), rs, post_d, dx, h)?;
-        blk.lin[DOWN].backward_into(&a, dd.as_deref().unwrap_or(dx), n, Some(&mut da), false)?;
+        blk.lin[down_j].backward_into(&a, dd.as_deref().unwrap_or(dx), n, Some(&mut da), false)?;
         pool.give(a);
         if let Some(b) = dd {
             pool.give(b);
@@ -1092,8 +1208,7 @@ impl Model {
             pool.give(b);
         }
         let mut dh2 = pool.take(n * h);
-        blk.lin[GATE].backward_into(&h2, &dg, n, Some(&mut dh2), false)?;
-        blk.lin[UP].backward_into(&h2, &du, n, Some(&mut dh2), true)?;
+        blk.group_backward(pool, Group::GateUp, fused, &h2, &[&dg, &du], n, Some(&mut dh2))?;
         pool.give(dg);
         pool.give(du);
         // d x_mid = dx + RMSNorm₂ᵀ(dh2)
@@ -1106,7 +1221,7 @@ impl Model {
         // Attention: x_mid = x_in + [norm](o(att))
         let mut datt = pool.take(n * nh * hd);
         let d_o = residual_backward(pool, blk.post_norms.as_ref().map(|w| &w[0]), rs, post_o, &dxm, h)?;
-        blk.lin[O].backward_into(&att, d_o.as_deref().unwrap_or(&dxm), n, Some(&mut datt), false)?;
+        blk.lin[o_j].backward_into(&att, d_o.as_deref().unwrap_or(&dxm), n, Some(&mut datt), false)?;
         if let Some(b) = d_o {
             pool.give(b);
         }
@@ -1124,16 +1239,12 @@ impl Model {
         }
         if need_dx {
             let mut dh1 = pool.take(n * h);
-            blk.lin[Q].backward_into(&h1, &dq, n, Some(&mut dh1), false)?;
-            blk.lin[K].backward_into(&h1, &dk, n, Some(&mut dh1), true)?;
-            blk.lin[V].backward_into(&h1, &dv, n, Some(&mut dh1), true)?;
+            blk.group_backward(pool, Group::Qkv, fused, &h1, &[&dq, &dk, &dv], n, Some(&mut dh1))?;
             rmsnorm_backward(x_in, &blk.attn_norm, &rstd1, &dh1, n, h, dx, None);
             dx.par_iter_mut().zip(dxm.par_iter()).for_each(|(a, b)| *a += b);
             pool.give(dh1);
         } else {
-            blk.lin[Q].backward_into(&h1, &dq, n, None, false)?;
-            blk.lin[K].backward_into(&h1, &dk, n, None, false)?;
-            blk.lin[V].backward_into(&h1, &dv, n, None, false)?;
+            blk.group_backward(pool, Group::Qkv, fused, &h1, &[&dq, &dk, &dv], n, None)?;
         }
         for b in [h1, rstd1, dq, dk, dv, dxm] {
             pool.give(b);
@@ -1374,9 +1485,10 @@ impl Model {
         }
         self.touch_adapters();
         for &(l, j) in &self.adapters[fi].modules.clone() {
+            let path = self.module(l, j);
             let layer = &mut self.blocks[l].lin[j];
             let src = layer.adapter(from)?.clone();
-            layer.set_adapter_weights(to, &src.a, &src.b).map_err(|e| e.context(&module_path(l, j)))?;
+            layer.set_adapter_weights(to, &src.a, &src.b).map_err(|e| e.context(&path))?;
         }
         Ok(())
     }
@@ -1419,10 +1531,15 @@ impl Model {
             .modules
             .iter()
             .flat_map(|&(l, j)| {
-                let m = module_path(l, j);
+                let m = self.module(l, j);
                 [format!("base_model.model.{m}.lora_A.weight"), format!("base_model.model.{m}.lora_B.weight")]
             })
             .collect())
+    }
+
+    /// The module path of linear `j` of layer `l` (PEFT's key).
+    pub fn module(&self, l: usize, j: usize) -> String {
+        module_path_in(&self.cfg, l, j)
     }
 
     /// The rotary tables of positions `pos0..pos0 + len`.
@@ -1483,7 +1600,7 @@ impl Model {
                 out.push(norm(format!("model.layers.{l}.self_attn.k_norm.weight"), kn));
             }
             for (j, layer) in b.lin.iter().enumerate() {
-                let m = module_path(l, j);
+                let m = self.module(l, j);
                 let mut w = layer.base_weight_f32();
                 if !layer.is_merged() {
                     for (name, mult) in layer.active() {

@@ -20,7 +20,7 @@
 //! `tests/fixtures/peft_configs` holds PEFT's own resolution of files using
 //! each of these options; `tests/model_api.rs` compares.
 
-use super::{module_path, Model, LINEARS};
+use super::{linears, Model, FUSED_LINEARS, LINEARS};
 use crate::io::safetensors::{write_atomic, OutTensor, StFile};
 use crate::lora::layer::Init;
 use crate::Result;
@@ -136,8 +136,8 @@ impl AdapterSpec {
             }
             for name in n {
                 let leaf = name.rsplit('.').next().unwrap_or(name);
-                if !LINEARS.contains(&leaf) {
-                    bail!(Unsupported, "target module '{name}' is not one of the decoder's linear layers ({}); adapters on embeddings or lm_head are not supported", LINEARS.join(", "));
+                if !LINEARS.contains(&leaf) && !FUSED_LINEARS.contains(&leaf) {
+                    bail!(Unsupported, "target module '{name}' is not one of the decoder's linear layers ({}, or Phi-3's {}); adapters on embeddings or lm_head are not supported", LINEARS.join(", "), FUSED_LINEARS.join(", "));
                 }
             }
         }
@@ -371,7 +371,7 @@ pub fn save_adapter(model: &Model, name: &str, dir: &Path) -> Result<()> {
     for &(l, j) in &info.modules {
         let layer = &model.blocks[l].lin[j];
         let ad = layer.adapter(name)?;
-        let m = module_path(l, j);
+        let m = model.module(l, j);
         tensors.push((format!("base_model.model.{m}.lora_A.weight"), OutTensor::f32(vec![ad.r, layer.in_features()], &ad.a)));
         tensors.push((format!("base_model.model.{m}.lora_B.weight"), OutTensor::f32(vec![layer.out_features(), ad.r], &ad.b)));
         paths.push(m);
@@ -401,9 +401,9 @@ pub fn load_adapter(model: &mut Model, dir: &Path, name: &str) -> Result<()> {
     let mut expected = std::collections::HashSet::new();
     let mut weights: Vec<(usize, usize, Vec<f32>, Vec<f32>)> = Vec::new();
     for l in 0..model.blocks.len() {
-        for j in 0..7 {
-            let m = module_path(l, j);
-            if !spec.targets(l, LINEARS[j], &m) {
+        for (j, leaf) in linears(&model.cfg).iter().enumerate() {
+            let m = model.module(l, j);
+            if !spec.targets(l, leaf, &m) {
                 continue;
             }
             let layer = &model.blocks[l].lin[j];
