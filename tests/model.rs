@@ -265,6 +265,23 @@ fn llama_nf4_from_transformers_4bit_checkpoint() {
     }
 }
 
+#[test]
+fn phi3_nf4_fused_projections_quantized_whole() {
+    // bitsandbytes quantizes qkv_proj and gate_up_proj as single tensors;
+    // so does liblora at load, bit for bit, and the 4-bit checkpoint loads.
+    parity("phi3_nf4", "model", true, false);
+    parity("phi3_nf4", "model_4bit", false, false);
+    let a = load("phi3_nf4", "model", true);
+    let b = load("phi3_nf4", "model_4bit", false);
+    for (x, y) in a.blocks.iter().zip(&b.blocks) {
+        assert_eq!(x.lin.len(), 4);
+        for (p, q) in x.lin.iter().zip(&y.lin) {
+            assert!(p.nf4_base().is_some());
+            assert_eq!(p.nf4_base(), q.nf4_base());
+        }
+    }
+}
+
 /// Other 4-bit checkpoints transformers + bitsandbytes write
 /// (scripts/fixtures/gen_bnb_variants.py): without double quantization,
 /// with down_proj skipped (kept fp32), with the packed bytes stored as a
