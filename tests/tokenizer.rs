@@ -102,7 +102,7 @@ fn check_fixture(dir: &Path) -> (Vec<String>, usize) {
 fn matches_tokenizers_on_every_fixture() {
     let dirs = fixture_dirs();
     let names: Vec<String> = dirs.iter().map(|d| d.file_name().unwrap().to_string_lossy().to_string()).collect();
-    for want in ["bytes", "gpt2", "llama2", "llama3", "misc", "mistral", "qwen2", "sp_unk"] {
+    for want in ["bytes", "gemma", "gpt2", "llama2", "llama3", "misc", "mistral", "qwen2", "sp_unk"] {
         assert!(names.iter().any(|n| n == want), "fixture {want} missing from {}", fixture_root().display());
     }
     let mut all_bad = Vec::new();
