@@ -74,6 +74,7 @@ const PROGRAMS: &[(&str, bool)] = &[
     ("bad_input", true),
     ("lora_layer", true),
     ("model", true),
+    ("families", true),
     ("optimizer", true),
     ("tokenizer", true),
     ("paged", true),
@@ -421,6 +422,17 @@ fn c_lora_layer() {
 fn c_model() {
     let d = scratch("model");
     run_c_test("model", &[manifest_dir().join("tests/fixtures/model/llama_nf4").into_os_string(), d.clone()]);
+    remove_scratch(&d);
+}
+
+#[test]
+fn c_model_families() {
+    let d = scratch("families");
+    let mut args = vec![d.clone()];
+    for case in ["gemma_fp32", "gemma2_fp32", "gemma3_fp32", "granite_fp32", "phi3_fp32"] {
+        args.push(manifest_dir().join("tests/fixtures/model").join(case).into_os_string());
+    }
+    run_c_test("families", &args);
     remove_scratch(&d);
 }
 
