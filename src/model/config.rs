@@ -1,10 +1,11 @@
 //! `config.json` of a Hugging Face LLaMA-family decoder.
 //!
 //! Accepted: `model_type` `llama`, `mistral`, `qwen2`, `qwen3`, `gemma`,
-//! `gemma2`, `gemma3_text`, `granite`, `phi3` (architectures
+//! `gemma2`, `gemma3_text`, `granite`, `phi3`, `olmo2` (architectures
 //! `LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`,
 //! `Qwen3ForCausalLM`, `GemmaForCausalLM`, `Gemma2ForCausalLM`,
-//! `Gemma3ForCausalLM`, `GraniteForCausalLM`, `Phi3ForCausalLM`). Both the
+//! `Gemma3ForCausalLM`, `GraniteForCausalLM`, `Phi3ForCausalLM`,
+//! `Olmo2ForCausalLM`). Both the
 //! transformers 4 form (`rope_theta`, `rope_scaling`) and the transformers 5
 //! form (`rope_parameters`) of the rotary settings are read. Anything that
 //! would change the function the model computes and that liblora does not
@@ -68,6 +69,10 @@ pub enum Arch {
     /// (`gate_up_proj`, `[2·intermediate, hidden]`, gate first), a sliding
     /// window on every layer when set (Phi-3, Phi-4).
     Phi3,
+    /// Norms on the attention and MLP outputs only (no input norms), and
+    /// q/k RMSNorms over the whole projection (`[q_dim]`, `[kv_dim]`)
+    /// before the heads are split (OLMo 2).
+    Olmo2,
 }
 
 /// The gated MLP's activation on the gate: `act(gate)·up`.
@@ -88,7 +93,7 @@ impl Arch {
     /// Whether the device backend runs this architecture (Gemma's and
     /// Granite's extra terms have no device kernels yet).
     pub fn on_device(self) -> bool {
-        !self.is_gemma() && !matches!(self, Arch::Granite | Arch::Phi3)
+        !self.is_gemma() && !matches!(self, Arch::Granite | Arch::Phi3 | Arch::Olmo2)
     }
 
     /// Whether q/k/v and gate/up are single fused projections (Phi-3).
@@ -106,6 +111,7 @@ impl Arch {
             Arch::Gemma3 => "gemma3_text",
             Arch::Granite => "granite",
             Arch::Phi3 => "phi3",
+            Arch::Olmo2 => "olmo2",
         }
     }
     pub fn architecture(self) -> &'static str {
@@ -119,6 +125,7 @@ impl Arch {
             Arch::Gemma3 => "Gemma3ForCausalLM",
             Arch::Granite => "GraniteForCausalLM",
             Arch::Phi3 => "Phi3ForCausalLM",
+            Arch::Olmo2 => "Olmo2ForCausalLM",
         }
     }
 }
@@ -149,6 +156,12 @@ pub struct ModelConfig {
     /// model's `rms_norm_eps`) between the projection and the rotation
     /// (Qwen3 `q_norm`, `k_norm`).
     pub qk_norm: bool,
+    /// The q/k norms span the whole projection (`[q_dim]`, `[kv_dim]`)
+    /// instead of one head (OLMo 2).
+    pub qk_norm_full: bool,
+    /// No norm on the attention's and the MLP's inputs (OLMo 2: only
+    /// the output norms).
+    pub no_input_norms: bool,
     /// Sliding attention window per layer (Mistral `sliding_window`; Qwen2
     /// `layer_types` = `sliding_attention`), `None` = full causal.
     pub windows: Vec<Option<usize>>,
@@ -410,8 +423,9 @@ impl ModelConfig {
             "gemma3_text" => Arch::Gemma3,
             "granite" => Arch::Granite,
             "phi3" => Arch::Phi3,
+            "olmo2" => Arch::Olmo2,
             "gemma3" => bail!(Unsupported, "model_type `gemma3` is the multimodal Gemma 3 (Gemma3ForConditionalGeneration); liblora reads the text-only `gemma3_text` (Gemma3ForCausalLM)"),
-            other => bail!(Unsupported, "model_type `{other}` is not supported (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, granite and phi3 are)"),
+            other => bail!(Unsupported, "model_type `{other}` is not supported (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, granite, phi3 and olmo2 are)"),
         };
         if let Some(Value::Array(a)) = m.get("architectures") {
             for x in a {
@@ -471,7 +485,7 @@ impl ModelConfig {
         let ((rope_theta, rope_scaling), local_rope) = if arch == Arch::Gemma3 { parse_gemma3_rope(&m)? } else { (parse_rope(&m)?, None) };
         let num_layers = need_usize(&m, "num_hidden_layers")?;
         let (qkv_bias, o_bias, mlp_bias) = match arch {
-            Arch::Llama | Arch::Granite => {
+            Arch::Llama | Arch::Granite | Arch::Olmo2 => {
                 let ab = get_bool(&m, "attention_bias", false)?;
                 (ab, ab, get_bool(&m, "mlp_bias", false)?)
             }
@@ -488,7 +502,7 @@ impl ModelConfig {
             _ => get_usize(&m, "sliding_window")?,
         };
         let windows = match arch {
-            Arch::Llama | Arch::Gemma | Arch::Granite => vec![None; num_layers],
+            Arch::Llama | Arch::Gemma | Arch::Granite | Arch::Olmo2 => vec![None; num_layers],
             Arch::Mistral | Arch::Phi3 => vec![sliding; num_layers],
             Arch::Gemma2 | Arch::Gemma3 if !matches!(m.get("layer_types"), Some(Value::Array(_))) => {
                 // transformers' default layer_types: every `pattern`-th layer
@@ -610,7 +624,9 @@ impl ModelConfig {
             qkv_bias,
             o_bias,
             mlp_bias,
-            qk_norm: matches!(arch, Arch::Qwen3 | Arch::Gemma3),
+            qk_norm: matches!(arch, Arch::Qwen3 | Arch::Gemma3 | Arch::Olmo2),
+            qk_norm_full: arch == Arch::Olmo2,
+            no_input_norms: arch == Arch::Olmo2,
             windows,
             act,
             norm_offset: arch.is_gemma(),
@@ -620,7 +636,7 @@ impl ModelConfig {
             },
             residual_scale: granite.map(|g| g.2),
             logits_divisor: granite.map(|g| g.3),
-            sandwich_norm: matches!(arch, Arch::Gemma2 | Arch::Gemma3),
+            sandwich_norm: matches!(arch, Arch::Gemma2 | Arch::Gemma3 | Arch::Olmo2),
             attn_scale,
             attn_softcap,
             final_softcap,
@@ -660,6 +676,16 @@ impl ModelConfig {
     /// Whether layer `l` rotates with the sliding layers' frequencies.
     pub fn local_rope_at(&self, l: usize) -> bool {
         self.local_rope.is_some() && self.windows[l].is_some()
+    }
+
+    /// Widths of the q and k norms' weights: one head, or the whole
+    /// projection (OLMo 2).
+    pub fn qk_norm_dims(&self) -> (usize, usize) {
+        if self.qk_norm_full {
+            (self.q_dim(), self.kv_dim())
+        } else {
+            (self.head_dim, self.head_dim)
+        }
     }
 
     /// Layer `l`'s attention over a batch of `seq` tokens: heads, window,

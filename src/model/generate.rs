@@ -9,7 +9,6 @@
 
 use super::{Group, Model};
 use crate::backend::cpu::attention::attention_decode;
-use crate::backend::cpu::norm::rmsnorm_forward;
 use crate::backend::cpu::rope::rope_forward;
 use crate::backend::cpu::swiglu::glu_forward;
 use crate::backend::cpu::on_pool;
@@ -254,11 +253,10 @@ impl Model {
         let (o_j, down_j) = super::o_down(&self.cfg);
         for l in 0..self.blocks.len() {
             let table = tables.layer(&self.cfg, l);
-            let mut h1 = vec![0f32; bsz * h];
-            rmsnorm_forward(&x, &self.blocks[l].attn_norm, bsz, h, eps, &mut h1, None);
+            let h1 = super::input_norm(&mut self.pool, self.blocks[l].attn_norm.as_ref(), &x, bsz, h, eps, None);
             let [mut q, mut k, vv]: [Vec<f32>; 3] = self.group_forward(l, Group::Qkv, &h1, bsz, &[nh * hd, nkv * hd, nkv * hd], rows.as_ref(), false, 0)?.try_into().map_err(|_| err!(Internal, "q, k, v"))?;
             if let Some(w) = &self.blocks[l].qk_norm {
-                super::qk_norm_forward(&mut self.pool, w, &mut q, &mut k, hd, eps, false);
+                super::qk_norm_forward(&mut self.pool, w, &mut q, &mut k, eps, false);
             }
             rope_forward(&mut q, 1, bsz, nh, hd, table);
             rope_forward(&mut k, 1, bsz, nkv, hd, table);
@@ -274,8 +272,7 @@ impl Model {
             let o = self.lin_forward(l, o_j, &att, bsz, rows.as_ref(), false, 0)?;
             let rs = self.cfg.residual_scale;
             super::residual_add(&mut self.pool, self.blocks[l].post_norms.as_ref().map(|w| &w[0]), rs, o, &mut x, bsz, h, eps, false);
-            let mut h2 = vec![0f32; bsz * h];
-            rmsnorm_forward(&x, &self.blocks[l].mlp_norm, bsz, h, eps, &mut h2, None);
+            let h2 = super::input_norm(&mut self.pool, self.blocks[l].mlp_norm.as_ref(), &x, bsz, h, eps, None);
             let it = self.cfg.intermediate_size;
             let [g, u]: [Vec<f32>; 2] = self.group_forward(l, Group::GateUp, &h2, bsz, &[it, it], rows.as_ref(), false, 0)?.try_into().map_err(|_| err!(Internal, "gate, up"))?;
             let mut a = vec![0f32; g.len()];

@@ -798,7 +798,7 @@ impl DeviceModel {
     pub fn upload(ordinal: usize, model: &Model, compute: Compute) -> Result<DeviceModel> {
         let cfg = model.cfg.clone();
         if !cfg.arch.on_device() {
-            bail!(Unsupported, "{} runs on the CPU backend only: the device kernels have no Gemma norm, GELU or soft caps, nor Granite's multipliers or Phi-3's fused projections, yet", cfg.arch.architecture());
+            bail!(Unsupported, "{} runs on the CPU backend only: the device kernels have no Gemma norm, GELU or soft caps, nor Granite's multipliers, Phi-3's fused projections or OLMo 2's norms, yet", cfg.arch.architecture());
         }
         if cfg.head_dim > catt::MAX_HEAD_DIM {
             bail!(Unsupported, "head_dim {} exceeds the device attention kernels' {}", cfg.head_dim, catt::MAX_HEAD_DIM);
@@ -831,7 +831,9 @@ impl DeviceModel {
                 Some([qn, kn]) => Some([d.upload(qn)?, d.upload(kn)?]),
                 None => None,
             };
-            layers.push(DevLayer { attn_norm: d.upload(&blk.attn_norm)?, mlp_norm: d.upload(&blk.mlp_norm)?, lin, qk_norm });
+            // (Every architecture the device runs has both input norms.)
+            let input = |w: &Option<Vec<f32>>| -> Result<CudaSlice<f32>> { d.upload(w.as_deref().ok_or_else(|| err!(Unsupported, "a model without input norms on the device"))?) };
+            layers.push(DevLayer { attn_norm: input(&blk.attn_norm)?, mlp_norm: input(&blk.mlp_norm)?, lin, qk_norm });
         }
         let norm = d.upload(&model.norm)?;
         let freqs = cfg.rope_freqs();

@@ -197,8 +197,10 @@ fn concat_cols(pool: &mut BufPool, parts: &[&[f32]], rows: usize) -> Vec<f32> {
 /// One decoder layer.
 #[derive(Clone, Debug)]
 pub struct Block {
-    pub attn_norm: Vec<f32>,
-    pub mlp_norm: Vec<f32>,
+    /// The attention's and the MLP's input norms (`None`: OLMo 2, which
+    /// normalizes the outputs only).
+    pub attn_norm: Option<Vec<f32>>,
+    pub mlp_norm: Option<Vec<f32>>,
     pub lin: Vec<LoraLayer>,
     /// Per-head RMSNorm weights `[head_dim]` of the queries and keys
     /// (`q_norm`, `k_norm`) when the architecture has them (Qwen3, Gemma 3).
@@ -229,20 +231,23 @@ impl Block {
 
     /// Checkpoint names of layer `l`'s attention-input and MLP-input
     /// norms, and of its output norms when it has them (Gemma 2/3).
-    fn norm_names(cfg: &ModelConfig, l: usize) -> (String, String, Option<[String; 2]>) {
+    fn norm_names(cfg: &ModelConfig, l: usize) -> (Option<String>, Option<String>, Option<[String; 2]>) {
         let p = format!("model.layers.{l}");
-        let attn = format!("{p}.input_layernorm.weight");
-        if cfg.sandwich_norm {
-            (attn, format!("{p}.pre_feedforward_layernorm.weight"), Some([format!("{p}.post_attention_layernorm.weight"), format!("{p}.post_feedforward_layernorm.weight")]))
+        let post = || [format!("{p}.post_attention_layernorm.weight"), format!("{p}.post_feedforward_layernorm.weight")];
+        if cfg.no_input_norms {
+            (None, None, Some(post()))
+        } else if cfg.sandwich_norm {
+            (Some(format!("{p}.input_layernorm.weight")), Some(format!("{p}.pre_feedforward_layernorm.weight")), Some(post()))
         } else {
-            (attn, format!("{p}.post_attention_layernorm.weight"), None)
+            (Some(format!("{p}.input_layernorm.weight")), Some(format!("{p}.post_attention_layernorm.weight")), None)
         }
     }
 
     /// Elements of the layer's norm weights (attention, MLP, q/k).
     fn norm_elems(&self) -> usize {
         let pair = |w: &Option<[Vec<f32>; 2]>| w.as_ref().map_or(0, |w| w[0].len() + w[1].len());
-        self.attn_norm.len() + self.mlp_norm.len() + pair(&self.qk_norm) + pair(&self.post_norms)
+        let one = |w: &Option<Vec<f32>>| w.as_ref().map_or(0, Vec::len);
+        one(&self.attn_norm) + one(&self.mlp_norm) + pair(&self.qk_norm) + pair(&self.post_norms)
     }
 }
 
@@ -453,13 +458,16 @@ impl LayerActs {
 /// The per-head RMSNorm of queries and keys (`[rows·heads, head_dim]`
 /// each), in place: `q`, `k` become the normed values; with `keep`, the
 /// inputs and rstds are returned for the backward.
-fn qk_norm_forward(pool: &mut BufPool, w: &[Vec<f32>; 2], q: &mut Vec<f32>, k: &mut Vec<f32>, hd: usize, eps: f32, keep: bool) -> Option<QkActs> {
-    let (nq, nk) = (q.len() / hd, k.len() / hd);
-    let q_raw = std::mem::replace(q, pool.take(nq * hd));
-    let k_raw = std::mem::replace(k, pool.take(nk * hd));
+fn qk_norm_forward(pool: &mut BufPool, w: &[Vec<f32>; 2], q: &mut Vec<f32>, k: &mut Vec<f32>, eps: f32, keep: bool) -> Option<QkActs> {
+    // Per head (Qwen3, Gemma 3: weights [head_dim]) or over the whole
+    // projection (OLMo 2: [q_dim], [kv_dim]): rows of the weights' width.
+    let (dq, dk) = (w[0].len(), w[1].len());
+    let (nq, nk) = (q.len() / dq, k.len() / dk);
+    let q_raw = std::mem::replace(q, pool.take(nq * dq));
+    let k_raw = std::mem::replace(k, pool.take(nk * dk));
     let (mut rq, mut rk) = (pool.take(nq), pool.take(nk));
-    rmsnorm_forward(&q_raw, &w[0], nq, hd, eps, q, Some(&mut rq));
-    rmsnorm_forward(&k_raw, &w[1], nk, hd, eps, k, Some(&mut rk));
+    rmsnorm_forward(&q_raw, &w[0], nq, dq, eps, q, Some(&mut rq));
+    rmsnorm_forward(&k_raw, &w[1], nk, dk, eps, k, Some(&mut rk));
     let acts = QkActs { q_raw, k_raw, rq, rk };
     if keep {
         Some(acts)
@@ -473,14 +481,35 @@ fn qk_norm_forward(pool: &mut BufPool, w: &[Vec<f32>; 2], q: &mut Vec<f32>, k: &
 
 /// Backward of [`qk_norm_forward`]: `dq`, `dk` (gradients of the normed
 /// values) become those of its inputs.
-fn qk_norm_backward(pool: &mut BufPool, w: &[Vec<f32>; 2], acts: QkActs, dq: &mut Vec<f32>, dk: &mut Vec<f32>, hd: usize) {
+fn qk_norm_backward(pool: &mut BufPool, w: &[Vec<f32>; 2], acts: QkActs, dq: &mut Vec<f32>, dk: &mut Vec<f32>) {
     for (i, (raw, r, d)) in [(&acts.q_raw, &acts.rq, &mut *dq), (&acts.k_raw, &acts.rk, &mut *dk)].into_iter().enumerate() {
         let mut dr = pool.take(raw.len());
-        rmsnorm_backward(raw, &w[i], r, d, r.len(), hd, &mut dr, None);
+        rmsnorm_backward(raw, &w[i], r, d, r.len(), w[i].len(), &mut dr, None);
         pool.give(std::mem::replace(d, dr));
     }
     for v in acts.bufs() {
         pool.give(v);
+    }
+}
+
+/// A branch's input: `RMSNorm(x)·w` (its rstd into `rstd`), or `x` itself
+/// where the model has no input norm (OLMo 2).
+fn input_norm(pool: &mut BufPool, w: Option<&Vec<f32>>, x: &[f32], rows: usize, dim: usize, eps: f32, rstd: Option<&mut [f32]>) -> Vec<f32> {
+    match w {
+        Some(w) => {
+            let mut y = pool.take(rows * dim);
+            rmsnorm_forward(x, w, rows, dim, eps, &mut y, rstd);
+            y
+        }
+        None => pool.copy_of(x),
+    }
+}
+
+/// Backward of [`input_norm`]: writes the gradient of `x` into `dx`.
+fn input_norm_backward(w: Option<&Vec<f32>>, x: &[f32], rstd: &[f32], dy: &[f32], rows: usize, dim: usize, dx: &mut [f32]) {
+    match w {
+        Some(w) => rmsnorm_backward(x, w, rstd, dy, rows, dim, dx, None),
+        None => dx.copy_from_slice(dy),
     }
 }
 
@@ -598,8 +627,8 @@ impl Model {
         for l in 0..cfg.num_layers {
             let p = format!("model.layers.{l}");
             let (attn_name, mlp_name, post_names) = Block::norm_names(&cfg, l);
-            let attn_norm = read_norm(take(&attn_name), h)?;
-            let mlp_norm = read_norm(take(&mlp_name), h)?;
+            let attn_norm = attn_name.map(|n| read_norm(take(&n), h)).transpose()?;
+            let mlp_norm = mlp_name.map(|n| read_norm(take(&n), h)).transpose()?;
             let post_norms = match post_names {
                 Some([a, b]) => Some([read_norm(take(&a), h)?, read_norm(take(&b), h)?]),
                 None => None,
@@ -636,9 +665,9 @@ impl Model {
                 lin.push(layer);
             }
             let qk_norm = if cfg.qk_norm {
-                let hd = cfg.head_dim;
-                let qn = read_norm(take(&format!("{p}.self_attn.q_norm.weight")), hd)?;
-                let kn = read_norm(take(&format!("{p}.self_attn.k_norm.weight")), hd)?;
+                let (dq, dk) = cfg.qk_norm_dims();
+                let qn = read_norm(take(&format!("{p}.self_attn.q_norm.weight")), dq)?;
+                let kn = read_norm(take(&format!("{p}.self_attn.k_norm.weight")), dk)?;
                 Some([qn, kn])
             } else {
                 None
@@ -734,9 +763,11 @@ impl Model {
                 });
             }
             // Multiplying by one: ones, or Gemma's zeros (1 + w).
-            let qk_norm = cfg.qk_norm.then(|| [vec![1.0; cfg.head_dim], vec![1.0; cfg.head_dim]]);
+            let (dq, dk) = cfg.qk_norm_dims();
+            let qk_norm = cfg.qk_norm.then(|| [vec![1.0; dq], vec![1.0; dk]]);
             let post_norms = cfg.sandwich_norm.then(|| [vec![1.0; h], vec![1.0; h]]);
-            blocks.push(Block { attn_norm: vec![1.0; h], mlp_norm: vec![1.0; h], lin, qk_norm, post_norms });
+            let input = (!cfg.no_input_norms).then(|| vec![1.0; h]);
+            blocks.push(Block { attn_norm: input.clone(), mlp_norm: input, lin, qk_norm, post_norms });
         }
         Ok(Model::assemble(cfg, embed, blocks, vec![1.0; h], lm_head, DType::F32, opts.quantize, opts.seed))
     }
@@ -1132,14 +1163,13 @@ impl Model {
         let shape = cfg.attn_shape(l, batch, seq);
         let table = tables.layer(cfg, l);
         let n = batch * seq;
-        let mut h1 = self.pool.take(n * h);
         let mut rstd1 = self.pool.take(n);
-        rmsnorm_forward(x, &self.blocks[l].attn_norm, n, h, eps, &mut h1, Some(&mut rstd1));
+        let h1 = input_norm(&mut self.pool, self.blocks[l].attn_norm.as_ref(), x, n, h, eps, Some(&mut rstd1));
         let (o_j, down_j) = o_down(cfg);
         let it = cfg.intermediate_size;
         let [mut q, mut k, v]: [Vec<f32>; 3] = self.group_forward(l, Group::Qkv, &h1, n, &[nh * hd, nkv * hd, nkv * hd], rows, train, call)?.try_into().map_err(|_| err!(Internal, "q, k, v"))?;
         let qk = match &self.blocks[l].qk_norm {
-            Some(w) => qk_norm_forward(&mut self.pool, w, &mut q, &mut k, hd, eps, train),
+            Some(w) => qk_norm_forward(&mut self.pool, w, &mut q, &mut k, eps, train),
             None => None,
         };
         rope_forward(&mut q, batch, seq, nh, hd, table);
@@ -1151,9 +1181,8 @@ impl Model {
         let rs = self.cfg.residual_scale;
         let post_o = residual_add(&mut self.pool, self.blocks[l].post_norms.as_ref().map(|w| &w[0]), rs, o, x, n, h, eps, train);
         let x_mid = self.pool.copy_of(x);
-        let mut h2 = self.pool.take(n * h);
         let mut rstd2 = self.pool.take(n);
-        rmsnorm_forward(x, &self.blocks[l].mlp_norm, n, h, eps, &mut h2, Some(&mut rstd2));
+        let h2 = input_norm(&mut self.pool, self.blocks[l].mlp_norm.as_ref(), x, n, h, eps, Some(&mut rstd2));
         let [g, u]: [Vec<f32>; 2] = self.group_forward(l, Group::GateUp, &h2, n, &[it, it], rows, train, call)?.try_into().map_err(|_| err!(Internal, "gate, up"))?;
         let mut a = self.pool.take(g.len());
         glu_forward(self.cfg.act, &g, &u, &mut a);
@@ -1213,7 +1242,7 @@ impl Model {
         pool.give(du);
         // d x_mid = dx + RMSNorm₂ᵀ(dh2)
         let mut dxm = pool.take(n * h);
-        rmsnorm_backward(&x_mid, &blk.mlp_norm, &rstd2, &dh2, n, h, &mut dxm, None);
+        input_norm_backward(blk.mlp_norm.as_ref(), &x_mid, &rstd2, &dh2, n, h, &mut dxm);
         dxm.par_iter_mut().zip(dx.par_iter()).for_each(|(a, b)| *a += b);
         for b in [x_mid, h2, rstd2, dh2] {
             pool.give(b);
@@ -1233,14 +1262,14 @@ impl Model {
         rope_backward(&mut dq, batch, seq, nh, hd, table);
         rope_backward(&mut dk, batch, seq, nkv, hd, table);
         match (&blk.qk_norm, qk) {
-            (Some(w), Some(acts)) => qk_norm_backward(pool, w, acts, &mut dq, &mut dk, hd),
+            (Some(w), Some(acts)) => qk_norm_backward(pool, w, acts, &mut dq, &mut dk),
             (None, None) => {}
             _ => bail!(Internal, "layer activations without the q/k norm inputs"),
         }
         if need_dx {
             let mut dh1 = pool.take(n * h);
             blk.group_backward(pool, Group::Qkv, fused, &h1, &[&dq, &dk, &dv], n, Some(&mut dh1))?;
-            rmsnorm_backward(x_in, &blk.attn_norm, &rstd1, &dh1, n, h, dx, None);
+            input_norm_backward(blk.attn_norm.as_ref(), x_in, &rstd1, &dh1, n, h, dx);
             dx.par_iter_mut().zip(dxm.par_iter()).for_each(|(a, b)| *a += b);
             pool.give(dh1);
         } else {
@@ -1589,8 +1618,11 @@ impl Model {
         }
         for (l, b) in self.blocks.iter().enumerate() {
             let (attn_name, mlp_name, post_names) = Block::norm_names(&self.cfg, l);
-            out.push(norm(attn_name, &b.attn_norm));
-            out.push(norm(mlp_name, &b.mlp_norm));
+            for (name, w) in [(attn_name, &b.attn_norm), (mlp_name, &b.mlp_norm)] {
+                if let (Some(name), Some(w)) = (name, w) {
+                    out.push(norm(name, w));
+                }
+            }
             if let (Some([pa, pf]), Some([wa, wf])) = (post_names, &b.post_norms) {
                 out.push(norm(pa, wa));
                 out.push(norm(pf, wf));
