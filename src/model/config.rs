@@ -941,4 +941,19 @@ mod tests {
         // Llama's resid_pdrop-like keys mean nothing there.
         assert!(ModelConfig::parse(&with("resid_pdrop", "0.1")).is_ok());
     }
+
+    #[test]
+    fn olmo2_config() {
+        // OLMo-2-1124-7B's layout (transformers 4 form).
+        let c = ModelConfig::parse(
+            r#"{"architectures":["Olmo2ForCausalLM"],"attention_bias":false,"attention_dropout":0.0,"eos_token_id":100257,"hidden_act":"silu",
+            "hidden_size":4096,"intermediate_size":11008,"max_position_embeddings":4096,"model_type":"olmo2","num_attention_heads":32,
+            "num_hidden_layers":32,"num_key_value_heads":32,"pad_token_id":100277,"rms_norm_eps":1e-06,"rope_scaling":null,"rope_theta":500000,
+            "tie_word_embeddings":false,"torch_dtype":"float32","vocab_size":100352}"#,
+        )
+        .unwrap();
+        assert_eq!(c.arch, Arch::Olmo2);
+        assert!(c.qk_norm && c.qk_norm_full && c.no_input_norms && c.sandwich_norm && !c.norm_offset && !c.arch.on_device());
+        assert_eq!((c.qk_norm_dims(), c.rope_theta, c.windows[0]), ((4096, 4096), 5e5, None));
+    }
 }
