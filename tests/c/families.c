@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "check.h"
+#include "model_fixture.h"
 #include "st_reader.h"
 
 #define B 2
@@ -33,12 +34,6 @@ static double rel_err_f(const float *a, const float *b, size_t n) {
     return sqrt(e / (r > 0 ? r : 1));
 }
 
-static int64_t i64_at(const unsigned char *p, size_t i) {
-    int64_t v;
-    memcpy(&v, p + 8 * i, 8);
-    return v;
-}
-
 static void one_case(lora_context *ctx, const char *dir, const char *scratch) {
     char path[4096], path2[4096];
     st_file data, exp;
@@ -47,10 +42,7 @@ static void one_case(lora_context *ctx, const char *dir, const char *scratch) {
     snprintf(path, sizeof path, "%s/expected.safetensors", dir);
     REQUIRE(st_open(path, &exp) == NULL);
     int32_t ids[B * T], labels[B * T];
-    for (size_t i = 0; i < B * T; i++) {
-        ids[i] = (int32_t)i64_at(st_get(&data, "input_ids")->data, i);
-        labels[i] = (int32_t)i64_at(st_get(&data, "labels")->data, i);
-    }
+    fixture_batch(&data, ids, labels, B * T);
     float *want = malloc(sizeof(float) * B * T * V), *logits = malloc(sizeof(float) * B * T * V), *logits2 = malloc(sizeof(float) * B * T * V);
     REQUIRE(want && logits && logits2);
     const st_tensor *wl = st_get(&exp, "logits");
@@ -72,10 +64,7 @@ static void one_case(lora_context *ctx, const char *dir, const char *scratch) {
     double wloss = st_f32_at(st_get(&exp, "loss")->data, 0);
     CHECKF(fabs(loss - wloss) <= 1e-5 * fabs(wloss), "%s: loss %f vs %f", dir, loss, wloss);
 
-    lora_trainer_params tp = lora_trainer_default_params();
-    tp.lr = 1e-2;
-    tp.weight_decay = 0.01;
-    tp.max_grad_norm = 1.0;
+    lora_trainer_params tp = fixture_trainer_params();
     lora_trainer *tr = NULL;
     REQUIRE_OK(lora_trainer_new(m, "default", &tp, &tr));
     const st_tensor *tl = st_get(&exp, "train_losses");

@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "check.h"
+#include "model_fixture.h"
 #include "st_reader.h"
 
 #define B 2
@@ -35,12 +36,6 @@ static double rel_err(const float *a, const st_tensor *t, size_t n) {
     return sqrt(e / (r > 0 ? r : 1));
 }
 
-static int64_t i64_at(const unsigned char *p, size_t i) {
-    int64_t v;
-    memcpy(&v, p + 8 * i, 8);
-    return v;
-}
-
 static int cancel_after_first(void *user, uint64_t done, uint64_t total) {
     (void)total;
     (*(int *)user)++;
@@ -56,10 +51,7 @@ int main(int argc, char **argv) {
     snprintf(path, sizeof path, "%s/expected.safetensors", argv[1]);
     REQUIRE(st_open(path, &exp) == NULL);
     int32_t ids[B * T], labels[B * T];
-    for (size_t i = 0; i < B * T; i++) {
-        ids[i] = (int32_t)i64_at(st_get(&data, "input_ids")->data, i);
-        labels[i] = (int32_t)i64_at(st_get(&data, "labels")->data, i);
-    }
+    fixture_batch(&data, ids, labels, B * T);
 
     lora_context_params cp = lora_context_default_params();
     cp.backend = LORA_BACKEND_CPU;
@@ -107,10 +99,7 @@ int main(int argc, char **argv) {
     CHECK_OK(lora_adapter_remove(m, "copy"));
 
     /* Five AdamW steps with clipping: the fixture's losses. */
-    lora_trainer_params tp = lora_trainer_default_params();
-    tp.lr = 1e-2;
-    tp.weight_decay = 0.01;
-    tp.max_grad_norm = 1.0;
+    lora_trainer_params tp = fixture_trainer_params();
     lora_trainer *tr = NULL;
     REQUIRE_OK(lora_trainer_new(m, "default", &tp, &tr));
     const st_tensor *tl = st_get(&exp, "train_losses");
