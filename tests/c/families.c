@@ -17,13 +17,6 @@
 #include "model_fixture.h"
 #include "st_reader.h"
 
-#define B 2
-#define T 16
-#define V 256
-
-/* As tests/model.rs: fp32 with other summation orders (measured ≤ 8e-7). */
-#define FWD_REL 1e-5
-
 static double rel_err_f(const float *a, const float *b, size_t n) {
     double e = 0, r = 0;
     for (size_t i = 0; i < n; i++) {
@@ -43,10 +36,8 @@ static void one_case(lora_context *ctx, const char *dir, const char *scratch) {
     REQUIRE(st_open(path, &exp) == NULL);
     int32_t ids[B * T], labels[B * T];
     fixture_batch(&data, ids, labels, B * T);
-    float *want = malloc(sizeof(float) * B * T * V), *logits = malloc(sizeof(float) * B * T * V), *logits2 = malloc(sizeof(float) * B * T * V);
-    REQUIRE(want && logits && logits2);
-    const st_tensor *wl = st_get(&exp, "logits");
-    for (size_t i = 0; i < (size_t)B * T * V; i++) want[i] = st_f32_at(wl->data, i);
+    float *logits = malloc(sizeof(float) * B * T * V), *logits2 = malloc(sizeof(float) * B * T * V);
+    REQUIRE(logits && logits2);
 
     lora_model *m = NULL;
     snprintf(path, sizeof path, "%s/model", dir);
@@ -57,7 +48,7 @@ static void one_case(lora_context *ctx, const char *dir, const char *scratch) {
     snprintf(path, sizeof path, "%s/adapter", dir);
     REQUIRE_OK(lora_adapter_load(m, path, "default"));
     CHECK_OK(lora_model_logits(m, ids, B, T, NULL, logits, B * T * V));
-    double e = rel_err_f(logits, want, B * T * V);
+    double e = fixture_rel_err(logits, st_get(&exp, "logits"), B * T * V);
     CHECKF(e <= FWD_REL, "%s: logits rel err %.3e", dir, e);
     float loss = 0;
     CHECK_OK(lora_model_loss(m, ids, labels, B, T, &loss));
@@ -103,7 +94,6 @@ static void one_case(lora_context *ctx, const char *dir, const char *scratch) {
     lora_model_free(m);
     lora_model_free(m2);
     lora_model_free(m3);
-    free(want);
     free(logits);
     free(logits2);
     st_close(&data);

@@ -18,24 +18,6 @@
 #include "model_fixture.h"
 #include "st_reader.h"
 
-#define B 2
-#define T 16
-#define V 256
-
-/* Same named bounds as tests/model.rs: fp32 forward with different
- * summation orders (measured ≤ 6e-7). */
-#define FWD_REL 1e-5
-
-static double rel_err(const float *a, const st_tensor *t, size_t n) {
-    double e = 0, r = 0;
-    for (size_t i = 0; i < n; i++) {
-        double y = st_f32_at(t->data, i), d = a[i] - y;
-        e += d * d;
-        r += y * y;
-    }
-    return sqrt(e / (r > 0 ? r : 1));
-}
-
 static int cancel_after_first(void *user, uint64_t done, uint64_t total) {
     (void)total;
     (*(int *)user)++;
@@ -75,7 +57,7 @@ int main(int argc, char **argv) {
     float *logits = malloc(sizeof(float) * B * T * V);
     REQUIRE(logits);
     CHECK_OK(lora_model_logits(m, ids, B, T, NULL, logits, B * T * V));
-    double e = rel_err(logits, st_get(&exp, "logits"), B * T * V);
+    double e = fixture_rel_err(logits, st_get(&exp, "logits"), B * T * V);
     CHECKF(e <= FWD_REL, "logits rel err %.3e", e);
     float loss = 0;
     CHECK_OK(lora_model_loss(m, ids, labels, B, T, &loss));

@@ -6,11 +6,32 @@
 #ifndef LORA_TEST_MODEL_FIXTURE_H
 #define LORA_TEST_MODEL_FIXTURE_H
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
 #include "check.h"
 #include "st_reader.h"
+
+/* Every case: a batch of 2 × 16 tokens over a vocabulary of 256. */
+#define B 2
+#define T 16
+#define V 256
+
+/* Same named bound as tests/model.rs: fp32 forward with different
+ * summation orders (measured ≤ 8e-7). */
+#define FWD_REL 1e-5
+
+/* Relative L2 error of `a` against the fixture tensor `t` (f32, n values). */
+static inline double fixture_rel_err(const float *a, const st_tensor *t, size_t n) {
+    double e = 0, r = 0;
+    for (size_t i = 0; i < n; i++) {
+        double y = st_f32_at(t->data, i), d = a[i] - y;
+        e += d * d;
+        r += y * y;
+    }
+    return sqrt(e / (r > 0 ? r : 1));
+}
 
 /* input_ids and labels (I64 [n]) of data.safetensors, as int32. */
 static inline void fixture_batch(const st_file *data, int32_t *ids, int32_t *labels, size_t n) {
