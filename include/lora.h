@@ -1417,15 +1417,15 @@ struct lora_model_params lora_model_default_params(void);
  * `Gemma3ForCausalLM` (the text-only `gemma3_text`; its local and global
  * ropes), `GraniteForCausalLM` (its four multipliers) or
  * `Phi3ForCausalLM` (fused `qkv_proj` and `gate_up_proj`, which adapters
- * target as such) or `Olmo2ForCausalLM` (output norms only, whole-width
- * q/k norms), rope default, linear, llama3 or yarn (a partial
+ * target as such), `Olmo2ForCausalLM` (output norms only, whole-width
+ * q/k norms) or `SmolLM3ForCausalLM` (its unrotated layers), rope default, linear, llama3 or yarn (a partial
  * rotation is refused): fp32, fp16 or bf16 weights, or a
  * bitsandbytes NF4 checkpoint saved by transformers (any
  * `bnb_4bit_quant_storage`, with or without double quantization, with
  * `llm_int8_skip_modules`). Safetensors only (`pytorch_model.bin` is
  * refused by name). With `LORA_QUANT_NF4` each linear layer is quantized as it
  * is read, so peak memory stays near the quantized model plus one layer.
- * Gemma, Granite, Phi-3 and OLMo 2 models run on the CPU backend only for now:
+ * Gemma, Granite, Phi-3, OLMo 2 and SmolLM3 models run on the CPU backend only for now:
  * `lora_model_use_device` refuses them with `LORA_ERR_UNSUPPORTED`.
  * Files are memory-mapped. Unsupported architectures, config options or
  * unexpected tensors are refused by name (nothing is half-loaded). On

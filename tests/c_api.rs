@@ -429,7 +429,7 @@ fn c_model() {
 fn c_model_families() {
     let d = scratch("families");
     let mut args = vec![d.clone()];
-    for case in ["gemma_fp32", "gemma2_fp32", "gemma3_fp32", "granite_fp32", "phi3_fp32", "olmo2_fp32"] {
+    for case in ["gemma_fp32", "gemma2_fp32", "gemma3_fp32", "granite_fp32", "phi3_fp32", "olmo2_fp32", "smollm3_fp32"] {
         args.push(manifest_dir().join("tests/fixtures/model").join(case).into_os_string());
     }
     run_c_test("families", &args);

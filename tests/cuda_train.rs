@@ -351,9 +351,9 @@ fn refusals() {
     assert_eq!(t.use_device(Some((4096, Compute::BF16))).unwrap_err().kind, ErrorKind::CudaUnavailable);
     assert!(t.device().is_none());
     run(&mut t, &ids, c.batch, c.seq, 1);
-    // Gemma, Granite, Phi-3 and OLMo 2 run on the CPU only: refused by name, still
+    // Gemma, Granite, Phi-3, OLMo 2 and SmolLM3 run on the CPU only: refused by name, still
     // usable there.
-    for (case, arch) in [("gemma2_fp32", "Gemma2ForCausalLM"), ("granite_fp32", "GraniteForCausalLM"), ("phi3_fp32", "Phi3ForCausalLM"), ("olmo2_fp32", "Olmo2ForCausalLM")] {
+    for (case, arch) in [("gemma2_fp32", "Gemma2ForCausalLM"), ("granite_fp32", "GraniteForCausalLM"), ("phi3_fp32", "Phi3ForCausalLM"), ("olmo2_fp32", "Olmo2ForCausalLM"), ("smollm3_fp32", "SmolLM3ForCausalLM")] {
         let mut g = Model::load(&fixture(case).join("model"), LoadOptions::default(), &mut |_, _| true).unwrap();
         let e = g.use_device(Some((0, Compute::F32))).unwrap_err();
         assert!(e.kind == ErrorKind::Unsupported && e.to_string().contains(arch), "{e}");

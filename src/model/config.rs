@@ -1,11 +1,11 @@
 //! `config.json` of a Hugging Face LLaMA-family decoder.
 //!
 //! Accepted: `model_type` `llama`, `mistral`, `qwen2`, `qwen3`, `gemma`,
-//! `gemma2`, `gemma3_text`, `granite`, `phi3`, `olmo2` (architectures
-//! `LlamaForCausalLM`, `MistralForCausalLM`, `Qwen2ForCausalLM`,
-//! `Qwen3ForCausalLM`, `GemmaForCausalLM`, `Gemma2ForCausalLM`,
-//! `Gemma3ForCausalLM`, `GraniteForCausalLM`, `Phi3ForCausalLM`,
-//! `Olmo2ForCausalLM`). Both the
+//! `gemma2`, `gemma3_text`, `granite`, `phi3`, `olmo2`, `smollm3`
+//! (architectures `LlamaForCausalLM`, `MistralForCausalLM`,
+//! `Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `GemmaForCausalLM`,
+//! `Gemma2ForCausalLM`, `Gemma3ForCausalLM`, `GraniteForCausalLM`,
+//! `Phi3ForCausalLM`, `Olmo2ForCausalLM`, `SmolLM3ForCausalLM`). Both the
 //! transformers 4 form (`rope_theta`, `rope_scaling`) and the transformers 5
 //! form (`rope_parameters`) of the rotary settings are read. Anything that
 //! would change the function the model computes and that liblora does not
@@ -73,6 +73,10 @@ pub enum Arch {
     /// q/k RMSNorms over the whole projection (`[q_dim]`, `[kv_dim]`)
     /// before the heads are split (OLMo 2).
     Olmo2,
+    /// Llama's layout where some layers skip the rotation (`no_rope_layers`,
+    /// NoPE; by default every 4th) and sliding windows follow
+    /// `use_sliding_window` and `layer_types` (SmolLM3).
+    SmolLm3,
 }
 
 /// The gated MLP's activation on the gate: `act(gate)·up`.
@@ -93,7 +97,7 @@ impl Arch {
     /// Whether the device backend runs this architecture (Gemma's and
     /// Granite's extra terms have no device kernels yet).
     pub fn on_device(self) -> bool {
-        !self.is_gemma() && !matches!(self, Arch::Granite | Arch::Phi3 | Arch::Olmo2)
+        !self.is_gemma() && !matches!(self, Arch::Granite | Arch::Phi3 | Arch::Olmo2 | Arch::SmolLm3)
     }
 
     /// Whether q/k/v and gate/up are single fused projections (Phi-3).
@@ -112,6 +116,7 @@ impl Arch {
             Arch::Granite => "granite",
             Arch::Phi3 => "phi3",
             Arch::Olmo2 => "olmo2",
+            Arch::SmolLm3 => "smollm3",
         }
     }
     pub fn architecture(self) -> &'static str {
@@ -126,6 +131,7 @@ impl Arch {
             Arch::Granite => "GraniteForCausalLM",
             Arch::Phi3 => "Phi3ForCausalLM",
             Arch::Olmo2 => "Olmo2ForCausalLM",
+            Arch::SmolLm3 => "SmolLM3ForCausalLM",
         }
     }
 }
@@ -165,6 +171,8 @@ pub struct ModelConfig {
     /// Sliding attention window per layer (Mistral `sliding_window`; Qwen2
     /// `layer_types` = `sliding_attention`), `None` = full causal.
     pub windows: Vec<Option<usize>>,
+    /// Per layer, whether q and k are rotated (SmolLM3's NoPE layers: no).
+    pub rope_layers: Vec<bool>,
     /// The gated MLP's activation (`hidden_act` / Gemma's `hidden_activation`).
     pub act: Activation,
     /// Gemma's RMSNorm: `x̂·(1 + w)` with `w` as stored (every norm of the
@@ -247,15 +255,20 @@ fn token_ids(v: Option<&Value>) -> Vec<i64> {
 }
 
 fn parse_rope(m: &Map<String, Value>) -> Result<(f32, RopeScaling)> {
+    parse_rope_or(m, 10000.0)
+}
+
+/// [`parse_rope`] with `default_theta` where config.json states none.
+fn parse_rope_or(m: &Map<String, Value>, default_theta: f64) -> Result<(f32, RopeScaling)> {
     // transformers 5: rope_parameters {rope_type, rope_theta, factor, ...};
     // transformers 4: rope_theta at top level, rope_scaling {type|rope_type, ...}.
     let (params, theta) = match m.get("rope_parameters") {
         Some(Value::Object(p)) => {
-            let theta = get_f64(p, "rope_theta")?.or(get_f64(m, "rope_theta")?).unwrap_or(10000.0);
+            let theta = get_f64(p, "rope_theta")?.or(get_f64(m, "rope_theta")?).unwrap_or(default_theta);
             (Some(p.clone()), theta)
         }
         _ => {
-            let theta = get_f64(m, "rope_theta")?.unwrap_or(10000.0);
+            let theta = get_f64(m, "rope_theta")?.unwrap_or(default_theta);
             match m.get("rope_scaling") {
                 Some(Value::Object(p)) => (Some(p.clone()), theta),
                 None | Some(Value::Null) => (None, theta),
@@ -424,8 +437,9 @@ impl ModelConfig {
             "granite" => Arch::Granite,
             "phi3" => Arch::Phi3,
             "olmo2" => Arch::Olmo2,
+            "smollm3" => Arch::SmolLm3,
             "gemma3" => bail!(Unsupported, "model_type `gemma3` is the multimodal Gemma 3 (Gemma3ForConditionalGeneration); liblora reads the text-only `gemma3_text` (Gemma3ForCausalLM)"),
-            other => bail!(Unsupported, "model_type `{other}` is not supported (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, granite, phi3 and olmo2 are)"),
+            other => bail!(Unsupported, "model_type `{other}` is not supported (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, granite, phi3, olmo2 and smollm3 are)"),
         };
         if let Some(Value::Array(a)) = m.get("architectures") {
             for x in a {
@@ -482,10 +496,15 @@ impl ModelConfig {
                 }
             }
         }
-        let ((rope_theta, rope_scaling), local_rope) = if arch == Arch::Gemma3 { parse_gemma3_rope(&m)? } else { (parse_rope(&m)?, None) };
+        let ((rope_theta, rope_scaling), local_rope) = match arch {
+            Arch::Gemma3 => parse_gemma3_rope(&m)?,
+            // transformers' SmolLM3Config defaults rope_theta to 2·10⁶.
+            Arch::SmolLm3 => (parse_rope_or(&m, 2e6)?, None),
+            _ => (parse_rope(&m)?, None),
+        };
         let num_layers = need_usize(&m, "num_hidden_layers")?;
         let (qkv_bias, o_bias, mlp_bias) = match arch {
-            Arch::Llama | Arch::Granite | Arch::Olmo2 => {
+            Arch::Llama | Arch::Granite | Arch::Olmo2 | Arch::SmolLm3 => {
                 let ab = get_bool(&m, "attention_bias", false)?;
                 (ab, ab, get_bool(&m, "mlp_bias", false)?)
             }
@@ -497,6 +516,24 @@ impl ModelConfig {
             }
         };
         // Gemma 2/3 default to a 4096 window when the key is absent.
+        // SmolLM3's NoPE layers: no_rope_layers[l] is 1 where layer l
+        // rotates; by default every no_rope_layer_interval-th layer does not.
+        let rope_layers: Vec<bool> = match (arch, m.get("no_rope_layers")) {
+            (Arch::SmolLm3, Some(Value::Array(a))) => {
+                if a.len() < num_layers {
+                    bail!(FileFormat, "config.json: no_rope_layers has {} entries for {num_layers} layers", a.len());
+                }
+                a[..num_layers].iter().map(|v| v.as_i64().map(|x| x != 0).ok_or_else(|| err!(FileFormat, "config.json: no_rope_layers entry {v} is not 0 or 1"))).collect::<Result<_>>()?
+            }
+            (Arch::SmolLm3, _) => {
+                let every = get_usize(&m, "no_rope_layer_interval")?.unwrap_or(4);
+                if every == 0 {
+                    bail!(FileFormat, "config.json: no_rope_layer_interval is 0");
+                }
+                (0..num_layers).map(|l| (l + 1) % every != 0).collect()
+            }
+            _ => vec![true; num_layers],
+        };
         let sliding = match (arch, m.get("sliding_window")) {
             (Arch::Gemma2 | Arch::Gemma3, None) => Some(4096),
             _ => get_usize(&m, "sliding_window")?,
@@ -504,6 +541,21 @@ impl ModelConfig {
         let windows = match arch {
             Arch::Llama | Arch::Gemma | Arch::Granite | Arch::Olmo2 => vec![None; num_layers],
             Arch::Mistral | Arch::Phi3 => vec![sliding; num_layers],
+            Arch::SmolLm3 => {
+                // Sliding only with use_sliding_window, on the layers
+                // layer_types (or, without it, the NoPE layers) name.
+                let sw = if get_bool(&m, "use_sliding_window", false)? { sliding } else { None };
+                match (m.get("layer_types"), sw) {
+                    (_, None) => vec![None; num_layers],
+                    (Some(Value::Array(a)), Some(w)) => {
+                        if a.len() != num_layers {
+                            bail!(FileFormat, "config.json: layer_types has {} entries for {num_layers} layers", a.len());
+                        }
+                        a.iter().map(|t| (t.as_str() == Some("sliding_attention")).then_some(w)).collect()
+                    }
+                    (_, Some(w)) => rope_layers.iter().map(|&r| (!r).then_some(w)).collect(),
+                }
+            }
             Arch::Gemma2 | Arch::Gemma3 if !matches!(m.get("layer_types"), Some(Value::Array(_))) => {
                 // transformers' default layer_types: every `pattern`-th layer
                 // full, the rest sliding (Gemma 2: pattern 2; Gemma 3:
@@ -564,7 +616,7 @@ impl ModelConfig {
             }
             Some(v) => bail!(FileFormat, "config.json: quantization_config is {v}, not an object"),
         };
-        let tie_default = arch.is_gemma();
+        let tie_default = arch.is_gemma() || arch == Arch::SmolLm3;
         // transformers' Gemma 2 defaults cap the scores at 50 and the logits
         // at 30 when the keys are absent; null turns a cap off.
         let cap = |k: &str, default: Option<f64>| -> Result<Option<f32>> {
@@ -628,6 +680,7 @@ impl ModelConfig {
             qk_norm_full: arch == Arch::Olmo2,
             no_input_norms: arch == Arch::Olmo2,
             windows,
+            rope_layers,
             act,
             norm_offset: arch.is_gemma(),
             embed_scale: match granite {
@@ -955,5 +1008,29 @@ mod tests {
         assert_eq!(c.arch, Arch::Olmo2);
         assert!(c.qk_norm && c.qk_norm_full && c.no_input_norms && c.sandwich_norm && !c.norm_offset && !c.arch.on_device());
         assert_eq!((c.qk_norm_dims(), c.rope_theta, c.windows[0]), ((4096, 4096), 5e5, None));
+    }
+
+    #[test]
+    fn smollm3_nope_layers_and_defaults() {
+        // transformers' SmolLM3Config defaults: every 4th layer unrotated,
+        // rope_theta 2·10⁶, tied, windows only with use_sliding_window.
+        let base = r#"{"architectures":["SmolLM3ForCausalLM"],"model_type":"smollm3","hidden_size":64,"intermediate_size":128,
+            "num_hidden_layers":8,"num_attention_heads":4,"num_key_value_heads":2,"vocab_size":256,"sliding_window":16}"#;
+        let c = ModelConfig::parse(base).unwrap();
+        assert_eq!(c.rope_layers, [true, true, true, false, true, true, true, false]);
+        assert_eq!((c.rope_theta, c.tie_word_embeddings, c.arch.on_device()), (2e6, true, false));
+        assert!(c.windows.iter().all(|w| w.is_none()));
+        let with_s = |k: &str, v: Value| {
+            let mut m: Map<String, Value> = serde_json::from_str(base).unwrap();
+            m.insert(k.into(), v);
+            ModelConfig::parse(&Value::Object(m).to_string())
+        };
+        // With use_sliding_window and no layer_types, the NoPE layers slide.
+        let c = with_s("use_sliding_window", true.into()).unwrap();
+        assert_eq!(c.windows[..4], [None, None, None, Some(16)]);
+        let c = with_s("no_rope_layers", serde_json::json!([1, 0, 1, 1, 1, 1, 1, 1])).unwrap();
+        assert_eq!(c.rope_layers[..3], [true, false, true]);
+        assert!(with_s("no_rope_layers", serde_json::json!([1, 0])).unwrap_err().to_string().contains("no_rope_layers"));
+        assert!(with_s("no_rope_layer_interval", 0.into()).unwrap_err().to_string().contains("no_rope_layer_interval"));
     }
 }

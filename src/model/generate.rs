@@ -258,8 +258,10 @@ impl Model {
             if let Some(w) = &self.blocks[l].qk_norm {
                 super::qk_norm_forward(&mut self.pool, w, &mut q, &mut k, eps, false);
             }
-            rope_forward(&mut q, 1, bsz, nh, hd, table);
-            rope_forward(&mut k, 1, bsz, nkv, hd, table);
+            if self.cfg.rope_layers[l] {
+                rope_forward(&mut q, 1, bsz, nh, hd, table);
+                rope_forward(&mut k, 1, bsz, nkv, hd, table);
+            }
             let row = nkv * hd;
             for b in 0..bsz {
                 let at = (b * cap + lens[b]) * row;

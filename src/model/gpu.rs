@@ -798,7 +798,7 @@ impl DeviceModel {
     pub fn upload(ordinal: usize, model: &Model, compute: Compute) -> Result<DeviceModel> {
         let cfg = model.cfg.clone();
         if !cfg.arch.on_device() {
-            bail!(Unsupported, "{} runs on the CPU backend only: the device kernels have no Gemma norm, GELU or soft caps, nor Granite's multipliers, Phi-3's fused projections or OLMo 2's norms, yet", cfg.arch.architecture());
+            bail!(Unsupported, "{} runs on the CPU backend only: the device kernels have no Gemma norm, GELU or soft caps, nor Granite's multipliers, Phi-3's fused projections, OLMo 2's norms or SmolLM3's unrotated layers, yet", cfg.arch.architecture());
         }
         if cfg.head_dim > catt::MAX_HEAD_DIM {
             bail!(Unsupported, "head_dim {} exceeds the device attention kernels' {}", cfg.head_dim, catt::MAX_HEAD_DIM);

@@ -1172,8 +1172,10 @@ impl Model {
             Some(w) => qk_norm_forward(&mut self.pool, w, &mut q, &mut k, eps, train),
             None => None,
         };
-        rope_forward(&mut q, batch, seq, nh, hd, table);
-        rope_forward(&mut k, batch, seq, nkv, hd, table);
+        if self.cfg.rope_layers[l] {
+            rope_forward(&mut q, batch, seq, nh, hd, table);
+            rope_forward(&mut k, batch, seq, nkv, hd, table);
+        }
         let mut att = self.pool.take(n * nh * hd);
         let mut lse = self.pool.take(n * nh);
         attention_forward(&q, &k, &v, &shape, &mut att, &mut lse);
@@ -1201,7 +1203,7 @@ impl Model {
         let n = batch * seq;
         let it = cfg.intermediate_size;
         let mut pool = std::mem::take(&mut self.pool);
-        let res = Self::layer_backward_in(&mut self.blocks[l], &mut pool, acts, x_in, dx, (n, h, it, nh, nkv, hd), cfg.attn_shape(l, batch, seq), (cfg.act, cfg.residual_scale, cfg.arch.fused()), tables.layer(cfg, l), need_dx);
+        let res = Self::layer_backward_in(&mut self.blocks[l], &mut pool, acts, x_in, dx, (n, h, it, nh, nkv, hd), cfg.attn_shape(l, batch, seq), (cfg.act, cfg.residual_scale, cfg.arch.fused()), cfg.rope_layers[l].then(|| tables.layer(cfg, l)), need_dx);
         self.pool = pool;
         res
     }
@@ -1216,7 +1218,7 @@ impl Model {
         dims: (usize, usize, usize, usize, usize, usize),
         shape: AttnShape,
         (act, rs, fused): (config::Activation, Option<f32>, bool),
-        table: &RopeTable,
+        table: Option<&RopeTable>,
         need_dx: bool,
     ) -> Result<()> {
         let (n, h, it, nh, nkv, hd) = dims;
@@ -1259,8 +1261,10 @@ impl Model {
         for b in [att, lse, datt, q, k, v] {
             pool.give(b);
         }
-        rope_backward(&mut dq, batch, seq, nh, hd, table);
-        rope_backward(&mut dk, batch, seq, nkv, hd, table);
+        if let Some(table) = table {
+            rope_backward(&mut dq, batch, seq, nh, hd, table);
+            rope_backward(&mut dk, batch, seq, nkv, hd, table);
+        }
         match (&blk.qk_norm, qk) {
             (Some(w), Some(acts)) => qk_norm_backward(pool, w, acts, &mut dq, &mut dk),
             (None, None) => {}

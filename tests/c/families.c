@@ -1,5 +1,6 @@
 /*
- * Model families beyond Llama (Gemma 1/2/3, Granite, Phi-3, OLMo 2) through the C API, against the transformers
+ * Model families beyond Llama (Gemma 1/2/3, Granite, Phi-3, OLMo 2,
+ * SmolLM3) through the C API, against the transformers
  * + PEFT fixtures of tests/fixtures/model (scripts/fixtures/gen_model.py):
  * for each case directory, the PEFT adapter's logits and loss, five AdamW
  * steps' losses, a checkpoint resumed on a fresh model (the next step
