@@ -538,6 +538,20 @@ impl ModelConfig {
             (Arch::Gemma2 | Arch::Gemma3, None) => Some(4096),
             _ => get_usize(&m, "sliding_window")?,
         };
+        // Windows per layer from `layer_types` (full_attention /
+        // sliding_attention).
+        let from_layer_types = |a: &Vec<Value>| -> Result<Vec<Option<usize>>> {
+            if a.len() != num_layers {
+                bail!(FileFormat, "config.json: layer_types has {} entries for {num_layers} layers", a.len());
+            }
+            a.iter()
+                .map(|t| match t.as_str() {
+                    Some("full_attention") => Ok(None),
+                    Some("sliding_attention") => sliding.map(Some).ok_or_else(|| err!(FileFormat, "config.json: a sliding_attention layer but no sliding_window")),
+                    _ => Err(err!(Unsupported, "config.json: layer type {t} is not supported")),
+                })
+                .collect()
+        };
         let windows = match arch {
             Arch::Llama | Arch::Gemma | Arch::Granite | Arch::Olmo2 => vec![None; num_layers],
             Arch::Mistral | Arch::Phi3 => vec![sliding; num_layers],
@@ -547,12 +561,7 @@ impl ModelConfig {
                 let sw = if get_bool(&m, "use_sliding_window", false)? { sliding } else { None };
                 match (m.get("layer_types"), sw) {
                     (_, None) => vec![None; num_layers],
-                    (Some(Value::Array(a)), Some(w)) => {
-                        if a.len() != num_layers {
-                            bail!(FileFormat, "config.json: layer_types has {} entries for {num_layers} layers", a.len());
-                        }
-                        a.iter().map(|t| (t.as_str() == Some("sliding_attention")).then_some(w)).collect()
-                    }
+                    (Some(Value::Array(a)), Some(_)) => from_layer_types(a)?,
                     (_, Some(w)) => rope_layers.iter().map(|&r| (!r).then_some(w)).collect(),
                 }
             }
@@ -568,18 +577,7 @@ impl ModelConfig {
                 (0..num_layers).map(|i| ((i + 1) % pattern != 0).then_some(sw)).collect()
             }
             Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma2 | Arch::Gemma3 => match m.get("layer_types") {
-                Some(Value::Array(a)) => {
-                    if a.len() != num_layers {
-                        bail!(FileFormat, "config.json: layer_types has {} entries for {num_layers} layers", a.len());
-                    }
-                    a.iter()
-                        .map(|t| match t.as_str() {
-                            Some("full_attention") => Ok(None),
-                            Some("sliding_attention") => sliding.map(Some).ok_or_else(|| err!(FileFormat, "config.json: a sliding_attention layer but no sliding_window")),
-                            _ => Err(err!(Unsupported, "config.json: layer type {t} is not supported")),
-                        })
-                        .collect::<Result<_>>()?
-                }
+                Some(Value::Array(a)) => from_layer_types(a)?,
                 _ => {
                     if get_bool(&m, "use_sliding_window", false)? {
                         let from = get_usize(&m, "max_window_layers")?.unwrap_or(num_layers);

@@ -7,10 +7,8 @@
 //! probability reaches `top_p`, at least one token), then a draw from the
 //! softmax. `temperature == 0` is greedy (argmax, lowest id on ties).
 
-use super::{Group, Model};
+use super::Model;
 use crate::backend::cpu::attention::attention_decode;
-use crate::backend::cpu::rope::rope_forward;
-use crate::backend::cpu::swiglu::glu_forward;
 use crate::backend::cpu::on_pool;
 use crate::rng::SplitMix64;
 use crate::Result;
@@ -243,25 +241,18 @@ impl Model {
     fn decode_step(&mut self, next: &[i32], lens: &mut [usize], caches: &mut [Cache], cap: usize, seq_ad: Option<&[i32]>) -> Result<Vec<f32>> {
         let bsz = next.len();
         let c = &self.cfg;
-        let (h, hd, nh, nkv, eps) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.rms_norm_eps);
+        let (h, hd, nh, nkv, eps, rs) = (c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads, c.rms_norm_eps, c.residual_scale);
+        let o_j = super::o_down(c.arch.fused()).0;
         let rows = self.row_adapters(seq_ad, bsz, 1)?;
         let positions: Vec<usize> = lens.to_vec();
         // One table row per sequence: rope as a [1, B, H, D] tensor.
         let tables = self.tables_at(&positions);
         let mut x = self.embed_rows(next);
         let new_lens: Vec<usize> = lens.iter().map(|&n| n + 1).collect();
-        let (o_j, down_j) = super::o_down(&self.cfg);
         for l in 0..self.blocks.len() {
-            let table = tables.layer(&self.cfg, l);
             let h1 = super::input_norm(&mut self.pool, self.blocks[l].attn_norm.as_ref(), &x, bsz, h, eps, None);
-            let [mut q, mut k, vv]: [Vec<f32>; 3] = self.group_forward(l, Group::Qkv, &h1, bsz, &[nh * hd, nkv * hd, nkv * hd], rows.as_ref(), false, 0)?.try_into().map_err(|_| err!(Internal, "q, k, v"))?;
-            if let Some(w) = &self.blocks[l].qk_norm {
-                super::qk_norm_forward(&mut self.pool, w, &mut q, &mut k, eps, false);
-            }
-            if self.cfg.rope_layers[l] {
-                rope_forward(&mut q, 1, bsz, nh, hd, table);
-                rope_forward(&mut k, 1, bsz, nkv, hd, table);
-            }
+            let ([q, k, vv], _) = self.qkv_forward(l, &h1, 1, bsz, tables.layer(&self.cfg, l), rows.as_ref(), false, 0)?;
+            self.pool.give(h1);
             let row = nkv * hd;
             for b in 0..bsz {
                 let at = (b * cap + lens[b]) * row;
@@ -272,15 +263,13 @@ impl Model {
             let mut att = vec![0f32; bsz * nh * hd];
             attention_decode(&q, &caches[l].k, &caches[l].v, &new_lens, &shape, &mut att);
             let o = self.lin_forward(l, o_j, &att, bsz, rows.as_ref(), false, 0)?;
-            let rs = self.cfg.residual_scale;
-            super::residual_add(&mut self.pool, self.blocks[l].post_norms.as_ref().map(|w| &w[0]), rs, o, &mut x, bsz, h, eps, false);
+            super::residual_add(&mut self.pool, self.blocks[l].post(0), rs, o, &mut x, bsz, h, eps, false);
             let h2 = super::input_norm(&mut self.pool, self.blocks[l].mlp_norm.as_ref(), &x, bsz, h, eps, None);
-            let it = self.cfg.intermediate_size;
-            let [g, u]: [Vec<f32>; 2] = self.group_forward(l, Group::GateUp, &h2, bsz, &[it, it], rows.as_ref(), false, 0)?.try_into().map_err(|_| err!(Internal, "gate, up"))?;
-            let mut a = vec![0f32; g.len()];
-            glu_forward(self.cfg.act, &g, &u, &mut a);
-            let d = self.lin_forward(l, down_j, &a, bsz, rows.as_ref(), false, 0)?;
-            super::residual_add(&mut self.pool, self.blocks[l].post_norms.as_ref().map(|w| &w[1]), rs, d, &mut x, bsz, h, eps, false);
+            let [g, u, a, d] = self.mlp_forward(l, &h2, bsz, rows.as_ref(), false, 0)?;
+            super::residual_add(&mut self.pool, self.blocks[l].post(1), rs, d, &mut x, bsz, h, eps, false);
+            for b in [h2, g, u, a, q, k, vv] {
+                self.pool.give(b);
+            }
         }
         for n in lens.iter_mut() {
             *n += 1;

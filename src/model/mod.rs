@@ -127,9 +127,9 @@ impl Group {
     }
 }
 
-/// `Block::lin` index of o_proj and down_proj in `cfg`'s layout.
-fn o_down(cfg: &ModelConfig) -> (usize, usize) {
-    if cfg.arch.fused() {
+/// `Block::lin` index of o_proj and down_proj, in the fused layout or not.
+fn o_down(fused: bool) -> (usize, usize) {
+    if fused {
         (F_O, F_DOWN)
     } else {
         (O, DOWN)
@@ -229,25 +229,39 @@ impl Block {
         Ok(())
     }
 
-    /// Checkpoint names of layer `l`'s attention-input and MLP-input
-    /// norms, and of its output norms when it has them (Gemma 2/3).
-    fn norm_names(cfg: &ModelConfig, l: usize) -> (Option<String>, Option<String>, Option<[String; 2]>) {
+    /// Checkpoint names of layer `l`'s norms in [`norms`](Self::norms)
+    /// order (`None` where the architecture has none).
+    fn norm_names(cfg: &ModelConfig, l: usize) -> [Option<String>; 6] {
         let p = format!("model.layers.{l}");
-        let post = || [format!("{p}.post_attention_layernorm.weight"), format!("{p}.post_feedforward_layernorm.weight")];
-        if cfg.no_input_norms {
-            (None, None, Some(post()))
-        } else if cfg.sandwich_norm {
-            (Some(format!("{p}.input_layernorm.weight")), Some(format!("{p}.pre_feedforward_layernorm.weight")), Some(post()))
-        } else {
-            (Some(format!("{p}.input_layernorm.weight")), Some(format!("{p}.post_attention_layernorm.weight")), None)
-        }
+        let name = |on: bool, n: &str| on.then(|| format!("{p}.{n}.weight"));
+        let (input, sandwich, qk) = (!cfg.no_input_norms, cfg.sandwich_norm, cfg.qk_norm);
+        [
+            name(input, "input_layernorm"),
+            name(input, if sandwich { "pre_feedforward_layernorm" } else { "post_attention_layernorm" }),
+            name(sandwich, "post_attention_layernorm"),
+            name(sandwich, "post_feedforward_layernorm"),
+            name(qk, "self_attn.q_norm"),
+            name(qk, "self_attn.k_norm"),
+        ]
     }
 
-    /// Elements of the layer's norm weights (attention, MLP, q/k).
+    /// The layer's norm weights: attention input, MLP input, attention
+    /// output, MLP output, q, k.
+    fn norms(&self) -> [Option<&Vec<f32>>; 6] {
+        fn pair(w: &Option<[Vec<f32>; 2]>, i: usize) -> Option<&Vec<f32>> {
+            w.as_ref().map(|w| &w[i])
+        }
+        [self.attn_norm.as_ref(), self.mlp_norm.as_ref(), pair(&self.post_norms, 0), pair(&self.post_norms, 1), pair(&self.qk_norm, 0), pair(&self.qk_norm, 1)]
+    }
+
+    /// Output norm `i` (0: attention, 1: MLP), where the layer has them.
+    fn post(&self, i: usize) -> Option<&Vec<f32>> {
+        self.norms()[2 + i]
+    }
+
+    /// Elements of the layer's norm weights.
     fn norm_elems(&self) -> usize {
-        let pair = |w: &Option<[Vec<f32>; 2]>| w.as_ref().map_or(0, |w| w[0].len() + w[1].len());
-        let one = |w: &Option<Vec<f32>>| w.as_ref().map_or(0, Vec::len);
-        one(&self.attn_norm) + one(&self.mlp_norm) + pair(&self.qk_norm) + pair(&self.post_norms)
+        self.norms().iter().flatten().map(|w| w.len()).sum()
     }
 }
 
@@ -624,16 +638,16 @@ impl Model {
         let total = cfg.num_layers;
         let mut blocks = Vec::with_capacity(cfg.num_layers);
         let bnb = cfg.bnb_4bit.clone();
+        let shapes = linear_shapes(&cfg);
+        let (dq, dk) = cfg.qk_norm_dims();
         for l in 0..cfg.num_layers {
-            let p = format!("model.layers.{l}");
-            let (attn_name, mlp_name, post_names) = Block::norm_names(&cfg, l);
-            let attn_norm = attn_name.map(|n| read_norm(take(&n), h)).transpose()?;
-            let mlp_norm = mlp_name.map(|n| read_norm(take(&n), h)).transpose()?;
-            let post_norms = match post_names {
-                Some([a, b]) => Some([read_norm(take(&a), h)?, read_norm(take(&b), h)?]),
-                None => None,
-            };
-            let shapes = linear_shapes(&cfg);
+            let mut norms: [Option<Vec<f32>>; 6] = Default::default();
+            for ((w, name), len) in norms.iter_mut().zip(Block::norm_names(&cfg, l)).zip([h, h, h, h, dq, dk]) {
+                if let Some(name) = name {
+                    *w = Some(read_norm(take(&name), len)?);
+                }
+            }
+            let [attn_norm, mlp_norm, post_a, post_f, q_norm, k_norm] = norms;
             let mut lin = Vec::with_capacity(shapes.len());
             for (j, &(out_f, in_f, has_bias)) in shapes.iter().enumerate() {
                 let m = module_path_in(&cfg, l, j);
@@ -664,14 +678,7 @@ impl Model {
                 };
                 lin.push(layer);
             }
-            let qk_norm = if cfg.qk_norm {
-                let (dq, dk) = cfg.qk_norm_dims();
-                let qn = read_norm(take(&format!("{p}.self_attn.q_norm.weight")), dq)?;
-                let kn = read_norm(take(&format!("{p}.self_attn.k_norm.weight")), dk)?;
-                Some([qn, kn])
-            } else {
-                None
-            };
+            let (qk_norm, post_norms) = (q_norm.zip(k_norm).map(<[_; 2]>::from), post_a.zip(post_f).map(<[_; 2]>::from));
             blocks.push(Block { attn_norm, mlp_norm, lin, qk_norm, post_norms });
             if !progress(l + 1, total) {
                 bail!(Cancelled, "loading cancelled by the progress callback after layer {l}");
@@ -1154,20 +1161,14 @@ impl Model {
         js.iter().map(|&j| self.lin_forward(l, j, x, n, rows, train, call)).collect()
     }
 
-    /// One decoder layer forward on `x: [B·T, H]` (in place, the residual
-    /// stream), returning what its backward needs.
+    /// q, k, v of layer `l` from its normed input `h1` (`batch`
+    /// sequences of `seq` rows): the projections (split when fused), the
+    /// q/k norms (their inputs kept with `train`), and the rotation by
+    /// `table` where the layer rotates.
     #[allow(clippy::too_many_arguments)]
-    fn layer_forward(&mut self, l: usize, x: &mut [f32], batch: usize, seq: usize, tables: &Tables, rows: Option<&RowAdapters>, train: bool, call: u64) -> Result<LayerActs> {
-        let cfg = &self.cfg;
-        let (h, hd, nh, nkv, eps) = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.rms_norm_eps);
-        let shape = cfg.attn_shape(l, batch, seq);
-        let table = tables.layer(cfg, l);
-        let n = batch * seq;
-        let mut rstd1 = self.pool.take(n);
-        let h1 = input_norm(&mut self.pool, self.blocks[l].attn_norm.as_ref(), x, n, h, eps, Some(&mut rstd1));
-        let (o_j, down_j) = o_down(cfg);
-        let it = cfg.intermediate_size;
-        let [mut q, mut k, v]: [Vec<f32>; 3] = self.group_forward(l, Group::Qkv, &h1, n, &[nh * hd, nkv * hd, nkv * hd], rows, train, call)?.try_into().map_err(|_| err!(Internal, "q, k, v"))?;
+    fn qkv_forward(&mut self, l: usize, h1: &[f32], batch: usize, seq: usize, table: &RopeTable, rows: Option<&RowAdapters>, train: bool, call: u64) -> Result<([Vec<f32>; 3], Option<QkActs>)> {
+        let (hd, nh, nkv, eps) = (self.cfg.head_dim, self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.rms_norm_eps);
+        let [mut q, mut k, v]: [Vec<f32>; 3] = self.group_forward(l, Group::Qkv, h1, batch * seq, &[nh * hd, nkv * hd, nkv * hd], rows, train, call)?.try_into().map_err(|_| err!(Internal, "q, k, v"))?;
         let qk = match &self.blocks[l].qk_norm {
             Some(w) => qk_norm_forward(&mut self.pool, w, &mut q, &mut k, eps, train),
             None => None,
@@ -1176,20 +1177,45 @@ impl Model {
             rope_forward(&mut q, batch, seq, nh, hd, table);
             rope_forward(&mut k, batch, seq, nkv, hd, table);
         }
+        Ok(([q, k, v], qk))
+    }
+
+    /// The MLP of layer `l` on its normed input `h2` (`n` rows): gate and
+    /// up (split when fused), the gated activation `a`, and down's output
+    /// `d`, as `[g, u, a, d]`.
+    #[allow(clippy::too_many_arguments)]
+    fn mlp_forward(&mut self, l: usize, h2: &[f32], n: usize, rows: Option<&RowAdapters>, train: bool, call: u64) -> Result<[Vec<f32>; 4]> {
+        let it = self.cfg.intermediate_size;
+        let [g, u]: [Vec<f32>; 2] = self.group_forward(l, Group::GateUp, h2, n, &[it, it], rows, train, call)?.try_into().map_err(|_| err!(Internal, "gate, up"))?;
+        let mut a = self.pool.take(g.len());
+        glu_forward(self.cfg.act, &g, &u, &mut a);
+        let d = self.lin_forward(l, o_down(self.cfg.arch.fused()).1, &a, n, rows, train, call)?;
+        Ok([g, u, a, d])
+    }
+
+    /// One decoder layer forward on `x: [B·T, H]` (in place, the residual
+    /// stream), returning what its backward needs.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(&mut self, l: usize, x: &mut [f32], batch: usize, seq: usize, tables: &Tables, rows: Option<&RowAdapters>, train: bool, call: u64) -> Result<LayerActs> {
+        let cfg = &self.cfg;
+        let (h, hd, nh, eps, rs) = (cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.rms_norm_eps, cfg.residual_scale);
+        let shape = cfg.attn_shape(l, batch, seq);
+        let table = tables.layer(cfg, l);
+        let o_j = o_down(cfg.arch.fused()).0;
+        let n = batch * seq;
+        let mut rstd1 = self.pool.take(n);
+        let h1 = input_norm(&mut self.pool, self.blocks[l].attn_norm.as_ref(), x, n, h, eps, Some(&mut rstd1));
+        let ([q, k, v], qk) = self.qkv_forward(l, &h1, batch, seq, table, rows, train, call)?;
         let mut att = self.pool.take(n * nh * hd);
         let mut lse = self.pool.take(n * nh);
         attention_forward(&q, &k, &v, &shape, &mut att, &mut lse);
         let o = self.lin_forward(l, o_j, &att, n, rows, train, call)?;
-        let rs = self.cfg.residual_scale;
-        let post_o = residual_add(&mut self.pool, self.blocks[l].post_norms.as_ref().map(|w| &w[0]), rs, o, x, n, h, eps, train);
+        let post_o = residual_add(&mut self.pool, self.blocks[l].post(0), rs, o, x, n, h, eps, train);
         let x_mid = self.pool.copy_of(x);
         let mut rstd2 = self.pool.take(n);
         let h2 = input_norm(&mut self.pool, self.blocks[l].mlp_norm.as_ref(), x, n, h, eps, Some(&mut rstd2));
-        let [g, u]: [Vec<f32>; 2] = self.group_forward(l, Group::GateUp, &h2, n, &[it, it], rows, train, call)?.try_into().map_err(|_| err!(Internal, "gate, up"))?;
-        let mut a = self.pool.take(g.len());
-        glu_forward(self.cfg.act, &g, &u, &mut a);
-        let d = self.lin_forward(l, down_j, &a, n, rows, train, call)?;
-        let post_d = residual_add(&mut self.pool, self.blocks[l].post_norms.as_ref().map(|w| &w[1]), rs, d, x, n, h, eps, train);
+        let [g, u, a, d] = self.mlp_forward(l, &h2, n, rows, train, call)?;
+        let post_d = residual_add(&mut self.pool, self.blocks[l].post(1), rs, d, x, n, h, eps, train);
         Ok(LayerActs { h1, rstd1, q, k, v, att, lse, x_mid, h2, rstd2, g, u, a, qk, post: [post_o, post_d] })
     }
 
@@ -1224,10 +1250,10 @@ impl Model {
         let (n, h, it, nh, nkv, hd) = dims;
         let (batch, seq) = (shape.batch, shape.q_len);
         let LayerActs { h1, rstd1, q, k, v, att, lse, x_mid, h2, rstd2, g, u, a, qk, post: [post_o, post_d] } = acts;
-        let (o_j, down_j) = if fused { (F_O, F_DOWN) } else { (O, DOWN) };
+        let (o_j, down_j) = o_down(fused);
         // MLP: x_out = x_mid + [norm](down(a));  a = act(g)·u
         let mut da = pool.take(n * it);
-        let dd = residual_backward(pool, blk.post_norms.as_ref().map(|w| &w[1]), rs, post_d, dx, h)?;
+        let dd = residual_backward(pool, blk.post(1), rs, post_d, dx, h)?;
         blk.lin[down_j].backward_into(&a, dd.as_deref().unwrap_or(dx), n, Some(&mut da), false)?;
         pool.give(a);
         if let Some(b) = dd {
@@ -1251,7 +1277,7 @@ impl Model {
         }
         // Attention: x_mid = x_in + [norm](o(att))
         let mut datt = pool.take(n * nh * hd);
-        let d_o = residual_backward(pool, blk.post_norms.as_ref().map(|w| &w[0]), rs, post_o, &dxm, h)?;
+        let d_o = residual_backward(pool, blk.post(0), rs, post_o, &dxm, h)?;
         blk.lin[o_j].backward_into(&att, d_o.as_deref().unwrap_or(&dxm), n, Some(&mut datt), false)?;
         if let Some(b) = d_o {
             pool.give(b);
@@ -1621,19 +1647,10 @@ impl Model {
             out.push(("lm_head.weight".into(), enc(vec![v, h], w)));
         }
         for (l, b) in self.blocks.iter().enumerate() {
-            let (attn_name, mlp_name, post_names) = Block::norm_names(&self.cfg, l);
-            for (name, w) in [(attn_name, &b.attn_norm), (mlp_name, &b.mlp_norm)] {
+            for (name, w) in Block::norm_names(&self.cfg, l).into_iter().zip(b.norms()) {
                 if let (Some(name), Some(w)) = (name, w) {
                     out.push(norm(name, w));
                 }
-            }
-            if let (Some([pa, pf]), Some([wa, wf])) = (post_names, &b.post_norms) {
-                out.push(norm(pa, wa));
-                out.push(norm(pf, wf));
-            }
-            if let Some([qn, kn]) = &b.qk_norm {
-                out.push(norm(format!("model.layers.{l}.self_attn.q_norm.weight"), qn));
-                out.push(norm(format!("model.layers.{l}.self_attn.k_norm.weight"), kn));
             }
             for (j, layer) in b.lin.iter().enumerate() {
                 let m = self.module(l, j);
