@@ -56,16 +56,8 @@ static void one_case(lora_context *ctx, const char *dir, const char *scratch) {
     double wloss = st_f32_at(st_get(&exp, "loss")->data, 0);
     CHECKF(fabs(loss - wloss) <= 1e-5 * fabs(wloss), "%s: loss %f vs %f", dir, loss, wloss);
 
-    lora_trainer_params tp = fixture_trainer_params();
-    lora_trainer *tr = NULL;
-    REQUIRE_OK(lora_trainer_new(m, "default", &tp, &tr));
-    const st_tensor *tl = st_get(&exp, "train_losses");
-    for (int i = 0; i < 5; i++) {
-        lora_step_result r;
-        CHECK_OK(lora_train_step(tr, ids, labels, B, T, &r));
-        double w = st_f32_at(tl->data, (size_t)i);
-        CHECKF(fabs(r.loss - w) <= 1e-5 * fabs(w), "%s: step %d loss %f vs %f", dir, i, r.loss, w);
-    }
+    lora_step_result steps[5];
+    lora_trainer *tr = fixture_five_steps(m, &exp, ids, labels, dir, steps);
 
     /* Checkpoint, resume on a fresh model: the next step is the same. */
     snprintf(path2, sizeof path2, "%s/ckpt", scratch);

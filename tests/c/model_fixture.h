@@ -55,4 +55,21 @@ static inline lora_trainer_params fixture_trainer_params(void) {
     return tp;
 }
 
+/* A trainer of adapter "default" with the fixture's settings, run for the
+ * fixture's five steps; each step's loss checked against train_losses and
+ * its result kept in out[5]. */
+static inline lora_trainer *fixture_five_steps(lora_model *m, const st_file *exp, const int32_t *ids, const int32_t *labels, const char *what, lora_step_result out[5]) {
+    lora_trainer_params tp = fixture_trainer_params();
+    lora_trainer *tr = NULL;
+    REQUIRE_OK(lora_trainer_new(m, "default", &tp, &tr));
+    const st_tensor *tl = st_get(exp, "train_losses");
+    REQUIRE(tl);
+    for (int i = 0; i < 5; i++) {
+        CHECK_OK(lora_train_step(tr, ids, labels, B, T, &out[i]));
+        double want = st_f32_at(tl->data, (size_t)i);
+        CHECKF(fabs(out[i].loss - want) <= 1e-5 * fabs(want), "%s: step %d loss %f vs %f", what, i, out[i].loss, want);
+    }
+    return tr;
+}
+
 #endif
