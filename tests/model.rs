@@ -240,6 +240,30 @@ fn smollm3_unrotated_windowed_layer() {
 }
 
 #[test]
+fn no_target_modules_only_where_peft_has_a_default() {
+    // PEFT defaults target_modules to q_proj, v_proj for Gemma and has no
+    // default for Granite: the same adapter config without the key loads on
+    // one and is refused on the other, naming why.
+    for (case, ok) in [("gemma_fp32", true), ("granite_fp32", false)] {
+        let dir = std::env::temp_dir().join(format!("liblora-no-targets-{case}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = fixture(case).join("adapter");
+        std::fs::copy(src.join("adapter_model.safetensors"), dir.join("adapter_model.safetensors")).unwrap();
+        let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap()).unwrap();
+        cfg.as_object_mut().unwrap().remove("target_modules");
+        std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
+        let mut m = load(case, "model", false);
+        match peft::load_adapter(&mut m, &dir, "a") {
+            // q_proj and v_proj only: the file's other tensors are refused.
+            Err(e) if ok => assert!(!e.to_string().contains("PEFT has no default") && e.to_string().contains("not a LoRA weight of a targeted module"), "{case}: {e}"),
+            Ok(()) => panic!("{case}: an all-linear file loaded as q_proj, v_proj only"),
+            Err(e) => assert!(e.to_string().contains("PEFT has no default for model_type `granite`"), "{case}: {e}"),
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
+#[test]
 fn gemma_granite_phi3_merged_exports_reload_to_the_same_logits() {
     // Gemma's norms are written back as stored (w of 1 + w), the output
     // norms of Gemma 2/3 under their own names, Phi-3's fused projections

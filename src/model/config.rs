@@ -100,6 +100,13 @@ impl Arch {
         !self.is_gemma() && !matches!(self, Arch::Granite | Arch::Phi3 | Arch::Olmo2 | Arch::SmolLm3)
     }
 
+    /// Whether PEFT has a default `target_modules` for this `model_type`
+    /// (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`: q_proj,
+    /// v_proj); for the others it refuses a config without them.
+    pub fn has_peft_default_targets(self) -> bool {
+        !matches!(self, Arch::Granite | Arch::Phi3 | Arch::Olmo2 | Arch::SmolLm3)
+    }
+
     /// Whether q/k/v and gate/up are single fused projections (Phi-3).
     pub fn fused(self) -> bool {
         self == Arch::Phi3

@@ -288,7 +288,7 @@ impl AdapterSpec {
         };
         // No target_modules: PEFT takes the architecture's default
         // (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING), q_proj and
-        // v_proj for llama, mistral, qwen2 and qwen3 alike.
+        // v_proj wherever it has one (load_adapter refuses the others).
         let targets = to_targets(m.get("target_modules").unwrap_or(&Value::Null), "target_modules")?
             .unwrap_or_else(|| Targets::Names(vec!["q_proj".into(), "v_proj".into()]));
         let exclude = to_targets(m.get("exclude_modules").unwrap_or(&Value::Null), "exclude_modules")?;
@@ -391,6 +391,9 @@ pub fn load_adapter(model: &mut Model, dir: &Path, name: &str) -> Result<()> {
     let text = std::fs::read_to_string(&cpath).map_err(|e| err!(Io, "{}: cannot read: {e}", cpath.display()))?;
     let v: Value = serde_json::from_str(&text).map_err(|e| err!(FileFormat, "{}: not JSON: {e}", cpath.display()))?;
     let spec = AdapterSpec::from_config_json(&v).map_err(|e| e.context(&cpath.display().to_string()))?;
+    if v.get("target_modules").is_none_or(Value::is_null) && !model.cfg.arch.has_peft_default_targets() {
+        bail!(Unsupported, "{}: no target_modules, and PEFT has no default for model_type `{}` (it refuses such a config too); list them", cpath.display(), model.cfg.arch.model_type());
+    }
     let wpath = dir.join("adapter_model.safetensors");
     if !wpath.exists() && dir.join("adapter_model.bin").exists() {
         bail!(Unsupported, "{}: the adapter is in adapter_model.bin (a PyTorch pickle, PEFT's format before safetensors); only adapter_model.safetensors is read (save it again with safe_serialization=True)", dir.display());
