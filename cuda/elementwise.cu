@@ -1,6 +1,6 @@
 // elementwise.cu — the small elementwise kernels the device training step
-// needs around the matrix products: residual and gradient sums, the bias
-// add, the fp32 -> bf16 conversion of a matrix product's operand, and the
+// needs around the matrix products: residual and gradient sums, a scale,
+// the bias add, the fp32 -> bf16 conversion of a matrix product's operand, and the
 // bf16 -> fp32 widening (set or add) of a bf16 GEMV's output.
 //
 // Each is the twin of a one-line CPU loop: the sum `y += x` and the bias
@@ -30,6 +30,13 @@ __device__ __forceinline__ u16 ew_f32_to_bf16_bits(float f) {
 extern "C" __global__ void __launch_bounds__(EW_THREADS) elementwise_add_f32(float* __restrict__ y, const float* __restrict__ x, u64 n) {
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
         y[i] = __fadd_rn(y[i], x[i]);
+}
+
+// y[i] *= s, i < n (one IEEE fp32 product per element: the embedding
+// multipliers of Granite and Gemma, as the CPU's x * s).
+extern "C" __global__ void __launch_bounds__(EW_THREADS) elementwise_scale_f32(float* __restrict__ y, u64 n, float s) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        y[i] = __fmul_rn(y[i], s);
 }
 
 // y[r, c] += b[c] for r < rows, c < cols (y row-major).

@@ -5,7 +5,7 @@
 //!   operands (bf16 operands rounded first, as the device reads them):
 //!   `|c − ref| ≤ (k + 2)·2⁻²⁴·Σ_k |α·a·b| + 2⁻²⁴·|β·c₀| + 2⁻²³·|ref|`
 //!   (fp32 accumulation in any order, the β term and the final rounding);
-//! - `cuda::elementwise` add, bias add, the bf16 conversion and widening:
+//! - `cuda::elementwise` add, scale, bias add, the bf16 conversion and widening:
 //!   bit for bit with the CPU's one-line loops (`half::bf16`).
 //!
 //! Outputs are poisoned (NaN) first; odd sizes. Skips without a GPU.
@@ -114,6 +114,11 @@ fn elementwise_kernels_are_bit_exact() {
         ew::add(dev, &mut yd.as_view_mut(), &dev.upload(&x).unwrap().as_view()).unwrap();
         let want: Vec<u32> = y0.iter().zip(&x).map(|(a, b)| (a + b).to_bits()).collect();
         assert_eq!(dev.download(&yd).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want, "add n={n}");
+        // y *= s by a scale that is not a power of two (each product rounded).
+        let mut yd = dev.upload(&y0).unwrap();
+        ew::scale(dev, &mut yd.as_view_mut(), 0.22 / 12.0).unwrap();
+        let want: Vec<u32> = y0.iter().map(|a| (a * (0.22f32 / 12.0)).to_bits()).collect();
+        assert_eq!(dev.download(&yd).unwrap().iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want, "scale n={n}");
         let mut special = x.clone();
         special[0] = f32::NAN;
         if n > 3 {
@@ -148,7 +153,7 @@ fn elementwise_kernels_are_bit_exact() {
     let x = dev.alloc_filled::<f32>(5, 0).unwrap();
     assert_eq!(ew::add(dev, &mut y.as_view_mut(), &x.as_view()).unwrap_err().kind, lora::ErrorKind::ShapeMismatch);
     assert_eq!(ew::add_bias(dev, &mut y.as_view_mut(), &x.as_view()).unwrap_err().kind, lora::ErrorKind::ShapeMismatch);
-    eprintln!("elementwise add, bias add, bf16 conversion: bit for bit");
+    eprintln!("elementwise add, scale, bias add, bf16 conversion: bit for bit");
 }
 
 /// The folded adapter product, kernel by kernel: the normed input written

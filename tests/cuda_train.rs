@@ -118,6 +118,34 @@ fn cases() -> Vec<Case> {
         m.add_adapter("a", AdapterSpec::new(16, 32.0)).unwrap();
         m
     }) as Box<dyn Fn() -> Model>;
+    // SmolLM3: the middle layer unrotated (NoPE) and windowed, head_dim
+    // 128, NF4 (the lean step's bf16 q/k copies and stacked gradients
+    // without the rotation).
+    let smollm3 = Box::new(|| {
+        let cfg = serde_json::json!({
+            "architectures": ["SmolLM3ForCausalLM"], "model_type": "smollm3", "hidden_size": 256, "intermediate_size": 512,
+            "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 128, "vocab_size": 600,
+            "rms_norm_eps": 1e-6, "max_position_embeddings": 512, "no_rope_layers": [1, 0, 1],
+            "use_sliding_window": true, "sliding_window": 20, "layer_types": ["full_attention", "sliding_attention", "full_attention"]
+        });
+        let mut m = Model::random(&cfg.to_string(), 0.02, LoadOptions { quantize: Some(Nf4Params::default()), seed: 13 }).unwrap();
+        assert_eq!(m.cfg.rope_layers, [true, false, true]);
+        m.add_adapter("a", AdapterSpec::new(16, 32.0)).unwrap();
+        m
+    }) as Box<dyn Fn() -> Model>;
+    // Granite: every multiplier away from 1 (the residual one not a power
+    // of two), tied, head_dim 128, NF4.
+    let granite = Box::new(|| {
+        let cfg = serde_json::json!({
+            "architectures": ["GraniteForCausalLM"], "model_type": "granite", "hidden_size": 256, "intermediate_size": 512,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 700,
+            "rms_norm_eps": 1e-5, "max_position_embeddings": 512, "tie_word_embeddings": true, "rope_theta": 10000.0,
+            "embedding_multiplier": 12.0, "attention_multiplier": 0.015625, "residual_multiplier": 0.22, "logits_scaling": 0.25
+        });
+        let mut m = Model::random(&cfg.to_string(), 0.02, LoadOptions { quantize: Some(Nf4Params::default()), seed: 14 }).unwrap();
+        m.add_adapter("a", AdapterSpec::new(16, 32.0)).unwrap();
+        m
+    }) as Box<dyn Fn() -> Model>;
     vec![
         Case { name: "llama_nf4", model: fx("llama_nf4", true), batch: 3, seq: 33 },
         Case { name: "qwen2_fp32", model: fx("qwen2_fp32", false), batch: 2, seq: 40 },
@@ -129,6 +157,12 @@ fn cases() -> Vec<Case> {
         Case { name: "random_qwen3_hd128_nf4", model: qwen3, batch: 2, seq: 70 },
         // Per-layer windows: layer 0 full, layer 1 a window of 6.
         Case { name: "qwen2_window6_fp32", model: fx("qwen2_window6_fp32", false), batch: 2, seq: 30 },
+        // SmolLM3 (layer 1 unrotated and a window of 5) and Granite
+        // (multipliers 12, 0.09, 0.22, 2.5), as transformers wrote them.
+        Case { name: "smollm3_fp32", model: fx("smollm3_fp32", false), batch: 2, seq: 30 },
+        Case { name: "granite_fp32", model: fx("granite_fp32", false), batch: 2, seq: 30 },
+        Case { name: "random_smollm3_nope_hd128_nf4", model: smollm3, batch: 2, seq: 70 },
+        Case { name: "random_granite_hd128_nf4", model: granite, batch: 2, seq: 70 },
     ]
 }
 
@@ -351,9 +385,9 @@ fn refusals() {
     assert_eq!(t.use_device(Some((4096, Compute::BF16))).unwrap_err().kind, ErrorKind::CudaUnavailable);
     assert!(t.device().is_none());
     run(&mut t, &ids, c.batch, c.seq, 1);
-    // Gemma, Granite, Phi-3, OLMo 2 and SmolLM3 run on the CPU only: refused by name, still
+    // Gemma, Phi-3 and OLMo 2 run on the CPU only: refused by name, still
     // usable there.
-    for (case, arch) in [("gemma2_fp32", "Gemma2ForCausalLM"), ("granite_fp32", "GraniteForCausalLM"), ("phi3_fp32", "Phi3ForCausalLM"), ("olmo2_fp32", "Olmo2ForCausalLM"), ("smollm3_fp32", "SmolLM3ForCausalLM")] {
+    for (case, arch) in [("gemma_fp32", "GemmaForCausalLM"), ("gemma2_fp32", "Gemma2ForCausalLM"), ("gemma3_fp32", "Gemma3ForCausalLM"), ("phi3_fp32", "Phi3ForCausalLM"), ("olmo2_fp32", "Olmo2ForCausalLM")] {
         let mut g = Model::load(&fixture(case).join("model"), LoadOptions::default(), &mut |_, _| true).unwrap();
         let e = g.use_device(Some((0, Compute::F32))).unwrap_err();
         assert!(e.kind == ErrorKind::Unsupported && e.to_string().contains(arch), "{e}");

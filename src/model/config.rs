@@ -94,10 +94,11 @@ impl Arch {
         matches!(self, Arch::Gemma | Arch::Gemma2 | Arch::Gemma3)
     }
 
-    /// Whether the device backend runs this architecture (Gemma's and
-    /// Granite's extra terms have no device kernels yet).
+    /// Whether the device backend runs this architecture (Gemma's norms,
+    /// GELU and soft caps, Phi-3's fused projections and OLMo 2's norm
+    /// layout have no device path yet).
     pub fn on_device(self) -> bool {
-        !self.is_gemma() && !matches!(self, Arch::Granite | Arch::Phi3 | Arch::Olmo2 | Arch::SmolLm3)
+        !self.is_gemma() && !matches!(self, Arch::Phi3 | Arch::Olmo2)
     }
 
     /// Whether PEFT has a default `target_modules` for this `model_type`
@@ -1023,7 +1024,7 @@ mod tests {
             "num_hidden_layers":8,"num_attention_heads":4,"num_key_value_heads":2,"vocab_size":256,"sliding_window":16}"#;
         let c = ModelConfig::parse(base).unwrap();
         assert_eq!(c.rope_layers, [true, true, true, false, true, true, true, false]);
-        assert_eq!((c.rope_theta, c.tie_word_embeddings, c.arch.on_device()), (2e6, true, false));
+        assert_eq!((c.rope_theta, c.tie_word_embeddings, c.arch.on_device()), (2e6, true, true));
         assert!(c.windows.iter().all(|w| w.is_none()));
         let with_s = |k: &str, v: Value| {
             let mut m: Map<String, Value> = serde_json::from_str(base).unwrap();

@@ -679,7 +679,19 @@ pub struct DeviceModel {
     /// The head `[vocab, hidden]` in the compute dtype; `None` when tied
     /// (the embedding table is the head).
     head: Option<Weight>,
+    /// The final norm's weight, divided by Granite's `logits_scaling`
+    /// (the logits' divisor, folded in).
     norm: CudaSlice<f32>,
+    /// The residual stream is held as `x / r` for Granite's
+    /// `residual_multiplier` `r` (1 elsewhere): each branch output is then
+    /// added as it is (`x/r + o` is `(x + r·o)/r`), and every RMSNorm of the
+    /// stream computes the same values with `eps/r²`
+    /// (`rmsnorm(x) = rmsnorm_{eps/r²}(x/r)`), so no product, fold or
+    /// residual kernel needs the multiplier. The embeddings are scaled by
+    /// `embedding_multiplier / r` as they are gathered (`embed_mult`), the
+    /// stream's norms use `norm_eps`.
+    embed_mult: Option<f32>,
+    norm_eps: f32,
     layers: Vec<DevLayer>,
     /// The model's adapters, in its order (so a model adapter index is a
     /// set index).
@@ -798,7 +810,7 @@ impl DeviceModel {
     pub fn upload(ordinal: usize, model: &Model, compute: Compute) -> Result<DeviceModel> {
         let cfg = model.cfg.clone();
         if !cfg.arch.on_device() {
-            bail!(Unsupported, "{} runs on the CPU backend only: the device kernels have no Gemma norm, GELU or soft caps, nor Granite's multipliers, Phi-3's fused projections, OLMo 2's norms or SmolLM3's unrotated layers, yet", cfg.arch.architecture());
+            bail!(Unsupported, "{} runs on the CPU backend only: the device kernels have no Gemma norm, GELU or soft caps, nor Phi-3's fused projections or OLMo 2's norm layout, yet", cfg.arch.architecture());
         }
         if cfg.head_dim > catt::MAX_HEAD_DIM {
             bail!(Unsupported, "head_dim {} exceeds the device attention kernels' {}", cfg.head_dim, catt::MAX_HEAD_DIM);
@@ -835,7 +847,18 @@ impl DeviceModel {
             let input = |w: &Option<Vec<f32>>| -> Result<CudaSlice<f32>> { d.upload(w.as_deref().ok_or_else(|| err!(Unsupported, "a model without input norms on the device"))?) };
             layers.push(DevLayer { attn_norm: input(&blk.attn_norm)?, mlp_norm: input(&blk.mlp_norm)?, lin, qk_norm });
         }
-        let norm = d.upload(&model.norm)?;
+        // Granite's multipliers (see `embed_mult`); 1 elsewhere.
+        let r = cfg.residual_scale.unwrap_or(1.0);
+        if !(r > 0.0 && r.is_finite()) {
+            bail!(Unsupported, "residual_multiplier {r}: the device holds the residual stream divided by it, which needs a positive finite value");
+        }
+        let m = cfg.embed_scale.unwrap_or(1.0) / r;
+        let embed_mult = (m != 1.0).then_some(m);
+        let norm_eps = cfg.rms_norm_eps / (r * r);
+        let norm = match cfg.logits_divisor {
+            Some(s) => d.upload(&model.norm.iter().map(|w| w / s).collect::<Vec<f32>>())?,
+            None => d.upload(&model.norm)?,
+        };
         let freqs = cfg.rope_freqs();
         let mut g = DeviceModel {
             dev,
@@ -847,6 +870,8 @@ impl DeviceModel {
             embed,
             head,
             norm,
+            embed_mult,
+            norm_eps,
             layers,
             sets: Vec::new(),
             active: Vec::new(),
@@ -1263,6 +1288,15 @@ impl DeviceModel {
         Ok(())
     }
 
+    /// Layer `l`'s RoPE table for this sequence length: `None` where the
+    /// layer does not rotate q and k (SmolLM3's NoPE layers).
+    fn rope_at(&self, l: usize) -> Result<Option<&CudaRopeTable>> {
+        if !self.cfg.rope_layers[l] {
+            return Ok(None);
+        }
+        self.rope.as_ref().map(Some).ok_or_else(|| err!(Internal, "no RoPE table for this sequence length"))
+    }
+
     /// Queues one micro-batch's forward and backward of adapter `adapter`
     /// (being trained here, [`train_begin`](Self::train_begin); applied
     /// alone at multiplier 1, as the trainer requires of the host) —
@@ -1325,6 +1359,9 @@ impl DeviceModel {
             Weight::F32(t) => cu::embed::gather_async(d, cu::embed::Table::F32(&t.as_view()), self.cfg.vocab_size, h, &ids_d.as_view(), &mut x.as_view_mut(), &mut status)?,
             Weight::Bf16(t) => cu::embed::gather_async(d, cu::embed::Table::Bf16(&t.as_view()), self.cfg.vocab_size, h, &ids_d.as_view(), &mut x.as_view_mut(), &mut status)?,
             Weight::Nf4(_) => bail!(Internal, "an NF4 embedding table"),
+        }
+        if let Some(m) = self.embed_mult {
+            ew::scale(d, &mut x.as_view_mut(), m)?;
         }
         Ok(x)
     }
@@ -1493,15 +1530,16 @@ impl DeviceModel {
         };
         let tc = self.attn_tc && catt::tc_supported(d, &self.shape(l, batch, seq));
         if tc && self.lean() && matches!(rows, Rows::Train(_)) {
-            let qb = self.rotated_bf16(q, batch, seq, nh, false)?;
-            let kb = self.rotated_bf16(k, batch, seq, nkv, false)?;
+            let qb = self.rotated_bf16(l, q, batch, seq, nh, false)?;
+            let kb = self.rotated_bf16(l, k, batch, seq, nkv, false)?;
             let vb = bf16_copy(d, &v)?;
             drop(v);
             return Ok(([Saved::Bf16(qb), Saved::Bf16(kb), Saved::Bf16(vb)], [hq, hk, hv], qkn));
         }
-        let table = self.rope.as_ref().ok_or_else(|| err!(Internal, "no RoPE table for this sequence length"))?;
-        crope::rope_forward(d, &mut q.as_view_mut(), batch, seq, nh, hd, table)?;
-        crope::rope_forward(d, &mut k.as_view_mut(), batch, seq, nkv, hd, table)?;
+        if let Some(table) = self.rope_at(l)? {
+            crope::rope_forward(d, &mut q.as_view_mut(), batch, seq, nh, hd, table)?;
+            crope::rope_forward(d, &mut k.as_view_mut(), batch, seq, nkv, hd, table)?;
+        }
         Ok(([Saved::F32(q), Saved::F32(k), Saved::F32(v)], [hq, hk, hv], qkn))
     }
 
@@ -1527,9 +1565,10 @@ impl DeviceModel {
         let d = &*self.dev;
         let Dims { nh, nkv, hd, .. } = Dims::of(&self.cfg);
         let w = self.layers[l].qk_norm.as_ref().ok_or_else(|| err!(Internal, "q/k norm activations for a layer without q/k norms"))?;
-        let table = self.rope.as_ref().ok_or_else(|| err!(Internal, "no RoPE table for this sequence length"))?;
-        crope::rope_backward(d, &mut dq.as_view_mut(), batch, seq, nh, hd, table)?;
-        crope::rope_backward(d, &mut dk.as_view_mut(), batch, seq, nkv, hd, table)?;
+        if let Some(table) = self.rope_at(l)? {
+            crope::rope_backward(d, &mut dq.as_view_mut(), batch, seq, nh, hd, table)?;
+            crope::rope_backward(d, &mut dk.as_view_mut(), batch, seq, nkv, hd, table)?;
+        }
         for (raw, r, wi, g) in [(&s.q_raw, &s.rq, &w[0], &mut *dq), (&s.k_raw, &s.rk, &w[1], &mut *dk)] {
             let mut dr = out_buf::<f32>(d, raw.len())?;
             cnorm::rmsnorm_backward(d, &raw.as_view(), &wi.as_view(), &r.as_view(), &g.as_view(), r.len(), hd, &mut dr.as_view_mut(), None)?;
@@ -1622,11 +1661,13 @@ impl DeviceModel {
         self.fold_on
     }
 
-    /// `x` `[batch, seq, heads, head_dim]` rotated by the step's RoPE table
-    /// (by −θ with `backward`) straight into a new bf16 buffer; `x` is freed.
-    fn rotated_bf16(&self, x: CudaSlice<f32>, batch: usize, seq: usize, heads: usize, backward: bool) -> Result<CudaSlice<u16>> {
+    /// `x` `[batch, seq, heads, head_dim]` rotated by layer `l`'s RoPE
+    /// table (by −θ with `backward`) straight into a new bf16 buffer (a
+    /// plain copy where the layer does not rotate); `x` is freed.
+    #[allow(clippy::too_many_arguments)]
+    fn rotated_bf16(&self, l: usize, x: CudaSlice<f32>, batch: usize, seq: usize, heads: usize, backward: bool) -> Result<CudaSlice<u16>> {
         let d = &*self.dev;
-        let table = self.rope.as_ref().ok_or_else(|| err!(Internal, "no RoPE table for this sequence length"))?;
+        let Some(table) = self.rope_at(l)? else { return bf16_copy(d, &x) };
         let mut xb = out_buf::<u16>(d, x.len())?;
         crope::rope_bf16(d, &x.as_view(), None, &mut xb.as_view_mut(), batch, seq, heads, self.cfg.head_dim, table, backward)?;
         Ok(xb)
@@ -1676,7 +1717,7 @@ impl DeviceModel {
     /// rows' scales when given.
     fn normed(&self, x: &CudaSlice<f32>, w: &CudaSlice<f32>, n: usize, rstd: Option<&mut CudaSlice<f32>>, backward: bool) -> Result<Forms> {
         let d = &*self.dev;
-        let (h, eps) = (self.cfg.hidden_size, self.cfg.rms_norm_eps);
+        let (h, eps) = (self.cfg.hidden_size, self.norm_eps);
         let mut rv = rstd.map(|r| r.as_view_mut());
         if self.compute == Compute::F32 || (backward && !self.lean()) {
             let mut y = out_buf::<f32>(d, n * h)?;
@@ -1845,7 +1886,7 @@ impl DeviceModel {
             return Ok((Normed::Forms(self.normed(x, w, n, rstd, false)?), Default::default()));
         };
         let d = &*self.dev;
-        let (h, eps) = (self.cfg.hidden_size, self.cfg.rms_norm_eps);
+        let (h, eps) = (self.cfg.hidden_size, self.norm_eps);
         let mut buf = out_buf::<u16>(d, n * fold.ld)?;
         let mut rv = rstd.map(|r| r.as_view_mut());
         cnorm::rmsnorm_forward_wide_bf16(d, &x.as_view(), &w.as_view(), n, h, eps, &mut buf.as_view_mut(), fold.ld, rv.as_mut())?;
@@ -2364,21 +2405,20 @@ impl DeviceModel {
                 false
             }
             None if self.layers[l].qk_norm.is_some() => bail!(Internal, "q/k norm activations not kept for the backward"),
-            None => true,
+            None => self.cfg.rope_layers[l],
         };
         if lean && need_dx {
             if let Some(plan) = self.dx_stack_plan(l, tr, &[Q, K, V], false) {
                 return self.qkv_backward_stacked(tr, l, x_in, h1f, &hs, [dq, dk, dv], rotated, &plan, (&rstd1, &dxm), batch, seq);
             }
         }
-        let table = self.rope.as_ref().expect("rope table made for this sequence length");
         // The gradients of q, k (rotated back) and v in the forms the
         // products take: lean, straight into bf16 (one pass each, the fp32
         // ones freed); otherwise fp32 rotated in place, and bf16 copies in
         // BF16 mode.
         let ((dq, dqb), (dk, dkb), (dv, dvb)) = if lean {
             let (dqb, dkb) = if rotated {
-                (self.rotated_bf16(dq, batch, seq, nh, true)?, self.rotated_bf16(dk, batch, seq, nkv, true)?)
+                (self.rotated_bf16(l, dq, batch, seq, nh, true)?, self.rotated_bf16(l, dk, batch, seq, nkv, true)?)
             } else {
                 (bf16_copy(d, &dq)?, bf16_copy(d, &dk)?)
             };
@@ -2386,18 +2426,21 @@ impl DeviceModel {
             drop(dv);
             ((None, Some(dqb)), (None, Some(dkb)), (None, Some(dvb)))
         } else if !rotated {
-            // Already rotated back (the q/k norms' backward above).
+            // Already rotated back (the q/k norms' backward above), or a
+            // layer without rotation.
             let (dqb, dkb, dvb) = if need_dx { (self.operand(&dq)?, self.operand(&dk)?, self.operand(&dv)?) } else { (None, None, None) };
             ((Some(dq), dqb), (Some(dk), dkb), (Some(dv), dvb))
         } else if need_dx && self.compute == Compute::BF16 {
             // Rotated back in place, each with its bf16 rounding from the
             // same pass (the base products' operands).
+            let table = self.rope_at(l)?.ok_or_else(|| err!(Internal, "rotating back a layer without rotation"))?;
             let (mut dqb, mut dkb) = (out_buf::<u16>(d, dq.len())?, out_buf::<u16>(d, dk.len())?);
             crope::rope_inplace_bf16(d, &mut dq.as_view_mut(), &mut dqb.as_view_mut(), batch, seq, nh, hd, table, true)?;
             crope::rope_inplace_bf16(d, &mut dk.as_view_mut(), &mut dkb.as_view_mut(), batch, seq, nkv, hd, table, true)?;
             let dvb = self.operand(&dv)?;
             ((Some(dq), Some(dqb)), (Some(dk), Some(dkb)), (Some(dv), dvb))
         } else {
+            let table = self.rope_at(l)?.ok_or_else(|| err!(Internal, "rotating back a layer without rotation"))?;
             crope::rope_backward(d, &mut dq.as_view_mut(), batch, seq, nh, hd, table)?;
             crope::rope_backward(d, &mut dk.as_view_mut(), batch, seq, nkv, hd, table)?;
             // No bf16 operands: F32 mode, or no input gradient to make.
@@ -2525,7 +2568,7 @@ impl DeviceModel {
         let (n, ld) = (batch * seq, plan.ld);
         let mut st = out_buf::<u16>(d, n * ld)?;
         if rotated {
-            let table = self.rope.as_ref().ok_or_else(|| err!(Internal, "no RoPE table for this sequence length"))?;
+            let table = self.rope_at(l)?.ok_or_else(|| err!(Internal, "rotating back a layer without rotation"))?;
             crope::rope_bf16_into(d, &dq.as_view(), None, &mut st.as_view_mut(), ld, 0, batch, seq, nh, hd, table, true)?;
             crope::rope_bf16_into(d, &dk.as_view(), None, &mut st.as_view_mut(), ld, qd, batch, seq, nkv, hd, table, true)?;
         } else {
@@ -2967,8 +3010,10 @@ impl DeviceModel {
             if let Some(w) = &self.layers[l].qk_norm {
                 self.qk_normed(w, &mut q, &mut k, bsz)?;
             }
-            crope::rope_forward(d, &mut q.as_view_mut(), 1, bsz, nh, hd, &table)?;
-            crope::rope_forward(d, &mut k.as_view_mut(), 1, bsz, nkv, hd, &table)?;
+            if self.cfg.rope_layers[l] {
+                crope::rope_forward(d, &mut q.as_view_mut(), 1, bsz, nh, hd, &table)?;
+                crope::rope_forward(d, &mut k.as_view_mut(), 1, bsz, nkv, hd, &table)?;
+            }
             for (b, &pos) in lens.iter().enumerate() {
                 let at = (b * cap + pos) * kvd;
                 for (src, dst) in [(&k, &mut cache.0), (&v, &mut cache.1)] {

@@ -1,4 +1,4 @@
-//! Launchers for `cuda/elementwise.cu`: `y += x`, the bias add, the fp32 →
+//! Launchers for `cuda/elementwise.cu`: `y += x`, `y *= s`, the bias add, the fp32 →
 //! bf16 operand conversion and the bf16 → fp32 widening, twins of one-line
 //! CPU loops, bit for bit (one IEEE addition per element; round to nearest
 //! even as `half::bf16::from_f32`; widening exact).
@@ -26,6 +26,20 @@ pub fn add(dev: &CudaDevice, y: &mut CudaViewMut<'_, f32>, x: &CudaView<'_, f32>
     // SAFETY: (ptr, ptr, u64) as the kernel; elements < n of both (equal
     // lengths checked).
     launch_kernel!(dev, f, name, launch_cfg((stride_grid(n, EW_THREADS), 1), EW_THREADS), [y, x, &n])
+}
+
+/// `y[i] *= s` (queued): one fp32 product per element, bit for bit the
+/// CPU's `x * s`.
+pub fn scale(dev: &CudaDevice, y: &mut CudaViewMut<'_, f32>, s: f32) -> Result<()> {
+    dev.check_stream(y, "scale y")?;
+    let n = y.len() as u64;
+    if n == 0 {
+        return Ok(());
+    }
+    let name = "elementwise_scale_f32";
+    let f = dev.function(&ELEMENTWISE_CU, name)?;
+    // SAFETY: (ptr, u64, f32) as the kernel; elements < n of y.
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(n, EW_THREADS), 1), EW_THREADS), [y, &n, &s])
 }
 
 /// `y[r, c] += b[c]` over `y: [rows, b.len()]` (queued).
