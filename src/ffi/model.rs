@@ -206,7 +206,7 @@ pub extern "C" fn lora_model_default_params() -> lora_model_params {
 /// `llm_int8_skip_modules`). Safetensors only (`pytorch_model.bin` is
 /// refused by name). With `LORA_QUANT_NF4` each linear layer is quantized as it
 /// is read, so peak memory stays near the quantized model plus one layer.
-/// Gemma, Phi-3 and OLMo 2 models run on the CPU backend only for now:
+/// Gemma and Phi-3 models run on the CPU backend only for now:
 /// `lora_model_use_device` refuses them with `LORA_ERR_UNSUPPORTED`.
 /// Files are memory-mapped. Unsupported architectures, config options or
 /// unexpected tensors are refused by name (nothing is half-loaded). On

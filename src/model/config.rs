@@ -95,10 +95,10 @@ impl Arch {
     }
 
     /// Whether the device backend runs this architecture (Gemma's norms,
-    /// GELU and soft caps, Phi-3's fused projections and OLMo 2's norm
-    /// layout have no device path yet).
+    /// GELU and soft caps and Phi-3's fused projections have no device
+    /// path yet).
     pub fn on_device(self) -> bool {
-        !self.is_gemma() && !matches!(self, Arch::Phi3 | Arch::Olmo2)
+        !self.is_gemma() && self != Arch::Phi3
     }
 
     /// Whether PEFT has a default `target_modules` for this `model_type`
@@ -1012,7 +1012,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.arch, Arch::Olmo2);
-        assert!(c.qk_norm && c.qk_norm_full && c.no_input_norms && c.sandwich_norm && !c.norm_offset && !c.arch.on_device());
+        assert!(c.qk_norm && c.qk_norm_full && c.no_input_norms && c.sandwich_norm && !c.norm_offset && c.arch.on_device());
         assert_eq!((c.qk_norm_dims(), c.rope_theta, c.windows[0]), ((4096, 4096), 5e5, None));
     }
 

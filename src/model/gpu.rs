@@ -357,11 +357,24 @@ fn flatten(model: &Model, name: &str) -> Result<Flat> {
 
 
 struct DevLayer {
-    attn_norm: CudaSlice<f32>,
-    mlp_norm: CudaSlice<f32>,
+    /// The input norms of attention and the MLP (`None`: the branch reads
+    /// the residual stream as it is, OLMo 2).
+    attn_norm: Option<CudaSlice<f32>>,
+    mlp_norm: Option<CudaSlice<f32>>,
+    /// The norms on the attention and MLP outputs before each residual add
+    /// (OLMo 2): `x += w·rmsnorm(y)`.
+    post: Option<[CudaSlice<f32>; 2]>,
     lin: Vec<DevLinear>,
-    /// Per-head RMSNorm weights of q and k (Qwen3), `[head_dim]` each.
+    /// The q/k RMSNorm weights: per head (Qwen3, `[head_dim]` each) or over
+    /// the whole projection (OLMo 2, `[q_dim]`, `[kv_dim]`).
     qk_norm: Option<[CudaSlice<f32>; 2]>,
+}
+
+/// A branch output `y` before its output norm and the norm's rstd (the
+/// norm's backward).
+struct PostSaved {
+    y: CudaSlice<f32>,
+    rstd: CudaSlice<f32>,
 }
 
 /// What the backward of the per-head q/k RMSNorm needs: q and k as their
@@ -392,6 +405,9 @@ struct Acts {
     /// and `att` (the same product: the same bits), and outside training.
     x_mid: Option<CudaSlice<f32>>,
     rstd2: CudaSlice<f32>,
+    /// With output norms, the attention and MLP outputs and their rstds:
+    /// the attention one kept and recomputed as `x_mid` is.
+    post: [Option<PostSaved>; 2],
     /// Gate and up projections (the MLP's two widest activations): fp32,
     /// or bf16 in BF16 mode (half the bytes; the backward widens them as
     /// its kernels read them); `None` outside training.
@@ -810,7 +826,7 @@ impl DeviceModel {
     pub fn upload(ordinal: usize, model: &Model, compute: Compute) -> Result<DeviceModel> {
         let cfg = model.cfg.clone();
         if !cfg.arch.on_device() {
-            bail!(Unsupported, "{} runs on the CPU backend only: the device kernels have no Gemma norm, GELU or soft caps, nor Phi-3's fused projections or OLMo 2's norm layout, yet", cfg.arch.architecture());
+            bail!(Unsupported, "{} runs on the CPU backend only: the device kernels have no Gemma norm, GELU or soft caps, nor Phi-3's fused projections, yet", cfg.arch.architecture());
         }
         if cfg.head_dim > catt::MAX_HEAD_DIM {
             bail!(Unsupported, "head_dim {} exceeds the device attention kernels' {}", cfg.head_dim, catt::MAX_HEAD_DIM);
@@ -843,14 +859,17 @@ impl DeviceModel {
                 Some([qn, kn]) => Some([d.upload(qn)?, d.upload(kn)?]),
                 None => None,
             };
-            // (Every architecture the device runs has both input norms.)
-            let input = |w: &Option<Vec<f32>>| -> Result<CudaSlice<f32>> { d.upload(w.as_deref().ok_or_else(|| err!(Unsupported, "a model without input norms on the device"))?) };
-            layers.push(DevLayer { attn_norm: input(&blk.attn_norm)?, mlp_norm: input(&blk.mlp_norm)?, lin, qk_norm });
+            let up = |w: &Option<Vec<f32>>| w.as_deref().map(|w| d.upload(w)).transpose();
+            let post = match &blk.post_norms {
+                Some([a, m]) => Some([d.upload(a)?, d.upload(m)?]),
+                None => None,
+            };
+            layers.push(DevLayer { attn_norm: up(&blk.attn_norm)?, mlp_norm: up(&blk.mlp_norm)?, post, lin, qk_norm });
         }
         // Granite's multipliers (see `embed_mult`); 1 elsewhere.
         let r = cfg.residual_scale.unwrap_or(1.0);
-        if !(r > 0.0 && r.is_finite()) {
-            bail!(Unsupported, "residual_multiplier {r}: the device holds the residual stream divided by it, which needs a positive finite value");
+        if !(r > 0.0 && r.is_finite()) || (r != 1.0 && cfg.sandwich_norm) {
+            bail!(Unsupported, "residual_multiplier {r}: the device holds the residual stream divided by it, which needs a positive finite value (and no output norms)");
         }
         let m = cfg.embed_scale.unwrap_or(1.0) / r;
         let embed_mult = (m != 1.0).then_some(m);
@@ -1394,7 +1413,7 @@ impl DeviceModel {
         let mut hs: Vec<Option<Saved>> = (0..7).map(|_| None).collect();
         // Attention block.
         let mut rstd1 = out_buf::<f32>(d, n)?;
-        let (h1, mut folded) = self.normed_for(l, &[Q, K, V], x, &self.layers[l].attn_norm, n, Some(&mut rstd1), rows)?;
+        let (h1, mut folded) = self.normed_for(l, &[Q, K, V], x, self.layers[l].attn_norm.as_ref(), n, Some(&mut rstd1), rows)?;
         let (qkv, [hq, hk, hv], qkn) = self.qkv(l, rows, h1.act()?, &mut folded, batch, seq)?;
         drop(h1);
         let mut lse = out_buf::<f32>(d, n * nh)?;
@@ -1444,11 +1463,11 @@ impl DeviceModel {
         } else {
             (None, None)
         };
-        let (x_mid, h_o) = self.attn_residual(l, rows, x, &att)?;
+        let (x_mid, h_o, post_o) = self.attn_residual(l, rows, x, &att, train && !recompute)?;
         hs[O] = h_o;
         // MLP block.
         let mut rstd2 = out_buf::<f32>(d, n)?;
-        let (h2, mut folded) = self.normed_for(l, &[GATE, UP], &x_mid, &self.layers[l].mlp_norm, n, Some(&mut rstd2), rows)?;
+        let (h2, mut folded) = self.normed_for(l, &[GATE, UP], &x_mid, self.layers[l].mlp_norm.as_ref(), n, Some(&mut rstd2), rows)?;
         let h2a = h2.act()?;
         let h2fold = match &h2 {
             Normed::Wide(w) => Some(&w.fold),
@@ -1466,10 +1485,11 @@ impl DeviceModel {
             drop(h2);
             let (mut x_out, x_mid) = split_mid(x_mid)?;
             let (a, mut folded) = self.gated_for_down(l, &gu.slice(..), &gu.slice(plan.blocks[1].1..), plan.ld, n, rows)?;
-            hs[DOWN] = self.lin_forward(l, DOWN, rows, a.act()?, n, &mut x_out, 1.0)?.or(folded[DOWN].take());
+            let (h_d, post_d) = self.down_residual(l, rows, a.act()?, n, &mut x_out, train)?;
+            hs[DOWN] = h_d.or(folded[DOWN].take());
             drop(a);
             let gu = Some(GateUp::Wide(gu, plan));
-            return Ok((Acts { rstd1, qkv, qkn, att, lse, x_mid, rstd2, gu, hs }, x_out));
+            return Ok((Acts { rstd1, qkv, qkn, att, lse, x_mid, post: [post_o, post_d], rstd2, gu, hs }, x_out));
         }
         if self.lean() && matches!(rows, Rows::Train(_)) && self.layers[l].lin[GATE].bias.is_none() && self.layers[l].lin[UP].bias.is_none() {
             // The lean training step's gate and up products write bf16 (the
@@ -1482,10 +1502,11 @@ impl DeviceModel {
             drop(h2);
             let (mut x_out, x_mid) = split_mid(x_mid)?;
             let (a, mut folded) = self.gated_for_down(l, &gb.slice(..), &ub.slice(..), it, n, rows)?;
-            hs[DOWN] = self.lin_forward(l, DOWN, rows, a.act()?, n, &mut x_out, 1.0)?.or(folded[DOWN].take());
+            let (h_d, post_d) = self.down_residual(l, rows, a.act()?, n, &mut x_out, train)?;
+            hs[DOWN] = h_d.or(folded[DOWN].take());
             drop(a);
             let gu = Some(GateUp::Pair(Saved::Bf16(gb), Saved::Bf16(ub)));
-            return Ok((Acts { rstd1, qkv, qkn, att, lse, x_mid, rstd2, gu, hs }, x_out));
+            return Ok((Acts { rstd1, qkv, qkn, att, lse, x_mid, post: [post_o, post_d], rstd2, gu, hs }, x_out));
         }
         let mut g = out_buf::<f32>(d, n * it)?;
         let mut u = out_buf::<f32>(d, n * it)?;
@@ -1497,8 +1518,9 @@ impl DeviceModel {
         // their bf16 roundings, written by the gating pass).
         let (a, ab, gu) = self.gated(g, u, matches!(rows, Rows::Train(_)))?;
         let gu = gu.map(|(g, u)| GateUp::Pair(g, u));
-        hs[DOWN] = self.lin_forward(l, DOWN, rows, act_of(&a, &ab)?, n, &mut x_out, 1.0)?;
-        Ok((Acts { rstd1, qkv, qkn, att, lse, x_mid, rstd2, gu, hs }, x_out))
+        let (h_d, post_d) = self.down_residual(l, rows, act_of(&a, &ab)?, n, &mut x_out, train)?;
+        hs[DOWN] = h_d;
+        Ok((Acts { rstd1, qkv, qkn, att, lse, x_mid, post: [post_o, post_d], rstd2, gu, hs }, x_out))
     }
 
     /// Layer `l`'s q, k (rotated) and v from its normed input `h1`, with
@@ -1523,7 +1545,7 @@ impl DeviceModel {
         let hv = self.lin_forward(l, V, rows, h1, n, &mut v, 0.0)?.or(folded[V].take());
         let qkn = match &self.layers[l].qk_norm {
             Some(w) => {
-                let s = self.qk_normed(w, &mut q, &mut k, n)?;
+                let s = self.qk_normed(w, &mut q, &mut k)?;
                 matches!(rows, Rows::Train(_)).then_some(s)
             }
             None => None,
@@ -1543,23 +1565,27 @@ impl DeviceModel {
         Ok(([Saved::F32(q), Saved::F32(k), Saved::F32(v)], [hq, hk, hv], qkn))
     }
 
-    /// The per-head RMSNorm of `q` `[n, heads·head_dim]` and `k` (weights
-    /// `w` = [q_norm, k_norm]): each replaced by its normed values; returns
+    /// The RMSNorm of `q` `[n, heads·head_dim]` and `k` (weights `w` =
+    /// [q_norm, k_norm]), per head or over the whole projection as the
+    /// weights' width says: each replaced by its normed values; returns
     /// their inputs and rstds (the backward's).
-    fn qk_normed(&self, w: &[CudaSlice<f32>; 2], q: &mut CudaSlice<f32>, k: &mut CudaSlice<f32>, n: usize) -> Result<QkSaved> {
+    fn qk_normed(&self, w: &[CudaSlice<f32>; 2], q: &mut CudaSlice<f32>, k: &mut CudaSlice<f32>) -> Result<QkSaved> {
         let d = &*self.dev;
-        let Dims { nh, nkv, hd, .. } = Dims::of(&self.cfg);
         let eps = self.cfg.rms_norm_eps;
+        // Rows of the weights' width: a head (Qwen3), or the whole
+        // projection (OLMo 2).
+        let (dq, dk) = (w[0].len(), w[1].len());
+        let (nq, nk) = (q.len() / dq, k.len() / dk);
         let (mut qn, mut kn) = (out_buf::<f32>(d, q.len())?, out_buf::<f32>(d, k.len())?);
-        let (mut rq, mut rk) = (out_buf::<f32>(d, n * nh)?, out_buf::<f32>(d, n * nkv)?);
-        cnorm::rmsnorm_forward(d, &q.as_view(), &w[0].as_view(), n * nh, hd, eps, &mut qn.as_view_mut(), Some(&mut rq.as_view_mut()))?;
-        cnorm::rmsnorm_forward(d, &k.as_view(), &w[1].as_view(), n * nkv, hd, eps, &mut kn.as_view_mut(), Some(&mut rk.as_view_mut()))?;
+        let (mut rq, mut rk) = (out_buf::<f32>(d, nq)?, out_buf::<f32>(d, nk)?);
+        cnorm::rmsnorm_forward(d, &q.as_view(), &w[0].as_view(), nq, dq, eps, &mut qn.as_view_mut(), Some(&mut rq.as_view_mut()))?;
+        cnorm::rmsnorm_forward(d, &k.as_view(), &w[1].as_view(), nk, dk, eps, &mut kn.as_view_mut(), Some(&mut rk.as_view_mut()))?;
         let q_raw = std::mem::replace(q, qn);
         let k_raw = std::mem::replace(k, kn);
         Ok(QkSaved { q_raw, k_raw, rq, rk })
     }
 
-    /// The gradients of q and k before the rotation and the per-head norms
+    /// The gradients of q and k before the rotation and the q/k norms
     /// from those after (the attention backward's), `dq` and `dk` replaced.
     fn qk_norm_backward(&self, l: usize, s: QkSaved, dq: &mut CudaSlice<f32>, dk: &mut CudaSlice<f32>, batch: usize, seq: usize) -> Result<()> {
         let d = &*self.dev;
@@ -1571,24 +1597,33 @@ impl DeviceModel {
         }
         for (raw, r, wi, g) in [(&s.q_raw, &s.rq, &w[0], &mut *dq), (&s.k_raw, &s.rk, &w[1], &mut *dk)] {
             let mut dr = out_buf::<f32>(d, raw.len())?;
-            cnorm::rmsnorm_backward(d, &raw.as_view(), &wi.as_view(), &r.as_view(), &g.as_view(), r.len(), hd, &mut dr.as_view_mut(), None)?;
+            cnorm::rmsnorm_backward(d, &raw.as_view(), &wi.as_view(), &r.as_view(), &g.as_view(), r.len(), wi.len(), &mut dr.as_view_mut(), None)?;
             *g = dr;
         }
         Ok(())
     }
 
-    /// `x_mid = x + o_proj(att)` (with the adapter's `att·Aᵀ` for the
-    /// backward): the forward's, and the backward's recomputation of it,
-    /// one code path so that both give the same bits.
-    fn attn_residual(&self, l: usize, rows: Rows<'_>, x: &CudaSlice<f32>, att: &Saved) -> Result<(CudaSlice<f32>, Option<Saved>)> {
+    /// `x_mid = x + o_proj(att)` (through the attention output norm where
+    /// the layer has one), with the adapter's `att·Aᵀ` for the backward and,
+    /// with `keep`, what the output norm's backward needs: the forward's,
+    /// and the backward's recomputation of it, one code path so that both
+    /// give the same bits.
+    fn attn_residual(&self, l: usize, rows: Rows<'_>, x: &CudaSlice<f32>, att: &Saved, keep: bool) -> Result<(CudaSlice<f32>, Option<Saved>, Option<PostSaved>)> {
         let n = x.len() / self.cfg.hidden_size;
         let mut x_mid = self.dev.duplicate(x)?;
         let attb = match att {
             Saved::F32(a) => self.operand(a)?,
             Saved::Bf16(_) => None,
         };
-        let h = self.lin_forward(l, O, rows, att.act(attb.as_ref()), n, &mut x_mid, 1.0)?;
-        Ok((x_mid, h))
+        let att = att.act(attb.as_ref());
+        let Some(post) = &self.layers[l].post else {
+            let h = self.lin_forward(l, O, rows, att, n, &mut x_mid, 1.0)?;
+            return Ok((x_mid, h, None));
+        };
+        let mut y = out_buf::<f32>(&self.dev, x.len())?;
+        let h = self.lin_forward(l, O, rows, att, n, &mut y, 0.0)?;
+        let saved = self.post_add(&post[0], y, &mut x_mid, n, keep)?;
+        Ok((x_mid, h, saved))
     }
 
     /// Whether the step is lean (BF16 mode with bf16 adapter products,
@@ -1714,12 +1749,18 @@ impl DeviceModel {
     /// and bf16 (BF16 mode), both from one pass; for a backward
     /// (`backward`: the adapters' input, recomputed) only the form the
     /// adapter products read, bf16 when lean, else fp32. `rstd` gets the
-    /// rows' scales when given.
-    fn normed(&self, x: &CudaSlice<f32>, w: &CudaSlice<f32>, n: usize, rstd: Option<&mut CudaSlice<f32>>, backward: bool) -> Result<Forms> {
+    /// rows' scales when given. Without a norm (`w` `None`: OLMo 2's
+    /// branches) `x` itself in those forms.
+    fn normed(&self, x: &CudaSlice<f32>, w: Option<&CudaSlice<f32>>, n: usize, rstd: Option<&mut CudaSlice<f32>>, backward: bool) -> Result<Forms> {
         let d = &*self.dev;
         let (h, eps) = (self.cfg.hidden_size, self.norm_eps);
+        let fp32_only = self.compute == Compute::F32 || (backward && !self.lean());
+        let Some(w) = w else {
+            let f = if fp32_only || !self.lean() { Some(d.duplicate(x)?) } else { None };
+            return Ok((f, if fp32_only { None } else { Some(bf16_copy(d, x)?) }));
+        };
         let mut rv = rstd.map(|r| r.as_view_mut());
-        if self.compute == Compute::F32 || (backward && !self.lean()) {
+        if fp32_only {
             let mut y = out_buf::<f32>(d, n * h)?;
             cnorm::rmsnorm_forward(d, &x.as_view(), &w.as_view(), n, h, eps, &mut y.as_view_mut(), rv.as_mut())?;
             return Ok((Some(y), None));
@@ -1881,15 +1922,27 @@ impl DeviceModel {
     /// adapters fold ([`fold_plan`](Self::fold_plan)) — wide, with each
     /// folded module's `x·Aᵀ` beside it ([`widened`](Self::widened)).
     #[allow(clippy::too_many_arguments)]
-    fn normed_for(&self, l: usize, js: &[usize], x: &CudaSlice<f32>, w: &CudaSlice<f32>, n: usize, rstd: Option<&mut CudaSlice<f32>>, rows: Rows<'_>) -> Result<(Normed, Folded)> {
+    fn normed_for(&self, l: usize, js: &[usize], x: &CudaSlice<f32>, w: Option<&CudaSlice<f32>>, n: usize, rstd: Option<&mut CudaSlice<f32>>, rows: Rows<'_>) -> Result<(Normed, Folded)> {
         let Some(fold) = self.fold_plan(l, js, rows) else {
             return Ok((Normed::Forms(self.normed(x, w, n, rstd, false)?), Default::default()));
         };
         let d = &*self.dev;
         let (h, eps) = (self.cfg.hidden_size, self.norm_eps);
-        let mut buf = out_buf::<u16>(d, n * fold.ld)?;
-        let mut rv = rstd.map(|r| r.as_view_mut());
-        cnorm::rmsnorm_forward_wide_bf16(d, &x.as_view(), &w.as_view(), n, h, eps, &mut buf.as_view_mut(), fold.ld, rv.as_mut())?;
+        let buf = match w {
+            Some(w) => {
+                let mut buf = out_buf::<u16>(d, n * fold.ld)?;
+                let mut rv = rstd.map(|r| r.as_view_mut());
+                cnorm::rmsnorm_forward_wide_bf16(d, &x.as_view(), &w.as_view(), n, h, eps, &mut buf.as_view_mut(), fold.ld, rv.as_mut())?;
+                buf
+            }
+            // No norm: x's bf16 values in the first columns, the rest zero
+            // as the norm's wide form writes them.
+            None => {
+                let mut buf = d.alloc_filled::<u16>(n * fold.ld, 0)?;
+                ew::to_bf16_cols(d, &x.as_view(), n, h, &mut buf.as_view_mut(), fold.ld, 0)?;
+                buf
+            }
+        };
         self.widened(l, fold, buf, h, n)
     }
 
@@ -2240,12 +2293,25 @@ impl DeviceModel {
         let Dims { h, it, qd, kvd, nh, nkv, hd, .. } = Dims::of(&self.cfg);
         let n = batch * seq;
         let shape = self.shape(l, batch, seq);
-        let Acts { rstd1, qkv, mut qkn, att, lse, x_mid, rstd2, gu, mut hs } = acts;
+        let Acts { rstd1, qkv, mut qkn, att, lse, x_mid, post: [post_o, post_d], rstd2, gu, mut hs } = acts;
         let gu = gu.ok_or_else(|| err!(Internal, "gate and up not kept for the backward"))?;
         let lean = self.lean();
         let dxb = match dxb {
             Some(b) => Some(b),
             None => self.operand(&dx)?,
+        };
+        // The down projection's output gradient: the stream's, or through
+        // the MLP output norm (`dyd`, with its bf16 copy in BF16 mode).
+        let has_post = self.layers[l].post.is_some();
+        let dyd = match (self.layers[l].post.as_ref(), &post_d) {
+            (Some(w), Some(p)) => Some(self.norm_backward(&p.y, &w[1], &p.rstd, &dx, None, n)?),
+            (None, None) => None,
+            _ => bail!(Internal, "the MLP output norm's activations not kept for the backward"),
+        };
+        drop(post_d);
+        let (dy_f, dy_b) = match &dyd {
+            Some((f, b)) => (f, b.as_ref()),
+            None => (&dx, dxb.as_ref()),
         };
         // MLP: x_out = x_mid + down(a), a = silu(g)·u, recomputed; then the
         // gradients of gate and up: apart (fp32 and/or bf16), or in place in
@@ -2257,7 +2323,7 @@ impl DeviceModel {
                 let up = plan.blocks[1].1;
                 let mut ab = out_buf::<u16>(d, n * it)?;
                 cswiglu::swiglu_forward_wide_bf16(d, &gub.slice(..), &gub.slice(up..), n, it, plan.ld, &mut ab.as_view_mut(), it)?;
-                let da = self.down_backward_bf16(tr, l, ab, hs[DOWN].as_ref(), Act::new(&dx, dxb.as_ref()), n)?;
+                let da = self.down_backward_bf16(tr, l, ab, hs[DOWN].as_ref(), Act::new(dy_f, dy_b), n)?;
                 let dh = match &da {
                     Saved::F32(da) => cswiglu::Dh::F32(&da.as_view()),
                     Saved::Bf16(dab) => cswiglu::Dh::Bf16(&dab.as_view()),
@@ -2269,7 +2335,7 @@ impl DeviceModel {
                 // a (the adapter's input) is freed before its gradient is made.
                 let mut a = out_buf::<f32>(d, n * it)?;
                 cswiglu::swiglu_forward(d, &g.as_view(), &u.as_view(), &mut a.as_view_mut())?;
-                let dy = Act::new(&dx, dxb.as_ref());
+                let dy = Act::new(dy_f, dy_b);
                 let gd = self.lin_grads(tr, l, DOWN, Act::F32(&a), hs[DOWN].as_ref(), dy, n, true)?;
                 drop(a);
                 let mut da = out_buf::<f32>(d, n * it)?;
@@ -2282,7 +2348,7 @@ impl DeviceModel {
                 // operands: a (the adapters' input), then the gradients.
                 let mut ab = out_buf::<u16>(d, n * it)?;
                 cswiglu::swiglu_forward_bf16(d, &gb.as_view(), &ub.as_view(), None, Some(&mut ab.as_view_mut()))?;
-                let da = self.down_backward_bf16(tr, l, ab, hs[DOWN].as_ref(), Act::new(&dx, dxb.as_ref()), n)?;
+                let da = self.down_backward_bf16(tr, l, ab, hs[DOWN].as_ref(), Act::new(dy_f, dy_b), n)?;
                 // The gradients over gate and up themselves (not needed
                 // after this pass): no second pair of buffers.
                 let (mut dgb, mut dub) = (gb, ub);
@@ -2299,7 +2365,7 @@ impl DeviceModel {
                 // at a time below, as the products need them.
                 let mut a = out_buf::<f32>(d, n * it)?;
                 cswiglu::swiglu_forward_bf16(d, &gb.as_view(), &ub.as_view(), Some(&mut a.as_view_mut()), None)?;
-                let dy = Act::new(&dx, dxb.as_ref());
+                let dy = Act::new(dy_f, dy_b);
                 let gd = self.lin_grads(tr, l, DOWN, Act::F32(&a), hs[DOWN].as_ref(), dy, n, true)?;
                 drop(a);
                 let mut da = out_buf::<f32>(d, n * it)?;
@@ -2314,12 +2380,15 @@ impl DeviceModel {
             }
             GateUp::Pair(..) => bail!(Internal, "gate and up kept in different dtypes"),
         };
-        drop(dxb);
-        let x_mid = match x_mid {
-            Some(x) => x,
-            None => self.attn_residual(l, Rows::Train(tr), x_in, &att)?.0,
+        drop((dyd, dxb));
+        let (x_mid, post_o) = match x_mid {
+            Some(x) => (x, post_o),
+            None => {
+                let (x, _, p) = self.attn_residual(l, Rows::Train(tr), x_in, &att, true)?;
+                (x, p)
+            }
         };
-        let (h2, h2b) = self.normed(&x_mid, &self.layers[l].mlp_norm, n, None, true)?;
+        let (h2, h2b) = self.normed(&x_mid, self.layers[l].mlp_norm.as_ref(), n, None, true)?;
         let h2a = act_of(&h2, &h2b)?;
         let dh2 = match grads {
             MlpGrads::Stacked(gub, plan) => self.stacked_dx(tr, l, h2a, &hs, gub, &plan, n)?,
@@ -2336,21 +2405,33 @@ impl DeviceModel {
         // norm's backward pass; then attention: x_mid = x_in + o_proj(att).
         // In the lean step o_proj's input gradient is one product with its
         // adapter's term: the bf16 copy written wide, [dxm | g_o].
-        let o_plan = self.dx_stack_plan(l, tr, &[O], false).filter(|p| p.blocks[0].3.is_some());
-        let (dxm, datt) = match o_plan {
-            Some(plan) => {
+        // (Only for an MLP input norm and no output norms: else plainly.)
+        let o_plan = self.dx_stack_plan(l, tr, &[O], false).filter(|p| p.blocks[0].3.is_some() && !has_post && self.layers[l].mlp_norm.is_some());
+        let (dxm, datt) = match (o_plan, &self.layers[l].mlp_norm) {
+            (Some(plan), Some(mlp_norm)) => {
                 let mut dxm = out_buf::<f32>(d, n * h)?;
                 let mut st = out_buf::<u16>(d, n * plan.ld)?;
-                cnorm::rmsnorm_backward_residual_wide(d, &x_mid.as_view(), &self.layers[l].mlp_norm.as_view(), &rstd2.as_view(), &dh2.as_view(), n, h, Some(&dx.as_view()), &mut dxm.as_view_mut(), &mut st.as_view_mut(), plan.ld)?;
+                cnorm::rmsnorm_backward_residual_wide(d, &x_mid.as_view(), &mlp_norm.as_view(), &rstd2.as_view(), &dh2.as_view(), n, h, Some(&dx.as_view()), &mut dxm.as_view_mut(), &mut st.as_view_mut(), plan.ld)?;
                 drop((dh2, dx, x_mid, rstd2));
                 let datt = self.stacked_dx(tr, l, att.act(None), &hs, st, &plan, n)?;
                 (dxm, datt)
             }
-            None => {
-                let (dxm, dxmb) = self.norm_backward(&x_mid, &self.layers[l].mlp_norm, &rstd2, &dh2, Some(&dx), n)?;
-                drop((dh2, dx, x_mid, rstd2));
+            _ => {
+                let (dxm, dxmb) = self.input_norm_backward(&x_mid, self.layers[l].mlp_norm.as_ref(), &rstd2, dh2, Some(&dx), n)?;
+                drop((dx, x_mid, rstd2));
+                // o_proj's output gradient: x_mid's, or through the
+                // attention output norm.
+                let dyo = match (self.layers[l].post.as_ref(), post_o) {
+                    (Some(w), Some(p)) => Some(self.norm_backward(&p.y, &w[0], &p.rstd, &dxm, None, n)?),
+                    (None, None) => None,
+                    _ => bail!(Internal, "the attention output norm's activations not kept for the backward"),
+                };
+                let dy = match &dyo {
+                    Some((f, b)) => Act::new(f, b.as_ref()),
+                    None => Act::new(&dxm, dxmb.as_ref()),
+                };
                 let mut datt = out_buf::<f32>(d, n * qd)?;
-                self.lin_backward(tr, l, O, att.act(None), hs[O].as_ref(), Act::new(&dxm, dxmb.as_ref()), n, Some((&mut datt, 0.0)))?;
+                self.lin_backward(tr, l, O, att.act(None), hs[O].as_ref(), dy, n, Some((&mut datt, 0.0)))?;
                 (dxm, datt)
             }
         };
@@ -2363,7 +2444,7 @@ impl DeviceModel {
             None => {
                 // As the forward normed it (both forms where it made both,
                 // or wide).
-                let (f, mut folded) = self.normed_for(l, &[Q, K, V], x_in, &self.layers[l].attn_norm, n, None, Rows::Train(tr))?;
+                let (f, mut folded) = self.normed_for(l, &[Q, K, V], x_in, self.layers[l].attn_norm.as_ref(), n, None, Rows::Train(tr))?;
                 let (s, [hq, hk, hv], sn) = self.qkv(l, Rows::Train(tr), f.act()?, &mut folded, batch, seq)?;
                 (hs[Q], hs[K], hs[V]) = (hq, hk, hv);
                 qkn = sn;
@@ -2449,7 +2530,7 @@ impl DeviceModel {
         let (dqa, dka, dva) = (act_of(&dq, &dqb)?, act_of(&dk, &dkb)?, act_of(&dv, &dvb)?);
         let h1 = match h1f {
             Some(f) => f,
-            None => Normed::Forms(self.normed(x_in, &self.layers[l].attn_norm, n, None, true)?),
+            None => Normed::Forms(self.normed(x_in, self.layers[l].attn_norm.as_ref(), n, None, true)?),
         };
         let h1a = h1.act()?;
         if need_dx {
@@ -2458,7 +2539,7 @@ impl DeviceModel {
             self.lin_backward(tr, l, K, h1a, hs[K].as_ref(), dka, n, Some((&mut dh1, 1.0)))?;
             self.lin_backward(tr, l, V, h1a, hs[V].as_ref(), dva, n, Some((&mut dh1, 1.0)))?;
             drop((dq, dqb, dk, dkb, dv, dvb, h1));
-            self.norm_backward(x_in, &self.layers[l].attn_norm, &rstd1, &dh1, Some(&dxm), n)
+            self.input_norm_backward(x_in, self.layers[l].attn_norm.as_ref(), &rstd1, dh1, Some(&dxm), n)
         } else {
             self.lin_backward::<f32>(tr, l, Q, h1a, hs[Q].as_ref(), dqa, n, None)?;
             self.lin_backward::<f32>(tr, l, K, h1a, hs[K].as_ref(), dka, n, None)?;
@@ -2579,11 +2660,11 @@ impl DeviceModel {
         drop((dq, dk, dv));
         let h1 = match h1f {
             Some(f) => f,
-            None => Normed::Forms(self.normed(x_in, &self.layers[l].attn_norm, n, None, true)?),
+            None => Normed::Forms(self.normed(x_in, self.layers[l].attn_norm.as_ref(), n, None, true)?),
         };
         let dh1 = self.stacked_dx(tr, l, h1.act()?, hs, st, plan, n)?;
         drop(h1);
-        self.norm_backward(x_in, &self.layers[l].attn_norm, rstd1, &dh1, Some(dxm), n)
+        self.input_norm_backward(x_in, self.layers[l].attn_norm.as_ref(), rstd1, dh1, Some(dxm), n)
     }
 
     /// The input gradient `dx` `[n, in]` of the modules of `plan`
@@ -2663,6 +2744,47 @@ impl DeviceModel {
         Ok((dx, dxb))
     }
 
+    /// [`norm_backward`](Self::norm_backward) of an input norm, or without
+    /// one (`w` `None`) `dy + res` (`dy` consumed) and its bf16 copy in
+    /// BF16 mode.
+    fn input_norm_backward(&self, x: &CudaSlice<f32>, w: Option<&CudaSlice<f32>>, rstd: &CudaSlice<f32>, dy: CudaSlice<f32>, res: Option<&CudaSlice<f32>>, n: usize) -> Result<(CudaSlice<f32>, Option<CudaSlice<u16>>)> {
+        let Some(w) = w else {
+            let mut dx = dy;
+            if let Some(r) = res {
+                ew::add(&self.dev, &mut dx.as_view_mut(), &r.as_view())?;
+            }
+            let dxb = self.operand(&dx)?;
+            return Ok((dx, dxb));
+        };
+        self.norm_backward(x, w, rstd, &dy, res, n)
+    }
+
+    /// `x += w·rmsnorm(y)` over `n` rows (an output norm `w` on branch
+    /// output `y`); with `keep`, `y` and its rstd for the norm's backward.
+    fn post_add(&self, w: &CudaSlice<f32>, y: CudaSlice<f32>, x: &mut CudaSlice<f32>, n: usize, keep: bool) -> Result<Option<PostSaved>> {
+        let d = &*self.dev;
+        let h = self.cfg.hidden_size;
+        let mut yn = out_buf::<f32>(d, n * h)?;
+        let mut rstd = out_buf::<f32>(d, n)?;
+        cnorm::rmsnorm_forward(d, &y.as_view(), &w.as_view(), n, h, self.cfg.rms_norm_eps, &mut yn.as_view_mut(), Some(&mut rstd.as_view_mut()))?;
+        ew::add(d, &mut x.as_view_mut(), &yn.as_view())?;
+        Ok(keep.then_some(PostSaved { y, rstd }))
+    }
+
+    /// The down projection of the MLP's gated input `a` added into the
+    /// residual stream `x` (through layer `l`'s MLP output norm where it
+    /// has one); returns its adapter's `x·Aᵀ` and, with `keep`, what the
+    /// output norm's backward needs.
+    #[allow(clippy::too_many_arguments)]
+    fn down_residual(&self, l: usize, rows: Rows<'_>, a: Act<'_>, n: usize, x: &mut CudaSlice<f32>, keep: bool) -> Result<(Option<Saved>, Option<PostSaved>)> {
+        let Some(post) = &self.layers[l].post else {
+            return Ok((self.lin_forward(l, DOWN, rows, a, n, x, 1.0)?, None));
+        };
+        let mut y = out_buf::<f32>(&self.dev, n * self.cfg.hidden_size)?;
+        let h = self.lin_forward(l, DOWN, rows, a, n, &mut y, 0.0)?;
+        Ok((h, self.post_add(&post[1], y, x, n, keep)?))
+    }
+
     /// Final norm, then the head's logits over row chunks of at most
     /// [`HEAD_CHUNK_ELEMS`] logits (`set_head_chunk_elems`), so the `[n, V]`
     /// matrix never exists whole: `f(chunk, r0, r1, logits, head)` per
@@ -2672,7 +2794,7 @@ impl DeviceModel {
         let d = &*self.dev;
         let (h, vsz) = (self.cfg.hidden_size, self.cfg.vocab_size);
         let mut rstd = out_buf::<f32>(d, n)?;
-        let (hf, hfb) = self.normed(x, &self.norm, n, Some(&mut rstd), false)?;
+        let (hf, hfb) = self.normed(x, Some(&self.norm), n, Some(&mut rstd), false)?;
         let hfa = act_of(&hf, &hfb)?;
         let head_w = match &self.head {
             Some(w) => self.weight(w)?,
@@ -2843,7 +2965,8 @@ impl DeviceModel {
         let mut b = wb(&self.embed) + self.norm.len() * 4 + self.head.as_ref().map_or(0, wb);
         b += self.sets.iter().map(|s| s.params.len() * 4 + s.train.as_ref().map_or(0, |t| t.grads.len() * 4 + t.m.device_bytes() + t.v.device_bytes())).sum::<usize>();
         for l in &self.layers {
-            b += (l.attn_norm.len() + l.mlp_norm.len() + l.qk_norm.as_ref().map_or(0, |w| w[0].len() + w[1].len())) * 4;
+            let pair = |w: &Option<[CudaSlice<f32>; 2]>| w.as_ref().map_or(0, |w| w[0].len() + w[1].len());
+            b += (l.attn_norm.as_ref().map_or(0, |w| w.len()) + l.mlp_norm.as_ref().map_or(0, |w| w.len()) + pair(&l.post) + pair(&l.qk_norm)) * 4;
             for lin in &l.lin {
                 b += wb(&lin.w) + lin.bias.as_ref().map_or(0, |x| x.len() * 4) + lin.merged.as_ref().map_or(0, wb);
             }
@@ -2989,6 +3112,17 @@ impl DeviceModel {
         Ok(out)
     }
 
+    /// A decode step's `x += o_proj(att)` or `x += down(a)` (linear `j`),
+    /// through the layer's output norm where it has one.
+    fn decode_residual(&self, l: usize, j: usize, rows: Rows<'_>, a: Act<'_>, n: usize, x: &mut CudaSlice<f32>) -> Result<()> {
+        let Some(post) = &self.layers[l].post else {
+            return self.lin_decode(l, j, rows, a, n, x, 1.0);
+        };
+        let mut y = out_buf::<f32>(&self.dev, x.len())?;
+        self.lin_decode(l, j, rows, a, n, &mut y, 0.0)?;
+        self.post_add(&post[usize::from(j == DOWN)], y, x, n, false).map(drop)
+    }
+
     /// One decode step: token `next[b]` at position `lens[b]` of each
     /// sequence (its k and v appended to the caches); returns logits `[B, V]`.
     fn decode_step(&mut self, next: &[i32], rows: Rows<'_>, lens: &mut [usize], caches: &mut [(CudaSlice<f32>, CudaSlice<f32>)], cap: usize) -> Result<Vec<f32>> {
@@ -3001,14 +3135,14 @@ impl DeviceModel {
         let new_lens: Vec<usize> = lens.iter().map(|&n| n + 1).collect();
         let mut x = self.embed_ids(next)?;
         for (l, cache) in caches.iter_mut().enumerate() {
-            let (h1, h1b) = self.normed(&x, &self.layers[l].attn_norm, bsz, None, false)?;
+            let (h1, h1b) = self.normed(&x, self.layers[l].attn_norm.as_ref(), bsz, None, false)?;
             let h1a = act_of(&h1, &h1b)?;
             let (mut q, mut k, mut v) = (out_buf::<f32>(d, bsz * qd)?, out_buf::<f32>(d, bsz * kvd)?, out_buf::<f32>(d, bsz * kvd)?);
             self.lin_decode(l, Q, rows, h1a, bsz, &mut q, 0.0)?;
             self.lin_decode(l, K, rows, h1a, bsz, &mut k, 0.0)?;
             self.lin_decode(l, V, rows, h1a, bsz, &mut v, 0.0)?;
             if let Some(w) = &self.layers[l].qk_norm {
-                self.qk_normed(w, &mut q, &mut k, bsz)?;
+                self.qk_normed(w, &mut q, &mut k)?;
             }
             if self.cfg.rope_layers[l] {
                 crope::rope_forward(d, &mut q.as_view_mut(), 1, bsz, nh, hd, &table)?;
@@ -3025,14 +3159,14 @@ impl DeviceModel {
             let mut att = out_buf::<f32>(d, bsz * qd)?;
             catt::decode(d, &q.as_view(), &cache.0.as_view(), &cache.1.as_view(), &new_lens, &shape, &mut att.as_view_mut())?;
             let attb = self.operand(&att)?;
-            self.lin_decode(l, O, rows, Act::new(&att, attb.as_ref()), bsz, &mut x, 1.0)?;
-            let (h2, h2b) = self.normed(&x, &self.layers[l].mlp_norm, bsz, None, false)?;
+            self.decode_residual(l, O, rows, Act::new(&att, attb.as_ref()), bsz, &mut x)?;
+            let (h2, h2b) = self.normed(&x, self.layers[l].mlp_norm.as_ref(), bsz, None, false)?;
             let h2a = act_of(&h2, &h2b)?;
             let (mut g, mut u) = (out_buf::<f32>(d, bsz * it)?, out_buf::<f32>(d, bsz * it)?);
             self.lin_decode(l, GATE, rows, h2a, bsz, &mut g, 0.0)?;
             self.lin_decode(l, UP, rows, h2a, bsz, &mut u, 0.0)?;
             let (a, ab, _) = self.gated(g, u, false)?;
-            self.lin_decode(l, DOWN, rows, act_of(&a, &ab)?, bsz, &mut x, 1.0)?;
+            self.decode_residual(l, DOWN, rows, act_of(&a, &ab)?, bsz, &mut x)?;
         }
         lens.iter_mut().for_each(|n| *n += 1);
         self.head_logits(&x, bsz)
