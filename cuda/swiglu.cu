@@ -61,20 +61,58 @@ __device__ __forceinline__ void swiglu_grad(float g, float u, float dh, float* d
     *du = __fmul_rn(dh, swiglu_silu(g));
 }
 
+// GeGLU (Gemma): the gate's activation is PyTorch's tanh-approximated GELU,
+// in the CPU twin's order (src/backend/cpu/swiglu.rs):
+//   inner = beta * (x + kappa * x^3), beta = sqrt(2/pi), kappa = 0.044715
+//   gelu  = (0.5 * x) * (1 + tanh(inner))
+//   gelu' = 0.5 * (1 + t) + (0.5 * x) * (1 - t * t) * (beta * (1 + 3 * kappa * x^2))
+//   dgate = (dh * u) * gelu'(g), dup = dh * gelu(g)
+// tanhf (CUDA: max 2 ulp) against the CPU's vexp::tanh (<= 1.46 ulp).
+#define GLU_BETA 0.7978845834732056f
+#define GLU_KAPPA 0.044715f
+__device__ __forceinline__ float glu_gelu(float x) {
+    const float inner = __fmul_rn(GLU_BETA, __fadd_rn(x, __fmul_rn(GLU_KAPPA, __fmul_rn(__fmul_rn(x, x), x))));
+    return __fmul_rn(__fmul_rn(0.5f, x), __fadd_rn(1.0f, tanhf(inner)));
+}
+
+__device__ __forceinline__ float glu_gelu_grad(float x) {
+    const float x_sq = __fmul_rn(x, x);
+    const float inner = __fmul_rn(GLU_BETA, __fadd_rn(x, __fmul_rn(GLU_KAPPA, __fmul_rn(x_sq, x))));
+    const float t = tanhf(inner);
+    const float left = __fmul_rn(0.5f, x);
+    const float right = __fadd_rn(1.0f, t);
+    const float left_d = __fmul_rn(0.5f, right);
+    const float right_d = __fmul_rn(__fmul_rn(left, __fsub_rn(1.0f, __fmul_rn(t, t))), __fmul_rn(GLU_BETA, __fadd_rn(1.0f, __fmul_rn(__fmul_rn(3.0f, GLU_KAPPA), x_sq))));
+    return __fadd_rn(left_d, right_d);
+}
+
+// The gate's activation: act 0 silu (SwiGLU), 1 tanh-GELU (GeGLU). Every
+// kernel takes act as its last parameter (uniform over the launch).
+__device__ __forceinline__ float glu_act(float g, u32 act) { return act ? glu_gelu(g) : swiglu_silu(g); }
+
+__device__ __forceinline__ void glu_grad(float g, float u, float dh, u32 act, float* dg, float* du) {
+    if (act) {
+        *dg = __fmul_rn(__fmul_rn(dh, u), glu_gelu_grad(g));
+        *du = __fmul_rn(dh, glu_gelu(g));
+    } else {
+        swiglu_grad(g, u, dh, dg, du);
+    }
+}
+
 // h = silu(gate) * up.
 extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
-    swiglu_fwd_f32(const float* __restrict__ gate, const float* __restrict__ up, u64 n, float* __restrict__ h) {
+    swiglu_fwd_f32(const float* __restrict__ gate, const float* __restrict__ up, u64 n, float* __restrict__ h, u32 act) {
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
-        h[i] = __fmul_rn(swiglu_silu(gate[i]), up[i]);
+        h[i] = __fmul_rn(glu_act(gate[i], act), up[i]);
 }
 
 // dgate, dup from gate, up, dh (all written).
 extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
     swiglu_bwd_f32(const float* __restrict__ gate, const float* __restrict__ up, const float* __restrict__ dh, u64 n,
-                   float* __restrict__ dgate, float* __restrict__ dup) {
+                   float* __restrict__ dgate, float* __restrict__ dup, u32 act) {
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         float dg, du;
-        swiglu_grad(gate[i], up[i], dh[i], &dg, &du);
+        glu_grad(gate[i], up[i], dh[i], act, &dg, &du);
         dgate[i] = dg;
         dup[i] = du;
     }
@@ -82,10 +120,10 @@ extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
 
 // In place: gate <- dgate, up <- dup.
 extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
-    swiglu_bwd_inplace_f32(float* __restrict__ gate, float* __restrict__ up, const float* __restrict__ dh, u64 n) {
+    swiglu_bwd_inplace_f32(float* __restrict__ gate, float* __restrict__ up, const float* __restrict__ dh, u64 n, u32 act) {
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         float dg, du;
-        swiglu_grad(gate[i], up[i], dh[i], &dg, &du);
+        glu_grad(gate[i], up[i], dh[i], act, &dg, &du);
         gate[i] = dg;
         up[i] = du;
     }
@@ -95,10 +133,10 @@ extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
 // the bf16 roundings of gate and up, each output optional (null: skipped).
 extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
     swiglu_fwd_out_f32(const float* __restrict__ gate, const float* __restrict__ up, u64 n, float* __restrict__ h,
-                       u16* __restrict__ hb, u16* __restrict__ gb, u16* __restrict__ ub) {
+                       u16* __restrict__ hb, u16* __restrict__ gb, u16* __restrict__ ub, u32 act) {
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         const float g = gate[i], u = up[i];
-        const float y = __fmul_rn(swiglu_silu(g), u);
+        const float y = __fmul_rn(glu_act(g, act), u);
         if (h) h[i] = y;
         if (hb) hb[i] = swiglu_bf16(y);
         if (gb) gb[i] = swiglu_bf16(g);
@@ -112,10 +150,10 @@ extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
 // one thread that writes it.
 extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
     swiglu_fwd_inplace_out_f32(float* __restrict__ gate, const float* __restrict__ up, u64 n, u16* __restrict__ hb,
-                               u16* __restrict__ gb, u16* __restrict__ ub) {
+                               u16* __restrict__ gb, u16* __restrict__ ub, u32 act) {
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         const float g = gate[i], u = up[i];
-        const float y = __fmul_rn(swiglu_silu(g), u);
+        const float y = __fmul_rn(glu_act(g, act), u);
         gate[i] = y;
         if (hb) hb[i] = swiglu_bf16(y);
         if (gb) gb[i] = swiglu_bf16(g);
@@ -126,9 +164,9 @@ extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
 // h = silu(gate) * up from bf16 gate, up (widened exactly); h fp32 and/or
 // bf16, each optional.
 extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
-    swiglu_fwd_out_bf16(const u16* __restrict__ gate, const u16* __restrict__ up, u64 n, float* __restrict__ h, u16* __restrict__ hb) {
+    swiglu_fwd_out_bf16(const u16* __restrict__ gate, const u16* __restrict__ up, u64 n, float* __restrict__ h, u16* __restrict__ hb, u32 act) {
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
-        const float y = __fmul_rn(swiglu_silu(swiglu_widen(gate[i])), swiglu_widen(up[i]));
+        const float y = __fmul_rn(glu_act(swiglu_widen(gate[i]), act), swiglu_widen(up[i]));
         if (h) h[i] = y;
         if (hb) hb[i] = swiglu_bf16(y);
     }
@@ -142,13 +180,13 @@ extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
 // Grid-stride over rows * ld.
 extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
     swiglu_fwd_wide_bf16(const u16* __restrict__ gate, const u16* __restrict__ up, u64 rows, u32 cols, u64 in_ld, u64 ld,
-                         u16* __restrict__ hb) {
+                         u16* __restrict__ hb, u32 act) {
     const u64 n = rows * ld;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         const u64 r = i / ld, c = i % ld;
         if (c < cols) {
             const u64 j = r * in_ld + c;
-            hb[i] = swiglu_bf16(__fmul_rn(swiglu_silu(swiglu_widen(gate[j])), swiglu_widen(up[j])));
+            hb[i] = swiglu_bf16(__fmul_rn(glu_act(swiglu_widen(gate[j]), act), swiglu_widen(up[j])));
         } else {
             hb[i] = 0;
         }
@@ -160,10 +198,10 @@ __device__ __forceinline__ float swiglu_ld(const u16* p) { return swiglu_widen(*
 
 template <typename TD>
 __device__ __forceinline__ void swiglu_bwd_out(const u16* __restrict__ gate, const u16* __restrict__ up, const TD* __restrict__ dh, u64 n,
-                                               float* __restrict__ dgate, float* __restrict__ dup, u16* __restrict__ dgate_b, u16* __restrict__ dup_b) {
+                                               float* __restrict__ dgate, float* __restrict__ dup, u16* __restrict__ dgate_b, u16* __restrict__ dup_b, u32 act) {
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         float dg, du;
-        swiglu_grad(swiglu_widen(gate[i]), swiglu_widen(up[i]), swiglu_ld(dh + i), &dg, &du);
+        glu_grad(swiglu_widen(gate[i]), swiglu_widen(up[i]), swiglu_ld(dh + i), act, &dg, &du);
         if (dgate) dgate[i] = dg;
         if (dup) dup[i] = du;
         if (dgate_b) dgate_b[i] = swiglu_bf16(dg);
@@ -175,39 +213,39 @@ __device__ __forceinline__ void swiglu_bwd_out(const u16* __restrict__ gate, con
 // fp32 and bf16 outputs optional.
 extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
     swiglu_bwd_out_bf16(const u16* __restrict__ gate, const u16* __restrict__ up, const float* __restrict__ dh, u64 n,
-                        float* __restrict__ dgate, float* __restrict__ dup, u16* __restrict__ dgate_b, u16* __restrict__ dup_b) {
-    swiglu_bwd_out(gate, up, dh, n, dgate, dup, dgate_b, dup_b);
+                        float* __restrict__ dgate, float* __restrict__ dup, u16* __restrict__ dgate_b, u16* __restrict__ dup_b, u32 act) {
+    swiglu_bwd_out(gate, up, dh, n, dgate, dup, dgate_b, dup_b, act);
 }
 
 // The same with dh in bf16 too (widened exactly: the fp32-dh kernel's bits
 // on the widened dh).
 extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
     swiglu_bwd_out_bf16dh(const u16* __restrict__ gate, const u16* __restrict__ up, const u16* __restrict__ dh, u64 n,
-                          float* __restrict__ dgate, float* __restrict__ dup, u16* __restrict__ dgate_b, u16* __restrict__ dup_b) {
-    swiglu_bwd_out(gate, up, dh, n, dgate, dup, dgate_b, dup_b);
+                          float* __restrict__ dgate, float* __restrict__ dup, u16* __restrict__ dgate_b, u16* __restrict__ dup_b, u32 act) {
+    swiglu_bwd_out(gate, up, dh, n, dgate, dup, dgate_b, dup_b, act);
 }
 
 // In place from bf16 gate and up: gate <- bf16(dgate), up <- bf16(dup), the
 // bf16 outputs of swiglu_bwd_out_bf16 / _bf16dh (each element read before
 // it is written, by the one thread that writes it).
 template <typename TD>
-__device__ __forceinline__ void swiglu_bwd_inplace_b(u16* gate, u16* up, const TD* __restrict__ dh, u64 n) {
+__device__ __forceinline__ void swiglu_bwd_inplace_b(u16* gate, u16* up, const TD* __restrict__ dh, u64 n, u32 act) {
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         float dg, du;
-        swiglu_grad(swiglu_widen(gate[i]), swiglu_widen(up[i]), swiglu_ld(dh + i), &dg, &du);
+        glu_grad(swiglu_widen(gate[i]), swiglu_widen(up[i]), swiglu_ld(dh + i), act, &dg, &du);
         gate[i] = swiglu_bf16(dg);
         up[i] = swiglu_bf16(du);
     }
 }
 
 extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
-    swiglu_bwd_inplace_bf16(u16* __restrict__ gate, u16* __restrict__ up, const float* __restrict__ dh, u64 n) {
-    swiglu_bwd_inplace_b(gate, up, dh, n);
+    swiglu_bwd_inplace_bf16(u16* __restrict__ gate, u16* __restrict__ up, const float* __restrict__ dh, u64 n, u32 act) {
+    swiglu_bwd_inplace_b(gate, up, dh, n, act);
 }
 
 extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
-    swiglu_bwd_inplace_bf16dh(u16* __restrict__ gate, u16* __restrict__ up, const u16* __restrict__ dh, u64 n) {
-    swiglu_bwd_inplace_b(gate, up, dh, n);
+    swiglu_bwd_inplace_bf16dh(u16* __restrict__ gate, u16* __restrict__ up, const u16* __restrict__ dh, u64 n, u32 act) {
+    swiglu_bwd_inplace_b(gate, up, dh, n, act);
 }
 
 // In place, every output: from bf16 gate and up and fp32 dh, dh <- the fp32
@@ -218,10 +256,10 @@ extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
 // whose base products the bf16 ones). Each element is read before it is
 // written, by the one thread that writes it.
 extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
-    swiglu_bwd_inplace_bf16all(u16* __restrict__ gate, u16* __restrict__ up, float* __restrict__ dh, u64 n, float* __restrict__ dup) {
+    swiglu_bwd_inplace_bf16all(u16* __restrict__ gate, u16* __restrict__ up, float* __restrict__ dh, u64 n, float* __restrict__ dup, u32 act) {
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         float dg, du;
-        swiglu_grad(swiglu_widen(gate[i]), swiglu_widen(up[i]), dh[i], &dg, &du);
+        glu_grad(swiglu_widen(gate[i]), swiglu_widen(up[i]), dh[i], act, &dg, &du);
         dh[i] = dg;
         dup[i] = du;
         gate[i] = swiglu_bf16(dg);
@@ -235,23 +273,23 @@ extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
 // (fp32 dh) / _bf16dh (bf16 dh) on separate buffers. Grid-stride over
 // rows * cols.
 template <typename TD>
-__device__ __forceinline__ void swiglu_bwd_pair_b(u16* gu, u64 rows, u32 cols, u64 ld, u64 up_off, const TD* __restrict__ dh) {
+__device__ __forceinline__ void swiglu_bwd_pair_b(u16* gu, u64 rows, u32 cols, u64 ld, u64 up_off, const TD* __restrict__ dh, u32 act) {
     const u64 n = rows * cols;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         const u64 g = (i / cols) * ld + i % cols, u = g + up_off;
         float dg, du;
-        swiglu_grad(swiglu_widen(gu[g]), swiglu_widen(gu[u]), swiglu_ld(dh + i), &dg, &du);
+        glu_grad(swiglu_widen(gu[g]), swiglu_widen(gu[u]), swiglu_ld(dh + i), act, &dg, &du);
         gu[g] = swiglu_bf16(dg);
         gu[u] = swiglu_bf16(du);
     }
 }
 
 extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
-    swiglu_bwd_pair_bf16(u16* __restrict__ gu, u64 rows, u32 cols, u64 ld, u64 up_off, const float* __restrict__ dh) {
-    swiglu_bwd_pair_b(gu, rows, cols, ld, up_off, dh);
+    swiglu_bwd_pair_bf16(u16* __restrict__ gu, u64 rows, u32 cols, u64 ld, u64 up_off, const float* __restrict__ dh, u32 act) {
+    swiglu_bwd_pair_b(gu, rows, cols, ld, up_off, dh, act);
 }
 
 extern "C" __global__ void __launch_bounds__(SWIGLU_THREADS)
-    swiglu_bwd_pair_bf16dh(u16* __restrict__ gu, u64 rows, u32 cols, u64 ld, u64 up_off, const u16* __restrict__ dh) {
-    swiglu_bwd_pair_b(gu, rows, cols, ld, up_off, dh);
+    swiglu_bwd_pair_bf16dh(u16* __restrict__ gu, u64 rows, u32 cols, u64 ld, u64 up_off, const u16* __restrict__ dh, u32 act) {
+    swiglu_bwd_pair_b(gu, rows, cols, ld, up_off, dh, act);
 }

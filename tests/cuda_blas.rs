@@ -324,25 +324,25 @@ fn stacked_gradient_operand_kernels_write_their_blocks() {
             assert_eq!(g, want, "scaled rows r {r} rows {rows}: element {i}");
         }
     }
-    // SwiGLU's bf16 product written wide: the bits of the contiguous
-    // kernel's, then zeros.
-    {
-        use lora::backend::cuda::swiglu as gswiglu;
+    // SwiGLU's (and GeGLU's) bf16 product written wide: the bits of the
+    // contiguous kernel's, then zeros.
+    use lora::backend::cuda::swiglu as gswiglu;
+    for act in [gswiglu::Activation::Silu, gswiglu::Activation::GeluTanh] {
         let (rows, cols, ld) = (7usize, 40usize, 56usize);
         let g: Vec<u16> = vecr(&mut rng, rows * cols).iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
         let u: Vec<u16> = vecr(&mut rng, rows * cols).iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
         let (gd, ud) = (dev.upload(&g).unwrap(), dev.upload(&u).unwrap());
         let mut want = dev.alloc_filled::<u16>(rows * cols, 0xFF).unwrap();
-        gswiglu::swiglu_forward_bf16(dev, &gd.as_view(), &ud.as_view(), None, Some(&mut want.as_view_mut())).unwrap();
+        gswiglu::swiglu_forward_bf16(dev, &gd.as_view(), &ud.as_view(), None, Some(&mut want.as_view_mut()), act).unwrap();
         let want = dev.download(&want).unwrap();
         let mut wide = dev.alloc_filled::<u16>(rows * ld, 0xFF).unwrap();
-        gswiglu::swiglu_forward_wide_bf16(dev, &gd.as_view(), &ud.as_view(), rows, cols, cols, &mut wide.as_view_mut(), ld).unwrap();
+        gswiglu::swiglu_forward_wide_bf16(dev, &gd.as_view(), &ud.as_view(), rows, cols, cols, &mut wide.as_view_mut(), ld, act).unwrap();
         let got = dev.download(&wide).unwrap();
         for i in 0..rows {
             assert_eq!(&got[i * ld..i * ld + cols], &want[i * cols..(i + 1) * cols], "swiglu wide row {i}");
             assert!(got[i * ld + cols..(i + 1) * ld].iter().all(|&v| v == 0), "swiglu wide row {i}: tail not zeroed");
         }
-        assert!(gswiglu::swiglu_forward_wide_bf16(dev, &gd.as_view(), &ud.as_view(), rows, cols, cols, &mut wide.as_view_mut(), cols - 1).is_err());
+        assert!(gswiglu::swiglu_forward_wide_bf16(dev, &gd.as_view(), &ud.as_view(), rows, cols, cols, &mut wide.as_view_mut(), cols - 1, act).is_err());
         // Gate and up side by side in one wide buffer (rows pld apart): the
         // product read from there, and the backward in place there, with
         // fp32 and bf16 dh, give the bits of the kernels on separate
@@ -355,7 +355,7 @@ fn stacked_gradient_operand_kernels_write_their_blocks() {
         }
         let pd = dev.upload(&pair).unwrap();
         let mut hb = dev.alloc_filled::<u16>(rows * cols, 0xFF).unwrap();
-        gswiglu::swiglu_forward_wide_bf16(dev, &pd.slice(..), &pd.slice(uoff..), rows, cols, pld, &mut hb.as_view_mut(), cols).unwrap();
+        gswiglu::swiglu_forward_wide_bf16(dev, &pd.slice(..), &pd.slice(uoff..), rows, cols, pld, &mut hb.as_view_mut(), cols, act).unwrap();
         assert_eq!(dev.download(&hb).unwrap(), want, "swiglu from gate and up side by side");
         let dh = vecr(&mut rng, rows * cols);
         let dhb: Vec<u16> = dh.iter().map(|&v| bf16::from_f32(v).to_bits()).collect();
@@ -364,9 +364,9 @@ fn stacked_gradient_operand_kernels_write_their_blocks() {
             let (mut g2, mut u2) = (dev.upload(&g).unwrap(), dev.upload(&u).unwrap());
             let (dhv, dhbv) = (dhd.as_view(), dhbd.as_view());
             let mk = || if bf { gswiglu::Dh::Bf16(&dhbv) } else { gswiglu::Dh::F32(&dhv) };
-            gswiglu::swiglu_backward_bf16_inplace(dev, &mut g2.as_view_mut(), &mut u2.as_view_mut(), mk()).unwrap();
+            gswiglu::swiglu_backward_bf16_inplace(dev, &mut g2.as_view_mut(), &mut u2.as_view_mut(), mk(), act).unwrap();
             let mut p2 = dev.upload(&pair).unwrap();
-            gswiglu::swiglu_backward_pair_inplace(dev, &mut p2.as_view_mut(), rows, cols, pld, uoff, mk()).unwrap();
+            gswiglu::swiglu_backward_pair_inplace(dev, &mut p2.as_view_mut(), rows, cols, pld, uoff, mk(), act).unwrap();
             let (g2, u2, p2) = (dev.download(&g2).unwrap(), dev.download(&u2).unwrap(), dev.download(&p2).unwrap());
             for i in 0..rows {
                 assert_eq!(&p2[i * pld..i * pld + cols], &g2[i * cols..(i + 1) * cols], "swiglu pair backward (bf16 dh {bf}): gate row {i}");
@@ -376,8 +376,8 @@ fn stacked_gradient_operand_kernels_write_their_blocks() {
             }
         }
         let mut p3 = dev.upload(&pair).unwrap();
-        assert!(gswiglu::swiglu_backward_pair_inplace(dev, &mut p3.as_view_mut(), rows, cols, 2 * cols - 1, cols, gswiglu::Dh::F32(&dhd.as_view())).is_err());
-        assert!(gswiglu::swiglu_backward_pair_inplace(dev, &mut p3.as_view_mut(), rows, cols, pld, cols - 1, gswiglu::Dh::F32(&dhd.as_view())).is_err());
+        assert!(gswiglu::swiglu_backward_pair_inplace(dev, &mut p3.as_view_mut(), rows, cols, 2 * cols - 1, cols, gswiglu::Dh::F32(&dhd.as_view()), act).is_err());
+        assert!(gswiglu::swiglu_backward_pair_inplace(dev, &mut p3.as_view_mut(), rows, cols, pld, cols - 1, gswiglu::Dh::F32(&dhd.as_view()), act).is_err());
     }
     // A product into a block of a wide output (gemm_ld): the values of the
     // contiguous product, the rest of each row untouched.

@@ -5,7 +5,7 @@
 //!   of f64 sums; the share of bit-exact elements is printed);
 //! - RoPE forward/backward (`cuda::rope`): bit for bit;
 //! - SwiGLU forward/backward, in place too (`cuda::swiglu`): within
-//!   `H_REL_TOL`, `DUP_REL_TOL`, `dgate_tol` (CUDA's expf);
+//!   `h_tol`, `dup_tol`, `dgate_tol` (CUDA's expf, tanhf), SwiGLU and GeGLU;
 //! - embedding gather (`cuda::embed`): bit for bit; a bad id is an error
 //!   with the output untouched;
 //! - fused cross-entropy (`cuda::loss`): loss within `CE_LOSS_TOL`, count
@@ -23,6 +23,7 @@
 
 use lora::backend::cpu::{embed as cembed, loss as closs, norm as cnorm, rope as crope, swiglu as cswiglu};
 use lora::backend::cuda::{adamw as gadamw, embed as gembed, loss as gloss, norm as gnorm, rope as grope, swiglu as gswiglu, CudaDevice};
+use lora::model::config::Activation;
 use lora::optim::adamw::adamw_update;
 use lora::optim::{AdamWConfig, AdamWScalars};
 use lora::ErrorKind;
@@ -213,6 +214,13 @@ fn rope_matches_the_cpu_bit_for_bit() {
 #[test]
 fn swiglu_matches_the_cpu_within_bounds() {
     let Some(dev) = gpu("swiglu_matches_the_cpu_within_bounds") else { return };
+    // SwiGLU and GeGLU (Gemma's tanh-GELU gate): the same kernels.
+    for act in [Activation::Silu, Activation::GeluTanh] {
+        glu_matches_the_cpu(dev, act);
+    }
+}
+
+fn glu_matches_the_cpu(dev: &CudaDevice, act: Activation) {
     let mut rng = Rng(33);
     for &n in &[1usize, 1000, 100_003] {
         let mut gate = rng.vec(n, 4.0);
@@ -223,27 +231,27 @@ fn swiglu_matches_the_cpu_within_bounds() {
         let up = rng.vec(n, 1.0);
         let dh = rng.vec(n, 1.0);
         let mut h = vec![0f32; n];
-        cswiglu::swiglu_forward(&gate, &up, &mut h);
+        cswiglu::glu_forward(act, &gate, &up, &mut h);
         let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
-        cswiglu::swiglu_backward(&gate, &up, &dh, &mut dg, &mut du);
+        cswiglu::glu_backward(act, &gate, &up, &dh, &mut dg, &mut du);
 
         let (gd, ud, dhd) = (dev.upload(&gate).unwrap(), dev.upload(&up).unwrap(), dev.upload(&dh).unwrap());
         let mut hd = dev.alloc_filled::<f32>(n, 0xFF).unwrap();
-        gswiglu::swiglu_forward(dev, &gd.as_view(), &ud.as_view(), &mut hd.as_view_mut()).unwrap();
-        let eh = check_close("h", &dev.download(&hd).unwrap(), &h, |i| gswiglu::H_REL_TOL * h[i].abs() as f64 + 1e-45);
+        gswiglu::swiglu_forward(dev, &gd.as_view(), &ud.as_view(), &mut hd.as_view_mut(), act).unwrap();
+        let eh = check_close("h", &dev.download(&hd).unwrap(), &h, |i| gswiglu::h_tol(act, gate[i], up[i], h[i]));
         let mut dgd = dev.alloc_filled::<f32>(n, 0xFF).unwrap();
         let mut dud = dev.alloc_filled::<f32>(n, 0xFF).unwrap();
-        gswiglu::swiglu_backward(dev, &gd.as_view(), &ud.as_view(), &dhd.as_view(), &mut dgd.as_view_mut(), &mut dud.as_view_mut()).unwrap();
+        gswiglu::swiglu_backward(dev, &gd.as_view(), &ud.as_view(), &dhd.as_view(), &mut dgd.as_view_mut(), &mut dud.as_view_mut(), act).unwrap();
         let (gdg, gdu) = (dev.download(&dgd).unwrap(), dev.download(&dud).unwrap());
-        let edg = check_close("dgate", &gdg, &dg, |i| gswiglu::dgate_tol(gate[i], up[i], dh[i]));
-        let edu = check_close("dup", &gdu, &du, |i| gswiglu::DUP_REL_TOL * du[i].abs() as f64 + 1e-45);
+        let edg = check_close("dgate", &gdg, &dg, |i| gswiglu::dgate_tol(act, gate[i], up[i], dh[i]));
+        let edu = check_close("dup", &gdu, &du, |i| gswiglu::dup_tol(act, gate[i], dh[i], du[i]));
         // In place: the same bits as the out-of-place kernel.
         let (mut gi, mut ui) = (dev.upload(&gate).unwrap(), dev.upload(&up).unwrap());
-        gswiglu::swiglu_backward_inplace(dev, &mut gi.as_view_mut(), &mut ui.as_view_mut(), &dhd.as_view()).unwrap();
+        gswiglu::swiglu_backward_inplace(dev, &mut gi.as_view_mut(), &mut ui.as_view_mut(), &dhd.as_view(), act).unwrap();
         check_bits("dgate (in place)", &dev.download(&gi).unwrap(), &gdg);
         check_bits("dup (in place)", &dev.download(&ui).unwrap(), &gdu);
-        eprintln!("swiglu n={n}: bit-exact h {eh}, dgate {edg}, dup {edu} of {n}");
-        fused_swiglu_matches_the_unfused(dev, &gate, &up, &dh);
+        eprintln!("{act:?} gate n={n}: bit-exact h {eh}, dgate {edg}, dup {edu} of {n}");
+        fused_swiglu_matches_the_unfused(dev, &gate, &up, &dh, act);
     }
 }
 
@@ -258,7 +266,7 @@ fn widen(b: &[u16]) -> Vec<f32> {
 /// The bf16 step's fused SwiGLU kernels give the bits of the fp32 kernels
 /// (on the same, bf16-rounded where the kernel takes bf16, inputs) and of
 /// their conversions; an output not asked for is not written.
-fn fused_swiglu_matches_the_unfused(dev: &CudaDevice, gate: &[f32], up: &[f32], dh: &[f32]) {
+fn fused_swiglu_matches_the_unfused(dev: &CudaDevice, gate: &[f32], up: &[f32], dh: &[f32], act: Activation) {
     let n = gate.len();
     // The conversions' edges too (SPECIAL_F32_BITS).
     let (mut gate, mut up) = (gate.to_vec(), up.to_vec());
@@ -271,7 +279,7 @@ fn fused_swiglu_matches_the_unfused(dev: &CudaDevice, gate: &[f32], up: &[f32], 
     let run_fwd = |g: &[f32], u: &[f32]| {
         let (gd, ud) = (dev.upload(g).unwrap(), dev.upload(u).unwrap());
         let mut h = dev.alloc_filled::<f32>(n, 0xFF).unwrap();
-        gswiglu::swiglu_forward(dev, &gd.as_view(), &ud.as_view(), &mut h.as_view_mut()).unwrap();
+        gswiglu::swiglu_forward(dev, &gd.as_view(), &ud.as_view(), &mut h.as_view_mut(), act).unwrap();
         f32_of(&h)
     };
     // From fp32 gate and up: h, its bf16, and gate's and up's bf16.
@@ -280,7 +288,7 @@ fn fused_swiglu_matches_the_unfused(dev: &CudaDevice, gate: &[f32], up: &[f32], 
     for all in [true, false] {
         let mut hf = dev.alloc_filled::<f32>(n, 0xFF).unwrap();
         let (mut hb, mut gb, mut ub) = (dev.alloc_filled::<u16>(n, 0xFF).unwrap(), dev.alloc_filled::<u16>(n, 0xFF).unwrap(), dev.alloc_filled::<u16>(n, 0xFF).unwrap());
-        gswiglu::swiglu_forward_out(dev, &gd.as_view(), &ud.as_view(), all.then(|| hf.as_view_mut()).as_mut(), Some(&mut hb.as_view_mut()), all.then(|| gb.as_view_mut()).as_mut(), Some(&mut ub.as_view_mut())).unwrap();
+        gswiglu::swiglu_forward_out(dev, &gd.as_view(), &ud.as_view(), all.then(|| hf.as_view_mut()).as_mut(), Some(&mut hb.as_view_mut()), all.then(|| gb.as_view_mut()).as_mut(), Some(&mut ub.as_view_mut()), act).unwrap();
         assert_eq!(dev.download(&hb).unwrap(), bf16_bits(&h), "fused swiglu: bf16 h");
         assert_eq!(dev.download(&ub).unwrap(), bf16_bits(up), "fused swiglu: bf16 up");
         if all {
@@ -295,16 +303,16 @@ fn fused_swiglu_matches_the_unfused(dev: &CudaDevice, gate: &[f32], up: &[f32], 
     {
         let mut gi = dev.upload(gate).unwrap();
         let (mut hb, mut gb, mut ub) = (dev.alloc_filled::<u16>(n, 0xFF).unwrap(), dev.alloc_filled::<u16>(n, 0xFF).unwrap(), dev.alloc_filled::<u16>(n, 0xFF).unwrap());
-        gswiglu::swiglu_forward_inplace_out(dev, &mut gi.as_view_mut(), &ud.as_view(), Some(&mut hb.as_view_mut()), Some(&mut gb.as_view_mut()), Some(&mut ub.as_view_mut())).unwrap();
+        gswiglu::swiglu_forward_inplace_out(dev, &mut gi.as_view_mut(), &ud.as_view(), Some(&mut hb.as_view_mut()), Some(&mut gb.as_view_mut()), Some(&mut ub.as_view_mut()), act).unwrap();
         check_bits("fused swiglu in place: h", &f32_of(&gi), &h);
         assert_eq!(dev.download(&hb).unwrap(), bf16_bits(&h), "fused swiglu in place: bf16 h");
         assert_eq!(dev.download(&gb).unwrap(), bf16_bits(gate), "fused swiglu in place: bf16 gate");
         assert_eq!(dev.download(&ub).unwrap(), bf16_bits(up), "fused swiglu in place: bf16 up");
         let mut gi = dev.upload(gate).unwrap();
-        gswiglu::swiglu_forward_inplace_out(dev, &mut gi.as_view_mut(), &ud.as_view(), None, None, None).unwrap();
+        gswiglu::swiglu_forward_inplace_out(dev, &mut gi.as_view_mut(), &ud.as_view(), None, None, None, act).unwrap();
         check_bits("fused swiglu in place, h alone", &f32_of(&gi), &h);
         let mut short = dev.alloc_filled::<u16>(n + 1, 0).unwrap();
-        assert!(gswiglu::swiglu_forward_inplace_out(dev, &mut gi.as_view_mut(), &ud.as_view(), None, Some(&mut short.as_view_mut()), None).is_err(), "a long bf16 gate was taken");
+        assert!(gswiglu::swiglu_forward_inplace_out(dev, &mut gi.as_view_mut(), &ud.as_view(), None, Some(&mut short.as_view_mut()), None, act).is_err(), "a long bf16 gate was taken");
     }
     // From bf16 gate and up: the fp32 kernels on the widened values.
     let (gb, ub) = (bf16_bits(gate), bf16_bits(up));
@@ -313,17 +321,17 @@ fn fused_swiglu_matches_the_unfused(dev: &CudaDevice, gate: &[f32], up: &[f32], 
     let (gbd, ubd, dhd) = (dev.upload(&gb).unwrap(), dev.upload(&ub).unwrap(), dev.upload(dh).unwrap());
     let mut hf = dev.alloc_filled::<f32>(n, 0xFF).unwrap();
     let mut hb = dev.alloc_filled::<u16>(n, 0xFF).unwrap();
-    gswiglu::swiglu_forward_bf16(dev, &gbd.as_view(), &ubd.as_view(), Some(&mut hf.as_view_mut()), Some(&mut hb.as_view_mut())).unwrap();
+    gswiglu::swiglu_forward_bf16(dev, &gbd.as_view(), &ubd.as_view(), Some(&mut hf.as_view_mut()), Some(&mut hb.as_view_mut()), act).unwrap();
     check_bits("swiglu from bf16: h", &f32_of(&hf), &hw);
     assert_eq!(dev.download(&hb).unwrap(), bf16_bits(&hw), "swiglu from bf16: bf16 h");
     let (gwd, uwd) = (dev.upload(&gw).unwrap(), dev.upload(&uw).unwrap());
     let (mut dg, mut du) = (dev.alloc_filled::<f32>(n, 0xFF).unwrap(), dev.alloc_filled::<f32>(n, 0xFF).unwrap());
-    gswiglu::swiglu_backward(dev, &gwd.as_view(), &uwd.as_view(), &dhd.as_view(), &mut dg.as_view_mut(), &mut du.as_view_mut()).unwrap();
+    gswiglu::swiglu_backward(dev, &gwd.as_view(), &uwd.as_view(), &dhd.as_view(), &mut dg.as_view_mut(), &mut du.as_view_mut(), act).unwrap();
     let (dg, du) = (f32_of(&dg), f32_of(&du));
     let (mut dgf, mut duf) = (dev.alloc_filled::<f32>(n, 0xFF).unwrap(), dev.alloc_filled::<f32>(n, 0xFF).unwrap());
     let (mut dgb, mut dub) = (dev.alloc_filled::<u16>(n, 0xFF).unwrap(), dev.alloc_filled::<u16>(n, 0xFF).unwrap());
     let out = gswiglu::SwigluGrads { dgate: Some(&mut dgf.as_view_mut()), dup: Some(&mut duf.as_view_mut()), dgate_bf16: Some(&mut dgb.as_view_mut()), dup_bf16: Some(&mut dub.as_view_mut()) };
-    gswiglu::swiglu_backward_bf16(dev, &gbd.as_view(), &ubd.as_view(), &dhd.as_view(), out).unwrap();
+    gswiglu::swiglu_backward_bf16(dev, &gbd.as_view(), &ubd.as_view(), &dhd.as_view(), out, act).unwrap();
     check_bits("swiglu backward from bf16: dgate", &f32_of(&dgf), &dg);
     check_bits("swiglu backward from bf16: dup", &f32_of(&duf), &du);
     assert_eq!(dev.download(&dgb).unwrap(), bf16_bits(&dg), "swiglu backward from bf16: bf16 dgate");
@@ -336,9 +344,9 @@ fn fused_swiglu_matches_the_unfused(dev: &CudaDevice, gate: &[f32], up: &[f32], 
         let (mut dgb, mut dub) = (dev.alloc_filled::<u16>(n, 0xFF).unwrap(), dev.alloc_filled::<u16>(n, 0xFF).unwrap());
         let out = gswiglu::SwigluGrads { dgate: Some(&mut dg.as_view_mut()), dup: Some(&mut du.as_view_mut()), dgate_bf16: Some(&mut dgb.as_view_mut()), dup_bf16: Some(&mut dub.as_view_mut()) };
         if bf_dh {
-            gswiglu::swiglu_backward_bf16_dh(dev, &gbd.as_view(), &ubd.as_view(), &dhbd.as_view(), out).unwrap();
+            gswiglu::swiglu_backward_bf16_dh(dev, &gbd.as_view(), &ubd.as_view(), &dhbd.as_view(), out, act).unwrap();
         } else {
-            gswiglu::swiglu_backward_bf16(dev, &gbd.as_view(), &ubd.as_view(), &dhwd.as_view(), out).unwrap();
+            gswiglu::swiglu_backward_bf16(dev, &gbd.as_view(), &ubd.as_view(), &dhwd.as_view(), out, act).unwrap();
         }
         (f32_of(&dg).iter().map(|v| v.to_bits()).collect::<Vec<u32>>(), f32_of(&du).iter().map(|v| v.to_bits()).collect::<Vec<u32>>(), dev.download(&dgb).unwrap(), dev.download(&dub).unwrap())
     };
@@ -348,7 +356,7 @@ fn fused_swiglu_matches_the_unfused(dev: &CudaDevice, gate: &[f32], up: &[f32], 
     for bf_dh in [false, true] {
         let (mut g, mut u) = (dev.upload(&gb).unwrap(), dev.upload(&ub).unwrap());
         let dh = if bf_dh { gswiglu::Dh::Bf16(&dhbd.as_view()) } else { gswiglu::Dh::F32(&dhwd.as_view()) };
-        gswiglu::swiglu_backward_bf16_inplace(dev, &mut g.as_view_mut(), &mut u.as_view_mut(), dh).unwrap();
+        gswiglu::swiglu_backward_bf16_inplace(dev, &mut g.as_view_mut(), &mut u.as_view_mut(), dh, act).unwrap();
         assert_eq!(dev.download(&g).unwrap(), want.2, "swiglu backward in place (bf16 dh: {bf_dh}): dgate");
         assert_eq!(dev.download(&u).unwrap(), want.3, "swiglu backward in place (bf16 dh: {bf_dh}): dup");
     }
@@ -357,17 +365,17 @@ fn fused_swiglu_matches_the_unfused(dev: &CudaDevice, gate: &[f32], up: &[f32], 
     {
         let (mut g, mut u, mut dh) = (dev.upload(&gb).unwrap(), dev.upload(&ub).unwrap(), dev.upload(&widen(&dhb)).unwrap());
         let mut du = dev.alloc_filled::<f32>(n, 0xFF).unwrap();
-        gswiglu::swiglu_backward_bf16_inplace_all(dev, &mut g.as_view_mut(), &mut u.as_view_mut(), &mut dh.as_view_mut(), &mut du.as_view_mut()).unwrap();
+        gswiglu::swiglu_backward_bf16_inplace_all(dev, &mut g.as_view_mut(), &mut u.as_view_mut(), &mut dh.as_view_mut(), &mut du.as_view_mut(), act).unwrap();
         let bits = |v: Vec<f32>| v.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
         assert_eq!(bits(f32_of(&dh)), want.0, "swiglu backward in place, all outputs: fp32 dgate");
         assert_eq!(bits(f32_of(&du)), want.1, "swiglu backward in place, all outputs: fp32 dup");
         assert_eq!(dev.download(&g).unwrap(), want.2, "swiglu backward in place, all outputs: bf16 dgate");
         assert_eq!(dev.download(&u).unwrap(), want.3, "swiglu backward in place, all outputs: bf16 dup");
         let mut short = dev.alloc_filled::<f32>(n + 1, 0).unwrap();
-        assert!(gswiglu::swiglu_backward_bf16_inplace_all(dev, &mut g.as_view_mut(), &mut u.as_view_mut(), &mut dh.as_view_mut(), &mut short.as_view_mut()).is_err(), "a short dup was taken");
+        assert!(gswiglu::swiglu_backward_bf16_inplace_all(dev, &mut g.as_view_mut(), &mut u.as_view_mut(), &mut dh.as_view_mut(), &mut short.as_view_mut(), act).is_err(), "a short dup was taken");
     }
     let (mut g, mut u) = (dev.upload(&gb).unwrap(), dev.upload(&ub[1..]).unwrap());
-    assert!(gswiglu::swiglu_backward_bf16_inplace(dev, &mut g.as_view_mut(), &mut u.as_view_mut(), gswiglu::Dh::Bf16(&dhbd.as_view())).is_err(), "a short up was taken");
+    assert!(gswiglu::swiglu_backward_bf16_inplace(dev, &mut g.as_view_mut(), &mut u.as_view_mut(), gswiglu::Dh::Bf16(&dhbd.as_view()), act).is_err(), "a short up was taken");
 }
 
 // ---------------------------------------------------------------- embedding
@@ -619,13 +627,13 @@ void emu_norm_bwd(u32 rows, u32 dim, const float* x, const float* w, const float
 void emu_rope(int bwd, unsigned grid, float* x, u32 seq, u32 heads, u32 half, u64 pairs, const float* c, const float* s) {
     emu_launch(grid, ROPE_THREADS, [&] { if (bwd) rope_bwd_f32(x, seq, heads, half, pairs, c, s); else rope_fwd_f32(x, seq, heads, half, pairs, c, s); });
 }
-void emu_swiglu(unsigned grid, const float* g, const float* u, const float* dh, u64 n, float* h, float* dg, float* du, float* gi, float* ui) {
-    emu_launch(grid, SWIGLU_THREADS, [&] { swiglu_fwd_f32(g, u, n, h); });
-    emu_launch(grid, SWIGLU_THREADS, [&] { swiglu_bwd_f32(g, u, dh, n, dg, du); });
-    emu_launch(grid, SWIGLU_THREADS, [&] { swiglu_bwd_inplace_f32(gi, ui, dh, n); });
+void emu_swiglu(unsigned grid, const float* g, const float* u, const float* dh, u64 n, float* h, float* dg, float* du, float* gi, float* ui, u32 act) {
+    emu_launch(grid, SWIGLU_THREADS, [&] { swiglu_fwd_f32(g, u, n, h, act); });
+    emu_launch(grid, SWIGLU_THREADS, [&] { swiglu_bwd_f32(g, u, dh, n, dg, du, act); });
+    emu_launch(grid, SWIGLU_THREADS, [&] { swiglu_bwd_inplace_f32(gi, ui, dh, n, act); });
 }
 void emu_swiglu_bwd_dh(unsigned grid, const u16* g16, const u16* u16_, const u16* dh, u64 n, float* dg, float* du, u16* dgb, u16* dub) {
-    emu_launch(grid, SWIGLU_THREADS, [&] { swiglu_bwd_out_bf16dh(g16, u16_, dh, n, dg, du, dgb, dub); });
+    emu_launch(grid, SWIGLU_THREADS, [&] { swiglu_bwd_out_bf16dh(g16, u16_, dh, n, dg, du, dgb, dub, 0u); });
 }
 void emu_rope_out(int bwd, unsigned grid, const float* x, float* y, u16* yb, u32 seq, u32 heads, u32 half, u64 pairs, const float* c, const float* s) {
     emu_launch(grid, ROPE_THREADS, [&] { const u64 ld = (u64)heads * 2 * half; if (bwd) rope_bwd_out_f32(x, y, yb, seq, heads, half, pairs, c, s, ld, 0); else rope_fwd_out_f32(x, y, yb, seq, heads, half, pairs, c, s, ld, 0); });
@@ -638,9 +646,9 @@ void emu_norm_fwd_out(u32 rows, u32 dim, const float* x, const float* w, float e
 }
 void emu_swiglu_out(unsigned grid, const float* g, const float* u, const u16* g16, const u16* u16_, const float* dh, u64 n,
                     float* h, u16* hb, u16* gb, u16* ub, float* h2, u16* hb2, float* dg, float* du, u16* dgb, u16* dub) {
-    emu_launch(grid, SWIGLU_THREADS, [&] { swiglu_fwd_out_f32(g, u, n, h, hb, gb, ub); });
-    emu_launch(grid, SWIGLU_THREADS, [&] { swiglu_fwd_out_bf16(g16, u16_, n, h2, hb2); });
-    emu_launch(grid, SWIGLU_THREADS, [&] { swiglu_bwd_out_bf16(g16, u16_, dh, n, dg, du, dgb, dub); });
+    emu_launch(grid, SWIGLU_THREADS, [&] { swiglu_fwd_out_f32(g, u, n, h, hb, gb, ub, 0u); });
+    emu_launch(grid, SWIGLU_THREADS, [&] { swiglu_fwd_out_bf16(g16, u16_, n, h2, hb2, 0u); });
+    emu_launch(grid, SWIGLU_THREADS, [&] { swiglu_bwd_out_bf16(g16, u16_, dh, n, dg, du, dgb, dub, 0u); });
 }
 void emu_adamw(unsigned grid, float* p, const float* g, float* m, float* v, u64 n, u32 has_decay, const float* k7) {
     emu_launch(grid, ADAMW_THREADS, [&] { adamw_update_f32(p, g, m, v, n, has_decay, k7[0], k7[1], k7[2], k7[3], k7[4], k7[5], k7[6]); });
@@ -676,7 +684,7 @@ type EmuEmbed = unsafe extern "C" fn(i32, u32, *const u8, u32, u32, *const u32, 
 type EmuNormFwd = unsafe extern "C" fn(u32, u32, *const f32, *const f32, f32, *mut f32, *mut f32);
 type EmuNormBwd = unsafe extern "C" fn(u32, u32, *const f32, *const f32, *const f32, *const f32, *mut f32, u32, u32, u32, *mut f64, *mut f32);
 type EmuRope = unsafe extern "C" fn(i32, u32, *mut f32, u32, u32, u32, u64, *const f32, *const f32);
-type EmuSwiglu = unsafe extern "C" fn(u32, *const f32, *const f32, *const f32, u64, *mut f32, *mut f32, *mut f32, *mut f32, *mut f32);
+type EmuSwiglu = unsafe extern "C" fn(u32, *const f32, *const f32, *const f32, u64, *mut f32, *mut f32, *mut f32, *mut f32, *mut f32, u32);
 type EmuSwigluBwdDh = unsafe extern "C" fn(u32, *const u16, *const u16, *const u16, u64, *mut f32, *mut f32, *mut u16, *mut u16);
 type EmuRopeOut = unsafe extern "C" fn(i32, u32, *const f32, *mut f32, *mut u16, u32, u32, u32, u64, *const f32, *const f32);
 type EmuNormBwdRes = unsafe extern "C" fn(u32, u32, *const f32, *const f32, *const f32, *const f32, *const f32, *mut f32, *mut u16);
@@ -775,19 +783,19 @@ fn emulated_training_step_kernels_match_the_cpu() {
             }
         }
     }
-    // SwiGLU forward, backward, backward in place.
-    for &n in &[1usize, 1000, 4099] {
+    // SwiGLU and GeGLU forward, backward, backward in place.
+    for (&n, (act, code)) in [1usize, 1000, 4099].iter().flat_map(|n| [(n, (Activation::Silu, 0u32)), (n, (Activation::GeluTanh, 1))]) {
         let (g, u, dh) = (rng.vec(n, 3.0), rng.vec(n, 1.0), rng.vec(n, 1.0));
         let mut h = vec![0f32; n];
-        cswiglu::swiglu_forward(&g, &u, &mut h);
+        cswiglu::glu_forward(act, &g, &u, &mut h);
         let (mut dg, mut du) = (vec![0f32; n], vec![0f32; n]);
-        cswiglu::swiglu_backward(&g, &u, &dh, &mut dg, &mut du);
+        cswiglu::glu_backward(act, &g, &u, &dh, &mut dg, &mut du);
         let (mut gh, mut gdg, mut gdu, mut gi, mut ui) = (vec![f32::NAN; n], vec![f32::NAN; n], vec![f32::NAN; n], g.clone(), u.clone());
         // SAFETY: every buffer holds n.
-        unsafe { sw(stride(n, 256), g.as_ptr(), u.as_ptr(), dh.as_ptr(), n as u64, gh.as_mut_ptr(), gdg.as_mut_ptr(), gdu.as_mut_ptr(), gi.as_mut_ptr(), ui.as_mut_ptr()) };
-        check_rel("emulated swiglu h", &gh, &h, 1e-6);
-        check_rel("emulated swiglu dgate", &gdg, &dg, 1e-6);
-        check_rel("emulated swiglu dup", &gdu, &du, 1e-6);
+        unsafe { sw(stride(n, 256), g.as_ptr(), u.as_ptr(), dh.as_ptr(), n as u64, gh.as_mut_ptr(), gdg.as_mut_ptr(), gdu.as_mut_ptr(), gi.as_mut_ptr(), ui.as_mut_ptr(), code) };
+        check_rel(&format!("emulated {act:?} gate h"), &gh, &h, 1e-6);
+        check_rel(&format!("emulated {act:?} gate dgate"), &gdg, &dg, 1e-6);
+        check_rel(&format!("emulated {act:?} gate dup"), &gdu, &du, 1e-6);
         check_bits("emulated swiglu in place (dgate)", &gi, &gdg);
         check_bits("emulated swiglu in place (dup)", &ui, &gdu);
     }
@@ -975,7 +983,7 @@ fn emulated_fused_bf16_outputs_match_the_unfused_kernels() {
         let unfused = |g: &[f32], u: &[f32]| {
             let (mut h, mut dg, mut du, mut gi, mut ui) = (vec![f32::NAN; n], vec![f32::NAN; n], vec![f32::NAN; n], g.to_vec(), u.to_vec());
             // SAFETY: every buffer holds n.
-            unsafe { sw(stride(n, 256), g.as_ptr(), u.as_ptr(), dh.as_ptr(), n as u64, h.as_mut_ptr(), dg.as_mut_ptr(), du.as_mut_ptr(), gi.as_mut_ptr(), ui.as_mut_ptr()) };
+            unsafe { sw(stride(n, 256), g.as_ptr(), u.as_ptr(), dh.as_ptr(), n as u64, h.as_mut_ptr(), dg.as_mut_ptr(), du.as_mut_ptr(), gi.as_mut_ptr(), ui.as_mut_ptr(), 0) };
             (h, dg, du)
         };
         let (h, _, _) = unfused(&g, &u);
@@ -1009,7 +1017,7 @@ fn emulated_fused_bf16_outputs_match_the_unfused_kernels() {
                 let (mut dg1, mut du1, mut dgb1, mut dub1) = (vec![f32::NAN; n], vec![f32::NAN; n], vec![0xFFFFu16; n], vec![0xFFFFu16; n]);
                 // SAFETY: every buffer holds n.
                 unsafe {
-                    sw(stride(n, 256), gw.as_ptr(), uw.as_ptr(), dhw.as_ptr(), n as u64, h0.as_mut_ptr(), dg0.as_mut_ptr(), du0.as_mut_ptr(), gi.as_mut_ptr(), ui.as_mut_ptr());
+                    sw(stride(n, 256), gw.as_ptr(), uw.as_ptr(), dhw.as_ptr(), n as u64, h0.as_mut_ptr(), dg0.as_mut_ptr(), du0.as_mut_ptr(), gi.as_mut_ptr(), ui.as_mut_ptr(), 0);
                     swdh(stride(n, 256), gb.as_ptr(), ub.as_ptr(), dhb.as_ptr(), n as u64, dg1.as_mut_ptr(), du1.as_mut_ptr(), dgb1.as_mut_ptr(), dub1.as_mut_ptr());
                 }
                 check_bits("emulated swiglu backward, bf16 dh: dgate", &dg1, &dg0);

@@ -94,11 +94,11 @@ impl Arch {
         matches!(self, Arch::Gemma | Arch::Gemma2 | Arch::Gemma3)
     }
 
-    /// Whether the device backend runs this architecture (Gemma's norms,
-    /// GELU and soft caps and Phi-3's fused projections have no device
-    /// path yet).
+    /// Whether the device backend runs this architecture (Phi-3's fused
+    /// projections have no device path yet; soft caps, Gemma 2's, are
+    /// refused by the device on their own).
     pub fn on_device(self) -> bool {
-        !self.is_gemma() && self != Arch::Phi3
+        self != Arch::Phi3
     }
 
     /// Whether PEFT has a default `target_modules` for this `model_type`
@@ -961,7 +961,7 @@ mod tests {
         let c = ModelConfig::parse(g).unwrap();
         assert_eq!(c.arch, Arch::Granite);
         assert_eq!((c.embed_scale, c.attn_scale, c.residual_scale, c.logits_divisor), (Some(12.0), 0.015625, Some(0.22), Some(8.0)));
-        assert!(c.tie_word_embeddings && !c.norm_offset && c.act == Activation::Silu && !c.arch.on_device());
+        assert!(c.tie_word_embeddings && !c.norm_offset && c.act == Activation::Silu && c.arch.on_device());
         // transformers' defaults: every multiplier 1 (the scores unscaled).
         let mut m: Map<String, Value> = serde_json::from_str(g).unwrap();
         for k in ["attention_multiplier", "embedding_multiplier", "logits_scaling", "residual_multiplier"] {

@@ -6,6 +6,16 @@
 //! activations, adapters, their gradients and AdamW moments all in device
 //! memory.
 //!
+//! Architectures: every one the host loads but Phi-3 (fused projections),
+//! with `head_dim` ≤ 128 and no soft caps (Gemma 2's). The layer code
+//! covers the families' differences: per-layer RoPE tables (SmolLM3's
+//! unrotated layers, Gemma 3's local rope for its sliding layers), the
+//! gate's activation (the SwiGLU kernels take it: GeGLU for Gemma),
+//! optional input norms and output norms (OLMo 2; Gemma 3's sandwich),
+//! q/k norms per head or over the whole projection, scaled embeddings
+//! (Gemma), and Granite's multipliers held in the residual stream's scale
+//! (see `embed_mult`). Gemma's `1 + w` norms are the host's weights as held.
+//!
 //! [`DeviceModel::upload`] copies a [`Model`]'s frozen weights (NF4 bases
 //! stay NF4 on the device, 4.127 bits per weight with double
 //! quantization) and its adapters (fp32) to the device. A training step
@@ -690,6 +700,9 @@ pub struct DeviceModel {
     compute: Compute,
     cfg: ModelConfig,
     freqs: crate::backend::cpu::rope::RopeFreqs,
+    /// The sliding layers' own rope (Gemma 3), and its table.
+    local_freqs: Option<crate::backend::cpu::rope::RopeFreqs>,
+    local_rope: Option<CudaRopeTable>,
     /// The embedding `[vocab, hidden]` in the compute dtype (fp32 or bf16).
     embed: Weight,
     /// The head `[vocab, hidden]` in the compute dtype; `None` when tied
@@ -826,10 +839,13 @@ impl DeviceModel {
     pub fn upload(ordinal: usize, model: &Model, compute: Compute) -> Result<DeviceModel> {
         let cfg = model.cfg.clone();
         if !cfg.arch.on_device() {
-            bail!(Unsupported, "{} runs on the CPU backend only: the device kernels have no Gemma norm, GELU or soft caps, nor Phi-3's fused projections, yet", cfg.arch.architecture());
+            bail!(Unsupported, "{} runs on the CPU backend only: Phi-3's fused projections have no device path yet", cfg.arch.architecture());
+        }
+        if cfg.attn_softcap.is_some() || cfg.final_softcap.is_some() {
+            bail!(Unsupported, "{} with soft caps (attn_logit_softcapping / final_logit_softcapping) runs on the CPU backend only: the device kernels have no soft caps yet", cfg.arch.architecture());
         }
         if cfg.head_dim > catt::MAX_HEAD_DIM {
-            bail!(Unsupported, "head_dim {} exceeds the device attention kernels' {}", cfg.head_dim, catt::MAX_HEAD_DIM);
+            bail!(Unsupported, "head_dim {} exceeds the device attention kernels' {} (the model stays usable on the CPU)", cfg.head_dim, catt::MAX_HEAD_DIM);
         }
         let dev = Arc::new(cu::open(ordinal)?);
         dev.keep_freed_memory()?;
@@ -879,6 +895,7 @@ impl DeviceModel {
             None => d.upload(&model.norm)?,
         };
         let freqs = cfg.rope_freqs();
+        let local_freqs = cfg.local_rope_freqs();
         let mut g = DeviceModel {
             dev,
             ordinal,
@@ -886,6 +903,8 @@ impl DeviceModel {
             compute,
             cfg,
             freqs,
+            local_freqs,
+            local_rope: None,
             embed,
             head,
             norm,
@@ -1303,17 +1322,20 @@ impl DeviceModel {
     fn rope_table(&mut self, seq: usize) -> Result<()> {
         if self.rope.as_ref().is_none_or(|t| t.len < seq) {
             self.rope = Some(CudaRopeTable::upload(&self.dev, &self.freqs.table(0, seq))?);
+            self.local_rope = self.local_freqs.as_ref().map(|f| CudaRopeTable::upload(&self.dev, &f.table(0, seq))).transpose()?;
         }
         Ok(())
     }
 
-    /// Layer `l`'s RoPE table for this sequence length: `None` where the
+    /// Layer `l`'s RoPE table for this sequence length: the sliding
+    /// layers' own where the model has one (Gemma 3), `None` where the
     /// layer does not rotate q and k (SmolLM3's NoPE layers).
     fn rope_at(&self, l: usize) -> Result<Option<&CudaRopeTable>> {
         if !self.cfg.rope_layers[l] {
             return Ok(None);
         }
-        self.rope.as_ref().map(Some).ok_or_else(|| err!(Internal, "no RoPE table for this sequence length"))
+        let t = if self.cfg.local_rope_at(l) { self.local_rope.as_ref() } else { self.rope.as_ref() };
+        t.map(Some).ok_or_else(|| err!(Internal, "no RoPE table for this sequence length"))
     }
 
     /// Queues one micro-batch's forward and backward of adapter `adapter`
@@ -1721,7 +1743,7 @@ impl DeviceModel {
         match self.compute {
             Compute::F32 => {
                 let mut a = out_buf::<f32>(d, n)?;
-                cswiglu::swiglu_forward(d, &g.as_view(), &u.as_view(), &mut a.as_view_mut())?;
+                cswiglu::swiglu_forward(d, &g.as_view(), &u.as_view(), &mut a.as_view_mut(), self.cfg.act)?;
                 Ok((Some(a), None, keep.then(|| (Saved::F32(g), Saved::F32(u)))))
             }
             Compute::BF16 => {
@@ -1732,11 +1754,11 @@ impl DeviceModel {
                     None => (None, None),
                 };
                 let a = if self.lean() {
-                    cswiglu::swiglu_forward_out(d, &g.as_view(), &u.as_view(), None, Some(&mut ab.as_view_mut()), gv.as_mut(), uv.as_mut())?;
+                    cswiglu::swiglu_forward_out(d, &g.as_view(), &u.as_view(), None, Some(&mut ab.as_view_mut()), gv.as_mut(), uv.as_mut(), self.cfg.act)?;
                     None
                 } else {
                     let mut a = g;
-                    cswiglu::swiglu_forward_inplace_out(d, &mut a.as_view_mut(), &u.as_view(), Some(&mut ab.as_view_mut()), gv.as_mut(), uv.as_mut())?;
+                    cswiglu::swiglu_forward_inplace_out(d, &mut a.as_view_mut(), &u.as_view(), Some(&mut ab.as_view_mut()), gv.as_mut(), uv.as_mut(), self.cfg.act)?;
                     Some(a)
                 };
                 Ok((a, Some(ab), kept.map(|(gb, ub)| (Saved::Bf16(gb), Saved::Bf16(ub)))))
@@ -1955,11 +1977,11 @@ impl DeviceModel {
         let it = self.cfg.intermediate_size;
         let Some(fold) = self.fold_plan(l, &[DOWN], rows) else {
             let mut ab = out_buf::<u16>(d, n * it)?;
-            cswiglu::swiglu_forward_wide_bf16(d, gb, ub, n, it, in_ld, &mut ab.as_view_mut(), it)?;
+            cswiglu::swiglu_forward_wide_bf16(d, gb, ub, n, it, in_ld, &mut ab.as_view_mut(), it, self.cfg.act)?;
             return Ok((Normed::Forms((None, Some(ab))), Default::default()));
         };
         let mut buf = out_buf::<u16>(d, n * fold.ld)?;
-        cswiglu::swiglu_forward_wide_bf16(d, gb, ub, n, it, in_ld, &mut buf.as_view_mut(), fold.ld)?;
+        cswiglu::swiglu_forward_wide_bf16(d, gb, ub, n, it, in_ld, &mut buf.as_view_mut(), fold.ld, self.cfg.act)?;
         self.widened(l, fold, buf, it, n)
     }
 
@@ -2322,32 +2344,32 @@ impl DeviceModel {
                 // then their gradients in place.
                 let up = plan.blocks[1].1;
                 let mut ab = out_buf::<u16>(d, n * it)?;
-                cswiglu::swiglu_forward_wide_bf16(d, &gub.slice(..), &gub.slice(up..), n, it, plan.ld, &mut ab.as_view_mut(), it)?;
+                cswiglu::swiglu_forward_wide_bf16(d, &gub.slice(..), &gub.slice(up..), n, it, plan.ld, &mut ab.as_view_mut(), it, self.cfg.act)?;
                 let da = self.down_backward_bf16(tr, l, ab, hs[DOWN].as_ref(), Act::new(dy_f, dy_b), n)?;
                 let dh = match &da {
                     Saved::F32(da) => cswiglu::Dh::F32(&da.as_view()),
                     Saved::Bf16(dab) => cswiglu::Dh::Bf16(&dab.as_view()),
                 };
-                cswiglu::swiglu_backward_pair_inplace(d, &mut gub.as_view_mut(), n, it, plan.ld, up, dh)?;
+                cswiglu::swiglu_backward_pair_inplace(d, &mut gub.as_view_mut(), n, it, plan.ld, up, dh, self.cfg.act)?;
                 MlpGrads::Stacked(gub, plan)
             }
             GateUp::Pair(Saved::F32(mut g), Saved::F32(mut u)) => {
                 // a (the adapter's input) is freed before its gradient is made.
                 let mut a = out_buf::<f32>(d, n * it)?;
-                cswiglu::swiglu_forward(d, &g.as_view(), &u.as_view(), &mut a.as_view_mut())?;
+                cswiglu::swiglu_forward(d, &g.as_view(), &u.as_view(), &mut a.as_view_mut(), self.cfg.act)?;
                 let dy = Act::new(dy_f, dy_b);
                 let gd = self.lin_grads(tr, l, DOWN, Act::F32(&a), hs[DOWN].as_ref(), dy, n, true)?;
                 drop(a);
                 let mut da = out_buf::<f32>(d, n * it)?;
                 self.lin_dx(tr, l, DOWN, dy, gd, n, Some((&mut da, 0.0)))?;
-                cswiglu::swiglu_backward_inplace(d, &mut g.as_view_mut(), &mut u.as_view_mut(), &da.as_view())?;
+                cswiglu::swiglu_backward_inplace(d, &mut g.as_view_mut(), &mut u.as_view_mut(), &da.as_view(), self.cfg.act)?;
                 MlpGrads::Apart(Some(g), Some(u), None, None)
             }
             GateUp::Pair(Saved::Bf16(gb), Saved::Bf16(ub)) if lean => {
                 // From the bf16 gate and up, one pass each, only the bf16
                 // operands: a (the adapters' input), then the gradients.
                 let mut ab = out_buf::<u16>(d, n * it)?;
-                cswiglu::swiglu_forward_bf16(d, &gb.as_view(), &ub.as_view(), None, Some(&mut ab.as_view_mut()))?;
+                cswiglu::swiglu_forward_bf16(d, &gb.as_view(), &ub.as_view(), None, Some(&mut ab.as_view_mut()), self.cfg.act)?;
                 let da = self.down_backward_bf16(tr, l, ab, hs[DOWN].as_ref(), Act::new(dy_f, dy_b), n)?;
                 // The gradients over gate and up themselves (not needed
                 // after this pass): no second pair of buffers.
@@ -2356,7 +2378,7 @@ impl DeviceModel {
                     Saved::F32(da) => cswiglu::Dh::F32(&da.as_view()),
                     Saved::Bf16(dab) => cswiglu::Dh::Bf16(&dab.as_view()),
                 };
-                cswiglu::swiglu_backward_bf16_inplace(d, &mut dgb.as_view_mut(), &mut dub.as_view_mut(), dh)?;
+                cswiglu::swiglu_backward_bf16_inplace(d, &mut dgb.as_view_mut(), &mut dub.as_view_mut(), dh, self.cfg.act)?;
                 MlpGrads::Apart(None, None, Some(dgb), Some(dub))
             }
             GateUp::Pair(Saved::Bf16(gb), Saved::Bf16(ub)) => {
@@ -2364,7 +2386,7 @@ impl DeviceModel {
                 // products read); the gradients' bf16 operands are made one
                 // at a time below, as the products need them.
                 let mut a = out_buf::<f32>(d, n * it)?;
-                cswiglu::swiglu_forward_bf16(d, &gb.as_view(), &ub.as_view(), Some(&mut a.as_view_mut()), None)?;
+                cswiglu::swiglu_forward_bf16(d, &gb.as_view(), &ub.as_view(), Some(&mut a.as_view_mut()), None, self.cfg.act)?;
                 let dy = Act::new(dy_f, dy_b);
                 let gd = self.lin_grads(tr, l, DOWN, Act::F32(&a), hs[DOWN].as_ref(), dy, n, true)?;
                 drop(a);
@@ -2375,7 +2397,7 @@ impl DeviceModel {
                 // one new buffer, the fp32 gradient of up.
                 let (mut dgb, mut dub, mut dg) = (gb, ub, da);
                 let mut du = out_buf::<f32>(d, n * it)?;
-                cswiglu::swiglu_backward_bf16_inplace_all(d, &mut dgb.as_view_mut(), &mut dub.as_view_mut(), &mut dg.as_view_mut(), &mut du.as_view_mut())?;
+                cswiglu::swiglu_backward_bf16_inplace_all(d, &mut dgb.as_view_mut(), &mut dub.as_view_mut(), &mut dg.as_view_mut(), &mut du.as_view_mut(), self.cfg.act)?;
                 MlpGrads::Apart(Some(dg), Some(du), Some(dgb), Some(dub))
             }
             GateUp::Pair(..) => bail!(Internal, "gate and up kept in different dtypes"),
@@ -3132,6 +3154,7 @@ impl DeviceModel {
         let bsz = next.len();
         // One table row per sequence: rope as a [1, B, H, D] tensor.
         let table = CudaRopeTable::upload(d, &self.freqs.table_at(lens))?;
+        let local = self.local_freqs.as_ref().map(|f| CudaRopeTable::upload(d, &f.table_at(lens))).transpose()?;
         let new_lens: Vec<usize> = lens.iter().map(|&n| n + 1).collect();
         let mut x = self.embed_ids(next)?;
         for (l, cache) in caches.iter_mut().enumerate() {
@@ -3145,8 +3168,12 @@ impl DeviceModel {
                 self.qk_normed(w, &mut q, &mut k)?;
             }
             if self.cfg.rope_layers[l] {
-                crope::rope_forward(d, &mut q.as_view_mut(), 1, bsz, nh, hd, &table)?;
-                crope::rope_forward(d, &mut k.as_view_mut(), 1, bsz, nkv, hd, &table)?;
+                let table = match &local {
+                    Some(t) if self.cfg.local_rope_at(l) => t,
+                    _ => &table,
+                };
+                crope::rope_forward(d, &mut q.as_view_mut(), 1, bsz, nh, hd, table)?;
+                crope::rope_forward(d, &mut k.as_view_mut(), 1, bsz, nkv, hd, table)?;
             }
             for (b, &pos) in lens.iter().enumerate() {
                 let at = (b * cap + pos) * kvd;
