@@ -190,6 +190,19 @@ fn cases() -> Vec<Case> {
         m.add_adapter("a", AdapterSpec::new(16, 32.0)).unwrap();
         m
     }) as Box<dyn Fn() -> Model>;
+    // Phi-3: q/k/v and gate/up fused (the device splits the NF4 weights by
+    // rows and the adapters' B, A shared), head_dim 128, a window, NF4.
+    let phi3 = Box::new(|| {
+        let cfg = serde_json::json!({
+            "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_size": 256, "intermediate_size": 512,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 700,
+            "rms_norm_eps": 1e-5, "max_position_embeddings": 512, "rope_theta": 10000.0, "sliding_window": 40, "tie_word_embeddings": false
+        });
+        let mut m = Model::random(&cfg.to_string(), 0.02, LoadOptions { quantize: Some(Nf4Params::default()), seed: 19 }).unwrap();
+        assert!(m.cfg.arch.fused());
+        m.add_adapter("a", AdapterSpec::new(16, 32.0)).unwrap();
+        m
+    }) as Box<dyn Fn() -> Model>;
     let all = vec![
         Case { name: "llama_nf4", model: fx("llama_nf4", true), batch: 3, seq: 33 },
         Case { name: "qwen2_fp32", model: fx("qwen2_fp32", false), batch: 2, seq: 40 },
@@ -214,6 +227,10 @@ fn cases() -> Vec<Case> {
         Case { name: "gemma_fp32", model: fx("gemma_fp32", false), batch: 2, seq: 30 },
         Case { name: "gemma3_fp32", model: fx("gemma3_fp32", false), batch: 2, seq: 30 },
         Case { name: "random_gemma3_hd128_nf4", model: gemma3, batch: 2, seq: 70 },
+        // Phi-3 (fused projections, window 6), fp32 and quantized at load.
+        Case { name: "phi3_fp32", model: fx("phi3_fp32", false), batch: 2, seq: 30 },
+        Case { name: "phi3_nf4", model: fx("phi3_fp32", true), batch: 2, seq: 30 },
+        Case { name: "random_phi3_hd128_nf4", model: phi3, batch: 2, seq: 70 },
     ];
     // LORA_TRAIN_CASES=a,b keeps the cases whose names contain a or b (to
     // rerun a few while working on them).
@@ -442,9 +459,9 @@ fn refusals() {
     assert_eq!(t.use_device(Some((4096, Compute::BF16))).unwrap_err().kind, ErrorKind::CudaUnavailable);
     assert!(t.device().is_none());
     run(&mut t, &ids, c.batch, c.seq, 1);
-    // Phi-3 and soft caps (Gemma 2) run on the CPU only: refused by name,
-    // still usable there.
-    for (case, arch) in [("gemma2_fp32", "soft caps"), ("phi3_fp32", "Phi3ForCausalLM")] {
+    // Soft caps (Gemma 2) run on the CPU only: refused by name, still usable
+    // there.
+    for (case, arch) in [("gemma2_fp32", "soft caps")] {
         let mut g = Model::load(&fixture(case).join("model"), LoadOptions::default(), &mut |_, _| true).unwrap();
         let e = g.use_device(Some((0, Compute::F32))).unwrap_err();
         assert!(e.kind == ErrorKind::Unsupported && e.to_string().contains(arch), "{e}");
@@ -722,7 +739,9 @@ fn paged_adamw_state_on_the_device() {
 #[test]
 fn dropout_matches_the_cpu() {
     let Some(_) = common::gpu("dropout_matches_the_cpu") else { return };
-    for c in cases().into_iter().take(2) {
+    // Phi-3 too: the fused projection's parts draw the one mask PEFT's
+    // fused module does.
+    for c in cases().into_iter().filter(|c| ["llama_nf4", "qwen2_fp32", "phi3_fp32"].contains(&c.name)) {
         let model = || {
             let mut m = (c.model)();
             let mut spec = AdapterSpec::new(8, 16.0);

@@ -207,7 +207,7 @@ pub extern "C" fn lora_model_default_params() -> lora_model_params {
 /// refused by name). With `LORA_QUANT_NF4` each linear layer is quantized as it
 /// is read, so peak memory stays near the quantized model plus one layer.
 /// On the CUDA device (`lora_model_use_device`) every one of these runs
-/// except Phi-3, soft caps (Gemma 2) and a `head_dim` over 128 (most Gemma
+/// except soft caps (Gemma 2) and a `head_dim` over 128 (most Gemma
 /// models), which it refuses with `LORA_ERR_UNSUPPORTED` (the model stays
 /// usable on the CPU).
 /// Files are memory-mapped. Unsupported architectures, config options or

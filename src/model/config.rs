@@ -94,13 +94,6 @@ impl Arch {
         matches!(self, Arch::Gemma | Arch::Gemma2 | Arch::Gemma3)
     }
 
-    /// Whether the device backend runs this architecture (Phi-3's fused
-    /// projections have no device path yet; soft caps, Gemma 2's, are
-    /// refused by the device on their own).
-    pub fn on_device(self) -> bool {
-        self != Arch::Phi3
-    }
-
     /// Whether PEFT has a default `target_modules` for this `model_type`
     /// (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`: q_proj,
     /// v_proj); for the others it refuses a config without them.
@@ -961,7 +954,7 @@ mod tests {
         let c = ModelConfig::parse(g).unwrap();
         assert_eq!(c.arch, Arch::Granite);
         assert_eq!((c.embed_scale, c.attn_scale, c.residual_scale, c.logits_divisor), (Some(12.0), 0.015625, Some(0.22), Some(8.0)));
-        assert!(c.tie_word_embeddings && !c.norm_offset && c.act == Activation::Silu && c.arch.on_device());
+        assert!(c.tie_word_embeddings && !c.norm_offset && c.act == Activation::Silu);
         // transformers' defaults: every multiplier 1 (the scores unscaled).
         let mut m: Map<String, Value> = serde_json::from_str(g).unwrap();
         for k in ["attention_multiplier", "embedding_multiplier", "logits_scaling", "residual_multiplier"] {
@@ -984,7 +977,7 @@ mod tests {
             "original_max_position_embeddings":4096,"pad_token_id":32000,"resid_pdrop":0.0,"rms_norm_eps":1e-05,"rope_scaling":null,
             "rope_theta":10000.0,"sliding_window":2047,"tie_word_embeddings":false,"torch_dtype":"bfloat16","use_cache":true,"vocab_size":32064}"#;
         let c = ModelConfig::parse(p).unwrap();
-        assert!(c.arch == Arch::Phi3 && c.arch.fused() && !c.arch.on_device());
+        assert!(c.arch == Arch::Phi3 && c.arch.fused());
         assert!(c.windows.iter().all(|&w| w == Some(2047)));
         assert_eq!((c.rope_theta, &c.rope_scaling, c.tie_word_embeddings, c.head_dim), (1e4, &RopeScaling::Default, false, 96));
         let with_p = |k: &str, v: Value| {
@@ -1012,7 +1005,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.arch, Arch::Olmo2);
-        assert!(c.qk_norm && c.qk_norm_full && c.no_input_norms && c.sandwich_norm && !c.norm_offset && c.arch.on_device());
+        assert!(c.qk_norm && c.qk_norm_full && c.no_input_norms && c.sandwich_norm && !c.norm_offset);
         assert_eq!((c.qk_norm_dims(), c.rope_theta, c.windows[0]), ((4096, 4096), 5e5, None));
     }
 
@@ -1024,7 +1017,7 @@ mod tests {
             "num_hidden_layers":8,"num_attention_heads":4,"num_key_value_heads":2,"vocab_size":256,"sliding_window":16}"#;
         let c = ModelConfig::parse(base).unwrap();
         assert_eq!(c.rope_layers, [true, true, true, false, true, true, true, false]);
-        assert_eq!((c.rope_theta, c.tie_word_embeddings, c.arch.on_device()), (2e6, true, true));
+        assert_eq!((c.rope_theta, c.tie_word_embeddings), (2e6, true));
         assert!(c.windows.iter().all(|w| w.is_none()));
         let with_s = |k: &str, v: Value| {
             let mut m: Map<String, Value> = serde_json::from_str(base).unwrap();

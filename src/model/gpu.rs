@@ -6,9 +6,12 @@
 //! activations, adapters, their gradients and AdamW moments all in device
 //! memory.
 //!
-//! Architectures: every one the host loads but Phi-3 (fused projections),
-//! with `head_dim` ≤ 128 and no soft caps (Gemma 2's). The layer code
-//! covers the families' differences: per-layer RoPE tables (SmolLM3's
+//! Architectures: every one the host loads, with `head_dim` ≤ 128 and no
+//! soft caps (Gemma 2's). The layer code covers the families'
+//! differences: fused projections (Phi-3: uploaded as their parts, the
+//! NF4 weight split by rows bit for bit, the adapter's B by rows and its A
+//! shared, so the parts' A gradients add up in its one span), per-layer
+//! RoPE tables (SmolLM3's
 //! unrotated layers, Gemma 3's local rope for its sliding layers), the
 //! gate's activation (the SwiGLU kernels take it: GeGLU for Gemma),
 //! optional input norms and output norms (OLMo 2; Gemma 3's sandwich),
@@ -360,9 +363,43 @@ fn flatten(model: &Model, name: &str) -> Result<Flat> {
                 Err(_) => None,
             });
         }
-        f.per.push(row);
+        // The device's seven modules: a fused projection's parts share its
+        // adapter's A (their gradients add up in its one span) and each
+        // takes its rows of B; the same dropout seed gives them the one
+        // mask the fused module draws.
+        let dev_row = (0..7)
+            .map(|j| {
+                let (hj, rows) = host_part(&model.cfg, j);
+                row[hj].clone().map(|mut ad| {
+                    if let Some(rows) = rows {
+                        ad.b = ad.b.start + rows.start * ad.r..ad.b.start + rows.end * ad.r;
+                    }
+                    ad
+                })
+            })
+            .collect();
+        f.per.push(dev_row);
     }
     Ok(f)
+}
+
+/// Which host linear device module `j` (`Q`…`DOWN`) is, and which of its
+/// output rows: itself, or with fused projections (Phi-3) a part of
+/// `qkv_proj` or `gate_up_proj`.
+fn host_part(cfg: &ModelConfig, j: usize) -> (usize, Option<Range<usize>>) {
+    if !cfg.arch.fused() {
+        return (j, None);
+    }
+    let (qd, kvd, it) = (cfg.q_dim(), cfg.kv_dim(), cfg.intermediate_size);
+    match j {
+        Q => (0, Some(0..qd)),
+        K => (0, Some(qd..qd + kvd)),
+        V => (0, Some(qd + kvd..qd + 2 * kvd)),
+        O => (1, None),
+        GATE => (2, Some(0..it)),
+        UP => (2, Some(it..2 * it)),
+        _ => (3, None),
+    }
 }
 
 
@@ -838,9 +875,6 @@ impl DeviceModel {
     /// `ordinal` (opened here), mirroring its active set and merge state.
     pub fn upload(ordinal: usize, model: &Model, compute: Compute) -> Result<DeviceModel> {
         let cfg = model.cfg.clone();
-        if !cfg.arch.on_device() {
-            bail!(Unsupported, "{} runs on the CPU backend only: Phi-3's fused projections have no device path yet", cfg.arch.architecture());
-        }
         if cfg.attn_softcap.is_some() || cfg.final_softcap.is_some() {
             bail!(Unsupported, "{} with soft caps (attn_logit_softcapping / final_logit_softcapping) runs on the CPU backend only: the device kernels have no soft caps yet", cfg.arch.architecture());
         }
@@ -863,13 +897,23 @@ impl DeviceModel {
         let mut layers = Vec::with_capacity(model.blocks.len());
         for blk in &model.blocks {
             let mut lin = Vec::with_capacity(7);
-            for l in &blk.lin {
+            for j in 0..7 {
+                // A fused projection's part: its rows of the weight (NF4
+                // blocks, bit for bit) and bias.
+                let (hj, rows) = host_part(&cfg, j);
+                let l = &blk.lin[hj];
+                let (in_f, rows) = (l.in_features(), rows.unwrap_or(0..l.out_features()));
+                let whole = rows.len() == l.out_features();
                 let w = match l.nf4_base() {
-                    Some(t) => Weight::Nf4(CudaNf4::upload(d, t)?),
-                    None => dense_weight(d, compute, l.base_dense().ok_or_else(|| err!(Internal, "a linear layer with neither a dense nor an NF4 base"))?)?,
+                    Some(t) if whole => Weight::Nf4(CudaNf4::upload(d, t)?),
+                    Some(t) => Weight::Nf4(CudaNf4::upload(d, &t.rows(rows.start, rows.end)?)?),
+                    None => {
+                        let w = l.base_dense().ok_or_else(|| err!(Internal, "a linear layer with neither a dense nor an NF4 base"))?;
+                        dense_weight(d, compute, &w[rows.start * in_f..rows.end * in_f])?
+                    }
                 };
-                let bias = l.bias().map(|b| d.upload(b)).transpose()?;
-                lin.push(DevLinear { in_f: l.in_features(), out_f: l.out_features(), w, bias, ads: Vec::new(), merged: None });
+                let bias = l.bias().map(|b| d.upload(&b[rows.clone()])).transpose()?;
+                lin.push(DevLinear { in_f, out_f: rows.len(), w, bias, ads: Vec::new(), merged: None });
             }
             let qk_norm = match &blk.qk_norm {
                 Some([qn, kn]) => Some([d.upload(qn)?, d.upload(kn)?]),

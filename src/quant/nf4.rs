@@ -175,6 +175,34 @@ impl Nf4Tensor {
         Ok(Nf4Tensor { shape, dtype, blocksize, packed, absmax })
     }
 
+    /// Rows `r0..r1` of a 2-D tensor as a tensor of their own (a fused
+    /// projection's part: Phi-3's q, k, v of `qkv_proj`), dequantizing to
+    /// the same values bit for bit. The rows must start and end on block
+    /// boundaries (the end may be the tensor's). Double-quantized scales
+    /// stay so when the rows start on a nested block; else they are
+    /// decoded to fp32 (the values the nested ones decode to).
+    pub fn rows(&self, r0: usize, r1: usize) -> Result<Nf4Tensor> {
+        let [rows, cols] = self.shape[..] else { bail!(InvalidShape, "rows of a tensor of shape {:?}: not 2-D", self.shape) };
+        let bs = self.blocksize;
+        let (e0, e1) = (r0 * cols, r1 * cols);
+        if r0 >= r1 || r1 > rows || e0 % bs != 0 || (e1 % bs != 0 && r1 != rows) {
+            bail!(InvalidShape, "rows {r0}..{r1} of [{rows}, {cols}] in blocks of {bs}: not a whole-block range");
+        }
+        let (b0, b1) = (e0 / bs, e1.div_ceil(bs));
+        let absmax = match &self.absmax {
+            Absmax::F32(a) => Absmax::F32(a[b0..b1].to_vec()),
+            Absmax::Double(d) if b0 % d.nested_blocksize == 0 => Absmax::Double(DoubleQuant {
+                codes: d.codes[b0..b1].to_vec(),
+                nested_absmax: d.nested_absmax[b0 / d.nested_blocksize..b1.div_ceil(d.nested_blocksize)].to_vec(),
+                offset: d.offset,
+                nested_blocksize: d.nested_blocksize,
+                map: d.map.clone(),
+            }),
+            Absmax::Double(d) => Absmax::F32(d.decode()[b0..b1].to_vec()),
+        };
+        Nf4Tensor::from_parts(vec![r1 - r0, cols], self.dtype, bs, self.packed[e0 / 2..e1.div_ceil(2)].to_vec(), absmax)
+    }
+
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
@@ -255,5 +283,38 @@ pub fn dequantize_range_f32(packed: &[u8], absmax: &[f32], blocksize: usize, sta
         let byte = packed[i / 2];
         let q = if i.is_multiple_of(2) { byte >> 4 } else { byte & 15 };
         *o = NF4_CODE[q as usize] * absmax[i / blocksize];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fused projection's parts: each row range dequantizes to the whole
+    /// tensor's values for those rows, bit for bit, with the nested scales
+    /// kept where the range starts on a nested block and decoded elsewhere;
+    /// ranges off the blocks are refused.
+    #[test]
+    fn row_ranges_dequantize_to_the_whole_tensors_rows() {
+        let mut r = crate::rng::SplitMix64::new(5);
+        for (rows, cols, bs, dq) in [(48usize, 512usize, 64usize, true), (40, 64, 64, true), (40, 64, 128, false), (7, 256, 256, true)] {
+            let x: Vec<f32> = (0..rows * cols).map(|_| r.normal() * 0.05).collect();
+            let t = Nf4Tensor::quantize(Elems::F32(&x), &[rows, cols], Nf4Params { blocksize: bs, double_quant: dq }).unwrap();
+            let all = t.dequantize_f32();
+            let step = (bs / cols).max(1);
+            let cuts: Vec<usize> = (0..=rows).filter(|&c| c % step == 0 || c == rows).collect();
+            for w in cuts.windows(2).chain([[0, rows].as_slice()]) {
+                let p = t.rows(w[0], w[1]).unwrap();
+                assert_eq!(p.shape(), [w[1] - w[0], cols]);
+                let got: Vec<u32> = p.dequantize_f32().iter().map(|v| v.to_bits()).collect();
+                let want: Vec<u32> = all[w[0] * cols..w[1] * cols].iter().map(|v| v.to_bits()).collect();
+                assert_eq!(got, want, "rows {}..{} of [{rows}, {cols}] blocksize {bs}", w[0], w[1]);
+                let nested_start = (w[0] * cols / bs) % NESTED_BLOCKSIZE == 0;
+                assert_eq!(p.is_double_quant(), dq && nested_start, "rows {}..{}", w[0], w[1]);
+            }
+        }
+        let x = vec![0.5f32; 40 * 64];
+        let t = Nf4Tensor::quantize(Elems::F32(&x), &[40, 64], Nf4Params { blocksize: 128, double_quant: true }).unwrap();
+        assert!(t.rows(1, 3).is_err() && t.rows(2, 41).is_err() && t.rows(4, 4).is_err());
     }
 }
