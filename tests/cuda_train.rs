@@ -459,12 +459,19 @@ fn refusals() {
     assert_eq!(t.use_device(Some((4096, Compute::BF16))).unwrap_err().kind, ErrorKind::CudaUnavailable);
     assert!(t.device().is_none());
     run(&mut t, &ids, c.batch, c.seq, 1);
-    // Soft caps (Gemma 2) run on the CPU only: refused by name, still usable
-    // there.
-    for (case, arch) in [("gemma2_fp32", "soft caps")] {
-        let mut g = Model::load(&fixture(case).join("model"), LoadOptions::default(), &mut |_, _| true).unwrap();
+    // Soft caps (Gemma 2) and head_dim 256 (most Gemma checkpoints) run on
+    // the CPU only: refused with the reason, still usable there.
+    let gemma_hd256 = serde_json::json!({
+        "architectures": ["GemmaForCausalLM"], "model_type": "gemma", "hidden_size": 256, "intermediate_size": 512,
+        "num_hidden_layers": 1, "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 256, "vocab_size": 256
+    });
+    let refused = [
+        (Model::load(&fixture("gemma2_fp32").join("model"), LoadOptions::default(), &mut |_, _| true).unwrap(), "soft caps"),
+        (Model::random(&gemma_hd256.to_string(), 0.02, LoadOptions::default()).unwrap(), "head_dim 256"),
+    ];
+    for (mut g, why) in refused {
         let e = g.use_device(Some((0, Compute::F32))).unwrap_err();
-        assert!(e.kind == ErrorKind::Unsupported && e.to_string().contains(arch), "{e}");
+        assert!(e.kind == ErrorKind::Unsupported && e.to_string().contains(why), "{e}");
         assert!(g.device().is_none());
         g.logits(&tokens(16, 256, 3), 1, 16, None).unwrap();
     }

@@ -99,6 +99,7 @@ fn in_ptr_bf16(dev: &CudaDevice, n: usize, v: &CudaView<'_, u16>, what: &str) ->
 /// bf16 roundings of gate and up, which the bf16 step keeps for the
 /// backward). Every value is bit for bit [`swiglu_forward`]'s, and each
 /// bf16 output bit for bit `elementwise::to_bf16` of the fp32 one.
+#[allow(clippy::too_many_arguments)]
 pub fn swiglu_forward_out(
     dev: &CudaDevice,
     gate: &CudaView<'_, f32>,
