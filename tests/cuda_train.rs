@@ -68,6 +68,25 @@ struct Case {
     seq: usize,
 }
 
+/// A random NF4 model of config `cfg` (checked by `check`) with every norm
+/// weight drawn around one (so a missing or transposed norm shows) and a
+/// rank-16 adapter "a".
+fn random_nf4(cfg: serde_json::Value, seed: u64, check: fn(&Model)) -> Box<dyn Fn() -> Model> {
+    Box::new(move || {
+        let mut m = Model::random(&cfg.to_string(), 0.02, LoadOptions { quantize: Some(Nf4Params::default()), seed }).unwrap();
+        check(&m);
+        let mut r = SplitMix64::new(seed + 1);
+        for b in &mut m.blocks {
+            let pairs = b.qk_norm.iter_mut().chain(b.post_norms.iter_mut()).flatten();
+            for w in pairs.chain(b.attn_norm.iter_mut()).chain(b.mlp_norm.iter_mut()) {
+                w.iter_mut().for_each(|x| *x = 1.0 + 0.2 * r.normal());
+            }
+        }
+        m.add_adapter("a", AdapterSpec::new(16, 32.0)).unwrap();
+        m
+    })
+}
+
 fn cases() -> Vec<Case> {
     let fx = |case: &'static str, quant: bool| -> Box<dyn Fn() -> Model> {
         Box::new(move || {
@@ -100,109 +119,79 @@ fn cases() -> Vec<Case> {
     // Qwen3: per-head q/k norms, head_dim 128 with q_dim 512 ≠ hidden 256,
     // YaRN (cos and sin scaled), NF4 (folds and stacked gradients in the
     // lean step).
-    let qwen3 = Box::new(|| {
-        let cfg = serde_json::json!({
+    let qwen3 = random_nf4(
+        serde_json::json!({
             "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 256, "intermediate_size": 512,
             "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 128, "vocab_size": 640,
             "rms_norm_eps": 1e-6, "max_position_embeddings": 512, "tie_word_embeddings": true,
             "rope_parameters": {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 4.0, "original_max_position_embeddings": 128}
-        });
-        let mut m = Model::random(&cfg.to_string(), 0.02, LoadOptions { quantize: Some(Nf4Params::default()), seed: 11 }).unwrap();
-        // Norm weights other than ones, so a missing or transposed one shows.
-        let mut r = SplitMix64::new(12);
-        for b in &mut m.blocks {
-            for w in b.qk_norm.as_mut().unwrap().iter_mut() {
-                w.iter_mut().for_each(|x| *x = 1.0 + 0.2 * r.normal());
-            }
-        }
-        m.add_adapter("a", AdapterSpec::new(16, 32.0)).unwrap();
-        m
-    }) as Box<dyn Fn() -> Model>;
+        }),
+        11,
+        |m| assert!(m.blocks[0].qk_norm.is_some()),
+    );
     // SmolLM3: the middle layer unrotated (NoPE) and windowed, head_dim
-    // 128, NF4 (the lean step's bf16 q/k copies and stacked gradients
-    // without the rotation).
-    let smollm3 = Box::new(|| {
-        let cfg = serde_json::json!({
+    // 128 (the lean step's bf16 q/k copies and stacked gradients without
+    // the rotation).
+    let smollm3 = random_nf4(
+        serde_json::json!({
             "architectures": ["SmolLM3ForCausalLM"], "model_type": "smollm3", "hidden_size": 256, "intermediate_size": 512,
             "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 128, "vocab_size": 600,
             "rms_norm_eps": 1e-6, "max_position_embeddings": 512, "no_rope_layers": [1, 0, 1],
             "use_sliding_window": true, "sliding_window": 20, "layer_types": ["full_attention", "sliding_attention", "full_attention"]
-        });
-        let mut m = Model::random(&cfg.to_string(), 0.02, LoadOptions { quantize: Some(Nf4Params::default()), seed: 13 }).unwrap();
-        assert_eq!(m.cfg.rope_layers, [true, false, true]);
-        m.add_adapter("a", AdapterSpec::new(16, 32.0)).unwrap();
-        m
-    }) as Box<dyn Fn() -> Model>;
+        }),
+        13,
+        |m| assert_eq!(m.cfg.rope_layers, [true, false, true]),
+    );
     // Granite: every multiplier away from 1 (the residual one not a power
-    // of two), tied, head_dim 128, NF4.
-    let granite = Box::new(|| {
-        let cfg = serde_json::json!({
+    // of two), tied, head_dim 128.
+    let granite = random_nf4(
+        serde_json::json!({
             "architectures": ["GraniteForCausalLM"], "model_type": "granite", "hidden_size": 256, "intermediate_size": 512,
             "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 700,
             "rms_norm_eps": 1e-5, "max_position_embeddings": 512, "tie_word_embeddings": true, "rope_theta": 10000.0,
             "embedding_multiplier": 12.0, "attention_multiplier": 0.015625, "residual_multiplier": 0.22, "logits_scaling": 0.25
-        });
-        let mut m = Model::random(&cfg.to_string(), 0.02, LoadOptions { quantize: Some(Nf4Params::default()), seed: 14 }).unwrap();
-        m.add_adapter("a", AdapterSpec::new(16, 32.0)).unwrap();
-        m
-    }) as Box<dyn Fn() -> Model>;
+        }),
+        14,
+        |m| assert_eq!(m.cfg.residual_scale, Some(0.22)),
+    );
     // OLMo 2: no input norms, output norms on both branches, q/k norms over
-    // the whole projection; norm weights away from one; head_dim 128, NF4
-    // (folds and stacked gradients from the unnormed input).
-    let olmo2 = Box::new(|| {
-        let cfg = serde_json::json!({
+    // the whole projection (folds and stacked gradients from the unnormed
+    // input).
+    let olmo2 = random_nf4(
+        serde_json::json!({
             "architectures": ["Olmo2ForCausalLM"], "model_type": "olmo2", "hidden_size": 256, "intermediate_size": 512,
             "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 500,
             "rms_norm_eps": 1e-6, "max_position_embeddings": 512, "rope_theta": 500000.0, "tie_word_embeddings": false
-        });
-        let mut m = Model::random(&cfg.to_string(), 0.02, LoadOptions { quantize: Some(Nf4Params::default()), seed: 15 }).unwrap();
-        let mut r = SplitMix64::new(16);
-        for b in &mut m.blocks {
-            assert!(b.attn_norm.is_none() && b.mlp_norm.is_none());
-            for w in b.qk_norm.as_mut().unwrap().iter_mut().chain(b.post_norms.as_mut().unwrap().iter_mut()) {
-                w.iter_mut().for_each(|x| *x = 1.0 + 0.2 * r.normal());
-            }
-        }
-        m.add_adapter("a", AdapterSpec::new(16, 32.0)).unwrap();
-        m
-    }) as Box<dyn Fn() -> Model>;
-    // Gemma 3: GeGLU, 1 + w norms (q/k, input and output norms away from
-    // one), the sliding layers' own rope (and windows), query_pre_attn_scalar,
-    // embeddings × √hidden, tied; head_dim 128, NF4.
-    let gemma3 = Box::new(|| {
-        let cfg = serde_json::json!({
+        }),
+        15,
+        |m| assert!(m.blocks[0].attn_norm.is_none() && m.blocks[0].mlp_norm.is_none() && m.blocks[0].post_norms.is_some()),
+    );
+    // Gemma 3: GeGLU, 1 + w norms (q/k, input and output), the sliding
+    // layers' own rope (and windows), query_pre_attn_scalar, embeddings ×
+    // √hidden, tied.
+    let gemma3 = random_nf4(
+        serde_json::json!({
             "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "hidden_size": 256, "intermediate_size": 512,
             "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 128, "vocab_size": 640,
             "rms_norm_eps": 1e-6, "max_position_embeddings": 512, "query_pre_attn_scalar": 96, "sliding_window": 24,
             "layer_types": ["sliding_attention", "full_attention"], "hidden_activation": "gelu_pytorch_tanh",
             "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
                                 "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
-        });
-        let mut m = Model::random(&cfg.to_string(), 0.02, LoadOptions { quantize: Some(Nf4Params::default()), seed: 17 }).unwrap();
-        assert!(m.cfg.local_rope_at(0) && !m.cfg.local_rope_at(1) && m.cfg.attn_softcap.is_none());
-        let mut r = SplitMix64::new(18);
-        for b in &mut m.blocks {
-            let norms = b.qk_norm.as_mut().unwrap().iter_mut().chain(b.post_norms.as_mut().unwrap().iter_mut()).chain(b.attn_norm.iter_mut()).chain(b.mlp_norm.iter_mut());
-            for w in norms {
-                w.iter_mut().for_each(|x| *x = 1.0 + 0.2 * r.normal());
-            }
-        }
-        m.add_adapter("a", AdapterSpec::new(16, 32.0)).unwrap();
-        m
-    }) as Box<dyn Fn() -> Model>;
+        }),
+        17,
+        |m| assert!(m.cfg.local_rope_at(0) && !m.cfg.local_rope_at(1) && m.cfg.attn_softcap.is_none()),
+    );
     // Phi-3: q/k/v and gate/up fused (the device splits the NF4 weights by
-    // rows and the adapters' B, A shared), head_dim 128, a window, NF4.
-    let phi3 = Box::new(|| {
-        let cfg = serde_json::json!({
+    // rows and the adapters' B, A shared), head_dim 128, a window.
+    let phi3 = random_nf4(
+        serde_json::json!({
             "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_size": 256, "intermediate_size": 512,
             "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 700,
             "rms_norm_eps": 1e-5, "max_position_embeddings": 512, "rope_theta": 10000.0, "sliding_window": 40, "tie_word_embeddings": false
-        });
-        let mut m = Model::random(&cfg.to_string(), 0.02, LoadOptions { quantize: Some(Nf4Params::default()), seed: 19 }).unwrap();
-        assert!(m.cfg.arch.fused());
-        m.add_adapter("a", AdapterSpec::new(16, 32.0)).unwrap();
-        m
-    }) as Box<dyn Fn() -> Model>;
+        }),
+        19,
+        |m| assert!(m.cfg.arch.fused()),
+    );
     let all = vec![
         Case { name: "llama_nf4", model: fx("llama_nf4", true), batch: 3, seq: 33 },
         Case { name: "qwen2_fp32", model: fx("qwen2_fp32", false), batch: 2, seq: 40 },
