@@ -1703,7 +1703,7 @@ lora_status lora_train_step(struct lora_trainer *trainer,
  * while merged a dense copy of every merged module in the compute dtype.
  *
  * Errors: `LORA_ERR_CUDA_UNAVAILABLE` (no driver, no such device, no
- * NVRTC or cuBLAS), `LORA_ERR_UNSUPPORTED` (head_dim above 128),
+ * NVRTC or cuBLAS), `LORA_ERR_UNSUPPORTED` (head_dim above 128, soft caps),
  * `LORA_ERR_INVALID_ARGUMENT` (unknown `compute`), `LORA_ERR_INVALID_STATE`
  * (moving or removing the device copy while a trainer trains on it),
  * `LORA_ERR_OUT_OF_MEMORY` (device memory), `LORA_ERR_CUDA`.
@@ -1745,7 +1745,7 @@ lora_status lora_model_use_device(struct lora_model *model, int32_t device, lora
  *
  * Errors: `LORA_ERR_CUDA_UNAVAILABLE` (no driver, no such device, no
  * NVRTC or cuBLAS), `LORA_ERR_UNSUPPORTED` (8-bit AdamW,
- * head_dim above 128), `LORA_ERR_INVALID_ARGUMENT`
+ * head_dim above 128, soft caps), `LORA_ERR_INVALID_ARGUMENT`
  * (unknown `compute`), `LORA_ERR_INVALID_STATE` (the model is on another
  * device or precision where another trainer trains, or another trainer
  * trains this adapter there),

@@ -960,7 +960,7 @@ fn device_of(device: i32, compute: lora_compute) -> Result<Option<(usize, crate:
 /// while merged a dense copy of every merged module in the compute dtype.
 ///
 /// Errors: `LORA_ERR_CUDA_UNAVAILABLE` (no driver, no such device, no
-/// NVRTC or cuBLAS), `LORA_ERR_UNSUPPORTED` (head_dim above 128),
+/// NVRTC or cuBLAS), `LORA_ERR_UNSUPPORTED` (head_dim above 128, soft caps),
 /// `LORA_ERR_INVALID_ARGUMENT` (unknown `compute`), `LORA_ERR_INVALID_STATE`
 /// (moving or removing the device copy while a trainer trains on it),
 /// `LORA_ERR_OUT_OF_MEMORY` (device memory), `LORA_ERR_CUDA`.
@@ -1007,7 +1007,7 @@ pub unsafe extern "C" fn lora_model_use_device(model: *mut lora_model, device: i
 ///
 /// Errors: `LORA_ERR_CUDA_UNAVAILABLE` (no driver, no such device, no
 /// NVRTC or cuBLAS), `LORA_ERR_UNSUPPORTED` (8-bit AdamW,
-/// head_dim above 128), `LORA_ERR_INVALID_ARGUMENT`
+/// head_dim above 128, soft caps), `LORA_ERR_INVALID_ARGUMENT`
 /// (unknown `compute`), `LORA_ERR_INVALID_STATE` (the model is on another
 /// device or precision where another trainer trains, or another trainer
 /// trains this adapter there),
