@@ -1382,6 +1382,12 @@ impl DeviceModel {
         t.map(Some).ok_or_else(|| err!(Internal, "no RoPE table for this sequence length"))
     }
 
+    /// Layer `l`'s RoPE table where the caller rotates back (a layer known
+    /// to rotate).
+    fn rope_back(&self, l: usize) -> Result<&CudaRopeTable> {
+        self.rope_at(l)?.ok_or_else(|| err!(Internal, "rotating back layer {l}, which has no rotation"))
+    }
+
     /// Queues one micro-batch's forward and backward of adapter `adapter`
     /// (being trained here, [`train_begin`](Self::train_begin); applied
     /// alone at multiplier 1, as the trainer requires of the host) —
@@ -2369,12 +2375,7 @@ impl DeviceModel {
         // The down projection's output gradient: the stream's, or through
         // the MLP output norm (`dyd`, with its bf16 copy in BF16 mode).
         let has_post = self.layers[l].post.is_some();
-        let dyd = match (self.layers[l].post.as_ref(), &post_d) {
-            (Some(w), Some(p)) => Some(self.norm_backward(&p.y, &w[1], &p.rstd, &dx, None, n)?),
-            (None, None) => None,
-            _ => bail!(Internal, "the MLP output norm's activations not kept for the backward"),
-        };
-        drop(post_d);
+        let dyd = self.post_backward(l, 1, post_d, &dx, n)?;
         let (dy_f, dy_b) = match &dyd {
             Some((f, b)) => (f, b.as_ref()),
             None => (&dx, dxb.as_ref()),
@@ -2487,11 +2488,7 @@ impl DeviceModel {
                 drop((dx, x_mid, rstd2));
                 // o_proj's output gradient: x_mid's, or through the
                 // attention output norm.
-                let dyo = match (self.layers[l].post.as_ref(), post_o) {
-                    (Some(w), Some(p)) => Some(self.norm_backward(&p.y, &w[0], &p.rstd, &dxm, None, n)?),
-                    (None, None) => None,
-                    _ => bail!(Internal, "the attention output norm's activations not kept for the backward"),
-                };
+                let dyo = self.post_backward(l, 0, post_o, &dxm, n)?;
                 let dy = match &dyo {
                     Some((f, b)) => Act::new(f, b.as_ref()),
                     None => Act::new(&dxm, dxmb.as_ref()),
@@ -2580,14 +2577,14 @@ impl DeviceModel {
         } else if need_dx && self.compute == Compute::BF16 {
             // Rotated back in place, each with its bf16 rounding from the
             // same pass (the base products' operands).
-            let table = self.rope_at(l)?.ok_or_else(|| err!(Internal, "rotating back a layer without rotation"))?;
+            let table = self.rope_back(l)?;
             let (mut dqb, mut dkb) = (out_buf::<u16>(d, dq.len())?, out_buf::<u16>(d, dk.len())?);
             crope::rope_inplace_bf16(d, &mut dq.as_view_mut(), &mut dqb.as_view_mut(), batch, seq, nh, hd, table, true)?;
             crope::rope_inplace_bf16(d, &mut dk.as_view_mut(), &mut dkb.as_view_mut(), batch, seq, nkv, hd, table, true)?;
             let dvb = self.operand(&dv)?;
             ((Some(dq), Some(dqb)), (Some(dk), Some(dkb)), (Some(dv), dvb))
         } else {
-            let table = self.rope_at(l)?.ok_or_else(|| err!(Internal, "rotating back a layer without rotation"))?;
+            let table = self.rope_back(l)?;
             crope::rope_backward(d, &mut dq.as_view_mut(), batch, seq, nh, hd, table)?;
             crope::rope_backward(d, &mut dk.as_view_mut(), batch, seq, nkv, hd, table)?;
             // No bf16 operands: F32 mode, or no input gradient to make.
@@ -2715,7 +2712,7 @@ impl DeviceModel {
         let (n, ld) = (batch * seq, plan.ld);
         let mut st = out_buf::<u16>(d, n * ld)?;
         if rotated {
-            let table = self.rope_at(l)?.ok_or_else(|| err!(Internal, "rotating back a layer without rotation"))?;
+            let table = self.rope_back(l)?;
             crope::rope_bf16_into(d, &dq.as_view(), None, &mut st.as_view_mut(), ld, 0, batch, seq, nh, hd, table, true)?;
             crope::rope_bf16_into(d, &dk.as_view(), None, &mut st.as_view_mut(), ld, qd, batch, seq, nkv, hd, table, true)?;
         } else {
@@ -2835,6 +2832,18 @@ impl DeviceModel {
         cnorm::rmsnorm_forward(d, &y.as_view(), &w.as_view(), n, h, self.cfg.rms_norm_eps, &mut yn.as_view_mut(), Some(&mut rstd.as_view_mut()))?;
         ew::add(d, &mut x.as_view_mut(), &yn.as_view())?;
         Ok(keep.then_some(PostSaved { y, rstd }))
+    }
+
+    /// The gradient of branch output `k` (0 attention, 1 MLP) of layer `l`
+    /// from the stream's `dx`, through its output norm (with its bf16 copy
+    /// in BF16 mode); `None` without output norms (it is `dx` itself).
+    #[allow(clippy::type_complexity)]
+    fn post_backward(&self, l: usize, k: usize, saved: Option<PostSaved>, dx: &CudaSlice<f32>, n: usize) -> Result<Option<(CudaSlice<f32>, Option<CudaSlice<u16>>)>> {
+        match (&self.layers[l].post, saved) {
+            (Some(w), Some(p)) => self.norm_backward(&p.y, &w[k], &p.rstd, dx, None, n).map(Some),
+            (None, None) => Ok(None),
+            _ => bail!(Internal, "layer {l}'s output norm {k}: activations not kept for the backward"),
+        }
     }
 
     /// The down projection of the MLP's gated input `a` added into the
