@@ -12,8 +12,13 @@
 //!   propagated `Σ ε·|factor|` plus `2(n+10)u·Σ|terms|` for their own sums
 //!   (n: the sum's length).
 //!
+//! With a soft cap c the score bound is `cap_tol(ds, c, s)` and `dS` takes
+//! the factor `1 − t²` (t = tanh(s/c)), within `2|t|Δt + Δt² + 4u` where
+//! `Δt = ds/c + 4u + 2u|s|/c`.
+//!
 //! Each bound is multiplied by [`SLACK`]. Shapes: odd T and S (37/37, 5/70
-//! with a window, 70/70), GQA groups 1, 2, 4, head_dim 32, 48, 64, 128;
+//! with a window, 70/70), GQA groups 1, 2, 4, head_dim 32, 48, 64, 128 and
+//! 256 (the `_d256` kernels), soft caps 2 and 50;
 //! random seeded inputs; every output poisoned (0xFF: NaN) first. Without a
 //! GPU each test prints why it skips and passes, unless `LORA_REQUIRE_GPU=1`.
 
@@ -61,19 +66,33 @@ fn poisoned(dev: &CudaDevice, n: usize) -> cudarc::driver::CudaSlice<f32> {
     dev.alloc_filled::<f32>(n, 0xFF).unwrap()
 }
 
-/// (B, T, S, H, Hkv, D, window).
-type Case = (usize, usize, usize, usize, usize, usize, Option<usize>);
+/// (B, T, S, H, Hkv, D, window, soft cap).
+type Case = (usize, usize, usize, usize, usize, usize, Option<usize>, Option<f32>);
 const CASES: &[Case] = &[
-    (2, 37, 37, 4, 4, 64, None),       // group 1
-    (1, 37, 37, 8, 4, 32, None),       // group 2
-    (2, 5, 70, 8, 2, 128, Some(16)),   // group 4, prefill continuing a cache, window
-    (1, 37, 37, 6, 3, 48, Some(7)),    // odd-but-even D, window
-    (1, 70, 70, 4, 1, 128, None),      // group 4, several key tiles
+    (2, 37, 37, 4, 4, 64, None, None),       // group 1
+    (1, 37, 37, 8, 4, 32, None, None),       // group 2
+    (2, 5, 70, 8, 2, 128, Some(16), None),   // group 4, prefill continuing a cache, window
+    (1, 37, 37, 6, 3, 48, Some(7), None),    // odd-but-even D, window
+    (1, 70, 70, 4, 1, 128, None, None),      // group 4, several key tiles
+    (1, 37, 37, 4, 2, 256, None, None),      // head_dim 256 (the _d256 kernels)
+    (1, 5, 40, 4, 1, 160, Some(9), None),    // between 128 and 256, prefill, window
+    (2, 37, 37, 4, 2, 64, None, Some(2.0)),  // a soft cap that bends most scores
+    (1, 21, 40, 4, 2, 256, Some(16), Some(50.0)), // Gemma 2's attention cap at head_dim 256
 ];
 
 fn shape(c: &Case) -> AttnShape {
-    let &(batch, q_len, kv_len, n_heads, n_kv_heads, head_dim, window) = c;
-    AttnShape { batch, q_len, kv_len, n_heads, n_kv_heads, head_dim, window, scale: None, softcap: None }
+    let &(batch, q_len, kv_len, n_heads, n_kv_heads, head_dim, window, softcap) = c;
+    AttnShape { batch, q_len, kv_len, n_heads, n_kv_heads, head_dim, window, scale: None, softcap }
+}
+
+/// `(capped score, its bound, the factor 1 − t² of dS and that factor's
+/// bound)` of an uncapped score `x` within `ds` under cap `c` (module doc).
+fn capped(x: f64, ds: f64, c: Option<f32>) -> (f64, f64, f64, f64) {
+    let Some(c) = c else { return (x, ds, 1.0, 0.0) };
+    let cf = c as f64;
+    let t = (x / cf).tanh();
+    let dt = ds / cf + 4.0 * U + 2.0 * U * x.abs() / cf;
+    (cf * t, gatt::cap_tol(ds, c, x), 1.0 - t * t, 2.0 * t.abs() * dt + dt * dt + 4.0 * U)
 }
 
 /// f64 magnitudes of the forward: per row (b, i, h) the score bound `ds`,
@@ -85,13 +104,16 @@ struct Fwd {
     pv: Vec<f64>,
     /// per row: (first visible key, exact P of each visible key, per-key ds)
     p: Vec<(usize, Vec<f64>, Vec<f64>)>,
+    /// per row and visible key: the cap's factor of dS and its bound (1, 0
+    /// without a cap)
+    fac: Vec<Vec<(f64, f64)>>,
 }
 
 fn fwd_magnitudes(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> Fwd {
     let (t, sl, hq, hkv, d) = (s.q_len, s.kv_len, s.n_heads, s.n_kv_heads, s.head_dim);
     let scale = softmax_scale(d);
     let rows = s.batch * t * hq;
-    let mut f = Fwd { ds: vec![0.0; rows], n: vec![0; rows], pv: vec![0.0; rows * d], p: Vec::with_capacity(rows) };
+    let mut f = Fwd { ds: vec![0.0; rows], n: vec![0; rows], pv: vec![0.0; rows * d], p: Vec::with_capacity(rows), fac: Vec::with_capacity(rows) };
     for b in 0..s.batch {
         for i in 0..t {
             for h in 0..hq {
@@ -102,12 +124,15 @@ fn fwd_magnitudes(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> Fwd {
                 let kj = |j: usize| ((b * sl + j) * hkv + g) * d;
                 let mut sc = Vec::new();
                 let mut dsj = Vec::new();
+                let mut fac = Vec::new();
                 for j in lo..hi {
                     let kr = &k[kj(j)..kj(j) + d];
                     let dot: f64 = qi.iter().zip(kr).map(|(&a, &b)| a as f64 * b as f64).sum();
                     let ad: f64 = qi.iter().zip(kr).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
-                    sc.push(scale as f64 * dot);
-                    dsj.push(gatt::score_tol(d, scale, ad));
+                    let (x, ds, fj, efj) = capped(scale as f64 * dot, gatt::score_tol(d, scale, ad), s.softcap);
+                    sc.push(x);
+                    dsj.push(ds);
+                    fac.push((fj, efj));
                 }
                 let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let l: f64 = sc.iter().map(|x| (x - m).exp()).sum();
@@ -121,6 +146,7 @@ fn fwd_magnitudes(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> Fwd {
                 f.ds[row] = dsj.iter().cloned().fold(0.0, f64::max);
                 f.n[row] = hi - lo;
                 f.p.push((lo, p, dsj));
+                f.fac.push(fac);
             }
         }
     }
@@ -213,9 +239,10 @@ fn backward_matches_the_cpu() {
                         let (kj, vj) = (&k[kr0..kr0 + d], &v[kr0..kr0 + d]);
                         let dp: f64 = di.iter().zip(vj).map(|(&a, &b)| a as f64 * b as f64).sum();
                         let adp: f64 = di.iter().zip(vj).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
-                        let ds = pj * (dp - delta);
+                        let (fj, efj) = f.fac[row][jj];
+                        let ds = pj * (dp - delta) * fj;
                         let e_p = pj * (2.0 * dsj[jj] + 8.0 * U + 2.0 * U * pj.max(f64::MIN_POSITIVE).ln().abs()); // + rounding of s − lse
-                        let e_ds = e_p * (dp - delta).abs() + pj * 2.0 * (d as f64 + 8.0) * U * (adp + adelta) + 4.0 * U * ds.abs();
+                        let e_ds = (e_p * (dp - delta).abs() + pj * 2.0 * (d as f64 + 8.0) * U * (adp + adelta)) * fj + (pj * (dp - delta)).abs() * efj + 6.0 * U * ds.abs();
                         for cc in 0..d {
                             let (qc, kc, dc) = (qi[cc].abs() as f64, kj[cc].abs() as f64, di[cc].abs() as f64);
                             tv[kr0 + cc] += e_p * dc;
@@ -426,6 +453,11 @@ fn tensor_core_kernels_match_the_cpu() {
     assert!(!gatt::tc_supported(dev, &s));
     let e = gatt::forward_tc(dev, &x.as_view(), &kx.as_view(), &kx.as_view(), &s, &mut o.as_view_mut(), &mut l.as_view_mut()).unwrap_err();
     assert_eq!(e.kind, lora::ErrorKind::Unsupported, "{e}");
+    // Nor soft caps or head_dim 256 (the fp32 kernels take them).
+    let s = AttnShape { kv_len: 5, ..s };
+    assert!(gatt::tc_supported(dev, &s) == (dev.compute_capability.0 >= 8));
+    assert!(!gatt::tc_supported(dev, &AttnShape { softcap: Some(50.0), ..s }));
+    assert!(!gatt::tc_supported(dev, &AttnShape { head_dim: 256, ..s }));
 }
 
 /// The launchers' grids (`gatt::causal_grid`) of the query-tile kernels
@@ -548,7 +580,7 @@ fn emulated_tensor_core_bf16_form_matches_the_fp32_form() {
     let fbits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
     // attention.cu too, for its δ kernel (the emulation is available: the
     // build above succeeded).
-    let fp32 = emu::build("attention-delta", &["attention.cu"], &[], emu::MIN_MAX, F32_EMU_ENTRY).unwrap_or_else(|e| panic!("emulating attention.cu: {e}"));
+    let fp32 = emu::build("attention-delta", &["attention.cu"], &emu::SUBST, emu::MIN_MAX, F32_EMU_ENTRY).unwrap_or_else(|e| panic!("emulating attention.cu: {e}"));
     let mut rng = Rng(76);
     for c in &[(1usize, 70usize, 2usize, 1usize, 64usize, None), (2, 19, 2, 2, 128, Some(7))] {
         let s = tc_shape(c);
@@ -605,36 +637,49 @@ fn emulated_tensor_core_bf16_form_matches_the_fp32_form() {
 
 const F32_EMU_ENTRY: &str = r#"
 extern "C" {
-void emu_att_fwd(unsigned gx, unsigned gy, unsigned gz, const float* q, const float* k, const float* v, u32 T, u32 S, u32 H, u32 Hkv, u32 D, u32 w, float scale, float* o, float* lse) {
-    emu_launch3(dim3{gx, gy, gz}, ATT_THREADS, [&] { attention_forward_f32(q, k, v, T, S, H, Hkv, D, w, scale, o, lse); });
+void emu_att_fwd(unsigned gx, unsigned gy, unsigned gz, const float* q, const float* k, const float* v, u32 T, u32 S, u32 H, u32 Hkv, u32 D, u32 w, float scale, float cap, float* o, float* lse) {
+    emu_launch3(dim3{gx, gy, gz}, ATT_THREADS, [&] {
+        if (D > ATT_DNARROW) attention_forward_d256_f32(q, k, v, T, S, H, Hkv, D, w, scale, cap, o, lse);
+        else attention_forward_f32(q, k, v, T, S, H, Hkv, D, w, scale, cap, o, lse);
+    });
 }
 void emu_att_bwd(unsigned dgrid, unsigned kx, unsigned ky, unsigned kz, unsigned qx, unsigned qy, unsigned qz, const float* q, const float* k, const float* v, const float* o, const float* dout, const float* lse,
-                 float* delta, u64 rows, u32 T, u32 S, u32 H, u32 Hkv, u32 D, u32 w, float scale, float* dq, float* dk, float* dv) {
+                 float* delta, u64 rows, u32 T, u32 S, u32 H, u32 Hkv, u32 D, u32 w, float scale, float cap, float* dq, float* dk, float* dv) {
     emu_launch(dgrid, ATT_THREADS, [&] { attention_delta_f32(dout, o, rows, D, delta); });
-    emu_launch3(dim3{kx, ky, kz}, ATT_THREADS, [&] { attention_dkdv_f32(q, k, v, dout, lse, delta, T, S, H, Hkv, D, w, scale, dk, dv); });
-    emu_launch3(dim3{qx, qy, qz}, ATT_THREADS, [&] { attention_dq_f32(q, k, v, dout, lse, delta, T, S, H, Hkv, D, w, scale, dq); });
+    emu_launch3(dim3{kx, ky, kz}, ATT_THREADS, [&] {
+        if (D > ATT_DNARROW) attention_dkdv_d256_f32(q, k, v, dout, lse, delta, T, S, H, Hkv, D, w, scale, cap, dk, dv);
+        else attention_dkdv_f32(q, k, v, dout, lse, delta, T, S, H, Hkv, D, w, scale, cap, dk, dv);
+    });
+    emu_launch3(dim3{qx, qy, qz}, ATT_THREADS, [&] {
+        if (D > ATT_DNARROW) attention_dq_d256_f32(q, k, v, dout, lse, delta, T, S, H, Hkv, D, w, scale, cap, dq);
+        else attention_dq_f32(q, k, v, dout, lse, delta, T, S, H, Hkv, D, w, scale, cap, dq);
+    });
 }
 void emu_att_delta(unsigned dgrid, const float* dout, const float* o, u64 rows, u32 D, float* delta) {
     emu_launch(dgrid, ATT_THREADS, [&] { attention_delta_f32(dout, o, rows, D, delta); });
 }
-void emu_att_decode(unsigned H, unsigned B, const float* q, const float* kc, const float* vc, const u32* lens, u32 cap, u32 Hkv, u32 D, u32 w, float scale, float* o) {
-    emu_launch3(dim3{H, B, 1}, ATT_THREADS, [&] { attention_decode_f32(q, kc, vc, lens, cap, H, Hkv, D, w, scale, o); });
+void emu_att_decode(unsigned H, unsigned B, const float* q, const float* kc, const float* vc, const u32* lens, u32 cap, u32 Hkv, u32 D, u32 w, float scale, float softcap, float* o) {
+    emu_launch3(dim3{H, B, 1}, ATT_THREADS, [&] {
+        if (D > ATT_DNARROW) attention_decode_d256_f32(q, kc, vc, lens, cap, H, Hkv, D, w, scale, softcap, o);
+        else attention_decode_f32(q, kc, vc, lens, cap, H, Hkv, D, w, scale, softcap, o);
+    });
 }
 }
 "#;
 
-type EmuAttFwd = unsafe extern "C" fn(u32, u32, u32, *const f32, *const f32, *const f32, u32, u32, u32, u32, u32, u32, f32, *mut f32, *mut f32);
-type EmuAttBwd = unsafe extern "C" fn(u32, u32, u32, u32, u32, u32, u32, *const f32, *const f32, *const f32, *const f32, *const f32, *const f32, *mut f32, u64, u32, u32, u32, u32, u32, u32, f32, *mut f32, *mut f32, *mut f32);
+type EmuAttFwd = unsafe extern "C" fn(u32, u32, u32, *const f32, *const f32, *const f32, u32, u32, u32, u32, u32, u32, f32, f32, *mut f32, *mut f32);
+type EmuAttBwd = unsafe extern "C" fn(u32, u32, u32, u32, u32, u32, u32, *const f32, *const f32, *const f32, *const f32, *const f32, *const f32, *mut f32, u64, u32, u32, u32, u32, u32, u32, f32, f32, *mut f32, *mut f32, *mut f32);
 type EmuAttDelta = unsafe extern "C" fn(u32, *const f32, *const f32, u64, u32, *mut f32);
-type EmuAttDecode = unsafe extern "C" fn(u32, u32, *const f32, *const f32, *const f32, *const u32, u32, u32, u32, u32, f32, *mut f32);
+type EmuAttDecode = unsafe extern "C" fn(u32, u32, *const f32, *const f32, *const f32, *const u32, u32, u32, u32, u32, f32, f32, *mut f32);
 
 /// The fp32 attention kernels (forward, δ + dK/dV + dQ, decode) compiled for
 /// the host and launched with the launchers' grids (16 query rows or keys
 /// per block, 128 threads), against the CPU ops: relative error ≤ 1e-5
-/// (the same f32 function with other summation orders and host exp/log).
+/// (the same f32 function with other summation orders and host exp/log),
+/// head_dim up to 256 and soft caps included.
 #[test]
 fn emulated_fp32_kernels_match_the_cpu() {
-    let lib = match emu::build("attention", &["attention.cu"], &[], emu::MIN_MAX, F32_EMU_ENTRY) {
+    let lib = match emu::build("attention", &["attention.cu"], &emu::SUBST, emu::MIN_MAX, F32_EMU_ENTRY) {
         Ok(l) => l,
         Err(why) => {
             eprintln!("SKIPPED emulated_fp32_kernels_match_the_cpu: kernel emulation unavailable: {why}");
@@ -644,8 +689,17 @@ fn emulated_fp32_kernels_match_the_cpu() {
     // SAFETY: entry points built just above with these signatures.
     let (fwd, bwd, dec): (EmuAttFwd, EmuAttBwd, EmuAttDecode) = unsafe { (*lib.get(b"emu_att_fwd").unwrap(), *lib.get(b"emu_att_bwd").unwrap(), *lib.get(b"emu_att_decode").unwrap()) };
     let mut rng = Rng(76);
-    for c in &[(1usize, 21usize, 21usize, 4usize, 2usize, 32usize, None), (1, 5, 40, 2, 1, 64, Some(9)), (2, 17, 17, 2, 2, 48, Some(5)), (3, 40, 40, 2, 1, 32, None)] {
+    let cases: &[Case] = &[
+        (1, 21, 21, 4, 2, 32, None, None),
+        (1, 5, 40, 2, 1, 64, Some(9), None),
+        (2, 17, 17, 2, 2, 48, Some(5), Some(3.0)),
+        (3, 40, 40, 2, 1, 32, None, None),
+        (1, 19, 19, 2, 1, 256, None, Some(4.0)),
+        (1, 4, 37, 2, 2, 200, Some(20), None),
+    ];
+    for c in cases {
         let s = shape(c);
+        let cap = s.softcap.unwrap_or(0.0);
         let r = reference(&mut rng, &s);
         let (t, sl, h, hkv, d) = (s.q_len as u32, s.kv_len as u32, s.n_heads as u32, s.n_kv_heads as u32, s.head_dim as u32);
         let w = s.window.unwrap_or(0) as u32;
@@ -654,7 +708,7 @@ fn emulated_fp32_kernels_match_the_cpu() {
         let (mut o, mut lse) = (vec![f32::NAN; nq], vec![f32::NAN; nq / s.head_dim]);
         let (qg, kg) = emu_grids(s.q_len.div_ceil(16), s.kv_len.div_ceil(16), h, hkv, s.batch);
         // SAFETY: buffers as the kernels index them; grid as forward launches.
-        unsafe { fwd(qg.0, qg.1, qg.2, r.q.as_ptr(), r.k.as_ptr(), r.v.as_ptr(), t, sl, h, hkv, d, w, scale, o.as_mut_ptr(), lse.as_mut_ptr()) };
+        unsafe { fwd(qg.0, qg.1, qg.2, r.q.as_ptr(), r.k.as_ptr(), r.v.as_ptr(), t, sl, h, hkv, d, w, scale, cap, o.as_mut_ptr(), lse.as_mut_ptr()) };
         check_rows("emulated attention o", &o, &r.o, s.head_dim);
         assert!(rel_err(&o, &r.o) <= 1e-5 && rel_err(&lse, &r.lse) <= 1e-5, "emulated fp32 forward: o {:e}, lse {:e}", rel_err(&o, &r.o), rel_err(&lse, &r.lse));
         let rows = (s.batch * s.q_len * s.n_heads) as u64;
@@ -662,7 +716,7 @@ fn emulated_fp32_kernels_match_the_cpu() {
         // SAFETY: as above, with the CPU's o and lse as the GPU test uses.
         unsafe {
             bwd((rows.div_ceil(4)).clamp(1, 1 << 16) as u32, kg.0, kg.1, kg.2, qg.0, qg.1, qg.2,
-                r.q.as_ptr(), r.k.as_ptr(), r.v.as_ptr(), r.o.as_ptr(), r.dout.as_ptr(), r.lse.as_ptr(), delta.as_mut_ptr(), rows, t, sl, h, hkv, d, w, scale,
+                r.q.as_ptr(), r.k.as_ptr(), r.v.as_ptr(), r.o.as_ptr(), r.dout.as_ptr(), r.lse.as_ptr(), delta.as_mut_ptr(), rows, t, sl, h, hkv, d, w, scale, cap,
                 dq.as_mut_ptr(), dk.as_mut_ptr(), dv.as_mut_ptr())
         };
         for (what, got, want) in [("dq", &dq, &r.dq), ("dk", &dk, &r.dk), ("dv", &dv, &r.dv)] {
@@ -671,17 +725,19 @@ fn emulated_fp32_kernels_match_the_cpu() {
         eprintln!("emulated fp32 attention {c:?}: o {:.1e}, lse {:.1e}, dq {:.1e}, dk {:.1e}, dv {:.1e}", rel_err(&o, &r.o), rel_err(&lse, &r.lse), rel_err(&dq, &r.dq), rel_err(&dk, &r.dk), rel_err(&dv, &r.dv));
     }
     // Decode: B sequences with their own lengths against the CPU op.
-    let (bsz, cap, hq, hkv, d, window) = (3usize, 40usize, 4usize, 2usize, 64usize, Some(17usize));
-    let s = DecodeShape { batch: bsz, cache_cap: cap, n_heads: hq, n_kv_heads: hkv, head_dim: d, window, scale: None, softcap: None };
-    let lens = [1usize, 23, cap];
-    let (q, kc, vc) = (rng.vec(bsz * hq * d, 1.5), rng.vec(bsz * cap * hkv * d, 1.0), rng.vec(bsz * cap * hkv * d, 1.0));
-    let mut want = vec![0f32; q.len()];
-    attention_decode(&q, &kc, &vc, &lens, &s, &mut want);
-    let lens32: Vec<u32> = lens.iter().map(|&n| n as u32).collect();
-    let mut got = vec![f32::NAN; q.len()];
-    // SAFETY: q, o [B, H, D]; caches [B, cap, Hkv, D]; lens B.
-    unsafe { dec(hq as u32, bsz as u32, q.as_ptr(), kc.as_ptr(), vc.as_ptr(), lens32.as_ptr(), cap as u32, hkv as u32, d as u32, 17, softmax_scale(d), got.as_mut_ptr()) };
-    assert!(rel_err(&got, &want) <= 1e-5, "emulated decode: relative error {:e}", rel_err(&got, &want));
+    for (d, softcap) in [(64usize, None), (256, Some(3.0f32))] {
+        let (bsz, cap, hq, hkv, window) = (3usize, 40usize, 4usize, 2usize, Some(17usize));
+        let s = DecodeShape { batch: bsz, cache_cap: cap, n_heads: hq, n_kv_heads: hkv, head_dim: d, window, scale: None, softcap };
+        let lens = [1usize, 23, cap];
+        let (q, kc, vc) = (rng.vec(bsz * hq * d, 1.5), rng.vec(bsz * cap * hkv * d, 1.0), rng.vec(bsz * cap * hkv * d, 1.0));
+        let mut want = vec![0f32; q.len()];
+        attention_decode(&q, &kc, &vc, &lens, &s, &mut want);
+        let lens32: Vec<u32> = lens.iter().map(|&n| n as u32).collect();
+        let mut got = vec![f32::NAN; q.len()];
+        // SAFETY: q, o [B, H, D]; caches [B, cap, Hkv, D]; lens B.
+        unsafe { dec(hq as u32, bsz as u32, q.as_ptr(), kc.as_ptr(), vc.as_ptr(), lens32.as_ptr(), cap as u32, hkv as u32, d as u32, 17, softmax_scale(d), softcap.unwrap_or(0.0), got.as_mut_ptr()) };
+        assert!(rel_err(&got, &want) <= 1e-5, "emulated decode D={d} cap {softcap:?}: relative error {:e}", rel_err(&got, &want));
+    }
 }
 
 #[test]
@@ -689,11 +745,13 @@ fn decode_matches_the_cpu() {
     let Some(dev) = gpu("decode_matches_the_cpu") else { return };
     let mut rng = Rng(73);
     // (H, Hkv, D, window); B = 4 sequences with lengths 1, 37, cap and a random one.
-    let cases: &[(usize, usize, usize, Option<usize>)] = &[(4, 4, 64, None), (8, 4, 32, Some(16)), (8, 2, 128, None), (6, 3, 48, Some(7)), (4, 1, 128, Some(40))];
+    // (H, Hkv, D, window, soft cap)
+    let cases: &[(usize, usize, usize, Option<usize>, Option<f32>)] =
+        &[(4, 4, 64, None, None), (8, 4, 32, Some(16), None), (8, 2, 128, None, None), (6, 3, 48, Some(7), None), (4, 1, 128, Some(40), None), (4, 2, 256, Some(40), None), (2, 1, 256, None, Some(50.0)), (4, 2, 64, None, Some(2.0))];
     let (bsz, cap) = (4, 150);
-    for &(hq, hkv, d, window) in cases {
+    for &(hq, hkv, d, window, softcap) in cases {
         let lens = [1usize, 37, cap, 1 + rng.below(cap)];
-        let s = DecodeShape { batch: bsz, cache_cap: cap, n_heads: hq, n_kv_heads: hkv, head_dim: d, window, scale: None, softcap: None };
+        let s = DecodeShape { batch: bsz, cache_cap: cap, n_heads: hq, n_kv_heads: hkv, head_dim: d, window, scale: None, softcap };
         let scale = softmax_scale(d);
         let (q, kc, vc) = (rng.vec(bsz * hq * d, 1.5), rng.vec(bsz * cap * hkv * d, 1.0), rng.vec(bsz * cap * hkv * d, 1.0));
         let mut o = vec![0f32; q.len()];
@@ -709,8 +767,10 @@ fn decode_matches_the_cpu() {
                 let (mut sc, mut ds) = (Vec::new(), 0f64);
                 for j in lo..lens[b] {
                     let kr = &kc[at(j)..at(j) + d];
-                    sc.push(scale as f64 * qi.iter().zip(kr).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>());
-                    ds = ds.max(gatt::score_tol(d, scale, qi.iter().zip(kr).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum()));
+                    let x = scale as f64 * qi.iter().zip(kr).map(|(&a, &b)| a as f64 * b as f64).sum::<f64>();
+                    let (x, dsj, _, _) = capped(x, gatt::score_tol(d, scale, qi.iter().zip(kr).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum()), softcap);
+                    sc.push(x);
+                    ds = ds.max(dsj);
                 }
                 let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let l: f64 = sc.iter().map(|x| (x - m).exp()).sum();
@@ -725,7 +785,7 @@ fn decode_matches_the_cpu() {
         gatt::decode(dev, &qd.as_view(), &kd.as_view(), &vd.as_view(), &lens, &s, &mut od.as_view_mut()).unwrap();
         let go = dev.download(&od).unwrap();
         let e = check_close("decode o", &go, &o, |i| tol[i]);
-        eprintln!("attention decode H={hq} Hkv={hkv} D={d} window={window:?}: rel err {:.2e} ({e}/{} bit-exact)", rel_err(&go, &o), q.len());
+        eprintln!("attention decode H={hq} Hkv={hkv} D={d} window={window:?} cap={softcap:?}: rel err {:.2e} ({e}/{} bit-exact)", rel_err(&go, &o), q.len());
     }
 }
 
@@ -743,7 +803,10 @@ fn launchers_reject_bad_arguments() {
     assert_eq!(try_fwd(AttnShape { window: Some(0), ..ok }, 48, 32), Err(InvalidArgument));
     assert_eq!(try_fwd(AttnShape { q_len: 5, ..ok }, 80, 32), Err(InvalidShape)); // S < T
     assert_eq!(try_fwd(AttnShape { n_kv_heads: 3, ..ok }, 48, 96), Err(InvalidShape)); // 2 % 3
-    assert_eq!(try_fwd(AttnShape { head_dim: 130, ..ok }, 3 * 2 * 130, 4 * 130), Err(InvalidShape));
+    assert_eq!(try_fwd(AttnShape { head_dim: 258, ..ok }, 3 * 2 * 258, 4 * 258), Err(InvalidShape));
+    for c in [0.0, -1.0, f32::NAN, f32::INFINITY] {
+        assert_eq!(try_fwd(AttnShape { softcap: Some(c), ..ok }, 48, 32), Err(InvalidArgument), "cap {c}");
+    }
     assert_eq!(try_fwd(ok, 48, 31), Err(BufferSize));
     let s = DecodeShape { batch: 2, cache_cap: 4, n_heads: 2, n_kv_heads: 1, head_dim: 8, window: None, scale: None, softcap: None };
     let (q, kc) = (poisoned(dev, 32), poisoned(dev, 64));

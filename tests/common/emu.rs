@@ -315,7 +315,7 @@ template <class F> void emu_launch(unsigned grid, unsigned block, F f) { emu_lau
 /// emulation uses instead (every source gets all of them; each matches
 /// one file's text exactly).
 #[allow(dead_code)]
-pub const SUBST: [(&str, &str); 5] = [
+pub const SUBST: [(&str, &str); 6] = [
     (r#"asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));"#, "f = emu_f16_to_f32(h);"),
     (r#"asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));"#, "h = emu_f32_to_f16(f);"),
     (r#"asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));"#, "r = emu_cvt_bf16x2(hi, lo);"),
@@ -326,6 +326,7 @@ pub const SUBST: [(&str, &str); 5] = [
         "emu_mma(c, a0, a1, a2, a3, b0, b1);",
     ),
     ("extern __shared__ __align__(16) unsigned char atc_smem[];", "unsigned char* atc_smem = emu_dyn_smem();"),
+    ("extern __shared__ __align__(16) float att_smem[];", "#define att_smem (reinterpret_cast<float*>(emu_dyn_smem()))"),
 ];
 
 /// CUDA's device `min` and `max`, for the operand types the kernels use.

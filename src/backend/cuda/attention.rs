@@ -12,7 +12,14 @@
 //! - [`decode`]: one query row per sequence against its KV cache (lengths
 //!   from the host, checked and uploaded).
 //!
-//! `head_dim` is limited to [`MAX_HEAD_DIM`] (the kernels' register tile).
+//! `head_dim` is limited to [`MAX_HEAD_DIM`] (256, Gemma's): head_dims up
+//! to [`NARROW_HEAD_DIM`] run the kernels instantiated for 128 columns,
+//! larger ones their `_d256` twins (twice the register tile and shared
+//! memory, above the default 48 KiB: the launchers raise the function's
+//! limit). Soft-capped scores (Gemma 2's `attn_logit_softcapping`) are
+//! `c·tanh(s/c)` in every kernel (the CPU's order; [`cap_tol`] bounds the
+//! difference it adds); the tensor-core kernels take neither
+//! ([`tc_supported`]).
 //!
 //! Agreement with the CPU: both sum in f32 in different orders and both use
 //! f32 `exp`/`log` (≤ 2 ulp on the GPU; on the CPU `exp` within 1 ulp,
@@ -34,7 +41,14 @@ use cudarc::driver::{CudaView, CudaViewMut, DevicePtr, DeviceRepr};
 /// Threads per block (`ATT_THREADS` in attention.cu).
 const ATT_THREADS: u32 = 128;
 /// Largest head_dim (`ATT_DMAX` in attention.cu).
-pub const MAX_HEAD_DIM: usize = 128;
+pub const MAX_HEAD_DIM: usize = 256;
+/// Largest head_dim of the narrow kernels (`ATT_DNARROW`); above it the
+/// `_d256` kernels run.
+pub const NARROW_HEAD_DIM: usize = 128;
+/// Keys per forward / decode tile (`ATT_FK`).
+const ATT_FK: usize = 32;
+/// Query rows per dkdv chunk (`ATT_BR`).
+const ATT_BR: usize = 8;
 /// Query rows per forward block (`ATT_FQ`).
 const ATT_FQ: usize = 16;
 /// Keys per dkdv block (`ATT_BK`).
@@ -72,6 +86,16 @@ pub fn lse_tol(n: usize, ds: f64, lse: f64) -> f64 {
     ds + 2.0 * (n as f64 + 4.0) * U + 8.0 * U * (lse.abs() + 1.0)
 }
 
+/// Bound on `|gpu − cpu|` a soft cap `c` adds to a score whose uncapped
+/// value `x` the two sides computed within `ds` ([`score_tol`]): `c·tanh(x/c)`
+/// moves by at most `ds` (its slope is ≤ 1), and each side's `tanh` (2 ulp
+/// of a value ≤ 1: 2u), the division (u·|x|/c before a tanh of slope ≤ 1)
+/// and the product (u·c) add `c·(2u + u) + u·|x|`.
+pub fn cap_tol(ds: f64, cap: f32, x: f64) -> f64 {
+    let c = cap as f64;
+    ds + 2.0 * (3.0 * U * c + U * x.abs())
+}
+
 fn dim32(v: usize, what: &str) -> Result<u32> {
     if v > i32::MAX as usize {
         bail!(InvalidShape, "attention: {what} = {v} exceeds 2^31-1");
@@ -87,9 +111,13 @@ fn check_len(len: usize, dims: &[usize], what: &str) -> Result<()> {
     Ok(())
 }
 
-fn check_heads(n_heads: usize, n_kv_heads: usize, head_dim: usize, window: Option<usize>, softcap: Option<f32>) -> Result<()> {
-    if softcap.is_some() {
-        bail!(Unsupported, "attention: soft-capped scores (Gemma 2) are not implemented in the device kernels");
+/// Checks heads, head_dim, window and cap; returns the cap as the kernels
+/// take it (0: none).
+fn check_heads(n_heads: usize, n_kv_heads: usize, head_dim: usize, window: Option<usize>, softcap: Option<f32>) -> Result<f32> {
+    if let Some(c) = softcap {
+        if !(c.is_finite() && c > 0.0) {
+            bail!(InvalidArgument, "attention: soft cap {c} must be finite and positive");
+        }
     }
     if n_kv_heads == 0 || n_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
         bail!(InvalidShape, "attention: n_heads {n_heads} is not a positive multiple of n_kv_heads {n_kv_heads}");
@@ -103,13 +131,76 @@ fn check_heads(n_heads: usize, n_kv_heads: usize, head_dim: usize, window: Optio
     if window == Some(0) {
         bail!(InvalidArgument, "attention: window must be ≥ 1");
     }
-    Ok(())
+    Ok(softcap.unwrap_or(0.0))
+}
+
+/// The fp32 kernels of attention.cu.
+#[derive(Clone, Copy)]
+enum F32Kernel {
+    Forward,
+    Dkdv,
+    Dq,
+    Decode,
+}
+
+impl F32Kernel {
+    /// The kernel's name for head_dim `d` (the `_d256` instantiation above
+    /// [`NARROW_HEAD_DIM`]) and the widest head_dim its tiles hold.
+    fn name(self, d: usize) -> (&'static str, usize) {
+        const NAMES: [[&str; 4]; 2] = [
+            ["attention_forward_f32", "attention_dkdv_f32", "attention_dq_f32", "attention_decode_f32"],
+            ["attention_forward_d256_f32", "attention_dkdv_d256_f32", "attention_dq_d256_f32", "attention_decode_d256_f32"],
+        ];
+        let wide = d > NARROW_HEAD_DIM;
+        (NAMES[usize::from(wide)][self as usize], if wide { MAX_HEAD_DIM } else { NARROW_HEAD_DIM })
+    }
+
+    /// Dynamic shared memory in bytes for `dm` columns: the tiles as
+    /// attention.cu carves them, rows of `dm + 1` floats. The narrow
+    /// kernels (and decode) have theirs static: none.
+    fn smem(self, dm: usize) -> u32 {
+        if dm <= NARROW_HEAD_DIM {
+            return 0;
+        }
+        let pad = dm + 1;
+        let floats = match self {
+            F32Kernel::Forward => (ATT_FQ + 2 * ATT_FK) * pad,
+            F32Kernel::Dkdv => (2 * ATT_BK + 2 * ATT_BR) * pad + 2 * ATT_BR * ATT_BK,
+            F32Kernel::Dq => (2 * ATT_BQ + 2 * ATT_BK) * pad + ATT_BQ * (ATT_BK + 1),
+            F32Kernel::Decode => 0,
+        };
+        (floats * 4) as u32
+    }
+}
+
+/// Raises `f`'s dynamic shared memory limit to `smem` bytes (above 48 KiB
+/// a launch fails without it).
+fn allow_smem(f: &cudarc::driver::CudaFunction, name: &str, smem: u32) -> Result<()> {
+    super::guard("cuFuncSetAttribute", || {
+        f.set_attribute(cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
+            .map_err(|e| super::cu_err(&format!("cuFuncSetAttribute({name}, MAX_DYNAMIC_SHARED_SIZE_BYTES = {smem})"), e))
+    })
+}
+
+/// The function, name and launch configuration of fp32 kernel `k` for
+/// head_dim `d` over `grid`, with its dynamic shared memory allowed.
+fn f32_launch(dev: &CudaDevice, k: F32Kernel, d: usize, grid: (u32, u32, u32)) -> Result<(cudarc::driver::CudaFunction, &'static str, cudarc::driver::LaunchConfig)> {
+    let (name, dm) = k.name(d);
+    let f = dev.function(&ATTENTION_CU, name)?;
+    let smem = k.smem(dm);
+    if smem > 0 {
+        allow_smem(&f, name, smem)?;
+    }
+    let mut cfg = grid_cfg(grid, ATT_THREADS);
+    cfg.shared_mem_bytes = smem;
+    Ok((f, name, cfg))
 }
 
 /// Checks a training/prefill shape: heads, `S ≥ T`, grid limits. Returns
-/// `(T, S, H, Hkv, D, window)` as the kernels take them (window 0: none).
-fn check_shape(s: &AttnShape) -> Result<(u32, u32, u32, u32, u32, u32)> {
-    check_heads(s.n_heads, s.n_kv_heads, s.head_dim, s.window, s.softcap)?;
+/// `(T, S, H, Hkv, D, window, cap)` as the kernels take them (window 0,
+/// cap 0: none).
+fn check_shape(s: &AttnShape) -> Result<(u32, u32, u32, u32, u32, u32, f32)> {
+    let cap = check_heads(s.n_heads, s.n_kv_heads, s.head_dim, s.window, s.softcap)?;
     if s.kv_len < s.q_len {
         bail!(InvalidShape, "attention: kv_len {} < q_len {}", s.kv_len, s.q_len);
     }
@@ -117,7 +208,7 @@ fn check_shape(s: &AttnShape) -> Result<(u32, u32, u32, u32, u32, u32)> {
         bail!(InvalidShape, "attention: batch {} exceeds the grid limit 65535", s.batch);
     }
     let w = s.window.map_or(Ok(0), |w| dim32(w.min(i32::MAX as usize), "window"))?;
-    Ok((dim32(s.q_len, "q_len")?, dim32(s.kv_len, "kv_len")?, s.n_heads as u32, s.n_kv_heads as u32, s.head_dim as u32, w))
+    Ok((dim32(s.q_len, "q_len")?, dim32(s.kv_len, "kv_len")?, s.n_heads as u32, s.n_kv_heads as u32, s.head_dim as u32, w, cap))
 }
 
 /// The launch grid of a causal attention kernel over `tiles` tiles (of
@@ -151,7 +242,7 @@ pub fn causal_grid(multiprocessors: u32, tiles: usize, pairs: u32, batch: usize)
 }
 
 /// A launch configuration of `grid` (x, y, z) without dynamic shared
-/// memory.
+/// memory (the launchers add it).
 fn grid_cfg((x, y, z): (u32, u32, u32), threads: u32) -> cudarc::driver::LaunchConfig {
     let mut cfg = launch_cfg((x, y), threads);
     cfg.grid_dim.2 = z;
@@ -220,19 +311,18 @@ pub fn forward(
     o: &mut CudaViewMut<'_, f32>,
     lse: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    let (t, sl, h, hkv, d, w) = check_shape(s)?;
+    let (t, sl, h, hkv, d, w, cap) = check_shape(s)?;
     check_forward_args(dev, q, k, v, s, o, lse)?;
     if s.batch == 0 || s.q_len == 0 {
         return Ok(());
     }
     let scale = s.scale();
-    let name = "attention_forward_f32";
-    let f = dev.function(&ATTENTION_CU, name)?;
-    let cfg = grid_cfg(causal_grid(dev.multiprocessors, s.q_len.div_ceil(ATT_FQ), h, s.batch)?, ATT_THREADS);
-    // SAFETY: (ptr ×3, u32 ×7, f32, ptr ×2) as the kernel. The block of
+    let (f, name, cfg) = f32_launch(dev, F32Kernel::Forward, s.head_dim, causal_grid(dev.multiprocessors, s.q_len.div_ceil(ATT_FQ), h, s.batch)?)?;
+    // SAFETY: (ptr ×3, u32 ×7, f32 ×2, ptr ×2) as the kernel. The block of
     // (b, h, tile) (causal_grid) reads rows < T of q (head h), rows < S of k, v (head h/(H/Hkv) < Hkv)
-    // and writes rows < T of o and lse: all lengths checked above.
-    launch_kernel!(dev, f, name, cfg, [q, k, v, &t, &sl, &h, &hkv, &d, &w, &scale, o, lse])
+    // and writes rows < T of o and lse: all lengths checked above; D ≤ the
+    // kernel's columns, its shared memory as F32Kernel::smem sizes it.
+    launch_kernel!(dev, f, name, cfg, [q, k, v, &t, &sl, &h, &hkv, &d, &w, &scale, &cap, o, lse])
 }
 
 /// Causal GQA backward (FlashAttention-2, as
@@ -257,33 +347,29 @@ pub fn backward<O: TcElem>(
     dk: &mut CudaViewMut<'_, f32>,
     dv: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    let (t, sl, h, hkv, d, w) = check_shape(s)?;
+    let (t, sl, h, hkv, d, w, cap) = check_shape(s)?;
     check_backward_args(dev, [q, k, v], o, lse, dout, s, [&*dq, &*dk, &*dv])?;
     if s.batch == 0 || s.kv_len == 0 {
         return Ok(());
     }
     let scale = s.scale();
     let delta = delta_async(dev, o, dout, s, d)?;
-    let name = "attention_dkdv_f32";
-    let f = dev.function(&ATTENTION_CU, name)?;
-    let cfg = grid_cfg(causal_grid(dev.multiprocessors, s.kv_len.div_ceil(ATT_BK), hkv, s.batch)?, ATT_THREADS);
-    // SAFETY: (ptr ×6, u32 ×7, f32, ptr ×2). The block of (b, g, key tile)
+    let (f, name, cfg) = f32_launch(dev, F32Kernel::Dkdv, s.head_dim, causal_grid(dev.multiprocessors, s.kv_len.div_ceil(ATT_BK), hkv, s.batch)?)?;
+    // SAFETY: (ptr ×6, u32 ×7, f32 ×2, ptr ×2). The block of (b, g, key tile)
     // (causal_grid) reads keys
     // < S of k, v (head g < Hkv), rows < T of q, dout (heads of group g < H),
     // lse and delta at those rows, and writes its keys' rows of dk, dv:
     // lengths checked above, delta has B·T·H elements.
-    launch_kernel!(dev, f, name, cfg, [q, k, v, dout, lse, &delta, &t, &sl, &h, &hkv, &d, &w, &scale, dk, dv])?;
+    launch_kernel!(dev, f, name, cfg, [q, k, v, dout, lse, &delta, &t, &sl, &h, &hkv, &d, &w, &scale, &cap, dk, dv])?;
     if s.q_len == 0 {
         return Ok(());
     }
-    let name = "attention_dq_f32";
-    let f = dev.function(&ATTENTION_CU, name)?;
-    let cfg = grid_cfg(causal_grid(dev.multiprocessors, s.q_len.div_ceil(ATT_BQ), h, s.batch)?, ATT_THREADS);
-    // SAFETY: (ptr ×6, u32 ×7, f32, ptr). The block of (b, h, tile)
+    let (f, name, cfg) = f32_launch(dev, F32Kernel::Dq, s.head_dim, causal_grid(dev.multiprocessors, s.q_len.div_ceil(ATT_BQ), h, s.batch)?)?;
+    // SAFETY: (ptr ×6, u32 ×7, f32 ×2, ptr). The block of (b, h, tile)
     // (causal_grid) reads rows < T
     // of q, dout, lse, delta (head h), keys < S of k, v (head h/(H/Hkv)),
     // and writes its rows of dq: lengths checked above.
-    launch_kernel!(dev, f, name, cfg, [q, k, v, dout, lse, &delta, &t, &sl, &h, &hkv, &d, &w, &scale, dq])
+    launch_kernel!(dev, f, name, cfg, [q, k, v, dout, lse, &delta, &t, &sl, &h, &hkv, &d, &w, &scale, &cap, dq])
 }
 
 /// `δ = rowsum(dout ∘ o)` per (batch, row, head), `[B, T, H]` (scratch,
@@ -359,9 +445,9 @@ impl TcElem for u16 {
 pub const BF16_U: f64 = 1.0 / 256.0;
 
 /// True when the tensor-core kernels take this shape: self-attention
-/// (`S = T`) with head_dim 64 or 128 on an sm_80+ device.
+/// (`S = T`) with head_dim 64 or 128, no soft cap, on an sm_80+ device.
 pub fn tc_supported(dev: &CudaDevice, s: &AttnShape) -> bool {
-    s.q_len == s.kv_len && (s.head_dim == 64 || s.head_dim == 128) && dev.compute_capability.0 >= 8
+    s.q_len == s.kv_len && (s.head_dim == 64 || s.head_dim == 128) && s.softcap.is_none() && dev.compute_capability.0 >= 8
 }
 
 /// Dynamic shared memory of the dkdv kernel for head_dim `d`.
@@ -383,9 +469,9 @@ fn check_pairs_aligned<T>(dev: &CudaDevice, v: &CudaView<'_, T>, what: &str) -> 
 }
 
 fn tc_check(dev: &CudaDevice, s: &AttnShape) -> Result<(u32, u32, u32, u32, u32)> {
-    let (t, _, h, hkv, d, w) = check_shape(s)?;
+    let (t, _, h, hkv, d, w, _) = check_shape(s)?;
     if !tc_supported(dev, s) {
-        bail!(Unsupported, "tensor-core attention needs S = T and head_dim 64 or 128 on sm_80+, got S {} T {} head_dim {} on {}", s.kv_len, s.q_len, s.head_dim, dev.describe());
+        bail!(Unsupported, "tensor-core attention needs S = T, head_dim 64 or 128 and no soft cap on sm_80+, got S {} T {} head_dim {} cap {:?} on {}", s.kv_len, s.q_len, s.head_dim, s.softcap, dev.describe());
     }
     Ok((t, h, hkv, d, w))
 }
@@ -448,10 +534,7 @@ pub fn backward_tc<T: TcElem>(
     let name = T::KERNELS[usize::from(d == 128)][1];
     let f = dev.function(&ATTENTION_TC_CU, name)?;
     let smem = atc_dkdv_smem(s.head_dim);
-    super::guard("cuFuncSetAttribute", || {
-        f.set_attribute(cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32)
-            .map_err(|e| super::cu_err(&format!("cuFuncSetAttribute({name}, MAX_DYNAMIC_SHARED_SIZE_BYTES = {smem})"), e))
-    })?;
+    allow_smem(&f, name, smem)?;
     let mut cfg = grid_cfg(causal_grid(dev.multiprocessors, s.kv_len.div_ceil(ATC_ROWS), hkv, s.batch)?, ATC_THREADS);
     cfg.shared_mem_bytes = smem;
     // SAFETY: (ptr ×6, u32 ×4, f32, ptr ×2). The block of (b, g, key tile)
@@ -485,7 +568,7 @@ pub fn decode(
     s: &DecodeShape,
     o: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    check_heads(s.n_heads, s.n_kv_heads, s.head_dim, s.window, s.softcap)?;
+    let softcap = check_heads(s.n_heads, s.n_kv_heads, s.head_dim, s.window, s.softcap)?;
     if s.batch > 65535 {
         bail!(InvalidShape, "attention decode: batch {} exceeds the grid limit 65535", s.batch);
     }
@@ -512,12 +595,13 @@ pub fn decode(
     let lens32: Vec<u32> = lens.iter().map(|&n| n as u32).collect();
     let lens_d = dev.upload(&lens32)?;
     let scale = s.scale();
-    let name = "attention_decode_f32";
+    let (name, _) = F32Kernel::Decode.name(s.head_dim);
     let f = dev.function(&ATTENTION_CU, name)?;
-    // SAFETY: (ptr ×4, u32 ×5, f32, ptr). Block (h, b) reads q[b, h], lens[b]
+    // SAFETY: (ptr ×4, u32 ×5, f32 ×2, ptr). Block (h, b) reads q[b, h], lens[b]
     // (B uploaded), cache rows < lens[b] ≤ cap of head h/(H/Hkv) < Hkv, and
-    // writes o[b, h]: lengths and lens checked above.
-    launch_kernel!(dev, f, name, launch_cfg((h, s.batch as u32), ATT_THREADS), [q, k_cache, v_cache, &lens_d, &cap, &h, &hkv, &d, &w, &scale, o])
+    // writes o[b, h]: lengths and lens checked above; D ≤ the kernel's
+    // columns (static shared memory).
+    launch_kernel!(dev, f, name, launch_cfg((h, s.batch as u32), ATT_THREADS), [q, k_cache, v_cache, &lens_d, &cap, &h, &hkv, &d, &w, &scale, &softcap, o])
 }
 
 #[cfg(test)]
@@ -550,6 +634,9 @@ mod tests {
         };
         assert_eq!(def("ATT_THREADS"), super::ATT_THREADS.to_string());
         assert_eq!(def("ATT_DMAX"), super::MAX_HEAD_DIM.to_string());
+        assert_eq!(def("ATT_DNARROW"), super::NARROW_HEAD_DIM.to_string());
+        assert_eq!(def("ATT_FK"), super::ATT_FK.to_string());
+        assert_eq!(def("ATT_BR"), super::ATT_BR.to_string());
         assert_eq!(def("ATT_FQ"), super::ATT_FQ.to_string());
         assert_eq!(def("ATT_BK"), super::ATT_BK.to_string());
         assert_eq!(def("ATT_BQ"), super::ATT_BQ.to_string());
