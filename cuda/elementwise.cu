@@ -1,12 +1,14 @@
 // elementwise.cu — the small elementwise kernels the device training step
 // needs around the matrix products: residual and gradient sums, a scale,
-// the bias add, the fp32 -> bf16 conversion of a matrix product's operand, and the
-// bf16 -> fp32 widening (set or add) of a bf16 GEMV's output.
+// the bias add, the fp32 -> bf16 conversion of a matrix product's operand, the
+// bf16 -> fp32 widening (set or add) of a bf16 GEMV's output, and the soft
+// cap of the logits.
 //
 // Each is the twin of a one-line CPU loop: the sum `y += x` and the bias
 // add are one IEEE fp32 addition per element (bit for bit the CPU's), the
 // conversion rounds to nearest even as half::bf16::from_f32 (NaN kept
-// quiet), bit for bit.
+// quiet), bit for bit; the soft cap differs by tanhf against the CPU's
+// vexp::tanh (both within 2 ulp).
 //
 // Grid-stride loops over u64 counts; launch: blockDim.x = EW_THREADS,
 // any grid (the host caps it).
@@ -37,6 +39,16 @@ extern "C" __global__ void __launch_bounds__(EW_THREADS) elementwise_add_f32(flo
 extern "C" __global__ void __launch_bounds__(EW_THREADS) elementwise_scale_f32(float* __restrict__ y, u64 n, float s) {
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
         y[i] = __fmul_rn(y[i], s);
+}
+
+// y[i] = cap * tanh(y[i] / cap), i < n, cap > 0: Gemma 2's soft cap of the
+// logits returned (final_logit_softcapping), in the order of the CPU head's
+// vexp::tanh(z / c) * c (the division and the product rounded as IEEE
+// fp32; tanhf, max 2 ulp, against vexp::tanh, max 2 ulp: within a few ulp
+// of cap, not bit for bit).
+extern "C" __global__ void __launch_bounds__(EW_THREADS) elementwise_softcap_f32(float* __restrict__ y, u64 n, float cap) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        y[i] = __fmul_rn(tanhf(__fdiv_rn(y[i], cap)), cap);
 }
 
 // y[r, c] += b[c] for r < rows, c < cols (y row-major).

@@ -10,12 +10,21 @@
 //   dx_j  = c * (f32(exp(x_j - m)) * f32(1/S)),  then dx_y -= c   (f32)
 //   ignored rows: dx = 0, l = 0.   loss sum = sum_i l_i (f64, fixed tree)
 //   c = grad_scale, or for the mean f32(1/count) (count = labels != -100).
+// Soft cap (cap > 0; Gemma 2's final_logit_softcapping, the CPU's
+// cross_entropy_fused_softcap): every logit read, the label's too, is
+// first replaced by x' = f32(tanhf(f32(x / cap)) * cap) (divide, tanh,
+// multiply, as the CPU; recomputed at each read, the same bits), the loss
+// and dx' above are those of x', and each gradient element stored is the
+// one with respect to the raw x: dx = f32(dx' * f32(1 - f32(t * t))),
+// t = tanhf(f32(x / cap)) (for bf16 in fp32, then rounded once).
+// cap = 0: no cap, the arithmetic above exactly.
 // A label outside [0, V) other than -100 is an error and nothing is
 // written: loss_ce_check_labels (one block) writes status[0] = the first bad
 // row (0xFFFFFFFF: none) and status[1] = count, before the fused kernel,
 // which does nothing unless status[0] is 0xFFFFFFFF.
 // Differences from the CPU: CUDA's expf (max 2 ulp) against libm's, and the
-// order of the f64 sums; bounds in src/backend/cuda/loss.rs.
+// order of the f64 sums; with a cap also CUDA's tanhf (max 2 ulp) against
+// the CPU's vexp::tanh (max 2 ulp); bounds in src/backend/cuda/loss.rs.
 //
 // Gradient norm (torch.nn.utils.clip_grad_norm_, norm 2): per tensor
 // n_k = f32(sqrt(sum g^2)) (f64 sum: fixed-size per-block partials, then a
@@ -135,13 +144,22 @@ __device__ __forceinline__ u16 loss_bf16(float f) {
 }
 __device__ __forceinline__ void loss_st(u16* p, float v) { *p = loss_bf16(v); }
 
+// tanh(x / cap) and the capped logit cap * tanh(x / cap), in the CPU's
+// order (module comment); loss_tanh only with cap > 0, loss_cap passes x
+// on unchanged for cap = 0.
+__device__ __forceinline__ float loss_tanh(float x, float cap) { return tanhf(__fdiv_rn(x, cap)); }
+__device__ __forceinline__ float loss_cap(float x, float cap) { return cap > 0.0f ? __fmul_rn(loss_tanh(x, cap), cap) : x; }
+
 // In place on logits [rows, vocab]: the gradient (module comment), and
 // row_loss[row] = l_row (0 for ignored rows). mean != 0: c = f32(1/count),
-// else c = grad_scale. Does nothing unless status[0] == LOSS_ALL_OK.
+// else c = grad_scale. cap > 0: the loss of the soft-capped logits, the
+// gradient with respect to the raw ones (module comment); cap = 0: no cap.
+// Does nothing unless status[0] == LOSS_ALL_OK.
 // grid = rows, block = LOSS_THREADS.
 template <typename T>
 __device__ __forceinline__ void loss_ce_fused(T* __restrict__ logits, const int* __restrict__ labels, u32 rows, u32 vocab,
-                                              const u32* __restrict__ status, float grad_scale, u32 mean, double* __restrict__ row_loss) {
+                                              const u32* __restrict__ status, float grad_scale, u32 mean, double* __restrict__ row_loss,
+                                              float cap) {
     const u32 row = blockIdx.x;
     if (row >= rows || status[0] != LOSS_ALL_OK) return;
     T* x = logits + (u64)row * vocab;
@@ -154,18 +172,23 @@ __device__ __forceinline__ void loss_ce_fused(T* __restrict__ logits, const int*
     const u32 count = status[1];
     const float c = mean ? (count == 0 ? 0.0f : __double2float_rn(__ddiv_rn(1.0, (double)count))) : grad_scale;
     float m = -__int_as_float(0x7f800000);
-    for (u32 j = threadIdx.x; j < vocab; j += blockDim.x) m = fmaxf(m, loss_ld(x + j));
+    for (u32 j = threadIdx.x; j < vocab; j += blockDim.x) m = fmaxf(m, loss_cap(loss_ld(x + j), cap));
     m = loss_block_max(m);
-    const float xy = loss_ld(x + y);  // read before any thread writes (the sum below synchronizes)
+    const float xy = loss_cap(loss_ld(x + y), cap);  // read before any thread writes (the sum below synchronizes)
     double s = 0.0;
-    for (u32 j = threadIdx.x; j < vocab; j += blockDim.x) s = __dadd_rn(s, (double)expf(__fsub_rn(loss_ld(x + j), m)));
+    for (u32 j = threadIdx.x; j < vocab; j += blockDim.x) s = __dadd_rn(s, (double)expf(__fsub_rn(loss_cap(loss_ld(x + j), cap), m)));
     s = loss_block_sum(s);
     const float inv = __double2float_rn(__ddiv_rn(1.0, s));
     // The label's element gets −c too, in fp32 before it is stored (the
-    // same value the fp32 kernel's separate subtraction gave).
+    // same value the fp32 kernel's separate subtraction gave); with a cap
+    // the factor 1 − t² follows, in fp32, before bf16's one rounding.
     for (u32 j = threadIdx.x; j < vocab; j += blockDim.x) {
-        float g = __fmul_rn(c, __fmul_rn(expf(__fsub_rn(loss_ld(x + j), m)), inv));
+        const float xj = loss_ld(x + j);
+        const float t = cap > 0.0f ? loss_tanh(xj, cap) : 0.0f;
+        const float z = cap > 0.0f ? __fmul_rn(t, cap) : xj;
+        float g = __fmul_rn(c, __fmul_rn(expf(__fsub_rn(z, m)), inv));
         if (j == (u32)y) g = __fsub_rn(g, c);
+        if (cap > 0.0f) g = __fmul_rn(g, __fsub_rn(1.0f, __fmul_rn(t, t)));
         loss_st(x + j, g);
     }
     if (threadIdx.x == 0) row_loss[row] = __dsub_rn(log(s), __dsub_rn((double)xy, (double)m));
@@ -173,15 +196,15 @@ __device__ __forceinline__ void loss_ce_fused(T* __restrict__ logits, const int*
 
 extern "C" __global__ void __launch_bounds__(LOSS_THREADS)
     loss_ce_fused_f32(float* __restrict__ logits, const int* __restrict__ labels, u32 rows, u32 vocab,
-                      const u32* __restrict__ status, float grad_scale, u32 mean, double* __restrict__ row_loss) {
-    loss_ce_fused(logits, labels, rows, vocab, status, grad_scale, mean, row_loss);
+                      const u32* __restrict__ status, float grad_scale, u32 mean, double* __restrict__ row_loss, float cap) {
+    loss_ce_fused(logits, labels, rows, vocab, status, grad_scale, mean, row_loss, cap);
 }
 
 // The same on bf16 logits, in place (module comment).
 extern "C" __global__ void __launch_bounds__(LOSS_THREADS)
     loss_ce_fused_bf16(u16* __restrict__ logits, const int* __restrict__ labels, u32 rows, u32 vocab,
-                       const u32* __restrict__ status, float grad_scale, u32 mean, double* __restrict__ row_loss) {
-    loss_ce_fused(logits, labels, rows, vocab, status, grad_scale, mean, row_loss);
+                       const u32* __restrict__ status, float grad_scale, u32 mean, double* __restrict__ row_loss, float cap) {
+    loss_ce_fused(logits, labels, rows, vocab, status, grad_scale, mean, row_loss, cap);
 }
 
 // out[0] = sum of row_loss (0 when a label was bad), out[1] = count,

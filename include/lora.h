@@ -926,7 +926,7 @@ typedef struct lora_paged_stats {
 /**
  * 1: attention on tensor cores (`cuda/attention_tc.cu`: bf16 q, k, v,
  * P, dO and dS, fp32 accumulation and softmax) where the shape allows
- * (head_dim 64 or 128, self-attention, sm_80+; the fp32 kernels
+ * (head_dim 64 or 128, self-attention, no soft cap, sm_80+; the fp32 kernels
  * elsewhere). `LORA_COMPUTE_BF16` only. Off by default
  * (`LORA_CUDA_ATTENTION=tc` in the environment at `lora_model_use_device`
  * starts it on). These kernels have not yet run on a GPU.
@@ -1425,10 +1425,10 @@ struct lora_model_params lora_model_default_params(void);
  * `llm_int8_skip_modules`). Safetensors only (`pytorch_model.bin` is
  * refused by name). With `LORA_QUANT_NF4` each linear layer is quantized as it
  * is read, so peak memory stays near the quantized model plus one layer.
- * On the CUDA device (`lora_model_use_device`) every one of these runs
- * except soft caps (Gemma 2) and a `head_dim` over 128 (most Gemma
- * models), which it refuses with `LORA_ERR_UNSUPPORTED` (the model stays
- * usable on the CPU).
+ * On the CUDA device (`lora_model_use_device`) every one of these runs,
+ * Gemma 2's soft caps and Gemma's head_dim 256 included; a `head_dim`
+ * over 256 is refused with `LORA_ERR_UNSUPPORTED` (the model stays usable
+ * on the CPU).
  * Files are memory-mapped. Unsupported architectures, config options or
  * unexpected tensors are refused by name (nothing is half-loaded). On
  * success `*out` receives a model the caller frees with
@@ -1703,7 +1703,7 @@ lora_status lora_train_step(struct lora_trainer *trainer,
  * while merged a dense copy of every merged module in the compute dtype.
  *
  * Errors: `LORA_ERR_CUDA_UNAVAILABLE` (no driver, no such device, no
- * NVRTC or cuBLAS), `LORA_ERR_UNSUPPORTED` (head_dim above 128, soft caps),
+ * NVRTC or cuBLAS), `LORA_ERR_UNSUPPORTED` (head_dim above 256),
  * `LORA_ERR_INVALID_ARGUMENT` (unknown `compute`), `LORA_ERR_INVALID_STATE`
  * (moving or removing the device copy while a trainer trains on it),
  * `LORA_ERR_OUT_OF_MEMORY` (device memory), `LORA_ERR_CUDA`.
@@ -1745,7 +1745,7 @@ lora_status lora_model_use_device(struct lora_model *model, int32_t device, lora
  *
  * Errors: `LORA_ERR_CUDA_UNAVAILABLE` (no driver, no such device, no
  * NVRTC or cuBLAS), `LORA_ERR_UNSUPPORTED` (8-bit AdamW,
- * head_dim above 128, soft caps), `LORA_ERR_INVALID_ARGUMENT`
+ * head_dim above 256), `LORA_ERR_INVALID_ARGUMENT`
  * (unknown `compute`), `LORA_ERR_INVALID_STATE` (the model is on another
  * device or precision where another trainer trains, or another trainer
  * trains this adapter there),

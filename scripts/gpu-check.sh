@@ -176,9 +176,9 @@ run "test cuda_lora (LoRA product kernels vs CPU on the GPU)" 60 "$BUNDLE/bin/cu
 run "test cuda_attention (attention kernels vs CPU on the GPU)" 45 "$BUNDLE/bin/cuda_attention" --nocapture --test-threads=1
 run "test cuda_paged (paged memory: CUDA managed memory)" 60 "$BUNDLE/bin/cuda_paged" --nocapture --test-threads=1
 # cuda_train's model cases in two parts: the original ones here, the other
-# families' (SmolLM3, Granite, OLMo 2, Gemma 1/3, Phi-3) after the
+# families' (SmolLM3, Granite, OLMo 2, Gemma 1/2/3, Phi-3) after the
 # benchmark rows that decide the bar; every test on each part's cases.
-CORE_CASES="llama_nf4,qwen2_fp32,mistral_bf16,random_hd128_nf4,random_mistral,qwen3,llama_bias,qwen2_window6"
+CORE_CASES="llama_nf4,qwen2_fp32,mistral_bf16,random_hd128_nf4,random_mistral,qwen3,llama_bias,qwen2_window6,fold_"
 FAMILY_CASES="smollm3,granite,olmo2,gemma,phi3"
 run "test cuda_train (training steps on the GPU vs the CPU trainer)" 120 env LORA_TRAIN_CASES="$CORE_CASES" "$BUNDLE/bin/cuda_train" --nocapture --test-threads=1
 run "bench gpu_bench_nf4" 45 "$BUNDLE/bin/gpu_bench_nf4"

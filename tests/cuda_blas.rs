@@ -6,7 +6,8 @@
 //!   `|c − ref| ≤ (k + 2)·2⁻²⁴·Σ_k |α·a·b| + 2⁻²⁴·|β·c₀| + 2⁻²³·|ref|`
 //!   (fp32 accumulation in any order, the β term and the final rounding);
 //! - `cuda::elementwise` add, scale, bias add, the bf16 conversion and widening:
-//!   bit for bit with the CPU's one-line loops (`half::bf16`).
+//!   bit for bit with the CPU's one-line loops (`half::bf16`); the logits'
+//!   soft cap within `loss::softcap_tol` of the CPU head's.
 //!
 //! Outputs are poisoned (NaN) first; odd sizes. Skips without a GPU.
 
@@ -154,6 +155,48 @@ fn elementwise_kernels_are_bit_exact() {
     assert_eq!(ew::add(dev, &mut y.as_view_mut(), &x.as_view()).unwrap_err().kind, lora::ErrorKind::ShapeMismatch);
     assert_eq!(ew::add_bias(dev, &mut y.as_view_mut(), &x.as_view()).unwrap_err().kind, lora::ErrorKind::ShapeMismatch);
     eprintln!("elementwise add, scale, bias add, bf16 conversion: bit for bit");
+}
+
+/// The logits' soft cap `y = c·tanh(y/c)` (Gemma 2's
+/// `final_logit_softcapping`) against the CPU head's `vexp::tanh(z / c) * c`
+/// within `loss::softcap_tol` (CUDA's tanhf against vexp::tanh, both within
+/// 2 ulp): moderate, saturating, huge, tiny and signed-zero logits, in
+/// place. A cap that is not finite and positive is refused.
+#[test]
+fn elementwise_softcap_matches_the_cpu() {
+    use lora::backend::cpu::vexp;
+    use lora::backend::cuda::loss::softcap_tol;
+    let Some(dev) = gpu("elementwise_softcap_matches_the_cpu") else { return };
+    let mut r = Rng(13);
+    let mut worst = 0f64;
+    for &(n, cap) in &[(1usize, 30.0f32), (33, 5.0), (4099, 30.0), (1 << 20, 50.0), (70_001, 0.75)] {
+        let mut z: Vec<f32> = (0..n).map(|_| (r.gauss() * 4.0 * cap as f64) as f32).collect();
+        for (k, &v) in [0.0f32, -0.0, 1e-30, -2e-3, 9.5 * cap, -12.0 * cap, 3e38, -1e6, 0.55 * cap, 0.5 * cap].iter().enumerate().filter(|&(k, _)| k < n) {
+            z[(k * 7919 + 1) % n] = v;
+        }
+        let want: Vec<f32> = z.iter().map(|&v| vexp::tanh(v / cap) * cap).collect();
+        // In place: a kernel that writes nothing leaves z, not its cap.
+        let mut yd = dev.upload(&z).unwrap();
+        ew::softcap(dev, &mut yd.as_view_mut(), cap).unwrap();
+        let got = dev.download(&yd).unwrap();
+        let mut exact = 0;
+        for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+            if g.to_bits() == w.to_bits() {
+                exact += 1;
+                continue;
+            }
+            let (d, tol) = ((g as f64 - w as f64).abs(), softcap_tol(w as f64, cap));
+            assert!(d <= tol, "softcap {cap} n={n} [{i}] (z = {:e}): GPU {g:e} vs CPU {w:e}, |diff| {d:e} > bound {tol:e}", z[i]);
+            worst = worst.max(d / tol);
+        }
+        assert!(got.iter().all(|v| v.abs() <= cap), "softcap {cap}: a value beyond the cap");
+        eprintln!("softcap {cap} n={n}: bit-exact {exact}/{n}");
+    }
+    eprintln!("softcap: worst |diff|/bound {worst:.3e}");
+    let mut y = dev.alloc_filled::<f32>(4, 0).unwrap();
+    for cap in [0.0f32, -1.0, f32::NAN, f32::INFINITY] {
+        assert_eq!(ew::softcap(dev, &mut y.as_view_mut(), cap).unwrap_err().kind, lora::ErrorKind::InvalidArgument, "cap {cap}");
+    }
 }
 
 /// The folded adapter product, kernel by kernel: the normed input written

@@ -10,7 +10,10 @@
 //!   with the output untouched;
 //! - fused cross-entropy (`cuda::loss`): loss within `CE_LOSS_TOL`, count
 //!   exact, gradient within `ce_grad_tol`; ignored rows, all-ignored input,
-//!   a bad label (error, logits untouched);
+//!   a bad label (error, logits untouched); soft-capped logits (Gemma 2)
+//!   within `ce_loss_tol_softcap` and `ce_grad_tol_softcap`, saturating
+//!   ones too, a bad cap refused; bf16 logits bit for bit the fp32
+//!   kernel's gradient rounded;
 //! - gradient norm and clipping (`cuda::loss`): within `NORM_REL_TOL`,
 //!   the same clipping decision, clipped values within 4 ulp;
 //! - AdamW (`cuda::adamw`): bit for bit, both lerp branches, with and
@@ -422,35 +425,63 @@ fn embedding_gather_matches_the_cpu_and_refuses_bad_ids() {
 
 // ------------------------------------------------------------ cross-entropy
 
-/// Runs the fused cross-entropy on both sides and compares.
-fn check_ce(dev: &CudaDevice, logits: &[f32], labels: &[i32], vocab: usize, grad_scale: Option<f32>, what: &str) {
-    let mut want = logits.to_vec();
-    let ce = closs::cross_entropy_fused(&mut want, labels, vocab, grad_scale).unwrap();
-    let mut ld = dev.upload(logits).unwrap();
-    let yd = dev.upload(labels).unwrap();
-    let got = gloss::cross_entropy_fused(dev, &mut ld.as_view_mut(), &yd.as_view(), vocab, grad_scale).unwrap();
-    let grad = dev.download(&ld).unwrap();
-    assert_eq!(got.count, ce.count, "{what}: count");
-    let dl = (got.loss as f64 - ce.loss as f64).abs();
-    assert!(dl <= gloss::CE_LOSS_TOL * (1.0 + ce.loss.abs() as f64), "{what}: loss GPU {} vs CPU {} (|diff| {dl:e})", got.loss, ce.loss);
-    let ds = (got.sum - ce.sum).abs();
-    assert!(ds <= gloss::CE_LOSS_TOL * (ce.count as f64 + ce.sum.abs()), "{what}: sum GPU {} vs CPU {}", got.sum, ce.sum);
-    let count = ce.count;
+/// Each gradient element's bound, `ce_grad_tol` (with `softcap`,
+/// `ce_grad_tol_softcap`) at the softmax probabilities of the (capped)
+/// logits in f64; 0 on ignored rows.
+fn ce_grad_tols(logits: &[f32], labels: &[i32], vocab: usize, grad_scale: Option<f32>, softcap: Option<f32>) -> Vec<f64> {
+    let count = closs::count_labels(labels);
     let c = grad_scale.unwrap_or(if count == 0 { 0.0 } else { (1.0 / count as f64) as f32 });
-    // Softmax probabilities in f64 for the bound's scale.
-    let mut p = vec![0f64; logits.len()];
-    for (i, row) in logits.chunks_exact(vocab).enumerate() {
-        let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-        let s: f64 = row.iter().map(|&v| (v as f64 - m).exp()).sum();
+    let t: Vec<f64> = logits.iter().map(|&v| softcap.map_or(0.0, |cap| (v as f64 / cap as f64).tanh())).collect();
+    let z: Vec<f64> = logits.iter().zip(&t).map(|(&v, &t)| softcap.map_or(v as f64, |cap| cap as f64 * t)).collect();
+    let mut tols = vec![0f64; logits.len()];
+    for (i, row) in z.chunks_exact(vocab).enumerate() {
+        if labels[i] == closs::IGNORE_INDEX {
+            continue;
+        }
+        let m = row.iter().fold(f64::NEG_INFINITY, |a, &b| a.max(b));
+        let s: f64 = row.iter().map(|&v| (v - m).exp()).sum();
         for (j, &v) in row.iter().enumerate() {
-            p[i * vocab + j] = (v as f64 - m).exp() / s;
+            let (k, p, is_label) = (i * vocab + j, (v - m).exp() / s, labels[i] as usize == j);
+            tols[k] = softcap.map_or_else(|| gloss::ce_grad_tol(c, p, is_label), |cap| gloss::ce_grad_tol_softcap(c, p, is_label, t[k], cap));
         }
     }
-    let exact = check_close(&format!("{what}: dlogits"), &grad, &want, |k| {
-        let (i, j) = (k / vocab, k % vocab);
-        if labels[i] == closs::IGNORE_INDEX { 0.0 } else { gloss::ce_grad_tol(c, p[k], labels[i] as usize == j) }
-    });
-    eprintln!("{what}: loss GPU {} CPU {}, count {count}, gradient bit-exact {exact}/{}", got.loss, ce.loss, grad.len());
+    tols
+}
+
+/// Runs the fused cross-entropy on both sides and compares (with
+/// `softcap`, `cross_entropy_fused_softcap` and the capped bounds); returns
+/// the largest |diff|/bound of the loss (and sum) and of the gradient.
+fn check_ce(dev: &CudaDevice, logits: &[f32], labels: &[i32], vocab: usize, grad_scale: Option<f32>, softcap: Option<f32>, what: &str) -> (f64, f64) {
+    let mut want = logits.to_vec();
+    let ce = match softcap {
+        None => closs::cross_entropy_fused(&mut want, labels, vocab, grad_scale).unwrap(),
+        Some(cap) => closs::cross_entropy_fused_softcap(&mut want, labels, vocab, grad_scale, cap).unwrap(),
+    };
+    let mut ld = dev.upload(logits).unwrap();
+    let yd = dev.upload(labels).unwrap();
+    let got = gloss::cross_entropy_fused(dev, &mut ld.as_view_mut(), &yd.as_view(), vocab, grad_scale, softcap).unwrap();
+    let grad = dev.download(&ld).unwrap();
+    assert_eq!(got.count, ce.count, "{what}: count");
+    let loss_tol = softcap.map_or(gloss::CE_LOSS_TOL, gloss::ce_loss_tol_softcap);
+    let dl = (got.loss as f64 - ce.loss as f64).abs();
+    let bl = loss_tol * (1.0 + ce.loss.abs() as f64);
+    assert!(dl <= bl, "{what}: loss GPU {} vs CPU {} (|diff| {dl:e} > bound {bl:e})", got.loss, ce.loss);
+    let ds = (got.sum - ce.sum).abs();
+    let bs = loss_tol * (ce.count as f64 + ce.sum.abs());
+    assert!(ds <= bs, "{what}: sum GPU {} vs CPU {} (|diff| {ds:e} > bound {bs:e})", got.sum, ce.sum);
+    let tols = ce_grad_tols(logits, labels, vocab, grad_scale, softcap);
+    let tol = |k: usize| tols[k];
+    let exact = check_close(&format!("{what}: dlogits"), &grad, &want, tol);
+    let worst = grad.iter().zip(&want).enumerate().filter(|&(_, (g, w))| g.to_bits() != w.to_bits()).map(|(k, (&g, &w))| (g as f64 - w as f64).abs() / tol(k)).fold(0f64, f64::max);
+    let worst_loss = if ce.count == 0 { 0.0 } else { (dl / bl).max(ds / bs) };
+    eprintln!(
+        "{what}: loss GPU {} CPU {}, count {}, gradient bit-exact {exact}/{}, worst |diff|/bound: loss {worst_loss:.3e}, gradient {worst:.3e}",
+        got.loss,
+        ce.loss,
+        ce.count,
+        grad.len()
+    );
+    (worst_loss, worst)
 }
 
 #[test]
@@ -460,8 +491,8 @@ fn cross_entropy_fused_matches_the_cpu() {
     for &(rows, vocab, scale) in &[(1usize, 1usize, 1.0f64), (37, 1000, 3.0), (8, 32000, 2.0), (5, 151_936, 4.0), (64, 517, 20.0)] {
         let logits = rng.vec(rows * vocab, scale);
         let labels: Vec<i32> = (0..rows).map(|_| if rng.below(5) == 0 { closs::IGNORE_INDEX } else { rng.below(vocab) as i32 }).collect();
-        check_ce(dev, &logits, &labels, vocab, None, &format!("ce [{rows}, {vocab}] mean"));
-        check_ce(dev, &logits, &labels, vocab, Some(0.37), &format!("ce [{rows}, {vocab}] scale 0.37"));
+        check_ce(dev, &logits, &labels, vocab, None, None, &format!("ce [{rows}, {vocab}] mean"));
+        check_ce(dev, &logits, &labels, vocab, Some(0.37), None, &format!("ce [{rows}, {vocab}] scale 0.37"));
         // bf16 logits in place: the fp32 kernel's bits on the widened
         // logits, each gradient rounded.
         for scale in [None, Some(0.37f32)] {
@@ -469,8 +500,8 @@ fn cross_entropy_fused_matches_the_cpu() {
             let yd = dev.upload(&labels).unwrap();
             let (mut l32, mut lbd) = (dev.upload(&widen(&lb)).unwrap(), dev.upload(&lb).unwrap());
             let (mut o32, mut ob) = (dev.alloc_filled::<f64>(3, 0xFF).unwrap(), dev.alloc_filled::<f64>(3, 0xFF).unwrap());
-            gloss::cross_entropy_fused_async(dev, &mut l32.as_view_mut(), &yd.as_view(), vocab, scale, &mut o32.as_view_mut()).unwrap();
-            gloss::cross_entropy_fused_async(dev, &mut lbd.as_view_mut(), &yd.as_view(), vocab, scale, &mut ob.as_view_mut()).unwrap();
+            gloss::cross_entropy_fused_async(dev, &mut l32.as_view_mut(), &yd.as_view(), vocab, scale, None, &mut o32.as_view_mut()).unwrap();
+            gloss::cross_entropy_fused_async(dev, &mut lbd.as_view_mut(), &yd.as_view(), vocab, scale, None, &mut ob.as_view_mut()).unwrap();
             assert_eq!(dev.download(&lbd).unwrap(), bf16_bits(&dev.download(&l32).unwrap()), "ce [{rows}, {vocab}] bf16: gradient");
             let bitsf = |v: Vec<f64>| v.iter().map(|x| x.to_bits()).collect::<Vec<u64>>();
             assert_eq!(bitsf(dev.download(&ob).unwrap()), bitsf(dev.download(&o32).unwrap()), "ce [{rows}, {vocab}] bf16: loss sums");
@@ -478,14 +509,87 @@ fn cross_entropy_fused_matches_the_cpu() {
     }
     // Every row ignored: loss 0, count 0, gradient all zeros.
     let logits = rng.vec(3 * 100, 1.0);
-    check_ce(dev, &logits, &[-100, -100, -100], 100, None, "ce all ignored");
+    check_ce(dev, &logits, &[-100, -100, -100], 100, None, None, "ce all ignored");
     // A bad label: an error, logits untouched.
     let mut ld = dev.upload(&logits).unwrap();
     let yd = dev.upload(&[5i32, 100, -100]).unwrap();
-    let e = gloss::cross_entropy_fused(dev, &mut ld.as_view_mut(), &yd.as_view(), 100, None).unwrap_err();
+    let e = gloss::cross_entropy_fused(dev, &mut ld.as_view_mut(), &yd.as_view(), 100, None, None).unwrap_err();
     assert_eq!(e.kind, ErrorKind::InvalidArgument);
     assert!(e.message.contains("label 100 at row 1"), "{}", e.message);
     check_bits("logits after a bad label", &dev.download(&ld).unwrap(), &logits);
+}
+
+/// Logits for the soft cap: gaussian times `scale`, with planted values
+/// where `tanh(z/cap)` saturates (|z/cap| ≥ 9: t = ±1 in fp32, the
+/// gradient 0), is about to (|z/cap| from 4 to 9: 1 − t² a few ulp to 1e-3),
+/// and huge or tiny ones.
+fn softcap_logits(rng: &mut Rng, n: usize, scale: f64, cap: f32) -> Vec<f32> {
+    let mut x = rng.vec(n, scale);
+    let planted = [1e6f32, -3e38, 3e38, 9.5, -12.0, 4.0, -5.5, 7.25, 8.5, 1e-30, -2e-3];
+    for (k, &q) in planted.iter().enumerate() {
+        if n > 7 * k {
+            let i = (k * 7919 + 3) % n;
+            x[i] = if q.abs() >= 1e6 || q.abs() <= 1e-2 { q } else { q * cap };
+        }
+    }
+    x
+}
+
+#[test]
+fn cross_entropy_fused_softcap_matches_the_cpu() {
+    let Some(dev) = gpu("cross_entropy_fused_softcap_matches_the_cpu") else { return };
+    let mut rng = Rng(56);
+    let (mut worst_loss, mut worst_grad) = (0f64, 0f64);
+    let mut check = |x: &[f32], y: &[i32], vocab: usize, grad_scale: Option<f32>, cap: f32, what: &str| {
+        let (l, g) = check_ce(dev, x, y, vocab, grad_scale, Some(cap), what);
+        worst_loss = worst_loss.max(l);
+        worst_grad = worst_grad.max(g);
+    };
+    for &(rows, vocab, scale, cap) in &[(1usize, 1usize, 100.0f64, 30.0f32), (37, 1000, 40.0, 30.0), (8, 32000, 60.0, 30.0), (64, 517, 20.0, 5.0), (5, 151_936, 12.0, 5.0), (9, 2049, 3.0, 5.0)] {
+        let logits = softcap_logits(&mut rng, rows * vocab, scale, cap);
+        let labels: Vec<i32> = (0..rows).map(|i| if i % 5 == 3 || rng.below(6) == 0 { closs::IGNORE_INDEX } else { rng.below(vocab) as i32 }).collect();
+        for grad_scale in [None, Some(0.37f32), Some(-1.5)] {
+            let what = format!("ce softcap {cap} [{rows}, {vocab}] x{scale} scale {grad_scale:?}");
+            check(&logits, &labels, vocab, grad_scale, cap, &what);
+        }
+        // A saturated label (t = 1: its gradient 0) and one near the cap.
+        if vocab > 2 && rows > 1 {
+            let mut x = logits.clone();
+            let mut y = labels.clone();
+            y[0] = 1;
+            x[1] = 20.0 * cap;
+            y[1] = 2;
+            x[vocab + 2] = 4.5 * cap;
+            check(&x, &y, vocab, None, cap, &format!("ce softcap {cap} [{rows}, {vocab}] saturated labels"));
+        }
+        // bf16 logits in place: the fp32 kernel's bits on the widened
+        // logits, each gradient (1 − t² applied in fp32) rounded once.
+        for grad_scale in [None, Some(0.37f32)] {
+            let lb = bf16_bits(&logits);
+            let yd = dev.upload(&labels).unwrap();
+            let (mut l32, mut lbd) = (dev.upload(&widen(&lb)).unwrap(), dev.upload(&lb).unwrap());
+            let (mut o32, mut ob) = (dev.alloc_filled::<f64>(3, 0xFF).unwrap(), dev.alloc_filled::<f64>(3, 0xFF).unwrap());
+            gloss::cross_entropy_fused_async(dev, &mut l32.as_view_mut(), &yd.as_view(), vocab, grad_scale, Some(cap), &mut o32.as_view_mut()).unwrap();
+            gloss::cross_entropy_fused_async(dev, &mut lbd.as_view_mut(), &yd.as_view(), vocab, grad_scale, Some(cap), &mut ob.as_view_mut()).unwrap();
+            let g32 = dev.download(&l32).unwrap();
+            assert_eq!(dev.download(&lbd).unwrap(), bf16_bits(&g32), "ce softcap {cap} [{rows}, {vocab}] bf16: gradient");
+            let bitsf = |v: Vec<f64>| v.iter().map(|x| x.to_bits()).collect::<Vec<u64>>();
+            assert_eq!(bitsf(dev.download(&ob).unwrap()), bitsf(dev.download(&o32).unwrap()), "ce softcap {cap} [{rows}, {vocab}] bf16: loss sums");
+            // And the fp32 kernel on the widened logits is the CPU's
+            // within the bounds (so the bf16 form is too, before rounding).
+            check(&widen(&lb), &labels, vocab, grad_scale, cap, &format!("ce softcap {cap} [{rows}, {vocab}] widened bf16 scale {grad_scale:?}"));
+        }
+    }
+    eprintln!("ce softcap: worst |diff|/bound over the cases: loss {worst_loss:.3e}, gradient {worst_grad:.3e}");
+    // A cap that is not finite and positive: refused, logits untouched.
+    let logits = rng.vec(2 * 10, 1.0);
+    let yd = dev.upload(&[3i32, -100]).unwrap();
+    for cap in [0.0f32, -30.0, f32::NAN, f32::INFINITY] {
+        let mut ld = dev.upload(&logits).unwrap();
+        let e = gloss::cross_entropy_fused(dev, &mut ld.as_view_mut(), &yd.as_view(), 10, None, Some(cap)).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::InvalidArgument, "cap {cap}: {e}");
+        check_bits(&format!("logits after cap {cap}"), &dev.download(&ld).unwrap(), &logits);
+    }
 }
 
 // ------------------------------------------------------ gradient norm, clip
@@ -603,7 +707,8 @@ fn adamw_matches_the_cpu_bit_for_bit() {
 // CPU twins: the embedding gathers (fp32 and bf16 tables, the id check),
 // the elementwise kernels, RoPE and AdamW bit for bit; RMSNorm, SwiGLU,
 // the fused cross-entropy and the clipped gradient norm within 1e-6
-// relative (host exp and the kernels' tree sums against the CPU's order).
+// relative (host exp and the kernels' tree sums against the CPU's order);
+// the soft-capped cross-entropy within its bounds (host tanhf).
 
 const EMU_ENTRY: &str = r#"
 extern "C" {
@@ -653,14 +758,14 @@ void emu_swiglu_out(unsigned grid, const float* g, const float* u, const u16* g1
 void emu_adamw(unsigned grid, float* p, const float* g, float* m, float* v, u64 n, u32 has_decay, const float* k7) {
     emu_launch(grid, ADAMW_THREADS, [&] { adamw_update_f32(p, g, m, v, n, has_decay, k7[0], k7[1], k7[2], k7[3], k7[4], k7[5], k7[6]); });
 }
-void emu_ce_bf16(u16* logits, const int* labels, u32 rows, u32 vocab, float scale, u32 mean, u32* status, double* row_loss, double* out) {
+void emu_ce_bf16(u16* logits, const int* labels, u32 rows, u32 vocab, float scale, u32 mean, u32* status, double* row_loss, double* out, float cap) {
     emu_launch(1, LOSS_CHECK_THREADS, [&] { loss_ce_check_labels(labels, rows, vocab, status); });
-    emu_launch(rows, LOSS_THREADS, [&] { loss_ce_fused_bf16(logits, labels, rows, vocab, status, scale, mean, row_loss); });
+    emu_launch(rows, LOSS_THREADS, [&] { loss_ce_fused_bf16(logits, labels, rows, vocab, status, scale, mean, row_loss, cap); });
     emu_launch(1, LOSS_CHECK_THREADS, [&] { loss_ce_finish(row_loss, rows, status, out); });
 }
-void emu_ce(float* logits, const int* labels, u32 rows, u32 vocab, float scale, u32 mean, u32* status, double* row_loss, double* out) {
+void emu_ce(float* logits, const int* labels, u32 rows, u32 vocab, float scale, u32 mean, u32* status, double* row_loss, double* out, float cap) {
     emu_launch(1, LOSS_CHECK_THREADS, [&] { loss_ce_check_labels(labels, rows, vocab, status); });
-    emu_launch(rows, LOSS_THREADS, [&] { loss_ce_fused_f32(logits, labels, rows, vocab, status, scale, mean, row_loss); });
+    emu_launch(rows, LOSS_THREADS, [&] { loss_ce_fused_f32(logits, labels, rows, vocab, status, scale, mean, row_loss, cap); });
     emu_launch(1, LOSS_CHECK_THREADS, [&] { loss_ce_finish(row_loss, rows, status, out); });
 }
 void emu_clip(u32 k, float* const* g, const u64* n, float max_norm, double* partial, float* norms, float* out, const unsigned* grids) {
@@ -691,8 +796,8 @@ type EmuNormBwdRes = unsafe extern "C" fn(u32, u32, *const f32, *const f32, *con
 type EmuNormFwdOut = unsafe extern "C" fn(u32, u32, *const f32, *const f32, f32, *mut f32, *mut u16, *mut f32);
 type EmuSwigluOut = unsafe extern "C" fn(u32, *const f32, *const f32, *const u16, *const u16, *const f32, u64, *mut f32, *mut u16, *mut u16, *mut u16, *mut f32, *mut u16, *mut f32, *mut f32, *mut u16, *mut u16);
 type EmuAdamw = unsafe extern "C" fn(u32, *mut f32, *const f32, *mut f32, *mut f32, u64, u32, *const f32);
-type EmuCe = unsafe extern "C" fn(*mut f32, *const i32, u32, u32, f32, u32, *mut u32, *mut f64, *mut f64);
-type EmuCeBf16 = unsafe extern "C" fn(*mut u16, *const i32, u32, u32, f32, u32, *mut u32, *mut f64, *mut f64);
+type EmuCe = unsafe extern "C" fn(*mut f32, *const i32, u32, u32, f32, u32, *mut u32, *mut f64, *mut f64, f32);
+type EmuCeBf16 = unsafe extern "C" fn(*mut u16, *const i32, u32, u32, f32, u32, *mut u32, *mut f64, *mut f64, f32);
 type EmuClip = unsafe extern "C" fn(u32, *const *mut f32, *const u64, f32, *mut f64, *mut f32, *mut f32, *const u32);
 
 /// `‖got − want‖/‖want‖ ≤ tol` and no NaN.
@@ -816,33 +921,52 @@ fn emulated_training_step_kernels_match_the_cpu() {
         check_bits("emulated adamw m", &mg, &mw);
         check_bits("emulated adamw v", &vg, &vw);
     }
-    // Fused cross-entropy (ignored rows, mean and given scales).
-    for &(rows, vocab, scale) in &[(1usize, 5usize, None), (9, 1000, Some(0.25f32)), (4, 32001, None)] {
-        let logits = rng.vec(rows * vocab, 3.0);
+    // Fused cross-entropy (ignored rows, mean and given scales; soft caps,
+    // with saturating logits, within the capped bounds: host tanhf against
+    // vexp::tanh).
+    for &(rows, vocab, scale, softcap) in &[(1usize, 5usize, None, None), (9, 1000, Some(0.25f32), None), (4, 32001, None, None), (9, 1000, Some(0.25), Some(30.0f32)), (6, 3001, None, Some(5.0))] {
+        let logits = match softcap {
+            None => rng.vec(rows * vocab, 3.0),
+            Some(cap) => softcap_logits(&mut rng, rows * vocab, 3.0 * cap as f64, cap),
+        };
         let labels: Vec<i32> = (0..rows).map(|i| if i % 4 == 3 { closs::IGNORE_INDEX } else { rng.below(vocab) as i32 }).collect();
         let mut want = logits.clone();
-        let r = closs::cross_entropy_fused(&mut want, &labels, vocab, scale).unwrap();
+        let r = match softcap {
+            None => closs::cross_entropy_fused(&mut want, &labels, vocab, scale).unwrap(),
+            Some(cap) => closs::cross_entropy_fused_softcap(&mut want, &labels, vocab, scale, cap).unwrap(),
+        };
         let (mut got, mut st, mut rl, mut out) = (logits.clone(), [0u32; 2], vec![f64::NAN; rows], [f64::NAN; 3]);
         let (sc, mean) = match scale {
             Some(c) => (c, 0),
             None => (0.0, 1),
         };
+        let cap = softcap.unwrap_or(0.0);
         // SAFETY: logits rows·vocab, labels rows, status 2, row_loss rows, out 3.
-        unsafe { ce(got.as_mut_ptr(), labels.as_ptr(), rows as u32, vocab as u32, sc, mean, st.as_mut_ptr(), rl.as_mut_ptr(), out.as_mut_ptr()) };
+        unsafe { ce(got.as_mut_ptr(), labels.as_ptr(), rows as u32, vocab as u32, sc, mean, st.as_mut_ptr(), rl.as_mut_ptr(), out.as_mut_ptr(), cap) };
         assert_eq!(out[1] as usize, r.count, "emulated cross-entropy count");
-        assert!((out[0] - r.sum).abs() <= 1e-6 * (r.sum.abs() + r.count as f64), "emulated cross-entropy sum {} vs {}", out[0], r.sum);
         assert!(out[2] < 0.0, "valid labels flagged: {}", out[2]);
-        check_rel("emulated cross-entropy gradient", &got, &want, 1e-6);
+        if let Some(cap) = softcap {
+            let tol = gloss::ce_loss_tol_softcap(cap) * (r.sum.abs() + r.count as f64);
+            assert!((out[0] - r.sum).abs() <= tol, "emulated soft-capped cross-entropy sum {} vs {}", out[0], r.sum);
+            let tols = ce_grad_tols(&logits, &labels, vocab, scale, softcap);
+            let exact = check_close(&format!("emulated cross-entropy gradient, cap {cap}"), &got, &want, |k| tols[k]);
+            // The cap changed something: saturated logits' gradients are 0.
+            assert!(got.iter().filter(|&&g| g == 0.0).count() > labels.iter().filter(|&&y| y == closs::IGNORE_INDEX).count() * vocab, "no saturated logit");
+            eprintln!("emulated cross-entropy, cap {cap}: gradient bit-exact {exact}/{}", got.len());
+        } else {
+            assert!((out[0] - r.sum).abs() <= 1e-6 * (r.sum.abs() + r.count as f64), "emulated cross-entropy sum {} vs {}", out[0], r.sum);
+            check_rel("emulated cross-entropy gradient", &got, &want, 1e-6);
+        }
         // bf16 logits: the fp32 kernel's bits on the widened logits, each
         // gradient rounded; the same loss sums.
         let lb: Vec<u16> = logits.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
         let mut wide: Vec<f32> = lb.iter().map(|&v| half::bf16::from_bits(v).to_f32()).collect();
         let (mut st2, mut rl2, mut out2) = ([0u32; 2], vec![f64::NAN; rows], [f64::NAN; 3]);
         // SAFETY: as above.
-        unsafe { ce(wide.as_mut_ptr(), labels.as_ptr(), rows as u32, vocab as u32, sc, mean, st2.as_mut_ptr(), rl2.as_mut_ptr(), out2.as_mut_ptr()) };
+        unsafe { ce(wide.as_mut_ptr(), labels.as_ptr(), rows as u32, vocab as u32, sc, mean, st2.as_mut_ptr(), rl2.as_mut_ptr(), out2.as_mut_ptr(), cap) };
         let (mut gb, mut st3, mut rl3, mut out3) = (lb.clone(), [0u32; 2], vec![f64::NAN; rows], [f64::NAN; 3]);
         // SAFETY: as above, bf16 logits rows·vocab.
-        unsafe { ceb(gb.as_mut_ptr(), labels.as_ptr(), rows as u32, vocab as u32, sc, mean, st3.as_mut_ptr(), rl3.as_mut_ptr(), out3.as_mut_ptr()) };
+        unsafe { ceb(gb.as_mut_ptr(), labels.as_ptr(), rows as u32, vocab as u32, sc, mean, st3.as_mut_ptr(), rl3.as_mut_ptr(), out3.as_mut_ptr(), cap) };
         assert_eq!(gb, wide.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect::<Vec<u16>>(), "emulated bf16 cross-entropy gradient");
         assert_eq!(out3.map(f64::to_bits), out2.map(f64::to_bits), "emulated bf16 cross-entropy sums");
     }

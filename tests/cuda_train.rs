@@ -87,7 +87,8 @@ fn random_nf4(cfg: serde_json::Value, seed: u64, check: fn(&Model)) -> Box<dyn F
     })
 }
 
-fn cases() -> Vec<Case> {
+/// Every case (`all_cases`), or those `LORA_TRAIN_CASES` selects.
+fn case_list(all_cases: bool) -> Vec<Case> {
     let fx = |case: &'static str, quant: bool| -> Box<dyn Fn() -> Model> {
         Box::new(move || {
             let mut m = Model::load(&fixture(case).join("model"), LoadOptions { quantize: quant.then(Nf4Params::default), seed: 3 }, &mut |_, _| true).unwrap();
@@ -192,6 +193,20 @@ fn cases() -> Vec<Case> {
         19,
         |m| assert!(m.cfg.arch.fused()),
     );
+    // Gemma 2: head_dim 256 (the _d256 attention kernels), soft caps on
+    // the attention scores and the logits small enough to bend this
+    // random model's (its logits, rms 0.31 and at most 1.5 uncapped, are
+    // at most 0.59 capped), every other layer sliding.
+    let gemma2 = random_nf4(
+        serde_json::json!({
+            "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "hidden_size": 256, "intermediate_size": 512,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 256, "vocab_size": 640,
+            "rms_norm_eps": 1e-6, "max_position_embeddings": 512, "query_pre_attn_scalar": 256, "sliding_window": 24,
+            "attn_logit_softcapping": 0.25, "final_logit_softcapping": 0.6, "hidden_activation": "gelu_pytorch_tanh", "rope_theta": 10000.0
+        }),
+        21,
+        |m| assert!(m.cfg.head_dim == 256 && m.cfg.attn_softcap == Some(0.25) && m.cfg.final_softcap == Some(0.6)),
+    );
     let all = vec![
         Case { name: "llama_nf4", model: fx("llama_nf4", true), batch: 3, seq: 33 },
         Case { name: "qwen2_fp32", model: fx("qwen2_fp32", false), batch: 2, seq: 40 },
@@ -220,13 +235,30 @@ fn cases() -> Vec<Case> {
         Case { name: "phi3_fp32", model: fx("phi3_fp32", false), batch: 2, seq: 30 },
         Case { name: "phi3_nf4", model: fx("phi3_fp32", true), batch: 2, seq: 30 },
         Case { name: "random_phi3_hd128_nf4", model: phi3, batch: 2, seq: 70 },
+        // Gemma 2 (soft caps 4 and 8, window 6), as transformers wrote it,
+        // and at head_dim 256.
+        Case { name: "gemma2_fp32", model: fx("gemma2_fp32", false), batch: 2, seq: 30 },
+        Case { name: "random_gemma2_hd256_nf4", model: gemma2, batch: 2, seq: 70 },
     ];
-    // LORA_TRAIN_CASES=a,b keeps the cases whose names contain a or b (to
-    // rerun a few while working on them).
-    match std::env::var("LORA_TRAIN_CASES") {
-        Ok(f) if !f.is_empty() => all.into_iter().filter(|c| f.split(',').any(|p| c.name.contains(p))).collect(),
-        _ => all,
+    if all_cases {
+        return all;
     }
+    all.into_iter().filter(|c| selected(c.name)).collect()
+}
+
+/// `LORA_TRAIN_CASES=a,b` keeps the cases (and the folded test's runs)
+/// whose names contain a or b (gpu-check splits the cases so; or to rerun
+/// a few while working on them).
+fn selected(name: &str) -> bool {
+    match std::env::var("LORA_TRAIN_CASES") {
+        Ok(f) if !f.is_empty() => f.split(',').any(|p| name.contains(p)),
+        _ => true,
+    }
+}
+
+/// The cases `LORA_TRAIN_CASES` selects.
+fn cases() -> Vec<Case> {
+    case_list(false)
 }
 
 fn trainer(m: Model, cfg: TrainerConfig, dev: Option<Compute>) -> Trainer {
@@ -448,22 +480,17 @@ fn refusals() {
     assert_eq!(t.use_device(Some((4096, Compute::BF16))).unwrap_err().kind, ErrorKind::CudaUnavailable);
     assert!(t.device().is_none());
     run(&mut t, &ids, c.batch, c.seq, 1);
-    // Soft caps (Gemma 2) and head_dim 256 (most Gemma checkpoints) run on
-    // the CPU only: refused with the reason, still usable there.
-    let gemma_hd256 = serde_json::json!({
+    // A head_dim above the attention kernels' 256 runs on the CPU only:
+    // refused with the reason, still usable there.
+    let wide = serde_json::json!({
         "architectures": ["GemmaForCausalLM"], "model_type": "gemma", "hidden_size": 256, "intermediate_size": 512,
-        "num_hidden_layers": 1, "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 256, "vocab_size": 256
+        "num_hidden_layers": 1, "num_attention_heads": 1, "num_key_value_heads": 1, "head_dim": 320, "vocab_size": 256
     });
-    let refused = [
-        (Model::load(&fixture("gemma2_fp32").join("model"), LoadOptions::default(), &mut |_, _| true).unwrap(), "soft caps"),
-        (Model::random(&gemma_hd256.to_string(), 0.02, LoadOptions::default()).unwrap(), "head_dim 256"),
-    ];
-    for (mut g, why) in refused {
-        let e = g.use_device(Some((0, Compute::F32))).unwrap_err();
-        assert!(e.kind == ErrorKind::Unsupported && e.to_string().contains(why), "{e}");
-        assert!(g.device().is_none());
-        g.logits(&tokens(16, 256, 3), 1, 16, None).unwrap();
-    }
+    let mut g = Model::random(&wide.to_string(), 0.02, LoadOptions::default()).unwrap();
+    let e = g.use_device(Some((0, Compute::F32))).unwrap_err();
+    assert!(e.kind == ErrorKind::Unsupported && e.to_string().contains("head_dim 320"), "{e}");
+    assert!(g.device().is_none());
+    g.logits(&tokens(16, 256, 3), 1, 16, None).unwrap();
 }
 
 /// Generation on the device (KV cache in device memory, decode attention)
@@ -863,7 +890,8 @@ fn device_options_through_the_c_api() {
 /// the qwen2 fixture quantized (biases on q, k and v, added after the
 /// folded product; its adapter has q and v in layer 1 only), and the
 /// random head_dim-128 model; adapters randomized so that B is not zero
-/// from the first step.
+/// from the first step. `LORA_TRAIN_CASES` selects runs by name (the
+/// cases' names, and `fold_…` for the runs of this test alone).
 #[test]
 fn folded_adapter_products_match_the_unfolded() {
     let Some(_) = common::gpu("folded_adapter_products_match_the_unfolded") else { return };
@@ -873,12 +901,12 @@ fn folded_adapter_products_match_the_unfolded() {
         peft::load_adapter(&mut m, &fixture("qwen2_fp32").join("adapter"), "a").unwrap();
         m
     };
-    let mut all = cases();
-    let qwen3 = all.remove(7);
-    let bias = all.remove(6);
-    assert_eq!((qwen3.name, bias.name), ("random_qwen3_hd128_nf4", "llama_bias_nf4"));
-    let random = all.remove(3);
-    let llama = all.remove(0);
+    let mut all = case_list(true);
+    let mut take = |name: &str| {
+        let i = all.iter().position(|c| c.name == name).unwrap_or_else(|| panic!("no case {name}"));
+        all.remove(i)
+    };
+    let (qwen3, bias, random, llama) = (take("random_qwen3_hd128_nf4"), take("llama_bias_nf4"), take("random_hd128_nf4"), take("llama_nf4"));
     // Widths the folds do not take: hidden 200 and intermediate 344 (not
     // multiples of 32: no forward fold; multiples of 8: the stacked
     // gradient), hidden 100
@@ -919,16 +947,16 @@ fn folded_adapter_products_match_the_unfolded() {
     type Run = (&'static str, Box<dyn Fn() -> Model>, usize, usize, bool, bool);
     let runs: Vec<Run> = vec![
         ("llama_nf4", llama.model, llama.batch, llama.seq, true, true),
-        ("qwen2 quantized (biases)", Box::new(qwen), 2, 40, true, true),
+        ("fold_qwen2 quantized (biases)", Box::new(qwen), 2, 40, true, true),
         ("random_hd128_nf4", random.model, random.batch, random.seq, true, true),
-        ("random r 64, 20 on v, 1 on gate", ranks, 2, 24, true, true),
-        ("random hidden 200", odd(200, 4), 2, 24, false, true),
-        ("random hidden 100", odd(100, 2), 2, 24, false, false),
-        ("random qwen3 (q/k norms)", qwen3.model, qwen3.batch, qwen3.seq, true, true),
+        ("fold_random r 64, 20 on v, 1 on gate", ranks, 2, 24, true, true),
+        ("fold_random hidden 200", odd(200, 4), 2, 24, false, true),
+        ("fold_random hidden 100", odd(100, 2), 2, 24, false, false),
+        ("random_qwen3_hd128_nf4 (q/k norms)", qwen3.model, qwen3.batch, qwen3.seq, true, true),
         // Biases on all seven linears, adapters on o, up and down only.
-        ("llama every bias, quantized", bias.model, bias.batch, bias.seq, true, true),
+        ("llama_bias_nf4 (every bias, quantized)", bias.model, bias.batch, bias.seq, true, true),
     ];
-    for (name, model, batch, seq, want_fold, want_stack) in runs {
+    for (name, model, batch, seq, want_fold, want_stack) in runs.into_iter().filter(|r| selected(r.0)) {
         let mk = || {
             let mut m = model();
             randomize_adapters(&mut m, 77);

@@ -206,10 +206,10 @@ pub extern "C" fn lora_model_default_params() -> lora_model_params {
 /// `llm_int8_skip_modules`). Safetensors only (`pytorch_model.bin` is
 /// refused by name). With `LORA_QUANT_NF4` each linear layer is quantized as it
 /// is read, so peak memory stays near the quantized model plus one layer.
-/// On the CUDA device (`lora_model_use_device`) every one of these runs
-/// except soft caps (Gemma 2) and a `head_dim` over 128 (most Gemma
-/// models), which it refuses with `LORA_ERR_UNSUPPORTED` (the model stays
-/// usable on the CPU).
+/// On the CUDA device (`lora_model_use_device`) every one of these runs,
+/// Gemma 2's soft caps and Gemma's head_dim 256 included; a `head_dim`
+/// over 256 is refused with `LORA_ERR_UNSUPPORTED` (the model stays usable
+/// on the CPU).
 /// Files are memory-mapped. Unsupported architectures, config options or
 /// unexpected tensors are refused by name (nothing is half-loaded). On
 /// success `*out` receives a model the caller frees with
@@ -960,7 +960,7 @@ fn device_of(device: i32, compute: lora_compute) -> Result<Option<(usize, crate:
 /// while merged a dense copy of every merged module in the compute dtype.
 ///
 /// Errors: `LORA_ERR_CUDA_UNAVAILABLE` (no driver, no such device, no
-/// NVRTC or cuBLAS), `LORA_ERR_UNSUPPORTED` (head_dim above 128, soft caps),
+/// NVRTC or cuBLAS), `LORA_ERR_UNSUPPORTED` (head_dim above 256),
 /// `LORA_ERR_INVALID_ARGUMENT` (unknown `compute`), `LORA_ERR_INVALID_STATE`
 /// (moving or removing the device copy while a trainer trains on it),
 /// `LORA_ERR_OUT_OF_MEMORY` (device memory), `LORA_ERR_CUDA`.
@@ -1007,7 +1007,7 @@ pub unsafe extern "C" fn lora_model_use_device(model: *mut lora_model, device: i
 ///
 /// Errors: `LORA_ERR_CUDA_UNAVAILABLE` (no driver, no such device, no
 /// NVRTC or cuBLAS), `LORA_ERR_UNSUPPORTED` (8-bit AdamW,
-/// head_dim above 128, soft caps), `LORA_ERR_INVALID_ARGUMENT`
+/// head_dim above 256), `LORA_ERR_INVALID_ARGUMENT`
 /// (unknown `compute`), `LORA_ERR_INVALID_STATE` (the model is on another
 /// device or precision where another trainer trains, or another trainer
 /// trains this adapter there),
@@ -1151,7 +1151,7 @@ pub unsafe extern "C" fn lora_model_device_memory(model: *const lora_model, copy
 pub type lora_device_option = u32;
 /// 1: attention on tensor cores (`cuda/attention_tc.cu`: bf16 q, k, v,
 /// P, dO and dS, fp32 accumulation and softmax) where the shape allows
-/// (head_dim 64 or 128, self-attention, sm_80+; the fp32 kernels
+/// (head_dim 64 or 128, self-attention, no soft cap, sm_80+; the fp32 kernels
 /// elsewhere). `LORA_COMPUTE_BF16` only. Off by default
 /// (`LORA_CUDA_ATTENTION=tc` in the environment at `lora_model_use_device`
 /// starts it on). These kernels have not yet run on a GPU.

@@ -6,9 +6,11 @@
 //! activations, adapters, their gradients and AdamW moments all in device
 //! memory.
 //!
-//! Architectures: every one the host loads, with `head_dim` ≤ 128 and no
-//! soft caps (Gemma 2's). The layer code covers the families'
-//! differences: fused projections (Phi-3: uploaded as their parts, the
+//! Architectures: every one the host loads, with `head_dim` ≤ 256 (the
+//! fp32 attention kernels' `_d256` instantiations above 128). The layer
+//! code covers the families' differences: soft caps (Gemma 2's, on the
+//! attention scores in the attention kernels and on the logits in the
+//! fused cross-entropy and the logits returned), fused projections (Phi-3: uploaded as their parts, the
 //! NF4 weight split by rows bit for bit, the adapter's B by rows and its A
 //! shared, so the parts' A gradients add up in its one span), per-layer
 //! RoPE tables (SmolLM3's
@@ -875,9 +877,6 @@ impl DeviceModel {
     /// `ordinal` (opened here), mirroring its active set and merge state.
     pub fn upload(ordinal: usize, model: &Model, compute: Compute) -> Result<DeviceModel> {
         let cfg = model.cfg.clone();
-        if cfg.attn_softcap.is_some() || cfg.final_softcap.is_some() {
-            bail!(Unsupported, "{} with soft caps (attn_logit_softcapping / final_logit_softcapping) runs on the CPU backend only: the device kernels have no soft caps yet", cfg.arch.architecture());
-        }
         if cfg.head_dim > catt::MAX_HEAD_DIM {
             bail!(Unsupported, "head_dim {} exceeds the device attention kernels' {} (the model stays usable on the CPU)", cfg.head_dim, catt::MAX_HEAD_DIM);
         }
@@ -2907,21 +2906,21 @@ impl DeviceModel {
     fn head_loss_backward(&mut self, x: &CudaSlice<f32>, n: usize, targets: &CudaSlice<i32>, grad_scale: f32) -> Result<(CudaSlice<f32>, Option<CudaSlice<u16>>, CudaSlice<f64>)> {
         let dev = self.dev.clone();
         let d = &*dev;
-        let (h, vsz) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        let (h, vsz, cap) = (self.cfg.hidden_size, self.cfg.vocab_size, self.cfg.final_softcap);
         let t = self.tick()?;
         let mut outs = d.alloc_filled::<f64>(3 * n.div_ceil(self.head_rows(n)), 0)?;
         let mut dhf = out_buf::<f32>(d, n * h)?;
         let rstd = if self.lean() {
             self.head_chunks::<u16>(x, n, |c, r0, r1, logits, wm| {
                 let mut ov = outs.slice_mut(3 * c..3 * c + 3);
-                closs::cross_entropy_fused_async(d, &mut logits.as_view_mut(), &targets.slice(r0..r1), vsz, Some(grad_scale), &mut ov)?;
+                closs::cross_entropy_fused_async(d, &mut logits.as_view_mut(), &targets.slice(r0..r1), vsz, Some(grad_scale), cap, &mut ov)?;
                 let lv = logits.as_view();
                 gemm(d, &self.blas, MatRef::bf16(d, &lv, r1 - r0, vsz)?, false, wm, false, &mut dhf.slice_mut(r0 * h..r1 * h), 1.0, 0.0)
             })?
         } else {
             self.head_chunks::<f32>(x, n, |c, r0, r1, logits, wm| {
                 let mut ov = outs.slice_mut(3 * c..3 * c + 3);
-                closs::cross_entropy_fused_async(d, &mut logits.as_view_mut(), &targets.slice(r0..r1), vsz, Some(grad_scale), &mut ov)?;
+                closs::cross_entropy_fused_async(d, &mut logits.as_view_mut(), &targets.slice(r0..r1), vsz, Some(grad_scale), cap, &mut ov)?;
                 let lb = self.operand(logits)?;
                 gemm(d, &self.blas, Act::new(logits, lb.as_ref()).operand(d, r1 - r0, vsz)?, false, wm, false, &mut dhf.slice_mut(r0 * h..r1 * h), 1.0, 0.0)
             })?
@@ -2951,7 +2950,7 @@ impl DeviceModel {
         let mut outs = d.alloc_filled::<f64>(3 * n.div_ceil(self.head_rows(n)), 0)?;
         self.head_chunks::<f32>(&x, n, |c, r0, r1, logits, _| {
             let mut ov = outs.slice_mut(3 * c..3 * c + 3);
-            closs::cross_entropy_fused_async(d, &mut logits.as_view_mut(), &targets.slice(r0..r1), vsz, Some(0.0), &mut ov)
+            closs::cross_entropy_fused_async(d, &mut logits.as_view_mut(), &targets.slice(r0..r1), vsz, Some(0.0), self.cfg.final_softcap, &mut ov)
         })?;
         let (mut sum, mut count) = (0f64, 0f64);
         for t in d.download(&outs)?.chunks(3) {
@@ -3177,10 +3176,14 @@ impl DeviceModel {
     }
 
     /// Final norm and head for `n` rows of the residual stream: logits
-    /// `[n, V]` on the host (computed and copied chunk by chunk).
+    /// `[n, V]` on the host (computed, soft-capped where the model caps
+    /// them, and copied chunk by chunk).
     fn head_logits(&self, x: &CudaSlice<f32>, n: usize) -> Result<Vec<f32>> {
         let mut out = Vec::with_capacity(n * self.cfg.vocab_size);
-        self.head_chunks(x, n, |_, _, _, logits, _| {
+        self.head_chunks(x, n, |_, _, _, logits: &mut CudaSlice<f32>, _| {
+            if let Some(c) = self.cfg.final_softcap {
+                ew::softcap(&self.dev, &mut logits.as_view_mut(), c)?;
+            }
             out.extend_from_slice(&self.dev.download(logits)?);
             Ok(())
         })?;

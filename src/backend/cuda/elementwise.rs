@@ -1,7 +1,8 @@
 //! Launchers for `cuda/elementwise.cu`: `y += x`, `y *= s`, the bias add, the fp32 →
 //! bf16 operand conversion and the bf16 → fp32 widening, twins of one-line
 //! CPU loops, bit for bit (one IEEE addition per element; round to nearest
-//! even as `half::bf16::from_f32`; widening exact).
+//! even as `half::bf16::from_f32`; widening exact); and the logits' soft
+//! cap, within a few ulp of the CPU's (`tanhf` against `vexp::tanh`).
 
 use super::{launch_cfg, stride_grid, CudaDevice, ELEMENTWISE_CU};
 use crate::error::Result;
@@ -40,6 +41,26 @@ pub fn scale(dev: &CudaDevice, y: &mut CudaViewMut<'_, f32>, s: f32) -> Result<(
     let f = dev.function(&ELEMENTWISE_CU, name)?;
     // SAFETY: (ptr, u64, f32) as the kernel; elements < n of y.
     launch_kernel!(dev, f, name, launch_cfg((stride_grid(n, EW_THREADS), 1), EW_THREADS), [y, &n, &s])
+}
+
+/// `y[i] = cap·tanh(y[i]/cap)` (queued): the soft cap of the logits
+/// returned (Gemma 2's `final_logit_softcapping`), the twin of the CPU
+/// head's `vexp::tanh(z / c) * c` in the same order; CUDA's `tanhf`
+/// against `vexp::tanh`, so within [`super::loss::softcap_tol`], not bit
+/// for bit. A cap that is not finite and positive is `InvalidArgument`.
+pub fn softcap(dev: &CudaDevice, y: &mut CudaViewMut<'_, f32>, cap: f32) -> Result<()> {
+    if !(cap.is_finite() && cap > 0.0) {
+        bail!(InvalidArgument, "softcap: the cap {cap} must be finite and positive");
+    }
+    dev.check_stream(y, "softcap y")?;
+    let n = y.len() as u64;
+    if n == 0 {
+        return Ok(());
+    }
+    let name = "elementwise_softcap_f32";
+    let f = dev.function(&ELEMENTWISE_CU, name)?;
+    // SAFETY: (ptr, u64, f32) as the kernel; elements < n of y.
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(n, EW_THREADS), 1), EW_THREADS), [y, &n, &cap])
 }
 
 /// `y[r, c] += b[c]` over `y: [rows, b.len()]` (queued).

@@ -6,7 +6,11 @@
 //! Agreement with the CPU: cross-entropy differs by CUDA's `expf` (≤ 2 ulp
 //! against libm's < 1 ulp) and the order of its f64 sums: the loss within
 //! [`CE_LOSS_TOL`] (absolute, per counted row on average), each gradient
-//! element within [`ce_grad_tol`]. The gradient norm differs only in the
+//! element within [`ce_grad_tol`]. With a soft cap (Gemma 2's
+//! `final_logit_softcapping`, the twin of `cross_entropy_fused_softcap`)
+//! each capped logit also differs by CUDA's `tanhf` against `vexp::tanh`
+//! (within [`softcap_tol`]): the loss within [`ce_loss_tol_softcap`], each
+//! gradient element within [`ce_grad_tol_softcap`]. The gradient norm differs only in the
 //! order of f64 sums, then rounded to f32: within [`NORM_REL_TOL`]; the
 //! clipping decision and coefficient follow from the norm, and a clipped
 //! gradient is within one rounding of `g·coef` with the GPU's coefficient.
@@ -45,6 +49,72 @@ pub fn ce_grad_tol(c: f32, p: f64, is_label: bool) -> f64 {
     8.0 * ULP * c * p + if is_label { 2.0 * ULP * c } else { 0.0 } + f64::from(f32::MIN_POSITIVE)
 }
 
+/// Bound on one soft-capped logit, `|z'_gpu − z'_cpu| ≤ softcap_tol(z', cap)`
+/// for `z' = f32(f32(tanh(f32(z/cap)))·cap)` (the loss kernels' cap and
+/// `elementwise::softcap` against the CPU's `vexp::tanh(z / c) * c`). The
+/// division is IEEE on both sides (the same quotient `q`); `tanhf` and
+/// `vexp::tanh` are each within 2 ulp of `tanh(q)`, so they differ by at
+/// most 4 ulp of `t`, 4·2⁻²³·|t|; the product by `cap` scales that to
+/// 4·2⁻²³·|z'| and each side's rounding of it adds half an ulp of `z'`:
+/// 5·2⁻²³·|z'| in all (at most 5·2⁻²³·`cap`, as `|z'| ≤ cap`). The
+/// absolute term covers a subnormal `t` (ulps of 2⁻¹⁴⁹, times `cap`).
+pub fn softcap_tol(capped: f64, cap: f32) -> f64 {
+    5.0 * ULP * capped.abs() + f64::from(f32::MIN_POSITIVE) * cap as f64
+}
+
+/// Cross-entropy loss of soft-capped logits, absolute (per counted row on
+/// average, as [`CE_LOSS_TOL`]). The loss is `log Σ_j exp(z'_j − m) −
+/// (z'_y − m)`, which does not depend on `m` but through roundings, so the
+/// two sides differ by:
+/// - [`CE_LOSS_TOL`] for the same capped logits (`exp`, the f64 sums, the
+///   final rounding);
+/// - each capped logit moving by `δ ≤ 5·2⁻²³·cap` ([`softcap_tol`]): the
+///   exact loss moves by at most `Σ_j p_j·δ + δ ≤ 2δ` (its gradient
+///   `p − onehot(y)` has an l1 norm ≤ 2), 10·2⁻²³·`cap`;
+/// - the roundings of `z'_j − m` in fp32 (`|z'_j − m| ≤ 2·cap`, half an
+///   ulp each, at most 2⁻²³·`cap`) were the same on both sides for the
+///   same inputs and no longer are: up to 2·2⁻²³·`cap` in each exponent,
+///   so in `log Σ` (the label's `z'_y − m` is exact in f64).
+///
+/// 12·2⁻²³·`cap` more in all (first order: the exponentials' second-order
+/// terms are below 2⁻⁴⁰ relative for `cap` up to a few thousand).
+pub fn ce_loss_tol_softcap(cap: f32) -> f64 {
+    CE_LOSS_TOL + 12.0 * ULP * cap as f64
+}
+
+/// Bound on one gradient element of the soft-capped cross-entropy,
+/// `|d_gpu − d_cpu| ≤ ce_grad_tol_softcap(c, p, is_label, t, cap)` with
+/// `c` the scale, `p` the softmax probability of the capped logits,
+/// `t = tanh(z/cap)` of the raw logit. Each side stores
+/// `f32(dz'·f)`, `f = f32(1 − f32(t²))`:
+/// - `dz'` (the uncapped kernel's value on the capped logits) differs by
+///   [`ce_grad_tol`] for the same capped logits, plus the capped logits'
+///   own difference: `log p_j = z'_j − log Σ_k exp(z'_k)` moves by at most
+///   twice the largest move of one exponent (7·2⁻²³·`cap`: [`softcap_tol`]
+///   and the roundings of `z'_j − m`, as in [`ce_loss_tol_softcap`]), so
+///   `p` by 14·2⁻²³·`cap`·`p` relative, and `dz' = c·(p − [label])` by
+///   `|c|`·that;
+/// - `f`: the two `t` differ by 4·2⁻²³·|t| ([`softcap_tol`]), so `t²` by
+///   8·2⁻²³·t², plus each side's rounding of `t²` (half an ulp) and of
+///   `1 − t²` (half an ulp of `f`): `|Δf| ≤ 9·2⁻²³·t² + 2⁻²³·f ≤ 9·2⁻²³`
+///   (as `t² + f = 1`). Absolute, not relative: where `tanh` saturates
+///   (`t` within an ulp or two of ±1) `f` is 0 on one side and a few ulp
+///   of 1 on the other, so the bound there is `|dz'|·9·2⁻²³`, not 0;
+/// - the product: `|Δd| ≤ |Δdz'|·(f + |Δf|) + |dz'|·|Δf|` and each
+///   side's rounding, half an ulp of `|dz'|·f`, with `|dz'| ≤
+///   |c|·(p + [label])`.
+///
+/// For logits far below the cap (`t → 0`, `f → 1`) it tends to
+/// [`ce_grad_tol`] plus the terms above; where `f → 0` to the `|Δf|` term.
+pub fn ce_grad_tol_softcap(c: f32, p: f64, is_label: bool, t: f64, cap: f32) -> f64 {
+    let ca = c.abs() as f64;
+    let f = (1.0 - t * t).max(0.0);
+    let df = 9.0 * ULP;
+    let ddz = ce_grad_tol(c, p, is_label) + 14.0 * ULP * cap as f64 * ca * p;
+    let dz = ca * (p + if is_label { 1.0 } else { 0.0 });
+    ddz * (f + df) + dz * (df + ULP * (f + df)) + f64::from(f32::MIN_POSITIVE)
+}
+
 /// Gradient norm, relative: each per-tensor norm and the total are f64
 /// sums rounded to f32; their order differs from the CPU's, which may move
 /// each rounding by one ulp (twice in all, plus room).
@@ -79,17 +149,22 @@ impl LogitElem for u16 {
 /// Fused cross-entropy, queued without a sync: as `cpu::loss::cross_entropy_fused`,
 /// overwrites `logits` (`[rows, vocab]`) with the gradient scaled by
 /// `grad_scale` (`None`: `1/count`, the mean loss's) and writes `out` (3
-/// f64): `[Σ ℓ_i, count, first bad row or −1]`. A label neither −100 nor in
-/// `[0, vocab)` leaves `logits` untouched (`out[2] ≥ 0`). Scratch: `rows`
-/// f64 and 2 u32, freed in stream order.
+/// f64): `[Σ ℓ_i, count, first bad row or −1]`. With `softcap`
+/// `Some(cap)`, as `cpu::loss::cross_entropy_fused_softcap`: the loss of
+/// `cap·tanh(z/cap)`, the gradient with respect to the raw `z` (a cap that
+/// is not finite and positive is `InvalidArgument`). A label neither −100
+/// nor in `[0, vocab)` leaves `logits` untouched (`out[2] ≥ 0`). Scratch:
+/// `rows` f64 and 2 u32, freed in stream order.
 pub fn cross_entropy_fused_async<T: LogitElem>(
     dev: &CudaDevice,
     logits: &mut CudaViewMut<'_, T>,
     labels: &CudaView<'_, i32>,
     vocab: usize,
     grad_scale: Option<f32>,
+    softcap: Option<f32>,
     out: &mut CudaViewMut<'_, f64>,
 ) -> Result<()> {
+    let cap = check_softcap(softcap)?;
     let rows = labels.len();
     if vocab == 0 || vocab > i32::MAX as usize || rows > i32::MAX as usize {
         bail!(InvalidShape, "cross_entropy: vocab {vocab} must be in 1..=2^31-1 and rows {rows} at most 2^31-1");
@@ -119,11 +194,12 @@ pub fn cross_entropy_fused_async<T: LogitElem>(
         };
         let name = T::KERNEL;
         let f = dev.function(&LOSS_CU, name)?;
-        // SAFETY: (ptr, ptr, u32, u32, ptr, f32, u32, ptr) as the kernel;
-        // block `row` < rows touches logits row `row`, labels[row] (a valid
-        // index, else the kernel returns before touching logits: it reads
-        // status written above) and row_loss[row] (rows allocated).
-        launch_kernel!(dev, f, name, launch_cfg((r32, 1), LOSS_THREADS), [logits, labels, &r32, &v32, &status, &scale, &mean, &mut row_loss])?;
+        // SAFETY: (ptr, ptr, u32, u32, ptr, f32, u32, ptr, f32) as the
+        // kernel; block `row` < rows touches logits row `row`, labels[row]
+        // (a valid index, else the kernel returns before touching logits:
+        // it reads status written above) and row_loss[row] (rows
+        // allocated).
+        launch_kernel!(dev, f, name, launch_cfg((r32, 1), LOSS_THREADS), [logits, labels, &r32, &v32, &status, &scale, &mean, &mut row_loss, &cap])?;
     }
     let name = "loss_ce_finish";
     let f = dev.function(&LOSS_CU, name)?;
@@ -133,12 +209,23 @@ pub fn cross_entropy_fused_async<T: LogitElem>(
     launch_kernel!(dev, f, name, launch_cfg((1, 1), LOSS_CHECK_THREADS), [&row_loss, &r32, &status, out])
 }
 
+/// The kernels' `cap` argument for a soft cap: 0 for none, else the cap,
+/// which must be finite and positive (`InvalidArgument`).
+fn check_softcap(softcap: Option<f32>) -> Result<f32> {
+    match softcap {
+        None => Ok(0.0),
+        Some(c) if c.is_finite() && c > 0.0 => Ok(c),
+        Some(c) => bail!(InvalidArgument, "cross_entropy: the soft cap {c} must be finite and positive"),
+    }
+}
+
 /// [`cross_entropy_fused_async`], then waits and returns what
-/// `cpu::loss::cross_entropy_fused` returns; an invalid label is
+/// `cpu::loss::cross_entropy_fused` (with `softcap`,
+/// `cross_entropy_fused_softcap`) returns; an invalid label is
 /// `InvalidArgument` with `logits` untouched.
-pub fn cross_entropy_fused(dev: &CudaDevice, logits: &mut CudaViewMut<'_, f32>, labels: &CudaView<'_, i32>, vocab: usize, grad_scale: Option<f32>) -> Result<CrossEntropy> {
+pub fn cross_entropy_fused(dev: &CudaDevice, logits: &mut CudaViewMut<'_, f32>, labels: &CudaView<'_, i32>, vocab: usize, grad_scale: Option<f32>, softcap: Option<f32>) -> Result<CrossEntropy> {
     let mut out = dev.alloc_filled::<f64>(3, 0xFF)?;
-    cross_entropy_fused_async(dev, logits, labels, vocab, grad_scale, &mut out.as_view_mut())?;
+    cross_entropy_fused_async(dev, logits, labels, vocab, grad_scale, softcap, &mut out.as_view_mut())?;
     let o = dev.download(&out)?;
     if o[2] >= 0.0 {
         let row = o[2] as usize;
