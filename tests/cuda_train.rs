@@ -235,6 +235,10 @@ fn case_list(all_cases: bool) -> Vec<Case> {
         Case { name: "phi3_fp32", model: fx("phi3_fp32", false), batch: 2, seq: 30 },
         Case { name: "phi3_nf4", model: fx("phi3_fp32", true), batch: 2, seq: 30 },
         Case { name: "random_phi3_hd128_nf4", model: phi3, batch: 2, seq: 70 },
+        // Phi-3 with LongRoPE (original length 12): training takes the long
+        // factors; generation's prompts the short ones, then every cache is
+        // recomputed with the long ones where the decode crosses 12.
+        Case { name: "phi3_longrope_fp32", model: fx("phi3_longrope_fp32", false), batch: 2, seq: 30 },
         // Gemma 2 (soft caps 4 and 8, window 6), as transformers wrote it,
         // and at head_dim 256.
         Case { name: "gemma2_fp32", model: fx("gemma2_fp32", false), batch: 2, seq: 30 },
@@ -523,8 +527,15 @@ fn generation_on_the_device_matches_the_cpu() {
         assert_eq!(a, b, "{}: seeded sampling on the GPU is not repeatable", c.name);
         // The decode path (KV cache; fused NF4 GEMVs in bf16 mode) agrees
         // with a full forward over the same tokens: each greedy token is the
-        // full forward's argmax, or within bf16 noise of it.
-        for (p, gen) in prompts.iter().zip(&g16) {
+        // full forward's argmax, or within bf16 noise of it. Under LongRoPE
+        // a batch takes its longest sequence's factors, so each prompt is
+        // generated alone for this check.
+        let alone: Vec<Vec<i32>> = if (c.model)().cfg.rope_freqs().long.is_some() {
+            prompts.iter().map(|p| t16.generate(&[p], 12, &greedy, &[], &mut |_, _| true).unwrap().remove(0)).collect()
+        } else {
+            g16.clone()
+        };
+        for (p, gen) in prompts.iter().zip(&alone) {
             for k in 0..gen.len() {
                 let mut seq = p.to_vec();
                 seq.extend_from_slice(&gen[..k]);

@@ -229,6 +229,15 @@ fn phi3_fused_qkv_and_gate_up_with_adapters_on_them() {
     parity("phi3_fp32", "model", false, true);
 }
 
+/// LongRoPE (Phi-3.5-mini's rope, original length 12): the 16-token
+/// forward, its gradients and training take the long factors; greedy
+/// generation's 8-token prompt the short ones, its decode the long ones
+/// from position 12 on (as transformers' cached `generate`).
+#[test]
+fn phi3_longrope_short_and_long_factors() {
+    parity("phi3_longrope_fp32", "model", false, true);
+}
+
 #[test]
 fn olmo2_output_norms_only_and_full_width_qk_norms() {
     parity("olmo2_fp32", "model", false, true);

@@ -28,6 +28,13 @@ pub enum RopeScaling {
     /// `theta` is `rope_theta` as config.json states it: the correction
     /// range takes its logarithm in Python floats.
     Yarn { theta: f64, factor: f64, attention_factor: f64, beta_fast: f64, beta_slow: f64, original_max_position_embeddings: usize, truncate: bool },
+    /// LongRoPE (`longrope`; Phi-3's `su`, and its `yarn`, which
+    /// transformers' Phi3Config reads as `longrope`): per-frequency
+    /// divisors, the short ones for calls up to
+    /// `original_max_position_embeddings` positions, the long ones above
+    /// (f32 as PyTorch holds them); `attention_factor` multiplies cos and
+    /// sin.
+    LongRope { short_factor: Vec<f32>, long_factor: Vec<f32>, attention_factor: f64, original_max_position_embeddings: usize },
 }
 
 /// bitsandbytes 4-bit settings of an already quantized checkpoint.
@@ -291,6 +298,14 @@ fn parse_rope_or(m: &Map<String, Value>, default_theta: f64) -> Result<(f32, Rop
     }
     let Some(p) = params else { return Ok((theta as f32, RopeScaling::Default)) };
     let ty = get_str(&p, "rope_type").or(get_str(&p, "type")).unwrap_or("default");
+    // transformers' Phi3Config reads `su` and `yarn` as `longrope`; `su`
+    // is LongRoPE's old name everywhere.
+    let phi3 = get_str(m, "model_type") == Some("phi3");
+    let ty = match ty {
+        "su" => "longrope",
+        "yarn" if phi3 => "longrope",
+        t => t,
+    };
     let factor = || -> Result<f32> {
         let f = get_f64(&p, "factor")?.ok_or_else(|| err!(FileFormat, "config.json: rope type `{ty}` without `factor`"))?;
         if !(f > 0.0) {
@@ -352,14 +367,58 @@ fn parse_rope_or(m: &Map<String, Value>, default_theta: f64) -> Result<(f32, Rop
                 truncate: get_bool(&p, "truncate", true)?,
             }
         }
-        other => bail!(Unsupported, "config.json: rope type `{other}` is not supported (default, linear, llama3 and yarn are)"),
+        "longrope" => parse_longrope(m, &p)?,
+        other => bail!(Unsupported, "config.json: rope type `{other}` is not supported (default, linear, llama3, yarn and longrope are)"),
     };
     Ok((theta as f32, scaling))
+}
+
+/// LongRoPE's parameters (transformers `_compute_longrope_parameters` and
+/// `standardize_rope_params`): `original_max_position_embeddings` from
+/// the top level for Phi-3 (its config class defaults it to 4096), else
+/// from the rope parameters, else `max_position_embeddings`; `factor`
+/// stated or `max_position_embeddings / original`; `attention_factor`
+/// stated or `√(1 + ln factor / ln original)` (1 for a factor ≤ 1).
+fn parse_longrope(m: &Map<String, Value>, p: &Map<String, Value>) -> Result<RopeScaling> {
+    let orig = if get_str(m, "model_type") == Some("phi3") {
+        get_usize(m, "original_max_position_embeddings")?.unwrap_or(4096)
+    } else {
+        match get_usize(p, "original_max_position_embeddings")? {
+            Some(o) => o,
+            None => get_usize(m, "max_position_embeddings")?.ok_or_else(|| err!(FileFormat, "config.json: longrope without `original_max_position_embeddings` or `max_position_embeddings`"))?,
+        }
+    };
+    if orig < 2 {
+        bail!(FileFormat, "config.json: longrope original_max_position_embeddings {orig} must be at least 2");
+    }
+    let factor = match get_f64(p, "factor")? {
+        Some(f) => f,
+        None => get_usize(m, "max_position_embeddings")?.ok_or_else(|| err!(FileFormat, "config.json: longrope without `factor` or `max_position_embeddings`"))? as f64 / orig as f64,
+    };
+    let attention_factor = match get_f64(p, "attention_factor")? {
+        Some(a) => a,
+        None if factor <= 1.0 => 1.0,
+        None => (1.0 + factor.ln() / (orig as f64).ln()).sqrt(),
+    };
+    if !attention_factor.is_finite() || attention_factor <= 0.0 {
+        bail!(FileFormat, "config.json: longrope attention factor {attention_factor} is not positive");
+    }
+    let list = |k: &str| -> Result<Vec<f32>> {
+        let v = p.get(k).and_then(|v| v.as_array()).ok_or_else(|| err!(FileFormat, "config.json: longrope without a `{k}` list"))?;
+        v.iter()
+            .map(|x| match x.as_f64() {
+                Some(f) if f.is_finite() && f > 0.0 => Ok(f as f32),
+                _ => bail!(FileFormat, "config.json: longrope `{k}` holds {x}, not a positive number"),
+            })
+            .collect()
+    };
+    Ok(RopeScaling::LongRope { short_factor: list("short_factor")?, long_factor: list("long_factor")?, attention_factor, original_max_position_embeddings: orig })
 }
 
 fn inv_freq_of(head_dim: usize, theta: f32, scaling: &RopeScaling) -> Vec<f32> {
     use crate::backend::cpu::rope::*;
     match *scaling {
+        RopeScaling::LongRope { ref short_factor, .. } => rope_inv_freq_longrope(head_dim, theta, short_factor),
         RopeScaling::Default => rope_inv_freq(head_dim, theta),
         RopeScaling::Linear { factor } => rope_inv_freq_linear(head_dim, theta, factor),
         RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
@@ -371,9 +430,21 @@ fn inv_freq_of(head_dim: usize, theta: f32, scaling: &RopeScaling) -> Vec<f32> {
     }
 }
 
+/// The tables' frequencies and scale for one rotary setting (LongRoPE's
+/// long frequencies beside the short ones).
+fn freqs_of(head_dim: usize, theta: f32, scaling: &RopeScaling) -> crate::backend::cpu::rope::RopeFreqs {
+    let long = match scaling {
+        RopeScaling::LongRope { long_factor, original_max_position_embeddings, .. } => {
+            Some((crate::backend::cpu::rope::rope_inv_freq_longrope(head_dim, theta, long_factor), *original_max_position_embeddings))
+        }
+        _ => None,
+    };
+    crate::backend::cpu::rope::RopeFreqs { inv_freq: inv_freq_of(head_dim, theta, scaling), scale: attention_scaling_of(scaling), long }
+}
+
 fn attention_scaling_of(scaling: &RopeScaling) -> f32 {
     match scaling {
-        RopeScaling::Yarn { attention_factor, .. } => *attention_factor as f32,
+        RopeScaling::Yarn { attention_factor, .. } | RopeScaling::LongRope { attention_factor, .. } => *attention_factor as f32,
         _ => 1.0,
     }
 }
@@ -503,6 +574,15 @@ impl ModelConfig {
             Arch::SmolLm3 => (parse_rope_or(&m, 2e6)?, None),
             _ => (parse_rope(&m)?, None),
         };
+        for sc in std::iter::once(&rope_scaling).chain(local_rope.as_ref().map(|(_, sc)| sc)) {
+            if let RopeScaling::LongRope { short_factor, long_factor, .. } = sc {
+                for (k, f) in [("short_factor", short_factor), ("long_factor", long_factor)] {
+                    if f.len() != head_dim / 2 {
+                        bail!(FileFormat, "config.json: longrope `{k}` has {} factors; head_dim {head_dim} needs {}", f.len(), head_dim / 2);
+                    }
+                }
+            }
+        }
         let num_layers = need_usize(&m, "num_hidden_layers")?;
         let (qkv_bias, o_bias, mlp_bias) = match arch {
             Arch::Llama | Arch::Granite | Arch::Olmo2 | Arch::SmolLm3 => {
@@ -716,13 +796,13 @@ impl ModelConfig {
     /// What every rotary table of this model is made from: `inv_freq`
     /// and the factor on cos and sin (of the full layers).
     pub fn rope_freqs(&self) -> crate::backend::cpu::rope::RopeFreqs {
-        crate::backend::cpu::rope::RopeFreqs { inv_freq: self.inv_freq(), scale: self.rope_attention_scaling() }
+        freqs_of(self.head_dim, self.rope_theta, &self.rope_scaling)
     }
 
     /// The sliding layers' rotary frequencies when they have their own
     /// (Gemma 3), else `None`.
     pub fn local_rope_freqs(&self) -> Option<crate::backend::cpu::rope::RopeFreqs> {
-        self.local_rope.as_ref().map(|(theta, sc)| crate::backend::cpu::rope::RopeFreqs { inv_freq: inv_freq_of(self.head_dim, *theta, sc), scale: attention_scaling_of(sc) })
+        self.local_rope.as_ref().map(|(theta, sc)| freqs_of(self.head_dim, *theta, sc))
     }
 
     /// Whether layer `l` rotates with the sliding layers' frequencies.
@@ -985,11 +1065,45 @@ mod tests {
             m.insert(k.into(), v);
             ModelConfig::parse(&Value::Object(m).to_string())
         };
-        // Dropout inside the model, longrope and a partial rotary are refused by name.
+        // Dropout inside the model and a partial rotary are refused by name.
         assert!(with_p("resid_pdrop", 0.1.into()).unwrap_err().to_string().contains("resid_pdrop"));
         assert!(with_p("embd_pdrop", 0.1.into()).unwrap_err().to_string().contains("embd_pdrop"));
-        assert!(with_p("rope_scaling", serde_json::json!({"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]})).unwrap_err().to_string().contains("longrope"));
         assert!(with_p("partial_rotary_factor", 0.75.into()).unwrap_err().to_string().contains("partial_rotary_factor"));
+        // LongRoPE as Phi-3.5-mini states it (max 131072 over the top-level
+        // original 4096: factor 32, attention factor √(1 + ln 32 / ln 4096));
+        // Phi3Config reads `su` and `yarn` as longrope too.
+        let short: Vec<f64> = (0..48).map(|i| 1.0 + i as f64 / 16.0).collect();
+        let long: Vec<f64> = (0..48).map(|i| 1.0 + i as f64).collect();
+        for ty in ["longrope", "su", "yarn"] {
+            let mut m: Map<String, Value> = serde_json::from_str(p).unwrap();
+            m.insert("max_position_embeddings".into(), 131072.into());
+            m.insert("rope_scaling".into(), serde_json::json!({"type": ty, "short_factor": short, "long_factor": long}));
+            let c = ModelConfig::parse(&Value::Object(m).to_string()).unwrap();
+            let want_af = (1.0 + 32f64.ln() / 4096f64.ln()).sqrt();
+            let RopeScaling::LongRope { short_factor, long_factor, attention_factor, original_max_position_embeddings } = &c.rope_scaling else { panic!("{ty}: {:?}", c.rope_scaling) };
+            assert_eq!((short_factor.len(), long_factor[47], *original_max_position_embeddings), (48, 48.0, 4096), "{ty}");
+            assert!((attention_factor - want_af).abs() < 1e-15, "{ty}: {attention_factor}");
+            let f = c.rope_freqs();
+            assert_eq!(f.scale, want_af as f32);
+            // inv_freq[i] = 1 / (ext[i]·10⁴^(i/48)): short up to 4096 positions, long above.
+            let (t_short, t_long) = (f.table(0, 4096), f.table(0, 4097));
+            let p1 = |t: &crate::backend::cpu::rope::RopeTable, i: usize| (t.sin[t.half + i] / f.scale).asin();
+            assert!((p1(&t_short, 1) as f64 - 1.0 / (short[1] * 1e4f64.powf(2.0 / 96.0))).abs() < 1e-6);
+            assert!((p1(&t_long, 1) as f64 - 1.0 / (long[1] * 1e4f64.powf(2.0 / 96.0))).abs() < 1e-6);
+            assert_eq!(f.table_at(&[7, 4095]).cos, f.table(0, 4096).cos.chunks(48).enumerate().filter(|(r, _)| [7, 4095].contains(r)).flat_map(|(_, c)| c.to_vec()).collect::<Vec<_>>());
+            assert!(f.long_at(4097) && !f.long_at(4096));
+        }
+        let bad = serde_json::json!({"type": "longrope", "short_factor": [1.0], "long_factor": long});
+        assert!(with_p("rope_scaling", bad).unwrap_err().to_string().contains("short_factor"));
+        // Another family's longrope takes its original length from the rope
+        // parameters (or max_position_embeddings), its factor from their ratio.
+        let llama = with("rope_parameters", &serde_json::json!({"rope_type": "longrope", "rope_theta": 1e4, "short_factor": vec![1.0; 8], "long_factor": vec![2.0; 8], "original_max_position_embeddings": 1024}).to_string());
+        assert!(ModelConfig::parse(&llama).unwrap_err().to_string().contains("max_position_embeddings"));
+        let mut m: Map<String, Value> = serde_json::from_str(&llama).unwrap();
+        m.insert("max_position_embeddings".into(), 4096.into());
+        let c = ModelConfig::parse(&Value::Object(m).to_string()).unwrap();
+        let af = (1.0 + 4f64.ln() / 1024f64.ln()).sqrt();
+        assert!(matches!(c.rope_scaling, RopeScaling::LongRope { original_max_position_embeddings: 1024, attention_factor, .. } if attention_factor == af), "{:?}", c.rope_scaling);
         // Llama's resid_pdrop-like keys mean nothing there.
         assert!(ModelConfig::parse(&with("resid_pdrop", "0.1")).is_ok());
     }

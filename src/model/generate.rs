@@ -199,20 +199,33 @@ impl Model {
         let mut lens = vec![0usize; bsz];
         let mut last_logits = vec![0f32; bsz * self.vocab()];
         let v = self.vocab();
-        // Prefill, one sequence at a time (prompts may differ in length).
-        for (b, r) in reqs.iter().enumerate() {
-            let t = r.prompt.len();
-            let sa = seq_ad.as_ref().map(|x| vec![x[b]]);
-            let (logits, kvs) = on_pool(|| self.prefill(r.prompt, sa.as_deref()))?;
-            for (l, (k, vv)) in kvs.into_iter().enumerate() {
-                let row = nkv * hd;
-                caches[l].k[b * cap * row..b * cap * row + t * row].copy_from_slice(&k);
-                caches[l].v[b * cap * row..b * cap * row + t * row].copy_from_slice(&vv);
-            }
-            lens[b] = t;
-            last_logits[b * v..(b + 1) * v].copy_from_slice(&logits[(t - 1) * v..t * v]);
+        // Prefill, one sequence at a time (prompts may differ in length);
+        // LongRoPE's factors are the batch's, chosen by its longest prompt.
+        let mut hist: Vec<Vec<i32>> = reqs.iter().map(|r| r.prompt.to_vec()).collect();
+        let longest = hist.iter().map(Vec::len).max().unwrap_or(1);
+        for b in 0..bsz {
+            self.prefill_into(&hist[b], seq_ad.as_ref().map(|x| x[b]), longest - 1, &mut caches, cap, b, &mut last_logits)?;
+            lens[b] = hist[b].len();
         }
-        let out = sample_loop(last_logits, v, max_new, s, stop, progress, |next| on_pool(|| self.decode_step(next, &mut lens, &mut caches, cap, seq_ad.as_deref())));
+        let out = sample_loop(last_logits, v, max_new, s, stop, progress, |next| {
+            for (h, &t) in hist.iter_mut().zip(next) {
+                h.push(t);
+            }
+            let m = lens.iter().copied().max().unwrap_or(0);
+            if !self.rope_switches_after(m) {
+                return on_pool(|| self.decode_step(next, &mut lens, &mut caches, cap, seq_ad.as_deref()));
+            }
+            // LongRoPE switches to its long frequencies at this position:
+            // recompute every sequence's cache with them (transformers'
+            // Phi-3 generation drops its cache here), the largest position
+            // being the new token's.
+            let mut logits = vec![0f32; bsz * v];
+            for b in 0..bsz {
+                self.prefill_into(&hist[b], seq_ad.as_ref().map(|x| x[b]), m, &mut caches, cap, b, &mut logits)?;
+                lens[b] = hist[b].len();
+            }
+            Ok(logits)
+        });
         self.kv_bytes = 0;
         let out = out?;
         let keep = self.act_peak;
@@ -220,12 +233,28 @@ impl Model {
         Ok(out)
     }
 
+    /// [`prefill`](Self::prefill) of sequence `b`'s tokens into its rows of
+    /// the caches, its last logits into row `b` of `logits`.
+    #[allow(clippy::too_many_arguments)]
+    fn prefill_into(&mut self, tokens: &[i32], adapter: Option<i32>, last: usize, caches: &mut [Cache], cap: usize, b: usize, logits: &mut [f32]) -> Result<()> {
+        let (t, v, row) = (tokens.len(), self.vocab(), self.cfg.num_kv_heads * self.cfg.head_dim);
+        let sa = adapter.map(|a| vec![a]);
+        let (lg, kvs) = on_pool(|| self.prefill(tokens, sa.as_deref(), last))?;
+        for (l, (k, vv)) in kvs.into_iter().enumerate() {
+            caches[l].k[b * cap * row..b * cap * row + t * row].copy_from_slice(&k);
+            caches[l].v[b * cap * row..b * cap * row + t * row].copy_from_slice(&vv);
+        }
+        logits[b * v..(b + 1) * v].copy_from_slice(&lg[(t - 1) * v..t * v]);
+        Ok(())
+    }
+
     /// Full forward over one prompt: logits `[T, V]` and each layer's
-    /// rotated k and v `[T, kv_dim]`.
-    fn prefill(&mut self, prompt: &[i32], seq_ad: Option<&[i32]>) -> Result<(Vec<f32>, Vec<(Vec<f32>, Vec<f32>)>)> {
+    /// rotated k and v `[T, kv_dim]`; `last` is the largest position of
+    /// the batch (LongRoPE's factors follow it).
+    fn prefill(&mut self, prompt: &[i32], seq_ad: Option<&[i32]>, last: usize) -> Result<(Vec<f32>, Vec<(Vec<f32>, Vec<f32>)>)> {
         let t = prompt.len();
         let rows = self.row_adapters(seq_ad, 1, t)?;
-        let tables = self.tables(0, t);
+        let tables = self.tables_upto(0, t, last);
         let mut x = self.embed_rows(prompt);
         let mut kvs = Vec::with_capacity(self.blocks.len());
         for l in 0..self.blocks.len() {

@@ -777,6 +777,9 @@ pub struct DeviceModel {
     /// asks for the device itself ([`Model::use_device`]).
     pub(crate) by_trainer: bool,
     rope: Option<CudaRopeTable>,
+    /// Whether `rope` (and `local_rope`) hold LongRoPE's long frequencies
+    /// (a table made for more positions than the pretraining length).
+    rope_long: bool,
     /// Attention on tensor cores (`cuda/attention_tc.cu`) where the shape
     /// allows ([`DeviceModel::set_tensor_core_attention`]; off by default
     /// until the kernels have run on a GPU, see the module docs).
@@ -960,6 +963,7 @@ impl DeviceModel {
             synced: None,
             by_trainer: false,
             rope: None,
+            rope_long: false,
             attn_tc: compute == Compute::BF16 && std::env::var("LORA_CUDA_ATTENTION").is_ok_and(|v| v == "tc"),
             lean_on: std::env::var("LORA_CUDA_LEAN").map_or(true, |v| v != "0"),
             recompute: std::env::var("LORA_CUDA_RECOMPUTE").map_or(true, |v| v != "0"),
@@ -1362,10 +1366,17 @@ impl DeviceModel {
         Ok(())
     }
 
-    fn rope_table(&mut self, seq: usize) -> Result<()> {
-        if self.rope.as_ref().is_none_or(|t| t.len < seq) {
-            self.rope = Some(CudaRopeTable::upload(&self.dev, &self.freqs.table(0, seq))?);
-            self.local_rope = self.local_freqs.as_ref().map(|f| CudaRopeTable::upload(&self.dev, &f.table(0, seq))).transpose()?;
+    /// Makes `rope` (and `local_rope`) hold positions `0..seq` at least,
+    /// with the frequencies of a call whose largest position is `last`
+    /// (LongRoPE's factors follow it): a table kept from a longer call
+    /// serves a shorter one unless LongRoPE picks other frequencies for
+    /// the two.
+    fn rope_table(&mut self, seq: usize, last: usize) -> Result<()> {
+        let long = self.freqs.long_at(last + 1) || self.local_freqs.as_ref().is_some_and(|f| f.long_at(last + 1));
+        if self.rope.as_ref().is_none_or(|t| t.len < seq) || long != self.rope_long {
+            self.rope = Some(CudaRopeTable::upload(&self.dev, &self.freqs.table_upto(0, seq, last))?);
+            self.local_rope = self.local_freqs.as_ref().map(|f| CudaRopeTable::upload(&self.dev, &f.table_upto(0, seq, last))).transpose()?;
+            self.rope_long = long;
         }
         Ok(())
     }
@@ -1407,7 +1418,7 @@ impl DeviceModel {
         if ids.len() != n || labels.len() != n || n == 0 {
             bail!(ShapeMismatch, "{} ids and {} labels for a batch of {batch} × {seq}", ids.len(), labels.len());
         }
-        self.rope_table(seq)?;
+        self.rope_table(seq, seq.saturating_sub(1))?;
         let t_all = self.tick()?;
         let dev = self.dev.clone();
         let d = &*dev;
@@ -3087,20 +3098,40 @@ impl DeviceModel {
         let mut caches: Vec<(CudaSlice<f32>, CudaSlice<f32>)> = (0..self.layers.len()).map(|_| Ok((alloc(d, per)?, alloc(d, per)?))).collect::<Result<_>>()?;
         let mut lens = vec![0usize; bsz];
         let mut last = vec![0f32; bsz * vsz];
-        // Prefill, one prompt at a time (prompts may differ in length).
-        for (b, p) in prompts.iter().enumerate() {
-            let rows = match seq_adapters {
-                Some(sa) => Rows::One(usize::try_from(sa[b]).ok()),
-                None => Rows::Active,
-            };
-            last[b * vsz..(b + 1) * vsz].copy_from_slice(&self.prefill(p, rows, Some((&mut caches, b * cap * row)))?);
-            lens[b] = p.len();
+        // Prefill, one prompt at a time (prompts may differ in length;
+        // LongRoPE's factors are the batch's, chosen by its longest).
+        let mut hist: Vec<Vec<i32>> = prompts.iter().map(|p| p.to_vec()).collect();
+        let longest = hist.iter().map(Vec::len).max().unwrap_or(1);
+        let one = |b: usize| match seq_adapters {
+            Some(sa) => Rows::One(usize::try_from(sa[b]).ok()),
+            None => Rows::Active,
+        };
+        for b in 0..bsz {
+            last[b * vsz..(b + 1) * vsz].copy_from_slice(&self.prefill(&hist[b], one(b), Some((&mut caches, b * cap * row)), longest - 1)?);
+            lens[b] = hist[b].len();
         }
         let rows = match seq_adapters {
             Some(sa) => Rows::PerRow(sa),
             None => Rows::Active,
         };
-        sample_loop(last, vsz, max_new, s, stop, progress, |next| self.decode_step(next, rows, &mut lens, &mut caches, cap))
+        sample_loop(last, vsz, max_new, s, stop, progress, |next| {
+            for (h, &t) in hist.iter_mut().zip(next) {
+                h.push(t);
+            }
+            let m = lens.iter().copied().max().unwrap_or(0);
+            if !(self.freqs.switches_after(m) || self.local_freqs.as_ref().is_some_and(|f| f.switches_after(m))) {
+                return self.decode_step(next, rows, &mut lens, &mut caches, cap);
+            }
+            // LongRoPE switches to its long frequencies here: every
+            // sequence's cache is recomputed with them (as the host's
+            // generation and transformers' Phi-3 do).
+            let mut logits = vec![0f32; bsz * vsz];
+            for b in 0..bsz {
+                logits[b * vsz..(b + 1) * vsz].copy_from_slice(&self.prefill(&hist[b], one(b), Some((&mut caches, b * cap * row)), m)?);
+                lens[b] = hist[b].len();
+            }
+            Ok(logits)
+        })
     }
 
     /// Per-sequence adapters must be −1 or adapters of the model, and need
@@ -3141,7 +3172,7 @@ impl DeviceModel {
 
     /// The residual stream after the last layer for a batch (inference).
     fn forward_rows(&mut self, ids: &[i32], batch: usize, seq: usize, rows: Rows<'_>) -> Result<CudaSlice<f32>> {
-        self.rope_table(seq)?;
+        self.rope_table(seq, seq.saturating_sub(1))?;
         let mut x = self.embed_ids(ids)?;
         for l in 0..self.layers.len() {
             x = self.layer_forward(l, &x, batch, seq, rows, true)?.1;
@@ -3151,12 +3182,13 @@ impl DeviceModel {
 
     /// Forward over one prompt (checked by the caller): the last row's
     /// logits; with `cache`, each layer's rotated k and v go to the KV
-    /// caches at element offset `at`.
-    fn prefill(&mut self, p: &[i32], rows: Rows<'_>, cache: Option<(&mut [(CudaSlice<f32>, CudaSlice<f32>)], usize)>) -> Result<Vec<f32>> {
+    /// caches at element offset `at`. `last` is the largest position of
+    /// the batch (LongRoPE's factors follow it).
+    fn prefill(&mut self, p: &[i32], rows: Rows<'_>, cache: Option<(&mut [(CudaSlice<f32>, CudaSlice<f32>)], usize)>, last: usize) -> Result<Vec<f32>> {
         let dev = self.dev.clone();
         let d = &*dev;
         let (t, h, row) = (p.len(), self.cfg.hidden_size, self.cfg.kv_dim());
-        self.rope_table(t)?;
+        self.rope_table(t, last)?;
         let mut x = self.embed_ids(p)?;
         let mut cache = cache;
         for l in 0..self.layers.len() {

@@ -132,23 +132,67 @@ pub fn rope_inv_freq_yarn(head_dim: usize, theta: f64, factor: f64, beta_fast: f
         .collect()
 }
 
+/// LongRoPE ("longrope", Phi-3's "su"; transformers
+/// `_compute_longrope_parameters`): `inv_freq[i] = 1 / (ext[i]·theta^(2i/D))`
+/// in f32, `ext` the short or the long factors (f32 as PyTorch holds the
+/// list), the power as [`rope_inv_freq`]'s.
+pub fn rope_inv_freq_longrope(head_dim: usize, theta: f32, ext: &[f32]) -> Vec<f32> {
+    assert_eq!(ext.len(), head_dim / 2, "rope: longrope factors must number head_dim / 2");
+    (0..head_dim / 2).map(|i| 1.0 / (ext[i] * rope_power(head_dim, theta, i))).collect()
+}
+
 /// A model's rotary frequencies and the factor on cos and sin (1 but for
-/// YaRN): what every table of its forwards is made from.
+/// YaRN and LongRoPE): what every table of its forwards is made from.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RopeFreqs {
     pub inv_freq: Vec<f32>,
     pub scale: f32,
+    /// LongRoPE's long frequencies and the length above which a forward
+    /// takes them (`original_max_position_embeddings`): transformers picks
+    /// them for the whole call when its largest position + 1 exceeds that
+    /// length (`longrope_frequency_update`), the short ones (`inv_freq`)
+    /// otherwise.
+    pub long: Option<(Vec<f32>, usize)>,
 }
 
 impl RopeFreqs {
-    /// The table of positions `pos0..pos0 + len` ([`RopeTable::new`], scaled).
-    pub fn table(&self, pos0: usize, len: usize) -> RopeTable {
-        RopeTable::new(&self.inv_freq, pos0, len).scaled(self.scale)
+    /// The frequencies of a call whose largest position is `last`.
+    fn inv_freq_upto(&self, last: Option<usize>) -> &[f32] {
+        match (&self.long, last) {
+            (Some((f, orig)), Some(p)) if p + 1 > *orig => f,
+            _ => &self.inv_freq,
+        }
     }
 
-    /// The table of arbitrary positions ([`RopeTable::with_positions`], scaled).
+    /// Whether a call over positions below `len` takes LongRoPE's long
+    /// frequencies (never without LongRoPE).
+    pub fn long_at(&self, len: usize) -> bool {
+        self.long.as_ref().is_some_and(|(_, orig)| len > *orig)
+    }
+
+    /// The table of positions `pos0..pos0 + len` ([`RopeTable::new`], scaled).
+    pub fn table(&self, pos0: usize, len: usize) -> RopeTable {
+        RopeTable::new(self.inv_freq_upto((pos0 + len).checked_sub(1)), pos0, len).scaled(self.scale)
+    }
+
+    /// [`table`](Self::table) with LongRoPE's factors chosen by `last`, the
+    /// largest position of the whole call (a batch's longest sequence).
+    pub fn table_upto(&self, pos0: usize, len: usize, last: usize) -> RopeTable {
+        RopeTable::new(self.inv_freq_upto(Some(last)), pos0, len).scaled(self.scale)
+    }
+
+    /// Whether LongRoPE switches from the short to the long frequencies
+    /// between a call of `len` positions and one of `len + 1`: where
+    /// transformers' Phi-3 generation drops its KV cache and recomputes
+    /// every position with the long ones.
+    pub fn switches_after(&self, len: usize) -> bool {
+        !self.long_at(len) && self.long_at(len + 1)
+    }
+
+    /// The table of arbitrary positions ([`RopeTable::with_positions`],
+    /// scaled; LongRoPE's factors chosen by the largest).
     pub fn table_at(&self, positions: &[usize]) -> RopeTable {
-        RopeTable::with_positions(&self.inv_freq, positions).scaled(self.scale)
+        RopeTable::with_positions(self.inv_freq_upto(positions.iter().max().copied()), positions).scaled(self.scale)
     }
 }
 
