@@ -163,8 +163,10 @@ fn rmsnorm_forward_and_backward_match_the_cpu() {
 fn rope_matches_the_cpu_bit_for_bit() {
     let Some(dev) = gpu("rope_matches_the_cpu_bit_for_bit") else { return };
     let mut rng = Rng(22);
-    for &(b, t, h, d) in &[(1usize, 1usize, 1usize, 2usize), (2, 5, 3, 8), (1, 17, 4, 64), (3, 33, 2, 128), (2, 100, 8, 96)] {
-        let inv = crope::rope_inv_freq(d, 10000.0);
+    // (B, T, H, D, rotated dims): full, and partial rotations (Phi-4-mini's
+    // partial_rotary_factor: the rest of each head passes through).
+    for &(b, t, h, d, rot) in &[(1usize, 1usize, 1usize, 2usize, 2usize), (2, 5, 3, 8, 8), (1, 17, 4, 64, 64), (3, 33, 2, 128, 128), (2, 100, 8, 96, 96), (2, 9, 3, 16, 12), (1, 33, 2, 128, 96), (1, 5, 2, 8, 2)] {
+        let inv = crope::rope_inv_freq(rot, 10000.0);
         let table = crope::RopeTable::new(&inv, 7 + rng.below(1000), t + rng.below(3));
         let gt = grope::CudaRopeTable::upload(dev, &table).unwrap();
         let x = rng.vec(b * t * h * d, 1.0);
@@ -210,6 +212,9 @@ fn rope_matches_the_cpu_bit_for_bit() {
     let gt = grope::CudaRopeTable::upload(dev, &table).unwrap();
     let mut xd = dev.upload(&[1f32; 4 * 8]).unwrap();
     assert_eq!(grope::rope_forward(dev, &mut xd.as_view_mut(), 1, 4, 1, 8, &gt).unwrap_err().kind, ErrorKind::ShapeMismatch);
+    // So is a table that rotates more elements than a head has.
+    let wide = grope::CudaRopeTable::upload(dev, &crope::RopeTable::new(&crope::rope_inv_freq(16, 10000.0), 0, 4)).unwrap();
+    assert_eq!(grope::rope_forward(dev, &mut xd.as_view_mut(), 1, 4, 1, 8, &wide).unwrap_err().kind, ErrorKind::ShapeMismatch);
 }
 
 // ------------------------------------------------------------------- SwiGLU
@@ -729,8 +734,8 @@ void emu_norm_bwd(u32 rows, u32 dim, const float* x, const float* w, const float
     emu_launch3(dim3{col_blocks, chunks, 1}, NORM_THREADS, [&] { norm_rmsnorm_bwd_dw_partial_f32(x, rstd, dy, rows, dim, per, partial); });
     emu_launch(col_blocks, NORM_THREADS, [&] { norm_rmsnorm_bwd_dw_finish_f32(partial, dim, chunks, dw); });
 }
-void emu_rope(int bwd, unsigned grid, float* x, u32 seq, u32 heads, u32 half, u64 pairs, const float* c, const float* s) {
-    emu_launch(grid, ROPE_THREADS, [&] { if (bwd) rope_bwd_f32(x, seq, heads, half, pairs, c, s); else rope_fwd_f32(x, seq, heads, half, pairs, c, s); });
+void emu_rope(int bwd, unsigned grid, float* x, u32 seq, u32 heads, u32 half, u32 D, u64 items, const float* c, const float* s) {
+    emu_launch(grid, ROPE_THREADS, [&] { if (bwd) rope_bwd_f32(x, seq, heads, half, D, items, c, s); else rope_fwd_f32(x, seq, heads, half, D, items, c, s); });
 }
 void emu_swiglu(unsigned grid, const float* g, const float* u, const float* dh, u64 n, float* h, float* dg, float* du, float* gi, float* ui, u32 act) {
     emu_launch(grid, SWIGLU_THREADS, [&] { swiglu_fwd_f32(g, u, n, h, act); });
@@ -740,8 +745,8 @@ void emu_swiglu(unsigned grid, const float* g, const float* u, const float* dh, 
 void emu_swiglu_bwd_dh(unsigned grid, const u16* g16, const u16* u16_, const u16* dh, u64 n, float* dg, float* du, u16* dgb, u16* dub) {
     emu_launch(grid, SWIGLU_THREADS, [&] { swiglu_bwd_out_bf16dh(g16, u16_, dh, n, dg, du, dgb, dub, 0u); });
 }
-void emu_rope_out(int bwd, unsigned grid, const float* x, float* y, u16* yb, u32 seq, u32 heads, u32 half, u64 pairs, const float* c, const float* s) {
-    emu_launch(grid, ROPE_THREADS, [&] { const u64 ld = (u64)heads * 2 * half; if (bwd) rope_bwd_out_f32(x, y, yb, seq, heads, half, pairs, c, s, ld, 0); else rope_fwd_out_f32(x, y, yb, seq, heads, half, pairs, c, s, ld, 0); });
+void emu_rope_out(int bwd, unsigned grid, const float* x, float* y, u16* yb, u32 seq, u32 heads, u32 half, u32 D, u64 items, const float* c, const float* s) {
+    emu_launch(grid, ROPE_THREADS, [&] { const u64 ld = (u64)heads * D; if (bwd) rope_bwd_out_f32(x, y, yb, seq, heads, half, D, items, c, s, ld, 0); else rope_fwd_out_f32(x, y, yb, seq, heads, half, D, items, c, s, ld, 0); });
 }
 void emu_norm_bwd_res(u32 rows, u32 dim, const float* x, const float* w, const float* rstd, const float* dy, const float* res, float* dx, u16* dxb) {
     emu_launch(rows, NORM_THREADS, [&] { norm_rmsnorm_bwd_dx_out_f32(x, w, rstd, dy, rows, dim, res, dx, dxb); });
@@ -788,10 +793,10 @@ void emu_ew(int op, unsigned grid, float* y, const float* x, u64 n, u32 cols, u1
 type EmuEmbed = unsafe extern "C" fn(i32, u32, *const u8, u32, u32, *const u32, u32, *mut u32, *mut f32);
 type EmuNormFwd = unsafe extern "C" fn(u32, u32, *const f32, *const f32, f32, *mut f32, *mut f32);
 type EmuNormBwd = unsafe extern "C" fn(u32, u32, *const f32, *const f32, *const f32, *const f32, *mut f32, u32, u32, u32, *mut f64, *mut f32);
-type EmuRope = unsafe extern "C" fn(i32, u32, *mut f32, u32, u32, u32, u64, *const f32, *const f32);
+type EmuRope = unsafe extern "C" fn(i32, u32, *mut f32, u32, u32, u32, u32, u64, *const f32, *const f32);
 type EmuSwiglu = unsafe extern "C" fn(u32, *const f32, *const f32, *const f32, u64, *mut f32, *mut f32, *mut f32, *mut f32, *mut f32, u32);
 type EmuSwigluBwdDh = unsafe extern "C" fn(u32, *const u16, *const u16, *const u16, u64, *mut f32, *mut f32, *mut u16, *mut u16);
-type EmuRopeOut = unsafe extern "C" fn(i32, u32, *const f32, *mut f32, *mut u16, u32, u32, u32, u64, *const f32, *const f32);
+type EmuRopeOut = unsafe extern "C" fn(i32, u32, *const f32, *mut f32, *mut u16, u32, u32, u32, u32, u64, *const f32, *const f32);
 type EmuNormBwdRes = unsafe extern "C" fn(u32, u32, *const f32, *const f32, *const f32, *const f32, *const f32, *mut f32, *mut u16);
 type EmuNormFwdOut = unsafe extern "C" fn(u32, u32, *const f32, *const f32, f32, *mut f32, *mut u16, *mut f32);
 type EmuSwigluOut = unsafe extern "C" fn(u32, *const f32, *const f32, *const u16, *const u16, *const f32, u64, *mut f32, *mut u16, *mut u16, *mut u16, *mut f32, *mut u16, *mut f32, *mut f32, *mut u16, *mut u16);
@@ -858,8 +863,8 @@ fn emulated_training_step_kernels_match_the_cpu() {
         check_rel("emulated rmsnorm dw", &gdw, &dw, 1e-6);
     }
     // RoPE forward and backward: bit for bit.
-    for &(batch, seq, heads, hd) in &[(1usize, 1usize, 1usize, 2usize), (2, 7, 3, 16), (1, 33, 2, 64)] {
-        let table = crope::RopeTable::new(&(0..hd / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32)).collect::<Vec<_>>(), 0, seq + 3);
+    for &(batch, seq, heads, hd, rot) in &[(1usize, 1usize, 1usize, 2usize, 2usize), (2, 7, 3, 16, 16), (1, 33, 2, 64, 64), (2, 7, 3, 16, 10)] {
+        let table = crope::RopeTable::new(&(0..rot / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / rot as f32)).collect::<Vec<_>>(), 0, seq + 3);
         let x = rng.vec(batch * seq * heads * hd, 1.0);
         for bwd in [0, 1] {
             let mut want = x.clone();
@@ -869,16 +874,16 @@ fn emulated_training_step_kernels_match_the_cpu() {
                 crope::rope_backward(&mut want, batch, seq, heads, hd, &table);
             }
             let mut got = x.clone();
-            let pairs = (x.len() / 2) as u64;
+            let items = (x.len() / hd * (hd - rot / 2)) as u64;
             // SAFETY: x holds batch·seq·heads·hd, the table (len ≥ seq)·half.
-            unsafe { rope(bwd, stride(pairs as usize, 256), got.as_mut_ptr(), seq as u32, heads as u32, (hd / 2) as u32, pairs, table.cos.as_ptr(), table.sin.as_ptr()) };
+            unsafe { rope(bwd, stride(items as usize, 256), got.as_mut_ptr(), seq as u32, heads as u32, (rot / 2) as u32, hd as u32, items, table.cos.as_ptr(), table.sin.as_ptr()) };
             check_bits(if bwd == 0 { "emulated rope" } else { "emulated rope backward" }, &got, &want);
             // Out of place with the bf16 rounding: the same bits, rounded.
             for with_y in [true, false] {
                 let (mut y, mut yb) = (vec![f32::NAN; x.len()], vec![0xFFFFu16; x.len()]);
                 let yp = if with_y { y.as_mut_ptr() } else { std::ptr::null_mut() };
                 // SAFETY: as above; y (or null) and yb hold as many as x.
-                unsafe { rope_out(bwd, stride(pairs as usize, 256), x.as_ptr(), yp, yb.as_mut_ptr(), seq as u32, heads as u32, (hd / 2) as u32, pairs, table.cos.as_ptr(), table.sin.as_ptr()) };
+                unsafe { rope_out(bwd, stride(items as usize, 256), x.as_ptr(), yp, yb.as_mut_ptr(), seq as u32, heads as u32, (rot / 2) as u32, hd as u32, items, table.cos.as_ptr(), table.sin.as_ptr()) };
                 assert_eq!(yb, want.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect::<Vec<u16>>(), "emulated rope out of place: bf16");
                 if with_y {
                     check_bits("emulated rope out of place: fp32", &y, &want);

@@ -183,15 +183,19 @@ fn case_list(all_cases: bool) -> Vec<Case> {
         |m| assert!(m.cfg.local_rope_at(0) && !m.cfg.local_rope_at(1) && m.cfg.attn_softcap.is_none()),
     );
     // Phi-3: q/k/v and gate/up fused (the device splits the NF4 weights by
-    // rows and the adapters' B, A shared), head_dim 128, a window.
+    // rows and the adapters' B, A shared), head_dim 128, a window, and
+    // Phi-4-mini's partial rotation (the first 96 of 128 elements rotate:
+    // the lean step's bf16 rotated copies and stacked gradients pass the
+    // rest through).
     let phi3 = random_nf4(
         serde_json::json!({
             "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "hidden_size": 256, "intermediate_size": 512,
             "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 700,
-            "rms_norm_eps": 1e-5, "max_position_embeddings": 512, "rope_theta": 10000.0, "sliding_window": 40, "tie_word_embeddings": false
+            "rms_norm_eps": 1e-5, "max_position_embeddings": 512, "rope_theta": 10000.0, "sliding_window": 40, "tie_word_embeddings": false,
+            "partial_rotary_factor": 0.75
         }),
         19,
-        |m| assert!(m.cfg.arch.fused()),
+        |m| assert!(m.cfg.arch.fused() && m.cfg.rotary_dim == 96),
     );
     // Gemma 2: head_dim 256 (the _d256 attention kernels), soft caps on
     // the attention scores and the logits small enough to bend this
@@ -234,11 +238,13 @@ fn case_list(all_cases: bool) -> Vec<Case> {
         // Phi-3 (fused projections, window 6), fp32 and quantized at load.
         Case { name: "phi3_fp32", model: fx("phi3_fp32", false), batch: 2, seq: 30 },
         Case { name: "phi3_nf4", model: fx("phi3_fp32", true), batch: 2, seq: 30 },
-        Case { name: "random_phi3_hd128_nf4", model: phi3, batch: 2, seq: 70 },
+        Case { name: "random_phi3_partial_hd128_nf4", model: phi3, batch: 2, seq: 70 },
         // Phi-3 with LongRoPE (original length 12): training takes the long
         // factors; generation's prompts the short ones, then every cache is
         // recomputed with the long ones where the decode crosses 12.
         Case { name: "phi3_longrope_fp32", model: fx("phi3_longrope_fp32", false), batch: 2, seq: 30 },
+        // Phi-4-mini's rope: a partial rotation (12 of 16) with LongRoPE.
+        Case { name: "phi3_partial_longrope_fp32", model: fx("phi3_partial_longrope_fp32", false), batch: 2, seq: 30 },
         // Gemma 2 (soft caps 4 and 8, window 6), as transformers wrote it,
         // and at head_dim 256.
         Case { name: "gemma2_fp32", model: fx("gemma2_fp32", false), batch: 2, seq: 30 },

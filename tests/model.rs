@@ -238,6 +238,13 @@ fn phi3_longrope_short_and_long_factors() {
     parity("phi3_longrope_fp32", "model", false, true);
 }
 
+/// Phi-4-mini's rope: a partial rotation (the first 12 of each head's 16
+/// elements; the rest pass through) with LongRoPE over the rotated ones.
+#[test]
+fn phi3_partial_rotation_with_longrope() {
+    parity("phi3_partial_longrope_fp32", "model", false, true);
+}
+
 #[test]
 fn olmo2_output_norms_only_and_full_width_qk_norms() {
     parity("olmo2_fp32", "model", false, true);

@@ -200,7 +200,7 @@ pub extern "C" fn lora_model_default_params() -> lora_model_params {
 /// `Phi3ForCausalLM` (fused `qkv_proj` and `gate_up_proj`, which adapters
 /// target as such), `Olmo2ForCausalLM` (output norms only, whole-width
 /// q/k norms) or `SmolLM3ForCausalLM` (its unrotated layers), rope default, linear, llama3, yarn or longrope (Phi-3.5's and the 128k Phi-3s'; a partial
-/// rotation is refused): fp32, fp16 or bf16 weights, or a
+/// rotation, Phi-4-mini's, in Phi-3's layout only): fp32, fp16 or bf16 weights, or a
 /// bitsandbytes NF4 checkpoint saved by transformers (any
 /// `bnb_4bit_quant_storage`, with or without double quantization, with
 /// `llm_int8_skip_modules`). Safetensors only (`pytorch_model.bin` is

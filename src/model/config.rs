@@ -155,6 +155,10 @@ pub struct ModelConfig {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// The leading elements of each q/k head that rotate: `head_dim`, or
+    /// `⌊head_dim·partial_rotary_factor⌋` (Phi-3's layout: Phi-4-mini's
+    /// 0.75); the rest pass through unrotated.
+    pub rotary_dim: usize,
     pub rms_norm_eps: f32,
     pub rope_theta: f32,
     pub rope_scaling: RopeScaling,
@@ -288,11 +292,14 @@ fn parse_rope_or(m: &Map<String, Value>, default_theta: f64) -> Result<(f32, Rop
         bail!(FileFormat, "config.json: rope_theta {theta} is not positive");
     }
     // A partial rotation (Phi-4-mini's 0.75, top level or in the rope
-    // parameters) is refused whatever the rope type.
-    for src in [Some(m), params.as_ref()].into_iter().flatten() {
-        if let Some(f) = get_f64(src, "partial_rotary_factor")? {
-            if f != 1.0 {
-                bail!(Unsupported, "config.json: partial_rotary_factor {f} is not supported (1 is)");
+    // parameters) exists in Phi-3's modeling alone (its q_rot / q_pass);
+    // elsewhere it is refused whatever the rope type.
+    if get_str(m, "model_type") != Some("phi3") {
+        for src in [Some(m), params.as_ref()].into_iter().flatten() {
+            if let Some(f) = get_f64(src, "partial_rotary_factor")? {
+                if f != 1.0 {
+                    bail!(Unsupported, "config.json: partial_rotary_factor {f} is not supported here (1 is; Phi-3's layout takes others)");
+                }
             }
         }
     }
@@ -413,6 +420,22 @@ fn parse_longrope(m: &Map<String, Value>, p: &Map<String, Value>) -> Result<Rope
             .collect()
     };
     Ok(RopeScaling::LongRope { short_factor: list("short_factor")?, long_factor: list("long_factor")?, attention_factor, original_max_position_embeddings: orig })
+}
+
+/// The rotated elements of each head, `⌊head_dim·partial_rotary_factor⌋`
+/// (transformers: the rope parameters' factor, else the top level's, else
+/// 1), which must be even and positive.
+fn rotary_dim_of(m: &Map<String, Value>, head_dim: usize) -> Result<usize> {
+    let params = m.get("rope_parameters").or(m.get("rope_scaling")).and_then(|v| v.as_object());
+    let f = match params.map(|p| get_f64(p, "partial_rotary_factor")).transpose()?.flatten() {
+        Some(f) => f,
+        None => get_f64(m, "partial_rotary_factor")?.unwrap_or(1.0),
+    };
+    let rot = (head_dim as f64 * f) as usize;
+    if !(f > 0.0 && f <= 1.0) || rot == 0 || !rot.is_multiple_of(2) {
+        bail!(Unsupported, "config.json: partial_rotary_factor {f} rotates {rot} of head_dim {head_dim} elements (an even count in 2..=head_dim is supported)");
+    }
+    Ok(rot)
 }
 
 fn inv_freq_of(head_dim: usize, theta: f32, scaling: &RopeScaling) -> Vec<f32> {
@@ -574,11 +597,12 @@ impl ModelConfig {
             Arch::SmolLm3 => (parse_rope_or(&m, 2e6)?, None),
             _ => (parse_rope(&m)?, None),
         };
+        let rotary_dim = rotary_dim_of(&m, head_dim)?;
         for sc in std::iter::once(&rope_scaling).chain(local_rope.as_ref().map(|(_, sc)| sc)) {
             if let RopeScaling::LongRope { short_factor, long_factor, .. } = sc {
                 for (k, f) in [("short_factor", short_factor), ("long_factor", long_factor)] {
-                    if f.len() != head_dim / 2 {
-                        bail!(FileFormat, "config.json: longrope `{k}` has {} factors; head_dim {head_dim} needs {}", f.len(), head_dim / 2);
+                    if f.len() != rotary_dim / 2 {
+                        bail!(FileFormat, "config.json: longrope `{k}` has {} factors; {rotary_dim} rotated elements per head need {}", f.len(), rotary_dim / 2);
                     }
                 }
             }
@@ -747,6 +771,7 @@ impl ModelConfig {
             num_heads,
             num_kv_heads,
             head_dim,
+            rotary_dim,
             rms_norm_eps: eps as f32,
             rope_theta,
             rope_scaling,
@@ -784,7 +809,7 @@ impl ModelConfig {
 
     /// `inv_freq` for this config's rotary settings (of the full layers).
     pub fn inv_freq(&self) -> Vec<f32> {
-        inv_freq_of(self.head_dim, self.rope_theta, &self.rope_scaling)
+        inv_freq_of(self.rotary_dim, self.rope_theta, &self.rope_scaling)
     }
 
     /// The factor on cos and sin (transformers' `attention_scaling`): YaRN's
@@ -796,13 +821,13 @@ impl ModelConfig {
     /// What every rotary table of this model is made from: `inv_freq`
     /// and the factor on cos and sin (of the full layers).
     pub fn rope_freqs(&self) -> crate::backend::cpu::rope::RopeFreqs {
-        freqs_of(self.head_dim, self.rope_theta, &self.rope_scaling)
+        freqs_of(self.rotary_dim, self.rope_theta, &self.rope_scaling)
     }
 
     /// The sliding layers' rotary frequencies when they have their own
     /// (Gemma 3), else `None`.
     pub fn local_rope_freqs(&self) -> Option<crate::backend::cpu::rope::RopeFreqs> {
-        self.local_rope.as_ref().map(|(theta, sc)| freqs_of(self.head_dim, *theta, sc))
+        self.local_rope.as_ref().map(|(theta, sc)| freqs_of(self.rotary_dim, *theta, sc))
     }
 
     /// Whether layer `l` rotates with the sliding layers' frequencies.
@@ -1065,10 +1090,15 @@ mod tests {
             m.insert(k.into(), v);
             ModelConfig::parse(&Value::Object(m).to_string())
         };
-        // Dropout inside the model and a partial rotary are refused by name.
+        // Dropout inside the model is refused by name.
         assert!(with_p("resid_pdrop", 0.1.into()).unwrap_err().to_string().contains("resid_pdrop"));
         assert!(with_p("embd_pdrop", 0.1.into()).unwrap_err().to_string().contains("embd_pdrop"));
-        assert!(with_p("partial_rotary_factor", 0.75.into()).unwrap_err().to_string().contains("partial_rotary_factor"));
+        // A partial rotation (Phi-4-mini's 0.75): the first 72 of 96; one
+        // that leaves an odd count is refused by name.
+        let c = with_p("partial_rotary_factor", 0.75.into()).unwrap();
+        assert_eq!((c.rotary_dim, c.rope_freqs().inv_freq.len(), ModelConfig::parse(p).unwrap().rotary_dim), (72, 36, 96));
+        assert_eq!(c.rope_freqs().inv_freq[1], crate::backend::cpu::rope::rope_inv_freq(72, 1e4)[1]);
+        assert!(with_p("partial_rotary_factor", 0.7.into()).unwrap_err().to_string().contains("partial_rotary_factor"));
         // LongRoPE as Phi-3.5-mini states it (max 131072 over the top-level
         // original 4096: factor 32, attention factor √(1 + ln 32 / ln 4096));
         // Phi3Config reads `su` and `yarn` as longrope too.

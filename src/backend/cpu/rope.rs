@@ -247,7 +247,7 @@ impl RopeTable {
 /// the table row of its position `t`, by +θ (`sign = 1`) or −θ (`sign = −1`).
 fn rotate(x: &mut [f32], batch: usize, seq: usize, heads: usize, head_dim: usize, table: &RopeTable, sign: f32) {
     assert!(head_dim > 0 && head_dim.is_multiple_of(2), "rope: head_dim must be even and positive");
-    assert_eq!(table.half * 2, head_dim, "rope: table is for another head_dim");
+    assert!(table.half > 0 && table.half * 2 <= head_dim, "rope: table rotates {} elements of head_dim {head_dim}", table.half * 2);
     assert!(table.len >= seq, "rope: table has {} rows, need {seq}", table.len);
     assert_eq!(x.len(), batch * seq * heads * head_dim, "rope: x is not [B, T, H, D]");
     let half = table.half;
@@ -261,7 +261,8 @@ fn rotate(x: &mut [f32], batch: usize, seq: usize, heads: usize, head_dim: usize
         let c = &table.cos[t * half..(t + 1) * half];
         let s = &table.sin[t * half..(t + 1) * half];
         for v in xr.chunks_exact_mut(head_dim) {
-            let (x1, x2) = v.split_at_mut(half);
+            // A partial rotation (2·half < D) leaves the rest as it is.
+            let (x1, x2) = v[..2 * half].split_at_mut(half);
             for i in 0..half {
                 let (a, b) = (x1[i], x2[i]);
                 let si = sign * s[i];

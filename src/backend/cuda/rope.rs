@@ -2,7 +2,9 @@
 //! `[B, T, H, D]`, twins of [`crate::backend::cpu::rope`]'s `rope_forward`
 //! and `rope_backward`, in place or (for the bf16 step, [`rope_bf16`]) out
 //! of place into a bf16 copy. Same table, same roundings (no FMA): bit for
-//! bit.
+//! bit. A table of `half` pairs rotates the first `2·half` elements of
+//! each head vector (`2·half < D`: a partial rotation, the rest passing
+//! through unchanged).
 
 use super::{launch_cfg, out_ptr, stride_grid, CudaDevice, ROPE_CU};
 use crate::backend::cpu::rope::RopeTable;
@@ -31,14 +33,15 @@ impl CudaRopeTable {
 }
 
 /// Checks a rotation of `n = x_len` elements `[B, T, H, D]` against the
-/// table; returns the pair count and `(seq, heads, half)` as the kernels
-/// take them (pairs 0: nothing to launch).
-fn check(dev: &CudaDevice, x_len: usize, batch: usize, seq: usize, heads: usize, head_dim: usize, table: &CudaRopeTable) -> Result<(u64, u32, u32, u32)> {
+/// table; returns the item count (`B·T·H·(D − half)`: the pairs and the
+/// passed-through elements) and `(seq, heads, half, D)` as the kernels take
+/// them (items 0: nothing to launch).
+fn check(dev: &CudaDevice, x_len: usize, batch: usize, seq: usize, heads: usize, head_dim: usize, table: &CudaRopeTable) -> Result<(u64, [u32; 4])> {
     if head_dim == 0 || !head_dim.is_multiple_of(2) {
         bail!(InvalidShape, "rope: head_dim {head_dim} must be even and positive");
     }
-    if table.half * 2 != head_dim {
-        bail!(ShapeMismatch, "rope: table is for head_dim {}, x has {head_dim}", table.half * 2);
+    if table.half == 0 || table.half * 2 > head_dim {
+        bail!(ShapeMismatch, "rope: table rotates {} elements, x has head_dim {head_dim}", table.half * 2);
     }
     if table.len < seq {
         bail!(ShapeMismatch, "rope: table has {} rows, need {seq}", table.len);
@@ -55,20 +58,20 @@ fn check(dev: &CudaDevice, x_len: usize, batch: usize, seq: usize, heads: usize,
     }
     dev.check_stream(&table.cos, "rope cos table")?;
     dev.check_stream(&table.sin, "rope sin table")?;
-    Ok(((n / 2) as u64, seq as u32, heads as u32, table.half as u32))
+    Ok(((n / head_dim * (head_dim - table.half)) as u64, [seq as u32, heads as u32, table.half as u32, head_dim as u32]))
 }
 
 fn rotate(dev: &CudaDevice, x: &mut CudaViewMut<'_, f32>, batch: usize, seq: usize, heads: usize, head_dim: usize, table: &CudaRopeTable, name: &'static str) -> Result<()> {
-    let (pairs, s32, h32, half32) = check(dev, x.len(), batch, seq, heads, head_dim, table)?;
+    let (items, [s32, h32, half32, d32]) = check(dev, x.len(), batch, seq, heads, head_dim, table)?;
     dev.check_stream(x, "rope x")?;
-    if pairs == 0 {
+    if items == 0 {
         return Ok(());
     }
     let f = dev.function(&ROPE_CU, name)?;
-    // SAFETY: (ptr, u32, u32, u32, u64, ptr, ptr) as the kernel; pair p <
-    // pairs touches x[vec·D + i], x[vec·D + half + i] (< n) and table row
-    // t < seq ≤ len (checked above).
-    launch_kernel!(dev, f, name, launch_cfg((stride_grid(pairs, ROPE_THREADS), 1), ROPE_THREADS), [x, &s32, &h32, &half32, &pairs, &table.cos, &table.sin])
+    // SAFETY: (ptr, u32 ×4, u64, ptr, ptr) as the kernel; item p < items
+    // touches x[vec·D + i], x[vec·D + half + i] (< n; i < D − half) and
+    // table row t < seq ≤ len (checked above).
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(items, ROPE_THREADS), 1), ROPE_THREADS), [x, &s32, &h32, &half32, &d32, &items, &table.cos, &table.sin])
 }
 
 /// RoPE out of place for the bf16 step: `x` rotated forward (or, with
@@ -110,7 +113,7 @@ pub fn rope_bf16_into(
     table: &CudaRopeTable,
     backward: bool,
 ) -> Result<()> {
-    let (pairs, s32, h32, half32) = check(dev, x.len(), batch, seq, heads, head_dim, table)?;
+    let (items, [s32, h32, half32, d32]) = check(dev, x.len(), batch, seq, heads, head_dim, table)?;
     dev.check_stream(x, "rope x")?;
     let tokens = batch * seq;
     if off.checked_add(heads * head_dim).is_none_or(|e| e > ld) || tokens.checked_mul(ld) != Some(yb.len()) {
@@ -118,17 +121,17 @@ pub fn rope_bf16_into(
     }
     let ybp = out_ptr(dev, yb.len(), Some(yb), "rope bf16 y")?;
     let yp = out_ptr(dev, x.len(), y, "rope y")?;
-    if pairs == 0 {
+    if items == 0 {
         return Ok(());
     }
     let (ld64, off64) = (ld as u64, off as u64);
     let name = if backward { "rope_bwd_out_f32" } else { "rope_fwd_out_f32" };
     let f = dev.function(&ROPE_CU, name)?;
-    // SAFETY: (ptr ×3, u32 ×3, u64, ptr ×2, u64 ×2) as the kernel; pair p <
-    // pairs reads x and writes y (unless 0) at vec·D + i and + half (< n)
-    // and yb at token·ld + off + h·D + i and + half (< tokens·ld, checked),
-    // table row t < seq ≤ len (checked).
-    launch_kernel!(dev, f, name, launch_cfg((stride_grid(pairs, ROPE_THREADS), 1), ROPE_THREADS), [x, &yp, &ybp, &s32, &h32, &half32, &pairs, &table.cos, &table.sin, &ld64, &off64])
+    // SAFETY: (ptr ×3, u32 ×4, u64, ptr ×2, u64 ×2) as the kernel; item p
+    // < items reads x and writes y (unless 0) at vec·D + i and + half (< n;
+    // i < D − half) and yb at token·ld + off + h·D + i and + half (<
+    // tokens·ld, checked), table row t < seq ≤ len (checked).
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(items, ROPE_THREADS), 1), ROPE_THREADS), [x, &yp, &ybp, &s32, &h32, &half32, &d32, &items, &table.cos, &table.sin, &ld64, &off64])
 }
 
 /// RoPE forward in place on `x: [B, T, H, D]`, as `cpu::rope::rope_forward`.
@@ -159,18 +162,19 @@ pub fn rope_inplace_bf16(
     table: &CudaRopeTable,
     backward: bool,
 ) -> Result<()> {
-    let (pairs, s32, h32, half32) = check(dev, x.len(), batch, seq, heads, head_dim, table)?;
+    let (items, [s32, h32, half32, d32]) = check(dev, x.len(), batch, seq, heads, head_dim, table)?;
     dev.check_stream(x, "rope x")?;
     let ybp = out_ptr(dev, x.len(), Some(yb), "rope bf16 y")?;
-    if pairs == 0 {
+    if items == 0 {
         return Ok(());
     }
     let name = if backward { "rope_bwd_inplace_out_f32" } else { "rope_fwd_inplace_out_f32" };
     let f = dev.function(&ROPE_CU, name)?;
-    // SAFETY: (ptr ×2, u32 ×3, u64, ptr ×2) as the kernel; pair p < pairs
+    // SAFETY: (ptr ×2, u32 ×4, u64, ptr ×2) as the kernel; item p < items
     // reads and writes x and writes yb at vec·D + i and vec·D + half + i
-    // (< n, both lengths n), table row t < seq ≤ len (checked).
-    launch_kernel!(dev, f, name, launch_cfg((stride_grid(pairs, ROPE_THREADS), 1), ROPE_THREADS), [x, &ybp, &s32, &h32, &half32, &pairs, &table.cos, &table.sin])
+    // (< n, both lengths n; i < D − half), table row t < seq ≤ len
+    // (checked).
+    launch_kernel!(dev, f, name, launch_cfg((stride_grid(items, ROPE_THREADS), 1), ROPE_THREADS), [x, &ybp, &s32, &h32, &half32, &d32, &items, &table.cos, &table.sin])
 }
 
 #[cfg(test)]
