@@ -284,8 +284,9 @@ fn gemma_granite_phi3_merged_exports_reload_to_the_same_logits() {
     // Gemma's norms are written back as stored (w of 1 + w), the output
     // norms of Gemma 2/3 under their own names, Phi-3's fused projections
     // fused; a reload computes what the merged model computes, and the
-    // norms come back bit for bit.
-    for case in ["gemma_fp32", "gemma2_fp32", "gemma3_fp32", "granite_fp32", "phi3_fp32", "olmo2_fp32", "smollm3_fp32"] {
+    // norms come back bit for bit; Phi-4-mini's rope (a partial rotation
+    // with LongRoPE) survives the exported config.
+    for case in ["gemma_fp32", "gemma2_fp32", "gemma3_fp32", "granite_fp32", "phi3_fp32", "phi3_partial_longrope_fp32", "olmo2_fp32", "smollm3_fp32"] {
         let (ids, _) = data(case);
         let mut m = load(case, "model", false);
         peft::load_adapter(&mut m, &fixture(case).join("adapter"), adapter_name()).unwrap();
