@@ -744,9 +744,10 @@ fn emulated_fp32_kernels_match_the_cpu() {
 fn decode_matches_the_cpu() {
     let Some(dev) = gpu("decode_matches_the_cpu") else { return };
     let mut rng = Rng(73);
-    // (H, Hkv, D, window); B = 4 sequences with lengths 1, 37, cap and a random one.
-    // (H, Hkv, D, window, soft cap)
-    let cases: &[(usize, usize, usize, Option<usize>, Option<f32>)] =
+    // (H, Hkv, D, window, soft cap); B = 4 sequences with lengths 1, 37,
+    // cap and a random one.
+    type DecodeCase = (usize, usize, usize, Option<usize>, Option<f32>);
+    let cases: &[DecodeCase] =
         &[(4, 4, 64, None, None), (8, 4, 32, Some(16), None), (8, 2, 128, None, None), (6, 3, 48, Some(7), None), (4, 1, 128, Some(40), None), (4, 2, 256, Some(40), None), (2, 1, 256, None, Some(50.0)), (4, 2, 64, None, Some(2.0))];
     let (bsz, cap) = (4, 150);
     for &(hq, hkv, d, window, softcap) in cases {
