@@ -830,6 +830,23 @@ impl ModelConfig {
         self.local_rope.as_ref().map(|(theta, sc)| freqs_of(self.rotary_dim, *theta, sc))
     }
 
+    /// Whether a call over positions below `len` takes LongRoPE's long
+    /// frequencies (in any of the model's rotary settings; never without
+    /// LongRoPE).
+    pub fn rope_long_at(&self, len: usize) -> bool {
+        std::iter::once(&self.rope_scaling)
+            .chain(self.local_rope.as_ref().map(|(_, sc)| sc))
+            .any(|sc| matches!(sc, RopeScaling::LongRope { original_max_position_embeddings: orig, .. } if len > *orig))
+    }
+
+    /// Whether a generation whose KV cache holds `len` positions must
+    /// recompute it before the next token: LongRoPE switches to its long
+    /// frequencies there, where transformers' Phi-3 `generate` drops its
+    /// cache and recomputes every position with them.
+    pub fn rope_switches_after(&self, len: usize) -> bool {
+        !self.rope_long_at(len) && self.rope_long_at(len + 1)
+    }
+
     /// Whether layer `l` rotates with the sliding layers' frequencies.
     pub fn local_rope_at(&self, l: usize) -> bool {
         self.local_rope.is_some() && self.windows[l].is_some()

@@ -7,7 +7,7 @@
 //! probability reaches `top_p`, at least one token), then a draw from the
 //! softmax. `temperature == 0` is greedy (argmax, lowest id on ties).
 
-use super::Model;
+use super::{Model, ModelConfig};
 use crate::backend::cpu::attention::attention_decode;
 use crate::backend::cpu::on_pool;
 use crate::rng::SplitMix64;
@@ -135,6 +135,19 @@ pub(crate) fn sample_loop(
     Ok(out)
 }
 
+/// Appends a step's tokens to each sequence's history (`lens`: the
+/// positions its KV cache holds); `Some(m)`, the cache length, when the
+/// caches must be recomputed before these tokens are decoded
+/// ([`ModelConfig::rope_switches_after`]), the new tokens' position `m`
+/// being the call's largest.
+pub(crate) fn push_step(cfg: &ModelConfig, hist: &mut [Vec<i32>], next: &[i32], lens: &[usize]) -> Option<usize> {
+    for (h, &t) in hist.iter_mut().zip(next) {
+        h.push(t);
+    }
+    let m = lens.iter().copied().max().unwrap_or(0);
+    cfg.rope_switches_after(m).then_some(m)
+}
+
 /// One request of a batch.
 pub struct Request<'a> {
     pub prompt: &'a [i32],
@@ -208,13 +221,9 @@ impl Model {
             lens[b] = hist[b].len();
         }
         let out = sample_loop(last_logits, v, max_new, s, stop, progress, |next| {
-            for (h, &t) in hist.iter_mut().zip(next) {
-                h.push(t);
-            }
-            let m = lens.iter().copied().max().unwrap_or(0);
-            if !self.rope_switches_after(m) {
+            let Some(m) = push_step(&self.cfg, &mut hist, next, &lens) else {
                 return on_pool(|| self.decode_step(next, &mut lens, &mut caches, cap, seq_ad.as_deref()));
-            }
+            };
             // LongRoPE switches to its long frequencies at this position:
             // recompute every sequence's cache with them (transformers'
             // Phi-3 generation drops its cache here), the largest position

@@ -113,7 +113,7 @@
 //! 8-bit AdamW (refused). The host model is kept current after each step, so
 //! saving reads it.
 
-use super::generate::{sample_loop, Sampling};
+use super::generate::{push_step, sample_loop, Sampling};
 use super::{check_labels, check_token_ids, shifted_targets, Model, DOWN, GATE, K, O, Q, UP, V};
 use crate::backend::cpu::attention::AttnShape;
 use crate::backend::cuda::blas::{gemm, gemm_ld, Blas, GemmOut, MatRef};
@@ -1372,7 +1372,7 @@ impl DeviceModel {
     /// serves a shorter one unless LongRoPE picks other frequencies for
     /// the two.
     fn rope_table(&mut self, seq: usize, last: usize) -> Result<()> {
-        let long = self.freqs.long_at(last + 1) || self.local_freqs.as_ref().is_some_and(|f| f.long_at(last + 1));
+        let long = self.cfg.rope_long_at(last + 1);
         if self.rope.as_ref().is_none_or(|t| t.len < seq) || long != self.rope_long {
             self.rope = Some(CudaRopeTable::upload(&self.dev, &self.freqs.table_upto(0, seq, last))?);
             self.local_rope = self.local_freqs.as_ref().map(|f| CudaRopeTable::upload(&self.dev, &f.table_upto(0, seq, last))).transpose()?;
@@ -3115,13 +3115,9 @@ impl DeviceModel {
             None => Rows::Active,
         };
         sample_loop(last, vsz, max_new, s, stop, progress, |next| {
-            for (h, &t) in hist.iter_mut().zip(next) {
-                h.push(t);
-            }
-            let m = lens.iter().copied().max().unwrap_or(0);
-            if !(self.freqs.switches_after(m) || self.local_freqs.as_ref().is_some_and(|f| f.switches_after(m))) {
+            let Some(m) = push_step(&self.cfg, &mut hist, next, &lens) else {
                 return self.decode_step(next, rows, &mut lens, &mut caches, cap);
-            }
+            };
             // LongRoPE switches to its long frequencies here: every
             // sequence's cache is recomputed with them (as the host's
             // generation and transformers' Phi-3 do).

@@ -1612,13 +1612,6 @@ impl Model {
         Tables { full: self.freqs.table_upto(pos0, len, last), local: self.local_freqs.as_ref().map(|f| f.table_upto(pos0, len, last)) }
     }
 
-    /// Whether a generation whose KV cache holds `len` positions must
-    /// recompute it before the next token (LongRoPE switching to its long
-    /// frequencies there, as transformers' Phi-3 `generate` does).
-    pub(crate) fn rope_switches_after(&self, len: usize) -> bool {
-        self.freqs.switches_after(len) || self.local_freqs.as_ref().is_some_and(|f| f.switches_after(len))
-    }
-
     /// The rotary tables of arbitrary positions.
     pub(crate) fn tables_at(&self, positions: &[usize]) -> Tables {
         Tables { full: self.freqs.table_at(positions), local: self.local_freqs.as_ref().map(|f| f.table_at(positions)) }

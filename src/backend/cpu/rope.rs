@@ -157,9 +157,9 @@ pub struct RopeFreqs {
 
 impl RopeFreqs {
     /// The frequencies of a call whose largest position is `last`.
-    fn inv_freq_upto(&self, last: Option<usize>) -> &[f32] {
-        match (&self.long, last) {
-            (Some((f, orig)), Some(p)) if p + 1 > *orig => f,
+    fn inv_freq_upto(&self, last: usize) -> &[f32] {
+        match &self.long {
+            Some((f, _)) if self.long_at(last + 1) => f,
             _ => &self.inv_freq,
         }
     }
@@ -172,27 +172,19 @@ impl RopeFreqs {
 
     /// The table of positions `pos0..pos0 + len` ([`RopeTable::new`], scaled).
     pub fn table(&self, pos0: usize, len: usize) -> RopeTable {
-        RopeTable::new(self.inv_freq_upto((pos0 + len).checked_sub(1)), pos0, len).scaled(self.scale)
+        self.table_upto(pos0, len, (pos0 + len).saturating_sub(1))
     }
 
     /// [`table`](Self::table) with LongRoPE's factors chosen by `last`, the
     /// largest position of the whole call (a batch's longest sequence).
     pub fn table_upto(&self, pos0: usize, len: usize, last: usize) -> RopeTable {
-        RopeTable::new(self.inv_freq_upto(Some(last)), pos0, len).scaled(self.scale)
-    }
-
-    /// Whether LongRoPE switches from the short to the long frequencies
-    /// between a call of `len` positions and one of `len + 1`: where
-    /// transformers' Phi-3 generation drops its KV cache and recomputes
-    /// every position with the long ones.
-    pub fn switches_after(&self, len: usize) -> bool {
-        !self.long_at(len) && self.long_at(len + 1)
+        RopeTable::new(self.inv_freq_upto(last), pos0, len).scaled(self.scale)
     }
 
     /// The table of arbitrary positions ([`RopeTable::with_positions`],
     /// scaled; LongRoPE's factors chosen by the largest).
     pub fn table_at(&self, positions: &[usize]) -> RopeTable {
-        RopeTable::with_positions(self.inv_freq_upto(positions.iter().max().copied()), positions).scaled(self.scale)
+        RopeTable::with_positions(self.inv_freq_upto(positions.iter().max().copied().unwrap_or(0)), positions).scaled(self.scale)
     }
 }
 

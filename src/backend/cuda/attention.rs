@@ -114,11 +114,7 @@ fn check_len(len: usize, dims: &[usize], what: &str) -> Result<()> {
 /// Checks heads, head_dim, window and cap; returns the cap as the kernels
 /// take it (0: none).
 fn check_heads(n_heads: usize, n_kv_heads: usize, head_dim: usize, window: Option<usize>, softcap: Option<f32>) -> Result<f32> {
-    if let Some(c) = softcap {
-        if !(c.is_finite() && c > 0.0) {
-            bail!(InvalidArgument, "attention: soft cap {c} must be finite and positive");
-        }
-    }
+    let cap = super::cap_arg("attention", softcap)?;
     if n_kv_heads == 0 || n_heads == 0 || !n_heads.is_multiple_of(n_kv_heads) {
         bail!(InvalidShape, "attention: n_heads {n_heads} is not a positive multiple of n_kv_heads {n_kv_heads}");
     }
@@ -131,7 +127,7 @@ fn check_heads(n_heads: usize, n_kv_heads: usize, head_dim: usize, window: Optio
     if window == Some(0) {
         bail!(InvalidArgument, "attention: window must be ≥ 1");
     }
-    Ok(softcap.unwrap_or(0.0))
+    Ok(cap)
 }
 
 /// The fp32 kernels of attention.cu.

@@ -49,9 +49,7 @@ pub fn scale(dev: &CudaDevice, y: &mut CudaViewMut<'_, f32>, s: f32) -> Result<(
 /// against `vexp::tanh`, so within [`super::loss::softcap_tol`], not bit
 /// for bit. A cap that is not finite and positive is `InvalidArgument`.
 pub fn softcap(dev: &CudaDevice, y: &mut CudaViewMut<'_, f32>, cap: f32) -> Result<()> {
-    if !(cap.is_finite() && cap > 0.0) {
-        bail!(InvalidArgument, "softcap: the cap {cap} must be finite and positive");
-    }
+    let cap = super::cap_arg("softcap", Some(cap))?;
     dev.check_stream(y, "softcap y")?;
     let n = y.len() as u64;
     if n == 0 {

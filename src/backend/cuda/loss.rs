@@ -164,7 +164,7 @@ pub fn cross_entropy_fused_async<T: LogitElem>(
     softcap: Option<f32>,
     out: &mut CudaViewMut<'_, f64>,
 ) -> Result<()> {
-    let cap = check_softcap(softcap)?;
+    let cap = super::cap_arg("cross_entropy", softcap)?;
     let rows = labels.len();
     if vocab == 0 || vocab > i32::MAX as usize || rows > i32::MAX as usize {
         bail!(InvalidShape, "cross_entropy: vocab {vocab} must be in 1..=2^31-1 and rows {rows} at most 2^31-1");
@@ -207,16 +207,6 @@ pub fn cross_entropy_fused_async<T: LogitElem>(
     // (all written when status says the labels are valid, else not read)
     // and status, writes out[0..3] (length 3 checked).
     launch_kernel!(dev, f, name, launch_cfg((1, 1), LOSS_CHECK_THREADS), [&row_loss, &r32, &status, out])
-}
-
-/// The kernels' `cap` argument for a soft cap: 0 for none, else the cap,
-/// which must be finite and positive (`InvalidArgument`).
-fn check_softcap(softcap: Option<f32>) -> Result<f32> {
-    match softcap {
-        None => Ok(0.0),
-        Some(c) if c.is_finite() && c > 0.0 => Ok(c),
-        Some(c) => bail!(InvalidArgument, "cross_entropy: the soft cap {c} must be finite and positive"),
-    }
 }
 
 /// [`cross_entropy_fused_async`], then waits and returns what

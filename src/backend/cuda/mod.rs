@@ -302,6 +302,17 @@ impl CudaDevice {
 /// `gridDim.x` of a grid-stride kernel over `n` items with `threads` per
 /// block: enough blocks to cover `n`, capped at 2^16 (more than any GPU runs
 /// at once; the loop covers the rest), at least 1.
+/// A soft cap as the kernels take it (Gemma 2's `c·tanh(x/c)`): 0 for
+/// none, else the cap, which must be finite and positive
+/// (`InvalidArgument`, naming `what`).
+pub(crate) fn cap_arg(what: &str, cap: Option<f32>) -> Result<f32> {
+    match cap {
+        None => Ok(0.0),
+        Some(c) if c.is_finite() && c > 0.0 => Ok(c),
+        Some(c) => bail!(InvalidArgument, "{what}: the soft cap {c} must be finite and positive"),
+    }
+}
+
 pub(crate) fn stride_grid(n: u64, threads: u32) -> u32 {
     n.div_ceil(threads as u64).clamp(1, 1 << 16) as u32
 }
