@@ -22,7 +22,10 @@
 // bf16 o, the gradients the fp32 form computes from the widened o (δ is
 // computed from o, attention_tc_delta_bf16o for the bf16 one).
 // Self-attention only (S = T), D ∈ {64, 128},
-// optional sliding window W (row i sees keys max(0, i−W+1) ≤ j ≤ i).
+// optional sliding window W (row i sees keys max(0, i−W+1) ≤ j ≤ i),
+// optional soft cap c > 0 (Gemma 2; cap 0: none): each scaled score x
+// becomes c·tanh(x/c) before the softmax, as in attention.cu, and dS takes
+// the factor 1 − t² (t = tanh(x/c)) before its bf16 rounding.
 //
 // Error (the bound the tests state): each operand carries a relative
 // rounding of 2⁻⁸ (the bf16 unit roundoff); P and dS are rounded to bf16
@@ -128,6 +131,19 @@ __device__ __forceinline__ bool atc_sees(long long i, long long j, u32 window) {
     return j <= i && (window == 0 || i - j < (long long)window);
 }
 
+// A scaled score x = scale·(q·k), soft-capped when cap > 0 (Gemma 2):
+// c·tanh(x/c), in attention.cu's (and the CPU's) order; `fac` gets the
+// factor dS takes from the cap, 1 − t² (1 without a cap).
+__device__ __forceinline__ float atc_cap(float x, float cap, float& fac) {
+    if (cap > 0.0f) {
+        const float t = tanhf(__fdiv_rn(x, cap));
+        fac = 1.0f - t * t;
+        return __fmul_rn(t, cap);
+    }
+    fac = 1.0f;
+    return x;
+}
+
 // rows×D rows r0.. of a [.., ld]-strided matrix (fp32 or bf16) into bf16
 // sh[r·lds + c]; rows ≥ n are zero.
 template <int D, typename T>
@@ -166,7 +182,7 @@ __device__ __forceinline__ void atc_frag_rows(u32 (*fa)[4], const T* __restrict_
 // grid = causal_grid over ⌈T/64⌉ tiles of H heads, block = 128. Warp w owns query rows i0+16w .. +15.
 template <int D, typename TI, typename TO>
 __device__ __forceinline__ void atc_forward(const TI* __restrict__ q, const TI* __restrict__ k, const TI* __restrict__ v, u32 T, u32 H, u32 Hkv,
-                                            u32 window, float scale, TO* __restrict__ o, float* __restrict__ lse) {
+                                            u32 window, float scale, float cap, TO* __restrict__ o, float* __restrict__ lse) {
     constexpr int LDK = D + ATC_PAD, LDV = ATC_FWD_BK + ATC_PAD;
     __shared__ __align__(16) u16 sK[ATC_FWD_BK * LDK];
     __shared__ __align__(16) u16 sVt[D * LDV];
@@ -217,7 +233,8 @@ __device__ __forceinline__ void atc_forward(const TI* __restrict__ q, const TI* 
             for (int c = 0; c < 4; c++) {
                 const long long j = j0 + nt * 8 + 2 * t + (c & 1);
                 const long long i = c < 2 ? row0 : row1;
-                const float x = (j < khi && atc_sees(i, j, window)) ? s[nt][c] * scale : ATC_NEG_INF;
+                float fac;
+                const float x = (j < khi && atc_sees(i, j, window)) ? atc_cap(s[nt][c] * scale, cap, fac) : ATC_NEG_INF;
                 s[nt][c] = x;
                 if (c < 2) mx0 = fmaxf(mx0, x); else mx1 = fmaxf(mx1, x);
             }
@@ -279,7 +296,7 @@ __device__ __forceinline__ void atc_forward(const TI* __restrict__ q, const TI* 
 template <int D, typename TI>
 __device__ __forceinline__ void atc_dq(const TI* __restrict__ q, const TI* __restrict__ k, const TI* __restrict__ v, const float* __restrict__ dout,
                                        const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale,
-                                       float* __restrict__ dq) {
+                                       float cap, float* __restrict__ dq) {
     constexpr int LDK = D + ATC_PAD, LDT = ATC_DQ_BK + ATC_PAD;
     __shared__ __align__(16) u16 sK[ATC_DQ_BK * LDK];
     __shared__ __align__(16) u16 sV[ATC_DQ_BK * LDK];
@@ -340,8 +357,9 @@ __device__ __forceinline__ void atc_dq(const TI* __restrict__ q, const TI* __res
                 const long long j = j0 + nt * 8 + 2 * t + (c & 1);
                 const long long i = c < 2 ? row0 : row1;
                 const bool ok = j < khi && i < (long long)T && atc_sees(i, j, window);
-                const float p = ok ? __expf(s[nt][c] * scale - (c < 2 ? lse0 : lse1)) : 0.0f;
-                s[nt][c] = p * (dp[nt][c] - (c < 2 ? del0 : del1));  // dS
+                float fac = 1.0f;
+                const float p = ok ? __expf(atc_cap(s[nt][c] * scale, cap, fac) - (c < 2 ? lse0 : lse1)) : 0.0f;
+                s[nt][c] = p * (dp[nt][c] - (c < 2 ? del0 : del1)) * fac;  // dS
             }
         }
 #pragma unroll
@@ -374,7 +392,7 @@ __device__ __forceinline__ void atc_dq(const TI* __restrict__ q, const TI* __res
 template <int D, typename TI>
 __device__ __forceinline__ void atc_dkdv(const TI* __restrict__ q, const TI* __restrict__ k, const TI* __restrict__ v, const float* __restrict__ dout,
                                          const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale,
-                                         float* __restrict__ dk, float* __restrict__ dv) {
+                                         float cap, float* __restrict__ dk, float* __restrict__ dv) {
     constexpr int LDK = D + ATC_PAD, LDT = ATC_KV_BQ + ATC_PAD;
     extern __shared__ __align__(16) unsigned char atc_smem[];
     u16* sK = (u16*)atc_smem;               // [64][LDK]
@@ -461,9 +479,10 @@ __device__ __forceinline__ void atc_dkdv(const TI* __restrict__ q, const TI* __r
                     const int il = nt * 8 + 2 * t + (c & 1);
                     const long long i = i0 + il, j = c < 2 ? key0 : key1;
                     const bool ok = il < nq && j < (long long)T && atc_sees(i, j, window);
-                    const float p = ok ? __expf(st[nt][c] * scale - sl[il]) : 0.0f;
+                    float fac = 1.0f;
+                    const float p = ok ? __expf(atc_cap(st[nt][c] * scale, cap, fac) - sl[il]) : 0.0f;
                     st[nt][c] = p;
-                    dp[nt][c] = p * (dp[nt][c] - sd[il]);
+                    dp[nt][c] = p * (dp[nt][c] - sd[il]) * fac;
                 }
             }
 #pragma unroll
@@ -519,50 +538,50 @@ extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_delta_bf1
 // Entry points, one per head_dim and input form (written out: the tests read
 // the kernel names from the source).
 
-extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_forward_d64_bf16(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, u32 T, u32 H, u32 Hkv, u32 window, float scale, float* __restrict__ o, float* __restrict__ lse) {
-    atc_forward<64, float, float>(q, k, v, T, H, Hkv, window, scale, o, lse);
+extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_forward_d64_bf16(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, u32 T, u32 H, u32 Hkv, u32 window, float scale, float cap, float* __restrict__ o, float* __restrict__ lse) {
+    atc_forward<64, float, float>(q, k, v, T, H, Hkv, window, scale, cap, o, lse);
 }
 
-extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dq_d64_bf16(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float* __restrict__ dq) {
-    atc_dq<64, float>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, dq);
+extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dq_d64_bf16(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float cap, float* __restrict__ dq) {
+    atc_dq<64, float>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, cap, dq);
 }
 
-extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dkdv_d64_bf16(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float* __restrict__ dk, float* __restrict__ dv) {
-    atc_dkdv<64, float>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, dk, dv);
+extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dkdv_d64_bf16(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float cap, float* __restrict__ dk, float* __restrict__ dv) {
+    atc_dkdv<64, float>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, cap, dk, dv);
 }
 
-extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_forward_d128_bf16(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, u32 T, u32 H, u32 Hkv, u32 window, float scale, float* __restrict__ o, float* __restrict__ lse) {
-    atc_forward<128, float, float>(q, k, v, T, H, Hkv, window, scale, o, lse);
+extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_forward_d128_bf16(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, u32 T, u32 H, u32 Hkv, u32 window, float scale, float cap, float* __restrict__ o, float* __restrict__ lse) {
+    atc_forward<128, float, float>(q, k, v, T, H, Hkv, window, scale, cap, o, lse);
 }
 
-extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dq_d128_bf16(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float* __restrict__ dq) {
-    atc_dq<128, float>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, dq);
+extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dq_d128_bf16(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float cap, float* __restrict__ dq) {
+    atc_dq<128, float>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, cap, dq);
 }
 
-extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dkdv_d128_bf16(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float* __restrict__ dk, float* __restrict__ dv) {
-    atc_dkdv<128, float>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, dk, dv);
+extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dkdv_d128_bf16(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float cap, float* __restrict__ dk, float* __restrict__ dv) {
+    atc_dkdv<128, float>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, cap, dk, dv);
 }
 
-extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_forward_d64_bf16io(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, u32 T, u32 H, u32 Hkv, u32 window, float scale, u16* __restrict__ o, float* __restrict__ lse) {
-    atc_forward<64, u16, u16>(q, k, v, T, H, Hkv, window, scale, o, lse);
+extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_forward_d64_bf16io(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, u32 T, u32 H, u32 Hkv, u32 window, float scale, float cap, u16* __restrict__ o, float* __restrict__ lse) {
+    atc_forward<64, u16, u16>(q, k, v, T, H, Hkv, window, scale, cap, o, lse);
 }
 
-extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dq_d64_bf16io(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float* __restrict__ dq) {
-    atc_dq<64, u16>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, dq);
+extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dq_d64_bf16io(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float cap, float* __restrict__ dq) {
+    atc_dq<64, u16>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, cap, dq);
 }
 
-extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dkdv_d64_bf16io(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float* __restrict__ dk, float* __restrict__ dv) {
-    atc_dkdv<64, u16>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, dk, dv);
+extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dkdv_d64_bf16io(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float cap, float* __restrict__ dk, float* __restrict__ dv) {
+    atc_dkdv<64, u16>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, cap, dk, dv);
 }
 
-extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_forward_d128_bf16io(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, u32 T, u32 H, u32 Hkv, u32 window, float scale, u16* __restrict__ o, float* __restrict__ lse) {
-    atc_forward<128, u16, u16>(q, k, v, T, H, Hkv, window, scale, o, lse);
+extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_forward_d128_bf16io(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, u32 T, u32 H, u32 Hkv, u32 window, float scale, float cap, u16* __restrict__ o, float* __restrict__ lse) {
+    atc_forward<128, u16, u16>(q, k, v, T, H, Hkv, window, scale, cap, o, lse);
 }
 
-extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dq_d128_bf16io(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float* __restrict__ dq) {
-    atc_dq<128, u16>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, dq);
+extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dq_d128_bf16io(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float cap, float* __restrict__ dq) {
+    atc_dq<128, u16>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, cap, dq);
 }
 
-extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dkdv_d128_bf16io(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float* __restrict__ dk, float* __restrict__ dv) {
-    atc_dkdv<128, u16>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, dk, dv);
+extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dkdv_d128_bf16io(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float cap, float* __restrict__ dk, float* __restrict__ dv) {
+    atc_dkdv<128, u16>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, cap, dk, dv);
 }

@@ -310,12 +310,16 @@ fn backward_matches_the_cpu() {
 }
 
 /// (B, T, H, Hkv, D, window) for the tensor-core kernels (self-attention).
-const TC_CASES: &[(usize, usize, usize, usize, usize, Option<usize>)] = &[
-    (2, 37, 4, 4, 64, None),       // one partial tile, group 1
-    (1, 130, 8, 2, 64, None),      // three query tiles, group 4
-    (2, 70, 8, 2, 128, Some(16)),  // window, two tiles
-    (1, 200, 4, 1, 128, None),     // four tiles, one KV head
-    (1, 65, 6, 3, 64, Some(7)),    // a tile and one row, small window
+/// (B, T, H, Hkv, D, window, soft cap) of the tensor-core cases.
+type TcCase = (usize, usize, usize, usize, usize, Option<usize>, Option<f32>);
+const TC_CASES: &[TcCase] = &[
+    (2, 37, 4, 4, 64, None, None),       // one partial tile, group 1
+    (1, 130, 8, 2, 64, None, None),      // three query tiles, group 4
+    (2, 70, 8, 2, 128, Some(16), None),  // window, two tiles
+    (1, 200, 4, 1, 128, None, None),     // four tiles, one KV head
+    (1, 65, 6, 3, 64, Some(7), None),    // a tile and one row, small window
+    (2, 70, 4, 2, 64, None, Some(2.0)),  // a soft cap that bends most scores
+    (1, 130, 4, 1, 128, Some(40), Some(50.0)), // Gemma 2's attention cap at head_dim 128 (27B), window
 ];
 
 /// Per-row check of a bf16-operand result against the fp32 CPU result:
@@ -380,16 +384,17 @@ fn check_tc_case(what: &str, rng: &mut Rng, s: &AttnShape, run: impl FnOnce(&Ref
     let ek = check_rows(&format!("{what} dk"), &gdk, &r.dk, d);
     let ev = check_rows(&format!("{what} dv"), &gdv, &r.dv, d);
     eprintln!(
-        "{what} (B {batch}, T {t}, H {hq}/{hkv}, D {d}, window {:?}): o rel err {:.2e}, lse {:.2e}, dq {eq:.2e}, dk {ek:.2e}, dv {ev:.2e}",
+        "{what} (B {batch}, T {t}, H {hq}/{hkv}, D {d}, window {:?}, cap {:?}): o rel err {:.2e}, lse {:.2e}, dq {eq:.2e}, dk {ek:.2e}, dv {ev:.2e}",
         s.window,
+        s.softcap,
         rel_err(&go, &r.o),
         rel_err(&gl, &r.lse)
     );
 }
 
-fn tc_shape(c: &(usize, usize, usize, usize, usize, Option<usize>)) -> AttnShape {
-    let &(batch, t, n_heads, n_kv_heads, head_dim, window) = c;
-    AttnShape { batch, q_len: t, kv_len: t, n_heads, n_kv_heads, head_dim, window, scale: None, softcap: None }
+fn tc_shape(c: &TcCase) -> AttnShape {
+    let &(batch, t, n_heads, n_kv_heads, head_dim, window, softcap) = c;
+    AttnShape { batch, q_len: t, kv_len: t, n_heads, n_kv_heads, head_dim, window, scale: None, softcap }
 }
 
 #[test]
@@ -453,10 +458,10 @@ fn tensor_core_kernels_match_the_cpu() {
     assert!(!gatt::tc_supported(dev, &s));
     let e = gatt::forward_tc(dev, &x.as_view(), &kx.as_view(), &kx.as_view(), &s, &mut o.as_view_mut(), &mut l.as_view_mut()).unwrap_err();
     assert_eq!(e.kind, lora::ErrorKind::Unsupported, "{e}");
-    // Nor soft caps or head_dim 256 (the fp32 kernels take them).
+    // Nor head_dim 256 (the fp32 kernels take it); soft caps they take.
     let s = AttnShape { kv_len: 5, ..s };
     assert!(gatt::tc_supported(dev, &s) == (dev.compute_capability.0 >= 8));
-    assert!(!gatt::tc_supported(dev, &AttnShape { softcap: Some(50.0), ..s }));
+    assert!(gatt::tc_supported(dev, &AttnShape { softcap: Some(50.0), ..s }) == (dev.compute_capability.0 >= 8));
     assert!(!gatt::tc_supported(dev, &AttnShape { head_dim: 256, ..s }));
 }
 
@@ -472,48 +477,48 @@ fn emu_grids(q_tiles: usize, k_tiles: usize, h: u32, hkv: u32, batch: usize) -> 
 
 const TC_EMU_ENTRY: &str = r#"
 extern "C" {
-void emu_atc_forward(unsigned d, unsigned gx, unsigned gy, unsigned gz, const float* q, const float* k, const float* v, u32 T, u32 H, u32 Hkv, u32 w, float scale, float* o, float* lse) {
+void emu_atc_forward(unsigned d, unsigned gx, unsigned gy, unsigned gz, const float* q, const float* k, const float* v, u32 T, u32 H, u32 Hkv, u32 w, float scale, float cap, float* o, float* lse) {
     emu_launch3(dim3{gx, gy, gz}, ATC_THREADS, [&] {
-        if (d == 64) attention_tc_forward_d64_bf16(q, k, v, T, H, Hkv, w, scale, o, lse);
-        else attention_tc_forward_d128_bf16(q, k, v, T, H, Hkv, w, scale, o, lse);
+        if (d == 64) attention_tc_forward_d64_bf16(q, k, v, T, H, Hkv, w, scale, cap, o, lse);
+        else attention_tc_forward_d128_bf16(q, k, v, T, H, Hkv, w, scale, cap, o, lse);
     });
 }
-void emu_atc_dkdv(unsigned d, unsigned gx, unsigned gy, unsigned gz, const float* q, const float* k, const float* v, const float* dout, const float* lse, const float* delta, u32 T, u32 H, u32 Hkv, u32 w, float scale, float* dk, float* dv) {
+void emu_atc_dkdv(unsigned d, unsigned gx, unsigned gy, unsigned gz, const float* q, const float* k, const float* v, const float* dout, const float* lse, const float* delta, u32 T, u32 H, u32 Hkv, u32 w, float scale, float cap, float* dk, float* dv) {
     emu_launch3(dim3{gx, gy, gz}, ATC_THREADS, [&] {
-        if (d == 64) attention_tc_dkdv_d64_bf16(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, dk, dv);
-        else attention_tc_dkdv_d128_bf16(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, dk, dv);
+        if (d == 64) attention_tc_dkdv_d64_bf16(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, cap, dk, dv);
+        else attention_tc_dkdv_d128_bf16(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, cap, dk, dv);
     });
 }
-void emu_atc_dq(unsigned d, unsigned gx, unsigned gy, unsigned gz, const float* q, const float* k, const float* v, const float* dout, const float* lse, const float* delta, u32 T, u32 H, u32 Hkv, u32 w, float scale, float* dq) {
+void emu_atc_dq(unsigned d, unsigned gx, unsigned gy, unsigned gz, const float* q, const float* k, const float* v, const float* dout, const float* lse, const float* delta, u32 T, u32 H, u32 Hkv, u32 w, float scale, float cap, float* dq) {
     emu_launch3(dim3{gx, gy, gz}, ATC_THREADS, [&] {
-        if (d == 64) attention_tc_dq_d64_bf16(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, dq);
-        else attention_tc_dq_d128_bf16(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, dq);
+        if (d == 64) attention_tc_dq_d64_bf16(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, cap, dq);
+        else attention_tc_dq_d128_bf16(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, cap, dq);
     });
 }
 // The bf16 form: forward, then δ from the bf16 o, then dk/dv and dq.
-void emu_atc_bf16io(unsigned d, unsigned gx, unsigned gy, unsigned gz, unsigned kx, unsigned ky, unsigned kz, u64 rows, const u16* q, const u16* k, const u16* v, const float* dout, u32 T, u32 H, u32 Hkv, u32 w, float scale,
+void emu_atc_bf16io(unsigned d, unsigned gx, unsigned gy, unsigned gz, unsigned kx, unsigned ky, unsigned kz, u64 rows, const u16* q, const u16* k, const u16* v, const float* dout, u32 T, u32 H, u32 Hkv, u32 w, float scale, float cap,
                     u16* o, float* lse, float* delta, unsigned dgrid, float* dq, float* dk, float* dv) {
     emu_launch3(dim3{gx, gy, gz}, ATC_THREADS, [&] {
-        if (d == 64) attention_tc_forward_d64_bf16io(q, k, v, T, H, Hkv, w, scale, o, lse);
-        else attention_tc_forward_d128_bf16io(q, k, v, T, H, Hkv, w, scale, o, lse);
+        if (d == 64) attention_tc_forward_d64_bf16io(q, k, v, T, H, Hkv, w, scale, cap, o, lse);
+        else attention_tc_forward_d128_bf16io(q, k, v, T, H, Hkv, w, scale, cap, o, lse);
     });
     emu_launch3(dim3{dgrid, 1, 1}, ATC_THREADS, [&] { attention_tc_delta_bf16o(dout, o, rows, d, delta); });
     emu_launch3(dim3{kx, ky, kz}, ATC_THREADS, [&] {
-        if (d == 64) attention_tc_dkdv_d64_bf16io(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, dk, dv);
-        else attention_tc_dkdv_d128_bf16io(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, dk, dv);
+        if (d == 64) attention_tc_dkdv_d64_bf16io(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, cap, dk, dv);
+        else attention_tc_dkdv_d128_bf16io(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, cap, dk, dv);
     });
     emu_launch3(dim3{gx, gy, gz}, ATC_THREADS, [&] {
-        if (d == 64) attention_tc_dq_d64_bf16io(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, dq);
-        else attention_tc_dq_d128_bf16io(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, dq);
+        if (d == 64) attention_tc_dq_d64_bf16io(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, cap, dq);
+        else attention_tc_dq_d128_bf16io(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, cap, dq);
     });
 }
 }
 "#;
 
-type EmuFwd = unsafe extern "C" fn(u32, u32, u32, u32, *const f32, *const f32, *const f32, u32, u32, u32, u32, f32, *mut f32, *mut f32);
-type EmuDkdv = unsafe extern "C" fn(u32, u32, u32, u32, *const f32, *const f32, *const f32, *const f32, *const f32, *const f32, u32, u32, u32, u32, f32, *mut f32, *mut f32);
-type EmuDq = unsafe extern "C" fn(u32, u32, u32, u32, *const f32, *const f32, *const f32, *const f32, *const f32, *const f32, u32, u32, u32, u32, f32, *mut f32);
-type EmuBf16io = unsafe extern "C" fn(u32, u32, u32, u32, u32, u32, u32, u64, *const u16, *const u16, *const u16, *const f32, u32, u32, u32, u32, f32, *mut u16, *mut f32, *mut f32, u32, *mut f32, *mut f32, *mut f32);
+type EmuFwd = unsafe extern "C" fn(u32, u32, u32, u32, *const f32, *const f32, *const f32, u32, u32, u32, u32, f32, f32, *mut f32, *mut f32);
+type EmuDkdv = unsafe extern "C" fn(u32, u32, u32, u32, *const f32, *const f32, *const f32, *const f32, *const f32, *const f32, u32, u32, u32, u32, f32, f32, *mut f32, *mut f32);
+type EmuDq = unsafe extern "C" fn(u32, u32, u32, u32, *const f32, *const f32, *const f32, *const f32, *const f32, *const f32, u32, u32, u32, u32, f32, f32, *mut f32);
+type EmuBf16io = unsafe extern "C" fn(u32, u32, u32, u32, u32, u32, u32, u64, *const u16, *const u16, *const u16, *const f32, u32, u32, u32, u32, f32, f32, *mut u16, *mut f32, *mut f32, u32, *mut f32, *mut f32, *mut f32);
 
 /// The tensor-core kernels compiled for the host (tests/common/emu.rs),
 /// launched with the launchers' grid shapes (64 query rows or keys per
@@ -530,9 +535,10 @@ fn emulated_tensor_core_kernels_match_the_cpu() {
     // SAFETY: entry points built just above with these signatures.
     let (fwd, dkdv, dq): (EmuFwd, EmuDkdv, EmuDq) = unsafe { (*lib.get(b"emu_atc_forward").unwrap(), *lib.get(b"emu_atc_dkdv").unwrap(), *lib.get(b"emu_atc_dq").unwrap()) };
     // Small shapes (every CUDA thread is an OS thread here): partial and
-    // whole tiles, groups 1 and 2, both head dims, windows.
-    let cases: &[(usize, usize, usize, usize, usize, Option<usize>)] = &[(1, 70, 2, 1, 64, None), (2, 19, 2, 2, 128, Some(7)), (1, 66, 4, 2, 64, Some(40)), (3, 130, 2, 1, 64, None)];
-    // (the last: three chunks of one sequence each for the query-tile
+    // whole tiles, groups 1 and 2, both head dims, windows, soft caps 2
+    // (bends most scores) and 50.
+    let cases: &[TcCase] = &[(1, 70, 2, 1, 64, None, None), (2, 19, 2, 2, 128, Some(7), None), (1, 66, 4, 2, 64, Some(40), None), (3, 130, 2, 1, 64, None, None), (1, 70, 2, 1, 64, None, Some(2.0)), (1, 40, 2, 1, 128, Some(24), Some(50.0))];
+    // (the fourth: three chunks of one sequence each for the query-tile
     // kernels, one of three for dkdv: emu_grids)
     let mut rng = Rng(75);
     for c in cases {
@@ -540,20 +546,21 @@ fn emulated_tensor_core_kernels_match_the_cpu() {
         check_tc_case("emulated attention tc", &mut rng, &s, |r| {
             let (t, h, hkv, d) = (s.q_len as u32, s.n_heads as u32, s.n_kv_heads as u32, s.head_dim as u32);
             let w = s.window.unwrap_or(0) as u32;
+            let cap = s.softcap.unwrap_or(0.0);
             let scale = softmax_scale(s.head_dim);
             let (nq, nk) = (r.q.len(), r.k.len());
             let (qg, kg) = emu_grids(s.q_len.div_ceil(64), s.kv_len.div_ceil(64), h, hkv, s.batch);
             let (mut o, mut lse) = (vec![f32::NAN; nq], vec![f32::NAN; nq / s.head_dim]);
             // SAFETY: buffers sized as the kernels index them ([B,T,H,D] and
             // [B,T,Hkv,D], lse [B,T,H]); grid as forward_tc launches.
-            unsafe { fwd(d, qg.0, qg.1, qg.2, r.q.as_ptr(), r.k.as_ptr(), r.v.as_ptr(), t, h, hkv, w, scale, o.as_mut_ptr(), lse.as_mut_ptr()) };
+            unsafe { fwd(d, qg.0, qg.1, qg.2, r.q.as_ptr(), r.k.as_ptr(), r.v.as_ptr(), t, h, hkv, w, scale, cap, o.as_mut_ptr(), lse.as_mut_ptr()) };
             // δ = rowsum(dO∘O) as attention_delta_f32 computes it (f32).
             let delta: Vec<f32> = r.dout.chunks(s.head_dim).zip(o.chunks(s.head_dim)).map(|(a, b)| a.iter().zip(b).map(|(x, y)| x * y).sum()).collect();
             let (mut gdq, mut gdk, mut gdv) = (vec![f32::NAN; nq], vec![f32::NAN; nk], vec![f32::NAN; nk]);
             // SAFETY: as above; grids as backward_tc launches them.
             unsafe {
-                dkdv(d, kg.0, kg.1, kg.2, r.q.as_ptr(), r.k.as_ptr(), r.v.as_ptr(), r.dout.as_ptr(), lse.as_ptr(), delta.as_ptr(), t, h, hkv, w, scale, gdk.as_mut_ptr(), gdv.as_mut_ptr());
-                dq(d, qg.0, qg.1, qg.2, r.q.as_ptr(), r.k.as_ptr(), r.v.as_ptr(), r.dout.as_ptr(), lse.as_ptr(), delta.as_ptr(), t, h, hkv, w, scale, gdq.as_mut_ptr());
+                dkdv(d, kg.0, kg.1, kg.2, r.q.as_ptr(), r.k.as_ptr(), r.v.as_ptr(), r.dout.as_ptr(), lse.as_ptr(), delta.as_ptr(), t, h, hkv, w, scale, cap, gdk.as_mut_ptr(), gdv.as_mut_ptr());
+                dq(d, qg.0, qg.1, qg.2, r.q.as_ptr(), r.k.as_ptr(), r.v.as_ptr(), r.dout.as_ptr(), lse.as_ptr(), delta.as_ptr(), t, h, hkv, w, scale, cap, gdq.as_mut_ptr());
             }
             (o, lse, gdq, gdk, gdv)
         });
@@ -582,10 +589,11 @@ fn emulated_tensor_core_bf16_form_matches_the_fp32_form() {
     // build above succeeded).
     let fp32 = emu::build("attention-delta", &["attention.cu"], &emu::SUBST, emu::MIN_MAX, F32_EMU_ENTRY).unwrap_or_else(|e| panic!("emulating attention.cu: {e}"));
     let mut rng = Rng(76);
-    for c in &[(1usize, 70usize, 2usize, 1usize, 64usize, None), (2, 19, 2, 2, 128, Some(7))] {
+    for c in &[(1usize, 70usize, 2usize, 1usize, 64usize, None, None), (2, 19, 2, 2, 128, Some(7), None), (1, 70, 2, 1, 64, None, Some(2.0))] {
         let s = tc_shape(c);
         let (t, h, hkv, d) = (s.q_len as u32, s.n_heads as u32, s.n_kv_heads as u32, s.head_dim as u32);
         let w = s.window.unwrap_or(0) as u32;
+        let cap = s.softcap.unwrap_or(0.0);
         let scale = softmax_scale(s.head_dim);
         let (nq, nk) = (s.batch * s.q_len * s.n_heads * s.head_dim, s.batch * s.kv_len * s.n_kv_heads * s.head_dim);
         // The fp32 form reads the unrounded values (and rounds them as it
@@ -602,16 +610,16 @@ fn emulated_tensor_core_bf16_form_matches_the_fp32_form() {
         let dgrid = rows.div_ceil(4).min(3) as u32; // fewer warps than rows: the grid-stride loop
         // SAFETY: buffers sized as the kernels index them; grids as the launchers'.
         unsafe {
-            io(d, qg.0, qg.1, qg.2, kg.0, kg.1, kg.2, rows as u64, qb.as_ptr(), kb.as_ptr(), vb.as_ptr(), dout.as_ptr(), t, h, hkv, w, scale, ob.as_mut_ptr(), lb.as_mut_ptr(), delta.as_mut_ptr(), dgrid, bdq.as_mut_ptr(), bdk.as_mut_ptr(), bdv.as_mut_ptr())
+            io(d, qg.0, qg.1, qg.2, kg.0, kg.1, kg.2, rows as u64, qb.as_ptr(), kb.as_ptr(), vb.as_ptr(), dout.as_ptr(), t, h, hkv, w, scale, cap, ob.as_mut_ptr(), lb.as_mut_ptr(), delta.as_mut_ptr(), dgrid, bdq.as_mut_ptr(), bdk.as_mut_ptr(), bdv.as_mut_ptr())
         };
         // The fp32 form on the widened values, with the same δ.
         let (mut of, mut lf) = (vec![f32::NAN; nq], vec![f32::NAN; rows]);
         let (mut fdq, mut fdk, mut fdv) = (vec![f32::NAN; nq], vec![f32::NAN; nk], vec![f32::NAN; nk]);
         // SAFETY: as above.
         unsafe {
-            fwd(d, qg.0, qg.1, qg.2, qw.as_ptr(), kw.as_ptr(), vw.as_ptr(), t, h, hkv, w, scale, of.as_mut_ptr(), lf.as_mut_ptr());
-            dkdv(d, kg.0, kg.1, kg.2, qw.as_ptr(), kw.as_ptr(), vw.as_ptr(), dout.as_ptr(), lf.as_ptr(), delta.as_ptr(), t, h, hkv, w, scale, fdk.as_mut_ptr(), fdv.as_mut_ptr());
-            dq(d, qg.0, qg.1, qg.2, qw.as_ptr(), kw.as_ptr(), vw.as_ptr(), dout.as_ptr(), lf.as_ptr(), delta.as_ptr(), t, h, hkv, w, scale, fdq.as_mut_ptr());
+            fwd(d, qg.0, qg.1, qg.2, qw.as_ptr(), kw.as_ptr(), vw.as_ptr(), t, h, hkv, w, scale, cap, of.as_mut_ptr(), lf.as_mut_ptr());
+            dkdv(d, kg.0, kg.1, kg.2, qw.as_ptr(), kw.as_ptr(), vw.as_ptr(), dout.as_ptr(), lf.as_ptr(), delta.as_ptr(), t, h, hkv, w, scale, cap, fdk.as_mut_ptr(), fdv.as_mut_ptr());
+            dq(d, qg.0, qg.1, qg.2, qw.as_ptr(), kw.as_ptr(), vw.as_ptr(), dout.as_ptr(), lf.as_ptr(), delta.as_ptr(), t, h, hkv, w, scale, cap, fdq.as_mut_ptr());
         }
         assert_eq!(ob, bits(&of), "emulated tc bf16 form: o is not the fp32 o rounded");
         assert_eq!(fbits(&lb), fbits(&lf), "emulated tc bf16 form: lse");

@@ -211,6 +211,18 @@ fn case_list(all_cases: bool) -> Vec<Case> {
         21,
         |m| assert!(m.cfg.head_dim == 256 && m.cfg.attn_softcap == Some(0.25) && m.cfg.final_softcap == Some(0.6)),
     );
+    // Gemma 2 27B's layout: head_dim 128, where the tensor-core kernels
+    // take the soft-capped scores (the lean step's attention).
+    let gemma2_hd128 = random_nf4(
+        serde_json::json!({
+            "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "hidden_size": 256, "intermediate_size": 512,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 128, "vocab_size": 640,
+            "rms_norm_eps": 1e-6, "max_position_embeddings": 512, "query_pre_attn_scalar": 144, "sliding_window": 24,
+            "attn_logit_softcapping": 0.25, "final_logit_softcapping": 0.6, "hidden_activation": "gelu_pytorch_tanh", "rope_theta": 10000.0
+        }),
+        23,
+        |m| assert!(m.cfg.head_dim == 128 && m.cfg.attn_softcap == Some(0.25)),
+    );
     let all = vec![
         Case { name: "llama_nf4", model: fx("llama_nf4", true), batch: 3, seq: 33 },
         Case { name: "qwen2_fp32", model: fx("qwen2_fp32", false), batch: 2, seq: 40 },
@@ -249,6 +261,7 @@ fn case_list(all_cases: bool) -> Vec<Case> {
         // and at head_dim 256.
         Case { name: "gemma2_fp32", model: fx("gemma2_fp32", false), batch: 2, seq: 30 },
         Case { name: "random_gemma2_hd256_nf4", model: gemma2, batch: 2, seq: 70 },
+        Case { name: "random_gemma2_hd128_nf4", model: gemma2_hd128, batch: 2, seq: 70 },
     ];
     if all_cases {
         return all;

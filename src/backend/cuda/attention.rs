@@ -18,8 +18,8 @@
 //! memory, above the default 48 KiB: the launchers raise the function's
 //! limit). Soft-capped scores (Gemma 2's `attn_logit_softcapping`) are
 //! `c·tanh(s/c)` in every kernel (the CPU's order; [`cap_tol`] bounds the
-//! difference it adds); the tensor-core kernels take neither
-//! ([`tc_supported`]).
+//! difference it adds), in the tensor-core kernels too (head_dim 64 or
+//! 128: [`tc_supported`]; head_dim 256 takes the fp32 kernels).
 //!
 //! Agreement with the CPU: both sum in f32 in different orders and both use
 //! f32 `exp`/`log` (≤ 2 ulp on the GPU; on the CPU `exp` within 1 ulp,
@@ -441,9 +441,10 @@ impl TcElem for u16 {
 pub const BF16_U: f64 = 1.0 / 256.0;
 
 /// True when the tensor-core kernels take this shape: self-attention
-/// (`S = T`) with head_dim 64 or 128, no soft cap, on an sm_80+ device.
+/// (`S = T`) with head_dim 64 or 128 (soft-capped or not), on an sm_80+
+/// device.
 pub fn tc_supported(dev: &CudaDevice, s: &AttnShape) -> bool {
-    s.q_len == s.kv_len && (s.head_dim == 64 || s.head_dim == 128) && s.softcap.is_none() && dev.compute_capability.0 >= 8
+    s.q_len == s.kv_len && (s.head_dim == 64 || s.head_dim == 128) && dev.compute_capability.0 >= 8
 }
 
 /// Dynamic shared memory of the dkdv kernel for head_dim `d`.
@@ -464,12 +465,13 @@ fn check_pairs_aligned<T>(dev: &CudaDevice, v: &CudaView<'_, T>, what: &str) -> 
     Ok(())
 }
 
-fn tc_check(dev: &CudaDevice, s: &AttnShape) -> Result<(u32, u32, u32, u32, u32)> {
-    let (t, _, h, hkv, d, w, _) = check_shape(s)?;
+/// `(T, H, Hkv, D, window, cap)` as the tensor-core kernels take them.
+fn tc_check(dev: &CudaDevice, s: &AttnShape) -> Result<(u32, u32, u32, u32, u32, f32)> {
+    let (t, _, h, hkv, d, w, cap) = check_shape(s)?;
     if !tc_supported(dev, s) {
-        bail!(Unsupported, "tensor-core attention needs S = T, head_dim 64 or 128 and no soft cap on sm_80+, got S {} T {} head_dim {} cap {:?} on {}", s.kv_len, s.q_len, s.head_dim, s.softcap, dev.describe());
+        bail!(Unsupported, "tensor-core attention needs S = T and head_dim 64 or 128 on sm_80+, got S {} T {} head_dim {} on {}", s.kv_len, s.q_len, s.head_dim, dev.describe());
     }
-    Ok((t, h, hkv, d, w))
+    Ok((t, h, hkv, d, w, cap))
 }
 
 /// [`forward`] on tensor cores: the same outputs from bf16-rounded q, k, v
@@ -477,7 +479,7 @@ fn tc_check(dev: &CudaDevice, s: &AttnShape) -> Result<(u32, u32, u32, u32, u32)
 /// or bf16 ([`TcElem`]).
 #[allow(clippy::too_many_arguments)]
 pub fn forward_tc<T: TcElem>(dev: &CudaDevice, q: &CudaView<'_, T>, k: &CudaView<'_, T>, v: &CudaView<'_, T>, s: &AttnShape, o: &mut CudaViewMut<'_, T>, lse: &mut CudaViewMut<'_, f32>) -> Result<()> {
-    let (t, h, hkv, d, w) = tc_check(dev, s)?;
+    let (t, h, hkv, d, w, cap) = tc_check(dev, s)?;
     check_forward_args(dev, q, k, v, s, o, lse)?;
     for (x, what) in [(q, "q"), (k, "k"), (v, "v"), (&o.as_view(), "o")] {
         check_pairs_aligned(dev, x, what)?;
@@ -489,11 +491,11 @@ pub fn forward_tc<T: TcElem>(dev: &CudaDevice, q: &CudaView<'_, T>, k: &CudaView
     let name = T::KERNELS[usize::from(d == 128)][0];
     let f = dev.function(&ATTENTION_TC_CU, name)?;
     let cfg = grid_cfg(causal_grid(dev.multiprocessors, s.q_len.div_ceil(ATC_ROWS), h, s.batch)?, ATC_THREADS);
-    // SAFETY: (ptr ×3, u32 ×5, f32, ptr ×2) as the kernel. The block of
+    // SAFETY: (ptr ×3, u32 ×4, f32 ×2, ptr ×2) as the kernel. The block of
     // (b, h, tile) (causal_grid) reads rows < T of q (head h) and of k, v (head h/(H/Hkv)), writes its
     // rows < T of o and lse: lengths checked above; pair accesses (float2,
     // or two bf16 as one u32) are aligned (D even, buffers checked above).
-    launch_kernel!(dev, f, name, cfg, [q, k, v, &t, &h, &hkv, &w, &scale, o, lse])
+    launch_kernel!(dev, f, name, cfg, [q, k, v, &t, &h, &hkv, &w, &scale, &cap, o, lse])
 }
 
 /// [`backward`] on tensor cores (FlashAttention-2 with bf16 operands; `P`
@@ -514,7 +516,7 @@ pub fn backward_tc<T: TcElem>(
     dk: &mut CudaViewMut<'_, f32>,
     dv: &mut CudaViewMut<'_, f32>,
 ) -> Result<()> {
-    let (t, h, hkv, d, w) = tc_check(dev, s)?;
+    let (t, h, hkv, d, w, cap) = tc_check(dev, s)?;
     check_backward_args(dev, [q, k, v], o, lse, dout, s, [&*dq, &*dk, &*dv])?;
     for (x, what) in [(q, "q"), (k, "k"), (v, "v"), (o, "o")] {
         check_pairs_aligned(dev, x, what)?;
@@ -533,20 +535,20 @@ pub fn backward_tc<T: TcElem>(
     allow_smem(&f, name, smem)?;
     let mut cfg = grid_cfg(causal_grid(dev.multiprocessors, s.kv_len.div_ceil(ATC_ROWS), hkv, s.batch)?, ATC_THREADS);
     cfg.shared_mem_bytes = smem;
-    // SAFETY: (ptr ×6, u32 ×4, f32, ptr ×2). The block of (b, g, key tile)
+    // SAFETY: (ptr ×6, u32 ×4, f32 ×2, ptr ×2). The block of (b, g, key tile)
     // (causal_grid) reads keys < T
     // of k, v (head g), rows < T of q, dout, lse, delta (heads of group g),
     // writes its keys' rows of dk, dv; dynamic shared memory as the kernel
     // lays it out (atc_dkdv_smem).
-    launch_kernel!(dev, f, name, cfg, [q, k, v, dout, lse, &delta, &t, &h, &hkv, &w, &scale, dk, dv])?;
+    launch_kernel!(dev, f, name, cfg, [q, k, v, dout, lse, &delta, &t, &h, &hkv, &w, &scale, &cap, dk, dv])?;
     let name = T::KERNELS[usize::from(d == 128)][2];
     let f = dev.function(&ATTENTION_TC_CU, name)?;
     let cfg = grid_cfg(causal_grid(dev.multiprocessors, s.q_len.div_ceil(ATC_ROWS), h, s.batch)?, ATC_THREADS);
-    // SAFETY: (ptr ×6, u32 ×4, f32, ptr). The block of (b, h, tile)
+    // SAFETY: (ptr ×6, u32 ×4, f32 ×2, ptr). The block of (b, h, tile)
     // (causal_grid) reads rows < T of
     // q, dout, lse, delta (head h) and keys < T of k, v, writes its rows of
     // dq: lengths checked above.
-    launch_kernel!(dev, f, name, cfg, [q, k, v, dout, lse, &delta, &t, &h, &hkv, &w, &scale, dq])
+    launch_kernel!(dev, f, name, cfg, [q, k, v, dout, lse, &delta, &t, &h, &hkv, &w, &scale, &cap, dq])
 }
 
 /// Decode attention (as [`crate::backend::cpu::attention::attention_decode`]):
