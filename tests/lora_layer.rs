@@ -141,7 +141,8 @@ fn finite_differences() {
         layer.set_bias_trainable(true).unwrap();
         let mut rng = SplitMix64::new(99);
         layer.add_adapter("a", given(&mut rng, 3, in_f, out_f, 6.0, false)).unwrap();
-        layer.add_adapter("b", given(&mut rng, 2, in_f, out_f, 2.0, true)).unwrap();
+        // Rank 13 > min(in, out) = 10, as PEFT allows.
+        layer.add_adapter("b", given(&mut rng, 13, in_f, out_f, 2.0, true)).unwrap();
         layer.set_active(&[("a", 1.0), ("b", 0.5)]).unwrap();
         let x = rand_vec(&mut rng, n * in_f, 1.0);
         let dy = rand_vec(&mut rng, n * out_f, 1.0);
@@ -354,7 +355,11 @@ fn bad_input_has_statuses() {
     let mut l = toy_layer(false, 8, 6, 1);
     let cfg = |r, alpha, dropout| AdapterConfig { r, alpha, dropout, use_rslora: false, init: Init::KaimingUniform };
     assert_eq!(l.add_adapter("x", cfg(0, 1.0, 0.0)).unwrap_err().kind, InvalidArgument);
-    assert_eq!(l.add_adapter("x", cfg(7, 1.0, 0.0)).unwrap_err().kind, InvalidArgument);
+    // Ranks above min(in, out) load (PEFT writes them for small layers:
+    // finite_differences trains one); a rank whose A and B could not be
+    // addressed is refused, not allocated.
+    assert_eq!(l.add_adapter("x", cfg(1 << 31, 1.0, 0.0)).unwrap_err().kind, InvalidArgument);
+    assert_eq!(l.add_adapter("x", cfg(usize::MAX, 1.0, 0.0)).unwrap_err().kind, InvalidArgument);
     assert_eq!(l.add_adapter("x", cfg(2, 0.0, 0.0)).unwrap_err().kind, InvalidArgument);
     assert_eq!(l.add_adapter("x", cfg(2, -1.0, 0.0)).unwrap_err().kind, InvalidArgument);
     assert_eq!(l.add_adapter("x", cfg(2, 1.0, 1.0)).unwrap_err().kind, InvalidArgument);

@@ -35,7 +35,7 @@ pub const LORA_COMBINE_CAT: lora_combine = 1;
 pub struct lora_adapter_config {
     /// `sizeof(lora_adapter_config)`, set by the defaults function.
     pub struct_size: u32,
-    /// Rank, 1 to min(in, out); default 8.
+    /// Rank, at least 1 (above min(in, out) too, as PEFT); default 8.
     pub r: u32,
     /// Scale numerator: scale = alpha/r (or alpha/√r with use_rslora);
     /// must be > 0; default 8.
@@ -195,7 +195,7 @@ pub extern "C" fn lora_adapter_default_config() -> lora_adapter_config {
 /// are resident until `lora_layer_swap_adapter` activates them.
 ///
 /// Errors: `LORA_ERR_INVALID_ARGUMENT` (empty or duplicate name, rank 0 or
-/// above min(in, out), alpha ≤ 0, dropout outside [0, 1), unknown init),
+/// too large for memory, alpha ≤ 0, dropout outside [0, 1), unknown init),
 /// `LORA_ERR_NULL_POINTER` (a or b NULL with LORA_INIT_GIVEN),
 /// `LORA_ERR_NON_FINITE`, `LORA_ERR_STRUCT_SIZE`.
 #[no_mangle]
@@ -211,9 +211,7 @@ pub unsafe extern "C" fn lora_layer_add_adapter(layer: *mut lora_layer, name: *c
             LORA_INIT_GIVEN => {
                 req(c.a, "config.a")?;
                 req(c.b, "config.b")?;
-                if r == 0 || r > in_f.min(out_f) {
-                    bail!(InvalidArgument, "rank {r} is outside 1..={}", in_f.min(out_f));
-                }
+                crate::lora::layer::check_rank(r, in_f, out_f)?;
                 // SAFETY: the config promises r·in and out·r floats.
                 let (a, b) = unsafe { (std::slice::from_raw_parts(c.a, r * in_f).to_vec(), std::slice::from_raw_parts(c.b, out_f * r).to_vec()) };
                 Init::Given { a, b }

@@ -159,6 +159,25 @@ pub struct LoraLayer {
     last_forward: Option<ForwardRecord>,
 }
 
+/// Largest adapter rank a layer takes: A and B of a rank-r adapter hold
+/// r·(in + out) values, and this keeps them (and their gradients) within
+/// what a 64-bit host can address in f32 (not a promise that it fits).
+pub const MAX_RANK_ELEMS: usize = 1 << 34;
+
+/// Checks an adapter rank for an `out`×`in` layer: at least 1, and A and B
+/// within [`MAX_RANK_ELEMS`] values. PEFT takes ranks above min(in, out)
+/// (the update's rank is then min(in, out), with more parameters), and so
+/// does liblora, so the adapters PEFT writes for small layers load.
+pub fn check_rank(r: usize, in_f: usize, out_f: usize) -> Result<()> {
+    if r == 0 {
+        bail!(InvalidArgument, "rank 0: an adapter's rank is at least 1");
+    }
+    if r.checked_mul(in_f + out_f).is_none_or(|n| n > MAX_RANK_ELEMS) {
+        bail!(InvalidArgument, "rank {r} is too large for a {out_f}x{in_f} layer: A and B would hold more than 2^34 values");
+    }
+    Ok(())
+}
+
 fn check_finite(v: &[f32], what: &str) -> Result<()> {
     if crate::backend::cpu::reduce::all_finite(v) {
         return Ok(());
@@ -324,10 +343,7 @@ impl LoraLayer {
         if self.adapters.iter().any(|a| a.name == name) {
             bail!(InvalidArgument, "an adapter named '{name}' already exists");
         }
-        let max_r = self.in_f.min(self.out_f);
-        if cfg.r == 0 || cfg.r > max_r {
-            bail!(InvalidArgument, "rank {} is outside 1..={max_r} (min(in, out) of a {}x{} layer)", cfg.r, self.out_f, self.in_f);
-        }
+        check_rank(cfg.r, self.in_f, self.out_f)?;
         if !(cfg.alpha.is_finite() && cfg.alpha > 0.0) {
             bail!(InvalidArgument, "alpha {} must be positive and finite", cfg.alpha);
         }
@@ -915,9 +931,7 @@ impl LoraLayer {
             }
             Combine::Cat => {
                 let r: usize = idx.iter().map(|&(i, _)| self.adapters[i].r).sum();
-                if r > in_f.min(out_f) {
-                    bail!(InvalidArgument, "concatenated rank {r} exceeds min(in, out) = {}", in_f.min(out_f));
-                }
+                check_rank(r, in_f, out_f)?;
                 let mut a = Vec::with_capacity(r * in_f);
                 let mut b = vec![0f32; out_f * r];
                 let mut col = 0;

@@ -910,10 +910,7 @@ impl Model {
             let path = self.module(l, j);
             let layer = &self.blocks[l].lin[j];
             let r = spec.rank_for(&path);
-            let max_r = layer.in_features().min(layer.out_features());
-            if r == 0 || r > max_r {
-                bail!(InvalidArgument, "adapter '{name}': rank {r} for {path} is outside 1..={max_r}");
-            }
+            crate::lora::layer::check_rank(r, layer.in_features(), layer.out_features()).map_err(|e| e.context(&format!("adapter '{name}', {path}")))?;
         }
         let first = self.adapters.is_empty();
         for &(l, j) in &modules {
