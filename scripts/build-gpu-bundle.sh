@@ -11,6 +11,7 @@
 #   .gpu/bin/cuda_attention  tests/cuda_attention.rs: attention kernels vs CPU
 #   .gpu/bin/cuda_train      tests/cuda_train.rs: whole training steps on the GPU vs the CPU trainer
 #   .gpu/bin/cuda_paged      tests/cuda_paged.rs: paged memory as CUDA managed memory (prefetch, budget, refusal)
+#   .gpu/bin/cuda_fuzz       tests/cuda_fuzz.rs: random model configs on the GPU vs the CPU
 #   .gpu/bin/gpu_bench_nf4   examples/gpu_bench_nf4.rs: bandwidth and GEMV benchmark
 #   .gpu/bin/gpu_bench_train examples/gpu_bench_train.rs: 1B-parameter training-step benchmark
 #   .gpu/bin/finetune        examples/c/finetune.c (make demo), with .gpu/lib/liblora.so.0
@@ -27,7 +28,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 BUNDLE=.gpu
-TESTS=(cuda_nf4 cuda_ops cuda_blas cuda_lora cuda_attention cuda_train cuda_compile cuda_paged)
+TESTS=(cuda_nf4 cuda_ops cuda_blas cuda_lora cuda_attention cuda_train cuda_compile cuda_paged cuda_fuzz)
 EXAMPLES=(gpu_bench_nf4 gpu_bench_train)
 
 rm -rf "$BUNDLE"

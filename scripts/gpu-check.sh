@@ -223,6 +223,7 @@ else
   echo "python3 with torch and peft not found: no PyTorch baseline"
 fi
 run "test cuda_train, the other model families (every test on their cases)" 120 env LORA_TRAIN_CASES="$FAMILY_CASES" "$BUNDLE/bin/cuda_train" --nocapture --test-threads=1
+run "test cuda_fuzz (random model configs on the GPU vs the CPU)" 60 env LORA_FUZZ_SEEDS=32 "$BUNDLE/bin/cuda_fuzz" --nocapture --test-threads=1
 run "bench gpu_bench_train nf4, the lean bf16 step without folded adapter products" 60 env $LEAN LORA_CUDA_FOLD=0 "$B" nf4 4 1024 5 16
 run "bench gpu_bench_train bf16" 60 "$B" bf16 4 1024 5 16
 run "bench gpu_bench_train nf4, tensor-core attention" 60 env LORA_CUDA_ATTENTION=tc "$B" nf4 4 1024 5 16

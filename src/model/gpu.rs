@@ -908,7 +908,13 @@ impl DeviceModel {
                 let whole = rows.len() == l.out_features();
                 let w = match l.nf4_base() {
                     Some(t) if whole => Weight::Nf4(CudaNf4::upload(d, t)?),
-                    Some(t) => Weight::Nf4(CudaNf4::upload(d, &t.rows(rows.start, rows.end)?)?),
+                    Some(t) if t.rows_on_blocks(rows.start, rows.end) => Weight::Nf4(CudaNf4::upload(d, &t.rows(rows.start, rows.end)?)?),
+                    // A part that splits an NF4 block (a small fused
+                    // model: rows × in not a multiple of the blocksize):
+                    // its dequantized values as a dense weight, the
+                    // numbers the NF4 path's dequantize gives (and, in
+                    // BF16 mode, rounds the same way).
+                    Some(t) => dense_weight(d, compute, &t.dequantize_f32()[rows.start * in_f..rows.end * in_f])?,
                     None => {
                         let w = l.base_dense().ok_or_else(|| err!(Internal, "a linear layer with neither a dense nor an NF4 base"))?;
                         dense_weight(d, compute, &w[rows.start * in_f..rows.end * in_f])?

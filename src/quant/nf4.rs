@@ -175,6 +175,15 @@ impl Nf4Tensor {
         Ok(Nf4Tensor { shape, dtype, blocksize, packed, absmax })
     }
 
+    /// True when rows `r0..r1` of this 2-D tensor start and end on block
+    /// boundaries (the end may be the tensor's): what [`Nf4Tensor::rows`]
+    /// takes.
+    pub fn rows_on_blocks(&self, r0: usize, r1: usize) -> bool {
+        let [rows, cols] = self.shape[..] else { return false };
+        let bs = self.blocksize;
+        r0 < r1 && r1 <= rows && (r0 * cols) % bs == 0 && ((r1 * cols) % bs == 0 || r1 == rows)
+    }
+
     /// Rows `r0..r1` of a 2-D tensor as a tensor of their own (a fused
     /// projection's part: Phi-3's q, k, v of `qkv_proj`), dequantizing to
     /// the same values bit for bit. The rows must start and end on block
@@ -185,7 +194,7 @@ impl Nf4Tensor {
         let [rows, cols] = self.shape[..] else { bail!(InvalidShape, "rows of a tensor of shape {:?}: not 2-D", self.shape) };
         let bs = self.blocksize;
         let (e0, e1) = (r0 * cols, r1 * cols);
-        if r0 >= r1 || r1 > rows || e0 % bs != 0 || (e1 % bs != 0 && r1 != rows) {
+        if !self.rows_on_blocks(r0, r1) {
             bail!(InvalidShape, "rows {r0}..{r1} of [{rows}, {cols}] in blocks of {bs}: not a whole-block range");
         }
         let (b0, b1) = (e0 / bs, e1.div_ceil(bs));
