@@ -59,7 +59,7 @@ fn config(r: &mut SplitMix64) -> (Value, String) {
         _ => "SmolLM3ForCausalLM",
     };
     let heads = pick(r, &[1usize, 2, 3, 4, 6, 8]);
-    let divisors: Vec<usize> = (1..=heads).filter(|d| heads % d == 0).collect();
+    let divisors: Vec<usize> = (1..=heads).filter(|d| heads.is_multiple_of(*d)).collect();
     let kv = pick(r, &divisors);
     let hd = pick(r, &[4usize, 8, 16, 32, 64, 128]);
     let free_hd = matches!(fam, "llama" | "mistral" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" | "smollm3");
@@ -127,10 +127,13 @@ fn config(r: &mut SplitMix64) -> (Value, String) {
 }
 
 /// The seed's model: random weights (norm weights around their family's
-/// identity), NF4 at load or not, an adapter "a" with random A and B.
+/// identity, the rest of std 0.5/√hidden), NF4 at load or not, an adapter "a" with random A and B.
 fn model(cfg: &Value, nf4: bool, r_adapter: usize, alpha: f32, rslora: bool, seed: u64) -> Model {
     let opts = LoadOptions { quantize: nf4.then(Nf4Params::default), seed };
-    let mut m = Model::random(&cfg.to_string(), 0.1, opts).unwrap();
+    // Weights of std 0.5/√hidden: activations stay of order one through the
+    // layers at every width (a fixed std makes the wide ones ill-conditioned).
+    let std = 0.5 / (cfg["hidden_size"].as_f64().unwrap() as f32).sqrt();
+    let mut m = Model::random(&cfg.to_string(), std, opts).unwrap();
     let mut r = SplitMix64::new(seed + 1);
     for b in &mut m.blocks {
         let pairs = b.qk_norm.iter_mut().chain(b.post_norms.iter_mut()).flatten();
@@ -141,8 +144,13 @@ fn model(cfg: &Value, nf4: bool, r_adapter: usize, alpha: f32, rslora: bool, see
     let mut spec = AdapterSpec::new(r_adapter, alpha);
     spec.use_rslora = rslora;
     m.add_adapter("a", spec).unwrap();
-    for t in m.adapter_params("a").unwrap().0 {
-        t.iter_mut().for_each(|x| *x = 0.1 * r.normal());
+    // A ~ N(0, 1/in) and B ~ N(0, (0.3/(s·√r))²): each adapter adds about
+    // 0.3 of its input's scale to its output (no adapter dominates).
+    let s = if rslora { alpha / (r_adapter as f32).sqrt() } else { alpha / r_adapter as f32 };
+    let b_std = 0.3 / (s * (r_adapter as f32).sqrt());
+    for (i, t) in m.adapter_params("a").unwrap().0.into_iter().enumerate() {
+        let std = if i % 2 == 0 { 1.0 / ((t.len() / r_adapter) as f32).sqrt() } else { b_std };
+        t.iter_mut().for_each(|x| *x = std * r.normal());
     }
     m
 }
@@ -207,6 +215,9 @@ fn random_configs_match_the_cpu() {
             batch,
             seq,
         );
+        if std::env::var("LORA_FUZZ_VERBOSE").is_ok() {
+            eprintln!("{what}: CPU {cpu:?}\n  device fp32 {f32s:?}\n  device bf16 {b16:?}");
+        }
         let (mut e32, mut eg, mut e16) = (0f64, 0f64, 0f64);
         for (i, (((lc, gc), (l32, g32)), (l16, _))) in cpu.iter().zip(&f32s).zip(&b16).enumerate() {
             let (d, dg, d16) = ((l32 - lc).abs() / lc.abs(), (g32 - gc).abs() / gc.abs().max(1e-30), (l16 - lc).abs() / lc.abs());

@@ -325,5 +325,12 @@ mod tests {
         let x = vec![0.5f32; 40 * 64];
         let t = Nf4Tensor::quantize(Elems::F32(&x), &[40, 64], Nf4Params { blocksize: 128, double_quant: true }).unwrap();
         assert!(t.rows(1, 3).is_err() && t.rows(2, 41).is_err() && t.rows(4, 4).is_err());
+        assert!(!t.rows_on_blocks(1, 3) && !t.rows_on_blocks(2, 41) && !t.rows_on_blocks(4, 4));
+        assert!(t.rows_on_blocks(2, 4) && t.rows_on_blocks(38, 40) && t.rows_on_blocks(0, 40));
+        // A small Phi-3's qkv part (12 rows of 12: 144 values) splits a
+        // block of 64: not a row range rows() takes (the device uploads
+        // such a part dense).
+        let t = Nf4Tensor::quantize(Elems::F32(&vec![0.5f32; 36 * 12]), &[36, 12], Nf4Params::default()).unwrap();
+        assert!(!t.rows_on_blocks(0, 12) && !t.rows_on_blocks(12, 24) && t.rows(12, 24).is_err());
     }
 }
