@@ -21,7 +21,8 @@
 // happens before the first product either way); its backward, given that
 // bf16 o, the gradients the fp32 form computes from the widened o (δ is
 // computed from o, attention_tc_delta_bf16o for the bf16 one).
-// Self-attention only (S = T), D ∈ {64, 128},
+// Self-attention only (S = T), D ∈ {64, 128, 256} (256: the atcw_* kernels
+// below, with dK and dV in two kernels),
 // optional sliding window W (row i sees keys max(0, i−W+1) ≤ j ≤ i),
 // optional soft cap c > 0 (Gemma 2; cap 0: none): each scaled score x
 // becomes c·tanh(x/c) before the softmax, as in attention.cu, and dS takes
@@ -519,6 +520,362 @@ __device__ __forceinline__ void atc_dkdv(const TI* __restrict__ q, const TI* __r
     }
 }
 
+// ------------------------------------------------------------ head_dim 256
+// The same three products for D = 256 (Gemma 1, 2 and 3), restructured so
+// a thread's registers hold one D-wide accumulator: the warps' A fragments
+// of Q (and dO) are read from shared memory instead of held in registers,
+// tiles are 32 keys (forward, dq) or 32 query rows (dK, dV), and dK and dV
+// are two kernels (each recomputes P from K·Qᵀ; dK also dP = V·dOᵀ). Every
+// buffer lives in dynamic shared memory (atcw_*_smem in the launcher:
+// 70 / 119 / 70 / 120 KiB for forward / dq / dV / dK at D = 256). Operands
+// are staged with the roundings of the narrow kernels (the same bf16
+// values); the sums differ only in their tile order.
+#define ATC_W_BK 32
+
+// The A fragment (16×16, row-major) of rows r..r+15, columns 16·kk.. of a
+// bf16 matrix in shared memory with row stride ld.
+__device__ __forceinline__ void atc_afrag(const u16* sh, int ld, int r, int kk, int g, int t, u32& a0, u32& a1, u32& a2, u32& a3) {
+    const u16* p = sh + (r + g) * ld + kk * 16 + 2 * t;
+    a0 = atc_ld32(p);
+    a1 = atc_ld32(p + 8 * ld);
+    a2 = atc_ld32(p + 8);
+    a3 = atc_ld32(p + 8 * ld + 8);
+}
+
+// forward, D = 256: grid as atc_forward; dynamic shared memory
+// sQ [64][LDK], sK [32][LDK], sVᵀ [D][LDT].
+template <int D, typename TI, typename TO>
+__device__ __forceinline__ void atcw_forward(const TI* __restrict__ q, const TI* __restrict__ k, const TI* __restrict__ v, u32 T, u32 H, u32 Hkv,
+                                             u32 window, float scale, float cap, TO* __restrict__ o, float* __restrict__ lse) {
+    constexpr int BQ = ATC_FWD_BQ, BK = ATC_W_BK, LDK = D + ATC_PAD, LDT = BK + ATC_PAD;
+    extern __shared__ __align__(16) unsigned char atc_smem[];
+    u16* sQ = (u16*)atc_smem;   // [BQ][LDK]
+    u16* sK = sQ + BQ * LDK;    // [BK][LDK]
+    u16* sVt = sK + BK * LDK;   // [D][LDT]
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    u32 b, h, tile;
+    atc_block(H, b, h, tile);
+    const u32 i0 = (gridDim.y - 1 - tile) * BQ;
+    if (i0 >= T) return;
+    const u32 grp = h / (H / Hkv);
+    const u64 ldq = (u64)H * D, ldk = (u64)Hkv * D;
+    const TI* qb = q + ((u64)b * T * H + h) * D;
+    const TI* kb = k + ((u64)b * T * Hkv + grp) * D;
+    const TI* vb = v + ((u64)b * T * Hkv + grp) * D;
+    const int nq = (int)min((u32)BQ, T - i0);
+    const long long wr = (long long)i0 + warp * 16;
+    const long long row0 = wr + g, row1 = row0 + 8;
+    atc_stage_rows<D>(sQ, LDK, qb, ldq, i0, nq, BQ);  // visible after the loop's first barrier
+    float acc[D / 8][4];
+#pragma unroll
+    for (int nd = 0; nd < D / 8; nd++) acc[nd][0] = acc[nd][1] = acc[nd][2] = acc[nd][3] = 0.0f;
+    float m0 = ATC_NEG_INF, m1 = ATC_NEG_INF, l0 = 0.0f, l1 = 0.0f;
+    const long long klo = atc_lo(i0, window), khi = (long long)i0 + nq;
+    for (long long j0 = klo; j0 < khi; j0 += BK) {
+        const int nk = (int)min((long long)BK, khi - j0);
+        __syncthreads();
+        atc_stage_rows<D>(sK, LDK, kb, ldk, j0, nk, BK);
+        atc_stage_cols<D>(sVt, LDT, vb, ldk, j0, nk, BK);
+        __syncthreads();
+        if (wr >= (long long)T || j0 > wr + 15 || j0 + BK <= atc_lo(wr, window)) continue;
+        float s[BK / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < BK / 8; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll 4
+        for (int kk = 0; kk < D / 16; kk++) {
+            u32 a0, a1, a2, a3;
+            atc_afrag(sQ, LDK, warp * 16, kk, g, t, a0, a1, a2, a3);
+#pragma unroll
+            for (int nt = 0; nt < BK / 8; nt++) {
+                const u16* pb = sK + (nt * 8 + g) * LDK + kk * 16 + 2 * t;
+                atc_mma(s[nt], a0, a1, a2, a3, atc_ld32(pb), atc_ld32(pb + 8));
+            }
+        }
+        float mx0 = ATC_NEG_INF, mx1 = ATC_NEG_INF;
+#pragma unroll
+        for (int nt = 0; nt < BK / 8; nt++) {
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                const long long j = j0 + nt * 8 + 2 * t + (c & 1);
+                const long long i = c < 2 ? row0 : row1;
+                float fac;
+                const float x = (j < khi && atc_sees(i, j, window)) ? atc_cap(s[nt][c] * scale, cap, fac) : ATC_NEG_INF;
+                s[nt][c] = x;
+                if (c < 2) mx0 = fmaxf(mx0, x); else mx1 = fmaxf(mx1, x);
+            }
+        }
+        mx0 = atc_quad_max(mx0);
+        mx1 = atc_quad_max(mx1);
+        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+        const float mu0 = mn0 == ATC_NEG_INF ? 0.0f : mn0, mu1 = mn1 == ATC_NEG_INF ? 0.0f : mn1;
+        const float al0 = __expf(m0 - mu0), al1 = __expf(m1 - mu1);
+        float ps0 = 0.0f, ps1 = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < BK / 8; nt++) {
+            s[nt][0] = __expf(s[nt][0] - mu0);
+            s[nt][1] = __expf(s[nt][1] - mu0);
+            s[nt][2] = __expf(s[nt][2] - mu1);
+            s[nt][3] = __expf(s[nt][3] - mu1);
+            ps0 += s[nt][0] + s[nt][1];
+            ps1 += s[nt][2] + s[nt][3];
+        }
+        l0 = l0 * al0 + atc_quad_sum(ps0);
+        l1 = l1 * al1 + atc_quad_sum(ps1);
+        m0 = mn0;
+        m1 = mn1;
+#pragma unroll
+        for (int nd = 0; nd < D / 8; nd++) {
+            acc[nd][0] *= al0;
+            acc[nd][1] *= al0;
+            acc[nd][2] *= al1;
+            acc[nd][3] *= al1;
+        }
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; kk++) {
+            const u32 a0 = atc_pack(s[2 * kk][0], s[2 * kk][1]), a1 = atc_pack(s[2 * kk][2], s[2 * kk][3]);
+            const u32 a2 = atc_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]), a3 = atc_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+            for (int nd = 0; nd < D / 8; nd++) {
+                const u16* pb = sVt + (nd * 8 + g) * LDT + kk * 16 + 2 * t;
+                atc_mma(acc[nd], a0, a1, a2, a3, atc_ld32(pb), atc_ld32(pb + 8));
+            }
+        }
+    }
+    const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
+    if (row0 < (long long)T) {
+        TO* ob = o + ((u64)b * T + row0) * ldq + (u64)h * D;
+#pragma unroll
+        for (int nd = 0; nd < D / 8; nd++) atc_st_pair(ob + nd * 8 + 2 * t, acc[nd][0] * inv0, acc[nd][1] * inv0);
+        if (t == 0) lse[((u64)b * T + row0) * H + h] = m0 + __logf(l0);
+    }
+    if (row1 < (long long)T) {
+        TO* ob = o + ((u64)b * T + row1) * ldq + (u64)h * D;
+#pragma unroll
+        for (int nd = 0; nd < D / 8; nd++) atc_st_pair(ob + nd * 8 + 2 * t, acc[nd][2] * inv1, acc[nd][3] * inv1);
+        if (t == 0) lse[((u64)b * T + row1) * H + h] = m1 + __logf(l1);
+    }
+}
+
+// dq, D = 256: grid as atc_dq; dynamic shared memory sQ [64][LDK],
+// sdO [64][LDK], sK [32][LDK], sV [32][LDK], sKᵀ [D][LDT].
+template <int D, typename TI>
+__device__ __forceinline__ void atcw_dq(const TI* __restrict__ q, const TI* __restrict__ k, const TI* __restrict__ v, const float* __restrict__ dout,
+                                        const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale,
+                                        float cap, float* __restrict__ dq) {
+    constexpr int BQ = ATC_DQ_BQ, BK = ATC_W_BK, LDK = D + ATC_PAD, LDT = BK + ATC_PAD;
+    extern __shared__ __align__(16) unsigned char atc_smem[];
+    u16* sQ = (u16*)atc_smem;   // [BQ][LDK]
+    u16* sO = sQ + BQ * LDK;    // [BQ][LDK]  dO
+    u16* sK = sO + BQ * LDK;    // [BK][LDK]
+    u16* sV = sK + BK * LDK;    // [BK][LDK]
+    u16* sKt = sV + BK * LDK;   // [D][LDT]
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    u32 b, h, tile;
+    atc_block(H, b, h, tile);
+    const u32 i0 = (gridDim.y - 1 - tile) * BQ;
+    if (i0 >= T) return;
+    const u32 grp = h / (H / Hkv);
+    const u64 ldq = (u64)H * D, ldk = (u64)Hkv * D;
+    const TI* qb = q + ((u64)b * T * H + h) * D;
+    const float* ob = dout + ((u64)b * T * H + h) * D;
+    const TI* kb = k + ((u64)b * T * Hkv + grp) * D;
+    const TI* vb = v + ((u64)b * T * Hkv + grp) * D;
+    const int nq = (int)min((u32)BQ, T - i0);
+    const long long wr = (long long)i0 + warp * 16;
+    const long long row0 = wr + g, row1 = row0 + 8;
+    atc_stage_rows<D>(sQ, LDK, qb, ldq, i0, nq, BQ);
+    atc_stage_rows<D>(sO, LDK, ob, ldq, i0, nq, BQ);
+    const bool v0 = row0 < (long long)T, v1 = row1 < (long long)T;
+    const float lse0 = v0 ? lse[((u64)b * T + row0) * H + h] : 0.0f, lse1 = v1 ? lse[((u64)b * T + row1) * H + h] : 0.0f;
+    const float del0 = v0 ? delta[((u64)b * T + row0) * H + h] : 0.0f, del1 = v1 ? delta[((u64)b * T + row1) * H + h] : 0.0f;
+    float acc[D / 8][4];
+#pragma unroll
+    for (int nd = 0; nd < D / 8; nd++) acc[nd][0] = acc[nd][1] = acc[nd][2] = acc[nd][3] = 0.0f;
+    const long long klo = atc_lo(i0, window), khi = (long long)i0 + nq;
+    for (long long j0 = klo; j0 < khi; j0 += BK) {
+        const int nk = (int)min((long long)BK, khi - j0);
+        __syncthreads();
+        atc_stage_rows<D>(sK, LDK, kb, ldk, j0, nk, BK);
+        atc_stage_rows<D>(sV, LDK, vb, ldk, j0, nk, BK);
+        atc_stage_cols<D>(sKt, LDT, kb, ldk, j0, nk, BK);
+        __syncthreads();
+        if (wr >= (long long)T || j0 > wr + 15 || j0 + BK <= atc_lo(wr, window)) continue;
+        float s[BK / 8][4], dp[BK / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < BK / 8; nt++) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+            dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
+        }
+#pragma unroll 2
+        for (int kk = 0; kk < D / 16; kk++) {
+            u32 a0, a1, a2, a3, d0, d1, d2, d3;
+            atc_afrag(sQ, LDK, warp * 16, kk, g, t, a0, a1, a2, a3);
+            atc_afrag(sO, LDK, warp * 16, kk, g, t, d0, d1, d2, d3);
+#pragma unroll
+            for (int nt = 0; nt < BK / 8; nt++) {
+                const u16* pk = sK + (nt * 8 + g) * LDK + kk * 16 + 2 * t;
+                const u16* pv = sV + (nt * 8 + g) * LDK + kk * 16 + 2 * t;
+                atc_mma(s[nt], a0, a1, a2, a3, atc_ld32(pk), atc_ld32(pk + 8));
+                atc_mma(dp[nt], d0, d1, d2, d3, atc_ld32(pv), atc_ld32(pv + 8));
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < BK / 8; nt++) {
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                const long long j = j0 + nt * 8 + 2 * t + (c & 1);
+                const long long i = c < 2 ? row0 : row1;
+                const bool ok = j < khi && i < (long long)T && atc_sees(i, j, window);
+                float fac = 1.0f;
+                const float p = ok ? __expf(atc_cap(s[nt][c] * scale, cap, fac) - (c < 2 ? lse0 : lse1)) : 0.0f;
+                s[nt][c] = p * (dp[nt][c] - (c < 2 ? del0 : del1)) * fac;  // dS
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; kk++) {
+            const u32 a0 = atc_pack(s[2 * kk][0], s[2 * kk][1]), a1 = atc_pack(s[2 * kk][2], s[2 * kk][3]);
+            const u32 a2 = atc_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]), a3 = atc_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+            for (int nd = 0; nd < D / 8; nd++) {
+                const u16* pb = sKt + (nd * 8 + g) * LDT + kk * 16 + 2 * t;
+                atc_mma(acc[nd], a0, a1, a2, a3, atc_ld32(pb), atc_ld32(pb + 8));
+            }
+        }
+    }
+    if (v0) {
+        float* out = dq + ((u64)b * T + row0) * ldq + (u64)h * D;
+#pragma unroll
+        for (int nd = 0; nd < D / 8; nd++) *(float2*)(out + nd * 8 + 2 * t) = make_float2(acc[nd][0] * scale, acc[nd][1] * scale);
+    }
+    if (v1) {
+        float* out = dq + ((u64)b * T + row1) * ldq + (u64)h * D;
+#pragma unroll
+        for (int nd = 0; nd < D / 8; nd++) *(float2*)(out + nd * 8 + 2 * t) = make_float2(acc[nd][2] * scale, acc[nd][3] * scale);
+    }
+}
+
+// dV (DV) or dK (!DV), D = 256: grid as atc_dkdv (blocks of 64 keys, 16
+// per warp, walking the query rows of every head of the KV group that see
+// them, 32 at a time); dynamic shared memory sK [64][LDK], then for dK sV
+// [64][LDK], then sQ [32][LDK], for dK sdO [32][LDK], then sT [D][LDT]
+// (dOᵀ for dV, Qᵀ for dK), lse [32] and for dK δ [32].
+template <int D, typename TI, bool DV>
+__device__ __forceinline__ void atcw_dkdv(const TI* __restrict__ q, const TI* __restrict__ k, const TI* __restrict__ v, const float* __restrict__ dout,
+                                          const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale,
+                                          float cap, float* __restrict__ out) {
+    constexpr int BK = ATC_KV_BK, BQ = ATC_W_BK, LDK = D + ATC_PAD, LDT = BQ + ATC_PAD;
+    extern __shared__ __align__(16) unsigned char atc_smem[];
+    u16* sK = (u16*)atc_smem;                  // [BK][LDK]
+    u16* sV = sK + BK * LDK;                   // [BK][LDK] (dK)
+    u16* sQ = DV ? sV : sV + BK * LDK;         // [BQ][LDK]
+    u16* sO = sQ + BQ * LDK;                   // [BQ][LDK] (dK) dO
+    u16* sT = DV ? sO : sO + BQ * LDK;         // [D][LDT]  dOᵀ (dV), Qᵀ (dK)
+    float* sl = (float*)(sT + D * LDT);        // [BQ] lse
+    float* sd = sl + BQ;                       // [BQ] δ (dK)
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+    u32 b, grp, tile;
+    atc_block(Hkv, b, grp, tile);
+    const u32 j0 = tile * BK;
+    if (j0 >= T) return;
+    const u32 per = H / Hkv;
+    const u64 ldq = (u64)H * D, ldk = (u64)Hkv * D;
+    const TI* kb = k + ((u64)b * T * Hkv + grp) * D;
+    const TI* vb = v + ((u64)b * T * Hkv + grp) * D;
+    const int nk = (int)min((u32)BK, T - j0);
+    atc_stage_rows<D>(sK, LDK, kb, ldk, j0, nk, BK);
+    if (!DV) atc_stage_rows<D>(sV, LDK, vb, ldk, j0, nk, BK);
+    const int kw = warp * 16;
+    const long long key0 = (long long)j0 + kw + g, key1 = key0 + 8;
+    float acc[D / 8][4];
+#pragma unroll
+    for (int nd = 0; nd < D / 8; nd++) acc[nd][0] = acc[nd][1] = acc[nd][2] = acc[nd][3] = 0.0f;
+    const long long qhi = window == 0 ? (long long)T : min((long long)T, (long long)j0 + nk - 1 + (long long)window);
+    const long long wk0 = (long long)j0 + kw;
+    for (u32 hh = 0; hh < per; hh++) {
+        const u32 h = grp * per + hh;
+        const TI* qb = q + ((u64)b * T * H + h) * D;
+        const float* ob = dout + ((u64)b * T * H + h) * D;
+        for (long long i0 = j0; i0 < qhi; i0 += BQ) {
+            const int nq = (int)min((long long)BQ, qhi - i0);
+            __syncthreads();
+            atc_stage_rows<D>(sQ, LDK, qb, ldq, i0, nq, BQ);
+            if (DV) {
+                atc_stage_cols<D>(sT, LDT, ob, ldq, i0, nq, BQ);
+            } else {
+                atc_stage_rows<D>(sO, LDK, ob, ldq, i0, nq, BQ);
+                atc_stage_cols<D>(sT, LDT, qb, ldq, i0, nq, BQ);
+            }
+            if (threadIdx.x < BQ) {
+                const bool ok = (int)threadIdx.x < nq;
+                const u64 r = ((u64)b * T + (u64)(i0 + threadIdx.x)) * H + h;
+                sl[threadIdx.x] = ok ? lse[r] : 0.0f;
+                if (!DV) sd[threadIdx.x] = ok ? delta[r] : 0.0f;
+            }
+            __syncthreads();
+            if (wk0 >= (long long)T || i0 + nq - 1 < wk0 || (window != 0 && i0 >= wk0 + 15 + (long long)window)) continue;
+            float st[BQ / 8][4], dp[BQ / 8][4];
+#pragma unroll
+            for (int nt = 0; nt < BQ / 8; nt++) {
+                st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.0f;
+                dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
+            }
+#pragma unroll 2
+            for (int kk = 0; kk < D / 16; kk++) {
+                u32 k0, k1, k2, k3;
+                atc_afrag(sK, LDK, kw, kk, g, t, k0, k1, k2, k3);
+#pragma unroll
+                for (int nt = 0; nt < BQ / 8; nt++) {
+                    const u16* pq = sQ + (nt * 8 + g) * LDK + kk * 16 + 2 * t;
+                    atc_mma(st[nt], k0, k1, k2, k3, atc_ld32(pq), atc_ld32(pq + 8));
+                }
+                if (!DV) {
+                    u32 w0, w1, w2, w3;
+                    atc_afrag(sV, LDK, kw, kk, g, t, w0, w1, w2, w3);
+#pragma unroll
+                    for (int nt = 0; nt < BQ / 8; nt++) {
+                        const u16* po = sO + (nt * 8 + g) * LDK + kk * 16 + 2 * t;
+                        atc_mma(dp[nt], w0, w1, w2, w3, atc_ld32(po), atc_ld32(po + 8));
+                    }
+                }
+            }
+            // Pᵀ (dV) or dSᵀ (dK): rows are keys (key0: c < 2, key1: c ≥ 2), columns queries.
+#pragma unroll
+            for (int nt = 0; nt < BQ / 8; nt++) {
+#pragma unroll
+                for (int c = 0; c < 4; c++) {
+                    const int il = nt * 8 + 2 * t + (c & 1);
+                    const long long i = i0 + il, j = c < 2 ? key0 : key1;
+                    const bool ok = il < nq && j < (long long)T && atc_sees(i, j, window);
+                    float fac = 1.0f;
+                    const float p = ok ? __expf(atc_cap(st[nt][c] * scale, cap, fac) - sl[il]) : 0.0f;
+                    st[nt][c] = DV ? p : p * (dp[nt][c] - sd[il]) * fac;
+                }
+            }
+#pragma unroll
+            for (int kk = 0; kk < BQ / 16; kk++) {
+                const u32 p0 = atc_pack(st[2 * kk][0], st[2 * kk][1]), p1 = atc_pack(st[2 * kk][2], st[2 * kk][3]);
+                const u32 p2 = atc_pack(st[2 * kk + 1][0], st[2 * kk + 1][1]), p3 = atc_pack(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+#pragma unroll
+                for (int nd = 0; nd < D / 8; nd++) {
+                    const u16* pb = sT + (nd * 8 + g) * LDT + kk * 16 + 2 * t;
+                    atc_mma(acc[nd], p0, p1, p2, p3, atc_ld32(pb), atc_ld32(pb + 8));
+                }
+            }
+        }
+    }
+    const float f = DV ? 1.0f : scale;
+    if (key0 < (long long)T) {
+        float* r = out + (((u64)b * T + key0) * Hkv + grp) * D;
+#pragma unroll
+        for (int nd = 0; nd < D / 8; nd++) *(float2*)(r + nd * 8 + 2 * t) = make_float2(acc[nd][0] * f, acc[nd][1] * f);
+    }
+    if (key1 < (long long)T) {
+        float* r = out + (((u64)b * T + key1) * Hkv + grp) * D;
+#pragma unroll
+        for (int nd = 0; nd < D / 8; nd++) *(float2*)(r + nd * 8 + 2 * t) = make_float2(acc[nd][2] * f, acc[nd][3] * f);
+    }
+}
+
 // δ[r] = dO[r]·O[r] for the n = B·T·H rows of D values with O in bf16
 // (widened exactly): bit for bit attention.cu's attention_delta_f32 on the
 // widened O (the same fmaf chain per lane, the same butterfly). One warp per
@@ -584,4 +941,36 @@ extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dq_d128_b
 
 extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dkdv_d128_bf16io(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float cap, float* __restrict__ dk, float* __restrict__ dv) {
     atc_dkdv<128, u16>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, cap, dk, dv);
+}
+
+extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_forward_d256_bf16(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, u32 T, u32 H, u32 Hkv, u32 window, float scale, float cap, float* __restrict__ o, float* __restrict__ lse) {
+    atcw_forward<256, float, float>(q, k, v, T, H, Hkv, window, scale, cap, o, lse);
+}
+
+extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dq_d256_bf16(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float cap, float* __restrict__ dq) {
+    atcw_dq<256, float>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, cap, dq);
+}
+
+extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dv_d256_bf16(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float cap, float* __restrict__ dv) {
+    atcw_dkdv<256, float, true>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, cap, dv);
+}
+
+extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dk_d256_bf16(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float cap, float* __restrict__ dk) {
+    atcw_dkdv<256, float, false>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, cap, dk);
+}
+
+extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_forward_d256_bf16io(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, u32 T, u32 H, u32 Hkv, u32 window, float scale, float cap, u16* __restrict__ o, float* __restrict__ lse) {
+    atcw_forward<256, u16, u16>(q, k, v, T, H, Hkv, window, scale, cap, o, lse);
+}
+
+extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dq_d256_bf16io(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float cap, float* __restrict__ dq) {
+    atcw_dq<256, u16>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, cap, dq);
+}
+
+extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dv_d256_bf16io(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float cap, float* __restrict__ dv) {
+    atcw_dkdv<256, u16, true>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, cap, dv);
+}
+
+extern "C" __global__ void __launch_bounds__(ATC_THREADS) attention_tc_dk_d256_bf16io(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v, const float* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta, u32 T, u32 H, u32 Hkv, u32 window, float scale, float cap, float* __restrict__ dk) {
+    atcw_dkdv<256, u16, false>(q, k, v, dout, lse, delta, T, H, Hkv, window, scale, cap, dk);
 }

@@ -320,6 +320,8 @@ const TC_CASES: &[TcCase] = &[
     (1, 65, 6, 3, 64, Some(7), None),    // a tile and one row, small window
     (2, 70, 4, 2, 64, None, Some(2.0)),  // a soft cap that bends most scores
     (1, 130, 4, 1, 128, Some(40), Some(50.0)), // Gemma 2's attention cap at head_dim 128 (27B), window
+    (1, 70, 4, 2, 256, None, None),      // head_dim 256 (the _d256 kernels: dK and dV apart)
+    (2, 40, 2, 1, 256, Some(16), Some(50.0)), // Gemma 2 2B/9B: head_dim 256, cap 50, window
 ];
 
 /// Per-row check of a bf16-operand result against the fp32 CPU result:
@@ -458,11 +460,15 @@ fn tensor_core_kernels_match_the_cpu() {
     assert!(!gatt::tc_supported(dev, &s));
     let e = gatt::forward_tc(dev, &x.as_view(), &kx.as_view(), &kx.as_view(), &s, &mut o.as_view_mut(), &mut l.as_view_mut()).unwrap_err();
     assert_eq!(e.kind, lora::ErrorKind::Unsupported, "{e}");
-    // Nor head_dim 256 (the fp32 kernels take it); soft caps they take.
+    // Nor head_dims other than 64, 128 and 256 (the fp32 kernels take
+    // them); soft caps they take, and 256 where blocks may have 120 KiB of
+    // shared memory.
     let s = AttnShape { kv_len: 5, ..s };
-    assert!(gatt::tc_supported(dev, &s) == (dev.compute_capability.0 >= 8));
-    assert!(gatt::tc_supported(dev, &AttnShape { softcap: Some(50.0), ..s }) == (dev.compute_capability.0 >= 8));
-    assert!(!gatt::tc_supported(dev, &AttnShape { head_dim: 256, ..s }));
+    let sm80 = dev.compute_capability.0 >= 8;
+    assert!(gatt::tc_supported(dev, &s) == sm80);
+    assert!(gatt::tc_supported(dev, &AttnShape { softcap: Some(50.0), ..s }) == sm80);
+    assert!(gatt::tc_supported(dev, &AttnShape { head_dim: 256, ..s }) == (sm80 && dev.max_smem_optin >= 120 << 10));
+    assert!(!gatt::tc_supported(dev, &AttnShape { head_dim: 160, ..s }));
 }
 
 /// The launchers' grids (`gatt::causal_grid`) of the query-tile kernels
@@ -480,10 +486,16 @@ extern "C" {
 void emu_atc_forward(unsigned d, unsigned gx, unsigned gy, unsigned gz, const float* q, const float* k, const float* v, u32 T, u32 H, u32 Hkv, u32 w, float scale, float cap, float* o, float* lse) {
     emu_launch3(dim3{gx, gy, gz}, ATC_THREADS, [&] {
         if (d == 64) attention_tc_forward_d64_bf16(q, k, v, T, H, Hkv, w, scale, cap, o, lse);
-        else attention_tc_forward_d128_bf16(q, k, v, T, H, Hkv, w, scale, cap, o, lse);
+        else if (d == 128) attention_tc_forward_d128_bf16(q, k, v, T, H, Hkv, w, scale, cap, o, lse);
+        else attention_tc_forward_d256_bf16(q, k, v, T, H, Hkv, w, scale, cap, o, lse);
     });
 }
 void emu_atc_dkdv(unsigned d, unsigned gx, unsigned gy, unsigned gz, const float* q, const float* k, const float* v, const float* dout, const float* lse, const float* delta, u32 T, u32 H, u32 Hkv, u32 w, float scale, float cap, float* dk, float* dv) {
+    if (d == 256) {
+        emu_launch3(dim3{gx, gy, gz}, ATC_THREADS, [&] { attention_tc_dv_d256_bf16(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, cap, dv); });
+        emu_launch3(dim3{gx, gy, gz}, ATC_THREADS, [&] { attention_tc_dk_d256_bf16(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, cap, dk); });
+        return;
+    }
     emu_launch3(dim3{gx, gy, gz}, ATC_THREADS, [&] {
         if (d == 64) attention_tc_dkdv_d64_bf16(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, cap, dk, dv);
         else attention_tc_dkdv_d128_bf16(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, cap, dk, dv);
@@ -492,7 +504,8 @@ void emu_atc_dkdv(unsigned d, unsigned gx, unsigned gy, unsigned gz, const float
 void emu_atc_dq(unsigned d, unsigned gx, unsigned gy, unsigned gz, const float* q, const float* k, const float* v, const float* dout, const float* lse, const float* delta, u32 T, u32 H, u32 Hkv, u32 w, float scale, float cap, float* dq) {
     emu_launch3(dim3{gx, gy, gz}, ATC_THREADS, [&] {
         if (d == 64) attention_tc_dq_d64_bf16(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, cap, dq);
-        else attention_tc_dq_d128_bf16(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, cap, dq);
+        else if (d == 128) attention_tc_dq_d128_bf16(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, cap, dq);
+        else attention_tc_dq_d256_bf16(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, cap, dq);
     });
 }
 // The bf16 form: forward, then δ from the bf16 o, then dk/dv and dq.
@@ -500,16 +513,23 @@ void emu_atc_bf16io(unsigned d, unsigned gx, unsigned gy, unsigned gz, unsigned 
                     u16* o, float* lse, float* delta, unsigned dgrid, float* dq, float* dk, float* dv) {
     emu_launch3(dim3{gx, gy, gz}, ATC_THREADS, [&] {
         if (d == 64) attention_tc_forward_d64_bf16io(q, k, v, T, H, Hkv, w, scale, cap, o, lse);
-        else attention_tc_forward_d128_bf16io(q, k, v, T, H, Hkv, w, scale, cap, o, lse);
+        else if (d == 128) attention_tc_forward_d128_bf16io(q, k, v, T, H, Hkv, w, scale, cap, o, lse);
+        else attention_tc_forward_d256_bf16io(q, k, v, T, H, Hkv, w, scale, cap, o, lse);
     });
     emu_launch3(dim3{dgrid, 1, 1}, ATC_THREADS, [&] { attention_tc_delta_bf16o(dout, o, rows, d, delta); });
-    emu_launch3(dim3{kx, ky, kz}, ATC_THREADS, [&] {
-        if (d == 64) attention_tc_dkdv_d64_bf16io(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, cap, dk, dv);
-        else attention_tc_dkdv_d128_bf16io(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, cap, dk, dv);
-    });
+    if (d == 256) {
+        emu_launch3(dim3{kx, ky, kz}, ATC_THREADS, [&] { attention_tc_dv_d256_bf16io(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, cap, dv); });
+        emu_launch3(dim3{kx, ky, kz}, ATC_THREADS, [&] { attention_tc_dk_d256_bf16io(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, cap, dk); });
+    } else {
+        emu_launch3(dim3{kx, ky, kz}, ATC_THREADS, [&] {
+            if (d == 64) attention_tc_dkdv_d64_bf16io(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, cap, dk, dv);
+            else attention_tc_dkdv_d128_bf16io(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, cap, dk, dv);
+        });
+    }
     emu_launch3(dim3{gx, gy, gz}, ATC_THREADS, [&] {
         if (d == 64) attention_tc_dq_d64_bf16io(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, cap, dq);
-        else attention_tc_dq_d128_bf16io(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, cap, dq);
+        else if (d == 128) attention_tc_dq_d128_bf16io(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, cap, dq);
+        else attention_tc_dq_d256_bf16io(q, k, v, dout, lse, delta, T, H, Hkv, w, scale, cap, dq);
     });
 }
 }
@@ -535,9 +555,18 @@ fn emulated_tensor_core_kernels_match_the_cpu() {
     // SAFETY: entry points built just above with these signatures.
     let (fwd, dkdv, dq): (EmuFwd, EmuDkdv, EmuDq) = unsafe { (*lib.get(b"emu_atc_forward").unwrap(), *lib.get(b"emu_atc_dkdv").unwrap(), *lib.get(b"emu_atc_dq").unwrap()) };
     // Small shapes (every CUDA thread is an OS thread here): partial and
-    // whole tiles, groups 1 and 2, both head dims, windows, soft caps 2
+    // whole tiles, groups 1 and 2, head_dims 64, 128 and 256, windows, soft caps 2
     // (bends most scores) and 50.
-    let cases: &[TcCase] = &[(1, 70, 2, 1, 64, None, None), (2, 19, 2, 2, 128, Some(7), None), (1, 66, 4, 2, 64, Some(40), None), (3, 130, 2, 1, 64, None, None), (1, 70, 2, 1, 64, None, Some(2.0)), (1, 40, 2, 1, 128, Some(24), Some(50.0))];
+    let cases: &[TcCase] = &[
+        (1, 70, 2, 1, 64, None, None),
+        (2, 19, 2, 2, 128, Some(7), None),
+        (1, 66, 4, 2, 64, Some(40), None),
+        (3, 130, 2, 1, 64, None, None),
+        (1, 70, 2, 1, 64, None, Some(2.0)),
+        (1, 40, 2, 1, 128, Some(24), Some(50.0)),
+        (1, 70, 2, 1, 256, None, Some(2.0)),
+        (2, 19, 4, 2, 256, Some(7), None),
+    ];
     // (the fourth: three chunks of one sequence each for the query-tile
     // kernels, one of three for dkdv: emu_grids)
     let mut rng = Rng(75);
@@ -589,7 +618,7 @@ fn emulated_tensor_core_bf16_form_matches_the_fp32_form() {
     // build above succeeded).
     let fp32 = emu::build("attention-delta", &["attention.cu"], &emu::SUBST, emu::MIN_MAX, F32_EMU_ENTRY).unwrap_or_else(|e| panic!("emulating attention.cu: {e}"));
     let mut rng = Rng(76);
-    for c in &[(1usize, 70usize, 2usize, 1usize, 64usize, None, None), (2, 19, 2, 2, 128, Some(7), None), (1, 70, 2, 1, 64, None, Some(2.0))] {
+    for c in &[(1usize, 70usize, 2usize, 1usize, 64usize, None, None), (2, 19, 2, 2, 128, Some(7), None), (1, 70, 2, 1, 64, None, Some(2.0)), (1, 40, 2, 1, 256, Some(9), Some(2.0))] {
         let s = tc_shape(c);
         let (t, h, hkv, d) = (s.q_len as u32, s.n_heads as u32, s.n_kv_heads as u32, s.head_dim as u32);
         let w = s.window.unwrap_or(0) as u32;

@@ -1,7 +1,7 @@
 //! Random model configs on the device against the CPU: each seed draws a
 //! family (Llama, Mistral, Qwen2, Qwen3, Gemma 1/2/3, Granite, Phi-3,
 //! OLMo 2, SmolLM3), its shapes (1 to 8 heads, grouped-query ratios,
-//! head_dim 4 to 128, apart from hidden/heads where the family allows it),
+//! head_dim 4 to 256, apart from hidden/heads where the family allows it),
 //! its knobs (soft caps, windows, rope scalings, partial rotation, biases,
 //! multipliers, tied heads), NF4 at load or not, and an adapter on every
 //! linear layer with a random rank (ranks above a layer's min(in, out)
@@ -61,7 +61,7 @@ fn config(r: &mut SplitMix64) -> (Value, String) {
     let heads = pick(r, &[1usize, 2, 3, 4, 6, 8]);
     let divisors: Vec<usize> = (1..=heads).filter(|d| heads.is_multiple_of(*d)).collect();
     let kv = pick(r, &divisors);
-    let hd = pick(r, &[4usize, 8, 16, 32, 64, 128]);
+    let hd = pick(r, &[4usize, 8, 16, 32, 64, 128, 256]);
     let free_hd = matches!(fam, "llama" | "mistral" | "qwen3" | "gemma" | "gemma2" | "gemma3_text" | "smollm3");
     let hidden = if free_hd && coin(r, 0.5) { heads * pick(r, &[2usize, 4, 6, 8, 12, 16]) } else { heads * hd };
     let layers = pick(r, &[1usize, 2]);

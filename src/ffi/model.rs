@@ -1151,7 +1151,7 @@ pub unsafe extern "C" fn lora_model_device_memory(model: *const lora_model, copy
 pub type lora_device_option = u32;
 /// 1: attention on tensor cores (`cuda/attention_tc.cu`: bf16 q, k, v,
 /// P, dO and dS, fp32 accumulation and softmax) where the shape allows
-/// (head_dim 64 or 128, self-attention, soft-capped or not, sm_80+; the fp32 kernels
+/// (head_dim 64, 128 or 256, self-attention, soft-capped or not, sm_80+; the fp32 kernels
 /// elsewhere). `LORA_COMPUTE_BF16` only. Off by default
 /// (`LORA_CUDA_ATTENTION=tc` in the environment at `lora_model_use_device`
 /// starts it on). These kernels have not yet run on a GPU.

@@ -45,8 +45,8 @@
 //!   it), and the training step is then *lean* ([`DeviceModel::lean`]):
 //!   more of it in bf16, as autocast has it.
 //!   Attention can run on tensor cores instead (`cuda/attention_tc.cu`:
-//!   bf16 q, k, v, P, dO, dS, fp32 accumulation and softmax; head_dim 64
-//!   or 128): [`DeviceModel::set_tensor_core_attention`] or
+//!   bf16 q, k, v, P, dO, dS, fp32 accumulation and softmax; head_dim 64,
+//!   128 or 256): [`DeviceModel::set_tensor_core_attention`] or
 //!   `LORA_CUDA_ATTENTION=tc` at upload. It is off by default because those
 //!   kernels have compiled (CI, NVRTC for sm_80/sm_90) but not yet run on a
 //!   GPU; `tests/cuda_attention.rs` and `tests/cuda_train.rs` check them
@@ -1160,7 +1160,7 @@ impl DeviceModel {
     }
 
     /// Runs attention on tensor cores (bf16 operands) where the shape
-    /// allows (head_dim 64 or 128), or on the fp32 kernels. BF16 mode only.
+    /// allows (head_dim 64, 128 or 256), or on the fp32 kernels. BF16 mode only.
     pub fn set_tensor_core_attention(&mut self, on: bool) -> Result<()> {
         if on && self.compute != Compute::BF16 {
             bail!(InvalidArgument, "tensor-core attention rounds q, k, v to bf16: it needs the BF16 compute mode");

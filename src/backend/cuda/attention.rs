@@ -18,8 +18,8 @@
 //! memory, above the default 48 KiB: the launchers raise the function's
 //! limit). Soft-capped scores (Gemma 2's `attn_logit_softcapping`) are
 //! `c·tanh(s/c)` in every kernel (the CPU's order; [`cap_tol`] bounds the
-//! difference it adds), in the tensor-core kernels too (head_dim 64 or
-//! 128: [`tc_supported`]; head_dim 256 takes the fp32 kernels).
+//! difference it adds), in the tensor-core kernels too (head_dim 64, 128
+//! or 256: [`tc_supported`]).
 //!
 //! Agreement with the CPU: both sum in f32 in different orders and both use
 //! f32 `exp`/`log` (≤ 2 ulp on the GPU; on the CPU `exp` within 1 ulp,
@@ -184,6 +184,9 @@ fn f32_launch(dev: &CudaDevice, k: F32Kernel, d: usize, grid: (u32, u32, u32)) -
     let (name, dm) = k.name(d);
     let f = dev.function(&ATTENTION_CU, name)?;
     let smem = k.smem(dm);
+    if smem > dev.max_smem_optin {
+        bail!(Unsupported, "attention kernel {name} needs {smem} bytes of shared memory per block; {} allows {}", dev.describe(), dev.max_smem_optin);
+    }
     if smem > 0 {
         allow_smem(&f, name, smem)?;
     }
@@ -397,6 +400,9 @@ const ATC_ROWS: usize = 64;
 /// Query rows per dkdv tile (`ATC_KV_BQ`) and shared-row padding (`ATC_PAD`).
 const ATC_KV_BQ: usize = 32;
 const ATC_PAD: usize = 8;
+/// The head_dim-256 kernels' tile: keys (forward, dq) or query rows (dK,
+/// dV) per step (`ATC_W_BK`).
+const ATC_W_BK: usize = 32;
 
 mod sealed {
     /// Only this module's element types name kernels ([`super::TcElem`]).
@@ -415,6 +421,8 @@ mod sealed {
 pub trait TcElem: DeviceRepr + sealed::Sealed {
     /// The kernels' names, `[forward, dkdv, dq]` for head_dim 64 then 128.
     const KERNELS: [[&'static str; 3]; 2];
+    /// The head_dim-256 kernels, `[forward, dv, dk, dq]`.
+    const WIDE: [&'static str; 4];
     /// The `δ = rowsum(dout ∘ o)` kernel for this `o`: source, name,
     /// threads per block.
     const DELTA: (&'static super::KernelSource, &'static str, u32);
@@ -425,6 +433,7 @@ impl TcElem for f32 {
         ["attention_tc_forward_d64_bf16", "attention_tc_dkdv_d64_bf16", "attention_tc_dq_d64_bf16"],
         ["attention_tc_forward_d128_bf16", "attention_tc_dkdv_d128_bf16", "attention_tc_dq_d128_bf16"],
     ];
+    const WIDE: [&'static str; 4] = ["attention_tc_forward_d256_bf16", "attention_tc_dv_d256_bf16", "attention_tc_dk_d256_bf16", "attention_tc_dq_d256_bf16"];
     const DELTA: (&'static super::KernelSource, &'static str, u32) = (&ATTENTION_CU, "attention_delta_f32", ATT_THREADS);
 }
 
@@ -433,6 +442,7 @@ impl TcElem for u16 {
         ["attention_tc_forward_d64_bf16io", "attention_tc_dkdv_d64_bf16io", "attention_tc_dq_d64_bf16io"],
         ["attention_tc_forward_d128_bf16io", "attention_tc_dkdv_d128_bf16io", "attention_tc_dq_d128_bf16io"],
     ];
+    const WIDE: [&'static str; 4] = ["attention_tc_forward_d256_bf16io", "attention_tc_dv_d256_bf16io", "attention_tc_dk_d256_bf16io", "attention_tc_dq_d256_bf16io"];
     const DELTA: (&'static super::KernelSource, &'static str, u32) = (&ATTENTION_TC_CU, "attention_tc_delta_bf16o", ATC_THREADS);
 }
 
@@ -441,10 +451,29 @@ impl TcElem for u16 {
 pub const BF16_U: f64 = 1.0 / 256.0;
 
 /// True when the tensor-core kernels take this shape: self-attention
-/// (`S = T`) with head_dim 64 or 128 (soft-capped or not), on an sm_80+
-/// device.
+/// (`S = T`) with head_dim 64, 128 or 256 (soft-capped or not), on an
+/// sm_80+ device (for 256, one whose blocks may take the kernels' 120 KiB
+/// of shared memory: A100 and H100 can, the sm_86/sm_89 cards' 99 KiB
+/// cannot).
 pub fn tc_supported(dev: &CudaDevice, s: &AttnShape) -> bool {
-    s.q_len == s.kv_len && (s.head_dim == 64 || s.head_dim == 128) && dev.compute_capability.0 >= 8
+    let d = s.head_dim;
+    s.q_len == s.kv_len
+        && dev.compute_capability.0 >= 8
+        && (d == 64 || d == 128 || (d == 256 && atcw_smem(d).into_iter().max().unwrap_or(0) <= dev.max_smem_optin))
+}
+
+/// Dynamic shared memory of the head_dim-`d` (256) kernels, bytes:
+/// `[forward, dv, dk, dq]` (their layouts in `cuda/attention_tc.cu`).
+fn atcw_smem(d: usize) -> [u32; 4] {
+    let (ldk, ldt) = (d + ATC_PAD, ATC_W_BK + ATC_PAD);
+    let (rows, tile) = (ATC_ROWS * ldk, ATC_W_BK * ldk);
+    [
+        2 * (rows + tile + d * ldt),
+        2 * (rows + tile + d * ldt) + 4 * ATC_W_BK,
+        2 * (2 * rows + 2 * tile + d * ldt) + 2 * 4 * ATC_W_BK,
+        2 * (2 * rows + 2 * tile + d * ldt),
+    ]
+    .map(|b| b as u32)
 }
 
 /// Dynamic shared memory of the dkdv kernel for head_dim `d`.
@@ -469,7 +498,7 @@ fn check_pairs_aligned<T>(dev: &CudaDevice, v: &CudaView<'_, T>, what: &str) -> 
 fn tc_check(dev: &CudaDevice, s: &AttnShape) -> Result<(u32, u32, u32, u32, u32, f32)> {
     let (t, _, h, hkv, d, w, cap) = check_shape(s)?;
     if !tc_supported(dev, s) {
-        bail!(Unsupported, "tensor-core attention needs S = T and head_dim 64 or 128 on sm_80+, got S {} T {} head_dim {} on {}", s.kv_len, s.q_len, s.head_dim, dev.describe());
+        bail!(Unsupported, "tensor-core attention needs S = T and head_dim 64, 128 or 256 (with 120 KiB of shared memory per block) on sm_80+, got S {} T {} head_dim {} on {}", s.kv_len, s.q_len, s.head_dim, dev.describe());
     }
     Ok((t, h, hkv, d, w, cap))
 }
@@ -488,13 +517,19 @@ pub fn forward_tc<T: TcElem>(dev: &CudaDevice, q: &CudaView<'_, T>, k: &CudaView
         return Ok(());
     }
     let scale = s.scale();
-    let name = T::KERNELS[usize::from(d == 128)][0];
+    let (name, smem) = if d == 256 { (T::WIDE[0], atcw_smem(256)[0]) } else { (T::KERNELS[usize::from(d == 128)][0], 0) };
     let f = dev.function(&ATTENTION_TC_CU, name)?;
-    let cfg = grid_cfg(causal_grid(dev.multiprocessors, s.q_len.div_ceil(ATC_ROWS), h, s.batch)?, ATC_THREADS);
+    let mut cfg = grid_cfg(causal_grid(dev.multiprocessors, s.q_len.div_ceil(ATC_ROWS), h, s.batch)?, ATC_THREADS);
+    if smem > 0 {
+        allow_smem(&f, name, smem)?;
+        cfg.shared_mem_bytes = smem;
+    }
     // SAFETY: (ptr ×3, u32 ×4, f32 ×2, ptr ×2) as the kernel. The block of
     // (b, h, tile) (causal_grid) reads rows < T of q (head h) and of k, v (head h/(H/Hkv)), writes its
     // rows < T of o and lse: lengths checked above; pair accesses (float2,
-    // or two bf16 as one u32) are aligned (D even, buffers checked above).
+    // or two bf16 as one u32) are aligned (D even, buffers checked above);
+    // head_dim 256: dynamic shared memory as the kernel lays it out
+    // (atcw_smem).
     launch_kernel!(dev, f, name, cfg, [q, k, v, &t, &h, &hkv, &w, &scale, &cap, o, lse])
 }
 
@@ -529,6 +564,9 @@ pub fn backward_tc<T: TcElem>(
     }
     let scale = s.scale();
     let delta = delta_async(dev, o, dout, s, d)?;
+    if d == 256 {
+        return backward_tc_wide::<T>(dev, [q, k, v], lse, dout, &delta, s, (t, h, hkv, w, scale, cap), dq, dk, dv);
+    }
     let name = T::KERNELS[usize::from(d == 128)][1];
     let f = dev.function(&ATTENTION_TC_CU, name)?;
     let smem = atc_dkdv_smem(s.head_dim);
@@ -549,6 +587,49 @@ pub fn backward_tc<T: TcElem>(
     // q, dout, lse, delta (head h) and keys < T of k, v, writes its rows of
     // dq: lengths checked above.
     launch_kernel!(dev, f, name, cfg, [q, k, v, dout, lse, &delta, &t, &h, &hkv, &w, &scale, &cap, dq])
+}
+
+/// [`backward_tc`]'s kernels for head_dim 256: dV, dK (each recomputing
+/// P) and dq, each with its dynamic shared memory (`atcw_smem`).
+#[allow(clippy::too_many_arguments)]
+fn backward_tc_wide<T: TcElem>(
+    dev: &CudaDevice,
+    [q, k, v]: [&CudaView<'_, T>; 3],
+    lse: &CudaView<'_, f32>,
+    dout: &CudaView<'_, f32>,
+    delta: &cudarc::driver::CudaSlice<f32>,
+    s: &AttnShape,
+    (t, h, hkv, w, scale, cap): (u32, u32, u32, u32, f32, f32),
+    dq: &mut CudaViewMut<'_, f32>,
+    dk: &mut CudaViewMut<'_, f32>,
+    dv: &mut CudaViewMut<'_, f32>,
+) -> Result<()> {
+    let smem = atcw_smem(256);
+    let kv_grid = causal_grid(dev.multiprocessors, s.kv_len.div_ceil(ATC_ROWS), hkv, s.batch)?;
+    let part = |i: usize, out: &mut CudaViewMut<'_, f32>| -> Result<()> {
+        let name = T::WIDE[i];
+        let f = dev.function(&ATTENTION_TC_CU, name)?;
+        allow_smem(&f, name, smem[i])?;
+        let mut cfg = grid_cfg(kv_grid, ATC_THREADS);
+        cfg.shared_mem_bytes = smem[i];
+        // SAFETY: (ptr ×6, u32 ×4, f32 ×2, ptr). The block of (b, g, key
+        // tile) (causal_grid) reads keys < T of k, v (head g), rows < T of
+        // q, dout, lse, delta (heads of group g), writes its keys' rows of
+        // dv (part 1) or dk (part 2): lengths checked by backward_tc;
+        // dynamic shared memory as the kernel lays it out (atcw_smem).
+        launch_kernel!(dev, f, name, cfg, [q, k, v, dout, lse, delta, &t, &h, &hkv, &w, &scale, &cap, out])
+    };
+    part(1, dv)?;
+    part(2, dk)?;
+    let name = T::WIDE[3];
+    let f = dev.function(&ATTENTION_TC_CU, name)?;
+    allow_smem(&f, name, smem[3])?;
+    let mut cfg = grid_cfg(causal_grid(dev.multiprocessors, s.q_len.div_ceil(ATC_ROWS), h, s.batch)?, ATC_THREADS);
+    cfg.shared_mem_bytes = smem[3];
+    // SAFETY: (ptr ×6, u32 ×4, f32 ×2, ptr). The block of (b, h, tile)
+    // (causal_grid) reads rows < T of q, dout, lse, delta (head h) and keys
+    // < T of k, v, writes its rows of dq; shared memory as atcw_smem.
+    launch_kernel!(dev, f, name, cfg, [q, k, v, dout, lse, delta, &t, &h, &hkv, &w, &scale, &cap, dq])
 }
 
 /// Decode attention (as [`crate::backend::cpu::attention::attention_decode`]):
@@ -649,6 +730,7 @@ mod tests {
             assert_eq!(tdef(n), super::ATC_ROWS.to_string(), "{n}");
         }
         assert_eq!(tdef("ATC_KV_BQ"), super::ATC_KV_BQ.to_string());
+        assert_eq!(tdef("ATC_W_BK"), super::ATC_W_BK.to_string());
         assert_eq!(tdef("ATC_PAD"), super::ATC_PAD.to_string());
     }
 }

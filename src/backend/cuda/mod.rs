@@ -102,6 +102,10 @@ pub struct CudaDevice {
     pub compute_capability: (i32, i32),
     /// Streaming multiprocessors (launch grids are sized by them).
     pub multiprocessors: u32,
+    /// Dynamic shared memory a block may opt in to, bytes
+    /// (`MAX_SHARED_MEMORY_PER_BLOCK_OPTIN`: 227 KiB on an H100, 163 KiB on
+    /// an A100, 99 KiB on sm_86/sm_89 cards).
+    pub max_smem_optin: u32,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     functions: Mutex<HashMap<(&'static str, &'static str), CudaFunction>>,
 }
@@ -406,6 +410,9 @@ pub fn open(ordinal: usize) -> Result<CudaDevice> {
         let sms = ctx
             .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| err!(Cuda, "cuDeviceGetAttribute(multiprocessor count): {e:?}"))?;
+        let optin = ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(|e| err!(Cuda, "cuDeviceGetAttribute(opt-in shared memory per block): {e:?}"))?;
         Ok(CudaDevice {
             ctx,
             stream,
@@ -413,6 +420,7 @@ pub fn open(ordinal: usize) -> Result<CudaDevice> {
             ordinal,
             compute_capability: cc,
             multiprocessors: sms.max(1) as u32,
+            max_smem_optin: optin.max(0) as u32,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
         })
