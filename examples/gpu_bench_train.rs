@@ -85,7 +85,7 @@ fn run() -> lora::Result<()> {
     let prof = t.device_profile(Some(false)).unwrap_or_default();
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let med = times[times.len() / 2];
-    let opts: Vec<String> = ["LORA_CUDA_ATTENTION", "LORA_CUDA_LORA", "LORA_CUDA_LEAN", "LORA_CUDA_RECOMPUTE", "LORA_CUDA_FOLD"].iter().filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v}"))).collect();
+    let opts: Vec<String> = ["LORA_CUDA_ATTENTION", "LORA_CUDA_LORA", "LORA_CUDA_LEAN", "LORA_CUDA_RECOMPUTE", "LORA_CUDA_FOLD", "LORA_BENCH_HEAD_DIM"].iter().filter_map(|k| std::env::var(k).ok().map(|v| format!("{k}={v}"))).collect();
     println!(
         "liblora {mode}{} {:?}{} | {} | {:.3}B params ({trainable} trainable) | build {build_s:.1} s, upload {upload_s:.1} s",
         if ckpt { " +ckpt" } else { "" },

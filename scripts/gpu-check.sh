@@ -224,6 +224,10 @@ else
 fi
 run "test cuda_train, the other model families (every test on their cases)" 120 env LORA_TRAIN_CASES="$FAMILY_CASES" "$BUNDLE/bin/cuda_train" --nocapture --test-threads=1
 run "test cuda_fuzz (random model configs on the GPU vs the CPU)" 60 env LORA_FUZZ_SEEDS=32 "$BUNDLE/bin/cuda_fuzz" --nocapture --test-threads=1
+# head_dim 256 (Gemma's): the same 1B model regrouped into 8 heads of 256,
+# the _d256 fp32 attention kernels against the tensor-core ones.
+run "bench gpu_bench_train nf4, head_dim 256 (fp32 attention kernels)" 60 env LORA_BENCH_HEAD_DIM=256 "$B" nf4 4 1024 5 16
+run "bench gpu_bench_train nf4, head_dim 256, the lean bf16 step (tensor-core attention)" 60 env LORA_BENCH_HEAD_DIM=256 $LEAN "$B" nf4 4 1024 5 16
 run "bench gpu_bench_train nf4, the lean bf16 step without folded adapter products" 60 env $LEAN LORA_CUDA_FOLD=0 "$B" nf4 4 1024 5 16
 run "bench gpu_bench_train bf16" 60 "$B" bf16 4 1024 5 16
 run "bench gpu_bench_train nf4, tensor-core attention" 60 env LORA_CUDA_ATTENTION=tc "$B" nf4 4 1024 5 16

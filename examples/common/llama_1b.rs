@@ -14,12 +14,21 @@ use lora::quant::nf4::Nf4Params;
 pub const VOCAB: usize = 128256;
 
 /// Builds the model for `mode` (`nf4` or `bf16`) with adapter "a".
+/// `LORA_BENCH_HEAD_DIM` (64 by default; 128 or 256, Gemma's) keeps the
+/// hidden size and regroups it into 2048/head_dim heads (a quarter of them
+/// KV heads), to time the attention kernels of other head_dims on the
+/// same model.
 pub fn build(mode: &str, rank: usize) -> lora::Result<Model> {
+    let hd: usize = std::env::var("LORA_BENCH_HEAD_DIM").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
+    if !matches!(hd, 64 | 128 | 256) {
+        lora::bail!(InvalidArgument, "LORA_BENCH_HEAD_DIM {hd}: 64, 128 or 256");
+    }
+    let heads = 2048 / hd;
     let cfg = serde_json::json!({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192,
-        "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": VOCAB,
+        "num_hidden_layers": 16, "num_attention_heads": heads, "num_key_value_heads": heads / 4, "vocab_size": VOCAB,
         "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 4096, "tie_word_embeddings": true,
-        "head_dim": 64
+        "head_dim": hd
     });
     let quant = match mode {
         "nf4" => Some(Nf4Params::default()),
