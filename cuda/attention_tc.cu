@@ -179,6 +179,162 @@ __device__ __forceinline__ void atc_frag_rows(u32 (*fa)[4], const T* __restrict_
     }
 }
 
+// acc[nd] += A·B for nd < D/8, over NK/16 steps of k: A (16×NK) from the
+// C fragments c (rounded to bf16 pairs: a C fragment pair is the next
+// product's A fragment, FlashAttention-2's register reuse of P), B (NK×8
+// blocks) from sB's row nd·8 + g, columns 16·kk + 2t.. (an operand staged
+// transposed by atc_stage_cols). P·V, dS·K, Pᵀ·dO and dSᵀ·Q.
+template <int NK, int D>
+__device__ __forceinline__ void atc_mma_c(float (*acc)[4], float (*c)[4], const u16* sB, int ldb, int g, int t) {
+#pragma unroll
+    for (int kk = 0; kk < NK / 16; kk++) {
+        const u32 a0 = atc_pack(c[2 * kk][0], c[2 * kk][1]), a1 = atc_pack(c[2 * kk][2], c[2 * kk][3]);
+        const u32 a2 = atc_pack(c[2 * kk + 1][0], c[2 * kk + 1][1]), a3 = atc_pack(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+#pragma unroll
+        for (int nd = 0; nd < D / 8; nd++) {
+            const u16* pb = sB + (nd * 8 + g) * ldb + kk * 16 + 2 * t;
+            atc_mma(acc[nd], a0, a1, a2, a3, atc_ld32(pb), atc_ld32(pb + 8));
+        }
+    }
+}
+
+template <int N>
+__device__ __forceinline__ void atc_zero(float (*c)[4]) {
+#pragma unroll
+    for (int i = 0; i < N; i++) c[i][0] = c[i][1] = c[i][2] = c[i][3] = 0.0f;
+}
+
+// The forward's online softmax over one tile of NK keys j0..: s holds the
+// warp's products q·k for its rows row0 (C fragment entries c < 2) and
+// row1 = row0 + 8. Visible entries (key < khi, atc_sees) become
+// exp(x − m) with x the scaled, soft-capped score and m the rows' new
+// running maximum, the others 0; m and the running sums l are updated and
+// al gets the factor by which the rows' earlier sums must be scaled.
+template <int NK>
+__device__ __forceinline__ void atc_softmax(float (*s)[4], long long j0, long long khi, long long row0, long long row1, u32 window, float scale,
+                                            float cap, int t, float& m0, float& m1, float& l0, float& l1, float& al0, float& al1) {
+    float mx0 = ATC_NEG_INF, mx1 = ATC_NEG_INF;
+#pragma unroll
+    for (int nt = 0; nt < NK / 8; nt++) {
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            const long long j = j0 + nt * 8 + 2 * t + (c & 1);
+            const long long i = c < 2 ? row0 : row1;
+            float fac;
+            const float x = (j < khi && atc_sees(i, j, window)) ? atc_cap(s[nt][c] * scale, cap, fac) : ATC_NEG_INF;
+            s[nt][c] = x;
+            if (c < 2) mx0 = fmaxf(mx0, x); else mx1 = fmaxf(mx1, x);
+        }
+    }
+    mx0 = atc_quad_max(mx0);
+    mx1 = atc_quad_max(mx1);
+    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+    const float mu0 = mn0 == ATC_NEG_INF ? 0.0f : mn0, mu1 = mn1 == ATC_NEG_INF ? 0.0f : mn1;
+    al0 = __expf(m0 - mu0);
+    al1 = __expf(m1 - mu1);
+    float ps0 = 0.0f, ps1 = 0.0f;
+#pragma unroll
+    for (int nt = 0; nt < NK / 8; nt++) {
+        s[nt][0] = __expf(s[nt][0] - mu0);
+        s[nt][1] = __expf(s[nt][1] - mu0);
+        s[nt][2] = __expf(s[nt][2] - mu1);
+        s[nt][3] = __expf(s[nt][3] - mu1);
+        ps0 += s[nt][0] + s[nt][1];
+        ps1 += s[nt][2] + s[nt][3];
+    }
+    l0 = l0 * al0 + atc_quad_sum(ps0);
+    l1 = l1 * al1 + atc_quad_sum(ps1);
+    m0 = mn0;
+    m1 = mn1;
+}
+
+// Scales rows row0 (entries c < 2) and row1 of an accumulator.
+template <int D>
+__device__ __forceinline__ void atc_rescale(float (*acc)[4], float al0, float al1) {
+#pragma unroll
+    for (int nd = 0; nd < D / 8; nd++) {
+        acc[nd][0] *= al0;
+        acc[nd][1] *= al0;
+        acc[nd][2] *= al1;
+        acc[nd][3] *= al1;
+    }
+}
+
+// The forward's outputs of rows row0 and row1 (those < T): o = acc / l
+// (fp32 or rounded to bf16) and lse = m + log l.
+template <int D, typename TO>
+__device__ __forceinline__ void atc_store_o(TO* __restrict__ o, float* __restrict__ lse, u32 b, u32 T, u32 H, u32 h, long long row0, long long row1,
+                                            float (*acc)[4], float m0, float m1, float l0, float l1, int t) {
+    const u64 ldq = (u64)H * D;
+    const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
+    if (row0 < (long long)T) {
+        TO* ob = o + ((u64)b * T + row0) * ldq + (u64)h * D;
+#pragma unroll
+        for (int nd = 0; nd < D / 8; nd++) atc_st_pair(ob + nd * 8 + 2 * t, acc[nd][0] * inv0, acc[nd][1] * inv0);
+        if (t == 0) lse[((u64)b * T + row0) * H + h] = m0 + __logf(l0);
+    }
+    if (row1 < (long long)T) {
+        TO* ob = o + ((u64)b * T + row1) * ldq + (u64)h * D;
+#pragma unroll
+        for (int nd = 0; nd < D / 8; nd++) atc_st_pair(ob + nd * 8 + 2 * t, acc[nd][2] * inv1, acc[nd][3] * inv1);
+        if (t == 0) lse[((u64)b * T + row1) * H + h] = m1 + __logf(l1);
+    }
+}
+
+// The dq kernels' tile: s (q·k of rows row0, row1 against keys j0..)
+// becomes dS = P∘(dP − δ)·(1 − t²) (0 where not visible), P = exp(x − lse).
+template <int NK>
+__device__ __forceinline__ void atc_ds(float (*s)[4], float (*dp)[4], long long j0, long long khi, long long row0, long long row1, u32 T, u32 window,
+                                       float scale, float cap, float lse0, float lse1, float del0, float del1, int t) {
+#pragma unroll
+    for (int nt = 0; nt < NK / 8; nt++) {
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            const long long j = j0 + nt * 8 + 2 * t + (c & 1);
+            const long long i = c < 2 ? row0 : row1;
+            const bool ok = j < khi && i < (long long)T && atc_sees(i, j, window);
+            float fac = 1.0f;
+            const float p = ok ? __expf(atc_cap(s[nt][c] * scale, cap, fac) - (c < 2 ? lse0 : lse1)) : 0.0f;
+            s[nt][c] = p * (dp[nt][c] - (c < 2 ? del0 : del1)) * fac;
+        }
+    }
+}
+
+// The dK/dV kernels' tile, transposed (rows keys key0 (c < 2) and key1,
+// columns the queries i0 + il, il < nq): with P, st (k·q) becomes Pᵀ; with
+// DS, dp (v·dO) becomes dSᵀ = Pᵀ∘(dPᵀ − δ)·(1 − t²).
+template <int NQ, bool P, bool DS>
+__device__ __forceinline__ void atc_pt(float (*st)[4], float (*dp)[4], long long i0, int nq, long long key0, long long key1, u32 T, u32 window,
+                                       float scale, float cap, const float* sl, const float* sd, int t) {
+#pragma unroll
+    for (int nt = 0; nt < NQ / 8; nt++) {
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            const int il = nt * 8 + 2 * t + (c & 1);
+            const long long i = i0 + il, j = c < 2 ? key0 : key1;
+            const bool ok = il < nq && j < (long long)T && atc_sees(i, j, window);
+            float fac = 1.0f;
+            const float p = ok ? __expf(atc_cap(st[nt][c] * scale, cap, fac) - sl[il]) : 0.0f;
+            if (P) st[nt][c] = p;
+            if (DS) dp[nt][c] = p * (dp[nt][c] - sd[il]) * fac;
+        }
+    }
+}
+
+// Rows r0 (entries c < 2) and r1 = r0 + 8 of an fp32 accumulator, times f,
+// to out0 and out1 (NULL: a row past the end).
+template <int D>
+__device__ __forceinline__ void atc_store_f32(float* out0, float* out1, float (*acc)[4], float f, int t) {
+    if (out0) {
+#pragma unroll
+        for (int nd = 0; nd < D / 8; nd++) *(float2*)(out0 + nd * 8 + 2 * t) = make_float2(acc[nd][0] * f, acc[nd][1] * f);
+    }
+    if (out1) {
+#pragma unroll
+        for (int nd = 0; nd < D / 8; nd++) *(float2*)(out1 + nd * 8 + 2 * t) = make_float2(acc[nd][2] * f, acc[nd][3] * f);
+    }
+}
+
 // ------------------------------------------------------------------ forward
 // grid = causal_grid over ⌈T/64⌉ tiles of H heads, block = 128. Warp w owns query rows i0+16w .. +15.
 template <int D, typename TI, typename TO>
@@ -205,8 +361,7 @@ __device__ __forceinline__ void atc_forward(const TI* __restrict__ q, const TI* 
     u32 qa[D / 16][4];
     atc_frag_rows<D>(qa, qb, ldq, row0, T, t);
     float acc[D / 8][4];
-#pragma unroll
-    for (int nd = 0; nd < D / 8; nd++) acc[nd][0] = acc[nd][1] = acc[nd][2] = acc[nd][3] = 0.0f;
+    atc_zero<D / 8>(acc);
     float m0 = ATC_NEG_INF, m1 = ATC_NEG_INF, l0 = 0.0f, l1 = 0.0f;
     const long long klo = atc_lo(i0, window), khi = (long long)i0 + nq;
     for (long long j0 = klo; j0 < khi; j0 += ATC_FWD_BK) {
@@ -217,8 +372,7 @@ __device__ __forceinline__ void atc_forward(const TI* __restrict__ q, const TI* 
         __syncthreads();
         if (wr >= (long long)T || j0 > wr + 15 || j0 + ATC_FWD_BK <= atc_lo(wr, window)) continue;  // nothing visible to this warp
         float s[ATC_FWD_BK / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < ATC_FWD_BK / 8; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+        atc_zero<ATC_FWD_BK / 8>(s);
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) {
 #pragma unroll
@@ -227,69 +381,12 @@ __device__ __forceinline__ void atc_forward(const TI* __restrict__ q, const TI* 
                 atc_mma(s[nt], qa[kk][0], qa[kk][1], qa[kk][2], qa[kk][3], atc_ld32(pb), atc_ld32(pb + 8));
             }
         }
-        float mx0 = ATC_NEG_INF, mx1 = ATC_NEG_INF;
-#pragma unroll
-        for (int nt = 0; nt < ATC_FWD_BK / 8; nt++) {
-#pragma unroll
-            for (int c = 0; c < 4; c++) {
-                const long long j = j0 + nt * 8 + 2 * t + (c & 1);
-                const long long i = c < 2 ? row0 : row1;
-                float fac;
-                const float x = (j < khi && atc_sees(i, j, window)) ? atc_cap(s[nt][c] * scale, cap, fac) : ATC_NEG_INF;
-                s[nt][c] = x;
-                if (c < 2) mx0 = fmaxf(mx0, x); else mx1 = fmaxf(mx1, x);
-            }
-        }
-        mx0 = atc_quad_max(mx0);
-        mx1 = atc_quad_max(mx1);
-        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-        const float mu0 = mn0 == ATC_NEG_INF ? 0.0f : mn0, mu1 = mn1 == ATC_NEG_INF ? 0.0f : mn1;
-        const float al0 = __expf(m0 - mu0), al1 = __expf(m1 - mu1);
-        float ps0 = 0.0f, ps1 = 0.0f;
-#pragma unroll
-        for (int nt = 0; nt < ATC_FWD_BK / 8; nt++) {
-            s[nt][0] = __expf(s[nt][0] - mu0);
-            s[nt][1] = __expf(s[nt][1] - mu0);
-            s[nt][2] = __expf(s[nt][2] - mu1);
-            s[nt][3] = __expf(s[nt][3] - mu1);
-            ps0 += s[nt][0] + s[nt][1];
-            ps1 += s[nt][2] + s[nt][3];
-        }
-        l0 = l0 * al0 + atc_quad_sum(ps0);
-        l1 = l1 * al1 + atc_quad_sum(ps1);
-        m0 = mn0;
-        m1 = mn1;
-#pragma unroll
-        for (int nd = 0; nd < D / 8; nd++) {
-            acc[nd][0] *= al0;
-            acc[nd][1] *= al0;
-            acc[nd][2] *= al1;
-            acc[nd][3] *= al1;
-        }
-#pragma unroll
-        for (int kk = 0; kk < ATC_FWD_BK / 16; kk++) {
-            const u32 a0 = atc_pack(s[2 * kk][0], s[2 * kk][1]), a1 = atc_pack(s[2 * kk][2], s[2 * kk][3]);
-            const u32 a2 = atc_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]), a3 = atc_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-            for (int nd = 0; nd < D / 8; nd++) {
-                const u16* pb = sVt + (nd * 8 + g) * LDV + kk * 16 + 2 * t;
-                atc_mma(acc[nd], a0, a1, a2, a3, atc_ld32(pb), atc_ld32(pb + 8));
-            }
-        }
+        float al0, al1;
+        atc_softmax<ATC_FWD_BK>(s, j0, khi, row0, row1, window, scale, cap, t, m0, m1, l0, l1, al0, al1);
+        atc_rescale<D>(acc, al0, al1);
+        atc_mma_c<ATC_FWD_BK, D>(acc, s, sVt, LDV, g, t);
     }
-    const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
-    if (row0 < (long long)T) {
-        TO* ob = o + ((u64)b * T + row0) * ldq + (u64)h * D;
-#pragma unroll
-        for (int nd = 0; nd < D / 8; nd++) atc_st_pair(ob + nd * 8 + 2 * t, acc[nd][0] * inv0, acc[nd][1] * inv0);
-        if (t == 0) lse[((u64)b * T + row0) * H + h] = m0 + __logf(l0);
-    }
-    if (row1 < (long long)T) {
-        TO* ob = o + ((u64)b * T + row1) * ldq + (u64)h * D;
-#pragma unroll
-        for (int nd = 0; nd < D / 8; nd++) atc_st_pair(ob + nd * 8 + 2 * t, acc[nd][2] * inv1, acc[nd][3] * inv1);
-        if (t == 0) lse[((u64)b * T + row1) * H + h] = m1 + __logf(l1);
-    }
+    atc_store_o<D>(o, lse, b, T, H, h, row0, row1, acc, m0, m1, l0, l1, t);
 }
 
 // ----------------------------------------------------------------------- dq
@@ -324,8 +421,7 @@ __device__ __forceinline__ void atc_dq(const TI* __restrict__ q, const TI* __res
     const float lse0 = v0 ? lse[((u64)b * T + row0) * H + h] : 0.0f, lse1 = v1 ? lse[((u64)b * T + row1) * H + h] : 0.0f;
     const float del0 = v0 ? delta[((u64)b * T + row0) * H + h] : 0.0f, del1 = v1 ? delta[((u64)b * T + row1) * H + h] : 0.0f;
     float acc[D / 8][4];
-#pragma unroll
-    for (int nd = 0; nd < D / 8; nd++) acc[nd][0] = acc[nd][1] = acc[nd][2] = acc[nd][3] = 0.0f;
+    atc_zero<D / 8>(acc);
     const long long klo = atc_lo(i0, window), khi = (long long)i0 + nq;
     for (long long j0 = klo; j0 < khi; j0 += ATC_DQ_BK) {
         const int nk = (int)min((long long)ATC_DQ_BK, khi - j0);
@@ -336,11 +432,8 @@ __device__ __forceinline__ void atc_dq(const TI* __restrict__ q, const TI* __res
         __syncthreads();
         if (wr >= (long long)T || j0 > wr + 15 || j0 + ATC_DQ_BK <= atc_lo(wr, window)) continue;
         float s[ATC_DQ_BK / 8][4], dp[ATC_DQ_BK / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < ATC_DQ_BK / 8; nt++) {
-            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-            dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
-        }
+        atc_zero<ATC_DQ_BK / 8>(s);
+        atc_zero<ATC_DQ_BK / 8>(dp);
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) {
 #pragma unroll
@@ -351,39 +444,11 @@ __device__ __forceinline__ void atc_dq(const TI* __restrict__ q, const TI* __res
                 atc_mma(dp[nt], da[kk][0], da[kk][1], da[kk][2], da[kk][3], atc_ld32(pv), atc_ld32(pv + 8));
             }
         }
-#pragma unroll
-        for (int nt = 0; nt < ATC_DQ_BK / 8; nt++) {
-#pragma unroll
-            for (int c = 0; c < 4; c++) {
-                const long long j = j0 + nt * 8 + 2 * t + (c & 1);
-                const long long i = c < 2 ? row0 : row1;
-                const bool ok = j < khi && i < (long long)T && atc_sees(i, j, window);
-                float fac = 1.0f;
-                const float p = ok ? __expf(atc_cap(s[nt][c] * scale, cap, fac) - (c < 2 ? lse0 : lse1)) : 0.0f;
-                s[nt][c] = p * (dp[nt][c] - (c < 2 ? del0 : del1)) * fac;  // dS
-            }
-        }
-#pragma unroll
-        for (int kk = 0; kk < ATC_DQ_BK / 16; kk++) {
-            const u32 a0 = atc_pack(s[2 * kk][0], s[2 * kk][1]), a1 = atc_pack(s[2 * kk][2], s[2 * kk][3]);
-            const u32 a2 = atc_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]), a3 = atc_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-            for (int nd = 0; nd < D / 8; nd++) {
-                const u16* pb = sKt + (nd * 8 + g) * LDT + kk * 16 + 2 * t;
-                atc_mma(acc[nd], a0, a1, a2, a3, atc_ld32(pb), atc_ld32(pb + 8));
-            }
-        }
+        atc_ds<ATC_DQ_BK>(s, dp, j0, khi, row0, row1, T, window, scale, cap, lse0, lse1, del0, del1, t);
+        atc_mma_c<ATC_DQ_BK, D>(acc, s, sKt, LDT, g, t);
     }
-    if (v0) {
-        float* out = dq + ((u64)b * T + row0) * ldq + (u64)h * D;
-#pragma unroll
-        for (int nd = 0; nd < D / 8; nd++) *(float2*)(out + nd * 8 + 2 * t) = make_float2(acc[nd][0] * scale, acc[nd][1] * scale);
-    }
-    if (v1) {
-        float* out = dq + ((u64)b * T + row1) * ldq + (u64)h * D;
-#pragma unroll
-        for (int nd = 0; nd < D / 8; nd++) *(float2*)(out + nd * 8 + 2 * t) = make_float2(acc[nd][2] * scale, acc[nd][3] * scale);
-    }
+    float* out = dq + (u64)h * D;
+    atc_store_f32<D>(v0 ? out + ((u64)b * T + row0) * ldq : nullptr, v1 ? out + ((u64)b * T + row1) * ldq : nullptr, acc, scale, t);
 }
 
 // --------------------------------------------------------------------- dkdv
@@ -421,11 +486,8 @@ __device__ __forceinline__ void atc_dkdv(const TI* __restrict__ q, const TI* __r
     const int kw = warp * 16;  // the warp's first key within the block
     const long long key0 = (long long)j0 + kw + g, key1 = key0 + 8;
     float ak[D / 8][4], av[D / 8][4];
-#pragma unroll
-    for (int nd = 0; nd < D / 8; nd++) {
-        ak[nd][0] = ak[nd][1] = ak[nd][2] = ak[nd][3] = 0.0f;
-        av[nd][0] = av[nd][1] = av[nd][2] = av[nd][3] = 0.0f;
-    }
+    atc_zero<D / 8>(ak);
+    atc_zero<D / 8>(av);
     // Rows that see a key of the block: j0 ≤ i < j0 + nk − 1 + W.
     const long long qhi = window == 0 ? (long long)T : min((long long)T, (long long)j0 + nk - 1 + (long long)window);
     const long long wk0 = (long long)j0 + kw;  // the warp's first key
@@ -451,11 +513,8 @@ __device__ __forceinline__ void atc_dkdv(const TI* __restrict__ q, const TI* __r
             // first key, or (window) all rows past the last key's window.
             if (wk0 >= (long long)T || i0 + nq - 1 < wk0 || (window != 0 && i0 >= wk0 + 15 + (long long)window)) continue;
             float st[ATC_KV_BQ / 8][4], dp[ATC_KV_BQ / 8][4];
-#pragma unroll
-            for (int nt = 0; nt < ATC_KV_BQ / 8; nt++) {
-                st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.0f;
-                dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
-            }
+            atc_zero<ATC_KV_BQ / 8>(st);
+            atc_zero<ATC_KV_BQ / 8>(dp);
 #pragma unroll
             for (int kk = 0; kk < D / 16; kk++) {
                 const u16* pk0 = sK + (kw + g) * LDK + kk * 16 + 2 * t;
@@ -473,51 +532,15 @@ __device__ __forceinline__ void atc_dkdv(const TI* __restrict__ q, const TI* __r
                 }
             }
             // Pᵀ and dSᵀ: rows are keys (key0: c < 2, key1: c ≥ 2), columns queries.
-#pragma unroll
-            for (int nt = 0; nt < ATC_KV_BQ / 8; nt++) {
-#pragma unroll
-                for (int c = 0; c < 4; c++) {
-                    const int il = nt * 8 + 2 * t + (c & 1);
-                    const long long i = i0 + il, j = c < 2 ? key0 : key1;
-                    const bool ok = il < nq && j < (long long)T && atc_sees(i, j, window);
-                    float fac = 1.0f;
-                    const float p = ok ? __expf(atc_cap(st[nt][c] * scale, cap, fac) - sl[il]) : 0.0f;
-                    st[nt][c] = p;
-                    dp[nt][c] = p * (dp[nt][c] - sd[il]) * fac;
-                }
-            }
-#pragma unroll
-            for (int kk = 0; kk < ATC_KV_BQ / 16; kk++) {
-                const u32 p0 = atc_pack(st[2 * kk][0], st[2 * kk][1]), p1 = atc_pack(st[2 * kk][2], st[2 * kk][3]);
-                const u32 p2 = atc_pack(st[2 * kk + 1][0], st[2 * kk + 1][1]), p3 = atc_pack(st[2 * kk + 1][2], st[2 * kk + 1][3]);
-                const u32 d0 = atc_pack(dp[2 * kk][0], dp[2 * kk][1]), d1 = atc_pack(dp[2 * kk][2], dp[2 * kk][3]);
-                const u32 d2 = atc_pack(dp[2 * kk + 1][0], dp[2 * kk + 1][1]), d3 = atc_pack(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
-#pragma unroll
-                for (int nd = 0; nd < D / 8; nd++) {
-                    const u16* po = sOt + (nd * 8 + g) * LDT + kk * 16 + 2 * t;
-                    const u16* pq = sQt + (nd * 8 + g) * LDT + kk * 16 + 2 * t;
-                    atc_mma(av[nd], p0, p1, p2, p3, atc_ld32(po), atc_ld32(po + 8));
-                    atc_mma(ak[nd], d0, d1, d2, d3, atc_ld32(pq), atc_ld32(pq + 8));
-                }
-            }
+            atc_pt<ATC_KV_BQ, true, true>(st, dp, i0, nq, key0, key1, T, window, scale, cap, sl, sd, t);
+            atc_mma_c<ATC_KV_BQ, D>(av, st, sOt, LDT, g, t);
+            atc_mma_c<ATC_KV_BQ, D>(ak, dp, sQt, LDT, g, t);
         }
     }
-    if (key0 < (long long)T) {
-        const u64 r = (((u64)b * T + key0) * Hkv + grp) * D;
-#pragma unroll
-        for (int nd = 0; nd < D / 8; nd++) {
-            *(float2*)(dk + r + nd * 8 + 2 * t) = make_float2(ak[nd][0] * scale, ak[nd][1] * scale);
-            *(float2*)(dv + r + nd * 8 + 2 * t) = make_float2(av[nd][0], av[nd][1]);
-        }
-    }
-    if (key1 < (long long)T) {
-        const u64 r = (((u64)b * T + key1) * Hkv + grp) * D;
-#pragma unroll
-        for (int nd = 0; nd < D / 8; nd++) {
-            *(float2*)(dk + r + nd * 8 + 2 * t) = make_float2(ak[nd][2] * scale, ak[nd][3] * scale);
-            *(float2*)(dv + r + nd * 8 + 2 * t) = make_float2(av[nd][2], av[nd][3]);
-        }
-    }
+    const u64 r0 = (((u64)b * T + key0) * Hkv + grp) * D, r1 = (((u64)b * T + key1) * Hkv + grp) * D;
+    const bool k0 = key0 < (long long)T, k1 = key1 < (long long)T;
+    atc_store_f32<D>(k0 ? dk + r0 : nullptr, k1 ? dk + r1 : nullptr, ak, scale, t);
+    atc_store_f32<D>(k0 ? dv + r0 : nullptr, k1 ? dv + r1 : nullptr, av, 1.0f, t);
 }
 
 // ------------------------------------------------------------ head_dim 256
@@ -567,8 +590,7 @@ __device__ __forceinline__ void atcw_forward(const TI* __restrict__ q, const TI*
     const long long row0 = wr + g, row1 = row0 + 8;
     atc_stage_rows<D>(sQ, LDK, qb, ldq, i0, nq, BQ);  // visible after the loop's first barrier
     float acc[D / 8][4];
-#pragma unroll
-    for (int nd = 0; nd < D / 8; nd++) acc[nd][0] = acc[nd][1] = acc[nd][2] = acc[nd][3] = 0.0f;
+    atc_zero<D / 8>(acc);
     float m0 = ATC_NEG_INF, m1 = ATC_NEG_INF, l0 = 0.0f, l1 = 0.0f;
     const long long klo = atc_lo(i0, window), khi = (long long)i0 + nq;
     for (long long j0 = klo; j0 < khi; j0 += BK) {
@@ -579,8 +601,7 @@ __device__ __forceinline__ void atcw_forward(const TI* __restrict__ q, const TI*
         __syncthreads();
         if (wr >= (long long)T || j0 > wr + 15 || j0 + BK <= atc_lo(wr, window)) continue;
         float s[BK / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < BK / 8; nt++) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+        atc_zero<BK / 8>(s);
 #pragma unroll 4
         for (int kk = 0; kk < D / 16; kk++) {
             u32 a0, a1, a2, a3;
@@ -591,69 +612,12 @@ __device__ __forceinline__ void atcw_forward(const TI* __restrict__ q, const TI*
                 atc_mma(s[nt], a0, a1, a2, a3, atc_ld32(pb), atc_ld32(pb + 8));
             }
         }
-        float mx0 = ATC_NEG_INF, mx1 = ATC_NEG_INF;
-#pragma unroll
-        for (int nt = 0; nt < BK / 8; nt++) {
-#pragma unroll
-            for (int c = 0; c < 4; c++) {
-                const long long j = j0 + nt * 8 + 2 * t + (c & 1);
-                const long long i = c < 2 ? row0 : row1;
-                float fac;
-                const float x = (j < khi && atc_sees(i, j, window)) ? atc_cap(s[nt][c] * scale, cap, fac) : ATC_NEG_INF;
-                s[nt][c] = x;
-                if (c < 2) mx0 = fmaxf(mx0, x); else mx1 = fmaxf(mx1, x);
-            }
-        }
-        mx0 = atc_quad_max(mx0);
-        mx1 = atc_quad_max(mx1);
-        const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-        const float mu0 = mn0 == ATC_NEG_INF ? 0.0f : mn0, mu1 = mn1 == ATC_NEG_INF ? 0.0f : mn1;
-        const float al0 = __expf(m0 - mu0), al1 = __expf(m1 - mu1);
-        float ps0 = 0.0f, ps1 = 0.0f;
-#pragma unroll
-        for (int nt = 0; nt < BK / 8; nt++) {
-            s[nt][0] = __expf(s[nt][0] - mu0);
-            s[nt][1] = __expf(s[nt][1] - mu0);
-            s[nt][2] = __expf(s[nt][2] - mu1);
-            s[nt][3] = __expf(s[nt][3] - mu1);
-            ps0 += s[nt][0] + s[nt][1];
-            ps1 += s[nt][2] + s[nt][3];
-        }
-        l0 = l0 * al0 + atc_quad_sum(ps0);
-        l1 = l1 * al1 + atc_quad_sum(ps1);
-        m0 = mn0;
-        m1 = mn1;
-#pragma unroll
-        for (int nd = 0; nd < D / 8; nd++) {
-            acc[nd][0] *= al0;
-            acc[nd][1] *= al0;
-            acc[nd][2] *= al1;
-            acc[nd][3] *= al1;
-        }
-#pragma unroll
-        for (int kk = 0; kk < BK / 16; kk++) {
-            const u32 a0 = atc_pack(s[2 * kk][0], s[2 * kk][1]), a1 = atc_pack(s[2 * kk][2], s[2 * kk][3]);
-            const u32 a2 = atc_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]), a3 = atc_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-            for (int nd = 0; nd < D / 8; nd++) {
-                const u16* pb = sVt + (nd * 8 + g) * LDT + kk * 16 + 2 * t;
-                atc_mma(acc[nd], a0, a1, a2, a3, atc_ld32(pb), atc_ld32(pb + 8));
-            }
-        }
+        float al0, al1;
+        atc_softmax<BK>(s, j0, khi, row0, row1, window, scale, cap, t, m0, m1, l0, l1, al0, al1);
+        atc_rescale<D>(acc, al0, al1);
+        atc_mma_c<BK, D>(acc, s, sVt, LDT, g, t);
     }
-    const float inv0 = 1.0f / l0, inv1 = 1.0f / l1;
-    if (row0 < (long long)T) {
-        TO* ob = o + ((u64)b * T + row0) * ldq + (u64)h * D;
-#pragma unroll
-        for (int nd = 0; nd < D / 8; nd++) atc_st_pair(ob + nd * 8 + 2 * t, acc[nd][0] * inv0, acc[nd][1] * inv0);
-        if (t == 0) lse[((u64)b * T + row0) * H + h] = m0 + __logf(l0);
-    }
-    if (row1 < (long long)T) {
-        TO* ob = o + ((u64)b * T + row1) * ldq + (u64)h * D;
-#pragma unroll
-        for (int nd = 0; nd < D / 8; nd++) atc_st_pair(ob + nd * 8 + 2 * t, acc[nd][2] * inv1, acc[nd][3] * inv1);
-        if (t == 0) lse[((u64)b * T + row1) * H + h] = m1 + __logf(l1);
-    }
+    atc_store_o<D>(o, lse, b, T, H, h, row0, row1, acc, m0, m1, l0, l1, t);
 }
 
 // dq, D = 256: grid as atc_dq; dynamic shared memory sQ [64][LDK],
@@ -689,8 +653,7 @@ __device__ __forceinline__ void atcw_dq(const TI* __restrict__ q, const TI* __re
     const float lse0 = v0 ? lse[((u64)b * T + row0) * H + h] : 0.0f, lse1 = v1 ? lse[((u64)b * T + row1) * H + h] : 0.0f;
     const float del0 = v0 ? delta[((u64)b * T + row0) * H + h] : 0.0f, del1 = v1 ? delta[((u64)b * T + row1) * H + h] : 0.0f;
     float acc[D / 8][4];
-#pragma unroll
-    for (int nd = 0; nd < D / 8; nd++) acc[nd][0] = acc[nd][1] = acc[nd][2] = acc[nd][3] = 0.0f;
+    atc_zero<D / 8>(acc);
     const long long klo = atc_lo(i0, window), khi = (long long)i0 + nq;
     for (long long j0 = klo; j0 < khi; j0 += BK) {
         const int nk = (int)min((long long)BK, khi - j0);
@@ -701,11 +664,8 @@ __device__ __forceinline__ void atcw_dq(const TI* __restrict__ q, const TI* __re
         __syncthreads();
         if (wr >= (long long)T || j0 > wr + 15 || j0 + BK <= atc_lo(wr, window)) continue;
         float s[BK / 8][4], dp[BK / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < BK / 8; nt++) {
-            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
-            dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
-        }
+        atc_zero<BK / 8>(s);
+        atc_zero<BK / 8>(dp);
 #pragma unroll 2
         for (int kk = 0; kk < D / 16; kk++) {
             u32 a0, a1, a2, a3, d0, d1, d2, d3;
@@ -719,39 +679,11 @@ __device__ __forceinline__ void atcw_dq(const TI* __restrict__ q, const TI* __re
                 atc_mma(dp[nt], d0, d1, d2, d3, atc_ld32(pv), atc_ld32(pv + 8));
             }
         }
-#pragma unroll
-        for (int nt = 0; nt < BK / 8; nt++) {
-#pragma unroll
-            for (int c = 0; c < 4; c++) {
-                const long long j = j0 + nt * 8 + 2 * t + (c & 1);
-                const long long i = c < 2 ? row0 : row1;
-                const bool ok = j < khi && i < (long long)T && atc_sees(i, j, window);
-                float fac = 1.0f;
-                const float p = ok ? __expf(atc_cap(s[nt][c] * scale, cap, fac) - (c < 2 ? lse0 : lse1)) : 0.0f;
-                s[nt][c] = p * (dp[nt][c] - (c < 2 ? del0 : del1)) * fac;  // dS
-            }
-        }
-#pragma unroll
-        for (int kk = 0; kk < BK / 16; kk++) {
-            const u32 a0 = atc_pack(s[2 * kk][0], s[2 * kk][1]), a1 = atc_pack(s[2 * kk][2], s[2 * kk][3]);
-            const u32 a2 = atc_pack(s[2 * kk + 1][0], s[2 * kk + 1][1]), a3 = atc_pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-            for (int nd = 0; nd < D / 8; nd++) {
-                const u16* pb = sKt + (nd * 8 + g) * LDT + kk * 16 + 2 * t;
-                atc_mma(acc[nd], a0, a1, a2, a3, atc_ld32(pb), atc_ld32(pb + 8));
-            }
-        }
+        atc_ds<BK>(s, dp, j0, khi, row0, row1, T, window, scale, cap, lse0, lse1, del0, del1, t);
+        atc_mma_c<BK, D>(acc, s, sKt, LDT, g, t);
     }
-    if (v0) {
-        float* out = dq + ((u64)b * T + row0) * ldq + (u64)h * D;
-#pragma unroll
-        for (int nd = 0; nd < D / 8; nd++) *(float2*)(out + nd * 8 + 2 * t) = make_float2(acc[nd][0] * scale, acc[nd][1] * scale);
-    }
-    if (v1) {
-        float* out = dq + ((u64)b * T + row1) * ldq + (u64)h * D;
-#pragma unroll
-        for (int nd = 0; nd < D / 8; nd++) *(float2*)(out + nd * 8 + 2 * t) = make_float2(acc[nd][2] * scale, acc[nd][3] * scale);
-    }
+    float* out = dq + (u64)h * D;
+    atc_store_f32<D>(v0 ? out + ((u64)b * T + row0) * ldq : nullptr, v1 ? out + ((u64)b * T + row1) * ldq : nullptr, acc, scale, t);
 }
 
 // dV (DV) or dK (!DV), D = 256: grid as atc_dkdv (blocks of 64 keys, 16
@@ -787,8 +719,7 @@ __device__ __forceinline__ void atcw_dkdv(const TI* __restrict__ q, const TI* __
     const int kw = warp * 16;
     const long long key0 = (long long)j0 + kw + g, key1 = key0 + 8;
     float acc[D / 8][4];
-#pragma unroll
-    for (int nd = 0; nd < D / 8; nd++) acc[nd][0] = acc[nd][1] = acc[nd][2] = acc[nd][3] = 0.0f;
+    atc_zero<D / 8>(acc);
     const long long qhi = window == 0 ? (long long)T : min((long long)T, (long long)j0 + nk - 1 + (long long)window);
     const long long wk0 = (long long)j0 + kw;
     for (u32 hh = 0; hh < per; hh++) {
@@ -814,11 +745,8 @@ __device__ __forceinline__ void atcw_dkdv(const TI* __restrict__ q, const TI* __
             __syncthreads();
             if (wk0 >= (long long)T || i0 + nq - 1 < wk0 || (window != 0 && i0 >= wk0 + 15 + (long long)window)) continue;
             float st[BQ / 8][4], dp[BQ / 8][4];
-#pragma unroll
-            for (int nt = 0; nt < BQ / 8; nt++) {
-                st[nt][0] = st[nt][1] = st[nt][2] = st[nt][3] = 0.0f;
-                dp[nt][0] = dp[nt][1] = dp[nt][2] = dp[nt][3] = 0.0f;
-            }
+            atc_zero<BQ / 8>(st);
+            atc_zero<BQ / 8>(dp);
 #pragma unroll 2
             for (int kk = 0; kk < D / 16; kk++) {
                 u32 k0, k1, k2, k3;
@@ -839,41 +767,13 @@ __device__ __forceinline__ void atcw_dkdv(const TI* __restrict__ q, const TI* __
                 }
             }
             // Pᵀ (dV) or dSᵀ (dK): rows are keys (key0: c < 2, key1: c ≥ 2), columns queries.
-#pragma unroll
-            for (int nt = 0; nt < BQ / 8; nt++) {
-#pragma unroll
-                for (int c = 0; c < 4; c++) {
-                    const int il = nt * 8 + 2 * t + (c & 1);
-                    const long long i = i0 + il, j = c < 2 ? key0 : key1;
-                    const bool ok = il < nq && j < (long long)T && atc_sees(i, j, window);
-                    float fac = 1.0f;
-                    const float p = ok ? __expf(atc_cap(st[nt][c] * scale, cap, fac) - sl[il]) : 0.0f;
-                    st[nt][c] = DV ? p : p * (dp[nt][c] - sd[il]) * fac;
-                }
-            }
-#pragma unroll
-            for (int kk = 0; kk < BQ / 16; kk++) {
-                const u32 p0 = atc_pack(st[2 * kk][0], st[2 * kk][1]), p1 = atc_pack(st[2 * kk][2], st[2 * kk][3]);
-                const u32 p2 = atc_pack(st[2 * kk + 1][0], st[2 * kk + 1][1]), p3 = atc_pack(st[2 * kk + 1][2], st[2 * kk + 1][3]);
-#pragma unroll
-                for (int nd = 0; nd < D / 8; nd++) {
-                    const u16* pb = sT + (nd * 8 + g) * LDT + kk * 16 + 2 * t;
-                    atc_mma(acc[nd], p0, p1, p2, p3, atc_ld32(pb), atc_ld32(pb + 8));
-                }
-            }
+            atc_pt<BQ, DV, !DV>(st, dp, i0, nq, key0, key1, T, window, scale, cap, sl, sd, t);
+            atc_mma_c<BQ, D>(acc, DV ? st : dp, sT, LDT, g, t);
         }
     }
-    const float f = DV ? 1.0f : scale;
-    if (key0 < (long long)T) {
-        float* r = out + (((u64)b * T + key0) * Hkv + grp) * D;
-#pragma unroll
-        for (int nd = 0; nd < D / 8; nd++) *(float2*)(r + nd * 8 + 2 * t) = make_float2(acc[nd][0] * f, acc[nd][1] * f);
-    }
-    if (key1 < (long long)T) {
-        float* r = out + (((u64)b * T + key1) * Hkv + grp) * D;
-#pragma unroll
-        for (int nd = 0; nd < D / 8; nd++) *(float2*)(r + nd * 8 + 2 * t) = make_float2(acc[nd][2] * f, acc[nd][3] * f);
-    }
+    float* base = out + (u64)grp * D;
+    atc_store_f32<D>(key0 < (long long)T ? base + ((u64)b * T + key0) * Hkv * D : nullptr,
+                     key1 < (long long)T ? base + ((u64)b * T + key1) * Hkv * D : nullptr, acc, DV ? 1.0f : scale, t);
 }
 
 // δ[r] = dO[r]·O[r] for the n = B·T·H rows of D values with O in bf16
