@@ -212,7 +212,8 @@ typedef struct lora_adapter_config {
    */
   uint32_t struct_size;
   /**
-   * Rank, 1 to in + out (above min(in, out) too, as PEFT); default 8.
+   * Rank, 1 to the larger of 1024 and in + out (above min(in, out) too,
+   * as PEFT); default 8.
    */
   uint32_t r;
   /**
@@ -1231,7 +1232,7 @@ struct lora_adapter_config lora_adapter_default_config(void);
  * are resident until `lora_layer_swap_adapter` activates them.
  *
  * Errors: `LORA_ERR_INVALID_ARGUMENT` (empty or duplicate name, rank 0 or
- * above in + out, alpha ≤ 0, dropout outside [0, 1), unknown init),
+ * above max(1024, in + out), alpha ≤ 0, dropout outside [0, 1), unknown init),
  * `LORA_ERR_NULL_POINTER` (a or b NULL with LORA_INIT_GIVEN),
  * `LORA_ERR_NON_FINITE`, `LORA_ERR_STRUCT_SIZE`.
  */
@@ -1472,7 +1473,7 @@ struct lora_create_params lora_create_default_params(void);
  * `params` may be NULL for the defaults. The model must be unmerged.
  *
  * Errors: `LORA_ERR_INVALID_ARGUMENT` (empty/duplicate name, rank 0 or
- * above a module's in + out, alpha ≤ 0, dropout outside [0, 1),
+ * above max(1024, a module's in + out), alpha ≤ 0, dropout outside [0, 1),
  * targets that match nothing, bad pattern or regex),
  * `LORA_ERR_UNSUPPORTED` (targets such as lm_head or embed_tokens),
  * `LORA_ERR_INVALID_STATE` (merged), `LORA_ERR_STRUCT_SIZE`.

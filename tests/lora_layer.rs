@@ -356,11 +356,11 @@ fn bad_input_has_statuses() {
     let cfg = |r, alpha, dropout| AdapterConfig { r, alpha, dropout, use_rslora: false, init: Init::KaimingUniform };
     assert_eq!(l.add_adapter("x", cfg(0, 1.0, 0.0)).unwrap_err().kind, InvalidArgument);
     // Ranks above min(in, out) load (PEFT writes them for small layers:
-    // finite_differences trains one), up to in + out; beyond, refused
-    // before anything is allocated.
-    assert_eq!(l.add_adapter("x", cfg(15, 1.0, 0.0)).unwrap_err().kind, InvalidArgument);
+    // finite_differences trains one), up to the larger of 1024 and
+    // in + out; beyond, refused before anything is allocated.
+    assert_eq!(l.add_adapter("x", cfg(1025, 1.0, 0.0)).unwrap_err().kind, InvalidArgument);
     assert_eq!(l.add_adapter("x", cfg(usize::MAX, 1.0, 0.0)).unwrap_err().kind, InvalidArgument);
-    l.add_adapter("wide", cfg(14, 1.0, 0.0)).unwrap();
+    l.add_adapter("wide", cfg(1024, 1.0, 0.0)).unwrap();
     l.remove_adapter("wide").unwrap();
     assert_eq!(l.add_adapter("x", cfg(2, 0.0, 0.0)).unwrap_err().kind, InvalidArgument);
     assert_eq!(l.add_adapter("x", cfg(2, -1.0, 0.0)).unwrap_err().kind, InvalidArgument);

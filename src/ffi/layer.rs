@@ -35,7 +35,8 @@ pub const LORA_COMBINE_CAT: lora_combine = 1;
 pub struct lora_adapter_config {
     /// `sizeof(lora_adapter_config)`, set by the defaults function.
     pub struct_size: u32,
-    /// Rank, 1 to in + out (above min(in, out) too, as PEFT); default 8.
+    /// Rank, 1 to the larger of 1024 and in + out (above min(in, out) too,
+    /// as PEFT); default 8.
     pub r: u32,
     /// Scale numerator: scale = alpha/r (or alpha/√r with use_rslora);
     /// must be > 0; default 8.
@@ -195,7 +196,7 @@ pub extern "C" fn lora_adapter_default_config() -> lora_adapter_config {
 /// are resident until `lora_layer_swap_adapter` activates them.
 ///
 /// Errors: `LORA_ERR_INVALID_ARGUMENT` (empty or duplicate name, rank 0 or
-/// above in + out, alpha ≤ 0, dropout outside [0, 1), unknown init),
+/// above max(1024, in + out), alpha ≤ 0, dropout outside [0, 1), unknown init),
 /// `LORA_ERR_NULL_POINTER` (a or b NULL with LORA_INIT_GIVEN),
 /// `LORA_ERR_NON_FINITE`, `LORA_ERR_STRUCT_SIZE`.
 #[no_mangle]

@@ -313,7 +313,7 @@ fn opt_str<'a>(p: *const c_char, what: &str) -> Result<Option<&'a str>> {
 /// `params` may be NULL for the defaults. The model must be unmerged.
 ///
 /// Errors: `LORA_ERR_INVALID_ARGUMENT` (empty/duplicate name, rank 0 or
-/// above a module's in + out, alpha ≤ 0, dropout outside [0, 1),
+/// above max(1024, a module's in + out), alpha ≤ 0, dropout outside [0, 1),
 /// targets that match nothing, bad pattern or regex),
 /// `LORA_ERR_UNSUPPORTED` (targets such as lm_head or embed_tokens),
 /// `LORA_ERR_INVALID_STATE` (merged), `LORA_ERR_STRUCT_SIZE`.

@@ -159,15 +159,20 @@ pub struct LoraLayer {
     last_forward: Option<ForwardRecord>,
 }
 
-/// Checks an adapter rank for an `out`×`in` layer: 1 to in + out. PEFT
-/// takes ranks above min(in, out) (the update's rank is then min(in, out),
-/// with more parameters), and so does liblora, so the adapters PEFT writes
-/// for small layers load; beyond in + out a rank only costs memory (A and
-/// B would hold more than (in + out)² values), and is refused before
-/// anything is allocated.
+/// Ranks every layer takes, whatever its size (PEFT writes ranks above a
+/// small layer's dimensions: test models of hidden 2 with r 8).
+pub const SMALL_RANK: usize = 1024;
+
+/// Checks an adapter rank for an `out`×`in` layer: 1 to the larger of
+/// [`SMALL_RANK`] and in + out. PEFT takes ranks above min(in, out) (the
+/// update's rank is then min(in, out), with more parameters), and so does
+/// liblora, so the adapters PEFT writes for small layers load; a larger
+/// rank would only cost memory (A and B hold r·(in + out) values), and is
+/// refused before anything is allocated.
 pub fn check_rank(r: usize, in_f: usize, out_f: usize) -> Result<()> {
-    if r == 0 || r > in_f + out_f {
-        bail!(InvalidArgument, "rank {r} for a {out_f}x{in_f} layer: an adapter's rank is 1 to in + out = {}", in_f + out_f);
+    let max = SMALL_RANK.max(in_f + out_f);
+    if r == 0 || r > max {
+        bail!(InvalidArgument, "rank {r} for a {out_f}x{in_f} layer: an adapter's rank is 1 to {max} (the larger of {SMALL_RANK} and in + out)");
     }
     Ok(())
 }

@@ -292,7 +292,7 @@ static void bad_input(void) {
     /* Adapter configs. */
     c.r = 0;
     EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_layer_add_adapter(l, "a", &c));
-    c.r = 15; /* > in + out = 14 (a rank above min(in, out) is fine, as in PEFT) */
+    c.r = 1025; /* > max(1024, in + out) (a rank above min(in, out) is fine, as in PEFT) */
     EXPECT_ERR(LORA_ERR_INVALID_ARGUMENT, lora_layer_add_adapter(l, "a", &c));
     c.r = 2;
     c.alpha = 0.0f;
