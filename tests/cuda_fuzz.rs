@@ -135,12 +135,7 @@ fn model(cfg: &Value, nf4: bool, r_adapter: usize, alpha: f32, rslora: bool, see
     let std = 0.5 / (cfg["hidden_size"].as_f64().unwrap() as f32).sqrt();
     let mut m = Model::random(&cfg.to_string(), std, opts).unwrap();
     let mut r = SplitMix64::new(seed + 1);
-    for b in &mut m.blocks {
-        let pairs = b.qk_norm.iter_mut().chain(b.post_norms.iter_mut()).flatten();
-        for w in pairs.chain(b.attn_norm.iter_mut()).chain(b.mlp_norm.iter_mut()) {
-            w.iter_mut().for_each(|x| *x += 0.2 * r.normal());
-        }
-    }
+    common::for_each_norm_weight(&mut m, |x| *x += 0.2 * r.normal());
     let mut spec = AdapterSpec::new(r_adapter, alpha);
     spec.use_rslora = rslora;
     m.add_adapter("a", spec).unwrap();

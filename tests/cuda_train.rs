@@ -76,12 +76,7 @@ fn random_nf4(cfg: serde_json::Value, seed: u64, check: fn(&Model)) -> Box<dyn F
         let mut m = Model::random(&cfg.to_string(), 0.02, LoadOptions { quantize: Some(Nf4Params::default()), seed }).unwrap();
         check(&m);
         let mut r = SplitMix64::new(seed + 1);
-        for b in &mut m.blocks {
-            let pairs = b.qk_norm.iter_mut().chain(b.post_norms.iter_mut()).flatten();
-            for w in pairs.chain(b.attn_norm.iter_mut()).chain(b.mlp_norm.iter_mut()) {
-                w.iter_mut().for_each(|x| *x = 1.0 + 0.2 * r.normal());
-            }
-        }
+        common::for_each_norm_weight(&mut m, |x| *x = 1.0 + 0.2 * r.normal());
         m.add_adapter("a", AdapterSpec::new(16, 32.0)).unwrap();
         m
     })

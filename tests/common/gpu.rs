@@ -104,3 +104,15 @@ impl Rng {
     }
 }
 
+/// Applies `f` to every RMSNorm weight of `m` (input, output and q/k
+/// norms): the device tests move them away from the identity in their
+/// random models.
+#[allow(dead_code)] // used by cuda_train and cuda_fuzz only
+pub fn for_each_norm_weight(m: &mut lora::model::Model, mut f: impl FnMut(&mut f32)) {
+    for b in &mut m.blocks {
+        let pairs = b.qk_norm.iter_mut().chain(b.post_norms.iter_mut()).flatten();
+        for w in pairs.chain(b.attn_norm.iter_mut()).chain(b.mlp_norm.iter_mut()) {
+            w.iter_mut().for_each(&mut f);
+        }
+    }
+}

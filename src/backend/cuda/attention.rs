@@ -178,20 +178,34 @@ fn allow_smem(f: &cudarc::driver::CudaFunction, name: &str, smem: u32) -> Result
     })
 }
 
+/// Kernel `name` of `src` and its launch configuration over `grid` with
+/// `smem` bytes of dynamic shared memory (the function's limit raised
+/// above 48 KiB; refused by name where the device allows less).
+fn smem_launch(
+    dev: &CudaDevice,
+    src: &'static super::KernelSource,
+    name: &'static str,
+    grid: (u32, u32, u32),
+    threads: u32,
+    smem: u32,
+) -> Result<(cudarc::driver::CudaFunction, cudarc::driver::LaunchConfig)> {
+    if smem > dev.max_smem_optin {
+        bail!(Unsupported, "attention kernel {name} needs {smem} bytes of shared memory per block; {} allows {}", dev.describe(), dev.max_smem_optin);
+    }
+    let f = dev.function(src, name)?;
+    if smem > 0 {
+        allow_smem(&f, name, smem)?;
+    }
+    let mut cfg = grid_cfg(grid, threads);
+    cfg.shared_mem_bytes = smem;
+    Ok((f, cfg))
+}
+
 /// The function, name and launch configuration of fp32 kernel `k` for
 /// head_dim `d` over `grid`, with its dynamic shared memory allowed.
 fn f32_launch(dev: &CudaDevice, k: F32Kernel, d: usize, grid: (u32, u32, u32)) -> Result<(cudarc::driver::CudaFunction, &'static str, cudarc::driver::LaunchConfig)> {
     let (name, dm) = k.name(d);
-    let f = dev.function(&ATTENTION_CU, name)?;
-    let smem = k.smem(dm);
-    if smem > dev.max_smem_optin {
-        bail!(Unsupported, "attention kernel {name} needs {smem} bytes of shared memory per block; {} allows {}", dev.describe(), dev.max_smem_optin);
-    }
-    if smem > 0 {
-        allow_smem(&f, name, smem)?;
-    }
-    let mut cfg = grid_cfg(grid, ATT_THREADS);
-    cfg.shared_mem_bytes = smem;
+    let (f, cfg) = smem_launch(dev, &ATTENTION_CU, name, grid, ATT_THREADS, k.smem(dm))?;
     Ok((f, name, cfg))
 }
 
@@ -518,12 +532,7 @@ pub fn forward_tc<T: TcElem>(dev: &CudaDevice, q: &CudaView<'_, T>, k: &CudaView
     }
     let scale = s.scale();
     let (name, smem) = if d == 256 { (T::WIDE[0], atcw_smem(256)[0]) } else { (T::KERNELS[usize::from(d == 128)][0], 0) };
-    let f = dev.function(&ATTENTION_TC_CU, name)?;
-    let mut cfg = grid_cfg(causal_grid(dev.multiprocessors, s.q_len.div_ceil(ATC_ROWS), h, s.batch)?, ATC_THREADS);
-    if smem > 0 {
-        allow_smem(&f, name, smem)?;
-        cfg.shared_mem_bytes = smem;
-    }
+    let (f, cfg) = smem_launch(dev, &ATTENTION_TC_CU, name, causal_grid(dev.multiprocessors, s.q_len.div_ceil(ATC_ROWS), h, s.batch)?, ATC_THREADS, smem)?;
     // SAFETY: (ptr ×3, u32 ×4, f32 ×2, ptr ×2) as the kernel. The block of
     // (b, h, tile) (causal_grid) reads rows < T of q (head h) and of k, v (head h/(H/Hkv)), writes its
     // rows < T of o and lse: lengths checked above; pair accesses (float2,
@@ -568,11 +577,8 @@ pub fn backward_tc<T: TcElem>(
         return backward_tc_wide::<T>(dev, [q, k, v], lse, dout, &delta, s, (t, h, hkv, w, scale, cap), dq, dk, dv);
     }
     let name = T::KERNELS[usize::from(d == 128)][1];
-    let f = dev.function(&ATTENTION_TC_CU, name)?;
-    let smem = atc_dkdv_smem(s.head_dim);
-    allow_smem(&f, name, smem)?;
-    let mut cfg = grid_cfg(causal_grid(dev.multiprocessors, s.kv_len.div_ceil(ATC_ROWS), hkv, s.batch)?, ATC_THREADS);
-    cfg.shared_mem_bytes = smem;
+    let kv_grid = causal_grid(dev.multiprocessors, s.kv_len.div_ceil(ATC_ROWS), hkv, s.batch)?;
+    let (f, cfg) = smem_launch(dev, &ATTENTION_TC_CU, name, kv_grid, ATC_THREADS, atc_dkdv_smem(s.head_dim))?;
     // SAFETY: (ptr ×6, u32 ×4, f32 ×2, ptr ×2). The block of (b, g, key tile)
     // (causal_grid) reads keys < T
     // of k, v (head g), rows < T of q, dout, lse, delta (heads of group g),
@@ -608,10 +614,7 @@ fn backward_tc_wide<T: TcElem>(
     let kv_grid = causal_grid(dev.multiprocessors, s.kv_len.div_ceil(ATC_ROWS), hkv, s.batch)?;
     let part = |i: usize, out: &mut CudaViewMut<'_, f32>| -> Result<()> {
         let name = T::WIDE[i];
-        let f = dev.function(&ATTENTION_TC_CU, name)?;
-        allow_smem(&f, name, smem[i])?;
-        let mut cfg = grid_cfg(kv_grid, ATC_THREADS);
-        cfg.shared_mem_bytes = smem[i];
+        let (f, cfg) = smem_launch(dev, &ATTENTION_TC_CU, name, kv_grid, ATC_THREADS, smem[i])?;
         // SAFETY: (ptr ×6, u32 ×4, f32 ×2, ptr). The block of (b, g, key
         // tile) (causal_grid) reads keys < T of k, v (head g), rows < T of
         // q, dout, lse, delta (heads of group g), writes its keys' rows of
@@ -622,10 +625,7 @@ fn backward_tc_wide<T: TcElem>(
     part(1, dv)?;
     part(2, dk)?;
     let name = T::WIDE[3];
-    let f = dev.function(&ATTENTION_TC_CU, name)?;
-    allow_smem(&f, name, smem[3])?;
-    let mut cfg = grid_cfg(causal_grid(dev.multiprocessors, s.q_len.div_ceil(ATC_ROWS), h, s.batch)?, ATC_THREADS);
-    cfg.shared_mem_bytes = smem[3];
+    let (f, cfg) = smem_launch(dev, &ATTENTION_TC_CU, name, causal_grid(dev.multiprocessors, s.q_len.div_ceil(ATC_ROWS), h, s.batch)?, ATC_THREADS, smem[3])?;
     // SAFETY: (ptr ×6, u32 ×4, f32 ×2, ptr). The block of (b, h, tile)
     // (causal_grid) reads rows < T of q, dout, lse, delta (head h) and keys
     // < T of k, v, writes its rows of dq; shared memory as atcw_smem.
